@@ -1,0 +1,54 @@
+# `make test` and `make bench` set everything up from nothing: a virtual environment with
+# torch and the test/bench dependencies, then fastloss built against that torch.
+# With an interpreter that already has torch (e.g. offline on a GPU machine), use
+# `make test PYTHON=python3`: no environment is created and nothing is downloaded.
+
+TORCH_VERSION ?= 2.13.0
+VENV ?= .venv
+PYTHON ?=
+PYTEST_ARGS ?=
+BENCH_ARGS ?=
+
+ifeq ($(PYTHON),)
+PY := $(VENV)/bin/python
+SETUP := $(VENV)/.installed
+else
+PY := $(PYTHON)
+SETUP := .python-ready
+endif
+
+.PHONY: test bench install info gpu-check clean
+
+$(VENV)/.installed: pyproject.toml
+	python3 -m venv $(VENV)
+	$(VENV)/bin/python -m pip install --upgrade pip
+	$(VENV)/bin/python -m pip install "torch==$(TORCH_VERSION)"
+	$(VENV)/bin/python -m pip install "scikit-build-core>=0.10" "pybind11>=2.12" cmake ninja numpy \
+		pytest expecttest tqdm matplotlib
+	touch $@
+
+.python-ready:
+	@$(PY) -c "import torch, pybind11, scikit_build_core" || \
+		(echo "PYTHON=$(PY) needs torch, pybind11 and scikit-build-core installed" && exit 1)
+
+# Build against the torch in the environment (no build isolation).
+install: $(SETUP)
+	$(PY) -m pip install --no-build-isolation --no-deps -v . 2>&1 | tail -n 5
+
+test: install
+	cd tests && $(PY) -m pytest -q $(PYTEST_ARGS)
+
+bench: install
+	$(PY) -m bench $(BENCH_ARGS)
+
+info: install
+	cd tests && $(PY) -m fastloss info
+
+# On a machine with a GPU: build, the CUDA tests, memcheck on a small subset.
+gpu-check: install
+	cd tests && $(PY) -m pytest -q -m cuda $(PYTEST_ARGS)
+	cd tests && compute-sanitizer --tool memcheck --error-exitcode 1 \
+		$(PY) -m pytest -q -x -m cuda -k "memcheck" $(PYTEST_ARGS)
+
+clean:
+	rm -rf build dist $(VENV) .python-ready

@@ -1,0 +1,178 @@
+// exp(x) as a (mantissa, exponent) pair, the arithmetic behind two-pass softmax
+// (Dukhan & Ablavatski 2020, arXiv 2001.04438).
+//
+//   n = round(x * log2(e))      integer-valued, kept in floating point so it cannot overflow
+//   t = x - n * ln2             Cody-Waite reduction with fma: |t| <= ln2 / 2
+//   p = exp(t)                  polynomial, p in [2^-1/2, 2^1/2]
+//   exp(x) = p * 2^n
+//
+// A running sum of such terms is the pair (S, E) meaning S * 2^E. Merging two pairs scales
+// each by 2^(exponent - max exponent) <= 1, so S never overflows and the merge is
+// associative: rows can be split across SIMD lanes, threads or blocks and merged exactly.
+// Shared by the CPU and CUDA kernels.
+#pragma once
+
+#include <cstdint>
+#include <cstring>
+
+#include "common/macros.h"
+
+namespace fastloss {
+
+template <typename T>
+struct ExpConstants;
+
+template <>
+struct ExpConstants<float> {
+  static constexpr float kLog2e = 0x1.715476p+0f;
+  static constexpr float kLn2Hi = 0x1.62e430p-1f;   // float(ln 2)
+  static constexpr float kLn2Lo = -0x1.05c610p-29f; // ln 2 - kLn2Hi
+  static constexpr float kLn2 = 0x1.62e430p-1f;
+  // Adding then subtracting 1.5 * 2^23 rounds to the nearest integer for |q| < 2^22.
+  static constexpr float kRoundMagic = 0x1.8p+23f;
+  // |q| beyond this is routed to the exact fallback (reduction loses accuracy there).
+  static constexpr float kMaxReducible = 0x1.0p+21f;
+  static constexpr float kMinExponent = -127.0f;  // 2^-127 and below flush to zero
+  // The sentinel exponent of an empty sum: finite, so sentinel - sentinel == 0.
+  static constexpr float kEmptyExponent = -0x1.fffffep+127f;
+};
+
+template <>
+struct ExpConstants<double> {
+  static constexpr double kLog2e = 0x1.71547652b82fep+0;
+  static constexpr double kLn2Hi = 0x1.62e42fefa39efp-1;
+  static constexpr double kLn2Lo = 0x1.abc9e3b39803fp-56;
+  static constexpr double kLn2 = 0x1.62e42fefa39efp-1;
+  static constexpr double kRoundMagic = 0x1.8p+52;
+  static constexpr double kMaxReducible = 0x1.0p+40;
+  static constexpr double kMinExponent = -1023.0;
+  static constexpr double kEmptyExponent = -0x1.fffffffffffffp+1023;
+};
+
+FASTLOSS_HD float fl_max(float a, float b) { return a > b ? a : b; }
+FASTLOSS_HD double fl_max(double a, double b) { return a > b ? a : b; }
+FASTLOSS_HD float fl_abs(float a) { return a < 0.0f ? -a : a; }
+FASTLOSS_HD double fl_abs(double a) { return a < 0.0 ? -a : a; }
+
+FASTLOSS_HD float fl_fma(float a, float b, float c) {
+#if defined(__CUDA_ARCH__)
+  return __fmaf_rn(a, b, c);
+#else
+  return __builtin_fmaf(a, b, c);
+#endif
+}
+FASTLOSS_HD double fl_fma(double a, double b, double c) {
+#if defined(__CUDA_ARCH__)
+  return __fma_rn(a, b, c);
+#else
+  return __builtin_fma(a, b, c);
+#endif
+}
+
+// exp(t) for |t| <= ln2/2 (slightly beyond is fine). float: degree-6 minimax-style fit,
+// < 1e-7 relative error; double: degree-13 Taylor, truncation < 1e-17.
+FASTLOSS_HD float exp_reduced(float t) {
+  float p = 0x1.6ada76p-10f;
+  p = fl_fma(p, t, 0x1.12752ap-7f);
+  p = fl_fma(p, t, 0x1.55585ep-5f);
+  p = fl_fma(p, t, 0x1.555400p-3f);
+  p = fl_fma(p, t, 0x1.fffffcp-2f);
+  p = fl_fma(p, t, 1.0f);
+  return fl_fma(p, t, 1.0f);
+}
+FASTLOSS_HD double exp_reduced(double t) {
+  double p = 1.0 / 6227020800.0;  // 1/13!
+  p = fl_fma(p, t, 1.0 / 479001600.0);
+  p = fl_fma(p, t, 1.0 / 39916800.0);
+  p = fl_fma(p, t, 1.0 / 3628800.0);
+  p = fl_fma(p, t, 1.0 / 362880.0);
+  p = fl_fma(p, t, 1.0 / 40320.0);
+  p = fl_fma(p, t, 1.0 / 5040.0);
+  p = fl_fma(p, t, 1.0 / 720.0);
+  p = fl_fma(p, t, 1.0 / 120.0);
+  p = fl_fma(p, t, 1.0 / 24.0);
+  p = fl_fma(p, t, 1.0 / 6.0);
+  p = fl_fma(p, t, 0.5);
+  p = fl_fma(p, t, 1.0);
+  return fl_fma(p, t, 1.0);
+}
+
+// 2^k for integer-valued k <= 0, built from the exponent bits; k below the smallest
+// normal exponent gives 0 (those terms are below the accumulator's resolution anyway).
+FASTLOSS_HD float exp2_nonpositive(float k) {
+  k = fl_max(k, ExpConstants<float>::kMinExponent);
+  const int32_t bits = (static_cast<int32_t>(k) + 127) << 23;
+#if defined(__CUDA_ARCH__)
+  return __int_as_float(bits);
+#else
+  float r;
+  std::memcpy(&r, &bits, sizeof(r));
+  return r;
+#endif
+}
+FASTLOSS_HD double exp2_nonpositive(double k) {
+  k = fl_max(k, ExpConstants<double>::kMinExponent);
+  const int64_t bits = (static_cast<int64_t>(k) + 1023) << 52;
+#if defined(__CUDA_ARCH__)
+  return __longlong_as_double(bits);
+#else
+  double r;
+  std::memcpy(&r, &bits, sizeof(r));
+  return r;
+#endif
+}
+
+// Round to nearest integer (ties to even) for |q| < 2^22 (float) / 2^51 (double).
+template <typename T>
+FASTLOSS_HD T round_to_int(T q) {
+#if defined(__CUDA_ARCH__)
+  return rint(q);
+#else
+  // volatile-free form: compilers keep (q + c) - c without -ffast-math.
+  return (q + ExpConstants<T>::kRoundMagic) - ExpConstants<T>::kRoundMagic;
+#endif
+}
+
+// One element's pair: exp(x) = mantissa * 2^exponent. Also returns q = x * log2(e) so
+// callers can detect inputs outside the accurately reducible range.
+template <typename T>
+struct ExpPair {
+  T mantissa;
+  T exponent;
+};
+
+template <typename T>
+FASTLOSS_HD ExpPair<T> exp_pair(T x, T q) {
+  using C = ExpConstants<T>;
+  const T n = round_to_int(q);
+  T t = fl_fma(n, -C::kLn2Hi, x);
+  t = fl_fma(n, -C::kLn2Lo, t);
+  return {exp_reduced(t), n};
+}
+
+template <typename T>
+FASTLOSS_HD ExpPair<T> exp_pair(T x) {
+  return exp_pair(x, x * ExpConstants<T>::kLog2e);
+}
+
+// A sum of exponentials, S * 2^E.
+template <typename T>
+struct ExpSum {
+  T sum;
+  T exponent;
+
+  FASTLOSS_HD static ExpSum empty() { return {T(0), ExpConstants<T>::kEmptyExponent}; }
+
+  // Adds mantissa * 2^exponent.
+  FASTLOSS_HD void add(T mantissa, T exponent_in) {
+    const T e = fl_max(exponent, exponent_in);
+    sum = sum * exp2_nonpositive(exponent - e) + mantissa * exp2_nonpositive(exponent_in - e);
+    exponent = e;
+  }
+  FASTLOSS_HD void merge(const ExpSum& other) { add(other.sum, other.exponent); }
+
+  // log(S * 2^E), for finite non-empty sums.
+  FASTLOSS_HD T log_value(T log_sum) const { return log_sum + exponent * ExpConstants<T>::kLn2; }
+};
+
+}  // namespace fastloss

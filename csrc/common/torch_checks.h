@@ -1,0 +1,45 @@
+// Input validation and shape helpers shared by the CPU and CUDA torch glue (not by the
+// torch-free kernels). Every message names the op and the argument.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <c10/core/ScalarType.h>
+#include <c10/util/Exception.h>
+
+#include <cstdint>
+
+namespace fastloss {
+
+inline bool is_supported_float(c10::ScalarType t) {
+  return t == c10::kFloat || t == c10::kDouble || t == c10::kHalf || t == c10::kBFloat16;
+}
+
+inline void check_floating(const char* op, const char* arg, const at::Tensor& t) {
+  TORCH_CHECK(is_supported_float(t.scalar_type()), "fastloss.", op, ": expected '", arg,
+              "' to be a float32, float64, float16 or bfloat16 tensor, got ", t.scalar_type());
+}
+
+inline int64_t wrap_dim(const char* op, int64_t dim, int64_t ndim) {
+  const int64_t rank = ndim == 0 ? 1 : ndim;  // a 0-d tensor behaves as one element along dim 0
+  TORCH_CHECK_INDEX(dim >= -rank && dim < rank, "fastloss.", op, ": 'dim' out of range: expected ",
+              "a value in [", -rank, ", ", rank - 1, "] for a ", ndim, "-d tensor, got ", dim);
+  return dim < 0 ? dim + rank : dim;
+}
+
+// A tensor viewed as (outer, size, inner) around one dimension; contiguous memory.
+struct RowLayout {
+  int64_t outer = 1;
+  int64_t size = 1;
+  int64_t inner = 1;
+};
+
+inline RowLayout row_layout(const at::Tensor& t, int64_t dim) {
+  RowLayout l;
+  if (t.dim() == 0) return l;
+  for (int64_t d = 0; d < dim; ++d) l.outer *= t.size(d);
+  l.size = t.size(dim);
+  for (int64_t d = dim + 1; d < t.dim(); ++d) l.inner *= t.size(d);
+  return l;
+}
+
+}  // namespace fastloss

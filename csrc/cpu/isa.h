@@ -1,0 +1,24 @@
+// Runtime choice among the instruction-set variants that the CPU kernels are compiled for
+// (GCC/Clang target_clones: x86-64-v4 = AVX-512, x86-64-v3 = AVX2+FMA, and a baseline).
+#pragma once
+
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__)) && !defined(__APPLE__)
+#define FASTLOSS_CPU_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#else
+#define FASTLOSS_CPU_CLONES
+#endif
+
+namespace fastloss::cpu {
+
+inline const char* selected_isa() {
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__)) && !defined(__APPLE__)
+  __builtin_cpu_init();
+  if (__builtin_cpu_supports("x86-64-v4")) return "x86-64-v4 (AVX-512)";
+  if (__builtin_cpu_supports("x86-64-v3")) return "x86-64-v3 (AVX2, FMA)";
+  return "x86-64 baseline";
+#else
+  return "generic";
+#endif
+}
+
+}  // namespace fastloss::cpu

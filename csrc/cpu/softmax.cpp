@@ -1,0 +1,424 @@
+// Two-pass softmax / log-softmax on the CPU (Dukhan & Ablavatski 2020, arXiv 2001.04438).
+//
+// Pass 1 reads the row once and accumulates exp(x) as (mantissa, exponent) pairs in SIMD
+// lanes (common/exp_pair.h), so no max pass is needed; pass 2 reads the row again and
+// writes. Memory traffic: 2 reads + 1 write per element (PyTorch's CPU kernel sweeps each
+// row four times). Rows whose entries are not finite or too large to reduce accurately
+// (|x| > ~1.4e6 in float) take an exact max-subtracting fallback, which also gives
+// torch.softmax's NaN semantics (a NaN or +inf entry, or a row of all -inf, gives NaN).
+//
+// Layout: the contiguous input is viewed as (outer, size, inner) around `dim`. inner == 1
+// vectorizes along the row; inner > 1 vectorizes across `inner` adjacent rows.
+// Parallel over rows (at::parallel_for, torch's thread count). Accumulation in float for
+// float/half/bfloat16 inputs and in double for double.
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <limits>
+
+#include "common/exp_pair.h"
+#include "common/softmax_op.h"
+#include "cpu/isa.h"
+
+namespace fastloss::cpu {
+namespace {
+
+template <typename T>
+struct AccType {
+  using type = float;
+};
+template <>
+struct AccType<double> {
+  using type = double;
+};
+
+// Lanes per accumulator set: two 512-bit vectors, enough independent chains to hide the
+// latency of the dependent scale-and-add in pass 1.
+template <typename acc_t>
+constexpr int kLanes = 128 / sizeof(acc_t);
+
+// Inputs are clamped from below to kLowClamp (-inf included) before the reduction: a
+// clamped entry's exponent is below -kMaxReducible, so it contributes exactly 0 to any row
+// whose maximum is in range, and a row where every entry was clamped takes the fallback.
+// fl_max(kLowClamp, x) keeps NaN.
+template <typename acc_t>
+constexpr acc_t kLowClamp = -(ExpConstants<acc_t>::kMaxReducible + 2) * ExpConstants<acc_t>::kLn2;
+
+// Per-lane state of pass 1: the pair sum, and a sum of (x - x) over the clamped inputs that
+// becomes NaN if any entry is NaN or +inf.
+template <typename acc_t>
+struct Lanes {
+  static constexpr int L = kLanes<acc_t>;
+  acc_t sum[L];
+  acc_t exponent[L];
+  acc_t nonfinite[L];
+
+  FASTLOSS_HD void reset() {
+    for (int l = 0; l < L; ++l) {
+      sum[l] = 0;
+      exponent[l] = ExpConstants<acc_t>::kEmptyExponent;
+      nonfinite[l] = 0;
+    }
+  }
+
+  FASTLOSS_HD void add(int l, acc_t x) {
+    const acc_t xc = fl_max(kLowClamp<acc_t>, x);
+    const ExpPair<acc_t> p = exp_pair(xc);
+    const acc_t e = fl_max(exponent[l], p.exponent);
+    sum[l] = sum[l] * exp2_nonpositive(exponent[l] - e) + p.mantissa * exp2_nonpositive(p.exponent - e);
+    exponent[l] = e;
+    nonfinite[l] += xc - xc;
+  }
+};
+
+// The finished reduction of one row: what pass 2 needs.
+template <typename acc_t>
+struct RowStats {
+  acc_t exponent;      // E
+  acc_t inv_sum;       // 1 / S            (softmax)
+  acc_t log_offset;    // E * ln2_lo + log S (log-softmax, with E * ln2_hi applied by fma)
+  bool exact_fallback;
+};
+
+template <typename acc_t>
+FASTLOSS_HD RowStats<acc_t> finish(ExpSum<acc_t> s, acc_t nonfinite) {
+  using C = ExpConstants<acc_t>;
+  RowStats<acc_t> r;
+  r.exponent = s.exponent;
+  r.inv_sum = acc_t(1) / s.sum;
+  r.log_offset = s.exponent * C::kLn2Lo + std::log(s.sum);
+  // Exact path: NaN/+inf present, the maximum too large to reduce accurately, or every
+  // entry clamped (all -inf, or all very negative). !(a <= b) is also true for NaN.
+  r.exact_fallback = nonfinite != nonfinite || !(s.exponent <= C::kMaxReducible) ||
+                     s.exponent < -C::kMaxReducible;
+  return r;
+}
+
+template <bool kLog, typename acc_t>
+FASTLOSS_HD acc_t pass2_value(acc_t x, const RowStats<acc_t>& r) {
+  if constexpr (kLog) {
+    return fl_fma(r.exponent, -ExpConstants<acc_t>::kLn2Hi, x) - r.log_offset;
+  } else {
+    const ExpPair<acc_t> p = exp_pair(fl_max(kLowClamp<acc_t>, x));
+    return p.mantissa * exp2_nonpositive(p.exponent - r.exponent) * r.inv_sum;
+  }
+}
+
+// Exact softmax of one strided row in acc_t with a max pass: used for rows with non-finite
+// or very large entries, where it reproduces torch.softmax's semantics.
+template <bool kLog, typename in_t, typename out_t, typename acc_t>
+void exact_row(const in_t* x, out_t* y, int64_t n, int64_t stride) {
+  acc_t m = -std::numeric_limits<acc_t>::infinity();
+  bool has_nan = false;
+  for (int64_t i = 0; i < n; ++i) {
+    const acc_t v = static_cast<acc_t>(x[i * stride]);
+    has_nan |= std::isnan(v);
+    m = std::max(m, v);
+  }
+  if (has_nan || !std::isfinite(m)) {
+    for (int64_t i = 0; i < n; ++i) y[i * stride] = static_cast<out_t>(std::numeric_limits<acc_t>::quiet_NaN());
+    return;
+  }
+  acc_t s = 0;
+  for (int64_t i = 0; i < n; ++i) s += std::exp(static_cast<acc_t>(x[i * stride]) - m);
+  const acc_t log_s = std::log(s);
+  for (int64_t i = 0; i < n; ++i) {
+    const acc_t v = static_cast<acc_t>(x[i * stride]) - m;
+    y[i * stride] = static_cast<out_t>(kLog ? v - log_s : std::exp(v) / s);
+  }
+}
+
+// Rows along the last (contiguous) dimension: lanes are consecutive elements of one row.
+template <bool kLog, typename in_t, typename out_t>
+FASTLOSS_HD void forward_lastdim_rows(const in_t* x, out_t* y, int64_t begin, int64_t end, int64_t n) {
+  using acc_t = typename AccType<in_t>::type;
+  constexpr int L = kLanes<acc_t>;
+  Lanes<acc_t> lanes;
+  for (int64_t row = begin; row < end; ++row) {
+    const in_t* xr = x + row * n;
+    out_t* yr = y + row * n;
+    lanes.reset();
+    int64_t i = 0;
+    for (; i + L <= n; i += L) {
+      for (int l = 0; l < L; ++l) lanes.add(l, static_cast<acc_t>(xr[i + l]));
+    }
+    for (int l = 0; i + l < n; ++l) lanes.add(l, static_cast<acc_t>(xr[i + l]));
+    ExpSum<acc_t> total = ExpSum<acc_t>::empty();
+    acc_t nonfinite = 0;
+    for (int l = 0; l < L; ++l) {
+      total.merge({lanes.sum[l], lanes.exponent[l]});
+      nonfinite += lanes.nonfinite[l];
+    }
+    const RowStats<acc_t> stats = finish(total, nonfinite);
+    if (stats.exact_fallback) {
+      exact_row<kLog, in_t, out_t, acc_t>(xr, yr, n, 1);
+      continue;
+    }
+    for (int64_t j = 0; j < n; ++j) {
+      yr[j] = static_cast<out_t>(pass2_value<kLog>(static_cast<acc_t>(xr[j]), stats));
+    }
+  }
+}
+
+// Rows along a non-last dimension: lanes are `count` adjacent rows (adjacent in `inner`),
+// each strided by `inner`, so every load is contiguous across lanes.
+template <bool kLog, typename in_t, typename out_t>
+FASTLOSS_HD void forward_strided_block(const in_t* x, out_t* y, int64_t n, int64_t inner, int count) {
+  using acc_t = typename AccType<in_t>::type;
+  constexpr int L = kLanes<acc_t>;
+  Lanes<acc_t> lanes;
+  lanes.reset();
+  if (count == L) {
+    for (int64_t i = 0; i < n; ++i) {
+      for (int l = 0; l < L; ++l) lanes.add(l, static_cast<acc_t>(x[i * inner + l]));
+    }
+  } else {
+    for (int64_t i = 0; i < n; ++i) {
+      for (int l = 0; l < count; ++l) lanes.add(l, static_cast<acc_t>(x[i * inner + l]));
+    }
+  }
+  RowStats<acc_t> stats[L];
+  bool any_fallback = false;
+  for (int l = 0; l < count; ++l) {
+    ExpSum<acc_t> s{lanes.sum[l], lanes.exponent[l]};
+    stats[l] = finish(s, lanes.nonfinite[l]);
+    any_fallback |= stats[l].exact_fallback;
+  }
+  for (int64_t i = 0; i < n; ++i) {
+    for (int l = 0; l < count; ++l) {
+      y[i * inner + l] = static_cast<out_t>(pass2_value<kLog>(static_cast<acc_t>(x[i * inner + l]), stats[l]));
+    }
+  }
+  if (any_fallback) {
+    for (int l = 0; l < count; ++l) {
+      if (stats[l].exact_fallback) exact_row<kLog, in_t, out_t, acc_t>(x + l, y + l, n, inner);
+    }
+  }
+}
+
+// Backward, one row at a time in lanes. softmax: dx = y * (g - sum(g * y));
+// log_softmax: dx = g - exp(y) * sum(g).
+template <bool kLog, typename out_t, typename grad_t>
+FASTLOSS_HD void backward_lastdim_rows(const out_t* g, const out_t* y, grad_t* dx, int64_t begin,
+                                       int64_t end, int64_t n) {
+  using acc_t = typename AccType<out_t>::type;
+  constexpr int L = kLanes<acc_t>;
+  for (int64_t row = begin; row < end; ++row) {
+    const out_t* gr = g + row * n;
+    const out_t* yr = y + row * n;
+    grad_t* dr = dx + row * n;
+    acc_t partial[L] = {};
+    int64_t i = 0;
+    for (; i + L <= n; i += L) {
+      for (int l = 0; l < L; ++l) {
+        const acc_t gv = static_cast<acc_t>(gr[i + l]);
+        partial[l] += kLog ? gv : gv * static_cast<acc_t>(yr[i + l]);
+      }
+    }
+    for (int l = 0; i + l < n; ++l) {
+      const acc_t gv = static_cast<acc_t>(gr[i + l]);
+      partial[l] += kLog ? gv : gv * static_cast<acc_t>(yr[i + l]);
+    }
+    acc_t total = 0;
+    for (int l = 0; l < L; ++l) total += partial[l];
+    for (int64_t j = 0; j < n; ++j) {
+      const acc_t gv = static_cast<acc_t>(gr[j]);
+      const acc_t yv = static_cast<acc_t>(yr[j]);
+      acc_t d;
+      if constexpr (kLog) {
+        const ExpPair<acc_t> p = exp_pair(fl_max(kLowClamp<acc_t>, yv));
+        d = gv - p.mantissa * exp2_nonpositive(p.exponent) * total;
+      } else {
+        d = yv * (gv - total);
+      }
+      dr[j] = static_cast<grad_t>(d);
+    }
+  }
+}
+
+template <bool kLog, typename out_t, typename grad_t>
+void backward_strided_block(const out_t* g, const out_t* y, grad_t* dx, int64_t n, int64_t inner, int count) {
+  using acc_t = typename AccType<out_t>::type;
+  constexpr int L = kLanes<acc_t>;
+  acc_t total[L] = {};
+  for (int64_t i = 0; i < n; ++i) {
+    for (int l = 0; l < count; ++l) {
+      const acc_t gv = static_cast<acc_t>(g[i * inner + l]);
+      total[l] += kLog ? gv : gv * static_cast<acc_t>(y[i * inner + l]);
+    }
+  }
+  for (int64_t i = 0; i < n; ++i) {
+    for (int l = 0; l < count; ++l) {
+      const acc_t gv = static_cast<acc_t>(g[i * inner + l]);
+      const acc_t yv = static_cast<acc_t>(y[i * inner + l]);
+      dx[i * inner + l] = static_cast<grad_t>(kLog ? gv - std::exp(yv) * total[l] : yv * (gv - total[l]));
+    }
+  }
+}
+
+// Non-template entry points, each compiled once per instruction set (FASTLOSS_CPU_CLONES)
+// and chosen at load time; the templates above are inlined into them.
+#define FASTLOSS_FORWARD_ENTRY(NAME, LOG, IN, OUT)                                            \
+  FASTLOSS_CPU_CLONES void NAME##_lastdim(const IN* x, OUT* y, int64_t b, int64_t e,        \
+                                          int64_t n) {                                      \
+    forward_lastdim_rows<LOG>(x, y, b, e, n);                                               \
+  }                                                                                         \
+  FASTLOSS_CPU_CLONES void NAME##_strided(const IN* x, OUT* y, int64_t n, int64_t inner,    \
+                                          int count) {                                      \
+    forward_strided_block<LOG>(x, y, n, inner, count);                                      \
+  }
+#define FASTLOSS_FORWARD_ENTRIES(SUFFIX, IN, OUT)                  \
+  FASTLOSS_FORWARD_ENTRY(softmax_##SUFFIX, false, IN, OUT)        \
+  FASTLOSS_FORWARD_ENTRY(log_softmax_##SUFFIX, true, IN, OUT)
+
+FASTLOSS_FORWARD_ENTRIES(f32, float, float)
+FASTLOSS_FORWARD_ENTRIES(f64, double, double)
+FASTLOSS_FORWARD_ENTRIES(f16, c10::Half, c10::Half)
+FASTLOSS_FORWARD_ENTRIES(bf16, c10::BFloat16, c10::BFloat16)
+FASTLOSS_FORWARD_ENTRIES(f16_f32, c10::Half, float)
+FASTLOSS_FORWARD_ENTRIES(bf16_f32, c10::BFloat16, float)
+
+#define FASTLOSS_BACKWARD_ENTRY(NAME, LOG, OUT, GRAD)                                          \
+  FASTLOSS_CPU_CLONES void NAME##_lastdim(const OUT* g, const OUT* y, GRAD* dx, int64_t b,   \
+                                          int64_t e, int64_t n) {                            \
+    backward_lastdim_rows<LOG>(g, y, dx, b, e, n);                                           \
+  }                                                                                          \
+  void NAME##_strided(const OUT* g, const OUT* y, GRAD* dx, int64_t n, int64_t inner,        \
+                      int count) {                                                           \
+    backward_strided_block<LOG>(g, y, dx, n, inner, count);                                  \
+  }
+#define FASTLOSS_BACKWARD_ENTRIES(SUFFIX, OUT, GRAD)                         \
+  FASTLOSS_BACKWARD_ENTRY(softmax_backward_##SUFFIX, false, OUT, GRAD)     \
+  FASTLOSS_BACKWARD_ENTRY(log_softmax_backward_##SUFFIX, true, OUT, GRAD)
+
+FASTLOSS_BACKWARD_ENTRIES(f32, float, float)
+FASTLOSS_BACKWARD_ENTRIES(f64, double, double)
+FASTLOSS_BACKWARD_ENTRIES(f16, c10::Half, c10::Half)
+FASTLOSS_BACKWARD_ENTRIES(bf16, c10::BFloat16, c10::BFloat16)
+FASTLOSS_BACKWARD_ENTRIES(f32_f16, float, c10::Half)
+FASTLOSS_BACKWARD_ENTRIES(f32_bf16, float, c10::BFloat16)
+
+// Splits (outer, size, inner) rows over threads. Work per task is at least ~32K elements so
+// small problems stay on one thread.
+template <typename LastDimFn, typename StridedFn>
+void for_each_row_block(const RowLayout& l, LastDimFn&& lastdim, StridedFn&& strided, int lanes) {
+  constexpr int64_t kMinElementsPerTask = 32768;
+  if (l.inner == 1) {
+    const int64_t grain = std::max<int64_t>(1, kMinElementsPerTask / std::max<int64_t>(1, l.size));
+    at::parallel_for(0, l.outer, grain, [&](int64_t b, int64_t e) { lastdim(b, e); });
+    return;
+  }
+  const int64_t blocks_per_outer = (l.inner + lanes - 1) / lanes;
+  const int64_t tasks = l.outer * blocks_per_outer;
+  const int64_t grain = std::max<int64_t>(1, kMinElementsPerTask / std::max<int64_t>(1, l.size * lanes));
+  at::parallel_for(0, tasks, grain, [&](int64_t b, int64_t e) {
+    for (int64_t t = b; t < e; ++t) {
+      const int64_t o = t / blocks_per_outer;
+      const int64_t j = (t % blocks_per_outer) * lanes;
+      const int count = static_cast<int>(std::min<int64_t>(lanes, l.inner - j));
+      strided(o * l.size * l.inner + j, count);
+    }
+  });
+}
+
+#define FASTLOSS_RUN_FORWARD(NAME, IN, OUT)                                                  \
+  do {                                                                                      \
+    const IN* xp = reinterpret_cast<const IN*>(x.const_data_ptr());                          \
+    OUT* yp = reinterpret_cast<OUT*>(y.mutable_data_ptr());                                  \
+    for_each_row_block(                                                                     \
+        l, [&](int64_t b, int64_t e) { NAME##_lastdim(xp, yp, b, e, l.size); },            \
+        [&](int64_t off, int count) { NAME##_strided(xp + off, yp + off, l.size, l.inner, count); }, \
+        kLanes<typename AccType<IN>::type>);                                                 \
+  } while (0)
+
+template <bool kLog>
+at::Tensor forward(const at::Tensor& self, int64_t dim, bool half_to_float) {
+  const char* op = kLog ? "log_softmax" : "softmax";
+  TORCH_CHECK(self.device().is_cpu(), "fastloss.", op, ": expected 'self' on the CPU");
+  const SoftmaxArgs args = softmax_forward_args(op, self, dim, half_to_float);
+  const at::Tensor x = self.contiguous();
+  at::Tensor y = at::empty(self.sizes(), self.options().dtype(args.out_dtype));
+  if (y.numel() == 0) return y;
+  const RowLayout& l = args.layout;
+  const auto in = self.scalar_type();
+  const bool to_float = half_to_float;
+#define FASTLOSS_FORWARD_CASE(SUFFIX, IN, OUT)                                                   \
+  if constexpr (kLog) FASTLOSS_RUN_FORWARD(log_softmax_##SUFFIX, IN, OUT);                      \
+  else FASTLOSS_RUN_FORWARD(softmax_##SUFFIX, IN, OUT)
+  if (in == c10::kFloat) {
+    FASTLOSS_FORWARD_CASE(f32, float, float);
+  } else if (in == c10::kDouble) {
+    FASTLOSS_FORWARD_CASE(f64, double, double);
+  } else if (in == c10::kHalf && !to_float) {
+    FASTLOSS_FORWARD_CASE(f16, c10::Half, c10::Half);
+  } else if (in == c10::kHalf) {
+    FASTLOSS_FORWARD_CASE(f16_f32, c10::Half, float);
+  } else if (in == c10::kBFloat16 && !to_float) {
+    FASTLOSS_FORWARD_CASE(bf16, c10::BFloat16, c10::BFloat16);
+  } else {
+    FASTLOSS_FORWARD_CASE(bf16_f32, c10::BFloat16, float);
+  }
+#undef FASTLOSS_FORWARD_CASE
+  return y;
+}
+
+#define FASTLOSS_RUN_BACKWARD(NAME, OUT, GRAD)                                                   \
+  do {                                                                                          \
+    const OUT* gp = reinterpret_cast<const OUT*>(g.const_data_ptr());                            \
+    const OUT* yp = reinterpret_cast<const OUT*>(y.const_data_ptr());                            \
+    GRAD* dp = reinterpret_cast<GRAD*>(dx.mutable_data_ptr());                                   \
+    for_each_row_block(                                                                         \
+        l, [&](int64_t b, int64_t e) { NAME##_lastdim(gp, yp, dp, b, e, l.size); },            \
+        [&](int64_t off, int count) {                                                           \
+          NAME##_strided(gp + off, yp + off, dp + off, l.size, l.inner, count);                 \
+        },                                                                                      \
+        kLanes<typename AccType<OUT>::type>);                                                    \
+  } while (0)
+
+template <bool kLog>
+at::Tensor backward(const at::Tensor& grad_output, const at::Tensor& output, int64_t dim,
+                    c10::ScalarType input_dtype) {
+  const char* op = kLog ? "log_softmax_backward" : "softmax_backward";
+  TORCH_CHECK(output.device().is_cpu(), "fastloss.", op, ": expected 'output' on the CPU");
+  const RowLayout l = softmax_backward_args(op, grad_output, output, dim, input_dtype);
+  const at::Tensor g = grad_output.contiguous();
+  const at::Tensor y = output.contiguous();
+  at::Tensor dx = at::empty(output.sizes(), output.options().dtype(input_dtype));
+  if (dx.numel() == 0) return dx;
+  const auto out = output.scalar_type();
+#define FASTLOSS_BACKWARD_CASE(SUFFIX, OUT, GRAD)                                                 \
+  if constexpr (kLog) FASTLOSS_RUN_BACKWARD(log_softmax_backward_##SUFFIX, OUT, GRAD);           \
+  else FASTLOSS_RUN_BACKWARD(softmax_backward_##SUFFIX, OUT, GRAD)
+  if (out == c10::kDouble) {
+    FASTLOSS_BACKWARD_CASE(f64, double, double);
+  } else if (out == c10::kHalf) {
+    FASTLOSS_BACKWARD_CASE(f16, c10::Half, c10::Half);
+  } else if (out == c10::kBFloat16) {
+    FASTLOSS_BACKWARD_CASE(bf16, c10::BFloat16, c10::BFloat16);
+  } else if (input_dtype == c10::kHalf) {
+    FASTLOSS_BACKWARD_CASE(f32_f16, float, c10::Half);
+  } else if (input_dtype == c10::kBFloat16) {
+    FASTLOSS_BACKWARD_CASE(f32_bf16, float, c10::BFloat16);
+  } else {
+    FASTLOSS_BACKWARD_CASE(f32, float, float);
+  }
+#undef FASTLOSS_BACKWARD_CASE
+  return dx;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fastloss, CPU, m) {
+  m.impl("softmax", &forward<false>);
+  m.impl("log_softmax", &forward<true>);
+  m.impl("softmax_backward", &backward<false>);
+  m.impl("log_softmax_backward", &backward<true>);
+}
+
+}  // namespace fastloss::cpu

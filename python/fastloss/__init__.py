@@ -1,0 +1,20 @@
+"""fastloss: fast, accurate C++/CUDA kernels for losses, normalizations and special functions.
+
+Every kernel is a PyTorch custom op under ``torch.ops.fastloss`` with autograd, fake (meta)
+kernels for torch.compile, and a typed Python wrapper re-exported here.
+"""
+
+import torch  # noqa: F401  (loads torch's shared libraries before the extension)
+
+from . import _C  # noqa: F401  (registers torch.ops.fastloss.*)
+from .ops.softmax import log_softmax, softmax
+
+__version__ = _C.build_info()["version"]
+
+
+def build_info() -> dict:
+    """How this build was configured: version, CUDA kernels, CUDA archs, CPU ISA, threads."""
+    return dict(_C.build_info())
+
+
+__all__ = ["softmax", "log_softmax", "build_info", "__version__"]

@@ -1,0 +1,31 @@
+"""``python -m fastloss info``: print how fastloss was built."""
+
+import sys
+
+import torch
+
+
+def main(argv: list[str]) -> int:
+    if argv[:1] not in ([], ["info"]):
+        print("usage: python -m fastloss info", file=sys.stderr)
+        return 2
+    import fastloss
+
+    info = fastloss.build_info()
+    rows = [
+        ("fastloss", info["version"]),
+        ("torch", torch.__version__),
+        ("CUDA kernels built", "yes" if info["cuda"] else "no"),
+        ("CUDA archs", info["cuda_archs"] or "-"),
+        ("CUDA device", torch.cuda.get_device_name() if torch.cuda.is_available() else "none"),
+        ("CPU kernels ISA", info["cpu_isa"]),
+        ("CPU threads", str(info["num_threads"])),
+    ]
+    width = max(len(k) for k, _ in rows)
+    for key, value in rows:
+        print(f"{key:<{width}}  {value}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main(sys.argv[1:]))

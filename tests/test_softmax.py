@@ -1,0 +1,282 @@
+"""Two-pass softmax / log-softmax against torch in float64, on fresh random inputs."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+import fastloss
+from conftest import CUDA
+
+OPS = [
+    pytest.param(fastloss.softmax, torch.softmax, id="softmax"),
+    pytest.param(fastloss.log_softmax, torch.log_softmax, id="log_softmax"),
+]
+
+DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
+
+
+def reference(ref_fn, x, dim):
+    """softmax / log_softmax in extended precision (numpy longdouble), as float64."""
+    xs = x.detach().double().cpu().numpy().astype(np.longdouble)
+    shifted = xs - xs.max(axis=dim, keepdims=True)
+    log_sum = np.log(np.exp(shifted).sum(axis=dim, keepdims=True))
+    out = shifted - log_sum if ref_fn is torch.log_softmax else np.exp(shifted - log_sum)
+    return torch.from_numpy(out.astype(np.float64)).to(x.device)
+
+
+def torch_error(ref_fn, x, dim, out_dtype=None):
+    """torch's own max error at x's precision: the yardstick for our tolerance."""
+    ref = reference(ref_fn, x, dim)
+    ours_torch = ref_fn(x, dim, dtype=out_dtype) if out_dtype else ref_fn(x, dim)
+    return (ours_torch.double() - ref).abs().max().item()
+
+
+def assert_close_to_reference(fn, ref_fn, x, dim, out_dtype=None):
+    y = fn(x, dim, dtype=out_dtype) if out_dtype else fn(x, dim)
+    expected_dtype = out_dtype or x.dtype
+    assert y.dtype == expected_dtype and y.shape == x.shape and y.device == x.device
+    ref = reference(ref_fn, x, dim)
+    err = (y.double() - ref).abs().max().item()
+    # Within 2x torch's own error at this precision, plus a few ulps of the output scale:
+    # fp32 accumulation rounds differently from torch but is not less accurate.
+    eps = torch.finfo(expected_dtype).eps
+    scale = max(1.0, ref.abs().max().item()) if fn is fastloss.log_softmax else 1.0
+    tol = 2 * torch_error(ref_fn, x, dim, out_dtype) + 4 * eps * scale
+    assert err <= tol, f"max error {err:.3e} > tolerance {tol:.3e}"
+
+
+@pytest.mark.parametrize("fn,ref_fn", OPS)
+@pytest.mark.parametrize("cols", [1, 7, 1000, 4096, 131072])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_last_dim(device, fn, ref_fn, cols, dtype):
+    rows = 3 if cols == 131072 else 17
+    x = (torch.randn(rows, cols, dtype=torch.float64, device=device) * 4).to(dtype)
+    assert_close_to_reference(fn, ref_fn, x, -1)
+
+
+@pytest.mark.parametrize("fn,ref_fn", OPS)
+@pytest.mark.parametrize("dim", [0, 1, 2, -2])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_other_dims(device, fn, ref_fn, dim, dtype):
+    x = (torch.randn(5, 37, 70, dtype=torch.float64, device=device) * 3).to(dtype)
+    assert_close_to_reference(fn, ref_fn, x, dim)
+
+
+@pytest.mark.parametrize("fn,ref_fn", OPS)
+def test_long_strided_rows(device, fn, ref_fn):
+    x = torch.randn(2, 40000, 3, device=device) * 5
+    assert_close_to_reference(fn, ref_fn, x, 1)
+
+
+@pytest.mark.parametrize("fn,ref_fn", OPS)
+@pytest.mark.parametrize("dim", [-1, 0])
+def test_non_contiguous(device, fn, ref_fn, dim):
+    base = torch.randn(64, 300, device=device) * 3
+    for x in (base.t(), base[:, ::3], base[::2, 5:200]):
+        assert not x.is_contiguous()
+        assert_close_to_reference(fn, ref_fn, x, dim)
+
+
+@pytest.mark.parametrize("fn,ref_fn", OPS)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_to_float(device, fn, ref_fn, dtype):
+    x = (torch.randn(9, 3001, device=device) * 4).to(dtype)
+    assert_close_to_reference(fn, ref_fn, x, -1, out_dtype=torch.float32)
+
+
+@pytest.mark.parametrize("fn,ref_fn", OPS)
+def test_dtype_argument_casts_first(device, fn, ref_fn):
+    x = torch.randn(4, 50, device=device)
+    torch.testing.assert_close(fn(x, -1, dtype=torch.float64), ref_fn(x, -1, dtype=torch.float64))
+    torch.testing.assert_close(fn(x, 0, dtype=torch.bfloat16), ref_fn(x, 0, dtype=torch.bfloat16))
+    xi = torch.randint(-5, 5, (3, 8), device=device)
+    torch.testing.assert_close(fn(xi, -1, dtype=torch.float32), ref_fn(xi, -1, dtype=torch.float32))
+
+
+@pytest.mark.parametrize("fn,ref_fn", OPS)
+@pytest.mark.parametrize("scale", [1e2, 1e4, 1e6, 1e30])
+def test_large_magnitudes(device, fn, ref_fn, scale):
+    # No max pass: the pairs must not overflow however large the logits are.
+    x = torch.randn(8, 513, dtype=torch.float64, device=device) * scale
+    for dtype in (torch.float32, torch.float64):
+        y = fn(x.to(dtype), -1)
+        assert torch.isfinite(y[y != -math.inf]).all()
+        torch.testing.assert_close(y.double(), ref_fn(x.to(dtype).double(), -1), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("fn,ref_fn", OPS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("cols", [3, 1000])
+def test_special_values(device, fn, ref_fn, dtype, cols):
+    inf, nan = math.inf, math.nan
+    x = torch.randn(6, cols, device=device).to(dtype)
+    x[0, 0] = -inf            # masked entry: 0 / -inf
+    x[1, :] = -inf            # all -inf: NaN row
+    x[2, 1] = inf             # +inf: NaN row
+    x[3, 2 % cols] = nan      # NaN: NaN row
+    x[4, :] = 0               # constant row: uniform
+    x[5, 1:] = -inf           # one finite entry: one-hot
+    y = fn(x, -1)
+    expected = ref_fn(x.float(), -1).to(dtype)
+    torch.testing.assert_close(y, expected, equal_nan=True, rtol=2e-2, atol=1e-3)
+    assert torch.equal(torch.isnan(y), torch.isnan(expected))
+    assert torch.equal(torch.isinf(y), torch.isinf(expected))
+
+
+@pytest.mark.parametrize("fn,ref_fn", OPS)
+def test_special_values_other_dim(device, fn, ref_fn):
+    x = torch.randn(40, 20, device=device)
+    x[:, 0] = -math.inf
+    x[3, 1] = math.nan
+    x[:, 2] = -1e9
+    y = fn(x, 0)
+    torch.testing.assert_close(y, ref_fn(x, 0), equal_nan=True)
+
+
+@pytest.mark.parametrize("fn,ref_fn", OPS)
+def test_empty_and_scalar(device, fn, ref_fn):
+    for shape, dim in [((0, 5), -1), ((5, 0), -1), ((5, 0), 0), ((2, 0, 3), 2)]:
+        x = torch.randn(shape, device=device)
+        y = fn(x, dim)
+        assert y.shape == x.shape and y.numel() == 0
+    x = torch.tensor(2.5, device=device)
+    torch.testing.assert_close(fn(x, 0), ref_fn(x, 0))
+    torch.testing.assert_close(fn(x, -1), ref_fn(x, -1))
+
+
+@pytest.mark.parametrize("fn,ref_fn", OPS)
+@pytest.mark.parametrize("dim", [-1, 1, 0])
+def test_gradcheck(device, fn, ref_fn, dim):
+    x = torch.randn(4, 6, 5, dtype=torch.float64, device=device, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda t: fn(t, dim), (x,))
+
+
+@pytest.mark.parametrize("fn,ref_fn", OPS)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_backward_matches_torch(device, fn, ref_fn, dtype):
+    x64 = torch.randn(7, 777, dtype=torch.float64, device=device) * 3
+    g = torch.randn_like(x64)
+    x = x64.to(dtype).requires_grad_()
+    (fn(x, -1) * g.to(dtype)).sum().backward()
+    xr = x64.to(dtype).double().requires_grad_()
+    (ref_fn(xr, -1) * g.to(dtype).double()).sum().backward()
+    xt = x64.to(dtype).requires_grad_()
+    (ref_fn(xt, -1) * g.to(dtype)).sum().backward()
+    torch_err = (xt.grad.double() - xr.grad).abs().max().item()
+    err = (x.grad.double() - xr.grad).abs().max().item()
+    assert x.grad.dtype == dtype
+    assert err <= 2 * torch_err + 8 * torch.finfo(dtype).eps, (err, torch_err)
+
+
+@pytest.mark.parametrize("fn,ref_fn", OPS)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_backward_half_to_float(device, fn, ref_fn, dtype):
+    x = (torch.randn(5, 300, device=device) * 2).to(dtype).requires_grad_()
+    y = fn(x, -1, dtype=torch.float32)
+    g = torch.randn_like(y)
+    (y * g).sum().backward()
+    xr = x.detach().double().requires_grad_()
+    (ref_fn(xr, -1) * g.double()).sum().backward()
+    assert x.grad.dtype == dtype
+    torch.testing.assert_close(x.grad.double(), xr.grad, rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.parametrize("op", ["softmax", "log_softmax"])
+def test_opcheck(device, op):
+    fwd = getattr(torch.ops.fastloss, op)
+    bwd = getattr(torch.ops.fastloss, op + "_backward")
+    samples = [
+        (torch.randn(3, 5, device=device, requires_grad=True), -1, False),
+        (torch.randn(4, 6, 2, device=device, requires_grad=True), 1, False),
+        (torch.randn(3, 5, device=device, dtype=torch.float64, requires_grad=True), 0, False),
+        (torch.randn(3, 9, device=device).half().requires_grad_(), -1, True),
+        (torch.randn(3, 9, device=device).bfloat16().requires_grad_(), -1, False),
+    ]
+    for args in samples:
+        torch.library.opcheck(fwd, args)
+    y = torch.randn(4, 7, device=device).softmax(-1)
+    torch.library.opcheck(bwd, (torch.randn_like(y), y, -1, torch.float32))
+    torch.library.opcheck(bwd, (torch.randn_like(y), y, 0, torch.bfloat16))
+
+
+def test_torch_compile_fullgraph(device):
+    def loss_fn(x, w):
+        logits = x @ w
+        return -(fastloss.log_softmax(logits, -1)[:, 0]).mean() + fastloss.softmax(logits, 0).sum()
+
+    compiled = torch.compile(loss_fn, fullgraph=True)
+    x = torch.randn(8, 16, device=device)
+    w = torch.randn(16, 32, device=device, requires_grad=True)
+    expected = loss_fn(x, w)
+    (g_expected,) = torch.autograd.grad(expected, w)
+    got = compiled(x, w)
+    (g_got,) = torch.autograd.grad(got, w)
+    torch.testing.assert_close(got, expected)
+    torch.testing.assert_close(g_got, g_expected)
+
+
+@pytest.mark.parametrize("fn", [fastloss.softmax, fastloss.log_softmax])
+def test_bad_input(device, fn):
+    with pytest.raises(RuntimeError, match="'self'.*float32.*got Long"):
+        fn(torch.arange(6, device=device).view(2, 3), -1)
+    with pytest.raises(RuntimeError, match="'self'.*got Bool"):
+        fn(torch.ones(2, 3, dtype=torch.bool, device=device), -1)
+    with pytest.raises(IndexError, match="'dim' out of range"):
+        fn(torch.randn(2, 3, device=device), 2)
+    with pytest.raises(IndexError, match="'dim' out of range"):
+        fn(torch.randn(2, 3, device=device), -3)
+    with pytest.raises(TypeError, match="'input'"):
+        fn([1.0, 2.0], -1)
+    with pytest.raises(TypeError, match="'dtype'"):
+        fn(torch.randn(2, 3, device=device), -1, dtype="float32")
+
+
+def test_bad_backward_input(device):
+    y = torch.randn(3, 4, device=device)
+    with pytest.raises(RuntimeError, match="'grad_output' must have the shape"):
+        torch.ops.fastloss.softmax_backward(torch.randn(3, 5, device=device), y, -1, torch.float32)
+    with pytest.raises(RuntimeError, match="'grad_output' must have the dtype"):
+        torch.ops.fastloss.softmax_backward(y.double(), y, -1, torch.float32)
+    with pytest.raises(RuntimeError, match="'input_dtype'"):
+        torch.ops.fastloss.log_softmax_backward(y, y, -1, torch.float64)
+
+
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
+@pytest.mark.cuda
+def test_device_mismatch_cuda():
+    y = torch.randn(3, 4, device="cuda")
+    with pytest.raises(RuntimeError, match="same device"):
+        torch.ops.fastloss.softmax_backward(y.cpu(), y, -1, torch.float32)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("fn,ref_fn", OPS)
+@pytest.mark.parametrize(
+    "shape", [(8, 151936), (4, 300000), (2048, 40), (1, 1), (3, 33), (1000, 2049), (64, 20000), (6, 65537)]
+)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_cuda_shape_paths(fn, ref_fn, shape, dtype):
+    """Every CUDA path (warp per row, row on chip, two passes, split rows), odd sizes."""
+    if not CUDA:
+        pytest.skip("needs CUDA")
+    x = (torch.randn(*shape, dtype=torch.float64, device="cuda") * 4).to(dtype)
+    assert_close_to_reference(fn, ref_fn, x, -1)
+    x[0, 0] = math.inf
+    y = fn(x, -1)
+    assert torch.isnan(y[0]).all() and not torch.isnan(y[1:]).any()
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("shape", [(3, 5), (2, 1500), (4, 70000)])
+def test_cuda_memcheck(shape):
+    """Small subset run under compute-sanitizer by `make gpu-check`."""
+    if not CUDA:
+        pytest.skip("needs CUDA")
+    x = torch.randn(*shape, device="cuda", requires_grad=True)
+    for fn, ref_fn in ((fastloss.softmax, torch.softmax), (fastloss.log_softmax, torch.log_softmax)):
+        y = fn(x, -1)
+        y.sum().backward()
+        torch.testing.assert_close(y, ref_fn(x, -1))
+        torch.testing.assert_close(fn(x.detach().bfloat16(), 0).float(), ref_fn(x.detach().bfloat16(), 0).float(), rtol=2e-2, atol=1e-3)
