@@ -280,3 +280,16 @@ def test_cuda_memcheck(shape):
         y.sum().backward()
         torch.testing.assert_close(y, ref_fn(x, -1))
         torch.testing.assert_close(fn(x.detach().bfloat16(), 0).float(), ref_fn(x.detach().bfloat16(), 0).float(), rtol=2e-2, atol=1e-3)
+
+
+@pytest.mark.parametrize("fn,ref_fn", OPS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rows_beyond_cache(device, fn, ref_fn, dtype):
+    # Rows too long to keep in cache take the recomputing two-pass path on the CPU.
+    x = (torch.randn(3, 200003, dtype=torch.float64, device=device) * 4).to(dtype)
+    assert_close_to_reference(fn, ref_fn, x, -1)
+    x[1, 7] = -math.inf
+    x[2, 100] = math.nan
+    y = fn(x, -1)
+    assert torch.isnan(y[2]).all() and not torch.isnan(y[:2]).any()
+    assert (y[1, 7] == (-math.inf if fn is fastloss.log_softmax else 0)).item()

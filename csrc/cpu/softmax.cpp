@@ -19,11 +19,15 @@
 #include <c10/util/Half.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cmath>
+#include <type_traits>
 #include <limits>
+#include <memory>
 
 #include "common/exp_pair.h"
 #include "common/softmax_op.h"
+#include "cpu/alloc.h"
 #include "cpu/isa.h"
 
 namespace fastloss::cpu {
@@ -134,11 +138,114 @@ void exact_row(const in_t* x, out_t* y, int64_t n, int64_t stride) {
   }
 }
 
+// Softmax rows that fit in the L2 cache: the two-pass variant that keeps exponentials.
+// Pass 1 walks the row in L1-sized chunks; for each chunk it finds the largest exponent m_c
+// (within L1, not a pass over memory), writes exp(x - m_c ln2) in acc_t to `scratch` (the
+// output itself when it is acc_t) and keeps the chunk's pair (s_c, m_c). Pass 2 rescales
+// each chunk, still in cache, by 2^(m_c - E) / S and writes the output. One exponential per
+// element instead of two, the input read once, and one rounding to the output type.
+template <typename acc_t>
+constexpr int64_t kChunk = 1024;
+template <typename acc_t>
+constexpr int64_t kMaxCachedRowBytes = 640 * 1024;
+
+template <typename acc_t>
+FASTLOSS_HD acc_t exp_shifted(acc_t x, acc_t m) {
+  // exp(x - m ln2) with the shift applied exactly by fma, then exp of a small argument.
+  acc_t r = fl_fma(m, -ExpConstants<acc_t>::kLn2Hi, x);
+  r = fl_fma(m, -ExpConstants<acc_t>::kLn2Lo, r);
+  const ExpPair<acc_t> p = exp_pair(r);
+  return p.mantissa * exp2_nonpositive(p.exponent);
+}
+
+template <typename in_t, typename out_t, typename acc_t>
+FASTLOSS_HD void softmax_row_cached(const in_t* x, out_t* out, acc_t* y, int64_t n) {
+  constexpr int L = kLanes<acc_t>;
+  constexpr int64_t C = kChunk<acc_t>;
+  acc_t chunk_sum[kMaxCachedRowBytes<acc_t> / sizeof(acc_t) / C + 1];
+  acc_t chunk_exp[kMaxCachedRowBytes<acc_t> / sizeof(acc_t) / C + 1];
+  ExpSum<acc_t> total = ExpSum<acc_t>::empty();
+  acc_t nonfinite = 0;
+  int64_t chunks = 0;
+  for (int64_t c0 = 0; c0 < n; c0 += C, ++chunks) {
+    const int64_t c = std::min<int64_t>(C, n - c0);
+    const in_t* xc = x + c0;
+    acc_t* yc = y + c0;
+    acc_t qmax[L], bad[L];
+    for (int l = 0; l < L; ++l) {
+      qmax[l] = ExpConstants<acc_t>::kEmptyExponent;
+      bad[l] = 0;
+    }
+    int64_t i = 0;
+    for (; i + L <= c; i += L) {
+      for (int l = 0; l < L; ++l) {
+        const acc_t v = fl_max(kLowClamp<acc_t>, static_cast<acc_t>(xc[i + l]));
+        qmax[l] = fl_max(qmax[l], v * ExpConstants<acc_t>::kLog2e);
+        bad[l] += v - v;
+      }
+    }
+    for (int l = 0; i + l < c; ++l) {
+      const acc_t v = fl_max(kLowClamp<acc_t>, static_cast<acc_t>(xc[i + l]));
+      qmax[l] = fl_max(qmax[l], v * ExpConstants<acc_t>::kLog2e);
+      bad[l] += v - v;
+    }
+    acc_t q = qmax[0];
+    for (int l = 1; l < L; ++l) {
+      q = fl_max(q, qmax[l]);
+      bad[0] += bad[l];
+    }
+    nonfinite += bad[0];
+    const acc_t m = round_to_int(q);
+    acc_t part[L] = {};
+    i = 0;
+    for (; i + L <= c; i += L) {
+      for (int l = 0; l < L; ++l) {
+        const acc_t e = exp_shifted(fl_max(kLowClamp<acc_t>, static_cast<acc_t>(xc[i + l])), m);
+        yc[i + l] = e;
+        part[l] += e;
+      }
+    }
+    for (int l = 0; i + l < c; ++l) {
+      const acc_t e = exp_shifted(fl_max(kLowClamp<acc_t>, static_cast<acc_t>(xc[i + l])), m);
+      yc[i + l] = e;
+      part[l] += e;
+    }
+    acc_t s = 0;
+    for (int l = 0; l < L; ++l) s += part[l];
+    chunk_sum[chunks] = s;
+    chunk_exp[chunks] = m;
+    total.add(s, m);
+  }
+  const RowStats<acc_t> stats = finish(total, nonfinite);
+  if (stats.exact_fallback) {
+    exact_row<false, in_t, out_t, acc_t>(x, out, n, 1);
+    return;
+  }
+  for (int64_t k = 0; k < chunks; ++k) {
+    const acc_t scale = exp2_nonpositive(chunk_exp[k] - stats.exponent) * stats.inv_sum;
+    const acc_t* yc = y + k * C;
+    out_t* oc = out + k * C;
+    const int64_t c = std::min<int64_t>(C, n - k * C);
+    for (int64_t i = 0; i < c; ++i) oc[i] = static_cast<out_t>(yc[i] * scale);
+  }
+}
+
 // Rows along the last (contiguous) dimension: lanes are consecutive elements of one row.
 template <bool kLog, typename in_t, typename out_t>
 FASTLOSS_HD void forward_lastdim_rows(const in_t* x, out_t* y, int64_t begin, int64_t end, int64_t n) {
   using acc_t = typename AccType<in_t>::type;
   constexpr int L = kLanes<acc_t>;
+  if constexpr (!kLog) {
+    if (n * static_cast<int64_t>(sizeof(acc_t)) <= kMaxCachedRowBytes<acc_t>) {
+      if constexpr (std::is_same_v<out_t, acc_t>) {
+        for (int64_t row = begin; row < end; ++row) softmax_row_cached(x + row * n, y + row * n, y + row * n, n);
+      } else {
+        std::unique_ptr<acc_t[]> scratch(new acc_t[n]);
+        for (int64_t row = begin; row < end; ++row) softmax_row_cached(x + row * n, y + row * n, scratch.get(), n);
+      }
+      return;
+    }
+  }
   Lanes<acc_t> lanes;
   for (int64_t row = begin; row < end; ++row) {
     const in_t* xr = x + row * n;
@@ -343,7 +450,7 @@ at::Tensor forward(const at::Tensor& self, int64_t dim, bool half_to_float) {
   TORCH_CHECK(self.device().is_cpu(), "fastloss.", op, ": expected 'self' on the CPU");
   const SoftmaxArgs args = softmax_forward_args(op, self, dim, half_to_float);
   const at::Tensor x = self.contiguous();
-  at::Tensor y = at::empty(self.sizes(), self.options().dtype(args.out_dtype));
+  at::Tensor y = empty_output(self.sizes(), self.options().dtype(args.out_dtype));
   if (y.numel() == 0) return y;
   const RowLayout& l = args.layout;
   const auto in = self.scalar_type();
@@ -389,7 +496,7 @@ at::Tensor backward(const at::Tensor& grad_output, const at::Tensor& output, int
   const RowLayout l = softmax_backward_args(op, grad_output, output, dim, input_dtype);
   const at::Tensor g = grad_output.contiguous();
   const at::Tensor y = output.contiguous();
-  at::Tensor dx = at::empty(output.sizes(), output.options().dtype(input_dtype));
+  at::Tensor dx = empty_output(output.sizes(), output.options().dtype(input_dtype));
   if (dx.numel() == 0) return dx;
   const auto out = output.scalar_type();
 #define FASTLOSS_BACKWARD_CASE(SUFFIX, OUT, GRAD)                                                 \
