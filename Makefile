@@ -31,9 +31,15 @@ $(VENV)/.installed: pyproject.toml
 	@$(PY) -c "import torch, pybind11, scikit_build_core" || \
 		(echo "PYTHON=$(PY) needs torch, pybind11 and scikit-build-core installed" && exit 1)
 
-# Build against the torch in the environment (no build isolation).
+# Build against the torch in the environment (no build isolation). A system interpreter
+# (PEP 668) needs --break-system-packages where pip knows it.
 install: $(SETUP)
-	$(PY) -m pip install --no-build-isolation --no-deps -v . 2>&1 | tail -n 5
+	@flags="--no-build-isolation --no-deps"; \
+	if [ -n "$(PYTHON)" ] && $(PY) -m pip install --help 2>/dev/null | grep -q -- --break-system-packages; then \
+		flags="$$flags --break-system-packages"; fi; \
+	echo "$(PY) -m pip install $$flags ."; \
+	$(PY) -m pip install $$flags . > build.log 2>&1 || (cat build.log; exit 1); \
+	tail -n 1 build.log
 
 test: install
 	cd tests && $(PY) -m pytest -q $(PYTEST_ARGS)

@@ -26,6 +26,7 @@
 #include <memory>
 
 #include "common/exp_pair.h"
+#include "common/softmax_math.h"
 #include "common/softmax_op.h"
 #include "cpu/alloc.h"
 #include "cpu/isa.h"
@@ -47,13 +48,6 @@ struct AccType<double> {
 template <typename acc_t>
 constexpr int kLanes = 128 / sizeof(acc_t);
 
-// Inputs are clamped from below to kLowClamp (-inf included) before the reduction: a
-// clamped entry's exponent is below -kMaxReducible, so it contributes exactly 0 to any row
-// whose maximum is in range, and a row where every entry was clamped takes the fallback.
-// fl_max(kLowClamp, x) keeps NaN.
-template <typename acc_t>
-constexpr acc_t kLowClamp = -(ExpConstants<acc_t>::kMaxReducible + 2) * ExpConstants<acc_t>::kLn2;
-
 // Per-lane state of pass 1: the pair sum, and a sum of (x - x) over the clamped inputs that
 // becomes NaN if any entry is NaN or +inf.
 template <typename acc_t>
@@ -72,7 +66,7 @@ struct Lanes {
   }
 
   FASTLOSS_HD void add(int l, acc_t x) {
-    const acc_t xc = fl_max(kLowClamp<acc_t>, x);
+    const acc_t xc = fl_max(low_clamp<acc_t>(), x);
     const ExpPair<acc_t> p = exp_pair(xc);
     const acc_t e = fl_max(exponent[l], p.exponent);
     sum[l] = sum[l] * exp2_nonpositive(exponent[l] - e) + p.mantissa * exp2_nonpositive(p.exponent - e);
@@ -80,39 +74,6 @@ struct Lanes {
     nonfinite[l] += xc - xc;
   }
 };
-
-// The finished reduction of one row: what pass 2 needs.
-template <typename acc_t>
-struct RowStats {
-  acc_t exponent;      // E
-  acc_t inv_sum;       // 1 / S            (softmax)
-  acc_t log_offset;    // E * ln2_lo + log S (log-softmax, with E * ln2_hi applied by fma)
-  bool exact_fallback;
-};
-
-template <typename acc_t>
-FASTLOSS_HD RowStats<acc_t> finish(ExpSum<acc_t> s, acc_t nonfinite) {
-  using C = ExpConstants<acc_t>;
-  RowStats<acc_t> r;
-  r.exponent = s.exponent;
-  r.inv_sum = acc_t(1) / s.sum;
-  r.log_offset = s.exponent * C::kLn2Lo + std::log(s.sum);
-  // Exact path: NaN/+inf present, the maximum too large to reduce accurately, or every
-  // entry clamped (all -inf, or all very negative). !(a <= b) is also true for NaN.
-  r.exact_fallback = nonfinite != nonfinite || !(s.exponent <= C::kMaxReducible) ||
-                     s.exponent < -C::kMaxReducible;
-  return r;
-}
-
-template <bool kLog, typename acc_t>
-FASTLOSS_HD acc_t pass2_value(acc_t x, const RowStats<acc_t>& r) {
-  if constexpr (kLog) {
-    return fl_fma(r.exponent, -ExpConstants<acc_t>::kLn2Hi, x) - r.log_offset;
-  } else {
-    const ExpPair<acc_t> p = exp_pair(fl_max(kLowClamp<acc_t>, x));
-    return p.mantissa * exp2_nonpositive(p.exponent - r.exponent) * r.inv_sum;
-  }
-}
 
 // Exact softmax of one strided row in acc_t with a max pass: used for rows with non-finite
 // or very large entries, where it reproduces torch.softmax's semantics.
@@ -149,20 +110,10 @@ constexpr int64_t kChunk = 1024;
 template <typename acc_t>
 constexpr int64_t kMaxCachedRowBytes = 640 * 1024;
 
-template <typename acc_t>
-FASTLOSS_HD acc_t exp_shifted(acc_t x, acc_t m) {
-  // exp(x - m ln2) with the shift applied exactly by fma, then exp of a small argument.
-  acc_t r = fl_fma(m, -ExpConstants<acc_t>::kLn2Hi, x);
-  r = fl_fma(m, -ExpConstants<acc_t>::kLn2Lo, r);
-  const ExpPair<acc_t> p = exp_pair(r);
-  return p.mantissa * exp2_nonpositive(p.exponent);
-}
-
 template <typename in_t, typename out_t, typename acc_t>
 FASTLOSS_HD void softmax_row_cached(const in_t* x, out_t* out, acc_t* y, int64_t n) {
   constexpr int L = kLanes<acc_t>;
   constexpr int64_t C = kChunk<acc_t>;
-  acc_t chunk_sum[kMaxCachedRowBytes<acc_t> / sizeof(acc_t) / C + 1];
   acc_t chunk_exp[kMaxCachedRowBytes<acc_t> / sizeof(acc_t) / C + 1];
   ExpSum<acc_t> total = ExpSum<acc_t>::empty();
   acc_t nonfinite = 0;
@@ -179,13 +130,13 @@ FASTLOSS_HD void softmax_row_cached(const in_t* x, out_t* out, acc_t* y, int64_t
     int64_t i = 0;
     for (; i + L <= c; i += L) {
       for (int l = 0; l < L; ++l) {
-        const acc_t v = fl_max(kLowClamp<acc_t>, static_cast<acc_t>(xc[i + l]));
+        const acc_t v = fl_max(low_clamp<acc_t>(), static_cast<acc_t>(xc[i + l]));
         qmax[l] = fl_max(qmax[l], v * ExpConstants<acc_t>::kLog2e);
         bad[l] += v - v;
       }
     }
     for (int l = 0; i + l < c; ++l) {
-      const acc_t v = fl_max(kLowClamp<acc_t>, static_cast<acc_t>(xc[i + l]));
+      const acc_t v = fl_max(low_clamp<acc_t>(), static_cast<acc_t>(xc[i + l]));
       qmax[l] = fl_max(qmax[l], v * ExpConstants<acc_t>::kLog2e);
       bad[l] += v - v;
     }
@@ -200,24 +151,23 @@ FASTLOSS_HD void softmax_row_cached(const in_t* x, out_t* out, acc_t* y, int64_t
     i = 0;
     for (; i + L <= c; i += L) {
       for (int l = 0; l < L; ++l) {
-        const acc_t e = exp_shifted(fl_max(kLowClamp<acc_t>, static_cast<acc_t>(xc[i + l])), m);
+        const acc_t e = exp_shifted(fl_max(low_clamp<acc_t>(), static_cast<acc_t>(xc[i + l])), m);
         yc[i + l] = e;
         part[l] += e;
       }
     }
     for (int l = 0; i + l < c; ++l) {
-      const acc_t e = exp_shifted(fl_max(kLowClamp<acc_t>, static_cast<acc_t>(xc[i + l])), m);
+      const acc_t e = exp_shifted(fl_max(low_clamp<acc_t>(), static_cast<acc_t>(xc[i + l])), m);
       yc[i + l] = e;
       part[l] += e;
     }
     acc_t s = 0;
     for (int l = 0; l < L; ++l) s += part[l];
-    chunk_sum[chunks] = s;
     chunk_exp[chunks] = m;
     total.add(s, m);
   }
-  const RowStats<acc_t> stats = finish(total, nonfinite);
-  if (stats.exact_fallback) {
+  const RowStats<acc_t> stats = finish_row(total, nonfinite);
+  if (stats.exact) {
     exact_row<false, in_t, out_t, acc_t>(x, out, n, 1);
     return;
   }
@@ -262,8 +212,8 @@ FASTLOSS_HD void forward_lastdim_rows(const in_t* x, out_t* y, int64_t begin, in
       total.merge({lanes.sum[l], lanes.exponent[l]});
       nonfinite += lanes.nonfinite[l];
     }
-    const RowStats<acc_t> stats = finish(total, nonfinite);
-    if (stats.exact_fallback) {
+    const RowStats<acc_t> stats = finish_row(total, nonfinite);
+    if (stats.exact) {
       exact_row<kLog, in_t, out_t, acc_t>(xr, yr, n, 1);
       continue;
     }
@@ -276,7 +226,7 @@ FASTLOSS_HD void forward_lastdim_rows(const in_t* x, out_t* y, int64_t begin, in
 // Rows along a non-last dimension: lanes are `count` adjacent rows (adjacent in `inner`),
 // each strided by `inner`, so every load is contiguous across lanes.
 template <bool kLog, typename in_t, typename out_t>
-FASTLOSS_HD void forward_strided_block(const in_t* x, out_t* y, int64_t n, int64_t inner, int count) {
+void forward_strided_block(const in_t* x, out_t* y, int64_t n, int64_t inner, int count) {
   using acc_t = typename AccType<in_t>::type;
   constexpr int L = kLanes<acc_t>;
   Lanes<acc_t> lanes;
@@ -294,8 +244,8 @@ FASTLOSS_HD void forward_strided_block(const in_t* x, out_t* y, int64_t n, int64
   bool any_fallback = false;
   for (int l = 0; l < count; ++l) {
     ExpSum<acc_t> s{lanes.sum[l], lanes.exponent[l]};
-    stats[l] = finish(s, lanes.nonfinite[l]);
-    any_fallback |= stats[l].exact_fallback;
+    stats[l] = finish_row(s, lanes.nonfinite[l]);
+    any_fallback |= stats[l].exact;
   }
   for (int64_t i = 0; i < n; ++i) {
     for (int l = 0; l < count; ++l) {
@@ -304,7 +254,7 @@ FASTLOSS_HD void forward_strided_block(const in_t* x, out_t* y, int64_t n, int64
   }
   if (any_fallback) {
     for (int l = 0; l < count; ++l) {
-      if (stats[l].exact_fallback) exact_row<kLog, in_t, out_t, acc_t>(x + l, y + l, n, inner);
+      if (stats[l].exact) exact_row<kLog, in_t, out_t, acc_t>(x + l, y + l, n, inner);
     }
   }
 }
@@ -339,7 +289,7 @@ FASTLOSS_HD void backward_lastdim_rows(const out_t* g, const out_t* y, grad_t* d
       const acc_t yv = static_cast<acc_t>(yr[j]);
       acc_t d;
       if constexpr (kLog) {
-        const ExpPair<acc_t> p = exp_pair(fl_max(kLowClamp<acc_t>, yv));
+        const ExpPair<acc_t> p = exp_pair(fl_max(low_clamp<acc_t>(), yv));
         d = gv - p.mantissa * exp2_nonpositive(p.exponent) * total;
       } else {
         d = yv * (gv - total);

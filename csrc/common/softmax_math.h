@@ -1,0 +1,79 @@
+// Row statistics of two-pass softmax, shared by the CPU and CUDA kernels so both devices
+// take the same decisions (which rows need the exact path) and compute the same values.
+#pragma once
+
+#include <cmath>
+
+#include "common/exp_pair.h"
+
+namespace fastloss {
+
+FASTLOSS_HD float fl_log(float v) {
+#if defined(__CUDA_ARCH__)
+  return logf(v);
+#else
+  return std::log(v);
+#endif
+}
+FASTLOSS_HD double fl_log(double v) {
+#if defined(__CUDA_ARCH__)
+  return ::log(v);
+#else
+  return std::log(v);
+#endif
+}
+
+// Inputs are clamped from below (-inf included) before the reduction: a clamped entry's
+// exponent is below -kMaxReducible, so it adds exactly 0 to any row whose maximum is in
+// range, and a row where every entry was clamped takes the exact path.
+// fl_max(low_clamp, x) keeps NaN.
+template <typename acc_t>
+FASTLOSS_HD constexpr acc_t low_clamp() {
+  return -(ExpConstants<acc_t>::kMaxReducible + 2) * ExpConstants<acc_t>::kLn2;
+}
+
+// What pass 2 needs of a row.
+template <typename acc_t>
+struct RowStats {
+  acc_t exponent;    // E
+  acc_t inv_sum;     // 1 / S              (softmax)
+  acc_t log_offset;  // E * ln2_lo + log S (log-softmax; E * ln2_hi is applied by fma)
+  bool exact;        // the row takes the exact max-subtracting path
+};
+
+// `nonfinite` is the row's sum of (xc - xc) over clamped inputs: NaN iff an entry is NaN or
+// +inf. The exact path also takes rows whose maximum is too large to reduce accurately and
+// rows where every entry was clamped (all -inf, or all very negative).
+template <typename acc_t>
+FASTLOSS_HD RowStats<acc_t> finish_row(const ExpSum<acc_t>& s, acc_t nonfinite) {
+  using C = ExpConstants<acc_t>;
+  RowStats<acc_t> r;
+  r.exponent = s.exponent;
+  r.inv_sum = acc_t(1) / s.sum;
+  r.log_offset = s.exponent * C::kLn2Lo + fl_log(s.sum);
+  // !(a <= b) is also true for NaN.
+  r.exact = nonfinite != nonfinite || !(s.exponent <= C::kMaxReducible) || s.exponent < -C::kMaxReducible;
+  return r;
+}
+
+// Pass 2 of the recomputing variant: softmax p * 2^(n - E) / S, log-softmax x - E ln2 - log S.
+template <bool kLog, typename acc_t>
+FASTLOSS_HD acc_t pass2_value(acc_t x, const RowStats<acc_t>& r) {
+  if constexpr (kLog) {
+    return fl_fma(r.exponent, -ExpConstants<acc_t>::kLn2Hi, x) - r.log_offset;
+  } else {
+    const ExpPair<acc_t> p = exp_pair(fl_max(low_clamp<acc_t>(), x));
+    return p.mantissa * exp2_nonpositive(p.exponent - r.exponent) * r.inv_sum;
+  }
+}
+
+// exp(x - m ln2), the shift applied exactly by fma, then exp of a small argument.
+template <typename acc_t>
+FASTLOSS_HD acc_t exp_shifted(acc_t x, acc_t m) {
+  acc_t r = fl_fma(m, -ExpConstants<acc_t>::kLn2Hi, x);
+  r = fl_fma(m, -ExpConstants<acc_t>::kLn2Lo, r);
+  const ExpPair<acc_t> p = exp_pair(r);
+  return p.mantissa * exp2_nonpositive(p.exponent);
+}
+
+}  // namespace fastloss
