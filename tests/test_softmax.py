@@ -154,6 +154,13 @@ def test_gradcheck(device, fn, ref_fn, dim):
 
 
 @pytest.mark.parametrize("fn,ref_fn", OPS)
+@pytest.mark.parametrize("dim", [-1, 0])
+def test_gradgradcheck(device, fn, ref_fn, dim):
+    x = torch.randn(3, 5, dtype=torch.float64, device=device, requires_grad=True)
+    assert torch.autograd.gradgradcheck(lambda t: fn(t, dim), (x,))
+
+
+@pytest.mark.parametrize("fn,ref_fn", OPS)
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_backward_matches_torch(device, fn, ref_fn, dtype):
     x64 = torch.randn(7, 777, dtype=torch.float64, device=device) * 3

@@ -77,3 +77,47 @@ def _log_softmax_grad(ctx, grad):
 
 torch.library.register_autograd("fastloss::softmax", _softmax_grad, setup_context=_setup_context)
 torch.library.register_autograd("fastloss::log_softmax", _log_softmax_grad, setup_context=_setup_context)
+
+
+# Double backward: the backward ops are differentiable too (in terms of torch ops), so
+# Hessian-vector products and gradgradcheck work.
+def _backward_setup_context(ctx, inputs, output):
+    grad_output, out, dim, _input_dtype = inputs
+    ctx.dim = dim
+    ctx.save_for_backward(grad_output, out)
+
+
+def _softmax_backward_grad(ctx, u):
+    # dx = y * (g - sum(g * y)):  d/dg = softmax_backward(u, y);
+    # d/dy = u * (g - sum(g * y)) - g * sum(u * y).
+    g, y = ctx.saved_tensors
+    u = u.to(y.dtype)
+    dim = ctx.dim
+    grad_g = grad_y = None
+    if ctx.needs_input_grad[0]:
+        grad_g = torch.ops.fastloss.softmax_backward(u, y, dim, y.dtype)
+    if ctx.needs_input_grad[1]:
+        grad_y = u * (g - (g * y).sum(dim, keepdim=True)) - g * (u * y).sum(dim, keepdim=True)
+    return grad_g, grad_y, None, None
+
+
+def _log_softmax_backward_grad(ctx, u):
+    # dx = g - exp(y) * sum(g):  d/dg = u - sum(u * exp(y));  d/dy = -u * exp(y) * sum(g).
+    g, y = ctx.saved_tensors
+    u = u.to(y.dtype)
+    dim = ctx.dim
+    p = y.exp()
+    grad_g = grad_y = None
+    if ctx.needs_input_grad[0]:
+        grad_g = u - (u * p).sum(dim, keepdim=True)
+    if ctx.needs_input_grad[1]:
+        grad_y = -u * p * g.sum(dim, keepdim=True)
+    return grad_g, grad_y, None, None
+
+
+torch.library.register_autograd(
+    "fastloss::softmax_backward", _softmax_backward_grad, setup_context=_backward_setup_context
+)
+torch.library.register_autograd(
+    "fastloss::log_softmax_backward", _log_softmax_backward_grad, setup_context=_backward_setup_context
+)
