@@ -1105,7 +1105,8 @@ cudaError_t forward_typed(const in_t* x, out_t* y, int64_t outer, int64_t size, 
     const int variant = small_rows ? 0 : 1;
     const void* kernel = small_rows ? reinterpret_cast<const void*>(softmax_block_kernel<kLog, true, 256, in_t, out_t>)
                                     : reinterpret_cast<const void*>(softmax_block_kernel<kLog, true, 512, in_t, out_t>);
-    bool ok = cache_bytes <= 48 * 1024;
+    // The 48 KB that needs no opt-in bounds static + dynamic shared memory together.
+    bool ok = cache_bytes + kScratchBytes<acc_t> <= 48 * 1024;
     if (!ok && dev.device >= 0 && dev.device < kMaxDevices) ok = configured[dev.device][variant].load() == cache_limit;
     if (!ok) {
       ok = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, cache_limit) == cudaSuccess;
