@@ -21,6 +21,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <type_traits>
 #include <limits>
 #include <memory>
@@ -75,6 +76,21 @@ struct Lanes {
   }
 };
 
+// Conversion to the output type. bfloat16 rounds to nearest even by integer arithmetic the
+// compiler can vectorize (c10's conversion branches on NaN per element).
+template <typename out_t, typename acc_t>
+FASTLOSS_HD out_t to_output(acc_t v) {
+  if constexpr (std::is_same_v<out_t, c10::BFloat16>) {
+    uint32_t bits;
+    std::memcpy(&bits, &v, sizeof(bits));
+    const uint32_t rounded = (bits + 0x7fffu + ((bits >> 16) & 1u)) >> 16;
+    const uint16_t out = v != v ? uint16_t(0x7fc0) : static_cast<uint16_t>(rounded);
+    return c10::BFloat16(out, c10::BFloat16::from_bits());
+  } else {
+    return static_cast<out_t>(v);
+  }
+}
+
 // Exact softmax of one strided row in acc_t with a max pass: used for rows with non-finite
 // or very large entries, where it reproduces torch.softmax's semantics.
 template <bool kLog, typename in_t, typename out_t, typename acc_t>
@@ -108,63 +124,75 @@ void exact_row(const in_t* x, out_t* y, int64_t n, int64_t stride) {
 template <typename acc_t>
 constexpr int64_t kChunk = 1024;
 template <typename acc_t>
-constexpr int64_t kMaxCachedRowBytes = 640 * 1024;
+constexpr int64_t kMaxCachedRowBytes = 2048 * 1024;
 
-template <typename in_t, typename out_t, typename acc_t>
+// Pass 1 over one L1-resident chunk: the chunk's largest exponent m (a max over the chunk
+// in L1, not a pass over memory), then s = sum exp(x - m ln2) as the chunk's pair (s, m).
+// With kStore the exponentials are also written to `e` (acc_t) for the cached variant.
+template <typename acc_t>
+struct ChunkSum {
+  acc_t sum;
+  acc_t exponent;
+  acc_t nonfinite;
+};
+
+template <bool kStore, int L, typename in_t, typename acc_t>
+FASTLOSS_HD ChunkSum<acc_t> chunk_pass1(const in_t* x, int64_t c, acc_t* e) {
+  acc_t qmax[L], bad[L], part[L];
+  for (int l = 0; l < L; ++l) {
+    qmax[l] = ExpConstants<acc_t>::kEmptyExponent;
+    bad[l] = 0;
+    part[l] = 0;
+  }
+  int64_t i = 0;
+  for (; i + L <= c; i += L) {
+    for (int l = 0; l < L; ++l) {
+      const acc_t v = fl_max(low_clamp<acc_t>(), static_cast<acc_t>(x[i + l]));
+      qmax[l] = fl_max(qmax[l], v * ExpConstants<acc_t>::kLog2e);
+      bad[l] += v - v;
+    }
+  }
+  for (int l = 0; i + l < c; ++l) {
+    const acc_t v = fl_max(low_clamp<acc_t>(), static_cast<acc_t>(x[i + l]));
+    qmax[l] = fl_max(qmax[l], v * ExpConstants<acc_t>::kLog2e);
+    bad[l] += v - v;
+  }
+  acc_t q = qmax[0], nonfinite = bad[0];
+  for (int l = 1; l < L; ++l) {
+    q = fl_max(q, qmax[l]);
+    nonfinite += bad[l];
+  }
+  const acc_t m = round_to_int(q);
+  i = 0;
+  for (; i + L <= c; i += L) {
+    for (int l = 0; l < L; ++l) {
+      const acc_t v = exp_shifted(fl_max(low_clamp<acc_t>(), static_cast<acc_t>(x[i + l])), m);
+      if constexpr (kStore) e[i + l] = v;
+      part[l] += v;
+    }
+  }
+  for (int l = 0; i + l < c; ++l) {
+    const acc_t v = exp_shifted(fl_max(low_clamp<acc_t>(), static_cast<acc_t>(x[i + l])), m);
+    if constexpr (kStore) e[i + l] = v;
+    part[l] += v;
+  }
+  acc_t sum = 0;
+  for (int l = 0; l < L; ++l) sum += part[l];
+  return {sum, m, nonfinite};
+}
+
+template <int L, typename in_t, typename out_t, typename acc_t>
 FASTLOSS_HD void softmax_row_cached(const in_t* x, out_t* out, acc_t* y, int64_t n) {
-  constexpr int L = kLanes<acc_t>;
   constexpr int64_t C = kChunk<acc_t>;
   acc_t chunk_exp[kMaxCachedRowBytes<acc_t> / sizeof(acc_t) / C + 1];
   ExpSum<acc_t> total = ExpSum<acc_t>::empty();
   acc_t nonfinite = 0;
   int64_t chunks = 0;
   for (int64_t c0 = 0; c0 < n; c0 += C, ++chunks) {
-    const int64_t c = std::min<int64_t>(C, n - c0);
-    const in_t* xc = x + c0;
-    acc_t* yc = y + c0;
-    acc_t qmax[L], bad[L];
-    for (int l = 0; l < L; ++l) {
-      qmax[l] = ExpConstants<acc_t>::kEmptyExponent;
-      bad[l] = 0;
-    }
-    int64_t i = 0;
-    for (; i + L <= c; i += L) {
-      for (int l = 0; l < L; ++l) {
-        const acc_t v = fl_max(low_clamp<acc_t>(), static_cast<acc_t>(xc[i + l]));
-        qmax[l] = fl_max(qmax[l], v * ExpConstants<acc_t>::kLog2e);
-        bad[l] += v - v;
-      }
-    }
-    for (int l = 0; i + l < c; ++l) {
-      const acc_t v = fl_max(low_clamp<acc_t>(), static_cast<acc_t>(xc[i + l]));
-      qmax[l] = fl_max(qmax[l], v * ExpConstants<acc_t>::kLog2e);
-      bad[l] += v - v;
-    }
-    acc_t q = qmax[0];
-    for (int l = 1; l < L; ++l) {
-      q = fl_max(q, qmax[l]);
-      bad[0] += bad[l];
-    }
-    nonfinite += bad[0];
-    const acc_t m = round_to_int(q);
-    acc_t part[L] = {};
-    i = 0;
-    for (; i + L <= c; i += L) {
-      for (int l = 0; l < L; ++l) {
-        const acc_t e = exp_shifted(fl_max(low_clamp<acc_t>(), static_cast<acc_t>(xc[i + l])), m);
-        yc[i + l] = e;
-        part[l] += e;
-      }
-    }
-    for (int l = 0; i + l < c; ++l) {
-      const acc_t e = exp_shifted(fl_max(low_clamp<acc_t>(), static_cast<acc_t>(xc[i + l])), m);
-      yc[i + l] = e;
-      part[l] += e;
-    }
-    acc_t s = 0;
-    for (int l = 0; l < L; ++l) s += part[l];
-    chunk_exp[chunks] = m;
-    total.add(s, m);
+    const ChunkSum<acc_t> cs = chunk_pass1<true, L>(x + c0, std::min<int64_t>(C, n - c0), y + c0);
+    chunk_exp[chunks] = cs.exponent;
+    total.add(cs.sum, cs.exponent);
+    nonfinite += cs.nonfinite;
   }
   const RowStats<acc_t> stats = finish_row(total, nonfinite);
   if (stats.exact) {
@@ -176,41 +204,37 @@ FASTLOSS_HD void softmax_row_cached(const in_t* x, out_t* out, acc_t* y, int64_t
     const acc_t* yc = y + k * C;
     out_t* oc = out + k * C;
     const int64_t c = std::min<int64_t>(C, n - k * C);
-    for (int64_t i = 0; i < c; ++i) oc[i] = static_cast<out_t>(yc[i] * scale);
+    for (int64_t i = 0; i < c; ++i) oc[i] = to_output<out_t>(yc[i] * scale);
   }
 }
 
-// Rows along the last (contiguous) dimension: lanes are consecutive elements of one row.
-template <bool kLog, typename in_t, typename out_t>
-FASTLOSS_HD void forward_lastdim_rows(const in_t* x, out_t* y, int64_t begin, int64_t end, int64_t n) {
+// Rows along the last (contiguous) dimension. Softmax rows that fit in cache use the cached
+// variant; log-softmax and longer rows use the recomputing two-pass form: chunk pairs merged
+// into the row's (S, E), then pass 2 reads the input again.
+template <bool kLog, int L, typename in_t, typename out_t>
+FASTLOSS_HD void forward_lastdim_rows_lanes(const in_t* x, out_t* y, int64_t begin, int64_t end, int64_t n) {
   using acc_t = typename AccType<in_t>::type;
-  constexpr int L = kLanes<acc_t>;
+  constexpr int64_t C = kChunk<acc_t>;
   if constexpr (!kLog) {
     if (n * static_cast<int64_t>(sizeof(acc_t)) <= kMaxCachedRowBytes<acc_t>) {
       if constexpr (std::is_same_v<out_t, acc_t>) {
-        for (int64_t row = begin; row < end; ++row) softmax_row_cached(x + row * n, y + row * n, y + row * n, n);
+        for (int64_t row = begin; row < end; ++row) softmax_row_cached<L>(x + row * n, y + row * n, y + row * n, n);
       } else {
         std::unique_ptr<acc_t[]> scratch(new acc_t[n]);
-        for (int64_t row = begin; row < end; ++row) softmax_row_cached(x + row * n, y + row * n, scratch.get(), n);
+        for (int64_t row = begin; row < end; ++row) softmax_row_cached<L>(x + row * n, y + row * n, scratch.get(), n);
       }
       return;
     }
   }
-  Lanes<acc_t> lanes;
   for (int64_t row = begin; row < end; ++row) {
     const in_t* xr = x + row * n;
     out_t* yr = y + row * n;
-    lanes.reset();
-    int64_t i = 0;
-    for (; i + L <= n; i += L) {
-      for (int l = 0; l < L; ++l) lanes.add(l, static_cast<acc_t>(xr[i + l]));
-    }
-    for (int l = 0; i + l < n; ++l) lanes.add(l, static_cast<acc_t>(xr[i + l]));
     ExpSum<acc_t> total = ExpSum<acc_t>::empty();
     acc_t nonfinite = 0;
-    for (int l = 0; l < L; ++l) {
-      total.merge({lanes.sum[l], lanes.exponent[l]});
-      nonfinite += lanes.nonfinite[l];
+    for (int64_t c0 = 0; c0 < n; c0 += C) {
+      const ChunkSum<acc_t> cs = chunk_pass1<false, L>(xr + c0, std::min<int64_t>(C, n - c0), static_cast<acc_t*>(nullptr));
+      total.add(cs.sum, cs.exponent);
+      nonfinite += cs.nonfinite;
     }
     const RowStats<acc_t> stats = finish_row(total, nonfinite);
     if (stats.exact) {
@@ -218,9 +242,14 @@ FASTLOSS_HD void forward_lastdim_rows(const in_t* x, out_t* y, int64_t begin, in
       continue;
     }
     for (int64_t j = 0; j < n; ++j) {
-      yr[j] = static_cast<out_t>(pass2_value<kLog>(static_cast<acc_t>(xr[j]), stats));
+      yr[j] = to_output<out_t>(pass2_value<kLog>(static_cast<acc_t>(xr[j]), stats));
     }
   }
+}
+
+template <bool kLog, typename in_t, typename out_t>
+FASTLOSS_HD void forward_lastdim_rows(const in_t* x, out_t* y, int64_t begin, int64_t end, int64_t n) {
+  forward_lastdim_rows_lanes<kLog, kLanes<typename AccType<in_t>::type>>(x, y, begin, end, n);
 }
 
 // Rows along a non-last dimension: lanes are `count` adjacent rows (adjacent in `inner`),
@@ -249,7 +278,7 @@ void forward_strided_block(const in_t* x, out_t* y, int64_t n, int64_t inner, in
   }
   for (int64_t i = 0; i < n; ++i) {
     for (int l = 0; l < count; ++l) {
-      y[i * inner + l] = static_cast<out_t>(pass2_value<kLog>(static_cast<acc_t>(x[i * inner + l]), stats[l]));
+      y[i * inner + l] = to_output<out_t>(pass2_value<kLog>(static_cast<acc_t>(x[i * inner + l]), stats[l]));
     }
   }
   if (any_fallback) {
@@ -294,7 +323,7 @@ FASTLOSS_HD void backward_lastdim_rows(const out_t* g, const out_t* y, grad_t* d
       } else {
         d = yv * (gv - total);
       }
-      dr[j] = static_cast<grad_t>(d);
+      dr[j] = to_output<grad_t>(d);
     }
   }
 }
@@ -314,7 +343,7 @@ void backward_strided_block(const out_t* g, const out_t* y, grad_t* dx, int64_t 
     for (int l = 0; l < count; ++l) {
       const acc_t gv = static_cast<acc_t>(g[i * inner + l]);
       const acc_t yv = static_cast<acc_t>(y[i * inner + l]);
-      dx[i * inner + l] = static_cast<grad_t>(kLog ? gv - std::exp(yv) * total[l] : yv * (gv - total[l]));
+      dx[i * inner + l] = to_output<grad_t>(kLog ? gv - std::exp(yv) * total[l] : yv * (gv - total[l]));
     }
   }
 }
