@@ -1,0 +1,96 @@
+"""``python -m bench [--ops softmax] [--device cpu|cuda|auto] [--quick] [--repeats N] [--out DIR]``"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+import time
+
+import torch
+
+from . import FAMILIES, harness
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m bench", description="fastloss microbenchmarks")
+    p.add_argument("--ops", default=",".join(FAMILIES),
+                   help=f"comma-separated op families (default: all: {','.join(FAMILIES)})")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                   help="auto: cuda if available, else cpu")
+    p.add_argument("--quick", action="store_true", help="reduced cases and repeats (smoke test)")
+    p.add_argument("--repeats", type=int, default=None,
+                   help="most timed blocks per measurement (default: cpu 20, cuda 100, quick 5)")
+    p.add_argument("--max-time", type=float, default=None,
+                   help="seconds per measurement after the minimum 3 blocks (default: cpu 1.5, cuda 1.0, quick 0.25)")
+    p.add_argument("-k", "--filter", default=None,
+                   help="only cases whose label ('family shape dtype mode', "
+                        "e.g. 'softmax 8x151936 bf16 fwd') contains this text")
+    p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"),
+                   help="directory for the markdown report, png plot and JSON (default: bench/results)")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    device = args.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        print("--device cuda: no CUDA device available", file=sys.stderr)
+        return 2
+
+    if device == "cuda":
+        repeats, max_time, budget = 100, 1.0, 2 << 30
+    else:
+        repeats, max_time, budget = 20, 1.5, 1 << 30
+    if args.quick:
+        repeats, max_time = 5, 0.25
+    settings = harness.Settings(
+        device=device,
+        repeats=max(1, args.repeats if args.repeats is not None else repeats),
+        max_time=args.max_time if args.max_time is not None else max_time,
+        input_budget=budget,
+        quick=args.quick,
+    )
+    settings.min_repeats = min(settings.min_repeats, settings.repeats)
+
+    families = [f.strip() for f in args.ops.split(",") if f.strip()]
+    cases, family_notes, family_targets = [], {}, {}
+    for fam in families:
+        try:
+            mod = importlib.import_module(f"bench.{fam}")
+        except ImportError as exc:
+            print(f"unknown op family {fam!r} ({exc}); known: {', '.join(FAMILIES)}", file=sys.stderr)
+            return 2
+        fam_cases = mod.cases(device, args.quick)
+        if args.filter:
+            fam_cases = [c for c in fam_cases if args.filter in c.label]
+        cases += fam_cases
+        family_notes[fam] = list(mod.notes(device)) if hasattr(mod, "notes") else []
+        family_targets[fam] = list(mod.targets(device)) if hasattr(mod, "targets") else []
+    if not cases:
+        print("no cases selected", file=sys.stderr)
+        return 2
+
+    meta = harness.collect_meta(settings)
+    print(f"fastloss bench on {meta['device_name']} (torch {meta['torch']}, {len(cases)} cases"
+          f"{', quick' if args.quick else ''})", file=sys.stderr)
+    t0 = time.perf_counter()
+    roofline, results, load = harness.run_cases(cases, settings)
+    elapsed = time.perf_counter() - t0
+    meta["elapsed_s"] = round(elapsed, 1)
+    meta["load"] = load
+
+    targets = harness.evaluate_targets(family_targets, results, roofline)
+    print(harness.format_terminal(meta, roofline, results, family_notes, targets))
+
+    stem = meta["slug"] + ("-quick" if args.quick else "") + ("-filtered" if args.filter else "")
+    paths = harness.write_outputs(args.out, stem, meta, roofline, results, family_notes, targets)
+    print(f"\nwrote {', '.join(os.path.relpath(p) for p in paths)} in {elapsed:.0f} s", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
