@@ -10,7 +10,7 @@ PYTEST_ARGS ?=
 BENCH_ARGS ?=
 
 ifeq ($(PYTHON),)
-PY := $(VENV)/bin/python
+PY := $(abspath $(VENV))/bin/python
 SETUP := $(VENV)/.installed
 else
 PY := $(PYTHON)

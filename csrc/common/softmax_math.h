@@ -8,6 +8,16 @@
 
 namespace fastloss {
 
+// Accumulation type: float for float/half/bfloat16 inputs, double for double.
+template <typename T>
+struct AccType {
+  using type = float;
+};
+template <>
+struct AccType<double> {
+  using type = double;
+};
+
 FASTLOSS_HD float fl_log(float v) {
 #if defined(__CUDA_ARCH__)
   return logf(v);

@@ -35,15 +35,6 @@
 namespace fastloss::cpu {
 namespace {
 
-template <typename T>
-struct AccType {
-  using type = float;
-};
-template <>
-struct AccType<double> {
-  using type = double;
-};
-
 // Lanes per accumulator set: two 512-bit vectors, enough independent chains to hide the
 // latency of the dependent scale-and-add in pass 1.
 template <typename acc_t>
@@ -181,20 +172,28 @@ FASTLOSS_HD ChunkSum<acc_t> chunk_pass1(const in_t* x, int64_t c, acc_t* e) {
   return {sum, m, nonfinite};
 }
 
+// Pass 1 over a whole row, chunk by chunk; kStore keeps the exponentials in `e` and each
+// chunk's exponent in `chunk_exp`.
+template <bool kStore, int L, typename in_t, typename acc_t>
+FASTLOSS_HD RowStats<acc_t> row_pass1(const in_t* x, int64_t n, acc_t* e, acc_t* chunk_exp) {
+  constexpr int64_t C = kChunk<acc_t>;
+  ExpSum<acc_t> total = ExpSum<acc_t>::empty();
+  acc_t nonfinite = 0;
+  for (int64_t c0 = 0, k = 0; c0 < n; c0 += C, ++k) {
+    const ChunkSum<acc_t> cs = chunk_pass1<kStore, L>(x + c0, std::min<int64_t>(C, n - c0), kStore ? e + c0 : e);
+    if constexpr (kStore) chunk_exp[k] = cs.exponent;
+    total.add(cs.sum, cs.exponent);
+    nonfinite += cs.nonfinite;
+  }
+  return finish_row(total, nonfinite);
+}
+
 template <int L, typename in_t, typename out_t, typename acc_t>
 FASTLOSS_HD void softmax_row_cached(const in_t* x, out_t* out, acc_t* y, int64_t n) {
   constexpr int64_t C = kChunk<acc_t>;
   acc_t chunk_exp[kMaxCachedRowBytes<acc_t> / sizeof(acc_t) / C + 1];
-  ExpSum<acc_t> total = ExpSum<acc_t>::empty();
-  acc_t nonfinite = 0;
-  int64_t chunks = 0;
-  for (int64_t c0 = 0; c0 < n; c0 += C, ++chunks) {
-    const ChunkSum<acc_t> cs = chunk_pass1<true, L>(x + c0, std::min<int64_t>(C, n - c0), y + c0);
-    chunk_exp[chunks] = cs.exponent;
-    total.add(cs.sum, cs.exponent);
-    nonfinite += cs.nonfinite;
-  }
-  const RowStats<acc_t> stats = finish_row(total, nonfinite);
+  const int64_t chunks = (n + C - 1) / C;
+  const RowStats<acc_t> stats = row_pass1<true, L>(x, n, y, chunk_exp);
   if (stats.exact) {
     exact_row<false, in_t, out_t, acc_t>(x, out, n, 1);
     return;
@@ -211,10 +210,10 @@ FASTLOSS_HD void softmax_row_cached(const in_t* x, out_t* out, acc_t* y, int64_t
 // Rows along the last (contiguous) dimension. Softmax rows that fit in cache use the cached
 // variant; log-softmax and longer rows use the recomputing two-pass form: chunk pairs merged
 // into the row's (S, E), then pass 2 reads the input again.
-template <bool kLog, int L, typename in_t, typename out_t>
-FASTLOSS_HD void forward_lastdim_rows_lanes(const in_t* x, out_t* y, int64_t begin, int64_t end, int64_t n) {
+template <bool kLog, typename in_t, typename out_t>
+FASTLOSS_HD void forward_lastdim_rows(const in_t* x, out_t* y, int64_t begin, int64_t end, int64_t n) {
   using acc_t = typename AccType<in_t>::type;
-  constexpr int64_t C = kChunk<acc_t>;
+  constexpr int L = kLanes<acc_t>;
   if constexpr (!kLog) {
     if (n * static_cast<int64_t>(sizeof(acc_t)) <= kMaxCachedRowBytes<acc_t>) {
       if constexpr (std::is_same_v<out_t, acc_t>) {
@@ -229,14 +228,7 @@ FASTLOSS_HD void forward_lastdim_rows_lanes(const in_t* x, out_t* y, int64_t beg
   for (int64_t row = begin; row < end; ++row) {
     const in_t* xr = x + row * n;
     out_t* yr = y + row * n;
-    ExpSum<acc_t> total = ExpSum<acc_t>::empty();
-    acc_t nonfinite = 0;
-    for (int64_t c0 = 0; c0 < n; c0 += C) {
-      const ChunkSum<acc_t> cs = chunk_pass1<false, L>(xr + c0, std::min<int64_t>(C, n - c0), static_cast<acc_t*>(nullptr));
-      total.add(cs.sum, cs.exponent);
-      nonfinite += cs.nonfinite;
-    }
-    const RowStats<acc_t> stats = finish_row(total, nonfinite);
+    const RowStats<acc_t> stats = row_pass1<false, L>(xr, n, static_cast<acc_t*>(nullptr), static_cast<acc_t*>(nullptr));
     if (stats.exact) {
       exact_row<kLog, in_t, out_t, acc_t>(xr, yr, n, 1);
       continue;
@@ -245,11 +237,6 @@ FASTLOSS_HD void forward_lastdim_rows_lanes(const in_t* x, out_t* y, int64_t beg
       yr[j] = to_output<out_t>(pass2_value<kLog>(static_cast<acc_t>(xr[j]), stats));
     }
   }
-}
-
-template <bool kLog, typename in_t, typename out_t>
-FASTLOSS_HD void forward_lastdim_rows(const in_t* x, out_t* y, int64_t begin, int64_t end, int64_t n) {
-  forward_lastdim_rows_lanes<kLog, kLanes<typename AccType<in_t>::type>>(x, y, begin, end, n);
 }
 
 // Rows along a non-last dimension: lanes are `count` adjacent rows (adjacent in `inner`),

@@ -51,13 +51,7 @@ constexpr int kCacheMaxBytes = 160 * 1024;
 constexpr int kMaxDevices = 64;
 
 template <typename T>
-struct AccOf {
-  using type = float;
-};
-template <>
-struct AccOf<double> {
-  using type = double;
-};
+using AccOf = AccType<T>;
 
 // Register caps. Without them ptxas aims at full occupancy and trades small spills for it;
 // with __launch_bounds__ minimum-block counts the caps land on 64, just below what the row
