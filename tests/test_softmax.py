@@ -174,7 +174,10 @@ def test_backward_matches_torch(device, fn, ref_fn, dtype):
     torch_err = (xt.grad.double() - xr.grad).abs().max().item()
     err = (x.grad.double() - xr.grad).abs().max().item()
     assert x.grad.dtype == dtype
-    assert err <= 2 * torch_err + 8 * torch.finfo(dtype).eps, (err, torch_err)
+    # dx = g - exp(y) * sum(g) (log-softmax) rounds at the scale of |sum(g)|: allow a few ulps
+    # of it on top of 2x torch's own error (our exp differs from torch's by about an ulp).
+    scale = max(1.0, g.to(dtype).double().sum(-1).abs().max().item())
+    assert err <= 2 * torch_err + 4 * torch.finfo(dtype).eps * scale, (err, torch_err)
 
 
 @pytest.mark.parametrize("fn,ref_fn", OPS)

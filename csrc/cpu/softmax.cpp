@@ -117,6 +117,16 @@ constexpr int64_t kChunk = 1024;
 template <typename acc_t>
 constexpr int64_t kMaxCachedRowBytes = 2048 * 1024;
 
+// Combines L lanes pairwise (log2 L dependent steps, each vectorizable) instead of a serial
+// chain of L - 1 dependent operations, which dominates the cost of short rows. Clobbers `a`.
+template <int L, typename acc_t, typename Op>
+FASTLOSS_HD acc_t reduce_lanes(acc_t* a, Op op) {
+  for (int width = L / 2; width > 0; width /= 2) {
+    for (int l = 0; l < width; ++l) a[l] = op(a[l], a[l + width]);
+  }
+  return a[0];
+}
+
 // Pass 1 over one L1-resident chunk: the chunk's largest exponent m (a max over the chunk
 // in L1, not a pass over memory), then s = sum exp(x - m ln2) as the chunk's pair (s, m).
 // With kStore the exponentials are also written to `e` (acc_t) for the cached variant.
@@ -148,12 +158,8 @@ FASTLOSS_HD ChunkSum<acc_t> chunk_pass1(const in_t* x, int64_t c, acc_t* e) {
     qmax[l] = fl_max(qmax[l], v * ExpConstants<acc_t>::kLog2e);
     bad[l] += v - v;
   }
-  acc_t q = qmax[0], nonfinite = bad[0];
-  for (int l = 1; l < L; ++l) {
-    q = fl_max(q, qmax[l]);
-    nonfinite += bad[l];
-  }
-  const acc_t m = round_to_int(q);
+  const acc_t nonfinite = reduce_lanes<L>(bad, [](acc_t a, acc_t b) { return a + b; });
+  const acc_t m = round_to_int(reduce_lanes<L>(qmax, [](acc_t a, acc_t b) { return fl_max(a, b); }));
   i = 0;
   for (; i + L <= c; i += L) {
     for (int l = 0; l < L; ++l) {
@@ -167,8 +173,7 @@ FASTLOSS_HD ChunkSum<acc_t> chunk_pass1(const in_t* x, int64_t c, acc_t* e) {
     if constexpr (kStore) e[i + l] = v;
     part[l] += v;
   }
-  acc_t sum = 0;
-  for (int l = 0; l < L; ++l) sum += part[l];
+  const acc_t sum = reduce_lanes<L>(part, [](acc_t a, acc_t b) { return a + b; });
   return {sum, m, nonfinite};
 }
 
@@ -298,8 +303,7 @@ FASTLOSS_HD void backward_lastdim_rows(const out_t* g, const out_t* y, grad_t* d
       const acc_t gv = static_cast<acc_t>(gr[i + l]);
       partial[l] += kLog ? gv : gv * static_cast<acc_t>(yr[i + l]);
     }
-    acc_t total = 0;
-    for (int l = 0; l < L; ++l) total += partial[l];
+    const acc_t total = reduce_lanes<L>(partial, [](acc_t a, acc_t b) { return a + b; });
     for (int64_t j = 0; j < n; ++j) {
       const acc_t gv = static_cast<acc_t>(gr[j]);
       const acc_t yv = static_cast<acc_t>(yr[j]);
