@@ -51,18 +51,20 @@ struct RowStats {
   bool exact;        // the row takes the exact max-subtracting path
 };
 
-// `nonfinite` is the row's sum of (xc - xc) over clamped inputs: NaN iff an entry is NaN or
-// +inf. The exact path also takes rows whose maximum is too large to reduce accurately and
-// rows where every entry was clamped (all -inf, or all very negative).
-template <typename acc_t>
+// The exact path takes rows with a NaN or +inf entry (the sum, or `nonfinite`, a sum of
+// (xc - xc) over the clamped inputs, is NaN), rows whose maximum is too large to reduce
+// accurately, and rows where every entry was clamped (all -inf, or all very negative).
+// kNeedLog = false skips the log that only log-softmax needs.
+template <typename acc_t, bool kNeedLog = true>
 FASTLOSS_HD RowStats<acc_t> finish_row(const ExpSum<acc_t>& s, acc_t nonfinite) {
   using C = ExpConstants<acc_t>;
   RowStats<acc_t> r;
   r.exponent = s.exponent;
   r.inv_sum = acc_t(1) / s.sum;
-  r.log_offset = s.exponent * C::kLn2Lo + fl_log(s.sum);
+  r.log_offset = kNeedLog ? s.exponent * C::kLn2Lo + fl_log(s.sum) : acc_t(0);
   // !(a <= b) is also true for NaN.
-  r.exact = nonfinite != nonfinite || !(s.exponent <= C::kMaxReducible) || s.exponent < -C::kMaxReducible;
+  r.exact = nonfinite != nonfinite || s.sum != s.sum || !(s.exponent <= C::kMaxReducible) ||
+            s.exponent < -C::kMaxReducible;
   return r;
 }
 

@@ -134,32 +134,29 @@ template <typename acc_t>
 struct ChunkSum {
   acc_t sum;
   acc_t exponent;
-  acc_t nonfinite;
 };
 
+// A NaN or +inf entry makes the chunk's sum NaN (exp of NaN, or exp(x - inf) = NaN), which
+// finish_row sends to the exact path: no separate flag is needed here.
 template <bool kStore, int L, typename in_t, typename acc_t>
 FASTLOSS_HD ChunkSum<acc_t> chunk_pass1(const in_t* x, int64_t c, acc_t* e) {
-  acc_t qmax[L], bad[L], part[L];
+  acc_t qmax[L], part[L];
   for (int l = 0; l < L; ++l) {
     qmax[l] = ExpConstants<acc_t>::kEmptyExponent;
-    bad[l] = 0;
     part[l] = 0;
   }
   int64_t i = 0;
   for (; i + L <= c; i += L) {
     for (int l = 0; l < L; ++l) {
-      const acc_t v = fl_max(low_clamp<acc_t>(), static_cast<acc_t>(x[i + l]));
-      qmax[l] = fl_max(qmax[l], v * ExpConstants<acc_t>::kLog2e);
-      bad[l] += v - v;
+      qmax[l] = fl_max(qmax[l], static_cast<acc_t>(x[i + l]) * ExpConstants<acc_t>::kLog2e);
     }
   }
   for (int l = 0; i + l < c; ++l) {
-    const acc_t v = fl_max(low_clamp<acc_t>(), static_cast<acc_t>(x[i + l]));
-    qmax[l] = fl_max(qmax[l], v * ExpConstants<acc_t>::kLog2e);
-    bad[l] += v - v;
+    qmax[l] = fl_max(qmax[l], static_cast<acc_t>(x[i + l]) * ExpConstants<acc_t>::kLog2e);
   }
-  const acc_t nonfinite = reduce_lanes<L>(bad, [](acc_t a, acc_t b) { return a + b; });
-  const acc_t m = round_to_int(reduce_lanes<L>(qmax, [](acc_t a, acc_t b) { return fl_max(a, b); }));
+  // The clamp keeps an all -inf chunk's exponent finite (such rows end in the exact path).
+  const acc_t m = round_to_int(fl_max(low_clamp<acc_t>() * ExpConstants<acc_t>::kLog2e,
+                                      reduce_lanes<L>(qmax, [](acc_t a, acc_t b) { return fl_max(a, b); })));
   i = 0;
   for (; i + L <= c; i += L) {
     for (int l = 0; l < L; ++l) {
@@ -173,24 +170,21 @@ FASTLOSS_HD ChunkSum<acc_t> chunk_pass1(const in_t* x, int64_t c, acc_t* e) {
     if constexpr (kStore) e[i + l] = v;
     part[l] += v;
   }
-  const acc_t sum = reduce_lanes<L>(part, [](acc_t a, acc_t b) { return a + b; });
-  return {sum, m, nonfinite};
+  return {reduce_lanes<L>(part, [](acc_t a, acc_t b) { return a + b; }), m};
 }
 
 // Pass 1 over a whole row, chunk by chunk; kStore keeps the exponentials in `e` and each
 // chunk's exponent in `chunk_exp`.
-template <bool kStore, int L, typename in_t, typename acc_t>
+template <bool kStore, bool kLog, int L, typename in_t, typename acc_t>
 FASTLOSS_HD RowStats<acc_t> row_pass1(const in_t* x, int64_t n, acc_t* e, acc_t* chunk_exp) {
   constexpr int64_t C = kChunk<acc_t>;
   ExpSum<acc_t> total = ExpSum<acc_t>::empty();
-  acc_t nonfinite = 0;
   for (int64_t c0 = 0, k = 0; c0 < n; c0 += C, ++k) {
     const ChunkSum<acc_t> cs = chunk_pass1<kStore, L>(x + c0, std::min<int64_t>(C, n - c0), kStore ? e + c0 : e);
     if constexpr (kStore) chunk_exp[k] = cs.exponent;
-    total.add(cs.sum, cs.exponent);
-    nonfinite += cs.nonfinite;
+    total.add(cs.sum, cs.exponent);  // a NaN chunk sum stays NaN (NaN * 0 is NaN)
   }
-  return finish_row(total, nonfinite);
+  return finish_row<acc_t, kLog>(total, acc_t(0));
 }
 
 template <int L, typename in_t, typename out_t, typename acc_t>
@@ -198,7 +192,7 @@ FASTLOSS_HD void softmax_row_cached(const in_t* x, out_t* out, acc_t* y, int64_t
   constexpr int64_t C = kChunk<acc_t>;
   acc_t chunk_exp[kMaxCachedRowBytes<acc_t> / sizeof(acc_t) / C + 1];
   const int64_t chunks = (n + C - 1) / C;
-  const RowStats<acc_t> stats = row_pass1<true, L>(x, n, y, chunk_exp);
+  const RowStats<acc_t> stats = row_pass1<true, false, L>(x, n, y, chunk_exp);
   if (stats.exact) {
     exact_row<false, in_t, out_t, acc_t>(x, out, n, 1);
     return;
@@ -233,7 +227,7 @@ FASTLOSS_HD void forward_lastdim_rows(const in_t* x, out_t* y, int64_t begin, in
   for (int64_t row = begin; row < end; ++row) {
     const in_t* xr = x + row * n;
     out_t* yr = y + row * n;
-    const RowStats<acc_t> stats = row_pass1<false, L>(xr, n, static_cast<acc_t*>(nullptr), static_cast<acc_t*>(nullptr));
+    const RowStats<acc_t> stats = row_pass1<false, kLog, L>(xr, n, static_cast<acc_t*>(nullptr), static_cast<acc_t*>(nullptr));
     if (stats.exact) {
       exact_row<kLog, in_t, out_t, acc_t>(xr, yr, n, 1);
       continue;
