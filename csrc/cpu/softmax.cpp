@@ -1,11 +1,12 @@
 // Two-pass softmax / log-softmax on the CPU (Dukhan & Ablavatski 2020, arXiv 2001.04438).
 //
-// Pass 1 reads the row once and accumulates exp(x) as (mantissa, exponent) pairs in SIMD
-// lanes (common/exp_pair.h), so no max pass is needed; pass 2 reads the row again and
-// writes. Memory traffic: 2 reads + 1 write per element (PyTorch's CPU kernel sweeps each
-// row four times). Rows whose entries are not finite or too large to reduce accurately
-// (|x| > ~1.4e6 in float) take an exact max-subtracting fallback, which also gives
-// torch.softmax's NaN semantics (a NaN or +inf entry, or a row of all -inf, gives NaN).
+// Pass 1 reads the row once and accumulates exp(x) as (mantissa, exponent) pairs
+// (common/exp_pair.h): per L1-sized chunk along a row, per SIMD lane across rows. There is
+// no max pass over memory. Pass 2 writes: rows that fit in L2 rescale the exponentials kept
+// from pass 1 (input read once, one exp per element); longer rows read the input again
+// (2 reads + 1 write; PyTorch's CPU kernel sweeps each row four times). Rows with NaN/+inf
+// entries, all entries -inf, or entries too large to reduce accurately (|x| > ~1.4e6 in
+// float) take an exact max-subtracting path with torch.softmax's NaN semantics.
 //
 // Layout: the contiguous input is viewed as (outer, size, inner) around `dim`. inner == 1
 // vectorizes along the row; inner > 1 vectorizes across `inner` adjacent rows.
@@ -22,9 +23,9 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
-#include <type_traits>
 #include <limits>
 #include <memory>
+#include <type_traits>
 
 #include "common/exp_pair.h"
 #include "common/softmax_math.h"
@@ -35,13 +36,13 @@
 namespace fastloss::cpu {
 namespace {
 
-// Lanes per accumulator set: two 512-bit vectors, enough independent chains to hide the
-// latency of the dependent scale-and-add in pass 1.
+// Lanes per accumulator set: two 512-bit vectors (measured faster than one or four).
 template <typename acc_t>
 constexpr int kLanes = 128 / sizeof(acc_t);
 
-// Per-lane state of pass 1: the pair sum, and a sum of (x - x) over the clamped inputs that
-// becomes NaN if any entry is NaN or +inf.
+// Per-lane state of pass 1 across rows (softmax over a non-last dim), one element at a time:
+// the pair sum, and a sum of (x - x) over the clamped inputs that becomes NaN if any entry
+// is NaN or +inf.
 template <typename acc_t>
 struct Lanes {
   static constexpr int L = kLanes<acc_t>;
@@ -72,6 +73,7 @@ struct Lanes {
 template <typename out_t, typename acc_t>
 FASTLOSS_HD out_t to_output(acc_t v) {
   if constexpr (std::is_same_v<out_t, c10::BFloat16>) {
+    static_assert(std::is_same_v<acc_t, float>, "bfloat16 is written from float");
     uint32_t bits;
     std::memcpy(&bits, &v, sizeof(bits));
     const uint32_t rounded = (bits + 0x7fffu + ((bits >> 16) & 1u)) >> 16;
