@@ -51,8 +51,6 @@ struct ExpConstants<double> {
 
 FASTLOSS_HD float fl_max(float a, float b) { return a > b ? a : b; }
 FASTLOSS_HD double fl_max(double a, double b) { return a > b ? a : b; }
-FASTLOSS_HD float fl_abs(float a) { return a < 0.0f ? -a : a; }
-FASTLOSS_HD double fl_abs(double a) { return a < 0.0 ? -a : a; }
 
 FASTLOSS_HD float fl_fma(float a, float b, float c) {
 #if defined(__CUDA_ARCH__)
@@ -128,13 +126,13 @@ FASTLOSS_HD T round_to_int(T q) {
 #if defined(__CUDA_ARCH__)
   return rint(q);
 #else
-  // volatile-free form: compilers keep (q + c) - c without -ffast-math.
+  // The add-subtract trick vectorizes where rint() would be a libm call; it relies on
+  // IEEE semantics (no -ffast-math), which this project's flags keep.
   return (q + ExpConstants<T>::kRoundMagic) - ExpConstants<T>::kRoundMagic;
 #endif
 }
 
-// One element's pair: exp(x) = mantissa * 2^exponent. Also returns q = x * log2(e) so
-// callers can detect inputs outside the accurately reducible range.
+// One element's pair: exp(x) = mantissa * 2^exponent.
 template <typename T>
 struct ExpPair {
   T mantissa;
@@ -142,17 +140,12 @@ struct ExpPair {
 };
 
 template <typename T>
-FASTLOSS_HD ExpPair<T> exp_pair(T x, T q) {
+FASTLOSS_HD ExpPair<T> exp_pair(T x) {
   using C = ExpConstants<T>;
-  const T n = round_to_int(q);
+  const T n = round_to_int(x * C::kLog2e);
   T t = fl_fma(n, -C::kLn2Hi, x);
   t = fl_fma(n, -C::kLn2Lo, t);
   return {exp_reduced(t), n};
-}
-
-template <typename T>
-FASTLOSS_HD ExpPair<T> exp_pair(T x) {
-  return exp_pair(x, x * ExpConstants<T>::kLog2e);
 }
 
 // A sum of exponentials, S * 2^E.
@@ -170,9 +163,6 @@ struct ExpSum {
     exponent = e;
   }
   FASTLOSS_HD void merge(const ExpSum& other) { add(other.sum, other.exponent); }
-
-  // log(S * 2^E), for finite non-empty sums.
-  FASTLOSS_HD T log_value(T log_sum) const { return log_sum + exponent * ExpConstants<T>::kLn2; }
 };
 
 }  // namespace fastloss
