@@ -5,7 +5,8 @@ import fastloss  # noqa: F401  (registers the ops)
 
 CUDA = torch.cuda.is_available() and fastloss.build_info()["cuda"]
 
-DEVICES = ["cpu"] + (["cuda"] if CUDA else [])
+# The cuda mark is on the parameter itself so that `pytest -m cuda` selects these cases.
+DEVICES = ["cpu"] + ([pytest.param("cuda", marks=pytest.mark.cuda)] if CUDA else [])
 
 
 def pytest_collection_modifyitems(config, items):
@@ -17,6 +18,4 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.fixture(params=DEVICES)
 def device(request):
-    if request.param == "cuda":
-        request.applymarker(pytest.mark.cuda)
     return request.param
