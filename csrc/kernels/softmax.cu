@@ -429,6 +429,46 @@ constexpr int kScratchBytes = 32 * static_cast<int>(sizeof(PassOne<acc_t>));
 // -------------------------------------------------------------------------------------------
 // Forward kernels
 
+// The rows a warp-per-row kernel visits: kGroup lanes per row, 32 / kGroup rows per warp.
+// Rows advance per warp so shuffles always see all 32 lanes.
+template <int kGroup>
+struct WarpRows {
+  static constexpr int kRowsPerBlock = kWarpBlockThreads / kGroup;
+  int lane;
+  int64_t first;   // this warp's first row
+  int64_t stride;  // rows between a warp's iterations
+  int offset;      // this lane group's row within the warp's rows
+
+  __device__ __forceinline__ WarpRows()
+      : lane(threadIdx.x % kGroup),
+        first(static_cast<int64_t>(blockIdx.x) * kRowsPerBlock + (threadIdx.x / 32) * (32 / kGroup)),
+        stride(static_cast<int64_t>(gridDim.x) * kRowsPerBlock),
+        offset((threadIdx.x % 32) / kGroup) {}
+};
+
+// Loads this lane's elements (it * kGroup + lane) * kVec + e of a row into registers;
+// positions past the row's end, and rows that do not exist, get `fill`.
+template <int kGroup, int kVec, int kIters, typename T, typename acc_t>
+__device__ __forceinline__ void load_warp_row(const T* r, int size, int lane, bool valid, acc_t fill,
+                                              acc_t (&v)[kIters][kVec]) {
+#pragma unroll
+  for (int it = 0; it < kIters; ++it) {
+    const int i = (it * kGroup + lane) * kVec;
+    if (valid && i < size) {
+      if constexpr (kVec > 1) {
+        const Vec<T, kVec> raw = *reinterpret_cast<const Vec<T, kVec>*>(r + i);
+#pragma unroll
+        for (int e = 0; e < kVec; ++e) v[it][e] = to_acc(raw.v[e]);
+      } else {
+        v[it][0] = to_acc(r[i]);
+      }
+    } else {
+#pragma unroll
+      for (int e = 0; e < kVec; ++e) v[it][e] = fill;
+    }
+  }
+}
+
 // kGroup lanes per row (32 unless the row is shorter); lane l holds elements
 // (it * kGroup + l) * kVec + e. Padding is -inf: it clamps to a zero contribution in both
 // the pair sum and the exact path.
@@ -436,34 +476,15 @@ template <bool kLog, int kGroup, int kVec, int kIters, typename in_t, typename o
 __global__ void __launch_bounds__(kWarpBlockThreads, kWarpMinBlocks<in_t>)
     softmax_warp_kernel(const in_t* __restrict__ x, out_t* __restrict__ y, int64_t rows, int size) {
   using acc_t = typename AccOf<in_t>::type;
-  constexpr int kRowsPerWarp = 32 / kGroup;
-  constexpr int kRowsPerBlock = kWarpBlockThreads / kGroup;
-  const int lane = threadIdx.x % kGroup;
-  const int64_t stride = static_cast<int64_t>(gridDim.x) * kRowsPerBlock;
-  // Rows advance per warp so shuffles always see all 32 lanes.
-  for (int64_t base = static_cast<int64_t>(blockIdx.x) * kRowsPerBlock + (threadIdx.x / 32) * kRowsPerWarp;
-       base < rows; base += stride) {
-    const int64_t row = base + (threadIdx.x % 32) / kGroup;
+  const WarpRows<kGroup> w;
+  const int lane = w.lane;
+  for (int64_t base = w.first; base < rows; base += w.stride) {
+    const int64_t row = base + w.offset;
     const bool valid = row < rows;
     const in_t* xr = x + row * size;
     out_t* yr = y + row * size;
     acc_t v[kIters][kVec];
-#pragma unroll
-    for (int it = 0; it < kIters; ++it) {
-      const int i = (it * kGroup + lane) * kVec;
-      if (valid && i < size) {
-        if constexpr (kVec > 1) {
-          const Vec<in_t, kVec> raw = *reinterpret_cast<const Vec<in_t, kVec>*>(xr + i);
-#pragma unroll
-          for (int e = 0; e < kVec; ++e) v[it][e] = to_acc(raw.v[e]);
-        } else {
-          v[it][0] = to_acc(xr[i]);
-        }
-      } else {
-#pragma unroll
-        for (int e = 0; e < kVec; ++e) v[it][e] = -dev_inf<acc_t>();
-      }
-    }
+    load_warp_row<kGroup>(xr, size, lane, valid, -dev_inf<acc_t>(), v);
     PassOne<acc_t> acc[2];
     acc[0].init();
     acc[1].init();
@@ -708,38 +729,14 @@ __global__ void __launch_bounds__(kWarpBlockThreads, kWarpMinBlocks<out_t>)
     softmax_backward_warp_kernel(const out_t* __restrict__ g, const out_t* __restrict__ y,
                                  grad_t* __restrict__ dx, int64_t rows, int size) {
   using acc_t = typename AccOf<out_t>::type;
-  constexpr int kRowsPerWarp = 32 / kGroup;
-  constexpr int kRowsPerBlock = kWarpBlockThreads / kGroup;
-  const int lane = threadIdx.x % kGroup;
-  const int64_t stride = static_cast<int64_t>(gridDim.x) * kRowsPerBlock;
-  for (int64_t base = static_cast<int64_t>(blockIdx.x) * kRowsPerBlock + (threadIdx.x / 32) * kRowsPerWarp;
-       base < rows; base += stride) {
-    const int64_t row = base + (threadIdx.x % 32) / kGroup;
+  const WarpRows<kGroup> w;
+  const int lane = w.lane;
+  for (int64_t base = w.first; base < rows; base += w.stride) {
+    const int64_t row = base + w.offset;
     const bool valid = row < rows;
-    const out_t* gr = g + row * size;
-    const out_t* yr = y + row * size;
     acc_t gv[kIters][kVec], yv[kIters][kVec];
-#pragma unroll
-    for (int it = 0; it < kIters; ++it) {
-      const int i = (it * kGroup + lane) * kVec;
-      if (valid && i < size) {
-        if constexpr (kVec > 1) {
-          const Vec<out_t, kVec> a = *reinterpret_cast<const Vec<out_t, kVec>*>(gr + i);
-          const Vec<out_t, kVec> b = *reinterpret_cast<const Vec<out_t, kVec>*>(yr + i);
-#pragma unroll
-          for (int e = 0; e < kVec; ++e) {
-            gv[it][e] = to_acc(a.v[e]);
-            yv[it][e] = to_acc(b.v[e]);
-          }
-        } else {
-          gv[it][0] = to_acc(gr[i]);
-          yv[it][0] = to_acc(yr[i]);
-        }
-      } else {
-#pragma unroll
-        for (int e = 0; e < kVec; ++e) gv[it][e] = yv[it][e] = 0;
-      }
-    }
+    load_warp_row<kGroup>(g + row * size, size, lane, valid, acc_t(0), gv);
+    load_warp_row<kGroup>(y + row * size, size, lane, valid, acc_t(0), yv);
     acc_t partial = 0;
 #pragma unroll
     for (int it = 0; it < kIters; ++it) {

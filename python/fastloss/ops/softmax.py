@@ -65,18 +65,20 @@ def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(output)
 
 
-def _softmax_grad(ctx, grad):
-    (output,) = ctx.saved_tensors
-    return torch.ops.fastloss.softmax_backward(grad.to(output.dtype), output, ctx.dim, ctx.input_dtype), None, None
+def _forward_grad(backward_op):
+    def grad_fn(ctx, grad):
+        (output,) = ctx.saved_tensors
+        return backward_op(grad.to(output.dtype), output, ctx.dim, ctx.input_dtype), None, None
+
+    return grad_fn
 
 
-def _log_softmax_grad(ctx, grad):
-    (output,) = ctx.saved_tensors
-    return torch.ops.fastloss.log_softmax_backward(grad.to(output.dtype), output, ctx.dim, ctx.input_dtype), None, None
-
-
-torch.library.register_autograd("fastloss::softmax", _softmax_grad, setup_context=_setup_context)
-torch.library.register_autograd("fastloss::log_softmax", _log_softmax_grad, setup_context=_setup_context)
+for _name in ("softmax", "log_softmax"):
+    torch.library.register_autograd(
+        f"fastloss::{_name}",
+        _forward_grad(getattr(torch.ops.fastloss, f"{_name}_backward").default),
+        setup_context=_setup_context,
+    )
 
 
 # Double backward: the backward ops are differentiable too (in terms of torch ops), so
