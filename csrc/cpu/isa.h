@@ -8,6 +8,10 @@
 #define FASTLOSS_CPU_CLONES
 #endif
 
+// Every kernel template called from a FASTLOSS_CPU_CLONES entry must be inlined into it:
+// a call that is not inlined runs the baseline build (where fma is a libm call).
+#define FASTLOSS_CPU_INLINE inline __attribute__((always_inline))
+
 namespace fastloss::cpu {
 
 inline const char* selected_isa() {

@@ -50,7 +50,7 @@ struct Lanes {
   acc_t exponent[L];
   acc_t nonfinite[L];
 
-  FASTLOSS_HD void reset() {
+  FASTLOSS_CPU_INLINE void reset() {
     for (int l = 0; l < L; ++l) {
       sum[l] = 0;
       exponent[l] = ExpConstants<acc_t>::kEmptyExponent;
@@ -58,7 +58,7 @@ struct Lanes {
     }
   }
 
-  FASTLOSS_HD void add(int l, acc_t x) {
+  FASTLOSS_CPU_INLINE void add(int l, acc_t x) {
     const acc_t xc = fl_max(low_clamp<acc_t>(), x);
     const ExpPair<acc_t> p = exp_pair(xc);
     const acc_t e = fl_max(exponent[l], p.exponent);
@@ -71,7 +71,7 @@ struct Lanes {
 // Conversion to the output type. bfloat16 rounds to nearest even by integer arithmetic the
 // compiler can vectorize (c10's conversion branches on NaN per element).
 template <typename out_t, typename acc_t>
-FASTLOSS_HD out_t to_output(acc_t v) {
+FASTLOSS_CPU_INLINE out_t to_output(acc_t v) {
   if constexpr (std::is_same_v<out_t, c10::BFloat16>) {
     static_assert(std::is_same_v<acc_t, float>, "bfloat16 is written from float");
     uint32_t bits;
@@ -122,7 +122,7 @@ constexpr int64_t kMaxCachedRowBytes = 2048 * 1024;
 // Combines L lanes pairwise (log2 L dependent steps, each vectorizable) instead of a serial
 // chain of L - 1 dependent operations, which dominates the cost of short rows. Clobbers `a`.
 template <int L, typename acc_t, typename Op>
-FASTLOSS_HD acc_t reduce_lanes(acc_t* a, Op op) {
+FASTLOSS_CPU_INLINE acc_t reduce_lanes(acc_t* a, Op op) {
   for (int width = L / 2; width > 0; width /= 2) {
     for (int l = 0; l < width; ++l) a[l] = op(a[l], a[l + width]);
   }
@@ -141,7 +141,7 @@ struct ChunkSum {
 // A NaN or +inf entry makes the chunk's sum NaN (exp of NaN, or exp(x - inf) = NaN), which
 // finish_row sends to the exact path: no separate flag is needed here.
 template <bool kStore, int L, typename in_t, typename acc_t>
-FASTLOSS_HD ChunkSum<acc_t> chunk_pass1(const in_t* x, int64_t c, acc_t* e) {
+FASTLOSS_CPU_INLINE ChunkSum<acc_t> chunk_pass1(const in_t* x, int64_t c, acc_t* e) {
   acc_t qmax[L], part[L];
   for (int l = 0; l < L; ++l) {
     qmax[l] = ExpConstants<acc_t>::kEmptyExponent;
@@ -178,7 +178,7 @@ FASTLOSS_HD ChunkSum<acc_t> chunk_pass1(const in_t* x, int64_t c, acc_t* e) {
 // Pass 1 over a whole row, chunk by chunk; kStore keeps the exponentials in `e` and each
 // chunk's exponent in `chunk_exp`.
 template <bool kStore, bool kLog, int L, typename in_t, typename acc_t>
-FASTLOSS_HD RowStats<acc_t> row_pass1(const in_t* x, int64_t n, acc_t* e, acc_t* chunk_exp) {
+FASTLOSS_CPU_INLINE RowStats<acc_t> row_pass1(const in_t* x, int64_t n, acc_t* e, acc_t* chunk_exp) {
   constexpr int64_t C = kChunk<acc_t>;
   ExpSum<acc_t> total = ExpSum<acc_t>::empty();
   for (int64_t c0 = 0, k = 0; c0 < n; c0 += C, ++k) {
@@ -190,7 +190,7 @@ FASTLOSS_HD RowStats<acc_t> row_pass1(const in_t* x, int64_t n, acc_t* e, acc_t*
 }
 
 template <int L, typename in_t, typename out_t, typename acc_t>
-FASTLOSS_HD void softmax_row_cached(const in_t* x, out_t* out, acc_t* y, int64_t n) {
+FASTLOSS_CPU_INLINE void softmax_row_cached(const in_t* x, out_t* out, acc_t* y, int64_t n) {
   constexpr int64_t C = kChunk<acc_t>;
   acc_t chunk_exp[kMaxCachedRowBytes<acc_t> / sizeof(acc_t) / C + 1];
   const int64_t chunks = (n + C - 1) / C;
@@ -212,7 +212,7 @@ FASTLOSS_HD void softmax_row_cached(const in_t* x, out_t* out, acc_t* y, int64_t
 // variant; log-softmax and longer rows use the recomputing two-pass form: chunk pairs merged
 // into the row's (S, E), then pass 2 reads the input again.
 template <bool kLog, typename in_t, typename out_t>
-FASTLOSS_HD void forward_lastdim_rows(const in_t* x, out_t* y, int64_t begin, int64_t end, int64_t n) {
+FASTLOSS_CPU_INLINE void forward_lastdim_rows(const in_t* x, out_t* y, int64_t begin, int64_t end, int64_t n) {
   using acc_t = typename AccType<in_t>::type;
   constexpr int L = kLanes<acc_t>;
   if constexpr (!kLog) {
@@ -243,7 +243,7 @@ FASTLOSS_HD void forward_lastdim_rows(const in_t* x, out_t* y, int64_t begin, in
 // Rows along a non-last dimension: lanes are `count` adjacent rows (adjacent in `inner`),
 // each strided by `inner`, so every load is contiguous across lanes.
 template <bool kLog, typename in_t, typename out_t>
-void forward_strided_block(const in_t* x, out_t* y, int64_t n, int64_t inner, int count) {
+FASTLOSS_CPU_INLINE void forward_strided_block(const in_t* x, out_t* y, int64_t n, int64_t inner, int count) {
   using acc_t = typename AccType<in_t>::type;
   constexpr int L = kLanes<acc_t>;
   Lanes<acc_t> lanes;
@@ -276,10 +276,16 @@ void forward_strided_block(const in_t* x, out_t* y, int64_t n, int64_t inner, in
   }
 }
 
+// exp(y) for a log-softmax output y <= 0 (-inf gives 0, NaN stays NaN), vectorizable.
+template <typename acc_t>
+FASTLOSS_CPU_INLINE acc_t exp_of_log_prob(acc_t y) {
+  return exp_shifted(fl_max(low_clamp<acc_t>(), y), acc_t(0));
+}
+
 // Backward, one row at a time in lanes. softmax: dx = y * (g - sum(g * y));
 // log_softmax: dx = g - exp(y) * sum(g).
 template <bool kLog, typename out_t, typename grad_t>
-FASTLOSS_HD void backward_lastdim_rows(const out_t* g, const out_t* y, grad_t* dx, int64_t begin,
+FASTLOSS_CPU_INLINE void backward_lastdim_rows(const out_t* g, const out_t* y, grad_t* dx, int64_t begin,
                                        int64_t end, int64_t n) {
   using acc_t = typename AccType<out_t>::type;
   constexpr int L = kLanes<acc_t>;
@@ -305,8 +311,7 @@ FASTLOSS_HD void backward_lastdim_rows(const out_t* g, const out_t* y, grad_t* d
       const acc_t yv = static_cast<acc_t>(yr[j]);
       acc_t d;
       if constexpr (kLog) {
-        const ExpPair<acc_t> p = exp_pair(fl_max(low_clamp<acc_t>(), yv));
-        d = gv - p.mantissa * exp2_nonpositive(p.exponent) * total;
+        d = gv - exp_of_log_prob(yv) * total;
       } else {
         d = yv * (gv - total);
       }
@@ -316,7 +321,7 @@ FASTLOSS_HD void backward_lastdim_rows(const out_t* g, const out_t* y, grad_t* d
 }
 
 template <bool kLog, typename out_t, typename grad_t>
-void backward_strided_block(const out_t* g, const out_t* y, grad_t* dx, int64_t n, int64_t inner, int count) {
+FASTLOSS_CPU_INLINE void backward_strided_block(const out_t* g, const out_t* y, grad_t* dx, int64_t n, int64_t inner, int count) {
   using acc_t = typename AccType<out_t>::type;
   constexpr int L = kLanes<acc_t>;
   acc_t total[L] = {};
@@ -330,7 +335,7 @@ void backward_strided_block(const out_t* g, const out_t* y, grad_t* dx, int64_t 
     for (int l = 0; l < count; ++l) {
       const acc_t gv = static_cast<acc_t>(g[i * inner + l]);
       const acc_t yv = static_cast<acc_t>(y[i * inner + l]);
-      dx[i * inner + l] = to_output<grad_t>(kLog ? gv - std::exp(yv) * total[l] : yv * (gv - total[l]));
+      dx[i * inner + l] = to_output<grad_t>(kLog ? gv - exp_of_log_prob(yv) * total[l] : yv * (gv - total[l]));
     }
   }
 }
@@ -362,8 +367,8 @@ FASTLOSS_FORWARD_ENTRIES(bf16_f32, c10::BFloat16, float)
                                           int64_t e, int64_t n) {                            \
     backward_lastdim_rows<LOG>(g, y, dx, b, e, n);                                           \
   }                                                                                          \
-  void NAME##_strided(const OUT* g, const OUT* y, GRAD* dx, int64_t n, int64_t inner,        \
-                      int count) {                                                           \
+  FASTLOSS_CPU_CLONES void NAME##_strided(const OUT* g, const OUT* y, GRAD* dx, int64_t n,  \
+                                          int64_t inner, int count) {                        \
     backward_strided_block<LOG>(g, y, dx, n, inner, count);                                  \
   }
 #define FASTLOSS_BACKWARD_ENTRIES(SUFFIX, OUT, GRAD)                         \
