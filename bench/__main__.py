@@ -86,8 +86,16 @@ def main(argv=None) -> int:
     targets = harness.evaluate_targets(family_targets, results, roofline)
     print(harness.format_terminal(meta, roofline, results, family_notes, targets))
 
-    stem = meta["slug"] + ("-quick" if args.quick else "") + ("-filtered" if args.filter else "")
-    paths = harness.write_outputs(args.out, stem, meta, roofline, results, family_notes, targets)
+    # One report per family, so families can be re-run and committed independently.
+    suffix = ("-quick" if args.quick else "") + ("-filtered" if args.filter else "")
+    paths = []
+    for fam in families:
+        fam_results = [r for r in results if r.case.family == fam]
+        if not fam_results:
+            continue
+        stem = f"{fam}-{meta['slug']}{suffix}"
+        paths += harness.write_outputs(args.out, stem, meta, roofline, fam_results,
+                                       {fam: family_notes[fam]}, [t for t in targets if t[0] == fam])
     print(f"\nwrote {', '.join(os.path.relpath(p) for p in paths)} in {elapsed:.0f} s", file=sys.stderr)
     return 0
 
