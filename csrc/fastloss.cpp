@@ -23,6 +23,31 @@ TORCH_LIBRARY(fastloss, m) {
       "log_softmax_backward(Tensor grad_output, Tensor output, int dim, ScalarType input_dtype) "
       "-> Tensor",
       tags);
+  // Statistical top-k over `dim` (Spark Transformer): theta = mean + std * PhiInv(sparsity)
+  // per row (biased std); y = relu(x - theta), or x * [x > theta] if hard. Returns
+  // (y, theta, mean, std), the statistics in float32 (float64 for float64 x), size 1 at dim.
+  // threshold_grad only matters to autograd (False: no gradient through theta).
+  m.def(
+      "stat_topk(Tensor x, int dim, float sparsity, bool hard=False, bool threshold_grad=True) "
+      "-> (Tensor, Tensor, Tensor, Tensor)",
+      tags);
+  // d stat_topk / d x from grad_y and (optionally) the gradient of theta; threshold_grad=False
+  // drops the path from y through theta.
+  m.def(
+      "stat_topk_backward(Tensor grad_y, Tensor? grad_theta, Tensor x, Tensor mean, Tensor std, int dim, "
+      "float sparsity, bool hard, bool threshold_grad) -> Tensor",
+      tags);
+  // Gemma 3n sparse MLP activation over the last dim: gelu_tanh(relu(gate - theta)) * up,
+  // theta from gate's row statistics. Returns (out, mean, std).
+  m.def(
+      "stat_topk_gelu_mul(Tensor gate, Tensor up, float sparsity, bool threshold_grad=True) "
+      "-> (Tensor, Tensor, Tensor)",
+      tags);
+  // (d gate, d up) of stat_topk_gelu_mul.
+  m.def(
+      "stat_topk_gelu_mul_backward(Tensor grad_out, Tensor gate, Tensor up, Tensor mean, Tensor std, "
+      "float sparsity, bool threshold_grad) -> (Tensor, Tensor)",
+      tags);
 }
 
 namespace py = pybind11;

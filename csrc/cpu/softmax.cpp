@@ -32,6 +32,7 @@
 #include "common/softmax_op.h"
 #include "cpu/alloc.h"
 #include "cpu/isa.h"
+#include "cpu/rows.h"
 
 namespace fastloss::cpu {
 namespace {
@@ -382,36 +383,16 @@ FASTLOSS_BACKWARD_ENTRIES(bf16, c10::BFloat16, c10::BFloat16)
 FASTLOSS_BACKWARD_ENTRIES(f32_f16, float, c10::Half)
 FASTLOSS_BACKWARD_ENTRIES(f32_bf16, float, c10::BFloat16)
 
-// Splits (outer, size, inner) rows over threads. Work per task is at least ~32K elements so
-// small problems stay on one thread.
-template <typename LastDimFn, typename StridedFn>
-void for_each_row_block(const RowLayout& l, LastDimFn&& lastdim, StridedFn&& strided, int lanes) {
-  constexpr int64_t kMinElementsPerTask = 32768;
-  if (l.inner == 1) {
-    const int64_t grain = std::max<int64_t>(1, kMinElementsPerTask / std::max<int64_t>(1, l.size));
-    at::parallel_for(0, l.outer, grain, [&](int64_t b, int64_t e) { lastdim(b, e); });
-    return;
-  }
-  const int64_t blocks_per_outer = (l.inner + lanes - 1) / lanes;
-  const int64_t tasks = l.outer * blocks_per_outer;
-  const int64_t grain = std::max<int64_t>(1, kMinElementsPerTask / std::max<int64_t>(1, l.size * lanes));
-  at::parallel_for(0, tasks, grain, [&](int64_t b, int64_t e) {
-    for (int64_t t = b; t < e; ++t) {
-      const int64_t o = t / blocks_per_outer;
-      const int64_t j = (t % blocks_per_outer) * lanes;
-      const int count = static_cast<int>(std::min<int64_t>(lanes, l.inner - j));
-      strided(o * l.size * l.inner + j, count);
-    }
-  });
-}
-
 #define FASTLOSS_RUN_FORWARD(NAME, IN, OUT)                                                  \
   do {                                                                                      \
     const IN* xp = reinterpret_cast<const IN*>(x.const_data_ptr());                          \
     OUT* yp = reinterpret_cast<OUT*>(y.mutable_data_ptr());                                  \
     for_each_row_block(                                                                     \
         l, [&](int64_t b, int64_t e) { NAME##_lastdim(xp, yp, b, e, l.size); },            \
-        [&](int64_t off, int count) { NAME##_strided(xp + off, yp + off, l.size, l.inner, count); }, \
+        [&](int64_t o, int64_t j, int count) {                                                 \
+          const int64_t off = o * l.size * l.inner + j;                                      \
+          NAME##_strided(xp + off, yp + off, l.size, l.inner, count);                        \
+        }, \
         kLanes<typename AccType<IN>::type>);                                                 \
   } while (0)
 
@@ -453,7 +434,8 @@ at::Tensor forward(const at::Tensor& self, int64_t dim, bool half_to_float) {
     GRAD* dp = reinterpret_cast<GRAD*>(dx.mutable_data_ptr());                                   \
     for_each_row_block(                                                                         \
         l, [&](int64_t b, int64_t e) { NAME##_lastdim(gp, yp, dp, b, e, l.size); },            \
-        [&](int64_t off, int count) {                                                           \
+        [&](int64_t o, int64_t j, int count) {                                                  \
+          const int64_t off = o * l.size * l.inner + j;                                         \
           NAME##_strided(gp + off, yp + off, dp + off, l.size, l.inner, count);                 \
         },                                                                                      \
         kLanes<typename AccType<OUT>::type>);                                                    \

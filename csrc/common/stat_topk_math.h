@@ -1,0 +1,119 @@
+// Statistical top-k (Spark Transformer, arXiv 2506.06644; Gemma 3n): per-row math shared by
+// the CPU and CUDA kernels.
+//
+//   theta = mean(x) + std(x) * z,  z = PhiInv(sparsity), std the biased one
+//   soft: y = relu(x - theta)      hard: y = x * [x > theta]
+//   gelu-mul (Gemma 3n MLP): out = gelu_tanh(relu(gate - theta)) * up
+//
+// Row moments are merged with Chan's formula from chunks whose own moments are taken in two
+// passes over data that is in cache or registers, so the variance never comes from a
+// cancelling sum of squares. The gradient through theta (exact VJP):
+//   d theta / d x_i = 1/d + z (x_i - mean) / (d std)
+// with the std term taken as 0 for a constant row (std = 0, where it is not differentiable).
+#pragma once
+
+#include "common/exp_pair.h"
+#include "common/macros.h"
+
+#include <cmath>
+
+namespace fastloss {
+
+// Count, mean and sum of squared deviations of a set of values.
+template <typename acc_t>
+struct Moments {
+  acc_t n;
+  acc_t mean;
+  acc_t m2;
+};
+
+template <typename acc_t>
+FASTLOSS_HD Moments<acc_t> merge_moments(Moments<acc_t> a, Moments<acc_t> b) {
+  const acc_t n = a.n + b.n;
+  if (b.n == acc_t(0)) return a;
+  if (a.n == acc_t(0)) return b;
+  const acc_t delta = b.mean - a.mean;
+  const acc_t wb = b.n / n;
+  return {n, a.mean + delta * wb, a.m2 + b.m2 + delta * delta * a.n * wb};
+}
+
+// Per-row threshold and the statistics the backward needs.
+template <typename acc_t>
+struct RowThreshold {
+  acc_t mean;
+  acc_t std;
+  acc_t theta;
+};
+
+template <typename acc_t>
+FASTLOSS_HD RowThreshold<acc_t> row_threshold(Moments<acc_t> m, acc_t z) {
+  // m2 >= 0 in exact arithmetic; the max only guards a -0 from rounding.
+  const acc_t var = m.m2 > acc_t(0) ? m.m2 / m.n : acc_t(0);
+  const acc_t sd = std::sqrt(var);
+  // A NaN anywhere in the row makes m2 NaN (the comparison above is false): keep it NaN.
+  const acc_t std_v = m.m2 != m.m2 ? m.m2 : sd;
+  return {m.mean, std_v, m.mean + std_v * z};
+}
+
+// relu(x - theta) that propagates NaN like torch.relu.
+template <typename acc_t>
+FASTLOSS_HD acc_t soft_threshold(acc_t x, acc_t theta) {
+  const acc_t v = x - theta;
+  return v > acc_t(0) ? v : (v != v ? v : acc_t(0));
+}
+
+// x * [x > theta], with x * 0 (NaN for NaN or inf x) below, like the eager formula.
+template <typename acc_t>
+FASTLOSS_HD acc_t hard_threshold(acc_t x, acc_t theta) {
+  return x > theta ? x : x * acc_t(0);
+}
+
+template <typename acc_t>
+FASTLOSS_HD acc_t apply_threshold(bool hard, acc_t x, acc_t theta) {
+  return hard ? hard_threshold(x, theta) : soft_threshold(x, theta);
+}
+
+// Coefficients of d theta / d x_i = a + b (x_i - mean), for one row of length n.
+template <typename acc_t>
+struct ThetaGrad {
+  acc_t a;
+  acc_t b;
+};
+
+template <typename acc_t>
+FASTLOSS_HD ThetaGrad<acc_t> theta_grad(acc_t n, acc_t std_v, acc_t z) {
+  const acc_t inv_n = acc_t(1) / n;
+  return {inv_n, std_v > acc_t(0) ? z * inv_n / std_v : acc_t(0)};
+}
+
+// gelu with the tanh approximation, written as h * sigmoid(2u), u = sqrt(2/pi) (h + c h^3):
+// 0.5 (1 + tanh(u)) = sigmoid(2u). Only called with h >= 0 (relu outputs), where exp(-2u)
+// is in (0, 1]: it is built from an exp pair (vectorizable on the CPU, no libm call).
+template <typename acc_t>
+struct GeluTanh {
+  static constexpr acc_t kSqrt2OverPi = acc_t(0.79788456080286535588);
+  static constexpr acc_t kCubic = acc_t(0.044715);
+};
+
+template <typename acc_t>
+FASTLOSS_HD acc_t gelu_tanh_sigmoid(acc_t h) {
+  const acc_t u = GeluTanh<acc_t>::kSqrt2OverPi * (h + GeluTanh<acc_t>::kCubic * h * h * h);
+  acc_t arg = acc_t(-2) * u;
+  arg = arg < acc_t(-1000) ? acc_t(-1000) : arg;  // exp underflows to 0 well before
+  const ExpPair<acc_t> e = exp_pair(arg);
+  return acc_t(1) / (acc_t(1) + e.mantissa * exp2_nonpositive(e.exponent));
+}
+
+template <typename acc_t>
+FASTLOSS_HD acc_t gelu_tanh(acc_t h) {
+  return h * gelu_tanh_sigmoid(h);
+}
+
+// d gelu_tanh / dh from the same sigmoid s: s + h * 2 s (1 - s) du/dh.
+template <typename acc_t>
+FASTLOSS_HD acc_t gelu_tanh_grad(acc_t h, acc_t s) {
+  const acc_t du = GeluTanh<acc_t>::kSqrt2OverPi * (acc_t(1) + acc_t(3) * GeluTanh<acc_t>::kCubic * h * h);
+  return s + acc_t(2) * h * s * (acc_t(1) - s) * du;
+}
+
+}  // namespace fastloss

@@ -1,0 +1,79 @@
+// Argument handling shared by the CPU and CUDA implementations of the statistical top-k
+// ops, so both devices accept and reject exactly the same inputs.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+#include <vector>
+
+#include "common/normal_quantile.h"
+#include "common/torch_checks.h"
+
+namespace fastloss {
+
+struct StatTopKArgs {
+  RowLayout layout;
+  c10::ScalarType stat_dtype;       // float32, or float64 for float64 input
+  std::vector<int64_t> stat_shape;  // the input's shape with size 1 along dim
+  double z;                         // PhiInv(sparsity)
+};
+
+inline double stat_topk_quantile(const char* op, double sparsity) {
+  TORCH_CHECK(sparsity > 0.0 && sparsity < 1.0, "fastloss.", op,
+              ": 'sparsity' must be in (0, 1) (the fraction of each row that is zeroed), got ",
+              sparsity);
+  return normal_quantile(sparsity);
+}
+
+inline StatTopKArgs stat_topk_forward_args(const char* op, const char* arg, const at::Tensor& x,
+                                           int64_t dim, double sparsity) {
+  check_floating(op, arg, x);
+  const int64_t wrapped = wrap_dim(op, dim, x.dim());
+  std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
+  if (!shape.empty()) shape[wrapped] = 1;
+  const auto stat = x.scalar_type() == c10::kDouble ? c10::kDouble : c10::kFloat;
+  return {row_layout(x, wrapped), stat, shape, stat_topk_quantile(op, sparsity)};
+}
+
+inline void check_like(const char* op, const char* arg, const at::Tensor& t, const char* ref_arg,
+                       const at::Tensor& ref) {
+  TORCH_CHECK(t.sizes() == ref.sizes(), "fastloss.", op, ": '", arg, "' must have the shape of '",
+              ref_arg, "' ", ref.sizes(), ", got ", t.sizes());
+  TORCH_CHECK(t.scalar_type() == ref.scalar_type(), "fastloss.", op, ": '", arg,
+              "' must have the dtype of '", ref_arg, "' (", ref.scalar_type(), "), got ",
+              t.scalar_type());
+  TORCH_CHECK(t.device() == ref.device(), "fastloss.", op, ": '", arg, "' and '", ref_arg,
+              "' must be on the same device, got ", t.device(), " and ", ref.device());
+}
+
+inline void check_stat(const char* op, const char* arg, const at::Tensor& t,
+                       const StatTopKArgs& args, const at::Tensor& x) {
+  TORCH_CHECK(t.sizes() == at::IntArrayRef(args.stat_shape) && t.scalar_type() == args.stat_dtype,
+              "fastloss.", op, ": '", arg, "' must be a ", args.stat_dtype, " tensor of shape ",
+              at::IntArrayRef(args.stat_shape), ", got ", t.scalar_type(), " of shape ", t.sizes());
+  TORCH_CHECK(t.device() == x.device(), "fastloss.", op, ": '", arg,
+              "' must be on the input's device ", x.device(), ", got ", t.device());
+}
+
+// stat_topk_backward: grad_y like x; mean, std and (optional) grad_theta per row.
+inline StatTopKArgs stat_topk_backward_args(const char* op, const at::Tensor& grad_y,
+                                            const c10::optional<at::Tensor>& grad_theta,
+                                            const at::Tensor& x, const at::Tensor& mean,
+                                            const at::Tensor& std, int64_t dim, double sparsity) {
+  StatTopKArgs args = stat_topk_forward_args(op, "x", x, dim, sparsity);
+  check_like(op, "grad_y", grad_y, "x", x);
+  check_stat(op, "mean", mean, args, x);
+  check_stat(op, "std", std, args, x);
+  if (grad_theta.has_value() && grad_theta->defined()) check_stat(op, "grad_theta", *grad_theta, args, x);
+  return args;
+}
+
+// The fused Gemma 3n activation works on the last dimension of gate and up.
+inline StatTopKArgs gelu_mul_args(const char* op, const at::Tensor& gate, const at::Tensor& up,
+                                  double sparsity) {
+  TORCH_CHECK(gate.dim() >= 1, "fastloss.", op, ": 'gate' must have at least one dimension, got a 0-d tensor");
+  check_like(op, "up", up, "gate", gate);
+  return stat_topk_forward_args(op, "gate", gate, -1, sparsity);
+}
+
+}  // namespace fastloss

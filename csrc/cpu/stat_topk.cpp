@@ -1,0 +1,476 @@
+// Statistical top-k masking on the CPU (Spark Transformer, arXiv 2506.06644; Gemma 3n).
+//
+// Per row: theta = mean + std * PhiInv(sparsity); soft y = relu(x - theta), hard
+// y = x * [x > theta]; the fused Gemma 3n activation gelu_tanh(relu(gate - theta)) * up.
+// Rows along the last dimension are read in chunks of kChunk elements: each chunk's mean and
+// squared deviations are taken in two sweeps while it is in L1, and chunks merge with
+// Chan's formula, so memory sees one read for the statistics and one read + one write for
+// the output (the row is usually still in L2). Rows along other dimensions are processed
+// kLanes columns at a time, each load contiguous across the lanes. Parallel over rows with
+// at::parallel_for; accumulation in float (double for double). Backward: one sweep for
+// sum(g * mask), one for dx.
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <tuple>
+#include <vector>
+
+#include "common/softmax_math.h"
+#include "common/stat_topk_math.h"
+#include "common/stat_topk_op.h"
+#include "cpu/isa.h"
+#include "cpu/rows.h"
+
+namespace fastloss::cpu {
+namespace {
+
+constexpr int kLanes = 16;
+constexpr int64_t kChunk = 2048;
+
+template <typename acc_t>
+FASTLOSS_CPU_INLINE acc_t sum_lanes(const acc_t* a) {
+  acc_t s = 0;
+  for (int l = 0; l < kLanes; ++l) s += a[l];
+  return s;
+}
+
+template <typename in_t, typename acc_t>
+FASTLOSS_CPU_INLINE Moments<acc_t> chunk_moments(const in_t* x, int64_t c) {
+  acc_t lanes[kLanes] = {};
+  int64_t i = 0;
+  for (; i + kLanes <= c; i += kLanes)
+    for (int l = 0; l < kLanes; ++l) lanes[l] += static_cast<acc_t>(x[i + l]);
+  acc_t sum = sum_lanes(lanes);
+  for (; i < c; ++i) sum += static_cast<acc_t>(x[i]);
+  const acc_t mean = sum / static_cast<acc_t>(c);
+  acc_t sq[kLanes] = {};
+  for (i = 0; i + kLanes <= c; i += kLanes)
+    for (int l = 0; l < kLanes; ++l) {
+      const acc_t d = static_cast<acc_t>(x[i + l]) - mean;
+      sq[l] += d * d;
+    }
+  acc_t m2 = sum_lanes(sq);
+  for (; i < c; ++i) {
+    const acc_t d = static_cast<acc_t>(x[i]) - mean;
+    m2 += d * d;
+  }
+  return {static_cast<acc_t>(c), mean, m2};
+}
+
+template <typename in_t, typename acc_t>
+FASTLOSS_CPU_INLINE RowThreshold<acc_t> row_stats(const in_t* x, int64_t n, acc_t z) {
+  Moments<acc_t> m{0, 0, 0};
+  for (int64_t i = 0; i < n; i += kChunk) m = merge_moments(m, chunk_moments<in_t, acc_t>(x + i, std::min(kChunk, n - i)));
+  return row_threshold(m, z);
+}
+
+template <typename acc_t>
+FASTLOSS_CPU_INLINE void store_stats(const RowThreshold<acc_t>& t, acc_t* mean, acc_t* std_out, acc_t* theta) {
+  *mean = t.mean;
+  *std_out = t.std;
+  *theta = t.theta;
+}
+
+template <bool kHard, typename in_t, typename acc_t>
+FASTLOSS_CPU_INLINE void threshold_row(const in_t* x, in_t* y, int64_t n, acc_t theta) {
+  for (int64_t i = 0; i < n; ++i)
+    y[i] = static_cast<in_t>(kHard ? hard_threshold(static_cast<acc_t>(x[i]), theta)
+                                   : soft_threshold(static_cast<acc_t>(x[i]), theta));
+}
+
+template <typename in_t>
+FASTLOSS_CPU_INLINE void forward_lastdim(const in_t* x, in_t* y, typename AccType<in_t>::type* mean,
+                                         typename AccType<in_t>::type* std_out,
+                                         typename AccType<in_t>::type* theta, int64_t b, int64_t e,
+                                         int64_t n, typename AccType<in_t>::type z, bool hard) {
+  using acc_t = typename AccType<in_t>::type;
+  for (int64_t r = b; r < e; ++r) {
+    const RowThreshold<acc_t> t = row_stats<in_t, acc_t>(x + r * n, n, z);
+    store_stats(t, mean + r, std_out + r, theta + r);
+    if (hard) threshold_row<true>(x + r * n, y + r * n, n, t.theta);
+    else threshold_row<false>(x + r * n, y + r * n, n, t.theta);
+  }
+}
+
+// `count` <= kLanes columns of one (size, inner) block; x points at its first column and the
+// statistics at that column's entry of the (outer, inner) statistics.
+template <typename in_t>
+FASTLOSS_CPU_INLINE void forward_strided(const in_t* x, in_t* y, typename AccType<in_t>::type* mean,
+                                         typename AccType<in_t>::type* std_out,
+                                         typename AccType<in_t>::type* theta, int64_t n,
+                                         int64_t inner, int count, typename AccType<in_t>::type z,
+                                         bool hard) {
+  using acc_t = typename AccType<in_t>::type;
+  acc_t sum[kLanes] = {}, sq[kLanes] = {}, th[kLanes];
+  for (int64_t i = 0; i < n; ++i)
+    for (int l = 0; l < count; ++l) sum[l] += static_cast<acc_t>(x[i * inner + l]);
+  for (int l = 0; l < count; ++l) sum[l] /= static_cast<acc_t>(n);  // now the mean
+  for (int64_t i = 0; i < n; ++i)
+    for (int l = 0; l < count; ++l) {
+      const acc_t d = static_cast<acc_t>(x[i * inner + l]) - sum[l];
+      sq[l] += d * d;
+    }
+  for (int l = 0; l < count; ++l) {
+    const RowThreshold<acc_t> t = row_threshold(Moments<acc_t>{static_cast<acc_t>(n), sum[l], sq[l]}, z);
+    store_stats(t, mean + l, std_out + l, theta + l);
+    th[l] = t.theta;
+  }
+  for (int64_t i = 0; i < n; ++i)
+    for (int l = 0; l < count; ++l) {
+      const acc_t v = static_cast<acc_t>(x[i * inner + l]);
+      y[i * inner + l] = static_cast<in_t>(apply_threshold(hard, v, th[l]));
+    }
+}
+
+// dx_i = g_i [x_i > theta] + c (a + b (x_i - mean)), c = grad_theta - (soft and
+// threshold_grad ? sum_j g_j [x_j > theta] : 0).
+template <typename in_t>
+FASTLOSS_CPU_INLINE void backward_lastdim(const in_t* g, const in_t* x,
+                                          const typename AccType<in_t>::type* mean,
+                                          const typename AccType<in_t>::type* std_in,
+                                          const typename AccType<in_t>::type* grad_theta, in_t* dx,
+                                          int64_t b, int64_t e, int64_t n,
+                                          typename AccType<in_t>::type z, bool hard, bool threshold_grad) {
+  using acc_t = typename AccType<in_t>::type;
+  for (int64_t r = b; r < e; ++r) {
+    const in_t* gr = g + r * n;
+    const in_t* xr = x + r * n;
+    const acc_t mu = mean[r];
+    const acc_t theta = mu + std_in[r] * z;
+    acc_t c = grad_theta ? grad_theta[r] : acc_t(0);
+    if (!hard && threshold_grad) {
+      acc_t lanes[kLanes] = {};
+      int64_t i = 0;
+      for (; i + kLanes <= n; i += kLanes)
+        for (int l = 0; l < kLanes; ++l)
+          lanes[l] += keep_or_zero(static_cast<acc_t>(xr[i + l]) > theta, static_cast<acc_t>(gr[i + l]));
+      acc_t s = sum_lanes(lanes);
+      for (; i < n; ++i) s += keep_or_zero(static_cast<acc_t>(xr[i]) > theta, static_cast<acc_t>(gr[i]));
+      c -= s;
+    }
+    const ThetaGrad<acc_t> tg = theta_grad(static_cast<acc_t>(n), std_in[r], z);
+    const acc_t ca = c * tg.a, cb = c * tg.b;
+    for (int64_t i = 0; i < n; ++i) {
+      const acc_t xv = static_cast<acc_t>(xr[i]);
+      const acc_t direct = keep_or_zero(xv > theta, static_cast<acc_t>(gr[i]));
+      dx[r * n + i] = static_cast<in_t>(direct + ca + cb * (xv - mu));
+    }
+  }
+}
+
+template <typename in_t>
+FASTLOSS_CPU_INLINE void backward_strided(const in_t* g, const in_t* x,
+                                          const typename AccType<in_t>::type* mean,
+                                          const typename AccType<in_t>::type* std_in,
+                                          const typename AccType<in_t>::type* grad_theta, in_t* dx,
+                                          int64_t n, int64_t inner, int count,
+                                          typename AccType<in_t>::type z, bool hard, bool threshold_grad) {
+  using acc_t = typename AccType<in_t>::type;
+  acc_t theta[kLanes], s[kLanes] = {}, ca[kLanes], cb[kLanes], mu[kLanes];
+  for (int l = 0; l < count; ++l) {
+    mu[l] = mean[l];
+    theta[l] = mu[l] + std_in[l] * z;
+  }
+  if (!hard && threshold_grad)
+    for (int64_t i = 0; i < n; ++i)
+      for (int l = 0; l < count; ++l)
+        s[l] += keep_or_zero(static_cast<acc_t>(x[i * inner + l]) > theta[l], static_cast<acc_t>(g[i * inner + l]));
+  for (int l = 0; l < count; ++l) {
+    const acc_t c = (grad_theta ? grad_theta[l] : acc_t(0)) - s[l];
+    const ThetaGrad<acc_t> tg = theta_grad(static_cast<acc_t>(n), std_in[l], z);
+    ca[l] = c * tg.a;
+    cb[l] = c * tg.b;
+  }
+  for (int64_t i = 0; i < n; ++i)
+    for (int l = 0; l < count; ++l) {
+      const acc_t xv = static_cast<acc_t>(x[i * inner + l]);
+      const acc_t direct = keep_or_zero(xv > theta[l], static_cast<acc_t>(g[i * inner + l]));
+      dx[i * inner + l] = static_cast<in_t>(direct + ca[l] + cb[l] * (xv - mu[l]));
+    }
+}
+
+// out = gelu_tanh(relu(gate - theta)) * up, theta from gate's row.
+template <typename in_t>
+FASTLOSS_CPU_INLINE void gelu_mul_forward_rows(const in_t* gate, const in_t* up, in_t* out,
+                                               typename AccType<in_t>::type* mean,
+                                               typename AccType<in_t>::type* std_out, int64_t b,
+                                               int64_t e, int64_t n, typename AccType<in_t>::type z) {
+  using acc_t = typename AccType<in_t>::type;
+  for (int64_t r = b; r < e; ++r) {
+    const RowThreshold<acc_t> t = row_stats<in_t, acc_t>(gate + r * n, n, z);
+    mean[r] = t.mean;
+    std_out[r] = t.std;
+    for (int64_t i = 0; i < n; ++i) {
+      const acc_t h = soft_threshold(static_cast<acc_t>(gate[r * n + i]), t.theta);
+      out[r * n + i] = static_cast<in_t>(gelu_tanh(h) * static_cast<acc_t>(up[r * n + i]));
+    }
+  }
+}
+
+// One element of the gelu-mul backward's first sweep: writes d up, keeps dh, returns dh.
+template <typename in_t, typename acc_t>
+FASTLOSS_CPU_INLINE acc_t gelu_mul_grad_element(const in_t* g, const in_t* gate, const in_t* up, in_t* dup,
+                                                acc_t* scratch, int64_t k, acc_t theta) {
+  const acc_t xv = static_cast<acc_t>(gate[k]);
+  const acc_t h = soft_threshold(xv, theta);
+  const acc_t s = gelu_tanh_sigmoid(h);
+  const acc_t gv = static_cast<acc_t>(g[k]);
+  dup[k] = static_cast<in_t>(gv * h * s);
+  const acc_t dh = keep_or_zero(xv > theta, gv * static_cast<acc_t>(up[k]) * gelu_tanh_grad(h, s));
+  scratch[k] = dh;
+  return dh;
+}
+
+// d up = g gelu(h); dh = g up gelu'(h) [gate > theta]; d gate = dh - (threshold_grad ?
+// sum(dh) : 0) (a + b (gate - mean)). dh is kept in `scratch` (n values) between the sweeps.
+template <typename in_t>
+FASTLOSS_CPU_INLINE void gelu_mul_backward_rows(const in_t* g, const in_t* gate, const in_t* up,
+                                                const typename AccType<in_t>::type* mean,
+                                                const typename AccType<in_t>::type* std_in,
+                                                in_t* dgate, in_t* dup, typename AccType<in_t>::type* scratch,
+                                                int64_t b, int64_t e, int64_t n,
+                                                typename AccType<in_t>::type z, bool threshold_grad) {
+  using acc_t = typename AccType<in_t>::type;
+  for (int64_t r = b; r < e; ++r) {
+    const int64_t o = r * n;
+    const acc_t mu = mean[r];
+    const acc_t theta = mu + std_in[r] * z;
+    acc_t lanes[kLanes] = {};
+    int64_t i = 0;
+    for (; i + kLanes <= n; i += kLanes)
+      for (int l = 0; l < kLanes; ++l) lanes[l] += gelu_mul_grad_element(g + o, gate + o, up + o, dup + o, scratch, i + l, theta);
+    acc_t sum = sum_lanes(lanes);
+    for (; i < n; ++i) sum += gelu_mul_grad_element(g + o, gate + o, up + o, dup + o, scratch, i, theta);
+    const ThetaGrad<acc_t> tg = theta_grad(static_cast<acc_t>(n), std_in[r], z);
+    const acc_t c = threshold_grad ? -sum : acc_t(0);
+    const acc_t ca = c * tg.a, cb = c * tg.b;
+    for (i = 0; i < n; ++i)
+      dgate[o + i] = static_cast<in_t>(scratch[i] + ca + cb * (static_cast<acc_t>(gate[o + i]) - mu));
+  }
+}
+
+// Non-template entry points, each compiled once per instruction set.
+#define FASTLOSS_STAT_TOPK_ENTRIES(SUFFIX, T)                                                        \
+  using acc_##SUFFIX = AccType<T>::type;                                                             \
+  FASTLOSS_CPU_CLONES void forward_lastdim_##SUFFIX(const T* x, T* y, acc_##SUFFIX* mean,            \
+                                                    acc_##SUFFIX* sd, acc_##SUFFIX* theta, int64_t b, \
+                                                    int64_t e, int64_t n, acc_##SUFFIX z, bool hard) { \
+    forward_lastdim<T>(x, y, mean, sd, theta, b, e, n, z, hard);                                     \
+  }                                                                                                  \
+  FASTLOSS_CPU_CLONES void forward_strided_##SUFFIX(const T* x, T* y, acc_##SUFFIX* mean,            \
+                                                    acc_##SUFFIX* sd, acc_##SUFFIX* theta, int64_t n, \
+                                                    int64_t inner, int count, acc_##SUFFIX z, bool hard) { \
+    forward_strided<T>(x, y, mean, sd, theta, n, inner, count, z, hard);                             \
+  }                                                                                                  \
+  FASTLOSS_CPU_CLONES void backward_lastdim_##SUFFIX(                                                \
+      const T* g, const T* x, const acc_##SUFFIX* mean, const acc_##SUFFIX* sd,                      \
+      const acc_##SUFFIX* gtheta, T* dx, int64_t b, int64_t e, int64_t n, acc_##SUFFIX z, bool hard, \
+      bool tg) {                                                                                     \
+    backward_lastdim<T>(g, x, mean, sd, gtheta, dx, b, e, n, z, hard, tg);                           \
+  }                                                                                                  \
+  FASTLOSS_CPU_CLONES void backward_strided_##SUFFIX(                                                \
+      const T* g, const T* x, const acc_##SUFFIX* mean, const acc_##SUFFIX* sd,                      \
+      const acc_##SUFFIX* gtheta, T* dx, int64_t n, int64_t inner, int count, acc_##SUFFIX z,        \
+      bool hard, bool tg) {                                                                          \
+    backward_strided<T>(g, x, mean, sd, gtheta, dx, n, inner, count, z, hard, tg);                   \
+  }                                                                                                  \
+  FASTLOSS_CPU_CLONES void gelu_mul_forward_##SUFFIX(const T* gate, const T* up, T* out,             \
+                                                     acc_##SUFFIX* mean, acc_##SUFFIX* sd, int64_t b, \
+                                                     int64_t e, int64_t n, acc_##SUFFIX z) {         \
+    gelu_mul_forward_rows<T>(gate, up, out, mean, sd, b, e, n, z);                                   \
+  }                                                                                                  \
+  FASTLOSS_CPU_CLONES void gelu_mul_backward_##SUFFIX(                                               \
+      const T* g, const T* gate, const T* up, const acc_##SUFFIX* mean, const acc_##SUFFIX* sd,      \
+      T* dgate, T* dup, acc_##SUFFIX* scratch, int64_t b, int64_t e, int64_t n, acc_##SUFFIX z,      \
+      bool tg) {                                                                                     \
+    gelu_mul_backward_rows<T>(g, gate, up, mean, sd, dgate, dup, scratch, b, e, n, z, tg);           \
+  }
+
+FASTLOSS_STAT_TOPK_ENTRIES(f32, float)
+FASTLOSS_STAT_TOPK_ENTRIES(f64, double)
+FASTLOSS_STAT_TOPK_ENTRIES(f16, c10::Half)
+FASTLOSS_STAT_TOPK_ENTRIES(bf16, c10::BFloat16)
+#undef FASTLOSS_STAT_TOPK_ENTRIES
+
+// Runs CASE(SUFFIX, T) for the tensor dtype (checked to be one of the four before).
+#define FASTLOSS_STAT_TOPK_DISPATCH(DTYPE, CASE)  \
+  switch (DTYPE) {                                \
+    case c10::kFloat: CASE(f32, float); break;    \
+    case c10::kDouble: CASE(f64, double); break;  \
+    case c10::kHalf: CASE(f16, c10::Half); break; \
+    default: CASE(bf16, c10::BFloat16); break;    \
+  }
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> stat_topk(const at::Tensor& input, int64_t dim,
+                                                                     double sparsity, bool hard,
+                                                                     bool /*threshold_grad: autograd only*/) {
+  const char* op = "stat_topk";
+  TORCH_CHECK(input.device().is_cpu(), "fastloss.", op, ": expected 'x' on the CPU");
+  const StatTopKArgs args = stat_topk_forward_args(op, "x", input, dim, sparsity);
+  const at::Tensor x = input.contiguous();
+  at::Tensor y = at::empty(input.sizes(), input.options());
+  const auto stat_options = input.options().dtype(args.stat_dtype);
+  at::Tensor mean = at::empty(args.stat_shape, stat_options);
+  at::Tensor sd = at::empty(args.stat_shape, stat_options);
+  at::Tensor theta = at::empty(args.stat_shape, stat_options);
+  const RowLayout& l = args.layout;
+  if (l.size == 0 || y.numel() == 0) {
+    // Rows of length 0: no statistics (NaN, like mean/std of nothing).
+    mean.fill_(NAN), sd.fill_(NAN), theta.fill_(NAN);
+    return {y, theta, mean, sd};
+  }
+#define FASTLOSS_CASE(SUFFIX, T)                                                                         \
+  {                                                                                                      \
+    using acc_t = AccType<T>::type;                                                                      \
+    const T* xp = reinterpret_cast<const T*>(x.const_data_ptr());                                        \
+    T* yp = reinterpret_cast<T*>(y.mutable_data_ptr());                                                  \
+    acc_t* mp = mean.mutable_data_ptr<acc_t>();                                                          \
+    acc_t* sp = sd.mutable_data_ptr<acc_t>();                                                            \
+    acc_t* tp = theta.mutable_data_ptr<acc_t>();                                                         \
+    const acc_t z = static_cast<acc_t>(args.z);                                                          \
+    for_each_row_block(                                                                                  \
+        l, [&](int64_t b, int64_t e) { forward_lastdim_##SUFFIX(xp, yp, mp, sp, tp, b, e, l.size, z, hard); }, \
+        [&](int64_t o, int64_t j, int count) {                                                           \
+          const int64_t off = o * l.size * l.inner + j, s = o * l.inner + j;                             \
+          forward_strided_##SUFFIX(xp + off, yp + off, mp + s, sp + s, tp + s, l.size, l.inner, count, z, hard); \
+        },                                                                                               \
+        kLanes);                                                                                         \
+  }
+  FASTLOSS_STAT_TOPK_DISPATCH(input.scalar_type(), FASTLOSS_CASE)
+#undef FASTLOSS_CASE
+  return {y, theta, mean, sd};
+}
+
+at::Tensor stat_topk_backward(const at::Tensor& grad_y, const c10::optional<at::Tensor>& grad_theta,
+                              const at::Tensor& input, const at::Tensor& mean_in, const at::Tensor& std_in,
+                              int64_t dim, double sparsity, bool hard, bool threshold_grad) {
+  const char* op = "stat_topk_backward";
+  TORCH_CHECK(input.device().is_cpu(), "fastloss.", op, ": expected 'x' on the CPU");
+  const StatTopKArgs args = stat_topk_backward_args(op, grad_y, grad_theta, input, mean_in, std_in, dim, sparsity);
+  at::Tensor dx = at::empty(input.sizes(), input.options());
+  const RowLayout& l = args.layout;
+  if (dx.numel() == 0) return dx;
+  const at::Tensor x = input.contiguous(), g = grad_y.contiguous();
+  const at::Tensor mean = mean_in.contiguous(), sd = std_in.contiguous();
+  const bool has_gt = grad_theta.has_value() && grad_theta->defined();
+  const at::Tensor gt = has_gt ? grad_theta->contiguous() : at::Tensor();
+#define FASTLOSS_CASE(SUFFIX, T)                                                                         \
+  {                                                                                                      \
+    using acc_t = AccType<T>::type;                                                                      \
+    const T* xp = reinterpret_cast<const T*>(x.const_data_ptr());                                        \
+    const T* gp = reinterpret_cast<const T*>(g.const_data_ptr());                                        \
+    T* dp = reinterpret_cast<T*>(dx.mutable_data_ptr());                                                 \
+    const acc_t* mp = mean.const_data_ptr<acc_t>();                                                      \
+    const acc_t* sp = sd.const_data_ptr<acc_t>();                                                        \
+    const acc_t* tp = has_gt ? gt.const_data_ptr<acc_t>() : nullptr;                                     \
+    const acc_t z = static_cast<acc_t>(args.z);                                                          \
+    for_each_row_block(                                                                                  \
+        l,                                                                                               \
+        [&](int64_t b, int64_t e) {                                                                      \
+          backward_lastdim_##SUFFIX(gp, xp, mp, sp, tp, dp, b, e, l.size, z, hard, threshold_grad);      \
+        },                                                                                               \
+        [&](int64_t o, int64_t j, int count) {                                                           \
+          const int64_t off = o * l.size * l.inner + j, s = o * l.inner + j;                             \
+          backward_strided_##SUFFIX(gp + off, xp + off, mp + s, sp + s, tp ? tp + s : nullptr, dp + off, \
+                                    l.size, l.inner, count, z, hard, threshold_grad);                    \
+        },                                                                                               \
+        kLanes);                                                                                         \
+  }
+  FASTLOSS_STAT_TOPK_DISPATCH(input.scalar_type(), FASTLOSS_CASE)
+#undef FASTLOSS_CASE
+  return dx;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> stat_topk_gelu_mul(const at::Tensor& gate_in, const at::Tensor& up_in,
+                                                                  double sparsity,
+                                                                  bool /*threshold_grad: autograd only*/) {
+  const char* op = "stat_topk_gelu_mul";
+  TORCH_CHECK(gate_in.device().is_cpu(), "fastloss.", op, ": expected 'gate' on the CPU");
+  const StatTopKArgs args = gelu_mul_args(op, gate_in, up_in, sparsity);
+  at::Tensor out = at::empty(gate_in.sizes(), gate_in.options());
+  const auto stat_options = gate_in.options().dtype(args.stat_dtype);
+  at::Tensor mean = at::empty(args.stat_shape, stat_options);
+  at::Tensor sd = at::empty(args.stat_shape, stat_options);
+  const RowLayout& l = args.layout;
+  if (l.size == 0 || out.numel() == 0) {
+    mean.fill_(NAN), sd.fill_(NAN);
+    return {out, mean, sd};
+  }
+  const at::Tensor gate = gate_in.contiguous(), up = up_in.contiguous();
+  const int64_t grain = std::max<int64_t>(1, 32768 / l.size);
+#define FASTLOSS_CASE(SUFFIX, T)                                                                     \
+  {                                                                                                  \
+    using acc_t = AccType<T>::type;                                                                  \
+    const T* gp = reinterpret_cast<const T*>(gate.const_data_ptr());                                 \
+    const T* up_p = reinterpret_cast<const T*>(up.const_data_ptr());                                 \
+    T* op_ = reinterpret_cast<T*>(out.mutable_data_ptr());                                           \
+    acc_t* mp = mean.mutable_data_ptr<acc_t>();                                                      \
+    acc_t* sp = sd.mutable_data_ptr<acc_t>();                                                        \
+    const acc_t z = static_cast<acc_t>(args.z);                                                      \
+    at::parallel_for(0, l.outer, grain, [&](int64_t b, int64_t e) {                                  \
+      gelu_mul_forward_##SUFFIX(gp, up_p, op_, mp, sp, b, e, l.size, z);                             \
+    });                                                                                              \
+  }
+  FASTLOSS_STAT_TOPK_DISPATCH(gate_in.scalar_type(), FASTLOSS_CASE)
+#undef FASTLOSS_CASE
+  return {out, mean, sd};
+}
+
+std::tuple<at::Tensor, at::Tensor> stat_topk_gelu_mul_backward(const at::Tensor& grad_out, const at::Tensor& gate_in,
+                                                               const at::Tensor& up_in, const at::Tensor& mean_in,
+                                                               const at::Tensor& std_in, double sparsity,
+                                                               bool threshold_grad) {
+  const char* op = "stat_topk_gelu_mul_backward";
+  TORCH_CHECK(gate_in.device().is_cpu(), "fastloss.", op, ": expected 'gate' on the CPU");
+  const StatTopKArgs args = gelu_mul_args(op, gate_in, up_in, sparsity);
+  check_like(op, "grad_out", grad_out, "gate", gate_in);
+  check_stat(op, "mean", mean_in, args, gate_in);
+  check_stat(op, "std", std_in, args, gate_in);
+  at::Tensor dgate = at::empty(gate_in.sizes(), gate_in.options());
+  at::Tensor dup = at::empty(gate_in.sizes(), gate_in.options());
+  const RowLayout& l = args.layout;
+  if (dgate.numel() == 0) return {dgate, dup};
+  const at::Tensor gate = gate_in.contiguous(), up = up_in.contiguous(), g = grad_out.contiguous();
+  const at::Tensor mean = mean_in.contiguous(), sd = std_in.contiguous();
+  const int64_t grain = std::max<int64_t>(1, 32768 / l.size);
+#define FASTLOSS_CASE(SUFFIX, T)                                                                     \
+  {                                                                                                  \
+    using acc_t = AccType<T>::type;                                                                  \
+    const T* gp = reinterpret_cast<const T*>(g.const_data_ptr());                                    \
+    const T* gate_p = reinterpret_cast<const T*>(gate.const_data_ptr());                             \
+    const T* up_p = reinterpret_cast<const T*>(up.const_data_ptr());                                 \
+    T* dg = reinterpret_cast<T*>(dgate.mutable_data_ptr());                                          \
+    T* du = reinterpret_cast<T*>(dup.mutable_data_ptr());                                            \
+    const acc_t* mp = mean.const_data_ptr<acc_t>();                                                  \
+    const acc_t* sp = sd.const_data_ptr<acc_t>();                                                    \
+    const acc_t z = static_cast<acc_t>(args.z);                                                      \
+    at::parallel_for(0, l.outer, grain, [&](int64_t b, int64_t e) {                                  \
+      std::vector<acc_t> scratch(static_cast<size_t>(l.size));                                       \
+      gelu_mul_backward_##SUFFIX(gp, gate_p, up_p, mp, sp, dg, du, scratch.data(), b, e, l.size, z,  \
+                                 threshold_grad);                                                    \
+    });                                                                                              \
+  }
+  FASTLOSS_STAT_TOPK_DISPATCH(gate_in.scalar_type(), FASTLOSS_CASE)
+#undef FASTLOSS_CASE
+  return {dgate, dup};
+}
+
+#undef FASTLOSS_STAT_TOPK_DISPATCH
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fastloss, CPU, m) {
+  m.impl("stat_topk", &stat_topk);
+  m.impl("stat_topk_backward", &stat_topk_backward);
+  m.impl("stat_topk_gelu_mul", &stat_topk_gelu_mul);
+  m.impl("stat_topk_gelu_mul_backward", &stat_topk_gelu_mul_backward);
+}
+
+}  // namespace fastloss::cpu

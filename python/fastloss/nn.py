@@ -1,0 +1,33 @@
+"""``torch.nn.Module`` wrappers around fastloss ops."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from .ops.stat_topk import stat_topk
+
+
+class StatTopK(torch.nn.Module):
+    """Statistical top-k masking as a module: see :func:`fastloss.stat_topk`.
+
+    Example: ``fastloss.nn.StatTopK(sparsity=0.95)(x)`` keeps about 5% of each row.
+    """
+
+    def __init__(self, *, sparsity: Optional[float] = None, k: Optional[int] = None, dim: int = -1,
+                 mode: str = "soft", threshold_grad: bool = True):
+        super().__init__()
+        if (sparsity is None) == (k is None):
+            raise ValueError("fastloss.nn.StatTopK: give exactly one of 'sparsity' and 'k'")
+        if mode not in ("soft", "hard"):
+            raise ValueError(f"fastloss.nn.StatTopK: 'mode' must be 'soft' or 'hard', got {mode!r}")
+        self.sparsity, self.k, self.dim, self.mode, self.threshold_grad = sparsity, k, dim, mode, threshold_grad
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return stat_topk(x, sparsity=self.sparsity, k=self.k, dim=self.dim, mode=self.mode,
+                         threshold_grad=self.threshold_grad)
+
+    def extra_repr(self) -> str:
+        amount = f"sparsity={self.sparsity}" if self.sparsity is not None else f"k={self.k}"
+        return f"{amount}, dim={self.dim}, mode={self.mode!r}, threshold_grad={self.threshold_grad}"
