@@ -1,0 +1,326 @@
+"""fastloss.stat_topk and stat_topk_gelu_mul against a float64 eager reference (Gemma 3n's
+formula), the normal quantile against mpmath, gradients, opcheck, torch.compile, errors."""
+
+import math
+
+import mpmath
+import pytest
+import torch
+import torch.nn.functional as F
+
+import fastloss
+
+DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
+# Output rounding of the compared dtype (the statistics are float32 or float64 in both).
+EPS = {torch.float32: 2e-6, torch.float64: 1e-13, torch.bfloat16: 8e-3, torch.float16: 1e-3}
+
+
+def quantile(p: float) -> float:
+    """PhiInv(p) by mpmath at 60 digits (root of log Phi, so tiny p keep their digits)."""
+    with mpmath.workdps(60):
+        p = mpmath.mpf(p)
+        tail = min(p, 1 - p)
+        if tail > 1e-40:
+            return float(mpmath.sqrt(2) * mpmath.erfinv(2 * p - 1))
+        z0 = -mpmath.sqrt(-2 * mpmath.log(tail))
+        z = mpmath.findroot(lambda t: mpmath.log(mpmath.ncdf(t)) - mpmath.log(tail), z0)
+        return float(-z if p > 0.5 else z)
+
+
+def reference(x, sparsity, dim=-1, hard=False, threshold_grad=True):
+    """Gemma 3n's _gaussian_topk in float64 (hard: the mask variant)."""
+    z = quantile(sparsity)
+    mean = x.mean(dim, keepdim=True)
+    std = x.std(dim, keepdim=True, unbiased=False)
+    theta = mean + std * z
+    if not threshold_grad:
+        theta = theta.detach()
+    y = x * (x > theta) if hard else torch.relu(x - theta)
+    return y, theta
+
+
+def gelu_mul_reference(gate, up, sparsity):
+    return F.gelu(reference(gate, sparsity)[0], approximate="tanh") * up
+
+
+def random_rows(shape, dtype, device, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    # Rows with their own offset and scale, so mean and std matter.
+    x = torch.randn(shape, generator=g, dtype=torch.float64)
+    x = x * (0.5 + torch.rand(shape[:-1] + (1,), generator=g, dtype=torch.float64)) + 3 * torch.randn(
+        shape[:-1] + (1,), generator=g, dtype=torch.float64)
+    return x.to(dtype).to(device)
+
+
+# --------------------------------------------------------------------------------------------
+# The normal quantile
+
+
+@pytest.mark.parametrize("p", [0.5, 0.5 + 2**-40, 0.3, 0.6401411997932241, 0.9, 0.95, 0.99, 1 - 1e-10,
+                               1 - 2**-53, 0.1, 0.0999999, 1e-5, 1e-20, 1e-100, 1e-300, 1e-310, 5e-324])
+def test_normal_quantile_to_double_precision(p):
+    # A row [-1, 1] has mean 0 and std 1: theta is PhiInv(p) itself.
+    x = torch.tensor([[-1.0, 1.0]], dtype=torch.float64)
+    _, theta, _, _ = torch.ops.fastloss.stat_topk(x, -1, p)
+    ref = quantile(p)
+    assert theta.item() == pytest.approx(ref, rel=5e-16, abs=1e-300)
+
+
+def test_normal_quantile_random():
+    g = torch.Generator().manual_seed(1)
+    ps = torch.cat([torch.rand(40, generator=g, dtype=torch.float64),
+                    10 ** (-300 * torch.rand(20, generator=g, dtype=torch.float64))]).tolist()
+    x = torch.tensor([[-1.0, 1.0]], dtype=torch.float64)
+    for p in ps:
+        _, theta, _, _ = torch.ops.fastloss.stat_topk(x, -1, p)
+        assert theta.item() == pytest.approx(quantile(p), rel=5e-16), p
+
+
+# --------------------------------------------------------------------------------------------
+# Forward
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("mode", ["soft", "hard"])
+@pytest.mark.parametrize("shape,dim", [((16, 1000), -1), ((3, 7), -1), ((5, 4100), 1), ((300, 6), 0),
+                                       ((4, 50, 6), 1), ((2, 3, 40), 0), ((1, 1), -1)])
+def test_forward_matches_reference(device, dtype, mode, shape, dim):
+    x = random_rows(shape, dtype, device)
+    y, theta = fastloss.stat_topk(x, sparsity=0.8, dim=dim, mode=mode, return_threshold=True)
+    assert y.dtype == dtype and y.shape == x.shape
+    assert theta.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+    x64 = x.double().cpu()
+    y_ref, theta_ref = reference(x64, 0.8, dim, mode == "hard")
+    scale = x64.std(dim, keepdim=True, unbiased=False) + x64.abs().mean(dim, keepdim=True)
+    stat_tol = 1e-13 if dtype == torch.float64 else 1e-5
+    assert torch.all((theta.cpu().double() - theta_ref).abs() <= stat_tol * scale + 1e-300)
+    # Entries within the statistics' error of theta may fall on either side.
+    decided = (x64 - theta_ref).abs() > 2 * stat_tol * scale
+    err = (y.cpu().double() - y_ref).abs()
+    assert torch.all(err[decided.expand_as(err)] <= EPS[dtype] * (y_ref.abs() + scale.expand_as(err))[decided.expand_as(err)])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_k_equals_sparsity(device, dtype):
+    x = random_rows((8, 512), dtype, device)
+    a = fastloss.stat_topk(x, k=26)
+    b = fastloss.stat_topk(x, sparsity=1 - 26 / 512)
+    torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_non_contiguous(device):
+    base = random_rows((64, 300), torch.float32, device)
+    x = base.t()  # rows along dim 1 are strided
+    y = fastloss.stat_topk(x, sparsity=0.9, dim=1)
+    torch.testing.assert_close(y, fastloss.stat_topk(x.contiguous(), sparsity=0.9, dim=1))
+    y_ref, _ = reference(x.double().cpu(), 0.9, 1)
+    torch.testing.assert_close(y.double().cpu(), y_ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_statistics_do_not_cancel(device, dtype):
+    # Mean 1e4, std 1: a float32 sum of squares would lose every digit of the variance.
+    g = torch.Generator().manual_seed(3)
+    x = (1e4 + torch.randn(4, 20000, generator=g, dtype=torch.float64)).to(dtype).to(device)
+    _, theta = fastloss.stat_topk(x, sparsity=0.9, return_threshold=True)
+    _, theta_ref = reference(x.double().cpu(), 0.9)
+    std = x.double().cpu().std(-1, keepdim=True, unbiased=False)
+    assert torch.all((theta.double().cpu() - theta_ref).abs() <= 1e-3 * std)
+
+
+def test_kept_fraction_on_gaussian_rows(device):
+    x = torch.randn(32, 16384, generator=torch.Generator().manual_seed(4)).to(device)
+    for sparsity in (0.5, 0.9, 0.95, 0.99):
+        kept = (fastloss.stat_topk(x, sparsity=sparsity) > 0).float().mean().item()
+        assert abs(kept - (1 - sparsity)) <= 0.1 * (1 - sparsity), (sparsity, kept)
+
+
+@pytest.mark.parametrize("mode", ["soft", "hard"])
+def test_constant_and_nan_rows(device, mode):
+    x = random_rows((4, 64), torch.float32, device)
+    x[1] = 2.5  # constant row
+    x[2, 10] = float("nan")
+    x = x.requires_grad_()
+    y, theta = fastloss.stat_topk(x, sparsity=0.9, mode=mode, return_threshold=True)
+    assert torch.all(y[1] == 0) and theta[1].item() == 2.5
+    if mode == "soft":
+        assert torch.all(torch.isnan(y[2]))
+    else:
+        assert torch.isnan(y[2, 10]) and torch.all(y[2, torch.arange(64, device=device) != 10] == 0)
+    y_ref, _ = reference(x.detach().double().cpu(), 0.9, hard=mode == "hard")
+    for r in (0, 3):
+        torch.testing.assert_close(y[r].double().cpu(), y_ref[r], rtol=1e-5, atol=1e-5)
+    (y[[0, 1, 3]].sum() + theta[[0, 1, 3]].sum()).backward()
+    assert torch.all(torch.isfinite(x.grad[[0, 1, 3]]))
+    # Constant row: nothing kept, so only theta's gradient reaches it: d theta / dx = 1/d.
+    torch.testing.assert_close(x.grad[1], torch.full_like(x.grad[1], 1 / 64))
+
+
+def test_empty_and_scalar(device):
+    for shape in [(0, 5), (5, 0), (0,)]:
+        x = torch.randn(shape, device=device)
+        y = fastloss.stat_topk(x, sparsity=0.5)
+        assert y.shape == x.shape
+    x = torch.tensor(1.5, device=device)
+    y, theta = fastloss.stat_topk(x, sparsity=0.5, return_threshold=True)
+    assert y.shape == () and y.item() == 0 and theta.shape == ()
+
+
+# --------------------------------------------------------------------------------------------
+# Gradients
+
+
+@pytest.mark.parametrize("mode", ["soft", "hard"])
+@pytest.mark.parametrize("dim", [-1, 0, 1])
+def test_gradcheck(device, mode, dim):
+    # threshold_grad=False is not the derivative of the function, so it is checked against
+    # the reference with a detached theta instead (below).
+    x = random_rows((3, 17, 5), torch.float64, device).requires_grad_()
+
+    def f(t):
+        return fastloss.stat_topk(t, sparsity=0.7, dim=dim, mode=mode, return_threshold=True)
+
+    assert torch.autograd.gradcheck(f, (x,))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("threshold_grad", [True, False])
+def test_backward_matches_autograd_of_reference(device, dtype, threshold_grad):
+    x = random_rows((6, 3000), dtype, device).requires_grad_()
+    g = torch.randn(6, 3000, generator=torch.Generator().manual_seed(5), dtype=dtype).to(device)
+    gt = torch.randn(6, 1, generator=torch.Generator().manual_seed(6), dtype=dtype).to(device)
+    y, theta = fastloss.stat_topk(x, sparsity=0.9, return_threshold=True, threshold_grad=threshold_grad)
+    grads = [g, gt.to(theta.dtype)] if threshold_grad else [g]
+    (dx,) = torch.autograd.grad([y, theta] if threshold_grad else [y], x, grads)
+    x64 = x.detach().double().cpu().requires_grad_()
+    y_ref, theta_ref = reference(x64, 0.9, threshold_grad=threshold_grad)
+    outs = [y_ref, theta_ref] if threshold_grad else [y_ref]
+    (dx_ref,) = torch.autograd.grad(outs, x64, [t.double().cpu() for t in grads])
+    tol = 1e-12 if dtype == torch.float64 else 2e-5
+    torch.testing.assert_close(dx.double().cpu(), dx_ref, rtol=tol, atol=tol * dx_ref.abs().max().item())
+
+
+# --------------------------------------------------------------------------------------------
+# Fused Gemma 3n activation
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(8, 2048), (2, 3, 257), (1, 5)])
+def test_gelu_mul_matches_reference(device, dtype, shape):
+    gate = random_rows(shape, dtype, device, seed=7)
+    up = random_rows(shape, dtype, device, seed=8)
+    out = fastloss.stat_topk_gelu_mul(gate, up, 0.95)
+    ref = gelu_mul_reference(gate.double().cpu(), up.double().cpu(), 0.95)
+    tol = {torch.float32: 1e-5, torch.float64: 1e-12, torch.bfloat16: 2e-2, torch.float16: 4e-3}[dtype]
+    torch.testing.assert_close(out.double().cpu(), ref, rtol=tol, atol=tol * ref.abs().max().item())
+
+
+def test_gelu_mul_gradcheck(device):
+    gate = random_rows((3, 40), torch.float64, device, seed=9).requires_grad_()
+    up = random_rows((3, 40), torch.float64, device, seed=10).requires_grad_()
+    assert torch.autograd.gradcheck(lambda a, b: fastloss.stat_topk_gelu_mul(a, b, 0.6), (gate, up))
+
+
+@pytest.mark.parametrize("threshold_grad", [True, False])
+def test_gelu_mul_backward_matches_reference_fp32(device, threshold_grad):
+    gate = random_rows((4, 4096), torch.float32, device, seed=11).requires_grad_()
+    up = random_rows((4, 4096), torch.float32, device, seed=12).requires_grad_()
+    g = torch.randn(4, 4096, generator=torch.Generator().manual_seed(13)).to(device)
+    out = fastloss.stat_topk_gelu_mul(gate, up, k=200, threshold_grad=threshold_grad)
+    dgate, dup = torch.autograd.grad(out, (gate, up), g)
+    gate64 = gate.detach().double().cpu().requires_grad_()
+    up64 = up.detach().double().cpu().requires_grad_()
+    sparse = reference(gate64, 1 - 200 / 4096, threshold_grad=threshold_grad)[0]
+    ref = F.gelu(sparse, approximate="tanh") * up64
+    dgate_ref, dup_ref = torch.autograd.grad(ref, (gate64, up64), g.double().cpu())
+    for a, b in ((dgate, dgate_ref), (dup, dup_ref)):
+        torch.testing.assert_close(a.double().cpu(), b, rtol=1e-4, atol=1e-5 * b.abs().max().item())
+
+
+# --------------------------------------------------------------------------------------------
+# Registration: opcheck, torch.compile, nn module
+
+
+def test_opcheck(device):
+    x = random_rows((4, 33), torch.float32, device)
+    for args in [(x, -1, 0.9), (x, 0, 0.3, True), (x.double(), 1, 0.5, False, False)]:
+        torch.library.opcheck(torch.ops.fastloss.stat_topk.default, args)
+    y, theta, mean, std = torch.ops.fastloss.stat_topk(x, -1, 0.9)
+    torch.library.opcheck(torch.ops.fastloss.stat_topk_backward.default,
+                          (torch.randn_like(x), torch.randn_like(theta), x, mean, std, -1, 0.9, False, True))
+    torch.library.opcheck(torch.ops.fastloss.stat_topk_backward.default,
+                          (torch.randn_like(x), None, x, mean, std, -1, 0.9, True, False))
+    up = random_rows((4, 33), torch.float32, device, seed=2)
+    torch.library.opcheck(torch.ops.fastloss.stat_topk_gelu_mul.default, (x, up, 0.8))
+    out, mean, std = torch.ops.fastloss.stat_topk_gelu_mul(x, up, 0.8)
+    torch.library.opcheck(torch.ops.fastloss.stat_topk_gelu_mul_backward.default,
+                          (torch.randn_like(x), x, up, mean, std, 0.8, True))
+
+
+def test_torch_compile_fullgraph(device):
+    def f(x, up):
+        y, theta = fastloss.stat_topk(x, sparsity=0.9, return_threshold=True)
+        return (y * 2).sum() + theta.sum() + fastloss.stat_topk_gelu_mul(x, up, k=4).sum()
+
+    x = random_rows((8, 40), torch.float32, device).requires_grad_()
+    up = random_rows((8, 40), torch.float32, device, seed=1)
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    out = compiled(x, up)
+    (dx,) = torch.autograd.grad(out, x)
+    x2 = x.detach().clone().requires_grad_()
+    (dx_eager,) = torch.autograd.grad(f(x2, up), x2)
+    torch.testing.assert_close(dx, dx_eager)
+
+
+def test_nn_module(device):
+    m = fastloss.nn.StatTopK(k=10, mode="hard")
+    x = random_rows((3, 100), torch.float32, device)
+    torch.testing.assert_close(m(x), fastloss.stat_topk(x, k=10, mode="hard"))
+    assert "k=10" in repr(m)
+
+
+# --------------------------------------------------------------------------------------------
+# Bad input
+
+
+def test_errors():
+    x = torch.randn(4, 10)
+    with pytest.raises(ValueError, match="exactly one of 'sparsity' and 'k'"):
+        fastloss.stat_topk(x)
+    with pytest.raises(ValueError, match="exactly one of 'sparsity' and 'k'"):
+        fastloss.stat_topk(x, sparsity=0.5, k=3)
+    for bad in (0.0, 1.0, 1.5, -0.1, float("nan")):
+        with pytest.raises(ValueError, match="'sparsity' must be in \\(0, 1\\)"):
+            fastloss.stat_topk(x, sparsity=bad)
+    for bad in (0, 10, -1):
+        with pytest.raises(ValueError, match="'k' must be in \\(0, 10\\)"):
+            fastloss.stat_topk(x, k=bad)
+    with pytest.raises(TypeError, match="'k' must be an int"):
+        fastloss.stat_topk(x, k=2.5)
+    with pytest.raises(ValueError, match="'mode'"):
+        fastloss.stat_topk(x, sparsity=0.5, mode="top")
+    with pytest.raises(IndexError, match="'dim' out of range"):
+        fastloss.stat_topk(x, sparsity=0.5, dim=2)
+    with pytest.raises(RuntimeError, match="'x' to be a float32"):
+        fastloss.stat_topk(torch.arange(10), sparsity=0.5)
+    with pytest.raises(RuntimeError, match="'sparsity' must be in \\(0, 1\\)"):
+        torch.ops.fastloss.stat_topk(x, -1, 1.0)
+    with pytest.raises(RuntimeError, match="'up' must have the shape of 'gate'"):
+        fastloss.stat_topk_gelu_mul(x, torch.randn(4, 9), 0.5)
+    with pytest.raises(RuntimeError, match="'up' must have the dtype of 'gate'"):
+        fastloss.stat_topk_gelu_mul(x, x.double(), 0.5)
+    with pytest.raises(TypeError, match="'gate' to be a torch.Tensor"):
+        fastloss.stat_topk_gelu_mul([1.0], x, 0.5)
+
+
+def test_memcheck_subset(device):
+    # Small cases of every kernel path, for compute-sanitizer on a GPU machine.
+    for shape, dim in [((3, 5000), -1), ((2, 100, 3), 1), ((4, 40000), -1)]:
+        x = random_rows(shape, torch.float32, device).requires_grad_()
+        y, theta = fastloss.stat_topk(x, sparsity=0.9, dim=dim, return_threshold=True)
+        (y.sum() + theta.sum()).backward()
+        assert torch.isfinite(x.grad).all()
+    gate = random_rows((3, 1000), torch.bfloat16, device).requires_grad_()
+    up = random_rows((3, 1000), torch.bfloat16, device, seed=1).requires_grad_()
+    fastloss.stat_topk_gelu_mul(gate, up, 0.9).float().sum().backward()
+    assert torch.isfinite(gate.grad.float()).all()
