@@ -31,22 +31,23 @@ TORCH_LIBRARY(fastloss, m) {
       "stat_topk(Tensor x, int dim, float sparsity, bool hard=False, bool threshold_grad=True) "
       "-> (Tensor, Tensor, Tensor, Tensor)",
       tags);
-  // d stat_topk / d x from grad_y and (optionally) the gradient of theta; threshold_grad=False
-  // drops the path from y through theta.
+  // d stat_topk / d x from grad_y and (optionally) the gradient of theta; the forward's theta
+  // gives the mask, so both agree bit for bit. threshold_grad=False drops the path from y
+  // through theta.
   m.def(
-      "stat_topk_backward(Tensor grad_y, Tensor? grad_theta, Tensor x, Tensor mean, Tensor std, int dim, "
-      "float sparsity, bool hard, bool threshold_grad) -> Tensor",
+      "stat_topk_backward(Tensor grad_y, Tensor? grad_theta, Tensor x, Tensor theta, Tensor mean, "
+      "Tensor std, int dim, float sparsity, bool hard, bool threshold_grad) -> Tensor",
       tags);
   // Gemma 3n sparse MLP activation over the last dim: gelu_tanh(relu(gate - theta)) * up,
-  // theta from gate's row statistics. Returns (out, mean, std).
+  // theta from gate's row statistics. Returns (out, theta, mean, std) like stat_topk.
   m.def(
       "stat_topk_gelu_mul(Tensor gate, Tensor up, float sparsity, bool threshold_grad=True) "
-      "-> (Tensor, Tensor, Tensor)",
+      "-> (Tensor, Tensor, Tensor, Tensor)",
       tags);
   // (d gate, d up) of stat_topk_gelu_mul.
   m.def(
-      "stat_topk_gelu_mul_backward(Tensor grad_out, Tensor gate, Tensor up, Tensor mean, Tensor std, "
-      "float sparsity, bool threshold_grad) -> (Tensor, Tensor)",
+      "stat_topk_gelu_mul_backward(Tensor grad_out, Tensor gate, Tensor up, Tensor theta, "
+      "Tensor mean, Tensor std, float sparsity, bool threshold_grad) -> (Tensor, Tensor)",
       tags);
 }
 

@@ -247,14 +247,14 @@ def test_opcheck(device):
         torch.library.opcheck(torch.ops.fastloss.stat_topk.default, args)
     y, theta, mean, std = torch.ops.fastloss.stat_topk(x, -1, 0.9)
     torch.library.opcheck(torch.ops.fastloss.stat_topk_backward.default,
-                          (torch.randn_like(x), torch.randn_like(theta), x, mean, std, -1, 0.9, False, True))
+                          (torch.randn_like(x), torch.randn_like(theta), x, theta, mean, std, -1, 0.9, False, True))
     torch.library.opcheck(torch.ops.fastloss.stat_topk_backward.default,
-                          (torch.randn_like(x), None, x, mean, std, -1, 0.9, True, False))
+                          (torch.randn_like(x), None, x, theta, mean, std, -1, 0.9, True, False))
     up = random_rows((4, 33), torch.float32, device, seed=2)
     torch.library.opcheck(torch.ops.fastloss.stat_topk_gelu_mul.default, (x, up, 0.8))
-    out, mean, std = torch.ops.fastloss.stat_topk_gelu_mul(x, up, 0.8)
+    out, theta, mean, std = torch.ops.fastloss.stat_topk_gelu_mul(x, up, 0.8)
     torch.library.opcheck(torch.ops.fastloss.stat_topk_gelu_mul_backward.default,
-                          (torch.randn_like(x), x, up, mean, std, 0.8, True))
+                          (torch.randn_like(x), x, up, theta, mean, std, 0.8, True))
 
 
 def test_torch_compile_fullgraph(device):

@@ -55,13 +55,15 @@ inline void check_stat(const char* op, const char* arg, const at::Tensor& t,
               "' must be on the input's device ", x.device(), ", got ", t.device());
 }
 
-// stat_topk_backward: grad_y like x; mean, std and (optional) grad_theta per row.
+// stat_topk_backward: grad_y like x; theta, mean, std and (optional) grad_theta per row.
 inline StatTopKArgs stat_topk_backward_args(const char* op, const at::Tensor& grad_y,
                                             const c10::optional<at::Tensor>& grad_theta,
-                                            const at::Tensor& x, const at::Tensor& mean,
-                                            const at::Tensor& std, int64_t dim, double sparsity) {
+                                            const at::Tensor& x, const at::Tensor& theta,
+                                            const at::Tensor& mean, const at::Tensor& std,
+                                            int64_t dim, double sparsity) {
   StatTopKArgs args = stat_topk_forward_args(op, "x", x, dim, sparsity);
   check_like(op, "grad_y", grad_y, "x", x);
+  check_stat(op, "theta", theta, args, x);
   check_stat(op, "mean", mean, args, x);
   check_stat(op, "std", std, args, x);
   if (grad_theta.has_value() && grad_theta->defined()) check_stat(op, "grad_theta", *grad_theta, args, x);
@@ -74,6 +76,18 @@ inline StatTopKArgs gelu_mul_args(const char* op, const at::Tensor& gate, const 
   TORCH_CHECK(gate.dim() >= 1, "fastloss.", op, ": 'gate' must have at least one dimension, got a 0-d tensor");
   check_like(op, "up", up, "gate", gate);
   return stat_topk_forward_args(op, "gate", gate, -1, sparsity);
+}
+
+inline StatTopKArgs gelu_mul_backward_args(const char* op, const at::Tensor& grad_out,
+                                           const at::Tensor& gate, const at::Tensor& up,
+                                           const at::Tensor& theta, const at::Tensor& mean,
+                                           const at::Tensor& std, double sparsity) {
+  StatTopKArgs args = gelu_mul_args(op, gate, up, sparsity);
+  check_like(op, "grad_out", grad_out, "gate", gate);
+  check_stat(op, "theta", theta, args, gate);
+  check_stat(op, "mean", mean, args, gate);
+  check_stat(op, "std", std, args, gate);
+  return args;
 }
 
 }  // namespace fastloss

@@ -133,6 +133,7 @@ FASTLOSS_CPU_INLINE void forward_strided(const in_t* x, in_t* y, typename AccTyp
 // threshold_grad ? sum_j g_j [x_j > theta] : 0).
 template <typename in_t>
 FASTLOSS_CPU_INLINE void backward_lastdim(const in_t* g, const in_t* x,
+                                          const typename AccType<in_t>::type* theta_in,
                                           const typename AccType<in_t>::type* mean,
                                           const typename AccType<in_t>::type* std_in,
                                           const typename AccType<in_t>::type* grad_theta, in_t* dx,
@@ -143,7 +144,7 @@ FASTLOSS_CPU_INLINE void backward_lastdim(const in_t* g, const in_t* x,
     const in_t* gr = g + r * n;
     const in_t* xr = x + r * n;
     const acc_t mu = mean[r];
-    const acc_t theta = mu + std_in[r] * z;
+    const acc_t theta = theta_in[r];
     acc_t c = grad_theta ? grad_theta[r] : acc_t(0);
     if (!hard && threshold_grad) {
       acc_t lanes[kLanes] = {};
@@ -167,6 +168,7 @@ FASTLOSS_CPU_INLINE void backward_lastdim(const in_t* g, const in_t* x,
 
 template <typename in_t>
 FASTLOSS_CPU_INLINE void backward_strided(const in_t* g, const in_t* x,
+                                          const typename AccType<in_t>::type* theta_in,
                                           const typename AccType<in_t>::type* mean,
                                           const typename AccType<in_t>::type* std_in,
                                           const typename AccType<in_t>::type* grad_theta, in_t* dx,
@@ -176,7 +178,7 @@ FASTLOSS_CPU_INLINE void backward_strided(const in_t* g, const in_t* x,
   acc_t theta[kLanes], s[kLanes] = {}, ca[kLanes], cb[kLanes], mu[kLanes];
   for (int l = 0; l < count; ++l) {
     mu[l] = mean[l];
-    theta[l] = mu[l] + std_in[l] * z;
+    theta[l] = theta_in[l];
   }
   if (!hard && threshold_grad)
     for (int64_t i = 0; i < n; ++i)
@@ -199,14 +201,14 @@ FASTLOSS_CPU_INLINE void backward_strided(const in_t* g, const in_t* x,
 // out = gelu_tanh(relu(gate - theta)) * up, theta from gate's row.
 template <typename in_t>
 FASTLOSS_CPU_INLINE void gelu_mul_forward_rows(const in_t* gate, const in_t* up, in_t* out,
+                                               typename AccType<in_t>::type* theta,
                                                typename AccType<in_t>::type* mean,
                                                typename AccType<in_t>::type* std_out, int64_t b,
                                                int64_t e, int64_t n, typename AccType<in_t>::type z) {
   using acc_t = typename AccType<in_t>::type;
   for (int64_t r = b; r < e; ++r) {
     const RowThreshold<acc_t> t = row_stats<in_t, acc_t>(gate + r * n, n, z);
-    mean[r] = t.mean;
-    std_out[r] = t.std;
+    store_stats(t, mean + r, std_out + r, theta + r);
     for (int64_t i = 0; i < n; ++i) {
       const acc_t h = soft_threshold(static_cast<acc_t>(gate[r * n + i]), t.theta);
       out[r * n + i] = static_cast<in_t>(gelu_tanh(h) * static_cast<acc_t>(up[r * n + i]));
@@ -232,6 +234,7 @@ FASTLOSS_CPU_INLINE acc_t gelu_mul_grad_element(const in_t* g, const in_t* gate,
 // sum(dh) : 0) (a + b (gate - mean)). dh is kept in `scratch` (n values) between the sweeps.
 template <typename in_t>
 FASTLOSS_CPU_INLINE void gelu_mul_backward_rows(const in_t* g, const in_t* gate, const in_t* up,
+                                                const typename AccType<in_t>::type* theta_in,
                                                 const typename AccType<in_t>::type* mean,
                                                 const typename AccType<in_t>::type* std_in,
                                                 in_t* dgate, in_t* dup, typename AccType<in_t>::type* scratch,
@@ -241,7 +244,7 @@ FASTLOSS_CPU_INLINE void gelu_mul_backward_rows(const in_t* g, const in_t* gate,
   for (int64_t r = b; r < e; ++r) {
     const int64_t o = r * n;
     const acc_t mu = mean[r];
-    const acc_t theta = mu + std_in[r] * z;
+    const acc_t theta = theta_in[r];
     acc_t lanes[kLanes] = {};
     int64_t i = 0;
     for (; i + kLanes <= n; i += kLanes)
@@ -270,27 +273,28 @@ FASTLOSS_CPU_INLINE void gelu_mul_backward_rows(const in_t* g, const in_t* gate,
     forward_strided<T>(x, y, mean, sd, theta, n, inner, count, z, hard);                             \
   }                                                                                                  \
   FASTLOSS_CPU_CLONES void backward_lastdim_##SUFFIX(                                                \
-      const T* g, const T* x, const acc_##SUFFIX* mean, const acc_##SUFFIX* sd,                      \
-      const acc_##SUFFIX* gtheta, T* dx, int64_t b, int64_t e, int64_t n, acc_##SUFFIX z, bool hard, \
-      bool tg) {                                                                                     \
-    backward_lastdim<T>(g, x, mean, sd, gtheta, dx, b, e, n, z, hard, tg);                           \
+      const T* g, const T* x, const acc_##SUFFIX* theta, const acc_##SUFFIX* mean,                   \
+      const acc_##SUFFIX* sd, const acc_##SUFFIX* gtheta, T* dx, int64_t b, int64_t e, int64_t n,    \
+      acc_##SUFFIX z, bool hard, bool tg) {                                                          \
+    backward_lastdim<T>(g, x, theta, mean, sd, gtheta, dx, b, e, n, z, hard, tg);                    \
   }                                                                                                  \
   FASTLOSS_CPU_CLONES void backward_strided_##SUFFIX(                                                \
-      const T* g, const T* x, const acc_##SUFFIX* mean, const acc_##SUFFIX* sd,                      \
-      const acc_##SUFFIX* gtheta, T* dx, int64_t n, int64_t inner, int count, acc_##SUFFIX z,        \
-      bool hard, bool tg) {                                                                          \
-    backward_strided<T>(g, x, mean, sd, gtheta, dx, n, inner, count, z, hard, tg);                   \
+      const T* g, const T* x, const acc_##SUFFIX* theta, const acc_##SUFFIX* mean,                   \
+      const acc_##SUFFIX* sd, const acc_##SUFFIX* gtheta, T* dx, int64_t n, int64_t inner, int count, \
+      acc_##SUFFIX z, bool hard, bool tg) {                                                          \
+    backward_strided<T>(g, x, theta, mean, sd, gtheta, dx, n, inner, count, z, hard, tg);            \
   }                                                                                                  \
   FASTLOSS_CPU_CLONES void gelu_mul_forward_##SUFFIX(const T* gate, const T* up, T* out,             \
-                                                     acc_##SUFFIX* mean, acc_##SUFFIX* sd, int64_t b, \
-                                                     int64_t e, int64_t n, acc_##SUFFIX z) {         \
-    gelu_mul_forward_rows<T>(gate, up, out, mean, sd, b, e, n, z);                                   \
+                                                     acc_##SUFFIX* theta, acc_##SUFFIX* mean,        \
+                                                     acc_##SUFFIX* sd, int64_t b, int64_t e,         \
+                                                     int64_t n, acc_##SUFFIX z) {                    \
+    gelu_mul_forward_rows<T>(gate, up, out, theta, mean, sd, b, e, n, z);                            \
   }                                                                                                  \
   FASTLOSS_CPU_CLONES void gelu_mul_backward_##SUFFIX(                                               \
-      const T* g, const T* gate, const T* up, const acc_##SUFFIX* mean, const acc_##SUFFIX* sd,      \
-      T* dgate, T* dup, acc_##SUFFIX* scratch, int64_t b, int64_t e, int64_t n, acc_##SUFFIX z,      \
-      bool tg) {                                                                                     \
-    gelu_mul_backward_rows<T>(g, gate, up, mean, sd, dgate, dup, scratch, b, e, n, z, tg);           \
+      const T* g, const T* gate, const T* up, const acc_##SUFFIX* theta, const acc_##SUFFIX* mean,   \
+      const acc_##SUFFIX* sd, T* dgate, T* dup, acc_##SUFFIX* scratch, int64_t b, int64_t e,         \
+      int64_t n, acc_##SUFFIX z, bool tg) {                                                          \
+    gelu_mul_backward_rows<T>(g, gate, up, theta, mean, sd, dgate, dup, scratch, b, e, n, z, tg);    \
   }
 
 FASTLOSS_STAT_TOPK_ENTRIES(f32, float)
@@ -308,24 +312,29 @@ FASTLOSS_STAT_TOPK_ENTRIES(bf16, c10::BFloat16)
     default: CASE(bf16, c10::BFloat16); break;    \
   }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> stat_topk(const at::Tensor& input, int64_t dim,
-                                                                     double sparsity, bool hard,
-                                                                     bool /*threshold_grad: autograd only*/) {
+using StatTopKResult = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+
+// (y, theta, mean, std) outputs; rows of length 0 get NaN statistics (mean of nothing).
+StatTopKResult allocate_forward(const at::Tensor& like, const StatTopKArgs& args) {
+  const auto stat_options = like.options().dtype(args.stat_dtype);
+  StatTopKResult r{at::empty(like.sizes(), like.options()), at::empty(args.stat_shape, stat_options),
+                   at::empty(args.stat_shape, stat_options), at::empty(args.stat_shape, stat_options)};
+  if (args.layout.size == 0) {
+    std::get<1>(r).fill_(NAN), std::get<2>(r).fill_(NAN), std::get<3>(r).fill_(NAN);
+  }
+  return r;
+}
+
+StatTopKResult stat_topk(const at::Tensor& input, int64_t dim, double sparsity, bool hard,
+                         bool /*threshold_grad: autograd only*/) {
   const char* op = "stat_topk";
   TORCH_CHECK(input.device().is_cpu(), "fastloss.", op, ": expected 'x' on the CPU");
   const StatTopKArgs args = stat_topk_forward_args(op, "x", input, dim, sparsity);
-  const at::Tensor x = input.contiguous();
-  at::Tensor y = at::empty(input.sizes(), input.options());
-  const auto stat_options = input.options().dtype(args.stat_dtype);
-  at::Tensor mean = at::empty(args.stat_shape, stat_options);
-  at::Tensor sd = at::empty(args.stat_shape, stat_options);
-  at::Tensor theta = at::empty(args.stat_shape, stat_options);
+  StatTopKResult result = allocate_forward(input, args);
+  auto& [y, theta, mean, sd] = result;
   const RowLayout& l = args.layout;
-  if (l.size == 0 || y.numel() == 0) {
-    // Rows of length 0: no statistics (NaN, like mean/std of nothing).
-    mean.fill_(NAN), sd.fill_(NAN), theta.fill_(NAN);
-    return {y, theta, mean, sd};
-  }
+  if (y.numel() == 0) return result;
+  const at::Tensor x = input.contiguous();
 #define FASTLOSS_CASE(SUFFIX, T)                                                                         \
   {                                                                                                      \
     using acc_t = AccType<T>::type;                                                                      \
@@ -345,20 +354,22 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> stat_topk(const at::T
   }
   FASTLOSS_STAT_TOPK_DISPATCH(input.scalar_type(), FASTLOSS_CASE)
 #undef FASTLOSS_CASE
-  return {y, theta, mean, sd};
+  return result;
 }
 
 at::Tensor stat_topk_backward(const at::Tensor& grad_y, const c10::optional<at::Tensor>& grad_theta,
-                              const at::Tensor& input, const at::Tensor& mean_in, const at::Tensor& std_in,
-                              int64_t dim, double sparsity, bool hard, bool threshold_grad) {
+                              const at::Tensor& input, const at::Tensor& theta_in, const at::Tensor& mean_in,
+                              const at::Tensor& std_in, int64_t dim, double sparsity, bool hard,
+                              bool threshold_grad) {
   const char* op = "stat_topk_backward";
   TORCH_CHECK(input.device().is_cpu(), "fastloss.", op, ": expected 'x' on the CPU");
-  const StatTopKArgs args = stat_topk_backward_args(op, grad_y, grad_theta, input, mean_in, std_in, dim, sparsity);
+  const StatTopKArgs args =
+      stat_topk_backward_args(op, grad_y, grad_theta, input, theta_in, mean_in, std_in, dim, sparsity);
   at::Tensor dx = at::empty(input.sizes(), input.options());
   const RowLayout& l = args.layout;
   if (dx.numel() == 0) return dx;
   const at::Tensor x = input.contiguous(), g = grad_y.contiguous();
-  const at::Tensor mean = mean_in.contiguous(), sd = std_in.contiguous();
+  const at::Tensor theta = theta_in.contiguous(), mean = mean_in.contiguous(), sd = std_in.contiguous();
   const bool has_gt = grad_theta.has_value() && grad_theta->defined();
   const at::Tensor gt = has_gt ? grad_theta->contiguous() : at::Tensor();
 #define FASTLOSS_CASE(SUFFIX, T)                                                                         \
@@ -367,6 +378,7 @@ at::Tensor stat_topk_backward(const at::Tensor& grad_y, const c10::optional<at::
     const T* xp = reinterpret_cast<const T*>(x.const_data_ptr());                                        \
     const T* gp = reinterpret_cast<const T*>(g.const_data_ptr());                                        \
     T* dp = reinterpret_cast<T*>(dx.mutable_data_ptr());                                                 \
+    const acc_t* thp = theta.const_data_ptr<acc_t>();                                                    \
     const acc_t* mp = mean.const_data_ptr<acc_t>();                                                      \
     const acc_t* sp = sd.const_data_ptr<acc_t>();                                                        \
     const acc_t* tp = has_gt ? gt.const_data_ptr<acc_t>() : nullptr;                                     \
@@ -374,12 +386,12 @@ at::Tensor stat_topk_backward(const at::Tensor& grad_y, const c10::optional<at::
     for_each_row_block(                                                                                  \
         l,                                                                                               \
         [&](int64_t b, int64_t e) {                                                                      \
-          backward_lastdim_##SUFFIX(gp, xp, mp, sp, tp, dp, b, e, l.size, z, hard, threshold_grad);      \
+          backward_lastdim_##SUFFIX(gp, xp, thp, mp, sp, tp, dp, b, e, l.size, z, hard, threshold_grad); \
         },                                                                                               \
         [&](int64_t o, int64_t j, int count) {                                                           \
           const int64_t off = o * l.size * l.inner + j, s = o * l.inner + j;                             \
-          backward_strided_##SUFFIX(gp + off, xp + off, mp + s, sp + s, tp ? tp + s : nullptr, dp + off, \
-                                    l.size, l.inner, count, z, hard, threshold_grad);                    \
+          backward_strided_##SUFFIX(gp + off, xp + off, thp + s, mp + s, sp + s, tp ? tp + s : nullptr,  \
+                                    dp + off, l.size, l.inner, count, z, hard, threshold_grad);          \
         },                                                                                               \
         kLanes);                                                                                         \
   }
@@ -388,21 +400,15 @@ at::Tensor stat_topk_backward(const at::Tensor& grad_y, const c10::optional<at::
   return dx;
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> stat_topk_gelu_mul(const at::Tensor& gate_in, const at::Tensor& up_in,
-                                                                  double sparsity,
-                                                                  bool /*threshold_grad: autograd only*/) {
+StatTopKResult stat_topk_gelu_mul(const at::Tensor& gate_in, const at::Tensor& up_in, double sparsity,
+                                  bool /*threshold_grad: autograd only*/) {
   const char* op = "stat_topk_gelu_mul";
   TORCH_CHECK(gate_in.device().is_cpu(), "fastloss.", op, ": expected 'gate' on the CPU");
   const StatTopKArgs args = gelu_mul_args(op, gate_in, up_in, sparsity);
-  at::Tensor out = at::empty(gate_in.sizes(), gate_in.options());
-  const auto stat_options = gate_in.options().dtype(args.stat_dtype);
-  at::Tensor mean = at::empty(args.stat_shape, stat_options);
-  at::Tensor sd = at::empty(args.stat_shape, stat_options);
+  StatTopKResult result = allocate_forward(gate_in, args);
+  auto& [out, theta, mean, sd] = result;
   const RowLayout& l = args.layout;
-  if (l.size == 0 || out.numel() == 0) {
-    mean.fill_(NAN), sd.fill_(NAN);
-    return {out, mean, sd};
-  }
+  if (out.numel() == 0) return result;
   const at::Tensor gate = gate_in.contiguous(), up = up_in.contiguous();
   const int64_t grain = std::max<int64_t>(1, 32768 / l.size);
 #define FASTLOSS_CASE(SUFFIX, T)                                                                     \
@@ -411,34 +417,32 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> stat_topk_gelu_mul(const at::Tens
     const T* gp = reinterpret_cast<const T*>(gate.const_data_ptr());                                 \
     const T* up_p = reinterpret_cast<const T*>(up.const_data_ptr());                                 \
     T* op_ = reinterpret_cast<T*>(out.mutable_data_ptr());                                           \
+    acc_t* tp = theta.mutable_data_ptr<acc_t>();                                                     \
     acc_t* mp = mean.mutable_data_ptr<acc_t>();                                                      \
     acc_t* sp = sd.mutable_data_ptr<acc_t>();                                                        \
     const acc_t z = static_cast<acc_t>(args.z);                                                      \
     at::parallel_for(0, l.outer, grain, [&](int64_t b, int64_t e) {                                  \
-      gelu_mul_forward_##SUFFIX(gp, up_p, op_, mp, sp, b, e, l.size, z);                             \
+      gelu_mul_forward_##SUFFIX(gp, up_p, op_, tp, mp, sp, b, e, l.size, z);                         \
     });                                                                                              \
   }
   FASTLOSS_STAT_TOPK_DISPATCH(gate_in.scalar_type(), FASTLOSS_CASE)
 #undef FASTLOSS_CASE
-  return {out, mean, sd};
+  return result;
 }
 
 std::tuple<at::Tensor, at::Tensor> stat_topk_gelu_mul_backward(const at::Tensor& grad_out, const at::Tensor& gate_in,
-                                                               const at::Tensor& up_in, const at::Tensor& mean_in,
-                                                               const at::Tensor& std_in, double sparsity,
-                                                               bool threshold_grad) {
+                                                               const at::Tensor& up_in, const at::Tensor& theta_in,
+                                                               const at::Tensor& mean_in, const at::Tensor& std_in,
+                                                               double sparsity, bool threshold_grad) {
   const char* op = "stat_topk_gelu_mul_backward";
   TORCH_CHECK(gate_in.device().is_cpu(), "fastloss.", op, ": expected 'gate' on the CPU");
-  const StatTopKArgs args = gelu_mul_args(op, gate_in, up_in, sparsity);
-  check_like(op, "grad_out", grad_out, "gate", gate_in);
-  check_stat(op, "mean", mean_in, args, gate_in);
-  check_stat(op, "std", std_in, args, gate_in);
+  const StatTopKArgs args = gelu_mul_backward_args(op, grad_out, gate_in, up_in, theta_in, mean_in, std_in, sparsity);
   at::Tensor dgate = at::empty(gate_in.sizes(), gate_in.options());
   at::Tensor dup = at::empty(gate_in.sizes(), gate_in.options());
   const RowLayout& l = args.layout;
   if (dgate.numel() == 0) return {dgate, dup};
   const at::Tensor gate = gate_in.contiguous(), up = up_in.contiguous(), g = grad_out.contiguous();
-  const at::Tensor mean = mean_in.contiguous(), sd = std_in.contiguous();
+  const at::Tensor theta = theta_in.contiguous(), mean = mean_in.contiguous(), sd = std_in.contiguous();
   const int64_t grain = std::max<int64_t>(1, 32768 / l.size);
 #define FASTLOSS_CASE(SUFFIX, T)                                                                     \
   {                                                                                                  \
@@ -448,13 +452,14 @@ std::tuple<at::Tensor, at::Tensor> stat_topk_gelu_mul_backward(const at::Tensor&
     const T* up_p = reinterpret_cast<const T*>(up.const_data_ptr());                                 \
     T* dg = reinterpret_cast<T*>(dgate.mutable_data_ptr());                                          \
     T* du = reinterpret_cast<T*>(dup.mutable_data_ptr());                                            \
+    const acc_t* tp = theta.const_data_ptr<acc_t>();                                                 \
     const acc_t* mp = mean.const_data_ptr<acc_t>();                                                  \
     const acc_t* sp = sd.const_data_ptr<acc_t>();                                                    \
     const acc_t z = static_cast<acc_t>(args.z);                                                      \
     at::parallel_for(0, l.outer, grain, [&](int64_t b, int64_t e) {                                  \
       std::vector<acc_t> scratch(static_cast<size_t>(l.size));                                       \
-      gelu_mul_backward_##SUFFIX(gp, gate_p, up_p, mp, sp, dg, du, scratch.data(), b, e, l.size, z,  \
-                                 threshold_grad);                                                    \
+      gelu_mul_backward_##SUFFIX(gp, gate_p, up_p, tp, mp, sp, dg, du, scratch.data(), b, e, l.size, \
+                                 z, threshold_grad);                                                 \
     });                                                                                              \
   }
   FASTLOSS_STAT_TOPK_DISPATCH(gate_in.scalar_type(), FASTLOSS_CASE)

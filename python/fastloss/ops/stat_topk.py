@@ -108,7 +108,7 @@ def stat_topk_gelu_mul(
     if gate.dim() == 0:
         raise ValueError("fastloss.stat_topk_gelu_mul: 'gate' must have at least one dimension")
     s = resolve_sparsity("stat_topk_gelu_mul", gate.shape[-1], sparsity, k)
-    out, _mean, _std = torch.ops.fastloss.stat_topk_gelu_mul.default(gate, up, s, bool(threshold_grad))
+    out, _theta, _mean, _std = torch.ops.fastloss.stat_topk_gelu_mul.default(gate, up, s, bool(threshold_grad))
     return out
 
 
@@ -130,17 +130,17 @@ def _stat_topk_fake(x, dim, sparsity, hard=False, threshold_grad=True):
 
 
 @torch.library.register_fake("fastloss::stat_topk_backward")
-def _stat_topk_backward_fake(grad_y, grad_theta, x, mean, std, dim, sparsity, hard, threshold_grad):
+def _stat_topk_backward_fake(grad_y, grad_theta, x, theta, mean, std, dim, sparsity, hard, threshold_grad):
     return x.new_empty(x.shape)
 
 
 @torch.library.register_fake("fastloss::stat_topk_gelu_mul")
 def _gelu_mul_fake(gate, up, sparsity, threshold_grad=True):
-    return gate.new_empty(gate.shape), _stat_like(gate, -1), _stat_like(gate, -1)
+    return gate.new_empty(gate.shape), _stat_like(gate, -1), _stat_like(gate, -1), _stat_like(gate, -1)
 
 
 @torch.library.register_fake("fastloss::stat_topk_gelu_mul_backward")
-def _gelu_mul_backward_fake(grad_out, gate, up, mean, std, sparsity, threshold_grad):
+def _gelu_mul_backward_fake(grad_out, gate, up, theta, mean, std, sparsity, threshold_grad):
     return gate.new_empty(gate.shape), gate.new_empty(gate.shape)
 
 
@@ -150,16 +150,16 @@ def _gelu_mul_backward_fake(grad_out, gate, up, mean, std, sparsity, threshold_g
 
 def _stat_topk_setup(ctx, inputs, output):
     x, dim, sparsity, hard, threshold_grad = inputs
-    _y, _theta, mean, std = output
+    _y, theta, mean, std = output
     ctx.dim, ctx.sparsity, ctx.hard, ctx.threshold_grad = dim, sparsity, hard, threshold_grad
-    ctx.save_for_backward(x, mean, std)
+    ctx.save_for_backward(x, theta, mean, std)
     ctx.mark_non_differentiable(mean, std)
 
 
 def _stat_topk_backward(ctx, grad_y, grad_theta, _grad_mean, _grad_std):
-    x, mean, std = ctx.saved_tensors
+    x, theta, mean, std = ctx.saved_tensors
     dx = torch.ops.fastloss.stat_topk_backward.default(
-        grad_y.to(x.dtype), grad_theta.to(mean.dtype), x, mean, std, ctx.dim, ctx.sparsity, ctx.hard,
+        grad_y.to(x.dtype), grad_theta.to(mean.dtype), x, theta, mean, std, ctx.dim, ctx.sparsity, ctx.hard,
         ctx.threshold_grad)
     return dx, None, None, None, None
 
@@ -169,16 +169,16 @@ torch.library.register_autograd("fastloss::stat_topk", _stat_topk_backward, setu
 
 def _gelu_mul_setup(ctx, inputs, output):
     gate, up, sparsity, threshold_grad = inputs
-    _out, mean, std = output
+    _out, theta, mean, std = output
     ctx.sparsity, ctx.threshold_grad = sparsity, threshold_grad
-    ctx.save_for_backward(gate, up, mean, std)
-    ctx.mark_non_differentiable(mean, std)
+    ctx.save_for_backward(gate, up, theta, mean, std)
+    ctx.mark_non_differentiable(theta, mean, std)
 
 
-def _gelu_mul_backward(ctx, grad_out, _grad_mean, _grad_std):
-    gate, up, mean, std = ctx.saved_tensors
+def _gelu_mul_backward(ctx, grad_out, _grad_theta, _grad_mean, _grad_std):
+    gate, up, theta, mean, std = ctx.saved_tensors
     dgate, dup = torch.ops.fastloss.stat_topk_gelu_mul_backward.default(
-        grad_out.to(gate.dtype), gate, up, mean, std, ctx.sparsity, ctx.threshold_grad)
+        grad_out.to(gate.dtype), gate, up, theta, mean, std, ctx.sparsity, ctx.threshold_grad)
     return dgate, dup, None, None
 
 
