@@ -3,7 +3,10 @@
 #pragma once
 
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
 
+#include <cmath>
+#include <tuple>
 #include <vector>
 
 #include "common/normal_quantile.h"
@@ -88,6 +91,20 @@ inline StatTopKArgs gelu_mul_backward_args(const char* op, const at::Tensor& gra
   check_stat(op, "mean", mean, args, gate);
   check_stat(op, "std", std, args, gate);
   return args;
+}
+
+// (y, theta, mean, std) of stat_topk and stat_topk_gelu_mul, allocated like `like`; rows of
+// length 0 get NaN statistics (the mean of nothing).
+using StatTopKResult = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+
+inline StatTopKResult stat_topk_outputs(const at::Tensor& like, const StatTopKArgs& args) {
+  const auto stat_options = like.options().dtype(args.stat_dtype);
+  StatTopKResult r{at::empty(like.sizes(), like.options()), at::empty(args.stat_shape, stat_options),
+                   at::empty(args.stat_shape, stat_options), at::empty(args.stat_shape, stat_options)};
+  if (args.layout.size == 0) {
+    std::get<1>(r).fill_(NAN), std::get<2>(r).fill_(NAN), std::get<3>(r).fill_(NAN);
+  }
+  return r;
 }
 
 }  // namespace fastloss

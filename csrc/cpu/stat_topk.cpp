@@ -312,25 +312,12 @@ FASTLOSS_STAT_TOPK_ENTRIES(bf16, c10::BFloat16)
     default: CASE(bf16, c10::BFloat16); break;    \
   }
 
-using StatTopKResult = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
-
-// (y, theta, mean, std) outputs; rows of length 0 get NaN statistics (mean of nothing).
-StatTopKResult allocate_forward(const at::Tensor& like, const StatTopKArgs& args) {
-  const auto stat_options = like.options().dtype(args.stat_dtype);
-  StatTopKResult r{at::empty(like.sizes(), like.options()), at::empty(args.stat_shape, stat_options),
-                   at::empty(args.stat_shape, stat_options), at::empty(args.stat_shape, stat_options)};
-  if (args.layout.size == 0) {
-    std::get<1>(r).fill_(NAN), std::get<2>(r).fill_(NAN), std::get<3>(r).fill_(NAN);
-  }
-  return r;
-}
-
 StatTopKResult stat_topk(const at::Tensor& input, int64_t dim, double sparsity, bool hard,
                          bool /*threshold_grad: autograd only*/) {
   const char* op = "stat_topk";
   TORCH_CHECK(input.device().is_cpu(), "fastloss.", op, ": expected 'x' on the CPU");
   const StatTopKArgs args = stat_topk_forward_args(op, "x", input, dim, sparsity);
-  StatTopKResult result = allocate_forward(input, args);
+  StatTopKResult result = stat_topk_outputs(input, args);
   auto& [y, theta, mean, sd] = result;
   const RowLayout& l = args.layout;
   if (y.numel() == 0) return result;
@@ -405,7 +392,7 @@ StatTopKResult stat_topk_gelu_mul(const at::Tensor& gate_in, const at::Tensor& u
   const char* op = "stat_topk_gelu_mul";
   TORCH_CHECK(gate_in.device().is_cpu(), "fastloss.", op, ": expected 'gate' on the CPU");
   const StatTopKArgs args = gelu_mul_args(op, gate_in, up_in, sparsity);
-  StatTopKResult result = allocate_forward(gate_in, args);
+  StatTopKResult result = stat_topk_outputs(gate_in, args);
   auto& [out, theta, mean, sd] = result;
   const RowLayout& l = args.layout;
   if (out.numel() == 0) return result;

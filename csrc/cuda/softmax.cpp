@@ -10,35 +10,13 @@
 #include <torch/library.h>
 
 #include "common/softmax_op.h"
+#include "cuda/glue.h"
 #include "kernels/softmax.cuh"
 
 namespace fastloss::cuda {
 namespace {
 
 using kernels::DType;
-
-// Only called after check_floating has accepted the dtype.
-DType kernel_dtype(c10::ScalarType t) {
-  if (t == c10::kFloat) return DType::F32;
-  if (t == c10::kDouble) return DType::F64;
-  if (t == c10::kHalf) return DType::F16;
-  TORCH_CHECK(t == c10::kBFloat16, "fastloss: no CUDA kernel for dtype ", t);
-  return DType::BF16;
-}
-
-void check_cuda(const char* op, const char* arg, const at::Tensor& t) {
-  TORCH_CHECK(t.is_cuda(), "fastloss.", op, ": expected '", arg,
-              "' to be a CUDA tensor, got a tensor on ", t.device());
-}
-
-// Scratch for rows split across blocks; freed back to the caching allocator on return, which
-// is safe because later users of the block are ordered after the kernel on the same stream.
-at::Tensor workspace(size_t bytes, const at::Tensor& like) {
-  if (bytes == 0) return at::Tensor();
-  return at::empty({static_cast<int64_t>(bytes)}, like.options().dtype(at::kByte));
-}
-
-void* data_or_null(at::Tensor& t) { return t.defined() ? t.mutable_data_ptr() : nullptr; }
 
 template <bool kLog>
 at::Tensor forward(const at::Tensor& self, int64_t dim, bool half_to_float) {

@@ -33,11 +33,11 @@
 
 #include "common/exp_pair.h"
 #include "common/softmax_math.h"
+#include "kernels/device_utils.cuh"
 
 namespace fastloss::kernels {
 namespace {
 
-constexpr unsigned kFullMask = 0xffffffffu;
 // Rows up to this length live in one warp's registers (512 for double: 32 doubles per lane
 // would cost ~240 registers).
 template <typename T>
@@ -48,7 +48,6 @@ constexpr int kStridedMaxThreads = 512;
 constexpr int64_t kSplitMinChunk = 2048;  // shorter chunks cost more in merging than they gain
 constexpr int64_t kSplitMaxChunks = 1024;
 constexpr int kCacheMaxBytes = 160 * 1024;
-constexpr int kMaxDevices = 64;
 
 template <typename T>
 using AccOf = AccType<T>;
@@ -64,60 +63,6 @@ constexpr int kMinBlocks = (sizeof(typename AccOf<T>::type) == 8 ? 512 : 1024) /
 // Warp kernels hold whole rows in registers: 128 per thread (255 for double).
 template <typename T>
 constexpr int kWarpMinBlocks = sizeof(typename AccOf<T>::type) == 8 ? 2 : 4;
-
-// -------------------------------------------------------------------------------------------
-// Scalar helpers
-
-__device__ __forceinline__ float to_acc(float v) { return v; }
-__device__ __forceinline__ double to_acc(double v) { return v; }
-__device__ __forceinline__ float to_acc(__half v) { return __half2float(v); }
-__device__ __forceinline__ float to_acc(__nv_bfloat16 v) { return __bfloat162float(v); }
-
-// Explicit intrinsics only: torch builds define __CUDA_NO_HALF_CONVERSIONS__.
-template <typename T>
-struct FromAcc;
-template <>
-struct FromAcc<float> {
-  __device__ __forceinline__ static float cast(float v) { return v; }
-};
-template <>
-struct FromAcc<double> {
-  __device__ __forceinline__ static double cast(double v) { return v; }
-};
-template <>
-struct FromAcc<__half> {
-  __device__ __forceinline__ static __half cast(float v) { return __float2half_rn(v); }
-};
-template <>
-struct FromAcc<__nv_bfloat16> {
-  __device__ __forceinline__ static __nv_bfloat16 cast(float v) { return __float2bfloat16_rn(v); }
-};
-template <typename T, typename A>
-__device__ __forceinline__ T from_acc(A v) {
-  return FromAcc<T>::cast(v);
-}
-
-__device__ __forceinline__ float dev_exp(float v) { return expf(v); }
-__device__ __forceinline__ double dev_exp(double v) { return exp(v); }
-__device__ __forceinline__ float dev_log(float v) { return logf(v); }
-__device__ __forceinline__ double dev_log(double v) { return log(v); }
-__device__ __forceinline__ float dev_fmax(float a, float b) { return fmaxf(a, b); }
-__device__ __forceinline__ double dev_fmax(double a, double b) { return fmax(a, b); }
-template <typename T>
-__device__ __forceinline__ T dev_inf() {
-  return static_cast<T>(__int_as_float(0x7f800000));
-}
-template <typename T>
-__device__ __forceinline__ T dev_nan() {
-  return static_cast<T>(__int_as_float(0x7fc00000));
-}
-
-__device__ __forceinline__ float shfl_xor(float v, int o, int w) {
-  return __shfl_xor_sync(kFullMask, v, o, w);
-}
-__device__ __forceinline__ double shfl_xor(double v, int o, int w) {
-  return __shfl_xor_sync(kFullMask, v, o, w);
-}
 
 // -------------------------------------------------------------------------------------------
 // Pass-1 state of a thread; row statistics come from common/softmax_math.h.
@@ -143,6 +88,8 @@ struct PassOne {
   }
 };
 
+using kernels::shfl_xor;  // the scalar overloads, hidden by this one otherwise
+
 template <typename acc_t>
 __device__ __forceinline__ PassOne<acc_t> shfl_xor(const PassOne<acc_t>& v, int o, int w) {
   PassOne<acc_t> r;
@@ -157,18 +104,6 @@ struct MergeOp {
   __device__ __forceinline__ T operator()(T a, const T& b) const {
     a.merge(b);
     return a;
-  }
-};
-struct MaxOp {
-  template <typename T>
-  __device__ __forceinline__ T operator()(T a, T b) const {
-    return dev_fmax(a, b);
-  }
-};
-struct SumOp {
-  template <typename T>
-  __device__ __forceinline__ T operator()(T a, T b) const {
-    return a + b;
   }
 };
 
@@ -195,31 +130,6 @@ __device__ __forceinline__ acc_t exact_value(acc_t x, const ExactStats<acc_t>& e
 // -------------------------------------------------------------------------------------------
 // Reductions
 
-template <typename T, typename Op>
-__device__ __forceinline__ T warp_allreduce(T v, Op op, int width) {
-  for (int o = width / 2; o > 0; o /= 2) v = op(v, shfl_xor(v, o, width));
-  return v;
-}
-
-// Every thread gets the same, deterministic result (the ops are commutative, so the butterfly
-// leaves identical bits in every lane). The leading barrier lets callers reuse `scratch` (>= 32 T)
-// back to back.
-template <int kThreads, typename T, typename Op>
-__device__ __forceinline__ T block_allreduce(T v, Op op, void* scratch) {
-  constexpr int kWarps = kThreads / 32;
-  T* s = static_cast<T*>(scratch);
-  v = warp_allreduce(v, op, 32);
-  if constexpr (kWarps == 1) {
-    return v;
-  } else {
-    __syncthreads();
-    if (threadIdx.x % 32 == 0) s[threadIdx.x / 32] = v;
-    __syncthreads();
-    // Each kWarps-lane segment of every warp reduces the same values the same way.
-    return warp_allreduce(s[threadIdx.x % kWarps], op, kWarps);
-  }
-}
-
 // Reduces over threadIdx.y for each threadIdx.x (blockDim.y a power of two); `red` holds
 // blockDim.x * blockDim.y values.
 template <typename T, typename Op>
@@ -240,11 +150,6 @@ __device__ __forceinline__ T column_allreduce(T v, Op op, void* red_raw) {
 // -------------------------------------------------------------------------------------------
 // Row traversal: an unaligned scalar head, 16-byte vectors, a scalar tail. Vectorizing per
 // row (rather than requiring the whole tensor to be aligned) keeps odd row lengths fast.
-
-template <typename T, int N>
-struct alignas(sizeof(T) * N) Vec {
-  T v[N];
-};
 
 struct RowSplit {
   int64_t n;     // elements
@@ -895,41 +800,6 @@ __global__ void __launch_bounds__(kStridedMaxThreads, kMinBlocks<out_t, kStrided
 // -------------------------------------------------------------------------------------------
 // Host side
 
-struct DeviceInfo {
-  int device;
-  int sms;
-  int smem_optin;
-};
-
-cudaError_t device_info(DeviceInfo* d) {
-  // Cached per device: attribute queries are cheap but not free, and launches are frequent.
-  static std::atomic<int> sms_cache[kMaxDevices];
-  static std::atomic<int> smem_cache[kMaxDevices];
-  cudaError_t err = cudaGetDevice(&d->device);
-  if (err != cudaSuccess) return err;
-  const bool cacheable = d->device >= 0 && d->device < kMaxDevices;
-  if (cacheable) {
-    d->sms = sms_cache[d->device].load(std::memory_order_relaxed);
-    d->smem_optin = smem_cache[d->device].load(std::memory_order_relaxed);
-    if (d->sms > 0 && d->smem_optin > 0) return cudaSuccess;
-  }
-  err = cudaDeviceGetAttribute(&d->sms, cudaDevAttrMultiProcessorCount, d->device);
-  if (err != cudaSuccess) return err;
-  err = cudaDeviceGetAttribute(&d->smem_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, d->device);
-  if (err != cudaSuccess) return err;
-  if (cacheable) {
-    sms_cache[d->device].store(d->sms, std::memory_order_relaxed);
-    smem_cache[d->device].store(d->smem_optin, std::memory_order_relaxed);
-  }
-  return cudaSuccess;
-}
-
-int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
-int64_t pow2_ceil(int64_t v) {
-  int64_t p = 1;
-  while (p < v) p *= 2;
-  return p;
-}
 unsigned grid_for(int64_t work, int64_t cap) { return static_cast<unsigned>(work < cap ? work : cap); }
 
 // Few long rows: enough chunks per row for ~4 blocks per SM in total, chunks >= kSplitMinChunk.

@@ -14,9 +14,9 @@
 #include <cstddef>
 #include <cstdint>
 
-namespace fastloss::kernels {
+#include "kernels/dtype.h"
 
-enum class DType : int { F32 = 0, F64 = 1, F16 = 2, BF16 = 3 };
+namespace fastloss::kernels {
 
 // Scratch bytes the forward needs on the current device for this shape (0 for most shapes:
 // only a few long rows split across blocks use it). Pass at least this much to the launcher;

@@ -1,0 +1,650 @@
+// Statistical top-k masking on CUDA (Spark Transformer, arXiv 2506.06644; Gemma 3n's sparse
+// MLP): theta = mean + std * PhiInv(sparsity) per row, then relu(x - theta), x * [x > theta],
+// or the fused gelu_tanh(relu(gate - theta)) * up. Math shared with the CPU lives in
+// common/stat_topk_math.h. Paths for rows along the last dimension, chosen by shape:
+//   on-chip  one block per row, the row held in registers (16-byte vector loads; rows up to
+//            32 values per thread x 1024 threads forward, 16 backward): the mean, then the
+//            squared deviations from it, from registers: 1 read + 1 write.
+//   chunked  rows too long for registers, unaligned rows, or few long rows: each row is cut
+//            into chunks (one chunk per row unless rows are fewer than SMs); kernel 1 takes
+//            each chunk's moments (per-thread Welford, Chan merges) into a small workspace,
+//            kernel 2 merges the row's moments and writes its chunk: 2 reads + 1 write. With
+//            one chunk per row a single kernel does both.
+//   strided  rows along another dimension: a thread per column, coalesced across columns.
+// Backward: the direct term g [x > theta] (or the gelu chain) and its row sum, then
+// dx = direct + c (1/n + z (x - mean) / (n std)), with the same shapes. Every reduction is in
+// a fixed order and leaves identical bits in every thread, so theta and the mask agree
+// across the row and with the stored theta. Accumulation in float (double for double).
+#include "kernels/stat_topk.cuh"
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+#include <type_traits>
+
+#include "common/softmax_math.h"
+#include "common/stat_topk_math.h"
+#include "kernels/device_utils.cuh"
+
+namespace fastloss::kernels {
+namespace {
+
+template <typename T>
+using acc_of = typename AccType<T>::type;
+
+constexpr int kMaxThreads = 1024;
+constexpr int kChunkThreads = 256;
+constexpr int kStridedThreads = 256;
+constexpr int64_t kMinChunk = 4096;
+constexpr int64_t kMaxChunks = 256;
+
+template <typename T>
+constexpr int kVecOf = 16 / static_cast<int>(sizeof(T));
+// Values per thread kept in registers on the on-chip paths (the backward keeps two per element).
+template <typename T>
+constexpr int kForwardCap = sizeof(acc_of<T>) == 8 ? 16 : 32;
+template <typename T>
+constexpr int kBackwardCap = sizeof(acc_of<T>) == 8 ? 8 : 16;
+
+template <typename acc_t>
+struct RowStatsOut {
+  acc_t* theta;
+  acc_t* mean;
+  acc_t* std;
+};
+
+template <typename acc_t>
+struct RowStatsIn {
+  const acc_t* theta;
+  const acc_t* mean;
+  const acc_t* std;
+  const acc_t* grad_theta;  // may be null
+};
+
+template <int kV, typename T>
+__device__ __forceinline__ Vec<T, kV> load_vec(const T* p) {
+  return *reinterpret_cast<const Vec<T, kV>*>(p);
+}
+template <int kV, typename T>
+__device__ __forceinline__ void store_vec(T* p, const Vec<T, kV>& v) {
+  *reinterpret_cast<Vec<T, kV>*>(p) = v;
+}
+
+// -------------------------------------------------------------------------------------------
+// Moments: per-thread Welford, then a deterministic block merge.
+
+template <typename acc_t>
+__device__ __forceinline__ void welford_add(Moments<acc_t>& m, acc_t x) {
+  m.n += acc_t(1);
+  const acc_t d = x - m.mean;
+  m.mean += d / m.n;
+  m.m2 += d * (x - m.mean);
+}
+
+// Lane 0 merges the warp (tree order), then every thread merges the warps' results in warp
+// order: every thread returns the same bits. `smem` holds >= 32 Moments.
+template <int kThreads, typename acc_t>
+__device__ __forceinline__ Moments<acc_t> block_moments(Moments<acc_t> m, Moments<acc_t>* smem) {
+  for (int o = 16; o > 0; o /= 2) {
+    const Moments<acc_t> other{__shfl_down_sync(kFullMask, m.n, o), __shfl_down_sync(kFullMask, m.mean, o),
+                               __shfl_down_sync(kFullMask, m.m2, o)};
+    m = merge_moments(m, other);
+  }
+  constexpr int kWarps = kThreads / 32;
+  __syncthreads();
+  if (threadIdx.x % 32 == 0) smem[threadIdx.x / 32] = m;
+  __syncthreads();
+  Moments<acc_t> r{0, 0, 0};
+  for (int w = 0; w < kWarps; ++w) r = merge_moments(r, smem[w]);
+  return r;
+}
+
+// -------------------------------------------------------------------------------------------
+// What the forward writes per element, and the backward's per-element direct term.
+
+template <typename T>
+struct ThresholdOut {
+  T* y;
+  bool hard;
+  template <int kV>
+  __device__ __forceinline__ void write(int64_t off, const acc_of<T> (&v)[kV], acc_of<T> theta) const {
+    Vec<T, kV> o;
+#pragma unroll
+    for (int k = 0; k < kV; ++k) o.v[k] = from_acc<T>(apply_threshold(hard, v[k], theta));
+    store_vec<kV>(y + off, o);
+  }
+};
+
+template <typename T>
+struct GeluMulOut {
+  const T* up;
+  T* out;
+  template <int kV>
+  __device__ __forceinline__ void write(int64_t off, const acc_of<T> (&v)[kV], acc_of<T> theta) const {
+    const Vec<T, kV> u = load_vec<kV>(up + off);
+    Vec<T, kV> o;
+#pragma unroll
+    for (int k = 0; k < kV; ++k) o.v[k] = from_acc<T>(gelu_tanh(soft_threshold(v[k], theta)) * to_acc(u.v[k]));
+    store_vec<kV>(out + off, o);
+  }
+};
+
+// d = g [x > theta]; dx is written by store().
+template <typename T>
+struct ThresholdGrad {
+  const T* g;
+  T* dx;
+  template <int kV, bool kSide>
+  __device__ __forceinline__ void direct(int64_t off, const acc_of<T> (&x)[kV], acc_of<T> theta,
+                                         acc_of<T> (&d)[kV]) const {
+    const Vec<T, kV> gv = load_vec<kV>(g + off);
+#pragma unroll
+    for (int k = 0; k < kV; ++k) d[k] = x[k] > theta ? to_acc(gv.v[k]) : acc_of<T>(0);
+  }
+  template <int kV>
+  __device__ __forceinline__ void store(int64_t off, const acc_of<T> (&v)[kV]) const {
+    Vec<T, kV> o;
+#pragma unroll
+    for (int k = 0; k < kV; ++k) o.v[k] = from_acc<T>(v[k]);
+    store_vec<kV>(dx + off, o);
+  }
+};
+
+// d = g up gelu'(h) [gate > theta], h = relu(gate - theta); with kSide also d up = g gelu(h).
+template <typename T>
+struct GeluMulGrad {
+  const T* g;
+  const T* up;
+  T* dgate;
+  T* dup;
+  template <int kV, bool kSide>
+  __device__ __forceinline__ void direct(int64_t off, const acc_of<T> (&x)[kV], acc_of<T> theta,
+                                         acc_of<T> (&d)[kV]) const {
+    using acc_t = acc_of<T>;
+    const Vec<T, kV> gv = load_vec<kV>(g + off);
+    const Vec<T, kV> uv = load_vec<kV>(up + off);
+    Vec<T, kV> du;
+#pragma unroll
+    for (int k = 0; k < kV; ++k) {
+      const acc_t h = soft_threshold(x[k], theta);
+      const acc_t s = gelu_tanh_sigmoid(h);
+      const acc_t gk = to_acc(gv.v[k]);
+      if constexpr (kSide) du.v[k] = from_acc<T>(gk * h * s);
+      d[k] = x[k] > theta ? gk * to_acc(uv.v[k]) * gelu_tanh_grad(h, s) : acc_t(0);
+    }
+    if constexpr (kSide) store_vec<kV>(dup + off, du);
+  }
+  template <int kV>
+  __device__ __forceinline__ void store(int64_t off, const acc_of<T> (&v)[kV]) const {
+    Vec<T, kV> o;
+#pragma unroll
+    for (int k = 0; k < kV; ++k) o.v[k] = from_acc<T>(v[k]);
+    store_vec<kV>(dgate + off, o);
+  }
+};
+
+// -------------------------------------------------------------------------------------------
+// On-chip paths: one block per row, the row in registers.
+
+template <int kThreads, typename T, typename Out>
+__global__ void __launch_bounds__(kThreads) onchip_forward_kernel(const T* __restrict__ x, Out out,
+                                                                  RowStatsOut<acc_of<T>> st, int64_t n,
+                                                                  acc_of<T> z) {
+  using acc_t = acc_of<T>;
+  constexpr int kVec = kVecOf<T>;
+  constexpr int kIters = kForwardCap<T> / kVec;
+  __shared__ acc_t red[32];
+  const int64_t row = blockIdx.x;
+  const T* xr = x + row * n;
+  acc_t v[kIters][kVec];
+  acc_t sum = 0;
+#pragma unroll
+  for (int it = 0; it < kIters; ++it) {
+    const int64_t off = (static_cast<int64_t>(it) * kThreads + threadIdx.x) * kVec;
+    if (off < n) {
+      const Vec<T, kVec> pv = load_vec<kVec>(xr + off);
+#pragma unroll
+      for (int k = 0; k < kVec; ++k) {
+        v[it][k] = to_acc(pv.v[k]);
+        sum += v[it][k];
+      }
+    }
+  }
+  const acc_t mean = block_allreduce<kThreads>(sum, SumOp{}, red) / static_cast<acc_t>(n);
+  acc_t sq = 0;
+#pragma unroll
+  for (int it = 0; it < kIters; ++it) {
+    const int64_t off = (static_cast<int64_t>(it) * kThreads + threadIdx.x) * kVec;
+    if (off < n) {
+#pragma unroll
+      for (int k = 0; k < kVec; ++k) {
+        const acc_t d = v[it][k] - mean;
+        sq += d * d;
+      }
+    }
+  }
+  const acc_t m2 = block_allreduce<kThreads>(sq, SumOp{}, red);
+  const RowThreshold<acc_t> t = row_threshold(Moments<acc_t>{static_cast<acc_t>(n), mean, m2}, z);
+  if (threadIdx.x == 0) {
+    st.theta[row] = t.theta;
+    st.mean[row] = t.mean;
+    st.std[row] = t.std;
+  }
+#pragma unroll
+  for (int it = 0; it < kIters; ++it) {
+    const int64_t off = (static_cast<int64_t>(it) * kThreads + threadIdx.x) * kVec;
+    if (off < n) out.template write<kVec>(row * n + off, v[it], t.theta);
+  }
+}
+
+template <int kThreads, typename T, typename Grad>
+__global__ void __launch_bounds__(kThreads) onchip_backward_kernel(const T* __restrict__ x, Grad grad,
+                                                                   RowStatsIn<acc_of<T>> st, int64_t n,
+                                                                   acc_of<T> z, bool subtract) {
+  using acc_t = acc_of<T>;
+  constexpr int kVec = kVecOf<T>;
+  constexpr int kIters = kBackwardCap<T> / kVec;
+  __shared__ acc_t red[32];
+  const int64_t row = blockIdx.x;
+  const acc_t theta = st.theta[row];
+  acc_t xv[kIters][kVec], d[kIters][kVec];
+  acc_t s = 0;
+#pragma unroll
+  for (int it = 0; it < kIters; ++it) {
+    const int64_t off = (static_cast<int64_t>(it) * kThreads + threadIdx.x) * kVec;
+    if (off < n) {
+      const Vec<T, kVec> pv = load_vec<kVec>(x + row * n + off);
+#pragma unroll
+      for (int k = 0; k < kVec; ++k) xv[it][k] = to_acc(pv.v[k]);
+      grad.template direct<kVec, true>(row * n + off, xv[it], theta, d[it]);
+#pragma unroll
+      for (int k = 0; k < kVec; ++k) s += d[it][k];
+    }
+  }
+  acc_t c = st.grad_theta ? st.grad_theta[row] : acc_t(0);
+  if (subtract) c -= block_allreduce<kThreads>(s, SumOp{}, red);
+  const ThetaGrad<acc_t> tg = theta_grad(static_cast<acc_t>(n), st.std[row], z);
+  const acc_t ca = c * tg.a, cb = c * tg.b, mu = st.mean[row];
+#pragma unroll
+  for (int it = 0; it < kIters; ++it) {
+    const int64_t off = (static_cast<int64_t>(it) * kThreads + threadIdx.x) * kVec;
+    if (off < n) {
+      acc_t o[kVec];
+#pragma unroll
+      for (int k = 0; k < kVec; ++k) o[k] = d[it][k] + ca + cb * (xv[it][k] - mu);
+      grad.template store<kVec>(row * n + off, o);
+    }
+  }
+}
+
+// -------------------------------------------------------------------------------------------
+// Chunked paths: grid (rows, chunks), scalar accesses.
+
+template <typename T>
+__device__ __forceinline__ Moments<acc_of<T>> range_moments(const T* xr, int64_t begin, int64_t end,
+                                                            Moments<acc_of<T>>* smem) {
+  Moments<acc_of<T>> m{0, 0, 0};
+  for (int64_t i = begin + threadIdx.x; i < end; i += kChunkThreads) welford_add(m, to_acc(xr[i]));
+  return block_moments<kChunkThreads>(m, smem);
+}
+
+template <typename T>
+__global__ void __launch_bounds__(kChunkThreads) chunk_moments_kernel(const T* __restrict__ x, int64_t n,
+                                                                      int64_t chunk,
+                                                                      Moments<acc_of<T>>* ws) {
+  __shared__ Moments<acc_of<T>> smem[32];
+  const int64_t row = blockIdx.x, begin = blockIdx.y * chunk;
+  const int64_t end = begin + chunk < n ? begin + chunk : n;
+  const Moments<acc_of<T>> m = range_moments(x + row * n, begin, end, smem);
+  if (threadIdx.x == 0) ws[row * gridDim.y + blockIdx.y] = m;
+}
+
+// ws == nullptr: one chunk per row, whose moments this block takes itself.
+template <typename T, typename Out>
+__global__ void __launch_bounds__(kChunkThreads) chunk_forward_kernel(const T* __restrict__ x, Out out,
+                                                                      RowStatsOut<acc_of<T>> st, int64_t n,
+                                                                      int64_t chunk,
+                                                                      const Moments<acc_of<T>>* ws,
+                                                                      acc_of<T> z) {
+  using acc_t = acc_of<T>;
+  __shared__ Moments<acc_t> smem[32];
+  const int64_t row = blockIdx.x, begin = blockIdx.y * chunk;
+  const int64_t end = begin + chunk < n ? begin + chunk : n;
+  const T* xr = x + row * n;
+  Moments<acc_t> m{0, 0, 0};
+  if (ws == nullptr) {
+    m = range_moments(xr, 0, n, smem);
+  } else {
+    for (unsigned c = 0; c < gridDim.y; ++c) m = merge_moments(m, ws[row * gridDim.y + c]);
+  }
+  const RowThreshold<acc_t> t = row_threshold(m, z);
+  if (blockIdx.y == 0 && threadIdx.x == 0) {
+    st.theta[row] = t.theta;
+    st.mean[row] = t.mean;
+    st.std[row] = t.std;
+  }
+  for (int64_t i = begin + threadIdx.x; i < end; i += kChunkThreads) {
+    const acc_t v[1] = {to_acc(xr[i])};
+    out.template write<1>(row * n + i, v, t.theta);
+  }
+}
+
+template <typename T, typename Grad>
+__device__ __forceinline__ acc_of<T> range_direct_sum(const T* x, const Grad& grad, int64_t base, int64_t begin,
+                                                      int64_t end, acc_of<T> theta, acc_of<T>* red) {
+  acc_of<T> s = 0;
+  for (int64_t i = begin + threadIdx.x; i < end; i += kChunkThreads) {
+    const acc_of<T> xv[1] = {to_acc(x[base + i])};
+    acc_of<T> d[1];
+    grad.template direct<1, true>(base + i, xv, theta, d);
+    s += d[0];
+  }
+  return block_allreduce<kChunkThreads>(s, SumOp{}, red);
+}
+
+template <typename T, typename Grad>
+__global__ void __launch_bounds__(kChunkThreads) chunk_direct_sum_kernel(const T* __restrict__ x, Grad grad,
+                                                                         RowStatsIn<acc_of<T>> st, int64_t n,
+                                                                         int64_t chunk, acc_of<T>* ws) {
+  __shared__ acc_of<T> red[32];
+  const int64_t row = blockIdx.x, begin = blockIdx.y * chunk;
+  const int64_t end = begin + chunk < n ? begin + chunk : n;
+  const acc_of<T> s = range_direct_sum(x, grad, row * n, begin, end, st.theta[row], red);
+  if (threadIdx.x == 0) ws[row * gridDim.y + blockIdx.y] = s;
+}
+
+// subtract: the direct terms' row sum enters c; it comes from ws (chunk partials, whose
+// kernel also wrote the side outputs) or, with ws == nullptr, from this block.
+template <typename T, typename Grad>
+__global__ void __launch_bounds__(kChunkThreads) chunk_backward_kernel(const T* __restrict__ x, Grad grad,
+                                                                       RowStatsIn<acc_of<T>> st, int64_t n,
+                                                                       int64_t chunk, const acc_of<T>* ws,
+                                                                       acc_of<T> z, bool subtract) {
+  using acc_t = acc_of<T>;
+  __shared__ acc_t red[32];
+  const int64_t row = blockIdx.x, begin = blockIdx.y * chunk;
+  const int64_t end = begin + chunk < n ? begin + chunk : n;
+  const int64_t base = row * n;
+  const acc_t theta = st.theta[row];
+  acc_t c = st.grad_theta ? st.grad_theta[row] : acc_t(0);
+  if (subtract) {
+    acc_t total = 0;
+    if (ws == nullptr) {
+      total = range_direct_sum(x, grad, base, 0, n, theta, red);
+    } else {
+      for (unsigned k = 0; k < gridDim.y; ++k) total += ws[row * gridDim.y + k];
+    }
+    c -= total;
+  }
+  const ThetaGrad<acc_t> tg = theta_grad(static_cast<acc_t>(n), st.std[row], z);
+  const acc_t ca = c * tg.a, cb = c * tg.b, mu = st.mean[row];
+  for (int64_t i = begin + threadIdx.x; i < end; i += kChunkThreads) {
+    const acc_t xv[1] = {to_acc(x[base + i])};
+    acc_t d[1];
+    // Side outputs are written once: by the sum pass when there was one.
+    if (subtract) grad.template direct<1, false>(base + i, xv, theta, d);
+    else grad.template direct<1, true>(base + i, xv, theta, d);
+    const acc_t o[1] = {d[0] + ca + cb * (xv[0] - mu)};
+    grad.template store<1>(base + i, o);
+  }
+}
+
+// -------------------------------------------------------------------------------------------
+// Strided paths (stat_topk over a non-last dimension): a thread per (outer, inner) column.
+
+template <typename T>
+__global__ void __launch_bounds__(kStridedThreads) strided_forward_kernel(const T* __restrict__ x, T* __restrict__ y,
+                                                                          RowStatsOut<acc_of<T>> st, int64_t columns,
+                                                                          int64_t size, int64_t inner, acc_of<T> z,
+                                                                          bool hard) {
+  using acc_t = acc_of<T>;
+  const int64_t col = static_cast<int64_t>(blockIdx.x) * kStridedThreads + threadIdx.x;
+  if (col >= columns) return;
+  const int64_t base = (col / inner) * size * inner + col % inner;
+  Moments<acc_t> m{0, 0, 0};
+  for (int64_t i = 0; i < size; ++i) welford_add(m, to_acc(x[base + i * inner]));
+  const RowThreshold<acc_t> t = row_threshold(m, z);
+  st.theta[col] = t.theta;
+  st.mean[col] = t.mean;
+  st.std[col] = t.std;
+  for (int64_t i = 0; i < size; ++i)
+    y[base + i * inner] = from_acc<T>(apply_threshold(hard, to_acc(x[base + i * inner]), t.theta));
+}
+
+template <typename T>
+__global__ void __launch_bounds__(kStridedThreads) strided_backward_kernel(
+    const T* __restrict__ g, const T* __restrict__ x, RowStatsIn<acc_of<T>> st, T* __restrict__ dx,
+    int64_t columns, int64_t size, int64_t inner, acc_of<T> z, bool subtract) {
+  using acc_t = acc_of<T>;
+  const int64_t col = static_cast<int64_t>(blockIdx.x) * kStridedThreads + threadIdx.x;
+  if (col >= columns) return;
+  const int64_t base = (col / inner) * size * inner + col % inner;
+  const acc_t theta = st.theta[col];
+  acc_t c = st.grad_theta ? st.grad_theta[col] : acc_t(0);
+  if (subtract) {
+    acc_t s = 0;
+    for (int64_t i = 0; i < size; ++i) {
+      const int64_t k = base + i * inner;
+      s += to_acc(x[k]) > theta ? to_acc(g[k]) : acc_t(0);
+    }
+    c -= s;
+  }
+  const ThetaGrad<acc_t> tg = theta_grad(static_cast<acc_t>(size), st.std[col], z);
+  const acc_t ca = c * tg.a, cb = c * tg.b, mu = st.mean[col];
+  for (int64_t i = 0; i < size; ++i) {
+    const int64_t k = base + i * inner;
+    const acc_t xv = to_acc(x[k]);
+    dx[k] = from_acc<T>((xv > theta ? to_acc(g[k]) : acc_t(0)) + ca + cb * (xv - mu));
+  }
+}
+
+// -------------------------------------------------------------------------------------------
+// Host side
+
+struct Plan {
+  int onchip_threads = 0;  // > 0: the on-chip path with this many threads per row
+  int64_t chunks = 1;      // chunked path: chunks per row (> 1 needs the workspace)
+  int64_t chunk = 0;
+};
+
+bool aligned16(const void* p) { return p == nullptr || reinterpret_cast<uintptr_t>(p) % 16 == 0; }
+
+// rows, size: the inner == 1 view. per_thread: the on-chip capacity in elements.
+Plan make_plan(int64_t rows, int64_t size, int elem_bytes, int per_thread, bool aligned, int sms,
+               size_t workspace_bytes, size_t partial_bytes) {
+  Plan p;
+  const bool few_long_rows = rows < sms && size >= 2 * kMinChunk;
+  const bool vectorizable = aligned && (size * elem_bytes) % 16 == 0;
+  if (vectorizable && size <= static_cast<int64_t>(per_thread) * kMaxThreads && !few_long_rows) {
+    p.onchip_threads = static_cast<int>(pow2_ceil(ceil_div(size, per_thread)));
+    if (p.onchip_threads < 64) p.onchip_threads = 64;
+    return p;
+  }
+  if (few_long_rows) {
+    int64_t chunks = ceil_div(4 * static_cast<int64_t>(sms), rows);
+    const int64_t by_size = size / kMinChunk;
+    chunks = chunks < by_size ? chunks : by_size;
+    chunks = chunks < kMaxChunks ? chunks : kMaxChunks;
+    if (chunks > 1 && static_cast<size_t>(rows * chunks) * partial_bytes <= workspace_bytes) p.chunks = chunks;
+  }
+  p.chunk = ceil_div(size, p.chunks);
+  return p;
+}
+
+template <typename F>
+cudaError_t dispatch_dtype(DType dtype, F&& f) {
+  switch (dtype) {
+    case DType::F32: return f(static_cast<float*>(nullptr));
+    case DType::F64: return f(static_cast<double*>(nullptr));
+    case DType::F16: return f(static_cast<__half*>(nullptr));
+    case DType::BF16: return f(static_cast<__nv_bfloat16*>(nullptr));
+  }
+  return cudaErrorInvalidValue;
+}
+
+template <typename F>
+cudaError_t dispatch_threads(int threads, F&& f) {
+  switch (threads) {
+    case 64: return f(std::integral_constant<int, 64>{});
+    case 128: return f(std::integral_constant<int, 128>{});
+    case 256: return f(std::integral_constant<int, 256>{});
+    case 512: return f(std::integral_constant<int, 512>{});
+    case 1024: return f(std::integral_constant<int, 1024>{});
+  }
+  return cudaErrorInvalidValue;
+}
+
+template <typename T, typename Out>
+cudaError_t forward_rows(const T* x, Out out, RowStatsOut<acc_of<T>> st, int64_t rows, int64_t size, double z,
+                         bool aligned, void* workspace, size_t workspace_bytes, cudaStream_t stream) {
+  using acc_t = acc_of<T>;
+  DeviceInfo dev;
+  cudaError_t err = device_info(&dev);
+  if (err != cudaSuccess) return err;
+  const Plan p = make_plan(rows, size, sizeof(T), kForwardCap<T>, aligned, dev.sms, workspace_bytes,
+                           sizeof(Moments<acc_t>));
+  const acc_t za = static_cast<acc_t>(z);
+  if (p.onchip_threads > 0) {
+    return dispatch_threads(p.onchip_threads, [&](auto threads) {
+      onchip_forward_kernel<decltype(threads)::value, T><<<static_cast<unsigned>(rows), threads(), 0, stream>>>(x, out, st, size, za);
+      return cudaGetLastError();
+    });
+  }
+  const dim3 grid(static_cast<unsigned>(rows), static_cast<unsigned>(p.chunks));
+  auto* ws = p.chunks > 1 ? static_cast<Moments<acc_t>*>(workspace) : nullptr;
+  if (ws != nullptr) chunk_moments_kernel<T><<<grid, kChunkThreads, 0, stream>>>(x, size, p.chunk, ws);
+  chunk_forward_kernel<T><<<grid, kChunkThreads, 0, stream>>>(x, out, st, size, p.chunk, ws, za);
+  return cudaGetLastError();
+}
+
+template <typename T, typename Grad>
+cudaError_t backward_rows(const T* x, Grad grad, RowStatsIn<acc_of<T>> st, int64_t rows, int64_t size, double z,
+                          bool subtract, bool aligned, void* workspace, size_t workspace_bytes,
+                          cudaStream_t stream) {
+  using acc_t = acc_of<T>;
+  DeviceInfo dev;
+  cudaError_t err = device_info(&dev);
+  if (err != cudaSuccess) return err;
+  const Plan p = make_plan(rows, size, sizeof(T), kBackwardCap<T>, aligned, dev.sms, workspace_bytes,
+                           sizeof(acc_t));
+  const acc_t za = static_cast<acc_t>(z);
+  if (p.onchip_threads > 0) {
+    return dispatch_threads(p.onchip_threads, [&](auto threads) {
+      onchip_backward_kernel<decltype(threads)::value, T>
+          <<<static_cast<unsigned>(rows), threads(), 0, stream>>>(x, grad, st, size, za, subtract);
+      return cudaGetLastError();
+    });
+  }
+  const dim3 grid(static_cast<unsigned>(rows), static_cast<unsigned>(p.chunks));
+  auto* ws = p.chunks > 1 && subtract ? static_cast<acc_t*>(workspace) : nullptr;
+  if (ws != nullptr) chunk_direct_sum_kernel<T><<<grid, kChunkThreads, 0, stream>>>(x, grad, st, size, p.chunk, ws);
+  chunk_backward_kernel<T><<<grid, kChunkThreads, 0, stream>>>(x, grad, st, size, p.chunk, ws, za, subtract);
+  return cudaGetLastError();
+}
+
+unsigned strided_blocks(int64_t columns) { return static_cast<unsigned>(ceil_div(columns, kStridedThreads)); }
+
+}  // namespace
+
+size_t stat_topk_workspace_bytes(int64_t outer, int64_t size, int64_t inner, DType dtype) {
+  if (inner != 1 || outer == 0 || size == 0) return 0;
+  DeviceInfo dev;
+  if (device_info(&dev) != cudaSuccess) return 0;
+  const bool wide = dtype == DType::F64;
+  const int elem = dtype == DType::F64 ? 8 : dtype == DType::F32 ? 4 : 2;
+  const size_t partial = wide ? sizeof(Moments<double>) : sizeof(Moments<float>);
+  // The forward's per-thread capacity is the larger one, so its plan splits least often;
+  // the backward's partials are smaller. Size for the larger of the two needs.
+  const int caps[2] = {wide ? 16 : 32, wide ? 8 : 16};
+  size_t need = 0;
+  for (int cap : caps) {
+    const Plan p = make_plan(outer, size, elem, cap, true, dev.sms, SIZE_MAX, partial);
+    const size_t bytes = p.chunks > 1 ? static_cast<size_t>(outer * p.chunks) * partial : 0;
+    need = bytes > need ? bytes : need;
+  }
+  return need;
+}
+
+cudaError_t launch_stat_topk_forward(const void* x, void* y, void* theta, void* mean, void* std, DType dtype,
+                                     int64_t outer, int64_t size, int64_t inner, double z, bool hard,
+                                     void* workspace, size_t workspace_bytes, cudaStream_t stream) {
+  if (outer == 0 || size == 0 || inner == 0) return cudaSuccess;
+  return dispatch_dtype(dtype, [&](auto tag) {
+    using T = std::remove_pointer_t<decltype(tag)>;
+    using acc_t = acc_of<T>;
+    const T* xp = static_cast<const T*>(x);
+    T* yp = static_cast<T*>(y);
+    const RowStatsOut<acc_t> st{static_cast<acc_t*>(theta), static_cast<acc_t*>(mean), static_cast<acc_t*>(std)};
+    if (inner > 1) {
+      const int64_t columns = outer * inner;
+      strided_forward_kernel<T><<<strided_blocks(columns), kStridedThreads, 0, stream>>>(
+          xp, yp, st, columns, size, inner, static_cast<acc_t>(z), hard);
+      return cudaGetLastError();
+    }
+    return forward_rows(xp, ThresholdOut<T>{yp, hard}, st, outer, size, z, aligned16(x) && aligned16(y),
+                        workspace, workspace_bytes, stream);
+  });
+}
+
+cudaError_t launch_stat_topk_backward(const void* grad_y, const void* x, const void* theta, const void* mean,
+                                      const void* std, const void* grad_theta, void* dx, DType dtype,
+                                      int64_t outer, int64_t size, int64_t inner, double z, bool hard,
+                                      bool threshold_grad, void* workspace, size_t workspace_bytes,
+                                      cudaStream_t stream) {
+  if (outer == 0 || size == 0 || inner == 0) return cudaSuccess;
+  const bool subtract = !hard && threshold_grad;
+  return dispatch_dtype(dtype, [&](auto tag) {
+    using T = std::remove_pointer_t<decltype(tag)>;
+    using acc_t = acc_of<T>;
+    const T* gp = static_cast<const T*>(grad_y);
+    const T* xp = static_cast<const T*>(x);
+    T* dp = static_cast<T*>(dx);
+    const RowStatsIn<acc_t> st{static_cast<const acc_t*>(theta), static_cast<const acc_t*>(mean),
+                               static_cast<const acc_t*>(std), static_cast<const acc_t*>(grad_theta)};
+    if (inner > 1) {
+      const int64_t columns = outer * inner;
+      strided_backward_kernel<T><<<strided_blocks(columns), kStridedThreads, 0, stream>>>(
+          gp, xp, st, dp, columns, size, inner, static_cast<acc_t>(z), subtract);
+      return cudaGetLastError();
+    }
+    const bool aligned = aligned16(grad_y) && aligned16(x) && aligned16(dx);
+    return backward_rows(xp, ThresholdGrad<T>{gp, dp}, st, outer, size, z, subtract, aligned, workspace,
+                         workspace_bytes, stream);
+  });
+}
+
+cudaError_t launch_gelu_mul_forward(const void* gate, const void* up, void* out, void* theta, void* mean,
+                                    void* std, DType dtype, int64_t rows, int64_t size, double z,
+                                    void* workspace, size_t workspace_bytes, cudaStream_t stream) {
+  if (rows == 0 || size == 0) return cudaSuccess;
+  return dispatch_dtype(dtype, [&](auto tag) {
+    using T = std::remove_pointer_t<decltype(tag)>;
+    using acc_t = acc_of<T>;
+    const RowStatsOut<acc_t> st{static_cast<acc_t*>(theta), static_cast<acc_t*>(mean), static_cast<acc_t*>(std)};
+    const bool aligned = aligned16(gate) && aligned16(up) && aligned16(out);
+    return forward_rows(static_cast<const T*>(gate), GeluMulOut<T>{static_cast<const T*>(up), static_cast<T*>(out)},
+                        st, rows, size, z, aligned, workspace, workspace_bytes, stream);
+  });
+}
+
+cudaError_t launch_gelu_mul_backward(const void* grad_out, const void* gate, const void* up, const void* theta,
+                                     const void* mean, const void* std, void* dgate, void* dup, DType dtype,
+                                     int64_t rows, int64_t size, double z, bool threshold_grad, void* workspace,
+                                     size_t workspace_bytes, cudaStream_t stream) {
+  if (rows == 0 || size == 0) return cudaSuccess;
+  return dispatch_dtype(dtype, [&](auto tag) {
+    using T = std::remove_pointer_t<decltype(tag)>;
+    using acc_t = acc_of<T>;
+    const RowStatsIn<acc_t> st{static_cast<const acc_t*>(theta), static_cast<const acc_t*>(mean),
+                               static_cast<const acc_t*>(std), nullptr};
+    const GeluMulGrad<T> grad{static_cast<const T*>(grad_out), static_cast<const T*>(up), static_cast<T*>(dgate),
+                              static_cast<T*>(dup)};
+    const bool aligned = aligned16(grad_out) && aligned16(gate) && aligned16(up) && aligned16(dgate) && aligned16(dup);
+    return backward_rows(static_cast<const T*>(gate), grad, st, rows, size, z, threshold_grad, aligned, workspace,
+                         workspace_bytes, stream);
+  });
+}
+
+}  // namespace fastloss::kernels
