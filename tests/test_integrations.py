@@ -1,0 +1,64 @@
+"""Hugging Face transformers patches on tiny randomly initialised models built from configs."""
+
+import pytest
+import torch
+
+import fastloss.integrations.transformers as fl_transformers
+
+transformers = pytest.importorskip("transformers")
+
+
+def tiny_gemma3n(sparsity_pattern):
+    from transformers import Gemma3nTextConfig
+    from transformers.models.gemma3n.modeling_gemma3n import Gemma3nForCausalLM
+
+    config = Gemma3nTextConfig(
+        vocab_size=128, vocab_size_per_layer_input=128, hidden_size=64, hidden_size_per_layer_input=8,
+        intermediate_size=256, num_hidden_layers=len(sparsity_pattern), num_attention_heads=2,
+        num_key_value_heads=1, head_dim=32, activation_sparsity_pattern=list(sparsity_pattern),
+        num_kv_shared_layers=0, layer_types=["sliding_attention", "full_attention"][: len(sparsity_pattern)],
+        sliding_window=16, altup_num_inputs=2, laurel_rank=4, max_position_embeddings=64)
+    torch.manual_seed(0)
+    return Gemma3nForCausalLM(config).float()
+
+
+def loss_and_grads(model, ids):
+    model.zero_grad()
+    out = model(input_ids=ids, labels=ids)
+    out.loss.backward()
+    return out.logits.detach(), out.loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()
+                                                    if p.grad is not None}
+
+
+def test_gemma3n_sparse_mlp_patch_matches_unpatched():
+    model = tiny_gemma3n([0.95, 0.0])
+    ids = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(1))
+    logits_ref, loss_ref, grads_ref = loss_and_grads(model, ids)
+
+    assert fl_transformers.patch(model) is model
+    mlps = [m for m in model.modules() if type(m).__name__ == "Gemma3nTextMLP"]
+    assert [getattr(m, "_fastloss_patched", False) for m in mlps] == [True, False]  # only the sparse one
+    fl_transformers.patch(model)  # idempotent
+
+    logits, loss, grads = loss_and_grads(model, ids)
+    # transformers rounds PhiInv(0.95) to float32; fastloss uses it in double precision.
+    torch.testing.assert_close(logits, logits_ref, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(loss, loss_ref, rtol=1e-5, atol=1e-6)
+    assert grads.keys() == grads_ref.keys()
+    for name in grads:
+        torch.testing.assert_close(grads[name], grads_ref[name], rtol=1e-3, atol=1e-5, msg=name)
+
+
+def test_gemma3n_patch_uses_the_fused_kernel(monkeypatch):
+    model = tiny_gemma3n([0.95, 0.95])
+    calls = []
+    real = fl_transformers.stat_topk_gelu_mul
+    monkeypatch.setattr(fl_transformers, "stat_topk_gelu_mul", lambda *a, **k: calls.append(1) or real(*a, **k))
+    fl_transformers.patch(model)
+    model(input_ids=torch.randint(0, 128, (1, 8)))
+    assert len(calls) == 2
+
+
+def test_patch_rejects_non_modules():
+    with pytest.raises(TypeError, match="expected a torch.nn.Module"):
+        fl_transformers.patch("not a model")
