@@ -117,6 +117,51 @@ def forward_backward(fn: Callable[[torch.Tensor], torch.Tensor]) -> Callable[[to
     return run
 
 
+def _raise_recompile_limits() -> None:
+    # Every (shape, dtype, requires_grad) is a separate graph of the same function: allow
+    # enough of them, and fail loudly rather than fall back to eager if the limit is hit.
+    import torch._dynamo.config as cfg
+
+    for name in ("recompile_limit", "cache_size_limit"):
+        if hasattr(cfg, name):
+            setattr(cfg, name, max(getattr(cfg, name), 256))
+    for name in ("accumulated_recompile_limit", "accumulated_cache_size_limit"):
+        if hasattr(cfg, name):
+            setattr(cfg, name, max(getattr(cfg, name), 4096))
+    for name in ("fail_on_recompile_limit_hit", "fail_on_cache_limit_hit"):
+        if hasattr(cfg, name):
+            setattr(cfg, name, True)
+
+
+class Compiled:
+    """The ``torch.compile`` baseline: ``torch.compile(fn, dynamic=False)``, one compiled
+    object per ``key`` (e.g. shape, dtype, device), shared by the cases that use that key.
+    After a compile failure every later call fails at once with the same message, so a
+    missing compiler costs one attempt per run."""
+
+    _cache: Dict[tuple, Any] = {}
+    _error: Optional[str] = None
+
+    def __init__(self, fn: Callable, key: tuple):
+        self.fn, self.key = fn, (getattr(fn, "__qualname__", repr(fn)),) + tuple(key)
+        self.__name__ = "torch.compile"
+
+    def __call__(self, *args):
+        if Compiled._error is not None:
+            raise RuntimeError(Compiled._error)
+        fn = Compiled._cache.get(self.key)
+        try:
+            if fn is None:
+                _raise_recompile_limits()
+                fn = torch.compile(self.fn, dynamic=False)
+                Compiled._cache[self.key] = fn
+            return fn(*args)
+        except Exception as exc:
+            lines = str(exc).strip().splitlines()
+            Compiled._error = f"torch.compile failed ({type(exc).__name__}: {lines[0][:150] if lines else ''})"
+            raise
+
+
 def dtype_name(dtype: torch.dtype) -> str:
     return {torch.float32: "fp32", torch.float64: "fp64", torch.float16: "fp16", torch.bfloat16: "bf16"}.get(
         dtype, str(dtype).replace("torch.", "")

@@ -9,7 +9,7 @@ import torch
 
 import fastloss
 
-from .harness import MODES, Case, Result, Roofline, Target, Unavailable, forward_backward
+from .harness import MODES, Case, Compiled, Result, Roofline, Target, Unavailable, forward_backward
 
 FAMILY = "softmax"
 
@@ -39,52 +39,6 @@ def three_pass_softmax(x: torch.Tensor) -> torch.Tensor:
 
 def _softmax_for_compile(x: torch.Tensor) -> torch.Tensor:
     return torch.softmax(x, -1)
-
-
-_compiled: Dict[tuple, object] = {}
-_compile_error: Optional[str] = None
-
-
-def _raise_recompile_limits() -> None:
-    # Every (shape, dtype, requires_grad) is a separate graph of the same function: allow
-    # enough of them, and fail loudly rather than fall back to eager if the limit is hit.
-    import torch._dynamo.config as cfg
-
-    for name in ("recompile_limit", "cache_size_limit"):
-        if hasattr(cfg, name):
-            setattr(cfg, name, max(getattr(cfg, name), 256))
-    for name in ("accumulated_recompile_limit", "accumulated_cache_size_limit"):
-        if hasattr(cfg, name):
-            setattr(cfg, name, max(getattr(cfg, name), 4096))
-    for name in ("fail_on_recompile_limit_hit", "fail_on_cache_limit_hit"):
-        if hasattr(cfg, name):
-            setattr(cfg, name, True)
-
-
-class _CompiledSoftmax:
-    """torch.compile(torch.softmax, dynamic=False), one compiled object per (shape, dtype,
-    device), reused by the fwd and fwd+bwd cases. After the first compile failure every later
-    call fails at once with the same message, so a missing compiler costs one attempt."""
-
-    def __init__(self, key: tuple):
-        self.key = key
-        self.__name__ = "torch.compile"
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        global _compile_error
-        if _compile_error is not None:
-            raise RuntimeError(_compile_error)
-        fn = _compiled.get(self.key)
-        try:
-            if fn is None:
-                _raise_recompile_limits()
-                fn = torch.compile(_softmax_for_compile, dynamic=False)
-                _compiled[self.key] = fn
-            return fn(x)
-        except Exception as exc:
-            lines = str(exc).strip().splitlines()
-            _compile_error = f"torch.compile failed ({type(exc).__name__}: {lines[0][:150] if lines else ''})"
-            raise
 
 
 def _liger_softmax():
@@ -160,7 +114,7 @@ def cases(device: str, quick: bool) -> List[Case]:
     out = []
     for shape in shapes:
         for dtype in DTYPES:
-            compiled = _CompiledSoftmax((shape, dtype, device))
+            compiled = Compiled(_softmax_for_compile, (shape, dtype, device))
             numel = 1
             for s in shape:
                 numel *= s
