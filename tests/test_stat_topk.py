@@ -156,6 +156,30 @@ def test_constant_and_nan_rows(device, mode):
     torch.testing.assert_close(x.grad[1], torch.full_like(x.grad[1], 1 / 64))
 
 
+@pytest.mark.parametrize("n", [2, 12, 13, 1000, 5000, 40000])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_constant_rows_are_exact(device, n, dtype):
+    # 1.7 is not a power of two: a rounded sum would give mean != 1.7 and std > 0, and with
+    # z < 0 every entry would be "kept". The min/max of the row pin std to exactly 0.
+    x = torch.full((3, n), 1.7, dtype=dtype, device=device).requires_grad_()
+    for dim in (-1, 0):
+        y, theta = fastloss.stat_topk(x, sparsity=0.05, dim=dim, return_threshold=True)
+        assert torch.all(y == 0)
+        assert torch.all(theta == torch.tensor(1.7, dtype=dtype).to(theta.dtype))
+        (dx,) = torch.autograd.grad(y.sum() + theta.sum(), x)
+        size = x.shape[dim]
+        torch.testing.assert_close(dx, torch.full_like(x, 1 / size))
+
+
+def test_large_magnitudes(device):
+    # float32 statistics hold squared deviations up to ~3e38: rows of magnitude 1e15 are fine.
+    x = (random_rows((4, 3000), torch.float64, "cpu") * 1e15).float().to(device)
+    y, theta = fastloss.stat_topk(x, sparsity=0.9, return_threshold=True)
+    y_ref, theta_ref = reference(x.double().cpu(), 0.9)
+    torch.testing.assert_close(theta.double().cpu(), theta_ref, rtol=1e-5, atol=0)
+    assert torch.isfinite(y).all()
+
+
 def test_empty_and_scalar(device):
     for shape in [(0, 5), (5, 0), (0,)]:
         x = torch.randn(shape, device=device)

@@ -7,7 +7,8 @@
 //
 // Row moments are merged with Chan's formula from chunks whose own moments are taken in two
 // passes over data that is in cache or registers, so the variance never comes from a
-// cancelling sum of squares. The gradient through theta (exact VJP):
+// cancelling sum of squares. The row's min and max ride along: a constant row gets exactly
+// its value as mean and std = 0, whatever the rounding of the sum. The gradient through theta (exact VJP):
 //   d theta / d x_i = 1/d + z (x_i - mean) / (d std)
 // with the std term taken as 0 for a constant row (std = 0, where it is not differentiable).
 #pragma once
@@ -19,13 +20,21 @@
 
 namespace fastloss {
 
-// Count, mean and sum of squared deviations of a set of values.
+// Count, mean, sum of squared deviations, min and max of a set of values (n = 0: empty, the
+// other fields unused).
 template <typename acc_t>
 struct Moments {
   acc_t n;
   acc_t mean;
   acc_t m2;
+  acc_t lo;
+  acc_t hi;
 };
+
+template <typename acc_t>
+FASTLOSS_HD acc_t min_of(acc_t a, acc_t b) { return b < a ? b : a; }
+template <typename acc_t>
+FASTLOSS_HD acc_t max_of(acc_t a, acc_t b) { return b > a ? b : a; }
 
 template <typename acc_t>
 FASTLOSS_HD Moments<acc_t> merge_moments(Moments<acc_t> a, Moments<acc_t> b) {
@@ -34,7 +43,29 @@ FASTLOSS_HD Moments<acc_t> merge_moments(Moments<acc_t> a, Moments<acc_t> b) {
   if (a.n == acc_t(0)) return b;
   const acc_t delta = b.mean - a.mean;
   const acc_t wb = b.n / n;
-  return {n, a.mean + delta * wb, a.m2 + b.m2 + delta * delta * a.n * wb};
+  return {n, a.mean + delta * wb, a.m2 + b.m2 + delta * delta * a.n * wb, min_of(a.lo, b.lo), max_of(a.hi, b.hi)};
+}
+
+// Moments of the first `count` (1..kMax) values of v, held in registers: the mean, then the
+// deviations. The loops run to kMax with a predicate so that v stays in registers on a GPU.
+template <typename acc_t, int kMax>
+FASTLOSS_HD Moments<acc_t> moments_of(const acc_t (&v)[kMax], int count) {
+  acc_t sum = 0, lo = v[0], hi = v[0];
+#pragma unroll
+  for (int k = 0; k < kMax; ++k) {
+    if (k < count) {
+      sum += v[k];
+      lo = min_of(lo, v[k]);
+      hi = max_of(hi, v[k]);
+    }
+  }
+  const acc_t mean = sum / static_cast<acc_t>(count);
+  acc_t m2 = 0;
+#pragma unroll
+  for (int k = 0; k < kMax; ++k) {
+    if (k < count) m2 += (v[k] - mean) * (v[k] - mean);
+  }
+  return {static_cast<acc_t>(count), mean, m2, lo, hi};
 }
 
 // Per-row threshold and the statistics the backward needs.
@@ -47,7 +78,12 @@ struct RowThreshold {
 
 template <typename acc_t>
 FASTLOSS_HD RowThreshold<acc_t> row_threshold(Moments<acc_t> m, acc_t z) {
-  // m2 >= 0 in exact arithmetic; the max only guards a -0 from rounding.
+  // Constant row: exact mean, std 0. (min/max may skip a NaN; the NaN mean does not.)
+  if (m.lo == m.hi && m.mean == m.mean) {
+    m.mean = m.lo;
+    m.m2 = 0;
+  }
+  // m2 >= 0 in exact arithmetic; the test only guards a -0 from rounding.
   const acc_t var = m.m2 > acc_t(0) ? m.m2 / m.n : acc_t(0);
   const acc_t sd = std::sqrt(var);
   // A NaN anywhere in the row makes m2 NaN (the comparison above is false): keep it NaN.

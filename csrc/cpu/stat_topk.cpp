@@ -43,12 +43,27 @@ FASTLOSS_CPU_INLINE acc_t sum_lanes(const acc_t* a) {
 
 template <typename in_t, typename acc_t>
 FASTLOSS_CPU_INLINE Moments<acc_t> chunk_moments(const in_t* x, int64_t c) {
-  acc_t lanes[kLanes] = {};
+  acc_t lanes[kLanes] = {}, lo[kLanes], hi[kLanes];
+  for (int l = 0; l < kLanes; ++l) lo[l] = hi[l] = static_cast<acc_t>(x[0]);
   int64_t i = 0;
   for (; i + kLanes <= c; i += kLanes)
-    for (int l = 0; l < kLanes; ++l) lanes[l] += static_cast<acc_t>(x[i + l]);
-  acc_t sum = sum_lanes(lanes);
-  for (; i < c; ++i) sum += static_cast<acc_t>(x[i]);
+    for (int l = 0; l < kLanes; ++l) {
+      const acc_t v = static_cast<acc_t>(x[i + l]);
+      lanes[l] += v;
+      lo[l] = min_of(lo[l], v);
+      hi[l] = max_of(hi[l], v);
+    }
+  acc_t sum = sum_lanes(lanes), row_lo = lo[0], row_hi = hi[0];
+  for (int l = 1; l < kLanes; ++l) {
+    row_lo = min_of(row_lo, lo[l]);
+    row_hi = max_of(row_hi, hi[l]);
+  }
+  for (; i < c; ++i) {
+    const acc_t v = static_cast<acc_t>(x[i]);
+    sum += v;
+    row_lo = min_of(row_lo, v);
+    row_hi = max_of(row_hi, v);
+  }
   const acc_t mean = sum / static_cast<acc_t>(c);
   acc_t sq[kLanes] = {};
   for (i = 0; i + kLanes <= c; i += kLanes)
@@ -61,12 +76,12 @@ FASTLOSS_CPU_INLINE Moments<acc_t> chunk_moments(const in_t* x, int64_t c) {
     const acc_t d = static_cast<acc_t>(x[i]) - mean;
     m2 += d * d;
   }
-  return {static_cast<acc_t>(c), mean, m2};
+  return {static_cast<acc_t>(c), mean, m2, row_lo, row_hi};
 }
 
 template <typename in_t, typename acc_t>
 FASTLOSS_CPU_INLINE RowThreshold<acc_t> row_stats(const in_t* x, int64_t n, acc_t z) {
-  Moments<acc_t> m{0, 0, 0};
+  Moments<acc_t> m{0, 0, 0, 0, 0};
   for (int64_t i = 0; i < n; i += kChunk) m = merge_moments(m, chunk_moments<in_t, acc_t>(x + i, std::min(kChunk, n - i)));
   return row_threshold(m, z);
 }
@@ -108,9 +123,15 @@ FASTLOSS_CPU_INLINE void forward_strided(const in_t* x, in_t* y, typename AccTyp
                                          int64_t inner, int count, typename AccType<in_t>::type z,
                                          bool hard) {
   using acc_t = typename AccType<in_t>::type;
-  acc_t sum[kLanes] = {}, sq[kLanes] = {}, th[kLanes];
+  acc_t sum[kLanes] = {}, sq[kLanes] = {}, lo[kLanes], hi[kLanes], th[kLanes];
+  for (int l = 0; l < count; ++l) lo[l] = hi[l] = static_cast<acc_t>(x[l]);
   for (int64_t i = 0; i < n; ++i)
-    for (int l = 0; l < count; ++l) sum[l] += static_cast<acc_t>(x[i * inner + l]);
+    for (int l = 0; l < count; ++l) {
+      const acc_t v = static_cast<acc_t>(x[i * inner + l]);
+      sum[l] += v;
+      lo[l] = min_of(lo[l], v);
+      hi[l] = max_of(hi[l], v);
+    }
   for (int l = 0; l < count; ++l) sum[l] /= static_cast<acc_t>(n);  // now the mean
   for (int64_t i = 0; i < n; ++i)
     for (int l = 0; l < count; ++l) {
@@ -118,7 +139,8 @@ FASTLOSS_CPU_INLINE void forward_strided(const in_t* x, in_t* y, typename AccTyp
       sq[l] += d * d;
     }
   for (int l = 0; l < count; ++l) {
-    const RowThreshold<acc_t> t = row_threshold(Moments<acc_t>{static_cast<acc_t>(n), sum[l], sq[l]}, z);
+    const Moments<acc_t> m{static_cast<acc_t>(n), sum[l], sq[l], lo[l], hi[l]};
+    const RowThreshold<acc_t> t = row_threshold(m, z);
     store_stats(t, mean + l, std_out + l, theta + l);
     th[l] = t.theta;
   }

@@ -89,6 +89,12 @@ __device__ __forceinline__ T block_allreduce(T v, Op op, void* scratch) {
   }
 }
 
+struct MinOp {
+  template <typename T>
+  __device__ __forceinline__ T operator()(T a, T b) const {
+    return b < a ? b : a;
+  }
+};
 struct MaxOp {
   template <typename T>
   __device__ __forceinline__ T operator()(T a, T b) const {

@@ -39,6 +39,7 @@ constexpr int kChunkThreads = 256;
 constexpr int kStridedThreads = 256;
 constexpr int64_t kMinChunk = 4096;
 constexpr int64_t kMaxChunks = 256;
+constexpr int64_t kMaxGridRows = 0x7fffffff;  // rows per launch (grid x limit); more are batched
 
 template <typename T>
 constexpr int kVecOf = 16 / static_cast<int>(sizeof(T));
@@ -71,32 +72,37 @@ template <int kV, typename T>
 __device__ __forceinline__ void store_vec(T* p, const Vec<T, kV>& v) {
   *reinterpret_cast<Vec<T, kV>*>(p) = v;
 }
+template <int kV, typename T>
+__device__ __forceinline__ void store_converted(T* p, const acc_of<T> (&v)[kV]) {
+  Vec<T, kV> o;
+#pragma unroll
+  for (int k = 0; k < kV; ++k) o.v[k] = from_acc<T>(v[k]);
+  store_vec<kV>(p, o);
+}
 
 // -------------------------------------------------------------------------------------------
-// Moments: per-thread Welford, then a deterministic block merge.
+// Moments: per-thread groups of kGroup values (mean, then deviations, from registers) merged
+// with Chan's formula, then a deterministic block merge.
+
+constexpr int kGroup = 8;
 
 template <typename acc_t>
-__device__ __forceinline__ void welford_add(Moments<acc_t>& m, acc_t x) {
-  m.n += acc_t(1);
-  const acc_t d = x - m.mean;
-  m.mean += d / m.n;
-  m.m2 += d * (x - m.mean);
+__device__ __forceinline__ Moments<acc_t> shfl_down(const Moments<acc_t>& m, int o) {
+  return {__shfl_down_sync(kFullMask, m.n, o), __shfl_down_sync(kFullMask, m.mean, o),
+          __shfl_down_sync(kFullMask, m.m2, o), __shfl_down_sync(kFullMask, m.lo, o),
+          __shfl_down_sync(kFullMask, m.hi, o)};
 }
 
 // Lane 0 merges the warp (tree order), then every thread merges the warps' results in warp
 // order: every thread returns the same bits. `smem` holds >= 32 Moments.
 template <int kThreads, typename acc_t>
 __device__ __forceinline__ Moments<acc_t> block_moments(Moments<acc_t> m, Moments<acc_t>* smem) {
-  for (int o = 16; o > 0; o /= 2) {
-    const Moments<acc_t> other{__shfl_down_sync(kFullMask, m.n, o), __shfl_down_sync(kFullMask, m.mean, o),
-                               __shfl_down_sync(kFullMask, m.m2, o)};
-    m = merge_moments(m, other);
-  }
+  for (int o = 16; o > 0; o /= 2) m = merge_moments(m, shfl_down(m, o));
   constexpr int kWarps = kThreads / 32;
   __syncthreads();
   if (threadIdx.x % 32 == 0) smem[threadIdx.x / 32] = m;
   __syncthreads();
-  Moments<acc_t> r{0, 0, 0};
+  Moments<acc_t> r{0, 0, 0, 0, 0};
   for (int w = 0; w < kWarps; ++w) r = merge_moments(r, smem[w]);
   return r;
 }
@@ -145,10 +151,7 @@ struct ThresholdGrad {
   }
   template <int kV>
   __device__ __forceinline__ void store(int64_t off, const acc_of<T> (&v)[kV]) const {
-    Vec<T, kV> o;
-#pragma unroll
-    for (int k = 0; k < kV; ++k) o.v[k] = from_acc<T>(v[k]);
-    store_vec<kV>(dx + off, o);
+    store_converted<kV>(dx + off, v);
   }
 };
 
@@ -178,10 +181,7 @@ struct GeluMulGrad {
   }
   template <int kV>
   __device__ __forceinline__ void store(int64_t off, const acc_of<T> (&v)[kV]) const {
-    Vec<T, kV> o;
-#pragma unroll
-    for (int k = 0; k < kV; ++k) o.v[k] = from_acc<T>(v[k]);
-    store_vec<kV>(dgate + off, o);
+    store_converted<kV>(dgate + off, v);
   }
 };
 
@@ -191,15 +191,15 @@ struct GeluMulGrad {
 template <int kThreads, typename T, typename Out>
 __global__ void __launch_bounds__(kThreads) onchip_forward_kernel(const T* __restrict__ x, Out out,
                                                                   RowStatsOut<acc_of<T>> st, int64_t n,
-                                                                  acc_of<T> z) {
+                                                                  acc_of<T> z, int64_t row0) {
   using acc_t = acc_of<T>;
   constexpr int kVec = kVecOf<T>;
   constexpr int kIters = kForwardCap<T> / kVec;
   __shared__ acc_t red[32];
-  const int64_t row = blockIdx.x;
+  const int64_t row = row0 + blockIdx.x;
   const T* xr = x + row * n;
   acc_t v[kIters][kVec];
-  acc_t sum = 0;
+  acc_t sum = 0, lo = to_acc(xr[0]), hi = lo;
 #pragma unroll
   for (int it = 0; it < kIters; ++it) {
     const int64_t off = (static_cast<int64_t>(it) * kThreads + threadIdx.x) * kVec;
@@ -209,10 +209,14 @@ __global__ void __launch_bounds__(kThreads) onchip_forward_kernel(const T* __res
       for (int k = 0; k < kVec; ++k) {
         v[it][k] = to_acc(pv.v[k]);
         sum += v[it][k];
+        lo = min_of(lo, v[it][k]);
+        hi = max_of(hi, v[it][k]);
       }
     }
   }
   const acc_t mean = block_allreduce<kThreads>(sum, SumOp{}, red) / static_cast<acc_t>(n);
+  lo = block_allreduce<kThreads>(lo, MinOp{}, red);
+  hi = block_allreduce<kThreads>(hi, MaxOp{}, red);
   acc_t sq = 0;
 #pragma unroll
   for (int it = 0; it < kIters; ++it) {
@@ -226,7 +230,7 @@ __global__ void __launch_bounds__(kThreads) onchip_forward_kernel(const T* __res
     }
   }
   const acc_t m2 = block_allreduce<kThreads>(sq, SumOp{}, red);
-  const RowThreshold<acc_t> t = row_threshold(Moments<acc_t>{static_cast<acc_t>(n), mean, m2}, z);
+  const RowThreshold<acc_t> t = row_threshold(Moments<acc_t>{static_cast<acc_t>(n), mean, m2, lo, hi}, z);
   if (threadIdx.x == 0) {
     st.theta[row] = t.theta;
     st.mean[row] = t.mean;
@@ -242,12 +246,12 @@ __global__ void __launch_bounds__(kThreads) onchip_forward_kernel(const T* __res
 template <int kThreads, typename T, typename Grad>
 __global__ void __launch_bounds__(kThreads) onchip_backward_kernel(const T* __restrict__ x, Grad grad,
                                                                    RowStatsIn<acc_of<T>> st, int64_t n,
-                                                                   acc_of<T> z, bool subtract) {
+                                                                   acc_of<T> z, bool subtract, int64_t row0) {
   using acc_t = acc_of<T>;
   constexpr int kVec = kVecOf<T>;
   constexpr int kIters = kBackwardCap<T> / kVec;
   __shared__ acc_t red[32];
-  const int64_t row = blockIdx.x;
+  const int64_t row = row0 + blockIdx.x;
   const acc_t theta = st.theta[row];
   acc_t xv[kIters][kVec], d[kIters][kVec];
   acc_t s = 0;
@@ -285,17 +289,30 @@ __global__ void __launch_bounds__(kThreads) onchip_backward_kernel(const T* __re
 template <typename T>
 __device__ __forceinline__ Moments<acc_of<T>> range_moments(const T* xr, int64_t begin, int64_t end,
                                                             Moments<acc_of<T>>* smem) {
-  Moments<acc_of<T>> m{0, 0, 0};
-  for (int64_t i = begin + threadIdx.x; i < end; i += kChunkThreads) welford_add(m, to_acc(xr[i]));
+  using acc_t = acc_of<T>;
+  Moments<acc_t> m{0, 0, 0, 0, 0};
+  for (int64_t base = begin + threadIdx.x; base < end; base += kChunkThreads * kGroup) {
+    acc_t v[kGroup];
+    int count = 0;
+#pragma unroll
+    for (int g = 0; g < kGroup; ++g) {
+      const int64_t i = base + static_cast<int64_t>(g) * kChunkThreads;  // coalesced across threads
+      if (i < end) {
+        v[g] = to_acc(xr[i]);
+        count = g + 1;
+      }
+    }
+    m = merge_moments(m, moments_of(v, count));
+  }
   return block_moments<kChunkThreads>(m, smem);
 }
 
 template <typename T>
 __global__ void __launch_bounds__(kChunkThreads) chunk_moments_kernel(const T* __restrict__ x, int64_t n,
                                                                       int64_t chunk,
-                                                                      Moments<acc_of<T>>* ws) {
+                                                                      Moments<acc_of<T>>* ws, int64_t row0) {
   __shared__ Moments<acc_of<T>> smem[32];
-  const int64_t row = blockIdx.x, begin = blockIdx.y * chunk;
+  const int64_t row = row0 + blockIdx.x, begin = blockIdx.y * chunk;
   const int64_t end = begin + chunk < n ? begin + chunk : n;
   const Moments<acc_of<T>> m = range_moments(x + row * n, begin, end, smem);
   if (threadIdx.x == 0) ws[row * gridDim.y + blockIdx.y] = m;
@@ -307,13 +324,13 @@ __global__ void __launch_bounds__(kChunkThreads) chunk_forward_kernel(const T* _
                                                                       RowStatsOut<acc_of<T>> st, int64_t n,
                                                                       int64_t chunk,
                                                                       const Moments<acc_of<T>>* ws,
-                                                                      acc_of<T> z) {
+                                                                      acc_of<T> z, int64_t row0) {
   using acc_t = acc_of<T>;
   __shared__ Moments<acc_t> smem[32];
-  const int64_t row = blockIdx.x, begin = blockIdx.y * chunk;
+  const int64_t row = row0 + blockIdx.x, begin = blockIdx.y * chunk;
   const int64_t end = begin + chunk < n ? begin + chunk : n;
   const T* xr = x + row * n;
-  Moments<acc_t> m{0, 0, 0};
+  Moments<acc_t> m{0, 0, 0, 0, 0};
   if (ws == nullptr) {
     m = range_moments(xr, 0, n, smem);
   } else {
@@ -347,9 +364,10 @@ __device__ __forceinline__ acc_of<T> range_direct_sum(const T* x, const Grad& gr
 template <typename T, typename Grad>
 __global__ void __launch_bounds__(kChunkThreads) chunk_direct_sum_kernel(const T* __restrict__ x, Grad grad,
                                                                          RowStatsIn<acc_of<T>> st, int64_t n,
-                                                                         int64_t chunk, acc_of<T>* ws) {
+                                                                         int64_t chunk, acc_of<T>* ws,
+                                                                         int64_t row0) {
   __shared__ acc_of<T> red[32];
-  const int64_t row = blockIdx.x, begin = blockIdx.y * chunk;
+  const int64_t row = row0 + blockIdx.x, begin = blockIdx.y * chunk;
   const int64_t end = begin + chunk < n ? begin + chunk : n;
   const acc_of<T> s = range_direct_sum(x, grad, row * n, begin, end, st.theta[row], red);
   if (threadIdx.x == 0) ws[row * gridDim.y + blockIdx.y] = s;
@@ -361,10 +379,10 @@ template <typename T, typename Grad>
 __global__ void __launch_bounds__(kChunkThreads) chunk_backward_kernel(const T* __restrict__ x, Grad grad,
                                                                        RowStatsIn<acc_of<T>> st, int64_t n,
                                                                        int64_t chunk, const acc_of<T>* ws,
-                                                                       acc_of<T> z, bool subtract) {
+                                                                       acc_of<T> z, bool subtract, int64_t row0) {
   using acc_t = acc_of<T>;
   __shared__ acc_t red[32];
-  const int64_t row = blockIdx.x, begin = blockIdx.y * chunk;
+  const int64_t row = row0 + blockIdx.x, begin = blockIdx.y * chunk;
   const int64_t end = begin + chunk < n ? begin + chunk : n;
   const int64_t base = row * n;
   const acc_t theta = st.theta[row];
@@ -403,8 +421,19 @@ __global__ void __launch_bounds__(kStridedThreads) strided_forward_kernel(const 
   const int64_t col = static_cast<int64_t>(blockIdx.x) * kStridedThreads + threadIdx.x;
   if (col >= columns) return;
   const int64_t base = (col / inner) * size * inner + col % inner;
-  Moments<acc_t> m{0, 0, 0};
-  for (int64_t i = 0; i < size; ++i) welford_add(m, to_acc(x[base + i * inner]));
+  Moments<acc_t> m{0, 0, 0, 0, 0};
+  for (int64_t i0 = 0; i0 < size; i0 += kGroup) {
+    acc_t v[kGroup];
+    int count = 0;
+#pragma unroll
+    for (int g = 0; g < kGroup; ++g) {
+      if (i0 + g < size) {
+        v[g] = to_acc(x[base + (i0 + g) * inner]);
+        count = g + 1;
+      }
+    }
+    m = merge_moments(m, moments_of(v, count));
+  }
   const RowThreshold<acc_t> t = row_threshold(m, z);
   st.theta[col] = t.theta;
   st.mean[col] = t.mean;
@@ -506,17 +535,23 @@ cudaError_t forward_rows(const T* x, Out out, RowStatsOut<acc_of<T>> st, int64_t
   const Plan p = make_plan(rows, size, sizeof(T), kForwardCap<T>, aligned, dev.sms, workspace_bytes,
                            sizeof(Moments<acc_t>));
   const acc_t za = static_cast<acc_t>(z);
-  if (p.onchip_threads > 0) {
-    return dispatch_threads(p.onchip_threads, [&](auto threads) {
-      onchip_forward_kernel<decltype(threads)::value, T><<<static_cast<unsigned>(rows), threads(), 0, stream>>>(x, out, st, size, za);
-      return cudaGetLastError();
-    });
+  auto* ws = p.onchip_threads == 0 && p.chunks > 1 ? static_cast<Moments<acc_t>*>(workspace) : nullptr;
+  for (int64_t row0 = 0; row0 < rows; row0 += kMaxGridRows) {
+    const unsigned batch = static_cast<unsigned>(rows - row0 < kMaxGridRows ? rows - row0 : kMaxGridRows);
+    if (p.onchip_threads > 0) {
+      err = dispatch_threads(p.onchip_threads, [&](auto threads) {
+        onchip_forward_kernel<decltype(threads)::value, T><<<batch, threads(), 0, stream>>>(x, out, st, size, za, row0);
+        return cudaGetLastError();
+      });
+    } else {
+      const dim3 grid(batch, static_cast<unsigned>(p.chunks));
+      if (ws != nullptr) chunk_moments_kernel<T><<<grid, kChunkThreads, 0, stream>>>(x, size, p.chunk, ws, row0);
+      chunk_forward_kernel<T><<<grid, kChunkThreads, 0, stream>>>(x, out, st, size, p.chunk, ws, za, row0);
+      err = cudaGetLastError();
+    }
+    if (err != cudaSuccess) return err;
   }
-  const dim3 grid(static_cast<unsigned>(rows), static_cast<unsigned>(p.chunks));
-  auto* ws = p.chunks > 1 ? static_cast<Moments<acc_t>*>(workspace) : nullptr;
-  if (ws != nullptr) chunk_moments_kernel<T><<<grid, kChunkThreads, 0, stream>>>(x, size, p.chunk, ws);
-  chunk_forward_kernel<T><<<grid, kChunkThreads, 0, stream>>>(x, out, st, size, p.chunk, ws, za);
-  return cudaGetLastError();
+  return cudaSuccess;
 }
 
 template <typename T, typename Grad>
@@ -530,18 +565,25 @@ cudaError_t backward_rows(const T* x, Grad grad, RowStatsIn<acc_of<T>> st, int64
   const Plan p = make_plan(rows, size, sizeof(T), kBackwardCap<T>, aligned, dev.sms, workspace_bytes,
                            sizeof(acc_t));
   const acc_t za = static_cast<acc_t>(z);
-  if (p.onchip_threads > 0) {
-    return dispatch_threads(p.onchip_threads, [&](auto threads) {
-      onchip_backward_kernel<decltype(threads)::value, T>
-          <<<static_cast<unsigned>(rows), threads(), 0, stream>>>(x, grad, st, size, za, subtract);
-      return cudaGetLastError();
-    });
+  auto* ws = p.onchip_threads == 0 && p.chunks > 1 && subtract ? static_cast<acc_t*>(workspace) : nullptr;
+  for (int64_t row0 = 0; row0 < rows; row0 += kMaxGridRows) {
+    const unsigned batch = static_cast<unsigned>(rows - row0 < kMaxGridRows ? rows - row0 : kMaxGridRows);
+    if (p.onchip_threads > 0) {
+      err = dispatch_threads(p.onchip_threads, [&](auto threads) {
+        onchip_backward_kernel<decltype(threads)::value, T>
+            <<<batch, threads(), 0, stream>>>(x, grad, st, size, za, subtract, row0);
+        return cudaGetLastError();
+      });
+    } else {
+      const dim3 grid(batch, static_cast<unsigned>(p.chunks));
+      if (ws != nullptr)
+        chunk_direct_sum_kernel<T><<<grid, kChunkThreads, 0, stream>>>(x, grad, st, size, p.chunk, ws, row0);
+      chunk_backward_kernel<T><<<grid, kChunkThreads, 0, stream>>>(x, grad, st, size, p.chunk, ws, za, subtract, row0);
+      err = cudaGetLastError();
+    }
+    if (err != cudaSuccess) return err;
   }
-  const dim3 grid(static_cast<unsigned>(rows), static_cast<unsigned>(p.chunks));
-  auto* ws = p.chunks > 1 && subtract ? static_cast<acc_t*>(workspace) : nullptr;
-  if (ws != nullptr) chunk_direct_sum_kernel<T><<<grid, kChunkThreads, 0, stream>>>(x, grad, st, size, p.chunk, ws);
-  chunk_backward_kernel<T><<<grid, kChunkThreads, 0, stream>>>(x, grad, st, size, p.chunk, ws, za, subtract);
-  return cudaGetLastError();
+  return cudaSuccess;
 }
 
 unsigned strided_blocks(int64_t columns) { return static_cast<unsigned>(ceil_div(columns, kStridedThreads)); }
