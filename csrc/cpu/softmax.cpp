@@ -31,6 +31,7 @@
 #include "common/softmax_math.h"
 #include "common/softmax_op.h"
 #include "cpu/alloc.h"
+#include "cpu/convert.h"
 #include "cpu/isa.h"
 #include "cpu/rows.h"
 
@@ -68,22 +69,6 @@ struct Lanes {
     nonfinite[l] += xc - xc;
   }
 };
-
-// Conversion to the output type. bfloat16 rounds to nearest even by integer arithmetic the
-// compiler can vectorize (c10's conversion branches on NaN per element).
-template <typename out_t, typename acc_t>
-FASTLOSS_CPU_INLINE out_t to_output(acc_t v) {
-  if constexpr (std::is_same_v<out_t, c10::BFloat16>) {
-    static_assert(std::is_same_v<acc_t, float>, "bfloat16 is written from float");
-    uint32_t bits;
-    std::memcpy(&bits, &v, sizeof(bits));
-    const uint32_t rounded = (bits + 0x7fffu + ((bits >> 16) & 1u)) >> 16;
-    const uint16_t out = v != v ? uint16_t(0x7fc0) : static_cast<uint16_t>(rounded);
-    return c10::BFloat16(out, c10::BFloat16::from_bits());
-  } else {
-    return static_cast<out_t>(v);
-  }
-}
 
 // Exact softmax of one strided row in acc_t with a max pass: used for rows with non-finite
 // or very large entries, where it reproduces torch.softmax's semantics.

@@ -25,13 +25,14 @@
 #include "common/softmax_math.h"
 #include "common/stat_topk_math.h"
 #include "common/stat_topk_op.h"
+#include "cpu/convert.h"
 #include "cpu/isa.h"
 #include "cpu/rows.h"
 
 namespace fastloss::cpu {
 namespace {
 
-constexpr int kLanes = 16;
+constexpr int kLanes = 64;  // four AVX-512 accumulators of float: breaks the add latency chains
 constexpr int64_t kChunk = 2048;
 
 template <typename acc_t>
@@ -44,11 +45,11 @@ FASTLOSS_CPU_INLINE acc_t sum_lanes(const acc_t* a) {
 template <typename in_t, typename acc_t>
 FASTLOSS_CPU_INLINE Moments<acc_t> chunk_moments(const in_t* x, int64_t c) {
   acc_t lanes[kLanes] = {}, lo[kLanes], hi[kLanes];
-  for (int l = 0; l < kLanes; ++l) lo[l] = hi[l] = static_cast<acc_t>(x[0]);
+  for (int l = 0; l < kLanes; ++l) lo[l] = hi[l] = to_acc<acc_t>(x[0]);
   int64_t i = 0;
   for (; i + kLanes <= c; i += kLanes)
     for (int l = 0; l < kLanes; ++l) {
-      const acc_t v = static_cast<acc_t>(x[i + l]);
+      const acc_t v = to_acc<acc_t>(x[i + l]);
       lanes[l] += v;
       lo[l] = min_of(lo[l], v);
       hi[l] = max_of(hi[l], v);
@@ -59,7 +60,7 @@ FASTLOSS_CPU_INLINE Moments<acc_t> chunk_moments(const in_t* x, int64_t c) {
     row_hi = max_of(row_hi, hi[l]);
   }
   for (; i < c; ++i) {
-    const acc_t v = static_cast<acc_t>(x[i]);
+    const acc_t v = to_acc<acc_t>(x[i]);
     sum += v;
     row_lo = min_of(row_lo, v);
     row_hi = max_of(row_hi, v);
@@ -68,12 +69,12 @@ FASTLOSS_CPU_INLINE Moments<acc_t> chunk_moments(const in_t* x, int64_t c) {
   acc_t sq[kLanes] = {};
   for (i = 0; i + kLanes <= c; i += kLanes)
     for (int l = 0; l < kLanes; ++l) {
-      const acc_t d = static_cast<acc_t>(x[i + l]) - mean;
+      const acc_t d = to_acc<acc_t>(x[i + l]) - mean;
       sq[l] += d * d;
     }
   acc_t m2 = sum_lanes(sq);
   for (; i < c; ++i) {
-    const acc_t d = static_cast<acc_t>(x[i]) - mean;
+    const acc_t d = to_acc<acc_t>(x[i]) - mean;
     m2 += d * d;
   }
   return {static_cast<acc_t>(c), mean, m2, row_lo, row_hi};
@@ -96,8 +97,8 @@ FASTLOSS_CPU_INLINE void store_stats(const RowThreshold<acc_t>& t, acc_t* mean, 
 template <bool kHard, typename in_t, typename acc_t>
 FASTLOSS_CPU_INLINE void threshold_row(const in_t* x, in_t* y, int64_t n, acc_t theta) {
   for (int64_t i = 0; i < n; ++i)
-    y[i] = static_cast<in_t>(kHard ? hard_threshold(static_cast<acc_t>(x[i]), theta)
-                                   : soft_threshold(static_cast<acc_t>(x[i]), theta));
+    y[i] = to_output<in_t>(kHard ? hard_threshold(to_acc<acc_t>(x[i]), theta)
+                                   : soft_threshold(to_acc<acc_t>(x[i]), theta));
 }
 
 template <typename in_t>
@@ -124,10 +125,10 @@ FASTLOSS_CPU_INLINE void forward_strided(const in_t* x, in_t* y, typename AccTyp
                                          bool hard) {
   using acc_t = typename AccType<in_t>::type;
   acc_t sum[kLanes] = {}, sq[kLanes] = {}, lo[kLanes], hi[kLanes], th[kLanes];
-  for (int l = 0; l < count; ++l) lo[l] = hi[l] = static_cast<acc_t>(x[l]);
+  for (int l = 0; l < count; ++l) lo[l] = hi[l] = to_acc<acc_t>(x[l]);
   for (int64_t i = 0; i < n; ++i)
     for (int l = 0; l < count; ++l) {
-      const acc_t v = static_cast<acc_t>(x[i * inner + l]);
+      const acc_t v = to_acc<acc_t>(x[i * inner + l]);
       sum[l] += v;
       lo[l] = min_of(lo[l], v);
       hi[l] = max_of(hi[l], v);
@@ -135,7 +136,7 @@ FASTLOSS_CPU_INLINE void forward_strided(const in_t* x, in_t* y, typename AccTyp
   for (int l = 0; l < count; ++l) sum[l] /= static_cast<acc_t>(n);  // now the mean
   for (int64_t i = 0; i < n; ++i)
     for (int l = 0; l < count; ++l) {
-      const acc_t d = static_cast<acc_t>(x[i * inner + l]) - sum[l];
+      const acc_t d = to_acc<acc_t>(x[i * inner + l]) - sum[l];
       sq[l] += d * d;
     }
   for (int l = 0; l < count; ++l) {
@@ -146,8 +147,8 @@ FASTLOSS_CPU_INLINE void forward_strided(const in_t* x, in_t* y, typename AccTyp
   }
   for (int64_t i = 0; i < n; ++i)
     for (int l = 0; l < count; ++l) {
-      const acc_t v = static_cast<acc_t>(x[i * inner + l]);
-      y[i * inner + l] = static_cast<in_t>(apply_threshold(hard, v, th[l]));
+      const acc_t v = to_acc<acc_t>(x[i * inner + l]);
+      y[i * inner + l] = to_output<in_t>(apply_threshold(hard, v, th[l]));
     }
 }
 
@@ -173,17 +174,17 @@ FASTLOSS_CPU_INLINE void backward_lastdim(const in_t* g, const in_t* x,
       int64_t i = 0;
       for (; i + kLanes <= n; i += kLanes)
         for (int l = 0; l < kLanes; ++l)
-          lanes[l] += keep_or_zero(static_cast<acc_t>(xr[i + l]) > theta, static_cast<acc_t>(gr[i + l]));
+          lanes[l] += keep_or_zero(to_acc<acc_t>(xr[i + l]) > theta, to_acc<acc_t>(gr[i + l]));
       acc_t s = sum_lanes(lanes);
-      for (; i < n; ++i) s += keep_or_zero(static_cast<acc_t>(xr[i]) > theta, static_cast<acc_t>(gr[i]));
+      for (; i < n; ++i) s += keep_or_zero(to_acc<acc_t>(xr[i]) > theta, to_acc<acc_t>(gr[i]));
       c -= s;
     }
     const ThetaGrad<acc_t> tg = theta_grad(static_cast<acc_t>(n), std_in[r], z);
     const acc_t ca = c * tg.a, cb = c * tg.b;
     for (int64_t i = 0; i < n; ++i) {
-      const acc_t xv = static_cast<acc_t>(xr[i]);
-      const acc_t direct = keep_or_zero(xv > theta, static_cast<acc_t>(gr[i]));
-      dx[r * n + i] = static_cast<in_t>(direct + ca + cb * (xv - mu));
+      const acc_t xv = to_acc<acc_t>(xr[i]);
+      const acc_t direct = keep_or_zero(xv > theta, to_acc<acc_t>(gr[i]));
+      dx[r * n + i] = to_output<in_t>(direct + ca + cb * (xv - mu));
     }
   }
 }
@@ -205,7 +206,7 @@ FASTLOSS_CPU_INLINE void backward_strided(const in_t* g, const in_t* x,
   if (!hard && threshold_grad)
     for (int64_t i = 0; i < n; ++i)
       for (int l = 0; l < count; ++l)
-        s[l] += keep_or_zero(static_cast<acc_t>(x[i * inner + l]) > theta[l], static_cast<acc_t>(g[i * inner + l]));
+        s[l] += keep_or_zero(to_acc<acc_t>(x[i * inner + l]) > theta[l], to_acc<acc_t>(g[i * inner + l]));
   for (int l = 0; l < count; ++l) {
     const acc_t c = (grad_theta ? grad_theta[l] : acc_t(0)) - s[l];
     const ThetaGrad<acc_t> tg = theta_grad(static_cast<acc_t>(n), std_in[l], z);
@@ -214,9 +215,9 @@ FASTLOSS_CPU_INLINE void backward_strided(const in_t* g, const in_t* x,
   }
   for (int64_t i = 0; i < n; ++i)
     for (int l = 0; l < count; ++l) {
-      const acc_t xv = static_cast<acc_t>(x[i * inner + l]);
-      const acc_t direct = keep_or_zero(xv > theta[l], static_cast<acc_t>(g[i * inner + l]));
-      dx[i * inner + l] = static_cast<in_t>(direct + ca[l] + cb[l] * (xv - mu[l]));
+      const acc_t xv = to_acc<acc_t>(x[i * inner + l]);
+      const acc_t direct = keep_or_zero(xv > theta[l], to_acc<acc_t>(g[i * inner + l]));
+      dx[i * inner + l] = to_output<in_t>(direct + ca[l] + cb[l] * (xv - mu[l]));
     }
 }
 
@@ -232,8 +233,8 @@ FASTLOSS_CPU_INLINE void gelu_mul_forward_rows(const in_t* gate, const in_t* up,
     const RowThreshold<acc_t> t = row_stats<in_t, acc_t>(gate + r * n, n, z);
     store_stats(t, mean + r, std_out + r, theta + r);
     for (int64_t i = 0; i < n; ++i) {
-      const acc_t h = soft_threshold(static_cast<acc_t>(gate[r * n + i]), t.theta);
-      out[r * n + i] = static_cast<in_t>(gelu_tanh(h) * static_cast<acc_t>(up[r * n + i]));
+      const acc_t h = soft_threshold(to_acc<acc_t>(gate[r * n + i]), t.theta);
+      out[r * n + i] = to_output<in_t>(gelu_tanh(h) * to_acc<acc_t>(up[r * n + i]));
     }
   }
 }
@@ -242,12 +243,12 @@ FASTLOSS_CPU_INLINE void gelu_mul_forward_rows(const in_t* gate, const in_t* up,
 template <typename in_t, typename acc_t>
 FASTLOSS_CPU_INLINE acc_t gelu_mul_grad_element(const in_t* g, const in_t* gate, const in_t* up, in_t* dup,
                                                 acc_t* scratch, int64_t k, acc_t theta) {
-  const acc_t xv = static_cast<acc_t>(gate[k]);
+  const acc_t xv = to_acc<acc_t>(gate[k]);
   const acc_t h = soft_threshold(xv, theta);
   const acc_t s = gelu_tanh_sigmoid(h);
-  const acc_t gv = static_cast<acc_t>(g[k]);
-  dup[k] = static_cast<in_t>(gv * h * s);
-  const acc_t dh = keep_or_zero(xv > theta, gv * static_cast<acc_t>(up[k]) * gelu_tanh_grad(h, s));
+  const acc_t gv = to_acc<acc_t>(g[k]);
+  dup[k] = to_output<in_t>(gv * h * s);
+  const acc_t dh = keep_or_zero(xv > theta, gv * to_acc<acc_t>(up[k]) * gelu_tanh_grad(h, s));
   scratch[k] = dh;
   return dh;
 }
@@ -277,7 +278,7 @@ FASTLOSS_CPU_INLINE void gelu_mul_backward_rows(const in_t* g, const in_t* gate,
     const acc_t c = threshold_grad ? -sum : acc_t(0);
     const acc_t ca = c * tg.a, cb = c * tg.b;
     for (i = 0; i < n; ++i)
-      dgate[o + i] = static_cast<in_t>(scratch[i] + ca + cb * (static_cast<acc_t>(gate[o + i]) - mu));
+      dgate[o + i] = to_output<in_t>(scratch[i] + ca + cb * (to_acc<acc_t>(gate[o + i]) - mu));
   }
 }
 
