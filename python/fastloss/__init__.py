@@ -8,6 +8,8 @@ import torch  # noqa: F401  (loads torch's shared libraries before the extension
 
 from . import _C  # noqa: F401  (registers torch.ops.fastloss.*)
 from .ops.softmax import log_softmax, softmax
+from .ops.sinkhorn import SinkhornResult, sinkhorn, sinkhorn_cost, sinkhorn_kd_loss
+from . import nn  # noqa: E402  (nn.Module wrappers)
 
 __version__ = _C.build_info()["version"]
 
@@ -18,3 +20,4 @@ def build_info() -> dict:
 
 
 __all__ = ["softmax", "log_softmax", "build_info", "__version__"]
+__all__ += ["sinkhorn", "sinkhorn_cost", "sinkhorn_kd_loss", "SinkhornResult", "nn"]
