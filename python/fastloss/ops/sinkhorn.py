@@ -153,6 +153,8 @@ def sinkhorn_cost(
 
 def _unrolled_value(cost, a, b, eps, max_iter, tol):
     """The same iteration as the kernels, written with differentiable torch ops."""
+    if not torch.compiler.is_compiling() and a.device.type == "cpu":
+        _check_marginals(a.detach(), b.detach())
     acc = _acc_dtype(cost.dtype)
     c = cost.to(acc) / eps
     a = a.to(acc)
@@ -174,6 +176,24 @@ def _unrolled_value(cost, a, b, eps, max_iter, tol):
         v = torch.where(active[:, None], v_new, v)
     zero = torch.zeros((), dtype=acc, device=a.device)
     return (torch.where(a > 0, a * u, zero).sum(1) + torch.where(b > 0, b * v, zero).sum(1)) * eps
+
+
+def _check_marginals(a: torch.Tensor, b: torch.Tensor) -> None:
+    """The checks the CPU kernel makes, for the unrolled path (same messages)."""
+    for name, x in (("a", a), ("b", b)):
+        bad = ~(torch.isfinite(x) & (x >= 0))
+        if bad.any():
+            idx = tuple(int(i) for i in bad.nonzero()[0])
+            raise RuntimeError(f"fastloss.sinkhorn: expected '{name}' to be finite and >= 0, got {name}{list(idx)} = {x[idx].item()}")
+    sa, sb = a.double().sum(1), b.double().sum(1)
+    tol = max(torch.finfo(a.dtype).eps, torch.finfo(b.dtype).eps) ** 0.5
+    if not ((sa > 0) & (sb > 0)).all():
+        raise RuntimeError("fastloss.sinkhorn: expected 'a' and 'b' to have positive total mass")
+    if ((sa - sb).abs() > tol * torch.maximum(sa, sb)).any():
+        raise RuntimeError(
+            f"fastloss.sinkhorn: expected 'a' and 'b' to have the same total mass (balanced OT), got "
+            f"{sa.tolist()[:4]} and {sb.tolist()[:4]} (relative tolerance {tol:.3g})"
+        )
 
 
 def _sinkhorn_fake(cost, a, b, eps, max_iter, tol):
