@@ -39,8 +39,6 @@ namespace {
 // Lanes of the explicit SIMD reductions (one 512-bit vector).
 template <typename acc_t>
 constexpr int kLanes = 64 / sizeof(acc_t);
-// Columns per block in the column pass (accumulators stay in L1).
-constexpr int64_t kColumnBlock = 256;
 // Below this many cost entries a problem runs on one thread.
 constexpr int64_t kParallelProblemMin = 1 << 16;
 
@@ -59,103 +57,119 @@ FASTLOSS_CPU_INLINE acc_t max_lanes(acc_t* a) {
 
 // ------------------------------------------------------------------------------------------
 // Sinkhorn
+//
+// One fused pass over the cost per iteration. For row i, with the previous u_i as the shift,
+//   e_ij = exp(v_j + u_i - C_ij / eps),   s_i = sum_j b_j e_ij
+// gives the row update u_i <- u_i - log s_i, and s_i = r_i / a_i is the row marginal of the
+// current iterate (the error term a_i |s_i - 1|). The column sums under the new u are then
+//   sum_i exp(log a_i + u_new_i - C_ij / eps + v_j) = sum_i (a_i / s_i) e_ij,
+// accumulated from the same e_ij while the row is in L1, so v_j <- v_j - log(that sum):
+// one exp per entry and one read of the cost per iteration. A row whose s_i leaves the safe
+// range is redone with its exact maximum as the shift; a column whose sum does is
+// recomputed exactly in a separate (rare) strided pass.
 
 template <typename acc_t>
 struct Problem {
   const acc_t* cost;   // n x m
   const acc_t* a;      // n
+  const acc_t* b;      // m
   const acc_t* log_a;  // n
   const acc_t* log_b;  // m
   int64_t n, m;
   acc_t inv_eps;
 };
 
-// LSE_j(w_j - C_ij / eps) given a guess `shift` of its value: returns (lse, sum exp(x - shift))
-// where the second is exact only on the warm path (exp(shift - lse) then being recomputed).
+// Rows [r0, r1): writes u_new, adds (a_i / s_i) e_ij to col_acc (m), uses e (m) as scratch.
+// Returns sum_i a_i |s_i - 1|, the L1 row-marginal error of the current (u, v).
 template <typename acc_t>
-struct RowLse {
-  acc_t lse;
-  acc_t ratio;  // exp(lse - shift)
-};
-
-template <typename acc_t>
-FASTLOSS_CPU_INLINE RowLse<acc_t> row_lse(const acc_t* c, const acc_t* w, int64_t m, acc_t inv_eps, acc_t shift) {
+FASTLOSS_CPU_INLINE acc_t fused_rows(const Problem<acc_t>& p, const acc_t* u, const acc_t* v, acc_t* u_new,
+                                     acc_t* col_acc, acc_t* e, int64_t r0, int64_t r1) {
   constexpr int L = kLanes<acc_t>;
-  acc_t part[L];
-  for (int l = 0; l < L; ++l) part[l] = 0;
-  int64_t j = 0;
-  for (; j + L <= m; j += L)
-    for (int l = 0; l < L; ++l) part[l] += sinkhorn_exp(fl_fma(c[j + l], -inv_eps, w[j + l] - shift));
-  for (int l = 0; j + l < m; ++l) part[l] += sinkhorn_exp(fl_fma(c[j + l], -inv_eps, w[j + l] - shift));
-  const acc_t sum = sum_lanes<L>(part);
-  if (warm_sum_ok(sum)) return {shift + std::log(sum), sum};
-  // Exact: a max pass, then the sum relative to the max.
-  acc_t mx[L];
-  for (int l = 0; l < L; ++l) mx[l] = -std::numeric_limits<acc_t>::infinity();
-  j = 0;
-  for (; j + L <= m; j += L)
-    for (int l = 0; l < L; ++l) mx[l] = fl_max(mx[l], fl_fma(c[j + l], -inv_eps, w[j + l]));
-  for (int l = 0; j + l < m; ++l) mx[l] = fl_max(mx[l], fl_fma(c[j + l], -inv_eps, w[j + l]));
-  const acc_t top = max_lanes<L>(mx);
-  for (int l = 0; l < L; ++l) part[l] = 0;
-  j = 0;
-  for (; j + L <= m; j += L)
-    for (int l = 0; l < L; ++l) part[l] += sinkhorn_exp(fl_fma(c[j + l], -inv_eps, w[j + l] - top));
-  for (int l = 0; j + l < m; ++l) part[l] += sinkhorn_exp(fl_fma(c[j + l], -inv_eps, w[j + l] - top));
-  const acc_t lse = top + std::log(sum_lanes<L>(part));
-  return {lse, std::exp(lse - shift)};
-}
-
-// Row pass over rows [r0, r1): u_new_i = -LSE_j(log b_j + v_j - C_ij / eps), shifted by the
-// previous value -u_i. Returns sum_i a_i |r_i / a_i - 1|, the L1 row-marginal error of (u, v).
-template <typename acc_t>
-FASTLOSS_CPU_INLINE acc_t row_pass(const Problem<acc_t>& p, const acc_t* w, const acc_t* u, acc_t* u_new, int64_t r0,
-                                   int64_t r1) {
+  const int64_t m = p.m;
+  const acc_t k = p.inv_eps;
+  const acc_t* b = p.b;
   acc_t err = 0;
   for (int64_t i = r0; i < r1; ++i) {
-    const RowLse<acc_t> r = row_lse(p.cost + i * p.m, w, p.m, p.inv_eps, -u[i]);
-    u_new[i] = -r.lse;
-    if (p.a[i] > 0) err += p.a[i] * std::abs(r.ratio - acc_t(1));
+    const acc_t* c = p.cost + i * m;
+    const acc_t ui = u[i];
+    acc_t part[L];
+    for (int l = 0; l < L; ++l) part[l] = 0;
+    int64_t j = 0;
+    for (; j + L <= m; j += L)
+      for (int l = 0; l < L; ++l) {
+        const acc_t x = sinkhorn_exp(fl_fma(c[j + l], -k, v[j + l] + ui));
+        e[j + l] = x;
+        part[l] += b[j + l] * x;
+      }
+    for (int l = 0; j + l < m; ++l) {
+      const acc_t x = sinkhorn_exp(fl_fma(c[j + l], -k, v[j + l] + ui));
+      e[j + l] = x;
+      part[l] += b[j + l] * x;
+    }
+    acc_t s = sum_lanes<L>(part);
+    acc_t ratio = s;
+    if (warm_sum_ok(s)) {
+      u_new[i] = ui - std::log(s);
+    } else {
+      // Exact: shift by the row maximum of log b_j + v_j - C_ij / eps.
+      acc_t mx[L];
+      for (int l = 0; l < L; ++l) mx[l] = -std::numeric_limits<acc_t>::infinity();
+      j = 0;
+      for (; j + L <= m; j += L)
+        for (int l = 0; l < L; ++l) mx[l] = fl_max(mx[l], fl_fma(c[j + l], -k, p.log_b[j + l] + v[j + l]));
+      for (int l = 0; j + l < m; ++l) mx[l] = fl_max(mx[l], fl_fma(c[j + l], -k, p.log_b[j + l] + v[j + l]));
+      const acc_t top = max_lanes<L>(mx);
+      for (int l = 0; l < L; ++l) part[l] = 0;
+      j = 0;
+      for (; j + L <= m; j += L)
+        for (int l = 0; l < L; ++l) {
+          const acc_t x = sinkhorn_exp(fl_fma(c[j + l], -k, v[j + l] - top));
+          e[j + l] = x;
+          part[l] += b[j + l] * x;
+        }
+      for (int l = 0; j + l < m; ++l) {
+        const acc_t x = sinkhorn_exp(fl_fma(c[j + l], -k, v[j + l] - top));
+        e[j + l] = x;
+        part[l] += b[j + l] * x;
+      }
+      s = sum_lanes<L>(part);
+      const acc_t lse = top + std::log(s);
+      u_new[i] = -lse;
+      ratio = std::exp(lse + ui);
+    }
+    const acc_t ai = p.a[i];
+    if (ai > 0) err += ai * std::abs(ratio - acc_t(1));
+    const acc_t weight = ai / s;
+    for (j = 0; j < m; ++j) col_acc[j] += weight * e[j];
   }
   return err;
 }
 
-// Column pass over columns [c0, c1): v_j = -LSE_i(z_i - C_ij / eps) with z = log a + u,
-// shifted by the previous value -v_j. `acc` holds kColumnBlock accumulators.
+// v_j <- -LSE_i(log a_i + u_i - C_ij / eps) exactly, for the columns [c0, c1) whose warm sum
+// left the safe range (marked by a non-finite-or-out-of-range col_acc); strided, rare.
 template <typename acc_t>
-FASTLOSS_CPU_INLINE void column_pass(const Problem<acc_t>& p, const acc_t* z, acc_t* v, acc_t* acc, int64_t c0,
-                                     int64_t c1) {
+FASTLOSS_CPU_INLINE void exact_columns(const Problem<acc_t>& p, const acc_t* u, const acc_t* col_acc, acc_t* v,
+                                       int64_t c0, int64_t c1) {
   const acc_t k = p.inv_eps;
-  for (int64_t b0 = c0; b0 < c1; b0 += kColumnBlock) {
-    const int64_t w = std::min(kColumnBlock, c1 - b0);
-    acc_t* vb = v + b0;
-    for (int64_t j = 0; j < w; ++j) acc[j] = 0;
-    for (int64_t i = 0; i < p.n; ++i) {
-      const acc_t* c = p.cost + i * p.m + b0;
-      const acc_t zi = z[i];
-      for (int64_t j = 0; j < w; ++j) acc[j] += sinkhorn_exp(fl_fma(c[j], -k, zi + vb[j]));
-    }
-    bool all_ok = true;
-    for (int64_t j = 0; j < w; ++j) all_ok &= warm_sum_ok(acc[j]);
-    if (all_ok) {
-      for (int64_t j = 0; j < w; ++j) vb[j] -= std::log(acc[j]);
-      continue;
-    }
-    // Exact redo of the block: column maxima, then sums relative to them.
-    acc_t top[kColumnBlock];
-    for (int64_t j = 0; j < w; ++j) top[j] = -std::numeric_limits<acc_t>::infinity();
-    for (int64_t i = 0; i < p.n; ++i) {
-      const acc_t* c = p.cost + i * p.m + b0;
-      const acc_t zi = z[i];
-      for (int64_t j = 0; j < w; ++j) top[j] = fl_max(top[j], fl_fma(c[j], -k, zi));
-    }
-    for (int64_t j = 0; j < w; ++j) acc[j] = 0;
-    for (int64_t i = 0; i < p.n; ++i) {
-      const acc_t* c = p.cost + i * p.m + b0;
-      const acc_t zi = z[i];
-      for (int64_t j = 0; j < w; ++j) acc[j] += sinkhorn_exp(fl_fma(c[j], -k, zi - top[j]));
-    }
-    for (int64_t j = 0; j < w; ++j) vb[j] = -(top[j] + std::log(acc[j]));
+  for (int64_t j = c0; j < c1; ++j) {
+    if (warm_sum_ok(col_acc[j])) continue;
+    acc_t top = -std::numeric_limits<acc_t>::infinity();
+    for (int64_t i = 0; i < p.n; ++i) top = fl_max(top, fl_fma(p.cost[i * p.m + j], -k, p.log_a[i] + u[i]));
+    acc_t s = 0;
+    for (int64_t i = 0; i < p.n; ++i) s += sinkhorn_exp(fl_fma(p.cost[i * p.m + j], -k, p.log_a[i] + u[i] - top));
+    v[j] = -(top + std::log(s));
+  }
+}
+
+// P_ij = a_i b_j exp(u_i + v_j - C_ij / eps) for rows [r0, r1) (0 for zero-mass entries).
+template <typename acc_t>
+FASTLOSS_CPU_INLINE void plan_rows(const Problem<acc_t>& p, const acc_t* u, const acc_t* v, acc_t* plan, int64_t r0,
+                                   int64_t r1) {
+  for (int64_t i = r0; i < r1; ++i) {
+    acc_t* row = plan + i * p.m;
+    const acc_t* c = p.cost + i * p.m;
+    const acc_t zi = p.log_a[i] + u[i];
+    for (int64_t j = 0; j < p.m; ++j) row[j] = sinkhorn_exp(fl_fma(c[j], -p.inv_eps, zi + p.log_b[j] + v[j]));
   }
 }
 
@@ -169,75 +183,65 @@ struct Outputs {
   acc_t* error;
 };
 
-// P_ij = exp(log a_i + u_i + w_j - C_ij / eps) for rows [r0, r1), w = log b + v; exactly 0
-// for zero-mass entries.
-template <typename acc_t>
-FASTLOSS_CPU_INLINE void plan_rows(const Problem<acc_t>& p, const acc_t* u, const acc_t* w, acc_t* plan, int64_t r0,
-                                   int64_t r1) {
-  for (int64_t i = r0; i < r1; ++i) {
-    acc_t* row = plan + i * p.m;
-    const acc_t* c = p.cost + i * p.m;
-    const acc_t zi = p.log_a[i] + u[i];
-    for (int64_t j = 0; j < p.m; ++j) row[j] = sinkhorn_exp(fl_fma(c[j], -p.inv_eps, zi + w[j]));
-  }
-}
-
 // The instruction-set clones (cpu/isa.h) of the passes, one per accumulation type. Code in
 // at::parallel_for lambdas is not cloned, so the lambdas call these.
-#define FASTLOSS_SINKHORN_ENTRIES(T)                                                                           \
-  FASTLOSS_CPU_CLONES T row_pass_entry(const Problem<T>& p, const T* w, const T* u, T* u_new, int64_t r0,     \
-                                       int64_t r1) {                                                          \
-    return row_pass(p, w, u, u_new, r0, r1);                                                                  \
-  }                                                                                                           \
-  FASTLOSS_CPU_CLONES void column_pass_entry(const Problem<T>& p, const T* z, T* v, T* acc, int64_t c0,       \
-                                             int64_t c1) {                                                    \
-    column_pass(p, z, v, acc, c0, c1);                                                                        \
-  }                                                                                                           \
-  FASTLOSS_CPU_CLONES void plan_rows_entry(const Problem<T>& p, const T* u, const T* w, T* plan, int64_t r0,  \
-                                           int64_t r1) {                                                      \
-    plan_rows(p, u, w, plan, r0, r1);                                                                         \
+#define FASTLOSS_SINKHORN_ENTRIES(T)                                                                          \
+  FASTLOSS_CPU_CLONES T fused_rows_entry(const Problem<T>& p, const T* u, const T* v, T* u_new, T* col_acc,  \
+                                         T* e, int64_t r0, int64_t r1) {                                     \
+    return fused_rows(p, u, v, u_new, col_acc, e, r0, r1);                                                   \
+  }                                                                                                          \
+  FASTLOSS_CPU_CLONES void exact_columns_entry(const Problem<T>& p, const T* u, const T* col_acc, T* v,      \
+                                               int64_t c0, int64_t c1) {                                     \
+    exact_columns(p, u, col_acc, v, c0, c1);                                                                 \
+  }                                                                                                          \
+  FASTLOSS_CPU_CLONES void plan_rows_entry(const Problem<T>& p, const T* u, const T* v, T* plan, int64_t r0, \
+                                           int64_t r1) {                                                     \
+    plan_rows(p, u, v, plan, r0, r1);                                                                        \
   }
 FASTLOSS_SINKHORN_ENTRIES(float)
 FASTLOSS_SINKHORN_ENTRIES(double)
 #undef FASTLOSS_SINKHORN_ENTRIES
 
-// Solves one problem. With `parallel`, each pass is split across threads (row chunks for the
-// row pass, column blocks for the column pass); otherwise it runs on the calling thread.
+// Solves one problem. With `parallel`, the rows of each pass are split into one range per
+// thread, each with its own column accumulators, summed afterwards in a fixed order.
 // The loop ends when the error of the current iterate is <= tol (or NaN), or after max_iter
 // iterations; the returned potentials are those whose error was measured.
 template <typename acc_t>
 void solve(const Problem<acc_t>& p, int64_t max_iter, acc_t tol, bool parallel, const Outputs<acc_t>& out) {
   const int64_t n = p.n, m = p.m;
-  constexpr int64_t kRowChunk = 64;
-  std::vector<acc_t> u_buf(n, 0), u_new_buf(n), z(n), v(m, 0), w(m), acc(kColumnBlock);
-  std::vector<acc_t> chunk_err(parallel ? (n + kRowChunk - 1) / kRowChunk : 0);
+  const int64_t parts = parallel ? std::min<int64_t>(at::get_num_threads(), n) : 1;
+  std::vector<acc_t> u_buf(n, 0), u_new_buf(n), v(m, 0), col_acc(parts * m), e(parts * m), part_err(parts);
   acc_t* u = u_buf.data();
   acc_t* u_new = u_new_buf.data();
   acc_t err = std::numeric_limits<acc_t>::infinity();
   int64_t it = 0;
   for (;; ++it) {
-    for (int64_t j = 0; j < m; ++j) w[j] = p.log_b[j] + v[j];
-    if (parallel) {
-      at::parallel_for(0, static_cast<int64_t>(chunk_err.size()), 1, [&](int64_t b, int64_t e) {
-        for (int64_t c = b; c < e; ++c)
-          chunk_err[c] = row_pass_entry(p, w.data(), u, u_new, c * kRowChunk, std::min(n, (c + 1) * kRowChunk));
+    std::fill(col_acc.begin(), col_acc.end(), acc_t(0));
+    if (parts > 1) {
+      at::parallel_for(0, parts, 1, [&](int64_t b, int64_t e_) {
+        for (int64_t t = b; t < e_; ++t)
+          part_err[t] = fused_rows_entry(p, u, v.data(), u_new, col_acc.data() + t * m, e.data() + t * m,
+                                         n * t / parts, n * (t + 1) / parts);
       });
       err = 0;
-      for (acc_t e : chunk_err) err += e;  // fixed order: the result does not depend on threads
+      for (int64_t t = 0; t < parts; ++t) err += part_err[t];
+      for (int64_t t = 1; t < parts; ++t)
+        for (int64_t j = 0; j < m; ++j) col_acc[j] += col_acc[t * m + j];
     } else {
-      err = row_pass_entry(p, w.data(), u, u_new, 0, n);
+      err = fused_rows_entry(p, u, v.data(), u_new, col_acc.data(), e.data(), 0, n);
     }
     if (it == max_iter || err <= tol || err != err) break;
     std::swap(u, u_new);
-    for (int64_t i = 0; i < n; ++i) z[i] = p.log_a[i] + u[i];
-    if (parallel) {
-      at::parallel_for(0, (m + kColumnBlock - 1) / kColumnBlock, 1, [&](int64_t b, int64_t e) {
-        std::vector<acc_t> block_acc(kColumnBlock);
-        column_pass_entry(p, z.data(), v.data(), block_acc.data(), b * kColumnBlock, std::min(m, e * kColumnBlock));
-      });
-    } else {
-      column_pass_entry(p, z.data(), v.data(), acc.data(), 0, m);
+    bool all_ok = true;
+    for (int64_t j = 0; j < m; ++j) {
+      const acc_t s = col_acc[j];
+      if (warm_sum_ok(s)) {
+        v[j] -= std::log(s);
+      } else {
+        all_ok = false;
+      }
     }
+    if (!all_ok) exact_columns_entry(p, u, col_acc.data(), v.data(), 0, m);
   }
   const acc_t eps = acc_t(1) / p.inv_eps;
   acc_t value = 0;
@@ -247,26 +251,24 @@ void solve(const Problem<acc_t>& p, int64_t max_iter, acc_t tol, bool parallel, 
   }
   for (int64_t j = 0; j < m; ++j) {
     out.beta[j] = eps * v[j];
-    const acc_t bj = std::exp(p.log_b[j]);
-    if (bj > 0) value += bj * out.beta[j];
+    if (p.b[j] > 0) value += p.b[j] * out.beta[j];
   }
   *out.value = value;
   *out.n_iter = it;
   *out.error = err;
-  for (int64_t j = 0; j < m; ++j) w[j] = p.log_b[j] + v[j];
   if (parallel) {
-    at::parallel_for(0, n, 16, [&](int64_t b, int64_t e) { plan_rows_entry(p, u, w.data(), out.plan, b, e); });
+    at::parallel_for(0, n, 16, [&](int64_t b, int64_t e_) { plan_rows_entry(p, u, v.data(), out.plan, b, e_); });
   } else {
-    plan_rows_entry(p, u, w.data(), out.plan, 0, n);
+    plan_rows_entry(p, u, v.data(), out.plan, 0, n);
   }
 }
 
 template <typename acc_t>
-void solve_batch(const acc_t* cost, const acc_t* a, const acc_t* log_a, const acc_t* log_b, int64_t B, int64_t n,
-                 int64_t m, acc_t inv_eps, int64_t max_iter, acc_t tol, acc_t* plan, acc_t* alpha, acc_t* beta,
-                 acc_t* value, int64_t* n_iter, acc_t* error) {
+void solve_batch(const acc_t* cost, const acc_t* a, const acc_t* b, const acc_t* log_a, const acc_t* log_b,
+                 int64_t B, int64_t n, int64_t m, acc_t inv_eps, int64_t max_iter, acc_t tol, acc_t* plan,
+                 acc_t* alpha, acc_t* beta, acc_t* value, int64_t* n_iter, acc_t* error) {
   auto problem = [&](int64_t k) {
-    return Problem<acc_t>{cost + k * n * m, a + k * n, log_a + k * n, log_b + k * m, n, m, inv_eps};
+    return Problem<acc_t>{cost + k * n * m, a + k * n, b + k * m, log_a + k * n, log_b + k * m, n, m, inv_eps};
   };
   auto outputs = [&](int64_t k) {
     return Outputs<acc_t>{plan + k * n * m, alpha + k * n, beta + k * m, value + k, n_iter + k, error + k};
@@ -275,8 +277,8 @@ void solve_batch(const acc_t* cost, const acc_t* a, const acc_t* log_a, const ac
   if (inner_parallel) {
     for (int64_t k = 0; k < B; ++k) solve(problem(k), max_iter, tol, true, outputs(k));
   } else {
-    at::parallel_for(0, B, 1, [&](int64_t b, int64_t e) {
-      for (int64_t k = b; k < e; ++k) solve(problem(k), max_iter, tol, false, outputs(k));
+    at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
+      for (int64_t k = b0; k < b1; ++k) solve(problem(k), max_iter, tol, false, outputs(k));
     });
   }
 }
@@ -320,16 +322,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   check_marginals(a.to(at::kDouble), b.to(at::kDouble), sinkhorn_mass_tolerance(a.scalar_type(), b.scalar_type()));
   const at::Tensor c = cost.to(s.acc_dtype).contiguous();
   const at::Tensor av = a.to(s.acc_dtype).contiguous();
+  const at::Tensor bv = b.to(s.acc_dtype).contiguous();
   const at::Tensor log_a = av.log();
-  const at::Tensor log_b = b.to(s.acc_dtype).log().contiguous();
+  const at::Tensor log_b = bv.log();
   if (s.acc_dtype == at::kDouble) {
-    solve_batch<double>(c.const_data_ptr<double>(), av.const_data_ptr<double>(), log_a.const_data_ptr<double>(),
+    solve_batch<double>(c.const_data_ptr<double>(), av.const_data_ptr<double>(), bv.const_data_ptr<double>(),
+                        log_a.const_data_ptr<double>(),
                         log_b.const_data_ptr<double>(), s.batch, s.n, s.m, 1.0 / eps, max_iter, tol,
                         plan.mutable_data_ptr<double>(), alpha.mutable_data_ptr<double>(),
                         beta.mutable_data_ptr<double>(), value.mutable_data_ptr<double>(),
                         n_iter.mutable_data_ptr<int64_t>(), error.mutable_data_ptr<double>());
   } else {
-    solve_batch<float>(c.const_data_ptr<float>(), av.const_data_ptr<float>(), log_a.const_data_ptr<float>(),
+    solve_batch<float>(c.const_data_ptr<float>(), av.const_data_ptr<float>(), bv.const_data_ptr<float>(),
+                       log_a.const_data_ptr<float>(),
                        log_b.const_data_ptr<float>(), s.batch, s.n, s.m, static_cast<float>(1.0 / eps), max_iter,
                        static_cast<float>(tol), plan.mutable_data_ptr<float>(), alpha.mutable_data_ptr<float>(),
                        beta.mutable_data_ptr<float>(), value.mutable_data_ptr<float>(),
