@@ -39,8 +39,16 @@ namespace {
 // Lanes of the explicit SIMD reductions (one 512-bit vector).
 template <typename acc_t>
 constexpr int kLanes = 64 / sizeof(acc_t);
-// Below this many cost entries a problem runs on one thread.
-constexpr int64_t kParallelProblemMin = 1 << 16;
+// Below this many cost entries a problem runs on one thread (a pass then takes well under a
+// millisecond, less than waking and joining threads costs on a busy machine).
+constexpr int64_t kParallelProblemMin = 1 << 22;
+// Work (elements touched) per parallel task below which a loop runs on the calling thread.
+constexpr int64_t kMinTaskWork = 1 << 16;
+
+// A grain (in items of `work_per_item` elements) that gives every task at least kMinTaskWork.
+inline int64_t grain_for(int64_t work_per_item) {
+  return std::max<int64_t>(1, kMinTaskWork / std::max<int64_t>(1, work_per_item));
+}
 
 template <int L, typename acc_t>
 FASTLOSS_CPU_INLINE acc_t sum_lanes(acc_t* a) {
@@ -257,7 +265,8 @@ void solve(const Problem<acc_t>& p, int64_t max_iter, acc_t tol, bool parallel, 
   *out.n_iter = it;
   *out.error = err;
   if (parallel) {
-    at::parallel_for(0, n, 16, [&](int64_t b, int64_t e_) { plan_rows_entry(p, u, v.data(), out.plan, b, e_); });
+    at::parallel_for(0, n, grain_for(m),
+                     [&](int64_t b, int64_t e_) { plan_rows_entry(p, u, v.data(), out.plan, b, e_); });
   } else {
     plan_rows_entry(p, u, v.data(), out.plan, 0, n);
   }
@@ -277,7 +286,8 @@ void solve_batch(const acc_t* cost, const acc_t* a, const acc_t* b, const acc_t*
   if (inner_parallel) {
     for (int64_t k = 0; k < B; ++k) solve(problem(k), max_iter, tol, true, outputs(k));
   } else {
-    at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
+    // A small problem runs tens of iterations: ~16 problems of 64 x 64 already make a task.
+    at::parallel_for(0, B, grain_for(16 * n * m), [&](int64_t b0, int64_t b1) {
       for (int64_t k = b0; k < b1; ++k) solve(problem(k), max_iter, tol, false, outputs(k));
     });
   }
@@ -548,22 +558,31 @@ FASTLOSS_SINKHORN_KD_ENTRIES(float)
 FASTLOSS_SINKHORN_KD_ENTRIES(double)
 #undef FASTLOSS_SINKHORN_KD_ENTRIES
 
+// The 2 n_iter mat-vecs of the normalizations run back to back: up to this many entries
+// (B = 1448) each is ~0.2 ms on one core, less than a fork/join of threads on a busy machine.
+constexpr int64_t kSerialMatvecMax = 1 << 21;
+
 template <typename acc_t>
 void matvec(const acc_t* K, const acc_t* v, acc_t* out, int64_t B) {
-  at::parallel_for(0, B, 64, [&](int64_t b, int64_t e) { matvec_entry(K, v, out, B, b, e); });
+  if (B * B <= kSerialMatvecMax) return matvec_entry(K, v, out, B, int64_t(0), B);
+  at::parallel_for(0, B, grain_for(B), [&](int64_t b, int64_t e) { matvec_entry(K, v, out, B, b, e); });
 }
 template <typename acc_t>
 void matvec_t(const acc_t* K, const acc_t* v, acc_t* out, int64_t B) {
-  at::parallel_for(0, B, 256, [&](int64_t b, int64_t e) { matvec_t_entry(K, v, out, B, b, e); });
+  if (B * B <= kSerialMatvecMax) return matvec_t_entry(K, v, out, B, int64_t(0), B);
+  at::parallel_for(0, B, std::max<int64_t>(256, grain_for(B)), [&](int64_t b, int64_t e) {
+    matvec_t_entry(K, v, out, B, b, e);
+  });
 }
 template <typename acc_t>
 void kernel_matrix(const acc_t* W, acc_t* K, acc_t inv_eps, int64_t count) {
-  at::parallel_for(0, count, 16384, [&](int64_t b, int64_t e) { kernel_entry(W, K, inv_eps, b, e); });
+  at::parallel_for(0, count, kMinTaskWork, [&](int64_t b, int64_t e) { kernel_entry(W, K, inv_eps, b, e); });
 }
-// Row tiles of kRowTile rows per task (the cdist kernels work on whole tiles).
+// Row tiles of kRowTile rows per task (the cdist kernels work on whole tiles); a tile
+// touches kRowTile x S x C elements.
 template <typename F>
-void for_row_tiles(int64_t R, const F& f) {
-  at::parallel_for(0, (R + kRowTile - 1) / kRowTile, 1, [&](int64_t t0, int64_t t1) {
+void for_row_tiles(int64_t R, int64_t S, int64_t C, const F& f) {
+  at::parallel_for(0, (R + kRowTile - 1) / kRowTile, grain_for(kRowTile * S * C), [&](int64_t t0, int64_t t1) {
     f(t0 * kRowTile, std::min(R, t1 * kRowTile));
   });
 }
@@ -574,14 +593,14 @@ template <typename acc_t>
 void sinkhorn_kd_forward_kernel(const acc_t* zs, const acc_t* zt, int64_t B, int64_t C, acc_t inv_t, acc_t inv_eps,
                                 int64_t n_iter, acc_t scale, acc_t* ps, acc_t* pt, acc_t* W, acc_t* K, acc_t* xs,
                                 acc_t* ys, acc_t* loss) {
-  at::parallel_for(0, B, 8, [&](int64_t b, int64_t e) {
+  at::parallel_for(0, B, grain_for(2 * C), [&](int64_t b, int64_t e) {
     softmax_rows_entry(zs, ps, C, inv_t, b, e);
     softmax_rows_entry(zt, pt, C, inv_t, b, e);
   });
   std::vector<acc_t> pt_t(C <= kFewClasses ? B * C : 0);
   for (int64_t j = 0; j < static_cast<int64_t>(pt_t.size()) / std::max<int64_t>(C, 1); ++j)
     for (int64_t k = 0; k < C; ++k) pt_t[k * B + j] = pt[j * C + k];
-  for_row_tiles(B, [&](int64_t r0, int64_t r1) { l1_cdist_entry(ps, pt, pt_t.data(), W, B, C, r0, r1); });
+  for_row_tiles(B, B, C, [&](int64_t r0, int64_t r1) { l1_cdist_entry(ps, pt, pt_t.data(), W, B, C, r0, r1); });
   kernel_matrix(W, K, inv_eps, B * B);
   std::vector<acc_t> tmp(B);
   for (int64_t i = 0; i < B; ++i) xs[i] = ys[i] = 1;
@@ -597,7 +616,7 @@ void sinkhorn_kd_forward_kernel(const acc_t* zs, const acc_t* zt, int64_t B, int
   const acc_t* x = xs + n_iter * B;
   const acc_t* y = ys + n_iter * B;
   std::vector<acc_t> kw(B * B);
-  at::parallel_for(0, B * B, 16384, [&](int64_t b, int64_t e) {
+  at::parallel_for(0, B * B, kMinTaskWork, [&](int64_t b, int64_t e) {
     for (int64_t q = b; q < e; ++q) kw[q] = K[q] * W[q];
   });
   matvec(kw.data(), y, tmp.data(), B);
@@ -620,7 +639,7 @@ void sinkhorn_kd_sweep(const acc_t* W, const acc_t* K, const acc_t* xs, const ac
   const acc_t* xn = xs + n_iter * B;
   const acc_t* yn = ys + n_iter * B;
   std::vector<acc_t> kw(B * B), x_bar(B), y_bar(B), tmp(B), ku(B);
-  at::parallel_for(0, B * B, 16384, [&](int64_t b, int64_t e) {
+  at::parallel_for(0, B * B, kMinTaskWork, [&](int64_t b, int64_t e) {
     for (int64_t q = b; q < e; ++q) kw[q] = K[q] * W[q];
   });
   matvec(kw.data(), yn, x_bar.data(), B);
@@ -715,7 +734,7 @@ std::tuple<at::Tensor, at::Tensor> sinkhorn_kd_backward(const at::Tensor& grad_l
     const acc_t* xn = xc.const_data_ptr<acc_t>() + n_iter * B;
     const acc_t* yn = yc.const_data_ptr<acc_t>() + n_iter * B;
     acc_t* gw = G.mutable_data_ptr<acc_t>();
-    at::parallel_for(0, B, 16, [&](int64_t r0, int64_t r1) {
+    at::parallel_for(0, B, grain_for(B), [&](int64_t r0, int64_t r1) {
       for (int64_t i = r0; i < r1; ++i)
         for (int64_t j = 0; j < B; ++j) {
           const int64_t q = i * B + j;
@@ -725,7 +744,7 @@ std::tuple<at::Tensor, at::Tensor> sinkhorn_kd_backward(const at::Tensor& grad_l
     if (student_grad) {
       at::Tensor d = at::empty({B, C}, opts);
       acc_t* dp = d.mutable_data_ptr<acc_t>();
-      for_row_tiles(B, [&](int64_t r0, int64_t r1) {
+      for_row_tiles(B, B, C, [&](int64_t r0, int64_t r1) {
         l1_cdist_softmax_grad_entry(psc.const_data_ptr<acc_t>(), ptc.const_data_ptr<acc_t>(),
                                     ptc_t.const_data_ptr<acc_t>(), gw, dp, B, C, inv_t, r0, r1);
       });
@@ -736,7 +755,7 @@ std::tuple<at::Tensor, at::Tensor> sinkhorn_kd_backward(const at::Tensor& grad_l
       const at::Tensor Gt = G.t().contiguous();
       at::Tensor d = at::empty({B, C}, opts);
       acc_t* dp = d.mutable_data_ptr<acc_t>();
-      for_row_tiles(B, [&](int64_t r0, int64_t r1) {
+      for_row_tiles(B, B, C, [&](int64_t r0, int64_t r1) {
         l1_cdist_softmax_grad_entry(ptc.const_data_ptr<acc_t>(), psc.const_data_ptr<acc_t>(),
                                     psc_t.const_data_ptr<acc_t>(), Gt.const_data_ptr<acc_t>(), dp, B, C, inv_t, r0,
                                     r1);
