@@ -238,6 +238,14 @@ __global__ void __launch_bounds__(kThreads) sinkhorn_block_kernel(SinkhornArgs<T
   }
 }
 
+// The block path needs its vectors in shared memory; then it takes small problems, and any
+// batch large enough to fill the GPU with one block per problem.
+template <typename T>
+bool use_block_path(int64_t batch, int64_t n, int64_t m, int sms) {
+  if (block_smem_bytes<T>(n, m, false) > kMaxSmemBytes) return false;
+  return n * m <= kBlockPathMaxEntries || batch >= 2 * static_cast<int64_t>(sms);
+}
+
 // -------------------------------------------------------------------------------------------
 // Grid path: one cooperative launch per problem.
 
@@ -466,10 +474,6 @@ __global__ void __launch_bounds__(kThreads) sinkhorn_grid_kernel(SinkhornArgs<T>
 // -------------------------------------------------------------------------------------------
 // Path choice and launch
 
-bool use_block_path(int64_t batch, int64_t n, int64_t m, int sms) {
-  return n * m <= kBlockPathMaxEntries || batch >= 2 * static_cast<int64_t>(sms);
-}
-
 template <typename T>
 cudaError_t grid_plan(int64_t n, int64_t m, GridPlan& g) {
   int device = 0, sms = 0, per_sm = 0, coop = 0;
@@ -499,10 +503,9 @@ int device_sms() {
 template <typename T>
 cudaError_t launch(const SinkhornArgs<T>& p, void* workspace, size_t workspace_bytes, cudaStream_t stream) {
   if (p.batch == 0 || p.n == 0 || p.m == 0) return cudaSuccess;
-  if (use_block_path(p.batch, p.n, p.m, device_sms())) {
+  if (use_block_path<T>(p.batch, p.n, p.m, device_sms())) {
     const bool in_smem = block_smem_bytes<T>(p.n, p.m, true) <= kMaxSmemBytes;
     const size_t smem = block_smem_bytes<T>(p.n, p.m, in_smem);
-    if (smem > kMaxSmemBytes) return cudaErrorInvalidValue;  // n + m in the tens of thousands
     const void* kernel = in_smem ? reinterpret_cast<const void*>(sinkhorn_block_kernel<T, true>)
                                  : reinterpret_cast<const void*>(sinkhorn_block_kernel<T, false>);
     if (smem > 48 * 1024) {
@@ -532,17 +535,18 @@ cudaError_t launch(const SinkhornArgs<T>& p, void* workspace, size_t workspace_b
   return cudaGetLastError();
 }
 
+template <typename T>
+size_t workspace_bytes(int64_t batch, int64_t n, int64_t m) {
+  if (batch == 0 || n == 0 || m == 0 || use_block_path<T>(batch, n, m, device_sms())) return 0;
+  GridPlan g;
+  if (grid_plan<T>(n, m, g) != cudaSuccess) return 0;  // the launch reports the error
+  return grid_workspace_bytes<T>(n, m, g);
+}
+
 }  // namespace
 
 size_t sinkhorn_workspace_bytes(int64_t batch, int64_t n, int64_t m, size_t elem_size) {
-  if (batch == 0 || n == 0 || m == 0 || use_block_path(batch, n, m, device_sms())) return 0;
-  GridPlan g;
-  if (elem_size == sizeof(double)) {
-    if (grid_plan<double>(n, m, g) != cudaSuccess) return 0;
-    return grid_workspace_bytes<double>(n, m, g);
-  }
-  if (grid_plan<float>(n, m, g) != cudaSuccess) return 0;
-  return grid_workspace_bytes<float>(n, m, g);
+  return elem_size == sizeof(double) ? workspace_bytes<double>(batch, n, m) : workspace_bytes<float>(batch, n, m);
 }
 
 cudaError_t launch_sinkhorn(const SinkhornArgs<float>& args, void* workspace, size_t workspace_bytes,
