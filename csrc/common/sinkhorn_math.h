@@ -8,9 +8,9 @@
 //   P_ij = exp(log a_i + log b_j + u_i + v_j - C_ij / eps).
 // Warm-shifted sums: each LSE is evaluated as s + log(sum exp(x - s)) with s = the previous
 // value of the same LSE (-u_old or -v_old), so a single pass with one exp per element
-// suffices; a sum outside [kMinSum, kMaxSum] (first iteration, or large potential moves)
+// suffices; a sum outside [kMinSum, kMaxSum] (first iterations, or large potential moves)
 // is redone exactly with a max pass. A row's warm sum is also its row marginal divided by
-// a_i under the previous iterate, so the L1 marginal error sum_i a_i |sum_i - 1| is free.
+// a_i under the current iterate, so the L1 marginal error sum_i a_i |sum_i - 1| is free.
 #pragma once
 
 #include <cstdint>
@@ -89,22 +89,6 @@ template <typename T>
 FASTLOSS_HD bool warm_sum_ok(T sum) {
   return sum >= SinkhornConstants<T>::kMinSum && sum <= SinkhornConstants<T>::kMaxSum;
 }
-
-// Streaming log-sum-exp (max, sum exp(x - max)) for the exact path and for merging the
-// partial sums of threads or blocks.
-template <typename T>
-struct OnlineLse {
-  T max;
-  T sum;
-
-  FASTLOSS_HD static OnlineLse empty() { return {-SinkhornConstants<T>::kMaxSum * SinkhornConstants<T>::kMaxSum, T(0)}; }
-
-  FASTLOSS_HD void merge(T other_max, T other_sum) {
-    const T m = fl_max(max, other_max);
-    sum = sum * sinkhorn_exp(max - m) + other_sum * sinkhorn_exp(other_max - m);
-    max = m;
-  }
-};
 
 // The SinKD loss (Cui et al. 2024) uses plain (not log-domain) normalizations on
 // K = exp(-W / eps) with W in [0, 2]: these are the scaling-vector forms of its row and

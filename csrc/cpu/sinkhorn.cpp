@@ -1,21 +1,24 @@
 // Batched log-domain Sinkhorn and the SinKD loss on the CPU.
 //
-// Sinkhorn (Cuturi 2013, log domain as in Schmitzer 2019; common/sinkhorn_math.h): per
-// iteration one row pass (u from v: one LSE per row, SIMD lanes along the row) and one
-// column pass (v from u: the cost streamed row by row, one accumulator per column, SIMD
-// across columns), each reading the cost once with one exp per element (warm-shifted sums,
-// exact max-subtracting redo when a sum leaves the safe range). The L1 row-marginal error
-// of the previous iterate falls out of the row pass, so every iteration checks convergence
-// for free and each problem stops on its own. Many problems: parallel over the batch, one
-// thread per problem. Few large problems: each pass parallel over rows / column blocks.
+// Sinkhorn (Cuturi 2013, log domain as in Schmitzer 2019; common/sinkhorn_math.h): one fused
+// pass over the cost per iteration, SIMD along each row: the row's exponentials give its
+// update (a warm-shifted log-sum-exp, redone exactly with a max pass when the sum leaves the
+// safe range) and, while still in L1, its contribution to every column sum of the column
+// update: one read of the cost and one exp per entry per iteration, plus one write of the
+// plan at the end. The L1 row-marginal error of the current iterate falls out of the row
+// sums, so every iteration checks convergence for free and each problem stops on its own.
+// Many problems: parallel over the batch, one thread per problem. Few large ones: rows split
+// across threads, each with its own column accumulators.
 //
 // SinKD (Cui et al. 2024, "SinKD: Sinkhorn distance minimization for knowledge distillation"):
-// softmax with temperature, the B x B L1 cost (cdist p=1) tiled so the teacher block stays
-// in L2, n_iter row/column normalizations in scaling-vector form (two B x B mat-vecs each,
-// the vectors kept for the backward), loss = scale * sum(P * W). The backward is the exact
-// reverse sweep of those normalizations (common/sinkhorn_math.h has the recurrences): two
-// mat-vecs per step, the cost gradient as one rank-2n product, then the cdist and softmax
-// backward. Accumulation in float (double for double inputs).
+// softmax with temperature, the B x B L1 cost (cdist p=1, B^2 C work) tiled so the teacher
+// block stays in L2 (SIMD across rows when there are few classes), n_iter row/column
+// normalizations in scaling-vector form (two B x B mat-vecs each, the vectors kept for the
+// backward), loss = scale * sum(P * W). The backward is the exact reverse sweep of those
+// normalizations (sinkhorn_kd_sweep): two mat-vecs per step, the cost gradient as one
+// rank-2n product, then the cdist and softmax backward (B^2 C again). Memory: the logits
+// and probabilities (B x C) are read a few times; everything else is O(B^2 + n_iter B).
+// Accumulation in float (double for double inputs).
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>

@@ -140,6 +140,7 @@ def sinkhorn_cost(
     grad="unrolled": the exact gradient of the computed value through every iteration, by
         autograd through a PyTorch log-domain loop that runs max_iter iterations with each
         problem frozen once it meets tol (no early exit: memory and time grow with max_iter).
+        Its marginal checks run on CPU tensors only (they would need a sync on CUDA).
     """
     if grad not in _GRAD_MODES:
         raise ValueError(f"fastloss.sinkhorn_cost: expected 'grad' to be one of {_GRAD_MODES}, got {grad!r}")
