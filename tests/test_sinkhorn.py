@@ -298,7 +298,8 @@ def test_cuda_paths_match_cpu(shape, dtype):
     torch.testing.assert_close(r.plan.cpu(), r_cpu.plan, rtol=1e-3, atol=tol * r_cpu.plan.max().item() * 10)
     torch.testing.assert_close(r.value.cpu(), r_cpu.value, rtol=1e-4, atol=1e-6)
     assert (r.marginal_error.cpu() <= 1e-6).all()
-    assert ((r.n_iter.cpu() - r_cpu.n_iter).abs() <= 2).all()
+    # Same iteration, different rounding: the stopping iteration may move a little.
+    assert ((r.n_iter.cpu() - r_cpu.n_iter).abs() <= 3 + r_cpu.n_iter // 20).all()
 
 
 @pytest.mark.cuda
