@@ -33,6 +33,9 @@ namespace cg = cooperative_groups;
 
 constexpr int kThreads = 256;
 constexpr int kWarps = kThreads / 32;
+// Two resident blocks per SM cap registers at 128 per thread: without a minimum, ptxas
+// picked caps that spilled the double kernels on sm_80.
+constexpr int kMinBlocksPerSm = 2;
 constexpr unsigned kFullMask = 0xffffffffu;
 // Largest shared-memory request (opt-in above 48 KB); larger costs stay in global memory.
 constexpr size_t kMaxSmemBytes = 160 * 1024;
@@ -144,7 +147,7 @@ size_t block_smem_bytes(int64_t n, int64_t m, bool cost_in_smem) {
 }
 
 template <typename T, bool kCostInSmem>
-__global__ void __launch_bounds__(kThreads) sinkhorn_block_kernel(SinkhornArgs<T> p) {
+__global__ void __launch_bounds__(kThreads, kMinBlocksPerSm) sinkhorn_block_kernel(SinkhornArgs<T> p) {
   extern __shared__ __align__(16) unsigned char smem_raw[];
   const int64_t n = p.n, m = p.m, k = blockIdx.x;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
@@ -323,7 +326,7 @@ __device__ T grid_total(const T* block_part, int blocks, T* scratch) {
 }
 
 template <typename T>
-__global__ void __launch_bounds__(kThreads) sinkhorn_grid_kernel(SinkhornArgs<T> p, GridWorkspace<T> w, int64_t k) {
+__global__ void __launch_bounds__(kThreads, kMinBlocksPerSm) sinkhorn_grid_kernel(SinkhornArgs<T> p, GridWorkspace<T> w, int64_t k) {
   cg::grid_group grid = cg::this_grid();
   __shared__ T red[2 * (kWarps + 1)];
   const int64_t n = p.n, m = p.m;
