@@ -110,6 +110,23 @@ def test_zero_mass_entries():
         torch.testing.assert_close(r.value[k], primal_value(r.plan[k], cost[k], a[k], b[k], 0.1), rtol=1e-9, atol=1e-9)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_extreme_costs_stay_finite(device, dtype):
+    # eps a millionth of the cost scale: slow to converge, but never inf or NaN.
+    cost, a, b = random_problem(2, 20, 30, seed=4, device=device)
+    r = fastloss.sinkhorn((cost * 1e6).to(dtype), a, b, eps=1.0, max_iter=200)
+    assert all(torch.isfinite(t).all() for t in (r.plan, r.f, r.g, r.value, r.marginal_error))
+    if dtype == torch.float64:  # (float32 holds potentials of ~1e6 to ~0.06: a few % in P)
+        torch.testing.assert_close(r.plan.sum(1), b, rtol=1e-6, atol=1e-9)  # columns exact
+    # A NaN cost entry makes its problem NaN (and stop); +inf forbids one transport.
+    bad = cost.to(dtype).clone()
+    bad[0, 1, 2] = math.nan
+    bad[1, 0, 0] = math.inf
+    r = fastloss.sinkhorn(bad, a, b, eps=0.1, tol=1e-6, max_iter=500)
+    assert torch.isnan(r.marginal_error[0]) and r.n_iter[0] == 0
+    assert r.plan[1, 0, 0] == 0 and r.marginal_error[1] <= 1e-6
+
+
 def test_shared_and_default_marginals():
     cost, a, b = random_problem(4, 8, 5, seed=6)
     r1 = fastloss.sinkhorn(cost, a[0], b[0], eps=0.2)
