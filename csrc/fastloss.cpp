@@ -49,6 +49,25 @@ TORCH_LIBRARY(fastloss, m) {
       "stat_topk_gelu_mul_backward(Tensor grad_out, Tensor gate, Tensor up, Tensor theta, "
       "Tensor mean, Tensor std, float sparsity, bool threshold_grad) -> (Tensor, Tensor)",
       tags);
+  // Batched log-domain Sinkhorn: cost (B, n, m), marginals a (B, n), b (B, m); per problem the
+  // plan, alpha = f - eps log a, beta = g - eps log b, the value <a, alpha> + <b, beta>, the
+  // iterations used and the final L1 row-marginal error. Float32 results for fp16/bf16 costs.
+  m.def(
+      "sinkhorn(Tensor cost, Tensor a, Tensor b, float eps, int max_iter, float tol) -> "
+      "(Tensor plan, Tensor alpha, Tensor beta, Tensor value, Tensor n_iter, Tensor marginal_error)",
+      tags);
+  // SinKD loss (Cui et al. 2024): the loss and what its fused backward needs (softmaxes,
+  // B x B L1 cost, scaling vectors x, y of shape (n_iter + 1, B)).
+  m.def(
+      "sinkhorn_kd(Tensor student_logits, Tensor teacher_logits, float temperature, float eps, int n_iter, "
+      "float scale) -> (Tensor loss, Tensor p_student, Tensor p_teacher, Tensor cost, Tensor x, Tensor y)",
+      tags);
+  // The exact gradient of sinkhorn_kd's loss through its n_iter normalizations (reverse sweep).
+  m.def(
+      "sinkhorn_kd_backward(Tensor grad_loss, Tensor p_student, Tensor p_teacher, Tensor cost, Tensor x, "
+      "Tensor y, float temperature, float eps, float scale, bool student_grad, bool teacher_grad, "
+      "ScalarType student_dtype, ScalarType teacher_dtype) -> (Tensor, Tensor)",
+      tags);
 }
 
 namespace py = pybind11;

@@ -9,7 +9,8 @@ import torch  # noqa: F401  (loads torch's shared libraries before the extension
 from . import _C  # noqa: F401  (registers torch.ops.fastloss.*)
 from .ops.softmax import log_softmax, softmax
 from .ops.stat_topk import stat_topk, stat_topk_gelu_mul
-from . import nn  # noqa: E402
+from .ops.sinkhorn import SinkhornResult, sinkhorn, sinkhorn_cost, sinkhorn_kd_loss
+from . import nn  # noqa: E402  (nn.Module wrappers)
 
 __version__ = _C.build_info()["version"]
 
@@ -19,4 +20,5 @@ def build_info() -> dict:
     return dict(_C.build_info())
 
 
-__all__ = ["softmax", "log_softmax", "stat_topk", "stat_topk_gelu_mul", "nn", "build_info", "__version__"]
+__all__ = ["softmax", "log_softmax", "stat_topk", "stat_topk_gelu_mul", "sinkhorn", "sinkhorn_cost",
+           "sinkhorn_kd_loss", "SinkhornResult", "nn", "build_info", "__version__"]

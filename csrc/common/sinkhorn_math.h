@@ -1,0 +1,98 @@
+// Log-domain Sinkhorn arithmetic shared by the CPU and CUDA kernels (Cuturi 2013; log-domain
+// stabilization as in Schmitzer 2019, arXiv 1610.06519).
+//
+// Scaled dual variables: u = alpha / eps, v = beta / eps, where alpha = f - eps log a and
+// beta = g - eps log b stay finite even where a marginal entry is zero. One iteration is
+//   u_i = -LSE_j(log b_j + v_j - C_ij / eps)        (row update: rows of P sum to a)
+//   v_j = -LSE_i(log a_i + u_i - C_ij / eps)        (column update: columns sum to b)
+//   P_ij = exp(log a_i + log b_j + u_i + v_j - C_ij / eps).
+// Warm-shifted sums: each LSE is evaluated as s + log(sum exp(x - s)) with s = the previous
+// value of the same LSE (-u_old or -v_old), so a single pass with one exp per element
+// suffices; a sum outside [kMinSum, kMaxSum] (first iterations, or large potential moves)
+// is redone exactly with a max pass. A row's warm sum is also its row marginal divided by
+// a_i under the current iterate, so the L1 marginal error sum_i a_i |sum_i - 1| is free.
+#pragma once
+
+#include <cstdint>
+#include <cstring>
+
+#include "common/exp_pair.h"
+#include "common/macros.h"
+
+namespace fastloss {
+
+template <typename T>
+struct SinkhornConstants;
+
+template <>
+struct SinkhornConstants<float> {
+  // exp(x) is 0 below kMinArg (about the smallest normal number) and clamped at kMaxArg:
+  // exp(kMaxArg) > kMaxSum, so a clamped overflow always falls back to the exact path.
+  static constexpr float kMinArg = -87.0f;
+  static constexpr float kMaxArg = 88.0f;
+  // A warm sum in this range has a dominant term far above float's underflow and cannot
+  // have overflowed, so it is as accurate as the exact max-subtracting sum.
+  static constexpr float kMinSum = 0x1.0p-60f;
+  static constexpr float kMaxSum = 0x1.0p+60f;
+  static constexpr float kMaxExponent = 127.0f;
+};
+
+template <>
+struct SinkhornConstants<double> {
+  static constexpr double kMinArg = -708.0;
+  static constexpr double kMaxArg = 709.0;
+  static constexpr double kMinSum = 0x1.0p-500;
+  static constexpr double kMaxSum = 0x1.0p+500;
+  static constexpr double kMaxExponent = 1023.0;
+};
+
+FASTLOSS_HD float fl_min(float a, float b) { return a < b ? a : b; }
+FASTLOSS_HD double fl_min(double a, double b) { return a < b ? a : b; }
+
+// 2^k for integer-valued k in [kMinExponent, kMaxExponent] (clamped), from exponent bits.
+FASTLOSS_HD float exp2_int(float k) {
+  k = fl_min(fl_max(k, ExpConstants<float>::kMinExponent), SinkhornConstants<float>::kMaxExponent);
+  const int32_t bits = (static_cast<int32_t>(k) + 127) << 23;
+#if defined(__CUDA_ARCH__)
+  return __int_as_float(bits);
+#else
+  float r;
+  std::memcpy(&r, &bits, sizeof(r));
+  return r;
+#endif
+}
+FASTLOSS_HD double exp2_int(double k) {
+  k = fl_min(fl_max(k, ExpConstants<double>::kMinExponent), SinkhornConstants<double>::kMaxExponent);
+  const int64_t bits = (static_cast<int64_t>(k) + 1023) << 52;
+#if defined(__CUDA_ARCH__)
+  return __longlong_as_double(bits);
+#else
+  double r;
+  std::memcpy(&r, &bits, sizeof(r));
+  return r;
+#endif
+}
+
+// exp(x) for x <= kMaxArg, 0 below kMinArg (so exp(-inf) = 0), exp(kMaxArg) above it, NaN
+// for NaN: branch-free, so loops over it vectorize on the CPU; within ~2 ulp of exp.
+template <typename T>
+FASTLOSS_HD T sinkhorn_exp(T x) {
+  using K = SinkhornConstants<T>;
+  const T xc = x < K::kMinArg ? K::kMinArg : (x > K::kMaxArg ? K::kMaxArg : x);
+  const ExpPair<T> p = exp_pair(xc);
+  const T r = p.mantissa * exp2_int(p.exponent);
+  return x < K::kMinArg ? T(0) : r;
+}
+
+// False when a warm-shifted sum must be redone exactly (also for NaN).
+template <typename T>
+FASTLOSS_HD bool warm_sum_ok(T sum) {
+  return sum >= SinkhornConstants<T>::kMinSum && sum <= SinkhornConstants<T>::kMaxSum;
+}
+
+// The SinKD loss (Cui et al. 2024) uses plain (not log-domain) normalizations on
+// K = exp(-W / eps) with W in [0, 2]: these are the scaling-vector forms of its row and
+// column steps. After t steps, P_t = diag(x_t) K diag(y_t) with
+//   x_t = 1 / (K y_{t-1}),   y_t = 1 / (K^T x_t),   y_0 = 1.
+
+}  // namespace fastloss

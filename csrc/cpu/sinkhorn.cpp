@@ -1,0 +1,782 @@
+// Batched log-domain Sinkhorn and the SinKD loss on the CPU.
+//
+// Sinkhorn (Cuturi 2013, log domain as in Schmitzer 2019; common/sinkhorn_math.h): one fused
+// pass over the cost per iteration, SIMD along each row: the row's exponentials give its
+// update (a warm-shifted log-sum-exp, redone exactly with a max pass when the sum leaves the
+// safe range) and, while still in L1, its contribution to every column sum of the column
+// update: one read of the cost and one exp per entry per iteration, plus one write of the
+// plan at the end. The L1 row-marginal error of the current iterate falls out of the row
+// sums, so every iteration checks convergence for free and each problem stops on its own.
+// Many problems: parallel over the batch, one thread per problem. Few large ones: rows split
+// across threads, each with its own column accumulators.
+//
+// SinKD (Cui et al. 2024, "SinKD: Sinkhorn distance minimization for knowledge distillation"):
+// softmax with temperature, the B x B L1 cost (cdist p=1, B^2 C work) tiled so the teacher
+// block stays in L2 (SIMD across rows when there are few classes), n_iter row/column
+// normalizations in scaling-vector form (two B x B mat-vecs each, the vectors kept for the
+// backward), loss = scale * sum(P * W). The backward is the exact reverse sweep of those
+// normalizations (sinkhorn_kd_sweep): two mat-vecs per step, the cost gradient as one
+// rank-2n product, then the cdist and softmax backward (B^2 C again). Memory: the logits
+// and probabilities (B x C) are read a few times; everything else is O(B^2 + n_iter B).
+// Accumulation in float (double for double inputs).
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/mm.h>
+#include <ATen/ops/zeros.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <vector>
+
+#include "common/sinkhorn_math.h"
+#include "common/sinkhorn_op.h"
+#include "cpu/isa.h"
+
+namespace fastloss::cpu {
+namespace {
+
+// Lanes of the explicit SIMD reductions (one 512-bit vector).
+template <typename acc_t>
+constexpr int kLanes = 64 / sizeof(acc_t);
+// Below this many cost entries a problem runs on one thread (a pass then takes well under a
+// millisecond, less than waking and joining threads costs on a busy machine).
+constexpr int64_t kParallelProblemMin = 1 << 22;
+// Work (elements touched) per parallel task below which a loop runs on the calling thread.
+constexpr int64_t kMinTaskWork = 1 << 16;
+
+// A grain (in items of `work_per_item` elements) that gives every task at least kMinTaskWork.
+inline int64_t grain_for(int64_t work_per_item) {
+  return std::max<int64_t>(1, kMinTaskWork / std::max<int64_t>(1, work_per_item));
+}
+
+template <int L, typename acc_t>
+FASTLOSS_CPU_INLINE acc_t sum_lanes(acc_t* a) {
+  for (int w = L / 2; w > 0; w /= 2)
+    for (int l = 0; l < w; ++l) a[l] += a[l + w];
+  return a[0];
+}
+template <int L, typename acc_t>
+FASTLOSS_CPU_INLINE acc_t max_lanes(acc_t* a) {
+  for (int w = L / 2; w > 0; w /= 2)
+    for (int l = 0; l < w; ++l) a[l] = fl_max(a[l], a[l + w]);
+  return a[0];
+}
+
+// ------------------------------------------------------------------------------------------
+// Sinkhorn
+//
+// One fused pass over the cost per iteration. For row i, with the previous u_i as the shift,
+//   e_ij = exp(v_j + u_i - C_ij / eps),   s_i = sum_j b_j e_ij
+// gives the row update u_i <- u_i - log s_i, and s_i = r_i / a_i is the row marginal of the
+// current iterate (the error term a_i |s_i - 1|). The column sums under the new u are then
+//   sum_i exp(log a_i + u_new_i - C_ij / eps + v_j) = sum_i (a_i / s_i) e_ij,
+// accumulated from the same e_ij while the row is in L1, so v_j <- v_j - log(that sum):
+// one exp per entry and one read of the cost per iteration. A row whose s_i leaves the safe
+// range is redone with its exact maximum as the shift; a column whose sum does is
+// recomputed exactly in a separate (rare) strided pass.
+
+template <typename acc_t>
+struct Problem {
+  const acc_t* cost;   // n x m
+  const acc_t* a;      // n
+  const acc_t* b;      // m
+  const acc_t* log_a;  // n
+  const acc_t* log_b;  // m
+  int64_t n, m;
+  acc_t inv_eps;
+};
+
+// Rows [r0, r1): writes u_new, adds (a_i / s_i) e_ij to col_acc (m), uses e (m) as scratch.
+// Returns sum_i a_i |s_i - 1|, the L1 row-marginal error of the current (u, v).
+template <typename acc_t>
+FASTLOSS_CPU_INLINE acc_t fused_rows(const Problem<acc_t>& p, const acc_t* u, const acc_t* v, acc_t* u_new,
+                                     acc_t* col_acc, acc_t* e, int64_t r0, int64_t r1) {
+  constexpr int L = kLanes<acc_t>;
+  const int64_t m = p.m;
+  const acc_t k = p.inv_eps;
+  const acc_t* b = p.b;
+  acc_t err = 0;
+  for (int64_t i = r0; i < r1; ++i) {
+    const acc_t* c = p.cost + i * m;
+    const acc_t ui = u[i];
+    acc_t part[L];
+    for (int l = 0; l < L; ++l) part[l] = 0;
+    int64_t j = 0;
+    for (; j + L <= m; j += L)
+      for (int l = 0; l < L; ++l) {
+        const acc_t x = sinkhorn_exp(fl_fma(c[j + l], -k, v[j + l] + ui));
+        e[j + l] = x;
+        part[l] += b[j + l] * x;
+      }
+    for (int l = 0; j + l < m; ++l) {
+      const acc_t x = sinkhorn_exp(fl_fma(c[j + l], -k, v[j + l] + ui));
+      e[j + l] = x;
+      part[l] += b[j + l] * x;
+    }
+    acc_t s = sum_lanes<L>(part);
+    acc_t ratio = s;
+    if (warm_sum_ok(s)) {
+      u_new[i] = ui - std::log(s);
+    } else {
+      // Exact: shift by the row maximum of log b_j + v_j - C_ij / eps.
+      acc_t mx[L];
+      for (int l = 0; l < L; ++l) mx[l] = -std::numeric_limits<acc_t>::infinity();
+      j = 0;
+      for (; j + L <= m; j += L)
+        for (int l = 0; l < L; ++l) mx[l] = fl_max(mx[l], fl_fma(c[j + l], -k, p.log_b[j + l] + v[j + l]));
+      for (int l = 0; j + l < m; ++l) mx[l] = fl_max(mx[l], fl_fma(c[j + l], -k, p.log_b[j + l] + v[j + l]));
+      const acc_t top = max_lanes<L>(mx);
+      for (int l = 0; l < L; ++l) part[l] = 0;
+      j = 0;
+      for (; j + L <= m; j += L)
+        for (int l = 0; l < L; ++l) {
+          const acc_t x = sinkhorn_exp(fl_fma(c[j + l], -k, v[j + l] - top));
+          e[j + l] = x;
+          part[l] += b[j + l] * x;
+        }
+      for (int l = 0; j + l < m; ++l) {
+        const acc_t x = sinkhorn_exp(fl_fma(c[j + l], -k, v[j + l] - top));
+        e[j + l] = x;
+        part[l] += b[j + l] * x;
+      }
+      s = sum_lanes<L>(part);
+      const acc_t lse = top + std::log(s);
+      u_new[i] = -lse;
+      ratio = std::exp(lse + ui);
+    }
+    const acc_t ai = p.a[i];
+    if (ai > 0) err += ai * std::abs(ratio - acc_t(1));
+    const acc_t weight = ai / s;
+    for (j = 0; j < m; ++j) col_acc[j] += weight * e[j];
+  }
+  return err;
+}
+
+// v_j <- -LSE_i(log a_i + u_i - C_ij / eps) exactly, for the columns [c0, c1) whose warm sum
+// left the safe range (marked by a non-finite-or-out-of-range col_acc); strided, rare.
+template <typename acc_t>
+FASTLOSS_CPU_INLINE void exact_columns(const Problem<acc_t>& p, const acc_t* u, const acc_t* col_acc, acc_t* v,
+                                       int64_t c0, int64_t c1) {
+  const acc_t k = p.inv_eps;
+  for (int64_t j = c0; j < c1; ++j) {
+    if (warm_sum_ok(col_acc[j])) continue;
+    acc_t top = -std::numeric_limits<acc_t>::infinity();
+    for (int64_t i = 0; i < p.n; ++i) top = fl_max(top, fl_fma(p.cost[i * p.m + j], -k, p.log_a[i] + u[i]));
+    acc_t s = 0;
+    for (int64_t i = 0; i < p.n; ++i) s += sinkhorn_exp(fl_fma(p.cost[i * p.m + j], -k, p.log_a[i] + u[i] - top));
+    v[j] = -(top + std::log(s));
+  }
+}
+
+// P_ij = a_i b_j exp(u_i + v_j - C_ij / eps) for rows [r0, r1) (0 for zero-mass entries).
+template <typename acc_t>
+FASTLOSS_CPU_INLINE void plan_rows(const Problem<acc_t>& p, const acc_t* u, const acc_t* v, acc_t* plan, int64_t r0,
+                                   int64_t r1) {
+  for (int64_t i = r0; i < r1; ++i) {
+    acc_t* row = plan + i * p.m;
+    const acc_t* c = p.cost + i * p.m;
+    const acc_t zi = p.log_a[i] + u[i];
+    for (int64_t j = 0; j < p.m; ++j) row[j] = sinkhorn_exp(fl_fma(c[j], -p.inv_eps, zi + p.log_b[j] + v[j]));
+  }
+}
+
+template <typename acc_t>
+struct Outputs {
+  acc_t* plan;   // n x m
+  acc_t* alpha;  // n
+  acc_t* beta;   // m
+  acc_t* value;
+  int64_t* n_iter;
+  acc_t* error;
+};
+
+// The instruction-set clones (cpu/isa.h) of the passes, one per accumulation type. Code in
+// at::parallel_for lambdas is not cloned, so the lambdas call these.
+#define FASTLOSS_SINKHORN_ENTRIES(T)                                                                          \
+  FASTLOSS_CPU_CLONES T fused_rows_entry(const Problem<T>& p, const T* u, const T* v, T* u_new, T* col_acc,  \
+                                         T* e, int64_t r0, int64_t r1) {                                     \
+    return fused_rows(p, u, v, u_new, col_acc, e, r0, r1);                                                   \
+  }                                                                                                          \
+  FASTLOSS_CPU_CLONES void exact_columns_entry(const Problem<T>& p, const T* u, const T* col_acc, T* v,      \
+                                               int64_t c0, int64_t c1) {                                     \
+    exact_columns(p, u, col_acc, v, c0, c1);                                                                 \
+  }                                                                                                          \
+  FASTLOSS_CPU_CLONES void plan_rows_entry(const Problem<T>& p, const T* u, const T* v, T* plan, int64_t r0, \
+                                           int64_t r1) {                                                     \
+    plan_rows(p, u, v, plan, r0, r1);                                                                        \
+  }
+FASTLOSS_SINKHORN_ENTRIES(float)
+FASTLOSS_SINKHORN_ENTRIES(double)
+#undef FASTLOSS_SINKHORN_ENTRIES
+
+// Solves one problem. With `parallel`, the rows of each pass are split into one range per
+// thread, each with its own column accumulators, summed afterwards in a fixed order.
+// The loop ends when the error of the current iterate is <= tol (or NaN), or after max_iter
+// iterations; the returned potentials are those whose error was measured.
+template <typename acc_t>
+void solve(const Problem<acc_t>& p, int64_t max_iter, acc_t tol, bool parallel, const Outputs<acc_t>& out) {
+  const int64_t n = p.n, m = p.m;
+  const int64_t parts = parallel ? std::min<int64_t>(at::get_num_threads(), n) : 1;
+  std::vector<acc_t> u_buf(n, 0), u_new_buf(n), v(m, 0), col_acc(parts * m), e(parts * m), part_err(parts);
+  acc_t* u = u_buf.data();
+  acc_t* u_new = u_new_buf.data();
+  acc_t err = std::numeric_limits<acc_t>::infinity();
+  int64_t it = 0;
+  for (;; ++it) {
+    std::fill(col_acc.begin(), col_acc.end(), acc_t(0));
+    if (parts > 1) {
+      at::parallel_for(0, parts, 1, [&](int64_t b, int64_t e_) {
+        for (int64_t t = b; t < e_; ++t)
+          part_err[t] = fused_rows_entry(p, u, v.data(), u_new, col_acc.data() + t * m, e.data() + t * m,
+                                         n * t / parts, n * (t + 1) / parts);
+      });
+      err = 0;
+      for (int64_t t = 0; t < parts; ++t) err += part_err[t];
+      for (int64_t t = 1; t < parts; ++t)
+        for (int64_t j = 0; j < m; ++j) col_acc[j] += col_acc[t * m + j];
+    } else {
+      err = fused_rows_entry(p, u, v.data(), u_new, col_acc.data(), e.data(), 0, n);
+    }
+    if (it == max_iter || err <= tol || err != err) break;
+    std::swap(u, u_new);
+    bool all_ok = true;
+    for (int64_t j = 0; j < m; ++j) {
+      const acc_t s = col_acc[j];
+      if (warm_sum_ok(s)) {
+        v[j] -= std::log(s);
+      } else {
+        all_ok = false;
+      }
+    }
+    if (!all_ok) exact_columns_entry(p, u, col_acc.data(), v.data(), 0, m);
+  }
+  const acc_t eps = acc_t(1) / p.inv_eps;
+  acc_t value = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    out.alpha[i] = eps * u[i];
+    if (p.a[i] > 0) value += p.a[i] * out.alpha[i];
+  }
+  for (int64_t j = 0; j < m; ++j) {
+    out.beta[j] = eps * v[j];
+    if (p.b[j] > 0) value += p.b[j] * out.beta[j];
+  }
+  *out.value = value;
+  *out.n_iter = it;
+  *out.error = err;
+  if (parallel) {
+    at::parallel_for(0, n, grain_for(m),
+                     [&](int64_t b, int64_t e_) { plan_rows_entry(p, u, v.data(), out.plan, b, e_); });
+  } else {
+    plan_rows_entry(p, u, v.data(), out.plan, 0, n);
+  }
+}
+
+template <typename acc_t>
+void solve_batch(const acc_t* cost, const acc_t* a, const acc_t* b, const acc_t* log_a, const acc_t* log_b,
+                 int64_t B, int64_t n, int64_t m, acc_t inv_eps, int64_t max_iter, acc_t tol, acc_t* plan,
+                 acc_t* alpha, acc_t* beta, acc_t* value, int64_t* n_iter, acc_t* error) {
+  auto problem = [&](int64_t k) {
+    return Problem<acc_t>{cost + k * n * m, a + k * n, b + k * m, log_a + k * n, log_b + k * m, n, m, inv_eps};
+  };
+  auto outputs = [&](int64_t k) {
+    return Outputs<acc_t>{plan + k * n * m, alpha + k * n, beta + k * m, value + k, n_iter + k, error + k};
+  };
+  const bool inner_parallel = B < at::get_num_threads() && n * m >= kParallelProblemMin;
+  if (inner_parallel) {
+    for (int64_t k = 0; k < B; ++k) solve(problem(k), max_iter, tol, true, outputs(k));
+  } else {
+    // A small problem runs tens of iterations: ~16 problems of 64 x 64 already make a task.
+    at::parallel_for(0, B, grain_for(16 * n * m), [&](int64_t b0, int64_t b1) {
+      for (int64_t k = b0; k < b1; ++k) solve(problem(k), max_iter, tol, false, outputs(k));
+    });
+  }
+}
+
+// Checks the marginals' values (the CUDA path cannot without a host sync; there an invalid
+// problem comes back as NaN instead).
+void check_marginals(const at::Tensor& a, const at::Tensor& b, double mass_tol) {
+  const auto A = a.accessor<double, 2>();
+  const auto Bm = b.accessor<double, 2>();
+  for (int64_t k = 0; k < a.size(0); ++k) {
+    double sa = 0, sb = 0;
+    for (int64_t i = 0; i < a.size(1); ++i) {
+      TORCH_CHECK(std::isfinite(A[k][i]) && A[k][i] >= 0, "fastloss.sinkhorn: expected 'a' to be finite and >= 0, ",
+                  "got a[", k, ", ", i, "] = ", A[k][i]);
+      sa += A[k][i];
+    }
+    for (int64_t j = 0; j < b.size(1); ++j) {
+      TORCH_CHECK(std::isfinite(Bm[k][j]) && Bm[k][j] >= 0, "fastloss.sinkhorn: expected 'b' to be finite and >= 0, ",
+                  "got b[", k, ", ", j, "] = ", Bm[k][j]);
+      sb += Bm[k][j];
+    }
+    TORCH_CHECK(sa > 0 && sb > 0, "fastloss.sinkhorn: expected 'a' and 'b' to have positive total mass, got ", sa,
+                " and ", sb, " in problem ", k);
+    TORCH_CHECK(std::abs(sa - sb) <= mass_tol * std::max(sa, sb), "fastloss.sinkhorn: expected 'a' and 'b' to have ",
+                "the same total mass (balanced OT), got ", sa, " and ", sb, " in problem ", k,
+                " (relative tolerance ", mass_tol, ")");
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> sinkhorn(
+    const at::Tensor& cost, const at::Tensor& a, const at::Tensor& b, double eps, int64_t max_iter, double tol) {
+  const SinkhornShape s = sinkhorn_args(cost, a, b, eps, max_iter, tol);
+  const auto opts = cost.options().dtype(s.acc_dtype);
+  at::Tensor plan = at::empty({s.batch, s.n, s.m}, opts);
+  at::Tensor alpha = at::empty({s.batch, s.n}, opts);
+  at::Tensor beta = at::empty({s.batch, s.m}, opts);
+  at::Tensor value = at::zeros({s.batch}, opts);
+  at::Tensor n_iter = at::zeros({s.batch}, opts.dtype(at::kLong));
+  at::Tensor error = at::zeros({s.batch}, opts);
+  if (s.batch == 0 || s.n == 0 || s.m == 0) return {plan, alpha, beta, value, n_iter, error};
+  check_marginals(a.to(at::kDouble), b.to(at::kDouble), sinkhorn_mass_tolerance(a.scalar_type(), b.scalar_type()));
+  const at::Tensor c = cost.to(s.acc_dtype).contiguous();
+  const at::Tensor av = a.to(s.acc_dtype).contiguous();
+  const at::Tensor bv = b.to(s.acc_dtype).contiguous();
+  const at::Tensor log_a = av.log();
+  const at::Tensor log_b = bv.log();
+  if (s.acc_dtype == at::kDouble) {
+    solve_batch<double>(c.const_data_ptr<double>(), av.const_data_ptr<double>(), bv.const_data_ptr<double>(),
+                        log_a.const_data_ptr<double>(),
+                        log_b.const_data_ptr<double>(), s.batch, s.n, s.m, 1.0 / eps, max_iter, tol,
+                        plan.mutable_data_ptr<double>(), alpha.mutable_data_ptr<double>(),
+                        beta.mutable_data_ptr<double>(), value.mutable_data_ptr<double>(),
+                        n_iter.mutable_data_ptr<int64_t>(), error.mutable_data_ptr<double>());
+  } else {
+    solve_batch<float>(c.const_data_ptr<float>(), av.const_data_ptr<float>(), bv.const_data_ptr<float>(),
+                       log_a.const_data_ptr<float>(),
+                       log_b.const_data_ptr<float>(), s.batch, s.n, s.m, static_cast<float>(1.0 / eps), max_iter,
+                       static_cast<float>(tol), plan.mutable_data_ptr<float>(), alpha.mutable_data_ptr<float>(),
+                       beta.mutable_data_ptr<float>(), value.mutable_data_ptr<float>(),
+                       n_iter.mutable_data_ptr<int64_t>(), error.mutable_data_ptr<float>());
+  }
+  return {plan, alpha, beta, value, n_iter, error};
+}
+
+// ------------------------------------------------------------------------------------------
+// SinKD
+
+// Rows [r0, r1) of softmax(z / T) (C columns) into p.
+template <typename acc_t>
+FASTLOSS_CPU_INLINE void softmax_rows(const acc_t* z, acc_t* p, int64_t C, acc_t inv_t, int64_t r0, int64_t r1) {
+  constexpr int L = kLanes<acc_t>;
+  for (int64_t r = r0; r < r1; ++r) {
+    const acc_t* x = z + r * C;
+    acc_t* y = p + r * C;
+    acc_t mx[L], part[L];
+    for (int l = 0; l < L; ++l) {
+      mx[l] = -std::numeric_limits<acc_t>::infinity();
+      part[l] = 0;
+    }
+    int64_t k = 0;
+    for (; k + L <= C; k += L)
+      for (int l = 0; l < L; ++l) mx[l] = fl_max(mx[l], x[k + l]);
+    for (int l = 0; k + l < C; ++l) mx[l] = fl_max(mx[l], x[k + l]);
+    const acc_t top = max_lanes<L>(mx) * inv_t;
+    for (k = 0; k < C; ++k) y[k] = sinkhorn_exp(fl_fma(x[k], inv_t, -top));
+    k = 0;
+    for (; k + L <= C; k += L)
+      for (int l = 0; l < L; ++l) part[l] += y[k + l];
+    for (int l = 0; k + l < C; ++l) part[l] += y[k + l];
+    const acc_t inv_sum = acc_t(1) / sum_lanes<L>(part);
+    for (k = 0; k < C; ++k) y[k] *= inv_sum;
+  }
+}
+
+// dz = p o (dz - sum(dz o p)) / T for rows [r0, r1), in place.
+template <typename acc_t>
+FASTLOSS_CPU_INLINE void softmax_rows_backward(const acc_t* p, acc_t* dz, int64_t C, acc_t inv_t, int64_t r0,
+                                               int64_t r1) {
+  constexpr int L = kLanes<acc_t>;
+  for (int64_t r = r0; r < r1; ++r) {
+    const acc_t* y = p + r * C;
+    acc_t* d = dz + r * C;
+    acc_t part[L];
+    for (int l = 0; l < L; ++l) part[l] = 0;
+    int64_t k = 0;
+    for (; k + L <= C; k += L)
+      for (int l = 0; l < L; ++l) part[l] += d[k + l] * y[k + l];
+    for (int l = 0; k + l < C; ++l) part[l] += d[k + l] * y[k + l];
+    const acc_t dot = sum_lanes<L>(part);
+    for (k = 0; k < C; ++k) d[k] = y[k] * (d[k] - dot) * inv_t;
+  }
+}
+
+// Tiles of the L1 cdist: kRowTile rows of X against all rows of Y, kClassTile classes at a
+// time, so the Y tile (S x kClassTile) stays in L2 while a thread walks its X rows.
+constexpr int64_t kClassTile = 512;
+constexpr int64_t kRowTile = 4;
+
+// Few classes (C <= kFewClasses): SIMD across the rows of Y instead, with Yt = Y^T (C x S).
+constexpr int64_t kFewClasses = 32;
+
+// Rows [r0, r1) of W_ij = sum_k |X_ik - Y_jk| for X (R x C), Y (S x C), Yt = Y^T.
+template <typename acc_t>
+FASTLOSS_CPU_INLINE void l1_cdist_rows(const acc_t* X, const acc_t* Y, const acc_t* Yt, acc_t* W, int64_t S,
+                                       int64_t C, int64_t r0, int64_t r1) {
+  constexpr int L = kLanes<acc_t>;
+  if (C <= kFewClasses) {
+    for (int64_t i = r0; i < r1; ++i) {
+      acc_t* w = W + i * S;
+      for (int64_t j = 0; j < S; ++j) w[j] = 0;
+      for (int64_t k = 0; k < C; ++k) {
+        const acc_t x = X[i * C + k];
+        const acc_t* y = Yt + k * S;
+        for (int64_t j = 0; j < S; ++j) w[j] += std::abs(x - y[j]);
+      }
+    }
+    return;
+  }
+  for (int64_t i = r0; i < r1; ++i)
+    for (int64_t j = 0; j < S; ++j) W[i * S + j] = 0;
+  for (int64_t k0 = 0; k0 < C; k0 += kClassTile) {
+    const int64_t kc = std::min(kClassTile, C - k0);
+    for (int64_t i0 = r0; i0 < r1; i0 += kRowTile) {
+      const int64_t ri = std::min(kRowTile, r1 - i0);
+      for (int64_t j = 0; j < S; ++j) {
+        const acc_t* y = Y + j * C + k0;
+        for (int64_t r = 0; r < ri; ++r) {
+          const acc_t* x = X + (i0 + r) * C + k0;
+          acc_t part[L];
+          for (int l = 0; l < L; ++l) part[l] = 0;
+          int64_t k = 0;
+          for (; k + L <= kc; k += L)
+            for (int l = 0; l < L; ++l) part[l] += std::abs(x[k + l] - y[k + l]);
+          for (int l = 0; k + l < kc; ++l) part[l] += std::abs(x[k + l] - y[k + l]);
+          W[(i0 + r) * S + j] += sum_lanes<L>(part);
+        }
+      }
+    }
+  }
+}
+
+// Rows [r0, r1) of dX_ik = sum_j G_ij sign(X_ik - Y_jk), the cdist p=1 backward (sign(0) = 0
+// as in torch), followed by the softmax backward through X = softmax(z / T) in place.
+template <typename acc_t>
+FASTLOSS_CPU_INLINE void l1_cdist_softmax_grad_rows(const acc_t* X, const acc_t* Y, const acc_t* Yt, const acc_t* G,
+                                                    acc_t* dX, int64_t S, int64_t C, acc_t inv_t, int64_t r0,
+                                                    int64_t r1) {
+  constexpr int L = kLanes<acc_t>;
+  if (C <= kFewClasses) {
+    for (int64_t i = r0; i < r1; ++i) {
+      const acc_t* g = G + i * S;
+      for (int64_t k = 0; k < C; ++k) {
+        const acc_t x = X[i * C + k];
+        const acc_t* y = Yt + k * S;
+        acc_t part[L];
+        for (int l = 0; l < L; ++l) part[l] = 0;
+        int64_t j = 0;
+        for (; j + L <= S; j += L)
+          for (int l = 0; l < L; ++l) {
+            const acc_t diff = x - y[j + l];
+            part[l] += g[j + l] * (acc_t(diff > 0) - acc_t(diff < 0));
+          }
+        for (int l = 0; j + l < S; ++l) {
+          const acc_t diff = x - y[j + l];
+          part[l] += g[j + l] * (acc_t(diff > 0) - acc_t(diff < 0));
+        }
+        dX[i * C + k] = sum_lanes<L>(part);
+      }
+    }
+    softmax_rows_backward(X, dX, C, inv_t, r0, r1);
+    return;
+  }
+  for (int64_t i = r0; i < r1; ++i)
+    for (int64_t k = 0; k < C; ++k) dX[i * C + k] = 0;
+  for (int64_t k0 = 0; k0 < C; k0 += kClassTile) {
+    const int64_t kc = std::min(kClassTile, C - k0);
+    for (int64_t i0 = r0; i0 < r1; i0 += kRowTile) {
+      const int64_t ri = std::min(kRowTile, r1 - i0);
+      for (int64_t j = 0; j < S; ++j) {
+        const acc_t* y = Y + j * C + k0;
+        for (int64_t r = 0; r < ri; ++r) {
+          const acc_t* x = X + (i0 + r) * C + k0;
+          acc_t* d = dX + (i0 + r) * C + k0;
+          const acc_t g = G[(i0 + r) * S + j];
+          for (int64_t k = 0; k < kc; ++k) {
+            const acc_t diff = x[k] - y[k];
+            d[k] += g * (acc_t(diff > 0) - acc_t(diff < 0));
+          }
+        }
+      }
+    }
+  }
+  softmax_rows_backward(X, dX, C, inv_t, r0, r1);
+}
+
+// Rows [r0, r1) of K v (B x B).
+template <typename acc_t>
+FASTLOSS_CPU_INLINE void matvec_rows(const acc_t* K, const acc_t* v, acc_t* out, int64_t B, int64_t r0, int64_t r1) {
+  constexpr int L = kLanes<acc_t>;
+  for (int64_t i = r0; i < r1; ++i) {
+    const acc_t* k = K + i * B;
+    acc_t part[L];
+    for (int l = 0; l < L; ++l) part[l] = 0;
+    int64_t j = 0;
+    for (; j + L <= B; j += L)
+      for (int l = 0; l < L; ++l) part[l] += k[j + l] * v[j + l];
+    for (int l = 0; j + l < B; ++l) part[l] += k[j + l] * v[j + l];
+    out[i] = sum_lanes<L>(part);
+  }
+}
+
+// Entries [c0, c1) of K^T v (B x B): K streamed row by row, one accumulator per column.
+template <typename acc_t>
+FASTLOSS_CPU_INLINE void matvec_t_cols(const acc_t* K, const acc_t* v, acc_t* out, int64_t B, int64_t c0, int64_t c1) {
+  for (int64_t j = c0; j < c1; ++j) out[j] = 0;
+  for (int64_t i = 0; i < B; ++i) {
+    const acc_t* k = K + i * B;
+    const acc_t vi = v[i];
+    for (int64_t j = c0; j < c1; ++j) out[j] += k[j] * vi;
+  }
+}
+
+#define FASTLOSS_SINKHORN_KD_ENTRIES(T)                                                                       \
+  FASTLOSS_CPU_CLONES void softmax_rows_entry(const T* z, T* p, int64_t C, T inv_t, int64_t r0, int64_t r1) { \
+    softmax_rows(z, p, C, inv_t, r0, r1);                                                                    \
+  }                                                                                                          \
+  FASTLOSS_CPU_CLONES void l1_cdist_entry(const T* X, const T* Y, const T* Yt, T* W, int64_t S, int64_t C,  \
+                                          int64_t r0, int64_t r1) {                                          \
+    l1_cdist_rows(X, Y, Yt, W, S, C, r0, r1);                                                                \
+  }                                                                                                          \
+  FASTLOSS_CPU_CLONES void l1_cdist_softmax_grad_entry(const T* X, const T* Y, const T* Yt, const T* G,      \
+                                                       T* dX, int64_t S, int64_t C, T inv_t, int64_t r0,     \
+                                                       int64_t r1) {                                         \
+    l1_cdist_softmax_grad_rows(X, Y, Yt, G, dX, S, C, inv_t, r0, r1);                                        \
+  }                                                                                                          \
+  FASTLOSS_CPU_CLONES void matvec_entry(const T* K, const T* v, T* out, int64_t B, int64_t r0, int64_t r1) { \
+    matvec_rows(K, v, out, B, r0, r1);                                                                       \
+  }                                                                                                          \
+  FASTLOSS_CPU_CLONES void matvec_t_entry(const T* K, const T* v, T* out, int64_t B, int64_t c0,             \
+                                          int64_t c1) {                                                      \
+    matvec_t_cols(K, v, out, B, c0, c1);                                                                     \
+  }                                                                                                          \
+  FASTLOSS_CPU_CLONES void kernel_entry(const T* W, T* K, T inv_eps, int64_t b, int64_t e) {                 \
+    for (int64_t q = b; q < e; ++q) K[q] = sinkhorn_exp(-W[q] * inv_eps);                                    \
+  }
+FASTLOSS_SINKHORN_KD_ENTRIES(float)
+FASTLOSS_SINKHORN_KD_ENTRIES(double)
+#undef FASTLOSS_SINKHORN_KD_ENTRIES
+
+// The 2 n_iter mat-vecs of the normalizations run back to back: up to this many entries
+// (B = 1448) each is ~0.2 ms on one core, less than a fork/join of threads on a busy machine.
+constexpr int64_t kSerialMatvecMax = 1 << 21;
+
+template <typename acc_t>
+void matvec(const acc_t* K, const acc_t* v, acc_t* out, int64_t B) {
+  if (B * B <= kSerialMatvecMax) return matvec_entry(K, v, out, B, int64_t(0), B);
+  at::parallel_for(0, B, grain_for(B), [&](int64_t b, int64_t e) { matvec_entry(K, v, out, B, b, e); });
+}
+template <typename acc_t>
+void matvec_t(const acc_t* K, const acc_t* v, acc_t* out, int64_t B) {
+  if (B * B <= kSerialMatvecMax) return matvec_t_entry(K, v, out, B, int64_t(0), B);
+  at::parallel_for(0, B, std::max<int64_t>(256, grain_for(B)), [&](int64_t b, int64_t e) {
+    matvec_t_entry(K, v, out, B, b, e);
+  });
+}
+template <typename acc_t>
+void kernel_matrix(const acc_t* W, acc_t* K, acc_t inv_eps, int64_t count) {
+  at::parallel_for(0, count, kMinTaskWork, [&](int64_t b, int64_t e) { kernel_entry(W, K, inv_eps, b, e); });
+}
+// Row tiles of kRowTile rows per task (the cdist kernels work on whole tiles); a tile
+// touches kRowTile x S x C elements.
+template <typename F>
+void for_row_tiles(int64_t R, int64_t S, int64_t C, const F& f) {
+  at::parallel_for(0, (R + kRowTile - 1) / kRowTile, grain_for(kRowTile * S * C), [&](int64_t t0, int64_t t1) {
+    f(t0 * kRowTile, std::min(R, t1 * kRowTile));
+  });
+}
+
+// Forward: p_s, p_t (B x C), W and K = exp(-W / eps) (B x B), the scaling vectors xs, ys
+// ((n_iter + 1) x B: row t is x_t / y_t, x_0 = y_0 = 1) and the loss.
+template <typename acc_t>
+void sinkhorn_kd_forward_kernel(const acc_t* zs, const acc_t* zt, int64_t B, int64_t C, acc_t inv_t, acc_t inv_eps,
+                                int64_t n_iter, acc_t scale, acc_t* ps, acc_t* pt, acc_t* W, acc_t* K, acc_t* xs,
+                                acc_t* ys, acc_t* loss) {
+  at::parallel_for(0, B, grain_for(2 * C), [&](int64_t b, int64_t e) {
+    softmax_rows_entry(zs, ps, C, inv_t, b, e);
+    softmax_rows_entry(zt, pt, C, inv_t, b, e);
+  });
+  std::vector<acc_t> pt_t(C <= kFewClasses ? B * C : 0);
+  for (int64_t j = 0; j < static_cast<int64_t>(pt_t.size()) / std::max<int64_t>(C, 1); ++j)
+    for (int64_t k = 0; k < C; ++k) pt_t[k * B + j] = pt[j * C + k];
+  for_row_tiles(B, B, C, [&](int64_t r0, int64_t r1) { l1_cdist_entry(ps, pt, pt_t.data(), W, B, C, r0, r1); });
+  kernel_matrix(W, K, inv_eps, B * B);
+  std::vector<acc_t> tmp(B);
+  for (int64_t i = 0; i < B; ++i) xs[i] = ys[i] = 1;
+  for (int64_t t = 1; t <= n_iter; ++t) {
+    acc_t* x = xs + t * B;
+    acc_t* y = ys + t * B;
+    matvec(K, ys + (t - 1) * B, tmp.data(), B);
+    for (int64_t i = 0; i < B; ++i) x[i] = acc_t(1) / tmp[i];
+    matvec_t(K, x, tmp.data(), B);
+    for (int64_t j = 0; j < B; ++j) y[j] = acc_t(1) / tmp[j];
+  }
+  // loss = scale * sum_ij x_i K_ij y_j W_ij = scale * x . ((K o W) y)
+  const acc_t* x = xs + n_iter * B;
+  const acc_t* y = ys + n_iter * B;
+  std::vector<acc_t> kw(B * B);
+  at::parallel_for(0, B * B, kMinTaskWork, [&](int64_t b, int64_t e) {
+    for (int64_t q = b; q < e; ++q) kw[q] = K[q] * W[q];
+  });
+  matvec(kw.data(), y, tmp.data(), B);
+  acc_t total = 0;
+  for (int64_t i = 0; i < B; ++i) total += x[i] * tmp[i];
+  *loss = scale * total;
+}
+
+// Reverse sweep through the normalizations. With s = grad_loss * scale and M = K o W, the
+// adjoints of the final scaling vectors are x_bar = s M y_n and y_bar = s M^T x_n; then for
+// t = n..1 (y_t = 1 / K^T x_t, x_t = 1 / K y_{t-1}):
+//   u_t = -y_bar o y_t^2,   x_bar += K u_t,   w_t = -x_bar o x_t^2,   y_bar = K^T w_t,
+// and x_bar restarts at 0 (x_{t-1} feeds only y_{t-1}). dL/dK is then
+//   s (x_n y_n^T) o W + sum_t (x_t u_t^T + w_t y_{t-1}^T) = s (x_n y_n^T) o W + Lf Rf^T,
+// a rank-2n product. Fills Lf, Rf (B x 2n).
+template <typename acc_t>
+void sinkhorn_kd_sweep(const acc_t* W, const acc_t* K, const acc_t* xs, const acc_t* ys, int64_t B, int64_t n_iter,
+                       acc_t s, acc_t* Lf, acc_t* Rf) {
+  const int64_t r = 2 * n_iter;
+  const acc_t* xn = xs + n_iter * B;
+  const acc_t* yn = ys + n_iter * B;
+  std::vector<acc_t> kw(B * B), x_bar(B), y_bar(B), tmp(B), ku(B);
+  at::parallel_for(0, B * B, kMinTaskWork, [&](int64_t b, int64_t e) {
+    for (int64_t q = b; q < e; ++q) kw[q] = K[q] * W[q];
+  });
+  matvec(kw.data(), yn, x_bar.data(), B);
+  matvec_t(kw.data(), xn, y_bar.data(), B);
+  for (int64_t i = 0; i < B; ++i) {
+    x_bar[i] *= s;
+    y_bar[i] *= s;
+  }
+  for (int64_t t = n_iter; t >= 1; --t) {
+    const acc_t* x = xs + t * B;
+    const acc_t* y = ys + t * B;
+    const acc_t* y_prev = ys + (t - 1) * B;
+    const int64_t cu = 2 * (t - 1), cw = cu + 1;
+    for (int64_t j = 0; j < B; ++j) {
+      tmp[j] = -y_bar[j] * y[j] * y[j];
+      Lf[j * r + cu] = x[j];
+      Rf[j * r + cu] = tmp[j];
+    }
+    matvec(K, tmp.data(), ku.data(), B);
+    for (int64_t i = 0; i < B; ++i) {
+      tmp[i] = -(x_bar[i] + ku[i]) * x[i] * x[i];
+      Lf[i * r + cw] = tmp[i];
+      Rf[i * r + cw] = y_prev[i];
+      x_bar[i] = 0;
+    }
+    matvec_t(K, tmp.data(), y_bar.data(), B);
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> sinkhorn_kd(
+    const at::Tensor& student, const at::Tensor& teacher, double temperature, double eps, int64_t n_iter,
+    double scale) {
+  const SinkhornKdShape s = sinkhorn_kd_args(student, teacher, temperature, eps, n_iter);
+  const int64_t B = s.batch, C = s.classes;
+  const auto opts = student.options().dtype(s.acc_dtype);
+  at::Tensor ps = at::empty({B, C}, opts), pt = at::empty({B, C}, opts);
+  at::Tensor W = at::empty({B, B}, opts);
+  at::Tensor xs = at::empty({n_iter + 1, B}, opts), ys = at::empty({n_iter + 1, B}, opts);
+  at::Tensor loss = at::zeros({}, opts);
+  if (B > 0) {
+    const at::Tensor zs = student.to(s.acc_dtype).contiguous();
+    const at::Tensor zt = teacher.to(s.acc_dtype).contiguous();
+    at::Tensor K = at::empty({B, B}, opts);
+    AT_DISPATCH_FLOATING_TYPES(s.acc_dtype, "sinkhorn_kd", [&] {
+      sinkhorn_kd_forward_kernel<scalar_t>(
+          zs.const_data_ptr<scalar_t>(), zt.const_data_ptr<scalar_t>(), B, C, scalar_t(1.0 / temperature),
+          scalar_t(1.0 / eps), n_iter, scalar_t(scale), ps.mutable_data_ptr<scalar_t>(),
+          pt.mutable_data_ptr<scalar_t>(), W.mutable_data_ptr<scalar_t>(), K.mutable_data_ptr<scalar_t>(),
+          xs.mutable_data_ptr<scalar_t>(), ys.mutable_data_ptr<scalar_t>(), loss.mutable_data_ptr<scalar_t>());
+    });
+  }
+  return {loss.to(sinkhorn_kd_loss_dtype(student, teacher)), ps, pt, W, xs, ys};
+}
+
+std::tuple<at::Tensor, at::Tensor> sinkhorn_kd_backward(const at::Tensor& grad_loss, const at::Tensor& ps,
+                                                        const at::Tensor& pt, const at::Tensor& W,
+                                                        const at::Tensor& xs, const at::Tensor& ys,
+                                                        double temperature, double eps, double scale,
+                                                        bool student_grad, bool teacher_grad,
+                                                        c10::ScalarType student_dtype, c10::ScalarType teacher_dtype) {
+  const SinkhornKdBackwardShape s =
+      sinkhorn_kd_backward_args(grad_loss, ps, pt, W, xs, ys, temperature, eps, student_dtype, teacher_dtype);
+  const int64_t B = s.batch, C = s.classes, n_iter = s.n_iter;
+  const auto opts = ps.options();
+  if (B == 0 || C == 0 || !(student_grad || teacher_grad)) {
+    return {at::zeros({student_grad ? B : 0, student_grad ? C : 0}, opts.dtype(student_dtype)),
+            at::zeros({teacher_grad ? B : 0, teacher_grad ? C : 0}, opts.dtype(teacher_dtype))};
+  }
+  at::Tensor d_student, d_teacher;
+  AT_DISPATCH_FLOATING_TYPES(ps.scalar_type(), "sinkhorn_kd_backward", [&] {
+    using acc_t = scalar_t;
+    const acc_t inv_eps = acc_t(1.0 / eps), inv_t = acc_t(1.0 / temperature);
+    const acc_t g = static_cast<acc_t>(grad_loss.to(at::kDouble).item<double>() * scale);
+    const at::Tensor Wc = W.contiguous(), xc = xs.contiguous(), yc = ys.contiguous();
+    const at::Tensor psc = ps.contiguous(), ptc = pt.contiguous();
+    // Transposed copies for the few-classes kernels (SIMD across rows).
+    const bool few = C <= kFewClasses;
+    const at::Tensor ptc_t = few && student_grad ? ptc.t().contiguous() : ptc;
+    const at::Tensor psc_t = few && teacher_grad ? psc.t().contiguous() : psc;
+    const acc_t* w = Wc.const_data_ptr<acc_t>();
+    at::Tensor K = at::empty({B, B}, opts);
+    acc_t* k = K.mutable_data_ptr<acc_t>();
+    kernel_matrix(w, k, inv_eps, B * B);
+    at::Tensor G = at::zeros({B, B}, opts);
+    if (n_iter > 0) {
+      at::Tensor Lf = at::empty({B, 2 * n_iter}, opts), Rf = at::empty({B, 2 * n_iter}, opts);
+      sinkhorn_kd_sweep<acc_t>(w, k, xc.const_data_ptr<acc_t>(), yc.const_data_ptr<acc_t>(), B, n_iter, g,
+                               Lf.mutable_data_ptr<acc_t>(), Rf.mutable_data_ptr<acc_t>());
+      at::mm_out(G, Lf, Rf.t());
+    }
+    // dL/dW = K o (s x y^T (1 - W / eps) - (Lf Rf^T) / eps)
+    const acc_t* xn = xc.const_data_ptr<acc_t>() + n_iter * B;
+    const acc_t* yn = yc.const_data_ptr<acc_t>() + n_iter * B;
+    acc_t* gw = G.mutable_data_ptr<acc_t>();
+    at::parallel_for(0, B, grain_for(B), [&](int64_t r0, int64_t r1) {
+      for (int64_t i = r0; i < r1; ++i)
+        for (int64_t j = 0; j < B; ++j) {
+          const int64_t q = i * B + j;
+          gw[q] = k[q] * (g * xn[i] * yn[j] * (acc_t(1) - w[q] * inv_eps) - gw[q] * inv_eps);
+        }
+    });
+    if (student_grad) {
+      at::Tensor d = at::empty({B, C}, opts);
+      acc_t* dp = d.mutable_data_ptr<acc_t>();
+      for_row_tiles(B, B, C, [&](int64_t r0, int64_t r1) {
+        l1_cdist_softmax_grad_entry(psc.const_data_ptr<acc_t>(), ptc.const_data_ptr<acc_t>(),
+                                    ptc_t.const_data_ptr<acc_t>(), gw, dp, B, C, inv_t, r0, r1);
+      });
+      d_student = d.to(student_dtype);
+    }
+    if (teacher_grad) {
+      // dW/dp_t = -sign(p_s - p_t) = sign(p_t - p_s): the same kernel with the roles swapped.
+      const at::Tensor Gt = G.t().contiguous();
+      at::Tensor d = at::empty({B, C}, opts);
+      acc_t* dp = d.mutable_data_ptr<acc_t>();
+      for_row_tiles(B, B, C, [&](int64_t r0, int64_t r1) {
+        l1_cdist_softmax_grad_entry(ptc.const_data_ptr<acc_t>(), psc.const_data_ptr<acc_t>(),
+                                    psc_t.const_data_ptr<acc_t>(), Gt.const_data_ptr<acc_t>(), dp, B, C, inv_t, r0,
+                                    r1);
+      });
+      d_teacher = d.to(teacher_dtype);
+    }
+  });
+  if (!d_student.defined()) d_student = at::zeros({0, 0}, opts.dtype(student_dtype));
+  if (!d_teacher.defined()) d_teacher = at::zeros({0, 0}, opts.dtype(teacher_dtype));
+  return {d_student, d_teacher};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fastloss, CPU, m) {
+  m.impl("sinkhorn", &sinkhorn);
+  m.impl("sinkhorn_kd", &sinkhorn_kd);
+  m.impl("sinkhorn_kd_backward", &sinkhorn_kd_backward);
+}
+
+}  // namespace fastloss::cpu

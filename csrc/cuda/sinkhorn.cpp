@@ -1,0 +1,197 @@
+// CUDA glue for the Sinkhorn ops: the argument checks shared with the CPU
+// (common/sinkhorn_op.h), conversion to the accumulation type, allocation through torch's
+// caching allocator (outputs and the large-problem workspace), the current stream, and
+// registration. The Sinkhorn kernels are torch-free (kernels/sinkhorn.cu).
+//
+// The SinKD loss on CUDA is composed of ATen ops here (softmax, cdist p=1 and its backward,
+// mat-vecs): the same scaling-vector forward and reverse sweep as cpu/sinkhorn.cpp, without
+// autograd through the n_iter steps and without a host synchronization.
+#include <ATen/TensorOperators.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <ATen/ops/_cdist_backward.h>
+#include <ATen/ops/cdist.h>
+#include <ATen/ops/dot.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/exp.h>
+#include <ATen/ops/mm.h>
+#include <ATen/ops/mv.h>
+#include <ATen/ops/ones.h>
+#include <ATen/ops/outer.h>
+#include <ATen/ops/softmax.h>
+#include <ATen/ops/stack.h>
+#include <ATen/ops/zeros.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+#include <vector>
+
+#include "common/sinkhorn_op.h"
+#include "kernels/sinkhorn.cuh"
+
+namespace fastloss::cuda {
+namespace {
+
+void check_cuda(const char* op, const char* arg, const at::Tensor& t) {
+  TORCH_CHECK(t.is_cuda(), "fastloss.", op, ": expected '", arg, "' to be a CUDA tensor, got a tensor on ",
+              t.device());
+}
+
+template <typename T>
+kernels::SinkhornArgs<T> make_args(const at::Tensor& c, const at::Tensor& a, const at::Tensor& b,
+                                   const at::Tensor& log_a, const at::Tensor& log_b, const SinkhornShape& s,
+                                   double eps, int64_t max_iter, double tol, double mass_tol, at::Tensor& plan,
+                                   at::Tensor& alpha, at::Tensor& beta, at::Tensor& value, at::Tensor& n_iter,
+                                   at::Tensor& error) {
+  kernels::SinkhornArgs<T> p;
+  p.cost = c.const_data_ptr<T>();
+  p.a = a.const_data_ptr<T>();
+  p.b = b.const_data_ptr<T>();
+  p.log_a = log_a.const_data_ptr<T>();
+  p.log_b = log_b.const_data_ptr<T>();
+  p.batch = s.batch;
+  p.n = s.n;
+  p.m = s.m;
+  p.inv_eps = static_cast<T>(1.0 / eps);
+  p.max_iter = max_iter;
+  p.tol = static_cast<T>(tol);
+  p.mass_tol = static_cast<T>(mass_tol);
+  p.plan = plan.mutable_data_ptr<T>();
+  p.alpha = alpha.mutable_data_ptr<T>();
+  p.beta = beta.mutable_data_ptr<T>();
+  p.value = value.mutable_data_ptr<T>();
+  p.n_iter = n_iter.mutable_data_ptr<int64_t>();
+  p.error = error.mutable_data_ptr<T>();
+  return p;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> sinkhorn(
+    const at::Tensor& cost, const at::Tensor& a, const at::Tensor& b, double eps, int64_t max_iter, double tol) {
+  check_cuda("sinkhorn", "cost", cost);
+  const SinkhornShape s = sinkhorn_args(cost, a, b, eps, max_iter, tol);
+  const c10::cuda::OptionalCUDAGuard guard(cost.device());
+  const auto opts = cost.options().dtype(s.acc_dtype);
+  at::Tensor plan = at::empty({s.batch, s.n, s.m}, opts);
+  at::Tensor alpha = at::empty({s.batch, s.n}, opts);
+  at::Tensor beta = at::empty({s.batch, s.m}, opts);
+  at::Tensor value = at::zeros({s.batch}, opts);
+  at::Tensor n_iter = at::zeros({s.batch}, opts.dtype(at::kLong));
+  at::Tensor error = at::zeros({s.batch}, opts);
+  if (s.batch == 0 || s.n == 0 || s.m == 0) return {plan, alpha, beta, value, n_iter, error};
+  const at::Tensor c = cost.to(s.acc_dtype).contiguous();
+  const at::Tensor av = a.to(s.acc_dtype).contiguous();
+  const at::Tensor bv = b.to(s.acc_dtype).contiguous();
+  const at::Tensor log_a = av.log();
+  const at::Tensor log_b = bv.log();
+  const double mass_tol = sinkhorn_mass_tolerance(a.scalar_type(), b.scalar_type());
+  const size_t elem = s.acc_dtype == at::kDouble ? sizeof(double) : sizeof(float);
+  const size_t ws_bytes = kernels::sinkhorn_workspace_bytes(s.batch, s.n, s.m, elem);
+  at::Tensor ws;
+  if (ws_bytes > 0) ws = at::empty({static_cast<int64_t>(ws_bytes)}, cost.options().dtype(at::kByte));
+  void* ws_ptr = ws.defined() ? ws.mutable_data_ptr() : nullptr;
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  if (s.acc_dtype == at::kDouble) {
+    const auto p = make_args<double>(c, av, bv, log_a, log_b, s, eps, max_iter, tol, mass_tol, plan, alpha, beta,
+                                     value, n_iter, error);
+    C10_CUDA_CHECK(kernels::launch_sinkhorn(p, ws_ptr, ws_bytes, stream));
+  } else {
+    const auto p = make_args<float>(c, av, bv, log_a, log_b, s, eps, max_iter, tol, mass_tol, plan, alpha, beta,
+                                    value, n_iter, error);
+    C10_CUDA_CHECK(kernels::launch_sinkhorn(p, ws_ptr, ws_bytes, stream));
+  }
+  return {plan, alpha, beta, value, n_iter, error};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> sinkhorn_kd(
+    const at::Tensor& student, const at::Tensor& teacher, double temperature, double eps, int64_t n_iter,
+    double scale) {
+  check_cuda("sinkhorn_kd_loss", "student_logits", student);
+  check_cuda("sinkhorn_kd_loss", "teacher_logits", teacher);
+  const SinkhornKdShape s = sinkhorn_kd_args(student, teacher, temperature, eps, n_iter);
+  const c10::cuda::OptionalCUDAGuard guard(student.device());
+  const int64_t B = s.batch, C = s.classes;
+  const auto opts = student.options().dtype(s.acc_dtype);
+  if (B == 0) {
+    return {at::zeros({}, opts.dtype(sinkhorn_kd_loss_dtype(student, teacher))), at::empty({0, C}, opts),
+            at::empty({0, C}, opts), at::empty({0, 0}, opts), at::empty({n_iter + 1, 0}, opts),
+            at::empty({n_iter + 1, 0}, opts)};
+  }
+  const at::Tensor ps = at::softmax(student.to(s.acc_dtype) / temperature, 1).contiguous();
+  const at::Tensor pt = at::softmax(teacher.to(s.acc_dtype) / temperature, 1).contiguous();
+  const at::Tensor W = at::cdist(ps, pt, 1.0).contiguous();
+  const at::Tensor K = at::exp(W * (-1.0 / eps));
+  const at::Tensor Kt = K.t();
+  at::Tensor xs = at::ones({n_iter + 1, B}, opts), ys = at::ones({n_iter + 1, B}, opts);
+  for (int64_t t = 1; t <= n_iter; ++t) {
+    xs[t].copy_(at::mv(K, ys[t - 1]).reciprocal_());
+    ys[t].copy_(at::mv(Kt, xs[t]).reciprocal_());
+  }
+  const at::Tensor loss = at::dot(xs[n_iter], at::mv(K * W, ys[n_iter])) * scale;
+  return {loss.to(sinkhorn_kd_loss_dtype(student, teacher)), ps, pt, W, xs, ys};
+}
+
+std::tuple<at::Tensor, at::Tensor> sinkhorn_kd_backward(const at::Tensor& grad_loss, const at::Tensor& ps,
+                                                        const at::Tensor& pt, const at::Tensor& W,
+                                                        const at::Tensor& xs, const at::Tensor& ys,
+                                                        double temperature, double eps, double scale,
+                                                        bool student_grad, bool teacher_grad,
+                                                        c10::ScalarType student_dtype, c10::ScalarType teacher_dtype) {
+  check_cuda("sinkhorn_kd_backward", "p_student", ps);
+  const SinkhornKdBackwardShape s =
+      sinkhorn_kd_backward_args(grad_loss, ps, pt, W, xs, ys, temperature, eps, student_dtype, teacher_dtype);
+  const c10::cuda::OptionalCUDAGuard guard(ps.device());
+  const int64_t B = s.batch, C = s.classes, n_iter = s.n_iter;
+  const auto opts = ps.options();
+  if (B == 0 || C == 0 || !(student_grad || teacher_grad)) {
+    return {at::zeros({student_grad ? B : 0, student_grad ? C : 0}, opts.dtype(student_dtype)),
+            at::zeros({teacher_grad ? B : 0, teacher_grad ? C : 0}, opts.dtype(teacher_dtype))};
+  }
+  // The reverse sweep of cpu/sinkhorn.cpp (sinkhorn_kd_sweep), with the scalar kept on the
+  // device: g = grad_loss * scale.
+  const at::Tensor g = grad_loss.to(ps.scalar_type()).reshape({}) * scale;
+  const at::Tensor K = at::exp(W * (-1.0 / eps));
+  const at::Tensor Kt = K.t();
+  const at::Tensor KW = K * W;
+  const at::Tensor xn = xs[n_iter], yn = ys[n_iter];
+  at::Tensor x_bar = at::mv(KW, yn) * g;
+  at::Tensor y_bar = at::mv(KW.t(), xn) * g;
+  std::vector<at::Tensor> left, right;
+  for (int64_t t = n_iter; t >= 1; --t) {
+    const at::Tensor x = xs[t], y = ys[t];
+    const at::Tensor u = -(y_bar * y * y);
+    const at::Tensor w = -((x_bar + at::mv(K, u)) * x * x);
+    left.push_back(x);
+    right.push_back(u);
+    left.push_back(w);
+    right.push_back(ys[t - 1]);
+    y_bar = at::mv(Kt, w);
+    x_bar = at::zeros_like(x_bar);
+  }
+  at::Tensor G = at::outer(xn, yn) * g * (1.0 - W * (1.0 / eps));
+  if (n_iter > 0) G = G - at::mm(at::stack(left, 1), at::stack(right, 1).t()) * (1.0 / eps);
+  G = (G * K).contiguous();
+  auto softmax_backward = [&](const at::Tensor& p, const at::Tensor& dp) {
+    return p * (dp - (dp * p).sum(1, true)) * (1.0 / temperature);
+  };
+  at::Tensor d_student = at::zeros({0, 0}, opts.dtype(student_dtype));
+  at::Tensor d_teacher = at::zeros({0, 0}, opts.dtype(teacher_dtype));
+  if (student_grad) {
+    d_student = softmax_backward(ps, at::_cdist_backward(G, ps, pt, 1.0, W)).to(student_dtype);
+  }
+  if (teacher_grad) {
+    const at::Tensor Gt = G.t().contiguous(), Wt = W.t().contiguous();
+    d_teacher = softmax_backward(pt, at::_cdist_backward(Gt, pt, ps, 1.0, Wt)).to(teacher_dtype);
+  }
+  return {d_student, d_teacher};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fastloss, CUDA, m) {
+  m.impl("sinkhorn", &sinkhorn);
+  m.impl("sinkhorn_kd", &sinkhorn_kd);
+  m.impl("sinkhorn_kd_backward", &sinkhorn_kd_backward);
+}
+
+}  // namespace fastloss::cuda

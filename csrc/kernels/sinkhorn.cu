@@ -1,0 +1,565 @@
+// Batched log-domain Sinkhorn on CUDA (Cuturi 2013; log-domain stabilization as in
+// Schmitzer 2019, arXiv 1610.06519). The arithmetic is common/sinkhorn_math.h, shared with
+// the CPU: scaled potentials u, v, warm-shifted log-sum-exp sums with an exact redo, and the
+// L1 row-marginal error read off the row pass for free, so convergence is checked every
+// iteration and each problem stops on its own, with no host synchronization.
+//
+// Two shapes:
+//   block  one thread block per problem (many small problems: SinKD batches, per-sample
+//          problems). The cost lives in shared memory when it fits (one read from DRAM per
+//          solve), otherwise it is re-read from global memory, where the working set of a
+//          wave of problems stays in L2. Row pass: one warp per row; column pass: one thread
+//          per column (coalesced across the warp).
+//   grid   few large problems (n = m = 4096 to 16384): one cooperative launch per problem,
+//          the whole iteration loop inside the kernel with grid-wide barriers. Each pass
+//          streams the cost once from DRAM (memory-bound): the row pass has one warp per row,
+//          the column pass splits rows into chunks whose per-column partial sums (and maxima,
+//          for the exact redo) merge after a barrier. 2 reads of the cost per iteration.
+// Marginals are validated on the device (finite, >= 0, equal positive mass); an invalid
+// problem returns NaN results, as a check would otherwise need a host synchronization.
+#include "kernels/sinkhorn.cuh"
+
+#include <cooperative_groups.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+#include "common/sinkhorn_math.h"
+
+namespace fastloss::kernels {
+namespace {
+
+namespace cg = cooperative_groups;
+
+constexpr int kThreads = 256;
+constexpr int kWarps = kThreads / 32;
+// Two resident blocks per SM cap registers at 128 per thread: without a minimum, ptxas
+// picked caps that spilled the double kernels on sm_80.
+constexpr int kMinBlocksPerSm = 2;
+constexpr unsigned kFullMask = 0xffffffffu;
+// Largest shared-memory request (opt-in above 48 KB); larger costs stay in global memory.
+constexpr size_t kMaxSmemBytes = 160 * 1024;
+// Problems of at most this many entries always take the block path.
+constexpr int64_t kBlockPathMaxEntries = 1 << 16;
+
+__device__ __forceinline__ float dev_log(float x) { return logf(x); }
+__device__ __forceinline__ double dev_log(double x) { return log(x); }
+__device__ __forceinline__ float dev_nan(float) { return __int_as_float(0x7fc00000); }
+__device__ __forceinline__ double dev_nan(double) { return __longlong_as_double(0x7ff8000000000000LL); }
+
+template <typename T>
+__device__ __forceinline__ T warp_sum(T v) {
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(kFullMask, v, o);
+  return v;
+}
+template <typename T>
+__device__ __forceinline__ T warp_max(T v) {
+  for (int o = 16; o > 0; o >>= 1) v = fl_max(v, __shfl_xor_sync(kFullMask, v, o));
+  return v;
+}
+
+// Sum over the block; every thread gets the result. `scratch` holds kWarps + 1 values; the
+// leading barrier makes back-to-back calls safe.
+template <typename T>
+__device__ T block_sum(T v, T* scratch) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  __syncthreads();
+  v = warp_sum(v);
+  if (lane == 0) scratch[warp] = v;
+  __syncthreads();
+  if (warp == 0) {
+    T w = lane < kWarps ? scratch[lane] : T(0);
+    w = warp_sum(w);
+    if (lane == 0) scratch[kWarps] = w;
+  }
+  __syncthreads();
+  return scratch[kWarps];
+}
+
+// A warp's LSE_j(w_j + shift_add - C_ij / eps) over one row, warm-shifted by -u_i: returns
+// the new u_i = -LSE and the row-marginal ratio r_i / a_i under the previous iterate.
+// `load_w(j)` gives log b_j + v_j.
+template <typename T, typename LoadW>
+__device__ __forceinline__ void warp_row_update(const T* c, int64_t m, T inv_eps, T u_old, LoadW load_w, T& u_new,
+                                                T& ratio) {
+  const int lane = threadIdx.x & 31;
+  T s = 0;
+  for (int64_t j = lane; j < m; j += 32) s += sinkhorn_exp(fl_fma(c[j], -inv_eps, load_w(j) + u_old));
+  s = warp_sum(s);
+  if (warm_sum_ok(s)) {
+    u_new = u_old - dev_log(s);
+    ratio = s;
+    return;
+  }
+  T mx = -SinkhornConstants<T>::kMaxSum * SinkhornConstants<T>::kMaxSum;
+  for (int64_t j = lane; j < m; j += 32) mx = fl_max(mx, fl_fma(c[j], -inv_eps, load_w(j)));
+  mx = warp_max(mx);
+  s = 0;
+  for (int64_t j = lane; j < m; j += 32) s += sinkhorn_exp(fl_fma(c[j], -inv_eps, load_w(j) - mx));
+  s = warp_sum(s);
+  const T lse = mx + dev_log(s);
+  u_new = -lse;
+  ratio = sinkhorn_exp(lse + u_old);
+}
+
+// Marginal validity of problem k, computed by the whole block.
+template <typename T>
+__device__ bool block_marginals_valid(const SinkhornArgs<T>& p, int64_t k, T* scratch) {
+  T sa = 0, sb = 0, bad = 0;
+  for (int64_t i = threadIdx.x; i < p.n; i += kThreads) {
+    const T x = p.a[k * p.n + i];
+    bad += (x >= 0 && x <= SinkhornConstants<T>::kMaxSum) ? T(0) : T(1);
+    sa += x;
+  }
+  for (int64_t j = threadIdx.x; j < p.m; j += kThreads) {
+    const T x = p.b[k * p.m + j];
+    bad += (x >= 0 && x <= SinkhornConstants<T>::kMaxSum) ? T(0) : T(1);
+    sb += x;
+  }
+  sa = block_sum(sa, scratch);
+  sb = block_sum(sb, scratch);
+  bad = block_sum(bad, scratch);
+  const T diff = sa > sb ? sa - sb : sb - sa;
+  return bad == 0 && sa > 0 && sb > 0 && diff <= p.mass_tol * fl_max(sa, sb);
+}
+
+template <typename T>
+__device__ void write_invalid(const SinkhornArgs<T>& p, int64_t k, int64_t first, int64_t stride) {
+  const T nan = dev_nan(T(0));
+  for (int64_t q = first; q < p.n * p.m; q += stride) p.plan[k * p.n * p.m + q] = nan;
+  for (int64_t i = first; i < p.n; i += stride) p.alpha[k * p.n + i] = nan;
+  for (int64_t j = first; j < p.m; j += stride) p.beta[k * p.m + j] = nan;
+  if (first == 0) {
+    p.value[k] = nan;
+    p.error[k] = nan;
+    p.n_iter[k] = 0;
+  }
+}
+
+// -------------------------------------------------------------------------------------------
+// Block path: one problem per block.
+
+template <typename T>
+size_t block_smem_bytes(int64_t n, int64_t m, bool cost_in_smem) {
+  // u, u_new, log a (n each); v, log b (m each); reduction scratch; the cost.
+  const size_t vectors = static_cast<size_t>(3 * n + 2 * m + 2 * (kWarps + 1)) * sizeof(T);
+  return vectors + (cost_in_smem ? static_cast<size_t>(n * m) * sizeof(T) : 0);
+}
+
+template <typename T, bool kCostInSmem>
+__global__ void __launch_bounds__(kThreads, kMinBlocksPerSm) sinkhorn_block_kernel(SinkhornArgs<T> p) {
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  const int64_t n = p.n, m = p.m, k = blockIdx.x;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  T* sm = reinterpret_cast<T*>(smem_raw);
+  T* u = sm;
+  T* u_new = u + n;
+  T* la = u_new + n;
+  T* v = la + n;
+  T* lb = v + m;
+  T* red = lb + m;
+  T* cost_sm = red + 2 * (kWarps + 1);
+  const T* gcost = p.cost + k * n * m;
+  const T* C = kCostInSmem ? cost_sm : gcost;
+
+  for (int64_t i = threadIdx.x; i < n; i += kThreads) {
+    u[i] = 0;
+    la[i] = p.log_a[k * n + i];
+  }
+  for (int64_t j = threadIdx.x; j < m; j += kThreads) {
+    v[j] = 0;
+    lb[j] = p.log_b[k * m + j];
+  }
+  if constexpr (kCostInSmem) {
+    for (int64_t q = threadIdx.x; q < n * m; q += kThreads) cost_sm[q] = gcost[q];
+  }
+  if (!block_marginals_valid(p, k, red)) {  // block_sum's barriers also publish the loads above
+    write_invalid(p, k, threadIdx.x, kThreads);
+    return;
+  }
+  const T inv_eps = p.inv_eps;
+  const T* a = p.a + k * n;
+  T err = 0;
+  int64_t it = 0;
+  for (;; ++it) {
+    // Row pass: u_new from v, and the error of the current (u, v).
+    T err_part = 0;
+    for (int64_t i = warp; i < n; i += kWarps) {
+      T un, ratio;
+      warp_row_update(C + i * m, m, inv_eps, u[i], [&](int64_t j) { return lb[j] + v[j]; }, un, ratio);
+      if (lane == 0) {
+        u_new[i] = un;
+        const T ai = a[i];
+        if (ai > 0) err_part += ai * fabs(ratio - T(1));
+      }
+    }
+    err = block_sum(err_part, red);  // uniform across the block
+    if (it == p.max_iter || err <= p.tol || err != err) break;
+    T* t = u;
+    u = u_new;
+    u_new = t;
+    // Column pass: one thread per column, warm-shifted by -v_j.
+    for (int64_t j = threadIdx.x; j < m; j += kThreads) {
+      const T vj = v[j];
+      T s = 0;
+      for (int64_t i = 0; i < n; ++i) s += sinkhorn_exp(fl_fma(C[i * m + j], -inv_eps, la[i] + u[i] + vj));
+      if (warm_sum_ok(s)) {
+        v[j] = vj - dev_log(s);
+        continue;
+      }
+      T mx = -SinkhornConstants<T>::kMaxSum * SinkhornConstants<T>::kMaxSum;
+      for (int64_t i = 0; i < n; ++i) mx = fl_max(mx, fl_fma(C[i * m + j], -inv_eps, la[i] + u[i]));
+      s = 0;
+      for (int64_t i = 0; i < n; ++i) s += sinkhorn_exp(fl_fma(C[i * m + j], -inv_eps, la[i] + u[i] - mx));
+      v[j] = -(mx + dev_log(s));
+    }
+    __syncthreads();
+  }
+  const T eps = T(1) / inv_eps;
+  T val = 0;
+  for (int64_t i = threadIdx.x; i < n; i += kThreads) {
+    const T al = eps * u[i];
+    p.alpha[k * n + i] = al;
+    if (a[i] > 0) val += a[i] * al;
+  }
+  for (int64_t j = threadIdx.x; j < m; j += kThreads) {
+    const T be = eps * v[j];
+    p.beta[k * m + j] = be;
+    const T bj = p.b[k * m + j];
+    if (bj > 0) val += bj * be;
+  }
+  val = block_sum(val, red);
+  if (threadIdx.x == 0) {
+    p.value[k] = val;
+    p.error[k] = err;
+    p.n_iter[k] = it;
+  }
+  T* plan = p.plan + k * n * m;
+  for (int64_t q = threadIdx.x; q < n * m; q += kThreads) {
+    const int64_t i = q / m, j = q - i * m;
+    plan[q] = sinkhorn_exp(fl_fma(C[q], -inv_eps, la[i] + u[i] + lb[j] + v[j]));
+  }
+}
+
+// The block path needs its vectors in shared memory; then it takes small problems, and any
+// batch large enough to fill the GPU with one block per problem.
+template <typename T>
+bool use_block_path(int64_t batch, int64_t n, int64_t m, int sms) {
+  if (block_smem_bytes<T>(n, m, false) > kMaxSmemBytes) return false;
+  return n * m <= kBlockPathMaxEntries || batch >= 2 * static_cast<int64_t>(sms);
+}
+
+// -------------------------------------------------------------------------------------------
+// Grid path: one cooperative launch per problem.
+
+// Workspace layout (offsets in elements of T, then the stamps).
+template <typename T>
+struct GridWorkspace {
+  T* u;          // n
+  T* u_new;      // n
+  T* v;          // m
+  T* shift;      // m: column maxima for the exact redo
+  T* part_sum;   // chunks x m
+  T* part_max;   // chunks x m
+  T* block_part; // blocks
+  unsigned long long* exact_stamp;  // 1: iteration + 1 of the last exact redo
+  int64_t chunks, chunk_rows;
+};
+
+struct GridPlan {
+  int blocks = 0;
+  int64_t chunks = 0, chunk_rows = 0;
+};
+
+template <typename T>
+size_t grid_workspace_bytes(int64_t n, int64_t m, const GridPlan& g) {
+  const size_t elems = static_cast<size_t>(2 * n + 2 * m + 2 * g.chunks * m + g.blocks);
+  return elems * sizeof(T) + 2 * sizeof(unsigned long long) + 64;
+}
+
+template <typename T>
+GridWorkspace<T> carve(void* ws, int64_t n, int64_t m, const GridPlan& g) {
+  GridWorkspace<T> w;
+  T* p = static_cast<T*>(ws);
+  w.u = p;
+  p += n;
+  w.u_new = p;
+  p += n;
+  w.v = p;
+  p += m;
+  w.shift = p;
+  p += m;
+  w.part_sum = p;
+  p += g.chunks * m;
+  w.part_max = p;
+  p += g.chunks * m;
+  w.block_part = p;
+  p += g.blocks;
+  uintptr_t addr = reinterpret_cast<uintptr_t>(p);
+  addr = (addr + 15) & ~uintptr_t(15);
+  w.exact_stamp = reinterpret_cast<unsigned long long*>(addr);
+  w.chunks = g.chunks;
+  w.chunk_rows = g.chunk_rows;
+  return w;
+}
+
+// Values written by other blocks are read past L1 (which is not coherent across SMs).
+template <typename T>
+__device__ __forceinline__ T ld_shared_global(const T* p) {
+  return __ldcg(p);
+}
+
+// The sum over blocks of block_part, in the same order in every block (so every block takes
+// the same decisions). Result in every thread.
+template <typename T>
+__device__ T grid_total(const T* block_part, int blocks, T* scratch) {
+  T s = 0;
+  if (threadIdx.x < 32) {
+    for (int b = threadIdx.x; b < blocks; b += 32) s += ld_shared_global(block_part + b);
+    s = warp_sum(s);
+    if (threadIdx.x == 0) scratch[0] = s;
+  }
+  __syncthreads();
+  const T total = scratch[0];
+  __syncthreads();
+  return total;
+}
+
+template <typename T>
+__global__ void __launch_bounds__(kThreads, kMinBlocksPerSm) sinkhorn_grid_kernel(SinkhornArgs<T> p, GridWorkspace<T> w, int64_t k) {
+  cg::grid_group grid = cg::this_grid();
+  __shared__ T red[2 * (kWarps + 1)];
+  const int64_t n = p.n, m = p.m;
+  const int lane = threadIdx.x & 31;
+  const int64_t tid = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x;
+  const int64_t nthreads = static_cast<int64_t>(gridDim.x) * kThreads;
+  const int64_t gwarp = tid >> 5, nwarps = nthreads >> 5;
+  const T* C = p.cost + k * n * m;
+  const T* la = p.log_a + k * n;
+  const T* lb = p.log_b + k * m;
+  const T* a = p.a + k * n;
+  const T* b = p.b + k * m;
+  const T inv_eps = p.inv_eps;
+
+  for (int64_t i = tid; i < n; i += nthreads) w.u[i] = 0;
+  for (int64_t j = tid; j < m; j += nthreads) w.v[j] = 0;
+  if (tid == 0) *w.exact_stamp = 0;
+  // Every block checks the marginals itself (they are small); the answer is uniform.
+  const bool valid = block_marginals_valid(p, k, red);
+  grid.sync();
+  if (!valid) {
+    write_invalid(p, k, tid, nthreads);
+    return;
+  }
+  T* u = w.u;
+  T* u_new = w.u_new;
+  T err = 0;
+  int64_t it = 0;
+  const int64_t col_tiles = (m + kThreads - 1) / kThreads;
+  for (;; ++it) {
+    // Row pass: one warp per row.
+    T err_part = 0;
+    for (int64_t i = gwarp; i < n; i += nwarps) {
+      T un, ratio;
+      warp_row_update(C + i * m, m, inv_eps, ld_shared_global(u + i),
+                      [&](int64_t j) { return lb[j] + ld_shared_global(w.v + j); }, un, ratio);
+      if (lane == 0) {
+        u_new[i] = un;
+        if (a[i] > 0) err_part += a[i] * fabs(ratio - T(1));
+      }
+    }
+    err_part = block_sum(err_part, red);
+    if (threadIdx.x == 0) w.block_part[blockIdx.x] = err_part;
+    grid.sync();
+    err = grid_total(w.block_part, gridDim.x, red + kWarps + 1);
+    if (it == p.max_iter || err <= p.tol || err != err) break;  // uniform across the grid
+    T* t = u;
+    u = u_new;
+    u_new = t;
+    // Column pass, 1: per (row chunk, column) partial warm sums and maxima.
+    for (int64_t task = blockIdx.x; task < w.chunks * col_tiles; task += gridDim.x) {
+      const int64_t chunk = task / col_tiles;
+      const int64_t j = (task - chunk * col_tiles) * kThreads + threadIdx.x;
+      if (j >= m) continue;
+      const int64_t i0 = chunk * w.chunk_rows;
+      const int64_t i1 = i0 + w.chunk_rows < n ? i0 + w.chunk_rows : n;
+      const T vj = ld_shared_global(w.v + j);
+      T s = 0;
+      T mx = -SinkhornConstants<T>::kMaxSum * SinkhornConstants<T>::kMaxSum;
+      for (int64_t i = i0; i < i1; ++i) {
+        const T x = fl_fma(C[i * m + j], -inv_eps, la[i] + ld_shared_global(u + i));
+        mx = fl_max(mx, x);
+        s += sinkhorn_exp(x + vj);
+      }
+      w.part_sum[chunk * m + j] = s;
+      w.part_max[chunk * m + j] = mx;
+    }
+    grid.sync();
+    // Column pass, 2: merge; columns whose warm sum left the safe range get their maximum
+    // as the shift of an exact redo.
+    bool any_exact = false;
+    for (int64_t j = tid; j < m; j += nthreads) {
+      T s = 0, mx = -SinkhornConstants<T>::kMaxSum * SinkhornConstants<T>::kMaxSum;
+      for (int64_t c = 0; c < w.chunks; ++c) {
+        s += ld_shared_global(w.part_sum + c * m + j);
+        mx = fl_max(mx, ld_shared_global(w.part_max + c * m + j));
+      }
+      if (warm_sum_ok(s)) {
+        w.v[j] = ld_shared_global(w.v + j) - dev_log(s);
+        w.shift[j] = dev_nan(T(0));  // NaN: no redo for this column
+      } else {
+        w.shift[j] = mx;
+        any_exact = true;
+      }
+    }
+    if (any_exact) atomicMax(w.exact_stamp, static_cast<unsigned long long>(it + 1));
+    grid.sync();
+    if (ld_shared_global(w.exact_stamp) == static_cast<unsigned long long>(it + 1)) {
+      for (int64_t task = blockIdx.x; task < w.chunks * col_tiles; task += gridDim.x) {
+        const int64_t chunk = task / col_tiles;
+        const int64_t j = (task - chunk * col_tiles) * kThreads + threadIdx.x;
+        if (j >= m) continue;
+        const T sh = ld_shared_global(w.shift + j);
+        if (sh != sh) continue;
+        const int64_t i0 = chunk * w.chunk_rows;
+        const int64_t i1 = i0 + w.chunk_rows < n ? i0 + w.chunk_rows : n;
+        T s = 0;
+        for (int64_t i = i0; i < i1; ++i)
+          s += sinkhorn_exp(fl_fma(C[i * m + j], -inv_eps, la[i] + ld_shared_global(u + i) - sh));
+        w.part_sum[chunk * m + j] = s;
+      }
+      grid.sync();
+      for (int64_t j = tid; j < m; j += nthreads) {
+        const T sh = ld_shared_global(w.shift + j);
+        if (sh != sh) continue;
+        T s = 0;
+        for (int64_t c = 0; c < w.chunks; ++c) s += ld_shared_global(w.part_sum + c * m + j);
+        w.v[j] = -(sh + dev_log(s));
+      }
+      grid.sync();
+    }
+  }
+  // Results: potentials, value, plan.
+  const T eps = T(1) / inv_eps;
+  T val = 0;
+  for (int64_t i = tid; i < n; i += nthreads) {
+    const T al = eps * ld_shared_global(u + i);
+    p.alpha[k * n + i] = al;
+    if (a[i] > 0) val += a[i] * al;
+  }
+  for (int64_t j = tid; j < m; j += nthreads) {
+    const T be = eps * ld_shared_global(w.v + j);
+    p.beta[k * m + j] = be;
+    if (b[j] > 0) val += b[j] * be;
+  }
+  val = block_sum(val, red);
+  // block_part was last read (for err) before the barrier that ends the final row pass:
+  // every block has read it, since all blocks passed that barrier and read it right after.
+  grid.sync();
+  if (threadIdx.x == 0) w.block_part[blockIdx.x] = val;
+  grid.sync();
+  if (blockIdx.x == 0) {
+    const T total = grid_total(w.block_part, gridDim.x, red + kWarps + 1);
+    if (threadIdx.x == 0) {
+      p.value[k] = total;
+      p.error[k] = err;
+      p.n_iter[k] = it;
+    }
+  }
+  T* plan = p.plan + k * n * m;
+  for (int64_t i = gwarp; i < n; i += nwarps) {
+    const T zi = la[i] + ld_shared_global(u + i);
+    for (int64_t j = lane; j < m; j += 32)
+      plan[i * m + j] = sinkhorn_exp(fl_fma(C[i * m + j], -inv_eps, zi + lb[j] + ld_shared_global(w.v + j)));
+  }
+}
+
+// -------------------------------------------------------------------------------------------
+// Path choice and launch
+
+template <typename T>
+cudaError_t grid_plan(int64_t n, int64_t m, GridPlan& g) {
+  int device = 0, sms = 0, per_sm = 0, coop = 0;
+  cudaError_t e = cudaGetDevice(&device);
+  if (e == cudaSuccess) e = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
+  if (e == cudaSuccess) e = cudaDeviceGetAttribute(&coop, cudaDevAttrCooperativeLaunch, device);
+  if (e == cudaSuccess)
+    e = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, sinkhorn_grid_kernel<T>, kThreads, 0);
+  if (e != cudaSuccess) return e;
+  if (!coop || per_sm < 1) return cudaErrorNotSupported;
+  g.blocks = sms * (per_sm < 4 ? per_sm : 4);
+  const int64_t col_tiles = (m + kThreads - 1) / kThreads;
+  int64_t chunks = (2 * static_cast<int64_t>(g.blocks) + col_tiles - 1) / col_tiles;
+  chunks = chunks < 1 ? 1 : (chunks > n ? n : chunks);
+  g.chunk_rows = (n + chunks - 1) / chunks;
+  g.chunks = (n + g.chunk_rows - 1) / g.chunk_rows;
+  return cudaSuccess;
+}
+
+int device_sms() {
+  int device = 0, sms = 1;
+  if (cudaGetDevice(&device) != cudaSuccess) return 1;
+  if (cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device) != cudaSuccess) return 1;
+  return sms;
+}
+
+template <typename T>
+cudaError_t launch(const SinkhornArgs<T>& p, void* workspace, size_t workspace_bytes, cudaStream_t stream) {
+  if (p.batch == 0 || p.n == 0 || p.m == 0) return cudaSuccess;
+  if (use_block_path<T>(p.batch, p.n, p.m, device_sms())) {
+    const bool in_smem = block_smem_bytes<T>(p.n, p.m, true) <= kMaxSmemBytes;
+    const size_t smem = block_smem_bytes<T>(p.n, p.m, in_smem);
+    const void* kernel = in_smem ? reinterpret_cast<const void*>(sinkhorn_block_kernel<T, true>)
+                                 : reinterpret_cast<const void*>(sinkhorn_block_kernel<T, false>);
+    if (smem > 48 * 1024) {
+      const cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                                 static_cast<int>(smem));
+      if (e != cudaSuccess) return e;
+    }
+    if (in_smem) {
+      sinkhorn_block_kernel<T, true><<<static_cast<unsigned>(p.batch), kThreads, smem, stream>>>(p);
+    } else {
+      sinkhorn_block_kernel<T, false><<<static_cast<unsigned>(p.batch), kThreads, smem, stream>>>(p);
+    }
+    return cudaGetLastError();
+  }
+  GridPlan g;
+  cudaError_t e = grid_plan<T>(p.n, p.m, g);
+  if (e != cudaSuccess) return e;
+  if (workspace == nullptr || workspace_bytes < grid_workspace_bytes<T>(p.n, p.m, g)) return cudaErrorInvalidValue;
+  GridWorkspace<T> w = carve<T>(workspace, p.n, p.m, g);
+  for (int64_t k = 0; k < p.batch; ++k) {
+    SinkhornArgs<T> args = p;
+    void* params[] = {&args, &w, &k};
+    e = cudaLaunchCooperativeKernel(reinterpret_cast<const void*>(sinkhorn_grid_kernel<T>), dim3(g.blocks),
+                                    dim3(kThreads), params, 0, stream);
+    if (e != cudaSuccess) return e;
+  }
+  return cudaGetLastError();
+}
+
+template <typename T>
+size_t workspace_bytes(int64_t batch, int64_t n, int64_t m) {
+  if (batch == 0 || n == 0 || m == 0 || use_block_path<T>(batch, n, m, device_sms())) return 0;
+  GridPlan g;
+  if (grid_plan<T>(n, m, g) != cudaSuccess) return 0;  // the launch reports the error
+  return grid_workspace_bytes<T>(n, m, g);
+}
+
+}  // namespace
+
+size_t sinkhorn_workspace_bytes(int64_t batch, int64_t n, int64_t m, size_t elem_size) {
+  return elem_size == sizeof(double) ? workspace_bytes<double>(batch, n, m) : workspace_bytes<float>(batch, n, m);
+}
+
+cudaError_t launch_sinkhorn(const SinkhornArgs<float>& args, void* workspace, size_t workspace_bytes,
+                            cudaStream_t stream) {
+  return launch(args, workspace, workspace_bytes, stream);
+}
+
+cudaError_t launch_sinkhorn(const SinkhornArgs<double>& args, void* workspace, size_t workspace_bytes,
+                            cudaStream_t stream) {
+  return launch(args, workspace, workspace_bytes, stream);
+}
+
+}  // namespace fastloss::kernels

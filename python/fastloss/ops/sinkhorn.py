@@ -1,0 +1,320 @@
+"""Batched log-domain Sinkhorn and the SinKD distillation loss: wrappers, fake kernels and
+autograd for ``torch.ops.fastloss.sinkhorn``, ``sinkhorn_kd`` and ``sinkhorn_kd_backward``."""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple, Optional, Tuple
+
+import torch
+
+_GRAD_MODES = ("envelope", "unrolled")
+
+
+class SinkhornResult(NamedTuple):
+    """What :func:`sinkhorn` returns; a leading batch dimension B when ``cost`` had one.
+
+    plan: (B, n, m) transport plan P = exp((f_i + g_j - C_ij) / eps).
+    f, g: (B, n), (B, m) potentials, f = eps log a - eps LSE_j((g_j - C_ij) / eps) (so
+        f = -inf where a = 0).
+    value: (B,) regularized OT value <P, C> + eps KL(P || a b^T), evaluated in its dual form
+        <f, a> + <g, b> - eps (<a, log a> + <b, log b>).
+    n_iter: (B,) int64, the iterations used by each problem.
+    marginal_error: (B,) the L1 row-marginal error ||P 1 - a||_1 of the returned plan
+        (its columns sum to b up to rounding).
+    """
+
+    plan: torch.Tensor
+    f: torch.Tensor
+    g: torch.Tensor
+    value: torch.Tensor
+    n_iter: torch.Tensor
+    marginal_error: torch.Tensor
+
+
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _check_tensor(name: str, arg: str, t) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"fastloss.{name}: expected '{arg}' to be a torch.Tensor, got {type(t).__name__}")
+
+
+def _check_positive(name: str, arg: str, value) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+        raise ValueError(f"fastloss.{name}: expected '{arg}' to be a finite number > 0, got {value!r}")
+    return float(value)
+
+
+def _check_count(name: str, arg: str, value) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"fastloss.{name}: expected '{arg}' to be an int >= 0, got {value!r}")
+    return value
+
+
+def _marginal(name: str, arg: str, x: Optional[torch.Tensor], batch: int, size: int, cost: torch.Tensor) -> torch.Tensor:
+    """a or b as (B, size): uniform when None, a shared (size,) vector broadcast over the batch."""
+    if x is None:
+        return cost.new_full((batch, size), 1.0 / max(size, 1), dtype=_acc_dtype(cost.dtype))
+    _check_tensor(name, arg, x)
+    if x.dim() == 1 and x.shape[0] == size:
+        return x.unsqueeze(0).expand(batch, size)
+    if x.dim() == 2 and tuple(x.shape) == (batch, size):
+        return x
+    raise ValueError(
+        f"fastloss.{name}: expected '{arg}' to have shape ({size},) or ({batch}, {size}) to match 'cost' "
+        f"{tuple(cost.shape)}, got {tuple(x.shape)}"
+    )
+
+
+def _prepare(name: str, cost, a, b, eps, max_iter, tol):
+    _check_tensor(name, "cost", cost)
+    if cost.dim() not in (2, 3):
+        raise ValueError(f"fastloss.{name}: expected 'cost' to have shape (n, m) or (B, n, m), got {tuple(cost.shape)}")
+    batched = cost.dim() == 3
+    cost3 = cost if batched else cost.unsqueeze(0)
+    B, n, m = cost3.shape
+    eps = _check_positive(name, "eps", eps)
+    max_iter = _check_count(name, "max_iter", max_iter)
+    if isinstance(tol, bool) or not isinstance(tol, (int, float)) or not tol >= 0:
+        raise ValueError(f"fastloss.{name}: expected 'tol' to be a number >= 0, got {tol!r}")
+    a2 = _marginal(name, "a", a, B, n, cost3)
+    b2 = _marginal(name, "b", b, B, m, cost3)
+    return cost3, a2, b2, eps, max_iter, float(tol), batched
+
+
+def sinkhorn(
+    cost: torch.Tensor,
+    a: Optional[torch.Tensor] = None,
+    b: Optional[torch.Tensor] = None,
+    *,
+    eps: float,
+    max_iter: int = 1000,
+    tol: float = 1e-6,
+) -> SinkhornResult:
+    """Entropic optimal transport by log-domain Sinkhorn iterations, for one problem or a batch.
+
+    Args:
+        cost: (n, m) or (B, n, m) cost matrices; float32, float64, float16 or bfloat16
+            (half precision is read as is and computed in float32).
+        a, b: marginals of shape (n,) / (m,) (shared by every problem) or (B, n) / (B, m);
+            uniform when None. Entries must be >= 0 (zeros allowed) with sum(a) == sum(b).
+        eps: entropic regularization (> 0), in the units of the cost.
+        max_iter: at most this many iterations per problem (each a row and a column update).
+        tol: each problem stops independently once ||P 1 - a||_1 <= tol (checked every
+            iteration at no extra cost).
+
+    Returns a :class:`SinkhornResult` (float32 for half-precision costs; float64 for
+    float64). The results carry no gradient: use :func:`sinkhorn_cost` for a differentiable
+    value. On CUDA, marginals with negative entries or unequal mass cannot be checked
+    without a host synchronization: such problems come back as NaN instead of an error.
+    """
+    cost3, a2, b2, eps, max_iter, tol, batched = _prepare("sinkhorn", cost, a, b, eps, max_iter, tol)
+    plan, alpha, beta, value, n_iter, err = torch.ops.fastloss.sinkhorn.default(cost3, a2, b2, eps, max_iter, tol)
+    f = alpha + eps * torch.log(a2.to(alpha.dtype))
+    g = beta + eps * torch.log(b2.to(beta.dtype))
+    out = SinkhornResult(plan.detach(), f.detach(), g.detach(), value.detach(), n_iter, err.detach())
+    if not batched:
+        out = SinkhornResult(*(t.squeeze(0) for t in out))
+    return out
+
+
+def sinkhorn_cost(
+    cost: torch.Tensor,
+    a: Optional[torch.Tensor] = None,
+    b: Optional[torch.Tensor] = None,
+    *,
+    eps: float,
+    max_iter: int = 1000,
+    tol: float = 1e-6,
+    grad: str = "envelope",
+) -> torch.Tensor:
+    """The regularized OT value <P, C> + eps KL(P || a b^T) of each problem: shape (B,), or a
+    scalar for a single (n, m) cost. Arguments as in :func:`sinkhorn`.
+
+    grad="envelope" (default): gradients by the envelope theorem, P for the cost and the
+        potentials f - eps log a, g - eps log b for the marginals (exact at convergence; for
+        the marginals up to an additive constant, as they live on the simplex). One solve, no
+        extra memory.
+    grad="unrolled": the exact gradient of the computed value through every iteration, by
+        autograd through a PyTorch log-domain loop that runs max_iter iterations with each
+        problem frozen once it meets tol (no early exit: memory and time grow with max_iter).
+        Its marginal checks run on CPU tensors only (they would need a sync on CUDA).
+    """
+    if grad not in _GRAD_MODES:
+        raise ValueError(f"fastloss.sinkhorn_cost: expected 'grad' to be one of {_GRAD_MODES}, got {grad!r}")
+    cost3, a2, b2, eps, max_iter, tol, batched = _prepare("sinkhorn_cost", cost, a, b, eps, max_iter, tol)
+    if grad == "envelope":
+        value = torch.ops.fastloss.sinkhorn.default(cost3, a2, b2, eps, max_iter, tol)[3]
+    else:
+        value = _unrolled_value(cost3, a2, b2, eps, max_iter, tol)
+    return value if batched else value.squeeze(0)
+
+
+def _unrolled_value(cost, a, b, eps, max_iter, tol):
+    """The same iteration as the kernels, written with differentiable torch ops."""
+    if not torch.compiler.is_compiling() and a.device.type == "cpu":
+        _check_marginals(a.detach(), b.detach())
+    acc = _acc_dtype(cost.dtype)
+    c = cost.to(acc) / eps
+    a = a.to(acc)
+    b = b.to(acc)
+    log_a = torch.log(a)[:, :, None]
+    log_b = torch.log(b)[:, None, :]
+    u = torch.zeros_like(a)
+    v = torch.zeros_like(b)
+    active = torch.ones(a.shape[0], dtype=torch.bool, device=a.device)
+    for it in range(max_iter + 1):
+        u_new = -torch.logsumexp(log_b + v[:, None, :] - c, dim=2)
+        row_ratio = torch.exp(u - u_new)  # row marginal / a under the current (u, v)
+        err = torch.where(a > 0, a * (row_ratio - 1).abs(), torch.zeros_like(a)).sum(1)
+        active = active & ~(err <= tol)
+        if it == max_iter:
+            break
+        u = torch.where(active[:, None], u_new, u)
+        v_new = -torch.logsumexp(log_a + u[:, :, None] - c, dim=1)
+        v = torch.where(active[:, None], v_new, v)
+    zero = torch.zeros((), dtype=acc, device=a.device)
+    return (torch.where(a > 0, a * u, zero).sum(1) + torch.where(b > 0, b * v, zero).sum(1)) * eps
+
+
+def _check_marginals(a: torch.Tensor, b: torch.Tensor) -> None:
+    """The checks the CPU kernel makes, for the unrolled path (same messages)."""
+    for name, x in (("a", a), ("b", b)):
+        bad = ~(torch.isfinite(x) & (x >= 0))
+        if bad.any():
+            idx = tuple(int(i) for i in bad.nonzero()[0])
+            raise RuntimeError(f"fastloss.sinkhorn: expected '{name}' to be finite and >= 0, got {name}{list(idx)} = {x[idx].item()}")
+    sa, sb = a.double().sum(1), b.double().sum(1)
+    tol = max(torch.finfo(a.dtype).eps, torch.finfo(b.dtype).eps) ** 0.5
+    if not ((sa > 0) & (sb > 0)).all():
+        raise RuntimeError("fastloss.sinkhorn: expected 'a' and 'b' to have positive total mass")
+    if ((sa - sb).abs() > tol * torch.maximum(sa, sb)).any():
+        raise RuntimeError(
+            f"fastloss.sinkhorn: expected 'a' and 'b' to have the same total mass (balanced OT), got "
+            f"{sa.tolist()[:4]} and {sb.tolist()[:4]} (relative tolerance {tol:.3g})"
+        )
+
+
+def _sinkhorn_fake(cost, a, b, eps, max_iter, tol):
+    B, n, m = cost.shape
+    acc = _acc_dtype(cost.dtype)
+    return (
+        cost.new_empty((B, n, m), dtype=acc),
+        cost.new_empty((B, n), dtype=acc),
+        cost.new_empty((B, m), dtype=acc),
+        cost.new_empty((B,), dtype=acc),
+        cost.new_empty((B,), dtype=torch.int64),
+        cost.new_empty((B,), dtype=acc),
+    )
+
+
+torch.library.register_fake("fastloss::sinkhorn")(_sinkhorn_fake)
+
+
+def _sinkhorn_setup_context(ctx, inputs, output):
+    cost, a, b, _eps, _max_iter, _tol = inputs
+    plan, alpha, beta, _value, n_iter, err = output
+    ctx.mark_non_differentiable(plan, alpha, beta, n_iter, err)
+    ctx.dtypes = (cost.dtype, a.dtype, b.dtype)
+    ctx.save_for_backward(plan, alpha, beta)
+
+
+def _sinkhorn_backward(ctx, _g_plan, _g_alpha, _g_beta, g_value, _g_n_iter, _g_err):
+    # Envelope theorem: d value / d cost = P, d value / d a = alpha, d value / d b = beta.
+    plan, alpha, beta = ctx.saved_tensors
+    cost_dtype, a_dtype, b_dtype = ctx.dtypes
+    g = g_value.to(plan.dtype)
+    grad_cost = grad_a = grad_b = None
+    if ctx.needs_input_grad[0]:
+        grad_cost = (g[:, None, None] * plan).to(cost_dtype)
+    if ctx.needs_input_grad[1]:
+        grad_a = (g[:, None] * alpha).to(a_dtype)
+    if ctx.needs_input_grad[2]:
+        grad_b = (g[:, None] * beta).to(b_dtype)
+    return grad_cost, grad_a, grad_b, None, None, None
+
+
+torch.library.register_autograd("fastloss::sinkhorn", _sinkhorn_backward, setup_context=_sinkhorn_setup_context)
+
+
+# ---------------------------------------------------------------------------------------------
+# SinKD
+
+
+def sinkhorn_kd_loss(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    *,
+    temperature: float = 2.0,
+    eps: float = 0.1,
+    n_iter: int = 20,
+    scale: float = 0.001,
+) -> torch.Tensor:
+    """The SinKD distillation loss (Cui et al. 2024), exactly as its authors compute it:
+
+        p_s = softmax(student_logits / T), p_t = softmax(teacher_logits / T)    (B, C)
+        W = cdist(p_s, p_t, p=1)                                                (B, B)
+        P = exp(-W / eps); n_iter times: P /= P.sum(1); P /= P.sum(0)
+        loss = scale * sum(P * W)
+
+    The gradient (to both logits, as autograd through that formulation gives it) is computed
+    by a fused reverse sweep, not by autograd through n_iter steps. Logits of shape (B, C),
+    any float dtype (computed in float32, float64 for float64); the loss has their dtype.
+    """
+    _check_tensor("sinkhorn_kd_loss", "student_logits", student_logits)
+    _check_tensor("sinkhorn_kd_loss", "teacher_logits", teacher_logits)
+    temperature = _check_positive("sinkhorn_kd_loss", "temperature", temperature)
+    eps = _check_positive("sinkhorn_kd_loss", "eps", eps)
+    n_iter = _check_count("sinkhorn_kd_loss", "n_iter", n_iter)
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
+        raise ValueError(f"fastloss.sinkhorn_kd_loss: expected 'scale' to be a finite number, got {scale!r}")
+    return torch.ops.fastloss.sinkhorn_kd.default(student_logits, teacher_logits, temperature, eps, n_iter, float(scale))[0]
+
+
+def _kd_fake(student, teacher, temperature, eps, n_iter, scale):
+    B, C = student.shape
+    acc = torch.float64 if torch.float64 in (student.dtype, teacher.dtype) else torch.float32
+    loss_dtype = torch.promote_types(student.dtype, teacher.dtype)
+    return (
+        student.new_empty((), dtype=loss_dtype),
+        student.new_empty((B, C), dtype=acc),
+        student.new_empty((B, C), dtype=acc),
+        student.new_empty((B, B), dtype=acc),
+        student.new_empty((n_iter + 1, B), dtype=acc),
+        student.new_empty((n_iter + 1, B), dtype=acc),
+    )
+
+
+def _kd_backward_fake(grad_loss, ps, pt, cost, x, y, temperature, eps, scale, student_grad, teacher_grad,
+                      student_dtype, teacher_dtype) -> Tuple[torch.Tensor, torch.Tensor]:
+    B, C = ps.shape
+    ds = ps.new_empty((B, C) if student_grad else (0, 0), dtype=student_dtype)
+    dt = ps.new_empty((B, C) if teacher_grad else (0, 0), dtype=teacher_dtype)
+    return ds, dt
+
+
+torch.library.register_fake("fastloss::sinkhorn_kd")(_kd_fake)
+torch.library.register_fake("fastloss::sinkhorn_kd_backward")(_kd_backward_fake)
+
+
+def _kd_setup_context(ctx, inputs, output):
+    student, teacher, temperature, eps, _n_iter, scale = inputs
+    _loss, ps, pt, cost, x, y = output
+    ctx.mark_non_differentiable(ps, pt, cost, x, y)
+    ctx.params = (temperature, eps, scale, student.dtype, teacher.dtype)
+    ctx.save_for_backward(ps, pt, cost, x, y)
+
+
+def _kd_backward(ctx, g_loss, *_unused):
+    ps, pt, cost, x, y = ctx.saved_tensors
+    temperature, eps, scale, s_dtype, t_dtype = ctx.params
+    need_s, need_t = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+    ds, dt = torch.ops.fastloss.sinkhorn_kd_backward.default(
+        g_loss, ps, pt, cost, x, y, temperature, eps, scale, need_s, need_t, s_dtype, t_dtype
+    )
+    return (ds if need_s else None), (dt if need_t else None), None, None, None, None
+
+
+torch.library.register_autograd("fastloss::sinkhorn_kd", _kd_backward, setup_context=_kd_setup_context)

@@ -1,0 +1,448 @@
+"""Batched log-domain Sinkhorn and the SinKD loss, against POT (ot.bregman.sinkhorn_log,
+ot.batch.solve_batch) in float64 and against an eager SinKD reference written here."""
+
+import math
+
+import pytest
+import torch
+
+import fastloss
+from conftest import CUDA
+
+ot = pytest.importorskip("ot")  # POT, a test dependency
+
+DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
+
+
+def random_problem(B, n, m, *, uniform=False, zeros=0, dtype=torch.float64, device="cpu", seed=0):
+    g = torch.Generator().manual_seed(seed)
+    cost = torch.rand(B, n, m, generator=g, dtype=torch.float64)
+    if uniform:
+        a = torch.full((B, n), 1.0 / n, dtype=torch.float64)
+        b = torch.full((B, m), 1.0 / m, dtype=torch.float64)
+    else:
+        a = torch.rand(B, n, generator=g, dtype=torch.float64) + 0.05
+        b = torch.rand(B, m, generator=g, dtype=torch.float64) + 0.05
+        if zeros:
+            a[:, :zeros] = 0
+            b[:, -zeros:] = 0
+        a /= a.sum(1, keepdim=True)
+        b /= b.sum(1, keepdim=True)
+    return cost.to(device=device, dtype=dtype), a.to(device), b.to(device)
+
+
+def primal_value(plan, cost, a, b, eps):
+    """<P, C> + eps KL(P || a b^T) in float64, 0 log 0 = 0."""
+    plan, cost, a, b = (t.double().cpu() for t in (plan, cost, a, b))
+    ab = a[..., :, None] * b[..., None, :]
+    kl = torch.where(plan > 0, plan * torch.log(plan / ab), torch.zeros_like(plan)).sum((-2, -1))
+    return (plan * cost).sum((-2, -1)) + eps * kl
+
+
+def pot_sinkhorn(cost, a, b, eps):
+    """POT's log-domain Sinkhorn, run to tight convergence, on the support of a and b."""
+    P = torch.zeros_like(cost, dtype=torch.float64)
+    sa, sb = a > 0, b > 0
+    Pk = ot.bregman.sinkhorn_log(
+        a[sa].numpy(), b[sb].numpy(), cost[sa][:, sb].double().numpy(), eps, numItermax=200000, stopThr=1e-14
+    )
+    P[torch.outer(sa, sb)] = torch.from_numpy(Pk).reshape(-1)
+    return P
+
+
+# ---------------------------------------------------------------------------------------------
+# Sinkhorn against POT
+
+
+@pytest.mark.parametrize("n,m", [(7, 13), (40, 25), (1, 5)])
+@pytest.mark.parametrize("eps", [1.0, 0.1, 0.01])
+@pytest.mark.parametrize("uniform", [True, False])
+def test_matches_pot_log_sinkhorn(n, m, eps, uniform):
+    cost, a, b = random_problem(3, n, m, uniform=uniform, seed=n * 100 + m)
+    r = fastloss.sinkhorn(cost, a, b, eps=eps, tol=1e-12, max_iter=100000)
+    assert (r.marginal_error <= 1e-12).all() and (r.n_iter < 100000).all()
+    for k in range(3):
+        P = pot_sinkhorn(cost[k], a[k], b[k], eps)
+        torch.testing.assert_close(r.plan[k], P, rtol=1e-7, atol=1e-10)
+        # Potentials are unique up to f + c, g - c: compare f_i + g_j - C_ij = eps log(P_ij / ...)
+        _, log = ot.bregman.sinkhorn_log(a[k].numpy(), b[k].numpy(), cost[k].numpy(), eps, numItermax=200000,
+                                         stopThr=1e-14, log=True)
+        f_pot, g_pot = eps * torch.from_numpy(log["log_u"]), eps * torch.from_numpy(log["log_v"])
+        shift = (r.f[k] - f_pot).mean()
+        torch.testing.assert_close(r.f[k] - shift, f_pot, rtol=1e-7, atol=1e-8 * max(1.0, eps))
+        torch.testing.assert_close(r.g[k] + shift, g_pot, rtol=1e-7, atol=1e-8 * max(1.0, eps))
+        torch.testing.assert_close(r.value[k], primal_value(P, cost[k], a[k], b[k], eps), rtol=1e-9, atol=1e-9)
+    # The plan is the one the potentials define.
+    expected = torch.exp((r.f[:, :, None] + r.g[:, None, :] - cost) / eps)
+    torch.testing.assert_close(r.plan, expected)
+
+
+@pytest.mark.parametrize("batch", [1, 1000])
+def test_matches_pot_batch_solver(batch):
+    cost, a, b = random_problem(batch, 6, 9, seed=batch)
+    eps = 0.2
+    res = ot.batch.solve_batch(cost, reg=eps, a=a, b=b, max_iter=100000, tol=1e-11, method="log_sinkhorn")
+    r = fastloss.sinkhorn(cost, a, b, eps=eps, tol=1e-11, max_iter=100000)
+    torch.testing.assert_close(r.plan, res.plan.double(), rtol=1e-6, atol=1e-9)
+    torch.testing.assert_close(r.value, primal_value(res.plan, cost, a, b, eps), rtol=1e-8, atol=1e-9)
+
+
+def test_rectangular_eps_small_no_nan():
+    # eps = 1% of the cost scale, in float32 and float64: no NaN, converges.
+    cost, a, b = random_problem(2, 30, 50, seed=3)
+    cost = cost * 10
+    P = pot_sinkhorn(cost[0], a[0], b[0], 0.1)
+    for dtype, tol in ((torch.float32, 1e-5), (torch.float64, 1e-11)):
+        r = fastloss.sinkhorn(cost.to(dtype), a, b, eps=0.1, tol=tol, max_iter=50000)
+        assert all(torch.isfinite(t).all() for t in (r.plan, r.value, r.marginal_error))
+        assert (r.marginal_error <= tol).all()
+        torch.testing.assert_close(r.plan[0].double(), P, rtol=0, atol=1e-5 if dtype == torch.float32 else 1e-10)
+
+
+def test_zero_mass_entries():
+    cost, a, b = random_problem(2, 12, 10, zeros=3, seed=5)
+    r = fastloss.sinkhorn(cost, a, b, eps=0.1, tol=1e-12, max_iter=100000)
+    assert (r.plan[:, :3, :] == 0).all() and (r.plan[:, :, -3:] == 0).all()
+    assert torch.isneginf(r.f[:, :3]).all() and torch.isfinite(r.f[:, 3:]).all()
+    assert torch.isfinite(r.value).all()
+    for k in range(2):
+        torch.testing.assert_close(r.plan[k], pot_sinkhorn(cost[k], a[k], b[k], 0.1), rtol=1e-7, atol=1e-10)
+        torch.testing.assert_close(r.value[k], primal_value(r.plan[k], cost[k], a[k], b[k], 0.1), rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_extreme_costs_stay_finite(device, dtype):
+    # eps a millionth of the cost scale: slow to converge, but never inf or NaN.
+    cost, a, b = random_problem(2, 20, 30, seed=4, device=device)
+    r = fastloss.sinkhorn((cost * 1e6).to(dtype), a, b, eps=1.0, max_iter=200)
+    assert all(torch.isfinite(t).all() for t in (r.plan, r.f, r.g, r.value, r.marginal_error))
+    if dtype == torch.float64:  # (float32 holds potentials of ~1e6 to ~0.06: a few % in P)
+        torch.testing.assert_close(r.plan.sum(1), b, rtol=1e-6, atol=1e-9)  # columns exact
+    # A NaN cost entry makes its problem NaN (and stop); +inf forbids one transport.
+    bad = cost.to(dtype).clone()
+    bad[0, 1, 2] = math.nan
+    bad[1, 0, 0] = math.inf
+    r = fastloss.sinkhorn(bad, a, b, eps=0.1, tol=1e-6, max_iter=500)
+    assert torch.isnan(r.marginal_error[0]) and r.n_iter[0] == 0
+    assert r.plan[1, 0, 0] == 0 and r.marginal_error[1] <= 1e-6
+
+
+def test_shared_and_default_marginals():
+    cost, a, b = random_problem(4, 8, 5, seed=6)
+    r1 = fastloss.sinkhorn(cost, a[0], b[0], eps=0.2)
+    r2 = fastloss.sinkhorn(cost, a[0].expand(4, 8), b[0].expand(4, 5), eps=0.2)
+    torch.testing.assert_close(r1.plan, r2.plan)
+    ru = fastloss.sinkhorn(cost, eps=0.2)
+    torch.testing.assert_close(ru.plan.sum(2), torch.full((4, 8), 1 / 8, dtype=torch.float64), atol=1e-6, rtol=0)
+    single = fastloss.sinkhorn(cost[1], a[0], b[0], eps=0.2)
+    assert single.plan.shape == (8, 5) and single.f.shape == (8,) and single.value.shape == ()
+    torch.testing.assert_close(single.plan, r1.plan[1])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_dtypes_against_float64(device, dtype):
+    cost, a, b = random_problem(5, 33, 20, seed=7, device=device)
+    ref = fastloss.sinkhorn(cost.to(dtype).double(), a, b, eps=0.1, tol=1e-12, max_iter=100000)
+    r = fastloss.sinkhorn(cost.to(dtype), a, b, eps=0.1, tol=1e-5)
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    assert r.plan.dtype == acc and r.f.dtype == acc and r.value.dtype == acc and r.n_iter.dtype == torch.int64
+    # The same cost (rounded to dtype), solved in float64 to 1e-12: only tol and fp32 differ.
+    scale = ref.plan.abs().max()
+    assert ((r.plan.double() - ref.plan).abs().max() / scale) < 1e-3
+    torch.testing.assert_close(r.value.double(), ref.value, rtol=1e-4, atol=1e-5)
+    assert (r.marginal_error <= 1e-5).all()
+
+
+def test_independent_stopping_and_max_iter(device):
+    easy, a, b = random_problem(1, 20, 20, seed=8, device=device)
+    hard = easy * 20
+    cost = torch.cat([easy, hard, easy])
+    a3, b3 = a.expand(3, 20), b.expand(3, 20)
+    r = fastloss.sinkhorn(cost, a3, b3, eps=0.5, tol=1e-9, max_iter=100000)
+    alone = [fastloss.sinkhorn(cost[k : k + 1], a, b, eps=0.5, tol=1e-9, max_iter=100000) for k in range(3)]
+    for k in range(3):
+        assert r.n_iter[k] == alone[k].n_iter[0]
+        torch.testing.assert_close(r.plan[k], alone[k].plan[0])
+    assert r.n_iter[1] > 2 * r.n_iter[0]
+    assert (r.marginal_error <= 1e-9).all()
+    capped = fastloss.sinkhorn(cost, a3, b3, eps=0.5, tol=1e-9, max_iter=7)
+    assert (capped.n_iter == 7).all() and (capped.marginal_error > 1e-9).all()
+    # The reported error is the error of the returned plan.
+    err = (capped.plan.sum(2) - a3).abs().sum(1)
+    torch.testing.assert_close(capped.marginal_error, err, rtol=1e-6, atol=1e-12)
+    zero = fastloss.sinkhorn(cost, a3, b3, eps=0.5, max_iter=0)
+    assert (zero.n_iter == 0).all()
+    torch.testing.assert_close(zero.plan, torch.exp(-cost / 0.5) * a3[:, :, None] * b3[:, None, :])
+
+
+def test_non_contiguous_and_empty(device):
+    cost, a, b = random_problem(3, 9, 11, seed=9, device=device)
+    base = torch.rand(3, 11, 9, dtype=torch.float64, device=device)
+    ct = base.transpose(1, 2)
+    assert not ct.is_contiguous()
+    r = fastloss.sinkhorn(ct, a, b[:, :], eps=0.3)
+    torch.testing.assert_close(r.plan, fastloss.sinkhorn(ct.contiguous(), a, b, eps=0.3).plan)
+    e = fastloss.sinkhorn(torch.rand(0, 4, 5, device=device), eps=0.1)
+    assert e.plan.shape == (0, 4, 5) and e.value.shape == (0,)
+
+
+# ---------------------------------------------------------------------------------------------
+# Gradients of the value
+
+
+def test_envelope_gradient_is_plan(device):
+    cost, a, b = random_problem(4, 10, 7, seed=10, device=device)
+    c = cost.clone().requires_grad_()
+    aa, bb = a.clone().requires_grad_(), b.clone().requires_grad_()
+    v = fastloss.sinkhorn_cost(c, aa, bb, eps=0.1, tol=1e-12, max_iter=100000)
+    w = torch.randn(4, dtype=torch.float64, device=device)
+    gc, ga, gb = torch.autograd.grad((v * w).sum(), (c, aa, bb))
+    r = fastloss.sinkhorn(cost, a, b, eps=0.1, tol=1e-12, max_iter=100000)
+    torch.testing.assert_close(gc, w[:, None, None] * r.plan)
+    torch.testing.assert_close(ga, w[:, None] * (r.f - 0.1 * a.log()))
+    torch.testing.assert_close(gb, w[:, None] * (r.g - 0.1 * b.log()))
+    torch.testing.assert_close(v, r.value)
+
+
+def test_gradcheck_envelope_cost():
+    # At convergence the value's derivative w.r.t. the cost is the plan (envelope theorem).
+    cost, a, b = random_problem(2, 5, 4, seed=11)
+    c = cost.requires_grad_()
+    assert torch.autograd.gradcheck(lambda t: fastloss.sinkhorn_cost(t, a, b, eps=0.2, tol=1e-14, max_iter=100000), (c,))
+
+
+def test_unrolled_gradient():
+    cost, a, b = random_problem(3, 6, 5, seed=12)
+    # Same value as the kernel; gradient exact for the iterations run (gradcheck), and equal
+    # to the envelope gradient once converged.
+    c = cost.clone().requires_grad_()
+    fn = lambda t: fastloss.sinkhorn_cost(t, a, b, eps=0.3, tol=1e-4, max_iter=15, grad="unrolled")
+    assert torch.autograd.gradcheck(fn, (c,))
+    v_env = fastloss.sinkhorn_cost(cost, a, b, eps=0.3, tol=1e-4, max_iter=15)
+    torch.testing.assert_close(fn(c), v_env)
+    c2 = cost.clone().requires_grad_()
+    (g_unrolled,) = torch.autograd.grad(
+        fastloss.sinkhorn_cost(c2, a, b, eps=0.3, tol=1e-13, max_iter=400, grad="unrolled").sum(), c2
+    )
+    torch.testing.assert_close(g_unrolled, fastloss.sinkhorn(cost, a, b, eps=0.3, tol=1e-13, max_iter=400).plan)
+
+
+def test_opcheck_sinkhorn(device):
+    cost, a, b = random_problem(2, 5, 4, seed=13, device=device)
+    for dtype in (torch.float32, torch.float64):
+        torch.library.opcheck(
+            torch.ops.fastloss.sinkhorn, (cost.to(dtype).requires_grad_(), a.to(dtype), b.to(dtype), 0.1, 50, 1e-6)
+        )
+    torch.library.opcheck(torch.ops.fastloss.sinkhorn, (cost.bfloat16(), a, b, 0.1, 50, 1e-6))
+
+
+def test_torch_compile_fullgraph(device):
+    def fn(cost, a, b, zs, zt):
+        ot_value = fastloss.sinkhorn_cost(cost, a, b, eps=0.1, tol=1e-9).sum()
+        return ot_value + fastloss.sinkhorn_kd_loss(zs, zt) + fastloss.sinkhorn(cost, eps=0.2).plan.sum()
+
+    compiled = torch.compile(fn, fullgraph=True)
+    cost, a, b = random_problem(3, 6, 5, seed=14, device=device, dtype=torch.float32)
+    zs = torch.randn(8, 5, device=device)
+    zt = torch.randn(8, 5, device=device)
+    args = (cost.requires_grad_(), a.float(), b.float(), zs.requires_grad_(), zt)
+    expected = fn(*args)
+    got = compiled(*args)
+    torch.testing.assert_close(got, expected)
+    torch.testing.assert_close(torch.autograd.grad(got, (cost, zs)), torch.autograd.grad(expected, (cost, zs)))
+
+
+def test_bad_input(device):
+    cost, a, b = random_problem(2, 4, 3, seed=15, device=device)
+    for eps in (0.0, -1.0, math.inf, math.nan):
+        with pytest.raises(ValueError, match="'eps'"):
+            fastloss.sinkhorn(cost, a, b, eps=eps)
+    with pytest.raises(ValueError, match="'a' to have shape"):
+        fastloss.sinkhorn(cost, a[:, :3], b, eps=0.1)
+    with pytest.raises(ValueError, match="'b' to have shape"):
+        fastloss.sinkhorn(cost, a, b[:1], eps=0.1)
+    with pytest.raises(ValueError, match="'cost' to have shape"):
+        fastloss.sinkhorn(cost[0, 0], eps=0.1)
+    with pytest.raises(ValueError, match="'max_iter'"):
+        fastloss.sinkhorn(cost, eps=0.1, max_iter=-1)
+    with pytest.raises(ValueError, match="'tol'"):
+        fastloss.sinkhorn(cost, eps=0.1, tol=-1e-3)
+    with pytest.raises(ValueError, match="'grad'"):
+        fastloss.sinkhorn_cost(cost, eps=0.1, grad="autodiff")
+    with pytest.raises(TypeError, match="'cost'"):
+        fastloss.sinkhorn([[1.0]], eps=0.1)
+    with pytest.raises(RuntimeError, match="'cost'.*got Long"):
+        fastloss.sinkhorn(torch.ones(2, 3, dtype=torch.long, device=device), eps=0.1)
+    with pytest.raises(RuntimeError, match="'eps' > 0"):
+        torch.ops.fastloss.sinkhorn(cost, a, b, 0.0, 10, 1e-6)
+    if device == "cpu":  # on CUDA these would need a host sync: the problem comes back NaN
+        neg = a.clone()
+        neg[0, 0] = -0.1
+        neg[0, 1] += 0.1
+        with pytest.raises(RuntimeError, match="'a' to be finite and >= 0"):
+            fastloss.sinkhorn(cost, neg, b, eps=0.1)
+        for fn in (fastloss.sinkhorn, lambda *x, **k: fastloss.sinkhorn_cost(*x, **k, grad="unrolled")):
+            with pytest.raises(RuntimeError, match="same total mass"):
+                fn(cost, a * 1.5, b, eps=0.1)
+            with pytest.raises(RuntimeError, match="'b' to be finite and >= 0"):
+                fn(cost, a, torch.full_like(b, math.nan), eps=0.1)
+
+
+@pytest.mark.cuda
+def test_cuda_invalid_marginals_give_nan():
+    if not CUDA:
+        pytest.skip("needs CUDA")
+    cost, a, b = random_problem(3, 5, 4, seed=16, device="cuda")
+    a = a.clone()
+    a[1] *= 2
+    r = fastloss.sinkhorn(cost, a, b, eps=0.1)
+    assert torch.isnan(r.plan[1]).all() and torch.isnan(r.value[1])
+    assert torch.isfinite(r.plan[[0, 2]]).all()
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("shape", [(64, 64, 64), (4, 256, 256), (2, 300, 170), (1, 1500, 2100), (1, 4096, 4096)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_cuda_paths_match_cpu(shape, dtype):
+    """The block-per-problem and the multi-block paths against the CPU kernel."""
+    if not CUDA:
+        pytest.skip("needs CUDA")
+    cost, a, b = random_problem(*shape, seed=17)
+    cost = cost.to(dtype)
+    r_cpu = fastloss.sinkhorn(cost, a, b, eps=0.05, tol=1e-6, max_iter=3000)
+    r = fastloss.sinkhorn(cost.cuda(), a.cuda(), b.cuda(), eps=0.05, tol=1e-6, max_iter=3000)
+    tol = 1e-9 if dtype == torch.float64 else 2e-5
+    torch.testing.assert_close(r.plan.cpu(), r_cpu.plan, rtol=1e-3, atol=tol * r_cpu.plan.max().item() * 10)
+    torch.testing.assert_close(r.value.cpu(), r_cpu.value, rtol=1e-4, atol=1e-6)
+    assert (r.marginal_error.cpu() <= 1e-6).all()
+    # Same iteration, different rounding: the stopping iteration may move a little.
+    assert ((r.n_iter.cpu() - r_cpu.n_iter).abs() <= 3 + r_cpu.n_iter // 20).all()
+
+
+@pytest.mark.cuda
+def test_cuda_memcheck():
+    """Small subset run under compute-sanitizer by `make gpu-check`."""
+    if not CUDA:
+        pytest.skip("needs CUDA")
+    for shape in [(3, 5, 7), (1, 700, 900)]:
+        cost, a, b = random_problem(*shape, seed=18, device="cuda", dtype=torch.float32)
+        c = cost.requires_grad_()
+        fastloss.sinkhorn_cost(c, a, b, eps=0.1, max_iter=50).sum().backward()
+    zs = torch.randn(33, 70, device="cuda", requires_grad=True)
+    fastloss.sinkhorn_kd_loss(zs, torch.randn(33, 70, device="cuda")).backward()
+
+
+# ---------------------------------------------------------------------------------------------
+# SinKD
+
+
+def sinkd_reference(zs, zt, temperature=2.0, eps=0.1, n_iter=20, scale=0.001):
+    """The SinKD loss as its authors compute it (eager; autograd through every step)."""
+    ps = torch.softmax(zs / temperature, dim=1)
+    pt = torch.softmax(zt / temperature, dim=1)
+    W = torch.cdist(ps, pt, p=1)
+    P = torch.exp(-W / eps)
+    for _ in range(n_iter):
+        P = P / P.sum(dim=1, keepdim=True)
+        P = P / P.sum(dim=0, keepdim=True)
+    return scale * torch.sum(P * W)
+
+
+@pytest.mark.parametrize("B,C", [(1, 3), (16, 3), (32, 100), (33, 31), (70, 600)])
+@pytest.mark.parametrize("n_iter", [0, 1, 20])
+def test_sinkd_matches_reference_float64(device, B, C, n_iter):
+    g = torch.Generator().manual_seed(B * 1000 + C)
+    zs = (torch.randn(B, C, generator=g, dtype=torch.float64) * 3).to(device).requires_grad_()
+    zt = (torch.randn(B, C, generator=g, dtype=torch.float64) * 3).to(device).requires_grad_()
+    kw = dict(temperature=1.5, eps=0.2, n_iter=n_iter, scale=0.01)
+    loss = fastloss.sinkhorn_kd_loss(zs, zt, **kw)
+    ref = sinkd_reference(zs, zt, **kw)
+    torch.testing.assert_close(loss, ref, rtol=1e-10, atol=1e-14)
+    w = torch.tensor(1.7, dtype=torch.float64, device=device)
+    got = torch.autograd.grad(loss * w, (zs, zt))
+    expected = torch.autograd.grad(ref * w, (zs, zt))
+    for a_, b_ in zip(got, expected):
+        torch.testing.assert_close(a_, b_, rtol=1e-8, atol=1e-8 * b_.abs().max().item() + 1e-300)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("C", [3, 200])
+def test_sinkd_low_precision(device, dtype, C):
+    g = torch.Generator().manual_seed(C)
+    z64s = torch.randn(40, C, generator=g, dtype=torch.float64).to(device) * 2
+    z64t = torch.randn(40, C, generator=g, dtype=torch.float64).to(device) * 2
+    zs = z64s.to(dtype).requires_grad_()
+    zt = z64t.to(dtype)
+    loss = fastloss.sinkhorn_kd_loss(zs, zt)
+    assert loss.dtype == dtype
+    (gs,) = torch.autograd.grad(loss, zs)
+    assert gs.dtype == dtype
+    zr = zs.detach().double().requires_grad_()
+    ref = sinkd_reference(zr, zt.double())
+    (gr,) = torch.autograd.grad(ref, zr)
+    # fp32 accumulation: as close to the float64 reference as torch's own fp32 formulation.
+    zf = zs.detach().float().requires_grad_()
+    ref32 = sinkd_reference(zf, zt.float())
+    (g32,) = torch.autograd.grad(ref32, zf)
+    loss_err = (loss.double() - ref).abs().item()
+    grad_err = (gs.double() - gr).abs().max().item()
+    out_eps = torch.finfo(dtype).eps
+    assert loss_err <= 2 * (ref32.double() - ref).abs().item() + out_eps * ref.abs().item() + 1e-9
+    # (+ the spacing of subnormals: float16 gradients of ~1e-5 are subnormal)
+    quantum = torch.finfo(dtype).smallest_normal * out_eps
+    assert grad_err <= 2 * (g32.double() - gr).abs().max().item() + out_eps * gr.abs().max().item() + quantum
+
+
+def test_sinkd_gradcheck(device):
+    zs = torch.randn(6, 5, dtype=torch.float64, device=device, requires_grad=True)
+    zt = torch.randn(6, 5, dtype=torch.float64, device=device, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda s, t: fastloss.sinkhorn_kd_loss(s, t, n_iter=5, eps=0.3), (zs, zt))
+    # More classes than the few-classes kernel takes.
+    zs = torch.randn(5, 40, dtype=torch.float64, device=device, requires_grad=True)
+    zt = torch.randn(5, 40, dtype=torch.float64, device=device, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda s, t: fastloss.sinkhorn_kd_loss(s, t, n_iter=4, eps=0.5), (zs, zt))
+
+
+def test_sinkd_opcheck(device):
+    zs = torch.randn(7, 5, device=device, requires_grad=True)
+    zt = torch.randn(7, 5, device=device, requires_grad=True)
+    torch.library.opcheck(torch.ops.fastloss.sinkhorn_kd, (zs, zt, 2.0, 0.1, 20, 0.001))
+    torch.library.opcheck(torch.ops.fastloss.sinkhorn_kd, (zs.double(), zt.detach().double(), 1.0, 0.5, 3, 1.0))
+    torch.library.opcheck(torch.ops.fastloss.sinkhorn_kd, (zs.detach().bfloat16().requires_grad_(), zt.detach(), 2.0, 0.1, 2, 0.1))
+    _, ps, pt, W, x, y = torch.ops.fastloss.sinkhorn_kd(zs.detach(), zt.detach(), 2.0, 0.1, 4, 0.001)
+    g = torch.tensor(1.0, device=device)
+    torch.library.opcheck(
+        torch.ops.fastloss.sinkhorn_kd_backward,
+        (g, ps, pt, W, x, y, 2.0, 0.1, 0.001, True, False, torch.float32, torch.bfloat16),
+    )
+
+
+def test_sinkd_module_noncontiguous_empty(device):
+    loss_fn = fastloss.nn.SinkhornKDLoss(temperature=3.0, n_iter=7)
+    base = torch.randn(12, 20, dtype=torch.float64, device=device)
+    zs = base.t()[:, :9]  # (20, 9), non-contiguous
+    zt = torch.randn(9, 20, dtype=torch.float64, device=device).t()
+    assert not zs.is_contiguous() and not zt.is_contiguous()
+    torch.testing.assert_close(loss_fn(zs, zt), sinkd_reference(zs, zt, temperature=3.0, n_iter=7))
+    assert "n_iter=7" in repr(loss_fn)
+    empty = torch.zeros(0, 5, device=device, requires_grad=True)
+    loss = fastloss.sinkhorn_kd_loss(empty, torch.zeros(0, 5, device=device))
+    assert loss.item() == 0
+    loss.backward()
+    assert empty.grad.shape == (0, 5)
+
+
+def test_sinkd_bad_input(device):
+    z = torch.randn(4, 3, device=device)
+    with pytest.raises(ValueError, match="'temperature'"):
+        fastloss.sinkhorn_kd_loss(z, z, temperature=0)
+    with pytest.raises(ValueError, match="'eps'"):
+        fastloss.sinkhorn_kd_loss(z, z, eps=-0.1)
+    with pytest.raises(ValueError, match="'n_iter'"):
+        fastloss.sinkhorn_kd_loss(z, z, n_iter=-1)
+    with pytest.raises(RuntimeError, match="'teacher_logits' to have the shape"):
+        fastloss.sinkhorn_kd_loss(z, z[:3])
+    with pytest.raises(RuntimeError, match="shape \\(B, classes\\)"):
+        fastloss.sinkhorn_kd_loss(z[0], z[0])
+    with pytest.raises(TypeError, match="'teacher_logits'"):
+        fastloss.sinkhorn_kd_loss(z, None)
