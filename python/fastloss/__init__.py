@@ -7,6 +7,7 @@ kernels for torch.compile, and a typed Python wrapper re-exported here.
 import torch  # noqa: F401  (loads torch's shared libraries before the extension)
 
 from . import _C  # noqa: F401  (registers torch.ops.fastloss.*)
+from .ops.log_bessel import log_bessel_iv, log_bessel_kv
 from .ops.softmax import log_softmax, softmax
 
 __version__ = _C.build_info()["version"]
@@ -17,4 +18,4 @@ def build_info() -> dict:
     return dict(_C.build_info())
 
 
-__all__ = ["softmax", "log_softmax", "build_info", "__version__"]
+__all__ = ["softmax", "log_softmax", "log_bessel_iv", "log_bessel_kv", "build_info", "__version__"]
