@@ -283,8 +283,16 @@ FASTLOSS_HD KStart<T> cf2_k(const T& u, const T& x) {
 // K_v for v < 16 and hypot(v, x) < 29: K_u (u = v - round(v)), then n = round(v) steps of
 // s_(k) = (x/2)^2 / s_(k-1) + (u + k), s_k = (x/2) K_(u+k+1) / K_(u+k) (stable upwards), and
 // log K_(u+n) = log K_u + n log(2/x) + sum log s_k.
+// The x-tangent of a Dual rescaled to d/d(log x) and back: Temme's terms have x-derivatives
+// ~ u / x that overflow at tiny x, while their log-x derivatives stay O(1).
+FASTLOSS_HD double to_log_x_tangent(double x) { return x; }
+FASTLOSS_HD Dual to_log_x_tangent(const Dual& x) { return {x.a, x.dv, x.dx * x.a}; }
+FASTLOSS_HD double from_log_x_tangent(double r, double) { return r; }
+FASTLOSS_HD Dual from_log_x_tangent(const Dual& r, double x) { return {r.a, r.dv, r.dx / x}; }
+
 template <typename T>
-FASTLOSS_HD T recurrence_log_kv(const T& v, const T& x) {
+FASTLOSS_HD T recurrence_log_kv(const T& v, const T& x_in) {
+  const T x = to_log_x_tangent(x_in);
   const double n = floor(val(v) + 0.5);
   const T u = v - n;
   const KStart<T> start = val(x) <= 2.0 ? temme_k(u, x) : cf2_k(u, x);
@@ -296,7 +304,7 @@ FASTLOSS_HD T recurrence_log_kv(const T& v, const T& x) {
     product = product * s;
     s = half_x2 / s + (u + double(k));
   }
-  return start.log_k + n * (kLn2 - f_log(x)) + f_log(product);
+  return from_log_x_tangent(start.log_k + n * (kLn2 - f_log(x)) + f_log(product), val(x));
 }
 
 // ---- region choice -----------------------------------------------------------------

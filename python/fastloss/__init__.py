@@ -9,6 +9,8 @@ import torch  # noqa: F401  (loads torch's shared libraries before the extension
 from . import _C  # noqa: F401  (registers torch.ops.fastloss.*)
 from .ops.log_bessel import log_bessel_iv, log_bessel_kv
 from .ops.softmax import log_softmax, softmax
+from .vmf import vmf_kappa_mle, vmf_log_normalizer, vmf_mean_resultant
+from . import distributions  # noqa: F401  (fastloss.distributions.VonMisesFisher)
 
 __version__ = _C.build_info()["version"]
 
@@ -18,4 +20,4 @@ def build_info() -> dict:
     return dict(_C.build_info())
 
 
-__all__ = ["softmax", "log_softmax", "log_bessel_iv", "log_bessel_kv", "build_info", "__version__"]
+__all__ = ["softmax", "log_softmax", "log_bessel_iv", "log_bessel_kv", "vmf_log_normalizer", "vmf_mean_resultant", "vmf_kappa_mle", "distributions", "build_info", "__version__"]

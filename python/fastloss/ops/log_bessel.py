@@ -11,6 +11,25 @@ Number = Union[int, float]
 TensorOrNumber = Union[torch.Tensor, int, float]
 
 
+_RANK = {torch.float16: 1, torch.bfloat16: 1, torch.float32: 2, torch.float64: 3}
+
+
+def _result_dtype(v: TensorOrNumber, x: TensorOrNumber) -> torch.dtype:
+    """torch's promotion for two arguments of a float function, written out so that
+    torch.compile traces it: floating tensors with dimensions win over 0-d ones, the wider
+    floating dtype wins (float16 with bfloat16 gives float32), and anything else (numbers,
+    integer or bool tensors) gives the default float dtype."""
+    floats = [t for t in (v, x) if isinstance(t, torch.Tensor) and t.dtype.is_floating_point]
+    if any(t.dim() > 0 for t in floats):
+        floats = [t for t in floats if t.dim() > 0]
+    if not floats:
+        return torch.get_default_dtype()
+    dtypes = {t.dtype for t in floats}
+    if dtypes == {torch.float16, torch.bfloat16}:
+        return torch.float32
+    return max(dtypes, key=lambda d: _RANK.get(d, 3))
+
+
 def _as_tensors(name: str, v: TensorOrNumber, x: TensorOrNumber):
     """Promote like torch.special: integers and bools to the default float dtype, Python
     numbers to the other argument's dtype and device; 0-d CPU tensors follow the other."""
@@ -19,9 +38,7 @@ def _as_tensors(name: str, v: TensorOrNumber, x: TensorOrNumber):
             raise TypeError(f"fastloss.{name}: expected '{arg}' to be a tensor or a real number, got {type(value).__name__}")
         if isinstance(value, torch.Tensor) and value.is_complex():
             raise TypeError(f"fastloss.{name}: expected '{arg}' to be real, got {value.dtype}")
-    dtype = torch.result_type(v, x)
-    if not dtype.is_floating_point:
-        dtype = torch.get_default_dtype()
+    dtype = _result_dtype(v, x)
     tensors = [t for t in (v, x) if isinstance(t, torch.Tensor)]
     devices = {t.device for t in tensors if not (t.dim() == 0 and t.device.type == "cpu")}
     if len(devices) > 1:
