@@ -67,7 +67,8 @@ def test_kappa_mle_batched_and_edges():
 def test_uniform_limit_at_zero_concentration():
     p = 5
     log_area = math.log(2) + p / 2 * math.log(math.pi) - math.lgamma(p / 2)
-    assert fastloss.vmf_log_normalizer(0.0, p).item() == pytest.approx(-log_area, rel=1e-15)
+    zero = torch.tensor(0.0, dtype=torch.float64)
+    assert fastloss.vmf_log_normalizer(zero, p).item() == pytest.approx(-log_area, rel=1e-15)
     tiny = torch.tensor(1e-12, dtype=torch.float64)
     assert fastloss.vmf_log_normalizer(tiny, p).item() == pytest.approx(-log_area, rel=1e-12)
     dist = VonMisesFisher(torch.tensor([1.0, 0, 0, 0, 0], dtype=torch.float64), 0.0)
