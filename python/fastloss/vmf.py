@@ -48,7 +48,9 @@ def vmf_mean_resultant(kappa: TensorOrNumber, p: int) -> torch.Tensor:
     p = _check_p("vmf_mean_resultant", p)
     kappa = _as_float_tensor(kappa)
     nu = p / 2 - 1
-    return torch.exp(log_bessel_iv(nu + 1, kappa) - log_bessel_iv(nu, kappa))
+    safe = torch.where(kappa > 0, kappa, torch.ones_like(kappa))  # A_p(0) = 0
+    ratio = torch.exp(log_bessel_iv(nu + 1, safe) - log_bessel_iv(nu, safe))
+    return torch.where(kappa > 0, ratio, torch.where(kappa == 0, torch.zeros_like(ratio), torch.full_like(ratio, math.nan)))
 
 
 def vmf_kappa_mle(rbar: TensorOrNumber, p: int, iterations: int = 40) -> torch.Tensor:
