@@ -35,6 +35,7 @@ constexpr double kNaN = __builtin_nan("");
 constexpr double kDebyeMinOrder = 16.0;
 constexpr double kDebyeMinHypot = 29.0;
 constexpr double kHankelMinX = 1024.0;
+constexpr double kTemmeMaxX = 2.0;  // beyond, Temme's terms cancel (1e-14 at x = 3)
 constexpr int kSeriesMaxTerms = 200;   // x < 29 needs < 90
 constexpr int kTemmeMaxTerms = 100;    // x <= 2 needs < 25
 constexpr int kCF2MaxTerms = 400;      // 2 < x < 29 needs < 60
@@ -295,7 +296,7 @@ FASTLOSS_HD T recurrence_log_kv(const T& v, const T& x_in) {
   const T x = to_log_x_tangent(x_in);
   const double n = floor(val(v) + 0.5);
   const T u = v - n;
-  const KStart<T> start = val(x) <= 2.0 ? temme_k(u, x) : cf2_k(u, x);
+  const KStart<T> start = val(x) <= kTemmeMaxX ? temme_k(u, x) : cf2_k(u, x);
   const T half_x = 0.5 * x;
   const T half_x2 = half_x * half_x;
   T s = start.ratio;

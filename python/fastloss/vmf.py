@@ -38,7 +38,8 @@ def vmf_log_normalizer(kappa: TensorOrNumber, p: int) -> torch.Tensor:
     # At kappa = 0 the two logs are -inf (nu > 0); a safe kappa keeps the gradient finite there.
     safe = torch.where(kappa > 0, kappa, torch.ones_like(kappa))
     value = nu * torch.log(safe) - (p / 2) * math.log(2 * math.pi) - log_bessel_iv(nu, safe)
-    return torch.where(kappa > 0, value, torch.full_like(value, -log_area))
+    limit = torch.where(kappa == 0, torch.full_like(value, -log_area), torch.full_like(value, math.nan))
+    return torch.where(kappa > 0, value, limit)
 
 
 def vmf_mean_resultant(kappa: TensorOrNumber, p: int) -> torch.Tensor:
