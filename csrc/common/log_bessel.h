@@ -81,6 +81,11 @@ FASTLOSS_HD Dual f_exp(const Dual& p) {
   const double e = ::exp(p.a);
   return chain(p, e, e);
 }
+FASTLOSS_HD double f_sqrt(double p) { return ::sqrt(p); }
+FASTLOSS_HD Dual f_sqrt(const Dual& p) {
+  const double r = ::sqrt(p.a);
+  return chain(p, r, 0.5 / r);
+}
 FASTLOSS_HD double f_sin(double p) { return ::sin(p); }
 FASTLOSS_HD Dual f_sin(const Dual& p) { return chain(p, ::sin(p.a), ::cos(p.a)); }
 FASTLOSS_HD double f_sinh(double p) { return ::sinh(p); }
@@ -91,9 +96,13 @@ FASTLOSS_HD double f_asinh(double p) { return ::asinh(p); }
 FASTLOSS_HD Dual f_asinh(const Dual& p) {
   return chain(p, ::asinh(p.a), 1.0 / ::sqrt(1.0 + p.a * p.a));
 }
-FASTLOSS_HD double f_hypot(double p, double q) { return ::hypot(p, q); }
+// sqrt(p^2 + q^2) where the squares cannot overflow (libm's hypot is several times slower).
+FASTLOSS_HD double fast_hypot(double p, double q) {
+  return (p < 1e150 && q < 1e150) ? ::sqrt(p * p + q * q) : ::hypot(p, q);
+}
+FASTLOSS_HD double f_hypot(double p, double q) { return fast_hypot(p, q); }
 FASTLOSS_HD Dual f_hypot(const Dual& p, const Dual& q) {
-  const double h = ::hypot(p.a, q.a);
+  const double h = fast_hypot(p.a, q.a);
   return {h, (p.a / h) * p.dv + (q.a / h) * q.dv, (p.a / h) * p.dx + (q.a / h) * q.dx};
 }
 
@@ -144,17 +153,17 @@ FASTLOSS_HD T series_log_iv(const T& v, const T& x) {
 template <bool kI, typename T>
 FASTLOSS_HD T hankel_log(const T& v, const T& x) {
   const T mu = 4.0 * v * v;
-  const T eight_x = 8.0 * x;
+  const T inv_8x = 0.125 / x;
   T a = 1.0, sum = 1.0;
   for (int k = 1; k <= kHankelMaxTerms; ++k) {
     const double odd = 2.0 * k - 1.0;
-    a = a * (mu - odd * odd) / (double(k) * eight_x);
+    a = a * ((mu - odd * odd) * (inv_8x / double(k)));  // the division is off the term chain
     sum = (kI && (k & 1)) ? sum - a : sum + a;
     if (negligible(a, sum)) break;
   }
-  const T log_x = f_log(x);
-  if (kI) return x - 0.5 * (kLn2 + kLnPi + log_x) + f_log(sum);
-  return 0.5 * (kLnPi - kLn2 - log_x) - x + f_log(sum);
+  // One log for log(sum) - log(x)/2 (sum is O(1), sqrt(x) is finite for every finite x).
+  if (kI) return x - 0.5 * (kLn2 + kLnPi) + f_log(sum / f_sqrt(x));
+  return 0.5 * (kLnPi - kLn2) - x + f_log(sum / f_sqrt(x));
 }
 
 // v * asinh(v / x) without overflow of v / x.
@@ -183,9 +192,9 @@ FASTLOSS_HD T debye_log(const T& v, const T& x) {
     if (val(power) * val(inv_h) * debye_q_bound(k + 1) * (k + 2) <= kTol) break;
   }
   const T v_eta = h - v_asinh_v_over_x(v, x);
-  const T log_h = f_log(h);
-  if (kI) return v_eta - 0.5 * (kLn2 + kLnPi + log_h) + f_log(sum);
-  return 0.5 * (kLnPi - kLn2 - log_h) - v_eta + f_log(sum);
+  const T log_sum_over_sqrt_h = f_log(sum / f_sqrt(h));  // one log for log(sum) - log(h)/2
+  if (kI) return v_eta - 0.5 * (kLn2 + kLnPi) + log_sum_over_sqrt_h;
+  return 0.5 * (kLnPi - kLn2) - v_eta + log_sum_over_sqrt_h;
 }
 
 // u pi / sin(u pi) and sinh(s) / s, with their Taylor series near 0 (keeps derivatives exact).
@@ -314,7 +323,7 @@ template <typename T>
 FASTLOSS_HD T log_iv_finite(const T& v, const T& x) {
   const double vv = val(v), xv = val(x);
   if (xv >= kHankelMinX && 4.0 * vv * vv <= xv) return hankel_log<true>(v, x);
-  if (vv >= kDebyeMinOrder || ::hypot(vv, xv) >= kDebyeMinHypot) return debye_log<true>(v, x);
+  if (vv >= kDebyeMinOrder || fast_hypot(vv, xv) >= kDebyeMinHypot) return debye_log<true>(v, x);
   return series_log_iv(v, x);
 }
 
@@ -322,7 +331,7 @@ template <typename T>
 FASTLOSS_HD T log_kv_finite(const T& v, const T& x) {
   const double vv = val(v), xv = val(x);
   if (xv >= kHankelMinX && 4.0 * vv * vv <= xv) return hankel_log<false>(v, x);
-  if (vv >= kDebyeMinOrder || ::hypot(vv, xv) >= kDebyeMinHypot) return debye_log<false>(v, x);
+  if (vv >= kDebyeMinOrder || fast_hypot(vv, xv) >= kDebyeMinHypot) return debye_log<false>(v, x);
   return recurrence_log_kv(v, x);
 }
 
