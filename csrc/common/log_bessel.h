@@ -75,7 +75,8 @@ FASTLOSS_HD double val(const Dual& p) { return p.a; }
 FASTLOSS_HD Dual chain(const Dual& p, double f, double df) { return {f, df * p.dv, df * p.dx}; }
 
 FASTLOSS_HD double f_log(double p) { return ::log(p); }
-FASTLOSS_HD Dual f_log(const Dual& p) { return chain(p, ::log(p.a), 1.0 / p.a); }
+// Tangents divided by the value (not times 1/value, which overflows for subnormal values).
+FASTLOSS_HD Dual f_log(const Dual& p) { return {::log(p.a), p.dv / p.a, p.dx / p.a}; }
 FASTLOSS_HD double f_exp(double p) { return ::exp(p); }
 FASTLOSS_HD Dual f_exp(const Dual& p) {
   const double e = ::exp(p.a);
@@ -145,7 +146,9 @@ FASTLOSS_HD T series_log_iv(const T& v, const T& x) {
     sum = sum + term;
     if (negligible(term, sum)) break;
   }
-  return v * log_half(x) - f_lgamma(v + 1.0) + f_log(sum);
+  // At v = 0 the x-derivative of v log(x/2) is 0 (not 0 * inf at subnormal x).
+  const T v_log_half_x = val(v) == 0.0 ? v * (::log(val(x)) - kLn2) : v * log_half(x);
+  return v_log_half_x - f_lgamma(v + 1.0) + f_log(sum);
 }
 
 // Hankel expansion for large x (DLMF 10.40.1-2), mu = 4 v^2:
