@@ -218,6 +218,8 @@ def notes(device: str) -> List[str]:
         "`torch.special` = log(i0e / i1e / scaled_modified_bessel_k0 / k1) +- x",
         "fastloss evaluates every dtype in double internally; the backward (d/dv, d/dx) is not timed here",
     ]
+    if device == "cuda":
+        out.append("on a GPU the SciPy time includes copying v and x to the host (SciPy runs on the CPU)")
     if _scipy() is None:
         out.append("scipy: not installed (optional peer): `pip install scipy`")
     out += accuracy_table()
