@@ -20,4 +20,5 @@ def build_info() -> dict:
     return dict(_C.build_info())
 
 
-__all__ = ["softmax", "log_softmax", "log_bessel_iv", "log_bessel_kv", "vmf_log_normalizer", "vmf_mean_resultant", "vmf_kappa_mle", "distributions", "build_info", "__version__"]
+__all__ = ["softmax", "log_softmax", "build_info", "__version__"]
+__all__ += ["log_bessel_iv", "log_bessel_kv", "vmf_log_normalizer", "vmf_mean_resultant", "vmf_kappa_mle", "distributions"]
