@@ -68,6 +68,14 @@ TORCH_LIBRARY(fastloss, m) {
       "Tensor y, float temperature, float eps, float scale, bool student_grad, bool teacher_grad, "
       "ScalarType student_dtype, ScalarType teacher_dtype) -> (Tensor, Tensor)",
       tags);
+  // log I_v(x), elementwise with v broadcast against x (v >= 0); any float dtype.
+  m.def("log_bessel_iv(Tensor v, Tensor x) -> Tensor", tags);
+  // log K_v(x), elementwise with v broadcast against x (any real v).
+  m.def("log_bessel_kv(Tensor v, Tensor x) -> Tensor", tags);
+  // (d/dv, d/dx) of log I_v(x), in the broadcast shape.
+  m.def("log_bessel_iv_grad(Tensor v, Tensor x) -> (Tensor, Tensor)", tags);
+  // (d/dv, d/dx) of log K_v(x), in the broadcast shape.
+  m.def("log_bessel_kv_grad(Tensor v, Tensor x) -> (Tensor, Tensor)", tags);
 }
 
 namespace py = pybind11;

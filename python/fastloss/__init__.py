@@ -7,10 +7,13 @@ kernels for torch.compile, and a typed Python wrapper re-exported here.
 import torch  # noqa: F401  (loads torch's shared libraries before the extension)
 
 from . import _C  # noqa: F401  (registers torch.ops.fastloss.*)
+from .ops.log_bessel import log_bessel_iv, log_bessel_kv
 from .ops.softmax import log_softmax, softmax
 from .ops.stat_topk import stat_topk, stat_topk_gelu_mul
 from .ops.sinkhorn import SinkhornResult, sinkhorn, sinkhorn_cost, sinkhorn_kd_loss
 from . import nn  # noqa: E402  (nn.Module wrappers)
+from .vmf import vmf_kappa_mle, vmf_log_normalizer, vmf_mean_resultant
+from . import distributions  # noqa: F401  (fastloss.distributions.VonMisesFisher)
 
 __version__ = _C.build_info()["version"]
 
@@ -21,4 +24,5 @@ def build_info() -> dict:
 
 
 __all__ = ["softmax", "log_softmax", "stat_topk", "stat_topk_gelu_mul", "sinkhorn", "sinkhorn_cost",
-           "sinkhorn_kd_loss", "SinkhornResult", "nn", "build_info", "__version__"]
+           "sinkhorn_kd_loss", "SinkhornResult", "log_bessel_iv", "log_bessel_kv", "vmf_log_normalizer",
+           "vmf_mean_resultant", "vmf_kappa_mle", "distributions", "nn", "build_info", "__version__"]

@@ -1,0 +1,240 @@
+"""log-Bessel family: fastloss.log_bessel_iv / log_bessel_kv over a grid of (v, x) regions,
+against SciPy (log(ive(v, x)) + x, log(kve(v, x)) - x; a zero, inf or NaN where the true value
+is finite is a failure) and, for v in {0, 1}, torch.special (i0e, i1e, scaled k0/k1). The
+notes carry an accuracy table against mpmath (tests/data/log_bessel_mpmath.csv, plus orders
+0 and 1 computed here)."""
+
+from __future__ import annotations
+
+import csv
+import math
+import os
+from typing import Callable, Dict, List, Optional, Tuple
+
+import numpy as np
+import torch
+
+import fastloss
+
+from .harness import Case, Result, Roofline, Target, Unavailable
+
+FAMILY = "bessel"
+N = 1 << 16
+QUICK_N = 1 << 12
+DTYPES = [torch.float32, torch.float64]
+DATA = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests", "data", "log_bessel_mpmath.csv")
+
+# (v, x) samplers covering the methods of csrc/common/log_bessel.h: name -> (v range, x range, log-uniform x?)
+REGIONS: Dict[str, Tuple[Tuple[float, float], Tuple[float, float], bool]] = {
+    "small v,x (series / Temme / CF2)": ((0.0, 15.0), (0.05, 20.0), False),
+    "tiny x": ((0.0, 15.0), (1e-10, 1e-2), True),
+    "large v (Debye)": ((16.0, 1e4), (1e-2, 1e4), True),
+    "small v, large x (Debye)": ((0.0, 15.0), (30.0, 1000.0), False),
+    "huge x (Hankel)": ((0.0, 10.0), (1e3, 1e5), True),
+}
+TORCH_SPECIAL_X = (1e-3, 700.0)
+
+
+def _scipy():
+    try:
+        import scipy.special as sp  # type: ignore
+
+        return sp
+    except ImportError:
+        return None
+
+
+def _sample(region, n, dtype, device, seed):
+    (v_lo, v_hi), (x_lo, x_hi), log_x = region
+    g = torch.Generator().manual_seed(seed)
+    if v_hi / max(v_lo, 1e-300) > 100 and v_lo > 0:
+        v = torch.exp(torch.empty(n, dtype=torch.float64).uniform_(math.log(v_lo), math.log(v_hi), generator=g))
+    else:
+        v = torch.empty(n, dtype=torch.float64).uniform_(v_lo, v_hi, generator=g)
+    if log_x:
+        x = torch.exp(torch.empty(n, dtype=torch.float64).uniform_(math.log(x_lo), math.log(x_hi), generator=g))
+    else:
+        x = torch.empty(n, dtype=torch.float64).uniform_(x_lo, x_hi, generator=g)
+    return v.to(device=device, dtype=dtype), x.to(device=device, dtype=dtype)
+
+
+def _scipy_log(kind: str) -> Callable:
+    sp = _scipy()
+
+    def run(v: torch.Tensor, x: torch.Tensor):
+        vn, xn = v.cpu().numpy(), x.cpu().numpy()
+        with np.errstate(all="ignore"):
+            if kind == "iv":
+                return np.log(sp.ive(vn, xn)) + xn
+            return np.log(sp.kve(vn, xn)) - xn
+
+    run.__name__ = f"scipy_log_{kind}"
+    return run
+
+
+def _torch_special_log(kind: str, order: int) -> Callable:
+    def run(v: torch.Tensor, x: torch.Tensor):
+        if kind == "iv":
+            scaled = torch.special.i0e(x) if order == 0 else torch.special.i1e(x)
+            return scaled.log() + x
+        scaled = torch.special.scaled_modified_bessel_k0(x) if order == 0 else torch.special.scaled_modified_bessel_k1(x)
+        return scaled.log() - x
+
+    run.__name__ = f"torch_special_log_{kind}{order}"
+    return run
+
+
+def _fastloss(kind: str) -> Callable:
+    return fastloss.log_bessel_iv if kind == "iv" else fastloss.log_bessel_kv
+
+
+def _case(kind, label, sampler, dtype, device, n, baselines) -> Case:
+    elem = torch.empty((), dtype=dtype).element_size()
+    return Case(
+        family=FAMILY,
+        shape=(n,),
+        dtype=dtype,
+        mode=f"log {'I' if kind == 'iv' else 'K'}: {label}",
+        device=device,
+        make_inputs=sampler,
+        input_bytes=2 * n * elem,
+        fastloss=_fastloss(kind),
+        baselines=baselines,
+        bytes_moved=3 * n * elem,  # read v and x, write the result
+    )
+
+
+def cases(device: str, quick: bool) -> List[Case]:
+    n = QUICK_N if quick else N
+    sp = _scipy()
+    out = []
+    for kind in ("iv", "kv"):
+        for dtype in DTYPES:
+            for label, region in REGIONS.items():
+                sampler = lambda seed, region=region, dtype=dtype: _sample(region, n, dtype, device, seed)
+                baselines = {"scipy": _scipy_log(kind) if sp else Unavailable("scipy: not installed")}
+                out.append(_case(kind, label, sampler, dtype, device, n, baselines))
+            for order in (0, 1):
+                region = ((float(order), float(order)), TORCH_SPECIAL_X, True)
+                sampler = lambda seed, region=region, dtype=dtype: _sample(region, n, dtype, device, seed)
+                baselines = {
+                    "torch.special": _torch_special_log(kind, order),
+                    "scipy": _scipy_log(kind) if sp else Unavailable("scipy: not installed"),
+                }
+                out.append(_case(kind, f"v={order} (torch.special range)", sampler, dtype, device, n, baselines))
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Accuracy table against mpmath
+
+
+def _region_of(kind: str, v: float, x: float) -> str:
+    """The method csrc/common/log_bessel.h uses at (v, x)."""
+    if x >= 1024 and 4 * v * v <= x:
+        return "Hankel"
+    if v >= 16 or math.hypot(v, x) >= 29:
+        return "Debye"
+    if kind == "iv":
+        return "series"
+    return "Temme" if x <= 2 else "CF2+recurrence"
+
+
+def _reference_points() -> List[Tuple[float, float, float, float]]:
+    """(v, x, log I, log K) from the committed mpmath data and mpmath at orders 0 and 1."""
+    rows = []
+    with open(DATA) as f:
+        for r in csv.DictReader(f):
+            rows.append((float(r["v"]), float(r["x"]), float(r["log_i"]), float(r["log_k"])))
+    try:
+        import mpmath as mp  # type: ignore
+    except ImportError:
+        return rows
+    mp.mp.dps = 40
+    for order in (0, 1):
+        for x in np.exp(np.linspace(math.log(1e-3), math.log(700.0), 25)):
+            xm = mp.mpf(float(x))
+            rows.append((float(order), float(x), float(mp.log(mp.besseli(order, xm))), float(mp.log(mp.besselk(order, xm)))))
+    return rows
+
+
+def _errors(got: np.ndarray, ref: np.ndarray) -> Tuple[np.ndarray, int]:
+    """Relative error (absolute where |ref| < 1) and the number of failures (non-finite)."""
+    bad = ~np.isfinite(got)
+    err = np.abs(got - ref) / np.maximum(1.0, np.abs(ref))
+    return err[~bad], int(bad.sum())
+
+
+def accuracy_table() -> List[str]:
+    try:
+        rows = _reference_points()
+    except OSError:
+        return ["accuracy table: tests/data/log_bessel_mpmath.csv not found"]
+    sp = _scipy()
+    v = np.array([r[0] for r in rows])
+    x = np.array([r[1] for r in rows])
+    lines = [
+        "accuracy against mpmath (40 digits) over the test data (log-uniform v in [1e-3, 1e4], x in [1e-10, 1e5], "
+        "region edges, orders 0 and 1): max / median relative error (absolute where |log| < 1), "
+        "failures = inf/NaN/zero where the value is finite",
+        "",
+        "| function | region | points | fastloss fp64 | fastloss fp32 | SciPy (fp64) | torch.special (fp64, v in {0,1}) |",
+        "|---|---|---:|---|---|---|---|",
+    ]
+    for col, kind in ((2, "iv"), (3, "kv")):
+        ref = np.array([r[col] for r in rows])
+        fn = _fastloss(kind)
+        ours64 = fn(torch.from_numpy(v), torch.from_numpy(x)).numpy()
+        v32, x32 = torch.from_numpy(v).float(), torch.from_numpy(x).float()
+        # fp32 error against the fp64 result at the fp32-rounded inputs (input rounding is not the op's error)
+        ours32 = fn(v32, x32).double().numpy()
+        ref32 = fn(v32.double(), x32.double()).numpy()
+        scipy_vals = _scipy_log(kind)(torch.from_numpy(v), torch.from_numpy(x)) if sp else None
+        regions = np.array([_region_of(kind, a, b) for a, b in zip(v, x)])
+        for region in sorted(set(regions)):
+            m = regions == region
+            cells = []
+            for got, r in ((ours64, ref), (ours32, ref32), (scipy_vals, ref)):
+                if got is None:
+                    cells.append("not installed")
+                    continue
+                err, fails = _errors(got[m], r[m])
+                cells.append(f"{err.max():.1e} / {np.median(err):.1e}" + (f", {fails} failures" if fails else "") if len(err) else f"{fails} failures")
+            ts = m & ((v == 0) | (v == 1))
+            if ts.any():
+                ts_vals = np.array([_torch_special_log(kind, int(a))(torch.tensor([a], dtype=torch.float64), torch.tensor([b], dtype=torch.float64)).item() for a, b in zip(v[ts], x[ts])])
+                err, fails = _errors(ts_vals, ref[ts])
+                cells.append(f"{err.max():.1e} / {np.median(err):.1e}" + (f", {fails} failures" if fails else "") + f" ({ts.sum()} pts)")
+            else:
+                cells.append("-")
+            lines.append(f"| log {'I' if kind == 'iv' else 'K'} | {region} | {m.sum()} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def notes(device: str) -> List[str]:
+    out = [
+        f"each case: {N} elements (v, x) drawn in one region; inputs are rotated between calls",
+        "baselines: `scipy` = np.log(scipy.special.ive(v, x)) + x / np.log(kve(v, x)) - x on the CPU (one thread); "
+        "`torch.special` = log(i0e / i1e / scaled_modified_bessel_k0 / k1) +- x",
+        "fastloss evaluates every dtype in double internally; the backward (d/dv, d/dx) is not timed here",
+    ]
+    if device == "cuda":
+        out.append("on a GPU the SciPy time includes copying v and x to the host (SciPy runs on the CPU)")
+    if _scipy() is None:
+        out.append("scipy: not installed (optional peer): `pip install scipy`")
+    out += accuracy_table()
+    return out
+
+
+def _vs(name: str) -> Callable[[Result, Roofline], Optional[float]]:
+    return lambda r, _roof: r.speedup(name)
+
+
+def targets(device: str) -> List[Target]:
+    grid = lambda r: "torch.special" not in r.case.mode
+    if device == "cuda":
+        return [Target("GPU: >=100x SciPy (every grid case)", grid, _vs("scipy"), 100.0)]
+    return [
+        Target("CPU: >=5x SciPy, one thread each (every grid case)", grid, _vs("scipy"), 5.0),
+        Target("CPU: >=1x torch.special at v in {0, 1}", lambda r: "torch.special" in r.case.mode, _vs("torch.special"), 1.0),
+    ]

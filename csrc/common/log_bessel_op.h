@@ -1,0 +1,43 @@
+// Argument handling shared by the CPU and CUDA implementations of the log-Bessel ops, so both
+// devices accept and reject exactly the same inputs.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+#include "common/torch_checks.h"
+
+#include <algorithm>
+#include <vector>
+
+namespace fastloss {
+
+// Which function a log-Bessel kernel evaluates (values, or d/dv and d/dx of the log).
+enum class LogBesselFn : int { LogIv = 0, LogKv = 1, LogIvGrad = 2, LogKvGrad = 3 };
+
+struct LogBesselArgs {
+  at::Tensor v;  // broadcast to the common shape, contiguous
+  at::Tensor x;
+};
+
+// v and x: floating, one dtype (the Python wrapper promotes), one device, broadcastable.
+inline LogBesselArgs log_bessel_args(const char* op, const at::Tensor& v, const at::Tensor& x) {
+  check_floating(op, "v", v);
+  check_floating(op, "x", x);
+  TORCH_CHECK(v.scalar_type() == x.scalar_type(), "fastloss.", op,
+              ": expected 'v' and 'x' to have the same dtype, got ", v.scalar_type(), " and ",
+              x.scalar_type());
+  TORCH_CHECK(v.device() == x.device(), "fastloss.", op,
+              ": expected 'v' and 'x' on the same device, got ", v.device(), " and ", x.device());
+  const int64_t ndim = std::max(v.dim(), x.dim());
+  std::vector<int64_t> shape(ndim, 1);
+  for (int64_t i = 0; i < ndim; ++i) {
+    const int64_t a = i < ndim - v.dim() ? 1 : v.size(i - (ndim - v.dim()));
+    const int64_t b = i < ndim - x.dim() ? 1 : x.size(i - (ndim - x.dim()));
+    TORCH_CHECK(a == b || a == 1 || b == 1, "fastloss.", op, ": 'v' of shape ", v.sizes(),
+                " and 'x' of shape ", x.sizes(), " do not broadcast together");
+    shape[i] = a == 1 ? b : a;
+  }
+  return {v.expand(shape).contiguous(), x.expand(shape).contiguous()};
+}
+
+}  // namespace fastloss

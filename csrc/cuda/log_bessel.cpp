@@ -1,0 +1,78 @@
+// CUDA glue for the log-Bessel ops: the argument checks shared with the CPU
+// (common/log_bessel_op.h), float16/bfloat16 computed in float32, allocation through torch's
+// caching allocator, the current stream, and registration. The kernels are torch-free
+// (kernels/log_bessel.cu), so they also compile where torch has no CUDA.
+#include <ATen/core/Tensor.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <ATen/ops/empty.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+#include <tuple>
+
+#include "common/log_bessel_op.h"
+#include "kernels/log_bessel.cuh"
+
+namespace fastloss::cuda {
+namespace {
+
+void check_cuda(const char* op, const char* arg, const at::Tensor& t) {
+  TORCH_CHECK(t.is_cuda(), "fastloss.", op, ": expected '", arg,
+              "' to be a CUDA tensor, got a tensor on ", t.device());
+}
+
+// The kernels read and write float32 or float64; half precision goes through float32.
+at::Tensor kernel_input(const at::Tensor& t) {
+  const auto dtype = t.scalar_type();
+  return (dtype == c10::kFloat || dtype == c10::kDouble) ? t : t.to(c10::kFloat);
+}
+
+template <LogBesselFn kFn>
+at::Tensor forward(const at::Tensor& v, const at::Tensor& x) {
+  const char* op = kFn == LogBesselFn::LogKv ? "log_bessel_kv" : "log_bessel_iv";
+  check_cuda(op, "v", v);
+  check_cuda(op, "x", x);
+  const LogBesselArgs args = log_bessel_args(op, v, x);
+  const c10::cuda::OptionalCUDAGuard guard(x.device());
+  const at::Tensor vk = kernel_input(args.v);
+  const at::Tensor xk = kernel_input(args.x);
+  at::Tensor out = at::empty(vk.sizes(), vk.options());
+  if (out.numel() == 0) return out.to(v.scalar_type());
+  C10_CUDA_CHECK(kernels::launch_log_bessel(
+      static_cast<int>(kFn), vk.scalar_type() == c10::kDouble, vk.const_data_ptr(),
+      xk.const_data_ptr(), out.mutable_data_ptr(), nullptr, out.numel(),
+      at::cuda::getCurrentCUDAStream()));
+  return out.to(v.scalar_type());
+}
+
+template <LogBesselFn kFn>
+std::tuple<at::Tensor, at::Tensor> grad(const at::Tensor& v, const at::Tensor& x) {
+  const char* op = kFn == LogBesselFn::LogKvGrad ? "log_bessel_kv_grad" : "log_bessel_iv_grad";
+  check_cuda(op, "v", v);
+  check_cuda(op, "x", x);
+  const LogBesselArgs args = log_bessel_args(op, v, x);
+  const c10::cuda::OptionalCUDAGuard guard(x.device());
+  const at::Tensor vk = kernel_input(args.v);
+  const at::Tensor xk = kernel_input(args.x);
+  at::Tensor d_dv = at::empty(vk.sizes(), vk.options());
+  at::Tensor d_dx = at::empty(vk.sizes(), vk.options());
+  if (d_dv.numel() > 0) {
+    C10_CUDA_CHECK(kernels::launch_log_bessel(
+        static_cast<int>(kFn), vk.scalar_type() == c10::kDouble, vk.const_data_ptr(),
+        xk.const_data_ptr(), d_dv.mutable_data_ptr(), d_dx.mutable_data_ptr(), d_dv.numel(),
+        at::cuda::getCurrentCUDAStream()));
+  }
+  return {d_dv.to(v.scalar_type()), d_dx.to(v.scalar_type())};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fastloss, CUDA, m) {
+  m.impl("log_bessel_iv", &forward<LogBesselFn::LogIv>);
+  m.impl("log_bessel_kv", &forward<LogBesselFn::LogKv>);
+  m.impl("log_bessel_iv_grad", &grad<LogBesselFn::LogIvGrad>);
+  m.impl("log_bessel_kv_grad", &grad<LogBesselFn::LogKvGrad>);
+}
+
+}  // namespace fastloss::cuda

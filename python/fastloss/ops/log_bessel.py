@@ -1,0 +1,107 @@
+"""log I_v(x) and log K_v(x) (Plesner, Sorensen & Hauberg, ICS 2024): wrappers, fake kernels
+and autograd (in v and in x) for ``torch.ops.fastloss.log_bessel_iv`` / ``log_bessel_kv``."""
+
+from __future__ import annotations
+
+from typing import Union
+
+import torch
+
+Number = Union[int, float]
+TensorOrNumber = Union[torch.Tensor, int, float]
+
+
+_RANK = {torch.float16: 1, torch.bfloat16: 1, torch.float32: 2, torch.float64: 3}
+
+
+def _result_dtype(v: TensorOrNumber, x: TensorOrNumber) -> torch.dtype:
+    """torch's promotion for two arguments of a float function, written out so that
+    torch.compile traces it: floating tensors with dimensions win over 0-d ones, the wider
+    floating dtype wins (float16 with bfloat16 gives float32), and anything else (numbers,
+    integer or bool tensors) gives the default float dtype."""
+    floats = [t for t in (v, x) if isinstance(t, torch.Tensor) and t.dtype.is_floating_point]
+    if any(t.dim() > 0 for t in floats):
+        floats = [t for t in floats if t.dim() > 0]
+    if not floats:
+        return torch.get_default_dtype()
+    dtypes = {t.dtype for t in floats}
+    if dtypes == {torch.float16, torch.bfloat16}:
+        return torch.float32
+    return max(dtypes, key=lambda d: _RANK.get(d, 3))
+
+
+def _as_tensors(name: str, v: TensorOrNumber, x: TensorOrNumber):
+    """Promote like torch.special: integers and bools to the default float dtype, Python
+    numbers to the other argument's dtype and device; 0-d CPU tensors follow the other."""
+    for arg, value in (("v", v), ("x", x)):
+        if not isinstance(value, (torch.Tensor, int, float)) or isinstance(value, complex):
+            raise TypeError(f"fastloss.{name}: expected '{arg}' to be a tensor or a real number, got {type(value).__name__}")
+        if isinstance(value, torch.Tensor) and value.is_complex():
+            raise TypeError(f"fastloss.{name}: expected '{arg}' to be real, got {value.dtype}")
+    dtype = _result_dtype(v, x)
+    tensors = [t for t in (v, x) if isinstance(t, torch.Tensor)]
+    devices = {t.device for t in tensors if not (t.dim() == 0 and t.device.type == "cpu")}
+    if len(devices) > 1:
+        raise ValueError(f"fastloss.{name}: expected 'v' and 'x' on the same device, got {v.device} and {x.device}")
+    device = devices.pop() if devices else (tensors[0].device if tensors else torch.device("cpu"))
+    v = torch.as_tensor(v, dtype=dtype, device=device)
+    x = torch.as_tensor(x, dtype=dtype, device=device)
+    return v, x
+
+
+def log_bessel_iv(v: TensorOrNumber, x: TensorOrNumber) -> torch.Tensor:
+    """log I_v(x), the log of the modified Bessel function of the first kind.
+
+    Elementwise, broadcasting ``v`` against ``x`` (either may be a tensor or a number).
+    Accurate to about machine precision (relative; absolute where |log I| < 1) for v >= 0 and
+    x >= 0 of any size, with the exact limits at x = 0 and x = inf; v < 0, x < 0 and NaN give
+    NaN. float32 and float64 (float16 / bfloat16 computed in float32); differentiable in both
+    ``v`` and ``x``: d/dx log I_v(x) = v/x + I_(v+1)(x)/I_v(x).
+    """
+    v, x = _as_tensors("log_bessel_iv", v, x)
+    return torch.ops.fastloss.log_bessel_iv.default(v, x)
+
+
+def log_bessel_kv(v: TensorOrNumber, x: TensorOrNumber) -> torch.Tensor:
+    """log K_v(x), the log of the modified Bessel function of the second kind.
+
+    As :func:`log_bessel_iv`, for any real v (K_(-v) = K_v); x = 0 gives +inf, x < 0 NaN.
+    d/dx log K_v(x) = v/x - K_(v+1)(x)/K_v(x).
+    """
+    v, x = _as_tensors("log_bessel_kv", v, x)
+    return torch.ops.fastloss.log_bessel_kv.default(v, x)
+
+
+def _forward_fake(v: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    torch._check(v.dtype == x.dtype, lambda: "fastloss: 'v' and 'x' must have the same dtype")
+    return x.new_empty(torch.broadcast_shapes(v.shape, x.shape))
+
+
+def _grad_fake(v: torch.Tensor, x: torch.Tensor):
+    shape = torch.broadcast_shapes(v.shape, x.shape)
+    return x.new_empty(shape), x.new_empty(shape)
+
+
+def _setup_context(ctx, inputs, output):
+    ctx.save_for_backward(*inputs)
+
+
+def _backward(grad_op):
+    def backward(ctx, grad):
+        v, x = ctx.saved_tensors
+        d_dv, d_dx = grad_op(v, x)
+        grad_v = (grad * d_dv).sum_to_size(v.shape) if ctx.needs_input_grad[0] else None
+        grad_x = (grad * d_dx).sum_to_size(x.shape) if ctx.needs_input_grad[1] else None
+        return grad_v, grad_x
+
+    return backward
+
+
+for _name in ("log_bessel_iv", "log_bessel_kv"):
+    torch.library.register_fake(f"fastloss::{_name}")(_forward_fake)
+    torch.library.register_fake(f"fastloss::{_name}_grad")(_grad_fake)
+    torch.library.register_autograd(
+        f"fastloss::{_name}",
+        _backward(getattr(torch.ops.fastloss, f"{_name}_grad").default),
+        setup_context=_setup_context,
+    )

@@ -1,0 +1,285 @@
+"""log I_v(x) and log K_v(x): accuracy against mpmath (precomputed by
+tests/gen_log_bessel_data.py), identities, the extreme domain, gradients, and the op contract."""
+
+import csv
+import math
+import os
+
+import numpy as np
+import pytest
+import torch
+
+import fastloss
+from conftest import CUDA
+
+DATA = os.path.join(os.path.dirname(__file__), "data", "log_bessel_mpmath.csv")
+FUNCS = {"iv": fastloss.log_bessel_iv, "kv": fastloss.log_bessel_kv}
+DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
+
+
+def load_reference():
+    with open(DATA) as f:
+        rows = list(csv.DictReader(f))
+    return {k: torch.tensor([float(r[k]) for r in rows], dtype=torch.float64) for k in rows[0]}
+
+
+REF = load_reference()
+
+
+def rel_error(got, ref):
+    """Relative error, absolute where |ref| < 1 (the issue's metric); inf-vs-inf counts as 0."""
+    got, ref = got.double().cpu(), ref.double().cpu()
+    err = (got - ref).abs() / ref.abs().clamp(min=1.0)
+    return torch.where(got == ref, torch.zeros_like(err), err)
+
+
+def test_reference_data_covers_the_domain():
+    assert len(REF["v"]) >= 300
+    assert REF["v"].min() == 0 and REF["v"].max() > 5e3
+    assert REF["x"].min() < 1e-9 and REF["x"].max() > 5e4
+
+
+@pytest.mark.parametrize("name,column", [("iv", "log_i"), ("kv", "log_k")])
+def test_float64_matches_mpmath(name, column, device):
+    v, x = REF["v"].to(device), REF["x"].to(device)
+    err = rel_error(FUNCS[name](v, x), REF[column])
+    assert err.max().item() <= 1e-13, f"max error {err.max().item():.2e} at v={v[err.argmax()].item()}, x={x[err.argmax()].item()}"
+    if name == "kv":  # K_(-v) = K_v
+        assert rel_error(FUNCS[name](-v, x), REF[column]).max().item() <= 1e-13
+
+
+@pytest.mark.parametrize("name", ["iv", "kv"])
+def test_float32_matches_float64(name, device):
+    # The float64 op is checked against mpmath above; float32 is compared with it at the
+    # float32-rounded inputs (the rounding of the inputs is not the op's error).
+    v32, x32 = REF["v"].float().to(device), REF["x"].float().to(device)
+    ref = FUNCS[name](v32.double(), x32.double())
+    got = FUNCS[name](v32, x32)
+    assert got.dtype == torch.float32
+    finite = torch.isfinite(ref)  # x < ~1e-38 rounds to 0 in float32
+    assert torch.equal(torch.isfinite(got), finite)
+    assert rel_error(got[finite], ref[finite]).max().item() <= 5e-6
+
+
+@pytest.mark.parametrize(
+    "name,column,tol",
+    [("iv", "dlog_i_dx", 1e-12), ("iv", "dlog_i_dv", 1e-10), ("kv", "dlog_k_dx", 1e-12), ("kv", "dlog_k_dv", 1e-10)],
+)
+def test_gradients_match_mpmath(name, column, tol, device):
+    v = REF["v"].clone().to(device).requires_grad_()
+    x = REF["x"].clone().to(device).requires_grad_()
+    FUNCS[name](v, x).sum().backward()
+    got = (v.grad if column.endswith("dv") else x.grad).cpu()
+    err = (got - REF[column]).abs() / REF[column].abs().clamp(min=1.0)
+    assert err.max().item() <= tol, f"max error {err.max().item():.2e} at index {err.argmax().item()}"
+
+
+def test_wronskian():
+    # I_v K_(v+1) + I_(v+1) K_v = 1/x, checked in log space at random points of every region.
+    g = torch.Generator().manual_seed(0)
+    v = torch.exp(torch.empty(4000, dtype=torch.float64).uniform_(math.log(1e-3), math.log(1e4), generator=g))
+    x = torch.exp(torch.empty(4000, dtype=torch.float64).uniform_(math.log(1e-10), math.log(1e5), generator=g))
+    iv, iv1 = fastloss.log_bessel_iv(v, x), fastloss.log_bessel_iv(v + 1, x)
+    kv, kv1 = fastloss.log_bessel_kv(v, x), fastloss.log_bessel_kv(v + 1, x)
+    log_w = torch.logaddexp(iv + kv1, iv1 + kv) + x.log()
+    # Within 1e-12, plus the rounding of the logs themselves (|log I| reaches 1e5 here).
+    rounding = 2 * torch.finfo(torch.float64).eps * (iv.abs() + kv1.abs() + iv1.abs() + kv.abs() + x.log().abs())
+    assert (log_w.abs() - rounding).max().item() <= 1e-12
+
+
+def test_extreme_domain_is_finite():
+    v = torch.tensor([0.0, 1e-300, 0.3, 1.0, 7.5, 15.99, 16.0, 100.0, 1e4, 1e6], dtype=torch.float64)
+    x = torch.tensor([1e-300, 1e-200, 1e-30, 1e-5, 1.0, 30.0, 1e5, 1e30, 1e200, 1e300], dtype=torch.float64)
+    vv, xx = torch.meshgrid(v, x, indexing="ij")
+    for name in ("iv", "kv"):
+        out = FUNCS[name](vv, xx)
+        assert torch.isfinite(out).all(), f"{name}: non-finite at {(vv[~torch.isfinite(out)], xx[~torch.isfinite(out)])}"
+        dv, dx = getattr(torch.ops.fastloss, f"log_bessel_{name}_grad")(vv, xx)
+        assert torch.isfinite(dv).all() and torch.isfinite(dx).all()
+    # Leading asymptotics: log I_v(x) ~ x - log(2 pi x)/2, log K_v(x) ~ -x + log(pi/(2x))/2.
+    big = torch.tensor([1e300], dtype=torch.float64)
+    assert fastloss.log_bessel_iv(2.0, big).item() == pytest.approx(1e300, rel=1e-15)
+    assert fastloss.log_bessel_kv(2.0, big).item() == pytest.approx(-1e300, rel=1e-15)
+    # log I_v(x) ~ v log(x/2) - lgamma(v+1) and log K_v(x) ~ lgamma(v) + v log(2/x) - log 2 at tiny x.
+    tiny = torch.tensor([1e-300], dtype=torch.float64)
+    expected_i = 1e6 * math.log(0.5e-300) - math.lgamma(1e6 + 1)
+    assert fastloss.log_bessel_iv(1e6, tiny).item() == pytest.approx(expected_i, rel=1e-14)
+    expected_k = math.lgamma(1e6) + 1e6 * math.log(2e300) - math.log(2)
+    assert fastloss.log_bessel_kv(1e6, tiny).item() == pytest.approx(expected_k, rel=1e-14)
+
+
+def test_subnormal_x():
+    # Below the issue's 1e-300: values and d/dv stay finite; d/dx is +-inf where v/x overflows, never NaN.
+    v = torch.tensor([0.0, 0.3, 0.5, 20.0, 1e6], dtype=torch.float64)[:, None]
+    x = torch.tensor([5e-324, 1e-310], dtype=torch.float64)
+    for name in ("iv", "kv"):
+        assert torch.isfinite(FUNCS[name](v, x)).all()
+        dv, dx = getattr(torch.ops.fastloss, f"log_bessel_{name}_grad")(v, x)
+        assert torch.isfinite(dv).all() and not dx.isnan().any()
+
+
+def test_special_values():
+    inf, nan = math.inf, math.nan
+    x = torch.tensor([0.0, inf, -1.0, nan, 1.0], dtype=torch.float64)
+    def check(out, expected):
+        for o, e in zip(out.tolist(), expected):
+            assert (math.isnan(o) and math.isnan(e)) or o == e or (not math.isinf(e) and abs(o - e) < 1e-15), (out, expected)
+    check(fastloss.log_bessel_iv(0.0, x), [0.0, inf, nan, nan, math.log(1.2660658777520082)])
+    check(fastloss.log_bessel_iv(2.5, x)[:4], [-inf, inf, nan, nan])
+    check(fastloss.log_bessel_iv(-0.5, x), [nan] * 5)
+    check(fastloss.log_bessel_iv(nan, x), [nan] * 5)
+    check(fastloss.log_bessel_kv(-2.5, x)[:4], [inf, -inf, nan, nan])
+    check(fastloss.log_bessel_kv(nan, x), [nan] * 5)
+    check(fastloss.log_bessel_kv(inf, torch.tensor([1.0], dtype=torch.float64)), [inf])
+    check(fastloss.log_bessel_iv(inf, torch.tensor([1.0], dtype=torch.float64)), [-inf])
+
+
+# One point per method (see csrc/common/log_bessel.h), and the region edges.
+REGION_POINTS = {
+    "series": (2.3, 5.0),
+    "series-v0": (0.0, 3.0),
+    "temme": (0.7, 0.5),
+    "temme-tiny-x": (3.2, 1e-8),
+    "cf2-recurrence": (3.7, 5.0),
+    "debye-large-v": (50.0, 20.0),
+    "debye-large-hypot": (5.0, 100.0),
+    "debye-tiny-x": (40.0, 1e-6),
+    "hankel": (3.0, 2000.0),
+    "edge-v16": (16.0, 3.0),
+    "edge-x2": (1.4, 2.0),
+}
+
+
+@pytest.mark.parametrize("name", ["iv", "kv"])
+@pytest.mark.parametrize("region", list(REGION_POINTS))
+def test_gradcheck_every_region(name, region, device):
+    v0, x0 = REGION_POINTS[region]
+    if name == "iv" and v0 == 0:
+        v0 = 1e-3  # I is defined for v >= 0 only: no two-sided difference at 0
+    # Small perturbations keep the points inside their region. x enters through log x, so the
+    # finite differences stay positive at tiny x (and check x * d/dx).
+    v = torch.tensor([v0, v0 * 1.01 + 1e-3, v0 * 0.99 + 2e-3], dtype=torch.float64, device=device).requires_grad_()
+    log_x = torch.tensor([x0, x0 * 1.001, x0 * 0.999], dtype=torch.float64, device=device).log().requires_grad_()
+    fn = FUNCS[name]
+    assert torch.autograd.gradcheck(lambda v, log_x: fn(v, log_x.exp()), (v, log_x))
+    if name == "kv":
+        assert torch.autograd.gradcheck(lambda v, log_x: fn(-v, log_x.exp()), (v, log_x))
+
+
+def test_gradients_broadcast():
+    v = torch.tensor([[0.5], [3.0], [30.0]], dtype=torch.float64, requires_grad=True)
+    x = torch.tensor([0.1, 1.0, 10.0, 100.0], dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(fastloss.log_bessel_iv, (v, x))
+    assert torch.autograd.gradcheck(fastloss.log_bessel_kv, (v, x))
+    assert torch.autograd.gradcheck(lambda x: fastloss.log_bessel_kv(2.5, x), (x,))
+
+
+def test_x_gradient_is_the_bessel_ratio_at_large_x():
+    # d/dx log I_v(x) = v/x + I_(v+1)/I_v -> 1 - 1/(2x) + ...; a difference of logs ~1e6 could not resolve it.
+    x = torch.tensor([1e6], dtype=torch.float64, requires_grad=True)
+    fastloss.log_bessel_iv(0.0, x).backward()
+    expected = 1 - 1 / (2e6) - 1 / (8e12)  # Hankel: I_1/I_0 = 1 - 1/(2x) - 1/(8x^2) - ...
+    assert x.grad.item() == pytest.approx(expected, rel=1e-15)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_dtypes_and_noncontiguous(dtype, device):
+    g = torch.Generator().manual_seed(1)
+    v = (torch.rand(6, 8, generator=g, dtype=torch.float64) * 20).to(device=device, dtype=dtype)
+    x = (torch.rand(8, 6, generator=g, dtype=torch.float64) * 50 + 0.1).to(device=device, dtype=dtype).t()
+    assert not x.is_contiguous()
+    for name, fn in FUNCS.items():
+        out = fn(v, x)
+        assert out.dtype == dtype and out.shape == (6, 8) and out.device.type == device
+        ref = fn(v.double(), x.double())
+        tol = {torch.float32: 5e-6, torch.float64: 1e-15}.get(dtype, 2 * torch.finfo(dtype).eps)
+        assert rel_error(out, ref).max().item() <= tol
+
+
+def test_broadcasting_and_numbers():
+    x = torch.linspace(0.1, 10, 7, dtype=torch.float64)
+    v = torch.tensor([[0.0], [1.5]], dtype=torch.float64)
+    out = fastloss.log_bessel_iv(v, x)
+    assert out.shape == (2, 7)
+    assert torch.equal(out[1], fastloss.log_bessel_iv(1.5, x))
+    assert torch.equal(fastloss.log_bessel_kv(x, 2.0), fastloss.log_bessel_kv(x, torch.full_like(x, 2.0)))
+    assert fastloss.log_bessel_iv(1, 2).dtype == torch.get_default_dtype()
+
+
+def test_integer_inputs_promote_like_torch_special():
+    xi = torch.arange(1, 6)
+    out = fastloss.log_bessel_iv(0, xi)
+    assert out.dtype == torch.special.i0e(xi).dtype == torch.get_default_dtype()
+    torch.testing.assert_close(out.double(), torch.special.i0e(xi.double()).log() + xi, rtol=1e-6, atol=1e-6)
+    assert fastloss.log_bessel_kv(torch.tensor([1, 2]), torch.tensor([1.0], dtype=torch.float64)).dtype == torch.float64
+
+
+def test_matches_torch_special_orders_0_and_1():
+    x = torch.exp(torch.linspace(math.log(1e-5), math.log(700), 200, dtype=torch.float64))
+    torch.testing.assert_close(fastloss.log_bessel_iv(0, x), torch.special.i0e(x).log() + x, rtol=1e-13, atol=1e-14)
+    torch.testing.assert_close(fastloss.log_bessel_iv(1, x), torch.special.i1e(x).log() + x, rtol=1e-13, atol=1e-14)
+    torch.testing.assert_close(fastloss.log_bessel_kv(0, x), torch.special.scaled_modified_bessel_k0(x).log() - x, rtol=1e-13, atol=1e-14)
+    torch.testing.assert_close(fastloss.log_bessel_kv(1, x), torch.special.scaled_modified_bessel_k1(x).log() - x, rtol=1e-13, atol=1e-14)
+
+
+def test_errors():
+    x = torch.ones(3)
+    with pytest.raises(ValueError, match="same device"):
+        fastloss.log_bessel_iv(torch.ones(3), torch.ones(3, device="meta"))
+    with pytest.raises(TypeError, match="'v'"):
+        fastloss.log_bessel_iv("1", x)
+    with pytest.raises(TypeError, match="real"):
+        fastloss.log_bessel_kv(torch.ones(3, dtype=torch.complex64), x)
+    with pytest.raises(RuntimeError, match="broadcast"):
+        fastloss.log_bessel_iv(torch.ones(2), torch.ones(3))
+    with pytest.raises(RuntimeError, match="same dtype"):
+        torch.ops.fastloss.log_bessel_iv(torch.ones(3, dtype=torch.float64), x)
+    with pytest.raises(RuntimeError, match="float32, float64"):
+        torch.ops.fastloss.log_bessel_kv(torch.ones(3, dtype=torch.int64), torch.ones(3, dtype=torch.int64))
+
+
+def test_empty(device):
+    e = torch.empty(0, 3, dtype=torch.float64, device=device)
+    for fn in FUNCS.values():
+        assert fn(e, 1.0).shape == (0, 3)
+    v = e.clone().requires_grad_()
+    fastloss.log_bessel_kv(v, 2.0).sum().backward()
+    assert v.grad.shape == (0, 3)
+
+
+@pytest.mark.parametrize("name", ["log_bessel_iv", "log_bessel_kv"])
+def test_opcheck(name, device):
+    op = getattr(torch.ops.fastloss, name).default
+    v = (torch.rand(4, 1, dtype=torch.float64, device=device) * 5).requires_grad_()
+    x = (torch.rand(5, dtype=torch.float64, device=device) * 10 + 0.1).requires_grad_()
+    torch.library.opcheck(op, (v, x))
+    torch.library.opcheck(getattr(torch.ops.fastloss, f"{name}_grad").default, (v.detach(), x.detach()))
+
+
+def test_torch_compile_fullgraph(device):
+    def f(v, x):
+        return fastloss.log_bessel_iv(v, x) - fastloss.log_bessel_kv(v, x)
+
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    v = torch.rand(8, dtype=torch.float64, device=device) * 10
+    x = (torch.rand(8, dtype=torch.float64, device=device) * 10 + 0.1).requires_grad_()
+    out = compiled(v, x)
+    torch.testing.assert_close(out, f(v, x))
+    out.sum().backward()
+    assert x.grad is not None and torch.isfinite(x.grad).all()
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
+def test_cuda_matches_cpu_memcheck():
+    g = torch.Generator().manual_seed(3)
+    v = torch.exp(torch.empty(5000, dtype=torch.float64).uniform_(math.log(1e-3), math.log(1e6), generator=g))
+    x = torch.exp(torch.empty(5000, dtype=torch.float64).uniform_(math.log(1e-300), math.log(1e300), generator=g))
+    for name in ("iv", "kv"):
+        cpu = FUNCS[name](v, x)
+        cuda = FUNCS[name](v.cuda(), x.cuda()).cpu()
+        assert rel_error(cuda, cpu).max().item() <= 1e-14
+        gc = getattr(torch.ops.fastloss, f"log_bessel_{name}_grad")(v.cuda(), x.cuda())
+        gh = getattr(torch.ops.fastloss, f"log_bessel_{name}_grad")(v, x)
+        for a, b in zip(gc, gh):
+            assert rel_error(a, b).max().item() <= 1e-12

@@ -1,0 +1,138 @@
+"""von Mises-Fisher helpers and distribution against mpmath, at dimensions where SciPy's
+Bessel functions underflow (p = 2048, 8192, 32768)."""
+
+import math
+
+import mpmath as mp
+import pytest
+import torch
+
+import fastloss
+from fastloss.distributions import VonMisesFisher
+
+mp.mp.dps = 40
+CASES = [(3, 0.5), (3, 50.0), (2048, 5.0), (2048, 500.0), (8192, 3000.0), (32768, 1e4), (32768, 3e4)]
+
+
+def mp_log_i(nu, kappa):
+    return mp.log(mp.besseli(nu, kappa, maxterms=10**6))
+
+
+def mp_log_normalizer(kappa, p):
+    nu = mp.mpf(p) / 2 - 1
+    return nu * mp.log(kappa) - mp.mpf(p) / 2 * mp.log(2 * mp.pi) - mp_log_i(nu, kappa)
+
+
+def mp_mean_resultant(kappa, p):
+    nu = mp.mpf(p) / 2 - 1
+    return mp.exp(mp_log_i(nu + 1, kappa) - mp_log_i(nu, kappa))
+
+
+def rel(a, b):
+    return abs(a - float(b)) / max(1.0, abs(float(b)))
+
+
+@pytest.mark.parametrize("p,kappa", CASES)
+def test_log_normalizer_and_its_gradient(p, kappa):
+    k = torch.tensor(kappa, dtype=torch.float64, requires_grad=True)
+    value = fastloss.vmf_log_normalizer(k, p)
+    assert rel(value.item(), mp_log_normalizer(mp.mpf(kappa), p)) <= 1e-13
+    value.backward()
+    assert k.grad.item() == pytest.approx(-float(mp_mean_resultant(mp.mpf(kappa), p)), rel=1e-11)
+
+
+@pytest.mark.parametrize("p,kappa", CASES)
+def test_mean_resultant(p, kappa):
+    got = fastloss.vmf_mean_resultant(torch.tensor(kappa, dtype=torch.float64), p).item()
+    assert got == pytest.approx(float(mp_mean_resultant(mp.mpf(kappa), p)), rel=1e-11)
+
+
+@pytest.mark.parametrize("p", [3, 2048, 8192, 32768])
+@pytest.mark.parametrize("kappa", [0.3, 20.0, 1000.0, 20000.0])
+def test_kappa_mle_recovers_kappa_from_exact_rbar(p, kappa):
+    rbar = torch.tensor(float(mp_mean_resultant(mp.mpf(kappa), p)), dtype=torch.float64)
+    got = fastloss.vmf_kappa_mle(rbar, p).item()
+    assert got == pytest.approx(kappa, rel=1e-6)
+
+
+def test_kappa_mle_batched_and_edges():
+    rbar = torch.tensor([0.0, 0.1, 0.5, 0.9, 0.999, 1.0, -0.1], dtype=torch.float64)
+    kappa = fastloss.vmf_kappa_mle(rbar, 8192)
+    assert kappa[0].item() == 0 and math.isnan(kappa[5].item()) and math.isnan(kappa[6].item())
+    a = fastloss.vmf_mean_resultant(kappa[1:5], 8192)
+    # kappa reaches 4e6 here: A_p, an exp of a log difference, is good to ~eps * |log I| ~ 1e-9.
+    torch.testing.assert_close(a, rbar[1:5], rtol=2e-9, atol=0)
+
+
+def test_uniform_limit_at_zero_concentration():
+    p = 5
+    log_area = math.log(2) + p / 2 * math.log(math.pi) - math.lgamma(p / 2)
+    zero = torch.tensor(0.0, dtype=torch.float64)
+    assert fastloss.vmf_log_normalizer(zero, p).item() == pytest.approx(-log_area, rel=1e-15)
+    tiny = torch.tensor(1e-12, dtype=torch.float64)
+    assert fastloss.vmf_log_normalizer(tiny, p).item() == pytest.approx(-log_area, rel=1e-12)
+    dist = VonMisesFisher(torch.tensor([1.0, 0, 0, 0, 0], dtype=torch.float64), 0.0)
+    assert dist.entropy().item() == pytest.approx(log_area, rel=1e-15)
+
+
+@pytest.mark.parametrize("p,kappa", [(3, 2.0), (2048, 500.0), (32768, 1e4)])
+def test_log_prob_and_entropy_match_mpmath(p, kappa):
+    g = torch.Generator().manual_seed(p)
+    loc = torch.randn(p, generator=g, dtype=torch.float64)
+    loc = loc / loc.norm()
+    x = torch.randn(p, generator=g, dtype=torch.float64)
+    x = x / x.norm()
+    dist = VonMisesFisher(loc, torch.tensor(kappa, dtype=torch.float64))
+    cos = mp.mpf(float((loc * x).sum()))
+    expected = mp_log_normalizer(mp.mpf(kappa), p) + kappa * cos
+    assert rel(dist.log_prob(x).item(), expected) <= 1e-13
+    expected_entropy = -mp_log_normalizer(mp.mpf(kappa), p) - kappa * mp_mean_resultant(mp.mpf(kappa), p)
+    assert rel(dist.entropy().item(), expected_entropy) <= 1e-12
+    torch.testing.assert_close(dist.mean, loc * float(mp_mean_resultant(mp.mpf(kappa), p)), rtol=1e-11, atol=0)
+
+
+@pytest.mark.parametrize("p,kappa", [(3, 10.0), (64, 100.0), (2048, 2000.0)])
+def test_sampling_and_fit(p, kappa):
+    torch.manual_seed(0)
+    loc = torch.zeros(p, dtype=torch.float64)
+    loc[1] = 1.0
+    dist = VonMisesFisher(loc, torch.tensor(kappa, dtype=torch.float64))
+    n = 20000
+    x = dist.sample((n,))
+    assert x.shape == (n, p) and torch.isfinite(x).all()
+    torch.testing.assert_close(x.norm(dim=-1), torch.ones(n, dtype=torch.float64), rtol=1e-12, atol=1e-12)
+    w = x @ loc
+    a = fastloss.vmf_mean_resultant(torch.tensor(kappa, dtype=torch.float64), p).item()
+    # E[w] = A_p(kappa); 5 standard errors of the sample mean.
+    assert abs(w.mean().item() - a) <= 5 * w.std().item() / math.sqrt(n)
+    fit = VonMisesFisher.fit(x)
+    assert fit.concentration.item() == pytest.approx(kappa, rel=0.05)
+    assert (fit.loc @ loc).item() > 0.999
+
+
+def test_rsample_is_differentiable_in_loc():
+    loc = torch.tensor([0.6, 0.8, 0.0], dtype=torch.float64, requires_grad=True)
+    x = VonMisesFisher(loc, 5.0).rsample((16,))
+    x.sum().backward()
+    assert loc.grad is not None and torch.isfinite(loc.grad).all()
+
+
+def test_batched_distribution():
+    loc = torch.eye(4, dtype=torch.float64)[:3]
+    kappa = torch.tensor([1.0, 10.0, 100.0], dtype=torch.float64)
+    dist = VonMisesFisher(loc, kappa)
+    x = dist.sample((5,))
+    assert x.shape == (5, 3, 4)
+    assert dist.log_prob(x).shape == (5, 3)
+    assert dist.entropy().shape == (3,)
+
+
+def test_errors():
+    with pytest.raises(ValueError, match="'p'"):
+        fastloss.vmf_log_normalizer(1.0, 1)
+    with pytest.raises(ValueError, match="'p'"):
+        fastloss.vmf_mean_resultant(1.0, 3.5)
+    with pytest.raises(ValueError, match="'loc'"):
+        VonMisesFisher(torch.tensor([1, 0]), 1.0)
+    with pytest.raises(ValueError, match="samples"):
+        VonMisesFisher.fit(torch.ones(3))
