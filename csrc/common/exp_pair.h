@@ -95,10 +95,9 @@ FASTLOSS_HD double exp_reduced(double t) {
   return fl_fma(p, t, 1.0);
 }
 
-// 2^k for integer-valued k <= 0, built from the exponent bits; k below the smallest
-// normal exponent gives 0 (those terms are below the accumulator's resolution anyway).
-FASTLOSS_HD float exp2_nonpositive(float k) {
-  k = fl_max(k, ExpConstants<float>::kMinExponent);
+// 2^k for integer-valued k in [kMinExponent, max exponent], from the exponent bits (no libm
+// call, vectorizes on the CPU); k = kMinExponent gives +0. Callers clamp k.
+FASTLOSS_HD float exp2_bits(float k) {
   const int32_t bits = (static_cast<int32_t>(k) + 127) << 23;
 #if defined(__CUDA_ARCH__)
   return __int_as_float(bits);
@@ -108,8 +107,7 @@ FASTLOSS_HD float exp2_nonpositive(float k) {
   return r;
 #endif
 }
-FASTLOSS_HD double exp2_nonpositive(double k) {
-  k = fl_max(k, ExpConstants<double>::kMinExponent);
+FASTLOSS_HD double exp2_bits(double k) {
   const int64_t bits = (static_cast<int64_t>(k) + 1023) << 52;
 #if defined(__CUDA_ARCH__)
   return __longlong_as_double(bits);
@@ -119,6 +117,11 @@ FASTLOSS_HD double exp2_nonpositive(double k) {
   return r;
 #endif
 }
+
+// 2^k for integer-valued k <= 0; k below the smallest normal exponent gives 0 (those terms
+// are below the accumulator's resolution anyway).
+FASTLOSS_HD float exp2_nonpositive(float k) { return exp2_bits(fl_max(k, ExpConstants<float>::kMinExponent)); }
+FASTLOSS_HD double exp2_nonpositive(double k) { return exp2_bits(fl_max(k, ExpConstants<double>::kMinExponent)); }
 
 // Round to nearest integer (ties to even) for |q| < 2^22 (float) / 2^51 (double).
 template <typename T>

@@ -49,28 +49,10 @@ struct SinkhornConstants<double> {
 FASTLOSS_HD float fl_min(float a, float b) { return a < b ? a : b; }
 FASTLOSS_HD double fl_min(double a, double b) { return a < b ? a : b; }
 
-// 2^k for integer-valued k in [kMinExponent, kMaxExponent] (clamped), from exponent bits.
-FASTLOSS_HD float exp2_int(float k) {
-  k = fl_min(fl_max(k, ExpConstants<float>::kMinExponent), SinkhornConstants<float>::kMaxExponent);
-  const int32_t bits = (static_cast<int32_t>(k) + 127) << 23;
-#if defined(__CUDA_ARCH__)
-  return __int_as_float(bits);
-#else
-  float r;
-  std::memcpy(&r, &bits, sizeof(r));
-  return r;
-#endif
-}
-FASTLOSS_HD double exp2_int(double k) {
-  k = fl_min(fl_max(k, ExpConstants<double>::kMinExponent), SinkhornConstants<double>::kMaxExponent);
-  const int64_t bits = (static_cast<int64_t>(k) + 1023) << 52;
-#if defined(__CUDA_ARCH__)
-  return __longlong_as_double(bits);
-#else
-  double r;
-  std::memcpy(&r, &bits, sizeof(r));
-  return r;
-#endif
+// 2^k for integer-valued k, clamped to [kMinExponent, kMaxExponent].
+template <typename T>
+FASTLOSS_HD T exp2_int(T k) {
+  return exp2_bits(fl_min(fl_max(k, ExpConstants<T>::kMinExponent), SinkhornConstants<T>::kMaxExponent));
 }
 
 // exp(x) for x <= kMaxArg, 0 below kMinArg (so exp(-inf) = 0), exp(kMaxArg) above it, NaN
