@@ -9,6 +9,7 @@ import torch  # noqa: F401  (loads torch's shared libraries before the extension
 from . import _C  # noqa: F401  (registers torch.ops.fastloss.*)
 from .ops.softmax import log_softmax, softmax
 from .ops.stat_topk import stat_topk, stat_topk_gelu_mul
+from .ops.linear_cross_entropy import linear_cross_entropy
 from . import nn  # noqa: E402
 
 __version__ = _C.build_info()["version"]
@@ -19,4 +20,4 @@ def build_info() -> dict:
     return dict(_C.build_info())
 
 
-__all__ = ["softmax", "log_softmax", "stat_topk", "stat_topk_gelu_mul", "nn", "build_info", "__version__"]
+__all__ = ["softmax", "log_softmax", "stat_topk", "stat_topk_gelu_mul", "linear_cross_entropy", "nn", "build_info", "__version__"]
