@@ -1,0 +1,358 @@
+"""fastloss.linear_cross_entropy (cut cross-entropy) against torch's hidden @ C.T + bias, softcap
+and F.cross_entropy in float64; gradients, filtering, opcheck, gradcheck, torch.compile, errors,
+vocabulary parallelism (gloo, 2 processes) and the Hugging Face causal-LM patch."""
+
+import os
+import socket
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import fastloss
+
+IGNORE = -100
+
+
+def reference(hidden, classifier, targets, bias=None, *, ignore_index=IGNORE, reduction="mean", softcap=None,
+              label_smoothing=0.0, z_loss=0.0, shift=False, return_lse=False):
+    """The eager formulation: logits, softcap, F.cross_entropy, z-loss."""
+    z = hidden @ classifier.T
+    if bias is not None:
+        z = z + bias
+    if softcap is not None:
+        z = softcap * torch.tanh(z / softcap)
+    if shift:
+        targets = torch.cat([targets[..., 1:], torch.full_like(targets[..., :1], ignore_index)], dim=-1)
+    z2, t = z.reshape(-1, z.shape[-1]), targets.reshape(-1).long()
+    active = t != ignore_index
+    per = F.cross_entropy(z2, t, ignore_index=ignore_index, reduction="none", label_smoothing=label_smoothing)
+    lse = torch.logsumexp(z2, -1) * active
+    per = per + z_loss * lse * lse
+    if reduction == "none":
+        loss = per.view(targets.shape)
+    elif reduction == "sum":
+        loss = per.sum()
+    else:
+        loss = per.sum() / active.sum().clamp(min=1)
+    return (loss, lse.view(targets.shape)) if return_lse else loss
+
+
+def make_inputs(n_lead, d, v, dtype, device, *, bias=False, seed=0, scale=1.0, ignore_frac=0.2):
+    g = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(*n_lead, d, generator=g, dtype=torch.float64) * scale
+    classifier = torch.randn(v, d, generator=g, dtype=torch.float64) / d**0.5
+    targets = torch.randint(0, v, n_lead, generator=g)
+    targets[torch.rand(n_lead, generator=g) < ignore_frac] = IGNORE
+    b = torch.randn(v, generator=g, dtype=torch.float64) if bias else None
+    conv = lambda t: None if t is None else t.to(dtype).to(device)  # noqa: E731
+    return conv(hidden), conv(classifier), targets.to(device), conv(b)
+
+
+def grads_of(fn, tensors, seed=5):
+    tensors = [t.detach().clone().requires_grad_() if t is not None else None for t in tensors]
+    out = fn(*tensors)
+    loss = out[0] if isinstance(out, tuple) else out
+    weight = torch.randn(loss.shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    total = (loss.double() * weight.to(loss.device)).sum()
+    if isinstance(out, tuple):
+        total = total + (out[1].double() * 0.3).sum()
+    leaves = [t for t in tensors if t is not None]
+    return out, torch.autograd.grad(total, leaves)
+
+
+OPTIONS = {
+    "plain": {},
+    "bias": {"bias": True},
+    "softcap": {"softcap": 2.5},
+    "smoothing": {"label_smoothing": 0.1},
+    "z_loss": {"z_loss": 1e-2},
+    "everything": {"bias": True, "softcap": 3.0, "label_smoothing": 0.2, "z_loss": 1e-3, "return_lse": True},
+}
+TOL = {torch.float64: dict(rtol=1e-10, atol=1e-12), torch.float32: dict(rtol=2e-5, atol=2e-6)}
+
+
+def check_against_reference(device, dtype, options, reduction, n_lead=(3, 7), d=24, v=1100, shift=False, seed=0,
+                            filter_eps=None):
+    options = dict(options)
+    h, c, t, b = make_inputs(n_lead, d, v, dtype, device, bias=options.pop("bias", False), seed=seed)
+    kw = dict(reduction=reduction, shift=shift, **options)
+    out, grads = grads_of(lambda h_, c_, b_: fastloss.linear_cross_entropy(h_, c_, t, b_, filter_eps=filter_eps, **kw),
+                          [h, c, b])
+    ref, ref_grads = grads_of(lambda h_, c_, b_: reference(h_, c_, t, b_, **kw),
+                              [h.double(), c.double(), None if b is None else b.double()])
+    outs, refs = (out, ref) if isinstance(out, tuple) else ((out,), (ref,))
+    for a, r in zip(outs, refs):
+        assert a.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+        torch.testing.assert_close(a.double(), r, **TOL[dtype])
+    for a, r in zip(grads, ref_grads):
+        assert a.dtype == dtype
+        torch.testing.assert_close(a.double(), r, **TOL[dtype])
+
+
+# --------------------------------------------------------------------------------------------
+# Against torch
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("option", list(OPTIONS))
+def test_matches_torch(device, dtype, reduction, option):
+    check_against_reference(device, dtype, OPTIONS[option], reduction)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_shift(device, dtype):
+    check_against_reference(device, dtype, {"bias": True}, "mean", shift=True)
+    check_against_reference(device, dtype, {}, "none", shift=True, n_lead=(2, 3, 5))
+
+
+@pytest.mark.parametrize("v", [50257, 151936])
+def test_large_vocabularies(device, v):
+    check_against_reference(device, torch.float32, {"bias": True, "softcap": 30.0}, "mean", n_lead=(2, 9), d=16, v=v)
+
+
+@pytest.mark.parametrize("v", [1, 7, 512, 513, 1025])
+def test_vocab_block_edges(device, v):
+    check_against_reference(device, torch.float64, {"bias": True}, "sum", n_lead=(1030,), d=8, v=v)
+
+
+def test_default_filter_matches_in_float32(device):
+    # finfo(float32).eps / 32 drops nothing that float32 gradients would carry.
+    check_against_reference(device, torch.float32, OPTIONS["everything"], "mean", filter_eps="auto")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("filter_eps", [None, "auto"])
+def test_half_within_twice_torch_error(device, dtype, filter_eps):
+    """Low precision: error against float64 at most 2x torch's own (logits and loss in dtype)."""
+    h, c, t, b = make_inputs((4, 64), 64, 3000, dtype, device, bias=True, seed=3, scale=3.0)
+    kw = dict(softcap=20.0, label_smoothing=0.05)
+    out, grads = grads_of(lambda h_, c_, b_: fastloss.linear_cross_entropy(h_, c_, t, b_, filter_eps=filter_eps, **kw),
+                          [h, c, b])
+    torch_out, torch_grads = grads_of(lambda h_, c_, b_: reference(h_, c_, t, b_, **kw), [h, c, b])
+    ref, ref_grads = grads_of(lambda h_, c_, b_: reference(h_, c_, t, b_, **kw), [h.double(), c.double(), b.double()])
+
+    def err(a, r):
+        return ((a.double() - r).norm() / r.norm()).item()
+
+    assert err(out, ref) <= 2 * err(torch_out, ref) + 1e-6
+    for name, a, tg, r in zip("hidden classifier bias".split(), grads, torch_grads, ref_grads):
+        assert err(a, r) <= 2 * err(tg, r), name
+
+
+def test_int32_targets_and_return_lse(device):
+    h, c, t, b = make_inputs((5, 11), 16, 700, torch.float64, device, bias=True)
+    loss64, lse64 = fastloss.linear_cross_entropy(h, c, t, b, return_lse=True, reduction="none")
+    loss32, lse32 = fastloss.linear_cross_entropy(h, c, t.int(), b, return_lse=True, reduction="none")
+    assert torch.equal(loss64, loss32) and torch.equal(lse64, lse32)
+    z = h @ c.T + b
+    torch.testing.assert_close(lse64, torch.logsumexp(z, -1) * (t != IGNORE))
+    assert lse64.shape == t.shape
+
+
+def test_non_contiguous(device):
+    h, c, t, b = make_inputs((6, 10), 32, 900, torch.float32, device, bias=True)
+    h_nc = h.transpose(0, 1).contiguous().transpose(0, 1)  # same values, transposed strides
+    c_nc = torch.cat([c, c], dim=1)[:, : c.shape[1]]
+    b_nc = torch.stack([b, b], dim=1)[:, 0]
+    assert not (h_nc.is_contiguous() or c_nc.is_contiguous() or b_nc.is_contiguous())
+    out, grads = grads_of(lambda *a: fastloss.linear_cross_entropy(a[0], a[1], t, a[2], filter_eps=None), [h_nc, c_nc, b_nc])
+    ref, ref_grads = grads_of(lambda *a: fastloss.linear_cross_entropy(a[0], a[1], t, a[2], filter_eps=None), [h, c, b])
+    torch.testing.assert_close(out, ref)
+    for a, r in zip(grads, ref_grads):
+        torch.testing.assert_close(a, r)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_every_token_ignored(device, reduction):
+    h, c, t, b = make_inputs((3, 4), 8, 50, torch.float32, device, bias=True)
+    t = torch.full_like(t, IGNORE)
+    (loss, lse), grads = grads_of(
+        lambda *a: fastloss.linear_cross_entropy(a[0], a[1], t, a[2], reduction=reduction, z_loss=0.1,
+                                                 return_lse=True), [h, c, b])
+    assert torch.equal(loss, torch.zeros_like(loss)) and torch.equal(lse, torch.zeros_like(lse))
+    for g in grads:
+        assert torch.equal(g, torch.zeros_like(g))
+
+
+def test_custom_ignore_index(device):
+    h, c, t, _ = make_inputs((20,), 8, 30, torch.float64, device, ignore_frac=0.0)
+    t[::3] = 7  # a valid class used as ignore_index
+    check = fastloss.linear_cross_entropy(h, c, t, ignore_index=7, reduction="none")
+    torch.testing.assert_close(check, reference(h, c, t, ignore_index=7, reduction="none"))
+
+
+def test_empty(device):
+    h = torch.empty(0, 16, device=device, requires_grad=True)
+    c = torch.randn(10, 16, device=device, requires_grad=True)
+    t = torch.empty(0, dtype=torch.long, device=device)
+    loss = fastloss.linear_cross_entropy(h, c, t)
+    assert loss.item() == 0.0
+    loss.backward()
+    assert h.grad.shape == h.shape and torch.equal(c.grad, torch.zeros_like(c))
+    assert fastloss.linear_cross_entropy(h, c, t, reduction="none").shape == (0,)
+
+
+# --------------------------------------------------------------------------------------------
+# Gradient filtering
+
+
+def test_filter_skips_tiles_within_its_bound(device):
+    # Half of the vocabulary is far below the rest: those tiles' probabilities are < 1e-6.
+    h, c, t, _ = make_inputs((600,), 16, 2048, torch.float64, device, ignore_frac=0.0)
+    h = h.abs() + 1
+    c[1024:] = -c[1024:].abs() - 1
+    c[:1024] = c[:1024].abs()
+    t = t % 1024
+    eps = 1e-6
+    _, (dh, dc) = grads_of(lambda *a: fastloss.linear_cross_entropy(a[0], a[1], t, filter_eps=eps, reduction="sum"),
+                           [h, c])
+    _, (dh_ref, dc_ref) = grads_of(lambda *a: reference(a[0], a[1], t, reduction="sum"), [h, c])
+    weight = torch.randn(1, generator=torch.Generator().manual_seed(5), dtype=torch.float64).abs().item()
+    # Every dropped entry of d loss / d z is below eps * |output gradient|.
+    assert (dc - dc_ref).abs().max() <= eps * weight * h.abs().sum(0).max()
+    assert (dh - dh_ref).abs().max() <= eps * weight * c.abs().sum(0).max()
+    assert torch.equal(dc[1024:], torch.zeros_like(dc[1024:]))  # skipped, so exactly 0
+    assert dc_ref[1024:].abs().max() > 0
+    # Without filtering, exact.
+    _, (dh0, dc0) = grads_of(lambda *a: fastloss.linear_cross_entropy(a[0], a[1], t, filter_eps=None,
+                                                                      reduction="sum"), [h, c])
+    torch.testing.assert_close(dc0, dc_ref, rtol=1e-10, atol=1e-14)
+
+
+def test_filter_eps_auto_values():
+    from fastloss.ops.linear_cross_entropy import resolve_filter_eps
+
+    assert resolve_filter_eps("auto", torch.bfloat16) == 2.0**-12
+    assert resolve_filter_eps("auto", torch.float16) == 2.0**-15
+    assert resolve_filter_eps("auto", torch.float32) == 2.0**-28
+    assert resolve_filter_eps(None, torch.float32) == 0.0
+
+
+# --------------------------------------------------------------------------------------------
+# Registration: gradcheck, opcheck, torch.compile, nn module
+
+
+def test_gradcheck(device):
+    h, c, t, b = make_inputs((2, 5), 6, 40, torch.float64, device, bias=True)
+    t[0, 0] = IGNORE
+
+    def f(h_, c_, b_):
+        return fastloss.linear_cross_entropy(h_, c_, t, b_, softcap=3.0, label_smoothing=0.1, z_loss=0.05,
+                                             reduction="none", return_lse=True, filter_eps=None)
+
+    inputs = [x.requires_grad_() for x in (h, c, b)]
+    assert torch.autograd.gradcheck(f, inputs)
+
+
+def test_opcheck(device):
+    h, c, t, b = make_inputs((9,), 8, 600, torch.float32, device, bias=True)
+    ops = torch.ops.fastloss
+    torch.library.opcheck(ops.linear_cross_entropy.default, (h, c, t, b, IGNORE, 0.0, 0.0, 0.0, 0.0))
+    torch.library.opcheck(ops.linear_cross_entropy.default,
+                          (h.requires_grad_(), c.requires_grad_(), t.int(), None, IGNORE, 5.0, 0.1, 1e-3, 1e-6))
+    h, c = h.detach(), c.detach()
+    torch.library.opcheck(ops.linear_cross_entropy_shard.default, (h, c[100:300], t, b[100:300], IGNORE, 0.0, 0.1,
+                                                                    100, 600))
+    loss, lse = ops.linear_cross_entropy(h, c, t, b, IGNORE, 0.0, 0.0, 0.0, 0.0)
+    g = torch.randn_like(loss)
+    torch.library.opcheck(ops.linear_cross_entropy_backward.default,
+                          (g, None, h, c, t, b, lse, IGNORE, 0.0, 0.0, 0.0, 0.0))
+    torch.library.opcheck(ops.linear_cross_entropy_backward.default,
+                          (g, torch.randn_like(lse), h, c, t, None, lse, IGNORE, 2.0, 0.1, 0.01, 1e-4, 0, 600))
+
+
+def test_torch_compile_fullgraph(device):
+    h, c, t, b = make_inputs((3, 8), 16, 300, torch.float32, device, bias=True)
+
+    def f(h_, c_, b_):
+        loss, lse = fastloss.linear_cross_entropy(h_, c_, t, b_, softcap=10.0, z_loss=1e-3, shift=True,
+                                                  return_lse=True)
+        return loss + lse.mean()
+
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    out, grads = grads_of(compiled, [h, c, b])
+    ref, ref_grads = grads_of(f, [h, c, b])
+    torch.testing.assert_close(out, ref)
+    for a, r in zip(grads, ref_grads):
+        torch.testing.assert_close(a, r)
+
+
+def test_nn_module(device):
+    h, c, t, b = make_inputs((2, 6), 8, 100, torch.float32, device, bias=True)
+    m = fastloss.nn.LinearCrossEntropy(shift=True, softcap=5.0, reduction="sum")
+    torch.testing.assert_close(m(h, c, t, b), fastloss.linear_cross_entropy(h, c, t, b, shift=True, softcap=5.0,
+                                                                           reduction="sum"))
+    assert "shift=True" in repr(m)
+
+
+# --------------------------------------------------------------------------------------------
+# Bad input
+
+
+def test_errors():
+    h, c, t, b = make_inputs((4,), 8, 20, torch.float32, "cpu", ignore_frac=0.0)
+    t_bad = t.clone()
+    t_bad[2] = 20
+    with pytest.raises(IndexError, match=r"'targets' must be in \[0, 20\) or equal ignore_index \(-100\), got 20 "
+                                         r"at position 2"):
+        fastloss.linear_cross_entropy(h, c, t_bad)
+    t_bad[2] = -1
+    with pytest.raises(IndexError, match="got -1 at position 2"):
+        fastloss.linear_cross_entropy(h, c, t_bad)
+    with pytest.raises(RuntimeError, match="'classifier' must be \\(V, D\\) with D = 8"):
+        fastloss.linear_cross_entropy(h, c[:, :7], t)
+    with pytest.raises(RuntimeError, match="'classifier' must have the dtype of 'hidden'"):
+        fastloss.linear_cross_entropy(h, c.double(), t)
+    with pytest.raises(RuntimeError, match="'bias' must have shape \\(20\\)"):
+        fastloss.linear_cross_entropy(h, c, t, torch.zeros(19))
+    with pytest.raises(RuntimeError, match="'bias' must have the dtype of 'hidden'"):
+        fastloss.linear_cross_entropy(h, c, t, torch.zeros(20, dtype=torch.float64))
+    with pytest.raises(RuntimeError, match="'targets' must be an int64 or int32 tensor"):
+        fastloss.linear_cross_entropy(h, c, t.float())
+    with pytest.raises(RuntimeError, match="'hidden' to be a float32"):
+        fastloss.linear_cross_entropy(h.long(), c.long(), t)
+    with pytest.raises(RuntimeError, match="'classifier' must have at least one row"):
+        fastloss.linear_cross_entropy(h, c[:0], t)
+    with pytest.raises(ValueError, match="'targets' must have hidden's leading shape"):
+        fastloss.linear_cross_entropy(h, c, t[:3])
+    with pytest.raises(ValueError, match="'reduction'"):
+        fastloss.linear_cross_entropy(h, c, t, reduction="avg")
+    with pytest.raises(ValueError, match="'softcap'"):
+        fastloss.linear_cross_entropy(h, c, t, softcap=0.0)
+    with pytest.raises(ValueError, match="'label_smoothing' must be in"):
+        fastloss.linear_cross_entropy(h, c, t, label_smoothing=1.5)
+    with pytest.raises(ValueError, match="'filter_eps'"):
+        fastloss.linear_cross_entropy(h, c, t, filter_eps="fast")
+    with pytest.raises(TypeError, match="'classifier' to be a torch.Tensor"):
+        fastloss.linear_cross_entropy(h, None, t)
+    with pytest.raises(ValueError, match="'shift' needs"):
+        fastloss.linear_cross_entropy(h[0], c, t[0], shift=True)
+    ops = torch.ops.fastloss
+    with pytest.raises(RuntimeError, match="'lse' must be a Float tensor of shape \\(4\\)"):
+        ops.linear_cross_entropy_backward(torch.ones(4), None, h, c, t, None, torch.ones(3), IGNORE, 0.0, 0.0,
+                                          0.0, 0.0)
+    with pytest.raises(RuntimeError, match="must lie in the vocabulary"):
+        ops.linear_cross_entropy_shard(h, c, t, None, IGNORE, 0.0, 0.0, 5, 20)
+    with pytest.raises(RuntimeError, match="'filter_eps' must be in \\[0, 1\\)"):
+        ops.linear_cross_entropy_backward(torch.ones(4), None, h, c, t, None, torch.ones(4), IGNORE, 0.0, 0.0,
+                                          0.0, 2.0)
+
+
+def test_device_mismatch_is_named(device):
+    if device == "cpu":
+        pytest.skip("needs a second device")
+    h, c, t, _ = make_inputs((4,), 8, 20, torch.float32, device)
+    with pytest.raises(RuntimeError, match="'classifier' must be on the device of 'hidden'"):
+        torch.ops.fastloss.linear_cross_entropy(h, c.cpu(), t, None, IGNORE, 0.0, 0.0, 0.0, 0.0)
+
+
+def test_memcheck_subset(device):
+    # Small cases of every path, for compute-sanitizer on a GPU machine.
+    for dtype in (torch.float32, torch.bfloat16):
+        check = fastloss.linear_cross_entropy
+        h, c, t, b = make_inputs((3, 70), 32, 1500, dtype, device, bias=True)
+        out, grads = grads_of(lambda *a: check(a[0], a[1], t, a[2], softcap=5.0, label_smoothing=0.1, z_loss=1e-3),
+                              [h, c, b])
+        assert torch.isfinite(out) and all(torch.isfinite(g.float()).all() for g in grads)
