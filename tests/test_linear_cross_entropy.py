@@ -356,3 +356,125 @@ def test_memcheck_subset(device):
         out, grads = grads_of(lambda *a: check(a[0], a[1], t, a[2], softcap=5.0, label_smoothing=0.1, z_loss=1e-3),
                               [h, c, b])
         assert torch.isfinite(out) and all(torch.isfinite(g.float()).all() for g in grads)
+
+
+# --------------------------------------------------------------------------------------------
+# Hugging Face causal LMs (tiny random models from configs; no downloads)
+
+HF_FAMILIES = {
+    "llama": ("LlamaConfig", "LlamaForCausalLM", {}),
+    "mistral": ("MistralConfig", "MistralForCausalLM", {"sliding_window": 8}),
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", {}),
+    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", {"head_dim": 16}),
+    "gemma": ("GemmaConfig", "GemmaForCausalLM", {"head_dim": 16}),
+    "gemma2": ("Gemma2Config", "Gemma2ForCausalLM", {"head_dim": 16, "final_logit_softcapping": 3.0,
+                                                     "attn_logit_softcapping": 50.0, "sliding_window": 8}),
+}
+
+
+def tiny_causal_lm(family, vocab=600):
+    transformers = pytest.importorskip("transformers")
+    config_name, model_name, extra = HF_FAMILIES[family]
+    config = getattr(transformers, config_name)(
+        vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+        num_key_value_heads=1, max_position_embeddings=64, **extra)
+    torch.manual_seed(0)
+    return getattr(transformers, model_name)(config).float().eval()
+
+
+def hf_loss_and_grads(model, **kw):
+    model.zero_grad()
+    out = model(**kw)
+    out.loss.backward()
+    return out, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("family", list(HF_FAMILIES))
+def test_transformers_patch_matches_unpatched(family):
+    import fastloss.integrations.transformers as fl_transformers
+
+    model = tiny_causal_lm(family)
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, 600, (2, 12), generator=g)
+    labels = ids.clone()
+    labels[0, :3] = IGNORE
+    ref_out, ref_grads = hf_loss_and_grads(model, input_ids=ids, labels=labels)
+    ref_num, ref_num_grads = hf_loss_and_grads(model, input_ids=ids, labels=labels,
+                                               num_items_in_batch=torch.tensor(17))
+    if family == "gemma2":
+        assert model.config.final_logit_softcapping == 3.0
+
+    assert fl_transformers.patch(model) is model
+    fl_transformers.patch(model)  # idempotent
+    out, grads = hf_loss_and_grads(model, input_ids=ids, labels=labels)
+    assert out.logits is None  # nothing of size tokens x vocabulary
+    torch.testing.assert_close(out.loss, ref_out.loss, rtol=1e-5, atol=1e-6)
+    assert grads.keys() == ref_grads.keys()
+    for name in grads:
+        torch.testing.assert_close(grads[name], ref_grads[name], rtol=1e-4, atol=1e-6, msg=name)
+    # Trainer's num_items_in_batch: a sum divided by the count.
+    out_num, grads_num = hf_loss_and_grads(model, input_ids=ids, labels=labels, num_items_in_batch=torch.tensor(17))
+    torch.testing.assert_close(out_num.loss, ref_num.loss, rtol=1e-5, atol=1e-6)
+    for name in grads_num:
+        torch.testing.assert_close(grads_num[name], ref_num_grads[name], rtol=1e-4, atol=1e-6, msg=name)
+    # Without labels the model is unchanged (logits returned).
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits
+    assert logits.shape == (2, 12, 600)
+
+
+def test_transformers_patch_uses_fastloss(monkeypatch):
+    import fastloss.integrations.transformers as fl_transformers
+
+    model = tiny_causal_lm("llama")
+    calls = []
+    real = fl_transformers.linear_cross_entropy
+    monkeypatch.setattr(fl_transformers, "linear_cross_entropy", lambda *a, **k: calls.append(k) or real(*a, **k))
+    fl_transformers.patch(model)
+    ids = torch.randint(0, 600, (1, 8))
+    model(input_ids=ids, labels=ids)
+    assert len(calls) == 1 and calls[0]["shift"] is True
+
+
+# --------------------------------------------------------------------------------------------
+# Vocabulary parallelism: 2 processes, gloo, against the single-process result
+
+
+def _vocab_parallel_worker(rank, world, init_file):
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        torch.set_num_threads(1)
+        split = [250, 350]  # unequal slices; the second crosses a vocabulary block
+        start = sum(split[:rank])
+        for options in ({"reduction": "mean"},
+                        {"reduction": "none", "softcap": 4.0, "label_smoothing": 0.1, "z_loss": 1e-2,
+                         "return_lse": True}):
+            h, c, t, b = make_inputs((3, 9), 16, sum(split), torch.float64, "cpu", bias=True, seed=4)
+            t[0, 0], t[0, 1] = 3, split[0] + 3  # a target in each shard
+            (loss, grads) = grads_of(lambda *a: fastloss.linear_cross_entropy(a[0], a[1], t, a[2], filter_eps=None,
+                                                                              **options), [h, c, b])
+            c_local, b_local = c[start:start + split[rank]], b[start:start + split[rank]]
+            (loss_p, grads_p) = grads_of(
+                lambda *a: fastloss.linear_cross_entropy(a[0], a[1], t, a[2], filter_eps=None,
+                                                         process_group=dist.group.WORLD, **options),
+                [h, c_local, b_local])
+            for a, r in zip(loss_p if isinstance(loss_p, tuple) else (loss_p,), loss if isinstance(loss, tuple)
+                            else (loss,)):
+                torch.testing.assert_close(a, r, rtol=1e-12, atol=1e-13)
+            dh, dc, db = grads
+            torch.testing.assert_close(grads_p[0], dh, rtol=1e-12, atol=1e-13)
+            torch.testing.assert_close(grads_p[1], dc[start:start + split[rank]], rtol=1e-12, atol=1e-13)
+            torch.testing.assert_close(grads_p[2], db[start:start + split[rank]], rtol=1e-12, atol=1e-13)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_vocab_parallel_gloo_two_processes(tmp_path):
+    import torch.distributed as dist
+    import torch.multiprocessing as mp
+
+    if not dist.is_available() or not dist.is_gloo_available():
+        pytest.skip("torch.distributed with gloo is not available")
+    mp.spawn(_vocab_parallel_worker, args=(2, str(tmp_path / "init")), nprocs=2, join=True)
