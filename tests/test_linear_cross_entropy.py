@@ -213,8 +213,9 @@ def test_filter_skips_tiles_within_its_bound(device):
     # Every dropped entry of d loss / d z is below eps * |output gradient|.
     assert (dc - dc_ref).abs().max() <= eps * weight * h.abs().sum(0).max()
     assert (dh - dh_ref).abs().max() <= eps * weight * c.abs().sum(0).max()
-    assert torch.equal(dc[1024:], torch.zeros_like(dc[1024:]))  # skipped, so exactly 0
     assert dc_ref[1024:].abs().max() > 0
+    if device == "cpu":  # the CUDA path (ATen ops) does not filter: skipping would need a host sync
+        assert torch.equal(dc[1024:], torch.zeros_like(dc[1024:]))  # skipped, so exactly 0
     # Without filtering, exact.
     _, (dh0, dc0) = grads_of(lambda *a: fastloss.linear_cross_entropy(a[0], a[1], t, filter_eps=None,
                                                                       reduction="sum"), [h, c])

@@ -35,7 +35,7 @@
 namespace fastloss::cpu {
 namespace {
 
-constexpr int64_t kTokenTile = 512;
+constexpr int64_t kTokenTile = 1024;
 constexpr int64_t kVocabBlock = 512;
 constexpr int kLanes = 16;
 
