@@ -44,7 +44,7 @@ constexpr int kLanes = 16;
 
 template <typename acc_t>
 FASTLOSS_CPU_INLINE acc_t softcapped(acc_t x, acc_t cap, acc_t inv_cap) {
-  return cap * fl_tanh(x * inv_cap);
+  return cap * tanh_softcap(x * inv_cap);
 }
 
 // Adds the bias, applies the softcap (in place), merges the block into the running LSE, and
@@ -101,7 +101,7 @@ FASTLOSS_CPU_INLINE acc_t capped_logit(acc_t raw, const acc_t* bias, int64_t col
                                        acc_t& chain) {
   if constexpr (kBias) raw += bias[col];
   if constexpr (kCap) {
-    const acc_t t = fl_tanh(raw * inv_cap);
+    const acc_t t = tanh_softcap(raw * inv_cap);
     chain = acc_t(1) - t * t;
     return cap * t;
   }
