@@ -479,3 +479,40 @@ def test_vocab_parallel_gloo_two_processes(tmp_path):
     if not dist.is_available() or not dist.is_gloo_available():
         pytest.skip("torch.distributed with gloo is not available")
     mp.spawn(_vocab_parallel_worker, args=(2, str(tmp_path / "init")), nprocs=2, join=True)
+
+
+# --------------------------------------------------------------------------------------------
+# Memory: the logits are never materialized
+
+_RSS_SCRIPT = r"""
+import sys, torch, fastloss
+torch.set_num_threads(1)
+n, v, d = 4096, 32768, 8
+g = torch.Generator().manual_seed(0)
+h = torch.randn(n, d, generator=g).requires_grad_()
+c = torch.randn(v, d, generator=g).requires_grad_()
+t = torch.randint(0, v, (n,), generator=g)
+fastloss.linear_cross_entropy(h[:4], c[:600], t[:4] % 600).backward()  # load and warm up
+def status(key):
+    for line in open("/proc/self/status"):
+        if line.startswith(key):
+            return int(line.split()[1]) * 1024
+open("/proc/self/clear_refs", "w").write("5")  # the peak RSS restarts from the current RSS
+base = status("VmRSS:")
+loss, lse = fastloss.linear_cross_entropy(h, c, t, softcap=10.0, return_lse=True, reduction="none")
+(loss.sum() + lse.sum()).backward()
+print(status("VmHWM:") - base)
+"""
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/clear_refs"), reason="needs Linux /proc peak-RSS reset")
+def test_peak_memory_is_far_below_the_logits():
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-c", _RSS_SCRIPT], capture_output=True, text=True, timeout=300, check=True)
+    extra = int(out.stdout.strip().splitlines()[-1])
+    logits = 4096 * 32768 * 4  # 512 MiB
+    gradients = (4096 + 32768) * 8 * 4
+    # Gradients, one tile buffer and per-token statistics; well under a tenth of the logits.
+    assert extra < logits / 10, f"peak extra RSS {extra / 2**20:.1f} MiB (gradients {gradients / 2**20:.1f} MiB)"
