@@ -194,6 +194,29 @@ def test_empty(device):
     assert fastloss.linear_cross_entropy(h, c, t, reduction="none").shape == (0,)
 
 
+def test_zero_width_hidden(device):
+    # D = 0: every logit is 0, so the loss is log V and the gradients are empty.
+    h = torch.zeros(3, 0, device=device, requires_grad=True)
+    c = torch.zeros(5, 0, device=device, requires_grad=True)
+    loss = fastloss.linear_cross_entropy(h, c, torch.tensor([0, 1, 2], device=device))
+    loss.backward()
+    torch.testing.assert_close(loss.item(), torch.log(torch.tensor(5.0)).item())
+    assert h.grad.shape == (3, 0) and c.grad.shape == (5, 0)
+
+
+def test_large_logits_and_nan(device):
+    # Logits in the tens of thousands: no overflow (online max), finite gradients.
+    h, c, t, _ = make_inputs((64,), 16, 3000, torch.float32, device, scale=1000.0, ignore_frac=0.0)
+    loss = fastloss.linear_cross_entropy(h, c, t)
+    torch.testing.assert_close(loss.double(), reference(h.double(), c.double(), t), rtol=1e-5, atol=0)
+    _, grads = grads_of(lambda *a: fastloss.linear_cross_entropy(a[0], a[1], t), [h, c])
+    assert all(torch.isfinite(g).all() for g in grads)
+    # A NaN in one token's hidden state makes only that token's loss NaN, like torch.
+    h[1, 2] = float("nan")
+    per = fastloss.linear_cross_entropy(h, c, t, reduction="none")
+    assert torch.isnan(per[1]) and torch.isfinite(per[torch.arange(64, device=device) != 1]).all()
+
+
 # --------------------------------------------------------------------------------------------
 # Gradient filtering
 

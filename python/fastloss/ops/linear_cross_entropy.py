@@ -125,8 +125,11 @@ def linear_cross_entropy(
         if hidden.dim() < 2:
             raise ValueError("fastloss.linear_cross_entropy: 'shift' needs hidden of shape (..., T, D)")
         targets = _shift_targets(targets, ignore_index)
-    h2 = hidden.reshape(-1, hidden.shape[-1])
-    t1 = targets.reshape(-1)
+    tokens = 1
+    for size in lead:
+        tokens *= size
+    h2 = hidden.reshape(tokens, hidden.shape[-1])  # (-1, D) is ambiguous when D = 0
+    t1 = targets.reshape(tokens)
     if process_group is None:
         loss, lse = torch.ops.fastloss.linear_cross_entropy.default(
             h2, classifier, t1, bias, int(ignore_index), cap, label_smoothing, z_loss, eps)
