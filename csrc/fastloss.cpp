@@ -66,12 +66,14 @@ TORCH_LIBRARY(fastloss, m) {
       "-> (Tensor, Tensor)",
       tags);
   // (d hidden, d classifier, d bias) of linear_cross_entropy from the output gradients and the
-  // (whole-vocabulary) lse; d bias is empty without a bias. For a shard (vocab_total > V), d hidden
-  // is this shard's part (the caller sums it over shards). vocab_total = -1: V.
+  // (whole-vocabulary) lse; output_mask picks the gradients to compute (the others, and d bias
+  // without a bias, are empty). For a shard (vocab_total > V), d hidden is this shard's part (the
+  // caller sums it over shards). vocab_total = -1: V.
   m.def(
       "linear_cross_entropy_backward(Tensor grad_loss, Tensor? grad_lse, Tensor hidden, Tensor classifier, "
       "Tensor targets, Tensor? bias, Tensor lse, int ignore_index, float softcap, float label_smoothing, "
-      "float z_loss, float filter_eps, int vocab_start=0, int vocab_total=-1) -> (Tensor, Tensor, Tensor)",
+      "float z_loss, float filter_eps, bool[3] output_mask, int vocab_start=0, int vocab_total=-1) "
+      "-> (Tensor, Tensor, Tensor)",
       tags);
 }
 

@@ -194,6 +194,25 @@ def test_empty(device):
     assert fastloss.linear_cross_entropy(h, c, t, reduction="none").shape == (0,)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_only_the_gradients_asked_for(device, dtype):
+    # A frozen LM head (LoRA fine-tuning) skips the d classifier matmul, a frozen trunk d hidden.
+    h, c, t, b = make_inputs((4, 9), 16, 700, dtype, device, bias=True)
+    (_, (dh_all, dc_all, db_all)) = grads_of(lambda *a: fastloss.linear_cross_entropy(a[0], a[1], t, a[2]), [h, c, b])
+    for wanted in ([h], [c], [b], [h, b]):
+        inputs = [x.detach().clone().requires_grad_(any(x is w for w in wanted)) for x in (h, c, b)]
+        loss = fastloss.linear_cross_entropy(inputs[0], inputs[1], t, inputs[2])
+        weight = torch.randn((), generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+        grads = torch.autograd.grad((loss.double() * weight.to(loss.device)).sum(), [x for x in inputs if x.requires_grad])
+        expected = [g for g, x in zip((dh_all, dc_all, db_all), inputs) if x.requires_grad]
+        for got, ref in zip(grads, expected):
+            assert torch.equal(got, ref)
+    dh, dc, db = torch.ops.fastloss.linear_cross_entropy_backward(
+        torch.ones(36, device=device), None, h.reshape(36, 16), c, t.reshape(36), b,
+        torch.zeros(36, device=device), IGNORE, 0.0, 0.0, 0.0, 0.0, [True, False, False])
+    assert dh.shape == (36, 16) and dc.shape == (0,) and db.shape == (0,)
+
+
 def test_zero_width_hidden(device):
     # D = 0: every logit is 0, so the loss is log V and the gradients are empty.
     h = torch.zeros(3, 0, device=device, requires_grad=True)
@@ -282,9 +301,12 @@ def test_opcheck(device):
     loss, lse = ops.linear_cross_entropy(h, c, t, b, IGNORE, 0.0, 0.0, 0.0, 0.0)
     g = torch.randn_like(loss)
     torch.library.opcheck(ops.linear_cross_entropy_backward.default,
-                          (g, None, h, c, t, b, lse, IGNORE, 0.0, 0.0, 0.0, 0.0))
+                          (g, None, h, c, t, b, lse, IGNORE, 0.0, 0.0, 0.0, 0.0, [True, True, True]))
     torch.library.opcheck(ops.linear_cross_entropy_backward.default,
-                          (g, torch.randn_like(lse), h, c, t, None, lse, IGNORE, 2.0, 0.1, 0.01, 1e-4, 0, 600))
+                          (g, torch.randn_like(lse), h, c, t, None, lse, IGNORE, 2.0, 0.1, 0.01, 1e-4,
+                           [True, False, True], 0, 600))
+    torch.library.opcheck(ops.linear_cross_entropy_backward.default,
+                          (g, None, h, c, t, b, lse, IGNORE, 0.0, 0.0, 0.0, 0.0, [False, True, False]))
 
 
 def test_torch_compile_fullgraph(device):
@@ -356,12 +378,12 @@ def test_errors():
     ops = torch.ops.fastloss
     with pytest.raises(RuntimeError, match="'lse' must be a Float tensor of shape \\(4\\)"):
         ops.linear_cross_entropy_backward(torch.ones(4), None, h, c, t, None, torch.ones(3), IGNORE, 0.0, 0.0,
-                                          0.0, 0.0)
+                                          0.0, 0.0, [True, True, True])
     with pytest.raises(RuntimeError, match="must lie in the vocabulary"):
         ops.linear_cross_entropy_shard(h, c, t, None, IGNORE, 0.0, 0.0, 5, 20)
     with pytest.raises(RuntimeError, match="'filter_eps' must be in \\[0, 1\\)"):
         ops.linear_cross_entropy_backward(torch.ones(4), None, h, c, t, None, torch.ones(4), IGNORE, 0.0, 0.0,
-                                          0.0, 2.0)
+                                          0.0, 2.0, [True, True, True])
 
 
 def test_device_mismatch_is_named(device):

@@ -11,6 +11,7 @@
 
 #include <ATen/ATen.h>
 
+#include <array>
 #include <cstdint>
 #include <limits>
 #include <tuple>
@@ -19,7 +20,7 @@
 
 namespace fastloss::aten_impl {
 
-constexpr int64_t kBlock = 4096;
+constexpr int64_t kBlock = 1024;  // O(N x kBlock) float32 temporaries, a few at a time
 
 inline bool defined(const c10::optional<at::Tensor>& t) { return t.has_value() && t->defined(); }
 
@@ -90,18 +91,17 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(
     const at::Tensor& grad_loss, const c10::optional<at::Tensor>& grad_lse, const at::Tensor& hidden,
     const at::Tensor& classifier, const at::Tensor& targets_in, const c10::optional<at::Tensor>& bias,
     const at::Tensor& lse, int64_t ignore_index, double softcap, double label_smoothing, double z_loss,
-    const LinearCrossEntropyArgs& args) {
+    std::array<bool, 3> output_mask, const LinearCrossEntropyArgs& args) {
   const auto options = hidden.options().dtype(args.acc);
   const at::Tensor targets = targets_in.to(at::kLong);
   const at::Tensor active = targets.ne(ignore_index);
-  at::Tensor de = at::zeros({args.tokens, args.dim}, options);
-  at::Tensor dc = at::empty(classifier.sizes(), classifier.options());
-  at::Tensor dbias = defined(bias) ? at::empty({args.vocab}, bias->options()) : at::empty({0}, hidden.options());
-  if (args.tokens == 0) {
-    dc.zero_();
-    if (defined(bias)) dbias.zero_();
-    return {de.to(hidden.scalar_type()), dc, dbias};
-  }
+  const bool need_de = output_mask[0], need_dc = output_mask[1], need_db = output_mask[2] && defined(bias);
+  // Gradients not asked for are empty tensors.
+  at::Tensor de = need_de ? at::zeros({args.tokens, args.dim}, options) : at::empty({0}, hidden.options());
+  at::Tensor dc = need_dc ? at::zeros(classifier.sizes(), classifier.options()) : at::empty({0}, classifier.options());
+  at::Tensor dbias = need_db ? at::zeros({args.vocab}, bias->options())
+                             : at::empty({0}, defined(bias) ? bias->options() : hidden.options());
+  if (args.tokens == 0 || !(need_de || need_dc || need_db)) return {need_de ? de.to(hidden.scalar_type()) : de, dc, dbias};
   const at::Tensor e = hidden.to(args.acc);
   // d z_j = a p_j - b [j = target] - c per token (common/linear_cross_entropy_math.h).
   const at::Tensor zero = at::zeros({args.tokens}, options);
@@ -127,11 +127,11 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(
     d.scatter_add_(1, col.clamp(0, vb - 1).unsqueeze(1), at::where(in_block, -b, zero).unsqueeze(1));
     if (chain.defined()) d.mul_(chain);
     d = at::where(keep, d, at::zeros({}, options));  // ignored rows may hold inf * 0
-    de.addmm_(d, classifier.narrow(0, v0, vb).to(args.acc));
-    dc.narrow(0, v0, vb).copy_(at::mm(d.t(), e));
-    if (defined(bias)) dbias.narrow(0, v0, vb).copy_(d.sum(0));
+    if (need_de) de.addmm_(d, classifier.narrow(0, v0, vb).to(args.acc));
+    if (need_dc) dc.narrow(0, v0, vb).copy_(at::mm(d.t(), e));
+    if (need_db) dbias.narrow(0, v0, vb).copy_(d.sum(0));
   }
-  return {de.to(hidden.scalar_type()), dc, dbias};
+  return {need_de ? de.to(hidden.scalar_type()) : de, dc, dbias};
 }
 
 }  // namespace fastloss::aten_impl

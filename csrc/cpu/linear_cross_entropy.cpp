@@ -22,6 +22,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <array>
 #include <atomic>
 #include <cstdint>
 #include <limits>
@@ -357,13 +358,15 @@ void shard_gradients(const at::Tensor& ea, const at::Tensor& classifier, const c
                      const ActiveTokens& a, const LinearCrossEntropyArgs& args, const std::vector<TokenGrad<acc_t>>& coef,
                      const std::vector<acc_t>& lse, double softcap, at::Tensor& dea, at::Tensor& dc,
                      at::Tensor& dbias) {
+  // An undefined dea / dc / dbias is not wanted: its matmul (or sum) is skipped.
+  const bool need_de = dea.defined(), need_dc = dc.defined(), need_db = dbias.defined();
   const int64_t na = ea.size(0);
   std::vector<int64_t> cols(kTokenTile);
   const int64_t nt = std::min(na, kTokenTile), vbmax = std::min(args.vocab, kVocabBlock);
   at::Tensor buffer = at::empty({nt * vbmax}, ea.options());
   // dC accumulates in the accumulation type: directly in the output when it has that type.
-  const bool dc_direct = dc.scalar_type() == args.acc;
-  at::Tensor dc_block = dc_direct ? at::Tensor() : at::empty({vbmax, args.dim}, ea.options());
+  const bool dc_direct = need_dc && dc.scalar_type() == args.acc;
+  at::Tensor dc_block = !need_dc || dc_direct ? at::Tensor() : at::empty({vbmax, args.dim}, ea.options());
   const bool has_bias = bias.has_value() && bias->defined();
   const acc_t cap = static_cast<acc_t>(softcap);
   for (int64_t v0 = 0; v0 < args.vocab; v0 += kVocabBlock) {
@@ -371,8 +374,8 @@ void shard_gradients(const at::Tensor& ea, const at::Tensor& classifier, const c
     const at::Tensor cb = classifier.narrow(0, v0, vb).to(args.acc);
     const at::Tensor bb = has_bias ? bias->narrow(0, v0, vb).to(args.acc).contiguous() : at::Tensor();
     const acc_t* bp = bb.defined() ? bb.const_data_ptr<acc_t>() : nullptr;
-    at::Tensor dcb = dc_direct ? dc.narrow(0, v0, vb) : dc_block.narrow(0, 0, vb);
-    at::Tensor dbb = has_bias ? dbias.narrow(0, v0, vb) : at::Tensor();
+    at::Tensor dcb = !need_dc ? at::Tensor() : dc_direct ? dc.narrow(0, v0, vb) : dc_block.narrow(0, 0, vb);
+    at::Tensor dbb = need_db ? dbias.narrow(0, v0, vb) : at::Tensor();
     bool dcb_written = false;
     for (int64_t n0 = 0; n0 < na; n0 += kTokenTile) {
       const int64_t rows = std::min(kTokenTile, na - n0);
@@ -387,16 +390,16 @@ void shard_gradients(const at::Tensor& ea, const at::Tensor& classifier, const c
           keep.store(true, std::memory_order_relaxed);
       });
       if (!keep.load()) continue;  // every entry below filter_eps: the tile adds nothing
-      at::Tensor de_tile = dea.narrow(0, n0, rows);
-      de_tile.addmm_(tile, cb);
-      if (dcb_written) {
+      if (need_de) dea.narrow(0, n0, rows).addmm_(tile, cb);
+      if (need_dc && dcb_written) {
         dcb.addmm_(tile.t(), e_tile);
-      } else {
+      } else if (need_dc) {
         at::mm_out(dcb, tile.t(), e_tile);
         dcb_written = true;
       }
-      if (has_bias) dbb.add_(tile.sum(0));
+      if (need_db) dbb.add_(tile.sum(0));
     }
+    if (!need_dc) continue;
     if (!dcb_written) dcb.zero_();
     if (!dc_direct) dc.narrow(0, v0, vb).copy_(dcb);
   }
@@ -406,23 +409,24 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_cross_entropy_backward(
     const at::Tensor& grad_loss_in, const c10::optional<at::Tensor>& grad_lse_in, const at::Tensor& hidden,
     const at::Tensor& classifier, const at::Tensor& targets, const c10::optional<at::Tensor>& bias,
     const at::Tensor& lse_in, int64_t ignore_index, double softcap, double label_smoothing, double z_loss,
-    double filter_eps, int64_t vocab_start, int64_t vocab_total) {
+    double filter_eps, std::array<bool, 3> output_mask, int64_t vocab_start, int64_t vocab_total) {
   const char* op = "linear_cross_entropy_backward";
   TORCH_CHECK(hidden.device().is_cpu(), "fastloss.", op, ": expected 'hidden' on the CPU");
   const LinearCrossEntropyArgs args =
       linear_cross_entropy_backward_args(op, grad_loss_in, grad_lse_in, hidden, classifier, targets, bias, lse_in,
                                          softcap, label_smoothing, z_loss, filter_eps, vocab_start, vocab_total);
-  const bool has_bias = bias.has_value() && bias->defined();
-  at::Tensor dc = at::empty(classifier.sizes(), classifier.options());
+  const bool need_de = output_mask[0], need_dc = output_mask[1];
+  const bool need_db = output_mask[2] && bias.has_value() && bias->defined();
+  at::Tensor dc = need_dc ? at::empty(classifier.sizes(), classifier.options()) : at::Tensor();
   // d bias accumulates tile column sums: in the accumulation type.
-  at::Tensor dbias_acc = has_bias ? at::zeros({args.vocab}, hidden.options().dtype(args.acc)) : at::Tensor();
+  at::Tensor dbias_acc = need_db ? at::zeros({args.vocab}, hidden.options().dtype(args.acc)) : at::Tensor();
   const ActiveTokens a = active_tokens(op, targets, ignore_index, args.vocab_total);
   const int64_t na = static_cast<int64_t>(a.rows.size());
-  const bool de_direct = a.all && hidden.scalar_type() == args.acc;
+  const bool de_direct = need_de && a.all && hidden.scalar_type() == args.acc;
   at::Tensor de = de_direct ? at::zeros(hidden.sizes(), hidden.options()) : at::Tensor();
-  at::Tensor dea = de_direct ? de : at::zeros({na, args.dim}, hidden.options().dtype(args.acc));
-  if (na == 0 || args.vocab == 0) {
-    dc.zero_();
+  at::Tensor dea = !need_de ? at::Tensor() : de_direct ? de : at::zeros({na, args.dim}, hidden.options().dtype(args.acc));
+  if (na == 0 || !(need_de || need_dc || need_db)) {
+    if (need_dc) dc.zero_();
   } else {
     const at::Tensor ea = active_hidden(hidden, a, args.acc);
     const at::Tensor grad_loss = grad_loss_in.contiguous(), lse_t = lse_in.contiguous();
@@ -447,14 +451,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_cross_entropy_backward(
     if (args.acc == c10::kDouble) run(0.0);
     else run(0.0f);
   }
-  if (!de_direct) {
+  if (need_de && !de_direct) {
     de = at::zeros(hidden.sizes(), hidden.options());
     if (na > 0) {
       if (a.all) de.copy_(dea);
       else de.index_copy_(0, index_tensor(a.rows), dea.to(hidden.scalar_type()));
     }
   }
-  at::Tensor dbias = has_bias ? dbias_acc.to(bias->scalar_type()) : at::empty({0}, hidden.options());
+  // Gradients not asked for are empty tensors (the schema returns three tensors).
+  if (!need_de) de = at::empty({0}, hidden.options());
+  if (!need_dc) dc = at::empty({0}, classifier.options());
+  at::Tensor dbias = need_db ? dbias_acc.to(bias->scalar_type())
+                             : at::empty({0}, bias.has_value() && bias->defined() ? bias->options() : hidden.options());
   return {de, dc, dbias};
 }
 

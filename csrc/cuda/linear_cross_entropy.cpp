@@ -8,6 +8,7 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
+#include <array>
 #include <tuple>
 
 #include "common/linear_cross_entropy_aten.h"
@@ -49,7 +50,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_cross_entropy_backward(
     const at::Tensor& grad_loss, const c10::optional<at::Tensor>& grad_lse, const at::Tensor& hidden,
     const at::Tensor& classifier, const at::Tensor& targets, const c10::optional<at::Tensor>& bias,
     const at::Tensor& lse, int64_t ignore_index, double softcap, double label_smoothing, double z_loss,
-    double filter_eps, int64_t vocab_start, int64_t vocab_total) {
+    double filter_eps, std::array<bool, 3> output_mask, int64_t vocab_start, int64_t vocab_total) {
   const char* op = "linear_cross_entropy_backward";
   check_cuda(op, "hidden", hidden);
   const LinearCrossEntropyArgs args =
@@ -57,7 +58,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_cross_entropy_backward(
                                          label_smoothing, z_loss, filter_eps, vocab_start, vocab_total);
   const c10::cuda::OptionalCUDAGuard guard(hidden.device());
   return aten_impl::backward(grad_loss, grad_lse, hidden, classifier, targets, bias, lse, ignore_index, softcap,
-                             label_smoothing, z_loss, args);
+                             label_smoothing, z_loss, output_mask, args);
 }
 
 }  // namespace

@@ -170,9 +170,13 @@ def _shard_fake(hidden, classifier, targets, bias, ignore_index, softcap, label_
 
 @torch.library.register_fake("fastloss::linear_cross_entropy_backward")
 def _backward_fake(grad_loss, grad_lse, hidden, classifier, targets, bias, lse, ignore_index, softcap,
-                   label_smoothing, z_loss, filter_eps, vocab_start=0, vocab_total=-1):
-    dbias = bias.new_empty(bias.shape) if bias is not None else hidden.new_empty((0,))
-    return hidden.new_empty(hidden.shape), classifier.new_empty(classifier.shape), dbias
+                   label_smoothing, z_loss, filter_eps, output_mask, vocab_start=0, vocab_total=-1):
+    # Gradients not asked for (and d bias without a bias) are empty.
+    dh = hidden.new_empty(hidden.shape if output_mask[0] else (0,))
+    dc = classifier.new_empty(classifier.shape if output_mask[1] else (0,))
+    dbias = (bias.new_empty(bias.shape if output_mask[2] else (0,)) if bias is not None
+             else hidden.new_empty((0,)))
+    return dh, dc, dbias
 
 
 # --------------------------------------------------------------------------------------------
@@ -190,10 +194,12 @@ def _setup(ctx, inputs, output):
 def _backward(ctx, grad_loss, grad_lse):
     hidden, classifier, targets, bias, lse = ctx.saved_tensors
     ignore_index, softcap, label_smoothing, z_loss, filter_eps = ctx.options
+    mask = [ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.has_bias and ctx.needs_input_grad[3]]
     dh, dc, db = torch.ops.fastloss.linear_cross_entropy_backward.default(
         grad_loss.to(lse.dtype), None if grad_lse is None else grad_lse.to(lse.dtype), hidden, classifier, targets,
-        bias, lse, ignore_index, softcap, label_smoothing, z_loss, filter_eps)
-    return dh, dc, None, (db if ctx.has_bias else None), None, None, None, None, None
+        bias, lse, ignore_index, softcap, label_smoothing, z_loss, filter_eps, mask)
+    return (dh if mask[0] else None), (dc if mask[1] else None), None, (db if mask[2] else None), None, None, None, \
+        None, None
 
 
 torch.library.register_autograd("fastloss::linear_cross_entropy", _backward, setup_context=_setup)
@@ -247,6 +253,8 @@ class _VocabParallel(torch.autograd.Function):
         dh, dc, db = torch.ops.fastloss.linear_cross_entropy_backward.default(
             grad_loss.to(lse.dtype).contiguous(), None if grad_lse is None else grad_lse.to(lse.dtype).contiguous(),
             hidden, classifier, targets, bias, lse, ignore_index, softcap, label_smoothing, z_loss, filter_eps,
-            vocab_start, vocab_total)
+            [True, ctx.needs_input_grad[1], ctx.has_bias and ctx.needs_input_grad[3]], vocab_start, vocab_total)
+        # Every rank takes part in the all-reduce, whichever gradients it needs.
         dist.all_reduce(dh, op=dist.ReduceOp.SUM, group=ctx.group)
-        return dh, dc, None, (db if ctx.has_bias else None), None, None, None, None, None, None
+        return (dh if ctx.needs_input_grad[0] else None), (dc if ctx.needs_input_grad[1] else None), None, \
+            (db if ctx.has_bias and ctx.needs_input_grad[3] else None), None, None, None, None, None, None
