@@ -6,4 +6,4 @@ One generic harness (``bench.harness``) and one module per op family. A family m
 """
 
 # Op families, in the order they run by default; each is the module bench/<name>.py.
-FAMILIES = ("softmax", "stat_topk", "sinkhorn", "bessel")
+FAMILIES = ("softmax", "stat_topk", "sinkhorn", "bessel", "linear_cross_entropy")

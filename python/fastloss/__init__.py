@@ -11,6 +11,7 @@ from .ops.log_bessel import log_bessel_iv, log_bessel_kv
 from .ops.softmax import log_softmax, softmax
 from .ops.stat_topk import stat_topk, stat_topk_gelu_mul
 from .ops.sinkhorn import SinkhornResult, sinkhorn, sinkhorn_cost, sinkhorn_kd_loss
+from .ops.linear_cross_entropy import linear_cross_entropy
 from . import nn  # noqa: E402  (nn.Module wrappers)
 from .vmf import vmf_kappa_mle, vmf_log_normalizer, vmf_mean_resultant
 from . import distributions  # noqa: F401  (fastloss.distributions.VonMisesFisher)
@@ -25,4 +26,5 @@ def build_info() -> dict:
 
 __all__ = ["softmax", "log_softmax", "stat_topk", "stat_topk_gelu_mul", "sinkhorn", "sinkhorn_cost",
            "sinkhorn_kd_loss", "SinkhornResult", "log_bessel_iv", "log_bessel_kv", "vmf_log_normalizer",
-           "vmf_mean_resultant", "vmf_kappa_mle", "distributions", "nn", "build_info", "__version__"]
+           "vmf_mean_resultant", "vmf_kappa_mle", "distributions", "linear_cross_entropy", "nn", "build_info",
+           "__version__"]

@@ -5,6 +5,10 @@ Patches a model instance in place (no global monkey-patching of transformers cla
 * Gemma 3n: every sparse MLP layer (``Gemma3nTextMLP`` with ``activation_sparsity > 0``)
   computes ``gelu_tanh(relu(gate - theta)) * up`` with :func:`fastloss.stat_topk_gelu_mul`,
   one fused kernel in place of the mean, std, threshold, relu, gelu and multiply ops.
+* Causal LMs (Llama, Mistral, Qwen2, Qwen3, Gemma, Gemma 2): when ``labels`` are given, the
+  training loss is :func:`fastloss.linear_cross_entropy` of the final hidden states and the
+  LM head (with Gemma 2's final-logit softcap), so the logits are never materialized; the
+  output's ``logits`` is then None. Without labels the model runs unchanged.
 
 Numerics: transformers computes PhiInv(sparsity) in float32 and rounds it to the activation
 dtype, and takes the row statistics in that dtype; fastloss uses the double-precision
@@ -17,6 +21,7 @@ import types
 
 import torch
 
+from ..ops.linear_cross_entropy import linear_cross_entropy
 from ..ops.stat_topk import stat_topk, stat_topk_gelu_mul
 
 _GELU_TANH = ("gelu_pytorch_tanh", "gelu_tanh", "gelu_new", "gelu_fast")
@@ -53,14 +58,65 @@ def _patch_gemma3n(model: torch.nn.Module) -> int:
     return patched
 
 
+# Causal LMs whose forward is `self.model(...)` -> last_hidden_state -> `self.lm_head` (then
+# config.final_logit_softcapping, if set) -> ForCausalLMLoss.
+_CAUSAL_LM_CLASSES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM",
+                      "GemmaForCausalLM", "Gemma2ForCausalLM")
+
+
+def _causal_lm_forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
+                       inputs_embeds=None, labels=None, use_cache=None, logits_to_keep=0, **kwargs):
+    if labels is None:
+        return self._fastloss_original_forward(
+            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+            past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache,
+            logits_to_keep=logits_to_keep, **kwargs)
+    from transformers.modeling_outputs import CausalLMOutputWithPast
+
+    # The loss arguments of transformers' ForCausalLMLoss.
+    num_items_in_batch = kwargs.pop("num_items_in_batch", None)
+    ignore_index = kwargs.pop("ignore_index", -100)
+    shift_labels = kwargs.pop("shift_labels", None)
+    outputs = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                         past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache,
+                         **kwargs)
+    hidden = outputs.last_hidden_state
+    head = self.lm_head
+    targets = (labels if shift_labels is None else shift_labels).to(hidden.device)
+    loss = linear_cross_entropy(
+        hidden, head.weight, targets, getattr(head, "bias", None), ignore_index=ignore_index,
+        reduction="mean" if num_items_in_batch is None else "sum",
+        softcap=getattr(self.config, "final_logit_softcapping", None), shift=shift_labels is None)
+    if num_items_in_batch is not None:
+        if torch.is_tensor(num_items_in_batch):
+            num_items_in_batch = num_items_in_batch.to(loss.device)
+        loss = loss / num_items_in_batch
+    return CausalLMOutputWithPast(loss=loss, logits=None, past_key_values=outputs.past_key_values,
+                                  hidden_states=outputs.hidden_states, attentions=outputs.attentions)
+
+
+def _patch_causal_lm(model: torch.nn.Module) -> int:
+    if type(model).__name__ not in _CAUSAL_LM_CLASSES or getattr(model, "_fastloss_loss_patched", False):
+        return 0
+    if not isinstance(getattr(model, "lm_head", None), torch.nn.Linear):
+        return 0
+    model._fastloss_original_forward = model.forward
+    model.forward = types.MethodType(_causal_lm_forward, model)
+    model._fastloss_loss_patched = True
+    return 1
+
+
 def patch(model: torch.nn.Module) -> torch.nn.Module:
     """Route the parts of ``model`` that fastloss implements through its kernels, in place.
 
     Returns the model. Patching twice is harmless; models with nothing to patch are returned
-    unchanged. Supported: Gemma 3n sparse MLP layers (statistical top-k + gelu-tanh + multiply).
+    unchanged. Supported: Gemma 3n sparse MLP layers (statistical top-k + gelu-tanh + multiply);
+    the training loss of Llama, Mistral, Qwen2, Qwen3, Gemma and Gemma 2 causal LMs (cut
+    cross-entropy: no logits when ``labels`` are given).
     """
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"fastloss.integrations.transformers.patch: expected a torch.nn.Module, got "
                         f"{type(model).__name__}")
     _patch_gemma3n(model)
+    _patch_causal_lm(model)
     return model

@@ -1,0 +1,477 @@
+// Cut cross-entropy on the CPU: the LM head fused with cross-entropy (Wijmans et al., "Cut
+// Your Losses in Large-Vocabulary Language Models", ICLR 2025).
+//
+// The N x V logit matrix is never stored. Tokens that are not ignored are tiled (kTokenTile)
+// against blocks of the vocabulary (kVocabBlock); each tile's logits come from one BLAS
+// matmul in the accumulation type (float32, float64 for float64 inputs) into a reused buffer.
+// Forward: one sweep per tile row adds the bias, applies the softcap, takes the block's
+// maximum and sum of exponentials, and merges them into the token's running log-sum-exp
+// (with the target logit and, for label smoothing, the sum of logits). Backward: the tile is
+// recomputed, turned into the logit gradient in place (softmax minus one-hot, smoothing,
+// z-loss, softcap chain rule), skipped when every entry is below filter_eps, and then
+// dE += dZ C_block and dC_block += dZ^T E (two more matmuls, float32/64 accumulation).
+// Memory: the tile buffer (kTokenTile x kVocabBlock), per-token statistics, the gradients,
+// and float32 copies of E and of one classifier block for float16/bfloat16 inputs.
+// FLOPs: 2 N V D forward, 6 N V D backward (4 without the recompute), less skipped tiles.
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/addmm.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/mm.h>
+#include <ATen/ops/zeros.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <array>
+#include <atomic>
+#include <cstdint>
+#include <limits>
+#include <tuple>
+#include <vector>
+
+#include "common/linear_cross_entropy_math.h"
+#include "common/linear_cross_entropy_op.h"
+#include "cpu/isa.h"
+
+namespace fastloss::cpu {
+namespace {
+
+constexpr int64_t kTokenTile = 1024;
+constexpr int64_t kVocabBlock = 512;
+constexpr int kLanes = 16;
+
+// ---------------------------------------------------------------------------------------------
+// Row kernels over one tile (rows [b, e) of an nt x vb buffer of raw logits e . c).
+
+template <typename acc_t>
+FASTLOSS_CPU_INLINE acc_t softcapped(acc_t x, acc_t cap, acc_t inv_cap) {
+  return cap * tanh_softcap(x * inv_cap);
+}
+
+// Adds the bias, applies the softcap (in place), merges the block into the running LSE, and
+// picks up the target logit (target_col in [0, vb) when the target lies in this block) and
+// the logit sum.
+template <bool kBias, bool kCap, typename acc_t>
+FASTLOSS_CPU_INLINE void forward_rows(acc_t* logits, int64_t vb, const acc_t* bias, acc_t cap,
+                                      const int64_t* target_col, OnlineLse<acc_t>* lse, acc_t* target_logit,
+                                      acc_t* logit_sum, int64_t b, int64_t e) {
+  const acc_t inv_cap = kCap ? acc_t(1) / cap : acc_t(0);
+  for (int64_t r = b; r < e; ++r) {
+    acc_t* z = logits + r * vb;
+    acc_t mx[kLanes], sm[kLanes];
+    for (int l = 0; l < kLanes; ++l) mx[l] = -std::numeric_limits<acc_t>::infinity(), sm[l] = 0;
+    int64_t j = 0;
+    for (; j + kLanes <= vb; j += kLanes)
+      for (int l = 0; l < kLanes; ++l) {
+        acc_t v = z[j + l];
+        if constexpr (kBias) v += bias[j + l];
+        if constexpr (kCap) v = softcapped(v, cap, inv_cap);
+        z[j + l] = v;
+        mx[l] = fl_max(mx[l], v);
+        sm[l] += v;
+      }
+    acc_t row_max = mx[0], row_sum = 0;
+    for (int l = 1; l < kLanes; ++l) row_max = fl_max(row_max, mx[l]);
+    for (int l = 0; l < kLanes; ++l) row_sum += sm[l];
+    for (; j < vb; ++j) {
+      acc_t v = z[j];
+      if constexpr (kBias) v += bias[j];
+      if constexpr (kCap) v = softcapped(v, cap, inv_cap);
+      z[j] = v;
+      row_max = fl_max(row_max, v);
+      row_sum += v;
+    }
+    acc_t ex[kLanes] = {};
+    for (j = 0; j + kLanes <= vb; j += kLanes)
+      for (int l = 0; l < kLanes; ++l) ex[l] += exp_nonpositive(z[j + l] - row_max);
+    acc_t exp_sum = 0;
+    for (int l = 0; l < kLanes; ++l) exp_sum += ex[l];
+    for (; j < vb; ++j) exp_sum += exp_nonpositive(z[j] - row_max);
+    // A NaN logit makes the token's LSE NaN, like torch.
+    if (row_sum != row_sum) row_max = row_sum;
+    lse[r].merge(row_max, exp_sum);
+    logit_sum[r] += row_sum;
+    const int64_t t = target_col[r];
+    if (t >= 0 && t < vb) target_logit[r] = z[t];
+  }
+}
+
+// The logit's value after bias and softcap, and d capped / d raw (1 without a cap).
+template <bool kBias, bool kCap, typename acc_t>
+FASTLOSS_CPU_INLINE acc_t capped_logit(acc_t raw, const acc_t* bias, int64_t col, acc_t cap, acc_t inv_cap,
+                                       acc_t& chain) {
+  if constexpr (kBias) raw += bias[col];
+  if constexpr (kCap) {
+    const acc_t t = tanh_softcap(raw * inv_cap);
+    chain = acc_t(1) - t * t;
+    return cap * t;
+  }
+  chain = acc_t(1);
+  return raw;
+}
+
+// Turns raw logits into d loss / d raw logit (times the output gradients) in place; returns
+// whether any entry reaches its token's filter threshold.
+template <bool kBias, bool kCap, typename acc_t>
+FASTLOSS_CPU_INLINE bool gradient_rows(acc_t* logits, int64_t vb, const acc_t* bias, acc_t cap,
+                                       const int64_t* target_col, const acc_t* lse, const TokenGrad<acc_t>* coef,
+                                       int64_t b, int64_t e) {
+  const acc_t inv_cap = kCap ? acc_t(1) / cap : acc_t(0);
+  bool keep = false;
+  for (int64_t r = b; r < e; ++r) {
+    acc_t* z = logits + r * vb;
+    const TokenGrad<acc_t> g = coef[r];
+    const acc_t L = lse[r];
+    // The one-hot term needs the target's chain factor, read before the row is overwritten.
+    const int64_t t = target_col[r];
+    const bool has_target = t >= 0 && t < vb;
+    acc_t target_chain = 1;
+    if (has_target) capped_logit<kBias, kCap>(z[t], bias, t, cap, inv_cap, target_chain);
+    acc_t big[kLanes] = {};
+    int64_t j = 0;
+    for (; j + kLanes <= vb; j += kLanes)
+      for (int l = 0; l < kLanes; ++l) {
+        acc_t chain;
+        const acc_t v = capped_logit<kBias, kCap>(z[j + l], bias, j + l, cap, inv_cap, chain);
+        const acc_t d = (g.a * exp_nonpositive(v - L) - g.c) * chain;
+        z[j + l] = d;
+        big[l] = fl_max(big[l], d < 0 ? -d : d);
+      }
+    for (; j < vb; ++j) {
+      acc_t chain;
+      const acc_t v = capped_logit<kBias, kCap>(z[j], bias, j, cap, inv_cap, chain);
+      const acc_t d = (g.a * exp_nonpositive(v - L) - g.c) * chain;
+      z[j] = d;
+      big[0] = fl_max(big[0], d < 0 ? -d : d);
+    }
+    if (has_target) {
+      z[t] -= g.b * target_chain;
+      big[0] = fl_max(big[0], z[t] < 0 ? -z[t] : z[t]);
+    }
+    acc_t row_big = big[0];
+    for (int l = 1; l < kLanes; ++l) row_big = fl_max(row_big, big[l]);
+    if (!(row_big < g.threshold)) keep = true;  // NaN keeps the tile
+  }
+  return keep;
+}
+
+// Non-template entry points, each compiled once per instruction set; the bias and softcap
+// variants are chosen inside so that each inner loop is specialized.
+#define FASTLOSS_LCE_ENTRIES(SUFFIX, T)                                                                   \
+  FASTLOSS_CPU_CLONES void forward_rows_##SUFFIX(T* z, int64_t vb, const T* bias, T cap, const int64_t* tc, \
+                                                 OnlineLse<T>* lse, T* tl, T* ls, int64_t b, int64_t e) {   \
+    if (bias && cap > 0) forward_rows<true, true>(z, vb, bias, cap, tc, lse, tl, ls, b, e);                 \
+    else if (bias) forward_rows<true, false>(z, vb, bias, cap, tc, lse, tl, ls, b, e);                      \
+    else if (cap > 0) forward_rows<false, true>(z, vb, bias, cap, tc, lse, tl, ls, b, e);                   \
+    else forward_rows<false, false>(z, vb, bias, cap, tc, lse, tl, ls, b, e);                               \
+  }                                                                                                         \
+  FASTLOSS_CPU_CLONES bool gradient_rows_##SUFFIX(T* z, int64_t vb, const T* bias, T cap, const int64_t* tc, \
+                                                  const T* lse, const TokenGrad<T>* coef, int64_t b, int64_t e) { \
+    if (bias && cap > 0) return gradient_rows<true, true>(z, vb, bias, cap, tc, lse, coef, b, e);           \
+    if (bias) return gradient_rows<true, false>(z, vb, bias, cap, tc, lse, coef, b, e);                     \
+    if (cap > 0) return gradient_rows<false, true>(z, vb, bias, cap, tc, lse, coef, b, e);                  \
+    return gradient_rows<false, false>(z, vb, bias, cap, tc, lse, coef, b, e);                              \
+  }
+
+FASTLOSS_LCE_ENTRIES(f32, float)
+FASTLOSS_LCE_ENTRIES(f64, double)
+#undef FASTLOSS_LCE_ENTRIES
+
+FASTLOSS_CPU_INLINE void forward_rows_any(float* z, int64_t vb, const float* bias, float cap, const int64_t* tc,
+                                          OnlineLse<float>* lse, float* tl, float* ls, int64_t b, int64_t e) {
+  forward_rows_f32(z, vb, bias, cap, tc, lse, tl, ls, b, e);
+}
+FASTLOSS_CPU_INLINE void forward_rows_any(double* z, int64_t vb, const double* bias, double cap, const int64_t* tc,
+                                          OnlineLse<double>* lse, double* tl, double* ls, int64_t b, int64_t e) {
+  forward_rows_f64(z, vb, bias, cap, tc, lse, tl, ls, b, e);
+}
+FASTLOSS_CPU_INLINE bool gradient_rows_any(float* z, int64_t vb, const float* bias, float cap, const int64_t* tc,
+                                           const float* lse, const TokenGrad<float>* coef, int64_t b, int64_t e) {
+  return gradient_rows_f32(z, vb, bias, cap, tc, lse, coef, b, e);
+}
+FASTLOSS_CPU_INLINE bool gradient_rows_any(double* z, int64_t vb, const double* bias, double cap, const int64_t* tc,
+                                           const double* lse, const TokenGrad<double>* coef, int64_t b, int64_t e) {
+  return gradient_rows_f64(z, vb, bias, cap, tc, lse, coef, b, e);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Driver
+
+// The tokens that are not ignored, with their targets checked against the vocabulary.
+struct ActiveTokens {
+  std::vector<int64_t> rows;     // indices into the N tokens
+  std::vector<int64_t> targets;  // their targets
+  bool all = false;              // every token is active (rows[i] == i)
+};
+
+template <typename index_t>
+void scan_targets(const char* op, const index_t* t, int64_t n, int64_t ignore_index, int64_t vocab_total,
+                  ActiveTokens& a) {
+  for (int64_t i = 0; i < n; ++i) {
+    const int64_t v = static_cast<int64_t>(t[i]);
+    if (v == ignore_index) continue;
+    TORCH_CHECK_INDEX(v >= 0 && v < vocab_total, "fastloss.", op, ": 'targets' must be in [0, ", vocab_total,
+                      ") or equal ignore_index (", ignore_index, "), got ", v, " at position ", i);
+    a.rows.push_back(i);
+    a.targets.push_back(v);
+  }
+}
+
+ActiveTokens active_tokens(const char* op, const at::Tensor& targets_in, int64_t ignore_index, int64_t vocab_total) {
+  const at::Tensor targets = targets_in.contiguous();
+  ActiveTokens a;
+  const int64_t n = targets.numel();
+  a.rows.reserve(n);
+  a.targets.reserve(n);
+  if (targets.scalar_type() == c10::kLong) {
+    scan_targets(op, targets.const_data_ptr<int64_t>(), n, ignore_index, vocab_total, a);
+  } else {
+    scan_targets(op, targets.const_data_ptr<int32_t>(), n, ignore_index, vocab_total, a);
+  }
+  a.all = static_cast<int64_t>(a.rows.size()) == n;
+  return a;
+}
+
+at::Tensor index_tensor(const std::vector<int64_t>& v) {
+  at::Tensor t = at::empty({static_cast<int64_t>(v.size())}, at::TensorOptions().dtype(at::kLong));
+  std::copy(v.begin(), v.end(), t.mutable_data_ptr<int64_t>());
+  return t;
+}
+
+// The active rows of `hidden` in the accumulation type, contiguous (a view when possible).
+at::Tensor active_hidden(const at::Tensor& hidden, const ActiveTokens& a, c10::ScalarType acc) {
+  at::Tensor h = a.all ? hidden : hidden.index_select(0, index_tensor(a.rows));
+  return h.to(acc).contiguous();
+}
+
+// Target columns relative to one vocabulary block (out of [0, vb) when not in it).
+void block_target_cols(const ActiveTokens& a, int64_t first, int64_t count, int64_t block_start, int64_t* out) {
+  for (int64_t i = 0; i < count; ++i) out[i] = a.targets[first + i] - block_start;
+}
+
+int64_t rows_grain(int64_t vb) { return std::max<int64_t>(1, 16384 / std::max<int64_t>(1, vb)); }
+
+// Per-token (lse, linear) over this classifier's rows for the active tokens.
+template <typename acc_t>
+void shard_statistics(const at::Tensor& ea, const at::Tensor& classifier, const c10::optional<at::Tensor>& bias,
+                      const ActiveTokens& a, const LinearCrossEntropyArgs& args, double softcap,
+                      double label_smoothing, acc_t* lse_out, acc_t* linear_out) {
+  const int64_t na = ea.size(0);
+  std::vector<OnlineLse<acc_t>> lse(na, OnlineLse<acc_t>{-std::numeric_limits<acc_t>::infinity(), acc_t(0)});
+  std::vector<acc_t> target_logit(na, acc_t(0)), logit_sum(na, acc_t(0));
+  std::vector<int64_t> cols(kTokenTile);
+  const int64_t nt = std::min(na, kTokenTile), vbmax = std::min(args.vocab, kVocabBlock);
+  at::Tensor buffer = at::empty({nt * vbmax}, ea.options());
+  const acc_t cap = static_cast<acc_t>(softcap);
+  for (int64_t v0 = 0; v0 < args.vocab; v0 += kVocabBlock) {
+    const int64_t vb = std::min(kVocabBlock, args.vocab - v0);
+    const at::Tensor cb = classifier.narrow(0, v0, vb).to(args.acc);
+    const at::Tensor bb = bias.has_value() && bias->defined() ? bias->narrow(0, v0, vb).to(args.acc).contiguous()
+                                                              : at::Tensor();
+    const acc_t* bp = bb.defined() ? bb.const_data_ptr<acc_t>() : nullptr;
+    for (int64_t n0 = 0; n0 < na; n0 += kTokenTile) {
+      const int64_t rows = std::min(kTokenTile, na - n0);
+      at::Tensor tile = buffer.narrow(0, 0, rows * vb).view({rows, vb});
+      at::mm_out(tile, ea.narrow(0, n0, rows), cb.t());
+      block_target_cols(a, n0, rows, args.vocab_start + v0, cols.data());
+      acc_t* zp = tile.mutable_data_ptr<acc_t>();
+      at::parallel_for(0, rows, rows_grain(vb), [&](int64_t b, int64_t e) {
+        forward_rows_any(zp, vb, bp, cap, cols.data(), lse.data() + n0, target_logit.data() + n0,
+                         logit_sum.data() + n0, b, e);
+      });
+    }
+  }
+  const acc_t ls = static_cast<acc_t>(label_smoothing), inv_vocab = acc_t(1) / static_cast<acc_t>(args.vocab_total);
+  for (int64_t i = 0; i < na; ++i) {
+    lse_out[i] = lse[i].value();
+    linear_out[i] = token_linear(target_logit[i], logit_sum[i], ls, inv_vocab);
+  }
+}
+
+// Per-token statistics of the active tokens, scattered to (N) tensors with 0 at ignored tokens.
+std::tuple<at::Tensor, at::Tensor> statistics(const char* op, const at::Tensor& hidden, const at::Tensor& classifier,
+                                              const at::Tensor& targets, const c10::optional<at::Tensor>& bias,
+                                              int64_t ignore_index, double softcap, double label_smoothing,
+                                              const LinearCrossEntropyArgs& args) {
+  const auto options = hidden.options().dtype(args.acc);
+  at::Tensor lse = at::zeros({args.tokens}, options), linear = at::zeros({args.tokens}, options);
+  const ActiveTokens a = active_tokens(op, targets, ignore_index, args.vocab_total);
+  const int64_t na = static_cast<int64_t>(a.rows.size());
+  if (na == 0 || args.vocab == 0) return {lse, linear};
+  const at::Tensor ea = active_hidden(hidden, a, args.acc);
+  at::Tensor lse_a = a.all ? lse : at::empty({na}, options), linear_a = a.all ? linear : at::empty({na}, options);
+  if (args.acc == c10::kDouble) {
+    shard_statistics<double>(ea, classifier, bias, a, args, softcap, label_smoothing, lse_a.mutable_data_ptr<double>(),
+                             linear_a.mutable_data_ptr<double>());
+  } else {
+    shard_statistics<float>(ea, classifier, bias, a, args, softcap, label_smoothing, lse_a.mutable_data_ptr<float>(),
+                            linear_a.mutable_data_ptr<float>());
+  }
+  if (!a.all) {
+    const at::Tensor idx = index_tensor(a.rows);
+    lse.index_copy_(0, idx, lse_a);
+    linear.index_copy_(0, idx, linear_a);
+  }
+  return {lse, linear};
+}
+
+std::tuple<at::Tensor, at::Tensor> linear_cross_entropy(const at::Tensor& hidden, const at::Tensor& classifier,
+                                                        const at::Tensor& targets,
+                                                        const c10::optional<at::Tensor>& bias, int64_t ignore_index,
+                                                        double softcap, double label_smoothing, double z_loss,
+                                                        double /*filter_eps: autograd only*/) {
+  const char* op = "linear_cross_entropy";
+  TORCH_CHECK(hidden.device().is_cpu(), "fastloss.", op, ": expected 'hidden' on the CPU");
+  const LinearCrossEntropyArgs args =
+      linear_cross_entropy_args(op, hidden, classifier, targets, bias, softcap, label_smoothing, z_loss, 0, -1);
+  auto [lse, linear] = statistics(op, hidden, classifier, targets, bias, ignore_index, softcap, label_smoothing, args);
+  // loss = lse + z_loss lse^2 + linear; ignored tokens have lse = linear = 0, so loss 0.
+  at::Tensor loss = linear;
+  if (args.acc == c10::kDouble) {
+    double* lp = loss.mutable_data_ptr<double>();
+    const double* sp = lse.const_data_ptr<double>();
+    for (int64_t i = 0; i < args.tokens; ++i) lp[i] = token_loss(sp[i], lp[i], z_loss);
+  } else {
+    float* lp = loss.mutable_data_ptr<float>();
+    const float* sp = lse.const_data_ptr<float>();
+    const float zl = static_cast<float>(z_loss);
+    for (int64_t i = 0; i < args.tokens; ++i) lp[i] = token_loss(sp[i], lp[i], zl);
+  }
+  return {loss, lse};
+}
+
+std::tuple<at::Tensor, at::Tensor> linear_cross_entropy_shard(const at::Tensor& hidden, const at::Tensor& classifier,
+                                                              const at::Tensor& targets,
+                                                              const c10::optional<at::Tensor>& bias,
+                                                              int64_t ignore_index, double softcap,
+                                                              double label_smoothing, int64_t vocab_start,
+                                                              int64_t vocab_total) {
+  const char* op = "linear_cross_entropy_shard";
+  TORCH_CHECK(hidden.device().is_cpu(), "fastloss.", op, ": expected 'hidden' on the CPU");
+  const LinearCrossEntropyArgs args = linear_cross_entropy_args(op, hidden, classifier, targets, bias, softcap,
+                                                                label_smoothing, 0.0, vocab_start, vocab_total);
+  return statistics(op, hidden, classifier, targets, bias, ignore_index, softcap, label_smoothing, args);
+}
+
+template <typename acc_t>
+void shard_gradients(const at::Tensor& ea, const at::Tensor& classifier, const c10::optional<at::Tensor>& bias,
+                     const ActiveTokens& a, const LinearCrossEntropyArgs& args, const std::vector<TokenGrad<acc_t>>& coef,
+                     const std::vector<acc_t>& lse, double softcap, at::Tensor& dea, at::Tensor& dc,
+                     at::Tensor& dbias) {
+  // An undefined dea / dc / dbias is not wanted: its matmul (or sum) is skipped.
+  const bool need_de = dea.defined(), need_dc = dc.defined(), need_db = dbias.defined();
+  const int64_t na = ea.size(0);
+  std::vector<int64_t> cols(kTokenTile);
+  const int64_t nt = std::min(na, kTokenTile), vbmax = std::min(args.vocab, kVocabBlock);
+  at::Tensor buffer = at::empty({nt * vbmax}, ea.options());
+  // dC accumulates in the accumulation type: directly in the output when it has that type.
+  const bool dc_direct = need_dc && dc.scalar_type() == args.acc;
+  at::Tensor dc_block = !need_dc || dc_direct ? at::Tensor() : at::empty({vbmax, args.dim}, ea.options());
+  const bool has_bias = bias.has_value() && bias->defined();
+  const acc_t cap = static_cast<acc_t>(softcap);
+  for (int64_t v0 = 0; v0 < args.vocab; v0 += kVocabBlock) {
+    const int64_t vb = std::min(kVocabBlock, args.vocab - v0);
+    const at::Tensor cb = classifier.narrow(0, v0, vb).to(args.acc);
+    const at::Tensor bb = has_bias ? bias->narrow(0, v0, vb).to(args.acc).contiguous() : at::Tensor();
+    const acc_t* bp = bb.defined() ? bb.const_data_ptr<acc_t>() : nullptr;
+    at::Tensor dcb = !need_dc ? at::Tensor() : dc_direct ? dc.narrow(0, v0, vb) : dc_block.narrow(0, 0, vb);
+    at::Tensor dbb = need_db ? dbias.narrow(0, v0, vb) : at::Tensor();
+    bool dcb_written = false;
+    for (int64_t n0 = 0; n0 < na; n0 += kTokenTile) {
+      const int64_t rows = std::min(kTokenTile, na - n0);
+      at::Tensor tile = buffer.narrow(0, 0, rows * vb).view({rows, vb});
+      const at::Tensor e_tile = ea.narrow(0, n0, rows);
+      at::mm_out(tile, e_tile, cb.t());
+      block_target_cols(a, n0, rows, args.vocab_start + v0, cols.data());
+      acc_t* zp = tile.mutable_data_ptr<acc_t>();
+      std::atomic<bool> keep{false};
+      at::parallel_for(0, rows, rows_grain(vb), [&](int64_t b, int64_t e) {
+        if (gradient_rows_any(zp, vb, bp, cap, cols.data(), lse.data() + n0, coef.data() + n0, b, e))
+          keep.store(true, std::memory_order_relaxed);
+      });
+      if (!keep.load()) continue;  // every entry below filter_eps: the tile adds nothing
+      if (need_de) dea.narrow(0, n0, rows).addmm_(tile, cb);
+      if (need_dc && dcb_written) {
+        dcb.addmm_(tile.t(), e_tile);
+      } else if (need_dc) {
+        at::mm_out(dcb, tile.t(), e_tile);
+        dcb_written = true;
+      }
+      if (need_db) dbb.add_(tile.sum(0));
+    }
+    if (!need_dc) continue;
+    if (!dcb_written) dcb.zero_();
+    if (!dc_direct) dc.narrow(0, v0, vb).copy_(dcb);
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_cross_entropy_backward(
+    const at::Tensor& grad_loss_in, const c10::optional<at::Tensor>& grad_lse_in, const at::Tensor& hidden,
+    const at::Tensor& classifier, const at::Tensor& targets, const c10::optional<at::Tensor>& bias,
+    const at::Tensor& lse_in, int64_t ignore_index, double softcap, double label_smoothing, double z_loss,
+    double filter_eps, std::array<bool, 3> output_mask, int64_t vocab_start, int64_t vocab_total) {
+  const char* op = "linear_cross_entropy_backward";
+  TORCH_CHECK(hidden.device().is_cpu(), "fastloss.", op, ": expected 'hidden' on the CPU");
+  const LinearCrossEntropyArgs args =
+      linear_cross_entropy_backward_args(op, grad_loss_in, grad_lse_in, hidden, classifier, targets, bias, lse_in,
+                                         softcap, label_smoothing, z_loss, filter_eps, vocab_start, vocab_total);
+  const bool need_de = output_mask[0], need_dc = output_mask[1];
+  const bool need_db = output_mask[2] && bias.has_value() && bias->defined();
+  at::Tensor dc = need_dc ? at::empty(classifier.sizes(), classifier.options()) : at::Tensor();
+  // d bias accumulates tile column sums: in the accumulation type.
+  at::Tensor dbias_acc = need_db ? at::zeros({args.vocab}, hidden.options().dtype(args.acc)) : at::Tensor();
+  const ActiveTokens a = active_tokens(op, targets, ignore_index, args.vocab_total);
+  const int64_t na = static_cast<int64_t>(a.rows.size());
+  const bool de_direct = need_de && a.all && hidden.scalar_type() == args.acc;
+  at::Tensor de = de_direct ? at::zeros(hidden.sizes(), hidden.options()) : at::Tensor();
+  at::Tensor dea = !need_de ? at::Tensor() : de_direct ? de : at::zeros({na, args.dim}, hidden.options().dtype(args.acc));
+  if (na == 0 || !(need_de || need_dc || need_db)) {
+    if (need_dc) dc.zero_();
+  } else {
+    const at::Tensor ea = active_hidden(hidden, a, args.acc);
+    const at::Tensor grad_loss = grad_loss_in.contiguous(), lse_t = lse_in.contiguous();
+    const bool has_grad_lse = grad_lse_in.has_value() && grad_lse_in->defined();
+    const at::Tensor grad_lse = has_grad_lse ? grad_lse_in->contiguous() : at::Tensor();
+    auto run = [&](auto zero) {
+      using acc_t = decltype(zero);
+      std::vector<TokenGrad<acc_t>> coef(na);
+      std::vector<acc_t> lse(na);
+      const acc_t* gl = grad_loss.const_data_ptr<acc_t>();
+      const acc_t* gs = has_grad_lse ? grad_lse.const_data_ptr<acc_t>() : nullptr;
+      const acc_t* sp = lse_t.const_data_ptr<acc_t>();
+      const acc_t inv_vocab = acc_t(1) / static_cast<acc_t>(args.vocab_total);
+      for (int64_t i = 0; i < na; ++i) {
+        const int64_t r = a.rows[i];
+        lse[i] = sp[r];
+        coef[i] = token_grad<acc_t>(gl[r], gs ? gs[r] : acc_t(0), sp[r], static_cast<acc_t>(label_smoothing),
+                                    static_cast<acc_t>(z_loss), inv_vocab, static_cast<acc_t>(filter_eps));
+      }
+      shard_gradients<acc_t>(ea, classifier, bias, a, args, coef, lse, softcap, dea, dc, dbias_acc);
+    };
+    if (args.acc == c10::kDouble) run(0.0);
+    else run(0.0f);
+  }
+  if (need_de && !de_direct) {
+    de = at::zeros(hidden.sizes(), hidden.options());
+    if (na > 0) {
+      if (a.all) de.copy_(dea);
+      else de.index_copy_(0, index_tensor(a.rows), dea.to(hidden.scalar_type()));
+    }
+  }
+  // Gradients not asked for are empty tensors (the schema returns three tensors).
+  if (!need_de) de = at::empty({0}, hidden.options());
+  if (!need_dc) dc = at::empty({0}, classifier.options());
+  at::Tensor dbias = need_db ? dbias_acc.to(bias->scalar_type())
+                             : at::empty({0}, bias.has_value() && bias->defined() ? bias->options() : hidden.options());
+  return {de, dc, dbias};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fastloss, CPU, m) {
+  m.impl("linear_cross_entropy", &linear_cross_entropy);
+  m.impl("linear_cross_entropy_shard", &linear_cross_entropy_shard);
+  m.impl("linear_cross_entropy_backward", &linear_cross_entropy_backward);
+}
+
+}  // namespace fastloss::cpu

@@ -1,0 +1,260 @@
+"""Cut cross-entropy (Wijmans et al., ICLR 2025): the LM head fused with cross-entropy.
+Wrapper, fake kernels and autograd for ``torch.ops.fastloss.linear_cross_entropy``, and the
+vocabulary-parallel variant over a ``torch.distributed`` process group."""
+
+from __future__ import annotations
+
+import numbers
+from typing import Optional, Tuple, Union
+
+import torch
+
+_REDUCTIONS = ("mean", "sum", "none")
+
+
+def _check_tensor(arg: str, t) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"fastloss.linear_cross_entropy: expected '{arg}' to be a torch.Tensor, got {type(t).__name__}")
+
+
+def _check_real(arg: str, v, low: float, high: float) -> float:
+    if isinstance(v, bool) or not isinstance(v, numbers.Real):
+        raise TypeError(f"fastloss.linear_cross_entropy: '{arg}' must be a float, got {type(v).__name__}")
+    v = float(v)
+    if not low <= v <= high:
+        raise ValueError(f"fastloss.linear_cross_entropy: '{arg}' must be in [{low}, {high}], got {v}")
+    return v
+
+
+def resolve_filter_eps(filter_eps, dtype: torch.dtype) -> float:
+    """``"auto"``: finfo(dtype).eps / 32 (2^-12 for bfloat16); None or 0: no filtering."""
+    if filter_eps is None:
+        return 0.0
+    if isinstance(filter_eps, str):
+        if filter_eps != "auto":
+            raise ValueError(f"fastloss.linear_cross_entropy: 'filter_eps' must be 'auto', None or a float in "
+                             f"[0, 1), got {filter_eps!r}")
+        return torch.finfo(dtype).eps / 32 if dtype.is_floating_point else 0.0
+    v = _check_real("filter_eps", filter_eps, 0.0, 1.0)
+    if v >= 1.0:
+        raise ValueError(f"fastloss.linear_cross_entropy: 'filter_eps' must be in [0, 1), got {v}")
+    return v
+
+
+def _shift_targets(targets: torch.Tensor, ignore_index: int) -> torch.Tensor:
+    # Position t predicts token t + 1; the last position has nothing to predict.
+    pad = torch.full_like(targets[..., :1], ignore_index)
+    return torch.cat([targets[..., 1:], pad], dim=-1)
+
+
+def linear_cross_entropy(
+    hidden: torch.Tensor,
+    classifier: torch.Tensor,
+    targets: torch.Tensor,
+    bias: Optional[torch.Tensor] = None,
+    *,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    softcap: Optional[float] = None,
+    label_smoothing: float = 0.0,
+    z_loss: float = 0.0,
+    shift: bool = False,
+    filter_eps: Union[str, float, None] = "auto",
+    return_lse: bool = False,
+    process_group=None,
+) -> Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]:
+    """Cross-entropy of ``softcap(hidden @ classifier.T + bias)`` against ``targets`` without
+    materializing the logits (cut cross-entropy): the vocabulary is processed in blocks whose
+    log-sum-exp is merged online, and the backward recomputes each block.
+
+    Args:
+        hidden: (..., D) float32, float64, float16 or bfloat16 embeddings, any strides.
+        classifier: (V, D) in hidden's dtype (the LM head's weight). With ``process_group``, this
+            rank's contiguous slice of the vocabulary (rank order).
+        targets: int64 or int32 of hidden's leading shape, in [0, V) or ``ignore_index``.
+        bias: optional (V,) in hidden's dtype.
+        ignore_index: targets with this value contribute no loss and no gradient.
+        reduction: ``"mean"`` (over non-ignored tokens; 0 when every token is ignored),
+            ``"sum"`` or ``"none"`` (per-token losses of hidden's leading shape, 0 at ignored
+            tokens).
+        softcap: ``s`` for ``s * tanh(logits / s)`` (Gemma 2's final_logit_softcapping).
+        label_smoothing: as in ``F.cross_entropy``.
+        z_loss: adds ``z_loss * lse**2`` per non-ignored token.
+        shift: position t predicts ``targets[..., t + 1]`` (causal LM labels); the last position
+            of the last leading dimension is ignored.
+        filter_eps: the backward skips a (tokens x vocabulary) tile in which every entry of the
+            logit gradient is below ``filter_eps`` times its token's output-gradient scale
+            (for plain cross-entropy: every probability below ``filter_eps``, no target in the
+            tile). ``"auto"``: ``finfo(hidden.dtype).eps / 32``; None or 0: exact gradients.
+        return_lse: also return the per-token log-sum-exp (hidden's leading shape, 0 at
+            ignored tokens); gradients flow through it.
+        process_group: vocabulary-parallel training: the ranks of this ``torch.distributed``
+            group each hold a slice of the classifier (and bias); hidden and targets are the
+            same on every rank. The loss and d hidden are all-reduced; d classifier is this
+            rank's slice.
+
+    Returns the loss in float32 (float64 for float64 inputs), and the LSE if ``return_lse``.
+    """
+    _check_tensor("hidden", hidden)
+    _check_tensor("classifier", classifier)
+    _check_tensor("targets", targets)
+    if bias is not None:
+        _check_tensor("bias", bias)
+    if reduction not in _REDUCTIONS:
+        raise ValueError(f"fastloss.linear_cross_entropy: 'reduction' must be 'mean', 'sum' or 'none', "
+                         f"got {reduction!r}")
+    if hidden.dim() < 1:
+        raise ValueError("fastloss.linear_cross_entropy: 'hidden' must have at least one dimension (D)")
+    lead = hidden.shape[:-1]
+    if tuple(targets.shape) != tuple(lead):
+        raise ValueError(f"fastloss.linear_cross_entropy: 'targets' must have hidden's leading shape "
+                         f"{tuple(lead)}, got {tuple(targets.shape)}")
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, numbers.Integral):
+        raise TypeError(f"fastloss.linear_cross_entropy: 'ignore_index' must be an int, got "
+                        f"{type(ignore_index).__name__}")
+    cap = 0.0
+    if softcap is not None:
+        if isinstance(softcap, bool) or not isinstance(softcap, numbers.Real) or not 0 < float(softcap) < float("inf"):
+            raise ValueError(f"fastloss.linear_cross_entropy: 'softcap' must be a finite float > 0 or None, "
+                             f"got {softcap!r}")
+        cap = float(softcap)
+    label_smoothing = _check_real("label_smoothing", label_smoothing, 0.0, 1.0)
+    z_loss = _check_real("z_loss", z_loss, -float("inf"), float("inf"))
+    eps = resolve_filter_eps(filter_eps, hidden.dtype)
+    if shift:
+        if hidden.dim() < 2:
+            raise ValueError("fastloss.linear_cross_entropy: 'shift' needs hidden of shape (..., T, D)")
+        targets = _shift_targets(targets, ignore_index)
+    tokens = 1
+    for size in lead:
+        tokens *= size
+    h2 = hidden.reshape(tokens, hidden.shape[-1])  # (-1, D) is ambiguous when D = 0
+    t1 = targets.reshape(tokens)
+    if process_group is None:
+        loss, lse = torch.ops.fastloss.linear_cross_entropy.default(
+            h2, classifier, t1, bias, int(ignore_index), cap, label_smoothing, z_loss, eps)
+    else:
+        loss, lse = _VocabParallel.apply(h2, classifier, t1, bias, int(ignore_index), cap, label_smoothing, z_loss,
+                                         eps, process_group)
+    if reduction == "none":
+        loss = loss.view(lead)
+    elif reduction == "sum":
+        loss = loss.sum()
+    else:
+        count = (t1 != ignore_index).sum().clamp_(min=1)
+        loss = loss.sum() / count
+    if return_lse:
+        return loss, lse.view(lead)
+    return loss
+
+
+# --------------------------------------------------------------------------------------------
+# Fake kernels (shapes and dtypes only)
+
+
+def _acc_dtype(hidden: torch.Tensor) -> torch.dtype:
+    return torch.float64 if hidden.dtype == torch.float64 else torch.float32
+
+
+@torch.library.register_fake("fastloss::linear_cross_entropy")
+def _forward_fake(hidden, classifier, targets, bias, ignore_index, softcap, label_smoothing, z_loss, filter_eps):
+    n = hidden.shape[0]
+    return hidden.new_empty((n,), dtype=_acc_dtype(hidden)), hidden.new_empty((n,), dtype=_acc_dtype(hidden))
+
+
+@torch.library.register_fake("fastloss::linear_cross_entropy_shard")
+def _shard_fake(hidden, classifier, targets, bias, ignore_index, softcap, label_smoothing, vocab_start, vocab_total):
+    n = hidden.shape[0]
+    return hidden.new_empty((n,), dtype=_acc_dtype(hidden)), hidden.new_empty((n,), dtype=_acc_dtype(hidden))
+
+
+@torch.library.register_fake("fastloss::linear_cross_entropy_backward")
+def _backward_fake(grad_loss, grad_lse, hidden, classifier, targets, bias, lse, ignore_index, softcap,
+                   label_smoothing, z_loss, filter_eps, output_mask, vocab_start=0, vocab_total=-1):
+    # Gradients not asked for (and d bias without a bias) are empty.
+    dh = hidden.new_empty(hidden.shape if output_mask[0] else (0,))
+    dc = classifier.new_empty(classifier.shape if output_mask[1] else (0,))
+    dbias = (bias.new_empty(bias.shape if output_mask[2] else (0,)) if bias is not None
+             else hidden.new_empty((0,)))
+    return dh, dc, dbias
+
+
+# --------------------------------------------------------------------------------------------
+# Autograd
+
+
+def _setup(ctx, inputs, output):
+    hidden, classifier, targets, bias, ignore_index, softcap, label_smoothing, z_loss, filter_eps = inputs
+    _loss, lse = output
+    ctx.options = (ignore_index, softcap, label_smoothing, z_loss, filter_eps)
+    ctx.has_bias = bias is not None
+    ctx.save_for_backward(hidden, classifier, targets, bias, lse)
+
+
+def _backward(ctx, grad_loss, grad_lse):
+    hidden, classifier, targets, bias, lse = ctx.saved_tensors
+    ignore_index, softcap, label_smoothing, z_loss, filter_eps = ctx.options
+    mask = [ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.has_bias and ctx.needs_input_grad[3]]
+    dh, dc, db = torch.ops.fastloss.linear_cross_entropy_backward.default(
+        grad_loss.to(lse.dtype), None if grad_lse is None else grad_lse.to(lse.dtype), hidden, classifier, targets,
+        bias, lse, ignore_index, softcap, label_smoothing, z_loss, filter_eps, mask)
+    return (dh if mask[0] else None), (dc if mask[1] else None), None, (db if mask[2] else None), None, None, None, \
+        None, None
+
+
+torch.library.register_autograd("fastloss::linear_cross_entropy", _backward, setup_context=_setup)
+
+
+# --------------------------------------------------------------------------------------------
+# Vocabulary-parallel (Megatron-style): each rank holds a contiguous slice of the classifier.
+
+
+def _vocab_range(classifier: torch.Tensor, group) -> Tuple[int, int]:
+    import torch.distributed as dist
+
+    world, rank = dist.get_world_size(group), dist.get_rank(group)
+    local = torch.tensor([classifier.shape[0]], dtype=torch.int64, device=classifier.device)
+    sizes = [torch.empty_like(local) for _ in range(world)]
+    dist.all_gather(sizes, local, group=group)
+    sizes = [int(s.item()) for s in sizes]
+    return sum(sizes[:rank]), sum(sizes)
+
+
+class _VocabParallel(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, classifier, targets, bias, ignore_index, softcap, label_smoothing, z_loss, filter_eps,
+                group):
+        import torch.distributed as dist
+
+        vocab_start, vocab_total = _vocab_range(classifier, group)
+        lse_local, linear = torch.ops.fastloss.linear_cross_entropy_shard.default(
+            hidden, classifier, targets, bias, ignore_index, softcap, label_smoothing, vocab_start, vocab_total)
+        # The whole vocabulary's LSE from the shards': max, then the sum of rescaled exponentials.
+        shift = lse_local.clone()
+        dist.all_reduce(shift, op=dist.ReduceOp.MAX, group=group)
+        total = torch.exp(lse_local - shift)
+        dist.all_reduce(total, op=dist.ReduceOp.SUM, group=group)
+        dist.all_reduce(linear, op=dist.ReduceOp.SUM, group=group)
+        active = targets != ignore_index
+        lse = torch.where(active, shift + torch.log(total), torch.zeros_like(shift))
+        loss = torch.where(active, lse + z_loss * lse * lse + linear, torch.zeros_like(lse))
+        ctx.options = (ignore_index, softcap, label_smoothing, z_loss, filter_eps, vocab_start, vocab_total)
+        ctx.group = group
+        ctx.has_bias = bias is not None
+        ctx.save_for_backward(hidden, classifier, targets, bias, lse)
+        return loss, lse
+
+    @staticmethod
+    def backward(ctx, grad_loss, grad_lse):
+        import torch.distributed as dist
+
+        hidden, classifier, targets, bias, lse = ctx.saved_tensors
+        ignore_index, softcap, label_smoothing, z_loss, filter_eps, vocab_start, vocab_total = ctx.options
+        dh, dc, db = torch.ops.fastloss.linear_cross_entropy_backward.default(
+            grad_loss.to(lse.dtype).contiguous(), None if grad_lse is None else grad_lse.to(lse.dtype).contiguous(),
+            hidden, classifier, targets, bias, lse, ignore_index, softcap, label_smoothing, z_loss, filter_eps,
+            [True, ctx.needs_input_grad[1], ctx.has_bias and ctx.needs_input_grad[3]], vocab_start, vocab_total)
+        # Every rank takes part in the all-reduce, whichever gradients it needs.
+        dist.all_reduce(dh, op=dist.ReduceOp.SUM, group=ctx.group)
+        return (dh if ctx.needs_input_grad[0] else None), (dc if ctx.needs_input_grad[1] else None), None, \
+            (db if ctx.has_bias and ctx.needs_input_grad[3] else None), None, None, None, None, None, None

@@ -1,0 +1,563 @@
+"""fastloss.linear_cross_entropy (cut cross-entropy) against torch's hidden @ C.T + bias, softcap
+and F.cross_entropy in float64; gradients, filtering, opcheck, gradcheck, torch.compile, errors,
+vocabulary parallelism (gloo, 2 processes) and the Hugging Face causal-LM patch."""
+
+import os
+import socket
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import fastloss
+
+IGNORE = -100
+
+
+def reference(hidden, classifier, targets, bias=None, *, ignore_index=IGNORE, reduction="mean", softcap=None,
+              label_smoothing=0.0, z_loss=0.0, shift=False, return_lse=False):
+    """The eager formulation: logits, softcap, F.cross_entropy, z-loss."""
+    z = hidden @ classifier.T
+    if bias is not None:
+        z = z + bias
+    if softcap is not None:
+        z = softcap * torch.tanh(z / softcap)
+    if shift:
+        targets = torch.cat([targets[..., 1:], torch.full_like(targets[..., :1], ignore_index)], dim=-1)
+    z2, t = z.reshape(-1, z.shape[-1]), targets.reshape(-1).long()
+    active = t != ignore_index
+    per = F.cross_entropy(z2, t, ignore_index=ignore_index, reduction="none", label_smoothing=label_smoothing)
+    lse = torch.logsumexp(z2, -1) * active
+    per = per + z_loss * lse * lse
+    if reduction == "none":
+        loss = per.view(targets.shape)
+    elif reduction == "sum":
+        loss = per.sum()
+    else:
+        loss = per.sum() / active.sum().clamp(min=1)
+    return (loss, lse.view(targets.shape)) if return_lse else loss
+
+
+def make_inputs(n_lead, d, v, dtype, device, *, bias=False, seed=0, scale=1.0, ignore_frac=0.2):
+    g = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(*n_lead, d, generator=g, dtype=torch.float64) * scale
+    classifier = torch.randn(v, d, generator=g, dtype=torch.float64) / d**0.5
+    targets = torch.randint(0, v, n_lead, generator=g)
+    targets[torch.rand(n_lead, generator=g) < ignore_frac] = IGNORE
+    b = torch.randn(v, generator=g, dtype=torch.float64) if bias else None
+    conv = lambda t: None if t is None else t.to(dtype).to(device)  # noqa: E731
+    return conv(hidden), conv(classifier), targets.to(device), conv(b)
+
+
+def grads_of(fn, tensors, seed=5):
+    tensors = [t.detach().clone().requires_grad_() if t is not None else None for t in tensors]
+    out = fn(*tensors)
+    loss = out[0] if isinstance(out, tuple) else out
+    weight = torch.randn(loss.shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    total = (loss.double() * weight.to(loss.device)).sum()
+    if isinstance(out, tuple):
+        total = total + (out[1].double() * 0.3).sum()
+    leaves = [t for t in tensors if t is not None]
+    return out, torch.autograd.grad(total, leaves)
+
+
+OPTIONS = {
+    "plain": {},
+    "bias": {"bias": True},
+    "softcap": {"softcap": 2.5},
+    "smoothing": {"label_smoothing": 0.1},
+    "z_loss": {"z_loss": 1e-2},
+    "everything": {"bias": True, "softcap": 3.0, "label_smoothing": 0.2, "z_loss": 1e-3, "return_lse": True},
+}
+TOL = {torch.float64: dict(rtol=1e-10, atol=1e-12), torch.float32: dict(rtol=2e-5, atol=2e-6)}
+
+
+def check_against_reference(device, dtype, options, reduction, n_lead=(3, 7), d=24, v=1100, shift=False, seed=0,
+                            filter_eps=None):
+    options = dict(options)
+    h, c, t, b = make_inputs(n_lead, d, v, dtype, device, bias=options.pop("bias", False), seed=seed)
+    kw = dict(reduction=reduction, shift=shift, **options)
+    out, grads = grads_of(lambda h_, c_, b_: fastloss.linear_cross_entropy(h_, c_, t, b_, filter_eps=filter_eps, **kw),
+                          [h, c, b])
+    ref, ref_grads = grads_of(lambda h_, c_, b_: reference(h_, c_, t, b_, **kw),
+                              [h.double(), c.double(), None if b is None else b.double()])
+    outs, refs = (out, ref) if isinstance(out, tuple) else ((out,), (ref,))
+    for a, r in zip(outs, refs):
+        assert a.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+        torch.testing.assert_close(a.double(), r, **TOL[dtype])
+    for a, r in zip(grads, ref_grads):
+        assert a.dtype == dtype
+        torch.testing.assert_close(a.double(), r, **TOL[dtype])
+
+
+# --------------------------------------------------------------------------------------------
+# Against torch
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("option", list(OPTIONS))
+def test_matches_torch(device, dtype, reduction, option):
+    check_against_reference(device, dtype, OPTIONS[option], reduction)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_shift(device, dtype):
+    check_against_reference(device, dtype, {"bias": True}, "mean", shift=True)
+    check_against_reference(device, dtype, {}, "none", shift=True, n_lead=(2, 3, 5))
+
+
+@pytest.mark.parametrize("v", [50257, 151936])
+def test_large_vocabularies(device, v):
+    check_against_reference(device, torch.float32, {"bias": True, "softcap": 30.0}, "mean", n_lead=(2, 9), d=16, v=v)
+
+
+@pytest.mark.parametrize("v", [1, 7, 512, 513, 1025])
+def test_vocab_block_edges(device, v):
+    check_against_reference(device, torch.float64, {"bias": True}, "sum", n_lead=(1030,), d=8, v=v)
+
+
+def test_default_filter_matches_in_float32(device):
+    # finfo(float32).eps / 32 drops nothing that float32 gradients would carry.
+    check_against_reference(device, torch.float32, OPTIONS["everything"], "mean", filter_eps="auto")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("filter_eps", [None, "auto"])
+def test_half_within_twice_torch_error(device, dtype, filter_eps):
+    """Low precision: error against float64 at most 2x torch's own (logits and loss in dtype)."""
+    h, c, t, b = make_inputs((4, 64), 64, 3000, dtype, device, bias=True, seed=3, scale=3.0)
+    kw = dict(softcap=20.0, label_smoothing=0.05)
+    out, grads = grads_of(lambda h_, c_, b_: fastloss.linear_cross_entropy(h_, c_, t, b_, filter_eps=filter_eps, **kw),
+                          [h, c, b])
+    torch_out, torch_grads = grads_of(lambda h_, c_, b_: reference(h_, c_, t, b_, **kw), [h, c, b])
+    ref, ref_grads = grads_of(lambda h_, c_, b_: reference(h_, c_, t, b_, **kw), [h.double(), c.double(), b.double()])
+
+    def err(a, r):
+        return ((a.double() - r).norm() / r.norm()).item()
+
+    assert err(out, ref) <= 2 * err(torch_out, ref) + 1e-6
+    for name, a, tg, r in zip("hidden classifier bias".split(), grads, torch_grads, ref_grads):
+        assert err(a, r) <= 2 * err(tg, r), name
+
+
+def test_int32_targets_and_return_lse(device):
+    h, c, t, b = make_inputs((5, 11), 16, 700, torch.float64, device, bias=True)
+    loss64, lse64 = fastloss.linear_cross_entropy(h, c, t, b, return_lse=True, reduction="none")
+    loss32, lse32 = fastloss.linear_cross_entropy(h, c, t.int(), b, return_lse=True, reduction="none")
+    assert torch.equal(loss64, loss32) and torch.equal(lse64, lse32)
+    z = h @ c.T + b
+    torch.testing.assert_close(lse64, torch.logsumexp(z, -1) * (t != IGNORE))
+    assert lse64.shape == t.shape
+
+
+def test_non_contiguous(device):
+    h, c, t, b = make_inputs((6, 10), 32, 900, torch.float32, device, bias=True)
+    h_nc = h.transpose(0, 1).contiguous().transpose(0, 1)  # same values, transposed strides
+    c_nc = torch.cat([c, c], dim=1)[:, : c.shape[1]]
+    b_nc = torch.stack([b, b], dim=1)[:, 0]
+    assert not (h_nc.is_contiguous() or c_nc.is_contiguous() or b_nc.is_contiguous())
+    out, grads = grads_of(lambda *a: fastloss.linear_cross_entropy(a[0], a[1], t, a[2], filter_eps=None), [h_nc, c_nc, b_nc])
+    ref, ref_grads = grads_of(lambda *a: fastloss.linear_cross_entropy(a[0], a[1], t, a[2], filter_eps=None), [h, c, b])
+    torch.testing.assert_close(out, ref)
+    for a, r in zip(grads, ref_grads):
+        torch.testing.assert_close(a, r)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_every_token_ignored(device, reduction):
+    h, c, t, b = make_inputs((3, 4), 8, 50, torch.float32, device, bias=True)
+    t = torch.full_like(t, IGNORE)
+    (loss, lse), grads = grads_of(
+        lambda *a: fastloss.linear_cross_entropy(a[0], a[1], t, a[2], reduction=reduction, z_loss=0.1,
+                                                 return_lse=True), [h, c, b])
+    assert torch.equal(loss, torch.zeros_like(loss)) and torch.equal(lse, torch.zeros_like(lse))
+    for g in grads:
+        assert torch.equal(g, torch.zeros_like(g))
+
+
+def test_custom_ignore_index(device):
+    h, c, t, _ = make_inputs((20,), 8, 30, torch.float64, device, ignore_frac=0.0)
+    t[::3] = 7  # a valid class used as ignore_index
+    check = fastloss.linear_cross_entropy(h, c, t, ignore_index=7, reduction="none")
+    torch.testing.assert_close(check, reference(h, c, t, ignore_index=7, reduction="none"))
+
+
+def test_empty(device):
+    h = torch.empty(0, 16, device=device, requires_grad=True)
+    c = torch.randn(10, 16, device=device, requires_grad=True)
+    t = torch.empty(0, dtype=torch.long, device=device)
+    loss = fastloss.linear_cross_entropy(h, c, t)
+    assert loss.item() == 0.0
+    loss.backward()
+    assert h.grad.shape == h.shape and torch.equal(c.grad, torch.zeros_like(c))
+    assert fastloss.linear_cross_entropy(h, c, t, reduction="none").shape == (0,)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_only_the_gradients_asked_for(device, dtype):
+    # A frozen LM head (LoRA fine-tuning) skips the d classifier matmul, a frozen trunk d hidden.
+    h, c, t, b = make_inputs((4, 9), 16, 700, dtype, device, bias=True)
+    (_, (dh_all, dc_all, db_all)) = grads_of(lambda *a: fastloss.linear_cross_entropy(a[0], a[1], t, a[2]), [h, c, b])
+    for wanted in ([h], [c], [b], [h, b]):
+        inputs = [x.detach().clone().requires_grad_(any(x is w for w in wanted)) for x in (h, c, b)]
+        loss = fastloss.linear_cross_entropy(inputs[0], inputs[1], t, inputs[2])
+        weight = torch.randn((), generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+        grads = torch.autograd.grad((loss.double() * weight.to(loss.device)).sum(), [x for x in inputs if x.requires_grad])
+        expected = [g for g, x in zip((dh_all, dc_all, db_all), inputs) if x.requires_grad]
+        for got, ref in zip(grads, expected):
+            assert torch.equal(got, ref)
+    dh, dc, db = torch.ops.fastloss.linear_cross_entropy_backward(
+        torch.ones(36, device=device), None, h.reshape(36, 16), c, t.reshape(36), b,
+        torch.zeros(36, device=device), IGNORE, 0.0, 0.0, 0.0, 0.0, [True, False, False])
+    assert dh.shape == (36, 16) and dc.shape == (0,) and db.shape == (0,)
+
+
+def test_zero_width_hidden(device):
+    # D = 0: every logit is 0, so the loss is log V and the gradients are empty.
+    h = torch.zeros(3, 0, device=device, requires_grad=True)
+    c = torch.zeros(5, 0, device=device, requires_grad=True)
+    loss = fastloss.linear_cross_entropy(h, c, torch.tensor([0, 1, 2], device=device))
+    loss.backward()
+    torch.testing.assert_close(loss.item(), torch.log(torch.tensor(5.0)).item())
+    assert h.grad.shape == (3, 0) and c.grad.shape == (5, 0)
+
+
+def test_large_logits_and_nan(device):
+    # Logits in the tens of thousands: no overflow (online max), finite gradients.
+    h, c, t, _ = make_inputs((64,), 16, 3000, torch.float32, device, scale=1000.0, ignore_frac=0.0)
+    loss = fastloss.linear_cross_entropy(h, c, t)
+    torch.testing.assert_close(loss.double(), reference(h.double(), c.double(), t), rtol=1e-5, atol=0)
+    _, grads = grads_of(lambda *a: fastloss.linear_cross_entropy(a[0], a[1], t), [h, c])
+    assert all(torch.isfinite(g).all() for g in grads)
+    # A NaN in one token's hidden state makes only that token's loss NaN, like torch.
+    h[1, 2] = float("nan")
+    per = fastloss.linear_cross_entropy(h, c, t, reduction="none")
+    assert torch.isnan(per[1]) and torch.isfinite(per[torch.arange(64, device=device) != 1]).all()
+
+
+# --------------------------------------------------------------------------------------------
+# Gradient filtering
+
+
+def test_filter_skips_tiles_within_its_bound(device):
+    # Half of the vocabulary is far below the rest: those tiles' probabilities are < 1e-6.
+    h, c, t, _ = make_inputs((600,), 16, 2048, torch.float64, device, ignore_frac=0.0)
+    h = h.abs() + 1
+    c[1024:] = -c[1024:].abs() - 1
+    c[:1024] = c[:1024].abs()
+    t = t % 1024
+    eps = 1e-6
+    _, (dh, dc) = grads_of(lambda *a: fastloss.linear_cross_entropy(a[0], a[1], t, filter_eps=eps, reduction="sum"),
+                           [h, c])
+    _, (dh_ref, dc_ref) = grads_of(lambda *a: reference(a[0], a[1], t, reduction="sum"), [h, c])
+    weight = torch.randn(1, generator=torch.Generator().manual_seed(5), dtype=torch.float64).abs().item()
+    # Every dropped entry of d loss / d z is below eps * |output gradient|.
+    assert (dc - dc_ref).abs().max() <= eps * weight * h.abs().sum(0).max()
+    assert (dh - dh_ref).abs().max() <= eps * weight * c.abs().sum(0).max()
+    assert dc_ref[1024:].abs().max() > 0
+    if device == "cpu":  # the CUDA path (ATen ops) does not filter: skipping would need a host sync
+        assert torch.equal(dc[1024:], torch.zeros_like(dc[1024:]))  # skipped, so exactly 0
+    # Without filtering, exact.
+    _, (dh0, dc0) = grads_of(lambda *a: fastloss.linear_cross_entropy(a[0], a[1], t, filter_eps=None,
+                                                                      reduction="sum"), [h, c])
+    torch.testing.assert_close(dc0, dc_ref, rtol=1e-10, atol=1e-14)
+
+
+def test_filter_eps_auto_values():
+    from fastloss.ops.linear_cross_entropy import resolve_filter_eps
+
+    assert resolve_filter_eps("auto", torch.bfloat16) == 2.0**-12
+    assert resolve_filter_eps("auto", torch.float16) == 2.0**-15
+    assert resolve_filter_eps("auto", torch.float32) == 2.0**-28
+    assert resolve_filter_eps(None, torch.float32) == 0.0
+
+
+# --------------------------------------------------------------------------------------------
+# Registration: gradcheck, opcheck, torch.compile, nn module
+
+
+def test_gradcheck(device):
+    h, c, t, b = make_inputs((2, 5), 6, 40, torch.float64, device, bias=True)
+    t[0, 0] = IGNORE
+
+    def f(h_, c_, b_):
+        return fastloss.linear_cross_entropy(h_, c_, t, b_, softcap=3.0, label_smoothing=0.1, z_loss=0.05,
+                                             reduction="none", return_lse=True, filter_eps=None)
+
+    inputs = [x.requires_grad_() for x in (h, c, b)]
+    assert torch.autograd.gradcheck(f, inputs)
+
+
+def test_opcheck(device):
+    h, c, t, b = make_inputs((9,), 8, 600, torch.float32, device, bias=True)
+    ops = torch.ops.fastloss
+    torch.library.opcheck(ops.linear_cross_entropy.default, (h, c, t, b, IGNORE, 0.0, 0.0, 0.0, 0.0))
+    torch.library.opcheck(ops.linear_cross_entropy.default,
+                          (h.requires_grad_(), c.requires_grad_(), t.int(), None, IGNORE, 5.0, 0.1, 1e-3, 1e-6))
+    h, c = h.detach(), c.detach()
+    torch.library.opcheck(ops.linear_cross_entropy_shard.default, (h, c[100:300], t, b[100:300], IGNORE, 0.0, 0.1,
+                                                                    100, 600))
+    loss, lse = ops.linear_cross_entropy(h, c, t, b, IGNORE, 0.0, 0.0, 0.0, 0.0)
+    g = torch.randn_like(loss)
+    torch.library.opcheck(ops.linear_cross_entropy_backward.default,
+                          (g, None, h, c, t, b, lse, IGNORE, 0.0, 0.0, 0.0, 0.0, [True, True, True]))
+    torch.library.opcheck(ops.linear_cross_entropy_backward.default,
+                          (g, torch.randn_like(lse), h, c, t, None, lse, IGNORE, 2.0, 0.1, 0.01, 1e-4,
+                           [True, False, True], 0, 600))
+    torch.library.opcheck(ops.linear_cross_entropy_backward.default,
+                          (g, None, h, c, t, b, lse, IGNORE, 0.0, 0.0, 0.0, 0.0, [False, True, False]))
+
+
+def test_torch_compile_fullgraph(device):
+    h, c, t, b = make_inputs((3, 8), 16, 300, torch.float32, device, bias=True)
+
+    def f(h_, c_, b_):
+        loss, lse = fastloss.linear_cross_entropy(h_, c_, t, b_, softcap=10.0, z_loss=1e-3, shift=True,
+                                                  return_lse=True)
+        return loss + lse.mean()
+
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    out, grads = grads_of(compiled, [h, c, b])
+    ref, ref_grads = grads_of(f, [h, c, b])
+    torch.testing.assert_close(out, ref)
+    for a, r in zip(grads, ref_grads):
+        torch.testing.assert_close(a, r)
+
+
+def test_nn_module(device):
+    h, c, t, b = make_inputs((2, 6), 8, 100, torch.float32, device, bias=True)
+    m = fastloss.nn.LinearCrossEntropy(shift=True, softcap=5.0, reduction="sum")
+    torch.testing.assert_close(m(h, c, t, b), fastloss.linear_cross_entropy(h, c, t, b, shift=True, softcap=5.0,
+                                                                           reduction="sum"))
+    assert "shift=True" in repr(m)
+
+
+# --------------------------------------------------------------------------------------------
+# Bad input
+
+
+def test_errors():
+    h, c, t, b = make_inputs((4,), 8, 20, torch.float32, "cpu", ignore_frac=0.0)
+    t_bad = t.clone()
+    t_bad[2] = 20
+    with pytest.raises(IndexError, match=r"'targets' must be in \[0, 20\) or equal ignore_index \(-100\), got 20 "
+                                         r"at position 2"):
+        fastloss.linear_cross_entropy(h, c, t_bad)
+    t_bad[2] = -1
+    with pytest.raises(IndexError, match="got -1 at position 2"):
+        fastloss.linear_cross_entropy(h, c, t_bad)
+    with pytest.raises(RuntimeError, match="'classifier' must be \\(V, D\\) with D = 8"):
+        fastloss.linear_cross_entropy(h, c[:, :7], t)
+    with pytest.raises(RuntimeError, match="'classifier' must have the dtype of 'hidden'"):
+        fastloss.linear_cross_entropy(h, c.double(), t)
+    with pytest.raises(RuntimeError, match="'bias' must have shape \\(20\\)"):
+        fastloss.linear_cross_entropy(h, c, t, torch.zeros(19))
+    with pytest.raises(RuntimeError, match="'bias' must have the dtype of 'hidden'"):
+        fastloss.linear_cross_entropy(h, c, t, torch.zeros(20, dtype=torch.float64))
+    with pytest.raises(RuntimeError, match="'targets' must be an int64 or int32 tensor"):
+        fastloss.linear_cross_entropy(h, c, t.float())
+    with pytest.raises(RuntimeError, match="'hidden' to be a float32"):
+        fastloss.linear_cross_entropy(h.long(), c.long(), t)
+    with pytest.raises(RuntimeError, match="'classifier' must have at least one row"):
+        fastloss.linear_cross_entropy(h, c[:0], t)
+    with pytest.raises(ValueError, match="'targets' must have hidden's leading shape"):
+        fastloss.linear_cross_entropy(h, c, t[:3])
+    with pytest.raises(ValueError, match="'reduction'"):
+        fastloss.linear_cross_entropy(h, c, t, reduction="avg")
+    with pytest.raises(ValueError, match="'softcap'"):
+        fastloss.linear_cross_entropy(h, c, t, softcap=0.0)
+    with pytest.raises(ValueError, match="'label_smoothing' must be in"):
+        fastloss.linear_cross_entropy(h, c, t, label_smoothing=1.5)
+    with pytest.raises(ValueError, match="'filter_eps'"):
+        fastloss.linear_cross_entropy(h, c, t, filter_eps="fast")
+    with pytest.raises(TypeError, match="'classifier' to be a torch.Tensor"):
+        fastloss.linear_cross_entropy(h, None, t)
+    with pytest.raises(ValueError, match="'shift' needs"):
+        fastloss.linear_cross_entropy(h[0], c, t[0], shift=True)
+    ops = torch.ops.fastloss
+    with pytest.raises(RuntimeError, match="'lse' must be a Float tensor of shape \\(4\\)"):
+        ops.linear_cross_entropy_backward(torch.ones(4), None, h, c, t, None, torch.ones(3), IGNORE, 0.0, 0.0,
+                                          0.0, 0.0, [True, True, True])
+    with pytest.raises(RuntimeError, match="must lie in the vocabulary"):
+        ops.linear_cross_entropy_shard(h, c, t, None, IGNORE, 0.0, 0.0, 5, 20)
+    with pytest.raises(RuntimeError, match="'filter_eps' must be in \\[0, 1\\)"):
+        ops.linear_cross_entropy_backward(torch.ones(4), None, h, c, t, None, torch.ones(4), IGNORE, 0.0, 0.0,
+                                          0.0, 2.0, [True, True, True])
+
+
+def test_device_mismatch_is_named(device):
+    if device == "cpu":
+        pytest.skip("needs a second device")
+    h, c, t, _ = make_inputs((4,), 8, 20, torch.float32, device)
+    with pytest.raises(RuntimeError, match="'classifier' must be on the device of 'hidden'"):
+        torch.ops.fastloss.linear_cross_entropy(h, c.cpu(), t, None, IGNORE, 0.0, 0.0, 0.0, 0.0)
+
+
+def test_memcheck_subset(device):
+    # Small cases of every path, for compute-sanitizer on a GPU machine.
+    for dtype in (torch.float32, torch.bfloat16):
+        check = fastloss.linear_cross_entropy
+        h, c, t, b = make_inputs((3, 70), 32, 1500, dtype, device, bias=True)
+        out, grads = grads_of(lambda *a: check(a[0], a[1], t, a[2], softcap=5.0, label_smoothing=0.1, z_loss=1e-3),
+                              [h, c, b])
+        assert torch.isfinite(out) and all(torch.isfinite(g.float()).all() for g in grads)
+
+
+# --------------------------------------------------------------------------------------------
+# Hugging Face causal LMs (tiny random models from configs; no downloads)
+
+HF_FAMILIES = {
+    "llama": ("LlamaConfig", "LlamaForCausalLM", {}),
+    "mistral": ("MistralConfig", "MistralForCausalLM", {"sliding_window": 8}),
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", {}),
+    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", {"head_dim": 16}),
+    "gemma": ("GemmaConfig", "GemmaForCausalLM", {"head_dim": 16}),
+    "gemma2": ("Gemma2Config", "Gemma2ForCausalLM", {"head_dim": 16, "final_logit_softcapping": 3.0,
+                                                     "attn_logit_softcapping": 50.0, "sliding_window": 8}),
+}
+
+
+def tiny_causal_lm(family, vocab=600):
+    transformers = pytest.importorskip("transformers")
+    config_name, model_name, extra = HF_FAMILIES[family]
+    config = getattr(transformers, config_name)(
+        vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+        num_key_value_heads=1, max_position_embeddings=64, **extra)
+    torch.manual_seed(0)
+    return getattr(transformers, model_name)(config).float().eval()
+
+
+def hf_loss_and_grads(model, **kw):
+    model.zero_grad()
+    out = model(**kw)
+    out.loss.backward()
+    return out, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("family", list(HF_FAMILIES))
+def test_transformers_patch_matches_unpatched(family):
+    import fastloss.integrations.transformers as fl_transformers
+
+    model = tiny_causal_lm(family)
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, 600, (2, 12), generator=g)
+    labels = ids.clone()
+    labels[0, :3] = IGNORE
+    ref_out, ref_grads = hf_loss_and_grads(model, input_ids=ids, labels=labels)
+    ref_num, ref_num_grads = hf_loss_and_grads(model, input_ids=ids, labels=labels,
+                                               num_items_in_batch=torch.tensor(17))
+    if family == "gemma2":
+        assert model.config.final_logit_softcapping == 3.0
+
+    assert fl_transformers.patch(model) is model
+    fl_transformers.patch(model)  # idempotent
+    out, grads = hf_loss_and_grads(model, input_ids=ids, labels=labels)
+    assert out.logits is None  # nothing of size tokens x vocabulary
+    torch.testing.assert_close(out.loss, ref_out.loss, rtol=1e-5, atol=1e-6)
+    assert grads.keys() == ref_grads.keys()
+    for name in grads:
+        torch.testing.assert_close(grads[name], ref_grads[name], rtol=1e-4, atol=1e-6, msg=name)
+    # Trainer's num_items_in_batch: a sum divided by the count.
+    out_num, grads_num = hf_loss_and_grads(model, input_ids=ids, labels=labels, num_items_in_batch=torch.tensor(17))
+    torch.testing.assert_close(out_num.loss, ref_num.loss, rtol=1e-5, atol=1e-6)
+    for name in grads_num:
+        torch.testing.assert_close(grads_num[name], ref_num_grads[name], rtol=1e-4, atol=1e-6, msg=name)
+    # Without labels the model is unchanged (logits returned).
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits
+    assert logits.shape == (2, 12, 600)
+
+
+def test_transformers_patch_uses_fastloss(monkeypatch):
+    import fastloss.integrations.transformers as fl_transformers
+
+    model = tiny_causal_lm("llama")
+    calls = []
+    real = fl_transformers.linear_cross_entropy
+    monkeypatch.setattr(fl_transformers, "linear_cross_entropy", lambda *a, **k: calls.append(k) or real(*a, **k))
+    fl_transformers.patch(model)
+    ids = torch.randint(0, 600, (1, 8))
+    model(input_ids=ids, labels=ids)
+    assert len(calls) == 1 and calls[0]["shift"] is True
+
+
+# --------------------------------------------------------------------------------------------
+# Vocabulary parallelism: 2 processes, gloo, against the single-process result
+
+
+def _vocab_parallel_worker(rank, world, init_file):
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        torch.set_num_threads(1)
+        split = [250, 350]  # unequal slices; the second crosses a vocabulary block
+        start = sum(split[:rank])
+        for options in ({"reduction": "mean"},
+                        {"reduction": "none", "softcap": 4.0, "label_smoothing": 0.1, "z_loss": 1e-2,
+                         "return_lse": True}):
+            h, c, t, b = make_inputs((3, 9), 16, sum(split), torch.float64, "cpu", bias=True, seed=4)
+            t[0, 0], t[0, 1] = 3, split[0] + 3  # a target in each shard
+            (loss, grads) = grads_of(lambda *a: fastloss.linear_cross_entropy(a[0], a[1], t, a[2], filter_eps=None,
+                                                                              **options), [h, c, b])
+            c_local, b_local = c[start:start + split[rank]], b[start:start + split[rank]]
+            (loss_p, grads_p) = grads_of(
+                lambda *a: fastloss.linear_cross_entropy(a[0], a[1], t, a[2], filter_eps=None,
+                                                         process_group=dist.group.WORLD, **options),
+                [h, c_local, b_local])
+            for a, r in zip(loss_p if isinstance(loss_p, tuple) else (loss_p,), loss if isinstance(loss, tuple)
+                            else (loss,)):
+                torch.testing.assert_close(a, r, rtol=1e-12, atol=1e-13)
+            dh, dc, db = grads
+            torch.testing.assert_close(grads_p[0], dh, rtol=1e-12, atol=1e-13)
+            torch.testing.assert_close(grads_p[1], dc[start:start + split[rank]], rtol=1e-12, atol=1e-13)
+            torch.testing.assert_close(grads_p[2], db[start:start + split[rank]], rtol=1e-12, atol=1e-13)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_vocab_parallel_gloo_two_processes(tmp_path):
+    import torch.distributed as dist
+    import torch.multiprocessing as mp
+
+    if not dist.is_available() or not dist.is_gloo_available():
+        pytest.skip("torch.distributed with gloo is not available")
+    mp.spawn(_vocab_parallel_worker, args=(2, str(tmp_path / "init")), nprocs=2, join=True)
+
+
+# --------------------------------------------------------------------------------------------
+# Memory: the logits are never materialized
+
+_RSS_SCRIPT = r"""
+import sys, torch, fastloss
+torch.set_num_threads(1)
+n, v, d = 4096, 32768, 8
+g = torch.Generator().manual_seed(0)
+h = torch.randn(n, d, generator=g).requires_grad_()
+c = torch.randn(v, d, generator=g).requires_grad_()
+t = torch.randint(0, v, (n,), generator=g)
+fastloss.linear_cross_entropy(h[:4], c[:600], t[:4] % 600).backward()  # load and warm up
+def status(key):
+    for line in open("/proc/self/status"):
+        if line.startswith(key):
+            return int(line.split()[1]) * 1024
+open("/proc/self/clear_refs", "w").write("5")  # the peak RSS restarts from the current RSS
+base = status("VmRSS:")
+loss, lse = fastloss.linear_cross_entropy(h, c, t, softcap=10.0, return_lse=True, reduction="none")
+(loss.sum() + lse.sum()).backward()
+print(status("VmHWM:") - base)
+"""
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/clear_refs"), reason="needs Linux /proc peak-RSS reset")
+def test_peak_memory_is_far_below_the_logits():
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-c", _RSS_SCRIPT], capture_output=True, text=True, timeout=300, check=True)
+    extra = int(out.stdout.strip().splitlines()[-1])
+    logits = 4096 * 32768 * 4  # 512 MiB
+    gradients = (4096 + 32768) * 8 * 4
+    # Gradients, one tile buffer and per-token statistics; well under a tenth of the logits.
+    assert extra < logits / 10, f"peak extra RSS {extra / 2**20:.1f} MiB (gradients {gradients / 2**20:.1f} MiB)"
