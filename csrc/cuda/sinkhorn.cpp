@@ -84,7 +84,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   const at::Tensor bv = b.to(s.acc_dtype).contiguous();
   const at::Tensor log_a = av.log();
   const at::Tensor log_b = bv.log();
-  const double mass_tol = sinkhorn_mass_tolerance(a.scalar_type(), b.scalar_type());
+  // The kernel checks the marginals in the accumulation dtype: the tolerance must be that dtype's.
+  const double mass_tol = sinkhorn_mass_tolerance(av.scalar_type(), bv.scalar_type());
   const size_t elem = s.acc_dtype == at::kDouble ? sizeof(double) : sizeof(float);
   const size_t ws_bytes = kernels::sinkhorn_workspace_bytes(s.batch, s.n, s.m, elem);
   at::Tensor ws;

@@ -37,7 +37,8 @@ constexpr int kWarps = kThreads / 32;
 // picked caps that spilled the double kernels on sm_80.
 constexpr int kMinBlocksPerSm = 2;
 constexpr unsigned kFullMask = 0xffffffffu;
-// Largest shared-memory request (opt-in above 48 KB); larger costs stay in global memory.
+// Largest shared-memory request (opt-in above 48 KB, capped by the device's opt-in limit);
+// larger costs stay in global memory.
 constexpr size_t kMaxSmemBytes = 160 * 1024;
 // Problems of at most this many entries always take the block path.
 constexpr int64_t kBlockPathMaxEntries = 1 << 16;
@@ -108,12 +109,12 @@ __device__ bool block_marginals_valid(const SinkhornArgs<T>& p, int64_t k, T* sc
   T sa = 0, sb = 0, bad = 0;
   for (int64_t i = threadIdx.x; i < p.n; i += kThreads) {
     const T x = p.a[k * p.n + i];
-    bad += (x >= 0 && x <= SinkhornConstants<T>::kMaxSum) ? T(0) : T(1);
+    bad += (x >= 0 && x - x == T(0)) ? T(0) : T(1);  // nonnegative and finite, like the CPU
     sa += x;
   }
   for (int64_t j = threadIdx.x; j < p.m; j += kThreads) {
     const T x = p.b[k * p.m + j];
-    bad += (x >= 0 && x <= SinkhornConstants<T>::kMaxSum) ? T(0) : T(1);
+    bad += (x >= 0 && x - x == T(0)) ? T(0) : T(1);  // nonnegative and finite, like the CPU
     sb += x;
   }
   sa = block_sum(sa, scratch);
@@ -244,8 +245,8 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm) sinkhorn_block_kern
 // The block path needs its vectors in shared memory; then it takes small problems, and any
 // batch large enough to fill the GPU with one block per problem.
 template <typename T>
-bool use_block_path(int64_t batch, int64_t n, int64_t m, int sms) {
-  if (block_smem_bytes<T>(n, m, false) > kMaxSmemBytes) return false;
+bool use_block_path(int64_t batch, int64_t n, int64_t m, int sms, size_t smem_cap) {
+  if (block_smem_bytes<T>(n, m, false) > smem_cap) return false;
   return n * m <= kBlockPathMaxEntries || batch >= 2 * static_cast<int64_t>(sms);
 }
 
@@ -503,11 +504,22 @@ int device_sms() {
   return sms;
 }
 
+// kMaxSmemBytes, or less on devices whose per-block opt-in limit is lower (e.g. ~99 KB on sm_86/89).
+size_t device_smem_cap() {
+  int device = 0, optin = 48 * 1024;
+  if (cudaGetDevice(&device) == cudaSuccess) {
+    cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
+  }
+  const size_t cap = static_cast<size_t>(optin);
+  return cap < kMaxSmemBytes ? cap : kMaxSmemBytes;
+}
+
 template <typename T>
 cudaError_t launch(const SinkhornArgs<T>& p, void* workspace, size_t workspace_bytes, cudaStream_t stream) {
   if (p.batch == 0 || p.n == 0 || p.m == 0) return cudaSuccess;
-  if (use_block_path<T>(p.batch, p.n, p.m, device_sms())) {
-    const bool in_smem = block_smem_bytes<T>(p.n, p.m, true) <= kMaxSmemBytes;
+  const size_t smem_cap = device_smem_cap();
+  if (use_block_path<T>(p.batch, p.n, p.m, device_sms(), smem_cap)) {
+    const bool in_smem = block_smem_bytes<T>(p.n, p.m, true) <= smem_cap;
     const size_t smem = block_smem_bytes<T>(p.n, p.m, in_smem);
     const void* kernel = in_smem ? reinterpret_cast<const void*>(sinkhorn_block_kernel<T, true>)
                                  : reinterpret_cast<const void*>(sinkhorn_block_kernel<T, false>);
@@ -540,7 +552,7 @@ cudaError_t launch(const SinkhornArgs<T>& p, void* workspace, size_t workspace_b
 
 template <typename T>
 size_t workspace_bytes(int64_t batch, int64_t n, int64_t m) {
-  if (batch == 0 || n == 0 || m == 0 || use_block_path<T>(batch, n, m, device_sms())) return 0;
+  if (batch == 0 || n == 0 || m == 0 || use_block_path<T>(batch, n, m, device_sms(), device_smem_cap())) return 0;
   GridPlan g;
   if (grid_plan<T>(n, m, g) != cudaSuccess) return 0;  // the launch reports the error
   return grid_workspace_bytes<T>(n, m, g);
