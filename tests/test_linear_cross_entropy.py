@@ -469,6 +469,21 @@ def test_transformers_patch_matches_unpatched(family):
     assert logits.shape == (2, 12, 600)
 
 
+def test_transformers_patch_return_dict_and_logits_to_keep():
+    import fastloss.integrations.transformers as fl_transformers
+
+    model = tiny_causal_lm("llama")
+    ids = torch.randint(0, 600, (2, 12), generator=torch.Generator().manual_seed(2))
+    ref_tuple = model(input_ids=ids, labels=ids, return_dict=False)
+    ref_keep = model(input_ids=ids, labels=ids[:, -4:], logits_to_keep=4).loss
+    fl_transformers.patch(model)
+    out = model(input_ids=ids, labels=ids, return_dict=False)
+    assert isinstance(out, tuple)
+    torch.testing.assert_close(out[0], ref_tuple[0], rtol=1e-5, atol=1e-6)
+    keep = model(input_ids=ids, labels=ids[:, -4:], logits_to_keep=4).loss
+    torch.testing.assert_close(keep, ref_keep, rtol=1e-5, atol=1e-6)
+
+
 def test_transformers_patch_uses_fastloss(monkeypatch):
     import fastloss.integrations.transformers as fl_transformers
 

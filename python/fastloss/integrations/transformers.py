@@ -77,10 +77,16 @@ def _causal_lm_forward(self, input_ids=None, attention_mask=None, position_ids=N
     num_items_in_batch = kwargs.pop("num_items_in_batch", None)
     ignore_index = kwargs.pop("ignore_index", -100)
     shift_labels = kwargs.pop("shift_labels", None)
+    return_dict = kwargs.pop("return_dict", None)
+    if return_dict is None:
+        return_dict = getattr(self.config, "use_return_dict", getattr(self.config, "return_dict", True))
     outputs = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                          past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache,
-                         **kwargs)
+                         return_dict=True, **kwargs)
     hidden = outputs.last_hidden_state
+    # Like transformers: keep the last `logits_to_keep` positions (0: all), or an index tensor.
+    keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
+    hidden = hidden[:, keep, :]
     head = self.lm_head
     targets = (labels if shift_labels is None else shift_labels).to(hidden.device)
     loss = linear_cross_entropy(
@@ -91,8 +97,9 @@ def _causal_lm_forward(self, input_ids=None, attention_mask=None, position_ids=N
         if torch.is_tensor(num_items_in_batch):
             num_items_in_batch = num_items_in_batch.to(loss.device)
         loss = loss / num_items_in_batch
-    return CausalLMOutputWithPast(loss=loss, logits=None, past_key_values=outputs.past_key_values,
-                                  hidden_states=outputs.hidden_states, attentions=outputs.attentions)
+    out = CausalLMOutputWithPast(loss=loss, logits=None, past_key_values=outputs.past_key_values,
+                                 hidden_states=outputs.hidden_states, attentions=outputs.attentions)
+    return out if return_dict else out.to_tuple()
 
 
 def _patch_causal_lm(model: torch.nn.Module) -> int:
@@ -112,7 +119,8 @@ def patch(model: torch.nn.Module) -> torch.nn.Module:
     Returns the model. Patching twice is harmless; models with nothing to patch are returned
     unchanged. Supported: Gemma 3n sparse MLP layers (statistical top-k + gelu-tanh + multiply);
     the training loss of Llama, Mistral, Qwen2, Qwen3, Gemma and Gemma 2 causal LMs (cut
-    cross-entropy: no logits when ``labels`` are given).
+    cross-entropy: no logits when ``labels`` are given; a batch whose labels are all ignored
+    gets loss 0 and zero gradients where transformers gives NaN).
     """
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"fastloss.integrations.transformers.patch: expected a torch.nn.Module, got "

@@ -5,7 +5,7 @@ vocabulary-parallel variant over a ``torch.distributed`` process group."""
 from __future__ import annotations
 
 import numbers
-from typing import Optional, Tuple, Union
+from typing import Dict, Optional, Tuple, Union
 
 import torch
 
@@ -209,15 +209,27 @@ torch.library.register_autograd("fastloss::linear_cross_entropy", _backward, set
 # Vocabulary-parallel (Megatron-style): each rank holds a contiguous slice of the classifier.
 
 
+_vocab_ranges: Dict[tuple, Tuple[int, int]] = {}
+
+
 def _vocab_range(classifier: torch.Tensor, group) -> Tuple[int, int]:
+    """(first vocabulary row of this rank, vocabulary size), from every rank's slice size.
+
+    Gathering the sizes costs a collective and a host synchronization, so the answer is kept
+    per (group, slice size, device): training loops pay it once."""
     import torch.distributed as dist
 
+    key = (id(group), classifier.shape[0], str(classifier.device))
+    cached = _vocab_ranges.get(key)
+    if cached is not None:
+        return cached
     world, rank = dist.get_world_size(group), dist.get_rank(group)
     local = torch.tensor([classifier.shape[0]], dtype=torch.int64, device=classifier.device)
     sizes = [torch.empty_like(local) for _ in range(world)]
     dist.all_gather(sizes, local, group=group)
     sizes = [int(s.item()) for s in sizes]
-    return sum(sizes[:rank]), sum(sizes)
+    _vocab_ranges[key] = (sum(sizes[:rank]), sum(sizes))
+    return _vocab_ranges[key]
 
 
 class _VocabParallel(torch.autograd.Function):
