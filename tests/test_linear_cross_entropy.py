@@ -482,6 +482,16 @@ def test_transformers_patch_return_dict_and_logits_to_keep():
     torch.testing.assert_close(out[0], ref_tuple[0], rtol=1e-5, atol=1e-6)
     keep = model(input_ids=ids, labels=ids[:, -4:], logits_to_keep=4).loss
     torch.testing.assert_close(keep, ref_keep, rtol=1e-5, atol=1e-6)
+    # Evaluation (no autograd) keeps transformers' behaviour: logits for the metrics.
+    with torch.no_grad():
+        ev = model(input_ids=ids, labels=ids)
+    assert ev.logits is not None and ev.logits.shape == (2, 12, 600)
+    torch.testing.assert_close(ev.loss, ref_tuple[0].detach(), rtol=1e-5, atol=1e-6)
+    # A head with hooks (LoRA, FSDP, tensor parallel wrap it) runs as a module, unchanged.
+    scaled = model.lm_head.register_forward_hook(lambda mod, inp, out: out * 2)
+    hooked = model(input_ids=ids, labels=ids)
+    assert hooked.logits is not None
+    scaled.remove()
 
 
 def test_transformers_patch_uses_fastloss(monkeypatch):

@@ -64,12 +64,20 @@ _CAUSAL_LM_CLASSES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalL
                       "GemmaForCausalLM", "Gemma2ForCausalLM")
 
 
+def _head_is_plain_linear(head) -> bool:
+    # A head wrapped later (LoRA adapters, FSDP or tensor-parallel hooks) must run as a module:
+    # reading its .weight directly would skip what the wrapper adds.
+    return (type(head) is torch.nn.Linear and not head._forward_hooks and not head._forward_pre_hooks)
+
+
 def _causal_lm_forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
                        inputs_embeds=None, labels=None, use_cache=None, logits_to_keep=0, **kwargs):
-    if labels is None:
+    # Without labels, without autograd (evaluation wants the logits for its metrics), or with a
+    # wrapped head, the model runs unchanged.
+    if labels is None or not torch.is_grad_enabled() or not _head_is_plain_linear(self.lm_head):
         return self._fastloss_original_forward(
             input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-            past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache,
+            past_key_values=past_key_values, inputs_embeds=inputs_embeds, labels=labels, use_cache=use_cache,
             logits_to_keep=logits_to_keep, **kwargs)
     from transformers.modeling_outputs import CausalLMOutputWithPast
 
@@ -79,7 +87,7 @@ def _causal_lm_forward(self, input_ids=None, attention_mask=None, position_ids=N
     shift_labels = kwargs.pop("shift_labels", None)
     return_dict = kwargs.pop("return_dict", None)
     if return_dict is None:
-        return_dict = getattr(self.config, "use_return_dict", getattr(self.config, "return_dict", True))
+        return_dict = getattr(self.config, "return_dict", True)
     outputs = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                          past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache,
                          return_dict=True, **kwargs)
@@ -119,8 +127,10 @@ def patch(model: torch.nn.Module) -> torch.nn.Module:
     Returns the model. Patching twice is harmless; models with nothing to patch are returned
     unchanged. Supported: Gemma 3n sparse MLP layers (statistical top-k + gelu-tanh + multiply);
     the training loss of Llama, Mistral, Qwen2, Qwen3, Gemma and Gemma 2 causal LMs (cut
-    cross-entropy: no logits when ``labels`` are given; a batch whose labels are all ignored
-    gets loss 0 and zero gradients where transformers gives NaN).
+    cross-entropy: no logits when ``labels`` are given with autograd on; a batch whose labels
+    are all ignored gets loss 0 and zero gradients where transformers gives NaN). Under
+    ``torch.no_grad()`` (evaluation) and for a wrapped ``lm_head`` (e.g. LoRA on the head) the
+    model runs unchanged and returns its logits.
     """
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"fastloss.integrations.transformers.patch: expected a torch.nn.Module, got "
