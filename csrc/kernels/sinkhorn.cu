@@ -25,6 +25,7 @@
 #include <cstdint>
 
 #include "common/sinkhorn_math.h"
+#include "kernels/device_utils.cuh"
 
 namespace fastloss::kernels {
 namespace {
@@ -36,17 +37,11 @@ constexpr int kWarps = kThreads / 32;
 // Two resident blocks per SM cap registers at 128 per thread: without a minimum, ptxas
 // picked caps that spilled the double kernels on sm_80.
 constexpr int kMinBlocksPerSm = 2;
-constexpr unsigned kFullMask = 0xffffffffu;
 // Largest shared-memory request (opt-in above 48 KB, capped by the device's opt-in limit);
 // larger costs stay in global memory.
 constexpr size_t kMaxSmemBytes = 160 * 1024;
 // Problems of at most this many entries always take the block path.
 constexpr int64_t kBlockPathMaxEntries = 1 << 16;
-
-__device__ __forceinline__ float dev_log(float x) { return logf(x); }
-__device__ __forceinline__ double dev_log(double x) { return log(x); }
-__device__ __forceinline__ float dev_nan(float) { return __int_as_float(0x7fc00000); }
-__device__ __forceinline__ double dev_nan(double) { return __longlong_as_double(0x7ff8000000000000LL); }
 
 template <typename T>
 __device__ __forceinline__ T warp_sum(T v) {
@@ -59,22 +54,11 @@ __device__ __forceinline__ T warp_max(T v) {
   return v;
 }
 
-// Sum over the block; every thread gets the result. `scratch` holds kWarps + 1 values; the
-// leading barrier makes back-to-back calls safe.
+// Sum over the block; every thread gets the same bits (device_utils' block_allreduce, whose
+// leading barrier makes back-to-back calls safe). `scratch` holds >= kWarps values.
 template <typename T>
-__device__ T block_sum(T v, T* scratch) {
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  __syncthreads();
-  v = warp_sum(v);
-  if (lane == 0) scratch[warp] = v;
-  __syncthreads();
-  if (warp == 0) {
-    T w = lane < kWarps ? scratch[lane] : T(0);
-    w = warp_sum(w);
-    if (lane == 0) scratch[kWarps] = w;
-  }
-  __syncthreads();
-  return scratch[kWarps];
+__device__ __forceinline__ T block_sum(T v, T* scratch) {
+  return block_allreduce<kThreads>(v, SumOp{}, scratch);
 }
 
 // A warp's LSE_j(w_j + shift_add - C_ij / eps) over one row, warm-shifted by -u_i: returns
@@ -126,7 +110,7 @@ __device__ bool block_marginals_valid(const SinkhornArgs<T>& p, int64_t k, T* sc
 
 template <typename T>
 __device__ void write_invalid(const SinkhornArgs<T>& p, int64_t k, int64_t first, int64_t stride) {
-  const T nan = dev_nan(T(0));
+  const T nan = dev_nan<T>();
   for (int64_t q = first; q < p.n * p.m; q += stride) p.plan[k * p.n * p.m + q] = nan;
   for (int64_t i = first; i < p.n; i += stride) p.alpha[k * p.n + i] = nan;
   for (int64_t j = first; j < p.m; j += stride) p.beta[k * p.m + j] = nan;
@@ -407,7 +391,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm) sinkhorn_grid_kerne
       }
       if (warm_sum_ok(s)) {
         w.v[j] = ld_shared_global(w.v + j) - dev_log(s);
-        w.shift[j] = dev_nan(T(0));  // NaN: no redo for this column
+        w.shift[j] = dev_nan<T>();  // NaN: no redo for this column
       } else {
         w.shift[j] = mx;
         any_exact = true;
