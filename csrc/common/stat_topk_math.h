@@ -109,17 +109,20 @@ FASTLOSS_HD acc_t apply_threshold(bool hard, acc_t x, acc_t theta) {
   return hard ? hard_threshold(x, theta) : soft_threshold(x, theta);
 }
 
-// Coefficients of d theta / d x_i = a + b (x_i - mean), for one row of length n.
+// The path through theta of one row's backward: with c the gradient reaching theta,
+// c d theta / d x_i = a + b (x_i - mean), added to each element's direct term.
 template <typename acc_t>
 struct ThetaGrad {
   acc_t a;
   acc_t b;
+  acc_t mean;
+  FASTLOSS_HD acc_t add(acc_t direct, acc_t x) const { return direct + a + b * (x - mean); }
 };
 
 template <typename acc_t>
-FASTLOSS_HD ThetaGrad<acc_t> theta_grad(acc_t n, acc_t std_v, acc_t z) {
+FASTLOSS_HD ThetaGrad<acc_t> theta_grad(acc_t c, acc_t n, acc_t mean, acc_t std_v, acc_t z) {
   const acc_t inv_n = acc_t(1) / n;
-  return {inv_n, std_v > acc_t(0) ? z * inv_n / std_v : acc_t(0)};
+  return {c * inv_n, std_v > acc_t(0) ? c * (z * inv_n / std_v) : acc_t(0), mean};
 }
 
 // gelu with the tanh approximation, written as h * sigmoid(2u), u = sqrt(2/pi) (h + c h^3):

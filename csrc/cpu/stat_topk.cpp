@@ -166,7 +166,6 @@ FASTLOSS_CPU_INLINE void backward_lastdim(const in_t* g, const in_t* x,
   for (int64_t r = b; r < e; ++r) {
     const in_t* gr = g + r * n;
     const in_t* xr = x + r * n;
-    const acc_t mu = mean[r];
     const acc_t theta = theta_in[r];
     acc_t c = grad_theta ? grad_theta[r] : acc_t(0);
     if (!hard && threshold_grad) {
@@ -179,12 +178,10 @@ FASTLOSS_CPU_INLINE void backward_lastdim(const in_t* g, const in_t* x,
       for (; i < n; ++i) s += keep_or_zero(to_acc<acc_t>(xr[i]) > theta, to_acc<acc_t>(gr[i]));
       c -= s;
     }
-    const ThetaGrad<acc_t> tg = theta_grad(static_cast<acc_t>(n), std_in[r], z);
-    const acc_t ca = c * tg.a, cb = c * tg.b;
+    const ThetaGrad<acc_t> tg = theta_grad(c, static_cast<acc_t>(n), mean[r], std_in[r], z);
     for (int64_t i = 0; i < n; ++i) {
       const acc_t xv = to_acc<acc_t>(xr[i]);
-      const acc_t direct = keep_or_zero(xv > theta, to_acc<acc_t>(gr[i]));
-      dx[r * n + i] = to_output<in_t>(direct + ca + cb * (xv - mu));
+      dx[r * n + i] = to_output<in_t>(tg.add(keep_or_zero(xv > theta, to_acc<acc_t>(gr[i])), xv));
     }
   }
 }
@@ -198,26 +195,20 @@ FASTLOSS_CPU_INLINE void backward_strided(const in_t* g, const in_t* x,
                                           int64_t n, int64_t inner, int count,
                                           typename AccType<in_t>::type z, bool hard, bool threshold_grad) {
   using acc_t = typename AccType<in_t>::type;
-  acc_t theta[kLanes], s[kLanes] = {}, ca[kLanes], cb[kLanes], mu[kLanes];
-  for (int l = 0; l < count; ++l) {
-    mu[l] = mean[l];
-    theta[l] = theta_in[l];
-  }
+  acc_t s[kLanes] = {};
   if (!hard && threshold_grad)
     for (int64_t i = 0; i < n; ++i)
       for (int l = 0; l < count; ++l)
-        s[l] += keep_or_zero(to_acc<acc_t>(x[i * inner + l]) > theta[l], to_acc<acc_t>(g[i * inner + l]));
+        s[l] += keep_or_zero(to_acc<acc_t>(x[i * inner + l]) > theta_in[l], to_acc<acc_t>(g[i * inner + l]));
+  ThetaGrad<acc_t> tg[kLanes];
   for (int l = 0; l < count; ++l) {
     const acc_t c = (grad_theta ? grad_theta[l] : acc_t(0)) - s[l];
-    const ThetaGrad<acc_t> tg = theta_grad(static_cast<acc_t>(n), std_in[l], z);
-    ca[l] = c * tg.a;
-    cb[l] = c * tg.b;
+    tg[l] = theta_grad(c, static_cast<acc_t>(n), mean[l], std_in[l], z);
   }
   for (int64_t i = 0; i < n; ++i)
     for (int l = 0; l < count; ++l) {
       const acc_t xv = to_acc<acc_t>(x[i * inner + l]);
-      const acc_t direct = keep_or_zero(xv > theta[l], to_acc<acc_t>(g[i * inner + l]));
-      dx[i * inner + l] = to_output<in_t>(direct + ca[l] + cb[l] * (xv - mu[l]));
+      dx[i * inner + l] = to_output<in_t>(tg[l].add(keep_or_zero(xv > theta_in[l], to_acc<acc_t>(g[i * inner + l])), xv));
     }
 }
 
@@ -266,7 +257,6 @@ FASTLOSS_CPU_INLINE void gelu_mul_backward_rows(const in_t* g, const in_t* gate,
   using acc_t = typename AccType<in_t>::type;
   for (int64_t r = b; r < e; ++r) {
     const int64_t o = r * n;
-    const acc_t mu = mean[r];
     const acc_t theta = theta_in[r];
     acc_t lanes[kLanes] = {};
     int64_t i = 0;
@@ -274,11 +264,8 @@ FASTLOSS_CPU_INLINE void gelu_mul_backward_rows(const in_t* g, const in_t* gate,
       for (int l = 0; l < kLanes; ++l) lanes[l] += gelu_mul_grad_element(g + o, gate + o, up + o, dup + o, scratch, i + l, theta);
     acc_t sum = sum_lanes(lanes);
     for (; i < n; ++i) sum += gelu_mul_grad_element(g + o, gate + o, up + o, dup + o, scratch, i, theta);
-    const ThetaGrad<acc_t> tg = theta_grad(static_cast<acc_t>(n), std_in[r], z);
-    const acc_t c = threshold_grad ? -sum : acc_t(0);
-    const acc_t ca = c * tg.a, cb = c * tg.b;
-    for (i = 0; i < n; ++i)
-      dgate[o + i] = to_output<in_t>(scratch[i] + ca + cb * (to_acc<acc_t>(gate[o + i]) - mu));
+    const ThetaGrad<acc_t> tg = theta_grad(threshold_grad ? -sum : acc_t(0), static_cast<acc_t>(n), mean[r], std_in[r], z);
+    for (i = 0; i < n; ++i) dgate[o + i] = to_output<in_t>(tg.add(scratch[i], to_acc<acc_t>(gate[o + i])));
   }
 }
 

@@ -269,15 +269,14 @@ __global__ void __launch_bounds__(kThreads) onchip_backward_kernel(const T* __re
   }
   acc_t c = st.grad_theta ? st.grad_theta[row] : acc_t(0);
   if (subtract) c -= block_allreduce<kThreads>(s, SumOp{}, red);
-  const ThetaGrad<acc_t> tg = theta_grad(static_cast<acc_t>(n), st.std[row], z);
-  const acc_t ca = c * tg.a, cb = c * tg.b, mu = st.mean[row];
+  const ThetaGrad<acc_t> tg = theta_grad(c, static_cast<acc_t>(n), st.mean[row], st.std[row], z);
 #pragma unroll
   for (int it = 0; it < kIters; ++it) {
     const int64_t off = (static_cast<int64_t>(it) * kThreads + threadIdx.x) * kVec;
     if (off < n) {
       acc_t o[kVec];
 #pragma unroll
-      for (int k = 0; k < kVec; ++k) o[k] = d[it][k] + ca + cb * (xv[it][k] - mu);
+      for (int k = 0; k < kVec; ++k) o[k] = tg.add(d[it][k], xv[it][k]);
       grad.template store<kVec>(row * n + off, o);
     }
   }
@@ -396,15 +395,14 @@ __global__ void __launch_bounds__(kChunkThreads) chunk_backward_kernel(const T* 
     }
     c -= total;
   }
-  const ThetaGrad<acc_t> tg = theta_grad(static_cast<acc_t>(n), st.std[row], z);
-  const acc_t ca = c * tg.a, cb = c * tg.b, mu = st.mean[row];
+  const ThetaGrad<acc_t> tg = theta_grad(c, static_cast<acc_t>(n), st.mean[row], st.std[row], z);
   for (int64_t i = begin + threadIdx.x; i < end; i += kChunkThreads) {
     const acc_t xv[1] = {to_acc(x[base + i])};
     acc_t d[1];
     // Side outputs are written once: by the sum pass when there was one.
     if (subtract) grad.template direct<1, false>(base + i, xv, theta, d);
     else grad.template direct<1, true>(base + i, xv, theta, d);
-    const acc_t o[1] = {d[0] + ca + cb * (xv[0] - mu)};
+    const acc_t o[1] = {tg.add(d[0], xv[0])};
     grad.template store<1>(base + i, o);
   }
 }
@@ -460,12 +458,11 @@ __global__ void __launch_bounds__(kStridedThreads) strided_backward_kernel(
     }
     c -= s;
   }
-  const ThetaGrad<acc_t> tg = theta_grad(static_cast<acc_t>(size), st.std[col], z);
-  const acc_t ca = c * tg.a, cb = c * tg.b, mu = st.mean[col];
+  const ThetaGrad<acc_t> tg = theta_grad(c, static_cast<acc_t>(size), st.mean[col], st.std[col], z);
   for (int64_t i = 0; i < size; ++i) {
     const int64_t k = base + i * inner;
     const acc_t xv = to_acc(x[k]);
-    dx[k] = from_acc<T>((xv > theta ? to_acc(g[k]) : acc_t(0)) + ca + cb * (xv - mu));
+    dx[k] = from_acc<T>(tg.add(xv > theta ? to_acc(g[k]) : acc_t(0), xv));
   }
 }
 
