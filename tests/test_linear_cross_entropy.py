@@ -141,6 +141,29 @@ def test_half_within_twice_torch_error(device, dtype, filter_eps):
         assert err(a, r) <= 2 * err(tg, r), name
 
 
+def test_autocast_runs_the_head_in_the_autocast_dtype(device):
+    """Under torch.autocast the head sees the autocast dtype like F.linear does, and float32
+    master weights get float32 gradients; a bfloat16 hidden with float32 weights works."""
+    h, c, t, b = make_inputs((4, 32), 64, 1500, torch.float32, device, bias=True, seed=4, scale=2.0)
+    for hidden in (h, h.bfloat16()):
+        with torch.autocast(device, dtype=torch.bfloat16):
+            out, grads = grads_of(lambda h_, c_, b_: fastloss.linear_cross_entropy(h_, c_, t, b_, filter_eps=None),
+                                  [hidden, c, b])
+        expected, expected_grads = grads_of(
+            lambda h_, c_, b_: fastloss.linear_cross_entropy(h_.bfloat16(), c_.bfloat16(), t, b_.bfloat16(),
+                                                             filter_eps=None), [hidden, c, b])
+        torch.testing.assert_close(out, expected, rtol=0, atol=0)
+        for a, e, leaf in zip(grads, expected_grads, (hidden, c, b)):
+            assert a.dtype == leaf.dtype
+            torch.testing.assert_close(a, e, rtol=0, atol=0)
+    # float64 is left alone, as autocast leaves it
+    h64, c64 = h.double(), c.double()
+    with torch.autocast(device, dtype=torch.bfloat16):
+        loss = fastloss.linear_cross_entropy(h64, c64, t)
+    assert loss.dtype == torch.float64
+    torch.testing.assert_close(loss, reference(h64, c64, t), **TOL[torch.float64])
+
+
 def test_int32_targets_and_return_lse(device):
     h, c, t, b = make_inputs((5, 11), 16, 700, torch.float64, device, bias=True)
     loss64, lse64 = fastloss.linear_cross_entropy(h, c, t, b, return_lse=True, reduction="none")

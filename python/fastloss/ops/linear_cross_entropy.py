@@ -41,6 +41,23 @@ def resolve_filter_eps(filter_eps, dtype: torch.dtype) -> float:
     return v
 
 
+def _autocast(hidden: torch.Tensor, classifier: torch.Tensor, bias: Optional[torch.Tensor]):
+    """Under ``torch.autocast`` the LM head runs in the autocast dtype, as ``F.linear`` would
+    (float64 stays float64, like autocast's own casts); the cast is differentiable, so
+    gradients reach float32 master weights in float32."""
+    device_type = hidden.device.type
+    if not torch.is_autocast_enabled(device_type):
+        return hidden, classifier, bias
+    dtype = torch.get_autocast_dtype(device_type)
+
+    def cast(t):
+        if t is None or not t.is_floating_point() or t.dtype == torch.float64 or t.dtype == dtype:
+            return t
+        return t.to(dtype)
+
+    return cast(hidden), cast(classifier), cast(bias)
+
+
 def _shift_targets(targets: torch.Tensor, ignore_index: int) -> torch.Tensor:
     # Position t predicts token t + 1; the last position has nothing to predict.
     pad = torch.full_like(targets[..., :1], ignore_index)
@@ -86,6 +103,8 @@ def linear_cross_entropy(
             logit gradient is below ``filter_eps`` times its token's output-gradient scale
             (for plain cross-entropy: every probability below ``filter_eps``, no target in the
             tile). ``"auto"``: ``finfo(hidden.dtype).eps / 32``; None or 0: exact gradients.
+        Under ``torch.autocast``, hidden, classifier and bias are first cast to the autocast
+            dtype (float64 excepted), as ``F.linear`` would cast them.
         return_lse: also return the per-token log-sum-exp (hidden's leading shape, 0 at
             ignored tokens); gradients flow through it.
         process_group: vocabulary-parallel training: the ranks of this ``torch.distributed``
@@ -118,6 +137,7 @@ def linear_cross_entropy(
             raise ValueError(f"fastloss.linear_cross_entropy: 'softcap' must be a finite float > 0 or None, "
                              f"got {softcap!r}")
         cap = float(softcap)
+    hidden, classifier, bias = _autocast(hidden, classifier, bias)
     label_smoothing = _check_real("label_smoothing", label_smoothing, 0.0, 1.0)
     z_loss = _check_real("z_loss", z_loss, -float("inf"), float("inf"))
     eps = resolve_filter_eps(filter_eps, hidden.dtype)
