@@ -117,6 +117,73 @@ def test_rsample_is_differentiable_in_loc():
     assert loc.grad is not None and torch.isfinite(loc.grad).all()
 
 
+def mp_w_kappa_derivative(w, kappa, p):
+    """dw/dkappa at a fixed CDF value: int over the tail beyond w of |t - A| f(t) / f(w) dt."""
+    w, kappa, nu = mp.mpf(w), mp.mpf(kappa), mp.mpf(p) / 2 - 1
+    a = mp_mean_resultant(kappa, p)
+
+    def ratio(t):
+        one_minus_t2 = 1 - t * t
+        return 0 if one_minus_t2 <= 0 else mp.exp(kappa * (t - w)) * (one_minus_t2 / (1 - w * w)) ** (nu - 0.5)
+
+    if w >= a:
+        return mp.quad(lambda t: (t - a) * ratio(t), [w + j * (1 - w) / 8 for j in range(9)])
+    return mp.quad(lambda t: (a - t) * ratio(t), [-1 + j * (1 + w) / 8 for j in range(9)])
+
+
+@pytest.mark.parametrize("p", [2, 3, 10, 2048])
+@pytest.mark.parametrize("kappa", [0.5, 20.0, 1000.0])
+def test_concentration_gradient_of_w_against_mpmath(p, kappa):
+    from fastloss.distributions import w_kappa_derivative
+
+    torch.manual_seed(p)
+    loc = torch.zeros(p, dtype=torch.float64)
+    loc[0] = 1
+    w = VonMisesFisher(loc, torch.tensor(kappa, dtype=torch.float64)).sample((3,))[:, 0]
+    w = torch.cat([w, fastloss.vmf_mean_resultant(torch.tensor([kappa], dtype=torch.float64), p)])  # w = A too
+    got = w_kappa_derivative(w, torch.full_like(w, kappa), p)
+    for wi, gi in zip(w.tolist(), got.tolist()):
+        expected = mp_w_kappa_derivative(wi, kappa, p)
+        assert abs(gi - float(expected)) <= 1e-9 * abs(float(expected)), (wi, gi, expected)
+
+
+def test_concentration_gradient_of_w_in_closed_form_at_p3():
+    """p = 3: F(w) = (exp(kappa (w + 1)) - 1) / (exp(2 kappa) - 1), so dw/dkappa = -dF/dkappa / f."""
+    from fastloss.distributions import w_kappa_derivative
+
+    for kappa in (1e-3, 0.3, 3.0, 30.0, 300.0):
+        for u in (1e-6, 0.01, 0.3, 0.7, 0.99, 1 - 1e-6):
+            k = mp.mpf(kappa)
+            w = mp.mpf(float(mp.log1p(u * mp.expm1(2 * k)) / k - 1))  # the sample, rounded to float64
+            cdf = lambda kk: mp.expm1(kk * (w + 1)) / mp.expm1(2 * kk)  # noqa: E731
+            density = k * mp.exp(k * (w + 1)) / mp.expm1(2 * k)
+            expected = -mp.diff(cdf, k) / density
+            got = w_kappa_derivative(torch.tensor([float(w)], dtype=torch.float64),
+                                     torch.tensor([kappa], dtype=torch.float64), 3).item()
+            assert abs(got - float(expected)) <= 1e-9 * abs(float(expected)), (kappa, u, got, expected)
+
+
+@pytest.mark.parametrize("p,kappa", [(3, 2.0), (10, 30.0), (256, 100.0)])
+def test_rsample_concentration_gradient_is_unbiased(p, kappa):
+    """E[dw/dkappa] = dE[w]/dkappa = A_p'(kappa) = 1 - A^2 - (p - 1) A / kappa (the variance of w)."""
+    torch.manual_seed(0)
+    loc = torch.zeros(p, dtype=torch.float64)
+    loc[0] = 1
+    k = torch.tensor(kappa, dtype=torch.float64, requires_grad=True)
+    n = 20000
+    x = VonMisesFisher(loc, k).rsample((n,))
+    assert x.requires_grad
+    w = x @ loc
+    (per_sample,) = torch.autograd.grad(w, k, grad_outputs=torch.ones_like(w), is_grads_batched=False)
+    from fastloss.distributions import w_kappa_derivative
+
+    dw = w_kappa_derivative(w.detach(), torch.full_like(w, kappa), p)
+    torch.testing.assert_close(per_sample, dw.sum(), rtol=1e-12, atol=0)
+    a = float(mp_mean_resultant(mp.mpf(kappa), p))
+    expected = 1 - a * a - (p - 1) * a / kappa
+    assert abs(dw.mean().item() - expected) <= 5 * dw.std().item() / math.sqrt(n)
+
+
 def test_batched_distribution():
     loc = torch.eye(4, dtype=torch.float64)[:3]
     kappa = torch.tensor([1.0, 10.0, 100.0], dtype=torch.float64)

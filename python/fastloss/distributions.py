@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import math
+from typing import Tuple
 
+import numpy as np
 import torch
 from torch.distributions import Distribution, constraints
 
@@ -11,15 +13,74 @@ from .vmf import vmf_kappa_mle, vmf_log_normalizer, vmf_mean_resultant
 
 __all__ = ["VonMisesFisher"]
 
+# Composite Gauss-Legendre rule on [0, 1]: 16 panels of 16 nodes.
+_PANELS, _NODES = 16, 16
+
+
+def _unit_rule() -> Tuple[torch.Tensor, torch.Tensor]:
+    x, wt = np.polynomial.legendre.leggauss(_NODES)
+    offsets = np.arange(_PANELS)[:, None]
+    nodes = ((offsets + (x[None, :] + 1) / 2) / _PANELS).reshape(-1)
+    weights = np.tile(wt / (2 * _PANELS), _PANELS)
+    return torch.from_numpy(nodes), torch.from_numpy(weights)
+
+
+_RULE = _unit_rule()
+
+
+def w_kappa_derivative(w: torch.Tensor, kappa: torch.Tensor, p: int, chunk: int = 16384) -> torch.Tensor:
+    """dw/dkappa at a fixed CDF value of w = mu . x, whose density on [-1, 1] is
+    f(t) oc exp(kappa t) (1 - t^2)^(nu - 1/2), nu = p/2 - 1 (float64, w and kappa of one shape).
+
+    dF/dkappa(w) = int_{-1}^{w} (t - A) f(t) dt with A = E[w] = A_p(kappa), which also equals
+    -int_w^1 (t - A) f(t) dt; the side of w away from the mean has an integrand of one sign (no
+    cancellation), and dividing by f(w) inside the integral removes the normalizer:
+        dw/dkappa = int over the tail beyond w of |t - A| f(t) / f(w) dt.
+    The tail is cut at 50 local scales (the std of w, or the density's decay length at w), and
+    integrated in u = sqrt(1 -+ t), which makes the endpoint factor (1 - t^2)^(nu - 1/2)
+    smooth (p = 2 has an integrable singularity there)."""
+    nodes, weights = (r.to(w.device) for r in _RULE)
+    w, kappa = w.double().reshape(-1), kappa.double().reshape(-1)
+    out = torch.empty_like(w)
+    nu = p / 2 - 1
+    for start in range(0, w.numel(), chunk):
+        wc, kc = w[start:start + chunk], kappa[start:start + chunk]
+        a = vmf_mean_resultant(kc, p)
+        safe_k = torch.where(kc > 0, kc, torch.ones_like(kc))
+        var = torch.where(kc > 0, 1 - a * a - (p - 1) / safe_k * a, torch.full_like(kc, 1.0 / p))
+        # 1 - A^2 - (p-1) A / kappa cancels at large kappa: floor it at half its asymptote.
+        var = torch.maximum(var, torch.where(kc > 0, (p - 1) / (4 * safe_k * safe_k), torch.zeros_like(kc)))
+        std = var.sqrt()
+        one_minus_w2 = ((1 - wc) * (1 + wc)).clamp(min=torch.finfo(torch.float64).tiny)
+        slope = kc - (2 * nu - 1) * wc / one_minus_w2  # d log f / dt at w
+        upper = wc >= a
+        sign = torch.where(upper, 1.0, -1.0).to(wc)
+        decay = -sign * slope  # > 0 when f falls off away from w on the chosen side
+        scale = torch.where(decay > 0, torch.minimum(std, 1 / decay.clamp(min=1e-300)), std)
+        gap_w = (1 - sign * wc).clamp(min=0)  # 1 -+ w: the distance to the endpoint
+        u_w = gap_w.sqrt()
+        u_far = (gap_w - 50 * scale).clamp(min=0).sqrt()
+        span = (u_w - u_far).unsqueeze(-1)
+        u = u_far.unsqueeze(-1) + span * nodes  # (chunk, nodes), all > 0
+        t = sign.unsqueeze(-1) * (1 - u * u)
+        log_ratio = (kc.unsqueeze(-1) * (t - wc.unsqueeze(-1))
+                     + (2 * nu - 1) * (torch.log(u) - torch.log(u_w).unsqueeze(-1))
+                     + (nu - 0.5) * (torch.log(2 - u * u) - torch.log(2 - u_w * u_w).unsqueeze(-1)))
+        integrand = (sign.unsqueeze(-1) * (t - a.unsqueeze(-1))) * 2 * u * torch.exp(log_ratio)
+        value = (integrand * weights).sum(-1) * span.squeeze(-1)
+        out[start:start + chunk] = torch.where(u_w > 0, value, torch.zeros_like(value))
+    return out
+
 
 class VonMisesFisher(Distribution):
     """The von Mises-Fisher distribution on the unit sphere S^(p-1) in R^p:
     density C_p(kappa) exp(kappa mu . x) for unit mean direction ``loc`` (mu, last dim p) and
     ``concentration`` kappa >= 0. Works at any p (e.g. 32768) through log I_v(x).
 
-    ``rsample`` (Wood 1994) is differentiable with respect to ``loc``; the concentration
-    enters through a rejection step, so samples carry no gradient with respect to it (use
-    log_prob for that).
+    ``rsample`` (Wood 1994) is differentiable with respect to ``loc`` and ``concentration``.
+    The concentration enters through a rejection step, so its gradient is the implicit
+    reparameterization gradient (Figurnov et al. 2018) of w = mu . x at a fixed value of its
+    CDF: dw/dkappa = -(dF/dkappa) / f(w), by quadrature in float64.
     """
 
     arg_constraints = {"loc": constraints.real_vector, "concentration": constraints.nonnegative}
@@ -78,7 +139,12 @@ class VonMisesFisher(Distribution):
 
     def rsample(self, sample_shape=torch.Size()) -> torch.Tensor:
         shape = self._extended_shape(sample_shape)
-        w = self._sample_w(shape[:-1]).unsqueeze(-1)
+        w = self._sample_w(shape[:-1])
+        if self.concentration.requires_grad:
+            kappa = self.concentration.expand(shape[:-1])
+            dw = w_kappa_derivative(w.detach(), kappa.detach(), self.p).to(w.dtype)
+            w = w + (kappa - kappa.detach()) * dw  # value w, gradient dw/dkappa
+        w = w.unsqueeze(-1)
         # A uniform direction orthogonal to e1, then x = w e1 + sqrt(1 - w^2) v.
         v = torch.randn(shape, dtype=self.loc.dtype, device=self.loc.device)
         v[..., 0] = 0
