@@ -5,10 +5,12 @@ Patches a model instance in place (no global monkey-patching of transformers cla
 * Gemma 3n: every sparse MLP layer (``Gemma3nTextMLP`` with ``activation_sparsity > 0``)
   computes ``gelu_tanh(relu(gate - theta)) * up`` with :func:`fastloss.stat_topk_gelu_mul`,
   one fused kernel in place of the mean, std, threshold, relu, gelu and multiply ops.
-* Causal LMs (Llama, Mistral, Qwen2, Qwen3, Gemma, Gemma 2): when ``labels`` are given, the
+* Causal LMs (Llama, Mistral, Ministral, Qwen2, Qwen3, Gemma, Gemma 2, Gemma 3, Phi, Phi-3,
+  OLMo 2, StarCoder2, StableLM, GLM, SmolLM3, Granite, Cohere): when ``labels`` are given, the
   training loss is :func:`fastloss.linear_cross_entropy` of the final hidden states and the
-  LM head (with Gemma 2's final-logit softcap), so the logits are never materialized; the
-  output's ``logits`` is then None. Without labels the model runs unchanged.
+  LM head (with Gemma 2/3's final-logit softcap, and Granite's and Cohere's logit scaling), so
+  the logits are never materialized; the output's ``logits`` is then None. Without labels the
+  model runs unchanged.
 
 Numerics: transformers computes PhiInv(sparsity) in float32 and rounds it to the activation
 dtype, and takes the row statistics in that dtype; fastloss uses the double-precision
@@ -59,9 +61,22 @@ def _patch_gemma3n(model: torch.nn.Module) -> int:
 
 
 # Causal LMs whose forward is `self.model(...)` -> last_hidden_state -> `self.lm_head` (then
-# config.final_logit_softcapping, if set) -> ForCausalLMLoss.
-_CAUSAL_LM_CLASSES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM",
-                      "GemmaForCausalLM", "Gemma2ForCausalLM")
+# config.final_logit_softcapping, if set) -> ForCausalLMLoss; a few scale the logits by a
+# config constant (Granite divides by logits_scaling, Cohere multiplies by logit_scale).
+_CAUSAL_LM_CLASSES = ("LlamaForCausalLM", "MistralForCausalLM", "MinistralForCausalLM", "Qwen2ForCausalLM",
+                      "Qwen3ForCausalLM", "GemmaForCausalLM", "Gemma2ForCausalLM", "Gemma3ForCausalLM",
+                      "Phi3ForCausalLM", "PhiForCausalLM", "Olmo2ForCausalLM", "Starcoder2ForCausalLM",
+                      "StableLmForCausalLM", "GlmForCausalLM", "SmolLM3ForCausalLM", "GraniteForCausalLM",
+                      "CohereForCausalLM")
+
+
+def _logit_scale(model) -> float:
+    name = type(model).__name__
+    if name == "GraniteForCausalLM":
+        return 1.0 / float(model.config.logits_scaling)
+    if name == "CohereForCausalLM":
+        return float(model.logit_scale)
+    return 1.0
 
 
 def _head_is_plain_linear(head) -> bool:
@@ -96,9 +111,14 @@ def _causal_lm_forward(self, input_ids=None, attention_mask=None, position_ids=N
     keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
     hidden = hidden[:, keep, :]
     head = self.lm_head
+    bias = getattr(head, "bias", None)
+    scale = _logit_scale(self)
+    if scale != 1.0:  # (h W^T + b) s = (s h) W^T + s b
+        hidden = hidden * scale
+        bias = None if bias is None else bias * scale
     targets = (labels if shift_labels is None else shift_labels).to(hidden.device)
     loss = linear_cross_entropy(
-        hidden, head.weight, targets, getattr(head, "bias", None), ignore_index=ignore_index,
+        hidden, head.weight, targets, bias, ignore_index=ignore_index,
         reduction="mean" if num_items_in_batch is None else "sum",
         softcap=getattr(self.config, "final_logit_softcapping", None), shift=shift_labels is None)
     if num_items_in_batch is not None:
@@ -126,7 +146,7 @@ def patch(model: torch.nn.Module) -> torch.nn.Module:
 
     Returns the model. Patching twice is harmless; models with nothing to patch are returned
     unchanged. Supported: Gemma 3n sparse MLP layers (statistical top-k + gelu-tanh + multiply);
-    the training loss of Llama, Mistral, Qwen2, Qwen3, Gemma and Gemma 2 causal LMs (cut
+    the training loss of the causal LMs listed in the module docstring (cut
     cross-entropy: no logits when ``labels`` are given with autograd on; a batch whose labels
     are all ignored gets loss 0 and zero gradients where transformers gives NaN). Under
     ``torch.no_grad()`` (evaluation) and for a wrapped ``lm_head`` (e.g. LoRA on the head) the
