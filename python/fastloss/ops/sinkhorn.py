@@ -42,7 +42,8 @@ def _check_tensor(name: str, arg: str, t) -> None:
 
 
 def _check_positive(name: str, arg: str, value) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+    # Comparisons rather than math.isfinite: torch.compile can trace them on symbolic floats.
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
         raise ValueError(f"fastloss.{name}: expected '{arg}' to be a finite number > 0, got {value!r}")
     return float(value)
 
@@ -268,7 +269,7 @@ def sinkhorn_kd_loss(
     temperature = _check_positive("sinkhorn_kd_loss", "temperature", temperature)
     eps = _check_positive("sinkhorn_kd_loss", "eps", eps)
     n_iter = _check_count("sinkhorn_kd_loss", "n_iter", n_iter)
-    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not -math.inf < scale < math.inf:
         raise ValueError(f"fastloss.sinkhorn_kd_loss: expected 'scale' to be a finite number, got {scale!r}")
     return torch.ops.fastloss.sinkhorn_kd.default(student_logits, teacher_logits, temperature, eps, n_iter, float(scale))[0]
 
