@@ -55,6 +55,7 @@ constexpr int kStageElems = (kBM + kBN) * kPitch;
 constexpr size_t kSmemBytes = size_t(kStages) * kStageElems * 2;
 constexpr int kFinalizeThreads = 256;
 constexpr int kMaxSplits = 65535;  // grid y limit
+constexpr int64_t kMaxIndex = 0x7fffffff;  // tokens, vocab and dim fit an int
 
 static_assert(kBM * kChunksPerRow % kThreads == 0 && kBN * kChunksPerRow % kThreads == 0,
               "every thread copies the same number of chunks");
@@ -357,6 +358,297 @@ __global__ void __launch_bounds__(kFinalizeThreads) lce_finalize_kernel(const Fi
   p.out1[i] = o1;
 }
 
+// ---------------------------------------------------------------------------------------------
+// Backward
+
+constexpr int kDzPitch = kBN + 8;  // 272-byte rows of the logit-gradient tile: ldmatrix conflict-free
+constexpr size_t kGradSmemBytes = kSmemBytes + size_t(kBM) * kDzPitch * 2;
+constexpr int kInactive = -2;  // row_target of ignored rows and rows past the tokens
+// ~97 KB of shared memory per block: two blocks fit an SM from sm_90 on (228 KB), one on
+// sm_80 (164 KB), where the 255-register budget of a single block then avoids spills.
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 900
+constexpr int kGradMinBlocks = 1;
+#else
+constexpr int kGradMinBlocks = 2;
+#endif
+
+template <typename T>
+struct GradParams {
+  StatsParams<T> s;  // inputs, sizes and the vocabulary split (partial unused)
+  const float* grad_loss;  // (tokens), contiguous
+  const float* grad_lse;   // (tokens), contiguous, or nullptr
+  const float* lse;        // (tokens), contiguous: the whole vocabulary's
+  float label_smoothing, z_loss, inv_vocab_total, filter_eps;
+  float* d_hidden;      // (tokens, dim) float32, zeroed; nullptr: not wanted
+  float* d_classifier;  // (vocab, dim) float32, zeroed; nullptr: not wanted
+  float* d_bias;        // (vocab) float32, zeroed; nullptr: not wanted
+};
+
+// One block: token tile m0 against its split's vocabulary tiles. Per tile, phase 1 recomputes
+// the logits (k slices over D, as in the forward) and turns them into dZ in registers; phase 2
+// streams the same (hidden, classifier) slices again and multiplies them with dZ from shared
+// memory: dE[m0 rows, slice] += dZ C[tile rows, slice], dC[tile rows, slice] += dZ^T E[m0 rows,
+// slice], added with float atomics to float32 buffers.
+template <typename T>
+__global__ void __launch_bounds__(kThreads, kGradMinBlocks) lce_grad_kernel(const GradParams<T> p) {
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  T* smem = reinterpret_cast<T*>(smem_raw);
+  T* dz = smem + kStages * kStageElems;  // (kBM, kDzPitch): this tile's logit gradient
+  __shared__ float4 row_coef[kBM];       // (lse, a, c, filter threshold) per token
+  __shared__ float row_b[kBM];
+  __shared__ int row_target[kBM];        // target column, -1 elsewhere, kInactive
+
+  const StatsParams<T>& sp = p.s;
+  const int tid = static_cast<int>(threadIdx.x);
+  const int lane = tid % 32, warp = tid / 32;
+  const int warp_m = warp / kWarpsN, warp_n = warp % kWarpsN;
+  const int g = lane / 4, q = lane % 4;
+  const int m0 = static_cast<int>(blockIdx.x) * kBM;
+  const int tiles = (sp.vocab + kBN - 1) / kBN;
+  const int tile_begin = static_cast<int>(blockIdx.y) * sp.tiles_per_split;
+  const int tile_end = min(tiles, tile_begin + sp.tiles_per_split);
+  const int k_tiles = (sp.dim + kBK - 1) / kBK;
+  const bool need_de = p.d_hidden != nullptr, need_dc = p.d_classifier != nullptr;
+  const bool phase2 = need_de || need_dc;
+  const int steps_per_tile = phase2 ? 2 * k_tiles : k_tiles;
+  const int64_t steps = static_cast<int64_t>(tile_end - tile_begin) * steps_per_tile;
+
+  bool any_active = false;
+  for (int r = tid; r < kBM; r += kThreads) {
+    const int tok = m0 + r;
+    int tc = kInactive;
+    float4 coef = make_float4(0.f, 0.f, 0.f, 0.f);
+    float b = 0.f;
+    if (tok < sp.tokens) {
+      const int64_t t = load_target(sp.targets, sp.targets_int64, sp.targets_stride, tok);
+      if (t != sp.ignore_index) {
+        tc = t >= sp.vocab_start && t < sp.vocab_start + sp.vocab ? static_cast<int>(t - sp.vocab_start) : -1;
+        const float lse = p.lse[tok];
+        const TokenGrad<float> tg = token_grad<float>(p.grad_loss[tok], p.grad_lse ? p.grad_lse[tok] : 0.f, lse,
+                                                      p.label_smoothing, p.z_loss, p.inv_vocab_total, p.filter_eps);
+        coef = make_float4(lse, tg.a, tg.c, tg.threshold);
+        b = tg.b;
+        any_active = true;
+      }
+    }
+    row_coef[r] = coef;
+    row_b[r] = b;
+    row_target[r] = tc;
+  }
+  // Every token of the tile ignored: no gradient to add (the outputs start at zero).
+  if (!__syncthreads_or(any_active)) return;
+
+  float acc[kMTiles][kNTiles][4];
+  bool keep_tile = false;  // block-uniform: the current tile's dZ is not filtered out
+
+  int load_tile = tile_begin, load_step = 0;
+  auto issue = [&](int stage, int64_t it) {
+    if (it < steps) {
+      const int k0 = (load_step < k_tiles ? load_step : load_step - k_tiles) * kBK;
+      // Phase-2 slices issued after the tile's epilogue (all but the first kStages - 1) are
+      // skipped with the tile; keep_tile already belongs to load_tile then.
+      const bool skip = load_step >= k_tiles + kStages - 1 && !keep_tile;
+      if (!skip) load_stage(smem + stage * kStageElems, sp, m0, load_tile * kBN, k0);
+      if (++load_step == steps_per_tile) load_step = 0, ++load_tile;
+    }
+    cp_async_commit();
+  };
+#pragma unroll
+  for (int s = 0; s < kStages - 1; ++s) issue(s, s);
+
+  int tile = tile_begin, step = 0, stage = 0;
+  for (int64_t it = 0; it < steps; ++it) {
+    cp_async_wait<kStages - 2>();
+    __syncthreads();
+    issue((stage + kStages - 1) % kStages, it + kStages - 1);
+    const T* sa = smem + stage * kStageElems;  // hidden rows m0.., this k slice
+    const T* sb = sa + kBM * kPitch;           // classifier rows of the tile, this k slice
+
+    if (step < k_tiles) {
+      // ---- Phase 1: logits of the tile, as in the forward.
+      if (step == 0) {
+#pragma unroll
+        for (int mi = 0; mi < kMTiles; ++mi)
+#pragma unroll
+          for (int ni = 0; ni < kNTiles; ++ni)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) acc[mi][ni][e] = 0.f;
+      }
+#pragma unroll
+      for (int kk = 0; kk < kBK; kk += 16) {
+        uint32_t af[kMTiles][4];
+        uint32_t bfrag[kNTiles][2];
+#pragma unroll
+        for (int mi = 0; mi < kMTiles; ++mi)
+          ldmatrix_x4(af[mi], sa + (warp_m * kWarpRows + mi * 16 + lane % 16) * kPitch + kk + (lane / 16) * 8);
+#pragma unroll
+        for (int nj = 0; nj < kNTiles / 2; ++nj) {
+          uint32_t r[4];
+          ldmatrix_x4(r, sb + (warp_n * kWarpCols + nj * 16 + lane % 8 + (lane / 16) * 8) * kPitch + kk +
+                             ((lane / 8) % 2) * 8);
+          bfrag[2 * nj][0] = r[0];
+          bfrag[2 * nj][1] = r[1];
+          bfrag[2 * nj + 1][0] = r[2];
+          bfrag[2 * nj + 1][1] = r[3];
+        }
+#pragma unroll
+        for (int mi = 0; mi < kMTiles; ++mi)
+#pragma unroll
+          for (int ni = 0; ni < kNTiles; ++ni) mma_16816<T>(acc[mi][ni], af[mi], bfrag[ni]);
+      }
+      if (step == k_tiles - 1) {
+        // ---- Epilogue: dZ = ((a p - c - b [col = target]) chain) for active tokens, 0
+        // elsewhere, in place in acc; acc[mi][ni][2 h + e] is row 2 mi + h, column
+        // n_base + 8 ni + e (n_local the same within the tile).
+        const int n_local = warp_n * kWarpCols + 2 * q;
+        const int n_base = tile * kBN + n_local;
+        const float cap = sp.softcap, inv_cap = cap > 0.f ? 1.f / cap : 0.f;
+        bool keep = false;
+#pragma unroll
+        for (int mi = 0; mi < kMTiles; ++mi)
+#pragma unroll
+          for (int h = 0; h < 2; ++h) {
+            const int row = warp_m * kWarpRows + 16 * mi + 8 * h + g;
+            const float4 coef = row_coef[row];
+            const float b = row_b[row];
+            const int tc = row_target[row];
+#pragma unroll
+            for (int ni = 0; ni < kNTiles; ++ni)
+#pragma unroll
+              for (int e = 0; e < 2; ++e) {
+                const int col = n_base + 8 * ni + e;
+                float z = acc[mi][ni][2 * h + e];
+                if (sp.bias != nullptr && col < sp.vocab) z += to_acc(sp.bias[static_cast<int64_t>(col) * sp.bias_stride]);
+                float chain = 1.f;
+                if (cap > 0.f) {
+                  const float t = tanh_softcap(z * inv_cap);
+                  z = cap * t;
+                  chain = 1.f - t * t;
+                }
+                float d = coef.y * dev_exp(z - coef.x) - coef.z;
+                if (col == tc) {
+                  d -= b;
+                  keep = true;  // a tile holding a target is never skipped
+                }
+                d *= chain;
+                if (tc == kInactive || col >= sp.vocab) d = 0.f;
+                else if (!(fabsf(d) < coef.w)) keep = true;  // NaN keeps the tile
+                acc[mi][ni][2 * h + e] = d;
+              }
+          }
+        keep_tile = __syncthreads_or(keep) != 0;
+        if (keep_tile && phase2) {
+#pragma unroll
+          for (int mi = 0; mi < kMTiles; ++mi)
+#pragma unroll
+            for (int h = 0; h < 2; ++h) {
+              const int row = warp_m * kWarpRows + 16 * mi + 8 * h + g;
+#pragma unroll
+              for (int ni = 0; ni < kNTiles; ++ni)
+                *reinterpret_cast<uint32_t*>(dz + row * kDzPitch + n_local + 8 * ni) =
+                    pack2<T>(acc[mi][ni][2 * h], acc[mi][ni][2 * h + 1]);
+            }
+        }
+        if (keep_tile && p.d_bias != nullptr) {
+          // Column sums: this thread's 4 rows, then the 8 lanes that share q, then atomics
+          // from the kWarpsM warps of this column range.
+#pragma unroll
+          for (int ni = 0; ni < kNTiles; ++ni)
+#pragma unroll
+            for (int e = 0; e < 2; ++e) {
+              float cs = 0.f;
+#pragma unroll
+              for (int mi = 0; mi < kMTiles; ++mi) cs += acc[mi][ni][e] + acc[mi][ni][2 + e];
+              cs += __shfl_xor_sync(kFullMask, cs, 4);
+              cs += __shfl_xor_sync(kFullMask, cs, 8);
+              cs += __shfl_xor_sync(kFullMask, cs, 16);
+              const int col = n_base + 8 * ni + e;
+              if (g == 0 && col < sp.vocab) atomicAdd(p.d_bias + col, cs);
+            }
+        }
+        // The dZ stores reach the other warps at the barrier at the top of the next step.
+      }
+    } else if (keep_tile) {
+      // ---- Phase 2, slice k0: warp (warp_m, warp_n) owns rows warp_m * 32 .. + 32 (tokens for
+      // dE, vocabulary rows for dC) and columns warp_n * 16 .. + 16 of the slice.
+      const int k0 = (step - k_tiles) * kBK;
+      const int col = k0 + warp_n * 16 + 2 * q;  // + 8 ni: the D column of acc[..][ni][2h..2h+1]
+      if (need_de) {
+        float de[kMTiles][2][4] = {};
+#pragma unroll
+        for (int kk = 0; kk < kBN; kk += 16) {
+          uint32_t af[kMTiles][4], bq[4];
+#pragma unroll
+          for (int mi = 0; mi < kMTiles; ++mi)
+            ldmatrix_x4(af[mi], dz + (warp_m * kWarpRows + mi * 16 + lane % 16) * kDzPitch + kk + (lane / 16) * 8);
+          // B = C[tile rows kk.., slice columns]: (k = vocabulary row, n = D column); stored with
+          // n contiguous, so transposed loads: matrices (kk, n), (kk + 8, n), (kk, n + 8), (kk + 8, n + 8).
+          ldmatrix_x4_trans(bq, sb + (kk + lane % 8 + ((lane / 8) % 2) * 8) * kPitch + warp_n * 16 + (lane / 16) * 8);
+          const uint32_t b0[2] = {bq[0], bq[1]}, b1[2] = {bq[2], bq[3]};
+#pragma unroll
+          for (int mi = 0; mi < kMTiles; ++mi) {
+            mma_16816<T>(de[mi][0], af[mi], b0);
+            mma_16816<T>(de[mi][1], af[mi], b1);
+          }
+        }
+#pragma unroll
+        for (int mi = 0; mi < kMTiles; ++mi)
+#pragma unroll
+          for (int h = 0; h < 2; ++h) {
+            const int row = warp_m * kWarpRows + 16 * mi + 8 * h + g;
+            if (row_target[row] == kInactive) continue;  // ignored or past the tokens: zero
+#pragma unroll
+            for (int ni = 0; ni < 2; ++ni) {
+              const int c = col + 8 * ni;
+              if (c < sp.dim)
+                atomic_add2(p.d_hidden + static_cast<int64_t>(m0 + row) * sp.dim + c, de[mi][ni][2 * h],
+                            de[mi][ni][2 * h + 1]);
+            }
+          }
+      }
+      if (need_dc) {
+        float dc[kMTiles][2][4] = {};
+#pragma unroll
+        for (int kk = 0; kk < kBM; kk += 16) {
+          uint32_t af[kMTiles][4], bq[4];
+          // A = dZ^T (m = vocabulary row, k = token), stored token-major: transposed loads of
+          // matrices (tokens kk, vocab vm), (kk, vm + 8), (kk + 8, vm), (kk + 8, vm + 8) give a0..a3.
+#pragma unroll
+          for (int mi = 0; mi < kMTiles; ++mi)
+            ldmatrix_x4_trans(af[mi], dz + (kk + lane % 8 + (lane / 16) * 8) * kDzPitch + warp_m * kWarpRows +
+                                          mi * 16 + ((lane / 8) % 2) * 8);
+          // B = E[m0 rows kk.., slice columns] (k = token, n = D column), as for dE.
+          ldmatrix_x4_trans(bq, sa + (kk + lane % 8 + ((lane / 8) % 2) * 8) * kPitch + warp_n * 16 + (lane / 16) * 8);
+          const uint32_t b0[2] = {bq[0], bq[1]}, b1[2] = {bq[2], bq[3]};
+#pragma unroll
+          for (int mi = 0; mi < kMTiles; ++mi) {
+            mma_16816<T>(dc[mi][0], af[mi], b0);
+            mma_16816<T>(dc[mi][1], af[mi], b1);
+          }
+        }
+        const int n0 = tile * kBN;
+#pragma unroll
+        for (int mi = 0; mi < kMTiles; ++mi)
+#pragma unroll
+          for (int h = 0; h < 2; ++h) {
+            const int vrow = n0 + warp_m * kWarpRows + 16 * mi + 8 * h + g;
+            if (vrow >= sp.vocab) continue;
+#pragma unroll
+            for (int ni = 0; ni < 2; ++ni) {
+              const int c = col + 8 * ni;
+              if (c < sp.dim)
+                atomic_add2(p.d_classifier + static_cast<int64_t>(vrow) * sp.dim + c, dc[mi][ni][2 * h],
+                            dc[mi][ni][2 * h + 1]);
+            }
+          }
+      }
+    }
+    stage = stage + 1 == kStages ? 0 : stage + 1;
+    if (++step == steps_per_tile) step = 0, ++tile;
+  }
+  cp_async_wait<0>();
+}
+
 struct Grid {
   int m_blocks, splits, tiles_per_split;
 };
@@ -378,15 +670,7 @@ Grid plan_grid(int64_t tokens, int64_t vocab, const DeviceInfo& dev, size_t work
 }
 
 template <typename T>
-cudaError_t launch(const LinearCrossEntropyForwardArgs& a, void* workspace, size_t workspace_bytes,
-                   cudaStream_t stream) {
-  DeviceInfo dev;
-  cudaError_t err = device_info(&dev);
-  if (err != cudaSuccess) return err;
-  const Grid gr = plan_grid(a.tokens, a.vocab, dev, workspace_bytes);
-  err = cudaFuncSetAttribute(lce_stats_kernel<T>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                             static_cast<int>(kSmemBytes));
-  if (err != cudaSuccess) return err;
+StatsParams<T> stats_params(const LinearCrossEntropyInputs& a, const Grid& gr) {
   StatsParams<T> sp;
   sp.hidden = static_cast<const T*>(a.hidden);
   sp.hidden_stride = a.hidden_stride;
@@ -404,6 +688,22 @@ cudaError_t launch(const LinearCrossEntropyForwardArgs& a, void* workspace, size
   sp.ignore_index = a.ignore_index;
   sp.softcap = a.softcap;
   sp.tiles_per_split = gr.tiles_per_split;
+  sp.partial = nullptr;
+  return sp;
+}
+
+template <typename T>
+cudaError_t launch_forward(const LinearCrossEntropyForwardArgs& fa, void* workspace, size_t workspace_bytes,
+                           cudaStream_t stream) {
+  const LinearCrossEntropyInputs& a = fa.in;
+  DeviceInfo dev;
+  cudaError_t err = device_info(&dev);
+  if (err != cudaSuccess) return err;
+  const Grid gr = plan_grid(a.tokens, a.vocab, dev, workspace_bytes);
+  err = cudaFuncSetAttribute(lce_stats_kernel<T>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                             static_cast<int>(kSmemBytes));
+  if (err != cudaSuccess) return err;
+  StatsParams<T> sp = stats_params<T>(a, gr);
   sp.partial = static_cast<Partial*>(workspace);
   lce_stats_kernel<T><<<dim3(gr.m_blocks, gr.splits), kThreads, kSmemBytes, stream>>>(sp);
   err = cudaGetLastError();
@@ -419,14 +719,45 @@ cudaError_t launch(const LinearCrossEntropyForwardArgs& a, void* workspace, size
   fp.vocab_total = a.vocab_total;
   fp.label_smoothing = a.label_smoothing;
   fp.z_loss = a.z_loss;
-  fp.shard = a.shard;
-  fp.out0 = a.out0;
-  fp.out1 = a.out1;
+  fp.shard = fa.shard;
+  fp.out0 = fa.out0;
+  fp.out1 = fa.out1;
   lce_finalize_kernel<<<static_cast<unsigned>(ceil_div(a.tokens, kFinalizeThreads)), kFinalizeThreads, 0, stream>>>(fp);
   return cudaGetLastError();
 }
 
-constexpr int64_t kMaxIndex = 0x7fffffff;
+template <typename T>
+cudaError_t launch_backward(const LinearCrossEntropyBackwardArgs& ba, cudaStream_t stream) {
+  const LinearCrossEntropyInputs& a = ba.in;
+  DeviceInfo dev;
+  cudaError_t err = device_info(&dev);
+  if (err != cudaSuccess) return err;
+  // No workspace: the vocabulary splits only add atomics into the same outputs.
+  const Grid gr = plan_grid(a.tokens, a.vocab, dev, ~size_t(0));
+  err = cudaFuncSetAttribute(lce_grad_kernel<T>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                             static_cast<int>(kGradSmemBytes));
+  if (err != cudaSuccess) return err;
+  GradParams<T> gp;
+  gp.s = stats_params<T>(a, gr);
+  gp.grad_loss = ba.grad_loss;
+  gp.grad_lse = ba.grad_lse;
+  gp.lse = ba.lse;
+  gp.label_smoothing = a.label_smoothing;
+  gp.z_loss = a.z_loss;
+  gp.inv_vocab_total = 1.f / static_cast<float>(a.vocab_total);
+  gp.filter_eps = ba.filter_eps;
+  gp.d_hidden = ba.d_hidden;
+  gp.d_classifier = ba.d_classifier;
+  gp.d_bias = ba.d_bias;
+  lce_grad_kernel<T><<<dim3(gr.m_blocks, gr.splits), kThreads, kGradSmemBytes, stream>>>(gp);
+  return cudaGetLastError();
+}
+
+bool inputs_ok(const LinearCrossEntropyInputs& a) {
+  return linear_cross_entropy_layout_ok(a.dtype, a.tokens, a.vocab, a.dim, a.hidden, a.hidden_stride, a.classifier,
+                                        a.classifier_stride) &&
+         a.targets != nullptr && a.vocab_start >= 0 && a.vocab_start + a.vocab <= a.vocab_total;
+}
 
 }  // namespace
 
@@ -452,14 +783,23 @@ size_t linear_cross_entropy_forward_workspace_bytes(int64_t tokens, int64_t voca
 
 cudaError_t launch_linear_cross_entropy_forward(const LinearCrossEntropyForwardArgs& a, void* workspace,
                                                 size_t workspace_bytes, cudaStream_t stream) {
-  if (!linear_cross_entropy_layout_ok(a.dtype, a.tokens, a.vocab, a.dim, a.hidden, a.hidden_stride, a.classifier,
-                                      a.classifier_stride) ||
-      workspace == nullptr || workspace_bytes < sizeof(Partial) * static_cast<size_t>(a.tokens) ||
-      a.vocab_start < 0 || a.vocab_start + a.vocab > a.vocab_total || a.out0 == nullptr || a.out1 == nullptr) {
+  if (!inputs_ok(a.in) || workspace == nullptr || workspace_bytes < sizeof(Partial) * static_cast<size_t>(a.in.tokens) ||
+      a.out0 == nullptr || a.out1 == nullptr) {
     return cudaErrorInvalidValue;
   }
-  if (a.dtype == DType::F16) return launch<__half>(a, workspace, workspace_bytes, stream);
-  return launch<__nv_bfloat16>(a, workspace, workspace_bytes, stream);
+  if (a.in.dtype == DType::F16) return launch_forward<__half>(a, workspace, workspace_bytes, stream);
+  return launch_forward<__nv_bfloat16>(a, workspace, workspace_bytes, stream);
+}
+
+cudaError_t launch_linear_cross_entropy_backward(const LinearCrossEntropyBackwardArgs& a, cudaStream_t stream) {
+  if (!inputs_ok(a.in) || a.grad_loss == nullptr || a.lse == nullptr || !(a.filter_eps >= 0.f && a.filter_eps < 1.f)) {
+    return cudaErrorInvalidValue;
+  }
+  if (a.d_hidden == nullptr && a.d_classifier == nullptr && (a.d_bias == nullptr || a.in.bias == nullptr)) {
+    return cudaSuccess;  // nothing asked for
+  }
+  if (a.in.dtype == DType::F16) return launch_backward<__half>(a, stream);
+  return launch_backward<__nv_bfloat16>(a, stream);
 }
 
 }  // namespace fastloss::kernels

@@ -24,16 +24,17 @@
 
 namespace fastloss::kernels {
 
-struct LinearCrossEntropyForwardArgs {
-  DType dtype;              // F16 or BF16, for hidden, classifier and bias
-  const void* hidden;       // (tokens, dim), row stride hidden_stride
+// The inputs shared by the forward and the backward.
+struct LinearCrossEntropyInputs {
+  DType dtype;                // F16 or BF16, for hidden, classifier and bias
+  const void* hidden;         // (tokens, dim), row stride hidden_stride
   int64_t hidden_stride;
-  const void* classifier;   // (vocab, dim), row stride classifier_stride: rows
+  const void* classifier;     // (vocab, dim), row stride classifier_stride: rows
   int64_t classifier_stride;  // [vocab_start, vocab_start + vocab) of the vocabulary
-  const void* bias;         // (vocab) with stride bias_stride, or nullptr
+  const void* bias;           // (vocab) with stride bias_stride, or nullptr
   int64_t bias_stride;
-  const void* targets;      // (tokens) with stride targets_stride
-  bool targets_int64;       // int64, else int32
+  const void* targets;        // (tokens) with stride targets_stride
+  bool targets_int64;         // int64, else int32
   int64_t targets_stride;
   int64_t tokens, vocab, dim;
   int64_t vocab_start, vocab_total;
@@ -41,6 +42,10 @@ struct LinearCrossEntropyForwardArgs {
   float softcap;  // 0: none
   float label_smoothing;
   float z_loss;
+};
+
+struct LinearCrossEntropyForwardArgs {
+  LinearCrossEntropyInputs in;
   // false: out0 = loss = lse + z_loss lse^2 + linear, out1 = lse (the whole-vocabulary op);
   // true:  out0 = lse over this classifier's rows, out1 = linear (the vocabulary-shard op),
   // linear = -(1 - label_smoothing) z_target [target in the shard] - label_smoothing /
@@ -48,6 +53,22 @@ struct LinearCrossEntropyForwardArgs {
   bool shard;
   float* out0;
   float* out1;
+};
+
+// Gradients of sum_i grad_loss_i loss_i + grad_lse_i lse_i. A (token tile x vocabulary tile)
+// whose every logit-gradient entry is below filter_eps times its token's scale and that holds
+// no target adds nothing (as on the CPU). The outputs are float32 buffers the caller has
+// zero-filled (the kernel adds into them with atomics, so the summation order, and the last
+// bits, can differ between runs); nullptr skips that gradient. Ignored tokens add nothing.
+struct LinearCrossEntropyBackwardArgs {
+  LinearCrossEntropyInputs in;
+  float filter_eps;        // [0, 1); 0: exact
+  const float* grad_loss;  // (tokens), contiguous
+  const float* grad_lse;   // (tokens), contiguous, or nullptr
+  const float* lse;        // (tokens), contiguous: the whole vocabulary's LSE
+  float* d_hidden;         // (tokens, dim), contiguous
+  float* d_classifier;     // (vocab, dim), contiguous
+  float* d_bias;           // (vocab), contiguous
 };
 
 // Whether the kernels accept these dtype, sizes, strides and pointers (see above).
@@ -62,5 +83,7 @@ size_t linear_cross_entropy_forward_workspace_bytes(int64_t tokens, int64_t voca
 
 cudaError_t launch_linear_cross_entropy_forward(const LinearCrossEntropyForwardArgs& args, void* workspace,
                                                 size_t workspace_bytes, cudaStream_t stream);
+
+cudaError_t launch_linear_cross_entropy_backward(const LinearCrossEntropyBackwardArgs& args, cudaStream_t stream);
 
 }  // namespace fastloss::kernels
