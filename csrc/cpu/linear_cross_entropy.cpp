@@ -319,7 +319,8 @@ std::tuple<at::Tensor, at::Tensor> linear_cross_entropy(const at::Tensor& hidden
                                                         const at::Tensor& targets,
                                                         const c10::optional<at::Tensor>& bias, int64_t ignore_index,
                                                         double softcap, double label_smoothing, double z_loss,
-                                                        double /*filter_eps: autograd only*/) {
+                                                        double /*filter_eps: autograd only*/,
+                                                        bool /*deterministic: autograd only*/) {
   const char* op = "linear_cross_entropy";
   TORCH_CHECK(hidden.device().is_cpu(), "fastloss.", op, ": expected 'hidden' on the CPU");
   const LinearCrossEntropyArgs args =
@@ -409,7 +410,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_cross_entropy_backward(
     const at::Tensor& grad_loss_in, const c10::optional<at::Tensor>& grad_lse_in, const at::Tensor& hidden,
     const at::Tensor& classifier, const at::Tensor& targets, const c10::optional<at::Tensor>& bias,
     const at::Tensor& lse_in, int64_t ignore_index, double softcap, double label_smoothing, double z_loss,
-    double filter_eps, std::array<bool, 3> output_mask, int64_t vocab_start, int64_t vocab_total) {
+    double filter_eps, std::array<bool, 3> output_mask, int64_t vocab_start, int64_t vocab_total,
+    bool /*deterministic: the CPU always is*/) {
   const char* op = "linear_cross_entropy_backward";
   TORCH_CHECK(hidden.device().is_cpu(), "fastloss.", op, ": expected 'hidden' on the CPU");
   const LinearCrossEntropyArgs args =

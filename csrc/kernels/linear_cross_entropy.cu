@@ -397,6 +397,7 @@ __global__ void __launch_bounds__(kThreads, kGradMinBlocks) lce_grad_kernel(cons
   __shared__ float4 row_coef[kBM];       // (lse, a, c, filter threshold) per token
   __shared__ float row_b[kBM];
   __shared__ int row_target[kBM];        // target column, -1 elsewhere, kInactive
+  __shared__ float red_scratch[32];
 
   const StatsParams<T>& sp = p.s;
   const int tid = static_cast<int>(threadIdx.x);
@@ -440,6 +441,7 @@ __global__ void __launch_bounds__(kThreads, kGradMinBlocks) lce_grad_kernel(cons
 
   float acc[kMTiles][kNTiles][4];
   bool keep_tile = false;  // block-uniform: the current tile's dZ is not filtered out
+  float unscale = 1.f;     // block-uniform: 1 / the power of two dZ was scaled by in shared memory
 
   int load_tile = tile_begin, load_step = 0;
   auto issue = [&](int stage, int64_t it) {
@@ -504,6 +506,7 @@ __global__ void __launch_bounds__(kThreads, kGradMinBlocks) lce_grad_kernel(cons
         const int n_base = tile * kBN + n_local;
         const float cap = sp.softcap, inv_cap = cap > 0.f ? 1.f / cap : 0.f;
         bool keep = false;
+        float big = 0.f;  // max |dZ| of this thread's entries
 #pragma unroll
         for (int mi = 0; mi < kMTiles; ++mi)
 #pragma unroll
@@ -533,11 +536,22 @@ __global__ void __launch_bounds__(kThreads, kGradMinBlocks) lce_grad_kernel(cons
                 d *= chain;
                 if (tc == kInactive || col >= sp.vocab) d = 0.f;
                 else if (!(fabsf(d) < coef.w)) keep = true;  // NaN keeps the tile
+                big = fmaxf(big, fabsf(d));
                 acc[mi][ni][2 * h + e] = d;
               }
           }
         keep_tile = __syncthreads_or(keep) != 0;
         if (keep_tile && phase2) {
+          // dZ goes to shared memory in 16 bits, scaled by a power of two that brings the
+          // tile's largest entry just below 2^14: small probabilities (~1/V, times 1/N for a
+          // mean) stay normal numbers in float16 instead of flushing to zero. Exact in both
+          // directions; the products are unscaled before they are added.
+          big = block_allreduce<kThreads>(big, MaxOp{}, red_scratch);
+          int e2 = 0;
+          (void)frexpf(big, &e2);  // big < 2^e2
+          const int shift = big > 0.f && big <= 3.0e38f ? max(-126, min(126, 14 - e2)) : 0;
+          const float scale = ldexpf(1.f, shift);
+          unscale = ldexpf(1.f, -shift);
 #pragma unroll
           for (int mi = 0; mi < kMTiles; ++mi)
 #pragma unroll
@@ -546,7 +560,7 @@ __global__ void __launch_bounds__(kThreads, kGradMinBlocks) lce_grad_kernel(cons
 #pragma unroll
               for (int ni = 0; ni < kNTiles; ++ni)
                 *reinterpret_cast<uint32_t*>(dz + row * kDzPitch + n_local + 8 * ni) =
-                    pack2<T>(acc[mi][ni][2 * h], acc[mi][ni][2 * h + 1]);
+                    pack2<T>(acc[mi][ni][2 * h] * scale, acc[mi][ni][2 * h + 1] * scale);
             }
         }
         if (keep_tile && p.d_bias != nullptr) {
@@ -601,8 +615,8 @@ __global__ void __launch_bounds__(kThreads, kGradMinBlocks) lce_grad_kernel(cons
             for (int ni = 0; ni < 2; ++ni) {
               const int c = col + 8 * ni;
               if (c < sp.dim)
-                atomic_add2(p.d_hidden + static_cast<int64_t>(m0 + row) * sp.dim + c, de[mi][ni][2 * h],
-                            de[mi][ni][2 * h + 1]);
+                atomic_add2(p.d_hidden + static_cast<int64_t>(m0 + row) * sp.dim + c, de[mi][ni][2 * h] * unscale,
+                            de[mi][ni][2 * h + 1] * unscale);
             }
           }
       }
@@ -637,8 +651,8 @@ __global__ void __launch_bounds__(kThreads, kGradMinBlocks) lce_grad_kernel(cons
             for (int ni = 0; ni < 2; ++ni) {
               const int c = col + 8 * ni;
               if (c < sp.dim)
-                atomic_add2(p.d_classifier + static_cast<int64_t>(vrow) * sp.dim + c, dc[mi][ni][2 * h],
-                            dc[mi][ni][2 * h + 1]);
+                atomic_add2(p.d_classifier + static_cast<int64_t>(vrow) * sp.dim + c, dc[mi][ni][2 * h] * unscale,
+                            dc[mi][ni][2 * h + 1] * unscale);
             }
           }
       }
