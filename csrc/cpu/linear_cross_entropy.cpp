@@ -146,7 +146,7 @@ FASTLOSS_CPU_INLINE bool gradient_rows(acc_t* logits, int64_t vb, const acc_t* b
     }
     if (has_target) {
       z[t] -= g.b * target_chain;
-      big[0] = fl_max(big[0], z[t] < 0 ? -z[t] : z[t]);
+      keep = true;  // a tile holding a target is never skipped (as on CUDA)
     }
     acc_t row_big = big[0];
     for (int l = 1; l < kLanes; ++l) row_big = fl_max(row_big, big[l]);
