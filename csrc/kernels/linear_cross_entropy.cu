@@ -1,28 +1,40 @@
-// Cut cross-entropy forward on CUDA tensor cores (Wijmans et al., "Cut Your Losses in
-// Large-Vocabulary Language Models", ICLR 2025), float16 / bfloat16 inputs.
+// Cut cross-entropy on CUDA tensor cores (Wijmans et al., "Cut Your Losses in Large-Vocabulary
+// Language Models", ICLR 2025), float16 / bfloat16 inputs, float32 accumulation.
 //
-// Kernel 1 (statistics): a block owns a tile of kBM = 128 tokens and a contiguous range of
-// kBN = 128-row vocabulary tiles (its vocabulary split). For each vocabulary tile the logits
-// E_tile C_tile^T come from mma.sync m16n8k16 (16-bit inputs, float32 accumulation); hidden
-// and classifier slices of kBK = 32 columns stream global -> shared through a kStages = 3
-// cp.async pipeline (one flattened loop over (vocabulary tile, k slice), so the next tile's
-// first slices load during the current tile's epilogue) and reach the tensor cores through
-// ldmatrix. 8 warps in a 4 (tokens) x 2 (vocabulary) grid, each computing 32 x 64 logits.
-// The epilogue works on the accumulator registers: + bias, softcap, then each thread merges
-// its values of each of its 4 token rows into a running (max, sum of exp) pair, and adds up
-// the target logit and the sum of logits (label smoothing). After the last tile, the pairs
-// merge across the 4 lanes that share a row (shuffles) and the 2 vocabulary warps (shared
-// memory); one (max, sum, target, logit sum) float4 per (token, split) goes to the workspace.
-// Kernel 2 (finalize): one thread per token merges its splits in a fixed order and writes
-// (loss, lse) or, for a vocabulary shard, (lse, linear); ignored tokens get 0, bad targets NaN.
-// The grid is (token tiles) x (splits), with splits chosen so that few tokens x a large
-// vocabulary still fill the GPU; everything is in a fixed order, so results are bitwise
+// Forward, kernel 1 (statistics): a block owns a tile of kBM = 128 tokens and a contiguous range
+// of kBN = 128-row vocabulary tiles (its vocabulary split). For each vocabulary tile the logits
+// E_tile C_tile^T come from mma.sync m16n8k16; hidden and classifier slices of kBK = 32 columns
+// stream global -> shared through a kStages = 3 cp.async pipeline (one flattened loop over
+// (vocabulary tile, k slice), so the next tile's first slices load during the current tile's
+// epilogue) and reach the tensor cores through ldmatrix. 8 warps in a 4 (tokens) x 2
+// (vocabulary) grid, each computing 32 x 64 logits. The epilogue works on the accumulator
+// registers: + bias, softcap, then each thread merges its values of each of its 4 token rows
+// into a running (max, sum of exp) pair and adds up the target logit and the sum of logits
+// (label smoothing). After the last tile the pairs merge across the 4 lanes that share a row
+// (shuffles) and the 2 vocabulary warps (shared memory); one (max, sum, target, logit sum)
+// float4 per (token, split) goes to the workspace.
+// Forward, kernel 2 (finalize): one thread per token merges its splits in a fixed order and
+// writes (loss, lse) or, for a vocabulary shard, (lse, linear); ignored tokens get 0, bad
+// targets NaN. The grid is (token tiles) x (splits), splits chosen so that few tokens x a large
+// vocabulary still fill the GPU; everything runs in a fixed order, so the forward is bitwise
 // reproducible on a given device.
-// Memory traffic: E is re-read once per vocabulary tile and C once per token tile (both
-// mostly from L2: consecutive blocks share a split, hence the same classifier tiles), plus
-// 16 bytes per (token, split); the N x V logits never leave registers. FLOPs: 2 N V D.
-// Shared memory: 3 x (128 + 128) x 40 halves = 60 KB (rows padded to 80 bytes so that the
-// 8 row addresses of an ldmatrix hit distinct banks), 2 blocks per SM.
+// Backward (one kernel, same grid and pipeline): per tile, phase 1 recomputes the logits and
+// turns them in registers into dZ = d loss / d logit (softmax minus one-hot, smoothing, z-loss,
+// grad-LSE, softcap chain rule), decides with one block vote whether the tile is filtered out
+// (every |dZ| below filter_eps times its token's scale and no target), adds its column sums to
+// d bias and stages dZ in shared memory as 16-bit values scaled by a power of two; phase 2
+// streams the same hidden / classifier slices again and computes dE[tokens, slice] += dZ C and
+// dC[tile rows, slice] += dZ^T E with mma.sync (ldmatrix.trans for the transposed operands),
+// added with float32 atomics (one vector atomic per pair of columns from sm_90 on).
+// Memory traffic: E is re-read once per vocabulary tile and C once per token tile (mostly from
+// L2: consecutive blocks share a split, hence the same classifier tiles); the forward adds 16
+// bytes per (token, split), the backward 2 x 4 bytes of atomics per element of the (BM + BN) x D
+// tile outputs of every kept tile. The N x V logits never reach global memory. FLOPs: 2 N V D
+// forward, 6 N V D backward (2 N V D for a filtered-out tile).
+// Shared memory: 3 x (128 + 128) x 40 halves = 60 KB (rows padded to 80 bytes so that the 8 row
+// addresses of an ldmatrix hit distinct banks), + the 128 x 136 dZ tile in the backward (97 KB):
+// forward 2 blocks per SM, backward 2 on sm_90 and 1 on sm_80. 128 registers (sm_80 backward:
+// 166), no spills.
 #include "kernels/linear_cross_entropy.cuh"
 
 #include <cuda_bf16.h>
