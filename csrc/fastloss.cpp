@@ -79,10 +79,12 @@ TORCH_LIBRARY(fastloss, m) {
   // Cut cross-entropy (Wijmans et al.): per-token loss and LSE of softcap(hidden @ classifier.T
   // + bias) against targets, without materializing the logits. hidden (N, D), classifier (V, D),
   // targets (N) int64/int32; softcap 0 = none. Returns float32 (float64 for float64) (loss, lse),
-  // both 0 at ignored tokens. filter_eps only matters to autograd (0: no gradient filtering).
+  // both 0 at ignored tokens. filter_eps and deterministic only matter to autograd (0: no
+  // gradient filtering; deterministic: bitwise-reproducible gradients).
   m.def(
       "linear_cross_entropy(Tensor hidden, Tensor classifier, Tensor targets, Tensor? bias, int ignore_index, "
-      "float softcap, float label_smoothing, float z_loss, float filter_eps) -> (Tensor, Tensor)",
+      "float softcap, float label_smoothing, float z_loss, float filter_eps, bool deterministic=False) "
+      "-> (Tensor, Tensor)",
       tags);
   // One vocabulary shard's part of linear_cross_entropy: classifier holds rows [vocab_start,
   // vocab_start + V) of a vocabulary of vocab_total. Returns (lse over the shard, linear), linear =
@@ -95,12 +97,13 @@ TORCH_LIBRARY(fastloss, m) {
   // (d hidden, d classifier, d bias) of linear_cross_entropy from the output gradients and the
   // (whole-vocabulary) lse; output_mask picks the gradients to compute (the others, and d bias
   // without a bias, are empty). For a shard (vocab_total > V), d hidden is this shard's part (the
-  // caller sums it over shards). vocab_total = -1: V.
+  // caller sums it over shards). vocab_total = -1: V. deterministic: bitwise-reproducible
+  // gradients (the CPU always is; CUDA then avoids its atomic accumulation).
   m.def(
       "linear_cross_entropy_backward(Tensor grad_loss, Tensor? grad_lse, Tensor hidden, Tensor classifier, "
       "Tensor targets, Tensor? bias, Tensor lse, int ignore_index, float softcap, float label_smoothing, "
-      "float z_loss, float filter_eps, bool[3] output_mask, int vocab_start=0, int vocab_total=-1) "
-      "-> (Tensor, Tensor, Tensor)",
+      "float z_loss, float filter_eps, bool[3] output_mask, int vocab_start=0, int vocab_total=-1, "
+      "bool deterministic=False) -> (Tensor, Tensor, Tensor)",
       tags);
 }
 

@@ -123,8 +123,11 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(
     }
     at::Tensor d = (z - lse.unsqueeze(1)).exp_().mul_(a.unsqueeze(1)).sub_(c.unsqueeze(1));
     const at::Tensor col = local - v0;
-    const at::Tensor in_block = col.ge(0) & col.lt(vb);
-    d.scatter_add_(1, col.clamp(0, vb - 1).unsqueeze(1), at::where(in_block, -b, zero).unsqueeze(1));
+    // The one-hot term as a comparison, not scatter_add_ (which has no deterministic CUDA kernel
+    // for 2-d input, and this path serves deterministic=True); targets outside the block match
+    // no column.
+    const at::Tensor hit = at::arange(vb, col.options()).unsqueeze(0).eq(col.unsqueeze(1));
+    d.sub_(hit.to(args.acc).mul_(b.unsqueeze(1)));
     if (chain.defined()) d.mul_(chain);
     d = at::where(keep, d, at::zeros({}, options));  // ignored rows may hold inf * 0
     if (need_de) de.addmm_(d, classifier.narrow(0, v0, vb).to(args.acc));

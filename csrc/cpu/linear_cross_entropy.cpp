@@ -146,7 +146,7 @@ FASTLOSS_CPU_INLINE bool gradient_rows(acc_t* logits, int64_t vb, const acc_t* b
     }
     if (has_target) {
       z[t] -= g.b * target_chain;
-      big[0] = fl_max(big[0], z[t] < 0 ? -z[t] : z[t]);
+      keep = true;  // a tile holding a target is never skipped (as on CUDA)
     }
     acc_t row_big = big[0];
     for (int l = 1; l < kLanes; ++l) row_big = fl_max(row_big, big[l]);
@@ -319,7 +319,8 @@ std::tuple<at::Tensor, at::Tensor> linear_cross_entropy(const at::Tensor& hidden
                                                         const at::Tensor& targets,
                                                         const c10::optional<at::Tensor>& bias, int64_t ignore_index,
                                                         double softcap, double label_smoothing, double z_loss,
-                                                        double /*filter_eps: autograd only*/) {
+                                                        double /*filter_eps: autograd only*/,
+                                                        bool /*deterministic: autograd only*/) {
   const char* op = "linear_cross_entropy";
   TORCH_CHECK(hidden.device().is_cpu(), "fastloss.", op, ": expected 'hidden' on the CPU");
   const LinearCrossEntropyArgs args =
@@ -409,7 +410,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_cross_entropy_backward(
     const at::Tensor& grad_loss_in, const c10::optional<at::Tensor>& grad_lse_in, const at::Tensor& hidden,
     const at::Tensor& classifier, const at::Tensor& targets, const c10::optional<at::Tensor>& bias,
     const at::Tensor& lse_in, int64_t ignore_index, double softcap, double label_smoothing, double z_loss,
-    double filter_eps, std::array<bool, 3> output_mask, int64_t vocab_start, int64_t vocab_total) {
+    double filter_eps, std::array<bool, 3> output_mask, int64_t vocab_start, int64_t vocab_total,
+    bool /*deterministic: the CPU always is*/) {
   const char* op = "linear_cross_entropy_backward";
   TORCH_CHECK(hidden.device().is_cpu(), "fastloss.", op, ": expected 'hidden' on the CPU");
   const LinearCrossEntropyArgs args =

@@ -1,33 +1,167 @@
 // CUDA glue for the linear cross-entropy ops: the argument checks shared with the CPU
-// (common/linear_cross_entropy_op.h), the device guard, and registration. The computation is
-// the blocked cut cross-entropy built from cuBLAS matmuls and ATen ops per vocabulary block
-// (common/linear_cross_entropy_aten.h), on the current stream, with no host synchronization.
-// Hand-written tensor-core kernels (mma.sync / wgmma) that keep the logits in registers are
-// not written yet; filter_eps is accepted and ignored here.
+// (common/linear_cross_entropy_op.h), the device guard, allocation and registration, all on
+// the current stream with no host synchronization.
+//
+// Dispatch rule (all three ops): float16 and bfloat16 inputs with D > 0 a multiple of 8 (and
+// tokens, V < 2^31) run the tensor-core kernels of kernels/linear_cross_entropy.cu; hidden or
+// classifier with a layout those kernels do not take (last stride != 1, a row stride that is
+// not a multiple of 8 elements, a base pointer not 16-byte aligned) are copied to contiguous
+// tensors first. Everything else (float32, float64, other D, no tokens) runs the blocked
+// cuBLAS + ATen implementation (common/linear_cross_entropy_aten.h), which does not filter
+// (filter_eps is ignored there). The kernel backward adds into float32 buffers with atomics
+// (then cast to the inputs' dtypes), so its last bits can vary between runs; with
+// deterministic=True, or torch.use_deterministic_algorithms(True), the backward takes the
+// ATen implementation instead: a fixed-order sum over vocabulary blocks with cuBLAS matmuls
+// (no atomics), bitwise reproducible on a given GPU and library version, in float32.
+// Targets outside [0, V) that are not ignore_index trip an asynchronous device-side assert on
+// every path (the kernels also write NaN for such tokens' loss and LSE, which makes their
+// gradients NaN).
 #include <ATen/core/Tensor.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <ATen/Context.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
+#include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
 #include <array>
+#include <cstdint>
+#include <limits>
 #include <tuple>
 
 #include "common/linear_cross_entropy_aten.h"
 #include "common/linear_cross_entropy_op.h"
 #include "cuda/glue.h"
+#include "kernels/linear_cross_entropy.cuh"
 
 namespace fastloss::cuda {
 namespace {
+
+constexpr int64_t kMaxKernelIndex = std::numeric_limits<int32_t>::max();
+
+bool use_kernels(const at::Tensor& hidden, const LinearCrossEntropyArgs& args) {
+  const auto t = hidden.scalar_type();
+  return (t == c10::kHalf || t == c10::kBFloat16) && args.dim > 0 && args.dim % 8 == 0 && args.tokens > 0 &&
+         args.tokens <= kMaxKernelIndex && args.vocab <= kMaxKernelIndex && args.dim <= kMaxKernelIndex;
+}
+
+// A (rows, D) matrix as the kernels read it: unit last stride, row stride a multiple of 8
+// elements, 16-byte aligned; anything else is copied to a fresh (aligned) contiguous tensor.
+at::Tensor kernel_layout(const at::Tensor& t) {
+  const bool ok = t.stride(1) == 1 && t.stride(0) % 8 == 0 && t.stride(0) >= t.size(1) &&
+                  reinterpret_cast<uintptr_t>(t.const_data_ptr()) % 16 == 0;
+  return ok ? t : t.clone(at::MemoryFormat::Contiguous);
+}
+
+void check_targets(const char* op, const at::Tensor& targets, int64_t ignore_index, const LinearCrossEntropyArgs& args) {
+  const at::Tensor t = targets.to(at::kLong);
+  aten_impl::check_targets_async(op, t, t.ne(ignore_index), args.vocab_total);
+}
+
+// The kernels' view of the inputs; h and c already in kernel_layout.
+kernels::LinearCrossEntropyInputs kernel_inputs(const char* op, const at::Tensor& h, const at::Tensor& c,
+                                                const at::Tensor& targets, const c10::optional<at::Tensor>& bias,
+                                                int64_t ignore_index, double softcap, double label_smoothing,
+                                                double z_loss, const LinearCrossEntropyArgs& args) {
+  const bool has_bias = aten_impl::defined(bias);
+  kernels::LinearCrossEntropyInputs a{};
+  a.dtype = kernel_dtype(h.scalar_type());
+  a.hidden = h.const_data_ptr();
+  a.hidden_stride = h.stride(0);
+  a.classifier = c.const_data_ptr();
+  a.classifier_stride = c.stride(0);
+  a.bias = has_bias ? bias->const_data_ptr() : nullptr;
+  a.bias_stride = has_bias ? bias->stride(0) : 0;
+  a.targets = targets.const_data_ptr();
+  a.targets_int64 = targets.scalar_type() == at::kLong;
+  a.targets_stride = targets.stride(0);
+  a.tokens = args.tokens;
+  a.vocab = args.vocab;
+  a.dim = args.dim;
+  a.vocab_start = args.vocab_start;
+  a.vocab_total = args.vocab_total;
+  a.ignore_index = ignore_index;
+  a.softcap = static_cast<float>(softcap);
+  a.label_smoothing = static_cast<float>(label_smoothing);
+  a.z_loss = static_cast<float>(z_loss);
+  TORCH_CHECK(kernels::linear_cross_entropy_layout_ok(a.dtype, a.tokens, a.vocab, a.dim, a.hidden, a.hidden_stride,
+                                                      a.classifier, a.classifier_stride),
+              "fastloss.", op, ": internal error: 'hidden' / 'classifier' layout not accepted by the kernels");
+  return a;
+}
+
+// (loss, lse) of the whole vocabulary, or (lse, linear) of a shard, from the kernels.
+std::tuple<at::Tensor, at::Tensor> kernel_forward(const char* op, const at::Tensor& hidden,
+                                                  const at::Tensor& classifier, const at::Tensor& targets,
+                                                  const c10::optional<at::Tensor>& bias, int64_t ignore_index,
+                                                  double softcap, double label_smoothing, double z_loss, bool shard,
+                                                  const LinearCrossEntropyArgs& args) {
+  check_targets(op, targets, ignore_index, args);
+  const at::Tensor h = kernel_layout(hidden), c = kernel_layout(classifier);
+  const auto options = hidden.options().dtype(at::kFloat);
+  at::Tensor out0 = at::empty({args.tokens}, options), out1 = at::empty({args.tokens}, options);
+  kernels::LinearCrossEntropyForwardArgs a{};
+  a.in = kernel_inputs(op, h, c, targets, bias, ignore_index, softcap, label_smoothing, z_loss, args);
+  a.shard = shard;
+  a.out0 = out0.mutable_data_ptr<float>();
+  a.out1 = out1.mutable_data_ptr<float>();
+  const size_t ws_bytes = kernels::linear_cross_entropy_forward_workspace_bytes(args.tokens, args.vocab, args.dim);
+  at::Tensor ws = workspace(ws_bytes, h);
+  C10_CUDA_CHECK(kernels::launch_linear_cross_entropy_forward(a, data_or_null(ws), ws_bytes,
+                                                              at::cuda::getCurrentCUDAStream()));
+  return {out0, out1};
+}
+
+// (d hidden, d classifier, d bias) from the kernel: float32 accumulation buffers, then the
+// inputs' dtypes. Gradients not asked for are empty tensors.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> kernel_backward(
+    const char* op, const at::Tensor& grad_loss, const c10::optional<at::Tensor>& grad_lse, const at::Tensor& hidden,
+    const at::Tensor& classifier, const at::Tensor& targets, const c10::optional<at::Tensor>& bias,
+    const at::Tensor& lse, int64_t ignore_index, double softcap, double label_smoothing, double z_loss,
+    double filter_eps, std::array<bool, 3> output_mask, const LinearCrossEntropyArgs& args) {
+  check_targets(op, targets, ignore_index, args);
+  const bool has_bias = aten_impl::defined(bias);
+  const bool need_de = output_mask[0], need_dc = output_mask[1], need_db = output_mask[2] && has_bias;
+  const auto f32 = hidden.options().dtype(at::kFloat);
+  at::Tensor de = need_de ? at::zeros({args.tokens, args.dim}, f32) : at::Tensor();
+  at::Tensor dc = need_dc ? at::zeros({args.vocab, args.dim}, f32) : at::Tensor();
+  at::Tensor db = need_db ? at::zeros({args.vocab}, f32) : at::Tensor();
+  if (need_de || need_dc || need_db) {
+    const at::Tensor h = kernel_layout(hidden), c = kernel_layout(classifier);
+    const at::Tensor gl = grad_loss.contiguous(), l = lse.contiguous();
+    const at::Tensor gs = aten_impl::defined(grad_lse) ? grad_lse->contiguous() : at::Tensor();
+    kernels::LinearCrossEntropyBackwardArgs a{};
+    a.in = kernel_inputs(op, h, c, targets, bias, ignore_index, softcap, label_smoothing, z_loss, args);
+    a.filter_eps = static_cast<float>(filter_eps);
+    a.grad_loss = gl.const_data_ptr<float>();
+    a.grad_lse = gs.defined() ? gs.const_data_ptr<float>() : nullptr;
+    a.lse = l.const_data_ptr<float>();
+    a.d_hidden = need_de ? de.mutable_data_ptr<float>() : nullptr;
+    a.d_classifier = need_dc ? dc.mutable_data_ptr<float>() : nullptr;
+    a.d_bias = need_db ? db.mutable_data_ptr<float>() : nullptr;
+    C10_CUDA_CHECK(kernels::launch_linear_cross_entropy_backward(a, at::cuda::getCurrentCUDAStream()));
+  }
+  return {need_de ? de.to(hidden.scalar_type()) : at::empty({0}, hidden.options()),
+          need_dc ? dc.to(classifier.scalar_type()) : at::empty({0}, classifier.options()),
+          need_db ? db.to(bias->scalar_type()) : at::empty({0}, has_bias ? bias->options() : hidden.options())};
+}
 
 std::tuple<at::Tensor, at::Tensor> linear_cross_entropy(const at::Tensor& hidden, const at::Tensor& classifier,
                                                         const at::Tensor& targets,
                                                         const c10::optional<at::Tensor>& bias, int64_t ignore_index,
                                                         double softcap, double label_smoothing, double z_loss,
-                                                        double /*filter_eps: autograd only*/) {
+                                                        double /*filter_eps: autograd only*/,
+                                                        bool /*deterministic: autograd only*/) {
   const char* op = "linear_cross_entropy";
   check_cuda(op, "hidden", hidden);
   const LinearCrossEntropyArgs args =
       linear_cross_entropy_args(op, hidden, classifier, targets, bias, softcap, label_smoothing, z_loss, 0, -1);
   const c10::cuda::OptionalCUDAGuard guard(hidden.device());
+  if (use_kernels(hidden, args)) {
+    return kernel_forward(op, hidden, classifier, targets, bias, ignore_index, softcap, label_smoothing, z_loss,
+                          /*shard=*/false, args);
+  }
   return aten_impl::forward(op, hidden, classifier, targets, bias, ignore_index, softcap, label_smoothing, z_loss,
                             args);
 }
@@ -43,6 +177,10 @@ std::tuple<at::Tensor, at::Tensor> linear_cross_entropy_shard(const at::Tensor& 
   const LinearCrossEntropyArgs args = linear_cross_entropy_args(op, hidden, classifier, targets, bias, softcap,
                                                                 label_smoothing, 0.0, vocab_start, vocab_total);
   const c10::cuda::OptionalCUDAGuard guard(hidden.device());
+  if (use_kernels(hidden, args)) {
+    return kernel_forward(op, hidden, classifier, targets, bias, ignore_index, softcap, label_smoothing, 0.0,
+                          /*shard=*/true, args);
+  }
   return aten_impl::statistics(op, hidden, classifier, targets, bias, ignore_index, softcap, label_smoothing, args);
 }
 
@@ -50,13 +188,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_cross_entropy_backward(
     const at::Tensor& grad_loss, const c10::optional<at::Tensor>& grad_lse, const at::Tensor& hidden,
     const at::Tensor& classifier, const at::Tensor& targets, const c10::optional<at::Tensor>& bias,
     const at::Tensor& lse, int64_t ignore_index, double softcap, double label_smoothing, double z_loss,
-    double filter_eps, std::array<bool, 3> output_mask, int64_t vocab_start, int64_t vocab_total) {
+    double filter_eps, std::array<bool, 3> output_mask, int64_t vocab_start, int64_t vocab_total,
+    bool deterministic) {
   const char* op = "linear_cross_entropy_backward";
   check_cuda(op, "hidden", hidden);
   const LinearCrossEntropyArgs args =
       linear_cross_entropy_backward_args(op, grad_loss, grad_lse, hidden, classifier, targets, bias, lse, softcap,
                                          label_smoothing, z_loss, filter_eps, vocab_start, vocab_total);
   const c10::cuda::OptionalCUDAGuard guard(hidden.device());
+  if (use_kernels(hidden, args) && !deterministic && !at::globalContext().deterministicAlgorithms()) {
+    return kernel_backward(op, grad_loss, grad_lse, hidden, classifier, targets, bias, lse, ignore_index, softcap,
+                           label_smoothing, z_loss, filter_eps, output_mask, args);
+  }
   return aten_impl::backward(grad_loss, grad_lse, hidden, classifier, targets, bias, lse, ignore_index, softcap,
                              label_smoothing, z_loss, output_mask, args);
 }

@@ -1,5 +1,6 @@
 // Device helpers shared by the CUDA kernels: conversions between storage and accumulation
-// types, warp and block all-reduces, aligned vectors. Header-only, torch-free.
+// types, warp and block all-reduces, aligned vectors, tensor-core primitives (cp.async,
+// ldmatrix, mma.sync). Header-only, torch-free.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -8,6 +9,7 @@
 
 #include <atomic>
 #include <cstdint>
+#include <type_traits>
 
 namespace fastloss::kernels {
 
@@ -113,6 +115,90 @@ template <typename T, int N>
 struct alignas(sizeof(T) * N) Vec {
   T v[N];
 };
+
+// -------------------------------------------------------------------------------------------
+// Tensor-core building blocks (sm_80 and later: cp.async, ldmatrix, mma.sync). Fragment
+// layouts of mma.m16n8k16 with 16-bit inputs (PTX ISA, "Matrix fragments for mma.m16n8k16"),
+// g = lane / 4, q = lane % 4, each register holding two consecutive 16-bit values:
+//   A 16x16 row-major: a0 (row g, cols 2q..2q+1), a1 (row g+8, same cols),
+//                      a2 (row g, cols 2q+8..2q+9), a3 (row g+8, cols 2q+8..2q+9)
+//   B 16x8 "col":      b0 (rows k = 2q..2q+1, col g), b1 (rows k = 2q+8..2q+9, col g)
+//   C/D 16x8 float:    c0, c1 (row g, cols 2q, 2q+1), c2, c3 (row g+8, cols 2q, 2q+1)
+// ldmatrix.x4: lane i gives the address of row i % 8 of 8x8 matrix i / 8; register j of lane l
+// receives row l / 4, columns 2 (l % 4) .. +1 of matrix j, which is the layout above.
+
+__device__ __forceinline__ uint32_t smem_u32(const void* p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+
+// 16 bytes global -> shared, bypassing L1; src_bytes = 0 writes zeros (padding rows and
+// columns past the end without a branch around the copy). Both addresses 16-byte aligned.
+__device__ __forceinline__ void cp_async16(void* smem, const void* gmem, int src_bytes) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_u32(smem)), "l"(gmem),
+               "r"(src_bytes)
+               : "memory");
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
+// Waits until at most kPending of this thread's committed groups are still in flight.
+template <int kPending>
+__device__ __forceinline__ void cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(kPending) : "memory");
+}
+
+__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], const void* smem) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(smem_u32(smem)));
+}
+// The same with each 8x8 matrix transposed (register j of lane l: column l / 4, rows 2 (l % 4)..+1).
+__device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], const void* smem) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(smem_u32(smem)));
+}
+
+// d += a * b on tensor cores, 16x8x16, float accumulation; T = __half or __nv_bfloat16.
+template <typename T>
+__device__ __forceinline__ void mma_16816(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
+  if constexpr (std::is_same_v<T, __half>) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+        "{%0, %1, %2, %3};\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+  } else {
+    static_assert(std::is_same_v<T, __nv_bfloat16>, "mma_16816: __half or __nv_bfloat16");
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+        "{%0, %1, %2, %3};\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+  }
+}
+
+// Two floats rounded to a packed pair of 16-bit values (the low half is `lo`), as mma and
+// ldmatrix hold them.
+template <typename T>
+__device__ __forceinline__ uint32_t pack2(float lo, float hi) {
+  if constexpr (std::is_same_v<T, __half>) {
+    const __half2 v = __floats2half2_rn(lo, hi);
+    return *reinterpret_cast<const uint32_t*>(&v);
+  } else {
+    static_assert(std::is_same_v<T, __nv_bfloat16>, "pack2: __half or __nv_bfloat16");
+    const __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
+    return *reinterpret_cast<const uint32_t*>(&v);
+  }
+}
+
+// p[0] += a, p[1] += b (p 8-byte aligned): one vector atomic on sm_90, two scalar ones before.
+__device__ __forceinline__ void atomic_add2(float* p, float a, float b) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  atomicAdd(reinterpret_cast<float2*>(p), make_float2(a, b));
+#else
+  atomicAdd(p, a);
+  atomicAdd(p + 1, b);
+#endif
+}
 
 // -------------------------------------------------------------------------------------------
 // Host side: device properties the launchers size their grids by.

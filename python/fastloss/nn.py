@@ -69,23 +69,24 @@ class LinearCrossEntropy(torch.nn.Module):
 
     def __init__(self, *, ignore_index: int = -100, reduction: str = "mean", softcap: Optional[float] = None,
                  label_smoothing: float = 0.0, z_loss: float = 0.0, shift: bool = False,
-                 filter_eps: Union[str, float, None] = "auto", process_group=None):
+                 filter_eps: Union[str, float, None] = "auto", process_group=None, deterministic: bool = False):
         super().__init__()
         if reduction not in ("mean", "sum", "none"):
             raise ValueError(f"fastloss.nn.LinearCrossEntropy: 'reduction' must be 'mean', 'sum' or 'none', "
                              f"got {reduction!r}")
         self.ignore_index, self.reduction, self.softcap = ignore_index, reduction, softcap
         self.label_smoothing, self.z_loss, self.shift = label_smoothing, z_loss, shift
-        self.filter_eps, self.process_group = filter_eps, process_group
+        self.filter_eps, self.process_group, self.deterministic = filter_eps, process_group, deterministic
 
     def forward(self, hidden: torch.Tensor, classifier: torch.Tensor, targets: torch.Tensor,
                 bias: Optional[torch.Tensor] = None) -> torch.Tensor:
         return linear_cross_entropy(hidden, classifier, targets, bias, ignore_index=self.ignore_index,
                                     reduction=self.reduction, softcap=self.softcap,
                                     label_smoothing=self.label_smoothing, z_loss=self.z_loss, shift=self.shift,
-                                    filter_eps=self.filter_eps, process_group=self.process_group)
+                                    filter_eps=self.filter_eps, process_group=self.process_group,
+                                    deterministic=self.deterministic)
 
     def extra_repr(self) -> str:
         return (f"ignore_index={self.ignore_index}, reduction={self.reduction!r}, softcap={self.softcap}, "
                 f"label_smoothing={self.label_smoothing}, z_loss={self.z_loss}, shift={self.shift}, "
-                f"filter_eps={self.filter_eps!r}")
+                f"filter_eps={self.filter_eps!r}, deterministic={self.deterministic}")

@@ -79,6 +79,7 @@ def linear_cross_entropy(
     filter_eps: Union[str, float, None] = "auto",
     return_lse: bool = False,
     process_group=None,
+    deterministic: bool = False,
 ) -> Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]:
     """Cross-entropy of ``softcap(hidden @ classifier.T + bias)`` against ``targets`` without
     materializing the logits (cut cross-entropy): the vocabulary is processed in blocks whose
@@ -102,7 +103,9 @@ def linear_cross_entropy(
         filter_eps: the backward skips a (tokens x vocabulary) tile in which every entry of the
             logit gradient is below ``filter_eps`` times its token's output-gradient scale
             (for plain cross-entropy: every probability below ``filter_eps``, no target in the
-            tile). ``"auto"``: ``finfo(hidden.dtype).eps / 32``; None or 0: exact gradients.
+            tile). Tiles: 1024 x 512 on the CPU, 128 x 128 in the CUDA tensor-core backward (the
+            CUDA cuBLAS path does not filter). ``"auto"``: ``finfo(hidden.dtype).eps / 32``; None
+            or 0: exact gradients.
         Under ``torch.autocast``, hidden, classifier and bias are first cast to the autocast
             dtype (float64 excepted), as ``F.linear`` would cast them.
         return_lse: also return the per-token log-sum-exp (hidden's leading shape, 0 at
@@ -111,8 +114,22 @@ def linear_cross_entropy(
             group each hold a slice of the classifier (and bias); hidden and targets are the
             same on every rank. The loss and d hidden are all-reduced; d classifier is this
             rank's slice.
+        deterministic: bitwise-reproducible gradients. The CPU always is; on CUDA the float16 /
+            bfloat16 tensor-core backward adds tile products into float32 buffers with atomics
+            (last bits vary between runs), and ``deterministic=True`` (or
+            ``torch.use_deterministic_algorithms(True)``) runs the fixed-order blocked cuBLAS
+            backward instead (float32 matmuls: slower, no ``filter_eps`` skipping).
 
     Returns the loss in float32 (float64 for float64 inputs), and the LSE if ``return_lse``.
+
+    CUDA: float16 and bfloat16 inputs whose D is a multiple of 8 run hand-written tensor-core
+    kernels (mma.sync, float32 accumulation; the logits stay in registers, the backward
+    recomputes them tile by tile); other dtypes and shapes run cuBLAS matmuls plus ATen ops per
+    1024-row vocabulary block.
+
+    Targets outside ``[0, V)`` that are not ``ignore_index``: IndexError naming the position on
+    the CPU; on CUDA an asynchronous device-side assert (no host synchronization), and the
+    tensor-core kernels write NaN for that token's loss and LSE (so its gradients are NaN).
     """
     _check_tensor("hidden", hidden)
     _check_tensor("classifier", classifier)
@@ -128,6 +145,9 @@ def linear_cross_entropy(
     if tuple(targets.shape) != tuple(lead):
         raise ValueError(f"fastloss.linear_cross_entropy: 'targets' must have hidden's leading shape "
                          f"{tuple(lead)}, got {tuple(targets.shape)}")
+    if not isinstance(deterministic, bool):
+        raise TypeError(f"fastloss.linear_cross_entropy: 'deterministic' must be a bool, got "
+                        f"{type(deterministic).__name__}")
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, numbers.Integral):
         raise TypeError(f"fastloss.linear_cross_entropy: 'ignore_index' must be an int, got "
                         f"{type(ignore_index).__name__}")
@@ -152,10 +172,10 @@ def linear_cross_entropy(
     t1 = targets.reshape(tokens)
     if process_group is None:
         loss, lse = torch.ops.fastloss.linear_cross_entropy.default(
-            h2, classifier, t1, bias, int(ignore_index), cap, label_smoothing, z_loss, eps)
+            h2, classifier, t1, bias, int(ignore_index), cap, label_smoothing, z_loss, eps, deterministic)
     else:
         loss, lse = _VocabParallel.apply(h2, classifier, t1, bias, int(ignore_index), cap, label_smoothing, z_loss,
-                                         eps, process_group)
+                                         eps, process_group, deterministic)
     if reduction == "none":
         loss = loss.view(lead)
     elif reduction == "sum":
@@ -177,7 +197,8 @@ def _acc_dtype(hidden: torch.Tensor) -> torch.dtype:
 
 
 @torch.library.register_fake("fastloss::linear_cross_entropy")
-def _forward_fake(hidden, classifier, targets, bias, ignore_index, softcap, label_smoothing, z_loss, filter_eps):
+def _forward_fake(hidden, classifier, targets, bias, ignore_index, softcap, label_smoothing, z_loss, filter_eps,
+                  deterministic=False):
     n = hidden.shape[0]
     return hidden.new_empty((n,), dtype=_acc_dtype(hidden)), hidden.new_empty((n,), dtype=_acc_dtype(hidden))
 
@@ -190,7 +211,8 @@ def _shard_fake(hidden, classifier, targets, bias, ignore_index, softcap, label_
 
 @torch.library.register_fake("fastloss::linear_cross_entropy_backward")
 def _backward_fake(grad_loss, grad_lse, hidden, classifier, targets, bias, lse, ignore_index, softcap,
-                   label_smoothing, z_loss, filter_eps, output_mask, vocab_start=0, vocab_total=-1):
+                   label_smoothing, z_loss, filter_eps, output_mask, vocab_start=0, vocab_total=-1,
+                   deterministic=False):
     # Gradients not asked for (and d bias without a bias) are empty.
     dh = hidden.new_empty(hidden.shape if output_mask[0] else (0,))
     dc = classifier.new_empty(classifier.shape if output_mask[1] else (0,))
@@ -204,22 +226,23 @@ def _backward_fake(grad_loss, grad_lse, hidden, classifier, targets, bias, lse, 
 
 
 def _setup(ctx, inputs, output):
-    hidden, classifier, targets, bias, ignore_index, softcap, label_smoothing, z_loss, filter_eps = inputs
+    hidden, classifier, targets, bias, ignore_index, softcap, label_smoothing, z_loss, filter_eps = inputs[:9]
+    deterministic = inputs[9] if len(inputs) > 9 else False
     _loss, lse = output
-    ctx.options = (ignore_index, softcap, label_smoothing, z_loss, filter_eps)
+    ctx.options = (ignore_index, softcap, label_smoothing, z_loss, filter_eps, deterministic)
     ctx.has_bias = bias is not None
     ctx.save_for_backward(hidden, classifier, targets, bias, lse)
 
 
 def _backward(ctx, grad_loss, grad_lse):
     hidden, classifier, targets, bias, lse = ctx.saved_tensors
-    ignore_index, softcap, label_smoothing, z_loss, filter_eps = ctx.options
+    ignore_index, softcap, label_smoothing, z_loss, filter_eps, deterministic = ctx.options
     mask = [ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.has_bias and ctx.needs_input_grad[3]]
     dh, dc, db = torch.ops.fastloss.linear_cross_entropy_backward.default(
         grad_loss.to(lse.dtype), None if grad_lse is None else grad_lse.to(lse.dtype), hidden, classifier, targets,
-        bias, lse, ignore_index, softcap, label_smoothing, z_loss, filter_eps, mask)
+        bias, lse, ignore_index, softcap, label_smoothing, z_loss, filter_eps, mask, 0, -1, deterministic)
     return (dh if mask[0] else None), (dc if mask[1] else None), None, (db if mask[2] else None), None, None, None, \
-        None, None
+        None, None, None
 
 
 torch.library.register_autograd("fastloss::linear_cross_entropy", _backward, setup_context=_setup)
@@ -255,7 +278,7 @@ def _vocab_range(classifier: torch.Tensor, group) -> Tuple[int, int]:
 class _VocabParallel(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, classifier, targets, bias, ignore_index, softcap, label_smoothing, z_loss, filter_eps,
-                group):
+                group, deterministic):
         import torch.distributed as dist
 
         vocab_start, vocab_total = _vocab_range(classifier, group)
@@ -270,7 +293,8 @@ class _VocabParallel(torch.autograd.Function):
         active = targets != ignore_index
         lse = torch.where(active, shift + torch.log(total), torch.zeros_like(shift))
         loss = torch.where(active, lse + z_loss * lse * lse + linear, torch.zeros_like(lse))
-        ctx.options = (ignore_index, softcap, label_smoothing, z_loss, filter_eps, vocab_start, vocab_total)
+        ctx.options = (ignore_index, softcap, label_smoothing, z_loss, filter_eps, vocab_start, vocab_total,
+                       deterministic)
         ctx.group = group
         ctx.has_bias = bias is not None
         ctx.save_for_backward(hidden, classifier, targets, bias, lse)
@@ -281,12 +305,13 @@ class _VocabParallel(torch.autograd.Function):
         import torch.distributed as dist
 
         hidden, classifier, targets, bias, lse = ctx.saved_tensors
-        ignore_index, softcap, label_smoothing, z_loss, filter_eps, vocab_start, vocab_total = ctx.options
+        ignore_index, softcap, label_smoothing, z_loss, filter_eps, vocab_start, vocab_total, deterministic = ctx.options
         dh, dc, db = torch.ops.fastloss.linear_cross_entropy_backward.default(
             grad_loss.to(lse.dtype).contiguous(), None if grad_lse is None else grad_lse.to(lse.dtype).contiguous(),
             hidden, classifier, targets, bias, lse, ignore_index, softcap, label_smoothing, z_loss, filter_eps,
-            [True, ctx.needs_input_grad[1], ctx.has_bias and ctx.needs_input_grad[3]], vocab_start, vocab_total)
+            [True, ctx.needs_input_grad[1], ctx.has_bias and ctx.needs_input_grad[3]], vocab_start, vocab_total,
+            deterministic)
         # Every rank takes part in the all-reduce, whichever gradients it needs.
         dist.all_reduce(dh, op=dist.ReduceOp.SUM, group=ctx.group)
         return (dh if ctx.needs_input_grad[0] else None), (dc if ctx.needs_input_grad[1] else None), None, \
-            (db if ctx.has_bias and ctx.needs_input_grad[3] else None), None, None, None, None, None, None
+            (db if ctx.has_bias and ctx.needs_input_grad[3] else None), None, None, None, None, None, None, None
