@@ -72,6 +72,9 @@ FASTLOSS_HD Dual operator/(const Dual& p, double s) { return {p.a / s, p.dv / s,
 // Scalar functions for double and Dual (chain rule: f(a), f'(a) * tangent).
 FASTLOSS_HD double val(double p) { return p; }
 FASTLOSS_HD double val(const Dual& p) { return p.a; }
+FASTLOSS_HD double f_abs(double p) { return fabs(p); }
+// A loop exit; a SIMD pack of elements (the CPU kernels' `Pack`) overloads it to mean all lanes.
+FASTLOSS_HD bool all_below(double p, double limit) { return p <= limit; }
 FASTLOSS_HD Dual chain(const Dual& p, double f, double df) { return {f, df * p.dv, df * p.dx}; }
 
 FASTLOSS_HD double f_log(double p) { return ::log(p); }
@@ -135,6 +138,12 @@ FASTLOSS_HD bool negligible(const Dual& term, const Dual& sum) {
 template <typename T>
 FASTLOSS_HD T log_half(const T& x) { return f_log(x) - kLn2; }
 
+// v log(x/2); at v = 0 its x-derivative is 0 (not 0 * inf at subnormal x).
+template <typename T>
+FASTLOSS_HD T v_log_half_x(const T& v, const T& x) {
+  return val(v) == 0.0 ? v * (::log(val(x)) - kLn2) : v * log_half(x);
+}
+
 // Power series: I_v(x) = (x/2)^v / Gamma(v+1) * sum_k (x^2/4)^k / (k! (v+1)_k).
 template <typename T>
 FASTLOSS_HD T series_log_iv(const T& v, const T& x) {
@@ -146,9 +155,7 @@ FASTLOSS_HD T series_log_iv(const T& v, const T& x) {
     sum = sum + term;
     if (negligible(term, sum)) break;
   }
-  // At v = 0 the x-derivative of v log(x/2) is 0 (not 0 * inf at subnormal x).
-  const T v_log_half_x = val(v) == 0.0 ? v * (::log(val(x)) - kLn2) : v * log_half(x);
-  return v_log_half_x - f_lgamma(v + 1.0) + f_log(sum);
+  return v_log_half_x(v, x) - f_lgamma(v + 1.0) + f_log(sum);
 }
 
 // Hankel expansion for large x (DLMF 10.40.1-2), mu = 4 v^2:
@@ -192,7 +199,7 @@ FASTLOSS_HD T debye_log(const T& v, const T& x) {
     const T term = power * debye_q(k, w);
     sum = (kI || !(k & 1)) ? sum + term : sum - term;
     // Stop when the bound of the next term (with room for its derivatives) is negligible.
-    if (val(power) * val(inv_h) * debye_q_bound(k + 1) * (k + 2) <= kTol) break;
+    if (all_below(val(power) * val(inv_h), kTol / (debye_q_bound(k + 1) * (k + 2)))) break;
   }
   const T v_eta = h - v_asinh_v_over_x(v, x);
   const T log_sum_over_sqrt_h = f_log(sum / f_sqrt(h));  // one log for log(sum) - log(h)/2
@@ -322,20 +329,32 @@ FASTLOSS_HD T recurrence_log_kv(const T& v, const T& x_in) {
 
 // ---- region choice -----------------------------------------------------------------
 
+// Which method serves (v, x), v >= 0, 0 < x < inf (the CPU kernels group elements by it).
+enum class Method : int { Hankel = 0, Debye = 1, Small = 2 };  // Small: series (I), Temme / CF2 (K)
+constexpr int kMethods = 3;
+
+FASTLOSS_HD Method method_for(double v, double x) {
+  if (x >= kHankelMinX && 4.0 * v * v <= x) return Method::Hankel;
+  if (v >= kDebyeMinOrder || fast_hypot(v, x) >= kDebyeMinHypot) return Method::Debye;
+  return Method::Small;
+}
+
 template <typename T>
 FASTLOSS_HD T log_iv_finite(const T& v, const T& x) {
-  const double vv = val(v), xv = val(x);
-  if (xv >= kHankelMinX && 4.0 * vv * vv <= xv) return hankel_log<true>(v, x);
-  if (vv >= kDebyeMinOrder || fast_hypot(vv, xv) >= kDebyeMinHypot) return debye_log<true>(v, x);
-  return series_log_iv(v, x);
+  switch (method_for(val(v), val(x))) {
+    case Method::Hankel: return hankel_log<true>(v, x);
+    case Method::Debye: return debye_log<true>(v, x);
+    default: return series_log_iv(v, x);
+  }
 }
 
 template <typename T>
 FASTLOSS_HD T log_kv_finite(const T& v, const T& x) {
-  const double vv = val(v), xv = val(x);
-  if (xv >= kHankelMinX && 4.0 * vv * vv <= xv) return hankel_log<false>(v, x);
-  if (vv >= kDebyeMinOrder || fast_hypot(vv, xv) >= kDebyeMinHypot) return debye_log<false>(v, x);
-  return recurrence_log_kv(v, x);
+  switch (method_for(val(v), val(x))) {
+    case Method::Hankel: return hankel_log<false>(v, x);
+    case Method::Debye: return debye_log<false>(v, x);
+    default: return recurrence_log_kv(v, x);
+  }
 }
 
 // ---- public entry points -----------------------------------------------------------

@@ -20,6 +20,7 @@
 #include "common/log_bessel.h"
 #include "common/log_bessel_op.h"
 #include "cpu/isa.h"
+#include "cpu/log_bessel_pack.h"
 
 namespace fastloss::cpu {
 namespace {
@@ -29,13 +30,72 @@ namespace lb = fastloss::log_bessel;
 // Elements per parallel task: each costs ~0.1-1 us.
 constexpr int64_t kGrain = 512;
 
+// Values of one method for the elements listed in `index`, kLanes at a time; a last partial
+// pack repeats its first element in the unused lanes.
+template <bool kK, lb::Method kMethod>
+FASTLOSS_CPU_INLINE void method_by_packs(const double* v, const double* x, double* out,
+                                         const int* index, int count) {
+  for (int start = 0; start < count; start += lb::kLanes) {
+    const int lanes = std::min(lb::kLanes, count - start);
+    lb::Pack vp, xp;
+    for (int l = 0; l < lb::kLanes; ++l) {
+      const int i = index[start + (l < lanes ? l : 0)];
+      vp.a[l] = kK ? fabs(v[i]) : v[i];
+      xp.a[l] = x[i];
+    }
+    lb::Pack r;
+    if constexpr (kMethod == lb::Method::Hankel) {
+      r = lb::hankel_log<!kK>(vp, xp);
+    } else if constexpr (kMethod == lb::Method::Debye) {
+      r = lb::debye_log<!kK>(vp, xp);
+    } else {
+      static_assert(!kK, "K's small-argument method runs per element");
+      r = lb::series_log_iv(vp, xp);
+    }
+    for (int l = 0; l < lanes; ++l) out[index[start + l]] = r.a[l];
+  }
+}
+
 // Entry points compiled once per instruction set; the math (FASTLOSS_HD = always_inline) is
-// inlined into each clone. Arrays are contiguous doubles.
+// inlined into each clone. Arrays are contiguous doubles, at most kBlock of them. Elements
+// are grouped by method and each group runs in SIMD packs: the loops of one method have the
+// same shape for every element, so lanes stay busy until the slowest has converged.
+constexpr int kBlock = 256;
+
+template <bool kK>
+FASTLOSS_CPU_INLINE void log_bessel_values(const double* v, const double* x, double* out, int n) {
+  int index[lb::kMethods][kBlock];
+  int count[lb::kMethods] = {};
+  for (int i = 0; i < n; ++i) {
+    const double order = kK ? fabs(v[i]) : v[i];
+    const bool finite_domain = order >= 0.0 && order < lb::kInf && x[i] > 0.0 && x[i] < lb::kInf;
+    if (!finite_domain) {  // special values and NaN
+      out[i] = kK ? lb::log_kv(v[i], x[i]) : lb::log_iv(v[i], x[i]);
+      continue;
+    }
+    const int method = static_cast<int>(lb::method_for(order, x[i]));
+    index[method][count[method]++] = i;
+  }
+  constexpr int kHankel = static_cast<int>(lb::Method::Hankel);
+  constexpr int kDebye = static_cast<int>(lb::Method::Debye);
+  constexpr int kSmall = static_cast<int>(lb::Method::Small);
+  method_by_packs<kK, lb::Method::Hankel>(v, x, out, index[kHankel], count[kHankel]);
+  method_by_packs<kK, lb::Method::Debye>(v, x, out, index[kDebye], count[kDebye]);
+  if constexpr (kK) {
+    for (int j = 0; j < count[kSmall]; ++j) {
+      const int i = index[kSmall][j];
+      out[i] = lb::log_kv(v[i], x[i]);
+    }
+  } else {
+    method_by_packs<kK, lb::Method::Small>(v, x, out, index[kSmall], count[kSmall]);
+  }
+}
+
 FASTLOSS_CPU_CLONES void log_iv_range(const double* v, const double* x, double* out, int64_t n) {
-  for (int64_t i = 0; i < n; ++i) out[i] = lb::log_iv(v[i], x[i]);
+  log_bessel_values<false>(v, x, out, static_cast<int>(n));
 }
 FASTLOSS_CPU_CLONES void log_kv_range(const double* v, const double* x, double* out, int64_t n) {
-  for (int64_t i = 0; i < n; ++i) out[i] = lb::log_kv(v[i], x[i]);
+  log_bessel_values<true>(v, x, out, static_cast<int>(n));
 }
 FASTLOSS_CPU_CLONES void log_iv_grad_range(const double* v, const double* x, double* d_dv,
                                            double* d_dx, int64_t n) {
@@ -59,10 +119,9 @@ template <typename scalar_t, typename Fn>
 void for_blocks(const scalar_t* v, const scalar_t* x, scalar_t* out0, scalar_t* out1, int64_t n,
                 const Fn& fn) {
   at::parallel_for(0, n, kGrain, [&](int64_t begin, int64_t end) {
-    constexpr int64_t kBlock = 256;
     double vb[kBlock], xb[kBlock], o0[kBlock], o1[kBlock];
     for (int64_t b = begin; b < end; b += kBlock) {
-      const int64_t m = std::min(kBlock, end - b);
+      const int64_t m = std::min<int64_t>(kBlock, end - b);
       if constexpr (std::is_same_v<scalar_t, double>) {
         fn(v + b, x + b, out0 + b, out1 ? out1 + b : nullptr, m);
       } else {
