@@ -167,7 +167,7 @@ FASTLOSS_HD T hankel_log(const T& v, const T& x) {
   T a = 1.0, sum = 1.0;
   for (int k = 1; k <= kHankelMaxTerms; ++k) {
     const double odd = 2.0 * k - 1.0;
-    a = a * ((mu - odd * odd) * (inv_8x / double(k)));  // the division is off the term chain
+    a = a * ((mu - odd * odd) * (inv_8x * (1.0 / double(k))));  // 1/k: one scalar division
     sum = (kI && (k & 1)) ? sum - a : sum + a;
     if (negligible(a, sum)) break;
   }
@@ -268,28 +268,43 @@ FASTLOSS_HD KStart<T> temme_k(const T& u, const T& x) {
 }
 
 // Steed's continued fraction CF2 for K_u and K_(u+1), |u| <= 1/2, x >= 2 (Thompson & Barnett
-// 1986; the form of Numerical Recipes' bessik).
+// 1986; the form of Numerical Recipes' bessik), rearranged so that no division sits on a
+// chain from one iteration to the next (a pack of elements then runs at the divider's
+// throughput instead of its latency):
+// * the fraction's increments delh_i = h_i - h_(i-1) = -a_i (B_(i-2) / B_i) delh_(i-1) from
+//   its denominators B_i = b_i B_(i-1) + a_i B_(i-2) (rescaled now and then), instead of
+//   Steed's d_i = 1 / (b_i + a_i d_(i-1)) (this also avoids the cancellation in b_i d_i - 1);
+// * the normalization series sum_i c_i q_i as its terms t_i = c_i q_i, whose recurrence
+//   t_i = ((a_(i-1) / (i - 1)) t_(i-2) + b_i t_(i-1)) / i (from q_i = (q_(i-2) - b_i q_(i-1)) / a_i
+//   and c_i = -c_(i-1) a_i / i) divides only by the iteration number.
 template <typename T>
 FASTLOSS_HD KStart<T> cf2_k(const T& u, const T& x) {
+  constexpr int kRescaleEvery = 16;  // B_i grows by < 1000 per iteration: no overflow between
   T b = 2.0 * (1.0 + x);
-  T d = 1.0 / b;
-  T h = d, delh = d;
-  T q1 = 0.0, q2 = 1.0;
+  T denominator_prev = 1.0, denominator = b;  // B_(i-2), B_(i-1)
+  T h = 1.0 / b, delh = h;
   const T a1 = 0.25 - u * u;
-  T q = a1, c = a1;
+  T t_prev = 0.0, t = a1;  // t_0 (q_0 = 0) and t_1 = c_1 q_1 = a1
+  T q = a1;                // a1 + sum_i t_i
   T a = -a1;
   T s = 1.0 + q * delh;
   for (int i = 2; i <= kCF2MaxTerms; ++i) {
+    const T a_prev = a;
     a = a - 2.0 * (i - 1);
-    const T inv_a = 1.0 / a;  // off the recurrence chains, like -a / i
-    c = c * (-a * (1.0 / double(i)));
-    const T q_next = (q1 - b * q2) * inv_a;
-    q1 = q2;
-    q2 = q_next;
-    q = q + c * q_next;
+    const T t_next = ((a_prev * (1.0 / double(i - 1))) * t_prev + b * t) * (1.0 / double(i));
+    t_prev = t;
+    t = t_next;
+    q = q + t_next;
     b = b + 2.0;
-    d = 1.0 / (b + a * d);
-    delh = (b * d - 1.0) * delh;
+    const T denominator_next = b * denominator + a * denominator_prev;
+    delh = delh * (-a * denominator_prev / denominator_next);
+    denominator_prev = denominator;
+    denominator = denominator_next;
+    if (i % kRescaleEvery == 0) {
+      const T scale = 1.0 / denominator;
+      denominator_prev = denominator_prev * scale;
+      denominator = 1.0;
+    }
     h = h + delh;
     const T dels = q * delh;
     s = s + dels;
@@ -335,7 +350,8 @@ constexpr int kMethods = 3;
 
 FASTLOSS_HD Method method_for(double v, double x) {
   if (x >= kHankelMinX && 4.0 * v * v <= x) return Method::Hankel;
-  if (v >= kDebyeMinOrder || fast_hypot(v, x) >= kDebyeMinHypot) return Method::Debye;
+  // hypot(v, x) >= kDebyeMinHypot without the root; x^2 = inf (x > 1e154) compares true.
+  if (v >= kDebyeMinOrder || v * v + x * x >= kDebyeMinHypot * kDebyeMinHypot) return Method::Debye;
   return Method::Small;
 }
 

@@ -48,24 +48,45 @@ FASTLOSS_CPU_INLINE void method_by_packs(const double* v, const double* x, doubl
       r = lb::hankel_log<!kK>(vp, xp);
     } else if constexpr (kMethod == lb::Method::Debye) {
       r = lb::debye_log<!kK>(vp, xp);
+    } else if constexpr (kK) {
+      r = lb::recurrence_log_kv(vp, xp);
     } else {
-      static_assert(!kK, "K's small-argument method runs per element");
       r = lb::series_log_iv(vp, xp);
     }
     for (int l = 0; l < lanes; ++l) out[index[start + l]] = r.a[l];
   }
 }
 
+constexpr int kBlock = 256;  // elements per block of the CPU loops
+
+// CF2 needs about 180 / x iterations (90 at x = 2, 15 at x = 29), and a pack runs as long
+// as its slowest lane: a counting sort by floor(24 / x) puts elements of similar length in
+// the same packs (the iteration counts within a key differ by at most ~8).
+FASTLOSS_CPU_INLINE void order_by_cf2_length(const double* x, int* index, int count) {
+  constexpr int kKeys = 12;  // x > 2: floor(24 / x) <= 11
+  int start[kKeys + 1] = {};
+  int key[kBlock], sorted[kBlock];
+  for (int j = 0; j < count; ++j) {
+    key[j] = std::min(kKeys - 1, static_cast<int>(24.0 / x[index[j]]));
+    ++start[key[j] + 1];
+  }
+  for (int k = 0; k < kKeys; ++k) start[k + 1] += start[k];
+  for (int j = 0; j < count; ++j) sorted[start[key[j]]++] = index[j];
+  std::copy(sorted, sorted + count, index);
+}
+
 // Entry points compiled once per instruction set; the math (FASTLOSS_HD = always_inline) is
 // inlined into each clone. Arrays are contiguous doubles, at most kBlock of them. Elements
 // are grouped by method and each group runs in SIMD packs: the loops of one method have the
 // same shape for every element, so lanes stay busy until the slowest has converged.
-constexpr int kBlock = 256;
-
 template <bool kK>
 FASTLOSS_CPU_INLINE void log_bessel_values(const double* v, const double* x, double* out, int n) {
-  int index[lb::kMethods][kBlock];
-  int count[lb::kMethods] = {};
+  // One list per method; K's small-argument list is split at Temme's x = 2 so that no pack
+  // runs both Temme's series and CF2.
+  constexpr int kLists = lb::kMethods + 1;
+  constexpr int kCF2List = lb::kMethods;
+  int index[kLists][kBlock];
+  int count[kLists] = {};
   for (int i = 0; i < n; ++i) {
     const double order = kK ? fabs(v[i]) : v[i];
     const bool finite_domain = order >= 0.0 && order < lb::kInf && x[i] > 0.0 && x[i] < lb::kInf;
@@ -73,21 +94,19 @@ FASTLOSS_CPU_INLINE void log_bessel_values(const double* v, const double* x, dou
       out[i] = kK ? lb::log_kv(v[i], x[i]) : lb::log_iv(v[i], x[i]);
       continue;
     }
-    const int method = static_cast<int>(lb::method_for(order, x[i]));
-    index[method][count[method]++] = i;
+    const lb::Method method = lb::method_for(order, x[i]);
+    const int list = kK && method == lb::Method::Small && x[i] > lb::kTemmeMaxX ? kCF2List : static_cast<int>(method);
+    index[list][count[list]++] = i;
   }
   constexpr int kHankel = static_cast<int>(lb::Method::Hankel);
   constexpr int kDebye = static_cast<int>(lb::Method::Debye);
   constexpr int kSmall = static_cast<int>(lb::Method::Small);
   method_by_packs<kK, lb::Method::Hankel>(v, x, out, index[kHankel], count[kHankel]);
   method_by_packs<kK, lb::Method::Debye>(v, x, out, index[kDebye], count[kDebye]);
+  method_by_packs<kK, lb::Method::Small>(v, x, out, index[kSmall], count[kSmall]);
   if constexpr (kK) {
-    for (int j = 0; j < count[kSmall]; ++j) {
-      const int i = index[kSmall][j];
-      out[i] = lb::log_kv(v[i], x[i]);
-    }
-  } else {
-    method_by_packs<kK, lb::Method::Small>(v, x, out, index[kSmall], count[kSmall]);
+    order_by_cf2_length(x, index[kCF2List], count[kCF2List]);
+    method_by_packs<kK, lb::Method::Small>(v, x, out, index[kCF2List], count[kCF2List]);
   }
 }
 

@@ -13,6 +13,7 @@
 
 #include <stdint.h>
 
+#include "common/exp_pair.h"
 #include "common/log_bessel.h"
 #include "cpu/isa.h"
 
@@ -148,6 +149,76 @@ FASTLOSS_CPU_INLINE Pack f_lgamma(const Pack& p) {
   const Pack w = u * u;
   const Pack reciprocal_gamma_1pu = temme_gamma2(w) - u * temme_gamma1(w);
   return f_log(product / reciprocal_gamma_1pu);
+}
+
+// exp for |p| <= 708 (Temme's sigma = u log(2/x) stays below 400 for x >= 1e-300), from the
+// shared exp pair: Cody-Waite reduction, degree-13 polynomial, exponent bits.
+FASTLOSS_CPU_INLINE Pack f_exp(const Pack& p) {
+  PackVec r;
+  for (int i = 0; i < kLanes; ++i) {
+    const ExpPair<double> e = exp_pair(p.a[i]);
+    r[i] = e.mantissa * exp2_bits(e.exponent);
+  }
+  return r;
+}
+FASTLOSS_CPU_INLINE Pack f_cosh(const Pack& p) {
+  const Pack e = f_exp(p);
+  return 0.5 * (e + 1.0 / e);
+}
+
+// u pi / sin(u pi) for |u| <= 1/2: the Taylor series of sin(z) / z in z^2 <= pi^2 / 4 (terms
+// to z^24, the next < 1e-19), so u = 0 (integer orders) needs no separate case.
+FASTLOSS_CPU_INLINE Pack pi_u_over_sin(const Pack& u) {
+  const Pack z2 = (kPi * kPi) * (u * u);
+  Pack sinc = 1.0;
+  for (int k = 12; k >= 1; --k) sinc = 1.0 - z2 * sinc * (1.0 / ((2.0 * k) * (2.0 * k + 1.0)));
+  return 1.0 / sinc;
+}
+
+// sinh(s) / s: Taylor series (to s^16) for |s| < 1/2, where the exponentials would cancel.
+FASTLOSS_CPU_INLINE Pack sinh_over(const Pack& s) {
+  const Pack s2 = s * s;
+  Pack series = 1.0;
+  for (int k = 8; k >= 1; --k) series = 1.0 + s2 * series * (1.0 / ((2.0 * k) * (2.0 * k + 1.0)));
+  const Pack e = f_exp(s);
+  return select(f_abs(s) < 0.5, series, (e - 1.0 / e) / (2.0 * s));
+}
+
+FASTLOSS_CPU_INLINE Pack to_log_x_tangent(const Pack& x) { return x; }
+FASTLOSS_CPU_INLINE Pack from_log_x_tangent(const Pack& r, const Pack&) { return r; }
+
+// The pack form of recurrence_log_kv: per lane n = round(v), K_u from Temme's series or CF2,
+// then the forward recurrence up to the largest n of the pack, each lane multiplying only
+// its own n ratios. A pack that straddles x = 2 (the kernels avoid them) runs both methods,
+// each with x clamped to its side, so that no lane iterates outside its method's range.
+FASTLOSS_CPU_INLINE Pack recurrence_log_kv(const Pack& v, const Pack& x) {
+  constexpr double kRoundToInteger = 0x1.8p52;
+  const Pack n = (v + kRoundToInteger) - kRoundToInteger;
+  const Pack u = v - n;
+  const PackMask temme = x <= kTemmeMaxX;
+  KStart<Pack> start;
+  if (all_lanes(temme)) {
+    start = temme_k(u, x);
+  } else if (all_lanes(temme == 0)) {
+    start = cf2_k(u, x);
+  } else {
+    const KStart<Pack> t = temme_k(u, select(temme, x, Pack(kTemmeMaxX)));
+    const KStart<Pack> c = cf2_k(u, select(temme, Pack(kTemmeMaxX), x));
+    start = {select(temme, t.log_k, c.log_k), select(temme, t.ratio, c.ratio)};
+  }
+  // y_k = (x/2)^k K_(u+k) / K_u: y_(k+1) = (x/2)^2 y_(k-1) + (u + k) y_k, all terms positive
+  // (the ratio recurrence without its division on the critical path).
+  const Pack half_x = 0.5 * x;
+  const Pack half_x2 = half_x * half_x;
+  Pack y_prev = 1.0, y = start.ratio;
+  Pack product = select(n >= 1.0, y, Pack(1.0));  // y_n
+  for (int k = 1; !all_lanes(n < double(k + 1)); ++k) {
+    const Pack y_next = half_x2 * y_prev + (u + double(k)) * y;
+    y_prev = y;
+    y = y_next;
+    product = select(n == double(k + 1), y, product);
+  }
+  return start.log_k + n * (kLn2 - f_log(x)) + f_log(product);
 }
 
 }  // namespace fastloss::log_bessel
