@@ -52,10 +52,13 @@ FASTLOSS_PACK_CMP(==)
 #undef FASTLOSS_PACK_CMP
 
 FASTLOSS_CPU_INLINE Pack select(PackMask m, const Pack& p, const Pack& q) { return m ? p.a : q.a; }
+// Three halving steps (a lane-by-lane loop compiles to eight extractions).
 FASTLOSS_CPU_INLINE bool all_lanes(PackMask m) {
-  int64_t all = -1;
-  for (int i = 0; i < kLanes; ++i) all &= m[i];
-  return all != 0;
+  static_assert(kLanes == 8, "the reduction below halves 8 lanes");
+  m &= __builtin_shufflevector(m, m, 4, 5, 6, 7, 0, 1, 2, 3);
+  m &= __builtin_shufflevector(m, m, 2, 3, 0, 1, 2, 3, 0, 1);
+  m &= __builtin_shufflevector(m, m, 1, 0, 1, 0, 1, 0, 1, 0);
+  return m[0] != 0;
 }
 
 FASTLOSS_CPU_INLINE Pack val(const Pack& p) { return p; }
@@ -141,11 +144,12 @@ FASTLOSS_CPU_INLINE Pack f_lgamma(const Pack& p) {
   constexpr double kRoundToInteger = 0x1.8p52;  // adding and subtracting it rounds to nearest
   const Pack n = ((p - 1.0) + kRoundToInteger) - kRoundToInteger;
   const Pack u = (p - 1.0) - n;
-  Pack product = 1.0;
-  for (int k = 1; k <= kMaxShift; ++k) {
-    if (all_lanes(n < double(k))) break;
-    product = product * select(n >= double(k), u + double(k), Pack(1.0));
-  }
+  // The factors multiplied pairwise (a tree, not a chain of 16 dependent products).
+  Pack factors[kMaxShift];
+  for (int k = 1; k <= kMaxShift; ++k) factors[k - 1] = select(n >= double(k), u + double(k), Pack(1.0));
+  for (int width = kMaxShift / 2; width >= 1; width /= 2)
+    for (int k = 0; k < width; ++k) factors[k] = factors[2 * k] * factors[2 * k + 1];
+  const Pack product = factors[0];
   const Pack w = u * u;
   const Pack reciprocal_gamma_1pu = temme_gamma2(w) - u * temme_gamma1(w);
   return f_log(product / reciprocal_gamma_1pu);
