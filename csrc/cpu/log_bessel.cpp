@@ -15,6 +15,7 @@
 #include <c10/util/Half.h>
 #include <torch/library.h>
 
+#include <cstring>
 #include <tuple>
 
 #include "common/log_bessel.h"
@@ -38,10 +39,20 @@ FASTLOSS_CPU_INLINE void method_by_packs(const double* v, const double* x, doubl
   for (int start = 0; start < count; start += lb::kLanes) {
     const int lanes = std::min(lb::kLanes, count - start);
     lb::Pack vp, xp;
-    for (int l = 0; l < lb::kLanes; ++l) {
-      const int i = index[start + (l < lanes ? l : 0)];
-      vp.a[l] = kK ? fabs(v[i]) : v[i];
-      xp.a[l] = x[i];
+    const int first = index[start];
+    // Lists are ascending: a full pack of consecutive elements (the common case, inputs
+    // mostly in one region) is two vector loads and a store instead of lane-by-lane copies.
+    const bool consecutive = lanes == lb::kLanes && index[start + lb::kLanes - 1] - first == lb::kLanes - 1;
+    if (consecutive) {
+      std::memcpy(&vp.a, v + first, sizeof(vp.a));
+      std::memcpy(&xp.a, x + first, sizeof(xp.a));
+      if (kK) vp = lb::f_abs(vp);
+    } else {
+      for (int l = 0; l < lb::kLanes; ++l) {
+        const int i = index[start + (l < lanes ? l : 0)];
+        vp.a[l] = kK ? fabs(v[i]) : v[i];
+        xp.a[l] = x[i];
+      }
     }
     lb::Pack r;
     if constexpr (kMethod == lb::Method::Hankel) {
@@ -53,7 +64,11 @@ FASTLOSS_CPU_INLINE void method_by_packs(const double* v, const double* x, doubl
     } else {
       r = lb::series_log_iv(vp, xp);
     }
-    for (int l = 0; l < lanes; ++l) out[index[start + l]] = r.a[l];
+    if (consecutive) {
+      std::memcpy(out + first, &r.a, sizeof(r.a));
+    } else {
+      for (int l = 0; l < lanes; ++l) out[index[start + l]] = r.a[l];
+    }
   }
 }
 
@@ -80,7 +95,12 @@ FASTLOSS_CPU_INLINE void order_by_cf2_length(const double* x, int* index, int co
 // are grouped by method and each group runs in SIMD packs: the loops of one method have the
 // same shape for every element, so lanes stay busy until the slowest has converged.
 template <bool kK>
-FASTLOSS_CPU_INLINE void log_bessel_values(const double* v, const double* x, double* out, int n) {
+FASTLOSS_CPU_INLINE void log_bessel_values(const double* v, const double* x, double* out, int n,
+                                           bool use_packs) {
+  if (!use_packs) {  // 8-double packs split into AVX2 / SSE halves run slower than scalar code
+    for (int i = 0; i < n; ++i) out[i] = kK ? lb::log_kv(v[i], x[i]) : lb::log_iv(v[i], x[i]);
+    return;
+  }
   // One list per method; K's small-argument list is split at Temme's x = 2 so that no pack
   // runs both Temme's series and CF2.
   constexpr int kLists = lb::kMethods + 1;
@@ -110,11 +130,13 @@ FASTLOSS_CPU_INLINE void log_bessel_values(const double* v, const double* x, dou
   }
 }
 
-FASTLOSS_CPU_CLONES void log_iv_range(const double* v, const double* x, double* out, int64_t n) {
-  log_bessel_values<false>(v, x, out, static_cast<int>(n));
+FASTLOSS_CPU_CLONES void log_iv_range(const double* v, const double* x, double* out, int64_t n,
+                                      bool use_packs) {
+  log_bessel_values<false>(v, x, out, static_cast<int>(n), use_packs);
 }
-FASTLOSS_CPU_CLONES void log_kv_range(const double* v, const double* x, double* out, int64_t n) {
-  log_bessel_values<true>(v, x, out, static_cast<int>(n));
+FASTLOSS_CPU_CLONES void log_kv_range(const double* v, const double* x, double* out, int64_t n,
+                                      bool use_packs) {
+  log_bessel_values<true>(v, x, out, static_cast<int>(n), use_packs);
 }
 FASTLOSS_CPU_CLONES void log_iv_grad_range(const double* v, const double* x, double* d_dv,
                                            double* d_dx, int64_t n) {
@@ -165,11 +187,12 @@ at::Tensor forward(const at::Tensor& v, const at::Tensor& x) {
   const LogBesselArgs args = log_bessel_args(op, v, x);
   at::Tensor out = at::empty(args.v.sizes(), args.v.options());
   if (out.numel() == 0) return out;
+  static const bool use_packs = has_avx512();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, out.scalar_type(), "log_bessel", [&] {
     for_blocks(args.v.const_data_ptr<scalar_t>(), args.x.const_data_ptr<scalar_t>(),
                out.mutable_data_ptr<scalar_t>(), static_cast<scalar_t*>(nullptr), out.numel(),
                [](const double* vb, const double* xb, double* o, double*, int64_t m) {
-                 kK ? log_kv_range(vb, xb, o, m) : log_iv_range(vb, xb, o, m);
+                 kK ? log_kv_range(vb, xb, o, m, use_packs) : log_iv_range(vb, xb, o, m, use_packs);
                });
   });
   return out;

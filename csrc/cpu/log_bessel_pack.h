@@ -22,6 +22,7 @@ namespace fastloss::log_bessel {
 constexpr int kLanes = 8;
 typedef double PackVec __attribute__((vector_size(kLanes * sizeof(double))));
 typedef int64_t PackMask __attribute__((vector_size(kLanes * sizeof(double))));  // -1 / 0 per lane
+typedef uint64_t PackBits __attribute__((vector_size(kLanes * sizeof(double))));
 
 struct Pack {
   PackVec a;
@@ -90,13 +91,18 @@ FASTLOSS_CPU_INLINE Pack f_hypot(const Pack& p, const Pack& q) {
 FASTLOSS_CPU_INLINE Pack f_log(const Pack& p) {
   constexpr double kLn2Hi = 0x1.62e42feep-1;  // 29 bits: k * kLn2Hi is exact
   constexpr double kLn2Lo = 0x1.a39ef35793c76p-33;
-  constexpr int64_t kSqrtHalfBits = 0x3fe6a09e667f3bcd;
+  constexpr uint64_t kSqrtHalfBits = 0x3fe6a09e667f3bcd;
   const PackMask subnormal = p.a < 0x1p-1022;
   const PackVec x = subnormal ? p.a * 0x1p54 : p.a;
-  const PackMask bits = (PackMask)x;
-  const PackMask k = (bits - kSqrtHalfBits) >> 52;  // m = x / 2^k in [sqrt(1/2), sqrt(2))
-  const PackVec m = (PackVec)(bits - (k << 52));
-  const PackVec kd = __builtin_convertvector(k, PackVec) - (subnormal ? PackVec{} + 54.0 : PackVec{});
+  // k such that m = x / 2^k lies in [sqrt(1/2), sqrt(2)), biased by 1023 to be >= 0: only
+  // unsigned shifts and bit tricks, which AVX2 has for 64-bit lanes (it has neither the
+  // arithmetic shift nor the int64 -> double conversion).
+  const PackBits bits = (PackBits)x;
+  const PackBits k_biased = (bits - kSqrtHalfBits + (uint64_t{1023} << 52)) >> 52;
+  const PackVec m = (PackVec)(bits - ((k_biased - 1023) << 52));
+  constexpr uint64_t kTwo52Bits = uint64_t{0x433} << 52;  // 2^52: its low bits hold an integer
+  const PackVec k_plus_2_52 = (PackVec)(k_biased | kTwo52Bits);
+  const PackVec kd = (k_plus_2_52 - (0x1p52 + 1023.0)) - (subnormal ? PackVec{} + 54.0 : PackVec{});
   const PackVec f = m - 1.0;  // exact
   const PackVec s = f / (2.0 + f);
   const PackVec z = s * s;
@@ -121,10 +127,12 @@ FASTLOSS_CPU_INLINE Pack f_asinh(const Pack& p) {
   return f_log1p(p + p2 / (1.0 + f_sqrt(1.0 + p2)));
 }
 
-// Debye's v asinh(v / x), both sides computed and selected (see the scalar form).
+// Debye's v asinh(v / x) (see the scalar form); the large-argument side only when a lane needs it.
 FASTLOSS_CPU_INLINE Pack v_asinh_v_over_x(const Pack& v, const Pack& x) {
-  const Pack large = v * (kLn2 + f_log(v) - f_log(x));
-  return select(v > 1e8 * x, large, v * f_asinh(v / x));
+  const PackMask large = v > 1e8 * x;
+  const Pack moderate = v * f_asinh(v / x);
+  if (all_lanes(large == 0)) return moderate;
+  return select(large, v * (kLn2 + f_log(v) - f_log(x)), moderate);
 }
 
 // The series' v log(x/2): no v = 0 case (that is for derivatives, which packs do not carry).
