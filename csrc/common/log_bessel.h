@@ -10,11 +10,17 @@
 //   power series                         the rest, I
 //   Temme's series (x <= 2) / Steed's CF2 for K_u, |u| <= 1/2, then the forward recurrence
 //   of K_(u+k+1) / K_(u+k) up to v       the rest, K
+// The loops are arranged so that no division sits on a chain from one iteration to the next
+// (Temme's and CF2's recurrences multiplied through by their denominators).
 //
 // Gradients: every method is a template on the scalar type; `Dual` carries d/dv and d/dx
 // through the same arithmetic (forward-mode differentiation), so d/dx is the accurate Bessel
 // ratio of each method (never a difference of two large logs) and d/dv is exact for the
 // truncated expansion. Loops are bounded; convergence tests cover the derivative parts too.
+//
+// The CPU kernels also instantiate the methods with a SIMD pack of elements of one method
+// (cpu/log_bessel_pack.h: the pack forms of the elementary functions, lgamma in product form,
+// and, for K_u at 2 < x < 29, the trapezoidal rule on K's integral in place of CF2).
 #pragma once
 
 #include <math.h>

@@ -1,6 +1,14 @@
-// log I_v(x), log K_v(x) and their derivatives in v and x on the CPU: an elementwise loop over
-// the shared math in common/log_bessel.h (Plesner, Sorensen & Hauberg, ICS 2024; power
-// series, Hankel and Debye expansions, Temme / Steed CF2 with the forward recurrence for K).
+// log I_v(x), log K_v(x) and their derivatives in v and x on the CPU, over the shared math in
+// common/log_bessel.h (Plesner, Sorensen & Hauberg, ICS 2024; power series, Hankel and Debye
+// expansions, Temme / Steed CF2 with the forward recurrence for K).
+//
+// Values: each block of 256 elements is split into one index list per method (K's small-
+// argument list split again at Temme's x = 2, its CF2 side ordered by expected length), and
+// each list runs in SIMD packs of 8 (cpu/log_bessel_pack.h): the methods' loops have the same
+// shape for every element, so lanes stay busy until the slowest has converged, and the
+// transcendentals (log, exp, lgamma) are vector code. Where AVX-512 is missing, packs split
+// into narrower registers lose to the scalar code, which runs instead. Derivatives (dual
+// numbers) run element by element.
 //
 // Memory traffic: v and x are broadcast to a common shape (a copy only when they differ),
 // read once; one output (values) or two (d/dv, d/dx) written once. The work is compute
