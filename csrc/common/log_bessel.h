@@ -190,6 +190,10 @@ FASTLOSS_HD T v_asinh_v_over_x(const T& v, const T& x) {
   return v * f_asinh(v / x);
 }
 
+// v eta = h - v asinh(v / x), h = hypot(v, x) (the SIMD pack form compensates its roundings).
+template <typename T>
+FASTLOSS_HD T debye_v_eta(const T& v, const T& x, const T& h) { return h - v_asinh_v_over_x(v, x); }
+
 // Debye's uniform expansion (DLMF 10.41.3-4) with h = hypot(v, x), t = v / h, written so that
 // v = 0 is allowed: v eta = h - v asinh(v/x), 1/2 log(2 pi v) + 1/4 log(1 + (x/v)^2) =
 // 1/2 log(2 pi h), and u_k(t) / v^k = Q_k(t^2) / h^k.
@@ -207,8 +211,8 @@ FASTLOSS_HD T debye_log(const T& v, const T& x) {
     // Stop when the bound of the next term (with room for its derivatives) is negligible.
     if (all_below(val(power) * val(inv_h), kTol / (debye_q_bound(k + 1) * (k + 2)))) break;
   }
-  const T v_eta = h - v_asinh_v_over_x(v, x);
-  const T log_sum_over_sqrt_h = f_log(sum / f_sqrt(h));  // one log for log(sum) - log(h)/2
+  const T v_eta = debye_v_eta(v, x, h);
+  const T log_sum_over_sqrt_h = f_log(sum * f_sqrt(inv_h));  // one log for log(sum) - log(h)/2
   if (kI) return v_eta - 0.5 * (kLn2 + kLnPi) + log_sum_over_sqrt_h;
   return 0.5 * (kLnPi - kLn2) - v_eta + log_sum_over_sqrt_h;
 }
@@ -356,11 +360,11 @@ FASTLOSS_HD T recurrence_log_kv(const T& v, const T& x_in) {
 enum class Method : int { Hankel = 0, Debye = 1, Small = 2 };  // Small: series (I), Temme / CF2 (K)
 constexpr int kMethods = 3;
 
+// hypot(v, x) >= kDebyeMinHypot without the root: x^2 = inf (x > 1e154) compares true.
 FASTLOSS_HD Method method_for(double v, double x) {
-  if (x >= kHankelMinX && 4.0 * v * v <= x) return Method::Hankel;
-  // hypot(v, x) >= kDebyeMinHypot without the root; x^2 = inf (x > 1e154) compares true.
-  if (v >= kDebyeMinOrder || v * v + x * x >= kDebyeMinHypot * kDebyeMinHypot) return Method::Debye;
-  return Method::Small;
+  const bool hankel = (x >= kHankelMinX) & (4.0 * v * v <= x);
+  const bool debye = (v >= kDebyeMinOrder) | (v * v + x * x >= kDebyeMinHypot * kDebyeMinHypot);
+  return hankel ? Method::Hankel : debye ? Method::Debye : Method::Small;
 }
 
 template <typename T>

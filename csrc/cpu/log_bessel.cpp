@@ -110,31 +110,53 @@ FASTLOSS_CPU_INLINE void log_bessel_values(const double* v, const double* x, dou
     return;
   }
   // One list per method; K's small-argument list is split at Temme's x = 2 so that no pack
-  // runs both Temme's series and CF2.
-  constexpr int kLists = lb::kMethods + 1;
-  constexpr int kCF2List = lb::kMethods;
-  int index[kLists][kBlock];
-  int count[kLists] = {};
-  for (int i = 0; i < n; ++i) {
-    const double order = kK ? fabs(v[i]) : v[i];
-    const bool finite_domain = order >= 0.0 && order < lb::kInf && x[i] > 0.0 && x[i] < lb::kInf;
-    if (!finite_domain) {  // special values and NaN
-      out[i] = kK ? lb::log_kv(v[i], x[i]) : lb::log_iv(v[i], x[i]);
-      continue;
-    }
-    const lb::Method method = lb::method_for(order, x[i]);
-    const int list = kK && method == lb::Method::Small && x[i] > lb::kTemmeMaxX ? kCF2List : static_cast<int>(method);
-    index[list][count[list]++] = i;
-  }
+  // runs both Temme's series and CF2. First each element's list, then the lists themselves,
+  // unless the whole block is one list (the common case), which runs as is.
   constexpr int kHankel = static_cast<int>(lb::Method::Hankel);
   constexpr int kDebye = static_cast<int>(lb::Method::Debye);
   constexpr int kSmall = static_cast<int>(lb::Method::Small);
-  method_by_packs<kK, lb::Method::Hankel>(v, x, out, index[kHankel], count[kHankel]);
-  method_by_packs<kK, lb::Method::Debye>(v, x, out, index[kDebye], count[kDebye]);
-  method_by_packs<kK, lb::Method::Small>(v, x, out, index[kSmall], count[kSmall]);
-  if constexpr (kK) {
-    order_by_cf2_length(x, index[kCF2List], count[kCF2List]);
-    method_by_packs<kK, lb::Method::Small>(v, x, out, index[kCF2List], count[kCF2List]);
+  constexpr int kCF2List = lb::kMethods;
+  constexpr int kLists = lb::kMethods + 1;
+  constexpr int kSpecial = kLists;  // x = 0, inf, NaN, ...: the scalar entry points
+  uint8_t list_of[kBlock];
+  for (int i = 0; i < n; ++i) {
+    const double order = kK ? fabs(v[i]) : v[i];
+    const bool finite_domain = (order >= 0.0) & (order < lb::kInf) & (x[i] > 0.0) & (x[i] < lb::kInf);
+    const int method = static_cast<int>(lb::method_for(order, x[i]));
+    const bool cf2_side = kK & (method == kSmall) & (x[i] > lb::kTemmeMaxX);
+    const int list = cf2_side ? kCF2List : method;
+    list_of[i] = static_cast<uint8_t>(finite_domain ? list : kSpecial);
+  }
+  const auto run_list = [&](int list, int* index, int count) {
+    switch (list) {
+      case kHankel: method_by_packs<kK, lb::Method::Hankel>(v, x, out, index, count); break;
+      case kDebye: method_by_packs<kK, lb::Method::Debye>(v, x, out, index, count); break;
+      case kSmall: method_by_packs<kK, lb::Method::Small>(v, x, out, index, count); break;
+      default:
+        order_by_cf2_length(x, index, count);
+        method_by_packs<kK, lb::Method::Small>(v, x, out, index, count);
+    }
+  };
+  int index[kLists][kBlock];
+  int other_lists = 0;
+  for (int i = 0; i < n; ++i) other_lists += list_of[i] != list_of[0];
+  const bool one_list = other_lists == 0;
+  if (one_list && list_of[0] != kSpecial) {
+    for (int i = 0; i < n; ++i) index[0][i] = i;
+    run_list(list_of[0], index[0], n);
+    return;
+  }
+  int count[kLists] = {};
+  for (int i = 0; i < n; ++i) {
+    const int list = list_of[i];
+    if (list == kSpecial) {
+      out[i] = kK ? lb::log_kv(v[i], x[i]) : lb::log_iv(v[i], x[i]);
+    } else {
+      index[list][count[list]++] = i;
+    }
+  }
+  for (int list = 0; list < kLists; ++list) {
+    if (count[list] > 0 && (kK || list != kCF2List)) run_list(list, index[list], count[list]);
   }
 }
 

@@ -87,31 +87,45 @@ FASTLOSS_CPU_INLINE Pack f_hypot(const Pack& p, const Pack& q) {
   return f_sqrt(p * p + q * q);
 }
 
-// log for positive finite lanes (subnormals included), about 1 ulp.
-FASTLOSS_CPU_INLINE Pack f_log(const Pack& p) {
-  constexpr double kLn2Hi = 0x1.62e42feep-1;  // 29 bits: k * kLn2Hi is exact
-  constexpr double kLn2Lo = 0x1.a39ef35793c76p-33;
+constexpr double kLn2Hi = 0x1.62e42feep-1;  // 29 bits: k * kLn2Hi is exact
+constexpr double kLn2Lo = 0x1.a39ef35793c76p-33;
+
+// x = 2^k (1 + f) with 1 + f in [sqrt(1/2), sqrt(2)), f exact, for positive finite lanes
+// (subnormals included).
+struct LogReduced {
+  PackVec k;
+  PackVec f;
+};
+FASTLOSS_CPU_INLINE LogReduced log_reduce(const Pack& p) {
   constexpr uint64_t kSqrtHalfBits = 0x3fe6a09e667f3bcd;
   const PackMask subnormal = p.a < 0x1p-1022;
   const PackVec x = subnormal ? p.a * 0x1p54 : p.a;
-  // k such that m = x / 2^k lies in [sqrt(1/2), sqrt(2)), biased by 1023 to be >= 0: only
-  // unsigned shifts and bit tricks, which AVX2 has for 64-bit lanes (it has neither the
-  // arithmetic shift nor the int64 -> double conversion).
+  // k biased by 1023 to be >= 0: only unsigned shifts and bit tricks, which AVX2 has for
+  // 64-bit lanes (it has neither the arithmetic shift nor the int64 -> double conversion).
   const PackBits bits = (PackBits)x;
   const PackBits k_biased = (bits - kSqrtHalfBits + (uint64_t{1023} << 52)) >> 52;
   const PackVec m = (PackVec)(bits - ((k_biased - 1023) << 52));
   constexpr uint64_t kTwo52Bits = uint64_t{0x433} << 52;  // 2^52: its low bits hold an integer
   const PackVec k_plus_2_52 = (PackVec)(k_biased | kTwo52Bits);
-  const PackVec kd = (k_plus_2_52 - (0x1p52 + 1023.0)) - (subnormal ? PackVec{} + 54.0 : PackVec{});
-  const PackVec f = m - 1.0;  // exact
+  const PackVec k = (k_plus_2_52 - (0x1p52 + 1023.0)) - (subnormal ? PackVec{} + 54.0 : PackVec{});
+  return {k, m - 1.0};
+}
+
+// (2 atanh(s) - 2 s) / s for s^2 = z <= 0.0295: the Taylor series, ten terms (to 2^-60).
+FASTLOSS_CPU_INLINE PackVec log_series_tail(const PackVec& z) {
+  return z * (2.0 / 3 + z * (2.0 / 5 + z * (2.0 / 7 + z * (2.0 / 9 + z * (2.0 / 11 + z * (2.0 / 13 +
+         z * (2.0 / 15 + z * (2.0 / 17 + z * (2.0 / 19 + z * (2.0 / 21))))))))));
+}
+
+// log for positive finite lanes (subnormals included), about 1 ulp.
+FASTLOSS_CPU_INLINE Pack f_log(const Pack& p) {
+  const LogReduced r = log_reduce(p);
+  const PackVec f = r.f, kd = r.k;
   const PackVec s = f / (2.0 + f);
-  const PackVec z = s * s;
-  const PackVec r =
-      z * (2.0 / 3 + z * (2.0 / 5 + z * (2.0 / 7 + z * (2.0 / 9 + z * (2.0 / 11 + z * (2.0 / 13 +
-      z * (2.0 / 15 + z * (2.0 / 17 + z * (2.0 / 19 + z * (2.0 / 21))))))))));
+  const PackVec tail = log_series_tail(s * s);
   const PackVec half_f2 = 0.5 * f * f;
-  // log(1 + f) = 2 atanh(s) = f - (f^2/2 - s (f^2/2 + r)), added smallest first.
-  return kd * kLn2Hi + (f - (half_f2 - (s * (half_f2 + r) + kd * kLn2Lo)));
+  // log(1 + f) = 2 atanh(s) = f - (f^2/2 - s (f^2/2 + tail)), added smallest first.
+  return kd * kLn2Hi + (f - (half_f2 - (s * (half_f2 + tail) + kd * kLn2Lo)));
 }
 
 // log(1 + p) for p >= 0: the rounding of 1 + p corrected to first order.
@@ -127,12 +141,87 @@ FASTLOSS_CPU_INLINE Pack f_asinh(const Pack& p) {
   return f_log1p(p + p2 / (1.0 + f_sqrt(1.0 + p2)));
 }
 
-// Debye's v asinh(v / x) (see the scalar form); the large-argument side only when a lane needs it.
-FASTLOSS_CPU_INLINE Pack v_asinh_v_over_x(const Pack& v, const Pack& x) {
+// Error-free transformations need each product and sum rounded as written: the compiler
+// contracts a * b + c into an fma (GNU mode) unless it cannot see where a value came from.
+FASTLOSS_CPU_INLINE void rounded_as_written(Pack& p) { asm volatile("" : "+m"(p.a)); }
+
+FASTLOSS_CPU_INLINE Pack f_fma(const Pack& p, const Pack& q, const Pack& r) {
+  PackVec out;
+  for (int i = 0; i < kLanes; ++i) out[i] = __builtin_fma(p.a[i], q.a[i], r.a[i]);
+  return out;
+}
+
+// hi + lo, a value carried to about twice double precision.
+struct PackPair {
+  Pack hi, lo;
+};
+FASTLOSS_CPU_INLINE PackPair two_sum(Pack a, Pack b) {
+  rounded_as_written(a);
+  rounded_as_written(b);
+  Pack sum = a + b;
+  rounded_as_written(sum);
+  const Pack b_part = sum - a;
+  return {sum, (a - (sum - b_part)) + (b - b_part)};
+}
+FASTLOSS_CPU_INLINE PackPair two_product(const Pack& a, const Pack& b) {
+  Pack product = a * b;
+  rounded_as_written(product);
+  return {product, f_fma(a, b, -product)};
+}
+
+// log(y) to ~2^-100 (normal positive lanes): f_log's reduction with s = f / (2 + f) and the
+// leading 2 s carried as pairs; the tail 2 atanh(s) - 2 s is < 1% of the result, so its own
+// rounding stays below 2^-60 of it.
+FASTLOSS_CPU_INLINE PackPair log_double_double(const Pack& y) {
+  const LogReduced r = log_reduce(y);
+  const Pack f = r.f, k = r.k;
+  const PackPair denominator = two_sum(Pack(2.0), f);
+  const Pack s = f / denominator.hi;
+  const Pack s_low = (f_fma(-s, denominator.hi, f) - s * denominator.lo) / denominator.hi;
+  const Pack tail = s * Pack(log_series_tail((s * s).a));
+  const PackPair leading = two_sum(k * kLn2Hi, 2.0 * s);  // k * kLn2Hi and 2 s are exact
+  return {leading.hi, leading.lo + (k * kLn2Lo + (2.0 * s_low + tail))};
+}
+
+// asinh(z + z_low) = log(z + sqrt(1 + z^2)) as a pair, for z of order 1.
+FASTLOSS_CPU_INLINE PackPair asinh_double_double(const Pack& z, const Pack& z_low) {
+  const PackPair z2 = two_product(z, z);
+  const PackPair q = two_sum(Pack(1.0), z2.hi);
+  const Pack q_low = q.lo + z2.lo + 2.0 * z * z_low;
+  const Pack root = f_sqrt(q.hi);
+  const Pack root_low = (f_fma(-root, root, q.hi) + q_low) / (2.0 * root);
+  const PackPair y = two_sum(z, root);
+  const Pack y_low = y.lo + z_low + root_low;
+  const PackPair log_y = log_double_double(y.hi);
+  return {log_y.hi, log_y.lo + y_low / y.hi};
+}
+
+// Debye's v eta = h - v asinh(v / x). Near x / v = 0.66, where eta = 0, the difference
+// cancels, and its absolute error is v times the relative errors of its parts (1e-12 at
+// v = 1e4 for one ulp, which libm's asinh or the rounding of v / x or of h reach). There it
+// is carried in double-double (v / x, asinh, the product, and h from h^2 = v^2 + x^2), to
+// ~1e-16 absolute; these lanes are a few percent of Debye's elements. Elsewhere, and where
+// v > 1e8 x, the plain form.
+FASTLOSS_CPU_INLINE Pack debye_v_eta(const Pack& v, const Pack& x, const Pack& h) {
   const PackMask large = v > 1e8 * x;
-  const Pack moderate = v * f_asinh(v / x);
+  const Pack z = v / x;
+  const Pack plain = h - v * f_asinh(z);
+  const PackMask cancelling = (v > 32.0) & (x > 0.3 * v) & (x < 1.2 * v) & (v < 1e150);
+  Pack moderate = plain;
+  if (!all_lanes(cancelling == 0)) {
+    const Pack z_low = f_fma(-z, x, v) / x;
+    const PackPair asinh_z = asinh_double_double(z, z_low);
+    const PackPair product = two_product(v, asinh_z.hi);
+    const Pack product_low = product.lo + v * asinh_z.lo;
+    const PackPair v2 = two_product(v, v), x2 = two_product(x, x);
+    const PackPair h2 = two_sum(v2.hi, x2.hi);
+    const Pack h2_low = h2.lo + v2.lo + x2.lo;
+    const Pack h_low = (f_fma(-h, h, h2.hi) + h2_low) / (2.0 * h);  // true h - h
+    // h - product.hi is exact (the two are within a factor of 2 here).
+    moderate = select(cancelling, (h - product.hi) + (h_low - product_low), plain);
+  }
   if (all_lanes(large == 0)) return moderate;
-  return select(large, v * (kLn2 + f_log(v) - f_log(x)), moderate);
+  return select(large, h - v * (kLn2 + f_log(v) - f_log(x)), moderate);
 }
 
 // The series' v log(x/2): no v = 0 case (that is for derivatives, which packs do not carry).
