@@ -204,6 +204,13 @@ FASTLOSS_HD T debye_log(const T& v, const T& x) {
   const T t = v * inv_h;
   const T w = t * t;
   T power = 1.0, sum = 1.0;
+  // Unrolled, so that the polynomial and bound of each k are constants (no table lookups):
+  // GCC does not unroll it by itself inside the CPU kernels' target_clones.
+#if defined(__CUDACC__)
+#pragma unroll
+#else
+#pragma GCC unroll 16
+#endif
   for (int k = 1; k <= kDebyeTerms; ++k) {
     power = power * inv_h;
     const T term = power * debye_q(k, w);

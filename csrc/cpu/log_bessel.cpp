@@ -81,6 +81,7 @@ FASTLOSS_CPU_INLINE void method_by_packs(const double* v, const double* x, doubl
 }
 
 constexpr int kBlock = 256;  // elements per block of the CPU loops
+constexpr int kCF2List = static_cast<int>(lb::kMethods);  // K's small-argument list beyond x = 2
 
 // CF2 needs about 180 / x iterations (90 at x = 2, 15 at x = 29), and a pack runs as long
 // as its slowest lane: a counting sort by floor(24 / x) puts elements of similar length in
@@ -98,6 +99,21 @@ FASTLOSS_CPU_INLINE void order_by_cf2_length(const double* x, int* index, int co
   std::copy(sorted, sorted + count, index);
 }
 
+// The packs of one index list (a function, not a lambda: a lambda that is not inlined into
+// the clone that calls it would run the baseline instruction set).
+template <bool kK>
+FASTLOSS_CPU_INLINE void run_list(int list, const double* v, const double* x, double* out, int* index,
+                                  int count) {
+  switch (list) {
+    case static_cast<int>(lb::Method::Hankel): method_by_packs<kK, lb::Method::Hankel>(v, x, out, index, count); break;
+    case static_cast<int>(lb::Method::Debye): method_by_packs<kK, lb::Method::Debye>(v, x, out, index, count); break;
+    case static_cast<int>(lb::Method::Small): method_by_packs<kK, lb::Method::Small>(v, x, out, index, count); break;
+    default:  // kCF2List
+      order_by_cf2_length(x, index, count);
+      method_by_packs<kK, lb::Method::Small>(v, x, out, index, count);
+  }
+}
+
 // Entry points compiled once per instruction set; the math (FASTLOSS_HD = always_inline) is
 // inlined into each clone. Arrays are contiguous doubles, at most kBlock of them. Elements
 // are grouped by method and each group runs in SIMD packs: the loops of one method have the
@@ -112,10 +128,7 @@ FASTLOSS_CPU_INLINE void log_bessel_values(const double* v, const double* x, dou
   // One list per method; K's small-argument list is split at Temme's x = 2 so that no pack
   // runs both Temme's series and CF2. First each element's list, then the lists themselves,
   // unless the whole block is one list (the common case), which runs as is.
-  constexpr int kHankel = static_cast<int>(lb::Method::Hankel);
-  constexpr int kDebye = static_cast<int>(lb::Method::Debye);
   constexpr int kSmall = static_cast<int>(lb::Method::Small);
-  constexpr int kCF2List = lb::kMethods;
   constexpr int kLists = lb::kMethods + 1;
   constexpr int kSpecial = kLists;  // x = 0, inf, NaN, ...: the scalar entry points
   uint8_t list_of[kBlock];
@@ -127,23 +140,13 @@ FASTLOSS_CPU_INLINE void log_bessel_values(const double* v, const double* x, dou
     const int list = cf2_side ? kCF2List : method;
     list_of[i] = static_cast<uint8_t>(finite_domain ? list : kSpecial);
   }
-  const auto run_list = [&](int list, int* index, int count) {
-    switch (list) {
-      case kHankel: method_by_packs<kK, lb::Method::Hankel>(v, x, out, index, count); break;
-      case kDebye: method_by_packs<kK, lb::Method::Debye>(v, x, out, index, count); break;
-      case kSmall: method_by_packs<kK, lb::Method::Small>(v, x, out, index, count); break;
-      default:
-        order_by_cf2_length(x, index, count);
-        method_by_packs<kK, lb::Method::Small>(v, x, out, index, count);
-    }
-  };
   int index[kLists][kBlock];
   int other_lists = 0;
   for (int i = 0; i < n; ++i) other_lists += list_of[i] != list_of[0];
   const bool one_list = other_lists == 0;
   if (one_list && list_of[0] != kSpecial) {
     for (int i = 0; i < n; ++i) index[0][i] = i;
-    run_list(list_of[0], index[0], n);
+    run_list<kK>(list_of[0], v, x, out, index[0], n);
     return;
   }
   int count[kLists] = {};
@@ -156,7 +159,7 @@ FASTLOSS_CPU_INLINE void log_bessel_values(const double* v, const double* x, dou
     }
   }
   for (int list = 0; list < kLists; ++list) {
-    if (count[list] > 0 && (kK || list != kCF2List)) run_list(list, index[list], count[list]);
+    if (count[list] > 0 && (kK || list != kCF2List)) run_list<kK>(list, v, x, out, index[list], count[list]);
   }
 }
 

@@ -206,7 +206,8 @@ FASTLOSS_CPU_INLINE Pack debye_v_eta(const Pack& v, const Pack& x, const Pack& h
   const PackMask large = v > 1e8 * x;
   const Pack z = v / x;
   const Pack plain = h - v * f_asinh(z);
-  const PackMask cancelling = (v > 32.0) & (x > 0.3 * v) & (x < 1.2 * v) & (v < 1e150);
+  // |eta| > 0.44 outside x / v in [0.45, 0.95]: there the plain form is within a few ulp.
+  const PackMask cancelling = (v > 32.0) & (x > 0.45 * v) & (x < 0.95 * v) & (v < 1e150);
   Pack moderate = plain;
   if (!all_lanes(cancelling == 0)) {
     const Pack z_low = f_fma(-z, x, v) / x;
