@@ -4,11 +4,15 @@
 // header supplies the pack forms of the elementary operations those templates use; where a
 // scalar method branches per element, a pack overload here computes both sides and selects.
 //
-// GCC/Clang vector extensions, so one source compiles for every instruction set of
-// FASTLOSS_CPU_CLONES (8 doubles: one AVX-512 register, two AVX2 ones, four SSE2 ones).
+// GCC (12+) / Clang vector extensions, so one source compiles for every instruction set of
+// FASTLOSS_CPU_CLONES (8 doubles: one AVX-512 register; the kernels use packs only where
+// AVX-512 runs, as split into AVX2 / SSE halves they lose to the scalar code).
 // log is written out (libm has no vector form that every build can call): the reduction
 // x = 2^k m, m in [sqrt(1/2), sqrt(2)), and log m = 2 atanh(s), s = (m - 1) / (m + 1), whose
 // Taylor series in s^2 <= 0.0295 reaches 2^-60 in ten terms; about 1 ulp, like libm's.
+// Also here, the CPU's own pieces of method: K_u at 2 < x < 29 by the trapezoidal rule (in
+// place of CF2's division-bound iterations) and Debye's v eta in double-double where it
+// cancels.
 #pragma once
 
 #include <stdint.h>
