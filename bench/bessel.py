@@ -137,7 +137,7 @@ def _region_of(kind: str, v: float, x: float) -> str:
         return "Debye"
     if kind == "iv":
         return "series"
-    return "Temme" if x <= 2 else "CF2+recurrence"
+    return "Temme" if x <= 2 else "K_u integral (CPU) / CF2, + recurrence"
 
 
 def _reference_points() -> List[Tuple[float, float, float, float]]:

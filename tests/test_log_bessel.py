@@ -74,6 +74,46 @@ def test_gradients_match_mpmath(name, column, tol, device):
     assert err.max().item() <= tol, f"max error {err.max().item():.2e} at index {err.argmax().item()}"
 
 
+@pytest.mark.parametrize(
+    "name,v_range,x_range",
+    [
+        ("kv", (0.0, 16.0), (2.0, 29.0)),  # K_u by the trapezoidal rule (CPU) / CF2, then the recurrence
+        ("kv", (0.0, 16.0), (1e-3, 2.0)),  # Temme's series, then the recurrence
+        ("iv", (0.0, 16.0), (1e-3, 29.0)),  # the power series (lgamma in product form on the CPU)
+    ],
+)
+def test_small_argument_methods_dense(name, v_range, x_range, device):
+    # The committed data has few points per small-argument method; 200 more, against mpmath.
+    mp = pytest.importorskip("mpmath")
+    mp.mp.dps = 30
+    g = torch.Generator().manual_seed(4)
+    v = torch.empty(400, dtype=torch.float64).uniform_(*v_range, generator=g)
+    x = torch.empty(400, dtype=torch.float64).uniform_(*x_range, generator=g)
+    keep = v.square() + x.square() < 29.0**2  # below the Debye region
+    v, x = v[keep][:200], x[keep][:200]
+    bessel = mp.besselk if name == "kv" else mp.besseli
+    ref = torch.tensor([float(mp.log(bessel(a, b))) for a, b in zip(v.tolist(), x.tolist())], dtype=torch.float64)
+    assert rel_error(FUNCS[name](v.to(device), x.to(device)), ref).max().item() <= 1e-14
+
+
+def test_mixed_regions_match_one_region_at_a_time():
+    # The CPU kernel groups the elements of a block by method and evaluates them in SIMD
+    # packs; interleaved regions (partial packs, gathered lanes) give the same values as
+    # inputs that each hold one region.
+    g = torch.Generator().manual_seed(5)
+    regions = [((0.0, 15.0), (0.05, 20.0)), ((0.0, 15.0), (1e-10, 1e-2)), ((16.0, 1e4), (1e-2, 1e4)),
+               ((0.0, 15.0), (30.0, 1000.0)), ((0.0, 10.0), (1e3, 1e5)), ((0.0, 3.0), (1.5, 2.5))]
+    vs, xs = [], []
+    for (v_lo, v_hi), (x_lo, x_hi) in regions:
+        vs.append(torch.empty(300, dtype=torch.float64).uniform_(v_lo, v_hi, generator=g))
+        xs.append(torch.exp(torch.empty(300, dtype=torch.float64).uniform_(math.log(x_lo), math.log(x_hi), generator=g)))
+    perm = torch.randperm(len(regions) * 300, generator=g)
+    v_mixed, x_mixed = torch.cat(vs)[perm], torch.cat(xs)[perm]
+    for name, fn in FUNCS.items():
+        separate = torch.cat([fn(v, x) for v, x in zip(vs, xs)])[perm]
+        assert rel_error(fn(v_mixed, x_mixed), separate).max().item() <= 2e-15
+
+
 def test_wronskian():
     # I_v K_(v+1) + I_(v+1) K_v = 1/x, checked in log space at random points of every region.
     g = torch.Generator().manual_seed(0)

@@ -10,11 +10,17 @@
 //   power series                         the rest, I
 //   Temme's series (x <= 2) / Steed's CF2 for K_u, |u| <= 1/2, then the forward recurrence
 //   of K_(u+k+1) / K_(u+k) up to v       the rest, K
+// The loops are arranged so that no division sits on a chain from one iteration to the next
+// (Temme's and CF2's recurrences multiplied through by their denominators).
 //
 // Gradients: every method is a template on the scalar type; `Dual` carries d/dv and d/dx
 // through the same arithmetic (forward-mode differentiation), so d/dx is the accurate Bessel
 // ratio of each method (never a difference of two large logs) and d/dv is exact for the
 // truncated expansion. Loops are bounded; convergence tests cover the derivative parts too.
+//
+// The CPU kernels also instantiate the methods with a SIMD pack of elements of one method
+// (cpu/log_bessel_pack.h: the pack forms of the elementary functions, lgamma in product form,
+// and, for K_u at 2 < x < 29, the trapezoidal rule on K's integral in place of CF2).
 #pragma once
 
 #include <math.h>
@@ -72,6 +78,9 @@ FASTLOSS_HD Dual operator/(const Dual& p, double s) { return {p.a / s, p.dv / s,
 // Scalar functions for double and Dual (chain rule: f(a), f'(a) * tangent).
 FASTLOSS_HD double val(double p) { return p; }
 FASTLOSS_HD double val(const Dual& p) { return p.a; }
+FASTLOSS_HD double f_abs(double p) { return fabs(p); }
+// A loop exit; a SIMD pack of elements (the CPU kernels' `Pack`) overloads it to mean all lanes.
+FASTLOSS_HD bool all_below(double p, double limit) { return p <= limit; }
 FASTLOSS_HD Dual chain(const Dual& p, double f, double df) { return {f, df * p.dv, df * p.dx}; }
 
 FASTLOSS_HD double f_log(double p) { return ::log(p); }
@@ -135,6 +144,12 @@ FASTLOSS_HD bool negligible(const Dual& term, const Dual& sum) {
 template <typename T>
 FASTLOSS_HD T log_half(const T& x) { return f_log(x) - kLn2; }
 
+// v log(x/2); at v = 0 its x-derivative is 0 (not 0 * inf at subnormal x).
+template <typename T>
+FASTLOSS_HD T v_log_half_x(const T& v, const T& x) {
+  return val(v) == 0.0 ? v * (::log(val(x)) - kLn2) : v * log_half(x);
+}
+
 // Power series: I_v(x) = (x/2)^v / Gamma(v+1) * sum_k (x^2/4)^k / (k! (v+1)_k).
 template <typename T>
 FASTLOSS_HD T series_log_iv(const T& v, const T& x) {
@@ -146,9 +161,7 @@ FASTLOSS_HD T series_log_iv(const T& v, const T& x) {
     sum = sum + term;
     if (negligible(term, sum)) break;
   }
-  // At v = 0 the x-derivative of v log(x/2) is 0 (not 0 * inf at subnormal x).
-  const T v_log_half_x = val(v) == 0.0 ? v * (::log(val(x)) - kLn2) : v * log_half(x);
-  return v_log_half_x - f_lgamma(v + 1.0) + f_log(sum);
+  return v_log_half_x(v, x) - f_lgamma(v + 1.0) + f_log(sum);
 }
 
 // Hankel expansion for large x (DLMF 10.40.1-2), mu = 4 v^2:
@@ -160,7 +173,7 @@ FASTLOSS_HD T hankel_log(const T& v, const T& x) {
   T a = 1.0, sum = 1.0;
   for (int k = 1; k <= kHankelMaxTerms; ++k) {
     const double odd = 2.0 * k - 1.0;
-    a = a * ((mu - odd * odd) * (inv_8x / double(k)));  // the division is off the term chain
+    a = a * ((mu - odd * odd) * (inv_8x * (1.0 / double(k))));  // 1/k: one scalar division
     sum = (kI && (k & 1)) ? sum - a : sum + a;
     if (negligible(a, sum)) break;
   }
@@ -177,6 +190,10 @@ FASTLOSS_HD T v_asinh_v_over_x(const T& v, const T& x) {
   return v * f_asinh(v / x);
 }
 
+// v eta = h - v asinh(v / x), h = hypot(v, x) (the SIMD pack form compensates its roundings).
+template <typename T>
+FASTLOSS_HD T debye_v_eta(const T& v, const T& x, const T& h) { return h - v_asinh_v_over_x(v, x); }
+
 // Debye's uniform expansion (DLMF 10.41.3-4) with h = hypot(v, x), t = v / h, written so that
 // v = 0 is allowed: v eta = h - v asinh(v/x), 1/2 log(2 pi v) + 1/4 log(1 + (x/v)^2) =
 // 1/2 log(2 pi h), and u_k(t) / v^k = Q_k(t^2) / h^k.
@@ -187,15 +204,22 @@ FASTLOSS_HD T debye_log(const T& v, const T& x) {
   const T t = v * inv_h;
   const T w = t * t;
   T power = 1.0, sum = 1.0;
+  // Unrolled, so that the polynomial and bound of each k are constants (no table lookups):
+  // GCC does not unroll it by itself inside the CPU kernels' target_clones.
+#if defined(__CUDACC__)
+#pragma unroll
+#else
+#pragma GCC unroll 16
+#endif
   for (int k = 1; k <= kDebyeTerms; ++k) {
     power = power * inv_h;
     const T term = power * debye_q(k, w);
     sum = (kI || !(k & 1)) ? sum + term : sum - term;
     // Stop when the bound of the next term (with room for its derivatives) is negligible.
-    if (val(power) * val(inv_h) * debye_q_bound(k + 1) * (k + 2) <= kTol) break;
+    if (all_below(val(power) * val(inv_h), kTol / (debye_q_bound(k + 1) * (k + 2)))) break;
   }
-  const T v_eta = h - v_asinh_v_over_x(v, x);
-  const T log_sum_over_sqrt_h = f_log(sum / f_sqrt(h));  // one log for log(sum) - log(h)/2
+  const T v_eta = debye_v_eta(v, x, h);
+  const T log_sum_over_sqrt_h = f_log(sum * f_sqrt(inv_h));  // one log for log(sum) - log(h)/2
   if (kI) return v_eta - 0.5 * (kLn2 + kLnPi) + log_sum_over_sqrt_h;
   return 0.5 * (kLnPi - kLn2) - v_eta + log_sum_over_sqrt_h;
 }
@@ -227,6 +251,10 @@ struct KStart {
 
 // Temme's series for K_u and K_(u+1), |u| <= 1/2, 0 < x <= 2 (Temme 1975; the form of
 // Numerical Recipes' bessik). K_(u+1) = (2/x) sum1 is kept as a ratio: no overflow at tiny x.
+// The recurrences f_i = (i f_(i-1) + p_(i-1) + q_(i-1)) / (i^2 - u^2), p_i = p_(i-1) / (i - u),
+// q_i = q_(i-1) / (i + u) run multiplied through by D_i = prod_(k <= i) (k^2 - u^2), and the
+// term factor c_i divided by it: one division per term instead of three (the divider's
+// throughput bounds a pack of elements). D_i < (i!)^2 stays finite over the ~25 terms x <= 2 needs.
 template <typename T>
 FASTLOSS_HD KStart<T> temme_k(const T& u, const T& x) {
   const T half_x = 0.5 * x;
@@ -241,16 +269,14 @@ FASTLOSS_HD KStart<T> temme_k(const T& u, const T& x) {
   T p = 0.5 * e / rgamma_plus;
   T q = 0.5 / (e * rgamma_minus);
   const T c_step = half_x * half_x;
-  T c = 1.0;
+  T c = 1.0;  // c_i / D_i
   T sum = f, sum1 = p;
   for (int i = 1; i <= kTemmeMaxTerms; ++i) {
     const double di = i;
-    // Reciprocals first: they do not depend on the previous term, so the divisions overlap.
-    const T inv_f = 1.0 / (di * di - w), inv_p = 1.0 / (di - u), inv_q = 1.0 / (di + u);
-    f = (di * f + p + q) * inv_f;
-    c = c * (c_step * (1.0 / di));
-    p = p * inv_p;
-    q = q * inv_q;
+    c = c * (c_step / (di * (di * di - w)));
+    f = di * f + p + q;
+    p = p * (di + u);
+    q = q * (di - u);
     const T term = c * f;
     const T term1 = c * (p - di * f);
     sum = sum + term;
@@ -261,28 +287,43 @@ FASTLOSS_HD KStart<T> temme_k(const T& u, const T& x) {
 }
 
 // Steed's continued fraction CF2 for K_u and K_(u+1), |u| <= 1/2, x >= 2 (Thompson & Barnett
-// 1986; the form of Numerical Recipes' bessik).
+// 1986; the form of Numerical Recipes' bessik), rearranged so that no division sits on a
+// chain from one iteration to the next (a pack of elements then runs at the divider's
+// throughput instead of its latency):
+// * the fraction's increments delh_i = h_i - h_(i-1) = -a_i (B_(i-2) / B_i) delh_(i-1) from
+//   its denominators B_i = b_i B_(i-1) + a_i B_(i-2) (rescaled now and then), instead of
+//   Steed's d_i = 1 / (b_i + a_i d_(i-1)) (this also avoids the cancellation in b_i d_i - 1);
+// * the normalization series sum_i c_i q_i as its terms t_i = c_i q_i, whose recurrence
+//   t_i = ((a_(i-1) / (i - 1)) t_(i-2) + b_i t_(i-1)) / i (from q_i = (q_(i-2) - b_i q_(i-1)) / a_i
+//   and c_i = -c_(i-1) a_i / i) divides only by the iteration number.
 template <typename T>
 FASTLOSS_HD KStart<T> cf2_k(const T& u, const T& x) {
+  constexpr int kRescaleEvery = 16;  // B_i grows by < 1000 per iteration: no overflow between
   T b = 2.0 * (1.0 + x);
-  T d = 1.0 / b;
-  T h = d, delh = d;
-  T q1 = 0.0, q2 = 1.0;
+  T denominator_prev = 1.0, denominator = b;  // B_(i-2), B_(i-1)
+  T h = 1.0 / b, delh = h;
   const T a1 = 0.25 - u * u;
-  T q = a1, c = a1;
+  T t_prev = 0.0, t = a1;  // t_0 (q_0 = 0) and t_1 = c_1 q_1 = a1
+  T q = a1;                // a1 + sum_i t_i
   T a = -a1;
   T s = 1.0 + q * delh;
   for (int i = 2; i <= kCF2MaxTerms; ++i) {
+    const T a_prev = a;
     a = a - 2.0 * (i - 1);
-    const T inv_a = 1.0 / a;  // off the recurrence chains, like -a / i
-    c = c * (-a * (1.0 / double(i)));
-    const T q_next = (q1 - b * q2) * inv_a;
-    q1 = q2;
-    q2 = q_next;
-    q = q + c * q_next;
+    const T t_next = ((a_prev * (1.0 / double(i - 1))) * t_prev + b * t) * (1.0 / double(i));
+    t_prev = t;
+    t = t_next;
+    q = q + t_next;
     b = b + 2.0;
-    d = 1.0 / (b + a * d);
-    delh = (b * d - 1.0) * delh;
+    const T denominator_next = b * denominator + a * denominator_prev;
+    delh = delh * (-a * denominator_prev / denominator_next);
+    denominator_prev = denominator;
+    denominator = denominator_next;
+    if (i % kRescaleEvery == 0) {
+      const T scale = 1.0 / denominator;
+      denominator_prev = denominator_prev * scale;
+      denominator = 1.0;
+    }
     h = h + delh;
     const T dels = q * delh;
     s = s + dels;
@@ -322,20 +363,33 @@ FASTLOSS_HD T recurrence_log_kv(const T& v, const T& x_in) {
 
 // ---- region choice -----------------------------------------------------------------
 
+// Which method serves (v, x), v >= 0, 0 < x < inf (the CPU kernels group elements by it).
+enum class Method : int { Hankel = 0, Debye = 1, Small = 2 };  // Small: series (I), Temme / CF2 (K)
+constexpr int kMethods = 3;
+
+// hypot(v, x) >= kDebyeMinHypot without the root: x^2 = inf (x > 1e154) compares true.
+FASTLOSS_HD Method method_for(double v, double x) {
+  const bool hankel = (x >= kHankelMinX) & (4.0 * v * v <= x);
+  const bool debye = (v >= kDebyeMinOrder) | (v * v + x * x >= kDebyeMinHypot * kDebyeMinHypot);
+  return hankel ? Method::Hankel : debye ? Method::Debye : Method::Small;
+}
+
 template <typename T>
 FASTLOSS_HD T log_iv_finite(const T& v, const T& x) {
-  const double vv = val(v), xv = val(x);
-  if (xv >= kHankelMinX && 4.0 * vv * vv <= xv) return hankel_log<true>(v, x);
-  if (vv >= kDebyeMinOrder || fast_hypot(vv, xv) >= kDebyeMinHypot) return debye_log<true>(v, x);
-  return series_log_iv(v, x);
+  switch (method_for(val(v), val(x))) {
+    case Method::Hankel: return hankel_log<true>(v, x);
+    case Method::Debye: return debye_log<true>(v, x);
+    default: return series_log_iv(v, x);
+  }
 }
 
 template <typename T>
 FASTLOSS_HD T log_kv_finite(const T& v, const T& x) {
-  const double vv = val(v), xv = val(x);
-  if (xv >= kHankelMinX && 4.0 * vv * vv <= xv) return hankel_log<false>(v, x);
-  if (vv >= kDebyeMinOrder || fast_hypot(vv, xv) >= kDebyeMinHypot) return debye_log<false>(v, x);
-  return recurrence_log_kv(v, x);
+  switch (method_for(val(v), val(x))) {
+    case Method::Hankel: return hankel_log<false>(v, x);
+    case Method::Debye: return debye_log<false>(v, x);
+    default: return recurrence_log_kv(v, x);
+  }
 }
 
 // ---- public entry points -----------------------------------------------------------

@@ -31,6 +31,17 @@ FASTLOSS_CPU_INLINE T keep_or_zero(bool keep, T v) {
   return v;
 }
 
+// Whether the AVX-512 clone runs (kernels whose vector form only pays off with 512-bit
+// registers and their mask instructions branch on it once per call).
+inline bool has_avx512() {
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__)) && !defined(__APPLE__)
+  __builtin_cpu_init();
+  return __builtin_cpu_supports("x86-64-v4");
+#else
+  return false;
+#endif
+}
+
 inline const char* selected_isa() {
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__)) && !defined(__APPLE__)
   __builtin_cpu_init();
