@@ -4,7 +4,7 @@
 // header supplies the pack forms of the elementary operations those templates use; where a
 // scalar method branches per element, a pack overload here computes both sides and selects.
 //
-// GCC (12+) / Clang vector extensions, so one source compiles for every instruction set of
+// GCC / Clang vector extensions, so one source compiles for every instruction set of
 // FASTLOSS_CPU_CLONES (8 doubles: one AVX-512 register; the kernels use packs only where
 // AVX-512 runs, as split into AVX2 / SSE halves they lose to the scalar code).
 // log is written out (libm has no vector form that every build can call): the reduction
@@ -57,13 +57,20 @@ FASTLOSS_PACK_CMP(==)
 #undef FASTLOSS_PACK_CMP
 
 FASTLOSS_CPU_INLINE Pack select(PackMask m, const Pack& p, const Pack& q) { return m ? p.a : q.a; }
-// Three halving steps (a lane-by-lane loop compiles to eight extractions).
+// Three halving steps (a lane-by-lane loop compiles to eight extractions; it remains for
+// compilers without __builtin_shufflevector, GCC before 12).
 FASTLOSS_CPU_INLINE bool all_lanes(PackMask m) {
   static_assert(kLanes == 8, "the reduction below halves 8 lanes");
+#if defined(__clang__) || (defined(__GNUC__) && __GNUC__ >= 12)
   m &= __builtin_shufflevector(m, m, 4, 5, 6, 7, 0, 1, 2, 3);
   m &= __builtin_shufflevector(m, m, 2, 3, 0, 1, 2, 3, 0, 1);
   m &= __builtin_shufflevector(m, m, 1, 0, 1, 0, 1, 0, 1, 0);
   return m[0] != 0;
+#else
+  int64_t all = -1;
+  for (int l = 0; l < kLanes; ++l) all &= m[l];
+  return all != 0;
+#endif
 }
 
 FASTLOSS_CPU_INLINE Pack val(const Pack& p) { return p; }
