@@ -67,7 +67,9 @@ constexpr int kStageElems = (kBM + kBN) * kPitch;
 constexpr size_t kSmemBytes = size_t(kStages) * kStageElems * 2;
 constexpr int kFinalizeThreads = 256;
 constexpr int kMaxSplits = 65535;  // grid y limit
-constexpr int64_t kMaxIndex = 0x7fffffff;  // tokens, vocab and dim fit an int
+// tokens, vocab and dim fit an int with room for one more tile: the kernels form m0 + row,
+// tile * kBN + column and (vocab + kBN - 1) in int arithmetic.
+constexpr int64_t kMaxIndex = 0x7fffffff - 256;
 
 static_assert(kBM * kChunksPerRow % kThreads == 0 && kBN * kChunksPerRow % kThreads == 0,
               "every thread copies the same number of chunks");
