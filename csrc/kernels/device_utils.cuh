@@ -117,7 +117,9 @@ struct alignas(sizeof(T) * N) Vec {
 };
 
 // -------------------------------------------------------------------------------------------
-// Tensor-core building blocks (sm_80 and later: cp.async, ldmatrix, mma.sync). Fragment
+// Tensor-core building blocks (sm_80 and later: cp.async, ldmatrix, mma.sync). Compiled for an
+// older architecture (FASTLOSS_CUDA_ARCHS may list one) they trap instead of failing the build;
+// the host code must not launch kernels that use them there. Fragment
 // layouts of mma.m16n8k16 with 16-bit inputs (PTX ISA, "Matrix fragments for mma.m16n8k16"),
 // g = lane / 4, q = lane % 4, each register holding two consecutive 16-bit values:
 //   A 16x16 row-major: a0 (row g, cols 2q..2q+1), a1 (row g+8, same cols),
@@ -127,6 +129,12 @@ struct alignas(sizeof(T) * N) Vec {
 // ldmatrix.x4: lane i gives the address of row i % 8 of 8x8 matrix i / 8; register j of lane l
 // receives row l / 4, columns 2 (l % 4) .. +1 of matrix j, which is the layout above.
 
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
+#define FASTLOSS_PRE_SM80 1
+#else
+#define FASTLOSS_PRE_SM80 0
+#endif
+
 __device__ __forceinline__ uint32_t smem_u32(const void* p) {
   return static_cast<uint32_t>(__cvta_generic_to_shared(p));
 }
@@ -134,32 +142,55 @@ __device__ __forceinline__ uint32_t smem_u32(const void* p) {
 // 16 bytes global -> shared, bypassing L1; src_bytes = 0 writes zeros (padding rows and
 // columns past the end without a branch around the copy). Both addresses 16-byte aligned.
 __device__ __forceinline__ void cp_async16(void* smem, const void* gmem, int src_bytes) {
+#if FASTLOSS_PRE_SM80
+  __trap();
+#else
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_u32(smem)), "l"(gmem),
                "r"(src_bytes)
                : "memory");
+#endif
 }
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
+__device__ __forceinline__ void cp_async_commit() {
+#if !FASTLOSS_PRE_SM80
+  asm volatile("cp.async.commit_group;\n" ::: "memory");
+#endif
+}
 // Waits until at most kPending of this thread's committed groups are still in flight.
 template <int kPending>
 __device__ __forceinline__ void cp_async_wait() {
+#if !FASTLOSS_PRE_SM80
   asm volatile("cp.async.wait_group %0;\n" ::"n"(kPending) : "memory");
+#endif
 }
 
 __device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], const void* smem) {
+#if FASTLOSS_PRE_SM80
+  r[0] = r[1] = r[2] = r[3] = 0;
+  __trap();
+#else
   asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
                : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
                : "r"(smem_u32(smem)));
+#endif
 }
 // The same with each 8x8 matrix transposed (register j of lane l: column l / 4, rows 2 (l % 4)..+1).
 __device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], const void* smem) {
+#if FASTLOSS_PRE_SM80
+  r[0] = r[1] = r[2] = r[3] = 0;
+  __trap();
+#else
   asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
                : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
                : "r"(smem_u32(smem)));
+#endif
 }
 
 // d += a * b on tensor cores, 16x8x16, float accumulation; T = __half or __nv_bfloat16.
 template <typename T>
 __device__ __forceinline__ void mma_16816(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
+#if FASTLOSS_PRE_SM80
+  __trap();
+#else
   if constexpr (std::is_same_v<T, __half>) {
     asm volatile(
         "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
@@ -174,6 +205,7 @@ __device__ __forceinline__ void mma_16816(float (&d)[4], const uint32_t (&a)[4],
         : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
   }
+#endif
 }
 
 // Two floats rounded to a packed pair of 16-bit values (the low half is `lo`), as mma and

@@ -34,7 +34,7 @@
 // Shared memory: 3 x (128 + 128) x 40 halves = 60 KB (rows padded to 80 bytes so that the 8 row
 // addresses of an ldmatrix hit distinct banks), + the 128 x 136 dZ tile in the backward (97 KB):
 // forward 2 blocks per SM, backward 2 on sm_90 and 1 on sm_80. 128 registers (sm_80 backward:
-// 166), no spills.
+// 168), no spills.
 #include "kernels/linear_cross_entropy.cuh"
 
 #include <cuda_bf16.h>
@@ -67,7 +67,9 @@ constexpr int kStageElems = (kBM + kBN) * kPitch;
 constexpr size_t kSmemBytes = size_t(kStages) * kStageElems * 2;
 constexpr int kFinalizeThreads = 256;
 constexpr int kMaxSplits = 65535;  // grid y limit
-constexpr int64_t kMaxIndex = 0x7fffffff;  // tokens, vocab and dim fit an int
+// tokens, vocab and dim fit an int with room for one more tile: the kernels form m0 + row,
+// tile * kBN + column and (vocab + kBN - 1) in int arithmetic.
+constexpr int64_t kMaxIndex = 0x7fffffff - 256;
 
 static_assert(kBM * kChunksPerRow % kThreads == 0 && kBN * kChunksPerRow % kThreads == 0,
               "every thread copies the same number of chunks");
@@ -115,18 +117,22 @@ struct StatsParams {
   Partial* partial;  // (splits, tokens)
 };
 
+constexpr int kARowsPerThread = kBM * kChunksPerRow / kThreads;  // hidden rows one thread copies
+
 // One pipeline stage: rows [m0, m0 + kBM) of hidden and [n0, n0 + kBN) of the classifier,
 // columns [k0, k0 + kBK). Chunks past the end of a matrix (D is a multiple of 8, so a
-// chunk is either all inside or all outside) are zero-filled.
+// chunk is either all inside or all outside) are zero-filled, and so are the hidden rows
+// whose a_row_ok[i] is false (row (threadIdx.x + i kThreads) / kChunksPerRow of the tile).
 template <typename T>
-__device__ __forceinline__ void load_stage(T* stage, const StatsParams<T>& p, int m0, int n0, int k0) {
+__device__ __forceinline__ void load_stage(T* stage, const StatsParams<T>& p, int m0, int n0, int k0,
+                                           const bool (&a_row_ok)[kARowsPerThread]) {
   T* sa = stage;
   T* sb = stage + kBM * kPitch;
 #pragma unroll
-  for (int i = 0; i < kBM * kChunksPerRow / kThreads; ++i) {
+  for (int i = 0; i < kARowsPerThread; ++i) {
     const int c = static_cast<int>(threadIdx.x) + i * kThreads;
     const int row = c / kChunksPerRow, k = k0 + (c % kChunksPerRow) * 8;
-    const bool ok = m0 + row < p.tokens && k < p.dim;
+    const bool ok = a_row_ok[i] && m0 + row < p.tokens && k < p.dim;
     const T* src = ok ? p.hidden + static_cast<int64_t>(m0 + row) * p.hidden_stride + k : p.hidden;
     cp_async16(sa + row * kPitch + (c % kChunksPerRow) * 8, src, ok ? 16 : 0);
   }
@@ -188,9 +194,12 @@ __global__ void __launch_bounds__(kThreads, 2) lce_stats_kernel(const StatsParam
   // vocabulary tile tile_begin + it / k_tiles. Every thread commits one group per
   // iteration, empty or not, so that the wait counts below line up.
   int load_tile = tile_begin, load_k = 0;
+  bool all_rows[kARowsPerThread];
+#pragma unroll
+  for (int i = 0; i < kARowsPerThread; ++i) all_rows[i] = true;
   auto issue = [&](int stage, int64_t it) {
     if (it < iters) {
-      load_stage(smem + stage * kStageElems, p, m0, load_tile * kBN, load_k * kBK);
+      load_stage(smem + stage * kStageElems, p, m0, load_tile * kBN, load_k * kBK, all_rows);
       if (++load_k == k_tiles) load_k = 0, ++load_tile;
     }
     cp_async_commit();
@@ -450,6 +459,13 @@ __global__ void __launch_bounds__(kThreads, kGradMinBlocks) lce_grad_kernel(cons
   }
   // Every token of the tile ignored: no gradient to add (the outputs start at zero).
   if (!__syncthreads_or(any_active)) return;
+  // Hidden rows of ignored tokens (and past the tokens) load as zeros: their dZ rows are 0,
+  // and 0 times a non-finite hidden value would otherwise put NaN into dC (the CPU path
+  // never reads those rows).
+  bool a_row_ok[kARowsPerThread];
+#pragma unroll
+  for (int i = 0; i < kARowsPerThread; ++i)
+    a_row_ok[i] = row_target[(tid + i * kThreads) / kChunksPerRow] != kInactive;
 
   float acc[kMTiles][kNTiles][4];
   bool keep_tile = false;  // block-uniform: the current tile's dZ is not filtered out
@@ -462,7 +478,7 @@ __global__ void __launch_bounds__(kThreads, kGradMinBlocks) lce_grad_kernel(cons
       // Phase-2 slices issued after the tile's epilogue (all but the first kStages - 1) are
       // skipped with the tile; keep_tile already belongs to load_tile then.
       const bool skip = load_step >= k_tiles + kStages - 1 && !keep_tile;
-      if (!skip) load_stage(smem + stage * kStageElems, sp, m0, load_tile * kBN, k0);
+      if (!skip) load_stage(smem + stage * kStageElems, sp, m0, load_tile * kBN, k0, a_row_ok);
       if (++load_step == steps_per_tile) load_step = 0, ++load_tile;
     }
     cp_async_commit();

@@ -2,9 +2,11 @@
 // bfloat16). No torch headers: this compiles with plain nvcc, so CI without a CUDA torch
 // still builds the kernels.
 //
+// The kernels need sm_80 or later (cp.async, ldmatrix, mma.sync with bf16); the caller checks
+// the device.
 // Layout preconditions (linear_cross_entropy_layout_ok): dtype F16 or BF16, D > 0 and a
 // multiple of 8, hidden and classifier rows contiguous (unit last stride), row strides a
-// multiple of 8 elements and 16-byte aligned base pointers, tokens, V < 2^31. The bias and
+// multiple of 8 elements and 16-byte aligned base pointers, tokens, V, D <= 2^31 - 257. The bias and
 // targets may have any stride; targets are int64 or int32. Launchers run asynchronously on
 // `stream`, never synchronize with the host and never allocate (the caller passes the
 // workspace); they return the first launch error (cudaErrorInvalidValue for arguments that
