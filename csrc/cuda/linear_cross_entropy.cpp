@@ -26,6 +26,7 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <array>
 #include <cstdint>
 #include <limits>
@@ -118,6 +119,19 @@ std::tuple<at::Tensor, at::Tensor> kernel_forward(const char* op, const at::Tens
   return {out0, out1};
 }
 
+// Vocabulary rows per backward launch when d classifier is wanted. d classifier accumulates
+// in float32 one chunk at a time (then is cast into its slice of the output), so the float32
+// buffer is chunk x D rather than V x D: the memory bound is dE + dC in the inputs' dtype. A
+// chunk is a shard of the vocabulary (the kernels' vocab_start), and keeps at least ~8
+// blocks' worth of tiles per SM in each launch when there are few tokens.
+int64_t classifier_chunk_rows(int64_t tokens, int64_t vocab) {
+  constexpr int64_t kTile = 128;  // the kernels' token and vocabulary tile
+  const int64_t token_tiles = (tokens + kTile - 1) / kTile;
+  const int64_t sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+  const int64_t tiles = std::max<int64_t>(64, (8 * sms + token_tiles - 1) / token_tiles);
+  return std::min(vocab, tiles * kTile);
+}
+
 // (d hidden, d classifier, d bias) from the kernel: float32 accumulation buffers, then the
 // inputs' dtypes. Gradients not asked for are empty tensors.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> kernel_backward(
@@ -130,25 +144,42 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> kernel_backward(
   const bool need_de = output_mask[0], need_dc = output_mask[1], need_db = output_mask[2] && has_bias;
   const auto f32 = hidden.options().dtype(at::kFloat);
   at::Tensor de = need_de ? at::zeros({args.tokens, args.dim}, f32) : at::Tensor();
-  at::Tensor dc = need_dc ? at::zeros({args.vocab, args.dim}, f32) : at::Tensor();
+  at::Tensor dc = need_dc ? at::empty({args.vocab, args.dim}, classifier.options()) : at::Tensor();
   at::Tensor db = need_db ? at::zeros({args.vocab}, f32) : at::Tensor();
   if (need_de || need_dc || need_db) {
     const at::Tensor h = kernel_layout(hidden), c = kernel_layout(classifier);
     const at::Tensor gl = grad_loss.contiguous(), l = lse.contiguous();
     const at::Tensor gs = aten_impl::defined(grad_lse) ? grad_lse->contiguous() : at::Tensor();
-    kernels::LinearCrossEntropyBackwardArgs a{};
-    a.in = kernel_inputs(op, h, c, targets, bias, ignore_index, softcap, label_smoothing, z_loss, args);
-    a.filter_eps = static_cast<float>(filter_eps);
-    a.grad_loss = gl.const_data_ptr<float>();
-    a.grad_lse = gs.defined() ? gs.const_data_ptr<float>() : nullptr;
-    a.lse = l.const_data_ptr<float>();
-    a.d_hidden = need_de ? de.mutable_data_ptr<float>() : nullptr;
-    a.d_classifier = need_dc ? dc.mutable_data_ptr<float>() : nullptr;
-    a.d_bias = need_db ? db.mutable_data_ptr<float>() : nullptr;
-    C10_CUDA_CHECK(kernels::launch_linear_cross_entropy_backward(a, at::cuda::getCurrentCUDAStream()));
+    const int64_t chunk = need_dc ? classifier_chunk_rows(args.tokens, args.vocab) : args.vocab;
+    at::Tensor dc_acc = need_dc ? at::empty({chunk, args.dim}, f32) : at::Tensor();
+    for (int64_t v0 = 0; v0 < args.vocab; v0 += chunk) {
+      const int64_t rows = std::min(chunk, args.vocab - v0);
+      // This chunk as a shard of the vocabulary: its rows of the classifier and bias, and the
+      // targets relative to vocab_start. Row offsets keep the kernels' 16-byte alignment (the
+      // row stride is a multiple of 8 elements).
+      LinearCrossEntropyArgs chunk_args = args;
+      chunk_args.vocab = rows;
+      chunk_args.vocab_start = args.vocab_start + v0;
+      const c10::optional<at::Tensor> chunk_bias =
+          has_bias ? c10::optional<at::Tensor>(bias->narrow(0, v0, rows)) : c10::nullopt;
+      kernels::LinearCrossEntropyBackwardArgs a{};
+      a.in = kernel_inputs(op, h, c.narrow(0, v0, rows), targets, chunk_bias, ignore_index, softcap, label_smoothing,
+                           z_loss, chunk_args);
+      a.filter_eps = static_cast<float>(filter_eps);
+      a.grad_loss = gl.const_data_ptr<float>();
+      a.grad_lse = gs.defined() ? gs.const_data_ptr<float>() : nullptr;
+      a.lse = l.const_data_ptr<float>();
+      a.d_hidden = need_de ? de.mutable_data_ptr<float>() : nullptr;
+      at::Tensor dc_rows = need_dc ? dc_acc.narrow(0, 0, rows) : at::Tensor();
+      if (need_dc) dc_rows.zero_();
+      a.d_classifier = need_dc ? dc_rows.mutable_data_ptr<float>() : nullptr;
+      a.d_bias = need_db ? db.narrow(0, v0, rows).mutable_data_ptr<float>() : nullptr;
+      C10_CUDA_CHECK(kernels::launch_linear_cross_entropy_backward(a, at::cuda::getCurrentCUDAStream()));
+      if (need_dc) dc.narrow(0, v0, rows).copy_(dc_rows);
+    }
   }
   return {need_de ? de.to(hidden.scalar_type()) : at::empty({0}, hidden.options()),
-          need_dc ? dc.to(classifier.scalar_type()) : at::empty({0}, classifier.options()),
+          need_dc ? dc : at::empty({0}, classifier.options()),
           need_db ? db.to(bias->scalar_type()) : at::empty({0}, has_bias ? bias->options() : hidden.options())};
 }
 
