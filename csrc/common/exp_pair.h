@@ -18,6 +18,7 @@
 #include "common/macros.h"
 
 namespace fastloss {
+inline namespace FASTLOSS_ISA_NAMESPACE {
 
 template <typename T>
 struct ExpConstants;
@@ -168,4 +169,5 @@ struct ExpSum {
   FASTLOSS_HD void merge(const ExpSum& other) { add(other.sum, other.exponent); }
 };
 
+}  // namespace FASTLOSS_ISA_NAMESPACE
 }  // namespace fastloss

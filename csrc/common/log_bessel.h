@@ -29,6 +29,7 @@
 #include "common/macros.h"
 
 namespace fastloss::log_bessel {
+inline namespace FASTLOSS_ISA_NAMESPACE {
 
 constexpr double kLn2 = 0.69314718055994530942;
 constexpr double kLnPi = 1.1447298858494001741;
@@ -473,4 +474,5 @@ FASTLOSS_HD LogBesselGrad log_kv_grad(double v, double x) {
   return {sign * r.dv, r.dx};
 }
 
+}  // namespace FASTLOSS_ISA_NAMESPACE
 }  // namespace fastloss::log_bessel

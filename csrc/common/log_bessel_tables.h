@@ -4,6 +4,7 @@
 #include "common/macros.h"
 
 namespace fastloss::log_bessel {
+inline namespace FASTLOSS_ISA_NAMESPACE {
 
 // Debye polynomials u_k(t) = t^k Q_k(t^2), k = 1..16 (DLMF 10.41.10-11), rounded
 // from exact rationals; Q_k(w) by Horner in w = t^2.
@@ -67,4 +68,5 @@ FASTLOSS_HD T temme_gamma2(const T& w) {
   return 1.0 + w * (-0.6558780715202539 + w * (0.16653861138229148 + w * (-0.009621971527876973 + w * (-0.0011651675918590652 + w * (0.0001280502823881162 + w * (-1.2504934821426706e-06 + w * (-2.056338416977607e-07 + w * (5.002007644469223e-09 + w * (1.0434267116911005e-10 + w * (-3.696805618642206e-12 + w * (-2.0583260535665066e-14 + w * (1.2267786282382608e-15))))))))))));
 }
 
+}  // namespace FASTLOSS_ISA_NAMESPACE
 }  // namespace fastloss::log_bessel

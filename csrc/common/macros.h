@@ -3,6 +3,14 @@
 // use them on machines whose torch has no CUDA.
 #pragma once
 
+// The instruction-set namespace of the inline functions of the shared headers that a CPU
+// translation unit compiled for another instruction set (e.g. -march=x86-64-v4) also
+// includes: that unit defines it first, so its copies are distinct symbols and the linker
+// never hands the baseline code an AVX-512 copy (or the reverse).
+#ifndef FASTLOSS_ISA_NAMESPACE
+#define FASTLOSS_ISA_NAMESPACE baseline
+#endif
+
 #if defined(__CUDACC__)
 #define FASTLOSS_HD __host__ __device__ __forceinline__
 #else

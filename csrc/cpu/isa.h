@@ -6,6 +6,8 @@
 #include <cstring>
 #include <type_traits>
 
+#include "common/macros.h"
+
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__)) && !defined(__APPLE__)
 #define FASTLOSS_CPU_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
 #else
@@ -17,6 +19,7 @@
 #define FASTLOSS_CPU_INLINE inline __attribute__((always_inline))
 
 namespace fastloss::cpu {
+inline namespace FASTLOSS_ISA_NAMESPACE {
 
 // v if keep, else +0, by masking the bits. Written this way because GCC 12 -O3 miscompiles
 // vectorized reductions of `keep ? v : 0` for AVX2/AVX-512 (wrong sums); the bitwise form
@@ -53,4 +56,5 @@ inline const char* selected_isa() {
 #endif
 }
 
+}  // namespace FASTLOSS_ISA_NAMESPACE
 }  // namespace fastloss::cpu

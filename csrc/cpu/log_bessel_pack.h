@@ -22,6 +22,7 @@
 #include "cpu/isa.h"
 
 namespace fastloss::log_bessel {
+inline namespace FASTLOSS_ISA_NAMESPACE {
 
 constexpr int kLanes = 8;
 typedef double PackVec __attribute__((vector_size(kLanes * sizeof(double))));
@@ -381,4 +382,5 @@ FASTLOSS_CPU_INLINE Pack recurrence_log_kv(const Pack& v, const Pack& x) {
   return start.log_k + n * (kLn2 - f_log(x)) + f_log(product);
 }
 
+}  // namespace FASTLOSS_ISA_NAMESPACE
 }  // namespace fastloss::log_bessel

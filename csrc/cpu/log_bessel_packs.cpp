@@ -1,0 +1,152 @@
+// The SIMD-pack path of the CPU log-Bessel values, compiled for x86-64-v4 (AVX-512) and
+// called only where it runs (see cpu/log_bessel_packs.h for why it is not a target_clones
+// variant). Each block's elements are split into one index list per method (K's small-
+// argument list split again at Temme's x = 2, its CF2 side ordered by expected length), and
+// each list runs in packs of 8 doubles (cpu/log_bessel_pack.h) through the methods of
+// common/log_bessel.h.
+#define FASTLOSS_ISA_NAMESPACE avx512  // this unit's copies of the shared inline functions
+
+#include "cpu/log_bessel_packs.h"
+
+#include <algorithm>
+#include <cstring>
+
+#include "common/log_bessel.h"
+#include "cpu/log_bessel_pack.h"
+
+namespace fastloss::cpu {
+namespace {
+
+namespace lb = fastloss::log_bessel;
+
+// Values of one method for the elements listed in `index`, kLanes at a time; a last partial
+// pack repeats its first element in the unused lanes.
+template <bool kK, lb::Method kMethod>
+FASTLOSS_CPU_INLINE void method_by_packs(const double* v, const double* x, double* out,
+                                         const int* index, int count) {
+  for (int start = 0; start < count; start += lb::kLanes) {
+    const int lanes = std::min(lb::kLanes, count - start);
+    lb::Pack vp, xp;
+    const int first = index[start];
+    // Lists are ascending: a full pack of consecutive elements (the common case, inputs
+    // mostly in one region) is two vector loads and a store instead of lane-by-lane copies.
+    const bool consecutive = lanes == lb::kLanes && index[start + lb::kLanes - 1] - first == lb::kLanes - 1;
+    if (consecutive) {
+      std::memcpy(&vp.a, v + first, sizeof(vp.a));
+      std::memcpy(&xp.a, x + first, sizeof(xp.a));
+      if (kK) vp = lb::f_abs(vp);
+    } else {
+      for (int l = 0; l < lb::kLanes; ++l) {
+        const int i = index[start + (l < lanes ? l : 0)];
+        vp.a[l] = kK ? fabs(v[i]) : v[i];
+        xp.a[l] = x[i];
+      }
+    }
+    lb::Pack r;
+    if constexpr (kMethod == lb::Method::Hankel) {
+      r = lb::hankel_log<!kK>(vp, xp);
+    } else if constexpr (kMethod == lb::Method::Debye) {
+      r = lb::debye_log<!kK>(vp, xp);
+    } else if constexpr (kK) {
+      r = lb::recurrence_log_kv(vp, xp);
+    } else {
+      r = lb::series_log_iv(vp, xp);
+    }
+    if (consecutive) {
+      std::memcpy(out + first, &r.a, sizeof(r.a));
+    } else {
+      for (int l = 0; l < lanes; ++l) out[index[start + l]] = r.a[l];
+    }
+  }
+}
+
+constexpr int kBlock = kLogBesselBlock;
+constexpr int kCF2List = static_cast<int>(lb::kMethods);  // K's small-argument list beyond x = 2
+
+// CF2 needs about 180 / x iterations (90 at x = 2, 15 at x = 29), and a pack runs as long
+// as its slowest lane: a counting sort by floor(24 / x) puts elements of similar length in
+// the same packs (the iteration counts within a key differ by at most ~8).
+FASTLOSS_CPU_INLINE void order_by_cf2_length(const double* x, int* index, int count) {
+  constexpr int kKeys = 12;  // x > 2: floor(24 / x) <= 11
+  int start[kKeys + 1] = {};
+  int key[kBlock], sorted[kBlock];
+  for (int j = 0; j < count; ++j) {
+    key[j] = std::min(kKeys - 1, static_cast<int>(24.0 / x[index[j]]));
+    ++start[key[j] + 1];
+  }
+  for (int k = 0; k < kKeys; ++k) start[k + 1] += start[k];
+  for (int j = 0; j < count; ++j) sorted[start[key[j]]++] = index[j];
+  std::copy(sorted, sorted + count, index);
+}
+
+// The packs of one index list.
+template <bool kK>
+FASTLOSS_CPU_INLINE void run_list(int list, const double* v, const double* x, double* out, int* index,
+                                  int count) {
+  switch (list) {
+    case static_cast<int>(lb::Method::Hankel): method_by_packs<kK, lb::Method::Hankel>(v, x, out, index, count); break;
+    case static_cast<int>(lb::Method::Debye): method_by_packs<kK, lb::Method::Debye>(v, x, out, index, count); break;
+    case static_cast<int>(lb::Method::Small): method_by_packs<kK, lb::Method::Small>(v, x, out, index, count); break;
+    default:  // kCF2List
+      order_by_cf2_length(x, index, count);
+      method_by_packs<kK, lb::Method::Small>(v, x, out, index, count);
+  }
+}
+
+// Elements are grouped by method and each group runs in SIMD packs: the loops of one method
+// have the same shape for every element, so lanes stay busy until the slowest has converged.
+template <bool kK>
+FASTLOSS_CPU_INLINE void pack_values(const double* v, const double* x, double* out, int n) {
+  // One list per method; K's small-argument list is split at Temme's x = 2 so that no pack
+  // runs both Temme's series and CF2. First each element's list, then the lists themselves,
+  // unless the whole block is one list (the common case), which runs as is.
+  constexpr int kSmall = static_cast<int>(lb::Method::Small);
+  constexpr int kLists = lb::kMethods + 1;
+  constexpr int kSpecial = kLists;  // x = 0, inf, NaN, ...: the scalar entry points
+  // Selects written as arithmetic on 0/1 integers so that the loop vectorizes (a branchy
+  // form cost as much as a third of the Debye packs' time).
+  int64_t list_of[kBlock];
+  for (int i = 0; i < n; ++i) {
+    const double order = kK ? fabs(v[i]) : v[i], xi = x[i];
+    const int64_t finite_domain = (order >= 0.0) & (order < lb::kInf) & (xi > 0.0) & (xi < lb::kInf);
+    const int64_t hankel = (xi >= lb::kHankelMinX) & (4.0 * order * order <= xi);
+    const int64_t debye =
+        (order >= lb::kDebyeMinOrder) | (order * order + xi * xi >= lb::kDebyeMinHypot * lb::kDebyeMinHypot);
+    // As lb::method_for: Hankel, else Debye, else Small (K's beyond Temme's x: the CF2 list).
+    const int64_t small = (1 - hankel) * (1 - debye);
+    const int64_t cf2_side = int64_t{kK} * small * (xi > lb::kTemmeMaxX);
+    const int64_t list = (1 - hankel) * (static_cast<int64_t>(lb::Method::Debye) * debye +
+                                         static_cast<int64_t>(kSmall) * small) +
+                         (kCF2List - kSmall) * cf2_side;
+    list_of[i] = finite_domain * list + (1 - finite_domain) * kSpecial;
+  }
+  static_assert(static_cast<int>(lb::Method::Hankel) == 0, "the list arithmetic above takes Hankel = 0");
+  int index[kLists][kBlock];
+  int64_t other_lists = 0;
+  for (int i = 0; i < n; ++i) other_lists += list_of[i] != list_of[0];
+  const bool one_list = other_lists == 0;
+  if (one_list && list_of[0] != kSpecial) {
+    for (int i = 0; i < n; ++i) index[0][i] = i;
+    run_list<kK>(list_of[0], v, x, out, index[0], n);
+    return;
+  }
+  int count[kLists] = {};
+  for (int i = 0; i < n; ++i) {
+    const int list = list_of[i];
+    if (list == kSpecial) {
+      out[i] = kK ? lb::log_kv(v[i], x[i]) : lb::log_iv(v[i], x[i]);
+    } else {
+      index[list][count[list]++] = i;
+    }
+  }
+  for (int list = 0; list < kLists; ++list) {
+    if (count[list] > 0 && (kK || list != kCF2List)) run_list<kK>(list, v, x, out, index[list], count[list]);
+  }
+}
+
+}  // namespace
+
+void log_iv_packs(const double* v, const double* x, double* out, int n) { pack_values<false>(v, x, out, n); }
+void log_kv_packs(const double* v, const double* x, double* out, int n) { pack_values<true>(v, x, out, n); }
+
+}  // namespace fastloss::cpu
