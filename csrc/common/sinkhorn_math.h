@@ -35,6 +35,13 @@ struct SinkhornConstants<float> {
   static constexpr float kMinSum = 0x1.0p-60f;
   static constexpr float kMaxSum = 0x1.0p+60f;
   static constexpr float kMaxExponent = 127.0f;
+  // Scaling form (stabilized scaling with absorption): a scaling vector stays within
+  // [1/kMaxScaling, kMaxScaling] of its kernel, and kernel entries below kMinKernel are 0, so
+  // a dropped entry holds under kMinKernel * kMaxScaling^2 = 2^-40 of its row's or column's
+  // mass, and products of kernel entries with scalings and marginals down to ~2^-38 are
+  // normal numbers (no subnormal slow path).
+  static constexpr float kMaxScaling = 0x1.0p+16f;
+  static constexpr float kMinKernel = 0x1.0p-72f;
 };
 
 template <>
@@ -44,6 +51,8 @@ struct SinkhornConstants<double> {
   static constexpr double kMinSum = 0x1.0p-500;
   static constexpr double kMaxSum = 0x1.0p+500;
   static constexpr double kMaxExponent = 1023.0;
+  static constexpr double kMaxScaling = 0x1.0p+64;
+  static constexpr double kMinKernel = 0x1.0p-900;
 };
 
 FASTLOSS_HD float fl_min(float a, float b) { return a < b ? a : b; }
@@ -70,6 +79,13 @@ FASTLOSS_HD T sinkhorn_exp(T x) {
 template <typename T>
 FASTLOSS_HD bool warm_sum_ok(T sum) {
   return sum >= SinkhornConstants<T>::kMinSum && sum <= SinkhornConstants<T>::kMaxSum;
+}
+
+// False when a row or column sum of the scaling form would take its scaling vector out of
+// range, so the potentials must be updated in the log domain instead (also for NaN).
+template <typename T>
+FASTLOSS_HD bool scaling_in_range(T sum) {
+  return sum >= T(1) / SinkhornConstants<T>::kMaxScaling && sum <= SinkhornConstants<T>::kMaxScaling;
 }
 
 // The SinKD loss (Cui et al. 2024) uses plain (not log-domain) normalizations on
