@@ -1,5 +1,5 @@
 // Log-domain Sinkhorn arithmetic shared by the CPU and CUDA kernels (Cuturi 2013; log-domain
-// stabilization as in Schmitzer 2019, arXiv 1610.06519).
+// stabilization and absorption as in Schmitzer 2019, arXiv 1610.06519).
 //
 // Scaled dual variables: u = alpha / eps, v = beta / eps, where alpha = f - eps log a and
 // beta = g - eps log b stay finite even where a marginal entry is zero. One iteration is
@@ -11,6 +11,10 @@
 // suffices; a sum outside [kMinSum, kMaxSum] (first iterations, or large potential moves)
 // is redone exactly with a max pass. A row's warm sum is also its row marginal divided by
 // a_i under the current iterate, so the L1 marginal error sum_i a_i |sum_i - 1| is free.
+// Scaling form (the CPU kernel): with K_ij = exp(u_i + v_j - C_ij / eps) stored for fixed
+// (u, v), the same iterates are x_i = 1 / sum_j K_ij b_j y_j, y_j = 1 / sum_i a_i x_i K_ij
+// (potentials u + log x, v + log y): no exp per entry. Absorption folds log x, log y back
+// into (u, v) and rebuilds K before a scaling vector leaves [1/kMaxScaling, kMaxScaling].
 #pragma once
 
 #include <cstdint>

@@ -1,14 +1,20 @@
-// Batched log-domain Sinkhorn and the SinKD loss on the CPU.
+// Batched Sinkhorn and the SinKD loss on the CPU.
 //
-// Sinkhorn (Cuturi 2013, log domain as in Schmitzer 2019; common/sinkhorn_math.h): one fused
-// pass over the cost per iteration, SIMD along each row: the row's exponentials give its
-// update (a warm-shifted log-sum-exp, redone exactly with a max pass when the sum leaves the
-// safe range) and, while still in L1, its contribution to every column sum of the column
-// update: one read of the cost and one exp per entry per iteration, plus one write of the
-// plan at the end. The L1 row-marginal error of the current iterate falls out of the row
-// sums, so every iteration checks convergence for free and each problem stops on its own.
-// Many problems: parallel over the batch, one thread per problem. Few large ones: rows split
-// across threads, each with its own column accumulators.
+// Sinkhorn (Cuturi 2013), stabilized scaling with absorption (Schmitzer 2019, "Stabilized
+// sparse scaling algorithms for entropy regularized transport problems"; common/
+// sinkhorn_math.h): the kernel K = exp((f + g - C) / eps) at the last absorbed potentials is
+// kept in the plan's buffer, and each iteration is one pass over it with two fused
+// multiply-adds per entry and no exp: the row's dot product with b o y gives its scaling
+// update (and, as a by-product, its marginal error), and the same row, still in L1, is added
+// to the column sums of the column update. Only the first iteration, and any iteration after
+// the scalings leave [2^-16, 2^16] (float; the potentials are then folded back in), is a
+// log-domain pass over the cost (one exp per entry, warm-shifted log-sum-exp with an exact
+// max-shifted fallback) that rebuilds the kernel. Traffic per iteration: one read of the
+// kernel (n m values) and O(n + m); one read of the cost per rebuild; the plan is the kernel
+// rescaled in place at the end. Every iteration measures the L1 row-marginal error for free,
+// so each problem stops on its own. Many problems: parallel over the batch, one thread per
+// problem (its kernel stays in L1/L2). Few large ones: rows split across threads, each with
+// its own column accumulators.
 //
 // SinKD (Cui et al. 2024, "SinKD: Sinkhorn distance minimization for knowledge distillation"):
 // softmax with temperature, the B x B L1 cost (cdist p=1, B^2 C work) tiled so the teacher
