@@ -51,6 +51,10 @@ constexpr int kLanes = 64 / sizeof(acc_t);
 // Below this many cost entries a problem runs on one thread (a pass then takes well under a
 // millisecond, less than waking and joining threads costs on a busy machine).
 constexpr int64_t kParallelProblemMin = 1 << 22;
+// Up to this many bytes a problem keeps a transposed copy of its kernel (scaling_transposed):
+// both copies stay in L1. Larger rows amortize their horizontal sums, and a second copy
+// would only add traffic (measured: 1.5x faster at 64 x 64, 1.2x slower at 256 x 256).
+constexpr int64_t kTransposedKernelMaxBytes = 16 << 10;
 // Work (elements touched) per parallel task below which a loop runs on the calling thread.
 constexpr int64_t kMinTaskWork = 1 << 16;
 
@@ -207,6 +211,49 @@ FASTLOSS_CPU_INLINE acc_t scaling_rows(const acc_t* kernel, const acc_t* a, cons
   return err;
 }
 
+// The scaling pass of a problem small enough to keep a transposed copy of its kernel in
+// cache: K w as a sum of kernel columns (rows of kernel_t) and the column sums as a sum of
+// kernel rows, so both are SIMD multiply-adds across whole vectors, with no horizontal sum per
+// row (which dominates rows of a few dozen entries). Same results and contract as
+// scaling_rows over all rows.
+template <typename acc_t>
+FASTLOSS_CPU_INLINE acc_t scaling_transposed(const acc_t* kernel, const acc_t* kernel_t, const acc_t* a,
+                                             const acc_t* x, const acc_t* w, acc_t* x_new, acc_t* col_acc,
+                                             int64_t n, int64_t m) {
+  constexpr int L = kLanes<acc_t>;
+  acc_t* s = x_new;  // K w, inverted in place
+  for (int64_t i = 0; i < n; ++i) s[i] = 0;
+  for (int64_t j = 0; j < m; ++j) {
+    const acc_t wj = w[j];
+    const acc_t* kt = kernel_t + j * n;
+    for (int64_t i = 0; i < n; ++i) s[i] += wj * kt[i];
+  }
+  acc_t part[L];
+  for (int l = 0; l < L; ++l) part[l] = 0;
+  int out_of_range = 0;
+  int64_t i = 0;
+  for (; i + L <= n; i += L)
+    for (int l = 0; l < L; ++l) {
+      const acc_t si = s[i + l];
+      out_of_range |= !scaling_in_range(si);
+      part[l] += a[i + l] * std::abs(fl_fma(x[i + l], si, acc_t(-1)));
+      s[i + l] = acc_t(1) / si;
+    }
+  for (int l = 0; i + l < n; ++l) {
+    const acc_t si = s[i + l];
+    out_of_range |= !scaling_in_range(si);
+    part[l] += a[i + l] * std::abs(fl_fma(x[i + l], si, acc_t(-1)));
+    s[i + l] = acc_t(1) / si;
+  }
+  if (out_of_range) return std::numeric_limits<acc_t>::quiet_NaN();
+  for (i = 0; i < n; ++i) {
+    const acc_t weight = a[i] * x_new[i];
+    const acc_t* k = kernel + i * m;
+    for (int64_t j = 0; j < m; ++j) col_acc[j] += weight * k[j];
+  }
+  return sum_lanes<L>(part);
+}
+
 // v_j <- -LSE_i(log a_i + u_i - C_ij / eps) exactly, for the columns [c0, c1) whose warm sum
 // left the safe range (marked by a non-finite-or-out-of-range col_acc); strided, rare.
 template <typename acc_t>
@@ -267,6 +314,10 @@ struct Outputs {
                                            T* col_acc, int64_t m, int64_t r0, int64_t r1) {                  \
     return scaling_rows(kernel, a, x, w, x_new, col_acc, m, r0, r1);                                         \
   }                                                                                                          \
+  FASTLOSS_CPU_CLONES T scaling_transposed_entry(const T* kernel, const T* kernel_t, const T* a, const T* x,  \
+                                                 const T* w, T* x_new, T* col_acc, int64_t n, int64_t m) {   \
+    return scaling_transposed(kernel, kernel_t, a, x, w, x_new, col_acc, n, m);                              \
+  }                                                                                                          \
   FASTLOSS_CPU_CLONES void exact_columns_entry(const Problem<T>& p, const T* u, const T* col_acc, T* v,      \
                                                int64_t c0, int64_t c1) {                                     \
     exact_columns(p, u, col_acc, v, c0, c1);                                                                 \
@@ -307,6 +358,8 @@ void solve(const Problem<acc_t>& p, int64_t max_iter, acc_t tol, bool parallel, 
   acc_t* x = x_buf.data();
   acc_t* x_new = x_new_buf.data();
   acc_t* kernel = out.plan;
+  const bool transposed = !parallel && n * m * int64_t(sizeof(acc_t)) <= kTransposedKernelMaxBytes;
+  std::vector<acc_t> kernel_t(transposed ? n * m : 0);
   // Runs one row pass (split into `parts` ranges) and returns the summed error.
   auto row_pass = [&](auto&& rows) {
     std::fill(col_acc.begin(), col_acc.end(), acc_t(0));
@@ -326,7 +379,11 @@ void solve(const Problem<acc_t>& p, int64_t max_iter, acc_t tol, bool parallel, 
   int64_t it = 0;
   for (;; ++it) {
     scaled = false;
-    if (kernel_fresh) {
+    if (kernel_fresh && transposed) {
+      std::fill(col_acc.begin(), col_acc.end(), acc_t(0));
+      err = scaling_transposed_entry(kernel, kernel_t.data(), p.a, x, w.data(), x_new, col_acc.data(), n, m);
+      scaled = err == err;
+    } else if (kernel_fresh) {
       err = row_pass([&](acc_t* acc, int64_t r0, int64_t r1) {
         return scaling_rows_entry(kernel, p.a, x, w.data(), x_new, acc, m, r0, r1);
       });
@@ -347,11 +404,17 @@ void solve(const Problem<acc_t>& p, int64_t max_iter, acc_t tol, bool parallel, 
     }
     // Column update: y_j = 1 / col_acc_j while the sums stay in the scaling range; otherwise
     // every column update goes into v and the next iteration rebuilds the kernel.
-    kernel_fresh = std::all_of(col_acc.begin(), col_acc.begin() + m, [](acc_t s) { return scaling_in_range(s); });
+    int out_of_range = 0;
+    for (int64_t j = 0; j < m; ++j) out_of_range |= !scaling_in_range(col_acc[j]);
+    kernel_fresh = !out_of_range;
     if (kernel_fresh) {
       for (int64_t j = 0; j < m; ++j) {
         y[j] = acc_t(1) / col_acc[j];
         w[j] = p.b[j] * y[j];
+      }
+      if (transposed && !scaled) {  // a new kernel
+        for (int64_t i = 0; i < n; ++i)
+          for (int64_t j = 0; j < m; ++j) kernel_t[j * n + i] = kernel[i * m + j];
       }
     } else {
       absorb(u, x, n);  // the exact columns need the row potentials in log form
