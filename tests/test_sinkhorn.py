@@ -105,6 +105,42 @@ def test_rectangular_eps_small_no_nan():
         torch.testing.assert_close(r.plan[0].double(), P, rtol=0, atol=1e-5 if dtype == torch.float32 else 1e-10)
 
 
+def test_long_rows_with_kernel_rebuilds():
+    # Rows too long for the transposed-kernel path, and eps small enough against the cost that
+    # the potentials move far from the first kernel: in float32 (scaling factors limited to
+    # 2^16) the kernel is rebuilt a few times while solving.
+    cost, a, b = random_problem(2, 40, 300, seed=19)
+    cost = cost * 30
+    r = fastloss.sinkhorn(cost, a, b, eps=0.1, tol=1e-11, max_iter=100000)
+    r32 = fastloss.sinkhorn(cost.float(), a, b, eps=0.1, tol=1e-7, max_iter=100000)
+    assert (r.marginal_error <= 1e-11).all() and (r32.marginal_error <= 1e-7).all()
+    for k in range(2):
+        P = pot_sinkhorn(cost[k], a[k], b[k], 0.1)
+        torch.testing.assert_close(r.plan[k], P, rtol=1e-7, atol=1e-10)
+        torch.testing.assert_close(r.value[k], primal_value(r.plan[k], cost[k], a[k], b[k], 0.1), rtol=1e-9, atol=1e-9)
+        torch.testing.assert_close(r32.plan[k].double(), P, rtol=0, atol=1e-5 * P.max().item())
+
+
+def test_one_large_problem_split_across_threads():
+    # n m >= 2^22: the rows of one problem are split across threads; one thread gives the
+    # same iterates up to the order of the float32 column sums.
+    g = torch.Generator().manual_seed(20)
+    x, y = torch.rand(2048, 2, generator=g), torch.rand(2048, 2, generator=g)
+    cost = torch.cdist(x, y) ** 2
+    threads = torch.get_num_threads()
+    r = fastloss.sinkhorn(cost, eps=0.05, tol=1e-5, max_iter=2000)
+    torch.set_num_threads(1)
+    try:
+        r1 = fastloss.sinkhorn(cost, eps=0.05, tol=1e-5, max_iter=2000)
+    finally:
+        torch.set_num_threads(threads)
+    assert r.marginal_error <= 1e-5 and r.n_iter < 2000
+    assert abs(int(r.n_iter) - int(r1.n_iter)) <= 1
+    torch.testing.assert_close(r.plan.sum(0), torch.full((2048,), 1 / 2048), rtol=0, atol=1e-8)
+    torch.testing.assert_close((r.plan.sum(1) - 1 / 2048).abs().sum(), r.marginal_error, rtol=1e-2, atol=1e-7)
+    torch.testing.assert_close(r.plan, r1.plan, rtol=1e-3, atol=1e-9)
+
+
 def test_zero_mass_entries():
     cost, a, b = random_problem(2, 12, 10, zeros=3, seed=5)
     r = fastloss.sinkhorn(cost, a, b, eps=0.1, tol=1e-12, max_iter=100000)

@@ -1,5 +1,5 @@
 // Log-domain Sinkhorn arithmetic shared by the CPU and CUDA kernels (Cuturi 2013; log-domain
-// stabilization as in Schmitzer 2019, arXiv 1610.06519).
+// stabilization and absorption as in Schmitzer 2019, arXiv 1610.06519).
 //
 // Scaled dual variables: u = alpha / eps, v = beta / eps, where alpha = f - eps log a and
 // beta = g - eps log b stay finite even where a marginal entry is zero. One iteration is
@@ -11,6 +11,10 @@
 // suffices; a sum outside [kMinSum, kMaxSum] (first iterations, or large potential moves)
 // is redone exactly with a max pass. A row's warm sum is also its row marginal divided by
 // a_i under the current iterate, so the L1 marginal error sum_i a_i |sum_i - 1| is free.
+// Scaling form (the CPU kernel): with K_ij = exp(u_i + v_j - C_ij / eps) stored for fixed
+// (u, v), the same iterates are x_i = 1 / sum_j K_ij b_j y_j, y_j = 1 / sum_i a_i x_i K_ij
+// (potentials u + log x, v + log y): no exp per entry. Absorption folds log x, log y back
+// into (u, v) and rebuilds K before a scaling vector leaves [1/kMaxScaling, kMaxScaling].
 #pragma once
 
 #include <cstdint>
@@ -35,6 +39,13 @@ struct SinkhornConstants<float> {
   static constexpr float kMinSum = 0x1.0p-60f;
   static constexpr float kMaxSum = 0x1.0p+60f;
   static constexpr float kMaxExponent = 127.0f;
+  // Scaling form (stabilized scaling with absorption): a scaling vector stays within
+  // [1/kMaxScaling, kMaxScaling] of its kernel, and kernel entries below kMinKernel are 0, so
+  // a dropped entry holds under kMinKernel * kMaxScaling^2 = 2^-40 of its row's or column's
+  // mass, and products of kernel entries with scalings and marginals down to ~2^-38 are
+  // normal numbers (no subnormal slow path).
+  static constexpr float kMaxScaling = 0x1.0p+16f;
+  static constexpr float kMinKernel = 0x1.0p-72f;
 };
 
 template <>
@@ -44,6 +55,8 @@ struct SinkhornConstants<double> {
   static constexpr double kMinSum = 0x1.0p-500;
   static constexpr double kMaxSum = 0x1.0p+500;
   static constexpr double kMaxExponent = 1023.0;
+  static constexpr double kMaxScaling = 0x1.0p+64;
+  static constexpr double kMinKernel = 0x1.0p-900;
 };
 
 FASTLOSS_HD float fl_min(float a, float b) { return a < b ? a : b; }
@@ -70,6 +83,13 @@ FASTLOSS_HD T sinkhorn_exp(T x) {
 template <typename T>
 FASTLOSS_HD bool warm_sum_ok(T sum) {
   return sum >= SinkhornConstants<T>::kMinSum && sum <= SinkhornConstants<T>::kMaxSum;
+}
+
+// False when a row or column sum of the scaling form would take its scaling vector out of
+// range, so the potentials must be updated in the log domain instead (also for NaN).
+template <typename T>
+FASTLOSS_HD bool scaling_in_range(T sum) {
+  return sum >= T(1) / SinkhornConstants<T>::kMaxScaling && sum <= SinkhornConstants<T>::kMaxScaling;
 }
 
 // The SinKD loss (Cui et al. 2024) uses plain (not log-domain) normalizations on
