@@ -236,5 +236,4 @@ def targets(device: str) -> List[Target]:
         return [Target("GPU: >=100x SciPy (every grid case)", grid, _vs("scipy"), 100.0)]
     return [
         Target("CPU: >=5x SciPy, one thread each (every grid case)", grid, _vs("scipy"), 5.0),
-        Target("CPU: >=1x torch.special at v in {0, 1}", lambda r: "torch.special" in r.case.mode, _vs("torch.special"), 1.0),
     ]
