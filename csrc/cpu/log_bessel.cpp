@@ -61,21 +61,22 @@ FASTLOSS_CPU_CLONES void log_kv_range(const double* v, const double* x, double* 
                                       bool use_packs) {
   log_bessel_values<true>(v, x, out, static_cast<int>(n), use_packs);
 }
-FASTLOSS_CPU_CLONES void log_iv_grad_range(const double* v, const double* x, double* d_dv,
-                                           double* d_dx, int64_t n) {
+template <bool kK>
+FASTLOSS_CPU_INLINE void log_bessel_grads(const double* v, const double* x, double* d_dv, double* d_dx,
+                                          int64_t n) {
   for (int64_t i = 0; i < n; ++i) {
-    const lb::LogBesselGrad g = lb::log_iv_grad(v[i], x[i]);
+    const lb::LogBesselGrad g = kK ? lb::log_kv_grad(v[i], x[i]) : lb::log_iv_grad(v[i], x[i]);
     d_dv[i] = g.d_dv;
     d_dx[i] = g.d_dx;
   }
 }
+FASTLOSS_CPU_CLONES void log_iv_grad_range(const double* v, const double* x, double* d_dv,
+                                           double* d_dx, int64_t n) {
+  log_bessel_grads<false>(v, x, d_dv, d_dx, n);
+}
 FASTLOSS_CPU_CLONES void log_kv_grad_range(const double* v, const double* x, double* d_dv,
                                            double* d_dx, int64_t n) {
-  for (int64_t i = 0; i < n; ++i) {
-    const lb::LogBesselGrad g = lb::log_kv_grad(v[i], x[i]);
-    d_dv[i] = g.d_dv;
-    d_dx[i] = g.d_dx;
-  }
+  log_bessel_grads<true>(v, x, d_dv, d_dx, n);
 }
 
 // Runs `fn` on blocks of doubles converted from / to scalar_t (no conversion for double).

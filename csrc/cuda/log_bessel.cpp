@@ -12,15 +12,11 @@
 #include <tuple>
 
 #include "common/log_bessel_op.h"
+#include "cuda/glue.h"
 #include "kernels/log_bessel.cuh"
 
 namespace fastloss::cuda {
 namespace {
-
-void check_cuda(const char* op, const char* arg, const at::Tensor& t) {
-  TORCH_CHECK(t.is_cuda(), "fastloss.", op, ": expected '", arg,
-              "' to be a CUDA tensor, got a tensor on ", t.device());
-}
 
 // The kernels read and write float32 or float64; half precision goes through float32.
 at::Tensor kernel_input(const at::Tensor& t) {
@@ -28,15 +24,22 @@ at::Tensor kernel_input(const at::Tensor& t) {
   return (dtype == c10::kFloat || dtype == c10::kDouble) ? t : t.to(c10::kFloat);
 }
 
-template <LogBesselFn kFn>
-at::Tensor forward(const at::Tensor& v, const at::Tensor& x) {
-  const char* op = kFn == LogBesselFn::LogKv ? "log_bessel_kv" : "log_bessel_iv";
+// v and x checked, broadcast and in the kernels' dtype.
+struct KernelInputs {
+  at::Tensor v, x;
+};
+
+KernelInputs kernel_inputs(const char* op, const at::Tensor& v, const at::Tensor& x) {
   check_cuda(op, "v", v);
   check_cuda(op, "x", x);
   const LogBesselArgs args = log_bessel_args(op, v, x);
-  const c10::cuda::OptionalCUDAGuard guard(x.device());
-  const at::Tensor vk = kernel_input(args.v);
-  const at::Tensor xk = kernel_input(args.x);
+  return {kernel_input(args.v), kernel_input(args.x)};
+}
+
+template <LogBesselFn kFn>
+at::Tensor forward(const at::Tensor& v, const at::Tensor& x) {
+  const auto [vk, xk] = kernel_inputs(kFn == LogBesselFn::LogKv ? "log_bessel_kv" : "log_bessel_iv", v, x);
+  const c10::cuda::OptionalCUDAGuard guard(x.device());  // after the checks: x is on a GPU
   at::Tensor out = at::empty(vk.sizes(), vk.options());
   if (out.numel() == 0) return out.to(v.scalar_type());
   C10_CUDA_CHECK(kernels::launch_log_bessel(
@@ -48,13 +51,9 @@ at::Tensor forward(const at::Tensor& v, const at::Tensor& x) {
 
 template <LogBesselFn kFn>
 std::tuple<at::Tensor, at::Tensor> grad(const at::Tensor& v, const at::Tensor& x) {
-  const char* op = kFn == LogBesselFn::LogKvGrad ? "log_bessel_kv_grad" : "log_bessel_iv_grad";
-  check_cuda(op, "v", v);
-  check_cuda(op, "x", x);
-  const LogBesselArgs args = log_bessel_args(op, v, x);
-  const c10::cuda::OptionalCUDAGuard guard(x.device());
-  const at::Tensor vk = kernel_input(args.v);
-  const at::Tensor xk = kernel_input(args.x);
+  const auto [vk, xk] =
+      kernel_inputs(kFn == LogBesselFn::LogKvGrad ? "log_bessel_kv_grad" : "log_bessel_iv_grad", v, x);
+  const c10::cuda::OptionalCUDAGuard guard(x.device());  // after the checks: x is on a GPU
   at::Tensor d_dv = at::empty(vk.sizes(), vk.options());
   at::Tensor d_dx = at::empty(vk.sizes(), vk.options());
   if (d_dv.numel() > 0) {

@@ -28,15 +28,11 @@
 #include <vector>
 
 #include "common/sinkhorn_op.h"
+#include "cuda/glue.h"
 #include "kernels/sinkhorn.cuh"
 
 namespace fastloss::cuda {
 namespace {
-
-void check_cuda(const char* op, const char* arg, const at::Tensor& t) {
-  TORCH_CHECK(t.is_cuda(), "fastloss.", op, ": expected '", arg, "' to be a CUDA tensor, got a tensor on ",
-              t.device());
-}
 
 template <typename T>
 kernels::SinkhornArgs<T> make_args(const at::Tensor& c, const at::Tensor& a, const at::Tensor& b,
