@@ -51,9 +51,10 @@ TORCH_LIBRARY(fastloss, m) {
       tags);
   // Batched log-domain Sinkhorn: cost (B, n, m), marginals a (B, n), b (B, m); per problem the
   // plan, alpha = f - eps log a, beta = g - eps log b, the value <a, alpha> + <b, beta>, the
-  // iterations used and the final L1 row-marginal error. Float32 results for fp16/bf16 costs.
+  // iterations used and the final row-marginal error in the norm the stopping rule measures
+  // (error_norm: 1, 2 or inf). Float32 results for fp16/bf16 costs.
   m.def(
-      "sinkhorn(Tensor cost, Tensor a, Tensor b, float eps, int max_iter, float tol) -> "
+      "sinkhorn(Tensor cost, Tensor a, Tensor b, float eps, int max_iter, float tol, float error_norm=1.0) -> "
       "(Tensor plan, Tensor alpha, Tensor beta, Tensor value, Tensor n_iter, Tensor marginal_error)",
       tags);
   // SinKD loss (Cui et al. 2024): the loss and what its fused backward needs (softmaxes,

@@ -217,6 +217,27 @@ def test_independent_stopping_and_max_iter(device):
     torch.testing.assert_close(zero.plan, torch.exp(-cost / 0.5) * a3[:, :, None] * b3[:, None, :])
 
 
+@pytest.mark.parametrize("error_norm", [1, 2, math.inf])
+def test_error_norm(device, error_norm):
+    cost, a, b = random_problem(3, 40, 30, seed=11, device=device)
+    cost = cost * torch.tensor([1.0, 8.0, 20.0], dtype=cost.dtype, device=device)[:, None, None]
+    kw = dict(eps=0.5, tol=1e-8, error_norm=error_norm, max_iter=100000)
+    r = fastloss.sinkhorn(cost, a, b, **kw)
+    # The reported error is the norm of the returned plan's row-marginal error, within tol.
+    err = torch.linalg.vector_norm(r.plan.sum(2) - a, ord=error_norm, dim=1)
+    torch.testing.assert_close(r.marginal_error, err, rtol=1e-6, atol=1e-14)
+    assert (r.marginal_error <= 1e-8).all()
+    # Each problem stops at the first iterate that meets the rule.
+    for k in range(3):
+        before = fastloss.sinkhorn(cost[k], a[k], b[k], **{**kw, "max_iter": int(r.n_iter[k]) - 1})
+        assert before.marginal_error > 1e-8
+    # A weaker norm never needs more iterations than the L1 rule.
+    assert (r.n_iter <= fastloss.sinkhorn(cost, a, b, **{**kw, "error_norm": 1}).n_iter).all()
+    # The unrolled value runs the same iterations.
+    unrolled = fastloss.sinkhorn_cost(cost, a, b, grad="unrolled", **{**kw, "max_iter": int(r.n_iter.max()) + 2})
+    torch.testing.assert_close(unrolled, r.value, rtol=1e-9, atol=1e-12)
+
+
 def test_non_contiguous_and_empty(device):
     cost, a, b = random_problem(3, 9, 11, seed=9, device=device)
     base = torch.rand(3, 11, 9, dtype=torch.float64, device=device)
@@ -309,6 +330,11 @@ def test_bad_input(device):
         fastloss.sinkhorn(cost, eps=0.1, max_iter=-1)
     with pytest.raises(ValueError, match="'tol'"):
         fastloss.sinkhorn(cost, eps=0.1, tol=-1e-3)
+    for bad in (3, 0.5, "l2", True):
+        with pytest.raises(ValueError, match="'error_norm' to be 1, 2 or math.inf"):
+            fastloss.sinkhorn(cost, eps=0.1, error_norm=bad)
+    with pytest.raises(RuntimeError, match="'error_norm' to be 1, 2 or inf"):
+        torch.ops.fastloss.sinkhorn(cost, a, b, 0.1, 10, 1e-6, 3.0)
     with pytest.raises(ValueError, match="'grad'"):
         fastloss.sinkhorn_cost(cost, eps=0.1, grad="autodiff")
     with pytest.raises(TypeError, match="'cost'"):

@@ -10,13 +10,14 @@
 // value of the same LSE (-u_old or -v_old), so a single pass with one exp per element
 // suffices; a sum outside [kMinSum, kMaxSum] (first iterations, or large potential moves)
 // is redone exactly with a max pass. A row's warm sum is also its row marginal divided by
-// a_i under the current iterate, so the L1 marginal error sum_i a_i |sum_i - 1| is free.
+// a_i under the current iterate, so the marginal error (a_i |sum_i - 1|)_i is free.
 // Scaling form (the CPU kernel): with K_ij = exp(u_i + v_j - C_ij / eps) stored for fixed
 // (u, v), the same iterates are x_i = 1 / sum_j K_ij b_j y_j, y_j = 1 / sum_i a_i x_i K_ij
 // (potentials u + log x, v + log y): no exp per entry. Absorption folds log x, log y back
 // into (u, v) and rebuilds K before a scaling vector leaves [1/kMaxScaling, kMaxScaling].
 #pragma once
 
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 
@@ -91,6 +92,32 @@ template <typename T>
 FASTLOSS_HD bool scaling_in_range(T sum) {
   return sum >= T(1) / SinkhornConstants<T>::kMaxScaling && sum <= SinkhornConstants<T>::kMaxScaling;
 }
+
+// The norm of the row-marginal error vector e_i = a_i |r_i / a_i - 1| (r = P 1) that the
+// stopping rule measures: p = 1 (the default), 2, or infinity (coded as 0). Accumulators hold
+// term(e_i) combined by operator() (sums of e_i or e_i^2, or the largest e_i; NaN is kept,
+// so a NaN row still ends the loop); finish() turns an accumulator into the norm.
+struct MarginalErrorNorm {
+  int p;
+
+  template <typename T>
+  FASTLOSS_HD T term(T e) const {
+    return p == 2 ? e * e : e;
+  }
+  template <typename T>
+  FASTLOSS_HD T operator()(T x, T y) const {
+    if (p == 0) return (y > x || y != y) ? y : x;
+    return x + y;
+  }
+  template <typename T>
+  FASTLOSS_HD T finish(T acc) const {
+#if defined(__CUDA_ARCH__)
+    return p == 2 ? ::sqrt(acc) : acc;
+#else
+    return p == 2 ? std::sqrt(acc) : acc;
+#endif
+  }
+};
 
 // The SinKD loss (Cui et al. 2024) uses plain (not log-domain) normalizations on
 // K = exp(-W / eps) with W in [0, 2]: these are the scaling-vector forms of its row and

@@ -17,15 +17,16 @@ namespace fastloss {
 struct SinkhornShape {
   int64_t batch, n, m;
   c10::ScalarType acc_dtype;  // float32 for float32/float16/bfloat16 costs, float64 for float64
+  int error_norm;             // MarginalErrorNorm::p: 1, 2, or 0 for infinity
 };
 
 inline c10::ScalarType sinkhorn_acc_dtype(c10::ScalarType t) {
   return t == c10::kDouble ? c10::kDouble : c10::kFloat;
 }
 
-// cost (B, n, m); a (B, n); b (B, m); eps > 0; max_iter >= 0; tol >= 0.
+// cost (B, n, m); a (B, n); b (B, m); eps > 0; max_iter >= 0; tol >= 0; error_norm 1, 2 or inf.
 inline SinkhornShape sinkhorn_args(const at::Tensor& cost, const at::Tensor& a, const at::Tensor& b,
-                                   double eps, int64_t max_iter, double tol) {
+                                   double eps, int64_t max_iter, double tol, double error_norm) {
   constexpr const char* op = "sinkhorn";
   check_floating(op, "cost", cost);
   check_floating(op, "a", a);
@@ -44,7 +45,11 @@ inline SinkhornShape sinkhorn_args(const at::Tensor& cost, const at::Tensor& a, 
   TORCH_CHECK(std::isfinite(eps) && eps > 0, "fastloss.sinkhorn: expected 'eps' > 0, got ", eps);
   TORCH_CHECK(max_iter >= 0, "fastloss.sinkhorn: expected 'max_iter' >= 0, got ", max_iter);
   TORCH_CHECK(tol >= 0, "fastloss.sinkhorn: expected 'tol' >= 0, got ", tol);
-  return {B, n, m, sinkhorn_acc_dtype(cost.scalar_type())};
+  const bool norm_inf = std::isinf(error_norm) && error_norm > 0;
+  TORCH_CHECK(error_norm == 1 || error_norm == 2 || norm_inf,
+              "fastloss.sinkhorn: expected 'error_norm' to be 1, 2 or inf, got ", error_norm);
+  const int norm = norm_inf ? 0 : static_cast<int>(error_norm);
+  return {B, n, m, sinkhorn_acc_dtype(cost.scalar_type()), norm};
 }
 
 // Relative tolerance on |sum a - sum b| for marginals of this dtype: sqrt of its epsilon.

@@ -11,7 +11,7 @@
 // log-domain pass over the cost (one exp per entry, warm-shifted log-sum-exp with an exact
 // max-shifted fallback) that rebuilds the kernel. Traffic per iteration: one read of the
 // kernel (n m values) and O(n + m); one read of the cost per rebuild; the plan is the kernel
-// rescaled in place at the end. Every iteration measures the L1 row-marginal error for free,
+// rescaled in place at the end. Every iteration measures the row-marginal error for free,
 // so each problem stops on its own. Many problems: parallel over the batch, one thread per
 // problem (its kernel stays in L1/L2). Few large ones: rows split across threads, each with
 // its own column accumulators.
@@ -93,8 +93,8 @@ FASTLOSS_CPU_INLINE acc_t max_lanes(acc_t* a) {
 // * scaling pass (two fused multiply-adds per entry, no exp): s_i = sum_j K_ij b_j y_j,
 //   x_i <- 1 / s_i, and a_i x_i K_ij added to the column sums from the same row, so
 //   y_j <- 1 / (column sum).
-// Either way s_i is the row marginal of the current iterate divided by a_i x_i, so the L1
-// error sum_i a_i |x_i s_i - 1| comes with the row pass. Absorption (Schmitzer 2019): a
+// Either way s_i is the row marginal of the current iterate divided by a_i x_i, so the error
+// terms a_i |x_i s_i - 1| come with the row pass (their norm: MarginalErrorNorm). Absorption (Schmitzer 2019): a
 // scaling pass is used only while every s_i and every column sum stays in
 // [1/kMaxScaling, kMaxScaling]; otherwise that pass is discarded, (x, y) are folded into
 // (u, v), and a log pass rebuilds the kernel. Kernel entries below kMinKernel are stored as
@@ -109,13 +109,15 @@ struct Problem {
   const acc_t* log_b;  // m
   int64_t n, m;
   acc_t inv_eps;
+  MarginalErrorNorm norm;  // of the row-marginal error that the stopping rule measures
 };
 
 // Log pass over rows [r0, r1): writes u_new and the kernel rows at (u_new, v), adds a_i K_ij
-// to col_acc (m). Returns sum_i a_i |s_i - 1|, the L1 row-marginal error of (u, v).
+// to col_acc (m). Returns the accumulated terms a_i |s_i - 1| of the row-marginal error of (u, v).
 template <typename acc_t>
 FASTLOSS_CPU_INLINE acc_t log_rows(const Problem<acc_t>& p, const acc_t* u, const acc_t* v, acc_t* u_new,
                                    acc_t* kernel, acc_t* col_acc, int64_t r0, int64_t r1) {
+  const MarginalErrorNorm norm = p.norm;
   constexpr int L = kLanes<acc_t>;
   const int64_t m = p.m;
   const acc_t k = p.inv_eps;
@@ -171,7 +173,7 @@ FASTLOSS_CPU_INLINE acc_t log_rows(const Problem<acc_t>& p, const acc_t* u, cons
       ratio = std::exp(lse + ui);
     }
     const acc_t ai = p.a[i];
-    if (ai > 0) err += ai * std::abs(ratio - acc_t(1));
+    if (ai > 0) err = norm(err, norm.term(ai * std::abs(ratio - acc_t(1))));
     const acc_t inv_s = acc_t(1) / s;
     for (j = 0; j < m; ++j) {
       const acc_t kij = e[j] * inv_s;
@@ -184,11 +186,12 @@ FASTLOSS_CPU_INLINE acc_t log_rows(const Problem<acc_t>& p, const acc_t* u, cons
 }
 
 // Scaling pass over rows [r0, r1) of the kernel, with w = b o y: writes x_new = 1 / (K w) and
-// adds a_i x_new_i K_ij to col_acc (m). Returns the L1 row-marginal error of (x, y), or NaN
-// as soon as some K w leaves the scaling range (the pass is then discarded).
+// adds a_i x_new_i K_ij to col_acc (m). Returns the accumulated row-marginal error terms of
+// (x, y), or NaN as soon as some K w leaves the scaling range (the pass is then discarded).
 template <typename acc_t>
 FASTLOSS_CPU_INLINE acc_t scaling_rows(const acc_t* kernel, const acc_t* a, const acc_t* x, const acc_t* w,
-                                       acc_t* x_new, acc_t* col_acc, int64_t m, int64_t r0, int64_t r1) {
+                                       acc_t* x_new, acc_t* col_acc, int64_t m, int64_t r0, int64_t r1,
+                                       MarginalErrorNorm norm) {
   constexpr int L = kLanes<acc_t>;
   acc_t err = 0;
   for (int64_t i = r0; i < r1; ++i) {
@@ -202,7 +205,7 @@ FASTLOSS_CPU_INLINE acc_t scaling_rows(const acc_t* kernel, const acc_t* a, cons
     const acc_t s = sum_lanes<L>(part);
     if (!scaling_in_range(s)) return std::numeric_limits<acc_t>::quiet_NaN();
     const acc_t ai = a[i];
-    err += ai * std::abs(fl_fma(x[i], s, acc_t(-1)));
+    err = norm(err, norm.term(ai * std::abs(fl_fma(x[i], s, acc_t(-1)))));
     const acc_t xi = acc_t(1) / s;
     x_new[i] = xi;
     const acc_t weight = ai * xi;
@@ -219,7 +222,7 @@ FASTLOSS_CPU_INLINE acc_t scaling_rows(const acc_t* kernel, const acc_t* a, cons
 template <typename acc_t>
 FASTLOSS_CPU_INLINE acc_t scaling_transposed(const acc_t* kernel, const acc_t* kernel_t, const acc_t* a,
                                              const acc_t* x, const acc_t* w, acc_t* x_new, acc_t* col_acc,
-                                             int64_t n, int64_t m) {
+                                             int64_t n, int64_t m, MarginalErrorNorm norm) {
   constexpr int L = kLanes<acc_t>;
   acc_t* s = x_new;  // K w, inverted in place
   for (int64_t i = 0; i < n; ++i) s[i] = 0;
@@ -236,13 +239,13 @@ FASTLOSS_CPU_INLINE acc_t scaling_transposed(const acc_t* kernel, const acc_t* k
     for (int l = 0; l < L; ++l) {
       const acc_t si = s[i + l];
       out_of_range |= !scaling_in_range(si);
-      part[l] += a[i + l] * std::abs(fl_fma(x[i + l], si, acc_t(-1)));
+      part[l] = norm(part[l], norm.term(a[i + l] * std::abs(fl_fma(x[i + l], si, acc_t(-1)))));
       s[i + l] = acc_t(1) / si;
     }
   for (int l = 0; i + l < n; ++l) {
     const acc_t si = s[i + l];
     out_of_range |= !scaling_in_range(si);
-    part[l] += a[i + l] * std::abs(fl_fma(x[i + l], si, acc_t(-1)));
+    part[l] = norm(part[l], norm.term(a[i + l] * std::abs(fl_fma(x[i + l], si, acc_t(-1)))));
     s[i + l] = acc_t(1) / si;
   }
   if (out_of_range) return std::numeric_limits<acc_t>::quiet_NaN();
@@ -251,7 +254,9 @@ FASTLOSS_CPU_INLINE acc_t scaling_transposed(const acc_t* kernel, const acc_t* k
     const acc_t* k = kernel + i * m;
     for (int64_t j = 0; j < m; ++j) col_acc[j] += weight * k[j];
   }
-  return sum_lanes<L>(part);
+  acc_t err = part[0];
+  for (int l = 1; l < L; ++l) err = norm(err, part[l]);
+  return err;
 }
 
 // v_j <- -LSE_i(log a_i + u_i - C_ij / eps) exactly, for the columns [c0, c1) whose warm sum
@@ -311,12 +316,14 @@ struct Outputs {
     return log_rows(p, u, v, u_new, kernel, col_acc, r0, r1);                                                \
   }                                                                                                          \
   FASTLOSS_CPU_CLONES T scaling_rows_entry(const T* kernel, const T* a, const T* x, const T* w, T* x_new,    \
-                                           T* col_acc, int64_t m, int64_t r0, int64_t r1) {                  \
-    return scaling_rows(kernel, a, x, w, x_new, col_acc, m, r0, r1);                                         \
+                                           T* col_acc, int64_t m, int64_t r0, int64_t r1,                    \
+                                           MarginalErrorNorm norm) {                                         \
+    return scaling_rows(kernel, a, x, w, x_new, col_acc, m, r0, r1, norm);                                   \
   }                                                                                                          \
   FASTLOSS_CPU_CLONES T scaling_transposed_entry(const T* kernel, const T* kernel_t, const T* a, const T* x,  \
-                                                 const T* w, T* x_new, T* col_acc, int64_t n, int64_t m) {   \
-    return scaling_transposed(kernel, kernel_t, a, x, w, x_new, col_acc, n, m);                              \
+                                                 const T* w, T* x_new, T* col_acc, int64_t n, int64_t m,     \
+                                                 MarginalErrorNorm norm) {                                   \
+    return scaling_transposed(kernel, kernel_t, a, x, w, x_new, col_acc, n, m, norm);                        \
   }                                                                                                          \
   FASTLOSS_CPU_CLONES void exact_columns_entry(const Problem<T>& p, const T* u, const T* col_acc, T* v,      \
                                                int64_t c0, int64_t c1) {                                     \
@@ -360,15 +367,15 @@ void solve(const Problem<acc_t>& p, int64_t max_iter, acc_t tol, bool parallel, 
   acc_t* kernel = out.plan;
   const bool transposed = !parallel && n * m * int64_t(sizeof(acc_t)) <= kTransposedKernelMaxBytes;
   std::vector<acc_t> kernel_t(transposed ? n * m : 0);
-  // Runs one row pass (split into `parts` ranges) and returns the summed error.
+  // Runs one row pass (split into `parts` ranges) and returns its combined error terms.
   auto row_pass = [&](auto&& rows) {
     std::fill(col_acc.begin(), col_acc.end(), acc_t(0));
     if (parts == 1) return rows(col_acc.data(), int64_t(0), n);
     at::parallel_for(0, parts, 1, [&](int64_t b, int64_t e) {
       for (int64_t t = b; t < e; ++t) part_err[t] = rows(col_acc.data() + t * m, n * t / parts, n * (t + 1) / parts);
     });
-    acc_t err = 0;
-    for (int64_t t = 0; t < parts; ++t) err += part_err[t];
+    acc_t err = part_err[0];
+    for (int64_t t = 1; t < parts; ++t) err = p.norm(err, part_err[t]);
     for (int64_t t = 1; t < parts; ++t)
       for (int64_t j = 0; j < m; ++j) col_acc[j] += col_acc[t * m + j];
     return err;
@@ -381,11 +388,11 @@ void solve(const Problem<acc_t>& p, int64_t max_iter, acc_t tol, bool parallel, 
     scaled = false;
     if (kernel_fresh && transposed) {
       std::fill(col_acc.begin(), col_acc.end(), acc_t(0));
-      err = scaling_transposed_entry(kernel, kernel_t.data(), p.a, x, w.data(), x_new, col_acc.data(), n, m);
+      err = scaling_transposed_entry(kernel, kernel_t.data(), p.a, x, w.data(), x_new, col_acc.data(), n, m, p.norm);
       scaled = err == err;
     } else if (kernel_fresh) {
       err = row_pass([&](acc_t* acc, int64_t r0, int64_t r1) {
-        return scaling_rows_entry(kernel, p.a, x, w.data(), x_new, acc, m, r0, r1);
+        return scaling_rows_entry(kernel, p.a, x, w.data(), x_new, acc, m, r0, r1, p.norm);
       });
       scaled = err == err;
     }
@@ -396,6 +403,7 @@ void solve(const Problem<acc_t>& p, int64_t max_iter, acc_t tol, bool parallel, 
         return log_rows_entry(p, u, v.data(), u_new, kernel, acc, r0, r1);
       });
     }
+    err = p.norm.finish(err);
     if (it == max_iter || err <= tol || err != err) break;
     if (scaled) {
       std::swap(x, x_new);
@@ -460,10 +468,10 @@ void solve(const Problem<acc_t>& p, int64_t max_iter, acc_t tol, bool parallel, 
 
 template <typename acc_t>
 void solve_batch(const acc_t* cost, const acc_t* a, const acc_t* b, const acc_t* log_a, const acc_t* log_b,
-                 int64_t B, int64_t n, int64_t m, acc_t inv_eps, int64_t max_iter, acc_t tol, acc_t* plan,
-                 acc_t* alpha, acc_t* beta, acc_t* value, int64_t* n_iter, acc_t* error) {
+                 int64_t B, int64_t n, int64_t m, acc_t inv_eps, int64_t max_iter, acc_t tol, MarginalErrorNorm norm,
+                 acc_t* plan, acc_t* alpha, acc_t* beta, acc_t* value, int64_t* n_iter, acc_t* error) {
   auto problem = [&](int64_t k) {
-    return Problem<acc_t>{cost + k * n * m, a + k * n, b + k * m, log_a + k * n, log_b + k * m, n, m, inv_eps};
+    return Problem<acc_t>{cost + k * n * m, a + k * n, b + k * m, log_a + k * n, log_b + k * m, n, m, inv_eps, norm};
   };
   auto outputs = [&](int64_t k) {
     return Outputs<acc_t>{plan + k * n * m, alpha + k * n, beta + k * m, value + k, n_iter + k, error + k};
@@ -505,8 +513,10 @@ void check_marginals(const at::Tensor& a, const at::Tensor& b, double mass_tol) 
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> sinkhorn(
-    const at::Tensor& cost, const at::Tensor& a, const at::Tensor& b, double eps, int64_t max_iter, double tol) {
-  const SinkhornShape s = sinkhorn_args(cost, a, b, eps, max_iter, tol);
+    const at::Tensor& cost, const at::Tensor& a, const at::Tensor& b, double eps, int64_t max_iter, double tol,
+    double error_norm) {
+  const SinkhornShape s = sinkhorn_args(cost, a, b, eps, max_iter, tol, error_norm);
+  const MarginalErrorNorm norm{s.error_norm};
   const auto opts = cost.options().dtype(s.acc_dtype);
   at::Tensor plan = at::empty({s.batch, s.n, s.m}, opts);
   at::Tensor alpha = at::empty({s.batch, s.n}, opts);
@@ -524,7 +534,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   if (s.acc_dtype == at::kDouble) {
     solve_batch<double>(c.const_data_ptr<double>(), av.const_data_ptr<double>(), bv.const_data_ptr<double>(),
                         log_a.const_data_ptr<double>(),
-                        log_b.const_data_ptr<double>(), s.batch, s.n, s.m, 1.0 / eps, max_iter, tol,
+                        log_b.const_data_ptr<double>(), s.batch, s.n, s.m, 1.0 / eps, max_iter, tol, norm,
                         plan.mutable_data_ptr<double>(), alpha.mutable_data_ptr<double>(),
                         beta.mutable_data_ptr<double>(), value.mutable_data_ptr<double>(),
                         n_iter.mutable_data_ptr<int64_t>(), error.mutable_data_ptr<double>());
@@ -532,7 +542,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     solve_batch<float>(c.const_data_ptr<float>(), av.const_data_ptr<float>(), bv.const_data_ptr<float>(),
                        log_a.const_data_ptr<float>(),
                        log_b.const_data_ptr<float>(), s.batch, s.n, s.m, static_cast<float>(1.0 / eps), max_iter,
-                       static_cast<float>(tol), plan.mutable_data_ptr<float>(), alpha.mutable_data_ptr<float>(),
+                       static_cast<float>(tol), norm, plan.mutable_data_ptr<float>(), alpha.mutable_data_ptr<float>(),
                        beta.mutable_data_ptr<float>(), value.mutable_data_ptr<float>(),
                        n_iter.mutable_data_ptr<int64_t>(), error.mutable_data_ptr<float>());
   }

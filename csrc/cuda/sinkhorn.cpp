@@ -53,6 +53,7 @@ kernels::SinkhornArgs<T> make_args(const at::Tensor& c, const at::Tensor& a, con
   p.max_iter = max_iter;
   p.tol = static_cast<T>(tol);
   p.mass_tol = static_cast<T>(mass_tol);
+  p.error_norm = s.error_norm;
   p.plan = plan.mutable_data_ptr<T>();
   p.alpha = alpha.mutable_data_ptr<T>();
   p.beta = beta.mutable_data_ptr<T>();
@@ -63,9 +64,10 @@ kernels::SinkhornArgs<T> make_args(const at::Tensor& c, const at::Tensor& a, con
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> sinkhorn(
-    const at::Tensor& cost, const at::Tensor& a, const at::Tensor& b, double eps, int64_t max_iter, double tol) {
+    const at::Tensor& cost, const at::Tensor& a, const at::Tensor& b, double eps, int64_t max_iter, double tol,
+    double error_norm) {
   check_cuda("sinkhorn", "cost", cost);
-  const SinkhornShape s = sinkhorn_args(cost, a, b, eps, max_iter, tol);
+  const SinkhornShape s = sinkhorn_args(cost, a, b, eps, max_iter, tol, error_norm);
   const c10::cuda::OptionalCUDAGuard guard(cost.device());
   const auto opts = cost.options().dtype(s.acc_dtype);
   at::Tensor plan = at::empty({s.batch, s.n, s.m}, opts);

@@ -1,7 +1,7 @@
 // Batched log-domain Sinkhorn on CUDA (Cuturi 2013; log-domain stabilization as in
 // Schmitzer 2019, arXiv 1610.06519). The arithmetic is common/sinkhorn_math.h, shared with
 // the CPU: scaled potentials u, v, warm-shifted log-sum-exp sums with an exact redo, and the
-// L1 row-marginal error read off the row pass for free, so convergence is checked every
+// row-marginal error read off the row pass for free, so convergence is checked every
 // iteration and each problem stops on its own, with no host synchronization.
 //
 // Two shapes:
@@ -164,6 +164,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm) sinkhorn_block_kern
   }
   const T inv_eps = p.inv_eps;
   const T* a = p.a + k * n;
+  const MarginalErrorNorm norm{p.error_norm};
   T err = 0;
   int64_t it = 0;
   for (;; ++it) {
@@ -175,10 +176,10 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm) sinkhorn_block_kern
       if (lane == 0) {
         u_new[i] = un;
         const T ai = a[i];
-        if (ai > 0) err_part += ai * fabs(ratio - T(1));
+        if (ai > 0) err_part = norm(err_part, norm.term(ai * fabs(ratio - T(1))));
       }
     }
-    err = block_sum(err_part, red);  // uniform across the block
+    err = norm.finish(block_allreduce<kThreads>(err_part, norm, red));  // uniform across the block
     if (it == p.max_iter || err <= p.tol || err != err) break;
     T* t = u;
     u = u_new;
@@ -294,14 +295,14 @@ __device__ __forceinline__ T ld_shared_global(const T* p) {
   return __ldcg(p);
 }
 
-// The sum over blocks of block_part, in the same order in every block (so every block takes
-// the same decisions). Result in every thread.
-template <typename T>
-__device__ T grid_total(const T* block_part, int blocks, T* scratch) {
+// The block_part values combined by `op` over blocks, in the same order in every block (so
+// every block takes the same decisions). Result in every thread.
+template <typename T, typename Op>
+__device__ T grid_total(const T* block_part, int blocks, Op op, T* scratch) {
   T s = 0;
   if (threadIdx.x < 32) {
-    for (int b = threadIdx.x; b < blocks; b += 32) s += ld_shared_global(block_part + b);
-    s = warp_sum(s);
+    for (int b = threadIdx.x; b < blocks; b += 32) s = op(s, ld_shared_global(block_part + b));
+    s = warp_allreduce(s, op, 32);
     if (threadIdx.x == 0) scratch[0] = s;
   }
   __syncthreads();
@@ -338,6 +339,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm) sinkhorn_grid_kerne
   }
   T* u = w.u;
   T* u_new = w.u_new;
+  const MarginalErrorNorm norm{p.error_norm};
   T err = 0;
   int64_t it = 0;
   const int64_t col_tiles = (m + kThreads - 1) / kThreads;
@@ -350,13 +352,13 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm) sinkhorn_grid_kerne
                       [&](int64_t j) { return lb[j] + ld_shared_global(w.v + j); }, un, ratio);
       if (lane == 0) {
         u_new[i] = un;
-        if (a[i] > 0) err_part += a[i] * fabs(ratio - T(1));
+        if (a[i] > 0) err_part = norm(err_part, norm.term(a[i] * fabs(ratio - T(1))));
       }
     }
-    err_part = block_sum(err_part, red);
+    err_part = block_allreduce<kThreads>(err_part, norm, red);
     if (threadIdx.x == 0) w.block_part[blockIdx.x] = err_part;
     grid.sync();
-    err = grid_total(w.block_part, gridDim.x, red + kWarps + 1);
+    err = norm.finish(grid_total(w.block_part, gridDim.x, norm, red + kWarps + 1));
     if (it == p.max_iter || err <= p.tol || err != err) break;  // uniform across the grid
     T* t = u;
     u = u_new;
@@ -444,7 +446,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm) sinkhorn_grid_kerne
   if (threadIdx.x == 0) w.block_part[blockIdx.x] = val;
   grid.sync();
   if (blockIdx.x == 0) {
-    const T total = grid_total(w.block_part, gridDim.x, red + kWarps + 1);
+    const T total = grid_total(w.block_part, gridDim.x, SumOp{}, red + kWarps + 1);
     if (threadIdx.x == 0) {
       p.value[k] = total;
       p.error[k] = err;

@@ -26,6 +26,7 @@ struct SinkhornArgs {
   int64_t max_iter;
   T tol;
   T mass_tol;  // relative tolerance on |sum a - sum b|; an invalid problem gives NaN results
+  int error_norm;  // of the row-marginal error that tol bounds (MarginalErrorNorm::p: 1, 2, 0 = inf)
   T* plan;
   T* alpha;
   T* beta;

@@ -20,8 +20,8 @@ class SinkhornResult(NamedTuple):
     value: (B,) regularized OT value <P, C> + eps KL(P || a b^T), evaluated in its dual form
         <f, a> + <g, b> - eps (<a, log a> + <b, log b>).
     n_iter: (B,) int64, the iterations used by each problem.
-    marginal_error: (B,) the L1 row-marginal error ||P 1 - a||_1 of the returned plan
-        (its columns sum to b up to rounding).
+    marginal_error: (B,) the row-marginal error ||P 1 - a|| of the returned plan in the
+        ``error_norm`` the stopping rule used (its columns sum to b up to rounding).
     """
 
     plan: torch.Tensor
@@ -69,7 +69,10 @@ def _marginal(name: str, arg: str, x: Optional[torch.Tensor], batch: int, size: 
     )
 
 
-def _prepare(name: str, cost, a, b, eps, max_iter, tol):
+_ERROR_NORMS = (1, 2, math.inf)
+
+
+def _prepare(name: str, cost, a, b, eps, max_iter, tol, error_norm):
     _check_tensor(name, "cost", cost)
     if cost.dim() not in (2, 3):
         raise ValueError(f"fastloss.{name}: expected 'cost' to have shape (n, m) or (B, n, m), got {tuple(cost.shape)}")
@@ -80,9 +83,11 @@ def _prepare(name: str, cost, a, b, eps, max_iter, tol):
     max_iter = _check_count(name, "max_iter", max_iter)
     if isinstance(tol, bool) or not isinstance(tol, (int, float)) or not tol >= 0:
         raise ValueError(f"fastloss.{name}: expected 'tol' to be a number >= 0, got {tol!r}")
+    if isinstance(error_norm, bool) or not isinstance(error_norm, (int, float)) or error_norm not in _ERROR_NORMS:
+        raise ValueError(f"fastloss.{name}: expected 'error_norm' to be 1, 2 or math.inf, got {error_norm!r}")
     a2 = _marginal(name, "a", a, B, n, cost3)
     b2 = _marginal(name, "b", b, B, m, cost3)
-    return cost3, a2, b2, eps, max_iter, float(tol), batched
+    return cost3, a2, b2, eps, max_iter, float(tol), float(error_norm), batched
 
 
 def sinkhorn(
@@ -93,6 +98,7 @@ def sinkhorn(
     eps: float,
     max_iter: int = 1000,
     tol: float = 1e-6,
+    error_norm: float = 1,
 ) -> SinkhornResult:
     """Entropic optimal transport by log-domain Sinkhorn iterations, for one problem or a batch.
 
@@ -103,16 +109,22 @@ def sinkhorn(
             uniform when None. Entries must be >= 0 (zeros allowed) with sum(a) == sum(b).
         eps: entropic regularization (> 0), in the units of the cost.
         max_iter: at most this many iterations per problem (each a row and a column update).
-        tol: each problem stops independently once ||P 1 - a||_1 <= tol (checked every
+        tol: each problem stops independently once ||P 1 - a|| <= tol (checked every
             iteration at no extra cost).
+        error_norm: the norm of that stopping rule: 1 (default, the strictest), 2 (as POT's
+            solvers) or math.inf (the largest entry).
 
     Returns a :class:`SinkhornResult` (float32 for half-precision costs; float64 for
     float64). The results carry no gradient: use :func:`sinkhorn_cost` for a differentiable
     value. On CUDA, marginals with negative entries or unequal mass cannot be checked
     without a host synchronization: such problems come back as NaN instead of an error.
     """
-    cost3, a2, b2, eps, max_iter, tol, batched = _prepare("sinkhorn", cost, a, b, eps, max_iter, tol)
-    plan, alpha, beta, value, n_iter, err = torch.ops.fastloss.sinkhorn.default(cost3, a2, b2, eps, max_iter, tol)
+    cost3, a2, b2, eps, max_iter, tol, error_norm, batched = _prepare(
+        "sinkhorn", cost, a, b, eps, max_iter, tol, error_norm
+    )
+    plan, alpha, beta, value, n_iter, err = torch.ops.fastloss.sinkhorn.default(
+        cost3, a2, b2, eps, max_iter, tol, error_norm
+    )
     f = alpha + eps * torch.log(a2.to(alpha.dtype))
     g = beta + eps * torch.log(b2.to(beta.dtype))
     out = SinkhornResult(plan.detach(), f.detach(), g.detach(), value.detach(), n_iter, err.detach())
@@ -129,6 +141,7 @@ def sinkhorn_cost(
     eps: float,
     max_iter: int = 1000,
     tol: float = 1e-6,
+    error_norm: float = 1,
     grad: str = "envelope",
 ) -> torch.Tensor:
     """The regularized OT value <P, C> + eps KL(P || a b^T) of each problem: shape (B,), or a
@@ -145,15 +158,17 @@ def sinkhorn_cost(
     """
     if grad not in _GRAD_MODES:
         raise ValueError(f"fastloss.sinkhorn_cost: expected 'grad' to be one of {_GRAD_MODES}, got {grad!r}")
-    cost3, a2, b2, eps, max_iter, tol, batched = _prepare("sinkhorn_cost", cost, a, b, eps, max_iter, tol)
+    cost3, a2, b2, eps, max_iter, tol, error_norm, batched = _prepare(
+        "sinkhorn_cost", cost, a, b, eps, max_iter, tol, error_norm
+    )
     if grad == "envelope":
-        value = torch.ops.fastloss.sinkhorn.default(cost3, a2, b2, eps, max_iter, tol)[3]
+        value = torch.ops.fastloss.sinkhorn.default(cost3, a2, b2, eps, max_iter, tol, error_norm)[3]
     else:
-        value = _unrolled_value(cost3, a2, b2, eps, max_iter, tol)
+        value = _unrolled_value(cost3, a2, b2, eps, max_iter, tol, error_norm)
     return value if batched else value.squeeze(0)
 
 
-def _unrolled_value(cost, a, b, eps, max_iter, tol):
+def _unrolled_value(cost, a, b, eps, max_iter, tol, error_norm):
     """The same iteration as the kernels, written with differentiable torch ops."""
     if not torch.compiler.is_compiling() and a.device.type == "cpu":
         _check_marginals(a.detach(), b.detach())
@@ -169,7 +184,8 @@ def _unrolled_value(cost, a, b, eps, max_iter, tol):
     for it in range(max_iter + 1):
         u_new = -torch.logsumexp(log_b + v[:, None, :] - c, dim=2)
         row_ratio = torch.exp(u - u_new)  # row marginal / a under the current (u, v)
-        err = torch.where(a > 0, a * (row_ratio - 1).abs(), torch.zeros_like(a)).sum(1)
+        terms = torch.where(a > 0, a * (row_ratio - 1).abs(), torch.zeros_like(a))
+        err = torch.linalg.vector_norm(terms, ord=error_norm, dim=1)
         active = active & ~(err <= tol)
         if it == max_iter:
             break
@@ -198,7 +214,7 @@ def _check_marginals(a: torch.Tensor, b: torch.Tensor) -> None:
         )
 
 
-def _sinkhorn_fake(cost, a, b, eps, max_iter, tol):
+def _sinkhorn_fake(cost, a, b, eps, max_iter, tol, error_norm=1.0):
     B, n, m = cost.shape
     acc = _acc_dtype(cost.dtype)
     return (
@@ -215,7 +231,7 @@ torch.library.register_fake("fastloss::sinkhorn")(_sinkhorn_fake)
 
 
 def _sinkhorn_setup_context(ctx, inputs, output):
-    cost, a, b, _eps, _max_iter, _tol = inputs
+    cost, a, b = inputs[:3]
     plan, alpha, beta, _value, n_iter, err = output
     ctx.mark_non_differentiable(plan, alpha, beta, n_iter, err)
     ctx.dtypes = (cost.dtype, a.dtype, b.dtype)
@@ -234,7 +250,7 @@ def _sinkhorn_backward(ctx, _g_plan, _g_alpha, _g_beta, g_value, _g_n_iter, _g_e
         grad_a = (g[:, None] * alpha).to(a_dtype)
     if ctx.needs_input_grad[2]:
         grad_b = (g[:, None] * beta).to(b_dtype)
-    return grad_cost, grad_a, grad_b, None, None, None
+    return grad_cost, grad_a, grad_b, None, None, None, None
 
 
 torch.library.register_autograd("fastloss::sinkhorn", _sinkhorn_backward, setup_context=_sinkhorn_setup_context)
