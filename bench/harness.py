@@ -10,11 +10,13 @@ Timing
     (``torch.cuda._sleep``) keeps the GPU busy while the CPU enqueues the block, so the time is
     that of the GPU work alone, without Python launch overhead (as under a CUDA graph).
     CPU: wall clock (``time.perf_counter``) around a block of calls.
-    Every implementation is warmed up first (the first call also compiles, for torch.compile),
-    then timed for at least ``min_repeats`` blocks and up to ``repeats`` blocks or until
-    ``max_time`` seconds have passed; the reported time is the median over blocks of the
-    time per call. Small cases use several calls per block (``inner``) so a block is long
-    enough for the clock.
+    Every implementation of a case is warmed up first (the first call also compiles, for
+    torch.compile), then the implementations are timed in turns, one block each per round,
+    so a slow or noisy stretch of the machine weighs on all of them alike and the ratios stay
+    comparable; at least ``min_repeats`` and up to ``repeats`` blocks each, or until about
+    ``max_time`` seconds per implementation have passed. The reported time is the median over
+    blocks of the time per call. Small cases use several calls per block (``inner``) so a
+    block is long enough for the clock.
 Rotated inputs
     Each case makes several distinct input sets (as many as fit ``input_budget`` bytes, at
     most ``max_inputs``, at least one) and the calls cycle through them, so a small case does
@@ -373,63 +375,105 @@ def free_memory(device: str) -> None:
         torch.cuda.empty_cache()
 
 
-def time_callable(fn: Callable, inputs: Sequence[tuple], settings: Settings, clock) -> ImplResult:
-    """Warm up, calibrate the block size, then time blocks; see the module docstring."""
-    res = ImplResult(name=getattr(fn, "__name__", "fn"))
-    n = len(inputs)
-    state = {"i": 0}
+class _Timer:
+    """One implementation of a case: warmed up and calibrated on construction (see the module
+    docstring), then timed one block per :meth:`sample` call."""
 
-    def call():
-        args = inputs[state["i"] % n]
-        state["i"] += 1
-        return fn(*args)
+    def __init__(self, fn: Callable, inputs: Sequence[tuple], settings: Settings, clock):
+        self.res = ImplResult(name=getattr(fn, "__name__", "fn"))
+        self.clock = clock
+        n = len(inputs)
+        state = {"i": 0}
 
-    # Warm-up; the first call compiles where there is compiling to do. On CPU the first
-    # call's result gives the memory figure, so no extra call is spent on it.
-    t0 = time.perf_counter()
-    out = call()
-    clock.sync()
-    res.first_call_s = time.perf_counter() - t0
-    if settings.device != "cuda":
-        res.peak_bytes = _tensor_bytes(out)
-    del out
-    warm = 1
-    t_warm = time.perf_counter()
-    while warm < 3 and time.perf_counter() - t_warm < settings.warmup_time:
-        call()
-        warm += 1
-    clock.sync()
+        def call():
+            args = inputs[state["i"] % n]
+            state["i"] += 1
+            return fn(*args)
 
-    if settings.device == "cuda":
-        # Peak device memory of one call, over what is already allocated (the inputs).
-        torch.cuda.reset_peak_memory_stats()
-        before = torch.cuda.memory_allocated()
-        out = call()
-        torch.cuda.synchronize()
-        res.peak_bytes = max(0, torch.cuda.max_memory_allocated() - before)
-        del out
-        # How long the CPU takes to enqueue one call (the GPU is kept busy meanwhile).
-        if clock.cycles_per_s:
-            torch.cuda._sleep(int(0.01 * clock.cycles_per_s))
+        self.call = call
+        res = self.res
+        # Warm-up; the first call compiles where there is compiling to do. On CPU the first
+        # call's result gives the memory figure, so no extra call is spent on it.
         t0 = time.perf_counter()
-        call()
-        clock.enqueue_s = time.perf_counter() - t0
-        torch.cuda.synchronize()
+        out = call()
+        clock.sync()
+        res.first_call_s = time.perf_counter() - t0
+        if settings.device != "cuda":
+            res.peak_bytes = _tensor_bytes(out)
+        del out
+        warm = 1
+        t_warm = time.perf_counter()
+        while warm < 3 and time.perf_counter() - t_warm < settings.warmup_time:
+            call()
+            warm += 1
+        clock.sync()
 
-    # Calibrate: one call in a block; it counts as a sample when blocks are single calls.
-    t1 = clock.block(call, 1)
-    inner = 1
-    if 0 < t1 < settings.min_block:
-        inner = min(settings.max_inner, max(1, math.ceil(settings.min_block / t1)))
-    samples = [t1] if inner == 1 else []
-    deadline = time.perf_counter() + settings.max_time
-    while len(samples) < settings.repeats and (len(samples) < settings.min_repeats or time.perf_counter() < deadline):
-        samples.append(clock.block(call, inner) / inner)
-    res.median_s = statistics.median(samples)
-    res.min_s = min(samples)
-    res.repeats = len(samples)
-    res.inner = inner
-    return res
+        if settings.device == "cuda":
+            # Peak device memory of one call, over what is already allocated (the inputs).
+            torch.cuda.reset_peak_memory_stats()
+            before = torch.cuda.memory_allocated()
+            out = call()
+            torch.cuda.synchronize()
+            res.peak_bytes = max(0, torch.cuda.max_memory_allocated() - before)
+            del out
+            # How long the CPU takes to enqueue one call (the GPU is kept busy meanwhile).
+            if clock.cycles_per_s:
+                torch.cuda._sleep(int(0.01 * clock.cycles_per_s))
+            t0 = time.perf_counter()
+            call()
+            clock.enqueue_s = time.perf_counter() - t0
+            torch.cuda.synchronize()
+
+        # Calibrate: one call in a block; it counts as a sample when blocks are single calls.
+        t1 = clock.block(call, 1)
+        self.inner = 1
+        if 0 < t1 < settings.min_block:
+            self.inner = min(settings.max_inner, max(1, math.ceil(settings.min_block / t1)))
+        self.samples: List[float] = [t1] if self.inner == 1 else []
+
+    def sample(self) -> None:
+        self.samples.append(self.clock.block(self.call, self.inner) / self.inner)
+
+    def result(self) -> ImplResult:
+        res = self.res
+        res.median_s = statistics.median(self.samples)
+        res.min_s = min(self.samples)
+        res.repeats = len(self.samples)
+        res.inner = self.inner
+        return res
+
+
+def time_interleaved(timers: Sequence[_Timer], settings: Settings, on_error=None) -> List[_Timer]:
+    """Times the timers in rounds of one block each (see the module docstring); returns those
+    that did not fail. ``on_error(timer, exc)`` hears of each failure."""
+    live = [t for t in timers if len(t.samples) < settings.repeats or not t.samples]
+    done = [t for t in timers if t not in live]
+    deadline = time.perf_counter() + settings.max_time * max(1, len(live))
+    while live:
+        for t in list(live):
+            try:
+                t.sample()
+            except Exception as exc:
+                live.remove(t)
+                if on_error is not None:
+                    on_error(t, exc)
+                continue
+            if len(t.samples) >= settings.repeats or (
+                len(t.samples) >= settings.min_repeats and time.perf_counter() >= deadline
+            ):
+                live.remove(t)
+                done.append(t)
+    return done
+
+
+def time_callable(fn: Callable, inputs: Sequence[tuple], settings: Settings, clock) -> ImplResult:
+    """One implementation on its own (the rooflines)."""
+    timer = _Timer(fn, inputs, settings, clock)
+    failures = []
+    time_interleaved([timer], settings, on_error=lambda _t, exc: failures.append(exc))
+    if failures:
+        raise failures[0]
+    return timer.result()
 
 
 def n_rotating_inputs(input_bytes: int, settings: Settings) -> int:
@@ -507,6 +551,8 @@ def run_case(case: Case, settings: Settings, clock, progress=None) -> Result:
         if check_error:
             _log(progress, f"{case.label}: {check_error}")
 
+    # Warm up and calibrate each implementation, then time them all in turns.
+    timers: Dict[str, _Timer] = {}
     for name, fn in [("fastloss", case.fastloss), *case.baselines.items()]:
         if progress is not None:
             progress.set_postfix_str(f"{case.shape_str} {case.dtype_str} {case.mode} {name}", refresh=True)
@@ -514,15 +560,30 @@ def run_case(case: Case, settings: Settings, clock, progress=None) -> Result:
             impls[name] = ImplResult(name=name, error=fn.reason)
         else:
             try:
-                r = time_callable(fn, inputs, settings, clock)
-                r.name = name
-                impls[name] = r
+                timers[name] = _Timer(fn, inputs, settings, clock)
             except Exception as exc:
                 impls[name] = ImplResult(name=name, error=_short_error(exc))
                 _log(progress, f"{case.label}: {name} skipped: {impls[name].error}")
             free_memory(settings.device)
-        if progress is not None:
-            progress.update(1)
+    if progress is not None:
+        progress.set_postfix_str(f"{case.shape_str} {case.dtype_str} {case.mode} timing", refresh=True)
+    names = {id(t): name for name, t in timers.items()}
+
+    def failed(t: _Timer, exc: Exception) -> None:
+        name = names[id(t)]
+        impls[name] = ImplResult(name=name, error=_short_error(exc))
+        _log(progress, f"{case.label}: {name} skipped: {impls[name].error}")
+        free_memory(settings.device)
+
+    for t in time_interleaved(list(timers.values()), settings, on_error=failed):
+        r = t.result()
+        r.name = names[id(t)]
+        impls[r.name] = r
+    # Report in the case's order.
+    impls = {name: impls[name] for name in ["fastloss", *case.baselines] if name in impls}
+    if progress is not None:
+        progress.update(1 + len(case.baselines))
+    del timers
     del inputs
     free_memory(settings.device)
     return Result(case, impls, n_inputs=n_inputs, check_error=check_error)
@@ -869,9 +930,10 @@ def format_markdown(
         lines.append(f"- **warning**: {warn}")
     lines += [
         "",
-        "Method: " + timing + f"; warm-up (first call compiles), then the median over at least "
+        "Method: " + timing + f"; warm-up (first call compiles), then the implementations of a case timed "
+        "in turns (one block each per round, so machine noise weighs on all alike), the median over at least "
         f"{meta['min_repeats']} and up to {meta['repeats']} timed blocks (or about {meta['max_time']:g} s "
-        "per measurement). Inputs rotated: each case cycles through as many distinct input sets as fit "
+        "per implementation). Inputs rotated: each case cycles through as many distinct input sets as fit "
         f"{fmt_bytes(meta['input_budget'])} (at most {meta['max_inputs']}, at least 1: column `inputs`). "
         "GB/s = minimum bytes moved per call / fastloss time; `% of copy BW` against the copy roofline "
         "above; `vs X` = X time / fastloss time (above 1: fastloss faster). "
