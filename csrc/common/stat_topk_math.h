@@ -8,7 +8,9 @@
 // Row moments are merged with Chan's formula from chunks whose own moments are taken in two
 // passes over data that is in cache or registers, so the variance never comes from a
 // cancelling sum of squares. The row's min and max ride along: a constant row gets exactly
-// its value as mean and std = 0, whatever the rounding of the sum. The gradient through theta (exact VJP):
+// its value as mean and std = 0, whatever the rounding of the sum. Squared deviations are
+// kept in units of a power of two at least the spread squared (spread_exponent), so float32 statistics stay finite and exact for
+// any finite values (unscaled, (x - mean)^2 summed over a row overflows past ~1e17). The gradient through theta (exact VJP):
 //   d theta / d x_i = 1/d + z (x_i - mean) / (d std)
 // with the std term taken as 0 for a constant row (std = 0, where it is not differentiable).
 #pragma once
@@ -17,11 +19,14 @@
 #include "common/macros.h"
 
 #include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
 
 namespace fastloss {
 
 // Count, mean, sum of squared deviations, min and max of a set of values (n = 0: empty, the
-// other fields unused).
+// other fields unused). m2 is in units of (2^spread_exponent(lo, hi))^2.
 template <typename acc_t>
 struct Moments {
   acc_t n;
@@ -31,19 +36,69 @@ struct Moments {
   acc_t hi;
 };
 
+// e with v in [2^(e-1), 2^e) for a positive normal v (frexp's exponent), from the bits; a
+// subnormal v gives the smallest normal exponent's e.
+FASTLOSS_HD int exponent_above(float v) {
+#if defined(__CUDA_ARCH__)
+  const uint32_t bits = static_cast<uint32_t>(__float_as_int(v));
+#else
+  uint32_t bits;
+  std::memcpy(&bits, &v, sizeof(bits));
+#endif
+  const int biased = static_cast<int>((bits >> 23) & 0xffu);
+  return (biased == 0 ? 1 : biased) - 126;
+}
+FASTLOSS_HD int exponent_above(double v) {
+#if defined(__CUDA_ARCH__)
+  const uint64_t bits = static_cast<uint64_t>(__double_as_longlong(v));
+#else
+  uint64_t bits;
+  std::memcpy(&bits, &v, sizeof(bits));
+#endif
+  const int biased = static_cast<int>((bits >> 52) & 0x7ffu);
+  return (biased == 0 ? 1 : biased) - 1022;
+}
+
+// 2^k for an integer k, clamped to the normal range, built from the exponent bits (exact).
+template <typename acc_t>
+FASTLOSS_HD acc_t pow2(int k) {
+  constexpr int kLo = std::numeric_limits<acc_t>::min_exponent - 1;
+  constexpr int kHi = std::numeric_limits<acc_t>::max_exponent - 1;
+  return exp2_bits(static_cast<acc_t>(k < kLo ? kLo : (k > kHi ? kHi : k)));
+}
+
+// The unit of a set's squared deviations is 2^spread_exponent(lo, hi) >= hi - lo, which bounds
+// every deviation from the mean and every difference between merged means, so m2 <= n. The
+// exponent is 0 when the spread is 0 (a constant set) or not finite (inf or NaN values: their
+// statistics stay NaN as unscaled), and within the range where 2^e and 2^-e are both normal.
+template <typename acc_t>
+FASTLOSS_HD int spread_exponent(acc_t lo, acc_t hi) {
+  const acc_t d = hi - lo;
+  if (!(d > acc_t(0)) || !(d <= std::numeric_limits<acc_t>::max())) return 0;
+  const int e = exponent_above(d);
+  constexpr int kLo = std::numeric_limits<acc_t>::min_exponent - 1;
+  constexpr int kHi = std::numeric_limits<acc_t>::max_exponent - 2;
+  return e < kLo ? kLo : (e > kHi ? kHi : e);
+}
+
 template <typename acc_t>
 FASTLOSS_HD acc_t min_of(acc_t a, acc_t b) { return b < a ? b : a; }
 template <typename acc_t>
 FASTLOSS_HD acc_t max_of(acc_t a, acc_t b) { return b > a ? b : a; }
 
+// Chan's formula, with each part's m2 moved to the merged set's unit (exact powers of two).
 template <typename acc_t>
 FASTLOSS_HD Moments<acc_t> merge_moments(Moments<acc_t> a, Moments<acc_t> b) {
   const acc_t n = a.n + b.n;
   if (b.n == acc_t(0)) return a;
   if (a.n == acc_t(0)) return b;
+  const acc_t lo = min_of(a.lo, b.lo), hi = max_of(a.hi, b.hi);
+  const int e = spread_exponent(lo, hi);
+  const acc_t ra = pow2<acc_t>(spread_exponent(a.lo, a.hi) - e), rb = pow2<acc_t>(spread_exponent(b.lo, b.hi) - e);
   const acc_t delta = b.mean - a.mean;
+  const acc_t ds = delta * pow2<acc_t>(-e);
   const acc_t wb = b.n / n;
-  return {n, a.mean + delta * wb, a.m2 + b.m2 + delta * delta * a.n * wb, min_of(a.lo, b.lo), max_of(a.hi, b.hi)};
+  return {n, a.mean + delta * wb, a.m2 * ra * ra + b.m2 * rb * rb + ds * ds * a.n * wb, lo, hi};
 }
 
 // Moments of the first `count` (1..kMax) values of v, held in registers: the mean, then the
@@ -60,10 +115,14 @@ FASTLOSS_HD Moments<acc_t> moments_of(const acc_t (&v)[kMax], int count) {
     }
   }
   const acc_t mean = sum / static_cast<acc_t>(count);
+  const acc_t inv_s = pow2<acc_t>(-spread_exponent(lo, hi));
   acc_t m2 = 0;
 #pragma unroll
   for (int k = 0; k < kMax; ++k) {
-    if (k < count) m2 += (v[k] - mean) * (v[k] - mean);
+    if (k < count) {
+      const acc_t d = (v[k] - mean) * inv_s;
+      m2 += d * d;
+    }
   }
   return {static_cast<acc_t>(count), mean, m2, lo, hi};
 }
@@ -85,7 +144,7 @@ FASTLOSS_HD RowThreshold<acc_t> row_threshold(Moments<acc_t> m, acc_t z) {
   }
   // m2 >= 0 in exact arithmetic; the test only guards a -0 from rounding.
   const acc_t var = m.m2 > acc_t(0) ? m.m2 / m.n : acc_t(0);
-  const acc_t sd = std::sqrt(var);
+  const acc_t sd = std::sqrt(var) * pow2<acc_t>(spread_exponent(m.lo, m.hi));
   // A NaN anywhere in the row makes m2 NaN (the comparison above is false): keep it NaN.
   const acc_t std_v = m.m2 != m.m2 ? m.m2 : sd;
   return {m.mean, std_v, m.mean + std_v * z};

@@ -66,15 +66,16 @@ FASTLOSS_CPU_INLINE Moments<acc_t> chunk_moments(const in_t* x, int64_t c) {
     row_hi = max_of(row_hi, v);
   }
   const acc_t mean = sum / static_cast<acc_t>(c);
+  const acc_t inv_s = pow2<acc_t>(-spread_exponent(row_lo, row_hi));  // m2's unit (Moments)
   acc_t sq[kLanes] = {};
   for (i = 0; i + kLanes <= c; i += kLanes)
     for (int l = 0; l < kLanes; ++l) {
-      const acc_t d = to_acc<acc_t>(x[i + l]) - mean;
+      const acc_t d = (to_acc<acc_t>(x[i + l]) - mean) * inv_s;
       sq[l] += d * d;
     }
   acc_t m2 = sum_lanes(sq);
   for (; i < c; ++i) {
-    const acc_t d = to_acc<acc_t>(x[i]) - mean;
+    const acc_t d = (to_acc<acc_t>(x[i]) - mean) * inv_s;
     m2 += d * d;
   }
   return {static_cast<acc_t>(c), mean, m2, row_lo, row_hi};
@@ -124,7 +125,7 @@ FASTLOSS_CPU_INLINE void forward_strided(const in_t* x, in_t* y, typename AccTyp
                                          int64_t inner, int count, typename AccType<in_t>::type z,
                                          bool hard) {
   using acc_t = typename AccType<in_t>::type;
-  acc_t sum[kLanes] = {}, sq[kLanes] = {}, lo[kLanes], hi[kLanes], th[kLanes];
+  acc_t sum[kLanes] = {}, sq[kLanes] = {}, lo[kLanes], hi[kLanes], th[kLanes], inv_s[kLanes];
   for (int l = 0; l < count; ++l) lo[l] = hi[l] = to_acc<acc_t>(x[l]);
   for (int64_t i = 0; i < n; ++i)
     for (int l = 0; l < count; ++l) {
@@ -133,10 +134,13 @@ FASTLOSS_CPU_INLINE void forward_strided(const in_t* x, in_t* y, typename AccTyp
       lo[l] = min_of(lo[l], v);
       hi[l] = max_of(hi[l], v);
     }
-  for (int l = 0; l < count; ++l) sum[l] /= static_cast<acc_t>(n);  // now the mean
+  for (int l = 0; l < count; ++l) {
+    sum[l] /= static_cast<acc_t>(n);  // now the mean
+    inv_s[l] = pow2<acc_t>(-spread_exponent(lo[l], hi[l]));  // m2's unit (Moments)
+  }
   for (int64_t i = 0; i < n; ++i)
     for (int l = 0; l < count; ++l) {
-      const acc_t d = to_acc<acc_t>(x[i * inner + l]) - sum[l];
+      const acc_t d = (to_acc<acc_t>(x[i * inner + l]) - sum[l]) * inv_s[l];
       sq[l] += d * d;
     }
   for (int l = 0; l < count; ++l) {

@@ -217,6 +217,7 @@ __global__ void __launch_bounds__(kThreads) onchip_forward_kernel(const T* __res
   const acc_t mean = block_allreduce<kThreads>(sum, SumOp{}, red) / static_cast<acc_t>(n);
   lo = block_allreduce<kThreads>(lo, MinOp{}, red);
   hi = block_allreduce<kThreads>(hi, MaxOp{}, red);
+  const acc_t inv_s = pow2<acc_t>(-spread_exponent(lo, hi));  // m2's unit (Moments)
   acc_t sq = 0;
 #pragma unroll
   for (int it = 0; it < kIters; ++it) {
@@ -224,7 +225,7 @@ __global__ void __launch_bounds__(kThreads) onchip_forward_kernel(const T* __res
     if (off < n) {
 #pragma unroll
       for (int k = 0; k < kVec; ++k) {
-        const acc_t d = v[it][k] - mean;
+        const acc_t d = (v[it][k] - mean) * inv_s;
         sq += d * d;
       }
     }
