@@ -218,24 +218,34 @@ def test_independent_stopping_and_max_iter(device):
 
 
 @pytest.mark.parametrize("error_norm", [1, 2, math.inf])
-def test_error_norm(device, error_norm):
-    cost, a, b = random_problem(3, 40, 30, seed=11, device=device)
-    cost = cost * torch.tensor([1.0, 8.0, 20.0], dtype=cost.dtype, device=device)[:, None, None]
-    kw = dict(eps=0.5, tol=1e-8, error_norm=error_norm, max_iter=100000)
+@pytest.mark.parametrize("shape", [(3, 40, 30), (3, 200, 150), (1, 2048, 2100)])
+def test_error_norm(device, error_norm, shape):
+    # Shapes: the CPU's transposed-kernel, row-pass and row-split-across-threads passes.
+    B, n, m = shape
+    dtype = torch.float64 if n * m < 2**20 else torch.float32
+    tol = 1e-8 if dtype == torch.float64 else 1e-5
+    cost, a, b = random_problem(B, n, m, seed=11, device=device, dtype=dtype)
+    a, b = a.to(dtype), b.to(dtype)
+    # Problems of a few to several hundred iterations.
+    cost = cost * torch.tensor([8.0, 1.0, 20.0][:B], dtype=cost.dtype, device=device)[:, None, None]
+    kw = dict(eps=0.5 if n < 100 else 0.02, tol=tol, error_norm=error_norm, max_iter=100000)
     r = fastloss.sinkhorn(cost, a, b, **kw)
     # The reported error is the norm of the returned plan's row-marginal error, within tol.
-    err = torch.linalg.vector_norm(r.plan.sum(2) - a, ord=error_norm, dim=1)
-    torch.testing.assert_close(r.marginal_error, err, rtol=1e-6, atol=1e-14)
-    assert (r.marginal_error <= 1e-8).all()
+    err = torch.linalg.vector_norm(r.plan.double().sum(2) - a.double(), ord=error_norm, dim=1)
+    if dtype == torch.float64:
+        torch.testing.assert_close(r.marginal_error, err, rtol=1e-6, atol=1e-14)
+    else:  # float32 rounding of n row sums
+        torch.testing.assert_close(r.marginal_error.double(), err, rtol=0.05, atol=1e-6)
+    assert (r.marginal_error <= tol).all()
     # Each problem stops at the first iterate that meets the rule.
-    for k in range(3):
+    for k in range(B):
         before = fastloss.sinkhorn(cost[k], a[k], b[k], **{**kw, "max_iter": int(r.n_iter[k]) - 1})
-        assert before.marginal_error > 1e-8
+        assert before.marginal_error > tol
     # A weaker norm never needs more iterations than the L1 rule.
     assert (r.n_iter <= fastloss.sinkhorn(cost, a, b, **{**kw, "error_norm": 1}).n_iter).all()
-    # The unrolled value runs the same iterations.
-    unrolled = fastloss.sinkhorn_cost(cost, a, b, grad="unrolled", **{**kw, "max_iter": int(r.n_iter.max()) + 2})
-    torch.testing.assert_close(unrolled, r.value, rtol=1e-9, atol=1e-12)
+    if dtype == torch.float64:  # The unrolled value runs the same iterations.
+        unrolled = fastloss.sinkhorn_cost(cost, a, b, grad="unrolled", **{**kw, "max_iter": int(r.n_iter.max()) + 2})
+        torch.testing.assert_close(unrolled, r.value, rtol=1e-9, atol=1e-12)
 
 
 def test_non_contiguous_and_empty(device):
