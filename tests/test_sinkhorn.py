@@ -426,7 +426,7 @@ def sinkd_reference(zs, zt, temperature=2.0, eps=0.1, n_iter=20, scale=0.001):
     return scale * torch.sum(P * W)
 
 
-@pytest.mark.parametrize("B,C", [(1, 3), (16, 3), (32, 100), (33, 31), (70, 600)])
+@pytest.mark.parametrize("B,C", [(1, 3), (16, 3), (32, 100), (33, 31), (70, 600), (600, 5)])
 @pytest.mark.parametrize("n_iter", [0, 1, 20])
 def test_sinkd_matches_reference_float64(device, B, C, n_iter):
     g = torch.Generator().manual_seed(B * 1000 + C)

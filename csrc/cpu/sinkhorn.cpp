@@ -35,7 +35,9 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 #include "common/sinkhorn_math.h"
@@ -602,9 +604,58 @@ FASTLOSS_CPU_INLINE void softmax_rows_backward(const acc_t* p, acc_t* dz, int64_
 // time, so the Y tile (S x kClassTile) stays in L2 while a thread walks its X rows.
 constexpr int64_t kClassTile = 512;
 constexpr int64_t kRowTile = 4;
+// The forward's register block (l1_block): kRowTile rows of X by kColBlock rows of Y, 16
+// vector accumulators (of the 32 AVX-512 registers).
+constexpr int kColBlock = 4;
+// The backward adds kGradBlock rows of Y per read-modify-write of the gradient row.
+constexpr int kGradBlock = 8;
 
 // Few classes (C <= kFewClasses): SIMD across the rows of Y instead, with Yt = Y^T (C x S).
 constexpr int64_t kFewClasses = 32;
+
+// 512-bit generic vectors (GCC/Clang vector extensions; split into narrower registers in the
+// clones without AVX-512) and the integer vectors of the same width, for |v| as a bit mask.
+template <typename acc_t>
+struct Vec512 {
+  using bits_t = std::conditional_t<sizeof(acc_t) == 8, int64_t, int32_t>;
+  typedef acc_t type __attribute__((vector_size(64)));
+  typedef bits_t bits __attribute__((vector_size(64)));
+  static constexpr int kLanes = 64 / sizeof(acc_t);
+  static constexpr bits_t kAbsMask = std::numeric_limits<bits_t>::max();
+};
+
+// W_ij += sum_k |X_ik - Y_jk| over classes [k0, k0 + kc) for the RI x RJ block at (i0, j0),
+// one vector accumulator per pair, so each loaded vector serves RJ (or RI) pairs. Explicit
+// vectors keep the accumulators in registers (with plain arrays GCC kept them in memory).
+template <int RI, int RJ, typename acc_t>
+FASTLOSS_CPU_INLINE void l1_block(const acc_t* X, const acc_t* Y, acc_t* W, int64_t S, int64_t C, int64_t i0,
+                                  int64_t j0, int64_t k0, int64_t kc) {
+  using V = Vec512<acc_t>;
+  constexpr int N = V::kLanes;
+  typename V::type acc[RI][RJ];
+  for (int r = 0; r < RI; ++r)
+    for (int s = 0; s < RJ; ++s) acc[r][s] = typename V::type{};
+  const acc_t* x = X + i0 * C + k0;
+  const acc_t* y = Y + j0 * C + k0;
+  int64_t k = 0;
+  for (; k + N <= kc; k += N) {
+    typename V::type xv[RI], yv[RJ];
+    for (int r = 0; r < RI; ++r) std::memcpy(&xv[r], x + r * C + k, sizeof(xv[r]));
+    for (int s = 0; s < RJ; ++s) std::memcpy(&yv[s], y + s * C + k, sizeof(yv[s]));
+    for (int r = 0; r < RI; ++r)
+      for (int s = 0; s < RJ; ++s) {
+        const typename V::type d = xv[r] - yv[s];
+        acc[r][s] += (typename V::type)((typename V::bits)d & V::kAbsMask);
+      }
+  }
+  for (int r = 0; r < RI; ++r)
+    for (int s = 0; s < RJ; ++s) {
+      acc_t t = 0;
+      for (int l = 0; l < N; ++l) t += acc[r][s][l];
+      for (int64_t q = k; q < kc; ++q) t += std::abs(x[r * C + q] - y[s * C + q]);
+      W[(i0 + r) * S + j0 + s] += t;
+    }
+}
 
 // Rows [r0, r1) of W_ij = sum_k |X_ik - Y_jk| for X (R x C), Y (S x C), Yt = Y^T.
 template <typename acc_t>
@@ -625,24 +676,34 @@ FASTLOSS_CPU_INLINE void l1_cdist_rows(const acc_t* X, const acc_t* Y, const acc
   }
   for (int64_t i = r0; i < r1; ++i)
     for (int64_t j = 0; j < S; ++j) W[i * S + j] = 0;
-  for (int64_t k0 = 0; k0 < C; k0 += kClassTile) {
-    const int64_t kc = std::min(kClassTile, C - k0);
-    for (int64_t i0 = r0; i0 < r1; i0 += kRowTile) {
-      const int64_t ri = std::min(kRowTile, r1 - i0);
-      for (int64_t j = 0; j < S; ++j) {
-        const acc_t* y = Y + j * C + k0;
-        for (int64_t r = 0; r < ri; ++r) {
-          const acc_t* x = X + (i0 + r) * C + k0;
+  if (!has_avx512()) {  // 16 vector accumulators would spill the 16 AVX2 registers
+    for (int64_t k0 = 0; k0 < C; k0 += kClassTile) {
+      const int64_t kc = std::min(kClassTile, C - k0);
+      for (int64_t i = r0; i < r1; ++i)
+        for (int64_t j = 0; j < S; ++j) {
+          const acc_t* x = X + i * C + k0;
+          const acc_t* y = Y + j * C + k0;
           acc_t part[L];
           for (int l = 0; l < L; ++l) part[l] = 0;
           int64_t k = 0;
           for (; k + L <= kc; k += L)
             for (int l = 0; l < L; ++l) part[l] += std::abs(x[k + l] - y[k + l]);
           for (int l = 0; k + l < kc; ++l) part[l] += std::abs(x[k + l] - y[k + l]);
-          W[(i0 + r) * S + j] += sum_lanes<L>(part);
+          W[i * S + j] += sum_lanes<L>(part);
         }
-      }
     }
+    return;
+  }
+  for (int64_t k0 = 0; k0 < C; k0 += kClassTile) {
+    const int64_t kc = std::min(kClassTile, C - k0);
+    int64_t i0 = r0;
+    for (; i0 + kRowTile <= r1; i0 += kRowTile) {
+      int64_t j0 = 0;
+      for (; j0 + kColBlock <= S; j0 += kColBlock) l1_block<kRowTile, kColBlock>(X, Y, W, S, C, i0, j0, k0, kc);
+      for (; j0 < S; ++j0) l1_block<kRowTile, 1>(X, Y, W, S, C, i0, j0, k0, kc);
+    }
+    for (; i0 < r1; ++i0)
+      for (int64_t j0 = 0; j0 < S; ++j0) l1_block<1, 1>(X, Y, W, S, C, i0, j0, k0, kc);
   }
 }
 
@@ -687,15 +748,28 @@ FASTLOSS_CPU_INLINE void l1_cdist_softmax_grad_rows(const acc_t* X, const acc_t*
     const int64_t kc = std::min(kClassTile, C - k0);
     for (int64_t i0 = r0; i0 < r1; i0 += kRowTile) {
       const int64_t ri = std::min(kRowTile, r1 - i0);
-      for (int64_t j = 0; j < S; ++j) {
+      int64_t j = 0;
+      for (; j + kGradBlock <= S; j += kGradBlock) {
+        for (int64_t r = 0; r < ri; ++r) {
+          const acc_t* x = X + (i0 + r) * C + k0;
+          acc_t* d = dX + (i0 + r) * C + k0;
+          acc_t g[kGradBlock];
+          for (int b = 0; b < kGradBlock; ++b) g[b] = G[(i0 + r) * S + j + b];
+          const acc_t* y = Y + j * C + k0;
+          for (int64_t k = 0; k < kc; ++k) {
+            acc_t t = d[k];  // the same additions, in the same order, as one j at a time
+            for (int b = 0; b < kGradBlock; ++b) t += g[b] * sign_or_zero(x[k] - y[b * C + k]);
+            d[k] = t;
+          }
+        }
+      }
+      for (; j < S; ++j) {
         const acc_t* y = Y + j * C + k0;
         for (int64_t r = 0; r < ri; ++r) {
           const acc_t* x = X + (i0 + r) * C + k0;
           acc_t* d = dX + (i0 + r) * C + k0;
           const acc_t g = G[(i0 + r) * S + j];
-          for (int64_t k = 0; k < kc; ++k) {
-            d[k] += g * sign_or_zero(x[k] - y[k]);
-          }
+          for (int64_t k = 0; k < kc; ++k) d[k] += g * sign_or_zero(x[k] - y[k]);
         }
       }
     }
@@ -730,6 +804,26 @@ FASTLOSS_CPU_INLINE void matvec_t_cols(const acc_t* K, const acc_t* v, acc_t* ou
   }
 }
 
+// One normalization (or its adjoint) as one pass over K: row i's dot product d_i = K_i . v
+// gives a_i = step(i, d_i), and a_i K_i is added to the column sums `col` while the row is
+// in L1 (the two mat-vecs K v and K^T a would read K twice). Rows [r0, r1).
+template <typename acc_t, typename Step>
+FASTLOSS_CPU_INLINE void fused_rows(const acc_t* K, const acc_t* v, acc_t* col, int64_t B, int64_t r0, int64_t r1,
+                                    Step step) {
+  constexpr int L = kLanes<acc_t>;
+  for (int64_t i = r0; i < r1; ++i) {
+    const acc_t* k = K + i * B;
+    acc_t part[L];
+    for (int l = 0; l < L; ++l) part[l] = 0;
+    int64_t j = 0;
+    for (; j + L <= B; j += L)
+      for (int l = 0; l < L; ++l) part[l] += k[j + l] * v[j + l];
+    for (int l = 0; j + l < B; ++l) part[l] += k[j + l] * v[j + l];
+    const acc_t a = step(i, sum_lanes<L>(part));
+    for (j = 0; j < B; ++j) col[j] += k[j] * a;
+  }
+}
+
 #define FASTLOSS_SINKHORN_KD_ENTRIES(T)                                                                       \
   FASTLOSS_CPU_CLONES void softmax_rows_entry(const T* z, T* p, int64_t C, T inv_t, int64_t r0, int64_t r1) { \
     softmax_rows(z, p, C, inv_t, r0, r1);                                                                    \
@@ -750,6 +844,16 @@ FASTLOSS_CPU_INLINE void matvec_t_cols(const acc_t* K, const acc_t* v, acc_t* ou
                                           int64_t c1) {                                                      \
     matvec_t_cols(K, v, out, B, c0, c1);                                                                     \
   }                                                                                                          \
+  /* x_i = 1 / (K y)_i; col += K^T x */                                                                     \
+  FASTLOSS_CPU_CLONES void kd_step_entry(const T* K, const T* y, T* x, T* col, int64_t B, int64_t r0,       \
+                                         int64_t r1) {                                                       \
+    fused_rows(K, y, col, B, r0, r1, [&](int64_t i, T d) { return x[i] = T(1) / d; });                       \
+  }                                                                                                          \
+  /* w_i = -(x_bar_i + (K u)_i) x_i^2; col += K^T w */                                                       \
+  FASTLOSS_CPU_CLONES void kd_adjoint_step_entry(const T* K, const T* u, const T* x_bar, const T* x, T* w,  \
+                                                 T* col, int64_t B, int64_t r0, int64_t r1) {                \
+    fused_rows(K, u, col, B, r0, r1, [&](int64_t i, T d) { return w[i] = -(x_bar[i] + d) * x[i] * x[i]; });  \
+  }                                                                                                          \
   FASTLOSS_CPU_CLONES void kernel_entry(const T* W, T* K, T inv_eps, int64_t b, int64_t e) {                 \
     for (int64_t q = b; q < e; ++q) K[q] = sinkhorn_exp(-W[q] * inv_eps);                                    \
   }
@@ -757,9 +861,10 @@ FASTLOSS_SINKHORN_KD_ENTRIES(float)
 FASTLOSS_SINKHORN_KD_ENTRIES(double)
 #undef FASTLOSS_SINKHORN_KD_ENTRIES
 
-// The 2 n_iter mat-vecs of the normalizations run back to back: up to this many entries
-// (B = 1448) each is ~0.2 ms on one core, less than a fork/join of threads on a busy machine.
-constexpr int64_t kSerialMatvecMax = 1 << 21;
+// The n_iter passes of the normalizations run back to back: up to this many entries (B = 512,
+// 1 MiB of float kernel) one thread does a pass faster than two after a fork/join; at
+// B = 1024 two threads take ~0.75x the time of one (measured, 2-core Xeon).
+constexpr int64_t kSerialMatvecMax = 1 << 18;
 
 template <typename acc_t>
 void matvec(const acc_t* K, const acc_t* v, acc_t* out, int64_t B) {
@@ -772,6 +877,24 @@ void matvec_t(const acc_t* K, const acc_t* v, acc_t* out, int64_t B) {
   at::parallel_for(0, B, std::max<int64_t>(256, grain_for(B)), [&](int64_t b, int64_t e) {
     matvec_t_entry(K, v, out, B, b, e);
   });
+}
+// col = the column sums of a fused_rows pass, `rows(col, r0, r1)`: serial for small B (as
+// matvec), else one range of rows per thread with its own column sums, added in fixed order.
+template <typename acc_t, typename Rows>
+void fused_pass(int64_t B, acc_t* col, const Rows& rows) {
+  const int64_t parts = B * B <= kSerialMatvecMax ? 1 : std::min<int64_t>(at::get_num_threads(), B);
+  if (parts == 1) {
+    std::fill(col, col + B, acc_t(0));
+    rows(col, int64_t(0), B);
+    return;
+  }
+  std::vector<acc_t> acc(parts * B, acc_t(0));
+  at::parallel_for(0, parts, 1, [&](int64_t b, int64_t e) {
+    for (int64_t t = b; t < e; ++t) rows(acc.data() + t * B, B * t / parts, B * (t + 1) / parts);
+  });
+  std::copy(acc.begin(), acc.begin() + B, col);
+  for (int64_t t = 1; t < parts; ++t)
+    for (int64_t j = 0; j < B; ++j) col[j] += acc[t * B + j];
 }
 template <typename acc_t>
 void kernel_matrix(const acc_t* W, acc_t* K, acc_t inv_eps, int64_t count) {
@@ -806,9 +929,8 @@ void sinkhorn_kd_forward_kernel(const acc_t* zs, const acc_t* zt, int64_t B, int
   for (int64_t t = 1; t <= n_iter; ++t) {
     acc_t* x = xs + t * B;
     acc_t* y = ys + t * B;
-    matvec(K, ys + (t - 1) * B, tmp.data(), B);
-    for (int64_t i = 0; i < B; ++i) x[i] = acc_t(1) / tmp[i];
-    matvec_t(K, x, tmp.data(), B);
+    const acc_t* y_prev = ys + (t - 1) * B;
+    fused_pass(B, tmp.data(), [&](acc_t* col, int64_t r0, int64_t r1) { kd_step_entry(K, y_prev, x, col, B, r0, r1); });
     for (int64_t j = 0; j < B; ++j) y[j] = acc_t(1) / tmp[j];
   }
   // loss = scale * sum_ij x_i K_ij y_j W_ij = scale * x . ((K o W) y)
@@ -837,7 +959,7 @@ void sinkhorn_kd_sweep(const acc_t* W, const acc_t* K, const acc_t* xs, const ac
   const int64_t r = 2 * n_iter;
   const acc_t* xn = xs + n_iter * B;
   const acc_t* yn = ys + n_iter * B;
-  std::vector<acc_t> kw(B * B), x_bar(B), y_bar(B), tmp(B), ku(B);
+  std::vector<acc_t> kw(B * B), x_bar(B), y_bar(B), tmp(B), w(B);
   at::parallel_for(0, B * B, kMinTaskWork, [&](int64_t b, int64_t e) {
     for (int64_t q = b; q < e; ++q) kw[q] = K[q] * W[q];
   });
@@ -857,14 +979,14 @@ void sinkhorn_kd_sweep(const acc_t* W, const acc_t* K, const acc_t* xs, const ac
       Lf[j * r + cu] = x[j];
       Rf[j * r + cu] = tmp[j];
     }
-    matvec(K, tmp.data(), ku.data(), B);
+    fused_pass(B, y_bar.data(), [&](acc_t* col, int64_t r0, int64_t r1) {
+      kd_adjoint_step_entry(K, tmp.data(), x_bar.data(), x, w.data(), col, B, r0, r1);
+    });
     for (int64_t i = 0; i < B; ++i) {
-      tmp[i] = -(x_bar[i] + ku[i]) * x[i] * x[i];
-      Lf[i * r + cw] = tmp[i];
+      Lf[i * r + cw] = w[i];
       Rf[i * r + cw] = y_prev[i];
       x_bar[i] = 0;
     }
-    matvec_t(K, tmp.data(), y_bar.data(), B);
   }
 }
 
