@@ -10,6 +10,9 @@
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__)) && !defined(__APPLE__)
 #define FASTLOSS_CPU_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+// x86-64 with GCC/Clang: functions with target("arch=x86-64-v4") and AVX-512 intrinsics can
+// be called where has_avx512() holds.
+#define FASTLOSS_X86_CLONES 1
 #else
 #define FASTLOSS_CPU_CLONES
 #endif

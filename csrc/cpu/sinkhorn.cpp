@@ -44,6 +44,10 @@
 #include "common/sinkhorn_op.h"
 #include "cpu/isa.h"
 
+#if defined(FASTLOSS_X86_CLONES)
+#include <immintrin.h>
+#endif
+
 namespace fastloss::cpu {
 namespace {
 
@@ -713,6 +717,55 @@ FASTLOSS_CPU_INLINE acc_t sign_or_zero(acc_t d) {
   return acc_t(d > 0) - acc_t(d < 0);
 }
 
+#if defined(FASTLOSS_X86_CLONES)
+// The cdist p=1 backward for float with AVX-512 (called when that clone runs): RI rows of dX
+// by 32 classes in 2 RI vector accumulators over all S rows of Y; sign(x - y) g as a masked
+// add of g where x > y and subtract where x < y, the additions of the portable loop below in
+// the same order (the same bits). `kmask` masks the classes past C in the last block.
+template <int RI>
+__attribute__((target("arch=x86-64-v4"))) inline void l1_grad_tile_avx512(const float* X, const float* Y,
+                                                                           const float* G, float* dX, int64_t S,
+                                                                           int64_t C, int64_t i0, int64_t k0,
+                                                                           __mmask16 m0, __mmask16 m1) {
+  __m512 acc[RI][2], x[RI][2];
+  for (int r = 0; r < RI; ++r) {
+    acc[r][0] = acc[r][1] = _mm512_setzero_ps();
+    x[r][0] = _mm512_maskz_loadu_ps(m0, X + (i0 + r) * C + k0);
+    x[r][1] = _mm512_maskz_loadu_ps(m1, X + (i0 + r) * C + k0 + 16);
+  }
+  for (int64_t j = 0; j < S; ++j) {
+    const __m512 y0 = _mm512_maskz_loadu_ps(m0, Y + j * C + k0);
+    const __m512 y1 = _mm512_maskz_loadu_ps(m1, Y + j * C + k0 + 16);
+    for (int r = 0; r < RI; ++r) {
+      const __m512 g = _mm512_set1_ps(G[(i0 + r) * S + j]);
+      acc[r][0] = _mm512_mask_add_ps(acc[r][0], _mm512_cmp_ps_mask(x[r][0], y0, _CMP_GT_OQ), acc[r][0], g);
+      acc[r][0] = _mm512_mask_sub_ps(acc[r][0], _mm512_cmp_ps_mask(x[r][0], y0, _CMP_LT_OQ), acc[r][0], g);
+      acc[r][1] = _mm512_mask_add_ps(acc[r][1], _mm512_cmp_ps_mask(x[r][1], y1, _CMP_GT_OQ), acc[r][1], g);
+      acc[r][1] = _mm512_mask_sub_ps(acc[r][1], _mm512_cmp_ps_mask(x[r][1], y1, _CMP_LT_OQ), acc[r][1], g);
+    }
+  }
+  for (int r = 0; r < RI; ++r) {
+    _mm512_mask_storeu_ps(dX + (i0 + r) * C + k0, m0, acc[r][0]);
+    _mm512_mask_storeu_ps(dX + (i0 + r) * C + k0 + 16, m1, acc[r][1]);
+  }
+}
+
+// Rows [r0, r1) of dX_ik = sum_j G_ij sign(X_ik - Y_jk) for float, AVX-512: class blocks of 32
+// outermost, so a block of Y (S x 32) stays in cache across the row tiles.
+__attribute__((target("arch=x86-64-v4"))) inline void l1_grad_rows_avx512(const float* X, const float* Y,
+                                                                          const float* G, float* dX, int64_t S,
+                                                                          int64_t C, int64_t r0, int64_t r1) {
+  for (int64_t k0 = 0; k0 < C; k0 += 32) {
+    const int64_t rem = std::min<int64_t>(32, C - k0);
+    const __mmask16 m0 = rem >= 16 ? __mmask16(0xffff) : __mmask16((1u << rem) - 1);
+    const __mmask16 m1 = rem >= 32 ? __mmask16(0xffff) : (rem > 16 ? __mmask16((1u << (rem - 16)) - 1) : __mmask16(0));
+    int64_t i0 = r0;
+    for (; i0 + 4 <= r1; i0 += 4) l1_grad_tile_avx512<4>(X, Y, G, dX, S, C, i0, k0, m0, m1);
+    for (; i0 < r1; ++i0) l1_grad_tile_avx512<1>(X, Y, G, dX, S, C, i0, k0, m0, m1);
+  }
+}
+#endif
+
 // Rows [r0, r1) of dX_ik = sum_j G_ij sign(X_ik - Y_jk), the cdist p=1 backward (sign(0) = 0
 // as in torch), followed by the softmax backward through X = softmax(z / T) in place.
 template <typename acc_t>
@@ -742,6 +795,15 @@ FASTLOSS_CPU_INLINE void l1_cdist_softmax_grad_rows(const acc_t* X, const acc_t*
     softmax_rows_backward(X, dX, C, inv_t, r0, r1);
     return;
   }
+#if defined(FASTLOSS_X86_CLONES)
+  if constexpr (std::is_same_v<acc_t, float>) {
+    if (has_avx512()) {
+      l1_grad_rows_avx512(X, Y, G, dX, S, C, r0, r1);
+      softmax_rows_backward(X, dX, C, inv_t, r0, r1);
+      return;
+    }
+  }
+#endif
   for (int64_t i = r0; i < r1; ++i)
     for (int64_t k = 0; k < C; ++k) dX[i * C + k] = 0;
   for (int64_t k0 = 0; k0 < C; k0 += kClassTile) {
