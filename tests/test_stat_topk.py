@@ -183,6 +183,21 @@ def test_extreme_magnitudes(device, scale, shape, dim):
     torch.testing.assert_close(y.double().cpu(), y_ref, rtol=0, atol=2e-5 * scale)
 
 
+@pytest.mark.parametrize("pattern", ["constant half", "period 256"])
+def test_constant_chunks_of_huge_values(device, pattern):
+    # Parts of a row that are constant (a CPU chunk, or CUDA groups of values 256 apart) take
+    # their exact value as mean: the rounded mean's squared deviations would overflow at 3e30.
+    g = torch.Generator().manual_seed(5)
+    if pattern == "constant half":
+        x = torch.cat([torch.full((2, 8192), 3e30, dtype=torch.float64), torch.randn(2, 8192, generator=g, dtype=torch.float64) * 1e30], 1)
+    else:
+        x = (torch.randn(2, 256, generator=g, dtype=torch.float64) * 3e30).repeat(1, 64)
+    x = x.float()
+    y, theta = fastloss.stat_topk(x.to(device), sparsity=0.9, return_threshold=True)
+    _, theta_ref = reference(x.double(), 0.9)
+    torch.testing.assert_close(theta.double().cpu(), theta_ref, rtol=2e-5, atol=0)
+
+
 def test_empty_and_scalar(device):
     for shape in [(0, 5), (5, 0), (0,)]:
         x = torch.randn(shape, device=device)

@@ -69,8 +69,10 @@ FASTLOSS_HD acc_t pow2(int k) {
 
 // The unit of a set's squared deviations is 2^spread_exponent(lo, hi) >= hi - lo, which bounds
 // every deviation from the mean and every difference between merged means, so m2 <= n. The
-// exponent is 0 when the spread is 0 (a constant set) or not finite (inf or NaN values: their
-// statistics stay NaN as unscaled), and within the range where 2^e and 2^-e are both normal.
+// exponent is 0 when the spread is 0 (a constant set: m2 = 0, see moments_of) or not finite
+// (inf or NaN values, whose statistics stay NaN as unscaled, or finite values spread beyond
+// the largest float, where the sum for the mean overflows anyway), and within the range where
+// 2^e and 2^-e are both normal.
 template <typename acc_t>
 FASTLOSS_HD int spread_exponent(acc_t lo, acc_t hi) {
   const acc_t d = hi - lo;
@@ -115,6 +117,9 @@ FASTLOSS_HD Moments<acc_t> moments_of(const acc_t (&v)[kMax], int count) {
     }
   }
   const acc_t mean = sum / static_cast<acc_t>(count);
+  // A constant set: its exact value and m2 = 0 (the rounded mean's deviations are unscaled and
+  // could overflow m2 for |v| > ~1e26). A NaN keeps the mean NaN.
+  if (lo == hi && mean == mean) return {static_cast<acc_t>(count), lo, acc_t(0), lo, hi};
   const acc_t inv_s = pow2<acc_t>(-spread_exponent(lo, hi));
   acc_t m2 = 0;
 #pragma unroll

@@ -75,6 +75,19 @@ FASTLOSS_CPU_INLINE acc_t sum_lanes(acc_t* a) {
     for (int l = 0; l < w; ++l) a[l] += a[l + w];
   return a[0];
 }
+// sum_j a_j b_j over n entries, in kLanes partial sums.
+template <typename acc_t>
+FASTLOSS_CPU_INLINE acc_t dot(const acc_t* a, const acc_t* b, int64_t n) {
+  constexpr int L = kLanes<acc_t>;
+  acc_t part[L];
+  for (int l = 0; l < L; ++l) part[l] = 0;
+  int64_t j = 0;
+  for (; j + L <= n; j += L)
+    for (int l = 0; l < L; ++l) part[l] += a[j + l] * b[j + l];
+  for (int l = 0; j + l < n; ++l) part[l] += a[j + l] * b[j + l];
+  return sum_lanes<L>(part);
+}
+
 template <int L, typename acc_t>
 FASTLOSS_CPU_INLINE acc_t max_lanes(acc_t* a) {
   for (int w = L / 2; w > 0; w /= 2)
@@ -198,24 +211,17 @@ template <typename acc_t>
 FASTLOSS_CPU_INLINE acc_t scaling_rows(const acc_t* kernel, const acc_t* a, const acc_t* x, const acc_t* w,
                                        acc_t* x_new, acc_t* col_acc, int64_t m, int64_t r0, int64_t r1,
                                        MarginalErrorNorm norm) {
-  constexpr int L = kLanes<acc_t>;
   acc_t err = 0;
   for (int64_t i = r0; i < r1; ++i) {
     const acc_t* k = kernel + i * m;
-    acc_t part[L];
-    for (int l = 0; l < L; ++l) part[l] = 0;
-    int64_t j = 0;
-    for (; j + L <= m; j += L)
-      for (int l = 0; l < L; ++l) part[l] += k[j + l] * w[j + l];
-    for (int l = 0; j + l < m; ++l) part[l] += k[j + l] * w[j + l];
-    const acc_t s = sum_lanes<L>(part);
+    const acc_t s = dot(k, w, m);
     if (!scaling_in_range(s)) return std::numeric_limits<acc_t>::quiet_NaN();
     const acc_t ai = a[i];
     err = norm(err, norm.term(ai * std::abs(fl_fma(x[i], s, acc_t(-1)))));
     const acc_t xi = acc_t(1) / s;
     x_new[i] = xi;
     const acc_t weight = ai * xi;
-    for (j = 0; j < m; ++j) col_acc[j] += weight * k[j];
+    for (int64_t j = 0; j < m; ++j) col_acc[j] += weight * k[j];
   }
   return err;
 }
@@ -589,18 +595,11 @@ FASTLOSS_CPU_INLINE void softmax_rows(const acc_t* z, acc_t* p, int64_t C, acc_t
 template <typename acc_t>
 FASTLOSS_CPU_INLINE void softmax_rows_backward(const acc_t* p, acc_t* dz, int64_t C, acc_t inv_t, int64_t r0,
                                                int64_t r1) {
-  constexpr int L = kLanes<acc_t>;
   for (int64_t r = r0; r < r1; ++r) {
     const acc_t* y = p + r * C;
     acc_t* d = dz + r * C;
-    acc_t part[L];
-    for (int l = 0; l < L; ++l) part[l] = 0;
-    int64_t k = 0;
-    for (; k + L <= C; k += L)
-      for (int l = 0; l < L; ++l) part[l] += d[k + l] * y[k + l];
-    for (int l = 0; k + l < C; ++l) part[l] += d[k + l] * y[k + l];
-    const acc_t dot = sum_lanes<L>(part);
-    for (k = 0; k < C; ++k) d[k] = y[k] * (d[k] - dot) * inv_t;
+    const acc_t dy = dot(d, y, C);
+    for (int64_t k = 0; k < C; ++k) d[k] = y[k] * (d[k] - dy) * inv_t;
   }
 }
 
@@ -721,7 +720,7 @@ FASTLOSS_CPU_INLINE acc_t sign_or_zero(acc_t d) {
 // The cdist p=1 backward for float with AVX-512 (called when that clone runs): RI rows of dX
 // by 32 classes in 2 RI vector accumulators over all S rows of Y; sign(x - y) g as a masked
 // add of g where x > y and subtract where x < y, the additions of the portable loop below in
-// the same order (the same bits). `kmask` masks the classes past C in the last block.
+// the same order (the same bits for finite gradients G). `kmask` masks the classes past C in the last block.
 template <int RI>
 __attribute__((target("arch=x86-64-v4"))) inline void l1_grad_tile_avx512(const float* X, const float* Y,
                                                                            const float* G, float* dX, int64_t S,
@@ -842,17 +841,7 @@ FASTLOSS_CPU_INLINE void l1_cdist_softmax_grad_rows(const acc_t* X, const acc_t*
 // Rows [r0, r1) of K v (B x B).
 template <typename acc_t>
 FASTLOSS_CPU_INLINE void matvec_rows(const acc_t* K, const acc_t* v, acc_t* out, int64_t B, int64_t r0, int64_t r1) {
-  constexpr int L = kLanes<acc_t>;
-  for (int64_t i = r0; i < r1; ++i) {
-    const acc_t* k = K + i * B;
-    acc_t part[L];
-    for (int l = 0; l < L; ++l) part[l] = 0;
-    int64_t j = 0;
-    for (; j + L <= B; j += L)
-      for (int l = 0; l < L; ++l) part[l] += k[j + l] * v[j + l];
-    for (int l = 0; j + l < B; ++l) part[l] += k[j + l] * v[j + l];
-    out[i] = sum_lanes<L>(part);
-  }
+  for (int64_t i = r0; i < r1; ++i) out[i] = dot(K + i * B, v, B);
 }
 
 // Entries [c0, c1) of K^T v (B x B): K streamed row by row, one accumulator per column.
@@ -872,17 +861,10 @@ FASTLOSS_CPU_INLINE void matvec_t_cols(const acc_t* K, const acc_t* v, acc_t* ou
 template <typename acc_t, typename Step>
 FASTLOSS_CPU_INLINE void fused_rows(const acc_t* K, const acc_t* v, acc_t* col, int64_t B, int64_t r0, int64_t r1,
                                     Step step) {
-  constexpr int L = kLanes<acc_t>;
   for (int64_t i = r0; i < r1; ++i) {
     const acc_t* k = K + i * B;
-    acc_t part[L];
-    for (int l = 0; l < L; ++l) part[l] = 0;
-    int64_t j = 0;
-    for (; j + L <= B; j += L)
-      for (int l = 0; l < L; ++l) part[l] += k[j + l] * v[j + l];
-    for (int l = 0; j + l < B; ++l) part[l] += k[j + l] * v[j + l];
-    const acc_t a = step(i, sum_lanes<L>(part));
-    for (j = 0; j < B; ++j) col[j] += k[j] * a;
+    const acc_t a = step(i, dot(k, v, B));
+    for (int64_t j = 0; j < B; ++j) col[j] += k[j] * a;
   }
 }
 
@@ -941,10 +923,12 @@ void matvec_t(const acc_t* K, const acc_t* v, acc_t* out, int64_t B) {
   });
 }
 // col = the column sums of a fused_rows pass, `rows(col, r0, r1)`: serial for small B (as
-// matvec), else one range of rows per thread with its own column sums, added in fixed order.
+// matvec), else split into ranges of ~64 rows (fine enough to balance the threads), each with
+// its own column sums, run in parallel and added in a fixed order (so the results do not
+// depend on the thread count).
 template <typename acc_t, typename Rows>
 void fused_pass(int64_t B, acc_t* col, const Rows& rows) {
-  const int64_t parts = B * B <= kSerialMatvecMax ? 1 : std::min<int64_t>(at::get_num_threads(), B);
+  const int64_t parts = B * B <= kSerialMatvecMax ? 1 : std::min<int64_t>((B + 63) / 64, 64);
   if (parts == 1) {
     std::fill(col, col + B, acc_t(0));
     rows(col, int64_t(0), B);
