@@ -443,6 +443,25 @@ def test_sinkd_matches_reference_float64(device, B, C, n_iter):
         torch.testing.assert_close(a_, b_, rtol=1e-8, atol=1e-8 * b_.abs().max().item() + 1e-300)
 
 
+def test_sinkd_cpu_independent_of_thread_count():
+    # B = 600 takes the parallel fused passes: fixed row ranges, added in a fixed order.
+    g = torch.Generator().manual_seed(600)
+    zs = (torch.randn(600, 7, generator=g) * 3).requires_grad_()
+    zt = torch.randn(600, 7, generator=g) * 3
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        for t in (1, 2, 3):
+            torch.set_num_threads(t)
+            loss = fastloss.sinkhorn_kd_loss(zs, zt, eps=0.2)
+            results.append((loss, *torch.autograd.grad(loss, zs)))
+    finally:
+        torch.set_num_threads(threads)
+    for other in results[1:]:
+        for a_, b_ in zip(results[0], other):
+            assert torch.equal(a_, b_)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("C", [3, 200])
 def test_sinkd_low_precision(device, dtype, C):
