@@ -33,6 +33,14 @@ def _result_dtype(v: TensorOrNumber, x: TensorOrNumber) -> torch.dtype:
 def _as_tensors(name: str, v: TensorOrNumber, x: TensorOrNumber):
     """Promote like torch.special: integers and bools to the default float dtype, Python
     numbers to the other argument's dtype and device; 0-d CPU tensors follow the other."""
+    if (
+        isinstance(v, torch.Tensor)
+        and isinstance(x, torch.Tensor)
+        and v.dtype == x.dtype
+        and v.dtype.is_floating_point
+        and v.device == x.device
+    ):
+        return v, x  # the common case, already promoted
     for arg, value in (("v", v), ("x", x)):
         if not isinstance(value, (torch.Tensor, int, float)) or isinstance(value, complex):
             raise TypeError(f"fastloss.{name}: expected '{arg}' to be a tensor or a real number, got {type(value).__name__}")
@@ -82,26 +90,7 @@ def _grad_fake(v: torch.Tensor, x: torch.Tensor):
     return x.new_empty(shape), x.new_empty(shape)
 
 
-def _setup_context(ctx, inputs, output):
-    ctx.save_for_backward(*inputs)
-
-
-def _backward(grad_op):
-    def backward(ctx, grad):
-        v, x = ctx.saved_tensors
-        d_dv, d_dx = grad_op(v, x)
-        grad_v = (grad * d_dv).sum_to_size(v.shape) if ctx.needs_input_grad[0] else None
-        grad_x = (grad * d_dx).sum_to_size(x.shape) if ctx.needs_input_grad[1] else None
-        return grad_v, grad_x
-
-    return backward
-
-
 for _name in ("log_bessel_iv", "log_bessel_kv"):
     torch.library.register_fake(f"fastloss::{_name}")(_forward_fake)
     torch.library.register_fake(f"fastloss::{_name}_grad")(_grad_fake)
-    torch.library.register_autograd(
-        f"fastloss::{_name}",
-        _backward(getattr(torch.ops.fastloss, f"{_name}_grad").default),
-        setup_context=_setup_context,
-    )
+# Autograd is registered in C++ (csrc/autograd.cpp).

@@ -316,22 +316,4 @@ torch.library.register_fake("fastloss::sinkhorn_kd")(_kd_fake)
 torch.library.register_fake("fastloss::sinkhorn_kd_backward")(_kd_backward_fake)
 
 
-def _kd_setup_context(ctx, inputs, output):
-    student, teacher, temperature, eps, _n_iter, scale = inputs
-    _loss, ps, pt, cost, x, y = output
-    ctx.mark_non_differentiable(ps, pt, cost, x, y)
-    ctx.params = (temperature, eps, scale, student.dtype, teacher.dtype)
-    ctx.save_for_backward(ps, pt, cost, x, y)
-
-
-def _kd_backward(ctx, g_loss, *_unused):
-    ps, pt, cost, x, y = ctx.saved_tensors
-    temperature, eps, scale, s_dtype, t_dtype = ctx.params
-    need_s, need_t = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-    ds, dt = torch.ops.fastloss.sinkhorn_kd_backward.default(
-        g_loss, ps, pt, cost, x, y, temperature, eps, scale, need_s, need_t, s_dtype, t_dtype
-    )
-    return (ds if need_s else None), (dt if need_t else None), None, None, None, None
-
-
-torch.library.register_autograd("fastloss::sinkhorn_kd", _kd_backward, setup_context=_kd_setup_context)
+# Autograd of sinkhorn_kd is registered in C++ (csrc/autograd.cpp).
