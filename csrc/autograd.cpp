@@ -47,13 +47,13 @@ struct SoftmaxFunction : torch::autograd::Function<SoftmaxFunction<kLog>> {
     at::Tensor out = softmax_op<kLog>().call(self, dim, half_to_float);
     ctx->save_for_backward({out});
     ctx->saved_data["dim"] = dim;
-    ctx->saved_data["input_dtype"] = static_cast<int64_t>(self.scalar_type());
+    ctx->saved_data["input_dtype"] = self.scalar_type();
     return out;
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     const at::Tensor out = ctx->get_saved_variables()[0];
-    const auto input_dtype = static_cast<c10::ScalarType>(ctx->saved_data["input_dtype"].toInt());
+    const c10::ScalarType input_dtype = ctx->saved_data["input_dtype"].toScalarType();
     // Through the dispatcher with autograd on: differentiable again (double backward).
     at::Tensor dx = softmax_backward_op<kLog>().call(grads[0].to(out.scalar_type()), out,
                                                      ctx->saved_data["dim"].toInt(), input_dtype);
@@ -78,22 +78,19 @@ struct SoftmaxBackwardFunction : torch::autograd::Function<SoftmaxBackwardFuncti
     const at::Tensor& g = saved[0];
     const at::Tensor& y = saved[1];
     const int64_t dim = ctx->saved_data["dim"].toInt();
+    const at::IntArrayRef d(dim);
     const at::Tensor u = grads[0].to(y.scalar_type());
     at::Tensor grad_g, grad_y;
     if constexpr (kLog) {
       // dx = g - exp(y) sum(g):  d/dg = u - sum(u exp(y));  d/dy = -u exp(y) sum(g).
       const at::Tensor p = y.exp();
-      const at::IntArrayRef d(dim);
       if (ctx->needs_input_grad(0)) grad_g = u - (u * p).sum(d, true);
       if (ctx->needs_input_grad(1)) grad_y = -u * p * g.sum(d, true);
     } else {
       // dx = y (g - sum(g y)):  d/dg = softmax_backward(u, y);
       // d/dy = u (g - sum(g y)) - g sum(u y).
       if (ctx->needs_input_grad(0)) grad_g = softmax_backward_op<false>().call(u, y, dim, y.scalar_type());
-      if (ctx->needs_input_grad(1)) {
-        const at::IntArrayRef d(dim);
-        grad_y = u * (g - (g * y).sum(d, true)) - g * (u * y).sum(d, true);
-      }
+      if (ctx->needs_input_grad(1)) grad_y = u * (g - (g * y).sum(d, true)) - g * (u * y).sum(d, true);
     }
     return {grad_g, grad_y, at::Tensor(), at::Tensor()};
   }
@@ -161,8 +158,8 @@ struct SinkhornKdFunction : torch::autograd::Function<SinkhornKdFunction> {
     ctx->saved_data["temperature"] = temperature;
     ctx->saved_data["eps"] = eps;
     ctx->saved_data["scale"] = scale;
-    ctx->saved_data["student_dtype"] = static_cast<int64_t>(student.scalar_type());
-    ctx->saved_data["teacher_dtype"] = static_cast<int64_t>(teacher.scalar_type());
+    ctx->saved_data["student_dtype"] = student.scalar_type();
+    ctx->saved_data["teacher_dtype"] = teacher.scalar_type();
     return {loss, ps, pt, cost, x, y};
   }
 
@@ -173,8 +170,8 @@ struct SinkhornKdFunction : torch::autograd::Function<SinkhornKdFunction> {
     const bool need_t = ctx->needs_input_grad(1);
     auto [ds, dt] = op.call(grads[0], s[0], s[1], s[2], s[3], s[4], ctx->saved_data["temperature"].toDouble(),
                             ctx->saved_data["eps"].toDouble(), ctx->saved_data["scale"].toDouble(), need_s, need_t,
-                            static_cast<c10::ScalarType>(ctx->saved_data["student_dtype"].toInt()),
-                            static_cast<c10::ScalarType>(ctx->saved_data["teacher_dtype"].toInt()));
+                            ctx->saved_data["student_dtype"].toScalarType(),
+                            ctx->saved_data["teacher_dtype"].toScalarType());
     return {need_s ? ds : at::Tensor(), need_t ? dt : at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(),
             at::Tensor()};
   }

@@ -69,7 +69,7 @@ FASTLOSS_HD acc_t pow2(int k) {
 
 // The unit of a set's squared deviations is 2^spread_exponent(lo, hi) >= hi - lo, which bounds
 // every deviation from the mean and every difference between merged means, so m2 <= n. The
-// exponent is 0 when the spread is 0 (a constant set: m2 = 0, see moments_of) or not finite
+// exponent is 0 when the spread is 0 (a constant set: m2 = 0, see constant_moments) or not finite
 // (inf or NaN values, whose statistics stay NaN as unscaled, or finite values spread beyond
 // the largest float, where the sum for the mean overflows anyway), and within the range where
 // 2^e and 2^-e are both normal.
@@ -103,6 +103,16 @@ FASTLOSS_HD Moments<acc_t> merge_moments(Moments<acc_t> a, Moments<acc_t> b) {
   return {n, a.mean + delta * wb, a.m2 * ra * ra + b.m2 * rb * rb + ds * ds * a.n * wb, lo, hi};
 }
 
+// The moments of a constant set of n values (lo == hi, no NaN) into `out`, else false: its
+// exact value as the mean and m2 = 0. Its spread_exponent is 0, so the rounded mean's
+// deviations would be unscaled and could overflow m2 for |v| > ~1e26.
+template <typename acc_t>
+FASTLOSS_HD bool constant_moments(acc_t n, acc_t lo, acc_t hi, acc_t mean, Moments<acc_t>& out) {
+  if (!(lo == hi && mean == mean)) return false;
+  out = {n, lo, acc_t(0), lo, hi};
+  return true;
+}
+
 // Moments of the first `count` (1..kMax) values of v, held in registers: the mean, then the
 // deviations. The loops run to kMax with a predicate so that v stays in registers on a GPU.
 template <typename acc_t, int kMax>
@@ -117,9 +127,8 @@ FASTLOSS_HD Moments<acc_t> moments_of(const acc_t (&v)[kMax], int count) {
     }
   }
   const acc_t mean = sum / static_cast<acc_t>(count);
-  // A constant set: its exact value and m2 = 0 (the rounded mean's deviations are unscaled and
-  // could overflow m2 for |v| > ~1e26). A NaN keeps the mean NaN.
-  if (lo == hi && mean == mean) return {static_cast<acc_t>(count), lo, acc_t(0), lo, hi};
+  Moments<acc_t> constant;
+  if (constant_moments(static_cast<acc_t>(count), lo, hi, mean, constant)) return constant;
   const acc_t inv_s = pow2<acc_t>(-spread_exponent(lo, hi));
   acc_t m2 = 0;
 #pragma unroll

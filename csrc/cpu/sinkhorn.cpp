@@ -720,7 +720,8 @@ FASTLOSS_CPU_INLINE acc_t sign_or_zero(acc_t d) {
 // The cdist p=1 backward for float with AVX-512 (called when that clone runs): RI rows of dX
 // by 32 classes in 2 RI vector accumulators over all S rows of Y; sign(x - y) g as a masked
 // add of g where x > y and subtract where x < y, the additions of the portable loop below in
-// the same order (the same bits for finite gradients G). `kmask` masks the classes past C in the last block.
+// the same order (the same bits for finite gradients G). `kmask` masks the classes past C in
+// the last block.
 template <int RI>
 __attribute__((target("arch=x86-64-v4"))) inline void l1_grad_tile_avx512(const float* X, const float* Y,
                                                                            const float* G, float* dX, int64_t S,

@@ -66,7 +66,8 @@ FASTLOSS_CPU_INLINE Moments<acc_t> chunk_moments(const in_t* x, int64_t c) {
     row_hi = max_of(row_hi, v);
   }
   const acc_t mean = sum / static_cast<acc_t>(c);
-  if (row_lo == row_hi && mean == mean) return {static_cast<acc_t>(c), row_lo, acc_t(0), row_lo, row_hi};  // as moments_of
+  Moments<acc_t> constant;
+  if (constant_moments(static_cast<acc_t>(c), row_lo, row_hi, mean, constant)) return constant;
   const acc_t inv_s = pow2<acc_t>(-spread_exponent(row_lo, row_hi));  // m2's unit (Moments)
   acc_t sq[kLanes] = {};
   for (i = 0; i + kLanes <= c; i += kLanes)
