@@ -79,13 +79,13 @@ FASTLOSS_HD acc_t pass2_value(acc_t x, const RowStats<acc_t>& r) {
   }
 }
 
-// exp(x - m ln2), the shift applied exactly by fma, then exp of a small argument.
+// exp(x - m ln2) for an integer-valued m >= round(x log2 e) (a chunk's largest exponent):
+// x itself is reduced, so |t| <= ln2/2 and the shift only lowers the power of two. No
+// rounding of x - m ln2, and two fewer fmas than reducing the shifted value.
 template <typename acc_t>
 FASTLOSS_HD acc_t exp_shifted(acc_t x, acc_t m) {
-  acc_t r = fl_fma(m, -ExpConstants<acc_t>::kLn2Hi, x);
-  r = fl_fma(m, -ExpConstants<acc_t>::kLn2Lo, r);
-  const ExpPair<acc_t> p = exp_pair(r);
-  return p.mantissa * exp2_nonpositive(p.exponent);
+  const ExpPair<acc_t> p = exp_pair(x);
+  return p.mantissa * exp2_nonpositive(p.exponent - m);
 }
 
 }  // namespace fastloss
