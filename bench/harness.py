@@ -16,7 +16,11 @@ Timing
     comparable; at least ``min_repeats`` and up to ``repeats`` blocks each, or until about
     ``max_time`` seconds per implementation have passed. The reported time is the median over
     blocks of the time per call. Small cases use several calls per block (``inner``) so a
-    block is long enough for the clock.
+    block is long enough for the clock. On the CPU each block of a call shorter than
+    ``settle_max`` starts after one untimed call: glibc's heap depends on what ran just before
+    (the previous implementation's temporaries can leave a free top that is returned to the
+    OS, so the next call pays page faults on fresh memory), and in a fixed order the same
+    implementation would always follow the same predecessor.
 Rotated inputs
     Each case makes several distinct input sets (as many as fit ``input_budget`` bytes, at
     most ``max_inputs``, at least one) and the calls cycle through them, so a small case does
@@ -237,6 +241,7 @@ class Settings:
     input_budget: int = 1 << 30  # bytes of distinct input sets per case
     max_inputs: int = 32
     quick: bool = False
+    settle_max: float = 0.25  # CPU: an untimed call before each block of calls shorter than this
 
     @property
     def min_block(self) -> float:
@@ -430,8 +435,11 @@ class _Timer:
         if 0 < t1 < settings.min_block:
             self.inner = min(settings.max_inner, max(1, math.ceil(settings.min_block / t1)))
         self.samples: List[float] = [t1] if self.inner == 1 else []
+        self.settle = settings.device != "cuda" and t1 < settings.settle_max
 
     def sample(self) -> None:
+        if self.settle:
+            self.call()
         self.samples.append(self.clock.block(self.call, self.inner) / self.inner)
 
     def result(self) -> ImplResult:

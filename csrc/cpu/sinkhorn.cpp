@@ -13,8 +13,9 @@
 // kernel (n m values) and O(n + m); one read of the cost per rebuild; the plan is the kernel
 // rescaled in place at the end. Every iteration measures the row-marginal error for free,
 // so each problem stops on its own. Many problems: parallel over the batch, one thread per
-// problem (its kernel stays in L1/L2). Few large ones: rows split across threads, each with
-// its own column accumulators.
+// problem (its kernel stays in L1/L2). Few large ones: rows split into a fixed number of
+// ranges (not one per thread, so the results do not depend on the thread count), each with
+// its own column accumulators, run in parallel.
 //
 // SinKD (Cui et al. 2024, "SinKD: Sinkhorn distance minimization for knowledge distillation"):
 // softmax with temperature, the B x B L1 cost (cdist p=1, B^2 C work) tiled so the teacher
@@ -57,6 +58,14 @@ constexpr int kLanes = 64 / sizeof(acc_t);
 // Below this many cost entries a problem runs on one thread (a pass then takes well under a
 // millisecond, less than waking and joining threads costs on a busy machine).
 constexpr int64_t kParallelProblemMin = 1 << 22;
+// Row ranges of a problem that large: enough to balance the threads of a big machine, each
+// at least kMinRowsPerPart rows (its column accumulators cost O(m) per iteration).
+constexpr int64_t kMaxRowParts = 32;
+constexpr int64_t kMinRowsPerPart = 8;
+inline int64_t row_parts(int64_t n, int64_t m) {
+  if (n * m < kParallelProblemMin) return 1;
+  return std::clamp<int64_t>(n / kMinRowsPerPart, 1, kMaxRowParts);
+}
 // Up to this many bytes a problem keeps a transposed copy of its kernel (scaling_transposed):
 // both copies stay in L1. Larger rows amortize their horizontal sums, and a second copy
 // would only add traffic (measured: 1.5x faster at 64 x 64, 1.2x slower at 256 x 256).
@@ -362,14 +371,15 @@ void absorb(acc_t* pot, acc_t* s, int64_t count) {
   }
 }
 
-// Solves one problem. With `parallel`, the rows of each pass are split into one range per
-// thread, each with its own column accumulators, summed afterwards in a fixed order.
+// Solves one problem. The rows of each pass are split into row_parts(n, m) ranges, each with
+// its own column accumulators, summed afterwards in a fixed order; `parallel` runs the ranges
+// (and the final plan pass) on the threads, with the same arithmetic as running them in turn.
 // The loop ends when the error of the current iterate is <= tol (or NaN), or after max_iter
 // iterations; the returned potentials are those whose error was measured.
 template <typename acc_t>
 void solve(const Problem<acc_t>& p, int64_t max_iter, acc_t tol, bool parallel, const Outputs<acc_t>& out) {
   const int64_t n = p.n, m = p.m;
-  const int64_t parts = parallel ? std::min<int64_t>(at::get_num_threads(), n) : 1;
+  const int64_t parts = row_parts(n, m);
   std::vector<acc_t> u_buf(n, 0), u_new_buf(n), v(m, 0), x_buf(n, 1), x_new_buf(n), y(m, 1), w(p.b, p.b + m);
   std::vector<acc_t> col_acc(parts * m), part_err(parts);
   acc_t* u = u_buf.data();
@@ -377,15 +387,20 @@ void solve(const Problem<acc_t>& p, int64_t max_iter, acc_t tol, bool parallel, 
   acc_t* x = x_buf.data();
   acc_t* x_new = x_new_buf.data();
   acc_t* kernel = out.plan;
-  const bool transposed = !parallel && n * m * int64_t(sizeof(acc_t)) <= kTransposedKernelMaxBytes;
+  const bool transposed = parts == 1 && n * m * int64_t(sizeof(acc_t)) <= kTransposedKernelMaxBytes;
   std::vector<acc_t> kernel_t(transposed ? n * m : 0);
   // Runs one row pass (split into `parts` ranges) and returns its combined error terms.
   auto row_pass = [&](auto&& rows) {
     std::fill(col_acc.begin(), col_acc.end(), acc_t(0));
     if (parts == 1) return rows(col_acc.data(), int64_t(0), n);
-    at::parallel_for(0, parts, 1, [&](int64_t b, int64_t e) {
+    auto run_parts = [&](int64_t b, int64_t e) {
       for (int64_t t = b; t < e; ++t) part_err[t] = rows(col_acc.data() + t * m, n * t / parts, n * (t + 1) / parts);
-    });
+    };
+    if (parallel) {
+      at::parallel_for(0, parts, 1, run_parts);
+    } else {
+      run_parts(0, parts);
+    }
     acc_t err = part_err[0];
     for (int64_t t = 1; t < parts; ++t) err = p.norm(err, part_err[t]);
     for (int64_t t = 1; t < parts; ++t)
