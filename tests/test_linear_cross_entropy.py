@@ -288,6 +288,24 @@ def test_large_logits_and_nan(device):
     assert torch.isnan(per[1]) and torch.isfinite(per[torch.arange(64, device=device) != 1]).all()
 
 
+@pytest.mark.parametrize("deterministic", [False, True])  # True: the ATen path on CUDA
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_ignored_tokens_with_inf_hidden_rows(device, dtype, deterministic):
+    # Padding positions may hold inf or NaN: ignored, they must not reach any gradient.
+    h, c, t, b = make_inputs((40,), 16, 700, dtype, device, bias=True, ignore_frac=0.0)
+    t[[3, 17]] = IGNORE
+    h_bad = h.clone()
+    h_bad[3] = float("inf")
+    h_bad[17, 5] = float("nan")
+    run = lambda *a: fastloss.linear_cross_entropy(a[0], a[1], t, a[2], deterministic=deterministic)  # noqa: E731
+    out, grads = grads_of(run, [h_bad, c, b])
+    ref, ref_grads = grads_of(run, [h, c, b])
+    torch.testing.assert_close(out, ref)
+    assert (grads[0][[3, 17]] == 0).all()
+    for g, r in zip(grads, ref_grads):
+        torch.testing.assert_close(g, r)
+
+
 # --------------------------------------------------------------------------------------------
 # Gradient filtering
 

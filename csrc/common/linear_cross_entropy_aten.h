@@ -50,7 +50,9 @@ inline std::tuple<at::Tensor, at::Tensor> statistics(const char* op, const at::T
   check_targets_async(op, targets, active, args.vocab_total);
   at::Tensor zero = at::zeros({args.tokens}, options);
   if (args.tokens == 0) return {zero, zero.clone()};
-  const at::Tensor e = hidden.to(args.acc);
+  // Ignored tokens' rows are zeroed: d z is 0 there, but 0 * inf would put NaN into dC (the
+  // CUDA kernels and the CPU path never read those rows either).
+  const at::Tensor e = at::where(active.unsqueeze(1), hidden.to(args.acc), at::zeros({}, options));
   const at::Tensor local = targets - args.vocab_start;
   at::Tensor run_max = at::full({args.tokens}, -std::numeric_limits<double>::infinity(), options);
   at::Tensor run_sum = at::zeros({args.tokens}, options);
@@ -102,7 +104,9 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(
   at::Tensor dbias = need_db ? at::zeros({args.vocab}, bias->options())
                              : at::empty({0}, defined(bias) ? bias->options() : hidden.options());
   if (args.tokens == 0 || !(need_de || need_dc || need_db)) return {need_de ? de.to(hidden.scalar_type()) : de, dc, dbias};
-  const at::Tensor e = hidden.to(args.acc);
+  // Ignored tokens' rows are zeroed: d z is 0 there, but 0 * inf would put NaN into dC (the
+  // CUDA kernels and the CPU path never read those rows either).
+  const at::Tensor e = at::where(active.unsqueeze(1), hidden.to(args.acc), at::zeros({}, options));
   // d z_j = a p_j - b [j = target] - c per token (common/linear_cross_entropy_math.h).
   const at::Tensor zero = at::zeros({args.tokens}, options);
   const at::Tensor gl = at::where(active, grad_loss, zero);

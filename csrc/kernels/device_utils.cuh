@@ -50,6 +50,8 @@ __device__ __forceinline__ float dev_log(float v) { return logf(v); }
 __device__ __forceinline__ double dev_log(double v) { return log(v); }
 __device__ __forceinline__ float dev_fmax(float a, float b) { return fmaxf(a, b); }
 __device__ __forceinline__ double dev_fmax(double a, double b) { return fmax(a, b); }
+__device__ __forceinline__ float dev_fmin(float a, float b) { return fminf(a, b); }
+__device__ __forceinline__ double dev_fmin(double a, double b) { return fmin(a, b); }
 template <typename T>
 __device__ __forceinline__ T dev_inf() {
   return static_cast<T>(__int_as_float(0x7f800000));
@@ -91,10 +93,12 @@ __device__ __forceinline__ T block_allreduce(T v, Op op, void* scratch) {
   }
 }
 
+// fmin/fmax are symmetric in their arguments (NaN ignored, either zero), so every thread of
+// an all-reduce gets the same bits whatever order the values meet in.
 struct MinOp {
   template <typename T>
   __device__ __forceinline__ T operator()(T a, T b) const {
-    return b < a ? b : a;
+    return dev_fmin(a, b);
   }
 };
 struct MaxOp {

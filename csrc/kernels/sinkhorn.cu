@@ -510,8 +510,10 @@ cudaError_t launch(const SinkhornArgs<T>& p, void* workspace, size_t workspace_b
     const void* kernel = in_smem ? reinterpret_cast<const void*>(sinkhorn_block_kernel<T, true>)
                                  : reinterpret_cast<const void*>(sinkhorn_block_kernel<T, false>);
     if (smem > 48 * 1024) {
+      // Always the device's cap, never this call's size: host threads launching different
+      // sizes concurrently cannot shrink the limit under each other's launches.
       const cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                                 static_cast<int>(smem));
+                                                 static_cast<int>(smem_cap));
       if (e != cudaSuccess) return e;
     }
     if (in_smem) {

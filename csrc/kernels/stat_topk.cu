@@ -591,7 +591,10 @@ unsigned strided_blocks(int64_t columns) { return static_cast<unsigned>(ceil_div
 size_t stat_topk_workspace_bytes(int64_t outer, int64_t size, int64_t inner, DType dtype) {
   if (inner != 1 || outer == 0 || size == 0) return 0;
   DeviceInfo dev;
-  if (device_info(&dev) != cudaSuccess) return 0;
+  if (device_info(&dev) != cudaSuccess) {
+    (void)cudaGetLastError();  // the launch reports it; leave no stale error behind
+    return 0;
+  }
   const bool wide = dtype == DType::F64;
   const int elem = dtype == DType::F64 ? 8 : dtype == DType::F32 ? 4 : 2;
   const size_t partial = wide ? sizeof(Moments<double>) : sizeof(Moments<float>);
