@@ -270,11 +270,10 @@ FASTLOSS_CPU_INLINE acc_t exp_of_log_prob(acc_t y) {
 
 // Backward, one row at a time in lanes. softmax: dx = y * (g - sum(g * y));
 // log_softmax: dx = g - exp(y) * sum(g).
-template <bool kLog, typename out_t, typename grad_t>
-FASTLOSS_CPU_INLINE void backward_lastdim_rows(const out_t* g, const out_t* y, grad_t* dx, int64_t begin,
-                                       int64_t end, int64_t n) {
+template <bool kLog, int L, typename out_t, typename grad_t>
+FASTLOSS_CPU_INLINE void backward_lastdim_rows_lanes(const out_t* g, const out_t* y, grad_t* dx, int64_t begin,
+                                                     int64_t end, int64_t n) {
   using acc_t = typename AccType<out_t>::type;
-  constexpr int L = kLanes<acc_t>;
   for (int64_t row = begin; row < end; ++row) {
     const out_t* gr = g + row * n;
     const out_t* yr = y + row * n;
@@ -303,6 +302,23 @@ FASTLOSS_CPU_INLINE void backward_lastdim_rows(const out_t* g, const out_t* y, g
       }
       dr[j] = to_output<grad_t>(d);
     }
+  }
+}
+
+// Short rows use a quarter of the lanes: the row's dot product ends in log2(L) dependent
+// lane-combining steps, a visible share of a short row (128-wide rows, AVX2: 0.88x -> 0.91x
+// torch in fp32, 0.80x -> 0.86x in bf16). The forward keeps every lane: its exponentials
+// need the independent chains (measured no faster with fewer).
+constexpr int64_t kShortRow = 512;
+
+template <bool kLog, typename out_t, typename grad_t>
+FASTLOSS_CPU_INLINE void backward_lastdim_rows(const out_t* g, const out_t* y, grad_t* dx, int64_t begin,
+                                       int64_t end, int64_t n) {
+  using acc_t = typename AccType<out_t>::type;
+  if (n <= kShortRow) {
+    backward_lastdim_rows_lanes<kLog, kLanes<acc_t> / 4>(g, y, dx, begin, end, n);
+  } else {
+    backward_lastdim_rows_lanes<kLog, kLanes<acc_t>>(g, y, dx, begin, end, n);
   }
 }
 
