@@ -32,6 +32,12 @@ inline at::Tensor block_logits(const at::Tensor& e, const at::Tensor& classifier
   return z;
 }
 
+// hidden in the accumulation type with ignored tokens' rows zeroed: their d z is 0, but
+// 0 * inf padding would put NaN into dC (the CUDA kernels and the CPU path never read them).
+inline at::Tensor active_hidden(const at::Tensor& hidden, const at::Tensor& active, const at::TensorOptions& options) {
+  return at::where(active.unsqueeze(1), hidden.to(options.dtype()), at::zeros({}, options));
+}
+
 inline void check_targets_async(const char* op, const at::Tensor& targets, const at::Tensor& active, int64_t vocab_total) {
   const at::Tensor ok = (active.logical_not() | (targets.ge(0) & targets.lt(vocab_total))).all();
   at::_assert_async(ok, std::string("fastloss.") + op + ": 'targets' must be in [0, " + std::to_string(vocab_total) +
@@ -50,9 +56,7 @@ inline std::tuple<at::Tensor, at::Tensor> statistics(const char* op, const at::T
   check_targets_async(op, targets, active, args.vocab_total);
   at::Tensor zero = at::zeros({args.tokens}, options);
   if (args.tokens == 0) return {zero, zero.clone()};
-  // Ignored tokens' rows are zeroed: d z is 0 there, but 0 * inf would put NaN into dC (the
-  // CUDA kernels and the CPU path never read those rows either).
-  const at::Tensor e = at::where(active.unsqueeze(1), hidden.to(args.acc), at::zeros({}, options));
+  const at::Tensor e = active_hidden(hidden, active, options);
   const at::Tensor local = targets - args.vocab_start;
   at::Tensor run_max = at::full({args.tokens}, -std::numeric_limits<double>::infinity(), options);
   at::Tensor run_sum = at::zeros({args.tokens}, options);
@@ -104,9 +108,7 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(
   at::Tensor dbias = need_db ? at::zeros({args.vocab}, bias->options())
                              : at::empty({0}, defined(bias) ? bias->options() : hidden.options());
   if (args.tokens == 0 || !(need_de || need_dc || need_db)) return {need_de ? de.to(hidden.scalar_type()) : de, dc, dbias};
-  // Ignored tokens' rows are zeroed: d z is 0 there, but 0 * inf would put NaN into dC (the
-  // CUDA kernels and the CPU path never read those rows either).
-  const at::Tensor e = at::where(active.unsqueeze(1), hidden.to(args.acc), at::zeros({}, options));
+  const at::Tensor e = active_hidden(hidden, active, options);
   // d z_j = a p_j - b [j = target] - c per token (common/linear_cross_entropy_math.h).
   const at::Tensor zero = at::zeros({args.tokens}, options);
   const at::Tensor gl = at::where(active, grad_loss, zero);
