@@ -57,7 +57,7 @@ def main(argv=None) -> int:
     settings.min_repeats = min(settings.min_repeats, settings.repeats)
 
     families = [f.strip() for f in args.ops.split(",") if f.strip()]
-    cases, family_notes, family_targets = [], {}, {}
+    cases, family_notes, family_targets, family_threads = [], {}, {}, {}
     for fam in families:
         try:
             mod = importlib.import_module(f"bench.{fam}")
@@ -65,6 +65,10 @@ def main(argv=None) -> int:
             print(f"unknown op family {fam!r} ({exc}); known: {', '.join(FAMILIES)}", file=sys.stderr)
             return 2
         fam_cases = mod.cases(device, args.quick)
+        # A family may fix the CPU thread count its targets are stated at (e.g. one thread each).
+        family_threads[fam] = getattr(mod, "CPU_THREADS", None) if device == "cpu" else None
+        for c in fam_cases:
+            c.threads = family_threads[fam]
         if args.filter:
             fam_cases = [c for c in fam_cases if args.filter in c.label]
         cases += fam_cases
@@ -93,8 +97,9 @@ def main(argv=None) -> int:
         fam_results = [r for r in results if r.case.family == fam]
         if not fam_results:
             continue
-        stem = f"{fam}-{meta['slug']}{suffix}"
-        paths += harness.write_outputs(args.out, stem, meta, roofline, fam_results,
+        fam_meta = harness.family_meta(meta, family_threads[fam])
+        stem = f"{fam}-{fam_meta['slug']}{suffix}"
+        paths += harness.write_outputs(args.out, stem, fam_meta, roofline, fam_results,
                                        {fam: family_notes[fam]}, [t for t in targets if t[0] == fam])
     print(f"\nwrote {', '.join(os.path.relpath(p) for p in paths)} in {elapsed:.0f} s", file=sys.stderr)
     return 0

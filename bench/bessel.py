@@ -33,6 +33,8 @@ REGIONS: Dict[str, Tuple[Tuple[float, float], Tuple[float, float], bool]] = {
     "huge x (Hankel)": ((0.0, 10.0), (1e3, 1e5), True),
 }
 TORCH_SPECIAL_X = (1e-3, 700.0)
+# The CPU target compares one thread each (SciPy's ufuncs are single-threaded).
+CPU_THREADS = 1
 
 
 def _scipy():

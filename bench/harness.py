@@ -40,6 +40,7 @@ Roofline
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import gc
 import json
@@ -97,6 +98,7 @@ class Case:
     flops: Optional[int] = None
     check: Optional[Callable[[], Optional[str]]] = None
     notes: List[str] = field(default_factory=list)
+    threads: Optional[int] = None  # CPU threads for every implementation (None: the run's)
 
     @property
     def shape_str(self) -> str:
@@ -275,16 +277,37 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine() or "cpu"
 
 
-def device_name(device: str) -> str:
+def device_name(device: str, threads: Optional[int] = None) -> str:
     if device == "cuda":
         return torch.cuda.get_device_name()
-    return f"{cpu_model()} ({torch.get_num_threads()} threads)"
+    return f"{cpu_model()} ({threads or torch.get_num_threads()} threads)"
 
 
-def device_slug(device: str) -> str:
+def device_slug(device: str, threads: Optional[int] = None) -> str:
     if device == "cuda":
         return _slug(torch.cuda.get_device_name())
-    return f"cpu-{_slug(cpu_model())}-{torch.get_num_threads()}threads"
+    return f"cpu-{_slug(cpu_model())}-{threads or torch.get_num_threads()}threads"
+
+
+@contextlib.contextmanager
+def cpu_threads(threads: Optional[int]):
+    """torch's CPU thread count set to ``threads`` (None: unchanged) for the block."""
+    previous = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        if threads:
+            torch.set_num_threads(previous)
+
+
+def family_meta(meta: dict, threads: Optional[int]) -> dict:
+    """The run's metadata for a family whose CPU cases ran at ``threads`` (None: the run's)."""
+    if not threads or meta["device"] != "cpu":
+        return meta
+    return {**meta, "threads": threads, "device_name": device_name("cpu", threads),
+            "slug": device_slug("cpu", threads)}
 
 
 # --------------------------------------------------------------------------------------------
@@ -655,7 +678,10 @@ def run_cases(cases: Sequence[Case], settings: Settings, progress_desc: str = "b
     with tqdm(total=total, desc=progress_desc, file=sys.stderr, unit="run", dynamic_ncols=True) as progress:
         progress.set_postfix_str("roofline")
         roofline = measure_roofline(settings, clock, progress)
-        results = [run_case(c, settings, clock, progress) for c in cases]
+        results = []
+        for c in cases:
+            with cpu_threads(c.threads if settings.device == "cpu" else None):
+                results.append(run_case(c, settings, clock, progress))
     return roofline, results, monitor.stop()
 
 

@@ -110,6 +110,10 @@ TORCH_LIBRARY(fastloss, m) {
 
 namespace py = pybind11;
 
+namespace fastloss::cpu {
+const char* log_bessel_cpu_path();  // cpu/log_bessel.cpp
+}  // namespace fastloss::cpu
+
 PYBIND11_MODULE(_C, m) {
   m.doc() = "fastloss native module: importing it registers torch.ops.fastloss.*";
   m.def("build_info", []() {
@@ -123,6 +127,7 @@ PYBIND11_MODULE(_C, m) {
     info["cuda_archs"] = "";
 #endif
     info["cpu_isa"] = fastloss::cpu::selected_isa();
+    info["log_bessel_cpu"] = fastloss::cpu::log_bessel_cpu_path();
     info["num_threads"] = at::get_num_threads();
     info["parallel_backend"] = at::get_parallel_info();
     return info;

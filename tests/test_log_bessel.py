@@ -4,6 +4,8 @@ tests/gen_log_bessel_data.py), identities, the extreme domain, gradients, and th
 import csv
 import math
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -112,6 +114,36 @@ def test_mixed_regions_match_one_region_at_a_time():
     for name, fn in FUNCS.items():
         separate = torch.cat([fn(v, x) for v, x in zip(vs, xs)])[perm]
         assert rel_error(fn(v_mixed, x_mixed), separate).max().item() <= 2e-15
+
+
+@pytest.mark.parametrize("lanes", [4, 8])
+def test_reordered_packs_write_every_element(lanes):
+    # K's list at 2 < x < 29 is reordered by expected length before it runs in packs. Here its
+    # first pack takes elements whose first and last index differ by lanes - 1 but which are
+    # not a consecutive run (indices [0, 1, 4, 3] for 4 lanes, [0 .. 5, 8, 7] for 8): element
+    # 2 or 6 is in a later pack, and every element must get its own value.
+    x = torch.full((256,), 5.0, dtype=torch.float64)  # key floor(24 / x) = 4
+    first, second, later = ([0, 1, 4], [3], [2]) if lanes == 4 else ([0, 1, 2, 3, 4, 5, 8], [7], [6])
+    x[first], x[second], x[later] = 25.0, 15.0, 10.0  # keys 0, 1 and 2
+    v = torch.linspace(0.1, 0.4, 256, dtype=torch.float64)
+    one_at_a_time = torch.cat([fastloss.log_bessel_kv(v[i : i + 1], x[i : i + 1]) for i in range(256)])
+    assert torch.equal(fastloss.log_bessel_kv(v, x), one_at_a_time)
+
+
+def test_scalar_methods_match_mpmath():
+    # The CPU runs SIMD packs where AVX2 or AVX-512 does; the scalar methods (the code the
+    # CUDA kernels compile, and the CPU path elsewhere) are selected by the environment
+    # variable, in a fresh process, and checked against mpmath by the same tests.
+    if os.environ.get("FASTLOSS_LOG_BESSEL_SCALAR") == "1":
+        pytest.skip("already running the scalar methods")
+    env = dict(os.environ, FASTLOSS_LOG_BESSEL_SCALAR="1")
+    tests = "float64_matches_mpmath or small_argument_methods or gradients_match or mixed_regions or reordered"
+    out = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k", f"({tests}) and not cuda"],
+        env=env, capture_output=True, text=True, timeout=600, cwd=os.path.dirname(__file__),
+    )
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert " passed" in out.stdout and "failed" not in out.stdout
 
 
 def test_wronskian():

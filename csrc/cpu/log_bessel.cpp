@@ -2,10 +2,10 @@
 // common/log_bessel.h (Plesner, Sorensen & Hauberg, ICS 2024; power series, Hankel and Debye
 // expansions, Temme / Steed CF2 with the forward recurrence for K).
 //
-// Values: where AVX-512 runs, blocks of 256 elements go to the SIMD-pack unit
-// (cpu/log_bessel_packs.cpp: elements grouped by method, packs of 8 doubles, vector
-// transcendentals); elsewhere, packs split into narrower registers lose to the scalar code,
-// which runs instead. Derivatives (dual numbers) run element by element.
+// Values: where AVX-512 or AVX2 runs, blocks of 256 elements go to that instruction set's
+// SIMD-pack unit (cpu/log_bessel_packs.cpp: elements grouped by method, packs of 8 or 4
+// doubles, vector transcendentals); elsewhere the scalar methods run element by element.
+// Derivatives (dual numbers) run element by element.
 //
 // Memory traffic: v and x are broadcast to a common shape (a copy only when they differ),
 // read once; one output (values) or two (d/dv, d/dx) written once. The work is compute
@@ -20,6 +20,7 @@
 #include <c10/util/Half.h>
 #include <torch/library.h>
 
+#include <cstdlib>
 #include <cstring>
 #include <tuple>
 
@@ -38,28 +39,55 @@ constexpr int64_t kGrain = 512;
 
 constexpr int kBlock = kLogBesselBlock;  // elements per block of the CPU loops
 
-// Values of n <= kBlock contiguous elements: the AVX-512 pack unit where it runs, else the
-// scalar methods element by element, compiled per instruction set (8-double packs split into
-// AVX2 / SSE halves run slower than the scalar code).
-template <bool kK>
-FASTLOSS_CPU_INLINE void log_bessel_values(const double* v, const double* x, double* out, int n,
-                                           bool use_packs) {
+// The pack unit of the instruction set that runs here (null: none, the scalar loop runs).
+struct PackUnit {
+  void (*log_iv)(const double*, const double*, double*, int) = nullptr;
+  void (*log_kv)(const double*, const double*, double*, int) = nullptr;
+  const char* name = "scalar";
+};
+
+// FASTLOSS_LOG_BESSEL_SCALAR=1 selects the scalar methods (the CUDA kernels' code) anyway,
+// so that the tests reach them on any machine.
+PackUnit select_pack_unit() {
+  PackUnit unit;
 #if defined(FASTLOSS_LOG_BESSEL_PACKS)
-  if (use_packs) {
-    kK ? log_kv_packs(v, x, out, n) : log_iv_packs(v, x, out, n);
-    return;
+  const char* scalar = std::getenv("FASTLOSS_LOG_BESSEL_SCALAR");
+  if (scalar != nullptr && std::strcmp(scalar, "1") == 0) return unit;
+  __builtin_cpu_init();
+  if (__builtin_cpu_supports("x86-64-v4")) {
+    unit = {packs::avx512::log_iv_packs, packs::avx512::log_kv_packs, "packs of 8 (AVX-512)"};
+  } else if (__builtin_cpu_supports("x86-64-v3")) {
+    unit = {packs::avx2::log_iv_packs, packs::avx2::log_kv_packs, "packs of 4 (AVX2)"};
   }
 #endif
+  return unit;
+}
+
+const PackUnit& pack_unit() {
+  static const PackUnit unit = select_pack_unit();
+  return unit;
+}
+
+// Values of n <= kBlock contiguous elements: the pack unit where one runs, else the scalar
+// methods element by element, compiled per instruction set.
+template <bool kK>
+FASTLOSS_CPU_INLINE void log_bessel_values(const double* v, const double* x, double* out, int n,
+                                           const PackUnit& unit) {
+  const auto packs = kK ? unit.log_kv : unit.log_iv;
+  if (packs != nullptr) {
+    packs(v, x, out, n);
+    return;
+  }
   for (int i = 0; i < n; ++i) out[i] = kK ? lb::log_kv(v[i], x[i]) : lb::log_iv(v[i], x[i]);
 }
 
 FASTLOSS_CPU_CLONES void log_iv_range(const double* v, const double* x, double* out, int64_t n,
-                                      bool use_packs) {
-  log_bessel_values<false>(v, x, out, static_cast<int>(n), use_packs);
+                                      const PackUnit& unit) {
+  log_bessel_values<false>(v, x, out, static_cast<int>(n), unit);
 }
 FASTLOSS_CPU_CLONES void log_kv_range(const double* v, const double* x, double* out, int64_t n,
-                                      bool use_packs) {
-  log_bessel_values<true>(v, x, out, static_cast<int>(n), use_packs);
+                                      const PackUnit& unit) {
+  log_bessel_values<true>(v, x, out, static_cast<int>(n), unit);
 }
 template <bool kK>
 FASTLOSS_CPU_INLINE void log_bessel_grads(const double* v, const double* x, double* d_dv, double* d_dx,
@@ -111,12 +139,12 @@ at::Tensor forward(const at::Tensor& v, const at::Tensor& x) {
   const LogBesselArgs args = log_bessel_args(op, v, x);
   at::Tensor out = at::empty(args.v.sizes(), args.v.options());
   if (out.numel() == 0) return out;
-  static const bool use_packs = has_avx512();
+  static const PackUnit& unit = pack_unit();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, out.scalar_type(), "log_bessel", [&] {
     for_blocks(args.v.const_data_ptr<scalar_t>(), args.x.const_data_ptr<scalar_t>(),
                out.mutable_data_ptr<scalar_t>(), static_cast<scalar_t*>(nullptr), out.numel(),
                [](const double* vb, const double* xb, double* o, double*, int64_t m) {
-                 kK ? log_kv_range(vb, xb, o, m, use_packs) : log_iv_range(vb, xb, o, m, use_packs);
+                 kK ? log_kv_range(vb, xb, o, m, unit) : log_iv_range(vb, xb, o, m, unit);
                });
   });
   return out;
@@ -142,6 +170,8 @@ std::tuple<at::Tensor, at::Tensor> grad(const at::Tensor& v, const at::Tensor& x
 }
 
 }  // namespace
+
+const char* log_bessel_cpu_path() { return pack_unit().name; }
 
 TORCH_LIBRARY_IMPL(fastloss, CPU, m) {
   m.impl("log_bessel_iv", &forward<false>);

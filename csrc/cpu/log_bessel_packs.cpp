@@ -1,10 +1,13 @@
-// The SIMD-pack path of the CPU log-Bessel values, compiled for x86-64-v4 (AVX-512) and
-// called only where it runs (see cpu/log_bessel_packs.h for why it is not a target_clones
-// variant). Each block's elements are split into one index list per method (K's small-
-// argument list split again at Temme's x = 2, its CF2 side ordered by expected length), and
-// each list runs in packs of 8 doubles (cpu/log_bessel_pack.h) through the methods of
-// common/log_bessel.h.
-#define FASTLOSS_ISA_NAMESPACE avx512  // this unit's copies of the shared inline functions
+// The SIMD-pack path of the CPU log-Bessel values, compiled once per instruction set (CMake
+// defines FASTLOSS_ISA_NAMESPACE and FASTLOSS_PACK_LANES: avx512 with packs of 8 doubles,
+// avx2 with packs of 4) and called only where that set runs (see cpu/log_bessel_packs.h for
+// why these are not target_clones variants). Each block's elements are split into one index
+// list per method (K's small-argument list split again at Temme's x = 2; the lists whose
+// loops run longer at some arguments ordered by expected length), and each list runs in packs
+// (cpu/log_bessel_pack.h) through the methods of common/log_bessel.h.
+#if !defined(FASTLOSS_ISA_NAMESPACE) || !defined(FASTLOSS_PACK_LANES)
+#error "build this unit with FASTLOSS_ISA_NAMESPACE and FASTLOSS_PACK_LANES defined (see CMakeLists.txt)"
+#endif
 
 #include "cpu/log_bessel_packs.h"
 
@@ -28,9 +31,12 @@ FASTLOSS_CPU_INLINE void method_by_packs(const double* v, const double* x, doubl
     const int lanes = std::min(lb::kLanes, count - start);
     lb::Pack vp, xp;
     const int first = index[start];
-    // Lists are ascending: a full pack of consecutive elements (the common case, inputs
-    // mostly in one region) is two vector loads and a store instead of lane-by-lane copies.
-    const bool consecutive = lanes == lb::kLanes && index[start + lb::kLanes - 1] - first == lb::kLanes - 1;
+    // A full pack of consecutive elements (the common case, inputs mostly in one region) is
+    // two vector loads and a store instead of lane-by-lane copies. Every lane is checked: the
+    // CF2 list is reordered, so its first and last index alone do not prove the run.
+    int64_t gaps = lanes != lb::kLanes;
+    for (int l = 1; l < lb::kLanes; ++l) gaps += index[start + (l < lanes ? l : 0)] != first + l;
+    const bool consecutive = gaps == 0;
     if (consecutive) {
       std::memcpy(&vp.a, v + first, sizeof(vp.a));
       std::memcpy(&xp.a, x + first, sizeof(xp.a));
@@ -63,15 +69,14 @@ FASTLOSS_CPU_INLINE void method_by_packs(const double* v, const double* x, doubl
 constexpr int kBlock = kLogBesselBlock;
 constexpr int kCF2List = static_cast<int>(lb::kMethods);  // K's small-argument list beyond x = 2
 
-// CF2 needs about 180 / x iterations (90 at x = 2, 15 at x = 29), and a pack runs as long
-// as its slowest lane: a counting sort by floor(24 / x) puts elements of similar length in
-// the same packs (the iteration counts within a key differ by at most ~8).
-FASTLOSS_CPU_INLINE void order_by_cf2_length(const double* x, int* index, int count) {
-  constexpr int kKeys = 12;  // x > 2: floor(24 / x) <= 11
+// A pack runs as long as its slowest lane: a counting sort of a list by a key of the
+// expected iteration count puts elements of similar length in the same packs.
+template <int kKeys, typename KeyOf>
+FASTLOSS_CPU_INLINE void order_by_length(int* index, int count, const KeyOf& key_of) {
   int start[kKeys + 1] = {};
   int key[kBlock], sorted[kBlock];
   for (int j = 0; j < count; ++j) {
-    key[j] = std::min(kKeys - 1, static_cast<int>(24.0 / x[index[j]]));
+    key[j] = std::min(kKeys - 1, key_of(index[j]));
     ++start[key[j] + 1];
   }
   for (int k = 0; k < kKeys; ++k) start[k + 1] += start[k];
@@ -86,9 +91,14 @@ FASTLOSS_CPU_INLINE void run_list(int list, const double* v, const double* x, do
   switch (list) {
     case static_cast<int>(lb::Method::Hankel): method_by_packs<kK, lb::Method::Hankel>(v, x, out, index, count); break;
     case static_cast<int>(lb::Method::Debye): method_by_packs<kK, lb::Method::Debye>(v, x, out, index, count); break;
-    case static_cast<int>(lb::Method::Small): method_by_packs<kK, lb::Method::Small>(v, x, out, index, count); break;
-    default:  // kCF2List
-      order_by_cf2_length(x, index, count);
+    case static_cast<int>(lb::Method::Small):
+      // I's power series needs about 2x + 10 terms: keys floor(x), x < 29 in its region.
+      if (!kK) order_by_length<29>(index, count, [x](int i) { return static_cast<int>(x[i]); });
+      method_by_packs<kK, lb::Method::Small>(v, x, out, index, count);
+      break;
+    default:  // kCF2List: K_u by the trapezoidal rule at 2 < x < 29, which needs more nodes
+      // at smaller x (about 4.2 / 0.14 at x = 2): keys floor(24 / x) <= 11.
+      order_by_length<12>(index, count, [x](int i) { return static_cast<int>(24.0 / x[i]); });
       method_by_packs<kK, lb::Method::Small>(v, x, out, index, count);
   }
 }
@@ -146,7 +156,9 @@ FASTLOSS_CPU_INLINE void pack_values(const double* v, const double* x, double* o
 
 }  // namespace
 
+namespace packs::FASTLOSS_ISA_NAMESPACE {
 void log_iv_packs(const double* v, const double* x, double* out, int n) { pack_values<false>(v, x, out, n); }
 void log_kv_packs(const double* v, const double* x, double* out, int n) { pack_values<true>(v, x, out, n); }
+}  // namespace packs::FASTLOSS_ISA_NAMESPACE
 
 }  // namespace fastloss::cpu

@@ -1,7 +1,8 @@
-// The SIMD-pack path of the CPU log-Bessel values (cpu/log_bessel_packs.cpp): a separate
-// translation unit compiled for x86-64-v4 (AVX-512), called only where that instruction set
-// runs. Not inside the target_clones functions: GCC lowers a generic vector comparison for
-// the instruction set of the function that holds it before inlining, so the pack helpers'
+// The SIMD-pack path of the CPU log-Bessel values (cpu/log_bessel_packs.cpp): one source
+// compiled as two translation units, for x86-64-v4 (AVX-512, packs of 8 doubles) and for
+// x86-64-v3 (AVX2 + FMA, packs of 4), each called only where its instruction set runs. Not
+// inside the target_clones functions: GCC lowers a generic vector comparison for the
+// instruction set of the function that holds it before inlining, so the pack helpers'
 // comparisons, inlined into a clone, became lane-by-lane scalar code (2x slower Debye).
 #pragma once
 
@@ -11,13 +12,19 @@ namespace fastloss::cpu {
 constexpr int kLogBesselBlock = 256;  // elements per call of the value loops
 }  // namespace fastloss::cpu
 
-// Defined by CMake where the unit is built (x86-64 GCC / Clang that take -march=x86-64-v4).
+// Defined by CMake where the units are built (x86-64 GCC / Clang that take -march=x86-64-v4).
 #if defined(FASTLOSS_LOG_BESSEL_PACKS)
-namespace fastloss::cpu {
+namespace fastloss::cpu::packs {
 
-// log I_v(x) (kK = false) or log K_v(x) of n <= 256 contiguous doubles.
+// log I_v(x) or log K_v(x) of n <= kLogBesselBlock contiguous doubles, per instruction set.
+namespace avx512 {
 void log_iv_packs(const double* v, const double* x, double* out, int n);
 void log_kv_packs(const double* v, const double* x, double* out, int n);
+}  // namespace avx512
+namespace avx2 {
+void log_iv_packs(const double* v, const double* x, double* out, int n);
+void log_kv_packs(const double* v, const double* x, double* out, int n);
+}  // namespace avx2
 
-}  // namespace fastloss::cpu
+}  // namespace fastloss::cpu::packs
 #endif

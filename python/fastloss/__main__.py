@@ -19,6 +19,7 @@ def main(argv: list[str]) -> int:
         ("CUDA archs", info["cuda_archs"] or "-"),
         ("CUDA device", torch.cuda.get_device_name() if torch.cuda.is_available() else "none"),
         ("CPU kernels ISA", info["cpu_isa"]),
+        ("CPU log-Bessel", info["log_bessel_cpu"]),
         ("CPU threads", str(info["num_threads"])),
     ]
     width = max(len(k) for k, _ in rows)
