@@ -129,6 +129,9 @@ FASTLOSS_HD double digamma(double x) {
 }
 FASTLOSS_HD double f_lgamma(double p) { return ::lgamma(p); }
 FASTLOSS_HD Dual f_lgamma(const Dual& p) { return chain(p, ::lgamma(p.a), digamma(p.a)); }
+// log(s) - log Gamma(p) (the CPU's SIMD packs take it as one log of s / Gamma(p)).
+template <typename T>
+FASTLOSS_HD T log_over_gamma(const T& s, const T& p) { return f_log(s) - f_lgamma(p); }
 
 // A term no longer changes the sum (value and both derivative parts, the latter measured
 // against the value so that a zero derivative sum does not keep the loop going).
@@ -157,12 +160,16 @@ FASTLOSS_HD T series_log_iv(const T& v, const T& x) {
   const T half_x = x * 0.5;
   const T q = half_x * half_x;
   T term = 1.0, sum = 1.0;
-  for (int k = 1; k <= kSeriesMaxTerms; ++k) {
+  // Two terms per test: the test of a SIMD pack (all lanes) costs as much as a term.
+  static_assert(kSeriesMaxTerms % 2 == 0, "terms come in pairs");
+  for (int k = 1; k <= kSeriesMaxTerms; k += 2) {
     term = term * (q / (double(k) * (v + double(k))));  // the division is off the term chain
+    sum = sum + term;
+    term = term * (q / (double(k + 1) * (v + double(k + 1))));
     sum = sum + term;
     if (negligible(term, sum)) break;
   }
-  return v_log_half_x(v, x) - f_lgamma(v + 1.0) + f_log(sum);
+  return v_log_half_x(v, x) + log_over_gamma(sum, v + 1.0);
 }
 
 // Hankel expansion for large x (DLMF 10.40.1-2), mu = 4 v^2:
@@ -361,7 +368,8 @@ FASTLOSS_HD KStart<T> cf2_k(const T& u, const T& x) {
     h = h + delh;
     const T dels = q * delh;
     s = s + dels;
-    if (negligible(dels, s) && negligible(delh, h)) break;
+    // Tested every other iteration (a SIMD pack's test of all lanes is not cheap).
+    if ((i & 1) == 0 && negligible(dels, s) && negligible(delh, h)) break;
   }
   h = a1 * h;
   const T log_k = 0.5 * (kLnPi - kLn2 - f_log(x)) - x - f_log(s);

@@ -249,15 +249,16 @@ FASTLOSS_CPU_INLINE Pack debye_v_eta(const Pack& v, const Pack& x, const Pack& h
 // The series' v log(x/2): no v = 0 case (that is for derivatives, which packs do not carry).
 FASTLOSS_CPU_INLINE Pack v_log_half_x(const Pack& v, const Pack& x) { return v * (f_log(x) - kLn2); }
 
-// log Gamma(p) for the series' p = v + 1 in [1, 17): Gamma(1 + u + n) = Gamma(1 + u)
+// log(s) - log Gamma(p) for the series' p = v + 1 in [1, 17): Gamma(1 + u + n) = Gamma(1 + u)
 // (u + 1) ... (u + n) with n = round(p - 1), |u| <= 1/2, and 1 / Gamma(1 + u) from Temme's
-// polynomials: one log and at most 16 products (libm's lgamma is scalar and several times
-// slower). Lanes outside [1/2, 33/2] (none from the series region) take libm's lgamma.
-FASTLOSS_CPU_INLINE Pack f_lgamma(const Pack& p) {
+// polynomials, so one log of s / Gamma(p) and at most 16 products (libm's lgamma is scalar
+// and several times slower). Lanes outside [1/2, 33/2] (none from the series region) take
+// libm's lgamma.
+FASTLOSS_CPU_INLINE Pack log_over_gamma(const Pack& s, const Pack& p) {
   constexpr int kMaxShift = 16;
   if (!all_lanes((p >= 0.5) & (p <= kMaxShift + 0.5))) {
     PackVec r;
-    for (int i = 0; i < kLanes; ++i) r[i] = ::lgamma(p.a[i]);
+    for (int i = 0; i < kLanes; ++i) r[i] = ::log(s.a[i]) - ::lgamma(p.a[i]);
     return r;
   }
   constexpr double kRoundToInteger = 0x1.8p52;  // adding and subtracting it rounds to nearest
@@ -271,7 +272,7 @@ FASTLOSS_CPU_INLINE Pack f_lgamma(const Pack& p) {
   const Pack product = factors[0];
   const Pack w = u * u;
   const Pack reciprocal_gamma_1pu = temme_gamma2(w) - u * temme_gamma1(w);
-  return f_log(product / reciprocal_gamma_1pu);
+  return f_log(s * reciprocal_gamma_1pu / product);
 }
 
 // exp for |p| <= 708 (Temme's sigma = u log(2/x) stays below 400 for x >= 1e-300), from the
@@ -316,17 +317,25 @@ FASTLOSS_CPU_INLINE Pack sinh_over(const Pack& s) {
 FASTLOSS_CPU_INLINE Pack to_log_x_tangent(const Pack& x) { return x; }
 FASTLOSS_CPU_INLINE Pack from_log_x_tangent(const Pack& r, const Pack&) { return r; }
 
-// K_u(x) and K_(u+1)(x), |u| <= 1/2, 2 < x < 29 (the lanes where the scalar method runs
-// Steed's CF2), by the trapezoidal rule on K_nu(x) = int_0^inf exp(-x cosh t) cosh(nu t) dt.
+// K_u(x) and K_(u+1)(x), |u| <= 1/2, 2 < x <= kTrapezoidMaxX (lanes where the scalar method
+// runs Steed's CF2), by the trapezoidal rule on K_nu(x) = int_0^inf exp(-x cosh t) cosh(nu t) dt.
 // For this entire, even integrand the rule's error is ~ exp(x - pi^2 / h) relative (the
 // integrand's Fourier transform, K_(nu + i omega)(x), decays like exp(-pi omega / 2)):
-// h = 0.14 gives < 1e-18 up to x = 29. Every lane uses the same nodes t_j = j h, so
-// cosh t_j - 1 and exp(t_j) are one table, and each node costs a lane one exp: about half
-// the time of CF2's 15 (x = 29) to 90 (x = 2) iterations, each with a division. The sum stops
-// when every lane's next node is negligible (t <= 4.2 covers x = 2 with nu = 3/2).
+// h = pi^2 / (kTrapezoidMaxX + 41) gives < 1e-18 up to kTrapezoidMaxX. Every lane uses the
+// same nodes t_j = j h, so cosh t_j - 1 and exp(t_j) are one table, and each node costs a
+// lane one exp. The sum stops when every lane's next node is negligible (t <= 4.2 covers
+// x = 2 with nu = 3/2). Against CF2's 180 / x iterations, each with a division, the rule
+// wins where the divider is slow or x small: measured, it was about twice as fast over all of
+// 2 < x < 29 with AVX-512 on a Xeon, but only below x ~ 6 with AVX2 on an EPYC (Zen), where
+// CF2 is up to 1.45x faster above. Each unit takes the rule up to its crossover.
+#if FASTLOSS_PACK_LANES == 8
+constexpr double kTrapezoidMaxX = 29.0;  // all of CF2's range
+#else
+constexpr double kTrapezoidMaxX = 6.0;
+#endif
 struct TrapezoidNodes {
-  static constexpr double kStep = 0.14;
-  static constexpr int kCount = 30;
+  static constexpr double kStep = kPi * kPi / (kTrapezoidMaxX + 41.0);
+  static constexpr int kCount = static_cast<int>(4.2 / kStep) + 1;
   double cosh_minus_1[kCount + 1];  // 2 sinh^2(t_j / 2): no cancellation near t = 0
   double exp_t[kCount + 1];
   double exp_minus_t[kCount + 1];
@@ -357,30 +366,47 @@ FASTLOSS_CPU_INLINE KStart<Pack> trapezoid_k(const Pack& u, const Pack& x) {
     const Pack term1 = weight * (0.5 * (power * nodes.exp_t[j] + power_inv * nodes.exp_minus_t[j]));
     sum = sum + term;
     sum1 = sum1 + term1;
-    if (negligible(term1, sum1)) break;  // term1 >= term, and both decrease from here on
+    // term1 >= term, and both decrease from here on; tested every other node (a test of
+    // all lanes costs about as much as a node's sums).
+    if ((j & 1) == 0 && negligible(term1, sum1)) break;
   }
   return {f_log(kStep * sum) - x, 0.5 * x * sum1 / sum};
 }
 
-// The pack form of recurrence_log_kv: per lane n = round(v), K_u from Temme's series or the
-// trapezoidal rule,
-// then the forward recurrence up to the largest n of the pack, each lane multiplying only
-// its own n ratios. A pack that straddles x = 2 (the kernels avoid them) runs both methods,
-// each with x clamped to its side, so that no lane iterates outside its method's range.
+// The pack form of recurrence_log_kv: per lane n = round(v), K_u from Temme's series (x <= 2),
+// the trapezoidal rule (x <= kTrapezoidMaxX) or CF2, then the forward recurrence up to the
+// largest n of the pack, each lane multiplying only its own n ratios. A pack that straddles
+// a method boundary (the kernels order lists so that few do) runs each method it needs, with
+// x clamped to that method's range, so that no lane iterates outside it.
 FASTLOSS_CPU_INLINE Pack recurrence_log_kv(const Pack& v, const Pack& x) {
   constexpr double kRoundToInteger = 0x1.8p52;
   const Pack n = (v + kRoundToInteger) - kRoundToInteger;
   const Pack u = v - n;
   const PackMask temme = x <= kTemmeMaxX;
+  const PackMask cf2 = x > kTrapezoidMaxX;
+  const PackMask trapezoid = (temme | cf2) == 0;
   KStart<Pack> start;
   if (all_lanes(temme)) {
     start = temme_k(u, x);
-  } else if (all_lanes(temme == 0)) {
+  } else if (all_lanes(trapezoid)) {
     start = trapezoid_k(u, x);
+  } else if (all_lanes(cf2)) {
+    start = cf2_k(u, x);
   } else {
-    const KStart<Pack> t = temme_k(u, select(temme, x, Pack(kTemmeMaxX)));
-    const KStart<Pack> c = trapezoid_k(u, select(temme, Pack(kTemmeMaxX), x));
-    start = {select(temme, t.log_k, c.log_k), select(temme, t.ratio, c.ratio)};
+    start = {Pack(0.0), Pack(0.0)};
+    if (!all_lanes(temme == 0)) {
+      const KStart<Pack> t = temme_k(u, select(temme, x, Pack(kTemmeMaxX)));
+      start = {select(temme, t.log_k, start.log_k), select(temme, t.ratio, start.ratio)};
+    }
+    if (!all_lanes(trapezoid == 0)) {
+      const Pack clamped = select(temme, Pack(kTemmeMaxX), select(cf2, Pack(kTrapezoidMaxX), x));
+      const KStart<Pack> t = trapezoid_k(u, clamped);
+      start = {select(trapezoid, t.log_k, start.log_k), select(trapezoid, t.ratio, start.ratio)};
+    }
+    if (!all_lanes(cf2 == 0)) {
+      const KStart<Pack> c = cf2_k(u, select(cf2, x, Pack(kTrapezoidMaxX)));
+      start = {select(cf2, c.log_k, start.log_k), select(cf2, c.ratio, start.ratio)};
+    }
   }
   // y_k = (x/2)^k K_(u+k) / K_u: y_(k+1) = (x/2)^2 y_(k-1) + (u + k) y_k, all terms positive
   // (the ratio recurrence without its division on the critical path).

@@ -70,35 +70,40 @@ constexpr int kBlock = kLogBesselBlock;
 constexpr int kCF2List = static_cast<int>(lb::kMethods);  // K's small-argument list beyond x = 2
 
 // A pack runs as long as its slowest lane: a counting sort of a list by a key of the
-// expected iteration count puts elements of similar length in the same packs.
+// expected iteration count puts elements of similar length in the same packs. Returns the
+// ordered list: `index` itself where every key is the same (e.g. all arguments tiny), else
+// `sorted`.
 template <int kKeys, typename KeyOf>
-FASTLOSS_CPU_INLINE void order_by_length(int* index, int count, const KeyOf& key_of) {
+FASTLOSS_CPU_INLINE const int* order_by_length(const int* index, int count, int* sorted, const KeyOf& key_of) {
   int start[kKeys + 1] = {};
-  int key[kBlock], sorted[kBlock];
+  int key[kBlock];
   for (int j = 0; j < count; ++j) {
     key[j] = std::min(kKeys - 1, key_of(index[j]));
     ++start[key[j] + 1];
   }
+  if (count == 0 || start[key[0] + 1] == count) return index;
   for (int k = 0; k < kKeys; ++k) start[k + 1] += start[k];
   for (int j = 0; j < count; ++j) sorted[start[key[j]]++] = index[j];
-  std::copy(sorted, sorted + count, index);
+  return sorted;
 }
 
 // The packs of one index list.
 template <bool kK>
-FASTLOSS_CPU_INLINE void run_list(int list, const double* v, const double* x, double* out, int* index,
+FASTLOSS_CPU_INLINE void run_list(int list, const double* v, const double* x, double* out, const int* index,
                                   int count) {
+  int sorted[kBlock];
   switch (list) {
     case static_cast<int>(lb::Method::Hankel): method_by_packs<kK, lb::Method::Hankel>(v, x, out, index, count); break;
     case static_cast<int>(lb::Method::Debye): method_by_packs<kK, lb::Method::Debye>(v, x, out, index, count); break;
     case static_cast<int>(lb::Method::Small):
       // I's power series needs about 2x + 10 terms: keys floor(x), x < 29 in its region.
-      if (!kK) order_by_length<29>(index, count, [x](int i) { return static_cast<int>(x[i]); });
+      if (!kK) index = order_by_length<29>(index, count, sorted, [x](int i) { return static_cast<int>(x[i]); });
       method_by_packs<kK, lb::Method::Small>(v, x, out, index, count);
       break;
-    default:  // kCF2List: K_u by the trapezoidal rule at 2 < x < 29, which needs more nodes
-      // at smaller x (about 4.2 / 0.14 at x = 2): keys floor(24 / x) <= 11.
-      order_by_length<12>(index, count, [x](int i) { return static_cast<int>(24.0 / x[i]); });
+    default:  // kCF2List: K_u at 2 < x < 29 by the trapezoidal rule, whose node count, or
+      // CF2, whose iteration count (~180 / x), grows at smaller x: keys floor(24 / x) <= 11
+      // (for AVX2's crossover at x = 6, also a key boundary).
+      index = order_by_length<12>(index, count, sorted, [x](int i) { return static_cast<int>(24.0 / x[i]); });
       method_by_packs<kK, lb::Method::Small>(v, x, out, index, count);
   }
 }
