@@ -70,40 +70,47 @@ constexpr int kBlock = kLogBesselBlock;
 constexpr int kCF2List = static_cast<int>(lb::kMethods);  // K's small-argument list beyond x = 2
 
 // A pack runs as long as its slowest lane: a counting sort of a list by a key of the
-// expected iteration count puts elements of similar length in the same packs. Returns the
-// ordered list: `index` itself where every key is the same (e.g. all arguments tiny), else
-// `sorted`.
-template <int kKeys, typename KeyOf>
-FASTLOSS_CPU_INLINE const int* order_by_length(const int* index, int count, int* sorted, const KeyOf& key_of) {
+// expected iteration count (length_key, per element of the block) puts elements of similar
+// length in the same packs. Returns the ordered list: `index` itself where every key is the
+// same (e.g. all arguments tiny), else `sorted`.
+template <int kKeys>
+FASTLOSS_CPU_INLINE const int* order_by_length(const int* index, int count, const int32_t* length_key, int* sorted) {
   int start[kKeys + 1] = {};
-  int key[kBlock];
-  for (int j = 0; j < count; ++j) {
-    key[j] = std::min(kKeys - 1, key_of(index[j]));
-    ++start[key[j] + 1];
-  }
-  if (count == 0 || start[key[0] + 1] == count) return index;
+  for (int j = 0; j < count; ++j) ++start[length_key[index[j]] + 1];
+  if (count == 0 || start[length_key[index[0]] + 1] == count) return index;
   for (int k = 0; k < kKeys; ++k) start[k + 1] += start[k];
-  for (int j = 0; j < count; ++j) sorted[start[key[j]]++] = index[j];
+  for (int j = 0; j < count; ++j) sorted[start[length_key[index[j]]]++] = index[j];
   return sorted;
+}
+
+// I's power series needs about 2x + 10 terms: keys floor(x) (x < 29 in its region). K_u at
+// 2 < x < 29 by the trapezoidal rule, whose node count, or CF2, whose iteration count
+// (~180 / x), grows at smaller x: keys floor(24 / x) <= 11 (AVX2's crossover at x = 6 is
+// a key boundary too). Clamped in double, so that any input converts to a valid key.
+template <bool kK>
+constexpr int kLengthKeys = kK ? 12 : 29;
+template <bool kK>
+FASTLOSS_CPU_INLINE int32_t length_key(double x) {
+  double key = kK ? 24.0 / x : x;
+  key = key < kLengthKeys<kK> - 1 ? key : kLengthKeys<kK> - 1;  // also NaN
+  key = key > 0.0 ? key : 0.0;
+  return static_cast<int32_t>(key);
 }
 
 // The packs of one index list.
 template <bool kK>
 FASTLOSS_CPU_INLINE void run_list(int list, const double* v, const double* x, double* out, const int* index,
-                                  int count) {
+                                  int count, const int32_t* length_keys) {
   int sorted[kBlock];
   switch (list) {
     case static_cast<int>(lb::Method::Hankel): method_by_packs<kK, lb::Method::Hankel>(v, x, out, index, count); break;
     case static_cast<int>(lb::Method::Debye): method_by_packs<kK, lb::Method::Debye>(v, x, out, index, count); break;
-    case static_cast<int>(lb::Method::Small):
-      // I's power series needs about 2x + 10 terms: keys floor(x), x < 29 in its region.
-      if (!kK) index = order_by_length<29>(index, count, sorted, [x](int i) { return static_cast<int>(x[i]); });
+    case static_cast<int>(lb::Method::Small):  // I: the series; K: Temme's series (x <= 2)
+      if (!kK) index = order_by_length<kLengthKeys<kK>>(index, count, length_keys, sorted);
       method_by_packs<kK, lb::Method::Small>(v, x, out, index, count);
       break;
-    default:  // kCF2List: K_u at 2 < x < 29 by the trapezoidal rule, whose node count, or
-      // CF2, whose iteration count (~180 / x), grows at smaller x: keys floor(24 / x) <= 11
-      // (for AVX2's crossover at x = 6, also a key boundary).
-      index = order_by_length<12>(index, count, sorted, [x](int i) { return static_cast<int>(24.0 / x[i]); });
+    default:  // kCF2List
+      index = order_by_length<kLengthKeys<kK>>(index, count, length_keys, sorted);
       method_by_packs<kK, lb::Method::Small>(v, x, out, index, count);
   }
 }
@@ -136,13 +143,15 @@ FASTLOSS_CPU_INLINE void pack_values(const double* v, const double* x, double* o
     list_of[i] = finite_domain * list + (1 - finite_domain) * kSpecial;
   }
   static_assert(static_cast<int>(lb::Method::Hankel) == 0, "the list arithmetic above takes Hankel = 0");
+  int32_t length_keys[kBlock];
+  for (int i = 0; i < n; ++i) length_keys[i] = length_key<kK>(x[i]);
   int index[kLists][kBlock];
   int64_t other_lists = 0;
   for (int i = 0; i < n; ++i) other_lists += list_of[i] != list_of[0];
   const bool one_list = other_lists == 0;
   if (one_list && list_of[0] != kSpecial) {
     for (int i = 0; i < n; ++i) index[0][i] = i;
-    run_list<kK>(list_of[0], v, x, out, index[0], n);
+    run_list<kK>(list_of[0], v, x, out, index[0], n, length_keys);
     return;
   }
   int count[kLists] = {};
@@ -155,7 +164,7 @@ FASTLOSS_CPU_INLINE void pack_values(const double* v, const double* x, double* o
     }
   }
   for (int list = 0; list < kLists; ++list) {
-    if (count[list] > 0 && (kK || list != kCF2List)) run_list<kK>(list, v, x, out, index[list], count[list]);
+    if (count[list] > 0 && (kK || list != kCF2List)) run_list<kK>(list, v, x, out, index[list], count[list], length_keys);
   }
 }
 
