@@ -286,7 +286,10 @@ FASTLOSS_HD T sinh_over(const T& s) {
 
 template <typename T>
 struct KStart {
-  T log_k;  // log K_u(x)
+  // log K_u(x) = log_k_part + log(k_factor): the factor's log is taken together with the
+  // recurrence's product (one log fewer per element).
+  T log_k_part;
+  T k_factor;
   T ratio;  // (x/2) K_(u+1)(x) / K_u(x)
 };
 
@@ -322,9 +325,10 @@ FASTLOSS_HD KStart<T> temme_k(const T& u, const T& x) {
     const T term1 = c * (p - di * f);
     sum = sum + term;
     sum1 = sum1 + term1;
-    if (negligible(term, sum) && negligible(term1, sum1)) break;
+    // Tested every other term (a SIMD pack's test of all lanes is not cheap).
+    if ((i & 1) == 0 && negligible(term, sum) && negligible(term1, sum1)) break;
   }
-  return {f_log(sum), sum1 / sum};
+  return {T(0.0), sum, sum1 / sum};
 }
 
 // Steed's continued fraction CF2 for K_u and K_(u+1), |u| <= 1/2, x >= 2 (Thompson & Barnett
@@ -390,8 +394,7 @@ FASTLOSS_HD KStart<T> cf2_k(const T& u, const T& x) {
     if ((i & 1) == 0 && negligible(dels, s) && negligible(delh, h)) break;
   }
   h = a1 * h;
-  const T log_k = 0.5 * (kLnPi - kLn2 - f_log(x)) - x - f_log(s);
-  return {log_k, 0.5 * (u + x + 0.5 - h)};
+  return {0.5 * (kLnPi - kLn2 - f_log(x)) - x, 1.0 / s, 0.5 * (u + x + 0.5 - h)};
 }
 
 // K_v for v < 16 and hypot(v, x) < 29: K_u (u = v - round(v)), then n = round(v) steps of
@@ -418,7 +421,7 @@ FASTLOSS_HD T recurrence_log_kv(const T& v, const T& x_in) {
     product = product * s;
     s = half_x2 / s + (u + double(k));
   }
-  return from_log_x_tangent(start.log_k + n * (kLn2 - f_log(x)) + f_log(product), val(x));
+  return from_log_x_tangent(start.log_k_part + n * (kLn2 - f_log(x)) + f_log(start.k_factor * product), val(x));
 }
 
 // ---- region choice -----------------------------------------------------------------

@@ -370,7 +370,7 @@ FASTLOSS_CPU_INLINE KStart<Pack> trapezoid_k(const Pack& u, const Pack& x) {
     // all lanes costs about as much as a node's sums).
     if ((j & 1) == 0 && negligible(term1, sum1)) break;
   }
-  return {f_log(kStep * sum) - x, 0.5 * x * sum1 / sum};
+  return {-x, kStep * sum, 0.5 * x * sum1 / sum};
 }
 
 // The pack form of recurrence_log_kv: per lane n = round(v), K_u from Temme's series (x <= 2),
@@ -393,20 +393,16 @@ FASTLOSS_CPU_INLINE Pack recurrence_log_kv(const Pack& v, const Pack& x) {
   } else if (all_lanes(cf2)) {
     start = cf2_k(u, x);
   } else {
-    start = {Pack(0.0), Pack(0.0)};
-    if (!all_lanes(temme == 0)) {
-      const KStart<Pack> t = temme_k(u, select(temme, x, Pack(kTemmeMaxX)));
-      start = {select(temme, t.log_k, start.log_k), select(temme, t.ratio, start.ratio)};
-    }
+    start = {Pack(0.0), Pack(1.0), Pack(0.0)};
+    const auto take = [&start](PackMask lanes, const KStart<Pack>& k) {
+      start = {select(lanes, k.log_k_part, start.log_k_part), select(lanes, k.k_factor, start.k_factor),
+               select(lanes, k.ratio, start.ratio)};
+    };
+    if (!all_lanes(temme == 0)) take(temme, temme_k(u, select(temme, x, Pack(kTemmeMaxX))));
     if (!all_lanes(trapezoid == 0)) {
-      const Pack clamped = select(temme, Pack(kTemmeMaxX), select(cf2, Pack(kTrapezoidMaxX), x));
-      const KStart<Pack> t = trapezoid_k(u, clamped);
-      start = {select(trapezoid, t.log_k, start.log_k), select(trapezoid, t.ratio, start.ratio)};
+      take(trapezoid, trapezoid_k(u, select(temme, Pack(kTemmeMaxX), select(cf2, Pack(kTrapezoidMaxX), x))));
     }
-    if (!all_lanes(cf2 == 0)) {
-      const KStart<Pack> c = cf2_k(u, select(cf2, x, Pack(kTrapezoidMaxX)));
-      start = {select(cf2, c.log_k, start.log_k), select(cf2, c.ratio, start.ratio)};
-    }
+    if (!all_lanes(cf2 == 0)) take(cf2, cf2_k(u, select(cf2, x, Pack(kTrapezoidMaxX))));
   }
   // y_k = (x/2)^k K_(u+k) / K_u: y_(k+1) = (x/2)^2 y_(k-1) + (u + k) y_k, all terms positive
   // (the ratio recurrence without its division on the critical path).
@@ -422,7 +418,7 @@ FASTLOSS_CPU_INLINE Pack recurrence_log_kv(const Pack& v, const Pack& x) {
     y = y_next;
     product = select(n == double(k + 1), y, product);
   }
-  return start.log_k + n * (kLn2 - f_log(x)) + f_log(product);
+  return start.log_k_part + n * (kLn2 - f_log(x)) + f_log(start.k_factor * product);
 }
 
 }  // namespace FASTLOSS_ISA_NAMESPACE
