@@ -85,13 +85,13 @@ FASTLOSS_CPU_INLINE const int* order_by_length(const int* index, int count, cons
 
 // I's power series needs about 2x + 10 terms: keys floor(x) (x < 29 in its region). K_u at
 // 2 < x < 29 by the trapezoidal rule, whose node count, or CF2, whose iteration count
-// (~180 / x), grows at smaller x: keys floor(24 / x) <= 11 (AVX2's crossover at x = 6 is
+// (~180 / x), grows at smaller x: keys floor(96 / x) <= 47 (AVX2's crossover at x = 6 is
 // a key boundary too). Clamped in double, so that any input converts to a valid key.
 template <bool kK>
-constexpr int kLengthKeys = kK ? 12 : 29;
+constexpr int kLengthKeys = kK ? 48 : 29;
 template <bool kK>
 FASTLOSS_CPU_INLINE int32_t length_key(double x) {
-  double key = kK ? 24.0 / x : x;
+  double key = kK ? 96.0 / x : x;
   key = key < kLengthKeys<kK> - 1 ? key : kLengthKeys<kK> - 1;  // also NaN
   key = key > 0.0 ? key : 0.0;
   return static_cast<int32_t>(key);
