@@ -130,16 +130,24 @@ def test_reordered_packs_write_every_element(lanes):
     assert torch.equal(fastloss.log_bessel_kv(v, x), one_at_a_time)
 
 
-def test_scalar_methods_match_mpmath():
-    # The CPU runs SIMD packs where AVX2 or AVX-512 does; the scalar methods (the code the
-    # CUDA kernels compile, and the CPU path elsewhere) are selected by the environment
-    # variable, in a fresh process, and checked against mpmath by the same tests.
-    if os.environ.get("FASTLOSS_LOG_BESSEL_SCALAR") == "1":
-        pytest.skip("already running the scalar methods")
-    env = dict(os.environ, FASTLOSS_LOG_BESSEL_SCALAR="1")
-    tests = "float64_matches_mpmath or small_argument_methods or gradients_match or mixed_regions or reordered"
+PATH_TESTS = "float64_matches_mpmath or small_argument_methods or gradients_match or mixed_regions or reordered"
+
+
+@pytest.mark.parametrize("lanes", [1, 4, 8])
+def test_every_cpu_path_matches_mpmath(lanes):
+    # The CPU runs the widest SIMD packs it has; FASTLOSS_LOG_BESSEL_LANES selects the others
+    # in a fresh process: 1 = the scalar methods (the code the CUDA kernels compile), 4 = AVX2
+    # packs, 8 = the AVX-512 unit's packs of 8 (compiled for AVX2 where AVX-512 is absent).
+    # Each is checked against mpmath by the same tests.
+    path = {1: "scalar", 4: "packs of 4", 8: "packs of 8"}[lanes]
+    if fastloss.build_info()["log_bessel_cpu"].startswith(path):
+        pytest.skip(f"this process already runs the {path}")
+    env = dict(os.environ, FASTLOSS_LOG_BESSEL_LANES=str(lanes))
+    info = subprocess.run([sys.executable, "-m", "fastloss", "info"], env=env, capture_output=True, text=True, check=True)
+    if path not in info.stdout:
+        pytest.skip(f"this CPU or build has no {path}")
     out = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k", f"({tests}) and not cuda"],
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k", f"({PATH_TESTS}) and not cuda"],
         env=env, capture_output=True, text=True, timeout=600, cwd=os.path.dirname(__file__),
     )
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]

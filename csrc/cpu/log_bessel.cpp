@@ -46,18 +46,25 @@ struct PackUnit {
   const char* name = "scalar";
 };
 
-// FASTLOSS_LOG_BESSEL_SCALAR=1 selects the scalar methods (the CUDA kernels' code) anyway,
-// so that the tests reach them on any machine.
+// The widest pack unit this CPU runs. FASTLOSS_LOG_BESSEL_LANES selects another: 1 for the
+// scalar methods (the code the CUDA kernels compile), 4 for packs of 4, 8 for packs of 8 (on
+// an AVX2 CPU, the AVX-512 unit's lanes compiled for AVX2), so that the tests reach each of
+// them on any x86-64 machine.
 PackUnit select_pack_unit() {
   PackUnit unit;
 #if defined(FASTLOSS_LOG_BESSEL_PACKS)
-  const char* scalar = std::getenv("FASTLOSS_LOG_BESSEL_SCALAR");
-  if (scalar != nullptr && std::strcmp(scalar, "1") == 0) return unit;
+  const char* lanes_env = std::getenv("FASTLOSS_LOG_BESSEL_LANES");
+  int lanes = lanes_env != nullptr ? std::atoi(lanes_env) : 0;
+  if (lanes != 1 && lanes != 4 && lanes != 8) lanes = 0;  // unset or unknown: the widest
+  if (lanes == 1) return unit;
   __builtin_cpu_init();
-  if (__builtin_cpu_supports("x86-64-v4")) {
+  const bool avx512 = __builtin_cpu_supports("x86-64-v4"), avx2 = __builtin_cpu_supports("x86-64-v3");
+  if (avx512 && (lanes == 0 || lanes == 8)) {
     unit = {packs::avx512::log_iv_packs, packs::avx512::log_kv_packs, "packs of 8 (AVX-512)"};
-  } else if (__builtin_cpu_supports("x86-64-v3")) {
+  } else if (avx2 && (lanes == 0 || lanes == 4)) {
     unit = {packs::avx2::log_iv_packs, packs::avx2::log_kv_packs, "packs of 4 (AVX2)"};
+  } else if (avx2 && lanes == 8) {
+    unit = {packs::avx2_lanes8::log_iv_packs, packs::avx2_lanes8::log_kv_packs, "packs of 8 (AVX2)"};
   }
 #endif
   return unit;

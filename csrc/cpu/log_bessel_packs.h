@@ -1,6 +1,7 @@
 // The SIMD-pack path of the CPU log-Bessel values (cpu/log_bessel_packs.cpp): one source
-// compiled as two translation units, for x86-64-v4 (AVX-512, packs of 8 doubles) and for
-// x86-64-v3 (AVX2 + FMA, packs of 4), each called only where its instruction set runs. Not
+// compiled as separate translation units, for x86-64-v4 (AVX-512, packs of 8 doubles) and for
+// x86-64-v3 (AVX2 + FMA, packs of 4; and packs of 8 for the tests), each called only where its
+// instruction set runs. Not
 // inside the target_clones functions: GCC lowers a generic vector comparison for the
 // instruction set of the function that holds it before inlining, so the pack helpers'
 // comparisons, inlined into a clone, became lane-by-lane scalar code (2x slower Debye).
@@ -25,6 +26,11 @@ namespace avx2 {
 void log_iv_packs(const double* v, const double* x, double* out, int n);
 void log_kv_packs(const double* v, const double* x, double* out, int n);
 }  // namespace avx2
+// Packs of 8 compiled for AVX2: the AVX-512 unit's lane logic where AVX-512 is absent (tests).
+namespace avx2_lanes8 {
+void log_iv_packs(const double* v, const double* x, double* out, int n);
+void log_kv_packs(const double* v, const double* x, double* out, int n);
+}  // namespace avx2_lanes8
 
 }  // namespace fastloss::cpu::packs
 #endif
