@@ -122,9 +122,9 @@ def test_reordered_packs_write_every_element(lanes):
     # first pack takes elements whose first and last index differ by lanes - 1 but which are
     # not a consecutive run (indices [0, 1, 4, 3] for 4 lanes, [0 .. 5, 8, 7] for 8): element
     # 2 or 6 is in a later pack, and every element must get its own value.
-    x = torch.full((256,), 5.0, dtype=torch.float64)  # key floor(24 / x) = 4
+    x = torch.full((256,), 5.0, dtype=torch.float64)  # length key floor(96 / x) = 19
     first, second, later = ([0, 1, 4], [3], [2]) if lanes == 4 else ([0, 1, 2, 3, 4, 5, 8], [7], [6])
-    x[first], x[second], x[later] = 25.0, 15.0, 10.0  # keys 0, 1 and 2
+    x[first], x[second], x[later] = 25.0, 15.0, 10.0  # keys 3, 6 and 9: ordered first
     v = torch.linspace(0.1, 0.4, 256, dtype=torch.float64)
     one_at_a_time = torch.cat([fastloss.log_bessel_kv(v[i : i + 1], x[i : i + 1]) for i in range(256)])
     assert torch.equal(fastloss.log_bessel_kv(v, x), one_at_a_time)
