@@ -307,7 +307,7 @@ def family_meta(meta: dict, threads: Optional[int]) -> dict:
     if not threads or meta["device"] != "cpu":
         return meta
     return {**meta, "threads": threads, "device_name": device_name("cpu", threads),
-            "slug": device_slug("cpu", threads)}
+            "slug": device_slug("cpu", threads), "build_info": {**meta["build_info"], "num_threads": threads}}
 
 
 # --------------------------------------------------------------------------------------------

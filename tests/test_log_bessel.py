@@ -130,7 +130,20 @@ def test_reordered_packs_write_every_element(lanes):
     assert torch.equal(fastloss.log_bessel_kv(v, x), one_at_a_time)
 
 
-PATH_TESTS = "float64_matches_mpmath or small_argument_methods or gradients_match or mixed_regions or reordered"
+def test_pack_straddling_methods():
+    # Packs of 4 (AVX2) run K_u by the trapezoidal rule up to x = 6 and by CF2 above; a block
+    # whose CF2 elements do not fill their last pack shares it with trapezoid elements, and
+    # that pack runs both methods, each lane keeping its own. Here 253 elements at x = 6.2 and
+    # 3 at x = 5.9, at random positions; each must equal its value computed alone.
+    g = torch.Generator().manual_seed(6)
+    x = torch.full((256,), 6.2, dtype=torch.float64)
+    x[torch.randperm(256, generator=g)[:3]] = 5.9
+    v = torch.empty(256, dtype=torch.float64).uniform_(0.0, 3.0, generator=g)
+    one_at_a_time = torch.cat([fastloss.log_bessel_kv(v[i : i + 1], x[i : i + 1]) for i in range(256)])
+    assert rel_error(fastloss.log_bessel_kv(v, x), one_at_a_time).max().item() <= 1e-15
+
+
+PATH_TESTS = "float64_matches_mpmath or small_argument_methods or gradients_match or mixed_regions or reordered or straddling"
 
 
 @pytest.mark.parametrize("lanes", [1, 4, 8])

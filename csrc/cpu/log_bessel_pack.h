@@ -410,7 +410,7 @@ FASTLOSS_CPU_INLINE Pack recurrence_log_kv(const Pack& v, const Pack& x) {
   const Pack half_x2 = half_x * half_x;
   Pack y_prev = 1.0, y = start.ratio;
   Pack product = select(n >= 1.0, y, Pack(1.0));  // y_n
-  double n_max = 0.0;  // the pack's largest n (n < 16 in this method's region): one reduction
+  double n_max = 0.0;  // the pack's largest n (n <= 16 in this method's region): one reduction
   for (int l = 0; l < kLanes; ++l) n_max = n.a[l] > n_max ? n.a[l] : n_max;
   for (int k = 1; k + 1 <= n_max; ++k) {
     const Pack y_next = half_x2 * y_prev + (u + double(k)) * y;

@@ -122,6 +122,7 @@ FASTLOSS_CPU_INLINE void pack_values(const double* v, const double* x, double* o
   // One list per method; K's small-argument list is split at Temme's x = 2 so that no pack
   // runs both Temme's series and CF2. First each element's list, then the lists themselves,
   // unless the whole block is one list (the common case), which runs as is.
+  if (n <= 0) return;
   constexpr int kSmall = static_cast<int>(lb::Method::Small);
   constexpr int kLists = lb::kMethods + 1;
   constexpr int kSpecial = kLists;  // x = 0, inf, NaN, ...: the scalar entry points
