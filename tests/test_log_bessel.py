@@ -143,7 +143,7 @@ def test_pack_straddling_methods():
     assert rel_error(fastloss.log_bessel_kv(v, x), one_at_a_time).max().item() <= 1e-15
 
 
-PATH_TESTS = "float64_matches_mpmath or small_argument_methods or gradients_match or mixed_regions or reordered or straddling"
+PATH_TESTS = "float64_matches_mpmath or small_argument_methods or gradients_match or mixed_regions or reordered or straddling or subnormal"
 
 
 @pytest.mark.parametrize("lanes", [1, 4, 8])
@@ -209,6 +209,21 @@ def test_subnormal_x():
         assert torch.isfinite(FUNCS[name](v, x)).all()
         dv, dx = getattr(torch.ops.fastloss, f"log_bessel_{name}_grad")(v, x)
         assert torch.isfinite(dv).all() and not dx.isnan().any()
+
+
+def test_subnormal_x_values():
+    # At subnormal x the leading terms are exact to double precision for v >= 0.05:
+    # log I_v(x) = v log(x/2) - lgamma(v + 1), log K_v(x) = lgamma(v) + v log(2/x) - log 2.
+    # Half-integer orders are the hard case for K: there the recurrence starts from u = -1/2,
+    # whose ratio (x/2) K_(1/2) / K_(-1/2) = x/2 is itself subnormal.
+    v = torch.cat([torch.linspace(0.05, 15.95, 160, dtype=torch.float64), torch.arange(0.5, 16.0, 1.0, dtype=torch.float64)])
+    for x_value in (1e-310, 1e-320, 5e-324):
+        x = torch.full_like(v, x_value)
+        log_half_x = math.log(x_value) - math.log(2.0)
+        expected_i = torch.tensor([a * log_half_x - math.lgamma(a + 1) for a in v.tolist()], dtype=torch.float64)
+        expected_k = torch.tensor([math.lgamma(a) - a * log_half_x - math.log(2.0) for a in v.tolist()], dtype=torch.float64)
+        assert rel_error(fastloss.log_bessel_iv(v, x), expected_i).max().item() <= 1e-15
+        assert rel_error(fastloss.log_bessel_kv(v, x), expected_k).max().item() <= 1e-15
 
 
 def test_special_values():

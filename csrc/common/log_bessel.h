@@ -286,15 +286,17 @@ FASTLOSS_HD T sinh_over(const T& s) {
 
 template <typename T>
 struct KStart {
-  // log K_u(x) = log_k_part + log(k_factor): the factor's log is taken together with the
-  // recurrence's product (one log fewer per element).
+  // K_u(x) = exp(log_k_part) k_factor and (x/2) K_(u+1)(x) = exp(log_k_part) k1_factor: the
+  // factors start the forward recurrence, whose last term's log is the only other log. Kept
+  // apart rather than as a ratio, which is subnormal at subnormal x for u near -1/2 ((x/2)
+  // K_(1/2) / K_(-1/2) = x/2) while the factors stay normal.
   T log_k_part;
   T k_factor;
-  T ratio;  // (x/2) K_(u+1)(x) / K_u(x)
+  T k1_factor;
 };
 
 // Temme's series for K_u and K_(u+1), |u| <= 1/2, 0 < x <= 2 (Temme 1975; the form of
-// Numerical Recipes' bessik). K_(u+1) = (2/x) sum1 is kept as a ratio: no overflow at tiny x.
+// Numerical Recipes' bessik). K_u = sum and (x/2) K_(u+1) = sum1: no overflow at tiny x.
 // The recurrences f_i = (i f_(i-1) + p_(i-1) + q_(i-1)) / (i^2 - u^2), p_i = p_(i-1) / (i - u),
 // q_i = q_(i-1) / (i + u) run multiplied through by D_i = prod_(k <= i) (k^2 - u^2), and the
 // term factor c_i divided by it: one division per term instead of three (the divider's
@@ -328,7 +330,7 @@ FASTLOSS_HD KStart<T> temme_k(const T& u, const T& x) {
     // Tested every other term (a SIMD pack's test of all lanes is not cheap).
     if ((i & 1) == 0 && negligible(term, sum) && negligible(term1, sum1)) break;
   }
-  return {T(0.0), sum, sum1 / sum};
+  return {T(0.0), sum, sum1};
 }
 
 // Steed's continued fraction CF2 for K_u and K_(u+1), |u| <= 1/2, x >= 2 (Thompson & Barnett
@@ -394,12 +396,14 @@ FASTLOSS_HD KStart<T> cf2_k(const T& u, const T& x) {
     if ((i & 1) == 0 && negligible(dels, s) && negligible(delh, h)) break;
   }
   h = a1 * h;
-  return {0.5 * (kLnPi - kLn2 - f_log(x)) - x, 1.0 / s, 0.5 * (u + x + 0.5 - h)};
+  const T inverse_s = 1.0 / s;
+  return {0.5 * (kLnPi - kLn2 - f_log(x)) - x, inverse_s, (0.5 * (u + x + 0.5 - h)) * inverse_s};
 }
 
 // K_v for v < 16 and hypot(v, x) < 29: K_u (u = v - round(v)), then n = round(v) steps of
-// s_(k) = (x/2)^2 / s_(k-1) + (u + k), s_k = (x/2) K_(u+k+1) / K_(u+k) (stable upwards), and
-// log K_(u+n) = log K_u + n log(2/x) + sum log s_k.
+// the forward recurrence (stable upwards) on y_k = (x/2)^k K_(u+k) / K_u times the start's
+// factor: y_(k+1) = (x/2)^2 y_(k-1) + (u + k) y_k, all terms positive, and
+// log K_(u+n) = log_k_part + n log(2/x) + log y_n.
 // The x-tangent of a Dual rescaled to d/d(log x) and back: Temme's terms have x-derivatives
 // ~ u / x that overflow at tiny x, while their log-x derivatives stay O(1).
 FASTLOSS_HD double to_log_x_tangent(double x) { return x; }
@@ -415,13 +419,14 @@ FASTLOSS_HD T recurrence_log_kv(const T& v, const T& x_in) {
   const KStart<T> start = val(x) <= kTemmeMaxX ? temme_k(u, x) : cf2_k(u, x);
   const T half_x = 0.5 * x;
   const T half_x2 = half_x * half_x;
-  T s = start.ratio;
-  T product = 1.0;
-  for (int k = 1; k <= int(n); ++k) {
-    product = product * s;
-    s = half_x2 / s + (u + double(k));
+  T y_prev = start.k_factor, y = start.k1_factor;
+  for (int k = 1; k < int(n); ++k) {
+    const T y_next = half_x2 * y_prev + (u + double(k)) * y;
+    y_prev = y;
+    y = y_next;
   }
-  return from_log_x_tangent(start.log_k_part + n * (kLn2 - f_log(x)) + f_log(start.k_factor * product), val(x));
+  const T y_n = n >= 1.0 ? y : y_prev;
+  return from_log_x_tangent(start.log_k_part + n * (kLn2 - f_log(x)) + f_log(y_n), val(x));
 }
 
 // ---- region choice -----------------------------------------------------------------

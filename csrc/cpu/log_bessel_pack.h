@@ -370,7 +370,7 @@ FASTLOSS_CPU_INLINE KStart<Pack> trapezoid_k(const Pack& u, const Pack& x) {
     // all lanes costs about as much as a node's sums).
     if ((j & 1) == 0 && negligible(term1, sum1)) break;
   }
-  return {-x, kStep * sum, 0.5 * x * sum1 / sum};
+  return {-x, kStep * sum, (0.5 * kStep) * x * sum1};
 }
 
 // The pack form of recurrence_log_kv: per lane n = round(v), K_u from Temme's series (x <= 2),
@@ -393,10 +393,10 @@ FASTLOSS_CPU_INLINE Pack recurrence_log_kv(const Pack& v, const Pack& x) {
   } else if (all_lanes(cf2)) {
     start = cf2_k(u, x);
   } else {
-    start = {Pack(0.0), Pack(1.0), Pack(0.0)};
+    start = {Pack(0.0), Pack(1.0), Pack(1.0)};
     const auto take = [&start](PackMask lanes, const KStart<Pack>& k) {
       start = {select(lanes, k.log_k_part, start.log_k_part), select(lanes, k.k_factor, start.k_factor),
-               select(lanes, k.ratio, start.ratio)};
+               select(lanes, k.k1_factor, start.k1_factor)};
     };
     if (!all_lanes(temme == 0)) take(temme, temme_k(u, select(temme, x, Pack(kTemmeMaxX))));
     if (!all_lanes(trapezoid == 0)) {
@@ -404,21 +404,21 @@ FASTLOSS_CPU_INLINE Pack recurrence_log_kv(const Pack& v, const Pack& x) {
     }
     if (!all_lanes(cf2 == 0)) take(cf2, cf2_k(u, select(cf2, x, Pack(kTrapezoidMaxX))));
   }
-  // y_k = (x/2)^k K_(u+k) / K_u: y_(k+1) = (x/2)^2 y_(k-1) + (u + k) y_k, all terms positive
-  // (the ratio recurrence without its division on the critical path).
+  // The forward recurrence of common/log_bessel.h, y_(k+1) = (x/2)^2 y_(k-1) + (u + k) y_k
+  // from the start's factors, each lane keeping its own y_n.
   const Pack half_x = 0.5 * x;
   const Pack half_x2 = half_x * half_x;
-  Pack y_prev = 1.0, y = start.ratio;
-  Pack product = select(n >= 1.0, y, Pack(1.0));  // y_n
+  Pack y_prev = start.k_factor, y = start.k1_factor;
+  Pack y_n = select(n >= 1.0, y, y_prev);
   double n_max = 0.0;  // the pack's largest n (n <= 16 in this method's region): one reduction
   for (int l = 0; l < kLanes; ++l) n_max = n.a[l] > n_max ? n.a[l] : n_max;
   for (int k = 1; k + 1 <= n_max; ++k) {
     const Pack y_next = half_x2 * y_prev + (u + double(k)) * y;
     y_prev = y;
     y = y_next;
-    product = select(n == double(k + 1), y, product);
+    y_n = select(n == double(k + 1), y, y_n);
   }
-  return start.log_k_part + n * (kLn2 - f_log(x)) + f_log(start.k_factor * product);
+  return start.log_k_part + n * (kLn2 - f_log(x)) + f_log(y_n);
 }
 
 }  // namespace FASTLOSS_ISA_NAMESPACE
