@@ -5,14 +5,14 @@
 // scalar method branches per element, a pack overload here computes both sides and selects.
 //
 // GCC / Clang vector extensions, kLanes doubles: one register of the unit's instruction set
-// (8 for AVX-512, 4 for AVX2; 8-double packs split into AVX2 halves ran slower than the
-// scalar code, 4-double packs 1.2-2.7x faster on an AVX2 EPYC).
+// (8 for AVX-512, 4 for AVX2: on an AVX2 EPYC, 4-double packs run 1.2-2.8x faster than the
+// scalar code, while 8-double packs split into AVX2 halves spill and run 0.7-1.3x its speed).
 // log is written out (libm has no vector form that every build can call): the reduction
 // x = 2^k m, m in [sqrt(1/2), sqrt(2)), and log m = 2 atanh(s), s = (m - 1) / (m + 1), whose
 // Taylor series in s^2 <= 0.0295 reaches 2^-60 in ten terms; about 1 ulp, like libm's.
-// Also here, the CPU's own pieces of method: K_u at 2 < x < 29 by the trapezoidal rule (in
-// place of CF2's division-bound iterations) and Debye's v eta in double-double where it
-// cancels.
+// Also here, the CPU's own pieces of method: K_u at 2 < x <= kTrapezoidMaxX by the
+// trapezoidal rule (in place of CF2's division-bound iterations) and Debye's v eta in
+// double-double where it cancels.
 #pragma once
 
 #include <stdint.h>
