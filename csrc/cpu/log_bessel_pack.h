@@ -5,7 +5,7 @@
 // scalar method branches per element, a pack overload here computes both sides and selects.
 //
 // GCC / Clang vector extensions, kLanes doubles: one register of the unit's instruction set
-// (8 for AVX-512, 4 for AVX2: on an AVX2 EPYC, 4-double packs run 1.2-2.8x faster than the
+// (8 for AVX-512, 4 for AVX2: on an AVX2 EPYC, 4-double packs run 1.1-2.8x faster than the
 // scalar code, while 8-double packs split into AVX2 halves spill and run 0.7-1.3x its speed).
 // log is written out (libm has no vector form that every build can call): the reduction
 // x = 2^k m, m in [sqrt(1/2), sqrt(2)), and log m = 2 atanh(s), s = (m - 1) / (m + 1), whose
