@@ -48,11 +48,20 @@ inline bool has_avx512() {
 #endif
 }
 
-inline const char* selected_isa() {
+// Whether the AVX2 + FMA (x86-64-v3) clone runs.
+inline bool has_avx2() {
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__)) && !defined(__APPLE__)
   __builtin_cpu_init();
-  if (__builtin_cpu_supports("x86-64-v4")) return "x86-64-v4 (AVX-512)";
-  if (__builtin_cpu_supports("x86-64-v3")) return "x86-64-v3 (AVX2, FMA)";
+  return __builtin_cpu_supports("x86-64-v3");
+#else
+  return false;
+#endif
+}
+
+inline const char* selected_isa() {
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__)) && !defined(__APPLE__)
+  if (has_avx512()) return "x86-64-v4 (AVX-512)";
+  if (has_avx2()) return "x86-64-v3 (AVX2, FMA)";
   return "x86-64 baseline";
 #else
   return "generic";

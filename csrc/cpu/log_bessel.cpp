@@ -57,8 +57,7 @@ PackUnit select_pack_unit() {
   int lanes = lanes_env != nullptr ? std::atoi(lanes_env) : 0;
   if (lanes != 1 && lanes != 4 && lanes != 8) lanes = 0;  // unset or unknown: the widest
   if (lanes == 1) return unit;
-  __builtin_cpu_init();
-  const bool avx512 = __builtin_cpu_supports("x86-64-v4"), avx2 = __builtin_cpu_supports("x86-64-v3");
+  const bool avx512 = has_avx512(), avx2 = has_avx2();
   if (avx512 && (lanes == 0 || lanes == 8)) {
     unit = {packs::avx512::log_iv_packs, packs::avx512::log_kv_packs, "packs of 8 (AVX-512)"};
   } else if (avx2 && (lanes == 0 || lanes == 4)) {

@@ -24,10 +24,8 @@
 namespace fastloss::log_bessel {
 inline namespace FASTLOSS_ISA_NAMESPACE {
 
-// Lanes per pack: one vector register of the unit's instruction set (the unit defines it).
-#if !defined(FASTLOSS_PACK_LANES)
-#define FASTLOSS_PACK_LANES 8
-#endif
+// Lanes per pack: one vector register of the unit's instruction set (defined by CMake for
+// each build of cpu/log_bessel_packs.cpp, which checks it).
 constexpr int kLanes = FASTLOSS_PACK_LANES;
 static_assert(kLanes == 4 || kLanes == 8, "packs are one AVX2 or one AVX-512 register of doubles");
 typedef double PackVec __attribute__((vector_size(kLanes * sizeof(double))));
@@ -375,7 +373,7 @@ FASTLOSS_CPU_INLINE KStart<Pack> trapezoid_k(const Pack& u, const Pack& x) {
 
 // The pack form of recurrence_log_kv: per lane n = round(v), K_u from Temme's series (x <= 2),
 // the trapezoidal rule (x <= kTrapezoidMaxX) or CF2, then the forward recurrence up to the
-// largest n of the pack, each lane multiplying only its own n ratios. A pack that straddles
+// largest n of the pack, each lane keeping its own y_n. A pack that straddles
 // a method boundary (the kernels order lists so that few do) runs each method it needs, with
 // x clamped to that method's range, so that no lane iterates outside it.
 FASTLOSS_CPU_INLINE Pack recurrence_log_kv(const Pack& v, const Pack& x) {

@@ -144,13 +144,19 @@ FASTLOSS_CPU_INLINE void pack_values(const double* v, const double* x, double* o
     list_of[i] = finite_domain * list + (1 - finite_domain) * kSpecial;
   }
   static_assert(static_cast<int>(lb::Method::Hankel) == 0, "the list arithmetic above takes Hankel = 0");
+  // The length keys of the list that is ordered (I's series, K's CF2 / trapezoid list), in one
+  // vector loop over the block, only where that list has elements.
+  constexpr int kOrderedList = kK ? kCF2List : kSmall;
   int32_t length_keys[kBlock];
-  for (int i = 0; i < n; ++i) length_keys[i] = length_key<kK>(x[i]);
+  const auto fill_length_keys = [&] {
+    for (int i = 0; i < n; ++i) length_keys[i] = length_key<kK>(x[i]);
+  };
   int index[kLists][kBlock];
   int64_t other_lists = 0;
   for (int i = 0; i < n; ++i) other_lists += list_of[i] != list_of[0];
   const bool one_list = other_lists == 0;
   if (one_list && list_of[0] != kSpecial) {
+    if (list_of[0] == kOrderedList) fill_length_keys();
     for (int i = 0; i < n; ++i) index[0][i] = i;
     run_list<kK>(list_of[0], v, x, out, index[0], n, length_keys);
     return;
@@ -164,6 +170,7 @@ FASTLOSS_CPU_INLINE void pack_values(const double* v, const double* x, double* o
       index[list][count[list]++] = i;
     }
   }
+  if (count[kOrderedList] > 0) fill_length_keys();
   for (int list = 0; list < kLists; ++list) {
     if (count[list] > 0 && (kK || list != kCF2List)) run_list<kK>(list, v, x, out, index[list], count[list], length_keys);
   }
