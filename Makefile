@@ -17,7 +17,7 @@ PY := $(PYTHON)
 SETUP := .python-ready
 endif
 
-.PHONY: test bench install info gpu-check clean
+.PHONY: test bench install info gpu-check wheelhouse clean
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
@@ -50,11 +50,21 @@ bench: install
 info: install
 	cd tests && $(PY) -m fastloss info
 
-# On a machine with a GPU: build, the CUDA tests, memcheck on a small subset.
-gpu-check: install
-	cd tests && $(PY) -m pytest -q -m cuda $(PYTEST_ARGS)
-	cd tests && compute-sanitizer --tool memcheck --error-exitcode 1 \
-		$(PY) -m pytest -q -x -m cuda -k "memcheck" $(PYTEST_ARGS)
+# On a machine with a GPU, one pass within GPU_CHECK_SECONDS: build for that GPU, the CUDA
+# tests, memcheck on a small subset, the GPU benchmarks; logs and reports in GPU_CHECK_OUT.
+GPU_CHECK_OUT ?= gpu-check
+GPU_CHECK_SECONDS ?= 540
+gpu-check: $(SETUP)
+	PYTHON=$(PY) bash bench/gpu_check.sh $(GPU_CHECK_OUT) $(GPU_CHECK_SECONDS)
+
+# The peers and test extras as wheels for an offline machine's Python (WHEEL_PYTHON), into .whl/
+# (bench/gpu_check.sh installs them from there).
+WHEEL_PYTHON ?= 3.12
+wheelhouse:
+	python3 -m pip download --no-deps --only-binary=:all: --python-version $(WHEEL_PYTHON) \
+		--implementation cp --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 \
+		--platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d .whl \
+		pot geomloss cut-cross-entropy liger-kernel expecttest
 
 clean:
-	rm -rf build dist $(VENV) .python-ready
+	rm -rf build dist $(VENV) .python-ready gpu-check
