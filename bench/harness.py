@@ -162,16 +162,18 @@ class Compiled:
         if Compiled._error is not None:
             raise RuntimeError(Compiled._error)
         fn = Compiled._cache.get(self.key)
+        if fn is not None:
+            return fn(*args)  # a failure here (e.g. out of memory) is this case's alone
         try:
-            if fn is None:
-                _raise_recompile_limits()
-                fn = torch.compile(self.fn, dynamic=False)
-                Compiled._cache[self.key] = fn
-            return fn(*args)
+            _raise_recompile_limits()
+            fn = torch.compile(self.fn, dynamic=False)
+            out = fn(*args)  # compiles
         except Exception as exc:
             lines = str(exc).strip().splitlines()
             Compiled._error = f"torch.compile failed ({type(exc).__name__}: {lines[0][:150] if lines else ''})"
             raise
+        Compiled._cache[self.key] = fn
+        return out
 
 
 def dtype_name(dtype: torch.dtype) -> str:
@@ -315,7 +317,7 @@ def family_meta(meta: dict, threads: Optional[int]) -> dict:
 
 
 class _CpuClock:
-    def block(self, call: Callable[[], Any], inner: int) -> float:
+    def block(self, call: Callable[[], Any], inner: int, enqueue_s: float = 0.0) -> float:
         t0 = time.perf_counter()
         for _ in range(inner):
             call()
@@ -331,7 +333,6 @@ class _CudaClock:
     MAX_SLEEP_S = 0.02
 
     def __init__(self) -> None:
-        self.enqueue_s = 0.0
         self.cycles_per_s: Optional[float] = None
         if hasattr(torch.cuda, "_sleep"):
             torch.cuda.synchronize()
@@ -352,10 +353,11 @@ class _CudaClock:
     def sync(self) -> None:
         torch.cuda.synchronize()
 
-    def block(self, call: Callable[[], Any], inner: int) -> float:
+    def block(self, call: Callable[[], Any], inner: int, enqueue_s: float = 0.0) -> float:
+        """enqueue_s: the CPU time to enqueue one call of this implementation."""
         start, end = self._events()
         if self.cycles_per_s:
-            sleep_s = min(self.MAX_SLEEP_S, 1.5 * inner * self.enqueue_s + 2e-5)
+            sleep_s = min(self.MAX_SLEEP_S, 1.5 * inner * enqueue_s + 2e-5)
             torch.cuda._sleep(max(1, int(sleep_s * self.cycles_per_s)))
         start.record()
         for _ in range(inner):
@@ -414,6 +416,7 @@ class _Timer:
     def __init__(self, fn: Callable, inputs: Sequence[tuple], settings: Settings, clock):
         self.res = ImplResult(name=getattr(fn, "__name__", "fn"))
         self.clock = clock
+        self.enqueue_s = 0.0  # CPU time to enqueue one call (measured on GPU; sizes the spin kernel)
         n = len(inputs)
         state = {"i": 0}
 
@@ -453,11 +456,11 @@ class _Timer:
                 torch.cuda._sleep(int(0.01 * clock.cycles_per_s))
             t0 = time.perf_counter()
             call()
-            clock.enqueue_s = time.perf_counter() - t0
+            self.enqueue_s = time.perf_counter() - t0
             torch.cuda.synchronize()
 
         # Calibrate: one call in a block; it counts as a sample when blocks are single calls.
-        t1 = clock.block(call, 1)
+        t1 = clock.block(call, 1, self.enqueue_s)
         self.inner = 1
         if 0 < t1 < settings.min_block:
             self.inner = min(settings.max_inner, max(1, math.ceil(settings.min_block / t1)))
@@ -467,7 +470,7 @@ class _Timer:
     def sample(self) -> None:
         if self.settle:
             self.call()
-        self.samples.append(self.clock.block(self.call, self.inner) / self.inner)
+        self.samples.append(self.clock.block(self.call, self.inner, self.enqueue_s) / self.inner)
 
     def result(self) -> ImplResult:
         res = self.res

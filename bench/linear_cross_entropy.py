@@ -53,8 +53,8 @@ def fastloss_lce(softcap):
 def apple_cce(softcap):
     try:
         from cut_cross_entropy import linear_cross_entropy as cce
-    except ImportError:
-        return Unavailable("cut-cross-entropy: not installed")
+    except Exception as exc:  # not installed, or installed but broken
+        return Unavailable(f"cut-cross-entropy: {type(exc).__name__}")
 
     def loss_fn(h, c, t):
         return cce(h, c, t, softcap=softcap)
@@ -66,9 +66,9 @@ def apple_cce(softcap):
 def liger_flce(softcap):
     try:
         from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
-    except ImportError:
-        return Unavailable("liger-kernel: not installed")
-    module = LigerFusedLinearCrossEntropyLoss(softcap=softcap)
+        module = LigerFusedLinearCrossEntropyLoss(softcap=softcap)
+    except Exception as exc:  # not installed, or installed but broken
+        return Unavailable(f"liger-kernel: {type(exc).__name__}")
 
     def loss_fn(h, c, t):
         return module(c, h, t)
