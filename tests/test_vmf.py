@@ -44,7 +44,21 @@ def test_log_normalizer_and_its_gradient(p, kappa):
 @pytest.mark.parametrize("p,kappa", CASES)
 def test_mean_resultant(p, kappa):
     got = fastloss.vmf_mean_resultant(torch.tensor(kappa, dtype=torch.float64), p).item()
-    assert got == pytest.approx(float(mp_mean_resultant(mp.mpf(kappa), p)), rel=1e-11)
+    assert got == pytest.approx(float(mp_mean_resultant(mp.mpf(kappa), p)), rel=2e-15)
+
+
+def test_mean_resultant_to_a_few_ulps_on_both_sides_of_its_method_switch():
+    """The continued fraction (kappa <= p/2 + 19) and the derivative route beyond it, against
+    mpmath: an exp of a difference of the two logs lost ~eps * |log I| (6e-13 at p = 3,
+    kappa = 1e4; 1e-10 at p = 2048, kappa = 1e6)."""
+    rng = torch.Generator().manual_seed(7)
+    ps = [2, 3, 5, 64, 2048, 32768]
+    cases = [(p, k) for p in ps for k in (1e-300, 1e-5, 1.0, p / 2 + 18.9, p / 2 + 19.1, 1e4)]
+    cases += [(ps[int(i) % len(ps)], float(10 ** e)) for i, e in
+              zip(torch.randint(0, 6, (16,), generator=rng), torch.empty(16).uniform_(-3, 4, generator=rng))]
+    for p, kappa in cases:
+        got = fastloss.vmf_mean_resultant(torch.tensor(kappa, dtype=torch.float64), p).item()
+        assert got == pytest.approx(float(mp_mean_resultant(mp.mpf(kappa), p)), rel=2e-15, abs=0), (p, kappa)
 
 
 @pytest.mark.parametrize("p", [3, 2048, 8192, 32768])
@@ -52,7 +66,7 @@ def test_mean_resultant(p, kappa):
 def test_kappa_mle_recovers_kappa_from_exact_rbar(p, kappa):
     rbar = torch.tensor(float(mp_mean_resultant(mp.mpf(kappa), p)), dtype=torch.float64)
     got = fastloss.vmf_kappa_mle(rbar, p).item()
-    assert got == pytest.approx(kappa, rel=1e-6)
+    assert got == pytest.approx(kappa, rel=1e-12)
 
 
 def test_kappa_mle_batched_and_edges():
@@ -60,8 +74,8 @@ def test_kappa_mle_batched_and_edges():
     kappa = fastloss.vmf_kappa_mle(rbar, 8192)
     assert kappa[0].item() == 0 and math.isnan(kappa[5].item()) and math.isnan(kappa[6].item())
     a = fastloss.vmf_mean_resultant(kappa[1:5], 8192)
-    # kappa reaches 4e6 here: A_p, an exp of a log difference, is good to ~eps * |log I| ~ 1e-9.
-    torch.testing.assert_close(a, rbar[1:5], rtol=2e-9, atol=0)
+    # kappa reaches 4e6 here; A_p is good to a few ulps there too.
+    torch.testing.assert_close(a, rbar[1:5], rtol=2e-15, atol=0)
 
 
 def test_uniform_limit_at_zero_concentration():
