@@ -18,9 +18,10 @@
 // ratio of each method (never a difference of two large logs) and d/dv is exact for the
 // truncated expansion. Loops are bounded; convergence tests cover the derivative parts too.
 //
-// The CPU kernels also instantiate the methods with a SIMD pack of elements of one method
-// (cpu/log_bessel_pack.h: the pack forms of the elementary functions, lgamma in product form,
-// and, for K_u at 2 < x < 29, the trapezoidal rule on K's integral in place of CF2).
+// The CPU kernels also instantiate the methods with a SIMD pack of elements of one method,
+// and with a pack of dual numbers for the gradients (cpu/log_bessel_pack.h: the pack forms of
+// the elementary functions, lgamma in product form, and, for K_u at 2 < x < 29, the
+// trapezoidal rule on K's integral in place of CF2).
 #pragma once
 
 #include <math.h>

@@ -5,7 +5,7 @@
 // Values: where AVX-512 or AVX2 runs, blocks of 256 elements go to that instruction set's
 // SIMD-pack unit (cpu/log_bessel_packs.cpp: elements grouped by method, packs of 8 or 4
 // doubles, vector transcendentals); elsewhere the scalar methods run element by element.
-// Derivatives (dual numbers) run element by element.
+// Derivatives (dual numbers) take the same route: packs of dual numbers, or the scalar ones.
 //
 // Memory traffic: v and x are broadcast to a common shape (a copy only when they differ),
 // read once; one output (values) or two (d/dv, d/dx) written once. The work is compute
@@ -43,6 +43,8 @@ constexpr int kBlock = kLogBesselBlock;  // elements per block of the CPU loops
 struct PackUnit {
   void (*log_iv)(const double*, const double*, double*, int) = nullptr;
   void (*log_kv)(const double*, const double*, double*, int) = nullptr;
+  void (*log_iv_grad)(const double*, const double*, double*, double*, int) = nullptr;
+  void (*log_kv_grad)(const double*, const double*, double*, double*, int) = nullptr;
   const char* name = "scalar";
 };
 
@@ -59,11 +61,14 @@ PackUnit select_pack_unit() {
   if (lanes == 1) return unit;
   const bool avx512 = has_avx512(), avx2 = has_avx2();
   if (avx512 && (lanes == 0 || lanes == 8)) {
-    unit = {packs::avx512::log_iv_packs, packs::avx512::log_kv_packs, "packs of 8 (AVX-512)"};
+    unit = {packs::avx512::log_iv_packs, packs::avx512::log_kv_packs, packs::avx512::log_iv_grad_packs,
+            packs::avx512::log_kv_grad_packs, "packs of 8 (AVX-512)"};
   } else if (avx2 && (lanes == 0 || lanes == 4)) {
-    unit = {packs::avx2::log_iv_packs, packs::avx2::log_kv_packs, "packs of 4 (AVX2)"};
+    unit = {packs::avx2::log_iv_packs, packs::avx2::log_kv_packs, packs::avx2::log_iv_grad_packs,
+            packs::avx2::log_kv_grad_packs, "packs of 4 (AVX2)"};
   } else if (avx2 && lanes == 8) {
-    unit = {packs::avx2_lanes8::log_iv_packs, packs::avx2_lanes8::log_kv_packs, "packs of 8 (AVX2)"};
+    unit = {packs::avx2_lanes8::log_iv_packs, packs::avx2_lanes8::log_kv_packs, packs::avx2_lanes8::log_iv_grad_packs,
+            packs::avx2_lanes8::log_kv_grad_packs, "packs of 8 (AVX2)"};
   }
 #endif
   return unit;
@@ -95,9 +100,16 @@ FASTLOSS_CPU_CLONES void log_kv_range(const double* v, const double* x, double* 
                                       const PackUnit& unit) {
   log_bessel_values<true>(v, x, out, static_cast<int>(n), unit);
 }
+// Derivatives of n <= kBlock contiguous elements: the pack unit where one runs, else the
+// scalar methods (dual numbers) element by element.
 template <bool kK>
 FASTLOSS_CPU_INLINE void log_bessel_grads(const double* v, const double* x, double* d_dv, double* d_dx,
-                                          int64_t n) {
+                                          int64_t n, const PackUnit& unit) {
+  const auto packs = kK ? unit.log_kv_grad : unit.log_iv_grad;
+  if (packs != nullptr) {
+    packs(v, x, d_dv, d_dx, static_cast<int>(n));
+    return;
+  }
   for (int64_t i = 0; i < n; ++i) {
     const lb::LogBesselGrad g = kK ? lb::log_kv_grad(v[i], x[i]) : lb::log_iv_grad(v[i], x[i]);
     d_dv[i] = g.d_dv;
@@ -105,12 +117,12 @@ FASTLOSS_CPU_INLINE void log_bessel_grads(const double* v, const double* x, doub
   }
 }
 FASTLOSS_CPU_CLONES void log_iv_grad_range(const double* v, const double* x, double* d_dv,
-                                           double* d_dx, int64_t n) {
-  log_bessel_grads<false>(v, x, d_dv, d_dx, n);
+                                           double* d_dx, int64_t n, const PackUnit& unit) {
+  log_bessel_grads<false>(v, x, d_dv, d_dx, n, unit);
 }
 FASTLOSS_CPU_CLONES void log_kv_grad_range(const double* v, const double* x, double* d_dv,
-                                           double* d_dx, int64_t n) {
-  log_bessel_grads<true>(v, x, d_dv, d_dx, n);
+                                           double* d_dx, int64_t n, const PackUnit& unit) {
+  log_bessel_grads<true>(v, x, d_dv, d_dx, n, unit);
 }
 
 // Runs `fn` on blocks of doubles converted from / to scalar_t (no conversion for double).
@@ -165,11 +177,12 @@ std::tuple<at::Tensor, at::Tensor> grad(const at::Tensor& v, const at::Tensor& x
   at::Tensor d_dv = at::empty(args.v.sizes(), args.v.options());
   at::Tensor d_dx = at::empty(args.v.sizes(), args.v.options());
   if (d_dv.numel() == 0) return {d_dv, d_dx};
+  static const PackUnit& unit = pack_unit();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, d_dv.scalar_type(), "log_bessel_grad", [&] {
     for_blocks(args.v.const_data_ptr<scalar_t>(), args.x.const_data_ptr<scalar_t>(),
                d_dv.mutable_data_ptr<scalar_t>(), d_dx.mutable_data_ptr<scalar_t>(),
                d_dv.numel(), [](const double* vb, const double* xb, double* o0, double* o1, int64_t m) {
-                 kK ? log_kv_grad_range(vb, xb, o0, o1, m) : log_iv_grad_range(vb, xb, o0, o1, m);
+                 kK ? log_kv_grad_range(vb, xb, o0, o1, m, unit) : log_iv_grad_range(vb, xb, o0, o1, m, unit);
                });
   });
   return {d_dv, d_dx};

@@ -305,26 +305,161 @@ FASTLOSS_CPU_INLINE Pack f_cosh(const Pack& p) {
   return 0.5 * (e + 1.0 / e);
 }
 
+// ---- DualPack: the derivatives d/dv and d/dx in packs --------------------------------------
+// The pack form of common/log_bessel.h's Dual (value and tangents in v and in x), so that the
+// gradients run the methods in SIMD packs as the values do. The arithmetic and the elementary
+// functions follow Dual's rules; where a Pack overload below computes its value by a pack-only
+// route (Debye's v eta in double-double, log Gamma in product form), the DualPack overload
+// takes that value and adds the tangents from the closed-form partial derivatives.
+struct DualPack {
+  Pack a, dv, dx;
+  FASTLOSS_CPU_INLINE DualPack() {}
+  FASTLOSS_CPU_INLINE DualPack(double s) : a(s) {}  // NOLINT: constants promote implicitly
+  FASTLOSS_CPU_INLINE DualPack(const Pack& value, const Pack& d_v, const Pack& d_x) : a(value), dv(d_v), dx(d_x) {}
+};
+
+FASTLOSS_CPU_INLINE DualPack operator+(const DualPack& p, const DualPack& q) { return {p.a + q.a, p.dv + q.dv, p.dx + q.dx}; }
+FASTLOSS_CPU_INLINE DualPack operator-(const DualPack& p, const DualPack& q) { return {p.a - q.a, p.dv - q.dv, p.dx - q.dx}; }
+FASTLOSS_CPU_INLINE DualPack operator-(const DualPack& p) { return {-p.a, -p.dv, -p.dx}; }
+FASTLOSS_CPU_INLINE DualPack operator*(const DualPack& p, const DualPack& q) {
+  return {p.a * q.a, p.dv * q.a + p.a * q.dv, p.dx * q.a + p.a * q.dx};
+}
+// One division for the value and one reciprocal for the tangents (the divider bounds packs).
+FASTLOSS_CPU_INLINE DualPack operator/(const DualPack& p, const DualPack& q) {
+  const Pack r = p.a / q.a, inv = 1.0 / q.a;
+  return {r, (p.dv - r * q.dv) * inv, (p.dx - r * q.dx) * inv};
+}
+// With a constant (a double, or a Pack that carries no derivative).
+#define FASTLOSS_DUAL_PACK_CONSTANT_OPS(S)                                                                       \
+  FASTLOSS_CPU_INLINE DualPack operator+(const DualPack& p, S s) { return {p.a + s, p.dv, p.dx}; }               \
+  FASTLOSS_CPU_INLINE DualPack operator+(S s, const DualPack& p) { return {s + p.a, p.dv, p.dx}; }               \
+  FASTLOSS_CPU_INLINE DualPack operator-(const DualPack& p, S s) { return {p.a - s, p.dv, p.dx}; }               \
+  FASTLOSS_CPU_INLINE DualPack operator-(S s, const DualPack& p) { return {s - p.a, -p.dv, -p.dx}; }             \
+  FASTLOSS_CPU_INLINE DualPack operator*(const DualPack& p, S s) { return {p.a * s, p.dv * s, p.dx * s}; }       \
+  FASTLOSS_CPU_INLINE DualPack operator*(S s, const DualPack& p) { return {s * p.a, s * p.dv, s * p.dx}; }       \
+  FASTLOSS_CPU_INLINE DualPack operator/(const DualPack& p, S s) { return {p.a / s, p.dv / s, p.dx / s}; }       \
+  FASTLOSS_CPU_INLINE DualPack operator/(S s, const DualPack& q) {                                               \
+    const Pack r = s / q.a, inv = 1.0 / q.a; /* r * q' first: r / q alone can overflow */                         \
+    return {r, -(r * q.dv) * inv, -(r * q.dx) * inv};                                                             \
+  }
+FASTLOSS_DUAL_PACK_CONSTANT_OPS(double)
+FASTLOSS_DUAL_PACK_CONSTANT_OPS(const Pack&)
+#undef FASTLOSS_DUAL_PACK_CONSTANT_OPS
+
+FASTLOSS_CPU_INLINE Pack val(const DualPack& p) { return p.a; }
+FASTLOSS_CPU_INLINE DualPack select(PackMask m, const DualPack& p, const DualPack& q) {
+  return {select(m, p.a, q.a), select(m, p.dv, q.dv), select(m, p.dx, q.dx)};
+}
+// As Dual's: every lane's value and both tangents (measured against the value).
+FASTLOSS_CPU_INLINE bool negligible(const DualPack& term, const DualPack& sum) {
+  const Pack scale = f_abs(sum.a);
+  return all_lanes((f_abs(term.a) <= kTol * scale) & (f_abs(term.dv) <= kTol * (scale + f_abs(sum.dv))) &
+                   (f_abs(term.dx) <= kTol * (scale + f_abs(sum.dx))));
+}
+// tangent * factor, 0 where the tangent is 0 (factor may be inf there: v / x at subnormal x).
+FASTLOSS_CPU_INLINE Pack tangent_times(const Pack& tangent, const Pack& factor) {
+  return select(tangent == 0.0, Pack(0.0), tangent * factor);
+}
+
+// Tangents divided by the value (not times 1/value, which overflows for subnormal values).
+FASTLOSS_CPU_INLINE DualPack f_log(const DualPack& p) { return {f_log(p.a), p.dv / p.a, p.dx / p.a}; }
+FASTLOSS_CPU_INLINE DualPack f_exp(const DualPack& p) {
+  const Pack e = f_exp(p.a);
+  return {e, e * p.dv, e * p.dx};
+}
+FASTLOSS_CPU_INLINE DualPack f_sqrt(const DualPack& p) {
+  const Pack r = f_sqrt(p.a), half_inv = 0.5 / r;
+  return {r, half_inv * p.dv, half_inv * p.dx};
+}
+FASTLOSS_CPU_INLINE DualPack f_hypot(const DualPack& p, const DualPack& q) {
+  const Pack h = f_hypot(p.a, q.a), inv_h = 1.0 / h;
+  const Pack cp = p.a * inv_h, cq = q.a * inv_h;
+  return {h, cp * p.dv + cq * q.dv, cp * p.dx + cq * q.dx};
+}
+FASTLOSS_CPU_INLINE DualPack to_log_x_tangent(const DualPack& x) { return {x.a, x.dv, x.dx * x.a}; }
+FASTLOSS_CPU_INLINE DualPack from_log_x_tangent(const DualPack& r, const Pack& x) { return {r.a, r.dv, r.dx / x}; }
+
 // u pi / sin(u pi) for |u| <= 1/2: the Taylor series of sin(z) / z in z^2 <= pi^2 / 4 (terms
 // to z^24, the next < 1e-19), so u = 0 (integer orders) needs no separate case.
-FASTLOSS_CPU_INLINE Pack pi_u_over_sin(const Pack& u) {
-  const Pack z2 = (kPi * kPi) * (u * u);
-  Pack sinc = 1.0;
+template <typename T>
+FASTLOSS_CPU_INLINE T pack_pi_u_over_sin(const T& u) {
+  const T z2 = (kPi * kPi) * (u * u);
+  T sinc = 1.0;
   for (int k = 12; k >= 1; --k) sinc = 1.0 - z2 * sinc * (1.0 / ((2.0 * k) * (2.0 * k + 1.0)));
   return 1.0 / sinc;
 }
 
 // sinh(s) / s: Taylor series (to s^16) for |s| < 1/2, where the exponentials would cancel.
-FASTLOSS_CPU_INLINE Pack sinh_over(const Pack& s) {
-  const Pack s2 = s * s;
-  Pack series = 1.0;
+template <typename T>
+FASTLOSS_CPU_INLINE T pack_sinh_over(const T& s) {
+  const T s2 = s * s;
+  T series = 1.0;
   for (int k = 8; k >= 1; --k) series = 1.0 + s2 * series * (1.0 / ((2.0 * k) * (2.0 * k + 1.0)));
-  const Pack e = f_exp(s);
-  return select(f_abs(s) < 0.5, series, (e - 1.0 / e) / (2.0 * s));
+  const T e = f_exp(s);
+  return select(f_abs(val(s)) < 0.5, series, (e - 1.0 / e) / (2.0 * s));
 }
+
+FASTLOSS_CPU_INLINE Pack pi_u_over_sin(const Pack& u) { return pack_pi_u_over_sin(u); }
+FASTLOSS_CPU_INLINE DualPack pi_u_over_sin(const DualPack& u) { return pack_pi_u_over_sin(u); }
+FASTLOSS_CPU_INLINE Pack sinh_over(const Pack& s) { return pack_sinh_over(s); }
+FASTLOSS_CPU_INLINE DualPack sinh_over(const DualPack& s) { return pack_sinh_over(s); }
 
 FASTLOSS_CPU_INLINE Pack to_log_x_tangent(const Pack& x) { return x; }
 FASTLOSS_CPU_INLINE Pack from_log_x_tangent(const Pack& r, const Pack&) { return r; }
+
+// cosh with its derivative sinh = s sinh(s)/s (no cancellation of exponentials at small s).
+FASTLOSS_CPU_INLINE DualPack f_cosh(const DualPack& p) {
+  const Pack sinh = p.a * sinh_over(p.a);
+  return {f_cosh(p.a), sinh * p.dv, sinh * p.dx};
+}
+
+// digamma for lanes in [1/2, 33/2] (the series' v + 1): psi(p) = psi(p + 10) - sum_(k<10)
+// 1 / (p + k), the sum as one fraction (one division; its terms are < 27^10), psi(p + 10) by
+// the asymptotic series of the scalar digamma. Other lanes: the scalar digamma.
+FASTLOSS_CPU_INLINE Pack pack_digamma(const Pack& p) {
+  if (!all_lanes((p >= 0.5) & (p <= 16.5))) {
+    PackVec r;
+    for (int i = 0; i < kLanes; ++i) r[i] = digamma(p.a[i]);
+    return r;
+  }
+  Pack numerator = 0.0, denominator = 1.0;
+  for (int k = 0; k < 10; ++k) {
+    const Pack a = p + double(k);
+    numerator = numerator * a + denominator;
+    denominator = denominator * a;
+  }
+  const Pack y = p + 10.0;
+  const Pack f = 1.0 / (y * y);
+  const Pack tail =
+      f * (1.0 / 12 - f * (1.0 / 120 - f * (1.0 / 252 - f * (1.0 / 240 - f * (1.0 / 132 -
+      f * (691.0 / 32760 - f * (1.0 / 12)))))));
+  return f_log(y) - 0.5 / y - tail - numerator / denominator;
+}
+
+// log(s) - log Gamma(p): the value in product form (above); tangents s'/s - psi(p) p'.
+FASTLOSS_CPU_INLINE DualPack log_over_gamma(const DualPack& s, const DualPack& p) {
+  const Pack psi = pack_digamma(p.a);
+  return {log_over_gamma(s.a, p.a), s.dv / s.a - psi * p.dv, s.dx / s.a - psi * p.dx};
+}
+
+// v log(x/2); at v = 0 its x-tangent is 0 (not 0 * inf at subnormal x), as the scalar form.
+FASTLOSS_CPU_INLINE DualPack v_log_half_x(const DualPack& v, const DualPack& x) {
+  const Pack log_half = f_log(x.a) - kLn2;
+  const PackMask zero = v.a == 0.0;
+  const Pack x_dv = select(zero, Pack(0.0), v.a * (x.dv / x.a)), x_dx = select(zero, Pack(0.0), v.a * (x.dx / x.a));
+  return {v.a * log_half, v.dv * log_half + x_dv, v.dx * log_half + x_dx};
+}
+
+// Debye's v eta = h - v asinh(v / x): the value as the Pack form computes it; the partial
+// derivatives -asinh(v / x) (in v) and h / x (in x), with no cancellation.
+FASTLOSS_CPU_INLINE DualPack debye_v_eta(const DualPack& v, const DualPack& x, const DualPack& h) {
+  const PackMask large = v.a > 1e8 * x.a;
+  Pack asinh_z = f_asinh(select(large, Pack(0.0), v.a / x.a));
+  if (!all_lanes(large == 0)) asinh_z = select(large, kLn2 + f_log(v.a) - f_log(x.a), asinh_z);
+  const Pack h_over_x = h.a / x.a;
+  return {debye_v_eta(v.a, x.a, h.a), tangent_times(v.dv, -asinh_z) + tangent_times(x.dv, h_over_x),
+          tangent_times(v.dx, -asinh_z) + tangent_times(x.dx, h_over_x)};
+}
 
 // K_u(x) and K_(u+1)(x), |u| <= 1/2, 2 < x <= kTrapezoidMaxX (lanes where the scalar method
 // runs Steed's CF2), by the trapezoidal rule on K_nu(x) = int_0^inf exp(-x cosh t) cosh(nu t) dt.
@@ -358,21 +493,22 @@ struct TrapezoidNodes {
   }
 };
 
-FASTLOSS_CPU_INLINE KStart<Pack> trapezoid_k(const Pack& u, const Pack& x) {
+template <typename T>
+FASTLOSS_CPU_INLINE KStart<T> trapezoid_k(const T& u, const T& x) {
   static const TrapezoidNodes nodes;
   constexpr double kStep = TrapezoidNodes::kStep;
   // exp(-x cosh t) = exp(-x) exp(-x (cosh t - 1)): the first factor leaves the sums (and
   // goes into the log); the second underflows harmlessly, clamped above exp's range.
-  const Pack step_u = f_exp(kStep * u);
-  const Pack step_u_inv = 1.0 / step_u;
-  Pack power = 1.0, power_inv = 1.0;   // exp(u t_j), exp(-u t_j)
-  Pack sum = 0.5, sum1 = 0.5;          // the j = 0 node has half weight; cosh(0) = 1
+  const T step_u = f_exp(kStep * u);
+  const T step_u_inv = 1.0 / step_u;
+  T power = 1.0, power_inv = 1.0;   // exp(u t_j), exp(-u t_j)
+  T sum = 0.5, sum1 = 0.5;          // the j = 0 node has half weight; cosh(0) = 1
   for (int j = 1; j <= TrapezoidNodes::kCount; ++j) {
-    const Pack weight = f_exp(select(x * nodes.cosh_minus_1[j] < 700.0, -x * nodes.cosh_minus_1[j], Pack(-700.0)));
+    const T weight = f_exp(select(val(x) * nodes.cosh_minus_1[j] < 700.0, -x * nodes.cosh_minus_1[j], T(-700.0)));
     power = power * step_u;
     power_inv = power_inv * step_u_inv;
-    const Pack term = weight * (0.5 * (power + power_inv));
-    const Pack term1 = weight * (0.5 * (power * nodes.exp_t[j] + power_inv * nodes.exp_minus_t[j]));
+    const T term = weight * (0.5 * (power + power_inv));
+    const T term1 = weight * (0.5 * (power * nodes.exp_t[j] + power_inv * nodes.exp_minus_t[j]));
     sum = sum + term;
     sum1 = sum1 + term1;
     // term1 >= term, and both decrease from here on; tested every other node (a test of
@@ -382,19 +518,22 @@ FASTLOSS_CPU_INLINE KStart<Pack> trapezoid_k(const Pack& u, const Pack& x) {
   return {-x, kStep * sum, (0.5 * kStep) * x * sum1};
 }
 
-// The pack form of recurrence_log_kv: per lane n = round(v), K_u from Temme's series (x <= 2),
-// the trapezoidal rule (x <= kTrapezoidMaxX) or CF2, then the forward recurrence up to the
-// largest n of the pack, each lane keeping its own y_n. A pack that straddles
-// a method boundary (the kernels order lists so that few do) runs each method it needs, with
-// x clamped to that method's range, so that no lane iterates outside it.
-FASTLOSS_CPU_INLINE Pack recurrence_log_kv(const Pack& v, const Pack& x) {
+// The pack form of recurrence_log_kv (for values, T = Pack, and derivatives, T = DualPack):
+// per lane n = round(v), K_u from Temme's series (x <= 2), the trapezoidal rule
+// (x <= kTrapezoidMaxX) or CF2, then the forward recurrence up to the largest n of the pack,
+// each lane keeping its own y_n. A pack that straddles a method boundary (the kernels order
+// lists so that few do) runs each method it needs, with x clamped to that method's range, so
+// that no lane iterates outside it.
+template <typename T>
+FASTLOSS_CPU_INLINE T pack_recurrence_log_kv(const T& v, const T& x_in) {
+  const T x = to_log_x_tangent(x_in);
   constexpr double kRoundToInteger = 0x1.8p52;
-  const Pack n = (v + kRoundToInteger) - kRoundToInteger;
-  const Pack u = v - n;
-  const PackMask temme = x <= kTemmeMaxX;
-  const PackMask cf2 = x > kTrapezoidMaxX;
+  const Pack n = (val(v) + kRoundToInteger) - kRoundToInteger;
+  const T u = v - n;
+  const PackMask temme = val(x) <= kTemmeMaxX;
+  const PackMask cf2 = val(x) > kTrapezoidMaxX;
   const PackMask trapezoid = (temme | cf2) == 0;
-  KStart<Pack> start;
+  KStart<T> start;
   if (all_lanes(temme)) {
     start = temme_k(u, x);
   } else if (all_lanes(trapezoid)) {
@@ -402,32 +541,36 @@ FASTLOSS_CPU_INLINE Pack recurrence_log_kv(const Pack& v, const Pack& x) {
   } else if (all_lanes(cf2)) {
     start = cf2_k(u, x);
   } else {
-    start = {Pack(0.0), Pack(1.0), Pack(1.0)};
-    const auto take = [&start](PackMask lanes, const KStart<Pack>& k) {
+    start = {T(0.0), T(1.0), T(1.0)};
+    const auto take = [&start](PackMask lanes, const KStart<T>& k) {
       start = {select(lanes, k.log_k_part, start.log_k_part), select(lanes, k.k_factor, start.k_factor),
                select(lanes, k.k1_factor, start.k1_factor)};
     };
-    if (!all_lanes(temme == 0)) take(temme, temme_k(u, select(temme, x, Pack(kTemmeMaxX))));
+    if (!all_lanes(temme == 0)) take(temme, temme_k(u, select(temme, x, T(kTemmeMaxX))));
     if (!all_lanes(trapezoid == 0)) {
-      take(trapezoid, trapezoid_k(u, select(temme, Pack(kTemmeMaxX), select(cf2, Pack(kTrapezoidMaxX), x))));
+      take(trapezoid, trapezoid_k(u, select(temme, T(kTemmeMaxX), select(cf2, T(kTrapezoidMaxX), x))));
     }
-    if (!all_lanes(cf2 == 0)) take(cf2, cf2_k(u, select(cf2, x, Pack(kTrapezoidMaxX))));
+    if (!all_lanes(cf2 == 0)) take(cf2, cf2_k(u, select(cf2, x, T(kTrapezoidMaxX))));
   }
   // The forward recurrence of common/log_bessel.h, y_(k+1) = (x/2)^2 y_(k-1) + (u + k) y_k
   // from the start's factors, each lane keeping its own y_n.
-  const Pack half_x = 0.5 * x;
-  const Pack half_x2 = half_x * half_x;
-  Pack y_prev = start.k_factor, y = start.k1_factor;
-  Pack y_n = select(n >= 1.0, y, y_prev);
+  const T half_x = 0.5 * x;
+  const T half_x2 = half_x * half_x;
+  T y_prev = start.k_factor, y = start.k1_factor;
+  T y_n = select(n >= 1.0, y, y_prev);
   double n_max = 0.0;  // the pack's largest n (n <= 16 in this method's region): one reduction
   for (int l = 0; l < kLanes; ++l) n_max = n.a[l] > n_max ? n.a[l] : n_max;
   for (int k = 1; k + 1 <= n_max; ++k) {
-    const Pack y_next = half_x2 * y_prev + (u + double(k)) * y;
+    const T y_next = half_x2 * y_prev + (u + double(k)) * y;
     y_prev = y;
     y = y_next;
     y_n = select(n == double(k + 1), y, y_n);
   }
-  return start.log_k_part + n * (kLn2 - f_log(x)) + f_log(y_n);
+  return from_log_x_tangent(start.log_k_part + n * (kLn2 - f_log(x)) + f_log(y_n), val(x));
+}
+FASTLOSS_CPU_INLINE Pack recurrence_log_kv(const Pack& v, const Pack& x) { return pack_recurrence_log_kv(v, x); }
+FASTLOSS_CPU_INLINE DualPack recurrence_log_kv(const DualPack& v, const DualPack& x) {
+  return pack_recurrence_log_kv(v, x);
 }
 
 }  // namespace FASTLOSS_ISA_NAMESPACE

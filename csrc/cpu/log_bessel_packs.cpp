@@ -22,10 +22,25 @@ namespace {
 
 namespace lb = fastloss::log_bessel;
 
-// Values of one method for the elements listed in `index`, kLanes at a time; a last partial
-// pack repeats its first element in the unused lanes.
-template <bool kK, lb::Method kMethod>
-FASTLOSS_CPU_INLINE void method_by_packs(const double* v, const double* x, double* out,
+// One method on one pack: values (T = Pack) or values with derivatives (T = DualPack).
+template <bool kK, lb::Method kMethod, typename T>
+FASTLOSS_CPU_INLINE T method_of_pack(const T& v, const T& x) {
+  if constexpr (kMethod == lb::Method::Hankel) {
+    return lb::hankel_log<!kK>(v, x);
+  } else if constexpr (kMethod == lb::Method::Debye) {
+    return lb::debye_log<!kK>(v, x);
+  } else if constexpr (kK) {
+    return lb::recurrence_log_kv(v, x);
+  } else {
+    return lb::series_log_iv(v, x);
+  }
+}
+
+// One method for the elements listed in `index`, kLanes at a time; a last partial pack
+// repeats its first element in the unused lanes. kGrad: d/dv into `out`, d/dx into `out_dx`
+// (K's d/dv is odd in v: its sign is v's); else the values into `out`.
+template <bool kK, bool kGrad, lb::Method kMethod>
+FASTLOSS_CPU_INLINE void method_by_packs(const double* v, const double* x, double* out, double* out_dx,
                                          const int* index, int count) {
   for (int start = 0; start < count; start += lb::kLanes) {
     const int lanes = std::min(lb::kLanes, count - start);
@@ -40,28 +55,30 @@ FASTLOSS_CPU_INLINE void method_by_packs(const double* v, const double* x, doubl
     if (consecutive) {
       std::memcpy(&vp.a, v + first, sizeof(vp.a));
       std::memcpy(&xp.a, x + first, sizeof(xp.a));
-      if (kK) vp = lb::f_abs(vp);
     } else {
       for (int l = 0; l < lb::kLanes; ++l) {
         const int i = index[start + (l < lanes ? l : 0)];
-        vp.a[l] = kK ? fabs(v[i]) : v[i];
+        vp.a[l] = v[i];
         xp.a[l] = x[i];
       }
     }
-    lb::Pack r;
-    if constexpr (kMethod == lb::Method::Hankel) {
-      r = lb::hankel_log<!kK>(vp, xp);
-    } else if constexpr (kMethod == lb::Method::Debye) {
-      r = lb::debye_log<!kK>(vp, xp);
-    } else if constexpr (kK) {
-      r = lb::recurrence_log_kv(vp, xp);
+    lb::Pack r, r_dx;
+    if constexpr (kGrad) {
+      const lb::DualPack d = method_of_pack<kK, kMethod>(lb::DualPack(kK ? lb::f_abs(vp) : vp, 1.0, 0.0),
+                                                         lb::DualPack(xp, 0.0, 1.0));
+      r = kK ? lb::select(vp < 0.0, -d.dv, d.dv) : d.dv;
+      r_dx = d.dx;
     } else {
-      r = lb::series_log_iv(vp, xp);
+      r = method_of_pack<kK, kMethod>(kK ? lb::f_abs(vp) : vp, xp);
     }
     if (consecutive) {
       std::memcpy(out + first, &r.a, sizeof(r.a));
+      if constexpr (kGrad) std::memcpy(out_dx + first, &r_dx.a, sizeof(r_dx.a));
     } else {
-      for (int l = 0; l < lanes; ++l) out[index[start + l]] = r.a[l];
+      for (int l = 0; l < lanes; ++l) {
+        out[index[start + l]] = r.a[l];
+        if constexpr (kGrad) out_dx[index[start + l]] = r_dx.a[l];
+      }
     }
   }
 }
@@ -98,27 +115,31 @@ FASTLOSS_CPU_INLINE int32_t length_key(double x) {
 }
 
 // The packs of one index list.
-template <bool kK>
-FASTLOSS_CPU_INLINE void run_list(int list, const double* v, const double* x, double* out, const int* index,
-                                  int count, const int32_t* length_keys) {
+template <bool kK, bool kGrad>
+FASTLOSS_CPU_INLINE void run_list(int list, const double* v, const double* x, double* out, double* out_dx,
+                                  const int* index, int count, const int32_t* length_keys) {
   int sorted[kBlock];
   switch (list) {
-    case static_cast<int>(lb::Method::Hankel): method_by_packs<kK, lb::Method::Hankel>(v, x, out, index, count); break;
-    case static_cast<int>(lb::Method::Debye): method_by_packs<kK, lb::Method::Debye>(v, x, out, index, count); break;
+    case static_cast<int>(lb::Method::Hankel):
+      method_by_packs<kK, kGrad, lb::Method::Hankel>(v, x, out, out_dx, index, count);
+      break;
+    case static_cast<int>(lb::Method::Debye):
+      method_by_packs<kK, kGrad, lb::Method::Debye>(v, x, out, out_dx, index, count);
+      break;
     case static_cast<int>(lb::Method::Small):  // I: the series; K: Temme's series (x <= 2)
       if (!kK) index = order_by_length<kLengthKeys<kK>>(index, count, length_keys, sorted);
-      method_by_packs<kK, lb::Method::Small>(v, x, out, index, count);
+      method_by_packs<kK, kGrad, lb::Method::Small>(v, x, out, out_dx, index, count);
       break;
     default:  // kCF2List
       index = order_by_length<kLengthKeys<kK>>(index, count, length_keys, sorted);
-      method_by_packs<kK, lb::Method::Small>(v, x, out, index, count);
+      method_by_packs<kK, kGrad, lb::Method::Small>(v, x, out, out_dx, index, count);
   }
 }
 
 // Elements are grouped by method and each group runs in SIMD packs: the loops of one method
 // have the same shape for every element, so lanes stay busy until the slowest has converged.
-template <bool kK>
-FASTLOSS_CPU_INLINE void pack_values(const double* v, const double* x, double* out, int n) {
+template <bool kK, bool kGrad>
+FASTLOSS_CPU_INLINE void pack_values(const double* v, const double* x, double* out, double* out_dx, int n) {
   // One list per method; K's small-argument list is split at Temme's x = 2 so that no pack
   // runs both Temme's series and CF2. First each element's list, then the lists themselves,
   // unless the whole block is one list (the common case), which runs as is.
@@ -158,13 +179,17 @@ FASTLOSS_CPU_INLINE void pack_values(const double* v, const double* x, double* o
   if (one_list && list_of[0] != kSpecial) {
     if (list_of[0] == kOrderedList) fill_length_keys();
     for (int i = 0; i < n; ++i) index[0][i] = i;
-    run_list<kK>(list_of[0], v, x, out, index[0], n, length_keys);
+    run_list<kK, kGrad>(list_of[0], v, x, out, out_dx, index[0], n, length_keys);
     return;
   }
   int count[kLists] = {};
   for (int i = 0; i < n; ++i) {
     const int list = list_of[i];
-    if (list == kSpecial) {
+    if (list == kSpecial && kGrad) {
+      const lb::LogBesselGrad g = kK ? lb::log_kv_grad(v[i], x[i]) : lb::log_iv_grad(v[i], x[i]);
+      out[i] = g.d_dv;
+      out_dx[i] = g.d_dx;
+    } else if (list == kSpecial) {
       out[i] = kK ? lb::log_kv(v[i], x[i]) : lb::log_iv(v[i], x[i]);
     } else {
       index[list][count[list]++] = i;
@@ -172,15 +197,23 @@ FASTLOSS_CPU_INLINE void pack_values(const double* v, const double* x, double* o
   }
   if (count[kOrderedList] > 0) fill_length_keys();
   for (int list = 0; list < kLists; ++list) {
-    if (count[list] > 0 && (kK || list != kCF2List)) run_list<kK>(list, v, x, out, index[list], count[list], length_keys);
+    if (count[list] > 0 && (kK || list != kCF2List)) {
+      run_list<kK, kGrad>(list, v, x, out, out_dx, index[list], count[list], length_keys);
+    }
   }
 }
 
 }  // namespace
 
 namespace packs::FASTLOSS_ISA_NAMESPACE {
-void log_iv_packs(const double* v, const double* x, double* out, int n) { pack_values<false>(v, x, out, n); }
-void log_kv_packs(const double* v, const double* x, double* out, int n) { pack_values<true>(v, x, out, n); }
+void log_iv_packs(const double* v, const double* x, double* out, int n) { pack_values<false, false>(v, x, out, nullptr, n); }
+void log_kv_packs(const double* v, const double* x, double* out, int n) { pack_values<true, false>(v, x, out, nullptr, n); }
+void log_iv_grad_packs(const double* v, const double* x, double* d_dv, double* d_dx, int n) {
+  pack_values<false, true>(v, x, d_dv, d_dx, n);
+}
+void log_kv_grad_packs(const double* v, const double* x, double* d_dv, double* d_dx, int n) {
+  pack_values<true, true>(v, x, d_dv, d_dx, n);
+}
 }  // namespace packs::FASTLOSS_ISA_NAMESPACE
 
 }  // namespace fastloss::cpu

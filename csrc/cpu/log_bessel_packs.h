@@ -17,19 +17,26 @@ constexpr int kLogBesselBlock = 256;  // elements per call of the value loops
 #if defined(FASTLOSS_LOG_BESSEL_PACKS)
 namespace fastloss::cpu::packs {
 
-// log I_v(x) or log K_v(x) of n <= kLogBesselBlock contiguous doubles, per instruction set.
+// log I_v(x) or log K_v(x) of n <= kLogBesselBlock contiguous doubles, per instruction set, and
+// their derivatives in v and x (*_grad_packs).
 namespace avx512 {
 void log_iv_packs(const double* v, const double* x, double* out, int n);
 void log_kv_packs(const double* v, const double* x, double* out, int n);
+void log_iv_grad_packs(const double* v, const double* x, double* d_dv, double* d_dx, int n);
+void log_kv_grad_packs(const double* v, const double* x, double* d_dv, double* d_dx, int n);
 }  // namespace avx512
 namespace avx2 {
 void log_iv_packs(const double* v, const double* x, double* out, int n);
 void log_kv_packs(const double* v, const double* x, double* out, int n);
+void log_iv_grad_packs(const double* v, const double* x, double* d_dv, double* d_dx, int n);
+void log_kv_grad_packs(const double* v, const double* x, double* d_dv, double* d_dx, int n);
 }  // namespace avx2
 // Packs of 8 compiled for AVX2: the AVX-512 unit's lane logic where AVX-512 is absent (tests).
 namespace avx2_lanes8 {
 void log_iv_packs(const double* v, const double* x, double* out, int n);
 void log_kv_packs(const double* v, const double* x, double* out, int n);
+void log_iv_grad_packs(const double* v, const double* x, double* d_dv, double* d_dx, int n);
+void log_kv_grad_packs(const double* v, const double* x, double* d_dv, double* d_dx, int n);
 }  // namespace avx2_lanes8
 
 }  // namespace fastloss::cpu::packs
