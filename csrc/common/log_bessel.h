@@ -266,23 +266,28 @@ FASTLOSS_HD T debye_log(const T& v, const T& x) {
   return 0.5 * (kLnPi - kLn2) - v_eta + log_sum_over_sqrt_h;
 }
 
-// u pi / sin(u pi) and sinh(s) / s, with their Taylor series near 0 (keeps derivatives exact).
+// u pi / sin(u pi) for |u| <= 1/2: the Taylor series of sin(z) / z in z^2 <= pi^2 / 4 (terms
+// to z^24, the next < 1e-19), with no branch: the quotient z / sin(z) and its derivative's
+// (sin z - z cos z) / sin^2 z cancel at small z (4e-13 absolute in d/dv log K at v ~ 0.004).
 template <typename T>
 FASTLOSS_HD T pi_u_over_sin(const T& u) {
-  const T z = kPi * u;
-  if (fabs(val(z)) < 1e-2) {
-    const T z2 = z * z;
-    return 1.0 + z2 * (1.0 / 6 + z2 * (7.0 / 360 + z2 * (31.0 / 15120)));
-  }
-  return z / f_sin(z);
+  const T z2 = (kPi * kPi) * (u * u);
+  T sinc = 1.0;
+  for (int k = 12; k >= 1; --k) sinc = 1.0 - z2 * sinc * (1.0 / ((2.0 * k) * (2.0 * k + 1.0)));
+  return 1.0 / sinc;
+}
+// sinh(s) / s: its Taylor series (to s^16, the next < 1e-19) for |s| < 1/2, where the
+// exponentials (and the derivative's s cosh s - sinh s) would cancel.
+template <typename T>
+FASTLOSS_HD T sinh_over_series(const T& s) {
+  const T s2 = s * s;
+  T series = 1.0;
+  for (int k = 8; k >= 1; --k) series = 1.0 + s2 * series * (1.0 / ((2.0 * k) * (2.0 * k + 1.0)));
+  return series;
 }
 template <typename T>
 FASTLOSS_HD T sinh_over(const T& s) {
-  if (fabs(val(s)) < 1e-2) {
-    const T s2 = s * s;
-    return 1.0 + s2 * (1.0 / 6 + s2 * (1.0 / 120 + s2 * (1.0 / 5040)));
-  }
-  return f_sinh(s) / s;
+  return fabs(val(s)) < 0.5 ? sinh_over_series(s) : f_sinh(s) / s;
 }
 
 template <typename T>

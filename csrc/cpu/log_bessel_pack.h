@@ -379,28 +379,12 @@ FASTLOSS_CPU_INLINE DualPack f_hypot(const DualPack& p, const DualPack& q) {
 FASTLOSS_CPU_INLINE DualPack to_log_x_tangent(const DualPack& x) { return {x.a, x.dv, x.dx * x.a}; }
 FASTLOSS_CPU_INLINE DualPack from_log_x_tangent(const DualPack& r, const Pack& x) { return {r.a, r.dv, r.dx / x}; }
 
-// u pi / sin(u pi) for |u| <= 1/2: the Taylor series of sin(z) / z in z^2 <= pi^2 / 4 (terms
-// to z^24, the next < 1e-19), so u = 0 (integer orders) needs no separate case.
-template <typename T>
-FASTLOSS_CPU_INLINE T pack_pi_u_over_sin(const T& u) {
-  const T z2 = (kPi * kPi) * (u * u);
-  T sinc = 1.0;
-  for (int k = 12; k >= 1; --k) sinc = 1.0 - z2 * sinc * (1.0 / ((2.0 * k) * (2.0 * k + 1.0)));
-  return 1.0 / sinc;
-}
-
-// sinh(s) / s: Taylor series (to s^16) for |s| < 1/2, where the exponentials would cancel.
+// sinh(s) / s (common/log_bessel.h's series below 1/2) with a select instead of a branch.
 template <typename T>
 FASTLOSS_CPU_INLINE T pack_sinh_over(const T& s) {
-  const T s2 = s * s;
-  T series = 1.0;
-  for (int k = 8; k >= 1; --k) series = 1.0 + s2 * series * (1.0 / ((2.0 * k) * (2.0 * k + 1.0)));
   const T e = f_exp(s);
-  return select(f_abs(val(s)) < 0.5, series, (e - 1.0 / e) / (2.0 * s));
+  return select(f_abs(val(s)) < 0.5, sinh_over_series(s), (e - 1.0 / e) / (2.0 * s));
 }
-
-FASTLOSS_CPU_INLINE Pack pi_u_over_sin(const Pack& u) { return pack_pi_u_over_sin(u); }
-FASTLOSS_CPU_INLINE DualPack pi_u_over_sin(const DualPack& u) { return pack_pi_u_over_sin(u); }
 FASTLOSS_CPU_INLINE Pack sinh_over(const Pack& s) { return pack_sinh_over(s); }
 FASTLOSS_CPU_INLINE DualPack sinh_over(const DualPack& s) { return pack_sinh_over(s); }
 
