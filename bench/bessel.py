@@ -90,19 +90,44 @@ def _fastloss(kind: str) -> Callable:
     return fastloss.log_bessel_iv if kind == "iv" else fastloss.log_bessel_kv
 
 
-def _case(kind, label, sampler, dtype, device, n, baselines) -> Case:
+def _fastloss_grad(kind: str) -> Callable:
+    op = torch.ops.fastloss.log_bessel_iv_grad if kind == "iv" else torch.ops.fastloss.log_bessel_kv_grad
+
+    def run(v: torch.Tensor, x: torch.Tensor):
+        return op(v, x)  # (d/dv, d/dx) of the log
+
+    run.__name__ = f"fastloss_log_{kind}_grad"
+    return run
+
+
+def _scipy_log_dx(kind: str) -> Callable:
+    """SciPy's x-derivative of the log (it has none in v): ivp / iv, kvp / kv (unscaled)."""
+    sp = _scipy()
+
+    def run(v: torch.Tensor, x: torch.Tensor):
+        vn, xn = v.cpu().numpy(), x.cpu().numpy()
+        with np.errstate(all="ignore"):
+            if kind == "iv":
+                return sp.ivp(vn, xn) / sp.iv(vn, xn)
+            return sp.kvp(vn, xn) / sp.kv(vn, xn)
+
+    run.__name__ = f"scipy_dlog_{kind}_dx"
+    return run
+
+
+def _case(kind, label, sampler, dtype, device, n, baselines, grad=False) -> Case:
     elem = torch.empty((), dtype=dtype).element_size()
     return Case(
         family=FAMILY,
         shape=(n,),
         dtype=dtype,
-        mode=f"log {'I' if kind == 'iv' else 'K'}: {label}",
+        mode=f"log {'I' if kind == 'iv' else 'K'}{' grad' if grad else ''}: {label}",
         device=device,
         make_inputs=sampler,
         input_bytes=2 * n * elem,
-        fastloss=_fastloss(kind),
+        fastloss=_fastloss_grad(kind) if grad else _fastloss(kind),
         baselines=baselines,
-        bytes_moved=3 * n * elem,  # read v and x, write the result
+        bytes_moved=(4 if grad else 3) * n * elem,  # read v and x, write the result(s)
     )
 
 
@@ -124,6 +149,11 @@ def cases(device: str, quick: bool) -> List[Case]:
                     "scipy": _scipy_log(kind) if sp else Unavailable("scipy: not installed"),
                 }
                 out.append(_case(kind, f"v={order} (torch.special range)", sampler, dtype, device, n, baselines))
+        # The gradients (d/dv and d/dx together), fp64: SciPy's d/dx is the only peer.
+        for label, region in REGIONS.items():
+            sampler = lambda seed, region=region: _sample(region, n, torch.float64, device, seed)
+            baselines = {"scipy d/dx": _scipy_log_dx(kind) if sp else Unavailable("scipy: not installed")}
+            out.append(_case(kind, label, sampler, torch.float64, device, n, baselines, grad=True))
     return out
 
 
@@ -218,7 +248,10 @@ def notes(device: str) -> List[str]:
         f"each case: {N} elements (v, x) drawn in one region; inputs are rotated between calls",
         "baselines: `scipy` = np.log(scipy.special.ive(v, x)) + x / np.log(kve(v, x)) - x on the CPU (one thread); "
         "`torch.special` = log(i0e / i1e / scaled_modified_bessel_k0 / k1) +- x",
-        "fastloss evaluates every dtype in double internally; the backward (d/dv, d/dx) is not timed here",
+        "fastloss evaluates every dtype in double internally",
+        "`grad` rows: torch.ops.fastloss.log_bessel_*_grad, d/dv and d/dx together (fp64); `scipy d/dx` = "
+        "ivp(v, x) / iv(v, x) or kvp / kv, the x-derivative only (SciPy has none in v; unscaled, so it overflows "
+        "at large x); no target is set for the gradients",
     ]
     if device == "cuda":
         out.append("on a GPU the SciPy time includes copying v and x to the host (SciPy runs on the CPU)")
@@ -233,7 +266,7 @@ def _vs(name: str) -> Callable[[Result, Roofline], Optional[float]]:
 
 
 def targets(device: str) -> List[Target]:
-    grid = lambda r: "torch.special" not in r.case.mode
+    grid = lambda r: "torch.special" not in r.case.mode and " grad" not in r.case.mode
     if device == "cuda":
         return [Target("GPU: >=100x SciPy (every grid case)", grid, _vs("scipy"), 100.0)]
     return [

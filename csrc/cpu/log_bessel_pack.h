@@ -3,6 +3,8 @@
 // elements of one region in lockstep (a loop runs until every lane has converged). This
 // header supplies the pack forms of the elementary operations those templates use; where a
 // scalar method branches per element, a pack overload here computes both sides and selects.
+// `DualPack` (a pack of dual numbers: value, d/dv, d/dx) runs the same methods for the
+// gradients.
 //
 // GCC / Clang vector extensions, kLanes doubles: one register of the unit's instruction set
 // (8 for AVX-512, 4 for AVX2: on an AVX2 EPYC, 4-double packs run 1.1-2.8x faster than the
