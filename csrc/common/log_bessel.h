@@ -378,9 +378,11 @@ FASTLOSS_HD KStart<T> cf2_k(const T& u, const T& x) {
   T q = a1;                // a1 + sum_i t_i
   T a = -a1;
   T s = 1.0 + q * delh;
+  double two_i_minus_2 = 0.0;
   for (int i = 2; i <= kCF2MaxTerms; ++i) {
     const T a_prev = a;
-    a = a - 2.0 * (i - 1);
+    two_i_minus_2 += 2.0;
+    a = a - two_i_minus_2;
     const T t_next = ((a_prev * reciprocal(i - 1)) * t_prev + b * t) * reciprocal(i);
     t_prev = t;
     t = t_next;

@@ -488,20 +488,21 @@ FASTLOSS_CPU_INLINE KStart<T> trapezoid_k(const T& u, const T& x) {
   const T step_u = f_exp(kStep * u);
   const T step_u_inv = 1.0 / step_u;
   T power = 1.0, power_inv = 1.0;   // exp(u t_j), exp(-u t_j)
-  T sum = 0.5, sum1 = 0.5;          // the j = 0 node has half weight; cosh(0) = 1
+  T sum = 1.0, sum1 = 1.0;          // twice the sums: the j = 0 node has half weight
   for (int j = 1; j <= TrapezoidNodes::kCount; ++j) {
-    const T weight = f_exp(select(val(x) * nodes.cosh_minus_1[j] < 700.0, -x * nodes.cosh_minus_1[j], T(-700.0)));
+    const T exponent = -x * nodes.cosh_minus_1[j];
+    const T weight = f_exp(select(val(exponent) > -700.0, exponent, T(-700.0)));
     power = power * step_u;
     power_inv = power_inv * step_u_inv;
-    const T term = weight * (0.5 * (power + power_inv));
-    const T term1 = weight * (0.5 * (power * nodes.exp_t[j] + power_inv * nodes.exp_minus_t[j]));
+    const T term = weight * (power + power_inv);
+    const T term1 = weight * (power * nodes.exp_t[j] + power_inv * nodes.exp_minus_t[j]);
     sum = sum + term;
     sum1 = sum1 + term1;
     // term1 >= term, and both decrease from here on; tested every other node (a test of
     // all lanes costs about as much as a node's sums).
     if ((j & 1) == 0 && negligible(term1, sum1)) break;
   }
-  return {-x, kStep * sum, (0.5 * kStep) * x * sum1};
+  return {-x, (0.5 * kStep) * sum, (0.25 * kStep) * x * sum1};
 }
 
 // The pack form of recurrence_log_kv (for values, T = Pack, and derivatives, T = DualPack):
