@@ -20,8 +20,8 @@
 //
 // The CPU kernels also instantiate the methods with a SIMD pack of elements of one method,
 // and with a pack of dual numbers for the gradients (cpu/log_bessel_pack.h: the pack forms of
-// the elementary functions, lgamma in product form, and, for K_u at 2 < x < 29, the
-// trapezoidal rule on K's integral in place of CF2).
+// the elementary functions, lgamma in product form, and, for K_u beyond x = 2, the
+// trapezoidal rule on K's integral in place of CF2: up to x = 29 with AVX-512, x = 6 with AVX2).
 #pragma once
 
 #include <math.h>
@@ -149,10 +149,14 @@ FASTLOSS_HD bool negligible(const Dual& term, const Dual& sum) {
 template <typename T>
 FASTLOSS_HD T log_half(const T& x) { return f_log(x) - kLn2; }
 
-// v log(x/2); at v = 0 its x-derivative is 0 (not 0 * inf at subnormal x).
-template <typename T>
-FASTLOSS_HD T v_log_half_x(const T& v, const T& x) {
-  return val(v) == 0.0 ? v * (::log(val(x)) - kLn2) : v * log_half(x);
+// v log(x/2).
+FASTLOSS_HD double v_log_half_x(double v, double x) { return v * (::log(x) - kLn2); }
+// Its tangents: log(x/2) v' + (v / x) x'. v / x taken first (v times 1 / x overflows at
+// subnormal x where v / x does not), and a zero tangent contributes 0 (not 0 * inf).
+FASTLOSS_HD Dual v_log_half_x(const Dual& v, const Dual& x) {
+  const double log_half = ::log(x.a) - kLn2, ratio = v.a / x.a;
+  return {v.a * log_half, v.dv * log_half + (x.dv == 0.0 ? 0.0 : ratio * x.dv),
+          v.dx * log_half + (x.dx == 0.0 ? 0.0 : ratio * x.dx)};
 }
 
 // Power series: I_v(x) = (x/2)^v / Gamma(v+1) * sum_k (x^2/4)^k / (k! (v+1)_k).

@@ -1,4 +1,4 @@
-// The SIMD-pack path of the CPU log-Bessel values, compiled once per instruction set (CMake
+// The SIMD-pack path of the CPU log-Bessel values and gradients, compiled once per instruction set (CMake
 // defines FASTLOSS_ISA_NAMESPACE and FASTLOSS_PACK_LANES: avx512 with packs of 8 doubles,
 // avx2 with packs of 4) and called only where that set runs (see cpu/log_bessel_packs.h for
 // why these are not target_clones variants). Each block's elements are split into one index
@@ -38,7 +38,7 @@ FASTLOSS_CPU_INLINE T method_of_pack(const T& v, const T& x) {
 
 // One method for the elements listed in `index`, kLanes at a time; a last partial pack
 // repeats its first element in the unused lanes. kGrad: d/dv into `out`, d/dx into `out_dx`
-// (K's d/dv is odd in v: its sign is v's); else the values into `out`.
+// (K is even in v, so its d/dv is negated for v < 0); else the values into `out`.
 template <bool kK, bool kGrad, lb::Method kMethod>
 FASTLOSS_CPU_INLINE void method_by_packs(const double* v, const double* x, double* out, double* out_dx,
                                          const int* index, int count) {
