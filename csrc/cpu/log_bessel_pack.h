@@ -227,10 +227,17 @@ FASTLOSS_CPU_INLINE PackPair asinh_double_double(const Pack& z, const Pack& z_lo
 // is carried in double-double (v / x, asinh, the product, and h from h^2 = v^2 + x^2), to
 // ~1e-16 absolute; these lanes are a few percent of Debye's elements. Elsewhere, and where
 // v > 1e8 x, the plain form.
-FASTLOSS_CPU_INLINE Pack debye_v_eta(const Pack& v, const Pack& x, const Pack& h) {
+// asinh(v / x), and log(2 v / x) where v > 1e8 x (v / x may overflow there; the pack
+// asinh's v^2 / x^2 does beyond 1e154).
+FASTLOSS_CPU_INLINE Pack asinh_v_over_x(const Pack& v, const Pack& x) {
   const PackMask large = v > 1e8 * x;
+  const Pack plain = f_asinh(select(large, Pack(0.0), v / x));
+  if (all_lanes(large == 0)) return plain;
+  return select(large, kLn2 + f_log(v) - f_log(x), plain);
+}
+FASTLOSS_CPU_INLINE Pack debye_v_eta(const Pack& v, const Pack& x, const Pack& h, const Pack& asinh_z) {
   const Pack z = v / x;
-  const Pack plain = h - v * f_asinh(z);
+  const Pack plain = h - v * asinh_z;
   // |eta| > 0.44 outside x / v in [0.45, 0.95]: there the plain form is within a few ulp.
   const PackMask cancelling = (v > 32.0) & (x > 0.45 * v) & (x < 0.95 * v) & (v < 1e150);
   Pack moderate = plain;
@@ -246,8 +253,10 @@ FASTLOSS_CPU_INLINE Pack debye_v_eta(const Pack& v, const Pack& x, const Pack& h
     // h - product.hi is exact (the two are within a factor of 2 here).
     moderate = select(cancelling, (h - product.hi) + (h_low - product_low), plain);
   }
-  if (all_lanes(large == 0)) return moderate;
-  return select(large, h - v * (kLn2 + f_log(v) - f_log(x)), moderate);
+  return moderate;
+}
+FASTLOSS_CPU_INLINE Pack debye_v_eta(const Pack& v, const Pack& x, const Pack& h) {
+  return debye_v_eta(v, x, h, asinh_v_over_x(v, x));
 }
 
 // The series' v log(x/2) for values (the DualPack overload below handles v = 0's tangent).
@@ -280,24 +289,17 @@ FASTLOSS_CPU_INLINE Pack log_over_gamma(const Pack& s, const Pack& p) {
 }
 
 // exp for |p| <= 708 (Temme's sigma = u log(2/x) stays below 400 for x >= 1e-300): the
-// shared exp pair's Cody-Waite reduction and degree-13 Taylor polynomial (common/exp_pair.h),
-// the polynomial evaluated by Estrin's scheme, depth 4 instead of a chain of 13 fma (the
-// trapezoidal rule's nodes wait on it: 15% faster there on an AVX2 EPYC). 2^n from the
-// integer n's bits: n + 1.5 * 2^52 holds n in its low mantissa bits (AVX2 has no double ->
-// int64 conversion).
+// shared exp pair's Cody-Waite reduction and degree-13 Taylor polynomial by Estrin's scheme
+// (common/exp_pair.h; the trapezoidal rule's nodes wait on it: 15% faster there on an AVX2
+// EPYC than the fma chain). 2^n from the integer n's bits: n + 1.5 * 2^52 holds n in its low
+// mantissa bits (AVX2 has no double -> int64 conversion).
 FASTLOSS_CPU_INLINE Pack f_exp(const Pack& p) {
   using C = ExpConstants<double>;
   const PackVec n = (p.a * C::kLog2e + C::kRoundMagic) - C::kRoundMagic;
   // Cody-Waite with fma: kLn2Hi has all 53 bits, so n * kLn2Hi must not be rounded apart
   // (GCC fuses the plain form only from -O2).
   const PackVec t = f_fma(n, Pack(-C::kLn2Lo), f_fma(n, Pack(-C::kLn2Hi), p)).a;
-  const PackVec t2 = t * t, t4 = t2 * t2, t8 = t4 * t4;
-  const PackVec c01 = 1.0 + t, c23 = (1.0 / 2) + t * (1.0 / 6), c45 = (1.0 / 24) + t * (1.0 / 120);
-  const PackVec c67 = (1.0 / 720) + t * (1.0 / 5040), c89 = (1.0 / 40320) + t * (1.0 / 362880);
-  const PackVec cab = (1.0 / 3628800) + t * (1.0 / 39916800), ccd = (1.0 / 479001600) + t * (1.0 / 6227020800.0);
-  const PackVec c03 = c01 + t2 * c23, c47 = c45 + t2 * c67, c8b = c89 + t2 * cab;
-  const PackVec c07 = c03 + t4 * c47, c8d = c8b + t4 * ccd;
-  const PackVec mantissa = c07 + t8 * c8d;
+  const PackVec mantissa = exp_reduced_estrin(t);
   constexpr double kIntegerBias = 0x1.8p52;
   constexpr uint64_t kIntegerBiasBits = uint64_t{0x4338} << 48;
   const PackBits scale = ((PackBits)(n + kIntegerBias) - kIntegerBiasBits + 1023) << 52;
@@ -419,11 +421,7 @@ FASTLOSS_CPU_INLINE Pack pack_digamma(const Pack& p) {
     denominator = denominator * a;
   }
   const Pack y = p + 10.0;
-  const Pack f = 1.0 / (y * y);
-  const Pack tail =
-      f * (1.0 / 12 - f * (1.0 / 120 - f * (1.0 / 252 - f * (1.0 / 240 - f * (1.0 / 132 -
-      f * (691.0 / 32760 - f * (1.0 / 12)))))));
-  return f_log(y) - 0.5 / y - tail - numerator / denominator;
+  return f_log(y) - 0.5 / y - digamma_tail(1.0 / (y * y)) - numerator / denominator;
 }
 
 // log(s) - log Gamma(p): the value in product form (above); tangents s'/s - psi(p) p'.
@@ -441,11 +439,9 @@ FASTLOSS_CPU_INLINE DualPack v_log_half_x(const DualPack& v, const DualPack& x) 
 // Debye's v eta = h - v asinh(v / x): the value as the Pack form computes it; the partial
 // derivatives -asinh(v / x) (in v) and h / x (in x), with no cancellation.
 FASTLOSS_CPU_INLINE DualPack debye_v_eta(const DualPack& v, const DualPack& x, const DualPack& h) {
-  const PackMask large = v.a > 1e8 * x.a;
-  Pack asinh_z = f_asinh(select(large, Pack(0.0), v.a / x.a));
-  if (!all_lanes(large == 0)) asinh_z = select(large, kLn2 + f_log(v.a) - f_log(x.a), asinh_z);
+  const Pack asinh_z = asinh_v_over_x(v.a, x.a);
   const Pack h_over_x = h.a / x.a;
-  return {debye_v_eta(v.a, x.a, h.a), tangent_times(v.dv, -asinh_z) + tangent_times(x.dv, h_over_x),
+  return {debye_v_eta(v.a, x.a, h.a, asinh_z), tangent_times(v.dv, -asinh_z) + tangent_times(x.dv, h_over_x),
           tangent_times(v.dx, -asinh_z) + tangent_times(x.dx, h_over_x)};
 }
 

@@ -139,7 +139,7 @@ FASTLOSS_CPU_INLINE void run_list(int list, const double* v, const double* x, do
 // Elements are grouped by method and each group runs in SIMD packs: the loops of one method
 // have the same shape for every element, so lanes stay busy until the slowest has converged.
 template <bool kK, bool kGrad>
-FASTLOSS_CPU_INLINE void pack_values(const double* v, const double* x, double* out, double* out_dx, int n) {
+FASTLOSS_CPU_INLINE void block_by_packs(const double* v, const double* x, double* out, double* out_dx, int n) {
   // One list per method; K's small-argument list is split at Temme's x = 2 so that no pack
   // runs both Temme's series and CF2. First each element's list, then the lists themselves,
   // unless the whole block is one list (the common case), which runs as is.
@@ -206,13 +206,13 @@ FASTLOSS_CPU_INLINE void pack_values(const double* v, const double* x, double* o
 }  // namespace
 
 namespace packs::FASTLOSS_ISA_NAMESPACE {
-void log_iv_packs(const double* v, const double* x, double* out, int n) { pack_values<false, false>(v, x, out, nullptr, n); }
-void log_kv_packs(const double* v, const double* x, double* out, int n) { pack_values<true, false>(v, x, out, nullptr, n); }
+void log_iv_packs(const double* v, const double* x, double* out, int n) { block_by_packs<false, false>(v, x, out, nullptr, n); }
+void log_kv_packs(const double* v, const double* x, double* out, int n) { block_by_packs<true, false>(v, x, out, nullptr, n); }
 void log_iv_grad_packs(const double* v, const double* x, double* d_dv, double* d_dx, int n) {
-  pack_values<false, true>(v, x, d_dv, d_dx, n);
+  block_by_packs<false, true>(v, x, d_dv, d_dx, n);
 }
 void log_kv_grad_packs(const double* v, const double* x, double* d_dv, double* d_dx, int n) {
-  pack_values<true, true>(v, x, d_dv, d_dx, n);
+  block_by_packs<true, true>(v, x, d_dv, d_dx, n);
 }
 }  // namespace packs::FASTLOSS_ISA_NAMESPACE
 

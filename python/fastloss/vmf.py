@@ -43,7 +43,8 @@ def vmf_log_normalizer(kappa: TensorOrNumber, p: int) -> torch.Tensor:
 
 
 # I_(v+1)(x) / I_v(x) by Gauss's continued fraction x / (2(v+1) + x^2 / (2(v+2) + x^2 / ...)):
-# every term positive (no cancellation), and 30 terms reach full precision while x <= v + 20.
+# every term positive (no cancellation); 30 terms reach full precision while x <= v + 20, and
+# 40 leave a margin.
 _RATIO_CF_MAX_EXCESS = 20.0
 _RATIO_CF_TERMS = 40
 
