@@ -986,7 +986,9 @@ def format_markdown(
         notes = family_notes.get(fam, []) + _impl_notes(rs)
         if notes:
             lines.append("")
-            lines += [f"- {n}" for n in notes]
+            # A note may carry a markdown table (lines starting with "|", after a blank line):
+            # those lines go in as they are, the others as bullets.
+            lines += [n if n == "" or n.startswith("|") else f"- {n}" for n in notes]
     if targets:
         lines += ["", "## Targets", "", "Computed from the numbers above; stated, not asserted.", ""]
         lines.append("| family | target | status | detail |")
