@@ -289,6 +289,27 @@ def test_large_logits_and_nan(device):
     assert torch.isnan(per[1]) and torch.isfinite(per[torch.arange(64, device=device) != 1]).all()
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_masked_vocabulary_entries(device, dtype, reduction):
+    # A bias of -inf masks vocabulary entries (padding rows of the head, disallowed tokens).
+    # Without smoothing torch's loss and gradients stay finite; with it the loss is inf.
+    h, c, t, b = make_inputs((4, 9), 16, 300, dtype, device, bias=True)
+    masked = torch.arange(300, device=device) % 7 == 3
+    t[(t.remainder(7) == 3) & (t != IGNORE)] = 5  # targets are never masked
+    b = b.masked_fill(masked, float("-inf"))
+    out, grads = grads_of(lambda h_, c_: fastloss.linear_cross_entropy(h_, c_, t, b, reduction=reduction), [h, c])
+    ref, ref_grads = grads_of(lambda h_, c_: reference(h_, c_, t, b.double(), reduction=reduction),
+                              [h.double(), c.double()])
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out.double(), ref, **TOL[dtype])
+    for a, r in zip(grads, ref_grads):
+        torch.testing.assert_close(a.double(), r, **TOL[dtype])
+    smoothed = fastloss.linear_cross_entropy(h, c, t, b, reduction="none", label_smoothing=0.1)
+    expected = reference(h.double(), c.double(), t, b.double(), reduction="none", label_smoothing=0.1)
+    torch.testing.assert_close(smoothed.double(), expected, **TOL[dtype])  # inf at active tokens, 0 at ignored
+
+
 @pytest.mark.parametrize("deterministic", [False, True])  # True: the ATen path on CUDA
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_ignored_tokens_with_inf_hidden_rows(device, dtype, deterministic):

@@ -112,10 +112,13 @@ FASTLOSS_HD acc_t token_loss(acc_t lse, acc_t linear, acc_t z_loss) {
   return lse + z_loss * lse * lse + linear;
 }
 
-// The non-LSE part of the loss: -(1 - ls) z_target - (ls / V) sum_j z_j.
+// The non-LSE part of the loss: -(1 - ls) z_target - (ls / V) sum_j z_j. Without smoothing the
+// sum is left out, not multiplied by 0: a logit of -inf (a masked vocabulary entry) makes it
+// -inf, and 0 * -inf would be NaN where torch's loss is finite.
 template <typename acc_t>
 FASTLOSS_HD acc_t token_linear(acc_t target_logit, acc_t logit_sum, acc_t label_smoothing, acc_t inv_vocab) {
-  return -(acc_t(1) - label_smoothing) * target_logit - label_smoothing * inv_vocab * logit_sum;
+  const acc_t linear = -(acc_t(1) - label_smoothing) * target_logit;
+  return label_smoothing == acc_t(0) ? linear : linear - label_smoothing * inv_vocab * logit_sum;
 }
 
 }  // namespace fastloss

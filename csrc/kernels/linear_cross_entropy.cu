@@ -577,7 +577,7 @@ __global__ void __launch_bounds__(kThreads, kGradMinBlocks) lce_grad_kernel(cons
           big = block_allreduce<kThreads>(big, MaxOp{}, red_scratch);
           int e2 = 0;
           (void)frexpf(big, &e2);  // big < 2^e2
-          const int shift = big > 0.f && big <= 3.0e38f ? max(-126, min(126, 14 - e2)) : 0;
+          const int shift = big > 0.f && isfinite(big) ? max(-126, min(126, 14 - e2)) : 0;
           const float scale = ldexpf(1.f, shift);
           unscale = ldexpf(1.f, -shift);
 #pragma unroll
