@@ -107,6 +107,29 @@ def test_large_magnitudes(device, fn, ref_fn, scale):
 
 
 @pytest.mark.parametrize("fn,ref_fn", OPS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_masked_entries_next_to_very_negative_maxima(device, fn, ref_fn, dtype):
+    # -inf entries are clamped from below before the reduction; a row whose maximum lies just
+    # above the clamp (the lowest maximum the paired path takes: -1.45e6 in float, -7.6e11 in
+    # double) must still see them as 0. Short rows of such values also cover the CUDA warp
+    # path's -inf padding lanes.
+    low = -1453633.0 if dtype == torch.float32 else -762123384780.0
+    inf = math.inf
+    rows = [
+        [low, -inf],
+        [low, low + 30.0] + [-inf] * 40,
+        [low, low, low],
+        [low + 1.0, low, -inf, low + 2.0, -inf, low, low],
+    ]
+    for row in rows:
+        x = torch.tensor(row, dtype=dtype, device=device)
+        y = fn(x, -1)
+        expected = ref_fn(x.double(), -1)
+        torch.testing.assert_close(y.double(), expected, rtol=1e-6, atol=1e-6)
+        assert torch.equal(torch.isinf(y), torch.isinf(expected))
+
+
+@pytest.mark.parametrize("fn,ref_fn", OPS)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("cols", [3, 1000])
 def test_special_values(device, fn, ref_fn, dtype, cols):

@@ -33,13 +33,16 @@ FASTLOSS_HD double fl_log(double v) {
 #endif
 }
 
-// Inputs are clamped from below (-inf included) before the reduction: a clamped entry's
-// exponent is below -kMaxReducible, so it adds exactly 0 to any row whose maximum is in
-// range, and a row where every entry was clamped takes the exact path.
-// fl_max(low_clamp, x) keeps NaN.
+// Inputs are clamped from below (-inf included) before the reduction. A clamped entry's
+// exponent lies more than the flush distance (-kMinExponent, where exp2_nonpositive gives 0)
+// below -kMaxReducible, so it adds exactly 0 to any row whose maximum is in range (E >=
+// -kMaxReducible), and a row where every entry was clamped takes the exact path. (A clamp
+// just below -kMaxReducible let -inf entries add up to 1/4 of a term to rows whose maximum
+// was within 127 binades of it.) fl_max(low_clamp, x) keeps NaN.
 template <typename acc_t>
 FASTLOSS_HD constexpr acc_t low_clamp() {
-  return -(ExpConstants<acc_t>::kMaxReducible + 2) * ExpConstants<acc_t>::kLn2;
+  using C = ExpConstants<acc_t>;
+  return -(C::kMaxReducible - C::kMinExponent + 32) * C::kLn2;
 }
 
 // What pass 2 needs of a row.
