@@ -183,6 +183,20 @@ def test_extreme_magnitudes(device, scale, shape, dim):
     torch.testing.assert_close(y.double().cpu(), y_ref, rtol=0, atol=2e-5 * scale)
 
 
+@pytest.mark.parametrize("scale", [2e36, 1e37, 1e38])
+@pytest.mark.parametrize("shape,dim", [((4, 8000), -1), ((3, 50000), -1), ((8000, 4), 0), ((300, 5), 0)])
+def test_rows_whose_sum_overflows(device, scale, shape, dim):
+    # Finite values whose plain float32 sum overflows (an offset far above the spread): the
+    # mean comes from the values scaled by a power of two instead of inf (NaN statistics).
+    g = torch.Generator().manual_seed(11)
+    x = (scale * (1 + 0.02 * torch.randn(shape, generator=g, dtype=torch.float64))).float()
+    assert torch.isfinite(x).all() and not torch.isfinite(x.sum(dim)).all()
+    y, theta = fastloss.stat_topk(x.to(device), sparsity=0.9, dim=dim, return_threshold=True)
+    y_ref, theta_ref = reference(x.double(), 0.9, dim=dim)
+    torch.testing.assert_close(theta.double().cpu(), theta_ref, rtol=2e-5, atol=0)
+    torch.testing.assert_close(y.double().cpu(), y_ref, rtol=0, atol=2e-5 * scale)
+
+
 @pytest.mark.parametrize("pattern", ["constant half", "period 256"])
 def test_constant_chunks_of_huge_values(device, pattern):
     # Parts of a row that are constant (a CPU chunk, or CUDA groups of values 256 apart) take

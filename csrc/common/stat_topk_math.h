@@ -88,6 +88,20 @@ FASTLOSS_HD acc_t min_of(acc_t a, acc_t b) { return b < a ? b : a; }
 template <typename acc_t>
 FASTLOSS_HD acc_t max_of(acc_t a, acc_t b) { return b > a ? b : a; }
 
+// The mean of n values from their plain sum, or, where that sum overflowed although the
+// values are finite (|values| near max / n), from rescaled_sum(2^-e): the sum of the values
+// times 2^-e, e one less than the exponent above the largest magnitude, so every scaled
+// value is below 2 and the sum below 2n (a power of two: exact but for values that become
+// subnormal, far below the mean's rounding). The rare second sum rereads the caller's values
+// (in cache or registers). NaN stays NaN; an infinite value is left to the plain sum.
+template <typename acc_t, typename RescaledSum>
+FASTLOSS_HD acc_t overflow_safe_mean(acc_t sum, acc_t n, acc_t lo, acc_t hi, RescaledSum&& rescaled_sum) {
+  const bool overflowed = !(sum - sum == acc_t(0)) && sum == sum;  // +-inf, not NaN
+  if (!overflowed || !(lo - lo == acc_t(0)) || !(hi - hi == acc_t(0))) return sum / n;
+  const int e = exponent_above(max_of(-lo, hi)) - 1;
+  return rescaled_sum(pow2<acc_t>(-e)) / n * pow2<acc_t>(e);
+}
+
 // Chan's formula, with each part's m2 moved to the merged set's unit (exact powers of two).
 template <typename acc_t>
 FASTLOSS_HD Moments<acc_t> merge_moments(Moments<acc_t> a, Moments<acc_t> b) {
@@ -126,7 +140,14 @@ FASTLOSS_HD Moments<acc_t> moments_of(const acc_t (&v)[kMax], int count) {
       hi = max_of(hi, v[k]);
     }
   }
-  const acc_t mean = sum / static_cast<acc_t>(count);
+  const acc_t mean = overflow_safe_mean(sum, static_cast<acc_t>(count), lo, hi, [&](acc_t scale) {
+    acc_t scaled = 0;
+#pragma unroll
+    for (int k = 0; k < kMax; ++k) {
+      if (k < count) scaled += v[k] * scale;
+    }
+    return scaled;
+  });
   Moments<acc_t> constant;
   if (constant_moments(static_cast<acc_t>(count), lo, hi, mean, constant)) return constant;
   const acc_t inv_s = pow2<acc_t>(-spread_exponent(lo, hi));

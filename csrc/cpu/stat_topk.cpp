@@ -65,7 +65,11 @@ FASTLOSS_CPU_INLINE Moments<acc_t> chunk_moments(const in_t* x, int64_t c) {
     row_lo = min_of(row_lo, v);
     row_hi = max_of(row_hi, v);
   }
-  const acc_t mean = sum / static_cast<acc_t>(c);
+  const acc_t mean = overflow_safe_mean(sum, static_cast<acc_t>(c), row_lo, row_hi, [&](acc_t scale) {
+    acc_t scaled = 0;
+    for (int64_t j = 0; j < c; ++j) scaled += to_acc<acc_t>(x[j]) * scale;
+    return scaled;
+  });
   Moments<acc_t> constant;
   if (constant_moments(static_cast<acc_t>(c), row_lo, row_hi, mean, constant)) return constant;
   const acc_t inv_s = pow2<acc_t>(-spread_exponent(row_lo, row_hi));  // m2's unit (Moments)
@@ -137,7 +141,11 @@ FASTLOSS_CPU_INLINE void forward_strided(const in_t* x, in_t* y, typename AccTyp
       hi[l] = max_of(hi[l], v);
     }
   for (int l = 0; l < count; ++l) {
-    sum[l] /= static_cast<acc_t>(n);  // now the mean
+    sum[l] = overflow_safe_mean(sum[l], static_cast<acc_t>(n), lo[l], hi[l], [&](acc_t scale) {
+      acc_t scaled = 0;
+      for (int64_t i = 0; i < n; ++i) scaled += to_acc<acc_t>(x[i * inner + l]) * scale;
+      return scaled;
+    });  // now the mean
     inv_s[l] = pow2<acc_t>(-spread_exponent(lo[l], hi[l]));  // m2's unit (Moments)
   }
   for (int64_t i = 0; i < n; ++i)

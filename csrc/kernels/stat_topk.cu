@@ -214,9 +214,22 @@ __global__ void __launch_bounds__(kThreads) onchip_forward_kernel(const T* __res
       }
     }
   }
-  const acc_t mean = block_allreduce<kThreads>(sum, SumOp{}, red) / static_cast<acc_t>(n);
   lo = block_allreduce<kThreads>(lo, MinOp{}, red);
   hi = block_allreduce<kThreads>(hi, MaxOp{}, red);
+  // Block-uniform: every thread holds the same sum, lo and hi, so all take the rare rescaled sum.
+  const acc_t mean = overflow_safe_mean(block_allreduce<kThreads>(sum, SumOp{}, red), static_cast<acc_t>(n), lo, hi,
+                                        [&](acc_t scale) {
+                                          acc_t scaled = 0;
+#pragma unroll
+                                          for (int it = 0; it < kIters; ++it) {
+                                            const int64_t off = (static_cast<int64_t>(it) * kThreads + threadIdx.x) * kVec;
+                                            if (off < n) {
+#pragma unroll
+                                              for (int k = 0; k < kVec; ++k) scaled += v[it][k] * scale;
+                                            }
+                                          }
+                                          return block_allreduce<kThreads>(scaled, SumOp{}, red);
+                                        });
   const acc_t inv_s = pow2<acc_t>(-spread_exponent(lo, hi));  // m2's unit (Moments)
   acc_t sq = 0;
 #pragma unroll
