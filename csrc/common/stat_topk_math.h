@@ -90,15 +90,16 @@ FASTLOSS_HD acc_t max_of(acc_t a, acc_t b) { return b > a ? b : a; }
 
 // The mean of n values from their plain sum, or, where that sum overflowed although the
 // values are finite (|values| near max / n), from rescaled_sum(2^-e): the sum of the values
-// times 2^-e, e one less than the exponent above the largest magnitude, so every scaled
-// value is below 2 and the sum below 2n (a power of two: exact but for values that become
-// subnormal, far below the mean's rounding). The rare second sum rereads the caller's values
-// (in cache or registers). NaN stays NaN; an infinite value is left to the plain sum.
+// times 2^-e, e two less than the exponent above the largest magnitude (at most the largest
+// exponent whose 2^-e is normal), so every scaled value is below 4 and the sum below 4n (a
+// power of two: exact but for values that become subnormal, far below the mean's rounding).
+// The rare second sum rereads the caller's values (in cache or registers). NaN stays NaN; an
+// infinite value is left to the plain sum.
 template <typename acc_t, typename RescaledSum>
 FASTLOSS_HD acc_t overflow_safe_mean(acc_t sum, acc_t n, acc_t lo, acc_t hi, RescaledSum&& rescaled_sum) {
   const bool overflowed = !(sum - sum == acc_t(0)) && sum == sum;  // +-inf, not NaN
   if (!overflowed || !(lo - lo == acc_t(0)) || !(hi - hi == acc_t(0))) return sum / n;
-  const int e = exponent_above(max_of(-lo, hi)) - 1;
+  const int e = exponent_above(max_of(-lo, hi)) - 2;  // <= max_exponent - 2: 2^-e is normal
   return rescaled_sum(pow2<acc_t>(-e)) / n * pow2<acc_t>(e);
 }
 
