@@ -307,6 +307,31 @@ def test_unrolled_gradient():
     torch.testing.assert_close(g_unrolled, fastloss.sinkhorn(cost, a, b, eps=0.3, tol=1e-13, max_iter=400).plan)
 
 
+def test_unrolled_gradient_with_zero_mass_entries():
+    # log 0 = -inf enters the iteration; its gradient must be 0, not 0 * inf = NaN.
+    cost, a, b = random_problem(2, 8, 7, zeros=2, seed=13)
+    c, a2, b2 = (t.clone().requires_grad_() for t in (cost, a, b))
+    value = fastloss.sinkhorn_cost(c, a2, b2, eps=0.2, tol=1e-10, max_iter=300, grad="unrolled")
+    grads = torch.autograd.grad(value.sum(), (c, a2, b2))
+    assert all(torch.isfinite(g).all() for g in grads)
+    torch.testing.assert_close(grads[0], fastloss.sinkhorn(cost, a, b, eps=0.2, tol=1e-10, max_iter=300).plan)
+
+
+def test_nan_cost_gives_nan_value(device):
+    # A NaN (or -inf) cost entry stops that problem at once with a NaN error; its value is NaN
+    # too (not that of the untouched zero potentials), and the other problems are unaffected.
+    cost, a, b = random_problem(3, 5, 6, seed=14)
+    cost, a, b = cost.to(device), a.to(device), b.to(device)
+    expected = fastloss.sinkhorn_cost(cost, a, b, eps=0.1)
+    for bad in (math.nan, -math.inf):
+        c = cost.clone()
+        c[1, 2, 3] = bad
+        r = fastloss.sinkhorn(c, a, b, eps=0.1)
+        assert torch.isnan(r.value[1]) and torch.isnan(r.marginal_error[1])
+        torch.testing.assert_close(r.value[[0, 2]], expected[[0, 2]])
+        assert torch.isnan(fastloss.sinkhorn_cost(c, a, b, eps=0.1)[1])
+
+
 def test_opcheck_sinkhorn(device):
     cost, a, b = random_problem(2, 5, 4, seed=13, device=device)
     for dtype in (torch.float32, torch.float64):

@@ -476,7 +476,9 @@ void solve(const Problem<acc_t>& p, int64_t max_iter, acc_t tol, bool parallel, 
     out.beta[j] = eps * (scaled ? v[j] + std::log(y[j]) : v[j]);
     if (p.b[j] > 0) value += p.b[j] * out.beta[j];
   }
-  *out.value = value;
+  // A NaN error (a NaN or -inf cost: the potentials are meaningless) makes the value NaN
+  // rather than that of the last finite potentials (0 when it stopped at the first pass).
+  *out.value = err == err ? value : std::numeric_limits<acc_t>::quiet_NaN();
   *out.n_iter = it;
   *out.error = err;
   auto plan_pass = [&](int64_t r0, int64_t r1) {

@@ -216,7 +216,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm) sinkhorn_block_kern
   }
   val = block_sum(val, red);
   if (threadIdx.x == 0) {
-    p.value[k] = val;
+    p.value[k] = err == err ? val : dev_nan<T>();  // NaN error: NaN value (as on the CPU)
     p.error[k] = err;
     p.n_iter[k] = it;
   }
@@ -448,7 +448,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm) sinkhorn_grid_kerne
   if (blockIdx.x == 0) {
     const T total = grid_total(w.block_part, gridDim.x, SumOp{}, red + kWarps + 1);
     if (threadIdx.x == 0) {
-      p.value[k] = total;
+      p.value[k] = err == err ? total : dev_nan<T>();  // NaN error: NaN value (as on the CPU)
       p.error[k] = err;
       p.n_iter[k] = it;
     }

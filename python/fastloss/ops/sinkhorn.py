@@ -176,8 +176,10 @@ def _unrolled_value(cost, a, b, eps, max_iter, tol, error_norm):
     c = cost.to(acc) / eps
     a = a.to(acc)
     b = b.to(acc)
-    log_a = torch.log(a)[:, :, None]
-    log_b = torch.log(b)[:, None, :]
+    # log 0 = -inf with a zero gradient (torch.log's 1/a times a zero weight would be NaN).
+    neg_inf = torch.tensor(-math.inf, dtype=acc, device=a.device)
+    log_a = torch.where(a > 0, torch.log(torch.where(a > 0, a, 1.0)), neg_inf)[:, :, None]
+    log_b = torch.where(b > 0, torch.log(torch.where(b > 0, b, 1.0)), neg_inf)[:, None, :]
     u = torch.zeros_like(a)
     v = torch.zeros_like(b)
     active = torch.ones(a.shape[0], dtype=torch.bool, device=a.device)
