@@ -310,6 +310,28 @@ def test_masked_vocabulary_entries(device, dtype, reduction):
     torch.testing.assert_close(smoothed.double(), expected, **TOL[dtype])  # inf at active tokens, 0 at ignored
 
 
+def test_label_smoothing_is_never_filtered(device):
+    # Every logit-gradient entry carries -smoothing / V (3e-5 here, below bfloat16's auto
+    # threshold 2^-12): skipping such tiles dropped their share of the smoothing gradient (half
+    # of d hidden here, where the classifier rows share an offset and peaked softmaxes leave
+    # most tiles below the threshold).
+    h, c, t, _ = make_inputs((4,), 32, 16384, torch.bfloat16, device, scale=30.0, ignore_frac=0.0)
+    c = c + 1
+    def grads(filter_eps):
+        return grads_of(lambda h_, c_: fastloss.linear_cross_entropy(h_, c_, t, label_smoothing=0.5,
+                                                                     filter_eps=filter_eps), [h, c])[1]
+    for a, b in zip(grads("auto"), grads(None)):
+        assert torch.equal(a, b)
+
+
+def test_int32_targets_with_an_ignore_index_beyond_int32(device):
+    h, c, _, _ = make_inputs((4,), 8, 10, torch.float64, device)
+    t = torch.tensor([0, 1, 2, 3], dtype=torch.int32, device=device)
+    for ignore_index in (2**32, -(2**40)):  # matches no int32 target: every token counts
+        loss = fastloss.linear_cross_entropy(h, c, t, ignore_index=ignore_index)
+        torch.testing.assert_close(loss, reference(h, c, t.long()), rtol=1e-12, atol=1e-12)
+
+
 @pytest.mark.parametrize("deterministic", [False, True])  # True: the ATen path on CUDA
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_ignored_tokens_with_inf_hidden_rows(device, dtype, deterministic):

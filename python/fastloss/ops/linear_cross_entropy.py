@@ -105,7 +105,10 @@ def linear_cross_entropy(
             (for plain cross-entropy: every probability below ``filter_eps``, no target in the
             tile). Tiles: 1024 x 512 on the CPU, 128 x 128 in the CUDA tensor-core backward (the
             CUDA cuBLAS path does not filter). ``"auto"``: ``finfo(hidden.dtype).eps / 32``; None
-            or 0: exact gradients.
+            or 0: exact gradients. With ``label_smoothing`` > 0 nothing is skipped (every entry
+            then carries ``-label_smoothing / V``: each is tiny, their sum is not). The skipped
+            entries are each small, not their sum: near-uniform softmaxes (an LM head at
+            initialization) lose more gradient accuracy than trained, peaked ones.
         Under ``torch.autocast``, hidden, classifier and bias are first cast to the autocast
             dtype (float64 excepted), as ``F.linear`` would cast them.
         return_lse: also return the per-token log-sum-exp (hidden's leading shape, 0 at
@@ -160,7 +163,9 @@ def linear_cross_entropy(
     hidden, classifier, bias = _autocast(hidden, classifier, bias)
     label_smoothing = _check_real("label_smoothing", label_smoothing, 0.0, 1.0)
     z_loss = _check_real("z_loss", z_loss, -float("inf"), float("inf"))
-    eps = resolve_filter_eps(filter_eps, hidden.dtype)
+    # With label smoothing every logit-gradient entry carries -smoothing / V: each is below any
+    # useful threshold, their sum is not, so no tile may be skipped.
+    eps = resolve_filter_eps(filter_eps, hidden.dtype) if label_smoothing == 0.0 else 0.0
     if shift:
         if hidden.dim() < 2:
             raise ValueError("fastloss.linear_cross_entropy: 'shift' needs hidden of shape (..., T, D)")
@@ -181,7 +186,8 @@ def linear_cross_entropy(
     elif reduction == "sum":
         loss = loss.sum()
     else:
-        count = (t1 != ignore_index).sum().clamp_(min=1)
+        # Compared in int64: int32 targets against an ignore_index beyond int32 would wrap.
+        count = (t1.long() != ignore_index).sum().clamp_(min=1)
         loss = loss.sum() / count
     if return_lse:
         return loss, lse.view(lead)
@@ -290,7 +296,7 @@ class _VocabParallel(torch.autograd.Function):
         total = torch.exp(lse_local - shift)
         dist.all_reduce(total, op=dist.ReduceOp.SUM, group=group)
         dist.all_reduce(linear, op=dist.ReduceOp.SUM, group=group)
-        active = targets != ignore_index
+        active = targets.long() != ignore_index
         lse = torch.where(active, shift + torch.log(total), torch.zeros_like(shift))
         loss = torch.where(active, lse + z_loss * lse * lse + linear, torch.zeros_like(lse))
         ctx.options = (ignore_index, softcap, label_smoothing, z_loss, filter_eps, vocab_start, vocab_total,
