@@ -217,3 +217,65 @@ def test_errors():
         VonMisesFisher(torch.tensor([1, 0]), 1.0)
     with pytest.raises(ValueError, match="samples"):
         VonMisesFisher.fit(torch.ones(3))
+
+
+@pytest.mark.parametrize("p,kappa,dtype", [(32768, 10.0, torch.float32), (2048, 0.068, torch.float32),
+                                           (100, 1e-3, torch.float32), (3, 1e-8, torch.float64),
+                                           (2048, 1e-4, torch.float64), (100, 4.78e-7, torch.float64)])
+def test_log_normalizer_gradient_where_the_mean_resultant_is_small(p, kappa, dtype):
+    # d log C / d kappa = -A_p(kappa); as nu / kappa - (log I_nu)' it cancelled (20% off at
+    # p = 32768, kappa = 10 in float32; 0 instead of -3.3e-9 at p = 3, kappa = 1e-8).
+    k = torch.tensor(kappa, dtype=dtype, requires_grad=True)
+    fastloss.vmf_log_normalizer(k, p).backward()
+    expected = -float(mp_mean_resultant(mp.mpf(kappa), p))
+    assert k.grad.item() == pytest.approx(expected, rel=1e-6 if dtype == torch.float32 else 1e-12)
+
+
+def test_log_normalizer_second_derivative():
+    # d^2 log C / d kappa^2 = -A_p'(kappa), through the mean resultant's own gradient.
+    k = torch.tensor(3.0, dtype=torch.float64, requires_grad=True)
+    (g,) = torch.autograd.grad(fastloss.vmf_log_normalizer(k, 3), k, create_graph=True)
+    (h,) = torch.autograd.grad(g, k)
+    expected = -mp.diff(lambda t: mp_mean_resultant(t, 3), mp.mpf(3))
+    assert h.item() == pytest.approx(float(expected), rel=1e-12)
+
+
+@pytest.mark.parametrize("p", [2, 4, 10])
+def test_kappa_mle_at_tiny_rbar(p):
+    # Sra's upper bracket end rounds to the root there: Newton's steps onto it are accepted.
+    kappa = torch.tensor([1e-8, 1e-12, 1e-200], dtype=torch.float64)
+    rbar = fastloss.vmf_mean_resultant(kappa, p)
+    torch.testing.assert_close(fastloss.vmf_kappa_mle(rbar, p), kappa, rtol=1e-15, atol=0)
+
+
+@pytest.mark.parametrize("p,kappa", [(2, 1e8), (3, 1e9), (16, 1e10)])
+def test_float32_sampling_at_large_concentration(p, kappa):
+    loc = torch.zeros(p)
+    loc[0] = 1
+    x = VonMisesFisher(loc, torch.tensor(kappa)).sample((64,))
+    assert x.dtype == torch.float32 and torch.isfinite(x).all()
+    torch.testing.assert_close(x.norm(dim=-1), torch.ones(64), rtol=1e-6, atol=1e-6)
+    assert (x[:, 0] > 0.999).all()
+
+
+def test_concentration_gradient_of_w_at_large_p_small_kappa():
+    # At p = 32768, kappa = 1 the density of w is a peak ~1/sqrt(p) wide; the quadrature's
+    # range must not be stretched by the large-kappa variance floor (2e-4 off before).
+    from fastloss.distributions import w_kappa_derivative
+
+    p, kappa = 32768, 1.0
+    nu = mp.mpf(p) / 2 - 1
+    a = mp_mean_resultant(mp.mpf(kappa), p)
+    for w in (-0.0012003397939303853, 0.0012663951110501465):
+        wm = mp.mpf(w)
+
+        def ratio(t):
+            return mp.exp(kappa * (t - wm)) * ((1 - t * t) / (1 - wm * wm)) ** (nu - 0.5)
+
+        near = [mp.mpf(d) / 1000 for d in (1, 2, 5, 10, 20, 50, 100, 200)]
+        if wm >= a:
+            expected = mp.quad(lambda t: (t - a) * ratio(t), [wm] + [wm + d for d in near] + [1])
+        else:
+            expected = mp.quad(lambda t: (a - t) * ratio(t), [-1] + [wm - d for d in reversed(near)] + [wm])
+        got = w_kappa_derivative(torch.tensor([w], dtype=torch.float64), torch.tensor([kappa], dtype=torch.float64), p)
+        assert abs(got.item() - float(expected)) <= 1e-9 * abs(float(expected))

@@ -48,8 +48,11 @@ def w_kappa_derivative(w: torch.Tensor, kappa: torch.Tensor, p: int, chunk: int 
         a = vmf_mean_resultant(kc, p)
         safe_k = torch.where(kc > 0, kc, torch.ones_like(kc))
         var = torch.where(kc > 0, 1 - a * a - (p - 1) / safe_k * a, torch.full_like(kc, 1.0 / p))
-        # 1 - A^2 - (p-1) A / kappa cancels at large kappa: floor it at half its asymptote.
-        var = torch.maximum(var, torch.where(kc > 0, (p - 1) / (4 * safe_k * safe_k), torch.zeros_like(kc)))
+        # 1 - A^2 - (p-1) A / kappa cancels at large kappa: floor it at half its asymptote there
+        # (the floor never exceeds 1 / (2p), about half the variance at small kappa, where the
+        # asymptote is huge and would stretch the rule past the density's peak).
+        floor = torch.minimum((p - 1) / (4 * safe_k * safe_k), torch.full_like(kc, 0.5 / p))
+        var = torch.maximum(var, torch.where(kc > 0, floor, torch.zeros_like(kc)))
         std = var.sqrt()
         one_minus_w2 = ((1 - wc) * (1 + wc)).clamp(min=torch.finfo(torch.float64).tiny)
         slope = kc - (2 * nu - 1) * wc / one_minus_w2  # d log f / dt at w
@@ -117,7 +120,9 @@ class VonMisesFisher(Distribution):
 
     def _sample_w(self, shape: torch.Size, max_rounds: int = 64) -> torch.Tensor:
         """Wood's rejection sampler for w = mu . x (acceptance is high at every p and kappa)."""
-        kappa = self.concentration.detach().expand(shape)
+        # In float64: in float32, x0 = (1 - b) / (1 + b) rounds to 1 from kappa ~ 1e7 (p = 2)
+        # and every acceptance test is NaN.
+        kappa = self.concentration.detach().double().expand(shape)
         m1 = self.p - 1.0
         # b = (-2 kappa + sqrt(4 kappa^2 + m1^2)) / m1, written without cancellation.
         b = m1 / (2 * kappa + torch.sqrt(4 * kappa * kappa + m1 * m1))
@@ -134,7 +139,7 @@ class VonMisesFisher(Distribution):
             w = torch.where(accept, proposal, w)
             done = done | accept
             if bool(done.all()):
-                return w
+                return w.to(self.concentration.dtype)
         raise RuntimeError("VonMisesFisher: the rejection sampler did not converge (non-finite concentration?)")
 
     def rsample(self, sample_shape=torch.Size()) -> torch.Tensor:
