@@ -1,6 +1,6 @@
 // Autograd kernels in C++ for the ops that are often called on small tensors: softmax and
-// log-softmax (and their backward ops, for double backward), log I_v / log K_v, and the SinKD
-// loss. A Python autograd registration (torch.library.register_autograd) runs Python on every
+// log-softmax (and their backward ops, for double backward), log I_v / log K_v (and their
+// derivative ops, which refuse a second derivative), and the SinKD loss. A Python autograd registration (torch.library.register_autograd) runs Python on every
 // call, with or without grad: ~30 us, more than the kernels themselves below ~10^5 elements.
 // Each kernel wraps the op in a torch::autograd::Function whose forward calls the op below
 // autograd; the ops with larger inputs and richer contexts (stat_topk, sinkhorn, cut
@@ -138,6 +138,33 @@ at::Tensor log_bessel_autograd(const at::Tensor& v, const at::Tensor& x) {
   return LogBesselFunction<kI>::apply(v, x);
 }
 
+// The derivative ops have no derivative of their own. Without an autograd kernel, torch would
+// treat them as constants under create_graph=True and return a wrong second derivative (with
+// only a warning); this one keeps first derivatives with create_graph=True working and makes a
+// second derivative an error.
+template <bool kI>
+struct LogBesselGradFunction : torch::autograd::Function<LogBesselGradFunction<kI>> {
+  static variable_list forward(AutogradContext* /*ctx*/, const at::Tensor& v, const at::Tensor& x) {
+    static const auto op =
+        op_handle<BesselGradSig>(kI ? "fastloss::log_bessel_iv_grad" : "fastloss::log_bessel_kv_grad");
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    const auto [d_dv, d_dx] = op.call(v, x);
+    return {d_dv, d_dx};
+  }
+
+  static variable_list backward(AutogradContext* /*ctx*/, variable_list /*grads*/) {
+    TORCH_CHECK_NOT_IMPLEMENTED(false, "fastloss.log_bessel_", kI ? "iv" : "kv",
+                                ": a second derivative (double backward) is not implemented; first derivatives "
+                                "with create_graph=True work, but their graph ends at fastloss's derivative");
+  }
+};
+
+template <bool kI>
+std::tuple<at::Tensor, at::Tensor> log_bessel_grad_autograd(const at::Tensor& v, const at::Tensor& x) {
+  const variable_list out = LogBesselGradFunction<kI>::apply(v, x);
+  return {out[0], out[1]};
+}
+
 // SinKD: the loss is differentiable; the softmaxes, cost and scaling vectors it also returns
 // are what the fused backward reads.
 using KdSig = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>(
@@ -193,6 +220,8 @@ TORCH_LIBRARY_IMPL(fastloss, Autograd, m) {
   m.impl("log_softmax_backward", &softmax_backward_autograd<true>);
   m.impl("log_bessel_iv", &log_bessel_autograd<true>);
   m.impl("log_bessel_kv", &log_bessel_autograd<false>);
+  m.impl("log_bessel_iv_grad", &log_bessel_grad_autograd<true>);
+  m.impl("log_bessel_kv_grad", &log_bessel_grad_autograd<false>);
   m.impl("sinkhorn_kd", &sinkhorn_kd_autograd);
 }
 

@@ -859,3 +859,15 @@ def test_peak_memory_is_far_below_the_logits():
     gradients = (4096 + 32768) * 8 * 4
     # Gradients, one tile buffer and per-token statistics; well under a tenth of the logits.
     assert extra < logits / 10, f"peak extra RSS {extra / 2**20:.1f} MiB (gradients {gradients / 2**20:.1f} MiB)"
+
+
+def test_second_derivative_is_refused(device):
+    # create_graph=True used to fail inside the backward (mm out= under autograd); now the first
+    # derivative works and a second one raises a clear error.
+    h, c, t, _ = make_inputs((6,), 8, 50, torch.float64, device)
+    h.requires_grad_()
+    (g,) = torch.autograd.grad(fastloss.linear_cross_entropy(h, c, t), h, create_graph=True)
+    (g_plain,) = torch.autograd.grad(fastloss.linear_cross_entropy(h, c, t), h)
+    torch.testing.assert_close(g, g_plain)
+    with pytest.raises(NotImplementedError, match="second derivative"):
+        torch.autograd.grad(g.sum(), h)

@@ -414,3 +414,16 @@ def test_cuda_matches_cpu_memcheck():
         gh = getattr(torch.ops.fastloss, f"log_bessel_{name}_grad")(v, x)
         for a, b in zip(gc, gh):
             assert rel_error(a, b).max().item() <= 1e-12
+
+
+@pytest.mark.parametrize("fn", [fastloss.log_bessel_iv, fastloss.log_bessel_kv])
+def test_second_derivative_is_refused(fn, device):
+    # The derivative ops have no derivative: with create_graph=True the first derivative is
+    # right, and a second one raises instead of treating them as constants.
+    v = torch.tensor([0.3, 2.5], dtype=torch.float64, device=device, requires_grad=True)
+    x = torch.tensor([1.7, 40.0], dtype=torch.float64, device=device, requires_grad=True)
+    gv, gx = torch.autograd.grad(fn(v, x).sum(), (v, x), create_graph=True)
+    pv, px = torch.autograd.grad(fn(v, x).sum(), (v, x))
+    torch.testing.assert_close((gv, gx), (pv, px))
+    with pytest.raises(NotImplementedError, match="second derivative"):
+        torch.autograd.grad(gx.sum(), x)

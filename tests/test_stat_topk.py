@@ -415,3 +415,18 @@ def test_memcheck_subset(device):
     up = random_rows((3, 1000), torch.bfloat16, device, seed=1).requires_grad_()
     fastloss.stat_topk_gelu_mul(gate, up, 0.9).float().sum().backward()
     assert torch.isfinite(gate.grad.float()).all()
+
+
+@pytest.mark.parametrize("fn", ["stat_topk", "stat_topk_gelu_mul"])
+def test_second_derivative_is_refused(device, fn):
+    # First derivatives with create_graph=True work; a second one raises instead of being
+    # silently 0 (torch's fallback for an op without an autograd kernel).
+    x = torch.randn(5, 33, dtype=torch.float64, device=device, requires_grad=True)
+    up = torch.randn(5, 33, dtype=torch.float64, device=device)
+    out = fastloss.stat_topk(x, sparsity=0.7) if fn == "stat_topk" else fastloss.stat_topk_gelu_mul(x, up, 0.7)
+    (g,) = torch.autograd.grad((out**2).sum(), x, create_graph=True)
+    out2 = fastloss.stat_topk(x, sparsity=0.7) if fn == "stat_topk" else fastloss.stat_topk_gelu_mul(x, up, 0.7)
+    (g_plain,) = torch.autograd.grad((out2**2).sum(), x)
+    torch.testing.assert_close(g, g_plain)
+    with pytest.raises(NotImplementedError, match="second derivative"):
+        torch.autograd.grad(g.sum(), x)

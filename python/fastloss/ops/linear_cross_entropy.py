@@ -9,6 +9,8 @@ from typing import Dict, Optional, Tuple, Union
 
 import torch
 
+from ._double_backward import forbid_double_backward
+
 _REDUCTIONS = ("mean", "sum", "none")
 
 
@@ -252,6 +254,7 @@ def _backward(ctx, grad_loss, grad_lse):
 
 
 torch.library.register_autograd("fastloss::linear_cross_entropy", _backward, setup_context=_setup)
+forbid_double_backward("linear_cross_entropy_backward", "fastloss.linear_cross_entropy")
 
 
 # --------------------------------------------------------------------------------------------

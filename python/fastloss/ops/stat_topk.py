@@ -8,6 +8,8 @@ from typing import Optional, Tuple, Union
 
 import torch
 
+from ._double_backward import forbid_double_backward
+
 _MODES = ("soft", "hard")
 
 
@@ -183,3 +185,5 @@ def _gelu_mul_backward(ctx, grad_out, _grad_theta, _grad_mean, _grad_std):
 
 
 torch.library.register_autograd("fastloss::stat_topk_gelu_mul", _gelu_mul_backward, setup_context=_gelu_mul_setup)
+forbid_double_backward("stat_topk_backward", "fastloss.stat_topk")
+forbid_double_backward("stat_topk_gelu_mul_backward", "fastloss.stat_topk_gelu_mul")
