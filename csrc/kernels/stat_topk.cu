@@ -188,6 +188,20 @@ struct GeluMulGrad {
 // -------------------------------------------------------------------------------------------
 // On-chip paths: one block per row, the row in registers.
 
+// fn(value) for each value of the row this thread holds in v (element (it * kThreads + thread)
+// * kVec + k of the row, below n).
+template <int kThreads, int kIters, int kVec, typename acc_t, typename Fn>
+__device__ __forceinline__ void for_each_held(const acc_t (&v)[kIters][kVec], int64_t n, Fn&& fn) {
+#pragma unroll
+  for (int it = 0; it < kIters; ++it) {
+    const int64_t off = (static_cast<int64_t>(it) * kThreads + threadIdx.x) * kVec;
+    if (off < n) {
+#pragma unroll
+      for (int k = 0; k < kVec; ++k) fn(v[it][k]);
+    }
+  }
+}
+
 template <int kThreads, typename T, typename Out>
 __global__ void __launch_bounds__(kThreads) onchip_forward_kernel(const T* __restrict__ x, Out out,
                                                                   RowStatsOut<acc_of<T>> st, int64_t n,
@@ -220,29 +234,15 @@ __global__ void __launch_bounds__(kThreads) onchip_forward_kernel(const T* __res
   const acc_t mean = overflow_safe_mean(block_allreduce<kThreads>(sum, SumOp{}, red), static_cast<acc_t>(n), lo, hi,
                                         [&](acc_t scale) {
                                           acc_t scaled = 0;
-#pragma unroll
-                                          for (int it = 0; it < kIters; ++it) {
-                                            const int64_t off = (static_cast<int64_t>(it) * kThreads + threadIdx.x) * kVec;
-                                            if (off < n) {
-#pragma unroll
-                                              for (int k = 0; k < kVec; ++k) scaled += v[it][k] * scale;
-                                            }
-                                          }
+                                          for_each_held<kThreads>(v, n, [&](acc_t x) { scaled += x * scale; });
                                           return block_allreduce<kThreads>(scaled, SumOp{}, red);
                                         });
   const acc_t inv_s = pow2<acc_t>(-spread_exponent(lo, hi));  // m2's unit (Moments)
   acc_t sq = 0;
-#pragma unroll
-  for (int it = 0; it < kIters; ++it) {
-    const int64_t off = (static_cast<int64_t>(it) * kThreads + threadIdx.x) * kVec;
-    if (off < n) {
-#pragma unroll
-      for (int k = 0; k < kVec; ++k) {
-        const acc_t d = (v[it][k] - mean) * inv_s;
-        sq += d * d;
-      }
-    }
-  }
+  for_each_held<kThreads>(v, n, [&](acc_t x) {
+    const acc_t d = (x - mean) * inv_s;
+    sq += d * d;
+  });
   const acc_t m2 = block_allreduce<kThreads>(sq, SumOp{}, red);
   const RowThreshold<acc_t> t = row_threshold(Moments<acc_t>{static_cast<acc_t>(n), mean, m2, lo, hi}, z);
   if (threadIdx.x == 0) {
