@@ -89,6 +89,13 @@ def test_uniform_limit_at_zero_concentration():
     assert dist.entropy().item() == pytest.approx(log_area, rel=1e-15)
 
 
+def test_limits_at_infinite_and_invalid_concentration():
+    kappa = torch.tensor([math.inf, -1.0, math.nan], dtype=torch.float64)
+    value = fastloss.vmf_log_normalizer(kappa, 3)
+    assert value[0] == -math.inf and torch.isnan(value[1:]).all()
+    assert fastloss.vmf_mean_resultant(kappa[:1], 3).item() == 1.0
+
+
 @pytest.mark.parametrize("p,kappa", [(3, 2.0), (2048, 500.0), (32768, 1e4)])
 def test_log_prob_and_entropy_match_mpmath(p, kappa):
     g = torch.Generator().manual_seed(p)

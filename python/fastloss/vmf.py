@@ -54,11 +54,14 @@ class _LogNormalizer(torch.autograd.Function):
 def _log_normalizer_value(kappa: torch.Tensor, p: int) -> torch.Tensor:
     nu = p / 2 - 1
     log_area = math.log(2.0) + (p / 2) * math.log(math.pi) - math.lgamma(p / 2)
-    # At kappa = 0 the two logs are -inf (nu > 0); a safe kappa keeps the gradient finite there.
-    safe = torch.where(kappa > 0, kappa, torch.ones_like(kappa))
+    # The limits: kappa = 0, the uniform density's -log |S^(p-1)| (the two logs alone are -inf
+    # there); kappa = inf, -inf (the density concentrates at loc); negative or NaN kappa, NaN.
+    finite = (kappa > 0) & (kappa < math.inf)
+    safe = torch.where(finite, kappa, torch.ones_like(kappa))
     value = nu * torch.log(safe) - (p / 2) * math.log(2 * math.pi) - log_bessel_iv(nu, safe)
-    limit = torch.where(kappa == 0, torch.full_like(value, -log_area), torch.full_like(value, math.nan))
-    return torch.where(kappa > 0, value, limit)
+    at_inf = torch.where(kappa == math.inf, torch.full_like(value, -math.inf), torch.full_like(value, math.nan))
+    limit = torch.where(kappa == 0, torch.full_like(value, -log_area), at_inf)
+    return torch.where(finite, value, limit)
 
 
 # I_(v+1)(x) / I_v(x) by Gauss's continued fraction x / (2(v+1) + x^2 / (2(v+2) + x^2 / ...)):
