@@ -1,7 +1,8 @@
 // Autograd kernels in C++ for the ops that are often called on small tensors: softmax and
 // log-softmax (and their backward ops, for double backward), log I_v / log K_v (and their
-// derivative ops, which refuse a second derivative), and the SinKD loss. A Python autograd registration (torch.library.register_autograd) runs Python on every
-// call, with or without grad: ~30 us, more than the kernels themselves below ~10^5 elements.
+// derivative ops, which refuse a second derivative), and the SinKD loss. A Python autograd
+// registration (torch.library.register_autograd) runs Python on every call, with or without
+// grad: ~30 us, more than the kernels themselves below ~10^5 elements.
 // Each kernel wraps the op in a torch::autograd::Function whose forward calls the op below
 // autograd; the ops with larger inputs and richer contexts (stat_topk, sinkhorn, cut
 // cross-entropy) keep their Python registrations.

@@ -102,7 +102,10 @@ FASTLOSS_HD TokenGrad<acc_t> token_grad(acc_t grad_loss, acc_t grad_lse, acc_t l
   t.b = grad_loss * (acc_t(1) - label_smoothing);
   t.c = grad_loss * label_smoothing * inv_vocab;
   // Relative to the token's own gradient scale: plain cross-entropy skips p_j < filter_eps.
-  t.threshold = filter_eps * fl_max(t.a < 0 ? -t.a : t.a, t.b < 0 ? -t.b : t.b);
+  // With label smoothing every entry carries -c: each is below any useful threshold, their
+  // sum is not, so nothing is skipped (threshold 0).
+  t.threshold = label_smoothing == acc_t(0) ? filter_eps * fl_max(t.a < 0 ? -t.a : t.a, t.b < 0 ? -t.b : t.b)
+                                            : acc_t(0);
   return t;
 }
 

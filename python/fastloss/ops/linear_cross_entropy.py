@@ -165,9 +165,7 @@ def linear_cross_entropy(
     hidden, classifier, bias = _autocast(hidden, classifier, bias)
     label_smoothing = _check_real("label_smoothing", label_smoothing, 0.0, 1.0)
     z_loss = _check_real("z_loss", z_loss, -float("inf"), float("inf"))
-    # With label smoothing every logit-gradient entry carries -smoothing / V: each is below any
-    # useful threshold, their sum is not, so no tile may be skipped.
-    eps = resolve_filter_eps(filter_eps, hidden.dtype) if label_smoothing == 0.0 else 0.0
+    eps = resolve_filter_eps(filter_eps, hidden.dtype)
     if shift:
         if hidden.dim() < 2:
             raise ValueError("fastloss.linear_cross_entropy: 'shift' needs hidden of shape (..., T, D)")
