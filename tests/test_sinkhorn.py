@@ -307,6 +307,25 @@ def test_unrolled_gradient():
     torch.testing.assert_close(g_unrolled, fastloss.sinkhorn(cost, a, b, eps=0.3, tol=1e-13, max_iter=400).plan)
 
 
+def test_envelope_second_derivative_raises_unrolled_works():
+    # The envelope gradient P carries no derivative of P itself: a graph through it would give
+    # a wrong second derivative (it used to, silently). It raises; the unrolled value works.
+    cost, a, b = random_problem(2, 5, 6, seed=14)
+    c = cost.clone().requires_grad_()
+    v = fastloss.sinkhorn_cost(c, a, b, eps=0.5, tol=1e-12, max_iter=1000)
+    (g,) = torch.autograd.grad((v ** 2).sum(), c, create_graph=True)
+    with pytest.raises(NotImplementedError, match="grad='unrolled'"):
+        torch.autograd.grad(g.sum(), c)
+    # First derivatives with create_graph=True are unchanged.
+    v = fastloss.sinkhorn_cost(c, a, b, eps=0.5, tol=1e-12, max_iter=1000)
+    (g1,) = torch.autograd.grad((v ** 2).sum(), c, create_graph=True)
+    (g2,) = torch.autograd.grad((fastloss.sinkhorn_cost(c, a, b, eps=0.5, tol=1e-12, max_iter=1000) ** 2).sum(), c)
+    torch.testing.assert_close(g1, g2, rtol=0, atol=0)
+
+    fn = lambda t: fastloss.sinkhorn_cost(t, a, b, eps=0.5, tol=1e-4, max_iter=8, grad="unrolled")
+    assert torch.autograd.gradgradcheck(fn, (c,))
+
+
 def test_unrolled_gradient_with_zero_mass_entries():
     # log 0 = -inf enters the iteration; its gradient must be 0, not 0 * inf = NaN.
     cost, a, b = random_problem(2, 8, 7, zeros=2, seed=13)

@@ -241,18 +241,32 @@ def _sinkhorn_setup_context(ctx, inputs, output):
 
 
 def _sinkhorn_backward(ctx, _g_plan, _g_alpha, _g_beta, g_value, _g_n_iter, _g_err):
-    # Envelope theorem: d value / d cost = P, d value / d a = alpha, d value / d b = beta.
     plan, alpha, beta = ctx.saved_tensors
-    cost_dtype, a_dtype, b_dtype = ctx.dtypes
-    g = g_value.to(plan.dtype)
-    grad_cost = grad_a = grad_b = None
-    if ctx.needs_input_grad[0]:
-        grad_cost = (g[:, None, None] * plan).to(cost_dtype)
-    if ctx.needs_input_grad[1]:
-        grad_a = (g[:, None] * alpha).to(a_dtype)
-    if ctx.needs_input_grad[2]:
-        grad_b = (g[:, None] * beta).to(b_dtype)
-    return grad_cost, grad_a, grad_b, None, None, None, None
+    grads = _EnvelopeGrad.apply(g_value, plan, alpha, beta, ctx.needs_input_grad[:3], ctx.dtypes)
+    return (*grads, None, None, None, None)
+
+
+class _EnvelopeGrad(torch.autograd.Function):
+    """Envelope theorem: d value / d cost = P, d value / d a = alpha, d value / d b = beta.
+
+    P and the potentials are saved without their own dependence on the inputs, so a graph built
+    through these gradients (create_graph=True) would silently miss the derivative of the plan
+    with respect to the cost: differentiating them raises instead."""
+
+    @staticmethod
+    def forward(ctx, g_value, plan, alpha, beta, needs, dtypes):
+        cost_dtype, a_dtype, b_dtype = dtypes
+        g = g_value.to(plan.dtype)
+        grad_cost = (g[:, None, None] * plan).to(cost_dtype) if needs[0] else None
+        grad_a = (g[:, None] * alpha).to(a_dtype) if needs[1] else None
+        grad_b = (g[:, None] * beta).to(b_dtype) if needs[2] else None
+        return grad_cost, grad_a, grad_b
+
+    @staticmethod
+    def backward(ctx, *grads):
+        raise NotImplementedError(
+            "fastloss.sinkhorn_cost: the envelope gradient (grad='envelope') has no derivative of its "
+            "own (it would need the plan's derivative in the cost); use grad='unrolled' for second derivatives")
 
 
 torch.library.register_autograd("fastloss::sinkhorn", _sinkhorn_backward, setup_context=_sinkhorn_setup_context)
