@@ -327,3 +327,21 @@ def test_rows_beyond_cache(device, fn, ref_fn, dtype):
     y = fn(x, -1)
     assert torch.isnan(y[2]).all() and not torch.isnan(y[:2]).any()
     assert (y[1, 7] == (-math.inf if fn is fastloss.log_softmax else 0)).item()
+
+
+@pytest.mark.parametrize("fn,ref_fn", OPS)
+def test_large_outputs_written_chunk_by_chunk(fn, ref_fn):
+    # CPU outputs above 32 MiB are fresh pages, faulted in 256 KiB chunks of rows just before
+    # the rows are written; 3001 columns make the chunks end mid-way through a thread's rows.
+    x = torch.randn(2801, 3001) * 3
+    g = torch.randn_like(x)
+    xg = x.clone().requires_grad_()
+    y = fn(xg, -1)
+    (dx,) = torch.autograd.grad(y, xg, g)
+    x64 = x.double().requires_grad_()
+    y64 = ref_fn(x64, -1)
+    (dx64,) = torch.autograd.grad(y64, x64, g.double())
+    eps = torch.finfo(torch.float32).eps
+    assert (y.double() - y64).abs().max().item() <= 8 * eps * max(1.0, y64.abs().max().item())
+    scale = max(1.0, g.double().sum(-1).abs().max().item())
+    assert (dx.double() - dx64).abs().max().item() <= 8 * eps * scale * max(1.0, dx64.abs().max().item())

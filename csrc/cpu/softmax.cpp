@@ -388,8 +388,12 @@ FASTLOSS_BACKWARD_ENTRIES(f32_bf16, float, c10::BFloat16)
   do {                                                                                      \
     const IN* xp = reinterpret_cast<const IN*>(x.const_data_ptr());                          \
     OUT* yp = reinterpret_cast<OUT*>(y.mutable_data_ptr());                                  \
+    const WritePrefault prefault({y}, l.outer);                                             \
     for_each_row_block(                                                                     \
-        l, [&](int64_t b, int64_t e) { NAME##_lastdim(xp, yp, b, e, l.size); },            \
+        l,                                                                                  \
+        [&](int64_t b, int64_t e) {                                                         \
+          prefault.rows(b, e, [&](int64_t cb, int64_t ce) { NAME##_lastdim(xp, yp, cb, ce, l.size); }); \
+        },                                                                                  \
         [&](int64_t o, int64_t j, int count) {                                                 \
           const int64_t off = o * l.size * l.inner + j;                                      \
           NAME##_strided(xp + off, yp + off, l.size, l.inner, count);                        \
@@ -433,8 +437,12 @@ at::Tensor forward(const at::Tensor& self, int64_t dim, bool half_to_float) {
     const OUT* gp = reinterpret_cast<const OUT*>(g.const_data_ptr());                            \
     const OUT* yp = reinterpret_cast<const OUT*>(y.const_data_ptr());                            \
     GRAD* dp = reinterpret_cast<GRAD*>(dx.mutable_data_ptr());                                   \
+    const WritePrefault prefault({dx}, l.outer);                                                \
     for_each_row_block(                                                                         \
-        l, [&](int64_t b, int64_t e) { NAME##_lastdim(gp, yp, dp, b, e, l.size); },            \
+        l,                                                                                      \
+        [&](int64_t b, int64_t e) {                                                             \
+          prefault.rows(b, e, [&](int64_t cb, int64_t ce) { NAME##_lastdim(gp, yp, dp, cb, ce, l.size); }); \
+        },                                                                                      \
         [&](int64_t o, int64_t j, int count) {                                                  \
           const int64_t off = o * l.size * l.inner + j;                                         \
           NAME##_strided(gp + off, yp + off, dp + off, l.size, l.inner, count);                 \

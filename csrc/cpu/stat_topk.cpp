@@ -25,6 +25,7 @@
 #include "common/softmax_math.h"
 #include "common/stat_topk_math.h"
 #include "common/stat_topk_op.h"
+#include "cpu/alloc.h"
 #include "cpu/convert.h"
 #include "cpu/isa.h"
 #include "cpu/rows.h"
@@ -371,8 +372,14 @@ StatTopKResult stat_topk(const at::Tensor& input, int64_t dim, double sparsity, 
     acc_t* sp = sd.mutable_data_ptr<acc_t>();                                                            \
     acc_t* tp = theta.mutable_data_ptr<acc_t>();                                                         \
     const acc_t z = static_cast<acc_t>(args.z);                                                          \
+    const WritePrefault prefault({y}, l.outer);                                                          \
     for_each_row_block(                                                                                  \
-        l, [&](int64_t b, int64_t e) { forward_lastdim_##SUFFIX(xp, yp, mp, sp, tp, b, e, l.size, z, hard); }, \
+        l,                                                                                               \
+        [&](int64_t b, int64_t e) {                                                                      \
+          prefault.rows(b, e, [&](int64_t cb, int64_t ce) {                                              \
+            forward_lastdim_##SUFFIX(xp, yp, mp, sp, tp, cb, ce, l.size, z, hard);                       \
+          });                                                                                            \
+        },                                                                                               \
         [&](int64_t o, int64_t j, int count) {                                                           \
           const int64_t off = o * l.size * l.inner + j, s = o * l.inner + j;                             \
           forward_strided_##SUFFIX(xp + off, yp + off, mp + s, sp + s, tp + s, l.size, l.inner, count, z, hard); \
@@ -410,10 +417,13 @@ at::Tensor stat_topk_backward(const at::Tensor& grad_y, const c10::optional<at::
     const acc_t* sp = sd.const_data_ptr<acc_t>();                                                        \
     const acc_t* tp = has_gt ? gt.const_data_ptr<acc_t>() : nullptr;                                     \
     const acc_t z = static_cast<acc_t>(args.z);                                                          \
+    const WritePrefault prefault({dx}, l.outer);                                                         \
     for_each_row_block(                                                                                  \
         l,                                                                                               \
         [&](int64_t b, int64_t e) {                                                                      \
-          backward_lastdim_##SUFFIX(gp, xp, thp, mp, sp, tp, dp, b, e, l.size, z, hard, threshold_grad); \
+          prefault.rows(b, e, [&](int64_t cb, int64_t ce) {                                              \
+            backward_lastdim_##SUFFIX(gp, xp, thp, mp, sp, tp, dp, cb, ce, l.size, z, hard, threshold_grad); \
+          });                                                                                            \
         },                                                                                               \
         [&](int64_t o, int64_t j, int count) {                                                           \
           const int64_t off = o * l.size * l.inner + j, s = o * l.inner + j;                             \
@@ -448,8 +458,11 @@ StatTopKResult stat_topk_gelu_mul(const at::Tensor& gate_in, const at::Tensor& u
     acc_t* mp = mean.mutable_data_ptr<acc_t>();                                                      \
     acc_t* sp = sd.mutable_data_ptr<acc_t>();                                                        \
     const acc_t z = static_cast<acc_t>(args.z);                                                      \
+    const WritePrefault prefault({out}, l.outer);                                                    \
     at::parallel_for(0, l.outer, grain, [&](int64_t b, int64_t e) {                                  \
-      gelu_mul_forward_##SUFFIX(gp, up_p, op_, tp, mp, sp, b, e, l.size, z);                         \
+      prefault.rows(b, e, [&](int64_t cb, int64_t ce) {                                              \
+        gelu_mul_forward_##SUFFIX(gp, up_p, op_, tp, mp, sp, cb, ce, l.size, z);                     \
+      });                                                                                            \
     });                                                                                              \
   }
   FASTLOSS_STAT_TOPK_DISPATCH(gate_in.scalar_type(), FASTLOSS_CASE)
@@ -483,10 +496,13 @@ std::tuple<at::Tensor, at::Tensor> stat_topk_gelu_mul_backward(const at::Tensor&
     const acc_t* mp = mean.const_data_ptr<acc_t>();                                                  \
     const acc_t* sp = sd.const_data_ptr<acc_t>();                                                    \
     const acc_t z = static_cast<acc_t>(args.z);                                                      \
+    const WritePrefault prefault({dgate, dup}, l.outer);                                             \
     at::parallel_for(0, l.outer, grain, [&](int64_t b, int64_t e) {                                  \
       std::vector<acc_t> scratch(static_cast<size_t>(l.size));                                       \
-      gelu_mul_backward_##SUFFIX(gp, gate_p, up_p, tp, mp, sp, dg, du, scratch.data(), b, e, l.size, \
-                                 z, threshold_grad);                                                 \
+      prefault.rows(b, e, [&](int64_t cb, int64_t ce) {                                              \
+        gelu_mul_backward_##SUFFIX(gp, gate_p, up_p, tp, mp, sp, dg, du, scratch.data(), cb, ce,     \
+                                   l.size, z, threshold_grad);                                       \
+      });                                                                                            \
     });                                                                                              \
   }
   FASTLOSS_STAT_TOPK_DISPATCH(gate_in.scalar_type(), FASTLOSS_CASE)
