@@ -188,6 +188,23 @@ def test_concentration_gradient_of_w_in_closed_form_at_p3():
             assert abs(got - float(expected)) <= 1e-9 * abs(float(expected)), (kappa, u, got, expected)
 
 
+def test_concentration_gradient_of_w_above_the_mean_at_large_kappa():
+    """p = 3 closed form at kappa up to 1e9, samples above the mean (u >= 0.7): t - w and
+    t - A near t = 1 are formed from 1 - w, 1 - A and u^2 (1 - u^2 - A lost ~1e-16 kappa)."""
+    from fastloss.distributions import w_kappa_derivative
+
+    for kappa in (1e5, 1e7, 1e9):
+        for u in (0.7, 0.99, 1 - 1e-6):
+            k = mp.mpf(kappa)
+            w = mp.mpf(float(mp.log1p(u * mp.expm1(2 * k)) / k - 1))
+            cdf = lambda kk: mp.expm1(kk * (w + 1)) / mp.expm1(2 * kk)  # noqa: E731
+            density = k * mp.exp(k * (w + 1)) / mp.expm1(2 * k)
+            expected = -mp.diff(cdf, k) / density
+            got = w_kappa_derivative(torch.tensor([float(w)], dtype=torch.float64),
+                                     torch.tensor([kappa], dtype=torch.float64), 3).item()
+            assert abs(got - float(expected)) <= 1e-12 * abs(float(expected)), (kappa, u, got, expected)
+
+
 @pytest.mark.parametrize("p,kappa", [(3, 2.0), (10, 30.0), (256, 100.0)])
 def test_rsample_concentration_gradient_is_unbiased(p, kappa):
     """E[dw/dkappa] = dE[w]/dkappa = A_p'(kappa) = 1 - A^2 - (p - 1) A / kappa (the variance of w)."""

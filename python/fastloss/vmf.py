@@ -203,6 +203,14 @@ def _mean_resultant_slope(nu: float, kappa: torch.Tensor) -> torch.Tensor:
     return torch.where(debye & (k > 0), from_debye, from_fraction)
 
 
+def _mean_resultant_complement(nu: float, kappa: torch.Tensor) -> torch.Tensor:
+    """1 - A_p(kappa) in float64 to full relative precision (1 - A itself loses it as A -> 1)."""
+    k = kappa.double()
+    debye = _uses_debye(nu, k) & (k > 0) & (k < math.inf)
+    from_debye = _debye_ratio_terms(nu, torch.where(debye, k, torch.ones_like(k)))[1]
+    return torch.where(debye, from_debye, 1 - _bessel_iv_ratio(nu, k))
+
+
 def _vmf_entropy(kappa: torch.Tensor, p: int) -> torch.Tensor:
     """-log C_p(kappa) - kappa A_p(kappa) in float64. Both terms grow like kappa; where Debye's
     expansion applies it is summed as (log I - kappa) - nu log kappa + p/2 log(2 pi) + kappa (1 - A),
