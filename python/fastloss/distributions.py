@@ -56,21 +56,39 @@ def w_kappa_derivative(w: torch.Tensor, kappa: torch.Tensor, p: int, chunk: int 
         decay = -sign * slope  # > 0 when f falls off away from w on the chosen side
         scale = torch.where(decay > 0, torch.minimum(std, 1 / decay.clamp(min=1e-300)), std)
         gap_w = (1 - sign * wc).clamp(min=0)  # 1 -+ w: the distance to the endpoint
+        gap_error = (-sign * wc) - (gap_w - 1)  # (1 -+ w) - gap_w exactly (Fast2Sum)
+        other_gap = 1 + sign * wc  # 1 +- w (exact near w = 1 on the lower side: Sterbenz)
         u_w = gap_w.sqrt()
         u_far = (gap_w - 50 * scale).clamp(min=0).sqrt()
-        span = (u_w - u_far).unsqueeze(-1)
-        u = u_far.unsqueeze(-1) + span * nodes  # (chunk, nodes), all > 0
-        u2 = u * u  # t = +-(1 - u^2)
-        log_ratio = (kc.unsqueeze(-1) * sign.unsqueeze(-1) * (gap_w.unsqueeze(-1) - u2)  # kappa (t - w)
-                     + (2 * nu - 1) * (torch.log(u) - torch.log(u_w).unsqueeze(-1))
-                     + (nu - 0.5) * (torch.log(2 - u2) - torch.log(2 - u_w * u_w).unsqueeze(-1)))
-        # t - w and |t - A| from 1 -+ w, 1 - A and u^2, so that nothing cancels near t = 1 at
-        # large kappa (forming t = 1 - u^2 first lost ~1e-16 absolute: ~1e-16 kappa relative).
-        distance = torch.where(upper.unsqueeze(-1), delta.unsqueeze(-1) - u2, (1 + a).unsqueeze(-1) - u2)
+        span = u_w - u_far
+        below_w = span.unsqueeze(-1) * (1 - nodes)  # u_w - u
+        u = u_w.unsqueeze(-1) - below_w  # (chunk, nodes), all > 0
+        # Everything from d = |t - w| = (u_w - u)(u_w + u) - (u_w^2 - (1 -+ w)), 1 - w, 1 +- w and
+        # 1 - A, each exact or accurate to its own size: forming t = +-(1 - u^2), or rounding
+        # 1 + w, lost ~1e-16 absolute where w, t and A are all near 1 (large kappa), i.e.
+        # ~1e-16 kappa relative.
+        residual = _square_residual(u_w, gap_w) - gap_error
+        d = below_w * (u + u_w.unsqueeze(-1)) - residual.unsqueeze(-1)
+        log_ratio = (sign * kc).unsqueeze(-1) * d  # kappa (t - w)
+        log_ratio = log_ratio + (2 * nu - 1) * torch.log1p(-below_w / u_w.unsqueeze(-1))  # u^(2 nu - 1)
+        log_ratio = log_ratio + (nu - 0.5) * torch.log1p(d / other_gap.unsqueeze(-1))  # (1 +- t)^(nu - 1/2)
+        w_to_mean = (delta - (1 - wc)).abs()
+        distance = d + w_to_mean.unsqueeze(-1)  # |t - A| = |t - w| + |w - A|
         integrand = distance * 2 * u * torch.exp(log_ratio)
-        value = (integrand * weights).sum(-1) * span.squeeze(-1)
+        # u_w^2 misses 1 -+ w by `residual`: the rule's interval overshoots w by that much in
+        # t, where the integrand is |w - A| (~1e-16 kappa relative on the lower side).
+        value = (integrand * weights).sum(-1) * span - residual * w_to_mean
         out[start:start + chunk] = torch.where(u_w > 0, value, torch.zeros_like(value))
     return out
+
+
+def _square_residual(r: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+    """r * r - a to ~1e-32 absolute for r ~ sqrt(a) (Dekker's split: hi * hi and 2 hi lo are
+    exact, hi * hi - a is exact by Sterbenz)."""
+    c = 134217729.0 * r  # 2^27 + 1
+    hi = c - (c - r)
+    lo = r - hi
+    return ((hi * hi - a) + 2 * hi * lo) + lo * lo
 
 
 class VonMisesFisher(Distribution):
