@@ -172,38 +172,23 @@ def test_concentration_gradient_of_w_against_mpmath(p, kappa):
         assert abs(gi - float(expected)) <= 1e-9 * abs(float(expected)), (wi, gi, expected)
 
 
-def test_concentration_gradient_of_w_in_closed_form_at_p3():
-    """p = 3: F(w) = (exp(kappa (w + 1)) - 1) / (exp(2 kappa) - 1), so dw/dkappa = -dF/dkappa / f."""
+@pytest.mark.parametrize("kappa", [1e-3, 0.3, 3.0, 30.0, 300.0, 1e5, 1e7, 1e9])
+def test_concentration_gradient_of_w_in_closed_form_at_p3(kappa):
+    """p = 3: F(w) = (exp(kappa (w + 1)) - 1) / (exp(2 kappa) - 1), so dw/dkappa = -dF/dkappa / f.
+    At large kappa w, t and A are all near 1 on both sides of the mean: forming t = +-(1 - u^2),
+    rounding 1 + w, or letting the rule's interval end at u_w^2 - 1 instead of w each lost
+    ~1e-16 kappa relative (4e-8 at kappa = 1e9)."""
     from fastloss.distributions import w_kappa_derivative
 
-    for kappa in (1e-3, 0.3, 3.0, 30.0, 300.0):
-        for u in (1e-6, 0.01, 0.3, 0.7, 0.99, 1 - 1e-6):
-            k = mp.mpf(kappa)
-            w = mp.mpf(float(mp.log1p(u * mp.expm1(2 * k)) / k - 1))  # the sample, rounded to float64
-            cdf = lambda kk: mp.expm1(kk * (w + 1)) / mp.expm1(2 * kk)  # noqa: E731
-            density = k * mp.exp(k * (w + 1)) / mp.expm1(2 * k)
-            expected = -mp.diff(cdf, k) / density
-            got = w_kappa_derivative(torch.tensor([float(w)], dtype=torch.float64),
-                                     torch.tensor([kappa], dtype=torch.float64), 3).item()
-            assert abs(got - float(expected)) <= 1e-9 * abs(float(expected)), (kappa, u, got, expected)
-
-
-def test_concentration_gradient_of_w_at_large_kappa():
-    """p = 3 closed form at kappa up to 1e9, on both sides of the mean: where w, t and A are
-    all near 1, forming t = +-(1 - u^2), rounding 1 + w, or letting the rule's interval end
-    at u_w^2 - 1 instead of w each lost ~1e-16 kappa relative (4e-8 at kappa = 1e9)."""
-    from fastloss.distributions import w_kappa_derivative
-
-    for kappa in (1e5, 1e7, 1e9):
-        for u in (1e-6, 0.01, 0.3, 0.7, 0.99, 1 - 1e-6):
-            k = mp.mpf(kappa)
-            w = mp.mpf(float(mp.log1p(u * mp.expm1(2 * k)) / k - 1))
-            cdf = lambda kk: mp.expm1(kk * (w + 1)) / mp.expm1(2 * kk)  # noqa: E731
-            density = k * mp.exp(k * (w + 1)) / mp.expm1(2 * k)
-            expected = -mp.diff(cdf, k) / density
-            got = w_kappa_derivative(torch.tensor([float(w)], dtype=torch.float64),
-                                     torch.tensor([kappa], dtype=torch.float64), 3).item()
-            assert abs(got - float(expected)) <= 1e-12 * abs(float(expected)), (kappa, u, got, expected)
+    for u in (1e-6, 0.01, 0.3, 0.7, 0.99, 1 - 1e-6):
+        k = mp.mpf(kappa)
+        w = mp.mpf(float(mp.log1p(u * mp.expm1(2 * k)) / k - 1))  # the sample, rounded to float64
+        cdf = lambda kk: mp.expm1(kk * (w + 1)) / mp.expm1(2 * kk)  # noqa: E731
+        density = k * mp.exp(k * (w + 1)) / mp.expm1(2 * k)
+        expected = -mp.diff(cdf, k) / density
+        got = w_kappa_derivative(torch.tensor([float(w)], dtype=torch.float64),
+                                 torch.tensor([kappa], dtype=torch.float64), 3).item()
+        assert abs(got - float(expected)) <= 1e-12 * abs(float(expected)), (kappa, u, got, expected)
 
 
 @pytest.mark.parametrize("p,kappa", [(3, 2.0), (10, 30.0), (256, 100.0)])
