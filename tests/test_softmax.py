@@ -345,3 +345,13 @@ def test_large_outputs_written_chunk_by_chunk(fn, ref_fn):
     assert (y.double() - y64).abs().max().item() <= 8 * eps * max(1.0, y64.abs().max().item())
     scale = max(1.0, g.double().sum(-1).abs().max().item())
     assert (dx.double() - dx64).abs().max().item() <= 8 * eps * scale * max(1.0, dx64.abs().max().item())
+
+
+@pytest.mark.parametrize("dtype,low", [(torch.float32, -100.0), (torch.float64, -720.0)])
+def test_probabilities_below_the_smallest_normal_are_zero(device, dtype, low):
+    # Documented: such probabilities come out as 0 (torch keeps subnormals); the log-softmax
+    # of the same entry is exact.
+    x = torch.tensor([[0.0, low]], dtype=dtype, device=device)
+    assert torch.softmax(x, -1)[0, 1].item() > 0
+    assert fastloss.softmax(x, -1)[0, 1].item() == 0
+    torch.testing.assert_close(fastloss.log_softmax(x, -1), torch.log_softmax(x, -1))
