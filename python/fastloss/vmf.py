@@ -116,8 +116,9 @@ def vmf_mean_resultant(kappa: TensorOrNumber, p: int) -> torch.Tensor:
 # A_p' = 1 - A^2 - (2 nu + 1) A / kappa (from I_nu' = I_(nu+1) + nu / kappa I_nu) is the
 # variance of mu . x: where it is small, that formula is a difference of O(1) terms (wrong sign
 # at kappa = 1e8, p = 3; 1e-6 off at 1e5). Instead: for nu >= 16 or kappa >= 30, Debye's
-# uniform expansion written so that A' is a sum of positive terms; below, the derivative of
-# Gauss's continued fraction, carried through its recurrence.
+# uniform expansion written so that no two terms of A' cancel; below, the derivative of
+# Gauss's continued fraction, carried through its recurrence. (The C++ log-Bessel kernels
+# carry the same expansion to first derivatives only.)
 _DEBYE_NU = 16.0
 _DEBYE_X = 30.0
 _DEBYE_TERMS = 20
