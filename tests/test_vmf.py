@@ -297,6 +297,17 @@ def test_entropy_gradient_at_large_concentration():
     torch.testing.assert_close(g, -k.detach() * slope, rtol=1e-12, atol=0)
 
 
+@pytest.mark.parametrize("p,kappa", [(3, 100.0), (64, 1000.0)])
+def test_log_normalizer_third_derivative(p, kappa):
+    # -A_p'' by autograd through the A' formulas (Debye's expansion at these points).
+    k = torch.tensor(kappa, dtype=torch.float64, requires_grad=True)
+    (g,) = torch.autograd.grad(fastloss.vmf_log_normalizer(k, p), k, create_graph=True)
+    (h,) = torch.autograd.grad(g, k, create_graph=True)
+    (t,) = torch.autograd.grad(h, k)
+    expected = -mp.diff(lambda s: mp_mean_resultant(s, p), mp.mpf(kappa), 2)
+    assert t.item() == pytest.approx(float(expected), rel=1e-10)
+
+
 @pytest.mark.parametrize("p", [2, 4, 10])
 def test_kappa_mle_at_tiny_rbar(p):
     # Sra's upper bracket end rounds to the root there: Newton's steps onto it are accepted.
