@@ -10,13 +10,12 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 
+#include <algorithm>
 #include <atomic>
-#include <initializer_list>
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
-
-#include <algorithm>
+#include <initializer_list>
 
 #if defined(__linux__)
 #include <sys/mman.h>

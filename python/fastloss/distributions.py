@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from torch.distributions import Distribution, constraints
 
-from .vmf import _mean_resultant_complement, _mean_resultant_slope, _vmf_entropy, vmf_kappa_mle, vmf_log_normalizer, vmf_mean_resultant
+from .vmf import _mean_resultant_complement_and_slope, _vmf_entropy, vmf_kappa_mle, vmf_log_normalizer, vmf_mean_resultant
 
 __all__ = ["VonMisesFisher"]
 
@@ -45,13 +45,11 @@ def w_kappa_derivative(w: torch.Tensor, kappa: torch.Tensor, p: int, chunk: int 
     nu = p / 2 - 1
     for start in range(0, w.numel(), chunk):
         wc, kc = w[start:start + chunk], kappa[start:start + chunk]
-        a = vmf_mean_resultant(kc, p)
-        delta = _mean_resultant_complement(nu, kc)
-        var = _mean_resultant_slope(nu, kc)  # Var(w) = A_p'(kappa)
+        delta, var = _mean_resultant_complement_and_slope(nu, kc)  # 1 - A, Var(w) = A_p'(kappa)
         std = var.sqrt()
         one_minus_w2 = ((1 - wc) * (1 + wc)).clamp(min=torch.finfo(torch.float64).tiny)
         slope = kc - (2 * nu - 1) * wc / one_minus_w2  # d log f / dt at w
-        upper = wc >= a
+        upper = 1 - wc <= delta  # w >= A
         sign = torch.where(upper, 1.0, -1.0).to(wc)
         decay = -sign * slope  # > 0 when f falls off away from w on the chosen side
         scale = torch.where(decay > 0, torch.minimum(std, 1 / decay.clamp(min=1e-300)), std)

@@ -122,12 +122,12 @@ def vmf_mean_resultant(kappa: TensorOrNumber, p: int) -> torch.Tensor:
 _DEBYE_NU = 16.0
 _DEBYE_X = 30.0
 _DEBYE_TERMS = 20
-_SLOPE_CF_TERMS = 60
 
 
-def _debye_polynomials(count: int) -> List[List[float]]:
-    """Debye's U_k(t) / t^k, k < count, as coefficients of powers of t^2 (exact recurrence
-    U_(k+1) = t^2 (1 - t^2) U_k' / 2 + int_0^t (1 - 5 s^2) U_k(s) ds / 8, rounded once)."""
+def _debye_polynomials(count: int) -> torch.Tensor:
+    """Debye's U_k(t) / t^k, k < count, as a (count, count) float64 matrix of coefficients of
+    powers of t^2 (exact recurrence U_(k+1) = t^2 (1 - t^2) U_k' / 2
+    + int_0^t (1 - 5 s^2) U_k(s) ds / 8, rounded once)."""
     polys = [{0: Fraction(1)}]
     for _ in range(count - 1):
         nxt = {}
@@ -138,43 +138,39 @@ def _debye_polynomials(count: int) -> List[List[float]]:
             nxt[power + 1] = nxt.get(power + 1, 0) + c / (8 * (power + 1))
             nxt[power + 3] = nxt.get(power + 3, 0) - 5 * c / (8 * (power + 3))
         polys.append(nxt)
-    return [[float(u.get(k + 2 * j, 0)) for j in range(k + 1)] for k, u in enumerate(polys)]
+    return torch.tensor([[float(u.get(k + 2 * j, 0)) for j in range(count)] for k, u in enumerate(polys)],
+                        dtype=torch.float64)
 
 
 _DEBYE_POLYNOMIALS = _debye_polynomials(_DEBYE_TERMS)
-
-
-def _horner2(coeffs: List[float], s: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """P(s), P'(s), P''(s)."""
-    p, dp, ddp = torch.full_like(s, coeffs[-1]), torch.zeros_like(s), torch.zeros_like(s)
-    for c in reversed(coeffs[:-1]):
-        ddp = ddp * s + 2 * dp
-        dp = dp * s + p
-        p = p * s + c
-    return p, dp, ddp
 
 
 def _debye_ratio_terms(nu: float, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """log I_nu(x) - x, 1 - A and A' for float64 x > 0 (A = I_(nu+1) / I_nu), each to ~1e-16
     where nu >= 16 or x >= 30, with no term that cancels: from Debye's expansion
     I_nu(x) ~ exp(r + nu log(x / (nu + r))) / sqrt(2 pi r) * Q, r = hypot(nu, x),
-    Q = sum_k w^k U_k(t) / t^k in w = 1 / r and t = nu / r (so nu = 0 is no special case)."""
+    Q = sum_k w^k U_k(t) / t^k in w = 1 / r and t = nu / r (so nu = 0 is no special case).
+    All k at once: a handful of tensor ops per call, whatever the number of terms."""
     r = torch.hypot(torch.full_like(x, nu), x)
     w = 1 / r
     t = nu * w
     w1 = -x * w ** 3  # dw/dx, d2w/dx2
     w2 = (3 * x * x * w * w - 1) * w ** 3
     s, s1, s2 = t * t, 2 * nu * nu * w * w1, 2 * nu * nu * (w1 * w1 + w * w2)  # t^2 and its derivatives
-    q, q1, q2 = torch.zeros_like(x), torch.zeros_like(x), torch.zeros_like(x)
-    for k, coeffs in enumerate(_DEBYE_POLYNOMIALS):
-        u, us, uss = _horner2(coeffs, s)
-        ux, uxx = us * s1, uss * s1 * s1 + us * s2
-        wk = w ** k
-        wk1 = k * w ** (k - 1) * w1 if k else torch.zeros_like(x)
-        wk2 = (k * (k - 1) * w ** (k - 2) * w1 * w1 if k > 1 else 0) + (k * w ** (k - 1) * w2 if k else 0)
-        q = q + wk * u
-        q1 = q1 + wk1 * u + wk * ux
-        q2 = q2 + wk2 * u + 2 * wk1 * ux + wk * uxx
+    coeffs = _DEBYE_POLYNOMIALS.to(x.device)
+    k = torch.arange(_DEBYE_TERMS, dtype=x.dtype, device=x.device)  # also the powers of s
+    pw = s.unsqueeze(-1) ** k  # s^j
+    pw1 = k * s.unsqueeze(-1) ** (k - 1).clamp(min=0)  # d/ds s^j
+    pw2 = k * (k - 1) * s.unsqueeze(-1) ** (k - 2).clamp(min=0)
+    u, us, uss = pw @ coeffs.T, pw1 @ coeffs.T, pw2 @ coeffs.T  # U_k / t^k and d/ds, d2/ds2: (..., k)
+    ux, uxx = us * s1.unsqueeze(-1), uss * (s1 * s1).unsqueeze(-1) + us * s2.unsqueeze(-1)
+    wc = w.unsqueeze(-1)
+    wk = wc ** k
+    wk1 = k * wc ** (k - 1).clamp(min=0) * w1.unsqueeze(-1)
+    wk2 = k * (k - 1) * wc ** (k - 2).clamp(min=0) * (w1 * w1).unsqueeze(-1) + k * wc ** (k - 1).clamp(min=0) * w2.unsqueeze(-1)
+    q = (wk * u).sum(-1)
+    q1 = (wk1 * u + wk * ux).sum(-1)
+    q2 = (wk2 * u + 2 * wk1 * ux + wk * uxx).sum(-1)
     dlog_q = q1 / q
     excess = nu + nu * nu / (r + x)  # nu + r - x
     log_i_scaled = nu * nu / (r + x) - nu * torch.log1p(excess / x) - 0.5 * torch.log(2 * math.pi * r) + torch.log(q)
@@ -183,33 +179,42 @@ def _debye_ratio_terms(nu: float, x: torch.Tensor) -> Tuple[torch.Tensor, torch.
     return log_i_scaled, one_minus_a, slope
 
 
-def _uses_debye(nu: float, x: torch.Tensor) -> torch.Tensor:
-    return torch.full_like(x, nu >= _DEBYE_NU, dtype=torch.bool) | (x >= _DEBYE_X)
+def _debye_where(nu: float, kappa: torch.Tensor) -> Tuple[torch.Tensor, Tuple[torch.Tensor, ...], torch.Tensor]:
+    """(mask, terms, safe): where Debye's expansion serves (nu >= 16 or kappa >= 30, kappa
+    finite and > 0), and _debye_ratio_terms at kappa there (at 1 elsewhere, to be discarded)."""
+    k = kappa.double()
+    mask = (torch.full_like(k, nu >= _DEBYE_NU, dtype=torch.bool) | (k >= _DEBYE_X)) & (k > 0) & (k < math.inf)
+    safe = torch.where(mask, k, torch.ones_like(k))
+    return mask, _debye_ratio_terms(nu, safe), safe
+
+
+def _fraction_slope(nu: float, kappa: torch.Tensor) -> torch.Tensor:
+    """A' from Gauss's continued fraction A = x / tail, tail = 2(nu + 1) + x^2 / (2(nu + 2) + ...),
+    with d tail / dx carried through the same recurrence: A' = (tail - x tail') / tail^2
+    (1 / (2 nu + 2) at 0). For kappa < 30 (clamped there), where 40 terms reach ~3e-14."""
+    x = torch.clamp(kappa.double(), max=_DEBYE_X)
+    a = x * x
+    tail, dtail = torch.full_like(x, 2 * (nu + _RATIO_CF_TERMS)), torch.zeros_like(x)
+    for j in range(_RATIO_CF_TERMS - 1, 0, -1):
+        tail, dtail = 2 * (nu + j) + a / tail, (2 * x * tail - a * dtail) / (tail * tail)
+    return (tail - x * dtail) / (tail * tail)
+
+
+def _mean_resultant_complement_and_slope(nu: float, kappa: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """1 - A_p(kappa) to full relative precision (1 - A itself loses it as A -> 1) and
+    A_p'(kappa), both float64, kappa >= 0."""
+    debye, (_, one_minus_a, slope), _ = _debye_where(nu, kappa)
+    k = kappa.double()
+    # Elsewhere: kappa < 30 with nu < 16 (the fraction), kappa = 0 (1 / (2 nu + 2), which the
+    # fraction also gives: skipped where Debye serves every kappa > 0), kappa = inf (0).
+    other = torch.full_like(k, 1 / (2 * nu + 2)) if nu >= _DEBYE_NU else _fraction_slope(nu, k)
+    other = torch.where(k == math.inf, torch.zeros_like(k), other)
+    return torch.where(debye, one_minus_a, 1 - _bessel_iv_ratio(nu, k)), torch.where(debye, slope, other)
 
 
 def _mean_resultant_slope(nu: float, kappa: torch.Tensor) -> torch.Tensor:
     """A_p'(kappa) in float64, kappa >= 0."""
-    k = kappa.double()
-    # The continued fraction A = x / tail, tail = 2(nu + 1) + x^2 / (2(nu + 2) + ...), and
-    # d tail / dx by the same recurrence: A' = (tail - x tail') / tail^2 (1 / (2 nu + 2) at 0).
-    x = torch.clamp(k, max=_DEBYE_X)
-    a = x * x
-    tail, dtail = torch.full_like(x, 2 * (nu + _SLOPE_CF_TERMS)), torch.zeros_like(x)
-    for j in range(_SLOPE_CF_TERMS - 1, 0, -1):
-        tail, dtail = 2 * (nu + j) + a / tail, (2 * x * tail - a * dtail) / (tail * tail)
-    from_fraction = (tail - x * dtail) / (tail * tail)
-    debye = _uses_debye(nu, k)
-    from_debye = _debye_ratio_terms(nu, torch.where(debye & (k > 0), k, torch.ones_like(k)))[2]
-    # kappa = 0 with nu >= 16: the fraction's exact limit 1 / (2 nu + 2).
-    return torch.where(debye & (k > 0), from_debye, from_fraction)
-
-
-def _mean_resultant_complement(nu: float, kappa: torch.Tensor) -> torch.Tensor:
-    """1 - A_p(kappa) in float64 to full relative precision (1 - A itself loses it as A -> 1)."""
-    k = kappa.double()
-    debye = _uses_debye(nu, k) & (k > 0) & (k < math.inf)
-    from_debye = _debye_ratio_terms(nu, torch.where(debye, k, torch.ones_like(k)))[1]
-    return torch.where(debye, from_debye, 1 - _bessel_iv_ratio(nu, k))
+    return _mean_resultant_complement_and_slope(nu, kappa)[1]
 
 
 def _vmf_entropy(kappa: torch.Tensor, p: int) -> torch.Tensor:
@@ -219,9 +224,7 @@ def _vmf_entropy(kappa: torch.Tensor, p: int) -> torch.Tensor:
     k = kappa.double()
     nu = p / 2 - 1
     plain = -vmf_log_normalizer(k, p) - k * vmf_mean_resultant(k, p)
-    debye = _uses_debye(nu, k) & (k > 0) & (k < math.inf)
-    safe = torch.where(debye, k, torch.ones_like(k))
-    log_i_scaled, one_minus_a, _ = _debye_ratio_terms(nu, safe)
+    debye, (log_i_scaled, one_minus_a, _), safe = _debye_where(nu, k)
     expanded = log_i_scaled - nu * torch.log(safe) + (p / 2) * math.log(2 * math.pi) + safe * one_minus_a
     return torch.where(debye, expanded, plain)
 
