@@ -73,6 +73,20 @@ def test_kappa_mle_recovers_kappa_from_exact_rbar(p, kappa):
     assert got == pytest.approx(kappa, rel=max(1e-12, 4 * 2.0 ** -52 * float(condition)))
 
 
+@pytest.mark.parametrize("p", [2, 3, 5, 64, 2048, 32768])
+def test_kappa_mle_default_iterations_reach_the_converged_root(p):
+    # The default 10 Newton steps against 40, on fresh rbar over (0, 1) (near 1 and tiny
+    # included): within a few ulps of A_p carried through the root's conditioning.
+    g = torch.Generator().manual_seed(p)
+    u = torch.rand(300, generator=g, dtype=torch.float64)
+    rbar = torch.cat([u, 1 - 10 ** (-15 * u), 10 ** (-300 * u)]).clamp(min=1e-300, max=1 - 2.0 ** -53)
+    converged = fastloss.vmf_kappa_mle(rbar, p, iterations=40)
+    got = fastloss.vmf_kappa_mle(rbar, p)
+    a = fastloss.vmf_mean_resultant(converged, p)
+    condition = (a / (converged * fastloss.vmf._mean_resultant_slope(p / 2 - 1, converged))).clamp(min=1)
+    assert ((got - converged).abs() <= 8 * 2.0 ** -52 * condition * converged).all()
+
+
 def test_kappa_mle_batched_and_edges():
     rbar = torch.tensor([0.0, 0.1, 0.5, 0.9, 0.999, 1.0, -0.1], dtype=torch.float64)
     kappa = fastloss.vmf_kappa_mle(rbar, 8192)

@@ -178,7 +178,7 @@ class VonMisesFisher(Distribution):
         return x - 2 * (x * u).sum(-1, keepdim=True) * u
 
     @classmethod
-    def fit(cls, samples: torch.Tensor, iterations: int = 40) -> "VonMisesFisher":
+    def fit(cls, samples: torch.Tensor, iterations: int = 10) -> "VonMisesFisher":
         """Maximum-likelihood fit to unit vectors ``samples`` of shape (n, p):
         mu = mean / |mean|, kappa solves A_p(kappa) = |mean|."""
         if not isinstance(samples, torch.Tensor) or samples.dim() != 2 or samples.shape[0] < 1:
