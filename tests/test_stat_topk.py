@@ -417,6 +417,27 @@ def test_memcheck_subset(device):
     assert torch.isfinite(gate.grad.float()).all()
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gelu_mul_gradient_at_huge_gate_values(device, dtype):
+    # gelu_tanh'(h) -> 1: its small second term once formed inf * 0 = NaN where h^2 overflows
+    # (h ~ 5e19 in float32), and the threshold gradient spread the NaN over the whole row.
+    gate = random_rows((3, 257), torch.float64, "cpu", seed=30)
+    gate[0, 5], gate[1, 100], gate[2, 0] = 1e20, 3e30, 2e38
+    up = random_rows((3, 257), torch.float64, "cpu", seed=31)
+    g = torch.randn(3, 257, generator=torch.Generator().manual_seed(32), dtype=torch.float64)
+    gate_d = gate.to(device, dtype).requires_grad_()
+    up_d = up.to(device, dtype).requires_grad_()
+    dgate, dup = torch.autograd.grad(fastloss.stat_topk_gelu_mul(gate_d, up_d, 0.9), (gate_d, up_d), g.to(device, dtype))
+    gate64 = gate_d.detach().cpu().double().requires_grad_()
+    up64 = up_d.detach().cpu().double().requires_grad_()
+    out_ref = F.gelu(reference(gate64, 0.9)[0], approximate="tanh") * up64
+    dgate_ref, dup_ref = torch.autograd.grad(out_ref, (gate64, up64), g)
+    assert torch.isfinite(dgate.float()).all() and torch.isfinite(dup.float()).all()
+    for got, ref in ((dgate, dgate_ref), (dup, dup_ref)):
+        tol = 1e-5 if dtype == torch.float32 else 2e-2
+        torch.testing.assert_close(got.cpu().double(), ref, rtol=tol, atol=tol * ref.abs().max().item())
+
+
 @pytest.mark.parametrize("fn", ["stat_topk", "stat_topk_gelu_mul"])
 def test_second_derivative_is_refused(device, fn):
     # First derivatives with create_graph=True work; a second one raises instead of being
