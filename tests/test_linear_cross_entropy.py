@@ -310,6 +310,32 @@ def test_masked_vocabulary_entries(device, dtype, reduction):
     torch.testing.assert_close(smoothed.double(), expected, **TOL[dtype])  # inf at active tokens, 0 at ignored
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+def test_whole_masked_vocabulary_blocks(device, dtype):
+    # Whole blocks of the vocabulary masked (a padded head's tail; here the first 1100 entries
+    # and 2048 ... 2600 as well): a block's maximum is then -inf, and -inf - -inf made the LSE
+    # NaN on the CPU and on the CUDA ATen path. Both block sizes (512 CPU, 1024 ATen) and the
+    # CUDA tiles (128) are covered; bfloat16 runs the tensor-core kernels on CUDA.
+    if dtype == torch.bfloat16 and device == "cpu":
+        pytest.skip("bfloat16 is a CUDA tensor-core case")
+    h, c, t, b = make_inputs((5, 7), 32, 3000, dtype, device, bias=True, seed=3, ignore_frac=0.1)
+    idx = torch.arange(3000, device=device)
+    masked = (idx < 1100) | ((idx >= 2048) & (idx < 2600))
+    t = torch.where((t != IGNORE) & masked[t.clamp(min=0)], torch.full_like(t, 1500), t)
+    b = b.masked_fill(masked, float("-inf"))
+    out, grads = grads_of(lambda h_, c_, b_: fastloss.linear_cross_entropy(h_, c_, t, b_, reduction="none",
+                                                                           return_lse=True), [h, c, b])
+    ref, ref_grads = grads_of(lambda h_, c_, b_: reference(h_, c_, t, b_, reduction="none", return_lse=True),
+                              [h.double(), c.double(), b.double()])
+    tol = TOL.get(dtype, dict(rtol=3e-2, atol=3e-2))
+    for a, r in zip(out, ref):
+        assert torch.isfinite(a).all()
+        torch.testing.assert_close(a.double(), r, **tol)
+    for a, r in zip(grads, ref_grads):
+        assert not a.isnan().any()
+        torch.testing.assert_close(a.double(), r, **tol)
+
+
 def test_label_smoothing_is_never_filtered(device):
     # Every logit-gradient entry carries -smoothing / V (3e-5 here, below bfloat16's auto
     # threshold 2^-12): skipping such tiles dropped their share of the smoothing gradient (half

@@ -34,6 +34,9 @@ inline at::Tensor block_logits(const at::Tensor& e, const at::Tensor& classifier
 
 // hidden in the accumulation type with ignored tokens' rows zeroed: their d z is 0, but
 // 0 * inf padding would put NaN into dC (the CUDA kernels and the CPU path never read them).
+// x, with 0 where it is -inf: a shift for exp that is not itself -inf.
+inline at::Tensor shift_or_zero(const at::Tensor& x) { return at::where(x.isneginf(), at::zeros_like(x), x); }
+
 inline at::Tensor active_hidden(const at::Tensor& hidden, const at::Tensor& active, const at::TensorOptions& options) {
   return at::where(active.unsqueeze(1), hidden.to(options.dtype()), at::zeros({}, options));
 }
@@ -66,10 +69,14 @@ inline std::tuple<at::Tensor, at::Tensor> statistics(const char* op, const at::T
     const int64_t vb = std::min(kBlock, args.vocab - v0);
     at::Tensor z = block_logits(e, classifier, bias, v0, vb, args.acc);
     if (softcap > 0) z = at::tanh(z / softcap) * softcap;
+    // A block (or the running state) whose logits are all -inf (masked vocabulary entries)
+    // has maximum -inf: the shifts use 0 there, since -inf - -inf would be NaN.
     const at::Tensor block_max = std::get<0>(z.max(1));
-    const at::Tensor block_sum = (z - block_max.unsqueeze(1)).exp_().sum(1);
+    const at::Tensor block_shift = shift_or_zero(block_max);
+    const at::Tensor block_sum = (z - block_shift.unsqueeze(1)).exp_().sum(1);
     const at::Tensor new_max = at::maximum(run_max, block_max);
-    run_sum = run_sum * (run_max - new_max).exp() + block_sum * (block_max - new_max).exp();
+    const at::Tensor new_shift = shift_or_zero(new_max);
+    run_sum = run_sum * (run_max - new_shift).exp() + block_sum * (block_shift - new_shift).exp();
     run_max = new_max;
     logit_sum.add_(z.sum(1));
     const at::Tensor col = local - v0;
@@ -78,8 +85,10 @@ inline std::tuple<at::Tensor, at::Tensor> statistics(const char* op, const at::T
     target_logit.add_(at::where(in_block, picked, zero));
   }
   const at::Tensor lse = at::where(active, run_max + run_sum.log(), zero);
-  const at::Tensor linear =
-      at::where(active, target_logit * -(1.0 - label_smoothing) - logit_sum * (label_smoothing / args.vocab_total), zero);
+  // Without smoothing the logit sum is left out: it is -inf when the bias masks entries.
+  at::Tensor linear = target_logit * -(1.0 - label_smoothing);
+  if (label_smoothing != 0) linear = linear - logit_sum * (label_smoothing / args.vocab_total);
+  linear = at::where(active, linear, zero);
   return {lse, linear};
 }
 

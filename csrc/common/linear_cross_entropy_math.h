@@ -7,6 +7,7 @@
 #pragma once
 
 #include <cmath>
+#include <limits>
 
 #include "common/macros.h"
 #include "common/softmax_math.h"
@@ -73,6 +74,9 @@ struct OnlineLse {
 
   // The block's maximum and its sum of exp(z - block_max).
   FASTLOSS_HD void merge(acc_t block_max, acc_t block_sum) {
+    // A block of -inf logits only (masked vocabulary entries) adds nothing; its sum, formed
+    // with z - block_max = -inf - -inf, would be NaN.
+    if (block_max == -std::numeric_limits<acc_t>::infinity()) return;
     if (block_max > max) {
       sum = sum * fl_exp(max - block_max) + block_sum;  // exp(-inf) = 0 for the empty state
       max = block_max;
