@@ -4,6 +4,8 @@
 
 #include <ATen/core/Tensor.h>
 
+#include <limits>
+
 #include "common/torch_checks.h"
 
 namespace fastloss {
@@ -21,6 +23,13 @@ inline SoftmaxArgs softmax_forward_args(const char* op, const at::Tensor& self, 
   TORCH_CHECK(!half_to_float || in == c10::kHalf || in == c10::kBFloat16, "fastloss.", op,
               ": 'half_to_float' needs a float16 or bfloat16 'self', got ", in);
   return {row_layout(self, wrapped), half_to_float ? c10::kFloat : in};
+}
+
+// Softmax over a dimension of size 1: exactly 1 (log-softmax 0), NaN for a NaN or infinite
+// entry, as torch gives; the kernels' p * (1 / p) is 1 only to within an ulp.
+inline at::Tensor singleton_softmax(const at::Tensor& self, c10::ScalarType out_dtype, bool log) {
+  return self.new_full(self.sizes(), log ? 0.0 : 1.0, self.options().dtype(out_dtype))
+      .masked_fill_(self.isfinite().logical_not(), std::numeric_limits<double>::quiet_NaN());
 }
 
 // grad_output and output share a dtype; the gradient has input_dtype, which is either that

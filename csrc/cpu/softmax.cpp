@@ -406,6 +406,7 @@ at::Tensor forward(const at::Tensor& self, int64_t dim, bool half_to_float) {
   const char* op = kLog ? "log_softmax" : "softmax";
   TORCH_CHECK(self.device().is_cpu(), "fastloss.", op, ": expected 'self' on the CPU");
   const SoftmaxArgs args = softmax_forward_args(op, self, dim, half_to_float);
+  if (args.layout.size == 1) return singleton_softmax(self, args.out_dtype, kLog);
   const at::Tensor x = self.contiguous();
   at::Tensor y = empty_output(self.sizes(), self.options().dtype(args.out_dtype));
   if (y.numel() == 0) return y;

@@ -24,6 +24,7 @@ at::Tensor forward(const at::Tensor& self, int64_t dim, bool half_to_float) {
   check_cuda(op, "self", self);
   const SoftmaxArgs args = softmax_forward_args(op, self, dim, half_to_float);
   const c10::cuda::OptionalCUDAGuard guard(self.device());
+  if (args.layout.size == 1) return singleton_softmax(self, args.out_dtype, kLog);
   const at::Tensor x = self.contiguous();
   at::Tensor y = at::empty(self.sizes(), self.options().dtype(args.out_dtype));
   if (y.numel() == 0) return y;
