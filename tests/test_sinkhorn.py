@@ -159,6 +159,45 @@ def test_zero_mass_entries():
         torch.testing.assert_close(r.value[k], primal_value(r.plan[k], cost[k], a[k], b[k], 0.1), rtol=1e-9, atol=1e-9)
 
 
+@pytest.mark.parametrize("shape", [(3, 7, 5), (1, 1500, 2100)])
+@pytest.mark.parametrize("eps", [0.1, 1e-5])
+def test_zero_mass_rows_ignore_their_costs(device, shape, eps):
+    # A row with a = 0 (padding) carries no mass: whatever its costs (+inf, NaN, -inf), the
+    # result is that of the problem without it, and its plan row is 0. (Its NaN once reached
+    # every column through the exact column pass, which eps = 1e-5 exercises, and its plan
+    # row was NaN.) On CUDA (1, 1500, 2100) runs the multi-block path.
+    B, n, m = shape
+    cost, a, b = random_problem(B, n, m, seed=18, device=device)
+    a = a.clone()
+    a[:, -1] = 0
+    a /= a.sum(1, keepdim=True)
+    clean = fastloss.sinkhorn(cost[:, :-1], a[:, :-1], b, eps=eps, tol=1e-9, max_iter=300)
+    for kind in ("inf", "nan", "-inf"):
+        c = cost.clone()
+        if kind == "inf":
+            c[:, -1, :] = math.inf
+        else:
+            c[:, -1, 2] = math.nan if kind == "nan" else -math.inf
+        r = fastloss.sinkhorn(c, a, b, eps=eps, tol=1e-9, max_iter=300)
+        assert (r.plan[:, -1, :] == 0).all(), kind
+        torch.testing.assert_close(r.plan[:, :-1, :], clean.plan, rtol=1e-10, atol=1e-14)
+        torch.testing.assert_close(r.g, clean.g, rtol=1e-10, atol=1e-10)
+        torch.testing.assert_close(r.value, clean.value, rtol=1e-10, atol=1e-12)
+        assert torch.equal(r.n_iter, clean.n_iter)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_marginals_of_a_float32_cost(device, dtype):
+    # Marginals in bfloat16/float16 may differ in mass by their rounding (5e-3 and 8e-3 here): the
+    # mass check uses their dtype's tolerance on every device (CUDA once used float32's, 3e-4).
+    cost = torch.rand(1, 16, 2, generator=torch.Generator().manual_seed(19)).to(device)
+    a = torch.full((1, 16), 0.0628, device=device).to(dtype)
+    b = torch.tensor([[0.5, 0.5]], device=device).to(dtype)
+    assert (a.double().sum() - 1).abs() > 1e-3
+    r = fastloss.sinkhorn(cost, a, b, eps=0.1)
+    assert torch.isfinite(r.value).all() and torch.isfinite(r.plan).all()
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_extreme_costs_stay_finite(device, dtype):
     # eps a millionth of the cost scale: slow to converge, but never inf or NaN.

@@ -20,6 +20,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <limits>
 
 #include "common/exp_pair.h"
 #include "common/macros.h"
@@ -78,6 +79,23 @@ FASTLOSS_HD T sinkhorn_exp(T x) {
   const ExpPair<T> p = exp_pair(xc);
   const T r = p.mantissa * exp2_int(p.exponent);
   return x < K::kMinArg ? T(0) : r;
+}
+
+// The column-pass exponent fma(c, -inv_eps, y) of an entry of a row with mass (log a_i > -inf),
+// and -inf (a zero term) for a zero-mass row: such a row takes no part in the column updates
+// whatever its costs (+-inf, NaN) or its u_i (NaN for those).
+template <typename T>
+FASTLOSS_HD T col_exponent(T la_i, T c, T inv_eps, T y) {
+  constexpr T kInf = std::numeric_limits<T>::infinity();
+  return la_i > -kInf ? fl_fma(c, -inv_eps, y) : -kInf;
+}
+
+// P_ij = exp(fma(c, -inv_eps, z_i + lb_j + v_j)) with z_i = log a_i + u_i, and 0 for a zero-mass
+// row or column whatever its cost or potential (a_i b_j = 0 mass).
+template <typename T>
+FASTLOSS_HD T plan_entry(T c, T inv_eps, T la_i, T z_i, T lb_j, T v_j) {
+  constexpr T kInf = std::numeric_limits<T>::infinity();
+  return la_i > -kInf && lb_j > -kInf ? sinkhorn_exp(fl_fma(c, -inv_eps, z_i + lb_j + v_j)) : T(0);
 }
 
 // False when a warm-shifted sum must be redone exactly (also for NaN).

@@ -282,6 +282,7 @@ FASTLOSS_CPU_INLINE acc_t scaling_transposed(const acc_t* kernel, const acc_t* k
 
 // v_j <- -LSE_i(log a_i + u_i - C_ij / eps) exactly, for the columns [c0, c1) whose warm sum
 // left the safe range (marked by a non-finite-or-out-of-range col_acc); strided, rare.
+// Zero-mass rows take no part, as in the warm sums.
 template <typename acc_t>
 FASTLOSS_CPU_INLINE void exact_columns(const Problem<acc_t>& p, const acc_t* u, const acc_t* col_acc, acc_t* v,
                                        int64_t c0, int64_t c1) {
@@ -289,9 +290,10 @@ FASTLOSS_CPU_INLINE void exact_columns(const Problem<acc_t>& p, const acc_t* u, 
   for (int64_t j = c0; j < c1; ++j) {
     if (warm_sum_ok(col_acc[j])) continue;
     acc_t top = -std::numeric_limits<acc_t>::infinity();
-    for (int64_t i = 0; i < p.n; ++i) top = fl_max(top, fl_fma(p.cost[i * p.m + j], -k, p.log_a[i] + u[i]));
+    for (int64_t i = 0; i < p.n; ++i) top = fl_max(top, col_exponent(p.log_a[i], p.cost[i * p.m + j], k, p.log_a[i] + u[i]));
     acc_t s = 0;
-    for (int64_t i = 0; i < p.n; ++i) s += sinkhorn_exp(fl_fma(p.cost[i * p.m + j], -k, p.log_a[i] + u[i] - top));
+    for (int64_t i = 0; i < p.n; ++i)
+      s += sinkhorn_exp(col_exponent(p.log_a[i], p.cost[i * p.m + j], k, p.log_a[i] + u[i] - top));
     v[j] = -(top + std::log(s));
   }
 }
@@ -304,7 +306,7 @@ FASTLOSS_CPU_INLINE void plan_rows(const Problem<acc_t>& p, const acc_t* u, cons
     acc_t* row = plan + i * p.m;
     const acc_t* c = p.cost + i * p.m;
     const acc_t zi = p.log_a[i] + u[i];
-    for (int64_t j = 0; j < p.m; ++j) row[j] = sinkhorn_exp(fl_fma(c[j], -p.inv_eps, zi + p.log_b[j] + v[j]));
+    for (int64_t j = 0; j < p.m; ++j) row[j] = plan_entry(c[j], p.inv_eps, p.log_a[i], zi, p.log_b[j], v[j]);
   }
 }
 

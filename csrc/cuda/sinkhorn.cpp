@@ -25,6 +25,7 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <vector>
 
 #include "common/sinkhorn_op.h"
@@ -82,8 +83,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   const at::Tensor bv = b.to(s.acc_dtype).contiguous();
   const at::Tensor log_a = av.log();
   const at::Tensor log_b = bv.log();
-  // The kernel checks the marginals in the accumulation dtype: the tolerance must be that dtype's.
-  const double mass_tol = sinkhorn_mass_tolerance(av.scalar_type(), bv.scalar_type());
+  // The CPU's tolerance, that of the input dtypes of a and b (bfloat16 or float16 marginals of a
+  // float32 cost: theirs, not float32's), but never below that of the accumulation dtype, in
+  // which the kernel rounds and sums the marginals (float64 marginals of a float32 cost).
+  const double mass_tol = std::max(sinkhorn_mass_tolerance(a.scalar_type(), b.scalar_type()),
+                                   sinkhorn_mass_tolerance(s.acc_dtype, s.acc_dtype));
   const size_t elem = s.acc_dtype == at::kDouble ? sizeof(double) : sizeof(float);
   const size_t ws_bytes = kernels::sinkhorn_workspace_bytes(s.batch, s.n, s.m, elem);
   at::Tensor ws;

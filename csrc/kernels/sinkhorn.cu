@@ -76,7 +76,8 @@ __device__ __forceinline__ void warp_row_update(const T* c, int64_t m, T inv_eps
     ratio = s;
     return;
   }
-  T mx = -SinkhornConstants<T>::kMaxSum * SinkhornConstants<T>::kMaxSum;
+  // From -inf as on the CPU: a row with no finite term gets u = NaN (-inf - -inf), not +inf.
+  T mx = -dev_inf<T>();
   for (int64_t j = lane; j < m; j += 32) mx = fl_max(mx, fl_fma(c[j], -inv_eps, load_w(j)));
   mx = warp_max(mx);
   s = 0;
@@ -188,15 +189,15 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm) sinkhorn_block_kern
     for (int64_t j = threadIdx.x; j < m; j += kThreads) {
       const T vj = v[j];
       T s = 0;
-      for (int64_t i = 0; i < n; ++i) s += sinkhorn_exp(fl_fma(C[i * m + j], -inv_eps, la[i] + u[i] + vj));
+      for (int64_t i = 0; i < n; ++i) s += sinkhorn_exp(col_exponent(la[i], C[i * m + j], inv_eps, la[i] + u[i] + vj));
       if (warm_sum_ok(s)) {
         v[j] = vj - dev_log(s);
         continue;
       }
-      T mx = -SinkhornConstants<T>::kMaxSum * SinkhornConstants<T>::kMaxSum;
-      for (int64_t i = 0; i < n; ++i) mx = fl_max(mx, fl_fma(C[i * m + j], -inv_eps, la[i] + u[i]));
+      T mx = -dev_inf<T>();  // as on the CPU: no finite term gives v = NaN, not +inf
+      for (int64_t i = 0; i < n; ++i) mx = fl_max(mx, col_exponent(la[i], C[i * m + j], inv_eps, la[i] + u[i]));
       s = 0;
-      for (int64_t i = 0; i < n; ++i) s += sinkhorn_exp(fl_fma(C[i * m + j], -inv_eps, la[i] + u[i] - mx));
+      for (int64_t i = 0; i < n; ++i) s += sinkhorn_exp(col_exponent(la[i], C[i * m + j], inv_eps, la[i] + u[i] - mx));
       v[j] = -(mx + dev_log(s));
     }
     __syncthreads();
@@ -223,7 +224,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm) sinkhorn_block_kern
   T* plan = p.plan + k * n * m;
   for (int64_t q = threadIdx.x; q < n * m; q += kThreads) {
     const int64_t i = q / m, j = q - i * m;
-    plan[q] = sinkhorn_exp(fl_fma(C[q], -inv_eps, la[i] + u[i] + lb[j] + v[j]));
+    plan[q] = plan_entry(C[q], inv_eps, la[i], la[i] + u[i], lb[j], v[j]);
   }
 }
 
@@ -244,11 +245,14 @@ struct GridWorkspace {
   T* u;          // n
   T* u_new;      // n
   T* v;          // m
-  T* shift;      // m: column maxima for the exact redo
+  T* shift;      // m: column maxima, the shifts of the exact redo
   T* part_sum;   // chunks x m
   T* part_max;   // chunks x m
   T* block_part; // blocks
   unsigned long long* exact_stamp;  // 1: iteration + 1 of the last exact redo
+  // m: 1 where a column's warm sum left the safe range. A flag of its own: every value of a
+  // shift (+-inf, NaN included) is a real one whose redo gives that column's v (NaN, say).
+  unsigned char* redo;
   int64_t chunks, chunk_rows;
 };
 
@@ -260,7 +264,7 @@ struct GridPlan {
 template <typename T>
 size_t grid_workspace_bytes(int64_t n, int64_t m, const GridPlan& g) {
   const size_t elems = static_cast<size_t>(2 * n + 2 * m + 2 * g.chunks * m + g.blocks);
-  return elems * sizeof(T) + 2 * sizeof(unsigned long long) + 64;
+  return elems * sizeof(T) + 2 * sizeof(unsigned long long) + 64 + static_cast<size_t>(m);
 }
 
 template <typename T>
@@ -284,6 +288,7 @@ GridWorkspace<T> carve(void* ws, int64_t n, int64_t m, const GridPlan& g) {
   uintptr_t addr = reinterpret_cast<uintptr_t>(p);
   addr = (addr + 15) & ~uintptr_t(15);
   w.exact_stamp = reinterpret_cast<unsigned long long*>(addr);
+  w.redo = reinterpret_cast<unsigned char*>(w.exact_stamp + 2);
   w.chunks = g.chunks;
   w.chunk_rows = g.chunk_rows;
   return w;
@@ -372,9 +377,9 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm) sinkhorn_grid_kerne
       const int64_t i1 = i0 + w.chunk_rows < n ? i0 + w.chunk_rows : n;
       const T vj = ld_shared_global(w.v + j);
       T s = 0;
-      T mx = -SinkhornConstants<T>::kMaxSum * SinkhornConstants<T>::kMaxSum;
+      T mx = -dev_inf<T>();  // as on the CPU: no finite term gives v = NaN, not +inf
       for (int64_t i = i0; i < i1; ++i) {
-        const T x = fl_fma(C[i * m + j], -inv_eps, la[i] + ld_shared_global(u + i));
+        const T x = col_exponent(la[i], C[i * m + j], inv_eps, la[i] + ld_shared_global(u + i));
         mx = fl_max(mx, x);
         s += sinkhorn_exp(x + vj);
       }
@@ -382,21 +387,23 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm) sinkhorn_grid_kerne
       w.part_max[chunk * m + j] = mx;
     }
     grid.sync();
-    // Column pass, 2: merge; columns whose warm sum left the safe range get their maximum
-    // as the shift of an exact redo.
+    // Column pass, 2: merge; columns whose warm sum left the safe range are flagged for an
+    // exact redo, with their maximum as the shift. A NaN term that fl_max dropped from the
+    // maximum is still in the redo's sum (the same exponent), so v comes out NaN, as on the CPU.
     bool any_exact = false;
     for (int64_t j = tid; j < m; j += nthreads) {
-      T s = 0, mx = -SinkhornConstants<T>::kMaxSum * SinkhornConstants<T>::kMaxSum;
+      T s = 0, mx = -dev_inf<T>();
       for (int64_t c = 0; c < w.chunks; ++c) {
         s += ld_shared_global(w.part_sum + c * m + j);
         mx = fl_max(mx, ld_shared_global(w.part_max + c * m + j));
       }
-      if (warm_sum_ok(s)) {
-        w.v[j] = ld_shared_global(w.v + j) - dev_log(s);
-        w.shift[j] = dev_nan<T>();  // NaN: no redo for this column
-      } else {
+      const bool redo = !warm_sum_ok(s);  // also for NaN
+      w.redo[j] = redo;
+      if (redo) {
         w.shift[j] = mx;
         any_exact = true;
+      } else {
+        w.v[j] = ld_shared_global(w.v + j) - dev_log(s);
       }
     }
     if (any_exact) atomicMax(w.exact_stamp, static_cast<unsigned long long>(it + 1));
@@ -406,19 +413,19 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm) sinkhorn_grid_kerne
         const int64_t chunk = task / col_tiles;
         const int64_t j = (task - chunk * col_tiles) * kThreads + threadIdx.x;
         if (j >= m) continue;
+        if (!ld_shared_global(w.redo + j)) continue;
         const T sh = ld_shared_global(w.shift + j);
-        if (sh != sh) continue;
         const int64_t i0 = chunk * w.chunk_rows;
         const int64_t i1 = i0 + w.chunk_rows < n ? i0 + w.chunk_rows : n;
         T s = 0;
         for (int64_t i = i0; i < i1; ++i)
-          s += sinkhorn_exp(fl_fma(C[i * m + j], -inv_eps, la[i] + ld_shared_global(u + i) - sh));
+          s += sinkhorn_exp(col_exponent(la[i], C[i * m + j], inv_eps, la[i] + ld_shared_global(u + i) - sh));
         w.part_sum[chunk * m + j] = s;
       }
       grid.sync();
       for (int64_t j = tid; j < m; j += nthreads) {
+        if (!ld_shared_global(w.redo + j)) continue;
         const T sh = ld_shared_global(w.shift + j);
-        if (sh != sh) continue;
         T s = 0;
         for (int64_t c = 0; c < w.chunks; ++c) s += ld_shared_global(w.part_sum + c * m + j);
         w.v[j] = -(sh + dev_log(s));
@@ -455,9 +462,10 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm) sinkhorn_grid_kerne
   }
   T* plan = p.plan + k * n * m;
   for (int64_t i = gwarp; i < n; i += nwarps) {
-    const T zi = la[i] + ld_shared_global(u + i);
+    const T lai = la[i];
+    const T zi = lai + ld_shared_global(u + i);
     for (int64_t j = lane; j < m; j += 32)
-      plan[i * m + j] = sinkhorn_exp(fl_fma(C[i * m + j], -inv_eps, zi + lb[j] + ld_shared_global(w.v + j)));
+      plan[i * m + j] = plan_entry(C[i * m + j], inv_eps, lai, zi, lb[j], ld_shared_global(w.v + j));
   }
 }
 
@@ -500,6 +508,29 @@ size_t device_smem_cap() {
   return cap < kMaxSmemBytes ? cap : kMaxSmemBytes;
 }
 
+// Problems [k0, k0 + count) of p as a batch of their own.
+template <typename T>
+SinkhornArgs<T> sub_batch(const SinkhornArgs<T>& p, int64_t k0, int64_t count) {
+  SinkhornArgs<T> q = p;
+  const int64_t nm = p.n * p.m;
+  q.cost += k0 * nm;
+  q.plan += k0 * nm;
+  q.a += k0 * p.n;
+  q.log_a += k0 * p.n;
+  q.alpha += k0 * p.n;
+  q.b += k0 * p.m;
+  q.log_b += k0 * p.m;
+  q.beta += k0 * p.m;
+  q.value += k0;
+  q.n_iter += k0;
+  q.error += k0;
+  q.batch = count;
+  return q;
+}
+
+// gridDim.x is at most 2^31 - 1: the block path launches larger batches in parts.
+constexpr int64_t kMaxGridX = 0x7fffffff;
+
 template <typename T>
 cudaError_t launch(const SinkhornArgs<T>& p, void* workspace, size_t workspace_bytes, cudaStream_t stream) {
   if (p.batch == 0 || p.n == 0 || p.m == 0) return cudaSuccess;
@@ -516,12 +547,17 @@ cudaError_t launch(const SinkhornArgs<T>& p, void* workspace, size_t workspace_b
                                                  static_cast<int>(smem_cap));
       if (e != cudaSuccess) return e;
     }
-    if (in_smem) {
-      sinkhorn_block_kernel<T, true><<<static_cast<unsigned>(p.batch), kThreads, smem, stream>>>(p);
-    } else {
-      sinkhorn_block_kernel<T, false><<<static_cast<unsigned>(p.batch), kThreads, smem, stream>>>(p);
+    for (int64_t k0 = 0; k0 < p.batch; k0 += kMaxGridX) {
+      const SinkhornArgs<T> q = sub_batch(p, k0, p.batch - k0 < kMaxGridX ? p.batch - k0 : kMaxGridX);
+      if (in_smem) {
+        sinkhorn_block_kernel<T, true><<<static_cast<unsigned>(q.batch), kThreads, smem, stream>>>(q);
+      } else {
+        sinkhorn_block_kernel<T, false><<<static_cast<unsigned>(q.batch), kThreads, smem, stream>>>(q);
+      }
+      const cudaError_t e = cudaGetLastError();
+      if (e != cudaSuccess) return e;
     }
-    return cudaGetLastError();
+    return cudaSuccess;
   }
   GridPlan g;
   cudaError_t e = grid_plan<T>(p.n, p.m, g);
