@@ -279,16 +279,31 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine() or "cpu"
 
 
+def cpu_vector_isa() -> str:
+    """The vector ISA fastloss's CPU kernels run with ("AVX-512", "AVX2", or "" elsewhere).
+    Virtual machines often report a bare "AMD EPYC" or "Intel Xeon Processor" for CPUs of
+    several generations: the ISA tells their reports apart."""
+    import fastloss
+
+    isa = fastloss.build_info().get("cpu_isa", "")
+    return "AVX-512" if "AVX-512" in isa else "AVX2" if "AVX2" in isa else ""
+
+
+def cpu_label() -> str:
+    isa = cpu_vector_isa()
+    return f"{cpu_model()}, {isa}" if isa else cpu_model()
+
+
 def device_name(device: str, threads: Optional[int] = None) -> str:
     if device == "cuda":
         return torch.cuda.get_device_name()
-    return f"{cpu_model()} ({threads or torch.get_num_threads()} threads)"
+    return f"{cpu_label()} ({threads or torch.get_num_threads()} threads)"
 
 
 def device_slug(device: str, threads: Optional[int] = None) -> str:
     if device == "cuda":
         return _slug(torch.cuda.get_device_name())
-    return f"cpu-{_slug(cpu_model())}-{threads or torch.get_num_threads()}threads"
+    return f"cpu-{_slug(cpu_label())}-{threads or torch.get_num_threads()}threads"
 
 
 @contextlib.contextmanager

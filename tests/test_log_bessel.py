@@ -409,7 +409,9 @@ def test_cuda_matches_cpu_memcheck():
     for name in ("iv", "kv"):
         cpu = FUNCS[name](v, x)
         cuda = FUNCS[name](v.cuda(), x.cuda()).cpu()
-        assert rel_error(cuda, cpu).max().item() <= 1e-14
+        # Both are held to 1e-13 of mpmath above; CUDA's libm (lgamma within 4 ulp, glibc's ~1)
+        # rounds differently, ~1e-14 absolute where the series' terms of ~30 cancel to ~1.
+        assert rel_error(cuda, cpu).max().item() <= 1e-13
         gc = getattr(torch.ops.fastloss, f"log_bessel_{name}_grad")(v.cuda(), x.cuda())
         gh = getattr(torch.ops.fastloss, f"log_bessel_{name}_grad")(v, x)
         for a, b in zip(gc, gh):
