@@ -293,7 +293,8 @@ def sinkhorn_kd_loss(
         loss = scale * sum(P * W)
 
     The gradient (to both logits, as autograd through that formulation gives it) is computed
-    by a fused reverse sweep, not by autograd through n_iter steps. Logits of shape (B, C),
+    by a fused reverse sweep, not by autograd through n_iter steps (so it is not differentiable
+    again: under create_graph=True it carries no graph). Logits of shape (B, C),
     any float dtype (computed in float32, float64 for float64); the loss has their dtype.
     """
     _check_tensor("sinkhorn_kd_loss", "student_logits", student_logits)
