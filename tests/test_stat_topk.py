@@ -219,6 +219,35 @@ def test_values_near_the_largest_float(device, dtype):
         torch.testing.assert_close(y.double().cpu(), y_ref.double(), rtol=1e-6, atol=1e-6 * big)
 
 
+@pytest.mark.parametrize("shape,dim", [((4, 8), -1), ((3, 50000), -1), ((8, 4), 0), ((50000, 3), 0)])
+def test_spread_beyond_the_largest_float(device, shape, dim):
+    # Finite float32 rows whose max - min overflows (+-2e38, +-3e38): deviations from the mean
+    # are scaled before they are formed. theta was inf (every entry dropped) where the
+    # statistics are finite.
+    g = torch.Generator().manual_seed(13)
+    x = torch.randn(shape, generator=g, dtype=torch.float64) * 1e37
+    ends = torch.tensor([3e38, -3e38, 2e38, -2e38], dtype=torch.float64)
+    if dim == -1:
+        x[:, : len(ends)] = ends[: x.shape[1]]
+    else:
+        x[: len(ends), :] = ends[: x.shape[0], None]
+    x = x.float()
+    assert torch.isfinite(x).all()
+    y, theta = fastloss.stat_topk(x.to(device), sparsity=0.8, dim=dim, return_threshold=True)
+    y_ref, theta_ref = reference(x.double(), 0.8, dim=dim)
+    assert torch.isfinite(theta).all()
+    torch.testing.assert_close(theta.double().cpu(), theta_ref, rtol=2e-5, atol=0)
+    torch.testing.assert_close(y.double().cpu(), y_ref, rtol=0, atol=1e-5 * 3e38)
+
+
+def test_rows_of_infinities_have_nan_threshold(device):
+    # std of [inf] (or [inf, inf]) is NaN in torch, so theta is NaN, not inf.
+    for row in ([math.inf], [math.inf, math.inf], [-math.inf], [-math.inf] * 3):
+        x = torch.tensor([row], device=device)
+        y, theta = fastloss.stat_topk(x, sparsity=0.5, return_threshold=True)
+        assert torch.isnan(theta).all() and torch.isnan(y).all(), row
+
+
 @pytest.mark.parametrize("mode", ["soft", "hard"])
 def test_long_strided_columns_keep_float32_accuracy(device, mode):
     # Statistics over a non-last dimension of 200001 entries: chunked and merged, as accurate

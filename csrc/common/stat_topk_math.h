@@ -67,20 +67,29 @@ FASTLOSS_HD acc_t pow2(int k) {
   return exp2_bits(static_cast<acc_t>(k < kLo ? kLo : (k > kHi ? kHi : k)));
 }
 
-// The unit of a set's squared deviations is 2^spread_exponent(lo, hi) >= hi - lo, which bounds
-// every deviation from the mean and every difference between merged means, so m2 <= n. The
-// exponent is 0 when the spread is 0 (a constant set: m2 = 0, see constant_moments) or not finite
-// (inf or NaN values, whose statistics stay NaN as unscaled, or finite values spread beyond
-// the largest float, where the sum for the mean overflows anyway), and within the range where
-// 2^e and 2^-e are both normal.
+// The unit of a set's squared deviations is 2^spread_exponent(lo, hi) >= hi - lo (or the
+// largest power of two whose inverse is normal), which bounds every deviation from the mean and
+// every difference between merged means, so m2 <= n (<= 16 n at the top). The exponent is 0
+// when the spread is 0 (a constant set: m2 = 0, see constant_moments) or NaN (inf or NaN
+// values, whose statistics stay NaN as unscaled); finite values spread beyond the largest
+// float (2e38 and -2e38 in float32) take the largest exponent.
 template <typename acc_t>
 FASTLOSS_HD int spread_exponent(acc_t lo, acc_t hi) {
-  const acc_t d = hi - lo;
-  if (!(d > acc_t(0)) || !(d <= std::numeric_limits<acc_t>::max())) return 0;
-  const int e = exponent_above(d);
   constexpr int kLo = std::numeric_limits<acc_t>::min_exponent - 1;
   constexpr int kHi = std::numeric_limits<acc_t>::max_exponent - 2;
+  const acc_t d = hi - lo;
+  const acc_t big = std::numeric_limits<acc_t>::max();
+  if (!(d > acc_t(0))) return 0;
+  if (!(d <= big)) return (lo >= -big && hi <= big) ? kHi : 0;  // finite ends: the spread overflowed
+  const int e = exponent_above(d);
   return e < kLo ? kLo : (e > kHi ? kHi : e);
+}
+
+// (x - mean) / 2^e as fma(x, inv_s, -mean * inv_s) with inv_s = 2^-e: the same rounding (the
+// power-of-two scalings are exact), without overflow where x - mean exceeds the largest float.
+template <typename acc_t>
+FASTLOSS_HD acc_t scaled_deviation(acc_t x, acc_t inv_s, acc_t neg_scaled_mean) {
+  return fl_fma(x, inv_s, neg_scaled_mean);
 }
 
 template <typename acc_t>
@@ -97,7 +106,9 @@ FASTLOSS_HD acc_t max_of(acc_t a, acc_t b) { return b > a ? b : a; }
 // infinite value is left to the plain sum.
 template <typename acc_t, typename RescaledSum>
 FASTLOSS_HD acc_t overflow_safe_mean(acc_t sum, acc_t n, acc_t lo, acc_t hi, RescaledSum&& rescaled_sum) {
-  const bool overflowed = !(sum - sum == acc_t(0)) && sum == sum;  // +-inf, not NaN
+  // +-inf, or NaN from partial sums that overflowed both ways (a NaN value, which min/max may
+  // skip, makes the rescaled sum NaN as well).
+  const bool overflowed = !(sum - sum == acc_t(0));
   if (!overflowed || !(lo - lo == acc_t(0)) || !(hi - hi == acc_t(0))) return sum / n;
   const int e = exponent_above(max_of(-lo, hi)) - 2;  // <= max_exponent - 2: 2^-e is normal
   return rescaled_sum(pow2<acc_t>(-e)) / n * pow2<acc_t>(e);
@@ -112,10 +123,10 @@ FASTLOSS_HD Moments<acc_t> merge_moments(Moments<acc_t> a, Moments<acc_t> b) {
   const acc_t lo = min_of(a.lo, b.lo), hi = max_of(a.hi, b.hi);
   const int e = spread_exponent(lo, hi);
   const acc_t ra = pow2<acc_t>(spread_exponent(a.lo, a.hi) - e), rb = pow2<acc_t>(spread_exponent(b.lo, b.hi) - e);
-  const acc_t delta = b.mean - a.mean;
-  const acc_t ds = delta * pow2<acc_t>(-e);
+  const acc_t inv_s = pow2<acc_t>(-e);
+  const acc_t ds = scaled_deviation(b.mean, inv_s, -a.mean * inv_s);  // (b.mean - a.mean) / 2^e
   const acc_t wb = b.n / n;
-  return {n, a.mean + delta * wb, a.m2 * ra * ra + b.m2 * rb * rb + ds * ds * a.n * wb, lo, hi};
+  return {n, a.mean + ds * wb * pow2<acc_t>(e), a.m2 * ra * ra + b.m2 * rb * rb + ds * ds * a.n * wb, lo, hi};
 }
 
 // The moments of a constant set of n values (lo == hi, no NaN) into `out`, else false: its
@@ -123,7 +134,7 @@ FASTLOSS_HD Moments<acc_t> merge_moments(Moments<acc_t> a, Moments<acc_t> b) {
 // deviations would be unscaled and could overflow m2 for |v| > ~1e26.
 template <typename acc_t>
 FASTLOSS_HD bool constant_moments(acc_t n, acc_t lo, acc_t hi, acc_t mean, Moments<acc_t>& out) {
-  if (!(lo == hi && mean == mean)) return false;
+  if (!(lo == hi && lo - lo == acc_t(0))) return false;  // finite: a row of inf has NaN std, as in torch
   out = {n, lo, acc_t(0), lo, hi};
   return true;
 }
@@ -152,11 +163,12 @@ FASTLOSS_HD Moments<acc_t> moments_of(const acc_t (&v)[kMax], int count) {
   Moments<acc_t> constant;
   if (constant_moments(static_cast<acc_t>(count), lo, hi, mean, constant)) return constant;
   const acc_t inv_s = pow2<acc_t>(-spread_exponent(lo, hi));
+  const acc_t neg_scaled_mean = -mean * inv_s;
   acc_t m2 = 0;
 #pragma unroll
   for (int k = 0; k < kMax; ++k) {
     if (k < count) {
-      const acc_t d = (v[k] - mean) * inv_s;
+      const acc_t d = scaled_deviation(v[k], inv_s, neg_scaled_mean);
       m2 += d * d;
     }
   }
@@ -173,8 +185,8 @@ struct RowThreshold {
 
 template <typename acc_t>
 FASTLOSS_HD RowThreshold<acc_t> row_threshold(Moments<acc_t> m, acc_t z) {
-  // Constant row: exact mean, std 0. (min/max may skip a NaN; the NaN mean does not.)
-  if (m.lo == m.hi && m.mean == m.mean) {
+  // Finite constant row: exact mean, std 0. (min/max may skip a NaN; the NaN mean does not.)
+  if (m.lo == m.hi && m.lo - m.lo == acc_t(0) && m.mean == m.mean) {
     m.mean = m.lo;
     m.m2 = 0;
   }

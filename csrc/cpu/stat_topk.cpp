@@ -74,15 +74,16 @@ FASTLOSS_CPU_INLINE Moments<acc_t> chunk_moments(const in_t* x, int64_t c) {
   Moments<acc_t> constant;
   if (constant_moments(static_cast<acc_t>(c), row_lo, row_hi, mean, constant)) return constant;
   const acc_t inv_s = pow2<acc_t>(-spread_exponent(row_lo, row_hi));  // m2's unit (Moments)
+  const acc_t neg_scaled_mean = -mean * inv_s;
   acc_t sq[kLanes] = {};
   for (i = 0; i + kLanes <= c; i += kLanes)
     for (int l = 0; l < kLanes; ++l) {
-      const acc_t d = (to_acc<acc_t>(x[i + l]) - mean) * inv_s;
+      const acc_t d = scaled_deviation(to_acc<acc_t>(x[i + l]), inv_s, neg_scaled_mean);
       sq[l] += d * d;
     }
   acc_t m2 = sum_lanes(sq);
   for (; i < c; ++i) {
-    const acc_t d = (to_acc<acc_t>(x[i]) - mean) * inv_s;
+    const acc_t d = scaled_deviation(to_acc<acc_t>(x[i]), inv_s, neg_scaled_mean);
     m2 += d * d;
   }
   return {static_cast<acc_t>(c), mean, m2, row_lo, row_hi};
@@ -142,7 +143,7 @@ FASTLOSS_CPU_INLINE void forward_strided(const in_t* x, in_t* y, typename AccTyp
   for (int64_t i0 = 0; i0 < n; i0 += kStridedChunk) {
     const int64_t i1 = std::min(n, i0 + kStridedChunk);
     const acc_t c = static_cast<acc_t>(i1 - i0);
-    acc_t sum[kLanes] = {}, sq[kLanes] = {}, lo[kLanes], hi[kLanes], chunk_mean[kLanes], inv_s[kLanes];
+    acc_t sum[kLanes] = {}, sq[kLanes] = {}, lo[kLanes], hi[kLanes], chunk_mean[kLanes], inv_s[kLanes], neg_scaled_mean[kLanes];
     for (int l = 0; l < count; ++l) lo[l] = hi[l] = to_acc<acc_t>(x[i0 * inner + l]);
     for (int64_t i = i0; i < i1; ++i)
       for (int l = 0; l < count; ++l) {
@@ -158,10 +159,11 @@ FASTLOSS_CPU_INLINE void forward_strided(const in_t* x, in_t* y, typename AccTyp
         return scaled;
       });
       inv_s[l] = pow2<acc_t>(-spread_exponent(lo[l], hi[l]));  // m2's unit (Moments)
+      neg_scaled_mean[l] = -chunk_mean[l] * inv_s[l];
     }
     for (int64_t i = i0; i < i1; ++i)
       for (int l = 0; l < count; ++l) {
-        const acc_t d = (to_acc<acc_t>(x[i * inner + l]) - chunk_mean[l]) * inv_s[l];
+        const acc_t d = scaled_deviation(to_acc<acc_t>(x[i * inner + l]), inv_s[l], neg_scaled_mean[l]);
         sq[l] += d * d;
       }
     for (int l = 0; l < count; ++l) {

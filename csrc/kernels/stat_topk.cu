@@ -238,9 +238,10 @@ __global__ void __launch_bounds__(kThreads) onchip_forward_kernel(const T* __res
                                           return block_allreduce<kThreads>(scaled, SumOp{}, red);
                                         });
   const acc_t inv_s = pow2<acc_t>(-spread_exponent(lo, hi));  // m2's unit (Moments)
+  const acc_t neg_scaled_mean = -mean * inv_s;
   acc_t sq = 0;
   for_each_held<kThreads>(v, n, [&](acc_t x) {
-    const acc_t d = (x - mean) * inv_s;
+    const acc_t d = scaled_deviation(x, inv_s, neg_scaled_mean);
     sq += d * d;
   });
   const acc_t m2 = block_allreduce<kThreads>(sq, SumOp{}, red);
