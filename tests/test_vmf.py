@@ -149,6 +149,37 @@ def test_sampling_and_fit(p, kappa):
     assert (fit.loc @ loc).item() > 0.999
 
 
+@pytest.mark.parametrize("p", [2, 3, 16])
+def test_rsample_is_smooth_in_loc_near_e1_and_minus_e1(p):
+    # The map taking e1-centred samples to loc must be smooth there: a single reflection along
+    # e1 - loc gave a zero gradient at loc = e1 and one growing like 1 / |e1 - loc| (5e9 at
+    # 1e-9 away), and samples that jumped between nearly equal locs.
+    def draw(loc):
+        torch.manual_seed(7)
+        return VonMisesFisher(loc, torch.tensor(10.0, dtype=torch.float64)).rsample((64,))
+
+    weights = torch.randn(64, p, generator=torch.Generator().manual_seed(8), dtype=torch.float64)
+    for sign in (1.0, -1.0):
+        e1 = torch.zeros(p, dtype=torch.float64)
+        e1[0] = sign
+        tangent = torch.zeros(p, dtype=torch.float64)
+        tangent[1] = 1.0
+        near = torch.nn.functional.normalize(e1 + 1e-9 * tangent, dim=0)
+        torch.testing.assert_close(draw(near), draw(e1), rtol=0, atol=1e-8)
+        grads = []
+        for loc in (e1, near):
+            loc = loc.clone().requires_grad_()
+            (g,) = torch.autograd.grad((draw(loc) * weights).sum(), loc)
+            grads.append(g)
+        assert grads[0].abs().max() > 0 and grads[0].abs().max() < 1e3
+        torch.testing.assert_close(grads[1], grads[0], rtol=1e-6, atol=1e-6)
+        # The directional derivative along the sphere against central differences.
+        h = 1e-6
+        step = lambda t: torch.nn.functional.normalize(e1 + t * tangent, dim=0)  # noqa: E731
+        fd = ((draw(step(h)) - draw(step(-h))) * weights).sum() / (2 * h)
+        assert float(grads[0] @ tangent) == pytest.approx(float(fd), rel=1e-5, abs=1e-6)
+
+
 def test_rsample_is_differentiable_in_loc():
     loc = torch.tensor([0.6, 0.8, 0.0], dtype=torch.float64, requires_grad=True)
     x = VonMisesFisher(loc, 5.0).rsample((16,))

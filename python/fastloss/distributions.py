@@ -169,13 +169,16 @@ class VonMisesFisher(Distribution):
         v[..., 0] = 0
         v = v / v.norm(dim=-1, keepdim=True)
         x = torch.cat([w, torch.sqrt((1 - w) * (1 + w)) * v[..., 1:]], dim=-1)
-        # Householder reflection taking e1 to loc.
+        # An orthogonal map taking e1 to loc, smooth in loc: where loc[0] < 0 the Householder
+        # reflection along u = e1 - loc, elsewhere minus the reflection along u = e1 + loc (which
+        # takes e1 to -loc). |u|^2 = 2 + 2 |loc[0]| >= 2 either way; the single reflection along
+        # e1 - loc is singular at loc = e1 (there its gradient in loc grew like 1 / |e1 - loc|).
+        s = torch.where(self.loc[..., :1] >= 0, 1.0, -1.0).to(self.loc.dtype)
         e1 = torch.zeros_like(self.loc)
         e1[..., 0] = 1
-        u = e1 - self.loc
-        u_norm = u.norm(dim=-1, keepdim=True)
-        u = torch.where(u_norm > 1e-12, u / u_norm.clamp(min=1e-30), torch.zeros_like(u))
-        return x - 2 * (x * u).sum(-1, keepdim=True) * u
+        u = e1 + s * self.loc
+        reflected = x - 2 * (x * u).sum(-1, keepdim=True) / (u * u).sum(-1, keepdim=True) * u
+        return -s * reflected
 
     @classmethod
     def fit(cls, samples: torch.Tensor, iterations: int = 10) -> "VonMisesFisher":
