@@ -180,6 +180,8 @@ def test_zero_mass_rows_ignore_their_costs(device, shape, eps):
             c[:, -1, 2] = math.nan if kind == "nan" else -math.inf
         r = fastloss.sinkhorn(c, a, b, eps=eps, tol=1e-9, max_iter=300)
         assert (r.plan[:, -1, :] == 0).all(), kind
+        assert torch.isneginf(r.f[:, -1]).all(), kind
+        torch.testing.assert_close(r.f[:, :-1], clean.f, rtol=1e-10, atol=1e-10)
         torch.testing.assert_close(r.plan[:, :-1, :], clean.plan, rtol=1e-10, atol=1e-14)
         torch.testing.assert_close(r.g, clean.g, rtol=1e-10, atol=1e-10)
         torch.testing.assert_close(r.value, clean.value, rtol=1e-10, atol=1e-12)

@@ -125,8 +125,10 @@ def sinkhorn(
     plan, alpha, beta, value, n_iter, err = torch.ops.fastloss.sinkhorn.default(
         cost3, a2, b2, eps, max_iter, tol, error_norm
     )
-    f = alpha + eps * torch.log(a2.to(alpha.dtype))
-    g = beta + eps * torch.log(b2.to(beta.dtype))
+    # -inf at zero-mass entries whatever their potential (NaN for a padded row of +inf costs).
+    a_log, b_log = torch.log(a2.to(alpha.dtype)), torch.log(b2.to(beta.dtype))
+    f = torch.where(a2 == 0, a_log, alpha + eps * a_log)
+    g = torch.where(b2 == 0, b_log, beta + eps * b_log)
     out = SinkhornResult(plan.detach(), f.detach(), g.detach(), value.detach(), n_iter, err.detach())
     if not batched:
         out = SinkhornResult(*(t.squeeze(0) for t in out))
