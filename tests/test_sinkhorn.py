@@ -186,6 +186,16 @@ def test_zero_mass_rows_ignore_their_costs(device, shape, eps):
         torch.testing.assert_close(r.g, clean.g, rtol=1e-10, atol=1e-10)
         torch.testing.assert_close(r.value, clean.value, rtol=1e-10, atol=1e-12)
         assert torch.equal(r.n_iter, clean.n_iter)
+        if shape[1] < 100:  # the unrolled value and its cost gradient (0 on the padded row)
+            cg = c.clone().requires_grad_()
+            value = fastloss.sinkhorn_cost(cg, a, b, eps=eps, tol=1e-9, max_iter=300, grad="unrolled")
+            (grad,) = torch.autograd.grad(value.sum(), cg)
+            cc = cost[:, :-1].clone().requires_grad_()
+            clean_value = fastloss.sinkhorn_cost(cc, a[:, :-1], b, eps=eps, tol=1e-9, max_iter=300, grad="unrolled")
+            (clean_grad,) = torch.autograd.grad(clean_value.sum(), cc)
+            torch.testing.assert_close(value, clean_value, rtol=1e-10, atol=1e-12)
+            assert (grad[:, -1, :] == 0).all()
+            torch.testing.assert_close(grad[:, :-1, :], clean_grad, rtol=1e-8, atol=1e-12)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])

@@ -175,9 +175,12 @@ def _unrolled_value(cost, a, b, eps, max_iter, tol, error_norm):
     if not torch.compiler.is_compiling() and a.device.type == "cpu":
         _check_marginals(a.detach(), b.detach())
     acc = _acc_dtype(cost.dtype)
-    c = cost.to(acc) / eps
     a = a.to(acc)
     b = b.to(acc)
+    # Costs of zero-mass rows and columns take no part (as in the kernels): 0 in their place, so
+    # a padded entry of +-inf or NaN neither poisons the logsumexps nor their gradients.
+    massed = (a[:, :, None] > 0) & (b[:, None, :] > 0)
+    c = torch.where(massed, cost.to(acc) / eps, torch.zeros((), dtype=acc, device=a.device))
     # log 0 = -inf with a zero gradient (torch.log's 1/a times a zero weight would be NaN).
     neg_inf = torch.tensor(-math.inf, dtype=acc, device=a.device)
     log_a = torch.where(a > 0, torch.log(torch.where(a > 0, a, 1.0)), neg_inf)[:, :, None]
