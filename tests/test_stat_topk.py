@@ -240,6 +240,17 @@ def test_spread_beyond_the_largest_float(device, shape, dim):
     torch.testing.assert_close(y.double().cpu(), y_ref, rtol=0, atol=1e-5 * 3e38)
 
 
+def test_nan_in_an_otherwise_constant_row(device):
+    # min/max may skip the NaN, so the row looks constant to them: the NaN mean must still win.
+    for size in (3, 3000):
+        for pos in (0, 1, size - 1):
+            x = torch.ones(2, size, device=device)
+            x[0, pos] = math.nan
+            y, theta = fastloss.stat_topk(x, sparsity=0.5, return_threshold=True)
+            assert torch.isnan(theta[0]).all() and torch.isnan(y[0]).all(), (size, pos)
+            assert theta[1].item() == 1.0
+
+
 def test_rows_of_infinities_have_nan_threshold(device):
     # std of [inf] (or [inf, inf]) is NaN in torch, so theta is NaN, not inf.
     for row in ([math.inf], [math.inf, math.inf], [-math.inf], [-math.inf] * 3):

@@ -32,11 +32,11 @@ inline at::Tensor block_logits(const at::Tensor& e, const at::Tensor& classifier
   return z;
 }
 
-// hidden in the accumulation type with ignored tokens' rows zeroed: their d z is 0, but
-// 0 * inf padding would put NaN into dC (the CUDA kernels and the CPU path never read them).
 // x, with 0 where it is -inf: a shift for exp that is not itself -inf.
 inline at::Tensor shift_or_zero(const at::Tensor& x) { return at::where(x.isneginf(), at::zeros_like(x), x); }
 
+// hidden in the accumulation type with ignored tokens' rows zeroed: their d z is 0, but
+// 0 * inf padding would put NaN into dC (the CUDA kernels and the CPU path never read them).
 inline at::Tensor active_hidden(const at::Tensor& hidden, const at::Tensor& active, const at::TensorOptions& options) {
   return at::where(active.unsqueeze(1), hidden.to(options.dtype()), at::zeros({}, options));
 }

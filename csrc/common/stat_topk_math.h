@@ -129,12 +129,18 @@ FASTLOSS_HD Moments<acc_t> merge_moments(Moments<acc_t> a, Moments<acc_t> b) {
   return {n, a.mean + ds * wb * pow2<acc_t>(e), a.m2 * ra * ra + b.m2 * rb * rb + ds * ds * a.n * wb, lo, hi};
 }
 
-// The moments of a constant set of n values (lo == hi, no NaN) into `out`, else false: its
+// A set whose values are all one finite number (a set of inf has NaN std, as in torch).
+template <typename acc_t>
+FASTLOSS_HD bool finite_constant(acc_t lo, acc_t hi) {
+  return lo == hi && lo - lo == acc_t(0);
+}
+
+// The moments of a constant set of n finite values (lo == hi, no NaN) into `out`, else false: its
 // exact value as the mean and m2 = 0. Its spread_exponent is 0, so the rounded mean's
 // deviations would be unscaled and could overflow m2 for |v| > ~1e26.
 template <typename acc_t>
 FASTLOSS_HD bool constant_moments(acc_t n, acc_t lo, acc_t hi, acc_t mean, Moments<acc_t>& out) {
-  if (!(lo == hi && lo - lo == acc_t(0))) return false;  // finite: a row of inf has NaN std, as in torch
+  if (!(finite_constant(lo, hi) && mean == mean)) return false;  // min/max may skip a NaN; the mean does not
   out = {n, lo, acc_t(0), lo, hi};
   return true;
 }
@@ -186,7 +192,7 @@ struct RowThreshold {
 template <typename acc_t>
 FASTLOSS_HD RowThreshold<acc_t> row_threshold(Moments<acc_t> m, acc_t z) {
   // Finite constant row: exact mean, std 0. (min/max may skip a NaN; the NaN mean does not.)
-  if (m.lo == m.hi && m.lo - m.lo == acc_t(0) && m.mean == m.mean) {
+  if (finite_constant(m.lo, m.hi) && m.mean == m.mean) {
     m.mean = m.lo;
     m.m2 = 0;
   }
