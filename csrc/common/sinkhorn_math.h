@@ -81,13 +81,14 @@ FASTLOSS_HD T sinkhorn_exp(T x) {
   return x < K::kMinArg ? T(0) : r;
 }
 
-// The column-pass exponent fma(c, -inv_eps, y) of an entry of a row with mass (log a_i > -inf),
-// and -inf (a zero term) for a zero-mass row: such a row takes no part in the column updates
-// whatever its costs (+-inf, NaN) or its u_i (NaN for those).
+// The exponent fma(c, -inv_eps, y) of a cost entry whose other index has mass (log_mass =
+// log a_i in a column pass, log b_j in a row pass, > -inf), and -inf (a zero term) otherwise:
+// a zero-mass row or column takes no part in the other side's updates whatever its costs
+// (+-inf, NaN) or its potential (NaN for those).
 template <typename T>
-FASTLOSS_HD T col_exponent(T la_i, T c, T inv_eps, T y) {
+FASTLOSS_HD T masked_exponent(T log_mass, T c, T inv_eps, T y) {
   constexpr T kInf = std::numeric_limits<T>::infinity();
-  return la_i > -kInf ? fl_fma(c, -inv_eps, y) : -kInf;
+  return log_mass > -kInf ? fl_fma(c, -inv_eps, y) : -kInf;
 }
 
 // P_ij = exp(fma(c, -inv_eps, z_i + lb_j + v_j)) with z_i = log a_i + u_i, and 0 for a zero-mass

@@ -142,6 +142,7 @@ struct Problem {
 
 // Log pass over rows [r0, r1): writes u_new and the kernel rows at (u_new, v), adds a_i K_ij
 // to col_acc (m). Returns the accumulated terms a_i |s_i - 1| of the row-marginal error of (u, v).
+// Zero-mass columns get kernel entries 0 (so a column sum of 0) whatever their costs.
 template <typename acc_t>
 FASTLOSS_CPU_INLINE acc_t log_rows(const Problem<acc_t>& p, const acc_t* u, const acc_t* v, acc_t* u_new,
                                    acc_t* kernel, acc_t* col_acc, int64_t r0, int64_t r1) {
@@ -150,6 +151,7 @@ FASTLOSS_CPU_INLINE acc_t log_rows(const Problem<acc_t>& p, const acc_t* u, cons
   const int64_t m = p.m;
   const acc_t k = p.inv_eps;
   const acc_t* b = p.b;
+  const acc_t* lb = p.log_b;
   acc_t err = 0;
   for (int64_t i = r0; i < r1; ++i) {
     const acc_t* c = p.cost + i * m;
@@ -160,12 +162,12 @@ FASTLOSS_CPU_INLINE acc_t log_rows(const Problem<acc_t>& p, const acc_t* u, cons
     int64_t j = 0;
     for (; j + L <= m; j += L)
       for (int l = 0; l < L; ++l) {
-        const acc_t x = sinkhorn_exp(fl_fma(c[j + l], -k, v[j + l] + ui));
+        const acc_t x = sinkhorn_exp(masked_exponent(lb[j + l], c[j + l], k, v[j + l] + ui));
         e[j + l] = x;
         part[l] += b[j + l] * x;
       }
     for (int l = 0; j + l < m; ++l) {
-      const acc_t x = sinkhorn_exp(fl_fma(c[j + l], -k, v[j + l] + ui));
+      const acc_t x = sinkhorn_exp(masked_exponent(lb[j + l], c[j + l], k, v[j + l] + ui));
       e[j + l] = x;
       part[l] += b[j + l] * x;
     }
@@ -179,19 +181,19 @@ FASTLOSS_CPU_INLINE acc_t log_rows(const Problem<acc_t>& p, const acc_t* u, cons
       for (int l = 0; l < L; ++l) mx[l] = -std::numeric_limits<acc_t>::infinity();
       j = 0;
       for (; j + L <= m; j += L)
-        for (int l = 0; l < L; ++l) mx[l] = fl_max(mx[l], fl_fma(c[j + l], -k, p.log_b[j + l] + v[j + l]));
-      for (int l = 0; j + l < m; ++l) mx[l] = fl_max(mx[l], fl_fma(c[j + l], -k, p.log_b[j + l] + v[j + l]));
+        for (int l = 0; l < L; ++l) mx[l] = fl_max(mx[l], masked_exponent(lb[j + l], c[j + l], k, lb[j + l] + v[j + l]));
+      for (int l = 0; j + l < m; ++l) mx[l] = fl_max(mx[l], masked_exponent(lb[j + l], c[j + l], k, lb[j + l] + v[j + l]));
       const acc_t top = max_lanes<L>(mx);
       for (int l = 0; l < L; ++l) part[l] = 0;
       j = 0;
       for (; j + L <= m; j += L)
         for (int l = 0; l < L; ++l) {
-          const acc_t x = sinkhorn_exp(fl_fma(c[j + l], -k, v[j + l] - top));
+          const acc_t x = sinkhorn_exp(masked_exponent(lb[j + l], c[j + l], k, v[j + l] - top));
           e[j + l] = x;
           part[l] += b[j + l] * x;
         }
       for (int l = 0; j + l < m; ++l) {
-        const acc_t x = sinkhorn_exp(fl_fma(c[j + l], -k, v[j + l] - top));
+        const acc_t x = sinkhorn_exp(masked_exponent(lb[j + l], c[j + l], k, v[j + l] - top));
         e[j + l] = x;
         part[l] += b[j + l] * x;
       }
@@ -282,18 +284,19 @@ FASTLOSS_CPU_INLINE acc_t scaling_transposed(const acc_t* kernel, const acc_t* k
 
 // v_j <- -LSE_i(log a_i + u_i - C_ij / eps) exactly, for the columns [c0, c1) whose warm sum
 // left the safe range (marked by a non-finite-or-out-of-range col_acc); strided, rare.
-// Zero-mass rows take no part, as in the warm sums.
+// Zero-mass rows take no part, as in the warm sums; zero-mass columns are skipped (their
+// potential is never used: their kernel entries are 0).
 template <typename acc_t>
 FASTLOSS_CPU_INLINE void exact_columns(const Problem<acc_t>& p, const acc_t* u, const acc_t* col_acc, acc_t* v,
                                        int64_t c0, int64_t c1) {
   const acc_t k = p.inv_eps;
   for (int64_t j = c0; j < c1; ++j) {
-    if (warm_sum_ok(col_acc[j])) continue;
+    if (warm_sum_ok(col_acc[j]) || !(p.b[j] > 0)) continue;
     acc_t top = -std::numeric_limits<acc_t>::infinity();
-    for (int64_t i = 0; i < p.n; ++i) top = fl_max(top, col_exponent(p.log_a[i], p.cost[i * p.m + j], k, p.log_a[i] + u[i]));
+    for (int64_t i = 0; i < p.n; ++i) top = fl_max(top, masked_exponent(p.log_a[i], p.cost[i * p.m + j], k, p.log_a[i] + u[i]));
     acc_t s = 0;
     for (int64_t i = 0; i < p.n; ++i)
-      s += sinkhorn_exp(col_exponent(p.log_a[i], p.cost[i * p.m + j], k, p.log_a[i] + u[i] - top));
+      s += sinkhorn_exp(masked_exponent(p.log_a[i], p.cost[i * p.m + j], k, p.log_a[i] + u[i] - top));
     v[j] = -(top + std::log(s));
   }
 }
@@ -441,12 +444,13 @@ void solve(const Problem<acc_t>& p, int64_t max_iter, acc_t tol, bool parallel, 
     }
     // Column update: y_j = 1 / col_acc_j while the sums stay in the scaling range; otherwise
     // every column update goes into v and the next iteration rebuilds the kernel.
+    // Zero-mass columns (column sum 0) keep y_j = 1 and w_j = 0.
     int out_of_range = 0;
-    for (int64_t j = 0; j < m; ++j) out_of_range |= !scaling_in_range(col_acc[j]);
+    for (int64_t j = 0; j < m; ++j) out_of_range |= p.b[j] > 0 && !scaling_in_range(col_acc[j]);
     kernel_fresh = !out_of_range;
     if (kernel_fresh) {
       for (int64_t j = 0; j < m; ++j) {
-        y[j] = acc_t(1) / col_acc[j];
+        y[j] = p.b[j] > 0 ? acc_t(1) / col_acc[j] : acc_t(1);
         w[j] = p.b[j] * y[j];
       }
       if (transposed && !scaled) {  // a new kernel
@@ -458,6 +462,7 @@ void solve(const Problem<acc_t>& p, int64_t max_iter, acc_t tol, bool parallel, 
       bool all_ok = true;
       for (int64_t j = 0; j < m; ++j) {
         y[j] = 1;
+        if (!(p.b[j] > 0)) continue;
         if (warm_sum_ok(col_acc[j])) {
           v[j] -= std::log(col_acc[j]);
         } else {

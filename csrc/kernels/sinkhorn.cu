@@ -61,15 +61,15 @@ __device__ __forceinline__ T block_sum(T v, T* scratch) {
   return block_allreduce<kThreads>(v, SumOp{}, scratch);
 }
 
-// A warp's LSE_j(w_j + shift_add - C_ij / eps) over one row, warm-shifted by -u_i: returns
+// A warp's LSE_j(log b_j + v_j - C_ij / eps) over one row, warm-shifted by -u_i: returns
 // the new u_i = -LSE and the row-marginal ratio r_i / a_i under the previous iterate.
-// `load_w(j)` gives log b_j + v_j.
-template <typename T, typename LoadW>
-__device__ __forceinline__ void warp_row_update(const T* c, int64_t m, T inv_eps, T u_old, LoadW load_w, T& u_new,
-                                                T& ratio) {
+// `load_v(j)` gives v_j; zero-mass columns take no part (masked_exponent).
+template <typename T, typename LoadV>
+__device__ __forceinline__ void warp_row_update(const T* c, const T* lb, int64_t m, T inv_eps, T u_old, LoadV load_v,
+                                                T& u_new, T& ratio) {
   const int lane = threadIdx.x & 31;
   T s = 0;
-  for (int64_t j = lane; j < m; j += 32) s += sinkhorn_exp(fl_fma(c[j], -inv_eps, load_w(j) + u_old));
+  for (int64_t j = lane; j < m; j += 32) s += sinkhorn_exp(masked_exponent(lb[j], c[j], inv_eps, lb[j] + load_v(j) + u_old));
   s = warp_sum(s);
   if (warm_sum_ok(s)) {
     u_new = u_old - dev_log(s);
@@ -78,10 +78,10 @@ __device__ __forceinline__ void warp_row_update(const T* c, int64_t m, T inv_eps
   }
   // From -inf as on the CPU: a row with no finite term gets u = NaN (-inf - -inf), not +inf.
   T mx = -dev_inf<T>();
-  for (int64_t j = lane; j < m; j += 32) mx = fl_max(mx, fl_fma(c[j], -inv_eps, load_w(j)));
+  for (int64_t j = lane; j < m; j += 32) mx = fl_max(mx, masked_exponent(lb[j], c[j], inv_eps, lb[j] + load_v(j)));
   mx = warp_max(mx);
   s = 0;
-  for (int64_t j = lane; j < m; j += 32) s += sinkhorn_exp(fl_fma(c[j], -inv_eps, load_w(j) - mx));
+  for (int64_t j = lane; j < m; j += 32) s += sinkhorn_exp(masked_exponent(lb[j], c[j], inv_eps, lb[j] + load_v(j) - mx));
   s = warp_sum(s);
   const T lse = mx + dev_log(s);
   u_new = -lse;
@@ -173,7 +173,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm) sinkhorn_block_kern
     T err_part = 0;
     for (int64_t i = warp; i < n; i += kWarps) {
       T un, ratio;
-      warp_row_update(C + i * m, m, inv_eps, u[i], [&](int64_t j) { return lb[j] + v[j]; }, un, ratio);
+      warp_row_update(C + i * m, lb, m, inv_eps, u[i], [&](int64_t j) { return v[j]; }, un, ratio);
       if (lane == 0) {
         u_new[i] = un;
         const T ai = a[i];
@@ -185,19 +185,21 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm) sinkhorn_block_kern
     T* t = u;
     u = u_new;
     u_new = t;
-    // Column pass: one thread per column, warm-shifted by -v_j.
+    // Column pass: one thread per column, warm-shifted by -v_j. A zero-mass column's v is never
+    // used (the row passes mask it): it stays 0.
     for (int64_t j = threadIdx.x; j < m; j += kThreads) {
+      if (!(lb[j] > -dev_inf<T>())) continue;
       const T vj = v[j];
       T s = 0;
-      for (int64_t i = 0; i < n; ++i) s += sinkhorn_exp(col_exponent(la[i], C[i * m + j], inv_eps, la[i] + u[i] + vj));
+      for (int64_t i = 0; i < n; ++i) s += sinkhorn_exp(masked_exponent(la[i], C[i * m + j], inv_eps, la[i] + u[i] + vj));
       if (warm_sum_ok(s)) {
         v[j] = vj - dev_log(s);
         continue;
       }
       T mx = -dev_inf<T>();  // as on the CPU: no finite term gives v = NaN, not +inf
-      for (int64_t i = 0; i < n; ++i) mx = fl_max(mx, col_exponent(la[i], C[i * m + j], inv_eps, la[i] + u[i]));
+      for (int64_t i = 0; i < n; ++i) mx = fl_max(mx, masked_exponent(la[i], C[i * m + j], inv_eps, la[i] + u[i]));
       s = 0;
-      for (int64_t i = 0; i < n; ++i) s += sinkhorn_exp(col_exponent(la[i], C[i * m + j], inv_eps, la[i] + u[i] - mx));
+      for (int64_t i = 0; i < n; ++i) s += sinkhorn_exp(masked_exponent(la[i], C[i * m + j], inv_eps, la[i] + u[i] - mx));
       v[j] = -(mx + dev_log(s));
     }
     __syncthreads();
@@ -353,8 +355,8 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm) sinkhorn_grid_kerne
     T err_part = 0;
     for (int64_t i = gwarp; i < n; i += nwarps) {
       T un, ratio;
-      warp_row_update(C + i * m, m, inv_eps, ld_shared_global(u + i),
-                      [&](int64_t j) { return lb[j] + ld_shared_global(w.v + j); }, un, ratio);
+      warp_row_update(C + i * m, lb, m, inv_eps, ld_shared_global(u + i),
+                      [&](int64_t j) { return ld_shared_global(w.v + j); }, un, ratio);
       if (lane == 0) {
         u_new[i] = un;
         if (a[i] > 0) err_part = norm(err_part, norm.term(a[i] * fabs(ratio - T(1))));
@@ -372,14 +374,14 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm) sinkhorn_grid_kerne
     for (int64_t task = blockIdx.x; task < w.chunks * col_tiles; task += gridDim.x) {
       const int64_t chunk = task / col_tiles;
       const int64_t j = (task - chunk * col_tiles) * kThreads + threadIdx.x;
-      if (j >= m) continue;
+      if (j >= m || !(lb[j] > -dev_inf<T>())) continue;  // a zero-mass column's v stays 0
       const int64_t i0 = chunk * w.chunk_rows;
       const int64_t i1 = i0 + w.chunk_rows < n ? i0 + w.chunk_rows : n;
       const T vj = ld_shared_global(w.v + j);
       T s = 0;
       T mx = -dev_inf<T>();  // as on the CPU: no finite term gives v = NaN, not +inf
       for (int64_t i = i0; i < i1; ++i) {
-        const T x = col_exponent(la[i], C[i * m + j], inv_eps, la[i] + ld_shared_global(u + i));
+        const T x = masked_exponent(la[i], C[i * m + j], inv_eps, la[i] + ld_shared_global(u + i));
         mx = fl_max(mx, x);
         s += sinkhorn_exp(x + vj);
       }
@@ -392,6 +394,10 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm) sinkhorn_grid_kerne
     // maximum is still in the redo's sum (the same exponent), so v comes out NaN, as on the CPU.
     bool any_exact = false;
     for (int64_t j = tid; j < m; j += nthreads) {
+      if (!(lb[j] > -dev_inf<T>())) {
+        w.redo[j] = false;
+        continue;
+      }
       T s = 0, mx = -dev_inf<T>();
       for (int64_t c = 0; c < w.chunks; ++c) {
         s += ld_shared_global(w.part_sum + c * m + j);
@@ -419,7 +425,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm) sinkhorn_grid_kerne
         const int64_t i1 = i0 + w.chunk_rows < n ? i0 + w.chunk_rows : n;
         T s = 0;
         for (int64_t i = i0; i < i1; ++i)
-          s += sinkhorn_exp(col_exponent(la[i], C[i * m + j], inv_eps, la[i] + ld_shared_global(u + i) - sh));
+          s += sinkhorn_exp(masked_exponent(la[i], C[i * m + j], inv_eps, la[i] + ld_shared_global(u + i) - sh));
         w.part_sum[chunk * m + j] = s;
       }
       grid.sync();

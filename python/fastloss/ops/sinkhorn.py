@@ -195,12 +195,18 @@ def _unrolled_value(cost, a, b, eps, max_iter, tol, error_norm):
         err = torch.linalg.vector_norm(terms, ord=error_norm, dim=1)
         active = active & ~(err <= tol)
         if it == max_iter:
+            if max_iter == 0:
+                # The starting potentials are measured: tie them to the inputs through a select
+                # that takes nothing from u_new, so backward gives the exact (zero) gradient.
+                u = torch.where(torch.zeros_like(active)[:, None], u_new, u)
             break
         u = torch.where(active[:, None], u_new, u)
         v_new = -torch.logsumexp(log_a + u[:, :, None] - c, dim=1)
         v = torch.where(active[:, None], v_new, v)
     zero = torch.zeros((), dtype=acc, device=a.device)
-    return (torch.where(a > 0, a * u, zero).sum(1) + torch.where(b > 0, b * v, zero).sum(1)) * eps
+    value = (torch.where(a > 0, a * u, zero).sum(1) + torch.where(b > 0, b * v, zero).sum(1)) * eps
+    # A NaN error (a NaN or -inf cost) gives a NaN value, as in the kernels.
+    return torch.where(torch.isnan(err), torch.full((), math.nan, dtype=acc, device=a.device), value)
 
 
 def _check_marginals(a: torch.Tensor, b: torch.Tensor) -> None:
