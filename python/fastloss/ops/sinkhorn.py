@@ -16,7 +16,7 @@ class SinkhornResult(NamedTuple):
 
     plan: (B, n, m) transport plan P = exp((f_i + g_j - C_ij) / eps).
     f, g: (B, n), (B, m) potentials, f = eps log a - eps LSE_j((g_j - C_ij) / eps) (so
-        f = -inf where a = 0).
+        f = -inf where a = 0, and g = -inf where b = 0).
     value: (B,) regularized OT value <P, C> + eps KL(P || a b^T), evaluated in its dual form
         <f, a> + <g, b> - eps (<a, log a> + <b, log b>).
     n_iter: (B,) int64, the iterations used by each problem.
