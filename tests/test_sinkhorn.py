@@ -213,6 +213,185 @@ def test_zero_mass_entries_ignore_their_costs(device, shape, eps, axis):
             torch.testing.assert_close(unpadded(grad), clean_grad, rtol=1e-8, atol=1e-12)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_marginals_of_a_float32_cost(device, dtype):
+    # Marginals in bfloat16/float16 may differ in mass by their rounding (5e-3 and 8e-3 here): the
+    # mass check uses their dtype's tolerance on every device (CUDA once used float32's, 3e-4).
+    cost = torch.rand(1, 16, 2, generator=torch.Generator().manual_seed(19)).to(device)
+    a = torch.full((1, 16), 0.0628, device=device).to(dtype)
+    b = torch.tensor([[0.5, 0.5]], device=device).to(dtype)
+    assert (a.double().sum() - 1).abs() > 1e-3
+    r = fastloss.sinkhorn(cost, a, b, eps=0.1)
+    assert torch.isfinite(r.value).all() and torch.isfinite(r.plan).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_extreme_costs_stay_finite(device, dtype):
+    # eps a millionth of the cost scale: slow to converge, but never inf or NaN.
+    cost, a, b = random_problem(2, 20, 30, seed=4, device=device)
+    r = fastloss.sinkhorn((cost * 1e6).to(dtype), a, b, eps=1.0, max_iter=200)
+    assert all(torch.isfinite(t).all() for t in (r.plan, r.f, r.g, r.value, r.marginal_error))
+    if dtype == torch.float64:  # (float32 holds potentials of ~1e6 to ~0.06: a few % in P)
+        torch.testing.assert_close(r.plan.sum(1), b, rtol=1e-6, atol=1e-9)  # columns exact
+    # A NaN cost entry makes its problem NaN (and stop); +inf forbids one transport.
+    bad = cost.to(dtype).clone()
+    bad[0, 1, 2] = math.nan
+    bad[1, 0, 0] = math.inf
+    r = fastloss.sinkhorn(bad, a, b, eps=0.1, tol=1e-6, max_iter=500)
+    assert torch.isnan(r.marginal_error[0]) and r.n_iter[0] == 0
+    assert r.plan[1, 0, 0] == 0 and r.marginal_error[1] <= 1e-6
+
+
+def test_shared_and_default_marginals():
+    cost, a, b = random_problem(4, 8, 5, seed=6)
+    r1 = fastloss.sinkhorn(cost, a[0], b[0], eps=0.2)
+    r2 = fastloss.sinkhorn(cost, a[0].expand(4, 8), b[0].expand(4, 5), eps=0.2)
+    torch.testing.assert_close(r1.plan, r2.plan)
+    ru = fastloss.sinkhorn(cost, eps=0.2)
+    torch.testing.assert_close(ru.plan.sum(2), torch.full((4, 8), 1 / 8, dtype=torch.float64), atol=1e-6, rtol=0)
+    single = fastloss.sinkhorn(cost[1], a[0], b[0], eps=0.2)
+    assert single.plan.shape == (8, 5) and single.f.shape == (8,) and single.value.shape == ()
+    torch.testing.assert_close(single.plan, r1.plan[1])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_dtypes_against_float64(device, dtype):
+    cost, a, b = random_problem(5, 33, 20, seed=7, device=device)
+    ref = fastloss.sinkhorn(cost.to(dtype).double(), a, b, eps=0.1, tol=1e-12, max_iter=100000)
+    r = fastloss.sinkhorn(cost.to(dtype), a, b, eps=0.1, tol=1e-5)
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    assert r.plan.dtype == acc and r.f.dtype == acc and r.value.dtype == acc and r.n_iter.dtype == torch.int64
+    # The same cost (rounded to dtype), solved in float64 to 1e-12: only tol and fp32 differ.
+    scale = ref.plan.abs().max()
+    assert ((r.plan.double() - ref.plan).abs().max() / scale) < 1e-3
+    torch.testing.assert_close(r.value.double(), ref.value, rtol=1e-4, atol=1e-5)
+    assert (r.marginal_error <= 1e-5).all()
+
+
+def test_independent_stopping_and_max_iter(device):
+    easy, a, b = random_problem(1, 20, 20, seed=8, device=device)
+    hard = easy * 20
+    cost = torch.cat([easy, hard, easy])
+    a3, b3 = a.expand(3, 20), b.expand(3, 20)
+    r = fastloss.sinkhorn(cost, a3, b3, eps=0.5, tol=1e-9, max_iter=100000)
+    alone = [fastloss.sinkhorn(cost[k : k + 1], a, b, eps=0.5, tol=1e-9, max_iter=100000) for k in range(3)]
+    for k in range(3):
+        assert r.n_iter[k] == alone[k].n_iter[0]
+        torch.testing.assert_close(r.plan[k], alone[k].plan[0])
+    assert r.n_iter[1] > 2 * r.n_iter[0]
+    assert (r.marginal_error <= 1e-9).all()
+    capped = fastloss.sinkhorn(cost, a3, b3, eps=0.5, tol=1e-9, max_iter=7)
+    assert (capped.n_iter == 7).all() and (capped.marginal_error > 1e-9).all()
+    # The reported error is the error of the returned plan.
+    err = (capped.plan.sum(2) - a3).abs().sum(1)
+    torch.testing.assert_close(capped.marginal_error, err, rtol=1e-6, atol=1e-12)
+    zero = fastloss.sinkhorn(cost, a3, b3, eps=0.5, max_iter=0)
+    assert (zero.n_iter == 0).all()
+    torch.testing.assert_close(zero.plan, torch.exp(-cost / 0.5) * a3[:, :, None] * b3[:, None, :])
+
+
+@pytest.mark.parametrize("error_norm", [1, 2, math.inf])
+@pytest.mark.parametrize("shape", [(3, 40, 30), (3, 200, 150), (1, 2048, 2100)])
+def test_error_norm(device, error_norm, shape):
+    # Shapes: the CPU's transposed-kernel, row-pass and row-split-across-threads passes.
+    B, n, m = shape
+    dtype = torch.float64 if n * m < 2**20 else torch.float32
+    tol = 1e-8 if dtype == torch.float64 else 1e-5
+    cost, a, b = random_problem(B, n, m, seed=11, device=device, dtype=dtype)
+    a, b = a.to(dtype), b.to(dtype)
+    # Problems of a few to several hundred iterations.
+    cost = cost * torch.tensor([8.0, 1.0, 20.0][:B], dtype=cost.dtype, device=device)[:, None, None]
+    kw = dict(eps=0.5 if n < 100 else 0.02, tol=tol, error_norm=error_norm, max_iter=100000)
+    r = fastloss.sinkhorn(cost, a, b, **kw)
+    # The reported error is the norm of the returned plan's row-marginal error, within tol.
+    err = torch.linalg.vector_norm(r.plan.double().sum(2) - a.double(), ord=error_norm, dim=1)
+    if dtype == torch.float64:
+        torch.testing.assert_close(r.marginal_error, err, rtol=1e-6, atol=1e-14)
+    else:  # float32 rounding of n row sums
+        torch.testing.assert_close(r.marginal_error.double(), err, rtol=0.05, atol=1e-6)
+    assert (r.marginal_error <= tol).all()
+    # Each problem stops at the first iterate that meets the rule.
+    for k in range(B):
+        before = fastloss.sinkhorn(cost[k], a[k], b[k], **{**kw, "max_iter": int(r.n_iter[k]) - 1})
+        assert before.marginal_error > tol
+    # A weaker norm never needs more iterations than the L1 rule.
+    assert (r.n_iter <= fastloss.sinkhorn(cost, a, b, **{**kw, "error_norm": 1}).n_iter).all()
+    if dtype == torch.float64:  # The unrolled value runs the same iterations.
+        unrolled = fastloss.sinkhorn_cost(cost, a, b, grad="unrolled", **{**kw, "max_iter": int(r.n_iter.max()) + 2})
+        torch.testing.assert_close(unrolled, r.value, rtol=1e-9, atol=1e-12)
+
+
+def test_non_contiguous_and_empty(device):
+    cost, a, b = random_problem(3, 9, 11, seed=9, device=device)
+    base = torch.rand(3, 11, 9, dtype=torch.float64, device=device)
+    ct = base.transpose(1, 2)
+    assert not ct.is_contiguous()
+    r = fastloss.sinkhorn(ct, a, b[:, :], eps=0.3)
+    torch.testing.assert_close(r.plan, fastloss.sinkhorn(ct.contiguous(), a, b, eps=0.3).plan)
+    e = fastloss.sinkhorn(torch.rand(0, 4, 5, device=device), eps=0.1)
+    assert e.plan.shape == (0, 4, 5) and e.value.shape == (0,)
+
+
+# ---------------------------------------------------------------------------------------------
+# Gradients of the value
+
+
+def test_envelope_gradient_is_plan(device):
+    cost, a, b = random_problem(4, 10, 7, seed=10, device=device)
+    c = cost.clone().requires_grad_()
+    aa, bb = a.clone().requires_grad_(), b.clone().requires_grad_()
+    v = fastloss.sinkhorn_cost(c, aa, bb, eps=0.1, tol=1e-12, max_iter=100000)
+    w = torch.randn(4, dtype=torch.float64, device=device)
+    gc, ga, gb = torch.autograd.grad((v * w).sum(), (c, aa, bb))
+    r = fastloss.sinkhorn(cost, a, b, eps=0.1, tol=1e-12, max_iter=100000)
+    torch.testing.assert_close(gc, w[:, None, None] * r.plan)
+    torch.testing.assert_close(ga, w[:, None] * (r.f - 0.1 * a.log()))
+    torch.testing.assert_close(gb, w[:, None] * (r.g - 0.1 * b.log()))
+    torch.testing.assert_close(v, r.value)
+
+
+def test_gradcheck_envelope_cost():
+    # At convergence the value's derivative w.r.t. the cost is the plan (envelope theorem).
+    cost, a, b = random_problem(2, 5, 4, seed=11)
+    c = cost.requires_grad_()
+    assert torch.autograd.gradcheck(lambda t: fastloss.sinkhorn_cost(t, a, b, eps=0.2, tol=1e-14, max_iter=100000), (c,))
+
+
+def test_unrolled_gradient():
+    cost, a, b = random_problem(3, 6, 5, seed=12)
+    # Same value as the kernel; gradient exact for the iterations run (gradcheck), and equal
+    # to the envelope gradient once converged.
+    c = cost.clone().requires_grad_()
+    fn = lambda t: fastloss.sinkhorn_cost(t, a, b, eps=0.3, tol=1e-4, max_iter=15, grad="unrolled")
+    assert torch.autograd.gradcheck(fn, (c,))
+    v_env = fastloss.sinkhorn_cost(cost, a, b, eps=0.3, tol=1e-4, max_iter=15)
+    torch.testing.assert_close(fn(c), v_env)
+    c2 = cost.clone().requires_grad_()
+    (g_unrolled,) = torch.autograd.grad(
+        fastloss.sinkhorn_cost(c2, a, b, eps=0.3, tol=1e-13, max_iter=400, grad="unrolled").sum(), c2
+    )
+    torch.testing.assert_close(g_unrolled, fastloss.sinkhorn(cost, a, b, eps=0.3, tol=1e-13, max_iter=400).plan)
+
+
+def test_envelope_second_derivative_raises_unrolled_works():
+    # The envelope gradient P carries no derivative of P itself: a graph through it would give
+    # a wrong second derivative (it used to, silently). It raises; the unrolled value works.
+    cost, a, b = random_problem(2, 5, 6, seed=14)
+    c = cost.clone().requires_grad_()
+    v = fastloss.sinkhorn_cost(c, a, b, eps=0.5, tol=1e-12, max_iter=1000)
+    (g,) = torch.autograd.grad((v ** 2).sum(), c, create_graph=True)
+    with pytest.raises(NotImplementedError, match="grad='unrolled'"):
+        torch.autograd.grad(g.sum(), c)
+    # First derivatives with create_graph=True are unchanged.
+    v = fastloss.sinkhorn_cost(c, a, b, eps=0.5, tol=1e-12, max_iter=1000)
+    (g1,) = torch.autograd.grad((v ** 2).sum(), c, create_graph=True)
+    (g2,) = torch.autograd.grad((fastloss.sinkhorn_cost(c, a, b, eps=0.5, tol=1e-12, max_iter=1000) ** 2).sum(), c)
+    torch.testing.assert_close(g1, g2, rtol=0, atol=0)
+
+    fn = lambda t: fastloss.sinkhorn_cost(t, a, b, eps=0.5, tol=1e-4, max_iter=8, grad="unrolled")
+    assert torch.autograd.gradgradcheck(fn, (c,))
+
+
 def test_unrolled_gradient_with_zero_mass_entries():
     # log 0 = -inf enters the iteration; its gradient must be 0, not 0 * inf = NaN.
     cost, a, b = random_problem(2, 8, 7, zeros=2, seed=13)
