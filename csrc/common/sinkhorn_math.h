@@ -81,22 +81,26 @@ FASTLOSS_HD T sinkhorn_exp(T x) {
   return x < K::kMinArg ? T(0) : r;
 }
 
+// Whether a marginal entry carries mass, from its log (log 0 = -inf).
+template <typename T>
+FASTLOSS_HD bool has_mass(T log_mass) {
+  return log_mass > -std::numeric_limits<T>::infinity();
+}
+
 // The exponent fma(c, -inv_eps, y) of a cost entry whose other index has mass (log_mass =
 // log a_i in a column pass, log b_j in a row pass, > -inf), and -inf (a zero term) otherwise:
 // a zero-mass row or column takes no part in the other side's updates whatever its costs
 // (+-inf, NaN) or its potential (NaN for those).
 template <typename T>
 FASTLOSS_HD T masked_exponent(T log_mass, T c, T inv_eps, T y) {
-  constexpr T kInf = std::numeric_limits<T>::infinity();
-  return log_mass > -kInf ? fl_fma(c, -inv_eps, y) : -kInf;
+  return has_mass(log_mass) ? fl_fma(c, -inv_eps, y) : -std::numeric_limits<T>::infinity();
 }
 
 // P_ij = exp(fma(c, -inv_eps, z_i + lb_j + v_j)) with z_i = log a_i + u_i, and 0 for a zero-mass
 // row or column whatever its cost or potential (a_i b_j = 0 mass).
 template <typename T>
 FASTLOSS_HD T plan_entry(T c, T inv_eps, T la_i, T z_i, T lb_j, T v_j) {
-  constexpr T kInf = std::numeric_limits<T>::infinity();
-  return la_i > -kInf && lb_j > -kInf ? sinkhorn_exp(fl_fma(c, -inv_eps, z_i + lb_j + v_j)) : T(0);
+  return has_mass(la_i) && has_mass(lb_j) ? sinkhorn_exp(fl_fma(c, -inv_eps, z_i + lb_j + v_j)) : T(0);
 }
 
 // False when a warm-shifted sum must be redone exactly (also for NaN).

@@ -188,7 +188,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm) sinkhorn_block_kern
     // Column pass: one thread per column, warm-shifted by -v_j. A zero-mass column's v is never
     // used (the row passes mask it): it stays 0.
     for (int64_t j = threadIdx.x; j < m; j += kThreads) {
-      if (!(lb[j] > -dev_inf<T>())) continue;
+      if (!has_mass(lb[j])) continue;
       const T vj = v[j];
       T s = 0;
       for (int64_t i = 0; i < n; ++i) s += sinkhorn_exp(masked_exponent(la[i], C[i * m + j], inv_eps, la[i] + u[i] + vj));
@@ -374,7 +374,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm) sinkhorn_grid_kerne
     for (int64_t task = blockIdx.x; task < w.chunks * col_tiles; task += gridDim.x) {
       const int64_t chunk = task / col_tiles;
       const int64_t j = (task - chunk * col_tiles) * kThreads + threadIdx.x;
-      if (j >= m || !(lb[j] > -dev_inf<T>())) continue;  // a zero-mass column's v stays 0
+      if (j >= m || !has_mass(lb[j])) continue;  // a zero-mass column's v stays 0
       const int64_t i0 = chunk * w.chunk_rows;
       const int64_t i1 = i0 + w.chunk_rows < n ? i0 + w.chunk_rows : n;
       const T vj = ld_shared_global(w.v + j);
@@ -394,7 +394,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm) sinkhorn_grid_kerne
     // maximum is still in the redo's sum (the same exponent), so v comes out NaN, as on the CPU.
     bool any_exact = false;
     for (int64_t j = tid; j < m; j += nthreads) {
-      if (!(lb[j] > -dev_inf<T>())) {
+      if (!has_mass(lb[j])) {
         w.redo[j] = false;
         continue;
       }
