@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import fastloss
-from conftest import CUDA
+from conftest import CUDA, DEVICES
 
 
 
@@ -531,6 +531,19 @@ def test_cuda_paths_match_cpu(shape, dtype):
     assert (r.marginal_error.cpu() <= 1e-6).all()
     # Same iteration, different rounding: the stopping iteration may move a little.
     assert ((r.n_iter.cpu() - r_cpu.n_iter).abs() <= 3 + r_cpu.n_iter // 20).all()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("shape", [(2, 5, 7), (1, 1500, 2100)])  # CUDA: block and grid paths
+def test_error_of_the_starting_iterate_is_not_clamped(device, shape):
+    """At u = v = 0 the row ratio is sum_j b_j exp(-C_ij / eps) = e^100: the reported error is
+    that in float64 and inf in float32, never a clamped exponential."""
+    for dtype, expected in [(torch.float64, math.expm1(100.0)), (torch.float32, math.inf)]:
+        cost = torch.full(shape, -100.0, dtype=dtype, device=device)
+        r = fastloss.sinkhorn(cost, eps=1.0, max_iter=0)
+        assert (r.n_iter == 0).all()
+        err = r.marginal_error.cpu().double()
+        torch.testing.assert_close(err, torch.full_like(err, expected), rtol=1e-12, atol=0)
 
 
 @pytest.mark.cuda

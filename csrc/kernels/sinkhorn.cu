@@ -85,7 +85,7 @@ __device__ __forceinline__ void warp_row_update(const T* c, const T* lb, int64_t
   s = warp_sum(s);
   const T lse = mx + dev_log(s);
   u_new = -lse;
-  ratio = sinkhorn_exp(lse + u_old);
+  ratio = dev_exp(lse + u_old);  // unclamped, as the CPU: an overflowing ratio reports error inf
 }
 
 // Marginal validity of problem k, computed by the whole block.
