@@ -106,12 +106,20 @@ template <typename acc_t>
 constexpr int64_t kMaxCachedRowBytes = 2048 * 1024;
 
 // Combines L lanes pairwise (log2 L dependent steps, each vectorizable) instead of a serial
-// chain of L - 1 dependent operations, which dominates the cost of short rows. Clobbers `a`.
+// chain of L - 1 dependent operations, which dominates the cost of short rows. The widths are
+// template constants: with a runtime width GCC kept the lanes on the stack and looped over
+// them (forward, 128-wide fp32 rows in cache on AVX-512: 1.3x the time). Clobbers `a`.
+template <int W, typename acc_t, typename Op>
+FASTLOSS_CPU_INLINE void reduce_halves(acc_t* a, Op op) {
+  if constexpr (W > 0) {
+    for (int l = 0; l < W; ++l) a[l] = op(a[l], a[l + W]);
+    reduce_halves<W / 2>(a, op);
+  }
+}
+
 template <int L, typename acc_t, typename Op>
 FASTLOSS_CPU_INLINE acc_t reduce_lanes(acc_t* a, Op op) {
-  for (int width = L / 2; width > 0; width /= 2) {
-    for (int l = 0; l < width; ++l) a[l] = op(a[l], a[l + width]);
-  }
+  reduce_halves<L / 2>(a, op);
   return a[0];
 }
 
@@ -305,10 +313,12 @@ FASTLOSS_CPU_INLINE void backward_lastdim_rows_lanes(const out_t* g, const out_t
   }
 }
 
-// Short rows use a quarter of the lanes: the row's dot product ends in log2(L) dependent
-// lane-combining steps, a visible share of a short row (128-wide rows, AVX2: 0.88x -> 0.91x
-// torch in fp32, 0.80x -> 0.86x in bf16). The forward keeps every lane: its exponentials
-// need the independent chains (measured no faster with fewer).
+// Short rows use half of the lanes: the row's dot product ends in log2(L) dependent
+// lane-combining steps, a visible share of a short row (AVX2, a quarter of the lanes:
+// 128-wide fp32 rows 0.88x -> 0.91x torch). Not a quarter: below one 512-bit vector GCC
+// interleaves rows of lanes with permutes (AVX-512, 128-wide fp32 rows in cache: 1.9x the
+// time of half). The forward keeps every lane: its exponentials need the independent chains
+// (measured no faster with fewer).
 constexpr int64_t kShortRow = 512;
 
 template <bool kLog, typename out_t, typename grad_t>
@@ -316,7 +326,7 @@ FASTLOSS_CPU_INLINE void backward_lastdim_rows(const out_t* g, const out_t* y, g
                                        int64_t end, int64_t n) {
   using acc_t = typename AccType<out_t>::type;
   if (n <= kShortRow) {
-    backward_lastdim_rows_lanes<kLog, kLanes<acc_t> / 4>(g, y, dx, begin, end, n);
+    backward_lastdim_rows_lanes<kLog, kLanes<acc_t> / 2>(g, y, dx, begin, end, n);
   } else {
     backward_lastdim_rows_lanes<kLog, kLanes<acc_t>>(g, y, dx, begin, end, n);
   }
