@@ -1,8 +1,12 @@
 // Every fastloss op schema, and the thin `fastloss._C` Python module. Importing `_C`
-// registers the ops (static initializers below and in cpu/ and cuda/); the module itself
-// only reports how the library was built.
+// registers the ops (static initializers below and in cpu/ and cuda/); the module reports
+// how the library was built and has direct entry points for the ops called most often on
+// small tensors.
 #include <ATen/Parallel.h>
+#include <ATen/core/dispatch/Dispatcher.h>
 #include <pybind11/pybind11.h>
+#include <torch/csrc/Exceptions.h>
+#include <torch/csrc/utils/pybind.h>
 #include <torch/library.h>
 
 #include "cpu/isa.h"
@@ -114,6 +118,29 @@ namespace fastloss::cpu {
 const char* log_bessel_cpu_path();  // cpu/log_bessel.cpp
 }  // namespace fastloss::cpu
 
+namespace {
+
+// Direct calls into the dispatcher, for the Python wrappers of ops that are often called on
+// small tensors. A torch.ops call spends ~2 us in Python before the dispatcher (AVX-512
+// EPYC: softmax of a 2 x 16 tensor 3.5 us through torch.ops, 1.7 us this way; torch.softmax
+// 1.2 us). The call still goes through the dispatcher (autograd, autocast, dispatch modes,
+// device kernels); the wrappers take this way only outside torch.compile and when no
+// argument has __torch_function__ handling (subclasses, modes), which torch.ops honours.
+// Errors keep the Python types torch.ops gives them (c10::IndexError -> IndexError, ...), and
+// TORCH_WARN becomes a Python warning; the GIL is released while the op runs.
+template <typename Sig, typename... Args>
+at::Tensor call_direct(const c10::TypedOperatorHandle<Sig>& op, const Args&... args) {
+  HANDLE_TH_ERRORS
+  pybind11::gil_scoped_release no_gil;
+  return op.call(args...);
+  END_HANDLE_TH_ERRORS_PYBIND
+}
+
+using UnaryRowSig = at::Tensor(const at::Tensor&, int64_t, bool);
+using BinarySig = at::Tensor(const at::Tensor&, const at::Tensor&);
+
+}  // namespace
+
 PYBIND11_MODULE(_C, m) {
   m.doc() = "fastloss native module: importing it registers torch.ops.fastloss.*";
   m.def("build_info", []() {
@@ -132,4 +159,22 @@ PYBIND11_MODULE(_C, m) {
     info["parallel_backend"] = at::get_parallel_info();
     return info;
   }, "How this build of fastloss was configured.");
+
+  // Handles are looked up on first use: the schemas above are registered by then.
+  m.def("softmax", [](const at::Tensor& self, int64_t dim, bool half_to_float) {
+    static const auto op = c10::Dispatcher::singleton().findSchemaOrThrow("fastloss::softmax", "").typed<UnaryRowSig>();
+    return call_direct(op, self, dim, half_to_float);
+  }, "torch.ops.fastloss.softmax without torch.ops's Python layer");
+  m.def("log_softmax", [](const at::Tensor& self, int64_t dim, bool half_to_float) {
+    static const auto op = c10::Dispatcher::singleton().findSchemaOrThrow("fastloss::log_softmax", "").typed<UnaryRowSig>();
+    return call_direct(op, self, dim, half_to_float);
+  }, "torch.ops.fastloss.log_softmax without torch.ops's Python layer");
+  m.def("log_bessel_iv", [](const at::Tensor& v, const at::Tensor& x) {
+    static const auto op = c10::Dispatcher::singleton().findSchemaOrThrow("fastloss::log_bessel_iv", "").typed<BinarySig>();
+    return call_direct(op, v, x);
+  }, "torch.ops.fastloss.log_bessel_iv without torch.ops's Python layer");
+  m.def("log_bessel_kv", [](const at::Tensor& v, const at::Tensor& x) {
+    static const auto op = c10::Dispatcher::singleton().findSchemaOrThrow("fastloss::log_bessel_kv", "").typed<BinarySig>();
+    return call_direct(op, v, x);
+  }, "torch.ops.fastloss.log_bessel_kv without torch.ops's Python layer");
 }

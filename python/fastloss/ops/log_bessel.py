@@ -7,6 +7,9 @@ from typing import Union
 
 import torch
 
+from .. import _C
+from ._direct import direct_call_ok
+
 Number = Union[int, float]
 TensorOrNumber = Union[torch.Tensor, int, float]
 
@@ -67,6 +70,8 @@ def log_bessel_iv(v: TensorOrNumber, x: TensorOrNumber) -> torch.Tensor:
     ``v`` and ``x``: d/dx log I_v(x) = v/x + I_(v+1)(x)/I_v(x).
     """
     v, x = _as_tensors("log_bessel_iv", v, x)
+    if direct_call_ok(v, x):
+        return _C.log_bessel_iv(v, x)
     return torch.ops.fastloss.log_bessel_iv.default(v, x)
 
 
@@ -77,6 +82,8 @@ def log_bessel_kv(v: TensorOrNumber, x: TensorOrNumber) -> torch.Tensor:
     d/dx log K_v(x) = v/x - K_(v+1)(x)/K_v(x).
     """
     v, x = _as_tensors("log_bessel_kv", v, x)
+    if direct_call_ok(v, x):
+        return _C.log_bessel_kv(v, x)
     return torch.ops.fastloss.log_bessel_kv.default(v, x)
 
 

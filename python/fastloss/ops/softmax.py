@@ -7,21 +7,32 @@ from typing import Optional
 
 import torch
 
+from .. import _C
+from ._direct import direct_call_ok
+
 _HALF_TYPES = (torch.float16, torch.bfloat16)
 
 
-def _dispatch(op, name: str, input: torch.Tensor, dim: int, dtype: Optional[torch.dtype]):
+def _dispatch(op, direct, name: str, input: torch.Tensor, dim: int, dtype: Optional[torch.dtype]):
     if not isinstance(input, torch.Tensor):
         raise TypeError(f"fastloss.{name}: expected 'input' to be a torch.Tensor, got {type(input).__name__}")
-    if dtype is None:
-        return op(input, dim, False)
-    if not isinstance(dtype, torch.dtype):
-        raise TypeError(f"fastloss.{name}: expected 'dtype' to be a torch.dtype or None, got {dtype!r}")
-    if input.dtype in _HALF_TYPES and dtype == torch.float32:
-        # Read half precision, accumulate and write float32 in one pass (no cast kernel).
-        return op(input, dim, True)
-    # Like torch.softmax: cast first, then compute in `dtype`.
-    return op(input.to(dtype), dim, False)
+    half_to_float = False
+    if dtype is not None:
+        if not isinstance(dtype, torch.dtype):
+            raise TypeError(f"fastloss.{name}: expected 'dtype' to be a torch.dtype or None, got {dtype!r}")
+        if input.dtype in _HALF_TYPES and dtype == torch.float32:
+            # Read half precision, accumulate and write float32 in one pass (no cast kernel).
+            half_to_float = True
+        else:
+            # Like torch.softmax: cast first, then compute in `dtype`.
+            input = input.to(dtype)
+    if direct_call_ok(input):
+        return direct(input, dim, half_to_float)
+    return op(input, dim, half_to_float)
+
+
+_SOFTMAX = torch.ops.fastloss.softmax.default
+_LOG_SOFTMAX = torch.ops.fastloss.log_softmax.default
 
 
 def softmax(input: torch.Tensor, dim: int = -1, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
@@ -36,12 +47,12 @@ def softmax(input: torch.Tensor, dim: int = -1, dtype: Optional[torch.dtype] = N
         dtype: if given, the input is cast to it first; float16/bfloat16 input with
             ``dtype=torch.float32`` is read in half precision and written in float32.
     """
-    return _dispatch(torch.ops.fastloss.softmax.default, "softmax", input, dim, dtype)
+    return _dispatch(_SOFTMAX, _C.softmax, "softmax", input, dim, dtype)
 
 
 def log_softmax(input: torch.Tensor, dim: int = -1, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
     """Log-softmax over ``dim``, with the semantics of :func:`torch.log_softmax`."""
-    return _dispatch(torch.ops.fastloss.log_softmax.default, "log_softmax", input, dim, dtype)
+    return _dispatch(_LOG_SOFTMAX, _C.log_softmax, "log_softmax", input, dim, dtype)
 
 
 def _forward_fake(self: torch.Tensor, dim: int, half_to_float: bool = False) -> torch.Tensor:
