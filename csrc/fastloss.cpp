@@ -120,24 +120,27 @@ const char* log_bessel_cpu_path();  // cpu/log_bessel.cpp
 
 namespace {
 
-// Direct calls into the dispatcher, for the Python wrappers of ops that are often called on
-// small tensors. A torch.ops call spends ~2 us in Python before the dispatcher (AVX-512
-// EPYC: softmax of a 2 x 16 tensor 3.5 us through torch.ops, 1.7 us this way; torch.softmax
-// 1.2 us). The call still goes through the dispatcher (autograd, autocast, dispatch modes,
-// device kernels); the wrappers take this way only outside torch.compile and when no
-// argument has __torch_function__ handling (subclasses, modes), which torch.ops honours.
-// Errors keep the Python types torch.ops gives them (c10::IndexError -> IndexError, ...), and
-// TORCH_WARN becomes a Python warning; the GIL is released while the op runs.
-template <typename Sig, typename... Args>
-at::Tensor call_direct(const c10::TypedOperatorHandle<Sig>& op, const Args&... args) {
-  HANDLE_TH_ERRORS
-  pybind11::gil_scoped_release no_gil;
-  return op.call(args...);
-  END_HANDLE_TH_ERRORS_PYBIND
+// `_C.<name>(...)`: torch.ops.fastloss.<name> called from C++, without torch.ops's Python
+// layer (~2 us per call; python/fastloss/ops/_direct.py says when the wrappers use it). Still
+// one dispatcher call: autograd, autocast, dispatch modes and device kernels apply. Errors
+// keep the Python types torch.ops gives them (c10::IndexError -> IndexError, ...), TORCH_WARN
+// becomes a Python warning, and the GIL is released while the op runs. The schemas are
+// registered when the module initializes (static initializers of this library).
+template <typename... Args>
+void def_direct(pybind11::module_& m, const char* name) {
+  const auto op = c10::Dispatcher::singleton()
+                      .findSchemaOrThrow((std::string("fastloss::") + name).c_str(), "")
+                      .typed<at::Tensor(Args...)>();
+  m.def(
+      name,
+      [op](Args... args) -> at::Tensor {
+        HANDLE_TH_ERRORS
+        pybind11::gil_scoped_release no_gil;
+        return op.call(args...);
+        END_HANDLE_TH_ERRORS_PYBIND
+      },
+      "torch.ops.fastloss op without torch.ops's Python layer");
 }
-
-using UnaryRowSig = at::Tensor(const at::Tensor&, int64_t, bool);
-using BinarySig = at::Tensor(const at::Tensor&, const at::Tensor&);
 
 }  // namespace
 
@@ -160,21 +163,8 @@ PYBIND11_MODULE(_C, m) {
     return info;
   }, "How this build of fastloss was configured.");
 
-  // Handles are looked up on first use: the schemas above are registered by then.
-  m.def("softmax", [](const at::Tensor& self, int64_t dim, bool half_to_float) {
-    static const auto op = c10::Dispatcher::singleton().findSchemaOrThrow("fastloss::softmax", "").typed<UnaryRowSig>();
-    return call_direct(op, self, dim, half_to_float);
-  }, "torch.ops.fastloss.softmax without torch.ops's Python layer");
-  m.def("log_softmax", [](const at::Tensor& self, int64_t dim, bool half_to_float) {
-    static const auto op = c10::Dispatcher::singleton().findSchemaOrThrow("fastloss::log_softmax", "").typed<UnaryRowSig>();
-    return call_direct(op, self, dim, half_to_float);
-  }, "torch.ops.fastloss.log_softmax without torch.ops's Python layer");
-  m.def("log_bessel_iv", [](const at::Tensor& v, const at::Tensor& x) {
-    static const auto op = c10::Dispatcher::singleton().findSchemaOrThrow("fastloss::log_bessel_iv", "").typed<BinarySig>();
-    return call_direct(op, v, x);
-  }, "torch.ops.fastloss.log_bessel_iv without torch.ops's Python layer");
-  m.def("log_bessel_kv", [](const at::Tensor& v, const at::Tensor& x) {
-    static const auto op = c10::Dispatcher::singleton().findSchemaOrThrow("fastloss::log_bessel_kv", "").typed<BinarySig>();
-    return call_direct(op, v, x);
-  }, "torch.ops.fastloss.log_bessel_kv without torch.ops's Python layer");
+  def_direct<const at::Tensor&, int64_t, bool>(m, "softmax");
+  def_direct<const at::Tensor&, int64_t, bool>(m, "log_softmax");
+  def_direct<const at::Tensor&, const at::Tensor&>(m, "log_bessel_iv");
+  def_direct<const at::Tensor&, const at::Tensor&>(m, "log_bessel_kv");
 }
