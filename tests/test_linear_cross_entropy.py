@@ -793,6 +793,31 @@ def test_transformers_patch_return_dict_and_logits_to_keep():
     scaled.remove()
 
 
+def test_transformers_patch_passes_arguments_as_given():
+    """Positional arguments keep their meaning, the cache goes in and out under the name the
+    installed transformers uses, and the patch passes no argument the caller did not (5.25
+    warns when the deprecated `past_key_values` is passed, even as None)."""
+    import dataclasses
+    import warnings
+
+    import fastloss.integrations.transformers as fl_transformers
+    from transformers.modeling_outputs import CausalLMOutputWithPast
+
+    model = tiny_causal_lm("llama")
+    ids = torch.randint(0, 600, (2, 12), generator=torch.Generator().manual_seed(3))
+    mask = torch.ones_like(ids)
+    mask[1, :2] = 0
+    ref = model(ids, mask, labels=ids, use_cache=True)
+    fl_transformers.patch(model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        out = model(ids, mask, labels=ids, use_cache=True)
+    torch.testing.assert_close(out.loss, ref.loss, rtol=1e-5, atol=1e-6)
+    cache_field = "cache" if "cache" in {f.name for f in dataclasses.fields(CausalLMOutputWithPast)} else "past_key_values"
+    assert getattr(out, cache_field) is not None
+    assert getattr(out, cache_field).get_seq_length() == getattr(ref, cache_field).get_seq_length() == 12
+
+
 def test_transformers_patch_uses_fastloss(monkeypatch):
     import fastloss.integrations.transformers as fl_transformers
 

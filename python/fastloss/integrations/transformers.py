@@ -19,6 +19,8 @@ quantile and float32 statistics, so in bfloat16 the two differ by bfloat16 round
 
 from __future__ import annotations
 
+import dataclasses
+import inspect
 import types
 
 import torch
@@ -85,27 +87,36 @@ def _head_is_plain_linear(head) -> bool:
     return (type(head) is torch.nn.Linear and not head._forward_hooks and not head._forward_pre_hooks)
 
 
-def _causal_lm_forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
-                       inputs_embeds=None, labels=None, use_cache=None, logits_to_keep=0, **kwargs):
+def _call_arguments(forward, args, kwargs) -> dict:
+    """The arguments the caller gave ``forward``, by name (its ``**kwargs`` merged in): only
+    those are passed on, so the cache argument keeps the name the caller used (transformers
+    5.25 renamed ``past_key_values`` to ``cache`` and warns when the old name is passed)."""
+    signature = inspect.signature(forward)
+    call = dict(signature.bind(*args, **kwargs).arguments)
+    for parameter in signature.parameters.values():
+        if parameter.kind is inspect.Parameter.VAR_KEYWORD:
+            call.update(call.pop(parameter.name, {}))
+    return call
+
+
+def _causal_lm_forward(self, *args, **kwargs):
+    call = _call_arguments(self._fastloss_original_forward, args, kwargs)
+    labels = call.pop("labels", None)
     # Without labels, without autograd (evaluation wants the logits for its metrics), or with a
     # wrapped head, the model runs unchanged.
     if labels is None or not torch.is_grad_enabled() or not _head_is_plain_linear(self.lm_head):
-        return self._fastloss_original_forward(
-            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-            past_key_values=past_key_values, inputs_embeds=inputs_embeds, labels=labels, use_cache=use_cache,
-            logits_to_keep=logits_to_keep, **kwargs)
+        return self._fastloss_original_forward(*args, **kwargs)
     from transformers.modeling_outputs import CausalLMOutputWithPast
 
     # The loss arguments of transformers' ForCausalLMLoss.
-    num_items_in_batch = kwargs.pop("num_items_in_batch", None)
-    ignore_index = kwargs.pop("ignore_index", -100)
-    shift_labels = kwargs.pop("shift_labels", None)
-    return_dict = kwargs.pop("return_dict", None)
+    logits_to_keep = call.pop("logits_to_keep", 0)
+    num_items_in_batch = call.pop("num_items_in_batch", None)
+    ignore_index = call.pop("ignore_index", -100)
+    shift_labels = call.pop("shift_labels", None)
+    return_dict = call.pop("return_dict", None)
     if return_dict is None:
         return_dict = getattr(self.config, "return_dict", True)
-    outputs = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                         past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache,
-                         return_dict=True, **kwargs)
+    outputs = self.model(return_dict=True, **call)
     hidden = outputs.last_hidden_state
     # Like transformers: keep the last `logits_to_keep` positions (0: all), or an index tensor.
     keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
@@ -125,8 +136,10 @@ def _causal_lm_forward(self, input_ids=None, attention_mask=None, position_ids=N
         if torch.is_tensor(num_items_in_batch):
             num_items_in_batch = num_items_in_batch.to(loss.device)
         loss = loss / num_items_in_batch
-    out = CausalLMOutputWithPast(loss=loss, logits=None, past_key_values=outputs.past_key_values,
-                                 hidden_states=outputs.hidden_states, attentions=outputs.attentions)
+    # The cache field is `cache` from transformers 5.25 on, `past_key_values` before.
+    cache_field = "cache" if "cache" in {f.name for f in dataclasses.fields(CausalLMOutputWithPast)} else "past_key_values"
+    out = CausalLMOutputWithPast(loss=loss, logits=None, hidden_states=outputs.hidden_states,
+                                 attentions=outputs.attentions, **{cache_field: getattr(outputs, cache_field)})
     return out if return_dict else out.to_tuple()
 
 
