@@ -37,6 +37,22 @@ def test_info_command():
     assert bad.returncode == 2 and "usage" in bad.stderr
 
 
+def python_files_called(fn):
+    """fn()'s result and the source files of the Python functions it called."""
+    files = []
+
+    def profile(frame, event, arg):
+        if event == "call":
+            files.append(frame.f_code.co_filename)
+
+    sys.setprofile(profile)
+    try:
+        result = fn()
+    finally:
+        sys.setprofile(None)
+    return result, files
+
+
 @pytest.mark.parametrize("name", ["softmax", "log_bessel_iv", "sinkhorn_kd"])
 def test_autograd_of_small_ops_runs_no_python(name):
     # These ops are called on small tensors, where a Python autograd registration (~30 us per
@@ -49,18 +65,12 @@ def test_autograd_of_small_ops_runs_no_python(name):
         "log_bessel_iv": lambda: torch.ops.fastloss.log_bessel_iv.default(a, b),
         "sinkhorn_kd": lambda: torch.ops.fastloss.sinkhorn_kd.default(a, b, 2.0, 0.1, 5, 0.001)[0],
     }
-    files = []
 
-    def profile(frame, event, arg):
-        if event == "call":
-            files.append(frame.f_code.co_filename)
-
-    sys.setprofile(profile)
-    try:
+    def forward_backward():
         out = calls[name]()
-        (grad,) = torch.autograd.grad(out.sum(), a)
-    finally:
-        sys.setprofile(None)
+        return out, torch.autograd.grad(out.sum(), a)[0]
+
+    (out, grad), files = python_files_called(forward_backward)
     assert grad.shape == a.shape and torch.isfinite(grad).all()
     python_autograd = [f for f in files if "_library" in f or "fastloss" in f]
     assert not python_autograd, python_autograd
@@ -81,17 +91,7 @@ def test_direct_calls_match_torch_ops_and_honour_torch_function(name):
     subclasses), which torch.ops honours, still sees the op."""
     call, op = DIRECT_CALLS[name]
     x = (torch.rand(4, 7, dtype=torch.float64) + 0.1).requires_grad_()
-    direct_files = []
-
-    def profile(frame, event, arg):
-        if event == "call":
-            direct_files.append(frame.f_code.co_filename)
-
-    sys.setprofile(profile)
-    try:
-        y = call(x)
-    finally:
-        sys.setprofile(None)
+    y, direct_files = python_files_called(lambda: call(x))
     assert not [f for f in direct_files if f.endswith("_ops.py")], "went through torch.ops"
     y_ref = op(*((x, x) if "bessel" in name else (x, -1 if name == "softmax" else 0, False)))
     assert torch.equal(y, y_ref)
