@@ -813,7 +813,8 @@ def test_transformers_patch_passes_arguments_as_given():
         warnings.simplefilter("error", FutureWarning)
         out = model(ids, mask, labels=ids, use_cache=True)
     torch.testing.assert_close(out.loss, ref.loss, rtol=1e-5, atol=1e-6)
-    cache_field = "cache" if "cache" in {f.name for f in dataclasses.fields(CausalLMOutputWithPast)} else "past_key_values"
+    fields = {f.name for f in dataclasses.fields(CausalLMOutputWithPast)}
+    cache_field = "cache" if "cache" in fields else "past_key_values"
     assert getattr(out, cache_field) is not None
     assert getattr(out, cache_field).get_seq_length() == getattr(ref, cache_field).get_seq_length() == 12
 

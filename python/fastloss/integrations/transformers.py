@@ -137,7 +137,8 @@ def _causal_lm_forward(self, *args, **kwargs):
             num_items_in_batch = num_items_in_batch.to(loss.device)
         loss = loss / num_items_in_batch
     # The cache field is `cache` from transformers 5.25 on, `past_key_values` before.
-    cache_field = "cache" if "cache" in {f.name for f in dataclasses.fields(CausalLMOutputWithPast)} else "past_key_values"
+    fields = {f.name for f in dataclasses.fields(CausalLMOutputWithPast)}
+    cache_field = "cache" if "cache" in fields else "past_key_values"
     out = CausalLMOutputWithPast(loss=loss, logits=None, hidden_states=outputs.hidden_states,
                                  attentions=outputs.attentions, **{cache_field: getattr(outputs, cache_field)})
     return out if return_dict else out.to_tuple()
