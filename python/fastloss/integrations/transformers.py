@@ -87,11 +87,11 @@ def _head_is_plain_linear(head) -> bool:
     return (type(head) is torch.nn.Linear and not head._forward_hooks and not head._forward_pre_hooks)
 
 
-def _call_arguments(forward, args, kwargs) -> dict:
-    """The arguments the caller gave ``forward``, by name (its ``**kwargs`` merged in): only
-    those are passed on, so the cache argument keeps the name the caller used (transformers
-    5.25 renamed ``past_key_values`` to ``cache`` and warns when the old name is passed)."""
-    signature = inspect.signature(forward)
+def _call_arguments(signature: inspect.Signature, args, kwargs) -> dict:
+    """The arguments the caller gave the forward of this ``signature``, by name (its
+    ``**kwargs`` merged in): only those are passed on, so the cache argument keeps the name the
+    caller used (transformers 5.25 renamed ``past_key_values`` to ``cache`` and warns when the
+    old name is passed)."""
     call = dict(signature.bind(*args, **kwargs).arguments)
     for parameter in signature.parameters.values():
         if parameter.kind is inspect.Parameter.VAR_KEYWORD:
@@ -100,7 +100,7 @@ def _call_arguments(forward, args, kwargs) -> dict:
 
 
 def _causal_lm_forward(self, *args, **kwargs):
-    call = _call_arguments(self._fastloss_original_forward, args, kwargs)
+    call = _call_arguments(self._fastloss_forward_signature, args, kwargs)
     labels = call.pop("labels", None)
     # Without labels, without autograd (evaluation wants the logits for its metrics), or with a
     # wrapped head, the model runs unchanged.
@@ -150,6 +150,8 @@ def _patch_causal_lm(model: torch.nn.Module) -> int:
     if not isinstance(getattr(model, "lm_head", None), torch.nn.Linear):
         return 0
     model._fastloss_original_forward = model.forward
+    # Read once: inspect.signature follows the forward's decorators on every call otherwise.
+    model._fastloss_forward_signature = inspect.signature(model.forward)
     model.forward = types.MethodType(_causal_lm_forward, model)
     model._fastloss_loss_patched = True
     return 1
