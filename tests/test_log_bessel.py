@@ -204,6 +204,36 @@ def test_extreme_domain_is_finite():
     assert fastloss.log_bessel_kv(1e6, tiny).item() == pytest.approx(expected_k, rel=1e-14)
 
 
+def test_extreme_domain_largest_arguments():
+    # Where v and x both near DBL_MAX, hypot(v, x) overflows though log I and log K are finite
+    # (they used to come out inf); and for v > 1e150 near x / v = 0.66, where v eta cancels,
+    # the accurate forms must still serve (their squares overflow unscaled). At such h Debye's
+    # series is 1 + O(1/h): log I = v eta - log(2 pi h) / 2, log K = log pi - that - v eta
+    # exactly in double, with v eta = h - v asinh(v / x), d/dx = +-h / x, d/dv = -+asinh(v / x).
+    mpmath = pytest.importorskip("mpmath")
+    points = [(1.5e308, 1e308), (1.79e308, 1.2e308), (1.7e308, 1.7e308), (1e308, 1e308), (2e307, 1.3e308),
+              (1e200, 0.66e200), (3e152, 2e152), (1e160, 0.6e160), (1e306, 0.7e306)]
+    with mpmath.workdps(40):
+        ref = []
+        for v, x in points:
+            v, x = mpmath.mpf(v), mpmath.mpf(x)
+            h = mpmath.sqrt(v * v + x * x)
+            v_eta = h - v * mpmath.asinh(v / x)
+            half_log = mpmath.log(2 * mpmath.pi * h) / 2
+            ref.append([float(v_eta - half_log), float(mpmath.log(mpmath.pi) - half_log - v_eta),
+                        float(h / x), float(mpmath.asinh(v / x))])
+    ref = torch.tensor(ref, dtype=torch.float64)
+    v = torch.tensor([p[0] for p in points], dtype=torch.float64)
+    x = torch.tensor([p[1] for p in points], dtype=torch.float64)
+    for name, sign, col in (("iv", 1.0, 0), ("kv", -1.0, 1)):
+        got = FUNCS[name](v, x)
+        assert torch.isfinite(got).all(), f"{name}: {got}"
+        assert rel_error(got, ref[:, col]).max().item() <= 2e-15, name
+        dv, dx = getattr(torch.ops.fastloss, f"log_bessel_{name}_grad")(v, x)
+        assert rel_error(dx, sign * ref[:, 2]).max().item() <= 2e-15, name
+        assert rel_error(dv, -sign * ref[:, 3]).max().item() <= 2e-15, name
+
+
 def test_subnormal_x():
     # Below the 1e-300: values and d/dv stay finite; d/dx is +-inf where v/x overflows, never NaN.
     # Orders just above a half-integer (u near -1/2) make Temme's exp(u log(2/x)) ~ 1e-159 for K.

@@ -224,7 +224,7 @@ FASTLOSS_HD Dual x_minus_eta_root_v(const Dual& v, const Dual& x) {
 template <typename T>
 FASTLOSS_HD T debye_v_eta(const T& v, const T& x, const T& h) {
   const double vv = val(v), xv = val(x);
-  if (!(vv > 32.0 && xv > 0.45 * vv && xv < 0.95 * vv && vv < 1e150)) return h - v_asinh_v_over_x(v, x);
+  if (!(vv > 32.0 && xv > 0.45 * vv && xv < 0.95 * vv)) return h - v_asinh_v_over_x(v, x);
   // Nodes t and 1 - t on [0, 1] share a weight (the rule is symmetric).
   constexpr double kNode[6] = {0.009219682876640378, 0.0479413718147626, 0.11504866290284765,
                                0.20634102285669126, 0.31608425050090994, 0.43738329574426554};
@@ -243,14 +243,26 @@ FASTLOSS_HD T debye_v_eta(const T& v, const T& x, const T& h) {
   return offset * mean;
 }
 
+// 1, or 2^-64 where hypot(v, x) could overflow (the CPU packs overload it lane by lane).
+constexpr double kDebyeScaleAbove = 0x1p1020;
+FASTLOSS_HD double debye_scale(double v, double x) {
+  return (v > kDebyeScaleAbove || x > kDebyeScaleAbove) ? 0x1p-64 : 1.0;
+}
+
 // Debye's uniform expansion (DLMF 10.41.3-4) with h = hypot(v, x), t = v / h, written so that
 // v = 0 is allowed: v eta = h - v asinh(v/x), 1/2 log(2 pi v) + 1/4 log(1 + (x/v)^2) =
 // 1/2 log(2 pi h), and u_k(t) / v^k = Q_k(t^2) / h^k.
 template <bool kI, typename T>
 FASTLOSS_HD T debye_log(const T& v, const T& x) {
-  const T h = f_hypot(v, x);
-  const T inv_h = 1.0 / h;
-  const T t = v * inv_h;
+  // hypot(v, x) overflows once v or x nears DBL_MAX, while log I and log K can still be finite
+  // (v eta is about 0.01 v at v = 1.5e308, x = 1e308). There the expansion runs on (v, x)
+  // scaled by 2^-64 (exact): v eta is homogeneous of degree 1 in (v, x), and 1 / h is only
+  // needed unscaled (its power series is negligible at such h).
+  const auto scale = debye_scale(val(v), val(x));
+  const T v_s = v * scale, x_s = x * scale;
+  const T h_s = f_hypot(v_s, x_s);
+  const T inv_h = scale / h_s;
+  const T t = v_s / h_s;
   const T w = t * t;
   T power = 1.0, sum = 1.0;
   // Unrolled, so that the polynomial and bound of each k are constants (no table lookups):
@@ -267,7 +279,7 @@ FASTLOSS_HD T debye_log(const T& v, const T& x) {
     // Stop when the bound of the next term (with room for its derivatives) is negligible.
     if (all_below(val(power) * val(inv_h), kTol / (debye_q_bound(k + 1) * (k + 2)))) break;
   }
-  const T v_eta = debye_v_eta(v, x, h);
+  const T v_eta = debye_v_eta(v_s, x_s, h_s) / scale;
   const T log_sum_over_sqrt_h = f_log(sum * f_sqrt(inv_h));  // one log for log(sum) - log(h)/2
   if (kI) return v_eta - 0.5 * (kLn2 + kLnPi) + log_sum_over_sqrt_h;
   return 0.5 * (kLnPi - kLn2) - v_eta + log_sum_over_sqrt_h;

@@ -98,6 +98,9 @@ FASTLOSS_CPU_INLINE Pack f_sqrt(const Pack& p) {
   for (int i = 0; i < kLanes; ++i) r[i] = __builtin_sqrt(p.a[i]);
   return r;
 }
+FASTLOSS_CPU_INLINE Pack debye_scale(const Pack& v, const Pack& x) {
+  return select((v > kDebyeScaleAbove) | (x > kDebyeScaleAbove), Pack(0x1p-64), Pack(1.0));
+}
 FASTLOSS_CPU_INLINE Pack f_hypot(const Pack& p, const Pack& q) {
   const PackMask huge = (p.a >= 1e150) | (q.a >= 1e150);
   if (!all_lanes(huge == 0)) {
@@ -239,19 +242,23 @@ FASTLOSS_CPU_INLINE Pack debye_v_eta(const Pack& v, const Pack& x, const Pack& h
   const Pack z = v / x;
   const Pack plain = h - v * asinh_z;
   // |eta| > 0.44 outside x / v in [0.45, 0.95]: there the plain form is within a few ulp.
-  const PackMask cancelling = (v > 32.0) & (x > 0.45 * v) & (x < 0.95 * v) & (v < 1e150);
+  const PackMask cancelling = (v > 32.0) & (x > 0.45 * v) & (x < 0.95 * v);
   Pack moderate = plain;
   if (!all_lanes(cancelling == 0)) {
     const Pack z_low = f_fma(-z, x, v) / x;
     const PackPair asinh_z = asinh_double_double(z, z_low);
-    const PackPair product = two_product(v, asinh_z.hi);
-    const Pack product_low = product.lo + v * asinh_z.lo;
-    const PackPair v2 = two_product(v, v), x2 = two_product(x, x);
+    // The squares below overflow beyond v ~ 1e154: such lanes work on (v, x, h) 2^-600
+    // (exact; v eta is homogeneous of degree 1 in them).
+    const Pack scale = select(v > 1e150, Pack(0x1p-600), Pack(1.0));
+    const Pack v_s = v * scale, x_s = x * scale, h_s = h * scale;
+    const PackPair product = two_product(v_s, asinh_z.hi);
+    const Pack product_low = product.lo + v_s * asinh_z.lo;
+    const PackPair v2 = two_product(v_s, v_s), x2 = two_product(x_s, x_s);
     const PackPair h2 = two_sum(v2.hi, x2.hi);
     const Pack h2_low = h2.lo + v2.lo + x2.lo;
-    const Pack h_low = (f_fma(-h, h, h2.hi) + h2_low) / (2.0 * h);  // true h - h
+    const Pack h_low = (f_fma(-h_s, h_s, h2.hi) + h2_low) / (2.0 * h_s);  // true h - h
     // h - product.hi is exact (the two are within a factor of 2 here).
-    moderate = select(cancelling, (h - product.hi) + (h_low - product_low), plain);
+    moderate = select(cancelling, ((h_s - product.hi) + (h_low - product_low)) / scale, plain);
   }
   return moderate;
 }
