@@ -3,12 +3,13 @@
 // the current stream with no host synchronization.
 //
 // Dispatch rule (all three ops): float16 and bfloat16 inputs with D > 0 a multiple of 8 (and
-// tokens, V, D <= 2^31 - 257) on a GPU of compute capability 8.0 or later run the tensor-core
-// kernels of kernels/linear_cross_entropy.cu; hidden or classifier with a layout those
-// kernels do not take (last stride != 1, a row stride that is not a multiple of 8 elements, a
-// base pointer not 16-byte aligned) are copied to contiguous tensors first. Everything else
-// (float32, float64, other D, no tokens, GPUs before sm_80) runs the blocked
-// cuBLAS + ATen implementation (common/linear_cross_entropy_aten.h), which does not filter
+// tokens, V, D <= 2^31 - 257) on a GPU of compute capability 8.0 or later (with sm_80+ code
+// for it in the build) run the tensor-core kernels of kernels/linear_cross_entropy.cu; hidden
+// or classifier with a layout those kernels do not take (last stride != 1, a row stride that
+// is not a multiple of 8 elements, a base pointer not 16-byte aligned) are copied to
+// contiguous tensors first. Everything else (float32, float64, other D, no tokens, GPUs before
+// sm_80, builds without sm_80+ code for the GPU) runs the blocked cuBLAS + ATen implementation
+// (common/linear_cross_entropy_aten.h), which does not filter
 // (filter_eps is ignored there). The kernel backward adds into float32 buffers with atomics
 // (then cast to the inputs' dtypes), so its last bits can vary between runs; with
 // deterministic=True, or torch.use_deterministic_algorithms(True), the backward takes the
@@ -44,12 +45,13 @@ namespace {
 constexpr int64_t kMaxKernelIndex = std::numeric_limits<int32_t>::max() - 256;
 
 // Called under the device guard: the kernels use sm_80 instructions (cp.async, ldmatrix,
-// mma.sync with bfloat16), so older GPUs take the ATen path.
+// mma.sync with bfloat16), so older GPUs, and builds with no sm_80+ code for this GPU, take
+// the ATen path.
 bool use_kernels(const at::Tensor& hidden, const LinearCrossEntropyArgs& args) {
   const auto t = hidden.scalar_type();
   return (t == c10::kHalf || t == c10::kBFloat16) && args.dim > 0 && args.dim % 8 == 0 && args.tokens > 0 &&
          args.tokens <= kMaxKernelIndex && args.vocab <= kMaxKernelIndex && args.dim <= kMaxKernelIndex &&
-         at::cuda::getCurrentDeviceProperties()->major >= 8;
+         kernels::linear_cross_entropy_kernels_runnable();
 }
 
 // A (rows, D) matrix as the kernels read it: unit last stride, row stride a multiple of 8

@@ -41,6 +41,7 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
+#include <atomic>
 #include <cstdint>
 
 #include "common/linear_cross_entropy_math.h"
@@ -802,6 +803,34 @@ bool inputs_ok(const LinearCrossEntropyInputs& a) {
 }
 
 }  // namespace
+
+bool linear_cross_entropy_kernels_runnable() {
+  int device = 0;
+  if (cudaGetDevice(&device) != cudaSuccess) {
+    (void)cudaGetLastError();
+    return false;
+  }
+  // Per device: 0 not yet asked, 1 runnable, -1 not (the answer cannot change in a process).
+  constexpr int kMaxDevices = 64;
+  static std::atomic<signed char> known[kMaxDevices];
+  if (device >= 0 && device < kMaxDevices) {
+    const signed char k = known[device].load(std::memory_order_relaxed);
+    if (k != 0) return k > 0;
+  }
+  // The code the device would run: its own SASS, or PTX JIT-compiled from the newest virtual
+  // architecture at or below it. ptxVersion is that PTX's architecture, i.e. the __CUDA_ARCH__
+  // the kernels were compiled with; below 80 their tensor-core helpers trap. No image at all
+  // for this device (cudaErrorInvalidDeviceFunction) also means no.
+  cudaFuncAttributes attr{};
+  bool ok = false;
+  if (cudaFuncGetAttributes(&attr, reinterpret_cast<const void*>(lce_grad_kernel<__nv_bfloat16>)) == cudaSuccess) {
+    ok = attr.ptxVersion >= 80 && attr.binaryVersion >= 80;
+  } else {
+    (void)cudaGetLastError();
+  }
+  if (device >= 0 && device < kMaxDevices) known[device].store(ok ? 1 : -1, std::memory_order_relaxed);
+  return ok;
+}
 
 bool linear_cross_entropy_layout_ok(DType dtype, int64_t tokens, int64_t vocab, int64_t dim, const void* hidden,
                                     int64_t hidden_stride, const void* classifier, int64_t classifier_stride) {

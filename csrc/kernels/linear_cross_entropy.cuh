@@ -2,8 +2,9 @@
 // bfloat16). No torch headers: this compiles with plain nvcc, so CI without a CUDA torch
 // still builds the kernels.
 //
-// The kernels need sm_80 or later (cp.async, ldmatrix, mma.sync with bf16); the caller checks
-// the device.
+// The kernels need sm_80 or later (cp.async, ldmatrix, mma.sync with bf16), and a build
+// whose code for the device was compiled for sm_80 or later; the caller checks both with
+// linear_cross_entropy_kernels_runnable().
 // Layout preconditions (linear_cross_entropy_layout_ok): dtype F16 or BF16, D > 0 and a
 // multiple of 8, hidden and classifier rows contiguous (unit last stride), row strides a
 // multiple of 8 elements and 16-byte aligned base pointers, tokens, V, D <= 2^31 - 257. The bias and
@@ -72,6 +73,12 @@ struct LinearCrossEntropyBackwardArgs {
   float* d_classifier;     // (vocab, dim), contiguous
   float* d_bias;           // (vocab), contiguous
 };
+
+// Whether the current device can run the kernels of this build: compute capability 8.0 or
+// later, and the code it would run (its SASS, or PTX JIT-compiled) built for sm_80 or later.
+// A build for older architectures only, or none compatible with the device, answers false.
+// Cached per device.
+bool linear_cross_entropy_kernels_runnable();
 
 // Whether the kernels accept these dtype, sizes, strides and pointers (see above).
 bool linear_cross_entropy_layout_ok(DType dtype, int64_t tokens, int64_t vocab, int64_t dim,
