@@ -15,6 +15,8 @@
 //          streams the cost once from DRAM (memory-bound): the row pass has one warp per row,
 //          the column pass splits rows into chunks whose per-column partial sums (and maxima,
 //          for the exact redo) merge after a barrier. 2 reads of the cost per iteration.
+//          Where cooperative launches are unavailable or too large for the device's share of
+//          SMs, these problems take the block path if its vectors fit in shared memory.
 // Marginals are validated on the device (finite, >= 0, equal positive mass); an invalid
 // problem returns NaN results, as a check would otherwise need a host synchronization.
 #include "kernels/sinkhorn.cuh"
@@ -538,36 +540,56 @@ SinkhornArgs<T> sub_batch(const SinkhornArgs<T>& p, int64_t k0, int64_t count) {
 constexpr int64_t kMaxGridX = 0x7fffffff;
 
 template <typename T>
+cudaError_t launch_block_path(const SinkhornArgs<T>& p, size_t smem_cap, cudaStream_t stream) {
+  const bool in_smem = block_smem_bytes<T>(p.n, p.m, true) <= smem_cap;
+  const size_t smem = block_smem_bytes<T>(p.n, p.m, in_smem);
+  const void* kernel = in_smem ? reinterpret_cast<const void*>(sinkhorn_block_kernel<T, true>)
+                               : reinterpret_cast<const void*>(sinkhorn_block_kernel<T, false>);
+  if (smem > 48 * 1024) {
+    // Always the device's cap, never this call's size: host threads launching different
+    // sizes concurrently cannot shrink the limit under each other's launches.
+    const cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                               static_cast<int>(smem_cap));
+    if (e != cudaSuccess) return e;
+  }
+  for (int64_t k0 = 0; k0 < p.batch; k0 += kMaxGridX) {
+    const SinkhornArgs<T> q = sub_batch(p, k0, p.batch - k0 < kMaxGridX ? p.batch - k0 : kMaxGridX);
+    if (in_smem) {
+      sinkhorn_block_kernel<T, true><<<static_cast<unsigned>(q.batch), kThreads, smem, stream>>>(q);
+    } else {
+      sinkhorn_block_kernel<T, false><<<static_cast<unsigned>(q.batch), kThreads, smem, stream>>>(q);
+    }
+    const cudaError_t e = cudaGetLastError();
+    if (e != cudaSuccess) return e;
+  }
+  return cudaSuccess;
+}
+
+// The path for a shape: the block path where use_block_path picks it, and also where the
+// device cannot launch the grid path (no cooperative launch, e.g. under some virtualization
+// layers) but the block path's vectors fit in shared memory; slower there (one block per
+// problem), but it runs. Otherwise the grid path with plan g, or the error that stops it.
+template <typename T>
+cudaError_t choose_path(int64_t batch, int64_t n, int64_t m, size_t smem_cap, bool& block, GridPlan& g) {
+  block = use_block_path<T>(batch, n, m, device_sms(), smem_cap);
+  if (block) return cudaSuccess;
+  const cudaError_t e = grid_plan<T>(n, m, g);
+  if (e == cudaErrorNotSupported && block_smem_bytes<T>(n, m, false) <= smem_cap) {
+    block = true;
+    return cudaSuccess;
+  }
+  return e;
+}
+
+template <typename T>
 cudaError_t launch(const SinkhornArgs<T>& p, void* workspace, size_t workspace_bytes, cudaStream_t stream) {
   if (p.batch == 0 || p.n == 0 || p.m == 0) return cudaSuccess;
   const size_t smem_cap = device_smem_cap();
-  if (use_block_path<T>(p.batch, p.n, p.m, device_sms(), smem_cap)) {
-    const bool in_smem = block_smem_bytes<T>(p.n, p.m, true) <= smem_cap;
-    const size_t smem = block_smem_bytes<T>(p.n, p.m, in_smem);
-    const void* kernel = in_smem ? reinterpret_cast<const void*>(sinkhorn_block_kernel<T, true>)
-                                 : reinterpret_cast<const void*>(sinkhorn_block_kernel<T, false>);
-    if (smem > 48 * 1024) {
-      // Always the device's cap, never this call's size: host threads launching different
-      // sizes concurrently cannot shrink the limit under each other's launches.
-      const cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                                 static_cast<int>(smem_cap));
-      if (e != cudaSuccess) return e;
-    }
-    for (int64_t k0 = 0; k0 < p.batch; k0 += kMaxGridX) {
-      const SinkhornArgs<T> q = sub_batch(p, k0, p.batch - k0 < kMaxGridX ? p.batch - k0 : kMaxGridX);
-      if (in_smem) {
-        sinkhorn_block_kernel<T, true><<<static_cast<unsigned>(q.batch), kThreads, smem, stream>>>(q);
-      } else {
-        sinkhorn_block_kernel<T, false><<<static_cast<unsigned>(q.batch), kThreads, smem, stream>>>(q);
-      }
-      const cudaError_t e = cudaGetLastError();
-      if (e != cudaSuccess) return e;
-    }
-    return cudaSuccess;
-  }
+  bool block = false;
   GridPlan g;
-  cudaError_t e = grid_plan<T>(p.n, p.m, g);
+  cudaError_t e = choose_path<T>(p.batch, p.n, p.m, smem_cap, block, g);
   if (e != cudaSuccess) return e;
+  if (block) return launch_block_path(p, smem_cap, stream);
   if (workspace == nullptr || workspace_bytes < grid_workspace_bytes<T>(p.n, p.m, g)) return cudaErrorInvalidValue;
   GridWorkspace<T> w = carve<T>(workspace, p.n, p.m, g);
   for (int64_t k = 0; k < p.batch; ++k) {
@@ -575,6 +597,12 @@ cudaError_t launch(const SinkhornArgs<T>& p, void* workspace, size_t workspace_b
     void* params[] = {&args, &w, &k};
     e = cudaLaunchCooperativeKernel(reinterpret_cast<const void*>(sinkhorn_grid_kernel<T>), dim3(g.blocks),
                                     dim3(kThreads), params, 0, stream);
+    if (e == cudaErrorCooperativeLaunchTooLarge && block_smem_bytes<T>(p.n, p.m, false) <= smem_cap) {
+      // Fewer blocks co-resident than the occupancy query promised (an SM share limited by
+      // MPS, say): this problem and the rest go to the block path. The error is not sticky.
+      (void)cudaGetLastError();
+      return launch_block_path(sub_batch(p, k, p.batch - k), smem_cap, stream);
+    }
     if (e != cudaSuccess) return e;
   }
   return cudaGetLastError();
@@ -582,9 +610,11 @@ cudaError_t launch(const SinkhornArgs<T>& p, void* workspace, size_t workspace_b
 
 template <typename T>
 size_t workspace_bytes(int64_t batch, int64_t n, int64_t m) {
-  if (batch == 0 || n == 0 || m == 0 || use_block_path<T>(batch, n, m, device_sms(), device_smem_cap())) return 0;
+  if (batch == 0 || n == 0 || m == 0) return 0;
+  bool block = false;
   GridPlan g;
-  if (grid_plan<T>(n, m, g) != cudaSuccess) return 0;  // the launch reports the error
+  // An error here is reported by the launch.
+  if (choose_path<T>(batch, n, m, device_smem_cap(), block, g) != cudaSuccess || block) return 0;
   return grid_workspace_bytes<T>(n, m, g);
 }
 
