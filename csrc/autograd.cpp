@@ -1,18 +1,22 @@
 // Autograd kernels in C++ for the ops that are often called on small tensors: softmax and
 // log-softmax (and their backward ops, for double backward), log I_v / log K_v (and their
-// derivative ops, which refuse a second derivative), and the SinKD loss. A Python autograd
+// derivative ops, which refuse a second derivative), and the SinKD loss (differentiable again
+// through an eager recompute under create_graph=True). A Python autograd
 // registration (torch.library.register_autograd) runs Python on every call, with or without
 // grad: ~30 us, more than the kernels themselves below ~10^5 elements.
 // Each kernel wraps the op in a torch::autograd::Function whose forward calls the op below
 // autograd; the ops with larger inputs and richer contexts (stat_topk, sinkhorn, cut
 // cross-entropy) keep their Python registrations.
+#include <ATen/Functions.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/TensorOperators.h>
 #include <ATen/core/Tensor.h>
 #include <torch/autograd.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <tuple>
+#include <utility>
 
 namespace fastloss {
 namespace {
@@ -166,8 +170,110 @@ std::tuple<at::Tensor, at::Tensor> log_bessel_grad_autograd(const at::Tensor& v,
   return {out[0], out[1]};
 }
 
-// SinKD: the loss is differentiable; the softmaxes, cost and scaling vectors it also returns
-// are what the fused backward reads.
+// L1 distances W[i, j] = sum_c |p[i, c] - q[j, c]| with derivatives of every order. With
+// s[i, j, c] = sign(p[i, c] - q[j, c]), piecewise constant, every derivative is one of two
+// linear maps, each the other's adjoint:
+//   spread:   G -> (dp[i, c] = sum_j G[i, j] s[i, j, c],  dq[j, c] = -sum_i G[i, j] s[i, j, c])
+//   contract: (Up, Uq) -> H[i, j] = sum_c (Up[i, c] - Uq[j, c]) s[i, j, c]
+// (torch.cdist's backward has no derivative). Rows go in chunks, so the (rows, B, C) sign
+// tensor stays near 2^22 elements.
+int64_t l1_chunk_rows(const at::Tensor& q) {
+  const int64_t per_row = std::max<int64_t>(1, q.size(0) * q.size(1));
+  return std::max<int64_t>(1, (int64_t{1} << 22) / per_row);
+}
+
+at::Tensor l1_signs(const at::Tensor& p, const at::Tensor& q, int64_t i0, int64_t i1) {
+  return at::sign(p.slice(0, i0, i1).unsqueeze(1) - q.unsqueeze(0));
+}
+
+std::pair<at::Tensor, at::Tensor> l1_spread(const at::Tensor& G, const at::Tensor& p, const at::Tensor& q) {
+  at::Tensor dp = at::empty_like(p);
+  at::Tensor dq = at::zeros_like(q);
+  const int64_t rows = l1_chunk_rows(q);
+  for (int64_t i0 = 0; i0 < p.size(0); i0 += rows) {
+    const int64_t i1 = std::min(p.size(0), i0 + rows);
+    const at::Tensor S = l1_signs(p, q, i0, i1);
+    const at::Tensor g = G.slice(0, i0, i1);
+    dp.slice(0, i0, i1).copy_(at::bmm(g.unsqueeze(1), S).squeeze(1));
+    dq.sub_((S * g.unsqueeze(2)).sum(0));
+  }
+  return {dp, dq};
+}
+
+at::Tensor l1_contract(const at::Tensor& Up, const at::Tensor& Uq, const at::Tensor& p, const at::Tensor& q) {
+  at::Tensor H = at::empty({p.size(0), q.size(0)}, p.options());
+  const int64_t rows = l1_chunk_rows(q);
+  for (int64_t i0 = 0; i0 < p.size(0); i0 += rows) {
+    const int64_t i1 = std::min(p.size(0), i0 + rows);
+    const at::Tensor S = l1_signs(p, q, i0, i1);
+    H.slice(0, i0, i1).copy_(((Up.slice(0, i0, i1).unsqueeze(1) - Uq.unsqueeze(0)) * S).sum(2));
+  }
+  return H;
+}
+
+struct L1ContractFunction;
+
+// G -> (dp, dq); p and q ride along (their own derivative here is zero almost everywhere).
+struct L1SpreadFunction : torch::autograd::Function<L1SpreadFunction> {
+  static variable_list forward(AutogradContext* ctx, const at::Tensor& G, const at::Tensor& p, const at::Tensor& q) {
+    ctx->save_for_backward({p, q});
+    auto [dp, dq] = l1_spread(G, p, q);
+    return {dp, dq};
+  }
+  static variable_list backward(AutogradContext* ctx, variable_list grads);
+};
+
+struct L1ContractFunction : torch::autograd::Function<L1ContractFunction> {
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& Up, const at::Tensor& Uq, const at::Tensor& p,
+                            const at::Tensor& q) {
+    ctx->save_for_backward({p, q});
+    return l1_contract(Up, Uq, p, q);
+  }
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const variable_list pq = ctx->get_saved_variables();
+    const variable_list d = L1SpreadFunction::apply(grads[0], pq[0], pq[1]);
+    return {d[0], d[1], at::Tensor(), at::Tensor()};
+  }
+};
+
+variable_list L1SpreadFunction::backward(AutogradContext* ctx, variable_list grads) {
+  const variable_list pq = ctx->get_saved_variables();
+  return {L1ContractFunction::apply(grads[0], grads[1], pq[0], pq[1]), at::Tensor(), at::Tensor()};
+}
+
+struct L1DistFunction : torch::autograd::Function<L1DistFunction> {
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& p, const at::Tensor& q) {
+    ctx->save_for_backward({p, q});
+    return at::cdist(p, q, 1.0);
+  }
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const variable_list pq = ctx->get_saved_variables();
+    return L1SpreadFunction::apply(grads[0], pq[0], pq[1]);
+  }
+};
+
+// The SinKD loss from the two softmaxes, exactly as its authors compute it, with
+// differentiable ATen ops: the create_graph=True path.
+at::Tensor sinkhorn_kd_eager(const at::Tensor& ps, const at::Tensor& pt, double eps, int64_t n_iter, double scale) {
+  const at::Tensor W = L1DistFunction::apply(ps, pt);
+  at::Tensor P = at::exp(W * (-1.0 / eps));
+  for (int64_t it = 0; it < n_iter; ++it) {
+    P = P / P.sum(1, true);
+    P = P / P.sum(0, true);
+  }
+  return (P * W).sum() * scale;
+}
+
+// The vector-Jacobian product of p = softmax(z / T) along rows: p (g - sum(g p)) / T.
+at::Tensor softmax_temperature_vjp(const at::Tensor& g, const at::Tensor& p, double temperature) {
+  return p * (g - (g * p).sum(1, true)) * (1.0 / temperature);
+}
+
+// SinKD: the loss, and the two softmaxes it also returns, are differentiable; the cost and
+// scaling vectors are what the fused backward reads. A plain backward runs the fused reverse
+// sweep. Under create_graph=True the gradient must carry a graph: it comes from autograd
+// through the eager formulation, recomputed from the saved softmaxes (saved outputs, so they
+// lead back here and on to the logits: every order of derivative works, no input is kept).
 using KdSig = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>(
     const at::Tensor&, const at::Tensor&, double, double, int64_t, double);
 using KdBackwardSig = std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&, const at::Tensor&,
@@ -181,10 +287,12 @@ struct SinkhornKdFunction : torch::autograd::Function<SinkhornKdFunction> {
     static const auto op = op_handle<KdSig>("fastloss::sinkhorn_kd");
     at::AutoDispatchBelowADInplaceOrView below_autograd;
     auto [loss, ps, pt, cost, x, y] = op.call(student, teacher, temperature, eps, n_iter, scale);
-    ctx->mark_non_differentiable({ps, pt, cost, x, y});
+    ctx->mark_non_differentiable({cost, x, y});
+    ctx->set_materialize_grads(false);
     ctx->save_for_backward({ps, pt, cost, x, y});
     ctx->saved_data["temperature"] = temperature;
     ctx->saved_data["eps"] = eps;
+    ctx->saved_data["n_iter"] = n_iter;
     ctx->saved_data["scale"] = scale;
     ctx->saved_data["student_dtype"] = student.scalar_type();
     ctx->saved_data["teacher_dtype"] = teacher.scalar_type();
@@ -194,12 +302,47 @@ struct SinkhornKdFunction : torch::autograd::Function<SinkhornKdFunction> {
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     static const auto op = op_handle<KdBackwardSig>("fastloss::sinkhorn_kd_backward");
     const variable_list s = ctx->get_saved_variables();
+    const at::Tensor& ps = s[0];
+    const at::Tensor& pt = s[1];
     const bool need_s = ctx->needs_input_grad(0);
     const bool need_t = ctx->needs_input_grad(1);
-    auto [ds, dt] = op.call(grads[0], s[0], s[1], s[2], s[3], s[4], ctx->saved_data["temperature"].toDouble(),
-                            ctx->saved_data["eps"].toDouble(), ctx->saved_data["scale"].toDouble(), need_s, need_t,
-                            ctx->saved_data["student_dtype"].toScalarType(),
-                            ctx->saved_data["teacher_dtype"].toScalarType());
+    const double temperature = ctx->saved_data["temperature"].toDouble();
+    const double eps = ctx->saved_data["eps"].toDouble();
+    const double scale = ctx->saved_data["scale"].toDouble();
+    const c10::ScalarType student_dtype = ctx->saved_data["student_dtype"].toScalarType();
+    const c10::ScalarType teacher_dtype = ctx->saved_data["teacher_dtype"].toScalarType();
+    // Gradients in the softmaxes (accumulation dtype), then through them to the logits.
+    at::Tensor g_ps = grads[1], g_pt = grads[2];
+    at::Tensor ds, dt;
+    if (grads[0].defined()) {
+      if (torch::autograd::GradMode::is_enabled()) {
+        const at::Tensor loss = sinkhorn_kd_eager(ps, pt, eps, ctx->saved_data["n_iter"].toInt(), scale);
+        variable_list wrt;
+        if (need_s) wrt.push_back(ps);
+        if (need_t) wrt.push_back(pt);
+        const variable_list g = torch::autograd::grad({loss}, wrt, {grads[0].to(loss.scalar_type())},
+                                                      /*retain_graph=*/true, /*create_graph=*/true,
+                                                      /*allow_unused=*/true);
+        const auto accumulate = [](at::Tensor& acc, const at::Tensor& g) {
+          if (g.defined()) acc = acc.defined() ? acc + g : g;
+        };
+        if (need_s) accumulate(g_ps, g[0]);
+        if (need_t) accumulate(g_pt, g[need_s ? 1 : 0]);
+      } else {
+        std::tie(ds, dt) = op.call(grads[0], ps, pt, s[2], s[3], s[4], temperature, eps, scale, need_s, need_t,
+                                   student_dtype, teacher_dtype);
+      }
+    }
+    // ds and dt as the fused sweep gave them (already in the logits' dtypes), plus the terms
+    // that go through the softmaxes.
+    const auto add_softmax_term = [&](at::Tensor& d, const at::Tensor& g, const at::Tensor& p,
+                                      c10::ScalarType dtype) {
+      if (!g.defined()) return;
+      const at::Tensor term = softmax_temperature_vjp(g.to(p.scalar_type()), p, temperature);
+      d = d.defined() ? d + term.to(dtype) : term.to(dtype);
+    };
+    if (need_s) add_softmax_term(ds, g_ps, ps, student_dtype);
+    if (need_t) add_softmax_term(dt, g_pt, pt, teacher_dtype);
     return {need_s ? ds : at::Tensor(), need_t ? dt : at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(),
             at::Tensor()};
   }

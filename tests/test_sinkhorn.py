@@ -648,6 +648,80 @@ def test_sinkd_gradcheck(device):
     assert torch.autograd.gradcheck(lambda s, t: fastloss.sinkhorn_kd_loss(s, t, n_iter=4, eps=0.5), (zs, zt))
 
 
+def sinkd_reference_twice_differentiable(zs, zt, temperature, eps, n_iter, scale):
+    """sinkd_reference with the L1 cost written out (torch.cdist's backward has no derivative)."""
+    ps = torch.softmax(zs / temperature, dim=1)
+    pt = torch.softmax(zt / temperature, dim=1)
+    W = (ps[:, None, :] - pt[None, :, :]).abs().sum(-1)
+    P = torch.exp(-W / eps)
+    for _ in range(n_iter):
+        P = P / P.sum(dim=1, keepdim=True)
+        P = P / P.sum(dim=0, keepdim=True)
+    return scale * torch.sum(P * W)
+
+
+def test_sinkd_double_backward(device):
+    g = torch.Generator().manual_seed(77)
+    zs = (torch.randn(6, 5, generator=g, dtype=torch.float64) * 2).to(device).requires_grad_()
+    zt = (torch.randn(6, 5, generator=g, dtype=torch.float64) * 2).to(device).requires_grad_()
+    kw = dict(temperature=1.5, eps=0.3, n_iter=4, scale=0.5)
+    loss = fastloss.sinkhorn_kd_loss(zs, zt, **kw)
+    first = torch.autograd.grad(loss, (zs, zt), create_graph=True)
+    plain = torch.autograd.grad(fastloss.sinkhorn_kd_loss(zs, zt, **kw), (zs, zt))
+    for a_, b_ in zip(first, plain):
+        assert a_.requires_grad
+        torch.testing.assert_close(a_, b_, rtol=1e-12, atol=1e-15)
+    # Second derivatives (a gradient penalty and a Hessian-vector product) against autograd
+    # through the eager formulation.
+    ref = sinkd_reference_twice_differentiable(zs, zt, **kw)
+    ref_first = torch.autograd.grad(ref, (zs, zt), create_graph=True)
+    u = torch.randn(6, 5, generator=g, dtype=torch.float64).to(device)
+    got = torch.autograd.grad((first[0] ** 2).sum() + (first[1] * u).sum(), (zs, zt))
+    expected = torch.autograd.grad((ref_first[0] ** 2).sum() + (ref_first[1] * u).sum(), (zs, zt))
+    for a_, b_ in zip(got, expected):
+        torch.testing.assert_close(a_, b_, rtol=1e-9, atol=1e-12 * b_.abs().max().item())
+    f = lambda s, t: fastloss.sinkhorn_kd_loss(s, t, **kw)
+    assert torch.autograd.gradgradcheck(f, (zs, zt))
+    # Only the student differentiable, as in distillation; more classes than the few-classes kernel.
+    zs = torch.randn(4, 40, dtype=torch.float64, device=device, requires_grad=True)
+    zt = torch.randn(4, 40, dtype=torch.float64, device=device)
+    assert torch.autograd.gradgradcheck(lambda s: fastloss.sinkhorn_kd_loss(s, zt, n_iter=3, eps=0.5), (zs,))
+
+
+def test_sinkd_double_backward_row_chunks(device):
+    # 6 x 150000: the L1 cost's derivative maps go in row chunks of 4 and 2.
+    g = torch.Generator().manual_seed(78)
+    zs = torch.randn(6, 150000, generator=g, dtype=torch.float64).to(device).requires_grad_()
+    zt = torch.randn(6, 150000, generator=g, dtype=torch.float64).to(device).requires_grad_()
+    kw = dict(temperature=0.5, eps=0.3, n_iter=3, scale=1.0)
+    first = torch.autograd.grad(fastloss.sinkhorn_kd_loss(zs, zt, **kw), (zs, zt), create_graph=True)
+    got = torch.autograd.grad((first[0] ** 2).sum() + (first[1] ** 2).sum(), (zs, zt))
+    ref_first = torch.autograd.grad(sinkd_reference_twice_differentiable(zs, zt, **kw), (zs, zt), create_graph=True)
+    expected = torch.autograd.grad((ref_first[0] ** 2).sum() + (ref_first[1] ** 2).sum(), (zs, zt))
+    for a_, b_ in zip(got, expected):
+        torch.testing.assert_close(a_, b_, rtol=1e-9, atol=1e-11 * b_.abs().max().item())
+
+
+def test_sinkd_create_graph_low_precision(device):
+    zs = torch.randn(8, 12, device=device).bfloat16().requires_grad_()
+    zt = torch.randn(8, 12, device=device)
+    (gs,) = torch.autograd.grad(fastloss.sinkhorn_kd_loss(zs, zt), zs, create_graph=True)
+    (plain,) = torch.autograd.grad(fastloss.sinkhorn_kd_loss(zs, zt), zs)
+    assert gs.dtype == torch.bfloat16 and gs.requires_grad
+    torch.testing.assert_close(gs, plain, rtol=2e-2, atol=1e-2 * plain.abs().max().item())
+    (h,) = torch.autograd.grad(gs.float().pow(2).sum(), zs)
+    assert h.dtype == torch.bfloat16 and torch.isfinite(h).all() and h.abs().max() > 0
+
+
+def test_sinkd_op_softmax_outputs_differentiable(device):
+    # The raw op's softmaxes (outputs 1 and 2) carry gradients to their logits.
+    zs = torch.randn(5, 4, dtype=torch.float64, device=device, requires_grad=True)
+    zt = torch.randn(5, 4, dtype=torch.float64, device=device, requires_grad=True)
+    op = torch.ops.fastloss.sinkhorn_kd
+    assert torch.autograd.gradcheck(lambda s, t: op(s, t, 2.0, 0.3, 3, 1.0)[:3], (zs, zt))
+    assert torch.autograd.gradgradcheck(lambda s, t: op(s, t, 2.0, 0.3, 3, 1.0)[:3], (zs, zt))
+
+
 def test_sinkd_opcheck(device):
     zs = torch.randn(7, 5, device=device, requires_grad=True)
     zt = torch.randn(7, 5, device=device, requires_grad=True)

@@ -304,8 +304,9 @@ def sinkhorn_kd_loss(
         loss = scale * sum(P * W)
 
     The gradient (to both logits, as autograd through that formulation gives it) is computed
-    by a fused reverse sweep, not by autograd through n_iter steps (so it is not differentiable
-    again: under create_graph=True it carries no graph). Logits of shape (B, C),
+    by a fused reverse sweep, not by autograd through n_iter steps. Under create_graph=True it
+    comes from autograd through the formulation instead (recomputed from the saved softmaxes),
+    so second and higher derivatives work. Logits of shape (B, C),
     any float dtype (computed in float32, float64 for float64); the loss has their dtype.
     """
     _check_tensor("sinkhorn_kd_loss", "student_logits", student_logits)
