@@ -294,11 +294,15 @@ FASTLOSS_CPU_INLINE void backward_lastdim_rows_lanes(const out_t* g, const out_t
         partial[l] += kLog ? gv : gv * static_cast<acc_t>(yr[i + l]);
       }
     }
-    for (int l = 0; i + l < n; ++l) {
-      const acc_t gv = static_cast<acc_t>(gr[i + l]);
-      partial[l] += kLog ? gv : gv * static_cast<acc_t>(yr[i + l]);
+    // The tail into a scalar of its own: lanes indexed with a runtime l stay on the stack,
+    // and their reduction became L scalar loads and adds per row (AVX-512, fp32 rows of 128
+    // in cache, the op called alone: 0.56-0.68x torch's speed before, 0.73-0.76x after).
+    acc_t tail = 0;
+    for (; i < n; ++i) {
+      const acc_t gv = static_cast<acc_t>(gr[i]);
+      tail += kLog ? gv : gv * static_cast<acc_t>(yr[i]);
     }
-    const acc_t total = reduce_lanes<L>(partial, [](acc_t a, acc_t b) { return a + b; });
+    const acc_t total = reduce_lanes<L>(partial, [](acc_t a, acc_t b) { return a + b; }) + tail;
     for (int64_t j = 0; j < n; ++j) {
       const acc_t gv = static_cast<acc_t>(gr[j]);
       const acc_t yv = static_cast<acc_t>(yr[j]);
