@@ -562,11 +562,15 @@ def test_cuda_memcheck():
 # SinKD
 
 
-def sinkd_reference(zs, zt, temperature=2.0, eps=0.1, n_iter=20, scale=0.001):
-    """The SinKD loss as its authors compute it (eager; autograd through every step)."""
+def sinkd_reference(zs, zt, temperature=2.0, eps=0.1, n_iter=20, scale=0.001, twice_differentiable=False):
+    """The SinKD loss as its authors compute it (eager; autograd through every step).
+    twice_differentiable writes the L1 cost out: torch.cdist's backward has no derivative."""
     ps = torch.softmax(zs / temperature, dim=1)
     pt = torch.softmax(zt / temperature, dim=1)
-    W = torch.cdist(ps, pt, p=1)
+    if twice_differentiable:
+        W = (ps[:, None, :] - pt[None, :, :]).abs().sum(-1)
+    else:
+        W = torch.cdist(ps, pt, p=1)
     P = torch.exp(-W / eps)
     for _ in range(n_iter):
         P = P / P.sum(dim=1, keepdim=True)
@@ -648,18 +652,6 @@ def test_sinkd_gradcheck(device):
     assert torch.autograd.gradcheck(lambda s, t: fastloss.sinkhorn_kd_loss(s, t, n_iter=4, eps=0.5), (zs, zt))
 
 
-def sinkd_reference_twice_differentiable(zs, zt, temperature, eps, n_iter, scale):
-    """sinkd_reference with the L1 cost written out (torch.cdist's backward has no derivative)."""
-    ps = torch.softmax(zs / temperature, dim=1)
-    pt = torch.softmax(zt / temperature, dim=1)
-    W = (ps[:, None, :] - pt[None, :, :]).abs().sum(-1)
-    P = torch.exp(-W / eps)
-    for _ in range(n_iter):
-        P = P / P.sum(dim=1, keepdim=True)
-        P = P / P.sum(dim=0, keepdim=True)
-    return scale * torch.sum(P * W)
-
-
 def test_sinkd_double_backward(device):
     g = torch.Generator().manual_seed(77)
     zs = (torch.randn(6, 5, generator=g, dtype=torch.float64) * 2).to(device).requires_grad_()
@@ -673,7 +665,7 @@ def test_sinkd_double_backward(device):
         torch.testing.assert_close(a_, b_, rtol=1e-12, atol=1e-15)
     # Second derivatives (a gradient penalty and a Hessian-vector product) against autograd
     # through the eager formulation.
-    ref = sinkd_reference_twice_differentiable(zs, zt, **kw)
+    ref = sinkd_reference(zs, zt, **kw, twice_differentiable=True)
     ref_first = torch.autograd.grad(ref, (zs, zt), create_graph=True)
     u = torch.randn(6, 5, generator=g, dtype=torch.float64).to(device)
     got = torch.autograd.grad((first[0] ** 2).sum() + (first[1] * u).sum(), (zs, zt))
@@ -696,7 +688,7 @@ def test_sinkd_double_backward_row_chunks(device):
     kw = dict(temperature=0.5, eps=0.3, n_iter=3, scale=1.0)
     first = torch.autograd.grad(fastloss.sinkhorn_kd_loss(zs, zt, **kw), (zs, zt), create_graph=True)
     got = torch.autograd.grad((first[0] ** 2).sum() + (first[1] ** 2).sum(), (zs, zt))
-    ref_first = torch.autograd.grad(sinkd_reference_twice_differentiable(zs, zt, **kw), (zs, zt), create_graph=True)
+    ref_first = torch.autograd.grad(sinkd_reference(zs, zt, **kw, twice_differentiable=True), (zs, zt), create_graph=True)
     expected = torch.autograd.grad((ref_first[0] ** 2).sum() + (ref_first[1] ** 2).sum(), (zs, zt))
     for a_, b_ in zip(got, expected):
         torch.testing.assert_close(a_, b_, rtol=1e-9, atol=1e-11 * b_.abs().max().item())
