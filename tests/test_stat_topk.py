@@ -128,6 +128,27 @@ def test_statistics_do_not_cancel(device, dtype):
     assert torch.all((theta.double().cpu() - theta_ref).abs() <= 1e-3 * std)
 
 
+@pytest.mark.parametrize("n", [127, 1000, 5000])
+@pytest.mark.parametrize("dim", [-1, 0])
+def test_statistics_large_common_offset(device, n, dim):
+    # Rows of 3e7 + N(0, 1) in float32: a plain sum of the values rounds at the offset's scale
+    # (the mean was off by tens of units, and the std by as much), the shifted sums do not.
+    g = torch.Generator().manual_seed(n)
+    x = (3e7 + torch.randn(4, n, generator=g, dtype=torch.float64)).float()
+    if dim == 0:
+        x = x.t().contiguous()
+    x = x.to(device)
+    _, theta = fastloss.stat_topk(x, sparsity=0.95, dim=dim, return_threshold=True)
+    _, theta_ref = reference(x.double().cpu().movedim(dim, -1), 0.95)
+    theta = theta.double().cpu().reshape(theta_ref.shape)
+    std = x.double().cpu().movedim(dim, -1).std(-1, keepdim=True, unbiased=False)
+    ulp = 2.0  # float32 spacing at 3e7: the mean itself is rounded to it
+    assert torch.all((theta - theta_ref).abs() <= 2 * ulp + 0.05 * std), (theta - theta_ref).abs().max()
+    if dim == -1:  # the fused activation shares the threshold
+        y = fastloss.stat_topk_gelu_mul(x, torch.ones_like(x), 0.95)
+        assert torch.equal(y > 0, x > theta.to(device).float().reshape(4, 1))
+
+
 def test_kept_fraction_on_gaussian_rows(device):
     x = torch.randn(32, 16384, generator=torch.Generator().manual_seed(4)).to(device)
     for sparsity in (0.5, 0.9, 0.95, 0.99):

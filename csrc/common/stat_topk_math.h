@@ -114,6 +114,24 @@ FASTLOSS_HD acc_t overflow_safe_mean(acc_t sum, acc_t n, acc_t lo, acc_t hi, Res
   return rescaled_sum(pow2<acc_t>(-e)) / n * pow2<acc_t>(e);
 }
 
+// Means come from sums of x - shift, shift a finite value of the set (its first; 0 if that is
+// not finite): with a large common offset (1e7 + N(0, 1) in float32) a plain sum of the values
+// rounds at the offset's scale, and the mean's error (tens of units there) went into the
+// spread as well; the shifted values carry no offset. shift + shifted_sum / n is then exact
+// to the mean's rounding. A shifted sum that is not finite takes overflow_safe_mean's paths
+// (inf or NaN values; finite values whose shifted sum overflowed: the rescaled sum).
+template <typename acc_t>
+FASTLOSS_HD acc_t sum_shift(acc_t first) {
+  return first - first == acc_t(0) ? first : acc_t(0);
+}
+
+template <typename acc_t, typename RescaledSum>
+FASTLOSS_HD acc_t shifted_mean(acc_t shift, acc_t shifted_sum, acc_t n, acc_t lo, acc_t hi,
+                               RescaledSum&& rescaled_sum) {
+  if (shifted_sum - shifted_sum == acc_t(0)) return shift + shifted_sum / n;
+  return overflow_safe_mean(shifted_sum, n, lo, hi, rescaled_sum);
+}
+
 // Chan's formula, with each part's m2 moved to the merged set's unit (exact powers of two).
 template <typename acc_t>
 FASTLOSS_HD Moments<acc_t> merge_moments(Moments<acc_t> a, Moments<acc_t> b) {
@@ -149,16 +167,17 @@ FASTLOSS_HD bool constant_moments(acc_t n, acc_t lo, acc_t hi, acc_t mean, Momen
 // deviations. The loops run to kMax with a predicate so that v stays in registers on a GPU.
 template <typename acc_t, int kMax>
 FASTLOSS_HD Moments<acc_t> moments_of(const acc_t (&v)[kMax], int count) {
+  const acc_t shift = sum_shift(v[0]);
   acc_t sum = 0, lo = v[0], hi = v[0];
 #pragma unroll
   for (int k = 0; k < kMax; ++k) {
     if (k < count) {
-      sum += v[k];
+      sum += v[k] - shift;
       lo = min_of(lo, v[k]);
       hi = max_of(hi, v[k]);
     }
   }
-  const acc_t mean = overflow_safe_mean(sum, static_cast<acc_t>(count), lo, hi, [&](acc_t scale) {
+  const acc_t mean = shifted_mean(shift, sum, static_cast<acc_t>(count), lo, hi, [&](acc_t scale) {
     acc_t scaled = 0;
 #pragma unroll
     for (int k = 0; k < kMax; ++k) {

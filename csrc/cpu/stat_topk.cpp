@@ -47,11 +47,12 @@ template <typename in_t, typename acc_t>
 FASTLOSS_CPU_INLINE Moments<acc_t> chunk_moments(const in_t* x, int64_t c) {
   acc_t lanes[kLanes] = {}, lo[kLanes], hi[kLanes];
   for (int l = 0; l < kLanes; ++l) lo[l] = hi[l] = to_acc<acc_t>(x[0]);
+  const acc_t shift = sum_shift(to_acc<acc_t>(x[0]));
   int64_t i = 0;
   for (; i + kLanes <= c; i += kLanes)
     for (int l = 0; l < kLanes; ++l) {
       const acc_t v = to_acc<acc_t>(x[i + l]);
-      lanes[l] += v;
+      lanes[l] += v - shift;
       lo[l] = min_of(lo[l], v);
       hi[l] = max_of(hi[l], v);
     }
@@ -62,11 +63,11 @@ FASTLOSS_CPU_INLINE Moments<acc_t> chunk_moments(const in_t* x, int64_t c) {
   }
   for (; i < c; ++i) {
     const acc_t v = to_acc<acc_t>(x[i]);
-    sum += v;
+    sum += v - shift;
     row_lo = min_of(row_lo, v);
     row_hi = max_of(row_hi, v);
   }
-  const acc_t mean = overflow_safe_mean(sum, static_cast<acc_t>(c), row_lo, row_hi, [&](acc_t scale) {
+  const acc_t mean = shifted_mean(shift, sum, static_cast<acc_t>(c), row_lo, row_hi, [&](acc_t scale) {
     acc_t scaled = 0;
     for (int64_t j = 0; j < c; ++j) scaled += to_acc<acc_t>(x[j]) * scale;
     return scaled;
@@ -144,16 +145,20 @@ FASTLOSS_CPU_INLINE void forward_strided(const in_t* x, in_t* y, typename AccTyp
     const int64_t i1 = std::min(n, i0 + kStridedChunk);
     const acc_t c = static_cast<acc_t>(i1 - i0);
     acc_t sum[kLanes] = {}, sq[kLanes] = {}, lo[kLanes], hi[kLanes], chunk_mean[kLanes], inv_s[kLanes], neg_scaled_mean[kLanes];
-    for (int l = 0; l < count; ++l) lo[l] = hi[l] = to_acc<acc_t>(x[i0 * inner + l]);
+    acc_t shift[kLanes];
+    for (int l = 0; l < count; ++l) {
+      lo[l] = hi[l] = to_acc<acc_t>(x[i0 * inner + l]);
+      shift[l] = sum_shift(lo[l]);
+    }
     for (int64_t i = i0; i < i1; ++i)
       for (int l = 0; l < count; ++l) {
         const acc_t v = to_acc<acc_t>(x[i * inner + l]);
-        sum[l] += v;
+        sum[l] += v - shift[l];
         lo[l] = min_of(lo[l], v);
         hi[l] = max_of(hi[l], v);
       }
     for (int l = 0; l < count; ++l) {
-      chunk_mean[l] = overflow_safe_mean(sum[l], c, lo[l], hi[l], [&](acc_t scale) {
+      chunk_mean[l] = shifted_mean(shift[l], sum[l], c, lo[l], hi[l], [&](acc_t scale) {
         acc_t scaled = 0;
         for (int64_t i = i0; i < i1; ++i) scaled += to_acc<acc_t>(x[i * inner + l]) * scale;
         return scaled;

@@ -214,6 +214,7 @@ __global__ void __launch_bounds__(kThreads) onchip_forward_kernel(const T* __res
   const T* xr = x + row * n;
   acc_t v[kIters][kVec];
   acc_t sum = 0, lo = to_acc(xr[0]), hi = lo;
+  const acc_t shift = sum_shift(lo);
 #pragma unroll
   for (int it = 0; it < kIters; ++it) {
     const int64_t off = (static_cast<int64_t>(it) * kThreads + threadIdx.x) * kVec;
@@ -222,7 +223,7 @@ __global__ void __launch_bounds__(kThreads) onchip_forward_kernel(const T* __res
 #pragma unroll
       for (int k = 0; k < kVec; ++k) {
         v[it][k] = to_acc(pv.v[k]);
-        sum += v[it][k];
+        sum += v[it][k] - shift;
         lo = min_of(lo, v[it][k]);
         hi = max_of(hi, v[it][k]);
       }
@@ -231,12 +232,12 @@ __global__ void __launch_bounds__(kThreads) onchip_forward_kernel(const T* __res
   lo = block_allreduce<kThreads>(lo, MinOp{}, red);
   hi = block_allreduce<kThreads>(hi, MaxOp{}, red);
   // Block-uniform: every thread holds the same sum, lo and hi, so all take the rare rescaled sum.
-  const acc_t mean = overflow_safe_mean(block_allreduce<kThreads>(sum, SumOp{}, red), static_cast<acc_t>(n), lo, hi,
-                                        [&](acc_t scale) {
-                                          acc_t scaled = 0;
-                                          for_each_held<kThreads>(v, n, [&](acc_t x) { scaled += x * scale; });
-                                          return block_allreduce<kThreads>(scaled, SumOp{}, red);
-                                        });
+  const acc_t mean = shifted_mean(shift, block_allreduce<kThreads>(sum, SumOp{}, red), static_cast<acc_t>(n), lo, hi,
+                                  [&](acc_t scale) {
+                                    acc_t scaled = 0;
+                                    for_each_held<kThreads>(v, n, [&](acc_t x) { scaled += x * scale; });
+                                    return block_allreduce<kThreads>(scaled, SumOp{}, red);
+                                  });
   const acc_t inv_s = pow2<acc_t>(-spread_exponent(lo, hi));  // m2's unit (Moments)
   const acc_t neg_scaled_mean = -mean * inv_s;
   acc_t sq = 0;
