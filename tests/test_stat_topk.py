@@ -149,6 +149,27 @@ def test_statistics_large_common_offset(device, n, dim):
         assert torch.equal(y > 0, x > theta.to(device).float().reshape(4, 1))
 
 
+def test_gradient_finite_where_true_gradient_is(device):
+    # No gradient reaching theta (hard mode, threshold_grad=False): a NaN row's direct
+    # gradients stay 0 instead of 0 * NaN; a tiny std (1 / std overflows) and deviations beyond
+    # the largest float give the finite gradient of the float64 formula.
+    x = torch.tensor([[float("nan"), 1.0, 2.0, 3.0], [1.0, 2.0, 3.0, 4.0]], device=device, requires_grad=True)
+    for tg in (True, False):
+        y = fastloss.stat_topk(x, sparsity=0.6, mode="hard", threshold_grad=tg)
+        assert torch.equal(torch.autograd.grad(y.sum(), x)[0][0].cpu(), torch.zeros(4))
+    z = torch.special.ndtri(torch.tensor(0.7, dtype=torch.float64))
+    for row in ([0.0, 0.0, 0.0, 1e-44], [0.0, 0.0, 1e-39, 2e-39], [3e38, 3e38, 3e38, -3e38]):
+        x = torch.tensor([row], device=device, requires_grad=True)
+        y, theta = fastloss.stat_topk(x, sparsity=0.7, return_threshold=True)
+        got = torch.autograd.grad(y.sum() + theta.sum(), x)[0].double().cpu()
+        xd = x.detach().double().cpu().requires_grad_()
+        t = xd.mean(-1, keepdim=True) + xd.std(-1, keepdim=True, unbiased=False) * z
+        expected = torch.autograd.grad(torch.relu(xd - t).sum() + t.sum(), xd)[0]
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+        (dgate,) = torch.autograd.grad(fastloss.stat_topk_gelu_mul(x, torch.ones_like(x), 0.7).sum(), x)
+        assert torch.isfinite(dgate).all()
+
+
 def test_kept_fraction_on_gaussian_rows(device):
     x = torch.randn(32, 16384, generator=torch.Generator().manual_seed(4)).to(device)
     for sparsity in (0.5, 0.9, 0.95, 0.99):

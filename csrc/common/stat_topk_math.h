@@ -242,19 +242,31 @@ FASTLOSS_HD acc_t apply_threshold(bool hard, acc_t x, acc_t theta) {
 }
 
 // The path through theta of one row's backward: with c the gradient reaching theta,
-// c d theta / d x_i = a + b (x_i - mean), added to each element's direct term.
+// c d theta / d x_i = a + b (x_i - mean) / std, added to each element's direct term.
+// (x_i - mean) / std is taken as (x_i - mean) 2^-e / (std 2^-e), 2^e near std: 1 / std
+// overflows below ~1e-38 in float32 and x_i - mean beyond the largest float, where the true
+// term is finite. With no gradient reaching theta (hard mode, threshold_grad=False, c = 0) the
+// term is left out rather than multiplied by 0, so a row's NaN mean (a NaN or inf entry) does
+// not turn its direct gradients into NaN.
 template <typename acc_t>
 struct ThetaGrad {
+  bool active;
   acc_t a;
-  acc_t b;
-  acc_t mean;
-  FASTLOSS_HD acc_t add(acc_t direct, acc_t x) const { return direct + a + b * (x - mean); }
+  acc_t b;  // c z / (n std 2^-e)
+  acc_t inv_s;
+  acc_t neg_scaled_mean;
+  FASTLOSS_HD acc_t add(acc_t direct, acc_t x) const {
+    return active ? direct + a + b * scaled_deviation(x, inv_s, neg_scaled_mean) : direct;
+  }
 };
 
 template <typename acc_t>
 FASTLOSS_HD ThetaGrad<acc_t> theta_grad(acc_t c, acc_t n, acc_t mean, acc_t std_v, acc_t z) {
   const acc_t inv_n = acc_t(1) / n;
-  return {c * inv_n, std_v > acc_t(0) ? c * (z * inv_n / std_v) : acc_t(0), mean};
+  const bool spread = std_v > acc_t(0) && std_v - std_v == acc_t(0);
+  const acc_t inv_s = spread ? pow2<acc_t>(-exponent_above(std_v)) : acc_t(1);
+  const acc_t b = spread ? c * (z * inv_n) / (std_v * inv_s) : (std_v > acc_t(0) ? c * acc_t(0) : acc_t(0));
+  return {c != acc_t(0), c * inv_n, b, inv_s, -mean * inv_s};
 }
 
 // gelu with the tanh approximation, written as h * sigmoid(2u), u = sqrt(2/pi) (h + c h^3):
