@@ -391,3 +391,35 @@ def test_exact_path_long_rows_accurate(dtype, offset):
         err = ((fn(x, -1).double() - ref).abs() / ref.abs().clamp_min(1e-300)).max().item()
         torch_err = ((torch_fn(x, -1).double() - ref).abs() / ref.abs().clamp_min(1e-300)).max().item()
         assert err <= 2 * torch_err + 8 * torch.finfo(dtype).eps, (fn.__name__, err, torch_err)
+
+
+@pytest.mark.parametrize("log", [False, True])
+def test_long_non_last_dim_accurate(device, log):
+    # Softmax over dim 0 of a (60000, 7) tensor sums each column in levels of blocks; a single
+    # running sum per column (torch's float32 error here: ~1e-4 forward and backward) lost
+    # ~log2(n) bits.
+    g = torch.Generator().manual_seed(11)
+    xd = torch.randn(60000, 7, generator=g, dtype=torch.float64) * 3
+    xd[:, 3] = 0.37  # a constant column: every term rounds the same way
+    grad = torch.randn(60000, 7, generator=g, dtype=torch.float64) + 1
+    ref_y = torch.log_softmax(xd, 0) if log else torch.softmax(xd, 0)
+    p = torch.softmax(xd, 0)
+    ref_dx = grad - p * grad.sum(0) if log else p * (grad - (grad * p).sum(0))
+    x, y, gf = (t.float().to(device) for t in (xd, ref_y, grad))
+    fn = fastloss.log_softmax if log else fastloss.softmax
+    bwd = torch.ops.fastloss.log_softmax_backward if log else torch.ops.fastloss.softmax_backward
+    torch_bwd = torch._log_softmax_backward_data if log else torch._softmax_backward_data
+    eps = torch.finfo(torch.float32).eps
+    bound = 32 * eps if device == "cpu" else None
+
+    def rel(out, ref, per_column=False):
+        # The backward's entries cancel (g - sum), so its errors are measured per column.
+        scale = ref.abs().amax(0) if per_column else ref.abs()
+        return ((out.double().cpu() - ref).abs() / scale).max().item()
+
+    errs = {
+        "forward": (rel(fn(x, 0), ref_y), rel((torch.log_softmax if log else torch.softmax)(x, 0), ref_y)),
+        "backward": tuple(rel(f(gf, y, 0, torch.float32), ref_dx, per_column=True) for f in (bwd, torch_bwd)),
+    }
+    for name, (err, torch_err) in errs.items():
+        assert err <= (bound if bound is not None else 2 * torch_err + 32 * eps), (name, err, torch_err)
