@@ -52,6 +52,8 @@ struct ExpConstants<double> {
 
 FASTLOSS_HD float fl_max(float a, float b) { return a > b ? a : b; }
 FASTLOSS_HD double fl_max(double a, double b) { return a > b ? a : b; }
+FASTLOSS_HD float fl_min(float a, float b) { return a < b ? a : b; }
+FASTLOSS_HD double fl_min(double a, double b) { return a < b ? a : b; }
 
 FASTLOSS_HD float fl_fma(float a, float b, float c) {
 #if defined(__CUDA_ARCH__)

@@ -61,9 +61,6 @@ struct SinkhornConstants<double> {
   static constexpr double kMinKernel = 0x1.0p-900;
 };
 
-FASTLOSS_HD float fl_min(float a, float b) { return a < b ? a : b; }
-FASTLOSS_HD double fl_min(double a, double b) { return a < b ? a : b; }
-
 // 2^k for integer-valued k, clamped to [kMinExponent, kMaxExponent].
 template <typename T>
 FASTLOSS_HD T exp2_int(T k) {

@@ -75,7 +75,9 @@ FASTLOSS_HD RowStats<acc_t> finish_row(const ExpSum<acc_t>& s, acc_t nonfinite) 
 template <bool kLog, typename acc_t>
 FASTLOSS_HD acc_t pass2_value(acc_t x, const RowStats<acc_t>& r) {
   if constexpr (kLog) {
-    return fl_fma(r.exponent, -ExpConstants<acc_t>::kLn2Hi, x) - r.log_offset;
+    // At most 0: a row's largest entry came out up to an ulp above 0 through exp then log
+    // (log_softmax([0.3, -inf]) gave 6e-8 where torch gives 0). NaN stays NaN.
+    return fl_min(acc_t(0), fl_fma(r.exponent, -ExpConstants<acc_t>::kLn2Hi, x) - r.log_offset);
   } else {
     const ExpPair<acc_t> p = exp_pair(fl_max(low_clamp<acc_t>(), x));
     return p.mantissa * exp2_nonpositive(p.exponent - r.exponent) * r.inv_sum;
