@@ -567,6 +567,10 @@ __global__ void __maxnreg__(kBlockMaxRegs<in_t>)
   transform_row<kThreads, kVec>(p, s, q, [&](acc_t v) { return exact_value<kLog>(v, ex); });
 }
 
+// A thread's serial share of a long column is summed in blocks of kColumnBlock terms, each
+// merged into the thread's total: one running sum lost ~log2(n) bits (as on the CPU).
+constexpr int kColumnBlock = 64;
+
 // inner > 1: threadIdx.x walks adjacent columns (coalesced), threadIdx.y slices of the softmax
 // dimension; a task is one tile of blockDim.x columns of one outer index.
 template <bool kLog, typename in_t, typename out_t>
@@ -585,7 +589,18 @@ __global__ void __launch_bounds__(kStridedMaxThreads, kMinBlocks<in_t, kStridedM
     PassOne<acc_t> acc;
     acc.init();
     if (valid) {
-      for (int64_t i = threadIdx.y; i < size; i += by) acc.add(to_acc(x[base + i * inner]));
+      PassOne<acc_t> block;
+      block.init();
+      int terms = 0;
+      for (int64_t i = threadIdx.y; i < size; i += by) {
+        block.add(to_acc(x[base + i * inner]));
+        if (++terms == kColumnBlock) {
+          acc.merge(block);
+          block.init();
+          terms = 0;
+        }
+      }
+      acc.merge(block);
     }
     const RowStats<acc_t> st = finish(column_allreduce(acc, MergeOp{}, red));
     const bool exact = valid && st.exact;
@@ -605,7 +620,17 @@ __global__ void __launch_bounds__(kStridedMaxThreads, kMinBlocks<in_t, kStridedM
       ex.ok = nan == 0 && ex.max > -dev_inf<acc_t>() && ex.max < dev_inf<acc_t>();
       acc_t sum = 0;
       if (valid && ex.ok) {
-        for (int64_t i = threadIdx.y; i < size; i += by) sum += dev_exp(to_acc(x[base + i * inner]) - ex.max);
+        acc_t block = 0;
+        int terms = 0;
+        for (int64_t i = threadIdx.y; i < size; i += by) {
+          block += dev_exp(to_acc(x[base + i * inner]) - ex.max);
+          if (++terms == kColumnBlock) {
+            sum += block;
+            block = 0;
+            terms = 0;
+          }
+        }
+        sum += block;
       }
       ex.sum = column_allreduce(sum, SumOp{}, red);
       if (valid) {
@@ -788,9 +813,17 @@ __global__ void __launch_bounds__(kStridedMaxThreads, kMinBlocks<out_t, kStrided
     const int64_t base = o * size * inner + j;
     acc_t part = 0;
     if (valid) {
+      acc_t block = 0;
+      int terms = 0;
       for (int64_t i = threadIdx.y; i < size; i += by) {
-        part += backward_term<kLog>(to_acc(g[base + i * inner]), to_acc(y[base + i * inner]));
+        block += backward_term<kLog>(to_acc(g[base + i * inner]), to_acc(y[base + i * inner]));
+        if (++terms == kColumnBlock) {
+          part += block;
+          block = 0;
+          terms = 0;
+        }
       }
+      part += block;
     }
     const acc_t total = column_allreduce(part, SumOp{}, red);
     if (valid) {
