@@ -438,6 +438,9 @@ def test_opcheck(device):
     h, c = h.detach(), c.detach()
     torch.library.opcheck(ops.linear_cross_entropy_shard.default, (h, c[100:300], t, b[100:300], IGNORE, 0.0, 0.1,
                                                                     100, 600))
+    torch.library.opcheck(ops.linear_cross_entropy_shard.default,
+                          (h.clone().requires_grad_(), c[100:300].clone().requires_grad_(), t,
+                           b[100:300].clone().requires_grad_(), IGNORE, 3.0, 0.1, 100, 600))
     loss, lse = ops.linear_cross_entropy(h, c, t, b, IGNORE, 0.0, 0.0, 0.0, 0.0)
     g = torch.randn_like(loss)
     torch.library.opcheck(ops.linear_cross_entropy_backward.default,
@@ -481,6 +484,50 @@ def test_nn_module(device):
 # Bad input
 
 
+def test_shift_with_int32_targets_and_an_ignore_index_beyond_int32(device):
+    h, c, _, _ = make_inputs((2, 3), 8, 10, torch.float64, device)
+    t = torch.randint(0, 10, (2, 3), dtype=torch.int32, generator=torch.Generator().manual_seed(4)).to(device)
+    for reduction in ("mean", "none"):
+        got = fastloss.linear_cross_entropy(h, c, t, ignore_index=2**31, shift=True, reduction=reduction)
+        want = fastloss.linear_cross_entropy(h, c, t.long(), ignore_index=2**31, shift=True, reduction=reduction)
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("cap", [30.0, 1e4])
+def test_softcap_perfect_prediction_has_zero_gradient(device, cap):
+    # The backward recomputes each capped logit exactly as the forward rounded it: a token whose
+    # target probability is 1 has loss 0 and gradient 0 (a fused multiply-add of cap * tanh
+    # into exp(logit - lse) gave it up to 1.5e-4 at logits near 5000).
+    x = torch.tensor([[4640.4], [5369.2], [29.0], [25.0]], device=device, requires_grad=True)
+    c = torch.tensor([[1.0], [0.0]], device=device)
+    t = torch.zeros(4, dtype=torch.long, device=device)
+    loss = fastloss.linear_cross_entropy(x, c, t, softcap=cap, reduction="none", filter_eps=None)
+    loss.sum().backward()
+    assert torch.equal(loss.detach().cpu(), torch.zeros(4))
+    assert torch.equal(x.grad.cpu(), torch.zeros(4, 1))
+
+
+def test_shard_gradients(device):
+    # The vocabulary-parallel shard op is differentiable on its own (gradcheck in float64).
+    h, c, t, b = make_inputs((6,), 4, 9, torch.float64, device, bias=True)
+    t = torch.tensor([1, 8, IGNORE, 0, 3, 12], device=device)  # 12: outside this shard
+    for cap, smoothing in ((0.0, 0.0), (3.0, 0.1)):
+        def shard(h, c, b):
+            return torch.ops.fastloss.linear_cross_entropy_shard(h, c, t, b, IGNORE, cap, smoothing, 3, 20)
+        assert torch.autograd.gradcheck(shard, (h.requires_grad_(), c.requires_grad_(), b.requires_grad_()))
+
+
+def test_meta_tensors():
+    h, c, t, b = make_inputs((4,), 3, 5, torch.float32, "cpu", bias=True)
+    loss = fastloss.linear_cross_entropy(h.to("meta"), c.to("meta"), t.to("meta"), b.to("meta"))
+    assert loss.device.type == "meta" and loss.shape == ()
+    # One argument on meta picks the fake kernel, which checks devices like the real ones.
+    with pytest.raises(RuntimeError, match="'classifier' must be on the device of 'hidden' \\(cpu\\), got meta"):
+        fastloss.linear_cross_entropy(h, c.to("meta"), t)
+    with pytest.raises(RuntimeError, match="'bias' must be on the device of 'hidden'"):
+        fastloss.linear_cross_entropy(h, c, t, b.to("meta"))
+
+
 def test_errors():
     h, c, t, b = make_inputs((4,), 8, 20, torch.float32, "cpu", ignore_frac=0.0)
     t_bad = t.clone()
@@ -515,6 +562,14 @@ def test_errors():
         fastloss.linear_cross_entropy(h, c, t, label_smoothing=1.5)
     with pytest.raises(ValueError, match="'filter_eps'"):
         fastloss.linear_cross_entropy(h, c, t, filter_eps="fast")
+    for bad in (-1.0, 1.0):
+        with pytest.raises(ValueError, match="'filter_eps' must be in \\[0, 1\\), got"):
+            fastloss.linear_cross_entropy(h, c, t, filter_eps=bad)
+    for bad in (float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="'z_loss' must be a finite float, got"):
+            fastloss.linear_cross_entropy(h, c, t, z_loss=bad)
+    with pytest.raises(ValueError, match="'ignore_index' must fit in int64"):
+        fastloss.linear_cross_entropy(h, c, t, ignore_index=2**70)
     with pytest.raises(TypeError, match="'classifier' to be a torch.Tensor"):
         fastloss.linear_cross_entropy(h, None, t)
     with pytest.raises(ValueError, match="'shift' needs"):

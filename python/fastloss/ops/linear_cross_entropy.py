@@ -4,6 +4,7 @@ vocabulary-parallel variant over a ``torch.distributed`` process group."""
 
 from __future__ import annotations
 
+import math
 import numbers
 from typing import Dict, Optional, Tuple, Union
 
@@ -19,12 +20,13 @@ def _check_tensor(arg: str, t) -> None:
         raise TypeError(f"fastloss.linear_cross_entropy: expected '{arg}' to be a torch.Tensor, got {type(t).__name__}")
 
 
-def _check_real(arg: str, v, low: float, high: float) -> float:
+def _check_real(arg: str, v, low: float, high: float, interval: str) -> float:
+    """A float with low <= v <= high; `interval` is how the error states the allowed range."""
     if isinstance(v, bool) or not isinstance(v, numbers.Real):
         raise TypeError(f"fastloss.linear_cross_entropy: '{arg}' must be a float, got {type(v).__name__}")
     v = float(v)
     if not low <= v <= high:
-        raise ValueError(f"fastloss.linear_cross_entropy: '{arg}' must be in [{low}, {high}], got {v}")
+        raise ValueError(f"fastloss.linear_cross_entropy: '{arg}' must be {interval}, got {v}")
     return v
 
 
@@ -37,7 +39,7 @@ def resolve_filter_eps(filter_eps, dtype: torch.dtype) -> float:
             raise ValueError(f"fastloss.linear_cross_entropy: 'filter_eps' must be 'auto', None or a float in "
                              f"[0, 1), got {filter_eps!r}")
         return torch.finfo(dtype).eps / 32 if dtype.is_floating_point else 0.0
-    v = _check_real("filter_eps", filter_eps, 0.0, 1.0)
+    v = _check_real("filter_eps", filter_eps, 0.0, 1.0, "in [0, 1)")
     if v >= 1.0:
         raise ValueError(f"fastloss.linear_cross_entropy: 'filter_eps' must be in [0, 1), got {v}")
     return v
@@ -48,7 +50,7 @@ def _autocast(hidden: torch.Tensor, classifier: torch.Tensor, bias: Optional[tor
     (float64 stays float64, like autocast's own casts); the cast is differentiable, so
     gradients reach float32 master weights in float32."""
     device_type = hidden.device.type
-    if not torch.is_autocast_enabled(device_type):
+    if device_type == "meta" or not torch.is_autocast_enabled(device_type):  # meta has no autocast
         return hidden, classifier, bias
     dtype = torch.get_autocast_dtype(device_type)
 
@@ -61,7 +63,10 @@ def _autocast(hidden: torch.Tensor, classifier: torch.Tensor, bias: Optional[tor
 
 
 def _shift_targets(targets: torch.Tensor, ignore_index: int) -> torch.Tensor:
-    # Position t predicts token t + 1; the last position has nothing to predict.
+    # Position t predicts token t + 1; the last position has nothing to predict. int32 targets
+    # cannot hold an ignore_index beyond int32 (their comparison with it is done in int64).
+    if targets.dtype == torch.int32 and not -2**31 <= ignore_index < 2**31:
+        targets = targets.long()
     pad = torch.full_like(targets[..., :1], ignore_index)
     return torch.cat([targets[..., 1:], pad], dim=-1)
 
@@ -156,6 +161,8 @@ def linear_cross_entropy(
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, numbers.Integral):
         raise TypeError(f"fastloss.linear_cross_entropy: 'ignore_index' must be an int, got "
                         f"{type(ignore_index).__name__}")
+    if not -2**63 <= ignore_index < 2**63:
+        raise ValueError(f"fastloss.linear_cross_entropy: 'ignore_index' must fit in int64, got {ignore_index}")
     cap = 0.0
     if softcap is not None:
         if isinstance(softcap, bool) or not isinstance(softcap, numbers.Real) or not 0 < float(softcap) < float("inf"):
@@ -163,8 +170,10 @@ def linear_cross_entropy(
                              f"got {softcap!r}")
         cap = float(softcap)
     hidden, classifier, bias = _autocast(hidden, classifier, bias)
-    label_smoothing = _check_real("label_smoothing", label_smoothing, 0.0, 1.0)
-    z_loss = _check_real("z_loss", z_loss, -float("inf"), float("inf"))
+    label_smoothing = _check_real("label_smoothing", label_smoothing, 0.0, 1.0, "in [0, 1]")
+    z_loss = _check_real("z_loss", z_loss, -math.inf, math.inf, "a finite float")
+    if not math.isfinite(z_loss):
+        raise ValueError(f"fastloss.linear_cross_entropy: 'z_loss' must be a finite float, got {z_loss}")
     eps = resolve_filter_eps(filter_eps, hidden.dtype)
     if shift:
         if hidden.dim() < 2:
@@ -202,15 +211,26 @@ def _acc_dtype(hidden: torch.Tensor) -> torch.dtype:
     return torch.float64 if hidden.dtype == torch.float64 else torch.float32
 
 
+def _check_devices(op: str, **tensors) -> None:
+    """The real kernels' device check, for the fake kernels: with one argument on meta the
+    dispatcher picks the fake kernel, which would otherwise return an uninitialised tensor."""
+    device = tensors["hidden"].device
+    for arg, t in tensors.items():
+        if t is not None and t.device != device:
+            raise RuntimeError(f"fastloss.{op}: '{arg}' must be on the device of 'hidden' ({device}), got {t.device}")
+
+
 @torch.library.register_fake("fastloss::linear_cross_entropy")
 def _forward_fake(hidden, classifier, targets, bias, ignore_index, softcap, label_smoothing, z_loss, filter_eps,
                   deterministic=False):
+    _check_devices("linear_cross_entropy", hidden=hidden, classifier=classifier, targets=targets, bias=bias)
     n = hidden.shape[0]
     return hidden.new_empty((n,), dtype=_acc_dtype(hidden)), hidden.new_empty((n,), dtype=_acc_dtype(hidden))
 
 
 @torch.library.register_fake("fastloss::linear_cross_entropy_shard")
 def _shard_fake(hidden, classifier, targets, bias, ignore_index, softcap, label_smoothing, vocab_start, vocab_total):
+    _check_devices("linear_cross_entropy_shard", hidden=hidden, classifier=classifier, targets=targets, bias=bias)
     n = hidden.shape[0]
     return hidden.new_empty((n,), dtype=_acc_dtype(hidden)), hidden.new_empty((n,), dtype=_acc_dtype(hidden))
 
@@ -219,6 +239,8 @@ def _shard_fake(hidden, classifier, targets, bias, ignore_index, softcap, label_
 def _backward_fake(grad_loss, grad_lse, hidden, classifier, targets, bias, lse, ignore_index, softcap,
                    label_smoothing, z_loss, filter_eps, output_mask, vocab_start=0, vocab_total=-1,
                    deterministic=False):
+    _check_devices("linear_cross_entropy_backward", hidden=hidden, classifier=classifier, targets=targets,
+                   bias=bias, lse=lse, grad_loss=grad_loss, grad_lse=grad_lse)
     # Gradients not asked for (and d bias without a bias) are empty.
     dh = hidden.new_empty(hidden.shape if output_mask[0] else (0,))
     dc = classifier.new_empty(classifier.shape if output_mask[1] else (0,))
@@ -252,6 +274,35 @@ def _backward(ctx, grad_loss, grad_lse):
 
 
 torch.library.register_autograd("fastloss::linear_cross_entropy", _backward, setup_context=_setup)
+
+
+def _shard_setup(ctx, inputs, output):
+    hidden, classifier, targets, bias, ignore_index, softcap, label_smoothing, vocab_start, vocab_total = inputs
+    ctx.options = (ignore_index, softcap, label_smoothing, vocab_start, vocab_total)
+    ctx.has_bias = bias is not None
+    ctx.save_for_backward(hidden, classifier, targets, bias, output[0])
+
+
+def _shard_backward(ctx, grad_lse_local, grad_linear):
+    # The backward op differentiates lse + linear (z_loss 0) with probabilities exp(logit - lse):
+    # given the shard's own LSE, g_linear * d linear + g_lse * d lse_local is that derivative
+    # weighted by g_linear, plus (g_lse - g_linear) * d lse_local.
+    hidden, classifier, targets, bias, lse_local = ctx.saved_tensors
+    ignore_index, softcap, label_smoothing, vocab_start, vocab_total = ctx.options
+    zeros = torch.zeros_like(lse_local)
+    g_lin = zeros if grad_linear is None else grad_linear.to(lse_local.dtype)
+    g_lse = (zeros if grad_lse_local is None else grad_lse_local.to(lse_local.dtype)) - g_lin
+    mask = [ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.has_bias and ctx.needs_input_grad[3]]
+    dh, dc, db = torch.ops.fastloss.linear_cross_entropy_backward.default(
+        g_lin.contiguous(), g_lse.contiguous(), hidden, classifier, targets, bias, lse_local, ignore_index, softcap,
+        label_smoothing, 0.0, 0.0, mask, vocab_start, vocab_total)
+    return (dh if mask[0] else None), (dc if mask[1] else None), None, (db if mask[2] else None), None, None, None, \
+        None, None
+
+
+# Without an autograd kernel, inputs requiring grad reached the kernel's matmuls into
+# preallocated outputs, which refused them.
+torch.library.register_autograd("fastloss::linear_cross_entropy_shard", _shard_backward, setup_context=_shard_setup)
 forbid_double_backward("linear_cross_entropy_backward", "fastloss.linear_cross_entropy")
 
 
