@@ -382,6 +382,13 @@ def test_envelope_second_derivative_raises_unrolled_works():
     (g,) = torch.autograd.grad((v ** 2).sum(), c, create_graph=True)
     with pytest.raises(NotImplementedError, match="grad='unrolled'"):
         torch.autograd.grad(g.sum(), c)
+    # Also when the output gradient is a constant (the gradient used to come back as a constant
+    # then, and a penalty on it silently lost its second-order term).
+    v = fastloss.sinkhorn_cost(c, a, b, eps=0.5, tol=1e-12, max_iter=1000)
+    (g,) = torch.autograd.grad(v.sum(), c, create_graph=True)
+    assert g.requires_grad
+    with pytest.raises(NotImplementedError, match="grad='unrolled'"):
+        (v.sum() + (g ** 2).sum()).backward()
     # First derivatives with create_graph=True are unchanged.
     v = fastloss.sinkhorn_cost(c, a, b, eps=0.5, tol=1e-12, max_iter=1000)
     (g1,) = torch.autograd.grad((v ** 2).sum(), c, create_graph=True)
@@ -562,16 +569,20 @@ def test_cuda_memcheck():
 # SinKD
 
 
-def sinkd_reference(zs, zt, temperature=2.0, eps=0.1, n_iter=20, scale=0.001, twice_differentiable=False):
+def sinkd_reference(zs, zt, temperature=2.0, eps=0.1, n_iter=20, scale=0.001, twice_differentiable=False,
+                    row_shift=False):
     """The SinKD loss as its authors compute it (eager; autograd through every step).
-    twice_differentiable writes the L1 cost out: torch.cdist's backward has no derivative."""
+    twice_differentiable writes the L1 cost out: torch.cdist's backward has no derivative.
+    row_shift subtracts each row's smallest cost before the exponential: the same value when
+    n_iter >= 1 (the first row normalization cancels it), with gradients that stay finite
+    where autograd through subnormal kernel entries overflows."""
     ps = torch.softmax(zs / temperature, dim=1)
     pt = torch.softmax(zt / temperature, dim=1)
     if twice_differentiable:
         W = (ps[:, None, :] - pt[None, :, :]).abs().sum(-1)
     else:
         W = torch.cdist(ps, pt, p=1)
-    P = torch.exp(-W / eps)
+    P = torch.exp(-(W - W.amin(1, keepdim=True).detach() if row_shift else W) / eps)
     for _ in range(n_iter):
         P = P / P.sum(dim=1, keepdim=True)
         P = P / P.sum(dim=0, keepdim=True)
@@ -593,6 +604,35 @@ def test_sinkd_matches_reference_float64(device, B, C, n_iter):
     expected = torch.autograd.grad(ref * w, (zs, zt))
     for a_, b_ in zip(got, expected):
         torch.testing.assert_close(a_, b_, rtol=1e-8, atol=1e-8 * b_.abs().max().item() + 1e-300)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_sinkd_kernel_entries_near_underflow(device, dtype):
+    # Small eps puts exp(-W / eps) near the underflow: the eager formulation keeps subnormal
+    # entries, and a row of them still normalizes to finite values. Flushing them at the
+    # smallest normal number changed the loss by 32% (float32) or made it NaN (float64).
+    cases = {
+        torch.float32: ([[5.783, 3.79, -0.81], [2.798, 6.489, -0.784], [-0.186, -1.291, 3.983], [0.262, 2.553, 5.2]],
+                        [[-1.437, 2.282, -0.036], [-2.023, 6.909, -0.31], [-2.25, 1.749, 0.658],
+                         [-0.801, 4.042, -2.71]], 0.019939244417992375),
+        torch.float64: ([[3.0, -3.0], [2.5, -2.5]], [[-2.5, 2.5], [-3.0, 3.0]], 0.0027405952726428625),
+    }
+    s_, t_, eps = cases[dtype]
+    zs = torch.tensor(s_, dtype=dtype, device=device, requires_grad=True)
+    zt = torch.tensor(t_, dtype=dtype, device=device, requires_grad=True)
+    kw = dict(temperature=1.0, eps=eps, n_iter=20, scale=1.0)
+    loss = fastloss.sinkhorn_kd_loss(zs, zt, **kw)
+    ref = sinkd_reference(zs.double(), zt.double(), **kw)
+    assert torch.isfinite(ref)
+    torch.testing.assert_close(loss.double(), ref, rtol=1e-5 if dtype == torch.float32 else 1e-10, atol=0)
+    got = torch.autograd.grad(loss, (zs, zt))
+    # (Autograd through the eager formulation's subnormal entries gives NaN in float64.)
+    expected = torch.autograd.grad(sinkd_reference(zs.double(), zt.double(), row_shift=True, **kw), (zs, zt))
+    for a_, b_ in zip(got, expected):
+        scale_ = b_.abs().max().item()
+        assert scale_ > 0
+        tol = (1e-3 if dtype == torch.float32 else 1e-8) * scale_
+        torch.testing.assert_close(a_.double(), b_.double(), rtol=0, atol=tol)
 
 
 def test_sinkd_cpu_independent_of_thread_count():

@@ -36,6 +36,8 @@ struct SinkhornConstants<float> {
   // exp(kMaxArg) > kMaxSum, so a clamped overflow always falls back to the exact path.
   static constexpr float kMinArg = -87.0f;
   static constexpr float kMaxArg = 88.0f;
+  // exp_with_subnormals: exp(x) rounds to 0 below this.
+  static constexpr float kMinSubnormalArg = -104.0f;
   // A warm sum in this range has a dominant term far above float's underflow and cannot
   // have overflowed, so it is as accurate as the exact max-subtracting sum.
   static constexpr float kMinSum = 0x1.0p-60f;
@@ -54,6 +56,7 @@ template <>
 struct SinkhornConstants<double> {
   static constexpr double kMinArg = -708.0;
   static constexpr double kMaxArg = 709.0;
+  static constexpr double kMinSubnormalArg = -746.0;
   static constexpr double kMinSum = 0x1.0p-500;
   static constexpr double kMaxSum = 0x1.0p+500;
   static constexpr double kMaxExponent = 1023.0;
@@ -76,6 +79,21 @@ FASTLOSS_HD T sinkhorn_exp(T x) {
   const ExpPair<T> p = exp_pair(xc);
   const T r = p.mantissa * exp2_int(p.exponent);
   return x < K::kMinArg ? T(0) : r;
+}
+
+// exp(x) for x <= kMaxArg with the C library's gradual underflow: results below the smallest
+// normal number are subnormals, not 0. SinKD's kernel exp(-W / eps) takes it, as its eager
+// formulation (torch.exp) does: flushing at kMinArg changed the loss by 32% (float32) or
+// made it NaN (float64, a row of entries all near 1e-315) where the formulation is finite.
+// Small results are built as (m 2^(e + 64)) 2^-64: one rounding, into the subnormal.
+template <typename T>
+FASTLOSS_HD T exp_with_subnormals(T x) {
+  using K = SinkhornConstants<T>;
+  const T xc = x < K::kMinSubnormalArg ? K::kMinSubnormalArg : (x > K::kMaxArg ? K::kMaxArg : x);
+  const ExpPair<T> p = exp_pair(xc);
+  const T shift = xc < K::kMinArg ? T(64) : T(0);
+  const T r = p.mantissa * exp2_int(p.exponent + shift) * exp2_bits(-shift);
+  return x < K::kMinSubnormalArg ? T(0) : r;
 }
 
 // Whether a marginal entry carries mass, from its log (log 0 = -inf).

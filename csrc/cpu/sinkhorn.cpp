@@ -893,6 +893,29 @@ FASTLOSS_CPU_INLINE void fused_rows(const acc_t* K, const acc_t* v, acc_t* col, 
   }
 }
 
+// Rows [r0, r1) of SinKD's kernel, with `shift` each row shifted by its smallest cost: K_ij =
+// exp(-(W_ij - min_k W_ik) / eps). A first row normalization cancels the shift (and the
+// gradient through it), and a row whose every exp(-W / eps) is subnormal or 0 stays finite
+// (it made the loss NaN in float64 where the eager formulation's subnormals gave a finite
+// value). Without normalizations (n_iter = 0) the kernel is the plain exp(-W / eps).
+template <typename acc_t>
+FASTLOSS_CPU_INLINE void kernel_rows(const acc_t* W, acc_t* K, acc_t inv_eps, bool shift, int64_t B, int64_t r0,
+                                     int64_t r1) {
+  constexpr int L = kLanes<acc_t>;
+  for (int64_t i = r0; i < r1; ++i) {
+    const acc_t* w = W + i * B;
+    acc_t* k = K + i * B;
+    acc_t neg[L];  // the row's largest -W: its smallest W
+    for (int l = 0; l < L; ++l) neg[l] = -std::numeric_limits<acc_t>::infinity();
+    int64_t j = 0;
+    for (; j + L <= B; j += L)
+      for (int l = 0; l < L; ++l) neg[l] = fl_max(neg[l], -w[j + l]);
+    for (int l = 0; j + l < B; ++l) neg[l] = fl_max(neg[l], -w[j + l]);
+    const acc_t smallest = shift ? -max_lanes<L>(neg) : acc_t(0);
+    for (j = 0; j < B; ++j) k[j] = exp_with_subnormals((smallest - w[j]) * inv_eps);
+  }
+}
+
 #define FASTLOSS_SINKHORN_KD_ENTRIES(T)                                                                       \
   FASTLOSS_CPU_CLONES void softmax_rows_entry(const T* z, T* p, int64_t C, T inv_t, int64_t r0, int64_t r1) { \
     softmax_rows(z, p, C, inv_t, r0, r1);                                                                    \
@@ -923,8 +946,9 @@ FASTLOSS_CPU_INLINE void fused_rows(const acc_t* K, const acc_t* v, acc_t* col, 
                                                  T* col, int64_t B, int64_t r0, int64_t r1) {                \
     fused_rows(K, u, col, B, r0, r1, [&](int64_t i, T d) { return w[i] = -(x_bar[i] + d) * x[i] * x[i]; });  \
   }                                                                                                          \
-  FASTLOSS_CPU_CLONES void kernel_entry(const T* W, T* K, T inv_eps, int64_t b, int64_t e) {                 \
-    for (int64_t q = b; q < e; ++q) K[q] = sinkhorn_exp(-W[q] * inv_eps);                                    \
+  FASTLOSS_CPU_CLONES void kernel_entry(const T* W, T* K, T inv_eps, bool shift, int64_t B, int64_t r0,       \
+                                        int64_t r1) {                                                        \
+    kernel_rows(W, K, inv_eps, shift, B, r0, r1);                                                            \
   }
 FASTLOSS_SINKHORN_KD_ENTRIES(float)
 FASTLOSS_SINKHORN_KD_ENTRIES(double)
@@ -968,8 +992,10 @@ void fused_pass(int64_t B, acc_t* col, const Rows& rows) {
     for (int64_t j = 0; j < B; ++j) col[j] += acc[t * B + j];
 }
 template <typename acc_t>
-void kernel_matrix(const acc_t* W, acc_t* K, acc_t inv_eps, int64_t count) {
-  at::parallel_for(0, count, kMinTaskWork, [&](int64_t b, int64_t e) { kernel_entry(W, K, inv_eps, b, e); });
+void kernel_matrix(const acc_t* W, acc_t* K, acc_t inv_eps, int64_t B, int64_t n_iter) {
+  at::parallel_for(0, B, grain_for(B), [&](int64_t r0, int64_t r1) {
+    kernel_entry(W, K, inv_eps, n_iter > 0, B, r0, r1);
+  });
 }
 // Row tiles of kRowTile rows per task (the cdist kernels work on whole tiles); a tile
 // touches kRowTile x S x C elements.
@@ -994,7 +1020,7 @@ void sinkhorn_kd_forward_kernel(const acc_t* zs, const acc_t* zt, int64_t B, int
   for (int64_t j = 0; j < static_cast<int64_t>(pt_t.size()) / std::max<int64_t>(C, 1); ++j)
     for (int64_t k = 0; k < C; ++k) pt_t[k * B + j] = pt[j * C + k];
   for_row_tiles(B, B, C, [&](int64_t r0, int64_t r1) { l1_cdist_entry(ps, pt, pt_t.data(), W, B, C, r0, r1); });
-  kernel_matrix(W, K, inv_eps, B * B);
+  kernel_matrix(W, K, inv_eps, B, n_iter);
   std::vector<acc_t> tmp(B);
   for (int64_t i = 0; i < B; ++i) xs[i] = ys[i] = 1;
   for (int64_t t = 1; t <= n_iter; ++t) {
@@ -1114,7 +1140,7 @@ std::tuple<at::Tensor, at::Tensor> sinkhorn_kd_backward(const at::Tensor& grad_l
     const acc_t* w = Wc.const_data_ptr<acc_t>();
     at::Tensor K = at::empty({B, B}, opts);
     acc_t* k = K.mutable_data_ptr<acc_t>();
-    kernel_matrix(w, k, inv_eps, B * B);
+    kernel_matrix(w, k, inv_eps, B, n_iter);
     at::Tensor G = at::zeros({B, B}, opts);
     if (n_iter > 0) {
       at::Tensor Lf = at::empty({B, 2 * n_iter}, opts), Rf = at::empty({B, 2 * n_iter}, opts);

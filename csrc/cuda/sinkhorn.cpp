@@ -106,6 +106,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   return {plan, alpha, beta, value, n_iter, error};
 }
 
+// SinKD's kernel shifted by each row's smallest cost when there are normalizations, as on the
+// CPU (cpu/sinkhorn.cpp, kernel_rows): the first row normalization cancels the shift and its
+// gradient, and rows whose every exp(-W / eps) underflows stay finite.
+at::Tensor kd_kernel(const at::Tensor& W, double eps, int64_t n_iter) {
+  return at::exp((n_iter > 0 ? W - W.amin(1, true) : W) * (-1.0 / eps));
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> sinkhorn_kd(
     const at::Tensor& student, const at::Tensor& teacher, double temperature, double eps, int64_t n_iter,
     double scale) {
@@ -123,7 +130,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   const at::Tensor ps = at::softmax(student.to(s.acc_dtype) / temperature, 1).contiguous();
   const at::Tensor pt = at::softmax(teacher.to(s.acc_dtype) / temperature, 1).contiguous();
   const at::Tensor W = at::cdist(ps, pt, 1.0).contiguous();
-  const at::Tensor K = at::exp(W * (-1.0 / eps));
+  const at::Tensor K = kd_kernel(W, eps, n_iter);
   const at::Tensor Kt = K.t();
   at::Tensor xs = at::ones({n_iter + 1, B}, opts), ys = at::ones({n_iter + 1, B}, opts);
   for (int64_t t = 1; t <= n_iter; ++t) {
@@ -153,7 +160,7 @@ std::tuple<at::Tensor, at::Tensor> sinkhorn_kd_backward(const at::Tensor& grad_l
   // The reverse sweep of cpu/sinkhorn.cpp (sinkhorn_kd_sweep), with the scalar kept on the
   // device: g = grad_loss * scale.
   const at::Tensor g = grad_loss.to(ps.scalar_type()).reshape({}) * scale;
-  const at::Tensor K = at::exp(W * (-1.0 / eps));
+  const at::Tensor K = kd_kernel(W, eps, n_iter);
   const at::Tensor Kt = K.t();
   const at::Tensor KW = K * W;
   const at::Tensor xn = xs[n_iter], yn = ys[n_iter];

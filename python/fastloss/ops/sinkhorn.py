@@ -253,7 +253,11 @@ def _sinkhorn_setup_context(ctx, inputs, output):
 
 def _sinkhorn_backward(ctx, _g_plan, _g_alpha, _g_beta, g_value, _g_n_iter, _g_err):
     plan, alpha, beta = ctx.saved_tensors
-    grads = _EnvelopeGrad.apply(g_value, plan, alpha, beta, ctx.needs_input_grad[:3], ctx.dtypes)
+    # Under create_graph=True the gradients must carry a graph of their own, so that
+    # differentiating them reaches _EnvelopeGrad.backward's error; without this input they came
+    # back as constants and a gradient penalty silently lost its second-order term.
+    anchor = torch.zeros((), device=plan.device, requires_grad=True) if torch.is_grad_enabled() else None
+    grads = _EnvelopeGrad.apply(g_value, plan, alpha, beta, ctx.needs_input_grad[:3], ctx.dtypes, anchor)
     return (*grads, None, None, None, None)
 
 
@@ -265,7 +269,7 @@ class _EnvelopeGrad(torch.autograd.Function):
     with respect to the cost: differentiating them raises instead."""
 
     @staticmethod
-    def forward(ctx, g_value, plan, alpha, beta, needs, dtypes):
+    def forward(ctx, g_value, plan, alpha, beta, needs, dtypes, _anchor):
         cost_dtype, a_dtype, b_dtype = dtypes
         g = g_value.to(plan.dtype)
         grad_cost = (g[:, None, None] * plan).to(cost_dtype) if needs[0] else None
