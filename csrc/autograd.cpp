@@ -253,10 +253,13 @@ struct L1DistFunction : torch::autograd::Function<L1DistFunction> {
 };
 
 // The SinKD loss from the two softmaxes, exactly as its authors compute it, with
-// differentiable ATen ops: the create_graph=True path.
+// differentiable ATen ops: the create_graph=True path. Rows of W are shifted by their smallest
+// cost as in the fused kernels (the loss does not depend on the shift when n_iter >= 1, so
+// derivatives of every order ignore it: detached).
 at::Tensor sinkhorn_kd_eager(const at::Tensor& ps, const at::Tensor& pt, double eps, int64_t n_iter, double scale) {
   const at::Tensor W = L1DistFunction::apply(ps, pt);
-  at::Tensor P = at::exp(W * (-1.0 / eps));
+  const at::Tensor shifted = n_iter > 0 ? W - W.detach().amin(1, true) : W;
+  at::Tensor P = at::exp(shifted * (-1.0 / eps));
   for (int64_t it = 0; it < n_iter; ++it) {
     P = P / P.sum(1, true);
     P = P / P.sum(0, true);
