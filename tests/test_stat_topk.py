@@ -149,6 +149,30 @@ def test_statistics_large_common_offset(device, n, dim):
         assert torch.equal(y > 0, x > theta.to(device).float().reshape(4, 1))
 
 
+@pytest.mark.parametrize("position", [0, 2048, 5000])
+@pytest.mark.parametrize("dim", [-1, 0])
+def test_statistics_with_an_outlier(device, position, dim):
+    # A far outlier where a chunk's sums take their shift (its first value: positions 0 and
+    # 2048 on the last-dim path, 0 on the strided one) made the mean's terms round at the
+    # outlier's scale: theta 1.7e-3 off relative. The deviations from that first mean correct it.
+    g = torch.Generator().manual_seed(position)
+    x = torch.empty(2, 16384, dtype=torch.float64).uniform_(-50, 50, generator=g)
+    x[:, position] = 1e8
+    x = x.float()
+    xd = x.double()
+    mean, std = xd.mean(-1, keepdim=True), xd.std(-1, unbiased=False, keepdim=True)
+    sparsity = float(torch.special.ndtr(-(mean / std))[0, 0])  # theta near 0, inside the bulk
+    xs = (x if dim == -1 else x.t().contiguous()).to(device)
+    y, theta = fastloss.stat_topk(xs, sparsity=sparsity, mode="hard", dim=dim, return_threshold=True)
+    _, theta_ref = reference(xd, sparsity)
+    theta = theta.double().cpu().reshape(theta_ref.shape)
+    # float32 rounding of the mean (~6e3: ulp 5e-4) and of the std's product (~1e6: ulp 0.06)
+    assert torch.all((theta - theta_ref).abs() <= 0.25), (theta - theta_ref).abs().max()
+    kept = (y != 0).sum(dim).cpu()
+    kept_ref = (xd > theta_ref).sum(-1)
+    assert torch.all((kept - kept_ref).abs() <= 50), (kept, kept_ref)  # 164 entries per unit near theta
+
+
 def test_gradient_finite_where_true_gradient_is(device):
     # No gradient reaching theta (hard mode, threshold_grad=False): a NaN row's direct
     # gradients stay 0 instead of 0 * NaN; a tiny std (1 / std overflows) and deviations beyond

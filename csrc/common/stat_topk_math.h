@@ -132,6 +132,18 @@ FASTLOSS_HD acc_t shifted_mean(acc_t shift, acc_t shifted_sum, acc_t n, acc_t lo
   return overflow_safe_mean(shifted_sum, n, lo, hi, rescaled_sum);
 }
 
+// The corrected two-pass moments (Chan, Golub and LeVeque 1983): the second pass sums the
+// scaled deviations from the first pass's mean (dev_sum, in units of 2^e) as well as their
+// squares (sq); the mean then moves by dev_sum / n units and m2 drops by dev_sum^2 / n. The
+// first pass's mean is only as good as the values' distances from its shift (a far outlier as
+// the shift: theta 1.7e-3 off relative); the deviations from that mean are accurate.
+template <typename acc_t>
+FASTLOSS_HD void correct_moments(acc_t n, acc_t dev_sum, acc_t sq, acc_t unit, acc_t& mean, acc_t& m2) {
+  const acc_t step = dev_sum / n;
+  mean = mean + step * unit;
+  m2 = max_of(acc_t(0), sq - dev_sum * step);
+}
+
 // Chan's formula, with each part's m2 moved to the merged set's unit (exact powers of two).
 template <typename acc_t>
 FASTLOSS_HD Moments<acc_t> merge_moments(Moments<acc_t> a, Moments<acc_t> b) {
@@ -187,17 +199,21 @@ FASTLOSS_HD Moments<acc_t> moments_of(const acc_t (&v)[kMax], int count) {
   });
   Moments<acc_t> constant;
   if (constant_moments(static_cast<acc_t>(count), lo, hi, mean, constant)) return constant;
-  const acc_t inv_s = pow2<acc_t>(-spread_exponent(lo, hi));
+  const int e = spread_exponent(lo, hi);
+  const acc_t inv_s = pow2<acc_t>(-e);
   const acc_t neg_scaled_mean = -mean * inv_s;
-  acc_t m2 = 0;
+  acc_t sq = 0, dev = 0;
 #pragma unroll
   for (int k = 0; k < kMax; ++k) {
     if (k < count) {
       const acc_t d = scaled_deviation(v[k], inv_s, neg_scaled_mean);
-      m2 += d * d;
+      sq += d * d;
+      dev += d;
     }
   }
-  return {static_cast<acc_t>(count), mean, m2, lo, hi};
+  Moments<acc_t> m{static_cast<acc_t>(count), mean, acc_t(0), lo, hi};
+  correct_moments(m.n, dev, sq, pow2<acc_t>(e), m.mean, m.m2);
+  return m;
 }
 
 // Per-row threshold and the statistics the backward needs.

@@ -74,20 +74,25 @@ FASTLOSS_CPU_INLINE Moments<acc_t> chunk_moments(const in_t* x, int64_t c) {
   });
   Moments<acc_t> constant;
   if (constant_moments(static_cast<acc_t>(c), row_lo, row_hi, mean, constant)) return constant;
-  const acc_t inv_s = pow2<acc_t>(-spread_exponent(row_lo, row_hi));  // m2's unit (Moments)
+  const int e = spread_exponent(row_lo, row_hi);  // m2's unit (Moments)
+  const acc_t inv_s = pow2<acc_t>(-e);
   const acc_t neg_scaled_mean = -mean * inv_s;
-  acc_t sq[kLanes] = {};
+  acc_t sq[kLanes] = {}, dev[kLanes] = {};
   for (i = 0; i + kLanes <= c; i += kLanes)
     for (int l = 0; l < kLanes; ++l) {
       const acc_t d = scaled_deviation(to_acc<acc_t>(x[i + l]), inv_s, neg_scaled_mean);
       sq[l] += d * d;
+      dev[l] += d;
     }
-  acc_t m2 = sum_lanes(sq);
+  acc_t sq_sum = sum_lanes(sq), dev_sum = sum_lanes(dev);
   for (; i < c; ++i) {
     const acc_t d = scaled_deviation(to_acc<acc_t>(x[i]), inv_s, neg_scaled_mean);
-    m2 += d * d;
+    sq_sum += d * d;
+    dev_sum += d;
   }
-  return {static_cast<acc_t>(c), mean, m2, row_lo, row_hi};
+  Moments<acc_t> m{static_cast<acc_t>(c), mean, acc_t(0), row_lo, row_hi};
+  correct_moments(m.n, dev_sum, sq_sum, pow2<acc_t>(e), m.mean, m.m2);
+  return m;
 }
 
 template <typename in_t, typename acc_t>
@@ -144,7 +149,8 @@ FASTLOSS_CPU_INLINE void forward_strided(const in_t* x, in_t* y, typename AccTyp
   for (int64_t i0 = 0; i0 < n; i0 += kStridedChunk) {
     const int64_t i1 = std::min(n, i0 + kStridedChunk);
     const acc_t c = static_cast<acc_t>(i1 - i0);
-    acc_t sum[kLanes] = {}, sq[kLanes] = {}, lo[kLanes], hi[kLanes], chunk_mean[kLanes], inv_s[kLanes], neg_scaled_mean[kLanes];
+    acc_t sum[kLanes] = {}, sq[kLanes] = {}, dev[kLanes] = {}, lo[kLanes], hi[kLanes], chunk_mean[kLanes],
+          unit[kLanes], inv_s[kLanes], neg_scaled_mean[kLanes];
     acc_t shift[kLanes];
     for (int l = 0; l < count; ++l) {
       lo[l] = hi[l] = to_acc<acc_t>(x[i0 * inner + l]);
@@ -163,16 +169,20 @@ FASTLOSS_CPU_INLINE void forward_strided(const in_t* x, in_t* y, typename AccTyp
         for (int64_t i = i0; i < i1; ++i) scaled += to_acc<acc_t>(x[i * inner + l]) * scale;
         return scaled;
       });
-      inv_s[l] = pow2<acc_t>(-spread_exponent(lo[l], hi[l]));  // m2's unit (Moments)
+      const int e = spread_exponent(lo[l], hi[l]);  // m2's unit (Moments)
+      unit[l] = pow2<acc_t>(e);
+      inv_s[l] = pow2<acc_t>(-e);
       neg_scaled_mean[l] = -chunk_mean[l] * inv_s[l];
     }
     for (int64_t i = i0; i < i1; ++i)
       for (int l = 0; l < count; ++l) {
         const acc_t d = scaled_deviation(to_acc<acc_t>(x[i * inner + l]), inv_s[l], neg_scaled_mean[l]);
         sq[l] += d * d;
+        dev[l] += d;
       }
     for (int l = 0; l < count; ++l) {
-      Moments<acc_t> part{c, chunk_mean[l], sq[l], lo[l], hi[l]};
+      Moments<acc_t> part{c, chunk_mean[l], acc_t(0), lo[l], hi[l]};
+      correct_moments(c, dev[l], sq[l], unit[l], part.mean, part.m2);
       constant_moments(c, lo[l], hi[l], chunk_mean[l], part);
       row[l] = merge_moments(row[l], part);
     }

@@ -238,15 +238,19 @@ __global__ void __launch_bounds__(kThreads) onchip_forward_kernel(const T* __res
                                     for_each_held<kThreads>(v, n, [&](acc_t x) { scaled += x * scale; });
                                     return block_allreduce<kThreads>(scaled, SumOp{}, red);
                                   });
-  const acc_t inv_s = pow2<acc_t>(-spread_exponent(lo, hi));  // m2's unit (Moments)
+  const int e = spread_exponent(lo, hi);  // m2's unit (Moments)
+  const acc_t inv_s = pow2<acc_t>(-e);
   const acc_t neg_scaled_mean = -mean * inv_s;
-  acc_t sq = 0;
+  acc_t sq = 0, dev = 0;
   for_each_held<kThreads>(v, n, [&](acc_t x) {
     const acc_t d = scaled_deviation(x, inv_s, neg_scaled_mean);
     sq += d * d;
+    dev += d;
   });
-  const acc_t m2 = block_allreduce<kThreads>(sq, SumOp{}, red);
-  const RowThreshold<acc_t> t = row_threshold(Moments<acc_t>{static_cast<acc_t>(n), mean, m2, lo, hi}, z);
+  Moments<acc_t> m{static_cast<acc_t>(n), mean, acc_t(0), lo, hi};
+  const acc_t sq_sum = block_allreduce<kThreads>(sq, SumOp{}, red);
+  correct_moments(m.n, block_allreduce<kThreads>(dev, SumOp{}, red), sq_sum, pow2<acc_t>(e), m.mean, m.m2);
+  const RowThreshold<acc_t> t = row_threshold(m, z);
   if (threadIdx.x == 0) {
     st.theta[row] = t.theta;
     st.mean[row] = t.mean;
