@@ -173,6 +173,26 @@ def test_statistics_with_an_outlier(device, position, dim):
     assert torch.all((kept - kept_ref).abs() <= 50), (kept, kept_ref)  # 164 entries per unit near theta
 
 
+def test_nan_row_gradient_is_nan_where_theta_is_live(device):
+    # Soft mode (and the gelu-mul) with threshold_grad: the outputs reach theta, and the eager
+    # formula's gradient of a row holding NaN is NaN (it was 0: nothing kept, so the theta term
+    # was dropped). Other rows are unaffected.
+    x = torch.tensor([[0.3, -1.2, float("nan"), 2.0, 0.7], [0.3, -1.2, 1.0, 2.0, 0.7]], dtype=torch.float64,
+                     device=device, requires_grad=True)
+    up = torch.randn(2, 5, dtype=torch.float64, device=device)
+    for fn in (lambda t: fastloss.stat_topk(t, sparsity=0.8), lambda t: fastloss.stat_topk_gelu_mul(t, up, 0.8)):
+        (grad,) = torch.autograd.grad(fn(x).sum(), x)
+        assert torch.isnan(grad[0]).all()
+        assert torch.isfinite(grad[1]).all()
+    xr = x.detach().clone().requires_grad_()
+    z = torch.special.ndtri(torch.tensor(0.8, dtype=torch.float64))
+    theta = xr.mean(-1, keepdim=True) + xr.std(-1, unbiased=False, keepdim=True) * z
+    (eager,) = torch.autograd.grad(torch.relu(xr - theta).sum(), xr)
+    assert torch.isnan(eager[0]).all()
+    (grad,) = torch.autograd.grad(fastloss.stat_topk(x, sparsity=0.8).sum(), x)
+    torch.testing.assert_close(grad[1], eager[1])
+
+
 def test_gradient_finite_where_true_gradient_is(device):
     # No gradient reaching theta (hard mode, threshold_grad=False): a NaN row's direct
     # gradients stay 0 instead of 0 * NaN; a tiny std (1 / std overflows) and deviations beyond

@@ -261,9 +261,11 @@ FASTLOSS_HD acc_t apply_threshold(bool hard, acc_t x, acc_t theta) {
 // c d theta / d x_i = a + b (x_i - mean) / std, added to each element's direct term.
 // (x_i - mean) / std is taken as (x_i - mean) 2^-e / (std 2^-e), 2^e near std: 1 / std
 // overflows below ~1e-38 in float32 and x_i - mean beyond the largest float, where the true
-// term is finite. With no gradient reaching theta (hard mode, threshold_grad=False, c = 0) the
-// term is left out rather than multiplied by 0, so a row's NaN mean (a NaN or inf entry) does
-// not turn its direct gradients into NaN.
+// term is finite. With no gradient reaching theta (hard mode or threshold_grad=False, and no
+// gradient for a returned theta: c = 0) the term is left out rather than multiplied by 0, so a
+// row's NaN mean (a NaN or inf entry) does not turn its direct gradients into NaN. Where the
+// outputs do reach theta (`live`: soft mode or the gelu-mul with threshold_grad) the term
+// stays, so such a row's gradient is NaN, as the eager formula's (it was 0).
 template <typename acc_t>
 struct ThetaGrad {
   bool active;
@@ -277,12 +279,12 @@ struct ThetaGrad {
 };
 
 template <typename acc_t>
-FASTLOSS_HD ThetaGrad<acc_t> theta_grad(acc_t c, acc_t n, acc_t mean, acc_t std_v, acc_t z) {
+FASTLOSS_HD ThetaGrad<acc_t> theta_grad(acc_t c, acc_t n, acc_t mean, acc_t std_v, acc_t z, bool live) {
   const acc_t inv_n = acc_t(1) / n;
   const bool spread = std_v > acc_t(0) && std_v - std_v == acc_t(0);
   const acc_t inv_s = spread ? pow2<acc_t>(-exponent_above(std_v)) : acc_t(1);
   const acc_t b = spread ? c * (z * inv_n) / (std_v * inv_s) : (std_v > acc_t(0) ? c * acc_t(0) : acc_t(0));
-  return {c != acc_t(0), c * inv_n, b, inv_s, -mean * inv_s};
+  return {live || c != acc_t(0), c * inv_n, b, inv_s, -mean * inv_s};
 }
 
 // gelu with the tanh approximation, written as h * sigmoid(2u), u = sqrt(2/pi) (h + c h^3):

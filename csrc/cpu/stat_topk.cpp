@@ -226,7 +226,7 @@ FASTLOSS_CPU_INLINE void backward_lastdim(const in_t* g, const in_t* x,
       for (; i < n; ++i) s += keep_or_zero(to_acc<acc_t>(xr[i]) > theta, to_acc<acc_t>(gr[i]));
       c -= s;
     }
-    const ThetaGrad<acc_t> tg = theta_grad(c, static_cast<acc_t>(n), mean[r], std_in[r], z);
+    const ThetaGrad<acc_t> tg = theta_grad(c, static_cast<acc_t>(n), mean[r], std_in[r], z, !hard && threshold_grad);
     for (int64_t i = 0; i < n; ++i) {
       const acc_t xv = to_acc<acc_t>(xr[i]);
       dx[r * n + i] = to_output<in_t>(tg.add(keep_or_zero(xv > theta, to_acc<acc_t>(gr[i])), xv));
@@ -251,7 +251,7 @@ FASTLOSS_CPU_INLINE void backward_strided(const in_t* g, const in_t* x,
   ThetaGrad<acc_t> tg[kLanes];
   for (int l = 0; l < count; ++l) {
     const acc_t c = (grad_theta ? grad_theta[l] : acc_t(0)) - s[l];
-    tg[l] = theta_grad(c, static_cast<acc_t>(n), mean[l], std_in[l], z);
+    tg[l] = theta_grad(c, static_cast<acc_t>(n), mean[l], std_in[l], z, !hard && threshold_grad);
   }
   for (int64_t i = 0; i < n; ++i)
     for (int l = 0; l < count; ++l) {
@@ -312,7 +312,8 @@ FASTLOSS_CPU_INLINE void gelu_mul_backward_rows(const in_t* g, const in_t* gate,
       for (int l = 0; l < kLanes; ++l) lanes[l] += gelu_mul_grad_element(g + o, gate + o, up + o, dup + o, scratch, i + l, theta);
     acc_t sum = sum_lanes(lanes);
     for (; i < n; ++i) sum += gelu_mul_grad_element(g + o, gate + o, up + o, dup + o, scratch, i, theta);
-    const ThetaGrad<acc_t> tg = theta_grad(threshold_grad ? -sum : acc_t(0), static_cast<acc_t>(n), mean[r], std_in[r], z);
+    const ThetaGrad<acc_t> tg =
+        theta_grad(threshold_grad ? -sum : acc_t(0), static_cast<acc_t>(n), mean[r], std_in[r], z, threshold_grad);
     for (i = 0; i < n; ++i) dgate[o + i] = to_output<in_t>(tg.add(scratch[i], to_acc<acc_t>(gate[o + i])));
   }
 }

@@ -289,7 +289,7 @@ __global__ void __launch_bounds__(kThreads) onchip_backward_kernel(const T* __re
   }
   acc_t c = st.grad_theta ? st.grad_theta[row] : acc_t(0);
   if (subtract) c -= block_allreduce<kThreads>(s, SumOp{}, red);
-  const ThetaGrad<acc_t> tg = theta_grad(c, static_cast<acc_t>(n), st.mean[row], st.std[row], z);
+  const ThetaGrad<acc_t> tg = theta_grad(c, static_cast<acc_t>(n), st.mean[row], st.std[row], z, subtract);
 #pragma unroll
   for (int it = 0; it < kIters; ++it) {
     const int64_t off = (static_cast<int64_t>(it) * kThreads + threadIdx.x) * kVec;
@@ -415,7 +415,7 @@ __global__ void __launch_bounds__(kChunkThreads) chunk_backward_kernel(const T* 
     }
     c -= total;
   }
-  const ThetaGrad<acc_t> tg = theta_grad(c, static_cast<acc_t>(n), st.mean[row], st.std[row], z);
+  const ThetaGrad<acc_t> tg = theta_grad(c, static_cast<acc_t>(n), st.mean[row], st.std[row], z, subtract);
   for (int64_t i = begin + threadIdx.x; i < end; i += kChunkThreads) {
     const acc_t xv[1] = {to_acc(x[base + i])};
     acc_t d[1];
@@ -478,7 +478,7 @@ __global__ void __launch_bounds__(kStridedThreads) strided_backward_kernel(
     }
     c -= s;
   }
-  const ThetaGrad<acc_t> tg = theta_grad(c, static_cast<acc_t>(size), st.mean[col], st.std[col], z);
+  const ThetaGrad<acc_t> tg = theta_grad(c, static_cast<acc_t>(size), st.mean[col], st.std[col], z, subtract);
   for (int64_t i = 0; i < size; ++i) {
     const int64_t k = base + i * inner;
     const acc_t xv = to_acc(x[k]);
