@@ -257,6 +257,21 @@ def test_rsample_concentration_gradient_is_unbiased(p, kappa):
     assert abs(dw.mean().item() - expected) <= 5 * dw.std().item() / math.sqrt(n)
 
 
+@pytest.mark.parametrize("dtype,p,kappa", [(torch.float64, 2, 1e9), (torch.float32, 3, 1e5)])
+def test_rsample_gradient_finite_where_w_rounds_to_one(dtype, p, kappa):
+    # Large concentrations round some samples' w to exactly 1, where sqrt(1 - w^2)'s slope is
+    # infinite and dw/dkappa is 0: the concentration's gradient was NaN.
+    torch.manual_seed(0)
+    loc = torch.zeros(p, dtype=dtype)
+    loc[0] = 1
+    k = torch.tensor(kappa, dtype=dtype, requires_grad=True)
+    x = VonMisesFisher(loc, k).rsample((10000,))
+    assert (x.detach()[:, 0] == 1).any()
+    (g,) = torch.autograd.grad(x.sum(), k)
+    assert torch.isfinite(g)
+    torch.testing.assert_close(x.detach().norm(dim=-1), torch.ones(10000, dtype=dtype))
+
+
 def test_batched_distribution():
     loc = torch.eye(4, dtype=torch.float64)[:3]
     kappa = torch.tensor([1.0, 10.0, 100.0], dtype=torch.float64)

@@ -168,7 +168,11 @@ class VonMisesFisher(Distribution):
         v = torch.randn(shape, dtype=self.loc.dtype, device=self.loc.device)
         v[..., 0] = 0
         v = v / v.norm(dim=-1, keepdim=True)
-        x = torch.cat([w, torch.sqrt((1 - w) * (1 + w)) * v[..., 1:]], dim=-1)
+        # sqrt(1 - w^2), with a zero gradient where w rounds to 1 (large concentrations; often
+        # in float32): there dw/dkappa is 0 and sqrt's infinite slope made the product NaN.
+        r2 = (1 - w) * (1 + w)
+        radius = torch.where(r2 > 0, torch.sqrt(torch.where(r2 > 0, r2, torch.ones_like(r2))), torch.zeros_like(r2))
+        x = torch.cat([w, radius * v[..., 1:]], dim=-1)
         # An orthogonal map taking e1 to loc, smooth in loc: where loc[0] < 0 the Householder
         # reflection along u = e1 - loc, elsewhere minus the reflection along u = e1 + loc (which
         # takes e1 to -loc). |u|^2 = 2 + 2 |loc[0]| >= 2 either way; the single reflection along
