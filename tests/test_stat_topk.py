@@ -173,6 +173,19 @@ def test_statistics_with_an_outlier(device, position, dim):
     assert torch.all((kept - kept_ref).abs() <= 50), (kept, kept_ref)  # 164 entries per unit near theta
 
 
+@pytest.mark.parametrize("dim", [-1, 0])
+def test_statistics_of_long_rows(device, dim):
+    # 2e6 entries: chunks merge in groups, then groups into the row (one running merge over
+    # thousands of chunks put ~70 ulp into theta along dim 0).
+    g = torch.Generator().manual_seed(21)
+    x = torch.randn(2, 2_000_000, generator=g)
+    xs = (x if dim == -1 else x.t().contiguous()).to(device)
+    _, theta = fastloss.stat_topk(xs, sparsity=0.9, dim=dim, return_threshold=True)
+    _, theta_ref = reference(x.double(), 0.9)
+    ulp = theta_ref.abs() * 2.0**-23
+    assert torch.all((theta.double().cpu().reshape(theta_ref.shape) - theta_ref).abs() <= 4 * ulp)
+
+
 def test_nan_row_gradient_is_nan_where_theta_is_live(device):
     # Soft mode (and the gelu-mul) with threshold_grad: the outputs reach theta, and the eager
     # formula's gradient of a row holding NaN is NaN (it was 0: nothing kept, so the theta term
