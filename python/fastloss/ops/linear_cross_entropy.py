@@ -172,7 +172,7 @@ def linear_cross_entropy(
     hidden, classifier, bias = _autocast(hidden, classifier, bias)
     label_smoothing = _check_real("label_smoothing", label_smoothing, 0.0, 1.0, "in [0, 1]")
     z_loss = _check_real("z_loss", z_loss, -math.inf, math.inf, "a finite float")
-    if not math.isfinite(z_loss):
+    if not -math.inf < z_loss < math.inf:  # NaN fails too (math.isfinite breaks torch.compile's graph)
         raise ValueError(f"fastloss.linear_cross_entropy: 'z_loss' must be a finite float, got {z_loss}")
     eps = resolve_filter_eps(filter_eps, hidden.dtype)
     if shift:
