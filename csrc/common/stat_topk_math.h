@@ -159,6 +159,25 @@ FASTLOSS_HD Moments<acc_t> merge_moments(Moments<acc_t> a, Moments<acc_t> b) {
   return {n, a.mean + ds * wb * pow2<acc_t>(e), a.m2 * ra * ra + b.m2 * rb * rb + ds * ds * a.n * wb, lo, hi};
 }
 
+// Moments of many parts merged kParts at a time before they join the running total: one
+// running merge over thousands of parts lets the merges' rounding add up (4e6 entries along a
+// column, in chunks of 256: ~130 half-ulps in theta, 3 with groups).
+template <typename acc_t, int kParts = 64>
+struct GroupedMoments {
+  Moments<acc_t> total{0, 0, 0, 0, 0};
+  Moments<acc_t> group{0, 0, 0, 0, 0};
+  int parts = 0;
+  FASTLOSS_HD void add(const Moments<acc_t>& m) {
+    group = merge_moments(group, m);
+    if (++parts == kParts) {
+      total = merge_moments(total, group);
+      group = {0, 0, 0, 0, 0};
+      parts = 0;
+    }
+  }
+  FASTLOSS_HD Moments<acc_t> result() const { return merge_moments(total, group); }
+};
+
 // A set whose values are all one finite number (a set of inf has NaN std, as in torch).
 template <typename acc_t>
 FASTLOSS_HD bool finite_constant(acc_t lo, acc_t hi) {

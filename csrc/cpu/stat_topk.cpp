@@ -97,17 +97,9 @@ FASTLOSS_CPU_INLINE Moments<acc_t> chunk_moments(const in_t* x, int64_t c) {
 
 template <typename in_t, typename acc_t>
 FASTLOSS_CPU_INLINE RowThreshold<acc_t> row_stats(const in_t* x, int64_t n, acc_t z) {
-  // Chunks merge into groups of 64 and groups into the row (a single running merge over
-  // thousands of chunks lets the merges' rounding add up).
-  constexpr int64_t kGroup = 64 * kChunk;
-  Moments<acc_t> m{0, 0, 0, 0, 0};
-  for (int64_t g = 0; g < n; g += kGroup) {
-    Moments<acc_t> group{0, 0, 0, 0, 0};
-    for (int64_t i = g; i < std::min(n, g + kGroup); i += kChunk)
-      group = merge_moments(group, chunk_moments<in_t, acc_t>(x + i, std::min(kChunk, n - i)));
-    m = merge_moments(m, group);
-  }
-  return row_threshold(m, z);
+  GroupedMoments<acc_t> m;
+  for (int64_t i = 0; i < n; i += kChunk) m.add(chunk_moments<in_t, acc_t>(x + i, std::min(kChunk, n - i)));
+  return row_threshold(m.result(), z);
 }
 
 template <typename acc_t>
@@ -152,12 +144,7 @@ FASTLOSS_CPU_INLINE void forward_strided(const in_t* x, in_t* y, typename AccTyp
                                          int64_t inner, int count, typename AccType<in_t>::type z,
                                          bool hard) {
   using acc_t = typename AccType<in_t>::type;
-  // Chunks merge into groups of kStridedGroup, groups into the row: one running merge over
-  // thousands of chunks put ~50 ulp into the std at 4e6 entries.
-  constexpr int kStridedGroup = 64;
-  Moments<acc_t> row[kLanes], group[kLanes];
-  for (int l = 0; l < count; ++l) row[l] = group[l] = {0, 0, 0, 0, 0};
-  int chunks_in_group = 0;
+  GroupedMoments<acc_t> row[kLanes];
   for (int64_t i0 = 0; i0 < n; i0 += kStridedChunk) {
     const int64_t i1 = std::min(n, i0 + kStridedChunk);
     const acc_t c = static_cast<acc_t>(i1 - i0);
@@ -196,19 +183,12 @@ FASTLOSS_CPU_INLINE void forward_strided(const in_t* x, in_t* y, typename AccTyp
       Moments<acc_t> part{c, chunk_mean[l], acc_t(0), lo[l], hi[l]};
       correct_moments(c, dev[l], sq[l], unit[l], part.mean, part.m2);
       constant_moments(c, lo[l], hi[l], chunk_mean[l], part);
-      group[l] = merge_moments(group[l], part);
-    }
-    if (++chunks_in_group == kStridedGroup || i1 == n) {
-      for (int l = 0; l < count; ++l) {
-        row[l] = merge_moments(row[l], group[l]);
-        group[l] = {0, 0, 0, 0, 0};
-      }
-      chunks_in_group = 0;
+      row[l].add(part);
     }
   }
   acc_t th[kLanes];
   for (int l = 0; l < count; ++l) {
-    const RowThreshold<acc_t> t = row_threshold(row[l], z);
+    const RowThreshold<acc_t> t = row_threshold(row[l].result(), z);
     store_stats(t, mean + l, std_out + l, theta + l);
     th[l] = t.theta;
   }

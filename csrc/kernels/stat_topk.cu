@@ -85,10 +85,6 @@ __device__ __forceinline__ void store_converted(T* p, const acc_of<T> (&v)[kV]) 
 // with Chan's formula, then a deterministic block merge.
 
 constexpr int kGroup = 8;
-// A thread's groups merge kMergeGroup at a time before they join its running moments: one
-// running merge per group along a long column lets the merges' rounding add up (as on the
-// CPU, where 4e6 entries put ~130 half-ulps into theta).
-constexpr int kMergeGroup = 64;
 
 template <typename acc_t>
 __device__ __forceinline__ Moments<acc_t> shfl_down(const Moments<acc_t>& m, int o) {
@@ -313,8 +309,7 @@ template <typename T>
 __device__ __forceinline__ Moments<acc_of<T>> range_moments(const T* xr, int64_t begin, int64_t end,
                                                             Moments<acc_of<T>>* smem) {
   using acc_t = acc_of<T>;
-  Moments<acc_t> m{0, 0, 0, 0, 0}, group{0, 0, 0, 0, 0};
-  int groups = 0;
+  GroupedMoments<acc_t> m;  // a thread's groups of kGroup values
   for (int64_t base = begin + threadIdx.x; base < end; base += kChunkThreads * kGroup) {
     acc_t v[kGroup];
     int count = 0;
@@ -326,15 +321,9 @@ __device__ __forceinline__ Moments<acc_of<T>> range_moments(const T* xr, int64_t
         count = g + 1;
       }
     }
-    group = merge_moments(group, moments_of(v, count));
-    if (++groups == kMergeGroup) {
-      m = merge_moments(m, group);
-      group = {0, 0, 0, 0, 0};
-      groups = 0;
-    }
+    m.add(moments_of(v, count));
   }
-  m = merge_moments(m, group);
-  return block_moments<kChunkThreads>(m, smem);
+  return block_moments<kChunkThreads>(m.result(), smem);
 }
 
 template <typename T>
@@ -450,8 +439,7 @@ __global__ void __launch_bounds__(kStridedThreads) strided_forward_kernel(const 
   const int64_t col = static_cast<int64_t>(blockIdx.x) * kStridedThreads + threadIdx.x;
   if (col >= columns) return;
   const int64_t base = (col / inner) * size * inner + col % inner;
-  Moments<acc_t> m{0, 0, 0, 0, 0}, group{0, 0, 0, 0, 0};
-  int groups = 0;
+  GroupedMoments<acc_t> m;
   for (int64_t i0 = 0; i0 < size; i0 += kGroup) {
     acc_t v[kGroup];
     int count = 0;
@@ -462,15 +450,9 @@ __global__ void __launch_bounds__(kStridedThreads) strided_forward_kernel(const 
         count = g + 1;
       }
     }
-    group = merge_moments(group, moments_of(v, count));
-    if (++groups == kMergeGroup) {
-      m = merge_moments(m, group);
-      group = {0, 0, 0, 0, 0};
-      groups = 0;
-    }
+    m.add(moments_of(v, count));
   }
-  m = merge_moments(m, group);
-  const RowThreshold<acc_t> t = row_threshold(m, z);
+  const RowThreshold<acc_t> t = row_threshold(m.result(), z);
   st.theta[col] = t.theta;
   st.mean[col] = t.mean;
   st.std[col] = t.std;
