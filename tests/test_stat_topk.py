@@ -531,6 +531,13 @@ def test_errors():
         fastloss.stat_topk(x, sparsity=0.5, mode="top")
     with pytest.raises(IndexError, match="'dim' out of range"):
         fastloss.stat_topk(x, sparsity=0.5, dim=2)
+    with pytest.raises(TypeError, match="'dim' must be an int, got float"):
+        fastloss.stat_topk(x, sparsity=0.5, dim=1.0)
+    # The module checks its arguments when built.
+    with pytest.raises(ValueError, match="'sparsity' must be in \\(0, 1\\)"):
+        fastloss.nn.StatTopK(sparsity=1.5)
+    with pytest.raises(ValueError, match="'k' must be a positive int"):
+        fastloss.nn.StatTopK(k=0)
     with pytest.raises(RuntimeError, match="'x' to be a float32"):
         fastloss.stat_topk(torch.arange(10), sparsity=0.5)
     with pytest.raises(RuntimeError, match="'sparsity' must be in \\(0, 1\\)"):

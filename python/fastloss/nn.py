@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import numbers
 from typing import Optional, Union
 
 import torch
 
 from .ops.linear_cross_entropy import linear_cross_entropy
 from .ops.sinkhorn import sinkhorn_kd_loss
-from .ops.stat_topk import stat_topk
+from .ops.stat_topk import resolve_sparsity, stat_topk
 
 
 class StatTopK(torch.nn.Module):
@@ -22,6 +23,11 @@ class StatTopK(torch.nn.Module):
         super().__init__()
         if (sparsity is None) == (k is None):
             raise ValueError("fastloss.nn.StatTopK: give exactly one of 'sparsity' and 'k'")
+        # Checked here rather than at the first forward (k < row length waits for the input).
+        if sparsity is not None:
+            resolve_sparsity("nn.StatTopK", 2, sparsity, None)
+        elif isinstance(k, bool) or not isinstance(k, numbers.Integral) or k <= 0:
+            raise ValueError(f"fastloss.nn.StatTopK: 'k' must be a positive int, got {k!r}")
         if mode not in ("soft", "hard"):
             raise ValueError(f"fastloss.nn.StatTopK: 'mode' must be 'soft' or 'hard', got {mode!r}")
         self.sparsity, self.k, self.dim, self.mode, self.threshold_grad = sparsity, k, dim, mode, threshold_grad

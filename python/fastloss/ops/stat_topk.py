@@ -40,6 +40,8 @@ def _check_tensor(name: str, arg: str, t) -> None:
 
 
 def _row_length(name: str, x: torch.Tensor, dim: int) -> int:
+    if isinstance(dim, bool) or not isinstance(dim, numbers.Integral):
+        raise TypeError(f"fastloss.{name}: 'dim' must be an int, got {type(dim).__name__}")
     rank = max(x.dim(), 1)
     if not -rank <= dim < rank:
         raise IndexError(f"fastloss.{name}: 'dim' out of range: expected a value in [{-rank}, {rank - 1}] "
