@@ -571,6 +571,29 @@ __global__ void __maxnreg__(kBlockMaxRegs<in_t>)
 // merged into the thread's total: one running sum lost ~log2(n) bits (as on the CPU).
 constexpr int kColumnBlock = 64;
 
+// The sum over this thread's share i = threadIdx.y, threadIdx.y + blockDim.y, ... < size:
+// add(block, i) adds term i to a block, merge(total, block) folds a finished block in.
+template <typename Acc, typename Add, typename Merge>
+__device__ __forceinline__ Acc column_share_sum(int64_t size, Acc empty, Add add, Merge merge) {
+  Acc total = empty, block = empty;
+  int terms = 0;
+  for (int64_t i = threadIdx.y; i < size; i += blockDim.y) {
+    add(block, i);
+    if (++terms == kColumnBlock) {
+      merge(total, block);
+      block = empty;
+      terms = 0;
+    }
+  }
+  merge(total, block);
+  return total;
+}
+
+template <typename acc_t>
+__device__ __forceinline__ void add_into(acc_t& total, acc_t block) {
+  total += block;
+}
+
 // inner > 1: threadIdx.x walks adjacent columns (coalesced), threadIdx.y slices of the softmax
 // dimension; a task is one tile of blockDim.x columns of one outer index.
 template <bool kLog, typename in_t, typename out_t>
@@ -589,18 +612,9 @@ __global__ void __launch_bounds__(kStridedMaxThreads, kMinBlocks<in_t, kStridedM
     PassOne<acc_t> acc;
     acc.init();
     if (valid) {
-      PassOne<acc_t> block;
-      block.init();
-      int terms = 0;
-      for (int64_t i = threadIdx.y; i < size; i += by) {
-        block.add(to_acc(x[base + i * inner]));
-        if (++terms == kColumnBlock) {
-          acc.merge(block);
-          block.init();
-          terms = 0;
-        }
-      }
-      acc.merge(block);
+      acc = column_share_sum(
+          size, acc, [&](PassOne<acc_t>& b, int64_t i) { b.add(to_acc(x[base + i * inner])); },
+          [](PassOne<acc_t>& total, const PassOne<acc_t>& b) { total.merge(b); });
     }
     const RowStats<acc_t> st = finish(column_allreduce(acc, MergeOp{}, red));
     const bool exact = valid && st.exact;
@@ -620,17 +634,9 @@ __global__ void __launch_bounds__(kStridedMaxThreads, kMinBlocks<in_t, kStridedM
       ex.ok = nan == 0 && ex.max > -dev_inf<acc_t>() && ex.max < dev_inf<acc_t>();
       acc_t sum = 0;
       if (valid && ex.ok) {
-        acc_t block = 0;
-        int terms = 0;
-        for (int64_t i = threadIdx.y; i < size; i += by) {
-          block += dev_exp(to_acc(x[base + i * inner]) - ex.max);
-          if (++terms == kColumnBlock) {
-            sum += block;
-            block = 0;
-            terms = 0;
-          }
-        }
-        sum += block;
+        sum = column_share_sum(
+            size, acc_t(0), [&](acc_t& b, int64_t i) { b += dev_exp(to_acc(x[base + i * inner]) - ex.max); },
+            add_into<acc_t>);
       }
       ex.sum = column_allreduce(sum, SumOp{}, red);
       if (valid) {
@@ -813,17 +819,10 @@ __global__ void __launch_bounds__(kStridedMaxThreads, kMinBlocks<out_t, kStrided
     const int64_t base = o * size * inner + j;
     acc_t part = 0;
     if (valid) {
-      acc_t block = 0;
-      int terms = 0;
-      for (int64_t i = threadIdx.y; i < size; i += by) {
-        block += backward_term<kLog>(to_acc(g[base + i * inner]), to_acc(y[base + i * inner]));
-        if (++terms == kColumnBlock) {
-          part += block;
-          block = 0;
-          terms = 0;
-        }
-      }
-      part += block;
+      part = column_share_sum(
+          size, acc_t(0),
+          [&](acc_t& b, int64_t i) { b += backward_term<kLog>(to_acc(g[base + i * inner]), to_acc(y[base + i * inner])); },
+          add_into<acc_t>);
     }
     const acc_t total = column_allreduce(part, SumOp{}, red);
     if (valid) {

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import sys
 from typing import Dict, Optional, Tuple, Union
 
 import torch
@@ -39,10 +40,7 @@ def resolve_filter_eps(filter_eps, dtype: torch.dtype) -> float:
             raise ValueError(f"fastloss.linear_cross_entropy: 'filter_eps' must be 'auto', None or a float in "
                              f"[0, 1), got {filter_eps!r}")
         return torch.finfo(dtype).eps / 32 if dtype.is_floating_point else 0.0
-    v = _check_real("filter_eps", filter_eps, 0.0, 1.0, "in [0, 1)")
-    if v >= 1.0:
-        raise ValueError(f"fastloss.linear_cross_entropy: 'filter_eps' must be in [0, 1), got {v}")
-    return v
+    return _check_real("filter_eps", filter_eps, 0.0, math.nextafter(1.0, 0.0), "in [0, 1)")
 
 
 def _autocast(hidden: torch.Tensor, classifier: torch.Tensor, bias: Optional[torch.Tensor]):
@@ -171,9 +169,8 @@ def linear_cross_entropy(
         cap = float(softcap)
     hidden, classifier, bias = _autocast(hidden, classifier, bias)
     label_smoothing = _check_real("label_smoothing", label_smoothing, 0.0, 1.0, "in [0, 1]")
-    z_loss = _check_real("z_loss", z_loss, -math.inf, math.inf, "a finite float")
-    if not -math.inf < z_loss < math.inf:  # NaN fails too (math.isfinite breaks torch.compile's graph)
-        raise ValueError(f"fastloss.linear_cross_entropy: 'z_loss' must be a finite float, got {z_loss}")
+    # Comparisons rather than math.isfinite, which breaks torch.compile's graph; NaN fails them.
+    z_loss = _check_real("z_loss", z_loss, -sys.float_info.max, sys.float_info.max, "a finite float")
     eps = resolve_filter_eps(filter_eps, hidden.dtype)
     if shift:
         if hidden.dim() < 2:
