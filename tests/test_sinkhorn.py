@@ -399,6 +399,40 @@ def test_envelope_second_derivative_raises_unrolled_works():
     assert torch.autograd.gradgradcheck(fn, (c,))
 
 
+def test_envelope_gradient_at_zero_mass_entries(device):
+    # At a zero-mass entry of a or b the envelope gradient is that entry's potential (the
+    # c-transform of the other side's), the one-sided derivative of the value in its mass:
+    # checked by finite differences that move mass onto it. (Zero-mass columns once returned
+    # potential 0, and a padded row of +inf costs NaN instead of +inf.)
+    cost, a, b = random_problem(1, 7, 6, zeros=2, seed=3, device=device)
+    eps, kw = 0.1, dict(tol=1e-13, max_iter=100000)
+    ar, br = a.clone().requires_grad_(), b.clone().requires_grad_()
+    value = fastloss.sinkhorn_cost(cost, ar, br, eps=eps, **kw)
+    ga, gb = torch.autograd.grad(value.sum(), (ar, br))
+    d = 1e-7
+    moved_a, moved_b = a.clone(), b.clone()
+    moved_a[0, 0] += d  # a zero-mass row
+    moved_a[0, 3] -= d
+    moved_b[0, -1] += d  # a zero-mass column
+    moved_b[0, 0] -= d
+    fd_a = ((fastloss.sinkhorn_cost(cost, moved_a, b, eps=eps, **kw) - value) / d)[0]
+    fd_b = ((fastloss.sinkhorn_cost(cost, a, moved_b, eps=eps, **kw) - value) / d)[0]
+    torch.testing.assert_close(fd_a, ga[0, 0] - ga[0, 3], rtol=0, atol=1e-6)
+    torch.testing.assert_close(fd_b, gb[0, -1] - gb[0, 0], rtol=0, atol=1e-6)
+    # Padding with +inf costs: adding mass there has nowhere to go (+inf); NaN costs give NaN.
+    for bad, expected in ((math.inf, math.inf), (math.nan, math.nan)):
+        c = cost.clone()
+        c[0, 0, :] = bad
+        c[0, :, -1] = bad
+        ar, br = a.clone().requires_grad_(), b.clone().requires_grad_()
+        value = fastloss.sinkhorn_cost(c, ar, br, eps=eps, **kw)
+        ga2, gb2 = torch.autograd.grad(value.sum(), (ar, br))
+        torch.testing.assert_close(value, fastloss.sinkhorn_cost(cost, a, b, eps=eps, **kw), rtol=1e-12, atol=0)
+        for g in (ga2[0, 0], gb2[0, -1]):
+            assert torch.isnan(g) if math.isnan(expected) else g == expected
+        torch.testing.assert_close(ga2[0, 1:], ga[0, 1:], rtol=1e-10, atol=1e-12)
+
+
 def test_unrolled_gradient_with_zero_mass_entries():
     # log 0 = -inf enters the iteration; its gradient must be 0, not 0 * inf = NaN.
     cost, a, b = random_problem(2, 8, 7, zeros=2, seed=13)

@@ -12,6 +12,7 @@
 // Shared by the CPU and CUDA kernels.
 #pragma once
 
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 
@@ -54,6 +55,21 @@ FASTLOSS_HD float fl_max(float a, float b) { return a > b ? a : b; }
 FASTLOSS_HD double fl_max(double a, double b) { return a > b ? a : b; }
 FASTLOSS_HD float fl_min(float a, float b) { return a < b ? a : b; }
 FASTLOSS_HD double fl_min(double a, double b) { return a < b ? a : b; }
+
+FASTLOSS_HD float fl_log(float v) {
+#if defined(__CUDA_ARCH__)
+  return logf(v);
+#else
+  return std::log(v);
+#endif
+}
+FASTLOSS_HD double fl_log(double v) {
+#if defined(__CUDA_ARCH__)
+  return ::log(v);
+#else
+  return std::log(v);
+#endif
+}
 
 FASTLOSS_HD float fl_fma(float a, float b, float c) {
 #if defined(__CUDA_ARCH__)

@@ -118,6 +118,36 @@ FASTLOSS_HD T plan_entry(T c, T inv_eps, T la_i, T z_i, T lb_j, T v_j) {
   return has_mass(la_i) && has_mass(lb_j) ? sinkhorn_exp(fl_fma(c, -inv_eps, z_i + lb_j + v_j)) : T(0);
 }
 
+// The potential (u or v) of a zero-mass row or column: the exact c-transform -LSE_k x_k over
+// the other side's exponents x_k (masked_exponent), given their largest value `top` (NaN terms
+// left out), s = sum_k exp(x_k - top) and whether some x_k was NaN. It is the envelope
+// gradient of the value in that entry's mass: +inf when no term is above -inf (a padded row of
+// +inf costs: mass added there has nowhere to go), -inf when one is +inf (a -inf cost).
+template <typename T>
+FASTLOSS_HD T zero_mass_potential(T top, T s, bool any_nan) {
+  constexpr T inf = std::numeric_limits<T>::infinity();
+  if (any_nan) return std::numeric_limits<T>::quiet_NaN();
+  if (top == -inf) return inf;
+  if (top == inf) return -inf;
+  return -(top + fl_log(s));
+}
+
+// zero_mass_potential of the exponents exponent(q), q < count, in one thread (two passes).
+template <typename T, typename Exponent>
+FASTLOSS_HD T zero_mass_c_transform(int64_t count, Exponent exponent) {
+  T top = -std::numeric_limits<T>::infinity();
+  bool any_nan = false;
+  for (int64_t q = 0; q < count; ++q) {
+    const T x = exponent(q);
+    any_nan |= x != x;
+    if (x == x) top = fl_max(top, x);
+  }
+  T s = 0;
+  if (!any_nan && top - top == T(0))
+    for (int64_t q = 0; q < count; ++q) s += sinkhorn_exp(exponent(q) - top);
+  return zero_mass_potential(top, s, any_nan);
+}
+
 // False when a warm-shifted sum must be redone exactly (also for NaN).
 template <typename T>
 FASTLOSS_HD bool warm_sum_ok(T sum) {

@@ -18,21 +18,6 @@ struct AccType<double> {
   using type = double;
 };
 
-FASTLOSS_HD float fl_log(float v) {
-#if defined(__CUDA_ARCH__)
-  return logf(v);
-#else
-  return std::log(v);
-#endif
-}
-FASTLOSS_HD double fl_log(double v) {
-#if defined(__CUDA_ARCH__)
-  return ::log(v);
-#else
-  return std::log(v);
-#endif
-}
-
 // Inputs are clamped from below (-inf included) before the reduction. A clamped entry's
 // exponent lies more than the flush distance (-kMinExponent, where exp2_nonpositive gives 0)
 // below -kMaxReducible, so it adds exactly 0 to any row whose maximum is in range (E >=

@@ -142,7 +142,8 @@ struct Problem {
 
 // Log pass over rows [r0, r1): writes u_new and the kernel rows at (u_new, v), adds a_i K_ij
 // to col_acc (m). Returns the accumulated terms a_i |s_i - 1| of the row-marginal error of (u, v).
-// Zero-mass columns get kernel entries 0 (so a column sum of 0) whatever their costs.
+// Zero-mass rows and columns get kernel entries 0 (so a column sum of 0) whatever their costs;
+// a zero-mass row keeps its u.
 template <typename acc_t>
 FASTLOSS_CPU_INLINE acc_t log_rows(const Problem<acc_t>& p, const acc_t* u, const acc_t* v, acc_t* u_new,
                                    acc_t* kernel, acc_t* col_acc, int64_t r0, int64_t r1) {
@@ -157,6 +158,12 @@ FASTLOSS_CPU_INLINE acc_t log_rows(const Problem<acc_t>& p, const acc_t* u, cons
     const acc_t* c = p.cost + i * m;
     acc_t* e = kernel + i * m;
     const acc_t ui = u[i];
+    const acc_t ai = p.a[i];
+    if (!(ai > 0)) {  // a zero-mass row takes no part (its potential is set after the solve)
+      u_new[i] = ui;
+      for (int64_t j = 0; j < m; ++j) e[j] = 0;
+      continue;
+    }
     acc_t part[L];
     for (int l = 0; l < L; ++l) part[l] = 0;
     int64_t j = 0;
@@ -202,8 +209,7 @@ FASTLOSS_CPU_INLINE acc_t log_rows(const Problem<acc_t>& p, const acc_t* u, cons
       u_new[i] = -lse;
       ratio = std::exp(lse + ui);
     }
-    const acc_t ai = p.a[i];
-    if (ai > 0) err = norm(err, norm.term(ai * std::abs(ratio - acc_t(1))));
+    err = norm(err, norm.term(ai * std::abs(ratio - acc_t(1))));
     const acc_t inv_s = acc_t(1) / s;
     for (j = 0; j < m; ++j) {
       const acc_t kij = e[j] * inv_s;
@@ -224,10 +230,14 @@ FASTLOSS_CPU_INLINE acc_t scaling_rows(const acc_t* kernel, const acc_t* a, cons
                                        MarginalErrorNorm norm) {
   acc_t err = 0;
   for (int64_t i = r0; i < r1; ++i) {
+    const acc_t ai = a[i];
+    if (!(ai > 0)) {  // a zero-mass row (its kernel row is 0)
+      x_new[i] = 1;
+      continue;
+    }
     const acc_t* k = kernel + i * m;
     const acc_t s = dot(k, w, m);
     if (!scaling_in_range(s)) return std::numeric_limits<acc_t>::quiet_NaN();
-    const acc_t ai = a[i];
     err = norm(err, norm.term(ai * std::abs(fl_fma(x[i], s, acc_t(-1)))));
     const acc_t xi = acc_t(1) / s;
     x_new[i] = xi;
@@ -261,15 +271,17 @@ FASTLOSS_CPU_INLINE acc_t scaling_transposed(const acc_t* kernel, const acc_t* k
   for (; i + L <= n; i += L)
     for (int l = 0; l < L; ++l) {
       const acc_t si = s[i + l];
-      out_of_range |= !scaling_in_range(si);
+      const bool massed = a[i + l] > 0;  // a zero-mass row's kernel row is 0: it keeps x = 1
+      out_of_range |= massed && !scaling_in_range(si);
       part[l] = norm(part[l], norm.term(a[i + l] * std::abs(fl_fma(x[i + l], si, acc_t(-1)))));
-      s[i + l] = acc_t(1) / si;
+      s[i + l] = massed ? acc_t(1) / si : acc_t(1);
     }
   for (int l = 0; i + l < n; ++l) {
     const acc_t si = s[i + l];
-    out_of_range |= !scaling_in_range(si);
+    const bool massed = a[i + l] > 0;
+    out_of_range |= massed && !scaling_in_range(si);
     part[l] = norm(part[l], norm.term(a[i + l] * std::abs(fl_fma(x[i + l], si, acc_t(-1)))));
-    s[i + l] = acc_t(1) / si;
+    s[i + l] = massed ? acc_t(1) / si : acc_t(1);
   }
   if (out_of_range) return std::numeric_limits<acc_t>::quiet_NaN();
   for (i = 0; i < n; ++i) {
@@ -321,6 +333,26 @@ FASTLOSS_CPU_INLINE void scale_kernel_rows(acc_t* kernel, const acc_t* a, const 
     acc_t* row = kernel + i * m;
     const acc_t ri = a[i] * x[i];
     for (int64_t j = 0; j < m; ++j) row[j] *= ri * w[j];
+  }
+}
+
+// The potentials of the zero-mass rows and columns, which take no part in the passes: exact
+// c-transforms of the other side's returned potentials (massed entries only), with
+// zero_mass_potential's conventions. One pass over those rows and columns, after the solve.
+template <typename acc_t>
+void set_zero_mass_potentials(const Problem<acc_t>& p, acc_t* alpha, acc_t* beta) {
+  const acc_t k = p.inv_eps, eps = acc_t(1) / p.inv_eps;
+  for (int64_t i = 0; i < p.n; ++i) {
+    if (p.a[i] > 0) continue;
+    const acc_t* c = p.cost + i * p.m;
+    alpha[i] = eps * zero_mass_c_transform<acc_t>(
+                         p.m, [&](int64_t j) { return masked_exponent(p.log_b[j], c[j], k, p.log_b[j] + beta[j] * k); });
+  }
+  for (int64_t j = 0; j < p.m; ++j) {
+    if (p.b[j] > 0) continue;
+    beta[j] = eps * zero_mass_c_transform<acc_t>(p.n, [&](int64_t i) {
+      return masked_exponent(p.log_a[i], p.cost[i * p.m + j], k, p.log_a[i] + alpha[i] * k);
+    });
   }
 }
 
@@ -483,6 +515,7 @@ void solve(const Problem<acc_t>& p, int64_t max_iter, acc_t tol, bool parallel, 
     out.beta[j] = eps * (scaled ? v[j] + std::log(y[j]) : v[j]);
     if (p.b[j] > 0) value += p.b[j] * out.beta[j];
   }
+  set_zero_mass_potentials(p, out.alpha, out.beta);
   // A NaN error (a NaN or -inf cost: the potentials are meaningless) makes the value NaN
   // rather than that of the last finite potentials (0 when it stopped at the first pass).
   *out.value = err == err ? value : std::numeric_limits<acc_t>::quiet_NaN();

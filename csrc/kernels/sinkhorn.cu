@@ -90,6 +90,26 @@ __device__ __forceinline__ void warp_row_update(const T* c, const T* lb, int64_t
   ratio = dev_exp(lse + u_old);  // unclamped, as the CPU: an overflowing ratio reports error inf
 }
 
+// zero_mass_potential of a zero-mass row, by a warp: -LSE_j exponent(j) over j < m. The
+// warp's decisions (any NaN, finite maximum) are uniform after the reductions.
+template <typename T, typename Exponent>
+__device__ T warp_zero_mass_potential(int64_t m, Exponent exponent) {
+  const int lane = threadIdx.x & 31;
+  T top = -dev_inf<T>();
+  bool any_nan = false;
+  for (int64_t j = lane; j < m; j += 32) {
+    const T x = exponent(j);
+    any_nan |= x != x;
+    if (x == x) top = fl_max(top, x);
+  }
+  top = warp_max(top);
+  any_nan = __any_sync(kFullMask, any_nan);
+  T s = 0;
+  if (!any_nan && top - top == T(0))
+    for (int64_t j = lane; j < m; j += 32) s += sinkhorn_exp(exponent(j) - top);
+  return zero_mass_potential(top, warp_sum(s), any_nan);
+}
+
 // Marginal validity of problem k, computed by the whole block.
 template <typename T>
 __device__ bool block_marginals_valid(const SinkhornArgs<T>& p, int64_t k, T* scratch) {
@@ -152,6 +172,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm) sinkhorn_block_kern
 
   for (int64_t i = threadIdx.x; i < n; i += kThreads) {
     u[i] = 0;
+    u_new[i] = 0;  // a zero-mass row's u is never updated
     la[i] = p.log_a[k * n + i];
   }
   for (int64_t j = threadIdx.x; j < m; j += kThreads) {
@@ -174,12 +195,13 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm) sinkhorn_block_kern
     // Row pass: u_new from v, and the error of the current (u, v).
     T err_part = 0;
     for (int64_t i = warp; i < n; i += kWarps) {
+      const T ai = a[i];
+      if (!(ai > 0)) continue;  // a zero-mass row takes no part (its potential is set at the end)
       T un, ratio;
       warp_row_update(C + i * m, lb, m, inv_eps, u[i], [&](int64_t j) { return v[j]; }, un, ratio);
       if (lane == 0) {
         u_new[i] = un;
-        const T ai = a[i];
-        if (ai > 0) err_part = norm(err_part, norm.term(ai * fabs(ratio - T(1))));
+        err_part = norm(err_part, norm.term(ai * fabs(ratio - T(1))));
       }
     }
     err = norm.finish(block_allreduce<kThreads>(err_part, norm, red));  // uniform across the block
@@ -188,7 +210,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm) sinkhorn_block_kern
     u = u_new;
     u_new = t;
     // Column pass: one thread per column, warm-shifted by -v_j. A zero-mass column's v is never
-    // used (the row passes mask it): it stays 0.
+    // used (the row passes mask it): its potential is set at the end.
     for (int64_t j = threadIdx.x; j < m; j += kThreads) {
       if (!has_mass(lb[j])) continue;
       const T vj = v[j];
@@ -206,18 +228,33 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm) sinkhorn_block_kern
     }
     __syncthreads();
   }
+  // Potentials and value; a zero-mass row or column gets the c-transform of the other side's
+  // massed potentials (zero_mass_potential), as on the CPU.
   const T eps = T(1) / inv_eps;
   T val = 0;
   for (int64_t i = threadIdx.x; i < n; i += kThreads) {
+    if (!(a[i] > 0)) continue;
     const T al = eps * u[i];
     p.alpha[k * n + i] = al;
-    if (a[i] > 0) val += a[i] * al;
+    val += a[i] * al;
   }
   for (int64_t j = threadIdx.x; j < m; j += kThreads) {
-    const T be = eps * v[j];
-    p.beta[k * m + j] = be;
     const T bj = p.b[k * m + j];
-    if (bj > 0) val += bj * be;
+    if (bj > 0) {
+      const T be = eps * v[j];
+      p.beta[k * m + j] = be;
+      val += bj * be;
+    } else {
+      p.beta[k * m + j] = eps * zero_mass_c_transform<T>(n, [&](int64_t i) {
+        return masked_exponent(la[i], C[i * m + j], inv_eps, la[i] + u[i]);
+      });
+    }
+  }
+  for (int64_t i = warp; i < n; i += kWarps) {
+    if (a[i] > 0) continue;
+    const T* c = C + i * m;
+    const T pot = warp_zero_mass_potential<T>(m, [&](int64_t j) { return masked_exponent(lb[j], c[j], inv_eps, lb[j] + v[j]); });
+    if (lane == 0) p.alpha[k * n + i] = eps * pot;
   }
   val = block_sum(val, red);
   if (threadIdx.x == 0) {
@@ -336,7 +373,10 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm) sinkhorn_grid_kerne
   const T* b = p.b + k * m;
   const T inv_eps = p.inv_eps;
 
-  for (int64_t i = tid; i < n; i += nthreads) w.u[i] = 0;
+  for (int64_t i = tid; i < n; i += nthreads) {
+    w.u[i] = 0;
+    w.u_new[i] = 0;  // a zero-mass row's u is never updated
+  }
   for (int64_t j = tid; j < m; j += nthreads) w.v[j] = 0;
   if (tid == 0) *w.exact_stamp = 0;
   // Every block checks the marginals itself (they are small); the answer is uniform.
@@ -356,12 +396,13 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm) sinkhorn_grid_kerne
     // Row pass: one warp per row.
     T err_part = 0;
     for (int64_t i = gwarp; i < n; i += nwarps) {
+      if (!(a[i] > 0)) continue;  // a zero-mass row takes no part (its potential is set at the end)
       T un, ratio;
       warp_row_update(C + i * m, lb, m, inv_eps, ld_shared_global(u + i),
                       [&](int64_t j) { return ld_shared_global(w.v + j); }, un, ratio);
       if (lane == 0) {
         u_new[i] = un;
-        if (a[i] > 0) err_part = norm(err_part, norm.term(a[i] * fabs(ratio - T(1))));
+        err_part = norm(err_part, norm.term(a[i] * fabs(ratio - T(1))));
       }
     }
     err_part = block_allreduce<kThreads>(err_part, norm, red);
@@ -376,7 +417,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm) sinkhorn_grid_kerne
     for (int64_t task = blockIdx.x; task < w.chunks * col_tiles; task += gridDim.x) {
       const int64_t chunk = task / col_tiles;
       const int64_t j = (task - chunk * col_tiles) * kThreads + threadIdx.x;
-      if (j >= m || !has_mass(lb[j])) continue;  // a zero-mass column's v stays 0
+      if (j >= m || !has_mass(lb[j])) continue;  // a zero-mass column's v is set at the end
       const int64_t i0 = chunk * w.chunk_rows;
       const int64_t i1 = i0 + w.chunk_rows < n ? i0 + w.chunk_rows : n;
       const T vj = ld_shared_global(w.v + j);
@@ -441,18 +482,32 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm) sinkhorn_grid_kerne
       grid.sync();
     }
   }
-  // Results: potentials, value, plan.
+  // Results: potentials (zero-mass entries as in the block path), value, plan.
   const T eps = T(1) / inv_eps;
   T val = 0;
   for (int64_t i = tid; i < n; i += nthreads) {
+    if (!(a[i] > 0)) continue;
     const T al = eps * ld_shared_global(u + i);
     p.alpha[k * n + i] = al;
-    if (a[i] > 0) val += a[i] * al;
+    val += a[i] * al;
   }
   for (int64_t j = tid; j < m; j += nthreads) {
-    const T be = eps * ld_shared_global(w.v + j);
-    p.beta[k * m + j] = be;
-    if (b[j] > 0) val += b[j] * be;
+    if (b[j] > 0) {
+      const T be = eps * ld_shared_global(w.v + j);
+      p.beta[k * m + j] = be;
+      val += b[j] * be;
+    } else {
+      p.beta[k * m + j] = eps * zero_mass_c_transform<T>(n, [&](int64_t i) {
+        return masked_exponent(la[i], C[i * m + j], inv_eps, la[i] + ld_shared_global(u + i));
+      });
+    }
+  }
+  for (int64_t i = gwarp; i < n; i += nwarps) {
+    if (a[i] > 0) continue;
+    const T* c = C + i * m;
+    const T pot = warp_zero_mass_potential<T>(
+        m, [&](int64_t j) { return masked_exponent(lb[j], c[j], inv_eps, lb[j] + ld_shared_global(w.v + j)); });
+    if (lane == 0) p.alpha[k * n + i] = eps * pot;
   }
   val = block_sum(val, red);
   // block_part was last read (for err) before the barrier that ends the final row pass:
