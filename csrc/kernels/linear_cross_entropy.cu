@@ -263,7 +263,9 @@ __global__ void __launch_bounds__(kThreads, 2) lce_stats_kernel(const StatsParam
 #pragma unroll
           for (int h = 0; h < 2; ++h) {
             float z = acc[mi][ni][2 * h + e] + b;
-            if (cap > 0.f) z = cap * tanh_softcap(z * inv_cap);
+            // Rounded, never contracted into a later subtraction: the backward recomputes
+            // exactly this z (a perfectly predicted token gets loss 0 and gradient 0).
+            if (cap > 0.f) z = __fmul_rn(cap, tanh_softcap(z * inv_cap));
             const int r = 2 * mi + h;
             logit_sum[r] += valid ? z : 0.f;
             if (col == target_col[r]) target[r] = z;
@@ -554,7 +556,7 @@ __global__ void __launch_bounds__(kThreads, kGradMinBlocks) lce_grad_kernel(cons
                 float chain = 1.f;
                 if (cap > 0.f) {
                   const float t = tanh_softcap(z * inv_cap);
-                  z = cap * t;
+                  z = __fmul_rn(cap, t);  // as the forward rounded it (not fused into exp's argument)
                   chain = 1.f - t * t;
                 }
                 float d = coef.y * dev_exp(z - coef.x) - coef.z;
