@@ -233,9 +233,7 @@ FASTLOSS_HD T debye_v_eta(const T& v, const T& x, const T& h) {
   const T offset = x_minus_eta_root_v(v, x);  // v (p - p0)
   const T delta = offset / v;
   T mean = 0.0;
-#if defined(__CUDACC__)
-#pragma unroll
-#endif
+FASTLOSS_UNROLL
   for (int i = 0; i < 6; ++i) {
     const T s_low = kEtaRootHi + kNode[i] * delta, s_high = (kEtaRootHi + delta) - kNode[i] * delta;
     mean = mean + kWeight[i] * (f_sqrt(1.0 + s_low * s_low) / s_low + f_sqrt(1.0 + s_high * s_high) / s_high);

@@ -13,6 +13,10 @@
 
 #if defined(__CUDACC__)
 #define FASTLOSS_HD __host__ __device__ __forceinline__
+// Fully unrolled on the GPU (fixed-size arrays stay in registers); nothing on the host, whose
+// compilers would warn about an unknown pragma.
+#define FASTLOSS_UNROLL _Pragma("unroll")
 #else
 #define FASTLOSS_HD inline __attribute__((always_inline))
+#define FASTLOSS_UNROLL
 #endif

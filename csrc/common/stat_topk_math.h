@@ -200,7 +200,7 @@ template <typename acc_t, int kMax>
 FASTLOSS_HD Moments<acc_t> moments_of(const acc_t (&v)[kMax], int count) {
   const acc_t shift = sum_shift(v[0]);
   acc_t sum = 0, lo = v[0], hi = v[0];
-#pragma unroll
+FASTLOSS_UNROLL
   for (int k = 0; k < kMax; ++k) {
     if (k < count) {
       sum += v[k] - shift;
@@ -210,7 +210,7 @@ FASTLOSS_HD Moments<acc_t> moments_of(const acc_t (&v)[kMax], int count) {
   }
   const acc_t mean = shifted_mean(shift, sum, static_cast<acc_t>(count), lo, hi, [&](acc_t scale) {
     acc_t scaled = 0;
-#pragma unroll
+FASTLOSS_UNROLL
     for (int k = 0; k < kMax; ++k) {
       if (k < count) scaled += v[k] * scale;
     }
@@ -222,7 +222,7 @@ FASTLOSS_HD Moments<acc_t> moments_of(const acc_t (&v)[kMax], int count) {
   const acc_t inv_s = pow2<acc_t>(-e);
   const acc_t neg_scaled_mean = -mean * inv_s;
   acc_t sq = 0, dev = 0;
-#pragma unroll
+FASTLOSS_UNROLL
   for (int k = 0; k < kMax; ++k) {
     if (k < count) {
       const acc_t d = scaled_deviation(v[k], inv_s, neg_scaled_mean);
