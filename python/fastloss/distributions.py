@@ -40,6 +40,7 @@ def w_kappa_derivative(w: torch.Tensor, kappa: torch.Tensor, p: int, chunk: int 
     integrated in u = sqrt(1 -+ t), which makes the endpoint factor (1 - t^2)^(nu - 1/2)
     smooth (p = 2 has an integrable singularity there)."""
     nodes, weights = (r.to(w.device) for r in _RULE)
+    shape = w.shape
     w, kappa = w.double().reshape(-1), kappa.double().reshape(-1)
     out = torch.empty_like(w)
     nu = p / 2 - 1
@@ -77,7 +78,7 @@ def w_kappa_derivative(w: torch.Tensor, kappa: torch.Tensor, p: int, chunk: int 
         # t, where the integrand is |w - A| (~1e-16 kappa relative on the lower side).
         value = (integrand * weights).sum(-1) * span - residual * w_to_mean
         out[start:start + chunk] = torch.where(u_w > 0, value, torch.zeros_like(value))
-    return out
+    return out.reshape(shape)
 
 
 def _square_residual(r: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
@@ -89,10 +90,24 @@ def _square_residual(r: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
     return ((hi * hi - a) + 2 * hi * lo) + lo * lo
 
 
+class _UnitSphere(constraints.Constraint):
+    """Vectors of unit norm along the last dim (to a tolerance fit for the dtype)."""
+
+    is_discrete = False
+    event_dim = 1
+
+    def check(self, value):
+        tol = max(1e-5, 10 * torch.finfo(value.dtype).eps)
+        return ((value.norm(dim=-1) - 1).abs() <= tol)
+
+
 class VonMisesFisher(Distribution):
     """The von Mises-Fisher distribution on the unit sphere S^(p-1) in R^p:
     density C_p(kappa) exp(kappa mu . x) for unit mean direction ``loc`` (mu, last dim p) and
-    ``concentration`` kappa >= 0. Works at any p (e.g. 32768) through log I_v(x).
+    ``concentration`` kappa >= 0 (finite). Works at any p (e.g. 32768) through log I_v(x).
+    The batch shape is that of ``loc[..., 0]`` broadcast with ``concentration``; a concentration
+    of shape ``loc.shape[:-1] + (1,)`` (one per row, as a network's (B, 1) output) is read as
+    ``loc.shape[:-1]``, not broadcast to (B, B).
 
     ``rsample`` (Wood 1994) is differentiable with respect to ``loc`` and ``concentration``.
     The concentration enters through a rejection step, so its gradient is the implicit
@@ -101,7 +116,7 @@ class VonMisesFisher(Distribution):
     """
 
     arg_constraints = {"loc": constraints.real_vector, "concentration": constraints.nonnegative}
-    support = constraints.real_vector
+    support = _UnitSphere()
     has_rsample = True
 
     def __init__(self, loc: torch.Tensor, concentration, validate_args=None):
@@ -109,15 +124,29 @@ class VonMisesFisher(Distribution):
         if not loc.is_floating_point() or loc.dim() < 1 or loc.shape[-1] < 2:
             raise ValueError(f"VonMisesFisher: expected 'loc' to be a float tensor with a last dim >= 2, got {loc.dtype} {tuple(loc.shape)}")
         concentration = torch.as_tensor(concentration, dtype=loc.dtype, device=loc.device)
+        if concentration.dim() == loc.dim() and concentration.shape[-1] == 1:
+            concentration = concentration.squeeze(-1)
         batch_shape = torch.broadcast_shapes(loc.shape[:-1], concentration.shape)
         self.loc = loc.expand(batch_shape + loc.shape[-1:])
         self.concentration = concentration.expand(batch_shape)
         self.p = loc.shape[-1]
         super().__init__(batch_shape, loc.shape[-1:], validate_args=validate_args)
         if self._validate_args:
+            if not bool(torch.isfinite(self.concentration).all()):
+                raise ValueError("VonMisesFisher: expected 'concentration' to be finite (a point mass has no density)")
             norm = self.loc.norm(dim=-1)
             if not torch.allclose(norm, torch.ones_like(norm), atol=1e-5):
                 raise ValueError("VonMisesFisher: expected 'loc' to have unit norm along its last dim")
+
+    def expand(self, batch_shape, _instance=None):
+        new = self._get_checked_instance(VonMisesFisher, _instance)
+        batch_shape = torch.Size(batch_shape)
+        new.loc = self.loc.expand(batch_shape + self.event_shape)
+        new.concentration = self.concentration.expand(batch_shape)
+        new.p = self.p
+        super(VonMisesFisher, new).__init__(batch_shape, self.event_shape, validate_args=False)
+        new._validate_args = self._validate_args
+        return new
 
     @property
     def mean(self) -> torch.Tensor:
@@ -133,7 +162,8 @@ class VonMisesFisher(Distribution):
         return _vmf_entropy(self.concentration, self.p).to(self.concentration.dtype)
 
     def _sample_w(self, shape: torch.Size, max_rounds: int = 64) -> torch.Tensor:
-        """Wood's rejection sampler for w = mu . x (acceptance is high at every p and kappa)."""
+        """Wood's rejection sampler for w = mu . x (acceptance is high at every p and kappa), in
+        float64."""
         # In float64: in float32, x0 = (1 - b) / (1 + b) rounds to 1 from kappa ~ 1e7 (p = 2)
         # and every acceptance test is NaN.
         kappa = self.concentration.detach().double().expand(shape)
@@ -153,15 +183,17 @@ class VonMisesFisher(Distribution):
             w = torch.where(accept, proposal, w)
             done = done | accept
             if bool(done.all()):
-                return w.to(self.concentration.dtype)
+                return w
         raise RuntimeError("VonMisesFisher: the rejection sampler did not converge (non-finite concentration?)")
 
     def rsample(self, sample_shape=torch.Size()) -> torch.Tensor:
         shape = self._extended_shape(sample_shape)
-        w = self._sample_w(shape[:-1])
+        w64 = self._sample_w(shape[:-1])
+        w = w64.to(self.concentration.dtype)
         if self.concentration.requires_grad:
             kappa = self.concentration.expand(shape[:-1])
-            dw = w_kappa_derivative(w.detach(), kappa.detach(), self.p).to(w.dtype)
+            # At the float64 w: where float32 rounds w to 1 (large kappa) the derivative is 0.
+            dw = w_kappa_derivative(w64, kappa.detach(), self.p).to(w.dtype)
             w = w + (kappa - kappa.detach()) * dw  # value w, gradient dw/dkappa
         w = w.unsqueeze(-1)
         # A uniform direction orthogonal to e1, then x = w e1 + sqrt(1 - w^2) v.
@@ -192,5 +224,10 @@ class VonMisesFisher(Distribution):
             raise ValueError("VonMisesFisher.fit: expected 'samples' to be a tensor of shape (n, p) with n >= 1")
         mean = samples.mean(dim=0)
         rbar = mean.norm()
+        if not rbar > 0:
+            raise ValueError("VonMisesFisher.fit: the samples' mean is 0 (or NaN): the mean direction is undefined")
+        if not rbar < 1:
+            raise ValueError("VonMisesFisher.fit: the samples are all one point (mean resultant length 1): the "
+                             "maximum-likelihood concentration is infinite")
         kappa = vmf_kappa_mle(rbar, samples.shape[1], iterations=iterations)
         return cls(mean / rbar, kappa)
