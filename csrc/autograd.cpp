@@ -132,8 +132,9 @@ struct LogBesselFunction : torch::autograd::Function<LogBesselFunction<kI>> {
     const variable_list saved = ctx->get_saved_variables();
     const auto [d_dv, d_dx] = grad_op.call(saved[0], saved[1]);
     at::Tensor grad_v, grad_x;
-    if (ctx->needs_input_grad(0)) grad_v = (grads[0] * d_dv).sum_to_size(saved[0].sizes());
-    if (ctx->needs_input_grad(1)) grad_x = (grads[0] * d_dx).sum_to_size(saved[1].sizes());
+    // Symbolic sizes: concrete ones made torch.compile(dynamic=True) recompile for every shape.
+    if (ctx->needs_input_grad(0)) grad_v = (grads[0] * d_dv).sum_to_size_symint(saved[0].sym_sizes());
+    if (ctx->needs_input_grad(1)) grad_x = (grads[0] * d_dx).sum_to_size_symint(saved[1].sym_sizes());
     return {grad_v, grad_x};
   }
 };

@@ -8,6 +8,7 @@ work at any dimension (p = 32768 included) and concentration, without overflow:
 from __future__ import annotations
 
 import math
+import numbers
 from fractions import Fraction
 from typing import List, Tuple, Union
 
@@ -19,9 +20,9 @@ TensorOrNumber = Union[torch.Tensor, float]
 
 
 def _check_p(name: str, p) -> int:
-    if isinstance(p, bool) or not isinstance(p, int) or p < 2:
+    if isinstance(p, bool) or not isinstance(p, numbers.Integral) or p < 2:
         raise ValueError(f"fastloss.{name}: expected the dimension 'p' to be an int >= 2, got {p!r}")
-    return p
+    return int(p)
 
 
 def _as_float_tensor(value: TensorOrNumber) -> torch.Tensor:
@@ -247,7 +248,7 @@ def vmf_kappa_mle(rbar: TensorOrNumber, p: int, iterations: int = 10) -> torch.T
     p = 2 ... 32768 and rbar from 1e-300 to 1 - 1e-16); the default 10 leaves a margin.
     """
     p = _check_p("vmf_kappa_mle", p)
-    if not isinstance(iterations, int) or iterations < 1:
+    if isinstance(iterations, bool) or not isinstance(iterations, numbers.Integral) or iterations < 1:
         raise ValueError(f"fastloss.vmf_kappa_mle: expected 'iterations' to be a positive int, got {iterations!r}")
     rbar = _as_float_tensor(rbar)
     one_minus = (1 - rbar) * (1 + rbar)

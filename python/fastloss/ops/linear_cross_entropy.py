@@ -12,6 +12,7 @@ from typing import Dict, Optional, Tuple, Union
 import torch
 
 from ._double_backward import forbid_double_backward
+from ._guards import check_same_device, forbid_forward_ad
 
 _REDUCTIONS = ("mean", "sum", "none")
 
@@ -167,6 +168,7 @@ def linear_cross_entropy(
             raise ValueError(f"fastloss.linear_cross_entropy: 'softcap' must be a finite float > 0 or None, "
                              f"got {softcap!r}")
         cap = float(softcap)
+    forbid_forward_ad("linear_cross_entropy", hidden, classifier, bias)
     hidden, classifier, bias = _autocast(hidden, classifier, bias)
     label_smoothing = _check_real("label_smoothing", label_smoothing, 0.0, 1.0, "in [0, 1]")
     # Comparisons rather than math.isfinite, which breaks torch.compile's graph; NaN fails them.
@@ -208,26 +210,17 @@ def _acc_dtype(hidden: torch.Tensor) -> torch.dtype:
     return torch.float64 if hidden.dtype == torch.float64 else torch.float32
 
 
-def _check_devices(op: str, **tensors) -> None:
-    """The real kernels' device check, for the fake kernels: with one argument on meta the
-    dispatcher picks the fake kernel, which would otherwise return an uninitialised tensor."""
-    device = tensors["hidden"].device
-    for arg, t in tensors.items():
-        if t is not None and t.device != device:
-            raise RuntimeError(f"fastloss.{op}: '{arg}' must be on the device of 'hidden' ({device}), got {t.device}")
-
-
 @torch.library.register_fake("fastloss::linear_cross_entropy")
 def _forward_fake(hidden, classifier, targets, bias, ignore_index, softcap, label_smoothing, z_loss, filter_eps,
                   deterministic=False):
-    _check_devices("linear_cross_entropy", hidden=hidden, classifier=classifier, targets=targets, bias=bias)
+    check_same_device("linear_cross_entropy", hidden=hidden, classifier=classifier, targets=targets, bias=bias)
     n = hidden.shape[0]
     return hidden.new_empty((n,), dtype=_acc_dtype(hidden)), hidden.new_empty((n,), dtype=_acc_dtype(hidden))
 
 
 @torch.library.register_fake("fastloss::linear_cross_entropy_shard")
 def _shard_fake(hidden, classifier, targets, bias, ignore_index, softcap, label_smoothing, vocab_start, vocab_total):
-    _check_devices("linear_cross_entropy_shard", hidden=hidden, classifier=classifier, targets=targets, bias=bias)
+    check_same_device("linear_cross_entropy_shard", hidden=hidden, classifier=classifier, targets=targets, bias=bias)
     n = hidden.shape[0]
     return hidden.new_empty((n,), dtype=_acc_dtype(hidden)), hidden.new_empty((n,), dtype=_acc_dtype(hidden))
 
@@ -236,7 +229,7 @@ def _shard_fake(hidden, classifier, targets, bias, ignore_index, softcap, label_
 def _backward_fake(grad_loss, grad_lse, hidden, classifier, targets, bias, lse, ignore_index, softcap,
                    label_smoothing, z_loss, filter_eps, output_mask, vocab_start=0, vocab_total=-1,
                    deterministic=False):
-    _check_devices("linear_cross_entropy_backward", hidden=hidden, classifier=classifier, targets=targets,
+    check_same_device("linear_cross_entropy_backward", hidden=hidden, classifier=classifier, targets=targets,
                    bias=bias, lse=lse, grad_loss=grad_loss, grad_lse=grad_lse)
     # Gradients not asked for (and d bias without a bias) are empty.
     dh = hidden.new_empty(hidden.shape if output_mask[0] else (0,))

@@ -9,6 +9,7 @@ import torch
 
 from .. import _C
 from ._direct import direct_call_ok
+from ._guards import check_same_device, forbid_forward_ad
 
 Number = Union[int, float]
 TensorOrNumber = Union[torch.Tensor, int, float]
@@ -70,6 +71,7 @@ def log_bessel_iv(v: TensorOrNumber, x: TensorOrNumber) -> torch.Tensor:
     ``v`` and ``x``: d/dx log I_v(x) = v/x + I_(v+1)(x)/I_v(x).
     """
     v, x = _as_tensors("log_bessel_iv", v, x)
+    forbid_forward_ad("log_bessel_iv", v, x)
     if direct_call_ok(v, x):
         return _C.log_bessel_iv(v, x)
     return torch.ops.fastloss.log_bessel_iv.default(v, x)
@@ -82,17 +84,20 @@ def log_bessel_kv(v: TensorOrNumber, x: TensorOrNumber) -> torch.Tensor:
     d/dx log K_v(x) = v/x - K_(v+1)(x)/K_v(x).
     """
     v, x = _as_tensors("log_bessel_kv", v, x)
+    forbid_forward_ad("log_bessel_kv", v, x)
     if direct_call_ok(v, x):
         return _C.log_bessel_kv(v, x)
     return torch.ops.fastloss.log_bessel_kv.default(v, x)
 
 
 def _forward_fake(v: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    check_same_device("log_bessel", x=x, v=v)
     torch._check(v.dtype == x.dtype, lambda: "fastloss: 'v' and 'x' must have the same dtype")
     return x.new_empty(torch.broadcast_shapes(v.shape, x.shape))
 
 
 def _grad_fake(v: torch.Tensor, x: torch.Tensor):
+    check_same_device("log_bessel", x=x, v=v)
     shape = torch.broadcast_shapes(v.shape, x.shape)
     return x.new_empty(shape), x.new_empty(shape)
 

@@ -4,9 +4,12 @@ autograd for ``torch.ops.fastloss.sinkhorn``, ``sinkhorn_kd`` and ``sinkhorn_kd_
 from __future__ import annotations
 
 import math
+import numbers
 from typing import NamedTuple, Optional, Tuple
 
 import torch
+
+from ._guards import check_same_device, forbid_forward_ad
 
 _GRAD_MODES = ("envelope", "unrolled")
 
@@ -43,15 +46,15 @@ def _check_tensor(name: str, arg: str, t) -> None:
 
 def _check_positive(name: str, arg: str, value) -> float:
     # Comparisons rather than math.isfinite: torch.compile can trace them on symbolic floats.
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0 < value < math.inf:
         raise ValueError(f"fastloss.{name}: expected '{arg}' to be a finite number > 0, got {value!r}")
     return float(value)
 
 
 def _check_count(name: str, arg: str, value) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 0:
         raise ValueError(f"fastloss.{name}: expected '{arg}' to be an int >= 0, got {value!r}")
-    return value
+    return int(value)
 
 
 def _marginal(name: str, arg: str, x: Optional[torch.Tensor], batch: int, size: int, cost: torch.Tensor) -> torch.Tensor:
@@ -79,11 +82,14 @@ def _prepare(name: str, cost, a, b, eps, max_iter, tol, error_norm):
     batched = cost.dim() == 3
     cost3 = cost if batched else cost.unsqueeze(0)
     B, n, m = cost3.shape
+    if B > 0 and (n == 0 or m == 0):
+        raise ValueError(f"fastloss.{name}: expected 'cost' to have n, m >= 1 (an empty side has no mass to "
+                         f"transport), got {tuple(cost.shape)}")
     eps = _check_positive(name, "eps", eps)
     max_iter = _check_count(name, "max_iter", max_iter)
-    if isinstance(tol, bool) or not isinstance(tol, (int, float)) or not tol >= 0:
+    if isinstance(tol, bool) or not isinstance(tol, numbers.Real) or not tol >= 0:
         raise ValueError(f"fastloss.{name}: expected 'tol' to be a number >= 0, got {tol!r}")
-    if isinstance(error_norm, bool) or not isinstance(error_norm, (int, float)) or error_norm not in _ERROR_NORMS:
+    if isinstance(error_norm, bool) or not isinstance(error_norm, numbers.Real) or error_norm not in _ERROR_NORMS:
         raise ValueError(f"fastloss.{name}: expected 'error_norm' to be 1, 2 or math.inf, got {error_norm!r}")
     a2 = _marginal(name, "a", a, B, n, cost3)
     b2 = _marginal(name, "b", b, B, m, cost3)
@@ -164,6 +170,7 @@ def sinkhorn_cost(
         "sinkhorn_cost", cost, a, b, eps, max_iter, tol, error_norm
     )
     if grad == "envelope":
+        forbid_forward_ad("sinkhorn_cost", cost3, a2, b2)
         value = torch.ops.fastloss.sinkhorn.default(cost3, a2, b2, eps, max_iter, tol, error_norm)[3]
     else:
         value = _unrolled_value(cost3, a2, b2, eps, max_iter, tol, error_norm)
@@ -228,6 +235,7 @@ def _check_marginals(a: torch.Tensor, b: torch.Tensor) -> None:
 
 
 def _sinkhorn_fake(cost, a, b, eps, max_iter, tol, error_norm=1.0):
+    check_same_device("sinkhorn", cost=cost, a=a, b=b)
     B, n, m = cost.shape
     acc = _acc_dtype(cost.dtype)
     return (
@@ -318,12 +326,14 @@ def sinkhorn_kd_loss(
     temperature = _check_positive("sinkhorn_kd_loss", "temperature", temperature)
     eps = _check_positive("sinkhorn_kd_loss", "eps", eps)
     n_iter = _check_count("sinkhorn_kd_loss", "n_iter", n_iter)
-    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not -math.inf < scale < math.inf:
+    if isinstance(scale, bool) or not isinstance(scale, numbers.Real) or not -math.inf < scale < math.inf:
         raise ValueError(f"fastloss.sinkhorn_kd_loss: expected 'scale' to be a finite number, got {scale!r}")
+    forbid_forward_ad("sinkhorn_kd_loss", student_logits, teacher_logits)
     return torch.ops.fastloss.sinkhorn_kd.default(student_logits, teacher_logits, temperature, eps, n_iter, float(scale))[0]
 
 
 def _kd_fake(student, teacher, temperature, eps, n_iter, scale):
+    check_same_device("sinkhorn_kd_loss", student_logits=student, teacher_logits=teacher)
     B, C = student.shape
     acc = torch.float64 if torch.float64 in (student.dtype, teacher.dtype) else torch.float32
     loss_dtype = torch.promote_types(student.dtype, teacher.dtype)
@@ -339,6 +349,7 @@ def _kd_fake(student, teacher, temperature, eps, n_iter, scale):
 
 def _kd_backward_fake(grad_loss, ps, pt, cost, x, y, temperature, eps, scale, student_grad, teacher_grad,
                       student_dtype, teacher_dtype) -> Tuple[torch.Tensor, torch.Tensor]:
+    check_same_device("sinkhorn_kd_backward", ps=ps, grad_loss=grad_loss, pt=pt, cost=cost, x=x, y=y)
     B, C = ps.shape
     ds = ps.new_empty((B, C) if student_grad else (0, 0), dtype=student_dtype)
     dt = ps.new_empty((B, C) if teacher_grad else (0, 0), dtype=teacher_dtype)

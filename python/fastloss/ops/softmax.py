@@ -9,6 +9,7 @@ import torch
 
 from .. import _C
 from ._direct import direct_call_ok
+from ._guards import check_same_device, forbid_forward_ad
 
 _HALF_TYPES = (torch.float16, torch.bfloat16)
 
@@ -16,6 +17,7 @@ _HALF_TYPES = (torch.float16, torch.bfloat16)
 def _dispatch(op, direct, name: str, input: torch.Tensor, dim: int, dtype: Optional[torch.dtype]):
     if not isinstance(input, torch.Tensor):
         raise TypeError(f"fastloss.{name}: expected 'input' to be a torch.Tensor, got {type(input).__name__}")
+    forbid_forward_ad(name, input)
     half_to_float = False
     if dtype is not None:
         if not isinstance(dtype, torch.dtype):
@@ -61,6 +63,7 @@ def _forward_fake(self: torch.Tensor, dim: int, half_to_float: bool = False) -> 
 
 
 def _backward_fake(grad_output: torch.Tensor, output: torch.Tensor, dim: int, input_dtype: torch.dtype) -> torch.Tensor:
+    check_same_device("softmax_backward", output=output, grad_output=grad_output)
     return output.new_empty(output.shape, dtype=input_dtype)
 
 

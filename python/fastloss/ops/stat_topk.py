@@ -9,6 +9,7 @@ from typing import Optional, Tuple, Union
 import torch
 
 from ._double_backward import forbid_double_backward
+from ._guards import check_same_device, forbid_forward_ad
 
 _MODES = ("soft", "hard")
 
@@ -83,6 +84,7 @@ def stat_topk(
     NaN at the NaN (hard), like the eager formula; other rows are unaffected.
     """
     _check_tensor("stat_topk", "x", x)
+    forbid_forward_ad("stat_topk", x)
     if mode not in _MODES:
         raise ValueError(f"fastloss.stat_topk: 'mode' must be 'soft' or 'hard', got {mode!r}")
     s = resolve_sparsity("stat_topk", _row_length("stat_topk", x, dim), sparsity, k)
@@ -109,6 +111,7 @@ def stat_topk_gelu_mul(
     """
     _check_tensor("stat_topk_gelu_mul", "gate", gate)
     _check_tensor("stat_topk_gelu_mul", "up", up)
+    forbid_forward_ad("stat_topk_gelu_mul", gate, up)
     if gate.dim() == 0:
         raise ValueError("fastloss.stat_topk_gelu_mul: 'gate' must have at least one dimension")
     s = resolve_sparsity("stat_topk_gelu_mul", gate.shape[-1], sparsity, k)
@@ -135,16 +138,20 @@ def _stat_topk_fake(x, dim, sparsity, hard=False, threshold_grad=True):
 
 @torch.library.register_fake("fastloss::stat_topk_backward")
 def _stat_topk_backward_fake(grad_y, grad_theta, x, theta, mean, std, dim, sparsity, hard, threshold_grad):
+    check_same_device("stat_topk_backward", x=x, grad_y=grad_y, grad_theta=grad_theta, theta=theta, mean=mean, std=std)
     return x.new_empty(x.shape)
 
 
 @torch.library.register_fake("fastloss::stat_topk_gelu_mul")
 def _gelu_mul_fake(gate, up, sparsity, threshold_grad=True):
+    check_same_device("stat_topk_gelu_mul", gate=gate, up=up)
     return gate.new_empty(gate.shape), _stat_like(gate, -1), _stat_like(gate, -1), _stat_like(gate, -1)
 
 
 @torch.library.register_fake("fastloss::stat_topk_gelu_mul_backward")
 def _gelu_mul_backward_fake(grad_out, gate, up, theta, mean, std, sparsity, threshold_grad):
+    check_same_device("stat_topk_gelu_mul_backward", gate=gate, up=up, grad_out=grad_out, theta=theta, mean=mean,
+                      std=std)
     return gate.new_empty(gate.shape), gate.new_empty(gate.shape)
 
 

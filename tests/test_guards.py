@@ -1,0 +1,96 @@
+"""Guards shared by every op: forward-mode AD raises instead of returning zero derivatives,
+a meta argument beside a real one raises instead of returning uninitialised memory, and
+NumPy scalars pass where Python numbers do."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+import fastloss
+
+
+def _randn(*shape):
+    return torch.randn(*shape, dtype=torch.float64)
+
+
+# Every public function whose derivative comes from an autograd registration, with inputs.
+FORWARD_AD_CASES = {
+    "stat_topk": (lambda x: fastloss.stat_topk(x, sparsity=0.5), lambda: (_randn(3, 8),)),
+    "stat_topk_gelu_mul": (lambda g, u: fastloss.stat_topk_gelu_mul(g, u, 0.5), lambda: (_randn(3, 8), _randn(3, 8))),
+    "linear_cross_entropy": (lambda h, c: fastloss.linear_cross_entropy(h, c, torch.tensor([1, 2, 0])),
+                             lambda: (_randn(3, 4), _randn(5, 4))),
+    "sinkhorn_cost": (lambda c: fastloss.sinkhorn_cost(c, eps=0.1), lambda: (_randn(3, 4).abs(),)),
+    "softmax": (lambda x: fastloss.softmax(x, dim=-1), lambda: (_randn(3, 8),)),
+    "log_bessel_iv": (lambda x: fastloss.log_bessel_iv(1.5, x), lambda: (_randn(5).abs(),)),
+    "sinkhorn_kd_loss": (lambda s: fastloss.sinkhorn_kd_loss(s, _randn(4, 3)), lambda: (_randn(4, 3),)),
+}
+
+
+@pytest.mark.parametrize("name", list(FORWARD_AD_CASES))
+def test_forward_mode_ad_raises(name):
+    # torch drops the tangents of an op whose autograd is registered from Python: jvp and
+    # jacfwd returned zeros (sinkhorn_cost's exact directional derivative was 1, not 0).
+    fn, make = FORWARD_AD_CASES[name]
+    args = make()
+    tangents = tuple(torch.ones_like(a) for a in args)
+    with pytest.raises((NotImplementedError, RuntimeError), match="(?i)forward|jvp"):
+        torch.func.jvp(fn, args, tangents)
+    import torch.autograd.forward_ad as fwAD
+
+    with fwAD.dual_level(), pytest.raises((NotImplementedError, RuntimeError), match="(?i)forward|jvp"):
+        fn(fwAD.make_dual(args[0], tangents[0]), *args[1:])
+
+
+def test_unrolled_sinkhorn_cost_supports_forward_mode_ad():
+    # grad="unrolled" is a loop of torch ops: forward mode works there (against reverse mode).
+    c = _randn(3, 4).abs()
+    direction = _randn(3, 4)
+    fn = lambda c: fastloss.sinkhorn_cost(c, eps=0.5, max_iter=50, grad="unrolled")  # noqa: E731
+    _, jvp = torch.func.jvp(fn, (c,), (direction,))
+    cr = c.clone().requires_grad_()
+    (g,) = torch.autograd.grad(fn(cr), cr)
+    torch.testing.assert_close(jvp, (g * direction).sum(), rtol=1e-10, atol=1e-12)
+
+
+META_CASES = {
+    "stat_topk_gelu_mul": lambda x, m: fastloss.stat_topk_gelu_mul(x, m, 0.5),
+    "sinkhorn_kd_loss": lambda x, m: fastloss.sinkhorn_kd_loss(x, m),
+    "sinkhorn_cost": lambda x, m: fastloss.sinkhorn_cost(x.abs(), m[:, 0].abs() + 1, eps=0.1),
+    "log_bessel_iv": lambda x, m: fastloss.log_bessel_iv(m, x),
+    "linear_cross_entropy": lambda x, m: fastloss.linear_cross_entropy(x, m, torch.tensor([0, 1])),
+    "softmax_backward": lambda x, m: torch.ops.fastloss.softmax_backward.default(x, m, -1, torch.float64),
+}
+
+
+@pytest.mark.parametrize("name", list(META_CASES))
+def test_meta_argument_beside_a_real_one_raises(name):
+    # The dispatcher sends any call with a meta argument to the fake kernel, which returned an
+    # uninitialised tensor on the other argument's device (values like 7e34).
+    x = _randn(2, 4)
+    with pytest.raises((RuntimeError, ValueError), match="device"):
+        META_CASES[name](x, _randn(2, 4).to("meta"))
+
+
+@pytest.mark.parametrize("shape", [(0, 4), (3, 0), (2, 0, 4), (2, 3, 0)])
+def test_sinkhorn_with_an_empty_side_raises(shape):
+    # One side empty: no mass to transport (the potentials of the other side came back as
+    # uninitialised memory).
+    with pytest.raises(ValueError, match="empty side"):
+        fastloss.sinkhorn(torch.rand(shape, dtype=torch.float64), eps=0.1)
+    # A batch of no problems is fine.
+    assert fastloss.sinkhorn(torch.rand(0, 3, 4), eps=0.1).plan.shape == (0, 3, 4)
+
+
+def test_numpy_scalars_are_numbers():
+    c = torch.rand(3, 4, dtype=torch.float64)
+    expected = fastloss.sinkhorn_cost(c, eps=0.125, tol=0.5**30, max_iter=500)
+    got = fastloss.sinkhorn_cost(c, eps=np.float32(0.125), tol=np.float64(0.5**30), max_iter=np.int64(500))
+    torch.testing.assert_close(got, expected)
+    assert fastloss.vmf_log_normalizer(2.0, np.int64(3)).item() == pytest.approx(
+        fastloss.vmf_log_normalizer(2.0, 3).item(), rel=1e-15)
+    s, t = _randn(4, 3), _randn(4, 3)
+    torch.testing.assert_close(fastloss.sinkhorn_kd_loss(s, t, eps=np.float32(0.25), n_iter=np.int32(5)),
+                               fastloss.sinkhorn_kd_loss(s, t, eps=float(np.float32(0.25)), n_iter=5))
+    assert math.isfinite(fastloss.sinkhorn_kd_loss(s, t, scale=np.float32(1e-3)).item())
