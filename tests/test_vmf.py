@@ -316,13 +316,14 @@ def test_float32_rsample_concentration_gradient_at_large_concentration():
 def test_distribution_shapes_expand_and_validation():
     loc = torch.eye(3, dtype=torch.float64)[:2]
     # A (B, 1) concentration is one per row, not broadcast to (B, B).
-    dist = VonMisesFisher(loc, torch.tensor([[1.0], [2.0]], dtype=torch.float64))
+    # validate_args given: torch.compile (other tests) turns the distributions' default off.
+    dist = VonMisesFisher(loc, torch.tensor([[1.0], [2.0]], dtype=torch.float64), validate_args=True)
     assert dist.batch_shape == (2,)
     wide = dist.expand((4, 2))
     assert wide.batch_shape == (4, 2) and wide.sample().shape == (4, 2, 3)
     torch.testing.assert_close(wide.entropy(), dist.entropy().expand(4, 2))
     with pytest.raises(ValueError, match="'concentration' to be finite"):
-        VonMisesFisher(loc, math.inf)
+        VonMisesFisher(loc, math.inf, validate_args=True)
     with pytest.raises(ValueError, match="support"):
         dist.log_prob(torch.tensor([2.0, 0, 0], dtype=torch.float64))
     with pytest.raises(ValueError, match="infinite"):
