@@ -94,3 +94,18 @@ def test_numpy_scalars_are_numbers():
     torch.testing.assert_close(fastloss.sinkhorn_kd_loss(s, t, eps=np.float32(0.25), n_iter=np.int32(5)),
                                fastloss.sinkhorn_kd_loss(s, t, eps=float(np.float32(0.25)), n_iter=5))
     assert math.isfinite(fastloss.sinkhorn_kd_loss(s, t, scale=np.float32(1e-3)).item())
+
+
+@pytest.mark.parametrize("build", [
+    lambda: fastloss.nn.SinkhornKDLoss(eps=-1.0),
+    lambda: fastloss.nn.SinkhornKDLoss(n_iter=2.5),
+    lambda: fastloss.nn.SinkhornKDLoss(temperature=0),
+    lambda: fastloss.nn.LinearCrossEntropy(label_smoothing=2.0),
+    lambda: fastloss.nn.LinearCrossEntropy(softcap=-1.0),
+    lambda: fastloss.nn.LinearCrossEntropy(reduction="avg"),
+    lambda: fastloss.nn.LinearCrossEntropy(filter_eps="fast"),
+])
+def test_modules_check_their_options_when_built(build):
+    # (They used to fail only at the first forward.)
+    with pytest.raises((ValueError, TypeError)):
+        build()

@@ -7,8 +7,8 @@ from typing import Optional, Union
 
 import torch
 
-from .ops.linear_cross_entropy import linear_cross_entropy
-from .ops.sinkhorn import sinkhorn_kd_loss
+from .ops.linear_cross_entropy import check_options, linear_cross_entropy
+from .ops.sinkhorn import check_kd_options, sinkhorn_kd_loss
 from .ops.stat_topk import resolve_sparsity, stat_topk
 
 
@@ -47,6 +47,7 @@ class SinkhornKDLoss(torch.nn.Module):
 
     def __init__(self, temperature: float = 2.0, eps: float = 0.1, n_iter: int = 20, scale: float = 0.001):
         super().__init__()
+        check_kd_options("nn.SinkhornKDLoss", temperature, eps, n_iter, scale)  # when built, not at the first call
         self.temperature = temperature
         self.eps = eps
         self.n_iter = n_iter
@@ -77,9 +78,8 @@ class LinearCrossEntropy(torch.nn.Module):
                  label_smoothing: float = 0.0, z_loss: float = 0.0, shift: bool = False,
                  filter_eps: Union[str, float, None] = "auto", process_group=None, deterministic: bool = False):
         super().__init__()
-        if reduction not in ("mean", "sum", "none"):
-            raise ValueError(f"fastloss.nn.LinearCrossEntropy: 'reduction' must be 'mean', 'sum' or 'none', "
-                             f"got {reduction!r}")
+        # Checked when built, not at the first call.
+        check_options(reduction, ignore_index, softcap, label_smoothing, z_loss, filter_eps, deterministic)
         self.ignore_index, self.reduction, self.softcap = ignore_index, reduction, softcap
         self.label_smoothing, self.z_loss, self.shift = label_smoothing, z_loss, shift
         self.filter_eps, self.process_group, self.deterministic = filter_eps, process_group, deterministic

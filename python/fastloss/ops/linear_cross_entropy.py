@@ -44,6 +44,33 @@ def resolve_filter_eps(filter_eps, dtype: torch.dtype) -> float:
     return _check_real("filter_eps", filter_eps, 0.0, math.nextafter(1.0, 0.0), "in [0, 1)")
 
 
+def check_options(reduction, ignore_index, softcap, label_smoothing, z_loss, filter_eps, deterministic):
+    """The scalar options, checked (also by nn.LinearCrossEntropy when built); returns the
+    softcap (0: none), label_smoothing and z_loss as floats."""
+    if reduction not in _REDUCTIONS:
+        raise ValueError(f"fastloss.linear_cross_entropy: 'reduction' must be 'mean', 'sum' or 'none', "
+                         f"got {reduction!r}")
+    if not isinstance(deterministic, bool):
+        raise TypeError(f"fastloss.linear_cross_entropy: 'deterministic' must be a bool, got "
+                        f"{type(deterministic).__name__}")
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, numbers.Integral):
+        raise TypeError(f"fastloss.linear_cross_entropy: 'ignore_index' must be an int, got "
+                        f"{type(ignore_index).__name__}")
+    if not -2**63 <= ignore_index < 2**63:
+        raise ValueError(f"fastloss.linear_cross_entropy: 'ignore_index' must fit in int64, got {ignore_index}")
+    cap = 0.0
+    if softcap is not None:
+        if isinstance(softcap, bool) or not isinstance(softcap, numbers.Real) or not 0 < float(softcap) < float("inf"):
+            raise ValueError(f"fastloss.linear_cross_entropy: 'softcap' must be a finite float > 0 or None, "
+                             f"got {softcap!r}")
+        cap = float(softcap)
+    label_smoothing = _check_real("label_smoothing", label_smoothing, 0.0, 1.0, "in [0, 1]")
+    # Comparisons rather than math.isfinite, which breaks torch.compile's graph; NaN fails them.
+    z_loss = _check_real("z_loss", z_loss, -sys.float_info.max, sys.float_info.max, "a finite float")
+    resolve_filter_eps(filter_eps, torch.float32)  # its form; the value depends on the dtype
+    return cap, label_smoothing, z_loss
+
+
 def _autocast(hidden: torch.Tensor, classifier: torch.Tensor, bias: Optional[torch.Tensor]):
     """Under ``torch.autocast`` the LM head runs in the autocast dtype, as ``F.linear`` would
     (float64 stays float64, like autocast's own casts); the cast is differentiable, so
@@ -145,34 +172,16 @@ def linear_cross_entropy(
     _check_tensor("targets", targets)
     if bias is not None:
         _check_tensor("bias", bias)
-    if reduction not in _REDUCTIONS:
-        raise ValueError(f"fastloss.linear_cross_entropy: 'reduction' must be 'mean', 'sum' or 'none', "
-                         f"got {reduction!r}")
+    cap, label_smoothing, z_loss = check_options(reduction, ignore_index, softcap, label_smoothing, z_loss, filter_eps,
+                                                 deterministic)
     if hidden.dim() < 1:
         raise ValueError("fastloss.linear_cross_entropy: 'hidden' must have at least one dimension (D)")
     lead = hidden.shape[:-1]
     if tuple(targets.shape) != tuple(lead):
         raise ValueError(f"fastloss.linear_cross_entropy: 'targets' must have hidden's leading shape "
                          f"{tuple(lead)}, got {tuple(targets.shape)}")
-    if not isinstance(deterministic, bool):
-        raise TypeError(f"fastloss.linear_cross_entropy: 'deterministic' must be a bool, got "
-                        f"{type(deterministic).__name__}")
-    if isinstance(ignore_index, bool) or not isinstance(ignore_index, numbers.Integral):
-        raise TypeError(f"fastloss.linear_cross_entropy: 'ignore_index' must be an int, got "
-                        f"{type(ignore_index).__name__}")
-    if not -2**63 <= ignore_index < 2**63:
-        raise ValueError(f"fastloss.linear_cross_entropy: 'ignore_index' must fit in int64, got {ignore_index}")
-    cap = 0.0
-    if softcap is not None:
-        if isinstance(softcap, bool) or not isinstance(softcap, numbers.Real) or not 0 < float(softcap) < float("inf"):
-            raise ValueError(f"fastloss.linear_cross_entropy: 'softcap' must be a finite float > 0 or None, "
-                             f"got {softcap!r}")
-        cap = float(softcap)
     forbid_forward_ad("linear_cross_entropy", hidden, classifier, bias)
     hidden, classifier, bias = _autocast(hidden, classifier, bias)
-    label_smoothing = _check_real("label_smoothing", label_smoothing, 0.0, 1.0, "in [0, 1]")
-    # Comparisons rather than math.isfinite, which breaks torch.compile's graph; NaN fails them.
-    z_loss = _check_real("z_loss", z_loss, -sys.float_info.max, sys.float_info.max, "a finite float")
     eps = resolve_filter_eps(filter_eps, hidden.dtype)
     if shift:
         if hidden.dim() < 2:

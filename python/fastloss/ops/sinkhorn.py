@@ -299,6 +299,16 @@ torch.library.register_autograd("fastloss::sinkhorn", _sinkhorn_backward, setup_
 # SinKD
 
 
+def check_kd_options(name: str, temperature, eps, n_iter, scale):
+    """SinKD's scalar options, checked and normalized (also by nn.SinkhornKDLoss when built)."""
+    temperature = _check_positive(name, "temperature", temperature)
+    eps = _check_positive(name, "eps", eps)
+    n_iter = _check_count(name, "n_iter", n_iter)
+    if isinstance(scale, bool) or not isinstance(scale, numbers.Real) or not -math.inf < scale < math.inf:
+        raise ValueError(f"fastloss.{name}: expected 'scale' to be a finite number, got {scale!r}")
+    return temperature, eps, n_iter, float(scale)
+
+
 def sinkhorn_kd_loss(
     student_logits: torch.Tensor,
     teacher_logits: torch.Tensor,
@@ -323,13 +333,9 @@ def sinkhorn_kd_loss(
     """
     _check_tensor("sinkhorn_kd_loss", "student_logits", student_logits)
     _check_tensor("sinkhorn_kd_loss", "teacher_logits", teacher_logits)
-    temperature = _check_positive("sinkhorn_kd_loss", "temperature", temperature)
-    eps = _check_positive("sinkhorn_kd_loss", "eps", eps)
-    n_iter = _check_count("sinkhorn_kd_loss", "n_iter", n_iter)
-    if isinstance(scale, bool) or not isinstance(scale, numbers.Real) or not -math.inf < scale < math.inf:
-        raise ValueError(f"fastloss.sinkhorn_kd_loss: expected 'scale' to be a finite number, got {scale!r}")
+    temperature, eps, n_iter, scale = check_kd_options("sinkhorn_kd_loss", temperature, eps, n_iter, scale)
     forbid_forward_ad("sinkhorn_kd_loss", student_logits, teacher_logits)
-    return torch.ops.fastloss.sinkhorn_kd.default(student_logits, teacher_logits, temperature, eps, n_iter, float(scale))[0]
+    return torch.ops.fastloss.sinkhorn_kd.default(student_logits, teacher_logits, temperature, eps, n_iter, scale)[0]
 
 
 def _kd_fake(student, teacher, temperature, eps, n_iter, scale):

@@ -3,6 +3,7 @@ autograd for ``torch.ops.fastloss.softmax`` / ``log_softmax``."""
 
 from __future__ import annotations
 
+import numbers
 from typing import Optional
 
 import torch
@@ -18,16 +19,22 @@ def _dispatch(op, direct, name: str, input: torch.Tensor, dim: int, dtype: Optio
     if not isinstance(input, torch.Tensor):
         raise TypeError(f"fastloss.{name}: expected 'input' to be a torch.Tensor, got {type(input).__name__}")
     forbid_forward_ad(name, input)
+    if isinstance(dim, bool) or not isinstance(dim, numbers.Integral):
+        raise TypeError(f"fastloss.{name}: expected 'dim' to be an int, got {dim!r}")
+    dim = int(dim)
     half_to_float = False
     if dtype is not None:
-        if not isinstance(dtype, torch.dtype):
-            raise TypeError(f"fastloss.{name}: expected 'dtype' to be a torch.dtype or None, got {dtype!r}")
+        if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+            raise TypeError(f"fastloss.{name}: expected 'dtype' to be a floating-point torch.dtype or None, got {dtype!r}")
         if input.dtype in _HALF_TYPES and dtype == torch.float32:
             # Read half precision, accumulate and write float32 in one pass (no cast kernel).
             half_to_float = True
         else:
             # Like torch.softmax: cast first, then compute in `dtype`.
             input = input.to(dtype)
+    elif not input.is_floating_point():
+        raise TypeError(f"fastloss.{name}: expected 'input' to be a floating-point tensor (or a floating 'dtype'), "
+                        f"got {input.dtype}")
     if direct_call_ok(input):
         return direct(input, dim, half_to_float)
     return op(input, dim, half_to_float)
