@@ -56,20 +56,20 @@ FASTLOSS_HD double fl_max(double a, double b) { return a > b ? a : b; }
 FASTLOSS_HD float fl_min(float a, float b) { return a < b ? a : b; }
 FASTLOSS_HD double fl_min(double a, double b) { return a < b ? a : b; }
 
-FASTLOSS_HD float fl_log(float v) {
+// fl_log, fl_exp, fl_tanh: the C library's function on the host, CUDA's on the device.
 #if defined(__CUDA_ARCH__)
-  return logf(v);
+#define FASTLOSS_LIBM(name)                                          \
+  FASTLOSS_HD float fl_##name(float v) { return ::name##f(v); }      \
+  FASTLOSS_HD double fl_##name(double v) { return ::name(v); }
 #else
-  return std::log(v);
+#define FASTLOSS_LIBM(name)                                          \
+  FASTLOSS_HD float fl_##name(float v) { return std::name(v); }      \
+  FASTLOSS_HD double fl_##name(double v) { return std::name(v); }
 #endif
-}
-FASTLOSS_HD double fl_log(double v) {
-#if defined(__CUDA_ARCH__)
-  return ::log(v);
-#else
-  return std::log(v);
-#endif
-}
+FASTLOSS_LIBM(log)
+FASTLOSS_LIBM(exp)
+FASTLOSS_LIBM(tanh)
+#undef FASTLOSS_LIBM
 
 FASTLOSS_HD float fl_fma(float a, float b, float c) {
 #if defined(__CUDA_ARCH__)

@@ -22,35 +22,6 @@ FASTLOSS_HD acc_t exp_nonpositive(acc_t v) {
   return p.mantissa * exp2_nonpositive(p.exponent);
 }
 
-FASTLOSS_HD float fl_tanh(float v) {
-#if defined(__CUDA_ARCH__)
-  return tanhf(v);
-#else
-  return std::tanh(v);
-#endif
-}
-FASTLOSS_HD double fl_tanh(double v) {
-#if defined(__CUDA_ARCH__)
-  return ::tanh(v);
-#else
-  return std::tanh(v);
-#endif
-}
-FASTLOSS_HD float fl_exp(float v) {
-#if defined(__CUDA_ARCH__)
-  return expf(v);
-#else
-  return std::exp(v);
-#endif
-}
-FASTLOSS_HD double fl_exp(double v) {
-#if defined(__CUDA_ARCH__)
-  return ::exp(v);
-#else
-  return std::exp(v);
-#endif
-}
-
 // tanh without a libm call, so that the softcap loops vectorize (float: within a few ulp).
 // |y| < 1/4: odd Taylor series to y^11 (next term < 2^-30 relative); otherwise
 // (1 - e) / (1 + e) with e = exp(-2|y|) <= 0.61, so the subtraction loses at most ~2 bits.
