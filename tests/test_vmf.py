@@ -468,3 +468,17 @@ def test_float32_entropy_at_large_concentration(p, kappa):
     assert h.dtype == torch.float32
     expected = -mp_log_normalizer(mp.mpf(kappa), p) - kappa * mp_mean_resultant(mp.mpf(kappa), p)
     assert abs(h.item() - float(expected)) <= 1e-6 * max(1.0, abs(float(expected)))
+
+
+@pytest.mark.parametrize("p,kappa", [(3, 0.0), (3, 2.0), (10, 30.0), (2, 1e4)])
+def test_variance_matches_samples(p, kappa):
+    # Diagonal of the covariance (A / kappa) I + (A' - A / kappa) mu mu^T, against the sample
+    # variance of 200000 draws (relative standard error ~0.3%).
+    torch.manual_seed(3)
+    loc = torch.randn(p, dtype=torch.float64)
+    loc /= loc.norm()
+    dist = VonMisesFisher(loc, torch.tensor(kappa, dtype=torch.float64))
+    x = dist.sample((200000,))
+    torch.testing.assert_close(dist.variance, x.var(0), rtol=0.02, atol=0)
+    if kappa == 0:
+        torch.testing.assert_close(dist.variance, torch.full((p,), 1 / p, dtype=torch.float64), rtol=1e-14, atol=0)

@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from torch.distributions import Distribution, constraints
 
-from .vmf import _mean_resultant_complement_and_slope, _vmf_entropy, vmf_kappa_mle, vmf_log_normalizer, vmf_mean_resultant
+from .vmf import _mean_resultant_complement_and_slope, _mean_resultant_slope, _vmf_entropy, vmf_kappa_mle, vmf_log_normalizer, vmf_mean_resultant
 
 __all__ = ["VonMisesFisher"]
 
@@ -151,6 +151,19 @@ class VonMisesFisher(Distribution):
     @property
     def mean(self) -> torch.Tensor:
         return vmf_mean_resultant(self.concentration, self.p).unsqueeze(-1) * self.loc
+
+    @property
+    def variance(self) -> torch.Tensor:
+        """The variance of each coordinate: the diagonal of the covariance
+        (A / kappa) I + (A' - A / kappa) mu mu^T, A = A_p(kappa), A' = dA/dkappa (1/p at kappa = 0,
+        the uniform sphere's)."""
+        kappa = self.concentration.double()
+        a = vmf_mean_resultant(kappa, self.p)
+        a_over_kappa = torch.where(kappa > 0, a / torch.where(kappa > 0, kappa, 1.0), 1.0 / self.p)
+        slope = _mean_resultant_slope(self.p / 2 - 1, kappa)
+        mu2 = self.loc.double() ** 2
+        var = a_over_kappa.unsqueeze(-1) * (1 - mu2) + slope.unsqueeze(-1) * mu2
+        return var.to(self.loc.dtype)
 
     def log_prob(self, value: torch.Tensor) -> torch.Tensor:
         if self._validate_args:
