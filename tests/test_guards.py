@@ -22,6 +22,7 @@ FORWARD_AD_CASES = {
     "linear_cross_entropy": (lambda h, c: fastloss.linear_cross_entropy(h, c, torch.tensor([1, 2, 0])),
                              lambda: (_randn(3, 4), _randn(5, 4))),
     "sinkhorn_cost": (lambda c: fastloss.sinkhorn_cost(c, eps=0.1), lambda: (_randn(3, 4).abs(),)),
+    "sinkhorn": (lambda c: fastloss.sinkhorn(c, eps=0.1).plan, lambda: (_randn(3, 4).abs(),)),
     "softmax": (lambda x: fastloss.softmax(x, dim=-1), lambda: (_randn(3, 8),)),
     "log_bessel_iv": (lambda x: fastloss.log_bessel_iv(1.5, x), lambda: (_randn(5).abs(),)),
     "sinkhorn_kd_loss": (lambda s: fastloss.sinkhorn_kd_loss(s, _randn(4, 3)), lambda: (_randn(4, 3),)),

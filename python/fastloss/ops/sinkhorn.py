@@ -128,6 +128,7 @@ def sinkhorn(
     cost3, a2, b2, eps, max_iter, tol, error_norm, batched = _prepare(
         "sinkhorn", cost, a, b, eps, max_iter, tol, error_norm
     )
+    forbid_forward_ad("sinkhorn", cost3, a2, b2)  # its results carry no derivative of either mode
     plan, alpha, beta, value, n_iter, err = torch.ops.fastloss.sinkhorn.default(
         cost3, a2, b2, eps, max_iter, tol, error_norm
     )
