@@ -424,6 +424,12 @@ def test_kappa_mle_at_tiny_rbar(p):
     kappa = torch.tensor([1e-8, 1e-12, 1e-200], dtype=torch.float64)
     rbar = fastloss.vmf_mean_resultant(kappa, p)
     torch.testing.assert_close(fastloss.vmf_kappa_mle(rbar, p), kappa, rtol=1e-15, atol=0)
+    # Down to subnormal rbar, where kappa = p rbar exactly (5e-324 at p = 2 once gave 0).
+    rbar = torch.tensor([5e-324, 1e-310, 1e-101], dtype=torch.float64, requires_grad=True)
+    kappa = fastloss.vmf_kappa_mle(rbar, p)
+    assert torch.equal(kappa.detach(), rbar.detach() * p)
+    (grad,) = torch.autograd.grad(kappa.sum(), rbar)
+    assert torch.equal(grad, torch.full_like(grad, float(p)))
 
 
 @pytest.mark.parametrize("p,kappa", [(2, 1e8), (3, 1e9), (16, 1e10)])

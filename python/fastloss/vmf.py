@@ -265,6 +265,9 @@ def vmf_kappa_mle(rbar: TensorOrNumber, p: int, iterations: int = 10) -> torch.T
         # Inclusive: at tiny rbar Sra's upper end rounds to the root itself.
         inside = (step >= lo) & (step <= hi) & torch.isfinite(step)
         kappa = torch.where(inside, step, (lo + hi) / 2)
+    # Tiny rbar: A_p(kappa) = kappa / p (1 - kappa^2 / (p (p + 2)) + ...), so kappa = p rbar to
+    # the last bit; there Newton's A was evaluated at a clamped kappa (a subnormal rbar gave 0).
+    kappa = torch.where(rbar < 1e-100, rbar * p, kappa)
     # rbar = 0: the uniform distribution; rbar >= 1 or outside [0, 1): no finite MLE.
     kappa = torch.where(rbar == 0, torch.zeros_like(kappa), kappa)
     return torch.where((rbar >= 0) & (rbar < 1), kappa, torch.full_like(kappa, math.nan))
