@@ -591,10 +591,11 @@ def test_cuda_memcheck():
     """Small subset run under compute-sanitizer by `make gpu-check`."""
     if not CUDA:
         pytest.skip("needs CUDA")
-    for shape in [(3, 5, 7), (1, 700, 900)]:
-        cost, a, b = random_problem(*shape, seed=18, device="cuda", dtype=torch.float32)
-        c = cost.requires_grad_()
-        fastloss.sinkhorn_cost(c, a, b, eps=0.1, max_iter=50).sum().backward()
+    for shape in [(3, 5, 7), (1, 700, 900)]:  # the block path, the grid path
+        for zeros in (0, 2):  # zero-mass rows and columns: their c-transforms after the solve
+            cost, a, b = random_problem(*shape, zeros=zeros, seed=18, device="cuda", dtype=torch.float32)
+            c, a, b = cost.requires_grad_(), a.requires_grad_(), b.requires_grad_()
+            fastloss.sinkhorn_cost(c, a, b, eps=0.1, max_iter=50).sum().backward()
     zs = torch.randn(33, 70, device="cuda", requires_grad=True)
     fastloss.sinkhorn_kd_loss(zs, torch.randn(33, 70, device="cuda")).backward()
 
