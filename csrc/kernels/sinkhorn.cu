@@ -110,6 +110,44 @@ __device__ T warp_zero_mass_potential(int64_t m, Exponent exponent) {
   return zero_mass_potential(top, warp_sum(s), any_nan);
 }
 
+// Writes the potentials of problem k and returns this thread's share of its value: massed
+// rows and columns from the measured (u, v) (load_u, load_v), zero-mass ones as c-transforms
+// of the other side's (zero_mass_potential), as on the CPU. Threads take rows and columns
+// first, first + stride, ...; warps take zero-mass rows warp, warp + warps, ...
+template <typename T, typename LoadU, typename LoadV>
+__device__ T write_potentials(const SinkhornArgs<T>& p, int64_t k, const T* C, const T* la, const T* lb, LoadU load_u,
+                              LoadV load_v, int64_t first, int64_t stride, int64_t warp, int64_t warps) {
+  const int64_t n = p.n, m = p.m;
+  const T* a = p.a + k * n;
+  const T* b = p.b + k * m;
+  const T inv_eps = p.inv_eps, eps = T(1) / inv_eps;
+  T val = 0;
+  for (int64_t i = first; i < n; i += stride) {
+    if (!(a[i] > 0)) continue;
+    const T al = eps * load_u(i);
+    p.alpha[k * n + i] = al;
+    val += a[i] * al;
+  }
+  for (int64_t j = first; j < m; j += stride) {
+    if (b[j] > 0) {
+      const T be = eps * load_v(j);
+      p.beta[k * m + j] = be;
+      val += b[j] * be;
+    } else {
+      p.beta[k * m + j] = eps * zero_mass_c_transform<T>(n, [&](int64_t i) {
+        return masked_exponent(la[i], C[i * m + j], inv_eps, la[i] + load_u(i));
+      });
+    }
+  }
+  for (int64_t i = warp; i < n; i += warps) {  // warp-uniform
+    if (a[i] > 0) continue;
+    const T* c = C + i * m;
+    const T pot = warp_zero_mass_potential<T>(m, [&](int64_t j) { return masked_exponent(lb[j], c[j], inv_eps, lb[j] + load_v(j)); });
+    if ((threadIdx.x & 31) == 0) p.alpha[k * n + i] = eps * pot;
+  }
+  return val;
+}
+
 // Marginal validity of problem k, computed by the whole block.
 template <typename T>
 __device__ bool block_marginals_valid(const SinkhornArgs<T>& p, int64_t k, T* scratch) {
@@ -228,35 +266,9 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm) sinkhorn_block_kern
     }
     __syncthreads();
   }
-  // Potentials and value; a zero-mass row or column gets the c-transform of the other side's
-  // massed potentials (zero_mass_potential), as on the CPU.
-  const T eps = T(1) / inv_eps;
-  T val = 0;
-  for (int64_t i = threadIdx.x; i < n; i += kThreads) {
-    if (!(a[i] > 0)) continue;
-    const T al = eps * u[i];
-    p.alpha[k * n + i] = al;
-    val += a[i] * al;
-  }
-  for (int64_t j = threadIdx.x; j < m; j += kThreads) {
-    const T bj = p.b[k * m + j];
-    if (bj > 0) {
-      const T be = eps * v[j];
-      p.beta[k * m + j] = be;
-      val += bj * be;
-    } else {
-      p.beta[k * m + j] = eps * zero_mass_c_transform<T>(n, [&](int64_t i) {
-        return masked_exponent(la[i], C[i * m + j], inv_eps, la[i] + u[i]);
-      });
-    }
-  }
-  for (int64_t i = warp; i < n; i += kWarps) {
-    if (a[i] > 0) continue;
-    const T* c = C + i * m;
-    const T pot = warp_zero_mass_potential<T>(m, [&](int64_t j) { return masked_exponent(lb[j], c[j], inv_eps, lb[j] + v[j]); });
-    if (lane == 0) p.alpha[k * n + i] = eps * pot;
-  }
-  val = block_sum(val, red);
+  const T val = block_sum(write_potentials(p, k, C, la, lb, [&](int64_t i) { return u[i]; },
+                                           [&](int64_t j) { return v[j]; }, threadIdx.x, kThreads, warp, kWarps),
+                          red);
   if (threadIdx.x == 0) {
     p.value[k] = err == err ? val : dev_nan<T>();  // NaN error: NaN value (as on the CPU)
     p.error[k] = err;
@@ -370,7 +382,6 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm) sinkhorn_grid_kerne
   const T* la = p.log_a + k * n;
   const T* lb = p.log_b + k * m;
   const T* a = p.a + k * n;
-  const T* b = p.b + k * m;
   const T inv_eps = p.inv_eps;
 
   for (int64_t i = tid; i < n; i += nthreads) {
@@ -482,34 +493,11 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm) sinkhorn_grid_kerne
       grid.sync();
     }
   }
-  // Results: potentials (zero-mass entries as in the block path), value, plan.
-  const T eps = T(1) / inv_eps;
-  T val = 0;
-  for (int64_t i = tid; i < n; i += nthreads) {
-    if (!(a[i] > 0)) continue;
-    const T al = eps * ld_shared_global(u + i);
-    p.alpha[k * n + i] = al;
-    val += a[i] * al;
-  }
-  for (int64_t j = tid; j < m; j += nthreads) {
-    if (b[j] > 0) {
-      const T be = eps * ld_shared_global(w.v + j);
-      p.beta[k * m + j] = be;
-      val += b[j] * be;
-    } else {
-      p.beta[k * m + j] = eps * zero_mass_c_transform<T>(n, [&](int64_t i) {
-        return masked_exponent(la[i], C[i * m + j], inv_eps, la[i] + ld_shared_global(u + i));
-      });
-    }
-  }
-  for (int64_t i = gwarp; i < n; i += nwarps) {
-    if (a[i] > 0) continue;
-    const T* c = C + i * m;
-    const T pot = warp_zero_mass_potential<T>(
-        m, [&](int64_t j) { return masked_exponent(lb[j], c[j], inv_eps, lb[j] + ld_shared_global(w.v + j)); });
-    if (lane == 0) p.alpha[k * n + i] = eps * pot;
-  }
-  val = block_sum(val, red);
+  // Results: potentials, value, plan.
+  const T val = block_sum(
+      write_potentials(p, k, C, la, lb, [&](int64_t i) { return ld_shared_global(u + i); },
+                       [&](int64_t j) { return ld_shared_global(w.v + j); }, tid, nthreads, gwarp, nwarps),
+      red);
   // block_part was last read (for err) before the barrier that ends the final row pass:
   // every block has read it, since all blocks passed that barrier and read it right after.
   grid.sync();
