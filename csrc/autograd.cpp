@@ -1,9 +1,9 @@
 // Autograd kernels in C++ for the ops that are often called on small tensors: softmax and
 // log-softmax (and their backward ops, for double backward), log I_v / log K_v (and their
-// derivative ops, which refuse a second derivative), and the SinKD loss (differentiable again
-// through an eager recompute under create_graph=True). A Python autograd
-// registration (torch.library.register_autograd) runs Python on every call, with or without
-// grad: ~30 us, more than the kernels themselves below ~10^5 elements.
+// derivative ops, which refuse a second derivative), the von Mises-Fisher helpers, and the
+// SinKD loss (differentiable again through an eager recompute under create_graph=True).
+// A Python autograd registration (torch.library.register_autograd) runs Python on every
+// call, with or without grad: ~30 us, more than the kernels themselves below ~10^5 elements.
 // Each kernel wraps the op in a torch::autograd::Function whose forward calls the op below
 // autograd; the ops with larger inputs and richer contexts (stat_topk, sinkhorn, cut
 // cross-entropy) keep their Python registrations.
@@ -169,6 +169,86 @@ template <bool kI>
 std::tuple<at::Tensor, at::Tensor> log_bessel_grad_autograd(const at::Tensor& v, const at::Tensor& x) {
   const variable_list out = LogBesselGradFunction<kI>::apply(v, x);
   return {out[0], out[1]};
+}
+
+// von Mises-Fisher helpers (the ops again in every backward, so differentiable again):
+// d/dkappa of A_p^(n) is A_p^(n+1) (up to A''), of 1 - A_p is -A_p', of the entropy
+// -kappa A_p'; of the MLE, 1 / A_p'(kappa) at the root (implicit function theorem).
+using VmfMeanResultantSig = at::Tensor(const at::Tensor&, int64_t, int64_t);
+using VmfUnarySig = at::Tensor(const at::Tensor&, int64_t);
+using VmfKappaMleSig = at::Tensor(const at::Tensor&, int64_t, int64_t);
+
+const c10::TypedOperatorHandle<VmfMeanResultantSig>& vmf_mean_resultant_op() {
+  static const auto op = op_handle<VmfMeanResultantSig>("fastloss::vmf_mean_resultant");
+  return op;
+}
+
+struct VmfMeanResultantFunction : torch::autograd::Function<VmfMeanResultantFunction> {
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& kappa, int64_t p, int64_t derivative) {
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    ctx->save_for_backward({kappa});
+    ctx->saved_data["p"] = p;
+    ctx->saved_data["derivative"] = derivative;
+    return vmf_mean_resultant_op().call(kappa, p, derivative);
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const int64_t derivative = ctx->saved_data["derivative"].toInt();
+    TORCH_CHECK_NOT_IMPLEMENTED(derivative < 2, "fastloss.vmf_mean_resultant: the third derivative of A_p is not "
+                                "implemented (A_p, A_p' and A_p'' are differentiable up to there)");
+    const at::Tensor next =
+        vmf_mean_resultant_op().call(ctx->get_saved_variables()[0], ctx->saved_data["p"].toInt(), derivative + 1);
+    return {grads[0] * next, at::Tensor(), at::Tensor()};
+  }
+};
+
+at::Tensor vmf_mean_resultant_autograd(const at::Tensor& kappa, int64_t p, int64_t derivative) {
+  return VmfMeanResultantFunction::apply(kappa, p, derivative);
+}
+
+// kEntropy: -log C_p - kappa A_p; else 1 - A_p.
+template <bool kEntropy>
+struct VmfUnaryFunction : torch::autograd::Function<VmfUnaryFunction<kEntropy>> {
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& kappa, int64_t p) {
+    static const auto op =
+        op_handle<VmfUnarySig>(kEntropy ? "fastloss::vmf_entropy" : "fastloss::vmf_mean_resultant_complement");
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    ctx->save_for_backward({kappa});
+    ctx->saved_data["p"] = p;
+    return op.call(kappa, p);
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const at::Tensor kappa = ctx->get_saved_variables()[0];
+    const at::Tensor slope = vmf_mean_resultant_op().call(kappa, ctx->saved_data["p"].toInt(), 1);
+    return {kEntropy ? -grads[0] * kappa * slope : -grads[0] * slope, at::Tensor()};
+  }
+};
+
+template <bool kEntropy>
+at::Tensor vmf_unary_autograd(const at::Tensor& kappa, int64_t p) {
+  return VmfUnaryFunction<kEntropy>::apply(kappa, p);
+}
+
+struct VmfKappaMleFunction : torch::autograd::Function<VmfKappaMleFunction> {
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& rbar, int64_t p, int64_t iterations) {
+    static const auto op = op_handle<VmfKappaMleSig>("fastloss::vmf_kappa_mle");
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    at::Tensor kappa = op.call(rbar, p, iterations);
+    ctx->save_for_backward({kappa});
+    ctx->saved_data["p"] = p;
+    return kappa;
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const at::Tensor kappa = ctx->get_saved_variables()[0];
+    const at::Tensor slope = vmf_mean_resultant_op().call(kappa, ctx->saved_data["p"].toInt(), 1);
+    return {grads[0] / slope, at::Tensor(), at::Tensor()};
+  }
+};
+
+at::Tensor vmf_kappa_mle_autograd(const at::Tensor& rbar, int64_t p, int64_t iterations) {
+  return VmfKappaMleFunction::apply(rbar, p, iterations);
 }
 
 // L1 distances W[i, j] = sum_c |p[i, c] - q[j, c]| with derivatives of every order. With
@@ -371,6 +451,10 @@ TORCH_LIBRARY_IMPL(fastloss, Autograd, m) {
   m.impl("log_bessel_iv_grad", &log_bessel_grad_autograd<true>);
   m.impl("log_bessel_kv_grad", &log_bessel_grad_autograd<false>);
   m.impl("sinkhorn_kd", &sinkhorn_kd_autograd);
+  m.impl("vmf_mean_resultant", &vmf_mean_resultant_autograd);
+  m.impl("vmf_mean_resultant_complement", &vmf_unary_autograd<false>);
+  m.impl("vmf_entropy", &vmf_unary_autograd<true>);
+  m.impl("vmf_kappa_mle", &vmf_kappa_mle_autograd);
 }
 
 }  // namespace fastloss

@@ -81,6 +81,17 @@ TORCH_LIBRARY(fastloss, m) {
   m.def("log_bessel_iv_grad(Tensor v, Tensor x) -> (Tensor, Tensor)", tags);
   // (d/dv, d/dx) of log K_v(x), in the broadcast shape.
   m.def("log_bessel_kv_grad(Tensor v, Tensor x) -> (Tensor, Tensor)", tags);
+  // von Mises-Fisher helpers on S^(p-1), elementwise over a concentration tensor kappa (any
+  // float dtype, computed in double): the `derivative`-th derivative (0, 1 or 2) of the mean
+  // resultant length A_p(kappa) = I_(p/2)(kappa) / I_(p/2-1)(kappa).
+  m.def("vmf_mean_resultant(Tensor kappa, int p, int derivative=0) -> Tensor", tags);
+  // 1 - A_p(kappa) to full relative precision.
+  m.def("vmf_mean_resultant_complement(Tensor kappa, int p) -> Tensor", tags);
+  // The differential entropy -log C_p(kappa) - kappa A_p(kappa).
+  m.def("vmf_entropy(Tensor kappa, int p) -> Tensor", tags);
+  // The maximum-likelihood concentration: the root of A_p(kappa) = rbar (at most `iterations`
+  // Newton steps; NaN outside 0 <= rbar < 1).
+  m.def("vmf_kappa_mle(Tensor rbar, int p, int iterations) -> Tensor", tags);
   // Cut cross-entropy (Wijmans et al.): per-token loss and LSE of softcap(hidden @ classifier.T
   // + bias) against targets, without materializing the logits. hidden (N, D), classifier (V, D),
   // targets (N) int64/int32; softcap 0 = none. Returns float32 (float64 for float64) (loss, lse),

@@ -10,7 +10,8 @@ from fractions import Fraction
 import mpmath
 import numpy as np
 
-DEBYE_TERMS = 16  # u_1 .. u_16 are used; the bound of the 17th estimates the truncation error
+DEBYE_TERMS = 20  # log I / log K use u_1 .. u_16, the vMF helpers u_1 .. u_20; the next bound
+# estimates the truncation error
 RGAMMA_DEGREE = 24
 
 
@@ -56,6 +57,7 @@ def main():
         '#include "common/macros.h"',
         "",
         "namespace fastloss::log_bessel {",
+        "inline namespace FASTLOSS_ISA_NAMESPACE {",
         "",
         f"// Debye polynomials u_k(t) = t^k Q_k(t^2), k = 1..{DEBYE_TERMS} (DLMF 10.41.10-11), rounded",
         "// from exact rationals; Q_k(w) by Horner in w = t^2.",
@@ -99,6 +101,7 @@ def main():
         f"  return {horner(even, 'w')};",
         "}",
         "",
+        "}  // namespace FASTLOSS_ISA_NAMESPACE",
         "}  // namespace fastloss::log_bessel",
     ]
     print("\n".join(out))

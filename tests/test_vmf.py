@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import fastloss
+from conftest import CUDA
 from fastloss.distributions import VonMisesFisher
 
 mp.mp.dps = 40
@@ -83,7 +84,7 @@ def test_kappa_mle_default_iterations_reach_the_converged_root(p):
     converged = fastloss.vmf_kappa_mle(rbar, p, iterations=40)
     got = fastloss.vmf_kappa_mle(rbar, p)
     a = fastloss.vmf_mean_resultant(converged, p)
-    condition = (a / (converged * fastloss.vmf._mean_resultant_slope(p / 2 - 1, converged))).clamp(min=1)
+    condition = (a / (converged * fastloss.vmf._mean_resultant_slope(converged, p))).clamp(min=1)
     assert ((got - converged).abs() <= 8 * 2.0 ** -52 * condition * converged).all()
 
 
@@ -488,3 +489,150 @@ def test_variance_matches_samples(p, kappa):
     torch.testing.assert_close(dist.variance, x.var(0), rtol=0.02, atol=0)
     if kappa == 0:
         torch.testing.assert_close(dist.variance, torch.full((p,), 1 / p, dtype=torch.float64), rtol=1e-14, atol=0)
+
+
+# ---- the vMF ops (torch.ops.fastloss.vmf_*) --------------------------------------------------
+
+OPS = {
+    "vmf_mean_resultant": lambda t, p: torch.ops.fastloss.vmf_mean_resultant(t, p, 0),
+    "vmf_mean_resultant_complement": lambda t, p: torch.ops.fastloss.vmf_mean_resultant_complement(t, p),
+    "vmf_entropy": lambda t, p: torch.ops.fastloss.vmf_entropy(t, p),
+    "vmf_kappa_mle": lambda t, p: torch.ops.fastloss.vmf_kappa_mle(t, p, 10),
+}
+
+
+def random_concentrations(n, generator, device="cpu"):
+    """Log-uniform over 1e-6 .. 1e8, with the edges and the method switches."""
+    k = torch.exp(torch.empty(n, dtype=torch.float64).uniform_(math.log(1e-6), math.log(1e8), generator=generator))
+    edges = torch.tensor([0.0, 1e-300, 29.999, 30.0, 30.001, 20.5, 45.0, math.inf, -1.0, math.nan], dtype=torch.float64)
+    return torch.cat([k, edges]).to(device)
+
+
+@pytest.mark.parametrize("p,kappa", [(2, 3.0), (3, 0.7), (10, 25.0), (33, 12.0), (64, 40.0), (2048, 3000.0)])
+def test_mean_resultant_second_derivative_against_mpmath(p, kappa):
+    # Every method: the fraction (p = 2, 3, 33), the corner where A's value comes from log I's
+    # derivative (p = 10, kappa = 25) and Debye's expansion (p = 64, 2048).
+    got = torch.ops.fastloss.vmf_mean_resultant(torch.tensor([kappa], dtype=torch.float64), p, 2).item()
+    with mp.workdps(60):
+        expected = mp.diff(lambda s: mp_mean_resultant(s, p), mp.mpf(kappa), 2)
+    assert got == pytest.approx(float(expected), rel=1e-11)
+
+
+def test_mean_resultant_derivatives_at_the_edges(device):
+    k = torch.tensor([0.0, math.inf, -1.0, math.nan], dtype=torch.float64, device=device)
+    for p in (2, 3, 64):
+        a, d1, d2 = (torch.ops.fastloss.vmf_mean_resultant(k, p, n).tolist() for n in range(3))
+        assert a[:2] == [0.0, 1.0] and d1[:2] == [1.0 / p, 0.0] and d2[:2] == [0.0, 0.0]
+        assert all(math.isnan(v) for v in a[2:] + d1[2:] + d2[2:])
+    c = torch.ops.fastloss.vmf_mean_resultant_complement(k, 3).tolist()
+    assert c[:2] == [1.0, 0.0] and all(math.isnan(v) for v in c[2:])
+    h = torch.ops.fastloss.vmf_entropy(k, 3).tolist()
+    assert h[0] == pytest.approx(math.log(4 * math.pi), rel=1e-15) and h[1] == -math.inf
+    assert all(math.isnan(v) for v in h[2:])
+
+
+def test_complement_keeps_its_relative_precision_as_a_goes_to_one():
+    kappa = torch.tensor([1e3, 1e8, 1e15], dtype=torch.float64)
+    got = fastloss.vmf._mean_resultant_complement(kappa, 3).tolist()
+    for k, c in zip(kappa.tolist(), got):
+        expected = 1 / mp.mpf(k) - (1 / mp.tanh(mp.mpf(k)) - 1)  # 1 - (coth k - 1/k)
+        assert c == pytest.approx(float(expected), rel=1e-15)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_ops_compute_in_float64_and_round_once(dtype, device):
+    g = torch.Generator().manual_seed(5)
+    k = torch.exp(torch.empty(300, dtype=torch.float64).uniform_(math.log(1e-3), math.log(1e4), generator=g))
+    r = torch.rand(300, dtype=torch.float64, generator=g) * 0.99
+    for name, op in OPS.items():
+        x = (r if name == "vmf_kappa_mle" else k).to(dtype).to(device)
+        got = op(x, 16)
+        assert got.dtype == dtype and got.device == x.device
+        expected = op(x.double(), 16).to(dtype)  # the same inputs, rounded once at the end
+        torch.testing.assert_close(got, expected, rtol=0, atol=0, equal_nan=True)
+
+
+@pytest.mark.parametrize("name", list(OPS))
+def test_opcheck(name, device):
+    g = torch.Generator().manual_seed(1)
+    x = torch.rand(7, dtype=torch.float64, generator=g) * (0.9 if name == "vmf_kappa_mle" else 50.0)
+    x = x.to(device).requires_grad_()
+    op = getattr(torch.ops.fastloss, name).default
+    args = {"vmf_mean_resultant": (x, 5, 0), "vmf_kappa_mle": (x, 5, 10)}.get(name, (x, 5))
+    torch.library.opcheck(op, args)
+    if name == "vmf_mean_resultant":
+        torch.library.opcheck(op, (x, 5, 1))
+        torch.library.opcheck(op, (x.detach(), 5, 2))  # A'' has no derivative
+
+
+@pytest.mark.parametrize("p", [2, 3, 40, 2048])
+def test_gradcheck(p, device):
+    g = torch.Generator().manual_seed(p)
+    k = (torch.rand(6, dtype=torch.float64, generator=g) * 60 + 0.5).to(device).requires_grad_()
+    r = (torch.rand(6, dtype=torch.float64, generator=g) * 0.9 + 0.05).to(device).requires_grad_()
+    for n in range(2):
+        assert torch.autograd.gradcheck(lambda t: torch.ops.fastloss.vmf_mean_resultant(t, p, n), (k,))
+    assert torch.autograd.gradgradcheck(lambda t: torch.ops.fastloss.vmf_mean_resultant(t, p, 0), (k,))
+    assert torch.autograd.gradcheck(lambda t: fastloss.vmf._mean_resultant_complement(t, p), (k,))
+    assert torch.autograd.gradcheck(lambda t: fastloss.vmf._vmf_entropy(t, p), (k,))
+    assert torch.autograd.gradcheck(lambda t: fastloss.vmf_kappa_mle(t, p), (r,))
+    assert torch.autograd.gradgradcheck(lambda t: fastloss.vmf_kappa_mle(t, p), (r,))
+
+
+def test_third_derivative_of_the_mean_resultant_is_refused():
+    k = torch.tensor([2.0], dtype=torch.float64, requires_grad=True)
+    (d1,) = torch.autograd.grad(torch.ops.fastloss.vmf_mean_resultant(k, 3, 1).sum(), k)
+    assert d1.item() == torch.ops.fastloss.vmf_mean_resultant(k.detach(), 3, 2).item()
+    with pytest.raises(NotImplementedError, match="third derivative"):
+        torch.autograd.grad(torch.ops.fastloss.vmf_mean_resultant(k, 3, 2).sum(), k)
+
+
+def test_op_errors():
+    k = torch.tensor([1.0])
+    with pytest.raises(ValueError, match="'p' to be >= 2"):
+        torch.ops.fastloss.vmf_entropy(k, 1)
+    with pytest.raises(ValueError, match="'derivative'"):
+        torch.ops.fastloss.vmf_mean_resultant(k, 3, 3)
+    with pytest.raises(ValueError, match="'iterations'"):
+        torch.ops.fastloss.vmf_kappa_mle(k * 0.5, 3, 0)
+    with pytest.raises(ValueError, match="'iterations'"):
+        fastloss.vmf_kappa_mle(0.5, 3, iterations=0)
+    with pytest.raises(RuntimeError, match="'rbar' to be a float32"):
+        torch.ops.fastloss.vmf_kappa_mle(torch.tensor([1]), 3, 10)
+
+
+def test_torch_compile_fullgraph(device):
+    # The ops are opaque to the compiler: this used to trace every Newton step of the MLE and
+    # every term of Debye's expansion as tensor ops (minutes to compile).
+    def f(rbar, kappa):
+        mle = fastloss.vmf_kappa_mle(rbar, 16)
+        loc = torch.zeros(16, dtype=kappa.dtype, device=kappa.device)
+        loc[0] = 1
+        dist = VonMisesFisher(loc, kappa)
+        return mle.sum() + dist.entropy().sum() + fastloss.vmf_mean_resultant(kappa, 16).sum() + dist.log_prob(loc).sum()
+
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    g = torch.Generator().manual_seed(2)
+    rbar = (torch.rand(5, dtype=torch.float64, generator=g) * 0.9).to(device).requires_grad_()
+    kappa = (torch.rand(5, dtype=torch.float64, generator=g) * 100).to(device).requires_grad_()
+    out = compiled(rbar, kappa)
+    torch.testing.assert_close(out, f(rbar, kappa))
+    got = torch.autograd.grad(out, (rbar, kappa))
+    expected = torch.autograd.grad(f(rbar, kappa), (rbar, kappa))
+    torch.testing.assert_close(got, expected)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
+def test_cuda_matches_cpu_memcheck():
+    g = torch.Generator().manual_seed(4)
+    k = random_concentrations(3000, g)
+    r = torch.cat([torch.rand(3000, dtype=torch.float64, generator=g), torch.tensor([0.0, 1e-200, 1 - 1e-16, 1.0, -0.5, math.nan], dtype=torch.float64)])
+    for p in (2, 3, 33, 64, 32768):
+        for name, op in OPS.items():
+            x = r if name == "vmf_kappa_mle" else k
+            torch.testing.assert_close(op(x.cuda(), p).cpu(), op(x, p), rtol=1e-13, atol=0, equal_nan=True)
+        for n in (1, 2):
+            torch.testing.assert_close(torch.ops.fastloss.vmf_mean_resultant(k.cuda(), p, n).cpu(),
+                                       torch.ops.fastloss.vmf_mean_resultant(k, p, n), rtol=1e-12, atol=1e-300,
+                                       equal_nan=True)

@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from torch.distributions import Distribution, constraints
 
-from .vmf import _mean_resultant_complement_and_slope, _mean_resultant_slope, _vmf_entropy, vmf_kappa_mle, vmf_log_normalizer, vmf_mean_resultant
+from .vmf import _mean_resultant_complement, _mean_resultant_slope, _vmf_entropy, vmf_kappa_mle, vmf_log_normalizer, vmf_mean_resultant
 
 __all__ = ["VonMisesFisher"]
 
@@ -46,7 +46,7 @@ def w_kappa_derivative(w: torch.Tensor, kappa: torch.Tensor, p: int, chunk: int 
     nu = p / 2 - 1
     for start in range(0, w.numel(), chunk):
         wc, kc = w[start:start + chunk], kappa[start:start + chunk]
-        delta, var = _mean_resultant_complement_and_slope(nu, kc)  # 1 - A, Var(w) = A_p'(kappa)
+        delta, var = _mean_resultant_complement(kc, p), _mean_resultant_slope(kc, p)  # 1 - A, Var(w) = A_p'(kappa)
         std = var.sqrt()
         one_minus_w2 = ((1 - wc) * (1 + wc)).clamp(min=torch.finfo(torch.float64).tiny)
         slope = kc - (2 * nu - 1) * wc / one_minus_w2  # d log f / dt at w
@@ -160,7 +160,7 @@ class VonMisesFisher(Distribution):
         kappa = self.concentration.double()
         a = vmf_mean_resultant(kappa, self.p)
         a_over_kappa = torch.where(kappa > 0, a / torch.where(kappa > 0, kappa, 1.0), 1.0 / self.p)
-        slope = _mean_resultant_slope(self.p / 2 - 1, kappa)
+        slope = _mean_resultant_slope(kappa, self.p)
         mu2 = self.loc.double() ** 2
         var = a_over_kappa.unsqueeze(-1) * (1 - mu2) + slope.unsqueeze(-1) * mu2
         return var.to(self.loc.dtype)
@@ -171,8 +171,8 @@ class VonMisesFisher(Distribution):
         return vmf_log_normalizer(self.concentration, self.p) + self.concentration * (self.loc * value).sum(-1)
 
     def entropy(self) -> torch.Tensor:
-        # In float64 whatever the dtype, summed so that the two O(kappa) terms never cancel.
-        return _vmf_entropy(self.concentration, self.p).to(self.concentration.dtype)
+        # Computed in float64 whatever the dtype, summed so that the two O(kappa) terms never cancel.
+        return _vmf_entropy(self.concentration, self.p)
 
     def _sample_w(self, shape: torch.Size, max_rounds: int = 64) -> torch.Tensor:
         """Wood's rejection sampler for w = mu . x (acceptance is high at every p and kappa), in

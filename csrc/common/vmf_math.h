@@ -1,0 +1,333 @@
+// von Mises-Fisher helpers in double precision, written once for the host and the device,
+// for the sphere S^(p-1) in R^p with nu = p/2 - 1:
+//   A_p(x) = I_(nu+1)(x) / I_nu(x), the mean resultant length, and its first two derivatives;
+//   1 - A_p(x) to full relative precision (1 - A itself loses it as A -> 1);
+//   the entropy -log C_p(x) - x A_p(x), which keeps its precision where both terms are ~x;
+//   the maximum-likelihood concentration, the root of A_p(x) = rbar.
+//
+// Methods (accuracy measured against mpmath in tests/test_vmf.py):
+//   Gauss's continued fraction A = x / (2(nu+1) + x^2 / (2(nu+2) + ...)), 40 terms bottom up:
+//     every term positive; full precision for the value while x <= nu + 20, and for the
+//     derivatives (~3e-14) while nu < 16 and x < 30.
+//   Debye's uniform expansion (20 terms) where nu >= 16 or x >= 30, in the form
+//     1 - A = (nu + r - x) / (r + nu) + x / (2 r^2) - d/dx log Q,  r = hypot(nu, x),
+//     Q = 1 + sum_k Q_k(t^2) / r^k,  t = nu / r  (Q_k from common/log_bessel_tables.h),
+//   whose terms do not cancel one another, nor do their derivatives. It gives A where
+//   x > nu + 20 (there A > 0.4, so 1 - (1 - A) keeps A's precision) and A', A'' wherever it
+//   serves.
+//   The remaining corner (nu < 16, nu + 20 < x < 30): A = d/dx log I_nu(x) - nu / x from the
+//   log-Bessel methods' own accurate derivative (common/log_bessel.h).
+// Derivatives in x are carried through the same arithmetic as truncated Taylor series
+// (`Jet`), so each has the accuracy of its method's value.
+#pragma once
+
+#include "common/log_bessel.h"
+#include "common/macros.h"
+
+namespace fastloss::vmf {
+inline namespace FASTLOSS_ISA_NAMESPACE {
+
+namespace lb = fastloss::log_bessel;
+
+constexpr double kFractionMaxExcess = 20.0;  // the fraction's value serves x <= nu + 20
+constexpr int kFractionTerms = 40;
+constexpr double kDebyeMinOrder = 16.0;
+constexpr double kDebyeMinX = 30.0;
+constexpr int kDebyeTerms = 20;
+// Below it, Newton's A was evaluated where A(x) = x / p to the last bit: kappa = p rbar.
+constexpr double kTinyRbar = 1e-100;
+
+// ---- truncated Taylor series in x: c[k] = f^(k)(x0) / k! --------------------------------
+
+template <int N>
+struct Jet {
+  double c[N + 1];
+  Jet() = default;
+  // A constant (also what the Debye polynomials' `T(0)` builds).
+  FASTLOSS_HD explicit Jet(double a) {
+FASTLOSS_UNROLL
+    for (int k = 0; k <= N; ++k) c[k] = k == 0 ? a : 0.0;
+  }
+};
+
+template <int N>
+FASTLOSS_HD Jet<N> constant(double a) { return Jet<N>(a); }
+// The independent variable at x0.
+template <int N>
+FASTLOSS_HD Jet<N> variable(double x0) {
+  Jet<N> r(x0);
+  if constexpr (N >= 1) r.c[1] = 1.0;
+  return r;
+}
+template <int N>
+FASTLOSS_HD Jet<N> operator+(const Jet<N>& a, const Jet<N>& b) {
+  Jet<N> r;
+FASTLOSS_UNROLL
+  for (int k = 0; k <= N; ++k) r.c[k] = a.c[k] + b.c[k];
+  return r;
+}
+template <int N>
+FASTLOSS_HD Jet<N> operator-(const Jet<N>& a, const Jet<N>& b) {
+  Jet<N> r;
+FASTLOSS_UNROLL
+  for (int k = 0; k <= N; ++k) r.c[k] = a.c[k] - b.c[k];
+  return r;
+}
+template <int N>
+FASTLOSS_HD Jet<N> operator+(double a, Jet<N> b) {
+  b.c[0] += a;
+  return b;
+}
+template <int N>
+FASTLOSS_HD Jet<N> operator+(Jet<N> a, double b) {
+  a.c[0] += b;
+  return a;
+}
+template <int N>
+FASTLOSS_HD Jet<N> operator-(double a, const Jet<N>& b) {
+  Jet<N> r;
+FASTLOSS_UNROLL
+  for (int k = 0; k <= N; ++k) r.c[k] = k == 0 ? a - b.c[0] : -b.c[k];
+  return r;
+}
+template <int N>
+FASTLOSS_HD Jet<N> operator*(Jet<N> a, double s) {
+FASTLOSS_UNROLL
+  for (int k = 0; k <= N; ++k) a.c[k] *= s;
+  return a;
+}
+template <int N>
+FASTLOSS_HD Jet<N> operator*(double s, const Jet<N>& a) { return a * s; }
+template <int N>
+FASTLOSS_HD Jet<N> operator*(const Jet<N>& a, const Jet<N>& b) {
+  Jet<N> r;
+FASTLOSS_UNROLL
+  for (int k = 0; k <= N; ++k) {
+    double s = 0.0;
+FASTLOSS_UNROLL
+    for (int i = 0; i <= k; ++i) s += a.c[i] * b.c[k - i];
+    r.c[k] = s;
+  }
+  return r;
+}
+template <int N>
+FASTLOSS_HD Jet<N> operator/(const Jet<N>& a, const Jet<N>& b) {
+  Jet<N> q;
+  const double inv = 1.0 / b.c[0];
+FASTLOSS_UNROLL
+  for (int k = 0; k <= N; ++k) {
+    double s = a.c[k];
+FASTLOSS_UNROLL
+    for (int i = 1; i <= k; ++i) s -= b.c[i] * q.c[k - i];
+    q.c[k] = s * inv;
+  }
+  return q;
+}
+template <int N>
+FASTLOSS_HD Jet<N> operator/(double a, const Jet<N>& b) { return constant<N>(a) / b; }
+// f' as a series one order shorter.
+template <int N>
+FASTLOSS_HD Jet<N - 1> derivative(const Jet<N>& a) {
+  Jet<N - 1> r;
+FASTLOSS_UNROLL
+  for (int k = 0; k < N; ++k) r.c[k] = (k + 1) * a.c[k + 1];
+  return r;
+}
+template <int M, int N>
+FASTLOSS_HD Jet<M> truncate(const Jet<N>& a) {
+  static_assert(M <= N, "truncate to a shorter series");
+  Jet<M> r;
+FASTLOSS_UNROLL
+  for (int k = 0; k <= M; ++k) r.c[k] = a.c[k];
+  return r;
+}
+
+// r = hypot(nu, x) as a series in x, from r r' = x (no square that overflows at large x):
+// r_1 = x / r, r_(k+1) = (x_k - sum_(i=1..k) (k+1-i) r_i r_(k+1-i)) / ((k + 1) r).
+template <int N>
+FASTLOSS_HD Jet<N> hypot_jet(double nu, double x) {
+  Jet<N> r = constant<N>(::hypot(nu, x));
+FASTLOSS_UNROLL
+  for (int k = 0; k < N; ++k) {
+    double s = k == 0 ? x : k == 1 ? 1.0 : 0.0;
+FASTLOSS_UNROLL
+    for (int i = 1; i <= k; ++i) s -= (k + 1 - i) * r.c[i] * r.c[k + 1 - i];
+    r.c[k + 1] = s / ((k + 1) * r.c[0]);
+  }
+  return r;
+}
+
+// ---- methods (0 < x < inf) ----------------------------------------------------------
+
+// Gauss's continued fraction for A, bottom up (each step damps the error below it).
+template <int N>
+FASTLOSS_HD Jet<N> fraction(double nu, double x) {
+  const Jet<N> xj = variable<N>(x);
+  const Jet<N> x2 = xj * xj;  // underflows to 0 at tiny x, leaving the exact x / (2(nu + 1))
+  Jet<N> tail = constant<N>(2.0 * (nu + kFractionTerms));
+  for (int j = kFractionTerms - 1; j >= 1; --j) tail = 2.0 * (nu + j) + x2 / tail;
+  return xj / tail;
+}
+
+FASTLOSS_HD bool debye_serves(double nu, double x) { return nu >= kDebyeMinOrder || x >= kDebyeMinX; }
+
+// 1 - A from Debye's expansion, with N derivatives; also log I_nu(x) - x into *log_i_scaled
+// when given. The series runs one order longer, as d/dx log Q uses one more derivative of Q.
+template <int N>
+FASTLOSS_HD Jet<N> debye_complement(double nu, double x, double* log_i_scaled) {
+  constexpr int M = N + 1;
+  const Jet<M> xj = variable<M>(x);
+  const Jet<M> r = hypot_jet<M>(nu, x);
+  const Jet<M> w = 1.0 / r;
+  const Jet<M> t = nu * w;
+  const Jet<M> s = t * t;
+  Jet<M> q = constant<M>(1.0), power = constant<M>(1.0);
+  const double w0 = w.c[0];
+  double w_power = 1.0;
+  // Unrolled, so that each k's polynomial is a constant expression (as in log_bessel.h).
+#if defined(__CUDACC__)
+#pragma unroll
+#else
+#pragma GCC unroll 20
+#endif
+  for (int k = 1; k <= kDebyeTerms; ++k) {
+    power = power * w;
+    q = q + power * lb::debye_q(k, s);
+    // Stop when the next term's bound, with room for its derivatives, is negligible.
+    w_power *= w0;
+    double room = k + 2.0;
+    for (int d = 1; d < M; ++d) room *= k + 2.0;
+    if (w_power * w0 * lb::debye_q_bound(k + 1) * room <= lb::kTol) break;
+  }
+  const Jet<M> excess = nu + nu * (nu / (r + xj));  // nu + r - x, every part positive
+  const Jet<N> dlog_q = derivative(q) / truncate<N>(q);
+  const Jet<N> complement = truncate<N>(excess / (r + nu) + 0.5 * (xj * w * w)) - dlog_q;
+  if (log_i_scaled != nullptr) {
+    // log I - x = (r - x) - nu asinh(nu / x) - log(2 pi r) / 2 + log Q, asinh(nu / x) =
+    // log1p((nu + r - x) / x).
+    *log_i_scaled = nu * (nu / (r.c[0] + x)) - nu * ::log1p(excess.c[0] / x) -
+                    0.5 * ::log(2.0 * lb::kPi * r.c[0]) + ::log(q.c[0]);
+  }
+  return complement;
+}
+
+// A and its first N derivatives (as series coefficients), 0 < x < inf.
+template <int N>
+FASTLOSS_HD Jet<N> mean_resultant_jet(double nu, double x) {
+  const bool fraction_value = x <= nu + kFractionMaxExcess;
+  if (N == 0 && fraction_value) return fraction<N>(nu, x);
+  if (!debye_serves(nu, x)) {
+    Jet<N> a = fraction<N>(nu, x);  // x < 30 here
+    if (!fraction_value) {
+      const lb::Dual d = lb::log_iv_finite(lb::Dual(nu, 0.0, 0.0), lb::Dual(x, 0.0, 1.0));
+      a.c[0] = d.dx - nu / x;  // nu / x < 1 < 2.5 A: the subtraction loses < 2 bits
+    }
+    return a;
+  }
+  Jet<N> a = 1.0 - debye_complement<N>(nu, x, nullptr);
+  if (fraction_value) a.c[0] = fraction<0>(nu, x).c[0];  // A may be small: not from 1 - (1 - A)
+  return a;
+}
+
+// ---- public entry points (double in and out; the edges of the domain handled) --------------
+
+constexpr double kNaN = lb::kNaN;
+constexpr double kInf = lb::kInf;
+
+FASTLOSS_HD double order_of(double p) { return 0.5 * p - 1.0; }
+
+// The n-th derivative of A_p at x >= 0 (n = 0, 1, 2; x < 0 or NaN gives NaN).
+template <int kOrder>
+FASTLOSS_HD double mean_resultant_derivative(double p, double x) {
+  static_assert(kOrder >= 0 && kOrder <= 2, "A, A' or A''");
+  if (!(x >= 0.0)) return kNaN;
+  const double nu = order_of(p);
+  // A is odd in x: A(0) = 0, A'(0) = 1 / (2 nu + 2) = 1 / p, A''(0) = 0; at infinity A -> 1.
+  if (x == 0.0) return kOrder == 1 ? 1.0 / p : 0.0;
+  if (x == kInf) return kOrder == 0 ? 1.0 : 0.0;
+  const Jet<kOrder> a = mean_resultant_jet<kOrder>(nu, x);
+  return kOrder == 2 ? 2.0 * a.c[kOrder] : a.c[kOrder];
+}
+
+// 1 - A_p(x) to full relative precision, x >= 0.
+FASTLOSS_HD double mean_resultant_complement(double p, double x) {
+  if (!(x >= 0.0)) return kNaN;
+  if (x == kInf) return 0.0;
+  const double nu = order_of(p);
+  if (x > 0.0 && debye_serves(nu, x)) return debye_complement<0>(nu, x, nullptr).c[0];
+  return 1.0 - mean_resultant_derivative<0>(p, x);
+}
+
+// log |S^(p-1)| = log(2) + (p/2) log(pi) - lgamma(p/2).
+FASTLOSS_HD double log_sphere_area(double p) { return lb::kLn2 + 0.5 * p * lb::kLnPi - ::lgamma(0.5 * p); }
+
+// The differential entropy -log C_p(x) - x A_p(x), x >= 0 (x = inf: -inf, a point mass).
+FASTLOSS_HD double entropy(double p, double x) {
+  if (!(x >= 0.0)) return kNaN;
+  if (x == 0.0) return log_sphere_area(p);
+  if (x == kInf) return -kInf;
+  const double nu = order_of(p);
+  const double log_two_pi = lb::kLn2 + lb::kLnPi;
+  if (debye_serves(nu, x)) {
+    // (log I - x) - nu log x + (p/2) log(2 pi) + x (1 - A): the ~x parts cancelled exactly.
+    double log_i_scaled;
+    const double complement = debye_complement<0>(nu, x, &log_i_scaled).c[0];
+    return log_i_scaled - nu * ::log(x) + 0.5 * p * log_two_pi + x * complement;
+  }
+  // Small x (< 30): -log C = log I - nu log x + (p/2) log(2 pi), then minus x A.
+  return lb::log_iv_finite(nu, x) - nu * ::log(x) + 0.5 * p * log_two_pi - x * mean_resultant_derivative<0>(p, x);
+}
+
+// The root of A_p(kappa) = rbar, 0 <= rbar < 1 (else NaN): Newton's method from Banerjee et
+// al.'s start rbar (p - rbar^2) / (1 - rbar^2), kept inside Sra's bracket
+// [rbar (p - 2), rbar p] / (1 - rbar^2) (a step that leaves the bracket bisects it); at most
+// `iterations` steps, fewer once a step no longer changes kappa. A_p is increasing and
+// concave, so the steps converge from either side; from this start they reach the root
+// within 6 steps over p = 2 ... 32768 and rbar from 1e-300 to 1 - 1e-16.
+FASTLOSS_HD double kappa_mle(double p, double rbar, int iterations) {
+  if (!(rbar >= 0.0 && rbar < 1.0)) return kNaN;
+  // rbar = 0: the uniform distribution. Tiny rbar: A_p(kappa) = kappa / p (1 - O(kappa^2)).
+  if (rbar < kTinyRbar) return p * rbar;
+  const double nu = order_of(p);
+  const double one_minus = (1.0 - rbar) * (1.0 + rbar);
+  double lo = rbar * (p - 2.0) / one_minus;
+  double hi = rbar * p / one_minus;
+  double kappa = rbar * (p - rbar * rbar) / one_minus;
+  for (int i = 0; i < iterations; ++i) {
+    const Jet<1> a = mean_resultant_jet<1>(nu, kappa > 0.0 ? kappa : 1e-300);
+    // A_p is increasing: shrink the bracket around the root.
+    if (a.c[0] < rbar) lo = kappa > lo ? kappa : lo;
+    if (a.c[0] > rbar) hi = kappa < hi ? kappa : hi;
+    const double step = kappa - (a.c[0] - rbar) / a.c[1];
+    // Inclusive: at tiny rbar Sra's upper end rounds to the root itself.
+    const bool inside = step >= lo && step <= hi;  // false for NaN
+    const double next = inside ? step : 0.5 * (lo + hi);
+    if (next == kappa) break;
+    kappa = next;
+  }
+  return kappa;
+}
+
+// What an elementwise vMF kernel evaluates (the CUDA launcher takes it as an int).
+enum class Fn : int {
+  MeanResultant = 0,
+  MeanResultantSlope = 1,
+  MeanResultantCurvature = 2,
+  Complement = 3,
+  Entropy = 4,
+  KappaMle = 5,
+};
+
+template <Fn kFn>
+FASTLOSS_HD double evaluate(double p, int iterations, double x) {
+  if constexpr (kFn == Fn::MeanResultant) return mean_resultant_derivative<0>(p, x);
+  if constexpr (kFn == Fn::MeanResultantSlope) return mean_resultant_derivative<1>(p, x);
+  if constexpr (kFn == Fn::MeanResultantCurvature) return mean_resultant_derivative<2>(p, x);
+  if constexpr (kFn == Fn::Complement) return mean_resultant_complement(p, x);
+  if constexpr (kFn == Fn::Entropy) return entropy(p, x);
+  if constexpr (kFn == Fn::KappaMle) return kappa_mle(p, x, iterations);
+  return kNaN;
+}
+
+}  // namespace FASTLOSS_ISA_NAMESPACE
+}  // namespace fastloss::vmf

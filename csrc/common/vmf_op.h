@@ -1,0 +1,32 @@
+// Argument handling shared by the CPU and CUDA implementations of the von Mises-Fisher ops,
+// so both devices accept and reject exactly the same inputs.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+#include "common/torch_checks.h"
+#include "common/vmf_math.h"
+
+namespace fastloss {
+
+// The argument of every vMF op is one floating tensor (kappa, or rbar for kappa_mle); p >= 2.
+inline void vmf_check_args(const char* op, const char* arg, const at::Tensor& t, int64_t p) {
+  check_floating(op, arg, t);
+  TORCH_CHECK_VALUE(p >= 2, "fastloss.", op, ": expected the dimension 'p' to be >= 2, got ", p);
+}
+
+// vmf_mean_resultant's `derivative` as the function its kernels evaluate.
+inline vmf::Fn vmf_mean_resultant_fn(int64_t derivative) {
+  TORCH_CHECK_VALUE(derivative >= 0 && derivative <= 2,
+                    "fastloss.vmf_mean_resultant: expected 'derivative' to be 0, 1 or 2, got ", derivative);
+  return derivative == 0 ? vmf::Fn::MeanResultant
+         : derivative == 1 ? vmf::Fn::MeanResultantSlope
+                           : vmf::Fn::MeanResultantCurvature;
+}
+
+inline void vmf_check_iterations(int64_t iterations) {
+  TORCH_CHECK_VALUE(iterations >= 1 && iterations <= 1000,
+                    "fastloss.vmf_kappa_mle: expected 'iterations' in [1, 1000], got ", iterations);
+}
+
+}  // namespace fastloss

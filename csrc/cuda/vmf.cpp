@@ -1,0 +1,62 @@
+// CUDA glue for the von Mises-Fisher ops: the argument checks shared with the CPU
+// (common/vmf_op.h), float16/bfloat16 computed in float32, allocation through torch's caching
+// allocator, the current stream, and registration. The kernels are torch-free
+// (kernels/vmf.cu), so they also compile where torch has no CUDA.
+#include <ATen/core/Tensor.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <ATen/ops/empty.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+#include "common/vmf_op.h"
+#include "cuda/glue.h"
+#include "kernels/vmf.cuh"
+
+namespace fastloss::cuda {
+namespace {
+
+at::Tensor evaluate(const char* op, const char* arg, vmf::Fn fn, const at::Tensor& input, int64_t p,
+                    int64_t iterations = 1) {
+  check_cuda(op, arg, input);
+  vmf_check_args(op, arg, input, p);
+  const c10::cuda::OptionalCUDAGuard guard(input.device());
+  const auto dtype = input.scalar_type();
+  // The kernels read and write float32 or float64; half precision goes through float32.
+  const at::Tensor in = (dtype == c10::kDouble ? input : input.to(c10::kFloat)).contiguous();
+  at::Tensor out = at::empty(in.sizes(), in.options());
+  if (out.numel() > 0) {
+    C10_CUDA_CHECK(kernels::launch_vmf(static_cast<int>(fn), in.scalar_type() == c10::kDouble, in.const_data_ptr(),
+                                       out.mutable_data_ptr(), out.numel(), static_cast<double>(p),
+                                       static_cast<int>(iterations), at::cuda::getCurrentCUDAStream()));
+  }
+  return out.to(dtype);
+}
+
+at::Tensor mean_resultant(const at::Tensor& kappa, int64_t p, int64_t derivative) {
+  return evaluate("vmf_mean_resultant", "kappa", vmf_mean_resultant_fn(derivative), kappa, p);
+}
+
+at::Tensor complement(const at::Tensor& kappa, int64_t p) {
+  return evaluate("vmf_mean_resultant_complement", "kappa", vmf::Fn::Complement, kappa, p);
+}
+
+at::Tensor entropy(const at::Tensor& kappa, int64_t p) {
+  return evaluate("vmf_entropy", "kappa", vmf::Fn::Entropy, kappa, p);
+}
+
+at::Tensor kappa_mle(const at::Tensor& rbar, int64_t p, int64_t iterations) {
+  vmf_check_iterations(iterations);
+  return evaluate("vmf_kappa_mle", "rbar", vmf::Fn::KappaMle, rbar, p, iterations);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fastloss, CUDA, m) {
+  m.impl("vmf_mean_resultant", &mean_resultant);
+  m.impl("vmf_mean_resultant_complement", &complement);
+  m.impl("vmf_entropy", &entropy);
+  m.impl("vmf_kappa_mle", &kappa_mle);
+}
+
+}  // namespace fastloss::cuda
