@@ -76,6 +76,15 @@ def main():
             out.append(f"    case {k}: return {horner(q, 'w')};")
     out += ["    default: return T(0);", "  }", "}", ""]
     out += [
+        f"// The same Q_k as coefficients of powers of w (row k: Q_k, k = 0..{DEBYE_TERMS}; Q_0 = 1), for",
+        "// sums that regroup the expansion's terms (common/vmf_math.h).",
+        f"inline constexpr double kDebyeQ[{DEBYE_TERMS + 1}][{DEBYE_TERMS + 1}] = {{",
+        "    {1.0},",
+    ]
+    for k in range(1, DEBYE_TERMS + 1):
+        out.append("    {" + ", ".join(repr(float(c)) for c in reduced(polys[k], k)) + "},")
+    out += ["};", ""]
+    out += [
         f"// max |Q_k(w)| on [0, 1] (+5%), k = 1..{DEBYE_TERMS + 1}: the size of the k-th term is at most",
         "// this times hypot(v, x)^-k.",
         "FASTLOSS_HD double debye_q_bound(int k) {",

@@ -855,6 +855,7 @@ def test_transformers_patch_passes_arguments_as_given():
     import dataclasses
     import warnings
 
+    pytest.importorskip("transformers")
     import fastloss.integrations.transformers as fl_transformers
     from transformers.modeling_outputs import CausalLMOutputWithPast
 

@@ -12,7 +12,9 @@
 //   Debye's uniform expansion (20 terms) where nu >= 16 or x >= 30, in the form
 //     1 - A = (nu + r - x) / (r + nu) + x / (2 r^2) - d/dx log Q,  r = hypot(nu, x),
 //     Q = 1 + sum_k Q_k(t^2) / r^k,  t = nu / r  (Q_k from common/log_bessel_tables.h),
-//   whose terms do not cancel one another, nor do their derivatives. It gives A where
+//   whose terms do not cancel one another, nor do their derivatives. For one p (one nu), Q is
+//   a polynomial in 1 / r: its coefficients are formed once per call (`Order`), and each
+//   element sums one polynomial instead of twenty. It gives A where
 //   x > nu + 20 (there A > 0.4, so 1 - (1 - A) keeps A's precision) and A', A'' wherever it
 //   serves.
 //   The remaining corner (nu < 16, nu + 20 < x < 30): A = d/dx log I_nu(x) - nu / x from the
@@ -36,6 +38,38 @@ constexpr double kDebyeMinX = 30.0;
 constexpr int kDebyeTerms = 20;
 // Below it, Newton's A was evaluated where A(x) = x / p to the last bit: kappa = p rbar.
 constexpr double kTinyRbar = 1e-100;
+constexpr int kDebyeDegree = 3 * kDebyeTerms;  // Q_k(t^2) / r^k has powers of 1 / r up to 3k
+
+// What depends on p alone. Debye's Q = sum_n b_n z^n in z = sigma / r: each term
+// c_kj t^(2j) / r^k of Q_k(t^2) / r^k is c_kj (nu / sigma)^(2j) sigma^-k z^(k + 2j), and
+// sigma = max(nu, 1) keeps every b_n and z (r >= nu and r >= 30 where Debye serves) <= 1, so
+// that nothing overflows at any p. The terms are only regrouped: the sum's rounding error
+// stays that of the terms themselves.
+struct Order {
+  double p;
+  double nu;
+  double sigma;
+  double debye[kDebyeDegree + 1];
+};
+
+// On the host (the kernels receive it as an argument).
+inline Order make_order(double p) {
+  Order o{};
+  o.p = p;
+  o.nu = 0.5 * p - 1.0;
+  o.sigma = o.nu > 1.0 ? o.nu : 1.0;
+  const double ratio2 = (o.nu / o.sigma) * (o.nu / o.sigma);
+  double inv_sigma_k = 1.0;  // sigma^-k
+  for (int k = 0; k <= kDebyeTerms; ++k) {
+    double ratio_2j = 1.0;  // (nu / sigma)^(2j)
+    for (int j = 0; j <= k; ++j) {
+      o.debye[k + 2 * j] += lb::kDebyeQ[k][j] * ratio_2j * inv_sigma_k;
+      ratio_2j *= ratio2;
+    }
+    inv_sigma_k /= o.sigma;
+  }
+  return o;
+}
 
 // ---- truncated Taylor series in x: c[k] = f^(k)(x0) / k! --------------------------------
 
@@ -171,34 +205,40 @@ FASTLOSS_HD Jet<N> fraction(double nu, double x) {
 
 FASTLOSS_HD bool debye_serves(double nu, double x) { return nu >= kDebyeMinOrder || x >= kDebyeMinX; }
 
+// The polynomial sum_n b[n] z^n and its first M derivatives at z0, as series coefficients
+// (Horner's scheme carried to the Taylor coefficients: M + 1 multiply-adds per degree).
+template <int M, int kDegree>
+FASTLOSS_HD Jet<M> polynomial_taylor(const double (&b)[kDegree + 1], double z0) {
+  Jet<M> d(0.0);
+  for (int n = kDegree; n >= 0; --n) {
+FASTLOSS_UNROLL
+    for (int i = M; i >= 1; --i) d.c[i] = d.c[i] * z0 + d.c[i - 1];
+    d.c[0] = d.c[0] * z0 + b[n];
+  }
+  return d;
+}
+
+// f(g(x)) from f's series at g(x0) and g's series at x0 (Horner in g - g(x0)).
+template <int M>
+FASTLOSS_HD Jet<M> compose(const Jet<M>& f, Jet<M> g) {
+  g.c[0] = 0.0;
+  Jet<M> r(f.c[M]);
+FASTLOSS_UNROLL
+  for (int i = M - 1; i >= 0; --i) r = r * g + f.c[i];
+  return r;
+}
+
 // 1 - A from Debye's expansion, with N derivatives; also log I_nu(x) - x into *log_i_scaled
 // when given. The series runs one order longer, as d/dx log Q uses one more derivative of Q.
 template <int N>
-FASTLOSS_HD Jet<N> debye_complement(double nu, double x, double* log_i_scaled) {
+FASTLOSS_HD Jet<N> debye_complement(const Order& o, double x, double* log_i_scaled) {
   constexpr int M = N + 1;
+  const double nu = o.nu;
   const Jet<M> xj = variable<M>(x);
   const Jet<M> r = hypot_jet<M>(nu, x);
   const Jet<M> w = 1.0 / r;
-  const Jet<M> t = nu * w;
-  const Jet<M> s = t * t;
-  Jet<M> q = constant<M>(1.0), power = constant<M>(1.0);
-  const double w0 = w.c[0];
-  double w_power = 1.0;
-  // Unrolled, so that each k's polynomial is a constant expression (as in log_bessel.h).
-#if defined(__CUDACC__)
-#pragma unroll
-#else
-#pragma GCC unroll 20
-#endif
-  for (int k = 1; k <= kDebyeTerms; ++k) {
-    power = power * w;
-    q = q + power * lb::debye_q(k, s);
-    // Stop when the next term's bound, with room for its derivatives, is negligible.
-    w_power *= w0;
-    double room = k + 2.0;
-    for (int d = 1; d < M; ++d) room *= k + 2.0;
-    if (w_power * w0 * lb::debye_q_bound(k + 1) * room <= lb::kTol) break;
-  }
+  const Jet<M> z = o.sigma * w;
+  const Jet<M> q = compose(polynomial_taylor<M, kDebyeDegree>(o.debye, z.c[0]), z);
   const Jet<M> excess = nu + nu * (nu / (r + xj));  // nu + r - x, every part positive
   const Jet<N> dlog_q = derivative(q) / truncate<N>(q);
   const Jet<N> complement = truncate<N>(excess / (r + nu) + 0.5 * (xj * w * w)) - dlog_q;
@@ -213,7 +253,8 @@ FASTLOSS_HD Jet<N> debye_complement(double nu, double x, double* log_i_scaled) {
 
 // A and its first N derivatives (as series coefficients), 0 < x < inf.
 template <int N>
-FASTLOSS_HD Jet<N> mean_resultant_jet(double nu, double x) {
+FASTLOSS_HD Jet<N> mean_resultant_jet(const Order& o, double x) {
+  const double nu = o.nu;
   const bool fraction_value = x <= nu + kFractionMaxExcess;
   if (N == 0 && fraction_value) return fraction<N>(nu, x);
   if (!debye_serves(nu, x)) {
@@ -224,7 +265,7 @@ FASTLOSS_HD Jet<N> mean_resultant_jet(double nu, double x) {
     }
     return a;
   }
-  Jet<N> a = 1.0 - debye_complement<N>(nu, x, nullptr);
+  Jet<N> a = 1.0 - debye_complement<N>(o, x, nullptr);
   if (fraction_value) a.c[0] = fraction<0>(nu, x).c[0];  // A may be small: not from 1 - (1 - A)
   return a;
 }
@@ -234,48 +275,44 @@ FASTLOSS_HD Jet<N> mean_resultant_jet(double nu, double x) {
 constexpr double kNaN = lb::kNaN;
 constexpr double kInf = lb::kInf;
 
-FASTLOSS_HD double order_of(double p) { return 0.5 * p - 1.0; }
-
 // The n-th derivative of A_p at x >= 0 (n = 0, 1, 2; x < 0 or NaN gives NaN).
 template <int kOrder>
-FASTLOSS_HD double mean_resultant_derivative(double p, double x) {
+FASTLOSS_HD double mean_resultant_derivative(const Order& o, double x) {
   static_assert(kOrder >= 0 && kOrder <= 2, "A, A' or A''");
   if (!(x >= 0.0)) return kNaN;
-  const double nu = order_of(p);
   // A is odd in x: A(0) = 0, A'(0) = 1 / (2 nu + 2) = 1 / p, A''(0) = 0; at infinity A -> 1.
-  if (x == 0.0) return kOrder == 1 ? 1.0 / p : 0.0;
+  if (x == 0.0) return kOrder == 1 ? 1.0 / o.p : 0.0;
   if (x == kInf) return kOrder == 0 ? 1.0 : 0.0;
-  const Jet<kOrder> a = mean_resultant_jet<kOrder>(nu, x);
+  const Jet<kOrder> a = mean_resultant_jet<kOrder>(o, x);
   return kOrder == 2 ? 2.0 * a.c[kOrder] : a.c[kOrder];
 }
 
 // 1 - A_p(x) to full relative precision, x >= 0.
-FASTLOSS_HD double mean_resultant_complement(double p, double x) {
+FASTLOSS_HD double mean_resultant_complement(const Order& o, double x) {
   if (!(x >= 0.0)) return kNaN;
   if (x == kInf) return 0.0;
-  const double nu = order_of(p);
-  if (x > 0.0 && debye_serves(nu, x)) return debye_complement<0>(nu, x, nullptr).c[0];
-  return 1.0 - mean_resultant_derivative<0>(p, x);
+  if (x > 0.0 && debye_serves(o.nu, x)) return debye_complement<0>(o, x, nullptr).c[0];
+  return 1.0 - mean_resultant_derivative<0>(o, x);
 }
 
 // log |S^(p-1)| = log(2) + (p/2) log(pi) - lgamma(p/2).
 FASTLOSS_HD double log_sphere_area(double p) { return lb::kLn2 + 0.5 * p * lb::kLnPi - ::lgamma(0.5 * p); }
 
 // The differential entropy -log C_p(x) - x A_p(x), x >= 0 (x = inf: -inf, a point mass).
-FASTLOSS_HD double entropy(double p, double x) {
+FASTLOSS_HD double entropy(const Order& o, double x) {
   if (!(x >= 0.0)) return kNaN;
-  if (x == 0.0) return log_sphere_area(p);
+  if (x == 0.0) return log_sphere_area(o.p);
   if (x == kInf) return -kInf;
-  const double nu = order_of(p);
-  const double log_two_pi = lb::kLn2 + lb::kLnPi;
+  const double nu = o.nu;
+  const double half_p_log_two_pi = 0.5 * o.p * (lb::kLn2 + lb::kLnPi);
   if (debye_serves(nu, x)) {
     // (log I - x) - nu log x + (p/2) log(2 pi) + x (1 - A): the ~x parts cancelled exactly.
     double log_i_scaled;
-    const double complement = debye_complement<0>(nu, x, &log_i_scaled).c[0];
-    return log_i_scaled - nu * ::log(x) + 0.5 * p * log_two_pi + x * complement;
+    const double complement = debye_complement<0>(o, x, &log_i_scaled).c[0];
+    return log_i_scaled - nu * ::log(x) + half_p_log_two_pi + x * complement;
   }
   // Small x (< 30): -log C = log I - nu log x + (p/2) log(2 pi), then minus x A.
-  return lb::log_iv_finite(nu, x) - nu * ::log(x) + 0.5 * p * log_two_pi - x * mean_resultant_derivative<0>(p, x);
+  return lb::log_iv_finite(nu, x) - nu * ::log(x) + half_p_log_two_pi - x * mean_resultant_derivative<0>(o, x);
 }
 
 // The root of A_p(kappa) = rbar, 0 <= rbar < 1 (else NaN): Newton's method from Banerjee et
@@ -284,17 +321,17 @@ FASTLOSS_HD double entropy(double p, double x) {
 // `iterations` steps, fewer once a step no longer changes kappa. A_p is increasing and
 // concave, so the steps converge from either side; from this start they reach the root
 // within 6 steps over p = 2 ... 32768 and rbar from 1e-300 to 1 - 1e-16.
-FASTLOSS_HD double kappa_mle(double p, double rbar, int iterations) {
+FASTLOSS_HD double kappa_mle(const Order& o, double rbar, int iterations) {
   if (!(rbar >= 0.0 && rbar < 1.0)) return kNaN;
+  const double p = o.p;
   // rbar = 0: the uniform distribution. Tiny rbar: A_p(kappa) = kappa / p (1 - O(kappa^2)).
   if (rbar < kTinyRbar) return p * rbar;
-  const double nu = order_of(p);
   const double one_minus = (1.0 - rbar) * (1.0 + rbar);
   double lo = rbar * (p - 2.0) / one_minus;
   double hi = rbar * p / one_minus;
   double kappa = rbar * (p - rbar * rbar) / one_minus;
   for (int i = 0; i < iterations; ++i) {
-    const Jet<1> a = mean_resultant_jet<1>(nu, kappa > 0.0 ? kappa : 1e-300);
+    const Jet<1> a = mean_resultant_jet<1>(o, kappa > 0.0 ? kappa : 1e-300);
     // A_p is increasing: shrink the bracket around the root.
     if (a.c[0] < rbar) lo = kappa > lo ? kappa : lo;
     if (a.c[0] > rbar) hi = kappa < hi ? kappa : hi;
@@ -319,13 +356,13 @@ enum class Fn : int {
 };
 
 template <Fn kFn>
-FASTLOSS_HD double evaluate(double p, int iterations, double x) {
-  if constexpr (kFn == Fn::MeanResultant) return mean_resultant_derivative<0>(p, x);
-  if constexpr (kFn == Fn::MeanResultantSlope) return mean_resultant_derivative<1>(p, x);
-  if constexpr (kFn == Fn::MeanResultantCurvature) return mean_resultant_derivative<2>(p, x);
-  if constexpr (kFn == Fn::Complement) return mean_resultant_complement(p, x);
-  if constexpr (kFn == Fn::Entropy) return entropy(p, x);
-  if constexpr (kFn == Fn::KappaMle) return kappa_mle(p, x, iterations);
+FASTLOSS_HD double evaluate(const Order& o, int iterations, double x) {
+  if constexpr (kFn == Fn::MeanResultant) return mean_resultant_derivative<0>(o, x);
+  if constexpr (kFn == Fn::MeanResultantSlope) return mean_resultant_derivative<1>(o, x);
+  if constexpr (kFn == Fn::MeanResultantCurvature) return mean_resultant_derivative<2>(o, x);
+  if constexpr (kFn == Fn::Complement) return mean_resultant_complement(o, x);
+  if constexpr (kFn == Fn::Entropy) return entropy(o, x);
+  if constexpr (kFn == Fn::KappaMle) return kappa_mle(o, x, iterations);
   return kNaN;
 }
 

@@ -26,35 +26,36 @@ namespace {
 constexpr int64_t kGrain = 256;  // elements per parallel task
 
 template <vmf::Fn kFn>
-FASTLOSS_CPU_INLINE void evaluate_block(const double* in, double* out, int64_t n, double p, int iterations) {
-  for (int64_t i = 0; i < n; ++i) out[i] = vmf::evaluate<kFn>(p, iterations, in[i]);
+FASTLOSS_CPU_INLINE void evaluate_block(const double* in, double* out, int64_t n, const vmf::Order& o,
+                                        int iterations) {
+  for (int64_t i = 0; i < n; ++i) out[i] = vmf::evaluate<kFn>(o, iterations, in[i]);
 }
 
-FASTLOSS_CPU_CLONES void evaluate_range(vmf::Fn fn, const double* in, double* out, int64_t n, double p,
-                                        int iterations) {
+FASTLOSS_CPU_CLONES void evaluate_range(vmf::Fn fn, const double* in, double* out, int64_t n,
+                                        const vmf::Order& o, int iterations) {
   switch (fn) {
-    case vmf::Fn::MeanResultant: return evaluate_block<vmf::Fn::MeanResultant>(in, out, n, p, iterations);
-    case vmf::Fn::MeanResultantSlope: return evaluate_block<vmf::Fn::MeanResultantSlope>(in, out, n, p, iterations);
+    case vmf::Fn::MeanResultant: return evaluate_block<vmf::Fn::MeanResultant>(in, out, n, o, iterations);
+    case vmf::Fn::MeanResultantSlope: return evaluate_block<vmf::Fn::MeanResultantSlope>(in, out, n, o, iterations);
     case vmf::Fn::MeanResultantCurvature:
-      return evaluate_block<vmf::Fn::MeanResultantCurvature>(in, out, n, p, iterations);
-    case vmf::Fn::Complement: return evaluate_block<vmf::Fn::Complement>(in, out, n, p, iterations);
-    case vmf::Fn::Entropy: return evaluate_block<vmf::Fn::Entropy>(in, out, n, p, iterations);
-    case vmf::Fn::KappaMle: return evaluate_block<vmf::Fn::KappaMle>(in, out, n, p, iterations);
+      return evaluate_block<vmf::Fn::MeanResultantCurvature>(in, out, n, o, iterations);
+    case vmf::Fn::Complement: return evaluate_block<vmf::Fn::Complement>(in, out, n, o, iterations);
+    case vmf::Fn::Entropy: return evaluate_block<vmf::Fn::Entropy>(in, out, n, o, iterations);
+    case vmf::Fn::KappaMle: return evaluate_block<vmf::Fn::KappaMle>(in, out, n, o, iterations);
   }
 }
 
 // Elements [begin, end) of src into dst, through double blocks for the other dtypes.
 template <typename scalar_t>
-void evaluate_elements(vmf::Fn fn, const scalar_t* src, scalar_t* dst, int64_t begin, int64_t end, double p,
-                       int iterations) {
+void evaluate_elements(vmf::Fn fn, const scalar_t* src, scalar_t* dst, int64_t begin, int64_t end,
+                       const vmf::Order& o, int iterations) {
   if constexpr (std::is_same_v<scalar_t, double>) {
-    evaluate_range(fn, src + begin, dst + begin, end - begin, p, iterations);
+    evaluate_range(fn, src + begin, dst + begin, end - begin, o, iterations);
   } else {
     double block_in[kGrain], block_out[kGrain];
     for (int64_t b = begin; b < end; b += kGrain) {
       const int64_t m = std::min<int64_t>(kGrain, end - b);
       for (int64_t i = 0; i < m; ++i) block_in[i] = static_cast<double>(src[b + i]);
-      evaluate_range(fn, block_in, block_out, m, p, iterations);
+      evaluate_range(fn, block_in, block_out, m, o, iterations);
       for (int64_t i = 0; i < m; ++i) dst[b + i] = static_cast<scalar_t>(block_out[i]);
     }
   }
@@ -68,11 +69,12 @@ at::Tensor evaluate(const char* op, const char* arg, vmf::Fn fn, const at::Tenso
   const at::Tensor in = input.contiguous();
   at::Tensor out = at::empty(in.sizes(), in.options());
   if (out.numel() == 0) return out;
+  const vmf::Order order = vmf::make_order(static_cast<double>(p));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, in.scalar_type(), "vmf", [&] {
     const scalar_t* src = in.const_data_ptr<scalar_t>();
     scalar_t* dst = out.mutable_data_ptr<scalar_t>();
     at::parallel_for(0, in.numel(), kGrain, [&](int64_t begin, int64_t end) {
-      evaluate_elements(fn, src, dst, begin, end, static_cast<double>(p), static_cast<int>(iterations));
+      evaluate_elements(fn, src, dst, begin, end, order, static_cast<int>(iterations));
     });
   });
   return out;

@@ -17,20 +17,21 @@ constexpr int kMaxBlocks = 65535;
 
 template <vmf::Fn kFn, typename T>
 __global__ void __launch_bounds__(kThreads)
-    vmf_kernel(const T* __restrict__ in, T* __restrict__ out, int64_t n, double p, int iterations) {
+    vmf_kernel(const T* __restrict__ in, T* __restrict__ out, int64_t n, const vmf::Order order, int iterations) {
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
   for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += stride)
-    out[i] = static_cast<T>(vmf::evaluate<kFn>(p, iterations, static_cast<double>(in[i])));
+    out[i] = static_cast<T>(vmf::evaluate<kFn>(order, iterations, static_cast<double>(in[i])));
 }
 
 template <typename T>
-cudaError_t launch_typed(int fn, const T* in, T* out, int64_t n, double p, int iterations, cudaStream_t stream) {
+cudaError_t launch_typed(int fn, const T* in, T* out, int64_t n, const vmf::Order& order, int iterations,
+                         cudaStream_t stream) {
   const int64_t wanted = (n + kThreads - 1) / kThreads;
   const int blocks = static_cast<int>(wanted < kMaxBlocks ? wanted : kMaxBlocks);
   switch (static_cast<vmf::Fn>(fn)) {
 #define FASTLOSS_VMF_CASE(F)                                                                   \
   case vmf::Fn::F:                                                                             \
-    vmf_kernel<vmf::Fn::F, T><<<blocks, kThreads, 0, stream>>>(in, out, n, p, iterations); \
+    vmf_kernel<vmf::Fn::F, T><<<blocks, kThreads, 0, stream>>>(in, out, n, order, iterations); \
     break;
     FASTLOSS_VMF_CASE(MeanResultant)
     FASTLOSS_VMF_CASE(MeanResultantSlope)
@@ -49,9 +50,10 @@ cudaError_t launch_typed(int fn, const T* in, T* out, int64_t n, double p, int i
 cudaError_t launch_vmf(int fn, bool is_double, const void* in, void* out, int64_t n, double p, int iterations,
                        cudaStream_t stream) {
   if (n <= 0) return cudaSuccess;
+  const vmf::Order order = vmf::make_order(p);  // ~500 bytes: a kernel argument, read from the constant bank
   if (is_double)
-    return launch_typed(fn, static_cast<const double*>(in), static_cast<double*>(out), n, p, iterations, stream);
-  return launch_typed(fn, static_cast<const float*>(in), static_cast<float*>(out), n, p, iterations, stream);
+    return launch_typed(fn, static_cast<const double*>(in), static_cast<double*>(out), n, order, iterations, stream);
+  return launch_typed(fn, static_cast<const float*>(in), static_cast<float*>(out), n, order, iterations, stream);
 }
 
 }  // namespace fastloss::kernels
