@@ -2,7 +2,8 @@
 against SciPy (log(ive(v, x)) + x, log(kve(v, x)) - x; a zero, inf or NaN where the true value
 is finite is a failure) and, for v in {0, 1}, torch.special (i0e, i1e, scaled k0/k1). The
 notes carry an accuracy table against mpmath (tests/data/log_bessel_mpmath.csv, plus orders
-0 and 1 computed here)."""
+0 and 1 computed here). Also the von Mises-Fisher helpers built on them: the mean resultant
+length A_p and the concentration MLE, against the usual SciPy recipes."""
 
 from __future__ import annotations
 
@@ -131,6 +132,75 @@ def _case(kind, label, sampler, dtype, device, n, baselines, grad=False) -> Case
     )
 
 
+# von Mises-Fisher: A_p = I_(p/2) / I_(p/2-1) and the MLE of kappa, at these dimensions.
+VMF_DIMS = (3, 64, 2048)
+VMF_KAPPA = (1e-2, 1e4)
+
+
+def _scipy_mean_resultant(p: int) -> Callable:
+    """A_p as ive(p/2, kappa) / ive(p/2 - 1, kappa) (NaN where both underflow)."""
+    sp = _scipy()
+
+    def run(kappa: torch.Tensor):
+        k = kappa.cpu().numpy()
+        with np.errstate(all="ignore"):
+            return sp.ive(p / 2, k) / sp.ive(p / 2 - 1, k)
+
+    run.__name__ = f"scipy_mean_resultant_p{p}"
+    return run
+
+
+def _scipy_kappa_mle(p: int) -> Callable:
+    """The common NumPy recipe (Sra 2012): Banerjee's start rbar (p - rbar^2) / (1 - rbar^2) and
+    two Newton steps on A_p(kappa) = rbar with A_p from SciPy's ive and A_p' = 1 - A^2 - (p-1) A / kappa."""
+    ratio = _scipy_mean_resultant(p)
+
+    def run(rbar: torch.Tensor):
+        r = rbar.cpu().numpy()
+        kappa = r * (p - r * r) / (1 - r * r)
+        with np.errstate(all="ignore"):
+            for _ in range(2):
+                a = ratio(torch.from_numpy(kappa))
+                kappa = kappa - (a - r) / (1 - a * a - (p - 1) * a / kappa)
+        return kappa
+
+    run.__name__ = f"scipy_kappa_mle_p{p}"
+    return run
+
+
+def _vmf_case(what: str, p: int, dtype, device, n) -> Case:
+    elem = torch.empty((), dtype=dtype).element_size()
+
+    def sample(seed):
+        g = torch.Generator().manual_seed(seed)
+        if what == "A_p":
+            lo, hi = VMF_KAPPA
+            t = torch.exp(torch.empty(n, dtype=torch.float64).uniform_(math.log(lo), math.log(hi), generator=g))
+        else:  # the mean resultant lengths of those concentrations
+            t = torch.rand(n, dtype=torch.float64, generator=g) * 0.98 + 0.01
+        return (t.to(device=device, dtype=dtype),)
+
+    sp = _scipy()
+    if what == "A_p":
+        ours = lambda kappa: fastloss.vmf_mean_resultant(kappa, p)
+        peer = _scipy_mean_resultant(p) if sp else Unavailable("scipy: not installed")
+    else:
+        ours = lambda rbar: fastloss.vmf_kappa_mle(rbar, p)
+        peer = _scipy_kappa_mle(p) if sp else Unavailable("scipy: not installed")
+    return Case(
+        family=FAMILY,
+        shape=(n,),
+        dtype=dtype,
+        mode=f"vMF {what}, p={p}",
+        device=device,
+        make_inputs=sample,
+        input_bytes=n * elem,
+        fastloss=ours,
+        baselines={"scipy": peer},
+        bytes_moved=2 * n * elem,
+    )
+
+
 def cases(device: str, quick: bool) -> List[Case]:
     n = QUICK_N if quick else N
     sp = _scipy()
@@ -154,7 +224,50 @@ def cases(device: str, quick: bool) -> List[Case]:
             sampler = lambda seed, region=region: _sample(region, n, torch.float64, device, seed)
             baselines = {"scipy d/dx": _scipy_log_dx(kind) if sp else Unavailable("scipy: not installed")}
             out.append(_case(kind, label, sampler, torch.float64, device, n, baselines, grad=True))
+    for p in VMF_DIMS:
+        out.append(_vmf_case("A_p", p, torch.float64, device, n))
+        out.append(_vmf_case("kappa MLE", p, torch.float64, device, n))
     return out
+
+
+def vmf_accuracy_table() -> List[str]:
+    """A_p against mpmath, and the MLE's round trip kappa -> A_p(kappa) -> kappa, per dimension:
+    fastloss and the SciPy recipes of the timed rows."""
+    try:
+        import mpmath as mp  # type: ignore
+    except ImportError:
+        return ["vMF accuracy: mpmath not installed"]
+    sp = _scipy()
+    kappas = np.exp(np.linspace(math.log(VMF_KAPPA[0]), math.log(VMF_KAPPA[1]), 13))
+    lines = [
+        "",
+        f"vMF accuracy, kappa at 13 log-spaced points in [{VMF_KAPPA[0]:g}, {VMF_KAPPA[1]:g}]: max relative error of A_p "
+        "against mpmath (40 digits), and of the MLE of kappa from the exact (mpmath) A_p(kappa); "
+        "failures = NaN / inf / 0",
+        "",
+        "| p | A_p fastloss | A_p SciPy ive ratio | kappa MLE fastloss | kappa MLE SciPy recipe |",
+        "|---:|---|---|---|---|",
+    ]
+    mp.mp.dps = 40
+    for p in VMF_DIMS:
+        nu = mp.mpf(p) / 2 - 1
+        exact = np.array([float(mp.besseli(nu + 1, k, maxterms=10**6) / mp.besseli(nu, k, maxterms=10**6))
+                          for k in (mp.mpf(float(k)) for k in kappas)])
+        kt = torch.from_numpy(kappas)
+        cells = []
+        for got, ref in ((fastloss.vmf_mean_resultant(kt, p).numpy(), exact),
+                         (_scipy_mean_resultant(p)(kt) if sp else None, exact),
+                         (fastloss.vmf_kappa_mle(torch.from_numpy(exact), p).numpy(), kappas),
+                         (_scipy_kappa_mle(p)(torch.from_numpy(exact)) if sp else None, kappas)):
+            if got is None:
+                cells.append("not installed")
+                continue
+            bad = ~np.isfinite(got) | (got == 0)
+            err = np.abs(got[~bad] - ref[~bad]) / np.abs(ref[~bad])
+            cells.append((f"{err.max():.1e}" if len(err) else "-") + (f", {int(bad.sum())} failures" if bad.any() else ""))
+        lines.append(f"| {p} | " + " | ".join(cells) + " |")
+    lines.append("(the MLE's error includes the problem's conditioning: kappa A_p' / A_p is small where A_p is flat)")
+    return lines
 
 
 # --------------------------------------------------------------------------------------------
@@ -257,7 +370,11 @@ def notes(device: str) -> List[str]:
         out.append("on a GPU the SciPy time includes copying v and x to the host (SciPy runs on the CPU)")
     if _scipy() is None:
         out.append("scipy: not installed (optional peer): `pip install scipy`")
+    out.append("`vMF` rows: fastloss.vmf_mean_resultant / vmf_kappa_mle (fp64); `scipy` = ive(p/2, kappa) / "
+               "ive(p/2 - 1, kappa), and for the MLE Banerjee's start with two Newton steps on that ratio (Sra 2012); "
+               "no target is set for them")
     out += accuracy_table()
+    out += vmf_accuracy_table()
     return out
 
 
@@ -266,7 +383,7 @@ def _vs(name: str) -> Callable[[Result, Roofline], Optional[float]]:
 
 
 def targets(device: str) -> List[Target]:
-    grid = lambda r: "torch.special" not in r.case.mode and " grad" not in r.case.mode
+    grid = lambda r: r.case.mode.startswith("log ") and "torch.special" not in r.case.mode and " grad" not in r.case.mode
     if device == "cuda":
         return [Target("GPU: >=100x SciPy (every grid case)", grid, _vs("scipy"), 100.0)]
     return [
