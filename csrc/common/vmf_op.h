@@ -29,4 +29,23 @@ inline void vmf_check_iterations(int64_t iterations) {
                     "fastloss.vmf_kappa_mle: expected 'iterations' in [1, 1000], got ", iterations);
 }
 
+// The four vMF ops of one device, over its elementwise evaluator
+// `kEvaluate(op, arg, fn, input, p, iterations)` (which checks the device and the arguments).
+template <at::Tensor (*kEvaluate)(const char*, const char*, vmf::Fn, const at::Tensor&, int64_t, int64_t)>
+struct VmfOps {
+  static at::Tensor mean_resultant(const at::Tensor& kappa, int64_t p, int64_t derivative) {
+    return kEvaluate("vmf_mean_resultant", "kappa", vmf_mean_resultant_fn(derivative), kappa, p, 1);
+  }
+  static at::Tensor complement(const at::Tensor& kappa, int64_t p) {
+    return kEvaluate("vmf_mean_resultant_complement", "kappa", vmf::Fn::Complement, kappa, p, 1);
+  }
+  static at::Tensor entropy(const at::Tensor& kappa, int64_t p) {
+    return kEvaluate("vmf_entropy", "kappa", vmf::Fn::Entropy, kappa, p, 1);
+  }
+  static at::Tensor kappa_mle(const at::Tensor& rbar, int64_t p, int64_t iterations) {
+    vmf_check_iterations(iterations);
+    return kEvaluate("vmf_kappa_mle", "rbar", vmf::Fn::KappaMle, rbar, p, iterations);
+  }
+};
+
 }  // namespace fastloss

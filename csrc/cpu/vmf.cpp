@@ -62,7 +62,7 @@ void evaluate_elements(vmf::Fn fn, const scalar_t* src, scalar_t* dst, int64_t b
 }
 
 at::Tensor evaluate(const char* op, const char* arg, vmf::Fn fn, const at::Tensor& input, int64_t p,
-                    int64_t iterations = 1) {
+                    int64_t iterations) {
   TORCH_CHECK(input.device().is_cpu(), "fastloss.", op, ": expected '", arg, "' to be a CPU tensor, got ",
               input.device());
   vmf_check_args(op, arg, input, p);
@@ -80,30 +80,14 @@ at::Tensor evaluate(const char* op, const char* arg, vmf::Fn fn, const at::Tenso
   return out;
 }
 
-at::Tensor mean_resultant(const at::Tensor& kappa, int64_t p, int64_t derivative) {
-  return evaluate("vmf_mean_resultant", "kappa", vmf_mean_resultant_fn(derivative), kappa, p);
-}
-
-at::Tensor complement(const at::Tensor& kappa, int64_t p) {
-  return evaluate("vmf_mean_resultant_complement", "kappa", vmf::Fn::Complement, kappa, p);
-}
-
-at::Tensor entropy(const at::Tensor& kappa, int64_t p) {
-  return evaluate("vmf_entropy", "kappa", vmf::Fn::Entropy, kappa, p);
-}
-
-at::Tensor kappa_mle(const at::Tensor& rbar, int64_t p, int64_t iterations) {
-  vmf_check_iterations(iterations);
-  return evaluate("vmf_kappa_mle", "rbar", vmf::Fn::KappaMle, rbar, p, iterations);
-}
-
 }  // namespace
 
 TORCH_LIBRARY_IMPL(fastloss, CPU, m) {
-  m.impl("vmf_mean_resultant", &mean_resultant);
-  m.impl("vmf_mean_resultant_complement", &complement);
-  m.impl("vmf_entropy", &entropy);
-  m.impl("vmf_kappa_mle", &kappa_mle);
+  using Ops = VmfOps<&evaluate>;
+  m.impl("vmf_mean_resultant", &Ops::mean_resultant);
+  m.impl("vmf_mean_resultant_complement", &Ops::complement);
+  m.impl("vmf_entropy", &Ops::entropy);
+  m.impl("vmf_kappa_mle", &Ops::kappa_mle);
 }
 
 }  // namespace fastloss::cpu
