@@ -221,7 +221,10 @@ struct VmfUnaryFunction : torch::autograd::Function<VmfUnaryFunction<kEntropy>> 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     const at::Tensor kappa = ctx->get_saved_variables()[0];
     const at::Tensor slope = vmf_mean_resultant_op().call(kappa, ctx->saved_data["p"].toInt(), 1);
-    return {kEntropy ? -grads[0] * kappa * slope : -grads[0] * slope, at::Tensor()};
+    if (!kEntropy) return {-grads[0] * slope, at::Tensor()};
+    // kappa A' -> (p - 1) / (2 kappa) -> 0: at kappa = inf (A' = 0) the limit, not inf * 0.
+    const at::Tensor kappa_slope = at::where(slope == 0, at::zeros_like(slope), kappa * slope);
+    return {-grads[0] * kappa_slope, at::Tensor()};
   }
 };
 

@@ -636,3 +636,46 @@ def test_cuda_matches_cpu_memcheck():
             torch.testing.assert_close(torch.ops.fastloss.vmf_mean_resultant(k.cuda(), p, n).cpu(),
                                        torch.ops.fastloss.vmf_mean_resultant(k, p, n), rtol=1e-12, atol=1e-300,
                                        equal_nan=True)
+
+
+@pytest.mark.parametrize("p", [34, 40, 2048, 10**6])
+def test_second_derivative_at_tiny_concentration(p):
+    # A = kappa / p - kappa^3 / (p^2 (p + 2)) + ...: A'' = -6 kappa / (p^2 (p + 2)). Debye's
+    # expansion (p >= 34) summed O(1) terms to ~1e-19 here: A'' came out with the wrong sign.
+    kappa = torch.tensor([1e-280, 1e-20, 1e-10], dtype=torch.float64)  # A'' stays normal at p = 1e6
+    got = torch.ops.fastloss.vmf_mean_resultant(kappa, p, 2)
+    expected = -6 * kappa / (p * p * (p + 2.0))
+    torch.testing.assert_close(got, expected, rtol=1e-14, atol=0)
+
+
+@pytest.mark.parametrize("p", [3, 20, 34, 10**6])
+def test_entropy_at_tiny_concentration(p):
+    # The uniform sphere's entropy log |S^(p-1)| plus O(kappa^2): the plain form's nu log kappa
+    # terms cancelled to ~nu |log kappa| ulps (7.5e-13 at p = 20), and overflowed to -inf
+    # once 2 nu / kappa did (kappa = 1e-310, p = 34).
+    with mp.workdps(50):
+        log_area = float(mp.log(2) + mp.mpf(p) / 2 * mp.log(mp.pi) - mp.loggamma(mp.mpf(p) / 2))
+    # log |S^(p-1)| itself is a sum of terms up to lgamma(p/2): a few ulps of those.
+    tol = 4 * 2.0 ** -52 * (p / 2 * math.log(math.pi) + abs(math.lgamma(p / 2)))
+    kappa = torch.tensor([5e-324, 1e-310, 1e-300, 1e-20], dtype=torch.float64)
+    got = torch.ops.fastloss.vmf_entropy(kappa, p)
+    torch.testing.assert_close(got, torch.full_like(got, log_area), rtol=0, atol=tol)
+    with mp.workdps(50):
+        for k in (1e-3, 0.5, 2.0):
+            expected = -mp_log_normalizer(mp.mpf(k), p) - k * mp_mean_resultant(mp.mpf(k), p) if p < 10**6 else None
+            if expected is not None:
+                got = torch.ops.fastloss.vmf_entropy(torch.tensor([k], dtype=torch.float64), p).item()
+                assert got == pytest.approx(float(expected), rel=0, abs=tol), k
+
+
+def test_mean_resultant_below_debyes_range():
+    # nu < 16, nu + 20 < kappa < 30: the continued fraction (to 3.5e-16 there; log I's
+    # derivative gave 1.05e-15 at this point).
+    got = fastloss.vmf_mean_resultant(torch.tensor([28.048136372608667], dtype=torch.float64), 10).item()
+    assert got == pytest.approx(float(mp_mean_resultant(mp.mpf(28.048136372608667), 10)), rel=4e-16)
+
+
+def test_entropy_gradient_at_infinite_concentration():
+    k = torch.tensor([math.inf, 1e300], dtype=torch.float64, requires_grad=True)
+    (g,) = torch.autograd.grad(fastloss.vmf._vmf_entropy(k, 3).sum(), k)
+    assert g.tolist() == [0.0, pytest.approx(-1e-300, rel=1e-12)]
