@@ -172,8 +172,8 @@ std::tuple<at::Tensor, at::Tensor> log_bessel_grad_autograd(const at::Tensor& v,
 }
 
 // von Mises-Fisher helpers (the ops again in every backward, so differentiable again):
-// d/dkappa of A_p^(n) is A_p^(n+1) (up to A''), of 1 - A_p is -A_p', of the entropy
-// -kappa A_p'; of the MLE, 1 / A_p'(kappa) at the root (implicit function theorem).
+// d/dkappa of A_p^(n) is A_p^(n+1) (up to A''), of log C_p is -A_p, of 1 - A_p is -A_p', of
+// the entropy -kappa A_p'; of the MLE, 1 / A_p'(kappa) at the root (implicit function theorem).
 using VmfMeanResultantSig = at::Tensor(const at::Tensor&, int64_t, int64_t);
 using VmfUnarySig = at::Tensor(const at::Tensor&, int64_t);
 using VmfKappaMleSig = at::Tensor(const at::Tensor&, int64_t, int64_t);
@@ -206,12 +206,19 @@ at::Tensor vmf_mean_resultant_autograd(const at::Tensor& kappa, int64_t p, int64
   return VmfMeanResultantFunction::apply(kappa, p, derivative);
 }
 
-// kEntropy: -log C_p - kappa A_p; else 1 - A_p.
-template <bool kEntropy>
-struct VmfUnaryFunction : torch::autograd::Function<VmfUnaryFunction<kEntropy>> {
+// The vMF functions of kappa alone whose derivative is a multiple of A_p or A_p'.
+enum class VmfUnary { Complement, Entropy, LogNormalizer };
+
+constexpr const char* vmf_unary_op_name(VmfUnary kind) {
+  return kind == VmfUnary::Complement ? "fastloss::vmf_mean_resultant_complement"
+         : kind == VmfUnary::Entropy  ? "fastloss::vmf_entropy"
+                                      : "fastloss::vmf_log_normalizer";
+}
+
+template <VmfUnary kKind>
+struct VmfUnaryFunction : torch::autograd::Function<VmfUnaryFunction<kKind>> {
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& kappa, int64_t p) {
-    static const auto op =
-        op_handle<VmfUnarySig>(kEntropy ? "fastloss::vmf_entropy" : "fastloss::vmf_mean_resultant_complement");
+    static const auto op = op_handle<VmfUnarySig>(vmf_unary_op_name(kKind));
     at::AutoDispatchBelowADInplaceOrView below_autograd;
     ctx->save_for_backward({kappa});
     ctx->saved_data["p"] = p;
@@ -220,17 +227,20 @@ struct VmfUnaryFunction : torch::autograd::Function<VmfUnaryFunction<kEntropy>> 
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     const at::Tensor kappa = ctx->get_saved_variables()[0];
-    const at::Tensor slope = vmf_mean_resultant_op().call(kappa, ctx->saved_data["p"].toInt(), 1);
-    if (!kEntropy) return {-grads[0] * slope, at::Tensor()};
-    // kappa A' -> (p - 1) / (2 kappa) -> 0: at kappa = inf (A' = 0) the limit, not inf * 0.
+    const int64_t p = ctx->saved_data["p"].toInt();
+    // d log C = -A; d (1 - A) = -A'; d H = -kappa A' (-> -(p - 1) / (2 kappa) -> 0: at
+    // kappa = inf, where A' = 0, the limit rather than inf * 0).
+    if constexpr (kKind == VmfUnary::LogNormalizer) return {-grads[0] * vmf_mean_resultant_op().call(kappa, p, 0), at::Tensor()};
+    const at::Tensor slope = vmf_mean_resultant_op().call(kappa, p, 1);
+    if constexpr (kKind == VmfUnary::Complement) return {-grads[0] * slope, at::Tensor()};
     const at::Tensor kappa_slope = at::where(slope == 0, at::zeros_like(slope), kappa * slope);
     return {-grads[0] * kappa_slope, at::Tensor()};
   }
 };
 
-template <bool kEntropy>
+template <VmfUnary kKind>
 at::Tensor vmf_unary_autograd(const at::Tensor& kappa, int64_t p) {
-  return VmfUnaryFunction<kEntropy>::apply(kappa, p);
+  return VmfUnaryFunction<kKind>::apply(kappa, p);
 }
 
 struct VmfKappaMleFunction : torch::autograd::Function<VmfKappaMleFunction> {
@@ -455,8 +465,9 @@ TORCH_LIBRARY_IMPL(fastloss, Autograd, m) {
   m.impl("log_bessel_kv_grad", &log_bessel_grad_autograd<false>);
   m.impl("sinkhorn_kd", &sinkhorn_kd_autograd);
   m.impl("vmf_mean_resultant", &vmf_mean_resultant_autograd);
-  m.impl("vmf_mean_resultant_complement", &vmf_unary_autograd<false>);
-  m.impl("vmf_entropy", &vmf_unary_autograd<true>);
+  m.impl("vmf_mean_resultant_complement", &vmf_unary_autograd<VmfUnary::Complement>);
+  m.impl("vmf_entropy", &vmf_unary_autograd<VmfUnary::Entropy>);
+  m.impl("vmf_log_normalizer", &vmf_unary_autograd<VmfUnary::LogNormalizer>);
   m.impl("vmf_kappa_mle", &vmf_kappa_mle_autograd);
 }
 

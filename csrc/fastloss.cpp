@@ -89,6 +89,8 @@ TORCH_LIBRARY(fastloss, m) {
   m.def("vmf_mean_resultant_complement(Tensor kappa, int p) -> Tensor", tags);
   // The differential entropy -log C_p(kappa) - kappa A_p(kappa).
   m.def("vmf_entropy(Tensor kappa, int p) -> Tensor", tags);
+  // log C_p(kappa), the log normalizing constant of the density.
+  m.def("vmf_log_normalizer(Tensor kappa, int p) -> Tensor", tags);
   // The maximum-likelihood concentration: the root of A_p(kappa) = rbar (at most `iterations`
   // Newton steps; NaN outside 0 <= rbar < 1).
   m.def("vmf_kappa_mle(Tensor rbar, int p, int iterations) -> Tensor", tags);

@@ -2,6 +2,7 @@
 // for the sphere S^(p-1) in R^p with nu = p/2 - 1:
 //   A_p(x) = I_(nu+1)(x) / I_nu(x), the mean resultant length, and its first two derivatives;
 //   1 - A_p(x) to full relative precision (1 - A itself loses it as A -> 1);
+//   log C_p(x), the log normalizing constant of the density;
 //   the entropy -log C_p(x) - x A_p(x), which keeps its precision where both terms are ~x;
 //   the maximum-likelihood concentration, the root of A_p(x) = rbar.
 //
@@ -17,7 +18,7 @@
 //   element sums one polynomial instead of twenty. It gives A beyond the fraction's range
 //   (there A > 0.4, so 1 - (1 - A) keeps A's precision), A' wherever it serves (no division
 //   per term), A'' beyond the fraction's range, and 1 - A and the entropy's log I - x.
-//   The entropy at small x (x^2 <= 4 (nu + 1)) from the power series of I_nu.
+//   log C and the entropy at small x (x^2 <= 4 (nu + 1)) from the power series of I_nu.
 // Derivatives in x are carried through the same arithmetic as truncated Taylor series
 // (`Jet`), so each has the accuracy of its method's value.
 #pragma once
@@ -333,35 +334,57 @@ FASTLOSS_HD double mean_resultant_complement(const Order& o, double x) {
 // log |S^(p-1)| = log(2) + (p/2) log(pi) - lgamma(p/2).
 FASTLOSS_HD double log_sphere_area(double p) { return lb::kLn2 + 0.5 * p * lb::kLnPi - ::lgamma(0.5 * p); }
 
+// I_nu(x) / ((x/2)^nu / Gamma(nu + 1)) - 1, the power series' tail sum_(k>=1) (x^2/4)^k /
+// (k! (nu + 1)_k), for x^2 <= 4 (nu + 1), where each term is below 1 / k! of the first.
+FASTLOSS_HD double series_tail(double nu, double x) {
+  const double q = 0.25 * x * x;
+  double term = 1.0, tail = 0.0;
+  for (int k = 1; k <= 40; ++k) {
+    term *= q / (k * (nu + k));
+    tail += term;
+    if (term <= lb::kTol * tail) break;
+  }
+  return tail;
+}
+
+// Where log C and the entropy take the power series (no log of x: the plain form's nu log x
+// terms cancelled to ~nu |log x| ulps, and overflowed to -inf once 2 nu / x did) and where
+// Debye's series (from x = 20 too, r >= 20: its truncation is < 2e-16 there; 2.3x closer to
+// mpmath than log I's own methods between 20 and 30 at small nu, measured).
+FASTLOSS_HD bool small_x_series(double nu, double x) { return x * x <= 4.0 * (nu + 1.0); }
+FASTLOSS_HD bool debye_log_i(double nu, double x) { return debye_serves(nu, x) || x >= kEntropyDebyeMinX; }
+
+// log C_p(x), the log normalizing constant of the density on S^(p-1), x >= 0 (x = 0: minus
+// the log area of the sphere; x = inf: -inf, the density concentrates at its mean).
+FASTLOSS_HD double log_normalizer(const Order& o, double x) {
+  if (!(x >= 0.0)) return kNaN;
+  if (x == kInf) return -kInf;
+  const double nu = o.nu;
+  // -log C = log |S^(p-1)| + log(series) there.
+  if (small_x_series(nu, x)) return -(log_sphere_area(o.p) + ::log1p(series_tail(nu, x)));
+  const double half_p_log_two_pi = 0.5 * o.p * (lb::kLn2 + lb::kLnPi);
+  double log_i;
+  if (debye_log_i(nu, x)) {
+    debye_complement<0>(o, x, &log_i);  // log I - x
+    log_i += x;
+  } else {
+    log_i = lb::log_iv_finite(nu, x);
+  }
+  return nu * ::log(x) - half_p_log_two_pi - log_i;
+}
+
 // The differential entropy -log C_p(x) - x A_p(x), x >= 0 (x = inf: -inf, a point mass).
 FASTLOSS_HD double entropy(const Order& o, double x) {
   if (!(x >= 0.0)) return kNaN;
   if (x == kInf) return -kInf;
   const double nu = o.nu;
-  const double half_p_log_two_pi = 0.5 * o.p * (lb::kLn2 + lb::kLnPi);
-  if (x * x <= 4.0 * (nu + 1.0)) {
-    // -log C = log |S^(p-1)| + log S, S = sum_k (x^2/4)^k / (k! (nu + 1)_k) the power series of
-    // I_nu(x) / ((x/2)^nu / Gamma(nu + 1)): no log of x (whose nu log x terms cancelled to
-    // ~nu |log x| ulps, -inf once 2 nu / x overflowed). Here each term is below 1 / k! of the first.
-    const double q = 0.25 * x * x;
-    double term = 1.0, tail = 0.0;  // S - 1
-    for (int k = 1; k <= 40; ++k) {
-      term *= q / (k * (nu + k));
-      tail += term;
-      if (term <= lb::kTol * tail) break;
-    }
-    return log_sphere_area(o.p) + ::log1p(tail) - x * mean_resultant_derivative<0>(o, x);
-  }
-  // Debye's series also from x = 20 (r >= 20: its truncation is < 2e-16 there): 2.3x closer to
-  // mpmath than log I's own methods between 20 and 30 at small nu, measured.
-  if (debye_serves(nu, x) || x >= kEntropyDebyeMinX) {
+  if (!small_x_series(nu, x) && debye_log_i(nu, x)) {
     // (log I - x) - nu log x + (p/2) log(2 pi) + x (1 - A): the ~x parts cancelled exactly.
     double log_i_scaled;
     const double complement = debye_complement<0>(o, x, &log_i_scaled).c[0];
-    return log_i_scaled - nu * ::log(x) + half_p_log_two_pi + x * complement;
+    return log_i_scaled - nu * ::log(x) + 0.5 * o.p * (lb::kLn2 + lb::kLnPi) + x * complement;
   }
-  // nu < 16, 2 sqrt(nu + 1) < x < 20: -log C = log I - nu log x + (p/2) log(2 pi), then minus x A.
-  return lb::log_iv_finite(nu, x) - nu * ::log(x) + half_p_log_two_pi - x * mean_resultant_derivative<0>(o, x);
+  return -log_normalizer(o, x) - x * mean_resultant_derivative<0>(o, x);
 }
 
 // The root of A_p(kappa) = rbar, 0 <= rbar < 1 (else NaN): Newton's method from Banerjee et
@@ -403,6 +426,7 @@ enum class Fn : int {
   Complement = 3,
   Entropy = 4,
   KappaMle = 5,
+  LogNormalizer = 6,
 };
 
 template <Fn kFn>
@@ -413,6 +437,7 @@ FASTLOSS_HD double evaluate(const Order& o, int iterations, double x) {
   if constexpr (kFn == Fn::Complement) return mean_resultant_complement(o, x);
   if constexpr (kFn == Fn::Entropy) return entropy(o, x);
   if constexpr (kFn == Fn::KappaMle) return kappa_mle(o, x, iterations);
+  if constexpr (kFn == Fn::LogNormalizer) return log_normalizer(o, x);
   return kNaN;
 }
 

@@ -29,7 +29,7 @@ inline void vmf_check_iterations(int64_t iterations) {
                     "fastloss.vmf_kappa_mle: expected 'iterations' in [1, 1000], got ", iterations);
 }
 
-// The four vMF ops of one device, over its elementwise evaluator
+// The vMF ops of one device, over its elementwise evaluator
 // `kEvaluate(op, arg, fn, input, p, iterations)` (which checks the device and the arguments).
 template <at::Tensor (*kEvaluate)(const char*, const char*, vmf::Fn, const at::Tensor&, int64_t, int64_t)>
 struct VmfOps {
@@ -41,6 +41,9 @@ struct VmfOps {
   }
   static at::Tensor entropy(const at::Tensor& kappa, int64_t p) {
     return kEvaluate("vmf_entropy", "kappa", vmf::Fn::Entropy, kappa, p, 1);
+  }
+  static at::Tensor log_normalizer(const at::Tensor& kappa, int64_t p) {
+    return kEvaluate("vmf_log_normalizer", "kappa", vmf::Fn::LogNormalizer, kappa, p, 1);
   }
   static at::Tensor kappa_mle(const at::Tensor& rbar, int64_t p, int64_t iterations) {
     vmf_check_iterations(iterations);

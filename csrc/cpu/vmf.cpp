@@ -1,5 +1,5 @@
-// The von Mises-Fisher helpers on the CPU (A_p and its derivatives, 1 - A_p, the entropy and
-// the maximum-likelihood concentration), over the shared math in common/vmf_math.h.
+// The von Mises-Fisher helpers on the CPU (A_p and its derivatives, 1 - A_p, log C_p, the
+// entropy and the maximum-likelihood concentration), over the shared math in common/vmf_math.h.
 //
 // Elementwise and compute bound: each element costs ~0.1-1 us (a continued fraction or
 // Debye's expansion carried in truncated Taylor series; kappa_mle a few Newton steps of
@@ -41,6 +41,7 @@ FASTLOSS_CPU_CLONES void evaluate_range(vmf::Fn fn, const double* in, double* ou
     case vmf::Fn::Complement: return evaluate_block<vmf::Fn::Complement>(in, out, n, o, iterations);
     case vmf::Fn::Entropy: return evaluate_block<vmf::Fn::Entropy>(in, out, n, o, iterations);
     case vmf::Fn::KappaMle: return evaluate_block<vmf::Fn::KappaMle>(in, out, n, o, iterations);
+    case vmf::Fn::LogNormalizer: return evaluate_block<vmf::Fn::LogNormalizer>(in, out, n, o, iterations);
   }
 }
 
@@ -87,6 +88,7 @@ TORCH_LIBRARY_IMPL(fastloss, CPU, m) {
   m.impl("vmf_mean_resultant", &Ops::mean_resultant);
   m.impl("vmf_mean_resultant_complement", &Ops::complement);
   m.impl("vmf_entropy", &Ops::entropy);
+  m.impl("vmf_log_normalizer", &Ops::log_normalizer);
   m.impl("vmf_kappa_mle", &Ops::kappa_mle);
 }
 

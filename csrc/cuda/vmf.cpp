@@ -40,6 +40,7 @@ TORCH_LIBRARY_IMPL(fastloss, CUDA, m) {
   m.impl("vmf_mean_resultant", &Ops::mean_resultant);
   m.impl("vmf_mean_resultant_complement", &Ops::complement);
   m.impl("vmf_entropy", &Ops::entropy);
+  m.impl("vmf_log_normalizer", &Ops::log_normalizer);
   m.impl("vmf_kappa_mle", &Ops::kappa_mle);
 }
 

@@ -39,6 +39,7 @@ cudaError_t launch_typed(int fn, const T* in, T* out, int64_t n, const vmf::Orde
     FASTLOSS_VMF_CASE(Complement)
     FASTLOSS_VMF_CASE(Entropy)
     FASTLOSS_VMF_CASE(KappaMle)
+    FASTLOSS_VMF_CASE(LogNormalizer)
 #undef FASTLOSS_VMF_CASE
     default: return cudaErrorInvalidValue;
   }

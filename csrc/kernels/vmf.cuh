@@ -3,7 +3,7 @@
 //
 // `in` and `out` are contiguous arrays of n float32 or float64 values (the torch glue converts
 // float16/bfloat16 to float32). `fn` (a value of fastloss::vmf::Fn) selects A_p, A_p', A_p'',
-// 1 - A_p or the entropy of the concentrations in `in`, or the maximum-likelihood
+// 1 - A_p, log C_p or the entropy of the concentrations in `in`, or the maximum-likelihood
 // concentration of the mean resultant lengths in `in` (at most `iterations` Newton steps).
 // The launcher runs asynchronously on `stream`, never synchronizes or allocates, and returns
 // cudaGetLastError().
