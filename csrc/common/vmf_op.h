@@ -3,6 +3,7 @@
 #pragma once
 
 #include <ATen/core/Tensor.h>
+#include <torch/library.h>
 
 #include "common/torch_checks.h"
 #include "common/vmf_math.h"
@@ -48,6 +49,14 @@ struct VmfOps {
   static at::Tensor kappa_mle(const at::Tensor& rbar, int64_t p, int64_t iterations) {
     vmf_check_iterations(iterations);
     return kEvaluate("vmf_kappa_mle", "rbar", vmf::Fn::KappaMle, rbar, p, iterations);
+  }
+  // Called from the device's TORCH_LIBRARY_IMPL block.
+  static void register_impls(torch::Library& m) {
+    m.impl("vmf_mean_resultant", &mean_resultant);
+    m.impl("vmf_mean_resultant_complement", &complement);
+    m.impl("vmf_entropy", &entropy);
+    m.impl("vmf_log_normalizer", &log_normalizer);
+    m.impl("vmf_kappa_mle", &kappa_mle);
   }
 };
 

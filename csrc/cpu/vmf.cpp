@@ -83,13 +83,6 @@ at::Tensor evaluate(const char* op, const char* arg, vmf::Fn fn, const at::Tenso
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(fastloss, CPU, m) {
-  using Ops = VmfOps<&evaluate>;
-  m.impl("vmf_mean_resultant", &Ops::mean_resultant);
-  m.impl("vmf_mean_resultant_complement", &Ops::complement);
-  m.impl("vmf_entropy", &Ops::entropy);
-  m.impl("vmf_log_normalizer", &Ops::log_normalizer);
-  m.impl("vmf_kappa_mle", &Ops::kappa_mle);
-}
+TORCH_LIBRARY_IMPL(fastloss, CPU, m) { VmfOps<&evaluate>::register_impls(m); }
 
 }  // namespace fastloss::cpu
