@@ -36,7 +36,7 @@ constexpr int kFractionTerms = 40;
 constexpr double kDebyeMinOrder = 16.0;
 constexpr double kDebyeMinX = 30.0;
 constexpr int kDebyeTerms = 20;
-constexpr double kEntropyDebyeMinX = 20.0;
+constexpr double kDebyeLogIMinX = 20.0;  // log C and the entropy: Debye's log I from here too
 // Below it, Newton's A was evaluated where A(x) = x / p to the last bit: kappa = p rbar.
 constexpr double kTinyRbar = 1e-100;
 constexpr int kDebyeDegree = 3 * kDebyeTerms;  // Q_k(t^2) / r^k has powers of 1 / r up to 3k
@@ -323,7 +323,8 @@ FASTLOSS_HD double mean_resultant_derivative(const Order& o, double x) {
   return kOrder == 2 ? 2.0 * a.c[kOrder] : a.c[kOrder];
 }
 
-// 1 - A_p(x) to full relative precision, x >= 0.
+// 1 - A_p(x), x >= 0: to full relative precision where A -> 1 (Debye's region); below it
+// (x < 30, nu < 16) 1 - A > 0.016, formed from A (~1e-16 absolute).
 FASTLOSS_HD double mean_resultant_complement(const Order& o, double x) {
   if (!(x >= 0.0)) return kNaN;
   if (x == kInf) return 0.0;
@@ -352,7 +353,7 @@ FASTLOSS_HD double series_tail(double nu, double x) {
 // Debye's series (from x = 20 too, r >= 20: its truncation is < 2e-16 there; 2.3x closer to
 // mpmath than log I's own methods between 20 and 30 at small nu, measured).
 FASTLOSS_HD bool small_x_series(double nu, double x) { return x * x <= 4.0 * (nu + 1.0); }
-FASTLOSS_HD bool debye_log_i(double nu, double x) { return debye_serves(nu, x) || x >= kEntropyDebyeMinX; }
+FASTLOSS_HD bool debye_log_i(double nu, double x) { return debye_serves(nu, x) || x >= kDebyeLogIMinX; }
 
 // log C_p(x), the log normalizing constant of the density on S^(p-1), x >= 0 (x = 0: minus
 // the log area of the sphere; x = inf: -inf, the density concentrates at its mean).
