@@ -174,12 +174,11 @@ std::tuple<at::Tensor, at::Tensor> log_bessel_grad_autograd(const at::Tensor& v,
 // von Mises-Fisher helpers (the ops again in every backward, so differentiable again):
 // d/dkappa of A_p^(n) is A_p^(n+1) (up to A''), of log C_p is -A_p, of 1 - A_p is -A_p', of
 // the entropy -kappa A_p'; of the MLE, 1 / A_p'(kappa) at the root (implicit function theorem).
-using VmfMeanResultantSig = at::Tensor(const at::Tensor&, int64_t, int64_t);
-using VmfUnarySig = at::Tensor(const at::Tensor&, int64_t);
-using VmfKappaMleSig = at::Tensor(const at::Tensor&, int64_t, int64_t);
+using VmfUnarySig = at::Tensor(const at::Tensor&, int64_t);            // (kappa, p)
+using VmfIntArgSig = at::Tensor(const at::Tensor&, int64_t, int64_t);  // (kappa, p, derivative), (rbar, p, iterations)
 
-const c10::TypedOperatorHandle<VmfMeanResultantSig>& vmf_mean_resultant_op() {
-  static const auto op = op_handle<VmfMeanResultantSig>("fastloss::vmf_mean_resultant");
+const c10::TypedOperatorHandle<VmfIntArgSig>& vmf_mean_resultant_op() {
+  static const auto op = op_handle<VmfIntArgSig>("fastloss::vmf_mean_resultant");
   return op;
 }
 
@@ -245,7 +244,7 @@ at::Tensor vmf_unary_autograd(const at::Tensor& kappa, int64_t p) {
 
 struct VmfKappaMleFunction : torch::autograd::Function<VmfKappaMleFunction> {
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& rbar, int64_t p, int64_t iterations) {
-    static const auto op = op_handle<VmfKappaMleSig>("fastloss::vmf_kappa_mle");
+    static const auto op = op_handle<VmfIntArgSig>("fastloss::vmf_kappa_mle");
     at::AutoDispatchBelowADInplaceOrView below_autograd;
     at::Tensor kappa = op.call(rbar, p, iterations);
     ctx->save_for_backward({kappa});

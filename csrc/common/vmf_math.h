@@ -50,6 +50,8 @@ struct Order {
   double p;
   double nu;
   double sigma;
+  double log_sphere_area;    // log |S^(p-1)| = log(2) + (p/2) log(pi) - lgamma(p/2)
+  double half_p_log_two_pi;  // (p/2) log(2 pi)
   double debye[kDebyeDegree + 1];
 };
 
@@ -59,6 +61,8 @@ inline Order make_order(double p) {
   o.p = p;
   o.nu = 0.5 * p - 1.0;
   o.sigma = o.nu > 1.0 ? o.nu : 1.0;
+  o.log_sphere_area = lb::kLn2 + 0.5 * p * lb::kLnPi - ::lgamma(0.5 * p);
+  o.half_p_log_two_pi = 0.5 * p * (lb::kLn2 + lb::kLnPi);
   const double ratio2 = (o.nu / o.sigma) * (o.nu / o.sigma);
   double inv_sigma_k = 1.0;  // sigma^-k
   for (int k = 0; k <= kDebyeTerms; ++k) {
@@ -85,8 +89,6 @@ FASTLOSS_UNROLL
   }
 };
 
-template <int N>
-FASTLOSS_HD Jet<N> constant(double a) { return Jet<N>(a); }
 // The independent variable at x0.
 template <int N>
 FASTLOSS_HD Jet<N> variable(double x0) {
@@ -159,7 +161,7 @@ FASTLOSS_UNROLL
   return q;
 }
 template <int N>
-FASTLOSS_HD Jet<N> operator/(double a, const Jet<N>& b) { return constant<N>(a) / b; }
+FASTLOSS_HD Jet<N> operator/(double a, const Jet<N>& b) { return Jet<N>(a) / b; }
 // f' as a series one order shorter.
 template <int N>
 FASTLOSS_HD Jet<N - 1> derivative(const Jet<N>& a) {
@@ -181,7 +183,7 @@ FASTLOSS_UNROLL
 // r_1 = x / r, r_(k+1) = (x_k - sum_(i=1..k) (k+1-i) r_i r_(k+1-i)) / ((k + 1) r).
 template <int N>
 FASTLOSS_HD Jet<N> hypot_jet(double nu, double x) {
-  Jet<N> r = constant<N>(::hypot(nu, x));
+  Jet<N> r(::hypot(nu, x));
 FASTLOSS_UNROLL
   for (int k = 0; k < N; ++k) {
     double s = k == 0 ? x : k == 1 ? 1.0 : 0.0;
@@ -220,7 +222,7 @@ FASTLOSS_HD Jet<N> fraction(double nu, double x) {
     }
     return Jet<N>(x * (n_above / n));
   } else {
-    Jet<N> tail = constant<N>(2.0 * (nu + kFractionTerms));
+    Jet<N> tail(2.0 * (nu + kFractionTerms));
     for (int j = kFractionTerms - 1; j >= 1; --j) tail = 2.0 * (nu + j) + x2 / tail;
     return xj / tail;
   }
@@ -332,9 +334,6 @@ FASTLOSS_HD double mean_resultant_complement(const Order& o, double x) {
   return 1.0 - mean_resultant_derivative<0>(o, x);
 }
 
-// log |S^(p-1)| = log(2) + (p/2) log(pi) - lgamma(p/2).
-FASTLOSS_HD double log_sphere_area(double p) { return lb::kLn2 + 0.5 * p * lb::kLnPi - ::lgamma(0.5 * p); }
-
 // I_nu(x) / ((x/2)^nu / Gamma(nu + 1)) - 1, the power series' tail sum_(k>=1) (x^2/4)^k /
 // (k! (nu + 1)_k), for x^2 <= 4 (nu + 1), where each term is below 1 / k! of the first.
 FASTLOSS_HD double series_tail(double nu, double x) {
@@ -362,8 +361,7 @@ FASTLOSS_HD double log_normalizer(const Order& o, double x) {
   if (x == kInf) return -kInf;
   const double nu = o.nu;
   // -log C = log |S^(p-1)| + log(series) there.
-  if (small_x_series(nu, x)) return -(log_sphere_area(o.p) + ::log1p(series_tail(nu, x)));
-  const double half_p_log_two_pi = 0.5 * o.p * (lb::kLn2 + lb::kLnPi);
+  if (small_x_series(nu, x)) return -(o.log_sphere_area + ::log1p(series_tail(nu, x)));
   double log_i;
   if (debye_log_i(nu, x)) {
     debye_complement<0>(o, x, &log_i);  // log I - x
@@ -371,7 +369,7 @@ FASTLOSS_HD double log_normalizer(const Order& o, double x) {
   } else {
     log_i = lb::log_iv_finite(nu, x);
   }
-  return nu * ::log(x) - half_p_log_two_pi - log_i;
+  return nu * ::log(x) - o.half_p_log_two_pi - log_i;
 }
 
 // The differential entropy -log C_p(x) - x A_p(x), x >= 0 (x = inf: -inf, a point mass).
@@ -383,7 +381,7 @@ FASTLOSS_HD double entropy(const Order& o, double x) {
     // (log I - x) - nu log x + (p/2) log(2 pi) + x (1 - A): the ~x parts cancelled exactly.
     double log_i_scaled;
     const double complement = debye_complement<0>(o, x, &log_i_scaled).c[0];
-    return log_i_scaled - nu * ::log(x) + 0.5 * o.p * (lb::kLn2 + lb::kLnPi) + x * complement;
+    return log_i_scaled - nu * ::log(x) + o.half_p_log_two_pi + x * complement;
   }
   return -log_normalizer(o, x) - x * mean_resultant_derivative<0>(o, x);
 }

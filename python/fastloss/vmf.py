@@ -85,11 +85,10 @@ def vmf_kappa_mle(rbar: TensorOrNumber, p: int, iterations: int = 10) -> torch.T
 
     Newton's method from Banerjee et al.'s start rbar (p - rbar^2) / (1 - rbar^2), kept inside
     Sra's bracket [rbar (p-2), rbar p] / (1 - rbar^2) (a step that leaves the bracket bisects
-    it), in float64 for every dtype, one element per thread: at most ``iterations`` steps, and
-    no host sync. A_p is increasing and concave, so Newton's steps with the exact slope
-    converge from either side; from this start they reach the float64 root within at most 6
-    steps (measured over p = 2 ... 32768 and rbar from 1e-300 to 1 - 1e-16); the default 10
-    leaves a margin.
+    it), in float64 for every dtype, one element per thread, no host sync. A_p is increasing
+    and concave, so the steps converge from either side; each element stops once A_p(kappa)
+    is within rounding of rbar (at most 5 steps for 99.7% of rbar uniform in (0.01, 0.99) at
+    p = 3, 64, 2048), and ``iterations`` (default 10) bounds them.
     """
     p = _check_p("vmf_kappa_mle", p)
     if isinstance(iterations, bool) or not isinstance(iterations, numbers.Integral) or not 1 <= iterations <= 1000:
