@@ -1,6 +1,6 @@
-"""Guards shared by every op: forward-mode AD raises instead of returning zero derivatives,
-a meta argument beside a real one raises instead of returning uninitialised memory, and
-NumPy scalars pass where Python numbers do."""
+"""Guards shared by every op: a meta argument beside a real one raises instead of returning
+uninitialised memory, and NumPy scalars pass where Python numbers do (forward-mode AD and
+torch.func transforms: test_func.py)."""
 
 import math
 
@@ -13,46 +13,6 @@ import fastloss
 
 def _randn(*shape):
     return torch.randn(*shape, dtype=torch.float64)
-
-
-# Every public function whose derivative comes from an autograd registration, with inputs.
-FORWARD_AD_CASES = {
-    "stat_topk": (lambda x: fastloss.stat_topk(x, sparsity=0.5), lambda: (_randn(3, 8),)),
-    "stat_topk_gelu_mul": (lambda g, u: fastloss.stat_topk_gelu_mul(g, u, 0.5), lambda: (_randn(3, 8), _randn(3, 8))),
-    "linear_cross_entropy": (lambda h, c: fastloss.linear_cross_entropy(h, c, torch.tensor([1, 2, 0])),
-                             lambda: (_randn(3, 4), _randn(5, 4))),
-    "sinkhorn_cost": (lambda c: fastloss.sinkhorn_cost(c, eps=0.1), lambda: (_randn(3, 4).abs(),)),
-    "sinkhorn": (lambda c: fastloss.sinkhorn(c, eps=0.1).plan, lambda: (_randn(3, 4).abs(),)),
-    "softmax": (lambda x: fastloss.softmax(x, dim=-1), lambda: (_randn(3, 8),)),
-    "log_bessel_iv": (lambda x: fastloss.log_bessel_iv(1.5, x), lambda: (_randn(5).abs(),)),
-    "sinkhorn_kd_loss": (lambda s: fastloss.sinkhorn_kd_loss(s, _randn(4, 3)), lambda: (_randn(4, 3),)),
-}
-
-
-@pytest.mark.parametrize("name", list(FORWARD_AD_CASES))
-def test_forward_mode_ad_raises(name):
-    # torch drops the tangents of an op whose autograd is registered from Python: jvp and
-    # jacfwd returned zeros (sinkhorn_cost's exact directional derivative was 1, not 0).
-    fn, make = FORWARD_AD_CASES[name]
-    args = make()
-    tangents = tuple(torch.ones_like(a) for a in args)
-    with pytest.raises((NotImplementedError, RuntimeError), match="(?i)forward|jvp"):
-        torch.func.jvp(fn, args, tangents)
-    import torch.autograd.forward_ad as fwAD
-
-    with fwAD.dual_level(), pytest.raises((NotImplementedError, RuntimeError), match="(?i)forward|jvp"):
-        fn(fwAD.make_dual(args[0], tangents[0]), *args[1:])
-
-
-def test_unrolled_sinkhorn_cost_supports_forward_mode_ad():
-    # grad="unrolled" is a loop of torch ops: forward mode works there (against reverse mode).
-    c = _randn(3, 4).abs()
-    direction = _randn(3, 4)
-    fn = lambda c: fastloss.sinkhorn_cost(c, eps=0.5, max_iter=50, grad="unrolled")  # noqa: E731
-    _, jvp = torch.func.jvp(fn, (c,), (direction,))
-    cr = c.clone().requires_grad_()
-    (g,) = torch.autograd.grad(fn(cr), cr)
-    torch.testing.assert_close(jvp, (g * direction).sum(), rtol=1e-10, atol=1e-12)
 
 
 META_CASES = {

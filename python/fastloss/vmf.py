@@ -16,7 +16,7 @@ from typing import Union
 
 import torch
 
-from .ops._guards import forbid_forward_ad
+from .ops._func import transform_function, transforms_active
 
 TensorOrNumber = Union[torch.Tensor, float]
 
@@ -32,6 +32,12 @@ def _as_float_tensor(value: TensorOrNumber) -> torch.Tensor:
     return t if t.is_floating_point() else t.to(torch.get_default_dtype())
 
 
+def _call(name: str, t: torch.Tensor, *args) -> torch.Tensor:
+    if transforms_active(t):
+        return _TRANSFORM_FUNCTIONS[name].apply(t, *args)
+    return getattr(torch.ops.fastloss, name).default(t, *args)
+
+
 def vmf_log_normalizer(kappa: TensorOrNumber, p: int) -> torch.Tensor:
     """log C_p(kappa), the log normalizing constant of the vMF density on S^(p-1) in R^p
     (differentiable in kappa three times: d/dkappa = -A_p(kappa), computed as A_p itself, not
@@ -41,15 +47,13 @@ def vmf_log_normalizer(kappa: TensorOrNumber, p: int) -> torch.Tensor:
     I_nu, so no nu log kappa terms cancel."""
     p = _check_p("vmf_log_normalizer", p)
     kappa = _as_float_tensor(kappa)
-    forbid_forward_ad("vmf_log_normalizer", kappa)
-    return torch.ops.fastloss.vmf_log_normalizer.default(kappa, p)
+    return _call("vmf_log_normalizer", kappa, p)
 
 
 def _mean_resultant(kappa: torch.Tensor, p: int, derivative: int = 0) -> torch.Tensor:
     """A_p(kappa) or its first or second derivative (differentiable up to A_p''), any kappa:
     negative and NaN give NaN."""
-    forbid_forward_ad("vmf_mean_resultant", kappa)
-    return torch.ops.fastloss.vmf_mean_resultant.default(kappa, p, derivative)
+    return _call("vmf_mean_resultant", kappa, p, derivative)
 
 
 def vmf_mean_resultant(kappa: TensorOrNumber, p: int) -> torch.Tensor:
@@ -67,16 +71,14 @@ def _mean_resultant_slope(kappa: torch.Tensor, p: int) -> torch.Tensor:
 
 def _mean_resultant_complement(kappa: torch.Tensor, p: int) -> torch.Tensor:
     """1 - A_p(kappa) to full relative precision (1 - A itself loses it as A -> 1)."""
-    forbid_forward_ad("vmf_mean_resultant", kappa)
-    return torch.ops.fastloss.vmf_mean_resultant_complement.default(kappa, p)
+    return _call("vmf_mean_resultant_complement", kappa, p)
 
 
 def _vmf_entropy(kappa: torch.Tensor, p: int) -> torch.Tensor:
     """-log C_p(kappa) - kappa A_p(kappa), differentiable (-kappa A_p'). Both terms grow like
     kappa: the op sums the expansion in which they cancel exactly, so the entropy keeps its
     precision at any kappa (the plain difference is 0 at kappa = 1e18, p = 3)."""
-    forbid_forward_ad("vmf_entropy", kappa)
-    return torch.ops.fastloss.vmf_entropy.default(kappa, p)
+    return _call("vmf_entropy", kappa, p)
 
 
 def vmf_kappa_mle(rbar: TensorOrNumber, p: int, iterations: int = 10) -> torch.Tensor:
@@ -94,8 +96,7 @@ def vmf_kappa_mle(rbar: TensorOrNumber, p: int, iterations: int = 10) -> torch.T
     if isinstance(iterations, bool) or not isinstance(iterations, numbers.Integral) or not 1 <= iterations <= 1000:
         raise ValueError(f"fastloss.vmf_kappa_mle: expected 'iterations' to be an int in [1, 1000], got {iterations!r}")
     rbar = _as_float_tensor(rbar)
-    forbid_forward_ad("vmf_kappa_mle", rbar)
-    return torch.ops.fastloss.vmf_kappa_mle.default(rbar, p, int(iterations))
+    return _call("vmf_kappa_mle", rbar, p, int(iterations))
 
 
 def _elementwise_fake(name: str, arg: str):
@@ -108,4 +109,63 @@ def _elementwise_fake(name: str, arg: str):
 for _name, _arg in (("vmf_mean_resultant", "kappa"), ("vmf_mean_resultant_complement", "kappa"),
                     ("vmf_entropy", "kappa"), ("vmf_log_normalizer", "kappa"), ("vmf_kappa_mle", "rbar")):
     torch.library.register_fake(f"fastloss::{_name}")(_elementwise_fake(_name, _arg))
-# Autograd is registered in C++ (csrc/autograd.cpp).
+# Autograd is registered in C++ (csrc/autograd.cpp); under torch.func transforms and forward-mode
+# AD the wrappers use the functions below (see ops/_func.py), with the same derivatives.
+
+
+def _slope(kappa: torch.Tensor, p: int) -> torch.Tensor:
+    return _TRANSFORM_FUNCTIONS["vmf_mean_resultant"].apply(kappa, p, 1)
+
+
+def _mean_resultant_derivative(kappa, p, derivative):
+    if derivative >= 2:
+        raise NotImplementedError("fastloss.vmf_mean_resultant: the third derivative of A_p is not implemented "
+                                  "(A_p, A_p' and A_p'' are differentiable up to there)")
+    return _TRANSFORM_FUNCTIONS["vmf_mean_resultant"].apply(kappa, p, derivative + 1)
+
+
+def _entropy_derivative(kappa, p):
+    slope = _slope(kappa, p)  # -kappa A_p', 0 at kappa = inf (where A_p' = 0)
+    return -torch.where(slope == 0, torch.zeros_like(slope), kappa * slope)
+
+
+# name -> (derivative in the op's tensor argument, whether that derivative is a function of
+# the op's output rather than its input)
+_DERIVATIVES = {
+    "vmf_mean_resultant": (_mean_resultant_derivative, False),
+    "vmf_mean_resultant_complement": (lambda kappa, p: -_slope(kappa, p), False),
+    "vmf_entropy": (_entropy_derivative, False),
+    "vmf_log_normalizer": (lambda kappa, p: -_TRANSFORM_FUNCTIONS["vmf_mean_resultant"].apply(kappa, p, 0), False),
+    "vmf_kappa_mle": (lambda kappa, p, _iterations: 1 / _slope(kappa, p), True),  # implicit function theorem
+}
+
+
+def _make_transform_function(name: str):
+    derivative, of_output = _DERIVATIVES[name]
+
+    def setup(ctx, inputs, output):
+        ctx.args = inputs[1:]
+        saved = output if of_output else inputs[0]
+        ctx.save_for_backward(saved)
+        ctx.save_for_forward(saved)
+
+    def backward(ctx, grad):
+        return (grad * derivative(ctx.saved_tensors[0], *ctx.args),) + (None,) * len(ctx.args)
+
+    def jvp(ctx, tangent, *_args):
+        return tangent * derivative(ctx.saved_tensors[0], *ctx.args)
+
+    return transform_function(name, getattr(torch.ops.fastloss, name).default, setup, backward, jvp)
+
+
+_TRANSFORM_FUNCTIONS = {name: _make_transform_function(name) for name in _DERIVATIVES}
+
+
+def _elementwise_vmap(op):
+    def rule(info, in_dims, t, *args):
+        return op(t, *args), in_dims[0]
+    return rule
+
+
+for _name in _DERIVATIVES:
+    torch.library.register_vmap(f"fastloss::{_name}")(_elementwise_vmap(getattr(torch.ops.fastloss, _name).default))

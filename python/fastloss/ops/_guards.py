@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import torch
-import torch.autograd.forward_ad as fwAD
 
 
 def check_same_device(op: str, **tensors) -> None:
@@ -16,16 +15,3 @@ def check_same_device(op: str, **tensors) -> None:
         if t.device != ref.device:
             raise RuntimeError(f"fastloss.{op}: '{arg}' must be on the device of '{ref_arg}' ({ref.device}), got {t.device}")
 
-
-def forbid_forward_ad(op: str, *tensors) -> None:
-    """Forward-mode AD (torch.func.jvp and jacfwd, forward_ad dual tensors) has no rule in
-    fastloss: for the ops whose autograd is registered from Python torch would drop the tangents
-    and return zero derivatives without a word (those with C++ autograd raise a torch error that
-    does not name the op)."""
-    if fwAD._current_level < 0 or torch.compiler.is_compiling():
-        return
-    for t in tensors:
-        if isinstance(t, torch.Tensor) and fwAD.unpack_dual(t).tangent is not None:
-            raise NotImplementedError(
-                f"fastloss.{op}: forward-mode AD (torch.func.jvp / jacfwd, forward_ad dual tensors) is not "
-                "supported; use reverse mode (loss.backward() or torch.autograd.grad)")

@@ -12,7 +12,8 @@ from typing import Dict, Optional, Tuple, Union
 import torch
 
 from ._double_backward import forbid_double_backward
-from ._guards import check_same_device, forbid_forward_ad
+from ._func import forbid_transforms
+from ._guards import check_same_device
 
 _REDUCTIONS = ("mean", "sum", "none")
 
@@ -180,7 +181,7 @@ def linear_cross_entropy(
     if tuple(targets.shape) != tuple(lead):
         raise ValueError(f"fastloss.linear_cross_entropy: 'targets' must have hidden's leading shape "
                          f"{tuple(lead)}, got {tuple(targets.shape)}")
-    forbid_forward_ad("linear_cross_entropy", hidden, classifier, bias)
+    forbid_transforms("linear_cross_entropy", hidden, classifier, bias)
     hidden, classifier, bias = _autocast(hidden, classifier, bias)
     eps = resolve_filter_eps(filter_eps, hidden.dtype)
     if shift:

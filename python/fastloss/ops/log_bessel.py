@@ -9,7 +9,8 @@ import torch
 
 from .. import _C
 from ._direct import direct_call_ok
-from ._guards import check_same_device, forbid_forward_ad
+from ._func import broadcast_front, no_derivative, transform_function, transforms_active
+from ._guards import check_same_device
 
 Number = Union[int, float]
 TensorOrNumber = Union[torch.Tensor, int, float]
@@ -71,7 +72,8 @@ def log_bessel_iv(v: TensorOrNumber, x: TensorOrNumber) -> torch.Tensor:
     ``v`` and ``x``: d/dx log I_v(x) = v/x + I_(v+1)(x)/I_v(x).
     """
     v, x = _as_tensors("log_bessel_iv", v, x)
-    forbid_forward_ad("log_bessel_iv", v, x)
+    if transforms_active(v, x):
+        return _TRANSFORM_FUNCTIONS["iv"].apply(v, x)
     if direct_call_ok(v, x):
         return _C.log_bessel_iv(v, x)
     return torch.ops.fastloss.log_bessel_iv.default(v, x)
@@ -84,7 +86,8 @@ def log_bessel_kv(v: TensorOrNumber, x: TensorOrNumber) -> torch.Tensor:
     d/dx log K_v(x) = v/x - K_(v+1)(x)/K_v(x).
     """
     v, x = _as_tensors("log_bessel_kv", v, x)
-    forbid_forward_ad("log_bessel_kv", v, x)
+    if transforms_active(v, x):
+        return _TRANSFORM_FUNCTIONS["kv"].apply(v, x)
     if direct_call_ok(v, x):
         return _C.log_bessel_kv(v, x)
     return torch.ops.fastloss.log_bessel_kv.default(v, x)
@@ -105,4 +108,46 @@ def _grad_fake(v: torch.Tensor, x: torch.Tensor):
 for _name in ("log_bessel_iv", "log_bessel_kv"):
     torch.library.register_fake(f"fastloss::{_name}")(_forward_fake)
     torch.library.register_fake(f"fastloss::{_name}_grad")(_grad_fake)
-# Autograd is registered in C++ (csrc/autograd.cpp).
+# Autograd is registered in C++ (csrc/autograd.cpp); under torch.func transforms and forward-mode
+# AD the wrappers use the functions below (see _func.py).
+
+
+def _make_transform_function(kind: str):
+    name = f"log_bessel_{kind}"
+    op = getattr(torch.ops.fastloss, name).default
+    grad_op = getattr(torch.ops.fastloss, f"{name}_grad").default
+    second = no_derivative(f"fastloss.{name}", "a second derivative (hessian, jacrev of jacrev, double backward)")
+    grad_fn = transform_function(f"{name}_grad", grad_op, lambda ctx, inputs, output: None, second, second)
+
+    def setup(ctx, inputs, output):
+        ctx.save_for_backward(*inputs)
+        ctx.save_for_forward(*inputs)
+
+    def backward(ctx, grad):
+        v, x = ctx.saved_tensors
+        d_dv, d_dx = grad_fn.apply(v, x)
+        grad_v = (grad * d_dv).sum_to_size(v.shape) if ctx.needs_input_grad[0] else None
+        grad_x = (grad * d_dx).sum_to_size(x.shape) if ctx.needs_input_grad[1] else None
+        return grad_v, grad_x
+
+    def jvp(ctx, tangent_v, tangent_x):
+        v, x = ctx.saved_tensors
+        d_dv, d_dx = grad_fn.apply(v, x)
+        terms = [d * t for d, t in ((d_dv, tangent_v), (d_dx, tangent_x)) if t is not None]
+        return terms[0] if len(terms) == 1 else terms[0] + terms[1]
+
+    return transform_function(name, op, setup, backward, jvp)
+
+
+_TRANSFORM_FUNCTIONS = {"iv": _make_transform_function("iv"), "kv": _make_transform_function("kv")}
+
+
+def _elementwise_vmap(op):
+    def rule(info, in_dims, v, x):
+        out = op(*broadcast_front((v, x), in_dims))
+        return out, (0,) * len(out) if isinstance(out, tuple) else 0
+    return rule
+
+
+for _name in ("log_bessel_iv", "log_bessel_kv", "log_bessel_iv_grad", "log_bessel_kv_grad"):
+    torch.library.register_vmap(f"fastloss::{_name}")(_elementwise_vmap(getattr(torch.ops.fastloss, _name).default))

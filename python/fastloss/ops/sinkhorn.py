@@ -9,7 +9,8 @@ from typing import NamedTuple, Optional, Tuple
 
 import torch
 
-from ._guards import check_same_device, forbid_forward_ad
+from ._func import forbid_transforms
+from ._guards import check_same_device
 
 _GRAD_MODES = ("envelope", "unrolled")
 
@@ -128,7 +129,7 @@ def sinkhorn(
     cost3, a2, b2, eps, max_iter, tol, error_norm, batched = _prepare(
         "sinkhorn", cost, a, b, eps, max_iter, tol, error_norm
     )
-    forbid_forward_ad("sinkhorn", cost3, a2, b2)  # its results carry no derivative of either mode
+    forbid_transforms("sinkhorn", cost3, a2, b2)  # its results carry no derivative of either mode
     plan, alpha, beta, value, n_iter, err = torch.ops.fastloss.sinkhorn.default(
         cost3, a2, b2, eps, max_iter, tol, error_norm
     )
@@ -171,7 +172,7 @@ def sinkhorn_cost(
         "sinkhorn_cost", cost, a, b, eps, max_iter, tol, error_norm
     )
     if grad == "envelope":
-        forbid_forward_ad("sinkhorn_cost", cost3, a2, b2)
+        forbid_transforms("sinkhorn_cost", cost3, a2, b2)
         value = torch.ops.fastloss.sinkhorn.default(cost3, a2, b2, eps, max_iter, tol, error_norm)[3]
     else:
         value = _unrolled_value(cost3, a2, b2, eps, max_iter, tol, error_norm)
@@ -335,7 +336,7 @@ def sinkhorn_kd_loss(
     _check_tensor("sinkhorn_kd_loss", "student_logits", student_logits)
     _check_tensor("sinkhorn_kd_loss", "teacher_logits", teacher_logits)
     temperature, eps, n_iter, scale = check_kd_options("sinkhorn_kd_loss", temperature, eps, n_iter, scale)
-    forbid_forward_ad("sinkhorn_kd_loss", student_logits, teacher_logits)
+    forbid_transforms("sinkhorn_kd_loss", student_logits, teacher_logits)
     return torch.ops.fastloss.sinkhorn_kd.default(student_logits, teacher_logits, temperature, eps, n_iter, scale)[0]
 
 

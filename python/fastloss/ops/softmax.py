@@ -10,7 +10,8 @@ import torch
 
 from .. import _C
 from ._direct import direct_call_ok
-from ._guards import check_same_device, forbid_forward_ad
+from ._func import batch_front, batched_dim, transform_function, transforms_active
+from ._guards import check_same_device
 
 _HALF_TYPES = (torch.float16, torch.bfloat16)
 
@@ -18,7 +19,6 @@ _HALF_TYPES = (torch.float16, torch.bfloat16)
 def _dispatch(op, direct, name: str, input: torch.Tensor, dim: int, dtype: Optional[torch.dtype]):
     if not isinstance(input, torch.Tensor):
         raise TypeError(f"fastloss.{name}: expected 'input' to be a torch.Tensor, got {type(input).__name__}")
-    forbid_forward_ad(name, input)
     if isinstance(dim, bool) or not isinstance(dim, numbers.Integral):
         raise TypeError(f"fastloss.{name}: expected 'dim' to be an int, got {dim!r}")
     dim = int(dim)
@@ -35,6 +35,8 @@ def _dispatch(op, direct, name: str, input: torch.Tensor, dim: int, dtype: Optio
     elif not input.is_floating_point():
         raise TypeError(f"fastloss.{name}: expected 'input' to be a floating-point tensor (or a floating 'dtype'), "
                         f"got {input.dtype}")
+    if transforms_active(input):
+        return _TRANSFORM_FUNCTIONS[name].apply(input, dim, half_to_float)
     if direct_call_ok(input):
         return direct(input, dim, half_to_float)
     return op(input, dim, half_to_float)
@@ -80,4 +82,90 @@ for _name in ("softmax", "log_softmax"):
 
 
 # Autograd (and double backward through the backward ops) is registered in C++
-# (csrc/autograd.cpp): a Python registration would add ~30 us to every call.
+# (csrc/autograd.cpp): a Python registration would add ~30 us to every call. Under torch.func
+# transforms and forward-mode AD the wrappers use the functions below (see _func.py).
+
+
+def _make_transform_functions(log: bool):
+    name = "log_softmax" if log else "softmax"
+    op = _LOG_SOFTMAX if log else _SOFTMAX
+    backward_op = getattr(torch.ops.fastloss, f"{name}_backward").default
+
+    def setup(ctx, inputs, output):
+        x, dim, _half_to_float = inputs
+        ctx.dim, ctx.input_dtype = dim, x.dtype
+        ctx.save_for_backward(output)
+        ctx.save_for_forward(output)
+
+    def backward(ctx, grad):
+        (y,) = ctx.saved_tensors
+        return backward_fn.apply(grad.to(y.dtype), y, ctx.dim, ctx.input_dtype), None, None
+
+    def jvp(ctx, tangent, _dim, _half_to_float):
+        (y,) = ctx.saved_tensors
+        t = tangent.to(y.dtype)
+        if log:  # t - sum(softmax * t)
+            return t - (y.exp() * t).sum(ctx.dim, keepdim=True)
+        return y * (t - (y * t).sum(ctx.dim, keepdim=True))
+
+    def backward_setup(ctx, inputs, output):
+        g, y, dim, _input_dtype = inputs
+        ctx.dim = dim
+        ctx.save_for_backward(g, y)
+        ctx.save_for_forward(g, y)
+
+    # The backward op as a function of (g, y), as in csrc/autograd.cpp:
+    # softmax: dx = y (g - sum(g y)); log-softmax: dx = g - exp(y) sum(g).
+    def backward_backward(ctx, u):
+        g, y = ctx.saved_tensors
+        u = u.to(y.dtype)
+        d = ctx.dim
+        if log:
+            p = y.exp()
+            return u - (u * p).sum(d, keepdim=True), -u * p * g.sum(d, keepdim=True), None, None
+        grad_g = backward_fn.apply(u, y, d, y.dtype)
+        grad_y = u * (g - (g * y).sum(d, keepdim=True)) - g * (u * y).sum(d, keepdim=True)
+        return grad_g, grad_y, None, None
+
+    def backward_jvp(ctx, tg, ty, _dim, input_dtype):
+        g, y = ctx.saved_tensors
+        d = ctx.dim
+        tg = torch.zeros_like(g) if tg is None else tg.to(y.dtype)
+        ty = torch.zeros_like(y) if ty is None else ty.to(y.dtype)
+        if log:
+            out = tg - y.exp() * (ty * g.sum(d, keepdim=True) + tg.sum(d, keepdim=True))
+        else:
+            out = ty * (g - (g * y).sum(d, keepdim=True)) + y * (tg - (tg * y + g * ty).sum(d, keepdim=True))
+        return out.to(input_dtype)
+
+    backward_fn = transform_function(f"{name}_backward", backward_op, backward_setup, backward_backward, backward_jvp)
+    return transform_function(name, op, setup, backward, jvp)
+
+
+_TRANSFORM_FUNCTIONS = {"softmax": _make_transform_functions(False), "log_softmax": _make_transform_functions(True)}
+
+
+def _forward_vmap(op, name):
+    def rule(info, in_dims, x, dim, half_to_float=False):
+        x = batch_front(x, in_dims[0], info.batch_size)
+        if x.dim() == 1:  # 0-d rows
+            return op(x.unsqueeze(1), batched_dim(name, dim, 0), half_to_float).squeeze(1), 0
+        return op(x, batched_dim(name, dim, x.dim() - 1), half_to_float), 0
+    return rule
+
+
+def _backward_vmap(op, name):
+    def rule(info, in_dims, g, y, dim, input_dtype):
+        g = batch_front(g, in_dims[0], info.batch_size)
+        y = batch_front(y, in_dims[1], info.batch_size)
+        if y.dim() == 1:
+            return op(g.unsqueeze(1), y.unsqueeze(1), batched_dim(name, dim, 0), input_dtype).squeeze(1), 0
+        return op(g, y, batched_dim(name, dim, y.dim() - 1), input_dtype), 0
+    return rule
+
+
+for _name in ("softmax", "log_softmax"):
+    _op = getattr(torch.ops.fastloss, _name).default
+    _bop = getattr(torch.ops.fastloss, f"{_name}_backward").default
+    torch.library.register_vmap(f"fastloss::{_name}")(_forward_vmap(_op, _name))
+    torch.library.register_vmap(f"fastloss::{_name}_backward")(_backward_vmap(_bop, _name))

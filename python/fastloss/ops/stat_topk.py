@@ -4,12 +4,14 @@ kernels and autograd for ``torch.ops.fastloss.stat_topk`` and ``stat_topk_gelu_m
 from __future__ import annotations
 
 import numbers
+import statistics
 from typing import Optional, Tuple, Union
 
 import torch
 
 from ._double_backward import forbid_double_backward
-from ._guards import check_same_device, forbid_forward_ad
+from ._func import batch_front, batched_dim, no_derivative, transform_function, transforms_active
+from ._guards import check_same_device
 
 _MODES = ("soft", "hard")
 
@@ -84,11 +86,14 @@ def stat_topk(
     NaN at the NaN (hard), like the eager formula; other rows are unaffected.
     """
     _check_tensor("stat_topk", "x", x)
-    forbid_forward_ad("stat_topk", x)
     if mode not in _MODES:
         raise ValueError(f"fastloss.stat_topk: 'mode' must be 'soft' or 'hard', got {mode!r}")
     s = resolve_sparsity("stat_topk", _row_length("stat_topk", x, dim), sparsity, k)
-    y, theta, _mean, _std = torch.ops.fastloss.stat_topk.default(x, dim, s, mode == "hard", bool(threshold_grad))
+    args = (x, dim, s, mode == "hard", bool(threshold_grad))
+    if transforms_active(x):
+        y, theta, _mean, _std = _STAT_TOPK_FN.apply(*args)
+    else:
+        y, theta, _mean, _std = torch.ops.fastloss.stat_topk.default(*args)
     if not return_threshold:
         return y
     return y, (theta if threshold_grad else theta.detach())
@@ -111,11 +116,13 @@ def stat_topk_gelu_mul(
     """
     _check_tensor("stat_topk_gelu_mul", "gate", gate)
     _check_tensor("stat_topk_gelu_mul", "up", up)
-    forbid_forward_ad("stat_topk_gelu_mul", gate, up)
     if gate.dim() == 0:
         raise ValueError("fastloss.stat_topk_gelu_mul: 'gate' must have at least one dimension")
     s = resolve_sparsity("stat_topk_gelu_mul", gate.shape[-1], sparsity, k)
-    out, _theta, _mean, _std = torch.ops.fastloss.stat_topk_gelu_mul.default(gate, up, s, bool(threshold_grad))
+    if transforms_active(gate, up):
+        out, _theta, _mean, _std = _GELU_MUL_FN.apply(gate, up, s, bool(threshold_grad))
+    else:
+        out, _theta, _mean, _std = torch.ops.fastloss.stat_topk_gelu_mul.default(gate, up, s, bool(threshold_grad))
     return out
 
 
@@ -196,3 +203,130 @@ def _gelu_mul_backward(ctx, grad_out, _grad_theta, _grad_mean, _grad_std):
 torch.library.register_autograd("fastloss::stat_topk_gelu_mul", _gelu_mul_backward, setup_context=_gelu_mul_setup)
 forbid_double_backward("stat_topk_backward", "fastloss.stat_topk")
 forbid_double_backward("stat_topk_gelu_mul_backward", "fastloss.stat_topk_gelu_mul")
+
+
+# --------------------------------------------------------------------------------------------
+# torch.func transforms and forward-mode AD (see _func.py): the same backward ops, and the
+# tangents written out (theta's: mean(t) + z mean((x - mean) t) / std, the std term 0 for a
+# constant row, as in the backward).
+
+
+def _theta_tangent(t, x, mean, std, dim, sparsity):
+    z = statistics.NormalDist().inv_cdf(sparsity)
+    deviation = ((x - mean) * t).mean(dim, keepdim=True)
+    spread = torch.where(std > 0, deviation / torch.where(std > 0, std, torch.ones_like(std)), torch.zeros_like(std))
+    return t.mean(dim, keepdim=True) + z * spread
+
+
+def _stat_topk_jvp(ctx, t, *_args):
+    x, theta, mean, std = ctx.saved_tensors
+    shape = x.shape
+    # A 0-d x is one row of one element (as its statistics are 0-d).
+    xa, ta, theta, mean, std = (u.to(mean.dtype).reshape(u.shape or (1,)) for u in (x, t, theta, mean, std))
+    dtheta = _theta_tangent(ta, xa, mean, std, ctx.dim, ctx.sparsity)
+    direct = ta if ctx.hard or not ctx.threshold_grad else ta - dtheta
+    dy = torch.where(xa > theta, direct, torch.zeros_like(direct))
+    return dy.to(x.dtype).reshape(shape), dtheta.reshape(mean.shape if shape else ()), None, None
+
+
+def _stat_topk_transform_setup(ctx, inputs, output):
+    _stat_topk_setup(ctx, inputs, output)
+    ctx.save_for_forward(inputs[0], *output[1:])
+
+
+def _stat_topk_transform_backward(ctx, grad_y, grad_theta, _grad_mean, _grad_std):
+    x, theta, mean, std = ctx.saved_tensors
+    dx = _STAT_TOPK_BACKWARD_FN.apply(grad_y.to(x.dtype), grad_theta.to(mean.dtype), x, theta, mean, std, ctx.dim,
+                                      ctx.sparsity, ctx.hard, ctx.threshold_grad)
+    return dx, None, None, None, None
+
+
+def _gelu_tanh_and_slope(h):
+    """gelu_tanh(h) and its derivative for h >= 0, as the kernel (slope's h capped at 8)."""
+    k, c = 0.79788456080286535588, 0.044715
+    s = torch.sigmoid(2 * k * (h + c * h * h * h))
+    hc = h.clamp(max=8)
+    return h * s, s + 2 * hc * s * (1 - s) * k * (1 + 3 * c * hc * hc)
+
+
+def _gelu_mul_jvp(ctx, t_gate, t_up, *_args):
+    gate, up, theta, mean, std = ctx.saved_tensors
+    acc = mean.dtype
+    g, u = gate.to(acc), up.to(acc)
+    h = torch.relu(g - theta)
+    gelu, slope = _gelu_tanh_and_slope(h)
+    out = torch.zeros_like(g)
+    if t_gate is not None:
+        tg = t_gate.to(acc)
+        if ctx.threshold_grad:
+            tg = tg - _theta_tangent(tg, g, mean, std, -1, ctx.sparsity)
+        out = out + torch.where(g - theta > 0, slope * tg, torch.zeros_like(tg)) * u
+    if t_up is not None:
+        out = out + gelu * t_up.to(acc)
+    return out.to(gate.dtype), None, None, None
+
+
+def _gelu_mul_transform_setup(ctx, inputs, output):
+    _gelu_mul_setup(ctx, inputs, output)
+    ctx.save_for_forward(*inputs[:2], *output[1:])
+
+
+def _gelu_mul_transform_backward(ctx, grad_out, _grad_theta, _grad_mean, _grad_std):
+    gate, up, theta, mean, std = ctx.saved_tensors
+    dgate, dup = _GELU_MUL_BACKWARD_FN.apply(grad_out.to(gate.dtype), gate, up, theta, mean, std, ctx.sparsity,
+                                             ctx.threshold_grad)
+    return dgate, dup, None, None
+
+
+def _no_second(public_name):
+    return no_derivative(public_name, "a second derivative (hessian, jacrev of jacrev, double backward)")
+
+
+_STAT_TOPK_BACKWARD_FN = transform_function(
+    "stat_topk_backward", torch.ops.fastloss.stat_topk_backward.default, lambda ctx, inputs, output: None,
+    _no_second("fastloss.stat_topk"), _no_second("fastloss.stat_topk"))
+_GELU_MUL_BACKWARD_FN = transform_function(
+    "stat_topk_gelu_mul_backward", torch.ops.fastloss.stat_topk_gelu_mul_backward.default,
+    lambda ctx, inputs, output: None, _no_second("fastloss.stat_topk_gelu_mul"),
+    _no_second("fastloss.stat_topk_gelu_mul"))
+_STAT_TOPK_FN = transform_function("stat_topk", torch.ops.fastloss.stat_topk.default, _stat_topk_transform_setup,
+                                   _stat_topk_transform_backward, _stat_topk_jvp)
+_GELU_MUL_FN = transform_function("stat_topk_gelu_mul", torch.ops.fastloss.stat_topk_gelu_mul.default,
+                                  _gelu_mul_transform_setup, _gelu_mul_transform_backward, _gelu_mul_jvp)
+
+
+# Batching rules: every tensor argument batched at the front (unbatched ones expanded).
+
+
+@torch.library.register_vmap("fastloss::stat_topk")
+def _stat_topk_vmap(info, in_dims, x, dim, sparsity, hard=False, threshold_grad=True):
+    x = batch_front(x, in_dims[0], info.batch_size)
+    if x.dim() == 1:  # 0-d rows
+        out = torch.ops.fastloss.stat_topk.default(x.unsqueeze(1), 1, sparsity, hard, threshold_grad)
+        return tuple(o.squeeze(1) for o in out), (0, 0, 0, 0)
+    out = torch.ops.fastloss.stat_topk.default(x, batched_dim("stat_topk", dim, x.dim() - 1), sparsity, hard,
+                                               threshold_grad)
+    return out, (0, 0, 0, 0)
+
+
+@torch.library.register_vmap("fastloss::stat_topk_backward")
+def _stat_topk_backward_vmap(info, in_dims, grad_y, grad_theta, x, theta, mean, std, dim, sparsity, hard,
+                             threshold_grad):
+    tensors = [batch_front(t, d, info.batch_size) for t, d in zip((grad_y, grad_theta, x, theta, mean, std), in_dims)]
+    if tensors[2].dim() == 1:
+        tensors = [None if t is None else t.unsqueeze(1) for t in tensors]
+        return torch.ops.fastloss.stat_topk_backward.default(*tensors, 1, sparsity, hard, threshold_grad).squeeze(1), 0
+    d = batched_dim("stat_topk", dim, tensors[2].dim() - 1)
+    return torch.ops.fastloss.stat_topk_backward.default(*tensors, d, sparsity, hard, threshold_grad), 0
+
+
+@torch.library.register_vmap("fastloss::stat_topk_gelu_mul")
+def _gelu_mul_vmap(info, in_dims, gate, up, sparsity, threshold_grad=True):
+    gate, up = (batch_front(t, d, info.batch_size) for t, d in zip((gate, up), in_dims))
+    return torch.ops.fastloss.stat_topk_gelu_mul.default(gate, up, sparsity, threshold_grad), (0, 0, 0, 0)
+
+
+@torch.library.register_vmap("fastloss::stat_topk_gelu_mul_backward")
+def _gelu_mul_backward_vmap(info, in_dims, grad_out, gate, up, theta, mean, std, sparsity, threshold_grad):
+    tensors = [batch_front(t, d, info.batch_size) for t, d in zip((grad_out, gate, up, theta, mean, std), in_dims)]
+    return torch.ops.fastloss.stat_topk_gelu_mul_backward.default(*tensors, sparsity, threshold_grad), (0, 0)

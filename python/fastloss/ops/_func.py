@@ -1,0 +1,127 @@
+"""torch.func transforms (grad, vjp, jacrev, jacfwd, hessian, jvp, vmap) and forward-mode AD.
+
+On the eager path fastloss differentiates through autograd kernels written in C++
+(csrc/autograd.cpp) or registered with ``torch.library.register_autograd``; torch.func's grad
+and jvp transforms accept neither, and neither has a forward-mode rule. So while a transform is
+running, or an argument carries a forward-mode tangent, a wrapper calls its op through a
+``torch.autograd.Function`` built by :func:`transform_function` instead: it has a
+``setup_context``, a backward written with functions that are themselves transformable, a
+``jvp``, and a vmap rule that torch generates from the ops' batching rules (registered with
+``torch.library.register_vmap`` next to each op). Outside transforms nothing here runs.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Optional, Sequence
+
+import torch
+import torch.autograd.forward_ad as fwAD
+from torch._C._functorch import TransformType
+from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
+
+
+def _has_tangent(tensors) -> bool:
+    if fwAD._current_level < 0:
+        return False
+    return any(isinstance(t, torch.Tensor) and fwAD.unpack_dual(t).tangent is not None for t in tensors)
+
+
+def transforms_active(*tensors) -> bool:
+    """Whether a torch.func transform is running or an argument is a forward-AD dual tensor:
+    then the op must go through its transform function. (torch.compile folds the first test
+    to a constant, so torch.compile(torch.func.grad(f)) takes the transform path too.)"""
+    if torch._C._are_functorch_transforms_active():
+        return True
+    return fwAD._current_level >= 0 and not torch.compiler.is_compiling() and _has_tangent(tensors)
+
+
+def forbid_transforms(op: str, *tensors) -> None:
+    """For the ops without transform rules: a clear error under torch.func's grad and jvp
+    transforms and with forward-AD dual tensors (torch would raise an error that does not
+    name the op, or, for forward AD through a Python autograd registration, drop the tangents
+    and return zero derivatives without a word). vmap alone works (torch loops over the batch)."""
+    if torch.compiler.is_compiling():
+        return
+    if torch._C._are_functorch_transforms_active() and any(
+            i.key() in (TransformType.Grad, TransformType.Jvp) for i in retrieve_all_functorch_interpreters()):
+        raise NotImplementedError(
+            f"fastloss.{op}: torch.func's grad, vjp, jacrev, jacfwd and jvp transforms are not supported for this "
+            "op; use loss.backward() or torch.autograd.grad (torch.func.vmap works)")
+    if _has_tangent(tensors):
+        raise NotImplementedError(
+            f"fastloss.{op}: forward-mode AD (forward_ad dual tensors) is not supported for this op; use reverse "
+            "mode (loss.backward() or torch.autograd.grad)")
+
+
+def no_derivative(public_name: str, what: str) -> Callable:
+    """A backward or jvp that raises: the function has no derivative of this order here."""
+
+    def raise_not_implemented(ctx, *args):
+        raise NotImplementedError(f"{public_name}: {what} is not implemented")
+
+    return raise_not_implemented
+
+
+def transform_function(name: str, op, setup_context: Callable, backward: Callable,
+                       jvp: Optional[Callable] = None) -> type:
+    """A torch.autograd.Function that calls ``op`` below autograd, for use under transforms.
+    ``backward`` and ``jvp`` must call only transformable functions (other transform functions
+    and torch ops), so that the transforms nest (jacrev(jacrev), hessian, vmap(grad))."""
+
+    def forward(*args):
+        with torch._C._AutoDispatchBelowAutograd():
+            return op(*args)
+
+    def checked_jvp(ctx, *tangents):
+        # torch.autograd.Function's jvp rule sees its saved tensors without an enclosing
+        # forward-mode level's tangents, so forward over forward would be silently wrong.
+        if sum(i.key() == TransformType.Jvp for i in retrieve_all_functorch_interpreters()) > 1:
+            raise NotImplementedError(
+                f"fastloss.{name}: nested forward-mode AD (jacfwd(jacfwd(f)), jvp of jvp) is not supported; for "
+                "second derivatives use jacfwd(jacrev(f)) (torch.func.hessian) or jacrev(jacrev(f))")
+        return jvp(ctx, *tangents)
+
+    return type(name, (torch.autograd.Function,), {
+        "generate_vmap_rule": True,
+        "forward": staticmethod(forward),
+        "setup_context": staticmethod(setup_context),
+        "backward": staticmethod(backward),
+        "jvp": staticmethod(checked_jvp if jvp else no_derivative(f"fastloss.{name}", "forward-mode AD (jvp, jacfwd)")),
+    })
+
+
+# --------------------------------------------------------------------------------------------
+# Batching-rule helpers: the rules move the vmapped dimension of every argument to the front.
+
+
+def batch_front(t: Optional[torch.Tensor], bdim: Optional[int], batch_size: int) -> Optional[torch.Tensor]:
+    """``t`` with its batch dimension first; an unbatched tensor is expanded (a view)."""
+    if t is None:
+        return None
+    if bdim is None:
+        return t.expand(batch_size, *t.shape)
+    return t.movedim(bdim, 0)
+
+
+def batched_dim(op: str, dim: int, logical_rank: int) -> int:
+    """The physical dimension of logical ``dim`` once the batch dimension is first (0-d rows
+    have been made (B, 1) by the caller); IndexError like the op's for a bad dim."""
+    rank = max(logical_rank, 1)
+    if not -rank <= dim < rank:
+        raise IndexError(f"fastloss.{op}: 'dim' out of range: expected a value in [{-rank}, {rank - 1}] "
+                         f"for a {logical_rank}-d tensor, got {dim}")
+    return dim % rank + 1
+
+
+def broadcast_front(tensors: Sequence[torch.Tensor], in_dims: Sequence[Optional[int]]):
+    """Elementwise arguments with their batch dimension first and the logical dimensions
+    right-aligned, so that the op's own broadcasting lines them up: a batched tensor of lower
+    logical rank gets size-1 dimensions after the batch dimension; unbatched ones stay."""
+    rank = max(t.dim() - (d is not None) for t, d in zip(tensors, in_dims))
+    out = []
+    for t, d in zip(tensors, in_dims):
+        if d is not None:
+            t = t.movedim(d, 0)
+            t = t.reshape(t.shape[0], *([1] * (rank + 1 - t.dim())), *t.shape[1:])
+        out.append(t)
+    return out

@@ -1,0 +1,266 @@
+"""torch.func transforms (grad, vjp, jacrev, jacfwd, hessian, jvp, vmap and their nestings)
+and forward-mode AD through the fastloss ops, against eager autograd (reverse mode) and, for
+softmax, against torch itself."""
+
+import warnings
+
+import pytest
+import torch
+import torch.autograd.forward_ad as fwAD
+from torch.func import grad, hessian, jacfwd, jacrev, jvp, vjp, vmap
+
+import fastloss
+from fastloss import vmf
+
+
+def _randn(*shape, device="cpu"):
+    return torch.randn(*shape, dtype=torch.float64, device=device)
+
+
+def _positive(*shape, device="cpu", scale=10.0):
+    return torch.rand(*shape, dtype=torch.float64, device=device) * scale + 0.05
+
+
+# name -> (function of tensors, inputs(device), whether a second derivative exists)
+CASES = {
+    "softmax": (lambda x: fastloss.softmax(x, dim=-1), lambda d: (_randn(3, 7, device=d),), True),
+    "softmax_dim0": (lambda x: fastloss.softmax(x, dim=0), lambda d: (_randn(3, 7, device=d),), True),
+    "log_softmax": (lambda x: fastloss.log_softmax(x, dim=1), lambda d: (_randn(3, 7, 2, device=d),), True),
+    "log_bessel_iv": (fastloss.log_bessel_iv, lambda d: (_positive(4, 1, device=d), _positive(4, 5, device=d)), False),
+    "log_bessel_kv": (fastloss.log_bessel_kv, lambda d: (_randn(5, device=d), _positive(5, device=d)), False),
+    "vmf_log_normalizer": (lambda k: fastloss.vmf_log_normalizer(k, 5), lambda d: (_positive(6, device=d),), True),
+    "vmf_mean_resultant": (lambda k: fastloss.vmf_mean_resultant(k, 40), lambda d: (_positive(6, device=d),), True),
+    # A_p' has one more derivative, A_p'' (A_p''' is not implemented).
+    "vmf_mean_resultant_slope": (lambda k: vmf._mean_resultant_slope(k, 3), lambda d: (_positive(6, device=d),),
+                                 False),
+    "vmf_mean_resultant_complement": (lambda k: vmf._mean_resultant_complement(k, 3),
+                                      lambda d: (_positive(6, device=d),), True),
+    "vmf_entropy": (lambda k: vmf._vmf_entropy(k, 8), lambda d: (_positive(6, device=d),), True),
+    "vmf_kappa_mle": (lambda r: fastloss.vmf_kappa_mle(r, 16),
+                      lambda d: (_positive(6, device=d, scale=0.9),), True),
+    "stat_topk_soft": (lambda x: fastloss.stat_topk(x, sparsity=0.7), lambda d: (_randn(3, 40, device=d),), False),
+    "stat_topk_hard_dim0": (lambda x: fastloss.stat_topk(x, sparsity=0.6, dim=0, mode="hard"),
+                            lambda d: (_randn(30, 3, device=d),), False),
+    "stat_topk_constant_threshold": (lambda x: fastloss.stat_topk(x, k=9, threshold_grad=False),
+                                     lambda d: (_randn(3, 40, device=d),), False),
+    "stat_topk_threshold": (lambda x: fastloss.stat_topk(x, sparsity=0.7, return_threshold=True)[1],
+                            lambda d: (_randn(3, 40, device=d),), False),
+    "stat_topk_gelu_mul": (lambda g, u: fastloss.stat_topk_gelu_mul(g, u, 0.6),
+                           lambda d: (_randn(3, 40, device=d), _randn(3, 40, device=d)), False),
+}
+
+SECOND_ORDER = [name for name, case in CASES.items() if case[2]]
+FIRST_ORDER_ONLY = [name for name, case in CASES.items() if not case[2]]
+
+
+def _reverse(fn, args, weight):
+    """J^T weight for every argument, by eager autograd (the reference)."""
+    leaves = [a.clone().requires_grad_() for a in args]
+    return torch.autograd.grad((fn(*leaves) * weight).sum(), leaves)
+
+
+def _no_vmap_fallback():
+    """Turns torch's warning for an op without a batching rule into an error."""
+    ctx = warnings.catch_warnings()
+    ctx.__enter__()
+    warnings.filterwarnings("error", message=".*performance drop.*")
+    return ctx
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_reverse_mode_transforms_match_autograd(name, device):
+    fn, make, _ = CASES[name]
+    args = make(device)
+    weight = torch.randn_like(fn(*args))
+    expected = _reverse(fn, args, weight)
+    argnums = tuple(range(len(args)))
+    got = grad(lambda *a: (fn(*a) * weight).sum(), argnums=argnums)(*args)
+    _, pullback = vjp(fn, *args)
+    got_vjp = pullback(weight)
+    jac = jacrev(fn, argnums=argnums)(*args)
+    got_jac = [(j * weight.reshape(weight.shape + (1,) * a.dim())).sum(tuple(range(weight.dim())))
+               for j, a in zip(jac, args)]
+    for g, v, j, e in zip(got, got_vjp, got_jac, expected):
+        # The same backward kernels (the MLE's 1 / A' multiplies where the C++ autograd divides).
+        torch.testing.assert_close(g, e, rtol=1e-15, atol=0)
+        torch.testing.assert_close(v, e, rtol=1e-15, atol=0)
+        torch.testing.assert_close(j, e, rtol=1e-13, atol=1e-14)
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_forward_mode_matches_reverse_mode(name, device):
+    # <weight, J t> = <J^T weight, t>, through torch.func.jvp and through forward_ad dual tensors.
+    fn, make, _ = CASES[name]
+    args = make(device)
+    tangents = tuple(torch.randn_like(a) for a in args)
+    out, jt = jvp(fn, args, tangents)
+    torch.testing.assert_close(out, fn(*args), rtol=0, atol=0)
+    weight = torch.randn_like(out)
+    expected = sum((g * t).sum() for g, t in zip(_reverse(fn, args, weight), tangents))
+    torch.testing.assert_close((jt * weight).sum(), expected, rtol=1e-12, atol=1e-12)
+    with fwAD.dual_level():
+        dual_out = fn(*(fwAD.make_dual(a, t) for a, t in zip(args, tangents)))
+        torch.testing.assert_close(fwAD.unpack_dual(dual_out).tangent, jt, rtol=0, atol=0)
+    argnums = tuple(range(len(args)))
+    for f, r in zip(jacfwd(fn, argnums=argnums)(*args), jacrev(fn, argnums=argnums)(*args)):
+        torch.testing.assert_close(f, r, rtol=1e-12, atol=1e-12)
+
+
+def test_stat_topk_tangent_matches_finite_differences():
+    # An independent check of the threshold's tangent (mean(t) + z mean((x - mean) t) / std).
+    x, up, tx, tu = (_randn(3, 50) for _ in range(4))
+    h = 1e-6
+    for fn in (lambda a, b: fastloss.stat_topk(a, sparsity=0.6) * b,
+               lambda a, b: fastloss.stat_topk_gelu_mul(a, b, 0.6)):
+        _, jt = jvp(fn, (x, up), (tx, tu))
+        fd = (fn(x + h * tx, up + h * tu) - fn(x - h * tx, up - h * tu)) / (2 * h)
+        torch.testing.assert_close(jt, fd, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_vmap_matches_a_loop_without_falling_back(name, device):
+    fn, make, _ = CASES[name]
+    args = make(device)
+    batched = [torch.stack([a, 0.5 * a, a.flip(0)]) for a in args]
+    expected = torch.stack([fn(*[b[i] for b in batched]) for i in range(3)])
+    ctx = _no_vmap_fallback()
+    try:
+        torch.testing.assert_close(vmap(fn)(*batched), expected, rtol=0, atol=0)
+        moved = [b.movedim(0, -1) for b in batched]
+        torch.testing.assert_close(vmap(fn, in_dims=-1)(*moved), expected, rtol=0, atol=0)
+        if len(args) == 2:  # one argument batched, the other shared
+            got = vmap(fn, in_dims=(0, None))(batched[0], args[1])
+            torch.testing.assert_close(got, torch.stack([fn(b, args[1]) for b in batched[0]]), rtol=0, atol=0)
+            got = vmap(fn, in_dims=(None, 0))(args[0], batched[1])
+            torch.testing.assert_close(got, torch.stack([fn(args[0], b) for b in batched[1]]), rtol=0, atol=0)
+    finally:
+        ctx.__exit__(None, None, None)
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_per_sample_gradients(name, device):
+    # vmap(grad(f)): the usual per-sample-gradient idiom.
+    fn, make, _ = CASES[name]
+    args = make(device)
+    batched = [torch.stack([a, 0.75 * a]) for a in args]
+    loss = lambda *a: fn(*a).square().sum()  # noqa: E731
+    argnums = tuple(range(len(args)))
+    ctx = _no_vmap_fallback()
+    try:
+        got = vmap(grad(loss, argnums=argnums))(*batched)
+    finally:
+        ctx.__exit__(None, None, None)
+    for i in range(2):
+        sample = [b[i] for b in batched]
+        leaves = [s.clone().requires_grad_() for s in sample]
+        expected = torch.autograd.grad(loss(*leaves), leaves)
+        for g, e in zip(got, expected):
+            torch.testing.assert_close(g[i], e, rtol=1e-13, atol=1e-14)
+
+
+@pytest.mark.parametrize("name", SECOND_ORDER)
+def test_second_derivatives_match_double_backward(name):
+    fn, make, _ = CASES[name]
+    (x,) = make("cpu")
+    loss = lambda a: fn(a).pow(3).sum()  # noqa: E731
+    leaf = x.clone().requires_grad_()
+    (g,) = torch.autograd.grad(loss(leaf), leaf, create_graph=True)
+    direction = torch.randn_like(x)
+    (expected,) = torch.autograd.grad((g * direction).sum(), leaf)  # H direction
+    for transform in (hessian, lambda f: jacrev(jacrev(f)), lambda f: jacrev(jacfwd(f))):
+        h = transform(loss)(x)
+        got = (h.reshape(x.numel(), x.numel()) @ direction.reshape(-1)).reshape(x.shape)
+        torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("log", [False, True])
+@pytest.mark.parametrize("dim", [0, -1])
+def test_softmax_transforms_match_torch(log, dim):
+    ours = (lambda x: fastloss.log_softmax(x, dim)) if log else (lambda x: fastloss.softmax(x, dim))
+    ref = (lambda x: torch.log_softmax(x, dim)) if log else (lambda x: torch.softmax(x, dim))
+    x = _randn(4, 6)
+    for transform in (jacrev, jacfwd, lambda f: hessian(lambda a: f(a).pow(2).sum()), vmap,
+                      lambda f: vmap(jacrev(f))):
+        torch.testing.assert_close(transform(ours)(x), transform(ref)(x), rtol=1e-12, atol=1e-14)
+
+
+def test_softmax_half_to_float_under_transforms():
+    x = torch.randn(3, 8, dtype=torch.bfloat16)
+    fn = lambda a: fastloss.softmax(a, dtype=torch.float32)  # noqa: E731
+    assert vmap(fn)(x).dtype == torch.float32
+    g = grad(lambda a: fn(a)[:, 0].sum())(x)
+    assert g.dtype == torch.bfloat16
+    leaf = x.clone().requires_grad_()
+    torch.testing.assert_close(g, torch.autograd.grad(fn(leaf)[:, 0].sum(), leaf)[0], rtol=0, atol=0)
+    _, t = jvp(fn, (x,), (torch.ones_like(x),))
+    assert t.dtype == torch.float32
+
+
+def test_vmap_of_zero_dim_rows():
+    x = _randn(5)
+    torch.testing.assert_close(vmap(lambda a: fastloss.softmax(a, 0))(x), torch.ones_like(x))
+    torch.testing.assert_close(vmap(lambda a: fastloss.stat_topk(a, sparsity=0.5))(x), torch.zeros_like(x))
+    with pytest.raises(IndexError, match="fastloss.softmax: 'dim' out of range"):
+        vmap(lambda a: fastloss.softmax(a, 1))(x)
+
+
+@pytest.mark.parametrize("name", FIRST_ORDER_ONLY)
+def test_missing_second_derivatives_raise(name):
+    fn, make, _ = CASES[name]
+    args = make("cpu")
+    loss = lambda a: fn(a, *args[1:]).pow(2).sum()  # noqa: E731
+    for transform in (hessian, lambda f: jacrev(jacrev(f))):
+        with pytest.raises(NotImplementedError, match="(second|third) derivative"):
+            transform(loss)(args[0])
+
+
+def test_nested_forward_mode_raises():
+    # autograd.Function's jvp rule does not see an enclosing forward level's tangents: the
+    # result would be silently wrong, so it raises.
+    with pytest.raises(NotImplementedError, match="nested forward-mode"):
+        jacfwd(jacfwd(lambda a: fastloss.softmax(a, -1)))(_randn(4))
+
+
+UNSUPPORTED = {
+    "linear_cross_entropy": (lambda h, c: fastloss.linear_cross_entropy(h, c, torch.tensor([1, 2, 0])),
+                             lambda: (_randn(3, 4), _randn(5, 4))),
+    "sinkhorn_cost": (lambda c: fastloss.sinkhorn_cost(c, eps=0.1), lambda: (_randn(3, 4).abs(),)),
+    "sinkhorn": (lambda c: fastloss.sinkhorn(c, eps=0.1).plan, lambda: (_randn(3, 4).abs(),)),
+    "sinkhorn_kd_loss": (lambda s: fastloss.sinkhorn_kd_loss(s, _randn(4, 3)), lambda: (_randn(4, 3),)),
+}
+
+
+@pytest.mark.parametrize("name", list(UNSUPPORTED))
+def test_ops_without_transform_rules_raise_and_name_the_op(name):
+    # torch's own errors here do not name the op, and forward mode through a Python autograd
+    # registration returned zero derivatives (sinkhorn_cost's directional derivative was 1, not 0).
+    fn, make = UNSUPPORTED[name]
+    args = make()
+    tangents = tuple(torch.ones_like(a) for a in args)
+    with pytest.raises(NotImplementedError, match=f"fastloss.{name}: torch.func"):
+        grad(lambda *a: fn(*a).sum())(*args)
+    with pytest.raises(NotImplementedError, match=f"fastloss.{name}: torch.func"):
+        jvp(fn, args, tangents)
+    with fwAD.dual_level(), pytest.raises(NotImplementedError, match=f"fastloss.{name}: forward-mode"):
+        fn(fwAD.make_dual(args[0], tangents[0]), *args[1:])
+
+
+def test_unsupported_ops_still_vmap():
+    hidden, classifier = _randn(2, 3, 4), _randn(5, 4)
+    targets = torch.tensor([1, 2, 0])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch loops over the batch, and says so
+        got = vmap(lambda h: fastloss.linear_cross_entropy(h, classifier, targets))(hidden)
+    torch.testing.assert_close(got, torch.stack([fastloss.linear_cross_entropy(h, classifier, targets)
+                                                 for h in hidden]))
+
+
+def test_unrolled_sinkhorn_cost_supports_forward_mode_ad():
+    # grad="unrolled" is a loop of torch ops: forward mode works there (against reverse mode).
+    c = _randn(3, 4).abs()
+    direction = _randn(3, 4)
+    fn = lambda c: fastloss.sinkhorn_cost(c, eps=0.5, max_iter=50, grad="unrolled")  # noqa: E731
+    _, t = jvp(fn, (c,), (direction,))
+    cr = c.clone().requires_grad_()
+    (g,) = torch.autograd.grad(fn(cr), cr)
+    torch.testing.assert_close(t, (g * direction).sum(), rtol=1e-10, atol=1e-12)
