@@ -49,8 +49,25 @@ CASES = {
                            lambda d: (_randn(3, 40, device=d), _randn(3, 40, device=d)), False),
 }
 
+_TARGETS = torch.tensor([[1, 2, -100, 0, 12], [3, 3, 7, 11, 0]])
+
+# Reverse mode only (grad, vjp, jacrev, vmap): forward mode raises.
+REVERSE_ONLY = {
+    "linear_cross_entropy": (lambda h, c: fastloss.linear_cross_entropy(h, c, _TARGETS.to(h.device)),
+                             lambda d: (_randn(2, 5, 4, device=d), _randn(13, 4, device=d)), False),
+    "linear_cross_entropy_options": (
+        lambda h, c, b: fastloss.linear_cross_entropy(h, c, _TARGETS.to(h.device), b, reduction="none", softcap=2.0,
+                                                      label_smoothing=0.1, z_loss=1e-3, shift=True),
+        lambda d: (_randn(2, 5, 4, device=d), _randn(13, 4, device=d), _randn(13, device=d)), False),
+    "sinkhorn_kd_loss": (lambda s, t: fastloss.sinkhorn_kd_loss(s, t, n_iter=7),
+                         lambda d: (_randn(6, 5, device=d), _randn(6, 5, device=d)), False),
+    "sinkhorn_cost": (lambda c, a: fastloss.sinkhorn_cost(c, a / a.sum(), eps=0.2, tol=1e-12),
+                      lambda d: (_positive(3, 4, 5, device=d), _positive(4, device=d)), False),
+}
+ALL = {**CASES, **REVERSE_ONLY}
+
 SECOND_ORDER = [name for name, case in CASES.items() if case[2]]
-FIRST_ORDER_ONLY = [name for name, case in CASES.items() if not case[2]]
+FIRST_ORDER_ONLY = [name for name, case in ALL.items() if not case[2]]
 
 
 def _reverse(fn, args, weight):
@@ -67,9 +84,9 @@ def _no_vmap_fallback():
     return ctx
 
 
-@pytest.mark.parametrize("name", list(CASES))
+@pytest.mark.parametrize("name", list(ALL))
 def test_reverse_mode_transforms_match_autograd(name, device):
-    fn, make, _ = CASES[name]
+    fn, make, _ = ALL[name]
     args = make(device)
     weight = torch.randn_like(fn(*args))
     expected = _reverse(fn, args, weight)
@@ -78,8 +95,8 @@ def test_reverse_mode_transforms_match_autograd(name, device):
     _, pullback = vjp(fn, *args)
     got_vjp = pullback(weight)
     jac = jacrev(fn, argnums=argnums)(*args)
-    got_jac = [(j * weight.reshape(weight.shape + (1,) * a.dim())).sum(tuple(range(weight.dim())))
-               for j, a in zip(jac, args)]
+    got_jac = [(j * weight.reshape(weight.shape + (1,) * a.dim())).flatten(0, weight.dim() - 1).sum(0)
+               if weight.dim() else j * weight for j, a in zip(jac, args)]
     for g, v, j, e in zip(got, got_vjp, got_jac, expected):
         # The same backward kernels (the MLE's 1 / A' multiplies where the C++ autograd divides).
         torch.testing.assert_close(g, e, rtol=1e-15, atol=0)
@@ -117,9 +134,9 @@ def test_stat_topk_tangent_matches_finite_differences():
         torch.testing.assert_close(jt, fd, rtol=1e-6, atol=1e-7)
 
 
-@pytest.mark.parametrize("name", list(CASES))
+@pytest.mark.parametrize("name", list(ALL))
 def test_vmap_matches_a_loop_without_falling_back(name, device):
-    fn, make, _ = CASES[name]
+    fn, make, _ = ALL[name]
     args = make(device)
     batched = [torch.stack([a, 0.5 * a, a.flip(0)]) for a in args]
     expected = torch.stack([fn(*[b[i] for b in batched]) for i in range(3)])
@@ -137,10 +154,10 @@ def test_vmap_matches_a_loop_without_falling_back(name, device):
         ctx.__exit__(None, None, None)
 
 
-@pytest.mark.parametrize("name", list(CASES))
+@pytest.mark.parametrize("name", list(ALL))
 def test_per_sample_gradients(name, device):
     # vmap(grad(f)): the usual per-sample-gradient idiom.
-    fn, make, _ = CASES[name]
+    fn, make, _ = ALL[name]
     args = make(device)
     batched = [torch.stack([a, 0.75 * a]) for a in args]
     loss = lambda *a: fn(*a).square().sum()  # noqa: E731
@@ -206,11 +223,11 @@ def test_vmap_of_zero_dim_rows():
 
 @pytest.mark.parametrize("name", FIRST_ORDER_ONLY)
 def test_missing_second_derivatives_raise(name):
-    fn, make, _ = CASES[name]
+    fn, make, _ = ALL[name]
     args = make("cpu")
     loss = lambda a: fn(a, *args[1:]).pow(2).sum()  # noqa: E731
     for transform in (hessian, lambda f: jacrev(jacrev(f))):
-        with pytest.raises(NotImplementedError, match="(second|third) derivative"):
+        with pytest.raises(NotImplementedError, match="(second|third) derivative|envelope|forward-mode"):
             transform(loss)(args[0])
 
 
@@ -221,38 +238,33 @@ def test_nested_forward_mode_raises():
         jacfwd(jacfwd(lambda a: fastloss.softmax(a, -1)))(_randn(4))
 
 
-UNSUPPORTED = {
-    "linear_cross_entropy": (lambda h, c: fastloss.linear_cross_entropy(h, c, torch.tensor([1, 2, 0])),
-                             lambda: (_randn(3, 4), _randn(5, 4))),
-    "sinkhorn_cost": (lambda c: fastloss.sinkhorn_cost(c, eps=0.1), lambda: (_randn(3, 4).abs(),)),
-    "sinkhorn": (lambda c: fastloss.sinkhorn(c, eps=0.1).plan, lambda: (_randn(3, 4).abs(),)),
-    "sinkhorn_kd_loss": (lambda s: fastloss.sinkhorn_kd_loss(s, _randn(4, 3)), lambda: (_randn(4, 3),)),
-}
-
-
-@pytest.mark.parametrize("name", list(UNSUPPORTED))
-def test_ops_without_transform_rules_raise_and_name_the_op(name):
+@pytest.mark.parametrize("name", list(REVERSE_ONLY))
+def test_forward_mode_raises_where_there_is_no_rule(name):
     # torch's own errors here do not name the op, and forward mode through a Python autograd
     # registration returned zero derivatives (sinkhorn_cost's directional derivative was 1, not 0).
-    fn, make = UNSUPPORTED[name]
-    args = make()
+    fn, make, _ = REVERSE_ONLY[name]
+    args = make("cpu")
     tangents = tuple(torch.ones_like(a) for a in args)
-    with pytest.raises(NotImplementedError, match=f"fastloss.{name}: torch.func"):
-        grad(lambda *a: fn(*a).sum())(*args)
-    with pytest.raises(NotImplementedError, match=f"fastloss.{name}: torch.func"):
+    public = "sinkhorn" if name == "sinkhorn_cost" else name.replace("_options", "")
+    with pytest.raises(NotImplementedError, match=f"fastloss.{public}: forward-mode"):
         jvp(fn, args, tangents)
-    with fwAD.dual_level(), pytest.raises(NotImplementedError, match=f"fastloss.{name}: forward-mode"):
+    with fwAD.dual_level(), pytest.raises(NotImplementedError, match=f"fastloss.{public}: forward-mode"):
         fn(fwAD.make_dual(args[0], tangents[0]), *args[1:])
 
 
-def test_unsupported_ops_still_vmap():
-    hidden, classifier = _randn(2, 3, 4), _randn(5, 4)
-    targets = torch.tensor([1, 2, 0])
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # torch loops over the batch, and says so
-        got = vmap(lambda h: fastloss.linear_cross_entropy(h, classifier, targets))(hidden)
-    torch.testing.assert_close(got, torch.stack([fastloss.linear_cross_entropy(h, classifier, targets)
-                                                 for h in hidden]))
+def test_sinkhorn_results_are_constants_under_transforms():
+    c = _positive(4, 5)
+    g = grad(lambda x: fastloss.sinkhorn(x, eps=0.2).plan.sum() + x.sum())(c)
+    torch.testing.assert_close(g, torch.ones_like(c))
+    torch.testing.assert_close(vmap(lambda x: fastloss.sinkhorn(x, eps=0.2).plan)(c[None]), fastloss.sinkhorn(c[None], eps=0.2).plan)
+
+
+def test_vocab_parallel_cross_entropy_under_transforms_raises():
+    h, c = _randn(3, 4), _randn(5, 4)
+    fn = lambda x: fastloss.linear_cross_entropy(x, c, torch.tensor([1, 2, 0]), process_group=object())  # noqa: E731
+    for transform in (grad, vmap, lambda f: (lambda x: jvp(f, (x,), (x,)))):
+        with pytest.raises(NotImplementedError, match="fastloss.linear_cross_entropy: torch.func .* process_group"):
+            transform(fn)(h)
 
 
 def test_unrolled_sinkhorn_cost_supports_forward_mode_ad():

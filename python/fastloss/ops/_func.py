@@ -6,8 +6,9 @@ and jvp transforms accept neither, and neither has a forward-mode rule. So while
 running, or an argument carries a forward-mode tangent, a wrapper calls its op through a
 ``torch.autograd.Function`` built by :func:`transform_function` instead: it has a
 ``setup_context``, a backward written with functions that are themselves transformable, a
-``jvp``, and a vmap rule that torch generates from the ops' batching rules (registered with
-``torch.library.register_vmap`` next to each op). Outside transforms nothing here runs.
+``jvp`` where the op has one, and a vmap rule that torch generates from the ops' batching rules
+(registered with ``torch.library.register_vmap`` next to each op). Outside transforms nothing
+here runs but :func:`transforms_active`.
 """
 
 from __future__ import annotations
@@ -35,21 +36,16 @@ def transforms_active(*tensors) -> bool:
     return fwAD._current_level >= 0 and not torch.compiler.is_compiling() and _has_tangent(tensors)
 
 
-def forbid_transforms(op: str, *tensors) -> None:
-    """For the ops without transform rules: a clear error under torch.func's grad and jvp
-    transforms and with forward-AD dual tensors (torch would raise an error that does not
-    name the op, or, for forward AD through a Python autograd registration, drop the tangents
-    and return zero derivatives without a word). vmap alone works (torch loops over the batch)."""
+def forbid_transforms(op: str, case: str, *tensors) -> None:
+    """For a case without transform rules (``case`` says which): a clear error under torch.func
+    transforms and with forward-AD dual tensors, where torch's own error would not name the op
+    (or, for forward AD through a Python autograd registration, torch would drop the tangents
+    and return zero derivatives without a word)."""
     if torch.compiler.is_compiling():
         return
-    if torch._C._are_functorch_transforms_active() and any(
-            i.key() in (TransformType.Grad, TransformType.Jvp) for i in retrieve_all_functorch_interpreters()):
+    if torch._C._are_functorch_transforms_active() or _has_tangent(tensors):
         raise NotImplementedError(
-            f"fastloss.{op}: torch.func's grad, vjp, jacrev, jacfwd and jvp transforms are not supported for this "
-            "op; use loss.backward() or torch.autograd.grad (torch.func.vmap works)")
-    if _has_tangent(tensors):
-        raise NotImplementedError(
-            f"fastloss.{op}: forward-mode AD (forward_ad dual tensors) is not supported for this op; use reverse "
+            f"fastloss.{op}: torch.func transforms and forward-mode AD are not supported {case}; use reverse "
             "mode (loss.backward() or torch.autograd.grad)")
 
 
@@ -125,3 +121,20 @@ def broadcast_front(tensors: Sequence[torch.Tensor], in_dims: Sequence[Optional[
             t = t.reshape(t.shape[0], *([1] * (rank + 1 - t.dim())), *t.shape[1:])
         out.append(t)
     return out
+
+
+def loop_rule(op) -> Callable:
+    """A batching rule that calls ``op`` once per batch entry and stacks the results: for the
+    ops whose batch cannot be folded into their own dimensions (what torch's fallback does,
+    without its warning)."""
+
+    def rule(info, in_dims, *args):
+        results = []
+        for i in range(info.batch_size):
+            # (in_dims mirrors the arguments: a list argument has a list of Nones)
+            results.append(op(*(a.select(d, i) if isinstance(d, int) else a for a, d in zip(args, in_dims))))
+        if isinstance(results[0], tuple):
+            return tuple(torch.stack(r) for r in zip(*results)), (0,) * len(results[0])
+        return torch.stack(results), 0
+
+    return rule

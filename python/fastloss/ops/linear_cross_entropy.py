@@ -12,7 +12,7 @@ from typing import Dict, Optional, Tuple, Union
 import torch
 
 from ._double_backward import forbid_double_backward
-from ._func import forbid_transforms
+from ._func import batch_front, forbid_transforms, loop_rule, no_derivative, transform_function, transforms_active
 from ._guards import check_same_device
 
 _REDUCTIONS = ("mean", "sum", "none")
@@ -181,7 +181,9 @@ def linear_cross_entropy(
     if tuple(targets.shape) != tuple(lead):
         raise ValueError(f"fastloss.linear_cross_entropy: 'targets' must have hidden's leading shape "
                          f"{tuple(lead)}, got {tuple(targets.shape)}")
-    forbid_transforms("linear_cross_entropy", hidden, classifier, bias)
+    if process_group is not None:
+        forbid_transforms("linear_cross_entropy", "with a process_group (vocabulary-parallel)", hidden, classifier,
+                          bias)
     hidden, classifier, bias = _autocast(hidden, classifier, bias)
     eps = resolve_filter_eps(filter_eps, hidden.dtype)
     if shift:
@@ -194,8 +196,11 @@ def linear_cross_entropy(
     h2 = hidden.reshape(tokens, hidden.shape[-1])  # (-1, D) is ambiguous when D = 0
     t1 = targets.reshape(tokens)
     if process_group is None:
-        loss, lse = torch.ops.fastloss.linear_cross_entropy.default(
-            h2, classifier, t1, bias, int(ignore_index), cap, label_smoothing, z_loss, eps, deterministic)
+        args = (h2, classifier, t1, bias, int(ignore_index), cap, label_smoothing, z_loss, eps, deterministic)
+        if transforms_active(hidden, classifier, bias):
+            loss, lse = _TRANSFORM_FN.apply(*args)
+        else:
+            loss, lse = torch.ops.fastloss.linear_cross_entropy.default(*args)
     else:
         loss, lse = _VocabParallel.apply(h2, classifier, t1, bias, int(ignore_index), cap, label_smoothing, z_loss,
                                          eps, process_group, deterministic)
@@ -205,7 +210,7 @@ def linear_cross_entropy(
         loss = loss.sum()
     else:
         # Compared in int64: int32 targets against an ignore_index beyond int32 would wrap.
-        count = (t1.long() != ignore_index).sum().clamp_(min=1)
+        count = (t1.long() != ignore_index).sum().clamp(min=1)
         loss = loss.sum() / count
     if return_lse:
         return loss, lse.view(lead)
@@ -304,6 +309,59 @@ def _shard_backward(ctx, grad_lse_local, grad_linear):
 # preallocated outputs, which refused them.
 torch.library.register_autograd("fastloss::linear_cross_entropy_shard", _shard_backward, setup_context=_shard_setup)
 forbid_double_backward("linear_cross_entropy_backward", "fastloss.linear_cross_entropy")
+
+
+# --------------------------------------------------------------------------------------------
+# torch.func transforms (see _func.py): reverse mode through the same backward op; no
+# forward mode. A batch of token sets folds into the tokens when the classifier is shared.
+
+
+def _transform_backward(ctx, grad_loss, grad_lse):
+    hidden, classifier, targets, bias, lse = ctx.saved_tensors
+    ignore_index, softcap, label_smoothing, z_loss, filter_eps, deterministic = ctx.options
+    mask = [ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.has_bias and ctx.needs_input_grad[3]]
+    dh, dc, db = _BACKWARD_FN.apply(
+        grad_loss.to(lse.dtype), grad_lse.to(lse.dtype), hidden, classifier, targets, bias, lse, ignore_index,
+        softcap, label_smoothing, z_loss, filter_eps, mask, 0, -1, deterministic)
+    return (dh if mask[0] else None), (dc if mask[1] else None), None, (db if mask[2] else None), None, None, None, \
+        None, None, None
+
+
+_NO_SECOND = no_derivative("fastloss.linear_cross_entropy", "a second derivative (hessian, jacrev of jacrev, double backward)")
+_BACKWARD_FN = transform_function("linear_cross_entropy_backward", torch.ops.fastloss.linear_cross_entropy_backward.default,
+                                  lambda ctx, inputs, output: None, _NO_SECOND, _NO_SECOND)
+_TRANSFORM_FN = transform_function("linear_cross_entropy", torch.ops.fastloss.linear_cross_entropy.default, _setup,
+                                   _transform_backward)
+
+_FORWARD_LOOP = loop_rule(torch.ops.fastloss.linear_cross_entropy.default)
+_BACKWARD_LOOP = loop_rule(torch.ops.fastloss.linear_cross_entropy_backward.default)
+
+
+@torch.library.register_vmap("fastloss::linear_cross_entropy")
+def _forward_vmap(info, in_dims, hidden, classifier, targets, bias, *options):
+    if in_dims[1] is not None or in_dims[3] is not None:  # a classifier (or bias) per batch entry
+        return _FORWARD_LOOP(info, in_dims, hidden, classifier, targets, bias, *options)
+    h = batch_front(hidden, in_dims[0], info.batch_size)
+    t = batch_front(targets, in_dims[2], info.batch_size)
+    loss, lse = torch.ops.fastloss.linear_cross_entropy.default(
+        h.reshape(-1, h.shape[-1]), classifier, t.reshape(-1), bias, *options)
+    return (loss.view(t.shape), lse.view(t.shape)), (0, 0)
+
+
+@torch.library.register_vmap("fastloss::linear_cross_entropy_backward")
+def _backward_vmap(info, in_dims, grad_loss, grad_lse, hidden, classifier, targets, bias, lse, *options):
+    mask = options[5]
+    if mask[1] or mask[2] or in_dims[3] is not None or in_dims[5] is not None:
+        # d classifier per batch entry, or a classifier per batch entry: one call each.
+        return _BACKWARD_LOOP(info, in_dims, grad_loss, grad_lse, hidden, classifier, targets, bias, lse, *options)
+    h = batch_front(hidden, in_dims[2], info.batch_size)
+    tokens = h.shape[:-1]
+    flat = [None if t is None else batch_front(t, d, info.batch_size).reshape(-1)
+            for t, d in zip((grad_loss, grad_lse, targets, lse), (in_dims[0], in_dims[1], in_dims[4], in_dims[6]))]
+    dh, dc, db = torch.ops.fastloss.linear_cross_entropy_backward.default(
+        flat[0], flat[1], h.reshape(-1, h.shape[-1]), classifier, flat[2], bias, flat[3], *options)
+    batch = info.batch_size
+    return (dh.view(*tokens, h.shape[-1]), dc.expand(batch, *dc.shape), db.expand(batch, *db.shape)), (0, 0, 0)
 
 
 # --------------------------------------------------------------------------------------------

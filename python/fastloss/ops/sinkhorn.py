@@ -9,7 +9,7 @@ from typing import NamedTuple, Optional, Tuple
 
 import torch
 
-from ._func import forbid_transforms
+from ._func import batch_front, loop_rule, no_derivative, transform_function, transforms_active
 from ._guards import check_same_device
 
 _GRAD_MODES = ("envelope", "unrolled")
@@ -129,10 +129,7 @@ def sinkhorn(
     cost3, a2, b2, eps, max_iter, tol, error_norm, batched = _prepare(
         "sinkhorn", cost, a, b, eps, max_iter, tol, error_norm
     )
-    forbid_transforms("sinkhorn", cost3, a2, b2)  # its results carry no derivative of either mode
-    plan, alpha, beta, value, n_iter, err = torch.ops.fastloss.sinkhorn.default(
-        cost3, a2, b2, eps, max_iter, tol, error_norm
-    )
+    plan, alpha, beta, value, n_iter, err = _solve(cost3, a2, b2, eps, max_iter, tol, error_norm)
     # -inf at zero-mass entries whatever their potential (NaN for a padded row of +inf costs).
     a_log, b_log = torch.log(a2.to(alpha.dtype)), torch.log(b2.to(beta.dtype))
     f = torch.where(a2 == 0, a_log, alpha + eps * a_log)
@@ -172,16 +169,22 @@ def sinkhorn_cost(
         "sinkhorn_cost", cost, a, b, eps, max_iter, tol, error_norm
     )
     if grad == "envelope":
-        forbid_transforms("sinkhorn_cost", cost3, a2, b2)
-        value = torch.ops.fastloss.sinkhorn.default(cost3, a2, b2, eps, max_iter, tol, error_norm)[3]
+        value = _solve(cost3, a2, b2, eps, max_iter, tol, error_norm)[3]
     else:
         value = _unrolled_value(cost3, a2, b2, eps, max_iter, tol, error_norm)
     return value if batched else value.squeeze(0)
 
 
+def _solve(cost, a, b, eps, max_iter, tol, error_norm):
+    if transforms_active(cost, a, b):
+        return _SINKHORN_FN.apply(cost, a, b, eps, max_iter, tol, error_norm)
+    return torch.ops.fastloss.sinkhorn.default(cost, a, b, eps, max_iter, tol, error_norm)
+
+
 def _unrolled_value(cost, a, b, eps, max_iter, tol, error_norm):
     """The same iteration as the kernels, written with differentiable torch ops."""
-    if not torch.compiler.is_compiling() and a.device.type == "cpu":
+    # (The marginal checks branch on values, which torch.func.vmap cannot do.)
+    if not torch.compiler.is_compiling() and a.device.type == "cpu" and not torch._C._are_functorch_transforms_active():
         _check_marginals(a.detach(), b.detach())
     acc = _acc_dtype(cost.dtype)
     a = a.to(acc)
@@ -297,6 +300,48 @@ class _EnvelopeGrad(torch.autograd.Function):
 torch.library.register_autograd("fastloss::sinkhorn", _sinkhorn_backward, setup_context=_sinkhorn_setup_context)
 
 
+# Under torch.func transforms (see _func.py): the envelope gradient again. The plan and the
+# potentials stay differentiable outputs there, so that differentiating the gradient (a
+# Hessian) reaches this backward with their cotangents and raises, rather than treating them
+# as constants; sinkhorn() detaches them.
+def _sinkhorn_transform_setup(ctx, inputs, output):
+    cost, a, b = inputs[:3]
+    plan, alpha, beta, _value, n_iter, err = output
+    ctx.mark_non_differentiable(n_iter, err)
+    ctx.set_materialize_grads(False)
+    ctx.dtypes = (cost.dtype, a.dtype, b.dtype)
+    ctx.save_for_backward(plan, alpha, beta)
+
+
+def _sinkhorn_transform_backward(ctx, g_plan, g_alpha, g_beta, g_value, _g_n_iter, _g_err):
+    if g_plan is not None or g_alpha is not None or g_beta is not None:
+        raise NotImplementedError(_ENVELOPE_SECOND_DERIVATIVE)
+    plan, alpha, beta = ctx.saved_tensors
+    if g_value is None:
+        return (None,) * 7
+    cost_dtype, a_dtype, b_dtype = ctx.dtypes
+    g = g_value.to(plan.dtype)
+    needs = ctx.needs_input_grad
+    return ((g[:, None, None] * plan).to(cost_dtype) if needs[0] else None,
+            (g[:, None] * alpha).to(a_dtype) if needs[1] else None,
+            (g[:, None] * beta).to(b_dtype) if needs[2] else None, None, None, None, None)
+
+
+_ENVELOPE_SECOND_DERIVATIVE = (
+    "fastloss.sinkhorn_cost: the envelope gradient (grad='envelope') has no derivative of its own (it would need "
+    "the plan's derivative in the cost); use grad='unrolled' for second derivatives")
+_SINKHORN_FN = transform_function("sinkhorn", torch.ops.fastloss.sinkhorn.default, _sinkhorn_transform_setup,
+                                  _sinkhorn_transform_backward)
+
+
+@torch.library.register_vmap("fastloss::sinkhorn")
+def _sinkhorn_vmap(info, in_dims, cost, a, b, *options):
+    # The vmapped batch folds into the op's own batch of problems.
+    cost, a, b = (batch_front(t, d, info.batch_size) for t, d in zip((cost, a, b), in_dims))
+    out = torch.ops.fastloss.sinkhorn.default(cost.flatten(0, 1), a.flatten(0, 1), b.flatten(0, 1), *options)
+    return tuple(t.unflatten(0, cost.shape[:2]) for t in out), (0,) * 6
+
+
 # ---------------------------------------------------------------------------------------------
 # SinKD
 
@@ -336,8 +381,10 @@ def sinkhorn_kd_loss(
     _check_tensor("sinkhorn_kd_loss", "student_logits", student_logits)
     _check_tensor("sinkhorn_kd_loss", "teacher_logits", teacher_logits)
     temperature, eps, n_iter, scale = check_kd_options("sinkhorn_kd_loss", temperature, eps, n_iter, scale)
-    forbid_transforms("sinkhorn_kd_loss", student_logits, teacher_logits)
-    return torch.ops.fastloss.sinkhorn_kd.default(student_logits, teacher_logits, temperature, eps, n_iter, scale)[0]
+    args = (student_logits, teacher_logits, temperature, eps, n_iter, scale)
+    if transforms_active(student_logits, teacher_logits):
+        return _KD_FN.apply(*args)[0]
+    return torch.ops.fastloss.sinkhorn_kd.default(*args)[0]
 
 
 def _kd_fake(student, teacher, temperature, eps, n_iter, scale):
@@ -369,3 +416,33 @@ torch.library.register_fake("fastloss::sinkhorn_kd_backward")(_kd_backward_fake)
 
 
 # Autograd of sinkhorn_kd is registered in C++ (csrc/autograd.cpp).
+
+
+# Under torch.func transforms (see _func.py): the fused reverse sweep, first derivatives only
+# (the eager path's second derivatives recompute the formulation under create_graph=True).
+
+
+def _kd_transform_setup(ctx, inputs, output):
+    student, teacher, temperature, eps, _n_iter, scale = inputs
+    _loss, ps, pt, cost, x, y = output
+    ctx.mark_non_differentiable(ps, pt, cost, x, y)
+    ctx.options = (temperature, eps, scale)
+    ctx.dtypes = (student.dtype, teacher.dtype)
+    ctx.save_for_backward(ps, pt, cost, x, y)
+
+
+def _kd_transform_backward(ctx, g_loss, *_rest):
+    need_s, need_t = ctx.needs_input_grad[:2]
+    ds, dt = _KD_BACKWARD_FN.apply(g_loss, *ctx.saved_tensors, *ctx.options, need_s, need_t, *ctx.dtypes)
+    return (ds if need_s else None), (dt if need_t else None), None, None, None, None
+
+
+_KD_NO_SECOND = no_derivative("fastloss.sinkhorn_kd_loss", "a second derivative under torch.func transforms (hessian, "
+                              "jacrev of jacrev; eager double backward works)")
+_KD_BACKWARD_FN = transform_function("sinkhorn_kd_backward", torch.ops.fastloss.sinkhorn_kd_backward.default,
+                                     lambda ctx, inputs, output: None, _KD_NO_SECOND, _KD_NO_SECOND)
+_KD_FN = transform_function("sinkhorn_kd_loss", torch.ops.fastloss.sinkhorn_kd.default, _kd_transform_setup,
+                            _kd_transform_backward)
+# Each SinKD problem couples its whole batch (a B x B plan): a vmapped batch of them is a loop.
+torch.library.register_vmap("fastloss::sinkhorn_kd")(loop_rule(torch.ops.fastloss.sinkhorn_kd.default))
+torch.library.register_vmap("fastloss::sinkhorn_kd_backward")(loop_rule(torch.ops.fastloss.sinkhorn_kd_backward.default))
