@@ -87,6 +87,26 @@ def test_half_to_float(device, fn, ref_fn, dtype):
 
 
 @pytest.mark.parametrize("fn,ref_fn", OPS)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_autocast_output_dtype_as_torch(device, fn, ref_fn, dtype):
+    # Under CUDA autocast torch computes softmax / log_softmax in float32 (half in, float32
+    # out, half gradient); CPU autocast leaves them alone.
+    x = torch.randn(4, 300, device=device, dtype=dtype, requires_grad=True)
+    with torch.autocast(device_type=torch.device(device).type, dtype=dtype):
+        got, expected = fn(x, -1), ref_fn(x, -1)
+        explicit = fn(x, -1, dtype=dtype)  # an explicit dtype is respected, as torch's
+    assert got.dtype == expected.dtype
+    assert explicit.dtype == dtype
+    eps = torch.finfo(got.dtype).eps  # one rounding of the output apart
+    torch.testing.assert_close(got, expected, rtol=2 * eps, atol=2 * eps)
+    (g,) = torch.autograd.grad(got[:, :5].float().sum(), x)
+    (g_ref,) = torch.autograd.grad(expected[:, :5].float().sum(), x)
+    assert g.dtype == g_ref.dtype == dtype
+    eps = torch.finfo(dtype).eps
+    torch.testing.assert_close(g, g_ref, rtol=4 * eps, atol=4 * eps)
+
+
+@pytest.mark.parametrize("fn,ref_fn", OPS)
 def test_dtype_argument_casts_first(device, fn, ref_fn):
     x = torch.randn(4, 50, device=device)
     torch.testing.assert_close(fn(x, -1, dtype=torch.float64), ref_fn(x, -1, dtype=torch.float64))

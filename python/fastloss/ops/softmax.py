@@ -35,6 +35,10 @@ def _dispatch(op, direct, name: str, input: torch.Tensor, dim: int, dtype: Optio
     elif not input.is_floating_point():
         raise TypeError(f"fastloss.{name}: expected 'input' to be a floating-point tensor (or a floating 'dtype'), "
                         f"got {input.dtype}")
+    elif input.dtype in _HALF_TYPES and input.is_cuda and torch.is_autocast_enabled("cuda"):
+        # torch.autocast runs torch.softmax / log_softmax in float32 on CUDA (without an
+        # explicit dtype); here that is the fused half-in, float32-out pass.
+        half_to_float = True
     if transforms_active(input):
         return _TRANSFORM_FUNCTIONS[name].apply(input, dim, half_to_float)
     if direct_call_ok(input):
