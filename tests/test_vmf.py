@@ -694,3 +694,19 @@ def test_entropy_gradient_at_infinite_concentration():
     k = torch.tensor([math.inf, 1e300], dtype=torch.float64, requires_grad=True)
     (g,) = torch.autograd.grad(fastloss.vmf._vmf_entropy(k, 3).sum(), k)
     assert g.tolist() == [0.0, pytest.approx(-1e-300, rel=1e-12)]
+
+
+def test_sample_skips_the_reparameterization_derivative(monkeypatch):
+    # sample() runs rsample under no_grad: the derivative dw/dkappa (the costly part of rsample)
+    # would be thrown away.
+    import fastloss.distributions as distributions
+
+    def fail(*args, **kwargs):
+        raise AssertionError("w_kappa_derivative called under no_grad")
+
+    kappa = torch.tensor(5.0, dtype=torch.float64, requires_grad=True)
+    d = VonMisesFisher(torch.tensor([0.0, 0.6, 0.8], dtype=torch.float64), kappa)
+    monkeypatch.setattr(distributions, "w_kappa_derivative", fail)
+    assert d.sample((7,)).shape == (7, 3)
+    with pytest.raises(AssertionError, match="no_grad"):
+        d.rsample((7,))

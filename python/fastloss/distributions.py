@@ -203,7 +203,7 @@ class VonMisesFisher(Distribution):
         shape = self._extended_shape(sample_shape)
         w64 = self._sample_w(shape[:-1])
         w = w64.to(self.concentration.dtype)
-        if self.concentration.requires_grad:
+        if self.concentration.requires_grad and torch.is_grad_enabled():  # (sample() runs under no_grad)
             kappa = self.concentration.expand(shape[:-1])
             # At the float64 w: where float32 rounds w to 1 (large kappa) the derivative is 0.
             dw = w_kappa_derivative(w64, kappa.detach(), self.p).to(w.dtype)
