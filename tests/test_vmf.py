@@ -710,3 +710,54 @@ def test_sample_skips_the_reparameterization_derivative(monkeypatch):
     assert d.sample((7,)).shape == (7, 3)
     with pytest.raises(AssertionError, match="no_grad"):
         d.rsample((7,))
+
+
+def _sample_w_pairs(p, n=200, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    kappa = torch.exp(torch.empty(n, dtype=torch.float64).uniform_(math.log(1e-2), math.log(1e5), generator=g))
+    loc = torch.zeros(p, dtype=torch.float64)
+    loc[0] = 1
+    torch.manual_seed(seed)
+    w = VonMisesFisher(loc, kappa).sample()[:, 0]
+    return w, kappa
+
+
+def test_sample_w_derivative_op_edges_dtypes_and_errors(device):
+    op = torch.ops.fastloss.vmf_sample_w_derivative.default
+    w, kappa = (t.to(device) for t in _sample_w_pairs(16))
+    expected = op(w, kappa, 16)
+    assert torch.isfinite(expected).all() and (expected != 0).any()
+    # float32 in, float32 out: evaluated in double, rounded once (CPU) / from float32 math (CUDA)
+    got32 = op(w.float(), kappa.float(), 16)
+    assert got32.dtype == torch.float32
+    torch.testing.assert_close(got32, op(w.float().double(), kappa.float().double(), 16).float(),
+                               rtol=0 if device == "cpu" else 1e-6, atol=0)
+    # the endpoints: the CDF is 0 or 1 whatever kappa; outside [-1, 1] or kappa < 0: NaN
+    edge_w = torch.tensor([1.0, -1.0, 1.5, 0.3, math.nan, 0.3], dtype=torch.float64, device=device)
+    edge_k = torch.tensor([3.0, 3.0, 3.0, -1.0, 3.0, math.nan], dtype=torch.float64, device=device)
+    out = op(edge_w, edge_k, 5)
+    assert out[:2].tolist() == [0.0, 0.0] and out[2:].isnan().all()
+    assert op(w[:0], kappa[:0], 16).shape == (0,)
+    with pytest.raises(ValueError, match="one shape"):
+        op(w, kappa[:3], 16)
+    with pytest.raises(ValueError, match="one dtype"):
+        op(w, kappa.float(), 16)
+    with pytest.raises(ValueError, match="'p' to be >= 2"):
+        op(w, kappa, 1)
+    torch.library.opcheck(op, (w[:5], kappa[:5], 16))
+    # a constant of rsample's backward: differentiating it is refused, not silently zero
+    with pytest.raises(NotImplementedError, match="derivative of dw/dkappa"):
+        k = kappa[:3].clone().requires_grad_()
+        torch.autograd.grad(op(w[:3], k, 16).sum(), k)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
+def test_sample_w_derivative_cuda_matches_cpu_memcheck():
+    for p in (2, 3, 64, 2048):
+        w, kappa = _sample_w_pairs(p, n=500, seed=p)
+        cpu = torch.ops.fastloss.vmf_sample_w_derivative(w, kappa, p)
+        cuda = torch.ops.fastloss.vmf_sample_w_derivative(w.cuda(), kappa.cuda(), p).cpu()
+        # A 256-node sum of exp and log1p terms: the devices' libm roundings, amplified by
+        # (p - 1) and kappa |t - w| in the exponent.
+        torch.testing.assert_close(cuda, cpu, rtol=1e-12, atol=0)

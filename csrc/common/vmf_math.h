@@ -417,6 +417,94 @@ FASTLOSS_HD double kappa_mle(const Order& o, double rbar, int iterations) {
   return kappa;
 }
 
+// ---- sampling: the reparameterization derivative of w = mu . x ---------------------------
+
+// A 16-node Gauss-Legendre rule on [-1, 1], used in 16 panels over [0, 1]: 256 nodes.
+constexpr int kRuleNodes = 16;
+constexpr int kRulePanels = 16;
+struct GaussLegendre {
+  double node[kRuleNodes];  // ascending
+  double weight[kRuleNodes];
+};
+
+// On the host (the kernels receive it as an argument): the roots of P_16 by Newton's method
+// from Tricomi's estimates, and the weights 2 / ((1 - x^2) P_16'(x)^2).
+inline GaussLegendre make_gauss_legendre() {
+  GaussLegendre rule{};
+  constexpr int n = kRuleNodes;
+  for (int i = 0; i < n / 2; ++i) {
+    double x = ::cos(lb::kPi * (i + 0.75) / (n + 0.5));  // the (i+1)-th largest root
+    double slope = 0.0;
+    for (int step = 0; step < 100; ++step) {
+      double p_prev = 1.0, p = x;  // P_0, P_1, then up to P_(n-1), P_n
+      for (int k = 2; k <= n; ++k) {
+        const double p_next = ((2 * k - 1) * x * p - (k - 1) * p_prev) / k;
+        p_prev = p;
+        p = p_next;
+      }
+      slope = n * (x * p - p_prev) / (x * x - 1.0);
+      const double dx = p / slope;
+      x -= dx;
+      if (::fabs(dx) <= 1e-17) break;
+    }
+    rule.node[n - 1 - i] = x;
+    rule.node[i] = -x;
+    rule.weight[n - 1 - i] = rule.weight[i] = 2.0 / ((1.0 - x * x) * slope * slope);
+  }
+  return rule;
+}
+
+// dw/dkappa at a fixed CDF value of w = mu . x of a sample on S^(p-1): w has the density
+// f(t) oc exp(kappa t) (1 - t^2)^(nu - 1/2) on [-1, 1], nu = p/2 - 1, and
+//   dF/dkappa(w) = int_(-1)^w (t - A) f(t) dt = -int_w^1 (t - A) f(t) dt,   A = A_p(kappa).
+// The side of w away from the mean has an integrand of one sign (no cancellation), and
+// dividing by f(w) inside the integral removes the normalizer:
+//   dw/dkappa = int over the tail beyond w of |t - A| f(t) / f(w) dt.
+// The tail is cut at 50 local scales (the std of w, or the density's decay length at w) and
+// integrated in u = sqrt(1 -+ t), which makes the endpoint factor (1 - t^2)^(nu - 1/2) smooth
+// (p = 2 has an integrable singularity there). Every distance is formed from quantities
+// exact or accurate to their own size: forming t = +-(1 - u^2), or rounding 1 + w, lost
+// ~1e-16 absolute where w, t and A are all near 1 (large kappa), i.e. ~1e-16 kappa relative.
+FASTLOSS_HD double sample_w_derivative(const Order& o, const GaussLegendre& rule, double w, double kappa) {
+  if (!(kappa >= 0.0) || !(w >= -1.0 && w <= 1.0)) return kNaN;
+  const double nu = o.nu;
+  const double complement = mean_resultant_complement(o, kappa);  // 1 - A
+  const double sd = ::sqrt(mean_resultant_derivative<1>(o, kappa));  // Var(w) = A_p'(kappa)
+  const double one_minus_w2 = fmax((1.0 - w) * (1.0 + w), 2.2250738585072014e-308);
+  const double log_slope = kappa - (2.0 * nu - 1.0) * w / one_minus_w2;  // d log f / dt at w
+  const double sign = 1.0 - w <= complement ? 1.0 : -1.0;  // w >= A: integrate up to 1
+  const double decay = -sign * log_slope;  // > 0 when f falls off away from w on that side
+  const double scale = decay > 0.0 ? fmin(sd, 1.0 / fmax(decay, 1e-300)) : sd;
+  const double gap_w = fmax(1.0 - sign * w, 0.0);         // 1 -+ w, the distance to the endpoint
+  const double gap_error = (-sign * w) - (gap_w - 1.0);     // (1 -+ w) - gap_w exactly (Fast2Sum)
+  const double other_gap = 1.0 + sign * w;                  // 1 +- w (exact near w = 1: Sterbenz)
+  const double u_w = ::sqrt(gap_w);
+  if (!(u_w > 0.0)) return 0.0;  // w at the endpoint: the CDF is 1 (or 0) whatever kappa
+  const double u_far = ::sqrt(fmax(gap_w - 50.0 * scale, 0.0));
+  const double span = u_w - u_far;
+  // u_w^2 misses 1 -+ w by `residual` (fma: u_w^2 - gap_w with one rounding).
+  const double residual = fma(u_w, u_w, -gap_w) - gap_error;
+  const double w_to_mean = ::fabs(complement - (1.0 - w));
+  const double signed_kappa = sign * kappa;
+  const double u_power = 2.0 * nu - 1.0, side_power = nu - 0.5;
+  double sum = 0.0;
+  for (int panel = 0; panel < kRulePanels; ++panel) {
+    for (int j = 0; j < kRuleNodes; ++j) {
+      const double t = (panel + 0.5 * (rule.node[j] + 1.0)) * (1.0 / kRulePanels);  // in (0, 1)
+      const double below_w = span * (1.0 - t);  // u_w - u
+      const double u = u_w - below_w;
+      const double d = below_w * (u + u_w) - residual;  // |t - w|
+      // kappa (t - w) + log of u^(2 nu - 1) and (1 +- t)^(nu - 1/2) relative to their values at w
+      const double log_ratio = signed_kappa * d + u_power * ::log1p(-below_w / u_w) +
+                               side_power * ::log1p(d / other_gap);
+      sum += rule.weight[j] * (d + w_to_mean) * u * ::exp(log_ratio);  // |t - A| f(t) / f(w) du/dt
+    }
+  }
+  // 2 u du = dt, and the rule's weights sum to 2 per panel of width 1/16 of [0, 1]; the
+  // rule's interval overshoots w by `residual` in t, where the integrand is |w - A|.
+  return sum * span * (1.0 / kRulePanels) - residual * w_to_mean;
+}
+
 // What an elementwise vMF kernel evaluates (the CUDA launcher takes it as an int).
 enum class Fn : int {
   MeanResultant = 0,

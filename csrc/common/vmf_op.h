@@ -25,6 +25,19 @@ inline vmf::Fn vmf_mean_resultant_fn(int64_t derivative) {
                            : vmf::Fn::MeanResultantCurvature;
 }
 
+// vmf_sample_w_derivative's arguments: w and kappa floating, of one shape, dtype and device.
+inline void vmf_check_sample_args(const at::Tensor& w, const at::Tensor& kappa, int64_t p) {
+  constexpr const char* op = "vmf_sample_w_derivative";
+  vmf_check_args(op, "w", w, p);
+  check_floating(op, "kappa", kappa);
+  TORCH_CHECK_VALUE(w.sizes() == kappa.sizes(), "fastloss.", op, ": expected 'w' and 'kappa' of one shape, got ",
+                    w.sizes(), " and ", kappa.sizes());
+  TORCH_CHECK_VALUE(w.scalar_type() == kappa.scalar_type(), "fastloss.", op,
+                    ": expected 'w' and 'kappa' of one dtype, got ", w.scalar_type(), " and ", kappa.scalar_type());
+  TORCH_CHECK(w.device() == kappa.device(), "fastloss.", op, ": expected 'w' and 'kappa' on one device, got ",
+              w.device(), " and ", kappa.device());
+}
+
 inline void vmf_check_iterations(int64_t iterations) {
   TORCH_CHECK_VALUE(iterations >= 1 && iterations <= 1000,
                     "fastloss.vmf_kappa_mle: expected 'iterations' in [1, 1000], got ", iterations);

@@ -125,13 +125,16 @@ std::tuple<at::Tensor, at::Tensor> kernel_forward(const char* op, const at::Tens
 // in float32 one chunk at a time (then is cast into its slice of the output), so the float32
 // buffer is chunk x D rather than V x D: the memory bound is dE + dC in the inputs' dtype. A
 // chunk is a shard of the vocabulary (the kernels' vocab_start), and keeps at least ~8
-// blocks' worth of tiles per SM in each launch when there are few tokens.
-int64_t classifier_chunk_rows(int64_t tokens, int64_t vocab) {
+// blocks' worth of tiles per SM in each launch when there are few tokens, as far as a
+// 256 MiB buffer allows (with 128 tokens that wish was 1056 tiles, 4.4 GB at D = 8192).
+int64_t classifier_chunk_rows(int64_t tokens, int64_t vocab, int64_t dim) {
   constexpr int64_t kTile = 128;  // the kernels' token and vocabulary tile
+  constexpr int64_t kMaxBufferBytes = int64_t{256} << 20;
   const int64_t token_tiles = (tokens + kTile - 1) / kTile;
   const int64_t sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
-  const int64_t tiles = std::max<int64_t>(64, (8 * sms + token_tiles - 1) / token_tiles);
-  return std::min(vocab, tiles * kTile);
+  const int64_t wanted = std::max<int64_t>(64, (8 * sms + token_tiles - 1) / token_tiles);
+  const int64_t affordable = std::max<int64_t>(1, kMaxBufferBytes / (kTile * std::max<int64_t>(dim, 1) * 4));
+  return std::min(vocab, std::min(wanted, affordable) * kTile);
 }
 
 // (d hidden, d classifier, d bias) from the kernel: float32 accumulation buffers, then the
@@ -152,7 +155,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> kernel_backward(
     const at::Tensor h = kernel_layout(hidden), c = kernel_layout(classifier);
     const at::Tensor gl = grad_loss.contiguous(), l = lse.contiguous();
     const at::Tensor gs = aten_impl::defined(grad_lse) ? grad_lse->contiguous() : at::Tensor();
-    const int64_t chunk = need_dc ? classifier_chunk_rows(args.tokens, args.vocab) : args.vocab;
+    const int64_t chunk = need_dc ? classifier_chunk_rows(args.tokens, args.vocab, args.dim) : args.vocab;
     at::Tensor dc_acc = need_dc ? at::empty({chunk, args.dim}, f32) : at::Tensor();
     for (int64_t v0 = 0; v0 < args.vocab; v0 += chunk) {
       const int64_t rows = std::min(chunk, args.vocab - v0);

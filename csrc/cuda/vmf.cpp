@@ -33,8 +33,27 @@ at::Tensor evaluate(const char* op, const char* arg, vmf::Fn fn, const at::Tenso
   return out.to(dtype);
 }
 
+at::Tensor sample_w_derivative(const at::Tensor& w, const at::Tensor& kappa, int64_t p) {
+  check_cuda("vmf_sample_w_derivative", "w", w);
+  vmf_check_sample_args(w, kappa, p);
+  const c10::cuda::OptionalCUDAGuard guard(w.device());
+  const auto dtype = w.scalar_type();
+  const auto compute = dtype == c10::kDouble ? c10::kDouble : c10::kFloat;
+  const at::Tensor wc = w.to(compute).contiguous(), kc = kappa.to(compute).contiguous();
+  at::Tensor out = at::empty(wc.sizes(), wc.options());
+  if (out.numel() > 0) {
+    C10_CUDA_CHECK(kernels::launch_vmf_sample_w_derivative(compute == c10::kDouble, wc.const_data_ptr(),
+                                                           kc.const_data_ptr(), out.mutable_data_ptr(), out.numel(),
+                                                           static_cast<double>(p), at::cuda::getCurrentCUDAStream()));
+  }
+  return out.to(dtype);
+}
+
 }  // namespace
 
-TORCH_LIBRARY_IMPL(fastloss, CUDA, m) { VmfOps<&evaluate>::register_impls(m); }
+TORCH_LIBRARY_IMPL(fastloss, CUDA, m) {
+  VmfOps<&evaluate>::register_impls(m);
+  m.impl("vmf_sample_w_derivative", &sample_w_derivative);
+}
 
 }  // namespace fastloss::cuda

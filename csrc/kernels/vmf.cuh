@@ -18,4 +18,9 @@ namespace fastloss::kernels {
 cudaError_t launch_vmf(int fn, bool is_double, const void* in, void* out, int64_t n, double p, int iterations,
                        cudaStream_t stream);
 
+// d w / d kappa of vMF samples (fastloss::vmf::sample_w_derivative) for n pairs (w[i],
+// kappa[i]), contiguous float32 or float64 arrays; same contract as launch_vmf.
+cudaError_t launch_vmf_sample_w_derivative(bool is_double, const void* w, const void* kappa, void* out, int64_t n,
+                                           double p, cudaStream_t stream);
+
 }  // namespace fastloss::kernels

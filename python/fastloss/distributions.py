@@ -2,92 +2,19 @@
 
 from __future__ import annotations
 
-import math
-from typing import Tuple
-
-import numpy as np
 import torch
 from torch.distributions import Distribution, constraints
 
-from .vmf import _mean_resultant_complement, _mean_resultant_slope, _vmf_entropy, vmf_kappa_mle, vmf_log_normalizer, vmf_mean_resultant
+from .vmf import _mean_resultant_slope, _vmf_entropy, vmf_kappa_mle, vmf_log_normalizer, vmf_mean_resultant
 
 __all__ = ["VonMisesFisher"]
 
-# Composite Gauss-Legendre rule on [0, 1]: 16 panels of 16 nodes.
-_PANELS, _NODES = 16, 16
 
-
-def _unit_rule() -> Tuple[torch.Tensor, torch.Tensor]:
-    x, wt = np.polynomial.legendre.leggauss(_NODES)
-    offsets = np.arange(_PANELS)[:, None]
-    nodes = ((offsets + (x[None, :] + 1) / 2) / _PANELS).reshape(-1)
-    weights = np.tile(wt / (2 * _PANELS), _PANELS)
-    return torch.from_numpy(nodes), torch.from_numpy(weights)
-
-
-_RULE = _unit_rule()
-
-
-def w_kappa_derivative(w: torch.Tensor, kappa: torch.Tensor, p: int, chunk: int = 16384) -> torch.Tensor:
-    """dw/dkappa at a fixed CDF value of w = mu . x, whose density on [-1, 1] is
-    f(t) oc exp(kappa t) (1 - t^2)^(nu - 1/2), nu = p/2 - 1 (float64, w and kappa of one shape).
-
-    dF/dkappa(w) = int_{-1}^{w} (t - A) f(t) dt with A = E[w] = A_p(kappa), which also equals
-    -int_w^1 (t - A) f(t) dt; the side of w away from the mean has an integrand of one sign (no
-    cancellation), and dividing by f(w) inside the integral removes the normalizer:
-        dw/dkappa = int over the tail beyond w of |t - A| f(t) / f(w) dt.
-    The tail is cut at 50 local scales (the std of w, or the density's decay length at w), and
-    integrated in u = sqrt(1 -+ t), which makes the endpoint factor (1 - t^2)^(nu - 1/2)
-    smooth (p = 2 has an integrable singularity there)."""
-    nodes, weights = (r.to(w.device) for r in _RULE)
-    shape = w.shape
-    w, kappa = w.double().reshape(-1), kappa.double().reshape(-1)
-    out = torch.empty_like(w)
-    nu = p / 2 - 1
-    for start in range(0, w.numel(), chunk):
-        wc, kc = w[start:start + chunk], kappa[start:start + chunk]
-        delta, var = _mean_resultant_complement(kc, p), _mean_resultant_slope(kc, p)  # 1 - A, Var(w) = A_p'(kappa)
-        std = var.sqrt()
-        one_minus_w2 = ((1 - wc) * (1 + wc)).clamp(min=torch.finfo(torch.float64).tiny)
-        slope = kc - (2 * nu - 1) * wc / one_minus_w2  # d log f / dt at w
-        upper = 1 - wc <= delta  # w >= A
-        sign = torch.where(upper, 1.0, -1.0).to(wc)
-        decay = -sign * slope  # > 0 when f falls off away from w on the chosen side
-        scale = torch.where(decay > 0, torch.minimum(std, 1 / decay.clamp(min=1e-300)), std)
-        gap_w = (1 - sign * wc).clamp(min=0)  # 1 -+ w: the distance to the endpoint
-        gap_error = (-sign * wc) - (gap_w - 1)  # (1 -+ w) - gap_w exactly (Fast2Sum)
-        other_gap = 1 + sign * wc  # 1 +- w (exact near w = 1 on the lower side: Sterbenz)
-        u_w = gap_w.sqrt()
-        u_far = (gap_w - 50 * scale).clamp(min=0).sqrt()
-        span = u_w - u_far
-        below_w = span.unsqueeze(-1) * (1 - nodes)  # u_w - u
-        u = u_w.unsqueeze(-1) - below_w  # (chunk, nodes), all > 0
-        # Everything from d = |t - w| = (u_w - u)(u_w + u) - (u_w^2 - (1 -+ w)), 1 - w, 1 +- w and
-        # 1 - A, each exact or accurate to its own size: forming t = +-(1 - u^2), or rounding
-        # 1 + w, lost ~1e-16 absolute where w, t and A are all near 1 (large kappa), i.e.
-        # ~1e-16 kappa relative.
-        residual = _square_residual(u_w, gap_w) - gap_error
-        d = below_w * (u + u_w.unsqueeze(-1)) - residual.unsqueeze(-1)
-        log_ratio = (sign * kc).unsqueeze(-1) * d  # kappa (t - w)
-        log_ratio = log_ratio + (2 * nu - 1) * torch.log1p(-below_w / u_w.unsqueeze(-1))  # u^(2 nu - 1)
-        log_ratio = log_ratio + (nu - 0.5) * torch.log1p(d / other_gap.unsqueeze(-1))  # (1 +- t)^(nu - 1/2)
-        w_to_mean = (delta - (1 - wc)).abs()
-        distance = d + w_to_mean.unsqueeze(-1)  # |t - A| = |t - w| + |w - A|
-        integrand = distance * 2 * u * torch.exp(log_ratio)
-        # u_w^2 misses 1 -+ w by `residual`: the rule's interval overshoots w by that much in
-        # t, where the integrand is |w - A| (~1e-16 kappa relative on the lower side).
-        value = (integrand * weights).sum(-1) * span - residual * w_to_mean
-        out[start:start + chunk] = torch.where(u_w > 0, value, torch.zeros_like(value))
-    return out.reshape(shape)
-
-
-def _square_residual(r: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
-    """r * r - a to ~1e-32 absolute for r ~ sqrt(a) (Dekker's split: hi * hi and 2 hi lo are
-    exact, hi * hi - a is exact by Sterbenz)."""
-    c = 134217729.0 * r  # 2^27 + 1
-    hi = c - (c - r)
-    lo = r - hi
-    return ((hi * hi - a) + 2 * hi * lo) + lo * lo
+def w_kappa_derivative(w: torch.Tensor, kappa: torch.Tensor, p: int) -> torch.Tensor:
+    """dw/dkappa at a fixed CDF value of w = mu . x (rsample's reparameterization gradient), for
+    w and kappa of one shape, in w's dtype: a 256-node quadrature of the tail of w's density
+    beyond w, elementwise in C++/CUDA (torch.ops.fastloss.vmf_sample_w_derivative)."""
+    return torch.ops.fastloss.vmf_sample_w_derivative.default(w, kappa.to(w.dtype), p)
 
 
 class _UnitSphere(constraints.Constraint):

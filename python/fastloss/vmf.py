@@ -16,7 +16,8 @@ from typing import Union
 
 import torch
 
-from .ops._func import transform_function, transforms_active
+from .ops._func import batch_front, transform_function, transforms_active
+from .ops._guards import check_same_device
 
 TensorOrNumber = Union[torch.Tensor, float]
 
@@ -104,6 +105,29 @@ def _elementwise_fake(name: str, arg: str):
         torch._check(t.dtype.is_floating_point, lambda: f"fastloss.{name}: expected '{arg}' to be a float tensor")
         return torch.empty_like(t, memory_format=torch.contiguous_format)
     return fake
+
+
+@torch.library.register_fake("fastloss::vmf_sample_w_derivative")
+def _sample_w_derivative_fake(w: torch.Tensor, kappa: torch.Tensor, p: int) -> torch.Tensor:
+    torch._check(w.shape == kappa.shape and w.dtype == kappa.dtype and w.dtype.is_floating_point,
+                 lambda: "fastloss.vmf_sample_w_derivative: expected 'w' and 'kappa' float tensors of one shape and dtype")
+    check_same_device("vmf_sample_w_derivative", w=w, kappa=kappa)
+    return torch.empty_like(w, memory_format=torch.contiguous_format)
+
+
+def _sample_w_derivative_backward(ctx, grad):
+    raise NotImplementedError("fastloss.vmf_sample_w_derivative: the derivative of dw/dkappa is not implemented (it is "
+                              "rsample's reparameterization gradient, a constant of the backward)")
+
+
+torch.library.register_autograd("fastloss::vmf_sample_w_derivative", _sample_w_derivative_backward,
+                                setup_context=lambda ctx, inputs, output: None)
+
+
+@torch.library.register_vmap("fastloss::vmf_sample_w_derivative")
+def _sample_w_derivative_vmap(info, in_dims, w, kappa, p):
+    w, kappa = (batch_front(t, d, info.batch_size) for t, d in zip((w, kappa), in_dims))
+    return torch.ops.fastloss.vmf_sample_w_derivative.default(w, kappa, p), 0
 
 
 for _name, _arg in (("vmf_mean_resultant", "kappa"), ("vmf_mean_resultant_complement", "kappa"),
