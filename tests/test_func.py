@@ -276,3 +276,94 @@ def test_unrolled_sinkhorn_cost_supports_forward_mode_ad():
     cr = c.clone().requires_grad_()
     (g,) = torch.autograd.grad(fn(cr), cr)
     torch.testing.assert_close(t, (g * direction).sum(), rtol=1e-10, atol=1e-12)
+
+
+# ---- found by fuzzing -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("scale", [1.0, 2.0])
+def test_sinkhorn_kd_second_derivative_raises_rather_than_zero(scale):
+    # With a linear outer function the inner gradient's cotangent is a constant: the saved
+    # softmaxes were constants too, so jacrev(jacrev(f)) came back all zeros.
+    s, t = _randn(4, 5), _randn(4, 5)
+    f = lambda a: scale * fastloss.sinkhorn_kd_loss(a, t, n_iter=5)  # noqa: E731
+    with pytest.raises(NotImplementedError, match="second derivative"):
+        jacrev(jacrev(f))(s)
+
+
+@pytest.mark.parametrize("which", ["y_soft", "theta", "gelu_mul"])
+def test_stat_topk_reverse_over_forward_matches_the_formula(which):
+    # jacrev(jacfwd(f)): the tangents used the kernel's saved mean and std, constants to the
+    # enclosing reverse transform, and the second derivative came back wrong without an error.
+    import statistics
+
+    z = statistics.NormalDist().inv_cdf(0.7)
+    x, up = _randn(3, 12), _randn(3, 12)
+    theta_ref = lambda a: a.mean(-1, keepdim=True) + a.std(-1, correction=0, keepdim=True) * z  # noqa: E731
+    fns = {
+        "y_soft": (lambda a: fastloss.stat_topk(a, sparsity=0.7), lambda a: torch.relu(a - theta_ref(a))),
+        "theta": (lambda a: fastloss.stat_topk(a, sparsity=0.7, return_threshold=True)[1], theta_ref),
+        "gelu_mul": (lambda a: fastloss.stat_topk_gelu_mul(a, up, 0.7),
+                     lambda a: torch.nn.functional.gelu(torch.relu(a - theta_ref(a)), approximate="tanh") * up),
+    }
+    ours, ref = fns[which]
+    torch.testing.assert_close(jacrev(jacfwd(ours))(x), jacrev(jacfwd(ref))(x), rtol=1e-10, atol=1e-12)
+    constant = torch.full((2, 6), 0.1, dtype=torch.float64)  # std = 0: finite, no 0/0
+    assert torch.isfinite(jacrev(jacfwd(ours if which != "gelu_mul" else
+                                        (lambda a: fastloss.stat_topk_gelu_mul(a, up[:2, :6], 0.7))))(constant)).all()
+
+
+@pytest.mark.filterwarnings("ignore:Dynamo does not know how to trace")  # the graph breaks, by design
+def test_forward_ad_through_torch_compile():
+    # The compiled code runs on the dual tensors, but traced values carry no tangents: the
+    # ops with Python autograd dropped them without a word (the others raised torch's generic
+    # error). With a forward-AD level open the wrappers now take the transform path.
+    x, t = _randn(3, 8), _randn(3, 8)
+    for fn in (lambda a: fastloss.stat_topk(a, sparsity=0.6), lambda a: fastloss.softmax(a, -1),
+               lambda a: fastloss.log_bessel_iv(1.5, a.abs())):
+        with fwAD.dual_level():
+            expected = fwAD.unpack_dual(fn(fwAD.make_dual(x, t))).tangent
+            got = fwAD.unpack_dual(torch.compile(fn, backend="aot_eager")(fwAD.make_dual(x, t))).tangent
+        torch.testing.assert_close(got, expected)
+        torch._dynamo.reset()
+    c = _randn(5, 8)
+    with fwAD.dual_level(), pytest.raises(NotImplementedError, match="forward-mode"):
+        torch.compile(lambda a: fastloss.linear_cross_entropy(a, c, torch.tensor([0, 1, 2])), backend="aot_eager")(
+            fwAD.make_dual(x, t))
+    torch._dynamo.reset()
+
+
+def test_sinkhorn_results_are_constants_under_forward_mode():
+    c = _positive(4, 5)
+    fn = lambda x: (fastloss.sinkhorn(x, eps=0.2).plan * x).sum()  # noqa: E731
+    _, t = jvp(fn, (c,), (torch.ones_like(c),))
+    torch.testing.assert_close(t, fastloss.sinkhorn(c, eps=0.2).plan.sum())
+
+
+def test_von_mises_fisher_rsample_under_transforms():
+    # The concentration's reparameterization gradient under torch.func.grad, jvp and
+    # forward_ad (the tangent was dropped; torch.func refused torch's Beta sampler).
+    from fastloss.distributions import VonMisesFisher
+
+    loc = torch.nn.functional.normalize(_randn(5), dim=0)
+
+    def f(k):
+        torch.manual_seed(0)
+        return VonMisesFisher(loc, k).rsample((50,)).sum()
+
+    kappa = torch.tensor(3.0, dtype=torch.float64)
+    leaf = kappa.clone().requires_grad_()
+    (expected,) = torch.autograd.grad(f(leaf), leaf)
+    torch.testing.assert_close(grad(f)(kappa), expected, rtol=1e-14, atol=0)
+    torch.testing.assert_close(jvp(f, (kappa,), (torch.ones_like(kappa),))[1], expected, rtol=1e-14, atol=0)
+    with fwAD.dual_level():
+        tangent = fwAD.unpack_dual(f(fwAD.make_dual(kappa, torch.ones_like(kappa)))).tangent
+    torch.testing.assert_close(tangent, expected, rtol=1e-14, atol=0)
+
+
+def test_vmap_over_an_empty_batch():
+    assert vmap(lambda a: fastloss.sinkhorn_kd_loss(a, a))(torch.randn(0, 4, 5)).shape == (0,)
+    h, t = torch.randn(3, 4), torch.tensor([0, 1, 2])
+    per_classifier = vmap(lambda c: fastloss.linear_cross_entropy(h, c, t, reduction="sum"))
+    assert per_classifier(torch.randn(0, 5, 4)).shape == (0,)
+    assert vmap(lambda a: fastloss.softmax(a, -1))(torch.randn(0, 3)).shape == (0, 3)

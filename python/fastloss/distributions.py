@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+import torch.autograd.forward_ad as fwAD
 from torch.distributions import Distribution, constraints
 
 from .vmf import _mean_resultant_slope, _vmf_entropy, vmf_kappa_mle, vmf_log_normalizer, vmf_mean_resultant
@@ -112,11 +113,14 @@ class VonMisesFisher(Distribution):
         b = m1 / (2 * kappa + torch.sqrt(4 * kappa * kappa + m1 * m1))
         x0 = (1 - b) / (1 + b)
         c = kappa * x0 + m1 * torch.log1p(-x0 * x0)
-        beta = torch.distributions.Beta(torch.full_like(kappa, m1 / 2), torch.full_like(kappa, m1 / 2))
+        # Beta(m1/2, m1/2) as a ratio of gammas: torch's Beta sampler is an autograd.Function
+        # that torch.func transforms refuse, even with no gradient wanted.
+        gamma = torch.distributions.Gamma(torch.full_like(kappa, m1 / 2), torch.ones_like(kappa))
         w = torch.empty_like(kappa)
         done = torch.zeros_like(kappa, dtype=torch.bool)
         for _ in range(max_rounds):
-            z = beta.sample()
+            g1, g2 = gamma.sample(), gamma.sample()
+            z = g1 / (g1 + g2)
             proposal = (1 - (1 + b) * z) / (1 - (1 - b) * z)
             u = torch.rand_like(kappa).clamp(min=torch.finfo(kappa.dtype).tiny)
             accept = (kappa * proposal + m1 * torch.log1p(-x0 * proposal) - c >= torch.log(u)) & ~done
@@ -126,11 +130,20 @@ class VonMisesFisher(Distribution):
                 return w
         raise RuntimeError("VonMisesFisher: the rejection sampler did not converge (non-finite concentration?)")
 
+    def _concentration_differentiated(self) -> bool:
+        """Whether rsample needs dw/dkappa: reverse mode (not sample()'s no_grad), a forward-AD
+        tangent, or a torch.func transform."""
+        if self.concentration.requires_grad and torch.is_grad_enabled():
+            return True
+        if torch._C._are_functorch_transforms_active():
+            return True
+        return fwAD._current_level >= 0 and fwAD.unpack_dual(self.concentration).tangent is not None
+
     def rsample(self, sample_shape=torch.Size()) -> torch.Tensor:
         shape = self._extended_shape(sample_shape)
         w64 = self._sample_w(shape[:-1])
         w = w64.to(self.concentration.dtype)
-        if self.concentration.requires_grad and torch.is_grad_enabled():  # (sample() runs under no_grad)
+        if self._concentration_differentiated():
             kappa = self.concentration.expand(shape[:-1])
             # At the float64 w: where float32 rounds w to 1 (large kappa) the derivative is 0.
             dw = w_kappa_derivative(w64, kappa.detach(), self.p).to(w.dtype)

@@ -24,6 +24,11 @@ from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
 def _has_tangent(tensors) -> bool:
     if fwAD._current_level < 0:
         return False
+    if torch.compiler.is_compiling():
+        # Traced values carry no tangents, but the compiled code will run on the dual tensors
+        # (torch.compile of torch ops keeps forward AD): with a forward-AD level open, assume
+        # they do (the transform path then breaks the graph and runs eagerly).
+        return True
     return any(isinstance(t, torch.Tensor) and fwAD.unpack_dual(t).tangent is not None for t in tensors)
 
 
@@ -33,7 +38,7 @@ def transforms_active(*tensors) -> bool:
     to a constant, so torch.compile(torch.func.grad(f)) takes the transform path too.)"""
     if torch._C._are_functorch_transforms_active():
         return True
-    return fwAD._current_level >= 0 and not torch.compiler.is_compiling() and _has_tangent(tensors)
+    return fwAD._current_level >= 0 and _has_tangent(tensors)
 
 
 def forbid_transforms(op: str, case: str, *tensors) -> None:
@@ -41,8 +46,6 @@ def forbid_transforms(op: str, case: str, *tensors) -> None:
     transforms and with forward-AD dual tensors, where torch's own error would not name the op
     (or, for forward AD through a Python autograd registration, torch would drop the tangents
     and return zero derivatives without a word)."""
-    if torch.compiler.is_compiling():
-        return
     if torch._C._are_functorch_transforms_active() or _has_tangent(tensors):
         raise NotImplementedError(
             f"fastloss.{op}: torch.func transforms and forward-mode AD are not supported {case}; use reverse "
@@ -129,6 +132,8 @@ def loop_rule(op) -> Callable:
     without its warning)."""
 
     def rule(info, in_dims, *args):
+        if info.batch_size == 0:
+            return _empty_batch(op, in_dims, args)
         results = []
         for i in range(info.batch_size):
             # (in_dims mirrors the arguments: a list argument has a list of Nones)
@@ -138,3 +143,20 @@ def loop_rule(op) -> Callable:
         return torch.stack(results), 0
 
     return rule
+
+
+def _empty_batch(op, in_dims, args):
+    """A loop rule's results for a batch of none: one call's shapes and dtypes from the op's
+    fake kernel (on meta tensors), with a batch dimension of size 0."""
+    device = next(a.device for a in args if isinstance(a, torch.Tensor))
+
+    def meta(a, d):
+        if not isinstance(a, torch.Tensor):
+            return a
+        shape = a.shape[:d] + a.shape[d + 1:] if isinstance(d, int) else a.shape
+        return torch.empty(shape, dtype=a.dtype, device="meta")
+
+    out = op(*(meta(a, d) for a, d in zip(args, in_dims)))
+    outs = out if isinstance(out, tuple) else (out,)
+    empty = tuple(torch.empty((0, *o.shape), dtype=o.dtype, device=device) for o in outs)
+    return (empty, (0,) * len(empty)) if isinstance(out, tuple) else (empty[0], 0)

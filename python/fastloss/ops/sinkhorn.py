@@ -129,7 +129,9 @@ def sinkhorn(
     cost3, a2, b2, eps, max_iter, tol, error_norm, batched = _prepare(
         "sinkhorn", cost, a, b, eps, max_iter, tol, error_norm
     )
-    plan, alpha, beta, value, n_iter, err = _solve(cost3, a2, b2, eps, max_iter, tol, error_norm)
+    # Results without derivatives: the inputs go in detached (under torch.func transforms too).
+    plan, alpha, beta, value, n_iter, err = torch.ops.fastloss.sinkhorn.default(
+        cost3.detach(), a2.detach(), b2.detach(), eps, max_iter, tol, error_norm)
     # -inf at zero-mass entries whatever their potential (NaN for a padded row of +inf costs).
     a_log, b_log = torch.log(a2.to(alpha.dtype)), torch.log(b2.to(beta.dtype))
     f = torch.where(a2 == 0, a_log, alpha + eps * a_log)
@@ -422,16 +424,23 @@ torch.library.register_fake("fastloss::sinkhorn_kd_backward")(_kd_backward_fake)
 # (the eager path's second derivatives recompute the formulation under create_graph=True).
 
 
+# The saved softmaxes, cost and scalings stay differentiable outputs (as the envelope
+# Sinkhorn's plan): a second derivative then reaches this backward with their cotangents and
+# raises, where constants would have made it silently 0.
 def _kd_transform_setup(ctx, inputs, output):
     student, teacher, temperature, eps, _n_iter, scale = inputs
     _loss, ps, pt, cost, x, y = output
-    ctx.mark_non_differentiable(ps, pt, cost, x, y)
+    ctx.set_materialize_grads(False)
     ctx.options = (temperature, eps, scale)
     ctx.dtypes = (student.dtype, teacher.dtype)
     ctx.save_for_backward(ps, pt, cost, x, y)
 
 
-def _kd_transform_backward(ctx, g_loss, *_rest):
+def _kd_transform_backward(ctx, g_loss, *g_saved):
+    if any(g is not None for g in g_saved):
+        _KD_NO_SECOND(ctx)
+    if g_loss is None:
+        return (None,) * 6
     need_s, need_t = ctx.needs_input_grad[:2]
     ds, dt = _KD_BACKWARD_FN.apply(g_loss, *ctx.saved_tensors, *ctx.options, need_s, need_t, *ctx.dtypes)
     return (ds if need_s else None), (dt if need_t else None), None, None, None, None

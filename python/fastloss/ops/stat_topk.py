@@ -208,25 +208,35 @@ forbid_double_backward("stat_topk_gelu_mul_backward", "fastloss.stat_topk_gelu_m
 # --------------------------------------------------------------------------------------------
 # torch.func transforms and forward-mode AD (see _func.py): the same backward ops, and the
 # tangents written out (theta's: mean(t) + z mean((x - mean) t) / std, the std term 0 for a
-# constant row, as in the backward).
+# constant row, as in the backward). The tangents take the row statistics from torch ops on x
+# rather than from the kernel's saved ones (constants to autograd), so that an enclosing
+# reverse transform (jacrev(jacfwd(f))) differentiates them too; the kernel's theta still
+# decides which entries are kept, as in the forward.
 
 
-def _theta_tangent(t, x, mean, std, dim, sparsity):
+def _theta_tangent(t, x, std, dim, sparsity):
+    """theta's tangent for tangent t of x, rows along dim; `std` (the kernel's) says which rows
+    are constant."""
     z = statistics.NormalDist().inv_cdf(sparsity)
-    deviation = ((x - mean) * t).mean(dim, keepdim=True)
-    spread = torch.where(std > 0, deviation / torch.where(std > 0, std, torch.ones_like(std)), torch.zeros_like(std))
-    return t.mean(dim, keepdim=True) + z * spread
+    mean = x.mean(dim, keepdim=True)
+    centered = x - mean
+    spread = std > 0
+    var = centered.square().mean(dim, keepdim=True)
+    safe_std = torch.sqrt(torch.where(spread, var, torch.ones_like(var)))  # no 0/0 in its derivative
+    deviation = (centered * t).mean(dim, keepdim=True)
+    return t.mean(dim, keepdim=True) + z * torch.where(spread, deviation / safe_std, torch.zeros_like(deviation)), \
+        mean + z * torch.where(spread, safe_std, torch.zeros_like(safe_std))
 
 
 def _stat_topk_jvp(ctx, t, *_args):
-    x, theta, mean, std = ctx.saved_tensors
+    x, theta, _mean, std = ctx.saved_tensors
     shape = x.shape
     # A 0-d x is one row of one element (as its statistics are 0-d).
-    xa, ta, theta, mean, std = (u.to(mean.dtype).reshape(u.shape or (1,)) for u in (x, t, theta, mean, std))
-    dtheta = _theta_tangent(ta, xa, mean, std, ctx.dim, ctx.sparsity)
+    xa, ta, theta, std = (u.to(std.dtype).reshape(u.shape or (1,)) for u in (x, t, theta, std))
+    dtheta, _ = _theta_tangent(ta, xa, std, ctx.dim, ctx.sparsity)
     direct = ta if ctx.hard or not ctx.threshold_grad else ta - dtheta
     dy = torch.where(xa > theta, direct, torch.zeros_like(direct))
-    return dy.to(x.dtype).reshape(shape), dtheta.reshape(mean.shape if shape else ()), None, None
+    return dy.to(x.dtype).reshape(shape), dtheta.reshape(std.shape if shape else ()), None, None
 
 
 def _stat_topk_transform_setup(ctx, inputs, output):
@@ -250,17 +260,20 @@ def _gelu_tanh_and_slope(h):
 
 
 def _gelu_mul_jvp(ctx, t_gate, t_up, *_args):
-    gate, up, theta, mean, std = ctx.saved_tensors
-    acc = mean.dtype
+    gate, up, theta, _mean, std = ctx.saved_tensors
+    acc = std.dtype
     g, u = gate.to(acc), up.to(acc)
-    h = torch.relu(g - theta)
+    tg = torch.zeros_like(g) if t_gate is None else t_gate.to(acc)
+    dtheta, theta_of_g = _theta_tangent(tg, g, std, -1, ctx.sparsity)
+    kept = g - theta > 0
+    # h = relu(gate - theta) with theta recomputed from g (differentiable), kept as the kernel's
+    h = torch.where(kept, g - theta_of_g, torch.zeros_like(g))
     gelu, slope = _gelu_tanh_and_slope(h)
     out = torch.zeros_like(g)
     if t_gate is not None:
-        tg = t_gate.to(acc)
         if ctx.threshold_grad:
-            tg = tg - _theta_tangent(tg, g, mean, std, -1, ctx.sparsity)
-        out = out + torch.where(g - theta > 0, slope * tg, torch.zeros_like(tg)) * u
+            tg = tg - dtheta
+        out = out + torch.where(kept, slope * tg, torch.zeros_like(tg)) * u
     if t_up is not None:
         out = out + gelu * t_up.to(acc)
     return out.to(gate.dtype), None, None, None
