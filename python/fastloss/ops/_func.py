@@ -37,7 +37,10 @@ def transforms_active(*tensors) -> bool:
     then the op must go through its transform function. (torch.compile folds the first test
     to a constant, so torch.compile(torch.func.grad(f)) takes the transform path too.)"""
     if torch._C._are_functorch_transforms_active():
-        return True
+        # torch.func.functionalize alone has no rule for autograd.Function, and needs none:
+        # the ops do not mutate their inputs.
+        return torch.compiler.is_compiling() or any(
+            i.key() != TransformType.Functionalize for i in retrieve_all_functorch_interpreters())
     return fwAD._current_level >= 0 and _has_tangent(tensors)
 
 
@@ -46,7 +49,7 @@ def forbid_transforms(op: str, case: str, *tensors) -> None:
     transforms and with forward-AD dual tensors, where torch's own error would not name the op
     (or, for forward AD through a Python autograd registration, torch would drop the tangents
     and return zero derivatives without a word)."""
-    if torch._C._are_functorch_transforms_active() or _has_tangent(tensors):
+    if transforms_active(*tensors):
         raise NotImplementedError(
             f"fastloss.{op}: torch.func transforms and forward-mode AD are not supported {case}; use reverse "
             "mode (loss.backward() or torch.autograd.grad)")
