@@ -96,7 +96,7 @@ TORCH_LIBRARY(fastloss, m) {
   m.def("vmf_kappa_mle(Tensor rbar, int p, int iterations) -> Tensor", tags);
   // d w / d kappa of a sample's w = mu . x at its fixed CDF value (the reparameterization
   // gradient of rsample), elementwise over w and kappa of one shape and dtype (computed in
-  // double); 0 at w = +-1, NaN outside [-1, 1] or for kappa < 0.
+  // double); 0 at w = +-1, NaN for w outside [-1, 1], kappa < 0, kappa = inf or NaN.
   m.def("vmf_sample_w_derivative(Tensor w, Tensor kappa, int p) -> Tensor", tags);
   // Cut cross-entropy (Wijmans et al.): per-token loss and LSE of softcap(hidden @ classifier.T
   // + bias) against targets, without materializing the logits. hidden (N, D), classifier (V, D),

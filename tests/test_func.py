@@ -245,7 +245,7 @@ def test_forward_mode_raises_where_there_is_no_rule(name):
     fn, make, _ = REVERSE_ONLY[name]
     args = make("cpu")
     tangents = tuple(torch.ones_like(a) for a in args)
-    public = "sinkhorn" if name == "sinkhorn_cost" else name.replace("_options", "")
+    public = name.replace("_options", "")
     with pytest.raises(NotImplementedError, match=f"fastloss.{public}: forward-mode"):
         jvp(fn, args, tangents)
     with fwAD.dual_level(), pytest.raises(NotImplementedError, match=f"fastloss.{public}: forward-mode"):
@@ -386,3 +386,32 @@ def test_torch_export():
     x = _randn(4, 8)
     exported = torch.export.export(Model(), (x,))
     torch.testing.assert_close(exported.module()(x), Model()(x), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("options", [{}, {"softcap": 2.0, "label_smoothing": 0.1, "z_loss": 1e-3, "shift": True}])
+def test_per_sample_hidden_gradients_of_cut_cross_entropy(options):
+    # The README's example: hidden-state gradients only, shared classifier (the batch folds into
+    # the tokens; the other tests also differentiate the classifier, which loops).
+    hidden, classifier, bias = _randn(3, 5, 4), _randn(13, 4), _randn(13)
+    targets = torch.randint(0, 13, (3, 5))
+    targets[1, 2] = -100
+    loss = lambda h, t: fastloss.linear_cross_entropy(h, classifier, t, bias, **options)  # noqa: E731
+    ctx = _no_vmap_fallback()
+    try:
+        got = vmap(grad(loss))(hidden, targets)
+    finally:
+        ctx.__exit__(None, None, None)
+    for i in range(3):
+        leaf = hidden[i].clone().requires_grad_()
+        (expected,) = torch.autograd.grad(loss(leaf, targets[i]), leaf)
+        torch.testing.assert_close(got[i], expected, rtol=1e-13, atol=1e-15)
+
+
+def test_unrolled_sinkhorn_cost_checks_marginals_under_grad():
+    # The marginal checks branch on values: skipped under vmap only (they were skipped under
+    # every transform, and grad returned a value for marginals of unequal mass).
+    c = _positive(4, 5)
+    a = torch.full((4,), 0.5, dtype=torch.float64)  # mass 2 against b's 1
+    fn = lambda x: fastloss.sinkhorn_cost(x, a, eps=0.5, max_iter=20, grad="unrolled")  # noqa: E731
+    with pytest.raises(RuntimeError, match="same total mass"):
+        grad(fn)(c)

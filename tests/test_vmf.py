@@ -727,7 +727,7 @@ def test_sample_w_derivative_op_edges_dtypes_and_errors(device):
     w, kappa = (t.to(device) for t in _sample_w_pairs(16))
     expected = op(w, kappa, 16)
     assert torch.isfinite(expected).all() and (expected != 0).any()
-    # float32 in, float32 out: evaluated in double, rounded once (CPU) / from float32 math (CUDA)
+    # float32 in, float32 out: evaluated in double and rounded once (CUDA: its libm's roundings)
     got32 = op(w.float(), kappa.float(), 16)
     assert got32.dtype == torch.float32
     torch.testing.assert_close(got32, op(w.float().double(), kappa.float().double(), 16).float(),

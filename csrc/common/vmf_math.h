@@ -445,7 +445,7 @@ inline GaussLegendre make_gauss_legendre() {
       slope = n * (x * p - p_prev) / (x * x - 1.0);
       const double dx = p / slope;
       x -= dx;
-      if (::fabs(dx) <= 1e-17) break;
+      if (::fabs(dx) <= 0x1p-53 * ::fabs(x)) break;  // then one more step has nothing to add
     }
     rule.node[n - 1 - i] = x;
     rule.node[i] = -x;

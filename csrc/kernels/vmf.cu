@@ -75,7 +75,7 @@ cudaError_t launch_vmf_sample_w_derivative(bool is_double, const void* w, const 
                                            double p, cudaStream_t stream) {
   if (n <= 0) return cudaSuccess;
   const vmf::Order order = vmf::make_order(p);
-  const vmf::GaussLegendre rule = vmf::make_gauss_legendre();  // 256 bytes more of kernel arguments
+  static const vmf::GaussLegendre rule = vmf::make_gauss_legendre();  // 256 bytes more of kernel arguments
   if (is_double) {
     sample_w_derivative_kernel<double><<<grid_blocks(n), kThreads, 0, stream>>>(
         static_cast<const double*>(w), static_cast<const double*>(kappa), static_cast<double*>(out), n, order, rule);

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import torch
-import torch.autograd.forward_ad as fwAD
 from torch.distributions import Distribution, constraints
 
+from .ops._func import transforms_active
 from .vmf import _mean_resultant_slope, _vmf_entropy, vmf_kappa_mle, vmf_log_normalizer, vmf_mean_resultant
 
 __all__ = ["VonMisesFisher"]
@@ -15,7 +15,7 @@ def w_kappa_derivative(w: torch.Tensor, kappa: torch.Tensor, p: int) -> torch.Te
     """dw/dkappa at a fixed CDF value of w = mu . x (rsample's reparameterization gradient), for
     w and kappa of one shape, in w's dtype: a 256-node quadrature of the tail of w's density
     beyond w, elementwise in C++/CUDA (torch.ops.fastloss.vmf_sample_w_derivative)."""
-    return torch.ops.fastloss.vmf_sample_w_derivative.default(w, kappa.to(w.dtype), p)
+    return torch.ops.fastloss.vmf_sample_w_derivative.default(w.double(), kappa.double(), p).to(w.dtype)
 
 
 class _UnitSphere(constraints.Constraint):
@@ -131,13 +131,9 @@ class VonMisesFisher(Distribution):
         raise RuntimeError("VonMisesFisher: the rejection sampler did not converge (non-finite concentration?)")
 
     def _concentration_differentiated(self) -> bool:
-        """Whether rsample needs dw/dkappa: reverse mode (not sample()'s no_grad), a forward-AD
-        tangent, or a torch.func transform."""
-        if self.concentration.requires_grad and torch.is_grad_enabled():
-            return True
-        if torch._C._are_functorch_transforms_active():
-            return True
-        return fwAD._current_level >= 0 and fwAD.unpack_dual(self.concentration).tangent is not None
+        """Whether rsample needs dw/dkappa: reverse mode (not sample()'s no_grad), or a
+        torch.func transform or forward-AD tangent."""
+        return (self.concentration.requires_grad and torch.is_grad_enabled()) or transforms_active(self.concentration)
 
     def rsample(self, sample_shape=torch.Size()) -> torch.Tensor:
         shape = self._extended_shape(sample_shape)

@@ -44,6 +44,12 @@ def transforms_active(*tensors) -> bool:
     return fwAD._current_level >= 0 and _has_tangent(tensors)
 
 
+def vmap_active() -> bool:
+    """Whether a torch.func.vmap transform is running (values cannot be branched on)."""
+    return torch._C._are_functorch_transforms_active() and any(
+        i.key() == TransformType.Vmap for i in retrieve_all_functorch_interpreters())
+
+
 def forbid_transforms(op: str, case: str, *tensors) -> None:
     """For a case without transform rules (``case`` says which): a clear error under torch.func
     transforms and with forward-AD dual tensors, where torch's own error would not name the op
@@ -62,6 +68,16 @@ def no_derivative(public_name: str, what: str) -> Callable:
         raise NotImplementedError(f"{public_name}: {what} is not implemented")
 
     return raise_not_implemented
+
+
+SECOND_DERIVATIVE = "a second derivative (hessian, jacrev of jacrev, double backward)"
+
+
+def derivative_function(name: str, op, public_name: str, what: str = SECOND_DERIVATIVE) -> type:
+    """The transform function of a backward (derivative) op without a derivative of its own:
+    differentiating it, in either mode, raises."""
+    refuse = no_derivative(public_name, what)
+    return transform_function(name, op, lambda ctx, inputs, output: None, refuse, refuse)
 
 
 def transform_function(name: str, op, setup_context: Callable, backward: Callable,

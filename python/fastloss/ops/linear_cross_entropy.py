@@ -12,7 +12,7 @@ from typing import Dict, Optional, Tuple, Union
 import torch
 
 from ._double_backward import forbid_double_backward
-from ._func import batch_front, forbid_transforms, loop_rule, no_derivative, transform_function, transforms_active
+from ._func import batch_front, derivative_function, forbid_transforms, loop_rule, transform_function, transforms_active
 from ._guards import check_same_device
 
 _REDUCTIONS = ("mean", "sum", "none")
@@ -327,9 +327,9 @@ def _transform_backward(ctx, grad_loss, grad_lse):
         None, None, None
 
 
-_NO_SECOND = no_derivative("fastloss.linear_cross_entropy", "a second derivative (hessian, jacrev of jacrev, double backward)")
-_BACKWARD_FN = transform_function("linear_cross_entropy_backward", torch.ops.fastloss.linear_cross_entropy_backward.default,
-                                  lambda ctx, inputs, output: None, _NO_SECOND, _NO_SECOND)
+_BACKWARD_FN = derivative_function("linear_cross_entropy_backward",
+                                   torch.ops.fastloss.linear_cross_entropy_backward.default,
+                                   "fastloss.linear_cross_entropy")
 _TRANSFORM_FN = transform_function("linear_cross_entropy", torch.ops.fastloss.linear_cross_entropy.default, _setup,
                                    _transform_backward)
 

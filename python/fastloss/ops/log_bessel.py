@@ -9,7 +9,7 @@ import torch
 
 from .. import _C
 from ._direct import direct_call_ok
-from ._func import broadcast_front, no_derivative, transform_function, transforms_active
+from ._func import broadcast_front, derivative_function, transform_function, transforms_active
 from ._guards import check_same_device
 
 Number = Union[int, float]
@@ -116,8 +116,7 @@ def _make_transform_function(kind: str):
     name = f"log_bessel_{kind}"
     op = getattr(torch.ops.fastloss, name).default
     grad_op = getattr(torch.ops.fastloss, f"{name}_grad").default
-    second = no_derivative(f"fastloss.{name}", "a second derivative (hessian, jacrev of jacrev, double backward)")
-    grad_fn = transform_function(f"{name}_grad", grad_op, lambda ctx, inputs, output: None, second, second)
+    grad_fn = derivative_function(f"{name}_grad", grad_op, f"fastloss.{name}")
 
     def setup(ctx, inputs, output):
         ctx.save_for_backward(*inputs)

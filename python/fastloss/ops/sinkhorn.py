@@ -9,7 +9,7 @@ from typing import NamedTuple, Optional, Tuple
 
 import torch
 
-from ._func import batch_front, loop_rule, no_derivative, transform_function, transforms_active
+from ._func import batch_front, derivative_function, loop_rule, no_derivative, transform_function, transforms_active, vmap_active
 from ._guards import check_same_device
 
 _GRAD_MODES = ("envelope", "unrolled")
@@ -186,7 +186,7 @@ def _solve(cost, a, b, eps, max_iter, tol, error_norm):
 def _unrolled_value(cost, a, b, eps, max_iter, tol, error_norm):
     """The same iteration as the kernels, written with differentiable torch ops."""
     # (The marginal checks branch on values, which torch.func.vmap cannot do.)
-    if not torch.compiler.is_compiling() and a.device.type == "cpu" and not torch._C._are_functorch_transforms_active():
+    if not torch.compiler.is_compiling() and a.device.type == "cpu" and not vmap_active():
         _check_marginals(a.detach(), b.detach())
     acc = _acc_dtype(cost.dtype)
     a = a.to(acc)
@@ -276,27 +276,33 @@ def _sinkhorn_backward(ctx, _g_plan, _g_alpha, _g_beta, g_value, _g_n_iter, _g_e
     return (*grads, None, None, None, None)
 
 
-class _EnvelopeGrad(torch.autograd.Function):
-    """Envelope theorem: d value / d cost = P, d value / d a = alpha, d value / d b = beta.
+def _envelope_grads(g_value, plan, alpha, beta, needs, dtypes):
+    """Envelope theorem: d value / d cost = P, d value / d a = alpha, d value / d b = beta."""
+    cost_dtype, a_dtype, b_dtype = dtypes
+    g = g_value.to(plan.dtype)
+    return ((g[:, None, None] * plan).to(cost_dtype) if needs[0] else None,
+            (g[:, None] * alpha).to(a_dtype) if needs[1] else None,
+            (g[:, None] * beta).to(b_dtype) if needs[2] else None)
 
-    P and the potentials are saved without their own dependence on the inputs, so a graph built
-    through these gradients (create_graph=True) would silently miss the derivative of the plan
-    with respect to the cost: differentiating them raises instead."""
+
+_ENVELOPE_SECOND_DERIVATIVE = (
+    "fastloss.sinkhorn_cost: the envelope gradient (grad='envelope') has no derivative of its own (it would need "
+    "the plan's derivative in the cost); use grad='unrolled' for second derivatives")
+
+
+class _EnvelopeGrad(torch.autograd.Function):
+    """The envelope gradients (eager autograd). P and the potentials are saved without their
+    own dependence on the inputs, so a graph built through these gradients (create_graph=True)
+    would silently miss the derivative of the plan with respect to the cost: differentiating
+    them raises instead."""
 
     @staticmethod
     def forward(ctx, g_value, plan, alpha, beta, needs, dtypes, _anchor):
-        cost_dtype, a_dtype, b_dtype = dtypes
-        g = g_value.to(plan.dtype)
-        grad_cost = (g[:, None, None] * plan).to(cost_dtype) if needs[0] else None
-        grad_a = (g[:, None] * alpha).to(a_dtype) if needs[1] else None
-        grad_b = (g[:, None] * beta).to(b_dtype) if needs[2] else None
-        return grad_cost, grad_a, grad_b
+        return _envelope_grads(g_value, plan, alpha, beta, needs, dtypes)
 
     @staticmethod
     def backward(ctx, *grads):
-        raise NotImplementedError(
-            "fastloss.sinkhorn_cost: the envelope gradient (grad='envelope') has no derivative of its "
-            "own (it would need the plan's derivative in the cost); use grad='unrolled' for second derivatives")
+        raise NotImplementedError(_ENVELOPE_SECOND_DERIVATIVE)
 
 
 torch.library.register_autograd("fastloss::sinkhorn", _sinkhorn_backward, setup_context=_sinkhorn_setup_context)
@@ -318,21 +324,13 @@ def _sinkhorn_transform_setup(ctx, inputs, output):
 def _sinkhorn_transform_backward(ctx, g_plan, g_alpha, g_beta, g_value, _g_n_iter, _g_err):
     if g_plan is not None or g_alpha is not None or g_beta is not None:
         raise NotImplementedError(_ENVELOPE_SECOND_DERIVATIVE)
-    plan, alpha, beta = ctx.saved_tensors
     if g_value is None:
         return (None,) * 7
-    cost_dtype, a_dtype, b_dtype = ctx.dtypes
-    g = g_value.to(plan.dtype)
-    needs = ctx.needs_input_grad
-    return ((g[:, None, None] * plan).to(cost_dtype) if needs[0] else None,
-            (g[:, None] * alpha).to(a_dtype) if needs[1] else None,
-            (g[:, None] * beta).to(b_dtype) if needs[2] else None, None, None, None, None)
+    grads = _envelope_grads(g_value, *ctx.saved_tensors, ctx.needs_input_grad[:3], ctx.dtypes)
+    return (*grads, None, None, None, None)
 
 
-_ENVELOPE_SECOND_DERIVATIVE = (
-    "fastloss.sinkhorn_cost: the envelope gradient (grad='envelope') has no derivative of its own (it would need "
-    "the plan's derivative in the cost); use grad='unrolled' for second derivatives")
-_SINKHORN_FN = transform_function("sinkhorn", torch.ops.fastloss.sinkhorn.default, _sinkhorn_transform_setup,
+_SINKHORN_FN = transform_function("sinkhorn_cost", torch.ops.fastloss.sinkhorn.default, _sinkhorn_transform_setup,
                                   _sinkhorn_transform_backward)
 
 
@@ -446,10 +444,11 @@ def _kd_transform_backward(ctx, g_loss, *g_saved):
     return (ds if need_s else None), (dt if need_t else None), None, None, None, None
 
 
-_KD_NO_SECOND = no_derivative("fastloss.sinkhorn_kd_loss", "a second derivative under torch.func transforms (hessian, "
-                              "jacrev of jacrev; eager double backward works)")
-_KD_BACKWARD_FN = transform_function("sinkhorn_kd_backward", torch.ops.fastloss.sinkhorn_kd_backward.default,
-                                     lambda ctx, inputs, output: None, _KD_NO_SECOND, _KD_NO_SECOND)
+_KD_SECOND_DERIVATIVE = ("a second derivative under torch.func transforms (hessian, jacrev of jacrev; eager double "
+                         "backward works)")
+_KD_NO_SECOND = no_derivative("fastloss.sinkhorn_kd_loss", _KD_SECOND_DERIVATIVE)
+_KD_BACKWARD_FN = derivative_function("sinkhorn_kd_backward", torch.ops.fastloss.sinkhorn_kd_backward.default,
+                                      "fastloss.sinkhorn_kd_loss", _KD_SECOND_DERIVATIVE)
 _KD_FN = transform_function("sinkhorn_kd_loss", torch.ops.fastloss.sinkhorn_kd.default, _kd_transform_setup,
                             _kd_transform_backward)
 # Each SinKD problem couples its whole batch (a B x B plan): a vmapped batch of them is a loop.

@@ -10,7 +10,7 @@ from typing import Optional, Tuple, Union
 import torch
 
 from ._double_backward import forbid_double_backward
-from ._func import batch_front, batched_dim, no_derivative, transform_function, transforms_active
+from ._func import batch_front, batched_dim, derivative_function, transform_function, transforms_active
 from ._guards import check_same_device
 
 _MODES = ("soft", "hard")
@@ -291,17 +291,11 @@ def _gelu_mul_transform_backward(ctx, grad_out, _grad_theta, _grad_mean, _grad_s
     return dgate, dup, None, None
 
 
-def _no_second(public_name):
-    return no_derivative(public_name, "a second derivative (hessian, jacrev of jacrev, double backward)")
-
-
-_STAT_TOPK_BACKWARD_FN = transform_function(
-    "stat_topk_backward", torch.ops.fastloss.stat_topk_backward.default, lambda ctx, inputs, output: None,
-    _no_second("fastloss.stat_topk"), _no_second("fastloss.stat_topk"))
-_GELU_MUL_BACKWARD_FN = transform_function(
+_STAT_TOPK_BACKWARD_FN = derivative_function(
+    "stat_topk_backward", torch.ops.fastloss.stat_topk_backward.default, "fastloss.stat_topk")
+_GELU_MUL_BACKWARD_FN = derivative_function(
     "stat_topk_gelu_mul_backward", torch.ops.fastloss.stat_topk_gelu_mul_backward.default,
-    lambda ctx, inputs, output: None, _no_second("fastloss.stat_topk_gelu_mul"),
-    _no_second("fastloss.stat_topk_gelu_mul"))
+    "fastloss.stat_topk_gelu_mul")
 _STAT_TOPK_FN = transform_function("stat_topk", torch.ops.fastloss.stat_topk.default, _stat_topk_transform_setup,
                                    _stat_topk_transform_backward, _stat_topk_jvp)
 _GELU_MUL_FN = transform_function("stat_topk_gelu_mul", torch.ops.fastloss.stat_topk_gelu_mul.default,
