@@ -415,3 +415,14 @@ def test_unrolled_sinkhorn_cost_checks_marginals_under_grad():
     fn = lambda x: fastloss.sinkhorn_cost(x, a, eps=0.5, max_iter=20, grad="unrolled")  # noqa: E731
     with pytest.raises(RuntimeError, match="same total mass"):
         grad(fn)(c)
+
+
+@pytest.mark.filterwarnings("ignore:Dynamo does not know how to trace")  # the graph breaks, by design
+def test_torch_compile_of_transforms():
+    x = _randn(3, 6)
+    for fn in (lambda a: fastloss.log_softmax(a, -1).pow(2).sum(), lambda a: fastloss.stat_topk(a, sparsity=0.5).sum(),
+               lambda a: fastloss.vmf_log_normalizer(a.abs(), 5).sum()):
+        for transform in (grad, lambda f: vmap(grad(f))):
+            expected = transform(fn)(x)
+            torch.testing.assert_close(torch.compile(transform(fn), backend="aot_eager")(x), expected)
+        torch._dynamo.reset()
