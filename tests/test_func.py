@@ -426,3 +426,21 @@ def test_torch_compile_of_transforms():
             expected = transform(fn)(x)
             torch.testing.assert_close(torch.compile(transform(fn), backend="aot_eager")(x), expected)
         torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("name", list(ALL))
+def test_vmap_inside_eager_autograd(name):
+    # Under vmap alone the ops' batching rules serve directly, unless autograd records the call
+    # (an input requiring grad): then the transform function, whose backward eager autograd runs.
+    fn, make, _ = ALL[name]
+    args = make("cpu")
+    batched = [torch.stack([a, 0.5 * a]).requires_grad_() for a in args]
+    out = vmap(fn)(*batched)
+    weight = torch.randn_like(out)
+    got = torch.autograd.grad((out * weight).sum(), batched)
+    leaves = [b.detach().clone().requires_grad_() for b in batched]
+    expected_out = torch.stack([fn(*[leaf[i] for leaf in leaves]) for i in range(2)])
+    expected = torch.autograd.grad((expected_out * weight).sum(), leaves)
+    torch.testing.assert_close(out, expected_out, rtol=0, atol=0)
+    for g, e in zip(got, expected):
+        torch.testing.assert_close(g, e, rtol=1e-13, atol=1e-15)
