@@ -221,12 +221,17 @@ def test_vmap_of_zero_dim_rows():
         vmap(lambda a: fastloss.softmax(a, 1))(x)
 
 
+# stat_topk has forward over reverse (hessian, jvp(grad(f))) and reverse over forward, not
+# reverse over reverse.
+STAT_TOPK = [name for name in CASES if name.startswith("stat_topk") and name != "stat_topk_gelu_mul"]
+
+
 @pytest.mark.parametrize("name", FIRST_ORDER_ONLY)
 def test_missing_second_derivatives_raise(name):
     fn, make, _ = ALL[name]
     args = make("cpu")
     loss = lambda a: fn(a, *args[1:]).pow(2).sum()  # noqa: E731
-    for transform in (hessian, lambda f: jacrev(jacrev(f))):
+    for transform in ((lambda f: jacrev(jacrev(f))),) if name in STAT_TOPK else (hessian, lambda f: jacrev(jacrev(f))):
         with pytest.raises(NotImplementedError, match="(second|third) derivative|envelope|forward-mode"):
             transform(loss)(args[0])
 
@@ -444,3 +449,31 @@ def test_vmap_inside_eager_autograd(name):
     torch.testing.assert_close(out, expected_out, rtol=0, atol=0)
     for g, e in zip(got, expected):
         torch.testing.assert_close(g, e, rtol=1e-13, atol=1e-15)
+
+
+@pytest.mark.parametrize("which", ["soft", "hard", "theta", "soft_and_theta", "constant_threshold", "dim0"])
+def test_stat_topk_hessian_and_hessian_vector_products(which):
+    # Forward over reverse through the backward op's forward rule, against the eager formula.
+    import statistics
+
+    z = statistics.NormalDist().inv_cdf(0.7)
+    theta_ref = lambda a: a.mean(-1, keepdim=True) + a.std(-1, correction=0, keepdim=True) * z  # noqa: E731
+    fns = {
+        "soft": (lambda a: fastloss.stat_topk(a, sparsity=0.7), lambda a: torch.relu(a - theta_ref(a))),
+        "hard": (lambda a: fastloss.stat_topk(a, sparsity=0.7, mode="hard"),
+                 lambda a: a * (a > theta_ref(a).detach())),
+        "theta": (lambda a: fastloss.stat_topk(a, sparsity=0.7, return_threshold=True)[1], theta_ref),
+        "soft_and_theta": (
+            lambda a: (lambda y, th: y.sum(-1, keepdim=True) * th)(
+                *fastloss.stat_topk(a, sparsity=0.7, mode="hard", return_threshold=True)),
+            lambda a: (a * (a > theta_ref(a).detach())).sum(-1, keepdim=True) * theta_ref(a)),
+        "constant_threshold": (lambda a: fastloss.stat_topk(a, sparsity=0.7, threshold_grad=False),
+                               lambda a: torch.relu(a - theta_ref(a).detach())),
+        "dim0": (lambda a: fastloss.stat_topk(a.T, sparsity=0.7, dim=0), lambda a: torch.relu(a - theta_ref(a)).T),
+    }
+    ours, ref = fns[which]
+    x, w = _randn(2, 9), _randn(2, 9)
+    loss = lambda f: (lambda a: f(a).pow(3).sum())  # noqa: E731
+    torch.testing.assert_close(hessian(loss(ours))(x), hessian(loss(ref))(x), rtol=1e-12, atol=1e-13)
+    torch.testing.assert_close(jvp(grad(loss(ours)), (x,), (w,))[1], jvp(grad(loss(ref)), (x,), (w,))[1],
+                               rtol=1e-12, atol=1e-13)

@@ -10,7 +10,7 @@ from typing import Optional, Tuple, Union
 import torch
 
 from ._double_backward import forbid_double_backward
-from ._func import batch_front, batched_dim, derivative_function, transform_function, transforms_active
+from ._func import batch_front, batched_dim, derivative_function, no_derivative, transform_function, transforms_active
 from ._guards import check_same_device
 
 _MODES = ("soft", "hard")
@@ -291,8 +291,57 @@ def _gelu_mul_transform_backward(ctx, grad_out, _grad_theta, _grad_mean, _grad_s
     return dgate, dup, None, None
 
 
-_STAT_TOPK_BACKWARD_FN = derivative_function(
-    "stat_topk_backward", torch.ops.fastloss.stat_topk_backward.default, "fastloss.stat_topk")
+# The backward's own forward rule (forward over reverse: torch.func.hessian, jvp(grad(f))
+# Hessian-vector products). Per row, with m = [x > theta], a = (x - mean) / std (0 for a
+# constant row) and c = the gradient reaching theta (grad_theta, minus sum(m grad_y) in soft
+# mode), the backward is dx = m grad_y + c (1 + z a) / n (threshold_grad=False: m grad_y).
+# The mask is piecewise constant; a moves with x:
+#   da = (t - mean(t)) / std - a mean(a t) / std.
+def _stat_topk_backward_setup(ctx, inputs, output):
+    grad_y, grad_theta, x, theta, mean, std, dim, sparsity, hard, threshold_grad = inputs
+    ctx.dim, ctx.sparsity, ctx.hard, ctx.threshold_grad = dim, sparsity, hard, threshold_grad
+    ctx.has_grad_theta = grad_theta is not None
+    saved = (grad_y, x, theta, mean, std, *((grad_theta,) if grad_theta is not None else ()))
+    # (saved for backward too, although that raises: torch's generated vmap rule expects both)
+    ctx.save_for_backward(*saved)
+    ctx.save_for_forward(*saved)
+
+
+def _stat_topk_backward_jvp(ctx, t_grad_y, t_grad_theta, t_x, *_rest):
+    grad_y, x, theta, mean, std, *rest = ctx.saved_tensors
+    grad_theta = rest[0] if rest else torch.zeros_like(mean)
+    acc = mean.dtype
+    row = x.shape or (1,)  # a 0-d x is one row of one element
+    gy, xa = grad_y.to(acc).reshape(row), x.to(acc).reshape(row)
+    gth, theta, mean, std = (u.reshape(u.shape or (1,)) for u in (grad_theta.to(acc), theta, mean, std))
+    zero = torch.zeros_like(xa)
+    t_gy = zero if t_grad_y is None else t_grad_y.to(acc).reshape(row)
+    t_x = zero if t_x is None else t_x.to(acc).reshape(row)
+    t_gth = torch.zeros_like(gth) if t_grad_theta is None or not ctx.has_grad_theta else \
+        t_grad_theta.to(acc).reshape(gth.shape)
+    dim = ctx.dim
+    kept = (xa > theta).to(acc)
+    out = kept * t_gy
+    if ctx.threshold_grad:
+        n = xa.shape[dim] if xa.dim() else 1
+        z = statistics.NormalDist().inv_cdf(ctx.sparsity)
+        spread = std > 0
+        safe_std = torch.where(spread, std, torch.ones_like(std))
+        a = torch.where(spread, (xa - mean) / safe_std, zero)
+        da = torch.where(spread, (t_x - t_x.mean(dim, keepdim=True) - a * (a * t_x).mean(dim, keepdim=True)) / safe_std,
+                         zero)
+        c, t_c = gth, t_gth
+        if not ctx.hard:
+            c = c - (kept * gy).sum(dim, keepdim=True)
+            t_c = t_c - (kept * t_gy).sum(dim, keepdim=True)
+        out = out + (t_c * (1 + z * a) + c * z * da) / n
+    return out.reshape(x.shape).to(x.dtype)
+
+
+_STAT_TOPK_BACKWARD_FN = transform_function(
+    "stat_topk_backward", torch.ops.fastloss.stat_topk_backward.default, _stat_topk_backward_setup,
+    no_derivative("fastloss.stat_topk", "a second derivative by reverse over reverse (jacrev of jacrev, double "
+                  "backward; torch.func.hessian and jvp(grad(f)) work)"), _stat_topk_backward_jvp)
 _GELU_MUL_BACKWARD_FN = derivative_function(
     "stat_topk_gelu_mul_backward", torch.ops.fastloss.stat_topk_gelu_mul_backward.default,
     "fastloss.stat_topk_gelu_mul")
