@@ -221,9 +221,9 @@ def test_vmap_of_zero_dim_rows():
         vmap(lambda a: fastloss.softmax(a, 1))(x)
 
 
-# stat_topk has forward over reverse (hessian, jvp(grad(f))) and reverse over forward, not
-# reverse over reverse.
-STAT_TOPK = [name for name in CASES if name.startswith("stat_topk") and name != "stat_topk_gelu_mul"]
+# stat_topk and the gelu-mul have forward over reverse (hessian, jvp(grad(f))) and reverse
+# over forward, not reverse over reverse.
+STAT_TOPK = [name for name in CASES if name.startswith("stat_topk")]
 
 
 @pytest.mark.parametrize("name", FIRST_ORDER_ONLY)
@@ -477,3 +477,27 @@ def test_stat_topk_hessian_and_hessian_vector_products(which):
     torch.testing.assert_close(hessian(loss(ours))(x), hessian(loss(ref))(x), rtol=1e-12, atol=1e-13)
     torch.testing.assert_close(jvp(grad(loss(ours)), (x,), (w,))[1], jvp(grad(loss(ref)), (x,), (w,))[1],
                                rtol=1e-12, atol=1e-13)
+
+
+@pytest.mark.parametrize("threshold_grad", [True, False])
+def test_stat_topk_gelu_mul_hessian_and_hessian_vector_products(threshold_grad):
+    import statistics
+
+    z = statistics.NormalDist().inv_cdf(0.6)
+    theta_ref = lambda a: a.mean(-1, keepdim=True) + a.std(-1, correction=0, keepdim=True) * z  # noqa: E731
+    ours = lambda g, u: fastloss.stat_topk_gelu_mul(g, u, 0.6, threshold_grad=threshold_grad)  # noqa: E731
+
+    def ref(g, u):
+        theta = theta_ref(g) if threshold_grad else theta_ref(g).detach()
+        return torch.nn.functional.gelu(torch.relu(g - theta), approximate="tanh") * u
+
+    loss = lambda f: (lambda g, u: f(g, u).pow(3).sum())  # noqa: E731
+    gate, up, w, v = (_randn(2, 9) for _ in range(4))
+    gate[1] *= 20  # gelu's far tail too (h > 8)
+    for got, expected in zip(hessian(loss(ours), argnums=(0, 1))(gate, up), hessian(loss(ref), argnums=(0, 1))(gate, up)):
+        for a, b in zip(got, expected):
+            torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    got = jvp(grad(loss(ours), argnums=(0, 1)), (gate, up), (w, v))[1]
+    expected = jvp(grad(loss(ref), argnums=(0, 1)), (gate, up), (w, v))[1]
+    for a, b in zip(got, expected):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)

@@ -10,7 +10,7 @@ from typing import Optional, Tuple, Union
 import torch
 
 from ._double_backward import forbid_double_backward
-from ._func import batch_front, batched_dim, derivative_function, no_derivative, transform_function, transforms_active
+from ._func import batch_front, batched_dim, no_derivative, transform_function, transforms_active
 from ._guards import check_same_device
 
 _MODES = ("soft", "hard")
@@ -342,9 +342,51 @@ _STAT_TOPK_BACKWARD_FN = transform_function(
     "stat_topk_backward", torch.ops.fastloss.stat_topk_backward.default, _stat_topk_backward_setup,
     no_derivative("fastloss.stat_topk", "a second derivative by reverse over reverse (jacrev of jacrev, double "
                   "backward; torch.func.hessian and jvp(grad(f)) work)"), _stat_topk_backward_jvp)
-_GELU_MUL_BACKWARD_FN = derivative_function(
-    "stat_topk_gelu_mul_backward", torch.ops.fastloss.stat_topk_gelu_mul_backward.default,
-    "fastloss.stat_topk_gelu_mul")
+# The gelu-mul backward's forward rule, likewise. With h = relu(gate - theta), kept = gate >
+# theta, e = kept gelu'(h) up grad_out and c = -sum(e) (what reaches theta):
+#   d_up = gelu(h) grad_out,   d_gate = e + c (1 + z a) / n   (threshold_grad=False: e),
+# and h moves by kept (t_gate - t_theta), t_theta = mean(t_gate) + z mean(a t_gate).
+def _gelu_mul_backward_setup(ctx, inputs, output):
+    grad_out, gate, up, theta, mean, std, sparsity, threshold_grad = inputs
+    ctx.sparsity, ctx.threshold_grad = sparsity, threshold_grad
+    saved = (grad_out, gate, up, theta, mean, std)
+    ctx.save_for_backward(*saved)  # (as stat_topk's: torch's generated vmap rule expects both)
+    ctx.save_for_forward(*saved)
+
+
+def _gelu_mul_backward_jvp(ctx, t_grad_out, t_gate, t_up, *_rest):
+    grad_out, gate, up, theta, mean, std = ctx.saved_tensors
+    acc = std.dtype
+    go, g, u = (v.to(acc) for v in (grad_out, gate, up))
+    zero = torch.zeros_like(g)
+    t_go, t_g, t_u = (zero if t is None else t.to(acc) for t in (t_grad_out, t_gate, t_up))
+    z = statistics.NormalDist().inv_cdf(ctx.sparsity)
+    spread = std > 0
+    safe_std = torch.where(spread, std, torch.ones_like(std))
+    a = torch.where(spread, (g - mean) / safe_std, zero)
+    kept = g - theta > 0
+    t_theta = t_g.mean(-1, keepdim=True) + z * (a * t_g).mean(-1, keepdim=True) if ctx.threshold_grad else 0
+    h = torch.where(kept, g - theta, zero)
+    t_h = torch.where(kept, t_g - t_theta, zero)
+    gelu, slope = _gelu_tanh_and_slope(h)
+    _, t_slope = torch.func.jvp(lambda v: _gelu_tanh_and_slope(v)[1], (h,), (t_h,))
+    t_dup = slope * t_h * go + gelu * t_go
+    e = torch.where(kept, slope * u * go, zero)
+    t_e = torch.where(kept, t_slope * u * go + slope * (t_u * go + u * t_go), zero)
+    t_dgate = t_e
+    if ctx.threshold_grad:
+        n = g.shape[-1]
+        c, t_c = -e.sum(-1, keepdim=True), -t_e.sum(-1, keepdim=True)
+        t_a = torch.where(spread, (t_g - t_g.mean(-1, keepdim=True) - a * (a * t_g).mean(-1, keepdim=True)) / safe_std,
+                          zero)
+        t_dgate = t_dgate + (t_c * (1 + z * a) + c * z * t_a) / n
+    return t_dgate.to(gate.dtype), t_dup.to(up.dtype)
+
+
+_GELU_MUL_BACKWARD_FN = transform_function(
+    "stat_topk_gelu_mul_backward", torch.ops.fastloss.stat_topk_gelu_mul_backward.default, _gelu_mul_backward_setup,
+    no_derivative("fastloss.stat_topk_gelu_mul", "a second derivative by reverse over reverse (jacrev of jacrev, "
+                  "double backward; torch.func.hessian and jvp(grad(f)) work)"), _gelu_mul_backward_jvp)
 _STAT_TOPK_FN = transform_function("stat_topk", torch.ops.fastloss.stat_topk.default, _stat_topk_transform_setup,
                                    _stat_topk_transform_backward, _stat_topk_jvp)
 _GELU_MUL_FN = transform_function("stat_topk_gelu_mul", torch.ops.fastloss.stat_topk_gelu_mul.default,
