@@ -116,20 +116,19 @@ def _scipy_log_dx(kind: str) -> Callable:
     return run
 
 
-def _case(kind, label, sampler, dtype, device, n, baselines, grad=False) -> Case:
+def _elementwise_case(mode, sampler, dtype, device, n, fastloss, baselines, reads, writes) -> Case:
+    """A case over n elements: `reads` input and `writes` output arrays of dtype."""
     elem = torch.empty((), dtype=dtype).element_size()
-    return Case(
-        family=FAMILY,
-        shape=(n,),
-        dtype=dtype,
-        mode=f"log {'I' if kind == 'iv' else 'K'}{' grad' if grad else ''}: {label}",
-        device=device,
-        make_inputs=sampler,
-        input_bytes=2 * n * elem,
-        fastloss=_fastloss_grad(kind) if grad else _fastloss(kind),
-        baselines=baselines,
-        bytes_moved=(4 if grad else 3) * n * elem,  # read v and x, write the result(s)
-    )
+    return Case(family=FAMILY, shape=(n,), dtype=dtype, mode=mode, device=device, make_inputs=sampler,
+                input_bytes=reads * n * elem, fastloss=fastloss, baselines=baselines,
+                bytes_moved=(reads + writes) * n * elem)
+
+
+def _case(kind, label, sampler, dtype, device, n, baselines, grad=False) -> Case:
+    # reads v and x, writes the value (or the two derivatives)
+    mode = f"log {'I' if kind == 'iv' else 'K'}{' grad' if grad else ''}: {label}"
+    return _elementwise_case(mode, sampler, dtype, device, n, _fastloss_grad(kind) if grad else _fastloss(kind),
+                             baselines, reads=2, writes=2 if grad else 1)
 
 
 # von Mises-Fisher: A_p = I_(p/2) / I_(p/2-1) and the MLE of kappa, at these dimensions.
@@ -169,8 +168,6 @@ def _scipy_kappa_mle(p: int) -> Callable:
 
 
 def _vmf_case(what: str, p: int, dtype, device, n) -> Case:
-    elem = torch.empty((), dtype=dtype).element_size()
-
     def sample(seed):
         g = torch.Generator().manual_seed(seed)
         if what == "A_p":
@@ -187,18 +184,8 @@ def _vmf_case(what: str, p: int, dtype, device, n) -> Case:
     else:
         ours = lambda rbar: fastloss.vmf_kappa_mle(rbar, p)
         peer = _scipy_kappa_mle(p) if sp else Unavailable("scipy: not installed")
-    return Case(
-        family=FAMILY,
-        shape=(n,),
-        dtype=dtype,
-        mode=f"vMF {what}, p={p}",
-        device=device,
-        make_inputs=sample,
-        input_bytes=n * elem,
-        fastloss=ours,
-        baselines={"scipy": peer},
-        bytes_moved=2 * n * elem,
-    )
+    return _elementwise_case(f"vMF {what}, p={p}", sample, dtype, device, n, ours, {"scipy": peer}, reads=1,
+                             writes=1)
 
 
 def cases(device: str, quick: bool) -> List[Case]:

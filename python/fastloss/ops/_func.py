@@ -139,6 +139,23 @@ def batched_dim(op: str, dim: int, logical_rank: int) -> int:
     return dim % rank + 1
 
 
+def batch_rows(op: str, tensors: Sequence[Optional[torch.Tensor]], in_dims, batch_size: int, dim: int):
+    """A row op's tensor arguments (rows along logical ``dim``) with the batch dimension first,
+    and the physical dim of the rows. 0-d rows are made (B, 1); then the third result is True
+    and the op's results need :func:`squeeze_rows`."""
+    tensors = [batch_front(t, d, batch_size) for t, d in zip(tensors, in_dims)]
+    rank = max(t.dim() for t in tensors if t is not None) - 1
+    physical = batched_dim(op, dim, rank)
+    if rank == 0:
+        tensors = [None if t is None else t.unsqueeze(1) for t in tensors]
+    return tensors, physical, rank == 0
+
+
+def squeeze_rows(out):
+    """A row op's results for 0-d rows (see :func:`batch_rows`)."""
+    return tuple(o.squeeze(1) for o in out) if isinstance(out, tuple) else out.squeeze(1)
+
+
 def broadcast_front(tensors: Sequence[torch.Tensor], in_dims: Sequence[Optional[int]]):
     """Elementwise arguments with their batch dimension first and the logical dimensions
     right-aligned, so that the op's own broadcasting lines them up: a batched tensor of lower

@@ -10,7 +10,7 @@ import torch
 
 from .. import _C
 from ._direct import direct_call_ok
-from ._func import batch_front, batched_dim, transform_function, transforms_active
+from ._func import batch_rows, squeeze_rows, transform_function, transforms_active
 from ._guards import check_same_device
 
 _HALF_TYPES = (torch.float16, torch.bfloat16)
@@ -151,20 +151,17 @@ _TRANSFORM_FUNCTIONS = {"softmax": _make_transform_functions(False), "log_softma
 
 def _forward_vmap(op, name):
     def rule(info, in_dims, x, dim, half_to_float=False):
-        x = batch_front(x, in_dims[0], info.batch_size)
-        if x.dim() == 1:  # 0-d rows
-            return op(x.unsqueeze(1), batched_dim(name, dim, 0), half_to_float).squeeze(1), 0
-        return op(x, batched_dim(name, dim, x.dim() - 1), half_to_float), 0
+        (x,), d, zero_d = batch_rows(name, (x,), in_dims, info.batch_size, dim)
+        out = op(x, d, half_to_float)
+        return (squeeze_rows(out) if zero_d else out), 0
     return rule
 
 
 def _backward_vmap(op, name):
     def rule(info, in_dims, g, y, dim, input_dtype):
-        g = batch_front(g, in_dims[0], info.batch_size)
-        y = batch_front(y, in_dims[1], info.batch_size)
-        if y.dim() == 1:
-            return op(g.unsqueeze(1), y.unsqueeze(1), batched_dim(name, dim, 0), input_dtype).squeeze(1), 0
-        return op(g, y, batched_dim(name, dim, y.dim() - 1), input_dtype), 0
+        (g, y), d, zero_d = batch_rows(name, (g, y), in_dims, info.batch_size, dim)
+        out = op(g, y, d, input_dtype)
+        return (squeeze_rows(out) if zero_d else out), 0
     return rule
 
 

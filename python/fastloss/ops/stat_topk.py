@@ -10,7 +10,7 @@ from typing import Optional, Tuple, Union
 import torch
 
 from ._double_backward import forbid_double_backward
-from ._func import batch_front, batched_dim, no_derivative, transform_function, transforms_active
+from ._func import batch_front, batch_rows, no_derivative, squeeze_rows, transform_function, transforms_active
 from ._guards import check_same_device
 
 _MODES = ("soft", "hard")
@@ -214,10 +214,31 @@ forbid_double_backward("stat_topk_gelu_mul_backward", "fastloss.stat_topk_gelu_m
 # decides which entries are kept, as in the forward.
 
 
+def _quantile(sparsity: float) -> float:
+    """z = PhiInv(sparsity), the threshold's multiple of the std."""
+    return statistics.NormalDist().inv_cdf(sparsity)
+
+
+def _standardized(x, t, mean, std, dim):
+    """a = (x - mean) / std along dim (0 for a constant row, std = 0, as the kernels take it)
+    and its tangent for tangent t of x: (t - mean(t) - a mean(a t)) / std."""
+    spread = std > 0
+    safe_std = torch.where(spread, std, torch.ones_like(std))
+    zero = torch.zeros_like(x)
+    a = torch.where(spread, (x - mean) / safe_std, zero)
+    da = torch.where(spread, (t - t.mean(dim, keepdim=True) - a * (a * t).mean(dim, keepdim=True)) / safe_std, zero)
+    return a, da
+
+
+# A backward's refusal of reverse over reverse (its forward rule below serves forward over reverse).
+_REVERSE_OVER_REVERSE = ("a second derivative by reverse over reverse (jacrev of jacrev, double backward; "
+                         "torch.func.hessian and jvp(grad(f)) work)")
+
+
 def _theta_tangent(t, x, std, dim, sparsity):
     """theta's tangent for tangent t of x, rows along dim; `std` (the kernel's) says which rows
     are constant."""
-    z = statistics.NormalDist().inv_cdf(sparsity)
+    z = _quantile(sparsity)
     mean = x.mean(dim, keepdim=True)
     centered = x - mean
     spread = std > 0
@@ -324,12 +345,8 @@ def _stat_topk_backward_jvp(ctx, t_grad_y, t_grad_theta, t_x, *_rest):
     out = kept * t_gy
     if ctx.threshold_grad:
         n = xa.shape[dim] if xa.dim() else 1
-        z = statistics.NormalDist().inv_cdf(ctx.sparsity)
-        spread = std > 0
-        safe_std = torch.where(spread, std, torch.ones_like(std))
-        a = torch.where(spread, (xa - mean) / safe_std, zero)
-        da = torch.where(spread, (t_x - t_x.mean(dim, keepdim=True) - a * (a * t_x).mean(dim, keepdim=True)) / safe_std,
-                         zero)
+        z = _quantile(ctx.sparsity)
+        a, da = _standardized(xa, t_x, mean, std, dim)
         c, t_c = gth, t_gth
         if not ctx.hard:
             c = c - (kept * gy).sum(dim, keepdim=True)
@@ -340,8 +357,7 @@ def _stat_topk_backward_jvp(ctx, t_grad_y, t_grad_theta, t_x, *_rest):
 
 _STAT_TOPK_BACKWARD_FN = transform_function(
     "stat_topk_backward", torch.ops.fastloss.stat_topk_backward.default, _stat_topk_backward_setup,
-    no_derivative("fastloss.stat_topk", "a second derivative by reverse over reverse (jacrev of jacrev, double "
-                  "backward; torch.func.hessian and jvp(grad(f)) work)"), _stat_topk_backward_jvp)
+    no_derivative("fastloss.stat_topk", _REVERSE_OVER_REVERSE), _stat_topk_backward_jvp)
 # The gelu-mul backward's forward rule, likewise. With h = relu(gate - theta), kept = gate >
 # theta, e = kept gelu'(h) up grad_out and c = -sum(e) (what reaches theta):
 #   d_up = gelu(h) grad_out,   d_gate = e + c (1 + z a) / n   (threshold_grad=False: e),
@@ -360,10 +376,8 @@ def _gelu_mul_backward_jvp(ctx, t_grad_out, t_gate, t_up, *_rest):
     go, g, u = (v.to(acc) for v in (grad_out, gate, up))
     zero = torch.zeros_like(g)
     t_go, t_g, t_u = (zero if t is None else t.to(acc) for t in (t_grad_out, t_gate, t_up))
-    z = statistics.NormalDist().inv_cdf(ctx.sparsity)
-    spread = std > 0
-    safe_std = torch.where(spread, std, torch.ones_like(std))
-    a = torch.where(spread, (g - mean) / safe_std, zero)
+    z = _quantile(ctx.sparsity)
+    a, t_a = _standardized(g, t_g, mean, std, -1)
     kept = g - theta > 0
     t_theta = t_g.mean(-1, keepdim=True) + z * (a * t_g).mean(-1, keepdim=True) if ctx.threshold_grad else 0
     h = torch.where(kept, g - theta, zero)
@@ -377,16 +391,13 @@ def _gelu_mul_backward_jvp(ctx, t_grad_out, t_gate, t_up, *_rest):
     if ctx.threshold_grad:
         n = g.shape[-1]
         c, t_c = -e.sum(-1, keepdim=True), -t_e.sum(-1, keepdim=True)
-        t_a = torch.where(spread, (t_g - t_g.mean(-1, keepdim=True) - a * (a * t_g).mean(-1, keepdim=True)) / safe_std,
-                          zero)
         t_dgate = t_dgate + (t_c * (1 + z * a) + c * z * t_a) / n
     return t_dgate.to(gate.dtype), t_dup.to(up.dtype)
 
 
 _GELU_MUL_BACKWARD_FN = transform_function(
     "stat_topk_gelu_mul_backward", torch.ops.fastloss.stat_topk_gelu_mul_backward.default, _gelu_mul_backward_setup,
-    no_derivative("fastloss.stat_topk_gelu_mul", "a second derivative by reverse over reverse (jacrev of jacrev, "
-                  "double backward; torch.func.hessian and jvp(grad(f)) work)"), _gelu_mul_backward_jvp)
+    no_derivative("fastloss.stat_topk_gelu_mul", _REVERSE_OVER_REVERSE), _gelu_mul_backward_jvp)
 _STAT_TOPK_FN = transform_function("stat_topk", torch.ops.fastloss.stat_topk.default, _stat_topk_transform_setup,
                                    _stat_topk_transform_backward, _stat_topk_jvp)
 _GELU_MUL_FN = transform_function("stat_topk_gelu_mul", torch.ops.fastloss.stat_topk_gelu_mul.default,
@@ -398,24 +409,18 @@ _GELU_MUL_FN = transform_function("stat_topk_gelu_mul", torch.ops.fastloss.stat_
 
 @torch.library.register_vmap("fastloss::stat_topk")
 def _stat_topk_vmap(info, in_dims, x, dim, sparsity, hard=False, threshold_grad=True):
-    x = batch_front(x, in_dims[0], info.batch_size)
-    if x.dim() == 1:  # 0-d rows
-        out = torch.ops.fastloss.stat_topk.default(x.unsqueeze(1), 1, sparsity, hard, threshold_grad)
-        return tuple(o.squeeze(1) for o in out), (0, 0, 0, 0)
-    out = torch.ops.fastloss.stat_topk.default(x, batched_dim("stat_topk", dim, x.dim() - 1), sparsity, hard,
-                                               threshold_grad)
-    return out, (0, 0, 0, 0)
+    (x,), d, zero_d = batch_rows("stat_topk", (x,), in_dims, info.batch_size, dim)
+    out = torch.ops.fastloss.stat_topk.default(x, d, sparsity, hard, threshold_grad)
+    return (squeeze_rows(out) if zero_d else out), (0, 0, 0, 0)
 
 
 @torch.library.register_vmap("fastloss::stat_topk_backward")
 def _stat_topk_backward_vmap(info, in_dims, grad_y, grad_theta, x, theta, mean, std, dim, sparsity, hard,
                              threshold_grad):
-    tensors = [batch_front(t, d, info.batch_size) for t, d in zip((grad_y, grad_theta, x, theta, mean, std), in_dims)]
-    if tensors[2].dim() == 1:
-        tensors = [None if t is None else t.unsqueeze(1) for t in tensors]
-        return torch.ops.fastloss.stat_topk_backward.default(*tensors, 1, sparsity, hard, threshold_grad).squeeze(1), 0
-    d = batched_dim("stat_topk", dim, tensors[2].dim() - 1)
-    return torch.ops.fastloss.stat_topk_backward.default(*tensors, d, sparsity, hard, threshold_grad), 0
+    tensors, d, zero_d = batch_rows("stat_topk", (grad_y, grad_theta, x, theta, mean, std), in_dims[:6],
+                                    info.batch_size, dim)
+    out = torch.ops.fastloss.stat_topk_backward.default(*tensors, d, sparsity, hard, threshold_grad)
+    return (squeeze_rows(out) if zero_d else out), 0
 
 
 @torch.library.register_vmap("fastloss::stat_topk_gelu_mul")
