@@ -698,12 +698,34 @@ struct Grid {
   int m_blocks, splits, tiles_per_split;
 };
 
-Grid plan_grid(int64_t tokens, int64_t vocab, const DeviceInfo& dev, size_t workspace_bytes) {
+// Blocks of the forward (kGrad false) or backward kernel resident on one SM of this device,
+// at least 1: shared memory allows two of either from sm_90 on, one backward block on sm_80
+// and one of each on sm_86/89/120 (~100 KB per SM). Cached per device. Raises the kernel's
+// dynamic shared memory limit on this device, as its launches need (first call per device).
+template <typename T, bool kGrad>
+cudaError_t blocks_per_sm(const DeviceInfo& dev, int* blocks) {
+  static std::atomic<int> cache[kMaxDevices];
+  const bool cacheable = dev.device >= 0 && dev.device < kMaxDevices;
+  if (cacheable && (*blocks = cache[dev.device].load(std::memory_order_relaxed)) > 0) return cudaSuccess;
+  const void* kernel = kGrad ? reinterpret_cast<const void*>(lce_grad_kernel<T>)
+                             : reinterpret_cast<const void*>(lce_stats_kernel<T>);
+  const size_t smem = kGrad ? kGradSmemBytes : kSmemBytes;
+  cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
+  if (err != cudaSuccess) return err;
+  int n = 0;
+  err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, kernel, kThreads, smem);
+  if (err != cudaSuccess) return err;
+  *blocks = n < 1 ? 1 : n;
+  if (cacheable) cache[dev.device].store(*blocks, std::memory_order_relaxed);
+  return cudaSuccess;
+}
+
+Grid plan_grid(int64_t tokens, int64_t vocab, const DeviceInfo& dev, int blocks_per_sm, size_t workspace_bytes) {
   Grid gr;
   gr.m_blocks = static_cast<int>(ceil_div(tokens, kBM));
   const int64_t tiles = ceil_div(vocab, kBN);
-  // Two resident blocks per SM; split the vocabulary until the grid covers them all.
-  const int64_t want = ceil_div(2 * static_cast<int64_t>(dev.sms), gr.m_blocks);
+  // Split the vocabulary until the grid covers every resident block slot once.
+  const int64_t want = ceil_div(static_cast<int64_t>(blocks_per_sm) * dev.sms, gr.m_blocks);
   int64_t splits = want < 1 ? 1 : want > tiles ? tiles : want;
   const int64_t fit = static_cast<int64_t>(workspace_bytes / (sizeof(Partial) * static_cast<size_t>(tokens)));
   if (splits > fit) splits = fit;
@@ -744,10 +766,10 @@ cudaError_t launch_forward(const LinearCrossEntropyForwardArgs& fa, void* worksp
   DeviceInfo dev;
   cudaError_t err = device_info(&dev);
   if (err != cudaSuccess) return err;
-  const Grid gr = plan_grid(a.tokens, a.vocab, dev, workspace_bytes);
-  err = cudaFuncSetAttribute(lce_stats_kernel<T>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                             static_cast<int>(kSmemBytes));
+  int resident = 1;
+  err = blocks_per_sm<T, false>(dev, &resident);
   if (err != cudaSuccess) return err;
+  const Grid gr = plan_grid(a.tokens, a.vocab, dev, resident, workspace_bytes);
   StatsParams<T> sp = stats_params<T>(a, gr);
   sp.partial = static_cast<Partial*>(workspace);
   lce_stats_kernel<T><<<dim3(gr.m_blocks, gr.splits), kThreads, kSmemBytes, stream>>>(sp);
@@ -778,10 +800,10 @@ cudaError_t launch_backward(const LinearCrossEntropyBackwardArgs& ba, cudaStream
   cudaError_t err = device_info(&dev);
   if (err != cudaSuccess) return err;
   // No workspace: the vocabulary splits only add atomics into the same outputs.
-  const Grid gr = plan_grid(a.tokens, a.vocab, dev, ~size_t(0));
-  err = cudaFuncSetAttribute(lce_grad_kernel<T>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                             static_cast<int>(kGradSmemBytes));
+  int resident = 1;
+  err = blocks_per_sm<T, true>(dev, &resident);
   if (err != cudaSuccess) return err;
+  const Grid gr = plan_grid(a.tokens, a.vocab, dev, resident, ~size_t(0));
   GradParams<T> gp;
   gp.s = stats_params<T>(a, gr);
   gp.grad_loss = ba.grad_loss;
@@ -845,12 +867,16 @@ bool linear_cross_entropy_layout_ok(DType dtype, int64_t tokens, int64_t vocab, 
 
 size_t linear_cross_entropy_forward_workspace_bytes(int64_t tokens, int64_t vocab, int64_t dim) {
   if (tokens <= 0 || vocab <= 0) return 0;
+  // Room for the splits of either input type's launch (launch_forward caps its splits at the
+  // workspace it is given, so a smaller answer here would only cost parallelism).
   DeviceInfo dev;
-  if (device_info(&dev) != cudaSuccess) {
+  int half = 1, bf16 = 1;
+  if (device_info(&dev) != cudaSuccess || blocks_per_sm<__half, false>(dev, &half) != cudaSuccess ||
+      blocks_per_sm<__nv_bfloat16, false>(dev, &bf16) != cudaSuccess) {
     (void)cudaGetLastError();
     dev.sms = 1;
   }
-  const Grid gr = plan_grid(tokens, vocab, dev, ~size_t(0));
+  const Grid gr = plan_grid(tokens, vocab, dev, half > bf16 ? half : bf16, ~size_t(0));
   return sizeof(Partial) * static_cast<size_t>(tokens) * static_cast<size_t>(gr.splits);
 }
 
