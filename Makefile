@@ -24,7 +24,7 @@ $(VENV)/.installed: pyproject.toml
 	$(VENV)/bin/python -m pip install --upgrade pip
 	$(VENV)/bin/python -m pip install "torch==$(TORCH_VERSION)"
 	$(VENV)/bin/python -m pip install "scikit-build-core>=0.10" "pybind11>=2.12" cmake ninja numpy \
-		pytest expecttest tqdm matplotlib mpmath scipy transformers pot geomloss
+		pytest expecttest mypy tqdm matplotlib mpmath scipy transformers pot geomloss
 	touch $@
 
 .python-ready:

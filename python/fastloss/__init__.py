@@ -4,6 +4,8 @@ Every kernel is a PyTorch custom op under ``torch.ops.fastloss`` with autograd, 
 kernels for torch.compile, and a typed Python wrapper re-exported here.
 """
 
+from typing import Any, Dict
+
 import torch  # noqa: F401  (loads torch's shared libraries before the extension)
 
 from . import _C  # noqa: F401  (registers torch.ops.fastloss.*)
@@ -19,7 +21,7 @@ from . import distributions  # noqa: F401  (fastloss.distributions.VonMisesFishe
 __version__ = _C.build_info()["version"]
 
 
-def build_info() -> dict:
+def build_info() -> Dict[str, Any]:
     """How this build was configured: version, CUDA kernels, CUDA archs, CPU ISA, threads."""
     return dict(_C.build_info())
 

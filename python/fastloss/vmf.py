@@ -12,7 +12,7 @@ arguments and calls them.
 from __future__ import annotations
 
 import numbers
-from typing import Union
+from typing import Dict, Type, Union
 
 import torch
 
@@ -182,7 +182,9 @@ def _make_transform_function(name: str):
     return transform_function(name, getattr(torch.ops.fastloss, name).default, setup, backward, jvp)
 
 
-_TRANSFORM_FUNCTIONS = {name: _make_transform_function(name) for name in _DERIVATIVES}
+_TRANSFORM_FUNCTIONS: Dict[str, Type[torch.autograd.Function]] = {
+    name: _make_transform_function(name) for name in _DERIVATIVES
+}
 
 
 def _elementwise_vmap(op):

@@ -56,8 +56,8 @@ def _patch_gemma3n(model: torch.nn.Module) -> int:
             continue
         activation = getattr(module.config, "hidden_activation", None)
         forward = _gemma3n_sparse_mlp_forward if activation in _GELU_TANH else _gemma3n_sparse_mlp_forward_unfused
-        module.forward = types.MethodType(forward, module)
-        module._fastloss_patched = True
+        setattr(module, "forward", types.MethodType(forward, module))
+        setattr(module, "_fastloss_patched", True)
         patched += 1
     return patched
 
@@ -149,11 +149,11 @@ def _patch_causal_lm(model: torch.nn.Module) -> int:
         return 0
     if not isinstance(getattr(model, "lm_head", None), torch.nn.Linear):
         return 0
-    model._fastloss_original_forward = model.forward
+    setattr(model, "_fastloss_original_forward", model.forward)
     # Read once: inspect.signature follows the forward's decorators on every call otherwise.
-    model._fastloss_forward_signature = inspect.signature(model.forward)
-    model.forward = types.MethodType(_causal_lm_forward, model)
-    model._fastloss_loss_patched = True
+    setattr(model, "_fastloss_forward_signature", inspect.signature(model.forward))
+    setattr(model, "forward", types.MethodType(_causal_lm_forward, model))
+    setattr(model, "_fastloss_loss_patched", True)
     return 1
 
 

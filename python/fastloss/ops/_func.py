@@ -13,7 +13,7 @@ here runs but :func:`transforms_active`.
 
 from __future__ import annotations
 
-from typing import Callable, Optional, Sequence
+from typing import Callable, Optional, Sequence, Type
 
 import torch
 import torch.autograd.forward_ad as fwAD
@@ -81,7 +81,7 @@ def no_derivative(public_name: str, what: str) -> Callable:
 SECOND_DERIVATIVE = "a second derivative (hessian, jacrev of jacrev, double backward)"
 
 
-def derivative_function(name: str, op, public_name: str, what: str = SECOND_DERIVATIVE) -> type:
+def derivative_function(name: str, op, public_name: str, what: str = SECOND_DERIVATIVE) -> Type[torch.autograd.Function]:
     """The transform function of a backward (derivative) op without a derivative of its own:
     differentiating it, in either mode, raises."""
     refuse = no_derivative(public_name, what)
@@ -89,7 +89,7 @@ def derivative_function(name: str, op, public_name: str, what: str = SECOND_DERI
 
 
 def transform_function(name: str, op, setup_context: Callable, backward: Callable,
-                       jvp: Optional[Callable] = None) -> type:
+                       jvp: Optional[Callable] = None) -> Type[torch.autograd.Function]:
     """A torch.autograd.Function that calls ``op`` below autograd, for use under transforms.
     ``backward`` and ``jvp`` must call only transformable functions (other transform functions
     and torch ops), so that the transforms nest (jacrev(jacrev), hessian, vmap(grad))."""

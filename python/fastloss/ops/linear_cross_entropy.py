@@ -7,7 +7,7 @@ from __future__ import annotations
 import math
 import numbers
 import sys
-from typing import Dict, Optional, Tuple, Union
+from typing import Dict, List, Literal, Optional, Tuple, Union, overload
 
 import torch
 
@@ -98,6 +98,27 @@ def _shift_targets(targets: torch.Tensor, ignore_index: int) -> torch.Tensor:
     return torch.cat([targets[..., 1:], pad], dim=-1)
 
 
+@overload
+def linear_cross_entropy(hidden: torch.Tensor, classifier: torch.Tensor, targets: torch.Tensor,
+                         bias: Optional[torch.Tensor] = ..., *, ignore_index: int = ..., reduction: str = ...,
+                         softcap: Optional[float] = ..., label_smoothing: float = ..., z_loss: float = ...,
+                         shift: bool = ..., filter_eps: Union[str, float, None] = ...,
+                         return_lse: Literal[False] = ..., process_group=..., deterministic: bool = ...
+                         ) -> torch.Tensor: ...
+@overload
+def linear_cross_entropy(hidden: torch.Tensor, classifier: torch.Tensor, targets: torch.Tensor,
+                         bias: Optional[torch.Tensor] = ..., *, ignore_index: int = ..., reduction: str = ...,
+                         softcap: Optional[float] = ..., label_smoothing: float = ..., z_loss: float = ...,
+                         shift: bool = ..., filter_eps: Union[str, float, None] = ...,
+                         return_lse: Literal[True], process_group=..., deterministic: bool = ...
+                         ) -> Tuple[torch.Tensor, torch.Tensor]: ...
+@overload
+def linear_cross_entropy(hidden: torch.Tensor, classifier: torch.Tensor, targets: torch.Tensor,
+                         bias: Optional[torch.Tensor] = ..., *, ignore_index: int = ..., reduction: str = ...,
+                         softcap: Optional[float] = ..., label_smoothing: float = ..., z_loss: float = ...,
+                         shift: bool = ..., filter_eps: Union[str, float, None] = ...,
+                         return_lse: bool = ..., process_group=..., deterministic: bool = ...
+                         ) -> Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]: ...
 def linear_cross_entropy(
     hidden: torch.Tensor,
     classifier: torch.Tensor,
@@ -384,9 +405,9 @@ def _vocab_range(classifier: torch.Tensor, group) -> Tuple[int, int]:
         return cached
     world, rank = dist.get_world_size(group), dist.get_rank(group)
     local = torch.tensor([classifier.shape[0]], dtype=torch.int64, device=classifier.device)
-    sizes = [torch.empty_like(local) for _ in range(world)]
-    dist.all_gather(sizes, local, group=group)
-    sizes = [int(s.item()) for s in sizes]
+    gathered = [torch.empty_like(local) for _ in range(world)]
+    dist.all_gather(gathered, local, group=group)
+    sizes: List[int] = [int(s.item()) for s in gathered]
     _vocab_ranges[key] = (sum(sizes[:rank]), sum(sizes))
     return _vocab_ranges[key]
 

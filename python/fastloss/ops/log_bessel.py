@@ -3,7 +3,7 @@ and autograd (in v and in x) for ``torch.ops.fastloss.log_bessel_iv`` / ``log_be
 
 from __future__ import annotations
 
-from typing import Union
+from typing import Tuple, Union
 
 import torch
 
@@ -35,7 +35,7 @@ def _result_dtype(v: TensorOrNumber, x: TensorOrNumber) -> torch.dtype:
     return max(dtypes, key=lambda d: _RANK.get(d, 3))
 
 
-def _as_tensors(name: str, v: TensorOrNumber, x: TensorOrNumber):
+def _as_tensors(name: str, v: TensorOrNumber, x: TensorOrNumber) -> Tuple[torch.Tensor, torch.Tensor]:
     """Promote like torch.special: integers and bools to the default float dtype, Python
     numbers to the other argument's dtype and device; 0-d CPU tensors follow the other."""
     if (
@@ -55,7 +55,8 @@ def _as_tensors(name: str, v: TensorOrNumber, x: TensorOrNumber):
     tensors = [t for t in (v, x) if isinstance(t, torch.Tensor)]
     devices = {t.device for t in tensors if not (t.dim() == 0 and t.device.type == "cpu")}
     if len(devices) > 1:
-        raise ValueError(f"fastloss.{name}: expected 'v' and 'x' on the same device, got {v.device} and {x.device}")
+        raise ValueError(f"fastloss.{name}: expected 'v' and 'x' on the same device, "
+                         f"got {tensors[0].device} and {tensors[1].device}")
     device = devices.pop() if devices else (tensors[0].device if tensors else torch.device("cpu"))
     v = torch.as_tensor(v, dtype=dtype, device=device)
     x = torch.as_tensor(x, dtype=dtype, device=device)

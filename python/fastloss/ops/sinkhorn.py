@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import math
 import numbers
-from typing import NamedTuple, Optional, Tuple
+from typing import NamedTuple, Optional, Tuple, cast
 
 import torch
 
@@ -47,7 +47,7 @@ def _check_tensor(name: str, arg: str, t) -> None:
 
 def _check_positive(name: str, arg: str, value) -> float:
     # Comparisons rather than math.isfinite: torch.compile can trace them on symbolic floats.
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0 < value < math.inf:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0 < cast(float, value) < math.inf:
         raise ValueError(f"fastloss.{name}: expected '{arg}' to be a finite number > 0, got {value!r}")
     return float(value)
 
@@ -88,7 +88,7 @@ def _prepare(name: str, cost, a, b, eps, max_iter, tol, error_norm):
                          f"transport), got {tuple(cost.shape)}")
     eps = _check_positive(name, "eps", eps)
     max_iter = _check_count(name, "max_iter", max_iter)
-    if isinstance(tol, bool) or not isinstance(tol, numbers.Real) or not tol >= 0:
+    if isinstance(tol, bool) or not isinstance(tol, numbers.Real) or not cast(float, tol) >= 0:
         raise ValueError(f"fastloss.{name}: expected 'tol' to be a number >= 0, got {tol!r}")
     if isinstance(error_norm, bool) or not isinstance(error_norm, numbers.Real) or error_norm not in _ERROR_NORMS:
         raise ValueError(f"fastloss.{name}: expected 'error_norm' to be 1, 2 or math.inf, got {error_norm!r}")
@@ -351,7 +351,7 @@ def check_kd_options(name: str, temperature, eps, n_iter, scale):
     temperature = _check_positive(name, "temperature", temperature)
     eps = _check_positive(name, "eps", eps)
     n_iter = _check_count(name, "n_iter", n_iter)
-    if isinstance(scale, bool) or not isinstance(scale, numbers.Real) or not -math.inf < scale < math.inf:
+    if isinstance(scale, bool) or not isinstance(scale, numbers.Real) or not -math.inf < cast(float, scale) < math.inf:
         raise ValueError(f"fastloss.{name}: expected 'scale' to be a finite number, got {scale!r}")
     return temperature, eps, n_iter, float(scale)
 

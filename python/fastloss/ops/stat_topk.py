@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import numbers
 import statistics
-from typing import Optional, Tuple, Union
+from typing import Literal, Optional, Tuple, Union, overload
 
 import torch
 
@@ -52,6 +52,17 @@ def _row_length(name: str, x: torch.Tensor, dim: int) -> int:
     return x.shape[dim] if x.dim() > 0 else 1
 
 
+@overload
+def stat_topk(x: torch.Tensor, *, sparsity: Optional[float] = ..., k: Optional[int] = ..., dim: int = ...,
+              mode: str = ..., return_threshold: Literal[False] = ..., threshold_grad: bool = ...) -> torch.Tensor: ...
+@overload
+def stat_topk(x: torch.Tensor, *, sparsity: Optional[float] = ..., k: Optional[int] = ..., dim: int = ...,
+              mode: str = ..., return_threshold: Literal[True],
+              threshold_grad: bool = ...) -> Tuple[torch.Tensor, torch.Tensor]: ...
+@overload
+def stat_topk(x: torch.Tensor, *, sparsity: Optional[float] = ..., k: Optional[int] = ..., dim: int = ...,
+              mode: str = ..., return_threshold: bool = ...,
+              threshold_grad: bool = ...) -> Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]: ...
 def stat_topk(
     x: torch.Tensor,
     *,
