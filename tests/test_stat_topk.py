@@ -108,6 +108,31 @@ def test_k_equals_sparsity(device, dtype):
     torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
+def test_k_under_transforms_and_autograd(device):
+    # k reaches the ops as k (they resolve 1 - k/d): every rule that needs the quantile
+    # (backward, forward-mode, batching) must resolve it the same way.
+    x = random_rows((3, 40), torch.float64, device)
+    t = torch.randn_like(x)
+    up = random_rows((3, 40), torch.float64, device, seed=3)
+    by_k = {"stat_topk": lambda v, u=up: fastloss.stat_topk(v, k=7),
+            "gelu_mul": lambda v, u=up: fastloss.stat_topk_gelu_mul(v, u, k=7)}
+    by_s = {"stat_topk": lambda v, u=up: fastloss.stat_topk(v, sparsity=1 - 7 / 40),
+            "gelu_mul": lambda v, u=up: fastloss.stat_topk_gelu_mul(v, u, 1 - 7 / 40)}
+    for name in by_k:
+        f, g = by_k[name], by_s[name]
+        torch.testing.assert_close(torch.func.jvp(f, (x,), (t,)), torch.func.jvp(g, (x,), (t,)), rtol=0, atol=0)
+        rows = (x[:, None], up[:, None])
+        torch.testing.assert_close(torch.func.vmap(f)(*rows), torch.func.vmap(g)(*rows), rtol=0, atol=0)
+        torch.testing.assert_close(torch.func.grad(lambda v: (f(v) * t).sum())(x),
+                                   torch.func.grad(lambda v: (g(v) * t).sum())(x), rtol=0, atol=0)
+        hvp = [torch.func.jvp(torch.func.grad(lambda v: f_(v).square().sum()), (x,), (t,))[1] for f_ in (f, g)]
+        torch.testing.assert_close(hvp[0], hvp[1], rtol=0, atol=0)
+        xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+        (f(xa) * t).sum().backward()
+        (g(xb) * t).sum().backward()
+        torch.testing.assert_close(xa.grad, xb.grad, rtol=0, atol=0)
+
+
 def test_non_contiguous(device):
     base = random_rows((64, 300), torch.float32, device)
     x = base.t()  # rows along dim 1 are strided
@@ -485,6 +510,15 @@ def test_opcheck(device):
     out, theta, mean, std = torch.ops.fastloss.stat_topk_gelu_mul(x, up, 0.8)
     torch.library.opcheck(torch.ops.fastloss.stat_topk_gelu_mul_backward.default,
                           (torch.randn_like(x), x, up, theta, mean, std, 0.8, True))
+    # k instead of the sparsity (the float is then unused)
+    torch.library.opcheck(torch.ops.fastloss.stat_topk.default, (x, -1, 0.0, False, True, 5))
+    y, theta, mean, std = torch.ops.fastloss.stat_topk(x, -1, 0.0, False, True, 5)
+    torch.library.opcheck(torch.ops.fastloss.stat_topk_backward.default,
+                          (torch.randn_like(x), torch.randn_like(theta), x, theta, mean, std, -1, 0.0, False, True, 5))
+    torch.library.opcheck(torch.ops.fastloss.stat_topk_gelu_mul.default, (x, up, 0.0, True, 5))
+    out, theta, mean, std = torch.ops.fastloss.stat_topk_gelu_mul(x, up, 0.0, True, 5)
+    torch.library.opcheck(torch.ops.fastloss.stat_topk_gelu_mul_backward.default,
+                          (torch.randn_like(x), x, up, theta, mean, std, 0.0, True, 5))
 
 
 def test_torch_compile_fullgraph(device):
@@ -542,6 +576,9 @@ def test_errors():
         fastloss.stat_topk(torch.arange(10), sparsity=0.5)
     with pytest.raises(RuntimeError, match="'sparsity' must be in \\(0, 1\\)"):
         torch.ops.fastloss.stat_topk(x, -1, 1.0)
+    for bad_k in (x.shape[-1], -2):
+        with pytest.raises(RuntimeError, match=f"'k' must be in \\(0, {x.shape[-1]}\\) .* got {bad_k}"):
+            torch.ops.fastloss.stat_topk(x, -1, 0.5, False, True, bad_k)
     with pytest.raises(RuntimeError, match="'up' must have the shape of 'gate'"):
         fastloss.stat_topk_gelu_mul(x, torch.randn(4, 9), 0.5)
     with pytest.raises(RuntimeError, match="'up' must have the dtype of 'gate'"):

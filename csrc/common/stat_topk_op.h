@@ -21,7 +21,13 @@ struct StatTopKArgs {
   double z;                         // PhiInv(sparsity)
 };
 
-inline double stat_topk_quantile(const char* op, double sparsity) {
+// PhiInv of the sparsity: `sparsity`, or with k > 0 (k entries kept per row) 1 - k / row_length.
+inline double stat_topk_quantile(const char* op, double sparsity, int64_t k, int64_t row_length) {
+  if (k != 0) {
+    TORCH_CHECK(k > 0 && k < row_length, "fastloss.", op, ": 'k' must be in (0, ", row_length,
+                ") for rows of length ", row_length, ", got ", k);
+    return normal_quantile(1.0 - static_cast<double>(k) / static_cast<double>(row_length));
+  }
   TORCH_CHECK(sparsity > 0.0 && sparsity < 1.0, "fastloss.", op,
               ": 'sparsity' must be in (0, 1) (the fraction of each row that is zeroed), got ",
               sparsity);
@@ -29,13 +35,14 @@ inline double stat_topk_quantile(const char* op, double sparsity) {
 }
 
 inline StatTopKArgs stat_topk_forward_args(const char* op, const char* arg, const at::Tensor& x,
-                                           int64_t dim, double sparsity) {
+                                           int64_t dim, double sparsity, int64_t k) {
   check_floating(op, arg, x);
   const int64_t wrapped = wrap_dim(op, dim, x.dim());
   std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
   if (!shape.empty()) shape[wrapped] = 1;
   const auto stat = x.scalar_type() == c10::kDouble ? c10::kDouble : c10::kFloat;
-  return {row_layout(x, wrapped), stat, shape, stat_topk_quantile(op, sparsity)};
+  const RowLayout layout = row_layout(x, wrapped);
+  return {layout, stat, shape, stat_topk_quantile(op, sparsity, k, layout.size)};
 }
 
 inline void check_like(const char* op, const char* arg, const at::Tensor& t, const char* ref_arg,
@@ -63,8 +70,8 @@ inline StatTopKArgs stat_topk_backward_args(const char* op, const at::Tensor& gr
                                             const c10::optional<at::Tensor>& grad_theta,
                                             const at::Tensor& x, const at::Tensor& theta,
                                             const at::Tensor& mean, const at::Tensor& std,
-                                            int64_t dim, double sparsity) {
-  StatTopKArgs args = stat_topk_forward_args(op, "x", x, dim, sparsity);
+                                            int64_t dim, double sparsity, int64_t k) {
+  StatTopKArgs args = stat_topk_forward_args(op, "x", x, dim, sparsity, k);
   check_like(op, "grad_y", grad_y, "x", x);
   check_stat(op, "theta", theta, args, x);
   check_stat(op, "mean", mean, args, x);
@@ -75,17 +82,17 @@ inline StatTopKArgs stat_topk_backward_args(const char* op, const at::Tensor& gr
 
 // The fused Gemma 3n activation works on the last dimension of gate and up.
 inline StatTopKArgs gelu_mul_args(const char* op, const at::Tensor& gate, const at::Tensor& up,
-                                  double sparsity) {
+                                  double sparsity, int64_t k) {
   TORCH_CHECK(gate.dim() >= 1, "fastloss.", op, ": 'gate' must have at least one dimension, got a 0-d tensor");
   check_like(op, "up", up, "gate", gate);
-  return stat_topk_forward_args(op, "gate", gate, -1, sparsity);
+  return stat_topk_forward_args(op, "gate", gate, -1, sparsity, k);
 }
 
 inline StatTopKArgs gelu_mul_backward_args(const char* op, const at::Tensor& grad_out,
                                            const at::Tensor& gate, const at::Tensor& up,
                                            const at::Tensor& theta, const at::Tensor& mean,
-                                           const at::Tensor& std, double sparsity) {
-  StatTopKArgs args = gelu_mul_args(op, gate, up, sparsity);
+                                           const at::Tensor& std, double sparsity, int64_t k) {
+  StatTopKArgs args = gelu_mul_args(op, gate, up, sparsity, k);
   check_like(op, "grad_out", grad_out, "gate", gate);
   check_stat(op, "theta", theta, args, gate);
   check_stat(op, "mean", mean, args, gate);

@@ -371,10 +371,10 @@ FASTLOSS_STAT_TOPK_ENTRIES(bf16, c10::BFloat16)
   }
 
 StatTopKResult stat_topk(const at::Tensor& input, int64_t dim, double sparsity, bool hard,
-                         bool /*threshold_grad: autograd only*/) {
+                         bool /*threshold_grad: autograd only*/, int64_t k) {
   const char* op = "stat_topk";
   TORCH_CHECK(input.device().is_cpu(), "fastloss.", op, ": expected 'x' on the CPU");
-  const StatTopKArgs args = stat_topk_forward_args(op, "x", input, dim, sparsity);
+  const StatTopKArgs args = stat_topk_forward_args(op, "x", input, dim, sparsity, k);
   StatTopKResult result = stat_topk_outputs(input, args);
   auto& [y, theta, mean, sd] = result;
   const RowLayout& l = args.layout;
@@ -411,11 +411,11 @@ StatTopKResult stat_topk(const at::Tensor& input, int64_t dim, double sparsity, 
 at::Tensor stat_topk_backward(const at::Tensor& grad_y, const c10::optional<at::Tensor>& grad_theta,
                               const at::Tensor& input, const at::Tensor& theta_in, const at::Tensor& mean_in,
                               const at::Tensor& std_in, int64_t dim, double sparsity, bool hard,
-                              bool threshold_grad) {
+                              bool threshold_grad, int64_t k) {
   const char* op = "stat_topk_backward";
   TORCH_CHECK(input.device().is_cpu(), "fastloss.", op, ": expected 'x' on the CPU");
   const StatTopKArgs args =
-      stat_topk_backward_args(op, grad_y, grad_theta, input, theta_in, mean_in, std_in, dim, sparsity);
+      stat_topk_backward_args(op, grad_y, grad_theta, input, theta_in, mean_in, std_in, dim, sparsity, k);
   at::Tensor dx = at::empty(input.sizes(), input.options());
   const RowLayout& l = args.layout;
   if (dx.numel() == 0) return dx;
@@ -455,10 +455,10 @@ at::Tensor stat_topk_backward(const at::Tensor& grad_y, const c10::optional<at::
 }
 
 StatTopKResult stat_topk_gelu_mul(const at::Tensor& gate_in, const at::Tensor& up_in, double sparsity,
-                                  bool /*threshold_grad: autograd only*/) {
+                                  bool /*threshold_grad: autograd only*/, int64_t k) {
   const char* op = "stat_topk_gelu_mul";
   TORCH_CHECK(gate_in.device().is_cpu(), "fastloss.", op, ": expected 'gate' on the CPU");
-  const StatTopKArgs args = gelu_mul_args(op, gate_in, up_in, sparsity);
+  const StatTopKArgs args = gelu_mul_args(op, gate_in, up_in, sparsity, k);
   StatTopKResult result = stat_topk_outputs(gate_in, args);
   auto& [out, theta, mean, sd] = result;
   const RowLayout& l = args.layout;
@@ -490,10 +490,10 @@ StatTopKResult stat_topk_gelu_mul(const at::Tensor& gate_in, const at::Tensor& u
 std::tuple<at::Tensor, at::Tensor> stat_topk_gelu_mul_backward(const at::Tensor& grad_out, const at::Tensor& gate_in,
                                                                const at::Tensor& up_in, const at::Tensor& theta_in,
                                                                const at::Tensor& mean_in, const at::Tensor& std_in,
-                                                               double sparsity, bool threshold_grad) {
+                                                               double sparsity, bool threshold_grad, int64_t k) {
   const char* op = "stat_topk_gelu_mul_backward";
   TORCH_CHECK(gate_in.device().is_cpu(), "fastloss.", op, ": expected 'gate' on the CPU");
-  const StatTopKArgs args = gelu_mul_backward_args(op, grad_out, gate_in, up_in, theta_in, mean_in, std_in, sparsity);
+  const StatTopKArgs args = gelu_mul_backward_args(op, grad_out, gate_in, up_in, theta_in, mean_in, std_in, sparsity, k);
   at::Tensor dgate = at::empty(gate_in.sizes(), gate_in.options());
   at::Tensor dup = at::empty(gate_in.sizes(), gate_in.options());
   const RowLayout& l = args.layout;

@@ -37,6 +37,21 @@ def resolve_sparsity(name: str, row_length: int, sparsity: Optional[float], k: O
     return sparsity
 
 
+def op_amount(name: str, row_length: int, sparsity: Optional[float], k: Optional[int]) -> Tuple[float, int]:
+    """The ops' (sparsity, k) arguments from exactly one of ``sparsity`` and ``k``, validated.
+    k goes to the op as is (it resolves 1 - k/d itself), so that a graph traced with a
+    symbolic row length d does not specialize on d."""
+    if k is None:
+        return resolve_sparsity(name, row_length, sparsity, k), 0
+    resolve_sparsity(name, row_length, sparsity, k)
+    return 0.0, int(k)
+
+
+def effective_sparsity(sparsity: float, k: int, row_length: int) -> float:
+    """The sparsity an op call with (sparsity, k) uses on rows of ``row_length``."""
+    return 1.0 - k / row_length if k else sparsity
+
+
 def _check_tensor(name: str, arg: str, t) -> None:
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"fastloss.{name}: expected '{arg}' to be a torch.Tensor, got {type(t).__name__}")
@@ -99,8 +114,8 @@ def stat_topk(
     _check_tensor("stat_topk", "x", x)
     if mode not in _MODES:
         raise ValueError(f"fastloss.stat_topk: 'mode' must be 'soft' or 'hard', got {mode!r}")
-    s = resolve_sparsity("stat_topk", _row_length("stat_topk", x, dim), sparsity, k)
-    args = (x, dim, s, mode == "hard", bool(threshold_grad))
+    s, keep = op_amount("stat_topk", _row_length("stat_topk", x, dim), sparsity, k)
+    args = (x, dim, s, mode == "hard", bool(threshold_grad), keep)
     if transforms_active(x):
         y, theta, _mean, _std = _STAT_TOPK_FN.apply(*args)
     else:
@@ -129,11 +144,12 @@ def stat_topk_gelu_mul(
     _check_tensor("stat_topk_gelu_mul", "up", up)
     if gate.dim() == 0:
         raise ValueError("fastloss.stat_topk_gelu_mul: 'gate' must have at least one dimension")
-    s = resolve_sparsity("stat_topk_gelu_mul", gate.shape[-1], sparsity, k)
+    s, keep = op_amount("stat_topk_gelu_mul", gate.shape[-1], sparsity, k)
+    args = (gate, up, s, bool(threshold_grad), keep)
     if transforms_active(gate, up):
-        out, _theta, _mean, _std = _GELU_MUL_FN.apply(gate, up, s, bool(threshold_grad))
+        out, _theta, _mean, _std = _GELU_MUL_FN.apply(*args)
     else:
-        out, _theta, _mean, _std = torch.ops.fastloss.stat_topk_gelu_mul.default(gate, up, s, bool(threshold_grad))
+        out, _theta, _mean, _std = torch.ops.fastloss.stat_topk_gelu_mul.default(*args)
     return out
 
 
@@ -150,24 +166,24 @@ def _stat_like(x: torch.Tensor, dim: int) -> torch.Tensor:
 
 
 @torch.library.register_fake("fastloss::stat_topk")
-def _stat_topk_fake(x, dim, sparsity, hard=False, threshold_grad=True):
+def _stat_topk_fake(x, dim, sparsity, hard=False, threshold_grad=True, k=0):
     return x.new_empty(x.shape), _stat_like(x, dim), _stat_like(x, dim), _stat_like(x, dim)
 
 
 @torch.library.register_fake("fastloss::stat_topk_backward")
-def _stat_topk_backward_fake(grad_y, grad_theta, x, theta, mean, std, dim, sparsity, hard, threshold_grad):
+def _stat_topk_backward_fake(grad_y, grad_theta, x, theta, mean, std, dim, sparsity, hard, threshold_grad, k=0):
     check_same_device("stat_topk_backward", x=x, grad_y=grad_y, grad_theta=grad_theta, theta=theta, mean=mean, std=std)
     return x.new_empty(x.shape)
 
 
 @torch.library.register_fake("fastloss::stat_topk_gelu_mul")
-def _gelu_mul_fake(gate, up, sparsity, threshold_grad=True):
+def _gelu_mul_fake(gate, up, sparsity, threshold_grad=True, k=0):
     check_same_device("stat_topk_gelu_mul", gate=gate, up=up)
     return gate.new_empty(gate.shape), _stat_like(gate, -1), _stat_like(gate, -1), _stat_like(gate, -1)
 
 
 @torch.library.register_fake("fastloss::stat_topk_gelu_mul_backward")
-def _gelu_mul_backward_fake(grad_out, gate, up, theta, mean, std, sparsity, threshold_grad):
+def _gelu_mul_backward_fake(grad_out, gate, up, theta, mean, std, sparsity, threshold_grad, k=0):
     check_same_device("stat_topk_gelu_mul_backward", gate=gate, up=up, grad_out=grad_out, theta=theta, mean=mean,
                       std=std)
     return gate.new_empty(gate.shape), gate.new_empty(gate.shape)
@@ -177,10 +193,15 @@ def _gelu_mul_backward_fake(grad_out, gate, up, theta, mean, std, sparsity, thre
 # Autograd
 
 
+def _with_defaults(inputs, k_index: int):
+    """An op call's arguments with k (the last, default 0) filled in if it was left out."""
+    return (*inputs, 0) if len(inputs) == k_index else tuple(inputs)
+
+
 def _stat_topk_setup(ctx, inputs, output):
-    x, dim, sparsity, hard, threshold_grad = inputs
+    x, dim, sparsity, hard, threshold_grad, k = _with_defaults(inputs, 5)
     _y, theta, mean, std = output
-    ctx.dim, ctx.sparsity, ctx.hard, ctx.threshold_grad = dim, sparsity, hard, threshold_grad
+    ctx.dim, ctx.sparsity, ctx.hard, ctx.threshold_grad, ctx.k = dim, sparsity, hard, threshold_grad, k
     ctx.save_for_backward(x, theta, mean, std)
     ctx.mark_non_differentiable(mean, std)
 
@@ -189,17 +210,17 @@ def _stat_topk_backward(ctx, grad_y, grad_theta, _grad_mean, _grad_std):
     x, theta, mean, std = ctx.saved_tensors
     dx = torch.ops.fastloss.stat_topk_backward.default(
         grad_y.to(x.dtype), grad_theta.to(mean.dtype), x, theta, mean, std, ctx.dim, ctx.sparsity, ctx.hard,
-        ctx.threshold_grad)
-    return dx, None, None, None, None
+        ctx.threshold_grad, ctx.k)
+    return dx, None, None, None, None, None
 
 
 torch.library.register_autograd("fastloss::stat_topk", _stat_topk_backward, setup_context=_stat_topk_setup)
 
 
 def _gelu_mul_setup(ctx, inputs, output):
-    gate, up, sparsity, threshold_grad = inputs
+    gate, up, sparsity, threshold_grad, k = _with_defaults(inputs, 4)
     _out, theta, mean, std = output
-    ctx.sparsity, ctx.threshold_grad = sparsity, threshold_grad
+    ctx.sparsity, ctx.threshold_grad, ctx.k = sparsity, threshold_grad, k
     ctx.save_for_backward(gate, up, theta, mean, std)
     ctx.mark_non_differentiable(theta, mean, std)
 
@@ -207,8 +228,8 @@ def _gelu_mul_setup(ctx, inputs, output):
 def _gelu_mul_backward(ctx, grad_out, _grad_theta, _grad_mean, _grad_std):
     gate, up, theta, mean, std = ctx.saved_tensors
     dgate, dup = torch.ops.fastloss.stat_topk_gelu_mul_backward.default(
-        grad_out.to(gate.dtype), gate, up, theta, mean, std, ctx.sparsity, ctx.threshold_grad)
-    return dgate, dup, None, None
+        grad_out.to(gate.dtype), gate, up, theta, mean, std, ctx.sparsity, ctx.threshold_grad, ctx.k)
+    return dgate, dup, None, None, None
 
 
 torch.library.register_autograd("fastloss::stat_topk_gelu_mul", _gelu_mul_backward, setup_context=_gelu_mul_setup)
@@ -248,7 +269,7 @@ _REVERSE_OVER_REVERSE = ("a second derivative by reverse over reverse (jacrev of
 
 def _theta_tangent(t, x, std, dim, sparsity):
     """theta's tangent for tangent t of x, rows along dim; `std` (the kernel's) says which rows
-    are constant."""
+    are constant; `sparsity` the effective one."""
     z = _quantile(sparsity)
     mean = x.mean(dim, keepdim=True)
     centered = x - mean
@@ -265,7 +286,7 @@ def _stat_topk_jvp(ctx, t, *_args):
     shape = x.shape
     # A 0-d x is one row of one element (as its statistics are 0-d).
     xa, ta, theta, std = (u.to(std.dtype).reshape(u.shape or (1,)) for u in (x, t, theta, std))
-    dtheta, _ = _theta_tangent(ta, xa, std, ctx.dim, ctx.sparsity)
+    dtheta, _ = _theta_tangent(ta, xa, std, ctx.dim, effective_sparsity(ctx.sparsity, ctx.k, xa.shape[ctx.dim]))
     direct = ta if ctx.hard or not ctx.threshold_grad else ta - dtheta
     dy = torch.where(xa > theta, direct, torch.zeros_like(direct))
     return dy.to(x.dtype).reshape(shape), dtheta.reshape(std.shape if shape else ()), None, None
@@ -279,8 +300,8 @@ def _stat_topk_transform_setup(ctx, inputs, output):
 def _stat_topk_transform_backward(ctx, grad_y, grad_theta, _grad_mean, _grad_std):
     x, theta, mean, std = ctx.saved_tensors
     dx = _STAT_TOPK_BACKWARD_FN.apply(grad_y.to(x.dtype), grad_theta.to(mean.dtype), x, theta, mean, std, ctx.dim,
-                                      ctx.sparsity, ctx.hard, ctx.threshold_grad)
-    return dx, None, None, None, None
+                                      ctx.sparsity, ctx.hard, ctx.threshold_grad, ctx.k)
+    return dx, None, None, None, None, None
 
 
 def _gelu_tanh_and_slope(h):
@@ -296,7 +317,7 @@ def _gelu_mul_jvp(ctx, t_gate, t_up, *_args):
     acc = std.dtype
     g, u = gate.to(acc), up.to(acc)
     tg = torch.zeros_like(g) if t_gate is None else t_gate.to(acc)
-    dtheta, theta_of_g = _theta_tangent(tg, g, std, -1, ctx.sparsity)
+    dtheta, theta_of_g = _theta_tangent(tg, g, std, -1, effective_sparsity(ctx.sparsity, ctx.k, g.shape[-1]))
     kept = g - theta > 0
     # h = relu(gate - theta) with theta recomputed from g (differentiable), kept as the kernel's
     h = torch.where(kept, g - theta_of_g, torch.zeros_like(g))
@@ -319,8 +340,8 @@ def _gelu_mul_transform_setup(ctx, inputs, output):
 def _gelu_mul_transform_backward(ctx, grad_out, _grad_theta, _grad_mean, _grad_std):
     gate, up, theta, mean, std = ctx.saved_tensors
     dgate, dup = _GELU_MUL_BACKWARD_FN.apply(grad_out.to(gate.dtype), gate, up, theta, mean, std, ctx.sparsity,
-                                             ctx.threshold_grad)
-    return dgate, dup, None, None
+                                             ctx.threshold_grad, ctx.k)
+    return dgate, dup, None, None, None
 
 
 # The backward's own forward rule (forward over reverse: torch.func.hessian, jvp(grad(f))
@@ -330,8 +351,8 @@ def _gelu_mul_transform_backward(ctx, grad_out, _grad_theta, _grad_mean, _grad_s
 # The mask is piecewise constant; a moves with x:
 #   da = (t - mean(t)) / std - a mean(a t) / std.
 def _stat_topk_backward_setup(ctx, inputs, output):
-    grad_y, grad_theta, x, theta, mean, std, dim, sparsity, hard, threshold_grad = inputs
-    ctx.dim, ctx.sparsity, ctx.hard, ctx.threshold_grad = dim, sparsity, hard, threshold_grad
+    grad_y, grad_theta, x, theta, mean, std, dim, sparsity, hard, threshold_grad, k = _with_defaults(inputs, 10)
+    ctx.dim, ctx.sparsity, ctx.hard, ctx.threshold_grad, ctx.k = dim, sparsity, hard, threshold_grad, k
     ctx.has_grad_theta = grad_theta is not None
     saved = (grad_y, x, theta, mean, std, *((grad_theta,) if grad_theta is not None else ()))
     # (saved for backward too, although that raises: torch's generated vmap rule expects both)
@@ -356,7 +377,7 @@ def _stat_topk_backward_jvp(ctx, t_grad_y, t_grad_theta, t_x, *_rest):
     out = kept * t_gy
     if ctx.threshold_grad:
         n = xa.shape[dim] if xa.dim() else 1
-        z = _quantile(ctx.sparsity)
+        z = _quantile(effective_sparsity(ctx.sparsity, ctx.k, n))
         a, da = _standardized(xa, t_x, mean, std, dim)
         c, t_c = gth, t_gth
         if not ctx.hard:
@@ -374,8 +395,8 @@ _STAT_TOPK_BACKWARD_FN = transform_function(
 #   d_up = gelu(h) grad_out,   d_gate = e + c (1 + z a) / n   (threshold_grad=False: e),
 # and h moves by kept (t_gate - t_theta), t_theta = mean(t_gate) + z mean(a t_gate).
 def _gelu_mul_backward_setup(ctx, inputs, output):
-    grad_out, gate, up, theta, mean, std, sparsity, threshold_grad = inputs
-    ctx.sparsity, ctx.threshold_grad = sparsity, threshold_grad
+    grad_out, gate, up, theta, mean, std, sparsity, threshold_grad, k = _with_defaults(inputs, 8)
+    ctx.sparsity, ctx.threshold_grad, ctx.k = sparsity, threshold_grad, k
     saved = (grad_out, gate, up, theta, mean, std)
     ctx.save_for_backward(*saved)  # (as stat_topk's: torch's generated vmap rule expects both)
     ctx.save_for_forward(*saved)
@@ -387,7 +408,7 @@ def _gelu_mul_backward_jvp(ctx, t_grad_out, t_gate, t_up, *_rest):
     go, g, u = (v.to(acc) for v in (grad_out, gate, up))
     zero = torch.zeros_like(g)
     t_go, t_g, t_u = (zero if t is None else t.to(acc) for t in (t_grad_out, t_gate, t_up))
-    z = _quantile(ctx.sparsity)
+    z = _quantile(effective_sparsity(ctx.sparsity, ctx.k, g.shape[-1]))
     a, t_a = _standardized(g, t_g, mean, std, -1)
     kept = g - theta > 0
     t_theta = t_g.mean(-1, keepdim=True) + z * (a * t_g).mean(-1, keepdim=True) if ctx.threshold_grad else 0
@@ -419,28 +440,28 @@ _GELU_MUL_FN = transform_function("stat_topk_gelu_mul", torch.ops.fastloss.stat_
 
 
 @torch.library.register_vmap("fastloss::stat_topk")
-def _stat_topk_vmap(info, in_dims, x, dim, sparsity, hard=False, threshold_grad=True):
-    (x,), d, zero_d = batch_rows("stat_topk", (x,), in_dims, info.batch_size, dim)
-    out = torch.ops.fastloss.stat_topk.default(x, d, sparsity, hard, threshold_grad)
+def _stat_topk_vmap(info, in_dims, x, dim, sparsity, hard=False, threshold_grad=True, k=0):
+    (x,), d, zero_d = batch_rows("stat_topk", (x,), in_dims[:1], info.batch_size, dim)
+    out = torch.ops.fastloss.stat_topk.default(x, d, sparsity, hard, threshold_grad, k)
     return (squeeze_rows(out) if zero_d else out), (0, 0, 0, 0)
 
 
 @torch.library.register_vmap("fastloss::stat_topk_backward")
 def _stat_topk_backward_vmap(info, in_dims, grad_y, grad_theta, x, theta, mean, std, dim, sparsity, hard,
-                             threshold_grad):
+                             threshold_grad, k=0):
     tensors, d, zero_d = batch_rows("stat_topk", (grad_y, grad_theta, x, theta, mean, std), in_dims[:6],
                                     info.batch_size, dim)
-    out = torch.ops.fastloss.stat_topk_backward.default(*tensors, d, sparsity, hard, threshold_grad)
+    out = torch.ops.fastloss.stat_topk_backward.default(*tensors, d, sparsity, hard, threshold_grad, k)
     return (squeeze_rows(out) if zero_d else out), 0
 
 
 @torch.library.register_vmap("fastloss::stat_topk_gelu_mul")
-def _gelu_mul_vmap(info, in_dims, gate, up, sparsity, threshold_grad=True):
+def _gelu_mul_vmap(info, in_dims, gate, up, sparsity, threshold_grad=True, k=0):
     gate, up = (batch_front(t, d, info.batch_size) for t, d in zip((gate, up), in_dims))
-    return torch.ops.fastloss.stat_topk_gelu_mul.default(gate, up, sparsity, threshold_grad), (0, 0, 0, 0)
+    return torch.ops.fastloss.stat_topk_gelu_mul.default(gate, up, sparsity, threshold_grad, k), (0, 0, 0, 0)
 
 
 @torch.library.register_vmap("fastloss::stat_topk_gelu_mul_backward")
-def _gelu_mul_backward_vmap(info, in_dims, grad_out, gate, up, theta, mean, std, sparsity, threshold_grad):
+def _gelu_mul_backward_vmap(info, in_dims, grad_out, gate, up, theta, mean, std, sparsity, threshold_grad, k=0):
     tensors = [batch_front(t, d, info.batch_size) for t, d in zip((grad_out, gate, up, theta, mean, std), in_dims)]
-    return torch.ops.fastloss.stat_topk_gelu_mul_backward.default(*tensors, sparsity, threshold_grad), (0, 0)
+    return torch.ops.fastloss.stat_topk_gelu_mul_backward.default(*tensors, sparsity, threshold_grad, k), (0, 0)
