@@ -657,6 +657,24 @@ def test_cuda_kernels_match_the_float32_path(dtype, n_lead, v):
 
 
 @cuda_only
+def test_cuda_classifier_gradient_over_several_vocabulary_chunks():
+    """Enough tokens that d classifier accumulates in float32 one vocabulary chunk (16 tiles of
+    128 rows) at a time, over four chunks, the last one partial."""
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    tokens = 128 * (-(-8 * sms // 16) + 1)
+    h, c, t, b = make_inputs((tokens,), 64, 3 * 2048 + 77, torch.bfloat16, "cuda", bias=True, seed=12)
+    kw = dict(softcap=20.0, reduction="sum", filter_eps=None)
+    _, grads = grads_of(lambda *a: fastloss.linear_cross_entropy(a[0], a[1], t, a[2], **kw), [h, c, b])
+    _, grads32 = grads_of(lambda *a: fastloss.linear_cross_entropy(a[0], a[1], t, a[2], **kw),
+                          [h.float(), c.float(), b.float()])
+    for name, a, r in zip("hidden classifier bias".split(), grads, grads32):
+        assert rel_err(a, r) < 2e-2, name
+    # every chunk's rows were written (a missed chunk would leave them empty or stale)
+    row_norms = grads[1].float().norm(dim=1)
+    assert torch.isfinite(row_norms).all() and (row_norms > 0).float().mean() > 0.99
+
+
+@cuda_only
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_cuda_kernels_shard_statistics(dtype):
     h, c, t, b = make_inputs((333,), 64, 50257, dtype, "cuda", bias=True, seed=2)
