@@ -34,7 +34,7 @@ TORCH_LIBRARY(fastloss, m) {
   // k entries per row instead: sparsity = 1 - k / row length, taken when the op runs (so a
   // graph traced with a symbolic row length needs no guard on it); `sparsity` is then unused.
   m.def(
-      "stat_topk(Tensor x, int dim, float sparsity, bool hard=False, bool threshold_grad=True, int k=0) "
+      "stat_topk(Tensor x, int dim, float sparsity, bool hard=False, bool threshold_grad=True, SymInt k=0) "
       "-> (Tensor, Tensor, Tensor, Tensor)",
       tags);
   // d stat_topk / d x from grad_y and (optionally) the gradient of theta; the forward's theta
@@ -42,18 +42,18 @@ TORCH_LIBRARY(fastloss, m) {
   // through theta.
   m.def(
       "stat_topk_backward(Tensor grad_y, Tensor? grad_theta, Tensor x, Tensor theta, Tensor mean, "
-      "Tensor std, int dim, float sparsity, bool hard, bool threshold_grad, int k=0) -> Tensor",
+      "Tensor std, int dim, float sparsity, bool hard, bool threshold_grad, SymInt k=0) -> Tensor",
       tags);
   // Gemma 3n sparse MLP activation over the last dim: gelu_tanh(relu(gate - theta)) * up,
   // theta from gate's row statistics. Returns (out, theta, mean, std) like stat_topk.
   m.def(
-      "stat_topk_gelu_mul(Tensor gate, Tensor up, float sparsity, bool threshold_grad=True, int k=0) "
+      "stat_topk_gelu_mul(Tensor gate, Tensor up, float sparsity, bool threshold_grad=True, SymInt k=0) "
       "-> (Tensor, Tensor, Tensor, Tensor)",
       tags);
   // (d gate, d up) of stat_topk_gelu_mul.
   m.def(
       "stat_topk_gelu_mul_backward(Tensor grad_out, Tensor gate, Tensor up, Tensor theta, "
-      "Tensor mean, Tensor std, float sparsity, bool threshold_grad, int k=0) -> (Tensor, Tensor)",
+      "Tensor mean, Tensor std, float sparsity, bool threshold_grad, SymInt k=0) -> (Tensor, Tensor)",
       tags);
   // Batched log-domain Sinkhorn: cost (B, n, m), marginals a (B, n), b (B, m); per problem the
   // plan, alpha = f - eps log a, beta = g - eps log b, the value <a, alpha> + <b, beta>, the

@@ -28,6 +28,7 @@ CASES = {
                            lambda n: (_randn(n, 16 * n), _randn(n, 16 * n))),
     # k with a symbolic row length: the ops take k and resolve 1 - k/d when they run
     "stat_topk(k=)": (lambda x: fastloss.stat_topk(x, k=5, mode="hard"), lambda n: (_randn(n, 16 * n),)),
+    "stat_topk(k=d//8)": (lambda x: fastloss.stat_topk(x, k=x.shape[-1] // 8), lambda n: (_randn(n, 16 * n),)),
     "stat_topk_gelu_mul(k=)": (lambda g, u: fastloss.stat_topk_gelu_mul(g, u, k=5),
                                lambda n: (_randn(n, 16 * n), _randn(n, 16 * n))),
     "log_bessel_iv": (fastloss.log_bessel_iv, lambda n: (_randn(n).abs() * 3, _randn(n).abs() * 5)),

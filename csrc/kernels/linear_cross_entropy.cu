@@ -700,18 +700,19 @@ struct Grid {
 
 // Blocks of the forward (kGrad false) or backward kernel resident on one SM of this device,
 // at least 1: shared memory allows two of either from sm_90 on, one backward block on sm_80
-// and one of each on sm_86/89/120 (~100 KB per SM). Cached per device. Raises the kernel's
-// dynamic shared memory limit on this device, as its launches need (first call per device).
+// and one of each on sm_86/89/120 (~100 KB per SM); cached per device. Also raises the
+// kernel's dynamic shared memory limit on this device, as its launches need.
 template <typename T, bool kGrad>
 cudaError_t blocks_per_sm(const DeviceInfo& dev, int* blocks) {
   static std::atomic<int> cache[kMaxDevices];
-  const bool cacheable = dev.device >= 0 && dev.device < kMaxDevices;
-  if (cacheable && (*blocks = cache[dev.device].load(std::memory_order_relaxed)) > 0) return cudaSuccess;
   const void* kernel = kGrad ? reinterpret_cast<const void*>(lce_grad_kernel<T>)
                              : reinterpret_cast<const void*>(lce_stats_kernel<T>);
   const size_t smem = kGrad ? kGradSmemBytes : kSmemBytes;
+  // Every call (not cached): a reset device or another context starts from the default limit.
   cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
   if (err != cudaSuccess) return err;
+  const bool cacheable = dev.device >= 0 && dev.device < kMaxDevices;
+  if (cacheable && (*blocks = cache[dev.device].load(std::memory_order_relaxed)) > 0) return cudaSuccess;
   int n = 0;
   err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, kernel, kThreads, smem);
   if (err != cudaSuccess) return err;

@@ -16,13 +16,14 @@ from ._guards import check_same_device
 _MODES = ("soft", "hard")
 
 
-def resolve_sparsity(name: str, row_length: int, sparsity: Optional[float], k: Optional[int]) -> float:
+def resolve_sparsity(name: str, row_length: int, sparsity: Optional[float],
+                     k: Union[int, torch.SymInt, None]) -> float:
     """The sparsity 1 - k/d from exactly one of ``sparsity`` and ``k``, validated."""
     if (sparsity is None) == (k is None):
         raise ValueError(f"fastloss.{name}: give exactly one of 'sparsity' and 'k' "
                          f"(got sparsity={sparsity!r}, k={k!r})")
     if k is not None:
-        if isinstance(k, bool) or not isinstance(k, numbers.Integral):
+        if isinstance(k, bool) or not isinstance(k, (numbers.Integral, torch.SymInt)):
             raise TypeError(f"fastloss.{name}: 'k' must be an int, got {type(k).__name__}")
         if not 0 < k < row_length:
             raise ValueError(f"fastloss.{name}: 'k' must be in (0, {row_length}) for rows of length "
@@ -37,14 +38,15 @@ def resolve_sparsity(name: str, row_length: int, sparsity: Optional[float], k: O
     return sparsity
 
 
-def op_amount(name: str, row_length: int, sparsity: Optional[float], k: Optional[int]) -> Tuple[float, int]:
+def op_amount(name: str, row_length: int, sparsity: Optional[float],
+              k: Union[int, torch.SymInt, None]) -> Tuple[float, Union[int, torch.SymInt]]:
     """The ops' (sparsity, k) arguments from exactly one of ``sparsity`` and ``k``, validated.
     k goes to the op as is (it resolves 1 - k/d itself), so that a graph traced with a
-    symbolic row length d does not specialize on d."""
+    symbolic row length d (and k, say d // 8) does not specialize on d."""
     if k is None:
         return resolve_sparsity(name, row_length, sparsity, k), 0
     resolve_sparsity(name, row_length, sparsity, k)
-    return 0.0, int(k)
+    return 0.0, k if isinstance(k, torch.SymInt) else int(k)
 
 
 def effective_sparsity(sparsity: float, k: int, row_length: int) -> float:
