@@ -128,8 +128,8 @@ std::tuple<at::Tensor, at::Tensor> kernel_forward(const char* op, const at::Tens
 // blocks' worth of tiles per SM in each launch when there are few tokens, as far as a
 // 256 MiB buffer allows (with 128 tokens that wish was 1056 tiles, 4.4 GB at D = 8192).
 // At least 16 tiles: with many tokens the buffer stays small (Llama-3 head, 8192 tokens,
-// D = 4096: 17 tiles, 34 MiB, against 128 MiB at the former floor of 64) for ~60 launches
-// over a 128K vocabulary, each still a full wave of blocks.
+// D = 4096: 17 tiles, 34 MiB, against 128 MiB at the former floor of 64), at the price of
+// ~60 launches over a 128K vocabulary.
 int64_t classifier_chunk_rows(int64_t tokens, int64_t vocab, int64_t dim) {
   constexpr int64_t kTile = 128;  // the kernels' token and vocabulary tile
   constexpr int64_t kMaxBufferBytes = int64_t{256} << 20;

@@ -721,12 +721,12 @@ cudaError_t blocks_per_sm(const DeviceInfo& dev, int* blocks) {
   return cudaSuccess;
 }
 
-Grid plan_grid(int64_t tokens, int64_t vocab, const DeviceInfo& dev, int blocks_per_sm, size_t workspace_bytes) {
+Grid plan_grid(int64_t tokens, int64_t vocab, const DeviceInfo& dev, int resident_per_sm, size_t workspace_bytes) {
   Grid gr;
   gr.m_blocks = static_cast<int>(ceil_div(tokens, kBM));
   const int64_t tiles = ceil_div(vocab, kBN);
   // Split the vocabulary until the grid covers every resident block slot once.
-  const int64_t want = ceil_div(static_cast<int64_t>(blocks_per_sm) * dev.sms, gr.m_blocks);
+  const int64_t want = ceil_div(static_cast<int64_t>(resident_per_sm) * dev.sms, gr.m_blocks);
   int64_t splits = want < 1 ? 1 : want > tiles ? tiles : want;
   const int64_t fit = static_cast<int64_t>(workspace_bytes / (sizeof(Partial) * static_cast<size_t>(tokens)));
   if (splits > fit) splits = fit;

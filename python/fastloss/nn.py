@@ -9,7 +9,7 @@ import torch
 
 from .ops.linear_cross_entropy import check_options, linear_cross_entropy
 from .ops.sinkhorn import check_kd_options, sinkhorn_kd_loss
-from .ops.stat_topk import resolve_sparsity, stat_topk
+from .ops.stat_topk import op_amount, stat_topk
 
 
 class StatTopK(torch.nn.Module):
@@ -25,7 +25,7 @@ class StatTopK(torch.nn.Module):
             raise ValueError("fastloss.nn.StatTopK: give exactly one of 'sparsity' and 'k'")
         # Checked here rather than at the first forward (k < row length waits for the input).
         if sparsity is not None:
-            resolve_sparsity("nn.StatTopK", 2, sparsity, None)
+            op_amount("nn.StatTopK", 2, sparsity, None)
         elif isinstance(k, bool) or not isinstance(k, numbers.Integral) or k <= 0:
             raise ValueError(f"fastloss.nn.StatTopK: 'k' must be a positive int, got {k!r}")
         if mode not in ("soft", "hard"):

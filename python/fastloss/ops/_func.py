@@ -32,6 +32,13 @@ def _has_tangent(tensors) -> bool:
     return any(isinstance(t, torch.Tensor) and fwAD.unpack_dual(t).tangent is not None for t in tensors)
 
 
+def _running_transforms() -> list:
+    """The kinds of the running torch.func transforms (none outside them)."""
+    if not torch._C._are_functorch_transforms_active():
+        return []
+    return [i.key() for i in retrieve_all_functorch_interpreters()]
+
+
 def transforms_active(*tensors) -> bool:
     """Whether a torch.func transform is running or an argument is a forward-AD dual tensor:
     then the op must go through its transform function. (torch.compile folds the first test
@@ -39,7 +46,7 @@ def transforms_active(*tensors) -> bool:
     if torch._C._are_functorch_transforms_active():
         if torch.compiler.is_compiling():
             return True
-        keys = {i.key() for i in retrieve_all_functorch_interpreters()}
+        keys = set(_running_transforms())
         # torch.func.functionalize has no rule for autograd.Function, and needs none: the ops
         # do not mutate their inputs. Under vmap alone the ops' own batching rules serve,
         # without the Function's layers (~0.3 ms per call), unless autograd records the call.
@@ -52,8 +59,7 @@ def transforms_active(*tensors) -> bool:
 
 def vmap_active() -> bool:
     """Whether a torch.func.vmap transform is running (values cannot be branched on)."""
-    return torch._C._are_functorch_transforms_active() and any(
-        i.key() == TransformType.Vmap for i in retrieve_all_functorch_interpreters())
+    return TransformType.Vmap in _running_transforms()
 
 
 def forbid_transforms(op: str, case: str, *tensors) -> None:
@@ -61,8 +67,7 @@ def forbid_transforms(op: str, case: str, *tensors) -> None:
     transforms and with forward-AD dual tensors, where torch's own error would not name the op
     (or, for forward AD through a Python autograd registration, torch would drop the tangents
     and return zero derivatives without a word)."""
-    active = torch._C._are_functorch_transforms_active() and any(
-        i.key() != TransformType.Functionalize for i in retrieve_all_functorch_interpreters())
+    active = any(key != TransformType.Functionalize for key in _running_transforms())
     if active or _has_tangent(tensors):
         raise NotImplementedError(
             f"fastloss.{op}: torch.func transforms and forward-mode AD are not supported {case}; use reverse "
@@ -101,7 +106,7 @@ def transform_function(name: str, op, setup_context: Callable, backward: Callabl
     def checked_jvp(ctx, *tangents):
         # torch.autograd.Function's jvp rule sees its saved tensors without an enclosing
         # forward-mode level's tangents, so forward over forward would be silently wrong.
-        if sum(i.key() == TransformType.Jvp for i in retrieve_all_functorch_interpreters()) > 1:
+        if _running_transforms().count(TransformType.Jvp) > 1:
             raise NotImplementedError(
                 f"fastloss.{name}: nested forward-mode AD (jacfwd(jacfwd(f)), jvp of jvp) is not supported; for "
                 "second derivatives use jacfwd(jacrev(f)) (torch.func.hessian) or jacrev(jacrev(f))")
@@ -154,6 +159,23 @@ def batch_rows(op: str, tensors: Sequence[Optional[torch.Tensor]], in_dims, batc
 def squeeze_rows(out):
     """A row op's results for 0-d rows (see :func:`batch_rows`)."""
     return tuple(o.squeeze(1) for o in out) if isinstance(out, tuple) else out.squeeze(1)
+
+
+def row_rule(op, name: str, n_tensors: int) -> Callable:
+    """The batching rule of a row op whose first ``n_tensors`` arguments are tensors (or None)
+    with rows along the ``dim`` that follows them: the batch goes in front, ``dim`` moves past
+    it, and the results are batched in front."""
+
+    def rule(info, in_dims, *args, **kwargs):
+        tensors, rest = args[:n_tensors], list(args[n_tensors:])
+        dim = rest.pop(0) if rest else kwargs.pop("dim")
+        tensors, d, zero_d = batch_rows(name, tensors, in_dims[:n_tensors], info.batch_size, dim)
+        out = op(*tensors, d, *rest, **kwargs)
+        if zero_d:
+            out = squeeze_rows(out)
+        return out, ((0,) * len(out) if isinstance(out, tuple) else 0)
+
+    return rule
 
 
 def broadcast_front(tensors: Sequence[torch.Tensor], in_dims: Sequence[Optional[int]]):

@@ -10,7 +10,7 @@ import torch
 
 from .. import _C
 from ._direct import direct_call_ok
-from ._func import batch_rows, squeeze_rows, transform_function, transforms_active
+from ._func import row_rule, transform_function, transforms_active
 from ._guards import check_same_device
 
 _HALF_TYPES = (torch.float16, torch.bfloat16)
@@ -149,24 +149,7 @@ def _make_transform_functions(log: bool):
 _TRANSFORM_FUNCTIONS = {"softmax": _make_transform_functions(False), "log_softmax": _make_transform_functions(True)}
 
 
-def _forward_vmap(op, name):
-    def rule(info, in_dims, x, dim, half_to_float=False):
-        (x,), d, zero_d = batch_rows(name, (x,), in_dims, info.batch_size, dim)
-        out = op(x, d, half_to_float)
-        return (squeeze_rows(out) if zero_d else out), 0
-    return rule
-
-
-def _backward_vmap(op, name):
-    def rule(info, in_dims, g, y, dim, input_dtype):
-        (g, y), d, zero_d = batch_rows(name, (g, y), in_dims, info.batch_size, dim)
-        out = op(g, y, d, input_dtype)
-        return (squeeze_rows(out) if zero_d else out), 0
-    return rule
-
-
 for _name in ("softmax", "log_softmax"):
-    _op = getattr(torch.ops.fastloss, _name).default
-    _bop = getattr(torch.ops.fastloss, f"{_name}_backward").default
-    torch.library.register_vmap(f"fastloss::{_name}")(_forward_vmap(_op, _name))
-    torch.library.register_vmap(f"fastloss::{_name}_backward")(_backward_vmap(_bop, _name))
+    for _op_name, _tensors in ((_name, 1), (f"{_name}_backward", 2)):
+        torch.library.register_vmap(f"fastloss::{_op_name}")(
+            row_rule(getattr(torch.ops.fastloss, _op_name).default, _name, _tensors))

@@ -10,15 +10,18 @@ from typing import Literal, Optional, Tuple, Union, overload
 import torch
 
 from ._double_backward import forbid_double_backward
-from ._func import batch_front, batch_rows, no_derivative, squeeze_rows, transform_function, transforms_active
+from ._func import batch_front, no_derivative, row_rule, transform_function, transforms_active
 from ._guards import check_same_device
 
 _MODES = ("soft", "hard")
 
 
-def resolve_sparsity(name: str, row_length: int, sparsity: Optional[float],
-                     k: Union[int, torch.SymInt, None]) -> float:
-    """The sparsity 1 - k/d from exactly one of ``sparsity`` and ``k``, validated."""
+def op_amount(name: str, row_length: int, sparsity: Optional[float],
+              k: Union[int, torch.SymInt, None]) -> Tuple[float, Union[int, torch.SymInt]]:
+    """The ops' (sparsity, k) arguments from exactly one of ``sparsity`` and ``k``, validated:
+    (sparsity, 0), or (unused, k). k goes to the ops as is (they resolve 1 - k/d themselves),
+    so that a graph traced with a symbolic row length d (and k, say d // 8) does not
+    specialize on d."""
     if (sparsity is None) == (k is None):
         raise ValueError(f"fastloss.{name}: give exactly one of 'sparsity' and 'k' "
                          f"(got sparsity={sparsity!r}, k={k!r})")
@@ -28,25 +31,14 @@ def resolve_sparsity(name: str, row_length: int, sparsity: Optional[float],
         if not 0 < k < row_length:
             raise ValueError(f"fastloss.{name}: 'k' must be in (0, {row_length}) for rows of length "
                              f"{row_length}, got {k}")
-        return 1.0 - k / row_length
+        return 0.0, k if isinstance(k, torch.SymInt) else int(k)
     if isinstance(sparsity, bool) or not isinstance(sparsity, numbers.Real):
         raise TypeError(f"fastloss.{name}: 'sparsity' must be a float, got {type(sparsity).__name__}")
     sparsity = float(sparsity)
     if not 0.0 < sparsity < 1.0:
         raise ValueError(f"fastloss.{name}: 'sparsity' must be in (0, 1) (the fraction of each row "
                          f"that is zeroed), got {sparsity}")
-    return sparsity
-
-
-def op_amount(name: str, row_length: int, sparsity: Optional[float],
-              k: Union[int, torch.SymInt, None]) -> Tuple[float, Union[int, torch.SymInt]]:
-    """The ops' (sparsity, k) arguments from exactly one of ``sparsity`` and ``k``, validated.
-    k goes to the op as is (it resolves 1 - k/d itself), so that a graph traced with a
-    symbolic row length d (and k, say d // 8) does not specialize on d."""
-    if k is None:
-        return resolve_sparsity(name, row_length, sparsity, k), 0
-    resolve_sparsity(name, row_length, sparsity, k)
-    return 0.0, k if isinstance(k, torch.SymInt) else int(k)
+    return sparsity, 0
 
 
 def effective_sparsity(sparsity: float, k: int, row_length: int) -> float:
@@ -441,20 +433,9 @@ _GELU_MUL_FN = transform_function("stat_topk_gelu_mul", torch.ops.fastloss.stat_
 # Batching rules: every tensor argument batched at the front (unbatched ones expanded).
 
 
-@torch.library.register_vmap("fastloss::stat_topk")
-def _stat_topk_vmap(info, in_dims, x, dim, sparsity, hard=False, threshold_grad=True, k=0):
-    (x,), d, zero_d = batch_rows("stat_topk", (x,), in_dims[:1], info.batch_size, dim)
-    out = torch.ops.fastloss.stat_topk.default(x, d, sparsity, hard, threshold_grad, k)
-    return (squeeze_rows(out) if zero_d else out), (0, 0, 0, 0)
-
-
-@torch.library.register_vmap("fastloss::stat_topk_backward")
-def _stat_topk_backward_vmap(info, in_dims, grad_y, grad_theta, x, theta, mean, std, dim, sparsity, hard,
-                             threshold_grad, k=0):
-    tensors, d, zero_d = batch_rows("stat_topk", (grad_y, grad_theta, x, theta, mean, std), in_dims[:6],
-                                    info.batch_size, dim)
-    out = torch.ops.fastloss.stat_topk_backward.default(*tensors, d, sparsity, hard, threshold_grad, k)
-    return (squeeze_rows(out) if zero_d else out), 0
+torch.library.register_vmap("fastloss::stat_topk")(row_rule(torch.ops.fastloss.stat_topk.default, "stat_topk", 1))
+torch.library.register_vmap("fastloss::stat_topk_backward")(
+    row_rule(torch.ops.fastloss.stat_topk_backward.default, "stat_topk", 6))
 
 
 @torch.library.register_vmap("fastloss::stat_topk_gelu_mul")
