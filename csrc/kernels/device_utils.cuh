@@ -139,6 +139,25 @@ struct alignas(sizeof(T) * N) Vec {
 #define FASTLOSS_PRE_SM80 0
 #endif
 
+#if defined(FASTLOSS_CUDA_EMU)
+// The CPU emulator's versions (tests/cuda_emu), lane by lane from the layouts above.
+__device__ __forceinline__ void cp_async16(void* smem, const void* gmem, int src_bytes) {
+  emu::cp_async16(smem, gmem, src_bytes);
+}
+__device__ __forceinline__ void cp_async_commit() { emu::cp_async_commit(); }
+template <int kPending>
+__device__ __forceinline__ void cp_async_wait() {
+  emu::cp_async_wait(kPending);
+}
+__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], const void* smem) { emu::ldmatrix_x4(r, smem, false); }
+__device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], const void* smem) {
+  emu::ldmatrix_x4(r, smem, true);
+}
+template <typename T>
+__device__ __forceinline__ void mma_16816(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
+  emu::mma_16816(d, a, b, std::is_same_v<T, __nv_bfloat16>);
+}
+#else
 __device__ __forceinline__ uint32_t smem_u32(const void* p) {
   return static_cast<uint32_t>(__cvta_generic_to_shared(p));
 }
@@ -211,6 +230,8 @@ __device__ __forceinline__ void mma_16816(float (&d)[4], const uint32_t (&a)[4],
   }
 #endif
 }
+
+#endif  // FASTLOSS_CUDA_EMU
 
 // Two floats rounded to a packed pair of 16-bit values (the low half is `lo`), as mma and
 // ldmatrix hold them.

@@ -1,0 +1,208 @@
+"""Builds the CUDA kernels (csrc/kernels) for the CPU emulator (emu.h) and loads them.
+
+The kernel sources are copied with two rewrites that C++ needs: each launch
+``k<<<grid, block, smem, stream>>>(args)`` (and cudaLaunchCooperativeKernel) becomes a call
+of ``emu::launch`` with a lambda that runs ``k(args)`` as one thread, and each __shared__
+declaration becomes a reference to the running block's shared memory. Everything else is
+compiled as written, with the device branches of csrc/common (``__CUDA_ARCH__`` = 900).
+Needs g++ and the CUDA toolkit's headers (cuda_runtime.h, cuda_fp16.h, cuda_bf16.h); no GPU,
+no CUDA library.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import re
+import shutil
+import subprocess
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import List, Optional
+
+HERE = Path(__file__).resolve().parent
+CSRC = HERE.parent.parent / "csrc"
+
+
+def cuda_include_dir() -> Optional[Path]:
+    """The CUDA toolkit's include directory (CUDA_HOME, CUDA_PATH, or next to nvcc)."""
+    candidates = [os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH")]
+    nvcc = shutil.which("nvcc")
+    if nvcc:
+        candidates.append(str(Path(os.path.realpath(nvcc)).parent.parent))
+    candidates.append("/usr/local/cuda")
+    for c in candidates:
+        if c and (Path(c) / "include" / "cuda_runtime.h").is_file():
+            return Path(c) / "include"
+    return None
+
+
+def _matching(text: str, i: int, open_ch: str, close_ch: str) -> int:
+    """Index just past the bracket that closes the one at text[i]."""
+    depth = 0
+    for j in range(i, len(text)):
+        if text[j] == open_ch:
+            depth += 1
+        elif text[j] == close_ch:
+            depth -= 1
+            if depth == 0:
+                return j + 1
+    raise ValueError(f"unbalanced {open_ch}{close_ch} at offset {i}")
+
+
+def _kernel_start(text: str, end: int) -> int:
+    """Start of the kernel expression (``name`` or ``ns::name<args>``) that ends at ``end``."""
+    i = end
+    while text[i - 1].isspace():
+        i -= 1
+    if text[i - 1] == ">":  # template arguments, possibly with nested <> and ()
+        depth = 0
+        while True:
+            i -= 1
+            ch = text[i]
+            if ch in ">)":
+                depth += 1
+            elif ch in "<(":
+                depth -= 1
+                if depth == 0:
+                    break
+    while i > 0 and (text[i - 1].isalnum() or text[i - 1] in "_:"):
+        i -= 1
+    return i
+
+
+def _split_top(args: str) -> List[str]:
+    parts, depth, cur = [], 0, ""
+    for ch in args:
+        if ch in "(<[{":
+            depth += 1
+        elif ch in ")>]}":
+            depth -= 1
+        if ch == "," and depth == 0:
+            parts.append(cur.strip())
+            cur = ""
+        else:
+            cur += ch
+    parts.append(cur.strip())
+    return parts
+
+
+def rewrite_launches(text: str) -> str:
+    while True:
+        i = text.find("<<<")
+        if i < 0:
+            break
+        start = _kernel_start(text, i)
+        kernel = text[start:i].strip()
+        j = text.index(">>>", i)
+        config = _split_top(text[i + 3 : j])
+        config += ["0", "0"][: 4 - len(config)]
+        k = j + 3
+        while text[k].isspace():
+            k += 1
+        if text[k] != "(":
+            raise ValueError(f"launch of {kernel} without arguments")
+        end = _matching(text, k, "(", ")")
+        args = text[k + 1 : end - 1]
+        name = re.sub(r"\s+", " ", kernel).replace('"', "'")
+        # The kernel's address keys its dynamic shared memory limit (cudaFuncSetAttribute).
+        # Only launches with dynamic shared memory take it: elsewhere the kernel's template
+        # arguments may be deduced from the call's, and &kernel would not resolve.
+        address = "nullptr" if config[2] == "0" else f"::emu::kernel_address(&{kernel})"
+        call = (
+            f"::emu::launch({address}, \"{name}\", dim3({config[0]}), "
+            f"dim3({config[1]}), static_cast<size_t>({config[2]}), false, [=] {{ {kernel}({args}); }})"
+        )
+        text = text[:start] + call + text[end:]
+    return re.sub(
+        r"cudaLaunchCooperativeKernel\(\s*reinterpret_cast<const void\s*\*>\(([^()]*?)\)\s*,",
+        lambda m: f'::emu::launch_cooperative({m.group(1)}, "{m.group(1)}",',
+        text,
+    )
+
+
+_EXTERN_SHARED = re.compile(r"extern\s+__shared__\s+(?:__align__\(\d+\)\s+)?([\w:<> ]+?)\s+(\w+)\s*\[\s*\]\s*;")
+_SHARED = re.compile(r"__shared__\s+(?:__align__\(\d+\)\s+)?([\w:<>, ]+?)\s+(\w+)\s*((?:\[[^\];]*\])+)\s*;")
+
+
+def rewrite_shared(text: str) -> str:
+    text = _EXTERN_SHARED.sub(
+        lambda m: f"{m.group(1)}* {m.group(2)} = static_cast<{m.group(1)}*>(::emu::dynamic_smem());", text
+    )
+    return _SHARED.sub(
+        lambda m: (
+            f"static char {m.group(2)}_emu_key; "
+            f"auto& {m.group(2)} = ::emu::shared_var<{m.group(1)}{m.group(3)}>(&{m.group(2)}_emu_key);"
+        ),
+        text,
+    )
+
+
+def _sources() -> List[Path]:
+    files = sorted((CSRC / "kernels").glob("*")) + sorted((CSRC / "common").glob("*.h"))
+    return files + [Path(__file__)] + sorted(HERE.glob("*.h")) + sorted(HERE.glob("*.cpp")) + sorted((HERE / "include").glob("*"))
+
+
+def build(out_dir: Path, arch: int = 900, jobs: Optional[int] = None) -> Path:
+    """Compiles the emulated kernels and the test shim into ``out_dir``; returns the library.
+    Reuses an earlier build of the same sources."""
+    include = cuda_include_dir()
+    if include is None:
+        raise RuntimeError("CUDA headers not found (set CUDA_HOME)")
+    digest = hashlib.sha256(str(arch).encode())
+    for f in _sources():
+        digest.update(f.name.encode())
+        digest.update(f.read_bytes())
+    tag = digest.hexdigest()[:16]
+    lib = out_dir / f"libfastloss_emu_{tag}.so"
+    if lib.exists():
+        return lib
+    tree = out_dir / f"src_{tag}"
+    for sub in ("kernels", "common"):
+        (tree / sub).mkdir(parents=True, exist_ok=True)
+        for f in (CSRC / sub).glob("*"):
+            text = f.read_text()
+            if sub == "kernels":
+                text = rewrite_shared(rewrite_launches(text))
+            (tree / sub / f.name).write_text(text)
+    flags = [
+        "g++", "-std=c++17", "-O1", "-fPIC", "-ffp-contract=off", "-w",
+        f"-DFASTLOSS_EMU_ARCH={arch}", "-include", str(HERE / "emu.h"),
+        "-I", str(HERE / "include"), "-I", str(tree), "-I", str(HERE), "-I", str(include),
+    ]
+    units = [(tree / "kernels" / f.name, True) for f in sorted((CSRC / "kernels").glob("*.cu"))]
+    units += [(HERE / "emu_runtime.cpp", False), (HERE / "shim.cpp", False)]
+
+    def compile_one(unit):
+        src, is_cuda = unit
+        obj = tree / (src.name + ".o")
+        cmd = flags + (["-x", "c++"] if is_cuda else []) + ["-c", str(src), "-o", str(obj)]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise RuntimeError(f"emulator build of {src.name} failed:\n{proc.stderr[-6000:]}")
+        return obj
+
+    with ThreadPoolExecutor(max_workers=jobs or os.cpu_count() or 2) as pool:
+        futures = [pool.submit(compile_one, u) for u in units]
+        errors = [f.exception() for f in futures if f.exception() is not None]
+        if errors:
+            raise RuntimeError("\n".join(str(e) for e in errors))
+        objects = [f.result() for f in futures]
+    tmp = lib.with_suffix(".tmp")
+    proc = subprocess.run(["g++", "-shared", "-o", str(tmp)] + [str(o) for o in objects], capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"emulator link failed:\n{proc.stderr[-6000:]}")
+    tmp.rename(lib)
+    return lib
+
+
+def load(out_dir: Path, arch: int = 900) -> ctypes.CDLL:
+    return ctypes.CDLL(str(build(out_dir, arch)))
+
+
+if __name__ == "__main__":
+    import sys
+    import tempfile
+
+    print(build(Path(sys.argv[1] if len(sys.argv) > 1 else tempfile.mkdtemp())))
