@@ -128,3 +128,158 @@ def test_softmax_special_rows(emu):
     x[4] *= 1e6
     for xs in (x, x[:, :500], x[:, :20]):  # block, warp and small-warp paths
         close(emu.softmax(xs), torch.softmax(xs.double(), -1), torch.float32, "special rows")
+
+
+# -------------------------------------------------------------------------------------------
+# stat_topk and the fused gelu-mul: on-chip rows, rows split into chunks across blocks, strided
+# columns; against the CPU kernels (tested against float64 references in test_stat_topk.py).
+
+import fastloss  # noqa: E402  (registers the CPU ops)
+
+OPS = torch.ops.fastloss
+STAT_TOL = {torch.float32: 2e-5, torch.float64: 1e-12, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
+
+
+def z_of(sparsity: float) -> float:
+    return torch.special.ndtri(torch.tensor(sparsity, dtype=torch.float64)).item()
+
+
+def near(got, ref, tol, what):
+    """Elementwise |got - ref| <= tol max(1, |ref|), infinities and NaNs where the reference has them."""
+    got, ref = got.double(), ref.double().expand_as(got)
+    assert (got.isnan() == ref.isnan()).all(), f"{what}: NaN pattern differs"
+    inf = ref.isinf()
+    assert (got[inf] == ref[inf]).all() and not got[~inf].isinf().any(), f"{what}: infinities differ"
+    ok = ref.isfinite()
+    if ok.any():
+        err = ((got[ok] - ref[ok]).abs() / ref[ok].abs().clamp_min(1.0)).max().item()
+        assert err <= tol, f"{what}: max error {err:.3g}"
+
+
+STAT_SHAPES = [((8, 1000), -1), ((64, 4096), -1), ((3, 16384), -1), ((2, 100000), -1), ((4, 50, 6), 1),
+               ((300, 3), 0), ((5, 7), -1)]
+
+
+@pytest.mark.parametrize("shape,dim", STAT_SHAPES, ids=lambda v: str(v))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64, torch.float16],
+                         ids=["f32", "bf16", "f64", "f16"])
+def test_stat_topk_forward_and_backward(emu, shape, dim, dtype):
+    g = torch.Generator().manual_seed(11)
+    x = (torch.randn(shape, generator=g, dtype=torch.float64) * 3 + 1).to(dtype)
+    sparsity, hard = 0.9, dtype == torch.float16
+    y, theta, mean, sd = both_orders(lambda: emu.stat_topk(x, dim, z_of(sparsity), hard))
+    ry, rtheta, rmean, rsd = OPS.stat_topk(x, dim, sparsity, hard, True, 0)
+    tol = STAT_TOL[dtype]
+    near(theta.flatten(), rtheta.flatten(), tol, "theta")
+    near(mean.flatten(), rmean.flatten(), tol, "mean")
+    near(sd.flatten(), rsd.flatten(), tol, "std")
+    near(y, ry, tol, "y")
+    grad = torch.randn(shape, generator=g, dtype=torch.float64).to(dtype)
+    grad_theta = torch.randn(rtheta.shape, generator=g, dtype=torch.float64).to(rtheta.dtype)
+    for gt, threshold_grad in ((grad_theta, True), (None, True), (None, False)):
+        dx = both_orders(lambda: emu.stat_topk_backward(grad, x, rtheta, rmean, rsd, gt, dim, z_of(sparsity), hard,
+                                                        threshold_grad))
+        ref = OPS.stat_topk_backward(grad, gt, x, rtheta, rmean, rsd, dim, sparsity, hard, threshold_grad, 0)
+        near(dx, ref, 4 * tol, f"dx (grad_theta {gt is not None}, threshold_grad {threshold_grad})")
+
+
+@pytest.mark.parametrize("shape", [(6, 256), (16, 2048), (2, 40000)], ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
+def test_gelu_mul_forward_and_backward(emu, shape, dtype):
+    g = torch.Generator().manual_seed(5)
+    gate = torch.randn(shape, generator=g, dtype=torch.float64).to(dtype)
+    up = torch.randn(shape, generator=g, dtype=torch.float64).to(dtype)
+    out, theta, mean, sd = both_orders(lambda: emu.gelu_mul(gate, up, z_of(0.95)))
+    rout, rtheta, rmean, rsd = OPS.stat_topk_gelu_mul(gate, up, 0.95, True, 0)
+    tol = STAT_TOL[dtype]
+    near(theta.flatten(), rtheta.flatten(), tol, "theta")
+    near(out, rout, tol, "out")
+    grad = torch.randn(shape, generator=g, dtype=torch.float64).to(dtype)
+    for threshold_grad in (True, False):
+        dgate, dup = both_orders(lambda: emu.gelu_mul_backward(grad, gate, up, rtheta, rmean, rsd, z_of(0.95),
+                                                               threshold_grad))
+        rgate, rup = OPS.stat_topk_gelu_mul_backward(grad, gate, up, rtheta, rmean, rsd, 0.95, threshold_grad, 0)
+        near(dgate, rgate, 4 * tol, "d gate")
+        near(dup, rup, 4 * tol, "d up")
+
+
+def test_stat_topk_special_rows(emu):
+    x = torch.randn(5, 3000)
+    x[0] = 2.5  # constant row
+    x[1, 7] = float("nan")
+    x[2, 9] = float("inf")
+    x[3] = x[3] * 1e-30
+    for xs in (x, x[:, :300]):
+        y, theta, _, _ = emu.stat_topk(xs, -1, z_of(0.8), False)
+        ry, rtheta, _, _ = OPS.stat_topk(xs, -1, 0.8, False, True, 0)
+        near(theta.flatten(), rtheta.flatten(), 2e-5, "theta")
+        near(y, ry, 2e-5, "y")
+
+
+# -------------------------------------------------------------------------------------------
+# log-Bessel functions and the vMF helpers: one host + device implementation (csrc/common), so
+# the emulated device code must give the CPU's values to a few ulps.
+
+
+def test_log_bessel(emu):
+    g = torch.Generator().manual_seed(3)
+    n = 4000
+    v = torch.cat([torch.rand(n // 2, generator=g, dtype=torch.float64) * 3,
+                   10 ** (torch.rand(n // 2, generator=g, dtype=torch.float64) * 8 - 2)])
+    x = 10 ** (torch.rand(n, generator=g, dtype=torch.float64) * 12 - 6)
+    v[:5] = torch.tensor([0.0, 0.5, 1.0, 2.0, 1e6], dtype=torch.float64)
+    x[:5] = torch.tensor([0.0, float("inf"), 1e-300, 1e300, 3.0], dtype=torch.float64)
+    for dtype, tol in ((torch.float64, 1e-13), (torch.float32, 2e-6)):
+        vd, xd = v.to(dtype), x.to(dtype)
+        for fn, op in ((0, OPS.log_bessel_iv), (1, OPS.log_bessel_kv)):
+            near(emu.log_bessel(fn, vd, xd), op(vd, xd), tol, f"fn {fn} {dtype}")
+        for fn, op in ((2, OPS.log_bessel_iv_grad), (3, OPS.log_bessel_kv_grad)):
+            dv, dx = emu.log_bessel(fn, vd, xd)
+            rdv, rdx = op(vd, xd)
+            ok = x[5:] > 1e-3  # (the x-derivative grows like v / x)
+            near(dv[5:][ok], rdv[5:][ok], 100 * tol, f"fn {fn} d/dv {dtype}")
+            near((dx / rdx)[5:][ok & (rdx[5:] != 0)], torch.ones(1), 100 * tol, f"fn {fn} d/dx {dtype}")
+
+
+@pytest.mark.parametrize("p", [3, 64, 32768])
+def test_vmf(emu, p):
+    g = torch.Generator().manual_seed(p)
+    kappa = 10 ** (torch.rand(500, generator=g, dtype=torch.float64) * 8 - 3)
+    for fn, op in ((0, lambda k: OPS.vmf_mean_resultant(k, p, 0)), (1, lambda k: OPS.vmf_mean_resultant(k, p, 1)),
+                   (2, lambda k: OPS.vmf_mean_resultant(k, p, 2)),
+                   (3, lambda k: OPS.vmf_mean_resultant_complement(k, p)), (4, lambda k: OPS.vmf_entropy(k, p)),
+                   (6, lambda k: OPS.vmf_log_normalizer(k, p))):
+        got, ref = emu.vmf(fn, kappa, p), op(kappa)
+        near(got / ref.abs().clamp_min(1e-300), ref / ref.abs().clamp_min(1e-300), 1e-12, f"vmf fn {fn}")
+    rbar = OPS.vmf_mean_resultant(kappa, p, 0)
+    near(emu.vmf(5, rbar, p, 100) / OPS.vmf_kappa_mle(rbar, p, 100), torch.ones(1), 1e-9, "kappa_mle")
+    w = torch.rand(500, generator=g, dtype=torch.float64) * 2 - 1
+    near(emu.vmf_sample_w_derivative(w, kappa, p), OPS.vmf_sample_w_derivative(w, kappa, p), 1e-9,
+         "sample_w_derivative")
+
+
+# -------------------------------------------------------------------------------------------
+# Sinkhorn: one block per problem (cost in shared memory) and the cooperative grid path.
+
+
+@pytest.mark.parametrize("batch,n,m", [(5, 20, 30), (3, 64, 64), (1, 7, 200), (1, 300, 260)],
+                         ids=lambda v: str(v))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
+def test_sinkhorn(emu, batch, n, m, dtype):
+    g = torch.Generator().manual_seed(n * m)
+    cost = torch.rand(batch, n, m, generator=g, dtype=torch.float64).to(dtype)
+    a = torch.rand(batch, n, generator=g, dtype=torch.float64) + 0.1
+    b = torch.rand(batch, m, generator=g, dtype=torch.float64) + 0.1
+    a, b = (a / a.sum(-1, keepdim=True)).to(dtype), (b / b.sum(-1, keepdim=True)).to(dtype)
+    a[0, 1] = 0  # a zero-mass row
+    a[0] /= a[0].sum()
+    eps, tol = 0.05, 1e-5 if dtype == torch.float32 else 1e-9
+    mass_tol = 1.1920928955078125e-07 ** 0.5 if dtype == torch.float32 else 2.220446049250313e-16 ** 0.5
+    got = both_orders(lambda: emu.sinkhorn(cost, a, b, eps, 2000, tol, mass_tol))
+    ref = OPS.sinkhorn(cost, a, b, eps, 2000, tol, 1.0)
+    names = ("plan", "alpha", "beta", "value", "n_iter", "error")
+    assert (got[4] - ref[4]).abs().max().item() <= max(2, 0.02 * ref[4].max().item()), "iterations"
+    assert (got[5] <= tol).all(), "not converged"
+    ftol = 1e-4 if dtype == torch.float32 else 1e-8
+    for name, x, y in list(zip(names, got, ref))[:4]:
+        near(x, y, ftol, name)

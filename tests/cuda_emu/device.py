@@ -101,6 +101,114 @@ class Emulator:
             _c_i64(outer), _c_i64(size), _c_i64(inner), int(log), _c_ptr(ws), _c_size(wsb)), "softmax backward")
         return dx.clone()
 
+    # -- stat_topk ---------------------------------------------------------------------------
+
+    def _stats(self, outer, inner, dtype):
+        return [self.empty((outer, inner), ACC[dtype]) for _ in range(3)]
+
+    def stat_topk(self, x: torch.Tensor, dim: int, z: float, hard: bool):
+        """(y, theta, mean, std) with theta etc. of shape (outer, inner)."""
+        outer, size, inner = self._layout(x.shape, dim)
+        xd = self.put(x.contiguous())
+        y = self.empty(x.shape, x.dtype)
+        theta, mean, sd = self._stats(outer, inner, x.dtype)
+        ws, wsb = self.workspace(self.lib.emu_stat_topk_workspace_bytes(
+            _c_i64(outer), _c_i64(size), _c_i64(inner), DTYPES[x.dtype]))
+        self.check(self.lib.emu_stat_topk_forward(
+            _c_ptr(xd.data_ptr()), _c_ptr(y.data_ptr()), _c_ptr(theta.data_ptr()), _c_ptr(mean.data_ptr()),
+            _c_ptr(sd.data_ptr()), DTYPES[x.dtype], _c_i64(outer), _c_i64(size), _c_i64(inner), ctypes.c_double(z),
+            int(hard), _c_ptr(ws), _c_size(wsb)), "stat_topk forward")
+        return y.clone(), theta.clone(), mean.clone(), sd.clone()
+
+    def stat_topk_backward(self, grad_y, x, theta, mean, sd, grad_theta, dim, z, hard, threshold_grad):
+        outer, size, inner = self._layout(x.shape, dim)
+        g, xd, th, mu, s_, gt = (self.put(t.contiguous()) if t is not None else None
+                                 for t in (grad_y, x, theta, mean, sd, grad_theta))
+        dx = self.empty(x.shape, x.dtype)
+        ws, wsb = self.workspace(self.lib.emu_stat_topk_workspace_bytes(
+            _c_i64(outer), _c_i64(size), _c_i64(inner), DTYPES[x.dtype]))
+        self.check(self.lib.emu_stat_topk_backward(
+            _c_ptr(g.data_ptr()), _c_ptr(xd.data_ptr()), _c_ptr(th.data_ptr()), _c_ptr(mu.data_ptr()),
+            _c_ptr(s_.data_ptr()), _c_ptr(gt.data_ptr() if gt is not None else None), _c_ptr(dx.data_ptr()),
+            DTYPES[x.dtype], _c_i64(outer), _c_i64(size), _c_i64(inner), ctypes.c_double(z), int(hard),
+            int(threshold_grad), _c_ptr(ws), _c_size(wsb)), "stat_topk backward")
+        return dx.clone()
+
+    def gelu_mul(self, gate: torch.Tensor, up: torch.Tensor, z: float):
+        rows, size = gate.numel() // gate.shape[-1], gate.shape[-1]
+        gd, ud = self.put(gate.contiguous()), self.put(up.contiguous())
+        out = self.empty(gate.shape, gate.dtype)
+        theta, mean, sd = self._stats(rows, 1, gate.dtype)
+        ws, wsb = self.workspace(self.lib.emu_stat_topk_workspace_bytes(
+            _c_i64(rows), _c_i64(size), _c_i64(1), DTYPES[gate.dtype]))
+        self.check(self.lib.emu_gelu_mul_forward(
+            _c_ptr(gd.data_ptr()), _c_ptr(ud.data_ptr()), _c_ptr(out.data_ptr()), _c_ptr(theta.data_ptr()),
+            _c_ptr(mean.data_ptr()), _c_ptr(sd.data_ptr()), DTYPES[gate.dtype], _c_i64(rows), _c_i64(size),
+            ctypes.c_double(z), _c_ptr(ws), _c_size(wsb)), "gelu_mul forward")
+        return out.clone(), theta.clone(), mean.clone(), sd.clone()
+
+    def gelu_mul_backward(self, grad, gate, up, theta, mean, sd, z, threshold_grad):
+        rows, size = gate.numel() // gate.shape[-1], gate.shape[-1]
+        g, gd, ud, th, mu, s_ = (self.put(t.contiguous()) for t in (grad, gate, up, theta, mean, sd))
+        dgate, dup = self.empty(gate.shape, gate.dtype), self.empty(up.shape, up.dtype)
+        ws, wsb = self.workspace(self.lib.emu_stat_topk_workspace_bytes(
+            _c_i64(rows), _c_i64(size), _c_i64(1), DTYPES[gate.dtype]))
+        self.check(self.lib.emu_gelu_mul_backward(
+            _c_ptr(g.data_ptr()), _c_ptr(gd.data_ptr()), _c_ptr(ud.data_ptr()), _c_ptr(th.data_ptr()),
+            _c_ptr(mu.data_ptr()), _c_ptr(s_.data_ptr()), _c_ptr(dgate.data_ptr()), _c_ptr(dup.data_ptr()),
+            DTYPES[gate.dtype], _c_i64(rows), _c_i64(size), ctypes.c_double(z), int(threshold_grad), _c_ptr(ws),
+            _c_size(wsb)), "gelu_mul backward")
+        return dgate.clone(), dup.clone()
+
+    # -- log-Bessel and von Mises-Fisher ------------------------------------------------------
+
+    def log_bessel(self, fn: int, v: torch.Tensor, x: torch.Tensor):
+        """fn: 0 log I, 1 log K (one output), 2 / 3 their derivatives in (v, x) (two outputs)."""
+        vd, xd = self.put(v.contiguous()), self.put(x.contiguous())
+        out0, out1 = self.empty(x.shape, x.dtype), self.empty(x.shape, x.dtype)
+        self.check(self.lib.emu_log_bessel(fn, int(x.dtype == torch.float64), _c_ptr(vd.data_ptr()),
+                                           _c_ptr(xd.data_ptr()), _c_ptr(out0.data_ptr()),
+                                           _c_ptr(out1.data_ptr()), _c_i64(x.numel())), "log_bessel")
+        return (out0.clone(), out1.clone()) if fn >= 2 else out0.clone()
+
+    def vmf(self, fn: int, values: torch.Tensor, p: int, iterations: int = 1) -> torch.Tensor:
+        vd = self.put(values.contiguous())
+        out = self.empty(values.shape, values.dtype)
+        self.check(self.lib.emu_vmf(fn, int(values.dtype == torch.float64), _c_ptr(vd.data_ptr()),
+                                    _c_ptr(out.data_ptr()), _c_i64(values.numel()), ctypes.c_double(p),
+                                    iterations), "vmf")
+        return out.clone()
+
+    def vmf_sample_w_derivative(self, w: torch.Tensor, kappa: torch.Tensor, p: int) -> torch.Tensor:
+        wd, kd = self.put(w.contiguous()), self.put(kappa.contiguous())
+        out = self.empty(w.shape, w.dtype)
+        self.check(self.lib.emu_vmf_sample_w_derivative(int(w.dtype == torch.float64), _c_ptr(wd.data_ptr()),
+                                                        _c_ptr(kd.data_ptr()), _c_ptr(out.data_ptr()),
+                                                        _c_i64(w.numel()), ctypes.c_double(p)),
+                   "vmf_sample_w_derivative")
+        return out.clone()
+
+    # -- Sinkhorn ----------------------------------------------------------------------------
+
+    def sinkhorn(self, cost: torch.Tensor, a: torch.Tensor, b: torch.Tensor, eps: float, max_iter: int, tol: float,
+                 mass_tol: float, error_norm: int = 1):
+        """(plan, alpha, beta, value, n_iter, error) for cost (B, n, m) in float32 or float64."""
+        batch, n, m = cost.shape
+        dtype = cost.dtype
+        ins = [self.put(t.contiguous()) for t in (cost, a, b, a.log(), b.log())]
+        outs = [self.empty((batch, n, m), dtype), self.empty((batch, n), dtype), self.empty((batch, m), dtype),
+                self.empty((batch,), dtype), self.empty((batch,), torch.int64), self.empty((batch,), dtype)]
+        for t in outs[3:]:
+            t.zero_()
+        ptrs = (_c_ptr * 11)(*[t.data_ptr() for t in ins + outs])
+        ws, wsb = self.workspace(self.lib.emu_sinkhorn_workspace_bytes(
+            _c_i64(batch), _c_i64(n), _c_i64(m), _c_size(cost.element_size())))
+        self.check(self.lib.emu_sinkhorn(int(dtype == torch.float64), ptrs, _c_i64(batch), _c_i64(n), _c_i64(m),
+                                         ctypes.c_double(1.0 / eps), _c_i64(max_iter), ctypes.c_double(tol),
+                                         ctypes.c_double(mass_tol), error_norm, _c_ptr(ws), _c_size(wsb)),
+                   "sinkhorn")
+        return tuple(t.clone() for t in outs)
+
 
 @contextmanager
 def schedule(order: str):
