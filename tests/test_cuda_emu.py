@@ -283,3 +283,68 @@ def test_sinkhorn(emu, batch, n, m, dtype):
     ftol = 1e-4 if dtype == torch.float32 else 1e-8
     for name, x, y in list(zip(names, got, ref))[:4]:
         near(x, y, ftol, name)
+
+
+# -------------------------------------------------------------------------------------------
+# Cut cross-entropy: the tensor-core kernels (cp.async, ldmatrix, mma.sync emulated from the PTX
+# fragment layouts), against float64 on the same half-precision inputs.
+
+
+def lce_reference(hidden, classifier, targets, bias, ignore_index, softcap, label_smoothing, z_loss):
+    h, c = hidden.double().requires_grad_(), classifier.double().requires_grad_()
+    b = bias.double().requires_grad_() if bias is not None else None
+    z = h @ c.T + (b if b is not None else 0)
+    if softcap:
+        z = softcap * torch.tanh(z / softcap)
+    lse = z.logsumexp(-1)
+    keep = targets != ignore_index
+    safe = targets.where(keep, 0)
+    nll = lse - z.gather(-1, safe[:, None])[:, 0]
+    smooth = lse - z.mean(-1)
+    loss = ((1 - label_smoothing) * nll + label_smoothing * smooth + z_loss * lse**2) * keep
+    return loss, lse * keep, (h, c, b)
+
+
+@pytest.mark.parametrize("tokens,vocab,dim", [(37, 300, 64), (130, 257, 40), (5, 1000, 136), (2, 9, 8)],
+                         ids=lambda v: str(v))
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "f16"])
+@pytest.mark.parametrize("options", [{}, {"softcap": 30.0, "label_smoothing": 0.1, "z_loss": 1e-3, "bias": True}],
+                         ids=["plain", "softcap-smoothing-zloss-bias"])
+def test_linear_cross_entropy(emu, tokens, vocab, dim, dtype, options):
+    g = torch.Generator().manual_seed(tokens * vocab + dim)
+    hidden = (torch.randn(tokens, dim, generator=g) * 0.5).to(dtype)
+    classifier = (torch.randn(vocab, dim, generator=g) * 0.5).to(dtype)
+    bias = (torch.randn(vocab, generator=g)).to(dtype) if options.get("bias") else None
+    targets = torch.randint(0, vocab, (tokens,), generator=g)
+    targets[::3] = -100
+    kw = {k: v for k, v in options.items() if k != "bias"}
+    loss, lse = emu.lce_forward(hidden, classifier, targets, bias, **kw)
+    rloss, rlse, (h, c, b) = lce_reference(hidden, classifier, targets, bias, -100, kw.get("softcap"),
+                                           kw.get("label_smoothing", 0.0), kw.get("z_loss", 0.0))
+    near(lse, rlse.detach(), 2e-6, "lse")
+    near(loss, rloss.detach(), 2e-6, "loss")
+    grad_loss = torch.rand(tokens, generator=g)
+    grad_lse = torch.rand(tokens, generator=g) if kw else None
+    total = (grad_loss.double() * rloss).sum() + ((grad_lse.double() * rlse).sum() if grad_lse is not None else 0)
+    refs = torch.autograd.grad(total, [t for t in (h, c, b) if t is not None])
+    got = emu.lce_backward(grad_loss, grad_lse, lse, hidden, classifier, targets.int(), bias, **kw)
+    # The backward rounds the logit gradients to the inputs' dtype for the second tensor-core
+    # product (as cut cross-entropy does): a few units of its rounding, relative to the largest.
+    tol = 4e-3 if dtype == torch.bfloat16 else 5e-4
+    for name, x, r in zip(("d hidden", "d classifier", "d bias"), got, refs):
+        err = (x.double() - r).abs().max().item() / max(r.abs().max().item(), 1e-30)
+        assert err <= tol, f"{name}: max error {err:.3g} of the largest entry"
+
+
+def test_linear_cross_entropy_shard(emu):
+    g = torch.Generator().manual_seed(9)
+    tokens, vocab, dim = 40, 500, 32
+    hidden = torch.randn(tokens, dim, generator=g).to(torch.bfloat16)
+    classifier = torch.randn(vocab, dim, generator=g).to(torch.bfloat16)
+    targets = torch.randint(0, vocab, (tokens,), generator=g)
+    lse, _ = emu.lce_forward(hidden, classifier, targets)
+    parts = [emu.lce_forward(hidden, classifier[s:s + 200], targets, shard=True, vocab_start=s, vocab_total=vocab)
+             for s in (0, 200, 400)]
+    near(torch.stack([p[0] for p in parts]).logsumexp(0), _, 2e-6, "lse from shards")
+    linear = sum(p[1] for p in parts)
+    near(_ + linear, lse, 2e-6, "loss from shards")

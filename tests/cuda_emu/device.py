@@ -209,6 +209,57 @@ class Emulator:
                    "sinkhorn")
         return tuple(t.clone() for t in outs)
 
+    # -- cut cross-entropy -------------------------------------------------------------------
+
+    def _lce_inputs(self, hidden, classifier, targets, bias, ignore_index, softcap, label_smoothing, z_loss,
+                    vocab_start, vocab_total):
+        tokens, dim = hidden.shape
+        vocab = classifier.shape[0]
+        hd, cd, td = self.put(hidden), self.put(classifier), self.put(targets)
+        bd = self.put(bias)
+        self._keep = (hd, cd, td, bd)
+        ptrs = (_c_ptr * 4)(hd.data_ptr(), cd.data_ptr(), bd.data_ptr() if bd is not None else None, td.data_ptr())
+        ints = (_c_i64 * 10)(dim, dim, 1, 1, tokens, vocab, dim, vocab_start,
+                             vocab if vocab_total is None else vocab_total, ignore_index)
+        floats = (ctypes.c_float * 3)(softcap or 0.0, label_smoothing, z_loss)
+        return ptrs, ints, floats, int(targets.dtype == torch.int64)
+
+    def lce_forward(self, hidden, classifier, targets, bias=None, *, ignore_index=-100, softcap=None,
+                    label_smoothing=0.0, z_loss=0.0, shard=False, vocab_start=0, vocab_total=None):
+        """(loss, lse), or for shard=True (lse over this shard, linear term), float32 (tokens)."""
+        tokens, dim = hidden.shape
+        vocab = classifier.shape[0]
+        assert self.lib.emu_lce_runnable() == 1
+        ptrs, ints, floats, t64 = self._lce_inputs(hidden, classifier, targets, bias, ignore_index, softcap,
+                                                   label_smoothing, z_loss, vocab_start, vocab_total)
+        out0, out1 = self.empty((tokens,), torch.float32), self.empty((tokens,), torch.float32)
+        ws, wsb = self.workspace(self.lib.emu_lce_forward_workspace_bytes(_c_i64(tokens), _c_i64(vocab),
+                                                                         _c_i64(dim)))
+        self.check(self.lib.emu_lce_forward(
+            DTYPES[hidden.dtype], ptrs, ints, floats, t64, int(shard), _c_ptr(out0.data_ptr()),
+            _c_ptr(out1.data_ptr()), _c_ptr(ws), _c_size(wsb)), "linear_cross_entropy forward")
+        return out0.clone(), out1.clone()
+
+    def lce_backward(self, grad_loss, grad_lse, lse, hidden, classifier, targets, bias=None, *, ignore_index=-100,
+                     softcap=None, label_smoothing=0.0, z_loss=0.0, filter_eps=0.0, vocab_start=0,
+                     vocab_total=None):
+        """(d hidden, d classifier, d bias) in float32 (d bias None without a bias)."""
+        tokens, dim = hidden.shape
+        vocab = classifier.shape[0]
+        ptrs, ints, floats, t64 = self._lce_inputs(hidden, classifier, targets, bias, ignore_index, softcap,
+                                                   label_smoothing, z_loss, vocab_start, vocab_total)
+        gl, gs, ls = (self.put(t.float().contiguous()) if t is not None else None for t in (grad_loss, grad_lse, lse))
+        dh, dc = self.empty((tokens, dim), torch.float32), self.empty((vocab, dim), torch.float32)
+        db = self.empty((vocab,), torch.float32) if bias is not None else None
+        for t in (dh, dc, db):
+            if t is not None:
+                t.zero_()
+        g = (_c_ptr * 3)(gl.data_ptr(), gs.data_ptr() if gs is not None else None, ls.data_ptr())
+        d = (_c_ptr * 3)(dh.data_ptr(), dc.data_ptr(), db.data_ptr() if db is not None else None)
+        self.check(self.lib.emu_lce_backward(DTYPES[hidden.dtype], ptrs, ints, floats, t64,
+                                             ctypes.c_float(filter_eps), g, d), "linear_cross_entropy backward")
+        return dh.clone(), dc.clone(), (db.clone() if db is not None else None)
+
 
 @contextmanager
 def schedule(order: str):
