@@ -348,3 +348,51 @@ def test_linear_cross_entropy_shard(emu):
     near(torch.stack([p[0] for p in parts]).logsumexp(0), _, 2e-6, "lse from shards")
     linear = sum(p[1] for p in parts)
     near(_ + linear, lse, 2e-6, "loss from shards")
+
+
+# -------------------------------------------------------------------------------------------
+# The emulator itself: each kind of bug it is meant to expose (cuda_emu/selftest.cu) is exposed.
+
+
+def _selftest(emu, which, n=32):
+    inp = emu.put(torch.arange(n, dtype=torch.float32))
+    out = emu.empty((64,), torch.float32)
+    import ctypes
+
+    status = emu.lib.emu_selftest(which, ctypes.c_void_p(inp.data_ptr()), ctypes.c_void_p(out.data_ptr()), n)
+    return status, out.clone()
+
+
+def test_emulator_exposes_a_missing_barrier(emu):
+    with schedule("forward"):
+        _, a = _selftest(emu, 0)
+    with schedule("reverse"):
+        _, b = _selftest(emu, 0)
+    assert a.isnan().any() and not torch.equal(a.nan_to_num(-1), b.nan_to_num(-1))
+
+
+@pytest.mark.parametrize("which", [1, 2, 3], ids=["divergent-barrier", "exited-lane", "shared-memory-limit"])
+def test_emulator_reports_launch_failures(emu, which):
+    status, _ = _selftest(emu, which)
+    assert status != 0
+
+
+def test_emulator_delays_cp_async_until_the_wait(emu):
+    status, out = _selftest(emu, 4)
+    assert status == 0 and out[0].isnan() and out[1].item() == 0.0
+
+
+def test_emulator_faults_past_the_end(emu, tmp_path):
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, ctypes, torch; sys.path.insert(0, %r)\n"
+        "from cuda_emu.device import Emulator\n"
+        "e = Emulator(ctypes.CDLL(%r))\n"
+        "inp = e.put(torch.arange(32, dtype=torch.float32)); out = e.empty((64,), torch.float32)\n"
+        "e.lib.emu_selftest(5, ctypes.c_void_p(inp.data_ptr()), ctypes.c_void_p(out.data_ptr()), 32)\n"
+        % (str(Path(__file__).parent), emu.lib._name)
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0 and "emu: memory fault" in proc.stderr and "past_the_end" in proc.stderr

@@ -141,7 +141,7 @@ def rewrite_shared(text: str) -> str:
 
 def _sources() -> List[Path]:
     files = sorted((CSRC / "kernels").glob("*")) + sorted((CSRC / "common").glob("*.h"))
-    return files + [Path(__file__)] + sorted(HERE.glob("*.h")) + sorted(HERE.glob("*.cpp")) + sorted((HERE / "include").glob("*"))
+    return files + [Path(__file__)] + sorted(HERE.glob("*.h")) + sorted(HERE.glob("*.cpp")) + sorted(HERE.glob("*.cu")) + sorted((HERE / "include").glob("*"))
 
 
 def build(out_dir: Path, arch: int = 900, jobs: Optional[int] = None) -> Path:
@@ -172,6 +172,9 @@ def build(out_dir: Path, arch: int = 900, jobs: Optional[int] = None) -> Path:
         "-I", str(HERE / "include"), "-I", str(tree), "-I", str(HERE), "-I", str(include),
     ]
     units = [(tree / "kernels" / f.name, True) for f in sorted((CSRC / "kernels").glob("*.cu"))]
+    selftest = tree / "selftest.cu"
+    selftest.write_text(rewrite_shared(rewrite_launches((HERE / "selftest.cu").read_text())))
+    units.append((selftest, True))
     units += [(HERE / "emu_runtime.cpp", False), (HERE / "shim.cpp", False)]
 
     def compile_one(unit):
