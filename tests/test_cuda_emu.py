@@ -33,6 +33,18 @@ def emu() -> Emulator:
     return Emulator(build.load(out))
 
 
+# Emulated devices: the launch plans (row splits, vocabulary splits, cooperative grids) depend on
+# the SM count. Device 0 has 4 SMs (few blocks, many splits per block); others as named.
+SMS = {0: 4, 1: 1, 2: 7, 3: 132}
+
+
+@pytest.fixture(params=[1, 2, 3], ids=lambda d: f"{SMS[d]}sms")
+def other_device(emu, request):
+    emu.set_device(request.param, SMS[request.param])
+    yield request.param
+    emu.set_device(0, SMS[0])
+
+
 def both_orders(fn):
     """fn() under both thread orders; the results must be bitwise equal (no races)."""
     with schedule("forward"):
@@ -262,7 +274,7 @@ def test_vmf(emu, p):
 # Sinkhorn: one block per problem (cost in shared memory) and the cooperative grid path.
 
 
-@pytest.mark.parametrize("batch,n,m", [(5, 20, 30), (3, 64, 64), (1, 7, 200), (1, 300, 260)],
+@pytest.mark.parametrize("batch,n,m", [(5, 20, 30), (3, 64, 64), (1, 7, 200), (1, 300, 260), (12, 150, 200)],
                          ids=lambda v: str(v))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
 def test_sinkhorn(emu, batch, n, m, dtype):
@@ -396,3 +408,66 @@ def test_emulator_faults_past_the_end(emu, tmp_path):
     )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode != 0 and "emu: memory fault" in proc.stderr and "past_the_end" in proc.stderr
+
+
+# -------------------------------------------------------------------------------------------
+# Other SM counts (plans change with them), and more cut cross-entropy cases.
+
+
+def test_plans_for_other_sm_counts(emu, other_device):
+    g = torch.Generator().manual_seed(other_device)
+    for shape in ((2, 151936), (24, 10000), (6, 33, 5)):
+        x = torch.randn(shape, generator=g, dtype=torch.float64)
+        close(emu.softmax(x.float(), 1 if len(shape) == 3 else -1),
+              torch.softmax(x, 1 if len(shape) == 3 else -1), torch.float32, f"softmax {shape}")
+    x = torch.randn(3, 50000, generator=g)
+    y, theta, _, _ = emu.stat_topk(x, -1, z_of(0.9), False)
+    ry, rtheta, _, _ = OPS.stat_topk(x, -1, 0.9, False, True, 0)
+    near(theta.flatten(), rtheta.flatten(), 2e-5, "theta")
+    if SMS[other_device] <= 8:  # (a cooperative grid of 132 SMs is too many threads to emulate)
+        cost = torch.rand(1, 300, 260, generator=g)
+        a, b = torch.full((1, 300), 1 / 300), torch.full((1, 260), 1 / 260)
+        got = emu.sinkhorn(cost, a, b, 0.05, 2000, 1e-5, 1.1920928955078125e-07 ** 0.5)
+        near(got[3], OPS.sinkhorn(cost, a, b, 0.05, 2000, 1e-5, 1.0)[3], 1e-4, "sinkhorn value")
+    hidden = torch.randn(300, 64, generator=g).to(torch.bfloat16)
+    classifier = torch.randn(700, 64, generator=g).to(torch.bfloat16)
+    targets = torch.randint(0, 700, (300,), generator=g)
+    loss, lse = emu.lce_forward(hidden, classifier, targets)
+    rloss, rlse, _ = lce_reference(hidden, classifier, targets, None, -100, None, 0.0, 0.0)
+    near(lse, rlse.detach(), 2e-6, "lce lse")
+
+
+def test_linear_cross_entropy_targets(emu):
+    g = torch.Generator().manual_seed(21)
+    tokens, vocab, dim = 50, 300, 32
+    hidden = torch.randn(tokens, dim, generator=g).to(torch.bfloat16)
+    classifier = torch.randn(vocab, dim, generator=g).to(torch.bfloat16)
+    targets = torch.randint(0, vocab, (tokens,), generator=g)
+    targets[3], targets[4], targets[5] = vocab, -1, -100  # out of range (twice), ignored
+    loss, lse = emu.lce_forward(hidden, classifier, targets)
+    assert loss[3:5].isnan().all() and lse[3:5].isnan().all(), "out-of-range targets give NaN"
+    assert loss[5] == 0 and lse[5] == 0, "ignored tokens give 0"
+    keep = torch.ones(tokens, dtype=torch.bool)
+    keep[3:6] = False
+    rloss, rlse, _ = lce_reference(hidden[keep], classifier, targets[keep], None, -100, None, 0.0, 0.0)
+    near(loss[keep], rloss.detach(), 2e-6, "loss")
+    # Every token ignored: zero gradients, no NaN.
+    ignored = torch.full((tokens,), -100)
+    loss, lse = emu.lce_forward(hidden, classifier, ignored)
+    assert (loss == 0).all() and (lse == 0).all()
+    dh, dc, _ = emu.lce_backward(torch.ones(tokens), None, lse, hidden, classifier, ignored)
+    assert (dh == 0).all() and (dc == 0).all()
+
+
+def test_linear_cross_entropy_gradient_filtering(emu):
+    g = torch.Generator().manual_seed(22)
+    tokens, vocab, dim = 200, 900, 64
+    hidden = (torch.randn(tokens, dim, generator=g) * 2).to(torch.bfloat16)
+    classifier = (torch.randn(vocab, dim, generator=g) * 2).to(torch.bfloat16)
+    targets = torch.randint(0, vocab, (tokens,), generator=g)
+    loss, lse = emu.lce_forward(hidden, classifier, targets)
+    grad = torch.ones(tokens)
+    exact = emu.lce_backward(grad, None, lse, hidden, classifier, targets)
+    filtered = emu.lce_backward(grad, None, lse, hidden, classifier, targets, filter_eps=2.0**-12)
+    for x, y in zip(exact[:2], filtered[:2]):
+        assert (x - y).abs().max().item() <= 2e-3 * x.abs().max().item()

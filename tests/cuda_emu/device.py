@@ -33,6 +33,11 @@ class Emulator:
                      "emu_lce_forward_workspace_bytes"):
             getattr(lib, name).restype = _c_size
 
+    def set_device(self, index: int, sms: int) -> None:
+        """Makes emulated device ``index`` (with ``sms`` multiprocessors) the current one. The
+        launchers cache device properties per index: give each SM count its own."""
+        self.lib.fastloss_emu_set_device(index, sms)
+
     # -- memory -----------------------------------------------------------------------------
 
     def empty(self, shape: Sequence[int], dtype: torch.dtype) -> torch.Tensor:

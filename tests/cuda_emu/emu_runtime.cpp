@@ -476,6 +476,10 @@ cudaError_t launch(const void* fn, const char* name, dim3 grid, dim3 block, size
     }
   }
   if (g_reverse) std::reverse(ids.begin(), ids.end());
+  constexpr uint64_t kMaxFibers = 16384;  // each has its own mapped stack (and guard page)
+  if (cooperative && blocks * threads > kMaxFibers) {
+    return bad(cudaErrorNotSupported, "cooperative grid too large to emulate (more than 16384 threads)");
+  }
   if (cooperative) {
     std::vector<Block*> all;
     for (const dim3& id : ids) all.push_back(make_block(id, grid, block, smem));
