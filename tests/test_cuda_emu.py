@@ -394,7 +394,8 @@ def test_emulator_delays_cp_async_until_the_wait(emu):
     assert status == 0 and out[0].isnan() and out[1].item() == 0.0
 
 
-def test_emulator_faults_past_the_end(emu, tmp_path):
+@pytest.mark.parametrize("which,kernel", [(5, "past_the_end"), (6, "past_the_shared_end")], ids=["global", "shared"])
+def test_emulator_faults_past_the_end(emu, which, kernel):
     import subprocess
     import sys
 
@@ -403,11 +404,11 @@ def test_emulator_faults_past_the_end(emu, tmp_path):
         "from cuda_emu.device import Emulator\n"
         "e = Emulator(ctypes.CDLL(%r))\n"
         "inp = e.put(torch.arange(32, dtype=torch.float32)); out = e.empty((64,), torch.float32)\n"
-        "e.lib.emu_selftest(5, ctypes.c_void_p(inp.data_ptr()), ctypes.c_void_p(out.data_ptr()), 32)\n"
-        % (str(Path(__file__).parent), emu.lib._name)
+        "e.lib.emu_selftest(%d, ctypes.c_void_p(inp.data_ptr()), ctypes.c_void_p(out.data_ptr()), 32)\n"
+        % (str(Path(__file__).parent), emu.lib._name, which)
     )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
-    assert proc.returncode != 0 and "emu: memory fault" in proc.stderr and "past_the_end" in proc.stderr
+    assert proc.returncode != 0 and "emu: memory fault" in proc.stderr and f"kernel {kernel}" in proc.stderr
 
 
 # -------------------------------------------------------------------------------------------

@@ -85,7 +85,7 @@ struct Block {
   Guarded dynamic;
   size_t dynamic_bytes = 0;
   size_t static_bytes = 0;
-  std::unordered_map<const void*, void*> statics;
+  std::unordered_map<const void*, Guarded> statics;
   int or_result = 0;
   std::vector<unsigned char> slots;  // [warp][parity][lane][16]
 };
@@ -339,7 +339,7 @@ Block* make_block(dim3 block_idx, dim3 grid, dim3 block, size_t smem) {
 
 void free_block(Block* b) {
   for (Fiber* f : b->fibers) delete f;
-  for (auto& kv : b->statics) std::free(kv.second);
+  for (auto& kv : b->statics) kv.second.release();
   b->dynamic.release();
   delete b;
 }
@@ -414,17 +414,17 @@ void* dynamic_smem() {
 void* block_static(const void* key, size_t bytes, size_t align) {
   Block* b = g_current->block;
   auto it = b->statics.find(key);
-  if (it != b->statics.end()) return it->second;
-  const size_t rounded = (bytes + align - 1) / align * align;
-  void* p = std::aligned_alloc(align, rounded);
-  std::memset(p, 0xff, rounded);
-  b->static_bytes += rounded;
+  if (it != b->statics.end()) return it->second.data;
+  // Its own guarded mapping, so an index past the end of a static array faults.
+  Guarded& g = b->statics[key];
+  g.allocate(bytes);
+  if (reinterpret_cast<uintptr_t>(g.data) % align != 0) trap("static shared variable alignment above 16");
+  b->static_bytes += (bytes + 15) / 16 * 16;
   if (b->static_bytes + b->dynamic_bytes > g_launch->smem_limit) {
     fail("static + dynamic shared memory over the kernel's limit (48 KB without the opt-in) in " +
          std::string(g_launch->name));
   }
-  b->statics.emplace(key, p);
-  return p;
+  return g.data;
 }
 
 [[noreturn]] void trap(const char* what) {

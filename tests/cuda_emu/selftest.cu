@@ -52,6 +52,13 @@ __global__ void cp_async_unwaited(const float* in, float* out) {
 // Reads one element past the end of its input.
 __global__ void past_the_end(const float* in, float* out, int n) { out[threadIdx.x] = in[n + threadIdx.x]; }
 
+// Writes one element past the end of a static shared array.
+__global__ void past_the_shared_end(float* out) {
+  __shared__ float s[32];
+  s[threadIdx.x + 1] = 1.0f;
+  out[threadIdx.x] = 0.0f;
+}
+
 }  // namespace
 
 extern "C" int emu_selftest(int which, const float* in, float* out, int n) {
@@ -62,6 +69,7 @@ extern "C" int emu_selftest(int which, const float* in, float* out, int n) {
     case 3: big_dynamic_smem<<<1, 32, 64 * 1024>>>(out); break;
     case 4: cp_async_unwaited<<<1, 32>>>(in, out); break;
     case 5: past_the_end<<<1, 32>>>(in, out, n); break;
+    case 6: past_the_shared_end<<<1, 32>>>(out); break;
     default: return -1;
   }
   return static_cast<int>(cudaGetLastError());
