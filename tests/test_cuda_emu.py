@@ -383,7 +383,8 @@ def test_emulator_exposes_a_missing_barrier(emu):
     assert a.isnan().any() and not torch.equal(a.nan_to_num(-1), b.nan_to_num(-1))
 
 
-@pytest.mark.parametrize("which", [1, 2, 3], ids=["divergent-barrier", "exited-lane", "shared-memory-limit"])
+@pytest.mark.parametrize("which", [1, 2, 3, 7],
+                         ids=["divergent-barrier", "exited-lane", "shared-memory-limit", "launch-bounds"])
 def test_emulator_reports_launch_failures(emu, which):
     status, _ = _selftest(emu, which)
     assert status != 0

@@ -1,9 +1,10 @@
 """Builds the CUDA kernels (csrc/kernels) for the CPU emulator (emu.h) and loads them.
 
-The kernel sources are copied with two rewrites that C++ needs: each launch
+The kernel sources are copied with the rewrites that C++ needs: each launch
 ``k<<<grid, block, smem, stream>>>(args)`` (and cudaLaunchCooperativeKernel) becomes a call
-of ``emu::launch`` with a lambda that runs ``k(args)`` as one thread, and each __shared__
-declaration becomes a reference to the running block's shared memory. Everything else is
+of ``emu::launch`` with a lambda that runs ``k(args)`` as one thread, each __shared__
+declaration becomes a reference to the running block's shared memory, and each
+__launch_bounds__ becomes a check of the block size on entry. Everything else is
 compiled as written, with the device branches of csrc/common (``__CUDA_ARCH__`` = 900).
 Needs g++ and the CUDA toolkit's headers (cuda_runtime.h, cuda_fp16.h, cuda_bf16.h); no GPU,
 no CUDA library.
@@ -122,6 +123,24 @@ def rewrite_launches(text: str) -> str:
     )
 
 
+def rewrite_launch_bounds(text: str) -> str:
+    """Each kernel's __launch_bounds__ becomes a check, on entry, that the block is no larger:
+    a GPU refuses such a launch."""
+    out, pos = [], 0
+    for m in re.finditer(r"__global__\s+void\s+__launch_bounds__\(", text):
+        if m.start() < pos:
+            continue
+        open_paren = m.end() - 1
+        close = _matching(text, open_paren, "(", ")")
+        max_threads = _split_top(text[open_paren + 1 : close - 1])[0]
+        body = text.index("{", close)
+        out.append(text[pos : m.start()] + "__global__ void" + text[close : body + 1])
+        out.append(f" ::emu::check_max_threads({max_threads});")
+        pos = body + 1
+    out.append(text[pos:])
+    return "".join(out)
+
+
 _EXTERN_SHARED = re.compile(r"extern\s+__shared__\s+(?:__align__\(\d+\)\s+)?([\w:<> ]+?)\s+(\w+)\s*\[\s*\]\s*;")
 _SHARED = re.compile(r"__shared__\s+(?:__align__\(\d+\)\s+)?([\w:<>, ]+?)\s+(\w+)\s*((?:\[[^\];]*\])+)\s*;")
 
@@ -164,7 +183,7 @@ def build(out_dir: Path, arch: int = 900, jobs: Optional[int] = None) -> Path:
         for f in (CSRC / sub).glob("*"):
             text = f.read_text()
             if sub == "kernels":
-                text = rewrite_shared(rewrite_launches(text))
+                text = rewrite_shared(rewrite_launches(rewrite_launch_bounds(text)))
             (tree / sub / f.name).write_text(text)
     flags = [
         "g++", "-std=c++17", "-O1", "-fPIC", "-ffp-contract=off", "-w",
@@ -173,7 +192,7 @@ def build(out_dir: Path, arch: int = 900, jobs: Optional[int] = None) -> Path:
     ]
     units = [(tree / "kernels" / f.name, True) for f in sorted((CSRC / "kernels").glob("*.cu"))]
     selftest = tree / "selftest.cu"
-    selftest.write_text(rewrite_shared(rewrite_launches((HERE / "selftest.cu").read_text())))
+    selftest.write_text(rewrite_shared(rewrite_launches(rewrite_launch_bounds((HERE / "selftest.cu").read_text()))))
     units.append((selftest, True))
     units += [(HERE / "emu_runtime.cpp", False), (HERE / "shim.cpp", False)]
 

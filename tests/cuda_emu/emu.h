@@ -85,6 +85,9 @@ T& shared_var(const void* key) {
 // Ends the running thread with a launch failure (device-side trap or assert).
 [[noreturn]] void trap(const char* what);
 
+// A kernel's __launch_bounds__ (build.py puts the call at the top of its body).
+inline void check_max_threads(long long max_threads);
+
 // Runs `body` as every thread of a grid. cooperative: all blocks at once (grid sync allowed).
 cudaError_t launch(const void* fn, const char* name, dim3 grid, dim3 block, size_t smem, bool cooperative,
                    std::function<void()> body);
@@ -116,6 +119,13 @@ void ldmatrix_x4(uint32_t (&r)[4], const void* smem, bool trans);
 void mma_16816(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2], bool bf16);
 
 }  // namespace emu
+
+inline void emu::check_max_threads(long long max_threads) {
+  const Thread* t = current();
+  if (static_cast<long long>(t->block_dim.x) * t->block_dim.y * t->block_dim.z > max_threads) {
+    trap("block larger than the kernel's __launch_bounds__");
+  }
+}
 
 #define threadIdx (::emu::current()->thread_idx)
 #define blockIdx (::emu::current()->block_idx)

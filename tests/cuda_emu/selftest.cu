@@ -59,6 +59,9 @@ __global__ void past_the_shared_end(float* out) {
   out[threadIdx.x] = 0.0f;
 }
 
+// Declares at most 64 threads per block.
+__global__ void __launch_bounds__(64) bounded(float* out) { out[threadIdx.x] = 1.0f; }
+
 }  // namespace
 
 extern "C" int emu_selftest(int which, const float* in, float* out, int n) {
@@ -70,6 +73,7 @@ extern "C" int emu_selftest(int which, const float* in, float* out, int n) {
     case 4: cp_async_unwaited<<<1, 32>>>(in, out); break;
     case 5: past_the_end<<<1, 32>>>(in, out, n); break;
     case 6: past_the_shared_end<<<1, 32>>>(out); break;
+    case 7: bounded<<<1, 128>>>(out); break;
     default: return -1;
   }
   return static_cast<int>(cudaGetLastError());
