@@ -473,3 +473,31 @@ def test_linear_cross_entropy_gradient_filtering(emu):
     filtered = emu.lce_backward(grad, None, lse, hidden, classifier, targets, filter_eps=2.0**-12)
     for x, y in zip(exact[:2], filtered[:2]):
         assert (x - y).abs().max().item() <= 2e-3 * x.abs().max().item()
+
+
+def test_linear_cross_entropy_backward_by_vocabulary_chunks(emu):
+    # What the CUDA glue does for d classifier: the vocabulary in chunks (each a shard with its
+    # vocab_start, the whole vocabulary's lse), d hidden summed over them.
+    g = torch.Generator().manual_seed(23)
+    tokens, vocab, dim = 70, 600, 48
+    hidden = torch.randn(tokens, dim, generator=g).to(torch.bfloat16)
+    classifier = torch.randn(vocab, dim, generator=g).to(torch.bfloat16)
+    bias = torch.randn(vocab, generator=g).to(torch.bfloat16)
+    targets = torch.randint(0, vocab, (tokens,), generator=g)
+    targets[::5] = -100
+    kw = {"softcap": 20.0, "label_smoothing": 0.1, "z_loss": 1e-3}
+    _, lse = emu.lce_forward(hidden, classifier, targets, bias, **kw)
+    grad_loss, grad_lse = torch.rand(tokens, generator=g), torch.rand(tokens, generator=g)
+    whole = emu.lce_backward(grad_loss, grad_lse, lse, hidden, classifier, targets, bias, **kw)
+    dh, dc, db = torch.zeros(tokens, dim), [], []
+    for start in range(0, vocab, 256):
+        rows = slice(start, min(vocab, start + 256))
+        part = emu.lce_backward(grad_loss, grad_lse, lse, hidden, classifier[rows], targets, bias[rows],
+                                vocab_start=start, vocab_total=vocab, **kw)
+        dh += part[0]
+        dc.append(part[1])
+        db.append(part[2])
+    for name, x, r in (("d hidden", dh, whole[0]), ("d classifier", torch.cat(dc), whole[1]),
+                       ("d bias", torch.cat(db), whole[2])):
+        err = (x - r).abs().max().item() / r.abs().max().item()
+        assert err <= 1e-5, f"{name}: chunks differ from the whole vocabulary by {err:.3g}"
