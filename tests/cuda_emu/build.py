@@ -127,22 +127,36 @@ def rewrite_launch_bounds(text: str) -> str:
     """Each kernel's __launch_bounds__ becomes a check, on entry, that the block is no larger:
     a GPU refuses such a launch."""
     out, pos = [], 0
-    for m in re.finditer(r"__global__\s+void\s+__launch_bounds__\(", text):
-        if m.start() < pos:
-            continue
+    code = _without_comments(text)
+    for m in re.finditer(r"__launch_bounds__\(", code):
         open_paren = m.end() - 1
-        close = _matching(text, open_paren, "(", ")")
-        max_threads = _split_top(text[open_paren + 1 : close - 1])[0]
-        body = text.index("{", close)
-        out.append(text[pos : m.start()] + "__global__ void" + text[close : body + 1])
+        close = _matching(code, open_paren, "(", ")")
+        max_threads = _split_top(code[open_paren + 1 : close - 1])[0]
+        body = code.index("{", close)  # the kernel's parameters hold no brace
+        out.append(text[pos : m.start()] + text[close : body + 1])
         out.append(f" ::emu::check_max_threads({max_threads});")
         pos = body + 1
     out.append(text[pos:])
     return "".join(out)
 
 
+def _without_comments(text: str) -> str:
+    """``text`` with comments blanked out (same length, so offsets still match)."""
+    blank = lambda m: re.sub(r"[^\n]", " ", m.group(0))  # noqa: E731
+    return re.sub(r"//[^\n]*|/\*.*?\*/", blank, text, flags=re.S)
+
+
+def check_rewritten(name: str, text: str) -> None:
+    """Fails the build on CUDA syntax a rewrite left behind (a form it does not know)."""
+    code = _without_comments(text)
+    for token in ("<<<", "__shared__", "__launch_bounds__", "cudaLaunchCooperativeKernel"):
+        if token in code:
+            line = code[: code.index(token)].count("\n") + 1
+            raise RuntimeError(f"emulator build: {name}:{line}: '{token}' in a form build.py does not rewrite")
+
+
 _EXTERN_SHARED = re.compile(r"extern\s+__shared__\s+(?:__align__\(\d+\)\s+)?([\w:<> ]+?)\s+(\w+)\s*\[\s*\]\s*;")
-_SHARED = re.compile(r"__shared__\s+(?:__align__\(\d+\)\s+)?([\w:<>, ]+?)\s+(\w+)\s*((?:\[[^\];]*\])+)\s*;")
+_SHARED = re.compile(r"__shared__\s+(?:__align__\(\d+\)\s+)?([\w:<>, ]+?)\s+(\w+)\s*((?:\[[^\];]*\])*)\s*;")
 
 
 def rewrite_shared(text: str) -> str:
@@ -184,15 +198,20 @@ def build(out_dir: Path, arch: int = 900, jobs: Optional[int] = None) -> Path:
             text = f.read_text()
             if sub == "kernels":
                 text = rewrite_shared(rewrite_launches(rewrite_launch_bounds(text)))
+                check_rewritten(f.name, text)
             (tree / sub / f.name).write_text(text)
     flags = [
+        # Misaligned accesses (a vector load from an address not aligned for it) abort with
+        # UBSan's report, as a GPU stops with a misaligned-address error.
         "g++", "-std=c++17", "-O1", "-fPIC", "-ffp-contract=off", "-w",
+        "-fsanitize=alignment", "-fno-sanitize-recover=alignment",
         f"-DFASTLOSS_EMU_ARCH={arch}", "-include", str(HERE / "emu.h"),
         "-I", str(HERE / "include"), "-I", str(tree), "-I", str(HERE), "-I", str(include),
     ]
     units = [(tree / "kernels" / f.name, True) for f in sorted((CSRC / "kernels").glob("*.cu"))]
     selftest = tree / "selftest.cu"
     selftest.write_text(rewrite_shared(rewrite_launches(rewrite_launch_bounds((HERE / "selftest.cu").read_text()))))
+    check_rewritten("selftest.cu", selftest.read_text())
     units.append((selftest, True))
     units += [(HERE / "emu_runtime.cpp", False), (HERE / "shim.cpp", False)]
 
@@ -212,7 +231,8 @@ def build(out_dir: Path, arch: int = 900, jobs: Optional[int] = None) -> Path:
             raise RuntimeError("\n".join(str(e) for e in errors))
         objects = [f.result() for f in futures]
     tmp = lib.with_suffix(".tmp")
-    proc = subprocess.run(["g++", "-shared", "-o", str(tmp)] + [str(o) for o in objects], capture_output=True, text=True)
+    proc = subprocess.run(["g++", "-shared", "-fsanitize=alignment", "-o", str(tmp)] + [str(o) for o in objects],
+                          capture_output=True, text=True)
     if proc.returncode != 0:
         raise RuntimeError(f"emulator link failed:\n{proc.stderr[-6000:]}")
     tmp.rename(lib)

@@ -6,8 +6,12 @@
 // barrier (__syncthreads, a warp collective, a grid sync) or returns. The scheduler releases a
 // barrier once every live thread of its scope (block, warp's mask, grid) waits there, and
 // reports a deadlock (threads of one scope waiting at different barriers) as a launch error.
-// Between barriers the threads run one after another, in increasing or (EMU_ORDER=reverse)
-// decreasing order, so a missing barrier shows up as results that differ between the orders.
+// A block runs warp after warp: each warp's threads one after another (warp collectives
+// complete as soon as the warp arrives) up to a __syncthreads, then the next warp; a
+// cooperative grid runs block after block up to each grid sync. The order is increasing or
+// (FASTLOSS_EMU_ORDER=reverse) decreasing, and in reverse order cp.async copies land at once
+// instead of at their wait, so a missing barrier shows up as results that differ between the
+// orders.
 // Shared memory and fresh outputs start filled with 0xff bytes (NaN, -1), so a read of
 // something never written is visible; dynamic shared memory ends at a guard page.
 //
@@ -69,8 +73,9 @@ void sync_grid();
 
 // Warp collective: deposits `bytes` (<= 16) of the calling lane, waits for the lanes of
 // `mask`, and returns the deposits of all 32 lanes (lane l's at offset 16 l), readable until
-// the calling lane's next collective.
-const unsigned char* warp_collect(unsigned mask, const void* mine, int bytes);
+// the calling lane's next collective. Lanes of one mask must call the same `kind`.
+enum Collective { kShuffle = 1, kVote, kSyncWarp, kLdmatrix, kMmaA, kMmaB };
+const unsigned char* warp_collect(unsigned mask, const void* mine, int bytes, int kind);
 int warp_lane();
 
 // Dynamic shared memory of the running block, and a block's static __shared__ variable (one
@@ -143,41 +148,44 @@ inline void __threadfence_block() {}
 [[noreturn]] inline void __trap() { ::emu::trap("__trap()"); }
 
 namespace emu {
+// shfl.sync's rule (PTX ISA): lanes form segments of `width`; a source lane past the end of the
+// caller's segment (or before its start, for up) gives the caller its own value; a source lane
+// outside the mask is an error here (undefined on a GPU).
 template <typename T>
-inline T shuffle(unsigned mask, T v, int src) {
+inline T shuffle(unsigned mask, T v, int src, bool valid) {
   static_assert(sizeof(T) <= 16, "warp shuffles move at most 16 bytes");
-  const unsigned char* all = warp_collect(mask, &v, sizeof(T));
-  if (src < 0) return v;
+  const unsigned char* all = warp_collect(mask, &v, sizeof(T), kShuffle);
+  if (!valid) return v;
+  if (!(mask >> src & 1u)) trap("shuffle from a lane outside the mask");
   T r;
   std::memcpy(&r, all + 16 * src, sizeof(T));
   return r;
 }
+inline int segment_start(int width) { return warp_lane() & ~(width - 1) & 31; }
 }  // namespace emu
 
 template <typename T>
 inline T __shfl_xor_sync(unsigned mask, T v, int lane_mask, int width = 32) {
-  const int lane = ::emu::warp_lane();
-  const int src = lane ^ lane_mask;
-  return ::emu::shuffle(mask, v, src / width == lane / width ? src : -1);
+  const int src = ::emu::warp_lane() ^ (lane_mask & 31);
+  return ::emu::shuffle(mask, v, src, src <= (::emu::segment_start(width) | (width - 1)));
 }
 template <typename T>
 inline T __shfl_down_sync(unsigned mask, T v, unsigned delta, int width = 32) {
-  const int lane = ::emu::warp_lane();
-  return ::emu::shuffle(mask, v, lane % width + static_cast<int>(delta) < width ? lane + static_cast<int>(delta) : -1);
+  const int src = ::emu::warp_lane() + static_cast<int>(delta & 31);
+  return ::emu::shuffle(mask, v, src, src <= (::emu::segment_start(width) | (width - 1)));
 }
 template <typename T>
 inline T __shfl_up_sync(unsigned mask, T v, unsigned delta, int width = 32) {
-  const int lane = ::emu::warp_lane();
-  return ::emu::shuffle(mask, v, lane % width >= static_cast<int>(delta) ? lane - static_cast<int>(delta) : -1);
+  const int src = ::emu::warp_lane() - static_cast<int>(delta & 31);
+  return ::emu::shuffle(mask, v, src, src >= ::emu::segment_start(width));
 }
 template <typename T>
 inline T __shfl_sync(unsigned mask, T v, int src_lane, int width = 32) {
-  const int lane = ::emu::warp_lane();
-  return ::emu::shuffle(mask, v, (lane / width) * width + (src_lane % width));
+  return ::emu::shuffle(mask, v, ::emu::segment_start(width) | (src_lane & (width - 1)), true);
 }
 inline unsigned __ballot_sync(unsigned mask, int p) {
   const int mine = p != 0;
-  const unsigned char* all = ::emu::warp_collect(mask, &mine, sizeof mine);
+  const unsigned char* all = ::emu::warp_collect(mask, &mine, sizeof mine, ::emu::kVote);
   unsigned result = 0;
   for (int l = 0; l < 32; ++l) {
     int v;
@@ -210,12 +218,17 @@ using std::pow;
 using std::rint;
 using std::sqrt;
 using std::tanh;
+// Floating-point min/max drop a NaN argument, as CUDA's fminf/fmaxf.
 template <typename A, typename B>
 inline std::common_type_t<A, B> min(A a, B b) {
+  using C = std::common_type_t<A, B>;
+  if constexpr (std::is_floating_point_v<C>) return std::fmin(C(a), C(b));
   return b < a ? b : a;
 }
 template <typename A, typename B>
 inline std::common_type_t<A, B> max(A a, B b) {
+  using C = std::common_type_t<A, B>;
+  if constexpr (std::is_floating_point_v<C>) return std::fmax(C(a), C(b));
   return a < b ? b : a;
 }
 

@@ -46,7 +46,7 @@ struct Guarded {
     }
     mprotect(static_cast<unsigned char*>(map) + body, page, PROT_NONE);
     data = static_cast<unsigned char*>(map) + body - ((bytes + 15) / 16 * 16);
-    std::memset(data, 0xff, (bytes + 15) / 16 * 16);
+    std::memset(map, 0xff, body);  // below the data too: a negative index reads the fill
   }
   void release() {
     if (map != nullptr) munmap(map, map_bytes);
@@ -58,6 +58,7 @@ struct Copy {
   void* dst;
   const void* src;
   int bytes;
+  bool done;
 };
 
 struct Block;
@@ -75,7 +76,8 @@ struct Fiber {
   Wait wait = Wait::None;
   unsigned mask = 0;
   int pred = 0;
-  uint64_t collectives = 0;
+  int kind = 0;   // the warp collective waited at (emu.h's Collective)
+  int bytes = 0;  // and the bytes each lane gives it
   std::vector<std::vector<Copy>> cp_groups;  // committed, oldest first
   std::vector<Copy> cp_open;
 };
@@ -88,6 +90,7 @@ struct Block {
   std::unordered_map<const void*, Guarded> statics;
   int or_result = 0;
   std::vector<unsigned char> slots;  // [warp][parity][lane][16]
+  std::vector<uint64_t> warp_releases;  // per warp: collectives completed (the slots' parity)
 };
 
 struct Launch {
@@ -165,7 +168,7 @@ void on_segv(int sig, siginfo_t* info, void*) {
   char msg[512];
   int n = 0;
   if (g_launch != nullptr && g_current != nullptr) {
-    n = std::snprintf(msg, sizeof msg, "\nemu: memory fault at %p in kernel %s, %s\n", info->si_addr, g_launch->name,
+    n = std::snprintf(msg, sizeof msg, "\nemu: memory fault in kernel %s at %p, %s\n", g_launch->name, info->si_addr,
                       where(g_current).c_str());
   } else {
     n = std::snprintf(msg, sizeof msg, "\nemu: memory fault at %p outside a kernel\n", info->si_addr);
@@ -190,131 +193,160 @@ void install_fault_report() {
   sigaction(SIGSEGV, &sa, &g_previous_segv);
 }
 
-// Releases every barrier whose scope has arrived; false when none could be released.
-bool release(std::vector<Block*>& blocks, bool cooperative, size_t* live_total) {
-  bool released = false;
-  size_t live_all = 0, at_grid = 0;
-  for (Block* b : blocks) {
-    size_t live = 0, at_block = 0;
+// Warp w's collective, if every lane of its mask has arrived: 1 released, 0 not (yet), -1 a
+// failure (recorded).
+int release_warp(Block* b, size_t w0) {
+  const size_t threads = b->fibers.size();
+  Fiber* first = nullptr;
+  for (size_t l = w0; l < std::min(threads, w0 + 32); ++l) {
+    Fiber* f = b->fibers[l];
+    if (!f->done && f->waiting && f->wait == Wait::Warp) {
+      first = f;
+      break;
+    }
+  }
+  if (first == nullptr) return 0;
+  for (int l = 0; l < 32; ++l) {
+    if (!(first->mask >> l & 1u)) continue;
+    if (w0 + l >= threads) {
+      fail("warp collective whose mask names lanes past the block's threads at " + where(first));
+      return -1;
+    }
+    Fiber* f = b->fibers[w0 + l];
+    if (f->done) {
+      fail("warp collective whose mask names an exited lane at " + where(first));
+      return -1;
+    }
+    if (!f->waiting || f->wait != Wait::Warp) return 0;
+    if (f->mask != first->mask || f->kind != first->kind || f->bytes != first->bytes) {
+      fail("lanes of one mask at different warp collectives (masks, intrinsics or sizes differ) at " + where(first));
+      return -1;
+    }
+  }
+  for (int l = 0; l < 32; ++l) {
+    if (first->mask >> l & 1u) b->fibers[w0 + l]->waiting = false;
+  }
+  ++b->warp_releases[w0 / 32];
+  return 1;
+}
+
+template <typename T>
+std::vector<T> in_order(std::vector<T> v) {
+  if (g_reverse) std::reverse(v.begin(), v.end());
+  return v;
+}
+
+// Runs one warp until each of its live lanes waits at a block or grid barrier (or at a warp
+// collective that cannot complete): a warp collective releases as soon as its lanes arrive, so
+// the other warps do not move in between (a missing barrier between warps shows up as a
+// difference between the thread orders).
+bool run_warp(Block* b, size_t w0) {
+  std::vector<Fiber*> lanes(b->fibers.begin() + w0, b->fibers.begin() + std::min(b->fibers.size(), w0 + 32));
+  lanes = in_order(lanes);
+  while (true) {
+    for (Fiber* f : lanes) {
+      if (f->done || f->waiting) continue;
+      g_current = f;
+      swapcontext(&g_scheduler, &f->ctx);
+      g_current = nullptr;
+      if (g_launch->failed) return false;
+    }
+    const int r = release_warp(b, w0);
+    if (r < 0) return false;
+    if (r == 0) return true;
+  }
+}
+
+std::string deadlock_report(const Block* b) {
+  size_t counts[4] = {0, 0, 0, 0};
+  const Fiber* example[4] = {nullptr, nullptr, nullptr, nullptr};
+  for (const Fiber* f : b->fibers) {
+    if (f->done || !f->waiting) continue;
+    const int k = static_cast<int>(f->wait);
+    ++counts[k];
+    if (example[k] == nullptr) example[k] = f;
+  }
+  std::string s = "deadlock: threads wait at different barriers (";
+  s += std::to_string(counts[1]) + " at __syncthreads, " + std::to_string(counts[2]) + " at warp collectives, " +
+       std::to_string(counts[3]) + " at grid sync)";
+  for (int k = 1; k < 4; ++k) {
+    if (example[k] != nullptr) s += "; e.g. " + where(example[k]);
+  }
+  return s;
+}
+
+// Runs one block, warp after warp, releasing its __syncthreads, until every live thread waits
+// at a grid sync or has returned.
+bool run_block(Block* b) {
+  std::vector<size_t> warps;
+  for (size_t w0 = 0; w0 < b->fibers.size(); w0 += 32) warps.push_back(w0);
+  warps = in_order(warps);
+  while (true) {
+    for (size_t w0 : warps) {
+      if (!run_warp(b, w0)) return false;
+    }
+    size_t live = 0, at_block = 0, at_grid = 0;
     int any = 0;
-    for (Fiber* f : b->fibers) {
+    for (const Fiber* f : b->fibers) {
       if (f->done) continue;
       ++live;
       if (f->waiting && f->wait == Wait::Block) {
         ++at_block;
         any |= f->pred;
       }
-      if (f->waiting && f->wait == Wait::Grid) ++at_grid;
+      at_grid += f->waiting && f->wait == Wait::Grid;
     }
-    live_all += live;
-    if (live > 0 && at_block == live) {
+    if (live == 0 || at_grid == live) return true;
+    if (at_block == live) {
       b->or_result = any;
       for (Fiber* f : b->fibers) f->waiting = false;
-      released = true;
       continue;
     }
-    // Warp collectives: every lane of the mask waits at one (with the same count so far).
-    const size_t threads = b->fibers.size();
-    for (size_t w0 = 0; w0 < threads; w0 += 32) {
-      Fiber* first = nullptr;
-      for (size_t l = w0; l < std::min(threads, w0 + 32); ++l) {
-        Fiber* f = b->fibers[l];
-        if (!f->done && f->waiting && f->wait == Wait::Warp) {
-          first = f;
-          break;
-        }
-      }
-      if (first == nullptr) continue;
-      bool complete = true;
-      for (int l = 0; l < 32; ++l) {
-        if (!(first->mask >> l & 1u)) continue;
-        if (w0 + l >= threads) {
-          fail("warp collective whose mask names lanes past the block's threads at " + where(first));
-          return false;
-        }
-        Fiber* f = b->fibers[w0 + l];
-        if (f->done) {
-          fail("warp collective whose mask names an exited lane at " + where(first));
-          return false;
-        }
-        if (!f->waiting || f->wait != Wait::Warp) {
-          complete = false;
-          break;
-        }
-        if (f->mask != first->mask || f->collectives != first->collectives) {
-          fail("warp collectives out of step (different masks or counts) at " + where(first));
-          return false;
-        }
-      }
-      if (!complete) continue;
-      for (int l = 0; l < 32; ++l) {
-        if (first->mask >> l & 1u) b->fibers[w0 + l]->waiting = false;
-      }
-      released = true;
+    fail(deadlock_report(b));
+    return false;
+  }
+}
+
+// Runs the given blocks' threads to completion (or to a failure). A cooperative grid runs
+// block after block up to each grid sync.
+void run(std::vector<Block*>& blocks, bool cooperative) {
+  size_t index = 0;
+  for (Block* b : blocks) {
+    for (Fiber* f : b->fibers) {
+      void* stack = take_stack(index++);
+      getcontext(&f->ctx);
+      f->ctx.uc_stack.ss_sp = static_cast<unsigned char*>(stack) + page_size();
+      f->ctx.uc_stack.ss_size = g_stack_bytes;
+      f->ctx.uc_link = nullptr;
+      const auto p = reinterpret_cast<uintptr_t>(f);
+      makecontext(&f->ctx, reinterpret_cast<void (*)()>(fiber_entry), 2, static_cast<unsigned>(p >> 32),
+                  static_cast<unsigned>(p & 0xffffffffu));
     }
   }
-  if (!released && cooperative && live_all > 0 && at_grid == live_all) {
+  const std::vector<Block*> order = in_order(blocks);
+  while (true) {
+    for (Block* b : order) {
+      if (!run_block(b)) return;
+    }
+    size_t live = 0;
+    for (const Block* b : blocks) {
+      for (const Fiber* f : b->fibers) live += !f->done;
+    }
+    if (live == 0) return;
+    if (!cooperative) {
+      fail("grid sync outside a cooperative launch");
+      return;
+    }
+    // Cooperative groups' grid sync waits for thread 0 of every block of the grid.
+    for (const Block* b : blocks) {
+      if (b->fibers[0]->done) {
+        fail("grid sync after thread 0 of a block returned (a GPU waits for it forever), " + where(b->fibers[0]));
+        return;
+      }
+    }
     for (Block* b : blocks) {
       for (Fiber* f : b->fibers) f->waiting = false;
     }
-    released = true;
-  }
-  *live_total = live_all;
-  return released;
-}
-
-std::string deadlock_report(const std::vector<Block*>& blocks) {
-  for (const Block* b : blocks) {
-    size_t counts[4] = {0, 0, 0, 0};
-    const Fiber* example[4] = {nullptr, nullptr, nullptr, nullptr};
-    for (const Fiber* f : b->fibers) {
-      if (f->done || !f->waiting) continue;
-      const int k = static_cast<int>(f->wait);
-      ++counts[k];
-      if (example[k] == nullptr) example[k] = f;
-    }
-    const size_t kinds = (counts[1] > 0) + (counts[2] > 0) + (counts[3] > 0);
-    if (kinds > 1 || counts[2] > 0) {
-      std::string s = "deadlock: threads wait at different barriers (";
-      s += std::to_string(counts[1]) + " at __syncthreads, " + std::to_string(counts[2]) + " at warp collectives, " +
-           std::to_string(counts[3]) + " at grid sync)";
-      for (int k = 1; k < 4; ++k) {
-        if (example[k] != nullptr) s += "; e.g. " + where(example[k]);
-      }
-      return s;
-    }
-  }
-  return "deadlock: a grid sync outside a cooperative launch, or barriers that never complete";
-}
-
-// Runs the given blocks' threads to completion (or to a failure).
-void run(std::vector<Block*>& blocks, bool cooperative) {
-  std::vector<Fiber*> order;
-  for (Block* b : blocks) order.insert(order.end(), b->fibers.begin(), b->fibers.end());
-  if (g_reverse) std::reverse(order.begin(), order.end());
-  for (size_t i = 0; i < order.size(); ++i) {
-    Fiber* f = order[i];
-    void* stack = take_stack(i);
-    getcontext(&f->ctx);
-    f->ctx.uc_stack.ss_sp = static_cast<unsigned char*>(stack) + page_size();
-    f->ctx.uc_stack.ss_size = g_stack_bytes;
-    f->ctx.uc_link = nullptr;
-    const auto p = reinterpret_cast<uintptr_t>(f);
-    makecontext(&f->ctx, reinterpret_cast<void (*)()>(fiber_entry), 2, static_cast<unsigned>(p >> 32),
-                static_cast<unsigned>(p & 0xffffffffu));
-  }
-  while (!g_launch->failed) {
-    for (Fiber* f : order) {
-      if (f->done || f->waiting) continue;
-      g_current = f;
-      swapcontext(&g_scheduler, &f->ctx);
-      g_current = nullptr;
-      if (g_launch->failed) return;
-    }
-    size_t live = 0;
-    if (release(blocks, cooperative, &live)) continue;
-    if (g_launch->failed || live == 0) return;
-    fail(deadlock_report(blocks));
   }
 }
 
@@ -324,6 +356,7 @@ Block* make_block(dim3 block_idx, dim3 grid, dim3 block, size_t smem) {
   b->dynamic_bytes = smem;
   if (smem > 0) b->dynamic.allocate(smem);
   b->slots.assign(size_t((threads + 31) / 32) * 2 * 32 * 16, 0xff);
+  b->warp_releases.assign((threads + 31) / 32, 0);
   for (unsigned i = 0; i < threads; ++i) {
     Fiber* f = new Fiber;
     f->linear = static_cast<int>(i);
@@ -344,11 +377,11 @@ void free_block(Block* b) {
   delete b;
 }
 
-void run_cp_group(std::vector<Copy>& group) {
-  for (const Copy& c : group) {
-    std::memset(c.dst, 0, 16);
-    if (c.bytes > 0) std::memcpy(c.dst, c.src, static_cast<size_t>(c.bytes));
-  }
+void run_copy(Copy& c) {
+  if (c.done) return;
+  std::memset(c.dst, 0, 16);
+  if (c.bytes > 0) std::memcpy(c.dst, c.src, static_cast<size_t>(c.bytes));
+  c.done = true;
 }
 
 float half_bits_to_float(uint16_t bits, bool bf16) {
@@ -382,19 +415,20 @@ int sync_block_or(int predicate) {
 
 void sync_grid() { wait(Wait::Grid, 0); }
 
-void sync_warp(unsigned mask) {
-  ++g_current->collectives;
-  wait(Wait::Warp, mask);
-}
+void sync_warp(unsigned mask) { warp_collect(mask, nullptr, 0, kSyncWarp); }
 
-const unsigned char* warp_collect(unsigned mask, const void* mine, int bytes) {
+const unsigned char* warp_collect(unsigned mask, const void* mine, int bytes, int kind) {
   Fiber* f = g_current;
   Block* b = f->block;
   const int warp = f->linear / 32, lane = f->linear % 32;
-  const int parity = static_cast<int>(f->collectives & 1u);
+  if (!(mask >> lane & 1u)) trap("warp collective whose mask leaves out the calling lane");
+  // Every lane of one collective deposits before it completes, so all see the same count; the
+  // other buffer serves the next collective while lanes may still read this one.
+  const int parity = static_cast<int>(b->warp_releases[warp] & 1u);
   unsigned char* base = b->slots.data() + (size_t(warp) * 2 + parity) * 32 * 16;
-  std::memcpy(base + 16 * lane, mine, static_cast<size_t>(bytes));
-  ++f->collectives;
+  if (bytes > 0) std::memcpy(base + 16 * lane, mine, static_cast<size_t>(bytes));
+  f->kind = kind;
+  f->bytes = bytes;
   wait(Wait::Warp, mask);
   return base;
 }
@@ -459,7 +493,8 @@ cudaError_t launch(const void* fn, const char* name, dim3 grid, dim3 block, size
       return bad(cudaErrorCooperativeLaunchTooLarge, "cooperative grid larger than the resident blocks");
     }
   }
-  if (const char* order = std::getenv("FASTLOSS_EMU_ORDER")) g_reverse = std::strcmp(order, "reverse") == 0;
+  const char* order = std::getenv("FASTLOSS_EMU_ORDER");
+  g_reverse = order != nullptr && std::strcmp(order, "reverse") == 0;
   if (std::getenv("FASTLOSS_EMU_TRACE") != nullptr) {
     std::fprintf(stderr, "emu: %s<<<(%u,%u,%u), (%u,%u,%u), %zu>>>%s\n", name, grid.x, grid.y, grid.z, block.x, block.y,
                  block.z, smem, cooperative ? " cooperative" : "");
@@ -507,7 +542,11 @@ void cp_async16(void* smem, const void* gmem, int src_bytes) {
     trap("cp.async with an address not 16-byte aligned");
   }
   if (src_bytes < 0 || src_bytes > 16) trap("cp.async with src_bytes outside [0, 16]");
-  g_current->cp_open.push_back(Copy{smem, gmem, src_bytes});
+  // Forward order: the copy lands at the wait that retires it (a read before the wait sees
+  // the fill); reverse order: at once (a write to its destination before the wait, or a read
+  // of the source after the issue that should not see it, differs between the orders).
+  g_current->cp_open.push_back(Copy{smem, gmem, src_bytes, false});
+  if (g_reverse) run_copy(g_current->cp_open.back());
 }
 
 void cp_async_commit() {
@@ -519,14 +558,14 @@ void cp_async_commit() {
 void cp_async_wait(int pending) {
   Fiber* f = g_current;
   while (static_cast<int>(f->cp_groups.size()) > pending) {
-    run_cp_group(f->cp_groups.front());
+    for (Copy& c : f->cp_groups.front()) run_copy(c);
     f->cp_groups.erase(f->cp_groups.begin());
   }
 }
 
 void ldmatrix_x4(uint32_t (&r)[4], const void* smem, bool trans) {
   if (reinterpret_cast<uintptr_t>(smem) % 16 != 0) trap("ldmatrix row address not 16-byte aligned");
-  const unsigned char* all = warp_collect(0xffffffffu, &smem, sizeof smem);
+  const unsigned char* all = warp_collect(0xffffffffu, &smem, sizeof smem, kLdmatrix);
   const int lane = warp_lane();
   for (int j = 0; j < 4; ++j) {
     uint16_t v[2];
@@ -543,7 +582,7 @@ void ldmatrix_x4(uint32_t (&r)[4], const void* smem, bool trans) {
 }
 
 void mma_16816(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2], bool bf16) {
-  const unsigned char* all_a = warp_collect(0xffffffffu, a, 16);
+  const unsigned char* all_a = warp_collect(0xffffffffu, a, 16, kMmaA);
   float A[16][16], B[16][8];
   for (int l = 0; l < 32; ++l) {
     uint32_t r[4];
@@ -556,7 +595,7 @@ void mma_16816(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2], bo
       A[g + 8][2 * q + 8 + h] = half_bits_to_float(uint16_t(r[3] >> (16 * h)), bf16);
     }
   }
-  const unsigned char* all_b = warp_collect(0xffffffffu, b, 8);
+  const unsigned char* all_b = warp_collect(0xffffffffu, b, 8, kMmaB);
   for (int l = 0; l < 32; ++l) {
     uint32_t r[2];
     std::memcpy(r, all_b + 16 * l, 8);
@@ -569,9 +608,11 @@ void mma_16816(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2], bo
   const int lane = warp_lane(), g = lane / 4, q = lane % 4;
   for (int i = 0; i < 4; ++i) {
     const int row = g + 8 * (i / 2), col = 2 * q + (i % 2);
-    double acc = d[i];
-    for (int k = 0; k < 16; ++k) acc += double(A[row][k]) * double(B[k][col]);
-    d[i] = static_cast<float>(acc);
+    // Products of 16-bit values are exact in float; the sum is rounded at every step, as the
+    // hardware's float accumulation is (it truncates; this rounds to nearest).
+    float acc = d[i];
+    for (int k = 0; k < 16; ++k) acc += A[row][k] * B[k][col];
+    d[i] = acc;
   }
 }
 
