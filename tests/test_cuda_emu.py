@@ -510,3 +510,24 @@ def test_linear_cross_entropy_backward_by_vocabulary_chunks(emu):
                        ("d bias", torch.cat(db), whole[2])):
         err = (x - r).abs().max().item() / r.abs().max().item()
         assert err <= 1e-5, f"{name}: chunks differ from the whole vocabulary by {err:.3g}"
+
+
+@pytest.mark.parametrize("batch,n,m", [(4, 30, 40), (1, 300, 260)], ids=["block", "grid"])
+@pytest.mark.parametrize("norm", [2, 0], ids=["l2", "inf"])
+def test_sinkhorn_edge_cases(emu, batch, n, m, norm):
+    # Zero-mass rows (one padded with +inf costs) and columns, a small eps, the other error norms.
+    g = torch.Generator().manual_seed(n + norm)
+    cost = torch.rand(batch, n, m, generator=g, dtype=torch.float64)
+    a = torch.rand(batch, n, generator=g, dtype=torch.float64) + 0.1
+    b = torch.rand(batch, m, generator=g, dtype=torch.float64) + 0.1
+    a[:, 2] = 0
+    b[:, 5] = 0
+    cost[:, 2, :] = float("inf")
+    cost[:, 7, 3] = float("inf")
+    a, b = a / a.sum(-1, keepdim=True), b / b.sum(-1, keepdim=True)
+    eps, tol = 0.01, 1e-9
+    got = both_orders(lambda: emu.sinkhorn(cost, a, b, eps, 3000, tol, 2.220446049250313e-16 ** 0.5, norm))
+    ref = OPS.sinkhorn(cost, a, b, eps, 3000, tol, {2: 2.0, 0: float("inf")}[norm])
+    assert (got[4] - ref[4]).abs().max().item() <= max(2, 0.02 * ref[4].max().item()), "iterations"
+    for name, x, y in zip(("plan", "alpha", "beta", "value"), got, ref):
+        near(x, y, 1e-8, name)
