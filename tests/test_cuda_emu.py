@@ -8,13 +8,17 @@ It checks what the kernels compute, not how fast; it needs g++ and the CUDA head
 
 from __future__ import annotations
 
+import ctypes
 import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 
+import fastloss  # noqa: F401  (registers the CPU ops the emulated kernels are compared with)
 from cuda_emu import build
 from cuda_emu.device import Emulator, schedule
 
@@ -145,8 +149,6 @@ def test_softmax_special_rows(emu):
 # -------------------------------------------------------------------------------------------
 # stat_topk and the fused gelu-mul: on-chip rows, rows split into chunks across blocks, strided
 # columns; against the CPU kernels (tested against float64 references in test_stat_topk.py).
-
-import fastloss  # noqa: E402  (registers the CPU ops)
 
 OPS = torch.ops.fastloss
 STAT_TOL = {torch.float32: 2e-5, torch.float64: 1e-12, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
@@ -302,6 +304,14 @@ def test_sinkhorn(emu, batch, n, m, dtype):
 # fragment layouts), against float64 on the same half-precision inputs.
 
 
+def lce_inputs(seed, tokens, vocab, dim, scale=1.0):
+    """bfloat16 hidden (tokens, dim) and classifier (vocab, dim), int64 targets."""
+    g = torch.Generator().manual_seed(seed)
+    hidden = (torch.randn(tokens, dim, generator=g) * scale).to(torch.bfloat16)
+    classifier = (torch.randn(vocab, dim, generator=g) * scale).to(torch.bfloat16)
+    return hidden, classifier, torch.randint(0, vocab, (tokens,), generator=g), g
+
+
 def lce_reference(hidden, classifier, targets, bias, ignore_index, softcap, label_smoothing, z_loss):
     h, c = hidden.double().requires_grad_(), classifier.double().requires_grad_()
     b = bias.double().requires_grad_() if bias is not None else None
@@ -349,17 +359,12 @@ def test_linear_cross_entropy(emu, tokens, vocab, dim, dtype, options):
 
 
 def test_linear_cross_entropy_shard(emu):
-    g = torch.Generator().manual_seed(9)
-    tokens, vocab, dim = 40, 500, 32
-    hidden = torch.randn(tokens, dim, generator=g).to(torch.bfloat16)
-    classifier = torch.randn(vocab, dim, generator=g).to(torch.bfloat16)
-    targets = torch.randint(0, vocab, (tokens,), generator=g)
-    lse, _ = emu.lce_forward(hidden, classifier, targets)
-    parts = [emu.lce_forward(hidden, classifier[s:s + 200], targets, shard=True, vocab_start=s, vocab_total=vocab)
+    hidden, classifier, targets, _ = lce_inputs(9, 40, 500, 32)
+    loss, lse = emu.lce_forward(hidden, classifier, targets)
+    parts = [emu.lce_forward(hidden, classifier[s:s + 200], targets, shard=True, vocab_start=s, vocab_total=500)
              for s in (0, 200, 400)]
-    near(torch.stack([p[0] for p in parts]).logsumexp(0), _, 2e-6, "lse from shards")
-    linear = sum(p[1] for p in parts)
-    near(_ + linear, lse, 2e-6, "loss from shards")
+    near(torch.stack([p[0] for p in parts]).logsumexp(0), lse, 2e-6, "lse from shards")
+    near(lse + sum(p[1] for p in parts), loss, 2e-6, "loss from shards")
 
 
 # -------------------------------------------------------------------------------------------
@@ -369,8 +374,6 @@ def test_linear_cross_entropy_shard(emu):
 def _selftest(emu, which, n=32):
     inp = emu.put(torch.arange(n, dtype=torch.float32))
     out = emu.empty((64,), torch.float32)
-    import ctypes
-
     status = emu.lib.emu_selftest(which, ctypes.c_void_p(inp.data_ptr()), ctypes.c_void_p(out.data_ptr()), n)
     return status, out.clone()
 
@@ -406,9 +409,6 @@ def test_emulator_delays_cp_async_until_the_wait(emu):
                                           (6, "emu: memory fault in kernel past_the_shared_end"),
                                           (13, "misaligned address")], ids=["global", "shared", "misaligned"])
 def test_emulator_faults(emu, which, report):
-    import subprocess
-    import sys
-
     code = (
         "import sys, ctypes, torch; sys.path.insert(0, %r)\n"
         "from cuda_emu.device import Emulator\n"
@@ -440,20 +440,15 @@ def test_plans_for_other_sm_counts(emu, other_device):
         a, b = torch.full((1, 300), 1 / 300), torch.full((1, 260), 1 / 260)
         got = emu.sinkhorn(cost, a, b, 0.05, 2000, 1e-5, 1.1920928955078125e-07 ** 0.5)
         near(got[3], OPS.sinkhorn(cost, a, b, 0.05, 2000, 1e-5, 1.0)[3], 1e-4, "sinkhorn value")
-    hidden = torch.randn(300, 64, generator=g).to(torch.bfloat16)
-    classifier = torch.randn(700, 64, generator=g).to(torch.bfloat16)
-    targets = torch.randint(0, 700, (300,), generator=g)
+    hidden, classifier, targets, _ = lce_inputs(other_device, 300, 700, 64)
     loss, lse = emu.lce_forward(hidden, classifier, targets)
     rloss, rlse, _ = lce_reference(hidden, classifier, targets, None, -100, None, 0.0, 0.0)
     near(lse, rlse.detach(), 2e-6, "lce lse")
 
 
 def test_linear_cross_entropy_targets(emu):
-    g = torch.Generator().manual_seed(21)
-    tokens, vocab, dim = 50, 300, 32
-    hidden = torch.randn(tokens, dim, generator=g).to(torch.bfloat16)
-    classifier = torch.randn(vocab, dim, generator=g).to(torch.bfloat16)
-    targets = torch.randint(0, vocab, (tokens,), generator=g)
+    tokens, vocab = 50, 300
+    hidden, classifier, targets, _ = lce_inputs(21, tokens, vocab, 32)
     targets[3], targets[4], targets[5] = vocab, -1, -100  # out of range (twice), ignored
     loss, lse = emu.lce_forward(hidden, classifier, targets)
     assert loss[3:5].isnan().all() and lse[3:5].isnan().all(), "out-of-range targets give NaN"
@@ -471,11 +466,8 @@ def test_linear_cross_entropy_targets(emu):
 
 
 def test_linear_cross_entropy_gradient_filtering(emu):
-    g = torch.Generator().manual_seed(22)
-    tokens, vocab, dim = 200, 900, 64
-    hidden = (torch.randn(tokens, dim, generator=g) * 2).to(torch.bfloat16)
-    classifier = (torch.randn(vocab, dim, generator=g) * 2).to(torch.bfloat16)
-    targets = torch.randint(0, vocab, (tokens,), generator=g)
+    tokens = 200
+    hidden, classifier, targets, _ = lce_inputs(22, tokens, 900, 64, scale=2.0)
     loss, lse = emu.lce_forward(hidden, classifier, targets)
     grad = torch.ones(tokens)
     exact = emu.lce_backward(grad, None, lse, hidden, classifier, targets)
@@ -487,12 +479,9 @@ def test_linear_cross_entropy_gradient_filtering(emu):
 def test_linear_cross_entropy_backward_by_vocabulary_chunks(emu):
     # What the CUDA glue does for d classifier: the vocabulary in chunks (each a shard with its
     # vocab_start, the whole vocabulary's lse), d hidden summed over them.
-    g = torch.Generator().manual_seed(23)
     tokens, vocab, dim = 70, 600, 48
-    hidden = torch.randn(tokens, dim, generator=g).to(torch.bfloat16)
-    classifier = torch.randn(vocab, dim, generator=g).to(torch.bfloat16)
+    hidden, classifier, targets, g = lce_inputs(23, tokens, vocab, dim)
     bias = torch.randn(vocab, generator=g).to(torch.bfloat16)
-    targets = torch.randint(0, vocab, (tokens,), generator=g)
     targets[::5] = -100
     kw = {"softcap": 20.0, "label_smoothing": 0.1, "z_loss": 1e-3}
     _, lse = emu.lce_forward(hidden, classifier, targets, bias, **kw)
