@@ -340,6 +340,7 @@ def test_linear_cross_entropy(emu, tokens, vocab, dim, dtype, options):
     targets = torch.randint(0, vocab, (tokens,), generator=g)
     targets[::3] = -100
     kw = {k: v for k, v in options.items() if k != "bias"}
+    emu.ldmatrix_stats(reset=True)
     loss, lse = emu.lce_forward(hidden, classifier, targets, bias, **kw)
     rloss, rlse, (h, c, b) = lce_reference(hidden, classifier, targets, bias, -100, kw.get("softcap"),
                                            kw.get("label_smoothing", 0.0), kw.get("z_loss", 0.0))
@@ -350,6 +351,8 @@ def test_linear_cross_entropy(emu, tokens, vocab, dim, dtype, options):
     total = (grad_loss.double() * rloss).sum() + ((grad_lse.double() * rlse).sum() if grad_lse is not None else 0)
     refs = torch.autograd.grad(total, [t for t in (h, c, b) if t is not None])
     got = emu.lce_backward(grad_loss, grad_lse, lse, hidden, classifier, targets.int(), bias, **kw)
+    ops, conflicts = emu.ldmatrix_stats()
+    assert ops > 0 and conflicts == 0, f"{conflicts} of {ops} ldmatrix instructions have bank conflicts"
     # The backward rounds the logit gradients to the inputs' dtype for the second tensor-core
     # product (as cut cross-entropy does): a few units of its rounding, relative to the largest.
     tol = 4e-3 if dtype == torch.bfloat16 else 5e-4
@@ -385,6 +388,12 @@ def test_emulator_exposes_a_missing_barrier(emu, which):
     with schedule("reverse"):
         _, b = _selftest(emu, which)
     assert not torch.equal(a.nan_to_num(-1), b.nan_to_num(-1))
+
+
+def test_emulator_counts_ldmatrix_bank_conflicts(emu):
+    emu.ldmatrix_stats(reset=True)
+    status, _ = _selftest(emu, 14)
+    assert status == 0 and emu.ldmatrix_stats() == (1, 1)
 
 
 def test_emulator_scalar_shared_variable(emu):

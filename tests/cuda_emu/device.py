@@ -38,6 +38,12 @@ class Emulator:
         launchers cache device properties per index: give each SM count its own."""
         self.lib.fastloss_emu_set_device(index, sms)
 
+    def ldmatrix_stats(self, reset: bool = True) -> tuple:
+        """(ldmatrix instructions run, those with a shared-memory bank conflict) since the last reset."""
+        ops, conflicts = ctypes.c_uint64(), ctypes.c_uint64()
+        self.lib.fastloss_emu_ldmatrix_stats(ctypes.byref(ops), ctypes.byref(conflicts), int(reset))
+        return ops.value, conflicts.value
+
     # -- memory -----------------------------------------------------------------------------
 
     def empty(self, shape: Sequence[int], dtype: torch.dtype) -> torch.Tensor:

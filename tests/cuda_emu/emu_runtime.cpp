@@ -111,6 +111,9 @@ bool g_reverse = false;
 size_t g_stack_bytes = size_t(128) << 10;
 std::vector<void*> g_stacks;  // mapped stacks, reused across launches
 std::unordered_map<const void*, int> g_max_dynamic_smem;
+// ldmatrix instructions, and those with a shared-memory bank conflict (two distinct 32-bit words
+// of one 8x8 matrix in one of the 32 banks): the layouts are meant to have none.
+uint64_t g_ldmatrix_ops = 0, g_ldmatrix_conflicts = 0;
 
 void fail(const std::string& what) {
   if (g_launch != nullptr && !g_launch->failed) {
@@ -567,6 +570,26 @@ void ldmatrix_x4(uint32_t (&r)[4], const void* smem, bool trans) {
   if (reinterpret_cast<uintptr_t>(smem) % 16 != 0) trap("ldmatrix row address not 16-byte aligned");
   const unsigned char* all = warp_collect(0xffffffffu, &smem, sizeof smem, kLdmatrix);
   const int lane = warp_lane();
+  if (lane == 0) {
+    // Banks relative to the block's dynamic shared memory (on a GPU its base is 128-byte aligned).
+    const auto base = reinterpret_cast<uintptr_t>(g_current->block->dynamic.data);
+    bool conflict = false;
+    for (int j = 0; j < 4; ++j) {
+      uintptr_t words[32];
+      for (int r = 0; r < 8; ++r) {
+        uintptr_t row;
+        std::memcpy(&row, all + 16 * (8 * j + r), sizeof row);
+        for (int w = 0; w < 4; ++w) words[4 * r + w] = (row - base) / 4 + w;
+      }
+      for (int a = 0; a < 32 && !conflict; ++a) {
+        for (int b = a + 1; b < 32; ++b) {
+          if (words[a] != words[b] && words[a] % 32 == words[b] % 32) conflict = true;
+        }
+      }
+    }
+    ++g_ldmatrix_ops;
+    g_ldmatrix_conflicts += conflict;
+  }
   for (int j = 0; j < 4; ++j) {
     uint16_t v[2];
     for (int h = 0; h < 2; ++h) {
@@ -628,6 +651,12 @@ void* fastloss_emu_alloc(size_t bytes) {
   emu::Guarded g;
   g.allocate(bytes);
   return g.data;
+}
+
+void fastloss_emu_ldmatrix_stats(uint64_t* ops, uint64_t* conflicts, int reset) {
+  *ops = emu::g_ldmatrix_ops;
+  *conflicts = emu::g_ldmatrix_conflicts;
+  if (reset) emu::g_ldmatrix_ops = emu::g_ldmatrix_conflicts = 0;
 }
 
 void fastloss_emu_set_device(int device, int sms) {

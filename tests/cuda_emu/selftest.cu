@@ -114,6 +114,16 @@ __global__ void misaligned_vector(const float* in, float* out) {
   out[threadIdx.x] = reinterpret_cast<const Float4*>(in + 1)->v[0];
 }
 
+// ldmatrix over 8x8 matrices whose rows are 64 bytes apart: rows 0 and 2 share banks.
+__global__ void ldmatrix_conflicts(float* out) {
+  extern __shared__ __align__(16) unsigned char rows[];
+  for (int i = threadIdx.x; i < 4096; i += 32) rows[i] = 0;
+  __syncwarp();
+  uint32_t r[4];
+  ::emu::ldmatrix_x4(r, rows + (threadIdx.x % 8) * 64 + (threadIdx.x / 8) * 1024, false);
+  out[threadIdx.x] = static_cast<float>(r[0]);
+}
+
 }  // namespace
 
 extern "C" int emu_selftest(int which, const float* in, float* out, int n) {
@@ -136,6 +146,7 @@ extern "C" int emu_selftest(int which, const float* in, float* out, int n) {
     case 11: mixed_collectives<<<1, 32>>>(out); break;
     case 12: scalar_shared<<<1, 32>>>(out); break;
     case 13: misaligned_vector<<<1, 1>>>(in, out); break;
+    case 14: ldmatrix_conflicts<<<1, 32, 4096>>>(out); break;
     default: return -1;
   }
   return static_cast<int>(cudaGetLastError());
