@@ -1,7 +1,9 @@
 """The CUDA kernels (csrc/kernels) run on the CPU emulator (tests/cuda_emu): results against
-float64 references, every launch path, both thread orders between barriers (a missing
-barrier changes the results), shared memory and cp.async reads of unwritten data (0xff fill:
-NaN), out-of-bounds accesses (guard pages), deadlocks and launch limits (launch errors).
+float64 references or the CPU kernels (themselves tested against float64 and mpmath), every
+launch path, both thread orders (a missing barrier changes the results; kernels with atomic
+sums are compared across orders within rounding), shared memory and cp.async reads of
+unwritten data (0xff fill: NaN), out-of-bounds accesses (guard pages), deadlocks and launch
+limits (launch errors).
 
 It checks what the kernels compute, not how fast; it needs g++ and the CUDA headers, not a GPU.
 """
@@ -49,13 +51,22 @@ def other_device(emu, request):
     emu.set_device(0, SMS[0])
 
 
-def both_orders(fn):
-    """fn() under both thread orders; the results must be bitwise equal (no races)."""
+def both_orders(fn, rtol: float = 0.0):
+    """fn() under both thread orders; the results must be bitwise equal (no races), or with
+    ``rtol`` (atomic float sums, whose order follows the threads') equal within rtol times the
+    largest entry."""
     with schedule("forward"):
         a = fn()
     with schedule("reverse"):
         b = fn()
     for x, y in zip(a if isinstance(a, tuple) else (a,), b if isinstance(b, tuple) else (b,)):
+        if x is None:
+            continue
+        if rtol:
+            scale = x.double().abs().max().item()
+            assert (x.double() - y.double()).abs().max().item() <= rtol * scale, \
+                "results depend on the order threads run between barriers"
+            continue
         assert torch.equal(x.view(torch.uint8) if x.dtype.is_floating_point else x,
                            y.view(torch.uint8) if y.dtype.is_floating_point else y), \
             "results depend on the order threads run between barriers"
@@ -106,13 +117,24 @@ def test_softmax_forward_and_backward(emu, shape, dim, log):
     grad = torch.randn(shape, generator=g, dtype=torch.float64)
     y32, g32 = ref.float(), grad.float()
     dx = both_orders(lambda: emu.softmax_backward(g32, y32, dim, log))
-    yd, gd = y32.double(), g32.double()
+    backward_close(dx, g32, y32, dim, log, torch.float32)
+
+
+def backward_close(dx, grad, y, dim, log, dtype):
+    """dx against the float64 backward of the same (rounded) y and grad, entry by entry, within
+    a few rounding units of the terms it is made of (so small entries of long rows count), or
+    of the dtype's smallest normal number (subnormal outputs)."""
+    yd, gd = y.double(), grad.double()
     if log:
-        ref_dx = gd - yd.exp() * gd.sum(dim, keepdim=True)
+        p = yd.exp()
+        ref = gd - p * gd.sum(dim, keepdim=True)
+        scale = gd.abs() + p * gd.abs().sum(dim, keepdim=True)
     else:
-        ref_dx = yd * (gd - (gd * yd).sum(dim, keepdim=True))
-    err = (dx.double() - ref_dx).abs().max().item()
-    assert err <= 1e-5 * max(1.0, ref_dx.abs().max().item()), f"backward max error {err:.3g}"
+        s = (gd * yd).sum(dim, keepdim=True)
+        ref = yd * (gd - s)
+        scale = yd * (gd.abs() + (gd * yd).abs().sum(dim, keepdim=True))
+    err = (dx.double() - ref).abs() / (scale + torch.finfo(dtype).tiny)
+    assert err.max().item() <= 4 * TOL[dtype], f"backward max error {err.max().item():.3g} of its terms"
 
 
 @pytest.mark.parametrize("dtype,out_dtype", [(torch.float64, None), (torch.float16, None), (torch.bfloat16, None),
@@ -123,20 +145,17 @@ def test_softmax_forward_and_backward(emu, shape, dim, log):
 def test_softmax_dtypes(emu, dtype, out_dtype, shape, dim):
     g = torch.Generator().manual_seed(7)
     x = (torch.randn(shape, generator=g, dtype=torch.float64) * 5).to(dtype)
-    y = emu.softmax(x, dim, out_dtype=out_dtype)
+    y = both_orders(lambda: emu.softmax(x, dim, out_dtype=out_dtype))
     assert y.dtype == (out_dtype or dtype)
     close(y, torch.softmax(x.double(), dim), out_dtype or dtype, "forward")
     grad = torch.randn(shape, generator=g, dtype=torch.float64).to(y.dtype)
-    dx = emu.softmax_backward(grad, y, dim, in_dtype=dtype)
+    dx = both_orders(lambda: emu.softmax_backward(grad, y, dim, in_dtype=dtype))
     assert dx.dtype == dtype
-    yd, gd = y.double(), grad.double()
-    ref = yd * (gd - (gd * yd).sum(dim, keepdim=True))
-    err = (dx.double() - ref).abs().max().item()
-    assert err <= 4 * TOL[dtype] * max(1.0, ref.abs().max().item()), f"backward max error {err:.3g}"
+    backward_close(dx, grad, y, dim, False, dtype)
 
 
 def test_softmax_special_rows(emu):
-    x = torch.randn(6, 3000)
+    x = torch.randn(6, 3000, generator=torch.Generator().manual_seed(1))
     x[0] = float("-inf")
     x[1, 17] = float("inf")
     x[2, 5] = float("nan")
@@ -177,10 +196,11 @@ STAT_SHAPES = [((8, 1000), -1), ((64, 4096), -1), ((3, 16384), -1), ((2, 100000)
 @pytest.mark.parametrize("shape,dim", STAT_SHAPES, ids=lambda v: str(v))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64, torch.float16],
                          ids=["f32", "bf16", "f64", "f16"])
-def test_stat_topk_forward_and_backward(emu, shape, dim, dtype):
+@pytest.mark.parametrize("hard", [False, True], ids=["soft", "hard"])
+def test_stat_topk_forward_and_backward(emu, shape, dim, dtype, hard):
     g = torch.Generator().manual_seed(11)
     x = (torch.randn(shape, generator=g, dtype=torch.float64) * 3 + 1).to(dtype)
-    sparsity, hard = 0.9, dtype == torch.float16
+    sparsity = 0.9
     y, theta, mean, sd = both_orders(lambda: emu.stat_topk(x, dim, z_of(sparsity), hard))
     ry, rtheta, rmean, rsd = OPS.stat_topk(x, dim, sparsity, hard, True, 0)
     tol = STAT_TOL[dtype]
@@ -198,7 +218,8 @@ def test_stat_topk_forward_and_backward(emu, shape, dim, dtype):
 
 
 @pytest.mark.parametrize("shape", [(6, 256), (16, 2048), (2, 40000)], ids=str)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64],
+                         ids=["f32", "bf16", "f16", "f64"])
 def test_gelu_mul_forward_and_backward(emu, shape, dtype):
     g = torch.Generator().manual_seed(5)
     gate = torch.randn(shape, generator=g, dtype=torch.float64).to(dtype)
@@ -218,7 +239,7 @@ def test_gelu_mul_forward_and_backward(emu, shape, dtype):
 
 
 def test_stat_topk_special_rows(emu):
-    x = torch.randn(5, 3000)
+    x = torch.randn(5, 3000, generator=torch.Generator().manual_seed(2))
     x[0] = 2.5  # constant row
     x[1, 7] = float("nan")
     x[2, 9] = float("inf")
@@ -228,6 +249,9 @@ def test_stat_topk_special_rows(emu):
         ry, rtheta, _, _ = OPS.stat_topk(xs, -1, 0.8, False, True, 0)
         near(theta.flatten(), rtheta.flatten(), 2e-5, "theta")
         near(y, ry, 2e-5, "y")
+        # The tiny row on its own scale (near() compares values below 1 absolutely).
+        near(theta[3] * 1e30, rtheta[3] * 1e30, 2e-5, "theta of a row of 1e-30")
+        near(y[3] * 1e30, ry[3] * 1e30, 2e-5, "y of a row of 1e-30")
 
 
 # -------------------------------------------------------------------------------------------
@@ -250,30 +274,35 @@ def test_log_bessel(emu):
         for fn, op in ((2, OPS.log_bessel_iv_grad), (3, OPS.log_bessel_kv_grad)):
             dv, dx = emu.log_bessel(fn, vd, xd)
             rdv, rdx = op(vd, xd)
-            ok = x[5:] > 1e-3  # (the x-derivative grows like v / x)
-            near(dv[5:][ok], rdv[5:][ok], 100 * tol, f"fn {fn} d/dv {dtype}")
-            near((dx / rdx)[5:][ok & (rdx[5:] != 0)], torch.ones(1), 100 * tol, f"fn {fn} d/dx {dtype}")
+            near(dv[5:], rdv[5:], 100 * tol, f"fn {fn} d/dv {dtype}")
+            near(dx[5:], rdx[5:], 100 * tol, f"fn {fn} d/dx {dtype}")
 
 
 @pytest.mark.parametrize("p", [3, 64, 32768])
-def test_vmf(emu, p):
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-12), (torch.float32, 2e-6)], ids=["f64", "f32"])
+def test_vmf(emu, p, dtype, tol):
     g = torch.Generator().manual_seed(p)
-    kappa = 10 ** (torch.rand(500, generator=g, dtype=torch.float64) * 8 - 3)
+    kappa = (10 ** (torch.rand(500, generator=g, dtype=torch.float64) * 8 - 3)).to(dtype)
     for fn, op in ((0, lambda k: OPS.vmf_mean_resultant(k, p, 0)), (1, lambda k: OPS.vmf_mean_resultant(k, p, 1)),
                    (2, lambda k: OPS.vmf_mean_resultant(k, p, 2)),
                    (3, lambda k: OPS.vmf_mean_resultant_complement(k, p)), (4, lambda k: OPS.vmf_entropy(k, p)),
                    (6, lambda k: OPS.vmf_log_normalizer(k, p))):
         got, ref = emu.vmf(fn, kappa, p), op(kappa)
-        near(got / ref.abs().clamp_min(1e-300), ref / ref.abs().clamp_min(1e-300), 1e-12, f"vmf fn {fn}")
+        near(got / ref.abs().clamp_min(1e-300), ref / ref.abs().clamp_min(1e-300), tol, f"vmf fn {fn}")
     rbar = OPS.vmf_mean_resultant(kappa, p, 0)
-    near(emu.vmf(5, rbar, p, 100) / OPS.vmf_kappa_mle(rbar, p, 100), torch.ones(1), 1e-9, "kappa_mle")
-    w = torch.rand(500, generator=g, dtype=torch.float64) * 2 - 1
-    near(emu.vmf_sample_w_derivative(w, kappa, p), OPS.vmf_sample_w_derivative(w, kappa, p), 1e-9,
+    near(emu.vmf(5, rbar, p, 100) / OPS.vmf_kappa_mle(rbar, p, 100), torch.ones(1), 1000 * tol, "kappa_mle")
+    w = (torch.rand(500, generator=g, dtype=torch.float64) * 2 - 1).to(dtype)
+    near(emu.vmf_sample_w_derivative(w, kappa, p), OPS.vmf_sample_w_derivative(w, kappa, p), 1000 * tol,
          "sample_w_derivative")
 
 
 # -------------------------------------------------------------------------------------------
 # Sinkhorn: one block per problem (cost in shared memory) and the cooperative grid path.
+
+
+def mass_tolerance(dtype):
+    """The glue's tolerance on |sum a - sum b| (sinkhorn_mass_tolerance): sqrt(eps) of the dtype."""
+    return torch.finfo(dtype).eps ** 0.5
 
 
 @pytest.mark.parametrize("batch,n,m", [(5, 20, 30), (3, 64, 64), (1, 7, 200), (1, 300, 260), (12, 150, 200)],
@@ -288,12 +317,12 @@ def test_sinkhorn(emu, batch, n, m, dtype):
     a[0, 1] = 0  # a zero-mass row
     a[0] /= a[0].sum()
     eps, tol = 0.05, 1e-5 if dtype == torch.float32 else 1e-9
-    mass_tol = 1.1920928955078125e-07 ** 0.5 if dtype == torch.float32 else 2.220446049250313e-16 ** 0.5
+    mass_tol = mass_tolerance(dtype)
     got = both_orders(lambda: emu.sinkhorn(cost, a, b, eps, 2000, tol, mass_tol))
     ref = OPS.sinkhorn(cost, a, b, eps, 2000, tol, 1.0)
     names = ("plan", "alpha", "beta", "value", "n_iter", "error")
     assert (got[4] - ref[4]).abs().max().item() <= max(2, 0.02 * ref[4].max().item()), "iterations"
-    assert (got[5] <= tol).all(), "not converged"
+    assert ((got[5] > 0) & (got[5] <= tol)).all(), "not converged (or the error never written)"
     ftol = 1e-4 if dtype == torch.float32 else 1e-8
     for name, x, y in list(zip(names, got, ref))[:4]:
         near(x, y, ftol, name)
@@ -341,7 +370,7 @@ def test_linear_cross_entropy(emu, tokens, vocab, dim, dtype, options):
     targets[::3] = -100
     kw = {k: v for k, v in options.items() if k != "bias"}
     emu.ldmatrix_stats(reset=True)
-    loss, lse = emu.lce_forward(hidden, classifier, targets, bias, **kw)
+    loss, lse = both_orders(lambda: emu.lce_forward(hidden, classifier, targets, bias, **kw))
     rloss, rlse, (h, c, b) = lce_reference(hidden, classifier, targets, bias, -100, kw.get("softcap"),
                                            kw.get("label_smoothing", 0.0), kw.get("z_loss", 0.0))
     near(lse, rlse.detach(), 2e-6, "lse")
@@ -350,11 +379,13 @@ def test_linear_cross_entropy(emu, tokens, vocab, dim, dtype, options):
     grad_lse = torch.rand(tokens, generator=g) if kw else None
     total = (grad_loss.double() * rloss).sum() + ((grad_lse.double() * rlse).sum() if grad_lse is not None else 0)
     refs = torch.autograd.grad(total, [t for t in (h, c, b) if t is not None])
-    got = emu.lce_backward(grad_loss, grad_lse, lse, hidden, classifier, targets.int(), bias, **kw)
+    # The backward adds into its outputs with float atomics: across orders, equal up to rounding.
+    got = both_orders(lambda: emu.lce_backward(grad_loss, grad_lse, lse, hidden, classifier, targets.int(), bias, **kw),
+                      rtol=1e-6)
     ops, conflicts = emu.ldmatrix_stats()
     assert ops > 0 and conflicts == 0, f"{conflicts} of {ops} ldmatrix instructions have bank conflicts"
     # The backward rounds the logit gradients to the inputs' dtype for the second tensor-core
-    # product (as cut cross-entropy does): a few units of its rounding, relative to the largest.
+    # product (as cut cross-entropy does): about one unit of its rounding, relative to the largest.
     tol = 4e-3 if dtype == torch.bfloat16 else 5e-4
     for name, x, r in zip(("d hidden", "d classifier", "d bias"), got, refs):
         err = (x.double() - r).abs().max().item() / max(r.abs().max().item(), 1e-30)
@@ -374,11 +405,15 @@ def test_linear_cross_entropy_shard(emu):
 # The emulator itself: each kind of bug it is meant to expose (cuda_emu/selftest.cu) is exposed.
 
 
-def _selftest(emu, which, n=32):
-    inp = emu.put(torch.arange(n, dtype=torch.float32))
+def _selftest(emu, which):
+    """Runs self-test kernel ``which`` on inputs 1, 2, ..., 32; (status, output)."""
+    inp = emu.put(torch.arange(1, 33, dtype=torch.float32))
     out = emu.empty((64,), torch.float32)
-    status = emu.lib.emu_selftest(which, ctypes.c_void_p(inp.data_ptr()), ctypes.c_void_p(out.data_ptr()), n)
-    return status, out.clone()
+    status = emu.lib.emu_selftest(which, ctypes.c_void_p(inp.data_ptr()), ctypes.c_void_p(out.data_ptr()), 32)
+    result = out.clone()
+    del inp, out
+    emu.release()
+    return status, result
 
 
 @pytest.mark.parametrize("which", [0, 8, 10], ids=["within-a-warp", "between-warps", "cp-async-overwrite"])
@@ -401,17 +436,19 @@ def test_emulator_scalar_shared_variable(emu):
     assert status == 0 and (out[:32] == 7).all()
 
 
-@pytest.mark.parametrize("which", [1, 2, 3, 7, 9, 11],
-                         ids=["divergent-barrier", "exited-lane", "shared-memory-limit", "launch-bounds",
-                              "grid-sync-after-exit", "mixed-collectives"])
-def test_emulator_reports_launch_failures(emu, which):
+@pytest.mark.parametrize("which,reason", [
+    (1, "deadlock"), (2, "exited lane"), (3, "dynamic shared memory above the kernel's limit"),
+    (7, "__launch_bounds__"), (9, "grid sync after thread 0"), (11, "different warp collectives")],
+    ids=["divergent-barrier", "exited-lane", "shared-memory-limit", "launch-bounds", "grid-sync-after-exit",
+         "mixed-collectives"])
+def test_emulator_reports_launch_failures(emu, which, reason, capfd):
     status, _ = _selftest(emu, which)
-    assert status != 0
+    assert status != 0 and reason in capfd.readouterr().err
 
 
 def test_emulator_delays_cp_async_until_the_wait(emu):
     status, out = _selftest(emu, 4)
-    assert status == 0 and out[0].isnan() and out[1].item() == 0.0
+    assert status == 0 and out[0].isnan() and out[1].item() == 1.0
 
 
 @pytest.mark.parametrize("which,report", [(5, "emu: memory fault in kernel past_the_end"),
@@ -447,7 +484,7 @@ def test_plans_for_other_sm_counts(emu, other_device):
     if SMS[other_device] <= 8:  # (a cooperative grid of 132 SMs is too many threads to emulate)
         cost = torch.rand(1, 300, 260, generator=g)
         a, b = torch.full((1, 300), 1 / 300), torch.full((1, 260), 1 / 260)
-        got = emu.sinkhorn(cost, a, b, 0.05, 2000, 1e-5, 1.1920928955078125e-07 ** 0.5)
+        got = emu.sinkhorn(cost, a, b, 0.05, 2000, 1e-5, mass_tolerance(torch.float32))
         near(got[3], OPS.sinkhorn(cost, a, b, 0.05, 2000, 1e-5, 1.0)[3], 1e-4, "sinkhorn value")
     hidden, classifier, targets, _ = lce_inputs(other_device, 300, 700, 64)
     loss, lse = emu.lce_forward(hidden, classifier, targets)
@@ -475,14 +512,19 @@ def test_linear_cross_entropy_targets(emu):
 
 
 def test_linear_cross_entropy_gradient_filtering(emu):
+    # Peaked softmaxes whose mass stays in the first 512 classes (targets there too): the
+    # vocabulary tiles past 512 are all below filter_eps and get skipped.
     tokens = 200
     hidden, classifier, targets, _ = lce_inputs(22, tokens, 900, 64, scale=2.0)
+    classifier[512:] *= 0.01
+    targets %= 512
     loss, lse = emu.lce_forward(hidden, classifier, targets)
     grad = torch.ones(tokens)
     exact = emu.lce_backward(grad, None, lse, hidden, classifier, targets)
     filtered = emu.lce_backward(grad, None, lse, hidden, classifier, targets, filter_eps=2.0**-12)
     for x, y in zip(exact[:2], filtered[:2]):
         assert (x - y).abs().max().item() <= 2e-3 * x.abs().max().item()
+    assert exact[1][512:].abs().max() > 0 and (filtered[1][512:] == 0).all(), "the tiles past 512 were not skipped"
 
 
 def test_linear_cross_entropy_backward_by_vocabulary_chunks(emu):
@@ -524,8 +566,9 @@ def test_sinkhorn_edge_cases(emu, batch, n, m, norm):
     cost[:, 7, 3] = float("inf")
     a, b = a / a.sum(-1, keepdim=True), b / b.sum(-1, keepdim=True)
     eps, tol = 0.01, 1e-9
-    got = both_orders(lambda: emu.sinkhorn(cost, a, b, eps, 3000, tol, 2.220446049250313e-16 ** 0.5, norm))
+    got = both_orders(lambda: emu.sinkhorn(cost, a, b, eps, 3000, tol, mass_tolerance(torch.float64), norm))
     ref = OPS.sinkhorn(cost, a, b, eps, 3000, tol, {2: 2.0, 0: float("inf")}[norm])
     assert (got[4] - ref[4]).abs().max().item() <= max(2, 0.02 * ref[4].max().item()), "iterations"
+    assert ((got[5] > 0) & (got[5] <= tol)).all(), "not converged (or the error never written)"
     for name, x, y in zip(("plan", "alpha", "beta", "value"), got, ref):
         near(x, y, 1e-8, name)

@@ -183,7 +183,8 @@ def build(out_dir: Path, arch: int = 900, jobs: Optional[int] = None) -> Path:
     include = cuda_include_dir()
     if include is None:
         raise RuntimeError("CUDA headers not found (set CUDA_HOME)")
-    digest = hashlib.sha256(str(arch).encode())
+    compiler = subprocess.run(["g++", "--version"], capture_output=True, text=True).stdout
+    digest = hashlib.sha256(f"{arch} {include} {compiler}".encode())
     for f in _sources():
         digest.update(f.name.encode())
         digest.update(f.read_bytes())
@@ -191,6 +192,8 @@ def build(out_dir: Path, arch: int = 900, jobs: Optional[int] = None) -> Path:
     lib = out_dir / f"libfastloss_emu_{tag}.so"
     if lib.exists():
         return lib
+    for old in list(out_dir.glob("libfastloss_emu_*.so")) + list(out_dir.glob("src_*")):
+        shutil.rmtree(old) if old.is_dir() else old.unlink()
     tree = out_dir / f"src_{tag}"
     for sub in ("kernels", "common"):
         (tree / sub).mkdir(parents=True, exist_ok=True)

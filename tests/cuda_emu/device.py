@@ -28,6 +28,8 @@ class Emulator:
         self.lib = lib
         lib.fastloss_emu_alloc.restype = _c_ptr
         lib.fastloss_emu_alloc.argtypes = [_c_size]
+        lib.fastloss_emu_free.argtypes = [_c_ptr]
+        self._allocations: list = []
         for name in ("emu_softmax_forward_workspace_bytes", "emu_softmax_backward_workspace_bytes",
                      "emu_stat_topk_workspace_bytes", "emu_sinkhorn_workspace_bytes",
                      "emu_lce_forward_workspace_bytes"):
@@ -38,7 +40,7 @@ class Emulator:
         launchers cache device properties per index: give each SM count its own."""
         self.lib.fastloss_emu_set_device(index, sms)
 
-    def ldmatrix_stats(self, reset: bool = True) -> tuple:
+    def ldmatrix_stats(self, reset: bool = False) -> tuple:
         """(ldmatrix instructions run, those with a shared-memory bank conflict) since the last reset."""
         ops, conflicts = ctypes.c_uint64(), ctypes.c_uint64()
         self.lib.fastloss_emu_ldmatrix_stats(ctypes.byref(ops), ctypes.byref(conflicts), int(reset))
@@ -53,8 +55,15 @@ class Emulator:
             numel *= int(s)
         nbytes = max(1, numel) * torch.empty((), dtype=dtype).element_size()
         ptr = self.lib.fastloss_emu_alloc(nbytes)
+        self._allocations.append(ptr)
         buf = (ctypes.c_uint8 * nbytes).from_address(ptr)
-        return torch.frombuffer(buf, dtype=torch.uint8)[: nbytes].view(dtype)[:numel].view(*shape)
+        return torch.frombuffer(buf, dtype=torch.uint8).view(dtype)[:numel].view(*shape)
+
+    def release(self) -> None:
+        """Frees every buffer made since the last release (views of them must be gone)."""
+        for ptr in self._allocations:
+            self.lib.fastloss_emu_free(ptr)
+        self._allocations.clear()
 
     def put(self, t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
         """A contiguous copy of ``t`` in guarded memory."""
@@ -226,9 +235,9 @@ class Emulator:
                     vocab_start, vocab_total):
         tokens, dim = hidden.shape
         vocab = classifier.shape[0]
+        assert self.lib.emu_lce_runnable() == 1
         hd, cd, td = self.put(hidden), self.put(classifier), self.put(targets)
         bd = self.put(bias)
-        self._keep = (hd, cd, td, bd)
         ptrs = (_c_ptr * 4)(hd.data_ptr(), cd.data_ptr(), bd.data_ptr() if bd is not None else None, td.data_ptr())
         ints = (_c_i64 * 10)(dim, dim, 1, 1, tokens, vocab, dim, vocab_start,
                              vocab if vocab_total is None else vocab_total, ignore_index)
@@ -240,7 +249,6 @@ class Emulator:
         """(loss, lse), or for shard=True (lse over this shard, linear term), float32 (tokens)."""
         tokens, dim = hidden.shape
         vocab = classifier.shape[0]
-        assert self.lib.emu_lce_runnable() == 1
         ptrs, ints, floats, t64 = self._lce_inputs(hidden, classifier, targets, bias, ignore_index, softcap,
                                                    label_smoothing, z_loss, vocab_start, vocab_total)
         out0, out1 = self.empty((tokens,), torch.float32), self.empty((tokens,), torch.float32)
@@ -270,6 +278,24 @@ class Emulator:
         self.check(self.lib.emu_lce_backward(DTYPES[hidden.dtype], ptrs, ints, floats, t64,
                                              ctypes.c_float(filter_eps), g, d), "linear_cross_entropy backward")
         return dh.clone(), dc.clone(), (db.clone() if db is not None else None)
+
+
+def _releasing(method):
+    """``method`` freeing the buffers it made (it returns clones)."""
+
+    def run(self, *args, **kwargs):
+        try:
+            return method(self, *args, **kwargs)
+        finally:
+            self.release()
+
+    run.__name__, run.__doc__ = method.__name__, method.__doc__
+    return run
+
+
+for _name in ("softmax", "softmax_backward", "stat_topk", "stat_topk_backward", "gelu_mul", "gelu_mul_backward",
+              "log_bessel", "vmf", "vmf_sample_w_derivative", "sinkhorn", "lce_forward", "lce_backward"):
+    setattr(Emulator, _name, _releasing(getattr(Emulator, _name)))
 
 
 @contextmanager

@@ -13,7 +13,8 @@
 // instead of at their wait, so a missing barrier shows up as results that differ between the
 // orders.
 // Shared memory and fresh outputs start filled with 0xff bytes (NaN, -1), so a read of
-// something never written is visible; dynamic shared memory ends at a guard page.
+// something never written is visible; shared memory (dynamic and static) and test buffers end
+// at a guard page.
 //
 // The tensor-core primitives (cp.async, ldmatrix, mma.sync) are emulated lane by lane from the
 // PTX ISA's fragment layouts (device_utils.cuh calls emu:: versions under FASTLOSS_CUDA_EMU).
@@ -93,7 +94,8 @@ T& shared_var(const void* key) {
 // A kernel's __launch_bounds__ (build.py puts the call at the top of its body).
 inline void check_max_threads(long long max_threads);
 
-// Runs `body` as every thread of a grid. cooperative: all blocks at once (grid sync allowed).
+// Runs `body` as every thread of a grid: block after block, or (cooperative) all blocks in one
+// schedule, each up to a grid sync in turn.
 cudaError_t launch(const void* fn, const char* name, dim3 grid, dim3 block, size_t smem, bool cooperative,
                    std::function<void()> body);
 
@@ -115,8 +117,8 @@ cudaError_t launch_cooperative(void (*fn)(A...), const char* name, dim3 grid, di
 }
 
 // Tensor-core primitives (warp-collective where the hardware's are).
-// cp.async copies happen at the wait that retires their group (not before), so a read of
-// shared memory before the wait sees the 0xff fill.
+// cp.async copies land at the wait that retires their group (a read of shared memory before
+// the wait sees the 0xff fill), or in reverse order at once.
 void cp_async16(void* smem, const void* gmem, int src_bytes);
 void cp_async_commit();
 void cp_async_wait(int pending);

@@ -498,7 +498,8 @@ cudaError_t launch(const void* fn, const char* name, dim3 grid, dim3 block, size
   }
   const char* order = std::getenv("FASTLOSS_EMU_ORDER");
   g_reverse = order != nullptr && std::strcmp(order, "reverse") == 0;
-  if (std::getenv("FASTLOSS_EMU_TRACE") != nullptr) {
+  const char* trace = std::getenv("FASTLOSS_EMU_TRACE");
+  if (trace != nullptr && std::strcmp(trace, "1") == 0) {
     std::fprintf(stderr, "emu: %s<<<(%u,%u,%u), (%u,%u,%u), %zu>>>%s\n", name, grid.x, grid.y, grid.z, block.x, block.y,
                  block.z, smem, cooperative ? " cooperative" : "");
   }
@@ -524,7 +525,7 @@ cudaError_t launch(const void* fn, const char* name, dim3 grid, dim3 block, size
     run(all, true);
     for (Block* b : all) free_block(b);
   } else {
-    for (const dim3& id : ids) {
+    for (const dim3& id : in_order(ids)) {
       std::vector<Block*> one{make_block(id, grid, block, smem)};
       run(one, false);
       free_block(one[0]);
@@ -646,11 +647,24 @@ void mma_16816(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2], bo
 extern "C" {
 
 // "Device" memory for the tests: its end abuts an inaccessible page, and it starts as 0xff
-// bytes. Never freed (tensors viewing it may outlive the test that made them).
+// bytes. Freed by fastloss_emu_free.
+static std::unordered_map<void*, emu::Guarded>& test_buffers() {
+  static auto* buffers = new std::unordered_map<void*, emu::Guarded>;
+  return *buffers;
+}
+
 void* fastloss_emu_alloc(size_t bytes) {
   emu::Guarded g;
   g.allocate(bytes);
+  test_buffers()[g.data] = g;
   return g.data;
+}
+
+void fastloss_emu_free(void* p) {
+  auto it = test_buffers().find(p);
+  if (it == test_buffers().end()) return;
+  it->second.release();
+  test_buffers().erase(it);
 }
 
 void fastloss_emu_ldmatrix_stats(uint64_t* ops, uint64_t* conflicts, int reset) {
@@ -674,10 +688,7 @@ cudaError_t cudaGetDevice(int* device) {
 }
 
 cudaError_t cudaDeviceGetAttribute(int* value, cudaDeviceAttr attr, int device) {
-  int sms = 0;
-  int d = device;
-  if (emu::g_sms[d] == 0) cudaGetDevice(&d);
-  sms = emu::g_sms[device];
+  const int sms = emu::g_sms[device];
   switch (attr) {
     case cudaDevAttrMultiProcessorCount: *value = sms; break;
     case cudaDevAttrMaxSharedMemoryPerBlockOptin: *value = static_cast<int>(emu::kSmemOptin); break;

@@ -126,11 +126,6 @@ static LinearCrossEntropyInputs lce_inputs(int dtype, const void** p, const int6
   return a;
 }
 
-int emu_lce_layout_ok(int dtype, int64_t tokens, int64_t vocab, int64_t dim, const void* hidden,
-                      int64_t hidden_stride, const void* classifier, int64_t classifier_stride) {
-  return linear_cross_entropy_layout_ok(dt(dtype), tokens, vocab, dim, hidden, hidden_stride, classifier,
-                                        classifier_stride);
-}
 int emu_lce_runnable() { return linear_cross_entropy_kernels_runnable(); }
 size_t emu_lce_forward_workspace_bytes(int64_t tokens, int64_t vocab, int64_t dim) {
   return linear_cross_entropy_forward_workspace_bytes(tokens, vocab, dim);
