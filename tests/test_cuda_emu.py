@@ -39,6 +39,15 @@ def emu() -> Emulator:
     return Emulator(build.load(out))
 
 
+@pytest.fixture(scope="session")
+def emu_fma() -> Emulator:
+    """The kernels built to fuse multiplies and adds where the compiler likes, as nvcc does by
+    default (the CPU kernels never do): results may round differently from the CPU's."""
+    out = Path(os.environ.get("FASTLOSS_EMU_BUILD_DIR", ROOT / "build" / "cuda_emu"))
+    out.mkdir(parents=True, exist_ok=True)
+    return Emulator(build.load(out, contract=True))
+
+
 # Emulated devices: the launch plans (row splits, vocabulary splits, cooperative grids) depend on
 # the SM count. Device 0 has 4 SMs (few blocks, many splits per block); others as named.
 SMS = {0: 4, 1: 1, 2: 7, 3: 132}
@@ -572,3 +581,31 @@ def test_sinkhorn_edge_cases(emu, batch, n, m, norm):
     assert ((got[5] > 0) & (got[5] <= tol)).all(), "not converged (or the error never written)"
     for name, x, y in zip(("plan", "alpha", "beta", "value"), got, ref):
         near(x, y, 1e-8, name)
+
+
+# -------------------------------------------------------------------------------------------
+# The contracting build (FMAs, as nvcc makes them): the kernels stay within the same bounds,
+# against float64 and against the CPU kernels, which never fuse.
+
+
+def test_fma_build_softmax_and_stat_topk(emu_fma):
+    for shape, dim in (((17, 100), -1), ((3, 3000), -1), ((2, 151936), -1), ((6, 33, 5), 1)):
+        for log in (False, True):
+            test_softmax_forward_and_backward(emu_fma, shape, dim, log)
+    for shape, dim in (((8, 1000), -1), ((2, 100000), -1), ((4, 50, 6), 1)):
+        test_stat_topk_forward_and_backward(emu_fma, shape, dim, torch.float32, False)
+    test_gelu_mul_forward_and_backward(emu_fma, (16, 2048), torch.bfloat16)
+
+
+def test_fma_build_log_bessel_and_vmf(emu_fma):
+    test_log_bessel(emu_fma)
+    for p in (3, 64, 32768):
+        test_vmf(emu_fma, p, torch.float64, 1e-12)
+
+
+def test_fma_build_sinkhorn_and_linear_cross_entropy(emu_fma):
+    test_sinkhorn(emu_fma, 5, 20, 30, torch.float32)
+    test_sinkhorn(emu_fma, 1, 300, 260, torch.float64)
+    options = {"softcap": 30.0, "label_smoothing": 0.1, "z_loss": 1e-3, "bias": True}
+    test_linear_cross_entropy(emu_fma, 130, 257, 40, torch.bfloat16, options)
+    test_linear_cross_entropy(emu_fma, 37, 300, 64, torch.float16, {})

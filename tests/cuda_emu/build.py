@@ -177,24 +177,28 @@ def _sources() -> List[Path]:
     return files + [Path(__file__)] + sorted(HERE.glob("*.h")) + sorted(HERE.glob("*.cpp")) + sorted(HERE.glob("*.cu")) + sorted((HERE / "include").glob("*"))
 
 
-def build(out_dir: Path, arch: int = 900, jobs: Optional[int] = None) -> Path:
+def build(out_dir: Path, arch: int = 900, jobs: Optional[int] = None, contract: bool = False) -> Path:
     """Compiles the emulated kernels and the test shim into ``out_dir``; returns the library.
-    Reuses an earlier build of the same sources."""
+    Reuses an earlier build of the same sources. contract: fuse multiplies and adds into FMAs
+    where the compiler sees fit (-O2 -mfma -ffp-contract=fast), as nvcc does by default; the
+    CPU build never does, so the two then round differently."""
     include = cuda_include_dir()
     if include is None:
         raise RuntimeError("CUDA headers not found (set CUDA_HOME)")
     compiler = subprocess.run(["g++", "--version"], capture_output=True, text=True).stdout
-    digest = hashlib.sha256(f"{arch} {include} {compiler}".encode())
+    digest = hashlib.sha256(f"{arch} {contract} {include} {compiler}".encode())
     for f in _sources():
         digest.update(f.name.encode())
         digest.update(f.read_bytes())
     tag = digest.hexdigest()[:16]
-    lib = out_dir / f"libfastloss_emu_{tag}.so"
+    variant = "fma_" if contract else ""
+    lib = out_dir / f"libfastloss_emu_{variant}{tag}.so"
     if lib.exists():
         return lib
-    for old in list(out_dir.glob("libfastloss_emu_*.so")) + list(out_dir.glob("src_*")):
-        shutil.rmtree(old) if old.is_dir() else old.unlink()
-    tree = out_dir / f"src_{tag}"
+    for old in list(out_dir.glob(f"libfastloss_emu_{variant}*.so")) + list(out_dir.glob(f"src_{variant}*")):
+        if contract or not old.name.startswith(("libfastloss_emu_fma_", "src_fma_")):
+            shutil.rmtree(old) if old.is_dir() else old.unlink()
+    tree = out_dir / f"src_{variant}{tag}"
     for sub in ("kernels", "common"):
         (tree / sub).mkdir(parents=True, exist_ok=True)
         for f in (CSRC / sub).glob("*"):
@@ -206,7 +210,8 @@ def build(out_dir: Path, arch: int = 900, jobs: Optional[int] = None) -> Path:
     flags = [
         # Misaligned accesses (a vector load from an address not aligned for it) abort with
         # UBSan's report, as a GPU stops with a misaligned-address error.
-        "g++", "-std=c++17", "-O1", "-fPIC", "-ffp-contract=off", "-w",
+        "g++", "-std=c++17", "-fPIC", "-w",
+        *(["-O2", "-mfma", "-ffp-contract=fast"] if contract else ["-O1", "-ffp-contract=off"]),
         "-fsanitize=alignment", "-fno-sanitize-recover=alignment",
         f"-DFASTLOSS_EMU_ARCH={arch}", "-include", str(HERE / "emu.h"),
         "-I", str(HERE / "include"), "-I", str(tree), "-I", str(HERE), "-I", str(include),
@@ -242,8 +247,8 @@ def build(out_dir: Path, arch: int = 900, jobs: Optional[int] = None) -> Path:
     return lib
 
 
-def load(out_dir: Path, arch: int = 900) -> ctypes.CDLL:
-    return ctypes.CDLL(str(build(out_dir, arch)))
+def load(out_dir: Path, arch: int = 900, contract: bool = False) -> ctypes.CDLL:
+    return ctypes.CDLL(str(build(out_dir, arch, contract=contract)))
 
 
 if __name__ == "__main__":

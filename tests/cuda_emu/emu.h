@@ -254,8 +254,10 @@ inline long long __double_as_longlong(double v) {
   std::memcpy(&r, &v, sizeof r);
   return r;
 }
-inline float __fmul_rn(float a, float b) { return a * b; }  // built with -ffp-contract=off
-inline float __fadd_rn(float a, float b) { return a + b; }
+// Never fused with a neighbouring add or multiply, as CUDA's (out of line: the contracting
+// build cannot fuse across the call).
+__attribute__((noinline)) inline float __fmul_rn(float a, float b) { return a * b; }
+__attribute__((noinline)) inline float __fadd_rn(float a, float b) { return a + b; }
 inline float __fmaf_rn(float a, float b, float c) { return std::fma(a, b, c); }
 inline double __fma_rn(double a, double b, double c) { return std::fma(a, b, c); }
 inline float __fdividef(float a, float b) { return a / b; }
