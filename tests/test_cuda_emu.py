@@ -48,6 +48,15 @@ def emu_fma() -> Emulator:
     return Emulator(build.load(out, contract=True))
 
 
+@pytest.fixture(scope="session")
+def emu_sm80() -> Emulator:
+    """The kernels built for sm_80 (A100: 163 KB of shared memory per block, scalar float
+    atomics, one LCE backward block per SM)."""
+    out = Path(os.environ.get("FASTLOSS_EMU_BUILD_DIR", ROOT / "build" / "cuda_emu"))
+    out.mkdir(parents=True, exist_ok=True)
+    return Emulator(build.load(out, arch=800))
+
+
 # Emulated devices: the launch plans (row splits, vocabulary splits, cooperative grids) depend on
 # the SM count. Device 0 has 4 SMs (few blocks, many splits per block); others as named.
 SMS = {0: 4, 1: 1, 2: 7, 3: 132}
@@ -609,3 +618,17 @@ def test_fma_build_sinkhorn_and_linear_cross_entropy(emu_fma):
     options = {"softcap": 30.0, "label_smoothing": 0.1, "z_loss": 1e-3, "bias": True}
     test_linear_cross_entropy(emu_fma, 130, 257, 40, torch.bfloat16, options)
     test_linear_cross_entropy(emu_fma, 37, 300, 64, torch.float16, {})
+
+
+# -------------------------------------------------------------------------------------------
+# sm_80: less shared memory per block changes the softmax cache, Sinkhorn and LCE plans.
+
+
+def test_sm80_build(emu_sm80):
+    for shape, dim in (((24, 10000), -1), ((16, 70000), -1), ((2, 151936), -1)):
+        test_softmax_forward_and_backward(emu_sm80, shape, dim, False)
+    test_sinkhorn(emu_sm80, 12, 150, 200, torch.float64)
+    test_sinkhorn(emu_sm80, 3, 64, 64, torch.float32)
+    test_linear_cross_entropy(emu_sm80, 130, 257, 40, torch.bfloat16,
+                              {"softcap": 30.0, "label_smoothing": 0.1, "z_loss": 1e-3, "bias": True})
+    test_linear_cross_entropy_backward_by_vocabulary_chunks(emu_sm80)

@@ -191,14 +191,14 @@ def build(out_dir: Path, arch: int = 900, jobs: Optional[int] = None, contract: 
         digest.update(f.name.encode())
         digest.update(f.read_bytes())
     tag = digest.hexdigest()[:16]
-    variant = "fma_" if contract else ""
-    lib = out_dir / f"libfastloss_emu_{variant}{tag}.so"
+    # One build per variant is kept; a variant's older builds are removed.
+    variant = f"{'fma' if contract else 'plain'}{arch // 10}"
+    lib = out_dir / f"libfastloss_emu_{variant}_{tag}.so"
     if lib.exists():
         return lib
-    for old in list(out_dir.glob(f"libfastloss_emu_{variant}*.so")) + list(out_dir.glob(f"src_{variant}*")):
-        if contract or not old.name.startswith(("libfastloss_emu_fma_", "src_fma_")):
-            shutil.rmtree(old) if old.is_dir() else old.unlink()
-    tree = out_dir / f"src_{variant}{tag}"
+    for old in list(out_dir.glob(f"libfastloss_emu_{variant}_*.so")) + list(out_dir.glob(f"src_{variant}_*")):
+        shutil.rmtree(old) if old.is_dir() else old.unlink()
+    tree = out_dir / f"src_{variant}_{tag}"
     for sub in ("kernels", "common"):
         (tree / sub).mkdir(parents=True, exist_ok=True)
         for f in (CSRC / sub).glob("*"):

@@ -19,8 +19,9 @@ namespace emu {
 namespace {
 
 constexpr int kMaxDevices = 64;
-constexpr size_t kSmemOptin = 232448;         // per block, with the opt-in (sm_90)
-constexpr size_t kSmemPerSm = 233472;         // per multiprocessor (sm_90)
+// Shared memory per block with the opt-in, and per multiprocessor: sm_90 (H100) or sm_80 (A100).
+constexpr size_t kSmemOptin = __CUDA_ARCH__ >= 900 ? 232448 : 166912;
+constexpr size_t kSmemPerSm = __CUDA_ARCH__ >= 900 ? 233472 : 167936;
 constexpr size_t kDefaultDynamicSmem = 49152;  // without cudaFuncSetAttribute
 constexpr int kMaxThreadsPerSm = 2048;
 
@@ -642,8 +643,8 @@ void mma_16816(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2], bo
 
 }  // namespace emu
 
-// The emulated device: sm_90 limits, FASTLOSS_EMU_SMS multiprocessors (default 4: small
-// grids, several blocks per row where the kernels split rows).
+// The emulated device: sm_90's (or sm_80's) limits, FASTLOSS_EMU_SMS multiprocessors (default
+// 4: small grids, several blocks per row where the kernels split rows).
 extern "C" {
 
 // "Device" memory for the tests: its end abuts an inaccessible page, and it starts as 0xff
