@@ -490,6 +490,10 @@ cudaError_t launch(const void* fn, const char* name, dim3 grid, dim3 block, size
   auto limit = g_max_dynamic_smem.find(fn);
   const size_t max_dynamic = limit == g_max_dynamic_smem.end() ? kDefaultDynamicSmem : size_t(limit->second);
   if (smem > max_dynamic) return bad(cudaErrorInvalidValue, "dynamic shared memory above the kernel's limit");
+  constexpr uint64_t kMaxFibers = 16384;  // each has its own mapped stack (and guard page)
+  if (cooperative && blocks * threads > kMaxFibers) {
+    return bad(cudaErrorNotSupported, "cooperative grid too large to emulate (more than 16384 threads)");
+  }
   if (cooperative) {
     int per_sm = 0;
     cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, fn, static_cast<int>(threads), smem);
@@ -514,11 +518,6 @@ cudaError_t launch(const void* fn, const char* name, dim3 grid, dim3 block, size
     for (unsigned y = 0; y < grid.y; ++y) {
       for (unsigned x = 0; x < grid.x; ++x) ids.push_back(dim3(x, y, z));
     }
-  }
-  if (g_reverse) std::reverse(ids.begin(), ids.end());
-  constexpr uint64_t kMaxFibers = 16384;  // each has its own mapped stack (and guard page)
-  if (cooperative && blocks * threads > kMaxFibers) {
-    return bad(cudaErrorNotSupported, "cooperative grid too large to emulate (more than 16384 threads)");
   }
   if (cooperative) {
     std::vector<Block*> all;
