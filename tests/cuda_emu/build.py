@@ -146,13 +146,16 @@ def _without_comments(text: str) -> str:
     return re.sub(r"//[^\n]*|/\*.*?\*/", blank, text, flags=re.S)
 
 
-def check_rewritten(name: str, text: str) -> None:
-    """Fails the build on CUDA syntax a rewrite left behind (a form it does not know)."""
+def rewrite(name: str, text: str) -> str:
+    """A kernel source as the emulator compiles it; fails on CUDA syntax a rewrite left behind
+    (a form it does not know)."""
+    text = rewrite_shared(rewrite_launches(rewrite_launch_bounds(text)))
     code = _without_comments(text)
     for token in ("<<<", "__shared__", "__launch_bounds__", "cudaLaunchCooperativeKernel"):
         if token in code:
             line = code[: code.index(token)].count("\n") + 1
             raise RuntimeError(f"emulator build: {name}:{line}: '{token}' in a form build.py does not rewrite")
+    return text
 
 
 _EXTERN_SHARED = re.compile(r"extern\s+__shared__\s+(?:__align__\(\d+\)\s+)?([\w:<> ]+?)\s+(\w+)\s*\[\s*\]\s*;")
@@ -204,8 +207,7 @@ def build(out_dir: Path, arch: int = 900, jobs: Optional[int] = None, contract: 
         for f in (CSRC / sub).glob("*"):
             text = f.read_text()
             if sub == "kernels":
-                text = rewrite_shared(rewrite_launches(rewrite_launch_bounds(text)))
-                check_rewritten(f.name, text)
+                text = rewrite(f.name, text)
             (tree / sub / f.name).write_text(text)
     flags = [
         # Misaligned accesses (a vector load from an address not aligned for it) abort with
@@ -218,8 +220,7 @@ def build(out_dir: Path, arch: int = 900, jobs: Optional[int] = None, contract: 
     ]
     units = [(tree / "kernels" / f.name, True) for f in sorted((CSRC / "kernels").glob("*.cu"))]
     selftest = tree / "selftest.cu"
-    selftest.write_text(rewrite_shared(rewrite_launches(rewrite_launch_bounds((HERE / "selftest.cu").read_text()))))
-    check_rewritten("selftest.cu", selftest.read_text())
+    selftest.write_text(rewrite("selftest.cu", (HERE / "selftest.cu").read_text()))
     units.append((selftest, True))
     units += [(HERE / "emu_runtime.cpp", False), (HERE / "shim.cpp", False)]
 

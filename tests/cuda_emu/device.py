@@ -23,6 +23,19 @@ class EmuError(RuntimeError):
     pass
 
 
+def releasing(method):
+    """``method`` freeing the buffers it made (it returns clones)."""
+
+    def run(self, *args, **kwargs):
+        try:
+            return method(self, *args, **kwargs)
+        finally:
+            self.release()
+
+    run.__name__, run.__doc__ = method.__name__, method.__doc__
+    return run
+
+
 class Emulator:
     def __init__(self, lib: ctypes.CDLL):
         self.lib = lib
@@ -96,6 +109,7 @@ class Emulator:
             inner *= s
         return outer, shape[dim], inner
 
+    @releasing
     def softmax(self, x: torch.Tensor, dim: int = -1, log: bool = False, out_dtype=None) -> torch.Tensor:
         out_dtype = out_dtype or x.dtype
         outer, size, inner = self._layout(x.shape, dim)
@@ -108,6 +122,7 @@ class Emulator:
             _c_i64(size), _c_i64(inner), int(log), _c_ptr(ws), _c_size(wsb)), "softmax forward")
         return y.clone()
 
+    @releasing
     def softmax_backward(self, g: torch.Tensor, y: torch.Tensor, dim: int = -1, log: bool = False,
                          in_dtype=None) -> torch.Tensor:
         in_dtype = in_dtype or y.dtype
@@ -126,6 +141,7 @@ class Emulator:
     def _stats(self, outer, inner, dtype):
         return [self.empty((outer, inner), ACC[dtype]) for _ in range(3)]
 
+    @releasing
     def stat_topk(self, x: torch.Tensor, dim: int, z: float, hard: bool):
         """(y, theta, mean, std) with theta etc. of shape (outer, inner)."""
         outer, size, inner = self._layout(x.shape, dim)
@@ -140,6 +156,7 @@ class Emulator:
             int(hard), _c_ptr(ws), _c_size(wsb)), "stat_topk forward")
         return y.clone(), theta.clone(), mean.clone(), sd.clone()
 
+    @releasing
     def stat_topk_backward(self, grad_y, x, theta, mean, sd, grad_theta, dim, z, hard, threshold_grad):
         outer, size, inner = self._layout(x.shape, dim)
         g, xd, th, mu, s_, gt = (self.put(t.contiguous()) if t is not None else None
@@ -154,6 +171,7 @@ class Emulator:
             int(threshold_grad), _c_ptr(ws), _c_size(wsb)), "stat_topk backward")
         return dx.clone()
 
+    @releasing
     def gelu_mul(self, gate: torch.Tensor, up: torch.Tensor, z: float):
         rows, size = gate.numel() // gate.shape[-1], gate.shape[-1]
         gd, ud = self.put(gate.contiguous()), self.put(up.contiguous())
@@ -167,6 +185,7 @@ class Emulator:
             ctypes.c_double(z), _c_ptr(ws), _c_size(wsb)), "gelu_mul forward")
         return out.clone(), theta.clone(), mean.clone(), sd.clone()
 
+    @releasing
     def gelu_mul_backward(self, grad, gate, up, theta, mean, sd, z, threshold_grad):
         rows, size = gate.numel() // gate.shape[-1], gate.shape[-1]
         g, gd, ud, th, mu, s_ = (self.put(t.contiguous()) for t in (grad, gate, up, theta, mean, sd))
@@ -182,6 +201,7 @@ class Emulator:
 
     # -- log-Bessel and von Mises-Fisher ------------------------------------------------------
 
+    @releasing
     def log_bessel(self, fn: int, v: torch.Tensor, x: torch.Tensor):
         """fn: 0 log I, 1 log K (one output), 2 / 3 their derivatives in (v, x) (two outputs)."""
         vd, xd = self.put(v.contiguous()), self.put(x.contiguous())
@@ -191,6 +211,7 @@ class Emulator:
                                            _c_ptr(out1.data_ptr()), _c_i64(x.numel())), "log_bessel")
         return (out0.clone(), out1.clone()) if fn >= 2 else out0.clone()
 
+    @releasing
     def vmf(self, fn: int, values: torch.Tensor, p: int, iterations: int = 1) -> torch.Tensor:
         vd = self.put(values.contiguous())
         out = self.empty(values.shape, values.dtype)
@@ -199,6 +220,7 @@ class Emulator:
                                     iterations), "vmf")
         return out.clone()
 
+    @releasing
     def vmf_sample_w_derivative(self, w: torch.Tensor, kappa: torch.Tensor, p: int) -> torch.Tensor:
         wd, kd = self.put(w.contiguous()), self.put(kappa.contiguous())
         out = self.empty(w.shape, w.dtype)
@@ -210,6 +232,7 @@ class Emulator:
 
     # -- Sinkhorn ----------------------------------------------------------------------------
 
+    @releasing
     def sinkhorn(self, cost: torch.Tensor, a: torch.Tensor, b: torch.Tensor, eps: float, max_iter: int, tol: float,
                  mass_tol: float, error_norm: int = 1):
         """(plan, alpha, beta, value, n_iter, error) for cost (B, n, m) in float32 or float64."""
@@ -244,6 +267,7 @@ class Emulator:
         floats = (ctypes.c_float * 3)(softcap or 0.0, label_smoothing, z_loss)
         return ptrs, ints, floats, int(targets.dtype == torch.int64)
 
+    @releasing
     def lce_forward(self, hidden, classifier, targets, bias=None, *, ignore_index=-100, softcap=None,
                     label_smoothing=0.0, z_loss=0.0, shard=False, vocab_start=0, vocab_total=None):
         """(loss, lse), or for shard=True (lse over this shard, linear term), float32 (tokens)."""
@@ -259,6 +283,7 @@ class Emulator:
             _c_ptr(out1.data_ptr()), _c_ptr(ws), _c_size(wsb)), "linear_cross_entropy forward")
         return out0.clone(), out1.clone()
 
+    @releasing
     def lce_backward(self, grad_loss, grad_lse, lse, hidden, classifier, targets, bias=None, *, ignore_index=-100,
                      softcap=None, label_smoothing=0.0, z_loss=0.0, filter_eps=0.0, vocab_start=0,
                      vocab_total=None):
@@ -278,24 +303,6 @@ class Emulator:
         self.check(self.lib.emu_lce_backward(DTYPES[hidden.dtype], ptrs, ints, floats, t64,
                                              ctypes.c_float(filter_eps), g, d), "linear_cross_entropy backward")
         return dh.clone(), dc.clone(), (db.clone() if db is not None else None)
-
-
-def _releasing(method):
-    """``method`` freeing the buffers it made (it returns clones)."""
-
-    def run(self, *args, **kwargs):
-        try:
-            return method(self, *args, **kwargs)
-        finally:
-            self.release()
-
-    run.__name__, run.__doc__ = method.__name__, method.__doc__
-    return run
-
-
-for _name in ("softmax", "softmax_backward", "stat_topk", "stat_topk_backward", "gelu_mul", "gelu_mul_backward",
-              "log_bessel", "vmf", "vmf_sample_w_derivative", "sinkhorn", "lce_forward", "lce_backward"):
-    setattr(Emulator, _name, _releasing(getattr(Emulator, _name)))
 
 
 @contextmanager
