@@ -1,6 +1,6 @@
 """Guards shared by every op: a meta argument beside a real one raises instead of returning
-uninitialised memory, and NumPy scalars pass where Python numbers do (forward-mode AD and
-torch.func transforms: test_func.py)."""
+uninitialised memory, the fake kernels reject what the real ones reject, and NumPy scalars
+pass where Python numbers do (forward-mode AD and torch.func transforms: test_func.py)."""
 
 import math
 
@@ -32,6 +32,89 @@ def test_meta_argument_beside_a_real_one_raises(name):
     x = _randn(2, 4)
     with pytest.raises((RuntimeError, ValueError), match="device"):
         META_CASES[name](x, _randn(2, 4).to("meta"))
+
+
+F = torch.ops.fastloss
+_LONG = torch.int64
+
+# Op calls the kernels reject, by the argument their error names: the fake kernels (meta
+# tensors, torch.compile, export) must raise the same exception, not trace through.
+BAD_CALLS = {
+    "softmax integer": ("self", lambda t: F.softmax(t(4, 5, dtype=_LONG), -1, False)),
+    "softmax dim": ("dim", lambda t: F.softmax(t(4, 5), 3, False)),
+    "softmax half_to_float": ("half_to_float", lambda t: F.log_softmax(t(4, 5), -1, True)),
+    "softmax_backward dtype": ("grad_output", lambda t: F.softmax_backward(t(4, 5), t(4, 5, dtype=torch.float64), -1,
+                                                                          torch.float32)),
+    "softmax_backward shape": ("grad_output", lambda t: F.softmax_backward(t(4, 6), t(4, 5), -1, torch.float32)),
+    "softmax_backward input_dtype": ("input_dtype", lambda t: F.log_softmax_backward(t(4, 5), t(4, 5), -1,
+                                                                                    torch.float64)),
+    "stat_topk k too large": ("k", lambda t: F.stat_topk(t(4, 5), -1, 0.0, False, True, 5)),
+    "stat_topk k negative": ("k", lambda t: F.stat_topk(t(4, 5), -1, 0.0, False, True, -1)),
+    "stat_topk sparsity": ("sparsity", lambda t: F.stat_topk(t(4, 5), -1, 1.0, False, True, 0)),
+    "stat_topk dim": ("dim", lambda t: F.stat_topk(t(4, 5), 2, 0.5, False, True, 0)),
+    "stat_topk integer": ("x", lambda t: F.stat_topk(t(4, 5, dtype=torch.int32), -1, 0.5, False, True, 0)),
+    "stat_topk_backward theta": ("theta", lambda t: F.stat_topk_backward(t(4, 5), None, t(4, 5), t(4, 2), t(4, 1),
+                                                                         t(4, 1), -1, 0.5, False, True, 0)),
+    "gelu_mul up shape": ("up", lambda t: F.stat_topk_gelu_mul(t(4, 5), t(4, 6), 0.5, True, 0)),
+    "gelu_mul k": ("k", lambda t: F.stat_topk_gelu_mul(t(4, 5), t(4, 5), 0.0, True, 9)),
+    "gelu_mul 0-d": ("gate", lambda t: F.stat_topk_gelu_mul(t(), t(), 0.5, True, 0)),
+    "log_bessel integer": ("v", lambda t: F.log_bessel_iv(t(4, dtype=_LONG), t(4))),
+    "log_bessel dtypes": ("dtype", lambda t: F.log_bessel_kv_grad(t(4, dtype=torch.float64), t(4))),
+    "lce 3-d hidden": ("hidden", lambda t: F.linear_cross_entropy(t(2, 4, 8), t(10, 8), t(8, dtype=_LONG), None, -100,
+                                                                  0.0, 0.0, 0.0, 0.0)),
+    "lce classifier width": ("classifier", lambda t: F.linear_cross_entropy(t(4, 8), t(10, 7), t(4, dtype=_LONG), None,
+                                                                            -100, 0.0, 0.0, 0.0, 0.0)),
+    "lce float targets": ("targets", lambda t: F.linear_cross_entropy(t(4, 8), t(10, 8), t(4), None, -100, 0.0, 0.0,
+                                                                      0.0, 0.0)),
+    "lce targets shape": ("targets", lambda t: F.linear_cross_entropy(t(4, 8), t(10, 8), t(5, dtype=_LONG), None,
+                                                                      -100, 0.0, 0.0, 0.0, 0.0)),
+    "lce bias shape": ("bias", lambda t: F.linear_cross_entropy(t(4, 8), t(10, 8), t(4, dtype=_LONG), t(9), -100, 0.0,
+                                                                0.0, 0.0, 0.0)),
+    "lce softcap": ("softcap", lambda t: F.linear_cross_entropy(t(4, 8), t(10, 8), t(4, dtype=_LONG), None, -100,
+                                                                -1.0, 0.0, 0.0, 0.0)),
+    "lce label_smoothing": ("label_smoothing", lambda t: F.linear_cross_entropy(t(4, 8), t(10, 8), t(4, dtype=_LONG),
+                                                                                None, -100, 0.0, 1.5, 0.0, 0.0)),
+    "lce empty vocabulary": ("classifier", lambda t: F.linear_cross_entropy(t(4, 8), t(0, 8), t(4, dtype=_LONG), None,
+                                                                            -100, 0.0, 0.0, 0.0, 0.0)),
+    "lce shard outside": ("vocab_start", lambda t: F.linear_cross_entropy_shard(t(4, 8), t(10, 8), t(4, dtype=_LONG),
+                                                                                None, -100, 0.0, 0.0, 5, 12)),
+    "lce backward lse": ("lse", lambda t: F.linear_cross_entropy_backward(
+        t(4), None, t(4, 8), t(10, 8), t(4, dtype=_LONG), None, t(5), -100, 0.0, 0.0, 0.0, 0.0, [True, True, False])),
+    "lce backward filter_eps": ("filter_eps", lambda t: F.linear_cross_entropy_backward(
+        t(4), None, t(4, 8), t(10, 8), t(4, dtype=_LONG), None, t(4), -100, 0.0, 0.0, 0.0, 1.0, [True, True, False])),
+    "sinkhorn 2-d cost": ("cost", lambda t: F.sinkhorn(t(4, 5), t(1, 4), t(1, 5), 0.1, 10, 1e-6)),
+    "sinkhorn a shape": ("'a'", lambda t: F.sinkhorn(t(1, 4, 5), t(1, 5), t(1, 5), 0.1, 10, 1e-6)),
+    "sinkhorn eps": ("eps", lambda t: F.sinkhorn(t(1, 4, 5), t(1, 4), t(1, 5), 0.0, 10, 1e-6)),
+    "sinkhorn error_norm": ("error_norm", lambda t: F.sinkhorn(t(1, 4, 5), t(1, 4), t(1, 5), 0.1, 10, 1e-6, 3.0)),
+    "sinkhorn_kd shapes": ("teacher_logits", lambda t: F.sinkhorn_kd(t(4, 5), t(4, 6), 2.0, 0.1, 20, 1e-3)),
+    "sinkhorn_kd integer": ("student_logits", lambda t: F.sinkhorn_kd(t(4, 5, dtype=_LONG), t(4, 5), 2.0, 0.1, 20,
+                                                                      1e-3)),
+    "sinkhorn_kd temperature": ("temperature", lambda t: F.sinkhorn_kd(t(4, 5), t(4, 5), 0.0, 0.1, 20, 1e-3)),
+    "vmf p": ("'p'", lambda t: F.vmf_log_normalizer(t(4), 1)),
+    "vmf integer": ("kappa", lambda t: F.vmf_entropy(t(4, dtype=_LONG), 3)),
+    "vmf derivative": ("derivative", lambda t: F.vmf_mean_resultant(t(4), 3, 3)),
+    "vmf iterations": ("iterations", lambda t: F.vmf_kappa_mle(t(4), 3, 0)),
+    "vmf sample shapes": ("shape", lambda t: F.vmf_sample_w_derivative(t(4), t(3), 3)),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_CALLS))
+def test_fake_kernels_reject_what_the_kernels_reject(case):
+    arg, call = BAD_CALLS[case]
+
+    def tensors(device):
+        def make(*shape, dtype=torch.float32):
+            t = torch.ones(shape, dtype=dtype, device=device)
+            return t / 2 if dtype.is_floating_point else t
+        return make
+
+    with pytest.raises(Exception) as real:
+        call(tensors("cpu"))
+    with pytest.raises(Exception) as fake:
+        call(tensors("meta"))
+    assert type(fake.value) is type(real.value), (real.value, fake.value)
+    for err in (real.value, fake.value):
+        assert "fastloss." in str(err) and arg in str(err), err
 
 
 @pytest.mark.parametrize("shape", [(0, 4), (3, 0), (2, 0, 4), (2, 3, 0)])

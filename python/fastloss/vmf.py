@@ -17,7 +17,7 @@ from typing import Dict, Type, Union
 import torch
 
 from .ops._func import batch_front, transform_function, transforms_active
-from .ops._guards import check_same_device
+from .ops._guards import check_floating, check_same_device, check_value
 
 TensorOrNumber = Union[torch.Tensor, float]
 
@@ -100,18 +100,33 @@ def vmf_kappa_mle(rbar: TensorOrNumber, p: int, iterations: int = 10) -> torch.T
     return _call("vmf_kappa_mle", rbar, p, int(iterations))
 
 
+def _check_op_args(op: str, arg: str, t: torch.Tensor, p: int) -> None:
+    """The ops' checks of every vMF op's tensor and p (csrc/common/vmf_op.h)."""
+    check_floating(op, arg, t)
+    check_value(p >= 2, op, f"expected the dimension 'p' to be >= 2, got {p}", ValueError)
+
+
 def _elementwise_fake(name: str, arg: str):
-    def fake(t: torch.Tensor, p: int, *_) -> torch.Tensor:
-        torch._check(t.dtype.is_floating_point, lambda: f"fastloss.{name}: expected '{arg}' to be a float tensor")
+    def fake(t: torch.Tensor, p: int, *extra) -> torch.Tensor:
+        _check_op_args(name, arg, t, p)
+        if name == "vmf_mean_resultant" and extra:
+            check_value(0 <= extra[0] <= 2, name, f"expected 'derivative' to be 0, 1 or 2, got {extra[0]}", ValueError)
+        if name == "vmf_kappa_mle" and extra:
+            check_value(1 <= extra[0] <= 1000, name, f"expected 'iterations' in [1, 1000], got {extra[0]}", ValueError)
         return torch.empty_like(t, memory_format=torch.contiguous_format)
     return fake
 
 
 @torch.library.register_fake("fastloss::vmf_sample_w_derivative")
 def _sample_w_derivative_fake(w: torch.Tensor, kappa: torch.Tensor, p: int) -> torch.Tensor:
-    torch._check(w.shape == kappa.shape and w.dtype == kappa.dtype and w.dtype.is_floating_point,
-                 lambda: "fastloss.vmf_sample_w_derivative: expected 'w' and 'kappa' float tensors of one shape and dtype")
-    check_same_device("vmf_sample_w_derivative", w=w, kappa=kappa)
+    op = "vmf_sample_w_derivative"
+    _check_op_args(op, "w", w, p)
+    check_floating(op, "kappa", kappa)
+    torch._check_value(w.shape == kappa.shape, lambda: f"fastloss.{op}: expected 'w' and 'kappa' of one shape, got "
+                       f"{tuple(w.shape)} and {tuple(kappa.shape)}")
+    check_value(w.dtype == kappa.dtype, op, f"expected 'w' and 'kappa' of one dtype, got {w.dtype} and {kappa.dtype}",
+                ValueError)
+    check_same_device(op, w=w, kappa=kappa)
     return torch.empty_like(w, memory_format=torch.contiguous_format)
 
 

@@ -15,3 +15,51 @@ def check_same_device(op: str, **tensors) -> None:
         if t.device != ref.device:
             raise RuntimeError(f"fastloss.{op}: '{arg}' must be on the device of '{ref_arg}' ({ref.device}), got {t.device}")
 
+
+
+# The real kernels' argument checks (csrc/common/*_op.h), for the fake kernels, so that a call
+# the ops reject fails the same way (same exception type, the argument named) under
+# torch.compile, on the meta device and in export instead of tracing through. Shape
+# conditions go through torch._check, which keeps symbolic sizes symbolic.
+
+FLOAT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+
+
+def check_floating(op: str, arg: str, t: torch.Tensor) -> None:
+    if t.dtype not in FLOAT_DTYPES:
+        raise RuntimeError(f"fastloss.{op}: expected '{arg}' to be a float32, float64, float16 or bfloat16 tensor, "
+                           f"got {t.dtype}")
+
+
+def wrap_dim(op: str, dim: int, ndim: int) -> int:
+    rank = max(ndim, 1)  # a 0-d tensor behaves as one element along dim 0
+    if not -rank <= dim < rank:
+        raise IndexError(f"fastloss.{op}: 'dim' out of range: expected a value in [{-rank}, {rank - 1}] for a "
+                         f"{ndim}-d tensor, got {dim}")
+    return dim % rank
+
+
+def check_shape(op: str, arg: str, t: torch.Tensor, shape, expected: str) -> None:
+    """t has exactly `shape` (sizes may be symbolic); `expected` describes it in the message."""
+    torch._check(t.dim() == len(shape),
+                 lambda: f"fastloss.{op}: '{arg}' must have shape {expected}, got {tuple(t.shape)}")
+    for have, want in zip(t.shape, shape):
+        torch._check(have == want, lambda: f"fastloss.{op}: '{arg}' must have shape {expected}, got {tuple(t.shape)}")
+
+
+def check_like(op: str, arg: str, t: torch.Tensor, ref_arg: str, ref: torch.Tensor) -> None:
+    """t has ref's shape and dtype."""
+    check_shape(op, arg, t, ref.shape, f"{tuple(ref.shape)} (that of '{ref_arg}')")
+    if t.dtype != ref.dtype:
+        raise RuntimeError(f"fastloss.{op}: '{arg}' must have the dtype of '{ref_arg}' ({ref.dtype}), got {t.dtype}")
+
+
+def check_dtype(op: str, arg: str, t: torch.Tensor, dtype: torch.dtype) -> None:
+    if t.dtype != dtype:
+        raise RuntimeError(f"fastloss.{op}: '{arg}' must be a {dtype} tensor, got {t.dtype}")
+
+
+def check_value(ok: bool, op: str, message: str, error: type = RuntimeError) -> None:
+    """A check of a non-tensor argument: raises error(f"fastloss.{op}: {message}") unless ok."""
+    if not ok:
+        raise error(f"fastloss.{op}: {message}")

@@ -13,7 +13,7 @@ import torch
 
 from ._double_backward import forbid_double_backward
 from ._func import batch_front, derivative_function, forbid_transforms, loop_rule, transform_function, transforms_active
-from ._guards import check_same_device
+from ._guards import check_dtype, check_floating, check_same_device, check_shape, check_value
 
 _REDUCTIONS = ("mean", "sum", "none")
 
@@ -242,6 +242,37 @@ def linear_cross_entropy(
 # Fake kernels (shapes and dtypes only)
 
 
+def _check_args(op, hidden, classifier, targets, bias, softcap, label_smoothing, z_loss, vocab_start=0,
+                vocab_total=-1):
+    """The ops' argument checks (csrc/common/linear_cross_entropy_op.h)."""
+    check_floating(op, "hidden", hidden)
+    check_value(hidden.dim() == 2, op, f"'hidden' must be 2-d (tokens, D), got {hidden.dim()}-d of shape "
+                f"{tuple(hidden.shape)}")
+    n, d = hidden.shape
+    check_value(classifier.dim() == 2, op, f"'classifier' must be (V, D), got shape {tuple(classifier.shape)}")
+    check_shape(op, "classifier", classifier, (classifier.shape[0], d), f"(V, {d}) (D: the last dimension of 'hidden')")
+    check_value(classifier.dtype == hidden.dtype, op,
+                f"'classifier' must have the dtype of 'hidden' ({hidden.dtype}), got {classifier.dtype}")
+    check_value(targets.dtype in (torch.int64, torch.int32), op,
+                f"'targets' must be an int64 or int32 tensor, got {targets.dtype}")
+    check_shape(op, "targets", targets, (n,), f"({n},) (one per row of 'hidden')")
+    vocab = classifier.shape[0]
+    if bias is not None:
+        check_shape(op, "bias", bias, (vocab,), f"({vocab},) (one per row of 'classifier')")
+        check_value(bias.dtype == hidden.dtype, op, f"'bias' must have the dtype of 'hidden' ({hidden.dtype}), "
+                    f"got {bias.dtype}")
+    check_value(math.isfinite(softcap) and softcap >= 0.0, op,
+                f"'softcap' must be a finite value > 0 (or 0 for no cap), got {softcap}")
+    check_value(0.0 <= label_smoothing <= 1.0, op, f"'label_smoothing' must be in [0, 1], got {label_smoothing}")
+    check_value(math.isfinite(z_loss), op, f"'z_loss' must be finite, got {z_loss}")
+    torch._check(vocab > 0, lambda: f"fastloss.{op}: 'classifier' must have at least one row, got shape "
+                 f"{tuple(classifier.shape)}")
+    total = vocab if vocab_total < 0 else vocab_total
+    torch._check(vocab_start >= 0, lambda: f"fastloss.{op}: 'vocab_start' must be >= 0, got {vocab_start}")
+    torch._check(vocab_start + vocab <= total, lambda: f"fastloss.{op}: the classifier's rows [{vocab_start}, "
+                 f"{vocab_start + vocab}) must lie in the vocabulary [0, {total}) ('vocab_start', 'vocab_total')")
+
+
 def _acc_dtype(hidden: torch.Tensor) -> torch.dtype:
     return torch.float64 if hidden.dtype == torch.float64 else torch.float32
 
@@ -249,6 +280,7 @@ def _acc_dtype(hidden: torch.Tensor) -> torch.dtype:
 @torch.library.register_fake("fastloss::linear_cross_entropy")
 def _forward_fake(hidden, classifier, targets, bias, ignore_index, softcap, label_smoothing, z_loss, filter_eps,
                   deterministic=False):
+    _check_args("linear_cross_entropy", hidden, classifier, targets, bias, softcap, label_smoothing, z_loss)
     check_same_device("linear_cross_entropy", hidden=hidden, classifier=classifier, targets=targets, bias=bias)
     n = hidden.shape[0]
     return hidden.new_empty((n,), dtype=_acc_dtype(hidden)), hidden.new_empty((n,), dtype=_acc_dtype(hidden))
@@ -256,6 +288,8 @@ def _forward_fake(hidden, classifier, targets, bias, ignore_index, softcap, labe
 
 @torch.library.register_fake("fastloss::linear_cross_entropy_shard")
 def _shard_fake(hidden, classifier, targets, bias, ignore_index, softcap, label_smoothing, vocab_start, vocab_total):
+    _check_args("linear_cross_entropy_shard", hidden, classifier, targets, bias, softcap, label_smoothing, 0.0,
+                vocab_start, vocab_total)
     check_same_device("linear_cross_entropy_shard", hidden=hidden, classifier=classifier, targets=targets, bias=bias)
     n = hidden.shape[0]
     return hidden.new_empty((n,), dtype=_acc_dtype(hidden)), hidden.new_empty((n,), dtype=_acc_dtype(hidden))
@@ -265,8 +299,16 @@ def _shard_fake(hidden, classifier, targets, bias, ignore_index, softcap, label_
 def _backward_fake(grad_loss, grad_lse, hidden, classifier, targets, bias, lse, ignore_index, softcap,
                    label_smoothing, z_loss, filter_eps, output_mask, vocab_start=0, vocab_total=-1,
                    deterministic=False):
-    check_same_device("linear_cross_entropy_backward", hidden=hidden, classifier=classifier, targets=targets,
-                   bias=bias, lse=lse, grad_loss=grad_loss, grad_lse=grad_lse)
+    op = "linear_cross_entropy_backward"
+    _check_args(op, hidden, classifier, targets, bias, softcap, label_smoothing, z_loss, vocab_start, vocab_total)
+    n, acc = hidden.shape[0], _acc_dtype(hidden)
+    for arg, t in (("grad_loss", grad_loss), ("grad_lse", grad_lse), ("lse", lse)):
+        if t is not None:
+            check_shape(op, arg, t, (n,), f"({n},)")
+            check_dtype(op, arg, t, acc)
+    check_value(0.0 <= filter_eps < 1.0, op, f"'filter_eps' must be in [0, 1) (0: no filtering), got {filter_eps}")
+    check_same_device(op, hidden=hidden, classifier=classifier, targets=targets, bias=bias, lse=lse,
+                      grad_loss=grad_loss, grad_lse=grad_lse)
     # Gradients not asked for (and d bias without a bias) are empty.
     dh = hidden.new_empty(hidden.shape if output_mask[0] else (0,))
     dc = classifier.new_empty(classifier.shape if output_mask[1] else (0,))

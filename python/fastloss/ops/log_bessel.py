@@ -10,7 +10,7 @@ import torch
 from .. import _C
 from ._direct import direct_call_ok
 from ._func import broadcast_front, derivative_function, transform_function, transforms_active
-from ._guards import check_same_device
+from ._guards import check_floating, check_same_device, check_value
 
 Number = Union[int, float]
 TensorOrNumber = Union[torch.Tensor, int, float]
@@ -94,21 +94,29 @@ def log_bessel_kv(v: TensorOrNumber, x: TensorOrNumber) -> torch.Tensor:
     return torch.ops.fastloss.log_bessel_kv.default(v, x)
 
 
-def _forward_fake(v: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    check_same_device("log_bessel", x=x, v=v)
-    torch._check(v.dtype == x.dtype, lambda: "fastloss: 'v' and 'x' must have the same dtype")
-    return x.new_empty(torch.broadcast_shapes(v.shape, x.shape))
+def _checked_shape(op: str, v: torch.Tensor, x: torch.Tensor):
+    """The ops' checks (csrc/common/log_bessel_op.h); the broadcast shape."""
+    check_floating(op, "v", v)
+    check_floating(op, "x", x)
+    check_value(v.dtype == x.dtype, op, f"expected 'v' and 'x' to have the same dtype, got {v.dtype} and {x.dtype}")
+    check_same_device(op, x=x, v=v)
+    return torch.broadcast_shapes(v.shape, x.shape)
 
 
-def _grad_fake(v: torch.Tensor, x: torch.Tensor):
-    check_same_device("log_bessel", x=x, v=v)
-    shape = torch.broadcast_shapes(v.shape, x.shape)
-    return x.new_empty(shape), x.new_empty(shape)
+def _forward_fake(op: str):
+    return lambda v, x: x.new_empty(_checked_shape(op, v, x))
+
+
+def _grad_fake(op: str):
+    def fake(v: torch.Tensor, x: torch.Tensor):
+        shape = _checked_shape(op, v, x)
+        return x.new_empty(shape), x.new_empty(shape)
+    return fake
 
 
 for _name in ("log_bessel_iv", "log_bessel_kv"):
-    torch.library.register_fake(f"fastloss::{_name}")(_forward_fake)
-    torch.library.register_fake(f"fastloss::{_name}_grad")(_grad_fake)
+    torch.library.register_fake(f"fastloss::{_name}")(_forward_fake(_name))
+    torch.library.register_fake(f"fastloss::{_name}_grad")(_grad_fake(f"{_name}_grad"))
 # Autograd is registered in C++ (csrc/autograd.cpp); under torch.func transforms and forward-mode
 # AD the wrappers use the functions below (see _func.py).
 

@@ -10,7 +10,7 @@ from typing import NamedTuple, Optional, Tuple, cast
 import torch
 
 from ._func import batch_front, derivative_function, loop_rule, no_derivative, transform_function, transforms_active, vmap_active
-from ._guards import check_same_device
+from ._guards import check_dtype, check_floating, check_same_device, check_shape, check_value
 
 _GRAD_MODES = ("envelope", "unrolled")
 
@@ -242,8 +242,19 @@ def _check_marginals(a: torch.Tensor, b: torch.Tensor) -> None:
 
 
 def _sinkhorn_fake(cost, a, b, eps, max_iter, tol, error_norm=1.0):
-    check_same_device("sinkhorn", cost=cost, a=a, b=b)
+    # The op's checks (csrc/common/sinkhorn_op.h).
+    op = "sinkhorn"
+    for arg, t in (("cost", cost), ("a", a), ("b", b)):
+        check_floating(op, arg, t)
+    check_value(cost.dim() == 3, op, f"expected 'cost' to have shape (B, n, m), got {tuple(cost.shape)}")
     B, n, m = cost.shape
+    check_shape(op, "a", a, (B, n), f"({B}, {n}) to match 'cost' {tuple(cost.shape)}")
+    check_shape(op, "b", b, (B, m), f"({B}, {m}) to match 'cost' {tuple(cost.shape)}")
+    check_same_device(op, cost=cost, a=a, b=b)
+    check_value(math.isfinite(eps) and eps > 0, op, f"expected 'eps' > 0, got {eps}")
+    check_value(max_iter >= 0, op, f"expected 'max_iter' >= 0, got {max_iter}")
+    check_value(tol >= 0, op, f"expected 'tol' >= 0, got {tol}")
+    check_value(error_norm in (1, 2, math.inf), op, f"expected 'error_norm' to be 1, 2 or inf, got {error_norm}")
     acc = _acc_dtype(cost.dtype)
     return (
         cost.new_empty((B, n, m), dtype=acc),
@@ -388,8 +399,19 @@ def sinkhorn_kd_loss(
 
 
 def _kd_fake(student, teacher, temperature, eps, n_iter, scale):
-    check_same_device("sinkhorn_kd_loss", student_logits=student, teacher_logits=teacher)
+    op = "sinkhorn_kd_loss"
+    check_floating(op, "student_logits", student)
+    check_floating(op, "teacher_logits", teacher)
+    check_value(student.dim() == 2, op, f"expected 'student_logits' to have shape (B, classes), got "
+                f"{tuple(student.shape)}")
+    check_shape(op, "teacher_logits", teacher, student.shape, f"{tuple(student.shape)} (that of 'student_logits')")
+    check_same_device(op, student_logits=student, teacher_logits=teacher)
     B, C = student.shape
+    torch._check(C > 0 or B == 0, lambda: f"fastloss.{op}: expected at least one class, got 'student_logits' of "
+                 f"shape {tuple(student.shape)}")
+    check_value(math.isfinite(temperature) and temperature > 0, op, f"expected 'temperature' > 0, got {temperature}")
+    check_value(math.isfinite(eps) and eps > 0, op, f"expected 'eps' > 0, got {eps}")
+    check_value(n_iter >= 0, op, f"expected 'n_iter' >= 0, got {n_iter}")
     acc = torch.float64 if torch.float64 in (student.dtype, teacher.dtype) else torch.float32
     loss_dtype = torch.promote_types(student.dtype, teacher.dtype)
     return (
@@ -404,8 +426,17 @@ def _kd_fake(student, teacher, temperature, eps, n_iter, scale):
 
 def _kd_backward_fake(grad_loss, ps, pt, cost, x, y, temperature, eps, scale, student_grad, teacher_grad,
                       student_dtype, teacher_dtype) -> Tuple[torch.Tensor, torch.Tensor]:
-    check_same_device("sinkhorn_kd_backward", ps=ps, grad_loss=grad_loss, pt=pt, cost=cost, x=x, y=y)
+    op = "sinkhorn_kd_backward"
+    check_floating(op, "grad_loss", grad_loss)
+    check_value(ps.dtype in (torch.float32, torch.float64) and ps.dim() == 2, op,
+                f"expected 'p_student' of shape (B, C), float32 or float64, got {ps.dtype} of shape {tuple(ps.shape)}")
     B, C = ps.shape
+    check_value(x.dim() == 2 and x.shape[0] >= 1, op, f"expected 'x' of shape (n_iter + 1, {B}), got {tuple(x.shape)}")
+    for arg, t, shape in (("p_teacher", pt, (B, C)), ("cost", cost, (B, B)), ("x", x, (x.shape[0], B)),
+                          ("y", y, (x.shape[0], B))):
+        check_shape(op, arg, t, shape, str(tuple(shape)))
+        check_dtype(op, arg, t, ps.dtype)
+    check_same_device(op, ps=ps, grad_loss=grad_loss, pt=pt, cost=cost, x=x, y=y)
     ds = ps.new_empty((B, C) if student_grad else (0, 0), dtype=student_dtype)
     dt = ps.new_empty((B, C) if teacher_grad else (0, 0), dtype=teacher_dtype)
     return ds, dt

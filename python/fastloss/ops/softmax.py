@@ -11,7 +11,7 @@ import torch
 from .. import _C
 from ._direct import direct_call_ok
 from ._func import row_rule, transform_function, transforms_active
-from ._guards import check_same_device
+from ._guards import check_floating, check_like, check_same_device, check_value, wrap_dim
 
 _HALF_TYPES = (torch.float16, torch.bfloat16)
 
@@ -70,19 +70,33 @@ def log_softmax(input: torch.Tensor, dim: int = -1, dtype: Optional[torch.dtype]
     return _dispatch(_LOG_SOFTMAX, _C.log_softmax, "log_softmax", input, dim, dtype)
 
 
-def _forward_fake(self: torch.Tensor, dim: int, half_to_float: bool = False) -> torch.Tensor:
-    out_dtype = torch.float32 if half_to_float else self.dtype
-    return self.new_empty(self.shape, dtype=out_dtype)
+def _forward_fake(op: str):
+    def fake(self: torch.Tensor, dim: int, half_to_float: bool = False) -> torch.Tensor:
+        check_floating(op, "self", self)
+        wrap_dim(op, dim, self.dim())
+        check_value(not half_to_float or self.dtype in (torch.float16, torch.bfloat16), op,
+                    f"'half_to_float' needs a float16 or bfloat16 'self', got {self.dtype}")
+        return self.new_empty(self.shape, dtype=torch.float32 if half_to_float else self.dtype)
+    return fake
 
 
-def _backward_fake(grad_output: torch.Tensor, output: torch.Tensor, dim: int, input_dtype: torch.dtype) -> torch.Tensor:
-    check_same_device("softmax_backward", output=output, grad_output=grad_output)
-    return output.new_empty(output.shape, dtype=input_dtype)
+def _backward_fake(op: str):
+    def fake(grad_output: torch.Tensor, output: torch.Tensor, dim: int, input_dtype: torch.dtype) -> torch.Tensor:
+        check_floating(op, "grad_output", grad_output)
+        check_floating(op, "output", output)
+        check_like(op, "grad_output", grad_output, "output", output)
+        check_same_device(op, output=output, grad_output=grad_output)
+        check_value(input_dtype == output.dtype or (output.dtype == torch.float32 and input_dtype in (torch.float16,
+                    torch.bfloat16)), op, f"'input_dtype' must be the output dtype ({output.dtype}) or "
+                    f"float16/bfloat16 for a float32 output, got {input_dtype}")
+        wrap_dim(op, dim, output.dim())
+        return output.new_empty(output.shape, dtype=input_dtype)
+    return fake
 
 
 for _name in ("softmax", "log_softmax"):
-    torch.library.register_fake(f"fastloss::{_name}")(_forward_fake)
-    torch.library.register_fake(f"fastloss::{_name}_backward")(_backward_fake)
+    torch.library.register_fake(f"fastloss::{_name}")(_forward_fake(_name))
+    torch.library.register_fake(f"fastloss::{_name}_backward")(_backward_fake(f"{_name}_backward"))
 
 
 # Autograd (and double backward through the backward ops) is registered in C++

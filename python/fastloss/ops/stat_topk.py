@@ -11,7 +11,7 @@ import torch
 
 from ._double_backward import forbid_double_backward
 from ._func import batch_front, no_derivative, row_rule, transform_function, transforms_active
-from ._guards import check_same_device
+from ._guards import check_dtype, check_floating, check_like, check_same_device, check_shape, check_value, wrap_dim
 
 _MODES = ("soft", "hard")
 
@@ -159,27 +159,64 @@ def _stat_like(x: torch.Tensor, dim: int) -> torch.Tensor:
     return x.new_empty(shape, dtype=dtype)
 
 
+def _check_forward(op: str, arg: str, x: torch.Tensor, dim: int, sparsity: float, k) -> int:
+    """The ops' checks of (x, dim, sparsity, k) (csrc/common/stat_topk_op.h); returns dim wrapped."""
+    check_floating(op, arg, x)
+    wrapped = wrap_dim(op, dim, x.dim())
+    d = x.shape[wrapped] if x.dim() > 0 else 1
+    if isinstance(k, int) and k == 0:
+        check_value(0.0 < sparsity < 1.0, op, "'sparsity' must be in (0, 1) (the fraction of each row that is "
+                    f"zeroed), got {sparsity}")
+    else:
+        torch._check(k > 0, lambda: f"fastloss.{op}: 'k' must be in (0, {d}) for rows of length {d}, got {k}")
+        torch._check(k < d, lambda: f"fastloss.{op}: 'k' must be in (0, {d}) for rows of length {d}, got {k}")
+    return wrapped
+
+
+def _check_stats(op: str, x: torch.Tensor, dim: int, **stats) -> None:
+    like = _stat_like(x, dim)
+    for arg, t in stats.items():
+        if t is not None:
+            check_shape(op, arg, t, like.shape, f"{tuple(like.shape)}")
+            check_dtype(op, arg, t, like.dtype)
+
+
 @torch.library.register_fake("fastloss::stat_topk")
 def _stat_topk_fake(x, dim, sparsity, hard=False, threshold_grad=True, k=0):
+    dim = _check_forward("stat_topk", "x", x, dim, sparsity, k)
     return x.new_empty(x.shape), _stat_like(x, dim), _stat_like(x, dim), _stat_like(x, dim)
 
 
 @torch.library.register_fake("fastloss::stat_topk_backward")
 def _stat_topk_backward_fake(grad_y, grad_theta, x, theta, mean, std, dim, sparsity, hard, threshold_grad, k=0):
-    check_same_device("stat_topk_backward", x=x, grad_y=grad_y, grad_theta=grad_theta, theta=theta, mean=mean, std=std)
+    op = "stat_topk_backward"
+    dim = _check_forward(op, "x", x, dim, sparsity, k)
+    check_like(op, "grad_y", grad_y, "x", x)
+    _check_stats(op, x, dim, theta=theta, mean=mean, std=std, grad_theta=grad_theta)
+    check_same_device(op, x=x, grad_y=grad_y, grad_theta=grad_theta, theta=theta, mean=mean, std=std)
     return x.new_empty(x.shape)
+
+
+def _check_gelu_mul(op: str, gate: torch.Tensor, up: torch.Tensor, sparsity: float, k) -> None:
+    check_value(gate.dim() >= 1, op, "'gate' must have at least one dimension, got a 0-d tensor")
+    check_like(op, "up", up, "gate", gate)
+    _check_forward(op, "gate", gate, -1, sparsity, k)
 
 
 @torch.library.register_fake("fastloss::stat_topk_gelu_mul")
 def _gelu_mul_fake(gate, up, sparsity, threshold_grad=True, k=0):
+    _check_gelu_mul("stat_topk_gelu_mul", gate, up, sparsity, k)
     check_same_device("stat_topk_gelu_mul", gate=gate, up=up)
     return gate.new_empty(gate.shape), _stat_like(gate, -1), _stat_like(gate, -1), _stat_like(gate, -1)
 
 
 @torch.library.register_fake("fastloss::stat_topk_gelu_mul_backward")
 def _gelu_mul_backward_fake(grad_out, gate, up, theta, mean, std, sparsity, threshold_grad, k=0):
-    check_same_device("stat_topk_gelu_mul_backward", gate=gate, up=up, grad_out=grad_out, theta=theta, mean=mean,
-                      std=std)
+    op = "stat_topk_gelu_mul_backward"
+    _check_gelu_mul(op, gate, up, sparsity, k)
+    check_like(op, "grad_out", grad_out, "gate", gate)
+    _check_stats(op, gate, -1, theta=theta, mean=mean, std=std)
+    check_same_device(op, gate=gate, up=up, grad_out=grad_out, theta=theta, mean=mean, std=std)
     return gate.new_empty(gate.shape), gate.new_empty(gate.shape)
 
 
