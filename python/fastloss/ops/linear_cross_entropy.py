@@ -11,8 +11,9 @@ from typing import Dict, List, Literal, Optional, Tuple, Union, overload
 
 import torch
 
-from ._double_backward import forbid_double_backward
-from ._func import batch_front, derivative_function, forbid_transforms, loop_rule, transform_function, transforms_active
+from . import _lce_derivatives as lce_derivatives
+from ._double_backward import refuse_second_derivative
+from ._func import batch_front, forbid_transforms, loop_rule, transform_function, transforms_active
 from ._guards import check_dtype, check_floating, check_same_device, check_shape, check_value
 
 _REDUCTIONS = ("mean", "sum", "none")
@@ -371,12 +372,58 @@ def _shard_backward(ctx, grad_lse_local, grad_linear):
 # Without an autograd kernel, inputs requiring grad reached the kernel's matmuls into
 # preallocated outputs, which refused them.
 torch.library.register_autograd("fastloss::linear_cross_entropy_shard", _shard_backward, setup_context=_shard_setup)
-forbid_double_backward("linear_cross_entropy_backward", "fastloss.linear_cross_entropy")
+
+
+# The backward op's own derivative (double backward, Hessian-vector products): blockwise torch
+# ops (_lce_derivatives.py).
+
+
+def _backward_op_setup(ctx, inputs, output):
+    grad_loss, grad_lse, hidden, classifier, targets, bias, lse, ignore_index, softcap, label_smoothing, z_loss = \
+        inputs[:11]
+    output_mask = inputs[12]
+    vocab_start = inputs[13] if len(inputs) > 13 else 0
+    vocab_total = inputs[14] if len(inputs) > 14 else -1
+    ctx.opt = lce_derivatives.Options(ignore_index, softcap, label_smoothing, z_loss, vocab_start, vocab_total)
+    ctx.mask = [bool(output_mask & 1 << i) for i in range(3)] if isinstance(output_mask, int) else list(output_mask)
+    ctx.save_for_backward(grad_loss, grad_lse, hidden, classifier, targets, bias, lse)
+    ctx.save_for_forward(grad_loss, grad_lse, hidden, classifier, targets, bias, lse)
+
+
+def _backward_op_backward(ctx, u_h, u_c, u_b):
+    grad_loss, grad_lse, hidden, classifier, targets, bias, lse = ctx.saved_tensors
+    d_g, d_gl, d_h, d_c, d_b, d_lse = lce_derivatives.backward_vjp(
+        (u_h, u_c, u_b), grad_loss, grad_lse, hidden, classifier, targets, bias, lse, ctx.opt, ctx.mask)
+    return (d_g, d_gl, d_h, d_c, None, d_b, d_lse) + (None,) * 9
+
+
+def _backward_op_jvp(ctx, t_g, t_gl, t_h, t_c, _t_targets, t_b, t_lse, *_options):
+    grad_loss, grad_lse, hidden, classifier, targets, bias, lse = ctx.saved_tensors
+    return lce_derivatives.backward_jvp((grad_loss, grad_lse, hidden, classifier, bias, lse),
+                                        (t_g, t_gl, t_h, t_c, t_b, t_lse), targets, ctx.opt, ctx.mask)
+
+
+torch.library.register_autograd("fastloss::linear_cross_entropy_backward", _backward_op_backward,
+                                setup_context=_backward_op_setup)
 
 
 # --------------------------------------------------------------------------------------------
-# torch.func transforms (see _func.py): reverse mode through the same backward op; no
-# forward mode. A batch of token sets folds into the tokens when the classifier is shared.
+# torch.func transforms (see _func.py): reverse mode through the same backward op, forward mode
+# and the backward op's derivatives blockwise (_lce_derivatives.py). A batch of token sets
+# folds into the tokens when the classifier is shared.
+
+
+def _transform_setup(ctx, inputs, output):
+    _setup(ctx, inputs, output)
+    hidden, classifier, targets, bias = inputs[:4]
+    ctx.save_for_forward(hidden, classifier, targets, bias, output[1])
+
+
+def _forward_jvp(ctx, t_hidden, t_classifier, _t_targets, t_bias, *_options):
+    hidden, classifier, targets, bias, lse = ctx.saved_tensors
+    ignore_index, softcap, label_smoothing, z_loss = ctx.options[:4]
+    opt = lce_derivatives.Options(ignore_index, softcap, label_smoothing, z_loss, 0, -1)
+    return lce_derivatives.forward_jvp(hidden, classifier, targets, bias, lse, (t_hidden, t_classifier, t_bias), opt)
 
 
 def _transform_backward(ctx, grad_loss, grad_lse):
@@ -385,16 +432,24 @@ def _transform_backward(ctx, grad_loss, grad_lse):
     mask = [ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.has_bias and ctx.needs_input_grad[3]]
     dh, dc, db = _BACKWARD_FN.apply(
         grad_loss.to(lse.dtype), grad_lse.to(lse.dtype), hidden, classifier, targets, bias, lse, ignore_index,
-        softcap, label_smoothing, z_loss, filter_eps, mask, 0, -1, deterministic)
+        softcap, label_smoothing, z_loss, filter_eps, sum(int(m) << i for i, m in enumerate(mask)), 0, -1,
+        deterministic)
     return (dh if mask[0] else None), (dc if mask[1] else None), None, (db if mask[2] else None), None, None, None, \
         None, None, None
 
 
-_BACKWARD_FN = derivative_function("linear_cross_entropy_backward",
-                                   torch.ops.fastloss.linear_cross_entropy_backward.default,
-                                   "fastloss.linear_cross_entropy")
-_TRANSFORM_FN = transform_function("linear_cross_entropy", torch.ops.fastloss.linear_cross_entropy.default, _setup,
-                                   _transform_backward)
+def _backward_op_bits(*args):
+    """The backward op with its output_mask as bits of an int: under vmap, torch's rule for a
+    Function's jvp counts a list argument as several inputs (hessian failed)."""
+    bits = args[12]
+    return torch.ops.fastloss.linear_cross_entropy_backward.default(
+        *args[:12], [bool(bits & 1), bool(bits & 2), bool(bits & 4)], *args[13:])
+
+
+_BACKWARD_FN = transform_function("linear_cross_entropy_backward", _backward_op_bits, _backward_op_setup,
+                                  _backward_op_backward, _backward_op_jvp)
+_TRANSFORM_FN = transform_function("linear_cross_entropy", torch.ops.fastloss.linear_cross_entropy.default,
+                                   _transform_setup, _transform_backward, _forward_jvp)
 
 _FORWARD_LOOP = loop_rule(torch.ops.fastloss.linear_cross_entropy.default)
 _BACKWARD_LOOP = loop_rule(torch.ops.fastloss.linear_cross_entropy_backward.default)
@@ -485,6 +540,9 @@ class _VocabParallel(torch.autograd.Function):
 
         hidden, classifier, targets, bias, lse = ctx.saved_tensors
         ignore_index, softcap, label_smoothing, z_loss, filter_eps, vocab_start, vocab_total, deterministic = ctx.options
+        # The all-reduce below is not differentiable.
+        hidden, classifier, bias, lse, grad_loss, grad_lse = refuse_second_derivative(
+            "fastloss.linear_cross_entropy", "with a process_group", hidden, classifier, bias, lse, grad_loss, grad_lse)
         dh, dc, db = torch.ops.fastloss.linear_cross_entropy_backward.default(
             grad_loss.to(lse.dtype).contiguous(), None if grad_lse is None else grad_lse.to(lse.dtype).contiguous(),
             hidden, classifier, targets, bias, lse, ignore_index, softcap, label_smoothing, z_loss, filter_eps,

@@ -1,0 +1,226 @@
+"""Higher derivatives of cut cross-entropy: forward mode (jvp) of the forward op, and the
+derivatives of the backward op in both modes (double backward, hessian, Hessian-vector
+products). The kernels compute first derivatives only; these are computed here with torch
+ops, one block of the vocabulary at a time, so that memory stays O(N x block) as in the
+kernels and no N x V tensor is formed.
+
+The backward op, as a function of (grad_loss, grad_lse, hidden, classifier, bias, lse), is
+(with z = softcap(h c^T + b) and p = exp(z - lse), lse an input like the others)
+
+    dz   = a p - (1 - ls) g onehot(target) - (ls / V) g,   a = g (1 + 2 z_loss lse) + grad_lse
+    dh   = (dz * softcap'(.)) @ c,   dc = (dz * softcap'(.))^T @ h,   db = sum over tokens,
+
+zero for ignored tokens (csrc/common/linear_cross_entropy_math.h); its derivatives here are
+those of that expression (without the kernels' gradient filtering, which only drops entries
+below filter_eps)."""
+
+from __future__ import annotations
+
+from typing import List, NamedTuple, Optional, Tuple
+
+import torch
+
+# Logit-block entries per step: a few float32 intermediates of this size are alive at once.
+_BLOCK_ENTRIES = 1 << 22
+
+
+class Options(NamedTuple):
+    ignore_index: int
+    softcap: float
+    label_smoothing: float
+    z_loss: float
+    vocab_start: int
+    vocab_total: int  # -1: the classifier's rows are the whole vocabulary
+
+
+def _acc(t: torch.Tensor) -> torch.dtype:
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
+def _blocks(tokens: int, vocab: int) -> List[Tuple[int, int]]:
+    step = max(1, min(vocab, _BLOCK_ENTRIES // max(1, tokens)))
+    return [(j, min(vocab, j + step)) for j in range(0, vocab, step)]
+
+
+class _Tokens(NamedTuple):
+    active: torch.Tensor  # (N,) bool: the tokens that are not ignored
+    valid: torch.Tensor   # (N,) acc dtype: active as 1 and 0
+    target: torch.Tensor  # (N,) int64: the target's column in this classifier (may be outside it)
+    inv_vocab: float
+
+
+def _tokens(targets: torch.Tensor, classifier: torch.Tensor, opt: Options, dtype: torch.dtype) -> _Tokens:
+    t = targets.long()
+    vocab = classifier.shape[0] if opt.vocab_total < 0 else opt.vocab_total
+    active = t != opt.ignore_index
+    return _Tokens(active, active.to(dtype), t - opt.vocab_start, 1.0 / vocab)
+
+
+def _probabilities(z: torch.Tensor, lse: torch.Tensor, tok: _Tokens) -> torch.Tensor:
+    """exp(z - lse), 0 at ignored tokens (whose lse is 0: exp(z) could overflow, and 0 * inf
+    would be NaN)."""
+    return torch.exp(torch.where(tok.active[:, None], z - lse[:, None], float("-inf")))
+
+
+def _onehot(tok: _Tokens, j0: int, j1: int, dtype: torch.dtype) -> torch.Tensor:
+    cols = torch.arange(j0, j1, device=tok.target.device)
+    return (tok.target[:, None] == cols[None, :]).to(dtype)
+
+
+def _backward_block(grad_loss, grad_lse, h, c, b, lse, tok: _Tokens, onehot, opt: Options):
+    """The backward op's (dh part, dc rows, db rows) for classifier rows c (one block)."""
+    dtype = lse.dtype
+    hh, cc = h.to(dtype), c.to(dtype)
+    a = hh @ cc.T
+    if b is not None:
+        a = a + b.to(dtype)
+    if opt.softcap:
+        t = torch.tanh(a / opt.softcap)
+        z, slope = opt.softcap * t, 1 - t * t
+    else:
+        z, slope = a, None
+    p = _probabilities(z, lse, tok)
+    g = grad_loss * tok.valid
+    scale = g * (1 + 2 * opt.z_loss * lse)
+    if grad_lse is not None:
+        scale = scale + grad_lse * tok.valid
+    dz = scale[:, None] * p - (g * (1 - opt.label_smoothing))[:, None] * onehot
+    if opt.label_smoothing:
+        dz = dz - (g * (opt.label_smoothing * tok.inv_vocab))[:, None]
+    if slope is not None:
+        dz = dz * slope
+    db = dz.sum(0).to(b.dtype) if b is not None else None
+    return (dz @ cc).to(h.dtype), (dz.T @ hh).to(c.dtype), db
+
+
+def _zeros_if_none(t: Optional[torch.Tensor], like: torch.Tensor) -> torch.Tensor:
+    return torch.zeros_like(like) if t is None else t
+
+
+def backward_vjp(cotangents, grad_loss, grad_lse, hidden, classifier, targets, bias, lse, opt: Options,
+                 output_mask) -> Tuple[torch.Tensor, Optional[torch.Tensor], torch.Tensor, torch.Tensor,
+                                       Optional[torch.Tensor], torch.Tensor]:
+    """Gradients of <cotangents, backward op's (dh, dc, db)> with respect to (grad_loss,
+    grad_lse, hidden, classifier, bias, lse); grad_lse's and bias's are None where they are."""
+    u_h, u_c, u_b = cotangents
+    u_h = u_h if output_mask[0] and u_h is not None else torch.zeros_like(hidden)
+    u_c = u_c if output_mask[1] and u_c is not None else torch.zeros_like(classifier)
+    if bias is not None:
+        u_b = u_b if output_mask[2] and u_b is not None else torch.zeros_like(bias)
+    tok = _tokens(targets, classifier, opt, lse.dtype)
+    d_g, d_gl, d_h, d_lse = (torch.zeros_like(grad_loss), None if grad_lse is None else torch.zeros_like(grad_lse),
+                             torch.zeros_like(hidden), torch.zeros_like(lse))
+    d_c_parts, d_b_parts = [], []
+    for j0, j1 in _blocks(hidden.shape[0], classifier.shape[0]):
+        onehot = _onehot(tok, j0, j1, lse.dtype)
+        b = None if bias is None else bias[j0:j1]
+
+        def block(g, gl, h, c, bb, s):
+            return _backward_block(g, gl, h, c, bb, s, tok, onehot, opt)
+
+        outputs, pull = torch.func.vjp(block, grad_loss, grad_lse, hidden, classifier[j0:j1], b, lse)
+        cot = (u_h, u_c[j0:j1], None if b is None else u_b[j0:j1])
+        g_g, g_gl, g_h, g_c, g_b, g_lse = pull(cot)
+        d_g, d_h, d_lse = d_g + g_g, d_h + g_h, d_lse + g_lse
+        if d_gl is not None:
+            d_gl = d_gl + g_gl
+        d_c_parts.append(g_c)
+        if b is not None:
+            d_b_parts.append(g_b)
+    d_c = torch.cat(d_c_parts) if d_c_parts else torch.zeros_like(classifier)
+    d_b = None if bias is None else (torch.cat(d_b_parts) if d_b_parts else torch.zeros_like(bias))
+    return d_g, d_gl, d_h, d_c, d_b, d_lse
+
+
+def _block_jvp(primals, tangents, tok: _Tokens, onehot, opt: Options):
+    """The tangents of _backward_block's (dh part, dc rows, db rows), written out: torch.func.jvp
+    cannot run inside an eager forward-mode level (fwAD.dual_level)."""
+    grad_loss, grad_lse, h, c, b, lse = primals
+    t_g, t_gl, t_h, t_c, t_b, t_lse = tangents
+    dtype = lse.dtype
+    hh, cc, th, tc = h.to(dtype), c.to(dtype), t_h.to(dtype), t_c.to(dtype)
+    a = hh @ cc.T
+    da = th @ cc.T + hh @ tc.T
+    if b is not None:
+        a, da = a + b.to(dtype), da + t_b.to(dtype)
+    if opt.softcap:
+        t = torch.tanh(a / opt.softcap)
+        slope = 1 - t * t
+        z, dz_in = opt.softcap * t, slope * da
+        d_slope = -2 * t * slope * da / opt.softcap
+    else:
+        z, dz_in, slope, d_slope = a, da, None, None
+    p = _probabilities(z, lse, tok)
+    dp = p * (dz_in - t_lse[:, None])
+    g, dg = grad_loss * tok.valid, t_g * tok.valid
+    scale = g * (1 + 2 * opt.z_loss * lse)
+    d_scale = dg * (1 + 2 * opt.z_loss * lse) + g * (2 * opt.z_loss) * t_lse
+    if grad_lse is not None:
+        scale, d_scale = scale + grad_lse * tok.valid, d_scale + t_gl * tok.valid
+    ls = opt.label_smoothing
+    G = scale[:, None] * p - (g * (1 - ls))[:, None] * onehot
+    dG = d_scale[:, None] * p + scale[:, None] * dp - (dg * (1 - ls))[:, None] * onehot
+    if ls:
+        G, dG = G - (g * (ls * tok.inv_vocab))[:, None], dG - (dg * (ls * tok.inv_vocab))[:, None]
+    if slope is not None:
+        G, dG = G * slope, dG * slope + G * d_slope
+    o_b = dG.sum(0).to(b.dtype) if b is not None else None
+    return (dG @ cc + G @ tc).to(h.dtype), (dG.T @ hh + G.T @ th).to(c.dtype), o_b
+
+
+def backward_jvp(primals, tangents, targets, opt: Options, output_mask):
+    """Tangents of the backward op's (dh, dc, db), primals and tangents being (grad_loss,
+    grad_lse, hidden, classifier, bias, lse) (None for an absent argument or tangent)."""
+    grad_loss, grad_lse, hidden, classifier, bias, lse = primals
+    t_g, t_gl, t_h, t_c, t_b, t_lse = (None if p is None else _zeros_if_none(t, p) for p, t in zip(primals, tangents))
+    tok = _tokens(targets, classifier, opt, lse.dtype)
+    o_h = torch.zeros_like(hidden)
+    o_c_parts, o_b_parts = [], []
+    for j0, j1 in _blocks(hidden.shape[0], classifier.shape[0]):
+        onehot = _onehot(tok, j0, j1, lse.dtype)
+        b, tb = (None, None) if bias is None else (bias[j0:j1], t_b[j0:j1])
+        part_h, part_c, part_b = _block_jvp((grad_loss, grad_lse, hidden, classifier[j0:j1], b, lse),
+                                            (t_g, t_gl, t_h, t_c[j0:j1], tb, t_lse), tok, onehot, opt)
+        o_h = o_h + part_h
+        o_c_parts.append(part_c)
+        if bias is not None:
+            o_b_parts.append(part_b)
+    o_c = torch.cat(o_c_parts) if o_c_parts else torch.zeros_like(classifier)
+    o_h = o_h if output_mask[0] else hidden.new_zeros((0,))
+    o_c = o_c if output_mask[1] else classifier.new_zeros((0,))
+    if bias is not None and output_mask[2]:
+        o_b = torch.cat(o_b_parts) if o_b_parts else torch.zeros_like(bias)
+    else:
+        o_b = hidden.new_zeros((0,)) if bias is None else bias.new_zeros((0,))
+    return o_h, o_c, o_b
+
+
+def forward_jvp(hidden, classifier, targets, bias, lse, tangents, opt: Options):
+    """Tangents of the forward op's (loss, lse), tangents being those of (hidden, classifier,
+    bias) (None: no tangent)."""
+    t_h, t_c, t_b = tangents
+    t_h, t_c = _zeros_if_none(t_h, hidden), _zeros_if_none(t_c, classifier)
+    t_b = None if bias is None else _zeros_if_none(t_b, bias)
+    dtype = lse.dtype
+    hh, th = hidden.to(dtype), t_h.to(dtype)
+    tok = _tokens(targets, classifier, opt, dtype)
+    d_lse = torch.zeros_like(lse)
+    d_target = torch.zeros_like(lse)
+    d_sum = torch.zeros_like(lse)
+    for j0, j1 in _blocks(hidden.shape[0], classifier.shape[0]):
+        c, tc = classifier[j0:j1].to(dtype), t_c[j0:j1].to(dtype)
+        a, da = hh @ c.T, th @ c.T + hh @ tc.T
+        if bias is not None:
+            a, da = a + bias[j0:j1].to(dtype), da + t_b[j0:j1].to(dtype)
+        if opt.softcap:
+            t = torch.tanh(a / opt.softcap)
+            z, dz = opt.softcap * t, (1 - t * t) * da
+        else:
+            z, dz = a, da
+        d_lse = d_lse + (_probabilities(z, lse, tok) * dz).sum(1)
+        d_target = d_target + (_onehot(tok, j0, j1, dtype) * dz).sum(1)
+        if opt.label_smoothing:
+            d_sum = d_sum + dz.sum(1)
+    ls = opt.label_smoothing
+    d_loss = d_lse * (1 + 2 * opt.z_loss * lse) - (1 - ls) * d_target - ls * tok.inv_vocab * d_sum
+    return d_loss * tok.valid, d_lse * tok.valid
