@@ -51,14 +51,17 @@ CASES = {
 
 _TARGETS = torch.tensor([[1, 2, -100, 0, 12], [3, 3, 7, 11, 0]])
 
-# Reverse mode only (grad, vjp, jacrev, vmap): forward mode raises.
-REVERSE_ONLY = {
+CASES.update({
     "linear_cross_entropy": (lambda h, c: fastloss.linear_cross_entropy(h, c, _TARGETS.to(h.device)),
-                             lambda d: (_randn(2, 5, 4, device=d), _randn(13, 4, device=d)), False),
+                             lambda d: (_randn(2, 5, 4, device=d), _randn(13, 4, device=d)), True),
     "linear_cross_entropy_options": (
         lambda h, c, b: fastloss.linear_cross_entropy(h, c, _TARGETS.to(h.device), b, reduction="none", softcap=2.0,
                                                       label_smoothing=0.1, z_loss=1e-3, shift=True),
-        lambda d: (_randn(2, 5, 4, device=d), _randn(13, 4, device=d), _randn(13, device=d)), False),
+        lambda d: (_randn(2, 5, 4, device=d), _randn(13, 4, device=d), _randn(13, device=d)), True),
+})
+
+# Reverse mode only (grad, vjp, jacrev, vmap): forward mode raises.
+REVERSE_ONLY = {
     "sinkhorn_kd_loss": (lambda s, t: fastloss.sinkhorn_kd_loss(s, t, n_iter=7),
                          lambda d: (_randn(6, 5, device=d), _randn(6, 5, device=d)), False),
     "sinkhorn_cost": (lambda c, a: fastloss.sinkhorn_cost(c, a / a.sum(), eps=0.2, tol=1e-12),
@@ -178,8 +181,8 @@ def test_per_sample_gradients(name, device):
 @pytest.mark.parametrize("name", SECOND_ORDER)
 def test_second_derivatives_match_double_backward(name):
     fn, make, _ = CASES[name]
-    (x,) = make("cpu")
-    loss = lambda a: fn(a).pow(3).sum()  # noqa: E731
+    x, *rest = make("cpu")
+    loss = lambda a: fn(a, *rest).pow(3).sum()  # noqa: E731
     leaf = x.clone().requires_grad_()
     (g,) = torch.autograd.grad(loss(leaf), leaf, create_graph=True)
     direction = torch.randn_like(x)
@@ -324,17 +327,17 @@ def test_forward_ad_through_torch_compile():
     # ops with Python autograd dropped them without a word (the others raised torch's generic
     # error). With a forward-AD level open the wrappers now take the transform path.
     x, t = _randn(3, 8), _randn(3, 8)
+    c = _randn(5, 8)
     for fn in (lambda a: fastloss.stat_topk(a, sparsity=0.6), lambda a: fastloss.softmax(a, -1),
-               lambda a: fastloss.log_bessel_iv(1.5, a.abs())):
+               lambda a: fastloss.log_bessel_iv(1.5, a.abs()),
+               lambda a: fastloss.linear_cross_entropy(a, c, torch.tensor([0, 1, 2]))):
         with fwAD.dual_level():
             expected = fwAD.unpack_dual(fn(fwAD.make_dual(x, t))).tangent
             got = fwAD.unpack_dual(torch.compile(fn, backend="aot_eager")(fwAD.make_dual(x, t))).tangent
         torch.testing.assert_close(got, expected)
         torch._dynamo.reset()
-    c = _randn(5, 8)
     with fwAD.dual_level(), pytest.raises(NotImplementedError, match="forward-mode"):
-        torch.compile(lambda a: fastloss.linear_cross_entropy(a, c, torch.tensor([0, 1, 2])), backend="aot_eager")(
-            fwAD.make_dual(x, t))
+        torch.compile(lambda a: fastloss.sinkhorn_kd_loss(a, x), backend="aot_eager")(fwAD.make_dual(x, t))
     torch._dynamo.reset()
 
 

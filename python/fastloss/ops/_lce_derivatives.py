@@ -16,12 +16,13 @@ below filter_eps)."""
 
 from __future__ import annotations
 
-from typing import List, NamedTuple, Optional, Tuple
+from typing import List, NamedTuple, Optional, Tuple, cast
 
 import torch
 
-# Logit-block entries per step: a few float32 intermediates of this size are alive at once.
-_BLOCK_ENTRIES = 1 << 22
+# Logit-block entries per step (4 MiB of float32): some ten intermediates of this size are alive
+# at once.
+_BLOCK_ENTRIES = 1 << 20
 
 
 class Options(NamedTuple):
@@ -110,23 +111,29 @@ def backward_vjp(cotangents, grad_loss, grad_lse, hidden, classifier, targets, b
     tok = _tokens(targets, classifier, opt, lse.dtype)
     d_g, d_gl, d_h, d_lse = (torch.zeros_like(grad_loss), None if grad_lse is None else torch.zeros_like(grad_lse),
                              torch.zeros_like(hidden), torch.zeros_like(lse))
-    d_c_parts, d_b_parts = [], []
+    d_c_parts: List[torch.Tensor] = []
+    d_b_parts: List[torch.Tensor] = []
     for j0, j1 in _blocks(hidden.shape[0], classifier.shape[0]):
         onehot = _onehot(tok, j0, j1, lse.dtype)
         b = None if bias is None else bias[j0:j1]
+        primals = (grad_loss, grad_lse, hidden, classifier[j0:j1], b, lse)
+        present = [i for i, p in enumerate(primals) if p is not None]
 
-        def block(g, gl, h, c, bb, s):
-            return _backward_block(g, gl, h, c, bb, s, tok, onehot, opt)
+        def block(*args, present=present, onehot=onehot):
+            full: List[Optional[torch.Tensor]] = [None] * 6
+            for i, a in zip(present, args):
+                full[i] = a
+            dh, dc, db = _backward_block(*full, tok, onehot, opt)
+            return (dh, dc) if db is None else (dh, dc, db)
 
-        outputs, pull = torch.func.vjp(block, grad_loss, grad_lse, hidden, classifier[j0:j1], b, lse)
-        cot = (u_h, u_c[j0:j1], None if b is None else u_b[j0:j1])
-        g_g, g_gl, g_h, g_c, g_b, g_lse = pull(cot)
-        d_g, d_h, d_lse = d_g + g_g, d_h + g_h, d_lse + g_lse
+        pull = torch.func.vjp(block, *(primals[i] for i in present))[1]
+        pulled = dict(zip(present, pull((u_h, u_c[j0:j1]) if b is None else (u_h, u_c[j0:j1], u_b[j0:j1]))))
+        d_g, d_h, d_lse = d_g + pulled[0], d_h + pulled[2], d_lse + pulled[5]
         if d_gl is not None:
-            d_gl = d_gl + g_gl
-        d_c_parts.append(g_c)
+            d_gl = d_gl + pulled[1]
+        d_c_parts.append(pulled[3])
         if b is not None:
-            d_b_parts.append(g_b)
+            d_b_parts.append(pulled[4])
     d_c = torch.cat(d_c_parts) if d_c_parts else torch.zeros_like(classifier)
     d_b = None if bias is None else (torch.cat(d_b_parts) if d_b_parts else torch.zeros_like(bias))
     return d_g, d_gl, d_h, d_c, d_b, d_lse
@@ -173,12 +180,14 @@ def backward_jvp(primals, tangents, targets, opt: Options, output_mask):
     grad_lse, hidden, classifier, bias, lse) (None for an absent argument or tangent)."""
     grad_loss, grad_lse, hidden, classifier, bias, lse = primals
     t_g, t_gl, t_h, t_c, t_b, t_lse = (None if p is None else _zeros_if_none(t, p) for p, t in zip(primals, tangents))
+    t_c = cast(torch.Tensor, t_c)
     tok = _tokens(targets, classifier, opt, lse.dtype)
     o_h = torch.zeros_like(hidden)
-    o_c_parts, o_b_parts = [], []
+    o_c_parts: List[torch.Tensor] = []
+    o_b_parts: List[torch.Tensor] = []
     for j0, j1 in _blocks(hidden.shape[0], classifier.shape[0]):
         onehot = _onehot(tok, j0, j1, lse.dtype)
-        b, tb = (None, None) if bias is None else (bias[j0:j1], t_b[j0:j1])
+        b, tb = (None, None) if bias is None else (bias[j0:j1], cast(torch.Tensor, t_b)[j0:j1])
         part_h, part_c, part_b = _block_jvp((grad_loss, grad_lse, hidden, classifier[j0:j1], b, lse),
                                             (t_g, t_gl, t_h, t_c[j0:j1], tb, t_lse), tok, onehot, opt)
         o_h = o_h + part_h
@@ -211,7 +220,7 @@ def forward_jvp(hidden, classifier, targets, bias, lse, tangents, opt: Options):
         c, tc = classifier[j0:j1].to(dtype), t_c[j0:j1].to(dtype)
         a, da = hh @ c.T, th @ c.T + hh @ tc.T
         if bias is not None:
-            a, da = a + bias[j0:j1].to(dtype), da + t_b[j0:j1].to(dtype)
+            a, da = a + bias[j0:j1].to(dtype), da + cast(torch.Tensor, t_b)[j0:j1].to(dtype)
         if opt.softcap:
             t = torch.tanh(a / opt.softcap)
             z, dz = opt.softcap * t, (1 - t * t) * da
