@@ -95,6 +95,13 @@ BAD_CALLS = {
     "vmf derivative": ("derivative", lambda t: F.vmf_mean_resultant(t(4), 3, 3)),
     "vmf iterations": ("iterations", lambda t: F.vmf_kappa_mle(t(4), 3, 0)),
     "vmf sample shapes": ("shape", lambda t: F.vmf_sample_w_derivative(t(4), t(3), 3)),
+    "vmf iterations before dtype": ("iterations", lambda t: F.vmf_kappa_mle(t(4, dtype=_LONG), 3, 0)),
+    "vmf derivative before dtype": ("derivative", lambda t: F.vmf_mean_resultant(t(4, dtype=_LONG), 3, 3)),
+    "log_bessel broadcast": ("'v'", lambda t: F.log_bessel_iv(t(3), t(4))),
+    "sinkhorn_kd_backward grad_loss": ("grad_loss", lambda t: F.sinkhorn_kd_backward(
+        t(2), t(4, 5), t(4, 5), t(4, 4), t(3, 4), t(3, 4), 2.0, 0.1, 1e-3, True, True, torch.float32, torch.float32)),
+    "sinkhorn_kd_backward temperature": ("temperature", lambda t: F.sinkhorn_kd_backward(
+        t(), t(4, 5), t(4, 5), t(4, 4), t(3, 4), t(3, 4), 0.0, 0.1, 1e-3, True, True, torch.float32, torch.float32)),
 }
 
 
@@ -115,6 +122,39 @@ def test_fake_kernels_reject_what_the_kernels_reject(case):
     assert type(fake.value) is type(real.value), (real.value, fake.value)
     for err in (real.value, fake.value):
         assert "fastloss." in str(err) and arg in str(err), err
+
+
+# Calls at the edges of what the ops accept: the fake kernels must accept them too, with the
+# real outputs' shapes and dtypes.
+GOOD_CALLS = {
+    "softmax 0-d": lambda t: F.softmax(t(), 0, False),
+    "softmax empty": lambda t: F.log_softmax(t(0, 3), 0, False),
+    "softmax half_to_float": lambda t: F.softmax(t(2, 3, dtype=torch.bfloat16), -1, True),
+    "softmax_backward half input": lambda t: F.softmax_backward(t(2, 3), t(2, 3), 1, torch.float16),
+    "stat_topk k": lambda t: F.stat_topk(t(3, 8), 0, 0.0, True, True, 2),
+    "stat_topk 0-d": lambda t: F.stat_topk(t(), 0, 0.5, False, True, 0),
+    "gelu_mul k": lambda t: F.stat_topk_gelu_mul(t(2, 8, dtype=torch.bfloat16), t(2, 8, dtype=torch.bfloat16), 0.0,
+                                                 True, 3),
+    "log_bessel broadcast": lambda t: F.log_bessel_kv(t(3, 1), t(4)),
+    "lce no tokens": lambda t: F.linear_cross_entropy(t(0, 8), t(10, 8), t(0, dtype=_LONG), t(10), -100, 2.0, 0.1,
+                                                      1e-3, 0.0),
+    "lce shard": lambda t: F.linear_cross_entropy_shard(t(4, 8), t(5, 8), t(4, dtype=torch.int32), None, -100, 0.0,
+                                                        0.0, 5, 12),
+    "sinkhorn inf norm": lambda t: F.sinkhorn(t(2, 3, 4), t(2, 3) / 3, t(2, 4) / 4, 0.1, 5, 1e-6, math.inf),
+    "sinkhorn_kd no rows": lambda t: F.sinkhorn_kd(t(0, 5), t(0, 5), 2.0, 0.1, 3, 1e-3),
+    "vmf 0-d": lambda t: F.vmf_kappa_mle(t(), 3, 10),
+}
+
+
+@pytest.mark.parametrize("case", list(GOOD_CALLS))
+def test_fake_kernels_accept_what_the_kernels_accept(case):
+    def tensors(device):
+        return lambda *shape, dtype=torch.float32: torch.full(shape, 0.5, dtype=dtype, device=device) \
+            if dtype.is_floating_point else torch.zeros(shape, dtype=dtype, device=device)
+
+    real, fake = GOOD_CALLS[case](tensors("cpu")), GOOD_CALLS[case](tensors("meta"))
+    real, fake = (real, fake) if isinstance(real, tuple) else ((real,), (fake,))
+    assert [(r.shape, r.dtype) for r in real] == [(f.shape, f.dtype) for f in fake]
 
 
 @pytest.mark.parametrize("shape", [(0, 4), (3, 0), (2, 0, 4), (2, 3, 0)])

@@ -108,11 +108,12 @@ def _check_op_args(op: str, arg: str, t: torch.Tensor, p: int) -> None:
 
 def _elementwise_fake(name: str, arg: str):
     def fake(t: torch.Tensor, p: int, *extra) -> torch.Tensor:
-        _check_op_args(name, arg, t, p)
+        # The ops check their extra argument first (`derivative`, `iterations`).
         if name == "vmf_mean_resultant" and extra:
             check_value(0 <= extra[0] <= 2, name, f"expected 'derivative' to be 0, 1 or 2, got {extra[0]}", ValueError)
         if name == "vmf_kappa_mle" and extra:
             check_value(1 <= extra[0] <= 1000, name, f"expected 'iterations' in [1, 1000], got {extra[0]}", ValueError)
+        _check_op_args(name, arg, t, p)
         return torch.empty_like(t, memory_format=torch.contiguous_format)
     return fake
 

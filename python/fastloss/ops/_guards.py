@@ -16,7 +16,6 @@ def check_same_device(op: str, **tensors) -> None:
             raise RuntimeError(f"fastloss.{op}: '{arg}' must be on the device of '{ref_arg}' ({ref.device}), got {t.device}")
 
 
-
 # The real kernels' argument checks (csrc/common/*_op.h), for the fake kernels, so that a call
 # the ops reject fails the same way (same exception type, the argument named) under
 # torch.compile, on the meta device and in export instead of tracing through. Shape

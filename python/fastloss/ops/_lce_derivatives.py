@@ -16,12 +16,12 @@ below filter_eps)."""
 
 from __future__ import annotations
 
-from typing import List, NamedTuple, Optional, Tuple, cast
+from typing import List, NamedTuple, Optional, Tuple, cast, overload
 
 import torch
 
-# Logit-block entries per step (4 MiB of float32): some ten intermediates of this size are alive
-# at once.
+# Logit-block entries per step (4 MiB in float32, 8 in float64): some ten intermediates of this
+# size are alive at once.
 _BLOCK_ENTRIES = 1 << 20
 
 
@@ -34,10 +34,6 @@ class Options(NamedTuple):
     vocab_total: int  # -1: the classifier's rows are the whole vocabulary
 
 
-def _acc(t: torch.Tensor) -> torch.dtype:
-    return torch.float64 if t.dtype == torch.float64 else torch.float32
-
-
 def _blocks(tokens: int, vocab: int) -> List[Tuple[int, int]]:
     step = max(1, min(vocab, _BLOCK_ENTRIES // max(1, tokens)))
     return [(j, min(vocab, j + step)) for j in range(0, vocab, step)]
@@ -45,7 +41,7 @@ def _blocks(tokens: int, vocab: int) -> List[Tuple[int, int]]:
 
 class _Tokens(NamedTuple):
     active: torch.Tensor  # (N,) bool: the tokens that are not ignored
-    valid: torch.Tensor   # (N,) acc dtype: active as 1 and 0
+    valid: torch.Tensor   # (N,) accumulation dtype: active as 1 and 0
     target: torch.Tensor  # (N,) int64: the target's column in this classifier (may be outside it)
     inv_vocab: float
 
@@ -55,6 +51,16 @@ def _tokens(targets: torch.Tensor, classifier: torch.Tensor, opt: Options, dtype
     vocab = classifier.shape[0] if opt.vocab_total < 0 else opt.vocab_total
     active = t != opt.ignore_index
     return _Tokens(active, active.to(dtype), t - opt.vocab_start, 1.0 / vocab)
+
+
+@overload
+def _up(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor: ...
+@overload
+def _up(t: Optional[torch.Tensor], dtype: torch.dtype) -> Optional[torch.Tensor]: ...
+def _up(t, dtype):
+    """Every block works in the accumulation dtype (float32 for half inputs, like the kernels),
+    and sums across blocks stay in it: one rounding to the input's dtype at the end."""
+    return None if t is None else t.to(dtype)
 
 
 def _probabilities(z: torch.Tensor, lse: torch.Tensor, tok: _Tokens) -> torch.Tensor:
@@ -68,18 +74,20 @@ def _onehot(tok: _Tokens, j0: int, j1: int, dtype: torch.dtype) -> torch.Tensor:
     return (tok.target[:, None] == cols[None, :]).to(dtype)
 
 
+def _logits(h: torch.Tensor, c: torch.Tensor, b: Optional[torch.Tensor], softcap: float):
+    """(z, tanh(a / softcap) or None) for raw logits a = h c^T + b."""
+    a = h @ c.T
+    if b is not None:
+        a = a + b
+    if not softcap:
+        return a, None
+    t = torch.tanh(a / softcap)
+    return softcap * t, t
+
+
 def _backward_block(grad_loss, grad_lse, h, c, b, lse, tok: _Tokens, onehot, opt: Options):
     """The backward op's (dh part, dc rows, db rows) for classifier rows c (one block)."""
-    dtype = lse.dtype
-    hh, cc = h.to(dtype), c.to(dtype)
-    a = hh @ cc.T
-    if b is not None:
-        a = a + b.to(dtype)
-    if opt.softcap:
-        t = torch.tanh(a / opt.softcap)
-        z, slope = opt.softcap * t, 1 - t * t
-    else:
-        z, slope = a, None
+    z, t = _logits(h, c, b, opt.softcap)
     p = _probabilities(z, lse, tok)
     g = grad_loss * tok.valid
     scale = g * (1 + 2 * opt.z_loss * lse)
@@ -88,14 +96,17 @@ def _backward_block(grad_loss, grad_lse, h, c, b, lse, tok: _Tokens, onehot, opt
     dz = scale[:, None] * p - (g * (1 - opt.label_smoothing))[:, None] * onehot
     if opt.label_smoothing:
         dz = dz - (g * (opt.label_smoothing * tok.inv_vocab))[:, None]
-    if slope is not None:
-        dz = dz * slope
-    db = dz.sum(0).to(b.dtype) if b is not None else None
-    return (dz @ cc).to(h.dtype), (dz.T @ hh).to(c.dtype), db
+    if t is not None:
+        dz = dz * (1 - t * t)
+    return dz @ c, dz.T @ h, None if b is None else dz.sum(0)
 
 
 def _zeros_if_none(t: Optional[torch.Tensor], like: torch.Tensor) -> torch.Tensor:
     return torch.zeros_like(like) if t is None else t
+
+
+def _down(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    return t.to(like.dtype)
 
 
 def backward_vjp(cotangents, grad_loss, grad_lse, hidden, classifier, targets, bias, lse, opt: Options,
@@ -103,20 +114,22 @@ def backward_vjp(cotangents, grad_loss, grad_lse, hidden, classifier, targets, b
                                        Optional[torch.Tensor], torch.Tensor]:
     """Gradients of <cotangents, backward op's (dh, dc, db)> with respect to (grad_loss,
     grad_lse, hidden, classifier, bias, lse); grad_lse's and bias's are None where they are."""
+    acc = lse.dtype
+    h, c, b_all = _up(hidden, acc), _up(classifier, acc), _up(bias, acc)
     u_h, u_c, u_b = cotangents
-    u_h = u_h if output_mask[0] and u_h is not None else torch.zeros_like(hidden)
-    u_c = u_c if output_mask[1] and u_c is not None else torch.zeros_like(classifier)
-    if bias is not None:
-        u_b = u_b if output_mask[2] and u_b is not None else torch.zeros_like(bias)
-    tok = _tokens(targets, classifier, opt, lse.dtype)
+    u_h = u_h.to(acc) if output_mask[0] and u_h is not None else torch.zeros_like(h)
+    u_c = u_c.to(acc) if output_mask[1] and u_c is not None else torch.zeros_like(c)
+    if b_all is not None:
+        u_b = u_b.to(acc) if output_mask[2] and u_b is not None else torch.zeros_like(b_all)
+    tok = _tokens(targets, classifier, opt, acc)
     d_g, d_gl, d_h, d_lse = (torch.zeros_like(grad_loss), None if grad_lse is None else torch.zeros_like(grad_lse),
-                             torch.zeros_like(hidden), torch.zeros_like(lse))
+                             torch.zeros_like(h), torch.zeros_like(lse))
     d_c_parts: List[torch.Tensor] = []
     d_b_parts: List[torch.Tensor] = []
-    for j0, j1 in _blocks(hidden.shape[0], classifier.shape[0]):
-        onehot = _onehot(tok, j0, j1, lse.dtype)
-        b = None if bias is None else bias[j0:j1]
-        primals = (grad_loss, grad_lse, hidden, classifier[j0:j1], b, lse)
+    for j0, j1 in _blocks(h.shape[0], c.shape[0]):
+        onehot = _onehot(tok, j0, j1, acc)
+        b = None if b_all is None else b_all[j0:j1]
+        primals = (grad_loss, grad_lse, h, c[j0:j1], b, lse)
         present = [i for i, p in enumerate(primals) if p is not None]
 
         def block(*args, present=present, onehot=onehot):
@@ -134,9 +147,9 @@ def backward_vjp(cotangents, grad_loss, grad_lse, hidden, classifier, targets, b
         d_c_parts.append(pulled[3])
         if b is not None:
             d_b_parts.append(pulled[4])
-    d_c = torch.cat(d_c_parts) if d_c_parts else torch.zeros_like(classifier)
-    d_b = None if bias is None else (torch.cat(d_b_parts) if d_b_parts else torch.zeros_like(bias))
-    return d_g, d_gl, d_h, d_c, d_b, d_lse
+    d_c = _down(torch.cat(d_c_parts), classifier) if d_c_parts else torch.zeros_like(classifier)
+    d_b = None if bias is None else (_down(torch.cat(d_b_parts), bias) if d_b_parts else torch.zeros_like(bias))
+    return d_g, d_gl, _down(d_h, hidden), d_c, d_b, d_lse
 
 
 def _block_jvp(primals, tangents, tok: _Tokens, onehot, opt: Options):
@@ -144,19 +157,15 @@ def _block_jvp(primals, tangents, tok: _Tokens, onehot, opt: Options):
     cannot run inside an eager forward-mode level (fwAD.dual_level)."""
     grad_loss, grad_lse, h, c, b, lse = primals
     t_g, t_gl, t_h, t_c, t_b, t_lse = tangents
-    dtype = lse.dtype
-    hh, cc, th, tc = h.to(dtype), c.to(dtype), t_h.to(dtype), t_c.to(dtype)
-    a = hh @ cc.T
-    da = th @ cc.T + hh @ tc.T
+    z, t = _logits(h, c, b, opt.softcap)
+    da = t_h @ c.T + h @ t_c.T
     if b is not None:
-        a, da = a + b.to(dtype), da + t_b.to(dtype)
-    if opt.softcap:
-        t = torch.tanh(a / opt.softcap)
+        da = da + t_b
+    if t is not None:
         slope = 1 - t * t
-        z, dz_in = opt.softcap * t, slope * da
-        d_slope = -2 * t * slope * da / opt.softcap
+        dz_in, d_slope = slope * da, -2 * t * slope * da / opt.softcap
     else:
-        z, dz_in, slope, d_slope = a, da, None, None
+        dz_in, slope, d_slope = da, None, None
     p = _probabilities(z, lse, tok)
     dp = p * (dz_in - t_lse[:, None])
     g, dg = grad_loss * tok.valid, t_g * tok.valid
@@ -171,63 +180,64 @@ def _block_jvp(primals, tangents, tok: _Tokens, onehot, opt: Options):
         G, dG = G - (g * (ls * tok.inv_vocab))[:, None], dG - (dg * (ls * tok.inv_vocab))[:, None]
     if slope is not None:
         G, dG = G * slope, dG * slope + G * d_slope
-    o_b = dG.sum(0).to(b.dtype) if b is not None else None
-    return (dG @ cc + G @ tc).to(h.dtype), (dG.T @ hh + G.T @ th).to(c.dtype), o_b
+    return dG @ c + G @ t_c, dG.T @ h + G.T @ t_h, None if b is None else dG.sum(0)
 
 
 def backward_jvp(primals, tangents, targets, opt: Options, output_mask):
     """Tangents of the backward op's (dh, dc, db), primals and tangents being (grad_loss,
     grad_lse, hidden, classifier, bias, lse) (None for an absent argument or tangent)."""
     grad_loss, grad_lse, hidden, classifier, bias, lse = primals
-    t_g, t_gl, t_h, t_c, t_b, t_lse = (None if p is None else _zeros_if_none(t, p) for p, t in zip(primals, tangents))
-    t_c = cast(torch.Tensor, t_c)
-    tok = _tokens(targets, classifier, opt, lse.dtype)
-    o_h = torch.zeros_like(hidden)
+    acc = lse.dtype
+    full = [None if p is None else _zeros_if_none(t, p) for p, t in zip(primals, tangents)]
+    t_g, t_gl, t_h, t_c, t_b, t_lse = (_up(t, acc) for t in full)
+    h, c, b_all = _up(hidden, acc), _up(classifier, acc), _up(bias, acc)
+    tok = _tokens(targets, classifier, opt, acc)
+    o_h = torch.zeros_like(h)
     o_c_parts: List[torch.Tensor] = []
     o_b_parts: List[torch.Tensor] = []
-    for j0, j1 in _blocks(hidden.shape[0], classifier.shape[0]):
-        onehot = _onehot(tok, j0, j1, lse.dtype)
-        b, tb = (None, None) if bias is None else (bias[j0:j1], cast(torch.Tensor, t_b)[j0:j1])
-        part_h, part_c, part_b = _block_jvp((grad_loss, grad_lse, hidden, classifier[j0:j1], b, lse),
-                                            (t_g, t_gl, t_h, t_c[j0:j1], tb, t_lse), tok, onehot, opt)
+    for j0, j1 in _blocks(h.shape[0], c.shape[0]):
+        onehot = _onehot(tok, j0, j1, acc)
+        b, tb = (None, None) if b_all is None else (b_all[j0:j1], cast(torch.Tensor, t_b)[j0:j1])
+        part_h, part_c, part_b = _block_jvp((grad_loss, grad_lse, h, c[j0:j1], b, lse),
+                                            (t_g, t_gl, t_h, cast(torch.Tensor, t_c)[j0:j1], tb, t_lse), tok, onehot,
+                                            opt)
         o_h = o_h + part_h
         o_c_parts.append(part_c)
-        if bias is not None:
+        if b is not None:
             o_b_parts.append(part_b)
-    o_c = torch.cat(o_c_parts) if o_c_parts else torch.zeros_like(classifier)
-    o_h = o_h if output_mask[0] else hidden.new_zeros((0,))
-    o_c = o_c if output_mask[1] else classifier.new_zeros((0,))
+    out_h = _down(o_h, hidden) if output_mask[0] else hidden.new_zeros((0,))
+    out_c = (_down(torch.cat(o_c_parts), classifier) if o_c_parts else torch.zeros_like(classifier)) \
+        if output_mask[1] else classifier.new_zeros((0,))
     if bias is not None and output_mask[2]:
-        o_b = torch.cat(o_b_parts) if o_b_parts else torch.zeros_like(bias)
+        out_b = _down(torch.cat(o_b_parts), bias) if o_b_parts else torch.zeros_like(bias)
     else:
-        o_b = hidden.new_zeros((0,)) if bias is None else bias.new_zeros((0,))
-    return o_h, o_c, o_b
+        out_b = hidden.new_zeros((0,)) if bias is None else bias.new_zeros((0,))
+    return out_h, out_c, out_b
 
 
 def forward_jvp(hidden, classifier, targets, bias, lse, tangents, opt: Options):
     """Tangents of the forward op's (loss, lse), tangents being those of (hidden, classifier,
     bias) (None: no tangent)."""
+    acc = lse.dtype
     t_h, t_c, t_b = tangents
-    t_h, t_c = _zeros_if_none(t_h, hidden), _zeros_if_none(t_c, classifier)
-    t_b = None if bias is None else _zeros_if_none(t_b, bias)
-    dtype = lse.dtype
-    hh, th = hidden.to(dtype), t_h.to(dtype)
-    tok = _tokens(targets, classifier, opt, dtype)
+    t_h, t_c = _zeros_if_none(t_h, hidden).to(acc), _zeros_if_none(t_c, classifier).to(acc)
+    t_b = None if bias is None else _zeros_if_none(t_b, bias).to(acc)
+    h, c, b_all = _up(hidden, acc), _up(classifier, acc), _up(bias, acc)
+    tok = _tokens(targets, classifier, opt, acc)
     d_lse = torch.zeros_like(lse)
     d_target = torch.zeros_like(lse)
     d_sum = torch.zeros_like(lse)
-    for j0, j1 in _blocks(hidden.shape[0], classifier.shape[0]):
-        c, tc = classifier[j0:j1].to(dtype), t_c[j0:j1].to(dtype)
-        a, da = hh @ c.T, th @ c.T + hh @ tc.T
-        if bias is not None:
-            a, da = a + bias[j0:j1].to(dtype), da + cast(torch.Tensor, t_b)[j0:j1].to(dtype)
-        if opt.softcap:
-            t = torch.tanh(a / opt.softcap)
-            z, dz = opt.softcap * t, (1 - t * t) * da
-        else:
-            z, dz = a, da
+    for j0, j1 in _blocks(h.shape[0], c.shape[0]):
+        cb, tc = c[j0:j1], t_c[j0:j1]
+        b = None if b_all is None else b_all[j0:j1]
+        z, t = _logits(h, cb, b, opt.softcap)
+        dz = t_h @ cb.T + h @ tc.T
+        if b is not None:
+            dz = dz + cast(torch.Tensor, t_b)[j0:j1]
+        if t is not None:
+            dz = (1 - t * t) * dz
         d_lse = d_lse + (_probabilities(z, lse, tok) * dz).sum(1)
-        d_target = d_target + (_onehot(tok, j0, j1, dtype) * dz).sum(1)
+        d_target = d_target + (_onehot(tok, j0, j1, acc) * dz).sum(1)
         if opt.label_smoothing:
             d_sum = d_sum + dz.sum(1)
     ls = opt.label_smoothing

@@ -335,9 +335,14 @@ def _backward(ctx, grad_loss, grad_lse):
     hidden, classifier, targets, bias, lse = ctx.saved_tensors
     ignore_index, softcap, label_smoothing, z_loss, filter_eps, deterministic = ctx.options
     mask = [ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.has_bias and ctx.needs_input_grad[3]]
-    dh, dc, db = torch.ops.fastloss.linear_cross_entropy_backward.default(
-        grad_loss.to(lse.dtype), None if grad_lse is None else grad_lse.to(lse.dtype), hidden, classifier, targets,
-        bias, lse, ignore_index, softcap, label_smoothing, z_loss, filter_eps, mask, 0, -1, deterministic)
+    args = (grad_loss.to(lse.dtype), None if grad_lse is None else grad_lse.to(lse.dtype), hidden, classifier, targets,
+            bias, lse, ignore_index, softcap, label_smoothing, z_loss, filter_eps)
+    if transforms_active(grad_loss, grad_lse):
+        # Forward-AD tangents in the output gradients (autograd.grad(..., grad_outputs=dual)):
+        # the op's autograd registration has no forward rule and would drop them.
+        dh, dc, db = _BACKWARD_FN.apply(*args, _mask_bits(mask), 0, -1, deterministic)
+    else:
+        dh, dc, db = torch.ops.fastloss.linear_cross_entropy_backward.default(*args, mask, 0, -1, deterministic)
     return (dh if mask[0] else None), (dc if mask[1] else None), None, (db if mask[2] else None), None, None, None, \
         None, None, None
 
@@ -378,6 +383,10 @@ torch.library.register_autograd("fastloss::linear_cross_entropy_shard", _shard_b
 # ops (_lce_derivatives.py).
 
 
+def _mask_bits(mask) -> int:
+    return sum(int(m) << i for i, m in enumerate(mask))
+
+
 def _backward_op_setup(ctx, inputs, output):
     grad_loss, grad_lse, hidden, classifier, targets, bias, lse, ignore_index, softcap, label_smoothing, z_loss = \
         inputs[:11]
@@ -387,7 +396,7 @@ def _backward_op_setup(ctx, inputs, output):
     ctx.opt = lce_derivatives.Options(ignore_index, softcap, label_smoothing, z_loss, vocab_start, vocab_total)
     ctx.mask = [bool(output_mask & 1 << i) for i in range(3)] if isinstance(output_mask, int) else list(output_mask)
     ctx.save_for_backward(grad_loss, grad_lse, hidden, classifier, targets, bias, lse)
-    ctx.save_for_forward(grad_loss, grad_lse, hidden, classifier, targets, bias, lse)
+    ctx.save_for_forward(grad_loss, grad_lse, hidden, classifier, targets, bias, lse)  # for _BACKWARD_FN's jvp
 
 
 def _backward_op_backward(ctx, u_h, u_c, u_b):
@@ -432,8 +441,7 @@ def _transform_backward(ctx, grad_loss, grad_lse):
     mask = [ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.has_bias and ctx.needs_input_grad[3]]
     dh, dc, db = _BACKWARD_FN.apply(
         grad_loss.to(lse.dtype), grad_lse.to(lse.dtype), hidden, classifier, targets, bias, lse, ignore_index,
-        softcap, label_smoothing, z_loss, filter_eps, sum(int(m) << i for i, m in enumerate(mask)), 0, -1,
-        deterministic)
+        softcap, label_smoothing, z_loss, filter_eps, _mask_bits(mask), 0, -1, deterministic)
     return (dh if mask[0] else None), (dc if mask[1] else None), None, (db if mask[2] else None), None, None, None, \
         None, None, None
 

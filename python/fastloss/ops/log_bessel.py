@@ -100,7 +100,11 @@ def _checked_shape(op: str, v: torch.Tensor, x: torch.Tensor):
     check_floating(op, "x", x)
     check_value(v.dtype == x.dtype, op, f"expected 'v' and 'x' to have the same dtype, got {v.dtype} and {x.dtype}")
     check_same_device(op, x=x, v=v)
-    return torch.broadcast_shapes(v.shape, x.shape)
+    try:
+        return torch.broadcast_shapes(v.shape, x.shape)
+    except RuntimeError:
+        raise RuntimeError(f"fastloss.{op}: 'v' of shape {list(v.shape)} and 'x' of shape {list(x.shape)} do not "
+                           "broadcast together") from None
 
 
 def _forward_fake(op: str):

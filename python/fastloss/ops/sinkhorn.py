@@ -10,7 +10,7 @@ from typing import NamedTuple, Optional, Tuple, cast
 import torch
 
 from ._func import batch_front, derivative_function, loop_rule, no_derivative, transform_function, transforms_active, vmap_active
-from ._guards import check_dtype, check_floating, check_same_device, check_shape, check_value
+from ._guards import FLOAT_DTYPES, check_dtype, check_floating, check_same_device, check_shape, check_value
 
 _GRAD_MODES = ("envelope", "unrolled")
 
@@ -428,6 +428,8 @@ def _kd_backward_fake(grad_loss, ps, pt, cost, x, y, temperature, eps, scale, st
                       student_dtype, teacher_dtype) -> Tuple[torch.Tensor, torch.Tensor]:
     op = "sinkhorn_kd_backward"
     check_floating(op, "grad_loss", grad_loss)
+    torch._check(grad_loss.numel() == 1, lambda: f"fastloss.{op}: expected 'grad_loss' to be a scalar, got shape "
+                 f"{tuple(grad_loss.shape)}")
     check_value(ps.dtype in (torch.float32, torch.float64) and ps.dim() == 2, op,
                 f"expected 'p_student' of shape (B, C), float32 or float64, got {ps.dtype} of shape {tuple(ps.shape)}")
     B, C = ps.shape
@@ -437,6 +439,10 @@ def _kd_backward_fake(grad_loss, ps, pt, cost, x, y, temperature, eps, scale, st
         check_shape(op, arg, t, shape, str(tuple(shape)))
         check_dtype(op, arg, t, ps.dtype)
     check_same_device(op, ps=ps, grad_loss=grad_loss, pt=pt, cost=cost, x=x, y=y)
+    check_value(student_dtype in FLOAT_DTYPES and teacher_dtype in FLOAT_DTYPES, op,
+                f"expected floating 'student_dtype' and 'teacher_dtype', got {student_dtype} and {teacher_dtype}")
+    check_value(math.isfinite(temperature) and temperature > 0, op, f"expected 'temperature' > 0, got {temperature}")
+    check_value(math.isfinite(eps) and eps > 0, op, f"expected 'eps' > 0, got {eps}")
     ds = ps.new_empty((B, C) if student_grad else (0, 0), dtype=student_dtype)
     dt = ps.new_empty((B, C) if teacher_grad else (0, 0), dtype=teacher_dtype)
     return ds, dt

@@ -164,12 +164,16 @@ def _check_forward(op: str, arg: str, x: torch.Tensor, dim: int, sparsity: float
     check_floating(op, arg, x)
     wrapped = wrap_dim(op, dim, x.dim())
     d = x.shape[wrapped] if x.dim() > 0 else 1
-    if isinstance(k, int) and k == 0:
-        check_value(0.0 < sparsity < 1.0, op, "'sparsity' must be in (0, 1) (the fraction of each row that is "
-                    f"zeroed), got {sparsity}")
+    k_message = lambda: f"fastloss.{op}: 'k' must be in (0, {d}) for rows of length {d}, got {k}"  # noqa: E731
+    sparsity_message = f"'sparsity' must be in (0, 1) (the fraction of each row that is zeroed), got {sparsity}"
+    if isinstance(k, torch.SymInt):  # k = 0 means sparsity; no branch on a symbolic value
+        torch._check((k == 0) | ((k > 0) & (k < d)), k_message)
+        torch._check((k != 0) | (0.0 < sparsity < 1.0), lambda: f"fastloss.{op}: {sparsity_message}")
+    elif k == 0:
+        check_value(0.0 < sparsity < 1.0, op, sparsity_message)
     else:
-        torch._check(k > 0, lambda: f"fastloss.{op}: 'k' must be in (0, {d}) for rows of length {d}, got {k}")
-        torch._check(k < d, lambda: f"fastloss.{op}: 'k' must be in (0, {d}) for rows of length {d}, got {k}")
+        torch._check(0 < k, k_message)
+        torch._check(k < d, k_message)
     return wrapped
 
 
