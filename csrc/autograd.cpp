@@ -411,6 +411,11 @@ struct SinkhornKdFunction : torch::autograd::Function<SinkhornKdFunction> {
     at::Tensor g_ps = grads[1], g_pt = grads[2];
     at::Tensor ds, dt;
     if (grads[0].defined()) {
+      // A forward-AD tangent in the loss's gradient (autograd.grad(..., grad_outputs=dual)):
+      // the fused sweep would drop it without a word.
+      TORCH_CHECK_NOT_IMPLEMENTED(!grads[0]._fw_grad(/*level=*/0).defined(),
+                                  "fastloss.sinkhorn_kd_loss: forward-mode AD through its gradient (a dual "
+                                  "grad_outputs) is not implemented");
       if (torch::autograd::GradMode::is_enabled()) {
         const at::Tensor loss = sinkhorn_kd_eager(ps, pt, eps, ctx->saved_data["n_iter"].toInt(), scale);
         variable_list wrt;

@@ -242,6 +242,10 @@ def _stat_topk_setup(ctx, inputs, output):
 
 
 def _stat_topk_backward(ctx, grad_y, grad_theta, _grad_mean, _grad_std):
+    if transforms_active(grad_y, grad_theta):
+        # Forward-AD tangents in the output gradients (autograd.grad(..., grad_outputs=dual)):
+        # the backward op's autograd registration has no forward rule and would drop them.
+        return _stat_topk_transform_backward(ctx, grad_y, grad_theta, _grad_mean, _grad_std)
     x, theta, mean, std = ctx.saved_tensors
     dx = torch.ops.fastloss.stat_topk_backward.default(
         grad_y.to(x.dtype), grad_theta.to(mean.dtype), x, theta, mean, std, ctx.dim, ctx.sparsity, ctx.hard,
@@ -261,6 +265,8 @@ def _gelu_mul_setup(ctx, inputs, output):
 
 
 def _gelu_mul_backward(ctx, grad_out, _grad_theta, _grad_mean, _grad_std):
+    if transforms_active(grad_out):  # as in _stat_topk_backward
+        return _gelu_mul_transform_backward(ctx, grad_out, _grad_theta, _grad_mean, _grad_std)
     gate, up, theta, mean, std = ctx.saved_tensors
     dgate, dup = torch.ops.fastloss.stat_topk_gelu_mul_backward.default(
         grad_out.to(gate.dtype), gate, up, theta, mean, std, ctx.sparsity, ctx.threshold_grad, ctx.k)
@@ -345,6 +351,18 @@ def _gelu_tanh_and_slope(h):
     s = torch.sigmoid(2 * k * (h + c * h * h * h))
     hc = h.clamp(max=8)
     return h * s, s + 2 * hc * s * (1 - s) * k * (1 + 3 * c * hc * hc)
+
+
+def _gelu_tanh_slope_tangent(h, t_h):
+    """The tangent of _gelu_tanh_and_slope's slope for tangent t_h of h, written out:
+    torch.func.jvp cannot run inside an eager forward-mode level (fwAD.dual_level)."""
+    k, c = 0.79788456080286535588, 0.044715
+    s = torch.sigmoid(2 * k * (h + c * h * h * h))
+    ds = s * (1 - s) * 2 * k * (1 + 3 * c * h * h) * t_h
+    hc = h.clamp(max=8)
+    dhc = torch.where(h <= 8, t_h, torch.zeros_like(t_h))
+    q, dq = k * (1 + 3 * c * hc * hc), 6 * k * c * hc * dhc
+    return ds + 2 * (dhc * s * (1 - s) * q + hc * (1 - 2 * s) * ds * q + hc * s * (1 - s) * dq)
 
 
 def _gelu_mul_jvp(ctx, t_gate, t_up, *_args):
@@ -450,7 +468,7 @@ def _gelu_mul_backward_jvp(ctx, t_grad_out, t_gate, t_up, *_rest):
     h = torch.where(kept, g - theta, zero)
     t_h = torch.where(kept, t_g - t_theta, zero)
     gelu, slope = _gelu_tanh_and_slope(h)
-    _, t_slope = torch.func.jvp(lambda v: _gelu_tanh_and_slope(v)[1], (h,), (t_h,))
+    t_slope = _gelu_tanh_slope_tangent(h, t_h)
     t_dup = slope * t_h * go + gelu * t_go
     e = torch.where(kept, slope * u * go, zero)
     t_e = torch.where(kept, t_slope * u * go + slope * (t_u * go + u * t_go), zero)
