@@ -622,18 +622,28 @@ def test_gelu_mul_gradient_at_huge_gate_values(device, dtype):
 
 
 @pytest.mark.parametrize("fn", ["stat_topk", "stat_topk_gelu_mul"])
-def test_second_derivative_is_refused(device, fn):
-    # First derivatives with create_graph=True work; a second one raises instead of being
-    # silently 0 (torch's fallback for an op without an autograd kernel).
-    x = torch.randn(5, 33, dtype=torch.float64, device=device, requires_grad=True)
+def test_double_backward_matches_the_formula(device, fn):
+    # Hessian-vector products by eager double backward (create_graph=True, then the gradient's
+    # gradient), against the eager Gemma 3n formula's.
+    import statistics
+
+    z = statistics.NormalDist().inv_cdf(0.7)
+    theta_ref = lambda a: a.mean(-1, keepdim=True) + a.std(-1, correction=0, keepdim=True) * z  # noqa: E731
+    x = torch.randn(5, 33, dtype=torch.float64, device=device)
     up = torch.randn(5, 33, dtype=torch.float64, device=device)
-    out = fastloss.stat_topk(x, sparsity=0.7) if fn == "stat_topk" else fastloss.stat_topk_gelu_mul(x, up, 0.7)
-    (g,) = torch.autograd.grad((out**2).sum(), x, create_graph=True)
-    out2 = fastloss.stat_topk(x, sparsity=0.7) if fn == "stat_topk" else fastloss.stat_topk_gelu_mul(x, up, 0.7)
-    (g_plain,) = torch.autograd.grad((out2**2).sum(), x)
-    torch.testing.assert_close(g, g_plain)
-    with pytest.raises(NotImplementedError, match="second derivative"):
-        torch.autograd.grad(g.sum(), x)
+    direction = torch.randn_like(x)
+    if fn == "stat_topk":
+        ours, ref = (lambda a: fastloss.stat_topk(a, sparsity=0.7)), (lambda a: torch.relu(a - theta_ref(a)))
+    else:
+        ours = lambda a: fastloss.stat_topk_gelu_mul(a, up, 0.7)  # noqa: E731
+        ref = lambda a: torch.nn.functional.gelu(torch.relu(a - theta_ref(a)), approximate="tanh") * up  # noqa: E731
+
+    def hvp(f):
+        leaf = x.clone().requires_grad_()
+        (g,) = torch.autograd.grad(f(leaf).pow(3).sum(), leaf, create_graph=True)
+        return torch.autograd.grad(g, leaf, grad_outputs=direction)[0]
+
+    torch.testing.assert_close(hvp(ours), hvp(ref), rtol=1e-11, atol=1e-12)
 
 
 def test_large_outputs_written_chunk_by_chunk():

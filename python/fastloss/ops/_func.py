@@ -20,6 +20,8 @@ import torch.autograd.forward_ad as fwAD
 from torch._C._functorch import TransformType
 from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
 
+from ._guards import wrap_dim
+
 
 def _has_tangent(tensors) -> bool:
     if fwAD._current_level < 0:
@@ -137,11 +139,7 @@ def batch_front(t: Optional[torch.Tensor], bdim: Optional[int], batch_size: int)
 def batched_dim(op: str, dim: int, logical_rank: int) -> int:
     """The physical dimension of logical ``dim`` once the batch dimension is first (0-d rows
     have been made (B, 1) by the caller); IndexError like the op's for a bad dim."""
-    rank = max(logical_rank, 1)
-    if not -rank <= dim < rank:
-        raise IndexError(f"fastloss.{op}: 'dim' out of range: expected a value in [{-rank}, {rank - 1}] "
-                         f"for a {logical_rank}-d tensor, got {dim}")
-    return dim % rank + 1
+    return wrap_dim(op, dim, logical_rank) + 1
 
 
 def batch_rows(op: str, tensors: Sequence[Optional[torch.Tensor]], in_dims, batch_size: int, dim: int):

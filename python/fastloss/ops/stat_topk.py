@@ -9,8 +9,7 @@ from typing import Literal, Optional, Tuple, Union, overload
 
 import torch
 
-from ._double_backward import forbid_double_backward
-from ._func import batch_front, no_derivative, row_rule, transform_function, transforms_active
+from ._func import batch_front, row_rule, transform_function, transforms_active
 from ._guards import check_dtype, check_floating, check_like, check_same_device, check_shape, check_value, wrap_dim
 
 _MODES = ("soft", "hard")
@@ -54,11 +53,8 @@ def _check_tensor(name: str, arg: str, t) -> None:
 def _row_length(name: str, x: torch.Tensor, dim: int) -> int:
     if isinstance(dim, bool) or not isinstance(dim, numbers.Integral):
         raise TypeError(f"fastloss.{name}: 'dim' must be an int, got {type(dim).__name__}")
-    rank = max(x.dim(), 1)
-    if not -rank <= dim < rank:
-        raise IndexError(f"fastloss.{name}: 'dim' out of range: expected a value in [{-rank}, {rank - 1}] "
-                         f"for a {x.dim()}-d tensor, got {dim}")
-    return x.shape[dim] if x.dim() > 0 else 1
+    wrapped = wrap_dim(name, dim, x.dim())
+    return x.shape[wrapped] if x.dim() > 0 else 1
 
 
 @overload
@@ -274,8 +270,6 @@ def _gelu_mul_backward(ctx, grad_out, _grad_theta, _grad_mean, _grad_std):
 
 
 torch.library.register_autograd("fastloss::stat_topk_gelu_mul", _gelu_mul_backward, setup_context=_gelu_mul_setup)
-forbid_double_backward("stat_topk_backward", "fastloss.stat_topk")
-forbid_double_backward("stat_topk_gelu_mul_backward", "fastloss.stat_topk_gelu_mul")
 
 
 # --------------------------------------------------------------------------------------------
@@ -301,11 +295,6 @@ def _standardized(x, t, mean, std, dim):
     a = torch.where(spread, (x - mean) / safe_std, zero)
     da = torch.where(spread, (t - t.mean(dim, keepdim=True) - a * (a * t).mean(dim, keepdim=True)) / safe_std, zero)
     return a, da
-
-
-# A backward's refusal of reverse over reverse (its forward rule below serves forward over reverse).
-_REVERSE_OVER_REVERSE = ("a second derivative by reverse over reverse (jacrev of jacrev, double backward; "
-                         "torch.func.hessian and jvp(grad(f)) work)")
 
 
 def _theta_tangent(t, x, std, dim, sparsity):
@@ -440,9 +429,25 @@ def _stat_topk_backward_jvp(ctx, t_grad_y, t_grad_theta, t_x, *_rest):
     return out.reshape(x.shape).to(x.dtype)
 
 
+# Reverse over reverse (double backward, jacrev of jacrev): the backward ops' VJPs are the
+# transposes of their forward rules, which are linear in the tangents: the vjp, in the
+# tangents, of the rule. The rules' x (gate) tangents already carry the statistics'
+# dependence on x, and theta enters only through the mask, so theta, mean and std get none.
+def _stat_topk_backward_backward(ctx, u):
+    grad_y, x, *_stats, grad_theta = ctx.saved_tensors if ctx.has_grad_theta else (*ctx.saved_tensors, None)
+    tangents = [torch.zeros_like(grad_y), torch.zeros_like(x)] + ([torch.zeros_like(grad_theta)] if ctx.has_grad_theta
+                                                                 else [])
+
+    def rule(t_grad_y, t_x, *t_grad_theta):
+        return _stat_topk_backward_jvp(ctx, t_grad_y, t_grad_theta[0] if t_grad_theta else None, t_x)
+
+    d = torch.func.vjp(rule, *tangents)[1](u)
+    return (d[0], d[2] if ctx.has_grad_theta else None, d[1]) + (None,) * 8
+
+
 _STAT_TOPK_BACKWARD_FN = transform_function(
     "stat_topk_backward", torch.ops.fastloss.stat_topk_backward.default, _stat_topk_backward_setup,
-    no_derivative("fastloss.stat_topk", _REVERSE_OVER_REVERSE), _stat_topk_backward_jvp)
+    _stat_topk_backward_backward, _stat_topk_backward_jvp)
 # The gelu-mul backward's forward rule, likewise. With h = relu(gate - theta), kept = gate >
 # theta, e = kept gelu'(h) up grad_out and c = -sum(e) (what reaches theta):
 #   d_up = gelu(h) grad_out,   d_gate = e + c (1 + z a) / n   (threshold_grad=False: e),
@@ -480,9 +485,22 @@ def _gelu_mul_backward_jvp(ctx, t_grad_out, t_gate, t_up, *_rest):
     return t_dgate.to(gate.dtype), t_dup.to(up.dtype)
 
 
+def _gelu_mul_backward_backward(ctx, u_gate, u_up):
+    grad_out, gate, up = ctx.saved_tensors[:3]
+    pull = torch.func.vjp(lambda *t: _gelu_mul_backward_jvp(ctx, *t), *(torch.zeros_like(v) for v in (grad_out, gate,
+                                                                                                        up)))[1]
+    d_grad_out, d_gate, d_up = pull((torch.zeros_like(gate) if u_gate is None else u_gate,
+                                     torch.zeros_like(up) if u_up is None else u_up))
+    return (d_grad_out, d_gate, d_up) + (None,) * 6
+
+
 _GELU_MUL_BACKWARD_FN = transform_function(
     "stat_topk_gelu_mul_backward", torch.ops.fastloss.stat_topk_gelu_mul_backward.default, _gelu_mul_backward_setup,
-    no_derivative("fastloss.stat_topk_gelu_mul", _REVERSE_OVER_REVERSE), _gelu_mul_backward_jvp)
+    _gelu_mul_backward_backward, _gelu_mul_backward_jvp)
+torch.library.register_autograd("fastloss::stat_topk_backward", _stat_topk_backward_backward,
+                                setup_context=_stat_topk_backward_setup)
+torch.library.register_autograd("fastloss::stat_topk_gelu_mul_backward", _gelu_mul_backward_backward,
+                                setup_context=_gelu_mul_backward_setup)
 _STAT_TOPK_FN = transform_function("stat_topk", torch.ops.fastloss.stat_topk.default, _stat_topk_transform_setup,
                                    _stat_topk_transform_backward, _stat_topk_jvp)
 _GELU_MUL_FN = transform_function("stat_topk_gelu_mul", torch.ops.fastloss.stat_topk_gelu_mul.default,
