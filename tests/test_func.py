@@ -531,3 +531,61 @@ def test_forward_mode_through_the_output_gradient(name):
     for t, e in zip(tangents, expected):
         assert t is not None
         torch.testing.assert_close(t, e, rtol=1e-12, atol=1e-13)
+
+
+def _stat_topk_cases():
+    """(ours, the eager Gemma 3n formula) for stat_topk's and the gelu-mul's modes."""
+    import statistics
+
+    def theta_ref(a, sparsity):
+        return a.mean(-1, keepdim=True) + a.std(-1, correction=0, keepdim=True) * statistics.NormalDist().inv_cdf(
+            sparsity)
+
+    up = _randn(2, 6)
+    gelu = lambda h: torch.nn.functional.gelu(h, approximate="tanh")  # noqa: E731
+    return {
+        "soft_and_theta": (
+            lambda a: (lambda o: o[0] * o[1])(fastloss.stat_topk(a, sparsity=0.65, return_threshold=True)),
+            lambda a: torch.relu(a - theta_ref(a, 0.65)) * theta_ref(a, 0.65)),
+        "hard": (lambda a: fastloss.stat_topk(a, sparsity=0.3, mode="hard"),
+                 lambda a: a * (a > theta_ref(a, 0.3).detach())),
+        "gelu_mul": (lambda a: fastloss.stat_topk_gelu_mul(a, up, 0.4),
+                     lambda a: gelu(torch.relu(a - theta_ref(a, 0.4))) * up),
+        "gelu_mul_constant_threshold": (lambda a: fastloss.stat_topk_gelu_mul(a, up, 0.4, threshold_grad=False),
+                                        lambda a: gelu(torch.relu(a - theta_ref(a, 0.4).detach())) * up),
+    }
+
+
+@pytest.mark.parametrize("which", ["soft_and_theta", "hard", "gelu_mul", "gelu_mul_constant_threshold"])
+def test_stat_topk_third_derivatives_and_reverse_over_forward(which):
+    # The backward ops' forward rules take the row statistics (and the gelu-mul's theta) from
+    # torch ops on x, so that reverse passes over them see their dependence on x: third
+    # derivatives, reverse over forward, and a reverse pass through the tangent of a gradient
+    # (these came out wrong with the kernel's saved statistics, constants to autograd).
+    ours, ref = _stat_topk_cases()[which]
+    x, w = _randn(2, 6), _randn(2, 6)  # (torch's own gelu gives NaN third derivatives far in its tail)
+    loss = lambda f: (lambda a: (f(a).pow(2) * w).sum())  # noqa: E731
+    expected = jacrev(jacrev(jacrev(loss(ref))))(x)
+    for transform in (lambda f: jacrev(jacrev(jacrev(f))), lambda f: jacfwd(jacrev(jacrev(f))),
+                      lambda f: jacrev(hessian(f))):
+        torch.testing.assert_close(transform(loss(ours))(x), expected, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(jacrev(jacfwd(ours))(x), jacrev(jacfwd(ref))(x), rtol=1e-11, atol=1e-12)
+
+    def eager_third(f):
+        leaf = x.clone().requires_grad_()
+        (g,) = torch.autograd.grad(loss(f)(leaf), leaf, create_graph=True)
+        (h,) = torch.autograd.grad((g * w).sum(), leaf, create_graph=True)
+        return torch.autograd.grad((h * w).sum(), leaf)[0]
+
+    torch.testing.assert_close(eager_third(ours), eager_third(ref), rtol=1e-10, atol=1e-12)
+
+    def through_dual_gradient(f):
+        leaf = x.clone().requires_grad_()
+        with fwAD.dual_level():
+            (g,) = torch.autograd.grad(f(leaf), leaf, fwAD.make_dual(torch.ones_like(x), w), create_graph=True)
+            tangent = fwAD.unpack_dual(g).tangent
+            if not tangent.requires_grad:  # hard mode: the mask times w, constant in x
+                return torch.zeros_like(x)
+            return torch.autograd.grad(tangent.pow(2).sum(), leaf)[0]
+
+    torch.testing.assert_close(through_dual_gradient(ours), through_dual_gradient(ref), rtol=1e-10, atol=1e-12)

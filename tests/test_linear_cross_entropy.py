@@ -1079,3 +1079,18 @@ def test_forward_mode_through_the_output_gradient():
     assert got is not None
     torch.testing.assert_close(got, tangent_of_gradient(reference), rtol=1e-10, atol=1e-12)
 
+
+
+def test_third_derivatives_match_torch(monkeypatch):
+    # The second derivatives are torch ops on the saved tensors, so autograd and torch.func go
+    # one order further through them.
+    monkeypatch.setattr(lce_derivatives, "_BLOCK_ENTRIES", 6)
+    h, c, t, _ = make_inputs((3,), 2, 5, torch.float64, "cpu", seed=6, ignore_frac=0.0)
+    t[2] = IGNORE
+    kw = dict(softcap=3.0, label_smoothing=0.1, z_loss=0.01, reduction="sum")
+    ours = lambda a: fastloss.linear_cross_entropy(a, c, t, **kw)  # noqa: E731
+    ref = lambda a: reference(a, c, t, **kw)  # noqa: E731
+    expected = torch.func.jacrev(torch.func.jacrev(torch.func.jacrev(ref)))(h)
+    for transform in (lambda f: torch.func.jacrev(torch.func.jacrev(torch.func.jacrev(f))),
+                      lambda f: torch.func.jacrev(torch.func.hessian(f))):
+        torch.testing.assert_close(transform(ours)(h), expected, rtol=1e-10, atol=1e-13)

@@ -286,11 +286,20 @@ def _quantile(sparsity: float) -> float:
     return statistics.NormalDist().inv_cdf(sparsity)
 
 
-def _standardized(x, t, mean, std, dim):
+def _statistics(x, std, dim):
+    """x's row mean and std from torch ops, so that an enclosing reverse transform differentiates
+    through them (the kernel's saved ones are constants to autograd); `std` (the kernel's) says
+    which rows are constant, where the std is taken as 1 (no 0/0 in its derivative)."""
+    mean = x.mean(dim, keepdim=True)
+    spread = std > 0
+    var = (x - mean).square().mean(dim, keepdim=True)
+    return mean, torch.sqrt(torch.where(spread, var, torch.ones_like(var))), spread
+
+
+def _standardized(x, t, std, dim):
     """a = (x - mean) / std along dim (0 for a constant row, std = 0, as the kernels take it)
     and its tangent for tangent t of x: (t - mean(t) - a mean(a t)) / std."""
-    spread = std > 0
-    safe_std = torch.where(spread, std, torch.ones_like(std))
+    mean, safe_std, spread = _statistics(x, std, dim)
     zero = torch.zeros_like(x)
     a = torch.where(spread, (x - mean) / safe_std, zero)
     da = torch.where(spread, (t - t.mean(dim, keepdim=True) - a * (a * t).mean(dim, keepdim=True)) / safe_std, zero)
@@ -298,15 +307,11 @@ def _standardized(x, t, mean, std, dim):
 
 
 def _theta_tangent(t, x, std, dim, sparsity):
-    """theta's tangent for tangent t of x, rows along dim; `std` (the kernel's) says which rows
-    are constant; `sparsity` the effective one."""
+    """theta's tangent for tangent t of x, rows along dim, and theta itself, both from torch
+    ops on x; `sparsity` the effective one."""
     z = _quantile(sparsity)
-    mean = x.mean(dim, keepdim=True)
-    centered = x - mean
-    spread = std > 0
-    var = centered.square().mean(dim, keepdim=True)
-    safe_std = torch.sqrt(torch.where(spread, var, torch.ones_like(var)))  # no 0/0 in its derivative
-    deviation = (centered * t).mean(dim, keepdim=True)
+    mean, safe_std, spread = _statistics(x, std, dim)
+    deviation = ((x - mean) * t).mean(dim, keepdim=True)
     return t.mean(dim, keepdim=True) + z * torch.where(spread, deviation / safe_std, torch.zeros_like(deviation)), \
         mean + z * torch.where(spread, safe_std, torch.zeros_like(safe_std))
 
@@ -362,7 +367,7 @@ def _gelu_mul_jvp(ctx, t_gate, t_up, *_args):
     dtheta, theta_of_g = _theta_tangent(tg, g, std, -1, effective_sparsity(ctx.sparsity, ctx.k, g.shape[-1]))
     kept = g - theta > 0
     # h = relu(gate - theta) with theta recomputed from g (differentiable), kept as the kernel's
-    h = torch.where(kept, g - theta_of_g, torch.zeros_like(g))
+    h = torch.where(kept, g - (theta_of_g if ctx.threshold_grad else theta), torch.zeros_like(g))
     gelu, slope = _gelu_tanh_and_slope(h)
     out = torch.zeros_like(g)
     if t_gate is not None:
@@ -420,7 +425,7 @@ def _stat_topk_backward_jvp(ctx, t_grad_y, t_grad_theta, t_x, *_rest):
     if ctx.threshold_grad:
         n = xa.shape[dim] if xa.dim() else 1
         z = _quantile(effective_sparsity(ctx.sparsity, ctx.k, n))
-        a, da = _standardized(xa, t_x, mean, std, dim)
+        a, da = _standardized(xa, t_x, std, dim)
         c, t_c = gth, t_gth
         if not ctx.hard:
             c = c - (kept * gy).sum(dim, keepdim=True)
@@ -467,9 +472,12 @@ def _gelu_mul_backward_jvp(ctx, t_grad_out, t_gate, t_up, *_rest):
     zero = torch.zeros_like(g)
     t_go, t_g, t_u = (zero if t is None else t.to(acc) for t in (t_grad_out, t_gate, t_up))
     z = _quantile(effective_sparsity(ctx.sparsity, ctx.k, g.shape[-1]))
-    a, t_a = _standardized(g, t_g, mean, std, -1)
+    a, t_a = _standardized(g, t_g, std, -1)
     kept = g - theta > 0
-    t_theta = t_g.mean(-1, keepdim=True) + z * (a * t_g).mean(-1, keepdim=True) if ctx.threshold_grad else 0
+    if ctx.threshold_grad:  # theta from torch ops on g, as a is: an outer reverse pass sees both
+        t_theta, theta = _theta_tangent(t_g, g, std, -1, effective_sparsity(ctx.sparsity, ctx.k, g.shape[-1]))
+    else:
+        t_theta = 0
     h = torch.where(kept, g - theta, zero)
     t_h = torch.where(kept, t_g - t_theta, zero)
     gelu, slope = _gelu_tanh_and_slope(h)
