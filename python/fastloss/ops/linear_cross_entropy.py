@@ -335,14 +335,13 @@ def _backward(ctx, grad_loss, grad_lse):
     hidden, classifier, targets, bias, lse = ctx.saved_tensors
     ignore_index, softcap, label_smoothing, z_loss, filter_eps, deterministic = ctx.options
     mask = [ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.has_bias and ctx.needs_input_grad[3]]
-    args = (grad_loss.to(lse.dtype), None if grad_lse is None else grad_lse.to(lse.dtype), hidden, classifier, targets,
-            bias, lse, ignore_index, softcap, label_smoothing, z_loss, filter_eps)
     if transforms_active(grad_loss, grad_lse):
         # Forward-AD tangents in the output gradients (autograd.grad(..., grad_outputs=dual)):
         # the op's autograd registration has no forward rule and would drop them.
-        dh, dc, db = _BACKWARD_FN.apply(*args, _mask_bits(mask), 0, -1, deterministic)
-    else:
-        dh, dc, db = torch.ops.fastloss.linear_cross_entropy_backward.default(*args, mask, 0, -1, deterministic)
+        return _transform_backward(ctx, grad_loss, grad_lse)
+    dh, dc, db = torch.ops.fastloss.linear_cross_entropy_backward.default(
+        grad_loss.to(lse.dtype), None if grad_lse is None else grad_lse.to(lse.dtype), hidden, classifier, targets,
+        bias, lse, ignore_index, softcap, label_smoothing, z_loss, filter_eps, mask, 0, -1, deterministic)
     return (dh if mask[0] else None), (dc if mask[1] else None), None, (db if mask[2] else None), None, None, None, \
         None, None, None
 
@@ -440,7 +439,8 @@ def _transform_backward(ctx, grad_loss, grad_lse):
     ignore_index, softcap, label_smoothing, z_loss, filter_eps, deterministic = ctx.options
     mask = [ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.has_bias and ctx.needs_input_grad[3]]
     dh, dc, db = _BACKWARD_FN.apply(
-        grad_loss.to(lse.dtype), grad_lse.to(lse.dtype), hidden, classifier, targets, bias, lse, ignore_index,
+        grad_loss.to(lse.dtype), None if grad_lse is None else grad_lse.to(lse.dtype), hidden, classifier, targets,
+        bias, lse, ignore_index,
         softcap, label_smoothing, z_loss, filter_eps, _mask_bits(mask), 0, -1, deterministic)
     return (dh if mask[0] else None), (dc if mask[1] else None), None, (db if mask[2] else None), None, None, None, \
         None, None, None

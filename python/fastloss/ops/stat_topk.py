@@ -339,9 +339,12 @@ def _stat_topk_transform_backward(ctx, grad_y, grad_theta, _grad_mean, _grad_std
     return dx, None, None, None, None, None
 
 
+_GELU_K, _GELU_C = 0.79788456080286535588, 0.044715  # gelu_tanh(h) = h sigmoid(2 k (h + c h^3))
+
+
 def _gelu_tanh_and_slope(h):
     """gelu_tanh(h) and its derivative for h >= 0, as the kernel (slope's h capped at 8)."""
-    k, c = 0.79788456080286535588, 0.044715
+    k, c = _GELU_K, _GELU_C
     s = torch.sigmoid(2 * k * (h + c * h * h * h))
     hc = h.clamp(max=8)
     return h * s, s + 2 * hc * s * (1 - s) * k * (1 + 3 * c * hc * hc)
@@ -350,7 +353,7 @@ def _gelu_tanh_and_slope(h):
 def _gelu_tanh_slope_tangent(h, t_h):
     """The tangent of _gelu_tanh_and_slope's slope for tangent t_h of h, written out:
     torch.func.jvp cannot run inside an eager forward-mode level (fwAD.dual_level)."""
-    k, c = 0.79788456080286535588, 0.044715
+    k, c = _GELU_K, _GELU_C
     s = torch.sigmoid(2 * k * (h + c * h * h * h))
     ds = s * (1 - s) * 2 * k * (1 + 3 * c * h * h) * t_h
     hc = h.clamp(max=8)
@@ -439,7 +442,8 @@ def _stat_topk_backward_jvp(ctx, t_grad_y, t_grad_theta, t_x, *_rest):
 # tangents, of the rule. The rules' x (gate) tangents already carry the statistics'
 # dependence on x, and theta enters only through the mask, so theta, mean and std get none.
 def _stat_topk_backward_backward(ctx, u):
-    grad_y, x, *_stats, grad_theta = ctx.saved_tensors if ctx.has_grad_theta else (*ctx.saved_tensors, None)
+    grad_y, x = ctx.saved_tensors[:2]  # (then theta, mean, std and grad_theta if given)
+    grad_theta = ctx.saved_tensors[5] if ctx.has_grad_theta else None
     tangents = [torch.zeros_like(grad_y), torch.zeros_like(x)] + ([torch.zeros_like(grad_theta)] if ctx.has_grad_theta
                                                                  else [])
 
