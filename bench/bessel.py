@@ -91,13 +91,14 @@ def _fastloss(kind: str) -> Callable:
     return fastloss.log_bessel_iv if kind == "iv" else fastloss.log_bessel_kv
 
 
-def _fastloss_grad(kind: str) -> Callable:
-    op = torch.ops.fastloss.log_bessel_iv_grad if kind == "iv" else torch.ops.fastloss.log_bessel_kv_grad
+def _fastloss_derivatives(kind: str, order: int) -> Callable:
+    """(d/dv, d/dx) of the log (order 1) or (d2/dv2, d2/dv dx, d2/dx2) (order 2)."""
+    op = getattr(torch.ops.fastloss, f"log_bessel_{kind}_{'grad' if order == 1 else 'hess'}")
 
     def run(v: torch.Tensor, x: torch.Tensor):
-        return op(v, x)  # (d/dv, d/dx) of the log
+        return op(v, x)
 
-    run.__name__ = f"fastloss_log_{kind}_grad"
+    run.__name__ = f"fastloss_log_{kind}_{'grad' if order == 1 else 'hess'}"
     return run
 
 
@@ -116,6 +117,21 @@ def _scipy_log_dx(kind: str) -> Callable:
     return run
 
 
+def _scipy_log_dx2(kind: str) -> Callable:
+    """SciPy's second x-derivative of the log: F''/F - (F'/F)^2 from ivp / kvp (n = 1, 2)."""
+    sp = _scipy()
+
+    def run(v: torch.Tensor, x: torch.Tensor):
+        vn, xn = v.cpu().numpy(), x.cpu().numpy()
+        f, fp = (sp.iv, sp.ivp) if kind == "iv" else (sp.kv, sp.kvp)
+        with np.errstate(all="ignore"):
+            value = f(vn, xn)
+            return fp(vn, xn, 2) / value - (fp(vn, xn) / value) ** 2
+
+    run.__name__ = f"scipy_d2log_{kind}_dx2"
+    return run
+
+
 def _elementwise_case(mode, sampler, dtype, device, n, fastloss, baselines, reads, writes) -> Case:
     """A case over n elements: `reads` input and `writes` output arrays of dtype."""
     elem = torch.empty((), dtype=dtype).element_size()
@@ -124,11 +140,11 @@ def _elementwise_case(mode, sampler, dtype, device, n, fastloss, baselines, read
                 bytes_moved=(reads + writes) * n * elem)
 
 
-def _case(kind, label, sampler, dtype, device, n, baselines, grad=False) -> Case:
-    # reads v and x, writes the value (or the two derivatives)
-    mode = f"log {'I' if kind == 'iv' else 'K'}{' grad' if grad else ''}: {label}"
-    return _elementwise_case(mode, sampler, dtype, device, n, _fastloss_grad(kind) if grad else _fastloss(kind),
-                             baselines, reads=2, writes=2 if grad else 1)
+def _case(kind, label, sampler, dtype, device, n, baselines, order=0) -> Case:
+    # reads v and x, writes the value, the two first derivatives or the three second ones
+    mode = f"log {'I' if kind == 'iv' else 'K'}{('', ' grad', ' hess')[order]}: {label}"
+    ours = _fastloss_derivatives(kind, order) if order else _fastloss(kind)
+    return _elementwise_case(mode, sampler, dtype, device, n, ours, baselines, reads=2, writes=(1, 2, 3)[order])
 
 
 # von Mises-Fisher: A_p = I_(p/2) / I_(p/2-1) and the MLE of kappa, at these dimensions.
@@ -210,7 +226,13 @@ def cases(device: str, quick: bool) -> List[Case]:
         for label, region in REGIONS.items():
             sampler = lambda seed, region=region: _sample(region, n, torch.float64, device, seed)
             baselines = {"scipy d/dx": _scipy_log_dx(kind) if sp else Unavailable("scipy: not installed")}
-            out.append(_case(kind, label, sampler, torch.float64, device, n, baselines, grad=True))
+            out.append(_case(kind, label, sampler, torch.float64, device, n, baselines, order=1))
+        # The second derivatives (three together), fp64, against SciPy's d2/dx2 and fastloss's first derivatives.
+        for label, region in REGIONS.items():
+            sampler = lambda seed, region=region: _sample(region, n, torch.float64, device, seed)
+            baselines = {"scipy d2/dx2": _scipy_log_dx2(kind) if sp else Unavailable("scipy: not installed"),
+                         "fastloss grad": _fastloss_derivatives(kind, 1)}
+            out.append(_case(kind, label, sampler, torch.float64, device, n, baselines, order=2))
     for p in VMF_DIMS:
         out.append(_vmf_case("A_p", p, torch.float64, device, n))
         out.append(_vmf_case("kappa MLE", p, torch.float64, device, n))
@@ -352,6 +374,9 @@ def notes(device: str) -> List[str]:
         "`grad` rows: torch.ops.fastloss.log_bessel_*_grad, d/dv and d/dx together (fp64); `scipy d/dx` = "
         "ivp(v, x) / iv(v, x) or kvp / kv, the x-derivative only (SciPy has none in v; unscaled, so it overflows "
         "at large x); no target is set for the gradients",
+        "`hess` rows: torch.ops.fastloss.log_bessel_*_hess, d2/dv2, d2/dv dx and d2/dx2 together (fp64); `scipy "
+        "d2/dx2` = ivp(v, x, 2) / iv - (ivp / iv)^2 or the same with kv, the x-x entry only; `fastloss grad` = "
+        "the first derivatives, for their relative cost; no target is set for them",
     ]
     if device == "cuda":
         out.append("on a GPU the SciPy time includes copying v and x to the host (SciPy runs on the CPU)")
@@ -370,7 +395,8 @@ def _vs(name: str) -> Callable[[Result, Roofline], Optional[float]]:
 
 
 def targets(device: str) -> List[Target]:
-    grid = lambda r: r.case.mode.startswith("log ") and "torch.special" not in r.case.mode and " grad" not in r.case.mode
+    grid = lambda r: (r.case.mode.startswith("log ") and "torch.special" not in r.case.mode
+                      and " grad" not in r.case.mode and " hess" not in r.case.mode)
     if device == "cuda":
         return [Target("GPU: >=100x SciPy (every grid case)", grid, _vs("scipy"), 100.0)]
     return [

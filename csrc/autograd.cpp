@@ -1,7 +1,8 @@
 // Autograd kernels in C++ for the ops that are often called on small tensors: softmax and
 // log-softmax (and their backward ops, for double backward), log I_v / log K_v (and their
-// derivative ops, which refuse a second derivative), the von Mises-Fisher helpers, and the
-// SinKD loss (differentiable again through an eager recompute under create_graph=True).
+// derivative ops, differentiable once more; a third derivative is refused), the von
+// Mises-Fisher helpers, and the SinKD loss (differentiable again through an eager recompute
+// under create_graph=True).
 // A Python autograd registration (torch.library.register_autograd) runs Python on every
 // call, with or without grad: ~30 us, more than the kernels themselves below ~10^5 elements.
 // Each kernel wraps the op in a torch::autograd::Function whose forward calls the op below
@@ -144,24 +145,46 @@ at::Tensor log_bessel_autograd(const at::Tensor& v, const at::Tensor& x) {
   return LogBesselFunction<kI>::apply(v, x);
 }
 
-// The derivative ops have no derivative of their own. Without an autograd kernel, torch would
-// treat them as constants under create_graph=True and return a wrong second derivative (with
-// only a warning); this one keeps first derivatives with create_graph=True working and makes a
-// second derivative an error.
+// The derivative ops' derivatives come from the second-derivative ops:
+// d(g_v d_dv + g_x d_dx) = (g_v d_vv + g_x d_vx) dv + (g_v d_vx + g_x d_xx) dx.
+using BesselHessSig = std::tuple<at::Tensor, at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&);
+
+template <bool kI>
+const c10::TypedOperatorHandle<BesselHessSig>& log_bessel_hess_op() {
+  static const auto op = op_handle<BesselHessSig>(kI ? "fastloss::log_bessel_iv_hess" : "fastloss::log_bessel_kv_hess");
+  return op;
+}
+
+// g_a * a + g_b * b over the defined output gradients (undefined when neither is).
+at::Tensor weighted_sum(const at::Tensor& g_a, const at::Tensor& a, const at::Tensor& g_b, const at::Tensor& b) {
+  if (!g_a.defined()) return g_b.defined() ? g_b * b : at::Tensor();
+  return g_b.defined() ? g_a * a + g_b * b : g_a * a;
+}
+
 template <bool kI>
 struct LogBesselGradFunction : torch::autograd::Function<LogBesselGradFunction<kI>> {
-  static variable_list forward(AutogradContext* /*ctx*/, const at::Tensor& v, const at::Tensor& x) {
+  static variable_list forward(AutogradContext* ctx, const at::Tensor& v, const at::Tensor& x) {
     static const auto op =
         op_handle<BesselGradSig>(kI ? "fastloss::log_bessel_iv_grad" : "fastloss::log_bessel_kv_grad");
     at::AutoDispatchBelowADInplaceOrView below_autograd;
+    ctx->save_for_backward({v, x});
     const auto [d_dv, d_dx] = op.call(v, x);
     return {d_dv, d_dx};
   }
 
-  static variable_list backward(AutogradContext* /*ctx*/, variable_list /*grads*/) {
-    TORCH_CHECK_NOT_IMPLEMENTED(false, "fastloss.log_bessel_", kI ? "iv" : "kv",
-                                ": a second derivative (double backward) is not implemented; first derivatives "
-                                "with create_graph=True work, but their graph ends at fastloss's derivative");
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const variable_list saved = ctx->get_saved_variables();
+    const auto [d_vv, d_vx, d_xx] = log_bessel_hess_op<kI>().call(saved[0], saved[1]);
+    at::Tensor grad_v, grad_x;
+    if (ctx->needs_input_grad(0)) {
+      grad_v = weighted_sum(grads[0], d_vv, grads[1], d_vx);
+      if (grad_v.defined()) grad_v = grad_v.sum_to_size_symint(saved[0].sym_sizes());
+    }
+    if (ctx->needs_input_grad(1)) {
+      grad_x = weighted_sum(grads[0], d_vx, grads[1], d_xx);
+      if (grad_x.defined()) grad_x = grad_x.sum_to_size_symint(saved[1].sym_sizes());
+    }
+    return {grad_v, grad_x};
   }
 };
 
@@ -169,6 +192,30 @@ template <bool kI>
 std::tuple<at::Tensor, at::Tensor> log_bessel_grad_autograd(const at::Tensor& v, const at::Tensor& x) {
   const variable_list out = LogBesselGradFunction<kI>::apply(v, x);
   return {out[0], out[1]};
+}
+
+// The second-derivative ops have no derivative: without an autograd kernel, torch would treat
+// them as constants under create_graph=True and return a wrong third derivative (with only a
+// warning); this one makes a third derivative an error.
+template <bool kI>
+struct LogBesselHessFunction : torch::autograd::Function<LogBesselHessFunction<kI>> {
+  static variable_list forward(AutogradContext* /*ctx*/, const at::Tensor& v, const at::Tensor& x) {
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    const auto [d_vv, d_vx, d_xx] = log_bessel_hess_op<kI>().call(v, x);
+    return {d_vv, d_vx, d_xx};
+  }
+
+  static variable_list backward(AutogradContext* /*ctx*/, variable_list /*grads*/) {
+    TORCH_CHECK_NOT_IMPLEMENTED(false, "fastloss.log_bessel_", kI ? "iv" : "kv",
+                                ": a third derivative is not implemented; second derivatives with "
+                                "create_graph=True work, but their graph ends at fastloss's second derivative");
+  }
+};
+
+template <bool kI>
+std::tuple<at::Tensor, at::Tensor, at::Tensor> log_bessel_hess_autograd(const at::Tensor& v, const at::Tensor& x) {
+  const variable_list out = LogBesselHessFunction<kI>::apply(v, x);
+  return {out[0], out[1], out[2]};
 }
 
 // von Mises-Fisher helpers (the ops again in every backward, so differentiable again):
@@ -467,6 +514,8 @@ TORCH_LIBRARY_IMPL(fastloss, Autograd, m) {
   m.impl("log_bessel_kv", &log_bessel_autograd<false>);
   m.impl("log_bessel_iv_grad", &log_bessel_grad_autograd<true>);
   m.impl("log_bessel_kv_grad", &log_bessel_grad_autograd<false>);
+  m.impl("log_bessel_iv_hess", &log_bessel_hess_autograd<true>);
+  m.impl("log_bessel_kv_hess", &log_bessel_hess_autograd<false>);
   m.impl("sinkhorn_kd", &sinkhorn_kd_autograd);
   m.impl("vmf_mean_resultant", &vmf_mean_resultant_autograd);
   m.impl("vmf_mean_resultant_complement", &vmf_unary_autograd<VmfUnary::Complement>);

@@ -83,6 +83,9 @@ TORCH_LIBRARY(fastloss, m) {
   m.def("log_bessel_iv_grad(Tensor v, Tensor x) -> (Tensor, Tensor)", tags);
   // (d/dv, d/dx) of log K_v(x), in the broadcast shape.
   m.def("log_bessel_kv_grad(Tensor v, Tensor x) -> (Tensor, Tensor)", tags);
+  // (d^2/dv^2, d^2/dv dx, d^2/dx^2) of log I_v(x) and of log K_v(x), in the broadcast shape.
+  m.def("log_bessel_iv_hess(Tensor v, Tensor x) -> (Tensor, Tensor, Tensor)", tags);
+  m.def("log_bessel_kv_hess(Tensor v, Tensor x) -> (Tensor, Tensor, Tensor)", tags);
   // von Mises-Fisher helpers on S^(p-1), elementwise over a concentration tensor kappa (any
   // float dtype, computed in double): the `derivative`-th derivative (0, 1 or 2) of the mean
   // resultant length A_p(kappa) = I_(p/2)(kappa) / I_(p/2-1)(kappa).

@@ -294,6 +294,13 @@ def test_log_bessel(emu):
             rdv, rdx = op(vd, xd)
             near(dv[5:], rdv[5:], 100 * tol, f"fn {fn} d/dv {dtype}")
             near(dx[5:], rdx[5:], 100 * tol, f"fn {fn} d/dx {dtype}")
+        # Second derivatives: the same scalar code on both sides (relative: many are tiny).
+        for fn, op in ((4, OPS.log_bessel_iv_hess), (5, OPS.log_bessel_kv_hess)):
+            for part, got, ref in zip(("vv", "vx", "xx"), emu.log_bessel(fn, vd, xd), op(vd, xd)):
+                assert torch.equal(got.isnan(), ref.isnan()) and torch.equal(got.isinf(), ref.isinf()), f"fn {fn} {part}"
+                ok = ref.isfinite()
+                err = ((got - ref).abs()[ok] / ref.abs()[ok].clamp_min(torch.finfo(dtype).tiny)).max().item()
+                assert err <= 100 * tol, f"fn {fn} d2/d{part} {dtype}: max relative error {err:.3g}"
 
 
 @pytest.mark.parametrize("p", [3, 64, 32768])

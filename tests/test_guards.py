@@ -60,6 +60,7 @@ BAD_CALLS = {
     "gelu_mul 0-d": ("gate", lambda t: F.stat_topk_gelu_mul(t(), t(), 0.5, True, 0)),
     "log_bessel integer": ("v", lambda t: F.log_bessel_iv(t(4, dtype=_LONG), t(4))),
     "log_bessel dtypes": ("dtype", lambda t: F.log_bessel_kv_grad(t(4, dtype=torch.float64), t(4))),
+    "log_bessel second derivatives": ("'x'", lambda t: F.log_bessel_iv_hess(t(4), t(4, dtype=_LONG))),
     "lce 3-d hidden": ("hidden", lambda t: F.linear_cross_entropy(t(2, 4, 8), t(10, 8), t(8, dtype=_LONG), None, -100,
                                                                   0.0, 0.0, 0.0, 0.0)),
     "lce classifier width": ("classifier", lambda t: F.linear_cross_entropy(t(4, 8), t(10, 7), t(4, dtype=_LONG), None,

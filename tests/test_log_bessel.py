@@ -15,17 +15,20 @@ import fastloss
 from conftest import CUDA
 
 DATA = os.path.join(os.path.dirname(__file__), "data", "log_bessel_mpmath.csv")
+HESS_DATA = os.path.join(os.path.dirname(__file__), "data", "log_bessel_hess_mpmath.csv")
 FUNCS = {"iv": fastloss.log_bessel_iv, "kv": fastloss.log_bessel_kv}
 DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
 
 
-def load_reference():
-    with open(DATA) as f:
+def load_reference(path=DATA):
+    with open(path) as f:
         rows = list(csv.DictReader(f))
     return {k: torch.tensor([float(r[k]) for r in rows], dtype=torch.float64) for k in rows[0]}
 
 
 REF = load_reference()
+HESS_REF = load_reference(HESS_DATA)
+HESS_OPS = {"iv": torch.ops.fastloss.log_bessel_iv_hess, "kv": torch.ops.fastloss.log_bessel_kv_hess}
 
 
 def rel_error(got, ref):
@@ -446,16 +449,171 @@ def test_cuda_matches_cpu_memcheck():
         gh = getattr(torch.ops.fastloss, f"log_bessel_{name}_grad")(v, x)
         for a, b in zip(gc, gh):
             assert rel_error(a, b).max().item() <= 1e-12
+        # Second derivatives: the same scalar code; each entry against the point's largest.
+        hc = [t.cpu() for t in HESS_OPS[name](v.cuda(), x.cuda())]
+        hh = HESS_OPS[name](v, x)
+        ok = torch.stack([torch.isfinite(t) for t in hh]).all(0)
+        scale = torch.stack([t[ok].abs() for t in hh]).amax(0).clamp_min(torch.finfo(torch.float64).tiny)
+        for a, b in zip(hc, hh):
+            assert torch.equal(a.isnan(), b.isnan()) and torch.equal(a.isinf(), b.isinf())
+            assert ((a[ok] - b[ok]).abs() / scale).max().item() <= 1e-11
 
 
-@pytest.mark.parametrize("fn", [fastloss.log_bessel_iv, fastloss.log_bessel_kv])
-def test_second_derivative_is_refused(fn, device):
-    # The derivative ops have no derivative: with create_graph=True the first derivative is
-    # right, and a second one raises instead of treating them as constants.
+# ---- second derivatives -------------------------------------------------------------------
+
+
+def hessian_entries(name, v, x):
+    """(d^2/dv^2, d^2/dv dx, d^2/dx^2) of log I or log K."""
+    return HESS_OPS[name](v, x)
+
+
+@pytest.mark.parametrize("name,column", [("iv", "d2log_i"), ("kv", "d2log_k")])
+def test_second_derivatives_match_mpmath(name, column, device):
+    # Against 40-digit mpmath values at random log-uniform points and the region boundaries.
+    # Each entry within 2e-13 of the Hessian's largest entry at its point (the v-x entry can
+    # be ~0 next to diagonal entries of ~0.03); the diagonal entries relative to themselves.
+    v, x = HESS_REF["v"].to(device), HESS_REF["x"].to(device)
+    refs = [HESS_REF[f"{column}_{part}"] for part in ("dv2", "dvdx", "dx2")]
+    scale = torch.stack(refs).abs().amax(0)
+    for part, got, ref in zip(("vv", "vx", "xx"), hessian_entries(name, v, x), refs):
+        err = (got.cpu() - ref).abs()
+        assert (err / scale).max().item() <= 2e-13, f"{part}: {(err / scale).max().item():.2e} at {err.argmax().item()}"
+        if part != "vx":
+            assert (err / ref.abs()).max().item() <= 5e-12, f"{part}: relative {(err / ref.abs()).max().item():.2e}"
+
+
+@pytest.mark.parametrize("name", ["iv", "kv"])
+@pytest.mark.parametrize("region", list(REGION_POINTS))
+def test_second_derivatives_gradgradcheck_per_method(name, region, device):
+    v0, x0 = REGION_POINTS[region]
+    if name == "iv" and v0 == 0:
+        v0 = 1e-3
+    v = torch.tensor([v0, v0 * 1.01 + 1e-3], dtype=torch.float64, device=device).requires_grad_()
+    log_x = torch.tensor([x0, x0 * 1.001], dtype=torch.float64, device=device).log().requires_grad_()
+    fn = FUNCS[name]
+    assert torch.autograd.gradgradcheck(lambda v, log_x: fn(v, log_x.exp()), (v, log_x))
+    if name == "kv":
+        assert torch.autograd.gradgradcheck(lambda v, log_x: fn(-v, log_x.exp()), (v, log_x))
+
+
+def test_second_derivatives_broadcast_and_numbers():
+    v = torch.tensor([[0.5], [3.0], [30.0]], dtype=torch.float64, requires_grad=True)
+    x = torch.tensor([0.1, 1.0, 10.0, 100.0], dtype=torch.float64, requires_grad=True)
+    for fn in FUNCS.values():
+        assert torch.autograd.gradgradcheck(fn, (v, x))
+        assert torch.autograd.gradgradcheck(lambda x: fn(2.5, x), (x,))
+
+
+@pytest.mark.parametrize("name", ["iv", "kv"])
+def test_hessian_by_every_route(name, device):
+    # Eager double backward, torch.func.hessian (forward over reverse), jacrev of jacrev, and
+    # forward-AD tangents of the gradient: all give the second-derivative op's entries.
+    from torch.func import hessian, jacfwd, jacrev
+
+    g = torch.Generator().manual_seed(12)
+    v = (torch.rand(6, generator=g, dtype=torch.float64) * 40).to(device)
+    x = (torch.rand(6, generator=g, dtype=torch.float64) * 60 + 0.05).to(device)
+    d_vv, d_vx, d_xx = hessian_entries(name, v, x)
+    fn = FUNCS[name]
+
+    vr, xr = v.clone().requires_grad_(), x.clone().requires_grad_()
+    gv, gx = torch.autograd.grad(fn(vr, xr).sum(), (vr, xr), create_graph=True)
+    assert torch.equal(torch.autograd.grad(gv.sum(), vr, retain_graph=True)[0], d_vv)
+    assert torch.equal(torch.autograd.grad(gv.sum(), xr, retain_graph=True)[0], d_vx)
+    assert torch.equal(torch.autograd.grad(gx.sum(), vr, retain_graph=True)[0], d_vx)
+    assert torch.equal(torch.autograd.grad(gx.sum(), xr)[0], d_xx)
+
+    expected = torch.stack([torch.stack([d_vv, d_vx], -1), torch.stack([d_vx, d_xx], -1)], -2)
+    point = lambda p: fn(p[0], p[1])  # noqa: E731
+    for route in (hessian(point), jacrev(jacrev(point)), jacfwd(jacrev(point)), jacrev(jacfwd(point))):
+        got = torch.stack([route(torch.stack([a, b])) for a, b in zip(v, x)])
+        torch.testing.assert_close(got, expected, rtol=0, atol=0)
+    got = torch.func.vmap(hessian(point))(torch.stack([v, x], -1))
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("name", ["iv", "kv"])
+def test_third_derivative_is_refused(name, device):
     v = torch.tensor([0.3, 2.5], dtype=torch.float64, device=device, requires_grad=True)
     x = torch.tensor([1.7, 40.0], dtype=torch.float64, device=device, requires_grad=True)
-    gv, gx = torch.autograd.grad(fn(v, x).sum(), (v, x), create_graph=True)
-    pv, px = torch.autograd.grad(fn(v, x).sum(), (v, x))
-    torch.testing.assert_close((gv, gx), (pv, px))
-    with pytest.raises(NotImplementedError, match="second derivative"):
-        torch.autograd.grad(gx.sum(), x)
+    fn = FUNCS[name]
+    (gx,) = torch.autograd.grad(fn(v, x).sum(), x, create_graph=True)
+    (hxx,) = torch.autograd.grad(gx.sum(), x, create_graph=True)
+    torch.testing.assert_close(hxx, hessian_entries(name, v.detach(), x.detach())[2], rtol=0, atol=0)
+    with pytest.raises(NotImplementedError, match="third derivative"):
+        torch.autograd.grad(hxx.sum(), x)
+    point = lambda p: fn(p[0], p[1])  # noqa: E731
+    with pytest.raises(NotImplementedError, match="third derivative"):
+        torch.func.jacrev(torch.func.hessian(point))(torch.tensor([2.5, 40.0], dtype=torch.float64, device=device))
+
+
+def test_second_derivatives_float32_and_half(device):
+    # Computed in double and rounded: float32 within its rounding of the float64 result at the
+    # same (float32-rounded) inputs; float16 / bfloat16 go through float32.
+    v32, x32 = HESS_REF["v"].float().to(device), HESS_REF["x"].float().to(device)
+    keep = x32 > 1e-30  # d^2/dx^2 ~ v / x^2 overflows float32 below
+    for name in ("iv", "kv"):
+        ref = hessian_entries(name, v32.double(), x32.double())
+        for got, r in zip(hessian_entries(name, v32, x32), ref):
+            assert got.dtype == torch.float32
+            finite = keep & torch.isfinite(r.float())
+            assert ((got[finite].double() - r[finite]).abs() / r[finite].abs().clamp_min(1e-30)).max().item() <= 2 ** -23
+        half = hessian_entries(name, v32[:20].half(), x32[:20].clamp(0.1, 100).half())
+        assert all(t.dtype == torch.float16 for t in half)
+
+
+def test_second_derivative_limits_and_special_values():
+    inf, nan = math.inf, math.nan
+    x = torch.tensor([0.0, inf, -1.0, nan], dtype=torch.float64)
+
+    def entries(name, v):
+        return [t.tolist() for t in hessian_entries(name, torch.full_like(x, v), x)]
+    # x -> 0: log I_v = v log(x/2) - lgamma(v + 1) + O(x^2) (d_vv = -psi'(v + 1); log I_0 = x^2/4 + ...),
+    # log K_v = lgamma(v) + v log(2/x) - log 2 + o(1) (d_vv = psi'(v)); x -> inf: all vanish.
+    trigamma_3_5 = 0.3303577561002349  # psi'(3.5)
+    got = entries("iv", 2.5)
+    assert got[0][0] == pytest.approx(-trigamma_3_5, rel=1e-15) and got[1][0] == inf and got[2][0] == -inf
+    assert [row[1] for row in got] == [0.0, 0.0, 0.0] and all(math.isnan(row[k]) for row in got for k in (2, 3))
+    got = entries("iv", 0.0)
+    assert got[0][0] == pytest.approx(-math.pi**2 / 6, rel=1e-15) and got[2][0] == 0.5
+    got = entries("kv", -2.5)
+    assert got[0][0] == pytest.approx(0.4903577561002349, rel=1e-15)  # psi'(2.5)
+    assert got[1][0] == inf and got[2][0] == inf  # d_vx odd in v: +inf at v < 0
+    assert entries("kv", 0.0)[1][0] == 0.0 and entries("kv", 0.0)[0][0] == inf
+    for name in ("iv", "kv"):
+        assert all(math.isnan(t) for t in sum(entries(name, nan), []))
+    assert all(math.isnan(t) for t in sum(entries("iv", -0.5), []))
+
+
+def test_second_derivatives_never_nan_at_extremes():
+    # Where the true entries exceed DBL_MAX (d^2/dx^2 ~ -+v / x^2, d^2/dv dx ~ +-1 / x at tiny x)
+    # they are infinite; never NaN where log I and log K are finite, down to subnormal x and up
+    # to v, x ~ DBL_MAX.
+    v = torch.tensor([0.0, 1e-300, 0.3, 1.0, 7.5, 15.99, 16.0, 20.0, 100.0, 1e4, 1e6, 1e200, 1.5e308], dtype=torch.float64)
+    x = torch.tensor([5e-324, 1e-310, 1e-300, 1e-200, 1e-30, 1e-5, 1.0, 30.0, 1e5, 1e30, 1e200, 1e300, 1.7e308],
+                     dtype=torch.float64)
+    vv, xx = torch.meshgrid(v, x, indexing="ij")
+    for name in ("iv", "kv"):
+        finite = torch.isfinite(FUNCS[name](vv, xx))
+        assert finite.float().mean() > 0.9  # v = 1.5e308: log I, log K overflow but at x ~ v
+        for part, t in zip(("vv", "vx", "xx"), hessian_entries(name, vv[finite], xx[finite])):
+            vv_f, xx_f = vv[finite], xx[finite]
+            assert not t.isnan().any(), f"{name} {part}: NaN at {(vv_f[t.isnan()], xx_f[t.isnan()])}"
+        # Where 1/x and v/x^2 are finite, so is every entry.
+        moderate = (xx >= 1e-150) & (vv <= 1e6)
+        for t in hessian_entries(name, vv[moderate], xx[moderate]):
+            assert torch.isfinite(t).all()
+
+
+@pytest.mark.parametrize("name", ["log_bessel_iv_hess", "log_bessel_kv_hess"])
+def test_second_derivative_op_contract(name, device):
+    op = getattr(torch.ops.fastloss, name).default
+    v = torch.rand(4, 1, dtype=torch.float64, device=device) * 5
+    x = torch.rand(5, dtype=torch.float64, device=device) * 10 + 0.1
+    torch.library.opcheck(op, (v, x))
+    meta = op(v.to("meta"), x.to("meta"))
+    assert [t.shape for t in meta] == [torch.Size([4, 5])] * 3
+    with pytest.raises(RuntimeError, match="broadcast"):
+        op(torch.ones(2, dtype=torch.float64, device=device), torch.ones(3, dtype=torch.float64, device=device))
+    e = torch.empty(0, 3, dtype=torch.float64, device=device)
+    assert [t.shape for t in op(e, e)] == [torch.Size([0, 3])] * 3

@@ -17,6 +17,7 @@
 // through the same arithmetic (forward-mode differentiation), so d/dx is the accurate Bessel
 // ratio of each method (never a difference of two large logs) and d/dv is exact for the
 // truncated expansion. Loops are bounded; convergence tests cover the derivative parts too.
+// `Dual2` carries the second derivatives (d^2/dv^2, d^2/dv dx, d^2/dx^2) the same way.
 //
 // The CPU kernels also instantiate the methods with a SIMD pack of elements of one method,
 // and with a pack of dual numbers for the gradients (cpu/log_bessel_pack.h: the pack forms of
@@ -146,6 +147,123 @@ FASTLOSS_HD bool negligible(const Dual& term, const Dual& sum) {
          fabs(term.dx) <= kTol * (scale + fabs(sum.dx));
 }
 
+// ---- second-order dual numbers: value, gradient and Hessian in (v, x) ------------------
+// The methods run on them for the second derivatives, as on Dual for the first: each part is
+// the exact derivative of the truncated method, with no difference of large terms that the
+// method itself avoids. A product of a derivative factor with a zero tangent is taken as 0
+// (not inf * 0) where the factor can overflow.
+
+// p * q where a zero factor wins (a zero tangent times an overflowed one: no dependence).
+FASTLOSS_HD double mul0(double p, double q) { return (p == 0.0 || q == 0.0) ? 0.0 : p * q; }
+
+struct Dual2 {
+  double a = 0, dv = 0, dx = 0, dvv = 0, dvx = 0, dxx = 0;
+  FASTLOSS_HD Dual2() {}
+  FASTLOSS_HD Dual2(double value) : a(value) {}  // NOLINT: constants promote implicitly
+  FASTLOSS_HD Dual2(double value, double d_v, double d_x, double d_vv = 0, double d_vx = 0, double d_xx = 0)
+      : a(value), dv(d_v), dx(d_x), dvv(d_vv), dvx(d_vx), dxx(d_xx) {}
+};
+
+FASTLOSS_HD Dual2 operator+(const Dual2& p, const Dual2& q) {
+  return {p.a + q.a, p.dv + q.dv, p.dx + q.dx, p.dvv + q.dvv, p.dvx + q.dvx, p.dxx + q.dxx};
+}
+FASTLOSS_HD Dual2 operator-(const Dual2& p, const Dual2& q) {
+  return {p.a - q.a, p.dv - q.dv, p.dx - q.dx, p.dvv - q.dvv, p.dvx - q.dvx, p.dxx - q.dxx};
+}
+FASTLOSS_HD Dual2 operator-(const Dual2& p) { return {-p.a, -p.dv, -p.dx, -p.dvv, -p.dvx, -p.dxx}; }
+FASTLOSS_HD Dual2 operator*(const Dual2& p, const Dual2& q) {
+  return {p.a * q.a,
+          mul0(p.dv, q.a) + mul0(p.a, q.dv),
+          mul0(p.dx, q.a) + mul0(p.a, q.dx),
+          mul0(p.dvv, q.a) + 2.0 * mul0(p.dv, q.dv) + mul0(p.a, q.dvv),
+          mul0(p.dvx, q.a) + mul0(p.dv, q.dx) + mul0(p.dx, q.dv) + mul0(p.a, q.dvx),
+          mul0(p.dxx, q.a) + 2.0 * mul0(p.dx, q.dx) + mul0(p.a, q.dxx)};
+}
+// r = p / q from p = r q: r' = (p' - r q') / q, r'' = (p'' - 2 r' q' - r q'') / q.
+FASTLOSS_HD Dual2 operator/(const Dual2& p, const Dual2& q) {
+  const double r = p.a / q.a;
+  const double rv = (p.dv - r * q.dv) / q.a, rx = (p.dx - r * q.dx) / q.a;
+  return {r, rv, rx, (p.dvv - 2.0 * mul0(rv, q.dv) - mul0(r, q.dvv)) / q.a,
+          (p.dvx - mul0(rv, q.dx) - mul0(rx, q.dv) - mul0(r, q.dvx)) / q.a,
+          (p.dxx - 2.0 * mul0(rx, q.dx) - mul0(r, q.dxx)) / q.a};
+}
+FASTLOSS_HD Dual2 operator*(const Dual2& p, double s) {
+  return {p.a * s, p.dv * s, p.dx * s, p.dvv * s, p.dvx * s, p.dxx * s};
+}
+FASTLOSS_HD Dual2 operator*(double s, const Dual2& p) { return p * s; }
+FASTLOSS_HD Dual2 operator/(const Dual2& p, double s) {
+  return {p.a / s, p.dv / s, p.dx / s, p.dvv / s, p.dvx / s, p.dxx / s};
+}
+FASTLOSS_HD Dual2 operator+(Dual2 p, double s) { p.a += s; return p; }
+FASTLOSS_HD Dual2 operator+(double s, Dual2 p) { p.a += s; return p; }
+FASTLOSS_HD Dual2 operator-(Dual2 p, double s) { p.a -= s; return p; }
+FASTLOSS_HD Dual2 operator-(double s, const Dual2& p) { return s + (-p); }
+
+FASTLOSS_HD double val(const Dual2& p) { return p.a; }
+// f(p) from f(a), f'(a) and f''(a).
+FASTLOSS_HD Dual2 chain2(const Dual2& p, double f, double df, double d2f) {
+  return {f, mul0(df, p.dv), mul0(df, p.dx), mul0(df, p.dvv) + mul0(d2f, p.dv * p.dv),
+          mul0(df, p.dvx) + mul0(d2f, p.dv * p.dx), mul0(df, p.dxx) + mul0(d2f, p.dx * p.dx)};
+}
+// Tangents divided by the value (as Dual's): (log p)'' = p'' / p - (p' / p)^2.
+FASTLOSS_HD Dual2 f_log(const Dual2& p) {
+  const double gv = p.dv / p.a, gx = p.dx / p.a;
+  return {::log(p.a), gv, gx, p.dvv / p.a - gv * gv, p.dvx / p.a - mul0(gv, gx), p.dxx / p.a - gx * gx};
+}
+FASTLOSS_HD Dual2 f_exp(const Dual2& p) {
+  const double e = ::exp(p.a);
+  return chain2(p, e, e, e);
+}
+// r = sqrt(p): r' = r (p' / p) / 2, r'' = r (p'' / p / 2 - (p' / p)^2 / 4), in ratios to p
+// (f'' = -1 / (4 p^(3/2)) overflows where p is tiny, its tangents tinier).
+FASTLOSS_HD Dual2 f_sqrt(const Dual2& p) {
+  const double r = ::sqrt(p.a);
+  const double gv = p.dv / p.a, gx = p.dx / p.a;
+  return {r, 0.5 * r * gv, 0.5 * r * gx, r * (0.5 * (p.dvv / p.a) - 0.25 * (gv * gv)),
+          r * (0.5 * (p.dvx / p.a) - 0.25 * mul0(gv, gx)), r * (0.5 * (p.dxx / p.a) - 0.25 * (gx * gx))};
+}
+FASTLOSS_HD Dual2 f_sin(const Dual2& p) { return chain2(p, ::sin(p.a), ::cos(p.a), -::sin(p.a)); }
+FASTLOSS_HD Dual2 f_sinh(const Dual2& p) { return chain2(p, ::sinh(p.a), ::cosh(p.a), ::sinh(p.a)); }
+FASTLOSS_HD Dual2 f_cosh(const Dual2& p) { return chain2(p, ::cosh(p.a), ::sinh(p.a), ::cosh(p.a)); }
+FASTLOSS_HD Dual2 f_asinh(const Dual2& p) {
+  const double s = 1.0 / ::sqrt(1.0 + p.a * p.a);
+  return chain2(p, ::asinh(p.a), s, -p.a * (s * s * s));
+}
+// h = hypot(p, q): h_p = p / h, h_q = q / h, h_pp = q^2 / h^3, h_pq = -p q / h^3, h_qq = p^2 / h^3
+// (no difference: the second partials carry the other argument's square).
+FASTLOSS_HD Dual2 f_hypot(const Dual2& p, const Dual2& q) {
+  const double h = fast_hypot(p.a, q.a);
+  const double cp = p.a / h, cq = q.a / h;
+  const double pp = cq * cq / h, pq = -cp * cq / h, qq = cp * cp / h;
+  const auto second = [&](double pi, double pj, double qi, double qj, double pij, double qij) {
+    return cp * pij + cq * qij + pp * (pi * pj) + pq * (pi * qj + qi * pj) + qq * (qi * qj);
+  };
+  return {h, cp * p.dv + cq * q.dv, cp * p.dx + cq * q.dx, second(p.dv, p.dv, q.dv, q.dv, p.dvv, q.dvv),
+          second(p.dv, p.dx, q.dv, q.dx, p.dvx, q.dvx), second(p.dx, p.dx, q.dx, q.dx, p.dxx, q.dxx)};
+}
+// trigamma for x > 0: shift to x >= 10, then psi'(x) = 1/x + 1/(2x^2) + sum_k B_2k / x^(2k+1)
+// (to B_16: the next term is < 1e-17 of the sum at x = 10).
+FASTLOSS_HD double trigamma(double x) {
+  double shift = 0;
+  for (int i = 0; i < 10 && x < 10.0; ++i, x += 1.0) shift += 1.0 / (x * x);
+  const double f = 1.0 / (x * x);
+  const double tail = f * (1.0 / 6 - f * (1.0 / 30 - f * (1.0 / 42 - f * (1.0 / 30 - f * (5.0 / 66 -
+                      f * (691.0 / 2730 - f * (7.0 / 6 - f * (3617.0 / 510))))))));
+  return shift + (1.0 + 0.5 / x + tail) / x;
+}
+FASTLOSS_HD Dual2 f_lgamma(const Dual2& p) { return chain2(p, ::lgamma(p.a), digamma(p.a), trigamma(p.a)); }
+FASTLOSS_HD bool negligible(const Dual2& term, const Dual2& sum) {
+  const double scale = fabs(sum.a);
+  return fabs(term.a) <= kTol * scale && fabs(term.dv) <= kTol * (scale + fabs(sum.dv)) &&
+         fabs(term.dx) <= kTol * (scale + fabs(sum.dx)) && fabs(term.dvv) <= kTol * (scale + fabs(sum.dvv)) &&
+         fabs(term.dvx) <= kTol * (scale + fabs(sum.dvx)) && fabs(term.dxx) <= kTol * (scale + fabs(sum.dxx));
+}
+// The order of the derivatives a number type carries (series stop with room for them).
+template <typename T>
+struct DerivativeOrder { static constexpr int value = 1; };
+template <>
+struct DerivativeOrder<Dual2> { static constexpr int value = 2; };
+
 // ---- methods (v >= 0, 0 < x < inf) ---------------------------------------------------
 
 // log(x/2) without underflow of x/2.
@@ -160,6 +278,18 @@ FASTLOSS_HD Dual v_log_half_x(const Dual& v, const Dual& x) {
   const double log_half = ::log(x.a) - kLn2, ratio = v.a / x.a;
   return {v.a * log_half, v.dv * log_half + (x.dv == 0.0 ? 0.0 : ratio * x.dv),
           v.dx * log_half + (x.dx == 0.0 ? 0.0 : ratio * x.dx)};
+}
+// With f = v log(x/2): f_v = log(x/2), f_x = v / x, f_vv = 0, f_vx = 1 / x, f_xx = -v / x^2
+// (which overflows at tiny x; a zero tangent contributes 0).
+FASTLOSS_HD Dual2 v_log_half_x(const Dual2& v, const Dual2& x) {
+  const double log_half = ::log(x.a) - kLn2, ratio = v.a / x.a, inv_x = 1.0 / x.a;
+  const auto second = [&](double vi, double vj, double xi, double xj, double vij, double xij) {
+    return vij * log_half + mul0(ratio, xij) + mul0(inv_x, vi * xj + vj * xi) -
+           mul0(ratio / x.a, xi * xj);
+  };
+  return {v.a * log_half, v.dv * log_half + mul0(ratio, x.dv), v.dx * log_half + mul0(ratio, x.dx),
+          second(v.dv, v.dv, x.dv, x.dv, v.dvv, x.dvv), second(v.dv, v.dx, x.dv, x.dx, v.dvx, x.dvx),
+          second(v.dx, v.dx, x.dx, x.dx, v.dxx, x.dxx)};
 }
 
 // Power series: I_v(x) = (x/2)^v / Gamma(v+1) * sum_k (x^2/4)^k / (k! (v+1)_k).
@@ -201,7 +331,8 @@ FASTLOSS_HD T hankel_log(const T& v, const T& x) {
 // v * asinh(v / x) without overflow of v / x.
 template <typename T>
 FASTLOSS_HD T v_asinh_v_over_x(const T& v, const T& x) {
-  if (val(v) == 0.0) return T(0.0) * v;
+  // At v = 0 the value and first derivatives vanish, but not d^2/dv^2 (2 / x).
+  if (val(v) == 0.0 && DerivativeOrder<T>::value < 2) return T(0.0) * v;
   if (val(v) > 1e8 * val(x)) return v * (kLn2 + f_log(v) - f_log(x));  // asinh z = log 2z + O(z^-2)
   return v * f_asinh(v / x);
 }
@@ -213,6 +344,10 @@ constexpr double kEtaRootLo = 8.155323790501267e-18;
 FASTLOSS_HD double x_minus_eta_root_v(double v, double x) { return ::fma(-kEtaRootHi, v, x) - kEtaRootLo * v; }
 FASTLOSS_HD Dual x_minus_eta_root_v(const Dual& v, const Dual& x) {
   return {x_minus_eta_root_v(v.a, x.a), x.dv - kEtaRootHi * v.dv, x.dx - kEtaRootHi * v.dx};
+}
+FASTLOSS_HD Dual2 x_minus_eta_root_v(const Dual2& v, const Dual2& x) {
+  return {x_minus_eta_root_v(v.a, x.a), x.dv - kEtaRootHi * v.dv, x.dx - kEtaRootHi * v.dx,
+          x.dvv - kEtaRootHi * v.dvv, x.dvx - kEtaRootHi * v.dvx, x.dxx - kEtaRootHi * v.dxx};
 }
 
 // v eta = h - v asinh(v / x), h = hypot(v, x). Near p = x / v = p0 the difference cancels: one
@@ -275,7 +410,9 @@ FASTLOSS_HD T debye_log(const T& v, const T& x) {
     const T term = power * debye_q(k, w);
     sum = (kI || !(k & 1)) ? sum + term : sum - term;
     // Stop when the bound of the next term (with room for its derivatives) is negligible.
-    if (all_below(val(power) * val(inv_h), kTol / (debye_q_bound(k + 1) * (k + 2)))) break;
+    // (Each derivative in x or v multiplies a term by up to ~k / h.)
+    constexpr bool kSecond = DerivativeOrder<T>::value == 2;
+    if (all_below(val(power) * val(inv_h), kTol / (debye_q_bound(k + 1) * (k + 2) * (kSecond ? k + 3 : 1)))) break;
   }
   const T v_eta = debye_v_eta(v_s, x_s, h_s) / scale;
   const T log_sum_over_sqrt_h = f_log(sum * f_sqrt(inv_h));  // one log for log(sum) - log(h)/2
@@ -435,6 +572,12 @@ FASTLOSS_HD double to_log_x_tangent(double x) { return x; }
 FASTLOSS_HD Dual to_log_x_tangent(const Dual& x) { return {x.a, x.dv, x.dx * x.a}; }
 FASTLOSS_HD double from_log_x_tangent(double r, double) { return r; }
 FASTLOSS_HD Dual from_log_x_tangent(const Dual& r, double x) { return {r.a, r.dv, r.dx / x}; }
+// For Dual2, x is the variable x itself: with x = e^t, x_t = x_tt = x; back, r_x = r_t / x,
+// r_vx = r_vt / x and r_xx = (r_tt - r_t) / x^2 (divided twice: x^2 underflows at tiny x).
+FASTLOSS_HD Dual2 to_log_x_tangent(const Dual2& x) { return {x.a, 0.0, x.a, 0.0, 0.0, x.a}; }
+FASTLOSS_HD Dual2 from_log_x_tangent(const Dual2& r, double x) {
+  return {r.a, r.dv, r.dx / x, r.dvv, r.dvx / x, (r.dxx - r.dx) / x / x};
+}
 
 template <typename T>
 FASTLOSS_HD T recurrence_log_kv(const T& v, const T& x_in) {
@@ -531,6 +674,38 @@ FASTLOSS_HD LogBesselGrad log_kv_grad(double v, double x) {
   if (v == kInf) return {sign * kInf, -kInf};
   const Dual r = log_kv_finite(Dual(v, 1.0, 0.0), Dual(x, 0.0, 1.0));
   return {sign * r.dv, r.dx};
+}
+
+struct LogBesselHess {
+  double d_vv;  // d^2/dv^2 log F_v(x)
+  double d_vx;  // d^2/dv dx
+  double d_xx;  // d^2/dx^2
+};
+
+// Second derivatives of log I_v(x). At x = 0, x = inf and v = inf, the limits: as x -> 0,
+// log I = v log(x/2) - lgamma(v + 1) + O(x^2), and log I_0 = x^2 / 4 + O(x^4); as v -> inf
+// at fixed x the same leading terms.
+FASTLOSS_HD LogBesselHess log_iv_hess(double v, double x) {
+  if (!(v >= 0.0) || !(x >= 0.0)) return {kNaN, kNaN, kNaN};
+  if (x == 0.0) return {-trigamma(v + 1.0), kInf, v == 0.0 ? 0.5 : -kInf};
+  if (x == kInf) return v == kInf ? LogBesselHess{kNaN, kNaN, kNaN} : LogBesselHess{0.0, 0.0, 0.0};
+  if (v == kInf) return {0.0, 1.0 / x, -kInf};
+  const Dual2 r = log_iv_finite(Dual2(v, 1.0, 0.0), Dual2(x, 0.0, 1.0));
+  return {r.dvv, r.dvx, r.dxx};
+}
+
+// Second derivatives of log K_v(x): d_vv and d_xx even in v, d_vx odd. As x -> 0, log K_v =
+// lgamma(v) + v log(2/x) - log 2 + o(1) for v > 0, and log K_0 = log(log(2/x) - gamma) + o(1),
+// whose d_vv (log(2/x)^2 at v = 0) grows without bound.
+FASTLOSS_HD LogBesselHess log_kv_hess(double v, double x) {
+  const double sign = v < 0.0 ? -1.0 : 1.0;
+  v = fabs(v);
+  if (v != v || !(x >= 0.0)) return {kNaN, kNaN, kNaN};
+  if (x == 0.0) return {v == 0.0 ? kInf : trigamma(v), v == 0.0 ? 0.0 : -sign * kInf, kInf};
+  if (x == kInf) return v == kInf ? LogBesselHess{kNaN, kNaN, kNaN} : LogBesselHess{0.0, 0.0, 0.0};
+  if (v == kInf) return {0.0, -sign / x, kInf};
+  const Dual2 r = log_kv_finite(Dual2(v, 1.0, 0.0), Dual2(x, 0.0, 1.0));
+  return {r.dvv, sign * r.dvx, r.dxx};
 }
 
 }  // namespace FASTLOSS_ISA_NAMESPACE

@@ -11,8 +11,9 @@
 
 namespace fastloss {
 
-// Which function a log-Bessel kernel evaluates (values, or d/dv and d/dx of the log).
-enum class LogBesselFn : int { LogIv = 0, LogKv = 1, LogIvGrad = 2, LogKvGrad = 3 };
+// Which function a log-Bessel kernel evaluates (values; d/dv and d/dx of the log; or its second
+// derivatives d^2/dv^2, d^2/dv dx, d^2/dx^2).
+enum class LogBesselFn : int { LogIv = 0, LogKv = 1, LogIvGrad = 2, LogKvGrad = 3, LogIvHess = 4, LogKvHess = 5 };
 
 struct LogBesselArgs {
   at::Tensor v;  // broadcast to the common shape, contiguous

@@ -6,6 +6,7 @@
 // SIMD-pack unit (cpu/log_bessel_packs.cpp: elements grouped by method, packs of 8 or 4
 // doubles, vector transcendentals); elsewhere the scalar methods run element by element.
 // Derivatives (dual numbers) take the same route: packs of dual numbers, or the scalar ones.
+// Second derivatives (second-order dual numbers) run the scalar methods element by element.
 //
 // Memory traffic: v and x are broadcast to a common shape (a copy only when they differ),
 // read once; one output (values) or two (d/dv, d/dx) written once. The work is compute
@@ -20,6 +21,7 @@
 #include <c10/util/Half.h>
 #include <torch/library.h>
 
+#include <array>
 #include <cstdlib>
 #include <cstring>
 #include <tuple>
@@ -125,67 +127,110 @@ FASTLOSS_CPU_CLONES void log_kv_grad_range(const double* v, const double* x, dou
   log_bessel_grads<true>(v, x, d_dv, d_dx, n, unit);
 }
 
-// Runs `fn` on blocks of doubles converted from / to scalar_t (no conversion for double).
-template <typename scalar_t, typename Fn>
-void for_blocks(const scalar_t* v, const scalar_t* x, scalar_t* out0, scalar_t* out1, int64_t n,
+// Second derivatives of n contiguous elements: the scalar methods (second-order dual numbers).
+template <bool kK>
+FASTLOSS_CPU_INLINE void log_bessel_hessians(const double* v, const double* x, double* d_vv, double* d_vx,
+                                             double* d_xx, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) {
+    const lb::LogBesselHess h = kK ? lb::log_kv_hess(v[i], x[i]) : lb::log_iv_hess(v[i], x[i]);
+    d_vv[i] = h.d_vv;
+    d_vx[i] = h.d_vx;
+    d_xx[i] = h.d_xx;
+  }
+}
+FASTLOSS_CPU_CLONES void log_iv_hess_range(const double* v, const double* x, double* d_vv, double* d_vx,
+                                           double* d_xx, int64_t n) {
+  log_bessel_hessians<false>(v, x, d_vv, d_vx, d_xx, n);
+}
+FASTLOSS_CPU_CLONES void log_kv_hess_range(const double* v, const double* x, double* d_vv, double* d_vx,
+                                           double* d_xx, int64_t n) {
+  log_bessel_hessians<true>(v, x, d_vv, d_vx, d_xx, n);
+}
+
+// Runs `fn(v, x, outs, m)` on blocks of doubles converted from / to scalar_t (no conversion
+// for double); kOuts outputs.
+template <int kOuts, typename scalar_t, typename Fn>
+void for_blocks(const scalar_t* v, const scalar_t* x, const std::array<scalar_t*, kOuts>& outs, int64_t n,
                 const Fn& fn) {
   at::parallel_for(0, n, kGrain, [&](int64_t begin, int64_t end) {
-    double vb[kBlock], xb[kBlock], o0[kBlock], o1[kBlock];
+    double vb[kBlock], xb[kBlock], ob[kOuts][kBlock];
     for (int64_t b = begin; b < end; b += kBlock) {
       const int64_t m = std::min<int64_t>(kBlock, end - b);
+      std::array<double*, kOuts> block_outs;
       if constexpr (std::is_same_v<scalar_t, double>) {
-        fn(v + b, x + b, out0 + b, out1 ? out1 + b : nullptr, m);
+        for (int k = 0; k < kOuts; ++k) block_outs[k] = outs[k] + b;
+        fn(v + b, x + b, block_outs, m);
       } else {
         for (int64_t i = 0; i < m; ++i) {
           vb[i] = static_cast<double>(v[b + i]);
           xb[i] = static_cast<double>(x[b + i]);
         }
-        fn(vb, xb, o0, o1, m);
-        for (int64_t i = 0; i < m; ++i) out0[b + i] = static_cast<scalar_t>(o0[i]);
-        if (out1)
-          for (int64_t i = 0; i < m; ++i) out1[b + i] = static_cast<scalar_t>(o1[i]);
+        for (int k = 0; k < kOuts; ++k) block_outs[k] = ob[k];
+        fn(vb, xb, block_outs, m);
+        for (int k = 0; k < kOuts; ++k)
+          for (int64_t i = 0; i < m; ++i) outs[k][b + i] = static_cast<scalar_t>(ob[k][i]);
       }
     }
   });
 }
 
-template <bool kK>
-at::Tensor forward(const at::Tensor& v, const at::Tensor& x) {
-  const char* op = kK ? "log_bessel_kv" : "log_bessel_iv";
+// The checks shared with CUDA, on CPU tensors.
+LogBesselArgs cpu_args(const char* op, const at::Tensor& v, const at::Tensor& x) {
   TORCH_CHECK(v.device().is_cpu() && x.device().is_cpu(), "fastloss.", op,
               ": expected CPU tensors, got 'v' on ", v.device(), " and 'x' on ", x.device());
-  const LogBesselArgs args = log_bessel_args(op, v, x);
+  return log_bessel_args(op, v, x);
+}
+
+template <bool kK>
+at::Tensor forward(const at::Tensor& v, const at::Tensor& x) {
+  const LogBesselArgs args = cpu_args(kK ? "log_bessel_kv" : "log_bessel_iv", v, x);
   at::Tensor out = at::empty(args.v.sizes(), args.v.options());
   if (out.numel() == 0) return out;
   static const PackUnit& unit = pack_unit();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, out.scalar_type(), "log_bessel", [&] {
-    for_blocks(args.v.const_data_ptr<scalar_t>(), args.x.const_data_ptr<scalar_t>(),
-               out.mutable_data_ptr<scalar_t>(), static_cast<scalar_t*>(nullptr), out.numel(),
-               [](const double* vb, const double* xb, double* o, double*, int64_t m) {
-                 kK ? log_kv_range(vb, xb, o, m, unit) : log_iv_range(vb, xb, o, m, unit);
-               });
+    for_blocks<1>(args.v.const_data_ptr<scalar_t>(), args.x.const_data_ptr<scalar_t>(),
+                  {out.mutable_data_ptr<scalar_t>()}, out.numel(),
+                  [](const double* vb, const double* xb, const std::array<double*, 1>& o, int64_t m) {
+                    kK ? log_kv_range(vb, xb, o[0], m, unit) : log_iv_range(vb, xb, o[0], m, unit);
+                  });
   });
   return out;
 }
 
 template <bool kK>
 std::tuple<at::Tensor, at::Tensor> grad(const at::Tensor& v, const at::Tensor& x) {
-  const char* op = kK ? "log_bessel_kv_grad" : "log_bessel_iv_grad";
-  TORCH_CHECK(v.device().is_cpu() && x.device().is_cpu(), "fastloss.", op,
-              ": expected CPU tensors, got 'v' on ", v.device(), " and 'x' on ", x.device());
-  const LogBesselArgs args = log_bessel_args(op, v, x);
+  const LogBesselArgs args = cpu_args(kK ? "log_bessel_kv_grad" : "log_bessel_iv_grad", v, x);
   at::Tensor d_dv = at::empty(args.v.sizes(), args.v.options());
   at::Tensor d_dx = at::empty(args.v.sizes(), args.v.options());
   if (d_dv.numel() == 0) return {d_dv, d_dx};
   static const PackUnit& unit = pack_unit();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, d_dv.scalar_type(), "log_bessel_grad", [&] {
-    for_blocks(args.v.const_data_ptr<scalar_t>(), args.x.const_data_ptr<scalar_t>(),
-               d_dv.mutable_data_ptr<scalar_t>(), d_dx.mutable_data_ptr<scalar_t>(),
-               d_dv.numel(), [](const double* vb, const double* xb, double* o0, double* o1, int64_t m) {
-                 kK ? log_kv_grad_range(vb, xb, o0, o1, m, unit) : log_iv_grad_range(vb, xb, o0, o1, m, unit);
-               });
+    for_blocks<2>(args.v.const_data_ptr<scalar_t>(), args.x.const_data_ptr<scalar_t>(),
+                  {d_dv.mutable_data_ptr<scalar_t>(), d_dx.mutable_data_ptr<scalar_t>()}, d_dv.numel(),
+                  [](const double* vb, const double* xb, const std::array<double*, 2>& o, int64_t m) {
+                    kK ? log_kv_grad_range(vb, xb, o[0], o[1], m, unit)
+                       : log_iv_grad_range(vb, xb, o[0], o[1], m, unit);
+                  });
   });
   return {d_dv, d_dx};
+}
+
+template <bool kK>
+std::tuple<at::Tensor, at::Tensor, at::Tensor> hess(const at::Tensor& v, const at::Tensor& x) {
+  const LogBesselArgs args = cpu_args(kK ? "log_bessel_kv_hess" : "log_bessel_iv_hess", v, x);
+  at::Tensor d_vv = at::empty(args.v.sizes(), args.v.options());
+  at::Tensor d_vx = at::empty(args.v.sizes(), args.v.options());
+  at::Tensor d_xx = at::empty(args.v.sizes(), args.v.options());
+  if (d_vv.numel() == 0) return {d_vv, d_vx, d_xx};
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, d_vv.scalar_type(), "log_bessel_hess", [&] {
+    for_blocks<3>(args.v.const_data_ptr<scalar_t>(), args.x.const_data_ptr<scalar_t>(),
+                  {d_vv.mutable_data_ptr<scalar_t>(), d_vx.mutable_data_ptr<scalar_t>(),
+                   d_xx.mutable_data_ptr<scalar_t>()},
+                  d_vv.numel(), [](const double* vb, const double* xb, const std::array<double*, 3>& o, int64_t m) {
+                    kK ? log_kv_hess_range(vb, xb, o[0], o[1], o[2], m) : log_iv_hess_range(vb, xb, o[0], o[1], o[2], m);
+                  });
+  });
+  return {d_vv, d_vx, d_xx};
 }
 
 }  // namespace
@@ -197,6 +242,8 @@ TORCH_LIBRARY_IMPL(fastloss, CPU, m) {
   m.impl("log_bessel_kv", &forward<true>);
   m.impl("log_bessel_iv_grad", &grad<false>);
   m.impl("log_bessel_kv_grad", &grad<true>);
+  m.impl("log_bessel_iv_hess", &hess<false>);
+  m.impl("log_bessel_kv_hess", &hess<true>);
 }
 
 }  // namespace fastloss::cpu

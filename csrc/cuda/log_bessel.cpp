@@ -44,7 +44,7 @@ at::Tensor forward(const at::Tensor& v, const at::Tensor& x) {
   if (out.numel() == 0) return out.to(v.scalar_type());
   C10_CUDA_CHECK(kernels::launch_log_bessel(
       static_cast<int>(kFn), vk.scalar_type() == c10::kDouble, vk.const_data_ptr(),
-      xk.const_data_ptr(), out.mutable_data_ptr(), nullptr, out.numel(),
+      xk.const_data_ptr(), out.mutable_data_ptr(), nullptr, nullptr, out.numel(),
       at::cuda::getCurrentCUDAStream()));
   return out.to(v.scalar_type());
 }
@@ -59,10 +59,27 @@ std::tuple<at::Tensor, at::Tensor> grad(const at::Tensor& v, const at::Tensor& x
   if (d_dv.numel() > 0) {
     C10_CUDA_CHECK(kernels::launch_log_bessel(
         static_cast<int>(kFn), vk.scalar_type() == c10::kDouble, vk.const_data_ptr(),
-        xk.const_data_ptr(), d_dv.mutable_data_ptr(), d_dx.mutable_data_ptr(), d_dv.numel(),
+        xk.const_data_ptr(), d_dv.mutable_data_ptr(), d_dx.mutable_data_ptr(), nullptr, d_dv.numel(),
         at::cuda::getCurrentCUDAStream()));
   }
   return {d_dv.to(v.scalar_type()), d_dx.to(v.scalar_type())};
+}
+
+template <LogBesselFn kFn>
+std::tuple<at::Tensor, at::Tensor, at::Tensor> hess(const at::Tensor& v, const at::Tensor& x) {
+  const auto [vk, xk] =
+      kernel_inputs(kFn == LogBesselFn::LogKvHess ? "log_bessel_kv_hess" : "log_bessel_iv_hess", v, x);
+  const c10::cuda::OptionalCUDAGuard guard(x.device());  // after the checks: x is on a GPU
+  at::Tensor d_vv = at::empty(vk.sizes(), vk.options());
+  at::Tensor d_vx = at::empty(vk.sizes(), vk.options());
+  at::Tensor d_xx = at::empty(vk.sizes(), vk.options());
+  if (d_vv.numel() > 0) {
+    C10_CUDA_CHECK(kernels::launch_log_bessel(
+        static_cast<int>(kFn), vk.scalar_type() == c10::kDouble, vk.const_data_ptr(),
+        xk.const_data_ptr(), d_vv.mutable_data_ptr(), d_vx.mutable_data_ptr(), d_xx.mutable_data_ptr(),
+        d_vv.numel(), at::cuda::getCurrentCUDAStream()));
+  }
+  return {d_vv.to(v.scalar_type()), d_vx.to(v.scalar_type()), d_xx.to(v.scalar_type())};
 }
 
 }  // namespace
@@ -72,6 +89,8 @@ TORCH_LIBRARY_IMPL(fastloss, CUDA, m) {
   m.impl("log_bessel_kv", &forward<LogBesselFn::LogKv>);
   m.impl("log_bessel_iv_grad", &grad<LogBesselFn::LogIvGrad>);
   m.impl("log_bessel_kv_grad", &grad<LogBesselFn::LogKvGrad>);
+  m.impl("log_bessel_iv_hess", &hess<LogBesselFn::LogIvHess>);
+  m.impl("log_bessel_kv_hess", &hess<LogBesselFn::LogKvHess>);
 }
 
 }  // namespace fastloss::cuda

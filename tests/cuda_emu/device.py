@@ -203,13 +203,15 @@ class Emulator:
 
     @releasing
     def log_bessel(self, fn: int, v: torch.Tensor, x: torch.Tensor):
-        """fn: 0 log I, 1 log K (one output), 2 / 3 their derivatives in (v, x) (two outputs)."""
+        """fn: 0 log I, 1 log K (one output), 2 / 3 their derivatives in (v, x) (two outputs),
+        4 / 5 their second derivatives in (v v, v x, x x) (three outputs)."""
         vd, xd = self.put(v.contiguous()), self.put(x.contiguous())
-        out0, out1 = self.empty(x.shape, x.dtype), self.empty(x.shape, x.dtype)
+        outs = [self.empty(x.shape, x.dtype) for _ in range(3)]
         self.check(self.lib.emu_log_bessel(fn, int(x.dtype == torch.float64), _c_ptr(vd.data_ptr()),
-                                           _c_ptr(xd.data_ptr()), _c_ptr(out0.data_ptr()),
-                                           _c_ptr(out1.data_ptr()), _c_i64(x.numel())), "log_bessel")
-        return (out0.clone(), out1.clone()) if fn >= 2 else out0.clone()
+                                           _c_ptr(xd.data_ptr()), *(_c_ptr(o.data_ptr()) for o in outs),
+                                           _c_i64(x.numel())), "log_bessel")
+        count = 1 if fn < 2 else 2 if fn < 4 else 3
+        return tuple(o.clone() for o in outs[:count]) if count > 1 else outs[0].clone()
 
     @releasing
     def vmf(self, fn: int, values: torch.Tensor, p: int, iterations: int = 1) -> torch.Tensor:

@@ -55,8 +55,9 @@ int emu_gelu_mul_backward(const void* grad_out, const void* gate, const void* up
                                   threshold_grad != 0, ws, ws_bytes, nullptr);
 }
 
-int emu_log_bessel(int fn, int is_double, const void* v, const void* x, void* out0, void* out1, int64_t n) {
-  return launch_log_bessel(fn, is_double != 0, v, x, out0, out1, n, nullptr);
+int emu_log_bessel(int fn, int is_double, const void* v, const void* x, void* out0, void* out1, void* out2,
+                   int64_t n) {
+  return launch_log_bessel(fn, is_double != 0, v, x, out0, out1, out2, n, nullptr);
 }
 int emu_vmf(int fn, int is_double, const void* in, void* out, int64_t n, double p, int iterations) {
   return launch_vmf(fn, is_double != 0, in, out, n, p, iterations, nullptr);

@@ -69,8 +69,9 @@ def log_bessel_iv(v: TensorOrNumber, x: TensorOrNumber) -> torch.Tensor:
     Elementwise, broadcasting ``v`` against ``x`` (either may be a tensor or a number).
     Accurate to about machine precision (relative; absolute where |log I| < 1) for v >= 0 and
     x >= 0 of any size, with the exact limits at x = 0 and x = inf; v < 0, x < 0 and NaN give
-    NaN. float32 and float64 (float16 / bfloat16 computed in float32); differentiable in both
-    ``v`` and ``x``: d/dx log I_v(x) = v/x + I_(v+1)(x)/I_v(x).
+    NaN. float32 and float64 (float16 / bfloat16 computed in float32); differentiable twice in
+    both ``v`` and ``x`` (d/dx log I_v(x) = v/x + I_(v+1)(x)/I_v(x)), each derivative from the
+    same expansions as the value.
     """
     v, x = _as_tensors("log_bessel_iv", v, x)
     if transforms_active(v, x):
@@ -111,29 +112,57 @@ def _forward_fake(op: str):
     return lambda v, x: x.new_empty(_checked_shape(op, v, x))
 
 
-def _grad_fake(op: str):
+def _derivatives_fake(op: str, count: int):
     def fake(v: torch.Tensor, x: torch.Tensor):
         shape = _checked_shape(op, v, x)
-        return x.new_empty(shape), x.new_empty(shape)
+        return tuple(x.new_empty(shape) for _ in range(count))
     return fake
 
 
 for _name in ("log_bessel_iv", "log_bessel_kv"):
     torch.library.register_fake(f"fastloss::{_name}")(_forward_fake(_name))
-    torch.library.register_fake(f"fastloss::{_name}_grad")(_grad_fake(f"{_name}_grad"))
+    torch.library.register_fake(f"fastloss::{_name}_grad")(_derivatives_fake(f"{_name}_grad", 2))
+    torch.library.register_fake(f"fastloss::{_name}_hess")(_derivatives_fake(f"{_name}_hess", 3))
 # Autograd is registered in C++ (csrc/autograd.cpp); under torch.func transforms and forward-mode
 # AD the wrappers use the functions below (see _func.py).
+
+
+def _save_inputs(ctx, inputs, output):
+    ctx.save_for_backward(*inputs)
+    ctx.save_for_forward(*inputs)
+
+
+def _make_grad_transform_function(name: str):
+    """The transform function of the derivative op (d/dv, d/dx): its own derivatives are the
+    second derivatives (d_vv, d_vx, d_xx); the second-derivative op has none."""
+    grad_op = getattr(torch.ops.fastloss, f"{name}_grad").default
+    hess_op = getattr(torch.ops.fastloss, f"{name}_hess").default
+    hess_fn = derivative_function(f"{name}_hess", hess_op, f"fastloss.{name}",
+                                  "a third derivative (jacrev of hessian, triple backward)")
+
+    def backward(ctx, grad_dv, grad_dx):
+        v, x = ctx.saved_tensors
+        d_vv, d_vx, d_xx = hess_fn.apply(v, x)
+        grad_v = (grad_dv * d_vv + grad_dx * d_vx).sum_to_size(v.shape) if ctx.needs_input_grad[0] else None
+        grad_x = (grad_dv * d_vx + grad_dx * d_xx).sum_to_size(x.shape) if ctx.needs_input_grad[1] else None
+        return grad_v, grad_x
+
+    def jvp(ctx, tangent_v, tangent_x):
+        v, x = ctx.saved_tensors
+        d_vv, d_vx, d_xx = hess_fn.apply(v, x)
+        if tangent_v is None:
+            return d_vx * tangent_x, d_xx * tangent_x
+        if tangent_x is None:
+            return d_vv * tangent_v, d_vx * tangent_v
+        return d_vv * tangent_v + d_vx * tangent_x, d_vx * tangent_v + d_xx * tangent_x
+
+    return transform_function(f"{name}_grad", grad_op, _save_inputs, backward, jvp)
 
 
 def _make_transform_function(kind: str):
     name = f"log_bessel_{kind}"
     op = getattr(torch.ops.fastloss, name).default
-    grad_op = getattr(torch.ops.fastloss, f"{name}_grad").default
-    grad_fn = derivative_function(f"{name}_grad", grad_op, f"fastloss.{name}")
-
-    def setup(ctx, inputs, output):
-        ctx.save_for_backward(*inputs)
-        ctx.save_for_forward(*inputs)
+    grad_fn = _make_grad_transform_function(name)
 
     def backward(ctx, grad):
         v, x = ctx.saved_tensors
@@ -148,7 +177,7 @@ def _make_transform_function(kind: str):
         terms = [d * t for d, t in ((d_dv, tangent_v), (d_dx, tangent_x)) if t is not None]
         return terms[0] if len(terms) == 1 else terms[0] + terms[1]
 
-    return transform_function(name, op, setup, backward, jvp)
+    return transform_function(name, op, _save_inputs, backward, jvp)
 
 
 _TRANSFORM_FUNCTIONS = {"iv": _make_transform_function("iv"), "kv": _make_transform_function("kv")}
@@ -161,5 +190,6 @@ def _elementwise_vmap(op):
     return rule
 
 
-for _name in ("log_bessel_iv", "log_bessel_kv", "log_bessel_iv_grad", "log_bessel_kv_grad"):
+for _name in ("log_bessel_iv", "log_bessel_kv", "log_bessel_iv_grad", "log_bessel_kv_grad", "log_bessel_iv_hess",
+              "log_bessel_kv_hess"):
     torch.library.register_vmap(f"fastloss::{_name}")(_elementwise_vmap(getattr(torch.ops.fastloss, _name).default))
