@@ -229,17 +229,16 @@ FASTLOSS_HD Dual2 f_asinh(const Dual2& p) {
   const double s = 1.0 / ::sqrt(1.0 + p.a * p.a);
   return chain2(p, ::asinh(p.a), s, -p.a * (s * s * s));
 }
-// h = hypot(p, q): h_p = p / h, h_q = q / h, h_pp = q^2 / h^3, h_pq = -p q / h^3, h_qq = p^2 / h^3
-// (no difference: the second partials carry the other argument's square).
+// h = hypot(p, q): h_p = p / h, h_q = q / h, and the second partials (q^2, -p q, p^2) / h^3
+// make h_ij = h_p p_ij + h_q q_ij + n_i n_j / h with n = h_q p' - h_p q' (the tangents' part
+// across (p, q)): no difference, and no product of two large tangents.
 FASTLOSS_HD Dual2 f_hypot(const Dual2& p, const Dual2& q) {
   const double h = fast_hypot(p.a, q.a);
   const double cp = p.a / h, cq = q.a / h;
-  const double pp = cq * cq / h, pq = -cp * cq / h, qq = cp * cp / h;
-  const auto second = [&](double pi, double pj, double qi, double qj, double pij, double qij) {
-    return cp * pij + cq * qij + pp * (pi * pj) + pq * (pi * qj + qi * pj) + qq * (qi * qj);
-  };
-  return {h, cp * p.dv + cq * q.dv, cp * p.dx + cq * q.dx, second(p.dv, p.dv, q.dv, q.dv, p.dvv, q.dvv),
-          second(p.dv, p.dx, q.dv, q.dx, p.dvx, q.dvx), second(p.dx, p.dx, q.dx, q.dx, p.dxx, q.dxx)};
+  const double nv = cq * p.dv - cp * q.dv, nx = cq * p.dx - cp * q.dx;
+  const double nv_h = nv / h, nx_h = nx / h;
+  return {h, cp * p.dv + cq * q.dv, cp * p.dx + cq * q.dx, cp * p.dvv + cq * q.dvv + mul0(nv, nv_h),
+          cp * p.dvx + cq * q.dvx + mul0(nv_h, nx), cp * p.dxx + cq * q.dxx + mul0(nx, nx_h)};
 }
 // trigamma for x > 0: shift to x >= 10, then psi'(x) = 1/x + 1/(2x^2) + sum_k B_2k / x^(2k+1)
 // (to B_16: the next term is < 1e-17 of the sum at x = 10).
@@ -572,7 +571,8 @@ FASTLOSS_HD double to_log_x_tangent(double x) { return x; }
 FASTLOSS_HD Dual to_log_x_tangent(const Dual& x) { return {x.a, x.dv, x.dx * x.a}; }
 FASTLOSS_HD double from_log_x_tangent(double r, double) { return r; }
 FASTLOSS_HD Dual from_log_x_tangent(const Dual& r, double x) { return {r.a, r.dv, r.dx / x}; }
-// For Dual2, x is the variable x itself: with x = e^t, x_t = x_tt = x; back, r_x = r_t / x,
+// For Dual2, x is the variable x itself (seeded with tangent 1: the recurrence serves
+// hypot(v, x) < 29 only): with x = e^t, x_t = x_tt = x; back, r_x = r_t / x,
 // r_vx = r_vt / x and r_xx = (r_tt - r_t) / x^2 (divided twice: x^2 underflows at tiny x).
 FASTLOSS_HD Dual2 to_log_x_tangent(const Dual2& x) { return {x.a, 0.0, x.a, 0.0, 0.0, x.a}; }
 FASTLOSS_HD Dual2 from_log_x_tangent(const Dual2& r, double x) {
@@ -682,6 +682,22 @@ struct LogBesselHess {
   double d_xx;  // d^2/dx^2
 };
 
+// The tangents of v and x for the second derivatives, and the entries divided back by them.
+// Seeds of 1, except where v or x exceeds 2^400: there second-order parts such as -1 / x^2
+// underflow while the entries (~1 / hypot(v, x)) do not, so the seeds are the powers of two
+// nearest max(v, 1) and x (exact scalings): every part is then that of a function of v / sv
+// and x / sx, of moderate size.
+struct HessSeeds {
+  double sv = 1.0, sx = 1.0;
+  FASTLOSS_HD HessSeeds(double v, double x) {
+    if (v > 0x1p400 || x > 0x1p400) {
+      sv = ::ldexp(1.0, ::ilogb(v > 1.0 ? v : 1.0));
+      sx = ::ldexp(1.0, ::ilogb(x));
+    }
+  }
+  FASTLOSS_HD LogBesselHess unscale(const Dual2& r) const { return {r.dvv / sv / sv, r.dvx / sv / sx, r.dxx / sx / sx}; }
+};
+
 // Second derivatives of log I_v(x). At x = 0, x = inf and v = inf, the limits: as x -> 0,
 // log I = v log(x/2) - lgamma(v + 1) + O(x^2), and log I_0 = x^2 / 4 + O(x^4); as v -> inf
 // at fixed x the same leading terms.
@@ -690,8 +706,8 @@ FASTLOSS_HD LogBesselHess log_iv_hess(double v, double x) {
   if (x == 0.0) return {-trigamma(v + 1.0), kInf, v == 0.0 ? 0.5 : -kInf};
   if (x == kInf) return v == kInf ? LogBesselHess{kNaN, kNaN, kNaN} : LogBesselHess{0.0, 0.0, 0.0};
   if (v == kInf) return {0.0, 1.0 / x, -kInf};
-  const Dual2 r = log_iv_finite(Dual2(v, 1.0, 0.0), Dual2(x, 0.0, 1.0));
-  return {r.dvv, r.dvx, r.dxx};
+  const HessSeeds seeds(v, x);
+  return seeds.unscale(log_iv_finite(Dual2(v, seeds.sv, 0.0), Dual2(x, 0.0, seeds.sx)));
 }
 
 // Second derivatives of log K_v(x): d_vv and d_xx even in v, d_vx odd. As x -> 0, log K_v =
@@ -704,8 +720,9 @@ FASTLOSS_HD LogBesselHess log_kv_hess(double v, double x) {
   if (x == 0.0) return {v == 0.0 ? kInf : trigamma(v), v == 0.0 ? 0.0 : -sign * kInf, kInf};
   if (x == kInf) return v == kInf ? LogBesselHess{kNaN, kNaN, kNaN} : LogBesselHess{0.0, 0.0, 0.0};
   if (v == kInf) return {0.0, -sign / x, kInf};
-  const Dual2 r = log_kv_finite(Dual2(v, 1.0, 0.0), Dual2(x, 0.0, 1.0));
-  return {r.dvv, sign * r.dvx, r.dxx};
+  const HessSeeds seeds(v, x);
+  const LogBesselHess h = seeds.unscale(log_kv_finite(Dual2(v, seeds.sv, 0.0), Dual2(x, 0.0, seeds.sx)));
+  return {h.d_vv, sign * h.d_vx, h.d_xx};
 }
 
 }  // namespace FASTLOSS_ISA_NAMESPACE
