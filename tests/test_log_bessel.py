@@ -605,6 +605,24 @@ def test_second_derivatives_never_nan_at_extremes():
             assert torch.isfinite(t).all()
 
 
+def test_k_second_derivatives_at_tiny_x():
+    # log K_v(x) = lgamma(v) + v log(2/x) - log 2 + O(x^2 / (v - 1)) for v > 1: d_vv = psi'(v),
+    # d_vx = -1/x, d_xx = v / x^2. Temme's series carries (2/x)^u = e^(u log(2/x)) in its
+    # terms, and d^2/dv^2 of their log would cancel terms of size log(2/x)^2 (1e-9 at 1e-300).
+    mpmath = pytest.importorskip("mpmath")
+    g = torch.Generator().manual_seed(14)
+    v = torch.empty(24, dtype=torch.float64).uniform_(1.2, 15.8, generator=g)
+    for x_value in (1e-30, 1e-100, 1e-300):
+        x = torch.full_like(v, x_value)
+        d_vv, d_vx, d_xx = hessian_entries("kv", v, x)
+        expected = torch.tensor([float(mpmath.psi(1, a)) for a in v.tolist()], dtype=torch.float64)
+        assert ((d_vv - expected).abs() / expected).max().item() <= 2e-13, x_value
+        torch.testing.assert_close(d_vx, -1 / x, rtol=1e-14, atol=0)
+        torch.testing.assert_close(d_xx, v / x / x, rtol=1e-14, atol=0)
+        # and the same for negative v (d_vx odd)
+        torch.testing.assert_close(hessian_entries("kv", -v, x)[1], 1 / x, rtol=1e-14, atol=0)
+
+
 def test_second_derivatives_at_huge_arguments():
     # For hypot(v, x) = h >= 1e150 Debye's series is 1 + O(1/h) and log I = v eta - log(2 pi h)/2
     # (log K: minus v eta): d_vv = -1/h, d_vx = v / (x h), d_xx = -(v/x)^2 / h for I, negated for
