@@ -541,6 +541,15 @@ def test_errors():
     t_bad[2] = -1
     with pytest.raises(IndexError, match="got -1 at position 2"):
         fastloss.linear_cross_entropy(h, c, t_bad)
+    # With shift the position is the user's, not that of the shifted targets.
+    h3, t3 = h.reshape(2, 2, 8), t.reshape(2, 2).clone()
+    t3[1, 1] = 99
+    with pytest.raises(IndexError, match=r"got 99 at position 3 \(index \(1, 1\)\)"):
+        fastloss.linear_cross_entropy(h3, c, t3, shift=True)
+    t3[1, 1], t3[1, 0] = t[3], 99  # the first position of a sequence is never a target
+    fastloss.linear_cross_entropy(h3, c, t3, shift=True)
+    with pytest.raises(TypeError, match="'process_group' must be a torch.distributed ProcessGroup"):
+        fastloss.linear_cross_entropy(h, c, t, process_group=object())
     with pytest.raises(RuntimeError, match="'classifier' must be \\(V, D\\) with D = 8"):
         fastloss.linear_cross_entropy(h, c[:, :7], t)
     with pytest.raises(RuntimeError, match="'classifier' must have the dtype of 'hidden'"):
@@ -855,6 +864,8 @@ def test_transformers_patch_return_dict_and_logits_to_keep():
     out = model(input_ids=ids, labels=ids, return_dict=False)
     assert isinstance(out, tuple)
     torch.testing.assert_close(out[0], ref_tuple[0], rtol=1e-5, atol=1e-6)
+    # The logits keep their place (None, not computed): out[1] is not the cache.
+    assert len(out) == len(ref_tuple) and out[1] is None and type(out[2]) is type(ref_tuple[2])
     keep = model(input_ids=ids, labels=ids[:, -4:], logits_to_keep=4).loss
     torch.testing.assert_close(keep, ref_keep, rtol=1e-5, atol=1e-6)
     # Evaluation (no autograd) keeps transformers' behaviour: logits for the metrics.

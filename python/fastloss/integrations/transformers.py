@@ -141,7 +141,10 @@ def _causal_lm_forward(self, *args, **kwargs):
     cache_field = "cache" if "cache" in fields else "past_key_values"
     out = CausalLMOutputWithPast(loss=loss, logits=None, hidden_states=outputs.hidden_states,
                                  attentions=outputs.attentions, **{cache_field: getattr(outputs, cache_field)})
-    return out if return_dict else out.to_tuple()
+    if return_dict:
+        return out
+    # to_tuple() drops None fields: keep the logits' place, so that out[1] is not the cache.
+    return (loss, None) + CausalLMOutputWithPast(**{k: v for k, v in out.items() if k not in ("loss", "logits")}).to_tuple()
 
 
 def _patch_causal_lm(model: torch.nn.Module) -> int:

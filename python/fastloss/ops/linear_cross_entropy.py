@@ -13,7 +13,8 @@ import torch
 
 from . import _lce_derivatives as lce_derivatives
 from ._double_backward import refuse_second_derivative
-from ._func import batch_front, forbid_transforms, loop_rule, transform_function, transforms_active
+from ._func import (batch_front, forbid_transforms, loop_rule, transform_function, transforms_active,
+                    vmap_active)
 from ._guards import check_dtype, check_floating, check_same_device, check_shape, check_value
 
 _REDUCTIONS = ("mean", "sum", "none")
@@ -88,6 +89,22 @@ def _autocast(hidden: torch.Tensor, classifier: torch.Tensor, bias: Optional[tor
         return t.to(dtype)
 
     return cast(hidden), cast(classifier), cast(bias)
+
+
+def _check_unshifted_targets(targets: torch.Tensor, ignore_index: int, vocab: int) -> None:
+    """With shift=True the op checks the shifted targets, so its error would name position i for
+    the user's i + 1: the user's tensor is checked first (eager, CPU)."""
+    used = targets[..., 1:].long()  # the first position of each sequence predicts nothing
+    bad = (used != ignore_index) & ((used < 0) | (used >= vocab))
+    if bool(bad.any()):
+        index = bad.nonzero()[0].tolist()
+        index[-1] += 1
+        flat = 0
+        for i, size in zip(index, targets.shape):
+            flat = flat * size + i
+        raise IndexError(f"fastloss.linear_cross_entropy: 'targets' must be in [0, {vocab}) or equal ignore_index "
+                         f"({ignore_index}), got {int(targets[tuple(index)])} at position {flat} (index "
+                         f"{tuple(index)})")
 
 
 def _shift_targets(targets: torch.Tensor, ignore_index: int) -> torch.Tensor:
@@ -206,11 +223,17 @@ def linear_cross_entropy(
     if process_group is not None:
         forbid_transforms("linear_cross_entropy", "with a process_group (vocabulary-parallel)", hidden, classifier,
                           bias)
+        if not (torch.distributed.is_available() and isinstance(process_group, torch.distributed.ProcessGroup)):
+            raise TypeError("fastloss.linear_cross_entropy: 'process_group' must be a torch.distributed "
+                            f"ProcessGroup or None, got {type(process_group).__name__}")
     hidden, classifier, bias = _autocast(hidden, classifier, bias)
     eps = resolve_filter_eps(filter_eps, hidden.dtype)
     if shift:
         if hidden.dim() < 2:
             raise ValueError("fastloss.linear_cross_entropy: 'shift' needs hidden of shape (..., T, D)")
+        if (process_group is None and targets.device.type == "cpu" and not torch.compiler.is_compiling()
+                and not vmap_active()):
+            _check_unshifted_targets(targets, ignore_index, classifier.shape[0])
         targets = _shift_targets(targets, ignore_index)
     tokens = 1
     for size in lead:
