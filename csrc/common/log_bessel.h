@@ -584,27 +584,34 @@ FASTLOSS_HD Dual2 from_log_x_tangent(const Dual2& r, double x) {
 // the log of such a sum cancels terms of size log(2/x)^2 (K's d^2/dv^2 was 6e-12 relative at
 // x = 1e-10, 1e-9 at 1e-300). Here e^|sigma| is factored out of every term and carried as
 // its log: K_u = e^a S and (x/2) K_(u+1) = e^(a - b) S1 with a = |sigma|, e2 = e^(-2a), and
-// b = 2a where sigma < 0 (there (x/2) K_(u+1) ~ e^sigma is the smaller one by e2: the sum S1
+// b = 2a where sigma <= -1/2 (there (x/2) K_(u+1) ~ e^sigma is the smaller one by e2: the sum S1
 // is taken divided by e2, its term coefficients c / e2 from their log at the first term).
 // The recurrence runs on S1's scale: its first step takes (x/2)^2 e^b K_u-scaled from one exp.
 FASTLOSS_HD Dual2 temme_recurrence_log_kv(const Dual2& u, const Dual2& x, int n) {
   const Dual2 half_x = 0.5 * x;
   const Dual2 log_2_over_x = kLn2 - f_log(x);
   const Dual2 sigma = u * log_2_over_x;
-  const bool negative = sigma.a < 0.0;
-  const Dual2 a = negative ? -sigma : sigma;
-  const Dual2 e2 = f_exp(-2.0 * a);
   const Dual2 w = u * u;
   const Dual2 g1 = temme_gamma1(w), g2 = temme_gamma2(w);
-  const Dual2 half_rgamma_plus = 0.5 / (g2 - u * g1);    // 1 / (2 Gamma(1 + u))
-  const Dual2 half_rgamma_minus = 0.5 / (g2 + u * g1);   // 1 / (2 Gamma(1 - u))
-  // cosh(sigma) e^-a and sinh(sigma) / sigma e^-a.
-  const Dual2 cosh_scaled = 0.5 * (1.0 + e2);
-  const Dual2 sinh_over_scaled = a.a < 0.5 ? sinh_over_series(sigma) * f_exp(-a) : (1.0 - e2) / (2.0 * a);
+  const Dual2 half_gamma_plus = 0.5 / (g2 - u * g1);   // Gamma(1 + u) / 2
+  const Dual2 half_gamma_minus = 0.5 / (g2 + u * g1);  // Gamma(1 - u) / 2
+  // For n = 0 and |sigma| < 1/2 nothing is factored out (a = 0: Temme's own terms, whose
+  // curvature in u is then that of log K_u itself): a = |sigma| would leave d/dv of the log
+  // at v = 0 a rounding of log(2/x) instead of 0, divided by x in d^2/dv dx. For n >= 1 the
+  // factor always goes: (x/2) K_(u+1) ~ e^sigma starts the recurrence, whose log has a small
+  // curvature (psi'(v) at tiny x) next to e^sigma's log(2/x)^2 however small sigma is.
+  const bool scaled = n >= 1 || fabs(sigma.a) >= 0.5;
+  const bool negative = scaled && sigma.a < 0.0;
+  const Dual2 a = scaled ? (negative ? -sigma : sigma) : Dual2(0.0);
+  const Dual2 e2 = f_exp(-2.0 * a);
+  // cosh(sigma) e^-a and sinh(sigma) / sigma e^-a; p e^-a and q e^-a.
+  const Dual2 cosh_scaled = scaled ? 0.5 * (1.0 + e2) : f_cosh(sigma);
+  const Dual2 sinh_over_scaled = a.a >= 0.5 ? (1.0 - e2) / (2.0 * a) : sinh_over_series(sigma) * f_exp(-a);
   Dual2 f = pi_u_over_sin(u) * (g1 * cosh_scaled + g2 * sinh_over_scaled * log_2_over_x);
-  Dual2 p = negative ? e2 * half_rgamma_plus : half_rgamma_plus;  // p e^-a
-  Dual2 q = negative ? half_rgamma_minus : e2 * half_rgamma_minus;  // q e^-a
-  Dual2 p1 = half_rgamma_plus;  // p e^-a / e2 where sigma < 0 (S1's scale)
+  const Dual2 e_sigma = scaled ? Dual2(1.0) : f_exp(sigma);
+  Dual2 p = negative ? e2 * half_gamma_plus : e_sigma * half_gamma_plus;
+  Dual2 q = scaled ? (negative ? half_gamma_minus : e2 * half_gamma_minus) : half_gamma_minus / e_sigma;
+  Dual2 p1 = half_gamma_plus;  // p e^-a / e2 where sigma < 0 (S1's scale)
   const Dual2 c_step = half_x * half_x;
   Dual2 c = 1.0, c1 = 0.0;  // c_i / D_i, and c_i / D_i / e2 where sigma < 0
   Dual2 sum = f, sum1 = negative ? p1 : p;
