@@ -60,10 +60,20 @@ struct SoftmaxFunction : torch::autograd::Function<SoftmaxFunction<kLog>> {
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     const at::Tensor out = ctx->get_saved_variables()[0];
     const c10::ScalarType input_dtype = ctx->saved_data["input_dtype"].toScalarType();
+    const int64_t dim = ctx->saved_data["dim"].toInt();
     // Through the dispatcher with autograd on: differentiable again (double backward).
-    at::Tensor dx = softmax_backward_op<kLog>().call(grads[0].to(out.scalar_type()), out,
-                                                     ctx->saved_data["dim"].toInt(), input_dtype);
-    return {dx, at::Tensor(), at::Tensor()};
+    const auto backward_of = [&](const at::Tensor& g) {
+      return softmax_backward_op<kLog>().call(g.to(out.scalar_type()), out, dim, input_dtype);
+    };
+    // A forward-AD tangent in the output gradient (autograd.grad(..., grad_outputs=dual), eager
+    // forward over reverse): the gradient is linear in it, so its tangent is the backward of
+    // the tangent (the backward op, a C++ autograd function, has no forward rule of its own).
+    const at::Tensor tangent = grads[0]._fw_grad(/*level=*/0);
+    if (tangent.defined()) {
+      const at::Tensor primal = grads[0]._fw_primal(/*level=*/0);
+      return {at::_make_dual(backward_of(primal), backward_of(tangent), /*level=*/0), at::Tensor(), at::Tensor()};
+    }
+    return {backward_of(grads[0]), at::Tensor(), at::Tensor()};
   }
 };
 
