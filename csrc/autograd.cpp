@@ -165,10 +165,13 @@ const c10::TypedOperatorHandle<BesselHessSig>& log_bessel_hess_op() {
   return op;
 }
 
-// g_a * a + g_b * b over the defined output gradients (undefined when neither is).
-at::Tensor weighted_sum(const at::Tensor& g_a, const at::Tensor& a, const at::Tensor& g_b, const at::Tensor& b) {
-  if (!g_a.defined()) return g_b.defined() ? g_b * b : at::Tensor();
-  return g_b.defined() ? g_a * a + g_b * b : g_a * a;
+// g_a * a + g_b * b over the defined output gradients (undefined when neither is), summed
+// back to the shape of the input `like` (broadcast against the other).
+at::Tensor weighted_sum_to(const at::Tensor& g_a, const at::Tensor& a, const at::Tensor& g_b, const at::Tensor& b,
+                           const at::Tensor& like) {
+  if (!g_a.defined() && !g_b.defined()) return at::Tensor();
+  const at::Tensor sum = !g_a.defined() ? g_b * b : !g_b.defined() ? g_a * a : g_a * a + g_b * b;
+  return sum.sum_to_size_symint(like.sym_sizes());
 }
 
 template <bool kI>
@@ -185,16 +188,8 @@ struct LogBesselGradFunction : torch::autograd::Function<LogBesselGradFunction<k
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     const variable_list saved = ctx->get_saved_variables();
     const auto [d_vv, d_vx, d_xx] = log_bessel_hess_op<kI>().call(saved[0], saved[1]);
-    at::Tensor grad_v, grad_x;
-    if (ctx->needs_input_grad(0)) {
-      grad_v = weighted_sum(grads[0], d_vv, grads[1], d_vx);
-      if (grad_v.defined()) grad_v = grad_v.sum_to_size_symint(saved[0].sym_sizes());
-    }
-    if (ctx->needs_input_grad(1)) {
-      grad_x = weighted_sum(grads[0], d_vx, grads[1], d_xx);
-      if (grad_x.defined()) grad_x = grad_x.sum_to_size_symint(saved[1].sym_sizes());
-    }
-    return {grad_v, grad_x};
+    return {ctx->needs_input_grad(0) ? weighted_sum_to(grads[0], d_vv, grads[1], d_vx, saved[0]) : at::Tensor(),
+            ctx->needs_input_grad(1) ? weighted_sum_to(grads[0], d_vx, grads[1], d_xx, saved[1]) : at::Tensor()};
   }
 };
 

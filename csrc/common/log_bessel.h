@@ -635,8 +635,8 @@ FASTLOSS_HD Dual2 temme_recurrence_log_kv(const Dual2& u, const Dual2& x, int n)
   const Dual2 log_scale1 = negative ? -a : a;  // the log of S1's scale, a - b
   // y_k = (x/2)^k K_(u+k) / e^(a - b): y_0 = e^b S (only in the first step), y_1 = S1.
   const Dual2 first_factor = negative ? f_exp(2.0 * (a - log_2_over_x)) : c_step;  // (x/2)^2 e^b
-  Dual2 y_prev = sum1, y = first_factor * sum + (u + 1.0) * sum1;
-  if (n == 1) y = sum1;
+  Dual2 y_prev = sum1, y = sum1;
+  if (n >= 2) y = first_factor * sum + (u + 1.0) * sum1;
   for (int k = 2; k < n; ++k) {
     const Dual2 y_next = c_step * y_prev + (u + double(k)) * y;
     y_prev = y;

@@ -94,17 +94,14 @@ def _autocast(hidden: torch.Tensor, classifier: torch.Tensor, bias: Optional[tor
 def _check_unshifted_targets(targets: torch.Tensor, ignore_index: int, vocab: int) -> None:
     """With shift=True the op checks the shifted targets, so its error would name position i for
     the user's i + 1: the user's tensor is checked first (eager, CPU)."""
-    used = targets[..., 1:].long()  # the first position of each sequence predicts nothing
-    bad = (used != ignore_index) & ((used < 0) | (used >= vocab))
+    t = targets.long()
+    predicted = torch.arange(t.shape[-1], device=t.device) > 0  # the first position of each sequence is nobody's target
+    bad = (t != ignore_index) & ((t < 0) | (t >= vocab)) & predicted
     if bool(bad.any()):
-        index = bad.nonzero()[0].tolist()
-        index[-1] += 1
-        flat = 0
-        for i, size in zip(index, targets.shape):
-            flat = flat * size + i
+        flat = int(bad.flatten().nonzero()[0])
+        index = tuple(int(i) for i in torch.unravel_index(torch.tensor(flat), targets.shape))
         raise IndexError(f"fastloss.linear_cross_entropy: 'targets' must be in [0, {vocab}) or equal ignore_index "
-                         f"({ignore_index}), got {int(targets[tuple(index)])} at position {flat} (index "
-                         f"{tuple(index)})")
+                         f"({ignore_index}), got {int(targets[index])} at position {flat} (index {index})")
 
 
 def _shift_targets(targets: torch.Tensor, ignore_index: int) -> torch.Tensor:
