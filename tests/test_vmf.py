@@ -283,6 +283,75 @@ def test_batched_distribution():
     assert dist.entropy().shape == (3,)
 
 
+def test_empty_batch():
+    # torch's real_vector constraint raised on an empty batch (it reshapes to (0, -1)).
+    loc = torch.empty(0, 3, dtype=torch.float64)
+    dist = VonMisesFisher(loc, torch.empty(0, dtype=torch.float64), validate_args=True)
+    assert dist.batch_shape == (0,)
+    assert dist.rsample().shape == (0, 3) and dist.sample((2,)).shape == (2, 0, 3)
+    assert dist.log_prob(torch.empty(0, 3, dtype=torch.float64)).shape == (0,)
+    assert dist.entropy().shape == (0,) and dist.mean.shape == (0, 3)
+    with pytest.raises(ValueError, match="loc"):
+        VonMisesFisher(torch.tensor([[math.nan, 1.0]]), 1.0, validate_args=True)
+
+
+def test_invalid_and_infinite_concentration_without_validation():
+    # Negative or NaN concentrations gave samples (or never stopped) while log_prob was NaN;
+    # an infinite one raised. Now: NaN everywhere, and the point mass at loc.
+    torch.manual_seed(3)
+    loc = torch.nn.functional.normalize(torch.randn(4, 3, dtype=torch.float64), dim=-1)
+    kappa = torch.tensor([-2.0, math.nan, math.inf, 3.0], dtype=torch.float64, requires_grad=True)
+    dist = VonMisesFisher(loc, kappa, validate_args=False)
+    x = dist.rsample((5,))
+    assert torch.isnan(x[:, :2]).all() and torch.isfinite(x[:, 2:]).all()
+    torch.testing.assert_close(x[:, 2], loc[2].expand(5, 3), rtol=0, atol=1e-15)
+    torch.testing.assert_close(x[:, 3].norm(dim=-1), torch.ones(5, dtype=torch.float64))
+    assert torch.isnan(dist.log_prob(x)[:, :2]).all() and torch.isfinite(dist.log_prob(x)[:, 3]).all()
+    assert torch.isnan(dist.entropy()[:2]).all()
+    assert torch.isnan(dist.mean[:2]).all()
+    (grad,) = torch.autograd.grad(x[:, 2:].sum(), kappa)
+    assert grad[2] == 0 and torch.isfinite(grad[3])
+
+
+def test_rsample_under_vmap():
+    # Wood's rejection loop stops when every proposal is accepted: under vmap that test read a
+    # batched tensor and raised.
+    torch.manual_seed(4)
+    p, n = 5, 4000
+    kappa = torch.tensor([0.5, 2.0, 50.0], dtype=torch.float64)
+    loc = torch.nn.functional.normalize(torch.randn(3, p, dtype=torch.float64), dim=-1)
+
+    def draw(mu, k):
+        return VonMisesFisher(mu, k, validate_args=False).rsample((n,))
+
+    x = torch.func.vmap(draw, randomness="different")(loc, kappa)
+    assert x.shape == (3, n, p)
+    torch.testing.assert_close(x.norm(dim=-1), torch.ones(3, n, dtype=torch.float64))
+    w = (x * loc[:, None]).sum(-1)
+    # E[mu . x] = A_p(kappa), variance A_p'(kappa): within 5 standard errors.
+    from fastloss.vmf import _mean_resultant_slope
+    stderr = (_mean_resultant_slope(kappa, p) / n).sqrt()
+    assert ((w.mean(-1) - fastloss.vmf_mean_resultant(kappa, p)).abs() < 5 * stderr).all()
+    grad = torch.func.grad(lambda k: torch.func.vmap(draw, randomness="different")(loc, k)[..., 0].sum())(kappa)
+    assert torch.isfinite(grad).all()
+
+
+def test_rsample_loc_gradient_is_tangent():
+    # rsample depends on loc through its direction: no radial gradient, and scaling loc by c
+    # scales the gradient by 1 / c.
+    loc = torch.nn.functional.normalize(torch.tensor([0.6, -0.8, 0.3], dtype=torch.float64), dim=0)
+    grads = []
+    for scale in (1.0, 2.0):
+        mu = (loc * scale).requires_grad_()
+        torch.manual_seed(5)
+        x = VonMisesFisher(mu, 4.0, validate_args=False).rsample((8,))
+        weights = torch.linspace(-1, 1, 24, dtype=torch.float64).reshape(8, 3)
+        (g,) = torch.autograd.grad((x * weights).sum(), mu)
+        grads.append(g)
+    assert abs((grads[0] * loc).sum().item()) < 1e-13 * grads[0].norm().item()
+    torch.testing.assert_close(grads[1], grads[0] / 2, rtol=1e-12, atol=1e-14)
+
+
 def test_rsample_concentration_gradient_with_batch_and_sample_dims():
     # dw/dkappa came back flat: any batch shape of two or more dims (a batched loc, or a
     # sample shape (n, m)) failed to broadcast it against w.

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch.distributions import Distribution, constraints
 
-from .ops._func import transforms_active
+from .ops._func import all_true, transforms_active
 from .vmf import _mean_resultant_slope, _vmf_entropy, vmf_kappa_mle, vmf_log_normalizer, vmf_mean_resultant
 
 __all__ = ["VonMisesFisher"]
@@ -29,6 +29,17 @@ class _UnitSphere(constraints.Constraint):
         return ((value.norm(dim=-1) - 1).abs() <= tol)
 
 
+class _RealVector(constraints.Constraint):
+    """Vectors along the last dim with no NaN entry: torch's real_vector, which also holds for an
+    empty batch (real_vector's check reshapes to (0, -1) there and raises)."""
+
+    is_discrete = False
+    event_dim = 1
+
+    def check(self, value):
+        return (value == value).all(dim=-1)
+
+
 class VonMisesFisher(Distribution):
     """The von Mises-Fisher distribution on the unit sphere S^(p-1) in R^p:
     density C_p(kappa) exp(kappa mu . x) for unit mean direction ``loc`` (mu, last dim p) and
@@ -38,12 +49,16 @@ class VonMisesFisher(Distribution):
     ``loc.shape[:-1]``, not broadcast to (B, B).
 
     ``rsample`` (Wood 1994) is differentiable with respect to ``loc`` and ``concentration``.
-    The concentration enters through a rejection step, so its gradient is the implicit
+    It depends on ``loc`` only through its direction loc / |loc|, so its gradient in ``loc``
+    is tangent to the sphere (no radial part). The concentration enters through a rejection step, so its gradient is the implicit
     reparameterization gradient (Figurnov et al. 2018) of w = mu . x at a fixed value of its
     CDF: dw/dkappa = -(dF/dkappa) / f(w), by quadrature in float64.
+
+    With ``validate_args=False``, a negative or NaN concentration gives NaN everywhere (log_prob,
+    entropy, mean, samples), and an infinite one samples the point mass at ``loc``.
     """
 
-    arg_constraints = {"loc": constraints.real_vector, "concentration": constraints.nonnegative}
+    arg_constraints = {"loc": _RealVector(), "concentration": constraints.nonnegative}
     support = _UnitSphere()
     has_rsample = True
 
@@ -116,9 +131,14 @@ class VonMisesFisher(Distribution):
         # Beta(m1/2, m1/2) as a ratio of gammas: torch's Beta sampler is an autograd.Function
         # that torch.func transforms refuse, even with no gradient wanted.
         gamma = torch.distributions.Gamma(torch.full_like(kappa, m1 / 2), torch.ones_like(kappa))
-        w = torch.empty_like(kappa)
-        done = torch.zeros_like(kappa, dtype=torch.bool)
+        # Invalid concentrations (negative, NaN: reachable with validate_args=False) sample NaN,
+        # like log_prob; an infinite one samples its limit, the point mass w = 1.
+        invalid = ~(kappa >= 0)
+        w = torch.where(invalid, torch.full_like(kappa, torch.nan), (kappa == torch.inf).to(kappa.dtype))
+        done = invalid | (kappa == torch.inf)
         for _ in range(max_rounds):
+            if all_true(done):
+                return w
             g1, g2 = gamma.sample(), gamma.sample()
             z = g1 / (g1 + g2)
             proposal = (1 - (1 + b) * z) / (1 - (1 - b) * z)
@@ -126,8 +146,8 @@ class VonMisesFisher(Distribution):
             accept = (kappa * proposal + m1 * torch.log1p(-x0 * proposal) - c >= torch.log(u)) & ~done
             w = torch.where(accept, proposal, w)
             done = done | accept
-            if bool(done.all()):
-                return w
+        if all_true(done):
+            return w
         raise RuntimeError("VonMisesFisher: the rejection sampler did not converge (non-finite concentration?)")
 
     def _concentration_differentiated(self) -> bool:
@@ -143,6 +163,8 @@ class VonMisesFisher(Distribution):
             kappa = self.concentration.expand(shape[:-1])
             # At the float64 w: where float32 rounds w to 1 (large kappa) the derivative is 0.
             dw = w_kappa_derivative(w64, kappa.detach(), self.p).to(w.dtype)
+            # kappa - kappa is NaN at kappa = inf, whose point mass does not move (dw = 0).
+            kappa = torch.where(kappa == torch.inf, torch.zeros_like(kappa), kappa)
             w = w + (kappa - kappa.detach()) * dw  # value w, gradient dw/dkappa
         w = w.unsqueeze(-1)
         # A uniform direction orthogonal to e1, then x = w e1 + sqrt(1 - w^2) v.
@@ -154,14 +176,15 @@ class VonMisesFisher(Distribution):
         r2 = (1 - w) * (1 + w)
         radius = torch.where(r2 > 0, torch.sqrt(torch.where(r2 > 0, r2, torch.ones_like(r2))), torch.zeros_like(r2))
         x = torch.cat([w, radius * v[..., 1:]], dim=-1)
-        # An orthogonal map taking e1 to loc, smooth in loc: where loc[0] < 0 the Householder
-        # reflection along u = e1 - loc, elsewhere minus the reflection along u = e1 + loc (which
-        # takes e1 to -loc). |u|^2 = 2 + 2 |loc[0]| >= 2 either way; the single reflection along
-        # e1 - loc is singular at loc = e1 (there its gradient in loc grew like 1 / |e1 - loc|).
-        s = torch.where(self.loc[..., :1] >= 0, 1.0, -1.0).to(self.loc.dtype)
-        e1 = torch.zeros_like(self.loc)
+        # An orthogonal map taking e1 to mu = loc / |loc|, smooth in mu: where mu[0] < 0 the
+        # Householder reflection along u = e1 - mu, elsewhere minus the reflection along
+        # u = e1 + mu (which takes e1 to -mu). |u|^2 = 2 + 2 |mu[0]| >= 2 either way; the single
+        # reflection along e1 - mu is singular at mu = e1 (its gradient grew like 1 / |e1 - mu|).
+        mu = self.loc / self.loc.norm(dim=-1, keepdim=True)
+        s = torch.where(mu[..., :1] >= 0, 1.0, -1.0).to(mu.dtype)
+        e1 = torch.zeros_like(mu)
         e1[..., 0] = 1
-        u = e1 + s * self.loc
+        u = e1 + s * mu
         reflected = x - 2 * (x * u).sum(-1, keepdim=True) / (u * u).sum(-1, keepdim=True) * u
         return -s * reflected
 

@@ -59,6 +59,15 @@ def transforms_active(*tensors) -> bool:
     return fwAD._current_level >= 0 and _has_tangent(tensors)
 
 
+def all_true(t: torch.Tensor) -> bool:
+    """Whether every entry of a bool tensor is true, for a loop's stopping test, also inside
+    torch.func transforms: under vmap the test reads the tensor under the batching wrappers
+    (every batch entry at once), where bool() of the batched tensor would raise."""
+    while torch._C._functorch.is_functorch_wrapped_tensor(t):
+        t = torch._C._functorch.get_unwrapped(t)
+    return bool(t.all())
+
+
 def vmap_active() -> bool:
     """Whether a torch.func.vmap transform is running (values cannot be branched on)."""
     return TransformType.Vmap in _running_transforms()
