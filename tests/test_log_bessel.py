@@ -237,6 +237,27 @@ def test_extreme_domain_largest_arguments():
         assert rel_error(dv, -sign * ref[:, 3]).max().item() <= 2e-15, name
 
 
+def test_order_derivative_at_huge_x_with_small_order():
+    # Hankel's region (4 v^2 <= x) beyond x ~ 1e205: d/dv log I = -(v / x)(1 + O(1 / x)) came
+    # out 0 there (its series' d/dv, ~ v / x, was divided by sqrt(x) before the log and
+    # underflowed). Leading orders: d/dv log I = -asinh(v / x) - v / (2 h^2) = -d/dv log K.
+    mpmath = pytest.importorskip("mpmath")
+    points = [(0.5, 1e206), (3.0, 1e211), (5.0, 1e250), (0.5, 1e300), (1e3, 1e307), (1e150, 1e307), (1e60, 1e220)]
+    with mpmath.workdps(40):
+        ref = [float(-mpmath.asinh(mpmath.mpf(v) / x) - mpmath.mpf(v) / (2 * (mpmath.mpf(v) ** 2 + mpmath.mpf(x) ** 2)))
+               for v, x in points]
+    ref = torch.tensor(ref, dtype=torch.float64)
+    v = torch.tensor([p[0] for p in points], dtype=torch.float64)
+    x = torch.tensor([p[1] for p in points], dtype=torch.float64)
+    for name, sign in (("iv", 1.0), ("kv", -1.0)):
+        dv, dx = getattr(torch.ops.fastloss, f"log_bessel_{name}_grad")(v, x)
+        assert rel_error(dv, sign * ref).max().item() <= 4e-16, (name, dv)
+        assert (dx == sign).all(), name
+        vr = v.clone().requires_grad_()
+        (dv_autograd,) = torch.autograd.grad(FUNCS[name](vr, x).sum(), vr)
+        assert torch.equal(dv_autograd, dv), name
+
+
 def test_subnormal_x():
     # Below the issue's 1e-300: values and d/dv stay finite; d/dx is +-inf where v/x overflows, never NaN.
     # Orders just above a half-integer (u near -1/2) make Temme's exp(u log(2/x)) ~ 1e-159 for K.

@@ -257,9 +257,12 @@ FASTLOSS_HD bool negligible(const Dual2& term, const Dual2& sum) {
          fabs(term.dx) <= kTol * (scale + fabs(sum.dx)) && fabs(term.dvv) <= kTol * (scale + fabs(sum.dvv)) &&
          fabs(term.dvx) <= kTol * (scale + fabs(sum.dvx)) && fabs(term.dxx) <= kTol * (scale + fabs(sum.dxx));
 }
-// The order of the derivatives a number type carries (series stop with room for them).
+// The order of the derivatives a number type carries (series stop with room for them): 0 for
+// values (double, and cpu/log_bessel_pack.h's Pack), 1 for Dual, 2 for Dual2.
 template <typename T>
 struct DerivativeOrder { static constexpr int value = 1; };
+template <>
+struct DerivativeOrder<double> { static constexpr int value = 0; };
 template <>
 struct DerivativeOrder<Dual2> { static constexpr int value = 2; };
 
@@ -309,6 +312,18 @@ FASTLOSS_HD T series_log_iv(const T& v, const T& x) {
   return v_log_half_x(v, x) + log_over_gamma(sum, v + 1.0);
 }
 
+// log(sum) - log(x)/2 for sum = O(1). Values: one log (sqrt(x) is finite for every finite x).
+// Derivatives: two, since sum's d/dv ~ v / x divided by sqrt(x) underflows from x ~ 1e205
+// (Hankel's d/dv log I was 0 there).
+template <typename T>
+FASTLOSS_HD T log_over_sqrt(const T& sum, const T& x) {
+  if constexpr (DerivativeOrder<T>::value == 0) {
+    return f_log(sum / f_sqrt(x));
+  } else {
+    return f_log(sum) - 0.5 * f_log(x);
+  }
+}
+
 // Hankel expansion for large x (DLMF 10.40.1-2), mu = 4 v^2:
 // log I = x - log(2 pi x)/2 + log sum (-1)^k a_k;  log K = log(pi/(2x))/2 - x + log sum a_k.
 template <bool kI, typename T>
@@ -322,9 +337,9 @@ FASTLOSS_HD T hankel_log(const T& v, const T& x) {
     sum = (kI && (k & 1)) ? sum - a : sum + a;
     if (negligible(a, sum)) break;
   }
-  // One log for log(sum) - log(x)/2 (sum is O(1), sqrt(x) is finite for every finite x).
-  if (kI) return x - 0.5 * (kLn2 + kLnPi) + f_log(sum / f_sqrt(x));
-  return 0.5 * (kLnPi - kLn2) - x + f_log(sum / f_sqrt(x));
+  const T log_sum_over_sqrt_x = log_over_sqrt(sum, x);
+  if (kI) return x - 0.5 * (kLn2 + kLnPi) + log_sum_over_sqrt_x;
+  return 0.5 * (kLnPi - kLn2) - x + log_sum_over_sqrt_x;
 }
 
 // v * asinh(v / x) without overflow of v / x.

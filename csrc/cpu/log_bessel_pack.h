@@ -179,6 +179,10 @@ FASTLOSS_CPU_INLINE Pack f_fma(const Pack& p, const Pack& q, const Pack& r) {
   return out;
 }
 
+// Packs of values carry no derivatives (common/log_bessel.h).
+template <>
+struct DerivativeOrder<Pack> { static constexpr int value = 0; };
+
 // hi + lo, a value carried to about twice double precision.
 struct PackPair {
   Pack hi, lo;
