@@ -398,14 +398,21 @@ struct L1DistFunction : torch::autograd::Function<L1DistFunction> {
 };
 
 // The SinKD loss from the two softmaxes, exactly as its authors compute it, with
-// differentiable ATen ops: the create_graph=True path. Rows of W are shifted by their smallest
-// cost as in the fused kernels (the loss does not depend on the shift when n_iter >= 1, so
-// derivatives of every order ignore it: detached).
+// differentiable ATen ops: the create_graph=True path. W is shifted by its rows' and then its
+// columns' smallest costs as in the fused kernels (cpu/sinkhorn.cpp, kernel_matrix): the
+// loss does not depend on the shifts when n_iter >= 1, so derivatives of every order ignore
+// them (detached). The first row normalization divides by the row sums of the unshifted
+// kernel, K'' y_0 with y_0 = exp(-c / eps); the column factor y_0 itself is left out, as the
+// column normalization that follows cancels it.
 at::Tensor sinkhorn_kd_eager(const at::Tensor& ps, const at::Tensor& pt, double eps, int64_t n_iter, double scale) {
   const at::Tensor W = L1DistFunction::apply(ps, pt);
-  const at::Tensor shifted = n_iter > 0 ? W - W.detach().amin(1, true) : W;
-  at::Tensor P = at::exp(shifted * (-1.0 / eps));
-  for (int64_t it = 0; it < n_iter; ++it) {
+  if (n_iter == 0) return (at::exp(W * (-1.0 / eps)) * W).sum() * scale;
+  const at::Tensor rows = W - W.detach().amin(1, true);
+  const at::Tensor c = rows.detach().amin(0, true);
+  at::Tensor P = at::exp((rows - c) * (-1.0 / eps));
+  P = P / at::mv(P, at::exp(c.squeeze(0) * (-1.0 / eps))).unsqueeze(1);
+  P = P / P.sum(0, true);
+  for (int64_t it = 1; it < n_iter; ++it) {
     P = P / P.sum(1, true);
     P = P / P.sum(0, true);
   }

@@ -926,26 +926,55 @@ FASTLOSS_CPU_INLINE void fused_rows(const acc_t* K, const acc_t* v, acc_t* col, 
   }
 }
 
-// Rows [r0, r1) of SinKD's kernel, with `shift` each row shifted by its smallest cost: K_ij =
-// exp(-(W_ij - min_k W_ik) / eps). A first row normalization cancels the shift (and the
-// gradient through it), and a row whose every exp(-W / eps) is subnormal or 0 stays finite
-// (it made the loss NaN in float64 where the eager formulation's subnormals gave a finite
-// value). Without normalizations (n_iter = 0) the kernel is the plain exp(-W / eps).
+// SinKD's kernel, shifted when there are normalizations (n_iter > 0): K_ij =
+// exp(-((W_ij - r_i) - c_j) / eps), r_i = min_k W_ik and c_j = min_i (W_ij - r_i), with the
+// first column scaling y_0 = exp(-c / eps) instead of 1. Sinkhorn's iterates, the plan and
+// their gradients do not depend on the shifts (the first row normalization cancels r, and
+// K diag(y_0) is the unshifted kernel for any c), but every row and every column of K now
+// holds a 1: a row or a column whose every exp(-W / eps) underflows stays finite, where a
+// reciprocal of its subnormal sum made the loss NaN (float64 rows, float32 columns) while
+// the eager formulation's subnormals gave a finite value. n_iter = 0: the plain exp(-W / eps).
+
+// r_i = min_k W_ik for rows [r0, r1).
 template <typename acc_t>
-FASTLOSS_CPU_INLINE void kernel_rows(const acc_t* W, acc_t* K, acc_t inv_eps, bool shift, int64_t B, int64_t r0,
-                                     int64_t r1) {
+FASTLOSS_CPU_INLINE void row_minima(const acc_t* W, acc_t* r, int64_t B, int64_t r0, int64_t r1) {
   constexpr int L = kLanes<acc_t>;
   for (int64_t i = r0; i < r1; ++i) {
     const acc_t* w = W + i * B;
-    acc_t* k = K + i * B;
     acc_t neg[L];  // the row's largest -W: its smallest W
     for (int l = 0; l < L; ++l) neg[l] = -std::numeric_limits<acc_t>::infinity();
     int64_t j = 0;
     for (; j + L <= B; j += L)
       for (int l = 0; l < L; ++l) neg[l] = fl_max(neg[l], -w[j + l]);
     for (int l = 0; j + l < B; ++l) neg[l] = fl_max(neg[l], -w[j + l]);
-    const acc_t smallest = shift ? -max_lanes<L>(neg) : acc_t(0);
-    for (j = 0; j < B; ++j) k[j] = exp_with_subnormals((smallest - w[j]) * inv_eps);
+    r[i] = -max_lanes<L>(neg);
+  }
+}
+
+// c_j = min_i (W_ij - r_i) for columns [c0, c1), rows streamed.
+template <typename acc_t>
+FASTLOSS_CPU_INLINE void column_minima(const acc_t* W, const acc_t* r, acc_t* c, int64_t B, int64_t c0, int64_t c1) {
+  for (int64_t j = c0; j < c1; ++j) c[j] = std::numeric_limits<acc_t>::infinity();
+  for (int64_t i = 0; i < B; ++i) {
+    const acc_t* w = W + i * B;
+    for (int64_t j = c0; j < c1; ++j) c[j] = fl_min(c[j], w[j] - r[i]);
+  }
+}
+
+// Rows [r0, r1) of K; r and c null for the unshifted kernel.
+template <typename acc_t>
+FASTLOSS_CPU_INLINE void kernel_rows(const acc_t* W, const acc_t* r, const acc_t* c, acc_t* K, acc_t inv_eps,
+                                     int64_t B, int64_t r0, int64_t r1) {
+  for (int64_t i = r0; i < r1; ++i) {
+    const acc_t* w = W + i * B;
+    acc_t* k = K + i * B;
+    if (r == nullptr) {
+      for (int64_t j = 0; j < B; ++j) k[j] = exp_with_subnormals(-w[j] * inv_eps);
+    } else {
+      // (W - r) - c rounds as in column_minima, so it is >= 0 and K <= 1.
+      const acc_t ri = r[i];
+      for (int64_t j = 0; j < B; ++j) k[j] = exp_with_subnormals(-((w[j] - ri) - c[j]) * inv_eps);
+    }
   }
 }
 
@@ -979,9 +1008,16 @@ FASTLOSS_CPU_INLINE void kernel_rows(const acc_t* W, acc_t* K, acc_t inv_eps, bo
                                                  T* col, int64_t B, int64_t r0, int64_t r1) {                \
     fused_rows(K, u, col, B, r0, r1, [&](int64_t i, T d) { return w[i] = -(x_bar[i] + d) * x[i] * x[i]; });  \
   }                                                                                                          \
-  FASTLOSS_CPU_CLONES void kernel_entry(const T* W, T* K, T inv_eps, bool shift, int64_t B, int64_t r0,       \
-                                        int64_t r1) {                                                        \
-    kernel_rows(W, K, inv_eps, shift, B, r0, r1);                                                            \
+  FASTLOSS_CPU_CLONES void row_minima_entry(const T* W, T* r, int64_t B, int64_t r0, int64_t r1) {         \
+    row_minima(W, r, B, r0, r1);                                                                             \
+  }                                                                                                          \
+  FASTLOSS_CPU_CLONES void column_minima_entry(const T* W, const T* r, T* c, int64_t B, int64_t c0,         \
+                                               int64_t c1) {                                                 \
+    column_minima(W, r, c, B, c0, c1);                                                                       \
+  }                                                                                                          \
+  FASTLOSS_CPU_CLONES void kernel_entry(const T* W, const T* r, const T* c, T* K, T inv_eps, int64_t B,      \
+                                        int64_t r0, int64_t r1) {                                            \
+    kernel_rows(W, r, c, K, inv_eps, B, r0, r1);                                                             \
   }
 FASTLOSS_SINKHORN_KD_ENTRIES(float)
 FASTLOSS_SINKHORN_KD_ENTRIES(double)
@@ -1024,13 +1060,28 @@ void fused_pass(int64_t B, acc_t* col, const Rows& rows) {
   for (int64_t t = 1; t < parts; ++t)
     for (int64_t j = 0; j < B; ++j) col[j] += acc[t * B + j];
 }
+// K (kernel_rows) and, if y0 is not null, the first column scaling y_0 (B entries).
 template <typename acc_t>
-void kernel_matrix(const acc_t* W, acc_t* K, acc_t inv_eps, int64_t B, int64_t n_iter) {
-  at::parallel_for(0, B, grain_for(B), [&](int64_t r0, int64_t r1) {
-    kernel_entry(W, K, inv_eps, n_iter > 0, B, r0, r1);
+void kernel_matrix(const acc_t* W, acc_t* K, acc_t inv_eps, int64_t B, int64_t n_iter, acc_t* y0) {
+  if (n_iter == 0) {
+    at::parallel_for(0, B, grain_for(B), [&](int64_t r0, int64_t r1) {
+      kernel_entry(W, static_cast<const acc_t*>(nullptr), static_cast<const acc_t*>(nullptr), K, inv_eps, B, r0, r1);
+    });
+    if (y0 != nullptr) std::fill(y0, y0 + B, acc_t(1));
+    return;
+  }
+  std::vector<acc_t> r(B), c(B);
+  at::parallel_for(0, B, grain_for(B), [&](int64_t r0, int64_t r1) { row_minima_entry(W, r.data(), B, r0, r1); });
+  at::parallel_for(0, B, std::max<int64_t>(256, grain_for(B)), [&](int64_t c0, int64_t c1) {
+    column_minima_entry(W, r.data(), c.data(), B, c0, c1);
   });
-}
-// Row tiles of kRowTile rows per task (the cdist kernels work on whole tiles); a tile
+  at::parallel_for(0, B, grain_for(B), [&](int64_t r0, int64_t r1) {
+    kernel_entry(W, static_cast<const acc_t*>(r.data()), static_cast<const acc_t*>(c.data()), K, inv_eps, B, r0, r1);
+  });
+  if (y0 != nullptr) {
+    for (int64_t j = 0; j < B; ++j) y0[j] = exp_with_subnormals(-c[j] * inv_eps);
+  }
+}// Row tiles of kRowTile rows per task (the cdist kernels work on whole tiles); a tile
 // touches kRowTile x S x C elements.
 template <typename F>
 void for_row_tiles(int64_t R, int64_t S, int64_t C, const F& f) {
@@ -1040,7 +1091,7 @@ void for_row_tiles(int64_t R, int64_t S, int64_t C, const F& f) {
 }
 
 // Forward: p_s, p_t (B x C), W and K = exp(-W / eps) (B x B), the scaling vectors xs, ys
-// ((n_iter + 1) x B: row t is x_t / y_t, x_0 = y_0 = 1) and the loss.
+// ((n_iter + 1) x B: row t is x_t / y_t, x_0 = 1, y_0 from kernel_matrix) and the loss.
 template <typename acc_t>
 void sinkhorn_kd_forward_kernel(const acc_t* zs, const acc_t* zt, int64_t B, int64_t C, acc_t inv_t, acc_t inv_eps,
                                 int64_t n_iter, acc_t scale, acc_t* ps, acc_t* pt, acc_t* W, acc_t* K, acc_t* xs,
@@ -1053,9 +1104,9 @@ void sinkhorn_kd_forward_kernel(const acc_t* zs, const acc_t* zt, int64_t B, int
   for (int64_t j = 0; j < static_cast<int64_t>(pt_t.size()) / std::max<int64_t>(C, 1); ++j)
     for (int64_t k = 0; k < C; ++k) pt_t[k * B + j] = pt[j * C + k];
   for_row_tiles(B, B, C, [&](int64_t r0, int64_t r1) { l1_cdist_entry(ps, pt, pt_t.data(), W, B, C, r0, r1); });
-  kernel_matrix(W, K, inv_eps, B, n_iter);
+  kernel_matrix(W, K, inv_eps, B, n_iter, ys);
   std::vector<acc_t> tmp(B);
-  for (int64_t i = 0; i < B; ++i) xs[i] = ys[i] = 1;
+  for (int64_t i = 0; i < B; ++i) xs[i] = 1;
   for (int64_t t = 1; t <= n_iter; ++t) {
     acc_t* x = xs + t * B;
     acc_t* y = ys + t * B;
@@ -1173,7 +1224,7 @@ std::tuple<at::Tensor, at::Tensor> sinkhorn_kd_backward(const at::Tensor& grad_l
     const acc_t* w = Wc.const_data_ptr<acc_t>();
     at::Tensor K = at::empty({B, B}, opts);
     acc_t* k = K.mutable_data_ptr<acc_t>();
-    kernel_matrix(w, k, inv_eps, B, n_iter);
+    kernel_matrix(w, k, inv_eps, B, n_iter, static_cast<acc_t*>(nullptr));
     at::Tensor G = at::zeros({B, B}, opts);
     if (n_iter > 0) {
       at::Tensor Lf = at::empty({B, 2 * n_iter}, opts), Rf = at::empty({B, 2 * n_iter}, opts);

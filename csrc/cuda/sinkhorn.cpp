@@ -106,11 +106,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   return {plan, alpha, beta, value, n_iter, error};
 }
 
-// SinKD's kernel shifted by each row's smallest cost when there are normalizations, as on the
-// CPU (cpu/sinkhorn.cpp, kernel_rows): the first row normalization cancels the shift and its
-// gradient, and rows whose every exp(-W / eps) underflows stay finite.
-at::Tensor kd_kernel(const at::Tensor& W, double eps, int64_t n_iter) {
-  return at::exp((n_iter > 0 ? W - W.amin(1, true) : W) * (-1.0 / eps));
+// SinKD's kernel shifted by each row's and then each column's smallest cost when there are
+// normalizations, with the first column scaling y_0 = exp(-c / eps) (into *y0 if given), as
+// on the CPU (cpu/sinkhorn.cpp, kernel_matrix): the iterates and gradients are those of the
+// unshifted kernel, and rows or columns whose every exp(-W / eps) underflows stay finite.
+at::Tensor kd_kernel(const at::Tensor& W, double eps, int64_t n_iter, at::Tensor* y0 = nullptr) {
+  if (n_iter == 0) return at::exp(W * (-1.0 / eps));
+  const at::Tensor shifted = W - W.amin(1, true);
+  const at::Tensor c = shifted.amin(0, true);
+  if (y0 != nullptr) *y0 = at::exp(c.squeeze(0) * (-1.0 / eps));
+  return at::exp((shifted - c) * (-1.0 / eps));
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> sinkhorn_kd(
@@ -130,9 +135,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   const at::Tensor ps = at::softmax(student.to(s.acc_dtype) / temperature, 1).contiguous();
   const at::Tensor pt = at::softmax(teacher.to(s.acc_dtype) / temperature, 1).contiguous();
   const at::Tensor W = at::cdist(ps, pt, 1.0).contiguous();
-  const at::Tensor K = kd_kernel(W, eps, n_iter);
+  at::Tensor y0;
+  const at::Tensor K = kd_kernel(W, eps, n_iter, &y0);
   const at::Tensor Kt = K.t();
   at::Tensor xs = at::ones({n_iter + 1, B}, opts), ys = at::ones({n_iter + 1, B}, opts);
+  if (n_iter > 0) ys[0].copy_(y0);
   for (int64_t t = 1; t <= n_iter; ++t) {
     xs[t].copy_(at::mv(K, ys[t - 1]).reciprocal_());
     ys[t].copy_(at::mv(Kt, xs[t]).reciprocal_());
