@@ -397,6 +397,13 @@ def test_integer_inputs_promote_like_torch_special():
     assert out.dtype == torch.special.i0e(xi).dtype == torch.get_default_dtype()
     torch.testing.assert_close(out.double(), torch.special.i0e(xi.double()).log() + xi, rtol=1e-6, atol=1e-6)
     assert fastloss.log_bessel_kv(torch.tensor([1, 2]), torch.tensor([1.0], dtype=torch.float64)).dtype == torch.float64
+    # numpy scalars are numbers, as in torch.special (they were refused).
+    x = torch.rand(4, dtype=torch.float32) + 0.5
+    for v in (np.int64(2), np.float32(2.5), np.float64(2.5)):
+        out = fastloss.log_bessel_iv(v, x)
+        assert out.dtype == torch.special.xlog1py(v, x).dtype == torch.float32
+        assert torch.equal(out, fastloss.log_bessel_iv(float(v), x))
+    assert torch.equal(fastloss.log_bessel_kv(x, np.float64(3.0)), fastloss.log_bessel_kv(x, 3.0))
 
 
 def test_matches_torch_special_orders_0_and_1():

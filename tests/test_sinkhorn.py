@@ -526,6 +526,16 @@ def test_bad_input(device):
         fastloss.sinkhorn_cost(cost, eps=0.1, grad="autodiff")
     with pytest.raises(TypeError, match="'cost'"):
         fastloss.sinkhorn([[1.0]], eps=0.1)
+    # Tensors for scalar options are a type error, named as such (not "a finite number > 0").
+    with pytest.raises(TypeError, match="'eps' to be a Python number, got a tensor"):
+        fastloss.sinkhorn(cost, eps=torch.tensor(0.1))
+    with pytest.raises(TypeError, match="'tol' to be a Python number"):
+        fastloss.sinkhorn(cost, eps=0.1, tol=torch.tensor(1e-3))
+    with pytest.raises(TypeError, match="'max_iter' to be an int, got float"):
+        fastloss.sinkhorn(cost, eps=0.1, max_iter=2.5)
+    # An unbatched cost's marginals are quoted against the cost as given.
+    with pytest.raises(ValueError, match=r"'a' to have shape \(4,\) to match 'cost' \(4, 5\), got \(5,\)"):
+        fastloss.sinkhorn(torch.rand(4, 5, device=device), torch.full((5,), 0.2, device=device), eps=0.1)
     with pytest.raises(RuntimeError, match="'cost'.*got Long"):
         fastloss.sinkhorn(torch.ones(2, 3, dtype=torch.long, device=device), eps=0.1)
     with pytest.raises(RuntimeError, match="'eps' > 0"):

@@ -295,6 +295,22 @@ def test_empty_batch():
         VonMisesFisher(torch.tensor([[math.nan, 1.0]]), 1.0, validate_args=True)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_unit_vectors_validate(dtype):
+    # loc normalized in bfloat16 / float16 was refused ~half the time: its norm, computed in
+    # that dtype, is 0.996 or 1.008, against a fixed tolerance of 1e-5. fit() built such a loc.
+    torch.manual_seed(11)
+    loc = torch.nn.functional.normalize(torch.randn(64, 16, dtype=dtype), dim=-1)
+    dist = VonMisesFisher(loc, torch.ones(64, dtype=dtype), validate_args=True)
+    assert torch.isfinite(dist.log_prob(dist.sample()).float()).all()
+    shifted = torch.nn.functional.normalize(torch.randn(500, 16) + 3 * torch.eye(16)[0], dim=-1)
+    for k in range(8):
+        fitted = VonMisesFisher.fit(shifted[k * 60:(k + 1) * 60].to(dtype))
+        assert fitted.loc.dtype == dtype and float(fitted.concentration) > 0
+    with pytest.raises(ValueError, match="unit norm"):
+        VonMisesFisher(torch.tensor([1.0, 0.5], dtype=dtype), 1.0, validate_args=True)
+
+
 def test_invalid_and_infinite_concentration_without_validation():
     # Negative or NaN concentrations gave samples (or never stopped) while log_prob was NaN;
     # an infinite one raised. Now: NaN everywhere, and the point mass at loc.

@@ -25,8 +25,15 @@ class _UnitSphere(constraints.Constraint):
     event_dim = 1
 
     def check(self, value):
-        tol = max(1e-5, 10 * torch.finfo(value.dtype).eps)
-        return ((value.norm(dim=-1) - 1).abs() <= tol)
+        return _has_unit_norm(value)
+
+
+def _has_unit_norm(value: torch.Tensor) -> torch.Tensor:
+    """Whether each vector along the last dim has norm 1 to within its dtype's rounding: the
+    norm in float64 (a bfloat16 norm rounds unit vectors to 0.996 or 1.008), against
+    max(1e-5, 10 eps) of the dtype (a unit vector rounded to bfloat16 is off by up to ~4 eps)."""
+    tol = max(1e-5, 10 * torch.finfo(value.dtype).eps)
+    return (value.double().norm(dim=-1) - 1).abs() <= tol
 
 
 class _RealVector(constraints.Constraint):
@@ -77,8 +84,7 @@ class VonMisesFisher(Distribution):
         if self._validate_args:
             if not bool(torch.isfinite(self.concentration).all()):
                 raise ValueError("VonMisesFisher: expected 'concentration' to be finite (a point mass has no density)")
-            norm = self.loc.norm(dim=-1)
-            if not torch.allclose(norm, torch.ones_like(norm), atol=1e-5):
+            if not bool(_has_unit_norm(self.loc).all()):
                 raise ValueError("VonMisesFisher: expected 'loc' to have unit norm along its last dim")
 
     def expand(self, batch_shape, _instance=None):

@@ -3,6 +3,7 @@ and autograd (in v and in x) for ``torch.ops.fastloss.log_bessel_iv`` / ``log_be
 
 from __future__ import annotations
 
+import numbers
 from typing import Tuple, Union
 
 import torch
@@ -46,11 +47,19 @@ def _as_tensors(name: str, v: TensorOrNumber, x: TensorOrNumber) -> Tuple[torch.
         and v.device == x.device
     ):
         return v, x  # the common case, already promoted
+    checked = []
     for arg, value in (("v", v), ("x", x)):
-        if not isinstance(value, (torch.Tensor, int, float)) or isinstance(value, complex):
-            raise TypeError(f"fastloss.{name}: expected '{arg}' to be a tensor or a real number, got {type(value).__name__}")
-        if isinstance(value, torch.Tensor) and value.is_complex():
-            raise TypeError(f"fastloss.{name}: expected '{arg}' to be real, got {value.dtype}")
+        if isinstance(value, torch.Tensor):
+            if value.is_complex():
+                raise TypeError(f"fastloss.{name}: expected '{arg}' to be real, got {value.dtype}")
+        elif isinstance(value, numbers.Real):
+            # numpy and other real scalars count as Python numbers, as in torch.special.
+            value = int(value) if isinstance(value, numbers.Integral) else float(value)
+        else:
+            raise TypeError(f"fastloss.{name}: expected '{arg}' to be a tensor or a real number, got "
+                            f"{type(value).__name__}")
+        checked.append(value)
+    v, x = checked
     dtype = _result_dtype(v, x)
     tensors = [t for t in (v, x) if isinstance(t, torch.Tensor)]
     devices = {t.device for t in tensors if not (t.dim() == 0 and t.device.type == "cpu")}

@@ -45,21 +45,33 @@ def _check_tensor(name: str, arg: str, t) -> None:
         raise TypeError(f"fastloss.{name}: expected '{arg}' to be a torch.Tensor, got {type(t).__name__}")
 
 
+def _check_number(name: str, arg: str, value, kind: type, what: str) -> None:
+    """TypeError unless value is a Python (or numpy) number of `kind`; a tensor is refused by
+    name (these options are compile-time constants of the ops, not data)."""
+    if isinstance(value, bool) or not isinstance(value, kind):
+        got = f"a tensor ({value!r})" if isinstance(value, torch.Tensor) else f"{type(value).__name__} {value!r}"
+        raise TypeError(f"fastloss.{name}: expected '{arg}' to be {what}, got {got}")
+
+
 def _check_positive(name: str, arg: str, value) -> float:
+    _check_number(name, arg, value, numbers.Real, "a Python number")
     # Comparisons rather than math.isfinite: torch.compile can trace them on symbolic floats.
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0 < cast(float, value) < math.inf:
+    if not 0 < cast(float, value) < math.inf:
         raise ValueError(f"fastloss.{name}: expected '{arg}' to be a finite number > 0, got {value!r}")
     return float(value)
 
 
 def _check_count(name: str, arg: str, value) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 0:
+    _check_number(name, arg, value, numbers.Integral, "an int")
+    if value < 0:
         raise ValueError(f"fastloss.{name}: expected '{arg}' to be an int >= 0, got {value!r}")
     return int(value)
 
 
-def _marginal(name: str, arg: str, x: Optional[torch.Tensor], batch: int, size: int, cost: torch.Tensor) -> torch.Tensor:
-    """a or b as (B, size): uniform when None, a shared (size,) vector broadcast over the batch."""
+def _marginal(name: str, arg: str, x: Optional[torch.Tensor], batch: int, size: int, cost: torch.Tensor,
+              user_cost: torch.Tensor) -> torch.Tensor:
+    """a or b as (B, size): uniform when None, a shared (size,) vector broadcast over the batch.
+    cost is (B, n, m); user_cost is the cost as given, (n, m) or (B, n, m), for the message."""
     if x is None:
         return cost.new_full((batch, size), 1.0 / max(size, 1), dtype=_acc_dtype(cost.dtype))
     _check_tensor(name, arg, x)
@@ -67,9 +79,10 @@ def _marginal(name: str, arg: str, x: Optional[torch.Tensor], batch: int, size: 
         return x.unsqueeze(0).expand(batch, size)
     if x.dim() == 2 and tuple(x.shape) == (batch, size):
         return x
+    expected = f"({size},) or ({batch}, {size})" if user_cost.dim() == 3 else f"({size},)"
     raise ValueError(
-        f"fastloss.{name}: expected '{arg}' to have shape ({size},) or ({batch}, {size}) to match 'cost' "
-        f"{tuple(cost.shape)}, got {tuple(x.shape)}"
+        f"fastloss.{name}: expected '{arg}' to have shape {expected} to match 'cost' {tuple(user_cost.shape)}, "
+        f"got {tuple(x.shape)}"
     )
 
 
@@ -88,12 +101,13 @@ def _prepare(name: str, cost, a, b, eps, max_iter, tol, error_norm):
                          f"transport), got {tuple(cost.shape)}")
     eps = _check_positive(name, "eps", eps)
     max_iter = _check_count(name, "max_iter", max_iter)
-    if isinstance(tol, bool) or not isinstance(tol, numbers.Real) or not cast(float, tol) >= 0:
+    _check_number(name, "tol", tol, numbers.Real, "a Python number")
+    if not cast(float, tol) >= 0:
         raise ValueError(f"fastloss.{name}: expected 'tol' to be a number >= 0, got {tol!r}")
     if isinstance(error_norm, bool) or not isinstance(error_norm, numbers.Real) or error_norm not in _ERROR_NORMS:
         raise ValueError(f"fastloss.{name}: expected 'error_norm' to be 1, 2 or math.inf, got {error_norm!r}")
-    a2 = _marginal(name, "a", a, B, n, cost3)
-    b2 = _marginal(name, "b", b, B, m, cost3)
+    a2 = _marginal(name, "a", a, B, n, cost3, cost)
+    b2 = _marginal(name, "b", b, B, m, cost3, cost)
     return cost3, a2, b2, eps, max_iter, float(tol), float(error_norm), batched
 
 
