@@ -229,12 +229,16 @@ def _with_defaults(inputs, k_index: int):
     return (*inputs, 0) if len(inputs) == k_index else tuple(inputs)
 
 
-def _stat_topk_setup(ctx, inputs, output):
+def _stat_topk_save(ctx, inputs, output):
     x, dim, sparsity, hard, threshold_grad, k = _with_defaults(inputs, 5)
     _y, theta, mean, std = output
     ctx.dim, ctx.sparsity, ctx.hard, ctx.threshold_grad, ctx.k = dim, sparsity, hard, threshold_grad, k
     ctx.save_for_backward(x, theta, mean, std)
-    ctx.mark_non_differentiable(mean, std)
+
+
+def _stat_topk_setup(ctx, inputs, output):
+    _stat_topk_save(ctx, inputs, output)
+    ctx.mark_non_differentiable(output[2], output[3])  # mean, std
 
 
 def _stat_topk_backward(ctx, grad_y, grad_theta, _grad_mean, _grad_std):
@@ -252,12 +256,16 @@ def _stat_topk_backward(ctx, grad_y, grad_theta, _grad_mean, _grad_std):
 torch.library.register_autograd("fastloss::stat_topk", _stat_topk_backward, setup_context=_stat_topk_setup)
 
 
-def _gelu_mul_setup(ctx, inputs, output):
+def _gelu_mul_save(ctx, inputs, output):
     gate, up, sparsity, threshold_grad, k = _with_defaults(inputs, 4)
     _out, theta, mean, std = output
     ctx.sparsity, ctx.threshold_grad, ctx.k = sparsity, threshold_grad, k
     ctx.save_for_backward(gate, up, theta, mean, std)
-    ctx.mark_non_differentiable(theta, mean, std)
+
+
+def _gelu_mul_setup(ctx, inputs, output):
+    _gelu_mul_save(ctx, inputs, output)
+    ctx.mark_non_differentiable(*output[1:])  # theta, mean, std
 
 
 def _gelu_mul_backward(ctx, grad_out, _grad_theta, _grad_mean, _grad_std):
@@ -324,11 +332,17 @@ def _stat_topk_jvp(ctx, t, *_args):
     dtheta, _ = _theta_tangent(ta, xa, std, ctx.dim, effective_sparsity(ctx.sparsity, ctx.k, xa.shape[ctx.dim]))
     direct = ta if ctx.hard or not ctx.threshold_grad else ta - dtheta
     dy = torch.where(xa > theta, direct, torch.zeros_like(direct))
-    return dy.to(x.dtype).reshape(shape), dtheta.reshape(std.shape if shape else ()), None, None
+    stat_shape = std.shape if shape else ()
+    zero = torch.zeros(stat_shape, dtype=std.dtype, device=std.device)
+    return dy.to(x.dtype).reshape(shape), dtheta.reshape(stat_shape), zero, zero
 
 
+# The transform functions leave the row statistics they return (which the wrappers drop)
+# differentiable, with zero tangents: torch's generated vmap rule for an autograd.Function
+# with non-differentiable outputs fails an internal assert under an enclosing jvp
+# (jvp(vmap(grad(f))), "Expected both tensor and its forward grad to be floating point").
 def _stat_topk_transform_setup(ctx, inputs, output):
-    _stat_topk_setup(ctx, inputs, output)
+    _stat_topk_save(ctx, inputs, output)
     ctx.save_for_forward(inputs[0], *output[1:])
 
 
@@ -379,11 +393,12 @@ def _gelu_mul_jvp(ctx, t_gate, t_up, *_args):
         out = out + torch.where(kept, slope * tg, torch.zeros_like(tg)) * u
     if t_up is not None:
         out = out + gelu * t_up.to(acc)
-    return out.to(gate.dtype), None, None, None
+    zero = torch.zeros_like(std)  # theta's tangent too: the wrapper drops it (see below)
+    return out.to(gate.dtype), zero, zero, zero
 
 
-def _gelu_mul_transform_setup(ctx, inputs, output):
-    _gelu_mul_setup(ctx, inputs, output)
+def _gelu_mul_transform_setup(ctx, inputs, output):  # no non-differentiable outputs, as stat_topk's
+    _gelu_mul_save(ctx, inputs, output)
     ctx.save_for_forward(*inputs[:2], *output[1:])
 
 
