@@ -546,6 +546,11 @@ def test_errors():
     t3[1, 1] = 99
     with pytest.raises(IndexError, match=r"got 99 at position 3 \(index \(1, 1\)\)"):
         fastloss.linear_cross_entropy(h3, c, t3, shift=True)
+    # Where that check is skipped (torch.compile, vmap), the op's message names both positions.
+    compiled = torch.compile(lambda h_, t_: fastloss.linear_cross_entropy(h_, c, t_, shift=True), fullgraph=True,
+                             backend="aot_eager")
+    with pytest.raises(IndexError, match=r"got 99 at position 2 of the flattened targets \(the caller's position 3 if "):
+        compiled(h3, t3)
     t3[1, 1], t3[1, 0] = t[3], 99  # the first position of a sequence is never a target
     fastloss.linear_cross_entropy(h3, c, t3, shift=True)
     with pytest.raises(TypeError, match="'process_group' must be a torch.distributed ProcessGroup"):

@@ -211,7 +211,9 @@ void scan_targets(const char* op, const index_t* t, int64_t n, int64_t ignore_in
     const int64_t v = static_cast<int64_t>(t[i]);
     if (v == ignore_index) continue;
     TORCH_CHECK_INDEX(v >= 0 && v < vocab_total, "fastloss.", op, ": 'targets' must be in [0, ", vocab_total,
-                      ") or equal ignore_index (", ignore_index, "), got ", v, " at position ", i);
+                      ") or equal ignore_index (", ignore_index, "), got ", v, " at position ", i,
+                      " of the flattened targets (the caller's position ", i + 1,
+                      " if linear_cross_entropy was called with shift=True, which passes them shifted by one)");
     a.rows.push_back(i);
     a.targets.push_back(v);
   }
