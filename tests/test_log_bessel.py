@@ -258,6 +258,27 @@ def test_order_derivative_at_huge_x_with_small_order():
         assert torch.equal(dv_autograd, dv), name
 
 
+def test_order_derivative_of_k_at_tiny_order():
+    # d/dv log K_v(x) is odd in v, ~ v d^2/dv^2 log K_0(x): Temme's series and the trapezoidal
+    # rule (CPU packs, 2 < x < 29) carried p, q and e^(+-u t) apart, whose O(1) derivatives
+    # cancel, so the result had an absolute error ~1e-16 (relative 2e-4 at v = 1e-12, x = 3).
+    mpmath = pytest.importorskip("mpmath")
+    vs = [1e-12, -3e-10, 1e-8, 1e-4]
+    xs = [1e-5, 0.3, 1.0, 2.0, 2.5, 3.0, 5.0, 10.0, 28.0]
+    with mpmath.workdps(50):
+        ref = torch.tensor([[float(mpmath.diff(lambda t: mpmath.log(mpmath.besselk(t, x)), mpmath.mpf(v))) for x in xs]
+                            for v in vs], dtype=torch.float64)
+    v = torch.tensor(vs, dtype=torch.float64)[:, None].expand(len(vs), len(xs)).contiguous()
+    x = torch.tensor(xs, dtype=torch.float64).expand(len(vs), len(xs)).contiguous()
+    dv, _ = torch.ops.fastloss.log_bessel_kv_grad(v, x)
+    assert rel_error(dv, ref).max().item() <= 2e-14, (dv / ref - 1)
+    # One element at a time (the scalar path) as well as in packs.
+    for i in range(len(vs)):
+        for j in range(len(xs)):
+            one, _ = torch.ops.fastloss.log_bessel_kv_grad(v[i, j:j + 1], x[i, j:j + 1])
+            assert abs(one.item() / ref[i, j].item() - 1) <= 2e-14, (vs[i], xs[j])
+
+
 def test_subnormal_x():
     # Below the 1e-300: values and d/dv stay finite; d/dx is +-inf where v/x overflows, never NaN.
     # Orders just above a half-integer (u near -1/2) make Temme's exp(u log(2/x)) ~ 1e-159 for K.

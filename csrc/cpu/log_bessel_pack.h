@@ -476,35 +476,58 @@ struct TrapezoidNodes {
   static constexpr double kStep = kPi * kPi / (kTrapezoidMaxX + 41.0);
   static constexpr int kCount = static_cast<int>(4.2 / kStep) + 1;
   double cosh_minus_1[kCount + 1];  // 2 sinh^2(t_j / 2): no cancellation near t = 0
+  double cosh_t[kCount + 1];
+  double sinh_t[kCount + 1];
   double exp_t[kCount + 1];
   double exp_minus_t[kCount + 1];
   TrapezoidNodes() {
     for (int j = 0; j <= kCount; ++j) {
       const double half_sinh = ::sinh(0.5 * j * kStep);
       cosh_minus_1[j] = 2.0 * half_sinh * half_sinh;
+      cosh_t[j] = ::cosh(j * kStep);
+      sinh_t[j] = ::sinh(j * kStep);
       exp_t[j] = ::exp(j * kStep);
       exp_minus_t[j] = ::exp(-j * kStep);
     }
   }
 };
 
+// K_u's integrand carries cosh(u t) and K_(u+1)'s cosh((u + 1) t) = cosh(u t) cosh t +
+// sinh(u t) sinh t. With derivatives, 2 cosh(u t_j) and 2 sinh(u t_j) advance node by node by
+// the addition formulas with cosh(u h) and sinh(u h) = u h sinh(u h) / (u h), even and odd in
+// u: as e^(u t) + e^(-u t), d/du cancelled two O(1) derivatives (d/dv log K_v at v = 1e-12,
+// x = 3: 2e-4 relative, an absolute error ~1e-16).
 template <typename T>
 FASTLOSS_CPU_INLINE KStart<T> trapezoid_k(const T& u, const T& x) {
   static const TrapezoidNodes nodes;
   constexpr double kStep = TrapezoidNodes::kStep;
   // exp(-x cosh t) = exp(-x) exp(-x (cosh t - 1)): the first factor leaves the sums (and
   // goes into the log); the second underflows harmlessly, clamped above exp's range.
-  const T step_u = f_exp(kStep * u);
-  const T step_u_inv = 1.0 / step_u;
-  T power = 1.0, power_inv = 1.0;   // exp(u t_j), exp(-u t_j)
-  T sum = 1.0, sum1 = 1.0;          // twice the sums: the j = 0 node has half weight
+  // Values (T = Pack) take e^(u t_j) and e^(-u t_j) as powers instead: two products per
+  // node rather than the rotation's four (x in (2, 29): 7% less time per element), and the
+  // value of their sum does not cancel.
+  constexpr bool kValues = DerivativeOrder<T>::value == 0;
+  const T step_arg = kStep * u;
+  const T step_cosh = kValues ? f_exp(step_arg) : f_cosh(step_arg);  // values: e^(u h)
+  const T step_sinh = kValues ? 1.0 / step_cosh : step_arg * sinh_over(step_arg);  // values: e^(-u h)
+  T cosh2 = kValues ? 1.0 : 2.0, sinh2 = kValues ? 1.0 : 0.0;  // values: e^(u t_j), e^(-u t_j)
+  T sum = 1.0, sum1 = 1.0;  // twice the sums: the j = 0 node has half weight
   for (int j = 1; j <= TrapezoidNodes::kCount; ++j) {
     const T exponent = -x * nodes.cosh_minus_1[j];
     const T weight = f_exp(select(val(exponent) > -700.0, exponent, T(-700.0)));
-    power = power * step_u;
-    power_inv = power_inv * step_u_inv;
-    const T term = weight * (power + power_inv);
-    const T term1 = weight * (power * nodes.exp_t[j] + power_inv * nodes.exp_minus_t[j]);
+    T term, term1;
+    if constexpr (kValues) {
+      cosh2 = cosh2 * step_cosh;
+      sinh2 = sinh2 * step_sinh;
+      term = weight * (cosh2 + sinh2);
+      term1 = weight * (cosh2 * nodes.exp_t[j] + sinh2 * nodes.exp_minus_t[j]);
+    } else {
+      const T cosh2_next = cosh2 * step_cosh + sinh2 * step_sinh;
+      sinh2 = sinh2 * step_cosh + cosh2 * step_sinh;
+      cosh2 = cosh2_next;
+      term = weight * cosh2;
+      term1 = weight * (cosh2 * nodes.cosh_t[j] + sinh2 * nodes.sinh_t[j]);
+    }
     sum = sum + term;
     sum1 = sum1 + term1;
     // term1 >= term, and both decrease from here on; tested every other node (a test of
