@@ -389,6 +389,14 @@ def test_envelope_second_derivative_raises_unrolled_works():
     assert g.requires_grad
     with pytest.raises(NotImplementedError, match="grad='unrolled'"):
         (v.sum() + (g ** 2).sum()).backward()
+    # ... and through autograd.grad with respect to the cost, also with allow_unused=True and as
+    # a Hessian-vector product (the graph used to hang off a stand-alone tensor, so these saw
+    # a cost "not used in the graph", or silently returned None).
+    for kwargs in ({}, {"allow_unused": True}, {"grad_outputs": torch.ones_like(g)}):
+        v = fastloss.sinkhorn_cost(c, a, b, eps=0.5, tol=1e-12, max_iter=1000)
+        (g,) = torch.autograd.grad(v.sum(), c, create_graph=True)
+        with pytest.raises(NotImplementedError, match="grad='unrolled'"):
+            torch.autograd.grad(g if "grad_outputs" in kwargs else g.sum(), c, **kwargs)
     # First derivatives with create_graph=True are unchanged.
     v = fastloss.sinkhorn_cost(c, a, b, eps=0.5, tol=1e-12, max_iter=1000)
     (g1,) = torch.autograd.grad((v ** 2).sum(), c, create_graph=True)

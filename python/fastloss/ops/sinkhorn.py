@@ -288,16 +288,17 @@ def _sinkhorn_setup_context(ctx, inputs, output):
     plan, alpha, beta, _value, n_iter, err = output
     ctx.mark_non_differentiable(plan, alpha, beta, n_iter, err)
     ctx.dtypes = (cost.dtype, a.dtype, b.dtype)
-    ctx.save_for_backward(plan, alpha, beta)
+    ctx.save_for_backward(plan, alpha, beta, cost, a, b)
 
 
 def _sinkhorn_backward(ctx, _g_plan, _g_alpha, _g_beta, g_value, _g_n_iter, _g_err):
-    plan, alpha, beta = ctx.saved_tensors
-    # Under create_graph=True the gradients must carry a graph of their own, so that
-    # differentiating them reaches _EnvelopeGrad.backward's error; without this input they came
-    # back as constants and a gradient penalty silently lost its second-order term.
-    anchor = torch.zeros((), device=plan.device, requires_grad=True) if torch.is_grad_enabled() else None
-    grads = _EnvelopeGrad.apply(g_value, plan, alpha, beta, ctx.needs_input_grad[:3], ctx.dtypes, anchor)
+    plan, alpha, beta, cost, a, b = ctx.saved_tensors
+    # Under create_graph=True the gradients must carry a graph of their own, rooted at the
+    # inputs, so that differentiating them (backward(), autograd.grad with respect to the
+    # cost or marginals, Hessian-vector products) reaches _EnvelopeGrad.backward's error;
+    # without these inputs they came back as constants and a gradient penalty silently lost
+    # its second-order term (and autograd.grad saw a graph that never used the cost).
+    grads = _EnvelopeGrad.apply(g_value, plan, alpha, beta, ctx.needs_input_grad[:3], ctx.dtypes, cost, a, b)
     return (*grads, None, None, None, None)
 
 
@@ -322,7 +323,7 @@ class _EnvelopeGrad(torch.autograd.Function):
     them raises instead."""
 
     @staticmethod
-    def forward(ctx, g_value, plan, alpha, beta, needs, dtypes, _anchor):
+    def forward(ctx, g_value, plan, alpha, beta, needs, dtypes, _cost, _a, _b):
         return _envelope_grads(g_value, plan, alpha, beta, needs, dtypes)
 
     @staticmethod
