@@ -28,8 +28,9 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 .python-ready:
-	@$(PY) -c "import torch, pybind11, scikit_build_core" || \
-		(echo "PYTHON=$(PY) needs torch, pybind11 and scikit-build-core installed" && exit 1)
+	@$(PY) -c "import torch, pybind11, scikit_build_core, pytest" || \
+		(echo "PYTHON=$(PY) needs torch, pybind11, scikit-build-core and pytest installed (and cmake >= 3.24 with" \
+		      "ninja or make on the PATH, or as Python packages)" && exit 1)
 
 # Build against the torch in the environment (no build isolation). A system interpreter
 # (PEP 668) needs --break-system-packages where pip knows it.

@@ -63,8 +63,11 @@ has_step() { [[ " $STEPS " == *" $1 "* ]]; }
 note "gpu_check: budget ${BUDGET}s, steps: $STEPS"
 if compgen -G ".whl/*.whl" >/dev/null; then
   site=$(mktemp -d)
-  "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$site" .whl/*.whl &&
+  if "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$site" .whl/*.whl; then
     export PYTHONPATH="$site${PYTHONPATH:+:$PYTHONPATH}" && note "wheels: installed $(ls .whl/*.whl | wc -l)"
+  else
+    note "wheels: not installed (built for another Python? make wheelhouse WHEEL_PYTHON=...): peers skipped"
+  fi
 fi
 
 arch=$("$PY" -c "import torch; c = torch.cuda.get_device_capability(); print(f'{c[0]}{c[1]}')" 2>/dev/null)
