@@ -406,7 +406,8 @@ struct L1DistFunction : torch::autograd::Function<L1DistFunction> {
 // column normalization that follows cancels it.
 at::Tensor sinkhorn_kd_eager(const at::Tensor& ps, const at::Tensor& pt, double eps, int64_t n_iter, double scale) {
   const at::Tensor W = L1DistFunction::apply(ps, pt);
-  if (n_iter == 0) return (at::exp(W * (-1.0 / eps)) * W).sum() * scale;
+  // (An empty batch has no minima to shift by; its loss is 0 either way.)
+  if (n_iter == 0 || W.numel() == 0) return (at::exp(W * (-1.0 / eps)) * W).sum() * scale;
   const at::Tensor rows = W - W.detach().amin(1, true);
   const at::Tensor c = rows.detach().amin(0, true);
   at::Tensor P = at::exp((rows - c) * (-1.0 / eps));

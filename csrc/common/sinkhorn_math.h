@@ -190,6 +190,7 @@ struct MarginalErrorNorm {
 // The SinKD loss (Cui et al. 2024) uses plain (not log-domain) normalizations on
 // K = exp(-W / eps) with W in [0, 2]: these are the scaling-vector forms of its row and
 // column steps. After t steps, P_t = diag(x_t) K diag(y_t) with
-//   x_t = 1 / (K y_{t-1}),   y_t = 1 / (K^T x_t),   y_0 = 1.
+//   x_t = 1 / (K y_{t-1}),   y_t = 1 / (K^T x_t),   y_0 = 1
+// (for the kernels' column-shifted K, y_0 = exp(-c / eps) instead: the same P_t).
 
 }  // namespace fastloss

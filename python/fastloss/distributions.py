@@ -29,11 +29,12 @@ class _UnitSphere(constraints.Constraint):
 
 
 def _has_unit_norm(value: torch.Tensor) -> torch.Tensor:
-    """Whether each vector along the last dim has norm 1 to within its dtype's rounding: the
-    norm in float64 (a bfloat16 norm rounds unit vectors to 0.996 or 1.008), against
+    """Whether each vector along the last dim has norm 1 to within its dtype's rounding: half
+    types' norm in float32 (a bfloat16 norm rounds unit vectors to 0.996 or 1.008), against
     max(1e-5, 10 eps) of the dtype (a unit vector rounded to bfloat16 is off by up to ~4 eps)."""
     tol = max(1e-5, 10 * torch.finfo(value.dtype).eps)
-    return (value.double().norm(dim=-1) - 1).abs() <= tol
+    wide = value.float() if value.dtype in (torch.float16, torch.bfloat16) else value
+    return (wide.norm(dim=-1) - 1).abs() <= tol
 
 
 class _RealVector(constraints.Constraint):

@@ -104,6 +104,8 @@ def _prepare(name: str, cost, a, b, eps, max_iter, tol, error_norm):
     _check_number(name, "tol", tol, numbers.Real, "a Python number")
     if not cast(float, tol) >= 0:
         raise ValueError(f"fastloss.{name}: expected 'tol' to be a number >= 0, got {tol!r}")
+    if isinstance(error_norm, torch.Tensor):
+        _check_number(name, "error_norm", error_norm, numbers.Real, "1, 2 or math.inf (a Python number)")
     if isinstance(error_norm, bool) or not isinstance(error_norm, numbers.Real) or error_norm not in _ERROR_NORMS:
         raise ValueError(f"fastloss.{name}: expected 'error_norm' to be 1, 2 or math.inf, got {error_norm!r}")
     a2 = _marginal(name, "a", a, B, n, cost3, cost)
@@ -377,7 +379,8 @@ def check_kd_options(name: str, temperature, eps, n_iter, scale):
     temperature = _check_positive(name, "temperature", temperature)
     eps = _check_positive(name, "eps", eps)
     n_iter = _check_count(name, "n_iter", n_iter)
-    if isinstance(scale, bool) or not isinstance(scale, numbers.Real) or not -math.inf < cast(float, scale) < math.inf:
+    _check_number(name, "scale", scale, numbers.Real, "a Python number")
+    if not -math.inf < cast(float, scale) < math.inf:
         raise ValueError(f"fastloss.{name}: expected 'scale' to be a finite number, got {scale!r}")
     return temperature, eps, n_iter, float(scale)
 
