@@ -257,6 +257,10 @@ FASTLOSS_HD bool negligible(const Dual2& term, const Dual2& sum) {
          fabs(term.dx) <= kTol * (scale + fabs(sum.dx)) && fabs(term.dvv) <= kTol * (scale + fabs(sum.dvv)) &&
          fabs(term.dvx) <= kTol * (scale + fabs(sum.dvx)) && fabs(term.dxx) <= kTol * (scale + fabs(sum.dxx));
 }
+// a or b by a scalar condition (cpu/log_bessel_pack.h overloads it for packs, lane by lane).
+template <typename T>
+FASTLOSS_HD T select(bool m, const T& a, const T& b) { return m ? a : b; }
+
 // The order of the derivatives a number type carries (series stop with room for them): 0 for
 // values (double, and cpu/log_bessel_pack.h's Pack), 1 for Dual, 2 for Dual2.
 template <typename T>
@@ -476,9 +480,11 @@ struct KStart {
 // term factor c_i divided by it: one division per term instead of three (the divider's
 // throughput bounds a pack of elements). D_i < (i!)^2 stays finite over the ~25 terms x <= 2 needs.
 // K_u is even in u, and f takes p and q through their sum only: it runs on the even and odd
-// parts p + q and p - q (p's own recurrence stays for K_(u+1)), both started from even and
-// odd functions of u. With p and q apart, d/du of p + q cancelled two O(1) derivatives, so
-// d/dv log K_v at tiny v had an absolute error ~1e-16 (relative 4e-5 at v = 1e-12, x = 1).
+// parts p + q and p - q (p's own recurrence stays for K_(u+1)). With derivatives and |u| <
+// 1/4 they start from even and odd functions of u: from p and q, d/du of p + q cancelled two
+// O(1) derivatives, so d/dv log K_v at tiny v had an absolute error ~1e-16 (relative 4e-5 at
+// v = 1e-12, x = 1). Nearer |u| = 1/2 those forms lose an order of magnitude in d/du against
+// p and q (6.9e-14 against 9e-15 relative at v = 1/2, x = 2), so p and q start them there.
 template <typename T>
 FASTLOSS_HD KStart<T> temme_k(const T& u, const T& x) {
   const T half_x = 0.5 * x;
@@ -486,17 +492,24 @@ FASTLOSS_HD KStart<T> temme_k(const T& u, const T& x) {
   const T sigma = u * log_2_over_x;
   const T w = u * u;
   const T g1 = temme_gamma1(w), g2 = temme_gamma2(w);
-  const T rgamma_plus = g2 - u * g1;  // 1 / Gamma(1 + u)
+  const T rgamma_plus = g2 - u * g1;   // 1 / Gamma(1 + u)
+  const T rgamma_minus = g2 + u * g1;  // 1 / Gamma(1 - u)
   const T pi_u_sin = pi_u_over_sin(u);  // Gamma(1 + u) Gamma(1 - u)
   const T cosh_sigma = f_cosh(sigma);
   const T sinh_over_sigma_l = sinh_over(sigma) * log_2_over_x;  // sinh(sigma) / u
   T f = pi_u_sin * (g1 * cosh_sigma + g2 * sinh_over_sigma_l);
-  // p_0 = e^sigma Gamma(1 + u) / 2, q_0 = e^-sigma Gamma(1 - u) / 2 with 1 / Gamma(1 +- u) =
-  // g2 -+ u g1: p + q = (g2 cosh(sigma) + u^2 g1 sinh(sigma) / u) Gamma(1 + u) Gamma(1 - u),
-  // p - q = u (g2 sinh(sigma) / u + g1 cosh(sigma)) Gamma(1 + u) Gamma(1 - u).
-  T even = pi_u_sin * (g2 * cosh_sigma + w * g1 * sinh_over_sigma_l);
-  T odd = u * (pi_u_sin * (g2 * sinh_over_sigma_l + g1 * cosh_sigma));
-  T p = 0.5 * f_exp(sigma) / rgamma_plus;
+  const T e = f_exp(sigma);
+  T p = 0.5 * e / rgamma_plus;
+  const T q = 0.5 / (e * rgamma_minus);
+  T even = p + q, odd = p - q;
+  if constexpr (DerivativeOrder<T>::value > 0) {
+    // p + q = (g2 cosh(sigma) + u^2 g1 sinh(sigma) / u) Gamma(1 + u) Gamma(1 - u) and p - q =
+    // u (g2 sinh(sigma) / u + g1 cosh(sigma)) Gamma(1 + u) Gamma(1 - u) (1 / Gamma(1 -+ u) =
+    // g2 +- u g1).
+    const auto tiny = val(w) < 0.0625;
+    even = select(tiny, pi_u_sin * (g2 * cosh_sigma + w * g1 * sinh_over_sigma_l), even);
+    odd = select(tiny, u * (pi_u_sin * (g2 * sinh_over_sigma_l + g1 * cosh_sigma)), odd);
+  }
   const T c_step = half_x * half_x;
   T c = 1.0;  // c_i / D_i
   T sum = f, sum1 = p;
@@ -637,12 +650,12 @@ FASTLOSS_HD Dual2 temme_recurrence_log_kv(const Dual2& u, const Dual2& x, int n)
   Dual2 f = pi_u_sin * (g1 * cosh_scaled + g2 * sinh_over_scaled * log_2_over_x);
   const Dual2 e_sigma = scaled ? Dual2(1.0) : f_exp(sigma);
   Dual2 p = negative ? e2 * half_gamma_plus : e_sigma * half_gamma_plus;
-  // f takes p and q through p + q and p - q (as temme_k). Unscaled, they start from their
-  // even and odd forms: with p and q apart, d^2/du dx cancelled O(1) parts at tiny u (5e-4
-  // relative at v = 1e-12, x = 1). Scaled (|u| >= 1/(2 log(2/x)) or n >= 1), from p and q.
+  // f takes p and q through p + q and p - q (as temme_k). Unscaled and for |u| < 1/4, they
+  // start from their even and odd forms: with p and q apart, d^2/du dx cancelled O(1) parts at
+  // tiny u (5e-4 relative at v = 1e-12, x = 1). Otherwise from p and q.
   Dual2 even, odd;
-  if (scaled) {
-    const Dual2 q = negative ? half_gamma_minus : e2 * half_gamma_minus;
+  if (scaled || w.a >= 0.0625) {
+    const Dual2 q = scaled ? (negative ? half_gamma_minus : e2 * half_gamma_minus) : half_gamma_minus / e_sigma;
     even = p + q;
     odd = p - q;
   } else {
