@@ -93,12 +93,13 @@ def _fastloss(kind: str) -> Callable:
 
 def _fastloss_derivatives(kind: str, order: int) -> Callable:
     """(d/dv, d/dx) of the log (order 1) or (d2/dv2, d2/dv dx, d2/dx2) (order 2)."""
-    op = getattr(torch.ops.fastloss, f"log_bessel_{kind}_{'grad' if order == 1 else 'hess'}")
+    suffix = "grad" if order == 1 else "hess"
+    op = getattr(torch.ops.fastloss, f"log_bessel_{kind}_{suffix}")
 
     def run(v: torch.Tensor, x: torch.Tensor):
         return op(v, x)
 
-    run.__name__ = f"fastloss_log_{kind}_{'grad' if order == 1 else 'hess'}"
+    run.__name__ = f"fastloss_log_{kind}_{suffix}"
     return run
 
 

@@ -473,6 +473,22 @@ struct KStart {
   T k1_factor;
 };
 
+// Temme's p + q and p - q (p_0 = e^sigma Gamma(1 + u) / 2, q_0 = e^-sigma Gamma(1 - u) / 2), for
+// the series' f, which takes p and q through their sum only. `from_parts` gives them as even
+// and odd functions of u: with 1 / Gamma(1 -+ u) = g2 +- u g1 and s = sinh(sigma) / u,
+// p + q = (g2 cosh(sigma) + u^2 g1 s) Gamma(1 + u) Gamma(1 - u) and
+// p - q = u (g2 s + g1 cosh(sigma)) Gamma(1 + u) Gamma(1 - u). `next` is the step i of the
+// recurrences p_i = p_(i-1) (i + u), q_i = q_(i-1) (i - u) (multiplied through by D_i).
+template <typename T>
+struct TemmeEvenOdd {
+  T even, odd;
+  FASTLOSS_HD static TemmeEvenOdd from_parts(const T& u, const T& w, const T& g1, const T& g2, const T& pi_u_sin,
+                                             const T& cosh_sigma, const T& sinh_over_u) {
+    return {pi_u_sin * (g2 * cosh_sigma + w * g1 * sinh_over_u), u * (pi_u_sin * (g2 * sinh_over_u + g1 * cosh_sigma))};
+  }
+  FASTLOSS_HD TemmeEvenOdd next(double i, const T& u) const { return {i * even + u * odd, i * odd + u * even}; }
+};
+
 // Temme's series for K_u and K_(u+1), |u| <= 1/2, 0 < x <= 2 (Temme 1975; the form of
 // Numerical Recipes' bessik). K_u = sum and (x/2) K_(u+1) = sum1: no overflow at tiny x.
 // The recurrences f_i = (i f_(i-1) + p_(i-1) + q_(i-1)) / (i^2 - u^2), p_i = p_(i-1) / (i - u),
@@ -501,14 +517,11 @@ FASTLOSS_HD KStart<T> temme_k(const T& u, const T& x) {
   const T e = f_exp(sigma);
   T p = 0.5 * e / rgamma_plus;
   const T q = 0.5 / (e * rgamma_minus);
-  T even = p + q, odd = p - q;
+  TemmeEvenOdd<T> pq{p + q, p - q};
   if constexpr (DerivativeOrder<T>::value > 0) {
-    // p + q = (g2 cosh(sigma) + u^2 g1 sinh(sigma) / u) Gamma(1 + u) Gamma(1 - u) and p - q =
-    // u (g2 sinh(sigma) / u + g1 cosh(sigma)) Gamma(1 + u) Gamma(1 - u) (1 / Gamma(1 -+ u) =
-    // g2 +- u g1).
     const auto tiny = val(w) < 0.0625;
-    even = select(tiny, pi_u_sin * (g2 * cosh_sigma + w * g1 * sinh_over_sigma_l), even);
-    odd = select(tiny, u * (pi_u_sin * (g2 * sinh_over_sigma_l + g1 * cosh_sigma)), odd);
+    const auto parts = TemmeEvenOdd<T>::from_parts(u, w, g1, g2, pi_u_sin, cosh_sigma, sinh_over_sigma_l);
+    pq = {select(tiny, parts.even, pq.even), select(tiny, parts.odd, pq.odd)};
   }
   const T c_step = half_x * half_x;
   T c = 1.0;  // c_i / D_i
@@ -516,10 +529,8 @@ FASTLOSS_HD KStart<T> temme_k(const T& u, const T& x) {
   for (int i = 1; i <= kTemmeMaxTerms; ++i) {
     const double di = i;
     c = c * (c_step / (di * (di * di - w)));
-    f = di * f + even;
-    const T even_next = di * even + u * odd;
-    odd = di * odd + u * even;
-    even = even_next;
+    f = di * f + pq.even;
+    pq = pq.next(di, u);
     p = p * (di + u);
     const T term = c * f;
     const T term1 = c * (p - di * f);
@@ -653,15 +664,12 @@ FASTLOSS_HD Dual2 temme_recurrence_log_kv(const Dual2& u, const Dual2& x, int n)
   // f takes p and q through p + q and p - q (as temme_k). Unscaled and for |u| < 1/4, they
   // start from their even and odd forms: with p and q apart, d^2/du dx cancelled O(1) parts at
   // tiny u (5e-4 relative at v = 1e-12, x = 1). Otherwise from p and q.
-  Dual2 even, odd;
+  TemmeEvenOdd<Dual2> pq;
   if (scaled || w.a >= 0.0625) {
     const Dual2 q = scaled ? (negative ? half_gamma_minus : e2 * half_gamma_minus) : half_gamma_minus / e_sigma;
-    even = p + q;
-    odd = p - q;
-  } else {
-    const Dual2 sinh_over_sigma_l = sinh_over_scaled * log_2_over_x;  // sinh(sigma) / u (a = 0)
-    even = pi_u_sin * (g2 * cosh_scaled + w * g1 * sinh_over_sigma_l);
-    odd = u * (pi_u_sin * (g2 * sinh_over_sigma_l + g1 * cosh_scaled));
+    pq = {p + q, p - q};
+  } else {  // a = 0: cosh_scaled and sinh_over_scaled are cosh(sigma) and sinh(sigma) / sigma
+    pq = TemmeEvenOdd<Dual2>::from_parts(u, w, g1, g2, pi_u_sin, cosh_scaled, sinh_over_scaled * log_2_over_x);
   }
   Dual2 p1 = half_gamma_plus;  // p e^-a / e2 where sigma < 0 (S1's scale)
   const Dual2 c_step = half_x * half_x;
@@ -673,10 +681,8 @@ FASTLOSS_HD Dual2 temme_recurrence_log_kv(const Dual2& u, const Dual2& x, int n)
     c = c * step;
     // (x/2)^2 / e2 = exp(2 (a + log(x/2))) <= x/2: no overflow where 1 / e2 would.
     if (negative) c1 = i == 1 ? f_exp(2.0 * (a - log_2_over_x)) / (1.0 - w) : c1 * step;
-    f = di * f + even;
-    const Dual2 even_next = di * even + u * odd;
-    odd = di * odd + u * even;
-    even = even_next;
+    f = di * f + pq.even;
+    pq = pq.next(di, u);
     p = p * (di + u);
     p1 = p1 * (di + u);
     const Dual2 term = c * f;

@@ -181,55 +181,50 @@ LogBesselArgs cpu_args(const char* op, const at::Tensor& v, const at::Tensor& x)
   return log_bessel_args(op, v, x);
 }
 
+// kOuts outputs in the broadcast shape of (v, x), filled block by block by `range(v, x, outs,
+// m)` on doubles: the values (1), the first derivatives (2) or the second derivatives (3).
+template <int kOuts, typename Range>
+std::array<at::Tensor, kOuts> evaluate(const char* op, const at::Tensor& v, const at::Tensor& x, const Range& range) {
+  const LogBesselArgs args = cpu_args(op, v, x);
+  std::array<at::Tensor, kOuts> outs;
+  for (at::Tensor& out : outs) out = at::empty(args.v.sizes(), args.v.options());
+  if (outs[0].numel() == 0) return outs;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, outs[0].scalar_type(), "log_bessel", [&] {
+    std::array<scalar_t*, kOuts> ptrs;
+    for (int k = 0; k < kOuts; ++k) ptrs[k] = outs[k].template mutable_data_ptr<scalar_t>();
+    for_blocks<kOuts>(args.v.const_data_ptr<scalar_t>(), args.x.const_data_ptr<scalar_t>(), ptrs, outs[0].numel(),
+                      range);
+  });
+  return outs;
+}
+
 template <bool kK>
 at::Tensor forward(const at::Tensor& v, const at::Tensor& x) {
-  const LogBesselArgs args = cpu_args(kK ? "log_bessel_kv" : "log_bessel_iv", v, x);
-  at::Tensor out = at::empty(args.v.sizes(), args.v.options());
-  if (out.numel() == 0) return out;
   static const PackUnit& unit = pack_unit();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, out.scalar_type(), "log_bessel", [&] {
-    for_blocks<1>(args.v.const_data_ptr<scalar_t>(), args.x.const_data_ptr<scalar_t>(),
-                  {out.mutable_data_ptr<scalar_t>()}, out.numel(),
-                  [](const double* vb, const double* xb, const std::array<double*, 1>& o, int64_t m) {
-                    kK ? log_kv_range(vb, xb, o[0], m, unit) : log_iv_range(vb, xb, o[0], m, unit);
-                  });
-  });
-  return out;
+  return evaluate<1>(kK ? "log_bessel_kv" : "log_bessel_iv", v, x,
+                     [](const double* vb, const double* xb, const std::array<double*, 1>& o, int64_t m) {
+                       kK ? log_kv_range(vb, xb, o[0], m, unit) : log_iv_range(vb, xb, o[0], m, unit);
+                     })[0];
 }
 
 template <bool kK>
 std::tuple<at::Tensor, at::Tensor> grad(const at::Tensor& v, const at::Tensor& x) {
-  const LogBesselArgs args = cpu_args(kK ? "log_bessel_kv_grad" : "log_bessel_iv_grad", v, x);
-  at::Tensor d_dv = at::empty(args.v.sizes(), args.v.options());
-  at::Tensor d_dx = at::empty(args.v.sizes(), args.v.options());
-  if (d_dv.numel() == 0) return {d_dv, d_dx};
   static const PackUnit& unit = pack_unit();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, d_dv.scalar_type(), "log_bessel_grad", [&] {
-    for_blocks<2>(args.v.const_data_ptr<scalar_t>(), args.x.const_data_ptr<scalar_t>(),
-                  {d_dv.mutable_data_ptr<scalar_t>(), d_dx.mutable_data_ptr<scalar_t>()}, d_dv.numel(),
-                  [](const double* vb, const double* xb, const std::array<double*, 2>& o, int64_t m) {
-                    kK ? log_kv_grad_range(vb, xb, o[0], o[1], m, unit)
-                       : log_iv_grad_range(vb, xb, o[0], o[1], m, unit);
-                  });
-  });
+  const auto [d_dv, d_dx] = evaluate<2>(
+      kK ? "log_bessel_kv_grad" : "log_bessel_iv_grad", v, x,
+      [](const double* vb, const double* xb, const std::array<double*, 2>& o, int64_t m) {
+        kK ? log_kv_grad_range(vb, xb, o[0], o[1], m, unit) : log_iv_grad_range(vb, xb, o[0], o[1], m, unit);
+      });
   return {d_dv, d_dx};
 }
 
 template <bool kK>
 std::tuple<at::Tensor, at::Tensor, at::Tensor> hess(const at::Tensor& v, const at::Tensor& x) {
-  const LogBesselArgs args = cpu_args(kK ? "log_bessel_kv_hess" : "log_bessel_iv_hess", v, x);
-  at::Tensor d_vv = at::empty(args.v.sizes(), args.v.options());
-  at::Tensor d_vx = at::empty(args.v.sizes(), args.v.options());
-  at::Tensor d_xx = at::empty(args.v.sizes(), args.v.options());
-  if (d_vv.numel() == 0) return {d_vv, d_vx, d_xx};
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, d_vv.scalar_type(), "log_bessel_hess", [&] {
-    for_blocks<3>(args.v.const_data_ptr<scalar_t>(), args.x.const_data_ptr<scalar_t>(),
-                  {d_vv.mutable_data_ptr<scalar_t>(), d_vx.mutable_data_ptr<scalar_t>(),
-                   d_xx.mutable_data_ptr<scalar_t>()},
-                  d_vv.numel(), [](const double* vb, const double* xb, const std::array<double*, 3>& o, int64_t m) {
-                    kK ? log_kv_hess_range(vb, xb, o[0], o[1], o[2], m) : log_iv_hess_range(vb, xb, o[0], o[1], o[2], m);
-                  });
-  });
+  const auto [d_vv, d_vx, d_xx] = evaluate<3>(
+      kK ? "log_bessel_kv_hess" : "log_bessel_iv_hess", v, x,
+      [](const double* vb, const double* xb, const std::array<double*, 3>& o, int64_t m) {
+        kK ? log_kv_hess_range(vb, xb, o[0], o[1], o[2], m) : log_iv_hess_range(vb, xb, o[0], o[1], o[2], m);
+      });
   return {d_vv, d_vx, d_xx};
 }
 

@@ -935,9 +935,10 @@ FASTLOSS_CPU_INLINE void fused_rows(const acc_t* K, const acc_t* v, acc_t* col, 
 // reciprocal of its subnormal sum made the loss NaN (float64 rows, float32 columns) while
 // the eager formulation's subnormals gave a finite value. n_iter = 0: the plain exp(-W / eps).
 
-// r_i = min_k W_ik for rows [r0, r1).
+// One pass over rows [r0, r1): r_i = min_k W_ik, and c_j = min(c_j, W_ij - r_i) while the row
+// is in L1 (the caller starts c at +inf; minima merge exactly, in any order).
 template <typename acc_t>
-FASTLOSS_CPU_INLINE void row_minima(const acc_t* W, acc_t* r, int64_t B, int64_t r0, int64_t r1) {
+FASTLOSS_CPU_INLINE void shift_minima(const acc_t* W, acc_t* r, acc_t* c, int64_t B, int64_t r0, int64_t r1) {
   constexpr int L = kLanes<acc_t>;
   for (int64_t i = r0; i < r1; ++i) {
     const acc_t* w = W + i * B;
@@ -947,17 +948,9 @@ FASTLOSS_CPU_INLINE void row_minima(const acc_t* W, acc_t* r, int64_t B, int64_t
     for (; j + L <= B; j += L)
       for (int l = 0; l < L; ++l) neg[l] = fl_max(neg[l], -w[j + l]);
     for (int l = 0; j + l < B; ++l) neg[l] = fl_max(neg[l], -w[j + l]);
-    r[i] = -max_lanes<L>(neg);
-  }
-}
-
-// c_j = min_i (W_ij - r_i) for columns [c0, c1), rows streamed.
-template <typename acc_t>
-FASTLOSS_CPU_INLINE void column_minima(const acc_t* W, const acc_t* r, acc_t* c, int64_t B, int64_t c0, int64_t c1) {
-  for (int64_t j = c0; j < c1; ++j) c[j] = std::numeric_limits<acc_t>::infinity();
-  for (int64_t i = 0; i < B; ++i) {
-    const acc_t* w = W + i * B;
-    for (int64_t j = c0; j < c1; ++j) c[j] = fl_min(c[j], w[j] - r[i]);
+    const acc_t ri = -max_lanes<L>(neg);
+    r[i] = ri;
+    for (j = 0; j < B; ++j) c[j] = fl_min(c[j], w[j] - ri);
   }
 }
 
@@ -1008,12 +1001,8 @@ FASTLOSS_CPU_INLINE void kernel_rows(const acc_t* W, const acc_t* r, const acc_t
                                                  T* col, int64_t B, int64_t r0, int64_t r1) {                \
     fused_rows(K, u, col, B, r0, r1, [&](int64_t i, T d) { return w[i] = -(x_bar[i] + d) * x[i] * x[i]; });  \
   }                                                                                                          \
-  FASTLOSS_CPU_CLONES void row_minima_entry(const T* W, T* r, int64_t B, int64_t r0, int64_t r1) {         \
-    row_minima(W, r, B, r0, r1);                                                                             \
-  }                                                                                                          \
-  FASTLOSS_CPU_CLONES void column_minima_entry(const T* W, const T* r, T* c, int64_t B, int64_t c0,         \
-                                               int64_t c1) {                                                 \
-    column_minima(W, r, c, B, c0, c1);                                                                       \
+  FASTLOSS_CPU_CLONES void shift_minima_entry(const T* W, T* r, T* c, int64_t B, int64_t r0, int64_t r1) {  \
+    shift_minima(W, r, c, B, r0, r1);                                                                        \
   }                                                                                                          \
   FASTLOSS_CPU_CLONES void kernel_entry(const T* W, const T* r, const T* c, T* K, T inv_eps, int64_t B,      \
                                         int64_t r0, int64_t r1) {                                            \
@@ -1040,13 +1029,17 @@ void matvec_t(const acc_t* K, const acc_t* v, acc_t* out, int64_t B) {
     matvec_t_entry(K, v, out, B, b, e);
   });
 }
-// col = the column sums of a fused_rows pass, `rows(col, r0, r1)`: serial for small B (as
-// matvec), else split into ranges of ~64 rows (fine enough to balance the threads), each with
-// its own column sums, run in parallel and added in a fixed order (so the results do not
+// How many row ranges a pass over a B x B matrix takes: 1 (serial) for small B (as matvec),
+// else ranges of ~64 rows (fine enough to balance the threads), at most 64.
+inline int64_t row_parts(int64_t B) {
+  return B * B <= kSerialMatvecMax ? 1 : std::min<int64_t>((B + 63) / 64, 64);
+}
+// col = the column sums of a fused_rows pass, `rows(col, r0, r1)`: row_parts(B) ranges, each
+// with its own column sums, run in parallel and added in a fixed order (so the results do not
 // depend on the thread count).
 template <typename acc_t, typename Rows>
 void fused_pass(int64_t B, acc_t* col, const Rows& rows) {
-  const int64_t parts = B * B <= kSerialMatvecMax ? 1 : std::min<int64_t>((B + 63) / 64, 64);
+  const int64_t parts = row_parts(B);
   if (parts == 1) {
     std::fill(col, col + B, acc_t(0));
     rows(col, int64_t(0), B);
@@ -1070,18 +1063,27 @@ void kernel_matrix(const acc_t* W, acc_t* K, acc_t inv_eps, int64_t B, int64_t n
     if (y0 != nullptr) std::fill(y0, y0 + B, acc_t(1));
     return;
   }
-  std::vector<acc_t> r(B), c(B);
-  at::parallel_for(0, B, grain_for(B), [&](int64_t r0, int64_t r1) { row_minima_entry(W, r.data(), B, r0, r1); });
-  at::parallel_for(0, B, std::max<int64_t>(256, grain_for(B)), [&](int64_t c0, int64_t c1) {
-    column_minima_entry(W, r.data(), c.data(), B, c0, c1);
+  // The minima in one pass over W: row ranges as fused_pass's, each with its own column
+  // minima, merged after.
+  const int64_t parts = row_parts(B);
+  std::vector<acc_t> r(B), partial(parts * B, std::numeric_limits<acc_t>::infinity());
+  at::parallel_for(0, parts, 1, [&](int64_t b, int64_t e) {
+    for (int64_t t = b; t < e; ++t) {
+      shift_minima_entry(W, r.data(), partial.data() + t * B, B, B * t / parts, B * (t + 1) / parts);
+    }
   });
+  for (int64_t t = 1; t < parts; ++t)
+    for (int64_t j = 0; j < B; ++j) partial[j] = fl_min(partial[j], partial[t * B + j]);
+  const acc_t* c = partial.data();
   at::parallel_for(0, B, grain_for(B), [&](int64_t r0, int64_t r1) {
-    kernel_entry(W, static_cast<const acc_t*>(r.data()), static_cast<const acc_t*>(c.data()), K, inv_eps, B, r0, r1);
+    kernel_entry(W, static_cast<const acc_t*>(r.data()), c, K, inv_eps, B, r0, r1);
   });
   if (y0 != nullptr) {
     for (int64_t j = 0; j < B; ++j) y0[j] = exp_with_subnormals(-c[j] * inv_eps);
   }
-}// Row tiles of kRowTile rows per task (the cdist kernels work on whole tiles); a tile
+}
+
+// Row tiles of kRowTile rows per task (the cdist kernels work on whole tiles); a tile
 // touches kRowTile x S x C elements.
 template <typename F>
 void for_row_tiles(int64_t R, int64_t S, int64_t C, const F& f) {
