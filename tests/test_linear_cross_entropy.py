@@ -922,7 +922,68 @@ def test_transformers_patch_uses_fastloss(monkeypatch):
     fl_transformers.patch(model)
     ids = torch.randint(0, 600, (1, 8))
     model(input_ids=ids, labels=ids)
-    assert len(calls) == 1 and calls[0]["shift"] is True
+    assert len(calls) == 1
+
+
+def test_transformers_patch_logits_to_keep_tensors():
+    """Every form of logits_to_keep the installed transformers accepts: 1-D positions, and
+    (where it has slice_logits_to_keep) per-sequence positions and a boolean mask whose kept
+    positions are flattened (packed sequences; labels or shift_labels of the kept length)."""
+    import fastloss.integrations.transformers as fl_transformers
+    transformers = pytest.importorskip("transformers")
+
+    model = tiny_causal_lm("llama")
+    g = torch.Generator().manual_seed(6)
+    ids = torch.randint(0, 600, (2, 12), generator=g)
+    calls = [dict(logits_to_keep=torch.tensor([1, 4, 7, 8]), labels=ids[:, [1, 4, 7, 8]])]
+    if hasattr(transformers.modeling_utils, "slice_logits_to_keep"):
+        positions = torch.tensor([[1, 4, 7], [0, 2, 9]])
+        mask = torch.rand(2, 12, generator=g) < 0.5
+        kept = ids[mask]
+        calls += [dict(logits_to_keep=positions, labels=torch.take_along_dim(ids, positions, 1)),
+                  dict(logits_to_keep=mask, labels=kept),
+                  dict(logits_to_keep=mask, labels=kept, shift_labels=kept.roll(-1))]
+    refs = [hf_loss_and_grads(model, input_ids=ids, **kw) for kw in calls]
+    fl_transformers.patch(model)
+    for kw, (ref, ref_grads) in zip(calls, refs):
+        out, grads = hf_loss_and_grads(model, input_ids=ids, **kw)
+        assert out.logits is None
+        torch.testing.assert_close(out.loss, ref.loss, rtol=1e-5, atol=1e-6)
+        for name in grads:
+            torch.testing.assert_close(grads[name], ref_grads[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_transformers_patch_keeps_what_it_does_not_reproduce():
+    """A softcap key in a config whose model ignores it is ignored; a head whose instance forward
+    was replaced (as accelerate's hooks do) and a user-assigned loss_function run unchanged."""
+    import types
+
+    import fastloss.integrations.transformers as fl_transformers
+    transformers = pytest.importorskip("transformers")
+
+    config = transformers.LlamaConfig(vocab_size=600, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                      num_attention_heads=2, num_key_value_heads=1, final_logit_softcapping=3.0)
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(config).float()
+    with torch.no_grad():
+        model.lm_head.weight.mul_(100)  # logits far beyond the cap: a softcap would show
+    ids = torch.randint(0, 600, (2, 10), generator=torch.Generator().manual_seed(7))
+    ref = model(input_ids=ids, labels=ids).loss
+    fl_transformers.patch(model)
+    out = model(input_ids=ids, labels=ids)
+    assert out.logits is None
+    torch.testing.assert_close(out.loss, ref, rtol=1e-5, atol=1e-5)
+
+    plain = model.lm_head.forward
+    model.lm_head.forward = types.MethodType(lambda self, x: plain(x) * 0.5, model.lm_head)
+    doubled = model(input_ids=ids, labels=ids)
+    assert doubled.logits is not None and not torch.allclose(doubled.loss, ref)
+    del model.lm_head.forward
+
+    if hasattr(type(model), "loss_function"):
+        model.loss_function = lambda logits, labels, vocab_size, **kw: torch.zeros((), requires_grad=True)
+        custom = model(input_ids=ids, labels=ids)
+        assert custom.logits is not None and custom.loss.item() == 0.0
 
 
 # --------------------------------------------------------------------------------------------
@@ -965,6 +1026,24 @@ def _vocab_parallel_worker(rank, world, init_file):
                                                           leaf)[0], rtol=1e-12, atol=1e-13)
         with pytest.raises(NotImplementedError, match="process_group"):
             torch.autograd.grad(g.sum(), leaf)
+        # Heads split differently over one group, one after another (a rank's own slice size
+        # recurs with other splits), and an empty slice on a rank.
+        for split in ([15, 22], [10, 30], [15, 30], [0, 37], [37, 0]):
+            h, c, t, b = make_inputs((2, 5), 8, sum(split), torch.float64, "cpu", bias=True, seed=sum(split))
+            start, size = sum(split[:rank]), split[rank]
+            options = {"softcap": 5.0, "label_smoothing": 0.1, "z_loss": 1e-3, "filter_eps": None}
+            (loss, grads) = grads_of(lambda *a: fastloss.linear_cross_entropy(a[0], a[1], t, a[2], **options), [h, c, b])
+            (loss_p, grads_p) = grads_of(lambda *a: fastloss.linear_cross_entropy(
+                a[0], a[1], t, a[2], process_group=dist.group.WORLD, **options), [h, c[start:start + size],
+                                                                                 b[start:start + size]])
+            torch.testing.assert_close(loss_p, loss, rtol=1e-12, atol=1e-13)
+            torch.testing.assert_close(grads_p[0], grads[0], rtol=1e-12, atol=1e-13)
+            torch.testing.assert_close(grads_p[1], grads[1][start:start + size], rtol=1e-12, atol=1e-13)
+            torch.testing.assert_close(grads_p[2], grads[2][start:start + size], rtol=1e-12, atol=1e-13)
+        # A target beyond the vocabulary raises on every rank, the one with an empty slice too.
+        t[0, 0] = 37
+        with pytest.raises(IndexError, match=r"must be in \[0, 37\)"):
+            fastloss.linear_cross_entropy(h, c[:37] if rank else c[:0], t, process_group=dist.group.WORLD)
     finally:
         dist.destroy_process_group()
 

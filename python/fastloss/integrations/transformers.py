@@ -9,8 +9,9 @@ Patches a model instance in place (no global monkey-patching of transformers cla
   OLMo 2, StarCoder2, StableLM, GLM, SmolLM3, Granite, Cohere): when ``labels`` are given, the
   training loss is :func:`fastloss.linear_cross_entropy` of the final hidden states and the
   LM head (with Gemma 2/3's final-logit softcap, and Granite's and Cohere's logit scaling), so
-  the logits are never materialized; the output's ``logits`` is then None. Without labels the
-  model runs unchanged.
+  the logits are never materialized; the output's ``logits`` is then None. Without labels,
+  under ``torch.no_grad()``, with a wrapped head or a loss_function of the user's, the model
+  runs unchanged.
 
 Numerics: transformers computes PhiInv(sparsity) in float32 and rounds it to the activation
 dtype, and takes the row statistics in that dtype; fastloss uses the double-precision
@@ -70,6 +71,9 @@ _CAUSAL_LM_CLASSES = ("LlamaForCausalLM", "MistralForCausalLM", "MinistralForCau
                       "Phi3ForCausalLM", "PhiForCausalLM", "Olmo2ForCausalLM", "Starcoder2ForCausalLM",
                       "StableLmForCausalLM", "GlmForCausalLM", "SmolLM3ForCausalLM", "GraniteForCausalLM",
                       "CohereForCausalLM")
+# The classes whose forward applies config.final_logit_softcapping (other configs may carry the
+# key without their model using it).
+_SOFTCAP_CLASSES = ("Gemma2ForCausalLM", "Gemma3ForCausalLM")
 
 
 def _logit_scale(model) -> float:
@@ -82,9 +86,34 @@ def _logit_scale(model) -> float:
 
 
 def _head_is_plain_linear(head) -> bool:
-    # A head wrapped later (LoRA adapters, FSDP or tensor-parallel hooks) must run as a module:
-    # reading its .weight directly would skip what the wrapper adds.
-    return (type(head) is torch.nn.Linear and not head._forward_hooks and not head._forward_pre_hooks)
+    # A head wrapped later (LoRA adapters, FSDP or tensor-parallel hooks, accelerate's hooks that
+    # replace the instance's forward) must run as a module: reading its .weight directly would
+    # skip what the wrapper adds.
+    return (type(head) is torch.nn.Linear and not head._forward_hooks and not head._forward_pre_hooks
+            and "forward" not in vars(head))
+
+
+def _uses_causal_lm_loss(model) -> bool:
+    """Whether the model's loss is transformers' ForCausalLMLoss, which the patch reproduces (a
+    loss_function assigned by the user, or another config.loss_type, runs unchanged)."""
+    try:
+        from transformers.loss.loss_utils import ForCausalLMLoss
+    except ImportError:  # a transformers from before loss_function: the loss is inline
+        return True
+    return getattr(model, "loss_function", ForCausalLMLoss) is ForCausalLMLoss
+
+
+def _keep_positions(hidden: torch.Tensor, logits_to_keep) -> torch.Tensor:
+    """The positions whose logits the model would compute, as transformers selects them: an int
+    keeps the last ``logits_to_keep`` (0: all), a 1-D tensor these positions, and (where the
+    installed transformers has slice_logits_to_keep) a 2-D integer tensor per-sequence positions
+    or a 2-D boolean mask the True positions, flattened."""
+    try:
+        from transformers.modeling_utils import slice_logits_to_keep
+    except ImportError:
+        keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
+        return hidden[:, keep, :]
+    return slice_logits_to_keep(hidden, logits_to_keep)
 
 
 def _call_arguments(signature: inspect.Signature, args, kwargs) -> dict:
@@ -102,9 +131,10 @@ def _call_arguments(signature: inspect.Signature, args, kwargs) -> dict:
 def _causal_lm_forward(self, *args, **kwargs):
     call = _call_arguments(self._fastloss_forward_signature, args, kwargs)
     labels = call.pop("labels", None)
-    # Without labels, without autograd (evaluation wants the logits for its metrics), or with a
-    # wrapped head, the model runs unchanged.
-    if labels is None or not torch.is_grad_enabled() or not _head_is_plain_linear(self.lm_head):
+    # Without labels, without autograd (evaluation wants the logits for its metrics), with a
+    # wrapped head or another loss function, the model runs unchanged.
+    if (labels is None or not torch.is_grad_enabled() or not _head_is_plain_linear(self.lm_head)
+            or not _uses_causal_lm_loss(self)):
         return self._fastloss_original_forward(*args, **kwargs)
     from transformers.modeling_outputs import CausalLMOutputWithPast
 
@@ -118,20 +148,21 @@ def _causal_lm_forward(self, *args, **kwargs):
         return_dict = getattr(self.config, "return_dict", True)
     outputs = self.model(return_dict=True, **call)
     hidden = outputs.last_hidden_state
-    # Like transformers: keep the last `logits_to_keep` positions (0: all), or an index tensor.
-    keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
-    hidden = hidden[:, keep, :]
+    hidden = _keep_positions(hidden, logits_to_keep)
     head = self.lm_head
     bias = getattr(head, "bias", None)
     scale = _logit_scale(self)
     if scale != 1.0:  # (h W^T + b) s = (s h) W^T + s b
         hidden = hidden * scale
         bias = None if bias is None else bias * scale
-    targets = (labels if shift_labels is None else shift_labels).to(hidden.device)
+    # As ForCausalLMLoss: labels shift by one along their last dim (the last position predicts
+    # nothing), then tokens and targets are flattened, whatever shapes logits_to_keep left.
+    if shift_labels is None:
+        shift_labels = torch.nn.functional.pad(labels, (0, 1), value=ignore_index)[..., 1:]
+    softcap = getattr(self.config, "final_logit_softcapping", None) if type(self).__name__ in _SOFTCAP_CLASSES else None
     loss = linear_cross_entropy(
-        hidden, head.weight, targets, bias, ignore_index=ignore_index,
-        reduction="mean" if num_items_in_batch is None else "sum",
-        softcap=getattr(self.config, "final_logit_softcapping", None), shift=shift_labels is None)
+        hidden.reshape(-1, hidden.shape[-1]), head.weight, shift_labels.reshape(-1).to(hidden.device), bias,
+        ignore_index=ignore_index, reduction="mean" if num_items_in_batch is None else "sum", softcap=softcap)
     if num_items_in_batch is not None:
         if torch.is_tensor(num_items_in_batch):
             num_items_in_batch = num_items_in_batch.to(loss.device)
@@ -168,8 +199,9 @@ def patch(model: torch.nn.Module) -> torch.nn.Module:
     the training loss of the causal LMs listed in the module docstring (cut
     cross-entropy: no logits when ``labels`` are given with autograd on; a batch whose labels
     are all ignored gets loss 0 and zero gradients where transformers gives NaN). Under
-    ``torch.no_grad()`` (evaluation) and for a wrapped ``lm_head`` (e.g. LoRA on the head) the
-    model runs unchanged and returns its logits.
+    ``torch.no_grad()`` (evaluation), for a wrapped ``lm_head`` (e.g. LoRA on the head) and
+    with a ``loss_function`` assigned by the user the model runs unchanged and returns its
+    logits. ``logits_to_keep`` takes every form transformers accepts (int, positions, mask).
     """
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"fastloss.integrations.transformers.patch: expected a torch.nn.Module, got "

@@ -7,7 +7,7 @@ from __future__ import annotations
 import math
 import numbers
 import sys
-from typing import Dict, List, Literal, Optional, Tuple, Union, overload
+from typing import List, Literal, Optional, Tuple, Union, overload
 
 import torch
 
@@ -514,27 +514,39 @@ def _backward_vmap(info, in_dims, grad_loss, grad_lse, hidden, classifier, targe
 # Vocabulary-parallel (Megatron-style): each rank holds a contiguous slice of the classifier.
 
 
-_vocab_ranges: Dict[tuple, Tuple[int, int]] = {}
-
-
 def _vocab_range(classifier: torch.Tensor, group) -> Tuple[int, int]:
     """(first vocabulary row of this rank, vocabulary size), from every rank's slice size.
 
-    Gathering the sizes costs a collective and a host synchronization, so the answer is kept
-    per (group, slice size, device): training loops pay it once."""
+    One all_gather of an int64 per call (and a host synchronization to read it). Not cached:
+    a rank cannot tell from its own slice whether the others' changed (two heads split
+    differently over one group), and ranks that disagreed on whether to gather would deadlock."""
     import torch.distributed as dist
 
-    key = (id(group), classifier.shape[0], str(classifier.device))
-    cached = _vocab_ranges.get(key)
-    if cached is not None:
-        return cached
     world, rank = dist.get_world_size(group), dist.get_rank(group)
     local = torch.tensor([classifier.shape[0]], dtype=torch.int64, device=classifier.device)
     gathered = [torch.empty_like(local) for _ in range(world)]
     dist.all_gather(gathered, local, group=group)
     sizes: List[int] = [int(s.item()) for s in gathered]
-    _vocab_ranges[key] = (sum(sizes[:rank]), sum(sizes))
-    return _vocab_ranges[key]
+    if sum(sizes) == 0:
+        raise ValueError("fastloss.linear_cross_entropy: the classifier slices of the process group hold no "
+                         "vocabulary rows")
+    return sum(sizes[:rank]), sum(sizes)
+
+
+def _check_shard_targets(targets: torch.Tensor, ignore_index: int, vocab_total: int) -> None:
+    """The shard op's target check, for a rank whose slice is empty and skips the op: every rank
+    must raise alike, or the others would wait in the all-reduce."""
+    t = targets.long()
+    bad = (t != ignore_index) & ((t < 0) | (t >= vocab_total))
+    message = (f"fastloss.linear_cross_entropy: 'targets' must be in [0, {vocab_total}) or equal ignore_index "
+               f"({ignore_index})")
+    if t.device.type == "cpu" and not torch.compiler.is_compiling():
+        if bool(bad.any()):
+            flat = int(bad.nonzero()[0])
+            raise IndexError(f"{message}, got {int(t[flat])} at position {flat} of the flattened targets (the "
+                             f"caller's position {flat + 1} if called with shift=True, which passes them shifted)")
+    else:
+        torch._assert_async(~bad.any(), message + " (device-side check)")
 
 
 class _VocabParallel(torch.autograd.Function):
@@ -544,8 +556,14 @@ class _VocabParallel(torch.autograd.Function):
         import torch.distributed as dist
 
         vocab_start, vocab_total = _vocab_range(classifier, group)
-        lse_local, linear = torch.ops.fastloss.linear_cross_entropy_shard.default(
-            hidden, classifier, targets, bias, ignore_index, softcap, label_smoothing, vocab_start, vocab_total)
+        if classifier.shape[0] > 0:
+            lse_local, linear = torch.ops.fastloss.linear_cross_entropy_shard.default(
+                hidden, classifier, targets, bias, ignore_index, softcap, label_smoothing, vocab_start, vocab_total)
+        else:  # an empty slice: no exponentials (LSE -inf), no target or smoothing terms
+            _check_shard_targets(targets, ignore_index, vocab_total)
+            acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+            lse_local = hidden.new_full(targets.shape, float("-inf"), dtype=acc)
+            linear = hidden.new_zeros(targets.shape, dtype=acc)
         # The whole vocabulary's LSE from the shards': max, then the sum of rescaled exponentials.
         shift = lse_local.clone()
         dist.all_reduce(shift, op=dist.ReduceOp.MAX, group=group)
@@ -571,11 +589,16 @@ class _VocabParallel(torch.autograd.Function):
         # The all-reduce below is not differentiable.
         hidden, classifier, bias, lse, grad_loss, grad_lse = refuse_second_derivative(
             "fastloss.linear_cross_entropy", "with a process_group", hidden, classifier, bias, lse, grad_loss, grad_lse)
-        dh, dc, db = torch.ops.fastloss.linear_cross_entropy_backward.default(
-            grad_loss.to(lse.dtype).contiguous(), None if grad_lse is None else grad_lse.to(lse.dtype).contiguous(),
-            hidden, classifier, targets, bias, lse, ignore_index, softcap, label_smoothing, z_loss, filter_eps,
-            [True, ctx.needs_input_grad[1], ctx.has_bias and ctx.needs_input_grad[3]], vocab_start, vocab_total,
-            deterministic)
+        if classifier.shape[0] > 0:
+            dh, dc, db = torch.ops.fastloss.linear_cross_entropy_backward.default(
+                grad_loss.to(lse.dtype).contiguous(),
+                None if grad_lse is None else grad_lse.to(lse.dtype).contiguous(),
+                hidden, classifier, targets, bias, lse, ignore_index, softcap, label_smoothing, z_loss, filter_eps,
+                [True, ctx.needs_input_grad[1], ctx.has_bias and ctx.needs_input_grad[3]], vocab_start, vocab_total,
+                deterministic)
+        else:
+            dh, dc, db = torch.zeros_like(hidden), torch.zeros_like(classifier), \
+                None if bias is None else torch.zeros_like(bias)
         # Every rank takes part in the all-reduce, whichever gradients it needs.
         dist.all_reduce(dh, op=dist.ReduceOp.SUM, group=ctx.group)
         return (dh if ctx.needs_input_grad[0] else None), (dc if ctx.needs_input_grad[1] else None), None, \
