@@ -559,6 +559,45 @@ def test_bad_input(device):
                 fn(cost, a * 1.5, b, eps=0.1)
             with pytest.raises(RuntimeError, match="'b' to be finite and >= 0"):
                 fn(cost, a, torch.full_like(b, math.nan), eps=0.1)
+        # Masses a float32 rounding apart print apart.
+        with pytest.raises(RuntimeError, match=r"got 1.00000010000000\d* and 1 in problem 0 \(relative difference"):
+            fastloss.sinkhorn(cost[0], a[0] * (1 + 1e-7), eps=0.1)
+    with pytest.raises(ValueError, match=r"'max_iter' to be an int in \[0, 2\*\*63\)"):
+        fastloss.sinkhorn(cost, eps=0.1, max_iter=2**63)
+
+
+def test_unrolled_invalid_marginals_give_nan_where_unchecked(device):
+    """Compiled or vmapped (no value-dependent check possible), the unrolled value of a problem
+    with invalid marginals is NaN, as the kernels' on CUDA; valid problems are unaffected."""
+    cost, a, b = random_problem(2, 5, 4, seed=16, device=device)
+    value = lambda c, a: fastloss.sinkhorn_cost(c, a, b[0], eps=0.1, grad="unrolled", max_iter=30)
+    compiled = torch.compile(value, fullgraph=True)
+    good = a[0]
+    expected = value(cost, good)
+    torch.testing.assert_close(compiled(cost, good), expected)
+    for bad in (torch.tensor([0.5, 0.5, 0.25, -0.25, 0.0]), torch.full((5,), 0.4),
+                torch.tensor([0.5, 0.5, math.nan, 0.0, 0.0])):
+        bad = bad.to(device=device, dtype=cost.dtype)
+        assert torch.isnan(compiled(cost, bad)).all()
+        assert torch.isnan(torch.func.vmap(lambda c: value(c, bad))(cost)).all()
+    assert torch.isfinite(torch.func.vmap(lambda c: value(c, good))(cost)).all()
+
+
+@pytest.mark.parametrize("grad", ["envelope", "unrolled"])
+def test_starting_iterate_never_meets_tol(device, grad):
+    """At eps far above the cost scale the starting plan a b^T exp(-C / eps) is nearly a b^T: its
+    row error can meet a loose tol, but its columns are not normalized (and its value is 0). One
+    iteration at least runs, as in POT."""
+    cost = torch.rand(64, 64, generator=torch.Generator().manual_seed(17), dtype=torch.float64).to(device)
+    r = fastloss.sinkhorn(cost, eps=10.0, tol=0.1)
+    assert r.n_iter.item() >= 1
+    assert (r.plan.sum(0) - 1 / 64).abs().max() < 1e-12
+    converged = fastloss.sinkhorn_cost(cost, eps=10.0, tol=1e-13, max_iter=10000)
+    c = cost.clone().requires_grad_()
+    loose = fastloss.sinkhorn_cost(c, eps=10.0, tol=0.1, max_iter=20, grad=grad)
+    torch.testing.assert_close(loose, converged, rtol=0.02, atol=0)
+    (dc,) = torch.autograd.grad(loose, c)
+    torch.testing.assert_close(dc.sum(), torch.ones((), dtype=dc.dtype, device=device), rtol=1e-6, atol=0)
 
 
 @pytest.mark.cuda

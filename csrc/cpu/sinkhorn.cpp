@@ -37,7 +37,10 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <iomanip>
 #include <limits>
+#include <sstream>
+#include <string>
 #include <type_traits>
 #include <vector>
 
@@ -412,7 +415,10 @@ void absorb(acc_t* pot, acc_t* s, int64_t count) {
 // its own column accumulators, summed afterwards in a fixed order; `parallel` runs the ranges
 // (and the final plan pass) on the threads, with the same arithmetic as running them in turn.
 // The loop ends when the error of the current iterate is <= tol (or NaN), or after max_iter
-// iterations; the returned potentials are those whose error was measured.
+// iterations; the returned potentials are those whose error was measured. The starting
+// iterate (u = v = 0) is returned only for max_iter = 0, never for meeting tol: its columns
+// are not normalized, and the row error alone said nothing of them (a large eps met a loose
+// tol there and returned a value of 0).
 template <typename acc_t>
 void solve(const Problem<acc_t>& p, int64_t max_iter, acc_t tol, bool parallel, const Outputs<acc_t>& out) {
   const int64_t n = p.n, m = p.m;
@@ -468,7 +474,7 @@ void solve(const Problem<acc_t>& p, int64_t max_iter, acc_t tol, bool parallel, 
       });
     }
     err = p.norm.finish(err);
-    if (it == max_iter || err <= tol || err != err) break;
+    if (it == max_iter || (it > 0 && err <= tol) || err != err) break;
     if (scaled) {
       std::swap(x, x_new);
     } else {
@@ -556,6 +562,13 @@ void solve_batch(const acc_t* cost, const acc_t* a, const acc_t* b, const acc_t*
   }
 }
 
+// A mass in a message: every digit, as masses a tolerance apart print alike with six.
+std::string all_digits(double x) {
+  std::ostringstream s;
+  s << std::setprecision(17) << x;
+  return s.str();
+}
+
 // Checks the marginals' values (the CUDA path cannot without a host sync; there an invalid
 // problem comes back as NaN instead).
 void check_marginals(const at::Tensor& a, const at::Tensor& b, double mass_tol) {
@@ -576,8 +589,8 @@ void check_marginals(const at::Tensor& a, const at::Tensor& b, double mass_tol) 
     TORCH_CHECK(sa > 0 && sb > 0, "fastloss.sinkhorn: expected 'a' and 'b' to have positive total mass, got ", sa,
                 " and ", sb, " in problem ", k);
     TORCH_CHECK(std::abs(sa - sb) <= mass_tol * std::max(sa, sb), "fastloss.sinkhorn: expected 'a' and 'b' to have ",
-                "the same total mass (balanced OT), got ", sa, " and ", sb, " in problem ", k,
-                " (relative tolerance ", mass_tol, ")");
+                "the same total mass (balanced OT), got ", all_digits(sa), " and ", all_digits(sb), " in problem ", k,
+                " (relative difference ", std::abs(sa - sb) / std::max(sa, sb), ", tolerance ", mass_tol, ")");
   }
 }
 

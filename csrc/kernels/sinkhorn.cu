@@ -243,7 +243,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm) sinkhorn_block_kern
       }
     }
     err = norm.finish(block_allreduce<kThreads>(err_part, norm, red));  // uniform across the block
-    if (it == p.max_iter || err <= p.tol || err != err) break;
+    if (it == p.max_iter || (it > 0 && err <= p.tol) || err != err) break;  // as on the CPU: never the start
     T* t = u;
     u = u_new;
     u_new = t;
@@ -420,7 +420,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm) sinkhorn_grid_kerne
     if (threadIdx.x == 0) w.block_part[blockIdx.x] = err_part;
     grid.sync();
     err = norm.finish(grid_total(w.block_part, gridDim.x, norm, red + kWarps + 1));
-    if (it == p.max_iter || err <= p.tol || err != err) break;  // uniform across the grid
+    if (it == p.max_iter || (it > 0 && err <= p.tol) || err != err) break;  // uniform across the grid
     T* t = u;
     u = u_new;
     u_new = t;

@@ -63,8 +63,8 @@ def _check_positive(name: str, arg: str, value) -> float:
 
 def _check_count(name: str, arg: str, value) -> int:
     _check_number(name, arg, value, numbers.Integral, "an int")
-    if value < 0:
-        raise ValueError(f"fastloss.{name}: expected '{arg}' to be an int >= 0, got {value!r}")
+    if not 0 <= value < 2**63:  # the ops take an int64
+        raise ValueError(f"fastloss.{name}: expected '{arg}' to be an int in [0, 2**63), got {value!r}")
     return int(value)
 
 
@@ -131,9 +131,10 @@ def sinkhorn(
         a, b: marginals of shape (n,) / (m,) (shared by every problem) or (B, n) / (B, m);
             uniform when None. Entries must be >= 0 (zeros allowed) with sum(a) == sum(b).
         eps: entropic regularization (> 0), in the units of the cost.
-        max_iter: at most this many iterations per problem (each a row and a column update).
+        max_iter: at most this many iterations per problem (each a row and a column update);
+            0 returns the starting plan a b^T exp(-C / eps).
         tol: each problem stops independently once ||P 1 - a|| <= tol (checked every
-            iteration at no extra cost).
+            iteration at no extra cost), after at least one iteration.
         error_norm: the norm of that stopping rule: 1 (default, the strictest), 2 (as POT's
             solvers) or math.inf (the largest entry).
 
@@ -204,6 +205,7 @@ def _unrolled_value(cost, a, b, eps, max_iter, tol, error_norm):
     # (The marginal checks branch on values, which torch.func.vmap cannot do.)
     if not torch.compiler.is_compiling() and a.device.type == "cpu" and not vmap_active():
         _check_marginals(a.detach(), b.detach())
+    valid = _marginals_valid(a, b)
     acc = _acc_dtype(cost.dtype)
     a = a.to(acc)
     b = b.to(acc)
@@ -223,7 +225,8 @@ def _unrolled_value(cost, a, b, eps, max_iter, tol, error_norm):
         row_ratio = torch.exp(u - u_new)  # row marginal / a under the current (u, v)
         terms = torch.where(a > 0, a * (row_ratio - 1).abs(), torch.zeros_like(a))
         err = torch.linalg.vector_norm(terms, ord=error_norm, dim=1)
-        active = active & ~(err <= tol)
+        if it > 0:  # as the kernels: the starting iterate never meets tol
+            active = active & ~(err <= tol)
         if it == max_iter:
             if max_iter == 0:
                 # The starting potentials are measured: tie them to the inputs through a select
@@ -235,8 +238,21 @@ def _unrolled_value(cost, a, b, eps, max_iter, tol, error_norm):
         v = torch.where(active[:, None], v_new, v)
     zero = torch.zeros((), dtype=acc, device=a.device)
     value = (torch.where(a > 0, a * u, zero).sum(1) + torch.where(b > 0, b * v, zero).sum(1)) * eps
-    # A NaN error (a NaN or -inf cost) gives a NaN value, as in the kernels.
-    return torch.where(torch.isnan(err), torch.full((), math.nan, dtype=acc, device=a.device), value)
+    # A NaN error (a NaN or -inf cost) gives a NaN value, as in the kernels; so do invalid
+    # marginals where they could not be checked (compiled, vmapped, CUDA).
+    return torch.where(torch.isnan(err) | ~valid, torch.full((), math.nan, dtype=acc, device=a.device), value)
+
+
+def _mass_tolerance(a: torch.Tensor, b: torch.Tensor) -> float:
+    return max(torch.finfo(a.dtype).eps, torch.finfo(b.dtype).eps) ** 0.5
+
+
+def _marginals_valid(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Per problem, whether a and b pass _check_marginals' tests, as a (B,) tensor (no branch
+    on values: usable compiled and under vmap)."""
+    entries_ok = (torch.isfinite(a) & (a >= 0)).all(1) & (torch.isfinite(b) & (b >= 0)).all(1)
+    sa, sb = a.double().sum(1), b.double().sum(1)
+    return entries_ok & (sa > 0) & (sb > 0) & ((sa - sb).abs() <= _mass_tolerance(a, b) * torch.maximum(sa, sb))
 
 
 def _check_marginals(a: torch.Tensor, b: torch.Tensor) -> None:
@@ -247,7 +263,7 @@ def _check_marginals(a: torch.Tensor, b: torch.Tensor) -> None:
             idx = tuple(int(i) for i in bad.nonzero()[0])
             raise RuntimeError(f"fastloss.sinkhorn: expected '{name}' to be finite and >= 0, got {name}{list(idx)} = {x[idx].item()}")
     sa, sb = a.double().sum(1), b.double().sum(1)
-    tol = max(torch.finfo(a.dtype).eps, torch.finfo(b.dtype).eps) ** 0.5
+    tol = _mass_tolerance(a, b)
     if not ((sa > 0) & (sb > 0)).all():
         raise RuntimeError("fastloss.sinkhorn: expected 'a' and 'b' to have positive total mass")
     if ((sa - sb).abs() > tol * torch.maximum(sa, sb)).any():
