@@ -410,6 +410,10 @@ def test_distribution_shapes_expand_and_validation():
     torch.testing.assert_close(wide.entropy(), dist.entropy().expand(4, 2))
     with pytest.raises(ValueError, match="'concentration' to be finite"):
         VonMisesFisher(loc, math.inf, validate_args=True)
+    # Only a concentration of shape loc.shape[:-1] + (1,) is read as one per row; others broadcast.
+    loc3 = torch.nn.functional.normalize(torch.randn(3, 4, dtype=torch.float64), dim=-1)
+    assert VonMisesFisher(loc3, torch.ones(5, 1, dtype=torch.float64)).batch_shape == (5, 3)
+    assert VonMisesFisher(loc3[:1], torch.ones(5, 1, dtype=torch.float64)).batch_shape == (5, 1)
     with pytest.raises(ValueError, match="support"):
         dist.log_prob(torch.tensor([2.0, 0, 0], dtype=torch.float64))
     with pytest.raises(ValueError, match="infinite"):
@@ -526,6 +530,52 @@ def test_float32_sampling_at_large_concentration(p, kappa):
     assert x.dtype == torch.float32 and torch.isfinite(x).all()
     torch.testing.assert_close(x.norm(dim=-1), torch.ones(64), rtol=1e-6, atol=1e-6)
     assert (x[:, 0] > 0.999).all()
+
+
+@pytest.mark.parametrize("p", [3, 64])
+@pytest.mark.parametrize("kappa", [1e16, 1e21, 1e160, 1e300, 1.7e308])
+def test_sampling_at_huge_concentration(p, kappa):
+    """Wood's test in terms of 1 - x0 and 1 - w: where x0 and w round to 1 (kappa ~ 5e15 at
+    p = 3) the cancelling form was NaN and the sampler gave up. The spread 1 - w ~ (p - 1) /
+    (2 kappa) survives in the tangent part of the samples."""
+    torch.manual_seed(11)
+    loc = torch.zeros(p, dtype=torch.float64)
+    loc[0] = 1
+    x = VonMisesFisher(loc, torch.tensor(kappa, dtype=torch.float64)).sample((2000,))
+    assert torch.isfinite(x).all()
+    torch.testing.assert_close(x.norm(dim=-1), torch.ones(2000, dtype=torch.float64))
+    # |x - mu|^2 = 2 (1 - w); E[1 - w] = (p - 1) / (2 kappa) to first order.
+    spread = x[:, 1:].square().sum(-1) / 2  # (1 - w)(1 + w) / 2 ~ 1 - w
+    torch.testing.assert_close(spread.mean(), torch.tensor((p - 1) / (2 * kappa), dtype=torch.float64), rtol=0.1,
+                               atol=0)
+
+
+def test_log_normalizer_and_entropy_at_the_largest_concentrations():
+    """log(2 pi r) in the Debye form overflowed beyond r ~ 2.9e307: log C was +inf."""
+    for p in (3, 64):
+        for kappa in (1e308, 1.7e308):
+            k = torch.tensor(kappa, dtype=torch.float64)
+            log_c = fastloss.vmf_log_normalizer(k, p)
+            # log C = -kappa + (p - 1)/2 log(kappa / 2 pi) + O(1/kappa) (the leading orders)
+            expected = -kappa + (p - 1) / 2 * (math.log(kappa) - math.log(2 * math.pi))
+            torch.testing.assert_close(log_c, torch.tensor(expected, dtype=torch.float64), rtol=1e-15, atol=0)
+            loc = torch.zeros(p, dtype=torch.float64)
+            loc[0] = 1
+            dist = VonMisesFisher(loc, k)
+            assert torch.isfinite(dist.log_prob(loc)) and torch.isfinite(dist.entropy())
+
+
+def test_validation_under_vmap():
+    """The default validate_args=True checks read through vmap's batching wrappers."""
+    loc = torch.nn.functional.normalize(torch.randn(3, 4, dtype=torch.float64), dim=-1)
+    kappa = torch.tensor([0.5, 2.0, 7.0], dtype=torch.float64)
+    x = torch.func.vmap(lambda m, k: VonMisesFisher(m, k, validate_args=True).rsample((5,)),
+                        randomness="different")(loc, kappa)
+    assert x.shape == (3, 5, 4)
+    lp = torch.func.vmap(lambda m, k: VonMisesFisher(m, k, validate_args=True).log_prob(m))(loc, kappa)
+    torch.testing.assert_close(lp, VonMisesFisher(loc, kappa).log_prob(loc))
+    with pytest.raises(ValueError, match="unit norm"):
+        torch.func.vmap(lambda m, k: VonMisesFisher(2 * m, k, validate_args=True).log_prob(m))(loc, kappa)
 
 
 def test_concentration_gradient_of_w_at_large_p_small_kappa():

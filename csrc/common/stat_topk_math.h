@@ -141,7 +141,7 @@ template <typename acc_t>
 FASTLOSS_HD void correct_moments(acc_t n, acc_t dev_sum, acc_t sq, acc_t unit, acc_t& mean, acc_t& m2) {
   const acc_t step = dev_sum / n;
   mean = mean + step * unit;
-  m2 = max_of(acc_t(0), sq - dev_sum * step);
+  m2 = max_of(sq - dev_sum * step, acc_t(0));  // in this order a NaN stays NaN
 }
 
 // Chan's formula, with each part's m2 moved to the merged set's unit (exact powers of two).

@@ -269,9 +269,9 @@ FASTLOSS_HD Jet<N> debye_complement(const Order& o, double x, double* log_i_scal
   const Jet<N> complement = truncate<N>(excess / (r + nu) + 0.5 * (xj * w * w)) - dlog_q;
   if (log_i_scaled != nullptr) {
     // log I - x = (r - x) - nu asinh(nu / x) - log(2 pi r) / 2 + log Q, asinh(nu / x) =
-    // log1p((nu + r - x) / x).
+    // log1p((nu + r - x) / x); log(2 pi) + log r, as 2 pi r overflows beyond r ~ 2.9e307.
     *log_i_scaled = nu * (nu / (r.c[0] + x)) - nu * ::log1p(excess.c[0] / x) -
-                    0.5 * ::log(2.0 * lb::kPi * r.c[0]) + ::log(q.c[0]);
+                    0.5 * (::log(2.0 * lb::kPi) + ::log(r.c[0])) + ::log(q.c[0]);
   }
   return complement;
 }

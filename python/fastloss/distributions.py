@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Tuple
+
 import torch
 from torch.distributions import Distribution, constraints
 
@@ -75,7 +77,7 @@ class VonMisesFisher(Distribution):
         if not loc.is_floating_point() or loc.dim() < 1 or loc.shape[-1] < 2:
             raise ValueError(f"VonMisesFisher: expected 'loc' to be a float tensor with a last dim >= 2, got {loc.dtype} {tuple(loc.shape)}")
         concentration = torch.as_tensor(concentration, dtype=loc.dtype, device=loc.device)
-        if concentration.dim() == loc.dim() and concentration.shape[-1] == 1:
+        if concentration.shape == loc.shape[:-1] + (1,):  # kappa of shape (..., 1) beside loc (..., p)
             concentration = concentration.squeeze(-1)
         batch_shape = torch.broadcast_shapes(loc.shape[:-1], concentration.shape)
         self.loc = loc.expand(batch_shape + loc.shape[-1:])
@@ -83,9 +85,10 @@ class VonMisesFisher(Distribution):
         self.p = loc.shape[-1]
         super().__init__(batch_shape, loc.shape[-1:], validate_args=validate_args)
         if self._validate_args:
-            if not bool(torch.isfinite(self.concentration).all()):
+            # all_true: these checks also run under vmap (bool() of a batched tensor raises).
+            if not all_true(torch.isfinite(self.concentration)):
                 raise ValueError("VonMisesFisher: expected 'concentration' to be finite (a point mass has no density)")
-            if not bool(_has_unit_norm(self.loc).all()):
+            if not all_true(_has_unit_norm(self.loc)):
                 raise ValueError("VonMisesFisher: expected 'loc' to have unit norm along its last dim")
 
     def expand(self, batch_shape, _instance=None):
@@ -124,38 +127,49 @@ class VonMisesFisher(Distribution):
         # Computed in float64 whatever the dtype, summed so that the two O(kappa) terms never cancel.
         return _vmf_entropy(self.concentration, self.p)
 
-    def _sample_w(self, shape: torch.Size, max_rounds: int = 64) -> torch.Tensor:
+    def _sample_w(self, shape: torch.Size, max_rounds: int = 64) -> Tuple[torch.Tensor, torch.Tensor]:
         """Wood's rejection sampler for w = mu . x (acceptance is high at every p and kappa), in
-        float64."""
-        # In float64: in float32, x0 = (1 - b) / (1 + b) rounds to 1 from kappa ~ 1e7 (p = 2)
-        # and every acceptance test is NaN.
+        float64: w and 1 - w (accurate where w rounds to 1)."""
         kappa = self.concentration.detach().double().expand(shape)
         m1 = self.p - 1.0
-        # b = (-2 kappa + sqrt(4 kappa^2 + m1^2)) / m1, written without cancellation.
-        b = m1 / (2 * kappa + torch.sqrt(4 * kappa * kappa + m1 * m1))
+        # b = (-2 kappa + sqrt(4 kappa^2 + m1^2)) / m1 = h / (1 + sqrt(1 + h^2)), h = m1 / (2 kappa),
+        # without cancellation or overflow (1 at kappa = 0, h / 2 as kappa grows to the largest float).
+        h = m1 / (2 * kappa)
+        b = torch.where(h <= 1, h / (1 + torch.hypot(torch.ones_like(h), h)), 1 / (1 / h + torch.hypot(1 / h, torch.ones_like(h))))
+        # Wood's test kappa w + m1 log(1 - x0 w) - c >= log u, c = kappa x0 + m1 log(1 - x0^2),
+        # x0 = (1 - b) / (1 + b), as kappa (w - x0) + m1 log((1 - x0 w) / (1 - x0^2)) in terms of
+        # 1 - x0 and 1 - w: at large kappa x0 and w round to 1 (kappa ~ 5e15 at p = 3; 1e7 in
+        # float32), and the cancelling form was NaN.
+        one_minus_x0 = 2 * b / (1 + b)
         x0 = (1 - b) / (1 + b)
-        c = kappa * x0 + m1 * torch.log1p(-x0 * x0)
+        log_c = torch.log(one_minus_x0 * (2 - one_minus_x0))  # log(1 - x0^2)
         # Beta(m1/2, m1/2) as a ratio of gammas: torch's Beta sampler is an autograd.Function
         # that torch.func transforms refuse, even with no gradient wanted.
         gamma = torch.distributions.Gamma(torch.full_like(kappa, m1 / 2), torch.ones_like(kappa))
         # Invalid concentrations (negative, NaN: reachable with validate_args=False) sample NaN,
         # like log_prob; an infinite one samples its limit, the point mass w = 1.
+        # (b = 0: kappa beyond ~1e308, the point mass as for an infinite one.)
         invalid = ~(kappa >= 0)
-        w = torch.where(invalid, torch.full_like(kappa, torch.nan), (kappa == torch.inf).to(kappa.dtype))
-        done = invalid | (kappa == torch.inf)
+        point = (kappa == torch.inf) | (b == 0)
+        w = torch.where(invalid, torch.full_like(kappa, torch.nan), point.to(kappa.dtype))
+        one_minus_w = torch.where(invalid, torch.full_like(kappa, torch.nan), 1 - w)
+        done = invalid | point
         for _ in range(max_rounds):
             if all_true(done):
-                return w
+                return w, one_minus_w
             g1, g2 = gamma.sample(), gamma.sample()
             z = g1 / (g1 + g2)
             proposal = (1 - (1 + b) * z) / (1 - (1 - b) * z)
+            t = 2 * b * z / (1 - (1 - b) * z)  # 1 - proposal
             u = torch.rand_like(kappa).clamp(min=torch.finfo(kappa.dtype).tiny)
-            accept = (kappa * proposal + m1 * torch.log1p(-x0 * proposal) - c >= torch.log(u)) & ~done
+            test = kappa * (one_minus_x0 - t) + m1 * (torch.log(one_minus_x0 + x0 * t) - log_c)
+            accept = (test >= torch.log(u)) & ~done
             w = torch.where(accept, proposal, w)
+            one_minus_w = torch.where(accept, t, one_minus_w)
             done = done | accept
         if all_true(done):
-            return w
-        raise RuntimeError("VonMisesFisher: the rejection sampler did not converge (non-finite concentration?)")
+            return w, one_minus_w
+        raise RuntimeError("VonMisesFisher: the rejection sampler did not converge")
 
     def _concentration_differentiated(self) -> bool:
         """Whether rsample needs dw/dkappa: reverse mode (not sample()'s no_grad), or a
@@ -164,7 +178,7 @@ class VonMisesFisher(Distribution):
 
     def rsample(self, sample_shape=torch.Size()) -> torch.Tensor:
         shape = self._extended_shape(sample_shape)
-        w64 = self._sample_w(shape[:-1])
+        w64, one_minus_w = self._sample_w(shape[:-1])
         w = w64.to(self.concentration.dtype)
         if self._concentration_differentiated():
             kappa = self.concentration.expand(shape[:-1])
@@ -178,10 +192,13 @@ class VonMisesFisher(Distribution):
         v = torch.randn(shape, dtype=self.loc.dtype, device=self.loc.device)
         v[..., 0] = 0
         v = v / v.norm(dim=-1, keepdim=True)
-        # sqrt(1 - w^2), with a zero gradient where w rounds to 1 (large concentrations; often
-        # in float32): there dw/dkappa is 0 and sqrt's infinite slope made the product NaN.
-        r2 = (1 - w) * (1 + w)
-        radius = torch.where(r2 > 0, torch.sqrt(torch.where(r2 > 0, r2, torch.ones_like(r2))), torch.zeros_like(r2))
+        # sqrt(1 - w^2) from the float64 1 - w (w may round to 1 while the radius is ~1e-8), with
+        # the gradient -w / radius times w's, 0 where the radius is 0 (sqrt's infinite slope there
+        # made the product NaN).
+        radius_value = torch.sqrt(one_minus_w * (2 - one_minus_w)).to(w.dtype).unsqueeze(-1)
+        wd = w.detach()
+        slope = torch.where(radius_value > 0, -wd / torch.where(radius_value > 0, radius_value, 1.0), 0.0)
+        radius = radius_value + (w - wd) * slope
         x = torch.cat([w, radius * v[..., 1:]], dim=-1)
         # An orthogonal map taking e1 to mu = loc / |loc|, smooth in mu: where mu[0] < 0 the
         # Householder reflection along u = e1 - mu, elsewhere minus the reflection along

@@ -26,7 +26,9 @@ class StatTopK(torch.nn.Module):
         # Checked here rather than at the first forward (k < row length waits for the input).
         if sparsity is not None:
             op_amount("nn.StatTopK", 2, sparsity, None)
-        elif isinstance(k, bool) or not isinstance(k, numbers.Integral) or k <= 0:
+        elif isinstance(k, bool) or not isinstance(k, numbers.Integral):  # as stat_topk's errors
+            raise TypeError(f"fastloss.nn.StatTopK: 'k' must be an int, got {type(k).__name__}")
+        elif k <= 0:
             raise ValueError(f"fastloss.nn.StatTopK: 'k' must be a positive int, got {k!r}")
         if mode not in ("soft", "hard"):
             raise ValueError(f"fastloss.nn.StatTopK: 'mode' must be 'soft' or 'hard', got {mode!r}")

@@ -21,8 +21,8 @@ quantile and float32 statistics, so in bfloat16 the two differ by bfloat16 round
 from __future__ import annotations
 
 import dataclasses
+import functools
 import inspect
-import types
 
 import torch
 
@@ -44,6 +44,13 @@ def _gemma3n_sparse_mlp_forward_unfused(self, hidden_states: torch.Tensor) -> to
     return self.down_proj(self.act_fn(gate) * self.up_proj(hidden_states))
 
 
+def _bound(function, module: torch.nn.Module) -> functools.partial:
+    """``function`` bound to ``module``, as an instance's forward: a partial of a module-level
+    function pickles (torch.save of a patched model), where a bound method would be looked up
+    on the loaded instance by a name its class does not have."""
+    return functools.partial(function, module)
+
+
 def _patch_gemma3n(model: torch.nn.Module) -> int:
     try:
         from transformers.models.gemma3n.modeling_gemma3n import Gemma3nTextMLP
@@ -57,7 +64,7 @@ def _patch_gemma3n(model: torch.nn.Module) -> int:
             continue
         activation = getattr(module.config, "hidden_activation", None)
         forward = _gemma3n_sparse_mlp_forward if activation in _GELU_TANH else _gemma3n_sparse_mlp_forward_unfused
-        setattr(module, "forward", types.MethodType(forward, module))
+        setattr(module, "forward", _bound(forward, module))
         setattr(module, "_fastloss_patched", True)
         patched += 1
     return patched
@@ -186,7 +193,7 @@ def _patch_causal_lm(model: torch.nn.Module) -> int:
     setattr(model, "_fastloss_original_forward", model.forward)
     # Read once: inspect.signature follows the forward's decorators on every call otherwise.
     setattr(model, "_fastloss_forward_signature", inspect.signature(model.forward))
-    setattr(model, "forward", types.MethodType(_causal_lm_forward, model))
+    setattr(model, "forward", _bound(_causal_lm_forward, model))
     setattr(model, "_fastloss_loss_patched", True)
     return 1
 

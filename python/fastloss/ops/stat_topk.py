@@ -297,9 +297,10 @@ def _quantile(sparsity: float) -> float:
 def _statistics(x, std, dim):
     """x's row mean and std from torch ops, so that an enclosing reverse transform differentiates
     through them (the kernel's saved ones are constants to autograd); `std` (the kernel's) says
-    which rows are constant, where the std is taken as 1 (no 0/0 in its derivative)."""
+    which rows are constant, where the std is taken as 1 (no 0/0 in its derivative); a NaN
+    std (a NaN or inf in the row) keeps its NaN."""
     mean = x.mean(dim, keepdim=True)
-    spread = std > 0
+    spread = ~(std <= 0)
     var = (x - mean).square().mean(dim, keepdim=True)
     return mean, torch.sqrt(torch.where(spread, var, torch.ones_like(var))), spread
 
@@ -330,8 +331,10 @@ def _stat_topk_jvp(ctx, t, *_args):
     # A 0-d x is one row of one element (as its statistics are 0-d).
     xa, ta, theta, std = (u.to(std.dtype).reshape(u.shape or (1,)) for u in (x, t, theta, std))
     dtheta, _ = _theta_tangent(ta, xa, std, ctx.dim, effective_sparsity(ctx.sparsity, ctx.k, xa.shape[ctx.dim]))
-    direct = ta if ctx.hard or not ctx.threshold_grad else ta - dtheta
-    dy = torch.where(xa > theta, direct, torch.zeros_like(direct))
+    live = not ctx.hard and ctx.threshold_grad  # the outputs reach theta
+    direct = ta - dtheta if live else ta
+    # A row holding NaN (theta NaN) keeps its NaN tangent where theta is live, as reverse mode.
+    dy = torch.where((xa > theta) | (torch.isnan(theta) & live), direct, torch.zeros_like(direct))
     stat_shape = std.shape if shape else ()
     zero = torch.zeros(stat_shape, dtype=std.dtype, device=std.device)
     return dy.to(x.dtype).reshape(shape), dtheta.reshape(stat_shape), zero, zero
@@ -393,6 +396,8 @@ def _gelu_mul_jvp(ctx, t_gate, t_up, *_args):
         out = out + torch.where(kept, slope * tg, torch.zeros_like(tg)) * u
     if t_up is not None:
         out = out + gelu * t_up.to(acc)
+    if ctx.threshold_grad:  # a row holding NaN: NaN, as reverse mode and the eager formula
+        out = torch.where(torch.isnan(theta), torch.full_like(out, torch.nan), out)
     zero = torch.zeros_like(std)  # theta's tangent too: the wrapper drops it (see below)
     return out.to(gate.dtype), zero, zero, zero
 
