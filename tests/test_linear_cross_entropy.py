@@ -995,57 +995,68 @@ def _vocab_parallel_worker(rank, world, init_file):
 
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
-        torch.set_num_threads(1)
-        split = [250, 350]  # unequal slices; the second crosses a vocabulary block
-        start = sum(split[:rank])
-        for options in ({"reduction": "mean"},
-                        {"reduction": "none", "softcap": 4.0, "label_smoothing": 0.1, "z_loss": 1e-2,
-                         "return_lse": True}):
-            h, c, t, b = make_inputs((3, 9), 16, sum(split), torch.float64, "cpu", bias=True, seed=4)
-            t[0, 0], t[0, 1] = 3, split[0] + 3  # a target in each shard
-            (loss, grads) = grads_of(lambda *a: fastloss.linear_cross_entropy(a[0], a[1], t, a[2], filter_eps=None,
-                                                                              **options), [h, c, b])
-            c_local, b_local = c[start:start + split[rank]], b[start:start + split[rank]]
-            (loss_p, grads_p) = grads_of(
-                lambda *a: fastloss.linear_cross_entropy(a[0], a[1], t, a[2], filter_eps=None,
-                                                         process_group=dist.group.WORLD, **options),
-                [h, c_local, b_local])
-            for a, r in zip(loss_p if isinstance(loss_p, tuple) else (loss_p,), loss if isinstance(loss, tuple)
-                            else (loss,)):
-                torch.testing.assert_close(a, r, rtol=1e-12, atol=1e-13)
-            dh, dc, db = grads
-            torch.testing.assert_close(grads_p[0], dh, rtol=1e-12, atol=1e-13)
-            torch.testing.assert_close(grads_p[1], dc[start:start + split[rank]], rtol=1e-12, atol=1e-13)
-            torch.testing.assert_close(grads_p[2], db[start:start + split[rank]], rtol=1e-12, atol=1e-13)
-        # A first derivative with create_graph=True works; a second one raises (the all-reduce of
-        # the hidden gradient is not differentiable).
-        leaf = h.clone().requires_grad_()
-        loss_p = fastloss.linear_cross_entropy(leaf, c_local, t, b_local, filter_eps=None, process_group=dist.group.WORLD)
-        (g,) = torch.autograd.grad(loss_p, leaf, create_graph=True)
-        torch.testing.assert_close(g, torch.autograd.grad(fastloss.linear_cross_entropy(leaf, c, t, b, filter_eps=None),
-                                                          leaf)[0], rtol=1e-12, atol=1e-13)
-        with pytest.raises(NotImplementedError, match="process_group"):
-            torch.autograd.grad(g.sum(), leaf)
-        # Heads split differently over one group, one after another (a rank's own slice size
-        # recurs with other splits), and an empty slice on a rank.
-        for split in ([15, 22], [10, 30], [15, 30], [0, 37], [37, 0]):
-            h, c, t, b = make_inputs((2, 5), 8, sum(split), torch.float64, "cpu", bias=True, seed=sum(split))
-            start, size = sum(split[:rank]), split[rank]
-            options = {"softcap": 5.0, "label_smoothing": 0.1, "z_loss": 1e-3, "filter_eps": None}
-            (loss, grads) = grads_of(lambda *a: fastloss.linear_cross_entropy(a[0], a[1], t, a[2], **options), [h, c, b])
-            (loss_p, grads_p) = grads_of(lambda *a: fastloss.linear_cross_entropy(
-                a[0], a[1], t, a[2], process_group=dist.group.WORLD, **options), [h, c[start:start + size],
-                                                                                 b[start:start + size]])
-            torch.testing.assert_close(loss_p, loss, rtol=1e-12, atol=1e-13)
-            torch.testing.assert_close(grads_p[0], grads[0], rtol=1e-12, atol=1e-13)
-            torch.testing.assert_close(grads_p[1], grads[1][start:start + size], rtol=1e-12, atol=1e-13)
-            torch.testing.assert_close(grads_p[2], grads[2][start:start + size], rtol=1e-12, atol=1e-13)
-        # A target beyond the vocabulary raises on every rank, the one with an empty slice too.
-        t[0, 0] = 37
-        with pytest.raises(IndexError, match=r"must be in \[0, 37\)"):
-            fastloss.linear_cross_entropy(h, c[:37] if rank else c[:0], t, process_group=dist.group.WORLD)
+        _vocab_parallel_checks(rank)
     finally:
         dist.destroy_process_group()
+    # Passed: leave without interpreter finalization. A gloo worker thread still alive then (the
+    # group outlives destroy_process_group while anything references it) can release a finished
+    # collective's tensors during finalization, where taking the GIL ends the thread inside a
+    # destructor: std::terminate, SIGABRT, a failed test (1 run in 5 here).
+    os._exit(0)
+
+
+def _vocab_parallel_checks(rank):
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    split = [250, 350]  # unequal slices; the second crosses a vocabulary block
+    start = sum(split[:rank])
+    for options in ({"reduction": "mean"},
+                    {"reduction": "none", "softcap": 4.0, "label_smoothing": 0.1, "z_loss": 1e-2,
+                     "return_lse": True}):
+        h, c, t, b = make_inputs((3, 9), 16, sum(split), torch.float64, "cpu", bias=True, seed=4)
+        t[0, 0], t[0, 1] = 3, split[0] + 3  # a target in each shard
+        (loss, grads) = grads_of(lambda *a: fastloss.linear_cross_entropy(a[0], a[1], t, a[2], filter_eps=None,
+                                                                          **options), [h, c, b])
+        c_local, b_local = c[start:start + split[rank]], b[start:start + split[rank]]
+        (loss_p, grads_p) = grads_of(
+            lambda *a: fastloss.linear_cross_entropy(a[0], a[1], t, a[2], filter_eps=None,
+                                                     process_group=dist.group.WORLD, **options),
+            [h, c_local, b_local])
+        for a, r in zip(loss_p if isinstance(loss_p, tuple) else (loss_p,), loss if isinstance(loss, tuple)
+                        else (loss,)):
+            torch.testing.assert_close(a, r, rtol=1e-12, atol=1e-13)
+        dh, dc, db = grads
+        torch.testing.assert_close(grads_p[0], dh, rtol=1e-12, atol=1e-13)
+        torch.testing.assert_close(grads_p[1], dc[start:start + split[rank]], rtol=1e-12, atol=1e-13)
+        torch.testing.assert_close(grads_p[2], db[start:start + split[rank]], rtol=1e-12, atol=1e-13)
+    # A first derivative with create_graph=True works; a second one raises (the all-reduce of
+    # the hidden gradient is not differentiable).
+    leaf = h.clone().requires_grad_()
+    loss_p = fastloss.linear_cross_entropy(leaf, c_local, t, b_local, filter_eps=None, process_group=dist.group.WORLD)
+    (g,) = torch.autograd.grad(loss_p, leaf, create_graph=True)
+    torch.testing.assert_close(g, torch.autograd.grad(fastloss.linear_cross_entropy(leaf, c, t, b, filter_eps=None),
+                                                      leaf)[0], rtol=1e-12, atol=1e-13)
+    with pytest.raises(NotImplementedError, match="process_group"):
+        torch.autograd.grad(g.sum(), leaf)
+    # Heads split differently over one group, one after another (a rank's own slice size
+    # recurs with other splits), and an empty slice on a rank.
+    for split in ([15, 22], [10, 30], [15, 30], [0, 37], [37, 0]):
+        h, c, t, b = make_inputs((2, 5), 8, sum(split), torch.float64, "cpu", bias=True, seed=sum(split))
+        start, size = sum(split[:rank]), split[rank]
+        options = {"softcap": 5.0, "label_smoothing": 0.1, "z_loss": 1e-3, "filter_eps": None}
+        (loss, grads) = grads_of(lambda *a: fastloss.linear_cross_entropy(a[0], a[1], t, a[2], **options), [h, c, b])
+        (loss_p, grads_p) = grads_of(lambda *a: fastloss.linear_cross_entropy(
+            a[0], a[1], t, a[2], process_group=dist.group.WORLD, **options), [h, c[start:start + size],
+                                                                             b[start:start + size]])
+        torch.testing.assert_close(loss_p, loss, rtol=1e-12, atol=1e-13)
+        torch.testing.assert_close(grads_p[0], grads[0], rtol=1e-12, atol=1e-13)
+        torch.testing.assert_close(grads_p[1], grads[1][start:start + size], rtol=1e-12, atol=1e-13)
+        torch.testing.assert_close(grads_p[2], grads[2][start:start + size], rtol=1e-12, atol=1e-13)
+    # A target beyond the vocabulary raises on every rank, the one with an empty slice too.
+    t[0, 0] = 37
+    with pytest.raises(IndexError, match=r"must be in \[0, 37\)"):
+        fastloss.linear_cross_entropy(h, c[:37] if rank else c[:0], t, process_group=dist.group.WORLD)
 
 
 def test_vocab_parallel_gloo_two_processes(tmp_path):

@@ -252,6 +252,11 @@ def test_nan_row_forward_mode_is_nan(device):
     fused = torch.func.jacfwd(lambda t: fastloss.stat_topk_gelu_mul(t, up, 0.7))(x)
     eager_fused = lambda t: torch.nn.functional.gelu(torch.relu(t - eager(t)), approximate="tanh") * up  # noqa: E731
     torch.testing.assert_close(fused, torch.func.jacfwd(eager_fused)(x), equal_nan=True)
+    # With theta a constant, the gate's derivatives on that row are 0 both ways.
+    fixed = lambda t: fastloss.stat_topk_gelu_mul(t, up, 0.7, threshold_grad=False)  # noqa: E731
+    fwd, rev = (jac(fixed)(x) for jac in (torch.func.jacfwd, torch.func.jacrev))
+    torch.testing.assert_close(fwd, rev, equal_nan=True)
+    assert (fwd[0, :, 0] == 0).all()
     # The op's std of a NaN row is NaN on both paths: one chunk, and chunks merged.
     for n in (4, 5000):
         row = torch.randn(1, n, dtype=torch.float64, device=device)

@@ -410,10 +410,15 @@ def test_distribution_shapes_expand_and_validation():
     torch.testing.assert_close(wide.entropy(), dist.entropy().expand(4, 2))
     with pytest.raises(ValueError, match="'concentration' to be finite"):
         VonMisesFisher(loc, math.inf, validate_args=True)
-    # Only a concentration of shape loc.shape[:-1] + (1,) is read as one per row; others broadcast.
+    # A (..., 1) concentration is read as one per row where its other dims broadcast with loc's
+    # batch shape; otherwise it broadcasts as it is.
     loc3 = torch.nn.functional.normalize(torch.randn(3, 4, dtype=torch.float64), dim=-1)
     assert VonMisesFisher(loc3, torch.ones(5, 1, dtype=torch.float64)).batch_shape == (5, 3)
-    assert VonMisesFisher(loc3[:1], torch.ones(5, 1, dtype=torch.float64)).batch_shape == (5, 1)
+    assert VonMisesFisher(loc3, torch.ones(1, 1, dtype=torch.float64)).batch_shape == (3,)
+    assert VonMisesFisher(loc3[:1], torch.ones(5, 1, dtype=torch.float64)).batch_shape == (5,)
+    seq = torch.nn.functional.normalize(torch.randn(2, 6, 3, dtype=torch.float64), dim=-1)
+    assert VonMisesFisher(seq, torch.ones(2, 1, 1, dtype=torch.float64)).batch_shape == (2, 6)
+    assert VonMisesFisher(loc3, torch.tensor(-0.0, dtype=torch.float64)).sample((3,)).shape == (3, 3, 4)
     with pytest.raises(ValueError, match="support"):
         dist.log_prob(torch.tensor([2.0, 0, 0], dtype=torch.float64))
     with pytest.raises(ValueError, match="infinite"):
@@ -546,7 +551,7 @@ def test_sampling_at_huge_concentration(p, kappa):
     torch.testing.assert_close(x.norm(dim=-1), torch.ones(2000, dtype=torch.float64))
     # |x - mu|^2 = 2 (1 - w); E[1 - w] = (p - 1) / (2 kappa) to first order.
     spread = x[:, 1:].square().sum(-1) / 2  # (1 - w)(1 + w) / 2 ~ 1 - w
-    torch.testing.assert_close(spread.mean(), torch.tensor((p - 1) / (2 * kappa), dtype=torch.float64), rtol=0.1,
+    torch.testing.assert_close(spread.mean(), torch.tensor((p - 1) / 2 / kappa, dtype=torch.float64), rtol=0.1,
                                atol=0)
 
 

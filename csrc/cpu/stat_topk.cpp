@@ -43,13 +43,8 @@ FASTLOSS_CPU_INLINE acc_t sum_lanes(const acc_t* a) {
   return s;
 }
 
-// The backward's row sums run in three levels: blocks of kSumBlock adds per lane, groups of
-// kSumBlock blocks, the total. One running sum per lane let rounding pile up on long rows (a
-// constant cotangent, as a mean's, over 2e6 entries: 7e-5 relative on the last dim, 9e-3
-// along dim 0 with one running sum per column).
-constexpr int64_t kSumBlock = 64;
-
-// sum of term(i) over i in [0, n), term called once per i, in order within each lane.
+// The sum of term(i) over i in [0, n) in kSumBlock's three levels, per lane; term is called
+// once per i, in order within each lane.
 template <typename acc_t, typename Term>
 FASTLOSS_CPU_INLINE acc_t row_sum(int64_t n, Term&& term) {
   acc_t group[kLanes] = {}, total[kLanes] = {};

@@ -20,6 +20,19 @@ def w_kappa_derivative(w: torch.Tensor, kappa: torch.Tensor, p: int) -> torch.Te
     return torch.ops.fastloss.vmf_sample_w_derivative.default(w.double(), kappa.double(), p).to(w.dtype)
 
 
+def _per_row(concentration: torch.Size, loc: torch.Size) -> bool:
+    """Whether a concentration of this shape is one per row of loc, (..., 1) beside (..., p) (a
+    network's (B, 1) output): loc's number of dims, a last dim of 1, the others broadcasting
+    with loc's batch shape (otherwise it broadcasts as it is, as torch's distributions do)."""
+    if len(concentration) != len(loc) or concentration[-1] != 1:
+        return False
+    try:
+        torch.broadcast_shapes(concentration[:-1], loc[:-1])
+    except RuntimeError:
+        return False
+    return True
+
+
 class _UnitSphere(constraints.Constraint):
     """Vectors of unit norm along the last dim (to a tolerance fit for the dtype)."""
 
@@ -55,8 +68,9 @@ class VonMisesFisher(Distribution):
     density C_p(kappa) exp(kappa mu . x) for unit mean direction ``loc`` (mu, last dim p) and
     ``concentration`` kappa >= 0 (finite). Works at any p (e.g. 32768) through log I_v(x).
     The batch shape is that of ``loc[..., 0]`` broadcast with ``concentration``; a concentration
-    of shape ``loc.shape[:-1] + (1,)`` (one per row, as a network's (B, 1) output) is read as
-    ``loc.shape[:-1]``, not broadcast to (B, B).
+    with loc's number of dims and a last dim of 1 whose other dims broadcast with
+    ``loc.shape[:-1]`` (one per row, as a network's (B, 1) output) is read without that dim,
+    not broadcast to (B, B).
 
     ``rsample`` (Wood 1994) is differentiable with respect to ``loc`` and ``concentration``.
     It depends on ``loc`` only through its direction loc / |loc|, so its gradient in ``loc``
@@ -77,7 +91,7 @@ class VonMisesFisher(Distribution):
         if not loc.is_floating_point() or loc.dim() < 1 or loc.shape[-1] < 2:
             raise ValueError(f"VonMisesFisher: expected 'loc' to be a float tensor with a last dim >= 2, got {loc.dtype} {tuple(loc.shape)}")
         concentration = torch.as_tensor(concentration, dtype=loc.dtype, device=loc.device)
-        if concentration.shape == loc.shape[:-1] + (1,):  # kappa of shape (..., 1) beside loc (..., p)
+        if _per_row(concentration.shape, loc.shape):
             concentration = concentration.squeeze(-1)
         batch_shape = torch.broadcast_shapes(loc.shape[:-1], concentration.shape)
         self.loc = loc.expand(batch_shape + loc.shape[-1:])
@@ -134,7 +148,7 @@ class VonMisesFisher(Distribution):
         m1 = self.p - 1.0
         # b = (-2 kappa + sqrt(4 kappa^2 + m1^2)) / m1 = h / (1 + sqrt(1 + h^2)), h = m1 / (2 kappa),
         # without cancellation or overflow (1 at kappa = 0, h / 2 as kappa grows to the largest float).
-        h = m1 / (2 * kappa)
+        h = (0.5 * m1) / kappa.abs()  # abs: -0.0 is 0 (negative kappa is invalid, masked below)
         b = torch.where(h <= 1, h / (1 + torch.hypot(torch.ones_like(h), h)), 1 / (1 / h + torch.hypot(1 / h, torch.ones_like(h))))
         # Wood's test kappa w + m1 log(1 - x0 w) - c >= log u, c = kappa x0 + m1 log(1 - x0^2),
         # x0 = (1 - b) / (1 + b), as kappa (w - x0) + m1 log((1 - x0 w) / (1 - x0^2)) in terms of
@@ -194,7 +208,8 @@ class VonMisesFisher(Distribution):
         v = v / v.norm(dim=-1, keepdim=True)
         # sqrt(1 - w^2) from the float64 1 - w (w may round to 1 while the radius is ~1e-8), with
         # the gradient -w / radius times w's, 0 where the radius is 0 (sqrt's infinite slope there
-        # made the product NaN).
+        # made the product NaN). w's gradient comes from the float64 w, so it is 0 where that
+        # rounds to 1 (kappa beyond ~1e15 at p = 3): there the samples' spread has no gradient.
         radius_value = torch.sqrt(one_minus_w * (2 - one_minus_w)).to(w.dtype).unsqueeze(-1)
         wd = w.detach()
         slope = torch.where(radius_value > 0, -wd / torch.where(radius_value > 0, radius_value, 1.0), 0.0)

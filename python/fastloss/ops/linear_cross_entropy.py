@@ -523,10 +523,11 @@ def _vocab_range(classifier: torch.Tensor, group) -> Tuple[int, int]:
     import torch.distributed as dist
 
     world, rank = dist.get_world_size(group), dist.get_rank(group)
-    local = torch.tensor([classifier.shape[0]], dtype=torch.int64, device=classifier.device)
-    gathered = [torch.empty_like(local) for _ in range(world)]
-    dist.all_gather(gathered, local, group=group)
-    sizes: List[int] = [int(s.item()) for s in gathered]
+    # Each rank's size in its own entry, summed over the ranks.
+    sizes_t = torch.zeros(world, dtype=torch.int64, device=classifier.device)
+    sizes_t[rank] = classifier.shape[0]
+    dist.all_reduce(sizes_t, group=group)
+    sizes: List[int] = sizes_t.tolist()
     if sum(sizes) == 0:
         raise ValueError("fastloss.linear_cross_entropy: the classifier slices of the process group hold no "
                          "vocabulary rows")

@@ -266,11 +266,14 @@ def _check_marginals(a: torch.Tensor, b: torch.Tensor) -> None:
     tol = _mass_tolerance(a, b)
     if not ((sa > 0) & (sb > 0)).all():
         raise RuntimeError("fastloss.sinkhorn: expected 'a' and 'b' to have positive total mass")
-    if ((sa - sb).abs() > tol * torch.maximum(sa, sb)).any():
+    relative = (sa - sb).abs() / torch.maximum(sa, sb)
+    bad = (relative > tol).nonzero()
+    if bad.numel():
+        k = int(bad[0])
         raise RuntimeError(
             f"fastloss.sinkhorn: expected 'a' and 'b' to have the same total mass (balanced OT), got "
-            f"{sa.tolist()[:4]} and {sb.tolist()[:4]} (relative tolerance {tol:.3g})"
-        )
+            f"{sa[k].item()!r} and {sb[k].item()!r} in problem {k} (relative difference {relative[k].item():.6g}, "
+            f"tolerance {tol:.6g})")
 
 
 def _sinkhorn_fake(cost, a, b, eps, max_iter, tol, error_norm=1.0):

@@ -389,15 +389,17 @@ def _gelu_mul_jvp(ctx, t_gate, t_up, *_args):
     # h = relu(gate - theta) with theta recomputed from g (differentiable), kept as the kernel's
     h = torch.where(kept, g - (theta_of_g if ctx.threshold_grad else theta), torch.zeros_like(g))
     gelu, slope = _gelu_tanh_and_slope(h)
+    # A row holding NaN (theta NaN) gets NaN tangents through gate where theta is live, as
+    # reverse mode. (Through up they stay gelu(0) t_up = 0: a NaN there would turn the zero
+    # tangent that jacfwd of gate alone passes for up into NaN.)
+    nan_row = torch.isnan(theta)
     out = torch.zeros_like(g)
     if t_gate is not None:
         if ctx.threshold_grad:
             tg = tg - dtheta
-        out = out + torch.where(kept, slope * tg, torch.zeros_like(tg)) * u
+        out = out + torch.where(kept | (nan_row & ctx.threshold_grad), slope * tg, torch.zeros_like(tg)) * u
     if t_up is not None:
         out = out + gelu * t_up.to(acc)
-    if ctx.threshold_grad:  # a row holding NaN: NaN, as reverse mode and the eager formula
-        out = torch.where(torch.isnan(theta), torch.full_like(out, torch.nan), out)
     zero = torch.zeros_like(std)  # theta's tangent too: the wrapper drops it (see below)
     return out.to(gate.dtype), zero, zero, zero
 
