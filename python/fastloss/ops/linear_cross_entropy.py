@@ -517,8 +517,8 @@ def _backward_vmap(info, in_dims, grad_loss, grad_lse, hidden, classifier, targe
 def _vocab_range(classifier: torch.Tensor, group) -> Tuple[int, int]:
     """(first vocabulary row of this rank, vocabulary size), from every rank's slice size.
 
-    One all-reduce of world_size int64s per call (and a host synchronization to read it). Not cached:
-    a rank cannot tell from its own slice whether the others' changed (two heads split
+    One all-reduce of world_size int64s per call (and a host synchronization to read it). Not
+    cached: a rank cannot tell from its own slice whether the others' changed (two heads split
     differently over one group), and ranks that disagreed on whether to gather would deadlock."""
     import torch.distributed as dist
 
