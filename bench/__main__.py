@@ -10,6 +10,8 @@ import time
 
 import torch
 
+import fastloss
+
 from . import FAMILIES, harness
 
 
@@ -36,9 +38,14 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     device = args.device
     if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+        # The best device fastloss has kernels for: a CUDA torch without nvcc at build time
+        # builds the CPU kernels only.
+        device = "cuda" if torch.cuda.is_available() and fastloss.build_info()["cuda"] else "cpu"
     if device == "cuda" and not torch.cuda.is_available():
         print("--device cuda: no CUDA device available", file=sys.stderr)
+        return 2
+    if device == "cuda" and not fastloss.build_info()["cuda"]:
+        print("--device cuda: fastloss was built without its CUDA kernels (no nvcc at build time?)", file=sys.stderr)
         return 2
 
     if device == "cuda":

@@ -695,7 +695,11 @@ def run_cases(cases: Sequence[Case], settings: Settings, progress_desc: str = "b
     total = 2 + sum(1 + len(c.baselines) for c in cases)
     with tqdm(total=total, desc=progress_desc, file=sys.stderr, unit="run", dynamic_ncols=True) as progress:
         progress.set_postfix_str("roofline")
-        roofline = measure_roofline(settings, clock, progress)
+        # At the cases' thread count where they share one (the bessel family runs at 1 thread).
+        counts = {c.threads for c in cases}
+        common = counts.pop() if len(counts) == 1 and settings.device == "cpu" else None
+        with cpu_threads(common):
+            roofline = measure_roofline(settings, clock, progress)
         results = []
         for c in cases:
             with cpu_threads(c.threads if settings.device == "cpu" else None):
@@ -725,7 +729,8 @@ class Target:
     """A goal stated next to the results, computed from them, never asserted.
 
     ``value(result, roofline)`` gives the figure compared with ``minimum`` for every selected
-    result; the target is met when all of them reach it.
+    result; the target is met when all of them reach it, and none failed its correctness check
+    or went unmeasured (a crashed or wrong case is not evidence of a target).
     """
 
     text: str
@@ -753,11 +758,16 @@ class Target:
         c = worst_r.case
         detail = f"worst {self._fmt(worst_v)} at {c.shape_str} {c.dtype_str} {c.mode} ({len(known)} case(s))"
         failing = [r for v, r in known if v < self.minimum]
+        unchecked = [r for _, r in vals if r.check_error]
         if failing:
             detail += f"; {len(failing)} below"
         if missing:
             detail += f"; {len(missing)} not measured"
-        return ("met" if not failing else "not met"), detail
+        if unchecked:
+            detail += f"; {len(unchecked)} failed the correctness check"
+        if failing or unchecked:
+            return "not met", detail
+        return ("met" if not missing else "incomplete"), detail
 
 
 # --------------------------------------------------------------------------------------------
@@ -812,7 +822,9 @@ def table_rows(results: Sequence[Result], roofline: Roofline) -> Tuple[List[str]
     """Header and rows of one family's table."""
     baselines = _baseline_order(results)
     use_tflops = any(r.case.flops for r in results)
-    header = ["shape", "dtype", "mode", "fastloss ms", "TFLOP/s" if use_tflops else "GB/s", "% of copy BW"]
+    # Matmul-type families against the matmul roofline, the others against the copy's.
+    header = ["shape", "dtype", "mode", "fastloss ms"]
+    header += ["TFLOP/s", "% of matmul"] if use_tflops else ["GB/s", "% of copy BW"]
     header += [f"{b} ms" for b in baselines]
     header += [f"vs {b}" for b in baselines]
     header += ["peak mem", "inputs"]
@@ -826,7 +838,10 @@ def table_rows(results: Sequence[Result], roofline: Roofline) -> Tuple[List[str]
             rate_s = "-" if rate is None else f"{rate:.2f}"
         else:
             rate_s = "-" if rate is None else f"{rate:.1f}"
-        pct = "-" if gbps is None or not roofline.copy_gbps else f"{100 * gbps / roofline.copy_gbps:.0f}%"
+        if use_tflops:
+            pct = "-" if rate is None or not roofline.matmul_tflops else f"{100 * rate / roofline.matmul_tflops:.0f}%"
+        else:
+            pct = "-" if gbps is None or not roofline.copy_gbps else f"{100 * gbps / roofline.copy_gbps:.0f}%"
         row = [r.case.shape_str, r.case.dtype_str, r.case.mode, fl, rate_s, pct]
         for b in baselines:
             ir = r.impls.get(b)
@@ -992,7 +1007,7 @@ def format_markdown(
         "per implementation). Inputs rotated: each case cycles through as many distinct input sets as fit "
         f"{fmt_bytes(meta['input_budget'])} (at most {meta['max_inputs']}, at least 1: column `inputs`). "
         "GB/s = minimum bytes moved per call / fastloss time; `% of copy BW` against the copy roofline "
-        "above; `vs X` = X time / fastloss time (above 1: fastloss faster). "
+        "above (matmul-type families: TFLOP/s and `% of matmul` against the matmul roofline); `vs X` = X time / fastloss time (above 1: fastloss faster). "
         f"Peak mem: {mem}.",
     ]
     for fam, rs in _families(results).items():

@@ -245,10 +245,14 @@ def targets(device: str) -> List[Target]:
             Target("GPU: fwd+bwd faster than cut-cross-entropy (aim 1.1x)", fwd_bwd, _vs("cut-cross-entropy"), 1.0),
             Target("GPU: fwd+bwd >= 2x Liger's fused linear cross-entropy", fwd_bwd, _vs("liger"), 2.0),
         ]
+    # The peak RSS is measured (in fresh processes) at the CPU target shape only: its targets
+    # are that case's, not whatever fwd+bwd case a --quick or -k run timed.
+    n, v, d = CPU_SHAPES[0][:3]
+    rss_case = lambda r: fwd_bwd(r) and r.case.shape_str == f"{n}x{v}x{d}"
     return [
         # time <= 1.3x the baseline's, i.e. speed-up >= 1 / 1.3
         Target("CPU: fwd+bwd time <= 1.3x eager (speed-up >= 0.77x)", fwd_bwd, _vs("eager"), 1 / 1.3),
-        Target("CPU: peak extra memory <= 15% of eager's (saving >= 85%)", fwd_bwd, _rss_saving, 0.85, percent=True),
-        Target("CPU: peak extra memory <= 1.05x the bound dE + dC (bound / peak >= 0.95)", fwd_bwd, _rss_bound_ratio,
+        Target("CPU: peak extra memory <= 15% of eager's (saving >= 85%)", rss_case, _rss_saving, 0.85, percent=True),
+        Target("CPU: peak extra memory <= 1.05x the bound dE + dC (bound / peak >= 0.95)", rss_case, _rss_bound_ratio,
                1 / 1.05),
     ]

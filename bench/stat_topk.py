@@ -89,20 +89,30 @@ def _make_inputs(shape, dtype, device, n_tensors: int, backward: bool):
     return make
 
 
-def _make_check(shape, dtype, device, gelu: bool):
+def _make_check(shape, dtype, device, gelu: bool, backward: bool):
+    """fastloss against the float64 eager formula on 64 rows of the case's row length: the
+    outputs, and for fwd+bwd cases the input gradients for a random output gradient."""
+
     def check() -> Optional[str]:
         g = torch.Generator(device=device)
         g.manual_seed(7)
         rows = (min(shape[0], 64),) + tuple(shape[1:])
         x = torch.randn(rows, dtype=dtype, device=device, generator=g)
-        if gelu:
-            up = torch.randn(rows, dtype=dtype, device=device, generator=g)
-            a, b = fastloss_gelu_mul(x, up), eager_gelu_mul(x.double(), up.double())
-        else:
-            a, b = fastloss_stat_topk(x), eager_stat_topk(x.double())
+        inputs = [x, torch.randn(rows, dtype=dtype, device=device, generator=g)] if gelu else [x]
+        grad = torch.randn(rows, dtype=torch.float64, device=device, generator=g)
+        fast, eager = (fastloss_gelu_mul, eager_gelu_mul) if gelu else (fastloss_stat_topk, eager_stat_topk)
         tol = 1e-4 if dtype == torch.float32 else 2e-2
-        err = ((a.double() - b).abs().max() / b.abs().max().clamp_min(1e-30)).item()
-        return None if err <= tol else f"MISMATCH vs the float64 eager formula: max err {err:.2e} > {tol:g}"
+        pairs = []
+        for fn, ins in ((fast, inputs), (eager, [t.double() for t in inputs])):
+            ins = [t.detach().requires_grad_(backward) for t in ins]
+            y = fn(*ins)
+            grads = torch.autograd.grad(y, ins, grad.to(y.dtype)) if backward else ()
+            pairs.append([y, *grads])
+        for name, a, b in zip(["y", "d gate" if gelu else "dx", "d up"], *pairs):
+            err = ((a.double() - b).abs().max() / b.abs().max().clamp_min(1e-30)).item()
+            if not err <= tol:
+                return f"MISMATCH ({name}) vs the float64 eager formula: max err {err:.2e} > {tol:g}"
+        return None
 
     return check
 
@@ -134,7 +144,7 @@ def cases(device: str, quick: bool) -> List[Case]:
                     make_inputs=_make_inputs(shape, dtype, device, n_in, backward),
                     input_bytes=(n_in + backward) * numel * elem,
                     fastloss=fast, baselines=baselines, bytes_moved=moved * numel * elem,
-                    check=_make_check(shape, dtype, device, mode.startswith("gelu")),
+                    check=_make_check(shape, dtype, device, mode.startswith("gelu"), backward),
                 ))
     return out
 
