@@ -141,11 +141,36 @@ def _elementwise_case(mode, sampler, dtype, device, n, fastloss, baselines, read
                 bytes_moved=(reads + writes) * n * elem)
 
 
+def _make_check(kind: str, sampler, dtype) -> Optional[Callable[[], Optional[str]]]:
+    """A sanity check before timing (the tests, against mpmath, own accuracy): the values on 4096
+    of the case's points against SciPy's log(ive) + x / log(kve) - x where SciPy is finite and
+    nonzero, within 1e-6 relative in float64 and 1e-5 in float32 (absolute below 1): a broken
+    kernel is off by O(1)."""
+    if _scipy() is None:
+        return None
+
+    def check() -> Optional[str]:
+        v, x = (t[:4096] for t in sampler(12345))
+        ours = _fastloss(kind)(v, x).double().cpu().numpy()
+        ref = _scipy_log(kind)(v.double(), x.double())
+        ok = np.isfinite(ref)
+        if not ok.any():
+            return None
+        tol = 1e-6 if dtype == torch.float64 else 1e-5
+        err = np.max(np.abs(ours[ok] - ref[ok]) / np.maximum(1.0, np.abs(ref[ok])))
+        return None if err <= tol else f"MISMATCH vs SciPy: max err {err:.2e} > {tol:g}"
+
+    return check
+
+
 def _case(kind, label, sampler, dtype, device, n, baselines, order=0) -> Case:
     # reads v and x, writes the value, the two first derivatives or the three second ones
     mode = f"log {'I' if kind == 'iv' else 'K'}{('', ' grad', ' hess')[order]}: {label}"
     ours = _fastloss_derivatives(kind, order) if order else _fastloss(kind)
-    return _elementwise_case(mode, sampler, dtype, device, n, ours, baselines, reads=2, writes=(1, 2, 3)[order])
+    case = _elementwise_case(mode, sampler, dtype, device, n, ours, baselines, reads=2, writes=(1, 2, 3)[order])
+    if order == 0:  # the derivative cases: checked by the tests (against mpmath's derivatives)
+        case.check = _make_check(kind, sampler, dtype)
+    return case
 
 
 # von Mises-Fisher: A_p = I_(p/2) / I_(p/2-1) and the MLE of kappa, at these dimensions.
