@@ -112,11 +112,18 @@ def _geomloss(geomloss, backend):
 
 
 def _check_solve(shape, device, ot):
-    """fastloss against POT's batch solver on the first problems of the case."""
+    """fastloss against POT's batch solver on the first problems of the case; problems above
+    256 x 256 (where POT would take minutes) and runs without ot.batch: the plan's own marginals."""
 
     def check() -> Optional[str]:
         B, n, m = shape
         if n * m > 256 * 256 or not hasattr(ot, "batch"):
+            cost, _, _ = _solve_inputs((1, n, m), device)(99)
+            r = fastloss.sinkhorn(cost, eps=EPS, tol=1e-6, max_iter=MAX_ITER)
+            rows = (r.plan.double().sum(2) - 1.0 / n).abs().sum().item()
+            cols = (r.plan.double().sum(1) - 1.0 / m).abs().sum().item()
+            if not (rows <= 2e-6 and cols <= 1e-5 and torch.isfinite(r.value).all()):
+                return f"MISMATCH: the plan's marginals are off by {rows:.2e} (rows) and {cols:.2e} (columns)"
             return None
         cost, _, _ = _solve_inputs((min(B, 8), n, m), device)(99)
         cost = cost.double()
