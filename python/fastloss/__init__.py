@@ -8,7 +8,23 @@ from typing import Any, Dict
 
 import torch  # noqa: F401  (loads torch's shared libraries before the extension)
 
-from . import _C  # noqa: F401  (registers torch.ops.fastloss.*)
+
+def _check_torch_version() -> None:
+    """_C links against the torch it was built with: under another version it fails to load
+    (an undefined symbol) or misbehaves. Say so plainly (a source checkout has no _build.py)."""
+    try:
+        from ._build import TORCH_VERSION
+    except ImportError:
+        return
+    if TORCH_VERSION.split("+")[0] != torch.__version__.split("+")[0]:
+        raise ImportError(f"fastloss was built against torch {TORCH_VERSION}, but torch {torch.__version__} is "
+                          "installed: rebuild it against this torch (pip install --no-build-isolation "
+                          "--force-reinstall <fastloss source>)")
+
+
+_check_torch_version()
+
+from . import _C  # noqa: E402, F401  (registers torch.ops.fastloss.*)
 from .ops.log_bessel import log_bessel_iv, log_bessel_kv
 from .ops.softmax import log_softmax, softmax
 from .ops.stat_topk import stat_topk, stat_topk_gelu_mul
