@@ -31,6 +31,23 @@ namespace fastloss {
 // one running sum per column, CPU and CUDA alike).
 constexpr int64_t kSumBlock = 64;
 
+// The upper two levels: the caller sums blocks of up to kSumBlock terms and adds each block.
+template <typename acc_t>
+struct LevelSum {
+  acc_t group = 0, total = 0;
+  int blocks = 0;
+
+  FASTLOSS_HD void add_block(acc_t block) {
+    group += block;
+    if (++blocks == kSumBlock) {
+      total += group;
+      group = 0;
+      blocks = 0;
+    }
+  }
+  FASTLOSS_HD acc_t result() const { return total + group; }
+};
+
 // Count, mean, sum of squared deviations, min and max of a set of values (n = 0: empty, the
 // other fields unused). m2 is in units of (2^spread_exponent(lo, hi))^2.
 template <typename acc_t>

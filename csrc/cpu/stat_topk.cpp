@@ -47,21 +47,17 @@ FASTLOSS_CPU_INLINE acc_t sum_lanes(const acc_t* a) {
 // once per i, in order within each lane.
 template <typename acc_t, typename Term>
 FASTLOSS_CPU_INLINE acc_t row_sum(int64_t n, Term&& term) {
-  acc_t group[kLanes] = {}, total[kLanes] = {};
+  LevelSum<acc_t> sums[kLanes];
   const int64_t full = n - n % kLanes;
-  int64_t blocks = 0;
   for (int64_t b0 = 0; b0 < full; b0 += kSumBlock * kLanes) {
     acc_t block[kLanes] = {};
     const int64_t b1 = std::min(full, b0 + kSumBlock * kLanes);
     for (int64_t i = b0; i < b1; i += kLanes)
       for (int l = 0; l < kLanes; ++l) block[l] += term(i + l);
-    for (int l = 0; l < kLanes; ++l) group[l] += block[l];
-    if (++blocks == kSumBlock) {
-      for (int l = 0; l < kLanes; ++l) total[l] += group[l], group[l] = 0;
-      blocks = 0;
-    }
+    for (int l = 0; l < kLanes; ++l) sums[l].add_block(block[l]);
   }
-  for (int l = 0; l < kLanes; ++l) total[l] += group[l];
+  acc_t total[kLanes];
+  for (int l = 0; l < kLanes; ++l) total[l] = sums[l].result();
   acc_t s = sum_lanes(total);
   for (int64_t i = full; i < n; ++i) s += term(i);
   return s;
@@ -259,25 +255,21 @@ FASTLOSS_CPU_INLINE void backward_strided(const in_t* g, const in_t* x,
                                           int64_t n, int64_t inner, int count,
                                           typename AccType<in_t>::type z, bool hard, bool threshold_grad) {
   using acc_t = typename AccType<in_t>::type;
-  // Per column, in row_sum's three levels (blocks of kSumBlock rows).
-  acc_t s[kLanes] = {}, group[kLanes] = {};
+  // Per column, in kSumBlock's three levels (blocks of kSumBlock rows).
+  LevelSum<acc_t> sums[kLanes];
   if (!hard && threshold_grad) {
-    for (int64_t b0 = 0, blocks = 0; b0 < n; b0 += kSumBlock) {
+    for (int64_t b0 = 0; b0 < n; b0 += kSumBlock) {
       acc_t block[kLanes] = {};
       const int64_t b1 = std::min(n, b0 + kSumBlock);
       for (int64_t i = b0; i < b1; ++i)
         for (int l = 0; l < count; ++l)
           block[l] += keep_or_zero(to_acc<acc_t>(x[i * inner + l]) > theta_in[l], to_acc<acc_t>(g[i * inner + l]));
-      for (int l = 0; l < count; ++l) group[l] += block[l];
-      if (++blocks == kSumBlock || b1 == n) {
-        for (int l = 0; l < count; ++l) s[l] += group[l], group[l] = 0;
-        blocks = 0;
-      }
+      for (int l = 0; l < count; ++l) sums[l].add_block(block[l]);
     }
   }
   ThetaGrad<acc_t> tg[kLanes];
   for (int l = 0; l < count; ++l) {
-    const acc_t c = (grad_theta ? grad_theta[l] : acc_t(0)) - s[l];
+    const acc_t c = (grad_theta ? grad_theta[l] : acc_t(0)) - sums[l].result();
     tg[l] = theta_grad(c, static_cast<acc_t>(n), mean[l], std_in[l], z, !hard && threshold_grad);
   }
   for (int64_t i = 0; i < n; ++i)

@@ -472,22 +472,17 @@ __global__ void __launch_bounds__(kStridedThreads) strided_backward_kernel(
   acc_t c = st.grad_theta ? st.grad_theta[col] : acc_t(0);
   if (subtract) {
     // kSumBlock's three levels, as on the CPU.
-    acc_t total = 0, group = 0;
-    for (int64_t b0 = 0, blocks = 0; b0 < size; b0 += kSumBlock) {
+    LevelSum<acc_t> sum;
+    for (int64_t b0 = 0; b0 < size; b0 += kSumBlock) {
       acc_t block = 0;
       const int64_t b1 = b0 + kSumBlock < size ? b0 + kSumBlock : size;
       for (int64_t i = b0; i < b1; ++i) {
         const int64_t k = base + i * inner;
         block += to_acc(x[k]) > theta ? to_acc(g[k]) : acc_t(0);
       }
-      group += block;
-      if (++blocks == kSumBlock) {
-        total += group;
-        group = 0;
-        blocks = 0;
-      }
+      sum.add_block(block);
     }
-    c -= total + group;
+    c -= sum.result();
   }
   const ThetaGrad<acc_t> tg = theta_grad(c, static_cast<acc_t>(size), st.mean[col], st.std[col], z, subtract);
   for (int64_t i = 0; i < size; ++i) {
