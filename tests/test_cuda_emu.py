@@ -609,6 +609,13 @@ def test_fma_build_softmax_and_stat_topk(emu_fma):
     for shape, dim in (((17, 100), -1), ((3, 3000), -1), ((2, 151936), -1), ((6, 33, 5), 1)):
         for log in (False, True):
             test_softmax_forward_and_backward(emu_fma, shape, dim, log)
+    # Every thread of a row must end with the same normalizer, also where nvcc contracts
+    # a * b + c * d into an fma: a row made of two equal halves gives two equal halves.
+    for rows, half in ((17, 50), (3, 1500), (2, 75968)):
+        r = torch.randn(rows, half, generator=torch.Generator().manual_seed(half)) * 5
+        for log in (False, True):
+            y = emu_fma.softmax(torch.cat([r, r], -1), -1, log)
+            assert torch.equal(y[:, :half], y[:, half:]), f"rows of {2 * half}: threads disagree on the normalizer"
     for shape, dim in (((8, 1000), -1), ((2, 100000), -1), ((4, 50, 6), 1)):
         test_stat_topk_forward_and_backward(emu_fma, shape, dim, torch.float32, False)
     test_gelu_mul_forward_and_backward(emu_fma, (16, 2048), torch.bfloat16)

@@ -189,8 +189,78 @@ def test_numpy_scalars_are_numbers():
     lambda: fastloss.nn.LinearCrossEntropy(softcap=-1.0),
     lambda: fastloss.nn.LinearCrossEntropy(reduction="avg"),
     lambda: fastloss.nn.LinearCrossEntropy(filter_eps="fast"),
+    lambda: fastloss.nn.LinearCrossEntropy(shift="no"),
+    lambda: fastloss.nn.LinearCrossEntropy(process_group="group0"),
+    lambda: fastloss.nn.StatTopK(k=2, dim="last"),
+    lambda: fastloss.nn.StatTopK(k=2, threshold_grad="no"),
 ])
 def test_modules_check_their_options_when_built(build):
     # (They used to fail only at the first forward.)
     with pytest.raises((ValueError, TypeError)):
         build()
+
+
+FLAG_CASES = {
+    "shift": lambda v: fastloss.linear_cross_entropy(_randn(2, 3, 4), _randn(5, 4), torch.zeros(2, 3, dtype=torch.long),
+                                                     shift=v),
+    "return_lse": lambda v: fastloss.linear_cross_entropy(_randn(3, 4), _randn(5, 4), torch.zeros(3, dtype=torch.long),
+                                                          return_lse=v),
+    "threshold_grad": lambda v: fastloss.stat_topk(_randn(3, 8), k=2, threshold_grad=v),
+    "return_threshold": lambda v: fastloss.stat_topk(_randn(3, 8), k=2, return_threshold=v),
+    "gelu_mul threshold_grad": lambda v: fastloss.stat_topk_gelu_mul(_randn(3, 8), _randn(3, 8), 0.5,
+                                                                     threshold_grad=v),
+}
+
+
+@pytest.mark.parametrize("name", list(FLAG_CASES))
+def test_flags_must_be_bools(name):
+    # A string such as "no" used to count as true.
+    FLAG_CASES[name](False)
+    with pytest.raises(TypeError, match="must be a bool"):
+        FLAG_CASES[name]("no")
+
+
+def test_complex_inputs_raise_instead_of_dropping_the_imaginary_part():
+    z = torch.tensor([2 + 7j])
+    for call in (lambda: fastloss.vmf_log_normalizer(z, 3), lambda: fastloss.vmf_mean_resultant(z, 3),
+                 lambda: fastloss.vmf_kappa_mle(z / 10, 3), lambda: fastloss.vmf_log_normalizer(2 + 7j, 3),
+                 lambda: fastloss.distributions.VonMisesFisher(torch.tensor([1.0, 0.0]), z[0]),
+                 lambda: fastloss.distributions.VonMisesFisher(torch.tensor([1.0, 0.0]), 2 + 7j)):
+        with pytest.raises(TypeError, match="real"):
+            call()
+    # Integers are promoted, as torch.special does.
+    assert fastloss.vmf_log_normalizer(torch.tensor([2]), 3).item() == pytest.approx(
+        fastloss.vmf_log_normalizer(2.0, 3).item(), rel=1e-6)
+
+
+@pytest.mark.parametrize("grad", ["envelope", "unrolled"])
+def test_sinkhorn_cost_refuses_non_float_costs_and_marginals(grad):
+    # grad="unrolled" never reaches the op and cast int, bool and complex costs itself.
+    ci = torch.tensor([[0, 1, 2], [2, 1, 0]])
+    for cost in (ci, ci.bool(), ci.to(torch.complex64)):
+        with pytest.raises(RuntimeError, match="'cost' to be a float32"):
+            fastloss.sinkhorn_cost(cost, eps=1.0, grad=grad)
+    with pytest.raises(RuntimeError, match="'a' to be a float32"):
+        fastloss.sinkhorn_cost(ci.double(), torch.tensor([1, 1]), torch.tensor([1.0, 0.5, 0.5]), eps=1.0, grad=grad)
+
+
+def test_fake_tensors_and_make_fx_trace_the_eager_value_checks():
+    # The wrappers' eager checks read values on the host; with fake tensors or under make_fx
+    # they used to raise data-dependent errors (the ops still check the real values).
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    h, w, t = _randn(2, 4, 5), _randn(7, 5), torch.randint(0, 7, (2, 4))
+    shifted = lambda h, w, t: fastloss.linear_cross_entropy(h, w, t, shift=True)  # noqa: E731
+    unrolled = lambda c: fastloss.sinkhorn_cost(c, eps=0.5, max_iter=3, grad="unrolled")  # noqa: E731
+    cost = torch.rand(3, 4, 5, dtype=torch.float64)
+    mode = FakeTensorMode()
+    with mode:
+        assert shifted(*map(mode.from_tensor, (h, w, t))).shape == ()
+        assert unrolled(mode.from_tensor(cost)).shape == (3,)
+    for tracing in ("real", "fake", "symbolic"):
+        torch.testing.assert_close(make_fx(shifted, tracing_mode=tracing)(h, w, t)(h, w, t), shifted(h, w, t))
+        torch.testing.assert_close(make_fx(unrolled, tracing_mode=tracing)(cost)(cost), unrolled(cost))
+    # Eager, the checks still run.
+    with pytest.raises(IndexError, match="at position"):
+        shifted(h, w, torch.full((2, 4), 9))

@@ -192,7 +192,9 @@ struct ExpSum {
 
   FASTLOSS_HD static ExpSum empty() { return {T(0), ExpConstants<T>::kEmptyExponent}; }
 
-  // Adds mantissa * 2^exponent.
+  // Adds mantissa * 2^exponent. The scales are powers of two, so both products are exact
+  // (short of subnormals) and an fma contraction changes nothing: merge(p, q) and merge(q, p)
+  // give the same bits, and every lane of a butterfly reduction agrees.
   FASTLOSS_HD void add(T mantissa, T exponent_in) {
     const T e = fl_max(exponent, exponent_in);
     sum = sum * exp2_nonpositive(exponent - e) + mantissa * exp2_nonpositive(exponent_in - e);

@@ -90,6 +90,10 @@ class VonMisesFisher(Distribution):
         loc = torch.as_tensor(loc)
         if not loc.is_floating_point() or loc.dim() < 1 or loc.shape[-1] < 2:
             raise ValueError(f"VonMisesFisher: expected 'loc' to be a float tensor with a last dim >= 2, got {loc.dtype} {tuple(loc.shape)}")
+        if isinstance(concentration, complex) or (isinstance(concentration, torch.Tensor) and concentration.is_complex()):
+            # (a cast would drop the imaginary part)
+            got = concentration.dtype if isinstance(concentration, torch.Tensor) else "a complex number"
+            raise TypeError(f"VonMisesFisher: expected 'concentration' to be real, got {got}")
         concentration = torch.as_tensor(concentration, dtype=loc.dtype, device=loc.device)
         if _per_row(concentration.shape, loc.shape):
             concentration = concentration.squeeze(-1)

@@ -7,6 +7,7 @@ from typing import Optional, Union
 
 import torch
 
+from .ops._guards import check_bool
 from .ops.linear_cross_entropy import check_options, linear_cross_entropy
 from .ops.sinkhorn import check_kd_options, sinkhorn_kd_loss
 from .ops.stat_topk import op_amount, stat_topk
@@ -32,6 +33,9 @@ class StatTopK(torch.nn.Module):
             raise ValueError(f"fastloss.nn.StatTopK: 'k' must be a positive int, got {k!r}")
         if mode not in ("soft", "hard"):
             raise ValueError(f"fastloss.nn.StatTopK: 'mode' must be 'soft' or 'hard', got {mode!r}")
+        if isinstance(dim, bool) or not isinstance(dim, numbers.Integral):  # its range waits for the input
+            raise TypeError(f"fastloss.nn.StatTopK: 'dim' must be an int, got {type(dim).__name__}")
+        check_bool("nn.StatTopK", "threshold_grad", threshold_grad)
         self.sparsity, self.k, self.dim, self.mode, self.threshold_grad = sparsity, k, dim, mode, threshold_grad
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -81,7 +85,8 @@ class LinearCrossEntropy(torch.nn.Module):
                  filter_eps: Union[str, float, None] = "auto", process_group=None, deterministic: bool = False):
         super().__init__()
         # Checked when built, not at the first call.
-        check_options(reduction, ignore_index, softcap, label_smoothing, z_loss, filter_eps, deterministic)
+        check_options(reduction, ignore_index, softcap, label_smoothing, z_loss, filter_eps, shift, process_group,
+                      deterministic)
         self.ignore_index, self.reduction, self.softcap = ignore_index, reduction, softcap
         self.label_smoothing, self.z_loss, self.shift = label_smoothing, z_loss, shift
         self.filter_eps, self.process_group, self.deterministic = filter_eps, process_group, deterministic

@@ -28,8 +28,12 @@ def _check_p(name: str, p) -> int:
     return int(p)
 
 
-def _as_float_tensor(value: TensorOrNumber) -> torch.Tensor:
+def _as_float_tensor(name: str, arg: str, value: TensorOrNumber) -> torch.Tensor:
+    """value as a float tensor: integers and bools promoted to the default dtype, as
+    torch.special does; complex refused (casting would drop the imaginary part)."""
     t = torch.as_tensor(value)
+    if t.is_complex():
+        raise TypeError(f"fastloss.{name}: expected '{arg}' to be real, got {t.dtype}")
     return t if t.is_floating_point() else t.to(torch.get_default_dtype())
 
 
@@ -47,7 +51,7 @@ def vmf_log_normalizer(kappa: TensorOrNumber, p: int) -> torch.Tensor:
     kappa NaN. Evaluated in float64 for every dtype; small kappa through the power series of
     I_nu, so no nu log kappa terms cancel."""
     p = _check_p("vmf_log_normalizer", p)
-    kappa = _as_float_tensor(kappa)
+    kappa = _as_float_tensor("vmf_log_normalizer", "kappa", kappa)
     return _call("vmf_log_normalizer", kappa, p)
 
 
@@ -62,7 +66,7 @@ def vmf_mean_resultant(kappa: TensorOrNumber, p: int) -> torch.Tensor:
     (differentiable in kappa, twice, also at kappa = 0), to a few ulps at any p and kappa, and
     its derivatives to ~1e-14 relative (computed in float64 for every dtype)."""
     p = _check_p("vmf_mean_resultant", p)
-    return _mean_resultant(_as_float_tensor(kappa), p)
+    return _mean_resultant(_as_float_tensor("vmf_mean_resultant", "kappa", kappa), p)
 
 
 def _mean_resultant_slope(kappa: torch.Tensor, p: int) -> torch.Tensor:
@@ -96,7 +100,7 @@ def vmf_kappa_mle(rbar: TensorOrNumber, p: int, iterations: int = 10) -> torch.T
     p = _check_p("vmf_kappa_mle", p)
     if isinstance(iterations, bool) or not isinstance(iterations, numbers.Integral) or not 1 <= iterations <= 1000:
         raise ValueError(f"fastloss.vmf_kappa_mle: expected 'iterations' to be an int in [1, 1000], got {iterations!r}")
-    rbar = _as_float_tensor(rbar)
+    rbar = _as_float_tensor("vmf_kappa_mle", "rbar", rbar)
     return _call("vmf_kappa_mle", rbar, p, int(iterations))
 
 

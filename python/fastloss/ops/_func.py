@@ -19,6 +19,8 @@ import torch
 import torch.autograd.forward_ad as fwAD
 from torch._C._functorch import TransformType
 from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
+from torch._subclasses.fake_tensor import FakeTensor
+from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 from ._guards import wrap_dim
 
@@ -71,6 +73,15 @@ def all_true(t: torch.Tensor) -> bool:
 def vmap_active() -> bool:
     """Whether a torch.func.vmap transform is running (values cannot be branched on)."""
     return TransformType.Vmap in _running_transforms()
+
+
+def host_values_readable(*tensors: torch.Tensor) -> bool:
+    """Whether an eager check may read these tensors' values on the host: CPU tensors, and not
+    while torch.compile traces, under vmap (batched values), with fake tensors, or while a
+    dispatch mode such as make_fx's tracer records the calls (a read is a data-dependent
+    branch there). Where it may not, the ops' own checks still run on the real values."""
+    return (all(t.device.type == "cpu" and not isinstance(t, FakeTensor) for t in tensors)
+            and not torch.compiler.is_compiling() and not vmap_active() and _get_current_dispatch_mode() is None)
 
 
 def forbid_transforms(op: str, case: str, *tensors) -> None:

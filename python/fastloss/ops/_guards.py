@@ -58,6 +58,12 @@ def check_dtype(op: str, arg: str, t: torch.Tensor, dtype: torch.dtype) -> None:
         raise RuntimeError(f"fastloss.{op}: '{arg}' must be a {dtype} tensor, got {t.dtype}")
 
 
+def check_bool(op: str, arg: str, value) -> None:
+    """A flag must be a bool: a string such as "no" would otherwise count as true."""
+    if not isinstance(value, bool):
+        raise TypeError(f"fastloss.{op}: '{arg}' must be a bool, got {type(value).__name__}")
+
+
 def check_value(ok: bool, op: str, message: str, error: type = RuntimeError) -> None:
     """A check of a non-tensor argument: raises error(f"fastloss.{op}: {message}") unless ok."""
     if not ok:

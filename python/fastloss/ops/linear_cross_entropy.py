@@ -13,9 +13,9 @@ import torch
 
 from . import _lce_derivatives as lce_derivatives
 from ._double_backward import refuse_second_derivative
-from ._func import (batch_front, forbid_transforms, loop_rule, transform_function, transforms_active,
-                    vmap_active)
-from ._guards import check_dtype, check_floating, check_same_device, check_shape, check_value
+from ._func import (batch_front, forbid_transforms, host_values_readable, loop_rule, transform_function,
+                    transforms_active)
+from ._guards import check_bool, check_dtype, check_floating, check_same_device, check_shape, check_value
 
 _REDUCTIONS = ("mean", "sum", "none")
 
@@ -47,15 +47,19 @@ def resolve_filter_eps(filter_eps, dtype: torch.dtype) -> float:
     return _check_real("filter_eps", filter_eps, 0.0, math.nextafter(1.0, 0.0), "in [0, 1)")
 
 
-def check_options(reduction, ignore_index, softcap, label_smoothing, z_loss, filter_eps, deterministic):
-    """The scalar options, checked (also by nn.LinearCrossEntropy when built); returns the
+def check_options(reduction, ignore_index, softcap, label_smoothing, z_loss, filter_eps, shift, process_group,
+                  deterministic):
+    """The non-tensor options, checked (also by nn.LinearCrossEntropy when built); returns the
     softcap (0: none), label_smoothing and z_loss as floats."""
     if reduction not in _REDUCTIONS:
         raise ValueError(f"fastloss.linear_cross_entropy: 'reduction' must be 'mean', 'sum' or 'none', "
                          f"got {reduction!r}")
-    if not isinstance(deterministic, bool):
-        raise TypeError(f"fastloss.linear_cross_entropy: 'deterministic' must be a bool, got "
-                        f"{type(deterministic).__name__}")
+    check_bool("linear_cross_entropy", "shift", shift)
+    check_bool("linear_cross_entropy", "deterministic", deterministic)
+    if process_group is not None and not (torch.distributed.is_available()
+                                          and isinstance(process_group, torch.distributed.ProcessGroup)):
+        raise TypeError("fastloss.linear_cross_entropy: 'process_group' must be a torch.distributed "
+                        f"ProcessGroup or None, got {type(process_group).__name__}")
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, numbers.Integral):
         raise TypeError(f"fastloss.linear_cross_entropy: 'ignore_index' must be an int, got "
                         f"{type(ignore_index).__name__}")
@@ -210,7 +214,8 @@ def linear_cross_entropy(
     if bias is not None:
         _check_tensor("bias", bias)
     cap, label_smoothing, z_loss = check_options(reduction, ignore_index, softcap, label_smoothing, z_loss, filter_eps,
-                                                 deterministic)
+                                                 shift, process_group, deterministic)
+    check_bool("linear_cross_entropy", "return_lse", return_lse)
     if hidden.dim() < 1:
         raise ValueError("fastloss.linear_cross_entropy: 'hidden' must have at least one dimension (D)")
     lead = hidden.shape[:-1]
@@ -220,16 +225,12 @@ def linear_cross_entropy(
     if process_group is not None:
         forbid_transforms("linear_cross_entropy", "with a process_group (vocabulary-parallel)", hidden, classifier,
                           bias)
-        if not (torch.distributed.is_available() and isinstance(process_group, torch.distributed.ProcessGroup)):
-            raise TypeError("fastloss.linear_cross_entropy: 'process_group' must be a torch.distributed "
-                            f"ProcessGroup or None, got {type(process_group).__name__}")
     hidden, classifier, bias = _autocast(hidden, classifier, bias)
     eps = resolve_filter_eps(filter_eps, hidden.dtype)
     if shift:
         if hidden.dim() < 2:
             raise ValueError("fastloss.linear_cross_entropy: 'shift' needs hidden of shape (..., T, D)")
-        if (process_group is None and targets.device.type == "cpu" and not torch.compiler.is_compiling()
-                and not vmap_active()):
+        if process_group is None and host_values_readable(targets):
             _check_unshifted_targets(targets, ignore_index, classifier.shape[0])
         targets = _shift_targets(targets, ignore_index)
     tokens = 1
@@ -541,7 +542,7 @@ def _check_shard_targets(targets: torch.Tensor, ignore_index: int, vocab_total: 
     bad = (t != ignore_index) & ((t < 0) | (t >= vocab_total))
     message = (f"fastloss.linear_cross_entropy: 'targets' must be in [0, {vocab_total}) or equal ignore_index "
                f"({ignore_index})")
-    if t.device.type == "cpu" and not torch.compiler.is_compiling():
+    if host_values_readable(t):
         if bool(bad.any()):
             flat = int(bad.nonzero()[0])
             raise IndexError(f"{message}, got {int(t[flat])} at position {flat} of the flattened targets (the "

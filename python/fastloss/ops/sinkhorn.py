@@ -9,7 +9,8 @@ from typing import NamedTuple, Optional, Tuple, cast
 
 import torch
 
-from ._func import batch_front, derivative_function, loop_rule, no_derivative, transform_function, transforms_active, vmap_active
+from ._func import (batch_front, derivative_function, host_values_readable, loop_rule, no_derivative,
+                    transform_function, transforms_active)
 from ._guards import FLOAT_DTYPES, check_dtype, check_floating, check_same_device, check_shape, check_value
 
 _GRAD_MODES = ("envelope", "unrolled")
@@ -75,6 +76,7 @@ def _marginal(name: str, arg: str, x: Optional[torch.Tensor], batch: int, size: 
     if x is None:
         return cost.new_full((batch, size), 1.0 / max(size, 1), dtype=_acc_dtype(cost.dtype))
     _check_tensor(name, arg, x)
+    check_floating(name, arg, x)
     if x.dim() == 1 and x.shape[0] == size:
         return x.unsqueeze(0).expand(batch, size)
     if x.dim() == 2 and tuple(x.shape) == (batch, size):
@@ -91,6 +93,7 @@ _ERROR_NORMS = (1, 2, math.inf)
 
 def _prepare(name: str, cost, a, b, eps, max_iter, tol, error_norm):
     _check_tensor(name, "cost", cost)
+    check_floating(name, "cost", cost)  # also for grad="unrolled", which does not reach the op
     if cost.dim() not in (2, 3):
         raise ValueError(f"fastloss.{name}: expected 'cost' to have shape (n, m) or (B, n, m), got {tuple(cost.shape)}")
     batched = cost.dim() == 3
@@ -203,7 +206,7 @@ def _solve(cost, a, b, eps, max_iter, tol, error_norm):
 def _unrolled_value(cost, a, b, eps, max_iter, tol, error_norm):
     """The same iteration as the kernels, written with differentiable torch ops."""
     # (The marginal checks branch on values, which torch.func.vmap cannot do.)
-    if not torch.compiler.is_compiling() and a.device.type == "cpu" and not vmap_active():
+    if host_values_readable(a, b):
         _check_marginals(a.detach(), b.detach())
     valid = _marginals_valid(a, b)
     acc = _acc_dtype(cost.dtype)
