@@ -636,12 +636,15 @@ def rel_err(a, r):
 @pytest.mark.parametrize("option", list(OPTIONS))
 def test_cuda_kernels_within_twice_torch_error(dtype, v, option):
     """Loss, LSE and gradients against float64, at most 2x the error of torch's own half-precision
-    logits + F.cross_entropy; 300 tokens (not a multiple of the 128-token tile), 20% ignored."""
+    logits + F.cross_entropy; 300 tokens (not a multiple of the 128-token tile), 20% ignored.
+    Without filtering: these near-uniform softmaxes over 50k-150k entries sit below the auto
+    threshold in every tile without a target, so the filter would drop most of d hidden's
+    probability-weighted sum by design (filtering: test_half_within_twice_torch_error, peaked)."""
     options = dict(OPTIONS[option])
     h, c, t, b = make_inputs((3, 100), 64, v, dtype, "cuda", bias=options.pop("bias", False), seed=7)
     kw = dict(options)
     out, grads = grads_of(lambda *a: fastloss.linear_cross_entropy(a[0], a[1], t, a[2] if b is not None else None,
-                                                                   **kw), [h, c, b])
+                                                                   filter_eps=None, **kw), [h, c, b])
     torch_out, torch_grads = grads_of(lambda *a: reference(a[0], a[1], t, a[2] if b is not None else None, **kw),
                                       [h, c, b])
     ref, ref_grads = grads_of(lambda *a: reference(a[0], a[1], t, a[2] if b is not None else None, **kw),
