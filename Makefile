@@ -58,10 +58,12 @@ GPU_CHECK_SECONDS ?= 540
 gpu-check: $(SETUP)
 	PYTHON=$(PY) bash bench/gpu_check.sh $(GPU_CHECK_OUT) $(GPU_CHECK_SECONDS)
 
-# The peers and test extras as wheels for an offline machine's Python (WHEEL_PYTHON), into .whl/
-# (bench/gpu_check.sh installs them from there).
+# The peers and test extras as wheels for an offline machine's Python (WHEEL_PYTHON), into a
+# fresh .whl/ (bench/gpu_check.sh installs them from there; two versions of one package would
+# make that install fail).
 WHEEL_PYTHON ?= 3.12
 wheelhouse:
+	rm -rf .whl
 	python3 -m pip download --no-deps --only-binary=:all: --python-version $(WHEEL_PYTHON) \
 		--implementation cp --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 \
 		--platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d .whl \

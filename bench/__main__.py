@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import os
+import signal
 import sys
 import time
 
@@ -89,10 +90,16 @@ def main(argv=None) -> int:
     print(f"fastloss bench on {meta['device_name']} (torch {meta['torch']}, {len(cases)} cases"
           f"{', quick' if args.quick else ''})", file=sys.stderr)
     t0 = time.perf_counter()
+    # A time limit's SIGTERM stops the run like Ctrl-C: the finished cases are still reported.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     roofline, results, load = harness.run_cases(cases, settings)
     elapsed = time.perf_counter() - t0
     meta["elapsed_s"] = round(elapsed, 1)
     meta["load"] = load
+    if len(results) < len(cases):
+        meta["interrupted"] = (f"{len(results)} of {len(cases)} cases ran; the targets are not evaluated "
+                               f"(the missing cases would count)")
+        family_targets = {}
 
     targets = harness.evaluate_targets(family_targets, results, roofline)
     print(harness.format_terminal(meta, roofline, results, family_notes, targets))

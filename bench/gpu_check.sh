@@ -14,9 +14,12 @@
 #
 # OUTDIR gets at most 7 files, each written as its step ends: summary.txt (status and seconds
 # of each step), build.log, info.txt, tests.log, memcheck.log, bench.log and results.tgz (the
-# benchmark reports, repacked after each family). A step is cut short by `timeout` when the
-# budget runs out, and the steps after it are skipped. Wheels in .whl/ (`make wheelhouse`) are
-# installed first, for machines without network access.
+# benchmark reports, repacked after each family). Each step has a share of the budget (tests
+# half of what is left, memcheck 120 s, each benchmark family an equal share of the rest) and
+# is stopped with SIGINT at its limit, so pytest still prints its failures and a benchmark
+# family still writes the cases it finished; a hung test dumps its stack after 120 s. Wheels in
+# .whl/ (`make wheelhouse`) are installed first, for machines without network access. The exit
+# status is 1 when any step failed or was cut.
 set -uo pipefail
 
 OUTDIR=${1:?usage: bench/gpu_check.sh OUTDIR [SECONDS]}
@@ -37,22 +40,27 @@ SUMMARY="$OUTDIR/summary.txt"
 
 note() { echo "$*" | tee -a "$SUMMARY"; }
 left() { echo $((BUDGET - ($(date +%s) - START))); }
+FAILED=0
 
-# step NAME LOG CMD...: runs CMD under the time left (less 10 s to pack results), logging to LOG.
+# step NAME LOG CAP CMD...: runs CMD for at most CAP seconds (0: no cap) and the time left (less
+# 10 s to pack results), logging to LOG. At the limit: SIGINT, then SIGKILL 15 s later.
 step() {
-  local name=$1 log=$2
-  shift 2
+  local name=$1 log=$2 cap=$3
+  shift 3
   local limit=$(($(left) - 10))
+  ((cap > 0 && cap < limit)) && limit=$cap
   if ((limit < 20)); then
     note "$name: skipped (budget spent)"
+    FAILED=1
     return 1
   fi
   local t0=$(date +%s)
-  timeout --kill-after=5 "$limit" "$@" >"$log" 2>&1
+  timeout -s INT --kill-after=15 "$limit" "$@" >"$log" 2>&1
   local rc=$?
   local status=ok
   ((rc == 124 || rc == 137)) && status="cut at ${limit}s"
   ((rc != 0 && rc != 124 && rc != 137)) && status="failed (rc $rc)"
+  ((rc != 0)) && FAILED=1
   note "$name: $status, $(($(date +%s) - t0))s"
   tail -n 3 "$log" | sed 's/^/    /' | tee -a "$SUMMARY"
   return $rc
@@ -68,6 +76,8 @@ if compgen -G ".whl/*.whl" >/dev/null; then
   else
     note "wheels: not installed (built for another Python? make wheelhouse WHEEL_PYTHON=...): peers skipped"
   fi
+else
+  note "wheels: none in .whl/ (make wheelhouse): peers not installed here are skipped"
 fi
 
 arch=$("$PY" -c "import torch; c = torch.cuda.get_device_capability(); print(f'{c[0]}{c[1]}')" 2>/dev/null)
@@ -79,9 +89,9 @@ note "GPU: $("$PY" -c 'import torch; print(torch.cuda.get_device_name(), torch._
 
 if has_step build; then
   # Only this GPU's architecture: half the device compile time of the default list.
-  step build "$OUTDIR/build.log" env FASTLOSS_CUDA=ON FASTLOSS_CUDA_ARCHS="$arch" \
+  step build "$OUTDIR/build.log" 0 env FASTLOSS_CUDA=ON FASTLOSS_CUDA_ARCHS="$arch" \
     CMAKE_BUILD_PARALLEL_LEVEL="$(nproc)" make install PYTHON="$PY"
-  cp build.log "$OUTDIR/build.log" 2>/dev/null
+  cat build.log >>"$OUTDIR/build.log" 2>/dev/null  # pip's whole log after make's lines
   (cd tests && "$PY" -m fastloss info) >"$OUTDIR/info.txt" 2>&1
   if ! grep -q "^CUDA kernels built *yes" "$OUTDIR/info.txt"; then
     note "build: fastloss has no CUDA kernels (see info.txt); stopping"
@@ -90,26 +100,40 @@ if has_step build; then
   fi
 fi
 
+PYTEST=("$PY" -m pytest -q -m cuda -p no:cacheprovider -rfE -o faulthandler_timeout=120)
 if has_step tests; then
-  (cd tests && step tests "$OUTDIR/tests.log" "$PY" -m pytest -q -m cuda -p no:cacheprovider -rfE --durations=15)
+  cd tests && step tests "$OUTDIR/tests.log" $(($(left) / 2)) "${PYTEST[@]}" --durations=15
+  cd ..
 fi
 
 if has_step memcheck; then
-  (cd tests && step memcheck "$OUTDIR/memcheck.log" compute-sanitizer --tool memcheck --error-exitcode 1 \
-    "$PY" -m pytest -q -m cuda -k memcheck -p no:cacheprovider -rfE)
+  sanitizer=$(command -v compute-sanitizer || ls /usr/local/cuda*/bin/compute-sanitizer 2>/dev/null | head -n 1)
+  if [[ -z "$sanitizer" ]]; then
+    note "memcheck: skipped (no compute-sanitizer on PATH or in /usr/local/cuda*/bin)"
+    FAILED=1
+  else
+    # Without torch's caching allocator every tensor is its own allocation, so an access past
+    # a tensor's end is reported rather than landing in a neighbour of the same segment.
+    # Exit 86: an error memcheck found (1 would be a failing test).
+    cd tests && step memcheck "$OUTDIR/memcheck.log" 120 env PYTORCH_NO_CUDA_MEMORY_CACHING=1 \
+      "$sanitizer" --tool memcheck --error-exitcode 86 "${PYTEST[@]}" -k memcheck
+    cd ..
+  fi
 fi
 
 if has_step bench; then
   : >"$OUTDIR/bench.log"
-  for op in ${OPS//,/ }; do
+  families=(${OPS//,/ })
+  for i in "${!families[@]}"; do
+    op=${families[$i]}
+    share=$(((($(left) - 10) / (${#families[@]} - i))))
     # shellcheck disable=SC2086  # BENCH_ARGS is a list of arguments
-    step "bench $op" "$RESULTS/$op.log" env PYTHONUNBUFFERED=1 "$PY" -m bench --device cuda --ops "$op" \
+    step "bench $op" "$RESULTS/$op.log" "$share" env PYTHONUNBUFFERED=1 "$PY" -m bench --device cuda --ops "$op" \
       --out "$RESULTS/results" $BENCH_ARGS
-    rc=$?
     cat "$RESULTS/$op.log" >>"$OUTDIR/bench.log" 2>/dev/null
     [[ -d "$RESULTS/results" ]] && tar czf "$OUTDIR/results.tgz" -C "$RESULTS" results
-    ((rc == 124 || rc == 137)) && break
     (($(left) < 30)) && break
   done
 fi
-note "gpu_check: done in $(($(date +%s) - START))s"
+note "gpu_check: done in $(($(date +%s) - START))s$( ((FAILED)) && echo ', some steps failed or were cut')"
+exit $FAILED

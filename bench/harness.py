@@ -687,6 +687,9 @@ def run_cases(cases: Sequence[Case], settings: Settings, progress_desc: str = "b
     """Roofline first, then every case, with a progress bar on stderr.
 
     Returns (roofline, results, load) where load is what :class:`LoadMonitor` saw (or None).
+    Interrupted (Ctrl-C, SIGINT, or SIGTERM: a time limit) after the roofline, it returns the
+    cases finished so far, so their reports are still written; `results` is then shorter than
+    `cases`.
     """
     from tqdm import tqdm
 
@@ -701,9 +704,12 @@ def run_cases(cases: Sequence[Case], settings: Settings, progress_desc: str = "b
         with cpu_threads(common):
             roofline = measure_roofline(settings, clock, progress)
         results = []
-        for c in cases:
-            with cpu_threads(c.threads if settings.device == "cpu" else None):
-                results.append(run_case(c, settings, clock, progress))
+        try:
+            for c in cases:
+                with cpu_threads(c.threads if settings.device == "cpu" else None):
+                    results.append(run_case(c, settings, clock, progress))
+        except KeyboardInterrupt:
+            print(f"\ninterrupted: {len(results)} of {len(cases)} cases finished", file=sys.stderr)
     return roofline, results, monitor.stop()
 
 
@@ -910,6 +916,8 @@ def format_terminal(
     warn = load_warning(meta)
     if warn:
         lines.append(f"WARNING: {warn}")
+    if meta.get("interrupted"):
+        lines.append(f"INTERRUPTED: {meta['interrupted']}")
     for fam, rs in _families(results).items():
         header, rows = table_rows(rs, roofline)
         lines += ["", f"[{fam}]", format_text_table(header, rows)]
@@ -999,6 +1007,8 @@ def format_markdown(
     warn = load_warning(meta)
     if warn:
         lines.append(f"- **warning**: {warn}")
+    if meta.get("interrupted"):
+        lines.append(f"- **interrupted**: {meta['interrupted']}")
     lines += [
         "",
         "Method: " + timing + f"; warm-up (first call compiles), then the implementations of a case timed "
