@@ -60,14 +60,15 @@ gpu-check: $(SETUP)
 
 # The peers and test extras as wheels for an offline machine's Python (WHEEL_PYTHON), into a
 # fresh .whl/ (bench/gpu_check.sh installs them from there; two versions of one package would
-# make that install fail).
+# make that install fail), which replaces the old one once every download worked.
 WHEEL_PYTHON ?= 3.12
 wheelhouse:
-	rm -rf .whl
+	rm -rf .whl.new
 	python3 -m pip download --no-deps --only-binary=:all: --python-version $(WHEEL_PYTHON) \
 		--implementation cp --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 \
-		--platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d .whl \
+		--platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d .whl.new \
 		pot geomloss cut-cross-entropy liger-kernel expecttest
+	rm -rf .whl && mv .whl.new .whl
 
 clean:
 	rm -rf build dist $(VENV) .python-ready gpu-check

@@ -90,18 +90,26 @@ def main(argv=None) -> int:
     print(f"fastloss bench on {meta['device_name']} (torch {meta['torch']}, {len(cases)} cases"
           f"{', quick' if args.quick else ''})", file=sys.stderr)
     t0 = time.perf_counter()
-    # A time limit's SIGTERM stops the run like Ctrl-C: the finished cases are still reported.
-    signal.signal(signal.SIGTERM, signal.default_int_handler)
-    roofline, results, load = harness.run_cases(cases, settings)
+    # A time limit's SIGTERM stops the cases like Ctrl-C (once: a second one, or one while the
+    # reports are written, ends the process as usual), and the finished cases are reported.
+    def _interrupt(signum, frame):
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        roofline, results, load = harness.run_cases(cases, settings)
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
     elapsed = time.perf_counter() - t0
     meta["elapsed_s"] = round(elapsed, 1)
     meta["load"] = load
-    if len(results) < len(cases):
-        meta["interrupted"] = (f"{len(results)} of {len(cases)} cases ran; the targets are not evaluated "
-                               f"(the missing cases would count)")
-        family_targets = {}
-
-    targets = harness.evaluate_targets(family_targets, results, roofline)
+    # A family with cases missing is marked interrupted, gets no targets (its missing cases would
+    # count) and a report name of its own, so it never replaces a complete report.
+    ran = {fam: sum(r.case.family == fam for r in results) for fam in families}
+    total = {fam: sum(c.family == fam for c in cases) for fam in families}
+    cut = {fam for fam in families if 0 < ran[fam] < total[fam]}
+    targets = harness.evaluate_targets({f: t for f, t in family_targets.items() if f not in cut}, results, roofline)
     print(harness.format_terminal(meta, roofline, results, family_notes, targets))
 
     # One report per family, so families can be re-run and committed independently.
@@ -113,10 +121,13 @@ def main(argv=None) -> int:
             continue
         fam_meta = harness.family_meta(meta, family_threads[fam])
         stem = f"{fam}-{fam_meta['slug']}{suffix}"
+        if fam in cut:
+            fam_meta = {**fam_meta, "interrupted": f"{ran[fam]} of {total[fam]} cases ran; targets not evaluated"}
+            stem += "-interrupted"
         paths += harness.write_outputs(args.out, stem, fam_meta, roofline, fam_results,
                                        {fam: family_notes[fam]}, [t for t in targets if t[0] == fam])
     print(f"\nwrote {', '.join(os.path.relpath(p) for p in paths)} in {elapsed:.0f} s", file=sys.stderr)
-    return 0
+    return 130 if len(results) < len(cases) else 0
 
 
 if __name__ == "__main__":

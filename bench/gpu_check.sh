@@ -43,11 +43,12 @@ left() { echo $((BUDGET - ($(date +%s) - START))); }
 FAILED=0
 
 # step NAME LOG CAP CMD...: runs CMD for at most CAP seconds (0: no cap) and the time left (less
-# 10 s to pack results), logging to LOG. At the limit: SIGINT, then SIGKILL 15 s later.
+# 20 s: the kill delay and packing the results), logging to LOG. At the limit: SIGINT, then
+# SIGKILL 10 s later.
 step() {
   local name=$1 log=$2 cap=$3
   shift 3
-  local limit=$(($(left) - 10))
+  local limit=$(($(left) - 20))
   ((cap > 0 && cap < limit)) && limit=$cap
   if ((limit < 20)); then
     note "$name: skipped (budget spent)"
@@ -55,7 +56,7 @@ step() {
     return 1
   fi
   local t0=$(date +%s)
-  timeout -s INT --kill-after=15 "$limit" "$@" >"$log" 2>&1
+  timeout -s INT --kill-after=10 "$limit" "$@" >"$log" 2>&1
   local rc=$?
   local status=ok
   ((rc == 124 || rc == 137)) && status="cut at ${limit}s"
@@ -113,7 +114,8 @@ if has_step tests; then
 fi
 
 if has_step memcheck; then
-  sanitizer=$(command -v compute-sanitizer || ls /usr/local/cuda*/bin/compute-sanitizer 2>/dev/null | head -n 1)
+  sanitizer=$(command -v compute-sanitizer || ls /usr/local/cuda/bin/compute-sanitizer 2>/dev/null ||
+    ls -d /usr/local/cuda-*/bin/compute-sanitizer 2>/dev/null | sort -V | tail -n 1)
   if [[ -z "$sanitizer" ]]; then
     note "memcheck: skipped (no compute-sanitizer on PATH or in /usr/local/cuda*/bin)"
     FAILED=1
@@ -132,13 +134,19 @@ if has_step bench; then
   families=(${OPS//,/ })
   for i in "${!families[@]}"; do
     op=${families[$i]}
-    share=$(((($(left) - 10) / (${#families[@]} - i))))
+    if (($(left) < 45)); then
+      note "bench: skipped ${families[*]:$i} (budget spent)"
+      FAILED=1
+      break
+    fi
+    # An equal share of what is left, at least 25 s: the first (most wanted) families get theirs.
+    share=$((($(left) - 20) / (${#families[@]} - i)))
+    ((share < 25)) && share=25
     # shellcheck disable=SC2086  # BENCH_ARGS is a list of arguments
     step "bench $op" "$RESULTS/$op.log" "$share" env PYTHONUNBUFFERED=1 "$PY" -m bench --device cuda --ops "$op" \
       --out "$RESULTS/results" $BENCH_ARGS
     cat "$RESULTS/$op.log" >>"$OUTDIR/bench.log" 2>/dev/null
     [[ -d "$RESULTS/results" ]] && tar czf "$OUTDIR/results.tgz" -C "$RESULTS" results
-    (($(left) < 30)) && break
   done
 fi
 note "gpu_check: done in $(($(date +%s) - START))s$( ((FAILED)) && echo ', some steps failed or were cut')"

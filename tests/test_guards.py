@@ -214,8 +214,9 @@ FLAG_CASES = {
 
 @pytest.mark.parametrize("name", list(FLAG_CASES))
 def test_flags_must_be_bools(name):
-    # A string such as "no" used to count as true.
+    # A string such as "no" used to count as true; NumPy bools are bools.
     FLAG_CASES[name](False)
+    FLAG_CASES[name](np.True_)
     with pytest.raises(TypeError, match="must be a bool"):
         FLAG_CASES[name]("no")
 
@@ -225,7 +226,9 @@ def test_complex_inputs_raise_instead_of_dropping_the_imaginary_part():
     for call in (lambda: fastloss.vmf_log_normalizer(z, 3), lambda: fastloss.vmf_mean_resultant(z, 3),
                  lambda: fastloss.vmf_kappa_mle(z / 10, 3), lambda: fastloss.vmf_log_normalizer(2 + 7j, 3),
                  lambda: fastloss.distributions.VonMisesFisher(torch.tensor([1.0, 0.0]), z[0]),
-                 lambda: fastloss.distributions.VonMisesFisher(torch.tensor([1.0, 0.0]), 2 + 7j)):
+                 lambda: fastloss.distributions.VonMisesFisher(torch.tensor([1.0, 0.0]), 2 + 7j),
+                 lambda: fastloss.distributions.VonMisesFisher(torch.tensor([1.0, 0.0]), np.complex64(2 + 7j)),
+                 lambda: fastloss.vmf_log_normalizer(np.array([2 + 7j]), 3)):
         with pytest.raises(TypeError, match="real"):
             call()
     # Integers are promoted, as torch.special does.
@@ -261,6 +264,15 @@ def test_fake_tensors_and_make_fx_trace_the_eager_value_checks():
     for tracing in ("real", "fake", "symbolic"):
         torch.testing.assert_close(make_fx(shifted, tracing_mode=tracing)(h, w, t)(h, w, t), shifted(h, w, t))
         torch.testing.assert_close(make_fx(unrolled, tracing_mode=tracing)(cost)(cost), unrolled(cost))
-    # Eager, the checks still run.
-    with pytest.raises(IndexError, match="at position"):
-        shifted(h, w, torch.full((2, 4), 9))
+    # Eager, the checks still run: the wrapper's (the user's position, not the shifted one),
+    # also under an eager dispatch mode.
+    bad = torch.full((2, 4), 9)
+    with pytest.raises(IndexError, match=r"at position 1 \(index \(0, 1\)\)"):
+        shifted(h, w, bad)
+    from torch.utils.flop_counter import FlopCounterMode
+    with FlopCounterMode(display=False):
+        with pytest.raises(IndexError, match=r"at position 1 \(index \(0, 1\)\)"):
+            shifted(h, w, bad)
+        with pytest.raises(RuntimeError, match="'a' to be finite and >= 0"):
+            fastloss.sinkhorn_cost(cost[0], torch.tensor([0.5, 0.7, -0.2, 0.0], dtype=torch.float64), eps=0.5,
+                                   grad="unrolled")

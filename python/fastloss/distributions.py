@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Tuple
 
+import numpy as np
 import torch
 from torch.distributions import Distribution, constraints
 
@@ -90,9 +91,11 @@ class VonMisesFisher(Distribution):
         loc = torch.as_tensor(loc)
         if not loc.is_floating_point() or loc.dim() < 1 or loc.shape[-1] < 2:
             raise ValueError(f"VonMisesFisher: expected 'loc' to be a float tensor with a last dim >= 2, got {loc.dtype} {tuple(loc.shape)}")
-        if isinstance(concentration, complex) or (isinstance(concentration, torch.Tensor) and concentration.is_complex()):
-            # (a cast would drop the imaginary part)
-            got = concentration.dtype if isinstance(concentration, torch.Tensor) else "a complex number"
+        # (A cast would drop the imaginary part. Numbers are not made tensors first: a Python
+        # float would pass through float32 on its way to loc's dtype.)
+        if (concentration.is_complex() if isinstance(concentration, torch.Tensor)
+                else np.iscomplexobj(concentration)):
+            got = getattr(concentration, "dtype", type(concentration).__name__)
             raise TypeError(f"VonMisesFisher: expected 'concentration' to be real, got {got}")
         concentration = torch.as_tensor(concentration, dtype=loc.dtype, device=loc.device)
         if _per_row(concentration.shape, loc.shape):

@@ -36,7 +36,11 @@ class StatTopK(torch.nn.Module):
         if isinstance(dim, bool) or not isinstance(dim, numbers.Integral):  # its range waits for the input
             raise TypeError(f"fastloss.nn.StatTopK: 'dim' must be an int, got {type(dim).__name__}")
         check_bool("nn.StatTopK", "threshold_grad", threshold_grad)
-        self.sparsity, self.k, self.dim, self.mode, self.threshold_grad = sparsity, k, dim, mode, threshold_grad
+        self.sparsity: Optional[float] = sparsity
+        self.k: Optional[int] = k
+        self.dim: int = int(dim)
+        self.mode: str = mode
+        self.threshold_grad: bool = bool(threshold_grad)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return stat_topk(x, sparsity=self.sparsity, k=self.k, dim=self.dim, mode=self.mode,

@@ -19,8 +19,8 @@ import torch
 import torch.autograd.forward_ad as fwAD
 from torch._C._functorch import TransformType
 from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
+from torch._C import _get_dispatch_mode, _TorchDispatchModeKey
 from torch._subclasses.fake_tensor import FakeTensor
-from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 from ._guards import wrap_dim
 
@@ -75,13 +75,18 @@ def vmap_active() -> bool:
     return TransformType.Vmap in _running_transforms()
 
 
+# The dispatch modes that trace rather than run: fake tensors, make_fx's proxies, functionalization.
+_TRACING_MODES = (_TorchDispatchModeKey.FAKE, _TorchDispatchModeKey.PROXY, _TorchDispatchModeKey.FUNCTIONAL)
+
+
 def host_values_readable(*tensors: torch.Tensor) -> bool:
     """Whether an eager check may read these tensors' values on the host: CPU tensors, and not
-    while torch.compile traces, under vmap (batched values), with fake tensors, or while a
-    dispatch mode such as make_fx's tracer records the calls (a read is a data-dependent
-    branch there). Where it may not, the ops' own checks still run on the real values."""
+    while torch.compile traces, under vmap (batched values), with fake tensors, or while
+    make_fx or functionalization traces the calls (a read is a data-dependent branch there).
+    Eager dispatch modes (FlopCounterMode, selective checkpointing) keep the checks."""
     return (all(t.device.type == "cpu" and not isinstance(t, FakeTensor) for t in tensors)
-            and not torch.compiler.is_compiling() and not vmap_active() and _get_current_dispatch_mode() is None)
+            and not torch.compiler.is_compiling() and not vmap_active()
+            and all(_get_dispatch_mode(key) is None for key in _TRACING_MODES))
 
 
 def forbid_transforms(op: str, case: str, *tensors) -> None:

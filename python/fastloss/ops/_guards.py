@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 
@@ -58,10 +59,12 @@ def check_dtype(op: str, arg: str, t: torch.Tensor, dtype: torch.dtype) -> None:
         raise RuntimeError(f"fastloss.{op}: '{arg}' must be a {dtype} tensor, got {t.dtype}")
 
 
-def check_bool(op: str, arg: str, value) -> None:
-    """A flag must be a bool: a string such as "no" would otherwise count as true."""
-    if not isinstance(value, bool):
+def check_bool(op: str, arg: str, value) -> bool:
+    """A flag must be a bool (or a NumPy bool): a string such as "no" would otherwise count as
+    true. Returns it as a Python bool."""
+    if not isinstance(value, (bool, np.bool_)):
         raise TypeError(f"fastloss.{op}: '{arg}' must be a bool, got {type(value).__name__}")
+    return bool(value)
 
 
 def check_value(ok: bool, op: str, message: str, error: type = RuntimeError) -> None:

@@ -215,7 +215,8 @@ def linear_cross_entropy(
         _check_tensor("bias", bias)
     cap, label_smoothing, z_loss = check_options(reduction, ignore_index, softcap, label_smoothing, z_loss, filter_eps,
                                                  shift, process_group, deterministic)
-    check_bool("linear_cross_entropy", "return_lse", return_lse)
+    shift, deterministic = bool(shift), bool(deterministic)  # (NumPy bools pass the checks)
+    return_lse = check_bool("linear_cross_entropy", "return_lse", return_lse)
     if hidden.dim() < 1:
         raise ValueError("fastloss.linear_cross_entropy: 'hidden' must have at least one dimension (D)")
     lead = hidden.shape[:-1]

@@ -105,8 +105,8 @@ def stat_topk(
     if mode not in _MODES:
         raise ValueError(f"fastloss.stat_topk: 'mode' must be 'soft' or 'hard', got {mode!r}")
     s, keep = op_amount("stat_topk", _row_length("stat_topk", x, dim), sparsity, k)
-    check_bool("stat_topk", "return_threshold", return_threshold)
-    check_bool("stat_topk", "threshold_grad", threshold_grad)
+    return_threshold = check_bool("stat_topk", "return_threshold", return_threshold)
+    threshold_grad = check_bool("stat_topk", "threshold_grad", threshold_grad)
     args = (x, dim, s, mode == "hard", threshold_grad, keep)
     if transforms_active(x):
         y, theta, _mean, _std = _STAT_TOPK_FN.apply(*args)
@@ -137,7 +137,7 @@ def stat_topk_gelu_mul(
     if gate.dim() == 0:
         raise ValueError("fastloss.stat_topk_gelu_mul: 'gate' must have at least one dimension")
     s, keep = op_amount("stat_topk_gelu_mul", gate.shape[-1], sparsity, k)
-    check_bool("stat_topk_gelu_mul", "threshold_grad", threshold_grad)
+    threshold_grad = check_bool("stat_topk_gelu_mul", "threshold_grad", threshold_grad)
     args = (gate, up, s, threshold_grad, keep)
     if transforms_active(gate, up):
         out, _theta, _mean, _std = _GELU_MUL_FN.apply(*args)
