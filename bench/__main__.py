@@ -30,6 +30,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("-k", "--filter", default=None,
                    help="only cases whose label ('family shape dtype mode', "
                         "e.g. 'softmax 8x151936 bf16 fwd') contains this text")
+    p.add_argument("--skip-baselines", default="",
+                   help="comma-separated baseline names to leave out, e.g. 'torch.compile' (its compiles can "
+                        "take most of a short GPU run)")
     p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"),
                    help="directory for the markdown report, png plot and JSON (default: bench/results)")
     return p.parse_args(argv)
@@ -65,6 +68,7 @@ def main(argv=None) -> int:
     settings.min_repeats = min(settings.min_repeats, settings.repeats)
 
     families = [f.strip() for f in args.ops.split(",") if f.strip()]
+    skipped = {b.strip() for b in args.skip_baselines.split(",") if b.strip()}
     cases, family_notes, family_targets, family_threads = [], {}, {}, {}
     for fam in families:
         try:
@@ -79,6 +83,8 @@ def main(argv=None) -> int:
             c.threads = family_threads[fam]
         if args.filter:
             fam_cases = [c for c in fam_cases if args.filter in c.label]
+        for c in fam_cases:
+            c.baselines = {name: fn for name, fn in c.baselines.items() if name not in skipped}
         cases += fam_cases
         family_notes[fam] = list(mod.notes(device)) if hasattr(mod, "notes") else []
         family_targets[fam] = list(mod.targets(device)) if hasattr(mod, "targets") else []
@@ -87,6 +93,8 @@ def main(argv=None) -> int:
         return 2
 
     meta = harness.collect_meta(settings)
+    if skipped:
+        meta["skipped_baselines"] = ", ".join(sorted(skipped))
     print(f"fastloss bench on {meta['device_name']} (torch {meta['torch']}, {len(cases)} cases"
           f"{', quick' if args.quick else ''})", file=sys.stderr)
     t0 = time.perf_counter()

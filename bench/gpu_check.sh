@@ -10,7 +10,9 @@
 #   GPU_CHECK_STEPS   steps to run, in order (default "build tests memcheck bench")
 #   GPU_CHECK_OPS     benchmark families, most wanted first
 #                     (default softmax,linear_cross_entropy,stat_topk,sinkhorn,bessel)
-#   BENCH_ARGS        extra arguments for `python -m bench` (default "--max-time 0.5")
+#   BENCH_ARGS        extra arguments for `python -m bench` (default "--max-time 0.5 --skip-baselines
+#                     torch.compile": its compiles would take most of a short pass; set
+#                     BENCH_ARGS="--max-time 0.5" where the budget allows them)
 #
 # OUTDIR gets at most 7 files, each written as its step ends: summary.txt (status and seconds
 # of each step), build.log, info.txt, tests.log, memcheck.log, bench.log and results.tgz (the
@@ -27,7 +29,7 @@ BUDGET=${2:-540}
 PY=${PYTHON:-python3}
 STEPS=${GPU_CHECK_STEPS:-build tests memcheck bench}
 OPS=${GPU_CHECK_OPS:-softmax,linear_cross_entropy,stat_topk,sinkhorn,bessel}
-BENCH_ARGS=${BENCH_ARGS:---max-time 0.5}
+BENCH_ARGS=${BENCH_ARGS:---max-time 0.5 --skip-baselines torch.compile}
 
 [[ "$PY" == */* ]] && PY="$(cd "$(dirname "$PY")" && pwd)/$(basename "$PY")"  # steps run in tests/ too
 cd "$(dirname "$0")/.."

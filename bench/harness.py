@@ -918,6 +918,8 @@ def format_terminal(
         lines.append(f"WARNING: {warn}")
     if meta.get("interrupted"):
         lines.append(f"INTERRUPTED: {meta['interrupted']}")
+    if meta.get("skipped_baselines"):
+        lines.append(f"baselines left out (--skip-baselines): {meta['skipped_baselines']}")
     for fam, rs in _families(results).items():
         header, rows = table_rows(rs, roofline)
         lines += ["", f"[{fam}]", format_text_table(header, rows)]
@@ -1009,6 +1011,8 @@ def format_markdown(
         lines.append(f"- **warning**: {warn}")
     if meta.get("interrupted"):
         lines.append(f"- **interrupted**: {meta['interrupted']}")
+    if meta.get("skipped_baselines"):
+        lines.append(f"- baselines left out (--skip-baselines): {meta['skipped_baselines']}")
     lines += [
         "",
         "Method: " + timing + f"; warm-up (first call compiles), then the implementations of a case timed "
