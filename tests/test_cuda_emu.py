@@ -256,6 +256,17 @@ def test_gelu_mul_forward_and_backward(emu, shape, dtype):
         near(dup, rup, 4 * tol, "d up")
 
 
+def test_stat_topk_long_columns_theta_within_a_few_ulps(emu):
+    # A thread per column merges ~250000 parts of 8 values: with two merge levels the rounding
+    # of ~3900 group merges reached 5-7 ulps of theta (float32, 2e6 entries per column).
+    x = torch.randn(2, 2_000_000, generator=torch.Generator().manual_seed(21))
+    xd = x.double()
+    ref = xd.mean(1) + xd.std(1, correction=0) * z_of(0.9)
+    _, theta, _, _ = emu.stat_topk(x.t().contiguous(), 0, z_of(0.9), False)
+    ulps = (theta.double().flatten() - ref).abs() / (ref.abs() * 2.0**-23)
+    assert ulps.max().item() <= 2, f"theta off by {ulps.tolist()} ulps"
+
+
 def test_stat_topk_special_rows(emu):
     x = torch.randn(5, 3000, generator=torch.Generator().manual_seed(2))
     x[0] = 2.5  # constant row

@@ -98,7 +98,10 @@ def test_small_argument_methods_dense(name, v_range, x_range, device):
     v, x = v[keep][:200], x[keep][:200]
     bessel = mp.besselk if name == "kv" else mp.besseli
     ref = torch.tensor([float(mp.log(bessel(a, b))) for a, b in zip(v.tolist(), x.tolist())], dtype=torch.float64)
-    assert rel_error(FUNCS[name](v.to(device), x.to(device)), ref).max().item() <= 1e-14
+    # CUDA's lgamma (4 ulps documented) and log round differently from the CPU's: the power
+    # series' v log(x/2) - lgamma(v + 1) cancels terms up to ~43 to ~1, so allow a few more ulps.
+    tol = 1e-14 if device == "cpu" else 5e-14
+    assert rel_error(FUNCS[name](v.to(device), x.to(device)), ref).max().item() <= tol
 
 
 def test_mixed_regions_match_one_region_at_a_time():

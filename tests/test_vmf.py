@@ -690,7 +690,10 @@ def test_ops_compute_in_float64_and_round_once(dtype, device):
         got = op(x, 16)
         assert got.dtype == dtype and got.device == x.device
         expected = op(x.double(), 16).to(dtype)  # the same inputs, rounded once at the end
-        torch.testing.assert_close(got, expected, rtol=0, atol=0, equal_nan=True)
+        # On CUDA the two kernels' float64 code may contract differently, moving a result that
+        # lies near a rounding boundary of dtype by one of its ulps.
+        rtol = 0 if device == "cpu" else torch.finfo(dtype).eps
+        torch.testing.assert_close(got, expected, rtol=rtol, atol=0, equal_nan=True)
 
 
 @pytest.mark.parametrize("name", list(OPS))
@@ -774,7 +777,16 @@ def test_cuda_matches_cpu_memcheck():
         for name, op in OPS.items():
             if name == "vmf_kappa_mle":
                 continue
-            torch.testing.assert_close(op(k.cuda(), p).cpu(), op(k, p), rtol=1e-13, atol=0, equal_nan=True)
+            got, ref = op(k.cuda(), p).cpu(), op(k, p)
+            assert torch.equal(got.isnan(), ref.isnan()) and torch.equal(got[ref.isinf()], ref[ref.isinf()]), name
+            # The entropy and log C_p are differences of terms of size ~ kappa + (p/2) |log kappa|
+            # (they cancel to ~0.006 near kappa = 18 at p = 2, 3): the devices' roundings of those
+            # terms (CUDA's log and lgamma, fma contraction) are what may differ.
+            scale = ref.abs()
+            if name in ("vmf_entropy", "vmf_log_normalizer"):
+                scale = 1 + scale + p / 2 * k.clamp(min=1e-300).log().abs() + k
+            fin = ref.isfinite()
+            assert ((got - ref)[fin].abs() <= 1e-13 * ref[fin].abs() + 1e-14 * scale[fin]).all(), name
         # The root moves by an ulp of A_p times its conditioning A / (kappa A'), which the two
         # devices' libm roundings reach (near R-bar = 1 the root itself is that uncertain).
         cpu, cuda = OPS["vmf_kappa_mle"](r, p), OPS["vmf_kappa_mle"](r.cuda(), p).cpu()
