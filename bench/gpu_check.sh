@@ -10,6 +10,8 @@
 #   GPU_CHECK_STEPS   steps to run, in order (default "build tests memcheck bench")
 #   GPU_CHECK_OPS     benchmark families, most wanted first
 #                     (default softmax,linear_cross_entropy,stat_topk,sinkhorn,bessel)
+#   GPU_CHECK_WORKERS pytest-xdist workers for the CUDA tests where xdist is installed (default 6;
+#                     0: one process, the modules in the order below)
 #   BENCH_ARGS        extra arguments for `python -m bench` (default "--max-time 0.5 --skip-baselines
 #                     torch.compile": its compiles would take most of a short pass; set
 #                     BENCH_ARGS="--max-time 0.5" where the budget allows them)
@@ -111,7 +113,11 @@ if has_step tests; then
   order=(test_softmax.py test_stat_topk.py test_sinkhorn.py test_log_bessel.py test_vmf.py test_func.py
          test_linear_cross_entropy.py)
   for f in test_*.py; do [[ " ${order[*]} " == *" $f "* ]] || order+=("$f"); done
-  step tests "$OUTDIR/tests.log" $(($(left) / 2)) "${PYTEST[@]}" --durations=15 "${order[@]}"
+  workers=()
+  if ((${GPU_CHECK_WORKERS:-6} > 0)) && "$PY" -c "import xdist" 2>/dev/null; then
+    workers=(-n "${GPU_CHECK_WORKERS:-6}")  # the tests share the GPU; ~800 of them, many compile
+  fi
+  step tests "$OUTDIR/tests.log" $(($(left) / 2)) "${PYTEST[@]}" "${workers[@]}" --durations=15 "${order[@]}"
   cd ..
 fi
 
