@@ -713,3 +713,15 @@ def test_second_derivative_op_contract(name, device):
         op(torch.ones(2, dtype=torch.float64, device=device), torch.ones(3, dtype=torch.float64, device=device))
     e = torch.empty(0, 3, dtype=torch.float64, device=device)
     assert [t.shape for t in op(e, e)] == [torch.Size([0, 3])] * 3
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16, torch.bfloat16])
+def test_a_python_number_takes_the_other_arguments_dtype(dtype, device):
+    # (A fast path since: a number beside a floating tensor becomes a 0-d tensor of its dtype.)
+    x = (torch.rand(5, dtype=torch.float64) * 10 + 0.1).to(dtype).to(device)
+    for number in (2.5, 3, 0.0):
+        as_tensor = torch.tensor(number, dtype=dtype, device=device)
+        for f in (fastloss.log_bessel_iv, fastloss.log_bessel_kv):
+            for got, expected in ((f(number, x), f(as_tensor, x)), (f(x, number), f(x, as_tensor))):
+                assert got.dtype == dtype and got.device == x.device
+                torch.testing.assert_close(got, expected, rtol=0, atol=0, equal_nan=True)
