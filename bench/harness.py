@@ -916,8 +916,6 @@ def format_terminal(
     warn = load_warning(meta)
     if warn:
         lines.append(f"WARNING: {warn}")
-    if meta.get("interrupted"):
-        lines.append(f"INTERRUPTED: {meta['interrupted']}")
     if meta.get("skipped_baselines"):
         lines.append(f"baselines left out (--skip-baselines): {meta['skipped_baselines']}")
     for fam, rs in _families(results).items():

@@ -10,7 +10,7 @@ import torch
 from .ops._guards import check_bool
 from .ops.linear_cross_entropy import check_options, linear_cross_entropy
 from .ops.sinkhorn import check_kd_options, sinkhorn_kd_loss
-from .ops.stat_topk import op_amount, stat_topk
+from .ops.stat_topk import check_dim, op_amount, stat_topk
 
 
 class StatTopK(torch.nn.Module):
@@ -33,14 +33,11 @@ class StatTopK(torch.nn.Module):
             raise ValueError(f"fastloss.nn.StatTopK: 'k' must be a positive int, got {k!r}")
         if mode not in ("soft", "hard"):
             raise ValueError(f"fastloss.nn.StatTopK: 'mode' must be 'soft' or 'hard', got {mode!r}")
-        if isinstance(dim, bool) or not isinstance(dim, numbers.Integral):  # its range waits for the input
-            raise TypeError(f"fastloss.nn.StatTopK: 'dim' must be an int, got {type(dim).__name__}")
-        check_bool("nn.StatTopK", "threshold_grad", threshold_grad)
         self.sparsity: Optional[float] = sparsity
         self.k: Optional[int] = k
-        self.dim: int = int(dim)
+        self.dim: int = check_dim("nn.StatTopK", dim)
         self.mode: str = mode
-        self.threshold_grad: bool = bool(threshold_grad)
+        self.threshold_grad: bool = check_bool("nn.StatTopK", "threshold_grad", threshold_grad)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return stat_topk(x, sparsity=self.sparsity, k=self.k, dim=self.dim, mode=self.mode,

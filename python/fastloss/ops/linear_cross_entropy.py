@@ -50,12 +50,12 @@ def resolve_filter_eps(filter_eps, dtype: torch.dtype) -> float:
 def check_options(reduction, ignore_index, softcap, label_smoothing, z_loss, filter_eps, shift, process_group,
                   deterministic):
     """The non-tensor options, checked (also by nn.LinearCrossEntropy when built); returns the
-    softcap (0: none), label_smoothing and z_loss as floats."""
+    softcap (0: none), label_smoothing and z_loss as floats, shift and deterministic as bools."""
     if reduction not in _REDUCTIONS:
         raise ValueError(f"fastloss.linear_cross_entropy: 'reduction' must be 'mean', 'sum' or 'none', "
                          f"got {reduction!r}")
-    check_bool("linear_cross_entropy", "shift", shift)
-    check_bool("linear_cross_entropy", "deterministic", deterministic)
+    shift = check_bool("linear_cross_entropy", "shift", shift)
+    deterministic = check_bool("linear_cross_entropy", "deterministic", deterministic)
     if process_group is not None and not (torch.distributed.is_available()
                                           and isinstance(process_group, torch.distributed.ProcessGroup)):
         raise TypeError("fastloss.linear_cross_entropy: 'process_group' must be a torch.distributed "
@@ -75,7 +75,7 @@ def check_options(reduction, ignore_index, softcap, label_smoothing, z_loss, fil
     # Comparisons rather than math.isfinite, which breaks torch.compile's graph; NaN fails them.
     z_loss = _check_real("z_loss", z_loss, -sys.float_info.max, sys.float_info.max, "a finite float")
     resolve_filter_eps(filter_eps, torch.float32)  # its form; the value depends on the dtype
-    return cap, label_smoothing, z_loss
+    return cap, label_smoothing, z_loss, shift, deterministic
 
 
 def _autocast(hidden: torch.Tensor, classifier: torch.Tensor, bias: Optional[torch.Tensor]):
@@ -213,9 +213,8 @@ def linear_cross_entropy(
     _check_tensor("targets", targets)
     if bias is not None:
         _check_tensor("bias", bias)
-    cap, label_smoothing, z_loss = check_options(reduction, ignore_index, softcap, label_smoothing, z_loss, filter_eps,
-                                                 shift, process_group, deterministic)
-    shift, deterministic = bool(shift), bool(deterministic)  # (NumPy bools pass the checks)
+    cap, label_smoothing, z_loss, shift, deterministic = check_options(
+        reduction, ignore_index, softcap, label_smoothing, z_loss, filter_eps, shift, process_group, deterministic)
     return_lse = check_bool("linear_cross_entropy", "return_lse", return_lse)
     if hidden.dim() < 1:
         raise ValueError("fastloss.linear_cross_entropy: 'hidden' must have at least one dimension (D)")

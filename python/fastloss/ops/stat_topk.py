@@ -50,10 +50,15 @@ def _check_tensor(name: str, arg: str, t) -> None:
         raise TypeError(f"fastloss.{name}: expected '{arg}' to be a torch.Tensor, got {type(t).__name__}")
 
 
-def _row_length(name: str, x: torch.Tensor, dim: int) -> int:
+def check_dim(name: str, dim) -> int:
+    """dim's type (its range waits for the input)."""
     if isinstance(dim, bool) or not isinstance(dim, numbers.Integral):
         raise TypeError(f"fastloss.{name}: 'dim' must be an int, got {type(dim).__name__}")
-    wrapped = wrap_dim(name, dim, x.dim())
+    return int(dim)
+
+
+def _row_length(name: str, x: torch.Tensor, dim: int) -> int:
+    wrapped = wrap_dim(name, check_dim(name, dim), x.dim())
     return x.shape[wrapped] if x.dim() > 0 else 1
 
 
