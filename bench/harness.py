@@ -24,7 +24,9 @@ Timing
     implementation would always follow the same predecessor. Measured on 4096 x 131072 bf16
     forward+backward: whichever of torch and fastloss followed the eager three-pass
     baseline took 1.2-1.25x longer. Only calls longer than ``settle_max`` (the eager
-    baselines of the largest cases) skip it, to bound the run time.
+    baselines of the largest cases) skip it, to bound the run time. The order also rotates:
+    each round starts one implementation later, so whatever an untimed call cannot settle
+    (memory freed by gigabytes of temporaries still being reclaimed) is shared out.
 Rotated inputs
     Each case makes several distinct input sets (as many as fit ``input_budget`` bytes, at
     most ``max_inputs``, at least one) and the calls cycle through them, so a small case does
@@ -502,8 +504,12 @@ def time_interleaved(timers: Sequence[_Timer], settings: Settings, on_error=None
     live = [t for t in timers if len(t.samples) < settings.repeats or not t.samples]
     done = [t for t in timers if t not in live]
     deadline = time.perf_counter() + settings.max_time * max(1, len(live))
+    rounds = 0
     while live:
-        for t in list(live):
+        # Each round starts one implementation later, so none always follows the same one.
+        start = rounds % len(live)
+        rounds += 1
+        for t in live[start:] + live[:start]:
             try:
                 t.sample()
             except Exception as exc:

@@ -377,6 +377,31 @@ def test_rows_beyond_cache(device, fn, ref_fn, dtype):
     assert (y[1, 7] == (-math.inf if fn is fastloss.log_softmax else 0)).item()
 
 
+@pytest.mark.parametrize("log", [False, True])
+@pytest.mark.parametrize("rows,cols", [(37, 5), (9, 1000), (3, 32768), (2, 40000)])
+def test_float16_is_the_float_kernel_rounded_once(log, rows, cols):
+    # On the CPU, float16 rows of up to 32768 go through float in blocks (hardware
+    # conversions, the float kernel, one rounding back); longer rows convert element by
+    # element in the kernel. Either way: the float kernel's result rounded once, to the bit.
+    fwd = torch.ops.fastloss.log_softmax if log else torch.ops.fastloss.softmax
+    bwd = torch.ops.fastloss.log_softmax_backward if log else torch.ops.fastloss.softmax_backward
+    x = (torch.randn(rows, cols) * 5).half()
+    x[0, 1] = -math.inf
+    x[-1, 2] = math.nan if rows > 2 else x[-1, 2]
+    g = torch.randn(rows, cols).half()
+    y = fwd(x, -1, False)
+    y32 = fwd(x.float(), -1, False)
+    assert torch.equal(y.isnan(), y32.isnan())
+    torch.testing.assert_close(y, y32.half(), rtol=0, atol=0, equal_nan=True)
+    torch.testing.assert_close(fwd(x, -1, True), y32, rtol=0, atol=0, equal_nan=True)
+    dx = bwd(g, y, -1, torch.float16)
+    dx32 = bwd(g.float(), y.float(), -1, torch.float32)
+    torch.testing.assert_close(dx, dx32.half(), rtol=0, atol=0, equal_nan=True)
+    # float output of a float16 input: gradient in float16
+    dxh = bwd(g.float(), y32, -1, torch.float16)
+    torch.testing.assert_close(dxh, bwd(g.float(), y32, -1, torch.float32).half(), rtol=0, atol=0, equal_nan=True)
+
+
 @pytest.mark.parametrize("fn,ref_fn", OPS)
 def test_large_outputs_written_chunk_by_chunk(fn, ref_fn):
     # CPU outputs above 32 MiB are fresh pages, faulted in 256 KiB chunks of rows just before

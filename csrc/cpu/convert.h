@@ -4,11 +4,18 @@
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
+#include <algorithm>
+
 #include <cstdint>
 #include <cstring>
 #include <type_traits>
+#include <vector>
 
 #include "cpu/isa.h"
+
+#if defined(FASTLOSS_X86_CLONES)
+#include <immintrin.h>
+#endif
 
 namespace fastloss::cpu {
 
@@ -41,5 +48,87 @@ FASTLOSS_CPU_INLINE acc_t to_acc(in_t v) {
     return static_cast<acc_t>(v);
   }
 }
+
+// Bulk float16 <-> float conversion with the hardware instructions (AVX-512 or F16C), chosen
+// at run time. GCC 12 does not vectorize element-wise float16 conversions (c10's software
+// conversion vectorizes to ~30 instructions per 16 elements; _Float16 casts become one scalar
+// vcvtph2ps each), so kernels over float16 rows convert a block of rows to float with these,
+// run their float kernel, and convert the result back. Both round to nearest even, like
+// c10::Half(float), so the result is the same to the bit (NaN payloads aside).
+namespace half_detail {
+#if defined(FASTLOSS_X86_CLONES)
+__attribute__((target("avx512f"))) inline int64_t to_float_avx512(const c10::Half* in, float* out, int64_t n) {
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) {
+    _mm512_storeu_ps(out + i, _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(in + i))));
+  }
+  return i;
+}
+__attribute__((target("avx512f"))) inline int64_t from_float_avx512(const float* in, c10::Half* out, int64_t n) {
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) {
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + i),
+                        _mm512_cvtps_ph(_mm512_loadu_ps(in + i), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+  }
+  return i;
+}
+__attribute__((target("avx2,f16c"))) inline int64_t to_float_f16c(const c10::Half* in, float* out, int64_t n) {
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    _mm256_storeu_ps(out + i, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(in + i))));
+  }
+  return i;
+}
+__attribute__((target("avx2,f16c"))) inline int64_t from_float_f16c(const float* in, c10::Half* out, int64_t n) {
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(out + i),
+                     _mm256_cvtps_ph(_mm256_loadu_ps(in + i), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+  }
+  return i;
+}
+#endif
+
+// 2: AVX-512, 1: F16C, 0: scalar.
+inline int isa_level() {
+  static const int level = has_avx512() ? 2 : has_avx2() ? 1 : 0;
+  return level;
+}
+}  // namespace half_detail
+
+inline void half_to_float(const c10::Half* in, float* out, int64_t n) {
+  int64_t i = 0;
+#if defined(FASTLOSS_X86_CLONES)
+  const int level = half_detail::isa_level();
+  if (level == 2) i = half_detail::to_float_avx512(in, out, n);
+  else if (level == 1) i = half_detail::to_float_f16c(in, out, n);
+#endif
+  for (; i < n; ++i) out[i] = static_cast<float>(in[i]);
+}
+
+inline void float_to_half(const float* in, c10::Half* out, int64_t n) {
+  int64_t i = 0;
+#if defined(FASTLOSS_X86_CLONES)
+  const int level = half_detail::isa_level();
+  if (level == 2) i = half_detail::from_float_avx512(in, out, n);
+  else if (level == 1) i = half_detail::from_float_f16c(in, out, n);
+#endif
+  for (; i < n; ++i) out[i] = c10::Half(in[i]);
+}
+
+// A per-thread float buffer of at least `count` elements (which: one of 3 per thread), kept
+// between calls: a fresh allocation of this size would be fresh pages (faults) each call.
+inline float* stage_buffer(int which, int64_t count) {
+  thread_local std::vector<float> buffers[3];
+  std::vector<float>& b = buffers[which];
+  if (static_cast<int64_t>(b.size()) < count) b.resize(static_cast<size_t>(count));
+  return b.data();
+}
+
+// float16 rows staged through float: blocks of rows of about kStageBytes float bytes per
+// buffer (L1-resident), and rows up to kMaxStagedRow elements (one row per block beyond).
+constexpr int64_t kStageBytes = int64_t(8) << 10;
+constexpr int64_t kMaxStagedRow = 32768;
+inline int64_t staged_rows(int64_t n) { return std::max<int64_t>(1, kStageBytes / (n * int64_t(sizeof(float)))); }
 
 }  // namespace fastloss::cpu

@@ -235,11 +235,21 @@ FASTLOSS_CPU_INLINE void softmax_row_cached(const in_t* x, out_t* out, acc_t* y,
   }
 }
 
+// float16 rows of up to kMaxStagedRow, staged through float (convert.h): defined below the
+// float entry points that they call.
+template <bool kLog, typename out_t>
+void forward_half_staged(const c10::Half* x, out_t* y, int64_t begin, int64_t end, int64_t n);
+template <bool kLog, typename out_t>
+void backward_half_staged(const out_t* g, const out_t* y, c10::Half* dx, int64_t begin, int64_t end, int64_t n);
+
 // Rows along the last (contiguous) dimension. Softmax rows that fit in cache use the cached
 // variant; log-softmax and longer rows use the recomputing two-pass form: chunk pairs merged
 // into the row's (S, E), then pass 2 reads the input again.
 template <bool kLog, typename in_t, typename out_t>
 FASTLOSS_CPU_INLINE void forward_lastdim_rows(const in_t* x, out_t* y, int64_t begin, int64_t end, int64_t n) {
+  if constexpr (std::is_same_v<in_t, c10::Half>) {
+    if (n <= kMaxStagedRow) return forward_half_staged<kLog>(x, y, begin, end, n);
+  }
   using acc_t = typename AccType<in_t>::type;
   constexpr int L = kLanes<acc_t>;
   if constexpr (!kLog) {
@@ -372,6 +382,9 @@ constexpr int64_t kShortRow = 512;
 template <bool kLog, typename out_t, typename grad_t>
 FASTLOSS_CPU_INLINE void backward_lastdim_rows(const out_t* g, const out_t* y, grad_t* dx, int64_t begin,
                                        int64_t end, int64_t n) {
+  if constexpr (std::is_same_v<grad_t, c10::Half>) {
+    if (n <= kMaxStagedRow) return backward_half_staged<kLog>(g, y, dx, begin, end, n);
+  }
   using acc_t = typename AccType<out_t>::type;
   if (n <= kShortRow) {
     backward_lastdim_rows_lanes<kLog, kLanes<acc_t> / 2>(g, y, dx, begin, end, n);
@@ -453,6 +466,54 @@ FASTLOSS_BACKWARD_ENTRIES(f16, c10::Half, c10::Half)
 FASTLOSS_BACKWARD_ENTRIES(bf16, c10::BFloat16, c10::BFloat16)
 FASTLOSS_BACKWARD_ENTRIES(f32_f16, float, c10::Half)
 FASTLOSS_BACKWARD_ENTRIES(f32_bf16, float, c10::BFloat16)
+
+// float16 rows staged through float: blocks of rows are converted with the hardware
+// instructions, run through the float kernels, and the result converted back (one rounding to
+// float16, as in the direct kernels).
+template <bool kLog, typename out_t>
+void forward_half_staged(const c10::Half* x, out_t* y, int64_t begin, int64_t end, int64_t n) {
+  constexpr bool kFloatOut = std::is_same_v<out_t, float>;
+  const int64_t step = staged_rows(n);
+  const int64_t most = std::min(step, end - begin) * n;
+  float* xs = stage_buffer(0, most);
+  float* ys = kFloatOut ? nullptr : stage_buffer(1, most);
+  for (int64_t r = begin; r < end; r += step) {
+    const int64_t rows = std::min(step, end - r), count = rows * n;
+    half_to_float(x + r * n, xs, count);
+    float* yf;
+    if constexpr (kFloatOut) yf = y + r * n;
+    else yf = ys;
+    if constexpr (kLog) log_softmax_f32_lastdim(xs, yf, 0, rows, n);
+    else softmax_f32_lastdim(xs, yf, 0, rows, n);
+    if constexpr (!kFloatOut) float_to_half(ys, y + r * n, count);
+  }
+}
+
+// out_t: c10::Half (float16 output and gradient) or float (float output of a float16 input).
+template <bool kLog, typename out_t>
+void backward_half_staged(const out_t* g, const out_t* y, c10::Half* dx, int64_t begin, int64_t end, int64_t n) {
+  constexpr bool kHalfIn = std::is_same_v<out_t, c10::Half>;
+  const int64_t step = staged_rows(n);
+  const int64_t most = std::min(step, end - begin) * n;
+  float* gs = kHalfIn ? stage_buffer(0, most) : nullptr;
+  float* ys = kHalfIn ? stage_buffer(1, most) : nullptr;
+  float* ds = stage_buffer(2, most);
+  for (int64_t r = begin; r < end; r += step) {
+    const int64_t rows = std::min(step, end - r), count = rows * n;
+    const float* gf;
+    const float* yf;
+    if constexpr (kHalfIn) {
+      half_to_float(g + r * n, gs, count);
+      half_to_float(y + r * n, ys, count);
+      gf = gs, yf = ys;
+    } else {
+      gf = g + r * n, yf = y + r * n;
+    }
+    if constexpr (kLog) log_softmax_backward_f32_lastdim(gf, yf, ds, 0, rows, n);
+    else softmax_backward_f32_lastdim(gf, yf, ds, 0, rows, n);
+    float_to_half(ds, dx + r * n, count);
+  }
+}
 
 #define FASTLOSS_RUN_FORWARD(NAME, IN, OUT)                                                  \
   do {                                                                                      \
