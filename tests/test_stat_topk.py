@@ -546,6 +546,45 @@ def test_gelu_mul_backward_matches_reference_fp32(device, threshold_grad):
         torch.testing.assert_close(a.double().cpu(), b, rtol=1e-4, atol=1e-5 * b.abs().max().item())
 
 
+@pytest.mark.parametrize("rows,cols", [(37, 5), (9, 1000), (3, 32768), (2, 40000)])
+def test_float16_is_the_float_kernel_rounded_once(rows, cols):
+    # On the CPU, float16 rows of up to 32768 go through float in blocks (hardware
+    # conversions, the float kernel, one rounding back); longer rows convert element by
+    # element in the kernel. Either way: the float kernel's result rounded once, to the bit.
+    ops = torch.ops.fastloss
+    gen = torch.Generator().manual_seed(rows * cols)
+    x = (torch.randn(rows, cols, generator=gen) * 3).half()
+    up = torch.randn(rows, cols, generator=gen).half()
+    g = torch.randn(rows, cols, generator=gen).half()
+    gt = torch.randn(rows, 1, generator=gen)
+    x[-1, 1] = math.nan  # poisons its own row only
+
+    def same(a, b):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True)
+
+    for hard in (False, True):
+        y, theta, mean, std = ops.stat_topk(x, -1, 0.9, hard)
+        y32, theta32, mean32, std32 = ops.stat_topk(x.float(), -1, 0.9, hard)
+        same(y, y32.half())
+        for a, b in ((theta, theta32), (mean, mean32), (std, std32)):
+            same(a, b)
+        for grad_theta, threshold_grad in ((gt, True), (None, False)):
+            dx = ops.stat_topk_backward(g, grad_theta, x, theta, mean, std, -1, 0.9, hard, threshold_grad)
+            dx32 = ops.stat_topk_backward(g.float(), grad_theta, x.float(), theta, mean, std, -1, 0.9, hard,
+                                          threshold_grad)
+            same(dx, dx32.half())
+    out, theta, mean, std = ops.stat_topk_gelu_mul(x, up, 0.8)
+    out32, theta32, _, _ = ops.stat_topk_gelu_mul(x.float(), up.float(), 0.8)
+    same(out, out32.half())
+    same(theta, theta32)
+    for threshold_grad in (True, False):
+        dgate, dup = ops.stat_topk_gelu_mul_backward(g, x, up, theta, mean, std, 0.8, threshold_grad)
+        dgate32, dup32 = ops.stat_topk_gelu_mul_backward(g.float(), x.float(), up.float(), theta, mean, std, 0.8,
+                                                         threshold_grad)
+        same(dgate, dgate32.half())
+        same(dup, dup32.half())
+
+
 # --------------------------------------------------------------------------------------------
 # Registration: opcheck, torch.compile, nn module
 

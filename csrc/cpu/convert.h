@@ -116,10 +116,10 @@ inline void float_to_half(const float* in, c10::Half* out, int64_t n) {
   for (; i < n; ++i) out[i] = c10::Half(in[i]);
 }
 
-// A per-thread float buffer of at least `count` elements (which: one of 3 per thread), kept
+// A per-thread float buffer of at least `count` elements (which: one of 5 per thread), kept
 // between calls: a fresh allocation of this size would be fresh pages (faults) each call.
 inline float* stage_buffer(int which, int64_t count) {
-  thread_local std::vector<float> buffers[3];
+  thread_local std::vector<float> buffers[5];
   std::vector<float>& b = buffers[which];
   if (static_cast<int64_t>(b.size()) < count) b.resize(static_cast<size_t>(count));
   return b.data();

@@ -136,11 +136,28 @@ FASTLOSS_CPU_INLINE void threshold_row(const in_t* x, in_t* y, int64_t n, acc_t 
                                    : soft_threshold(to_acc<acc_t>(x[i]), theta));
 }
 
+// float16 rows of up to kMaxStagedRow, staged through float (convert.h): defined below the
+// float entry points that they call.
+using c10::Half;
+void forward_half_staged(const Half* x, Half* y, float* mean, float* sd, float* theta, int64_t b, int64_t e,
+                         int64_t n, float z, bool hard);
+void backward_half_staged(const Half* g, const Half* x, const float* theta, const float* mean, const float* sd,
+                          const float* gtheta, Half* dx, int64_t b, int64_t e, int64_t n, float z, bool hard,
+                          bool threshold_grad);
+void gelu_mul_forward_half_staged(const Half* gate, const Half* up, Half* out, float* theta, float* mean,
+                                  float* sd, int64_t b, int64_t e, int64_t n, float z);
+void gelu_mul_backward_half_staged(const Half* g, const Half* gate, const Half* up, const float* theta,
+                                   const float* mean, const float* sd, Half* dgate, Half* dup, float* scratch,
+                                   int64_t b, int64_t e, int64_t n, float z, bool threshold_grad);
+
 template <typename in_t>
 FASTLOSS_CPU_INLINE void forward_lastdim(const in_t* x, in_t* y, typename AccType<in_t>::type* mean,
                                          typename AccType<in_t>::type* std_out,
                                          typename AccType<in_t>::type* theta, int64_t b, int64_t e,
                                          int64_t n, typename AccType<in_t>::type z, bool hard) {
+  if constexpr (std::is_same_v<in_t, Half>) {
+    if (n <= kMaxStagedRow) return forward_half_staged(x, y, mean, std_out, theta, b, e, n, z, hard);
+  }
   using acc_t = typename AccType<in_t>::type;
   for (int64_t r = b; r < e; ++r) {
     const RowThreshold<acc_t> t = row_stats<in_t, acc_t>(x + r * n, n, z);
@@ -229,6 +246,11 @@ FASTLOSS_CPU_INLINE void backward_lastdim(const in_t* g, const in_t* x,
                                           const typename AccType<in_t>::type* grad_theta, in_t* dx,
                                           int64_t b, int64_t e, int64_t n,
                                           typename AccType<in_t>::type z, bool hard, bool threshold_grad) {
+  if constexpr (std::is_same_v<in_t, Half>) {
+    if (n <= kMaxStagedRow) {
+      return backward_half_staged(g, x, theta_in, mean, std_in, grad_theta, dx, b, e, n, z, hard, threshold_grad);
+    }
+  }
   using acc_t = typename AccType<in_t>::type;
   for (int64_t r = b; r < e; ++r) {
     const in_t* gr = g + r * n;
@@ -286,6 +308,9 @@ FASTLOSS_CPU_INLINE void gelu_mul_forward_rows(const in_t* gate, const in_t* up,
                                                typename AccType<in_t>::type* mean,
                                                typename AccType<in_t>::type* std_out, int64_t b,
                                                int64_t e, int64_t n, typename AccType<in_t>::type z) {
+  if constexpr (std::is_same_v<in_t, Half>) {
+    if (n <= kMaxStagedRow) return gelu_mul_forward_half_staged(gate, up, out, theta, mean, std_out, b, e, n, z);
+  }
   using acc_t = typename AccType<in_t>::type;
   for (int64_t r = b; r < e; ++r) {
     const RowThreshold<acc_t> t = row_stats<in_t, acc_t>(gate + r * n, n, z);
@@ -321,6 +346,12 @@ FASTLOSS_CPU_INLINE void gelu_mul_backward_rows(const in_t* g, const in_t* gate,
                                                 in_t* dgate, in_t* dup, typename AccType<in_t>::type* scratch,
                                                 int64_t b, int64_t e, int64_t n,
                                                 typename AccType<in_t>::type z, bool threshold_grad) {
+  if constexpr (std::is_same_v<in_t, Half>) {
+    if (n <= kMaxStagedRow) {
+      return gelu_mul_backward_half_staged(g, gate, up, theta_in, mean, std_in, dgate, dup, scratch, b, e, n, z,
+                                           threshold_grad);
+    }
+  }
   using acc_t = typename AccType<in_t>::type;
   for (int64_t r = b; r < e; ++r) {
     const int64_t o = r * n;
@@ -376,6 +407,74 @@ FASTLOSS_STAT_TOPK_ENTRIES(f64, double)
 FASTLOSS_STAT_TOPK_ENTRIES(f16, c10::Half)
 FASTLOSS_STAT_TOPK_ENTRIES(bf16, c10::BFloat16)
 #undef FASTLOSS_STAT_TOPK_ENTRIES
+
+// float16 rows staged through float: blocks of rows are converted with the hardware
+// instructions, run through the float kernels, and the outputs converted back (one rounding
+// to float16, as in the direct kernels). Per-row statistics stay float.
+void forward_half_staged(const Half* x, Half* y, float* mean, float* sd, float* theta, int64_t b, int64_t e,
+                         int64_t n, float z, bool hard) {
+  const int64_t step = staged_rows(n), most = std::min(step, e - b) * n;
+  float* xs = stage_buffer(0, most);
+  float* ys = stage_buffer(1, most);
+  for (int64_t r = b; r < e; r += step) {
+    const int64_t rows = std::min(step, e - r), count = rows * n;
+    half_to_float(x + r * n, xs, count);
+    forward_lastdim_f32(xs, ys, mean + r, sd + r, theta + r, 0, rows, n, z, hard);
+    float_to_half(ys, y + r * n, count);
+  }
+}
+
+void backward_half_staged(const Half* g, const Half* x, const float* theta, const float* mean, const float* sd,
+                          const float* gtheta, Half* dx, int64_t b, int64_t e, int64_t n, float z, bool hard,
+                          bool threshold_grad) {
+  const int64_t step = staged_rows(n), most = std::min(step, e - b) * n;
+  float* gs = stage_buffer(0, most);
+  float* xs = stage_buffer(1, most);
+  float* ds = stage_buffer(2, most);
+  for (int64_t r = b; r < e; r += step) {
+    const int64_t rows = std::min(step, e - r), count = rows * n;
+    half_to_float(g + r * n, gs, count);
+    half_to_float(x + r * n, xs, count);
+    backward_lastdim_f32(gs, xs, theta + r, mean + r, sd + r, gtheta ? gtheta + r : nullptr, ds, 0, rows, n, z, hard,
+                         threshold_grad);
+    float_to_half(ds, dx + r * n, count);
+  }
+}
+
+void gelu_mul_forward_half_staged(const Half* gate, const Half* up, Half* out, float* theta, float* mean,
+                                  float* sd, int64_t b, int64_t e, int64_t n, float z) {
+  const int64_t step = staged_rows(n), most = std::min(step, e - b) * n;
+  float* gs = stage_buffer(0, most);
+  float* us = stage_buffer(1, most);
+  float* os = stage_buffer(2, most);
+  for (int64_t r = b; r < e; r += step) {
+    const int64_t rows = std::min(step, e - r), count = rows * n;
+    half_to_float(gate + r * n, gs, count);
+    half_to_float(up + r * n, us, count);
+    gelu_mul_forward_f32(gs, us, os, theta + r, mean + r, sd + r, 0, rows, n, z);
+    float_to_half(os, out + r * n, count);
+  }
+}
+
+void gelu_mul_backward_half_staged(const Half* g, const Half* gate, const Half* up, const float* theta,
+                                   const float* mean, const float* sd, Half* dgate, Half* dup, float* scratch,
+                                   int64_t b, int64_t e, int64_t n, float z, bool threshold_grad) {
+  const int64_t step = staged_rows(n), most = std::min(step, e - b) * n;
+  float* gs = stage_buffer(0, most);
+  float* gts = stage_buffer(1, most);
+  float* us = stage_buffer(2, most);
+  float* dgs = stage_buffer(3, most);
+  float* dus = stage_buffer(4, most);
+  for (int64_t r = b; r < e; r += step) {
+    const int64_t rows = std::min(step, e - r), count = rows * n;
+    half_to_float(g + r * n, gs, count);
+    half_to_float(gate + r * n, gts, count);
+    half_to_float(up + r * n, us, count);
+    gelu_mul_backward_f32(gs, gts, us, theta + r, mean + r, sd + r, dgs, dus, scratch, 0, rows, n, z, threshold_grad);
+    float_to_half(dgs, dgate + r * n, count);
+    float_to_half(dus, dup + r * n, count);
+  }
+}
 
 // Runs CASE(SUFFIX, T) for the tensor dtype (checked to be one of the four before).
 #define FASTLOSS_STAT_TOPK_DISPATCH(DTYPE, CASE)  \
