@@ -1,13 +1,14 @@
 // Autograd kernels in C++ for the ops that are often called on small tensors: softmax and
 // log-softmax (and their backward ops, for double backward), log I_v / log K_v (and their
 // derivative ops, differentiable once more; a third derivative is refused), the von
-// Mises-Fisher helpers, and the SinKD loss (differentiable again through an eager recompute
-// under create_graph=True).
+// Mises-Fisher helpers, the SinKD loss (differentiable again through an eager recompute
+// under create_graph=True), and statistical top-k with its fused gelu-mul (called once per
+// MLP layer).
 // A Python autograd registration (torch.library.register_autograd) runs Python on every
-// call, with or without grad: ~30 us, more than the kernels themselves below ~10^5 elements.
-// Each kernel wraps the op in a torch::autograd::Function whose forward calls the op below
-// autograd; the ops with larger inputs and richer contexts (stat_topk, sinkhorn, cut
-// cross-entropy) keep their Python registrations.
+// call, with or without grad: ~30-50 us, more than the kernels themselves below ~10^5
+// elements. Each kernel wraps the op in a torch::autograd::Function whose forward calls the
+// op below autograd; the ops with richer contexts (sinkhorn, cut cross-entropy) and the
+// backward ops' own derivatives keep their Python registrations.
 #include <ATen/Functions.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/TensorOperators.h>
@@ -16,6 +17,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <optional>
 #include <tuple>
 #include <utility>
 
@@ -516,9 +518,126 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   return {r[0], r[1], r[2], r[3], r[4], r[5]};
 }
 
+// A backward linear in its output gradients, applied to their primals and, where any carries a
+// forward-AD tangent (autograd.grad(..., grad_outputs=dual), eager forward over reverse), to
+// the tangents as well (missing ones as zeros): the tangent of the result. The backward ops
+// have no forward rule of their own.
+template <typename BackwardFn>
+variable_list linear_in_grads(const variable_list& grads, BackwardFn&& backward_of) {
+  bool dual = false;
+  for (const at::Tensor& g : grads) dual = dual || (g.defined() && g._fw_grad(/*level=*/0).defined());
+  if (!dual) return backward_of(grads);
+  variable_list primals, tangents;
+  for (const at::Tensor& g : grads) {
+    const at::Tensor t = g.defined() ? g._fw_grad(/*level=*/0) : at::Tensor();
+    primals.push_back(t.defined() ? g._fw_primal(/*level=*/0) : g);
+    tangents.push_back(t.defined() ? t : g.defined() ? at::zeros_like(g) : at::Tensor());
+  }
+  variable_list out = backward_of(primals);
+  const variable_list out_tangents = backward_of(tangents);
+  for (size_t i = 0; i < out.size(); ++i) {
+    if (out[i].defined()) out[i] = at::_make_dual(out[i], out_tangents[i], /*level=*/0);
+  }
+  return out;
+}
+
+// Statistical top-k and the fused gelu-mul: the backward ops again in the backward. Their own
+// autograd (double backward) is registered in Python; without grad mode (no create_graph)
+// the backward calls them below autograd and skips it.
+using StatTopKSig =
+    std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>(const at::Tensor&, int64_t, double, bool, bool, c10::SymInt);
+using StatTopKBackwardSig =
+    at::Tensor(const at::Tensor&, const std::optional<at::Tensor>&, const at::Tensor&, const at::Tensor&,
+               const at::Tensor&, const at::Tensor&, int64_t, double, bool, bool, c10::SymInt);
+using GeluMulSig =
+    std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&, double, bool, c10::SymInt);
+using GeluMulBackwardSig =
+    std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                       const at::Tensor&, const at::Tensor&, double, bool, c10::SymInt);
+
+struct StatTopKFunction : torch::autograd::Function<StatTopKFunction> {
+  static variable_list forward(AutogradContext* ctx, const at::Tensor& x, int64_t dim, double sparsity, bool hard,
+                               bool threshold_grad, c10::SymInt k) {
+    static const auto op = op_handle<StatTopKSig>("fastloss::stat_topk");
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    auto [y, theta, mean, std] = op.call(x, dim, sparsity, hard, threshold_grad, k);
+    ctx->save_for_backward({x, theta, mean, std});
+    ctx->saved_data["dim"] = dim;
+    ctx->saved_data["sparsity"] = sparsity;
+    ctx->saved_data["hard"] = hard;
+    ctx->saved_data["threshold_grad"] = threshold_grad;
+    ctx->saved_data["k"] = std::move(k);
+    ctx->mark_non_differentiable({mean, std});
+    return {y, theta, mean, std};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    static const auto op = op_handle<StatTopKBackwardSig>("fastloss::stat_topk_backward");
+    const variable_list saved = ctx->get_saved_variables();
+    const at::Tensor &x = saved[0], &theta = saved[1], &mean = saved[2], &std = saved[3];
+    const auto& d = ctx->saved_data;
+    const variable_list dx = linear_in_grads({grads[0], grads[1]}, [&](const variable_list& g) -> variable_list {
+      std::optional<at::AutoDispatchBelowADInplaceOrView> below_autograd;
+      if (!at::GradMode::is_enabled()) below_autograd.emplace();
+      const std::optional<at::Tensor> grad_theta =
+          g[1].defined() ? std::optional<at::Tensor>(g[1].to(mean.scalar_type())) : std::nullopt;
+      return {op.call(g[0].to(x.scalar_type()), grad_theta, x, theta, mean, std, d.at("dim").toInt(),
+                      d.at("sparsity").toDouble(), d.at("hard").toBool(), d.at("threshold_grad").toBool(),
+                      d.at("k").toSymInt())};
+    });
+    return {dx[0], at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
+  }
+};
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> stat_topk_autograd(const at::Tensor& x, int64_t dim,
+                                                                              double sparsity, bool hard,
+                                                                              bool threshold_grad, c10::SymInt k) {
+  const variable_list out = StatTopKFunction::apply(x, dim, sparsity, hard, threshold_grad, std::move(k));
+  return {out[0], out[1], out[2], out[3]};
+}
+
+struct GeluMulFunction : torch::autograd::Function<GeluMulFunction> {
+  static variable_list forward(AutogradContext* ctx, const at::Tensor& gate, const at::Tensor& up, double sparsity,
+                               bool threshold_grad, c10::SymInt k) {
+    static const auto op = op_handle<GeluMulSig>("fastloss::stat_topk_gelu_mul");
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    auto [out, theta, mean, std] = op.call(gate, up, sparsity, threshold_grad, k);
+    ctx->save_for_backward({gate, up, theta, mean, std});
+    ctx->saved_data["sparsity"] = sparsity;
+    ctx->saved_data["threshold_grad"] = threshold_grad;
+    ctx->saved_data["k"] = std::move(k);
+    ctx->mark_non_differentiable({theta, mean, std});
+    return {out, theta, mean, std};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    static const auto op = op_handle<GeluMulBackwardSig>("fastloss::stat_topk_gelu_mul_backward");
+    const variable_list saved = ctx->get_saved_variables();
+    const at::Tensor &gate = saved[0], &up = saved[1];
+    const auto& d = ctx->saved_data;
+    const variable_list g = linear_in_grads({grads[0]}, [&](const variable_list& go) -> variable_list {
+      std::optional<at::AutoDispatchBelowADInplaceOrView> below_autograd;
+      if (!at::GradMode::is_enabled()) below_autograd.emplace();
+      auto [dgate, dup] = op.call(go[0].to(gate.scalar_type()), gate, up, saved[2], saved[3], saved[4],
+                                  d.at("sparsity").toDouble(), d.at("threshold_grad").toBool(), d.at("k").toSymInt());
+      return {dgate, dup};
+    });
+    return {g[0], g[1], at::Tensor(), at::Tensor(), at::Tensor()};
+  }
+};
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gelu_mul_autograd(const at::Tensor& gate,
+                                                                             const at::Tensor& up, double sparsity,
+                                                                             bool threshold_grad, c10::SymInt k) {
+  const variable_list out = GeluMulFunction::apply(gate, up, sparsity, threshold_grad, std::move(k));
+  return {out[0], out[1], out[2], out[3]};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(fastloss, Autograd, m) {
+  m.impl("stat_topk", &stat_topk_autograd);
+  m.impl("stat_topk_gelu_mul", &gelu_mul_autograd);
   m.impl("softmax", &softmax_autograd<false>);
   m.impl("log_softmax", &softmax_autograd<true>);
   m.impl("softmax_backward", &softmax_backward_autograd<false>);

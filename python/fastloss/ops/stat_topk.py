@@ -229,7 +229,8 @@ def _gelu_mul_backward_fake(grad_out, gate, up, theta, mean, std, sparsity, thre
 
 
 # --------------------------------------------------------------------------------------------
-# Autograd
+# Autograd: stat_topk and stat_topk_gelu_mul have C++ autograd kernels (csrc/autograd.cpp:
+# a Python registration cost ~50 us per call); their backward ops' derivatives are below.
 
 
 def _with_defaults(inputs, k_index: int):
@@ -244,48 +245,11 @@ def _stat_topk_save(ctx, inputs, output):
     ctx.save_for_backward(x, theta, mean, std)
 
 
-def _stat_topk_setup(ctx, inputs, output):
-    _stat_topk_save(ctx, inputs, output)
-    ctx.mark_non_differentiable(output[2], output[3])  # mean, std
-
-
-def _stat_topk_backward(ctx, grad_y, grad_theta, _grad_mean, _grad_std):
-    if transforms_active(grad_y, grad_theta):
-        # Forward-AD tangents in the output gradients (autograd.grad(..., grad_outputs=dual)):
-        # the backward op's autograd registration has no forward rule and would drop them.
-        return _stat_topk_transform_backward(ctx, grad_y, grad_theta, _grad_mean, _grad_std)
-    x, theta, mean, std = ctx.saved_tensors
-    dx = torch.ops.fastloss.stat_topk_backward.default(
-        grad_y.to(x.dtype), grad_theta.to(mean.dtype), x, theta, mean, std, ctx.dim, ctx.sparsity, ctx.hard,
-        ctx.threshold_grad, ctx.k)
-    return dx, None, None, None, None, None
-
-
-torch.library.register_autograd("fastloss::stat_topk", _stat_topk_backward, setup_context=_stat_topk_setup)
-
-
 def _gelu_mul_save(ctx, inputs, output):
     gate, up, sparsity, threshold_grad, k = _with_defaults(inputs, 4)
     _out, theta, mean, std = output
     ctx.sparsity, ctx.threshold_grad, ctx.k = sparsity, threshold_grad, k
     ctx.save_for_backward(gate, up, theta, mean, std)
-
-
-def _gelu_mul_setup(ctx, inputs, output):
-    _gelu_mul_save(ctx, inputs, output)
-    ctx.mark_non_differentiable(*output[1:])  # theta, mean, std
-
-
-def _gelu_mul_backward(ctx, grad_out, _grad_theta, _grad_mean, _grad_std):
-    if transforms_active(grad_out):  # as in _stat_topk_backward
-        return _gelu_mul_transform_backward(ctx, grad_out, _grad_theta, _grad_mean, _grad_std)
-    gate, up, theta, mean, std = ctx.saved_tensors
-    dgate, dup = torch.ops.fastloss.stat_topk_gelu_mul_backward.default(
-        grad_out.to(gate.dtype), gate, up, theta, mean, std, ctx.sparsity, ctx.threshold_grad, ctx.k)
-    return dgate, dup, None, None, None
-
-
-torch.library.register_autograd("fastloss::stat_topk_gelu_mul", _gelu_mul_backward, setup_context=_gelu_mul_setup)
 
 
 # --------------------------------------------------------------------------------------------
