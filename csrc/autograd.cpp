@@ -3,11 +3,11 @@
 // derivative ops, differentiable once more; a third derivative is refused), the von
 // Mises-Fisher helpers, the SinKD loss (differentiable again through an eager recompute
 // under create_graph=True), and statistical top-k with its fused gelu-mul (called once per
-// MLP layer).
+// MLP layer), and cut cross-entropy.
 // A Python autograd registration (torch.library.register_autograd) runs Python on every
 // call, with or without grad: ~30-50 us, more than the kernels themselves below ~10^5
 // elements. Each kernel wraps the op in a torch::autograd::Function whose forward calls the
-// op below autograd; the ops with richer contexts (sinkhorn, cut cross-entropy) and the
+// op below autograd; sinkhorn, the vocabulary-parallel cut cross-entropy shard, and the
 // backward ops' own derivatives keep their Python registrations.
 #include <ATen/Functions.h>
 #include <ATen/core/dispatch/Dispatcher.h>
@@ -17,6 +17,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <array>
 #include <optional>
 #include <tuple>
 #include <utility>
@@ -633,9 +634,78 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gelu_mul_autograd(con
   return {out[0], out[1], out[2], out[3]};
 }
 
+// Cut cross-entropy (the single-process op; the vocabulary-parallel shard op keeps its Python
+// registration): the backward op again in the backward, for hidden, classifier and bias.
+using LinearCrossEntropySig = std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&,
+                                                                 const at::Tensor&, const std::optional<at::Tensor>&,
+                                                                 int64_t, double, double, double, double, bool);
+using LinearCrossEntropyBackwardSig = std::tuple<at::Tensor, at::Tensor, at::Tensor>(
+    const at::Tensor&, const std::optional<at::Tensor>&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+    const std::optional<at::Tensor>&, const at::Tensor&, int64_t, double, double, double, double, std::array<bool, 3>,
+    int64_t, int64_t, bool);
+
+struct LinearCrossEntropyFunction : torch::autograd::Function<LinearCrossEntropyFunction> {
+  static variable_list forward(AutogradContext* ctx, const at::Tensor& hidden, const at::Tensor& classifier,
+                               const at::Tensor& targets, const std::optional<at::Tensor>& bias, int64_t ignore_index,
+                               double softcap, double label_smoothing, double z_loss, double filter_eps,
+                               bool deterministic) {
+    static const auto op = op_handle<LinearCrossEntropySig>("fastloss::linear_cross_entropy");
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    auto [loss, lse] = op.call(hidden, classifier, targets, bias, ignore_index, softcap, label_smoothing, z_loss,
+                               filter_eps, deterministic);
+    const bool has_bias = bias.has_value() && bias->defined();
+    ctx->save_for_backward({hidden, classifier, targets, has_bias ? *bias : at::Tensor(), lse});
+    ctx->saved_data["has_bias"] = has_bias;
+    ctx->saved_data["ignore_index"] = ignore_index;
+    ctx->saved_data["softcap"] = softcap;
+    ctx->saved_data["label_smoothing"] = label_smoothing;
+    ctx->saved_data["z_loss"] = z_loss;
+    ctx->saved_data["filter_eps"] = filter_eps;
+    ctx->saved_data["deterministic"] = deterministic;
+    return {loss, lse};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    static const auto op = op_handle<LinearCrossEntropyBackwardSig>("fastloss::linear_cross_entropy_backward");
+    const variable_list saved = ctx->get_saved_variables();
+    const at::Tensor &hidden = saved[0], &classifier = saved[1], &targets = saved[2], &lse = saved[4];
+    const auto& d = ctx->saved_data;
+    const bool has_bias = d.at("has_bias").toBool();
+    const std::optional<at::Tensor> bias = has_bias ? std::optional<at::Tensor>(saved[3]) : std::nullopt;
+    const std::array<bool, 3> mask = {ctx->needs_input_grad(0), ctx->needs_input_grad(1),
+                                      has_bias && ctx->needs_input_grad(3)};
+    const variable_list g = linear_in_grads({grads[0], grads[1]}, [&](const variable_list& go) -> variable_list {
+      std::optional<at::AutoDispatchBelowADInplaceOrView> below_autograd;
+      if (!at::GradMode::is_enabled()) below_autograd.emplace();
+      const std::optional<at::Tensor> grad_lse =
+          go[1].defined() ? std::optional<at::Tensor>(go[1].to(lse.scalar_type())) : std::nullopt;
+      auto [dh, dc, db] = op.call(go[0].to(lse.scalar_type()), grad_lse, hidden, classifier, targets, bias, lse,
+                                  d.at("ignore_index").toInt(), d.at("softcap").toDouble(),
+                                  d.at("label_smoothing").toDouble(), d.at("z_loss").toDouble(),
+                                  d.at("filter_eps").toDouble(), mask, 0, -1, d.at("deterministic").toBool());
+      return {mask[0] ? dh : at::Tensor(), mask[1] ? dc : at::Tensor(), mask[2] ? db : at::Tensor()};
+    });
+    return {g[0], g[1], at::Tensor(), g[2], at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(),
+            at::Tensor()};
+  }
+};
+
+std::tuple<at::Tensor, at::Tensor> linear_cross_entropy_autograd(const at::Tensor& hidden,
+                                                                 const at::Tensor& classifier,
+                                                                 const at::Tensor& targets,
+                                                                 const std::optional<at::Tensor>& bias,
+                                                                 int64_t ignore_index, double softcap,
+                                                                 double label_smoothing, double z_loss,
+                                                                 double filter_eps, bool deterministic) {
+  const variable_list out = LinearCrossEntropyFunction::apply(hidden, classifier, targets, bias, ignore_index, softcap,
+                                                              label_smoothing, z_loss, filter_eps, deterministic);
+  return {out[0], out[1]};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(fastloss, Autograd, m) {
+  m.impl("linear_cross_entropy", &linear_cross_entropy_autograd);
   m.impl("stat_topk", &stat_topk_autograd);
   m.impl("stat_topk_gelu_mul", &gelu_mul_autograd);
   m.impl("softmax", &softmax_autograd<false>);
