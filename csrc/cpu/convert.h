@@ -5,7 +5,9 @@
 #include <c10/util/Half.h>
 
 #include <algorithm>
+#include <array>
 
+#include <cstddef>
 #include <cstdint>
 #include <cstring>
 #include <type_traits>
@@ -130,5 +132,25 @@ inline float* stage_buffer(int which, int64_t count) {
 constexpr int64_t kStageBytes = int64_t(8) << 10;
 constexpr int64_t kMaxStagedRow = 32768;
 inline int64_t staged_rows(int64_t n) { return std::max<int64_t>(1, kStageBytes / (n * int64_t(sizeof(float)))); }
+
+// Runs a float kernel over float16 rows [begin, end) of n entries, block by block: the rows of
+// each `in` converted to float, kernel(first_row, rows, float_in, float_out), the rows of each
+// `out` converted back from float_out.
+template <size_t I, size_t O, typename Kernel>
+void staged_half_rows(int64_t begin, int64_t end, int64_t n, const std::array<const c10::Half*, I>& in,
+                      const std::array<c10::Half*, O>& out, Kernel&& kernel) {
+  static_assert(I + O <= 5, "stage_buffer holds 5 buffers per thread");
+  const int64_t step = staged_rows(n), most = std::min(step, end - begin) * n;
+  std::array<float*, I> fin{};
+  std::array<float*, O> fout{};
+  for (size_t i = 0; i < I; ++i) fin[i] = stage_buffer(static_cast<int>(i), most);
+  for (size_t o = 0; o < O; ++o) fout[o] = stage_buffer(static_cast<int>(I + o), most);
+  for (int64_t r = begin; r < end; r += step) {
+    const int64_t rows = std::min(step, end - r), count = rows * n;
+    for (size_t i = 0; i < I; ++i) half_to_float(in[i] + r * n, fin[i], count);
+    kernel(r, rows, fin, fout);
+    for (size_t o = 0; o < O; ++o) float_to_half(fout[o], out[o] + r * n, count);
+  }
+}
 
 }  // namespace fastloss::cpu

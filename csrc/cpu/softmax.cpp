@@ -472,46 +472,37 @@ FASTLOSS_BACKWARD_ENTRIES(f32_bf16, float, c10::BFloat16)
 // float16, as in the direct kernels).
 template <bool kLog, typename out_t>
 void forward_half_staged(const c10::Half* x, out_t* y, int64_t begin, int64_t end, int64_t n) {
-  constexpr bool kFloatOut = std::is_same_v<out_t, float>;
-  const int64_t step = staged_rows(n);
-  const int64_t most = std::min(step, end - begin) * n;
-  float* xs = stage_buffer(0, most);
-  float* ys = kFloatOut ? nullptr : stage_buffer(1, most);
-  for (int64_t r = begin; r < end; r += step) {
-    const int64_t rows = std::min(step, end - r), count = rows * n;
-    half_to_float(x + r * n, xs, count);
-    float* yf;
-    if constexpr (kFloatOut) yf = y + r * n;
-    else yf = ys;
-    if constexpr (kLog) log_softmax_f32_lastdim(xs, yf, 0, rows, n);
-    else softmax_f32_lastdim(xs, yf, 0, rows, n);
-    if constexpr (!kFloatOut) float_to_half(ys, y + r * n, count);
+  const auto kernel = [&](int64_t r, int64_t rows, const auto& in, auto* out) {
+    if constexpr (kLog) log_softmax_f32_lastdim(in[0], out, 0, rows, n);
+    else softmax_f32_lastdim(in[0], out, 0, rows, n);
+  };
+  if constexpr (std::is_same_v<out_t, float>) {  // float output: written in place
+    staged_half_rows<1, 0>(begin, end, n, {x}, {}, [&](int64_t r, int64_t rows, const auto& in, const auto&) {
+      kernel(r, rows, in, y + r * n);
+    });
+  } else {
+    staged_half_rows<1, 1>(begin, end, n, {x}, {y}, [&](int64_t r, int64_t rows, const auto& in, const auto& out) {
+      kernel(r, rows, in, out[0]);
+    });
   }
 }
 
-// out_t: c10::Half (float16 output and gradient) or float (float output of a float16 input).
+// out_t: c10::Half (float16 output and gradient) or float (float output of a float16 input,
+// read in place).
 template <bool kLog, typename out_t>
 void backward_half_staged(const out_t* g, const out_t* y, c10::Half* dx, int64_t begin, int64_t end, int64_t n) {
-  constexpr bool kHalfIn = std::is_same_v<out_t, c10::Half>;
-  const int64_t step = staged_rows(n);
-  const int64_t most = std::min(step, end - begin) * n;
-  float* gs = kHalfIn ? stage_buffer(0, most) : nullptr;
-  float* ys = kHalfIn ? stage_buffer(1, most) : nullptr;
-  float* ds = stage_buffer(2, most);
-  for (int64_t r = begin; r < end; r += step) {
-    const int64_t rows = std::min(step, end - r), count = rows * n;
-    const float* gf;
-    const float* yf;
-    if constexpr (kHalfIn) {
-      half_to_float(g + r * n, gs, count);
-      half_to_float(y + r * n, ys, count);
-      gf = gs, yf = ys;
-    } else {
-      gf = g + r * n, yf = y + r * n;
-    }
-    if constexpr (kLog) log_softmax_backward_f32_lastdim(gf, yf, ds, 0, rows, n);
-    else softmax_backward_f32_lastdim(gf, yf, ds, 0, rows, n);
-    float_to_half(ds, dx + r * n, count);
+  const auto kernel = [&](int64_t rows, const float* gf, const float* yf, float* d) {
+    if constexpr (kLog) log_softmax_backward_f32_lastdim(gf, yf, d, 0, rows, n);
+    else softmax_backward_f32_lastdim(gf, yf, d, 0, rows, n);
+  };
+  if constexpr (std::is_same_v<out_t, float>) {
+    staged_half_rows<0, 1>(begin, end, n, {}, {dx}, [&](int64_t r, int64_t rows, const auto&, const auto& out) {
+      kernel(rows, g + r * n, y + r * n, out[0]);
+    });
+  } else {
+    staged_half_rows<2, 1>(begin, end, n, {g, y}, {dx}, [&](int64_t, int64_t rows, const auto& in, const auto& out) {
+      kernel(rows, in[0], in[1], out[0]);
+    });
   }
 }
 

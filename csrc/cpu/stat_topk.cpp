@@ -413,67 +413,35 @@ FASTLOSS_STAT_TOPK_ENTRIES(bf16, c10::BFloat16)
 // to float16, as in the direct kernels). Per-row statistics stay float.
 void forward_half_staged(const Half* x, Half* y, float* mean, float* sd, float* theta, int64_t b, int64_t e,
                          int64_t n, float z, bool hard) {
-  const int64_t step = staged_rows(n), most = std::min(step, e - b) * n;
-  float* xs = stage_buffer(0, most);
-  float* ys = stage_buffer(1, most);
-  for (int64_t r = b; r < e; r += step) {
-    const int64_t rows = std::min(step, e - r), count = rows * n;
-    half_to_float(x + r * n, xs, count);
-    forward_lastdim_f32(xs, ys, mean + r, sd + r, theta + r, 0, rows, n, z, hard);
-    float_to_half(ys, y + r * n, count);
-  }
+  staged_half_rows<1, 1>(b, e, n, {x}, {y}, [&](int64_t r, int64_t rows, const auto& in, const auto& out) {
+    forward_lastdim_f32(in[0], out[0], mean + r, sd + r, theta + r, 0, rows, n, z, hard);
+  });
 }
 
 void backward_half_staged(const Half* g, const Half* x, const float* theta, const float* mean, const float* sd,
                           const float* gtheta, Half* dx, int64_t b, int64_t e, int64_t n, float z, bool hard,
                           bool threshold_grad) {
-  const int64_t step = staged_rows(n), most = std::min(step, e - b) * n;
-  float* gs = stage_buffer(0, most);
-  float* xs = stage_buffer(1, most);
-  float* ds = stage_buffer(2, most);
-  for (int64_t r = b; r < e; r += step) {
-    const int64_t rows = std::min(step, e - r), count = rows * n;
-    half_to_float(g + r * n, gs, count);
-    half_to_float(x + r * n, xs, count);
-    backward_lastdim_f32(gs, xs, theta + r, mean + r, sd + r, gtheta ? gtheta + r : nullptr, ds, 0, rows, n, z, hard,
-                         threshold_grad);
-    float_to_half(ds, dx + r * n, count);
-  }
+  staged_half_rows<2, 1>(b, e, n, {g, x}, {dx}, [&](int64_t r, int64_t rows, const auto& in, const auto& out) {
+    backward_lastdim_f32(in[0], in[1], theta + r, mean + r, sd + r, gtheta ? gtheta + r : nullptr, out[0], 0, rows,
+                         n, z, hard, threshold_grad);
+  });
 }
 
 void gelu_mul_forward_half_staged(const Half* gate, const Half* up, Half* out, float* theta, float* mean,
                                   float* sd, int64_t b, int64_t e, int64_t n, float z) {
-  const int64_t step = staged_rows(n), most = std::min(step, e - b) * n;
-  float* gs = stage_buffer(0, most);
-  float* us = stage_buffer(1, most);
-  float* os = stage_buffer(2, most);
-  for (int64_t r = b; r < e; r += step) {
-    const int64_t rows = std::min(step, e - r), count = rows * n;
-    half_to_float(gate + r * n, gs, count);
-    half_to_float(up + r * n, us, count);
-    gelu_mul_forward_f32(gs, us, os, theta + r, mean + r, sd + r, 0, rows, n, z);
-    float_to_half(os, out + r * n, count);
-  }
+  staged_half_rows<2, 1>(b, e, n, {gate, up}, {out}, [&](int64_t r, int64_t rows, const auto& in, const auto& o) {
+    gelu_mul_forward_f32(in[0], in[1], o[0], theta + r, mean + r, sd + r, 0, rows, n, z);
+  });
 }
 
 void gelu_mul_backward_half_staged(const Half* g, const Half* gate, const Half* up, const float* theta,
                                    const float* mean, const float* sd, Half* dgate, Half* dup, float* scratch,
                                    int64_t b, int64_t e, int64_t n, float z, bool threshold_grad) {
-  const int64_t step = staged_rows(n), most = std::min(step, e - b) * n;
-  float* gs = stage_buffer(0, most);
-  float* gts = stage_buffer(1, most);
-  float* us = stage_buffer(2, most);
-  float* dgs = stage_buffer(3, most);
-  float* dus = stage_buffer(4, most);
-  for (int64_t r = b; r < e; r += step) {
-    const int64_t rows = std::min(step, e - r), count = rows * n;
-    half_to_float(g + r * n, gs, count);
-    half_to_float(gate + r * n, gts, count);
-    half_to_float(up + r * n, us, count);
-    gelu_mul_backward_f32(gs, gts, us, theta + r, mean + r, sd + r, dgs, dus, scratch, 0, rows, n, z, threshold_grad);
-    float_to_half(dgs, dgate + r * n, count);
-    float_to_half(dus, dup + r * n, count);
-  }
+  staged_half_rows<3, 2>(b, e, n, {g, gate, up}, {dgate, dup},
+                         [&](int64_t r, int64_t rows, const auto& in, const auto& out) {
+                           gelu_mul_backward_f32(in[0], in[1], in[2], theta + r, mean + r, sd + r, out[0], out[1],
+                                                 scratch, 0, rows, n, z, threshold_grad);
+                         });
 }
 
 // Runs CASE(SUFFIX, T) for the tensor dtype (checked to be one of the four before).
