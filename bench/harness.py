@@ -24,9 +24,10 @@ Timing
     implementation would always follow the same predecessor. Measured on 4096 x 131072 bf16
     forward+backward: whichever of torch and fastloss followed the eager three-pass
     baseline took 1.2-1.25x longer. Only calls longer than ``settle_max`` (the eager
-    baselines of the largest cases) skip it, to bound the run time. The order also rotates:
-    each round starts one implementation later, so whatever an untimed call cannot settle
-    (memory freed by gigabytes of temporaries still being reclaimed) is shared out.
+    baselines of the largest cases) skip it, to bound the run time. The order is also
+    shuffled each round (seeded: the same orders every run), so whatever an untimed call
+    cannot settle (memory freed by gigabytes of temporaries still being reclaimed) falls on
+    every implementation in turn.
 Rotated inputs
     Each case makes several distinct input sets (as many as fit ``input_budget`` bytes, at
     most ``max_inputs``, at least one) and the calls cycle through them, so a small case does
@@ -49,6 +50,7 @@ import json
 import math
 import os
 import platform
+import random
 import re
 import statistics
 import sys
@@ -504,12 +506,12 @@ def time_interleaved(timers: Sequence[_Timer], settings: Settings, on_error=None
     live = [t for t in timers if len(t.samples) < settings.repeats or not t.samples]
     done = [t for t in timers if t not in live]
     deadline = time.perf_counter() + settings.max_time * max(1, len(live))
-    rounds = 0
+    order_rng = random.Random(0)  # the same orders in every run
     while live:
-        # Each round starts one implementation later, so none always follows the same one.
-        start = rounds % len(live)
-        rounds += 1
-        for t in live[start:] + live[:start]:
+        # A fresh order each round, so that no implementation keeps the same predecessor.
+        order = list(live)
+        order_rng.shuffle(order)
+        for t in order:
             try:
                 t.sample()
             except Exception as exc:

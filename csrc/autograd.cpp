@@ -7,8 +7,9 @@
 // A Python autograd registration (torch.library.register_autograd) runs Python on every
 // call, with or without grad: ~30-50 us, more than the kernels themselves below ~10^5
 // elements. Each kernel wraps the op in a torch::autograd::Function whose forward calls the
-// op below autograd; sinkhorn, the vocabulary-parallel cut cross-entropy shard, and the
-// backward ops' own derivatives keep their Python registrations.
+// op below autograd; sinkhorn, the vocabulary-parallel cut cross-entropy shard, the von
+// Mises-Fisher sampler's w derivative and the backward ops' own derivatives keep their
+// Python registrations.
 #include <ATen/Functions.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/TensorOperators.h>
@@ -522,20 +523,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
 // A backward linear in its output gradients, applied to their primals and, where any carries a
 // forward-AD tangent (autograd.grad(..., grad_outputs=dual), eager forward over reverse), to
 // the tangents as well (missing ones as zeros): the tangent of the result. The backward ops
-// have no forward rule of their own.
+// have no forward rule of their own. backward_of(grads, is_tangent).
 template <typename BackwardFn>
 variable_list linear_in_grads(const variable_list& grads, BackwardFn&& backward_of) {
   bool dual = false;
   for (const at::Tensor& g : grads) dual = dual || (g.defined() && g._fw_grad(/*level=*/0).defined());
-  if (!dual) return backward_of(grads);
+  if (!dual) return backward_of(grads, false);
   variable_list primals, tangents;
   for (const at::Tensor& g : grads) {
     const at::Tensor t = g.defined() ? g._fw_grad(/*level=*/0) : at::Tensor();
     primals.push_back(t.defined() ? g._fw_primal(/*level=*/0) : g);
     tangents.push_back(t.defined() ? t : g.defined() ? at::zeros_like(g) : at::Tensor());
   }
-  variable_list out = backward_of(primals);
-  const variable_list out_tangents = backward_of(tangents);
+  variable_list out = backward_of(primals, false);
+  const variable_list out_tangents = backward_of(tangents, true);
   for (size_t i = 0; i < out.size(); ++i) {
     if (out[i].defined()) out[i] = at::_make_dual(out[i], out_tangents[i], /*level=*/0);
   }
@@ -577,7 +578,7 @@ struct StatTopKFunction : torch::autograd::Function<StatTopKFunction> {
     const variable_list saved = ctx->get_saved_variables();
     const at::Tensor &x = saved[0], &theta = saved[1], &mean = saved[2], &std = saved[3];
     const auto& d = ctx->saved_data;
-    const variable_list dx = linear_in_grads({grads[0], grads[1]}, [&](const variable_list& g) -> variable_list {
+    const variable_list dx = linear_in_grads({grads[0], grads[1]}, [&](const variable_list& g, bool) -> variable_list {
       std::optional<at::AutoDispatchBelowADInplaceOrView> below_autograd;
       if (!at::GradMode::is_enabled()) below_autograd.emplace();
       const std::optional<at::Tensor> grad_theta =
@@ -616,7 +617,7 @@ struct GeluMulFunction : torch::autograd::Function<GeluMulFunction> {
     const variable_list saved = ctx->get_saved_variables();
     const at::Tensor &gate = saved[0], &up = saved[1];
     const auto& d = ctx->saved_data;
-    const variable_list g = linear_in_grads({grads[0]}, [&](const variable_list& go) -> variable_list {
+    const variable_list g = linear_in_grads({grads[0]}, [&](const variable_list& go, bool) -> variable_list {
       std::optional<at::AutoDispatchBelowADInplaceOrView> below_autograd;
       if (!at::GradMode::is_enabled()) below_autograd.emplace();
       auto [dgate, dup] = op.call(go[0].to(gate.scalar_type()), gate, up, saved[2], saved[3], saved[4],
@@ -674,7 +675,11 @@ struct LinearCrossEntropyFunction : torch::autograd::Function<LinearCrossEntropy
     const std::optional<at::Tensor> bias = has_bias ? std::optional<at::Tensor>(saved[3]) : std::nullopt;
     const std::array<bool, 3> mask = {ctx->needs_input_grad(0), ctx->needs_input_grad(1),
                                       has_bias && ctx->needs_input_grad(3)};
-    const variable_list g = linear_in_grads({grads[0], grads[1]}, [&](const variable_list& go) -> variable_list {
+    // The tangent's backward is unfiltered (filter_eps 0): the filter's threshold depends on
+    // each call's gradient scales, so filtered backwards would not add up linearly (and the
+    // forward-mode rules of _lce_derivatives.py do not filter either).
+    const variable_list g = linear_in_grads({grads[0], grads[1]}, [&](const variable_list& go,
+                                                                      bool is_tangent) -> variable_list {
       std::optional<at::AutoDispatchBelowADInplaceOrView> below_autograd;
       if (!at::GradMode::is_enabled()) below_autograd.emplace();
       const std::optional<at::Tensor> grad_lse =
@@ -682,7 +687,8 @@ struct LinearCrossEntropyFunction : torch::autograd::Function<LinearCrossEntropy
       auto [dh, dc, db] = op.call(go[0].to(lse.scalar_type()), grad_lse, hidden, classifier, targets, bias, lse,
                                   d.at("ignore_index").toInt(), d.at("softcap").toDouble(),
                                   d.at("label_smoothing").toDouble(), d.at("z_loss").toDouble(),
-                                  d.at("filter_eps").toDouble(), mask, 0, -1, d.at("deterministic").toBool());
+                                  is_tangent ? 0.0 : d.at("filter_eps").toDouble(), mask, 0, -1,
+                                  d.at("deterministic").toBool());
       return {mask[0] ? dh : at::Tensor(), mask[1] ? dc : at::Tensor(), mask[2] ? db : at::Tensor()};
     });
     return {g[0], g[1], at::Tensor(), g[2], at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(),

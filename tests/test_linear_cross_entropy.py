@@ -1206,3 +1206,28 @@ def test_third_derivatives_match_torch(monkeypatch):
     for transform in (lambda f: torch.func.jacrev(torch.func.jacrev(torch.func.jacrev(f))),
                       lambda f: torch.func.jacrev(torch.func.hessian(f))):
         torch.testing.assert_close(transform(ours)(h), expected, rtol=1e-10, atol=1e-13)
+
+
+def test_output_gradient_tangent_is_not_filtered():
+    # autograd.grad(loss, grad_outputs=dual(v, d)): the gradient's tangent is the backward of d,
+    # unfiltered (a filtered backward is not linear in the output gradient, and the
+    # forward-mode rules do not filter); the gradient itself is filtered as usual.
+    # V = 1100 with every target below 512: the CPU's later 512-column blocks hold no target
+    # and only probabilities ~1e-3, below filter_eps, so the filter skips them.
+    gen = torch.Generator().manual_seed(7)
+    h = (0.1 * torch.randn(6, 8, generator=gen)).requires_grad_()
+    c = torch.randn(1100, 8, generator=gen, requires_grad=True)
+    t = torch.randint(0, 512, (6,), generator=gen)
+    v, d = torch.rand(6, generator=gen) + 0.5, torch.randn(6, generator=gen)
+    loss = fastloss.linear_cross_entropy(h, c, t, reduction="none", filter_eps=0.05)
+    filtered = torch.autograd.grad(loss, [h, c], grad_outputs=v, retain_graph=True)
+    exact = fastloss.linear_cross_entropy(h, c, t, reduction="none", filter_eps=None)
+    expected = torch.autograd.grad(exact, [h, c], grad_outputs=d, retain_graph=True)
+    with fwAD.dual_level():
+        grads = torch.autograd.grad(loss, [h, c], grad_outputs=fwAD.make_dual(v, d))
+        for g, f, e in zip(grads, filtered, expected):
+            primal, tangent = fwAD.unpack_dual(g)
+            torch.testing.assert_close(primal, f, rtol=0, atol=0)
+            torch.testing.assert_close(tangent, e, rtol=1e-5, atol=1e-6)
+    # the filter did drop something here, so the check above can tell the two apart
+    assert not torch.allclose(filtered[1], torch.autograd.grad(exact, [c], grad_outputs=v)[0], rtol=0, atol=1e-7)

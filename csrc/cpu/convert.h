@@ -119,7 +119,8 @@ inline void float_to_half(const float* in, c10::Half* out, int64_t n) {
 }
 
 // A per-thread float buffer of at least `count` elements (which: one of 5 per thread), kept
-// between calls: a fresh allocation of this size would be fresh pages (faults) each call.
+// between calls (at most 5 x 128 KiB per thread): a fresh allocation of this size would be
+// fresh pages (faults) each call.
 inline float* stage_buffer(int which, int64_t count) {
   thread_local std::vector<float> buffers[5];
   std::vector<float>& b = buffers[which];
@@ -128,7 +129,8 @@ inline float* stage_buffer(int which, int64_t count) {
 }
 
 // float16 rows staged through float: blocks of rows of about kStageBytes float bytes per
-// buffer (L1-resident), and rows up to kMaxStagedRow elements (one row per block beyond).
+// buffer (in L1), and rows up to kMaxStagedRow elements (one row per block beyond
+// kStageBytes: up to 128 KiB per buffer, in L2).
 constexpr int64_t kStageBytes = int64_t(8) << 10;
 constexpr int64_t kMaxStagedRow = 32768;
 inline int64_t staged_rows(int64_t n) { return std::max<int64_t>(1, kStageBytes / (n * int64_t(sizeof(float)))); }
