@@ -50,6 +50,42 @@ const c10::TypedOperatorHandle<SoftmaxBackwardSig>& softmax_backward_op() {
   return op;
 }
 
+// A backward linear in its output gradients (backward_of(grads, is_tangent), through the
+// backward ops), applied to their primals and, where any carries a forward-AD tangent
+// (autograd.grad(..., grad_outputs=dual), eager forward over reverse), to the tangents as well
+// (missing ones as zeros): the tangent of the result. The backward ops have no forward rule of
+// their own. Their autograd (double backward) only matters under create_graph: without grad
+// mode they are called below autograd, which skips it (and, where it is registered in
+// Python, its ~30-50 us).
+template <typename BackwardFn>
+variable_list linear_in_grads(const variable_list& grads, BackwardFn&& backward_of) {
+  const auto call = [&](const variable_list& g, bool is_tangent) {
+    std::optional<at::AutoDispatchBelowADInplaceOrView> below_autograd;
+    if (!at::GradMode::is_enabled()) below_autograd.emplace();
+    return backward_of(g, is_tangent);
+  };
+  bool dual = false;
+  for (const at::Tensor& g : grads) dual = dual || (g.defined() && g._fw_grad(/*level=*/0).defined());
+  if (!dual) return call(grads, false);
+  variable_list primals, tangents;
+  for (const at::Tensor& g : grads) {
+    const at::Tensor t = g.defined() ? g._fw_grad(/*level=*/0) : at::Tensor();
+    primals.push_back(t.defined() ? g._fw_primal(/*level=*/0) : g);
+    tangents.push_back(t.defined() ? t : g.defined() ? at::zeros_like(g) : at::Tensor());
+  }
+  variable_list out = call(primals, false);
+  const variable_list out_tangents = call(tangents, true);
+  for (size_t i = 0; i < out.size(); ++i) {
+    if (out[i].defined()) out[i] = at::_make_dual(out[i], out_tangents[i], /*level=*/0);
+  }
+  return out;
+}
+
+// An optional output gradient for an op argument `Tensor?`, in the given dtype.
+std::optional<at::Tensor> optional_grad(const at::Tensor& g, c10::ScalarType dtype) {
+  return g.defined() ? std::optional<at::Tensor>(g.to(dtype)) : std::nullopt;
+}
+
 template <bool kLog>
 struct SoftmaxFunction : torch::autograd::Function<SoftmaxFunction<kLog>> {
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& self, int64_t dim, bool half_to_float) {
@@ -65,19 +101,11 @@ struct SoftmaxFunction : torch::autograd::Function<SoftmaxFunction<kLog>> {
     const at::Tensor out = ctx->get_saved_variables()[0];
     const c10::ScalarType input_dtype = ctx->saved_data["input_dtype"].toScalarType();
     const int64_t dim = ctx->saved_data["dim"].toInt();
-    // Through the dispatcher with autograd on: differentiable again (double backward).
-    const auto backward_of = [&](const at::Tensor& g) {
-      return softmax_backward_op<kLog>().call(g.to(out.scalar_type()), out, dim, input_dtype);
-    };
-    // A forward-AD tangent in the output gradient (autograd.grad(..., grad_outputs=dual), eager
-    // forward over reverse): the gradient is linear in it, so its tangent is the backward of
-    // the tangent (the backward op, a C++ autograd function, has no forward rule of its own).
-    const at::Tensor tangent = grads[0]._fw_grad(/*level=*/0);
-    if (tangent.defined()) {
-      const at::Tensor primal = grads[0]._fw_primal(/*level=*/0);
-      return {at::_make_dual(backward_of(primal), backward_of(tangent), /*level=*/0), at::Tensor(), at::Tensor()};
-    }
-    return {backward_of(grads[0]), at::Tensor(), at::Tensor()};
+    // Through the dispatcher under create_graph: differentiable again (double backward).
+    const variable_list dx = linear_in_grads({grads[0]}, [&](const variable_list& g, bool) -> variable_list {
+      return {softmax_backward_op<kLog>().call(g[0].to(out.scalar_type()), out, dim, input_dtype)};
+    });
+    return {dx[0], at::Tensor(), at::Tensor()};
   }
 };
 
@@ -520,32 +548,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   return {r[0], r[1], r[2], r[3], r[4], r[5]};
 }
 
-// A backward linear in its output gradients, applied to their primals and, where any carries a
-// forward-AD tangent (autograd.grad(..., grad_outputs=dual), eager forward over reverse), to
-// the tangents as well (missing ones as zeros): the tangent of the result. The backward ops
-// have no forward rule of their own. backward_of(grads, is_tangent).
-template <typename BackwardFn>
-variable_list linear_in_grads(const variable_list& grads, BackwardFn&& backward_of) {
-  bool dual = false;
-  for (const at::Tensor& g : grads) dual = dual || (g.defined() && g._fw_grad(/*level=*/0).defined());
-  if (!dual) return backward_of(grads, false);
-  variable_list primals, tangents;
-  for (const at::Tensor& g : grads) {
-    const at::Tensor t = g.defined() ? g._fw_grad(/*level=*/0) : at::Tensor();
-    primals.push_back(t.defined() ? g._fw_primal(/*level=*/0) : g);
-    tangents.push_back(t.defined() ? t : g.defined() ? at::zeros_like(g) : at::Tensor());
-  }
-  variable_list out = backward_of(primals, false);
-  const variable_list out_tangents = backward_of(tangents, true);
-  for (size_t i = 0; i < out.size(); ++i) {
-    if (out[i].defined()) out[i] = at::_make_dual(out[i], out_tangents[i], /*level=*/0);
-  }
-  return out;
-}
-
-// Statistical top-k and the fused gelu-mul: the backward ops again in the backward. Their own
-// autograd (double backward) is registered in Python; without grad mode (no create_graph)
-// the backward calls them below autograd and skips it.
+// Statistical top-k and the fused gelu-mul: the backward ops again in the backward (their own
+// autograd, for double backward, is registered in Python).
 using StatTopKSig =
     std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>(const at::Tensor&, int64_t, double, bool, bool, c10::SymInt);
 using StatTopKBackwardSig =
@@ -579,11 +583,7 @@ struct StatTopKFunction : torch::autograd::Function<StatTopKFunction> {
     const at::Tensor &x = saved[0], &theta = saved[1], &mean = saved[2], &std = saved[3];
     const auto& d = ctx->saved_data;
     const variable_list dx = linear_in_grads({grads[0], grads[1]}, [&](const variable_list& g, bool) -> variable_list {
-      std::optional<at::AutoDispatchBelowADInplaceOrView> below_autograd;
-      if (!at::GradMode::is_enabled()) below_autograd.emplace();
-      const std::optional<at::Tensor> grad_theta =
-          g[1].defined() ? std::optional<at::Tensor>(g[1].to(mean.scalar_type())) : std::nullopt;
-      return {op.call(g[0].to(x.scalar_type()), grad_theta, x, theta, mean, std, d.at("dim").toInt(),
+      return {op.call(g[0].to(x.scalar_type()), optional_grad(g[1], mean.scalar_type()), x, theta, mean, std, d.at("dim").toInt(),
                       d.at("sparsity").toDouble(), d.at("hard").toBool(), d.at("threshold_grad").toBool(),
                       d.at("k").toSymInt())};
     });
@@ -618,8 +618,6 @@ struct GeluMulFunction : torch::autograd::Function<GeluMulFunction> {
     const at::Tensor &gate = saved[0], &up = saved[1];
     const auto& d = ctx->saved_data;
     const variable_list g = linear_in_grads({grads[0]}, [&](const variable_list& go, bool) -> variable_list {
-      std::optional<at::AutoDispatchBelowADInplaceOrView> below_autograd;
-      if (!at::GradMode::is_enabled()) below_autograd.emplace();
       auto [dgate, dup] = op.call(go[0].to(gate.scalar_type()), gate, up, saved[2], saved[3], saved[4],
                                   d.at("sparsity").toDouble(), d.at("threshold_grad").toBool(), d.at("k").toSymInt());
       return {dgate, dup};
@@ -680,11 +678,7 @@ struct LinearCrossEntropyFunction : torch::autograd::Function<LinearCrossEntropy
     // forward-mode rules of _lce_derivatives.py do not filter either).
     const variable_list g = linear_in_grads({grads[0], grads[1]}, [&](const variable_list& go,
                                                                       bool is_tangent) -> variable_list {
-      std::optional<at::AutoDispatchBelowADInplaceOrView> below_autograd;
-      if (!at::GradMode::is_enabled()) below_autograd.emplace();
-      const std::optional<at::Tensor> grad_lse =
-          go[1].defined() ? std::optional<at::Tensor>(go[1].to(lse.scalar_type())) : std::nullopt;
-      auto [dh, dc, db] = op.call(go[0].to(lse.scalar_type()), grad_lse, hidden, classifier, targets, bias, lse,
+      auto [dh, dc, db] = op.call(go[0].to(lse.scalar_type()), optional_grad(go[1], lse.scalar_type()), hidden, classifier, targets, bias, lse,
                                   d.at("ignore_index").toInt(), d.at("softcap").toDouble(),
                                   d.at("label_smoothing").toDouble(), d.at("z_loss").toDouble(),
                                   is_tangent ? 0.0 : d.at("filter_eps").toDouble(), mask, 0, -1,

@@ -472,17 +472,17 @@ FASTLOSS_BACKWARD_ENTRIES(f32_bf16, float, c10::BFloat16)
 // float16, as in the direct kernels).
 template <bool kLog, typename out_t>
 void forward_half_staged(const c10::Half* x, out_t* y, int64_t begin, int64_t end, int64_t n) {
-  const auto kernel = [&](int64_t r, int64_t rows, const auto& in, auto* out) {
-    if constexpr (kLog) log_softmax_f32_lastdim(in[0], out, 0, rows, n);
-    else softmax_f32_lastdim(in[0], out, 0, rows, n);
+  const auto kernel = [&](int64_t rows, const float* xf, float* yf) {
+    if constexpr (kLog) log_softmax_f32_lastdim(xf, yf, 0, rows, n);
+    else softmax_f32_lastdim(xf, yf, 0, rows, n);
   };
   if constexpr (std::is_same_v<out_t, float>) {  // float output: written in place
     staged_half_rows<1, 0>(begin, end, n, {x}, {}, [&](int64_t r, int64_t rows, const auto& in, const auto&) {
-      kernel(r, rows, in, y + r * n);
+      kernel(rows, in[0], y + r * n);
     });
   } else {
-    staged_half_rows<1, 1>(begin, end, n, {x}, {y}, [&](int64_t r, int64_t rows, const auto& in, const auto& out) {
-      kernel(r, rows, in, out[0]);
+    staged_half_rows<1, 1>(begin, end, n, {x}, {y}, [&](int64_t, int64_t rows, const auto& in, const auto& out) {
+      kernel(rows, in[0], out[0]);
     });
   }
 }
