@@ -5,7 +5,7 @@
 // under create_graph=True), and statistical top-k with its fused gelu-mul (called once per
 // MLP layer), and cut cross-entropy.
 // A Python autograd registration (torch.library.register_autograd) runs Python on every
-// call, with or without grad: ~30-50 us, more than the kernels themselves below ~10^5
+// call, with or without grad: ~25-60 us, more than the kernels themselves below ~10^5
 // elements. Each kernel wraps the op in a torch::autograd::Function whose forward calls the
 // op below autograd; sinkhorn, the vocabulary-parallel cut cross-entropy shard, the von
 // Mises-Fisher sampler's w derivative and the backward ops' own derivatives keep their
@@ -56,7 +56,7 @@ const c10::TypedOperatorHandle<SoftmaxBackwardSig>& softmax_backward_op() {
 // (missing ones as zeros): the tangent of the result. The backward ops have no forward rule of
 // their own. Their autograd (double backward) only matters under create_graph: without grad
 // mode they are called below autograd, which skips it (and, where it is registered in
-// Python, its ~30-50 us).
+// Python, its ~25-60 us).
 template <typename BackwardFn>
 variable_list linear_in_grads(const variable_list& grads, BackwardFn&& backward_of) {
   const auto call = [&](const variable_list& g, bool is_tangent) {

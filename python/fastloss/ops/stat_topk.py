@@ -230,7 +230,8 @@ def _gelu_mul_backward_fake(grad_out, gate, up, theta, mean, std, sparsity, thre
 
 # --------------------------------------------------------------------------------------------
 # Autograd: stat_topk and stat_topk_gelu_mul have C++ autograd kernels (csrc/autograd.cpp:
-# a Python registration cost ~50 us per call); their backward ops' derivatives are below.
+# the Python registration cost ~25 us per forward and ~45 us per backward at 64 x 1024);
+# their backward ops' derivatives are below.
 
 
 def _with_defaults(inputs, k_index: int):
