@@ -169,6 +169,44 @@ def test_special_values(device, fn, ref_fn, dtype, cols):
 
 
 @pytest.mark.parametrize("fn,ref_fn", OPS)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_short_rows(device, fn, ref_fn, dtype):
+    # Rows of up to 256 bytes of the accumulation type are held in registers on the CPU, padded
+    # to a power of two, and log-softmax takes their logs 16 rows at a time: every width up to
+    # 65 (each padding, and the first width past the path), 37 rows (a partial batch), with
+    # rows of the exact path in the middle of a batch.
+    inf, nan = math.inf, math.nan
+    for cols in range(2, 66):
+        x = (torch.randn(37, cols, dtype=torch.float64, device=device) * 4).to(dtype)
+        assert_close_to_reference(fn, ref_fn, x, -1)
+        scale = 16 if fn is fastloss.log_softmax else 1
+        tol = 2 * torch_error(ref_fn, x, -1) + 4 * torch.finfo(dtype).eps * scale
+        x[18, 1] = nan
+        x[19, :] = -inf
+        x[20, 0] = inf
+        x[21, cols - 1] = -inf
+        y = fn(x, -1)
+        expected = ref_fn(x.double(), -1)
+        assert torch.equal(torch.isnan(y), torch.isnan(expected)), cols
+        assert torch.equal(torch.isinf(y), torch.isinf(expected)), cols
+        finite = torch.ones(37, dtype=torch.bool, device=device)
+        finite[18:21] = False
+        torch.testing.assert_close(y[finite].double(), expected[finite], rtol=0, atol=tol)
+
+
+@pytest.mark.parametrize("fn,ref_fn", OPS)
+def test_short_rows_of_large_magnitude(device, fn, ref_fn):
+    # Entries beyond the reducible range (|x| > ~1.4e6 in float) send a row to the exact path;
+    # the rows around it in the same batch stay on the paired one.
+    x = torch.randn(20, 24, dtype=torch.float64, device=device) * 3
+    x[5] *= 1e7
+    x[6] = x[6] * 1e3 + 1e30
+    for dtype in (torch.float32, torch.float64):
+        y = fn(x.to(dtype), -1)
+        torch.testing.assert_close(y.double(), ref_fn(x.to(dtype).double(), -1), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("fn,ref_fn", OPS)
 def test_special_values_other_dim(device, fn, ref_fn):
     x = torch.randn(40, 20, device=device)
     x[:, 0] = -math.inf
@@ -375,6 +413,20 @@ def test_rows_beyond_cache(device, fn, ref_fn, dtype):
     y = fn(x, -1)
     assert torch.isnan(y[2]).all() and not torch.isnan(y[:2]).any()
     assert (y[1, 7] == (-math.inf if fn is fastloss.log_softmax else 0)).item()
+
+
+@pytest.mark.parametrize("log", [False, True])
+@pytest.mark.parametrize("rows,cols", [(37, 5), (37, 64), (9, 65)])
+def test_short_bfloat16_rows_are_the_float_kernel_rounded_once(log, rows, cols):
+    # On the CPU, bfloat16 rows of up to 64 go through float in blocks: the float kernel's
+    # result rounded once, to the bit, for either output type.
+    fwd = torch.ops.fastloss.log_softmax if log else torch.ops.fastloss.softmax
+    x = (torch.randn(rows, cols) * 5).bfloat16()
+    x[0, 1] = -math.inf
+    x[-1, 2] = math.nan
+    y32 = fwd(x.float(), -1, False)
+    torch.testing.assert_close(fwd(x, -1, False), y32.bfloat16(), rtol=0, atol=0, equal_nan=True)
+    torch.testing.assert_close(fwd(x, -1, True), y32, rtol=0, atol=0, equal_nan=True)
 
 
 @pytest.mark.parametrize("log", [False, True])

@@ -3,6 +3,10 @@
 #pragma once
 
 #include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <type_traits>
 
 #include "common/exp_pair.h"
 
@@ -28,6 +32,31 @@ template <typename acc_t>
 FASTLOSS_HD constexpr acc_t low_clamp() {
   using C = ExpConstants<acc_t>;
   return -(C::kMaxReducible - C::kMinExponent + 32) * C::kLn2;
+}
+
+// log(s) for a positive normal s, without a library call and without branches (so a loop
+// over sums vectorizes): s = m 2^k with m in [2^-1/2, 2^1/2); log m = 2 atanh(u),
+// u = (m - 1) / (m + 1), |u| <= 0.172, by its series to u^9 (float, truncation 2e-9) or u^21
+// (double, 1e-19). Within 2 ulp of log(s).
+template <typename T>
+FASTLOSS_HD T log_of_normal(T s) {
+  using Bits = std::conditional_t<sizeof(T) == 8, int64_t, int32_t>;
+  constexpr int kMantissaBits = std::numeric_limits<T>::digits - 1;
+  constexpr Bits kSqrtHalfBits = sizeof(T) == 8 ? Bits(0x3fe6a09e667f3bcdLL) : Bits(0x3f3504f3);
+  Bits bits;
+  std::memcpy(&bits, &s, sizeof(s));
+  const Bits k = (bits - kSqrtHalfBits) >> kMantissaBits;  // floor(log2(s) + 1/2)
+  bits -= k * (Bits(1) << kMantissaBits);
+  T m;
+  std::memcpy(&m, &bits, sizeof(m));
+  const T f = m - 1;  // exact
+  const T u = f / (2 + f), u2 = u * u;
+  constexpr int kTerms = sizeof(T) == 8 ? 10 : 4;  // 1/3, 1/5, ..., 1/(2 kTerms + 1)
+  T p = T(1) / (2 * kTerms + 1);
+  for (int j = kTerms - 1; j >= 1; --j) p = fl_fma(p, u2, T(1) / (2 * j + 1));
+  const T log_m = fl_fma(2 * u * u2, p, 2 * u);
+  using C = ExpConstants<T>;
+  return fl_fma(T(k), C::kLn2Hi, fl_fma(T(k), C::kLn2Lo, log_m));
 }
 
 // What pass 2 needs of a row.

@@ -98,7 +98,7 @@ inline int isa_level() {
 }
 }  // namespace half_detail
 
-inline void half_to_float(const c10::Half* in, float* out, int64_t n) {
+inline void to_float(const c10::Half* in, float* out, int64_t n) {
   int64_t i = 0;
 #if defined(FASTLOSS_X86_CLONES)
   const int level = half_detail::isa_level();
@@ -108,7 +108,7 @@ inline void half_to_float(const c10::Half* in, float* out, int64_t n) {
   for (; i < n; ++i) out[i] = static_cast<float>(in[i]);
 }
 
-inline void float_to_half(const float* in, c10::Half* out, int64_t n) {
+inline void from_float(const float* in, c10::Half* out, int64_t n) {
   int64_t i = 0;
 #if defined(FASTLOSS_X86_CLONES)
   const int level = half_detail::isa_level();
@@ -128,19 +128,26 @@ inline float* stage_buffer(int which, int64_t count) {
   return b.data();
 }
 
-// float16 rows staged through float: blocks of rows of about kStageBytes float bytes per
-// buffer (in L1), and rows up to kMaxStagedRow elements (one row per block beyond
+// bfloat16 <-> float (convert.cpp, compiled per instruction set): a shift, and rounding to
+// nearest even as in to_output.
+void bfloat16_to_float(const c10::BFloat16* in, float* out, int64_t n);
+void float_to_bfloat16(const float* in, c10::BFloat16* out, int64_t n);
+inline void to_float(const c10::BFloat16* in, float* out, int64_t n) { bfloat16_to_float(in, out, n); }
+inline void from_float(const float* in, c10::BFloat16* out, int64_t n) { float_to_bfloat16(in, out, n); }
+
+// float16 or bfloat16 rows staged through float: blocks of rows of about kStageBytes float
+// bytes per buffer (in L1), and rows up to kMaxStagedRow elements (one row per block beyond
 // kStageBytes: up to 128 KiB per buffer, in L2).
 constexpr int64_t kStageBytes = int64_t(8) << 10;
 constexpr int64_t kMaxStagedRow = 32768;
 inline int64_t staged_rows(int64_t n) { return std::max<int64_t>(1, kStageBytes / (n * int64_t(sizeof(float)))); }
 
-// Runs a float kernel over float16 rows [begin, end) of n entries, block by block: the rows of
-// each `in` converted to float, kernel(first_row, rows, float_in, float_out), the rows of each
-// `out` converted back from float_out.
-template <size_t I, size_t O, typename Kernel>
-void staged_half_rows(int64_t begin, int64_t end, int64_t n, const std::array<const c10::Half*, I>& in,
-                      const std::array<c10::Half*, O>& out, Kernel&& kernel) {
+// Runs a float kernel over rows [begin, end) of n entries of type T (float16 or bfloat16),
+// block by block: the rows of each `in` converted to float, kernel(first_row, rows, float_in,
+// float_out), the rows of each `out` converted back from float_out.
+template <typename T, size_t I, size_t O, typename Kernel>
+void staged_float_rows(int64_t begin, int64_t end, int64_t n, const std::array<const T*, I>& in,
+                       const std::array<T*, O>& out, Kernel&& kernel) {
   static_assert(I + O <= 5, "stage_buffer holds 5 buffers per thread");
   const int64_t step = staged_rows(n), most = std::min(step, end - begin) * n;
   std::array<float*, I> fin{};
@@ -149,9 +156,9 @@ void staged_half_rows(int64_t begin, int64_t end, int64_t n, const std::array<co
   for (size_t o = 0; o < O; ++o) fout[o] = stage_buffer(static_cast<int>(I + o), most);
   for (int64_t r = begin; r < end; r += step) {
     const int64_t rows = std::min(step, end - r), count = rows * n;
-    for (size_t i = 0; i < I; ++i) half_to_float(in[i] + r * n, fin[i], count);
+    for (size_t i = 0; i < I; ++i) to_float(in[i] + r * n, fin[i], count);
     kernel(r, rows, fin, fout);
-    for (size_t o = 0; o < O; ++o) float_to_half(fout[o], out[o] + r * n, count);
+    for (size_t o = 0; o < O; ++o) from_float(fout[o], out[o] + r * n, count);
   }
 }
 

@@ -20,6 +20,8 @@
 // Every kernel template called from a FASTLOSS_CPU_CLONES entry must be inlined into it:
 // a call that is not inlined runs the baseline build (where fma is a libm call).
 #define FASTLOSS_CPU_INLINE inline __attribute__((always_inline))
+// The same for a lambda: [&](int i) FASTLOSS_CPU_INLINE_LAMBDA { ... }.
+#define FASTLOSS_CPU_INLINE_LAMBDA __attribute__((always_inline))
 
 namespace fastloss::cpu {
 inline namespace FASTLOSS_ISA_NAMESPACE {

@@ -26,6 +26,7 @@
 #include <limits>
 #include <memory>
 #include <type_traits>
+#include <utility>
 
 #include "common/exp_pair.h"
 #include "common/softmax_math.h"
@@ -235,10 +236,139 @@ FASTLOSS_CPU_INLINE void softmax_row_cached(const in_t* x, out_t* out, acc_t* y,
   }
 }
 
-// float16 rows of up to kMaxStagedRow, staged through float (convert.h): defined below the
-// float entry points that they call.
-template <bool kLog, typename out_t>
-void forward_half_staged(const c10::Half* x, out_t* y, int64_t begin, int64_t end, int64_t n);
+// Runs f(l) for the W lanes of a short row. GCC unrolls loops of up to 16 iterations
+// completely before it vectorizes, and such a row then took one scalar instruction per
+// element: a row of one 64-byte vector keeps its loop rolled, which vectorizes to single
+// (masked) vector instructions. Wider rows vectorize as they are (rolled blocks of one vector
+// each kept the arrays in memory, behind run-time alias checks).
+template <int W, typename acc_t, typename F>
+FASTLOSS_CPU_INLINE void for_each_lane(F&& f) {
+  if constexpr (W * sizeof(acc_t) <= 64) {
+    _Pragma("GCC unroll 1") for (int l = 0; l < W; ++l) f(l);
+  } else {
+    for (int l = 0; l < W; ++l) f(l);
+  }
+}
+
+// v with lanes l and l ^ S swapped, for every l.
+template <int S, typename V, int... I>
+FASTLOSS_CPU_INLINE V lanes_xor(V v, std::integer_sequence<int, I...>) {
+  return __builtin_shufflevector(v, v, (I ^ S)...);
+}
+
+// Reduces W lanes with whole-vector operations: the row's 64-byte vectors combined, then a
+// butterfly of in-register shuffles (reduce_lanes' halving steps, unrolled, became one scalar
+// operation per lane). op takes vectors.
+template <int W, typename acc_t, typename Op>
+FASTLOSS_CPU_INLINE acc_t reduce_short(const acc_t* a, Op op) {
+  constexpr int kVec = std::min<int>(W, 64 / sizeof(acc_t));
+  typedef acc_t Vec __attribute__((vector_size(kVec * sizeof(acc_t))));
+  Vec v[W / kVec];
+  std::memcpy(v, a, sizeof(v));
+  for (int h = W / kVec / 2; h > 0; h /= 2) {
+    for (int i = 0; i < h; ++i) v[i] = op(v[i], v[i + h]);
+  }
+  constexpr auto kLanes = std::make_integer_sequence<int, kVec>();
+  if constexpr (kVec >= 16) v[0] = op(v[0], lanes_xor<8>(v[0], kLanes));
+  if constexpr (kVec >= 8) v[0] = op(v[0], lanes_xor<4>(v[0], kLanes));
+  if constexpr (kVec >= 4) v[0] = op(v[0], lanes_xor<2>(v[0], kLanes));
+  if constexpr (kVec >= 2) v[0] = op(v[0], lanes_xor<1>(v[0], kLanes));
+  return v[0][0];
+}
+
+// Rows of at most W entries (W a power of two, up to four 512-bit vectors): the row is held
+// in a W-wide array padded with -inf, so every loop has a compile-time trip count and the
+// row stays in registers. Its largest exponent is a reduction over registers, not a pass
+// over memory. The chunked path spent most of such a row in its 32-lane tail loops and lane
+// reductions (fp32, 65536 x 16: softmax 0.72x torch, log-softmax 0.41x).
+// A row of at most W entries as its pair (S, E): entries in v (padded with -inf) and the terms
+// exp(x - E ln2) in e. Padding lanes clamp to low_clamp, whose exponential flushes to 0.
+template <int W, typename in_t, typename acc_t>
+FASTLOSS_CPU_INLINE ExpSum<acc_t> short_row_sum(const in_t* x, int64_t n, acc_t* v, acc_t* e) {
+  constexpr acc_t kLog2e = ExpConstants<acc_t>::kLog2e;
+  acc_t q[W];
+  for_each_lane<W, acc_t>([&](int l) FASTLOSS_CPU_INLINE_LAMBDA {
+    v[l] = l < n ? to_acc<acc_t>(x[l]) : -std::numeric_limits<acc_t>::infinity();
+    q[l] = v[l] * kLog2e;
+  });
+  const acc_t m = round_to_int(
+      fl_max(low_clamp<acc_t>() * kLog2e, reduce_short<W>(q, [](auto a, auto b) { return a > b ? a : b; })));
+  for_each_lane<W, acc_t>([&](int l) FASTLOSS_CPU_INLINE_LAMBDA {
+    e[l] = exp_shifted(fl_max(low_clamp<acc_t>(), v[l]), m);
+  });
+  return {reduce_short<W>(e, [](auto a, auto b) { return a + b; }), m};
+}
+
+// Log-softmax rows take their logs kLogBatch at a time, as one vector loop: one log per row
+// at the end of each row's chain of dependent steps left the row latency-bound
+// (fp32, 65536 x 16: 0.82x torch).
+constexpr int kLogBatch = 16;
+
+template <int W, bool kLog, typename in_t, typename out_t>
+FASTLOSS_CPU_INLINE void forward_short_rows(const in_t* x, out_t* y, int64_t begin, int64_t end, int64_t n) {
+  using acc_t = typename AccType<in_t>::type;
+  acc_t v[W], e[W];
+  if constexpr (!kLog) {
+    for (int64_t row = begin; row < end; ++row) {
+      const in_t* xr = x + row * n;
+      out_t* yr = y + row * n;
+      const RowStats<acc_t> stats = finish_row<acc_t, false>(short_row_sum<W>(xr, n, v, e), acc_t(0));
+      if (stats.exact) {
+        exact_row<false, in_t, out_t, acc_t>(xr, yr, n, 1);
+        continue;
+      }
+      for_each_lane<W, acc_t>([&](int l) FASTLOSS_CPU_INLINE_LAMBDA {
+        if (l < n) yr[l] = to_output<out_t>(e[l] * stats.inv_sum);
+      });
+    }
+  } else {
+    for (int64_t row0 = begin; row0 < end; row0 += kLogBatch) {
+      const int rows = static_cast<int>(std::min<int64_t>(kLogBatch, end - row0));
+      acc_t sum[kLogBatch], exponent[kLogBatch], log_sum[kLogBatch];
+      for (int r = 0; r < kLogBatch; ++r) {
+        const ExpSum<acc_t> s = r < rows ? short_row_sum<W>(x + (row0 + r) * n, n, v, e) : ExpSum<acc_t>{1, 0};
+        sum[r] = s.sum;
+        exponent[r] = s.exponent;
+      }
+      // Sums that are not positive normal numbers belong to rows of the exact path.
+      for_each_lane<kLogBatch, acc_t>([&](int r) FASTLOSS_CPU_INLINE_LAMBDA { log_sum[r] = log_of_normal(sum[r]); });
+      for (int r = 0; r < rows; ++r) {
+        const in_t* xr = x + (row0 + r) * n;
+        out_t* yr = y + (row0 + r) * n;
+        RowStats<acc_t> stats = finish_row<acc_t, false>(ExpSum<acc_t>{sum[r], exponent[r]}, acc_t(0));
+        if (stats.exact) {
+          exact_row<true, in_t, out_t, acc_t>(xr, yr, n, 1);
+          continue;
+        }
+        stats.log_offset = exponent[r] * ExpConstants<acc_t>::kLn2Lo + log_sum[r];
+        for_each_lane<W, acc_t>([&](int l) FASTLOSS_CPU_INLINE_LAMBDA {
+          if (l < n) yr[l] = to_output<out_t>(pass2_value<true>(to_acc<acc_t>(xr[l]), stats));
+        });
+      }
+    }
+  }
+}
+
+// The widest row forward_short_rows takes: four 512-bit vectors.
+template <typename acc_t>
+constexpr int64_t kShortForwardRow = 256 / sizeof(acc_t);
+
+template <bool kLog, typename in_t, typename out_t>
+FASTLOSS_CPU_INLINE void forward_short_rows(const in_t* x, out_t* y, int64_t begin, int64_t end, int64_t n) {
+  using acc_t = typename AccType<in_t>::type;
+  constexpr int64_t kMax = kShortForwardRow<acc_t>;
+  if (n <= kMax / 8) forward_short_rows<kMax / 8, kLog>(x, y, begin, end, n);
+  else if (n <= kMax / 4) forward_short_rows<kMax / 4, kLog>(x, y, begin, end, n);
+  else if (n <= kMax / 2) forward_short_rows<kMax / 2, kLog>(x, y, begin, end, n);
+  else forward_short_rows<kMax, kLog>(x, y, begin, end, n);
+}
+
+// Rows staged through float (convert.h), defined below the float entry points that they call:
+// float16 rows of up to kMaxStagedRow, and short bfloat16 rows (in forward_short_rows GCC
+// widened a row of bfloat16 in half vectors that went through memory: 65536 x 16 took 1.7x
+// the time of float).
+template <bool kLog, typename in_t, typename out_t>
+void forward_staged(const in_t* x, out_t* y, int64_t begin, int64_t end, int64_t n);
 template <bool kLog, typename out_t>
 void backward_half_staged(const out_t* g, const out_t* y, c10::Half* dx, int64_t begin, int64_t end, int64_t n);
 
@@ -248,10 +378,16 @@ void backward_half_staged(const out_t* g, const out_t* y, c10::Half* dx, int64_t
 template <bool kLog, typename in_t, typename out_t>
 FASTLOSS_CPU_INLINE void forward_lastdim_rows(const in_t* x, out_t* y, int64_t begin, int64_t end, int64_t n) {
   if constexpr (std::is_same_v<in_t, c10::Half>) {
-    if (n <= kMaxStagedRow) return forward_half_staged<kLog>(x, y, begin, end, n);
+    if (n <= kMaxStagedRow) return forward_staged<kLog>(x, y, begin, end, n);
   }
   using acc_t = typename AccType<in_t>::type;
   constexpr int L = kLanes<acc_t>;
+  // The short-row kernel needs AVX-512's masked loads and stores: without them GCC kept its
+  // loops scalar.
+  if (n <= kShortForwardRow<acc_t> && has_avx512()) {
+    if constexpr (std::is_same_v<in_t, c10::BFloat16>) return forward_staged<kLog>(x, y, begin, end, n);
+    else return forward_short_rows<kLog>(x, y, begin, end, n);
+  }
   if constexpr (!kLog) {
     if (n * static_cast<int64_t>(sizeof(acc_t)) <= kMaxCachedRowBytes<acc_t>) {
       if constexpr (std::is_same_v<out_t, acc_t>) {
@@ -467,21 +603,21 @@ FASTLOSS_BACKWARD_ENTRIES(bf16, c10::BFloat16, c10::BFloat16)
 FASTLOSS_BACKWARD_ENTRIES(f32_f16, float, c10::Half)
 FASTLOSS_BACKWARD_ENTRIES(f32_bf16, float, c10::BFloat16)
 
-// float16 rows staged through float: blocks of rows are converted with the hardware
-// instructions, run through the float kernels, and the result converted back (one rounding to
-// float16, as in the direct kernels).
-template <bool kLog, typename out_t>
-void forward_half_staged(const c10::Half* x, out_t* y, int64_t begin, int64_t end, int64_t n) {
+// Rows staged through float: blocks of rows are converted to float, run through the float
+// kernels, and the result converted back (one rounding to the output type, as in the direct
+// kernels).
+template <bool kLog, typename in_t, typename out_t>
+void forward_staged(const in_t* x, out_t* y, int64_t begin, int64_t end, int64_t n) {
   const auto kernel = [&](int64_t rows, const float* xf, float* yf) {
     if constexpr (kLog) log_softmax_f32_lastdim(xf, yf, 0, rows, n);
     else softmax_f32_lastdim(xf, yf, 0, rows, n);
   };
   if constexpr (std::is_same_v<out_t, float>) {  // float output: written in place
-    staged_half_rows<1, 0>(begin, end, n, {x}, {}, [&](int64_t r, int64_t rows, const auto& in, const auto&) {
+    staged_float_rows<in_t, 1, 0>(begin, end, n, {x}, {}, [&](int64_t r, int64_t rows, const auto& in, const auto&) {
       kernel(rows, in[0], y + r * n);
     });
   } else {
-    staged_half_rows<1, 1>(begin, end, n, {x}, {y}, [&](int64_t, int64_t rows, const auto& in, const auto& out) {
+    staged_float_rows<in_t, 1, 1>(begin, end, n, {x}, {y}, [&](int64_t, int64_t rows, const auto& in, const auto& out) {
       kernel(rows, in[0], out[0]);
     });
   }
@@ -496,11 +632,11 @@ void backward_half_staged(const out_t* g, const out_t* y, c10::Half* dx, int64_t
     else softmax_backward_f32_lastdim(gf, yf, d, 0, rows, n);
   };
   if constexpr (std::is_same_v<out_t, float>) {
-    staged_half_rows<0, 1>(begin, end, n, {}, {dx}, [&](int64_t r, int64_t rows, const auto&, const auto& out) {
+    staged_float_rows<c10::Half, 0, 1>(begin, end, n, {}, {dx}, [&](int64_t r, int64_t rows, const auto&, const auto& out) {
       kernel(rows, g + r * n, y + r * n, out[0]);
     });
   } else {
-    staged_half_rows<2, 1>(begin, end, n, {g, y}, {dx}, [&](int64_t, int64_t rows, const auto& in, const auto& out) {
+    staged_float_rows<c10::Half, 2, 1>(begin, end, n, {g, y}, {dx}, [&](int64_t, int64_t rows, const auto& in, const auto& out) {
       kernel(rows, in[0], in[1], out[0]);
     });
   }

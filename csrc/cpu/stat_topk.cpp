@@ -413,7 +413,7 @@ FASTLOSS_STAT_TOPK_ENTRIES(bf16, c10::BFloat16)
 // to float16, as in the direct kernels). Per-row statistics stay float.
 void forward_half_staged(const Half* x, Half* y, float* mean, float* sd, float* theta, int64_t b, int64_t e,
                          int64_t n, float z, bool hard) {
-  staged_half_rows<1, 1>(b, e, n, {x}, {y}, [&](int64_t r, int64_t rows, const auto& in, const auto& out) {
+  staged_float_rows<Half, 1, 1>(b, e, n, {x}, {y}, [&](int64_t r, int64_t rows, const auto& in, const auto& out) {
     forward_lastdim_f32(in[0], out[0], mean + r, sd + r, theta + r, 0, rows, n, z, hard);
   });
 }
@@ -421,7 +421,7 @@ void forward_half_staged(const Half* x, Half* y, float* mean, float* sd, float* 
 void backward_half_staged(const Half* g, const Half* x, const float* theta, const float* mean, const float* sd,
                           const float* gtheta, Half* dx, int64_t b, int64_t e, int64_t n, float z, bool hard,
                           bool threshold_grad) {
-  staged_half_rows<2, 1>(b, e, n, {g, x}, {dx}, [&](int64_t r, int64_t rows, const auto& in, const auto& out) {
+  staged_float_rows<Half, 2, 1>(b, e, n, {g, x}, {dx}, [&](int64_t r, int64_t rows, const auto& in, const auto& out) {
     backward_lastdim_f32(in[0], in[1], theta + r, mean + r, sd + r, gtheta ? gtheta + r : nullptr, out[0], 0, rows,
                          n, z, hard, threshold_grad);
   });
@@ -429,7 +429,7 @@ void backward_half_staged(const Half* g, const Half* x, const float* theta, cons
 
 void gelu_mul_forward_half_staged(const Half* gate, const Half* up, Half* out, float* theta, float* mean,
                                   float* sd, int64_t b, int64_t e, int64_t n, float z) {
-  staged_half_rows<2, 1>(b, e, n, {gate, up}, {out}, [&](int64_t r, int64_t rows, const auto& in, const auto& o) {
+  staged_float_rows<Half, 2, 1>(b, e, n, {gate, up}, {out}, [&](int64_t r, int64_t rows, const auto& in, const auto& o) {
     gelu_mul_forward_f32(in[0], in[1], o[0], theta + r, mean + r, sd + r, 0, rows, n, z);
   });
 }
@@ -437,7 +437,7 @@ void gelu_mul_forward_half_staged(const Half* gate, const Half* up, Half* out, f
 void gelu_mul_backward_half_staged(const Half* g, const Half* gate, const Half* up, const float* theta,
                                    const float* mean, const float* sd, Half* dgate, Half* dup, float* scratch,
                                    int64_t b, int64_t e, int64_t n, float z, bool threshold_grad) {
-  staged_half_rows<3, 2>(b, e, n, {g, gate, up}, {dgate, dup},
+  staged_float_rows<Half, 3, 2>(b, e, n, {g, gate, up}, {dgate, dup},
                          [&](int64_t r, int64_t rows, const auto& in, const auto& out) {
                            gelu_mul_backward_f32(in[0], in[1], in[2], theta + r, mean + r, sd + r, out[0], out[1],
                                                  scratch, 0, rows, n, z, threshold_grad);
