@@ -263,8 +263,11 @@ def test_gradgradcheck(device, fn, ref_fn, dim):
 
 @pytest.mark.parametrize("fn,ref_fn", OPS)
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_backward_matches_torch(device, fn, ref_fn, dtype):
-    x64 = torch.randn(7, 777, dtype=torch.float64, device=device) * 3
+@pytest.mark.parametrize("cols", [5, 16, 29, 777])
+def test_backward_matches_torch(device, fn, ref_fn, dtype, cols):
+    # 5, 16, 29: rows that the CPU's backward holds in registers (float rows up to 16, or 32
+    # for log-softmax; bfloat16 staged through float).
+    x64 = torch.randn(37, cols, dtype=torch.float64, device=device) * 3
     g = torch.randn_like(x64)
     x = x64.to(dtype).requires_grad_()
     (fn(x, -1) * g.to(dtype)).sum().backward()
@@ -416,17 +419,25 @@ def test_rows_beyond_cache(device, fn, ref_fn, dtype):
 
 
 @pytest.mark.parametrize("log", [False, True])
-@pytest.mark.parametrize("rows,cols", [(37, 5), (37, 64), (9, 65)])
+@pytest.mark.parametrize("rows,cols", [(37, 5), (37, 30), (37, 64), (9, 65)])
 def test_short_bfloat16_rows_are_the_float_kernel_rounded_once(log, rows, cols):
-    # On the CPU, bfloat16 rows of up to 64 go through float in blocks: the float kernel's
-    # result rounded once, to the bit, for either output type.
+    # On the CPU, short bfloat16 rows go through float in blocks (forward up to 64 entries,
+    # backward up to 16 or 32): the float kernel's result rounded once, to the bit, for either
+    # output type.
     fwd = torch.ops.fastloss.log_softmax if log else torch.ops.fastloss.softmax
+    bwd = torch.ops.fastloss.log_softmax_backward if log else torch.ops.fastloss.softmax_backward
     x = (torch.randn(rows, cols) * 5).bfloat16()
     x[0, 1] = -math.inf
     x[-1, 2] = math.nan
     y32 = fwd(x.float(), -1, False)
-    torch.testing.assert_close(fwd(x, -1, False), y32.bfloat16(), rtol=0, atol=0, equal_nan=True)
+    y = fwd(x, -1, False)
+    torch.testing.assert_close(y, y32.bfloat16(), rtol=0, atol=0, equal_nan=True)
     torch.testing.assert_close(fwd(x, -1, True), y32, rtol=0, atol=0, equal_nan=True)
+    g = torch.randn(rows, cols).bfloat16()
+    dx32 = bwd(g.float(), y.float(), -1, torch.float32)
+    torch.testing.assert_close(bwd(g, y, -1, torch.bfloat16), dx32.bfloat16(), rtol=0, atol=0, equal_nan=True)
+    dxh = bwd(g.float(), y32, -1, torch.bfloat16)
+    torch.testing.assert_close(dxh, bwd(g.float(), y32, -1, torch.float32).bfloat16(), rtol=0, atol=0, equal_nan=True)
 
 
 @pytest.mark.parametrize("log", [False, True])

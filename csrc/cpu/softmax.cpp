@@ -364,13 +364,13 @@ FASTLOSS_CPU_INLINE void forward_short_rows(const in_t* x, out_t* y, int64_t beg
 }
 
 // Rows staged through float (convert.h), defined below the float entry points that they call:
-// float16 rows of up to kMaxStagedRow, and short bfloat16 rows (in forward_short_rows GCC
-// widened a row of bfloat16 in half vectors that went through memory: 65536 x 16 took 1.7x
-// the time of float).
+// float16 rows of up to kMaxStagedRow, and bfloat16 rows short enough for the register
+// kernels (in those GCC widened a row of bfloat16 in half vectors that went through memory:
+// forward, 65536 x 16, 1.7x the time of float).
 template <bool kLog, typename in_t, typename out_t>
 void forward_staged(const in_t* x, out_t* y, int64_t begin, int64_t end, int64_t n);
-template <bool kLog, typename out_t>
-void backward_half_staged(const out_t* g, const out_t* y, c10::Half* dx, int64_t begin, int64_t end, int64_t n);
+template <bool kLog, typename out_t, typename grad_t>
+void backward_staged(const out_t* g, const out_t* y, grad_t* dx, int64_t begin, int64_t end, int64_t n);
 
 // Rows along the last (contiguous) dimension. Softmax rows that fit in cache use the cached
 // variant; log-softmax and longer rows use the recomputing two-pass form: chunk pairs merged
@@ -515,13 +515,58 @@ FASTLOSS_CPU_INLINE void backward_lastdim_rows_lanes(const out_t* g, const out_t
 // (measured no faster with fewer).
 constexpr int64_t kShortRow = 512;
 
+// Backward rows of at most W entries in registers, as in forward_short_rows. Only float rows
+// of up to kShortBackwardRow take it: there it beat the lane loops above (2 threads, 1M
+// entries, fp32, time per call: rows of 8 330 -> 222 us, log-softmax rows of 16 369 -> 283 us,
+// of 32 278 -> 248 us). Wider rows, whose dot product's shuffle tree then sets the pace, and
+// double rows (16 wide: 337 -> 623 us) ran slower in it.
+template <int W, bool kLog, typename out_t, typename grad_t>
+FASTLOSS_CPU_INLINE void backward_short_rows(const out_t* g, const out_t* y, grad_t* dx, int64_t begin, int64_t end,
+                                             int64_t n) {
+  using acc_t = typename AccType<out_t>::type;
+  for (int64_t row = begin; row < end; ++row) {
+    const out_t* gr = g + row * n;
+    const out_t* yr = y + row * n;
+    grad_t* dr = dx + row * n;
+    acc_t gv[W], yv[W], part[W];
+    for_each_lane<W, acc_t>([&](int l) FASTLOSS_CPU_INLINE_LAMBDA {
+      gv[l] = l < n ? to_acc<acc_t>(gr[l]) : acc_t(0);
+      yv[l] = l < n ? to_acc<acc_t>(yr[l]) : acc_t(0);
+      part[l] = kLog ? gv[l] : gv[l] * yv[l];
+    });
+    const acc_t total = reduce_short<W>(part, [](auto a, auto b) { return a + b; });
+    for_each_lane<W, acc_t>([&](int l) FASTLOSS_CPU_INLINE_LAMBDA {
+      if (l < n) {
+        dr[l] = to_output<grad_t>(kLog ? gv[l] - exp_of_log_prob(yv[l]) * total : yv[l] * (gv[l] - total));
+      }
+    });
+  }
+}
+
+template <bool kLog>
+constexpr int64_t kShortBackwardRow = kLog ? 32 : 16;
+
+template <bool kLog, typename out_t, typename grad_t>
+FASTLOSS_CPU_INLINE void backward_short_rows(const out_t* g, const out_t* y, grad_t* dx, int64_t begin, int64_t end,
+                                             int64_t n) {
+  if (n <= 8) backward_short_rows<8, kLog>(g, y, dx, begin, end, n);
+  else if (n <= 16) backward_short_rows<16, kLog>(g, y, dx, begin, end, n);
+  else backward_short_rows<kShortBackwardRow<kLog>, kLog>(g, y, dx, begin, end, n);
+}
+
 template <bool kLog, typename out_t, typename grad_t>
 FASTLOSS_CPU_INLINE void backward_lastdim_rows(const out_t* g, const out_t* y, grad_t* dx, int64_t begin,
                                        int64_t end, int64_t n) {
   if constexpr (std::is_same_v<grad_t, c10::Half>) {
-    if (n <= kMaxStagedRow) return backward_half_staged<kLog>(g, y, dx, begin, end, n);
+    if (n <= kMaxStagedRow) return backward_staged<kLog>(g, y, dx, begin, end, n);
   }
   using acc_t = typename AccType<out_t>::type;
+  if constexpr (std::is_same_v<acc_t, float>) {
+    if (n <= kShortBackwardRow<kLog> && has_avx512()) {
+      if constexpr (std::is_same_v<grad_t, c10::BFloat16>) return backward_staged<kLog>(g, y, dx, begin, end, n);
+      else return backward_short_rows<kLog>(g, y, dx, begin, end, n);
+    }
+  }
   if (n <= kShortRow) {
     backward_lastdim_rows_lanes<kLog, kLanes<acc_t> / 2>(g, y, dx, begin, end, n);
   } else {
@@ -623,20 +668,20 @@ void forward_staged(const in_t* x, out_t* y, int64_t begin, int64_t end, int64_t
   }
 }
 
-// out_t: c10::Half (float16 output and gradient) or float (float output of a float16 input,
-// read in place).
-template <bool kLog, typename out_t>
-void backward_half_staged(const out_t* g, const out_t* y, c10::Half* dx, int64_t begin, int64_t end, int64_t n) {
+// grad_t: c10::Half or c10::BFloat16; out_t: grad_t, or float (float output of a float16 or
+// bfloat16 input, read in place).
+template <bool kLog, typename out_t, typename grad_t>
+void backward_staged(const out_t* g, const out_t* y, grad_t* dx, int64_t begin, int64_t end, int64_t n) {
   const auto kernel = [&](int64_t rows, const float* gf, const float* yf, float* d) {
     if constexpr (kLog) log_softmax_backward_f32_lastdim(gf, yf, d, 0, rows, n);
     else softmax_backward_f32_lastdim(gf, yf, d, 0, rows, n);
   };
   if constexpr (std::is_same_v<out_t, float>) {
-    staged_float_rows<c10::Half, 0, 1>(begin, end, n, {}, {dx}, [&](int64_t r, int64_t rows, const auto&, const auto& out) {
+    staged_float_rows<grad_t, 0, 1>(begin, end, n, {}, {dx}, [&](int64_t r, int64_t rows, const auto&, const auto& out) {
       kernel(rows, g + r * n, y + r * n, out[0]);
     });
   } else {
-    staged_float_rows<c10::Half, 2, 1>(begin, end, n, {g, y}, {dx}, [&](int64_t, int64_t rows, const auto& in, const auto& out) {
+    staged_float_rows<grad_t, 2, 1>(begin, end, n, {g, y}, {dx}, [&](int64_t, int64_t rows, const auto& in, const auto& out) {
       kernel(rows, in[0], in[1], out[0]);
     });
   }
