@@ -196,8 +196,9 @@ def test_short_rows(device, fn, ref_fn, dtype):
 
 @pytest.mark.parametrize("fn,ref_fn", OPS)
 def test_short_rows_of_large_magnitude(device, fn, ref_fn):
-    # Entries beyond the reducible range (|x| > ~1.4e6 in float) send a row to the exact path;
-    # the rows around it in the same batch stay on the paired one.
+    # Entries beyond the reducible range (|x| > ~1.4e6 in float, ~7.6e11 in double) send a row
+    # to the exact path (row 5 in float, row 6 in both); the rows around it in the same batch
+    # stay on the paired one.
     x = torch.randn(20, 24, dtype=torch.float64, device=device) * 3
     x[5] *= 1e7
     x[6] = x[6] * 1e3 + 1e30
@@ -263,10 +264,11 @@ def test_gradgradcheck(device, fn, ref_fn, dim):
 
 @pytest.mark.parametrize("fn,ref_fn", OPS)
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("cols", [5, 16, 29, 777])
+@pytest.mark.parametrize("cols", [5, 8, 16, 29, 32, 777])
 def test_backward_matches_torch(device, fn, ref_fn, dtype, cols):
-    # 5, 16, 29: rows that the CPU's backward holds in registers (float rows up to 16, or 32
-    # for log-softmax; bfloat16 staged through float).
+    # 5 to 32: rows that the CPU's backward holds in registers (float rows up to 32; bfloat16
+    # staged through float), full-width (8, 16, 32) and padded; 37 rows: the last ones are
+    # read and written with masks.
     x64 = torch.randn(37, cols, dtype=torch.float64, device=device) * 3
     g = torch.randn_like(x64)
     x = x64.to(dtype).requires_grad_()
@@ -422,8 +424,8 @@ def test_rows_beyond_cache(device, fn, ref_fn, dtype):
 @pytest.mark.parametrize("rows,cols", [(37, 5), (37, 30), (37, 64), (9, 65)])
 def test_short_bfloat16_rows_are_the_float_kernel_rounded_once(log, rows, cols):
     # On the CPU, short bfloat16 rows go through float in blocks (forward up to 64 entries,
-    # backward up to 16 or 32): the float kernel's result rounded once, to the bit, for either
-    # output type.
+    # backward up to 32): the float kernel's result rounded once, to the bit, for either output
+    # type.
     fwd = torch.ops.fastloss.log_softmax if log else torch.ops.fastloss.softmax
     bwd = torch.ops.fastloss.log_softmax_backward if log else torch.ops.fastloss.softmax_backward
     x = (torch.randn(rows, cols) * 5).bfloat16()

@@ -68,6 +68,12 @@ struct RowStats {
   bool exact;        // the row takes the exact max-subtracting path
 };
 
+// Log-softmax's offset beyond E ln2_hi (which pass 2 applies by fma): E ln2_lo + log S.
+template <typename acc_t>
+FASTLOSS_HD acc_t log_offset(acc_t exponent, acc_t log_sum) {
+  return exponent * ExpConstants<acc_t>::kLn2Lo + log_sum;
+}
+
 // The exact path takes rows with a NaN or +inf entry (the sum, or `nonfinite`, a sum of
 // (xc - xc) over the clamped inputs, is NaN), rows whose maximum is too large to reduce
 // accurately, and rows where every entry was clamped (all -inf, or all very negative).
@@ -78,7 +84,7 @@ FASTLOSS_HD RowStats<acc_t> finish_row(const ExpSum<acc_t>& s, acc_t nonfinite) 
   RowStats<acc_t> r;
   r.exponent = s.exponent;
   r.inv_sum = acc_t(1) / s.sum;
-  r.log_offset = kNeedLog ? s.exponent * C::kLn2Lo + fl_log(s.sum) : acc_t(0);
+  r.log_offset = kNeedLog ? log_offset(s.exponent, fl_log(s.sum)) : acc_t(0);
   // !(a <= b) is also true for NaN.
   r.exact = nonfinite != nonfinite || s.sum != s.sum || !(s.exponent <= C::kMaxReducible) ||
             s.exponent < -C::kMaxReducible;

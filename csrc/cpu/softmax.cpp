@@ -8,6 +8,8 @@
 // entries, all entries -inf, or entries too large to reduce accurately (|x| > ~1.4e6 in
 // float) take an exact max-subtracting path with torch.softmax's NaN semantics.
 //
+// Rows of up to 256 bytes (AVX-512 only) are held in registers instead (forward_short_rows).
+//
 // Layout: the contiguous input is viewed as (outer, size, inner) around `dim`. inner == 1
 // vectorizes along the row; inner > 1 vectorizes across `inner` adjacent rows.
 // Parallel over rows (at::parallel_for, torch's thread count). Accumulation in float for
@@ -276,27 +278,68 @@ FASTLOSS_CPU_INLINE acc_t reduce_short(const acc_t* a, Op op) {
   return v[0][0];
 }
 
-// Rows of at most W entries (W a power of two, up to four 512-bit vectors): the row is held
-// in a W-wide array padded with -inf, so every loop has a compile-time trip count and the
-// row stays in registers. Its largest exponent is a reduction over registers, not a pass
-// over memory. The chunked path spent most of such a row in its 32-lane tail loops and lane
-// reductions (fp32, 65536 x 16: softmax 0.72x torch, log-softmax 0.41x).
+// Lane l of a short row: x[l] for l < n, else `pad`. A row is read and written as whole
+// vectors (kWhole) when its W lanes end within the rows [begin, end) that the call writes (no
+// other thread writes there, and the next row's store overwrites what spilled into it); the
+// last rows use masked loads and stores. On this AMD Zen 4, masked loads and stores cost a
+// third of the time of a 16-entry row (fp32, 65536 x 16, backward: 162 -> 104 us unmasked).
+template <bool kWhole, typename acc_t, typename in_t, typename N>
+FASTLOSS_CPU_INLINE acc_t lane_or(const in_t* x, int l, N n, acc_t pad) {
+  if constexpr (kWhole) {
+    const acc_t v = to_acc<acc_t>(x[l]);
+    return l < n ? v : pad;
+  } else {
+    return l < n ? to_acc<acc_t>(x[l]) : pad;
+  }
+}
+
+template <int W, typename N>
+FASTLOSS_CPU_INLINE bool whole_row(int64_t row, int64_t end, N n) {
+  return row * n + W <= end * n;
+}
+
+// Runs kernel(n) with n as a compile-time constant when a row fills all W lanes (no lane
+// compares or selects; fp32, 65536 x 16, backward: 144 -> 104 us), else with n at run time.
+template <int W, typename Kernel>
+FASTLOSS_CPU_INLINE void with_row_width(int64_t n, Kernel&& kernel) {
+  if (n == W) kernel(std::integral_constant<int64_t, W>());
+  else kernel(n);
+}
+
 // A row of at most W entries as its pair (S, E): entries in v (padded with -inf) and the terms
 // exp(x - E ln2) in e. Padding lanes clamp to low_clamp, whose exponential flushes to 0.
-template <int W, typename in_t, typename acc_t>
-FASTLOSS_CPU_INLINE ExpSum<acc_t> short_row_sum(const in_t* x, int64_t n, acc_t* v, acc_t* e) {
+template <int W, bool kWhole, typename in_t, typename acc_t, typename N>
+FASTLOSS_CPU_INLINE ExpSum<acc_t> short_row_sum(const in_t* x, N n, acc_t* v, acc_t* e) {
   constexpr acc_t kLog2e = ExpConstants<acc_t>::kLog2e;
   acc_t q[W];
   for_each_lane<W, acc_t>([&](int l) FASTLOSS_CPU_INLINE_LAMBDA {
-    v[l] = l < n ? to_acc<acc_t>(x[l]) : -std::numeric_limits<acc_t>::infinity();
+    v[l] = lane_or<kWhole>(x, l, n, -std::numeric_limits<acc_t>::infinity());
     q[l] = v[l] * kLog2e;
   });
-  const acc_t m = round_to_int(
-      fl_max(low_clamp<acc_t>() * kLog2e, reduce_short<W>(q, [](auto a, auto b) { return a > b ? a : b; })));
+  const acc_t m = round_to_int(fl_max(
+      low_clamp<acc_t>() * kLog2e, reduce_short<W>(q, [](auto a, auto b) FASTLOSS_CPU_INLINE_LAMBDA { return a > b ? a : b; })));
   for_each_lane<W, acc_t>([&](int l) FASTLOSS_CPU_INLINE_LAMBDA {
     e[l] = exp_shifted(fl_max(low_clamp<acc_t>(), v[l]), m);
   });
-  return {reduce_short<W>(e, [](auto a, auto b) { return a + b; }), m};
+  return {reduce_short<W>(e, [](auto a, auto b) FASTLOSS_CPU_INLINE_LAMBDA { return a + b; }), m};
+}
+
+template <int W, bool kWhole, typename in_t, typename out_t, typename N>
+FASTLOSS_CPU_INLINE void softmax_short_row(const in_t* xr, out_t* yr, N n) {
+  using acc_t = typename AccType<in_t>::type;
+  acc_t v[W], e[W];
+  const RowStats<acc_t> stats = finish_row<acc_t, false>(short_row_sum<W, kWhole>(xr, n, v, e), acc_t(0));
+  if (stats.exact) return exact_row<false, in_t, out_t, acc_t>(xr, yr, n, 1);
+  for_each_lane<W, acc_t>([&](int l) FASTLOSS_CPU_INLINE_LAMBDA {
+    if (kWhole || l < n) yr[l] = to_output<out_t>(e[l] * stats.inv_sum);
+  });
+}
+
+template <int W, bool kWhole, typename in_t, typename out_t, typename acc_t, typename N>
+FASTLOSS_CPU_INLINE void log_softmax_short_row(const in_t* xr, out_t* yr, N n, const RowStats<acc_t>& stats) {
+  for_each_lane<W, acc_t>([&](int l) FASTLOSS_CPU_INLINE_LAMBDA {
+    if (kWhole || l < n) yr[l] = to_output<out_t>(pass2_value<true>(lane_or<kWhole>(xr, l, n, acc_t(0)), stats));
+  });
 }
 
 // Log-softmax rows take their logs kLogBatch at a time, as one vector loop: one log per row
@@ -304,46 +347,44 @@ FASTLOSS_CPU_INLINE ExpSum<acc_t> short_row_sum(const in_t* x, int64_t n, acc_t*
 // (fp32, 65536 x 16: 0.82x torch).
 constexpr int kLogBatch = 16;
 
-template <int W, bool kLog, typename in_t, typename out_t>
-FASTLOSS_CPU_INLINE void forward_short_rows(const in_t* x, out_t* y, int64_t begin, int64_t end, int64_t n) {
+// Rows of at most W entries (W a power of two, up to four 512-bit vectors): the row is held
+// in a W-wide array padded with -inf, so every loop has a compile-time trip count and the
+// row stays in registers. Its largest exponent is a reduction over registers, not a pass
+// over memory. The chunked path spent most of such a row in its 32-lane tail loops and lane
+// reductions (fp32, 65536 x 16: softmax 0.72x torch, log-softmax 0.41x).
+template <int W, bool kLog, typename in_t, typename out_t, typename N>
+FASTLOSS_CPU_INLINE void forward_short_rows(const in_t* x, out_t* y, int64_t begin, int64_t end, N n) {
   using acc_t = typename AccType<in_t>::type;
-  acc_t v[W], e[W];
   if constexpr (!kLog) {
     for (int64_t row = begin; row < end; ++row) {
-      const in_t* xr = x + row * n;
-      out_t* yr = y + row * n;
-      const RowStats<acc_t> stats = finish_row<acc_t, false>(short_row_sum<W>(xr, n, v, e), acc_t(0));
-      if (stats.exact) {
-        exact_row<false, in_t, out_t, acc_t>(xr, yr, n, 1);
-        continue;
-      }
-      for_each_lane<W, acc_t>([&](int l) FASTLOSS_CPU_INLINE_LAMBDA {
-        if (l < n) yr[l] = to_output<out_t>(e[l] * stats.inv_sum);
-      });
+      if (whole_row<W>(row, end, n)) softmax_short_row<W, true>(x + row * n, y + row * n, n);
+      else softmax_short_row<W, false>(x + row * n, y + row * n, n);
     }
   } else {
+    acc_t v[W], e[W];
     for (int64_t row0 = begin; row0 < end; row0 += kLogBatch) {
       const int rows = static_cast<int>(std::min<int64_t>(kLogBatch, end - row0));
       acc_t sum[kLogBatch], exponent[kLogBatch], log_sum[kLogBatch];
       for (int r = 0; r < kLogBatch; ++r) {
-        const ExpSum<acc_t> s = r < rows ? short_row_sum<W>(x + (row0 + r) * n, n, v, e) : ExpSum<acc_t>{1, 0};
+        const int64_t row = row0 + r;
+        const ExpSum<acc_t> s = r >= rows                    ? ExpSum<acc_t>{1, 0}
+                                : whole_row<W>(row, end, n) ? short_row_sum<W, true>(x + row * n, n, v, e)
+                                                            : short_row_sum<W, false>(x + row * n, n, v, e);
         sum[r] = s.sum;
         exponent[r] = s.exponent;
       }
       // Sums that are not positive normal numbers belong to rows of the exact path.
       for_each_lane<kLogBatch, acc_t>([&](int r) FASTLOSS_CPU_INLINE_LAMBDA { log_sum[r] = log_of_normal(sum[r]); });
       for (int r = 0; r < rows; ++r) {
-        const in_t* xr = x + (row0 + r) * n;
-        out_t* yr = y + (row0 + r) * n;
+        const int64_t row = row0 + r;
         RowStats<acc_t> stats = finish_row<acc_t, false>(ExpSum<acc_t>{sum[r], exponent[r]}, acc_t(0));
         if (stats.exact) {
-          exact_row<true, in_t, out_t, acc_t>(xr, yr, n, 1);
+          exact_row<true, in_t, out_t, acc_t>(x + row * n, y + row * n, n, 1);
           continue;
         }
-        stats.log_offset = exponent[r] * ExpConstants<acc_t>::kLn2Lo + log_sum[r];
-        for_each_lane<W, acc_t>([&](int l) FASTLOSS_CPU_INLINE_LAMBDA {
-          if (l < n) yr[l] = to_output<out_t>(pass2_value<true>(to_acc<acc_t>(xr[l]), stats));
-        });
+        stats.log_offset = log_offset(exponent[r], log_sum[r]);
+        if (whole_row<W>(row, end, n)) log_softmax_short_row<W, true>(x + row * n, y + row * n, n, stats);
+        else log_softmax_short_row<W, false>(x + row * n, y + row * n, n, stats);
       }
     }
   }
@@ -357,10 +398,14 @@ template <bool kLog, typename in_t, typename out_t>
 FASTLOSS_CPU_INLINE void forward_short_rows(const in_t* x, out_t* y, int64_t begin, int64_t end, int64_t n) {
   using acc_t = typename AccType<in_t>::type;
   constexpr int64_t kMax = kShortForwardRow<acc_t>;
-  if (n <= kMax / 8) forward_short_rows<kMax / 8, kLog>(x, y, begin, end, n);
-  else if (n <= kMax / 4) forward_short_rows<kMax / 4, kLog>(x, y, begin, end, n);
-  else if (n <= kMax / 2) forward_short_rows<kMax / 2, kLog>(x, y, begin, end, n);
-  else forward_short_rows<kMax, kLog>(x, y, begin, end, n);
+  const auto run = [&](auto w) FASTLOSS_CPU_INLINE_LAMBDA {
+    constexpr int W = decltype(w)::value;
+    with_row_width<W>(n, [&](auto width) FASTLOSS_CPU_INLINE_LAMBDA { forward_short_rows<W, kLog>(x, y, begin, end, width); });
+  };
+  if (n <= kMax / 8) run(std::integral_constant<int, kMax / 8>());
+  else if (n <= kMax / 4) run(std::integral_constant<int, kMax / 4>());
+  else if (n <= kMax / 2) run(std::integral_constant<int, kMax / 2>());
+  else run(std::integral_constant<int, kMax>());
 }
 
 // Rows staged through float (convert.h), defined below the float entry points that they call:
@@ -466,8 +511,15 @@ FASTLOSS_CPU_INLINE acc_t exp_of_log_prob(acc_t y) {
   return exp_shifted(fl_max(low_clamp<acc_t>(), y), acc_t(0));
 }
 
-// Backward, one row at a time in lanes. softmax: dx = y * (g - sum(g * y));
-// log_softmax: dx = g - exp(y) * sum(g).
+// One entry of the backward, given the row's sum: softmax dx = y * (g - sum(g * y)),
+// log_softmax dx = g - exp(y) * sum(g).
+template <bool kLog, typename acc_t>
+FASTLOSS_CPU_INLINE acc_t backward_value(acc_t g, acc_t y, acc_t total) {
+  if constexpr (kLog) return g - exp_of_log_prob(y) * total;
+  else return y * (g - total);
+}
+
+// Backward, one row at a time in lanes.
 template <bool kLog, int L, typename out_t, typename grad_t>
 FASTLOSS_CPU_INLINE void backward_lastdim_rows_lanes(const out_t* g, const out_t* y, grad_t* dx, int64_t begin,
                                                      int64_t end, int64_t n) {
@@ -495,14 +547,7 @@ FASTLOSS_CPU_INLINE void backward_lastdim_rows_lanes(const out_t* g, const out_t
     const acc_t total = reduce_lanes<L>(partial, [](acc_t a, acc_t b) { return a + b; }) + tail;
     for (int64_t j = 0; j < n; ++j) {
       const acc_t gv = static_cast<acc_t>(gr[j]);
-      const acc_t yv = static_cast<acc_t>(yr[j]);
-      acc_t d;
-      if constexpr (kLog) {
-        d = gv - exp_of_log_prob(yv) * total;
-      } else {
-        d = yv * (gv - total);
-      }
-      dr[j] = to_output<grad_t>(d);
+      dr[j] = to_output<grad_t>(backward_value<kLog>(gv, static_cast<acc_t>(yr[j]), total));
     }
   }
 }
@@ -513,45 +558,49 @@ FASTLOSS_CPU_INLINE void backward_lastdim_rows_lanes(const out_t* g, const out_t
 // interleaves rows of lanes with permutes (AVX-512, 128-wide fp32 rows in cache: 1.9x the
 // time of half). The forward keeps every lane: its exponentials need the independent chains
 // (measured no faster with fewer).
-constexpr int64_t kShortRow = 512;
+constexpr int64_t kHalfLaneRow = 512;
 
-// Backward rows of at most W entries in registers, as in forward_short_rows. Only float rows
-// of up to kShortBackwardRow take it: there it beat the lane loops above (2 threads, 1M
-// entries, fp32, time per call: rows of 8 330 -> 222 us, log-softmax rows of 16 369 -> 283 us,
-// of 32 278 -> 248 us). Wider rows, whose dot product's shuffle tree then sets the pace, and
-// double rows (16 wide: 337 -> 623 us) ran slower in it.
-template <int W, bool kLog, typename out_t, typename grad_t>
-FASTLOSS_CPU_INLINE void backward_short_rows(const out_t* g, const out_t* y, grad_t* dx, int64_t begin, int64_t end,
-                                             int64_t n) {
+// Backward rows of at most W entries in registers, as in forward_short_rows, for float rows of
+// up to kShortBackwardRow (2 threads, 1M entries, fp32, time per call against the lane loops
+// above: rows of 8 330 -> 106 us, of 16 176 -> 115 us, of 32 115 -> 103 us; log-softmax 16
+// 369 -> 202 us). Rows of 64 ran slower in it (softmax 101 -> 112 us; log-softmax rows of 48
+// 0.85x torch), and so did double rows (16 wide, with masked loads: 337 -> 623 us).
+template <int W, bool kLog, bool kWhole, typename out_t, typename grad_t, typename N>
+FASTLOSS_CPU_INLINE void backward_short_row(const out_t* gr, const out_t* yr, grad_t* dr, N n) {
   using acc_t = typename AccType<out_t>::type;
+  acc_t gv[W], yv[W], part[W];
+  for_each_lane<W, acc_t>([&](int l) FASTLOSS_CPU_INLINE_LAMBDA {
+    gv[l] = lane_or<kWhole>(gr, l, n, acc_t(0));
+    yv[l] = lane_or<kWhole>(yr, l, n, acc_t(0));
+    part[l] = kLog ? gv[l] : gv[l] * yv[l];
+  });
+  const acc_t total = reduce_short<W>(part, [](auto a, auto b) FASTLOSS_CPU_INLINE_LAMBDA { return a + b; });
+  for_each_lane<W, acc_t>([&](int l) FASTLOSS_CPU_INLINE_LAMBDA {
+    if (kWhole || l < n) dr[l] = to_output<grad_t>(backward_value<kLog>(gv[l], yv[l], total));
+  });
+}
+
+template <int W, bool kLog, typename out_t, typename grad_t, typename N>
+FASTLOSS_CPU_INLINE void backward_short_rows(const out_t* g, const out_t* y, grad_t* dx, int64_t begin, int64_t end,
+                                             N n) {
   for (int64_t row = begin; row < end; ++row) {
-    const out_t* gr = g + row * n;
-    const out_t* yr = y + row * n;
-    grad_t* dr = dx + row * n;
-    acc_t gv[W], yv[W], part[W];
-    for_each_lane<W, acc_t>([&](int l) FASTLOSS_CPU_INLINE_LAMBDA {
-      gv[l] = l < n ? to_acc<acc_t>(gr[l]) : acc_t(0);
-      yv[l] = l < n ? to_acc<acc_t>(yr[l]) : acc_t(0);
-      part[l] = kLog ? gv[l] : gv[l] * yv[l];
-    });
-    const acc_t total = reduce_short<W>(part, [](auto a, auto b) { return a + b; });
-    for_each_lane<W, acc_t>([&](int l) FASTLOSS_CPU_INLINE_LAMBDA {
-      if (l < n) {
-        dr[l] = to_output<grad_t>(kLog ? gv[l] - exp_of_log_prob(yv[l]) * total : yv[l] * (gv[l] - total));
-      }
-    });
+    if (whole_row<W>(row, end, n)) backward_short_row<W, kLog, true>(g + row * n, y + row * n, dx + row * n, n);
+    else backward_short_row<W, kLog, false>(g + row * n, y + row * n, dx + row * n, n);
   }
 }
 
-template <bool kLog>
-constexpr int64_t kShortBackwardRow = kLog ? 32 : 16;
+constexpr int64_t kShortBackwardRow = 32;
 
 template <bool kLog, typename out_t, typename grad_t>
 FASTLOSS_CPU_INLINE void backward_short_rows(const out_t* g, const out_t* y, grad_t* dx, int64_t begin, int64_t end,
                                              int64_t n) {
-  if (n <= 8) backward_short_rows<8, kLog>(g, y, dx, begin, end, n);
-  else if (n <= 16) backward_short_rows<16, kLog>(g, y, dx, begin, end, n);
-  else backward_short_rows<kShortBackwardRow<kLog>, kLog>(g, y, dx, begin, end, n);
+  const auto run = [&](auto w) FASTLOSS_CPU_INLINE_LAMBDA {
+    constexpr int W = decltype(w)::value;
+    with_row_width<W>(n, [&](auto width) FASTLOSS_CPU_INLINE_LAMBDA { backward_short_rows<W, kLog>(g, y, dx, begin, end, width); });
+  };
+  if (n <= 8) run(std::integral_constant<int, 8>());
+  else if (n <= 16) run(std::integral_constant<int, 16>());
+  else run(std::integral_constant<int, 32>());
 }
 
 template <bool kLog, typename out_t, typename grad_t>
@@ -562,12 +611,12 @@ FASTLOSS_CPU_INLINE void backward_lastdim_rows(const out_t* g, const out_t* y, g
   }
   using acc_t = typename AccType<out_t>::type;
   if constexpr (std::is_same_v<acc_t, float>) {
-    if (n <= kShortBackwardRow<kLog> && has_avx512()) {
+    if (n <= kShortBackwardRow && has_avx512()) {
       if constexpr (std::is_same_v<grad_t, c10::BFloat16>) return backward_staged<kLog>(g, y, dx, begin, end, n);
       else return backward_short_rows<kLog>(g, y, dx, begin, end, n);
     }
   }
-  if (n <= kShortRow) {
+  if (n <= kHalfLaneRow) {
     backward_lastdim_rows_lanes<kLog, kLanes<acc_t> / 2>(g, y, dx, begin, end, n);
   } else {
     backward_lastdim_rows_lanes<kLog, kLanes<acc_t>>(g, y, dx, begin, end, n);
@@ -601,7 +650,7 @@ FASTLOSS_CPU_INLINE void backward_strided_block(const out_t* g, const out_t* y, 
     for (int l = 0; l < count; ++l) {
       const acc_t gv = static_cast<acc_t>(g[i * inner + l]);
       const acc_t yv = static_cast<acc_t>(y[i * inner + l]);
-      dx[i * inner + l] = to_output<grad_t>(kLog ? gv - exp_of_log_prob(yv) * total[l] : yv * (gv - total[l]));
+      dx[i * inner + l] = to_output<grad_t>(backward_value<kLog>(gv, yv, total[l]));
     }
   }
 }
