@@ -421,50 +421,33 @@ def test_rows_beyond_cache(device, fn, ref_fn, dtype):
 
 
 @pytest.mark.parametrize("log", [False, True])
-@pytest.mark.parametrize("rows,cols", [(37, 5), (37, 30), (37, 64), (9, 65)])
-def test_short_bfloat16_rows_are_the_float_kernel_rounded_once(log, rows, cols):
-    # On the CPU, short bfloat16 rows go through float in blocks (forward up to 64 entries,
-    # backward up to 32): the float kernel's result rounded once, to the bit, for either output
-    # type.
+@pytest.mark.parametrize(
+    "dtype,rows,cols",
+    [(torch.float16, r, c) for r, c in [(37, 5), (9, 1000), (3, 32768), (2, 40000)]]
+    + [(torch.bfloat16, r, c) for r, c in [(37, 5), (37, 30), (37, 64), (9, 65)]],
+)
+def test_half_types_are_the_float_kernel_rounded_once(log, dtype, rows, cols):
+    # On the CPU, float16 rows of up to 32768 and short bfloat16 rows (forward up to 64
+    # entries, backward up to 32) go through float in blocks (conversions, the float kernel,
+    # one rounding back); longer rows convert element by element in the kernel. Either way:
+    # the float kernel's result rounded once, to the bit, for either output type.
     fwd = torch.ops.fastloss.log_softmax if log else torch.ops.fastloss.softmax
     bwd = torch.ops.fastloss.log_softmax_backward if log else torch.ops.fastloss.softmax_backward
-    x = (torch.randn(rows, cols) * 5).bfloat16()
-    x[0, 1] = -math.inf
-    x[-1, 2] = math.nan
-    y32 = fwd(x.float(), -1, False)
-    y = fwd(x, -1, False)
-    torch.testing.assert_close(y, y32.bfloat16(), rtol=0, atol=0, equal_nan=True)
-    torch.testing.assert_close(fwd(x, -1, True), y32, rtol=0, atol=0, equal_nan=True)
-    g = torch.randn(rows, cols).bfloat16()
-    dx32 = bwd(g.float(), y.float(), -1, torch.float32)
-    torch.testing.assert_close(bwd(g, y, -1, torch.bfloat16), dx32.bfloat16(), rtol=0, atol=0, equal_nan=True)
-    dxh = bwd(g.float(), y32, -1, torch.bfloat16)
-    torch.testing.assert_close(dxh, bwd(g.float(), y32, -1, torch.float32).bfloat16(), rtol=0, atol=0, equal_nan=True)
-
-
-@pytest.mark.parametrize("log", [False, True])
-@pytest.mark.parametrize("rows,cols", [(37, 5), (9, 1000), (3, 32768), (2, 40000)])
-def test_float16_is_the_float_kernel_rounded_once(log, rows, cols):
-    # On the CPU, float16 rows of up to 32768 go through float in blocks (hardware
-    # conversions, the float kernel, one rounding back); longer rows convert element by
-    # element in the kernel. Either way: the float kernel's result rounded once, to the bit.
-    fwd = torch.ops.fastloss.log_softmax if log else torch.ops.fastloss.softmax
-    bwd = torch.ops.fastloss.log_softmax_backward if log else torch.ops.fastloss.softmax_backward
-    x = (torch.randn(rows, cols) * 5).half()
+    x = (torch.randn(rows, cols) * 5).to(dtype)
     x[0, 1] = -math.inf
     x[-1, 2] = math.nan if rows > 2 else x[-1, 2]
-    g = torch.randn(rows, cols).half()
+    g = torch.randn(rows, cols).to(dtype)
     y = fwd(x, -1, False)
     y32 = fwd(x.float(), -1, False)
     assert torch.equal(y.isnan(), y32.isnan())
-    torch.testing.assert_close(y, y32.half(), rtol=0, atol=0, equal_nan=True)
+    torch.testing.assert_close(y, y32.to(dtype), rtol=0, atol=0, equal_nan=True)
     torch.testing.assert_close(fwd(x, -1, True), y32, rtol=0, atol=0, equal_nan=True)
-    dx = bwd(g, y, -1, torch.float16)
+    dx = bwd(g, y, -1, dtype)
     dx32 = bwd(g.float(), y.float(), -1, torch.float32)
-    torch.testing.assert_close(dx, dx32.half(), rtol=0, atol=0, equal_nan=True)
-    # float output of a float16 input: gradient in float16
-    dxh = bwd(g.float(), y32, -1, torch.float16)
-    torch.testing.assert_close(dxh, bwd(g.float(), y32, -1, torch.float32).half(), rtol=0, atol=0, equal_nan=True)
+    torch.testing.assert_close(dx, dx32.to(dtype), rtol=0, atol=0, equal_nan=True)
+    # float output of a half-type input: gradient in the input's type
+    dxh = bwd(g.float(), y32, -1, dtype)
+    torch.testing.assert_close(dxh, bwd(g.float(), y32, -1, torch.float32).to(dtype), rtol=0, atol=0, equal_nan=True)
 
 
 @pytest.mark.parametrize("fn,ref_fn", OPS)
