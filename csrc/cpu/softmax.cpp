@@ -280,7 +280,7 @@ FASTLOSS_CPU_INLINE acc_t reduce_short(const acc_t* a, Op op) {
 
 // Lane l of a short row: x[l] for l < n, else `pad`. A row is read and written as whole
 // vectors (kWhole) when its W lanes end within the rows [begin, end) that the call writes (no
-// other thread writes there, and the next row's store overwrites what spilled into it); the
+// other thread writes there, and the following rows' stores overwrite what spilled); the
 // last rows use masked loads and stores. On this AMD Zen 4, masked loads and stores cost a
 // third of the time of a 16-entry row (fp32, 65536 x 16, backward: 162 -> 104 us unmasked).
 template <bool kWhole, typename acc_t, typename in_t, typename N>
