@@ -3,11 +3,11 @@
 
 namespace fastloss::cpu {
 
-FASTLOSS_CPU_CLONES void bfloat16_to_float(const c10::BFloat16* in, float* out, int64_t n) {
+FASTLOSS_CPU_CLONES void to_float(const c10::BFloat16* in, float* out, int64_t n) {
   for (int64_t i = 0; i < n; ++i) out[i] = to_acc<float>(in[i]);
 }
 
-FASTLOSS_CPU_CLONES void float_to_bfloat16(const float* in, c10::BFloat16* out, int64_t n) {
+FASTLOSS_CPU_CLONES void from_float(const float* in, c10::BFloat16* out, int64_t n) {
   for (int64_t i = 0; i < n; ++i) out[i] = to_output<c10::BFloat16>(in[i]);
 }
 

@@ -130,10 +130,8 @@ inline float* stage_buffer(int which, int64_t count) {
 
 // bfloat16 <-> float (convert.cpp, compiled per instruction set): a shift, and rounding to
 // nearest even as in to_output.
-void bfloat16_to_float(const c10::BFloat16* in, float* out, int64_t n);
-void float_to_bfloat16(const float* in, c10::BFloat16* out, int64_t n);
-inline void to_float(const c10::BFloat16* in, float* out, int64_t n) { bfloat16_to_float(in, out, n); }
-inline void from_float(const float* in, c10::BFloat16* out, int64_t n) { float_to_bfloat16(in, out, n); }
+void to_float(const c10::BFloat16* in, float* out, int64_t n);
+void from_float(const float* in, c10::BFloat16* out, int64_t n);
 
 // float16 or bfloat16 rows staged through float: blocks of rows of about kStageBytes float
 // bytes per buffer (in L1), and rows up to kMaxStagedRow elements (one row per block beyond

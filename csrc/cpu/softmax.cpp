@@ -279,10 +279,10 @@ FASTLOSS_CPU_INLINE acc_t reduce_short(const acc_t* a, Op op) {
 }
 
 // Lane l of a short row: x[l] for l < n, else `pad`. A row is read and written as whole
-// vectors (kWhole) when its W lanes end within the rows [begin, end) that the call writes (no
-// other thread writes there, and the following rows' stores overwrite what spilled); the
-// last rows use masked loads and stores. On this AMD Zen 4, masked loads and stores cost a
-// third of the time of a 16-entry row (fp32, 65536 x 16, backward: 162 -> 104 us unmasked).
+// vectors (kWhole, with_row_access) when its W lanes end within the rows [begin, end) that the
+// call writes (no other thread writes there, and the following rows' stores overwrite what
+// spilled); the last rows use masked loads and stores, which are slow on this AMD Zen 4
+// (fp32, 65536 x 16, backward: 162 us all masked, 144 us whole).
 template <bool kWhole, typename acc_t, typename in_t, typename N>
 FASTLOSS_CPU_INLINE acc_t lane_or(const in_t* x, int l, N n, acc_t pad) {
   if constexpr (kWhole) {
@@ -293,17 +293,24 @@ FASTLOSS_CPU_INLINE acc_t lane_or(const in_t* x, int l, N n, acc_t pad) {
   }
 }
 
-template <int W, typename N>
-FASTLOSS_CPU_INLINE bool whole_row(int64_t row, int64_t end, N n) {
-  return row * n + W <= end * n;
+// Runs f(std::bool_constant<kWhole>) for `row`: whole when its W lanes end within the rows
+// before `end`.
+template <int W, typename N, typename F>
+FASTLOSS_CPU_INLINE void with_row_access(int64_t row, int64_t end, N n, F&& f) {
+  if (row * n + W <= end * n) f(std::true_type());
+  else f(std::false_type());
 }
 
-// Runs kernel(n) with n as a compile-time constant when a row fills all W lanes (no lane
-// compares or selects; fp32, 65536 x 16, backward: 144 -> 104 us), else with n at run time.
-template <int W, typename Kernel>
-FASTLOSS_CPU_INLINE void with_row_width(int64_t n, Kernel&& kernel) {
-  if (n == W) kernel(std::integral_constant<int64_t, W>());
-  else kernel(n);
+// Runs kernel(std::integral_constant<int, W>, n) for the narrowest W = kMin, 2 kMin, ...,
+// kMax that holds a row of n (n <= kMax), with n as a compile-time constant when it fills all
+// W lanes (no lane compares or selects; fp32, 65536 x 16, backward: 144 -> 104 us).
+template <int kMin, int kMax, typename Kernel>
+FASTLOSS_CPU_INLINE void with_short_width(int64_t n, Kernel&& kernel) {
+  if constexpr (kMin < kMax) {
+    if (n > kMin) return with_short_width<2 * kMin, kMax>(n, kernel);
+  }
+  if (n == kMin) kernel(std::integral_constant<int, kMin>(), std::integral_constant<int64_t, kMin>());
+  else kernel(std::integral_constant<int, kMin>(), n);
 }
 
 // A row of at most W entries as its pair (S, E): entries in v (padded with -inf) and the terms
@@ -357,8 +364,9 @@ FASTLOSS_CPU_INLINE void forward_short_rows(const in_t* x, out_t* y, int64_t beg
   using acc_t = typename AccType<in_t>::type;
   if constexpr (!kLog) {
     for (int64_t row = begin; row < end; ++row) {
-      if (whole_row<W>(row, end, n)) softmax_short_row<W, true>(x + row * n, y + row * n, n);
-      else softmax_short_row<W, false>(x + row * n, y + row * n, n);
+      with_row_access<W>(row, end, n, [&](auto whole) FASTLOSS_CPU_INLINE_LAMBDA {
+        softmax_short_row<W, decltype(whole)::value>(x + row * n, y + row * n, n);
+      });
     }
   } else {
     acc_t v[W], e[W];
@@ -367,9 +375,12 @@ FASTLOSS_CPU_INLINE void forward_short_rows(const in_t* x, out_t* y, int64_t beg
       acc_t sum[kLogBatch], exponent[kLogBatch], log_sum[kLogBatch];
       for (int r = 0; r < kLogBatch; ++r) {
         const int64_t row = row0 + r;
-        const ExpSum<acc_t> s = r >= rows                    ? ExpSum<acc_t>{1, 0}
-                                : whole_row<W>(row, end, n) ? short_row_sum<W, true>(x + row * n, n, v, e)
-                                                            : short_row_sum<W, false>(x + row * n, n, v, e);
+        ExpSum<acc_t> s{1, 0};
+        if (r < rows) {
+          with_row_access<W>(row, end, n, [&](auto whole) FASTLOSS_CPU_INLINE_LAMBDA {
+            s = short_row_sum<W, decltype(whole)::value>(x + row * n, n, v, e);
+          });
+        }
         sum[r] = s.sum;
         exponent[r] = s.exponent;
       }
@@ -383,8 +394,9 @@ FASTLOSS_CPU_INLINE void forward_short_rows(const in_t* x, out_t* y, int64_t beg
           continue;
         }
         stats.log_offset = log_offset(exponent[r], log_sum[r]);
-        if (whole_row<W>(row, end, n)) log_softmax_short_row<W, true>(x + row * n, y + row * n, n, stats);
-        else log_softmax_short_row<W, false>(x + row * n, y + row * n, n, stats);
+        with_row_access<W>(row, end, n, [&](auto whole) FASTLOSS_CPU_INLINE_LAMBDA {
+          log_softmax_short_row<W, decltype(whole)::value>(x + row * n, y + row * n, n, stats);
+        });
       }
     }
   }
@@ -392,20 +404,14 @@ FASTLOSS_CPU_INLINE void forward_short_rows(const in_t* x, out_t* y, int64_t beg
 
 // The widest row forward_short_rows takes: four 512-bit vectors.
 template <typename acc_t>
-constexpr int64_t kShortForwardRow = 256 / sizeof(acc_t);
+constexpr int kShortForwardRow = 256 / sizeof(acc_t);
 
 template <bool kLog, typename in_t, typename out_t>
 FASTLOSS_CPU_INLINE void forward_short_rows(const in_t* x, out_t* y, int64_t begin, int64_t end, int64_t n) {
-  using acc_t = typename AccType<in_t>::type;
-  constexpr int64_t kMax = kShortForwardRow<acc_t>;
-  const auto run = [&](auto w) FASTLOSS_CPU_INLINE_LAMBDA {
-    constexpr int W = decltype(w)::value;
-    with_row_width<W>(n, [&](auto width) FASTLOSS_CPU_INLINE_LAMBDA { forward_short_rows<W, kLog>(x, y, begin, end, width); });
-  };
-  if (n <= kMax / 8) run(std::integral_constant<int, kMax / 8>());
-  else if (n <= kMax / 4) run(std::integral_constant<int, kMax / 4>());
-  else if (n <= kMax / 2) run(std::integral_constant<int, kMax / 2>());
-  else run(std::integral_constant<int, kMax>());
+  constexpr int kMax = kShortForwardRow<typename AccType<in_t>::type>;
+  with_short_width<kMax / 8, kMax>(n, [&](auto w, auto width) FASTLOSS_CPU_INLINE_LAMBDA {
+    forward_short_rows<decltype(w)::value, kLog>(x, y, begin, end, width);
+  });
 }
 
 // Rows staged through float (convert.h), defined below the float entry points that they call:
@@ -584,23 +590,20 @@ template <int W, bool kLog, typename out_t, typename grad_t, typename N>
 FASTLOSS_CPU_INLINE void backward_short_rows(const out_t* g, const out_t* y, grad_t* dx, int64_t begin, int64_t end,
                                              N n) {
   for (int64_t row = begin; row < end; ++row) {
-    if (whole_row<W>(row, end, n)) backward_short_row<W, kLog, true>(g + row * n, y + row * n, dx + row * n, n);
-    else backward_short_row<W, kLog, false>(g + row * n, y + row * n, dx + row * n, n);
+    with_row_access<W>(row, end, n, [&](auto whole) FASTLOSS_CPU_INLINE_LAMBDA {
+      backward_short_row<W, kLog, decltype(whole)::value>(g + row * n, y + row * n, dx + row * n, n);
+    });
   }
 }
 
-constexpr int64_t kShortBackwardRow = 32;
+constexpr int kShortBackwardRow = 32;
 
 template <bool kLog, typename out_t, typename grad_t>
 FASTLOSS_CPU_INLINE void backward_short_rows(const out_t* g, const out_t* y, grad_t* dx, int64_t begin, int64_t end,
                                              int64_t n) {
-  const auto run = [&](auto w) FASTLOSS_CPU_INLINE_LAMBDA {
-    constexpr int W = decltype(w)::value;
-    with_row_width<W>(n, [&](auto width) FASTLOSS_CPU_INLINE_LAMBDA { backward_short_rows<W, kLog>(g, y, dx, begin, end, width); });
-  };
-  if (n <= 8) run(std::integral_constant<int, 8>());
-  else if (n <= 16) run(std::integral_constant<int, 16>());
-  else run(std::integral_constant<int, 32>());
+  with_short_width<8, kShortBackwardRow>(n, [&](auto w, auto width) FASTLOSS_CPU_INLINE_LAMBDA {
+    backward_short_rows<decltype(w)::value, kLog>(g, y, dx, begin, end, width);
+  });
 }
 
 template <bool kLog, typename out_t, typename grad_t>
