@@ -23,6 +23,8 @@
 #include <tuple>
 #include <utility>
 
+#include "cpu/softmax.h"
+
 namespace fastloss {
 namespace {
 
@@ -86,6 +88,18 @@ std::optional<at::Tensor> optional_grad(const at::Tensor& g, c10::ScalarType dty
   return g.defined() ? std::optional<at::Tensor>(g.to(dtype)) : std::nullopt;
 }
 
+// Whether a gradient handed to a backward is a buffer that nothing else references, so the
+// backward may write its result over it: autograd's engine moves each node's gradients in,
+// and a gradient that a user, a hook or another node still holds has other references. Only
+// plain tensors with torch-allocated memory qualify (not a traced, fake or functional tensor,
+// nor memory borrowed from NumPy or DLPack), and not under create_graph or forward-mode AD.
+bool owned_gradient(const at::Tensor& g) {
+  return g.defined() && g.use_count() == 1 && g.has_storage() && g.storage().use_count() == 1 &&
+         g.storage().resizable() && g.layout() == c10::kStrided && !g.requires_grad() && !g.is_inference() &&
+         !g._is_zerotensor() && !at::GradMode::is_enabled() && !g._fw_grad(/*level=*/0).defined() &&
+         !g.key_set().has_any(c10::DispatchKeySet({c10::DispatchKey::Functionalize, c10::DispatchKey::Python}));
+}
+
 template <bool kLog>
 struct SoftmaxFunction : torch::autograd::Function<SoftmaxFunction<kLog>> {
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& self, int64_t dim, bool half_to_float) {
@@ -97,10 +111,18 @@ struct SoftmaxFunction : torch::autograd::Function<SoftmaxFunction<kLog>> {
     return out;
   }
 
-  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+  // grads by reference: autograd passes its own list, so an owned gradient can be moved out.
+  static variable_list backward(AutogradContext* ctx, variable_list& grads) {
     const at::Tensor out = ctx->get_saved_variables()[0];
     const c10::ScalarType input_dtype = ctx->saved_data["input_dtype"].toScalarType();
     const int64_t dim = ctx->saved_data["dim"].toInt();
+    if (out.is_cpu()) {
+      at::Tensor g = std::move(grads[0]);
+      if (owned_gradient(g) && cpu::softmax_backward_in_place(g, out, dim, input_dtype, kLog)) {
+        return {g, at::Tensor(), at::Tensor()};
+      }
+      grads[0] = std::move(g);
+    }
     // Through the dispatcher under create_graph: differentiable again (double backward).
     const variable_list dx = linear_in_grads({grads[0]}, [&](const variable_list& g, bool) -> variable_list {
       return {softmax_backward_op<kLog>().call(g[0].to(out.scalar_type()), out, dim, input_dtype)};

@@ -326,6 +326,69 @@ def test_backward_half_to_float(device, fn, ref_fn, dtype):
     torch.testing.assert_close(x.grad.double(), xr.grad, rtol=2e-2, atol=2e-2)
 
 
+def ran_in_place(run) -> bool:
+    """Whether run() took the CPU backward that writes over autograd's own gradient buffer
+    (profiled as "fastloss::softmax_backward (in place)")."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        run()
+    return any(e.name.endswith("(in place)") for e in prof.events())
+
+
+@pytest.mark.parametrize("fn,ref_fn", OPS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("dim", [-1, 0])
+def test_backward_over_an_owned_gradient(fn, ref_fn, dtype, dim):
+    # A gradient that only autograd holds (here from the multiply's backward) becomes dx: the
+    # same bits as the backward into a fresh tensor. Short rows (1 to 33) also check that
+    # whole-vector stores do not spill into the next rows' gradients before they are read.
+    for cols in [1, 2, 7, 16, 17, 24, 33, 777]:
+        x64 = torch.randn(37, cols, dtype=torch.float64) * 3
+        w = torch.randn(37, cols, dtype=torch.float64).to(dtype)
+        x = x64.to(dtype).requires_grad_()
+        assert ran_in_place(lambda: (fn(x, dim) * w).sum().backward()), cols
+        xh = x64.to(dtype).requires_grad_()
+        (dx_held,) = torch.autograd.grad(fn(xh, dim), xh, w.clone())
+        assert torch.equal(x.grad, dx_held), cols
+        xr = x64.to(dtype).double().requires_grad_()
+        (dx_ref,) = torch.autograd.grad(ref_fn(xr, dim), xr, w.double())
+        tol = 8 * torch.finfo(dtype).eps * max(1.0, w.double().abs().sum(dim).max().item())
+        assert (x.grad.double() - dx_ref).abs().max().item() <= tol, cols
+
+
+@pytest.mark.parametrize("fn,ref_fn", OPS)
+def test_backward_leaves_gradients_held_elsewhere(fn, ref_fn):
+    x = torch.randn(6, 40, requires_grad=True)
+    w = torch.randn(6, 40)
+    expected = torch.autograd.grad(ref_fn(x, -1), x, w)[0]
+
+    # Passed by the caller.
+    g = w.clone()
+    assert not ran_in_place(lambda: torch.autograd.grad(fn(x, -1), x, g))
+    assert torch.equal(g, w)
+
+    # Kept by a tensor hook, and by a hook on the backward node.
+    kept = []
+    y = fn(x, -1)
+    y.register_hook(lambda grad: kept.append(grad))
+    y.grad_fn.register_hook(lambda grad_inputs, grad_outputs: kept.append(grad_outputs[0]))
+    assert not ran_in_place(lambda: (y * w).sum().backward())
+    assert len(kept) == 2 and all(torch.equal(k, w) for k in kept)
+
+    # create_graph: the backward stays differentiable.
+    x.grad = None
+    (dx,) = torch.autograd.grad((fn(x, -1) * w).sum(), x, create_graph=True)
+    torch.testing.assert_close(dx, expected)
+    assert dx.requires_grad
+
+    # Not contiguous (the gradient of a transpose), or another dtype than the input's.
+    x.grad = None
+    assert not ran_in_place(lambda: (fn(x, -1).t() * w.t()).sum().backward())
+    torch.testing.assert_close(x.grad, expected)
+    xb = x.detach().bfloat16().requires_grad_()
+    assert not ran_in_place(lambda: (fn(xb, -1, dtype=torch.float32) * w).sum().backward())
+    assert xb.grad.dtype == torch.bfloat16
+
+
 @pytest.mark.parametrize("op", ["softmax", "log_softmax"])
 def test_opcheck(device, op):
     fwd = getattr(torch.ops.fastloss, op)

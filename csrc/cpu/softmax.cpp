@@ -17,6 +17,7 @@
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
+#include <ATen/record_function.h>
 #include <ATen/ops/empty.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
@@ -37,6 +38,7 @@
 #include "cpu/convert.h"
 #include "cpu/isa.h"
 #include "cpu/rows.h"
+#include "cpu/softmax.h"
 
 namespace fastloss::cpu {
 namespace {
@@ -589,8 +591,13 @@ FASTLOSS_CPU_INLINE void backward_short_row(const out_t* gr, const out_t* yr, gr
 template <int W, bool kLog, typename out_t, typename grad_t, typename N>
 FASTLOSS_CPU_INLINE void backward_short_rows(const out_t* g, const out_t* y, grad_t* dx, int64_t begin, int64_t end,
                                              N n) {
+  // Written over g (softmax_backward_in_place): a row's whole-vector store would spill into
+  // gradients of the next rows before they are read, so only rows that fill their vectors
+  // exactly are whole.
+  const bool in_place = static_cast<const void*>(g) == static_cast<const void*>(dx);
+  const int64_t whole_end = in_place && n != W ? begin : end;
   for (int64_t row = begin; row < end; ++row) {
-    with_row_access<W>(row, end, n, [&](auto whole) FASTLOSS_CPU_INLINE_LAMBDA {
+    with_row_access<W>(row, whole_end, n, [&](auto whole) FASTLOSS_CPU_INLINE_LAMBDA {
       backward_short_row<W, kLog, decltype(whole)::value>(g + row * n, y + row * n, dx + row * n, n);
     });
   }
@@ -806,17 +813,10 @@ at::Tensor forward(const at::Tensor& self, int64_t dim, bool half_to_float) {
         kLanes<typename AccType<OUT>::type>);                                                    \
   } while (0)
 
+// dx for rows laid out as l (g, y and dx contiguous; dx may be g itself).
 template <bool kLog>
-at::Tensor backward(const at::Tensor& grad_output, const at::Tensor& output, int64_t dim,
-                    c10::ScalarType input_dtype) {
-  const char* op = kLog ? "log_softmax_backward" : "softmax_backward";
-  TORCH_CHECK(output.device().is_cpu(), "fastloss.", op, ": expected 'output' on the CPU");
-  const RowLayout l = softmax_backward_args(op, grad_output, output, dim, input_dtype);
-  const at::Tensor g = grad_output.contiguous();
-  const at::Tensor y = output.contiguous();
-  at::Tensor dx = empty_output(output.sizes(), output.options().dtype(input_dtype));
-  if (dx.numel() == 0) return dx;
-  const auto out = output.scalar_type();
+void run_backward(const at::Tensor& g, const at::Tensor& y, const at::Tensor& dx, const RowLayout& l) {
+  const auto out = y.scalar_type(), input_dtype = dx.scalar_type();
 #define FASTLOSS_BACKWARD_CASE(SUFFIX, OUT, GRAD)                                                 \
   if constexpr (kLog) FASTLOSS_RUN_BACKWARD(log_softmax_backward_##SUFFIX, OUT, GRAD);           \
   else FASTLOSS_RUN_BACKWARD(softmax_backward_##SUFFIX, OUT, GRAD)
@@ -834,10 +834,39 @@ at::Tensor backward(const at::Tensor& grad_output, const at::Tensor& output, int
     FASTLOSS_BACKWARD_CASE(f32, float, float);
   }
 #undef FASTLOSS_BACKWARD_CASE
+}
+
+const char* backward_name(bool log) { return log ? "log_softmax_backward" : "softmax_backward"; }
+
+template <bool kLog>
+at::Tensor backward(const at::Tensor& grad_output, const at::Tensor& output, int64_t dim,
+                    c10::ScalarType input_dtype) {
+  const char* op = backward_name(kLog);
+  TORCH_CHECK(output.device().is_cpu(), "fastloss.", op, ": expected 'output' on the CPU");
+  const RowLayout l = softmax_backward_args(op, grad_output, output, dim, input_dtype);
+  at::Tensor dx = empty_output(output.sizes(), output.options().dtype(input_dtype));
+  if (dx.numel() > 0) run_backward<kLog>(grad_output.contiguous(), output.contiguous(), dx, l);
   return dx;
 }
 
 }  // namespace
+
+bool softmax_backward_in_place(const at::Tensor& grad_output, const at::Tensor& output, int64_t dim,
+                               c10::ScalarType input_dtype, bool log) {
+  const char* op = backward_name(log);
+  if (!output.device().is_cpu() || grad_output.scalar_type() != input_dtype || !grad_output.is_contiguous()) {
+    return false;
+  }
+  const RowLayout l = softmax_backward_args(op, grad_output, output, dim, input_dtype);
+  // Named in profiles like the op it stands in for.
+  RECORD_FUNCTION(log ? "fastloss::log_softmax_backward (in place)" : "fastloss::softmax_backward (in place)",
+                  c10::ArrayRef<const c10::IValue>{});
+  if (grad_output.numel() == 0) return true;
+  const at::Tensor y = output.contiguous();
+  if (log) run_backward<true>(grad_output, y, grad_output, l);
+  else run_backward<false>(grad_output, y, grad_output, l);
+  return true;
+}
 
 TORCH_LIBRARY_IMPL(fastloss, CPU, m) {
   m.impl("softmax", &forward<false>);
