@@ -133,6 +133,23 @@ def forward_backward(fn: Callable[[torch.Tensor], torch.Tensor]) -> Callable[[to
     return run
 
 
+def loss_forward_backward(fn: Callable[[torch.Tensor], torch.Tensor]) -> Callable[[torch.Tensor, torch.Tensor], tuple]:
+    """``fn`` inside a weighted-sum loss, ``(x, w) -> (y, dx)`` with dx the gradient of
+    ``(fn(x) * w).sum()``.
+
+    As in training, the gradient reaching ``fn``'s backward is a tensor the loss's backward
+    just made and nothing else holds (a backward may reuse its memory), not the caller's.
+    """
+
+    def run(x: torch.Tensor, w: torch.Tensor):
+        y = fn(x)
+        (dx,) = torch.autograd.grad((y * w).sum(), x)
+        return y, dx
+
+    run.__name__ = f"{getattr(fn, '__name__', 'fn')}_loss_fwd_bwd"
+    return run
+
+
 def _raise_recompile_limits() -> None:
     # Every (shape, dtype, requires_grad) is a separate graph of the same function: allow
     # enough of them, and fail loudly rather than fall back to eager if the limit is hit.

@@ -23,7 +23,7 @@
 #include <tuple>
 #include <utility>
 
-#include "cpu/softmax.h"
+#include "cpu/backward_in_place.h"
 
 namespace fastloss {
 namespace {
@@ -100,6 +100,15 @@ bool owned_gradient(const at::Tensor& g) {
          !g.key_set().has_any(c10::DispatchKeySet({c10::DispatchKey::Functionalize, c10::DispatchKey::Python}));
 }
 
+// grads[i] moved out when it is an owned CPU gradient (owned_gradient), for a backward to
+// write over; otherwise undefined, with grads[i] left in place.
+at::Tensor take_owned_cpu_gradient(variable_list& grads, size_t i) {
+  at::Tensor g = std::move(grads[i]);
+  if (g.defined() && g.is_cpu() && owned_gradient(g)) return g;
+  grads[i] = std::move(g);
+  return at::Tensor();
+}
+
 template <bool kLog>
 struct SoftmaxFunction : torch::autograd::Function<SoftmaxFunction<kLog>> {
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& self, int64_t dim, bool half_to_float) {
@@ -111,16 +120,14 @@ struct SoftmaxFunction : torch::autograd::Function<SoftmaxFunction<kLog>> {
     return out;
   }
 
-  // grads by reference: autograd passes its own list, so an owned gradient can be moved out.
+  // grads by reference (here and below): autograd passes its own list, so an owned gradient
+  // can be moved out of it.
   static variable_list backward(AutogradContext* ctx, variable_list& grads) {
     const at::Tensor out = ctx->get_saved_variables()[0];
     const c10::ScalarType input_dtype = ctx->saved_data["input_dtype"].toScalarType();
     const int64_t dim = ctx->saved_data["dim"].toInt();
-    if (out.is_cpu()) {
-      at::Tensor g = std::move(grads[0]);
-      if (owned_gradient(g) && cpu::softmax_backward_in_place(g, out, dim, input_dtype, kLog)) {
-        return {g, at::Tensor(), at::Tensor()};
-      }
+    if (at::Tensor g = take_owned_cpu_gradient(grads, 0); g.defined()) {
+      if (cpu::softmax_backward_in_place(g, out, dim, input_dtype, kLog)) return {g, at::Tensor(), at::Tensor()};
       grads[0] = std::move(g);
     }
     // Through the dispatcher under create_graph: differentiable again (double backward).
@@ -599,11 +606,21 @@ struct StatTopKFunction : torch::autograd::Function<StatTopKFunction> {
     return {y, theta, mean, std};
   }
 
-  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+  static variable_list backward(AutogradContext* ctx, variable_list& grads) {
     static const auto op = op_handle<StatTopKBackwardSig>("fastloss::stat_topk_backward");
     const variable_list saved = ctx->get_saved_variables();
     const at::Tensor &x = saved[0], &theta = saved[1], &mean = saved[2], &std = saved[3];
     const auto& d = ctx->saved_data;
+    const bool dual_theta_grad = grads[1].defined() && grads[1]._fw_grad(/*level=*/0).defined();
+    if (at::Tensor g = dual_theta_grad ? at::Tensor() : take_owned_cpu_gradient(grads, 0); g.defined()) {
+      const std::optional<at::Tensor> gt = optional_grad(grads[1], mean.scalar_type());
+      if (cpu::stat_topk_backward_in_place(g, gt, x, theta, mean, std, d.at("dim").toInt(), d.at("sparsity").toDouble(),
+                                           d.at("hard").toBool(), d.at("threshold_grad").toBool(),
+                                           d.at("k").toSymInt().expect_int())) {
+        return {g, at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
+      }
+      grads[0] = std::move(g);
+    }
     const variable_list dx = linear_in_grads({grads[0], grads[1]}, [&](const variable_list& g, bool) -> variable_list {
       return {op.call(g[0].to(x.scalar_type()), optional_grad(g[1], mean.scalar_type()), x, theta, mean, std, d.at("dim").toInt(),
                       d.at("sparsity").toDouble(), d.at("hard").toBool(), d.at("threshold_grad").toBool(),
@@ -634,11 +651,20 @@ struct GeluMulFunction : torch::autograd::Function<GeluMulFunction> {
     return {out, theta, mean, std};
   }
 
-  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+  static variable_list backward(AutogradContext* ctx, variable_list& grads) {
     static const auto op = op_handle<GeluMulBackwardSig>("fastloss::stat_topk_gelu_mul_backward");
     const variable_list saved = ctx->get_saved_variables();
     const at::Tensor &gate = saved[0], &up = saved[1];
     const auto& d = ctx->saved_data;
+    if (at::Tensor g = take_owned_cpu_gradient(grads, 0); g.defined()) {
+      // d up is written over the gradient.
+      if (std::optional<at::Tensor> dgate = cpu::stat_topk_gelu_mul_backward_in_place(
+              g, gate, up, saved[2], saved[3], saved[4], d.at("sparsity").toDouble(), d.at("threshold_grad").toBool(),
+              d.at("k").toSymInt().expect_int())) {
+        return {*dgate, g, at::Tensor(), at::Tensor(), at::Tensor()};
+      }
+      grads[0] = std::move(g);
+    }
     const variable_list g = linear_in_grads({grads[0]}, [&](const variable_list& go, bool) -> variable_list {
       auto [dgate, dup] = op.call(go[0].to(gate.scalar_type()), gate, up, saved[2], saved[3], saved[4],
                                   d.at("sparsity").toDouble(), d.at("threshold_grad").toBool(), d.at("k").toSymInt());

@@ -19,3 +19,11 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(params=DEVICES)
 def device(request):
     return request.param
+
+
+def ran_in_place(run) -> bool:
+    """Whether run() took a CPU backward that writes over autograd's own gradient buffer
+    (profiled as e.g. "fastloss::softmax_backward (in place)")."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        run()
+    return any(e.name.endswith("(in place)") for e in prof.events())

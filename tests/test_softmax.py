@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import fastloss
-from conftest import CUDA
+from conftest import CUDA, ran_in_place
 
 OPS = [
     pytest.param(fastloss.softmax, torch.softmax, id="softmax"),
@@ -326,14 +326,6 @@ def test_backward_half_to_float(device, fn, ref_fn, dtype):
     torch.testing.assert_close(x.grad.double(), xr.grad, rtol=2e-2, atol=2e-2)
 
 
-def ran_in_place(run) -> bool:
-    """Whether run() took the CPU backward that writes over autograd's own gradient buffer
-    (profiled as "fastloss::softmax_backward (in place)")."""
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
-        run()
-    return any(e.name.endswith("(in place)") for e in prof.events())
-
-
 @pytest.mark.parametrize("fn,ref_fn", OPS)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("dim", [-1, 0])
@@ -373,6 +365,14 @@ def test_backward_leaves_gradients_held_elsewhere(fn, ref_fn):
     y.grad_fn.register_hook(lambda grad_inputs, grad_outputs: kept.append(grad_outputs[0]))
     assert not ran_in_place(lambda: (y * w).sum().backward())
     assert len(kept) == 2 and all(torch.equal(k, w) for k in kept)
+
+    # One gradient tensor handed to two backward nodes (an addition's backward passes it on
+    # to both terms): the first must leave it intact for the second.
+    x.grad = None
+    x2 = torch.randn(6, 40, requires_grad=True)
+    ((fn(x, -1) + fn(x2, -1)) * w).sum().backward()
+    torch.testing.assert_close(x.grad, expected)
+    torch.testing.assert_close(x2.grad, torch.autograd.grad(ref_fn(x2, -1), x2, w)[0])
 
     # create_graph: the backward stays differentiable.
     x.grad = None

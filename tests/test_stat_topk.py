@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 import fastloss
+from conftest import ran_in_place
 
 DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
 # Output rounding of the compared dtype (the statistics are float32 or float64 in both).
@@ -507,6 +508,49 @@ def test_backward_matches_autograd_of_reference(device, dtype, threshold_grad):
     (dx_ref,) = torch.autograd.grad(outs, x64, [t.double().cpu() for t in grads])
     tol = 1e-12 if dtype == torch.float64 else 2e-5
     torch.testing.assert_close(dx.double().cpu(), dx_ref, rtol=tol, atol=tol * dx_ref.abs().max().item())
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("fused", [False, True], ids=["stat_topk", "gelu_mul"])
+def test_backward_over_an_owned_gradient(dtype, fused):
+    # A gradient that only autograd holds (from the loss's multiply) is written over (dx, or
+    # the gelu-mul's d up): the same bits as the backward into fresh tensors, whose gradient
+    # the caller holds.
+    for shape, dim, mode, threshold_grad in [((37, 1000), -1, "soft", True), ((37, 1000), -1, "hard", True),
+                                             ((6, 7), -1, "soft", False), ((300, 6), 0, "soft", True)]:
+        if fused and dim != -1:
+            continue
+        xs = [random_rows(shape, dtype, "cpu", seed=s) for s in (21, 22)]
+        w = random_rows(shape, dtype, "cpu", seed=23)
+
+        def loss(ins, grad_outputs=None):
+            if fused:
+                out = fastloss.stat_topk_gelu_mul(*ins, 0.9, threshold_grad=threshold_grad)
+                return torch.autograd.grad(out, ins, grad_outputs) if grad_outputs is not None else (out * w).sum()
+            y, theta = fastloss.stat_topk(ins[0], sparsity=0.9, dim=dim, mode=mode, return_threshold=True,
+                                          threshold_grad=threshold_grad)
+            if not threshold_grad:  # theta is a constant
+                return torch.autograd.grad(y, ins, grad_outputs) if grad_outputs is not None else (y * w).sum()
+            if grad_outputs is not None:
+                return torch.autograd.grad([y, theta], ins, [grad_outputs, torch.ones_like(theta)])
+            return (y * w).sum() + theta.sum()
+
+        ins = [t.clone().requires_grad_() for t in xs[: 2 if fused else 1]]
+        assert ran_in_place(lambda: loss(ins).backward()), (shape, dim, mode)
+        held = [t.clone().requires_grad_() for t in xs[: 2 if fused else 1]]
+        expected = loss(held, w.clone())
+        for got, want in zip(ins, expected):
+            assert torch.equal(got.grad, want), (shape, dim, mode)
+
+
+def test_backward_leaves_a_held_gradient_alone():
+    x = random_rows((4, 300), torch.float32, "cpu", seed=24).requires_grad_()
+    up = random_rows((4, 300), torch.float32, "cpu", seed=25).requires_grad_()
+    g = torch.randn(4, 300)
+    kept = g.clone()
+    assert not ran_in_place(lambda: torch.autograd.grad(fastloss.stat_topk(x, sparsity=0.9), x, g))
+    assert not ran_in_place(lambda: torch.autograd.grad(fastloss.stat_topk_gelu_mul(x, up, 0.9), (x, up), g))
+    assert torch.equal(g, kept)
 
 
 # --------------------------------------------------------------------------------------------

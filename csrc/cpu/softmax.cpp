@@ -35,10 +35,10 @@
 #include "common/softmax_math.h"
 #include "common/softmax_op.h"
 #include "cpu/alloc.h"
+#include "cpu/backward_in_place.h"
 #include "cpu/convert.h"
 #include "cpu/isa.h"
 #include "cpu/rows.h"
-#include "cpu/softmax.h"
 
 namespace fastloss::cpu {
 namespace {

@@ -11,6 +11,7 @@
 // sum(g * mask), one for dx.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
+#include <ATen/record_function.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/zeros.h>
 #include <c10/util/BFloat16.h>
@@ -19,6 +20,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <optional>
 #include <tuple>
 #include <vector>
 
@@ -26,6 +28,7 @@
 #include "common/stat_topk_math.h"
 #include "common/stat_topk_op.h"
 #include "cpu/alloc.h"
+#include "cpu/backward_in_place.h"
 #include "cpu/convert.h"
 #include "cpu/isa.h"
 #include "cpu/rows.h"
@@ -491,17 +494,12 @@ StatTopKResult stat_topk(const at::Tensor& input, int64_t dim, double sparsity, 
   return result;
 }
 
-at::Tensor stat_topk_backward(const at::Tensor& grad_y, const c10::optional<at::Tensor>& grad_theta,
-                              const at::Tensor& input, const at::Tensor& theta_in, const at::Tensor& mean_in,
-                              const at::Tensor& std_in, int64_t dim, double sparsity, bool hard,
-                              bool threshold_grad, int64_t k) {
-  const char* op = "stat_topk_backward";
-  TORCH_CHECK(input.device().is_cpu(), "fastloss.", op, ": expected 'x' on the CPU");
-  const StatTopKArgs args =
-      stat_topk_backward_args(op, grad_y, grad_theta, input, theta_in, mean_in, std_in, dim, sparsity, k);
-  at::Tensor dx = at::empty(input.sizes(), input.options());
+// dx into `dx` (a fresh tensor, or grad_y itself: each entry is read before it is written).
+void stat_topk_backward_into(const at::Tensor& dx, const at::Tensor& grad_y,
+                             const c10::optional<at::Tensor>& grad_theta, const at::Tensor& input,
+                             const at::Tensor& theta_in, const at::Tensor& mean_in, const at::Tensor& std_in,
+                             const StatTopKArgs& args, bool hard, bool threshold_grad) {
   const RowLayout& l = args.layout;
-  if (dx.numel() == 0) return dx;
   const at::Tensor x = input.contiguous(), g = grad_y.contiguous();
   const at::Tensor theta = theta_in.contiguous(), mean = mean_in.contiguous(), sd = std_in.contiguous();
   const bool has_gt = grad_theta.has_value() && grad_theta->defined();
@@ -534,6 +532,17 @@ at::Tensor stat_topk_backward(const at::Tensor& grad_y, const c10::optional<at::
   }
   FASTLOSS_STAT_TOPK_DISPATCH(input.scalar_type(), FASTLOSS_CASE)
 #undef FASTLOSS_CASE
+}
+
+at::Tensor stat_topk_backward(const at::Tensor& grad_y, const c10::optional<at::Tensor>& grad_theta,
+                              const at::Tensor& input, const at::Tensor& theta, const at::Tensor& mean,
+                              const at::Tensor& std, int64_t dim, double sparsity, bool hard,
+                              bool threshold_grad, int64_t k) {
+  const char* op = "stat_topk_backward";
+  TORCH_CHECK(input.device().is_cpu(), "fastloss.", op, ": expected 'x' on the CPU");
+  const StatTopKArgs args = stat_topk_backward_args(op, grad_y, grad_theta, input, theta, mean, std, dim, sparsity, k);
+  at::Tensor dx = at::empty(input.sizes(), input.options());
+  if (dx.numel() > 0) stat_topk_backward_into(dx, grad_y, grad_theta, input, theta, mean, std, args, hard, threshold_grad);
   return dx;
 }
 
@@ -570,17 +579,14 @@ StatTopKResult stat_topk_gelu_mul(const at::Tensor& gate_in, const at::Tensor& u
   return result;
 }
 
-std::tuple<at::Tensor, at::Tensor> stat_topk_gelu_mul_backward(const at::Tensor& grad_out, const at::Tensor& gate_in,
-                                                               const at::Tensor& up_in, const at::Tensor& theta_in,
-                                                               const at::Tensor& mean_in, const at::Tensor& std_in,
-                                                               double sparsity, bool threshold_grad, int64_t k) {
-  const char* op = "stat_topk_gelu_mul_backward";
-  TORCH_CHECK(gate_in.device().is_cpu(), "fastloss.", op, ": expected 'gate' on the CPU");
-  const StatTopKArgs args = gelu_mul_backward_args(op, grad_out, gate_in, up_in, theta_in, mean_in, std_in, sparsity, k);
-  at::Tensor dgate = at::empty(gate_in.sizes(), gate_in.options());
-  at::Tensor dup = at::empty(gate_in.sizes(), gate_in.options());
+// d gate and d up into `dgate` and `dup` (fresh tensors, or dup = grad_out itself: the first
+// sweep reads each entry of the gradient before it writes d up there, and the second sweep
+// does not read the gradient).
+void gelu_mul_backward_into(const at::Tensor& dgate, const at::Tensor& dup, const at::Tensor& grad_out,
+                            const at::Tensor& gate_in, const at::Tensor& up_in, const at::Tensor& theta_in,
+                            const at::Tensor& mean_in, const at::Tensor& std_in, const StatTopKArgs& args,
+                            bool threshold_grad) {
   const RowLayout& l = args.layout;
-  if (dgate.numel() == 0) return {dgate, dup};
   const at::Tensor gate = gate_in.contiguous(), up = up_in.contiguous(), g = grad_out.contiguous();
   const at::Tensor theta = theta_in.contiguous(), mean = mean_in.contiguous(), sd = std_in.contiguous();
   const int64_t grain = std::max<int64_t>(1, 32768 / l.size);
@@ -607,12 +613,51 @@ std::tuple<at::Tensor, at::Tensor> stat_topk_gelu_mul_backward(const at::Tensor&
   }
   FASTLOSS_STAT_TOPK_DISPATCH(gate_in.scalar_type(), FASTLOSS_CASE)
 #undef FASTLOSS_CASE
+}
+
+std::tuple<at::Tensor, at::Tensor> stat_topk_gelu_mul_backward(const at::Tensor& grad_out, const at::Tensor& gate,
+                                                               const at::Tensor& up, const at::Tensor& theta,
+                                                               const at::Tensor& mean, const at::Tensor& std,
+                                                               double sparsity, bool threshold_grad, int64_t k) {
+  const char* op = "stat_topk_gelu_mul_backward";
+  TORCH_CHECK(gate.device().is_cpu(), "fastloss.", op, ": expected 'gate' on the CPU");
+  const StatTopKArgs args = gelu_mul_backward_args(op, grad_out, gate, up, theta, mean, std, sparsity, k);
+  at::Tensor dgate = at::empty(gate.sizes(), gate.options());
+  at::Tensor dup = at::empty(gate.sizes(), gate.options());
+  if (dgate.numel() > 0) gelu_mul_backward_into(dgate, dup, grad_out, gate, up, theta, mean, std, args, threshold_grad);
   return {dgate, dup};
 }
 
 #undef FASTLOSS_STAT_TOPK_DISPATCH
 
 }  // namespace
+
+bool stat_topk_backward_in_place(const at::Tensor& grad_y, const std::optional<at::Tensor>& grad_theta,
+                                 const at::Tensor& input, const at::Tensor& theta, const at::Tensor& mean,
+                                 const at::Tensor& std, int64_t dim, double sparsity, bool hard, bool threshold_grad,
+                                 int64_t k) {
+  const char* op = "stat_topk_backward";
+  if (!input.device().is_cpu() || grad_y.scalar_type() != input.scalar_type() || !grad_y.is_contiguous()) return false;
+  const StatTopKArgs args = stat_topk_backward_args(op, grad_y, grad_theta, input, theta, mean, std, dim, sparsity, k);
+  RECORD_FUNCTION("fastloss::stat_topk_backward (in place)", c10::ArrayRef<const c10::IValue>{});
+  if (grad_y.numel() > 0) stat_topk_backward_into(grad_y, grad_y, grad_theta, input, theta, mean, std, args, hard, threshold_grad);
+  return true;
+}
+
+std::optional<at::Tensor> stat_topk_gelu_mul_backward_in_place(const at::Tensor& grad_out, const at::Tensor& gate,
+                                                               const at::Tensor& up, const at::Tensor& theta,
+                                                               const at::Tensor& mean, const at::Tensor& std,
+                                                               double sparsity, bool threshold_grad, int64_t k) {
+  const char* op = "stat_topk_gelu_mul_backward";
+  if (!gate.device().is_cpu() || grad_out.scalar_type() != gate.scalar_type() || !grad_out.is_contiguous()) {
+    return std::nullopt;
+  }
+  const StatTopKArgs args = gelu_mul_backward_args(op, grad_out, gate, up, theta, mean, std, sparsity, k);
+  RECORD_FUNCTION("fastloss::stat_topk_gelu_mul_backward (in place)", c10::ArrayRef<const c10::IValue>{});
+  at::Tensor dgate = at::empty(gate.sizes(), gate.options());
+  if (dgate.numel() > 0) gelu_mul_backward_into(dgate, grad_out, grad_out, gate, up, theta, mean, std, args, threshold_grad);
+  return dgate;
+}
 
 TORCH_LIBRARY_IMPL(fastloss, CPU, m) {
   m.impl("stat_topk", &stat_topk);
