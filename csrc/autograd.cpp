@@ -13,6 +13,7 @@
 #include <ATen/Functions.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/TensorOperators.h>
+#include <ATen/TensorSubclassLikeUtils.h>
 #include <ATen/core/Tensor.h>
 #include <torch/autograd.h>
 #include <torch/library.h>
@@ -91,13 +92,14 @@ std::optional<at::Tensor> optional_grad(const at::Tensor& g, c10::ScalarType dty
 // Whether a gradient handed to a backward is a buffer that nothing else references, so the
 // backward may write its result over it: autograd's engine moves each node's gradients in,
 // and a gradient that a user, a hook or another node still holds has other references. Only
-// plain tensors with torch-allocated memory qualify (not a traced, fake or functional tensor,
-// nor memory borrowed from NumPy or DLPack), and not under create_graph or forward-mode AD.
+// plain tensors with torch-allocated memory qualify (not a traced, fake, functional or
+// functorch-wrapped tensor, none under a dispatch mode, nor memory borrowed from NumPy or
+// DLPack), and not under create_graph or forward-mode AD.
 bool owned_gradient(const at::Tensor& g) {
   return g.defined() && g.use_count() == 1 && g.has_storage() && g.storage().use_count() == 1 &&
          g.storage().resizable() && g.layout() == c10::kStrided && !g.requires_grad() && !g.is_inference() &&
          !g._is_zerotensor() && !at::GradMode::is_enabled() && !g._fw_grad(/*level=*/0).defined() &&
-         !g.key_set().has_any(c10::DispatchKeySet({c10::DispatchKey::Functionalize, c10::DispatchKey::Python}));
+         !at::isTensorSubclassLike(g) && !g.key_set().has(c10::DispatchKey::Functionalize);
 }
 
 // grads[i] moved out when it is an owned CPU gradient (owned_gradient), for a backward to

@@ -543,14 +543,35 @@ def test_backward_over_an_owned_gradient(dtype, fused):
             assert torch.equal(got.grad, want), (shape, dim, mode)
 
 
-def test_backward_leaves_a_held_gradient_alone():
-    x = random_rows((4, 300), torch.float32, "cpu", seed=24).requires_grad_()
-    up = random_rows((4, 300), torch.float32, "cpu", seed=25).requires_grad_()
-    g = torch.randn(4, 300)
-    kept = g.clone()
-    assert not ran_in_place(lambda: torch.autograd.grad(fastloss.stat_topk(x, sparsity=0.9), x, g))
-    assert not ran_in_place(lambda: torch.autograd.grad(fastloss.stat_topk_gelu_mul(x, up, 0.9), (x, up), g))
-    assert torch.equal(g, kept)
+@pytest.mark.parametrize("fused", [False, True], ids=["stat_topk", "gelu_mul"])
+def test_backward_leaves_gradients_held_elsewhere(fused):
+    def inputs(seed):
+        return [random_rows((4, 300), torch.float32, "cpu", seed=seed + i).requires_grad_() for i in range(1 + fused)]
+
+    def f(ins):
+        return fastloss.stat_topk_gelu_mul(*ins, 0.9) if fused else fastloss.stat_topk(ins[0], sparsity=0.9)
+
+    w = torch.randn(4, 300)
+
+    def check_grads(ins, grad_output):
+        expected = torch.autograd.grad(f(ins), ins, grad_output)
+        for t, want in zip(ins, expected):
+            assert torch.equal(t.grad, want)
+            t.grad = None
+
+    ins, ins2 = inputs(24), inputs(26)
+    # Passed by the caller.
+    g = w.clone()
+    assert not ran_in_place(lambda: torch.autograd.grad(f(ins), ins, g))
+    assert torch.equal(g, w)
+    # Owned but not contiguous (the multiply's gradient takes the transposed weight's strides).
+    w_t = w.t().contiguous().t()
+    assert not ran_in_place(lambda: (f(ins) * w_t).sum().backward())
+    check_grads(ins, w_t)
+    # One gradient handed to two nodes: the first leaves it intact for the second.
+    ((f(ins) + f(ins2)) * w).sum().backward()
+    check_grads(ins, w)
+    check_grads(ins2, w)
 
 
 # --------------------------------------------------------------------------------------------
