@@ -616,36 +616,53 @@ FASTLOSS_CPU_INLINE void backward_short_rows(const out_t* g, const out_t* y, gra
 #if defined(FASTLOSS_X86_CLONES)
 #define FASTLOSS_AVX512_INLINE __attribute__((target("arch=x86-64-v4"), always_inline)) inline
 
-FASTLOSS_AVX512_INLINE __m512 load_half16(const c10::Half* p) {
+// 16 entries to float and back: float16 by the conversion instructions (round to nearest
+// even), bfloat16 as the high half of a float, rounded as to_output rounds it.
+FASTLOSS_AVX512_INLINE __m512 load16(const c10::Half* p) {
   return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
 }
+FASTLOSS_AVX512_INLINE __m512 load16(const c10::BFloat16* p) {
+  const __m512i wide = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(wide, 16));
+}
+FASTLOSS_AVX512_INLINE void store16(c10::Half* p, __m512 v) {
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+}
+FASTLOSS_AVX512_INLINE void store16(c10::BFloat16* p, __m512 v) {
+  const __m512i bits = _mm512_castps_si512(v);
+  const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
+  __m512i rounded = _mm512_srli_epi32(_mm512_add_epi32(bits, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7fff))), 16);
+  rounded = _mm512_mask_mov_epi32(rounded, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), _mm512_set1_epi32(0x7fc0));
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtepi32_epi16(rounded));
+}
 
-// float16 softmax backward (not log-softmax: its exponential keeps the staged form) on
-// AVX-512, converting in registers. Staged, every element is converted into a float buffer
-// and back (rows of 1024, 1M entries in cache, 2 threads: 96 us against torch's 54). This is
-// backward_lastdim_rows_lanes' float arithmetic in the same order, lane for lane: L lanes
-// (fused multiply-adds, as GCC contracts them there), the tail in a scalar of its own, the
-// lanes combined by halves; so the result is still the float kernel's rounded once.
-template <int L>
-__attribute__((target("arch=x86-64-v4"))) void half_softmax_backward_avx512(const c10::Half* g, const c10::Half* y,
-                                                                          c10::Half* dx, int64_t begin, int64_t end,
-                                                                          int64_t n) {
+// float16 / bfloat16 softmax backward (not log-softmax: its exponential keeps the other
+// forms) on AVX-512, converting in registers. Staged (float16), every element went into a
+// float buffer and back (rows of 1024, 1M entries in cache, 2 threads: 96 us against torch's
+// 54); bfloat16 converted in GCC's vectorization of the lane loops (rows of 64: 110 us
+// against 90). This is backward_lastdim_rows_lanes' float arithmetic in the same order, lane
+// for lane: L lanes (fused multiply-adds, as GCC contracts them there), the tail in a scalar
+// of its own, the lanes combined by halves; so the result is still the float kernel's
+// rounded once.
+template <int L, typename T>
+__attribute__((target("arch=x86-64-v4"))) void half_softmax_backward_avx512(const T* g, const T* y, T* dx,
+                                                                          int64_t begin, int64_t end, int64_t n) {
   static_assert(L == 16 || L == 32, "one or two vectors of lanes");
   constexpr int kVectors = L / 16;
   for (int64_t row = begin; row < end; ++row) {
-    const c10::Half* gr = g + row * n;
-    const c10::Half* yr = y + row * n;
-    c10::Half* dr = dx + row * n;
+    const T* gr = g + row * n;
+    const T* yr = y + row * n;
+    T* dr = dx + row * n;
     __m512 part[kVectors];
     for (int v = 0; v < kVectors; ++v) part[v] = _mm512_setzero_ps();
     int64_t i = 0;
     for (; i + L <= n; i += L) {
       for (int v = 0; v < kVectors; ++v) {
-        part[v] = _mm512_fmadd_ps(load_half16(gr + i + 16 * v), load_half16(yr + i + 16 * v), part[v]);
+        part[v] = _mm512_fmadd_ps(load16(gr + i + 16 * v), load16(yr + i + 16 * v), part[v]);
       }
     }
     float tail = 0;
-    for (; i < n; ++i) tail = std::fma(static_cast<float>(gr[i]), static_cast<float>(yr[i]), tail);
+    for (; i < n; ++i) tail = std::fma(to_acc<float>(gr[i]), to_acc<float>(yr[i]), tail);
     // reduce_lanes: lane l += lane l + L/2, then + L/4, ..., + 1.
     const __m512 p16 = kVectors == 2 ? _mm512_add_ps(part[0], part[kVectors - 1]) : part[0];
     const __m256 p8 = _mm256_add_ps(_mm512_castps512_ps256(p16), _mm512_extractf32x8_ps(p16, 1));
@@ -655,11 +672,8 @@ __attribute__((target("arch=x86-64-v4"))) void half_softmax_backward_avx512(cons
     const float total = _mm_cvtss_f32(p4) + tail;
     const __m512 total16 = _mm512_set1_ps(total);
     int64_t j = 0;
-    for (; j + 16 <= n; j += 16) {
-      const __m512 d = _mm512_mul_ps(load_half16(yr + j), _mm512_sub_ps(load_half16(gr + j), total16));
-      _mm256_storeu_si256(reinterpret_cast<__m256i*>(dr + j), _mm512_cvtps_ph(d, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
-    }
-    for (; j < n; ++j) dr[j] = c10::Half(static_cast<float>(yr[j]) * (static_cast<float>(gr[j]) - total));
+    for (; j + 16 <= n; j += 16) store16(dr + j, _mm512_mul_ps(load16(yr + j), _mm512_sub_ps(load16(gr + j), total16)));
+    for (; j < n; ++j) dr[j] = to_output<T>(to_acc<float>(yr[j]) * (to_acc<float>(gr[j]) - total));
   }
 }
 #undef FASTLOSS_AVX512_INLINE
@@ -669,7 +683,8 @@ template <bool kLog, typename out_t, typename grad_t>
 FASTLOSS_CPU_INLINE void backward_lastdim_rows(const out_t* g, const out_t* y, grad_t* dx, int64_t begin,
                                        int64_t end, int64_t n) {
 #if defined(FASTLOSS_X86_CLONES)
-  if constexpr (!kLog && std::is_same_v<out_t, c10::Half> && std::is_same_v<grad_t, c10::Half>) {
+  if constexpr (!kLog && std::is_same_v<out_t, grad_t> &&
+                (std::is_same_v<grad_t, c10::Half> || std::is_same_v<grad_t, c10::BFloat16>)) {
     // The float kernel's dispatch: its short rows (n <= kShortBackwardRow) stay staged.
     if (n > kShortBackwardRow && has_avx512()) {
       if (n <= kHalfLaneRow) return half_softmax_backward_avx512<kLanes<float> / 2>(g, y, dx, begin, end, n);
