@@ -334,7 +334,7 @@ def test_backward_over_an_owned_gradient(fn, ref_fn, dtype, dim):
     # same bits as the backward into a fresh tensor. Short rows (1 to 33) also check, where the
     # CPU has AVX-512 (the register kernels run only there), that whole-vector stores do not
     # spill into the next rows' gradients before they are read.
-    for cols in [1, 2, 7, 16, 17, 24, 33, 777]:
+    for cols in [1, 2, 7, 16, 17, 24, 33, 300, 777]:
         x64 = torch.randn(37, cols, dtype=torch.float64) * 3
         w = torch.randn(37, cols, dtype=torch.float64).to(dtype)
         x = x64.to(dtype).requires_grad_()
@@ -519,15 +519,15 @@ def test_rows_beyond_cache(device, fn, ref_fn, dtype):
 @pytest.mark.parametrize(
     "dtype,rows,cols",
     [(torch.float16, r, c) for r, c in [(37, 5), (37, 47), (9, 300), (9, 1000), (3, 32768), (2, 40000)]]
-    + [(torch.bfloat16, r, c) for r, c in [(37, 5), (37, 30), (37, 64), (9, 65), (9, 1000)]],
+    + [(torch.bfloat16, r, c) for r, c in [(37, 5), (37, 30), (37, 64), (9, 65), (9, 300), (9, 1000)]],
 )
 def test_half_types_are_the_float_kernel_rounded_once(log, dtype, rows, cols):
     # On the CPU, float16 rows of up to 32768 and short bfloat16 rows (forward up to 64
     # entries, backward up to 32) go through float in blocks (conversions, the float kernel,
     # one rounding back); longer rows convert element by element in the kernel, and the
     # float16 and bfloat16 softmax backward of rows over 32 converts in registers on AVX-512
-    # (16 or 32 lanes, with tails: 47, 65, 300, 1000). Either way: the float kernel's result
-    # rounded once, to the bit, for either output type.
+    # (16 or 32 lanes, with tails: 47, 65, 300 (two rows at a time, an odd row count), 1000).
+    # Either way: the float kernel's result rounded once, to the bit, for either output type.
     fwd = torch.ops.fastloss.log_softmax if log else torch.ops.fastloss.softmax
     bwd = torch.ops.fastloss.log_softmax_backward if log else torch.ops.fastloss.softmax_backward
     x = (torch.randn(rows, cols) * 5).to(dtype)
