@@ -655,7 +655,7 @@ FASTLOSS_AVX512_INLINE __mmask16 first_lanes(int64_t count) {
 // them there), the tail in a scalar of its own, the lanes combined by halves; so the result
 // is still the float kernel's rounded once.
 template <int L, int R, typename T>
-FASTLOSS_AVX512_INLINE void half_softmax_backward_avx512_rows(const T* g, const T* y, T* dx, int64_t row, int64_t n) {
+FASTLOSS_AVX512_INLINE void softmax_backward_16bit_avx512_rows(const T* g, const T* y, T* dx, int64_t row, int64_t n) {
   constexpr int kVectors = L / 16;
   __m512 part[R][kVectors];
   for (int r = 0; r < R; ++r) {
@@ -701,16 +701,16 @@ FASTLOSS_AVX512_INLINE void half_softmax_backward_avx512_rows(const T* g, const 
 }
 
 template <int L, typename T>
-__attribute__((target("arch=x86-64-v4"))) void half_softmax_backward_avx512(const T* g, const T* y, T* dx,
-                                                                          int64_t begin, int64_t end, int64_t n) {
+__attribute__((target("arch=x86-64-v4"))) void softmax_backward_16bit_avx512(const T* g, const T* y, T* dx,
+                                                                           int64_t begin, int64_t end, int64_t n) {
   static_assert(L == 16 || L == 32, "one or two vectors of lanes");
   int64_t row = begin;
   // Two rows interleaved where the chain is long (2 threads, 1M float16 entries, against
   // torch: rows of 256 0.80x -> 1.00x, of 512 0.76x -> 1.02x; rows of 64 1.18x -> 1.02x).
   if (L == 16 && n > 128) {
-    for (; row + 2 <= end; row += 2) half_softmax_backward_avx512_rows<L, 2>(g, y, dx, row, n);
+    for (; row + 2 <= end; row += 2) softmax_backward_16bit_avx512_rows<L, 2>(g, y, dx, row, n);
   }
-  for (; row < end; ++row) half_softmax_backward_avx512_rows<L, 1>(g, y, dx, row, n);
+  for (; row < end; ++row) softmax_backward_16bit_avx512_rows<L, 1>(g, y, dx, row, n);
 }
 #undef FASTLOSS_AVX512_INLINE
 #endif
@@ -723,8 +723,8 @@ FASTLOSS_CPU_INLINE void backward_lastdim_rows(const out_t* g, const out_t* y, g
                 (std::is_same_v<grad_t, c10::Half> || std::is_same_v<grad_t, c10::BFloat16>)) {
     // The float kernel's dispatch: its short rows (n <= kShortBackwardRow) stay staged.
     if (n > kShortBackwardRow && has_avx512()) {
-      if (n <= kHalfLaneRow) return half_softmax_backward_avx512<kLanes<float> / 2>(g, y, dx, begin, end, n);
-      return half_softmax_backward_avx512<kLanes<float>>(g, y, dx, begin, end, n);
+      if (n <= kHalfLaneRow) return softmax_backward_16bit_avx512<kLanes<float> / 2>(g, y, dx, begin, end, n);
+      return softmax_backward_16bit_avx512<kLanes<float>>(g, y, dx, begin, end, n);
     }
   }
 #endif
