@@ -51,6 +51,40 @@ FASTLOSS_CPU_INLINE acc_t to_acc(in_t v) {
   }
 }
 
+#if defined(FASTLOSS_X86_CLONES)
+// Up to 16 entries in AVX-512 registers (mask: the first ones), to float and back: float16 by
+// the conversion instructions (round to nearest even), bfloat16 as the high half of a float,
+// rounded as to_output rounds it.
+namespace avx512 {
+FASTLOSS_AVX512_INLINE __m256i load16_bits(const void* p, __mmask16 mask) {
+  return mask == 0xffff ? _mm256_loadu_si256(static_cast<const __m256i*>(p)) : _mm256_maskz_loadu_epi16(mask, p);
+}
+FASTLOSS_AVX512_INLINE void store16_bits(void* p, __m256i bits, __mmask16 mask) {
+  if (mask == 0xffff) _mm256_storeu_si256(static_cast<__m256i*>(p), bits);
+  else _mm256_mask_storeu_epi16(p, mask, bits);
+}
+FASTLOSS_AVX512_INLINE __m512 load16(const c10::Half* p, __mmask16 mask = 0xffff) {
+  return _mm512_cvtph_ps(load16_bits(p, mask));
+}
+FASTLOSS_AVX512_INLINE __m512 load16(const c10::BFloat16* p, __mmask16 mask = 0xffff) {
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(load16_bits(p, mask)), 16));
+}
+FASTLOSS_AVX512_INLINE void store16(c10::Half* p, __m512 v, __mmask16 mask = 0xffff) {
+  store16_bits(p, _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC), mask);
+}
+FASTLOSS_AVX512_INLINE void store16(c10::BFloat16* p, __m512 v, __mmask16 mask = 0xffff) {
+  const __m512i bits = _mm512_castps_si512(v);
+  const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
+  __m512i rounded = _mm512_srli_epi32(_mm512_add_epi32(bits, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7fff))), 16);
+  rounded = _mm512_mask_mov_epi32(rounded, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), _mm512_set1_epi32(0x7fc0));
+  store16_bits(p, _mm512_cvtepi32_epi16(rounded), mask);
+}
+FASTLOSS_AVX512_INLINE __mmask16 first_lanes(int64_t count) {
+  return count >= 16 ? __mmask16(0xffff) : static_cast<__mmask16>((1u << count) - 1);
+}
+}  // namespace avx512
+#endif
+
 // Bulk float16 <-> float conversion with the hardware instructions (AVX-512 or F16C), chosen
 // at run time. GCC 12 does not vectorize element-wise float16 conversions (c10's software
 // conversion vectorizes to ~30 instructions per 16 elements; _Float16 casts become one scalar
@@ -59,19 +93,14 @@ FASTLOSS_CPU_INLINE acc_t to_acc(in_t v) {
 // c10::Half(float), so the result is the same to the bit (NaN payloads aside).
 namespace half_detail {
 #if defined(FASTLOSS_X86_CLONES)
-__attribute__((target("avx512f"))) inline int64_t to_float_avx512(const c10::Half* in, float* out, int64_t n) {
+__attribute__((target("arch=x86-64-v4"))) inline int64_t to_float_avx512(const c10::Half* in, float* out, int64_t n) {
   int64_t i = 0;
-  for (; i + 16 <= n; i += 16) {
-    _mm512_storeu_ps(out + i, _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(in + i))));
-  }
+  for (; i + 16 <= n; i += 16) _mm512_storeu_ps(out + i, avx512::load16(in + i));
   return i;
 }
-__attribute__((target("avx512f"))) inline int64_t from_float_avx512(const float* in, c10::Half* out, int64_t n) {
+__attribute__((target("arch=x86-64-v4"))) inline int64_t from_float_avx512(const float* in, c10::Half* out, int64_t n) {
   int64_t i = 0;
-  for (; i + 16 <= n; i += 16) {
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + i),
-                        _mm512_cvtps_ph(_mm512_loadu_ps(in + i), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
-  }
+  for (; i + 16 <= n; i += 16) avx512::store16(out + i, _mm512_loadu_ps(in + i));
   return i;
 }
 __attribute__((target("avx2,f16c"))) inline int64_t to_float_f16c(const c10::Half* in, float* out, int64_t n) {

@@ -13,6 +13,8 @@
 // x86-64 with GCC/Clang: functions with target("arch=x86-64-v4") and AVX-512 intrinsics can
 // be called where has_avx512() holds.
 #define FASTLOSS_X86_CLONES 1
+// An always-inlined helper of such functions.
+#define FASTLOSS_AVX512_INLINE __attribute__((target("arch=x86-64-v4"), always_inline)) inline
 #else
 #define FASTLOSS_CPU_CLONES
 #endif

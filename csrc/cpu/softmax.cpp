@@ -614,38 +614,6 @@ FASTLOSS_CPU_INLINE void backward_short_rows(const out_t* g, const out_t* y, gra
 }
 
 #if defined(FASTLOSS_X86_CLONES)
-#define FASTLOSS_AVX512_INLINE __attribute__((target("arch=x86-64-v4"), always_inline)) inline
-
-// Up to 16 entries (mask: which) to float and back: float16 by the conversion instructions
-// (round to nearest even), bfloat16 as the high half of a float, rounded as to_output rounds
-// it.
-FASTLOSS_AVX512_INLINE __m256i load16_bits(const void* p, __mmask16 mask) {
-  return mask == 0xffff ? _mm256_loadu_si256(static_cast<const __m256i*>(p)) : _mm256_maskz_loadu_epi16(mask, p);
-}
-FASTLOSS_AVX512_INLINE void store16_bits(void* p, __m256i bits, __mmask16 mask) {
-  if (mask == 0xffff) _mm256_storeu_si256(static_cast<__m256i*>(p), bits);
-  else _mm256_mask_storeu_epi16(p, mask, bits);
-}
-FASTLOSS_AVX512_INLINE __m512 load16(const c10::Half* p, __mmask16 mask = 0xffff) {
-  return _mm512_cvtph_ps(load16_bits(p, mask));
-}
-FASTLOSS_AVX512_INLINE __m512 load16(const c10::BFloat16* p, __mmask16 mask = 0xffff) {
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(load16_bits(p, mask)), 16));
-}
-FASTLOSS_AVX512_INLINE void store16(c10::Half* p, __m512 v, __mmask16 mask = 0xffff) {
-  store16_bits(p, _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC), mask);
-}
-FASTLOSS_AVX512_INLINE void store16(c10::BFloat16* p, __m512 v, __mmask16 mask = 0xffff) {
-  const __m512i bits = _mm512_castps_si512(v);
-  const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
-  __m512i rounded = _mm512_srli_epi32(_mm512_add_epi32(bits, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7fff))), 16);
-  rounded = _mm512_mask_mov_epi32(rounded, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), _mm512_set1_epi32(0x7fc0));
-  store16_bits(p, _mm512_cvtepi32_epi16(rounded), mask);
-}
-FASTLOSS_AVX512_INLINE __mmask16 first_lanes(int64_t count) {
-  return count >= 16 ? __mmask16(0xffff) : static_cast<__mmask16>((1u << count) - 1);
-}
-
 // R rows from `row` of the float16 / bfloat16 softmax backward (not log-softmax: its
 // exponential keeps the other forms) on AVX-512, converting in registers. Staged (float16),
 // every element went into a float buffer and back (rows of 1024, 1M entries in cache, 2
@@ -666,7 +634,7 @@ FASTLOSS_AVX512_INLINE void softmax_backward_16bit_avx512_rows(const T* g, const
     for (int r = 0; r < R; ++r) {
       for (int v = 0; v < kVectors; ++v) {
         const int64_t k = (row + r) * n + i + 16 * v;
-        part[r][v] = _mm512_fmadd_ps(load16(g + k), load16(y + k), part[r][v]);
+        part[r][v] = _mm512_fmadd_ps(avx512::load16(g + k), avx512::load16(y + k), part[r][v]);
       }
     }
   }
@@ -678,9 +646,9 @@ FASTLOSS_AVX512_INLINE void softmax_backward_16bit_avx512_rows(const T* g, const
     if (i < n) {
       float gt[L], yt[L];
       for (int64_t k = 0; i + k < n; k += 16) {
-        const __mmask16 m = first_lanes(n - i - k);
-        _mm512_storeu_ps(gt + k, load16(gr + i + k, m));
-        _mm512_storeu_ps(yt + k, load16(yr + i + k, m));
+        const __mmask16 m = avx512::first_lanes(n - i - k);
+        _mm512_storeu_ps(gt + k, avx512::load16(gr + i + k, m));
+        _mm512_storeu_ps(yt + k, avx512::load16(yr + i + k, m));
       }
       for (int64_t k = 0; i + k < n; ++k) tail = std::fma(gt[k], yt[k], tail);
     }
@@ -692,10 +660,12 @@ FASTLOSS_AVX512_INLINE void softmax_backward_16bit_avx512_rows(const T* g, const
     p4 = _mm_add_ss(p4, _mm_shuffle_ps(p4, p4, 1));
     const __m512 total = _mm512_set1_ps(_mm_cvtss_f32(p4) + tail);
     int64_t j = 0;
-    for (; j + 16 <= n; j += 16) store16(dr + j, _mm512_mul_ps(load16(yr + j), _mm512_sub_ps(load16(gr + j), total)));
+    for (; j + 16 <= n; j += 16) {
+      avx512::store16(dr + j, _mm512_mul_ps(avx512::load16(yr + j), _mm512_sub_ps(avx512::load16(gr + j), total)));
+    }
     if (j < n) {
-      const __mmask16 m = first_lanes(n - j);
-      store16(dr + j, _mm512_mul_ps(load16(yr + j, m), _mm512_sub_ps(load16(gr + j, m), total)), m);
+      const __mmask16 m = avx512::first_lanes(n - j);
+      avx512::store16(dr + j, _mm512_mul_ps(avx512::load16(yr + j, m), _mm512_sub_ps(avx512::load16(gr + j, m), total)), m);
     }
   }
 }
@@ -712,7 +682,6 @@ __attribute__((target("arch=x86-64-v4"))) void softmax_backward_16bit_avx512(con
   }
   for (; row < end; ++row) softmax_backward_16bit_avx512_rows<L, 1>(g, y, dx, row, n);
 }
-#undef FASTLOSS_AVX512_INLINE
 #endif
 
 template <bool kLog, typename out_t, typename grad_t>
