@@ -9,6 +9,7 @@
 #include <torch/csrc/utils/pybind.h>
 #include <torch/library.h>
 
+#include "cpu/gemm_bf16.h"
 #include "cpu/isa.h"
 
 TORCH_LIBRARY(fastloss, m) {
@@ -180,6 +181,7 @@ PYBIND11_MODULE(_C, m) {
 #endif
     info["cpu_isa"] = fastloss::cpu::selected_isa();
     info["log_bessel_cpu"] = fastloss::cpu::log_bessel_cpu_path();
+    info["linear_cross_entropy_cpu_bf16"] = fastloss::cpu::bf16_gemm_path();
     info["num_threads"] = at::get_num_threads();
     info["parallel_backend"] = at::get_parallel_info();
     return info;

@@ -144,6 +144,70 @@ def test_half_within_twice_torch_error(device, dtype, filter_eps):
         assert err(a, r) <= 2 * err(tg, r), name
 
 
+BF16_PRODUCTS = fastloss.build_info()["linear_cross_entropy_cpu_bf16"].startswith("oneDNN")
+needs_bf16_products = pytest.mark.skipif(not BF16_PRODUCTS, reason="needs a CPU with AVX512-BF16 (bfloat16 products)")
+
+
+def ran_bf16_products(run):
+    """Whether run() multiplied bfloat16 operands into float32 (profiled as fastloss::gemm_bf16)."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        result = run()
+    return any(e.name == "fastloss::gemm_bf16" for e in prof.events()), result
+
+
+@needs_bf16_products
+@pytest.mark.parametrize("case", [
+    # two token tiles, the last of odd length; an odd last vocabulary block; every option
+    dict(n_lead=(1101,), d=64, v=1101, ignore_frac=0.0,
+         kw=dict(softcap=20.0, label_smoothing=0.05, z_loss=1e-3), bias=True),
+    dict(n_lead=(3, 37), d=32, v=3000, ignore_frac=0.2, kw=dict(reduction="none", return_lse=True), bias=False),
+    dict(n_lead=(2, 50), d=16, v=700, ignore_frac=0.1, kw=dict(shift=True, reduction="sum"), bias=True),
+])
+def test_bfloat16_products_on_the_cpu(case):
+    """bfloat16 operands multiplied into float32: the loss and LSE as exact as float32 logits of
+    the same operands; the gradients off by the bfloat16 rounding of the logit gradient."""
+    h, c, t, b = make_inputs(case["n_lead"], case["d"], case["v"], torch.bfloat16, "cpu", bias=case["bias"], seed=11,
+                             scale=2.0, ignore_frac=case["ignore_frac"])
+    kw = dict(filter_eps=None, **case["kw"])
+    tensors = [h, c, b] if b is not None else [h, c]
+    fn = lambda *a: fastloss.linear_cross_entropy(a[0], a[1], t, a[2] if len(a) > 2 else None, **kw)  # noqa: E731
+    used, (out, grads) = ran_bf16_products(lambda: grads_of(fn, tensors))
+    assert used
+    kw.pop("filter_eps")
+    ref, ref_grads = grads_of(lambda *a: reference(a[0], a[1], t, a[2] if len(a) > 2 else None, **kw),
+                              [x.double() for x in tensors])
+    for a, r in zip(out if isinstance(out, tuple) else (out,), ref if isinstance(ref, tuple) else (ref,)):
+        torch.testing.assert_close(a.double(), r, rtol=2e-5, atol=2e-5)
+    for a, r in zip(grads, ref_grads):
+        assert a.dtype == torch.bfloat16
+        # rounding the logit gradient and the result to bfloat16: 2 x 2^-9 relative at most
+        assert ((a.double() - r).norm() / r.norm()).item() < 4e-3
+
+    # The same without oneDNN (the float32 matmuls): the same loss to float32 rounding.
+    with torch.backends.mkldnn.flags(enabled=False):
+        used, (plain_out, _) = ran_bf16_products(lambda: grads_of(fn, tensors))
+    assert not used
+    torch.testing.assert_close(plain_out, out, rtol=2e-5, atol=2e-5)
+
+
+@needs_bf16_products
+def test_bfloat16_products_for_one_gradient_at_a_time():
+    """d hidden and d classifier alone are what the two together give, bit for bit."""
+    h, c, t, b = make_inputs((5, 41), 48, 1500, torch.bfloat16, "cpu", bias=True, seed=12)
+    both = torch.autograd.grad(fastloss.linear_cross_entropy(h.requires_grad_(), c.requires_grad_(), t, b), (h, c))
+    only_h = torch.autograd.grad(fastloss.linear_cross_entropy(h, c.detach(), t, b), h)[0]
+    only_c = torch.autograd.grad(fastloss.linear_cross_entropy(h.detach(), c, t, b), c)[0]
+    assert torch.equal(only_h, both[0]) and torch.equal(only_c, both[1])
+
+
+def test_bfloat16_with_an_odd_hidden_size_uses_float32_matmuls():
+    # The packed bfloat16 operands pair up entries along D: an odd D takes the float32 path.
+    h, c, t, _ = make_inputs((40,), 33, 600, torch.bfloat16, "cpu", seed=13)
+    used, loss = ran_bf16_products(lambda: fastloss.linear_cross_entropy(h, c, t))
+    assert not used
+    torch.testing.assert_close(loss.double(), reference(h.double(), c.double(), t), rtol=2e-5, atol=2e-5)
+
+
 def test_autocast_runs_the_head_in_the_autocast_dtype(device):
     """Under torch.autocast the head sees the autocast dtype like F.linear does, and float32
     master weights get float32 gradients; a bfloat16 hidden with float32 weights works."""

@@ -12,6 +12,10 @@
 // dE += dZ C_block and dC_block += dZ^T E (two more matmuls, float32/64 accumulation).
 // Memory: the tile buffer (kTokenTile x kVocabBlock), per-token statistics, the gradients,
 // and float32 copies of E and of one classifier block for float16/bfloat16 inputs.
+// bfloat16 inputs on a CPU with AVX512-BF16 (cpu/gemm_bf16.h) skip those copies: the
+// matmuls multiply the bfloat16 operands into float32 directly (about 2.5x a float32
+// matmul), and the backward rounds the logit gradient to bfloat16 for its two products (as
+// eager bfloat16 does); the logits, LSE and the sums over the vocabulary stay float32.
 // FLOPs: 2 N V D forward, 6 N V D backward (4 without the recompute), less skipped tiles.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
@@ -26,11 +30,14 @@
 #include <atomic>
 #include <cstdint>
 #include <limits>
+#include <optional>
 #include <tuple>
+#include <type_traits>
 #include <vector>
 
 #include "common/linear_cross_entropy_math.h"
 #include "common/linear_cross_entropy_op.h"
+#include "cpu/gemm_bf16.h"
 #include "cpu/isa.h"
 
 namespace fastloss::cpu {
@@ -253,28 +260,79 @@ void block_target_cols(const ActiveTokens& a, int64_t first, int64_t count, int6
 
 int64_t rows_grain(int64_t vb) { return std::max<int64_t>(1, 16384 / std::max<int64_t>(1, vb)); }
 
+// Whether the matmuls multiply bfloat16 operands into float32 (cpu/gemm_bf16.h): both
+// operands bfloat16 and D even (the packed operands pair up entries along D).
+bool bf16_products(const at::Tensor& hidden, const at::Tensor& classifier, const LinearCrossEntropyArgs& args) {
+  return hidden.scalar_type() == c10::kBFloat16 && classifier.scalar_type() == c10::kBFloat16 && args.dim % 2 == 0 &&
+         bf16_gemm_available();
+}
+
+// The logits of the active tokens against one vocabulary block, a token tile at a time: a
+// BLAS matmul in the accumulation type, or the bfloat16 product into float32.
+template <typename acc_t>
+class BlockLogits {
+ public:
+  BlockLogits(const at::Tensor& ea, const at::Tensor& classifier, const LinearCrossEntropyArgs& args, bool bf16)
+      : ea_(ea), classifier_(classifier), args_(args), bf16_(bf16) {
+    if (bf16_) packed_ = at::empty({args.dim * std::min(args.vocab, kVocabBlock)}, classifier.options());
+  }
+
+  // Loads classifier rows [v0, v0 + vb); returns them (contiguous, bfloat16 or acc_t).
+  const at::Tensor& load(int64_t v0, int64_t vb) {
+    if (bf16_) {
+      block_ = classifier_.narrow(0, v0, vb).contiguous();
+      pack_vnni_transposed(block_.const_data_ptr<c10::BFloat16>(), args_.dim, args_.dim, vb,
+                           packed_.mutable_data_ptr<c10::BFloat16>());
+    } else {
+      block_ = classifier_.narrow(0, v0, vb).to(args_.acc);
+    }
+    return block_;
+  }
+
+  // tile (rows x vb) = logits of active tokens [n0, n0 + rows) against the loaded block.
+  void compute(int64_t n0, int64_t rows, at::Tensor& tile) {
+    if constexpr (std::is_same_v<acc_t, float>) {
+      if (bf16_) {
+        const int64_t d = args_.dim;
+        gemm_bf16(rows, tile.size(1), d, ea_.const_data_ptr<c10::BFloat16>() + n0 * d, d,
+                  packed_.const_data_ptr<c10::BFloat16>(), tile.mutable_data_ptr<float>(), tile.size(1), false);
+        return;
+      }
+    }
+    at::mm_out(tile, ea_.narrow(0, n0, rows), block_.t());
+  }
+
+ private:
+  const at::Tensor& ea_;
+  const at::Tensor& classifier_;
+  const LinearCrossEntropyArgs& args_;
+  const bool bf16_;
+  at::Tensor block_, packed_;
+};
+
 // Per-token (lse, linear) over this classifier's rows for the active tokens.
 template <typename acc_t>
 void shard_statistics(const at::Tensor& ea, const at::Tensor& classifier, const c10::optional<at::Tensor>& bias,
                       const ActiveTokens& a, const LinearCrossEntropyArgs& args, double softcap,
-                      double label_smoothing, acc_t* lse_out, acc_t* linear_out) {
+                      double label_smoothing, bool bf16, acc_t* lse_out, acc_t* linear_out) {
   const int64_t na = ea.size(0);
   std::vector<OnlineLse<acc_t>> lse(na, OnlineLse<acc_t>{-std::numeric_limits<acc_t>::infinity(), acc_t(0)});
   std::vector<acc_t> target_logit(na, acc_t(0)), logit_sum(na, acc_t(0));
   std::vector<int64_t> cols(kTokenTile);
   const int64_t nt = std::min(na, kTokenTile), vbmax = std::min(args.vocab, kVocabBlock);
-  at::Tensor buffer = at::empty({nt * vbmax}, ea.options());
+  at::Tensor buffer = at::empty({nt * vbmax}, ea.options().dtype(args.acc));
+  BlockLogits<acc_t> logits(ea, classifier, args, bf16);
   const acc_t cap = static_cast<acc_t>(softcap);
   for (int64_t v0 = 0; v0 < args.vocab; v0 += kVocabBlock) {
     const int64_t vb = std::min(kVocabBlock, args.vocab - v0);
-    const at::Tensor cb = classifier.narrow(0, v0, vb).to(args.acc);
+    logits.load(v0, vb);
     const at::Tensor bb = bias.has_value() && bias->defined() ? bias->narrow(0, v0, vb).to(args.acc).contiguous()
                                                               : at::Tensor();
     const acc_t* bp = bb.defined() ? bb.const_data_ptr<acc_t>() : nullptr;
     for (int64_t n0 = 0; n0 < na; n0 += kTokenTile) {
       const int64_t rows = std::min(kTokenTile, na - n0);
       at::Tensor tile = buffer.narrow(0, 0, rows * vb).view({rows, vb});
-      at::mm_out(tile, ea.narrow(0, n0, rows), cb.t());
+      logits.compute(n0, rows, tile);
       block_target_cols(a, n0, rows, args.vocab_start + v0, cols.data());
       acc_t* zp = tile.mutable_data_ptr<acc_t>();
       at::parallel_for(0, rows, rows_grain(vb), [&](int64_t b, int64_t e) {
@@ -300,14 +358,15 @@ std::tuple<at::Tensor, at::Tensor> statistics(const char* op, const at::Tensor& 
   const ActiveTokens a = active_tokens(op, targets, ignore_index, args.vocab_total);
   const int64_t na = static_cast<int64_t>(a.rows.size());
   if (na == 0 || args.vocab == 0) return {lse, linear};
-  const at::Tensor ea = active_hidden(hidden, a, args.acc);
+  const bool bf16 = bf16_products(hidden, classifier, args);
+  const at::Tensor ea = active_hidden(hidden, a, bf16 ? c10::kBFloat16 : args.acc);
   at::Tensor lse_a = a.all ? lse : at::empty({na}, options), linear_a = a.all ? linear : at::empty({na}, options);
   if (args.acc == c10::kDouble) {
-    shard_statistics<double>(ea, classifier, bias, a, args, softcap, label_smoothing, lse_a.mutable_data_ptr<double>(),
-                             linear_a.mutable_data_ptr<double>());
+    shard_statistics<double>(ea, classifier, bias, a, args, softcap, label_smoothing, false,
+                             lse_a.mutable_data_ptr<double>(), linear_a.mutable_data_ptr<double>());
   } else {
-    shard_statistics<float>(ea, classifier, bias, a, args, softcap, label_smoothing, lse_a.mutable_data_ptr<float>(),
-                            linear_a.mutable_data_ptr<float>());
+    shard_statistics<float>(ea, classifier, bias, a, args, softcap, label_smoothing, bf16,
+                            lse_a.mutable_data_ptr<float>(), linear_a.mutable_data_ptr<float>());
   }
   if (!a.all) {
     const at::Tensor idx = index_tensor(a.rows);
@@ -356,35 +415,109 @@ std::tuple<at::Tensor, at::Tensor> linear_cross_entropy_shard(const at::Tensor& 
   return statistics(op, hidden, classifier, targets, bias, ignore_index, softcap, label_smoothing, args);
 }
 
+// The logit-gradient tile (rows x vb, float32) rounded to bfloat16 twice over: row-major
+// with row stride vb2 (>= vb, the extra column zero) as the left operand of dE, and packed
+// (VNNI, rows x vb) as the right operand of dC^T.
+void round_gradient_tile(const float* z, int64_t rows, int64_t vb, int64_t vb2, c10::BFloat16* dz,
+                         c10::BFloat16* dz_vnni) {
+  at::parallel_for(0, vnni_depth(rows) / 2, rows_grain(vb), [&](int64_t b, int64_t e) {
+    for (int64_t p = b; p < e; ++p) {
+      const bool second = 2 * p + 1 < rows;
+      const float* z0 = z + 2 * p * vb;
+      const float* z1 = z0 + vb;
+      c10::BFloat16* d0 = dz + 2 * p * vb2;
+      c10::BFloat16* d1 = d0 + vb2;
+      c10::BFloat16* pv = dz_vnni + 2 * p * vb;
+      for (int64_t j = 0; j < vb; ++j) {
+        const c10::BFloat16 lo(z0[j]), hi(second ? z1[j] : 0.0f);
+        d0[j] = lo;
+        pv[2 * j] = lo;
+        pv[2 * j + 1] = hi;
+        if (second) d1[j] = hi;
+      }
+      for (int64_t j = vb; j < vb2; ++j) {
+        d0[j] = c10::BFloat16(0.0f);
+        if (second) d1[j] = c10::BFloat16(0.0f);
+      }
+    }
+  });
+}
+
+// The backward's bfloat16 operands (bf16_products): E^T (D x na rounded up to even, the
+// extra column zero), the classifier block packed as the right operand of dE, the rounded
+// gradient tile, and dC^T of the block in float32.
+struct Bf16Backward {
+  at::Tensor et, c_vnni, dz, dz_vnni, dct;
+
+  Bf16Backward(const at::Tensor& ea, const LinearCrossEntropyArgs& args) {
+    const int64_t na = ea.size(0), na2 = vnni_depth(na), d = args.dim;
+    const int64_t nt = std::min(na, kTokenTile), vbmax = std::min(args.vocab, kVocabBlock);
+    et = at::empty({d, na2}, ea.options());
+    c10::BFloat16* etp = et.mutable_data_ptr<c10::BFloat16>();
+    transpose_into(ea.const_data_ptr<c10::BFloat16>(), na, d, d, etp, na2);
+    if (na2 > na)
+      for (int64_t k = 0; k < d; ++k) etp[k * na2 + na] = c10::BFloat16(0.0f);
+    c_vnni = at::empty({vnni_depth(vbmax) * d}, ea.options());
+    dz = at::empty({nt * vnni_depth(vbmax)}, ea.options());
+    dz_vnni = at::empty({vnni_depth(nt) * vbmax}, ea.options());
+    dct = at::empty({d * vbmax}, ea.options().dtype(c10::kFloat));
+  }
+
+  void load(const at::Tensor& block, int64_t vb, int64_t d) {
+    pack_vnni(block.const_data_ptr<c10::BFloat16>(), d, vb, d, c_vnni.mutable_data_ptr<c10::BFloat16>());
+  }
+
+  // dea[n0 : n0 + rows] += dZ C_block and dC_block^T (+)= E_tile^T dZ.
+  void accumulate(const float* z, int64_t n0, int64_t rows, int64_t vb, int64_t d, float* dea, bool first_dc) {
+    const int64_t vb2 = vnni_depth(vb), na2 = et.size(1);
+    c10::BFloat16* dzp = dz.mutable_data_ptr<c10::BFloat16>();
+    c10::BFloat16* dzv = dz_vnni.mutable_data_ptr<c10::BFloat16>();
+    round_gradient_tile(z, rows, vb, vb2, dzp, dzv);
+    if (dea) gemm_bf16(rows, d, vb2, dzp, vb2, c_vnni.const_data_ptr<c10::BFloat16>(), dea + n0 * d, d, true);
+    if (dct.defined())
+      gemm_bf16(d, vb, vnni_depth(rows), et.const_data_ptr<c10::BFloat16>() + n0, na2, dzv,
+                dct.mutable_data_ptr<float>(), vb, !first_dc);
+  }
+};
+
 template <typename acc_t>
 void shard_gradients(const at::Tensor& ea, const at::Tensor& classifier, const c10::optional<at::Tensor>& bias,
                      const ActiveTokens& a, const LinearCrossEntropyArgs& args, const std::vector<TokenGrad<acc_t>>& coef,
-                     const std::vector<acc_t>& lse, double softcap, at::Tensor& dea, at::Tensor& dc,
+                     const std::vector<acc_t>& lse, double softcap, bool bf16, at::Tensor& dea, at::Tensor& dc,
                      at::Tensor& dbias) {
   // An undefined dea / dc / dbias is not wanted: its matmul (or sum) is skipped.
   const bool need_de = dea.defined(), need_dc = dc.defined(), need_db = dbias.defined();
   const int64_t na = ea.size(0);
   std::vector<int64_t> cols(kTokenTile);
   const int64_t nt = std::min(na, kTokenTile), vbmax = std::min(args.vocab, kVocabBlock);
-  at::Tensor buffer = at::empty({nt * vbmax}, ea.options());
+  at::Tensor buffer = at::empty({nt * vbmax}, ea.options().dtype(args.acc));
+  BlockLogits<acc_t> logits(ea, classifier, args, bf16);
+  std::optional<Bf16Backward> packed;
+  if constexpr (std::is_same_v<acc_t, float>) {
+    if (bf16) {
+      packed.emplace(ea, args);
+      if (!need_dc) packed->dct = at::Tensor();
+    }
+  }
   // dC accumulates in the accumulation type: directly in the output when it has that type.
   const bool dc_direct = need_dc && dc.scalar_type() == args.acc;
-  at::Tensor dc_block = !need_dc || dc_direct ? at::Tensor() : at::empty({vbmax, args.dim}, ea.options());
+  at::Tensor dc_block =
+      !need_dc || dc_direct || bf16 ? at::Tensor() : at::empty({vbmax, args.dim}, ea.options().dtype(args.acc));
   const bool has_bias = bias.has_value() && bias->defined();
   const acc_t cap = static_cast<acc_t>(softcap);
   for (int64_t v0 = 0; v0 < args.vocab; v0 += kVocabBlock) {
     const int64_t vb = std::min(kVocabBlock, args.vocab - v0);
-    const at::Tensor cb = classifier.narrow(0, v0, vb).to(args.acc);
+    const at::Tensor& cb = logits.load(v0, vb);
+    if (packed && need_de) packed->load(cb, vb, args.dim);
     const at::Tensor bb = has_bias ? bias->narrow(0, v0, vb).to(args.acc).contiguous() : at::Tensor();
     const acc_t* bp = bb.defined() ? bb.const_data_ptr<acc_t>() : nullptr;
-    at::Tensor dcb = !need_dc ? at::Tensor() : dc_direct ? dc.narrow(0, v0, vb) : dc_block.narrow(0, 0, vb);
+    at::Tensor dcb = !need_dc || bf16 ? at::Tensor() : dc_direct ? dc.narrow(0, v0, vb) : dc_block.narrow(0, 0, vb);
     at::Tensor dbb = need_db ? dbias.narrow(0, v0, vb) : at::Tensor();
     bool dcb_written = false;
     for (int64_t n0 = 0; n0 < na; n0 += kTokenTile) {
       const int64_t rows = std::min(kTokenTile, na - n0);
       at::Tensor tile = buffer.narrow(0, 0, rows * vb).view({rows, vb});
-      const at::Tensor e_tile = ea.narrow(0, n0, rows);
-      at::mm_out(tile, e_tile, cb.t());
+      logits.compute(n0, rows, tile);
       block_target_cols(a, n0, rows, args.vocab_start + v0, cols.data());
       acc_t* zp = tile.mutable_data_ptr<acc_t>();
       std::atomic<bool> keep{false};
@@ -393,16 +526,35 @@ void shard_gradients(const at::Tensor& ea, const at::Tensor& classifier, const c
           keep.store(true, std::memory_order_relaxed);
       });
       if (!keep.load()) continue;  // every entry below filter_eps: the tile adds nothing
-      if (need_de) dea.narrow(0, n0, rows).addmm_(tile, cb);
-      if (need_dc && dcb_written) {
-        dcb.addmm_(tile.t(), e_tile);
-      } else if (need_dc) {
-        at::mm_out(dcb, tile.t(), e_tile);
-        dcb_written = true;
+      bool accumulated = false;
+      if constexpr (std::is_same_v<acc_t, float>) {
+        if (packed) {
+          packed->accumulate(zp, n0, rows, vb, args.dim, need_de ? dea.mutable_data_ptr<float>() : nullptr,
+                             !dcb_written);
+          dcb_written = need_dc;
+          accumulated = true;
+        }
+      }
+      if (!accumulated) {
+        const at::Tensor e_tile = ea.narrow(0, n0, rows);
+        if (need_de) dea.narrow(0, n0, rows).addmm_(tile, cb);
+        if (need_dc && dcb_written) {
+          dcb.addmm_(tile.t(), e_tile);
+        } else if (need_dc) {
+          at::mm_out(dcb, tile.t(), e_tile);
+          dcb_written = true;
+        }
       }
       if (need_db) dbb.add_(tile.sum(0));
     }
     if (!need_dc) continue;
+    if (packed) {
+      at::Tensor dc_rows = dc.narrow(0, v0, vb);
+      if (!dcb_written) dc_rows.zero_();
+      else transpose_into(packed->dct.const_data_ptr<float>(), args.dim, vb, vb,
+                          dc_rows.mutable_data_ptr<c10::BFloat16>(), args.dim);
+      continue;
+    }
     if (!dcb_written) dcb.zero_();
     if (!dc_direct) dc.narrow(0, v0, vb).copy_(dcb);
   }
@@ -432,7 +584,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_cross_entropy_backward(
   if (na == 0 || !(need_de || need_dc || need_db)) {
     if (need_dc) dc.zero_();
   } else {
-    const at::Tensor ea = active_hidden(hidden, a, args.acc);
+    const bool bf16 = bf16_products(hidden, classifier, args);
+    const at::Tensor ea = active_hidden(hidden, a, bf16 ? c10::kBFloat16 : args.acc);
     const at::Tensor grad_loss = grad_loss_in.contiguous(), lse_t = lse_in.contiguous();
     const bool has_grad_lse = grad_lse_in.has_value() && grad_lse_in->defined();
     const at::Tensor grad_lse = has_grad_lse ? grad_lse_in->contiguous() : at::Tensor();
@@ -450,7 +603,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_cross_entropy_backward(
         coef[i] = token_grad<acc_t>(gl[r], gs ? gs[r] : acc_t(0), sp[r], static_cast<acc_t>(label_smoothing),
                                     static_cast<acc_t>(z_loss), inv_vocab, static_cast<acc_t>(filter_eps));
       }
-      shard_gradients<acc_t>(ea, classifier, bias, a, args, coef, lse, softcap, dea, dc, dbias_acc);
+      shard_gradients<acc_t>(ea, classifier, bias, a, args, coef, lse, softcap, bf16, dea, dc, dbias_acc);
     };
     if (args.acc == c10::kDouble) run(0.0);
     else run(0.0f);

@@ -20,6 +20,7 @@ def main(argv: list[str]) -> int:
         ("CUDA device", torch.cuda.get_device_name() if torch.cuda.is_available() else "none"),
         ("CPU kernels ISA", info["cpu_isa"]),
         ("CPU log-Bessel", info["log_bessel_cpu"]),
+        ("CPU bfloat16 LM head", info["linear_cross_entropy_cpu_bf16"]),
         ("CPU threads", str(info["num_threads"])),
     ]
     width = max(len(k) for k, _ in rows)
