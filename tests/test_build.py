@@ -21,6 +21,11 @@ def test_build_info():
     isa_packs = {"x86-64-v4 (AVX-512)": "packs of 8 (AVX-512)", "x86-64-v3 (AVX2, FMA)": "packs of 4 (AVX2)"}
     if "FASTLOSS_LOG_BESSEL_LANES" not in os.environ:
         assert info["log_bessel_cpu"] == isa_packs.get(info["cpu_isa"], "scalar")
+    # Cut cross-entropy's bfloat16 products need the CPU's AVX512-BF16 instructions.
+    flags = open("/proc/cpuinfo").read().split() if os.path.exists("/proc/cpuinfo") else []
+    path = info["linear_cross_entropy_cpu_bf16"]
+    assert path in ("oneDNN brgemm (AVX512-BF16)", "none (no AVX512-BF16)", "none (no oneDNN micro-kernel in this ATen)")
+    assert "avx512_bf16" in flags or path.startswith("none")
     if info["cuda"]:
         assert info["cuda_archs"]
 

@@ -48,8 +48,10 @@ Probe probe() {
     }
   return Probe::kAvailable;
 }
+#elif defined(__x86_64__)
+Probe probe() { return Probe::kNoKernel; }  // an ATen without the bfloat16 micro-kernel entry
 #else
-Probe probe() { return Probe::kNoKernel; }
+Probe probe() { return Probe::kNoCpuSupport; }
 #endif
 
 Probe probed() {
