@@ -162,6 +162,8 @@ def ran_bf16_products(run):
          kw=dict(softcap=20.0, label_smoothing=0.05, z_loss=1e-3), bias=True),
     dict(n_lead=(3, 37), d=32, v=3000, ignore_frac=0.2, kw=dict(reduction="none", return_lse=True), bias=False),
     dict(n_lead=(2, 50), d=16, v=700, ignore_frac=0.1, kw=dict(shift=True, reduction="sum"), bias=True),
+    # several 64-wide blocks along D in both gradient products
+    dict(n_lead=(300,), d=200, v=600, ignore_frac=0.1, kw={}, bias=False),
 ])
 def test_bfloat16_products_on_the_cpu(case):
     """bfloat16 operands multiplied into float32: the loss and LSE as exact as float32 logits of
@@ -198,6 +200,35 @@ def test_bfloat16_products_for_one_gradient_at_a_time():
     only_h = torch.autograd.grad(fastloss.linear_cross_entropy(h, c.detach(), t, b), h)[0]
     only_c = torch.autograd.grad(fastloss.linear_cross_entropy(h.detach(), c, t, b), c)[0]
     assert torch.equal(only_h, both[0]) and torch.equal(only_c, both[1])
+
+
+@pytest.mark.parametrize("products", [True, False])
+def test_filtered_blocks_in_bfloat16(products):
+    """Filtered tiles add nothing: a vocabulary block filtered out for every token tile gets a
+    zero gradient, and one kept only for its second token tile gets that tile's part alone."""
+    if products and not BF16_PRODUCTS:
+        pytest.skip("needs a CPU with AVX512-BF16 (bfloat16 products)")
+    g = torch.Generator().manual_seed(14)
+    n, d, v = 1100, 32, 1800  # token tiles [0, 1024) and [1024, 1100); vocabulary blocks of 512
+    h = (torch.randn(n, d, generator=g) * 0.1).bfloat16()
+    c = (torch.randn(v, d, generator=g) * 0.1).bfloat16()
+    # tile 0's targets in block 0, tile 1's in block 1: blocks 2 and 3 hold no target
+    t = torch.cat([torch.randint(0, 512, (1024,), generator=g), torch.randint(512, 1024, (n - 1024,), generator=g)])
+    # near-uniform softmax (p ~ 1/1800): filter_eps 1e-2 drops every tile without a target
+    with torch.backends.mkldnn.flags(enabled=products):
+        used, (dh, dc) = ran_bf16_products(lambda: torch.autograd.grad(
+            fastloss.linear_cross_entropy(h.requires_grad_(), c.requires_grad_(), t, reduction="sum",
+                                          filter_eps=1e-2), (h, c)))
+    assert used == products
+    h64, c64 = h.detach().double(), c.detach().double()
+    dz = torch.softmax(h64 @ c64.T, -1) - F.one_hot(t, v).double()
+    kept = torch.zeros(n, v, dtype=torch.bool)
+    kept[:1024, :512] = True
+    kept[1024:, 512:1024] = True
+    dz = dz * kept
+    for got, want in ((dh, dz @ c64), (dc, dz.T @ h64)):
+        assert ((got.double() - want).norm() / want.norm()).item() < 4e-3
+    assert torch.count_nonzero(dc[1024:]) == 0
 
 
 def test_bfloat16_with_an_odd_hidden_size_uses_float32_matmuls():

@@ -7,7 +7,6 @@
 #include <c10/util/Exception.h>
 
 #include <algorithm>
-#include <cstring>
 
 namespace fastloss::cpu {
 namespace {
@@ -21,7 +20,7 @@ namespace {
 constexpr int64_t kBlockRows = 64;
 constexpr int64_t kBlockCols = 64;
 
-enum class Probe { kAvailable, kNoCpuSupport, kNoKernel };
+enum class Probe { kAvailable, kNoCpuSupport, kNoKernel, kDisabled };
 
 #ifdef FASTLOSS_BF16_GEMM
 Probe probe() {
@@ -37,7 +36,7 @@ Probe probe() {
   try {
     at::native::cpublas::brgemm(m, n, k, k, n, n, false, a, bv, c, true);
     at::native::cpublas::brgemm_release(true);
-  } catch (const c10::Error&) {
+  } catch (...) {  // ATen without the micro-kernels (c10::Error), or oneDNN refusing it
     return Probe::kNoKernel;
   }
   for (int64_t i = 0; i < m; ++i)
@@ -55,23 +54,21 @@ Probe probe() { return Probe::kNoCpuSupport; }
 #endif
 
 Probe probed() {
+  // ATen's brgemm refuses while oneDNN is disabled: probe (once) only while it is enabled.
+  if (!at::globalContext().userEnabledMkldnn()) return Probe::kDisabled;
   static const Probe p = probe();
   return p;
 }
 
-uint32_t load_pair(const c10::BFloat16* p) {
-  uint32_t v;
-  std::memcpy(&v, p, sizeof(v));
-  return v;
-}
-
-uint32_t pair(c10::BFloat16 lo, c10::BFloat16 hi) {
-  return static_cast<uint32_t>(lo.x) | (static_cast<uint32_t>(hi.x) << 16);
-}
+// Two consecutive bfloat16 entries (one VNNI pair) as one object to move.
+struct Bf16Pair {
+  c10::BFloat16 lo, hi;
+};
+static_assert(sizeof(Bf16Pair) == 2 * sizeof(c10::BFloat16));
 
 }  // namespace
 
-bool bf16_gemm_available() { return probed() == Probe::kAvailable && at::globalContext().userEnabledMkldnn(); }
+bool bf16_gemm_available() { return probed() == Probe::kAvailable; }
 
 const char* bf16_gemm_path() {
   switch (probed()) {
@@ -79,6 +76,8 @@ const char* bf16_gemm_path() {
       return "oneDNN brgemm (AVX512-BF16)";
     case Probe::kNoCpuSupport:
       return "none (no AVX512-BF16)";
+    case Probe::kDisabled:
+      return "none (oneDNN disabled: torch.backends.mkldnn.enabled)";
     default:
       return "none (no oneDNN micro-kernel in this ATen)";
   }
@@ -91,36 +90,16 @@ void pack_vnni(const c10::BFloat16* src, int64_t ld, int64_t k, int64_t n, c10::
                      for (int64_t p = b; p < e; ++p) {
                        const c10::BFloat16* r0 = src + 2 * p * ld;
                        const c10::BFloat16* r1 = 2 * p + 1 < k ? r0 + ld : nullptr;
-                       uint32_t* out = reinterpret_cast<uint32_t*>(dst + 2 * p * n);
-                       for (int64_t j = 0; j < n; ++j) {
-                         const uint32_t w = pair(r0[j], r1 ? r1[j] : zero);
-                         std::memcpy(out + j, &w, sizeof(w));
-                       }
+                       Bf16Pair* out = reinterpret_cast<Bf16Pair*>(dst + 2 * p * n);
+                       for (int64_t j = 0; j < n; ++j) out[j] = Bf16Pair{r0[j], r1 ? r1[j] : zero};
                      }
                    });
 }
 
 void pack_vnni_transposed(const c10::BFloat16* src, int64_t ld, int64_t k, int64_t n, c10::BFloat16* dst) {
-  // Each (k, k + 1) pair of a source row is one 32-bit word: a transpose of words, in tiles.
-  constexpr int64_t kTile = 32;
-  const int64_t pairs = vnni_depth(k) / 2, full = k / 2;
-  const c10::BFloat16 zero(0.0f);
-  at::parallel_for(0, (pairs + kTile - 1) / kTile, 1, [&](int64_t b, int64_t e) {
-    for (int64_t pt = b; pt < e; ++pt) {
-      const int64_t p0 = pt * kTile, p1 = std::min(pairs, p0 + kTile);
-      for (int64_t j0 = 0; j0 < n; j0 += kTile) {
-        const int64_t j1 = std::min(n, j0 + kTile);
-        for (int64_t p = p0; p < p1; ++p) {
-          uint32_t* out = reinterpret_cast<uint32_t*>(dst + 2 * p * n);
-          for (int64_t j = j0; j < j1; ++j) {
-            const c10::BFloat16* s = src + j * ld + 2 * p;
-            const uint32_t w = p < full ? load_pair(s) : pair(s[0], zero);
-            std::memcpy(out + j, &w, sizeof(w));
-          }
-        }
-      }
-    }
-  });
+  // Source row j holds column j of B; its entries (k, k + 1) are one VNNI pair: a transpose of pairs.
+  TORCH_INTERNAL_ASSERT(k % 2 == 0 && ld % 2 == 0, "pack_vnni_transposed: needs an even depth and stride");
+  transpose_into(reinterpret_cast<const Bf16Pair*>(src), n, k / 2, ld / 2, reinterpret_cast<Bf16Pair*>(dst), n);
 }
 
 void gemm_bf16(int64_t m, int64_t n, int64_t k, const c10::BFloat16* a, int64_t lda, const c10::BFloat16* b_vnni,

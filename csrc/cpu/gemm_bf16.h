@@ -30,8 +30,8 @@ inline int64_t vnni_depth(int64_t k) { return (k + 1) / 2 * 2; }
 // dst (VNNI, vnni_depth(K) x N) from a row-major K x N matrix with row stride ld.
 void pack_vnni(const c10::BFloat16* src, int64_t ld, int64_t k, int64_t n, c10::BFloat16* dst);
 
-// dst (VNNI, vnni_depth(K) x N) from the transpose of a row-major N x K matrix with row
-// stride ld (so element (k, n) is src[n * ld + k]).
+// dst (VNNI, K x N) from the transpose of a row-major N x K matrix with row stride ld (so
+// element (k, n) is src[n * ld + k]); K and ld even.
 void pack_vnni_transposed(const c10::BFloat16* src, int64_t ld, int64_t k, int64_t n, c10::BFloat16* dst);
 
 // C (M x N, float32, row stride ldc) = A B, or += A B when accumulate, with A row-major

@@ -274,7 +274,7 @@ class BlockLogits {
  public:
   BlockLogits(const at::Tensor& ea, const at::Tensor& classifier, const LinearCrossEntropyArgs& args, bool bf16)
       : ea_(ea), classifier_(classifier), args_(args), bf16_(bf16) {
-    if (bf16_) packed_ = at::empty({args.dim * std::min(args.vocab, kVocabBlock)}, classifier.options());
+    if (bf16_) ct_vnni_ = at::empty({args.dim * std::min(args.vocab, kVocabBlock)}, classifier.options());
   }
 
   // Loads classifier rows [v0, v0 + vb); returns them (contiguous, bfloat16 or acc_t).
@@ -282,7 +282,7 @@ class BlockLogits {
     if (bf16_) {
       block_ = classifier_.narrow(0, v0, vb).contiguous();
       pack_vnni_transposed(block_.const_data_ptr<c10::BFloat16>(), args_.dim, args_.dim, vb,
-                           packed_.mutable_data_ptr<c10::BFloat16>());
+                           ct_vnni_.mutable_data_ptr<c10::BFloat16>());
     } else {
       block_ = classifier_.narrow(0, v0, vb).to(args_.acc);
     }
@@ -295,7 +295,7 @@ class BlockLogits {
       if (bf16_) {
         const int64_t d = args_.dim;
         gemm_bf16(rows, tile.size(1), d, ea_.const_data_ptr<c10::BFloat16>() + n0 * d, d,
-                  packed_.const_data_ptr<c10::BFloat16>(), tile.mutable_data_ptr<float>(), tile.size(1), false);
+                  ct_vnni_.const_data_ptr<c10::BFloat16>(), tile.mutable_data_ptr<float>(), tile.size(1), false);
         return;
       }
     }
@@ -307,7 +307,7 @@ class BlockLogits {
   const at::Tensor& classifier_;
   const LinearCrossEntropyArgs& args_;
   const bool bf16_;
-  at::Tensor block_, packed_;
+  at::Tensor block_, ct_vnni_;
 };
 
 // Per-token (lse, linear) over this classifier's rows for the active tokens.
@@ -415,68 +415,88 @@ std::tuple<at::Tensor, at::Tensor> linear_cross_entropy_shard(const at::Tensor& 
   return statistics(op, hidden, classifier, targets, bias, ignore_index, softcap, label_smoothing, args);
 }
 
-// The logit-gradient tile (rows x vb, float32) rounded to bfloat16 twice over: row-major
-// with row stride vb2 (>= vb, the extra column zero) as the left operand of dE, and packed
-// (VNNI, rows x vb) as the right operand of dC^T.
+// The logit-gradient tile (rows x vb, float32) rounded to bfloat16 for the two products:
+// row-major with row stride vb2 (>= vb, the extra column zero) as the left operand of dE
+// (when dz is given), and packed (VNNI, `depth` rows, those past the tile's zero) as the
+// right operand of dC^T (when dz_vnni is given).
 void round_gradient_tile(const float* z, int64_t rows, int64_t vb, int64_t vb2, c10::BFloat16* dz,
-                         c10::BFloat16* dz_vnni) {
-  at::parallel_for(0, vnni_depth(rows) / 2, rows_grain(vb), [&](int64_t b, int64_t e) {
+                         c10::BFloat16* dz_vnni, int64_t depth) {
+  const c10::BFloat16 zero(0.0f);
+  at::parallel_for(0, std::max(vnni_depth(rows), depth) / 2, rows_grain(vb), [&](int64_t b, int64_t e) {
     for (int64_t p = b; p < e; ++p) {
-      const bool second = 2 * p + 1 < rows;
-      const float* z0 = z + 2 * p * vb;
+      const int64_t r = 2 * p;
+      const float* z0 = z + r * vb;
       const float* z1 = z0 + vb;
-      c10::BFloat16* d0 = dz + 2 * p * vb2;
-      c10::BFloat16* d1 = d0 + vb2;
-      c10::BFloat16* pv = dz_vnni + 2 * p * vb;
-      for (int64_t j = 0; j < vb; ++j) {
-        const c10::BFloat16 lo(z0[j]), hi(second ? z1[j] : 0.0f);
-        d0[j] = lo;
-        pv[2 * j] = lo;
-        pv[2 * j + 1] = hi;
-        if (second) d1[j] = hi;
+      if (dz_vnni && r < depth) {
+        c10::BFloat16* pv = dz_vnni + r * vb;
+        for (int64_t j = 0; j < vb; ++j) {
+          pv[2 * j] = r < rows ? c10::BFloat16(z0[j]) : zero;
+          pv[2 * j + 1] = r + 1 < rows ? c10::BFloat16(z1[j]) : zero;
+        }
       }
-      for (int64_t j = vb; j < vb2; ++j) {
-        d0[j] = c10::BFloat16(0.0f);
-        if (second) d1[j] = c10::BFloat16(0.0f);
+      if (!dz) continue;
+      for (int64_t i = r; i < std::min(rows, r + 2); ++i) {
+        c10::BFloat16* out = dz + i * vb2;
+        const float* in = z + i * vb;
+        for (int64_t j = 0; j < vb; ++j) out[j] = c10::BFloat16(in[j]);
+        std::fill(out + vb, out + vb2, zero);
       }
     }
   });
 }
 
-// The backward's bfloat16 operands (bf16_products): E^T (D x na rounded up to even, the
-// extra column zero), the classifier block packed as the right operand of dE, the rounded
-// gradient tile, and dC^T of the block in float32.
+// The backward's bfloat16 operands (bf16_products): for dE, the classifier block packed as
+// its right operand and the rounded gradient tile; for dC, E^T tile by tile (D x kTokenTile
+// each, zero past the tile's tokens), the packed gradient tile and dC^T of the block in
+// float32. The micro-kernels are compiled per shape and stride and kept per thread, so the
+// strides are fixed and the depth of the dC^T product is a multiple of 64: the number of
+// kernels stays bounded however the count of ignored tokens changes between steps.
 struct Bf16Backward {
   at::Tensor et, c_vnni, dz, dz_vnni, dct;
 
-  Bf16Backward(const at::Tensor& ea, const LinearCrossEntropyArgs& args) {
-    const int64_t na = ea.size(0), na2 = vnni_depth(na), d = args.dim;
+  Bf16Backward(const at::Tensor& ea, const LinearCrossEntropyArgs& args, bool need_de, bool need_dc) {
+    const int64_t na = ea.size(0), d = args.dim;
     const int64_t nt = std::min(na, kTokenTile), vbmax = std::min(args.vocab, kVocabBlock);
-    et = at::empty({d, na2}, ea.options());
-    c10::BFloat16* etp = et.mutable_data_ptr<c10::BFloat16>();
-    transpose_into(ea.const_data_ptr<c10::BFloat16>(), na, d, d, etp, na2);
-    if (na2 > na)
-      for (int64_t k = 0; k < d; ++k) etp[k * na2 + na] = c10::BFloat16(0.0f);
-    c_vnni = at::empty({vnni_depth(vbmax) * d}, ea.options());
-    dz = at::empty({nt * vnni_depth(vbmax)}, ea.options());
-    dz_vnni = at::empty({vnni_depth(nt) * vbmax}, ea.options());
-    dct = at::empty({d * vbmax}, ea.options().dtype(c10::kFloat));
+    if (need_de) {
+      c_vnni = at::empty({vnni_depth(vbmax) * d}, ea.options());
+      dz = at::empty({nt * vnni_depth(vbmax)}, ea.options());
+    }
+    if (need_dc) {
+      const int64_t tiles = (na + kTokenTile - 1) / kTokenTile;
+      et = at::empty({tiles, d, kTokenTile}, ea.options());
+      const c10::BFloat16* e = ea.const_data_ptr<c10::BFloat16>();
+      c10::BFloat16* etp = et.mutable_data_ptr<c10::BFloat16>();
+      for (int64_t t = 0; t < tiles; ++t) {
+        const int64_t n0 = t * kTokenTile, rows = std::min(kTokenTile, na - n0);
+        c10::BFloat16* tile = etp + t * d * kTokenTile;
+        transpose_into(e + n0 * d, rows, d, d, tile, kTokenTile);
+        if (rows < kTokenTile)
+          for (int64_t k = 0; k < d; ++k) std::fill(tile + k * kTokenTile + rows, tile + (k + 1) * kTokenTile,
+                                                    c10::BFloat16(0.0f));
+      }
+      dz_vnni = at::empty({dc_depth(nt) * vbmax}, ea.options());
+      dct = at::empty({d * vbmax}, ea.options().dtype(c10::kFloat));
+    }
   }
+
+  static int64_t dc_depth(int64_t rows) { return std::min(kTokenTile, (rows + 63) / 64 * 64); }
 
   void load(const at::Tensor& block, int64_t vb, int64_t d) {
-    pack_vnni(block.const_data_ptr<c10::BFloat16>(), d, vb, d, c_vnni.mutable_data_ptr<c10::BFloat16>());
+    if (c_vnni.defined())
+      pack_vnni(block.const_data_ptr<c10::BFloat16>(), d, vb, d, c_vnni.mutable_data_ptr<c10::BFloat16>());
   }
 
-  // dea[n0 : n0 + rows] += dZ C_block and dC_block^T (+)= E_tile^T dZ.
-  void accumulate(const float* z, int64_t n0, int64_t rows, int64_t vb, int64_t d, float* dea, bool first_dc) {
-    const int64_t vb2 = vnni_depth(vb), na2 = et.size(1);
-    c10::BFloat16* dzp = dz.mutable_data_ptr<c10::BFloat16>();
-    c10::BFloat16* dzv = dz_vnni.mutable_data_ptr<c10::BFloat16>();
-    round_gradient_tile(z, rows, vb, vb2, dzp, dzv);
-    if (dea) gemm_bf16(rows, d, vb2, dzp, vb2, c_vnni.const_data_ptr<c10::BFloat16>(), dea + n0 * d, d, true);
-    if (dct.defined())
-      gemm_bf16(d, vb, vnni_depth(rows), et.const_data_ptr<c10::BFloat16>() + n0, na2, dzv,
-                dct.mutable_data_ptr<float>(), vb, !first_dc);
+  // dE_tile (rows x D, when wanted) += dZ C_block, and dC_block^T (+)= E_tile^T dZ (when wanted;
+  // = on the block's first tile that is not filtered out).
+  void accumulate(const float* z, int64_t n0, int64_t rows, int64_t vb, int64_t d, float* de_tile, bool first_dc) {
+    const int64_t vb2 = vnni_depth(vb), depth = dct.defined() ? dc_depth(rows) : 0;
+    c10::BFloat16* dzp = de_tile ? dz.mutable_data_ptr<c10::BFloat16>() : nullptr;
+    c10::BFloat16* dzv = dct.defined() ? dz_vnni.mutable_data_ptr<c10::BFloat16>() : nullptr;
+    round_gradient_tile(z, rows, vb, vb2, dzp, dzv, depth);
+    if (de_tile) gemm_bf16(rows, d, vb2, dzp, vb2, c_vnni.const_data_ptr<c10::BFloat16>(), de_tile, d, true);
+    if (dzv)
+      gemm_bf16(d, vb, depth, et.const_data_ptr<c10::BFloat16>() + (n0 / kTokenTile) * d * kTokenTile, kTokenTile,
+                dzv, dct.mutable_data_ptr<float>(), vb, !first_dc);
   }
 };
 
@@ -492,13 +512,9 @@ void shard_gradients(const at::Tensor& ea, const at::Tensor& classifier, const c
   const int64_t nt = std::min(na, kTokenTile), vbmax = std::min(args.vocab, kVocabBlock);
   at::Tensor buffer = at::empty({nt * vbmax}, ea.options().dtype(args.acc));
   BlockLogits<acc_t> logits(ea, classifier, args, bf16);
-  std::optional<Bf16Backward> packed;
-  if constexpr (std::is_same_v<acc_t, float>) {
-    if (bf16) {
-      packed.emplace(ea, args);
-      if (!need_dc) packed->dct = at::Tensor();
-    }
-  }
+  TORCH_INTERNAL_ASSERT(!bf16 || args.acc == c10::kFloat);
+  std::optional<Bf16Backward> bf16_operands;
+  if (bf16) bf16_operands.emplace(ea, args, need_de, need_dc);
   // dC accumulates in the accumulation type: directly in the output when it has that type.
   const bool dc_direct = need_dc && dc.scalar_type() == args.acc;
   at::Tensor dc_block =
@@ -508,7 +524,7 @@ void shard_gradients(const at::Tensor& ea, const at::Tensor& classifier, const c
   for (int64_t v0 = 0; v0 < args.vocab; v0 += kVocabBlock) {
     const int64_t vb = std::min(kVocabBlock, args.vocab - v0);
     const at::Tensor& cb = logits.load(v0, vb);
-    if (packed && need_de) packed->load(cb, vb, args.dim);
+    if (bf16_operands) bf16_operands->load(cb, vb, args.dim);
     const at::Tensor bb = has_bias ? bias->narrow(0, v0, vb).to(args.acc).contiguous() : at::Tensor();
     const acc_t* bp = bb.defined() ? bb.const_data_ptr<acc_t>() : nullptr;
     at::Tensor dcb = !need_dc || bf16 ? at::Tensor() : dc_direct ? dc.narrow(0, v0, vb) : dc_block.narrow(0, 0, vb);
@@ -528,9 +544,9 @@ void shard_gradients(const at::Tensor& ea, const at::Tensor& classifier, const c
       if (!keep.load()) continue;  // every entry below filter_eps: the tile adds nothing
       bool accumulated = false;
       if constexpr (std::is_same_v<acc_t, float>) {
-        if (packed) {
-          packed->accumulate(zp, n0, rows, vb, args.dim, need_de ? dea.mutable_data_ptr<float>() : nullptr,
-                             !dcb_written);
+        if (bf16_operands) {
+          bf16_operands->accumulate(zp, n0, rows, vb, args.dim,
+                                    need_de ? dea.mutable_data_ptr<float>() + n0 * args.dim : nullptr, !dcb_written);
           dcb_written = need_dc;
           accumulated = true;
         }
@@ -545,13 +561,13 @@ void shard_gradients(const at::Tensor& ea, const at::Tensor& classifier, const c
           dcb_written = true;
         }
       }
-      if (need_db) dbb.add_(tile.sum(0));
+      if (need_db) dbb.add_(tile.sum(0));  // the float32 gradient, also with bfloat16 products
     }
     if (!need_dc) continue;
-    if (packed) {
+    if (bf16_operands) {
       at::Tensor dc_rows = dc.narrow(0, v0, vb);
       if (!dcb_written) dc_rows.zero_();
-      else transpose_into(packed->dct.const_data_ptr<float>(), args.dim, vb, vb,
+      else transpose_into(bf16_operands->dct.const_data_ptr<float>(), args.dim, vb, vb,
                           dc_rows.mutable_data_ptr<c10::BFloat16>(), args.dim);
       continue;
     }
