@@ -7,6 +7,7 @@
 #include <c10/util/Exception.h>
 
 #include <algorithm>
+#include <vector>
 
 namespace fastloss::cpu {
 namespace {
@@ -23,29 +24,38 @@ constexpr int64_t kBlockCols = 64;
 enum class Probe { kAvailable, kNoCpuSupport, kNoKernel, kDisabled };
 
 #ifdef FASTLOSS_BF16_GEMM
+// C (m x n, row stride ldc) (+)= A B with small integers, whose float32 sums are exact:
+// whether the micro-kernel gives them, with tails in every dimension and strided operands.
+bool exact_product(int64_t m, int64_t n, int64_t k, int64_t lda, int64_t ldc, bool accumulate) {
+  std::vector<c10::BFloat16> a(m * lda), b(k * n), bv(vnni_depth(k) * n);
+  std::vector<float> c(m * ldc), want(m * ldc);
+  for (int64_t i = 0; i < m * lda; ++i) a[i] = c10::BFloat16(static_cast<float>(i % 7) - 3.0f);
+  for (int64_t i = 0; i < k * n; ++i) b[i] = c10::BFloat16(static_cast<float>(i % 5) - 1.5f);
+  for (int64_t i = 0; i < m * ldc; ++i) c[i] = want[i] = accumulate ? static_cast<float>(i % 3) : -7.0f;
+  for (int64_t i = 0; i < m; ++i)
+    for (int64_t j = 0; j < n; ++j) {
+      float s = accumulate ? want[i * ldc + j] : 0.0f;
+      for (int64_t l = 0; l < k; ++l) s += static_cast<float>(a[i * lda + l]) * static_cast<float>(b[l * n + j]);
+      want[i * ldc + j] = s;
+    }
+  pack_vnni(b.data(), n, k, n, bv.data());
+  at::native::cpublas::brgemm(m, n, k, lda, n, ldc, accumulate, a.data(), bv.data(), c.data(), true);
+  at::native::cpublas::brgemm_release(true);
+  return c == want;
+}
+
 Probe probe() {
   __builtin_cpu_init();
   if (!__builtin_cpu_supports("avx512bf16")) return Probe::kNoCpuSupport;
-  // A product whose float32 result is exact: the kernel must exist and give it.
-  constexpr int64_t m = 3, n = 5, k = 4;
-  c10::BFloat16 a[m * k], b[k * n], bv[k * n];
-  for (int64_t i = 0; i < m * k; ++i) a[i] = c10::BFloat16(static_cast<float>(i % 7) - 3.0f);
-  for (int64_t i = 0; i < k * n; ++i) b[i] = c10::BFloat16(static_cast<float>(i % 5) - 1.5f);
-  pack_vnni(b, n, k, n, bv);
-  float c[m * n];
   try {
-    at::native::cpublas::brgemm(m, n, k, k, n, n, false, a, bv, c, true);
-    at::native::cpublas::brgemm_release(true);
-  } catch (...) {  // ATen without the micro-kernels (c10::Error), or oneDNN refusing it
-    return Probe::kNoKernel;
+    // the block shapes gemm_bf16 uses, and tails of each dimension (a depth of 78: not a
+    // multiple of the 32 or 64 the instructions take at a time)
+    if (exact_product(kBlockRows, kBlockCols, 128, 130, 70, false) && exact_product(37, 50, 78, 80, 64, true) &&
+        exact_product(3, 5, 4, 4, 5, false))
+      return Probe::kAvailable;
+  } catch (...) {  // ATen without the micro-kernels (c10::Error), or oneDNN refusing them
   }
-  for (int64_t i = 0; i < m; ++i)
-    for (int64_t j = 0; j < n; ++j) {
-      float s = 0;
-      for (int64_t l = 0; l < k; ++l) s += static_cast<float>(a[i * k + l]) * static_cast<float>(b[l * n + j]);
-      if (c[i * n + j] != s) return Probe::kNoKernel;
-    }
-  return Probe::kAvailable;
+  return Probe::kNoKernel;
 }
 #elif defined(__x86_64__)
 Probe probe() { return Probe::kNoKernel; }  // an ATen without the bfloat16 micro-kernel entry
