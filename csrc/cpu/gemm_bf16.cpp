@@ -127,8 +127,16 @@ void gemm_bf16(int64_t m, int64_t n, int64_t k, const c10::BFloat16* a, int64_t 
   at::parallel_for(0, row_blocks * col_blocks, 1, [&](int64_t b, int64_t e) {
     for (int64_t t = b; t < e; ++t) {
       const int64_t r0 = (t / col_blocks) * kBlockRows, c0 = (t % col_blocks) * kBlockCols;
-      at::native::cpublas::brgemm(std::min(kBlockRows, m - r0), std::min(kBlockCols, n - c0), k, lda, n, ldc,
-                                  accumulate, a + r0 * lda, b_vnni + 2 * c0, c + r0 * ldc + c0, true);
+      const int64_t cols = std::min(kBlockCols, n - c0);
+      // A last block of fewer rows goes in power-of-two pieces: ATen compiles and keeps a
+      // kernel per shape, and the row count changes with the count of ignored tokens.
+      for (int64_t r = r0, rows = std::min(kBlockRows, m - r0); rows > 0;) {
+        const int64_t piece = rows == kBlockRows ? rows : int64_t(1) << (63 - __builtin_clzll(rows));
+        at::native::cpublas::brgemm(piece, cols, k, lda, n, ldc, accumulate, a + r * lda, b_vnni + 2 * c0,
+                                    c + r * ldc + c0, true);
+        r += piece;
+        rows -= piece;
+      }
     }
     at::native::cpublas::brgemm_release(true);
   });
