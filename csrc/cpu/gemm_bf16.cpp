@@ -9,12 +9,13 @@
 #include <algorithm>
 #include <vector>
 
-namespace fastloss::cpu {
-namespace {
-
 #if defined(CPUBLAS_BRGEMM_BF16BF16F32) && defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 #define FASTLOSS_BF16_GEMM 1
+#include <immintrin.h>
 #endif
+
+namespace fastloss::cpu {
+namespace {
 
 // Blocks of C per call of the micro-kernel (measured on Zen 4, D = 1024-4096: 64 x 64 was
 // as fast as any larger block and keeps both operands' blocks in L2).
@@ -76,6 +77,69 @@ struct Bf16Pair {
 };
 static_assert(sizeof(Bf16Pair) == 2 * sizeof(c10::BFloat16));
 
+#ifdef FASTLOSS_BF16_GEMM
+#define FASTLOSS_BF16_TARGET __attribute__((target("avx512f,avx512bw,avx512bf16")))
+
+// A 16 x 16 block of 32-bit entries (rows src + i * lds) transposed in registers: two
+// rounds of 128-bit-lane unpacks give, per lane L, column 4L + c of four rows; two rounds
+// of lane shuffles gather each column's four lanes. Stored as 32-bit entries, or (float
+// source) rounded to bfloat16.
+template <bool kToBf16>
+FASTLOSS_BF16_TARGET void transpose_block16(const void* src, int64_t lds, void* dst, int64_t ldd) {
+  const auto* s = static_cast<const uint32_t*>(src);
+  __m512i r[16], t[16];
+  for (int i = 0; i < 16; ++i) r[i] = _mm512_loadu_si512(s + i * lds);
+  for (int i = 0; i < 16; i += 2) {
+    t[i] = _mm512_unpacklo_epi32(r[i], r[i + 1]);
+    t[i + 1] = _mm512_unpackhi_epi32(r[i], r[i + 1]);
+  }
+  for (int i = 0; i < 16; i += 4) {  // r[i + c], lane L: column 4L + c of rows i .. i + 3
+    r[i] = _mm512_unpacklo_epi64(t[i], t[i + 2]);
+    r[i + 1] = _mm512_unpackhi_epi64(t[i], t[i + 2]);
+    r[i + 2] = _mm512_unpacklo_epi64(t[i + 1], t[i + 3]);
+    r[i + 3] = _mm512_unpackhi_epi64(t[i + 1], t[i + 3]);
+  }
+  for (int c = 0; c < 4; ++c) {
+    const __m512i v0 = _mm512_shuffle_i32x4(r[c], r[4 + c], 0x44), v1 = _mm512_shuffle_i32x4(r[c], r[4 + c], 0xEE);
+    const __m512i w0 = _mm512_shuffle_i32x4(r[8 + c], r[12 + c], 0x44);
+    const __m512i w1 = _mm512_shuffle_i32x4(r[8 + c], r[12 + c], 0xEE);
+    const __m512i out[4] = {_mm512_shuffle_i32x4(v0, w0, 0x88), _mm512_shuffle_i32x4(v0, w0, 0xDD),
+                            _mm512_shuffle_i32x4(v1, w1, 0x88), _mm512_shuffle_i32x4(v1, w1, 0xDD)};
+    for (int l = 0; l < 4; ++l) {
+      const int64_t row = 4 * l + c;
+      if constexpr (kToBf16) {
+        const __m256bh h = _mm512_cvtneps_pbh(_mm512_castsi512_ps(out[l]));
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(static_cast<uint16_t*>(dst) + row * ldd),
+                            reinterpret_cast<const __m256i&>(h));
+      } else {
+        _mm512_storeu_si512(static_cast<uint32_t*>(dst) + row * ldd, out[l]);
+      }
+    }
+  }
+}
+#endif
+
+// dst[c * ldd + r] = src[r * lds + c] for 32-bit source entries: 16 x 16 blocks in registers
+// where the products run (so AVX512-BF16 is there), entries at the edges one by one.
+template <bool kToBf16, typename S, typename T>
+void transpose32(const S* src, int64_t rows, int64_t cols, int64_t lds, T* dst, int64_t ldd) {
+  static_assert(sizeof(S) == 4 && sizeof(T) == (kToBf16 ? 2 : 4));
+#ifdef FASTLOSS_BF16_GEMM
+  if (bf16_gemm_available()) {
+    const int64_t full_rows = rows / 16 * 16, full_cols = cols / 16 * 16;
+    at::parallel_for(0, full_cols / 16, 1, [&](int64_t b, int64_t e) {
+      for (int64_t c = b * 16; c < e * 16; c += 16)
+        for (int64_t r = 0; r < full_rows; r += 16)
+          transpose_block16<kToBf16>(src + r * lds + c, lds, dst + c * ldd + r, ldd);
+    });
+    if (full_rows < rows) transpose_into(src + full_rows * lds, rows - full_rows, full_cols, lds, dst + full_rows, ldd);
+    if (full_cols < cols) transpose_into(src + full_cols, rows, cols - full_cols, lds, dst + full_cols * ldd, ldd);
+    return;
+  }
+#endif
+  transpose_into(src, rows, cols, lds, dst, ldd);
+}
+
 }  // namespace
 
 bool bf16_gemm_available() { return probed() == Probe::kAvailable; }
@@ -109,7 +173,11 @@ void pack_vnni(const c10::BFloat16* src, int64_t ld, int64_t k, int64_t n, c10::
 void pack_vnni_transposed(const c10::BFloat16* src, int64_t ld, int64_t k, int64_t n, c10::BFloat16* dst) {
   // Source row j holds column j of B; its entries (k, k + 1) are one VNNI pair: a transpose of pairs.
   TORCH_INTERNAL_ASSERT(k % 2 == 0 && ld % 2 == 0, "pack_vnni_transposed: needs an even depth and stride");
-  transpose_into(reinterpret_cast<const Bf16Pair*>(src), n, k / 2, ld / 2, reinterpret_cast<Bf16Pair*>(dst), n);
+  transpose32<false>(reinterpret_cast<const Bf16Pair*>(src), n, k / 2, ld / 2, reinterpret_cast<Bf16Pair*>(dst), n);
+}
+
+void transpose_to_bf16(const float* src, int64_t rows, int64_t cols, int64_t lds, c10::BFloat16* dst, int64_t ldd) {
+  transpose32<true>(src, rows, cols, lds, dst, ldd);
 }
 
 void gemm_bf16(int64_t m, int64_t n, int64_t k, const c10::BFloat16* a, int64_t lda, const c10::BFloat16* b_vnni,

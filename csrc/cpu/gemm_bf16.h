@@ -34,6 +34,10 @@ void pack_vnni(const c10::BFloat16* src, int64_t ld, int64_t k, int64_t n, c10::
 // element (k, n) is src[n * ld + k]); K and ld even.
 void pack_vnni_transposed(const c10::BFloat16* src, int64_t ld, int64_t k, int64_t n, c10::BFloat16* dst);
 
+// dst[c * ldd + r] = bfloat16(src[r * lds + c]) for a rows x cols float32 source (rounded to
+// nearest even), in parallel.
+void transpose_to_bf16(const float* src, int64_t rows, int64_t cols, int64_t lds, c10::BFloat16* dst, int64_t ldd);
+
 // C (M x N, float32, row stride ldc) = A B, or += A B when accumulate, with A row-major
 // bfloat16 (M x K, row stride lda) and B in the VNNI layout (K x N); K even. Parallel over
 // blocks of C; each entry is one sum over K, so the result does not depend on the threads.

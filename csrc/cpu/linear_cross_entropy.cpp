@@ -567,7 +567,7 @@ void shard_gradients(const at::Tensor& ea, const at::Tensor& classifier, const c
     if (bf16_operands) {
       at::Tensor dc_rows = dc.narrow(0, v0, vb);
       if (!dcb_written) dc_rows.zero_();
-      else transpose_into(bf16_operands->dct.const_data_ptr<float>(), args.dim, vb, vb,
+      else transpose_to_bf16(bf16_operands->dct.const_data_ptr<float>(), args.dim, vb, vb,
                           dc_rows.mutable_data_ptr<c10::BFloat16>(), args.dim);
       continue;
     }
@@ -625,7 +625,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_cross_entropy_backward(
     else run(0.0f);
   }
   if (need_de && !de_direct) {
-    de = at::zeros(hidden.sizes(), hidden.options());
+    de = na > 0 && a.all ? at::empty(hidden.sizes(), hidden.options()) : at::zeros(hidden.sizes(), hidden.options());
     if (na > 0) {
       if (a.all) de.copy_(dea);
       else de.index_copy_(0, index_tensor(a.rows), dea.to(hidden.scalar_type()));
