@@ -39,7 +39,7 @@ install: $(SETUP)
 	if [ -n "$(PYTHON)" ] && $(PY) -m pip install --help 2>/dev/null | grep -q -- --break-system-packages; then \
 		flags="$$flags --break-system-packages"; fi; \
 	echo "$(PY) -m pip install $$flags ."; \
-	$(PY) -m pip install $$flags . > build.log 2>&1 || (cat build.log; exit 1); \
+	$(PY) -m pip install $$flags . > build.log 2>&1 || { cat build.log; exit 1; }; \
 	tail -n 1 build.log
 
 test: install

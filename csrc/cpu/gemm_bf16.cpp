@@ -77,14 +77,18 @@ struct Bf16Pair {
 };
 static_assert(sizeof(Bf16Pair) == 2 * sizeof(c10::BFloat16));
 
+// How a transposed block of 32-bit entries is stored: as they are; (float) rounded to
+// bfloat16; or (pairs of bfloat16) split, the first of each pair to row 2i, the second to
+// row 2i + 1 of a bfloat16 destination.
+enum class Store { kWords, kToBf16, kSplitPairs };
+
 #ifdef FASTLOSS_BF16_GEMM
 #define FASTLOSS_BF16_TARGET __attribute__((target("avx512f,avx512bw,avx512bf16")))
 
 // A 16 x 16 block of 32-bit entries (rows src + i * lds) transposed in registers: two
 // rounds of 128-bit-lane unpacks give, per lane L, column 4L + c of four rows; two rounds
-// of lane shuffles gather each column's four lanes. Stored as 32-bit entries, or (float
-// source) rounded to bfloat16.
-template <bool kToBf16>
+// of lane shuffles gather each column's four lanes. Strides in destination entries.
+template <Store kStore>
 FASTLOSS_BF16_TARGET void transpose_block16(const void* src, int64_t lds, void* dst, int64_t ldd) {
   const auto* s = static_cast<const uint32_t*>(src);
   __m512i r[16], t[16];
@@ -107,10 +111,14 @@ FASTLOSS_BF16_TARGET void transpose_block16(const void* src, int64_t lds, void* 
                             _mm512_shuffle_i32x4(v1, w1, 0x88), _mm512_shuffle_i32x4(v1, w1, 0xDD)};
     for (int l = 0; l < 4; ++l) {
       const int64_t row = 4 * l + c;
-      if constexpr (kToBf16) {
+      if constexpr (kStore == Store::kToBf16) {
         const __m256bh h = _mm512_cvtneps_pbh(_mm512_castsi512_ps(out[l]));
         _mm256_storeu_si256(reinterpret_cast<__m256i*>(static_cast<uint16_t*>(dst) + row * ldd),
                             reinterpret_cast<const __m256i&>(h));
+      } else if constexpr (kStore == Store::kSplitPairs) {
+        uint16_t* d = static_cast<uint16_t*>(dst) + 2 * row * ldd;
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(d), _mm512_cvtepi32_epi16(out[l]));
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(d + ldd), _mm512_cvtepi32_epi16(_mm512_srli_epi32(out[l], 16)));
       } else {
         _mm512_storeu_si512(static_cast<uint32_t*>(dst) + row * ldd, out[l]);
       }
@@ -119,25 +127,44 @@ FASTLOSS_BF16_TARGET void transpose_block16(const void* src, int64_t lds, void* 
 }
 #endif
 
-// dst[c * ldd + r] = src[r * lds + c] for 32-bit source entries: 16 x 16 blocks in registers
-// where the products run (so AVX512-BF16 is there), entries at the edges one by one.
-template <bool kToBf16, typename S, typename T>
+// dst[c * ldd + r] = src[r * lds + c] for 32-bit source entries (kSplitPairs: pairs of
+// bfloat16, with c counting pairs and the destination's rows 2c and 2c + 1): 16 x 16 blocks
+// in registers where the products run (so AVX512-BF16 is there), the edges one by one.
+template <Store kStore, typename S, typename T>
 void transpose32(const S* src, int64_t rows, int64_t cols, int64_t lds, T* dst, int64_t ldd) {
-  static_assert(sizeof(S) == 4 && sizeof(T) == (kToBf16 ? 2 : 4));
+  static_assert(sizeof(S) == 4 && sizeof(T) == (kStore == Store::kWords ? 4 : 2));
 #ifdef FASTLOSS_BF16_GEMM
   if (bf16_gemm_available()) {
     const int64_t full_rows = rows / 16 * 16, full_cols = cols / 16 * 16;
+    const int64_t rows_per_col = kStore == Store::kSplitPairs ? 2 : 1;
     at::parallel_for(0, full_cols / 16, 1, [&](int64_t b, int64_t e) {
       for (int64_t c = b * 16; c < e * 16; c += 16)
         for (int64_t r = 0; r < full_rows; r += 16)
-          transpose_block16<kToBf16>(src + r * lds + c, lds, dst + c * ldd + r, ldd);
+          transpose_block16<kStore>(src + r * lds + c, lds, dst + rows_per_col * c * ldd + r, ldd);
     });
-    if (full_rows < rows) transpose_into(src + full_rows * lds, rows - full_rows, full_cols, lds, dst + full_rows, ldd);
-    if (full_cols < cols) transpose_into(src + full_cols, rows, cols - full_cols, lds, dst + full_cols * ldd, ldd);
+    if constexpr (kStore == Store::kSplitPairs) {
+      // the edges as pairs split entry by entry
+      auto split = [&](int64_t r0, int64_t r1, int64_t c0, int64_t c1) {
+        for (int64_t c = c0; c < c1; ++c)
+          for (int64_t r = r0; r < r1; ++r) {
+            dst[2 * c * ldd + r] = src[r * lds + c].lo;
+            dst[(2 * c + 1) * ldd + r] = src[r * lds + c].hi;
+          }
+      };
+      split(full_rows, rows, 0, full_cols);
+      split(0, rows, full_cols, cols);
+    } else {
+      if (full_rows < rows) transpose_into(src + full_rows * lds, rows - full_rows, full_cols, lds, dst + full_rows, ldd);
+      if (full_cols < cols) transpose_into(src + full_cols, rows, cols - full_cols, lds, dst + full_cols * ldd, ldd);
+    }
     return;
   }
 #endif
-  transpose_into(src, rows, cols, lds, dst, ldd);
+  if constexpr (kStore == Store::kSplitPairs) {
+    transpose_into(reinterpret_cast<const c10::BFloat16*>(src), rows, 2 * cols, 2 * lds, dst, ldd);
+  } else {
+    transpose_into(src, rows, cols, lds, dst, ldd);
+  }
 }
 
 }  // namespace
@@ -173,11 +200,18 @@ void pack_vnni(const c10::BFloat16* src, int64_t ld, int64_t k, int64_t n, c10::
 void pack_vnni_transposed(const c10::BFloat16* src, int64_t ld, int64_t k, int64_t n, c10::BFloat16* dst) {
   // Source row j holds column j of B; its entries (k, k + 1) are one VNNI pair: a transpose of pairs.
   TORCH_INTERNAL_ASSERT(k % 2 == 0 && ld % 2 == 0, "pack_vnni_transposed: needs an even depth and stride");
-  transpose32<false>(reinterpret_cast<const Bf16Pair*>(src), n, k / 2, ld / 2, reinterpret_cast<Bf16Pair*>(dst), n);
+  transpose32<Store::kWords>(reinterpret_cast<const Bf16Pair*>(src), n, k / 2, ld / 2,
+                             reinterpret_cast<Bf16Pair*>(dst), n);
 }
 
 void transpose_to_bf16(const float* src, int64_t rows, int64_t cols, int64_t lds, c10::BFloat16* dst, int64_t ldd) {
-  transpose32<true>(src, rows, cols, lds, dst, ldd);
+  transpose32<Store::kToBf16>(src, rows, cols, lds, dst, ldd);
+}
+
+void transpose_bf16(const c10::BFloat16* src, int64_t rows, int64_t cols, int64_t lds, c10::BFloat16* dst,
+                    int64_t ldd) {
+  TORCH_INTERNAL_ASSERT(cols % 2 == 0 && lds % 2 == 0, "transpose_bf16: needs an even width and stride");
+  transpose32<Store::kSplitPairs>(reinterpret_cast<const Bf16Pair*>(src), rows, cols / 2, lds / 2, dst, ldd);
 }
 
 void gemm_bf16(int64_t m, int64_t n, int64_t k, const c10::BFloat16* a, int64_t lda, const c10::BFloat16* b_vnni,

@@ -469,7 +469,7 @@ struct Bf16Backward {
       for (int64_t t = 0; t < tiles; ++t) {
         const int64_t n0 = t * kTokenTile, rows = std::min(kTokenTile, na - n0);
         c10::BFloat16* tile = etp + t * d * kTokenTile;
-        transpose_into(e + n0 * d, rows, d, d, tile, kTokenTile);
+        transpose_bf16(e + n0 * d, rows, d, d, tile, kTokenTile);
         if (rows < kTokenTile)
           for (int64_t k = 0; k < d; ++k) std::fill(tile + k * kTokenTile + rows, tile + (k + 1) * kTokenTile,
                                                     c10::BFloat16(0.0f));
