@@ -202,6 +202,29 @@ def test_bfloat16_products_for_one_gradient_at_a_time():
     assert torch.equal(only_h, both[0]) and torch.equal(only_c, both[1])
 
 
+@needs_bf16_products
+def test_float32_in_bfloat16_at_medium_matmul_precision():
+    """torch.set_float32_matmul_precision("medium") lets float32 matmuls run in bfloat16: the
+    float32 operands are rounded to bfloat16 once; products, sums and results stay float32."""
+    h, c, t, b = make_inputs((3, 70), 64, 1300, torch.float32, "cpu", bias=True, seed=15)
+    fn = lambda h_, c_, b_: fastloss.linear_cross_entropy(h_, c_, t, b_, filter_eps=None)  # noqa: E731
+    previous = torch.get_float32_matmul_precision()
+    try:
+        torch.set_float32_matmul_precision("medium")
+        used, (out, grads) = ran_bf16_products(lambda: grads_of(fn, [h, c, b]))
+    finally:
+        torch.set_float32_matmul_precision(previous)
+    assert used
+    assert out.dtype == torch.float32 and all(g.dtype == torch.float32 for g in grads)
+    ref, ref_grads = grads_of(lambda h_, c_, b_: reference(h_, c_, t, b_),
+                              [h.bfloat16().double(), c.bfloat16().double(), b.double()])
+    torch.testing.assert_close(out.double(), ref, rtol=2e-5, atol=2e-5)
+    for a, r in zip(grads, ref_grads):
+        assert ((a.double() - r).norm() / r.norm()).item() < 4e-3  # the logit gradient in bfloat16
+    used, _ = ran_bf16_products(lambda: fastloss.linear_cross_entropy(h, c, t, b))  # "highest": float32
+    assert not used
+
+
 @pytest.mark.parametrize("products", [True, False])
 def test_filtered_blocks_in_bfloat16(products):
     """Filtered tiles add nothing: a vocabulary block filtered out for every token tile gets a

@@ -208,6 +208,10 @@ void transpose_to_bf16(const float* src, int64_t rows, int64_t cols, int64_t lds
   transpose32<Store::kToBf16>(src, rows, cols, lds, dst, ldd);
 }
 
+void transpose_f32(const float* src, int64_t rows, int64_t cols, int64_t lds, float* dst, int64_t ldd) {
+  transpose32<Store::kWords>(src, rows, cols, lds, dst, ldd);
+}
+
 void transpose_bf16(const c10::BFloat16* src, int64_t rows, int64_t cols, int64_t lds, c10::BFloat16* dst,
                     int64_t ldd) {
   TORCH_INTERNAL_ASSERT(cols % 2 == 0 && lds % 2 == 0, "transpose_bf16: needs an even width and stride");

@@ -38,6 +38,9 @@ void pack_vnni_transposed(const c10::BFloat16* src, int64_t ld, int64_t k, int64
 // nearest even), in parallel.
 void transpose_to_bf16(const float* src, int64_t rows, int64_t cols, int64_t lds, c10::BFloat16* dst, int64_t ldd);
 
+// dst[c * ldd + r] = src[r * lds + c] for a rows x cols float32 source.
+void transpose_f32(const float* src, int64_t rows, int64_t cols, int64_t lds, float* dst, int64_t ldd);
+
 // dst[c * ldd + r] = src[r * lds + c] for a rows x cols bfloat16 source; cols and lds even.
 void transpose_bf16(const c10::BFloat16* src, int64_t rows, int64_t cols, int64_t lds, c10::BFloat16* dst,
                     int64_t ldd);
