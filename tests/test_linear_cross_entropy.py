@@ -225,6 +225,27 @@ def test_float32_in_bfloat16_at_medium_matmul_precision():
     assert not used
 
 
+@needs_bf16_products
+def test_float32_in_bfloat16_by_the_per_backend_precision_setting():
+    # torch.backends.<backend>.matmul.fp32_precision (mixed with the legacy setting, torch
+    # refuses to report the legacy one): oneDNN's "bf16" turns the products on, CUDA's "tf32"
+    # changes nothing on the CPU.
+    h, c, t, _ = make_inputs((50,), 32, 700, torch.float32, "cpu", seed=16)
+    mkldnn, cuda = torch.backends.mkldnn.matmul.fp32_precision, torch.backends.cuda.matmul.fp32_precision
+    try:
+        torch.backends.cuda.matmul.fp32_precision = "tf32"
+        used, plain = ran_bf16_products(lambda: fastloss.linear_cross_entropy(h, c, t))
+        assert not used
+        torch.backends.mkldnn.matmul.fp32_precision = "bf16"
+        used, rounded = ran_bf16_products(lambda: fastloss.linear_cross_entropy(h, c, t))
+        assert used
+    finally:
+        torch.backends.mkldnn.matmul.fp32_precision, torch.backends.cuda.matmul.fp32_precision = mkldnn, cuda
+    torch.testing.assert_close(plain.double(), reference(h.double(), c.double(), t), rtol=2e-5, atol=2e-5)
+    torch.testing.assert_close(rounded.double(), reference(h.bfloat16().double(), c.bfloat16().double(), t),
+                               rtol=2e-5, atol=2e-5)
+
+
 @pytest.mark.parametrize("products", [True, False])
 def test_filtered_blocks_in_bfloat16(products):
     """Filtered tiles add nothing: a vocabulary block filtered out for every token tile gets a

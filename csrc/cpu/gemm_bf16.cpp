@@ -111,7 +111,7 @@ FASTLOSS_BF16_TARGET void transpose_block16(const void* src, int64_t lds, void* 
                             _mm512_shuffle_i32x4(v1, w1, 0x88), _mm512_shuffle_i32x4(v1, w1, 0xDD)};
     for (int l = 0; l < 4; ++l) {
       const int64_t row = 4 * l + c;
-      if constexpr (kStore == Store::kToBf16) {
+      if constexpr (kStore == Store::kToBf16) {  // nearest even; subnormal floats become +-0
         const __m256bh h = _mm512_cvtneps_pbh(_mm512_castsi512_ps(out[l]));
         _mm256_storeu_si256(reinterpret_cast<__m256i*>(static_cast<uint16_t*>(dst) + row * ldd),
                             reinterpret_cast<const __m256i&>(h));

@@ -26,6 +26,7 @@
 #include <ATen/ops/mm.h>
 #include <ATen/ops/zeros.h>
 #include <torch/library.h>
+#include <torch/version.h>
 
 #include <algorithm>
 #include <array>
@@ -264,14 +265,26 @@ int64_t rows_grain(int64_t vb) { return std::max<int64_t>(1, 16384 / std::max<in
 
 // Whether the matmuls multiply bfloat16 operands into float32 (cpu/gemm_bf16.h): both
 // operands bfloat16 and D even (the packed operands pair up entries along D).
-// float32 operands too where the user lets float32 matmuls run in bfloat16
-// (torch.set_float32_matmul_precision("medium"), which oneDNN's float32 matmuls follow):
-// they are rounded to bfloat16 once.
+// Whether the user lets oneDNN's float32 matmuls run in bfloat16
+// (torch.set_float32_matmul_precision("medium"), torch.backends.mkldnn.matmul.fp32_precision).
+bool float32_matmuls_in_bf16() {
+#if TORCH_VERSION_MAJOR > 2 || (TORCH_VERSION_MAJOR == 2 && TORCH_VERSION_MINOR >= 13)
+  return at::globalContext().float32Precision(at::Float32Backend::MKLDNN, at::Float32Op::MATMUL) ==
+         at::Float32Precision::BF16;
+#else
+  try {
+    return at::globalContext().float32MatmulPrecision() == at::Float32MatmulPrecision::MEDIUM;
+  } catch (const c10::Error&) {  // the legacy and the per-backend settings were mixed
+    return false;
+  }
+#endif
+}
+
+// float32 operands too where float32 matmuls may run in bfloat16: rounded to bfloat16 once.
 bool bf16_products(const at::Tensor& hidden, const at::Tensor& classifier, const LinearCrossEntropyArgs& args) {
   const auto both = [&](c10::ScalarType t) { return hidden.scalar_type() == t && classifier.scalar_type() == t; };
-  const bool float32_as_bf16 =
-      both(c10::kFloat) && at::globalContext().float32MatmulPrecision() == at::Float32MatmulPrecision::MEDIUM;
-  return (both(c10::kBFloat16) || float32_as_bf16) && args.dim % 2 == 0 && bf16_gemm_available();
+  return (both(c10::kBFloat16) || (both(c10::kFloat) && float32_matmuls_in_bf16())) && args.dim % 2 == 0 &&
+         bf16_gemm_available();
 }
 
 // The logits of the active tokens against one vocabulary block, a token tile at a time: a
