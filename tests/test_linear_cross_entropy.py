@@ -1175,6 +1175,16 @@ def _vocab_parallel_checks(rank):
         torch.testing.assert_close(grads_p[0], dh, rtol=1e-12, atol=1e-13)
         torch.testing.assert_close(grads_p[1], dc[start:start + split[rank]], rtol=1e-12, atol=1e-13)
         torch.testing.assert_close(grads_p[2], db[start:start + split[rank]], rtol=1e-12, atol=1e-13)
+    # bfloat16 (the bfloat16 products on CPUs with AVX512-BF16): the shards combine to the
+    # single-process result up to float32 sums and the final bfloat16 rounding.
+    h16, c16, t16, b16 = make_inputs((3, 9), 16, sum(split), torch.bfloat16, "cpu", bias=True, seed=5)
+    lce16 = lambda *a, **kw: fastloss.linear_cross_entropy(a[0], a[1], t16, a[2], filter_eps=None, **kw)  # noqa: E731
+    (loss16, grads16) = grads_of(lce16, [h16, c16, b16])
+    own = slice(start, start + split[rank])
+    (loss16_p, grads16_p) = grads_of(lambda *a: lce16(*a, process_group=dist.group.WORLD), [h16, c16[own], b16[own]])
+    torch.testing.assert_close(loss16_p, loss16, rtol=1e-5, atol=1e-6)
+    for got, want in zip(grads16_p, (grads16[0], grads16[1][own], grads16[2][own])):
+        torch.testing.assert_close(got.float(), want.float(), rtol=1e-2, atol=1e-5)
     # A first derivative with create_graph=True works; a second one raises (the all-reduce of
     # the hidden gradient is not differentiable).
     leaf = h.clone().requires_grad_()
