@@ -263,8 +263,6 @@ void block_target_cols(const ActiveTokens& a, int64_t first, int64_t count, int6
 
 int64_t rows_grain(int64_t vb) { return std::max<int64_t>(1, 16384 / std::max<int64_t>(1, vb)); }
 
-// Whether the matmuls multiply bfloat16 operands into float32 (cpu/gemm_bf16.h): both
-// operands bfloat16 and D even (the packed operands pair up entries along D).
 // Whether the user lets oneDNN's float32 matmuls run in bfloat16
 // (torch.set_float32_matmul_precision("medium"), torch.backends.mkldnn.matmul.fp32_precision).
 bool float32_matmuls_in_bf16() {
@@ -280,7 +278,9 @@ bool float32_matmuls_in_bf16() {
 #endif
 }
 
-// float32 operands too where float32 matmuls may run in bfloat16: rounded to bfloat16 once.
+// Whether the matmuls multiply bfloat16 operands into float32 (cpu/gemm_bf16.h): both
+// operands bfloat16, or float32 where float32 matmuls may run in bfloat16 (rounded to
+// bfloat16 once), and D even (the packed operands pair up entries along D).
 bool bf16_products(const at::Tensor& hidden, const at::Tensor& classifier, const LinearCrossEntropyArgs& args) {
   const auto both = [&](c10::ScalarType t) { return hidden.scalar_type() == t && classifier.scalar_type() == t; };
   return (both(c10::kBFloat16) || (both(c10::kFloat) && float32_matmuls_in_bf16())) && args.dim % 2 == 0 &&
