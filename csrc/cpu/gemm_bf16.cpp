@@ -77,6 +77,23 @@ struct Bf16Pair {
 };
 static_assert(sizeof(Bf16Pair) == 2 * sizeof(c10::BFloat16));
 
+// dst[c * ldd + r] = src[r * lds + c] (converted to T) for a rows x cols source, in tiles,
+// in parallel over the destination's rows.
+template <typename S, typename T>
+void transpose_into(const S* src, int64_t rows, int64_t cols, int64_t lds, T* dst, int64_t ldd) {
+  constexpr int64_t kTile = 32;
+  at::parallel_for(0, (cols + kTile - 1) / kTile, 1, [&](int64_t b, int64_t e) {
+    for (int64_t ct = b; ct < e; ++ct) {
+      const int64_t c0 = ct * kTile, c1 = std::min(cols, c0 + kTile);
+      for (int64_t r0 = 0; r0 < rows; r0 += kTile) {
+        const int64_t r1 = std::min(rows, r0 + kTile);
+        for (int64_t c = c0; c < c1; ++c)
+          for (int64_t r = r0; r < r1; ++r) dst[c * ldd + r] = static_cast<T>(src[r * lds + c]);
+      }
+    }
+  });
+}
+
 // How a transposed block of 32-bit entries is stored: as they are; (float) rounded to
 // bfloat16; or (pairs of bfloat16) split, the first of each pair to row 2i, the second to
 // row 2i + 1 of a bfloat16 destination.
@@ -127,6 +144,16 @@ FASTLOSS_BF16_TARGET void transpose_block16(const void* src, int64_t lds, void* 
 }
 #endif
 
+// transpose32 entry by entry (kSplitPairs: the pairs' bfloat16 entries, each a row of dst).
+template <Store kStore, typename S, typename T>
+void transpose_entries(const S* src, int64_t rows, int64_t cols, int64_t lds, T* dst, int64_t ldd) {
+  if constexpr (kStore == Store::kSplitPairs) {
+    transpose_into(reinterpret_cast<const c10::BFloat16*>(src), rows, 2 * cols, 2 * lds, dst, ldd);
+  } else {
+    transpose_into(src, rows, cols, lds, dst, ldd);
+  }
+}
+
 // dst[c * ldd + r] = src[r * lds + c] for 32-bit source entries (kSplitPairs: pairs of
 // bfloat16, with c counting pairs and the destination's rows 2c and 2c + 1): 16 x 16 blocks
 // in registers where the products run (so AVX512-BF16 is there), the edges one by one.
@@ -142,29 +169,15 @@ void transpose32(const S* src, int64_t rows, int64_t cols, int64_t lds, T* dst, 
         for (int64_t r = 0; r < full_rows; r += 16)
           transpose_block16<kStore>(src + r * lds + c, lds, dst + rows_per_col * c * ldd + r, ldd);
     });
-    if constexpr (kStore == Store::kSplitPairs) {
-      // the edges as pairs split entry by entry
-      auto split = [&](int64_t r0, int64_t r1, int64_t c0, int64_t c1) {
-        for (int64_t c = c0; c < c1; ++c)
-          for (int64_t r = r0; r < r1; ++r) {
-            dst[2 * c * ldd + r] = src[r * lds + c].lo;
-            dst[(2 * c + 1) * ldd + r] = src[r * lds + c].hi;
-          }
-      };
-      split(full_rows, rows, 0, full_cols);
-      split(0, rows, full_cols, cols);
-    } else {
-      if (full_rows < rows) transpose_into(src + full_rows * lds, rows - full_rows, full_cols, lds, dst + full_rows, ldd);
-      if (full_cols < cols) transpose_into(src + full_cols, rows, cols - full_cols, lds, dst + full_cols * ldd, ldd);
-    }
+    if (full_rows < rows)
+      transpose_entries<kStore>(src + full_rows * lds, rows - full_rows, full_cols, lds, dst + full_rows, ldd);
+    if (full_cols < cols)
+      transpose_entries<kStore>(src + full_cols, rows, cols - full_cols, lds, dst + rows_per_col * full_cols * ldd,
+                                ldd);
     return;
   }
 #endif
-  if constexpr (kStore == Store::kSplitPairs) {
-    transpose_into(reinterpret_cast<const c10::BFloat16*>(src), rows, 2 * cols, 2 * lds, dst, ldd);
-  } else {
-    transpose_into(src, rows, cols, lds, dst, ldd);
-  }
+  transpose_entries<kStore>(src, rows, cols, lds, dst, ldd);
 }
 
 }  // namespace

@@ -2,16 +2,14 @@
 // instructions (AVX512-BF16, AMX), through the oneDNN micro-kernel that ATen exports
 // (at::native::cpublas::brgemm). ATen's own bfloat16 matmul rounds its output to bfloat16;
 // these keep the float32 sums, so cut cross-entropy's logits and gradient sums stay float32
-// at about 2.5x the speed of a float32 matmul.
+// (on Zen 4: 2.3x a float32 matmul for one 1024 x 512 x 1024 product, 4x over the op).
 //
 // B operands are in the VNNI layout the instructions read: rows k and k+1 interleaved, i.e.
 // element (k, n) of a K x N matrix at [(k / 2) * 2N + 2n + k % 2], K padded to even with zeros.
 #pragma once
 
-#include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
 
-#include <algorithm>
 #include <cstdint>
 
 namespace fastloss::cpu {
@@ -50,22 +48,5 @@ void transpose_bf16(const c10::BFloat16* src, int64_t rows, int64_t cols, int64_
 // blocks of C; each entry is one sum over K, so the result does not depend on the threads.
 void gemm_bf16(int64_t m, int64_t n, int64_t k, const c10::BFloat16* a, int64_t lda, const c10::BFloat16* b_vnni,
                float* c, int64_t ldc, bool accumulate);
-
-// dst[c * ldd + r] = src[r * lds + c] (converted to T) for a rows x cols source, in tiles,
-// in parallel over the destination's rows.
-template <typename S, typename T>
-void transpose_into(const S* src, int64_t rows, int64_t cols, int64_t lds, T* dst, int64_t ldd) {
-  constexpr int64_t kTile = 32;
-  at::parallel_for(0, (cols + kTile - 1) / kTile, 1, [&](int64_t b, int64_t e) {
-    for (int64_t ct = b; ct < e; ++ct) {
-      const int64_t c0 = ct * kTile, c1 = std::min(cols, c0 + kTile);
-      for (int64_t r0 = 0; r0 < rows; r0 += kTile) {
-        const int64_t r1 = std::min(rows, r0 + kTile);
-        for (int64_t c = c0; c < c1; ++c)
-          for (int64_t r = r0; r < r1; ++r) dst[c * ldd + r] = static_cast<T>(src[r * lds + c]);
-      }
-    }
-  });
-}
 
 }  // namespace fastloss::cpu
