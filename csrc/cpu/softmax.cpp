@@ -154,6 +154,50 @@ FASTLOSS_CPU_INLINE acc_t reduce_lanes(acc_t* a, Op op) {
   return a[0];
 }
 
+// float16 rows longer than kStagedHalfRow go through float a chunk at a time: GCC 12 converts
+// float16 one element at a time, while convert.h's conversions take whole vectors. The float
+// loops then run on the converted chunk in the same order as on float input, so the result
+// is still the float kernel's rounded once. Against staging whole rows (AVX-512, 2 threads,
+// about 8M entries, medians of 41 rounds in turns), chunks took 0.75-0.9x the time for rows of
+// 512 to 4096 entries forward and 0.6-0.9x for rows of 48 to 4096 backward (log-softmax);
+// rows of 128 to 2048 were even within noise in the log-softmax forward. Rows longer than the
+// old whole-row limit (32768) had the element-wise conversions: 8 x 151936 log-softmax,
+// forward 0.75x -> 1.09x torch, backward 0.55x -> 1.06x.
+template <typename T>
+constexpr bool kStagedChunks = std::is_same_v<T, c10::Half>;
+
+// float16 rows staged whole (through convert.h's staged_float_rows, blocks of rows): the rows
+// that the register kernels take (forward_short_rows: up to 64 float entries), where a chunk
+// per row would cost a call per row.
+constexpr int64_t kStagedHalfRow = 64;
+
+// Entries [0, c) of p for the float loops: p itself, or (float16) converted into buf.
+template <typename T>
+FASTLOSS_CPU_INLINE auto readable(const T* p, int64_t c, float* buf) {
+  if constexpr (kStagedChunks<T>) {
+    to_float(p, buf, c);
+    return static_cast<const float*>(buf);
+  } else {
+    return p;
+  }
+}
+
+// Runs write(q) to compute entries [0, c) of p into q: p itself, or (float16) buf, then
+// converted into p.
+template <typename T, typename Write>
+FASTLOSS_CPU_INLINE void write_chunk(T* p, int64_t c, float* buf, Write&& write) {
+  if constexpr (kStagedChunks<T>) {
+    write(buf);
+    from_float(buf, p, c);
+  } else {
+    write(p);
+  }
+}
+
+// Buffers for readable / write_chunk: kChunk floats where T is staged, else a placeholder.
+template <typename T>
+constexpr int64_t kChunkBuffer = kStagedChunks<T> ? kChunk<float> : 1;
+
 // Pass 1 over one L1-resident chunk: the chunk's largest exponent m (a max over the chunk
 // in L1, not a pass over memory), then s = sum exp(x - m ln2) as the chunk's pair (s, m).
 // With kStore the exponentials are also written to `e` (acc_t) for the cached variant.
@@ -208,8 +252,10 @@ FASTLOSS_CPU_INLINE RowStats<acc_t> row_pass1(const in_t* x, int64_t n, acc_t* e
   // Chunk pairs merge in groups of kSumBlock, groups into the row: one running merge over
   // thousands of chunks let rounding add up (a constant row of 1.6e7 floats: 2e-4 relative).
   ExpSum<acc_t> total = ExpSum<acc_t>::empty(), group = ExpSum<acc_t>::empty();
+  float buf[kChunkBuffer<in_t>];
   for (int64_t c0 = 0, k = 0; c0 < n; c0 += C, ++k) {
-    const ChunkSum<acc_t> cs = chunk_pass1<kStore, L>(x + c0, std::min<int64_t>(C, n - c0), kStore ? e + c0 : e);
+    const int64_t c = std::min<int64_t>(C, n - c0);
+    const ChunkSum<acc_t> cs = chunk_pass1<kStore, L>(readable(x + c0, c, buf), c, kStore ? e + c0 : e);
     if constexpr (kStore) chunk_exp[k] = cs.exponent;
     group.add(cs.sum, cs.exponent);  // a NaN chunk sum stays NaN (NaN * 0 is NaN)
     if ((k + 1) % kSumBlock == 0) {
@@ -231,12 +277,14 @@ FASTLOSS_CPU_INLINE void softmax_row_cached(const in_t* x, out_t* out, acc_t* y,
     exact_row<false, in_t, out_t, acc_t>(x, out, n, 1);
     return;
   }
+  float buf[kChunkBuffer<out_t>];
   for (int64_t k = 0; k < chunks; ++k) {
     const acc_t scale = exp2_nonpositive(chunk_exp[k] - stats.exponent) * stats.inv_sum;
     const acc_t* yc = y + k * C;
-    out_t* oc = out + k * C;
     const int64_t c = std::min<int64_t>(C, n - k * C);
-    for (int64_t i = 0; i < c; ++i) oc[i] = to_output<out_t>(yc[i] * scale);
+    write_chunk(out + k * C, c, buf, [&](auto* oc) {
+      for (int64_t i = 0; i < c; ++i) oc[i] = to_output<std::remove_pointer_t<decltype(oc)>>(yc[i] * scale);
+    });
   }
 }
 
@@ -407,6 +455,7 @@ FASTLOSS_CPU_INLINE void forward_short_rows(const in_t* x, out_t* y, int64_t beg
 // The widest row forward_short_rows takes: four 512-bit vectors.
 template <typename acc_t>
 constexpr int kShortForwardRow = 256 / sizeof(acc_t);
+static_assert(kStagedHalfRow >= kShortForwardRow<float>, "float16 rows for the register kernels are staged whole");
 
 template <bool kLog, typename in_t, typename out_t>
 FASTLOSS_CPU_INLINE void forward_short_rows(const in_t* x, out_t* y, int64_t begin, int64_t end, int64_t n) {
@@ -417,7 +466,7 @@ FASTLOSS_CPU_INLINE void forward_short_rows(const in_t* x, out_t* y, int64_t beg
 }
 
 // Rows staged through float (convert.h), defined below the float entry points that they call:
-// float16 rows of up to kMaxStagedRow, and bfloat16 rows short enough for the register
+// float16 rows of up to kStagedHalfRow, and bfloat16 rows short enough for the register
 // kernels (in those GCC widened a row of bfloat16 in half vectors that went through memory:
 // forward, 65536 x 16, 1.7x the time of float).
 template <bool kLog, typename in_t, typename out_t>
@@ -431,7 +480,7 @@ void backward_staged(const out_t* g, const out_t* y, grad_t* dx, int64_t begin, 
 template <bool kLog, typename in_t, typename out_t>
 FASTLOSS_CPU_INLINE void forward_lastdim_rows(const in_t* x, out_t* y, int64_t begin, int64_t end, int64_t n) {
   if constexpr (std::is_same_v<in_t, c10::Half>) {
-    if (n <= kMaxStagedRow) return forward_staged<kLog>(x, y, begin, end, n);
+    if (n <= kStagedHalfRow) return forward_staged<kLog>(x, y, begin, end, n);
   }
   using acc_t = typename AccType<in_t>::type;
   constexpr int L = kLanes<acc_t>;
@@ -460,8 +509,17 @@ FASTLOSS_CPU_INLINE void forward_lastdim_rows(const in_t* x, out_t* y, int64_t b
       exact_row<kLog, in_t, out_t, acc_t>(xr, yr, n, 1);
       continue;
     }
-    for (int64_t j = 0; j < n; ++j) {
-      yr[j] = to_output<out_t>(pass2_value<kLog>(static_cast<acc_t>(xr[j]), stats));
+    // One chunk of n where neither type is staged (the loop as it was, vectorized by GCC).
+    const int64_t C = kStagedChunks<in_t> || kStagedChunks<out_t> ? kChunk<float> : n;
+    float in_buf[kChunkBuffer<in_t>], out_buf[kChunkBuffer<out_t>];
+    for (int64_t c0 = 0; c0 < n; c0 += C) {
+      const int64_t c = std::min(C, n - c0);
+      const auto* xc = readable(xr + c0, c, in_buf);
+      write_chunk(yr + c0, c, out_buf, [&](auto* yc) {
+        for (int64_t j = 0; j < c; ++j) {
+          yc[j] = to_output<std::remove_pointer_t<decltype(yc)>>(pass2_value<kLog>(static_cast<acc_t>(xc[j]), stats));
+        }
+      });
     }
   }
 }
@@ -532,30 +590,50 @@ template <bool kLog, int L, typename out_t, typename grad_t>
 FASTLOSS_CPU_INLINE void backward_lastdim_rows_lanes(const out_t* g, const out_t* y, grad_t* dx, int64_t begin,
                                                      int64_t end, int64_t n) {
   using acc_t = typename AccType<out_t>::type;
+  // Chunks (a multiple of L) where a type is staged, else one chunk of n: the same order of
+  // additions either way.
+  const int64_t C = kStagedChunks<out_t> || kStagedChunks<grad_t> ? kChunk<float> : n;
+  float g_buf[kChunkBuffer<out_t>], y_buf[kChunkBuffer<out_t>], d_buf[kChunkBuffer<grad_t>];
   for (int64_t row = begin; row < end; ++row) {
     const out_t* gr = g + row * n;
     const out_t* yr = y + row * n;
     grad_t* dr = dx + row * n;
     acc_t partial[L] = {};
-    int64_t i = 0;
-    for (; i + L <= n; i += L) {
-      for (int l = 0; l < L; ++l) {
-        const acc_t gv = static_cast<acc_t>(gr[i + l]);
-        partial[l] += kLog ? gv : gv * static_cast<acc_t>(yr[i + l]);
+    // The tail (the last chunk's entries past a multiple of L) into a scalar of its own: lanes
+    // indexed with a runtime l stay on the stack, and their reduction became L scalar loads
+    // and adds per row (AVX-512, fp32 rows of 128 in cache, the op called alone: 0.56-0.68x
+    // torch's speed before, 0.73-0.76x after).
+    acc_t tail = 0;
+    for (int64_t c0 = 0; c0 < n; c0 += C) {
+      const int64_t c = std::min(C, n - c0);
+      const auto* gc = readable(gr + c0, c, g_buf);
+      const auto* yc = [&] {  // log-softmax sums g alone
+        if constexpr (kLog) return gc;
+        else return readable(yr + c0, c, y_buf);
+      }();
+      int64_t i = 0;
+      for (; i + L <= c; i += L) {
+        for (int l = 0; l < L; ++l) {
+          const acc_t gv = static_cast<acc_t>(gc[i + l]);
+          partial[l] += kLog ? gv : gv * static_cast<acc_t>(yc[i + l]);
+        }
+      }
+      for (; i < c; ++i) {
+        const acc_t gv = static_cast<acc_t>(gc[i]);
+        tail += kLog ? gv : gv * static_cast<acc_t>(yc[i]);
       }
     }
-    // The tail into a scalar of its own: lanes indexed with a runtime l stay on the stack,
-    // and their reduction became L scalar loads and adds per row (AVX-512, fp32 rows of 128
-    // in cache, the op called alone: 0.56-0.68x torch's speed before, 0.73-0.76x after).
-    acc_t tail = 0;
-    for (; i < n; ++i) {
-      const acc_t gv = static_cast<acc_t>(gr[i]);
-      tail += kLog ? gv : gv * static_cast<acc_t>(yr[i]);
-    }
     const acc_t total = reduce_lanes<L>(partial, [](acc_t a, acc_t b) { return a + b; }) + tail;
-    for (int64_t j = 0; j < n; ++j) {
-      const acc_t gv = static_cast<acc_t>(gr[j]);
-      dr[j] = to_output<grad_t>(backward_value<kLog>(gv, static_cast<acc_t>(yr[j]), total));
+    for (int64_t c0 = 0; c0 < n; c0 += C) {
+      const int64_t c = std::min(C, n - c0);
+      const auto* gc = readable(gr + c0, c, g_buf);
+      const auto* yc = readable(yr + c0, c, y_buf);
+      write_chunk(dr + c0, c, d_buf, [&](auto* dc) {
+        for (int64_t j = 0; j < c; ++j) {
+          dc[j] = to_output<std::remove_pointer_t<decltype(dc)>>(
+              backward_value<kLog>(static_cast<acc_t>(gc[j]), static_cast<acc_t>(yc[j]), total));
+        }
+      });
     }
   }
 }
@@ -698,7 +776,7 @@ FASTLOSS_CPU_INLINE void backward_lastdim_rows(const out_t* g, const out_t* y, g
   }
 #endif
   if constexpr (std::is_same_v<grad_t, c10::Half>) {
-    if (n <= kMaxStagedRow) return backward_staged<kLog>(g, y, dx, begin, end, n);
+    if (n <= kStagedHalfRow) return backward_staged<kLog>(g, y, dx, begin, end, n);
   }
   using acc_t = typename AccType<out_t>::type;
   if constexpr (std::is_same_v<acc_t, float>) {
