@@ -613,9 +613,9 @@ def test_gelu_mul_backward_matches_reference_fp32(device, threshold_grad):
 
 @pytest.mark.parametrize("rows,cols", [(37, 5), (9, 1000), (3, 32768), (2, 40000)])
 def test_float16_is_the_float_kernel_rounded_once(rows, cols):
-    # On the CPU, float16 rows of up to 32768 go through float in blocks (hardware
-    # conversions, the float kernel, one rounding back); longer rows convert element by
-    # element in the kernel. Either way: the float kernel's result rounded once, to the bit.
+    # On the CPU, float16 rows go through float in blocks (hardware conversions, the float
+    # kernel, one rounding back): the thread's kept buffers for rows of up to 32768, buffers
+    # for the call alone beyond. So the result is the float kernel's rounded once, to the bit.
     ops = torch.ops.fastloss
     gen = torch.Generator().manual_seed(rows * cols)
     x = (torch.randn(rows, cols, generator=gen) * 3).half()

@@ -10,6 +10,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <cstring>
+#include <memory>
 #include <type_traits>
 #include <vector>
 
@@ -163,8 +164,9 @@ void to_float(const c10::BFloat16* in, float* out, int64_t n);
 void from_float(const float* in, c10::BFloat16* out, int64_t n);
 
 // float16 or bfloat16 rows staged through float: blocks of rows of about kStageBytes float
-// bytes per buffer (in L1), and rows up to kMaxStagedRow elements (one row per block beyond
-// kStageBytes: up to 128 KiB per buffer, in L2).
+// bytes per buffer (in L1), one row per block beyond kStageBytes. The thread's buffers are
+// kept for rows of up to kMaxStagedRow elements (up to 128 KiB per buffer, in L2); a longer
+// row gets buffers for the call alone, so that no thread keeps megabytes.
 constexpr int64_t kStageBytes = int64_t(8) << 10;
 constexpr int64_t kMaxStagedRow = 32768;
 inline int64_t staged_rows(int64_t n) { return std::max<int64_t>(1, kStageBytes / (n * int64_t(sizeof(float)))); }
@@ -177,10 +179,15 @@ void staged_float_rows(int64_t begin, int64_t end, int64_t n, const std::array<c
                        const std::array<T*, O>& out, Kernel&& kernel) {
   static_assert(I + O <= 5, "stage_buffer holds 5 buffers per thread");
   const int64_t step = staged_rows(n), most = std::min(step, end - begin) * n;
+  std::unique_ptr<float[]> call_buffers;
+  if (n > kMaxStagedRow) call_buffers.reset(new float[(I + O) * static_cast<size_t>(n)]);
+  const auto buffer = [&](size_t which) {
+    return call_buffers ? call_buffers.get() + which * n : stage_buffer(static_cast<int>(which), most);
+  };
   std::array<float*, I> fin{};
   std::array<float*, O> fout{};
-  for (size_t i = 0; i < I; ++i) fin[i] = stage_buffer(static_cast<int>(i), most);
-  for (size_t o = 0; o < O; ++o) fout[o] = stage_buffer(static_cast<int>(I + o), most);
+  for (size_t i = 0; i < I; ++i) fin[i] = buffer(i);
+  for (size_t o = 0; o < O; ++o) fout[o] = buffer(I + o);
   for (int64_t r = begin; r < end; r += step) {
     const int64_t rows = std::min(step, end - r), count = rows * n;
     for (size_t i = 0; i < I; ++i) to_float(in[i] + r * n, fin[i], count);
