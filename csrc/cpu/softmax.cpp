@@ -154,22 +154,13 @@ FASTLOSS_CPU_INLINE acc_t reduce_lanes(acc_t* a, Op op) {
   return a[0];
 }
 
-// float16 rows longer than kStagedHalfRow go through float a chunk at a time: GCC 12 converts
-// float16 one element at a time, while convert.h's conversions take whole vectors. The float
-// loops then run on the converted chunk in the same order as on float input, so the result
-// is still the float kernel's rounded once. Against staging whole rows (AVX-512, 2 threads,
-// about 8M entries, medians of 41 rounds in turns), chunks took 0.75-0.9x the time for rows of
-// 512 to 4096 entries forward and 0.6-0.9x for rows of 48 to 4096 backward (log-softmax);
-// rows of 128 to 2048 were even within noise in the log-softmax forward. Rows longer than the
-// old whole-row limit (32768) had the element-wise conversions: 8 x 151936 log-softmax,
-// forward 0.75x -> 1.09x torch, backward 0.55x -> 1.06x.
+// float16 rows longer than the staged ones below go through float a chunk at a time: GCC 12
+// converts float16 one element at a time, while convert.h's conversions take whole vectors.
+// The float loops then run on the converted chunk in the same order as on float input, so
+// the result is still the float kernel's rounded once. Rows longer than 32768 used to convert
+// element by element, and shorter ones were staged whole (convert.h's staged_float_rows).
 template <typename T>
 constexpr bool kStagedChunks = std::is_same_v<T, c10::Half>;
-
-// float16 rows staged whole (through convert.h's staged_float_rows, blocks of rows): the rows
-// that the register kernels take (forward_short_rows: up to 64 float entries), where a chunk
-// per row would cost a call per row.
-constexpr int64_t kStagedHalfRow = 64;
 
 // Entries [0, c) of p for the float loops: p itself, or (float16) converted into buf.
 template <typename T>
@@ -197,6 +188,17 @@ FASTLOSS_CPU_INLINE void write_chunk(T* p, int64_t c, float* buf, Write&& write)
 // Buffers for readable / write_chunk: kChunk floats where T is staged, else a placeholder.
 template <typename T>
 constexpr int64_t kChunkBuffer = kStagedChunks<T> ? kChunk<float> : 1;
+
+// float16 rows still staged whole, in blocks of rows: those that the register kernels take
+// (forward_short_rows: up to 64 float entries), and log-softmax forward rows of up to 256,
+// where the chunks' per-row conversion calls cost more than they save. Chunks against
+// whole-row staging (AVX-512, 2 threads, 1M entries, ratio to torch, medians of 3 runs of 31
+// rounds): log-softmax forward rows of 128 0.85x -> 0.78x and of 256 1.01x -> 0.95x, but of
+// 1024 to 32768 1.17-1.30x -> 1.41-1.48x; softmax forward rows of 128 to 32768 1.10-1.55x ->
+// 1.18-2.74x; log-softmax backward rows of 128 to 32768 0.87-1.13x -> 1.07-1.10x.
+template <bool kLog>
+constexpr int64_t kStagedHalfForwardRow = kLog ? 256 : 64;
+constexpr int64_t kStagedHalfBackwardRow = 64;
 
 // Pass 1 over one L1-resident chunk: the chunk's largest exponent m (a max over the chunk
 // in L1, not a pass over memory), then s = sum exp(x - m ln2) as the chunk's pair (s, m).
@@ -455,7 +457,7 @@ FASTLOSS_CPU_INLINE void forward_short_rows(const in_t* x, out_t* y, int64_t beg
 // The widest row forward_short_rows takes: four 512-bit vectors.
 template <typename acc_t>
 constexpr int kShortForwardRow = 256 / sizeof(acc_t);
-static_assert(kStagedHalfRow >= kShortForwardRow<float>, "float16 rows for the register kernels are staged whole");
+static_assert(kStagedHalfForwardRow<false> >= kShortForwardRow<float>, "float16 rows for the register kernels are staged whole");
 
 template <bool kLog, typename in_t, typename out_t>
 FASTLOSS_CPU_INLINE void forward_short_rows(const in_t* x, out_t* y, int64_t begin, int64_t end, int64_t n) {
@@ -466,8 +468,8 @@ FASTLOSS_CPU_INLINE void forward_short_rows(const in_t* x, out_t* y, int64_t beg
 }
 
 // Rows staged through float (convert.h), defined below the float entry points that they call:
-// float16 rows of up to kStagedHalfRow, and bfloat16 rows short enough for the register
-// kernels (in those GCC widened a row of bfloat16 in half vectors that went through memory:
+// short float16 rows (kStagedHalfForwardRow, kStagedHalfBackwardRow), and bfloat16 rows
+// short enough for the register kernels (in those GCC widened a row of bfloat16 in half vectors that went through memory:
 // forward, 65536 x 16, 1.7x the time of float).
 template <bool kLog, typename in_t, typename out_t>
 void forward_staged(const in_t* x, out_t* y, int64_t begin, int64_t end, int64_t n);
@@ -480,7 +482,7 @@ void backward_staged(const out_t* g, const out_t* y, grad_t* dx, int64_t begin, 
 template <bool kLog, typename in_t, typename out_t>
 FASTLOSS_CPU_INLINE void forward_lastdim_rows(const in_t* x, out_t* y, int64_t begin, int64_t end, int64_t n) {
   if constexpr (std::is_same_v<in_t, c10::Half>) {
-    if (n <= kStagedHalfRow) return forward_staged<kLog>(x, y, begin, end, n);
+    if (n <= kStagedHalfForwardRow<kLog>) return forward_staged<kLog>(x, y, begin, end, n);
   }
   using acc_t = typename AccType<in_t>::type;
   constexpr int L = kLanes<acc_t>;
@@ -776,7 +778,7 @@ FASTLOSS_CPU_INLINE void backward_lastdim_rows(const out_t* g, const out_t* y, g
   }
 #endif
   if constexpr (std::is_same_v<grad_t, c10::Half>) {
-    if (n <= kStagedHalfRow) return backward_staged<kLog>(g, y, dx, begin, end, n);
+    if (n <= kStagedHalfBackwardRow) return backward_staged<kLog>(g, y, dx, begin, end, n);
   }
   using acc_t = typename AccType<out_t>::type;
   if constexpr (std::is_same_v<acc_t, float>) {
