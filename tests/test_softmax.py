@@ -550,6 +550,27 @@ def test_half_types_are_the_float_kernel_rounded_once(log, dtype, rows, cols):
     torch.testing.assert_close(dxh, bwd(g.float(), y32, -1, torch.float32).to(dtype), rtol=0, atol=0, equal_nan=True)
 
 
+@pytest.mark.parametrize("log", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("shape,dim", [((300, 37), 0), ((5, 1000, 3), 1), ((2, 70000, 2), 1), ((64, 33), 0)])
+def test_half_types_along_other_dims_are_the_float_kernel_rounded_once(log, dtype, shape, dim):
+    # Along a non-last dim the CPU converts float16 / bfloat16 entry by entry in the kernels:
+    # still the float kernel's result rounded once, to the bit, special values included.
+    fwd = torch.ops.fastloss.log_softmax if log else torch.ops.fastloss.softmax
+    bwd = torch.ops.fastloss.log_softmax_backward if log else torch.ops.fastloss.softmax_backward
+    x = (torch.randn(shape) * 5).to(dtype)
+    x.view(-1)[1] = -math.inf
+    x.view(-1)[-1] = math.nan
+    g = torch.randn(shape).to(dtype)
+    y = fwd(x, dim, False)
+    y32 = fwd(x.float(), dim, False)
+    torch.testing.assert_close(y, y32.to(dtype), rtol=0, atol=0, equal_nan=True)
+    torch.testing.assert_close(fwd(x, dim, True), y32, rtol=0, atol=0, equal_nan=True)
+    dx = bwd(g, y, dim, dtype)
+    torch.testing.assert_close(dx, bwd(g.float(), y.float(), dim, torch.float32).to(dtype), rtol=0, atol=0,
+                               equal_nan=True)
+
+
 @pytest.mark.parametrize("fn,ref_fn", OPS)
 def test_large_outputs_written_chunk_by_chunk(fn, ref_fn):
     # CPU outputs above 32 MiB are fresh pages, faulted in 256 KiB chunks of rows just before

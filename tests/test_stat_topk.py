@@ -650,6 +650,24 @@ def test_float16_is_the_float_kernel_rounded_once(rows, cols):
         same(dup, dup32.half())
 
 
+@pytest.mark.parametrize("shape,dim", [((1000, 5), 0), ((4, 3000, 3), 1)])
+def test_float16_along_other_dims_is_the_float_kernel_rounded_once(shape, dim):
+    # Along a non-last dim the CPU converts float16 entry by entry in the kernels: still the
+    # float kernel's result rounded once, to the bit.
+    ops = torch.ops.fastloss
+    gen = torch.Generator().manual_seed(7)
+    x = (torch.randn(shape, generator=gen) * 3).half()
+    g = torch.randn(shape, generator=gen).half()
+    for hard in (False, True):
+        y, theta, mean, std = ops.stat_topk(x, dim, 0.9, hard)
+        y32, theta32, _, _ = ops.stat_topk(x.float(), dim, 0.9, hard)
+        torch.testing.assert_close(y, y32.half(), rtol=0, atol=0)
+        torch.testing.assert_close(theta, theta32, rtol=0, atol=0)
+        dx = ops.stat_topk_backward(g, None, x, theta, mean, std, dim, 0.9, hard, True)
+        dx32 = ops.stat_topk_backward(g.float(), None, x.float(), theta, mean, std, dim, 0.9, hard, True)
+        torch.testing.assert_close(dx, dx32.half(), rtol=0, atol=0)
+
+
 # --------------------------------------------------------------------------------------------
 # Registration: opcheck, torch.compile, nn module
 
