@@ -164,6 +164,10 @@ def ran_bf16_products(run):
     dict(n_lead=(2, 50), d=16, v=700, ignore_frac=0.1, kw=dict(shift=True, reduction="sum"), bias=True),
     # several 64-wide blocks along D in both gradient products
     dict(n_lead=(300,), d=200, v=600, ignore_frac=0.1, kw={}, bias=False),
+    # fewer tokens than D: d classifier formed directly as dZ^T E (one partial 64-deep tile;
+    # two token tiles)
+    dict(n_lead=(2, 23), d=96, v=1300, ignore_frac=0.1, kw=dict(label_smoothing=0.1), bias=True),
+    dict(n_lead=(1100,), d=1104, v=600, ignore_frac=0.05, kw={}, bias=False),
 ])
 def test_bfloat16_products_on_the_cpu(case):
     """bfloat16 operands multiplied into float32: the loss and LSE as exact as float32 logits of
@@ -203,10 +207,11 @@ def test_bfloat16_products_for_one_gradient_at_a_time():
 
 
 @needs_bf16_products
-def test_float32_in_bfloat16_at_medium_matmul_precision():
+@pytest.mark.parametrize("n_lead,d", [((3, 70), 64), ((2, 20), 96)])  # d classifier: E^T dZ, then dZ^T E
+def test_float32_in_bfloat16_at_medium_matmul_precision(n_lead, d):
     """torch.set_float32_matmul_precision("medium") lets float32 matmuls run in bfloat16: the
     float32 operands are rounded to bfloat16 once; products, sums and results stay float32."""
-    h, c, t, b = make_inputs((3, 70), 64, 1300, torch.float32, "cpu", bias=True, seed=15)
+    h, c, t, b = make_inputs(n_lead, d, 1300, torch.float32, "cpu", bias=True, seed=15)
     fn = lambda h_, c_, b_: fastloss.linear_cross_entropy(h_, c_, t, b_, filter_eps=None)  # noqa: E731
     previous = torch.get_float32_matmul_precision()
     try:
@@ -246,14 +251,15 @@ def test_float32_in_bfloat16_by_the_per_backend_precision_setting():
                                rtol=2e-5, atol=2e-5)
 
 
-@pytest.mark.parametrize("products", [True, False])
-def test_filtered_blocks_in_bfloat16(products):
+@pytest.mark.parametrize("products,d", [(True, 32), (True, 1104), (False, 32)])
+def test_filtered_blocks_in_bfloat16(products, d):
     """Filtered tiles add nothing: a vocabulary block filtered out for every token tile gets a
-    zero gradient, and one kept only for its second token tile gets that tile's part alone."""
+    zero gradient, and one kept only for its second token tile gets that tile's part alone
+    (d = 1104: more than the 1100 tokens, the bfloat16 products form d classifier directly)."""
     if products and not BF16_PRODUCTS:
         pytest.skip("needs a CPU with AVX512-BF16 (bfloat16 products)")
     g = torch.Generator().manual_seed(14)
-    n, d, v = 1100, 32, 1800  # token tiles [0, 1024) and [1024, 1100); vocabulary blocks of 512
+    n, v = 1100, 1800  # token tiles [0, 1024) and [1024, 1100); vocabulary blocks of 512
     h = (torch.randn(n, d, generator=g) * 0.1).bfloat16()
     c = (torch.randn(v, d, generator=g) * 0.1).bfloat16()
     # tile 0's targets in block 0, tile 1's in block 1: blocks 2 and 3 hold no target
