@@ -523,10 +523,11 @@ def test_rows_beyond_cache(device, fn, ref_fn, dtype):
 )
 def test_half_types_are_the_float_kernel_rounded_once(log, dtype, rows, cols):
     # On the CPU, short rows (float16 up to 64 entries, or 256 in the log-softmax forward;
-    # bfloat16 forward up to 64 and backward up to 32) go through float in blocks of rows
-    # (conversions, the float kernel, one rounding back); longer float16 rows go through float
-    # a 1024-entry chunk at a time (65, 300: one partial chunk; 5000, 32768, 40000: several,
-    # the last partial), longer bfloat16 rows convert
+    # bfloat16 forward up to 64, or 1024 in the log-softmax forward, and backward up to 32) go
+    # through float in blocks of rows (conversions, the float kernel, one rounding back);
+    # longer float16 rows go through float a 1024-entry chunk at a time (65 (softmax), 300:
+    # one partial chunk; 5000, 32768, 40000: several, the last partial), longer bfloat16 rows
+    # convert
     # element by element in the kernel, and the float16 and bfloat16 softmax backward of rows
     # over 32 converts in registers on AVX-512 (16 or 32 lanes, with tails: 47, 65, 300 (two
     # rows at a time, an odd row count), 1000). Either way: the float kernel's result rounded
