@@ -334,7 +334,7 @@ def test_backward_over_an_owned_gradient(fn, ref_fn, dtype, dim):
     # same bits as the backward into a fresh tensor. Short rows (1 to 33) also check, where the
     # CPU has AVX-512 (the register kernels run only there), that whole-vector stores do not
     # spill into the next rows' gradients before they are read.
-    for cols in [1, 2, 7, 16, 17, 24, 33, 300, 777]:
+    for cols in [1, 2, 7, 16, 17, 24, 33, 300, 777, 2500]:  # 2500: float16 by chunks of 1024
         x64 = torch.randn(37, cols, dtype=torch.float64) * 3
         w = torch.randn(37, cols, dtype=torch.float64).to(dtype)
         x = x64.to(dtype).requires_grad_()
@@ -518,7 +518,8 @@ def test_rows_beyond_cache(device, fn, ref_fn, dtype):
 @pytest.mark.parametrize("log", [False, True])
 @pytest.mark.parametrize(
     "dtype,rows,cols",
-    [(torch.float16, r, c) for r, c in [(37, 5), (37, 47), (37, 64), (9, 65), (9, 300), (9, 1000), (3, 5000), (3, 32768), (2, 40000)]]
+    [(torch.float16, r, c) for r, c in [(37, 5), (37, 47), (37, 64), (9, 65), (9, 300), (9, 1000), (3, 5000), (3, 32768),
+                                         (2, 40000), (1, 530001)]]
     + [(torch.bfloat16, r, c) for r, c in [(37, 5), (37, 30), (37, 64), (9, 65), (9, 300), (9, 1000)]],
 )
 def test_half_types_are_the_float_kernel_rounded_once(log, dtype, rows, cols):
@@ -526,8 +527,8 @@ def test_half_types_are_the_float_kernel_rounded_once(log, dtype, rows, cols):
     # bfloat16 forward up to 64, or 1024 in the log-softmax forward, and backward up to 32) go
     # through float in blocks of rows (conversions, the float kernel, one rounding back);
     # longer float16 rows go through float a 1024-entry chunk at a time (65 (softmax), 300:
-    # one partial chunk; 5000, 32768, 40000: several, the last partial), longer bfloat16 rows
-    # convert
+    # one partial chunk; 5000, 32768, 40000: several, the last partial; 530001: past the
+    # cached softmax forward), longer bfloat16 rows convert
     # element by element in the kernel, and the float16 and bfloat16 softmax backward of rows
     # over 32 converts in registers on AVX-512 (16 or 32 lanes, with tails: 47, 65, 300 (two
     # rows at a time, an odd row count), 1000). Either way: the float kernel's result rounded

@@ -12,8 +12,9 @@
 // dE += dZ C_block and dC_block += dZ^T E (two more matmuls, float32/64 accumulation).
 // Memory: the tile buffer (kTokenTile x kVocabBlock), per-token statistics, the gradients,
 // and float32 copies of E and of one classifier block for float16/bfloat16 inputs.
-// bfloat16 inputs on a CPU with AVX512-BF16 (cpu/gemm_bf16.h) skip those copies: the
-// matmuls multiply the bfloat16 operands into float32 directly (about 4x a float32 matmul
+// bfloat16 inputs on a CPU with AVX512-BF16 (cpu/gemm_bf16.h) keep bfloat16 operands
+// instead (packed for the products; see Bf16Backward): the matmuls multiply them into
+// float32 directly (about 4x a float32 matmul
 // over the op on Zen 4), and the backward rounds the logit gradient to bfloat16 for its two products (as
 // eager bfloat16 does); the logits, LSE and the sums over the vocabulary stay float32. So do
 // float32 inputs at torch.set_float32_matmul_precision("medium"), rounded to bfloat16 once.
@@ -438,7 +439,7 @@ std::tuple<at::Tensor, at::Tensor> linear_cross_entropy_shard(const at::Tensor& 
 // The logit-gradient tile (rows x vb, float32) rounded to bfloat16 for the two products:
 // row-major with row stride vb2 (>= vb, the extra column zero) as the left operand of dE
 // (when dz is given), and packed (VNNI, `depth` rows, those past the tile's zero) as the
-// right operand of dC^T (when dz_vnni is given).
+// right operand of dC^T in Bf16Backward's transposed form (when dz_vnni is given).
 void round_gradient_tile(const float* z, int64_t rows, int64_t vb, int64_t vb2, c10::BFloat16* dz,
                          c10::BFloat16* dz_vnni, int64_t depth) {
   const c10::BFloat16 zero(0.0f);
@@ -501,7 +502,8 @@ struct Bf16Backward {
     const c10::BFloat16* e = ea.const_data_ptr<c10::BFloat16>();
     const c10::BFloat16 zero(0.0f);
     if (dc_direct) {
-      e_vnni = at::empty({tiles, kTokenTile * d}, ea.options());
+      // Tiles of kTokenTile x D, the last one only as deep as its product.
+      e_vnni = at::empty({((tiles - 1) * kTokenTile + dc_depth(na - (tiles - 1) * kTokenTile)) * d}, ea.options());
       for (int64_t t = 0; t < tiles; ++t) {
         const int64_t n0 = t * kTokenTile, rows = std::min(kTokenTile, na - n0);
         c10::BFloat16* tile = e_vnni.mutable_data_ptr<c10::BFloat16>() + t * kTokenTile * d;
@@ -540,7 +542,7 @@ struct Bf16Backward {
     const int64_t vb2 = vnni_depth(vb), depth = dc_depth(rows);
     c10::BFloat16* dzp = de_tile ? dz.mutable_data_ptr<c10::BFloat16>() : nullptr;
     c10::BFloat16* dzv = transposed_dc ? dz_vnni.mutable_data_ptr<c10::BFloat16>() : nullptr;
-    round_gradient_tile(z, rows, vb, vb2, dzp, dzv, transposed_dc ? depth : 0);
+    if (dzp || dzv) round_gradient_tile(z, rows, vb, vb2, dzp, dzv, transposed_dc ? depth : 0);
     if (de_tile) gemm_bf16(rows, d, vb2, dzp, vb2, c_vnni.const_data_ptr<c10::BFloat16>(), de_tile, d, true);
     if (transposed_dc) {
       gemm_bf16(d, vb, depth, et.const_data_ptr<c10::BFloat16>() + (n0 / kTokenTile) * d * kTokenTile, kTokenTile,
@@ -588,9 +590,9 @@ void shard_gradients(const at::Tensor& ea, const at::Tensor& classifier, const c
   std::optional<Bf16Backward> bf16_operands;
   if (bf16) bf16_operands.emplace(ea, args, need_de, need_dc, need_dc ? dc.scalar_type() : c10::kFloat);
   // dC accumulates in the accumulation type: directly in the output when it has that type.
-  const bool dc_direct = need_dc && dc.scalar_type() == args.acc;
+  const bool dc_in_place = need_dc && dc.scalar_type() == args.acc;
   at::Tensor dc_block =
-      !need_dc || dc_direct || bf16 ? at::Tensor() : at::empty({vbmax, args.dim}, ea.options().dtype(args.acc));
+      !need_dc || dc_in_place || bf16 ? at::Tensor() : at::empty({vbmax, args.dim}, ea.options().dtype(args.acc));
   const bool has_bias = bias.has_value() && bias->defined();
   const acc_t cap = static_cast<acc_t>(softcap);
   for (int64_t v0 = 0; v0 < args.vocab; v0 += kVocabBlock) {
@@ -599,7 +601,7 @@ void shard_gradients(const at::Tensor& ea, const at::Tensor& classifier, const c
     if (bf16_operands) bf16_operands->load(cb, vb, args.dim);
     const at::Tensor bb = has_bias ? bias->narrow(0, v0, vb).to(args.acc).contiguous() : at::Tensor();
     const acc_t* bp = bb.defined() ? bb.const_data_ptr<acc_t>() : nullptr;
-    at::Tensor dcb = !need_dc || bf16 ? at::Tensor() : dc_direct ? dc.narrow(0, v0, vb) : dc_block.narrow(0, 0, vb);
+    at::Tensor dcb = !need_dc || bf16 ? at::Tensor() : dc_in_place ? dc.narrow(0, v0, vb) : dc_block.narrow(0, 0, vb);
     at::Tensor dbb = need_db ? dbias.narrow(0, v0, vb) : at::Tensor();
     bool dcb_written = false;
     for (int64_t n0 = 0; n0 < na; n0 += kTokenTile) {
@@ -642,7 +644,7 @@ void shard_gradients(const at::Tensor& ea, const at::Tensor& classifier, const c
       continue;
     }
     if (!dcb_written) dcb.zero_();
-    if (!dc_direct) dc.narrow(0, v0, vb).copy_(dcb);
+    if (!dc_in_place) dc.narrow(0, v0, vb).copy_(dcb);
   }
 }
 

@@ -188,6 +188,9 @@ FASTLOSS_CPU_INLINE void write_chunk(T* p, int64_t c, float* buf, Write&& write)
 // Buffers for readable / write_chunk: kChunk floats where T is staged, else a placeholder.
 template <typename T>
 constexpr int64_t kChunkBuffer = kStagedChunks<T> ? kChunk<float> : 1;
+// Chunk boundaries fall on whole sets of lanes, so the chunked loops add in the float
+// kernel's order.
+static_assert(kChunk<float> % kLanes<float> == 0);
 
 // float16 rows still staged whole, in blocks of rows: those that the register kernels take
 // (forward_short_rows: up to 64 float entries), and log-softmax forward rows of up to 256,
@@ -291,7 +294,7 @@ FASTLOSS_CPU_INLINE void softmax_row_cached(const in_t* x, out_t* out, acc_t* y,
     const acc_t scale = exp2_nonpositive(chunk_exp[k] - stats.exponent) * stats.inv_sum;
     const acc_t* yc = y + k * C;
     const int64_t c = std::min<int64_t>(C, n - k * C);
-    write_chunk(out + k * C, c, buf, [&](auto* oc) {
+    write_chunk(out + k * C, c, buf, [&](auto* oc) FASTLOSS_CPU_INLINE_LAMBDA {
       for (int64_t i = 0; i < c; ++i) oc[i] = to_output<std::remove_pointer_t<decltype(oc)>>(yc[i] * scale);
     });
   }
@@ -464,7 +467,8 @@ FASTLOSS_CPU_INLINE void forward_short_rows(const in_t* x, out_t* y, int64_t beg
 // The widest row forward_short_rows takes: four 512-bit vectors.
 template <typename acc_t>
 constexpr int kShortForwardRow = 256 / sizeof(acc_t);
-static_assert(kStagedHalfForwardRow<false> >= kShortForwardRow<float>, "float16 rows for the register kernels are staged whole");
+// float16 rows that the float kernel sends to its register kernels are staged whole.
+static_assert(kStagedHalfForwardRow<false> >= kShortForwardRow<float>);
 
 template <bool kLog, typename in_t, typename out_t>
 FASTLOSS_CPU_INLINE void forward_short_rows(const in_t* x, out_t* y, int64_t begin, int64_t end, int64_t n) {
@@ -527,7 +531,7 @@ FASTLOSS_CPU_INLINE void forward_lastdim_rows(const in_t* x, out_t* y, int64_t b
     for (int64_t c0 = 0; c0 < n; c0 += C) {
       const int64_t c = std::min(C, n - c0);
       const auto* xc = readable(xr + c0, c, in_buf);
-      write_chunk(yr + c0, c, out_buf, [&](auto* yc) {
+      write_chunk(yr + c0, c, out_buf, [&](auto* yc) FASTLOSS_CPU_INLINE_LAMBDA {
         for (int64_t j = 0; j < c; ++j) {
           yc[j] = to_output<std::remove_pointer_t<decltype(yc)>>(pass2_value<kLog>(static_cast<acc_t>(xc[j]), stats));
         }
@@ -619,7 +623,7 @@ FASTLOSS_CPU_INLINE void backward_lastdim_rows_lanes(const out_t* g, const out_t
     for (int64_t c0 = 0; c0 < n; c0 += C) {
       const int64_t c = std::min(C, n - c0);
       const auto* gc = readable(gr + c0, c, g_buf);
-      const auto* yc = [&] {  // log-softmax sums g alone
+      const auto* yc = [&]() FASTLOSS_CPU_INLINE_LAMBDA {  // log-softmax sums g alone
         if constexpr (kLog) return gc;
         else return readable(yr + c0, c, y_buf);
       }();
@@ -640,7 +644,7 @@ FASTLOSS_CPU_INLINE void backward_lastdim_rows_lanes(const out_t* g, const out_t
       const int64_t c = std::min(C, n - c0);
       const auto* gc = readable(gr + c0, c, g_buf);
       const auto* yc = readable(yr + c0, c, y_buf);
-      write_chunk(dr + c0, c, d_buf, [&](auto* dc) {
+      write_chunk(dr + c0, c, d_buf, [&](auto* dc) FASTLOSS_CPU_INLINE_LAMBDA {
         for (int64_t j = 0; j < c; ++j) {
           dc[j] = to_output<std::remove_pointer_t<decltype(dc)>>(
               backward_value<kLog>(static_cast<acc_t>(gc[j]), static_cast<acc_t>(yc[j]), total));
@@ -694,6 +698,7 @@ FASTLOSS_CPU_INLINE void backward_short_rows(const out_t* g, const out_t* y, gra
 }
 
 constexpr int kShortBackwardRow = 32;
+static_assert(kStagedHalfBackwardRow >= kShortBackwardRow);
 
 template <bool kLog, typename out_t, typename grad_t>
 FASTLOSS_CPU_INLINE void backward_short_rows(const out_t* g, const out_t* y, grad_t* dx, int64_t begin, int64_t end,
