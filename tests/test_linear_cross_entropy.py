@@ -208,6 +208,35 @@ def test_bfloat16_products_for_one_gradient_at_a_time(d):
 
 
 @needs_bf16_products
+def test_bfloat16_few_tokens_do_not_depend_on_the_thread_count():
+    """Few tokens: the vocabulary blocks run in parts, in parallel, merged in part order; the
+    loss, LSE and gradients are the same bits on 1, 2 and 3 threads."""
+    h, c, t, b = make_inputs((3, 30), 80, 4000, torch.bfloat16, "cpu", bias=True, seed=17, ignore_frac=0.1)
+    run = lambda: grads_of(lambda *x: fastloss.linear_cross_entropy(x[0], x[1], t, x[2], z_loss=1e-3,  # noqa: E731
+                                                                      return_lse=True), [h, c, b])
+    threads = torch.get_num_threads()
+    try:
+        results = []
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            used, r = ran_bf16_products(run)
+            assert used
+            results.append(r)
+    finally:
+        torch.set_num_threads(threads)
+    (out1, grads1) = results[0]
+    ref, ref_grads = grads_of(lambda *x: reference(x[0], x[1], t, x[2], z_loss=1e-3, return_lse=True),
+                              [x.double() for x in (h, c, b)])
+    for a, r in zip(out1, ref):
+        torch.testing.assert_close(a.double(), r, rtol=2e-5, atol=2e-5)
+    for a, r in zip(grads1, ref_grads):
+        assert ((a.double() - r).norm() / r.norm()).item() < 4e-3
+    for out, grads in results[1:]:
+        assert all(torch.equal(x, y) for x, y in zip(out, out1))
+        assert all(torch.equal(x, y) for x, y in zip(grads, grads1))
+
+
+@needs_bf16_products
 @pytest.mark.parametrize("n_lead,d", [((3, 70), 64), ((2, 20), 96)])  # d classifier: E^T dZ, then dZ^T E
 def test_float32_in_bfloat16_at_medium_matmul_precision(n_lead, d):
     """torch.set_float32_matmul_precision("medium") lets float32 matmuls run in bfloat16: the
