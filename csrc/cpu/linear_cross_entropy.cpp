@@ -362,6 +362,18 @@ class BlockLogits {
   at::Tensor block_, ct_vnni_;
 };
 
+// The logits of active tokens [n0, n0 + rows) against the loaded block (vb rows), in
+// `buffer`, and their targets' columns relative to the block (v0: the block's first row).
+template <typename acc_t>
+at::Tensor tile_logits(BlockLogits<acc_t>& logits, const at::Tensor& buffer, const ActiveTokens& a,
+                       const LinearCrossEntropyArgs& args, int64_t n0, int64_t rows, int64_t v0, int64_t vb,
+                       int64_t* cols) {
+  at::Tensor tile = buffer.narrow(0, 0, rows * vb).view({rows, vb});
+  logits.compute(n0, rows, tile);
+  block_target_cols(a, n0, rows, args.vocab_start + v0, cols);
+  return tile;
+}
+
 // Per-token (lse, linear) over this classifier's rows for the active tokens.
 template <typename acc_t>
 void shard_statistics(const at::Tensor& ea, const at::Tensor& classifier, const c10::optional<at::Tensor>& bias,
@@ -392,9 +404,7 @@ void shard_statistics(const at::Tensor& ea, const at::Tensor& classifier, const 
         const acc_t* bp = bb.defined() ? bb.const_data_ptr<acc_t>() : nullptr;
         for (int64_t n0 = 0; n0 < na; n0 += kTokenTile) {
           const int64_t rows = std::min(kTokenTile, na - n0);
-          at::Tensor tile = buffer.narrow(0, 0, rows * vb).view({rows, vb});
-          logits.compute(n0, rows, tile);
-          block_target_cols(a, n0, rows, args.vocab_start + v0, cols.data());
+          at::Tensor tile = tile_logits(logits, buffer, a, args, n0, rows, v0, vb, cols.data());
           acc_t* zp = tile.mutable_data_ptr<acc_t>();
           at::parallel_for(0, rows, rows_grain(vb), [&](int64_t b, int64_t e) {
             forward_rows_any(zp, vb, bp, cap, cols.data(), part_lse + n0, part_target + n0, part_sum + n0, b, e);
@@ -662,9 +672,7 @@ void shard_gradients(const at::Tensor& ea, const at::Tensor& classifier, const c
         bool dcb_written = false;
         for (int64_t n0 = 0; n0 < na; n0 += kTokenTile) {
           const int64_t rows = std::min(kTokenTile, na - n0);
-          at::Tensor tile = buffer.narrow(0, 0, rows * vb).view({rows, vb});
-          logits.compute(n0, rows, tile);
-          block_target_cols(a, n0, rows, args.vocab_start + v0, cols.data());
+          at::Tensor tile = tile_logits(logits, buffer, a, args, n0, rows, v0, vb, cols.data());
           acc_t* zp = tile.mutable_data_ptr<acc_t>();
           std::atomic<bool> keep{false};
           at::parallel_for(0, rows, rows_grain(vb), [&](int64_t b, int64_t e) {
