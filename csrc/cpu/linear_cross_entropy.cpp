@@ -14,10 +14,10 @@
 // and float32 copies of E and of one classifier block for float16/bfloat16 inputs.
 // bfloat16 inputs on a CPU with AVX512-BF16 (cpu/gemm_bf16.h) keep bfloat16 operands
 // instead (packed for the products; see Bf16Backward): the matmuls multiply them into
-// float32 directly (about 4x a float32 matmul
-// over the op on Zen 4), and the backward rounds the logit gradient to bfloat16 for its two products (as
-// eager bfloat16 does); the logits, LSE and the sums over the vocabulary stay float32. So do
-// float32 inputs at torch.set_float32_matmul_precision("medium"), rounded to bfloat16 once.
+// float32 directly (about 4x a float32 matmul over the op on Zen 4), and the backward rounds
+// the logit gradient to bfloat16 for its two products (as eager bfloat16 does); the logits,
+// LSE and the sums over the vocabulary stay float32. So do float32 inputs at
+// torch.set_float32_matmul_precision("medium"), rounded to bfloat16 once.
 // FLOPs: 2 N V D forward, 6 N V D backward (4 without the recompute), less skipped tiles.
 #include <ATen/Context.h>
 #include <ATen/Parallel.h>
@@ -276,9 +276,10 @@ int64_t rows_grain(int64_t vb) { return std::max<int64_t>(1, 16384 / std::max<in
 constexpr int64_t kFewTokens = 256;
 constexpr int64_t kVocabParts = 8;
 
+int64_t vocab_blocks(int64_t vocab) { return (vocab + kVocabBlock - 1) / kVocabBlock; }
+
 int64_t vocab_parts(bool bf16, int64_t na, int64_t vocab) {
-  const int64_t blocks = (vocab + kVocabBlock - 1) / kVocabBlock;
-  return bf16 && na <= kFewTokens ? std::max<int64_t>(1, std::min(kVocabParts, blocks)) : 1;
+  return bf16 && na <= kFewTokens ? std::max<int64_t>(1, std::min(kVocabParts, vocab_blocks(vocab))) : 1;
 }
 
 // Runs body(p0, p1) over parts [0, parts): in parallel when there are several (the parallel
@@ -291,7 +292,7 @@ void for_vocab_parts(int64_t parts, const Body& body) {
 
 // The vocabulary offsets of part p's blocks: [first, last) in steps of kVocabBlock.
 std::pair<int64_t, int64_t> part_range(int64_t p, int64_t parts, int64_t vocab) {
-  const int64_t blocks = (vocab + kVocabBlock - 1) / kVocabBlock;
+  const int64_t blocks = vocab_blocks(vocab);
   return {blocks * p / parts * kVocabBlock, std::min(vocab, blocks * (p + 1) / parts * kVocabBlock)};
 }
 

@@ -188,6 +188,12 @@ FASTLOSS_CPU_INLINE void write_chunk(T* p, int64_t c, float* buf, Write&& write)
 // Buffers for readable / write_chunk: kChunk floats where T is staged, else a placeholder.
 template <typename T>
 constexpr int64_t kChunkBuffer = kStagedChunks<T> ? kChunk<float> : 1;
+// The chunk length for a row of n entries of these types: kChunk where one is staged, else
+// the whole row (the loops as they were, vectorized by GCC).
+template <typename... T>
+constexpr int64_t chunk_length(int64_t n) {
+  return (kStagedChunks<T> || ...) ? kChunk<float> : n;
+}
 // Chunk boundaries fall on whole sets of lanes, so the chunked loops add in the float
 // kernel's order.
 static_assert(kChunk<float> % kLanes<float> == 0);
@@ -479,9 +485,10 @@ FASTLOSS_CPU_INLINE void forward_short_rows(const in_t* x, out_t* y, int64_t beg
 }
 
 // Rows staged through float (convert.h), defined below the float entry points that they call:
-// short float16 rows (kStagedHalfForwardRow, kStagedHalfBackwardRow), and bfloat16 rows
-// short enough for the register kernels (in those GCC widened a row of bfloat16 in half vectors that went through memory:
-// forward, 65536 x 16, 1.7x the time of float).
+// short float16 rows (kStagedHalfForwardRow, kStagedHalfBackwardRow), bfloat16 log-softmax
+// forward rows (kStagedBf16LogRow), and bfloat16 rows short enough for the register kernels
+// (in those GCC widened a row of bfloat16 in half vectors that went through memory: forward,
+// 65536 x 16, 1.7x the time of float).
 template <bool kLog, typename in_t, typename out_t>
 void forward_staged(const in_t* x, out_t* y, int64_t begin, int64_t end, int64_t n);
 template <bool kLog, typename out_t, typename grad_t>
@@ -525,8 +532,7 @@ FASTLOSS_CPU_INLINE void forward_lastdim_rows(const in_t* x, out_t* y, int64_t b
       exact_row<kLog, in_t, out_t, acc_t>(xr, yr, n, 1);
       continue;
     }
-    // One chunk of n where neither type is staged (the loop as it was, vectorized by GCC).
-    const int64_t C = kStagedChunks<in_t> || kStagedChunks<out_t> ? kChunk<float> : n;
+    const int64_t C = chunk_length<in_t, out_t>(n);
     float in_buf[kChunkBuffer<in_t>], out_buf[kChunkBuffer<out_t>];
     for (int64_t c0 = 0; c0 < n; c0 += C) {
       const int64_t c = std::min(C, n - c0);
@@ -606,9 +612,8 @@ template <bool kLog, int L, typename out_t, typename grad_t>
 FASTLOSS_CPU_INLINE void backward_lastdim_rows_lanes(const out_t* g, const out_t* y, grad_t* dx, int64_t begin,
                                                      int64_t end, int64_t n) {
   using acc_t = typename AccType<out_t>::type;
-  // Chunks (a multiple of L) where a type is staged, else one chunk of n: the same order of
-  // additions either way.
-  const int64_t C = kStagedChunks<out_t> || kStagedChunks<grad_t> ? kChunk<float> : n;
+  // Chunks are a multiple of L: the same order of additions as one pass over the row.
+  const int64_t C = chunk_length<out_t, grad_t>(n);
   float g_buf[kChunkBuffer<out_t>], y_buf[kChunkBuffer<out_t>], d_buf[kChunkBuffer<grad_t>];
   for (int64_t row = begin; row < end; ++row) {
     const out_t* gr = g + row * n;
