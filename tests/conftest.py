@@ -1,3 +1,6 @@
+import os
+import zlib
+
 import pytest
 import torch
 
@@ -14,6 +17,14 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "cuda" in item.keywords and not CUDA:
             item.add_marker(skip)
+
+
+@pytest.fixture(autouse=True)
+def _seed_from_the_test_name(request):
+    # torch's global generator seeded from the test's own name: a test's random draws do not
+    # depend on which tests ran or were skipped before it, so a failure reproduces alone and
+    # on any machine.
+    torch.manual_seed(zlib.crc32(f"{os.path.basename(request.node.path)}::{request.node.name}".encode()))
 
 
 @pytest.fixture(params=DEVICES)

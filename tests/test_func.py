@@ -131,11 +131,15 @@ def test_stat_topk_tangent_matches_finite_differences():
     # An independent check of the threshold's tangent (mean(t) + z mean((x - mean) t) / std).
     x, up, tx, tu = (_randn(3, 50) for _ in range(4))
     h = 1e-6
+    # Entries the step moves across the threshold (the kink of relu) are left out.
+    theta = x.mean(-1, keepdim=True) + x.std(-1, correction=0, keepdim=True) * torch.special.ndtri(torch.tensor(0.6))
+    smooth = (x - theta).abs() > 1e-4
+    assert smooth.float().mean() > 0.9
     for fn in (lambda a, b: fastloss.stat_topk(a, sparsity=0.6) * b,
                lambda a, b: fastloss.stat_topk_gelu_mul(a, b, 0.6)):
         _, jt = jvp(fn, (x, up), (tx, tu))
         fd = (fn(x + h * tx, up + h * tu) - fn(x - h * tx, up - h * tu)) / (2 * h)
-        torch.testing.assert_close(jt, fd, rtol=1e-6, atol=1e-7)
+        torch.testing.assert_close(jt[smooth], fd[smooth], rtol=1e-6, atol=1e-7)
 
 
 @pytest.mark.parametrize("name", list(ALL))

@@ -24,6 +24,7 @@
 #include <array>
 #include <cstdlib>
 #include <cstring>
+#include <string>
 #include <tuple>
 
 #include "common/log_bessel.h"
@@ -52,16 +53,17 @@ struct PackUnit {
 
 // The widest pack unit this CPU runs. FASTLOSS_LOG_BESSEL_LANES selects another: 1 for the
 // scalar methods (the code the CUDA kernels compile), 4 for packs of 4, 8 for packs of 8 (on
-// an AVX2 CPU, the AVX-512 unit's lanes compiled for AVX2), so that the tests reach each of
-// them on any x86-64 machine.
+// an AVX2 CPU, the AVX-512 unit's lanes compiled for AVX2), 8-avx2 for that AVX2 build on any
+// AVX2 CPU, so that the tests reach each of them on any x86-64 machine.
 PackUnit select_pack_unit() {
   PackUnit unit;
 #if defined(FASTLOSS_LOG_BESSEL_PACKS)
   const char* lanes_env = std::getenv("FASTLOSS_LOG_BESSEL_LANES");
-  int lanes = lanes_env != nullptr ? std::atoi(lanes_env) : 0;
-  if (lanes != 1 && lanes != 4 && lanes != 8) lanes = 0;  // unset or unknown: the widest
-  if (lanes == 1) return unit;
-  const bool avx512 = has_avx512(), avx2 = has_avx2();
+  const std::string choice = lanes_env != nullptr ? lanes_env : "";
+  if (choice == "1") return unit;
+  const bool eight_on_avx2 = choice == "8-avx2";
+  const int lanes = choice == "4" ? 4 : choice == "8" || eight_on_avx2 ? 8 : 0;  // 0: the widest
+  const bool avx512 = has_avx512() && !eight_on_avx2, avx2 = has_avx2();
   if (avx512 && (lanes == 0 || lanes == 8)) {
     unit = {packs::avx512::log_iv_packs, packs::avx512::log_kv_packs, packs::avx512::log_iv_grad_packs,
             packs::avx512::log_kv_grad_packs, "packs of 8 (AVX-512)"};
