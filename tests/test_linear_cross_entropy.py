@@ -237,11 +237,82 @@ def test_bfloat16_few_tokens_do_not_depend_on_the_thread_count():
 
 
 @needs_bf16_products
-@pytest.mark.parametrize("n_lead,d", [((3, 70), 64), ((2, 20), 96)])  # d classifier: E^T dZ, then dZ^T E
-def test_float32_in_bfloat16_at_medium_matmul_precision(n_lead, d):
+@pytest.mark.parametrize("case", [
+    # three token tiles (the last partial), ignored tokens, every option
+    dict(n_lead=(3, 900), d=64, v=10, ignore_frac=0.2, kw=dict(softcap=20.0, label_smoothing=0.05, z_loss=1e-3),
+         bias=True),
+    # a whole block of 512; 9 token tiles, more than the 8 parts; d hidden's 64-row pieces
+    dict(n_lead=(9000,), d=96, v=512, ignore_frac=0.0, kw=dict(reduction="none", return_lse=True), bias=False),
+])
+def test_bfloat16_one_block_vocabulary_in_token_parts(case):
+    """A vocabulary of one block and several token tiles: the tiles run in parallel, in parts
+    merged in part order. Against float64; the same bits on 1, 2 and 3 threads; d hidden and
+    d classifier alone are what the two together give."""
+    h, c, t, b = make_inputs(case["n_lead"], case["d"], case["v"], torch.bfloat16, "cpu", bias=case["bias"], seed=18,
+                             scale=2.0, ignore_frac=case["ignore_frac"])
+    kw = case["kw"]
+    tensors = [h, c, b] if b is not None else [h, c]
+    fn = lambda *a: fastloss.linear_cross_entropy(a[0], a[1], t, a[2] if len(a) > 2 else None, **kw)  # noqa: E731
+    threads = torch.get_num_threads()
+    try:
+        results = []
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            used, r = ran_bf16_products(lambda: grads_of(fn, tensors))
+            assert used
+            results.append(r)
+    finally:
+        torch.set_num_threads(threads)
+    out, grads = results[0]
+    as_tuple = lambda x: x if isinstance(x, tuple) else (x,)  # noqa: E731
+    for other_out, other_grads in results[1:]:
+        assert all(torch.equal(x, y) for x, y in zip(as_tuple(other_out), as_tuple(out)))
+        assert all(torch.equal(x, y) for x, y in zip(other_grads, grads))
+    ref, ref_grads = grads_of(lambda *a: reference(a[0], a[1], t, a[2] if len(a) > 2 else None, **kw),
+                              [x.double() for x in tensors])
+    for a, r in zip(as_tuple(out), as_tuple(ref)):
+        torch.testing.assert_close(a.double(), r, rtol=2e-5, atol=2e-5)
+    for a, r in zip(grads, ref_grads):
+        assert a.dtype == torch.bfloat16
+        assert ((a.double() - r).norm() / r.norm()).item() < 4e-3
+    assert torch.count_nonzero(grads[0][t == IGNORE]) == 0
+    loss = lambda x, y: as_tuple(fastloss.linear_cross_entropy(x, y, t, b, **kw))[0].float().sum()  # noqa: E731
+    hl, cl = h.detach().requires_grad_(), c.detach().requires_grad_()
+    (only_h,), (only_c,) = torch.autograd.grad(loss(hl, c), hl), torch.autograd.grad(loss(h, cl), cl)
+    assert all(torch.equal(x, y) for x, y in zip((only_h, only_c), torch.autograd.grad(loss(hl, cl), (hl, cl))))
+
+
+@needs_bf16_products
+def test_bfloat16_token_parts_skip_filtered_tiles():
+    """A vocabulary-parallel shard of one block: a token tile whose targets are all outside the
+    shard, with every probability below filter_eps, is skipped: zero rows of d hidden, nothing
+    added to d classifier."""
+    g = torch.Generator().manual_seed(19)
+    n, v, d, shard = 2100, 1000, 64, 300  # token tiles [0, 1024), [1024, 2048), [2048, 2100)
+    h = (torch.randn(n, d, generator=g) * 0.1).bfloat16()
+    c = (torch.randn(v, d, generator=g) * 0.1).bfloat16()
+    t = torch.cat([torch.randint(0, shard, (1024,), generator=g), torch.randint(shard, v, (1024,), generator=g),
+                   torch.randint(0, shard, (n - 2048,), generator=g)])
+    h64, c64 = h.double(), c.double()
+    lse = torch.logsumexp(h64 @ c64.T, -1)
+    used, (dh, dc, _) = ran_bf16_products(lambda: torch.ops.fastloss.linear_cross_entropy_backward(
+        torch.ones(n), None, h, c[:shard], t, None, lse.float(), IGNORE, 0.0, 0.0, 0.0, 1e-2, [True, True, False], 0,
+        v, False))
+    assert used
+    dz = (torch.softmax(h64 @ c64.T, -1) - F.one_hot(t, v).double())[:, :shard]
+    dz[1024:2048] = 0  # p ~ 1/1000 < 1e-2 and no target: the tile is filtered out
+    assert torch.count_nonzero(dh[1024:2048]) == 0
+    for got, want in ((dh, dz @ c64[:shard]), (dc, dz.T @ h64)):
+        assert ((got.double() - want).norm() / want.norm()).item() < 4e-3
+
+
+@needs_bf16_products
+# d classifier as E^T dZ, then dZ^T E; a one-block vocabulary in token parts (float32 d hidden)
+@pytest.mark.parametrize("n_lead,d,v", [((3, 70), 64, 1300), ((2, 20), 96, 1300), ((2, 1100), 64, 300)])
+def test_float32_in_bfloat16_at_medium_matmul_precision(n_lead, d, v):
     """torch.set_float32_matmul_precision("medium") lets float32 matmuls run in bfloat16: the
     float32 operands are rounded to bfloat16 once; products, sums and results stay float32."""
-    h, c, t, b = make_inputs(n_lead, d, 1300, torch.float32, "cpu", bias=True, seed=15)
+    h, c, t, b = make_inputs(n_lead, d, v, torch.float32, "cpu", bias=True, seed=15)
     fn = lambda h_, c_, b_: fastloss.linear_cross_entropy(h_, c_, t, b_, filter_eps=None)  # noqa: E731
     previous = torch.get_float32_matmul_precision()
     try:

@@ -41,6 +41,7 @@
 
 #include "common/linear_cross_entropy_math.h"
 #include "common/linear_cross_entropy_op.h"
+#include "cpu/convert.h"
 #include "cpu/gemm_bf16.h"
 #include "cpu/isa.h"
 
@@ -296,6 +297,24 @@ std::pair<int64_t, int64_t> part_range(int64_t p, int64_t parts, int64_t vocab) 
   return {blocks * p / parts * kVocabBlock, std::min(vocab, blocks * (p + 1) / parts * kVocabBlock)};
 }
 
+// bfloat16 products with a vocabulary of one block (V <= kVocabBlock: classification heads)
+// and several token tiles: the vocabulary-block loops would spend their time on parallel
+// regions around tiles too small to keep the threads busy and, in the backward, on N x D
+// float32 sums of d hidden (zeroed, then rounded into d hidden) and a transposed copy of E.
+// The token tiles run in parallel instead, each through its whole forward or backward at
+// once (token_part_gradients); the backward's d classifier and d bias are summed per part
+// of up to kTokenParts contiguous parts and merged in part order (results independent of
+// the thread count). bfloat16 forward+backward against eager (medians of 5 in-process
+// ratios, 2 threads): see the README.
+constexpr int64_t kTokenParts = 8;
+constexpr int64_t kDeRows = 64;  // d hidden's rows per product (64 x D float32 sums)
+
+int64_t token_tiles(int64_t na) { return (na + kTokenTile - 1) / kTokenTile; }
+
+int64_t token_parts(bool bf16, int64_t na, int64_t vocab) {
+  return bf16 && vocab <= kVocabBlock && token_tiles(na) > 1 ? std::min(kTokenParts, token_tiles(na)) : 1;
+}
+
 // Whether the user lets oneDNN's float32 matmuls run in bfloat16
 // (torch.set_float32_matmul_precision("medium"), torch.backends.mkldnn.matmul.fp32_precision).
 bool float32_matmuls_in_bf16() {
@@ -375,6 +394,29 @@ at::Tensor tile_logits(BlockLogits<acc_t>& logits, const at::Tensor& buffer, con
   return tile;
 }
 
+// The statistics of a one-block vocabulary (token_parts): the token tiles in parallel, each
+// token's running LSE, target logit and logit sum computed as in shard_statistics.
+template <typename acc_t>
+void token_tile_statistics(const at::Tensor& ea, const at::Tensor& classifier, const c10::optional<at::Tensor>& bias,
+                           const ActiveTokens& a, const LinearCrossEntropyArgs& args, acc_t cap, OnlineLse<acc_t>* lse,
+                           acc_t* target_logit, acc_t* logit_sum) {
+  const int64_t na = ea.size(0), vb = args.vocab;
+  BlockLogits<acc_t> logits(ea, classifier, args, true);
+  logits.load(0, vb);
+  const at::Tensor bb = bias.has_value() && bias->defined() ? bias->to(args.acc).contiguous() : at::Tensor();
+  const acc_t* bp = bb.defined() ? bb.const_data_ptr<acc_t>() : nullptr;
+  at::parallel_for(0, token_tiles(na), 1, [&](int64_t t0, int64_t t1) {
+    std::vector<int64_t> cols(kTokenTile);
+    at::Tensor buffer = at::empty({kTokenTile * vb}, ea.options().dtype(args.acc));
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t n0 = t * kTokenTile, rows = std::min(kTokenTile, na - n0);
+      at::Tensor tile = tile_logits(logits, buffer, a, args, n0, rows, 0, vb, cols.data());
+      forward_rows_any(tile.mutable_data_ptr<acc_t>(), vb, bp, cap, cols.data(), lse + n0, target_logit + n0,
+                       logit_sum + n0, 0, rows);
+    }
+  });
+}
+
 // Per-token (lse, linear) over this classifier's rows for the active tokens.
 template <typename acc_t>
 void shard_statistics(const at::Tensor& ea, const at::Tensor& classifier, const c10::optional<at::Tensor>& bias,
@@ -387,33 +429,37 @@ void shard_statistics(const at::Tensor& ea, const at::Tensor& classifier, const 
   std::vector<acc_t> target_logit(parts * na, acc_t(0)), logit_sum(parts * na, acc_t(0));
   const int64_t nt = std::min(na, kTokenTile), vbmax = std::min(args.vocab, kVocabBlock);
   const acc_t cap = static_cast<acc_t>(softcap);
-  for_vocab_parts(parts, [&](int64_t p0, int64_t p1) {
-    std::vector<int64_t> cols(kTokenTile);
-    at::Tensor buffer = at::empty({nt * vbmax}, ea.options().dtype(args.acc));
-    BlockLogits<acc_t> logits(ea, classifier, args, bf16);
-    for (int64_t p = p0; p < p1; ++p) {
-      const auto [first, last] = part_range(p, parts, args.vocab);
-      OnlineLse<acc_t>* part_lse = lse.data() + p * na;
-      acc_t* part_target = target_logit.data() + p * na;
-      acc_t* part_sum = logit_sum.data() + p * na;
-      for (int64_t v0 = first; v0 < last; v0 += kVocabBlock) {
-        const int64_t vb = std::min(kVocabBlock, args.vocab - v0);
-        logits.load(v0, vb);
-        const at::Tensor bb = bias.has_value() && bias->defined()
-                                  ? bias->narrow(0, v0, vb).to(args.acc).contiguous()
-                                  : at::Tensor();
-        const acc_t* bp = bb.defined() ? bb.const_data_ptr<acc_t>() : nullptr;
-        for (int64_t n0 = 0; n0 < na; n0 += kTokenTile) {
-          const int64_t rows = std::min(kTokenTile, na - n0);
-          at::Tensor tile = tile_logits(logits, buffer, a, args, n0, rows, v0, vb, cols.data());
-          acc_t* zp = tile.mutable_data_ptr<acc_t>();
-          at::parallel_for(0, rows, rows_grain(vb), [&](int64_t b, int64_t e) {
-            forward_rows_any(zp, vb, bp, cap, cols.data(), part_lse + n0, part_target + n0, part_sum + n0, b, e);
-          });
+  if (token_parts(bf16, na, args.vocab) > 1) {
+    token_tile_statistics(ea, classifier, bias, a, args, cap, lse.data(), target_logit.data(), logit_sum.data());
+  } else {
+    for_vocab_parts(parts, [&](int64_t p0, int64_t p1) {
+      std::vector<int64_t> cols(kTokenTile);
+      at::Tensor buffer = at::empty({nt * vbmax}, ea.options().dtype(args.acc));
+      BlockLogits<acc_t> logits(ea, classifier, args, bf16);
+      for (int64_t p = p0; p < p1; ++p) {
+        const auto [first, last] = part_range(p, parts, args.vocab);
+        OnlineLse<acc_t>* part_lse = lse.data() + p * na;
+        acc_t* part_target = target_logit.data() + p * na;
+        acc_t* part_sum = logit_sum.data() + p * na;
+        for (int64_t v0 = first; v0 < last; v0 += kVocabBlock) {
+          const int64_t vb = std::min(kVocabBlock, args.vocab - v0);
+          logits.load(v0, vb);
+          const at::Tensor bb = bias.has_value() && bias->defined()
+                                    ? bias->narrow(0, v0, vb).to(args.acc).contiguous()
+                                    : at::Tensor();
+          const acc_t* bp = bb.defined() ? bb.const_data_ptr<acc_t>() : nullptr;
+          for (int64_t n0 = 0; n0 < na; n0 += kTokenTile) {
+            const int64_t rows = std::min(kTokenTile, na - n0);
+            at::Tensor tile = tile_logits(logits, buffer, a, args, n0, rows, v0, vb, cols.data());
+            acc_t* zp = tile.mutable_data_ptr<acc_t>();
+            at::parallel_for(0, rows, rows_grain(vb), [&](int64_t b, int64_t e) {
+              forward_rows_any(zp, vb, bp, cap, cols.data(), part_lse + n0, part_target + n0, part_sum + n0, b, e);
+            });
+          }
         }
       }
-    }
-  });
+    });
+  }
   for (int64_t p = 1; p < parts; ++p) {
     for (int64_t i = 0; i < na; ++i) {
       lse[i].merge(lse[p * na + i].max, lse[p * na + i].sum);
@@ -542,13 +588,16 @@ void round_gradient_tile(const float* z, int64_t rows, int64_t vb, int64_t vb2, 
 // (zero past them in both operands): the number of kernels stays bounded however the count
 // of ignored tokens changes between steps.
 struct Bf16Backward {
-  bool dc_direct = false;
+  bool dc_direct = false, tile_by_tile = false;
   at::Tensor c_vnni, dz;            // dE
   at::Tensor e_vnni, dzt, dc_f32;   // dC, direct (dc_f32 where dC is bfloat16)
   at::Tensor et, dz_vnni, dct;      // dC, transposed
 
+  // tile_by_tile (token parts: a vocabulary of one block): E's tiles are packed as they come,
+  // into one tile's space, dC takes the direct form, and dE's rows come from de_rows.
   Bf16Backward(const at::Tensor& ea, const LinearCrossEntropyArgs& args, bool need_de, bool need_dc,
-               c10::ScalarType dc_dtype) {
+               c10::ScalarType dc_dtype, bool tile_by_tile = false)
+      : tile_by_tile(tile_by_tile) {
     const int64_t na = ea.size(0), d = args.dim;
     const int64_t nt = std::min(na, kTokenTile), vbmax = std::min(args.vocab, kVocabBlock);
     if (need_de) {
@@ -556,22 +605,19 @@ struct Bf16Backward {
       dz = at::empty({nt * vnni_depth(vbmax)}, ea.options());
     }
     if (!need_dc) return;
-    dc_direct = na < d;
+    dc_direct = tile_by_tile || na < d;
     const int64_t tiles = (na + kTokenTile - 1) / kTokenTile;
-    const c10::BFloat16* e = ea.const_data_ptr<c10::BFloat16>();
     const c10::BFloat16 zero(0.0f);
     if (dc_direct) {
       // Tiles of kTokenTile x D, the last one only as deep as its product.
-      e_vnni = at::empty({((tiles - 1) * kTokenTile + dc_depth(na - (tiles - 1) * kTokenTile)) * d}, ea.options());
-      for (int64_t t = 0; t < tiles; ++t) {
-        const int64_t n0 = t * kTokenTile, rows = std::min(kTokenTile, na - n0);
-        c10::BFloat16* tile = e_vnni.mutable_data_ptr<c10::BFloat16>() + t * kTokenTile * d;
-        pack_vnni(e + n0 * d, d, rows, d, tile);
-        std::fill(tile + vnni_depth(rows) * d, tile + dc_depth(rows) * d, zero);
-      }
+      e_vnni = at::empty({tile_by_tile ? dc_depth(nt) * d
+                                       : ((tiles - 1) * kTokenTile + dc_depth(na - (tiles - 1) * kTokenTile)) * d},
+                         ea.options());
+      for (int64_t t = 0; t < tiles && !tile_by_tile; ++t) pack_e_tile(ea, t);
       dzt = at::empty({vbmax * dc_depth(nt)}, ea.options());
       if (dc_dtype != c10::kFloat) dc_f32 = at::empty({vbmax * d}, ea.options().dtype(c10::kFloat));
     } else {
+      const c10::BFloat16* e = ea.const_data_ptr<c10::BFloat16>();
       et = at::empty({tiles, d, kTokenTile}, ea.options());
       c10::BFloat16* etp = et.mutable_data_ptr<c10::BFloat16>();
       for (int64_t t = 0; t < tiles; ++t) {
@@ -586,6 +632,15 @@ struct Bf16Backward {
     }
   }
 
+  // E's token tile t packed (VNNI, zero past its rows up to the product's depth) as the right
+  // operand of the direct dC; into its own place, or the one tile's place when tile_by_tile.
+  void pack_e_tile(const at::Tensor& ea, int64_t t) {
+    const int64_t na = ea.size(0), d = ea.size(1), n0 = t * kTokenTile, rows = std::min(kTokenTile, na - n0);
+    c10::BFloat16* tile = e_vnni.mutable_data_ptr<c10::BFloat16>() + (tile_by_tile ? 0 : n0 * d);
+    pack_vnni(ea.const_data_ptr<c10::BFloat16>() + n0 * d, d, rows, d, tile);
+    std::fill(tile + vnni_depth(rows) * d, tile + dc_depth(rows) * d, c10::BFloat16(0.0f));
+  }
+
   static int64_t dc_depth(int64_t rows) { return std::min(kTokenTile, (rows + 63) / 64 * 64); }
 
   void load(const at::Tensor& block, int64_t vb, int64_t d) {
@@ -595,14 +650,16 @@ struct Bf16Backward {
 
   // dE_tile (rows x D, when wanted) += dZ C_block, and dC's block (when wanted: dc, its
   // block of rows) (+)= dZ^T E_tile (= on the block's first tile that is not filtered out).
-  void accumulate(const float* z, int64_t n0, int64_t rows, int64_t vb, int64_t d, float* de_tile, at::Tensor& dc,
-                  int64_t v0, bool first_dc) {
+  // E is ea (tile_by_tile: its tile n0 is packed here).
+  void accumulate(const at::Tensor& ea, const float* z, int64_t n0, int64_t rows, int64_t vb, int64_t d,
+                  float* de_tile, at::Tensor& dc, int64_t v0, bool first_dc) {
     const bool need_dc = dc.defined(), transposed_dc = need_dc && !dc_direct;
     const int64_t vb2 = vnni_depth(vb), depth = dc_depth(rows);
-    c10::BFloat16* dzp = de_tile ? dz.mutable_data_ptr<c10::BFloat16>() : nullptr;
+    c10::BFloat16* dzp = dz.defined() ? dz.mutable_data_ptr<c10::BFloat16>() : nullptr;
     c10::BFloat16* dzv = transposed_dc ? dz_vnni.mutable_data_ptr<c10::BFloat16>() : nullptr;
     if (dzp || dzv) round_gradient_tile(z, rows, vb, vb2, dzp, dzv, transposed_dc ? depth : 0);
     if (de_tile) gemm_bf16(rows, d, vb2, dzp, vb2, c_vnni.const_data_ptr<c10::BFloat16>(), de_tile, d, true);
+    if (need_dc && tile_by_tile) pack_e_tile(ea, n0 / kTokenTile);
     if (transposed_dc) {
       gemm_bf16(d, vb, depth, et.const_data_ptr<c10::BFloat16>() + (n0 / kTokenTile) * d * kTokenTile, kTokenTile,
                 dzv, dct.mutable_data_ptr<float>(), vb, !first_dc);
@@ -612,9 +669,17 @@ struct Bf16Backward {
       if (rows < depth)
         for (int64_t j = 0; j < vb; ++j) std::fill(dztp + j * depth + rows, dztp + (j + 1) * depth, c10::BFloat16(0.0f));
       float* out = dc_f32.defined() ? dc_f32.mutable_data_ptr<float>() : dc.mutable_data_ptr<float>() + v0 * d;
-      gemm_bf16(vb, d, depth, dztp, depth, e_vnni.const_data_ptr<c10::BFloat16>() + (n0 / kTokenTile) * kTokenTile * d,
-                out, d, !first_dc);
+      gemm_bf16(vb, d, depth, dztp, depth, e_vnni.const_data_ptr<c10::BFloat16>() + (tile_by_tile ? 0 : n0 * d), out, d,
+                !first_dc);
     }
+  }
+
+  // tile_by_tile, after accumulate: out (count x D) = rows [r0, r0 + count) of the one block's
+  // dE product, a few rows at a time so that the float32 sums stay in cache.
+  void de_rows(int64_t r0, int64_t count, int64_t vb, int64_t d, float* out) const {
+    const int64_t vb2 = vnni_depth(vb);
+    gemm_bf16(count, d, vb2, dz.const_data_ptr<c10::BFloat16>() + r0 * vb2, vb2, c_vnni.const_data_ptr<c10::BFloat16>(),
+              out, d, false);
   }
 
   // dC's rows [v0, v0 + vb) from the block's sums (written: any tile was accumulated).
@@ -684,7 +749,7 @@ void shard_gradients(const at::Tensor& ea, const at::Tensor& classifier, const c
           bool accumulated = false;
           if constexpr (std::is_same_v<acc_t, float>) {
             if (bf16_operands) {
-              bf16_operands->accumulate(zp, n0, rows, vb, args.dim,
+              bf16_operands->accumulate(ea, zp, n0, rows, vb, args.dim,
                                         need_de ? de_part.mutable_data_ptr<float>() + n0 * args.dim : nullptr, dc,
                                         v0, !dcb_written);
               dcb_written = need_dc;
@@ -716,6 +781,72 @@ void shard_gradients(const at::Tensor& ea, const at::Tensor& classifier, const c
   for (int64_t p = 1; p < parts && need_de; ++p) dea.add_(de_parts[p - 1]);
 }
 
+// de: d hidden itself (hidden's rows and dtype; zero at ignored tokens), dc and dbias in their
+// own dtypes; undefined when not wanted.
+void token_part_gradients(const at::Tensor& ea, const at::Tensor& classifier, const c10::optional<at::Tensor>& bias,
+                          const ActiveTokens& a, const LinearCrossEntropyArgs& args,
+                          const std::vector<TokenGrad<float>>& coef, const std::vector<float>& lse, double softcap,
+                          int64_t parts, at::Tensor& de, at::Tensor& dc, at::Tensor& dbias) {
+  const bool need_de = de.defined(), need_dc = dc.defined(), need_db = dbias.defined();
+  const int64_t na = ea.size(0), d = args.dim, vb = args.vocab, tiles = token_tiles(na);
+  const at::Tensor bb = bias.has_value() && bias->defined() ? bias->to(c10::kFloat).contiguous() : at::Tensor();
+  const float* bp = bb.defined() ? bb.const_data_ptr<float>() : nullptr;
+  const float cap = static_cast<float>(softcap);
+  at::Tensor dc_parts = need_dc ? at::empty({parts, vb, d}, ea.options().dtype(c10::kFloat)) : at::Tensor();
+  at::Tensor db_parts = need_db ? at::zeros({parts, vb}, ea.options().dtype(c10::kFloat)) : at::Tensor();
+  std::vector<char> dc_written(parts, 0);
+  BlockLogits<float> logits(ea, classifier, args, true);
+  const at::Tensor& cb = logits.load(0, vb);
+  at::parallel_for(0, parts, 1, [&](int64_t p0, int64_t p1) {
+    const int64_t nt = std::min(na, kTokenTile);
+    std::vector<int64_t> cols(kTokenTile);
+    at::Tensor buffer = at::empty({nt * vb}, ea.options().dtype(c10::kFloat));
+    at::Tensor de_rows = need_de ? at::empty({kDeRows, d}, ea.options().dtype(c10::kFloat)) : at::Tensor();
+    Bf16Backward operands(ea, args, need_de, need_dc, c10::kFloat, /*tile_by_tile=*/true);
+    operands.load(cb, vb, d);
+    for (int64_t p = p0; p < p1; ++p) {
+      at::Tensor dc_part = need_dc ? dc_parts[p] : at::Tensor();
+      float* db = need_db ? db_parts.mutable_data_ptr<float>() + p * vb : nullptr;
+      for (int64_t t = tiles * p / parts; t < tiles * (p + 1) / parts; ++t) {
+        const int64_t n0 = t * kTokenTile, rows = std::min(kTokenTile, na - n0);
+        at::Tensor tile = tile_logits(logits, buffer, a, args, n0, rows, 0, vb, cols.data());
+        float* zp = tile.mutable_data_ptr<float>();
+        const bool keep = gradient_rows_any(zp, vb, bp, cap, cols.data(), lse.data() + n0, coef.data() + n0, 0, rows);
+        if (keep) {  // else every entry is below filter_eps: the tile adds nothing
+          operands.accumulate(ea, zp, n0, rows, vb, d, nullptr, dc_part, 0, !dc_written[p]);
+          dc_written[p] = need_dc;
+          for (int64_t r = 0; r < rows && db; ++r)
+            for (int64_t j = 0; j < vb; ++j) db[j] += zp[r * vb + j];
+        }
+        if (!need_de) continue;
+        float* src = de_rows.mutable_data_ptr<float>();
+        for (int64_t r0 = 0; r0 < rows; r0 += kDeRows) {
+          const int64_t count = std::min(kDeRows, rows - r0);
+          if (keep) operands.de_rows(r0, count, vb, d, src);
+          else std::fill(src, src + count * d, 0.0f);
+          for (int64_t r = 0; r < count; ++r) {
+            const int64_t row = a.all ? n0 + r0 + r : a.rows[n0 + r0 + r];
+            if (de.scalar_type() == c10::kFloat) std::copy(src + r * d, src + (r + 1) * d, de.mutable_data_ptr<float>() + row * d);
+            else from_float(src + r * d, de.mutable_data_ptr<c10::BFloat16>() + row * d, d);
+          }
+        }
+      }
+    }
+  });
+  if (need_dc) {
+    // The written parts' sums, in part order.
+    at::Tensor sum;
+    for (int64_t p = 0; p < parts; ++p) {
+      if (!dc_written[p]) continue;
+      if (sum.defined()) sum.add_(dc_parts[p]);
+      else sum = dc_parts[p];
+    }
+    if (sum.defined()) dc.copy_(sum);
+    else dc.zero_();
+  }
+  for (int64_t p = 0; p < parts && need_db; ++p) dbias.add_(db_parts[p]);  // dbias: zeros
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_cross_entropy_backward(
     const at::Tensor& grad_loss_in, const c10::optional<at::Tensor>& grad_lse_in, const at::Tensor& hidden,
     const at::Tensor& classifier, const at::Tensor& targets, const c10::optional<at::Tensor>& bias,
@@ -734,13 +865,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_cross_entropy_backward(
   at::Tensor dbias_acc = need_db ? at::zeros({args.vocab}, hidden.options().dtype(args.acc)) : at::Tensor();
   const ActiveTokens a = active_tokens(op, targets, ignore_index, args.vocab_total);
   const int64_t na = static_cast<int64_t>(a.rows.size());
-  const bool de_direct = need_de && a.all && hidden.scalar_type() == args.acc;
-  at::Tensor de = de_direct ? at::zeros(hidden.sizes(), hidden.options()) : at::Tensor();
-  at::Tensor dea = !need_de ? at::Tensor() : de_direct ? de : at::zeros({na, args.dim}, hidden.options().dtype(args.acc));
+  const bool bf16 = na > 0 && bf16_products(hidden, classifier, args);
+  const int64_t parts = token_parts(bf16, na, args.vocab);
+  // Token parts write d hidden's rows as they come (zero at ignored tokens); otherwise d hidden
+  // accumulates over the vocabulary blocks: in place when it has the accumulation type.
+  const bool de_rows = need_de && parts > 1;
+  const bool de_direct = need_de && !de_rows && a.all && hidden.scalar_type() == args.acc;
+  at::Tensor de = de_rows && a.all ? at::empty(hidden.sizes(), hidden.options())
+                  : de_rows || de_direct ? at::zeros(hidden.sizes(), hidden.options())
+                                         : at::Tensor();
+  at::Tensor dea = !need_de ? at::Tensor()
+                   : de_rows || de_direct ? de
+                                          : at::zeros({na, args.dim}, hidden.options().dtype(args.acc));
   if (na == 0 || !(need_de || need_dc || need_db)) {
     if (need_dc) dc.zero_();
   } else {
-    const bool bf16 = bf16_products(hidden, classifier, args);
     const at::Tensor ea = active_hidden(hidden, a, bf16 ? c10::kBFloat16 : args.acc);
     const at::Tensor grad_loss = grad_loss_in.contiguous(), lse_t = lse_in.contiguous();
     const bool has_grad_lse = grad_lse_in.has_value() && grad_lse_in->defined();
@@ -759,12 +898,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_cross_entropy_backward(
         coef[i] = token_grad<acc_t>(gl[r], gs ? gs[r] : acc_t(0), sp[r], static_cast<acc_t>(label_smoothing),
                                     static_cast<acc_t>(z_loss), inv_vocab, static_cast<acc_t>(filter_eps));
       }
+      if constexpr (std::is_same_v<acc_t, float>) {
+        if (parts > 1) return token_part_gradients(ea, classifier, bias, a, args, coef, lse, softcap, parts, dea, dc,
+                                                   dbias_acc);
+      }
       shard_gradients<acc_t>(ea, classifier, bias, a, args, coef, lse, softcap, bf16, dea, dc, dbias_acc);
     };
     if (args.acc == c10::kDouble) run(0.0);
     else run(0.0f);
   }
-  if (need_de && !de_direct) {
+  if (need_de && !de_direct && !de_rows) {
     de = na > 0 && a.all ? at::empty(hidden.sizes(), hidden.options()) : at::zeros(hidden.sizes(), hidden.options());
     if (na > 0) {
       if (a.all) de.copy_(dea);
