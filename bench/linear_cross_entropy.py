@@ -23,7 +23,8 @@ FAMILY = "linear_cross_entropy"
 # (N tokens, V vocabulary, D hidden, softcap, name)
 GPU_SHAPES = [(8192, 256000, 2304, 30.0, "Gemma-2 head"), (8192, 128256, 4096, None, "Llama-3 head"),
               (16384, 128256, 4096, None, "Llama-3 head")]
-CPU_SHAPES = [(4096, 32000, 1024, None, "CPU target shape")]
+CPU_SHAPES = [(4096, 32000, 1024, None, "CPU target shape"),
+              (65536, 100, 256, None, "small head: one vocabulary block, token tiles in parallel")]
 QUICK_SHAPES = [(1024, 8192, 512, None, "quick")]
 
 
@@ -218,7 +219,7 @@ def notes(device: str) -> List[str]:
             else "converted to float32 for float32 matmuls (no AVX512-BF16 here)"),
     ]
     if device == "cpu" and os.path.exists("/proc/self/clear_refs"):
-        for n, v, d, _cap, _name in CPU_SHAPES:
+        for n, v, d, _cap, _name in CPU_SHAPES[:1]:  # the target shape
             fl = _peak_extra_rss(n, v, d, "fastloss")
             ea = _peak_extra_rss(n, v, d, "eager")
             bound = (n + v) * d * 4
