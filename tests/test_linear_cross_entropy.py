@@ -148,11 +148,21 @@ BF16_PRODUCTS = fastloss.build_info()["linear_cross_entropy_cpu_bf16"].startswit
 needs_bf16_products = pytest.mark.skipif(not BF16_PRODUCTS, reason="needs a CPU with AVX512-BF16 (bfloat16 products)")
 
 
-def ran_bf16_products(run):
-    """Whether run() multiplied bfloat16 operands into float32 (profiled as fastloss::gemm_bf16)."""
+def profiled(run):
+    """The names of the events run() recorded, and its result."""
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
         result = run()
-    return any(e.name == "fastloss::gemm_bf16" for e in prof.events()), result
+    return {e.name for e in prof.events()}, result
+
+
+def ran_bf16_products(run):
+    """Whether run() multiplied bfloat16 operands into float32 (profiled as fastloss::gemm_bf16)."""
+    names, result = profiled(run)
+    return "fastloss::gemm_bf16" in names, result
+
+
+TOKEN_TILES = "fastloss::linear_cross_entropy (token tiles)"
+TOKEN_PARTS = "fastloss::linear_cross_entropy_backward (token parts)"
 
 
 @needs_bf16_products
@@ -241,25 +251,31 @@ def test_bfloat16_few_tokens_do_not_depend_on_the_thread_count():
     # three token tiles (the last partial), ignored tokens, every option
     dict(n_lead=(3, 900), d=64, v=10, ignore_frac=0.2, kw=dict(softcap=20.0, label_smoothing=0.05, z_loss=1e-3),
          bias=True),
-    # a whole block of 512; 9 token tiles, more than the 8 parts; d hidden's 64-row pieces
+    # a whole block of 512; 9 token tiles, one per part; d hidden's 64-row pieces
     dict(n_lead=(9000,), d=96, v=512, ignore_frac=0.0, kw=dict(reduction="none", return_lse=True), bias=False),
+    # an odd vocabulary and an odd last tile (27 tokens)
+    dict(n_lead=(2075,), d=48, v=257, ignore_frac=0.0, kw=dict(label_smoothing=0.1), bias=True),
+    # V x D float32 sums of 8 MiB: the minimum of 8 parts, for 10 tiles (two parts of two)
+    dict(n_lead=(9 * 1024 + 5,), d=4096, v=512, ignore_frac=0.0, kw={}, bias=True, scale=1.0),
 ])
 def test_bfloat16_one_block_vocabulary_in_token_parts(case):
     """A vocabulary of one block and several token tiles: the tiles run in parallel, in parts
     merged in part order. Against float64; the same bits on 1, 2 and 3 threads; d hidden and
     d classifier alone are what the two together give."""
     h, c, t, b = make_inputs(case["n_lead"], case["d"], case["v"], torch.bfloat16, "cpu", bias=case["bias"], seed=18,
-                             scale=2.0, ignore_frac=case["ignore_frac"])
+                             scale=case.get("scale", 2.0), ignore_frac=case["ignore_frac"])
     kw = case["kw"]
     tensors = [h, c, b] if b is not None else [h, c]
     fn = lambda *a: fastloss.linear_cross_entropy(a[0], a[1], t, a[2] if len(a) > 2 else None, **kw)  # noqa: E731
+    tiles = -(-int((t != IGNORE).sum()) // 1024)
     threads = torch.get_num_threads()
     try:
         results = []
         for n in (1, 2, 3):
             torch.set_num_threads(n)
-            used, r = ran_bf16_products(lambda: grads_of(fn, tensors))
-            assert used
+            names, r = profiled(lambda: grads_of(fn, tensors))
+            assert "fastloss::gemm_bf16" in names and TOKEN_PARTS in names
+            assert (TOKEN_TILES in names) == (tiles >= n)  # the forward's choice: the same bits either way
             results.append(r)
     finally:
         torch.set_num_threads(threads)
@@ -280,6 +296,40 @@ def test_bfloat16_one_block_vocabulary_in_token_parts(case):
     hl, cl = h.detach().requires_grad_(), c.detach().requires_grad_()
     (only_h,), (only_c,) = torch.autograd.grad(loss(hl, c), hl), torch.autograd.grad(loss(h, cl), cl)
     assert all(torch.equal(x, y) for x, y in zip((only_h, only_c), torch.autograd.grad(loss(hl, cl), (hl, cl))))
+
+
+@needs_bf16_products
+def test_bfloat16_token_parts_of_a_vocabulary_slice():
+    """A vocabulary-parallel slice of one block at an offset (odd width) with three token tiles:
+    its statistics and gradients match float32 operands' (the gradients up to the bfloat16
+    logit gradient), and each gradient alone is what all three together give, bit for bit."""
+    h, c, t, b = make_inputs((2075,), 48, 1000, torch.bfloat16, "cpu", bias=True, seed=20, ignore_frac=0.1)
+    ops = torch.ops.fastloss
+    start, stop = 300, 557
+    f32 = lambda x: x.float()  # noqa: E731
+    names, (lse, linear) = profiled(lambda: ops.linear_cross_entropy_shard(
+        h, c[start:stop], t, b[start:stop], IGNORE, 10.0, 0.1, start, 1000))
+    assert TOKEN_TILES in names
+    lse32, linear32 = ops.linear_cross_entropy_shard(f32(h), f32(c[start:stop]), t, f32(b[start:stop]), IGNORE, 10.0,
+                                                     0.1, start, 1000)
+    torch.testing.assert_close(lse, lse32, rtol=2e-5, atol=2e-5)
+    torch.testing.assert_close(linear, linear32, rtol=2e-5, atol=2e-4)
+    _, total_lse = fastloss.linear_cross_entropy(f32(h), f32(c), t, f32(b), softcap=10.0, reduction="none",
+                                                 return_lse=True)
+    g = torch.randn(2075)
+
+    def backward(mask, hidden, classifier, bias):
+        return ops.linear_cross_entropy_backward(g, None, hidden, classifier[start:stop], t, bias[start:stop],
+                                                 total_lse, IGNORE, 10.0, 0.1, 1e-3, 0.0, mask, start, 1000, False)
+
+    names, full = profiled(lambda: backward([True, True, True], h, c, b))
+    assert TOKEN_PARTS in names
+    for got, want in zip(full, backward([True, True, True], f32(h), f32(c), f32(b))):
+        assert ((got.double() - want.double()).norm() / want.double().norm()).item() < 4e-3
+    assert torch.count_nonzero(full[0][t == IGNORE]) == 0
+    for mask in ([True, False, False], [False, True, False], [False, False, True], [True, False, True]):
+        for wanted, got, all_three in zip(mask, backward(mask, h, c, b), full):
+            assert torch.equal(got, all_three) if wanted else got.numel() == 0
 
 
 @needs_bf16_products

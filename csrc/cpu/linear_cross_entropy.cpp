@@ -26,6 +26,7 @@
 #include <ATen/ops/empty.h>
 #include <ATen/ops/mm.h>
 #include <ATen/ops/zeros.h>
+#include <ATen/record_function.h>
 #include <torch/library.h>
 #include <torch/version.h>
 
@@ -302,17 +303,25 @@ std::pair<int64_t, int64_t> part_range(int64_t p, int64_t parts, int64_t vocab) 
 // regions around tiles too small to keep the threads busy and, in the backward, on N x D
 // float32 sums of d hidden (zeroed, then rounded into d hidden) and a transposed copy of E.
 // The token tiles run in parallel instead, each through its whole forward or backward at
-// once (token_part_gradients); the backward's d classifier and d bias are summed per part
-// of up to kTokenParts contiguous parts and merged in part order (results independent of
-// the thread count). bfloat16 forward+backward against eager (medians of 5 in-process
-// ratios, 2 threads): see the README.
+// once (token_tile_statistics, token_part_gradients). The backward sums d classifier and
+// d bias per part of contiguous tiles, merged in part order: the part count depends on the
+// shape alone (results independent of the thread count): a part per tile while the parts'
+// float32 V x D sums fit kTokenPartBytes, at least kTokenParts parts. So a machine with more
+// threads than parts leaves the rest idle here. bfloat16 forward+backward against eager
+// (medians of 5 in-process ratios, 2 threads): see the README.
 constexpr int64_t kTokenParts = 8;
+constexpr int64_t kTokenPartBytes = int64_t(64) << 20;
 constexpr int64_t kDeRows = 64;  // d hidden's rows per product (64 x D float32 sums)
 
 int64_t token_tiles(int64_t na) { return (na + kTokenTile - 1) / kTokenTile; }
 
-int64_t token_parts(bool bf16, int64_t na, int64_t vocab) {
-  return bf16 && vocab <= kVocabBlock && token_tiles(na) > 1 ? std::min(kTokenParts, token_tiles(na)) : 1;
+bool one_block_token_tiles(bool bf16, int64_t na, int64_t vocab) {
+  return bf16 && vocab <= kVocabBlock && token_tiles(na) > 1;
+}
+
+int64_t token_parts(int64_t na, int64_t vocab, int64_t dim) {
+  const int64_t part_bytes = std::max<int64_t>(1, vocab * dim * int64_t(sizeof(float)));
+  return std::min(token_tiles(na), std::max(kTokenParts, kTokenPartBytes / part_bytes));
 }
 
 // Whether the user lets oneDNN's float32 matmuls run in bfloat16
@@ -394,12 +403,14 @@ at::Tensor tile_logits(BlockLogits<acc_t>& logits, const at::Tensor& buffer, con
   return tile;
 }
 
-// The statistics of a one-block vocabulary (token_parts): the token tiles in parallel, each
-// token's running LSE, target logit and logit sum computed as in shard_statistics.
+// The statistics of a one-block vocabulary (one_block_token_tiles): the token tiles in
+// parallel, each token's running LSE, target logit and logit sum computed as in
+// shard_statistics.
 template <typename acc_t>
 void token_tile_statistics(const at::Tensor& ea, const at::Tensor& classifier, const c10::optional<at::Tensor>& bias,
                            const ActiveTokens& a, const LinearCrossEntropyArgs& args, acc_t cap, OnlineLse<acc_t>* lse,
                            acc_t* target_logit, acc_t* logit_sum) {
+  RECORD_FUNCTION("fastloss::linear_cross_entropy (token tiles)", c10::ArrayRef<const c10::IValue>{});
   const int64_t na = ea.size(0), vb = args.vocab;
   BlockLogits<acc_t> logits(ea, classifier, args, true);
   logits.load(0, vb);
@@ -429,7 +440,8 @@ void shard_statistics(const at::Tensor& ea, const at::Tensor& classifier, const 
   std::vector<acc_t> target_logit(parts * na, acc_t(0)), logit_sum(parts * na, acc_t(0));
   const int64_t nt = std::min(na, kTokenTile), vbmax = std::min(args.vocab, kVocabBlock);
   const acc_t cap = static_cast<acc_t>(softcap);
-  if (token_parts(bf16, na, args.vocab) > 1) {
+  // The same bits either way: the token tiles in parallel where there are enough to go round.
+  if (one_block_token_tiles(bf16, na, args.vocab) && token_tiles(na) >= at::get_num_threads()) {
     token_tile_statistics(ea, classifier, bias, a, args, cap, lse.data(), target_logit.data(), logit_sum.data());
   } else {
     for_vocab_parts(parts, [&](int64_t p0, int64_t p1) {
@@ -781,12 +793,14 @@ void shard_gradients(const at::Tensor& ea, const at::Tensor& classifier, const c
   for (int64_t p = 1; p < parts && need_de; ++p) dea.add_(de_parts[p - 1]);
 }
 
-// de: d hidden itself (hidden's rows and dtype; zero at ignored tokens), dc and dbias in their
-// own dtypes; undefined when not wanted.
+// The gradients of a one-block vocabulary (one_block_token_tiles) in `parts` parts of
+// contiguous token tiles. de: d hidden itself (hidden's rows and dtype; zero at ignored
+// tokens), dc and dbias (zeros) in their own dtypes; undefined when not wanted.
 void token_part_gradients(const at::Tensor& ea, const at::Tensor& classifier, const c10::optional<at::Tensor>& bias,
                           const ActiveTokens& a, const LinearCrossEntropyArgs& args,
                           const std::vector<TokenGrad<float>>& coef, const std::vector<float>& lse, double softcap,
                           int64_t parts, at::Tensor& de, at::Tensor& dc, at::Tensor& dbias) {
+  RECORD_FUNCTION("fastloss::linear_cross_entropy_backward (token parts)", c10::ArrayRef<const c10::IValue>{});
   const bool need_de = de.defined(), need_dc = dc.defined(), need_db = dbias.defined();
   const int64_t na = ea.size(0), d = args.dim, vb = args.vocab, tiles = token_tiles(na);
   const at::Tensor bb = bias.has_value() && bias->defined() ? bias->to(c10::kFloat).contiguous() : at::Tensor();
@@ -800,6 +814,7 @@ void token_part_gradients(const at::Tensor& ea, const at::Tensor& classifier, co
   at::parallel_for(0, parts, 1, [&](int64_t p0, int64_t p1) {
     const int64_t nt = std::min(na, kTokenTile);
     std::vector<int64_t> cols(kTokenTile);
+    std::vector<float> db_block(need_db ? vb : 0);
     at::Tensor buffer = at::empty({nt * vb}, ea.options().dtype(c10::kFloat));
     at::Tensor de_rows = need_de ? at::empty({kDeRows, d}, ea.options().dtype(c10::kFloat)) : at::Tensor();
     Bf16Backward operands(ea, args, need_de, need_dc, c10::kFloat, /*tile_by_tile=*/true);
@@ -815,8 +830,13 @@ void token_part_gradients(const at::Tensor& ea, const at::Tensor& classifier, co
         if (keep) {  // else every entry is below filter_eps: the tile adds nothing
           operands.accumulate(ea, zp, n0, rows, vb, d, nullptr, dc_part, 0, !dc_written[p]);
           dc_written[p] = need_dc;
-          for (int64_t r = 0; r < rows && db; ++r)
-            for (int64_t j = 0; j < vb; ++j) db[j] += zp[r * vb + j];
+          // d bias: column sums of 64-row blocks added to the part's (short float32 chains)
+          for (int64_t r0 = 0; r0 < rows && db; r0 += 64) {
+            std::fill(db_block.begin(), db_block.end(), 0.0f);
+            for (int64_t r = r0; r < std::min(rows, r0 + 64); ++r)
+              for (int64_t j = 0; j < vb; ++j) db_block[j] += zp[r * vb + j];
+            for (int64_t j = 0; j < vb; ++j) db[j] += db_block[j];
+          }
         }
         if (!need_de) continue;
         float* src = de_rows.mutable_data_ptr<float>();
@@ -866,7 +886,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_cross_entropy_backward(
   const ActiveTokens a = active_tokens(op, targets, ignore_index, args.vocab_total);
   const int64_t na = static_cast<int64_t>(a.rows.size());
   const bool bf16 = na > 0 && bf16_products(hidden, classifier, args);
-  const int64_t parts = token_parts(bf16, na, args.vocab);
+  const int64_t parts = one_block_token_tiles(bf16, na, args.vocab) ? token_parts(na, args.vocab, args.dim) : 1;
   // Token parts write d hidden's rows as they come (zero at ignored tokens); otherwise d hidden
   // accumulates over the vocabulary blocks: in place when it has the accumulation type.
   const bool de_rows = need_de && parts > 1;
