@@ -518,9 +518,9 @@ def test_rows_beyond_cache(device, fn, ref_fn, dtype):
 @pytest.mark.parametrize("log", [False, True])
 @pytest.mark.parametrize(
     "dtype,rows,cols",
-    [(torch.float16, r, c) for r, c in [(37, 5), (37, 47), (37, 64), (9, 65), (9, 300), (9, 1000), (3, 5000), (3, 32768),
-                                         (2, 40000), (1, 530001)]]
-    + [(torch.bfloat16, r, c) for r, c in [(37, 5), (37, 30), (37, 64), (9, 65), (9, 300), (9, 1000)]],
+    [(torch.float16, r, c) for r, c in [(37, 5), (37, 47), (37, 64), (9, 65), (9, 300), (23, 512), (9, 1000), (3, 5000),
+                                         (3, 32768), (2, 40000), (1, 530001)]]
+    + [(torch.bfloat16, r, c) for r, c in [(37, 5), (37, 30), (37, 64), (9, 65), (9, 300), (23, 512), (9, 1000)]],
 )
 def test_half_types_are_the_float_kernel_rounded_once(log, dtype, rows, cols):
     # On the CPU, short rows (float16 up to 64 entries, or 256 in the log-softmax forward;
@@ -530,8 +530,9 @@ def test_half_types_are_the_float_kernel_rounded_once(log, dtype, rows, cols):
     # one partial chunk; 5000, 32768, 40000: several, the last partial; 530001: past the
     # cached softmax forward), longer bfloat16 rows convert
     # element by element in the kernel, and the float16 and bfloat16 softmax backward of rows
-    # over 32 converts in registers on AVX-512 (16 or 32 lanes, with tails: 47, 65, 300 (two
-    # rows at a time, an odd row count), 1000). Either way: the float kernel's result rounded
+    # over 32 converts in registers on AVX-512 (16 or 32 lanes, with tails: 47, 65, 300 and 512
+    # (two rows at a time, one from each half of a thread's rows, odd row counts), 1000).
+    # Either way: the float kernel's result rounded
     # once, to the bit, for either output type.
     fwd = torch.ops.fastloss.log_softmax if log else torch.ops.fastloss.softmax
     bwd = torch.ops.fastloss.log_softmax_backward if log else torch.ops.fastloss.softmax_backward
