@@ -846,8 +846,10 @@ void token_part_gradients(const at::Tensor& ea, const at::Tensor& classifier, co
           else std::fill(src, src + count * d, 0.0f);
           for (int64_t r = 0; r < count; ++r) {
             const int64_t row = a.all ? n0 + r0 + r : a.rows[n0 + r0 + r];
-            if (de.scalar_type() == c10::kFloat) std::copy(src + r * d, src + (r + 1) * d, de.mutable_data_ptr<float>() + row * d);
-            else from_float(src + r * d, de.mutable_data_ptr<c10::BFloat16>() + row * d, d);
+            if (de.scalar_type() == c10::kFloat)
+              std::copy(src + r * d, src + (r + 1) * d, de.mutable_data_ptr<float>() + row * d);
+            else
+              from_float(src + r * d, de.mutable_data_ptr<c10::BFloat16>() + row * d, d);
           }
         }
       }
