@@ -231,6 +231,10 @@ def test_short_rows_of_large_magnitude(device, fn, ref_fn, cols):
     x = torch.randn(20, cols, dtype=torch.float64, device=device) * 3
     x[5] *= 1e7
     x[6] = x[6] * 1e3 + 1e30
+    # and within the reducible range, the largest entry in the last vector: a maximum that
+    # missed a vector would overflow the exponentials
+    x[7] *= 1e4
+    x[8, cols - 1] = 1e3
     for dtype in (torch.float32, torch.float64):
         y = fn(x.to(dtype), -1)
         torch.testing.assert_close(y.double(), ref_fn(x.to(dtype).double(), -1), rtol=1e-5, atol=1e-6)
@@ -520,10 +524,10 @@ def test_rows_beyond_cache(device, fn, ref_fn, dtype):
 @pytest.mark.parametrize("log", [False, True])
 @pytest.mark.parametrize(
     "dtype,rows,cols",
-    [(torch.float16, r, c) for r, c in [(37, 5), (37, 47), (37, 64), (9, 65), (37, 128), (9, 300), (23, 512), (9, 1000),
-                                         (3, 5000), (3, 32768), (2, 40000), (1, 530001)]]
-    + [(torch.bfloat16, r, c) for r, c in [(37, 5), (37, 30), (37, 64), (9, 65), (37, 128), (9, 300), (23, 512),
-                                           (9, 1000)]],
+    [(torch.float16, r, c) for r, c in [(37, 5), (37, 47), (37, 64), (9, 65), (37, 128), (9, 300), (301, 300), (23, 512),
+                                         (301, 512), (9, 1000), (3, 5000), (3, 32768), (2, 40000), (1, 530001)]]
+    + [(torch.bfloat16, r, c) for r, c in [(37, 5), (37, 30), (37, 64), (9, 65), (37, 128), (9, 300), (301, 300),
+                                           (23, 512), (301, 512), (9, 1000)]],
 )
 def test_half_types_are_the_float_kernel_rounded_once(log, dtype, rows, cols):
     # On the CPU, short rows (float16 up to 64 entries and of 128, or 256 in the log-softmax forward;
@@ -534,7 +538,8 @@ def test_half_types_are_the_float_kernel_rounded_once(log, dtype, rows, cols):
     # cached softmax forward), longer bfloat16 rows convert
     # element by element in the kernel, and the float16 and bfloat16 softmax backward of rows
     # over 32 converts in registers on AVX-512 (16 or 32 lanes, with tails: 47, 65, 300 and 512
-    # (two rows at a time, one from each half of a thread's rows, odd row counts), 1000).
+    # (two rows at a time, one from each half of a thread's rows, odd row counts; 301 rows: a
+    # range per thread), 1000).
     # Either way: the float kernel's result rounded
     # once, to the bit, for either output type.
     fwd = torch.ops.fastloss.log_softmax if log else torch.ops.fastloss.softmax

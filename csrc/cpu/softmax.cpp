@@ -200,7 +200,8 @@ constexpr int64_t chunk_length(int64_t n) {
 static_assert(kChunk<float> % kLanes<float> == 0);
 
 // float16 rows still staged whole, in blocks of rows: those that the register kernels take
-// (forward_short_rows: up to 64 float entries), and log-softmax forward rows of up to 256,
+// (forward_short_rows: up to 64 float entries, and rows of exactly 128 on AVX-512), and
+// log-softmax forward rows of up to 256,
 // where the chunks' per-row conversion calls cost more than they save. Chunks against
 // whole-row staging (AVX-512, 2 threads, 1M entries, ratio to torch, medians of 3 runs of 31
 // rounds): log-softmax forward rows of 128 0.85x -> 0.78x and of 256 1.01x -> 0.95x, but of
@@ -423,7 +424,8 @@ FASTLOSS_CPU_INLINE void log_softmax_short_row(const in_t* xr, out_t* yr, N n, c
 // (fp32, 65536 x 16: 0.82x torch).
 constexpr int kLogBatch = 16;
 
-// Rows of at most W entries (W a power of two, up to four 512-bit vectors): the row is held
+// Rows of at most W entries (W a power of two, up to four 512-bit vectors, or eight that the
+// row fills exactly): the row is held
 // in a W-wide array padded with -inf, so every loop has a compile-time trip count and the
 // row stays in registers. Its largest exponent is a reduction over registers, not a pass
 // over memory. The chunked path spent most of such a row in its 32-lane tail loops and lane
@@ -484,6 +486,13 @@ static_assert(kStagedHalfForwardRow<false> >= kShortForwardRow<float>);
 template <typename acc_t>
 constexpr int kFullForwardRow = 512 / sizeof(acc_t);
 
+// Whether the float kernel holds a forward row of n entries in registers. It needs AVX-512's
+// masked loads and stores: without them GCC kept the short-row loops scalar.
+template <typename acc_t>
+FASTLOSS_CPU_INLINE bool register_row(int64_t n) {
+  return (n <= kShortForwardRow<acc_t> || n == kFullForwardRow<acc_t>) && has_avx512();
+}
+
 template <bool kLog, typename in_t, typename out_t>
 FASTLOSS_CPU_INLINE void forward_short_rows(const in_t* x, out_t* y, int64_t begin, int64_t end, int64_t n) {
   constexpr int kMax = kShortForwardRow<typename AccType<in_t>::type>;
@@ -512,19 +521,14 @@ void backward_staged(const out_t* g, const out_t* y, grad_t* dx, int64_t begin, 
 template <bool kLog, typename in_t, typename out_t>
 FASTLOSS_CPU_INLINE void forward_lastdim_rows(const in_t* x, out_t* y, int64_t begin, int64_t end, int64_t n) {
   if constexpr (std::is_same_v<in_t, c10::Half>) {
-    // (and rows of the float kernel's full register width)
-    if (n <= kStagedHalfForwardRow<kLog> || n == kFullForwardRow<float>) {
-      return forward_staged<kLog>(x, y, begin, end, n);
-    }
+    if (n <= kStagedHalfForwardRow<kLog> || register_row<float>(n)) return forward_staged<kLog>(x, y, begin, end, n);
   }
   if constexpr (std::is_same_v<in_t, c10::BFloat16> && kLog) {
     if (n <= kStagedBf16LogRow) return forward_staged<kLog>(x, y, begin, end, n);
   }
   using acc_t = typename AccType<in_t>::type;
   constexpr int L = kLanes<acc_t>;
-  // The short-row kernel needs AVX-512's masked loads and stores: without them GCC kept its
-  // loops scalar.
-  if ((n <= kShortForwardRow<acc_t> || n == kFullForwardRow<acc_t>) && has_avx512()) {
+  if (register_row<acc_t>(n)) {
     if constexpr (std::is_same_v<in_t, c10::BFloat16>) return forward_staged<kLog>(x, y, begin, end, n);
     else return forward_short_rows<kLog>(x, y, begin, end, n);
   }
@@ -729,14 +733,14 @@ FASTLOSS_CPU_INLINE void backward_short_rows(const out_t* g, const out_t* y, gra
 }
 
 #if defined(FASTLOSS_X86_CLONES)
-// R rows from `row` of the float16 / bfloat16 softmax backward (not log-softmax: its
-// exponential keeps the other forms) on AVX-512, converting in registers. Staged (float16),
-// every element went into a float buffer and back (rows of 1024, 1M entries in cache, 2
-// threads: 96 us against torch's 54); bfloat16 converted in GCC's vectorization of the lane
-// loops (rows of 64: 110 us against 90). This is backward_lastdim_rows_lanes' float
-// arithmetic in the same order, lane for lane: L lanes (fused multiply-adds, as GCC contracts
-// them there), the tail in a scalar of its own, the lanes combined by halves; so the result
-// is still the float kernel's rounded once.
+// Rows row, row + step, ..., row + (R - 1) step of the float16 / bfloat16 softmax backward
+// (not log-softmax: its exponential keeps the other forms) on AVX-512, converting in
+// registers. Staged (float16), every element went into a float buffer and back (rows of 1024,
+// 1M entries in cache, 2 threads: 96 us against torch's 54); bfloat16 converted in GCC's
+// vectorization of the lane loops (rows of 64: 110 us against 90). This is
+// backward_lastdim_rows_lanes' float arithmetic in the same order, lane for lane: L lanes
+// (fused multiply-adds, as GCC contracts them there), the tail in a scalar of its own, the
+// lanes combined by halves; so the result is still the float kernel's rounded once.
 template <int L, int R, typename T>
 FASTLOSS_AVX512_INLINE void softmax_backward_16bit_avx512_rows(const T* g, const T* y, T* dx, int64_t row, int64_t step,
                                                                int64_t n) {
