@@ -174,10 +174,10 @@ def test_short_rows(device, fn, ref_fn, dtype):
     # Rows of up to 256 bytes of the accumulation type are held in registers on the CPU, padded
     # to a power of two, and log-softmax takes their logs 16 rows at a time: every width up to
     # 65 (each padding, and the first width past the path), 37 rows (a partial batch), with
-    # rows of the exact path in the middle of a batch; and rows of exactly 512 bytes (128
-    # float, 64 double), with the widths around them.
+    # rows of the exact path in the middle of a batch; and rows of whole vectors up to 512
+    # bytes (80 to 128 float, 40 to 64 double), with widths between them.
     inf, nan = math.inf, math.nan
-    for cols in list(range(2, 66)) + [127, 128, 129]:
+    for cols in list(range(2, 66)) + [72, 80, 96, 111, 112, 127, 128, 129]:
         x = (torch.randn(37, cols, dtype=torch.float64, device=device) * 4).to(dtype)
         assert_close_to_reference(fn, ref_fn, x, -1)
         scale = 16 if fn is fastloss.log_softmax else 1
@@ -223,7 +223,7 @@ def test_short_rows_do_not_depend_on_the_split(dtype, cols):
 
 
 @pytest.mark.parametrize("fn,ref_fn", OPS)
-@pytest.mark.parametrize("cols", [24, 64, 128])
+@pytest.mark.parametrize("cols", [24, 48, 64, 96, 128])
 def test_short_rows_of_large_magnitude(device, fn, ref_fn, cols):
     # Entries beyond the reducible range (|x| > ~1.4e6 in float, ~7.6e11 in double) send a row
     # to the exact path (row 5 in float, row 6 in both); the rows around it in the same batch
@@ -524,14 +524,16 @@ def test_rows_beyond_cache(device, fn, ref_fn, dtype):
 @pytest.mark.parametrize("log", [False, True])
 @pytest.mark.parametrize(
     "dtype,rows,cols",
-    [(torch.float16, r, c) for r, c in [(37, 5), (37, 47), (37, 64), (9, 65), (37, 128), (9, 300), (301, 300), (23, 512),
-                                         (301, 512), (9, 1000), (3, 5000), (3, 32768), (2, 40000), (1, 530001)]]
-    + [(torch.bfloat16, r, c) for r, c in [(37, 5), (37, 30), (37, 64), (9, 65), (37, 128), (9, 300), (301, 300),
-                                           (23, 512), (301, 512), (9, 1000)]],
+    [(torch.float16, r, c) for r, c in [(37, 5), (37, 47), (37, 64), (9, 65), (37, 96), (37, 128), (9, 300),
+                                         (301, 300), (23, 512), (301, 512), (9, 1000), (3, 5000), (3, 32768),
+                                         (2, 40000), (1, 530001)]]
+    + [(torch.bfloat16, r, c) for r, c in [(37, 5), (37, 30), (37, 64), (9, 65), (37, 96), (37, 128), (9, 300),
+                                           (301, 300), (23, 512), (301, 512), (9, 1000)]],
 )
 def test_half_types_are_the_float_kernel_rounded_once(log, dtype, rows, cols):
-    # On the CPU, short rows (float16 up to 64 entries and of 128, or 256 in the log-softmax forward;
-    # bfloat16 forward up to 64, or 1024 in the log-softmax forward, and backward up to 32) go
+    # On the CPU, short rows (float16 up to 64 entries and of 80-128 in whole vectors, or 256 in
+    # the log-softmax forward; bfloat16 forward up to 64 and of 80-128 in whole vectors, or
+    # 1024 in the log-softmax forward, and backward up to 32) go
     # through float in blocks of rows (conversions, the float kernel, one rounding back);
     # longer float16 rows go through float a 1024-entry chunk at a time (65 (softmax), 300:
     # one partial chunk; 5000, 32768, 40000: several, the last partial; 530001: past the

@@ -8,8 +8,8 @@
 // entries, all entries -inf, or entries too large to reduce accurately (|x| > ~1.4e6 in
 // float) take an exact max-subtracting path with torch.softmax's NaN semantics.
 //
-// Rows of up to 256 bytes, or of exactly 512 (AVX-512 only), are held in registers instead
-// (forward_short_rows).
+// Rows of up to 256 bytes, or of whole vectors up to 512 (AVX-512 only), are held in
+// registers instead (forward_short_rows).
 //
 // Layout: the contiguous input is viewed as (outer, size, inner) around `dim`. inner == 1
 // vectorizes along the row; inner > 1 vectorizes across `inner` adjacent rows.
@@ -200,7 +200,7 @@ constexpr int64_t chunk_length(int64_t n) {
 static_assert(kChunk<float> % kLanes<float> == 0);
 
 // float16 rows still staged whole, in blocks of rows: those that the register kernels take
-// (forward_short_rows: up to 64 float entries, and rows of exactly 128 on AVX-512), and
+// (forward_short_rows: up to 64 float entries, and whole vectors up to 128 on AVX-512), and
 // log-softmax forward rows of up to 256,
 // where the chunks' per-row conversion calls cost more than they save. Chunks against
 // whole-row staging (AVX-512, 2 threads, 1M entries, ratio to torch, medians of 3 runs of 31
@@ -328,6 +328,17 @@ FASTLOSS_CPU_INLINE V lanes_xor(V v, std::integer_sequence<int, I...>) {
   return __builtin_shufflevector(v, v, (I ^ S)...);
 }
 
+// Folds C vectors onto v[0]: the upper half onto the lower (v[i] with v[i + C / 2] for a
+// power of two), an odd count keeping its middle vector for the next step.
+template <int C, typename Vec, typename Op>
+FASTLOSS_CPU_INLINE void fold_vectors(Vec* v, Op op) {
+  if constexpr (C > 1) {
+    constexpr int h = C / 2;
+    for (int i = 0; i < h; ++i) v[i] = op(v[i], v[i + C - h]);
+    fold_vectors<C - h>(v, op);
+  }
+}
+
 // Reduces W lanes with whole-vector operations: the row's 64-byte vectors combined, then a
 // butterfly of in-register shuffles (reduce_lanes' halving steps, unrolled, became one scalar
 // operation per lane). op takes vectors.
@@ -337,9 +348,7 @@ FASTLOSS_CPU_INLINE acc_t reduce_short(const acc_t* a, Op op) {
   typedef acc_t Vec __attribute__((vector_size(kVec * sizeof(acc_t))));
   Vec v[W / kVec];
   std::memcpy(v, a, sizeof(v));
-  for (int h = W / kVec / 2; h > 0; h /= 2) {
-    for (int i = 0; i < h; ++i) v[i] = op(v[i], v[i + h]);
-  }
+  fold_vectors<W / kVec>(v, op);
   constexpr auto kLanes = std::make_integer_sequence<int, kVec>();
   if constexpr (kVec >= 16) v[0] = op(v[0], lanes_xor<8>(v[0], kLanes));
   if constexpr (kVec >= 8) v[0] = op(v[0], lanes_xor<4>(v[0], kLanes));
@@ -424,8 +433,8 @@ FASTLOSS_CPU_INLINE void log_softmax_short_row(const in_t* xr, out_t* yr, N n, c
 // (fp32, 65536 x 16: 0.82x torch).
 constexpr int kLogBatch = 16;
 
-// Rows of at most W entries (W a power of two, up to four 512-bit vectors, or eight that the
-// row fills exactly): the row is held
+// Rows of at most W entries (W a power of two, up to four 512-bit vectors, or five to eight
+// that the row fills exactly): the row is held
 // in a W-wide array padded with -inf, so every loop has a compile-time trip count and the
 // row stays in registers. Its largest exponent is a reduction over registers, not a pass
 // over memory. The chunked path spent most of such a row in its 32-lane tail loops and lane
@@ -479,26 +488,43 @@ constexpr int kShortForwardRow = 256 / sizeof(acc_t);
 // float16 rows that the float kernel sends to its register kernels are staged whole.
 static_assert(kStagedHalfForwardRow<false> >= kShortForwardRow<float>);
 
-// Rows of exactly eight 512-bit vectors fill them: no lane compares or selects. (Masked, at
-// eight vectors GCC's code ran at 0.4-0.5x torch on rows of 80 and 96, which stay chunked.)
-// fp32, rows of 128, 2M entries in four rotating input sets, 2 threads: softmax forward
-// 1.26-1.35x -> 1.70-2.00x torch, log-softmax 1.02-1.17x -> 1.64-1.74x.
+// Rows of five to eight whole 512-bit vectors (80-128 float, 40-64 double entries) fill
+// them: no lane compares or selects. (Masked, at eight vectors GCC's code ran rows of 80 and
+// 96 at 0.4-0.5x torch; rows between whole vectors stay chunked.) 2 threads, 1-2M entries in
+// four rotating input sets, forward against torch, chunked -> registers: fp32 rows of 128
+// softmax 1.30-1.34x -> 2.04-2.36x, log-softmax 1.01-1.08x -> 1.83-1.90x; rows of 96
+// 1.13-1.19x -> 2.18-2.25x and 0.98-1.03x -> 1.71-1.80x (with a run-time loop folding the
+// vectors in reduce_short, about a third of that gain was lost: fold_vectors).
 template <typename acc_t>
 constexpr int kFullForwardRow = 512 / sizeof(acc_t);
+template <typename acc_t>
+constexpr int kVectorLanes = 64 / sizeof(acc_t);
+
+// Runs kernel(std::integral_constant<int64_t, W>) for W = n among kMin, kMin + kStep, ..., kMax.
+template <int kMin, int kMax, int kStep, typename Kernel>
+FASTLOSS_CPU_INLINE void with_full_width(int64_t n, Kernel&& kernel) {
+  if constexpr (kMin < kMax) {
+    if (n != kMin) return with_full_width<kMin + kStep, kMax, kStep>(n, kernel);
+  }
+  kernel(std::integral_constant<int64_t, kMin>());
+}
 
 // Whether the float kernel holds a forward row of n entries in registers. It needs AVX-512's
 // masked loads and stores: without them GCC kept the short-row loops scalar.
 template <typename acc_t>
 FASTLOSS_CPU_INLINE bool register_row(int64_t n) {
-  return (n <= kShortForwardRow<acc_t> || n == kFullForwardRow<acc_t>) && has_avx512();
+  return (n <= kShortForwardRow<acc_t> || (n <= kFullForwardRow<acc_t> && n % kVectorLanes<acc_t> == 0)) &&
+         has_avx512();
 }
 
 template <bool kLog, typename in_t, typename out_t>
 FASTLOSS_CPU_INLINE void forward_short_rows(const in_t* x, out_t* y, int64_t begin, int64_t end, int64_t n) {
-  constexpr int kMax = kShortForwardRow<typename AccType<in_t>::type>;
-  constexpr int kFull = kFullForwardRow<typename AccType<in_t>::type>;
-  if (n == kFull) {
-    return forward_short_rows<kFull, kLog>(x, y, begin, end, std::integral_constant<int64_t, kFull>());
+  using acc_t = typename AccType<in_t>::type;
+  constexpr int kMax = kShortForwardRow<acc_t>, kVec = kVectorLanes<acc_t>;
+  if (n > kMax) {  // whole vectors (register_row)
+    return with_full_width<kMax + kVec, kFullForwardRow<acc_t>, kVec>(n, [&](auto w) FASTLOSS_CPU_INLINE_LAMBDA {
+      forward_short_rows<static_cast<int>(decltype(w)::value), kLog>(x, y, begin, end, w);
+    });
   }
   with_short_width<kMax / 8, kMax>(n, [&](auto w, auto width) FASTLOSS_CPU_INLINE_LAMBDA {
     forward_short_rows<decltype(w)::value, kLog>(x, y, begin, end, width);
