@@ -223,7 +223,7 @@ def test_short_rows_do_not_depend_on_the_split(dtype, cols):
 
 
 @pytest.mark.parametrize("fn,ref_fn", OPS)
-@pytest.mark.parametrize("cols", [24, 48, 64, 96, 128])
+@pytest.mark.parametrize("cols", [24, 40, 48, 56, 64, 80, 96, 112, 128])
 def test_short_rows_of_large_magnitude(device, fn, ref_fn, cols):
     # Entries beyond the reducible range (|x| > ~1.4e6 in float, ~7.6e11 in double) send a row
     # to the exact path (row 5 in float, row 6 in both); the rows around it in the same batch
@@ -235,6 +235,7 @@ def test_short_rows_of_large_magnitude(device, fn, ref_fn, cols):
     # missed a vector would overflow the exponentials
     x[7] *= 1e4
     x[8, cols - 1] = 1e3
+    x[9, (cols // 2) // 16 * 16] = 1e3  # in a middle vector (of an odd count: 80, 112)
     for dtype in (torch.float32, torch.float64):
         y = fn(x.to(dtype), -1)
         torch.testing.assert_close(y.double(), ref_fn(x.to(dtype).double(), -1), rtol=1e-5, atol=1e-6)
@@ -524,11 +525,11 @@ def test_rows_beyond_cache(device, fn, ref_fn, dtype):
 @pytest.mark.parametrize("log", [False, True])
 @pytest.mark.parametrize(
     "dtype,rows,cols",
-    [(torch.float16, r, c) for r, c in [(37, 5), (37, 47), (37, 64), (9, 65), (37, 96), (37, 128), (9, 300),
-                                         (301, 300), (23, 512), (301, 512), (9, 1000), (3, 5000), (3, 32768),
-                                         (2, 40000), (1, 530001)]]
-    + [(torch.bfloat16, r, c) for r, c in [(37, 5), (37, 30), (37, 64), (9, 65), (37, 96), (37, 128), (9, 300),
-                                           (301, 300), (23, 512), (301, 512), (9, 1000)]],
+    [(torch.float16, r, c) for r, c in [(37, 5), (37, 47), (37, 64), (9, 65), (37, 96), (37, 112), (37, 128),
+                                         (9, 300), (301, 300), (23, 512), (301, 512), (9, 1000), (3, 5000),
+                                         (3, 32768), (2, 40000), (1, 530001)]]
+    + [(torch.bfloat16, r, c) for r, c in [(37, 5), (37, 30), (37, 64), (9, 65), (37, 96), (37, 112), (37, 128),
+                                           (9, 300), (301, 300), (23, 512), (301, 512), (9, 1000)]],
 )
 def test_half_types_are_the_float_kernel_rounded_once(log, dtype, rows, cols):
     # On the CPU, short rows (float16 up to 64 entries and of 80-128 in whole vectors, or 256 in

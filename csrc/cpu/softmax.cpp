@@ -482,10 +482,12 @@ FASTLOSS_CPU_INLINE void forward_short_rows(const in_t* x, out_t* y, int64_t beg
   }
 }
 
-// The widest row forward_short_rows takes: four 512-bit vectors.
+// The widest row forward_short_rows pads (to a power of two): four 512-bit vectors; beyond,
+// it takes rows of whole vectors up to kFullForwardRow.
 template <typename acc_t>
 constexpr int kShortForwardRow = 256 / sizeof(acc_t);
-// float16 rows that the float kernel sends to its register kernels are staged whole.
+// float16 rows that the float kernel sends to its register kernels are staged whole (the
+// whole-vector rows beyond, by register_row in forward_lastdim_rows).
 static_assert(kStagedHalfForwardRow<false> >= kShortForwardRow<float>);
 
 // Rows of five to eight whole 512-bit vectors (80-128 float, 40-64 double entries) fill
@@ -503,6 +505,7 @@ constexpr int kVectorLanes = 64 / sizeof(acc_t);
 // Runs kernel(std::integral_constant<int64_t, W>) for W = n among kMin, kMin + kStep, ..., kMax.
 template <int kMin, int kMax, int kStep, typename Kernel>
 FASTLOSS_CPU_INLINE void with_full_width(int64_t n, Kernel&& kernel) {
+  static_assert((kMax - kMin) % kStep == 0, "the widths must end at kMax");
   if constexpr (kMin < kMax) {
     if (n != kMin) return with_full_width<kMin + kStep, kMax, kStep>(n, kernel);
   }
