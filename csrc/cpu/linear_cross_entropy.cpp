@@ -348,6 +348,12 @@ bool bf16_products(const at::Tensor& hidden, const at::Tensor& classifier, const
          bf16_gemm_available();
 }
 
+// Bias entries [v0, v0 + vb) in the accumulation type, contiguous; undefined without a bias.
+at::Tensor block_bias(const c10::optional<at::Tensor>& bias, int64_t v0, int64_t vb, c10::ScalarType acc) {
+  if (!bias.has_value() || !bias->defined()) return at::Tensor();
+  return bias->narrow(0, v0, vb).to(acc).contiguous();
+}
+
 // The logits of the active tokens against one vocabulary block, a token tile at a time: a
 // BLAS matmul in the accumulation type, or the bfloat16 product into float32.
 template <typename acc_t>
@@ -414,7 +420,7 @@ void token_tile_statistics(const at::Tensor& ea, const at::Tensor& classifier, c
   const int64_t na = ea.size(0), vb = args.vocab;
   BlockLogits<acc_t> logits(ea, classifier, args, true);
   logits.load(0, vb);
-  const at::Tensor bb = bias.has_value() && bias->defined() ? bias->to(args.acc).contiguous() : at::Tensor();
+  const at::Tensor bb = block_bias(bias, 0, vb, args.acc);
   const acc_t* bp = bb.defined() ? bb.const_data_ptr<acc_t>() : nullptr;
   at::parallel_for(0, token_tiles(na), 1, [&](int64_t t0, int64_t t1) {
     std::vector<int64_t> cols(kTokenTile);
@@ -456,9 +462,7 @@ void shard_statistics(const at::Tensor& ea, const at::Tensor& classifier, const 
         for (int64_t v0 = first; v0 < last; v0 += kVocabBlock) {
           const int64_t vb = std::min(kVocabBlock, args.vocab - v0);
           logits.load(v0, vb);
-          const at::Tensor bb = bias.has_value() && bias->defined()
-                                    ? bias->narrow(0, v0, vb).to(args.acc).contiguous()
-                                    : at::Tensor();
+          const at::Tensor bb = block_bias(bias, v0, vb, args.acc);
           const acc_t* bp = bb.defined() ? bb.const_data_ptr<acc_t>() : nullptr;
           for (int64_t n0 = 0; n0 < na; n0 += kTokenTile) {
             const int64_t rows = std::min(kTokenTile, na - n0);
@@ -723,7 +727,6 @@ void shard_gradients(const at::Tensor& ea, const at::Tensor& classifier, const c
   TORCH_INTERNAL_ASSERT(parts == 1 || bf16);
   // dC accumulates in the accumulation type: directly in the output when it has that type.
   const bool dc_in_place = need_dc && dc.scalar_type() == args.acc;
-  const bool has_bias = bias.has_value() && bias->defined();
   const acc_t cap = static_cast<acc_t>(softcap);
   // d hidden of each part after the first (bfloat16 products, float32), added in part order.
   at::Tensor de_parts = need_de && parts > 1 ? at::zeros({parts - 1, na, args.dim}, dea.options()) : at::Tensor();
@@ -742,7 +745,7 @@ void shard_gradients(const at::Tensor& ea, const at::Tensor& classifier, const c
         const int64_t vb = std::min(kVocabBlock, args.vocab - v0);
         const at::Tensor& cb = logits.load(v0, vb);
         if (bf16_operands) bf16_operands->load(cb, vb, args.dim);
-        const at::Tensor bb = has_bias ? bias->narrow(0, v0, vb).to(args.acc).contiguous() : at::Tensor();
+        const at::Tensor bb = block_bias(bias, v0, vb, args.acc);
         const acc_t* bp = bb.defined() ? bb.const_data_ptr<acc_t>() : nullptr;
         at::Tensor dcb =
             !need_dc || bf16 ? at::Tensor() : dc_in_place ? dc.narrow(0, v0, vb) : dc_block.narrow(0, 0, vb);
@@ -803,7 +806,7 @@ void token_part_gradients(const at::Tensor& ea, const at::Tensor& classifier, co
   RECORD_FUNCTION("fastloss::linear_cross_entropy_backward (token parts)", c10::ArrayRef<const c10::IValue>{});
   const bool need_de = de.defined(), need_dc = dc.defined(), need_db = dbias.defined();
   const int64_t na = ea.size(0), d = args.dim, vb = args.vocab, tiles = token_tiles(na);
-  const at::Tensor bb = bias.has_value() && bias->defined() ? bias->to(c10::kFloat).contiguous() : at::Tensor();
+  const at::Tensor bb = block_bias(bias, 0, vb, c10::kFloat);
   const float* bp = bb.defined() ? bb.const_data_ptr<float>() : nullptr;
   const float cap = static_cast<float>(softcap);
   at::Tensor dc_parts = need_dc ? at::empty({parts, vb, d}, ea.options().dtype(c10::kFloat)) : at::Tensor();
