@@ -175,9 +175,11 @@ def test_short_rows(device, fn, ref_fn, dtype):
     # to a power of two, and log-softmax takes their logs 16 rows at a time: every width up to
     # 65 (each padding, and the first width past the path), 37 rows (a partial batch), with
     # rows of the exact path in the middle of a batch; and rows of whole vectors up to 512
-    # bytes (80 to 128 float, 40 to 64 double), with widths between them.
+    # bytes (80 to 128 float, 40 to 64 double), with widths between them. Float and double
+    # log-softmax rows of up to 1 KiB past those also go 16 at a time (the chunked pass,
+    # widths 127 and 255 with more than half a set of lanes past the whole ones).
     inf, nan = math.inf, math.nan
-    for cols in list(range(2, 66)) + [72, 80, 96, 111, 112, 127, 128, 129]:
+    for cols in list(range(2, 66)) + [72, 80, 96, 100, 111, 112, 127, 128, 129, 200, 255, 256, 257]:
         x = (torch.randn(37, cols, dtype=torch.float64, device=device) * 4).to(dtype)
         assert_close_to_reference(fn, ref_fn, x, -1)
         scale = 16 if fn is fastloss.log_softmax else 1
@@ -223,7 +225,7 @@ def test_short_rows_do_not_depend_on_the_split(dtype, cols):
 
 
 @pytest.mark.parametrize("fn,ref_fn", OPS)
-@pytest.mark.parametrize("cols", [24, 40, 48, 56, 64, 80, 96, 112, 128])
+@pytest.mark.parametrize("cols", [24, 40, 48, 56, 64, 80, 96, 112, 127, 128, 255])
 def test_short_rows_of_large_magnitude(device, fn, ref_fn, cols):
     # Entries beyond the reducible range (|x| > ~1.4e6 in float, ~7.6e11 in double) send a row
     # to the exact path (row 5 in float, row 6 in both); the rows around it in the same batch

@@ -94,22 +94,40 @@ FASTLOSS_AVX512_INLINE __mmask16 first_lanes(int64_t count) {
 // c10::Half(float), so the result is the same to the bit (NaN payloads aside).
 namespace half_detail {
 #if defined(FASTLOSS_X86_CLONES)
+// The last n % 16 (n % 8) entries too: masked (through a stack vector), where c10's software
+// conversion took ~20 (to float) and ~30 (to float16) instructions per entry (a row of 127
+// float16 entries: 15 of them, a third of the row's conversion time).
 __attribute__((target("arch=x86-64-v4"))) inline int64_t to_float_avx512(const c10::Half* in, float* out, int64_t n) {
   int64_t i = 0;
   for (; i + 16 <= n; i += 16) _mm512_storeu_ps(out + i, avx512::load16(in + i));
-  return i;
+  if (i < n) {
+    const __mmask16 m = avx512::first_lanes(n - i);
+    _mm512_mask_storeu_ps(out + i, m, avx512::load16(in + i, m));
+  }
+  return n;
 }
 __attribute__((target("arch=x86-64-v4"))) inline int64_t from_float_avx512(const float* in, c10::Half* out, int64_t n) {
   int64_t i = 0;
   for (; i + 16 <= n; i += 16) avx512::store16(out + i, _mm512_loadu_ps(in + i));
-  return i;
+  if (i < n) {
+    const __mmask16 m = avx512::first_lanes(n - i);
+    avx512::store16(out + i, _mm512_maskz_loadu_ps(m, in + i), m);
+  }
+  return n;
 }
 __attribute__((target("avx2,f16c"))) inline int64_t to_float_f16c(const c10::Half* in, float* out, int64_t n) {
   int64_t i = 0;
   for (; i + 8 <= n; i += 8) {
     _mm256_storeu_ps(out + i, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(in + i))));
   }
-  return i;
+  if (i < n) {
+    uint16_t bits[8] = {};
+    float values[8];
+    std::memcpy(bits, in + i, static_cast<size_t>(n - i) * sizeof(uint16_t));
+    _mm256_storeu_ps(values, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(bits))));
+    std::memcpy(out + i, values, static_cast<size_t>(n - i) * sizeof(float));
+  }
+  return n;
 }
 __attribute__((target("avx2,f16c"))) inline int64_t from_float_f16c(const float* in, c10::Half* out, int64_t n) {
   int64_t i = 0;
@@ -117,7 +135,15 @@ __attribute__((target("avx2,f16c"))) inline int64_t from_float_f16c(const float*
     _mm_storeu_si128(reinterpret_cast<__m128i*>(out + i),
                      _mm256_cvtps_ph(_mm256_loadu_ps(in + i), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
   }
-  return i;
+  if (i < n) {
+    float values[8] = {};
+    uint16_t bits[8];
+    std::memcpy(values, in + i, static_cast<size_t>(n - i) * sizeof(float));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(bits),
+                     _mm256_cvtps_ph(_mm256_loadu_ps(values), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+    std::memcpy(out + i, bits, static_cast<size_t>(n - i) * sizeof(uint16_t));
+  }
+  return n;
 }
 #endif
 
