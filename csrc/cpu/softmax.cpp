@@ -497,7 +497,11 @@ FASTLOSS_CPU_INLINE void forward_short_rows(const in_t* x, out_t* y, int64_t beg
       });
     }
   } else {
-    acc_t v[W], e[W];
+    // The row's lanes in arrays of the row loop up to four vectors, else of the batch loop
+    // (2 threads, 2M entries, against torch: fp32 rows of 24 0.62x -> 1.3x, 50 0.56x -> 1.4x
+    // in the row loop; rows of 96 ran at 1.57x there, 1.81x in the batch loop).
+    constexpr bool kBatchArrays = W * sizeof(acc_t) > 256;
+    acc_t batch_v[kBatchArrays ? W : 1], batch_e[kBatchArrays ? W : 1];
     for (int64_t row0 = begin; row0 < end; row0 += kLogBatch) {
       const int rows = static_cast<int>(std::min<int64_t>(kLogBatch, end - row0));
       acc_t sum[kLogBatch], exponent[kLogBatch], log_sum[kLogBatch];
@@ -506,7 +510,13 @@ FASTLOSS_CPU_INLINE void forward_short_rows(const in_t* x, out_t* y, int64_t beg
         ExpSum<acc_t> s{1, 0};
         if (r < rows) {
           with_row_access<W>(row, end, n, [&](auto whole) FASTLOSS_CPU_INLINE_LAMBDA {
-            s = short_row_sum<W, decltype(whole)::value>(x + row * n, n, v, e);
+            constexpr bool kWhole = decltype(whole)::value;
+            if constexpr (kBatchArrays) {
+              s = short_row_sum<W, kWhole>(x + row * n, n, batch_v, batch_e);
+            } else {
+              acc_t v[W], e[W];
+              s = short_row_sum<W, kWhole>(x + row * n, n, v, e);
+            }
           });
         }
         sum[r] = s.sum;
