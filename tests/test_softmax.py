@@ -541,8 +541,9 @@ def test_half_types_are_the_float_kernel_rounded_once(log, dtype, rows, cols):
     # longer float16 rows go through float a 1024-entry chunk at a time (65 (softmax), 300:
     # one partial chunk; 5000, 32768, 40000: several, the last partial; 530001: past the
     # cached softmax forward), longer bfloat16 rows convert
-    # element by element in the kernel, and the float16 and bfloat16 softmax backward of rows
-    # over 32 converts in registers on AVX-512 (16 or 32 lanes, with tails: 47, 65, 300 and 512
+    # element by element in the kernel, and the float16 and bfloat16 backward (softmax and
+    # log-softmax) of rows over 32 converts in registers on AVX-512 (16 or 32 lanes, with
+    # tails: 47, 65, 300 and 512
     # (two rows at a time, one from each half of a thread's rows, odd row counts; 301 rows: a
     # range per thread), 1000).
     # Either way: the float kernel's result rounded

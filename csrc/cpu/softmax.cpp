@@ -857,17 +857,32 @@ FASTLOSS_CPU_INLINE void backward_short_rows(const out_t* g, const out_t* y, gra
 }
 
 #if defined(FASTLOSS_X86_CLONES)
-// Rows row, row + step, ..., row + (R - 1) step of the float16 / bfloat16 softmax backward
-// (not log-softmax: its exponential keeps the other forms) on AVX-512, converting in
-// registers. Staged (float16), every element went into a float buffer and back (rows of 1024,
-// 1M entries in cache, 2 threads: 96 us against torch's 54); bfloat16 converted in GCC's
-// vectorization of the lane loops (rows of 64: 110 us against 90). This is
-// backward_lastdim_rows_lanes' float arithmetic in the same order, lane for lane: L lanes
-// (fused multiply-adds, as GCC contracts them there), the tail in a scalar of its own, the
-// lanes combined by halves; so the result is still the float kernel's rounded once.
-template <int L, int R, typename T>
-FASTLOSS_AVX512_INLINE void softmax_backward_16bit_avx512_rows(const T* g, const T* y, T* dx, int64_t row, int64_t step,
-                                                               int64_t n) {
+// Rows row, row + step, ..., row + (R - 1) step of the float16 / bfloat16 softmax (kLog:
+// log-softmax) backward on AVX-512, converting in registers. Staged (float16), every element
+// went into a float buffer and back (rows of 1024, 1M entries in cache, 2 threads: 96 us
+// against torch's 54); bfloat16 converted in GCC's vectorization of the lane loops (rows of
+// 64: 110 us against 90). This is backward_lastdim_rows_lanes' float arithmetic in the same
+// order, lane for lane: L lanes (fused multiply-adds, as GCC contracts them there), the tail
+// in a scalar of its own, the lanes combined by halves; so the result is still the float
+// kernel's rounded once. Log-softmax's exp(y) is that kernel's own code (backward_value) over
+// each 16 converted entries, which GCC vectorizes the same way.
+// backward_value of 16 entries.
+template <bool kLog>
+FASTLOSS_AVX512_INLINE __m512 backward_16_values(__m512 g, __m512 y, float total) {
+  if constexpr (kLog) {
+    float ga[16], ya[16], da[16];
+    _mm512_storeu_ps(ga, g);
+    _mm512_storeu_ps(ya, y);
+    for_each_lane<16, float>([&](int l) FASTLOSS_CPU_INLINE_LAMBDA { da[l] = backward_value<true>(ga[l], ya[l], total); });
+    return _mm512_loadu_ps(da);
+  } else {
+    return _mm512_mul_ps(y, _mm512_sub_ps(g, _mm512_set1_ps(total)));
+  }
+}
+
+template <bool kLog, int L, int R, typename T>
+FASTLOSS_AVX512_INLINE void backward_16bit_avx512_rows(const T* g, const T* y, T* dx, int64_t row, int64_t step,
+                                                       int64_t n) {
   constexpr int kVectors = L / 16;
   __m512 part[R][kVectors];
   for (int r = 0; r < R; ++r) {
@@ -878,7 +893,8 @@ FASTLOSS_AVX512_INLINE void softmax_backward_16bit_avx512_rows(const T* g, const
     for (int r = 0; r < R; ++r) {
       for (int v = 0; v < kVectors; ++v) {
         const int64_t k = (row + r * step) * n + i + 16 * v;
-        part[r][v] = _mm512_fmadd_ps(avx512::load16(g + k), avx512::load16(y + k), part[r][v]);
+        part[r][v] = kLog ? _mm512_add_ps(part[r][v], avx512::load16(g + k))
+                          : _mm512_fmadd_ps(avx512::load16(g + k), avx512::load16(y + k), part[r][v]);
       }
     }
   }
@@ -892,9 +908,9 @@ FASTLOSS_AVX512_INLINE void softmax_backward_16bit_avx512_rows(const T* g, const
       for (int64_t k = 0; i + k < n; k += 16) {
         const __mmask16 m = avx512::first_lanes(n - i - k);
         _mm512_storeu_ps(gt + k, avx512::load16(gr + i + k, m));
-        _mm512_storeu_ps(yt + k, avx512::load16(yr + i + k, m));
+        if (!kLog) _mm512_storeu_ps(yt + k, avx512::load16(yr + i + k, m));
       }
-      for (int64_t k = 0; i + k < n; ++k) tail = std::fma(gt[k], yt[k], tail);
+      for (int64_t k = 0; i + k < n; ++k) tail = kLog ? tail + gt[k] : std::fma(gt[k], yt[k], tail);
     }
     // reduce_lanes: lane l += lane l + L/2, then + L/4, ..., + 1.
     const __m512 p16 = kVectors == 2 ? _mm512_add_ps(part[r][0], part[r][kVectors - 1]) : part[r][0];
@@ -902,21 +918,21 @@ FASTLOSS_AVX512_INLINE void softmax_backward_16bit_avx512_rows(const T* g, const
     __m128 p4 = _mm_add_ps(_mm256_castps256_ps128(p8), _mm256_extractf128_ps(p8, 1));
     p4 = _mm_add_ps(p4, _mm_movehl_ps(p4, p4));
     p4 = _mm_add_ss(p4, _mm_shuffle_ps(p4, p4, 1));
-    const __m512 total = _mm512_set1_ps(_mm_cvtss_f32(p4) + tail);
+    const float total = _mm_cvtss_f32(p4) + tail;
     int64_t j = 0;
     for (; j + 16 <= n; j += 16) {
-      avx512::store16(dr + j, _mm512_mul_ps(avx512::load16(yr + j), _mm512_sub_ps(avx512::load16(gr + j), total)));
+      avx512::store16(dr + j, backward_16_values<kLog>(avx512::load16(gr + j), avx512::load16(yr + j), total));
     }
     if (j < n) {
       const __mmask16 m = avx512::first_lanes(n - j);
-      avx512::store16(dr + j, _mm512_mul_ps(avx512::load16(yr + j, m), _mm512_sub_ps(avx512::load16(gr + j, m), total)), m);
+      avx512::store16(dr + j, backward_16_values<kLog>(avx512::load16(gr + j, m), avx512::load16(yr + j, m), total), m);
     }
   }
 }
 
-template <int L, typename T>
-__attribute__((target("arch=x86-64-v4"))) void softmax_backward_16bit_avx512(const T* g, const T* y, T* dx,
-                                                                           int64_t begin, int64_t end, int64_t n) {
+template <bool kLog, int L, typename T>
+__attribute__((target("arch=x86-64-v4"))) void backward_16bit_avx512(const T* g, const T* y, T* dx, int64_t begin,
+                                                                     int64_t end, int64_t n) {
   static_assert(L == 16 || L == 32, "one or two vectors of lanes");
   int64_t row = begin;
   // Two rows interleaved where the chain is long (2 threads, 1M float16 entries, against
@@ -926,10 +942,10 @@ __attribute__((target("arch=x86-64-v4"))) void softmax_backward_16bit_avx512(con
   // four rotating input sets, 2 threads); from the two halves at 0.88-1.26x, in cache alike.
   if (L == 16 && n > 128) {
     const int64_t half = (end - begin) / 2;
-    for (; row < begin + half; ++row) softmax_backward_16bit_avx512_rows<L, 2>(g, y, dx, row, half, n);
+    for (; row < begin + half; ++row) backward_16bit_avx512_rows<kLog, L, 2>(g, y, dx, row, half, n);
     row = begin + 2 * half;
   }
-  for (; row < end; ++row) softmax_backward_16bit_avx512_rows<L, 1>(g, y, dx, row, 1, n);
+  for (; row < end; ++row) backward_16bit_avx512_rows<kLog, L, 1>(g, y, dx, row, 1, n);
 }
 #endif
 
@@ -937,12 +953,12 @@ template <bool kLog, typename out_t, typename grad_t>
 FASTLOSS_CPU_INLINE void backward_lastdim_rows(const out_t* g, const out_t* y, grad_t* dx, int64_t begin,
                                        int64_t end, int64_t n) {
 #if defined(FASTLOSS_X86_CLONES)
-  if constexpr (!kLog && std::is_same_v<out_t, grad_t> &&
+  if constexpr (std::is_same_v<out_t, grad_t> &&
                 (std::is_same_v<grad_t, c10::Half> || std::is_same_v<grad_t, c10::BFloat16>)) {
     // The float kernel's dispatch: its short rows (n <= kShortBackwardRow) stay staged.
     if (n > kShortBackwardRow && has_avx512()) {
-      if (n <= kHalfLaneRow) return softmax_backward_16bit_avx512<kLanes<float> / 2>(g, y, dx, begin, end, n);
-      return softmax_backward_16bit_avx512<kLanes<float>>(g, y, dx, begin, end, n);
+      if (n <= kHalfLaneRow) return backward_16bit_avx512<kLog, kLanes<float> / 2>(g, y, dx, begin, end, n);
+      return backward_16bit_avx512<kLog, kLanes<float>>(g, y, dx, begin, end, n);
     }
   }
 #endif
