@@ -176,8 +176,8 @@ def test_short_rows(device, fn, ref_fn, dtype):
     # 65 (each padding, and the first width past the path), 37 rows (a partial batch), with
     # rows of the exact path in the middle of a batch; and rows of whole vectors up to 512
     # bytes (80 to 128 float, 40 to 64 double), with widths between them. Float and double
-    # log-softmax rows of up to 1 KiB past those also go 16 at a time (the chunked pass,
-    # widths 127 and 255 with more than half a set of lanes past the whole ones).
+    # log-softmax rows of up to 1 KiB past those also go 16 at a time (the chunked pass; float
+    # widths 127 and 255, double 127, with more than half a set of lanes past the whole ones).
     inf, nan = math.inf, math.nan
     for cols in list(range(2, 66)) + [72, 80, 96, 100, 111, 112, 127, 128, 129, 200, 255, 256, 257]:
         x = (torch.randn(37, cols, dtype=torch.float64, device=device) * 4).to(dtype)
@@ -530,7 +530,7 @@ def test_rows_beyond_cache(device, fn, ref_fn, dtype):
     [(torch.float16, r, c) for r, c in [(37, 5), (37, 47), (37, 64), (9, 65), (37, 96), (37, 112), (37, 128),
                                          (9, 300), (301, 300), (23, 512), (301, 512), (9, 1000), (3, 5000),
                                          (3, 32768), (2, 40000), (1, 530001)]]
-    + [(torch.bfloat16, r, c) for r, c in [(37, 5), (37, 30), (37, 64), (9, 65), (37, 96), (37, 112), (37, 128),
+    + [(torch.bfloat16, r, c) for r, c in [(37, 5), (37, 30), (37, 47), (37, 64), (9, 65), (37, 96), (37, 112), (37, 128),
                                            (9, 300), (301, 300), (23, 512), (301, 512), (9, 1000)]],
 )
 def test_half_types_are_the_float_kernel_rounded_once(log, dtype, rows, cols):

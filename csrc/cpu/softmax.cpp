@@ -206,7 +206,8 @@ static_assert(kChunk<float> % kLanes<float> == 0);
 // whole-row staging (AVX-512, 2 threads, 1M entries, ratio to torch, medians of 3 runs of 31
 // rounds): log-softmax forward rows of 128 0.85x -> 0.78x and of 256 1.01x -> 0.95x, but of
 // 1024 to 32768 1.17-1.30x -> 1.41-1.48x; softmax forward rows of 128 to 32768 1.10-1.55x ->
-// 1.18-2.74x; log-softmax backward rows of 128 to 32768 0.87-1.13x -> 1.07-1.10x.
+// 1.18-2.74x; log-softmax backward rows of 128 to 32768 0.87-1.13x -> 1.07-1.10x (on AVX-512
+// the backward of rows over 32 now converts in registers: backward_16bit_avx512).
 template <bool kLog>
 constexpr int64_t kStagedHalfForwardRow = kLog ? 256 : 64;
 constexpr int64_t kStagedHalfBackwardRow = 64;
@@ -228,15 +229,10 @@ struct ChunkSum {
 };
 
 // A NaN or +inf entry makes the chunk's sum NaN (exp of NaN, or exp(x - inf) = NaN), which
-// finish_row sends to the exact path: no separate flag is needed here.
-//
-// The last c % L entries take one more pass of the L lanes, over a copy padded with -inf: a
-// padding lane keeps its max, and its term is that of a -inf entry (exactly 0 beside any
-// entry in range; the rows where it is not take the exact path). Scalar loops over them
-// cost up to L - 1 exponentials one at a time: a row of 127 floats spent most of its time
-// there.
+// finish_row sends to the exact path: no separate flag is needed here. kPaddedTail: below.
 template <bool kStore, int L, bool kPaddedTail = false, typename in_t, typename acc_t>
 FASTLOSS_CPU_INLINE ChunkSum<acc_t> chunk_pass1(const in_t* x, int64_t c, acc_t* e) {
+  static_assert(!(kStore && kPaddedTail), "the padded pass keeps no exponentials");
   acc_t qmax[L], part[L];
   for (int l = 0; l < L; ++l) {
     qmax[l] = ExpConstants<acc_t>::kEmptyExponent;
@@ -282,12 +278,7 @@ FASTLOSS_CPU_INLINE ChunkSum<acc_t> chunk_pass1(const in_t* x, int64_t c, acc_t*
     }
   }
   if (padded_tail) {
-    acc_t tail_e[L];
-    for (int l = 0; l < L; ++l) {
-      tail_e[l] = exp_shifted(fl_max(low_clamp<acc_t>(), static_cast<acc_t>(padded[l])), m);
-      part[l] += tail_e[l];
-    }
-    if constexpr (kStore) std::copy(tail_e, tail_e + (c - full), e + full);
+    for (int l = 0; l < L; ++l) part[l] += exp_shifted(fl_max(low_clamp<acc_t>(), static_cast<acc_t>(padded[l])), m);
   } else {
     for (int l = 0; i + l < c; ++l) {
       const acc_t v = exp_shifted(fl_max(low_clamp<acc_t>(), static_cast<acc_t>(x[i + l])), m);
@@ -481,6 +472,37 @@ FASTLOSS_CPU_INLINE void log_softmax_short_row(const in_t* xr, out_t* yr, N n, c
 // (fp32, 65536 x 16: 0.82x torch).
 constexpr int kLogBatch = 16;
 
+// Log-softmax rows [begin, end) of n entries, kLogBatch at a time: sum_row(row) gives each
+// row's pair (S, E), the batch's logs are one vector loop (log_of_normal, an inline series
+// within 2 ulp), then write_row(row, stats) writes the row, or exact_row does.
+template <typename in_t, typename out_t, typename SumRow, typename WriteRow>
+FASTLOSS_CPU_INLINE void log_softmax_row_batches(const in_t* x, out_t* y, int64_t begin, int64_t end, int64_t n,
+                                                 SumRow&& sum_row, WriteRow&& write_row) {
+  using acc_t = typename AccType<in_t>::type;
+  for (int64_t row0 = begin; row0 < end; row0 += kLogBatch) {
+    const int rows = static_cast<int>(std::min<int64_t>(kLogBatch, end - row0));
+    acc_t sum[kLogBatch], exponent[kLogBatch], log_sum[kLogBatch];
+    for (int r = 0; r < kLogBatch; ++r) {
+      ExpSum<acc_t> s{1, 0};
+      if (r < rows) s = sum_row(row0 + r);
+      sum[r] = s.sum;
+      exponent[r] = s.exponent;
+    }
+    // Sums that are not positive normal numbers belong to rows of the exact path.
+    for_each_lane<kLogBatch, acc_t>([&](int r) FASTLOSS_CPU_INLINE_LAMBDA { log_sum[r] = log_of_normal(sum[r]); });
+    for (int r = 0; r < rows; ++r) {
+      const int64_t row = row0 + r;
+      RowStats<acc_t> stats = finish_row<acc_t, false>(ExpSum<acc_t>{sum[r], exponent[r]}, acc_t(0));
+      if (stats.exact) {
+        exact_row<true, in_t, out_t, acc_t>(x + row * n, y + row * n, n, 1);
+        continue;
+      }
+      stats.log_offset = log_offset(exponent[r], log_sum[r]);
+      write_row(row, stats);
+    }
+  }
+}
+
 // Rows of at most W entries (W a power of two, up to four 512-bit vectors, or five to eight
 // that the row fills exactly): the row is held
 // in a W-wide array padded with -inf, so every loop has a compile-time trip count and the
@@ -502,13 +524,10 @@ FASTLOSS_CPU_INLINE void forward_short_rows(const in_t* x, out_t* y, int64_t beg
     // in the row loop; rows of 96 ran at 1.57x there, 1.81x in the batch loop).
     constexpr bool kBatchArrays = W * sizeof(acc_t) > 256;
     acc_t batch_v[kBatchArrays ? W : 1], batch_e[kBatchArrays ? W : 1];
-    for (int64_t row0 = begin; row0 < end; row0 += kLogBatch) {
-      const int rows = static_cast<int>(std::min<int64_t>(kLogBatch, end - row0));
-      acc_t sum[kLogBatch], exponent[kLogBatch], log_sum[kLogBatch];
-      for (int r = 0; r < kLogBatch; ++r) {
-        const int64_t row = row0 + r;
-        ExpSum<acc_t> s{1, 0};
-        if (r < rows) {
+    log_softmax_row_batches(
+        x, y, begin, end, n,
+        [&](int64_t row) FASTLOSS_CPU_INLINE_LAMBDA {
+          ExpSum<acc_t> s{1, 0};
           with_row_access<W>(row, end, n, [&](auto whole) FASTLOSS_CPU_INLINE_LAMBDA {
             constexpr bool kWhole = decltype(whole)::value;
             if constexpr (kBatchArrays) {
@@ -518,25 +537,13 @@ FASTLOSS_CPU_INLINE void forward_short_rows(const in_t* x, out_t* y, int64_t beg
               s = short_row_sum<W, kWhole>(x + row * n, n, v, e);
             }
           });
-        }
-        sum[r] = s.sum;
-        exponent[r] = s.exponent;
-      }
-      // Sums that are not positive normal numbers belong to rows of the exact path.
-      for_each_lane<kLogBatch, acc_t>([&](int r) FASTLOSS_CPU_INLINE_LAMBDA { log_sum[r] = log_of_normal(sum[r]); });
-      for (int r = 0; r < rows; ++r) {
-        const int64_t row = row0 + r;
-        RowStats<acc_t> stats = finish_row<acc_t, false>(ExpSum<acc_t>{sum[r], exponent[r]}, acc_t(0));
-        if (stats.exact) {
-          exact_row<true, in_t, out_t, acc_t>(x + row * n, y + row * n, n, 1);
-          continue;
-        }
-        stats.log_offset = log_offset(exponent[r], log_sum[r]);
-        with_row_access<W>(row, end, n, [&](auto whole) FASTLOSS_CPU_INLINE_LAMBDA {
-          log_softmax_short_row<W, decltype(whole)::value>(x + row * n, y + row * n, n, stats);
+          return s;
+        },
+        [&](int64_t row, const RowStats<acc_t>& stats) FASTLOSS_CPU_INLINE_LAMBDA {
+          with_row_access<W>(row, end, n, [&](auto whole) FASTLOSS_CPU_INLINE_LAMBDA {
+            log_softmax_short_row<W, decltype(whole)::value>(x + row * n, y + row * n, n, stats);
+          });
         });
-      }
-    }
   }
 }
 
@@ -602,29 +609,17 @@ constexpr int64_t kBatchedLogRowBytes = 1024;
 
 template <int L, typename acc_t>
 FASTLOSS_CPU_INLINE void log_softmax_batched_rows(const acc_t* x, acc_t* y, int64_t begin, int64_t end, int64_t n) {
-  for (int64_t row0 = begin; row0 < end; row0 += kLogBatch) {
-    const int rows = static_cast<int>(std::min<int64_t>(kLogBatch, end - row0));
-    acc_t sum[kLogBatch], exponent[kLogBatch], log_sum[kLogBatch];
-    for (int r = 0; r < kLogBatch; ++r) {
-      ChunkSum<acc_t> s{1, 0};
-      if (r < rows) s = chunk_pass1<false, L, true>(x + (row0 + r) * n, n, static_cast<acc_t*>(nullptr));
-      sum[r] = s.sum;
-      exponent[r] = s.exponent;
-    }
-    // Sums that are not positive normal numbers belong to rows of the exact path.
-    for_each_lane<kLogBatch, acc_t>([&](int r) FASTLOSS_CPU_INLINE_LAMBDA { log_sum[r] = log_of_normal(sum[r]); });
-    for (int r = 0; r < rows; ++r) {
-      const acc_t* xr = x + (row0 + r) * n;
-      acc_t* yr = y + (row0 + r) * n;
-      RowStats<acc_t> stats = finish_row<acc_t, false>(ExpSum<acc_t>{sum[r], exponent[r]}, acc_t(0));
-      if (stats.exact) {
-        exact_row<true, acc_t, acc_t, acc_t>(xr, yr, n, 1);
-        continue;
-      }
-      stats.log_offset = log_offset(exponent[r], log_sum[r]);
-      for (int64_t j = 0; j < n; ++j) yr[j] = pass2_value<true>(xr[j], stats);
-    }
-  }
+  log_softmax_row_batches(
+      x, y, begin, end, n,
+      [&](int64_t row) FASTLOSS_CPU_INLINE_LAMBDA {
+        const ChunkSum<acc_t> s = chunk_pass1<false, L, true>(x + row * n, n, static_cast<acc_t*>(nullptr));
+        return ExpSum<acc_t>{s.sum, s.exponent};
+      },
+      [&](int64_t row, const RowStats<acc_t>& stats) FASTLOSS_CPU_INLINE_LAMBDA {
+        const acc_t* xr = x + row * n;
+        acc_t* yr = y + row * n;
+        for (int64_t j = 0; j < n; ++j) yr[j] = pass2_value<true>(xr[j], stats);
+      });
 }
 
 // Rows staged through float (convert.h), defined below the float entry points that they call:
@@ -639,7 +634,8 @@ void backward_staged(const out_t* g, const out_t* y, grad_t* dx, int64_t begin, 
 
 // Rows along the last (contiguous) dimension. Softmax rows that fit in cache use the cached
 // variant; log-softmax and longer rows use the recomputing two-pass form: chunk pairs merged
-// into the row's (S, E), then pass 2 reads the input again.
+// into the row's (S, E), then pass 2 reads the input again (float and double log-softmax rows
+// of up to kBatchedLogRowBytes 16 at a time: log_softmax_batched_rows).
 template <bool kLog, typename in_t, typename out_t>
 FASTLOSS_CPU_INLINE void forward_lastdim_rows(const in_t* x, out_t* y, int64_t begin, int64_t end, int64_t n) {
   if constexpr (std::is_same_v<in_t, c10::Half>) {
@@ -857,16 +853,7 @@ FASTLOSS_CPU_INLINE void backward_short_rows(const out_t* g, const out_t* y, gra
 }
 
 #if defined(FASTLOSS_X86_CLONES)
-// Rows row, row + step, ..., row + (R - 1) step of the float16 / bfloat16 softmax (kLog:
-// log-softmax) backward on AVX-512, converting in registers. Staged (float16), every element
-// went into a float buffer and back (rows of 1024, 1M entries in cache, 2 threads: 96 us
-// against torch's 54); bfloat16 converted in GCC's vectorization of the lane loops (rows of
-// 64: 110 us against 90). This is backward_lastdim_rows_lanes' float arithmetic in the same
-// order, lane for lane: L lanes (fused multiply-adds, as GCC contracts them there), the tail
-// in a scalar of its own, the lanes combined by halves; so the result is still the float
-// kernel's rounded once. Log-softmax's exp(y) is that kernel's own code (backward_value) over
-// each 16 converted entries, which GCC vectorizes the same way.
-// backward_value of 16 entries.
+// backward_value of 16 entries (log-softmax: the float kernel's own code, through the stack).
 template <bool kLog>
 FASTLOSS_AVX512_INLINE __m512 backward_16_values(__m512 g, __m512 y, float total) {
   if constexpr (kLog) {
@@ -880,6 +867,15 @@ FASTLOSS_AVX512_INLINE __m512 backward_16_values(__m512 g, __m512 y, float total
   }
 }
 
+// Rows row, row + step, ..., row + (R - 1) step of the float16 / bfloat16 softmax (kLog:
+// log-softmax) backward on AVX-512, converting in registers. Staged (float16), every element
+// went into a float buffer and back (rows of 1024, 1M entries in cache, 2 threads: 96 us
+// against torch's 54); bfloat16 converted in GCC's vectorization of the lane loops (rows of
+// 64: 110 us against 90). This is backward_lastdim_rows_lanes' float arithmetic in the same
+// order, lane for lane: L lanes (fused multiply-adds, as GCC contracts them there), the tail
+// in a scalar of its own, the lanes combined by halves; so the result is still the float
+// kernel's rounded once. Log-softmax's exp(y) is that kernel's own code (backward_value) over
+// each 16 converted entries, which GCC vectorizes the same way.
 template <bool kLog, int L, int R, typename T>
 FASTLOSS_AVX512_INLINE void backward_16bit_avx512_rows(const T* g, const T* y, T* dx, int64_t row, int64_t step,
                                                        int64_t n) {
