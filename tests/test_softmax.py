@@ -1,6 +1,9 @@
 """Two-pass softmax / log-softmax against torch in float64, on fresh random inputs."""
 
 import math
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -690,3 +693,22 @@ def test_long_last_dim_rows_accurate(device):
     err = ((fastloss.softmax(x.float().to(device), -1).double().cpu() - ref).abs() / ref).max().item()
     bound = 32 * torch.finfo(torch.float32).eps if device == "cpu" else 1e-4
     assert err <= bound, err
+
+
+def test_paths_of_cpus_without_avx512():
+    # FASTLOSS_CPU_AVX512=0 makes the kernels' own dispatch take the paths of a CPU without
+    # AVX-512 (no register kernels for short rows: float log-softmax rows of up to 256 entries
+    # batched; float16 converted with F16C; no in-register 16-bit backward): this file's tests
+    # again, in a fresh process, on an AVX-512 machine.
+    env = dict(os.environ, FASTLOSS_CPU_AVX512="0")
+    info = subprocess.run([sys.executable, "-m", "fastloss", "info"], env=env, capture_output=True, text=True,
+                          check=True)
+    if "FASTLOSS_CPU_AVX512=0" not in info.stdout:
+        pytest.skip("this CPU has no AVX-512: the other tests run those paths")
+    out = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k",
+         "not cuda and not paths_of_cpus_without_avx512"],
+        env=env, capture_output=True, text=True, timeout=900, cwd=os.path.dirname(__file__),
+    )
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert " passed" in out.stdout and "failed" not in out.stdout

@@ -3,6 +3,7 @@
 #pragma once
 
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <type_traits>
 
@@ -41,9 +42,8 @@ FASTLOSS_CPU_INLINE T keep_or_zero(bool keep, T v) {
   return v;
 }
 
-// Whether the AVX-512 clone runs (kernels whose vector form only pays off with 512-bit
-// registers and their mask instructions branch on it once per call).
-inline bool has_avx512() {
+// Whether the AVX-512 clone runs.
+inline bool cpu_has_avx512() {
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__)) && !defined(__APPLE__)
   __builtin_cpu_init();
   return __builtin_cpu_supports("x86-64-v4");
@@ -51,6 +51,21 @@ inline bool has_avx512() {
   return false;
 #endif
 }
+
+// FASTLOSS_CPU_AVX512=0: the kernels' own dispatch (has_avx512) takes the paths of a CPU
+// without AVX-512, so that tests run those paths on an AVX-512 machine too (the functions'
+// target clones stay as the CPU selects them).
+inline bool avx512_paths_disabled() {
+  static const bool disabled = [] {
+    const char* v = std::getenv("FASTLOSS_CPU_AVX512");
+    return v != nullptr && std::strcmp(v, "0") == 0;
+  }();
+  return disabled;
+}
+
+// Whether kernels whose vector form only pays off with 512-bit registers and their mask
+// instructions take it (they branch on this once per call).
+inline bool has_avx512() { return cpu_has_avx512() && !avx512_paths_disabled(); }
 
 // Whether the AVX2 + FMA (x86-64-v3) clone runs.
 inline bool has_avx2() {
@@ -64,7 +79,10 @@ inline bool has_avx2() {
 
 inline const char* selected_isa() {
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__)) && !defined(__APPLE__)
-  if (has_avx512()) return "x86-64-v4 (AVX-512)";
+  if (cpu_has_avx512()) {
+    return avx512_paths_disabled() ? "x86-64-v4 (AVX-512; its own kernel paths off: FASTLOSS_CPU_AVX512=0)"
+                                   : "x86-64-v4 (AVX-512)";
+  }
   if (has_avx2()) return "x86-64-v3 (AVX2, FMA)";
   return "x86-64 baseline";
 #else
