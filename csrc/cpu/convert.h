@@ -94,56 +94,54 @@ FASTLOSS_AVX512_INLINE __mmask16 first_lanes(int64_t count) {
 // c10::Half(float), so the result is the same to the bit (NaN payloads aside).
 namespace half_detail {
 #if defined(FASTLOSS_X86_CLONES)
-// The last n % 16 (n % 8) entries too: masked (through a stack vector), where c10's software
+// All n entries: the last n % 16 (n % 8) masked (through a stack vector), where c10's software
 // conversion took ~20 (to float) and ~30 (to float16) instructions per entry (a row of 127
 // float16 entries: 15 of them, a third of the row's conversion time).
-__attribute__((target("arch=x86-64-v4"))) inline int64_t to_float_avx512(const c10::Half* in, float* out, int64_t n) {
+__attribute__((target("arch=x86-64-v4"))) inline void to_float_avx512(const c10::Half* in, float* out, int64_t n) {
   int64_t i = 0;
   for (; i + 16 <= n; i += 16) _mm512_storeu_ps(out + i, avx512::load16(in + i));
   if (i < n) {
     const __mmask16 m = avx512::first_lanes(n - i);
     _mm512_mask_storeu_ps(out + i, m, avx512::load16(in + i, m));
   }
-  return n;
 }
-__attribute__((target("arch=x86-64-v4"))) inline int64_t from_float_avx512(const float* in, c10::Half* out, int64_t n) {
+__attribute__((target("arch=x86-64-v4"))) inline void from_float_avx512(const float* in, c10::Half* out, int64_t n) {
   int64_t i = 0;
   for (; i + 16 <= n; i += 16) avx512::store16(out + i, _mm512_loadu_ps(in + i));
   if (i < n) {
     const __mmask16 m = avx512::first_lanes(n - i);
     avx512::store16(out + i, _mm512_maskz_loadu_ps(m, in + i), m);
   }
-  return n;
 }
-__attribute__((target("avx2,f16c"))) inline int64_t to_float_f16c(const c10::Half* in, float* out, int64_t n) {
+// 8 entries, and the last n % 8 through a stack vector.
+__attribute__((target("avx2,f16c"))) inline void to_float8_f16c(const void* in, float* out) {
+  _mm256_storeu_ps(out, _mm256_cvtph_ps(_mm_loadu_si128(static_cast<const __m128i*>(in))));
+}
+__attribute__((target("avx2,f16c"))) inline void from_float8_f16c(const float* in, void* out) {
+  _mm_storeu_si128(static_cast<__m128i*>(out),
+                   _mm256_cvtps_ph(_mm256_loadu_ps(in), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+}
+__attribute__((target("avx2,f16c"))) inline void to_float_f16c(const c10::Half* in, float* out, int64_t n) {
   int64_t i = 0;
-  for (; i + 8 <= n; i += 8) {
-    _mm256_storeu_ps(out + i, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(in + i))));
-  }
+  for (; i + 8 <= n; i += 8) to_float8_f16c(in + i, out + i);
   if (i < n) {
     uint16_t bits[8] = {};
     float values[8];
     std::memcpy(bits, in + i, static_cast<size_t>(n - i) * sizeof(uint16_t));
-    _mm256_storeu_ps(values, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(bits))));
+    to_float8_f16c(bits, values);
     std::memcpy(out + i, values, static_cast<size_t>(n - i) * sizeof(float));
   }
-  return n;
 }
-__attribute__((target("avx2,f16c"))) inline int64_t from_float_f16c(const float* in, c10::Half* out, int64_t n) {
+__attribute__((target("avx2,f16c"))) inline void from_float_f16c(const float* in, c10::Half* out, int64_t n) {
   int64_t i = 0;
-  for (; i + 8 <= n; i += 8) {
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(out + i),
-                     _mm256_cvtps_ph(_mm256_loadu_ps(in + i), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
-  }
+  for (; i + 8 <= n; i += 8) from_float8_f16c(in + i, out + i);
   if (i < n) {
     float values[8] = {};
     uint16_t bits[8];
     std::memcpy(values, in + i, static_cast<size_t>(n - i) * sizeof(float));
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(bits),
-                     _mm256_cvtps_ph(_mm256_loadu_ps(values), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+    from_float8_f16c(values, bits);
     std::memcpy(out + i, bits, static_cast<size_t>(n - i) * sizeof(uint16_t));
   }
-  return n;
 }
 #endif
 
@@ -155,23 +153,21 @@ inline int isa_level() {
 }  // namespace half_detail
 
 inline void to_float(const c10::Half* in, float* out, int64_t n) {
-  int64_t i = 0;
 #if defined(FASTLOSS_X86_CLONES)
   const int level = half_detail::isa_level();
-  if (level == 2) i = half_detail::to_float_avx512(in, out, n);
-  else if (level == 1) i = half_detail::to_float_f16c(in, out, n);
+  if (level == 2) return half_detail::to_float_avx512(in, out, n);
+  if (level == 1) return half_detail::to_float_f16c(in, out, n);
 #endif
-  for (; i < n; ++i) out[i] = static_cast<float>(in[i]);
+  for (int64_t i = 0; i < n; ++i) out[i] = static_cast<float>(in[i]);
 }
 
 inline void from_float(const float* in, c10::Half* out, int64_t n) {
-  int64_t i = 0;
 #if defined(FASTLOSS_X86_CLONES)
   const int level = half_detail::isa_level();
-  if (level == 2) i = half_detail::from_float_avx512(in, out, n);
-  else if (level == 1) i = half_detail::from_float_f16c(in, out, n);
+  if (level == 2) return half_detail::from_float_avx512(in, out, n);
+  if (level == 1) return half_detail::from_float_f16c(in, out, n);
 #endif
-  for (; i < n; ++i) out[i] = c10::Half(in[i]);
+  for (int64_t i = 0; i < n; ++i) out[i] = c10::Half(in[i]);
 }
 
 // A per-thread float buffer of at least `count` elements (which: one of 5 per thread), kept

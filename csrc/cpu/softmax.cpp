@@ -599,12 +599,12 @@ FASTLOSS_CPU_INLINE void forward_short_rows(const in_t* x, out_t* y, int64_t beg
   });
 }
 
-// float or double log-softmax rows of up to kBatchedLogRowBytes, kLogBatch at a time: the rows' pass 1, their
-// logs as one vector loop (log_of_normal, as in forward_short_rows), then their pass 2. A row
-// at a time, each row's pass 2 waited on its own chain of reductions and a library log (2
-// threads, fp32, 2M entries in four rotating input sets, against torch: rows of 65 0.79x ->
-// 1.00x, 100 0.83x -> 0.98x, 127 0.79x -> 1.04x with kPaddedTail). Rows of 300 to 1000 ran
-// 0.95-1.0x the speed batched (the batch's rows no longer in L1 for pass 2).
+// float or double log-softmax rows of up to kBatchedLogRowBytes on the chunked pass, in
+// log_softmax_row_batches. A row at a time, each row's pass 2 waited on its own chain of
+// reductions and a library log (2 threads, fp32, 2M entries in four rotating input sets,
+// against torch: rows of 65 0.79x -> 1.00x, 100 0.83x -> 0.98x, 127 0.79x -> 1.04x with
+// kPaddedTail). Rows of 300 to 1000 ran 0.95-1.0x the speed batched (the batch's rows no
+// longer in L1 for pass 2).
 constexpr int64_t kBatchedLogRowBytes = 1024;
 
 template <int L, typename acc_t>
@@ -663,7 +663,9 @@ FASTLOSS_CPU_INLINE void forward_lastdim_rows(const in_t* x, out_t* y, int64_t b
   }
   // (16-bit rows this short are staged: the float kernel takes them.)
   if constexpr (kLog && std::is_same_v<in_t, acc_t> && std::is_same_v<out_t, acc_t>) {
-    if (n * static_cast<int64_t>(sizeof(acc_t)) <= kBatchedLogRowBytes) return log_softmax_batched_rows<L>(x, y, begin, end, n);
+    if (n * static_cast<int64_t>(sizeof(acc_t)) <= kBatchedLogRowBytes) {
+      return log_softmax_batched_rows<L>(x, y, begin, end, n);
+    }
   }
   for (int64_t row = begin; row < end; ++row) {
     const in_t* xr = x + row * n;
@@ -860,7 +862,9 @@ FASTLOSS_AVX512_INLINE __m512 backward_16_values(__m512 g, __m512 y, float total
     float ga[16], ya[16], da[16];
     _mm512_storeu_ps(ga, g);
     _mm512_storeu_ps(ya, y);
-    for_each_lane<16, float>([&](int l) FASTLOSS_CPU_INLINE_LAMBDA { da[l] = backward_value<true>(ga[l], ya[l], total); });
+    for_each_lane<16, float>([&](int l) FASTLOSS_CPU_INLINE_LAMBDA {
+      da[l] = backward_value<true>(ga[l], ya[l], total);
+    });
     return _mm512_loadu_ps(da);
   } else {
     return _mm512_mul_ps(y, _mm512_sub_ps(g, _mm512_set1_ps(total)));
