@@ -5,12 +5,17 @@
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
+#include <string_view>
 #include <type_traits>
 
 #include "common/macros.h"
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__)) && !defined(__APPLE__)
+#if defined(FASTLOSS_CPU_ARCH)  // one level only (CMake's FASTLOSS_CPU_ARCH)
+#define FASTLOSS_CPU_CLONES __attribute__((target("arch=" FASTLOSS_CPU_ARCH)))
+#else
 #define FASTLOSS_CPU_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#endif
 // x86-64 with GCC/Clang: functions with target("arch=x86-64-v4") and AVX-512 intrinsics can
 // be called where has_avx512() holds.
 #define FASTLOSS_X86_CLONES 1
@@ -42,9 +47,20 @@ FASTLOSS_CPU_INLINE T keep_or_zero(bool keep, T v) {
   return v;
 }
 
+// The single level that FASTLOSS_CPU_ARCH builds for, if any.
+inline constexpr bool single_arch(const char* level) {
+#if defined(FASTLOSS_CPU_ARCH)
+  return std::string_view(FASTLOSS_CPU_ARCH) == level;
+#else
+  return false;
+#endif
+}
+inline constexpr bool kSingleArch = !single_arch("");
+
 // Whether the AVX-512 clone runs.
 inline bool cpu_has_avx512() {
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__)) && !defined(__APPLE__)
+  if (kSingleArch && !single_arch("x86-64-v4")) return false;
   __builtin_cpu_init();
   return __builtin_cpu_supports("x86-64-v4");
 #else
@@ -70,6 +86,7 @@ inline bool has_avx512() { return cpu_has_avx512() && !avx512_paths_disabled(); 
 // Whether the AVX2 + FMA (x86-64-v3) clone runs.
 inline bool has_avx2() {
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__)) && !defined(__APPLE__)
+  if (kSingleArch) return single_arch("x86-64-v3");
   __builtin_cpu_init();
   return __builtin_cpu_supports("x86-64-v3");
 #else
@@ -79,6 +96,9 @@ inline bool has_avx2() {
 
 inline const char* selected_isa() {
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__)) && !defined(__APPLE__)
+#if defined(FASTLOSS_CPU_ARCH)
+  if (!single_arch("x86-64-v4")) return FASTLOSS_CPU_ARCH " only (FASTLOSS_CPU_ARCH build)";
+#endif
   if (cpu_has_avx512()) {
     return avx512_paths_disabled() ? "x86-64-v4 (AVX-512; its own kernel paths off: FASTLOSS_CPU_AVX512=0)"
                                    : "x86-64-v4 (AVX-512)";

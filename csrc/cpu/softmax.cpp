@@ -585,6 +585,141 @@ FASTLOSS_CPU_INLINE bool register_row(int64_t n) {
          has_avx512();
 }
 
+// Short float rows on CPUs without AVX-512 (register_row holds them in registers with
+// AVX-512's masks only): eight rows at a time, one per lane of a 256-bit vector. The block is
+// transposed in registers into a buffer of n vectors, so the max, the exponentials and the
+// sums are element-wise across rows (no lane reductions, no padding lanes), and transposed
+// back. The lanes never mix: a row's result does not depend on which rows share its block
+// (the last block's empty lanes hold 0). Up to kLaneRow entries (a 4 KiB buffer, in L1).
+constexpr int64_t kLaneRow = 128;
+constexpr int kRowLanes = 8;
+typedef float RowLanes __attribute__((vector_size(kRowLanes * sizeof(float))));
+// The same at any float's address: loaded straight into registers (through a copy on the
+// stack, the halves GCC's generic tuning loads separately failed to forward to the shuffles).
+typedef float UnalignedRowLanes __attribute__((vector_size(kRowLanes * sizeof(float)), aligned(alignof(float))));
+
+FASTLOSS_CPU_INLINE bool lane_row(int64_t n) { return n <= kLaneRow && !has_avx512(); }
+
+// Transposes the 8 x 8 block v in registers (unpack, 64-bit shuffle, 128-bit permute).
+FASTLOSS_CPU_INLINE void transpose_8x8(RowLanes* v) {
+  RowLanes t[8], u[8];
+  for (int k = 0; k < 8; k += 2) {
+    t[k] = __builtin_shufflevector(v[k], v[k + 1], 0, 8, 1, 9, 4, 12, 5, 13);
+    t[k + 1] = __builtin_shufflevector(v[k], v[k + 1], 2, 10, 3, 11, 6, 14, 7, 15);
+  }
+  for (int k = 0; k < 8; k += 4) {
+    u[k] = __builtin_shufflevector(t[k], t[k + 2], 0, 1, 8, 9, 4, 5, 12, 13);
+    u[k + 1] = __builtin_shufflevector(t[k], t[k + 2], 2, 3, 10, 11, 6, 7, 14, 15);
+    u[k + 2] = __builtin_shufflevector(t[k + 1], t[k + 3], 0, 1, 8, 9, 4, 5, 12, 13);
+    u[k + 3] = __builtin_shufflevector(t[k + 1], t[k + 3], 2, 3, 10, 11, 6, 7, 14, 15);
+  }
+  for (int c = 0; c < 4; ++c) {
+    v[c] = __builtin_shufflevector(u[c], u[c + 4], 0, 1, 2, 3, 8, 9, 10, 11);
+    v[c + 4] = __builtin_shufflevector(u[c], u[c + 4], 4, 5, 6, 7, 12, 13, 14, 15);
+  }
+}
+
+// t[i] = entry i of the `rows` rows at x (lanes past `rows` are 0).
+FASTLOSS_CPU_INLINE void rows_to_lanes(const float* x, int64_t n, int rows, RowLanes* t) {
+  int64_t i = 0;
+  if (rows == kRowLanes) {
+    for (; i + 8 <= n; i += 8) {
+      RowLanes v[8];
+      for (int r = 0; r < 8; ++r) v[r] = *reinterpret_cast<const UnalignedRowLanes*>(x + r * n + i);
+      transpose_8x8(v);
+      for (int c = 0; c < 8; ++c) t[i + c] = v[c];
+    }
+  }
+  for (; i < n; ++i) {
+    for (int r = 0; r < kRowLanes; ++r) t[i][r] = r < rows ? x[r * n + i] : 0.0f;
+  }
+}
+
+// The inverse of rows_to_lanes for the `rows` rows at y.
+FASTLOSS_CPU_INLINE void lanes_to_rows(RowLanes* t, int64_t n, int rows, float* y) {
+  int64_t i = 0;
+  if (rows == kRowLanes) {
+    for (; i + 8 <= n; i += 8) {
+      RowLanes v[8];
+      for (int c = 0; c < 8; ++c) v[c] = t[i + c];
+      transpose_8x8(v);
+      for (int r = 0; r < 8; ++r) *reinterpret_cast<UnalignedRowLanes*>(y + r * n + i) = v[r];
+    }
+  }
+  for (; i < n; ++i) {
+    for (int r = 0; r < rows; ++r) y[r * n + i] = t[i][r];
+  }
+}
+
+template <bool kLog>
+FASTLOSS_CPU_INLINE void forward_rows_per_lane(const float* x, float* y, int64_t begin, int64_t end, int64_t n) {
+  constexpr int R = kRowLanes;
+  constexpr float kLog2e = ExpConstants<float>::kLog2e;
+  RowLanes t[kLaneRow], log_terms[kLog ? kLaneRow : 1];
+  for (int64_t row0 = begin; row0 < end; row0 += R) {
+    const int rows = static_cast<int>(std::min<int64_t>(R, end - row0));
+    // The block is read column by column, an order the hardware prefetchers do not follow:
+    // the next block's lines are fetched ahead.
+    if (row0 + 2 * R <= end) {
+      for (int64_t b = 0; b < R * n * static_cast<int64_t>(sizeof(float)); b += 64) {
+        __builtin_prefetch(reinterpret_cast<const char*>(x + (row0 + R) * n) + b);
+      }
+    }
+    rows_to_lanes(x + row0 * n, n, rows, t);
+    // Pass 1, as short_row_sum per lane: the largest exponent, the terms (into t for softmax),
+    // and their sum in four partial sums. The running max and sums are vector locals: as
+    // arrays, GCC kept them in memory, a store and a load in each step's dependency chain.
+    RowLanes qmax = low_clamp<float>() * kLog2e - RowLanes{};
+    for (int64_t i = 0; i < n; ++i) {
+      const RowLanes q = t[i] * kLog2e;
+      qmax = qmax > q ? qmax : q;  // fl_max
+    }
+    float m[R];
+    for_each_lane<R, float>([&](int r) FASTLOSS_CPU_INLINE_LAMBDA { m[r] = round_to_int(qmax[r]); });
+    RowLanes* terms = kLog ? log_terms : t;
+    for (int64_t i = 0; i < n; ++i) {
+      for_each_lane<R, float>([&](int r) FASTLOSS_CPU_INLINE_LAMBDA {
+        terms[i][r] = exp_shifted(fl_max(low_clamp<float>(), t[i][r]), m[r]);
+      });
+    }
+    RowLanes part[4] = {};
+    int64_t i = 0;
+    for (; i + 4 <= n; i += 4) {
+      for (int k = 0; k < 4; ++k) part[k] += terms[i + k];
+    }
+    for (int k = 0; i < n; ++i, ++k) part[k] += terms[i];
+    const RowLanes sum = (part[0] + part[1]) + (part[2] + part[3]);
+    // Pass 2 over the buffer. A sum that is not a positive normal number belongs to a row of
+    // the exact path (its log here is unused).
+    float scale[R], offset[R];
+    bool exact[R], any_exact = false;
+    for (int r = 0; r < R; ++r) {
+      const RowStats<float> stats = finish_row<float, false>(ExpSum<float>{sum[r], m[r]}, 0.0f);
+      exact[r] = stats.exact && r < rows;
+      any_exact |= exact[r];
+      scale[r] = stats.inv_sum;
+    }
+    if constexpr (kLog) {
+      for_each_lane<R, float>([&](int r) FASTLOSS_CPU_INLINE_LAMBDA { offset[r] = log_offset(m[r], log_of_normal(sum[r])); });
+      for (i = 0; i < n; ++i) {
+        for_each_lane<R, float>([&](int r) FASTLOSS_CPU_INLINE_LAMBDA {
+          t[i][r] = pass2_value<true>(t[i][r], RowStats<float>{m[r], scale[r], offset[r], false});
+        });
+      }
+    } else {
+      for (i = 0; i < n; ++i) {
+        for_each_lane<R, float>([&](int r) FASTLOSS_CPU_INLINE_LAMBDA { t[i][r] *= scale[r]; });
+      }
+    }
+    lanes_to_rows(t, n, rows, y + row0 * n);
+    if (any_exact) {
+      for (int r = 0; r < rows; ++r) {
+        if (exact[r]) exact_row<kLog, float, float, float>(x + (row0 + r) * n, y + (row0 + r) * n, n, 1);
+      }
+    }
+  }
+}
+
 template <bool kLog, typename in_t, typename out_t>
 FASTLOSS_CPU_INLINE void forward_short_rows(const in_t* x, out_t* y, int64_t begin, int64_t end, int64_t n) {
   using acc_t = typename AccType<in_t>::type;
@@ -649,6 +784,12 @@ FASTLOSS_CPU_INLINE void forward_lastdim_rows(const in_t* x, out_t* y, int64_t b
   if (register_row<acc_t>(n)) {
     if constexpr (std::is_same_v<in_t, c10::BFloat16>) return forward_staged<kLog>(x, y, begin, end, n);
     else return forward_short_rows<kLog>(x, y, begin, end, n);
+  }
+  if constexpr (std::is_same_v<acc_t, float>) {
+    if (lane_row(n)) {
+      if constexpr (std::is_same_v<in_t, float>) return forward_rows_per_lane<kLog>(x, y, begin, end, n);
+      else return forward_staged<kLog>(x, y, begin, end, n);
+    }
   }
   if constexpr (!kLog) {
     if (n * static_cast<int64_t>(sizeof(acc_t)) <= kMaxCachedRowBytes<acc_t>) {
