@@ -47,15 +47,14 @@ FASTLOSS_CPU_INLINE T keep_or_zero(bool keep, T v) {
   return v;
 }
 
-// The single level that FASTLOSS_CPU_ARCH builds for, if any.
-inline constexpr bool single_arch(const char* level) {
+// Whether FASTLOSS_CPU_ARCH builds for one level only, and whether it is `level`.
 #if defined(FASTLOSS_CPU_ARCH)
-  return std::string_view(FASTLOSS_CPU_ARCH) == level;
+inline constexpr bool kSingleArch = true;
+inline constexpr bool single_arch(const char* level) { return std::string_view(FASTLOSS_CPU_ARCH) == level; }
 #else
-  return false;
+inline constexpr bool kSingleArch = false;
+inline constexpr bool single_arch(const char*) { return false; }
 #endif
-}
-inline constexpr bool kSingleArch = !single_arch("");
 
 // Whether the AVX-512 clone runs.
 inline bool cpu_has_avx512() {
