@@ -590,19 +590,33 @@ FASTLOSS_CPU_INLINE bool register_row(int64_t n) {
 // transposed in registers into a buffer of n vectors, so the max, the exponentials and the
 // sums are element-wise across rows (no lane reductions, no padding lanes), and transposed
 // back. The lanes never mix: a row's result does not depend on which rows share its block
-// (the last block's empty lanes hold 0). Up to kLaneRow entries (a 4 KiB buffer, in L1).
+// (the last block's empty lanes hold 0). float16 and bfloat16 rows are staged through float.
+// Measured with the AVX2 build (FASTLOSS_CPU_ARCH=x86-64-v3) on an AMD Zen 4, 2 threads, 2M
+// entries, against torch's AVX2 kernels (ATEN_CPU_CAPABILITY=avx2), chunked -> lanes: fp32
+// softmax rows of 8 0.31x -> 1.75x, 17 0.60x -> 2.35x, 24 0.46x -> 1.48x, 64 0.89x -> 1.55x,
+// 127 1.0x -> 1.3x; log-softmax 0.33-1.05x -> 1.15-1.70x; bfloat16 / float16 softmax rows of
+// 17 and 33 0.57-0.70x -> 1.5-2.1x. Rows of 160 to 512 ran slower this way (fp32 softmax 400:
+// 1.45x -> 1.17x, bfloat16 512: 1.5x -> 0.55x), and so did the backward for rows of 17 to 128
+// (0.8-1.27x -> 0.57-0.93x: three transposes against one streaming pass).
 constexpr int64_t kLaneRow = 128;
+constexpr int64_t kLaneRowAvx512 = 96;
 constexpr int kRowLanes = 8;
 typedef float RowLanes __attribute__((vector_size(kRowLanes * sizeof(float))));
 // The same at any float's address: loaded straight into registers (through a copy on the
 // stack, the halves GCC's generic tuning loads separately failed to forward to the shuffles).
 typedef float UnalignedRowLanes __attribute__((vector_size(kRowLanes * sizeof(float)), aligned(alignof(float))));
 
-// With AVX-512, softmax rows that register_row leaves (65-127 floats that are not whole
-// vectors) run here too: 2 threads, 2M entries, against torch, rows of 65 1.13x -> 1.5x.
-// Log-softmax rows ran slower than in log_softmax_batched_rows (rows of 127 1.03x -> 0.80x).
+// With AVX-512, softmax rows of 65-95 entries run here too (register_row takes those of whole
+// vectors). 2 threads, 2M entries, against torch, chunked -> lanes: fp32 rows of 65
+// 1.05-1.34x -> 1.51-1.63x, 72 1.15x -> 1.45x, 95 0.96x -> 1.15x; fp16 rows of 65 0.83-0.91x
+// -> 1.09-1.13x; bfloat16 (staged, as the float kernel's result must be its result rounded)
+// 1.8-3.2x either way. Longer rows (100-127: fp32 1.01-1.37x -> 0.94-1.23x) and log-softmax
+// rows (127: 1.03x -> 0.80x) were slower.
 template <bool kLog>
-FASTLOSS_CPU_INLINE bool lane_row(int64_t n) { return n <= kLaneRow && (!kLog || !has_avx512()); }
+FASTLOSS_CPU_INLINE bool lane_row(int64_t n) {
+  if (has_avx512()) return !kLog && n < kLaneRowAvx512;
+  return n <= kLaneRow;
+}
 
 // Transposes the 8 x 8 block v in registers (unpack, 64-bit shuffle, 128-bit permute).
 FASTLOSS_CPU_INLINE void transpose_8x8(RowLanes* v) {
