@@ -86,7 +86,8 @@ def main(argv=None) -> None:
     args = p.parse_args(argv)
     results = sweep(args.dtypes.split(","), [int(c) for c in args.cols.split(",")], args.elements, args.rounds,
                     args.calls)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; torch time / fastloss time "
+    print(f"torch {torch.__version__} ({torch.backends.cpu.get_cpu_capability()} kernels), fastloss "
+          f"{fastloss.build_info()['cpu_isa']}, {torch.get_num_threads()} threads; torch time / fastloss time "
           f"(above 1: fastloss faster)\n")
     print("| rows x cols | dtype | " + " | ".join(OPS) + " |")
     print("|:---|:---|" + "---:|" * len(OPS))

@@ -544,7 +544,9 @@ def test_half_types_are_the_float_kernel_rounded_once(log, dtype, rows, cols):
     # the log-softmax forward; bfloat16 forward up to 64 and of 80-128 in whole vectors, or
     # 1024 in the log-softmax forward, and backward up to 32) go
     # through float in blocks of rows (conversions, the float kernel, one rounding back);
-    # longer float16 rows go through float a 1024-entry chunk at a time (65 (softmax), 300:
+    # forward rows of up to 128 without AVX-512, and softmax rows of 65 with it, go the same
+    # way (one row per lane in the float kernel);
+    # longer float16 rows go through float a 1024-entry chunk at a time (300:
     # one partial chunk; 5000, 32768, 40000: several, the last partial; 530001: past the
     # cached softmax forward), longer bfloat16 rows convert
     # element by element in the kernel, and the float16 and bfloat16 backward (softmax and
@@ -700,8 +702,9 @@ def test_long_last_dim_rows_accurate(device):
 
 def test_paths_of_cpus_without_avx512():
     # FASTLOSS_CPU_AVX512=0 makes the kernels' own dispatch take the paths of a CPU without
-    # AVX-512 (no register kernels for short rows: float log-softmax rows of up to 256 entries
-    # batched; float16 converted with F16C; no in-register 16-bit backward): this file's tests
+    # AVX-512 (no register kernels for short rows: float forward rows of up to 128 entries one
+    # per lane, log-softmax rows of 129 to 256 batched; float16 converted with F16C; no
+    # in-register 16-bit backward): this file's tests
     # again, in a fresh process, on an AVX-512 machine.
     env = dict(os.environ, FASTLOSS_CPU_AVX512="0")
     info = subprocess.run([sys.executable, "-m", "fastloss", "info"], env=env, capture_output=True, text=True,

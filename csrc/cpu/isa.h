@@ -1,5 +1,6 @@
 // Runtime choice among the instruction-set variants that the CPU kernels are compiled for
-// (GCC/Clang target_clones: x86-64-v4 = AVX-512, x86-64-v3 = AVX2+FMA, and a baseline).
+// (GCC/Clang target_clones: x86-64-v4 = AVX-512, x86-64-v3 = AVX2+FMA, and a baseline; or one
+// level only, CMake's FASTLOSS_CPU_ARCH).
 #pragma once
 
 #include <cstdint>
@@ -82,10 +83,11 @@ inline bool avx512_paths_disabled() {
 // instructions take it (they branch on this once per call).
 inline bool has_avx512() { return cpu_has_avx512() && !avx512_paths_disabled(); }
 
-// Whether the AVX2 + FMA (x86-64-v3) clone runs.
+// Whether the kernels may use AVX2 + FMA (x86-64-v3): the CPU has them, and the build's level
+// includes them.
 inline bool has_avx2() {
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__)) && !defined(__APPLE__)
-  if (kSingleArch) return single_arch("x86-64-v3");
+  if (kSingleArch && !single_arch("x86-64-v3") && !single_arch("x86-64-v4")) return false;
   __builtin_cpu_init();
   return __builtin_cpu_supports("x86-64-v3");
 #else
@@ -96,7 +98,13 @@ inline bool has_avx2() {
 inline const char* selected_isa() {
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__)) && !defined(__APPLE__)
 #if defined(FASTLOSS_CPU_ARCH)
-  if (!single_arch("x86-64-v4")) return FASTLOSS_CPU_ARCH " only (FASTLOSS_CPU_ARCH build)";
+  if (single_arch("x86-64-v4")) {
+    return avx512_paths_disabled()
+               ? "x86-64-v4 (AVX-512; FASTLOSS_CPU_ARCH build; its own kernel paths off: FASTLOSS_CPU_AVX512=0)"
+               : "x86-64-v4 (AVX-512; FASTLOSS_CPU_ARCH build)";
+  }
+  if (single_arch("x86-64-v3")) return "x86-64-v3 (AVX2, FMA; FASTLOSS_CPU_ARCH build)";
+  return FASTLOSS_CPU_ARCH " (FASTLOSS_CPU_ARCH build)";
 #endif
   if (cpu_has_avx512()) {
     return avx512_paths_disabled() ? "x86-64-v4 (AVX-512; its own kernel paths off: FASTLOSS_CPU_AVX512=0)"

@@ -9,7 +9,9 @@
 // float) take an exact max-subtracting path with torch.softmax's NaN semantics.
 //
 // Rows of up to 256 bytes, or of whole vectors up to 512 (AVX-512 only), are held in
-// registers instead (forward_short_rows).
+// registers instead (forward_short_rows). Without AVX-512, forward rows of up to 128 floats go
+// eight at a time, one per vector lane (forward_rows_per_lane; with AVX-512 softmax rows of
+// 65-95 too).
 //
 // Layout: the contiguous input is viewed as (outer, size, inner) around `dim`. inner == 1
 // vectorizes along the row; inner > 1 vectorizes across `inner` adjacent rows.
@@ -200,8 +202,8 @@ constexpr int64_t chunk_length(int64_t n) {
 static_assert(kChunk<float> % kLanes<float> == 0);
 
 // float16 rows still staged whole, in blocks of rows: those that the register kernels take
-// (forward_short_rows: up to 64 float entries, and whole vectors up to 128 on AVX-512), and
-// log-softmax forward rows of up to 256,
+// (forward_short_rows: up to 64 float entries, and whole vectors up to 128 on AVX-512) or
+// forward_rows_per_lane (lane_row), and log-softmax forward rows of up to 256,
 // where the chunks' per-row conversion calls cost more than they save. Chunks against
 // whole-row staging (AVX-512, 2 threads, 1M entries, ratio to torch, medians of 3 runs of 31
 // rounds): log-softmax forward rows of 128 0.85x -> 0.78x and of 256 1.01x -> 0.95x, but of
@@ -595,15 +597,16 @@ FASTLOSS_CPU_INLINE bool register_row(int64_t n) {
 // entries, against torch's AVX2 kernels (ATEN_CPU_CAPABILITY=avx2), chunked -> lanes: fp32
 // softmax rows of 8 0.31x -> 1.75x, 17 0.60x -> 2.35x, 24 0.46x -> 1.48x, 64 0.89x -> 1.55x,
 // 127 1.0x -> 1.3x; log-softmax 0.33-1.05x -> 1.15-1.70x; bfloat16 / float16 softmax rows of
-// 17 and 33 0.57-0.70x -> 1.5-2.1x. Rows of 160 to 512 ran slower this way (fp32 softmax 400:
+// 17 and 33 0.57-0.70x -> 1.5-2.1x. Rows of 129 to 512 ran slower this way (fp32 softmax 400:
 // 1.45x -> 1.17x, bfloat16 512: 1.5x -> 0.55x), and so did the backward for rows of 17 to 128
 // (0.8-1.27x -> 0.57-0.93x: three transposes against one streaming pass).
 constexpr int64_t kLaneRow = 128;
 constexpr int64_t kLaneRowAvx512 = 96;
 constexpr int kRowLanes = 8;
 typedef float RowLanes __attribute__((vector_size(kRowLanes * sizeof(float))));
-// The same at any float's address: loaded straight into registers (through a copy on the
-// stack, the halves GCC's generic tuning loads separately failed to forward to the shuffles).
+// The same at any float's address, loaded straight into registers (through a copy on the
+// stack instead, the halves that GCC's generic tuning loads separately failed to forward to
+// the shuffles).
 typedef float UnalignedRowLanes __attribute__((vector_size(kRowLanes * sizeof(float)), aligned(alignof(float))));
 
 // With AVX-512, softmax rows of 65-95 entries run here too (register_row takes those of whole
@@ -777,15 +780,16 @@ FASTLOSS_CPU_INLINE void log_softmax_batched_rows(const acc_t* x, acc_t* y, int6
 
 // Rows staged through float (convert.h), defined below the float entry points that they call:
 // short float16 rows (kStagedHalfForwardRow, kStagedHalfBackwardRow), bfloat16 log-softmax
-// forward rows (kStagedBf16LogRow), and bfloat16 rows short enough for the register kernels
+// forward rows (kStagedBf16LogRow), bfloat16 rows short enough for the register kernels
 // (in those GCC widened a row of bfloat16 in half vectors that went through memory: forward,
-// 65536 x 16, 1.7x the time of float).
+// 65536 x 16, 1.7x the time of float), and 16-bit forward rows of forward_rows_per_lane.
 template <bool kLog, typename in_t, typename out_t>
 void forward_staged(const in_t* x, out_t* y, int64_t begin, int64_t end, int64_t n);
 template <bool kLog, typename out_t, typename grad_t>
 void backward_staged(const out_t* g, const out_t* y, grad_t* dx, int64_t begin, int64_t end, int64_t n);
 
-// Rows along the last (contiguous) dimension. Softmax rows that fit in cache use the cached
+// Rows along the last (contiguous) dimension. Short rows go to the register kernels or one
+// per lane (above). Softmax rows that fit in cache use the cached
 // variant; log-softmax and longer rows use the recomputing two-pass form: chunk pairs merged
 // into the row's (S, E), then pass 2 reads the input again (float and double log-softmax rows
 // of up to kBatchedLogRowBytes 16 at a time: log_softmax_batched_rows).
@@ -1171,7 +1175,8 @@ FASTLOSS_CPU_INLINE void backward_strided_block(const out_t* g, const out_t* y, 
 }
 
 // Non-template entry points, each compiled once per instruction set (FASTLOSS_CPU_CLONES)
-// and chosen at load time; the templates above are inlined into them.
+// and chosen at load time (or for one level: FASTLOSS_CPU_ARCH); the templates above are
+// inlined into them.
 #define FASTLOSS_FORWARD_ENTRY(NAME, LOG, IN, OUT)                                            \
   FASTLOSS_CPU_CLONES void NAME##_lastdim(const IN* x, OUT* y, int64_t b, int64_t e,        \
                                           int64_t n) {                                      \
