@@ -84,6 +84,27 @@ FASTLOSS_AVX512_INLINE __mmask16 first_lanes(int64_t count) {
   return count >= 16 ? __mmask16(0xffff) : static_cast<__mmask16>((1u << count) - 1);
 }
 }  // namespace avx512
+
+// 8 float16 entries <-> floats in an AVX2 register (F16C, round to nearest even).
+namespace avx2 {
+FASTLOSS_AVX2_INLINE __m256 load8(const c10::Half* p) {
+  return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+}
+FASTLOSS_AVX2_INLINE void store8(c10::Half* p, __m256 v) {
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+}
+// The first `count` (< 8) entries, through a vector on the stack padded with zeros.
+FASTLOSS_AVX2_INLINE __m256 load8_first(const c10::Half* p, int64_t count) {
+  c10::Half part[8] = {};
+  std::memcpy(part, p, static_cast<size_t>(count) * sizeof(c10::Half));
+  return load8(part);
+}
+FASTLOSS_AVX2_INLINE void store8_first(c10::Half* p, __m256 v, int64_t count) {
+  c10::Half part[8];
+  store8(part, v);
+  std::memcpy(p, part, static_cast<size_t>(count) * sizeof(c10::Half));
+}
+}  // namespace avx2
 #endif
 
 // Bulk float16 <-> float conversion with the hardware instructions (AVX-512 or F16C), chosen

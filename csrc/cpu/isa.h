@@ -22,6 +22,8 @@
 #define FASTLOSS_X86_CLONES 1
 // An always-inlined helper of such functions.
 #define FASTLOSS_AVX512_INLINE __attribute__((target("arch=x86-64-v4"), always_inline)) inline
+// The same for AVX2 + FMA + F16C helpers, called where has_avx2() holds.
+#define FASTLOSS_AVX2_INLINE __attribute__((target("arch=x86-64-v3"), always_inline)) inline
 #else
 #define FASTLOSS_CPU_CLONES
 #endif
