@@ -56,7 +56,16 @@ FASTLOSS_HD T log_of_normal(T s) {
   for (int j = kTerms - 1; j >= 1; --j) p = fl_fma(p, u2, T(1) / (2 * j + 1));
   const T log_m = fl_fma(2 * u * u2, p, 2 * u);
   using C = ExpConstants<T>;
-  return fl_fma(T(k), C::kLn2Hi, fl_fma(T(k), C::kLn2Lo, log_m));
+  T kf = T(k);
+#if !defined(__CUDA_ARCH__)
+  if constexpr (sizeof(T) == 8) {  // k + 1.5 * 2^52 by its bits: AVX2 has no int64 -> double conversion
+    constexpr double kMagic = 0x1.8p52;
+    const Bits biased = k + Bits(0x4338000000000000LL);  // the bits of kMagic
+    std::memcpy(&kf, &biased, sizeof(kf));
+    kf -= kMagic;
+  }
+#endif
+  return fl_fma(kf, C::kLn2Hi, fl_fma(kf, C::kLn2Lo, log_m));
 }
 
 // What pass 2 needs of a row.
