@@ -169,6 +169,12 @@ void def_direct(pybind11::module_& m, const char* name) {
 
 PYBIND11_MODULE(_C, m) {
   m.doc() = "fastloss native module: importing it registers torch.ops.fastloss.*";
+#if defined(FASTLOSS_CPU_ARCH)
+  if (!fastloss::cpu::cpu_runs_build()) {
+    throw py::import_error("fastloss's CPU kernels were built for " FASTLOSS_CPU_ARCH
+                           " only (FASTLOSS_CPU_ARCH), which this CPU does not support: rebuild without it");
+  }
+#endif
   m.def("build_info", []() {
     py::dict info;
     info["version"] = FASTLOSS_VERSION;

@@ -97,6 +97,17 @@ inline bool has_avx2() {
 #endif
 }
 
+// Whether this CPU runs the kernels' build: false only for a FASTLOSS_CPU_ARCH build whose
+// level the CPU lacks (its kernels would stop on an illegal instruction).
+inline bool cpu_runs_build() {
+#if defined(FASTLOSS_CPU_ARCH) && defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+  __builtin_cpu_init();
+  return __builtin_cpu_supports(FASTLOSS_CPU_ARCH);
+#else
+  return true;
+#endif
+}
+
 inline const char* selected_isa() {
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__)) && !defined(__APPLE__)
 #if defined(FASTLOSS_CPU_ARCH)
