@@ -1019,6 +1019,14 @@ FASTLOSS_CPU_INLINE void backward_short_rows(const out_t* g, const out_t* y, gra
 
 #if defined(FASTLOSS_X86_CLONES)
 // backward_value of 16 entries (log-softmax: the float kernel's own code, through the stack).
+// The last steps of reduce_lanes over 8 lanes in a register: lane l += lane l + 4, + 2, + 1.
+FASTLOSS_AVX2_INLINE float reduce_halves_8(__m256 p8) {
+  __m128 p4 = _mm_add_ps(_mm256_castps256_ps128(p8), _mm256_extractf128_ps(p8, 1));
+  p4 = _mm_add_ps(p4, _mm_movehl_ps(p4, p4));
+  p4 = _mm_add_ss(p4, _mm_shuffle_ps(p4, p4, 1));
+  return _mm_cvtss_f32(p4);
+}
+
 template <bool kLog>
 FASTLOSS_AVX512_INLINE __m512 backward_16_values(__m512 g, __m512 y, float total) {
   if constexpr (kLog) {
@@ -1078,10 +1086,7 @@ FASTLOSS_AVX512_INLINE void backward_16bit_avx512_rows(const T* g, const T* y, T
     // reduce_lanes: lane l += lane l + L/2, then + L/4, ..., + 1.
     const __m512 p16 = kVectors == 2 ? _mm512_add_ps(part[r][0], part[r][kVectors - 1]) : part[r][0];
     const __m256 p8 = _mm256_add_ps(_mm512_castps512_ps256(p16), _mm512_extractf32x8_ps(p16, 1));
-    __m128 p4 = _mm_add_ps(_mm256_castps256_ps128(p8), _mm256_extractf128_ps(p8, 1));
-    p4 = _mm_add_ps(p4, _mm_movehl_ps(p4, p4));
-    p4 = _mm_add_ss(p4, _mm_shuffle_ps(p4, p4, 1));
-    const float total = _mm_cvtss_f32(p4) + tail;
+    const float total = reduce_halves_8(p8) + tail;
     int64_t j = 0;
     for (; j + 16 <= n; j += 16) {
       avx512::store16(dr + j, backward_16_values<kLog>(avx512::load16(gr + j), avx512::load16(yr + j), total));
@@ -1162,16 +1167,9 @@ __attribute__((target("arch=x86-64-v3"))) void backward_16bit_avx2(const c10::Ha
       for (int64_t k = 0; i + k < n; ++k) tail = kLog ? tail + gt[k] : std::fma(gt[k], yt[k], tail);
     }
     // reduce_lanes: lane l += lane l + L/2, then + L/4, ..., + 1.
-    __m256 p8 = part[0];
-    if constexpr (kVectors == 4) {
-      p8 = _mm256_add_ps(_mm256_add_ps(part[0], part[2]), _mm256_add_ps(part[1], part[3]));
-    } else {
-      p8 = _mm256_add_ps(part[0], part[1]);
-    }
-    __m128 p4 = _mm_add_ps(_mm256_castps256_ps128(p8), _mm256_extractf128_ps(p8, 1));
-    p4 = _mm_add_ps(p4, _mm_movehl_ps(p4, p4));
-    p4 = _mm_add_ss(p4, _mm_shuffle_ps(p4, p4, 1));
-    const float total = _mm_cvtss_f32(p4) + tail;
+    const __m256 p8 = kVectors == 4 ? _mm256_add_ps(_mm256_add_ps(part[0], part[2]), _mm256_add_ps(part[1], part[3]))
+                                    : _mm256_add_ps(part[0], part[1]);
+    const float total = reduce_halves_8(p8) + tail;
     int64_t j = 0;
     for (; j + 8 <= n; j += 8) {
       avx2::store8(dr + j, backward_8_values<kLog>(avx2::load8(gr + j), avx2::load8(yr + j), total));
