@@ -703,8 +703,8 @@ def test_long_last_dim_rows_accurate(device):
 def test_paths_of_cpus_without_avx512():
     # FASTLOSS_CPU_AVX512=0 makes the kernels' own dispatch take the paths of a CPU without
     # AVX-512 (no register kernels for short rows: float forward rows of up to 128 entries one
-    # per lane, log-softmax rows of 129 to 256 batched; float16 converted with F16C; no
-    # in-register 16-bit backward): this file's tests
+    # per lane, log-softmax rows of 129 to 256 batched; float16 converted with F16C, its
+    # backward in AVX2 registers; bfloat16's backward in the lane loops): this file's tests
     # again, in a fresh process, on an AVX-512 machine.
     env = dict(os.environ, FASTLOSS_CPU_AVX512="0")
     info = subprocess.run([sys.executable, "-m", "fastloss", "info"], env=env, capture_output=True, text=True,

@@ -144,10 +144,10 @@ FASTLOSS_HD double exp2_bits(double k) {
 #if defined(__CUDA_ARCH__)
   return __longlong_as_double((static_cast<int64_t>(k) + 1023) << 52);
 #else
-  // k + 1023 as the low bits of k + 1023 + 1.5 * 2^52 (exact for integer k), shifted into the
-  // exponent field: no double -> int64 conversion, which AVX2 lacks (GCC kept the loops
-  // around it scalar: float64 softmax at 0.4-0.5x torch there).
-  const double biased = k + (1023.0 + 0x1.8p52);
+  // k + 1023 as the low bits of k + 1023 + kRoundMagic (1.5 * 2^52; exact for integer k),
+  // shifted into the exponent field: no double -> int64 conversion, which AVX2 lacks (GCC
+  // kept the loops around it scalar: float64 softmax at 0.4-0.5x torch there).
+  const double biased = k + (1023.0 + ExpConstants<double>::kRoundMagic);
   uint64_t bits;
   std::memcpy(&bits, &biased, sizeof(bits));
   bits <<= 52;

@@ -58,11 +58,12 @@ FASTLOSS_HD T log_of_normal(T s) {
   using C = ExpConstants<T>;
   T kf = T(k);
 #if !defined(__CUDA_ARCH__)
-  if constexpr (sizeof(T) == 8) {  // k + 1.5 * 2^52 by its bits: AVX2 has no int64 -> double conversion
-    constexpr double kMagic = 0x1.8p52;
-    const Bits biased = k + Bits(0x4338000000000000LL);  // the bits of kMagic
+  if constexpr (sizeof(T) == 8) {  // as in exp2_bits: AVX2 has no int64 -> double conversion
+    Bits biased;  // the bits of k + kRoundMagic: those of kRoundMagic, plus k
+    std::memcpy(&biased, &C::kRoundMagic, sizeof(biased));
+    biased += k;
     std::memcpy(&kf, &biased, sizeof(kf));
-    kf -= kMagic;
+    kf -= C::kRoundMagic;
   }
 #endif
   return fl_fma(kf, C::kLn2Hi, fl_fma(kf, C::kLn2Lo, log_m));
