@@ -588,6 +588,24 @@ def test_large_logits_and_nan(device):
     assert torch.isnan(per[1]) and torch.isfinite(per[torch.arange(64, device=device) != 1]).all()
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("tokens", [4, 300])
+def test_nan_in_classifier_or_bias_makes_every_loss_nan(device, dtype, tokens):
+    # A NaN logit in any vocabulary row, like torch: every token's loss and LSE NaN. Rows in
+    # several 512-row blocks: with few tokens the CPU's bfloat16 products split the vocabulary
+    # into parts, and a part whose first block held the NaN once merged as empty (finite loss).
+    h, c, t, b = make_inputs((tokens,), 8, 5003, dtype, device, bias=True, ignore_frac=0.0)
+    for row in (3, 600, 1030, 2600, 5002):
+        for where in ("classifier", "bias"):
+            c_bad, b_bad = c.clone(), b.clone()
+            if where == "classifier":
+                c_bad[row, 1] = float("nan")
+            else:
+                b_bad[row] = float("nan")
+            loss, lse = fastloss.linear_cross_entropy(h, c_bad, t, b_bad, reduction="none", return_lse=True)
+            assert loss.isnan().all() and lse.isnan().all(), (row, where)
+
+
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("reduction", ["mean", "none"])
 def test_masked_vocabulary_entries(device, dtype, reduction):

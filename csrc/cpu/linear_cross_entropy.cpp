@@ -100,8 +100,6 @@ FASTLOSS_CPU_INLINE void forward_rows(acc_t* logits, int64_t vb, const acc_t* bi
     acc_t exp_sum = 0;
     for (int l = 0; l < kLanes; ++l) exp_sum += ex[l];
     for (; j < vb; ++j) exp_sum += exp_nonpositive(z[j] - row_max);
-    // A NaN logit makes the token's LSE NaN, like torch.
-    if (row_sum != row_sum) row_max = row_sum;
     lse[r].merge(row_max, exp_sum);
     logit_sum[r] += row_sum;
     const int64_t t = target_col[r];
@@ -485,7 +483,10 @@ void shard_statistics(const at::Tensor& ea, const at::Tensor& classifier, const 
   }
   const acc_t ls = static_cast<acc_t>(label_smoothing), inv_vocab = acc_t(1) / static_cast<acc_t>(args.vocab_total);
   for (int64_t i = 0; i < na; ++i) {
-    lse_out[i] = lse[i].value();
+    // A NaN logit makes the token's LSE NaN, like torch. The running maxima may drop it (a
+    // part whose first block holds the NaN stays "empty" at -inf and merges as nothing), the
+    // logit sum does not.
+    lse_out[i] = logit_sum[i] != logit_sum[i] ? logit_sum[i] : lse[i].value();
     linear_out[i] = token_linear(target_logit[i], logit_sum[i], ls, inv_vocab);
   }
 }
