@@ -913,8 +913,8 @@ FASTLOSS_CPU_INLINE acc_t backward_value(acc_t g, acc_t y, acc_t total) {
   else return y * (g - total);
 }
 
-// Backward, one row at a time in lanes.
-template <bool kLog, int L, typename out_t, typename grad_t>
+// Backward, one row at a time in lanes. kPaddedTail: below.
+template <bool kLog, int L, bool kPaddedTail, typename out_t, typename grad_t>
 FASTLOSS_CPU_INLINE void backward_lastdim_rows_lanes(const out_t* g, const out_t* y, grad_t* dx, int64_t begin,
                                                      int64_t end, int64_t n) {
   using acc_t = typename AccType<out_t>::type;
@@ -926,11 +926,7 @@ FASTLOSS_CPU_INLINE void backward_lastdim_rows_lanes(const out_t* g, const out_t
     const out_t* yr = y + row * n;
     grad_t* dr = dx + row * n;
     acc_t partial[L] = {};
-    // The tail (the last chunk's entries past a multiple of L) into a scalar of its own: lanes
-    // indexed with a runtime l stay on the stack, and their reduction became L scalar loads
-    // and adds per row (AVX-512, fp32 rows of 128 in cache, the op called alone: 0.56-0.68x
-    // torch's speed before, 0.73-0.76x after).
-    acc_t tail = 0;
+    [[maybe_unused]] acc_t tail = 0;
     for (int64_t c0 = 0; c0 < n; c0 += C) {
       const int64_t c = std::min(C, n - c0);
       const auto* gc = readable(gr + c0, c, g_buf);
@@ -945,9 +941,27 @@ FASTLOSS_CPU_INLINE void backward_lastdim_rows_lanes(const out_t* g, const out_t
           partial[l] += kLog ? gv : gv * static_cast<acc_t>(yc[i + l]);
         }
       }
-      for (; i < c; ++i) {
-        const acc_t gv = static_cast<acc_t>(gc[i]);
-        tail += kLog ? gv : gv * static_cast<acc_t>(yc[i]);
+      // The last chunk's entries past a multiple of L. kPaddedTail (AVX-512): as one more set
+      // of lanes padded with zeros (which leave a lane as it was: no lane is ever -0). Else in
+      // a scalar of their own, a chain of up to L - 1 dependent additions per row, which on
+      // AVX-512 cost more (2 threads, softmax backward against torch: bfloat16 rows of 127
+      // 0.83x -> 1.04x, float16 rows of 47 0.90x -> 1.45x) but on AVX2 less (float16 rows of
+      // 47 2.47x -> 1.95x padded, fp32 log-softmax 0.87x -> 0.78x). Lanes indexed with a
+      // runtime l stayed on the stack (their reduction became L scalar loads and adds).
+      if constexpr (kPaddedTail) {
+        if (i < c) {
+          acc_t gp[L], yp[L];
+          for (int l = 0; l < L; ++l) {
+            gp[l] = i + l < c ? static_cast<acc_t>(gc[i + l]) : acc_t(0);
+            yp[l] = kLog || i + l >= c ? acc_t(0) : static_cast<acc_t>(yc[i + l]);
+          }
+          for (int l = 0; l < L; ++l) partial[l] += kLog ? gp[l] : gp[l] * yp[l];
+        }
+      } else {
+        for (; i < c; ++i) {
+          const acc_t gv = static_cast<acc_t>(gc[i]);
+          tail += kLog ? gv : gv * static_cast<acc_t>(yc[i]);
+        }
       }
     }
     const acc_t total = reduce_lanes<L>(partial, [](acc_t a, acc_t b) { return a + b; }) + tail;
@@ -1048,8 +1062,8 @@ FASTLOSS_AVX512_INLINE __m512 backward_16_values(__m512 g, __m512 y, float total
 // against torch's 54); bfloat16 converted in GCC's vectorization of the lane loops (rows of
 // 64: 110 us against 90). This is backward_lastdim_rows_lanes' float arithmetic in the same
 // order, lane for lane: L lanes (fused multiply-adds, as GCC contracts them there), the tail
-// in a scalar of its own, the lanes combined by halves; so the result is still the float
-// kernel's rounded once. Log-softmax's exp(y) is that kernel's own code (backward_value) over
+// as one more set of lanes padded with zeros, the lanes combined by halves; so the result is
+// still the float kernel's rounded once. Log-softmax's exp(y) is that kernel's own code (backward_value) over
 // each 16 converted entries, which GCC vectorizes the same way.
 template <bool kLog, int L, int R, typename T>
 FASTLOSS_AVX512_INLINE void backward_16bit_avx512_rows(const T* g, const T* y, T* dx, int64_t row, int64_t step,
@@ -1073,20 +1087,18 @@ FASTLOSS_AVX512_INLINE void backward_16bit_avx512_rows(const T* g, const T* y, T
     const T* gr = g + (row + r * step) * n;
     const T* yr = y + (row + r * step) * n;
     T* dr = dx + (row + r * step) * n;
-    float tail = 0;
-    if (i < n) {
-      float gt[L], yt[L];
-      for (int64_t k = 0; i + k < n; k += 16) {
-        const __mmask16 m = avx512::first_lanes(n - i - k);
-        _mm512_storeu_ps(gt + k, avx512::load16(gr + i + k, m));
-        if (!kLog) _mm512_storeu_ps(yt + k, avx512::load16(yr + i + k, m));
-      }
-      for (int64_t k = 0; i + k < n; ++k) tail = kLog ? tail + gt[k] : std::fma(gt[k], yt[k], tail);
+    // The entries past a multiple of L: the float kernel's zero-padded set of lanes on AVX-512
+    // (kPaddedTail; a vector wholly past the row adds nothing there).
+    for (int v = 0; v < kVectors && i + 16 * v < n; ++v) {
+      const __mmask16 m = avx512::first_lanes(n - i - 16 * v);
+      const __m512 gv = avx512::load16(gr + i + 16 * v, m);
+      part[r][v] = kLog ? _mm512_add_ps(part[r][v], gv)
+                        : _mm512_fmadd_ps(gv, avx512::load16(yr + i + 16 * v, m), part[r][v]);
     }
     // reduce_lanes: lane l += lane l + L/2, then + L/4, ..., + 1.
     const __m512 p16 = kVectors == 2 ? _mm512_add_ps(part[r][0], part[r][kVectors - 1]) : part[r][0];
     const __m256 p8 = _mm256_add_ps(_mm512_castps512_ps256(p16), _mm512_extractf32x8_ps(p16, 1));
-    const float total = reduce_halves_8(p8) + tail;
+    const float total = reduce_halves_8(p8);
     int64_t j = 0;
     for (; j + 16 <= n; j += 16) {
       avx512::store16(dr + j, backward_16_values<kLog>(avx512::load16(gr + j), avx512::load16(yr + j), total));
@@ -1156,6 +1168,7 @@ __attribute__((target("arch=x86-64-v3"))) void backward_16bit_avx2(const c10::Ha
         part[v] = kLog ? _mm256_add_ps(part[v], gv) : _mm256_fmadd_ps(gv, avx2::load8(yr + i + 8 * v), part[v]);
       }
     }
+    // The float kernel's tail without AVX-512: a scalar of its own.
     float tail = 0;
     if (i < n) {
       float gt[L], yt[L];
@@ -1212,11 +1225,15 @@ FASTLOSS_CPU_INLINE void backward_lastdim_rows(const out_t* g, const out_t* y, g
       else return backward_short_rows<kLog>(g, y, dx, begin, end, n);
     }
   }
-  if (n <= kHalfLaneRow) {
-    backward_lastdim_rows_lanes<kLog, kLanes<acc_t> / 2>(g, y, dx, begin, end, n);
-  } else {
-    backward_lastdim_rows_lanes<kLog, kLanes<acc_t>>(g, y, dx, begin, end, n);
-  }
+  const auto lanes = [&](auto padded) FASTLOSS_CPU_INLINE_LAMBDA {
+    if (n <= kHalfLaneRow) {
+      backward_lastdim_rows_lanes<kLog, kLanes<acc_t> / 2, decltype(padded)::value>(g, y, dx, begin, end, n);
+    } else {
+      backward_lastdim_rows_lanes<kLog, kLanes<acc_t>, decltype(padded)::value>(g, y, dx, begin, end, n);
+    }
+  };
+  if (has_avx512()) lanes(std::true_type{});
+  else lanes(std::false_type{});
 }
 
 template <bool kLog, typename out_t, typename grad_t>
