@@ -306,11 +306,12 @@ def test_gradgradcheck(device, fn, ref_fn, dim):
 
 @pytest.mark.parametrize("fn,ref_fn", OPS)
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("cols", [5, 8, 16, 29, 32, 777])
+@pytest.mark.parametrize("cols", [5, 8, 16, 29, 32, 47, 513, 777])
 def test_backward_matches_torch(device, fn, ref_fn, dtype, cols):
     # 5 to 32: rows that the CPU's backward holds in registers (float rows up to 32; bfloat16
     # staged through float), full-width (8, 16, 32) and padded; 37 rows: the last ones are
-    # read and written with masks.
+    # read and written with masks. 47 and 513: on AVX-512, 16 and 32 lanes with a masked last
+    # set (the 16-bit types, and the float log-softmax backward up to 4096 entries).
     x64 = torch.randn(37, cols, dtype=torch.float64, device=device) * 3
     g = torch.randn_like(x64)
     x = x64.to(dtype).requires_grad_()

@@ -80,6 +80,14 @@ FASTLOSS_AVX512_INLINE void store16(c10::BFloat16* p, __m512 v, __mmask16 mask =
   rounded = _mm512_mask_mov_epi32(rounded, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), _mm512_set1_epi32(0x7fc0));
   store16_bits(p, _mm512_cvtepi32_epi16(rounded), mask);
 }
+// float itself, so that kernels templated on these types also take float rows.
+FASTLOSS_AVX512_INLINE __m512 load16(const float* p, __mmask16 mask = 0xffff) {
+  return mask == 0xffff ? _mm512_loadu_ps(p) : _mm512_maskz_loadu_ps(mask, p);
+}
+FASTLOSS_AVX512_INLINE void store16(float* p, __m512 v, __mmask16 mask = 0xffff) {
+  if (mask == 0xffff) _mm512_storeu_ps(p, v);
+  else _mm512_mask_storeu_ps(p, mask, v);
+}
 FASTLOSS_AVX512_INLINE __mmask16 first_lanes(int64_t count) {
   return count >= 16 ? __mmask16(0xffff) : static_cast<__mmask16>((1u << count) - 1);
 }

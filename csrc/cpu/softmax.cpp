@@ -209,7 +209,7 @@ static_assert(kChunk<float> % kLanes<float> == 0);
 // rounds): log-softmax forward rows of 128 0.85x -> 0.78x and of 256 1.01x -> 0.95x, but of
 // 1024 to 32768 1.17-1.30x -> 1.41-1.48x; softmax forward rows of 128 to 32768 1.10-1.55x ->
 // 1.18-2.74x; log-softmax backward rows of 128 to 32768 0.87-1.13x -> 1.07-1.10x (on AVX-512
-// the backward of rows over 32 now converts in registers: backward_16bit_avx512).
+// the backward of rows over 32 now converts in registers: backward_in_registers_avx512).
 template <bool kLog>
 constexpr int64_t kStagedHalfForwardRow = kLog ? 256 : 64;
 constexpr int64_t kStagedHalfBackwardRow = 64;
@@ -1021,6 +1021,8 @@ FASTLOSS_CPU_INLINE void backward_short_rows(const out_t* g, const out_t* y, gra
 }
 
 constexpr int kShortBackwardRow = 32;
+constexpr int64_t kRegisterLogBackwardRow = 4096;
+
 static_assert(kStagedHalfBackwardRow >= kShortBackwardRow);
 
 template <bool kLog, typename out_t, typename grad_t>
@@ -1057,17 +1059,18 @@ FASTLOSS_AVX512_INLINE __m512 backward_16_values(__m512 g, __m512 y, float total
 }
 
 // Rows row, row + step, ..., row + (R - 1) step of the float16 / bfloat16 softmax (kLog:
-// log-softmax) backward on AVX-512, converting in registers. Staged (float16), every element
-// went into a float buffer and back (rows of 1024, 1M entries in cache, 2 threads: 96 us
-// against torch's 54); bfloat16 converted in GCC's vectorization of the lane loops (rows of
-// 64: 110 us against 90). This is backward_lastdim_rows_lanes' float arithmetic in the same
+// log-softmax) backward on AVX-512, converting in registers (and of the float log-softmax
+// backward of rows up to kRegisterLogBackwardRow, without conversions). Staged (float16),
+// every element went into a float buffer and back (rows of 1024, 1M entries in cache, 2
+// threads: 96 us against torch's 54); bfloat16 converted in GCC's vectorization of the lane
+// loops (rows of 64: 110 us against 90). This is backward_lastdim_rows_lanes' float arithmetic in the same
 // order, lane for lane: L lanes (fused multiply-adds, as GCC contracts them there), the tail
 // as one more set of lanes padded with zeros, the lanes combined by halves; so the result is
-// still the float kernel's rounded once. Log-softmax's exp(y) is that kernel's own code (backward_value) over
-// each 16 converted entries, which GCC vectorizes the same way.
+// still the float kernel's rounded once. Log-softmax's exp(y) is that kernel's own code
+// (backward_value) over each 16 converted entries, which GCC vectorizes the same way.
 template <bool kLog, int L, int R, typename T>
-FASTLOSS_AVX512_INLINE void backward_16bit_avx512_rows(const T* g, const T* y, T* dx, int64_t row, int64_t step,
-                                                       int64_t n) {
+FASTLOSS_AVX512_INLINE void backward_in_registers_avx512_rows(const T* g, const T* y, T* dx, int64_t row,
+                                                              int64_t step, int64_t n) {
   constexpr int kVectors = L / 16;
   __m512 part[R][kVectors];
   for (int r = 0; r < R; ++r) {
@@ -1111,8 +1114,8 @@ FASTLOSS_AVX512_INLINE void backward_16bit_avx512_rows(const T* g, const T* y, T
 }
 
 template <bool kLog, int L, typename T>
-__attribute__((target("arch=x86-64-v4"))) void backward_16bit_avx512(const T* g, const T* y, T* dx, int64_t begin,
-                                                                     int64_t end, int64_t n) {
+__attribute__((target("arch=x86-64-v4"))) void backward_in_registers_avx512(const T* g, const T* y, T* dx,
+                                                                             int64_t begin, int64_t end, int64_t n) {
   static_assert(L == 16 || L == 32, "one or two vectors of lanes");
   int64_t row = begin;
   // Two rows interleaved where the chain is long (2 threads, 1M float16 entries, against
@@ -1122,10 +1125,10 @@ __attribute__((target("arch=x86-64-v4"))) void backward_16bit_avx512(const T* g,
   // four rotating input sets, 2 threads); from the two halves at 0.88-1.26x, in cache alike.
   if (L == 16 && n > 128) {
     const int64_t half = (end - begin) / 2;
-    for (; row < begin + half; ++row) backward_16bit_avx512_rows<kLog, L, 2>(g, y, dx, row, half, n);
+    for (; row < begin + half; ++row) backward_in_registers_avx512_rows<kLog, L, 2>(g, y, dx, row, half, n);
     row = begin + 2 * half;
   }
-  for (; row < end; ++row) backward_16bit_avx512_rows<kLog, L, 1>(g, y, dx, row, 1, n);
+  for (; row < end; ++row) backward_in_registers_avx512_rows<kLog, L, 1>(g, y, dx, row, 1, n);
 }
 
 // The same without AVX-512 for float16 rows of 64 or more, 8 entries per AVX2 register (F16C):
@@ -1204,14 +1207,29 @@ FASTLOSS_CPU_INLINE void backward_lastdim_rows(const out_t* g, const out_t* y, g
                 (std::is_same_v<grad_t, c10::Half> || std::is_same_v<grad_t, c10::BFloat16>)) {
     // The float kernel's dispatch: its short rows (n <= kShortBackwardRow) stay staged.
     if (n > kShortBackwardRow && has_avx512()) {
-      if (n <= kHalfLaneRow) return backward_16bit_avx512<kLog, kLanes<float> / 2>(g, y, dx, begin, end, n);
-      return backward_16bit_avx512<kLog, kLanes<float>>(g, y, dx, begin, end, n);
+      if (n <= kHalfLaneRow) {
+        return backward_in_registers_avx512<kLog, kLanes<float> / 2>(g, y, dx, begin, end, n);
+      }
+      return backward_in_registers_avx512<kLog, kLanes<float>>(g, y, dx, begin, end, n);
     }
     if constexpr (std::is_same_v<grad_t, c10::Half>) {
       if (n >= kStagedHalfBackwardRow && has_avx2()) {
         if (n <= kHalfLaneRow) return backward_16bit_avx2<kLog, kLanes<float> / 2>(g, y, dx, begin, end, n);
         return backward_16bit_avx2<kLog, kLanes<float>>(g, y, dx, begin, end, n);
       }
+    }
+  }
+  // The fp32 log-softmax backward as well: GCC's epilogue of the lane loops took a row's last
+  // exponentials one at a time (AVX-512, 2 threads, against torch, lanes -> registers: rows
+  // of 47 0.60-0.83x -> 1.08-1.24x, 127 0.91-1.03x -> 1.02-1.11x, 513 0.79-0.86x ->
+  // 1.17-1.49x, 4096 1.04-1.27x -> 0.99-1.27x, 16384 1.19x -> 1.14x). The softmax backward
+  // was slower in registers (rows of 127 1.18-1.21x -> 0.92-0.93x, 300 1.26x -> 0.78-0.79x).
+  if constexpr (kLog && std::is_same_v<out_t, float> && std::is_same_v<grad_t, float>) {
+    if (n > kShortBackwardRow && n <= kRegisterLogBackwardRow && has_avx512()) {
+      if (n <= kHalfLaneRow) {
+        return backward_in_registers_avx512<kLog, kLanes<float> / 2>(g, y, dx, begin, end, n);
+      }
+      return backward_in_registers_avx512<kLog, kLanes<float>>(g, y, dx, begin, end, n);
     }
   }
 #endif
