@@ -1034,7 +1034,6 @@ FASTLOSS_CPU_INLINE void backward_short_rows(const out_t* g, const out_t* y, gra
 }
 
 #if defined(FASTLOSS_X86_CLONES)
-// backward_value of 16 entries (log-softmax: the float kernel's own code, through the stack).
 // The last steps of reduce_lanes over 8 lanes in a register: lane l += lane l + 4, + 2, + 1.
 FASTLOSS_AVX2_INLINE float reduce_halves_8(__m256 p8) {
   __m128 p4 = _mm_add_ps(_mm256_castps256_ps128(p8), _mm256_extractf128_ps(p8, 1));
@@ -1043,18 +1042,23 @@ FASTLOSS_AVX2_INLINE float reduce_halves_8(__m256 p8) {
   return _mm_cvtss_f32(p4);
 }
 
-template <bool kLog>
-FASTLOSS_AVX512_INLINE __m512 backward_16_values(__m512 g, __m512 y, float total) {
+// backward_value over the lanes of a float vector (__m512, __m256): log-softmax through the
+// float kernel's own code on the stack, which GCC vectorizes the same way.
+template <bool kLog, typename Vec>
+FASTLOSS_CPU_INLINE Vec backward_vector(Vec g, Vec y, float total) {
   if constexpr (kLog) {
-    float ga[16], ya[16], da[16];
-    _mm512_storeu_ps(ga, g);
-    _mm512_storeu_ps(ya, y);
-    for_each_lane<16, float>([&](int l) FASTLOSS_CPU_INLINE_LAMBDA {
+    constexpr int W = sizeof(Vec) / sizeof(float);
+    float ga[W], ya[W], da[W];
+    std::memcpy(ga, &g, sizeof(g));
+    std::memcpy(ya, &y, sizeof(y));
+    for_each_lane<W, float>([&](int l) FASTLOSS_CPU_INLINE_LAMBDA {
       da[l] = backward_value<true>(ga[l], ya[l], total);
     });
-    return _mm512_loadu_ps(da);
+    Vec d;
+    std::memcpy(&d, da, sizeof(d));
+    return d;
   } else {
-    return _mm512_mul_ps(y, _mm512_sub_ps(g, _mm512_set1_ps(total)));
+    return y * (g - total);
   }
 }
 
@@ -1104,11 +1108,11 @@ FASTLOSS_AVX512_INLINE void backward_in_registers_avx512_rows(const T* g, const 
     const float total = reduce_halves_8(p8);
     int64_t j = 0;
     for (; j + 16 <= n; j += 16) {
-      avx512::store16(dr + j, backward_16_values<kLog>(avx512::load16(gr + j), avx512::load16(yr + j), total));
+      avx512::store16(dr + j, backward_vector<kLog>(avx512::load16(gr + j), avx512::load16(yr + j), total));
     }
     if (j < n) {
       const __mmask16 m = avx512::first_lanes(n - j);
-      avx512::store16(dr + j, backward_16_values<kLog>(avx512::load16(gr + j, m), avx512::load16(yr + j, m), total), m);
+      avx512::store16(dr + j, backward_vector<kLog>(avx512::load16(gr + j, m), avx512::load16(yr + j, m), total), m);
     }
   }
 }
@@ -1140,19 +1144,6 @@ __attribute__((target("arch=x86-64-v4"))) void backward_in_registers_avx512(cons
 // of 64-4096 0.88-1.29x -> 1.10-1.48x. Shorter float16 rows (47: 2.35x -> 1.10x, staged) and
 // bfloat16 rows (GCC's conversions in the lane loops; rows of 33-4096 0.82-3.6x ->
 // 0.62-1.18x) were faster as they were.
-template <bool kLog>
-FASTLOSS_AVX2_INLINE __m256 backward_8_values(__m256 g, __m256 y, float total) {
-  if constexpr (kLog) {
-    float ga[8], ya[8], da[8];
-    _mm256_storeu_ps(ga, g);
-    _mm256_storeu_ps(ya, y);
-    for_each_lane<8, float>([&](int l) FASTLOSS_CPU_INLINE_LAMBDA { da[l] = backward_value<true>(ga[l], ya[l], total); });
-    return _mm256_loadu_ps(da);
-  } else {
-    return _mm256_mul_ps(y, _mm256_sub_ps(g, _mm256_set1_ps(total)));
-  }
-}
-
 template <bool kLog, int L>
 __attribute__((target("arch=x86-64-v3"))) void backward_16bit_avx2(const c10::Half* g, const c10::Half* y, c10::Half* dx,
                                                                    int64_t begin, int64_t end, int64_t n) {
@@ -1188,11 +1179,11 @@ __attribute__((target("arch=x86-64-v3"))) void backward_16bit_avx2(const c10::Ha
     const float total = reduce_halves_8(p8) + tail;
     int64_t j = 0;
     for (; j + 8 <= n; j += 8) {
-      avx2::store8(dr + j, backward_8_values<kLog>(avx2::load8(gr + j), avx2::load8(yr + j), total));
+      avx2::store8(dr + j, backward_vector<kLog>(avx2::load8(gr + j), avx2::load8(yr + j), total));
     }
     if (j < n) {
       const int64_t c = n - j;
-      avx2::store8_first(dr + j, backward_8_values<kLog>(avx2::load8_first(gr + j, c), avx2::load8_first(yr + j, c), total),
+      avx2::store8_first(dr + j, backward_vector<kLog>(avx2::load8_first(gr + j, c), avx2::load8_first(yr + j, c), total),
                          c);
     }
   }
