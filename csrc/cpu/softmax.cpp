@@ -1067,10 +1067,10 @@ FASTLOSS_CPU_INLINE Vec backward_vector(Vec g, Vec y, float total) {
 // backward of rows up to kRegisterLogBackwardRow, without conversions). Staged (float16),
 // every element went into a float buffer and back (rows of 1024, 1M entries in cache, 2
 // threads: 96 us against torch's 54); bfloat16 converted in GCC's vectorization of the lane
-// loops (rows of 64: 110 us against 90). This is backward_lastdim_rows_lanes' float arithmetic in the same
-// order, lane for lane: L lanes (fused multiply-adds, as GCC contracts them there), the tail
-// as one more set of lanes padded with zeros, the lanes combined by halves; so the result is
-// still the float kernel's rounded once. Log-softmax's exp(y) is that kernel's own code
+// loops (rows of 64: 110 us against 90). This is backward_lastdim_rows_lanes' float
+// arithmetic in the same order, lane for lane: L lanes (fused multiply-adds, as GCC contracts
+// them there), the tail as one more set of lanes padded with zeros, the lanes combined by
+// halves; so the result is still the float kernel's rounded once. Log-softmax's exp(y) is that kernel's own code
 // (backward_value) over each 16 converted entries, which GCC vectorizes the same way.
 template <bool kLog, int L, int R, typename T>
 FASTLOSS_AVX512_INLINE void backward_in_registers_avx512_rows(const T* g, const T* y, T* dx, int64_t row,
@@ -1194,33 +1194,28 @@ template <bool kLog, typename out_t, typename grad_t>
 FASTLOSS_CPU_INLINE void backward_lastdim_rows(const out_t* g, const out_t* y, grad_t* dx, int64_t begin,
                                        int64_t end, int64_t n) {
 #if defined(FASTLOSS_X86_CLONES)
-  if constexpr (std::is_same_v<out_t, grad_t> &&
-                (std::is_same_v<grad_t, c10::Half> || std::is_same_v<grad_t, c10::BFloat16>)) {
-    // The float kernel's dispatch: its short rows (n <= kShortBackwardRow) stay staged.
-    if (n > kShortBackwardRow && has_avx512()) {
-      if (n <= kHalfLaneRow) {
-        return backward_in_registers_avx512<kLog, kLanes<float> / 2>(g, y, dx, begin, end, n);
-      }
-      return backward_in_registers_avx512<kLog, kLanes<float>>(g, y, dx, begin, end, n);
-    }
-    if constexpr (std::is_same_v<grad_t, c10::Half>) {
-      if (n >= kStagedHalfBackwardRow && has_avx2()) {
-        if (n <= kHalfLaneRow) return backward_16bit_avx2<kLog, kLanes<float> / 2>(g, y, dx, begin, end, n);
-        return backward_16bit_avx2<kLog, kLanes<float>>(g, y, dx, begin, end, n);
-      }
-    }
-  }
+  constexpr bool k16Bit = std::is_same_v<out_t, grad_t> &&
+                          (std::is_same_v<grad_t, c10::Half> || std::is_same_v<grad_t, c10::BFloat16>);
   // The fp32 log-softmax backward as well: GCC's epilogue of the lane loops took a row's last
   // exponentials one at a time (AVX-512, 2 threads, against torch, lanes -> registers: rows
   // of 47 0.60-0.83x -> 1.08-1.24x, 127 0.91-1.03x -> 1.02-1.11x, 513 0.79-0.86x ->
   // 1.17-1.49x, 4096 1.04-1.27x -> 0.99-1.27x, 16384 1.19x -> 1.14x). The softmax backward
   // was slower in registers (rows of 127 1.18-1.21x -> 0.92-0.93x, 300 1.26x -> 0.78-0.79x).
-  if constexpr (kLog && std::is_same_v<out_t, float> && std::is_same_v<grad_t, float>) {
-    if (n > kShortBackwardRow && n <= kRegisterLogBackwardRow && has_avx512()) {
+  constexpr bool kFloatLog = kLog && std::is_same_v<out_t, float> && std::is_same_v<grad_t, float>;
+  if constexpr (k16Bit || kFloatLog) {
+    // The 16-bit types follow the float kernel's dispatch: its short rows
+    // (n <= kShortBackwardRow) stay staged.
+    if (n > kShortBackwardRow && (k16Bit || n <= kRegisterLogBackwardRow) && has_avx512()) {
       if (n <= kHalfLaneRow) {
         return backward_in_registers_avx512<kLog, kLanes<float> / 2>(g, y, dx, begin, end, n);
       }
       return backward_in_registers_avx512<kLog, kLanes<float>>(g, y, dx, begin, end, n);
+    }
+  }
+  if constexpr (k16Bit && std::is_same_v<grad_t, c10::Half>) {
+    if (n >= kStagedHalfBackwardRow && has_avx2()) {
+      if (n <= kHalfLaneRow) return backward_16bit_avx2<kLog, kLanes<float> / 2>(g, y, dx, begin, end, n);
+      return backward_16bit_avx2<kLog, kLanes<float>>(g, y, dx, begin, end, n);
     }
   }
 #endif
