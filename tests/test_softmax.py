@@ -310,8 +310,9 @@ def test_gradgradcheck(device, fn, ref_fn, dim):
 def test_backward_matches_torch(device, fn, ref_fn, dtype, cols):
     # 5 to 32: rows that the CPU's backward holds in registers (float rows up to 32; bfloat16
     # staged through float), full-width (8, 16, 32) and padded; 37 rows: the last ones are
-    # read and written with masks. 47 and 513: on AVX-512, 16 and 32 lanes with a masked last
-    # set (the 16-bit types, and the float log-softmax backward up to 4096 entries).
+    # read and written with masks. 47 and 513: in registers on AVX-512 and AVX2 (the 16-bit
+    # types, and the float log-softmax backward up to 4096 entries), 16 and 32 lanes with a
+    # masked (AVX-512) or scalar (AVX2) last set.
     x64 = torch.randn(37, cols, dtype=torch.float64, device=device) * 3
     g = torch.randn_like(x64)
     x = x64.to(dtype).requires_grad_()
@@ -534,11 +535,12 @@ def test_rows_beyond_cache(device, fn, ref_fn, dtype):
 @pytest.mark.parametrize("log", [False, True])
 @pytest.mark.parametrize(
     "dtype,rows,cols",
-    [(torch.float16, r, c) for r, c in [(37, 5), (37, 47), (37, 64), (9, 65), (37, 96), (37, 112), (37, 128),
-                                         (9, 300), (301, 300), (23, 512), (301, 512), (9, 1000), (3, 5000),
-                                         (3, 32768), (2, 40000), (1, 530001)]]
-    + [(torch.bfloat16, r, c) for r, c in [(37, 5), (37, 30), (37, 47), (37, 64), (9, 65), (37, 96), (37, 112), (37, 128),
-                                           (9, 300), (301, 300), (23, 512), (301, 512), (9, 1000)]],
+    [(torch.float16, r, c) for r, c in [(37, 5), (37, 33), (37, 47), (37, 64), (9, 65), (37, 96), (37, 99), (37, 102),
+                                         (37, 112), (37, 128), (9, 300), (301, 300), (23, 512), (301, 512), (9, 1000),
+                                         (3, 5000), (3, 32768), (2, 40000), (1, 530001)]]
+    + [(torch.bfloat16, r, c) for r, c in [(37, 5), (37, 30), (37, 33), (37, 47), (37, 64), (9, 65), (37, 96), (37, 99),
+                                           (37, 102), (37, 112), (37, 128), (9, 300), (301, 300), (23, 512), (301, 512),
+                                           (9, 1000)]],
 )
 def test_half_types_are_the_float_kernel_rounded_once(log, dtype, rows, cols):
     # On the CPU, short rows (float16 up to 64 entries and of 80-128 in whole vectors, or 256 in
@@ -551,10 +553,10 @@ def test_half_types_are_the_float_kernel_rounded_once(log, dtype, rows, cols):
     # one partial chunk; 5000, 32768, 40000: several, the last partial; 530001: past the
     # cached softmax forward), longer bfloat16 rows convert
     # element by element in the kernel, and the float16 and bfloat16 backward (softmax and
-    # log-softmax) of rows over 32 converts in registers on AVX-512 (16 or 32 lanes, with
-    # tails: 47, 65, 300 and 512
-    # (two rows at a time, one from each half of a thread's rows, odd row counts; 301 rows: a
-    # range per thread), 1000).
+    # log-softmax) of rows over 32 converts in registers on AVX-512 and AVX2 (16 or 32 lanes,
+    # partial last sets at 33, 47, 65, 99, 102, 300 and 1000 entries; 300 and 512: two rows at
+    # a time, one from each half of a thread's rows, odd row counts; 301 rows: a range per
+    # thread).
     # Either way: the float kernel's result rounded
     # once, to the bit, for either output type.
     fwd = torch.ops.fastloss.log_softmax if log else torch.ops.fastloss.softmax
@@ -704,9 +706,9 @@ def test_long_last_dim_rows_accurate(device):
 def test_paths_of_cpus_without_avx512():
     # FASTLOSS_CPU_AVX512=0 makes the kernels' own dispatch take the paths of a CPU without
     # AVX-512 (no register kernels for short rows: float forward rows of up to 128 entries one
-    # per lane, log-softmax rows of 129 to 256 batched; float16 converted with F16C, its
-    # backward in AVX2 registers; bfloat16's backward in the lane loops): this file's tests
-    # again, in a fresh process, on an AVX-512 machine.
+    # per lane, log-softmax rows of 129 to 256 batched; float16 converted with F16C; the
+    # backward of float16 and bfloat16 rows over 32, and of float log-softmax rows of 33-4096,
+    # in AVX2 registers): this file's tests again, in a fresh process, on an AVX-512 machine.
     env = dict(os.environ, FASTLOSS_CPU_AVX512="0")
     info = subprocess.run([sys.executable, "-m", "fastloss", "info"], env=env, capture_output=True, text=True,
                           check=True)

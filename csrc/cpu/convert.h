@@ -8,6 +8,7 @@
 #include <array>
 
 #include <cstddef>
+#include <cstdlib>
 #include <cstdint>
 #include <cstring>
 #include <memory>
@@ -104,12 +105,19 @@ FASTLOSS_AVX2_INLINE void store8(c10::Half* p, __m256 v) {
 // The first `count` (< 8) entries, through a vector on the stack padded with zeros (copied
 // entry by entry: a memcpy of a run-time size is a library call, which took as long as the
 // rest of a float16 backward row of 300: AVX2 build, 2 threads, against torch, 0.88x -> 1.30x).
-FASTLOSS_AVX2_INLINE __m256 load8_first(const c10::Half* p, int64_t count) {
-  uint16_t part[8] = {};
-  _Pragma("GCC unroll 8") for (int k = 0; k < 8; ++k) {
-    if (k < count) std::memcpy(&part[k], p + k, sizeof(uint16_t));
+FASTLOSS_AVX2_INLINE __m128i load_first_bits8(const void* p, int64_t count) {
+  const __m128i lane = _mm_setr_epi32(0, 1, 2, 3);
+  __m128i bits = _mm_maskload_epi32(static_cast<const int*>(p), _mm_cmpgt_epi32(_mm_set1_epi32(int(count / 2)), lane));
+  if (count & 1) {
+    uint16_t last;
+    std::memcpy(&last, static_cast<const uint16_t*>(p) + count - 1, sizeof(last));
+    const __m128i at_last = _mm_cmpeq_epi16(_mm_set1_epi16(short(count - 1)), _mm_setr_epi16(0, 1, 2, 3, 4, 5, 6, 7));
+    bits = _mm_blendv_epi8(bits, _mm_set1_epi16(short(last)), at_last);
   }
-  return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(part)));
+  return bits;
+}
+FASTLOSS_AVX2_INLINE __m256 load8_first(const c10::Half* p, int64_t count) {
+  return _mm256_cvtph_ps(load_first_bits8(p, count));
 }
 FASTLOSS_AVX2_INLINE void store8_first(c10::Half* p, __m256 v, int64_t count) {
   uint16_t part[8];
@@ -117,6 +125,46 @@ FASTLOSS_AVX2_INLINE void store8_first(c10::Half* p, __m256 v, int64_t count) {
   _Pragma("GCC unroll 8") for (int k = 0; k < 8; ++k) {
     if (k < count) std::memcpy(p + k, &part[k], sizeof(uint16_t));
   }
+}
+// bfloat16 as the high half of a float, rounded as to_output rounds it.
+FASTLOSS_AVX2_INLINE __m256 bf16_bits_to_float(__m128i bits) {
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(bits), 16));
+}
+FASTLOSS_AVX2_INLINE __m128i float_to_bf16_bits(__m256 v) {
+  const __m256i bits = _mm256_castps_si256(v);
+  const __m256i odd = _mm256_and_si256(_mm256_srli_epi32(bits, 16), _mm256_set1_epi32(1));
+  __m256i rounded = _mm256_srli_epi32(_mm256_add_epi32(bits, _mm256_add_epi32(odd, _mm256_set1_epi32(0x7fff))), 16);
+  rounded = _mm256_blendv_epi8(rounded, _mm256_set1_epi32(0x7fc0), _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q)));
+  // Each 32-bit value is below 2^16: the unsigned saturating pack is exact.
+  return _mm_packus_epi32(_mm256_castsi256_si128(rounded), _mm256_extracti128_si256(rounded, 1));
+}
+FASTLOSS_AVX2_INLINE __m256 load8(const c10::BFloat16* p) {
+  return bf16_bits_to_float(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+}
+FASTLOSS_AVX2_INLINE void store8(c10::BFloat16* p, __m256 v) {
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(p), float_to_bf16_bits(v));
+}
+FASTLOSS_AVX2_INLINE __m256 load8_first(const c10::BFloat16* p, int64_t count) {
+  return bf16_bits_to_float(load_first_bits8(p, count));
+}
+FASTLOSS_AVX2_INLINE void store8_first(c10::BFloat16* p, __m256 v, int64_t count) {
+  uint16_t part[8];
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(part), float_to_bf16_bits(v));
+  _Pragma("GCC unroll 8") for (int k = 0; k < 8; ++k) {
+    if (k < count) std::memcpy(p + k, &part[k], sizeof(uint16_t));
+  }
+}
+// float itself, so that kernels templated on these types also take float rows.
+FASTLOSS_AVX2_INLINE __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
+FASTLOSS_AVX2_INLINE void store8(float* p, __m256 v) { _mm256_storeu_ps(p, v); }
+FASTLOSS_AVX2_INLINE __m256i first_lanes_mask8(int64_t count) {
+  return _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(count)), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+}
+FASTLOSS_AVX2_INLINE __m256 load8_first(const float* p, int64_t count) {
+  return _mm256_maskload_ps(p, first_lanes_mask8(count));
+}
+FASTLOSS_AVX2_INLINE void store8_first(float* p, __m256 v, int64_t count) {
+  _mm256_maskstore_ps(p, first_lanes_mask8(count), v);
 }
 }  // namespace avx2
 #endif

@@ -209,7 +209,8 @@ static_assert(kChunk<float> % kLanes<float> == 0);
 // rounds): log-softmax forward rows of 128 0.85x -> 0.78x and of 256 1.01x -> 0.95x, but of
 // 1024 to 32768 1.17-1.30x -> 1.41-1.48x; softmax forward rows of 128 to 32768 1.10-1.55x ->
 // 1.18-2.74x; log-softmax backward rows of 128 to 32768 0.87-1.13x -> 1.07-1.10x (on AVX-512
-// the backward of rows over 32 now converts in registers: backward_in_registers_avx512).
+// and AVX2 the backward of rows over 32 now converts in registers:
+// backward_in_registers_avx512 / _avx2).
 template <bool kLog>
 constexpr int64_t kStagedHalfForwardRow = kLog ? 256 : 64;
 constexpr int64_t kStagedHalfBackwardRow = 64;
@@ -1135,33 +1136,39 @@ __attribute__((target("arch=x86-64-v4"))) void backward_in_registers_avx512(cons
   for (; row < end; ++row) backward_in_registers_avx512_rows<kLog, L, 1>(g, y, dx, row, 1, n);
 }
 
-// The same without AVX-512 for float16 rows of 64 or more, 8 entries per AVX2 register (F16C):
-// the float kernel's arithmetic (backward_lastdim_rows_lanes, L lanes in L / 8 registers)
-// lane for lane, where the lane loops converted float chunks. Partial vectors go through a
-// copy on the stack. AVX2 build on the AMD Zen 4, 2 threads, 2M entries, against torch's AVX2
-// kernels, chunks (staged at 64) -> registers: softmax rows of 64 0.58-0.70x -> 0.90x, 100
-// 0.74-0.87x -> 1.29x, 1000 0.74x -> 1.09x, 4096 0.54-0.64x -> 0.97-1.04x; log-softmax rows
-// of 64-4096 0.88-1.29x -> 1.10-1.48x. Shorter float16 rows (47: 2.35x -> 1.10x, staged) and
-// bfloat16 rows (GCC's conversions in the lane loops; rows of 33-4096 0.82-3.6x ->
-// 0.62-1.18x) were faster as they were.
-template <bool kLog, int L>
-__attribute__((target("arch=x86-64-v3"))) void backward_16bit_avx2(const c10::Half* g, const c10::Half* y, c10::Half* dx,
-                                                                   int64_t begin, int64_t end, int64_t n) {
-  static_assert(L == 16 || L == 32, "two or four vectors of lanes");
+// The same without AVX-512, 8 entries per AVX2 register (F16C for float16): the float
+// kernel's arithmetic (backward_lastdim_rows_lanes, L lanes in L / 8 registers) lane for
+// lane, its tail in a scalar of its own. Partial vectors are loaded in registers (avx2::
+// load8_first): through a copy on the stack they had stalled on store forwarding (float16
+// rows of 100: 463 -> 205 us). AVX2 build on the AMD Zen 4, 2 threads, 2M entries, against
+// torch's AVX2 kernels, lanes (bfloat16, float) or staged (float16) -> registers: bfloat16
+// softmax rows of 40-63 1.8-2.9x -> 1.8-3.5x, 64-4096 0.82-0.98x -> 0.93-1.14x,
+// log-softmax 40-63 1.3-2.0x -> 1.7-2.5x; float16 softmax rows of 33-63 2.5-4.7x ->
+// 3.4-7.4x, log-softmax 1.6-3.1x -> 2.1-3.5x; float log-softmax rows of 40-63 0.88-1.07x
+// -> 1.08-1.14x, 513 1.17x -> 1.32-1.37x (33: 1.22x -> 1.15-1.18x). The float softmax
+// backward measured the same either way (rows of 64-4096, within the noise), and stays in lanes.
+template <bool kLog, int L, int R, typename T>
+FASTLOSS_AVX2_INLINE void backward_in_registers_avx2_rows(const T* g, const T* y, T* dx, int64_t row, int64_t step,
+                                                          int64_t n) {
   constexpr int kVectors = L / 8;
-  for (int64_t row = begin; row < end; ++row) {
-    const c10::Half* gr = g + row * n;
-    const c10::Half* yr = y + row * n;
-    c10::Half* dr = dx + row * n;
-    __m256 part[kVectors];
-    for (int v = 0; v < kVectors; ++v) part[v] = _mm256_setzero_ps();
-    int64_t i = 0;
-    for (; i + L <= n; i += L) {
+  __m256 part[R][kVectors];
+  for (int r = 0; r < R; ++r) {
+    for (int v = 0; v < kVectors; ++v) part[r][v] = _mm256_setzero_ps();
+  }
+  int64_t i = 0;
+  for (; i + L <= n; i += L) {
+    for (int r = 0; r < R; ++r) {
       for (int v = 0; v < kVectors; ++v) {
-        const __m256 gv = avx2::load8(gr + i + 8 * v);
-        part[v] = kLog ? _mm256_add_ps(part[v], gv) : _mm256_fmadd_ps(gv, avx2::load8(yr + i + 8 * v), part[v]);
+        const int64_t k = (row + r * step) * n + i + 8 * v;
+        const __m256 gv = avx2::load8(g + k);
+        part[r][v] = kLog ? _mm256_add_ps(part[r][v], gv) : _mm256_fmadd_ps(gv, avx2::load8(y + k), part[r][v]);
       }
     }
+  }
+  for (int r = 0; r < R; ++r) {
+    const T* gr = g + (row + r * step) * n;
+    const T* yr = y + (row + r * step) * n;
+    T* dr = dx + (row + r * step) * n;
     // The float kernel's tail without AVX-512: a scalar of its own.
     float tail = 0;
     if (i < n) {
@@ -1174,8 +1181,9 @@ __attribute__((target("arch=x86-64-v3"))) void backward_16bit_avx2(const c10::Ha
       for (int64_t k = 0; i + k < n; ++k) tail = kLog ? tail + gt[k] : std::fma(gt[k], yt[k], tail);
     }
     // reduce_lanes: lane l += lane l + L/2, then + L/4, ..., + 1.
-    const __m256 p8 = kVectors == 4 ? _mm256_add_ps(_mm256_add_ps(part[0], part[2]), _mm256_add_ps(part[1], part[3]))
-                                    : _mm256_add_ps(part[0], part[1]);
+    const __m256 p8 = kVectors == 4 ? _mm256_add_ps(_mm256_add_ps(part[r][0], part[r][2]),
+                                                    _mm256_add_ps(part[r][1], part[r][3]))
+                                    : _mm256_add_ps(part[r][0], part[r][kVectors - 1]);
     const float total = reduce_halves_8(p8) + tail;
     int64_t j = 0;
     for (; j + 8 <= n; j += 8) {
@@ -1187,6 +1195,21 @@ __attribute__((target("arch=x86-64-v3"))) void backward_16bit_avx2(const c10::Ha
                          c);
     }
   }
+}
+
+template <bool kLog, int L, typename T>
+__attribute__((target("arch=x86-64-v3"))) void backward_in_registers_avx2(const T* g, const T* y, T* dx,
+                                                                           int64_t begin, int64_t end, int64_t n) {
+  static_assert(L == 16 || L == 32, "two or four vectors of lanes");
+  int64_t row = begin;
+  // Two rows interleaved as on AVX-512 (float16 rows of 256 and 512: 1.17x -> 1.33-1.38x
+  // torch; bfloat16 the same).
+  if (L == 16 && n > 128) {
+    const int64_t half = (end - begin) / 2;
+    for (; row < begin + half; ++row) backward_in_registers_avx2_rows<kLog, L, 2>(g, y, dx, row, half, n);
+    row = begin + 2 * half;
+  }
+  for (; row < end; ++row) backward_in_registers_avx2_rows<kLog, L, 1>(g, y, dx, row, 1, n);
 }
 #endif
 
@@ -1205,17 +1228,16 @@ FASTLOSS_CPU_INLINE void backward_lastdim_rows(const out_t* g, const out_t* y, g
   if constexpr (k16Bit || kFloatLog) {
     // The 16-bit types follow the float kernel's dispatch: its short rows
     // (n <= kShortBackwardRow) stay staged.
-    if (n > kShortBackwardRow && (k16Bit || n <= kRegisterLogBackwardRow) && has_avx512()) {
-      if (n <= kHalfLaneRow) {
-        return backward_in_registers_avx512<kLog, kLanes<float> / 2>(g, y, dx, begin, end, n);
+    if (n > kShortBackwardRow && (k16Bit || n <= kRegisterLogBackwardRow)) {
+      const bool half_lanes = n <= kHalfLaneRow;
+      if (has_avx512()) {
+        if (half_lanes) return backward_in_registers_avx512<kLog, kLanes<float> / 2>(g, y, dx, begin, end, n);
+        return backward_in_registers_avx512<kLog, kLanes<float>>(g, y, dx, begin, end, n);
       }
-      return backward_in_registers_avx512<kLog, kLanes<float>>(g, y, dx, begin, end, n);
-    }
-  }
-  if constexpr (k16Bit && std::is_same_v<grad_t, c10::Half>) {
-    if (n >= kStagedHalfBackwardRow && has_avx2()) {
-      if (n <= kHalfLaneRow) return backward_16bit_avx2<kLog, kLanes<float> / 2>(g, y, dx, begin, end, n);
-      return backward_16bit_avx2<kLog, kLanes<float>>(g, y, dx, begin, end, n);
+      if (has_avx2()) {
+        if (half_lanes) return backward_in_registers_avx2<kLog, kLanes<float> / 2>(g, y, dx, begin, end, n);
+        return backward_in_registers_avx2<kLog, kLanes<float>>(g, y, dx, begin, end, n);
+      }
     }
   }
 #endif
