@@ -177,14 +177,14 @@ def test_short_rows(device, fn, ref_fn, dtype):
     # Rows of up to 256 bytes of the accumulation type are held in registers on the CPU, padded
     # to a power of two, and log-softmax takes their logs 16 rows at a time: every width up to
     # 65 (each padding, and the first width past the path), 37 rows (a partial batch), with
-    # rows of the exact path in the middle of a batch; and rows of whole vectors up to 512
-    # bytes (80 to 128 float, 40 to 64 double), with widths between them. Float and double
-    # log-softmax rows of up to 1 KiB past those also go 16 at a time (the chunked pass; float
-    # widths 127 and 255, double 127, with more than half a set of lanes past the whole ones).
-    # Without AVX-512 (and softmax rows of 65-95 with it), float rows of up to 128 go eight at
-    # a time, one per lane: 37 rows end in a partial block.
+    # rows of the exact path in the middle of a batch; with AVX-512, float rows of up to 256
+    # (past 64 padded to whole vectors: 100, 111, 127, 129, 150, 200, 241, 255) and double
+    # rows of whole vectors up to 64, with widths between them. Double log-softmax rows of up
+    # to 1 KiB past those go 16 at a time (the chunked pass; width 127, with more than half a
+    # set of lanes past the whole ones), as do float ones without AVX-512. Without AVX-512,
+    # float rows of up to 128 go eight at a time, one per lane: 37 rows end in a partial block.
     inf, nan = math.inf, math.nan
-    for cols in list(range(2, 66)) + [72, 80, 96, 100, 111, 112, 127, 128, 129, 200, 255, 256, 257]:
+    for cols in list(range(2, 66)) + [72, 80, 96, 100, 111, 112, 127, 128, 129, 150, 200, 241, 255, 256, 257]:
         x = (torch.randn(37, cols, dtype=torch.float64, device=device) * 4).to(dtype)
         assert_close_to_reference(fn, ref_fn, x, -1)
         scale = 16 if fn is fastloss.log_softmax else 1
@@ -203,15 +203,17 @@ def test_short_rows(device, fn, ref_fn, dtype):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("cols", [3, 5, 8, 13, 65])
+@pytest.mark.parametrize("cols", [3, 5, 8, 13, 65, 100, 200])
 def test_short_rows_do_not_depend_on_the_split(dtype, cols):
     # On the CPU, short rows are stored as whole vectors that spill into the following rows of
-    # the same call; the last rows of each thread's range, of each prefault chunk and of each
-    # staging block are masked. Forward rows that go one per lane (without AVX-512, and softmax
-    # rows of 65-95 with it) go eight at a time, the last block of a range partly empty. Rows
-    # are independent, so every split of the rows must give the bits of a single-thread run.
-    x = (torch.randn(200003, cols) * 4).to(dtype)
-    g = torch.randn(200003, cols).to(dtype)
+    # the same call (100, 200: the last vector past the row); the last rows of each thread's
+    # range, of each prefault chunk and of each staging block are masked. Forward rows that go
+    # one per lane (without AVX-512) go eight at a time, the last block of a range partly
+    # empty. Rows are independent, so every split of the rows must give the bits of a
+    # single-thread run.
+    rows = 200003 if cols <= 65 else 40009
+    x = (torch.randn(rows, cols) * 4).to(dtype)
+    g = torch.randn(rows, cols).to(dtype)
     ops = torch.ops.fastloss
     run = lambda: [
         ops.softmax(x, -1, False),
@@ -231,7 +233,7 @@ def test_short_rows_do_not_depend_on_the_split(dtype, cols):
 
 
 @pytest.mark.parametrize("fn,ref_fn", OPS)
-@pytest.mark.parametrize("cols", [24, 40, 48, 56, 64, 80, 96, 112, 127, 128, 255])
+@pytest.mark.parametrize("cols", [24, 40, 48, 56, 64, 80, 96, 100, 112, 127, 128, 200, 241, 255])
 def test_short_rows_of_large_magnitude(device, fn, ref_fn, cols):
     # Entries beyond the reducible range (|x| > ~1.4e6 in float, ~7.6e11 in double) send a row
     # to the exact path (row 5 in float, row 6 in both); the rows around it in the same batch
@@ -536,18 +538,19 @@ def test_rows_beyond_cache(device, fn, ref_fn, dtype):
 @pytest.mark.parametrize(
     "dtype,rows,cols",
     [(torch.float16, r, c) for r, c in [(37, 5), (37, 33), (37, 47), (37, 64), (9, 65), (37, 96), (37, 99), (37, 102),
-                                         (37, 112), (37, 128), (9, 300), (301, 300), (23, 512), (301, 512), (9, 1000),
+                                         (37, 112), (37, 128), (37, 150), (9, 300), (301, 300), (23, 512), (301, 512), (9, 1000),
                                          (3, 5000), (3, 32768), (2, 40000), (1, 530001)]]
     + [(torch.bfloat16, r, c) for r, c in [(37, 5), (37, 30), (37, 33), (37, 47), (37, 64), (9, 65), (37, 96), (37, 99),
-                                           (37, 102), (37, 112), (37, 128), (9, 300), (301, 300), (23, 512), (301, 512),
+                                           (37, 102), (37, 112), (37, 128), (37, 150), (9, 300), (301, 300), (23, 512),
+                                           (301, 512),
                                            (9, 1000)]],
 )
 def test_half_types_are_the_float_kernel_rounded_once(log, dtype, rows, cols):
-    # On the CPU, short rows (float16 up to 64 entries and of 80-128 in whole vectors, or 256 in
-    # the log-softmax forward; bfloat16 forward up to 64 and of 80-128 in whole vectors, or
-    # 1024 in the log-softmax forward, and backward up to 32) go
+    # On the CPU, short rows (forward up to 256 entries with AVX-512; without it float16 up to
+    # 64, or 256 in the log-softmax forward; bfloat16 log-softmax forward up to 1024, and
+    # bfloat16 backward up to 32) go
     # through float in blocks of rows (conversions, the float kernel, one rounding back);
-    # forward rows of up to 128 without AVX-512, and softmax rows of 65 with it, go the same
+    # forward rows of up to 128 without AVX-512 go the same
     # way (one row per lane in the float kernel);
     # longer float16 rows go through float a 1024-entry chunk at a time (300:
     # one partial chunk; 5000, 32768, 40000: several, the last partial; 530001: past the

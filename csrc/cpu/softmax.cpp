@@ -8,10 +8,10 @@
 // entries, all entries -inf, or entries too large to reduce accurately (|x| > ~1.4e6 in
 // float) take an exact max-subtracting path with torch.softmax's NaN semantics.
 //
-// Rows of up to 256 bytes, or of whole vectors up to 512 (AVX-512 only), are held in
-// registers instead (forward_short_rows). Without AVX-512, forward rows of up to 128 floats go
-// eight at a time, one per vector lane (forward_rows_per_lane; with AVX-512 softmax rows of
-// 65-95 too).
+// With AVX-512, forward rows of up to 256 floats, and double rows of up to 32 entries or of
+// whole vectors up to 64, are held in registers instead (forward_short_rows). Without
+// AVX-512, forward rows of up to 128 floats go eight at a time, one per vector lane
+// (forward_rows_per_lane).
 //
 // Layout: the contiguous input is viewed as (outer, size, inner) around `dim`. inner == 1
 // vectorizes along the row; inner > 1 vectorizes across `inner` adjacent rows.
@@ -202,7 +202,7 @@ constexpr int64_t chunk_length(int64_t n) {
 static_assert(kChunk<float> % kLanes<float> == 0);
 
 // float16 rows still staged whole, in blocks of rows: those that the register kernels take
-// (forward_short_rows: up to 64 float entries, and whole vectors up to 128 on AVX-512) or
+// (forward_short_rows: up to 64 float entries, and up to 256 on AVX-512) or
 // forward_rows_per_lane (lane_row), and log-softmax forward rows of up to 256,
 // where the chunks' per-row conversion calls cost more than they save. Chunks against
 // whole-row staging (AVX-512, 2 threads, 1M entries, ratio to torch, medians of 3 runs of 31
@@ -555,18 +555,30 @@ FASTLOSS_CPU_INLINE void forward_short_rows(const in_t* x, out_t* y, int64_t beg
 template <typename acc_t>
 constexpr int kShortForwardRow = 256 / sizeof(acc_t);
 // float16 rows that the float kernel sends to its register kernels are staged whole (the
-// whole-vector rows beyond, by register_row in forward_lastdim_rows).
+// longer rows beyond, by register_row in forward_lastdim_rows).
 static_assert(kStagedHalfForwardRow<false> >= kShortForwardRow<float>);
 
-// Rows of five to eight whole 512-bit vectors (80-128 float, 40-64 double entries) fill
-// them: no lane compares or selects. (Masked, at eight vectors GCC's code ran rows of 80 and
-// 96 at 0.4-0.5x torch; rows between whole vectors stay chunked.) 2 threads, 1-2M entries in
-// four rotating input sets, forward against torch, chunked -> registers: fp32 rows of 128
-// softmax 1.30-1.34x -> 2.04-2.36x, log-softmax 1.01-1.08x -> 1.83-1.90x; rows of 96
-// 1.13-1.19x -> 2.18-2.25x and 0.98-1.03x -> 1.71-1.80x (with a run-time loop folding the
-// vectors in reduce_short, about a third of that gain was lost: fold_vectors).
+// Beyond kShortForwardRow, rows of whole 512-bit vectors up to kFullForwardRow: five to
+// eight for double (40-64 entries), which then need no lane compares or selects; float rows
+// of 65-256 entries of any length, padded to whole vectors (the last one's lanes past the row
+// selected out; as with_row_access, read and written whole within the thread's rows).
+// (Masked, at eight vectors GCC's code ran rows of 80 and 96 at 0.4-0.5x torch.) 2 threads,
+// 1-2M entries in four rotating input sets, forward against torch, chunked -> registers: fp32
+// rows of 128 softmax 1.30-1.34x -> 2.04-2.36x, log-softmax 1.01-1.08x -> 1.83-1.90x; rows
+// of 96 1.13-1.19x -> 2.18-2.25x and 0.98-1.03x -> 1.71-1.80x (with a run-time loop folding
+// the vectors in reduce_short, about a third of that gain was lost: fold_vectors). Float
+// rows between whole vectors and up to 256 (2M entries, one input, medians of 60 calls, two
+// runs; chunked, or one row per lane for softmax rows under 96 -> registers): softmax rows
+// of 65-95 1.17-1.46x -> 2.18-2.27x, 100 and 127 1.10-1.23x -> 2.14-2.21x, 129-160
+// 1.39-1.45x -> 2.11-2.29x, 200-256 1.47-1.64x -> 1.53-1.74x; log-softmax rows of 97-127
+// 0.83-1.04x -> 1.28-1.46x, 129-160 1.07-1.17x -> 1.38-1.63x, 200-256 1.27-1.40x ->
+// 1.35-1.56x; bfloat16 and float16 (staged) softmax 65-160 1.02-3.4x -> 1.62-6.6x,
+// log-softmax 65-127 0.95-1.13x -> 1.37-1.64x. double rows between whole vectors lost in
+// their log-softmax (33 entries 2.55x -> 2.07x) and keep the chunked kernels.
 template <typename acc_t>
-constexpr int kFullForwardRow = 512 / sizeof(acc_t);
+constexpr int kFullForwardRow = (std::is_same_v<acc_t, float> ? 1024 : 512) / sizeof(acc_t);
+template <typename acc_t>
+constexpr bool kPartialVectorRows = std::is_same_v<acc_t, float>;
 template <typename acc_t>
 constexpr int kVectorLanes = 64 / sizeof(acc_t);
 
@@ -584,7 +596,8 @@ FASTLOSS_CPU_INLINE void with_full_width(int64_t n, Kernel&& kernel) {
 // masked loads and stores: without them GCC kept the short-row loops scalar.
 template <typename acc_t>
 FASTLOSS_CPU_INLINE bool register_row(int64_t n) {
-  return (n <= kShortForwardRow<acc_t> || (n <= kFullForwardRow<acc_t> && n % kVectorLanes<acc_t> == 0)) &&
+  return (n <= kShortForwardRow<acc_t> ||
+          (n <= kFullForwardRow<acc_t> && (kPartialVectorRows<acc_t> || n % kVectorLanes<acc_t> == 0))) &&
          has_avx512();
 }
 
@@ -602,7 +615,6 @@ FASTLOSS_CPU_INLINE bool register_row(int64_t n) {
 // 1.45x -> 1.17x, bfloat16 512: 1.5x -> 0.55x), and so did the backward for rows of 17 to 128
 // (0.8-1.27x -> 0.57-0.93x: three transposes against one streaming pass).
 constexpr int64_t kLaneRow = 128;
-constexpr int64_t kLaneRowAvx512 = 96;
 constexpr int kRowLanes = 8;
 typedef float RowLanes __attribute__((vector_size(kRowLanes * sizeof(float))));
 // The same at any float's address, loaded straight into registers (through a copy on the
@@ -610,17 +622,9 @@ typedef float RowLanes __attribute__((vector_size(kRowLanes * sizeof(float))));
 // the shuffles).
 typedef float UnalignedRowLanes __attribute__((vector_size(kRowLanes * sizeof(float)), aligned(alignof(float))));
 
-// With AVX-512, softmax rows of 65-95 entries run here too (register_row takes those of whole
-// vectors). 2 threads, 2M entries, against torch, chunked -> lanes: fp32 rows of 65
-// 1.05-1.34x -> 1.51-1.63x, 72 1.15x -> 1.45x, 95 0.96x -> 1.15x; fp16 rows of 65 0.83-0.91x
-// -> 1.09-1.13x; bfloat16 (staged, as the float kernel's result must be its result rounded)
-// 1.8-3.2x either way. Longer rows (100-127: fp32 1.01-1.37x -> 0.94-1.23x) and log-softmax
-// rows (127: 1.03x -> 0.80x) were slower.
-template <bool kLog>
-FASTLOSS_CPU_INLINE bool lane_row(int64_t n) {
-  if (has_avx512()) return !kLog && n < kLaneRowAvx512;
-  return n <= kLaneRow;
-}
+// With AVX-512 register_row takes these rows (softmax rows of 65-95 ran here at 1.17-1.46x
+// torch, in registers at 2.18-2.27x).
+FASTLOSS_CPU_INLINE bool lane_row(int64_t n) { return n <= kLaneRow && !has_avx512(); }
 
 // Transposes the 8 x 8 block v in registers (unpack, 64-bit shuffle, 128-bit permute).
 FASTLOSS_CPU_INLINE void transpose_8x8(RowLanes* v) {
@@ -746,9 +750,12 @@ template <bool kLog, typename in_t, typename out_t>
 FASTLOSS_CPU_INLINE void forward_short_rows(const in_t* x, out_t* y, int64_t begin, int64_t end, int64_t n) {
   using acc_t = typename AccType<in_t>::type;
   constexpr int kMax = kShortForwardRow<acc_t>, kVec = kVectorLanes<acc_t>;
-  if (n > kMax) {  // whole vectors (register_row)
-    return with_full_width<kMax + kVec, kFullForwardRow<acc_t>, kVec>(n, [&](auto w) FASTLOSS_CPU_INLINE_LAMBDA {
-      forward_short_rows<static_cast<int>(decltype(w)::value), kLog>(x, y, begin, end, w);
+  if (n > kMax) {  // whole vectors, the last one padded (register_row)
+    const int64_t padded = (n + kVec - 1) / kVec * kVec;
+    return with_full_width<kMax + kVec, kFullForwardRow<acc_t>, kVec>(padded, [&](auto w) FASTLOSS_CPU_INLINE_LAMBDA {
+      constexpr int W = static_cast<int>(decltype(w)::value);
+      if (padded == n) forward_short_rows<W, kLog>(x, y, begin, end, w);
+      else if constexpr (kPartialVectorRows<acc_t>) forward_short_rows<W, kLog>(x, y, begin, end, n);
     });
   }
   with_short_width<kMax / 8, kMax>(n, [&](auto w, auto width) FASTLOSS_CPU_INLINE_LAMBDA {
@@ -809,7 +816,7 @@ FASTLOSS_CPU_INLINE void forward_lastdim_rows(const in_t* x, out_t* y, int64_t b
     else return forward_short_rows<kLog>(x, y, begin, end, n);
   }
   if constexpr (std::is_same_v<acc_t, float>) {
-    if (lane_row<kLog>(n)) {
+    if (lane_row(n)) {
       if constexpr (std::is_same_v<in_t, float>) return forward_rows_per_lane<kLog>(x, y, begin, end, n);
       else return forward_staged<kLog>(x, y, begin, end, n);
     }
