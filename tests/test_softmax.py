@@ -177,12 +177,13 @@ def test_short_rows(device, fn, ref_fn, dtype):
     # Rows of up to 256 bytes of the accumulation type are held in registers on the CPU, padded
     # to a power of two, and log-softmax takes their logs 16 rows at a time: every width up to
     # 65 (each padding, and the first width past the path), 37 rows (a partial batch), with
-    # rows of the exact path in the middle of a batch; with AVX-512, float rows of up to 256
-    # (past 64 padded to whole vectors: 100, 111, 127, 129, 150, 200, 241, 255) and double
-    # rows of whole vectors up to 64, with widths between them. Double log-softmax rows of up
-    # to 1 KiB past those go 16 at a time (the chunked pass; width 127, with more than half a
-    # set of lanes past the whole ones), as do float ones without AVX-512. Without AVX-512,
-    # float rows of up to 128 go eight at a time, one per lane: 37 rows end in a partial block.
+    # rows of the exact path in the middle of a batch; with AVX-512, rows of whole vectors up
+    # to 512 bytes (80 to 128 float, 40 to 64 double) and softmax float rows of up to 256 (past
+    # 64 padded to whole vectors: 100, 111, 127, 129, 150, 200, 241, 255), with widths between
+    # them. Float and double log-softmax rows of up to 1 KiB past those go 16 at a time (the
+    # chunked pass; float widths 127 and 255, double 127, with more than half a set of lanes
+    # past the whole ones). Without AVX-512, float rows of up to 128 go eight at a time, one
+    # per lane: 37 rows end in a partial block.
     inf, nan = math.inf, math.nan
     for cols in list(range(2, 66)) + [72, 80, 96, 100, 111, 112, 127, 128, 129, 150, 200, 241, 255, 256, 257]:
         x = (torch.randn(37, cols, dtype=torch.float64, device=device) * 4).to(dtype)
@@ -546,9 +547,9 @@ def test_rows_beyond_cache(device, fn, ref_fn, dtype):
                                            (9, 1000)]],
 )
 def test_half_types_are_the_float_kernel_rounded_once(log, dtype, rows, cols):
-    # On the CPU, short rows (forward up to 256 entries with AVX-512; without it float16 up to
-    # 64, or 256 in the log-softmax forward; bfloat16 log-softmax forward up to 1024, and
-    # bfloat16 backward up to 32) go
+    # On the CPU, short rows (float16 up to 64 entries, or 256 in the log-softmax forward;
+    # bfloat16 log-softmax forward up to 1024; with AVX-512 also whole vectors up to 128
+    # entries, and softmax forward rows up to 256; bfloat16 backward up to 32) go
     # through float in blocks of rows (conversions, the float kernel, one rounding back);
     # forward rows of up to 128 without AVX-512 go the same
     # way (one row per lane in the float kernel);

@@ -8,8 +8,8 @@
 // entries, all entries -inf, or entries too large to reduce accurately (|x| > ~1.4e6 in
 // float) take an exact max-subtracting path with torch.softmax's NaN semantics.
 //
-// With AVX-512, forward rows of up to 256 floats, and double rows of up to 32 entries or of
-// whole vectors up to 64, are held in registers instead (forward_short_rows). Without
+// With AVX-512, forward rows of up to 256 bytes, of whole vectors up to 512, and softmax rows
+// of up to 256 floats, are held in registers instead (forward_short_rows). Without
 // AVX-512, forward rows of up to 128 floats go eight at a time, one per vector lane
 // (forward_rows_per_lane).
 //
@@ -202,7 +202,8 @@ constexpr int64_t chunk_length(int64_t n) {
 static_assert(kChunk<float> % kLanes<float> == 0);
 
 // float16 rows still staged whole, in blocks of rows: those that the register kernels take
-// (forward_short_rows: up to 64 float entries, and up to 256 on AVX-512) or
+// (forward_short_rows: up to 64 float entries; on AVX-512 whole vectors up to 128, softmax
+// rows up to 256) or
 // forward_rows_per_lane (lane_row), and log-softmax forward rows of up to 256,
 // where the chunks' per-row conversion calls cost more than they save. Chunks against
 // whole-row staging (AVX-512, 2 threads, 1M entries, ratio to torch, medians of 3 runs of 31
@@ -559,26 +560,27 @@ constexpr int kShortForwardRow = 256 / sizeof(acc_t);
 static_assert(kStagedHalfForwardRow<false> >= kShortForwardRow<float>);
 
 // Beyond kShortForwardRow, rows of whole 512-bit vectors up to kFullForwardRow: five to
-// eight for double (40-64 entries), which then need no lane compares or selects; float rows
-// of 65-256 entries of any length, padded to whole vectors (the last one's lanes past the row
-// selected out; as with_row_access, read and written whole within the thread's rows).
-// (Masked, at eight vectors GCC's code ran rows of 80 and 96 at 0.4-0.5x torch.) 2 threads,
-// 1-2M entries in four rotating input sets, forward against torch, chunked -> registers: fp32
-// rows of 128 softmax 1.30-1.34x -> 2.04-2.36x, log-softmax 1.01-1.08x -> 1.83-1.90x; rows
-// of 96 1.13-1.19x -> 2.18-2.25x and 0.98-1.03x -> 1.71-1.80x (with a run-time loop folding
-// the vectors in reduce_short, about a third of that gain was lost: fold_vectors). Float
-// rows between whole vectors and up to 256 (2M entries, one input, medians of 60 calls, two
-// runs; chunked, or one row per lane for softmax rows under 96 -> registers): softmax rows
-// of 65-95 1.17-1.46x -> 2.18-2.27x, 100 and 127 1.10-1.23x -> 2.14-2.21x, 129-160
-// 1.39-1.45x -> 2.11-2.29x, 200-256 1.47-1.64x -> 1.53-1.74x; log-softmax rows of 97-127
-// 0.83-1.04x -> 1.28-1.46x, 129-160 1.07-1.17x -> 1.38-1.63x, 200-256 1.27-1.40x ->
-// 1.35-1.56x; bfloat16 and float16 (staged) softmax 65-160 1.02-3.4x -> 1.62-6.6x,
-// log-softmax 65-127 0.95-1.13x -> 1.37-1.64x. double rows between whole vectors lost in
-// their log-softmax (33 entries 2.55x -> 2.07x) and keep the chunked kernels.
-template <typename acc_t>
-constexpr int kFullForwardRow = (std::is_same_v<acc_t, float> ? 1024 : 512) / sizeof(acc_t);
-template <typename acc_t>
-constexpr bool kPartialVectorRows = std::is_same_v<acc_t, float>;
+// eight (80-128 float, 40-64 double entries), which then need no lane compares or selects;
+// and softmax float rows of 65-256 entries of any length, padded to whole vectors (the last
+// one's lanes past the row selected out; as with_row_access, read and written whole within
+// the thread's rows). (Masked, at eight vectors GCC's code ran rows of 80 and 96 at 0.4-0.5x
+// torch.) 2 threads, 1-2M entries in four rotating input sets, forward against torch, chunked
+// -> registers: fp32 rows of 128 softmax 1.30-1.34x -> 2.04-2.36x, log-softmax 1.01-1.08x ->
+// 1.83-1.90x; rows of 96 1.13-1.19x -> 2.18-2.25x and 0.98-1.03x -> 1.71-1.80x (with a
+// run-time loop folding the vectors in reduce_short, about a third of that gain was lost:
+// fold_vectors). Softmax rows between whole vectors and up to 256 (2M entries, chunked, or
+// one row per lane under 96 -> registers; four rotating input sets, two rounds): fp32 rows of
+// 65-97 1.07-1.59x -> 2.03-2.25x, 100-150 1.07-1.43x -> 2.08-2.21x, 200-256 1.49-1.62x ->
+// 1.55-1.72x; bfloat16 and float16 (staged) rows of 65-150 0.94-5.1x -> 1.77-6.7x. The fp32
+// log-softmax lost in that sweep (rows of 65-97 0.90-1.11x -> 0.58-0.81x, 241 1.21-1.30x ->
+// 0.60-0.73x; from one input in cache it had gained, 0.83-1.04x -> 1.28-1.46x) and keeps
+// its kernels (bfloat16 and float16, staged through them, had gained: 1.0-1.2x ->
+// 1.1-1.7x); so do double rows between whole vectors (log-softmax of 33 entries 2.55x ->
+// 2.07x).
+template <bool kLog, typename acc_t>
+constexpr bool kPartialVectorRows = std::is_same_v<acc_t, float> && !kLog;
+template <bool kLog, typename acc_t>
+constexpr int kFullForwardRow = (kPartialVectorRows<kLog, acc_t> ? 1024 : 512) / sizeof(acc_t);
 template <typename acc_t>
 constexpr int kVectorLanes = 64 / sizeof(acc_t);
 
@@ -594,10 +596,10 @@ FASTLOSS_CPU_INLINE void with_full_width(int64_t n, Kernel&& kernel) {
 
 // Whether the float kernel holds a forward row of n entries in registers. It needs AVX-512's
 // masked loads and stores: without them GCC kept the short-row loops scalar.
-template <typename acc_t>
+template <bool kLog, typename acc_t>
 FASTLOSS_CPU_INLINE bool register_row(int64_t n) {
-  return (n <= kShortForwardRow<acc_t> ||
-          (n <= kFullForwardRow<acc_t> && (kPartialVectorRows<acc_t> || n % kVectorLanes<acc_t> == 0))) &&
+  return (n <= kShortForwardRow<acc_t> || (n <= kFullForwardRow<kLog, acc_t> &&
+                                           (kPartialVectorRows<kLog, acc_t> || n % kVectorLanes<acc_t> == 0))) &&
          has_avx512();
 }
 
@@ -622,8 +624,8 @@ typedef float RowLanes __attribute__((vector_size(kRowLanes * sizeof(float))));
 // the shuffles).
 typedef float UnalignedRowLanes __attribute__((vector_size(kRowLanes * sizeof(float)), aligned(alignof(float))));
 
-// With AVX-512 register_row takes these rows (softmax rows of 65-95 ran here at 1.17-1.46x
-// torch, in registers at 2.18-2.27x).
+// With AVX-512 softmax rows of 65-95 entries ran here too; register_row now takes them
+// (kPartialVectorRows). Log-softmax rows with AVX-512 (127: 1.03x -> 0.80x) were slower.
 FASTLOSS_CPU_INLINE bool lane_row(int64_t n) { return n <= kLaneRow && !has_avx512(); }
 
 // Transposes the 8 x 8 block v in registers (unpack, 64-bit shuffle, 128-bit permute).
@@ -752,10 +754,10 @@ FASTLOSS_CPU_INLINE void forward_short_rows(const in_t* x, out_t* y, int64_t beg
   constexpr int kMax = kShortForwardRow<acc_t>, kVec = kVectorLanes<acc_t>;
   if (n > kMax) {  // whole vectors, the last one padded (register_row)
     const int64_t padded = (n + kVec - 1) / kVec * kVec;
-    return with_full_width<kMax + kVec, kFullForwardRow<acc_t>, kVec>(padded, [&](auto w) FASTLOSS_CPU_INLINE_LAMBDA {
+    return with_full_width<kMax + kVec, kFullForwardRow<kLog, acc_t>, kVec>(padded, [&](auto w) FASTLOSS_CPU_INLINE_LAMBDA {
       constexpr int W = static_cast<int>(decltype(w)::value);
       if (padded == n) forward_short_rows<W, kLog>(x, y, begin, end, w);
-      else if constexpr (kPartialVectorRows<acc_t>) forward_short_rows<W, kLog>(x, y, begin, end, n);
+      else if constexpr (kPartialVectorRows<kLog, acc_t>) forward_short_rows<W, kLog>(x, y, begin, end, n);
     });
   }
   with_short_width<kMax / 8, kMax>(n, [&](auto w, auto width) FASTLOSS_CPU_INLINE_LAMBDA {
@@ -804,14 +806,14 @@ void backward_staged(const out_t* g, const out_t* y, grad_t* dx, int64_t begin, 
 template <bool kLog, typename in_t, typename out_t>
 FASTLOSS_CPU_INLINE void forward_lastdim_rows(const in_t* x, out_t* y, int64_t begin, int64_t end, int64_t n) {
   if constexpr (std::is_same_v<in_t, c10::Half>) {
-    if (n <= kStagedHalfForwardRow<kLog> || register_row<float>(n)) return forward_staged<kLog>(x, y, begin, end, n);
+    if (n <= kStagedHalfForwardRow<kLog> || register_row<kLog, float>(n)) return forward_staged<kLog>(x, y, begin, end, n);
   }
   if constexpr (std::is_same_v<in_t, c10::BFloat16> && kLog) {
     if (n <= kStagedBf16LogRow) return forward_staged<kLog>(x, y, begin, end, n);
   }
   using acc_t = typename AccType<in_t>::type;
   constexpr int L = kLanes<acc_t>;
-  if (register_row<acc_t>(n)) {
+  if (register_row<kLog, acc_t>(n)) {
     if constexpr (std::is_same_v<in_t, c10::BFloat16>) return forward_staged<kLog>(x, y, begin, end, n);
     else return forward_short_rows<kLog>(x, y, begin, end, n);
   }
@@ -1125,22 +1127,26 @@ FASTLOSS_AVX512_INLINE void backward_in_registers_avx512_rows(const T* g, const 
   }
 }
 
+// The register kernels take two rows at a time where the chain is long (AVX-512, 2 threads,
+// 1M float16 entries, against torch: rows of 256 0.80x -> 1.00x, of 512 0.76x -> 1.02x; rows
+// of 64 1.18x -> 1.02x; AVX2, float16 rows of 256 and 512: 1.17x -> 1.33-1.38x, bfloat16 the
+// same): one from each half of the thread's rows [begin, end), so that each half streams in
+// order. Adjacent rows in turn streamed from memory at 0.62-0.80x torch (rows of 256 and 512,
+// 2M entries in four rotating input sets, 2 threads); from the two halves at 0.88-1.26x, in
+// cache alike. The number of such pairs: rows begin + half .. begin + 2 half - 1 go with the
+// first half's, the rest one at a time.
+template <int L>
+FASTLOSS_CPU_INLINE int64_t interleaved_row_pairs(int64_t begin, int64_t end, int64_t n) {
+  return L == 16 && n > 128 ? (end - begin) / 2 : 0;
+}
+
 template <bool kLog, int L, typename T>
 __attribute__((target("arch=x86-64-v4"))) void backward_in_registers_avx512(const T* g, const T* y, T* dx,
                                                                              int64_t begin, int64_t end, int64_t n) {
   static_assert(L == 16 || L == 32, "one or two vectors of lanes");
-  int64_t row = begin;
-  // Two rows interleaved where the chain is long (2 threads, 1M float16 entries, against
-  // torch: rows of 256 0.80x -> 1.00x, of 512 0.76x -> 1.02x; rows of 64 1.18x -> 1.02x):
-  // one from each half of the thread's rows, so that each half streams in order. Adjacent
-  // rows in turn streamed from memory at 0.62-0.80x torch (rows of 256 and 512, 2M entries in
-  // four rotating input sets, 2 threads); from the two halves at 0.88-1.26x, in cache alike.
-  if (L == 16 && n > 128) {
-    const int64_t half = (end - begin) / 2;
-    for (; row < begin + half; ++row) backward_in_registers_avx512_rows<kLog, L, 2>(g, y, dx, row, half, n);
-    row = begin + 2 * half;
-  }
-  for (; row < end; ++row) backward_in_registers_avx512_rows<kLog, L, 1>(g, y, dx, row, 1, n);
+  const int64_t half = interleaved_row_pairs<L>(begin, end, n);
+  for (int64_t row = begin; row < begin + half; ++row) backward_in_registers_avx512_rows<kLog, L, 2>(g, y, dx, row, half, n);
+  for (int64_t row = begin + 2 * half; row < end; ++row) backward_in_registers_avx512_rows<kLog, L, 1>(g, y, dx, row, 1, n);
 }
 
 // The same without AVX-512, 8 entries per AVX2 register (F16C for float16): the float
@@ -1208,15 +1214,9 @@ template <bool kLog, int L, typename T>
 __attribute__((target("arch=x86-64-v3"))) void backward_in_registers_avx2(const T* g, const T* y, T* dx,
                                                                            int64_t begin, int64_t end, int64_t n) {
   static_assert(L == 16 || L == 32, "two or four vectors of lanes");
-  int64_t row = begin;
-  // Two rows interleaved as on AVX-512 (float16 rows of 256 and 512: 1.17x -> 1.33-1.38x
-  // torch; bfloat16 the same).
-  if (L == 16 && n > 128) {
-    const int64_t half = (end - begin) / 2;
-    for (; row < begin + half; ++row) backward_in_registers_avx2_rows<kLog, L, 2>(g, y, dx, row, half, n);
-    row = begin + 2 * half;
-  }
-  for (; row < end; ++row) backward_in_registers_avx2_rows<kLog, L, 1>(g, y, dx, row, 1, n);
+  const int64_t half = interleaved_row_pairs<L>(begin, end, n);
+  for (int64_t row = begin; row < begin + half; ++row) backward_in_registers_avx2_rows<kLog, L, 2>(g, y, dx, row, half, n);
+  for (int64_t row = begin + 2 * half; row < end; ++row) backward_in_registers_avx2_rows<kLog, L, 1>(g, y, dx, row, 1, n);
 }
 #endif
 
