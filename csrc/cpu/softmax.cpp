@@ -572,7 +572,7 @@ static_assert(kStagedHalfForwardRow<false> >= kShortForwardRow<float>);
 // one row per lane under 96 -> registers; four rotating input sets, two rounds): fp32 rows of
 // 65-97 1.07-1.59x -> 2.03-2.25x, 100-150 1.07-1.43x -> 2.08-2.21x, 200-256 1.49-1.62x ->
 // 1.55-1.72x; bfloat16 and float16 (staged) rows of 65-150 0.94-5.1x -> 1.77-6.7x. The fp32
-// log-softmax lost in that sweep (rows of 65-97 0.90-1.11x -> 0.58-0.81x, 241 1.21-1.30x ->
+// log-softmax lost in that sweep (rows of 65-97 0.90-1.11x -> 0.58-0.72x, 241 1.21-1.30x ->
 // 0.60-0.73x; from one input in cache it had gained, 0.83-1.04x -> 1.28-1.46x) and keeps
 // its kernels (bfloat16 and float16, staged through them, had gained: 1.0-1.2x ->
 // 1.1-1.7x); so do double rows between whole vectors (log-softmax of 33 entries 2.55x ->
