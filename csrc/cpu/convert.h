@@ -8,7 +8,6 @@
 #include <array>
 
 #include <cstddef>
-#include <cstdlib>
 #include <cstdint>
 #include <cstring>
 #include <memory>
