@@ -1080,8 +1080,9 @@ FASTLOSS_CPU_INLINE Vec backward_vector(Vec g, Vec y, float total) {
 // loops (rows of 64: 110 us against 90). This is backward_lastdim_rows_lanes' float
 // arithmetic in the same order, lane for lane: L lanes (fused multiply-adds, as GCC contracts
 // them there), the tail as one more set of lanes padded with zeros, the lanes combined by
-// halves; so the result is still the float kernel's rounded once. Log-softmax's exp(y) is that kernel's own code
-// (backward_value) over each 16 converted entries, which GCC vectorizes the same way.
+// halves; so the result is still the float kernel's rounded once. Log-softmax's exp(y) is
+// that kernel's own code (backward_value) over each 16 converted entries, which GCC
+// vectorizes the same way.
 template <bool kLog, int L, int R, typename T>
 FASTLOSS_AVX512_INLINE void backward_in_registers_avx512_rows(const T* g, const T* y, T* dx, int64_t row,
                                                               int64_t step, int64_t n) {
