@@ -199,6 +199,7 @@ def _peak_extra_rss(n, v, d, impl) -> Optional[int]:
 
 
 def notes(device: str) -> List[str]:
+    bf16_path = fastloss.build_info()["linear_cross_entropy_cpu_bf16"]
     lines = [
         "baselines: `eager` = logits = hidden @ classifier.T (softcap: s * tanh(z / s)), then F.cross_entropy in "
         "float32; GPU: `torch.compile` of it, and the peers cut-cross-entropy (Apple, impl 'cce', filter_eps auto) "
@@ -213,10 +214,10 @@ def notes(device: str) -> List[str]:
         "fastloss CUDA: float16 / bfloat16 run the hand-written tensor-core kernels (mma.sync, logits kept "
         "on chip); float32 the blocked cuBLAS + ATen path",
         "fastloss CPU, bfloat16: " + (
-            "the bfloat16 operands are multiplied into float32 (oneDNN micro-kernel, AVX512-BF16; eager's bfloat16 "
-            "matmul rounds its logits to bfloat16); `% of matmul` is against the float32 matmul roofline"
-            if fastloss.build_info()["linear_cross_entropy_cpu_bf16"].startswith("oneDNN")
-            else "converted to float32 for float32 matmuls (no AVX512-BF16 here)"),
+            f"the bfloat16 operands are multiplied into float32 ({bf16_path}; eager's bfloat16 matmul rounds its "
+            "logits to bfloat16); `% of matmul` is against the float32 matmul roofline"
+            if bf16_path.startswith("oneDNN")
+            else f"converted to float32 for float32 matmuls ({bf16_path})"),
     ]
     if device == "cpu" and os.path.exists("/proc/self/clear_refs"):
         for n, v, d, _cap, _name in CPU_SHAPES[:1]:  # the target shape

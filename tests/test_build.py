@@ -25,9 +25,11 @@ def test_build_info():
     # Cut cross-entropy's bfloat16 products need the CPU's AVX512-BF16 instructions.
     flags = open("/proc/cpuinfo").read().split() if os.path.exists("/proc/cpuinfo") else []
     path = info["linear_cross_entropy_cpu_bf16"]
-    assert path in ("oneDNN brgemm (AVX512-BF16)", "none (no AVX512-BF16)", "none (no oneDNN micro-kernel in this ATen)",
+    assert path in ("oneDNN brgemm (AVX512-BF16)", "oneDNN brgemm (AMX-BF16)", "none (no AVX512-BF16)",
+                    "none (no oneDNN micro-kernel in this ATen)",
                     "none (oneDNN disabled: torch.backends.mkldnn.enabled)")
     assert "avx512_bf16" in flags or path.startswith("none")
+    assert ("AMX" in path) <= ("amx_bf16" in flags)
     if info["cuda"]:
         assert info["cuda_archs"]
 
