@@ -139,24 +139,6 @@ constexpr int64_t kChunk = 1024;
 template <typename acc_t>
 constexpr int64_t kMaxCachedRowBytes = 2048 * 1024;
 
-// Combines L lanes pairwise (log2 L dependent steps, each vectorizable) instead of a serial
-// chain of L - 1 dependent operations, which dominates the cost of short rows. The widths are
-// template constants: with a runtime width GCC kept the lanes on the stack and looped over
-// them (forward, 128-wide fp32 rows in cache on AVX-512: 1.3x the time). Clobbers `a`.
-template <int W, typename acc_t, typename Op>
-FASTLOSS_CPU_INLINE void reduce_halves(acc_t* a, Op op) {
-  if constexpr (W > 0) {
-    for (int l = 0; l < W; ++l) a[l] = op(a[l], a[l + W]);
-    reduce_halves<W / 2>(a, op);
-  }
-}
-
-template <int L, typename acc_t, typename Op>
-FASTLOSS_CPU_INLINE acc_t reduce_lanes(acc_t* a, Op op) {
-  reduce_halves<L / 2>(a, op);
-  return a[0];
-}
-
 // float16 rows longer than the staged ones below go through float a chunk at a time: GCC 12
 // converts float16 one element at a time, while convert.h's conversions take whole vectors.
 // The float loops then run on the converted chunk in the same order as on float input, so
