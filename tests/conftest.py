@@ -1,4 +1,6 @@
 import os
+import subprocess
+import sys
 import zlib
 
 import pytest
@@ -38,3 +40,22 @@ def ran_in_place(run) -> bool:
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
         run()
     return any(e.name.endswith("(in place)") for e in prof.events())
+
+
+def rerun_without_avx512(test_file: str, skip_test: str) -> None:
+    """Runs test_file's CPU tests again in a fresh process with FASTLOSS_CPU_AVX512=0, which
+    makes the kernels' own dispatch take the paths of a CPU without AVX-512 (skip_test: the
+    test that calls this, left out of the rerun). Skips on a CPU without AVX-512, whose
+    ordinary runs take those paths."""
+    env = dict(os.environ, FASTLOSS_CPU_AVX512="0")
+    info = subprocess.run([sys.executable, "-m", "fastloss", "info"], env=env, capture_output=True, text=True,
+                          check=True)
+    if "FASTLOSS_CPU_AVX512=0" not in info.stdout:
+        pytest.skip("this CPU has no AVX-512: the other tests run those paths")
+    out = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", test_file, "-k",
+         f"not cuda and not {skip_test}"],
+        env=env, capture_output=True, text=True, timeout=900, cwd=os.path.dirname(test_file),
+    )
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert " passed" in out.stdout and "failed" not in out.stdout

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 import torch.autograd.forward_ad as fwAD
 
 import fastloss
+from conftest import rerun_without_avx512
 from fastloss.ops import _lce_derivatives as lce_derivatives
 
 IGNORE = -100
@@ -1555,3 +1556,9 @@ def test_output_gradient_tangent_is_not_filtered():
             torch.testing.assert_close(tangent, e, rtol=1e-5, atol=1e-6)
     # the filter did drop something here, so the check above can tell the two apart
     assert not torch.allclose(filtered[1], torch.autograd.grad(exact, [c], grad_outputs=v)[0], rtol=0, atol=1e-7)
+
+
+def test_paths_of_cpus_without_avx512():
+    # The float32 row kernels of the vocabulary blocks (forward statistics, logit gradients)
+    # have an AVX-512 form and portable lanes: this file's tests again on the lanes.
+    rerun_without_avx512(__file__, "paths_of_cpus_without_avx512")

@@ -1,16 +1,13 @@
 """Two-pass softmax / log-softmax against torch in float64, on fresh random inputs."""
 
 import math
-import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 import torch
 
 import fastloss
-from conftest import CUDA, ran_in_place
+from conftest import CUDA, ran_in_place, rerun_without_avx512
 
 OPS = [
     pytest.param(fastloss.softmax, torch.softmax, id="softmax"),
@@ -713,15 +710,4 @@ def test_paths_of_cpus_without_avx512():
     # per lane, log-softmax rows of 129 to 256 batched; float16 converted with F16C; the
     # backward of float16 and bfloat16 rows over 32, and of float log-softmax rows of 33-4096,
     # in AVX2 registers): this file's tests again, in a fresh process, on an AVX-512 machine.
-    env = dict(os.environ, FASTLOSS_CPU_AVX512="0")
-    info = subprocess.run([sys.executable, "-m", "fastloss", "info"], env=env, capture_output=True, text=True,
-                          check=True)
-    if "FASTLOSS_CPU_AVX512=0" not in info.stdout:
-        pytest.skip("this CPU has no AVX-512: the other tests run those paths")
-    out = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k",
-         "not cuda and not paths_of_cpus_without_avx512"],
-        env=env, capture_output=True, text=True, timeout=900, cwd=os.path.dirname(__file__),
-    )
-    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-    assert " passed" in out.stdout and "failed" not in out.stdout
+    rerun_without_avx512(__file__, "paths_of_cpus_without_avx512")

@@ -61,16 +61,17 @@ constexpr int kLanes = 16;
 // ---------------------------------------------------------------------------------------------
 // Row kernels over one tile (rows [b, e) of an nt x vb buffer of raw logits e . c).
 
-template <typename acc_t>
-FASTLOSS_CPU_INLINE acc_t softcapped(acc_t x, acc_t cap, acc_t inv_cap) {
-  return cap * tanh_softcap(x * inv_cap);
-}
-
-// The logit after bias and softcap.
+// The logit's value after bias and softcap, and d capped / d raw (1 without a cap).
 template <bool kBias, bool kCap, typename acc_t>
-FASTLOSS_CPU_INLINE acc_t capped(acc_t raw, const acc_t* bias, int64_t col, acc_t cap, acc_t inv_cap) {
+FASTLOSS_CPU_INLINE acc_t capped_logit(acc_t raw, const acc_t* bias, int64_t col, acc_t cap, acc_t inv_cap,
+                                       acc_t& chain) {
   if constexpr (kBias) raw += bias[col];
-  if constexpr (kCap) raw = softcapped(raw, cap, inv_cap);
+  if constexpr (kCap) {
+    const acc_t t = tanh_softcap(raw * inv_cap);
+    chain = acc_t(1) - t * t;
+    return cap * t;
+  }
+  chain = acc_t(1);
   return raw;
 }
 
@@ -92,7 +93,8 @@ FASTLOSS_CPU_INLINE void forward_rows(acc_t* logits, int64_t vb, const acc_t* bi
     for (int l = 0; l < kLanes; ++l) mx[l] = kNegInf, sm[l] = 0;
     for (int64_t j = 0; j < whole; j += kLanes)
       for (int l = 0; l < kLanes; ++l) {
-        const acc_t v = capped<kBias, kCap>(z[j + l], bias, j + l, cap, inv_cap);
+        acc_t chain;
+        const acc_t v = capped_logit<kBias, kCap>(z[j + l], bias, j + l, cap, inv_cap, chain);
         z[j + l] = v;
         mx[l] = fl_max(mx[l], v);
         sm[l] += v;
@@ -100,7 +102,8 @@ FASTLOSS_CPU_INLINE void forward_rows(acc_t* logits, int64_t vb, const acc_t* bi
     if (whole < vb) {
       for (int l = 0; l < kLanes; ++l) {
         const bool in = whole + l < vb;
-        const acc_t v = in ? capped<kBias, kCap>(z[whole + l], bias, whole + l, cap, inv_cap) : acc_t(0);
+        acc_t chain;
+        const acc_t v = in ? capped_logit<kBias, kCap>(z[whole + l], bias, whole + l, cap, inv_cap, chain) : acc_t(0);
         if (in) z[whole + l] = v;
         mx[l] = fl_max(mx[l], in ? v : kNegInf);
         sm[l] += keep_or_zero(in, v);
@@ -122,20 +125,6 @@ FASTLOSS_CPU_INLINE void forward_rows(acc_t* logits, int64_t vb, const acc_t* bi
     const int64_t t = target_col[r];
     if (t >= 0 && t < vb) target_logit[r] = z[t];
   }
-}
-
-// The logit's value after bias and softcap, and d capped / d raw (1 without a cap).
-template <bool kBias, bool kCap, typename acc_t>
-FASTLOSS_CPU_INLINE acc_t capped_logit(acc_t raw, const acc_t* bias, int64_t col, acc_t cap, acc_t inv_cap,
-                                       acc_t& chain) {
-  if constexpr (kBias) raw += bias[col];
-  if constexpr (kCap) {
-    const acc_t t = tanh_softcap(raw * inv_cap);
-    chain = acc_t(1) - t * t;
-    return cap * t;
-  }
-  chain = acc_t(1);
-  return raw;
 }
 
 // Turns raw logits into d loss / d raw logit (times the output gradients) in place; returns
@@ -199,7 +188,12 @@ FASTLOSS_AVX512_INLINE __m512 map_lanes16(__m512 v, F f) {
 template <bool kBias, bool kCap>
 FASTLOSS_AVX512_INLINE __m512 adjusted16(__m512 v, const float* bias, __mmask16 m, float cap, float inv_cap) {
   if constexpr (kBias) v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(m, bias));
-  if constexpr (kCap) v = map_lanes16(v, [&](float x) FASTLOSS_CPU_INLINE_LAMBDA { return softcapped(x, cap, inv_cap); });
+  if constexpr (kCap) {
+    v = map_lanes16(v, [&](float x) FASTLOSS_CPU_INLINE_LAMBDA {
+      float chain;
+      return capped_logit<false, true>(x, static_cast<const float*>(nullptr), 0, cap, inv_cap, chain);
+    });
+  }
   return v;
 }
 
@@ -252,6 +246,65 @@ __attribute__((target("arch=x86-64-v4"))) void forward_rows_avx512(float* logits
     if (t >= 0 && t < vb) target_logit[r] = z[t];
   }
 }
+
+// The logit gradient of 16 raw logits (gradient_rows' entries; bias entries off the mask
+// read as 0).
+template <bool kBias, bool kCap>
+FASTLOSS_AVX512_INLINE __m512 gradient16(__m512 raw, const float* bias, __mmask16 m, float cap, float inv_cap,
+                                         const TokenGrad<float>& g, float lse) {
+  if constexpr (kBias) raw = _mm512_add_ps(raw, _mm512_maskz_loadu_ps(m, bias));
+  float a[16];
+  std::memcpy(a, &raw, sizeof(raw));
+  _Pragma("GCC unroll 1") for (int l = 0; l < 16; ++l) {
+    float chain;
+    const float v = capped_logit<false, kCap>(a[l], static_cast<const float*>(nullptr), 0, cap, inv_cap, chain);
+    a[l] = (g.a * exp_nonpositive(v - lse) - g.c) * chain;
+  }
+  std::memcpy(&raw, a, sizeof(raw));
+  return raw;
+}
+
+// gradient_rows for float with AVX-512 registers, as forward_rows_avx512. Whether an entry
+// reaches its threshold is one compare per vector (NaN counts as reaching it).
+template <bool kBias, bool kCap>
+__attribute__((target("arch=x86-64-v4"))) bool gradient_rows_avx512(float* logits, int64_t vb, const float* bias,
+                                                                     float cap, const int64_t* target_col,
+                                                                     const float* lse, const TokenGrad<float>* coef,
+                                                                     int64_t b, int64_t e) {
+  const float inv_cap = kCap ? 1.0f / cap : 0.0f;
+  const int64_t whole = vb / 16 * 16;
+  const __mmask16 tail = static_cast<__mmask16>((1u << (vb - whole)) - 1);
+  const __m512 sign = _mm512_set1_ps(-0.0f);
+  bool keep = false;
+  for (int64_t r = b; r < e; ++r) {
+    float* z = logits + r * vb;
+    const TokenGrad<float> g = coef[r];
+    const float L = lse[r];
+    const int64_t t = target_col[r];
+    const bool has_target = t >= 0 && t < vb;
+    float target_chain = 1;
+    if (has_target) capped_logit<kBias, kCap>(z[t], bias, t, cap, inv_cap, target_chain);
+    const __m512 threshold = _mm512_set1_ps(g.threshold);
+    __mmask16 reached = 0;
+    for (int64_t j = 0; j < whole; j += 16) {
+      const __m512 d = gradient16<kBias, kCap>(_mm512_loadu_ps(z + j), bias + j, __mmask16(0xffff), cap, inv_cap, g, L);
+      _mm512_storeu_ps(z + j, d);
+      reached |= _mm512_cmp_ps_mask(_mm512_andnot_ps(sign, d), threshold, _CMP_NLT_UQ);
+    }
+    if (tail) {
+      const __m512 d = gradient16<kBias, kCap>(_mm512_maskz_loadu_ps(tail, z + whole), bias + whole, tail, cap,
+                                               inv_cap, g, L);
+      _mm512_mask_storeu_ps(z + whole, tail, d);
+      reached |= _mm512_mask_cmp_ps_mask(tail, _mm512_andnot_ps(sign, d), threshold, _CMP_NLT_UQ);
+    }
+    if (has_target) {
+      z[t] -= g.b * target_chain;
+      keep = true;  // a tile holding a target is never skipped (as on CUDA)
+    }
+    if (reached) keep = true;
+  }
+  return keep;
+}
 #endif
 
 // Non-template entry points, each compiled once per instruction set; the bias and softcap
@@ -294,6 +347,14 @@ FASTLOSS_CPU_INLINE void forward_rows_any(double* z, int64_t vb, const double* b
 }
 FASTLOSS_CPU_INLINE bool gradient_rows_any(float* z, int64_t vb, const float* bias, float cap, const int64_t* tc,
                                            const float* lse, const TokenGrad<float>* coef, int64_t b, int64_t e) {
+#if defined(FASTLOSS_X86_CLONES)
+  if (has_avx512()) {
+    if (bias && cap > 0) return gradient_rows_avx512<true, true>(z, vb, bias, cap, tc, lse, coef, b, e);
+    if (bias) return gradient_rows_avx512<true, false>(z, vb, bias, cap, tc, lse, coef, b, e);
+    if (cap > 0) return gradient_rows_avx512<false, true>(z, vb, bias, cap, tc, lse, coef, b, e);
+    return gradient_rows_avx512<false, false>(z, vb, bias, cap, tc, lse, coef, b, e);
+  }
+#endif
   return gradient_rows_f32(z, vb, bias, cap, tc, lse, coef, b, e);
 }
 FASTLOSS_CPU_INLINE bool gradient_rows_any(double* z, int64_t vb, const double* bias, double cap, const int64_t* tc,
