@@ -127,6 +127,41 @@ FASTLOSS_CPU_INLINE void forward_rows(acc_t* logits, int64_t vb, const acc_t* bi
   }
 }
 
+// d loss / d raw logit of one entry, without the one-hot term.
+template <bool kBias, bool kCap, typename acc_t>
+FASTLOSS_CPU_INLINE acc_t logit_gradient(acc_t raw, const acc_t* bias, int64_t col, acc_t cap, acc_t inv_cap,
+                                         const TokenGrad<acc_t>& g, acc_t lse) {
+  acc_t chain;
+  const acc_t v = capped_logit<kBias, kCap>(raw, bias, col, cap, inv_cap, chain);
+  return (g.a * exp_nonpositive(v - lse) - g.c) * chain;
+}
+
+// A row's one-hot term: its target's column in this block, if any, and the chain factor
+// there, read before the row is overwritten.
+template <typename acc_t>
+struct TargetTerm {
+  int64_t col = -1;
+  acc_t chain = 1;
+
+  template <bool kBias, bool kCap>
+  FASTLOSS_CPU_INLINE static TargetTerm read(const acc_t* z, int64_t vb, int64_t target_col, const acc_t* bias,
+                                             acc_t cap, acc_t inv_cap) {
+    TargetTerm term;
+    if (target_col >= 0 && target_col < vb) {
+      term.col = target_col;
+      capped_logit<kBias, kCap>(z[target_col], bias, target_col, cap, inv_cap, term.chain);
+    }
+    return term;
+  }
+  // Subtracts the term from the row's gradient; whether the row holds its target (a tile
+  // holding one is never skipped, as on CUDA).
+  FASTLOSS_CPU_INLINE bool apply(acc_t* z, const TokenGrad<acc_t>& g) const {
+    if (col < 0) return false;
+    z[col] -= g.b * chain;
+    return true;
+  }
+};
+
 // Turns raw logits into d loss / d raw logit (times the output gradients) in place; returns
 // whether any entry reaches its token's filter threshold.
 template <bool kBias, bool kCap, typename acc_t>
@@ -139,32 +174,21 @@ FASTLOSS_CPU_INLINE bool gradient_rows(acc_t* logits, int64_t vb, const acc_t* b
     acc_t* z = logits + r * vb;
     const TokenGrad<acc_t> g = coef[r];
     const acc_t L = lse[r];
-    // The one-hot term needs the target's chain factor, read before the row is overwritten.
-    const int64_t t = target_col[r];
-    const bool has_target = t >= 0 && t < vb;
-    acc_t target_chain = 1;
-    if (has_target) capped_logit<kBias, kCap>(z[t], bias, t, cap, inv_cap, target_chain);
+    const auto target = TargetTerm<acc_t>::template read<kBias, kCap>(z, vb, target_col[r], bias, cap, inv_cap);
     acc_t big[kLanes] = {};
     int64_t j = 0;
     for (; j + kLanes <= vb; j += kLanes)
       for (int l = 0; l < kLanes; ++l) {
-        acc_t chain;
-        const acc_t v = capped_logit<kBias, kCap>(z[j + l], bias, j + l, cap, inv_cap, chain);
-        const acc_t d = (g.a * exp_nonpositive(v - L) - g.c) * chain;
+        const acc_t d = logit_gradient<kBias, kCap>(z[j + l], bias, j + l, cap, inv_cap, g, L);
         z[j + l] = d;
         big[l] = fl_max(big[l], d < 0 ? -d : d);
       }
     for (; j < vb; ++j) {
-      acc_t chain;
-      const acc_t v = capped_logit<kBias, kCap>(z[j], bias, j, cap, inv_cap, chain);
-      const acc_t d = (g.a * exp_nonpositive(v - L) - g.c) * chain;
+      const acc_t d = logit_gradient<kBias, kCap>(z[j], bias, j, cap, inv_cap, g, L);
       z[j] = d;
       big[0] = fl_max(big[0], d < 0 ? -d : d);
     }
-    if (has_target) {
-      z[t] -= g.b * target_chain;
-      keep = true;  // a tile holding a target is never skipped (as on CUDA)
-    }
+    if (target.apply(z, g)) keep = true;
     acc_t row_big = big[0];
     for (int l = 1; l < kLanes; ++l) row_big = fl_max(row_big, big[l]);
     if (!(row_big < g.threshold)) keep = true;  // NaN keeps the tile
@@ -256,9 +280,7 @@ FASTLOSS_AVX512_INLINE __m512 gradient16(__m512 raw, const float* bias, __mmask1
   float a[16];
   std::memcpy(a, &raw, sizeof(raw));
   _Pragma("GCC unroll 1") for (int l = 0; l < 16; ++l) {
-    float chain;
-    const float v = capped_logit<false, kCap>(a[l], static_cast<const float*>(nullptr), 0, cap, inv_cap, chain);
-    a[l] = (g.a * exp_nonpositive(v - lse) - g.c) * chain;
+    a[l] = logit_gradient<false, kCap>(a[l], static_cast<const float*>(nullptr), 0, cap, inv_cap, g, lse);
   }
   std::memcpy(&raw, a, sizeof(raw));
   return raw;
@@ -280,10 +302,7 @@ __attribute__((target("arch=x86-64-v4"))) bool gradient_rows_avx512(float* logit
     float* z = logits + r * vb;
     const TokenGrad<float> g = coef[r];
     const float L = lse[r];
-    const int64_t t = target_col[r];
-    const bool has_target = t >= 0 && t < vb;
-    float target_chain = 1;
-    if (has_target) capped_logit<kBias, kCap>(z[t], bias, t, cap, inv_cap, target_chain);
+    const auto target = TargetTerm<float>::template read<kBias, kCap>(z, vb, target_col[r], bias, cap, inv_cap);
     const __m512 threshold = _mm512_set1_ps(g.threshold);
     __mmask16 reached = 0;
     for (int64_t j = 0; j < whole; j += 16) {
@@ -297,11 +316,7 @@ __attribute__((target("arch=x86-64-v4"))) bool gradient_rows_avx512(float* logit
       _mm512_mask_storeu_ps(z + whole, tail, d);
       reached |= _mm512_mask_cmp_ps_mask(tail, _mm512_andnot_ps(sign, d), threshold, _CMP_NLT_UQ);
     }
-    if (has_target) {
-      z[t] -= g.b * target_chain;
-      keep = true;  // a tile holding a target is never skipped (as on CUDA)
-    }
-    if (reached) keep = true;
+    if (target.apply(z, g) || reached) keep = true;
   }
   return keep;
 }
