@@ -277,13 +277,9 @@ template <bool kBias, bool kCap>
 FASTLOSS_AVX512_INLINE __m512 gradient16(__m512 raw, const float* bias, __mmask16 m, float cap, float inv_cap,
                                          const TokenGrad<float>& g, float lse) {
   if constexpr (kBias) raw = _mm512_add_ps(raw, _mm512_maskz_loadu_ps(m, bias));
-  float a[16];
-  std::memcpy(a, &raw, sizeof(raw));
-  _Pragma("GCC unroll 1") for (int l = 0; l < 16; ++l) {
-    a[l] = logit_gradient<false, kCap>(a[l], static_cast<const float*>(nullptr), 0, cap, inv_cap, g, lse);
-  }
-  std::memcpy(&raw, a, sizeof(raw));
-  return raw;
+  return map_lanes16(raw, [&](float x) FASTLOSS_CPU_INLINE_LAMBDA {
+    return logit_gradient<false, kCap>(x, static_cast<const float*>(nullptr), 0, cap, inv_cap, g, lse);
+  });
 }
 
 // gradient_rows for float with AVX-512 registers, as forward_rows_avx512. Whether an entry
@@ -322,22 +318,30 @@ __attribute__((target("arch=x86-64-v4"))) bool gradient_rows_avx512(float* logit
 }
 #endif
 
+// f(kBias, kCap) with the variant's flags as std::bool_constant, so that each inner loop is
+// specialized.
+template <typename T, typename F>
+FASTLOSS_CPU_INLINE auto with_variant(const T* bias, T cap, F&& f) {
+  if (bias && cap > 0) return f(std::true_type{}, std::true_type{});
+  if (bias) return f(std::true_type{}, std::false_type{});
+  if (cap > 0) return f(std::false_type{}, std::true_type{});
+  return f(std::false_type{}, std::false_type{});
+}
+
 // Non-template entry points, each compiled once per instruction set; the bias and softcap
-// variants are chosen inside so that each inner loop is specialized.
+// variants are chosen inside.
 #define FASTLOSS_LCE_ENTRIES(SUFFIX, T)                                                                   \
   FASTLOSS_CPU_CLONES void forward_rows_##SUFFIX(T* z, int64_t vb, const T* bias, T cap, const int64_t* tc, \
                                                  OnlineLse<T>* lse, T* tl, T* ls, int64_t b, int64_t e) {   \
-    if (bias && cap > 0) forward_rows<true, true>(z, vb, bias, cap, tc, lse, tl, ls, b, e);                 \
-    else if (bias) forward_rows<true, false>(z, vb, bias, cap, tc, lse, tl, ls, b, e);                      \
-    else if (cap > 0) forward_rows<false, true>(z, vb, bias, cap, tc, lse, tl, ls, b, e);                   \
-    else forward_rows<false, false>(z, vb, bias, cap, tc, lse, tl, ls, b, e);                               \
+    with_variant(bias, cap, [&](auto kb, auto kc) FASTLOSS_CPU_INLINE_LAMBDA {                              \
+      forward_rows<kb.value, kc.value>(z, vb, bias, cap, tc, lse, tl, ls, b, e);                            \
+    });                                                                                                     \
   }                                                                                                         \
   FASTLOSS_CPU_CLONES bool gradient_rows_##SUFFIX(T* z, int64_t vb, const T* bias, T cap, const int64_t* tc, \
                                                   const T* lse, const TokenGrad<T>* coef, int64_t b, int64_t e) { \
-    if (bias && cap > 0) return gradient_rows<true, true>(z, vb, bias, cap, tc, lse, coef, b, e);           \
-    if (bias) return gradient_rows<true, false>(z, vb, bias, cap, tc, lse, coef, b, e);                     \
-    if (cap > 0) return gradient_rows<false, true>(z, vb, bias, cap, tc, lse, coef, b, e);                  \
-    return gradient_rows<false, false>(z, vb, bias, cap, tc, lse, coef, b, e);                              \
+    return with_variant(bias, cap, [&](auto kb, auto kc) FASTLOSS_CPU_INLINE_LAMBDA {                       \
+      return gradient_rows<kb.value, kc.value>(z, vb, bias, cap, tc, lse, coef, b, e);                      \
+    });                                                                                                     \
   }
 
 FASTLOSS_LCE_ENTRIES(f32, float)
@@ -348,10 +352,9 @@ FASTLOSS_CPU_INLINE void forward_rows_any(float* z, int64_t vb, const float* bia
                                           OnlineLse<float>* lse, float* tl, float* ls, int64_t b, int64_t e) {
 #if defined(FASTLOSS_X86_CLONES)
   if (has_avx512()) {
-    if (bias && cap > 0) return forward_rows_avx512<true, true>(z, vb, bias, cap, tc, lse, tl, ls, b, e);
-    if (bias) return forward_rows_avx512<true, false>(z, vb, bias, cap, tc, lse, tl, ls, b, e);
-    if (cap > 0) return forward_rows_avx512<false, true>(z, vb, bias, cap, tc, lse, tl, ls, b, e);
-    return forward_rows_avx512<false, false>(z, vb, bias, cap, tc, lse, tl, ls, b, e);
+    return with_variant(bias, cap, [&](auto kb, auto kc) {
+      forward_rows_avx512<kb.value, kc.value>(z, vb, bias, cap, tc, lse, tl, ls, b, e);
+    });
   }
 #endif
   forward_rows_f32(z, vb, bias, cap, tc, lse, tl, ls, b, e);
@@ -364,10 +367,9 @@ FASTLOSS_CPU_INLINE bool gradient_rows_any(float* z, int64_t vb, const float* bi
                                            const float* lse, const TokenGrad<float>* coef, int64_t b, int64_t e) {
 #if defined(FASTLOSS_X86_CLONES)
   if (has_avx512()) {
-    if (bias && cap > 0) return gradient_rows_avx512<true, true>(z, vb, bias, cap, tc, lse, coef, b, e);
-    if (bias) return gradient_rows_avx512<true, false>(z, vb, bias, cap, tc, lse, coef, b, e);
-    if (cap > 0) return gradient_rows_avx512<false, true>(z, vb, bias, cap, tc, lse, coef, b, e);
-    return gradient_rows_avx512<false, false>(z, vb, bias, cap, tc, lse, coef, b, e);
+    return with_variant(bias, cap, [&](auto kb, auto kc) {
+      return gradient_rows_avx512<kb.value, kc.value>(z, vb, bias, cap, tc, lse, coef, b, e);
+    });
   }
 #endif
   return gradient_rows_f32(z, vb, bias, cap, tc, lse, coef, b, e);
