@@ -918,6 +918,20 @@ def test_errors():
     with pytest.raises(RuntimeError, match="'filter_eps' must be in \\[0, 1\\)"):
         ops.linear_cross_entropy_backward(torch.ones(4), None, h, c, t, None, torch.ones(4), IGNORE, 0.0, 0.0,
                                           0.0, 2.0, [True, True, True])
+    # A cap outside float32's normal range would narrow to a subnormal (NaN losses), to 0 (no cap)
+    # or to inf in the float32 kernels; float64 applies it as given.
+    compiled = torch.compile(lambda h_, c_, cap: fastloss.linear_cross_entropy(h_, c_, t, softcap=cap),
+                             fullgraph=True, backend="aot_eager")
+    for cap in (1e-40, 1e-50, 1e39):
+        for dtype in (torch.float32, torch.bfloat16):
+            for run in (fastloss.linear_cross_entropy, lambda h_, c_, t_, softcap: compiled(h_, c_, softcap)):
+                with pytest.raises(RuntimeError, match="'softcap' must be a normal float32 value"):
+                    run(h.to(dtype), c.to(dtype), t, softcap=cap)
+    h64, c64 = h.double(), c.double()
+    capped = torch.tanh((h64 @ c64.T) / 1e-40) * 1e-40
+    torch.testing.assert_close(fastloss.linear_cross_entropy(h64, c64, t, softcap=1e-40),
+                               torch.nn.functional.cross_entropy(capped, t), rtol=1e-12, atol=0)
+    fastloss.linear_cross_entropy(h, c, t, softcap=float(torch.finfo(torch.float32).tiny))
 
 
 def test_device_mismatch_is_named(device):

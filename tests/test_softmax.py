@@ -448,14 +448,21 @@ def test_torch_compile_fullgraph(device):
 @pytest.mark.parametrize("fn", [fastloss.softmax, fastloss.log_softmax])
 def test_bad_input(device, fn):
     # The public argument names (the raw op's 'self' once leaked into these messages).
-    with pytest.raises(TypeError, match="'input'.*floating-point.*got torch.int64"):
+    with pytest.raises(TypeError, match="'input' to be a float32, float64, float16 or bfloat16.*got torch.int64"):
         fn(torch.arange(6, device=device).view(2, 3), -1)
     with pytest.raises(TypeError, match="'input'.*got torch.bool"):
         fn(torch.ones(2, 3, dtype=torch.bool, device=device), -1)
-    with pytest.raises(TypeError, match="'dtype'.*floating-point"):
-        fn(torch.randn(2, 3, device=device), -1, dtype=torch.int64)
-    with pytest.raises(TypeError, match="'dim'"):
-        fn(torch.randn(2, 3, device=device), None)
+    with pytest.raises(TypeError, match="'input'.*got torch.float8_e4m3fn"):
+        fn(torch.randn(2, 3, device=device).to(torch.float8_e4m3fn), -1)
+    for dtype in (torch.int64, torch.float8_e5m2):
+        with pytest.raises(TypeError, match="'dtype' to be float32, float64, float16, bfloat16 or None"):
+            fn(torch.randn(2, 3, device=device), -1, dtype=dtype)
+    for dim in (None, 1.0, True, torch.tensor(1.0), torch.tensor([1, 1]), torch.tensor(True)):
+        with pytest.raises(TypeError, match="'dim'"):
+            fn(torch.randn(2, 3, device=device), dim)
+    # A 0-d integer tensor is an index, as for torch.softmax.
+    x = torch.randn(2, 3, device=device)
+    assert torch.equal(fn(x, torch.tensor(0)), fn(x, 0))
     # An integer input with a floating dtype is cast first, as torch.softmax does.
     ints = torch.arange(6, device=device).view(2, 3)
     torch.testing.assert_close(fn(ints, np.int64(-1), dtype=torch.float64), getattr(torch, fn.__name__)(ints, -1, dtype=torch.float64))

@@ -7,6 +7,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <limits>
 
 #include "common/torch_checks.h"
 
@@ -56,6 +57,13 @@ inline LinearCrossEntropyArgs linear_cross_entropy_args(const char* op, const at
   }
   TORCH_CHECK(std::isfinite(softcap) && softcap >= 0.0, "fastloss.", op,
               ": 'softcap' must be a finite value > 0 (or 0 for no cap), got ", softcap);
+  // The float32 kernels (float16 / bfloat16 too) apply the cap in float32: a cap that narrows to a
+  // subnormal, to 0 (no cap) or to inf would silently change the loss.
+  TORCH_CHECK(hidden.scalar_type() == c10::kDouble || softcap == 0.0 ||
+                  (softcap >= std::numeric_limits<float>::min() && softcap <= std::numeric_limits<float>::max()),
+              "fastloss.", op, ": 'softcap' must be a normal float32 value (", std::numeric_limits<float>::min(),
+              " to ", std::numeric_limits<float>::max(), ") for ", hidden.scalar_type(),
+              " 'hidden' (applied in float32), got ", softcap);
   TORCH_CHECK(label_smoothing >= 0.0 && label_smoothing <= 1.0, "fastloss.", op,
               ": 'label_smoothing' must be in [0, 1], got ", label_smoothing);
   TORCH_CHECK(std::isfinite(z_loss), "fastloss.", op, ": 'z_loss' must be finite, got ", z_loss);

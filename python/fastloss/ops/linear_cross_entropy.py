@@ -285,6 +285,10 @@ def _check_args(op, hidden, classifier, targets, bias, softcap, label_smoothing,
                     f"got {bias.dtype}")
     check_value(math.isfinite(softcap) and softcap >= 0.0, op,
                 f"'softcap' must be a finite value > 0 (or 0 for no cap), got {softcap}")
+    f32 = torch.finfo(torch.float32)
+    check_value(hidden.dtype == torch.float64 or softcap == 0.0 or f32.tiny <= softcap <= f32.max, op,
+                f"'softcap' must be a normal float32 value ({f32.tiny} to {f32.max}) for {hidden.dtype} 'hidden' "
+                f"(applied in float32), got {softcap}")
     check_value(0.0 <= label_smoothing <= 1.0, op, f"'label_smoothing' must be in [0, 1], got {label_smoothing}")
     check_value(math.isfinite(z_loss), op, f"'z_loss' must be finite, got {z_loss}")
     torch._check(vocab > 0, lambda: f"fastloss.{op}: 'classifier' must have at least one row, got shape "

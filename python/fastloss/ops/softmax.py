@@ -3,7 +3,7 @@ autograd for ``torch.ops.fastloss.softmax`` / ``log_softmax``."""
 
 from __future__ import annotations
 
-import numbers
+import operator
 from typing import Optional
 
 import torch
@@ -11,7 +11,7 @@ import torch
 from .. import _C
 from ._direct import direct_call_ok
 from ._func import row_rule, transform_function, transforms_active
-from ._guards import check_floating, check_like, check_same_device, check_value, wrap_dim
+from ._guards import FLOAT_DTYPES, check_floating, check_like, check_same_device, check_value, wrap_dim
 
 _HALF_TYPES = (torch.float16, torch.bfloat16)
 
@@ -19,22 +19,27 @@ _HALF_TYPES = (torch.float16, torch.bfloat16)
 def _dispatch(op, direct, name: str, input: torch.Tensor, dim: int, dtype: Optional[torch.dtype]):
     if not isinstance(input, torch.Tensor):
         raise TypeError(f"fastloss.{name}: expected 'input' to be a torch.Tensor, got {type(input).__name__}")
-    if isinstance(dim, bool) or not isinstance(dim, numbers.Integral):
-        raise TypeError(f"fastloss.{name}: expected 'dim' to be an int, got {dim!r}")
-    dim = int(dim)
+    # Like torch: any integer, including a 0-d integer tensor (through __index__), but not a bool.
+    try:
+        if isinstance(dim, bool) or (isinstance(dim, torch.Tensor) and (dim.dim() != 0 or dim.dtype == torch.bool)):
+            raise TypeError
+        dim = operator.index(dim)
+    except TypeError:
+        raise TypeError(f"fastloss.{name}: expected 'dim' to be an int, got {dim!r}") from None
     half_to_float = False
     if dtype is not None:
-        if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
-            raise TypeError(f"fastloss.{name}: expected 'dtype' to be a floating-point torch.dtype or None, got {dtype!r}")
+        if dtype not in FLOAT_DTYPES:
+            raise TypeError(f"fastloss.{name}: expected 'dtype' to be float32, float64, float16, bfloat16 or None, "
+                            f"got {dtype!r}")
         if input.dtype in _HALF_TYPES and dtype == torch.float32:
             # Read half precision, accumulate and write float32 in one pass (no cast kernel).
             half_to_float = True
         else:
             # Like torch.softmax: cast first, then compute in `dtype`.
             input = input.to(dtype)
-    elif not input.is_floating_point():
-        raise TypeError(f"fastloss.{name}: expected 'input' to be a floating-point tensor (or a floating 'dtype'), "
-                        f"got {input.dtype}")
+    elif input.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"fastloss.{name}: expected 'input' to be a float32, float64, float16 or bfloat16 tensor "
+                        f"(or one of those as 'dtype'), got {input.dtype}")
     elif input.dtype in _HALF_TYPES and input.is_cuda and torch.is_autocast_enabled("cuda"):
         # torch.autocast runs torch.softmax / log_softmax in float32 on CUDA (without an
         # explicit dtype); here that is the fused half-in, float32-out pass.
