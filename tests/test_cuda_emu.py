@@ -337,8 +337,8 @@ def test_vmf(emu, p, dtype, tol):
 
 
 def mass_tolerance(dtype):
-    """The glue's tolerance on |sum a - sum b| (sinkhorn_mass_tolerance): sqrt(eps) of the dtype."""
-    return torch.finfo(dtype).eps ** 0.5
+    """The glue's tolerance on |sum a - sum b| (sinkhorn_mass_tolerance): sqrt(eps) of the dtype, >= 1e-6."""
+    return max(torch.finfo(dtype).eps ** 0.5, 1e-6)
 
 
 @pytest.mark.parametrize("batch,n,m", [(5, 20, 30), (3, 64, 64), (1, 7, 200), (1, 300, 260), (12, 150, 200)],

@@ -247,7 +247,8 @@ def _unrolled_value(cost, a, b, eps, max_iter, tol, error_norm):
 
 
 def _mass_tolerance(a: torch.Tensor, b: torch.Tensor) -> float:
-    return max(torch.finfo(a.dtype).eps, torch.finfo(b.dtype).eps) ** 0.5
+    """sinkhorn_mass_tolerance (csrc/common/sinkhorn_op.h)."""
+    return max(max(torch.finfo(a.dtype).eps, torch.finfo(b.dtype).eps) ** 0.5, 1e-6)
 
 
 def _marginals_valid(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
