@@ -40,6 +40,13 @@ def test_gemma3n_sparse_mlp_patch_matches_unpatched():
     assert [getattr(m, "_fastloss_patched", False) for m in mlps] == [True, False]  # only the sparse one
     fl_transformers.patch(model)  # idempotent
 
+    # A layer made dense after patching runs transformers' dense forward.
+    mlps[0].activation_sparsity = 0.0
+    dense = model(input_ids=ids).logits
+    mlps[0].activation_sparsity = 0.95
+    unpatched = tiny_gemma3n([0.0, 0.0])
+    torch.testing.assert_close(dense, unpatched(input_ids=ids).logits, rtol=1e-5, atol=1e-6)
+
     logits, loss, grads = loss_and_grads(model, ids)
     # transformers rounds PhiInv(0.95) to float32; fastloss uses it in double precision.
     torch.testing.assert_close(logits, logits_ref, rtol=1e-4, atol=1e-5)

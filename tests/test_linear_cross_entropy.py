@@ -1247,6 +1247,45 @@ def test_transformers_patch_passes_arguments_as_given():
     assert getattr(out, cache_field).get_seq_length() == getattr(ref, cache_field).get_seq_length() == 12
 
 
+def test_transformers_patch_keeps_the_forward_signature():
+    """transformers reads the forward's parameter names: generate() builds the attention mask of
+    left-padded input and passes logits_to_keep=1 (one position through the head at the prefill)
+    only where the forward names them."""
+    import inspect
+
+    import fastloss.integrations.transformers as fl_transformers
+
+    model = tiny_causal_lm("llama")
+    ids = torch.randint(1, 600, (2, 10), generator=torch.Generator().manual_seed(8))
+    ids[1, :4] = 0  # left padding, no attention mask given
+    head_inputs = []
+    model.lm_head.register_forward_pre_hook(lambda mod, args: head_inputs.append(tuple(args[0].shape)))
+    ref = model.generate(ids, max_new_tokens=4, do_sample=False, pad_token_id=0)
+    ref_heads, head_inputs[:] = list(head_inputs), []
+    expected = inspect.signature(model.forward)
+    fl_transformers.patch(model)
+    assert inspect.signature(model.forward) == expected
+    assert torch.equal(model.generate(ids, max_new_tokens=4, do_sample=False, pad_token_id=0), ref)
+    assert head_inputs == ref_heads and head_inputs[0] == (2, 1, 32)
+
+
+def test_transformers_patch_compiles_fullgraph():
+    import fastloss.integrations.transformers as fl_transformers
+
+    model = tiny_causal_lm("llama").train()
+    ids = torch.randint(0, 600, (2, 12), generator=torch.Generator().manual_seed(9))
+    ref, ref_grads = hf_loss_and_grads(model, input_ids=ids, labels=ids)
+    fl_transformers.patch(model)
+    step = torch.compile(lambda i, l: model(input_ids=i, labels=l).loss, fullgraph=True, backend="aot_eager")
+    model.zero_grad()
+    loss = step(ids, ids)
+    loss.backward()
+    torch.testing.assert_close(loss, ref.loss, rtol=1e-5, atol=1e-6)
+    for name, p in model.named_parameters():
+        if p.grad is not None:
+            torch.testing.assert_close(p.grad, ref_grads[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
 def test_transformers_patch_uses_fastloss(monkeypatch):
     import fastloss.integrations.transformers as fl_transformers
 

@@ -33,6 +33,8 @@ _GELU_TANH = ("gelu_pytorch_tanh", "gelu_tanh", "gelu_new", "gelu_fast")
 
 
 def _gemma3n_sparse_mlp_forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+    if not self.activation_sparsity > 0.0:  # made dense after patching: transformers' own forward
+        return type(self).forward(self, hidden_states)
     gate = self.gate_proj(hidden_states)
     up = self.up_proj(hidden_states)
     return self.down_proj(stat_topk_gelu_mul(gate, up, self.activation_sparsity))
@@ -40,6 +42,8 @@ def _gemma3n_sparse_mlp_forward(self, hidden_states: torch.Tensor) -> torch.Tens
 
 def _gemma3n_sparse_mlp_forward_unfused(self, hidden_states: torch.Tensor) -> torch.Tensor:
     # Another activation than gelu-tanh: only the threshold is fused.
+    if not self.activation_sparsity > 0.0:
+        return type(self).forward(self, hidden_states)
     gate = stat_topk(self.gate_proj(hidden_states), sparsity=self.activation_sparsity)
     return self.down_proj(self.act_fn(gate) * self.up_proj(hidden_states))
 
@@ -47,8 +51,13 @@ def _gemma3n_sparse_mlp_forward_unfused(self, hidden_states: torch.Tensor) -> to
 def _bound(function, module: torch.nn.Module) -> functools.partial:
     """``function`` bound to ``module``, as an instance's forward: a partial of a module-level
     function pickles (torch.save of a patched model), where a bound method would be looked up
-    on the loaded instance by a name its class does not have."""
-    return functools.partial(function, module)
+    on the loaded instance by a name its class does not have. It shows the signature of the
+    forward it replaces: transformers reads the forward's parameter names (generate() builds
+    an attention mask and passes logits_to_keep only where the forward names them; Trainer
+    keeps the dataset columns it names)."""
+    bound = functools.partial(function, module)
+    bound.__signature__ = inspect.signature(module.forward)  # type: ignore[attr-defined]
+    return bound
 
 
 def _patch_gemma3n(model: torch.nn.Module) -> int:
@@ -135,6 +144,13 @@ def _call_arguments(signature: inspect.Signature, args, kwargs) -> dict:
     return call
 
 
+def _cache_field() -> str:
+    """The output's cache field: ``cache`` from transformers 5.25 on, ``past_key_values`` before."""
+    from transformers.modeling_outputs import CausalLMOutputWithPast
+
+    return "cache" if "cache" in {f.name for f in dataclasses.fields(CausalLMOutputWithPast)} else "past_key_values"
+
+
 def _causal_lm_forward(self, *args, **kwargs):
     call = _call_arguments(self._fastloss_forward_signature, args, kwargs)
     labels = call.pop("labels", None)
@@ -174,9 +190,7 @@ def _causal_lm_forward(self, *args, **kwargs):
         if torch.is_tensor(num_items_in_batch):
             num_items_in_batch = num_items_in_batch.to(loss.device)
         loss = loss / num_items_in_batch
-    # The cache field is `cache` from transformers 5.25 on, `past_key_values` before.
-    fields = {f.name for f in dataclasses.fields(CausalLMOutputWithPast)}
-    cache_field = "cache" if "cache" in fields else "past_key_values"
+    cache_field = self._fastloss_cache_field
     out = CausalLMOutputWithPast(loss=loss, logits=None, hidden_states=outputs.hidden_states,
                                  attentions=outputs.attentions, **{cache_field: getattr(outputs, cache_field)})
     if return_dict:
@@ -193,6 +207,8 @@ def _patch_causal_lm(model: torch.nn.Module) -> int:
     setattr(model, "_fastloss_original_forward", model.forward)
     # Read once: inspect.signature follows the forward's decorators on every call otherwise.
     setattr(model, "_fastloss_forward_signature", inspect.signature(model.forward))
+    # Read at patch time: torch.compile cannot trace dataclasses.fields inside the forward.
+    setattr(model, "_fastloss_cache_field", _cache_field())
     setattr(model, "forward", _bound(_causal_lm_forward, model))
     setattr(model, "_fastloss_loss_patched", True)
     return 1
