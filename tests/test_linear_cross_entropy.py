@@ -1437,6 +1437,17 @@ def _vocab_parallel_checks(rank):
         torch.testing.assert_close(grads_p[0], grads[0], rtol=1e-12, atol=1e-13)
         torch.testing.assert_close(grads_p[1], grads[1][start:start + size], rtol=1e-12, atol=1e-13)
         torch.testing.assert_close(grads_p[2], grads[2][start:start + size], rtol=1e-12, atol=1e-13)
+    # A rank whose arguments its own checks refuse raises that error, and the others raise too
+    # rather than wait for it in the next all-reduce.
+    bad = [((c[:20, :5], b[:20]), "'classifier'"), ((c[:20], b[:19]), "'bias' must have shape"),
+           ((c[:20].float(), None), "'classifier' must have the dtype of 'hidden'")]
+    for (c_, b_), message in bad:
+        if rank == 0:
+            with pytest.raises(RuntimeError, match=r"1 other rank\(s\) of the process group refused"):
+                fastloss.linear_cross_entropy(h, c[20:], t, b[20:], process_group=dist.group.WORLD)
+        else:
+            with pytest.raises(RuntimeError, match=message):
+                fastloss.linear_cross_entropy(h, c_, t, b_, process_group=dist.group.WORLD)
     # A target beyond the vocabulary raises on every rank, the one with an empty slice too.
     t[0, 0] = 37
     with pytest.raises(IndexError, match=r"must be in \[0, 37\)"):

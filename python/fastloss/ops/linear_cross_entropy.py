@@ -265,8 +265,9 @@ def linear_cross_entropy(
 
 
 def _check_args(op, hidden, classifier, targets, bias, softcap, label_smoothing, z_loss, vocab_start=0,
-                vocab_total=-1):
-    """The ops' argument checks (csrc/common/linear_cross_entropy_op.h)."""
+                vocab_total=-1, allow_empty=False):
+    """The ops' argument checks (csrc/common/linear_cross_entropy_op.h); allow_empty admits a
+    classifier without rows (a rank's empty vocabulary slice)."""
     check_floating(op, "hidden", hidden)
     check_value(hidden.dim() == 2, op, f"'hidden' must be 2-d (tokens, D), got {hidden.dim()}-d of shape "
                 f"{tuple(hidden.shape)}")
@@ -291,8 +292,8 @@ def _check_args(op, hidden, classifier, targets, bias, softcap, label_smoothing,
                 f"(applied in float32), got {softcap}")
     check_value(0.0 <= label_smoothing <= 1.0, op, f"'label_smoothing' must be in [0, 1], got {label_smoothing}")
     check_value(math.isfinite(z_loss), op, f"'z_loss' must be finite, got {z_loss}")
-    torch._check(vocab > 0, lambda: f"fastloss.{op}: 'classifier' must have at least one row, got shape "
-                 f"{tuple(classifier.shape)}")
+    torch._check(allow_empty or vocab > 0, lambda: f"fastloss.{op}: 'classifier' must have at least one row, got "
+                 f"shape {tuple(classifier.shape)}")
     total = vocab if vocab_total < 0 else vocab_total
     torch._check(vocab_start >= 0, lambda: f"fastloss.{op}: 'vocab_start' must be >= 0, got {vocab_start}")
     torch._check(vocab_start + vocab <= total, lambda: f"fastloss.{op}: the classifier's rows [{vocab_start}, "
@@ -503,20 +504,41 @@ def _backward_vmap(info, in_dims, grad_loss, grad_lse, hidden, classifier, targe
 # Vocabulary-parallel (Megatron-style): each rank holds a contiguous slice of the classifier.
 
 
-def _vocab_range(classifier: torch.Tensor, group) -> Tuple[int, int]:
+def _local_error(hidden, classifier, targets, bias, softcap, label_smoothing) -> Optional[Exception]:
+    """This rank's argument error (the shard op's checks, which would come after the first
+    all-reduce), or None."""
+    op = "linear_cross_entropy"
+    try:
+        _check_args(op, hidden, classifier, targets, bias, softcap, label_smoothing, 0.0, allow_empty=True)
+        check_same_device(op, hidden=hidden, classifier=classifier, targets=targets, bias=bias)
+    except (RuntimeError, ValueError, TypeError, IndexError) as error:
+        return error
+    return None
+
+
+def _vocab_range(classifier: torch.Tensor, group, local_error: Optional[Exception] = None) -> Tuple[int, int]:
     """(first vocabulary row of this rank, vocabulary size), from every rank's slice size.
 
-    One all-reduce of world_size int64s per call (and a host synchronization to read it). Not
-    cached: a rank cannot tell from its own slice whether the others' changed (two heads split
-    differently over one group), and ranks that disagreed on whether to gather would deadlock."""
+    One all-reduce of world_size + 1 int64s per call (and a host synchronization to read it).
+    Not cached: a rank cannot tell from its own slice whether the others' changed (two heads
+    split differently over one group), and ranks that disagreed on whether to gather would
+    deadlock. The last entry counts the ranks with a local_error: every rank raises then (one
+    raising alone would leave the others waiting in the next all-reduce)."""
     import torch.distributed as dist
 
     world, rank = dist.get_world_size(group), dist.get_rank(group)
     # Each rank's size in its own entry, summed over the ranks.
-    sizes_t = torch.zeros(world, dtype=torch.int64, device=classifier.device)
+    sizes_t = torch.zeros(world + 1, dtype=torch.int64, device=classifier.device)
     sizes_t[rank] = classifier.shape[0]
+    sizes_t[world] = local_error is not None
     dist.all_reduce(sizes_t, group=group)
     sizes: List[int] = sizes_t.tolist()
+    failed = sizes.pop()
+    if local_error is not None:
+        raise local_error
+    if failed:
+        raise RuntimeError(f"fastloss.linear_cross_entropy: {failed} other rank(s) of the process group refused "
+                           "their arguments (their errors say why)")
     if sum(sizes) == 0:
         raise ValueError("fastloss.linear_cross_entropy: the classifier slices of the process group hold no "
                          "vocabulary rows")
@@ -545,7 +567,8 @@ class _VocabParallel(torch.autograd.Function):
                 group, deterministic):
         import torch.distributed as dist
 
-        vocab_start, vocab_total = _vocab_range(classifier, group)
+        vocab_start, vocab_total = _vocab_range(
+            classifier, group, _local_error(hidden, classifier, targets, bias, softcap, label_smoothing))
         if classifier.shape[0] > 0:
             lse_local, linear = torch.ops.fastloss.linear_cross_entropy_shard.default(
                 hidden, classifier, targets, bias, ignore_index, softcap, label_smoothing, vocab_start, vocab_total)
