@@ -96,3 +96,28 @@ def test_patched_models_pickle():
         else:
             assert all(getattr(m, "_fastloss_patched", False) for m in loaded.modules()
                        if type(m).__name__ == "Gemma3nTextMLP" and m.activation_sparsity > 0)
+
+
+def test_unpatch_restores_the_models(monkeypatch):
+    gemma = tiny_gemma3n([0.95, 0.0])
+    llama = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+        num_key_value_heads=1)).float()
+    ids = torch.randint(0, 128, (2, 10), generator=torch.Generator().manual_seed(4))
+    calls = []
+    for name in ("stat_topk_gelu_mul", "linear_cross_entropy"):
+        real = getattr(fl_transformers, name)
+        monkeypatch.setattr(fl_transformers, name, lambda *a, _real=real, **k: calls.append(1) or _real(*a, **k))
+    for model in (gemma, llama):
+        expected = model(input_ids=ids, labels=ids)
+        assert fl_transformers.unpatch(fl_transformers.patch(model)) is model
+        assert not any(k.startswith("_fastloss") or k == "forward" for m in model.modules() for k in vars(m))
+        calls.clear()
+        out = model(input_ids=ids, labels=ids)
+        assert not calls and out.logits is not None
+        torch.testing.assert_close(out.loss, expected.loss)
+        fl_transformers.patch(model)  # and patched again
+        model(input_ids=ids, labels=ids)
+        assert calls
+    with pytest.raises(TypeError, match="expected a torch.nn.Module"):
+        fl_transformers.unpatch(None)

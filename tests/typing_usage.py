@@ -8,7 +8,7 @@ from typing_extensions import assert_type
 
 import fastloss
 from fastloss.distributions import VonMisesFisher
-from fastloss.integrations.transformers import patch
+from fastloss.integrations.transformers import patch, unpatch
 
 x = torch.randn(4, 8)
 assert_type(fastloss.softmax(x), torch.Tensor)
@@ -48,4 +48,5 @@ assert_type(loss_fn.forward(hidden, weight, targets), torch.Tensor)
 assert_type(fastloss.nn.StatTopK(sparsity=0.9).forward(x), torch.Tensor)
 assert_type(fastloss.nn.SinkhornKDLoss().forward(x, x), torch.Tensor)
 assert_type(patch(torch.nn.Linear(2, 2)), torch.nn.Module)
+assert_type(unpatch(torch.nn.Linear(2, 2)), torch.nn.Module)
 assert_type(fastloss.build_info(), Dict[str, Any])

@@ -1,6 +1,7 @@
 """Hugging Face transformers patches: ``fastloss.integrations.transformers.patch(model)``.
 
-Patches a model instance in place (no global monkey-patching of transformers classes):
+Patches a model instance in place (no global monkey-patching of transformers classes);
+``unpatch(model)`` undoes it:
 
 * Gemma 3n: every sparse MLP layer (``Gemma3nTextMLP`` with ``activation_sparsity > 0``)
   computes ``gelu_tanh(relu(gate - theta)) * up`` with :func:`fastloss.stat_topk_gelu_mul`,
@@ -231,4 +232,19 @@ def patch(model: torch.nn.Module) -> torch.nn.Module:
                         f"{type(model).__name__}")
     _patch_gemma3n(model)
     _patch_causal_lm(model)
+    return model
+
+
+def unpatch(model: torch.nn.Module) -> torch.nn.Module:
+    """Undo :func:`patch` in place: the patched modules get their class's forward back. Returns
+    the model; a model that was never patched is returned unchanged."""
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"fastloss.integrations.transformers.unpatch: expected a torch.nn.Module, got "
+                        f"{type(model).__name__}")
+    for module in model.modules():
+        for flag, saved in (("_fastloss_patched", ()), ("_fastloss_loss_patched", (
+                "_fastloss_original_forward", "_fastloss_forward_signature", "_fastloss_cache_field"))):
+            if getattr(module, flag, False):
+                for name in ("forward", flag) + saved:
+                    module.__dict__.pop(name, None)
     return model
