@@ -192,6 +192,37 @@ def test_wronskian():
     assert (log_w.abs() - rounding).max().item() <= 1e-12
 
 
+# Large orders near x = p0 v (p0 = 0.66274..., where Debye's eta vanishes and v eta = h - v asinh(v/x)
+# cancels): (v, x, log I, log K) from Debye's expansion to 40 terms in mpmath at 60 digits (eta
+# from sqrt and asinh at that precision; the same expansion agreed with the power series and
+# with K's integral to 1e-40 at such points). Beyond the committed mpmath data's v <= 1e4.
+NEAR_ETA_ROOT = [
+    (900542.1824087743, 596833.5887445671, "1.517660326022259649123", "-16.10361616409579690256"),
+    (595468.0672672777, 394639.4664464592, "-13.22764282342722638265", "-0.9446587420640959104222"),
+    (20000.0, 13254.869712470472, "-5.959310651465564846075", "-4.819377833456766427614"),
+    (20000.0, 13241.613518596649, "-29.96347221612057376228", "19.18508888566848278879"),
+    (100000.0, 66274.34856235236, "-6.754431520180536711912", "-5.633694877018508744669"),
+    (100000.0, 66208.06759298325, "-126.7758496334891208927", "114.3880283907603277036"),
+    (300000.0, 198823.04568705708, "-7.279743982741474287843", "-6.206994703119851742224"),
+    (300000.0, 198624.20277894972, "-367.3443034750912581226", "353.8578699437001848496"),
+    (300000.0, 150000.0, "-97687.72642209672701293", "97674.31016538687095796"),
+    (1000000.0, 662743.4856235236, "-7.797752844486130286827", "-6.892958645700468673701"),
+    (1000000.0, 662080.6759298324, "-1208.013307165106669432", "1193.322900829390323288"),
+    (1000000.0, 900000.0, "387553.9804811826975468", "-387568.7858023438606879"),
+]
+
+
+def test_extreme_domain_near_eta_root_matches_mpmath():
+    # The SIMD packs once carried v eta in double-double here, 1.6e-13 off at v = 9e5.
+    v = torch.tensor([p[0] for p in NEAR_ETA_ROOT], dtype=torch.float64)
+    x = torch.tensor([p[1] for p in NEAR_ETA_ROOT], dtype=torch.float64)
+    for name, column in (("iv", 2), ("kv", 3)):
+        ref = torch.tensor([float(p[column]) for p in NEAR_ETA_ROOT], dtype=torch.float64)
+        # one at a time too: a lane's neighbours must not matter
+        for got in (FUNCS[name](v, x), torch.cat([FUNCS[name](v[i : i + 1], x[i : i + 1]) for i in range(len(v))])):
+            assert (rel_error(got, ref)).max().item() <= 1e-15, name
+
+
 def test_extreme_domain_is_finite():
     v = torch.tensor([0.0, 1e-300, 0.3, 1.0, 7.5, 15.99, 16.0, 100.0, 1e4, 1e6], dtype=torch.float64)
     x = torch.tensor([1e-300, 1e-200, 1e-30, 1e-5, 1.0, 30.0, 1e5, 1e30, 1e200, 1e300], dtype=torch.float64)

@@ -369,29 +369,42 @@ FASTLOSS_HD Dual2 x_minus_eta_root_v(const Dual2& v, const Dual2& x) {
 }
 
 // v eta = h - v asinh(v / x), h = hypot(v, x). Near p = x / v = p0 the difference cancels: one
-// ulp of its parts is v * 1e-16 absolute (1e-12 at v = 1e4). There (p in [0.45, 0.95], v > 32)
-// it is v eta = (x - p0 v) * mean of eta'(s) = sqrt(1 + s^2) / s over s in [p0, p], by
-// 12-point Gauss-Legendre (eta' is analytic well beyond the interval: ~1e-17 relative), so
-// the result has the relative accuracy of its factors. The SIMD pack form carries the plain
-// expression in double-double instead.
+// ulp of its parts is v * 1e-16 absolute (1e-12 at v = 1e4). There (p in [0.45, 0.95], v > 32:
+// debye_eta_cancels) it is v eta = (x - p0 v) * eta(p) / (p - p0), a product of factors with
+// their own relative accuracy. Values take the ratio from eta_ratio's polynomial (no sqrt or
+// division: the SIMD packs run it on their cancelling lanes, where a double-double form of
+// the plain expression was still v * 2^-60 off, 2.5e-13 at v = 9e5). Derivatives take it as
+// the mean of eta'(s) = sqrt(1 + s^2) / s over s in [p0, p] by 12-point Gauss-Legendre (eta'
+// is analytic well beyond the interval: ~1e-17 relative), whose derivatives are as accurate:
+// the polynomial's second derivative is ~4e-13 off.
+FASTLOSS_HD bool debye_eta_cancels(double v, double x) { return v > 32.0 && x > 0.45 * v && x < 0.95 * v; }
+
+template <typename T>
+FASTLOSS_HD T v_eta_near_root(const T& v, const T& x) {
+  const T offset = x_minus_eta_root_v(v, x);  // v (p - p0)
+  if constexpr (DerivativeOrder<T>::value == 0) {
+    return offset * eta_ratio((x / v - 0.7) * 4.0);
+  } else {
+    // Nodes t and 1 - t on [0, 1] share a weight (the rule is symmetric).
+    constexpr double kNode[6] = {0.009219682876640378, 0.0479413718147626, 0.11504866290284765,
+                                 0.20634102285669126, 0.31608425050090994, 0.43738329574426554};
+    constexpr double kWeight[6] = {0.023587668193255706, 0.05346966299765953, 0.08003916427167321,
+                                   0.10158371336153287, 0.1167462682691773, 0.12457352290670134};
+    const T delta = offset / v;
+    T mean = 0.0;
+FASTLOSS_UNROLL
+    for (int i = 0; i < 6; ++i) {
+      const T s_low = kEtaRootHi + kNode[i] * delta, s_high = (kEtaRootHi + delta) - kNode[i] * delta;
+      mean = mean + kWeight[i] * (f_sqrt(1.0 + s_low * s_low) / s_low + f_sqrt(1.0 + s_high * s_high) / s_high);
+    }
+    return offset * mean;
+  }
+}
+
 template <typename T>
 FASTLOSS_HD T debye_v_eta(const T& v, const T& x, const T& h) {
-  const double vv = val(v), xv = val(x);
-  if (!(vv > 32.0 && xv > 0.45 * vv && xv < 0.95 * vv)) return h - v_asinh_v_over_x(v, x);
-  // Nodes t and 1 - t on [0, 1] share a weight (the rule is symmetric).
-  constexpr double kNode[6] = {0.009219682876640378, 0.0479413718147626, 0.11504866290284765,
-                               0.20634102285669126, 0.31608425050090994, 0.43738329574426554};
-  constexpr double kWeight[6] = {0.023587668193255706, 0.05346966299765953, 0.08003916427167321,
-                                 0.10158371336153287, 0.1167462682691773, 0.12457352290670134};
-  const T offset = x_minus_eta_root_v(v, x);  // v (p - p0)
-  const T delta = offset / v;
-  T mean = 0.0;
-FASTLOSS_UNROLL
-  for (int i = 0; i < 6; ++i) {
-    const T s_low = kEtaRootHi + kNode[i] * delta, s_high = (kEtaRootHi + delta) - kNode[i] * delta;
-    mean = mean + kWeight[i] * (f_sqrt(1.0 + s_low * s_low) / s_low + f_sqrt(1.0 + s_high * s_high) / s_high);
-  }
-  return offset * mean;
+  if (!debye_eta_cancels(val(v), val(x))) return h - v_asinh_v_over_x(v, x);
+  return v_eta_near_root(v, x);
 }
 
 // 1, or 2^-64 where hypot(v, x) could overflow (the CPU packs overload it lane by lane).

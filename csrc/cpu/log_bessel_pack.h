@@ -169,10 +169,6 @@ FASTLOSS_CPU_INLINE Pack f_asinh(const Pack& p) {
   return f_log1p(p + p2 / (1.0 + f_sqrt(1.0 + p2)));
 }
 
-// Error-free transformations need each product and sum rounded as written: the compiler
-// contracts a * b + c into an fma (GNU mode) unless it cannot see where a value came from.
-FASTLOSS_CPU_INLINE void rounded_as_written(Pack& p) { asm volatile("" : "+m"(p.a)); }
-
 FASTLOSS_CPU_INLINE Pack f_fma(const Pack& p, const Pack& q, const Pack& r) {
   PackVec out;
   for (int i = 0; i < kLanes; ++i) out[i] = __builtin_fma(p.a[i], q.a[i], r.a[i]);
@@ -183,57 +179,6 @@ FASTLOSS_CPU_INLINE Pack f_fma(const Pack& p, const Pack& q, const Pack& r) {
 template <>
 struct DerivativeOrder<Pack> { static constexpr int value = 0; };
 
-// hi + lo, a value carried to about twice double precision.
-struct PackPair {
-  Pack hi, lo;
-};
-FASTLOSS_CPU_INLINE PackPair two_sum(Pack a, Pack b) {
-  rounded_as_written(a);
-  rounded_as_written(b);
-  Pack sum = a + b;
-  rounded_as_written(sum);
-  const Pack b_part = sum - a;
-  return {sum, (a - (sum - b_part)) + (b - b_part)};
-}
-FASTLOSS_CPU_INLINE PackPair two_product(const Pack& a, const Pack& b) {
-  Pack product = a * b;
-  rounded_as_written(product);
-  return {product, f_fma(a, b, -product)};
-}
-
-// log(y) to ~2^-100 (normal positive lanes): f_log's reduction with s = f / (2 + f) and the
-// leading 2 s carried as pairs; the tail 2 atanh(s) - 2 s is < 1% of the result, so its own
-// rounding stays below 2^-60 of it.
-FASTLOSS_CPU_INLINE PackPair log_double_double(const Pack& y) {
-  const LogReduced r = log_reduce(y);
-  const Pack f = r.f, k = r.k;
-  const PackPair denominator = two_sum(Pack(2.0), f);
-  const Pack s = f / denominator.hi;
-  const Pack s_low = (f_fma(-s, denominator.hi, f) - s * denominator.lo) / denominator.hi;
-  const Pack tail = s * Pack(log_series_tail((s * s).a));
-  const PackPair leading = two_sum(k * kLn2Hi, 2.0 * s);  // k * kLn2Hi and 2 s are exact
-  return {leading.hi, leading.lo + (k * kLn2Lo + (2.0 * s_low + tail))};
-}
-
-// asinh(z + z_low) = log(z + sqrt(1 + z^2)) as a pair, for z of order 1.
-FASTLOSS_CPU_INLINE PackPair asinh_double_double(const Pack& z, const Pack& z_low) {
-  const PackPair z2 = two_product(z, z);
-  const PackPair q = two_sum(Pack(1.0), z2.hi);
-  const Pack q_low = q.lo + z2.lo + 2.0 * z * z_low;
-  const Pack root = f_sqrt(q.hi);
-  const Pack root_low = (f_fma(-root, root, q.hi) + q_low) / (2.0 * root);
-  const PackPair y = two_sum(z, root);
-  const Pack y_low = y.lo + z_low + root_low;
-  const PackPair log_y = log_double_double(y.hi);
-  return {log_y.hi, log_y.lo + y_low / y.hi};
-}
-
-// Debye's v eta = h - v asinh(v / x). Near x / v = 0.66, where eta = 0, the difference
-// cancels, and its absolute error is v times the relative errors of its parts (1e-12 at
-// v = 1e4 for one ulp, which libm's asinh or the rounding of v / x or of h reach). There it
-// is carried in double-double (v / x, asinh, the product, and h from h^2 = v^2 + x^2), to
-// ~1e-16 absolute; these lanes are a few percent of Debye's elements. Elsewhere, and where
-// v > 1e8 x, the plain form.
 // asinh(v / x), and log(2 v / x) where v > 1e8 x (v / x may overflow there; the pack
 // asinh's v^2 / x^2 does beyond 1e154).
 FASTLOSS_CPU_INLINE Pack asinh_v_over_x(const Pack& v, const Pack& x) {
@@ -242,29 +187,22 @@ FASTLOSS_CPU_INLINE Pack asinh_v_over_x(const Pack& v, const Pack& x) {
   if (all_lanes(large == 0)) return plain;
   return select(large, kLn2 + f_log(v) - f_log(x), plain);
 }
+
+// x - p0 v for common/log_bessel.h's v_eta_near_root, lane by lane as the scalar form.
+FASTLOSS_CPU_INLINE Pack x_minus_eta_root_v(const Pack& v, const Pack& x) {
+  PackVec out;
+  for (int i = 0; i < kLanes; ++i) out[i] = x_minus_eta_root_v(v.a[i], x.a[i]);
+  return out;
+}
+
+// Debye's v eta = h - v asinh(v / x), and near x / v = 0.66, where eta = 0 and that difference
+// cancels (debye_eta_cancels' band), v_eta_near_root (common/log_bessel.h) on the lanes that
+// need it. Lanes outside run it on values it does not use (inf or NaN at worst).
 FASTLOSS_CPU_INLINE Pack debye_v_eta(const Pack& v, const Pack& x, const Pack& h, const Pack& asinh_z) {
-  const Pack z = v / x;
   const Pack plain = h - v * asinh_z;
-  // |eta| > 0.44 outside x / v in [0.45, 0.95]: there the plain form is within a few ulp.
   const PackMask cancelling = (v > 32.0) & (x > 0.45 * v) & (x < 0.95 * v);
-  Pack moderate = plain;
-  if (!all_lanes(cancelling == 0)) {
-    const Pack z_low = f_fma(-z, x, v) / x;
-    const PackPair asinh_z = asinh_double_double(z, z_low);
-    // The squares below overflow beyond v ~ 1e154: such lanes work on (v, x, h) 2^-600
-    // (exact; v eta is homogeneous of degree 1 in them).
-    const Pack scale = select(v > 1e150, Pack(0x1p-600), Pack(1.0));
-    const Pack v_s = v * scale, x_s = x * scale, h_s = h * scale;
-    const PackPair product = two_product(v_s, asinh_z.hi);
-    const Pack product_low = product.lo + v_s * asinh_z.lo;
-    const PackPair v2 = two_product(v_s, v_s), x2 = two_product(x_s, x_s);
-    const PackPair h2 = two_sum(v2.hi, x2.hi);
-    const Pack h2_low = h2.lo + v2.lo + x2.lo;
-    const Pack h_low = (f_fma(-h_s, h_s, h2.hi) + h2_low) / (2.0 * h_s);  // true h - h
-    // h - product.hi is exact (the two are within a factor of 2 here).
-    moderate = select(cancelling, ((h_s - product.hi) + (h_low - product_low)) / scale, plain);
-  }
-  return moderate;
+  if (all_lanes(cancelling == 0)) return plain;
+  return select(cancelling, v_eta_near_root(v, x), plain);
 }
 FASTLOSS_CPU_INLINE Pack debye_v_eta(const Pack& v, const Pack& x, const Pack& h) {
   return debye_v_eta(v, x, h, asinh_v_over_x(v, x));
