@@ -121,3 +121,19 @@ def test_unpatch_restores_the_models(monkeypatch):
         assert calls
     with pytest.raises(TypeError, match="expected a torch.nn.Module"):
         fl_transformers.unpatch(None)
+
+
+def test_patch_reaches_models_inside_wrappers():
+    # A container (as DistributedDataParallel or torch.compile's wrapper) holding a causal LM.
+    llama = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+        num_key_value_heads=1)).float()
+    ids = torch.randint(0, 128, (2, 10), generator=torch.Generator().manual_seed(5))
+    expected = llama(input_ids=ids, labels=ids).loss
+    wrapper = torch.nn.ModuleDict({"student": llama})
+    assert fl_transformers.patch(wrapper) is wrapper
+    out = wrapper["student"](input_ids=ids, labels=ids)
+    assert out.logits is None
+    torch.testing.assert_close(out.loss, expected, rtol=1e-5, atol=1e-6)
+    fl_transformers.unpatch(wrapper)
+    assert wrapper["student"](input_ids=ids, labels=ids).logits is not None

@@ -201,6 +201,12 @@ def _causal_lm_forward(self, *args, **kwargs):
 
 
 def _patch_causal_lm(model: torch.nn.Module) -> int:
+    # Every causal LM inside the module: one wrapped by DistributedDataParallel or
+    # torch.compile, or several held together (a distillation teacher and student).
+    return sum(_patch_one_causal_lm(module) for module in model.modules())
+
+
+def _patch_one_causal_lm(model: torch.nn.Module) -> int:
     if type(model).__name__ not in _CAUSAL_LM_CLASSES or getattr(model, "_fastloss_loss_patched", False):
         return 0
     if not isinstance(getattr(model, "lm_head", None), torch.nn.Linear):
@@ -219,7 +225,9 @@ def patch(model: torch.nn.Module) -> torch.nn.Module:
     """Route the parts of ``model`` that fastloss implements through its kernels, in place.
 
     Returns the model. Patching twice is harmless; models with nothing to patch are returned
-    unchanged. Supported: Gemma 3n sparse MLP layers (statistical top-k + gelu-tanh + multiply);
+    unchanged. The patched parts may sit anywhere inside ``model`` (a DistributedDataParallel
+    or torch.compile wrapper, a container of several models; patch before the first compiled
+    call). Supported: Gemma 3n sparse MLP layers (statistical top-k + gelu-tanh + multiply);
     the training loss of the causal LMs listed in the module docstring (cut
     cross-entropy: no logits when ``labels`` are given with autograd on; a batch whose labels
     are all ignored gets loss 0 and zero gradients where transformers gives NaN). Under
