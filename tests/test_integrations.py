@@ -121,6 +121,16 @@ def test_unpatch_restores_the_models(monkeypatch):
         assert calls
     with pytest.raises(TypeError, match="expected a torch.nn.Module"):
         fl_transformers.unpatch(None)
+    # A forward already on the instance (accelerate's dispatch hooks put one there) comes back.
+    hooked = []
+    fl_transformers.unpatch(llama)
+    plain = llama.forward
+    llama.forward = lambda *a, **k: hooked.append(1) or plain(*a, **k)
+    own = llama.forward
+    fl_transformers.unpatch(fl_transformers.patch(llama))
+    assert llama.forward is own
+    llama(input_ids=ids, labels=ids)
+    assert hooked
 
 
 def test_patch_reaches_models_inside_wrappers():

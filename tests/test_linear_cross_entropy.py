@@ -1440,7 +1440,8 @@ def _vocab_parallel_checks(rank):
     # A rank whose arguments its own checks refuse raises that error, and the others raise too
     # rather than wait for it in the next all-reduce.
     bad = [((c[:20, :5], b[:20]), "'classifier'"), ((c[:20], b[:19]), "'bias' must have shape"),
-           ((c[:20].float(), None), "'classifier' must have the dtype of 'hidden'")]
+           ((c[:20].float(), None), "'classifier' must have the dtype of 'hidden'"),
+           ((c[0, 0], None), r"'classifier' must be \(V, D\)")]
     for (c_, b_), message in bad:
         if rank == 0:
             with pytest.raises(RuntimeError, match=r"1 other rank\(s\) of the process group refused"):

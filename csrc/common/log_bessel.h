@@ -373,7 +373,7 @@ FASTLOSS_HD Dual2 x_minus_eta_root_v(const Dual2& v, const Dual2& x) {
 // debye_eta_cancels) it is v eta = (x - p0 v) * eta(p) / (p - p0), a product of factors with
 // their own relative accuracy. Values take the ratio from eta_ratio's polynomial (no sqrt or
 // division: the SIMD packs run it on their cancelling lanes, where a double-double form of
-// the plain expression was still v * 2^-60 off, 2.5e-13 at v = 9e5). Derivatives take it as
+// the plain expression was still v * 2^-60 off, 1.6e-13 at v = 9e5). Derivatives take it as
 // the mean of eta'(s) = sqrt(1 + s^2) / s over s in [p0, p] by 12-point Gauss-Legendre (eta'
 // is analytic well beyond the interval: ~1e-17 relative), whose derivatives are as accurate:
 // the polynomial's second derivative is ~4e-13 off.

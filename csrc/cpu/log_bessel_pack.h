@@ -13,8 +13,8 @@
 // x = 2^k m, m in [sqrt(1/2), sqrt(2)), and log m = 2 atanh(s), s = (m - 1) / (m + 1), whose
 // Taylor series in s^2 <= 0.0295 reaches 2^-60 in ten terms; about 1 ulp, like libm's.
 // Also here, the CPU's own pieces of method: K_u at 2 < x <= kTrapezoidMaxX by the
-// trapezoidal rule (in place of CF2's division-bound iterations) and Debye's v eta in
-// double-double where it cancels.
+// trapezoidal rule (in place of CF2's division-bound iterations), and Debye's v eta with the
+// near-root form only on the lanes that need it.
 #pragma once
 
 #include <stdint.h>
@@ -263,7 +263,7 @@ FASTLOSS_CPU_INLINE Pack f_cosh(const Pack& p) {
 // The pack form of common/log_bessel.h's Dual (value and tangents in v and in x), so that the
 // gradients run the methods in SIMD packs as the values do. The arithmetic and the elementary
 // functions follow Dual's rules; where a Pack overload below computes its value by a pack-only
-// route (Debye's v eta in double-double, log Gamma in product form), the DualPack overload
+// route (Debye's v eta by lanes, log Gamma in product form), the DualPack overload
 // takes that value and adds the tangents from the closed-form partial derivatives.
 struct DualPack {
   Pack a, dv, dx;

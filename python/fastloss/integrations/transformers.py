@@ -61,6 +61,14 @@ def _bound(function, module: torch.nn.Module) -> functools.partial:
     return bound
 
 
+def _replace_forward(module: torch.nn.Module, function) -> None:
+    """Make ``function`` the module's forward, keeping a forward the instance already had
+    (accelerate's dispatch hooks put one there) for :func:`unpatch` to restore."""
+    if "forward" in vars(module):
+        module.__dict__["_fastloss_instance_forward"] = vars(module)["forward"]
+    setattr(module, "forward", _bound(function, module))
+
+
 def _patch_gemma3n(model: torch.nn.Module) -> int:
     try:
         from transformers.models.gemma3n.modeling_gemma3n import Gemma3nTextMLP
@@ -74,7 +82,7 @@ def _patch_gemma3n(model: torch.nn.Module) -> int:
             continue
         activation = getattr(module.config, "hidden_activation", None)
         forward = _gemma3n_sparse_mlp_forward if activation in _GELU_TANH else _gemma3n_sparse_mlp_forward_unfused
-        setattr(module, "forward", _bound(forward, module))
+        _replace_forward(module, forward)
         setattr(module, "_fastloss_patched", True)
         patched += 1
     return patched
@@ -191,7 +199,8 @@ def _causal_lm_forward(self, *args, **kwargs):
         if torch.is_tensor(num_items_in_batch):
             num_items_in_batch = num_items_in_batch.to(loss.device)
         loss = loss / num_items_in_batch
-    cache_field = self._fastloss_cache_field
+    # (getattr: a model patched and saved by an earlier version has no such attribute.)
+    cache_field = getattr(self, "_fastloss_cache_field", None) or _cache_field()
     out = CausalLMOutputWithPast(loss=loss, logits=None, hidden_states=outputs.hidden_states,
                                  attentions=outputs.attentions, **{cache_field: getattr(outputs, cache_field)})
     if return_dict:
@@ -216,7 +225,7 @@ def _patch_one_causal_lm(model: torch.nn.Module) -> int:
     setattr(model, "_fastloss_forward_signature", inspect.signature(model.forward))
     # Read at patch time: torch.compile cannot trace dataclasses.fields inside the forward.
     setattr(model, "_fastloss_cache_field", _cache_field())
-    setattr(model, "forward", _bound(_causal_lm_forward, model))
+    _replace_forward(model, _causal_lm_forward)
     setattr(model, "_fastloss_loss_patched", True)
     return 1
 
@@ -227,7 +236,9 @@ def patch(model: torch.nn.Module) -> torch.nn.Module:
     Returns the model. Patching twice is harmless; models with nothing to patch are returned
     unchanged. The patched parts may sit anywhere inside ``model`` (a DistributedDataParallel
     or torch.compile wrapper, a container of several models; patch before the first compiled
-    call). Supported: Gemma 3n sparse MLP layers (statistical top-k + gelu-tanh + multiply);
+    call; a container that reads an inner model's ``logits`` from a call with ``labels``, as a
+    distillation loss might, gets None: patch the models that only need the loss). Supported:
+    Gemma 3n sparse MLP layers (statistical top-k + gelu-tanh + multiply);
     the training loss of the causal LMs listed in the module docstring (cut
     cross-entropy: no logits when ``labels`` are given with autograd on; a batch whose labels
     are all ignored gets loss 0 and zero gradients where transformers gives NaN). Under
@@ -244,8 +255,10 @@ def patch(model: torch.nn.Module) -> torch.nn.Module:
 
 
 def unpatch(model: torch.nn.Module) -> torch.nn.Module:
-    """Undo :func:`patch` in place: the patched modules get their class's forward back. Returns
-    the model; a model that was never patched is returned unchanged."""
+    """Undo :func:`patch` in place: the patched modules get back the forward they had (their
+    class's, or one that was on the instance, such as accelerate's hooks). Hooks added after
+    patching wrap fastloss's forward: remove them first. Returns the model; a model that was
+    never patched is returned unchanged."""
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"fastloss.integrations.transformers.unpatch: expected a torch.nn.Module, got "
                         f"{type(model).__name__}")
@@ -255,4 +268,6 @@ def unpatch(model: torch.nn.Module) -> torch.nn.Module:
             if getattr(module, flag, False):
                 for name in ("forward", flag) + saved:
                     module.__dict__.pop(name, None)
+                if "_fastloss_instance_forward" in vars(module):
+                    module.__dict__["forward"] = module.__dict__.pop("_fastloss_instance_forward")
     return model

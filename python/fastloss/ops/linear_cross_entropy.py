@@ -516,7 +516,8 @@ def _local_error(hidden, classifier, targets, bias, softcap, label_smoothing) ->
     return None
 
 
-def _vocab_range(classifier: torch.Tensor, group, local_error: Optional[Exception] = None) -> Tuple[int, int]:
+def _vocab_range(classifier: torch.Tensor, group, hidden_device: torch.device,
+                 local_error: Optional[Exception] = None) -> Tuple[int, int]:
     """(first vocabulary row of this rank, vocabulary size), from every rank's slice size.
 
     One all-reduce of world_size + 1 int64s per call (and a host synchronization to read it).
@@ -528,8 +529,8 @@ def _vocab_range(classifier: torch.Tensor, group, local_error: Optional[Exceptio
 
     world, rank = dist.get_world_size(group), dist.get_rank(group)
     # Each rank's size in its own entry, summed over the ranks.
-    sizes_t = torch.zeros(world + 1, dtype=torch.int64, device=classifier.device)
-    sizes_t[rank] = classifier.shape[0]
+    sizes_t = torch.zeros(world + 1, dtype=torch.int64, device=hidden_device)
+    sizes_t[rank] = 0 if local_error is not None else classifier.shape[0]
     sizes_t[world] = local_error is not None
     dist.all_reduce(sizes_t, group=group)
     sizes: List[int] = sizes_t.tolist()
@@ -568,7 +569,7 @@ class _VocabParallel(torch.autograd.Function):
         import torch.distributed as dist
 
         vocab_start, vocab_total = _vocab_range(
-            classifier, group, _local_error(hidden, classifier, targets, bias, softcap, label_smoothing))
+            classifier, group, hidden.device, _local_error(hidden, classifier, targets, bias, softcap, label_smoothing))
         if classifier.shape[0] > 0:
             lse_local, linear = torch.ops.fastloss.linear_cross_entropy_shard.default(
                 hidden, classifier, targets, bias, ignore_index, softcap, label_smoothing, vocab_start, vocab_total)
