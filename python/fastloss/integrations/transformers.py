@@ -254,6 +254,11 @@ def patch(model: torch.nn.Module) -> torch.nn.Module:
     return model
 
 
+# What patch sets on a module's instance (the MLPs' flag, the causal LMs' flag and state).
+_PATCH_STATE = ("forward", "_fastloss_patched", "_fastloss_loss_patched", "_fastloss_original_forward",
+                "_fastloss_forward_signature", "_fastloss_cache_field")
+
+
 def unpatch(model: torch.nn.Module) -> torch.nn.Module:
     """Undo :func:`patch` in place: the patched modules get back the forward they had (their
     class's, or one that was on the instance, such as accelerate's hooks). Hooks added after
@@ -263,11 +268,10 @@ def unpatch(model: torch.nn.Module) -> torch.nn.Module:
         raise TypeError(f"fastloss.integrations.transformers.unpatch: expected a torch.nn.Module, got "
                         f"{type(model).__name__}")
     for module in model.modules():
-        for flag, saved in (("_fastloss_patched", ()), ("_fastloss_loss_patched", (
-                "_fastloss_original_forward", "_fastloss_forward_signature", "_fastloss_cache_field"))):
-            if getattr(module, flag, False):
-                for name in ("forward", flag) + saved:
-                    module.__dict__.pop(name, None)
-                if "_fastloss_instance_forward" in vars(module):
-                    module.__dict__["forward"] = module.__dict__.pop("_fastloss_instance_forward")
+        if not (getattr(module, "_fastloss_patched", False) or getattr(module, "_fastloss_loss_patched", False)):
+            continue
+        for name in _PATCH_STATE:
+            module.__dict__.pop(name, None)
+        if "_fastloss_instance_forward" in vars(module):
+            module.__dict__["forward"] = module.__dict__.pop("_fastloss_instance_forward")
     return model
