@@ -11,6 +11,14 @@
 #include <cstdint>
 #include <type_traits>
 
+// A kernel's register cap. __maxnreg__ arrived in CUDA 12.4; older toolkits get the block-size
+// bound alone, which lets ptxas use up to 65536 / threads registers: no spills, lower occupancy.
+#if !defined(__CUDACC_VER_MAJOR__) || __CUDACC_VER_MAJOR__ > 12 || (__CUDACC_VER_MAJOR__ == 12 && __CUDACC_VER_MINOR__ >= 4)
+#define FASTLOSS_MAX_REGS(regs, threads) __maxnreg__(regs)
+#else
+#define FASTLOSS_MAX_REGS(regs, threads) __launch_bounds__(threads)
+#endif
+
 namespace fastloss::kernels {
 
 constexpr unsigned kFullMask = 0xffffffffu;

@@ -458,7 +458,7 @@ __global__ void __launch_bounds__(kWarpBlockThreads, kWarpMinBlocks<in_t>)
 
 // One block per row; with kCache the row is kept in dynamic shared memory between passes.
 template <bool kLog, bool kCache, int kThreads, typename in_t, typename out_t>
-__global__ void __maxnreg__(kBlockMaxRegs<in_t>)
+__global__ void FASTLOSS_MAX_REGS(kBlockMaxRegs<in_t>, kThreads)
     softmax_block_kernel(const in_t* __restrict__ x, out_t* __restrict__ y, int64_t rows, int64_t size) {
   using acc_t = typename AccOf<in_t>::type;
   constexpr int kVec = 16 / sizeof(in_t);
@@ -487,7 +487,7 @@ __global__ void __maxnreg__(kBlockMaxRegs<in_t>)
 // Split rows, kernel 1: one block per (chunk, row) writes the chunk's pair sum, NaN flag and
 // max (the max is only used by the exact path) as 4 values to the workspace.
 template <int kThreads, typename in_t>
-__global__ void __maxnreg__(kBlockMaxRegs<in_t>)
+__global__ void FASTLOSS_MAX_REGS(kBlockMaxRegs<in_t>, kThreads)
     softmax_split_partial_kernel(const in_t* __restrict__ x, typename AccOf<in_t>::type* __restrict__ ws,
                                  int64_t size, int64_t chunk_len) {
   using acc_t = typename AccOf<in_t>::type;
@@ -514,7 +514,7 @@ __global__ void __maxnreg__(kBlockMaxRegs<in_t>)
 // Split rows, kernel 2: every block merges its row's chunk partials (in the same order, so all
 // chunks of a row see identical statistics) and writes its chunk.
 template <bool kLog, int kThreads, typename in_t, typename out_t>
-__global__ void __maxnreg__(kBlockMaxRegs<in_t>)
+__global__ void FASTLOSS_MAX_REGS(kBlockMaxRegs<in_t>, kThreads)
     softmax_split_write_kernel(const in_t* __restrict__ x, out_t* __restrict__ y,
                                const typename AccOf<in_t>::type* __restrict__ ws, int64_t size,
                                int64_t chunk_len) {
@@ -747,7 +747,7 @@ __device__ __forceinline__ RowSplit split_rows2(const T* a, const T* b, int64_t 
 }
 
 template <bool kLog, int kThreads, typename out_t, typename grad_t>
-__global__ void __maxnreg__(kBlockMaxRegs<out_t>)
+__global__ void FASTLOSS_MAX_REGS(kBlockMaxRegs<out_t>, kThreads)
     softmax_backward_block_kernel(const out_t* __restrict__ g, const out_t* __restrict__ y,
                                   grad_t* __restrict__ dx, int64_t rows, int64_t size) {
   using acc_t = typename AccOf<out_t>::type;
@@ -764,7 +764,7 @@ __global__ void __maxnreg__(kBlockMaxRegs<out_t>)
 }
 
 template <bool kLog, int kThreads, typename out_t>
-__global__ void __maxnreg__(kBlockMaxRegs<out_t>)
+__global__ void FASTLOSS_MAX_REGS(kBlockMaxRegs<out_t>, kThreads)
     softmax_backward_split_partial_kernel(const out_t* __restrict__ g, const out_t* __restrict__ y,
                                           typename AccOf<out_t>::type* __restrict__ ws, int64_t size,
                                           int64_t chunk_len) {
@@ -783,7 +783,7 @@ __global__ void __maxnreg__(kBlockMaxRegs<out_t>)
 }
 
 template <bool kLog, int kThreads, typename out_t, typename grad_t>
-__global__ void __maxnreg__(kBlockMaxRegs<out_t>)
+__global__ void FASTLOSS_MAX_REGS(kBlockMaxRegs<out_t>, kThreads)
     softmax_backward_split_write_kernel(const out_t* __restrict__ g, const out_t* __restrict__ y,
                                         grad_t* __restrict__ dx,
                                         const typename AccOf<out_t>::type* __restrict__ ws,

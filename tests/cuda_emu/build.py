@@ -123,17 +123,24 @@ def rewrite_launches(text: str) -> str:
     )
 
 
+# A kernel's block-size bound: __launch_bounds__(threads, ...) or FASTLOSS_MAX_REGS(regs, threads)
+# (device_utils.cuh), each except in a macro's definition.
+_LAUNCH_BOUNDS = re.compile(r"^(?!\s*#\s*define)(.*?)\b(__launch_bounds__|FASTLOSS_MAX_REGS)\(", re.M)
+
+
 def rewrite_launch_bounds(text: str) -> str:
-    """Each kernel's __launch_bounds__ becomes a check, on entry, that the block is no larger:
-    a GPU refuses such a launch."""
+    """Each kernel's __launch_bounds__ (or FASTLOSS_MAX_REGS) becomes a check, on entry, that the
+    block is no larger: a GPU refuses such a launch."""
     out, pos = [], 0
     code = _without_comments(text)
-    for m in re.finditer(r"__launch_bounds__\(", code):
+    for m in _LAUNCH_BOUNDS.finditer(code):
         open_paren = m.end() - 1
         close = _matching(code, open_paren, "(", ")")
-        max_threads = _split_top(code[open_paren + 1 : close - 1])[0]
+        args = _split_top(code[open_paren + 1 : close - 1])
+        max_threads = args[1] if m.group(2) == "FASTLOSS_MAX_REGS" else args[0]
+        start = m.start(2)
         body = code.index("{", close)  # the kernel's parameters hold no brace
-        out.append(text[pos : m.start()] + text[close : body + 1])
+        out.append(text[pos:start] + text[close : body + 1])
         out.append(f" ::emu::check_max_threads({max_threads});")
         pos = body + 1
     out.append(text[pos:])
@@ -150,7 +157,7 @@ def rewrite(name: str, text: str) -> str:
     """A kernel source as the emulator compiles it; fails on CUDA syntax a rewrite left behind
     (a form it does not know)."""
     text = rewrite_shared(rewrite_launches(rewrite_launch_bounds(text)))
-    code = _without_comments(text)
+    code = re.sub(r"^\s*#\s*define[^\n]*", "", _without_comments(text), flags=re.M)
     for token in ("<<<", "__shared__", "__launch_bounds__", "cudaLaunchCooperativeKernel"):
         if token in code:
             line = code[: code.index(token)].count("\n") + 1
