@@ -337,7 +337,8 @@ def test_vmf(emu, p, dtype, tol):
 
 
 def mass_tolerance(dtype):
-    """The glue's tolerance on |sum a - sum b| (sinkhorn_mass_tolerance): sqrt(eps) of the dtype, >= 1e-6."""
+    """The glue's tolerance on |sum a - sum b| for marginals of this dtype as given (before their
+    conversion to the cost's accumulation dtype; sinkhorn_mass_tolerance): sqrt(eps), >= 1e-6."""
     return max(torch.finfo(dtype).eps ** 0.5, 1e-6)
 
 
@@ -357,6 +358,28 @@ def test_sinkhorn(emu, batch, n, m, dtype):
     got = both_orders(lambda: emu.sinkhorn(cost, a, b, eps, 2000, tol, mass_tol))
     ref = OPS.sinkhorn(cost, a, b, eps, 2000, tol, 1.0)
     check_sinkhorn(got, ref, tol, 1e-4 if dtype == torch.float32 else 1e-8)
+
+
+@pytest.mark.parametrize("n,m", [(30000, 7), (7, 30000), (1000, 60)], ids=lambda v: str(v))
+def test_sinkhorn_float64_marginals_of_a_float32_cost(emu, n, m):
+    """float64 marginals reach a float32 kernel rounded to float32 and keep their 1e-6 mass
+    tolerance: the kernel sums them in double (in float32, 30000 entries of 1/30000 add up
+    1.2e-6 off), so valid problems are solved, as on the CPU, and a gap of 3e-6 is refused."""
+    g = torch.Generator().manual_seed(n + m)
+    cost = torch.rand(2, n, m, generator=g).to(torch.float32)
+    a = torch.full((2, n), 1.0 / n, dtype=torch.float64)
+    b = torch.rand(2, m, generator=g, dtype=torch.float64) + 0.5
+    b /= b.sum(-1, keepdim=True)
+    b[1] *= 1 + 3e-6
+    eps, max_iter = 0.1, 3
+    got = both_orders(lambda: emu.sinkhorn(cost, a.float(), b.float(), eps, max_iter, 0.0,
+                                           mass_tolerance(torch.float64)))
+    ref = OPS.sinkhorn(cost[:1], a[:1], b[:1], eps, max_iter, 0.0, 1.0)
+    for name, x, y in zip(("plan", "alpha", "beta", "value", "n_iter", "error"), got, ref):
+        near(x[:1], y, 1e-5, name)
+    assert all(x[1].isnan().all() for x in (got[0], got[1], got[2], got[3], got[5])), "unequal mass not refused"
+    with pytest.raises(RuntimeError, match="same total mass"):
+        OPS.sinkhorn(cost[1:], a[1:], b[1:], eps, max_iter, 0.0, 1.0)
 
 
 def check_sinkhorn(got, ref, tol, ftol):

@@ -148,25 +148,27 @@ __device__ T write_potentials(const SinkhornArgs<T>& p, int64_t k, const T* C, c
   return val;
 }
 
-// Marginal validity of problem k, computed by the whole block.
+// Marginal validity of problem k, computed by the whole block. The masses are summed in double,
+// as the CPU does: float32 sums of float64 marginals are off by more than their tolerance (1e-6).
+// `scratch` is 8-byte aligned and holds >= kWarps doubles.
 template <typename T>
-__device__ bool block_marginals_valid(const SinkhornArgs<T>& p, int64_t k, T* scratch) {
-  T sa = 0, sb = 0, bad = 0;
+__device__ bool block_marginals_valid(const SinkhornArgs<T>& p, int64_t k, void* scratch) {
+  double sa = 0, sb = 0, bad = 0;
   for (int64_t i = threadIdx.x; i < p.n; i += kThreads) {
     const T x = p.a[k * p.n + i];
-    bad += (x >= 0 && x - x == T(0)) ? T(0) : T(1);  // nonnegative and finite, like the CPU
-    sa += x;
+    bad += (x >= 0 && x - x == T(0)) ? 0.0 : 1.0;  // nonnegative and finite, like the CPU
+    sa += static_cast<double>(x);
   }
   for (int64_t j = threadIdx.x; j < p.m; j += kThreads) {
     const T x = p.b[k * p.m + j];
-    bad += (x >= 0 && x - x == T(0)) ? T(0) : T(1);  // nonnegative and finite, like the CPU
-    sb += x;
+    bad += (x >= 0 && x - x == T(0)) ? 0.0 : 1.0;  // nonnegative and finite, like the CPU
+    sb += static_cast<double>(x);
   }
-  sa = block_sum(sa, scratch);
-  sb = block_sum(sb, scratch);
-  bad = block_sum(bad, scratch);
-  const T diff = sa > sb ? sa - sb : sb - sa;
-  return bad == 0 && sa > 0 && sb > 0 && diff <= p.mass_tol * fl_max(sa, sb);
+  sa = block_allreduce<kThreads>(sa, SumOp{}, scratch);
+  sb = block_allreduce<kThreads>(sb, SumOp{}, scratch);
+  bad = block_allreduce<kThreads>(bad, SumOp{}, scratch);
+  const double diff = sa > sb ? sa - sb : sb - sa;
+  return bad == 0 && sa > 0 && sb > 0 && diff <= p.mass_tol * (sa > sb ? sa : sb);
 }
 
 template <typename T>
@@ -187,7 +189,8 @@ __device__ void write_invalid(const SinkhornArgs<T>& p, int64_t k, int64_t first
 
 template <typename T>
 size_t block_smem_bytes(int64_t n, int64_t m, bool cost_in_smem) {
-  // u, u_new, log a (n each); v, log b (m each); reduction scratch; the cost.
+  // Reduction scratch (first: 8-byte aligned for block_marginals_valid's doubles); u, u_new,
+  // log a (n each); v, log b (m each); the cost.
   const size_t vectors = static_cast<size_t>(3 * n + 2 * m + 2 * (kWarps + 1)) * sizeof(T);
   return vectors + (cost_in_smem ? static_cast<size_t>(n * m) * sizeof(T) : 0);
 }
@@ -197,14 +200,13 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm) sinkhorn_block_kern
   extern __shared__ __align__(16) unsigned char smem_raw[];
   const int64_t n = p.n, m = p.m, k = blockIdx.x;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  T* sm = reinterpret_cast<T*>(smem_raw);
-  T* u = sm;
+  T* red = reinterpret_cast<T*>(smem_raw);
+  T* u = red + 2 * (kWarps + 1);
   T* u_new = u + n;
   T* la = u_new + n;
   T* v = la + n;
   T* lb = v + m;
-  T* red = lb + m;
-  T* cost_sm = red + 2 * (kWarps + 1);
+  T* cost_sm = lb + m;
   const T* gcost = p.cost + k * n * m;
   const T* C = kCostInSmem ? cost_sm : gcost;
 
@@ -372,7 +374,7 @@ __device__ T grid_total(const T* block_part, int blocks, Op op, T* scratch) {
 template <typename T>
 __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm) sinkhorn_grid_kernel(SinkhornArgs<T> p, GridWorkspace<T> w, int64_t k) {
   cg::grid_group grid = cg::this_grid();
-  __shared__ T red[2 * (kWarps + 1)];
+  __shared__ __align__(8) T red[2 * (kWarps + 1)];  // 8-byte aligned: see block_marginals_valid
   const int64_t n = p.n, m = p.m;
   const int lane = threadIdx.x & 31;
   const int64_t tid = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x;

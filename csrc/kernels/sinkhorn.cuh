@@ -25,7 +25,7 @@ struct SinkhornArgs {
   T inv_eps;
   int64_t max_iter;
   T tol;
-  T mass_tol;  // relative tolerance on |sum a - sum b|; an invalid problem gives NaN results
+  double mass_tol;  // relative tolerance on |sum a - sum b|; an invalid problem gives NaN results
   int error_norm;  // of the row-marginal error that tol bounds (MarginalErrorNorm::p: 1, 2, 0 = inf)
   T* plan;
   T* alpha;

@@ -86,7 +86,7 @@ int emu_sinkhorn(int is_double, void** ptrs, int64_t batch, int64_t n, int64_t m
     p.inv_eps = static_cast<T>(inv_eps);
     p.max_iter = max_iter;
     p.tol = static_cast<T>(tol);
-    p.mass_tol = static_cast<T>(mass_tol);
+    p.mass_tol = mass_tol;
     p.error_norm = error_norm;
     p.plan = static_cast<T*>(ptrs[5]);
     p.alpha = static_cast<T*>(ptrs[6]);
