@@ -590,6 +590,29 @@ def test_linear_cross_entropy_gradient_filtering(emu):
     assert exact[1][512:].abs().max() > 0 and (filtered[1][512:] == 0).all(), "the tiles past 512 were not skipped"
 
 
+def test_linear_cross_entropy_gradient_filtering_interleaved(emu):
+    # D = 256: 8 k-steps per tile, so a filtered tile's loads past the pipeline's prologue are
+    # skipped too; filtered and kept vocabulary tiles alternate.
+    tokens, vocab, dim, tile = 200, 1024, 256, 128
+    hidden, classifier, targets, _ = lce_inputs(5, tokens, vocab, dim, scale=0.6)
+    skipped, kept = [1, 3, 4, 6], [0, 2, 5, 7]
+    rows = lambda tiles: torch.cat([torch.arange(t * tile, (t + 1) * tile) for t in tiles])  # noqa: E731
+    classifier[rows(skipped)] *= 0.001
+    targets = torch.tensor(kept)[targets % len(kept)] * tile + targets % tile
+    _, lse = emu.lce_forward(hidden, classifier, targets)
+    grad = torch.ones(tokens)
+    exact = emu.lce_backward(grad, None, lse, hidden, classifier, targets)
+    filtered = both_orders(lambda: emu.lce_backward(grad, None, lse, hidden, classifier, targets, filter_eps=2.0**-8),
+                           rtol=1e-6)
+    assert exact[1][rows(skipped)].abs().max() > 0 and (filtered[1][rows(skipped)] == 0).all(), "not skipped"
+    kept_dc, exact_dc = filtered[1][rows(kept)], exact[1][rows(kept)]
+    assert (kept_dc - exact_dc).abs().max().item() <= 1e-6 * exact_dc.abs().max().item(), "kept tiles changed"
+    assert (filtered[0] - exact[0]).abs().max().item() <= 2e-3 * exact[0].abs().max().item()
+    # The op accepts filter_eps < 1; in float, values above 1 - 2^-25 are 1: still accepted.
+    nearly_one = emu.lce_backward(grad, None, lse, hidden, classifier, targets, filter_eps=1 - 1e-8)
+    assert all(x.isfinite().all() for x in nearly_one[:2])
+
+
 def test_linear_cross_entropy_backward_by_vocabulary_chunks(emu):
     # What the CUDA glue does for d classifier: the vocabulary in chunks (each a shard with its
     # vocab_start, the whole vocabulary's lse), d hidden summed over them.

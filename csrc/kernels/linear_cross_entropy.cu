@@ -33,8 +33,8 @@
 // forward, 6 N V D backward (2 N V D for a filtered-out tile).
 // Shared memory: 3 x (128 + 128) x 40 halves = 60 KB (rows padded to 80 bytes so that the 8 row
 // addresses of an ldmatrix hit distinct banks), + the 128 x 136 dZ tile in the backward (97 KB):
-// forward 2 blocks per SM, backward 2 on sm_90 and 1 on sm_80. 128 registers (sm_80 backward:
-// 168), no spills.
+// forward 2 blocks per SM, backward 2 on sm_90/sm_100 and 1 on sm_80/86/89/120. 128 registers
+// (backward with one block per SM: 168), no spills but on sm_100's backward.
 #include "kernels/linear_cross_entropy.cuh"
 
 #include <cuda_bf16.h>
@@ -388,9 +388,10 @@ __global__ void __launch_bounds__(kFinalizeThreads) lce_finalize_kernel(const Fi
 constexpr int kDzPitch = kBN + 8;  // 272-byte rows of the logit-gradient tile: ldmatrix conflict-free
 constexpr size_t kGradSmemBytes = kSmemBytes + size_t(kBM) * kDzPitch * 2;
 constexpr int kInactive = -2;  // row_target of ignored rows and rows past the tokens
-// ~97 KB of shared memory per block: two blocks fit an SM from sm_90 on (228 KB), one on
-// sm_80 (164 KB), where the 255-register budget of a single block then avoids spills.
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 900
+// ~97 KB of shared memory per block: two blocks fit an SM of sm_90 and sm_100 (228 KB), one
+// elsewhere (sm_80: 164 KB; sm_86/89/120: 100 KB), where the register budget of a single block
+// then avoids spills (ptxas spills ~80 bytes under the two-block cap on sm_100 and sm_120).
+#if defined(__CUDA_ARCH__) && (__CUDA_ARCH__ < 900 || __CUDA_ARCH__ >= 1100)
 constexpr int kGradMinBlocks = 1;
 #else
 constexpr int kGradMinBlocks = 2;
@@ -892,7 +893,7 @@ cudaError_t launch_linear_cross_entropy_forward(const LinearCrossEntropyForwardA
 }
 
 cudaError_t launch_linear_cross_entropy_backward(const LinearCrossEntropyBackwardArgs& a, cudaStream_t stream) {
-  if (!inputs_ok(a.in) || a.grad_loss == nullptr || a.lse == nullptr || !(a.filter_eps >= 0.f && a.filter_eps < 1.f)) {
+  if (!inputs_ok(a.in) || a.grad_loss == nullptr || a.lse == nullptr || !(a.filter_eps >= 0.f && a.filter_eps <= 1.f)) {
     return cudaErrorInvalidValue;
   }
   if (a.d_hidden == nullptr && a.d_classifier == nullptr && (a.d_bias == nullptr || a.in.bias == nullptr)) {

@@ -65,7 +65,7 @@ struct LinearCrossEntropyForwardArgs {
 // bits, can differ between runs); nullptr skips that gradient. Ignored tokens add nothing.
 struct LinearCrossEntropyBackwardArgs {
   LinearCrossEntropyInputs in;
-  float filter_eps;        // [0, 1); 0: exact
+  float filter_eps;        // [0, 1] (the op's [0, 1) in float: values above 1 - 2^-25 round to 1); 0: exact
   const float* grad_loss;  // (tokens), contiguous
   const float* grad_lse;   // (tokens), contiguous, or nullptr
   const float* lse;        // (tokens), contiguous: the whole vocabulary's LSE
