@@ -244,6 +244,9 @@ struct LogBesselGradFunction : torch::autograd::Function<LogBesselGradFunction<k
         op_handle<BesselGradSig>(kI ? "fastloss::log_bessel_iv_grad" : "fastloss::log_bessel_kv_grad");
     at::AutoDispatchBelowADInplaceOrView below_autograd;
     ctx->save_for_backward({v, x});
+    // An output gradient never given stays undefined (weighted_sum_to skips it): as zeros it
+    // would meet an infinite second derivative (d_vv of log I_0 at x = 0) and give NaN.
+    ctx->set_materialize_grads(false);
     const auto [d_dv, d_dx] = op.call(v, x);
     return {d_dv, d_dx};
   }
@@ -394,29 +397,31 @@ at::Tensor l1_signs(const at::Tensor& p, const at::Tensor& q, int64_t i0, int64_
   return at::sign(p.slice(0, i0, i1).unsqueeze(1) - q.unsqueeze(0));
 }
 
+// Out of place throughout (chunks concatenated, dq summed anew): the inputs may be batched
+// (vectorized jacobians, is_grads_batched), which a copy into a plain buffer cannot hold.
 std::pair<at::Tensor, at::Tensor> l1_spread(const at::Tensor& G, const at::Tensor& p, const at::Tensor& q) {
-  at::Tensor dp = at::empty_like(p);
+  std::vector<at::Tensor> dp;
   at::Tensor dq = at::zeros_like(q);
   const int64_t rows = l1_chunk_rows(q);
   for (int64_t i0 = 0; i0 < p.size(0); i0 += rows) {
     const int64_t i1 = std::min(p.size(0), i0 + rows);
     const at::Tensor S = l1_signs(p, q, i0, i1);
     const at::Tensor g = G.slice(0, i0, i1);
-    dp.slice(0, i0, i1).copy_(at::bmm(g.unsqueeze(1), S).squeeze(1));
-    dq.sub_((S * g.unsqueeze(2)).sum(0));
+    dp.push_back(at::bmm(g.unsqueeze(1), S).squeeze(1));
+    dq = dq - (S * g.unsqueeze(2)).sum(0);
   }
-  return {dp, dq};
+  return {dp.empty() ? at::zeros_like(p) : at::cat(dp), dq};
 }
 
 at::Tensor l1_contract(const at::Tensor& Up, const at::Tensor& Uq, const at::Tensor& p, const at::Tensor& q) {
-  at::Tensor H = at::empty({p.size(0), q.size(0)}, p.options());
+  std::vector<at::Tensor> H;
   const int64_t rows = l1_chunk_rows(q);
   for (int64_t i0 = 0; i0 < p.size(0); i0 += rows) {
     const int64_t i1 = std::min(p.size(0), i0 + rows);
     const at::Tensor S = l1_signs(p, q, i0, i1);
-    H.slice(0, i0, i1).copy_(((Up.slice(0, i0, i1).unsqueeze(1) - Uq.unsqueeze(0)) * S).sum(2));
+    H.push_back(((Up.slice(0, i0, i1).unsqueeze(1) - Uq.unsqueeze(0)) * S).sum(2));
   }
-  return H;
+  return H.empty() ? at::zeros({p.size(0), q.size(0)}, p.options()) : at::cat(H);
 }
 
 struct L1ContractFunction;
@@ -506,7 +511,6 @@ struct SinkhornKdFunction : torch::autograd::Function<SinkhornKdFunction> {
     static const auto op = op_handle<KdSig>("fastloss::sinkhorn_kd");
     at::AutoDispatchBelowADInplaceOrView below_autograd;
     auto [loss, ps, pt, cost, x, y] = op.call(student, teacher, temperature, eps, n_iter, scale);
-    ctx->mark_non_differentiable({cost, x, y});
     ctx->set_materialize_grads(false);
     ctx->save_for_backward({ps, pt, cost, x, y});
     ctx->saved_data["temperature"] = temperature;
@@ -576,7 +580,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     const at::Tensor& student, const at::Tensor& teacher, double temperature, double eps, int64_t n_iter,
     double scale) {
   variable_list r = SinkhornKdFunction::apply(student, teacher, temperature, eps, n_iter, scale);
-  return {r[0], r[1], r[2], r[3], r[4], r[5]};
+  // Detached here rather than marked non-differentiable in forward: compiled autograd asserts
+  // on C++ Functions with non-differentiable outputs.
+  return {r[0], r[1], r[2], r[3].detach(), r[4].detach(), r[5].detach()};
 }
 
 // Statistical top-k and the fused gelu-mul: the backward ops again in the backward (their own
@@ -604,7 +610,6 @@ struct StatTopKFunction : torch::autograd::Function<StatTopKFunction> {
     ctx->saved_data["hard"] = hard;
     ctx->saved_data["threshold_grad"] = threshold_grad;
     ctx->saved_data["k"] = std::move(k);
-    ctx->mark_non_differentiable({mean, std});
     return {y, theta, mean, std};
   }
 
@@ -613,8 +618,12 @@ struct StatTopKFunction : torch::autograd::Function<StatTopKFunction> {
     const variable_list saved = ctx->get_saved_variables();
     const at::Tensor &x = saved[0], &theta = saved[1], &mean = saved[2], &std = saved[3];
     const auto& d = ctx->saved_data;
-    const bool dual_theta_grad = grads[1].defined() && grads[1]._fw_grad(/*level=*/0).defined();
-    if (at::Tensor g = dual_theta_grad ? at::Tensor() : take_owned_cpu_gradient(grads, 0); g.defined()) {
+    // The in-place kernel also reads theta's gradient: only a plain tensor (not a dual, nor a
+    // batched one of is_grads_batched / vectorized jacobians, next to a plain zero grads[0]).
+    const at::Tensor& gt_in = grads[1];
+    const bool plain_theta_grad = !gt_in.defined() || (gt_in.has_storage() && !at::isTensorSubclassLike(gt_in) &&
+                                                       !gt_in._fw_grad(/*level=*/0).defined());
+    if (at::Tensor g = plain_theta_grad ? take_owned_cpu_gradient(grads, 0) : at::Tensor(); g.defined()) {
       const std::optional<at::Tensor> gt = optional_grad(grads[1], mean.scalar_type());
       if (cpu::stat_topk_backward_in_place(g, gt, x, theta, mean, std, d.at("dim").toInt(), d.at("sparsity").toDouble(),
                                            d.at("hard").toBool(), d.at("threshold_grad").toBool(),
@@ -636,7 +645,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> stat_topk_autograd(co
                                                                               double sparsity, bool hard,
                                                                               bool threshold_grad, c10::SymInt k) {
   const variable_list out = StatTopKFunction::apply(x, dim, sparsity, hard, threshold_grad, std::move(k));
-  return {out[0], out[1], out[2], out[3]};
+  // Detached as in sinkhorn_kd_autograd.
+  return {out[0], out[1], out[2].detach(), out[3].detach()};
 }
 
 struct GeluMulFunction : torch::autograd::Function<GeluMulFunction> {
@@ -649,7 +659,6 @@ struct GeluMulFunction : torch::autograd::Function<GeluMulFunction> {
     ctx->saved_data["sparsity"] = sparsity;
     ctx->saved_data["threshold_grad"] = threshold_grad;
     ctx->saved_data["k"] = std::move(k);
-    ctx->mark_non_differentiable({theta, mean, std});
     return {out, theta, mean, std};
   }
 
@@ -680,7 +689,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gelu_mul_autograd(con
                                                                              const at::Tensor& up, double sparsity,
                                                                              bool threshold_grad, c10::SymInt k) {
   const variable_list out = GeluMulFunction::apply(gate, up, sparsity, threshold_grad, std::move(k));
-  return {out[0], out[1], out[2], out[3]};
+  // Detached as in sinkhorn_kd_autograd.
+  return {out[0], out[1].detach(), out[2].detach(), out[3].detach()};
 }
 
 // Cut cross-entropy (the single-process op; the vocabulary-parallel shard op keeps its Python

@@ -545,8 +545,8 @@ def test_forward_mode_through_the_output_gradient(name):
     out = fn(*leaves)
     v, d = torch.randn_like(out), torch.randn_like(out)
     expected = torch.autograd.grad(out, leaves, grad_outputs=d, retain_graph=True)
-    if name in _NO_TANGENT_THROUGH_BACKWARD:  # C++ autograd functions have no jvp: they raise
-        with fwAD.dual_level(), pytest.raises((RuntimeError, NotImplementedError), match="jvp|forward-mode"):
+    if name in _NO_TANGENT_THROUGH_BACKWARD:  # no jvp through these backwards: they raise, naming the op
+        with fwAD.dual_level(), pytest.raises((RuntimeError, NotImplementedError), match=f"fastloss.{name}"):
             torch.autograd.grad(out, leaves, grad_outputs=fwAD.make_dual(v, d))
         return
     with fwAD.dual_level():
@@ -613,3 +613,104 @@ def test_stat_topk_third_derivatives_and_reverse_over_forward(which):
             return torch.autograd.grad(tangent.pow(2).sum(), leaf)[0]
 
     torch.testing.assert_close(through_dual_gradient(ours), through_dual_gradient(ref), rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("name", list(ALL))
+def test_batched_output_gradients(name):
+    # autograd.grad(..., is_grads_batched=True), as vectorized jacobians and gradcheck's batched
+    # checks use it, against a loop; the in-place CPU backwards must leave batched gradients be.
+    fn, make, _ = ALL[name]
+    leaves = [a.clone().requires_grad_() for a in make("cpu")]
+    out = fn(*leaves)
+    v = torch.randn(3, *out.shape, dtype=out.dtype)
+    batched = torch.autograd.grad(out, leaves, v, is_grads_batched=True, retain_graph=True)
+    for i in range(3):
+        looped = torch.autograd.grad(out, leaves, v[i], retain_graph=True)
+        for b, e in zip(batched, looped):
+            torch.testing.assert_close(b[i], e, rtol=1e-12, atol=1e-13)
+
+
+def test_sinkhorn_kd_vectorized_hessian():
+    s, t = _randn(3, 5), _randn(3, 5)
+    f = lambda s: fastloss.sinkhorn_kd_loss(s, t, n_iter=7)  # noqa: E731
+    looped = torch.autograd.functional.hessian(f, s)
+    torch.testing.assert_close(torch.autograd.functional.hessian(f, s, vectorize=True), looped, rtol=1e-10,
+                               atol=1e-12)
+
+
+@pytest.mark.filterwarnings("ignore")  # compiled autograd's and dynamo's own warnings
+@pytest.mark.parametrize("name", ["stat_topk_soft", "stat_topk_threshold", "stat_topk_gelu_mul", "sinkhorn_kd_loss"])
+def test_compiled_autograd(name):
+    # A forward run eagerly, its backward traced by compiled autograd: C++ autograd functions
+    # with non-differentiable outputs used to fail an internal assert there.
+    from torch._dynamo import compiled_autograd
+    from torch._dynamo.utils import counters
+
+    fn, make, _ = ALL[name]
+    args = make("cpu")
+    expected = _reverse(fn, args, 1.0)
+    leaves = [a.clone().requires_grad_() for a in args]
+    loss = fn(*leaves).sum()
+    torch._dynamo.reset()
+    counters.clear()
+    with compiled_autograd._enable(torch.compile(backend="aot_eager")):
+        loss.backward()
+    assert counters["compiled_autograd"]["captures"] == 1
+    torch._dynamo.reset()
+    for leaf, e in zip(leaves, expected):
+        torch.testing.assert_close(leaf.grad, e, rtol=1e-12, atol=1e-13)
+
+
+@pytest.mark.parametrize("scale", [1e-30, 1e-25, 1e20, 1e30])
+def test_stat_topk_float32_tangents_at_extreme_magnitudes(scale):
+    # The tangents and second derivatives recompute the row statistics: like the kernels, in
+    # units of a power of two (plain float32 squares of these rows overflow or underflow).
+    g = torch.Generator().manual_seed(5)
+    x, t, w = (torch.randn(2, 64, generator=g, dtype=torch.float64) for _ in range(3))
+    up = torch.randn(2, 64, generator=g, dtype=torch.float64)
+    for f in (lambda z: fastloss.stat_topk(z, sparsity=0.5), lambda z: fastloss.stat_topk_gelu_mul(z, up.to(z), 0.5)):
+        expected = jvp(f, (x * scale,), (t * scale,))[1]
+        got = jvp(f, ((x * scale).float(),), ((t * scale).float(),))[1]
+        torch.testing.assert_close(got.double() / scale, expected / scale, rtol=1e-4, atol=1e-4)
+
+    def hvp_by_double_backward(z):
+        z = z.clone().requires_grad_()
+        y, theta = fastloss.stat_topk(z, sparsity=0.5, return_threshold=True)
+        (g1,) = torch.autograd.grad((y * w.to(z)).sum() + theta.pow(2).sum() / scale, z, create_graph=True)
+        return torch.autograd.grad((g1 * t.to(z)).sum(), z)[0]
+
+    torch.testing.assert_close(hvp_by_double_backward((x * scale).float()).double(),
+                               hvp_by_double_backward(x * scale), rtol=1e-4, atol=1e-4)
+
+
+def test_log_bessel_zero_tangents_meet_infinite_derivatives():
+    # log I_0(x) at x = 0: d/dx = 0 and d2/dx2 = 1/2 are finite, d/dv = -inf and d2/dvdx = inf;
+    # v's tangent and cotangent are absent (v a number), not zeros that would make 0 * inf NaN.
+    x = torch.tensor([0.0, 0.5], dtype=torch.float64)
+    f = lambda x: fastloss.log_bessel_iv(0.0, x)  # noqa: E731
+    reference = lambda x: torch.special.i0(x).log()  # noqa: E731
+    torch.testing.assert_close(jvp(f, (x,), (torch.ones_like(x),))[1], jvp(reference, (x,), (torch.ones_like(x),))[1])
+    expected = hessian(lambda x: reference(x).sum())(x)
+    torch.testing.assert_close(hessian(lambda x: f(x).sum())(x), expected)
+    leaf = x.clone().requires_grad_()
+    (g,) = torch.autograd.grad(f(leaf).sum(), leaf, create_graph=True)
+    torch.testing.assert_close(torch.autograd.grad(g.sum(), leaf)[0], expected.sum(0))
+    # A tangent in v only, where d/dx overflows: jvp equals the reverse-mode d/dv.
+    v, x = torch.tensor([1e6]), torch.tensor([1e-303], dtype=torch.float64)
+    v = v.double()
+    for fn in (fastloss.log_bessel_iv, fastloss.log_bessel_kv):
+        leaf = v.clone().requires_grad_()
+        (dv,) = torch.autograd.grad(fn(leaf, x).sum(), leaf)
+        torch.testing.assert_close(jvp(lambda v: fn(v, x), (v,), (torch.ones_like(v),))[1], dv)
+
+
+@pytest.mark.parametrize("log", [False, True])
+def test_softmax_second_derivatives_keep_the_input_dtype(log):
+    # dtype=float32 on a bfloat16 input: the gradient is bfloat16, so is its tangent (torch's too).
+    fn = fastloss.log_softmax if log else fastloss.softmax
+    x = torch.randn(3, 8).to(torch.bfloat16)
+    w = torch.randn(3, 8)
+    f = lambda x: (fn(x, -1, dtype=torch.float32) * w).sum()  # noqa: E731
+    _, tangent = jvp(grad(f), (x,), (torch.randn_like(x),))
+    assert tangent.dtype == torch.bfloat16
+    assert hessian(f)(x).dtype == torch.bfloat16

@@ -144,6 +144,19 @@ for _name in ("log_bessel_iv", "log_bessel_kv"):
 def _save_inputs(ctx, inputs, output):
     ctx.save_for_backward(*inputs)
     ctx.save_for_forward(*inputs)
+    # Gradients and tangents that were never given stay None: as zeros they would meet infinite
+    # derivatives (d/dv log I_0 at x = 0 is -inf) and give 0 * inf = NaN.
+    ctx.set_materialize_grads(False)
+
+
+def _weighted_sum(*pairs):
+    """The sum of g * d over the pairs whose g is given (not None); None when none is."""
+    terms = [g * d for g, d in pairs if g is not None]
+    return None if not terms else terms[0] if len(terms) == 1 else terms[0] + terms[1]
+
+
+def _sum_to(t, like, needed):
+    return t.sum_to_size(like.shape) if needed and t is not None else None
 
 
 def _make_grad_transform_function(name: str):
@@ -156,19 +169,16 @@ def _make_grad_transform_function(name: str):
 
     def backward(ctx, grad_dv, grad_dx):
         v, x = ctx.saved_tensors
+        if grad_dv is None and grad_dx is None:
+            return None, None
         d_vv, d_vx, d_xx = hess_fn.apply(v, x)
-        grad_v = (grad_dv * d_vv + grad_dx * d_vx).sum_to_size(v.shape) if ctx.needs_input_grad[0] else None
-        grad_x = (grad_dv * d_vx + grad_dx * d_xx).sum_to_size(x.shape) if ctx.needs_input_grad[1] else None
-        return grad_v, grad_x
+        return (_sum_to(_weighted_sum((grad_dv, d_vv), (grad_dx, d_vx)), v, ctx.needs_input_grad[0]),
+                _sum_to(_weighted_sum((grad_dv, d_vx), (grad_dx, d_xx)), x, ctx.needs_input_grad[1]))
 
     def jvp(ctx, tangent_v, tangent_x):
         v, x = ctx.saved_tensors
-        d_vv, d_vx, d_xx = hess_fn.apply(v, x)
-        if tangent_v is None:
-            return d_vx * tangent_x, d_xx * tangent_x
-        if tangent_x is None:
-            return d_vv * tangent_v, d_vx * tangent_v
-        return d_vv * tangent_v + d_vx * tangent_x, d_vx * tangent_v + d_xx * tangent_x
+        d_vv, d_vx, d_xx = hess_fn.apply(v, x)  # jvp runs only when v or x has a tangent
+        return _weighted_sum((tangent_v, d_vv), (tangent_x, d_vx)), _weighted_sum((tangent_v, d_vx), (tangent_x, d_xx))
 
     return transform_function(f"{name}_grad", grad_op, _save_inputs, backward, jvp)
 
@@ -180,16 +190,15 @@ def _make_transform_function(kind: str):
 
     def backward(ctx, grad):
         v, x = ctx.saved_tensors
+        if grad is None:
+            return None, None
         d_dv, d_dx = grad_fn.apply(v, x)
-        grad_v = (grad * d_dv).sum_to_size(v.shape) if ctx.needs_input_grad[0] else None
-        grad_x = (grad * d_dx).sum_to_size(x.shape) if ctx.needs_input_grad[1] else None
-        return grad_v, grad_x
+        return _sum_to(grad * d_dv, v, ctx.needs_input_grad[0]), _sum_to(grad * d_dx, x, ctx.needs_input_grad[1])
 
     def jvp(ctx, tangent_v, tangent_x):
         v, x = ctx.saved_tensors
-        d_dv, d_dx = grad_fn.apply(v, x)
-        terms = [d * t for d, t in ((d_dv, tangent_v), (d_dx, tangent_x)) if t is not None]
-        return terms[0] if len(terms) == 1 else terms[0] + terms[1]
+        d_dv, d_dx = grad_fn.apply(v, x)  # jvp runs only when v or x has a tangent
+        return _weighted_sum((tangent_v, d_dv), (tangent_x, d_dx))
 
     return transform_function(name, op, _save_inputs, backward, jvp)
 

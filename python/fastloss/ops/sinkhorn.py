@@ -355,6 +355,10 @@ class _EnvelopeGrad(torch.autograd.Function):
     def backward(ctx, *grads):
         raise NotImplementedError(_ENVELOPE_SECOND_DERIVATIVE)
 
+    @staticmethod
+    def jvp(ctx, *tangents):  # a dual grad_outputs (forward over reverse)
+        raise NotImplementedError(_ENVELOPE_SECOND_DERIVATIVE)
+
 
 torch.library.register_autograd("fastloss::sinkhorn", _sinkhorn_backward, setup_context=_sinkhorn_setup_context)
 

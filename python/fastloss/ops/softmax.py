@@ -132,8 +132,9 @@ def _make_transform_functions(log: bool):
         return y * (t - (y * t).sum(ctx.dim, keepdim=True))
 
     def backward_setup(ctx, inputs, output):
-        g, y, dim, _input_dtype = inputs
+        g, y, dim, input_dtype = inputs
         ctx.dim = dim
+        ctx.input_dtype = input_dtype  # dx's dtype (jvp's last argument is its tangent: None)
         ctx.save_for_backward(g, y)
         ctx.save_for_forward(g, y)
 
@@ -150,7 +151,7 @@ def _make_transform_functions(log: bool):
         grad_y = u * (g - (g * y).sum(d, keepdim=True)) - g * (u * y).sum(d, keepdim=True)
         return grad_g, grad_y, None, None
 
-    def backward_jvp(ctx, tg, ty, _dim, input_dtype):
+    def backward_jvp(ctx, tg, ty, _dim, _input_dtype):
         g, y = ctx.saved_tensors
         d = ctx.dim
         tg = torch.zeros_like(g) if tg is None else tg.to(y.dtype)
@@ -159,7 +160,7 @@ def _make_transform_functions(log: bool):
             out = tg - y.exp() * (ty * g.sum(d, keepdim=True) + tg.sum(d, keepdim=True))
         else:
             out = ty * (g - (g * y).sum(d, keepdim=True)) + y * (tg - (tg * y + g * ty).sum(d, keepdim=True))
-        return out.to(input_dtype)
+        return out.to(ctx.input_dtype)
 
     backward_fn = transform_function(f"{name}_backward", backward_op, backward_setup, backward_backward, backward_jvp)
     return transform_function(name, op, setup, backward, jvp)

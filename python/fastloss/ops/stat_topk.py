@@ -268,23 +268,31 @@ def _quantile(sparsity: float) -> float:
 
 
 def _statistics(x, std, dim):
-    """x's row mean and std from torch ops, so that an enclosing reverse transform differentiates
-    through them (the kernel's saved ones are constants to autograd); `std` (the kernel's) says
-    which rows are constant, where the std is taken as 1 (no 0/0 in its derivative); a NaN
-    std (a NaN or inf in the row) keeps its NaN."""
-    mean = x.mean(dim, keepdim=True)
+    """x's row statistics from torch ops, so that an enclosing reverse transform differentiates
+    through them (the kernel's saved ones are constants to autograd), in units of a power of two
+    per row, as the kernels take them (squares of rows near 1e20 or 1e-25 leave float32's
+    range): (scale, x / scale, mean / scale, std / scale, spread). The scale is a constant to
+    autograd. `std` (the kernel's) says which rows are constant, where the scaled std is taken as
+    1 (no 0/0 in its derivative); a NaN std (a NaN or inf in the row) keeps its NaN."""
+    amax = x.detach().abs().amax(dim, keepdim=True)
+    usable = torch.isfinite(amax) & (amax > 0)
+    scale = torch.where(usable, torch.exp2(torch.floor(torch.log2(torch.where(usable, amax, torch.ones_like(amax))))),
+                        torch.ones_like(amax))
+    xs = x / scale
+    mean = xs.mean(dim, keepdim=True)
     spread = ~(std <= 0)
-    var = (x - mean).square().mean(dim, keepdim=True)
-    return mean, torch.sqrt(torch.where(spread, var, torch.ones_like(var))), spread
+    var = (xs - mean).square().mean(dim, keepdim=True)
+    return scale, xs, mean, torch.sqrt(torch.where(spread, var, torch.ones_like(var))), spread
 
 
 def _standardized(x, t, std, dim):
     """a = (x - mean) / std along dim (0 for a constant row, std = 0, as the kernels take it)
     and its tangent for tangent t of x: (t - mean(t) - a mean(a t)) / std."""
-    mean, safe_std, spread = _statistics(x, std, dim)
+    scale, xs, mean, safe_std, spread = _statistics(x, std, dim)
     zero = torch.zeros_like(x)
-    a = torch.where(spread, (x - mean) / safe_std, zero)
-    da = torch.where(spread, (t - t.mean(dim, keepdim=True) - a * (a * t).mean(dim, keepdim=True)) / safe_std, zero)
+    a = torch.where(spread, (xs - mean) / safe_std, zero)
+    da = torch.where(spread, (t / scale - (t / scale).mean(dim, keepdim=True) - a * (a * t / scale).mean(dim, keepdim=True))
+                     / safe_std, zero)
     return a, da
 
 
@@ -292,10 +300,10 @@ def _theta_tangent(t, x, std, dim, sparsity):
     """theta's tangent for tangent t of x, rows along dim, and theta itself, both from torch
     ops on x; `sparsity` the effective one."""
     z = _quantile(sparsity)
-    mean, safe_std, spread = _statistics(x, std, dim)
-    deviation = ((x - mean) * t).mean(dim, keepdim=True)
+    scale, xs, mean, safe_std, spread = _statistics(x, std, dim)
+    deviation = ((xs - mean) * t).mean(dim, keepdim=True)
     return t.mean(dim, keepdim=True) + z * torch.where(spread, deviation / safe_std, torch.zeros_like(deviation)), \
-        mean + z * torch.where(spread, safe_std, torch.zeros_like(safe_std))
+        scale * (mean + z * torch.where(spread, safe_std, torch.zeros_like(safe_std)))
 
 
 def _stat_topk_jvp(ctx, t, *_args):
