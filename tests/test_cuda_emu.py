@@ -613,6 +613,30 @@ def test_linear_cross_entropy_gradient_filtering_interleaved(emu):
     assert all(x.isfinite().all() for x in nearly_one[:2])
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "f16"])
+def test_linear_cross_entropy_strided_inputs(emu, dtype):
+    # Row strides longer than D (hidden also starting 16 elements in), strided bias and int32
+    # targets: the same bits as dense inputs, and nothing read from the gaps (NaN there).
+    tokens, vocab, dim = 150, 300, 72
+    hidden, classifier, targets, g = lce_inputs(24, tokens, vocab, dim, scale=0.5)
+    hidden, classifier = hidden.to(dtype), classifier.to(dtype)
+    bias = torch.randn(vocab, generator=g).to(dtype)
+    targets = targets.int()
+    targets[::4] = -100
+    kw = {"softcap": 20.0, "label_smoothing": 0.1, "z_loss": 1e-3}
+    grad_loss, grad_lse = torch.rand(tokens, generator=g), torch.rand(tokens, generator=g)
+    for strided in (False, True):
+        with schedule("forward"):
+            loss, lse = emu.lce_forward(hidden, classifier, targets, bias, strided=strided, **kw)
+            grads = emu.lce_backward(grad_loss, grad_lse, lse, hidden, classifier, targets, bias, strided=strided,
+                                     **kw)
+        if not strided:
+            dense = (loss, lse, *grads)
+    for name, x, y in zip(("loss", "lse", "d hidden", "d classifier", "d bias"), (loss, lse, *grads), dense):
+        assert torch.equal(x, y), f"{name}: strided inputs change the result"
+    assert all(x.isfinite().all() for x in dense[2:])
+
+
 def test_linear_cross_entropy_backward_by_vocabulary_chunks(emu):
     # What the CUDA glue does for d classifier: the vocabulary in chunks (each a shard with its
     # vocab_start, the whole vocabulary's lse), d hidden summed over them.

@@ -86,6 +86,17 @@ class Emulator:
         out.copy_(t)
         return out
 
+    def put_strided(self, t: Optional[torch.Tensor], pad: int, offset: int = 0) -> Optional[torch.Tensor]:
+        """A strided copy of ``t`` in guarded memory, the gaps left 0xff (NaN: a kernel that reads
+        outside the view sees it): a 2-D ``t`` with rows ``pad`` elements longer, starting
+        ``offset`` elements in (offset <= pad); a 1-D one with every (pad + 1)-th element."""
+        if t is None:
+            return None
+        if t.dim() == 1:
+            return self.empty((t.shape[0], pad + 1), t.dtype)[:, 0].copy_(t)
+        rows, cols = t.shape
+        return self.empty((rows, cols + pad), t.dtype)[:, offset:offset + cols].copy_(t)
+
     def workspace(self, nbytes: int) -> tuple:
         if nbytes == 0:
             return None, 0
@@ -257,26 +268,31 @@ class Emulator:
     # -- cut cross-entropy -------------------------------------------------------------------
 
     def _lce_inputs(self, hidden, classifier, targets, bias, ignore_index, softcap, label_smoothing, z_loss,
-                    vocab_start, vocab_total):
+                    vocab_start, vocab_total, strided=False):
+        """strided=True: hidden's rows 24 elements longer and 16 in, classifier's 8 longer, every
+        3rd element of bias and every 2nd of targets (views as the glue may pass them)."""
         tokens, dim = hidden.shape
         vocab = classifier.shape[0]
         assert self.lib.emu_lce_runnable() == 1
-        hd, cd, td = self.put(hidden), self.put(classifier), self.put(targets)
-        bd = self.put(bias)
+        if strided:
+            hd, cd = self.put_strided(hidden, 24, 16), self.put_strided(classifier, 8)
+            bd, td = self.put_strided(bias, 2), self.put_strided(targets, 1)
+        else:
+            hd, cd, td, bd = self.put(hidden), self.put(classifier), self.put(targets), self.put(bias)
         ptrs = (_c_ptr * 4)(hd.data_ptr(), cd.data_ptr(), bd.data_ptr() if bd is not None else None, td.data_ptr())
-        ints = (_c_i64 * 10)(dim, dim, 1, 1, tokens, vocab, dim, vocab_start,
-                             vocab if vocab_total is None else vocab_total, ignore_index)
+        ints = (_c_i64 * 10)(hd.stride(0), cd.stride(0), bd.stride(0) if bd is not None else 1, td.stride(0), tokens,
+                             vocab, dim, vocab_start, vocab if vocab_total is None else vocab_total, ignore_index)
         floats = (ctypes.c_float * 3)(softcap or 0.0, label_smoothing, z_loss)
         return ptrs, ints, floats, int(targets.dtype == torch.int64)
 
     @releasing
     def lce_forward(self, hidden, classifier, targets, bias=None, *, ignore_index=-100, softcap=None,
-                    label_smoothing=0.0, z_loss=0.0, shard=False, vocab_start=0, vocab_total=None):
+                    label_smoothing=0.0, z_loss=0.0, shard=False, vocab_start=0, vocab_total=None, strided=False):
         """(loss, lse), or for shard=True (lse over this shard, linear term), float32 (tokens)."""
         tokens, dim = hidden.shape
         vocab = classifier.shape[0]
         ptrs, ints, floats, t64 = self._lce_inputs(hidden, classifier, targets, bias, ignore_index, softcap,
-                                                   label_smoothing, z_loss, vocab_start, vocab_total)
+                                                   label_smoothing, z_loss, vocab_start, vocab_total, strided)
         out0, out1 = self.empty((tokens,), torch.float32), self.empty((tokens,), torch.float32)
         ws, wsb = self.workspace(self.lib.emu_lce_forward_workspace_bytes(_c_i64(tokens), _c_i64(vocab),
                                                                          _c_i64(dim)))
@@ -288,12 +304,12 @@ class Emulator:
     @releasing
     def lce_backward(self, grad_loss, grad_lse, lse, hidden, classifier, targets, bias=None, *, ignore_index=-100,
                      softcap=None, label_smoothing=0.0, z_loss=0.0, filter_eps=0.0, vocab_start=0,
-                     vocab_total=None):
+                     vocab_total=None, strided=False):
         """(d hidden, d classifier, d bias) in float32 (d bias None without a bias)."""
         tokens, dim = hidden.shape
         vocab = classifier.shape[0]
         ptrs, ints, floats, t64 = self._lce_inputs(hidden, classifier, targets, bias, ignore_index, softcap,
-                                                   label_smoothing, z_loss, vocab_start, vocab_total)
+                                                   label_smoothing, z_loss, vocab_start, vocab_total, strided)
         gl, gs, ls = (self.put(t.float().contiguous()) if t is not None else None for t in (grad_loss, grad_lse, lse))
         dh, dc = self.empty((tokens, dim), torch.float32), self.empty((vocab, dim), torch.float32)
         db = self.empty((vocab,), torch.float32) if bias is not None else None
