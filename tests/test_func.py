@@ -261,6 +261,10 @@ def test_forward_mode_raises_where_there_is_no_rule(name):
         jvp(fn, args, tangents)
     with fwAD.dual_level(), pytest.raises(NotImplementedError, match=f"fastloss.{public}: forward-mode"):
         fn(fwAD.make_dual(args[0], tangents[0]), *args[1:])
+    # Nested: torch's generated vmap rule used to fail an AssertionError before the rule raised.
+    first = lambda a: fn(a, *args[1:]).sum()  # noqa: E731
+    with pytest.raises(NotImplementedError, match=f"fastloss.{public}: nested forward-mode"):
+        jacfwd(jacfwd(first))(args[0])
 
 
 def test_sinkhorn_results_are_constants_under_transforms():
