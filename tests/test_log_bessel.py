@@ -452,6 +452,24 @@ def test_broadcasting_and_numbers():
     assert fastloss.log_bessel_iv(1, 2).dtype == torch.get_default_dtype()
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=str)
+def test_one_element_operands_are_read_in_place(dtype):
+    # A one-element v or x is read for every entry rather than copied out to the full shape
+    # (on CPU): the same bits as the full tensor, over several blocks and threads.
+    g = torch.Generator().manual_seed(3)
+    x = (torch.rand(3, 2000, generator=g, dtype=torch.float64) * 60).to(dtype)
+    ops = torch.ops.fastloss
+    for op in (ops.log_bessel_iv, ops.log_bessel_kv, ops.log_bessel_iv_grad, ops.log_bessel_kv_grad,
+               ops.log_bessel_iv_hess, ops.log_bessel_kv_hess):
+        for one in (torch.tensor(2.5, dtype=dtype), torch.full((1, 1), 17.0, dtype=dtype)):
+            for args, full in (((one, x), (one.expand_as(x).contiguous(), x)),
+                               ((x, one), (x, one.expand_as(x).contiguous()))):
+                got, expected = op(*args), op(*full)
+                for a, b in zip(got if isinstance(got, tuple) else (got,),
+                                expected if isinstance(expected, tuple) else (expected,)):
+                    assert a.shape == b.shape and torch.equal(a, b), op
+
+
 def test_integer_inputs_promote_like_torch_special():
     xi = torch.arange(1, 6)
     out = fastloss.log_bessel_iv(0, xi)

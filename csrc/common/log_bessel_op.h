@@ -16,12 +16,16 @@ namespace fastloss {
 enum class LogBesselFn : int { LogIv = 0, LogKv = 1, LogIvGrad = 2, LogKvGrad = 3, LogIvHess = 4, LogKvHess = 5 };
 
 struct LogBesselArgs {
-  at::Tensor v;  // broadcast to the common shape, contiguous
+  at::Tensor v;  // broadcast to `shape`, contiguous (with keep_single, one element stays one)
   at::Tensor x;
+  std::vector<int64_t> shape;  // the broadcast shape of v and x: the outputs'
 };
 
 // v and x: floating, one dtype (the Python wrapper promotes), one device, broadcastable.
-inline LogBesselArgs log_bessel_args(const char* op, const at::Tensor& v, const at::Tensor& x) {
+// keep_single: an operand of one element (log_bessel_iv(2.5, x)) is not copied out to the
+// full shape; the caller reads it with stride 0.
+inline LogBesselArgs log_bessel_args(const char* op, const at::Tensor& v, const at::Tensor& x,
+                                     bool keep_single = false) {
   check_floating(op, "v", v);
   check_floating(op, "x", x);
   TORCH_CHECK(v.scalar_type() == x.scalar_type(), "fastloss.", op,
@@ -38,7 +42,10 @@ inline LogBesselArgs log_bessel_args(const char* op, const at::Tensor& v, const 
                 " and 'x' of shape ", x.sizes(), " do not broadcast together");
     shape[i] = a == 1 ? b : a;
   }
-  return {v.expand(shape).contiguous(), x.expand(shape).contiguous()};
+  const auto prepare = [&](const at::Tensor& t) {
+    return keep_single && t.numel() == 1 ? t.reshape({1}).contiguous() : t.expand(shape).contiguous();
+  };
+  return {prepare(v), prepare(x), shape};
 }
 
 }  // namespace fastloss

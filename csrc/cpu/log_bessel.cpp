@@ -150,22 +150,24 @@ FASTLOSS_CPU_CLONES void log_kv_hess_range(const double* v, const double* x, dou
 }
 
 // Runs `fn(v, x, outs, m)` on blocks of doubles converted from / to scalar_t (no conversion
-// for double); kOuts outputs.
+// for double); kOuts outputs. v_single / x_single: that operand is one element, for every entry.
 template <int kOuts, typename scalar_t, typename Fn>
-void for_blocks(const scalar_t* v, const scalar_t* x, const std::array<scalar_t*, kOuts>& outs, int64_t n,
-                const Fn& fn) {
+void for_blocks(const scalar_t* v, bool v_single, const scalar_t* x, bool x_single,
+                const std::array<scalar_t*, kOuts>& outs, int64_t n, const Fn& fn) {
   at::parallel_for(0, n, kGrain, [&](int64_t begin, int64_t end) {
     double vb[kBlock], xb[kBlock], ob[kOuts][kBlock];
+    if (v_single) std::fill(vb, vb + kBlock, static_cast<double>(v[0]));
+    if (x_single) std::fill(xb, xb + kBlock, static_cast<double>(x[0]));
     for (int64_t b = begin; b < end; b += kBlock) {
       const int64_t m = std::min<int64_t>(kBlock, end - b);
       std::array<double*, kOuts> block_outs;
       if constexpr (std::is_same_v<scalar_t, double>) {
         for (int k = 0; k < kOuts; ++k) block_outs[k] = outs[k] + b;
-        fn(v + b, x + b, block_outs, m);
+        fn(v_single ? vb : v + b, x_single ? xb : x + b, block_outs, m);
       } else {
         for (int64_t i = 0; i < m; ++i) {
-          vb[i] = static_cast<double>(v[b + i]);
-          xb[i] = static_cast<double>(x[b + i]);
+          if (!v_single) vb[i] = static_cast<double>(v[b + i]);
+          if (!x_single) xb[i] = static_cast<double>(x[b + i]);
         }
         for (int k = 0; k < kOuts; ++k) block_outs[k] = ob[k];
         fn(vb, xb, block_outs, m);
@@ -180,7 +182,7 @@ void for_blocks(const scalar_t* v, const scalar_t* x, const std::array<scalar_t*
 LogBesselArgs cpu_args(const char* op, const at::Tensor& v, const at::Tensor& x) {
   TORCH_CHECK(v.device().is_cpu() && x.device().is_cpu(), "fastloss.", op,
               ": expected CPU tensors, got 'v' on ", v.device(), " and 'x' on ", x.device());
-  return log_bessel_args(op, v, x);
+  return log_bessel_args(op, v, x, /*keep_single=*/true);
 }
 
 // kOuts outputs in the broadcast shape of (v, x), filled block by block by `range(v, x, outs,
@@ -189,13 +191,14 @@ template <int kOuts, typename Range>
 std::array<at::Tensor, kOuts> evaluate(const char* op, const at::Tensor& v, const at::Tensor& x, const Range& range) {
   const LogBesselArgs args = cpu_args(op, v, x);
   std::array<at::Tensor, kOuts> outs;
-  for (at::Tensor& out : outs) out = at::empty(args.v.sizes(), args.v.options());
+  for (at::Tensor& out : outs) out = at::empty(args.shape, args.v.options());
   if (outs[0].numel() == 0) return outs;
+  const int64_t n = outs[0].numel();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, outs[0].scalar_type(), "log_bessel", [&] {
     std::array<scalar_t*, kOuts> ptrs;
     for (int k = 0; k < kOuts; ++k) ptrs[k] = outs[k].template mutable_data_ptr<scalar_t>();
-    for_blocks<kOuts>(args.v.const_data_ptr<scalar_t>(), args.x.const_data_ptr<scalar_t>(), ptrs, outs[0].numel(),
-                      range);
+    for_blocks<kOuts>(args.v.const_data_ptr<scalar_t>(), args.v.numel() < n, args.x.const_data_ptr<scalar_t>(),
+                      args.x.numel() < n, ptrs, n, range);
   });
   return outs;
 }
