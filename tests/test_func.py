@@ -265,6 +265,11 @@ def test_forward_mode_raises_where_there_is_no_rule(name):
     first = lambda a: fn(a, *args[1:]).sum()  # noqa: E731
     with pytest.raises(NotImplementedError, match=f"fastloss.{public}: nested forward-mode"):
         jacfwd(jacfwd(first))(args[0])
+    # Nested forward mode around the function, whose arguments carry no tangent: a constant.
+    y = _randn(3)
+    constant = fn(*args).sum()
+    torch.testing.assert_close(jacfwd(jacfwd(lambda y: y.pow(3).sum() * fn(*args).sum()))(y),
+                               torch.diag(6 * y) * constant)
 
 
 def test_sinkhorn_results_are_constants_under_transforms():
@@ -718,3 +723,14 @@ def test_softmax_second_derivatives_keep_the_input_dtype(log):
     _, tangent = jvp(grad(f), (x,), (torch.randn_like(x),))
     assert tangent.dtype == torch.bfloat16
     assert hessian(f)(x).dtype == torch.bfloat16
+
+
+def test_stat_topk_tangents_and_double_backward_of_empty_rows():
+    x = torch.randn(3, 0, dtype=torch.float64)
+    f = lambda z: fastloss.stat_topk(z, sparsity=0.5)  # noqa: E731
+    assert jvp(f, (x,), (torch.ones_like(x),))[1].shape == (3, 0)
+    assert jvp(lambda z: fastloss.stat_topk_gelu_mul(z, z, 0.5), (x,), (torch.ones_like(x),))[1].shape == (3, 0)
+    leaf = x.clone().requires_grad_()
+    y, theta = fastloss.stat_topk(leaf, sparsity=0.5, return_threshold=True)
+    (g,) = torch.autograd.grad(y.sum() + theta.sum(), leaf, create_graph=True)
+    assert torch.autograd.grad(g.sum(), leaf, allow_unused=True)[0].shape == (3, 0)

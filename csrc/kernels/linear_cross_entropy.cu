@@ -33,8 +33,9 @@
 // forward, 6 N V D backward (2 N V D for a filtered-out tile).
 // Shared memory: 3 x (128 + 128) x 40 halves = 60 KB (rows padded to 80 bytes so that the 8 row
 // addresses of an ldmatrix hit distinct banks), + the 128 x 136 dZ tile in the backward (97 KB):
-// forward 2 blocks per SM, backward 2 on sm_90/sm_100 and 1 on sm_80/86/89/120. 128 registers
-// (backward with one block per SM: 168), no spills but on sm_100's backward.
+// forward 2 blocks per SM (1 on sm_86/89/120, 100 KB), backward 2 on sm_90/sm_100 and 1
+// elsewhere. 128 registers (backward with one block per SM: 168 on sm_80, 189 on sm_120), no
+// spills but on sm_100's backward.
 #include "kernels/linear_cross_entropy.cuh"
 
 #include <cuda_bf16.h>

@@ -130,24 +130,30 @@ def transform_function(name: str, op, setup_context: Callable, backward: Callabl
         with torch._C._AutoDispatchBelowAutograd():
             return op(*args)
 
-    def refuse_nested_forward_mode():
-        if _running_transforms().count(TransformType.Jvp) > 1:
-            raise NotImplementedError(
-                f"fastloss.{name}: nested forward-mode AD (jacfwd(jacfwd(f)), jvp of jvp) is not supported; for "
-                "second derivatives use jacfwd(jacrev(f)) (torch.func.hessian) or jacrev(jacrev(f))")
+    def nested_forward_mode() -> bool:
+        return _running_transforms().count(TransformType.Jvp) > 1
+
+    nested_forward_mode_error = (
+        f"fastloss.{name}: nested forward-mode AD (jacfwd(jacfwd(f)), jvp of jvp) is not supported; for second "
+        "derivatives use jacfwd(jacrev(f)) (torch.func.hessian) or jacrev(jacrev(f))")
 
     def checked_jvp(ctx, *tangents):
         # torch.autograd.Function's jvp rule sees its saved tensors without an enclosing
         # forward-mode level's tangents, so forward over forward would be silently wrong.
-        refuse_nested_forward_mode()
+        if nested_forward_mode():
+            raise NotImplementedError(nested_forward_mode_error)
         return jvp(ctx, *tangents)
 
     def checked_apply(cls, *args):
-        # Without a jvp rule, nested forward mode fails inside torch's generated vmap rule (an
-        # AssertionError) before the rule that raises is reached; only here, before the
-        # transforms unwrap the arguments, is every level of the stack still visible.
-        refuse_nested_forward_mode()
-        return torch.autograd.Function.apply.__func__(cls, *args)
+        # Without a jvp rule, nested forward mode through the function (not merely inside
+        # it: its arguments may carry no tangent) fails in torch's generated vmap rule, an
+        # AssertionError, before the rule that raises is reached.
+        try:
+            return torch.autograd.Function.apply.__func__(cls, *args)
+        except AssertionError as e:
+            if nested_forward_mode():
+                raise NotImplementedError(nested_forward_mode_error) from e
+            raise
 
     return type(name, (torch.autograd.Function,), {
         **({} if jvp else {"apply": classmethod(checked_apply)}),

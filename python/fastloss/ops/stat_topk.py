@@ -274,7 +274,10 @@ def _statistics(x, std, dim):
     range): (scale, x / scale, mean / scale, std / scale, spread). The scale is a constant to
     autograd. `std` (the kernel's) says which rows are constant, where the scaled std is taken as
     1 (no 0/0 in its derivative); a NaN std (a NaN or inf in the row) keeps its NaN."""
-    amax = x.detach().abs().amax(dim, keepdim=True)
+    if x.shape[dim] == 0:  # amax refuses empty rows
+        amax = x.detach().new_zeros([1 if i == dim % x.dim() else s for i, s in enumerate(x.shape)])
+    else:
+        amax = x.detach().abs().amax(dim, keepdim=True)
     usable = torch.isfinite(amax) & (amax > 0)
     scale = torch.where(usable, torch.exp2(torch.floor(torch.log2(torch.where(usable, amax, torch.ones_like(amax))))),
                         torch.ones_like(amax))
