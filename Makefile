@@ -13,13 +13,18 @@ ifeq ($(PYTHON),)
 PY := $(abspath $(VENV))/bin/python
 SETUP := $(VENV)/.installed
 else
-PY := $(PYTHON)
+# An interpreter given by a relative path still works from tests/.
+PY := $(if $(findstring /,$(PYTHON)),$(abspath $(PYTHON)),$(PYTHON))
 SETUP := .python-ready
 endif
 
 .PHONY: test bench install info gpu-check wheelhouse clean
 
-$(VENV)/.installed: pyproject.toml
+# The stamp names the torch version: another TORCH_VERSION reinstalls torch in the environment.
+$(VENV)/.installed: $(VENV)/.installed-torch-$(TORCH_VERSION)
+	touch $@
+
+$(VENV)/.installed-torch-$(TORCH_VERSION): pyproject.toml
 	python3 -m venv $(VENV)
 	$(VENV)/bin/python -m pip install --upgrade pip
 	$(VENV)/bin/python -m pip install "torch==$(TORCH_VERSION)"
@@ -28,9 +33,9 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 .python-ready:
-	@$(PY) -c "import torch, pybind11, scikit_build_core, pytest" || \
-		(echo "PYTHON=$(PY) needs torch, pybind11, scikit-build-core and pytest installed (and cmake >= 3.24 with" \
-		      "ninja or make on the PATH, or as Python packages)" && exit 1)
+	@$(PY) -c "import torch, numpy, pybind11, scikit_build_core, pytest" || \
+		(echo "PYTHON=$(PY) needs torch, numpy, pybind11, scikit-build-core and pytest installed (and cmake >= 3.24" \
+		      "with ninja or make on the PATH, or as Python packages)" && exit 1)
 
 # Build against the torch in the environment (no build isolation). A system interpreter
 # (PEP 668) needs --break-system-packages where pip knows it.

@@ -143,3 +143,14 @@ def test_import_under_another_torch_version_says_rebuild():
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=os.path.dirname(__file__))
     assert run.returncode != 0
     assert "ImportError" in run.stderr and "built against torch" in run.stderr and "rebuild" in run.stderr
+    assert "--no-deps" in run.stderr  # else pip's reinstall would also replace torch, and again mismatch
+
+
+def test_import_of_a_cuda_build_under_a_cpu_torch_says_rebuild():
+    """An extension with CUDA kernels links torch's CUDA libraries, which a CPU torch of the
+    same version lacks: a clear ImportError rather than a loader error."""
+    code = ("import sys, types, torch; sys.modules['fastloss._build'] = types.SimpleNamespace("
+            "TORCH_VERSION=torch.__version__, TORCH_CUDA='13.0'); torch.version.cuda = None; import fastloss")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=os.path.dirname(__file__))
+    assert run.returncode != 0
+    assert "ImportError" in run.stderr and "has no CUDA" in run.stderr and "rebuild" in run.stderr

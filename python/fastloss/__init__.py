@@ -13,13 +13,18 @@ def _check_torch_version() -> None:
     """_C links against the torch it was built with: under another version it fails to load
     (an undefined symbol) or misbehaves. Say so plainly (a source checkout has no _build.py)."""
     try:
-        from ._build import TORCH_VERSION
+        from . import _build
     except ImportError:
         return
-    if TORCH_VERSION.split("+")[0] != torch.__version__.split("+")[0]:
-        raise ImportError(f"fastloss was built against torch {TORCH_VERSION}, but torch {torch.__version__} is "
-                          "installed: rebuild it against this torch (pip install --no-build-isolation "
-                          "--force-reinstall <fastloss source>)")
+    built, built_cuda = _build.TORCH_VERSION, getattr(_build, "TORCH_CUDA", "")
+    rebuild = ("rebuild it against this torch (pip install --no-build-isolation --no-deps --force-reinstall "
+               "<fastloss source>)")
+    if built.split("+")[0] != torch.__version__.split("+")[0]:
+        raise ImportError(f"fastloss was built against torch {built}, but torch {torch.__version__} is installed: "
+                          f"{rebuild}")
+    if built_cuda and torch.version.cuda is None:
+        raise ImportError(f"fastloss was built with CUDA kernels against torch {built} (CUDA {built_cuda}), but "
+                          f"torch {torch.__version__} has no CUDA: {rebuild}")
 
 
 _check_torch_version()
