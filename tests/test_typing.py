@@ -27,3 +27,12 @@ def test_ships_type_information():
     package = os.path.dirname(fastloss.__file__)
     assert os.path.isfile(os.path.join(package, "py.typed"))
     assert os.path.isfile(os.path.join(package, "_C.pyi"))
+
+
+def test_extension_stub_matches_the_module(tmp_path):
+    """_C.pyi states what the compiled module has (names and signatures)."""
+    result = subprocess.run(
+        [sys.executable, "-m", "mypy.stubtest", "fastloss._C", "--mypy-config-file", os.devnull],
+        capture_output=True, text=True, cwd=tmp_path, timeout=600,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr

@@ -11,6 +11,7 @@ from fastloss.distributions import VonMisesFisher
 from fastloss.integrations.transformers import patch, unpatch
 
 x = torch.randn(4, 8)
+assert_type(fastloss.__version__, str)
 assert_type(fastloss.softmax(x), torch.Tensor)
 assert_type(fastloss.log_softmax(x, dim=0, dtype=torch.float64), torch.Tensor)
 

@@ -39,7 +39,7 @@ from . import nn  # noqa: E402  (nn.Module wrappers)
 from .vmf import vmf_kappa_mle, vmf_log_normalizer, vmf_mean_resultant
 from . import distributions  # noqa: F401  (fastloss.distributions.VonMisesFisher)
 
-__version__ = _C.build_info()["version"]
+__version__: str = _C.build_info()["version"]
 
 
 def build_info() -> Dict[str, Any]:
