@@ -89,6 +89,13 @@ std::optional<at::Tensor> optional_grad(const at::Tensor& g, c10::ScalarType dty
   return g.defined() ? std::optional<at::Tensor>(g.to(dtype)) : std::nullopt;
 }
 
+// A plain tensor: its own storage; not a traced, fake, functional, functorch-wrapped (batched)
+// or dual tensor.
+bool plain_tensor(const at::Tensor& g) {
+  return g.has_storage() && !g._fw_grad(/*level=*/0).defined() && !at::isTensorSubclassLike(g) &&
+         !g.key_set().has(c10::DispatchKey::Functionalize);
+}
+
 // Whether a gradient handed to a backward is a buffer that nothing else references, so the
 // backward may write its result over it: autograd's engine moves each node's gradients in,
 // and a gradient that a user, a hook or another node still holds has other references. Only
@@ -96,10 +103,9 @@ std::optional<at::Tensor> optional_grad(const at::Tensor& g, c10::ScalarType dty
 // functorch-wrapped tensor, none under a dispatch mode, nor memory borrowed from NumPy or
 // DLPack), and not under create_graph or forward-mode AD.
 bool owned_gradient(const at::Tensor& g) {
-  return g.defined() && g.use_count() == 1 && g.has_storage() && g.storage().use_count() == 1 &&
+  return g.defined() && g.use_count() == 1 && plain_tensor(g) && g.storage().use_count() == 1 &&
          g.storage().resizable() && g.layout() == c10::kStrided && !g.requires_grad() && !g.is_inference() &&
-         !g._is_zerotensor() && !at::GradMode::is_enabled() && !g._fw_grad(/*level=*/0).defined() &&
-         !at::isTensorSubclassLike(g) && !g.key_set().has(c10::DispatchKey::Functionalize);
+         !g._is_zerotensor() && !at::GradMode::is_enabled();
 }
 
 // grads[i] moved out when it is an owned CPU gradient (owned_gradient), for a backward to
@@ -618,11 +624,9 @@ struct StatTopKFunction : torch::autograd::Function<StatTopKFunction> {
     const variable_list saved = ctx->get_saved_variables();
     const at::Tensor &x = saved[0], &theta = saved[1], &mean = saved[2], &std = saved[3];
     const auto& d = ctx->saved_data;
-    // The in-place kernel also reads theta's gradient: only a plain tensor (not a dual, nor a
+    // The in-place kernel also reads theta's gradient: only a plain one (not a dual, nor a
     // batched one of is_grads_batched / vectorized jacobians, next to a plain zero grads[0]).
-    const at::Tensor& gt_in = grads[1];
-    const bool plain_theta_grad = !gt_in.defined() || (gt_in.has_storage() && !at::isTensorSubclassLike(gt_in) &&
-                                                       !gt_in._fw_grad(/*level=*/0).defined());
+    const bool plain_theta_grad = !grads[1].defined() || plain_tensor(grads[1]);
     if (at::Tensor g = plain_theta_grad ? take_owned_cpu_gradient(grads, 0) : at::Tensor(); g.defined()) {
       const std::optional<at::Tensor> gt = optional_grad(grads[1], mean.scalar_type());
       if (cpu::stat_topk_backward_in_place(g, gt, x, theta, mean, std, d.at("dim").toInt(), d.at("sparsity").toDouble(),

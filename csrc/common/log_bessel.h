@@ -377,7 +377,11 @@ FASTLOSS_HD Dual2 x_minus_eta_root_v(const Dual2& v, const Dual2& x) {
 // the mean of eta'(s) = sqrt(1 + s^2) / s over s in [p0, p] by 12-point Gauss-Legendre (eta'
 // is analytic well beyond the interval: ~1e-17 relative), whose derivatives are as accurate:
 // the polynomial's second derivative is ~4e-13 off.
-FASTLOSS_HD bool debye_eta_cancels(double v, double x) { return v > 32.0 && x > 0.45 * v && x < 0.95 * v; }
+// On doubles a bool (as an int); on the CPU packs a lane mask.
+template <typename T>
+FASTLOSS_HD auto debye_eta_cancels(const T& v, const T& x) {
+  return (v > 32.0) & (x > 0.45 * v) & (x < 0.95 * v);
+}
 
 template <typename T>
 FASTLOSS_HD T v_eta_near_root(const T& v, const T& x) {

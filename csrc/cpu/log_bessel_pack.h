@@ -200,7 +200,7 @@ FASTLOSS_CPU_INLINE Pack x_minus_eta_root_v(const Pack& v, const Pack& x) {
 // need it. Lanes outside run it on values it does not use (inf or NaN at worst).
 FASTLOSS_CPU_INLINE Pack debye_v_eta(const Pack& v, const Pack& x, const Pack& h, const Pack& asinh_z) {
   const Pack plain = h - v * asinh_z;
-  const PackMask cancelling = (v > 32.0) & (x > 0.45 * v) & (x < 0.95 * v);
+  const PackMask cancelling = debye_eta_cancels(v, x);
   if (all_lanes(cancelling == 0)) return plain;
   return select(cancelling, v_eta_near_root(v, x), plain);
 }

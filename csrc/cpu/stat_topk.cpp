@@ -169,14 +169,12 @@ FASTLOSS_CPU_INLINE void forward_lastdim(const in_t* x, in_t* y, typename AccTyp
   if constexpr (std::is_same_v<in_t, Half>) {
     if (n <= kMaxHalfStagedRow) return forward_half_staged(x, y, mean, std_out, theta, b, e, n, z, hard);
   }
-  {
-    using acc_t = typename AccType<in_t>::type;
-    for (int64_t r = b; r < e; ++r) {
-      const RowThreshold<acc_t> t = row_stats<in_t, acc_t>(x + r * n, n, z);
-      store_stats(t, mean + r, std_out + r, theta + r);
-      if (hard) threshold_row<true>(x + r * n, y + r * n, n, t.theta);
-      else threshold_row<false>(x + r * n, y + r * n, n, t.theta);
-    }
+  using acc_t = typename AccType<in_t>::type;
+  for (int64_t r = b; r < e; ++r) {
+    const RowThreshold<acc_t> t = row_stats<in_t, acc_t>(x + r * n, n, z);
+    store_stats(t, mean + r, std_out + r, theta + r);
+    if (hard) threshold_row<true>(x + r * n, y + r * n, n, t.theta);
+    else threshold_row<false>(x + r * n, y + r * n, n, t.theta);
   }
 }
 
@@ -263,21 +261,19 @@ FASTLOSS_CPU_INLINE void backward_lastdim(const in_t* g, const in_t* x,
     if (n <= kMaxHalfStagedRow)
       return backward_half_staged(g, x, theta_in, mean, std_in, grad_theta, dx, b, e, n, z, hard, threshold_grad);
   }
-  {
-    using acc_t = typename AccType<in_t>::type;
-    for (int64_t r = b; r < e; ++r) {
-      const in_t* gr = g + r * n;
-      const in_t* xr = x + r * n;
-      const acc_t theta = theta_in[r];
-      acc_t c = grad_theta ? grad_theta[r] : acc_t(0);
-      if (!hard && threshold_grad) {
-        c -= row_sum<acc_t>(n, [&](int64_t i) { return keep_or_zero(to_acc<acc_t>(xr[i]) > theta, to_acc<acc_t>(gr[i])); });
-      }
-      const ThetaGrad<acc_t> tg = theta_grad(c, static_cast<acc_t>(n), mean[r], std_in[r], z, !hard && threshold_grad);
-      for (int64_t i = 0; i < n; ++i) {
-        const acc_t xv = to_acc<acc_t>(xr[i]);
-        dx[r * n + i] = to_output<in_t>(tg.add(keep_or_zero(xv > theta, to_acc<acc_t>(gr[i])), xv));
-      }
+  using acc_t = typename AccType<in_t>::type;
+  for (int64_t r = b; r < e; ++r) {
+    const in_t* gr = g + r * n;
+    const in_t* xr = x + r * n;
+    const acc_t theta = theta_in[r];
+    acc_t c = grad_theta ? grad_theta[r] : acc_t(0);
+    if (!hard && threshold_grad) {
+      c -= row_sum<acc_t>(n, [&](int64_t i) { return keep_or_zero(to_acc<acc_t>(xr[i]) > theta, to_acc<acc_t>(gr[i])); });
+    }
+    const ThetaGrad<acc_t> tg = theta_grad(c, static_cast<acc_t>(n), mean[r], std_in[r], z, !hard && threshold_grad);
+    for (int64_t i = 0; i < n; ++i) {
+      const acc_t xv = to_acc<acc_t>(xr[i]);
+      dx[r * n + i] = to_output<in_t>(tg.add(keep_or_zero(xv > theta, to_acc<acc_t>(gr[i])), xv));
     }
   }
 }
@@ -325,15 +321,13 @@ FASTLOSS_CPU_INLINE void gelu_mul_forward_rows(const in_t* gate, const in_t* up,
   if constexpr (std::is_same_v<in_t, Half>) {
     if (n <= kMaxHalfStagedRow) return gelu_mul_forward_half_staged(gate, up, out, theta, mean, std_out, b, e, n, z);
   }
-  {
-    using acc_t = typename AccType<in_t>::type;
-    for (int64_t r = b; r < e; ++r) {
-      const RowThreshold<acc_t> t = row_stats<in_t, acc_t>(gate + r * n, n, z);
-      store_stats(t, mean + r, std_out + r, theta + r);
-      for (int64_t i = 0; i < n; ++i) {
-        const acc_t h = soft_threshold(to_acc<acc_t>(gate[r * n + i]), t.theta);
-        out[r * n + i] = to_output<in_t>(gelu_tanh(h) * to_acc<acc_t>(up[r * n + i]));
-      }
+  using acc_t = typename AccType<in_t>::type;
+  for (int64_t r = b; r < e; ++r) {
+    const RowThreshold<acc_t> t = row_stats<in_t, acc_t>(gate + r * n, n, z);
+    store_stats(t, mean + r, std_out + r, theta + r);
+    for (int64_t i = 0; i < n; ++i) {
+      const acc_t h = soft_threshold(to_acc<acc_t>(gate[r * n + i]), t.theta);
+      out[r * n + i] = to_output<in_t>(gelu_tanh(h) * to_acc<acc_t>(up[r * n + i]));
     }
   }
 }
@@ -367,17 +361,15 @@ FASTLOSS_CPU_INLINE void gelu_mul_backward_rows(const in_t* g, const in_t* gate,
       return gelu_mul_backward_half_staged(g, gate, up, theta_in, mean, std_in, dgate, dup, scratch, b, e, n, z,
                                            threshold_grad);
   }
-  {
-    using acc_t = typename AccType<in_t>::type;
-    for (int64_t r = b; r < e; ++r) {
-      const int64_t o = r * n;
-      const acc_t theta = theta_in[r];
-      const acc_t sum = row_sum<acc_t>(
-          n, [&](int64_t i) { return gelu_mul_grad_element(g + o, gate + o, up + o, dup + o, scratch, i, theta); });
-      const ThetaGrad<acc_t> tg =
-          theta_grad(threshold_grad ? -sum : acc_t(0), static_cast<acc_t>(n), mean[r], std_in[r], z, threshold_grad);
-      for (int64_t i = 0; i < n; ++i) dgate[o + i] = to_output<in_t>(tg.add(scratch[i], to_acc<acc_t>(gate[o + i])));
-    }
+  using acc_t = typename AccType<in_t>::type;
+  for (int64_t r = b; r < e; ++r) {
+    const int64_t o = r * n;
+    const acc_t theta = theta_in[r];
+    const acc_t sum = row_sum<acc_t>(
+        n, [&](int64_t i) { return gelu_mul_grad_element(g + o, gate + o, up + o, dup + o, scratch, i, theta); });
+    const ThetaGrad<acc_t> tg =
+        theta_grad(threshold_grad ? -sum : acc_t(0), static_cast<acc_t>(n), mean[r], std_in[r], z, threshold_grad);
+    for (int64_t i = 0; i < n; ++i) dgate[o + i] = to_output<in_t>(tg.add(scratch[i], to_acc<acc_t>(gate[o + i])));
   }
 }
 
