@@ -70,12 +70,12 @@ def main(argv=None) -> int:
     families = [f.strip() for f in args.ops.split(",") if f.strip()]
     skipped = {b.strip() for b in args.skip_baselines.split(",") if b.strip()}
     cases, family_notes, family_targets, family_threads = [], {}, {}, {}
+    unknown = [fam for fam in families if fam not in FAMILIES]
+    if unknown:
+        print(f"unknown op family {', '.join(map(repr, unknown))}; known: {', '.join(FAMILIES)}", file=sys.stderr)
+        return 2
     for fam in families:
-        try:
-            mod = importlib.import_module(f"bench.{fam}")
-        except ImportError as exc:
-            print(f"unknown op family {fam!r} ({exc}); known: {', '.join(FAMILIES)}", file=sys.stderr)
-            return 2
+        mod = importlib.import_module(f"bench.{fam}")
         fam_cases = mod.cases(device, args.quick)
         # A family may fix the CPU thread count its targets are stated at (e.g. one thread each).
         family_threads[fam] = getattr(mod, "CPU_THREADS", None) if device == "cpu" else None
@@ -86,7 +86,7 @@ def main(argv=None) -> int:
         for c in fam_cases:
             c.baselines = {name: fn for name, fn in c.baselines.items() if name not in skipped}
         cases += fam_cases
-        family_notes[fam] = list(mod.notes(device)) if hasattr(mod, "notes") else []
+        family_notes[fam] = list(mod.notes(device, fam_cases)) if hasattr(mod, "notes") and fam_cases else []
         family_targets[fam] = list(mod.targets(device)) if hasattr(mod, "targets") else []
     if not cases:
         print("no cases selected", file=sys.stderr)
@@ -106,7 +106,7 @@ def main(argv=None) -> int:
 
     signal.signal(signal.SIGTERM, _interrupt)
     try:
-        roofline, results, load = harness.run_cases(cases, settings)
+        rooflines, results, load = harness.run_cases(cases, settings)
     finally:
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
     elapsed = time.perf_counter() - t0
@@ -117,8 +117,13 @@ def main(argv=None) -> int:
     ran = {fam: sum(r.case.family == fam for r in results) for fam in families}
     total = {fam: sum(c.family == fam for c in cases) for fam in families}
     cut = {fam for fam in families if 0 < ran[fam] < total[fam]}
-    targets = harness.evaluate_targets({f: t for f, t in family_targets.items() if f not in cut}, results, roofline)
-    print(harness.format_terminal(meta, roofline, results, family_notes, targets))
+    # Each family against the roofline at its own thread count (a family -k left without
+    # cases states no figure against it).
+    any_roofline = next(iter(rooflines.values()))
+    family_roofline = {fam: rooflines.get(family_threads[fam], any_roofline) for fam in families}
+    targets = harness.evaluate_targets({f: t for f, t in family_targets.items() if f not in cut}, results,
+                                       family_roofline)
+    print(harness.format_terminal(meta, family_roofline, results, family_notes, targets))
 
     # One report per family, so families can be re-run and committed independently.
     suffix = ("-quick" if args.quick else "") + ("-filtered" if args.filter else "")
@@ -132,7 +137,7 @@ def main(argv=None) -> int:
         if fam in cut:
             fam_meta = {**fam_meta, "interrupted": f"{ran[fam]} of {total[fam]} cases ran; targets not evaluated"}
             stem += "-interrupted"
-        paths += harness.write_outputs(args.out, stem, fam_meta, roofline, fam_results,
+        paths += harness.write_outputs(args.out, stem, fam_meta, family_roofline[fam], fam_results,
                                        {fam: family_notes[fam]}, [t for t in targets if t[0] == fam])
     print(f"\nwrote {', '.join(os.path.relpath(p) for p in paths)} in {elapsed:.0f} s", file=sys.stderr)
     return 130 if len(results) < len(cases) else 0

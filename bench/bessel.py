@@ -10,7 +10,7 @@ from __future__ import annotations
 import csv
 import math
 import os
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -356,7 +356,8 @@ def accuracy_table() -> List[str]:
     lines = [
         "accuracy against mpmath (40 digits) over the test data (log-uniform v in [1e-3, 1e4], x in [1e-10, 1e5], "
         "region edges, orders 0 and 1): max / median relative error (absolute where |log| < 1), "
-        "failures = inf/NaN/zero where the value is finite",
+        "failures = inf/NaN/zero where the value is finite; `fastloss fp32` against fastloss fp64 at the "
+        "fp32-rounded v and x (the rounding of the inputs is not the op's error)",
         "",
         "| function | region | points | fastloss fp64 | fastloss fp32 | SciPy (fp64) | torch.special (fp64, v in {0,1}) |",
         "|---|---|---:|---|---|---|---|",
@@ -391,9 +392,10 @@ def accuracy_table() -> List[str]:
     return lines
 
 
-def notes(device: str) -> List[str]:
+def notes(device: str, cases: Sequence[Case]) -> List[str]:
+    sizes = sorted({c.shape[0] for c in cases})
     out = [
-        f"each case: {N} elements (v, x) drawn in one region; inputs are rotated between calls",
+        f"each case: {', '.join(map(str, sizes))} elements (v, x) drawn in one region; inputs are rotated between calls",
         "baselines: `scipy` = np.log(scipy.special.ive(v, x)) + x / np.log(kve(v, x)) - x on the CPU (one thread); "
         "`torch.special` = log(i0e / i1e / scaled_modified_bessel_k0 / k1) +- x",
         "fastloss evaluates every dtype in double internally",

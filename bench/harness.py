@@ -709,9 +709,11 @@ class LoadMonitor:
 
 
 def run_cases(cases: Sequence[Case], settings: Settings, progress_desc: str = "bench"):
-    """Roofline first, then every case, with a progress bar on stderr.
+    """Rooflines first, then every case, with a progress bar on stderr.
 
-    Returns (roofline, results, load) where load is what :class:`LoadMonitor` saw (or None).
+    Returns (rooflines, results, load): the rooflines keyed by the cases' CPU thread counts
+    (each family is compared with the machine at its own thread count; None: the default
+    count, and every CUDA case), load what :class:`LoadMonitor` saw (or None).
     Interrupted (Ctrl-C, SIGINT, or SIGTERM: a time limit) after the roofline, it returns the
     cases finished so far, so their reports are still written; `results` is then shorter than
     `cases`.
@@ -720,14 +722,14 @@ def run_cases(cases: Sequence[Case], settings: Settings, progress_desc: str = "b
 
     clock = make_clock(settings.device)
     monitor = LoadMonitor()
-    total = 2 + sum(1 + len(c.baselines) for c in cases)
+    counts = list(dict.fromkeys(c.threads for c in cases)) if settings.device == "cpu" else [None]
+    total = 2 * len(counts) + sum(1 + len(c.baselines) for c in cases)
     with tqdm(total=total, desc=progress_desc, file=sys.stderr, unit="run", dynamic_ncols=True) as progress:
         progress.set_postfix_str("roofline")
-        # At the cases' thread count where they share one (the bessel family runs at 1 thread).
-        counts = {c.threads for c in cases}
-        common = counts.pop() if len(counts) == 1 and settings.device == "cpu" else None
-        with cpu_threads(common):
-            roofline = measure_roofline(settings, clock, progress)
+        rooflines = {}
+        for threads in counts:  # (the bessel family runs at 1 thread, the others at the default)
+            with cpu_threads(threads):
+                rooflines[threads] = measure_roofline(settings, clock, progress)
         results = []
         try:
             for c in cases:
@@ -735,7 +737,7 @@ def run_cases(cases: Sequence[Case], settings: Settings, progress_desc: str = "b
                     results.append(run_case(c, settings, clock, progress))
         except KeyboardInterrupt:
             print(f"\ninterrupted: {len(results)} of {len(cases)} cases finished", file=sys.stderr)
-    return roofline, results, monitor.stop()
+    return rooflines, results, monitor.stop()
 
 
 def load_warning(meta: dict) -> Optional[str]:
@@ -930,13 +932,13 @@ def _impl_notes(results: Sequence[Result]) -> List[str]:
 
 
 def format_terminal(
-    meta: dict, roofline: Roofline, results: Sequence[Result], family_notes: Dict[str, List[str]], targets
+    meta: dict, rooflines: Dict[str, Roofline], results: Sequence[Result], family_notes: Dict[str, List[str]],
+    targets
 ) -> str:
+    """The run's tables; ``rooflines`` per family (each at its family's thread count)."""
     lines = [
         f"device: {meta['device_name']}   torch {meta['torch']}   fastloss {meta['fastloss_version']}   "
         f"threads {meta['threads']}",
-        f"roofline: copy {_num(roofline.copy_gbps, '.1f')} GB/s (read+write)   "
-        f"matmul {_num(roofline.matmul_tflops, '.2f')} TFLOP/s ({roofline.matmul_desc})",
     ]
     warn = load_warning(meta)
     if warn:
@@ -944,8 +946,13 @@ def format_terminal(
     if meta.get("skipped_baselines"):
         lines.append(f"baselines left out (--skip-baselines): {meta['skipped_baselines']}")
     for fam, rs in _families(results).items():
+        roofline = rooflines[fam]
         header, rows = table_rows(rs, roofline)
-        lines += ["", f"[{fam}]", format_text_table(header, rows)]
+        n = rs[0].case.threads
+        threads = f" at {n} thread{'s' if n != 1 else ''}" if n else ""
+        lines += ["", f"[{fam}]  roofline{threads}: copy {_num(roofline.copy_gbps, '.1f')} GB/s (read+write), matmul "
+                  f"{_num(roofline.matmul_tflops, '.2f')} TFLOP/s ({roofline.matmul_desc})",
+                  format_text_table(header, rows)]
         for note in family_notes.get(fam, []) + _impl_notes(rs):
             lines.append(f"  note: {note}")
     if targets:
@@ -959,12 +966,13 @@ def _num(v: Optional[float], spec: str) -> str:
     return "-" if v is None else format(v, spec)
 
 
-def evaluate_targets(family_targets: Dict[str, List[Target]], results: Sequence[Result], roofline: Roofline):
+def evaluate_targets(family_targets: Dict[str, List[Target]], results: Sequence[Result],
+                     rooflines: Dict[str, Roofline]):
     out = []
     fams = _families(results)
     for fam, tgts in family_targets.items():
         for t in tgts:
-            status, detail = t.evaluate(fams.get(fam, []), roofline)
+            status, detail = t.evaluate(fams.get(fam, []), rooflines[fam])
             out.append((fam, t, status, detail))
     return out
 
@@ -1023,7 +1031,7 @@ def format_markdown(
         + f", Python {meta['python']}",
         f"- fastloss {meta['fastloss_version']}; build: {bi}",
         f"- threads: {meta['threads']}",
-        f"- roofline (measured in this run): copy **{_num(roofline.copy_gbps, '.1f')} GB/s** "
+        f"- roofline (measured in this run at these threads): copy **{_num(roofline.copy_gbps, '.1f')} GB/s** "
         f"(`copy_` of {fmt_bytes(roofline.copy_bytes)} fp32, read + write bytes counted); "
         f"matmul **{_num(roofline.matmul_tflops, '.2f')} TFLOP/s** ({roofline.matmul_desc})",
     ]

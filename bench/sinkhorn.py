@@ -6,7 +6,7 @@ formulation of its authors (autograd through every normalization)."""
 from __future__ import annotations
 
 import math
-from typing import List, Optional
+from typing import List, Optional, Sequence
 
 import torch
 
@@ -258,7 +258,7 @@ def cases(device: str, quick: bool) -> List[Case]:
     return out
 
 
-def notes(device: str) -> List[str]:
+def notes(device: str, _cases: Sequence[Case]) -> List[str]:
     out = [
         f"solve: cost_ij = |x_i - y_j|^2 for x, y uniform in the unit square, uniform marginals, eps = {EPS}, "
         f"max_iter = {MAX_ITER}, float32. Stopping rules at the same tol: fastloss with error_norm=2 stops each "

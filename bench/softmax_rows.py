@@ -67,9 +67,13 @@ def sweep(dtype_names, cols, elements: int, rounds: int, calls: int):
                 ours(*inputs[0])  # warm-up
                 ref(*inputs[0])
                 per_round = []
-                for _ in range(rounds):
-                    t_ref = _median_seconds(ref, inputs, calls)
-                    t_ours = _median_seconds(ours, inputs, calls)
+                for i in range(rounds):  # alternating which goes first
+                    if i % 2:
+                        t_ours = _median_seconds(ours, inputs, calls)
+                        t_ref = _median_seconds(ref, inputs, calls)
+                    else:
+                        t_ref = _median_seconds(ref, inputs, calls)
+                        t_ours = _median_seconds(ours, inputs, calls)
                     per_round.append(t_ref / t_ours)
                 ratios[op] = statistics.median(per_round)
             rows_out.append((f"{r} x {c}", name, ratios))
@@ -84,8 +88,19 @@ def main(argv=None) -> None:
     p.add_argument("--rounds", type=int, default=7)
     p.add_argument("--calls", type=int, default=12, help="calls timed per implementation and round")
     args = p.parse_args(argv)
-    results = sweep(args.dtypes.split(","), [int(c) for c in args.cols.split(",")], args.elements, args.rounds,
-                    args.calls)
+    dtypes = args.dtypes.split(",")
+    unknown = [d for d in dtypes if d not in DTYPES]
+    if unknown:
+        p.error(f"--dtypes: unknown {', '.join(unknown)} (choose from {', '.join(DTYPES)})")
+    try:
+        cols = [int(c) for c in args.cols.split(",")]
+    except ValueError:
+        cols = []
+    if not cols or min(cols) < 1:
+        p.error(f"--cols: expected comma-separated positive row lengths, got {args.cols!r}")
+    if min(args.elements, args.rounds, args.calls) < 1:
+        p.error("--elements, --rounds and --calls must be at least 1")
+    results = sweep(dtypes, cols, args.elements, args.rounds, args.calls)
     print(f"torch {torch.__version__} ({torch.backends.cpu.get_cpu_capability()} kernels), fastloss "
           f"{fastloss.build_info()['cpu_isa']}, {torch.get_num_threads()} threads; torch time / fastloss time "
           f"(above 1: fastloss faster)\n")

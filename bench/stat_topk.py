@@ -6,7 +6,7 @@ The notes report how well the statistical threshold recovers the exact top-k set
 from __future__ import annotations
 
 from statistics import NormalDist
-from typing import List, Optional
+from typing import List, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -160,7 +160,7 @@ def _recall(x: torch.Tensor) -> float:
     return ((kept & exact).sum() / exact.sum()).item(), (kept.sum() / exact.sum()).item()
 
 
-def notes(device: str) -> List[str]:
+def notes(device: str, _cases: Sequence[Case]) -> List[str]:
     g = torch.Generator().manual_seed(0)
     gauss = torch.randn(256, 16384, generator=g)
     student = torch.distributions.StudentT(3.0).sample((256, 16384))
