@@ -1,5 +1,7 @@
 """Hugging Face transformers patches on tiny randomly initialised models built from configs."""
 
+import warnings
+
 import pytest
 import torch
 
@@ -147,3 +149,32 @@ def test_patch_reaches_models_inside_wrappers():
     torch.testing.assert_close(out.loss, expected, rtol=1e-5, atol=1e-6)
     fl_transformers.unpatch(wrapper)
     assert wrapper["student"](input_ids=ids, labels=ids).logits is not None
+
+
+def test_patch_covers_subclasses_and_warns_when_nothing_is_supported():
+    config = transformers.Gemma2Config(
+        vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+        num_key_value_heads=1, head_dim=16, final_logit_softcapping=2.0)
+
+    class MyGemma2(transformers.Gemma2ForCausalLM):  # keeps the forward: patched, with its softcap
+        pass
+
+    class OwnForward(transformers.Gemma2ForCausalLM):  # a forward of its own: not the patch's to replace
+        def forward(self, *args, **kwargs):
+            return super().forward(*args, **kwargs)
+
+    ids = torch.randint(0, 128, (2, 10), generator=torch.Generator().manual_seed(6))
+    torch.manual_seed(0)
+    model = MyGemma2(config).float()
+    expected = model(input_ids=ids, labels=ids).loss
+    fl_transformers.patch(model)
+    out = model(input_ids=ids, labels=ids)
+    assert out.logits is None
+    torch.testing.assert_close(out.loss, expected, rtol=1e-5, atol=1e-6)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        fl_transformers.patch(model)  # already patched: nothing to say
+    for unsupported in (OwnForward(config), torch.nn.Linear(2, 2)):
+        with pytest.warns(UserWarning, match="nothing was patched"):
+            fl_transformers.patch(unsupported)
+        assert "forward" not in vars(unsupported)

@@ -24,6 +24,8 @@ from __future__ import annotations
 import dataclasses
 import functools
 import inspect
+import warnings
+from typing import Optional
 
 import torch
 
@@ -101,8 +103,22 @@ _CAUSAL_LM_CLASSES = ("LlamaForCausalLM", "MistralForCausalLM", "MinistralForCau
 _SOFTCAP_CLASSES = ("Gemma2ForCausalLM", "Gemma3ForCausalLM")
 
 
+def _causal_lm_class(model: torch.nn.Module) -> Optional[str]:
+    """The supported transformers class whose forward ``model`` runs (its own class, or a base
+    of a subclass that does not override forward), or None."""
+    for cls in type(model).__mro__:
+        if cls.__name__ in _CAUSAL_LM_CLASSES:
+            return cls.__name__ if getattr(type(model), "forward") is getattr(cls, "forward", None) else None
+    return None
+
+
+def _model_class(model) -> str:
+    # (getattr: a model patched and saved by an earlier version has no such attribute.)
+    return getattr(model, "_fastloss_causal_lm", None) or type(model).__name__
+
+
 def _logit_scale(model) -> float:
-    name = type(model).__name__
+    name = _model_class(model)
     if name == "GraniteForCausalLM":
         return 1.0 / float(model.config.logits_scaling)
     if name == "CohereForCausalLM":
@@ -191,7 +207,7 @@ def _causal_lm_forward(self, *args, **kwargs):
     # nothing), then tokens and targets are flattened, whatever shapes logits_to_keep left.
     if shift_labels is None:
         shift_labels = torch.nn.functional.pad(labels, (0, 1), value=ignore_index)[..., 1:]
-    softcap = getattr(self.config, "final_logit_softcapping", None) if type(self).__name__ in _SOFTCAP_CLASSES else None
+    softcap = getattr(self.config, "final_logit_softcapping", None) if _model_class(self) in _SOFTCAP_CLASSES else None
     loss = linear_cross_entropy(
         hidden.reshape(-1, hidden.shape[-1]), head.weight, shift_labels.reshape(-1).to(hidden.device), bias,
         ignore_index=ignore_index, reduction="mean" if num_items_in_batch is None else "sum", softcap=softcap)
@@ -216,7 +232,8 @@ def _patch_causal_lm(model: torch.nn.Module) -> int:
 
 
 def _patch_one_causal_lm(model: torch.nn.Module) -> int:
-    if type(model).__name__ not in _CAUSAL_LM_CLASSES or getattr(model, "_fastloss_loss_patched", False):
+    name = _causal_lm_class(model)
+    if name is None or getattr(model, "_fastloss_loss_patched", False):
         return 0
     if not isinstance(getattr(model, "lm_head", None), torch.nn.Linear):
         return 0
@@ -225,6 +242,7 @@ def _patch_one_causal_lm(model: torch.nn.Module) -> int:
     setattr(model, "_fastloss_forward_signature", inspect.signature(model.forward))
     # Read at patch time: torch.compile cannot trace dataclasses.fields inside the forward.
     setattr(model, "_fastloss_cache_field", _cache_field())
+    setattr(model, "_fastloss_causal_lm", name)
     _replace_forward(model, _causal_lm_forward)
     setattr(model, "_fastloss_loss_patched", True)
     return 1
@@ -233,8 +251,8 @@ def _patch_one_causal_lm(model: torch.nn.Module) -> int:
 def patch(model: torch.nn.Module) -> torch.nn.Module:
     """Route the parts of ``model`` that fastloss implements through its kernels, in place.
 
-    Returns the model. Patching twice is harmless; models with nothing to patch are returned
-    unchanged. The patched parts may sit anywhere inside ``model`` (a DistributedDataParallel
+    Returns the model. Patching twice is harmless; a model with nothing to patch is returned
+    unchanged, with a warning. The patched parts may sit anywhere inside ``model`` (a DistributedDataParallel
     or torch.compile wrapper, a container of several models; patch before the first compiled
     call; a container that reads an inner model's ``logits`` from a call with ``labels``, as a
     distillation loss might, gets None: patch the models that only need the loss). Supported:
@@ -251,12 +269,17 @@ def patch(model: torch.nn.Module) -> torch.nn.Module:
                         f"{type(model).__name__}")
     _patch_gemma3n(model)
     _patch_causal_lm(model)
+    if not any(getattr(m, "_fastloss_patched", False) or getattr(m, "_fastloss_loss_patched", False)
+               for m in model.modules()):
+        warnings.warn(f"fastloss.integrations.transformers.patch: nothing in {type(model).__name__} is supported, so "
+                      "nothing was patched (supported: Gemma 3n sparse MLPs, and the causal LMs "
+                      f"{', '.join(_CAUSAL_LM_CLASSES)} and their subclasses that keep their forward)", stacklevel=2)
     return model
 
 
 # What patch sets on a module's instance (the MLPs' flag, the causal LMs' flag and state).
 _PATCH_STATE = ("forward", "_fastloss_patched", "_fastloss_loss_patched", "_fastloss_original_forward",
-                "_fastloss_forward_signature", "_fastloss_cache_field")
+                "_fastloss_forward_signature", "_fastloss_cache_field", "_fastloss_causal_lm")
 
 
 def unpatch(model: torch.nn.Module) -> torch.nn.Module:
