@@ -814,6 +814,22 @@ def test_shift_with_int32_targets_and_an_ignore_index_beyond_int32(device):
         torch.testing.assert_close(got, want, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("strict", [True, False])
+def test_shift_exports_with_a_dynamic_sequence_length(strict):
+    # (Slicing T - 1 targets put a guard T != 2 on the length that non-strict export refused.)
+    from torch.export import Dim, export
+
+    class Model(torch.nn.Module):
+        def forward(self, h, c, t):
+            return fastloss.linear_cross_entropy(h, c, t, shift=True, reduction="none")
+
+    h, c, t = make_inputs((2, 5), 8, 10, torch.float64, "cpu")[:3]
+    B, T = Dim("B", min=2, max=64), Dim("T", min=2, max=64)
+    program = export(Model(), (h, c, t), dynamic_shapes=({0: B, 1: T}, None, {0: B, 1: T}), strict=strict)
+    h, c, t = make_inputs((3, 9), 8, 10, torch.float64, "cpu")[:3]
+    torch.testing.assert_close(program.module()(h, c, t), Model()(h, c, t), rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("cap", [30.0, 1e4])
 def test_softcap_perfect_prediction_has_zero_gradient(device, cap):
     # The backward recomputes each capped logit exactly as the forward rounded it: a token whose

@@ -574,8 +574,9 @@ def test_bad_input(device):
 
 
 def test_unrolled_invalid_marginals_give_nan_where_unchecked(device):
-    """Compiled or vmapped (no value-dependent check possible), the unrolled value of a problem
-    with invalid marginals is NaN, as the kernels' on CUDA; valid problems are unaffected."""
+    """Vmapped (no value-dependent check possible), or compiled on CUDA, the unrolled value of a
+    problem with invalid marginals is NaN, as the kernels' on CUDA; compiled on the CPU, a check
+    in the graph raises, as the kernel does for the envelope path. Valid problems are unaffected."""
     cost, a, b = random_problem(2, 5, 4, seed=16, device=device)
     value = lambda c, a: fastloss.sinkhorn_cost(c, a, b[0], eps=0.1, grad="unrolled", max_iter=30)
     compiled = torch.compile(value, fullgraph=True)
@@ -585,7 +586,11 @@ def test_unrolled_invalid_marginals_give_nan_where_unchecked(device):
     for bad in (torch.tensor([0.5, 0.5, 0.25, -0.25, 0.0]), torch.full((5,), 0.4),
                 torch.tensor([0.5, 0.5, math.nan, 0.0, 0.0])):
         bad = bad.to(device=device, dtype=cost.dtype)
-        assert torch.isnan(compiled(cost, bad)).all()
+        if device == "cpu":
+            with pytest.raises(RuntimeError, match="equal total mass in each problem"):
+                compiled(cost, bad)
+        else:
+            assert torch.isnan(compiled(cost, bad)).all()
         assert torch.isnan(torch.func.vmap(lambda c: value(c, bad))(cost)).all()
     assert torch.isfinite(torch.func.vmap(lambda c: value(c, good))(cost)).all()
 

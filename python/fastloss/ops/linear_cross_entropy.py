@@ -113,8 +113,10 @@ def _shift_targets(targets: torch.Tensor, ignore_index: int) -> torch.Tensor:
     # cannot hold an ignore_index beyond int32 (their comparison with it is done in int64).
     if targets.dtype == torch.int32 and not -2**31 <= ignore_index < 2**31:
         targets = targets.long()
-    pad = torch.full_like(targets[..., :1], ignore_index)
-    return torch.cat([targets[..., 1:], pad], dim=-1)
+    # Rolled and masked rather than sliced and concatenated: the slice of T - 1 entries put a
+    # guard on T that export with a dynamic sequence length refused.
+    last = torch.arange(targets.shape[-1], device=targets.device) == targets.shape[-1] - 1
+    return torch.where(last, ignore_index, targets.roll(-1, -1))
 
 
 @overload
