@@ -631,6 +631,79 @@ def test_variance_matches_samples(p, kappa):
         torch.testing.assert_close(dist.variance, torch.full((p,), 1 / p, dtype=torch.float64), rtol=1e-14, atol=0)
 
 
+@pytest.mark.parametrize("kappa", [5e-324, 1e-320, 1e-310, 1e-200, 1e-5, 2e-4])
+def test_variance_at_tiny_concentrations(kappa):
+    # A_p of a subnormal kappa has lost its digits (0 at 5e-324): A / kappa from its series.
+    p = 3
+    loc = torch.tensor([0.6, 0.8, 0.0], dtype=torch.float64)
+    var = VonMisesFisher(loc, torch.tensor(kappa, dtype=torch.float64)).variance
+    k = mp.mpf(kappa)
+    a = mp_mean_resultant(k, p) if kappa > 1e-100 else k / p - k**3 / (p**2 * (p + 2))
+    slope = mp.diff(lambda t: mp_mean_resultant(t, p), k) if kappa > 1e-100 else mp.mpf(1) / p
+    expected = [float(a / k * (1 - mp.mpf(m) ** 2) + slope * mp.mpf(m) ** 2) for m in loc.tolist()]
+    torch.testing.assert_close(var, torch.tensor(expected, dtype=torch.float64), rtol=1e-13, atol=0)
+
+
+def test_mode():
+    loc = torch.tensor([[0.6, 0.8, 0.0], [0.0, 0.0, 1.0]], dtype=torch.float32)
+    mode = VonMisesFisher(loc, torch.tensor([0.0, 2.0])).mode
+    assert torch.isnan(mode[0]).all() and torch.equal(mode[1], loc[1])
+
+
+def test_fit_refuses_equal_samples_and_integers():
+    # The norm of equal samples' mean rounds to either side of 1: refused either way.
+    g = torch.Generator().manual_seed(11)
+    for _ in range(20):
+        u = torch.randn(5, dtype=torch.float64, generator=g)
+        u /= u.norm()
+        for n in (1, 10):
+            with pytest.raises(ValueError, match="all one point"):
+                VonMisesFisher.fit(u.repeat(n, 1))
+    with pytest.raises(ValueError, match="float tensor of shape"):
+        VonMisesFisher.fit(torch.ones(3, 2, dtype=torch.long))
+
+
+def random_unit(*shape, generator):
+    u = torch.randn(*shape, dtype=torch.float64, generator=generator)
+    return u / u.norm(dim=-1, keepdim=True)
+
+
+@pytest.mark.parametrize("p,k1,k2", [(3, 0.0, 3.0), (3, 5.0, 0.0), (10, 2.0, 7.0), (2048, 100.0, 90.0)])
+def test_kl_divergence_matches_monte_carlo(p, k1, k2):
+    g = torch.Generator().manual_seed(12)
+    first = VonMisesFisher(random_unit(p, generator=g), torch.tensor(k1, dtype=torch.float64))
+    second = VonMisesFisher(random_unit(p, generator=g), torch.tensor(k2, dtype=torch.float64))
+    kl = torch.distributions.kl_divergence(first, second)
+    torch.manual_seed(13)
+    x = first.sample((100000,))
+    d = first.log_prob(x) - second.log_prob(x)
+    assert abs(kl.item() - d.mean().item()) <= 5 * d.std().item() / math.sqrt(len(d))
+
+
+def test_kl_divergence_exact_cases_batches_and_gradients():
+    g = torch.Generator().manual_seed(14)
+    loc = random_unit(4, 6, generator=g)
+    kappa = torch.tensor([0.0, 1.0, 1e3, 1e7], dtype=torch.float64)
+    same = VonMisesFisher(loc, kappa)
+    assert torch.equal(torch.distributions.kl_divergence(same, same), torch.zeros(4, dtype=torch.float64))
+    # Against the uniform sphere: log |S^(p-1)| minus the entropy (to O(kappa eps): log C and
+    # kappa A grow like kappa, and this form has them cancel).
+    uniform = VonMisesFisher(random_unit(6, generator=g), 0.0)
+    log_area = math.log(2) + 3 * math.log(math.pi) - math.lgamma(3)
+    error = (torch.distributions.kl_divergence(same, uniform) - (log_area - same.entropy())).abs()
+    assert (error <= 1e-14 * (1 + kappa)).all(), error
+    # Batches broadcast; float32 in gives float32 out.
+    other = VonMisesFisher(random_unit(6, generator=g).float(), torch.tensor([[2.0], [3.0]]))
+    assert torch.distributions.kl_divergence(other, VonMisesFisher(loc[:1].float(), kappa.float())).shape == (2, 4)
+    k1 = torch.tensor([0.5, 40.0], dtype=torch.float64, requires_grad=True)
+    k2 = torch.tensor([2.0, 35.0], dtype=torch.float64, requires_grad=True)
+    l1, l2 = random_unit(2, 6, generator=g), random_unit(2, 6, generator=g)
+    assert torch.autograd.gradcheck(lambda a, b: torch.distributions.kl_divergence(
+        VonMisesFisher(l1, a), VonMisesFisher(l2, b)), (k1, k2))
+    with pytest.raises(ValueError, match="different dimensions"):
+        torch.distributions.kl_divergence(same, VonMisesFisher(random_unit(5, generator=g), 1.0))
+
+
 # ---- the vMF ops (torch.ops.fastloss.vmf_*) --------------------------------------------------
 
 OPS = {

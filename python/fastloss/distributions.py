@@ -7,6 +7,7 @@ from typing import Tuple
 import numpy as np
 import torch
 from torch.distributions import Distribution, constraints
+from torch.distributions.kl import register_kl
 
 from .ops._func import all_true, transforms_active
 from .vmf import _mean_resultant_slope, _vmf_entropy, vmf_kappa_mle, vmf_log_normalizer, vmf_mean_resultant
@@ -127,13 +128,23 @@ class VonMisesFisher(Distribution):
         return vmf_mean_resultant(self.concentration, self.p).unsqueeze(-1) * self.loc
 
     @property
+    def mode(self) -> torch.Tensor:
+        """loc where the concentration is positive; NaN where it is 0 (the uniform sphere has no
+        mode)."""
+        return torch.where((self.concentration > 0).unsqueeze(-1), self.loc, torch.nan)
+
+    @property
     def variance(self) -> torch.Tensor:
         """The variance of each coordinate: the diagonal of the covariance
         (A / kappa) I + (A' - A / kappa) mu mu^T, A = A_p(kappa), A' = dA/dkappa (1/p at kappa = 0,
         the uniform sphere's)."""
         kappa = self.concentration.double()
         a = vmf_mean_resultant(kappa, self.p)
-        a_over_kappa = torch.where(kappa > 0, a / torch.where(kappa > 0, kappa, 1.0), 1.0 / self.p)
+        # Below 1e-4, A / kappa from its series (1 / p) (1 - kappa^2 / (p (p + 2)) + ...): A of a
+        # subnormal kappa has lost its digits (0 at 5e-324).
+        small = kappa < 1e-4
+        series = (1 - kappa * kappa / (self.p * (self.p + 2.0))) / self.p
+        a_over_kappa = torch.where(small, series, a / torch.where(small, 1.0, kappa))
         slope = _mean_resultant_slope(kappa, self.p)
         mu2 = self.loc.double() ** 2
         var = a_over_kappa.unsqueeze(-1) * (1 - mu2) + slope.unsqueeze(-1) * mu2
@@ -238,14 +249,36 @@ class VonMisesFisher(Distribution):
     def fit(cls, samples: torch.Tensor, iterations: int = 10) -> "VonMisesFisher":
         """Maximum-likelihood fit to unit vectors ``samples`` of shape (n, p):
         mu = mean / |mean|, kappa solves A_p(kappa) = |mean|."""
-        if not isinstance(samples, torch.Tensor) or samples.dim() != 2 or samples.shape[0] < 1:
-            raise ValueError("VonMisesFisher.fit: expected 'samples' to be a tensor of shape (n, p) with n >= 1")
+        if (not isinstance(samples, torch.Tensor) or not samples.is_floating_point() or samples.dim() != 2
+                or samples.shape[0] < 1):
+            got = (f"{samples.dtype} {tuple(samples.shape)}" if isinstance(samples, torch.Tensor)
+                   else type(samples).__name__)
+            raise ValueError("VonMisesFisher.fit: expected 'samples' to be a float tensor of shape (n, p) with n >= 1, "
+                             f"got {got}")
         mean = samples.mean(dim=0)
         rbar = mean.norm()
         if not rbar > 0:
             raise ValueError("VonMisesFisher.fit: the samples' mean is 0 (or NaN): the mean direction is undefined")
-        if not rbar < 1:
+        # (Equal samples are tested as such: their mean's norm rounds to either side of 1.)
+        if not rbar < 1 or bool((samples == samples[:1]).all()):
             raise ValueError("VonMisesFisher.fit: the samples are all one point (mean resultant length 1): the "
                              "maximum-likelihood concentration is infinite")
         kappa = vmf_kappa_mle(rbar, samples.shape[1], iterations=iterations)
         return cls(mean / rbar, kappa)
+
+
+@register_kl(VonMisesFisher, VonMisesFisher)
+def _kl_vmf_vmf(p: VonMisesFisher, q: VonMisesFisher) -> torch.Tensor:
+    """KL(p || q) = log C(kappa_p) - log C(kappa_q) + A(kappa_p) (kappa_p - kappa_q mu_p . mu_q)
+    for unit locs, in float64 (the log-normalizers grow like kappa and their difference is what
+    remains); 0 for equal distributions, differentiable in both."""
+    if p.p != q.p:
+        raise ValueError(f"kl_divergence(VonMisesFisher, VonMisesFisher): the distributions live in different "
+                         f"dimensions, p = {p.p} and {q.p}")
+    dtype = torch.promote_types(p.loc.dtype, q.loc.dtype)
+    kp, kq = p.concentration.double(), q.concentration.double()
+    # 1 - mu_p . mu_q as |mu_p - mu_q|^2 / 2: never below 0, and exact for near directions.
+    one_minus_cosine = (p.loc.double() - q.loc.double()).square().sum(-1) / 2
+    kl = (vmf_log_normalizer(kp, p.p) - vmf_log_normalizer(kq, q.p)
+          + vmf_mean_resultant(kp, p.p) * (kp - kq + kq * one_minus_cosine))
+    return kl.to(dtype)
