@@ -317,11 +317,16 @@ def _sinkhorn_setup_context(ctx, inputs, output):
     cost, a, b = inputs[:3]
     plan, alpha, beta, _value, n_iter, err = output
     ctx.mark_non_differentiable(plan, alpha, beta, n_iter, err)
+    # Only the value's gradient is read: the others stay None (materialized, the plan's was a
+    # float32 tensor of the plan's size).
+    ctx.set_materialize_grads(False)
     ctx.dtypes = (cost.dtype, a.dtype, b.dtype)
     ctx.save_for_backward(plan, alpha, beta, cost, a, b)
 
 
 def _sinkhorn_backward(ctx, _g_plan, _g_alpha, _g_beta, g_value, _g_n_iter, _g_err):
+    if g_value is None:
+        return (None,) * 7
     plan, alpha, beta, cost, a, b = ctx.saved_tensors
     # Under create_graph=True the gradients must carry a graph of their own, rooted at the
     # inputs, so that differentiating them (backward(), autograd.grad with respect to the
