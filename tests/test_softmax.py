@@ -170,6 +170,30 @@ def test_special_values(device, fn, ref_fn, dtype, cols):
 
 @pytest.mark.parametrize("fn,ref_fn", OPS)
 @pytest.mark.parametrize("dtype", DTYPES)
+def test_short_columns(device, fn, ref_fn, dtype):
+    # Along a non-last dim, columns of up to 32 entries keep their pairs on the CPU (a block of
+    # lanes at a time: 70 columns end in a partial block); special values take the exact path.
+    inf, nan = math.inf, math.nan
+    for size in (2, 3, 5, 17, 31, 32, 33):
+        x = (torch.randn(3, size, 70, dtype=torch.float64, device=device) * 4).to(dtype)
+        assert_close_to_reference(fn, ref_fn, x, 1)
+        tol = 2 * torch_error(ref_fn, x, 1) + 4 * torch.finfo(dtype).eps * (16 if fn is fastloss.log_softmax else 1)
+        x[0, 1, 3] = nan
+        x[0, :, 4] = -inf
+        x[1, 0, 5] = inf
+        x[1, size - 1, 69] = -inf
+        x[2, :, 6] = -1e4  # all clamped below float32's reach of the pairs: the exact path
+        x[2, 0, 7] = 1e4 if dtype != torch.float16 else 6e4
+        y = fn(x, 1)
+        expected = ref_fn(x.double(), 1)
+        assert torch.equal(torch.isnan(y), torch.isnan(expected)), size
+        assert torch.equal(torch.isinf(y), torch.isinf(expected)), size
+        finite = ~torch.isnan(expected)  # (log-softmax near -1e4: a few ulps of that)
+        torch.testing.assert_close(y.double()[finite], expected[finite], rtol=4 * torch.finfo(dtype).eps, atol=tol)
+
+
+@pytest.mark.parametrize("fn,ref_fn", OPS)
+@pytest.mark.parametrize("dtype", DTYPES)
 def test_short_rows(device, fn, ref_fn, dtype):
     # Rows of up to 256 bytes of the accumulation type are held in registers on the CPU, padded
     # to a power of two, and log-softmax takes their logs 16 rows at a time: every width up to
@@ -588,7 +612,8 @@ def test_half_types_are_the_float_kernel_rounded_once(log, dtype, rows, cols):
 
 @pytest.mark.parametrize("log", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("shape,dim", [((300, 37), 0), ((5, 1000, 3), 1), ((2, 70000, 2), 1), ((64, 33), 0)])
+@pytest.mark.parametrize("shape,dim", [((300, 37), 0), ((5, 1000, 3), 1), ((2, 70000, 2), 1), ((64, 33), 0),
+                                       ((7, 5, 40), 1), ((32, 70), 0)])
 def test_half_types_along_other_dims_are_the_float_kernel_rounded_once(log, dtype, shape, dim):
     # Along a non-last dim the CPU converts float16 / bfloat16 entry by entry in the kernels:
     # still the float kernel's result rounded once, to the bit, special values included.
