@@ -593,6 +593,12 @@ def test_unrolled_invalid_marginals_give_nan_where_unchecked(device):
             assert torch.isnan(compiled(cost, bad)).all()
         assert torch.isnan(torch.func.vmap(lambda c: value(c, bad))(cost)).all()
     assert torch.isfinite(torch.func.vmap(lambda c: value(c, good))(cost)).all()
+    # Compiled around torch.func transforms (no check in the graph there, and nothing that
+    # cannot be traced).
+    vmapped = torch.compile(torch.func.vmap(lambda c: value(c, good)), fullgraph=True)
+    torch.testing.assert_close(vmapped(cost), torch.func.vmap(lambda c: value(c, good))(cost))
+    grad = torch.compile(torch.func.grad(lambda c: value(c, good).sum()), fullgraph=True)
+    torch.testing.assert_close(grad(cost), torch.func.grad(lambda c: value(c, good).sum())(cost))
 
 
 @pytest.mark.parametrize("grad", ["envelope", "unrolled"])

@@ -700,6 +700,11 @@ def test_kl_divergence_exact_cases_batches_and_gradients():
     l1, l2 = random_unit(2, 6, generator=g), random_unit(2, 6, generator=g)
     assert torch.autograd.gradcheck(lambda a, b: torch.distributions.kl_divergence(
         VonMisesFisher(l1, a), VonMisesFisher(l2, b)), (k1, k2))
+    # Nearly equal large concentrations: the difference of the log-normalizers cancels to
+    # ~kappa eps, never below 0.
+    big = torch.tensor([1e6, 1e6 * (1 + 1e-9)], dtype=torch.float64)
+    near = torch.distributions.kl_divergence(VonMisesFisher(loc[:2, :], big[:1]), VonMisesFisher(loc[:2, :], big))
+    assert (near >= 0).all() and (near <= 1e-9).all()
     with pytest.raises(ValueError, match="different dimensions"):
         torch.distributions.kl_divergence(same, VonMisesFisher(random_unit(5, generator=g), 1.0))
 

@@ -271,7 +271,8 @@ class VonMisesFisher(Distribution):
 def _kl_vmf_vmf(p: VonMisesFisher, q: VonMisesFisher) -> torch.Tensor:
     """KL(p || q) = log C(kappa_p) - log C(kappa_q) + A(kappa_p) (kappa_p - kappa_q mu_p . mu_q)
     for unit locs, in float64 (the log-normalizers grow like kappa and their difference is what
-    remains); 0 for equal distributions, differentiable in both."""
+    remains: absolute error ~kappa eps, clamped at 0); 0 for equal distributions,
+    differentiable in both."""
     if p.p != q.p:
         raise ValueError(f"kl_divergence(VonMisesFisher, VonMisesFisher): the distributions live in different "
                          f"dimensions, p = {p.p} and {q.p}")
@@ -281,4 +282,4 @@ def _kl_vmf_vmf(p: VonMisesFisher, q: VonMisesFisher) -> torch.Tensor:
     one_minus_cosine = (p.loc.double() - q.loc.double()).square().sum(-1) / 2
     kl = (vmf_log_normalizer(kp, p.p) - vmf_log_normalizer(kq, q.p)
           + vmf_mean_resultant(kp, p.p) * (kp - kq + kq * one_minus_cosine))
-    return kl.to(dtype)
+    return kl.clamp_min(0).to(dtype)
