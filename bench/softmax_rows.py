@@ -67,14 +67,10 @@ def sweep(dtype_names, cols, elements: int, rounds: int, calls: int):
                 ours(*inputs[0])  # warm-up
                 ref(*inputs[0])
                 per_round = []
-                for i in range(rounds):  # alternating which goes first
-                    if i % 2:
-                        t_ours = _median_seconds(ours, inputs, calls)
-                        t_ref = _median_seconds(ref, inputs, calls)
-                    else:
-                        t_ref = _median_seconds(ref, inputs, calls)
-                        t_ours = _median_seconds(ours, inputs, calls)
-                    per_round.append(t_ref / t_ours)
+                for i in range(rounds):
+                    order = (ref, ours) if i % 2 == 0 else (ours, ref)  # alternating which goes first
+                    t = {fn: _median_seconds(fn, inputs, calls) for fn in order}
+                    per_round.append(t[ref] / t[ours])
                 ratios[op] = statistics.median(per_round)
             rows_out.append((f"{r} x {c}", name, ratios))
     return rows_out

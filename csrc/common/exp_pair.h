@@ -179,6 +179,9 @@ template <typename T>
 struct ExpPair {
   T mantissa;
   T exponent;
+
+  // exp(x) / 2^e for an integer-valued e >= exponent (a row's or a chunk's largest).
+  FASTLOSS_HD T relative_to(T e) const { return mantissa * exp2_nonpositive(exponent - e); }
 };
 
 template <typename T>

@@ -110,7 +110,7 @@ FASTLOSS_HD acc_t pass2_value(acc_t x, const RowStats<acc_t>& r) {
     return fl_min(acc_t(0), fl_fma(r.exponent, -ExpConstants<acc_t>::kLn2Hi, x) - r.log_offset);
   } else {
     const ExpPair<acc_t> p = exp_pair(fl_max(low_clamp<acc_t>(), x));
-    return p.mantissa * exp2_nonpositive(p.exponent - r.exponent) * r.inv_sum;
+    return p.relative_to(r.exponent) * r.inv_sum;
   }
 }
 
@@ -119,8 +119,7 @@ FASTLOSS_HD acc_t pass2_value(acc_t x, const RowStats<acc_t>& r) {
 // rounding of x - m ln2, and two fewer fmas than reducing the shifted value.
 template <typename acc_t>
 FASTLOSS_HD acc_t exp_shifted(acc_t x, acc_t m) {
-  const ExpPair<acc_t> p = exp_pair(x);
-  return p.mantissa * exp2_nonpositive(p.exponent - m);
+  return exp_pair(x).relative_to(m);
 }
 
 }  // namespace fastloss

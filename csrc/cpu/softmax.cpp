@@ -72,7 +72,7 @@ struct Lanes {
     const acc_t xc = fl_max(low_clamp<acc_t>(), x);
     const ExpPair<acc_t> p = exp_pair(xc);
     const acc_t e = fl_max(exponent[l], p.exponent);
-    sum[l] = sum[l] * exp2_nonpositive(exponent[l] - e) + p.mantissa * exp2_nonpositive(p.exponent - e);
+    sum[l] = sum[l] * exp2_nonpositive(exponent[l] - e) + p.relative_to(e);
     exponent[l] = e;
     nonfinite[l] += xc - xc;
   }
@@ -902,7 +902,7 @@ FASTLOSS_CPU_INLINE void forward_short_columns(const in_t* x, out_t* y, int64_t 
       }
     }
     for (int64_t i = 0; i < n; ++i) {
-      for (int l = 0; l < lanes_used; ++l) sum[l] += mantissa[i][l] * exp2_nonpositive(exponent[i][l] - top[l]);
+      for (int l = 0; l < lanes_used; ++l) sum[l] += ExpPair<acc_t>{mantissa[i][l], exponent[i][l]}.relative_to(top[l]);
     }
   });
   const LaneStats<kLog, acc_t, L> stats(sum, top, nonfinite);
@@ -911,7 +911,7 @@ FASTLOSS_CPU_INLINE void forward_short_columns(const in_t* x, out_t* y, int64_t 
       for (int l = 0; l < lanes_used; ++l) {
         acc_t v;
         if constexpr (kLog) v = pass2_value<true>(static_cast<acc_t>(x[i * inner + l]), stats[l]);
-        else v = mantissa[i][l] * exp2_nonpositive(exponent[i][l] - stats.exponent[l]) * stats.inv_sum[l];
+        else v = ExpPair<acc_t>{mantissa[i][l], exponent[i][l]}.relative_to(stats.exponent[l]) * stats.inv_sum[l];
         y[i * inner + l] = to_output<out_t>(v);
       }
     }

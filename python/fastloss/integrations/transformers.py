@@ -269,12 +269,15 @@ def patch(model: torch.nn.Module) -> torch.nn.Module:
                         f"{type(model).__name__}")
     _patch_gemma3n(model)
     _patch_causal_lm(model)
-    if not any(getattr(m, "_fastloss_patched", False) or getattr(m, "_fastloss_loss_patched", False)
-               for m in model.modules()):
+    if not any(_is_patched(m) for m in model.modules()):
         warnings.warn(f"fastloss.integrations.transformers.patch: nothing in {type(model).__name__} is supported, so "
                       "nothing was patched (supported: Gemma 3n sparse MLPs, and the causal LMs "
                       f"{', '.join(_CAUSAL_LM_CLASSES)} and their subclasses that keep their forward)", stacklevel=2)
     return model
+
+
+def _is_patched(module: torch.nn.Module) -> bool:
+    return getattr(module, "_fastloss_patched", False) or getattr(module, "_fastloss_loss_patched", False)
 
 
 # What patch sets on a module's instance (the MLPs' flag, the causal LMs' flag and state).
@@ -291,7 +294,7 @@ def unpatch(model: torch.nn.Module) -> torch.nn.Module:
         raise TypeError(f"fastloss.integrations.transformers.unpatch: expected a torch.nn.Module, got "
                         f"{type(model).__name__}")
     for module in model.modules():
-        if not (getattr(module, "_fastloss_patched", False) or getattr(module, "_fastloss_loss_patched", False)):
+        if not _is_patched(module):
             continue
         for name in _PATCH_STATE:
             module.__dict__.pop(name, None)

@@ -294,8 +294,8 @@ def _standardized(x, t, std, dim):
     scale, xs, mean, safe_std, spread = _statistics(x, std, dim)
     zero = torch.zeros_like(x)
     a = torch.where(spread, (xs - mean) / safe_std, zero)
-    da = torch.where(spread, (t / scale - (t / scale).mean(dim, keepdim=True) - a * (a * t / scale).mean(dim, keepdim=True))
-                     / safe_std, zero)
+    ts = t / scale
+    da = torch.where(spread, (ts - ts.mean(dim, keepdim=True) - a * (a * ts).mean(dim, keepdim=True)) / safe_std, zero)
     return a, da
 
 
