@@ -111,6 +111,16 @@ def test_shift(device, dtype):
     check_against_reference(device, dtype, {}, "none", shift=True, n_lead=(2, 3, 5))
 
 
+def test_shift_reads_cut_cross_entropys_int_flags():
+    h, c, t, _ = make_inputs((2, 6), 8, 50, torch.float32, "cpu", bias=False)
+    for flag in (0, 1):
+        assert torch.equal(fastloss.linear_cross_entropy(h, c, t, shift=flag),
+                           fastloss.linear_cross_entropy(h, c, t, shift=bool(flag)))
+    for bad in (2, -1, "yes", 1.0):
+        with pytest.raises(TypeError, match="'shift' must be a bool"):
+            fastloss.linear_cross_entropy(h, c, t, shift=bad)
+
+
 @pytest.mark.parametrize("v", [50257, 151936])
 def test_large_vocabularies(device, v):
     check_against_reference(device, torch.float32, {"bias": True, "softcap": 30.0}, "mean", n_lead=(2, 9), d=16, v=v)

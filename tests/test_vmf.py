@@ -218,15 +218,15 @@ def test_concentration_gradient_of_w_against_mpmath(p, kappa):
         assert abs(gi - float(expected)) <= 1e-9 * abs(float(expected)), (wi, gi, expected)
 
 
-@pytest.mark.parametrize("kappa", [1e-3, 0.3, 3.0, 30.0, 300.0, 1e5, 1e7, 1e9])
+@pytest.mark.parametrize("kappa", [1e-300, 1e-3, 0.3, 0.99, 1.0, 1.01, 3.0, 30.0, 300.0, 1e5, 1e7, 1e9, 1e15])
 def test_concentration_gradient_of_w_in_closed_form_at_p3(kappa):
-    """p = 3: F(w) = (exp(kappa (w + 1)) - 1) / (exp(2 kappa) - 1), so dw/dkappa = -dF/dkappa / f.
-    At large kappa w, t and A are all near 1 on both sides of the mean: forming t = +-(1 - u^2),
-    rounding 1 + w, or letting the rule's interval end at u_w^2 - 1 instead of w each lost
-    ~1e-16 kappa relative (4e-8 at kappa = 1e9)."""
+    """p = 3: F(w) = (exp(kappa (w + 1)) - 1) / (exp(2 kappa) - 1), so dw/dkappa = -dF/dkappa / f,
+    which the op evaluates in closed form (a series up to kappa = 1, then one form per side of
+    the mean). At large kappa w and A are near 1 on both sides of the mean: a form in the
+    rounded 1 + w lost ~1e-16 kappa relative (4e-8 at kappa = 1e9, 0.09 at 1e15)."""
     from fastloss.distributions import w_kappa_derivative
 
-    for u in (1e-6, 0.01, 0.3, 0.7, 0.99, 1 - 1e-6):
+    for u in (1e-12, 1e-6, 0.01, 0.3, 0.5, 0.7, 0.99, 1 - 1e-6, 1 - 1e-12):
         k = mp.mpf(kappa)
         w = mp.mpf(float(mp.log1p(u * mp.expm1(2 * k)) / k - 1))  # the sample, rounded to float64
         cdf = lambda kk: mp.expm1(kk * (w + 1)) / mp.expm1(2 * kk)  # noqa: E731
@@ -234,7 +234,40 @@ def test_concentration_gradient_of_w_in_closed_form_at_p3(kappa):
         expected = -mp.diff(cdf, k) / density
         got = w_kappa_derivative(torch.tensor([float(w)], dtype=torch.float64),
                                  torch.tensor([kappa], dtype=torch.float64), 3).item()
-        assert abs(got - float(expected)) <= 1e-12 * abs(float(expected)), (kappa, u, got, expected)
+        assert abs(got - float(expected)) <= 4e-15 * abs(float(expected)), (kappa, u, got, expected)
+    # kappa = 0: w uniform on [-1, 1], dw/dkappa = (1 - w^2) / 2
+    w = torch.tensor([-0.999, -0.3, 0.0, 0.6, 1 - 2.0**-40], dtype=torch.float64)
+    torch.testing.assert_close(w_kappa_derivative(w, torch.zeros_like(w), 3), (1 - w) * (1 + w) / 2, rtol=4e-16,
+                               atol=0)
+
+
+@pytest.mark.parametrize("kappa", [0.0, 1e-20, 1e-3, 1.0, 50.0, 1e6])
+def test_sphere_sampler_follows_the_exact_distribution(kappa):
+    """p = 3 samples w by inverting its CDF: 1 - w has P(1 - w <= s) = (1 - exp(-kappa s)) /
+    (1 - exp(-2 kappa)) (s / 2 at kappa = 0). A Kolmogorov-Smirnov statistic against it, at the
+    0.1% level."""
+    torch.manual_seed(3)
+    loc = torch.tensor([0.0, 0.6, 0.8], dtype=torch.float64)
+    n = 20000
+    x = VonMisesFisher(loc, torch.tensor(kappa, dtype=torch.float64)).sample((n,))
+    torch.testing.assert_close(x.norm(dim=-1), torch.ones(n, dtype=torch.float64))
+    s = (x - loc).square().sum(-1) / 2  # 1 - w, accurate where w is near 1
+    s, _ = torch.sort(s)
+    cdf = s / 2 if kappa < 1e-15 else torch.expm1(-kappa * s) / math.expm1(-2 * kappa)
+    i = torch.arange(1, n + 1, dtype=torch.float64)
+    ks = torch.maximum(i / n - cdf, cdf - (i - 1) / n).max().item()
+    assert ks < 1.95 / math.sqrt(n), ks
+
+
+def test_sphere_sampler_edges():
+    loc = torch.tensor([1.0, 0.0, 0.0], dtype=torch.float64)
+    kappa = torch.tensor([math.inf, -1.0, math.nan, 1e308, 5e-324], dtype=torch.float64)
+    x = VonMisesFisher(loc.expand(5, 3), kappa, validate_args=False).sample((64,))
+    assert (x[:, 0] == loc).all()  # an infinite concentration: the point mass
+    assert x[:, 1:3].isnan().all()
+    assert torch.isfinite(x[:, 3:]).all()
+    torch.testing.assert_close(x[:, 3:].norm(dim=-1), torch.ones(64, 2, dtype=torch.float64))
+    assert (x[:, 3, 0] > 1 - 1e-12).all()
 
 
 @pytest.mark.parametrize("p,kappa", [(3, 2.0), (10, 30.0), (256, 100.0)])

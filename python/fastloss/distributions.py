@@ -161,8 +161,10 @@ class VonMisesFisher(Distribution):
 
     def _sample_w(self, shape: torch.Size, max_rounds: int = 64) -> Tuple[torch.Tensor, torch.Tensor]:
         """Wood's rejection sampler for w = mu . x (acceptance is high at every p and kappa), in
-        float64: w and 1 - w (accurate where w rounds to 1)."""
+        float64: w and 1 - w (accurate where w rounds to 1). p = 3 inverts the CDF instead."""
         kappa = self.concentration.detach().double().expand(shape)
+        if self.p == 3:
+            return self._sample_w_sphere(kappa)
         m1 = self.p - 1.0
         # b = (-2 kappa + sqrt(4 kappa^2 + m1^2)) / m1 = h / (1 + sqrt(1 + h^2)), h = m1 / (2 kappa),
         # without cancellation or overflow (1 at kappa = 0, h / 2 as kappa grows to the largest float).
@@ -202,6 +204,20 @@ class VonMisesFisher(Distribution):
         if all_true(done):
             return w, one_minus_w
         raise RuntimeError("VonMisesFisher: the rejection sampler did not converge")
+
+    @staticmethod
+    def _sample_w_sphere(kappa: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """p = 3: w by inverting its CDF (1 - exp(-kappa s)) / (1 - exp(-2 kappa)) in s = 1 - w,
+        one uniform per sample and no rejection: s = -log1p(v expm1(-2 kappa)) / kappa, v uniform
+        in (0, 1] (s = 2 v below kappa = 1e-17, where that is 2 v to rounding). Invalid
+        concentrations give NaN and an infinite one the point mass, as in Wood's sampler."""
+        v = 1 - torch.rand_like(kappa)
+        s = -torch.log1p(v * torch.expm1(-2 * kappa)) / torch.where(kappa > 0, kappa, 1.0)
+        # v = 1 with expm1(-2 kappa) rounded to -1 is log1p(-1) = -inf: the end point s = 2.
+        s = torch.where(kappa < 1e-17, 2 * v, s.clamp(max=2))
+        s = torch.where(kappa == torch.inf, torch.zeros_like(s), s)
+        s = torch.where(kappa >= 0, s, torch.full_like(s, torch.nan))
+        return 1 - s, s
 
     def _concentration_differentiated(self) -> bool:
         """Whether rsample needs dw/dkappa: reverse mode (not sample()'s no_grad), or a

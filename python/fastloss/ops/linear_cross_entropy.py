@@ -54,6 +54,9 @@ def check_options(reduction, ignore_index, softcap, label_smoothing, z_loss, fil
     if reduction not in _REDUCTIONS:
         raise ValueError(f"fastloss.linear_cross_entropy: 'reduction' must be 'mean', 'sum' or 'none', "
                          f"got {reduction!r}")
+    # cut-cross-entropy's shift=1 / 0 (an int there): anything else must be a bool.
+    if isinstance(shift, numbers.Integral) and not isinstance(shift, bool) and shift in (0, 1):
+        shift = bool(shift)
     shift = check_bool("linear_cross_entropy", "shift", shift)
     deterministic = check_bool("linear_cross_entropy", "deterministic", deterministic)
     if process_group is not None and not (torch.distributed.is_available()
