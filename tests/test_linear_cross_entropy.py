@@ -1,3 +1,4 @@
+import math
 """fastloss.linear_cross_entropy (cut cross-entropy) against torch's hidden @ C.T + bias, softcap
 and F.cross_entropy in float64; gradients, filtering, opcheck, gradcheck, torch.compile, errors,
 vocabulary parallelism (gloo, 2 processes) and the Hugging Face causal-LM patch."""
@@ -597,6 +598,31 @@ def test_large_logits_and_nan(device):
     h[1, 2] = float("nan")
     per = fastloss.linear_cross_entropy(h, c, t, reduction="none")
     assert torch.isnan(per[1]) and torch.isfinite(per[torch.arange(64, device=device) != 1]).all()
+
+
+@pytest.mark.parametrize("z_loss", [0.0, 1e-4])
+@pytest.mark.parametrize("offset", [100.0, 1e4])
+def test_float32_loss_is_not_rounded_through_the_lse(device, offset, z_loss):
+    """Exact logits (D = 1, hidden 1) of offset + N(0, 3): the loss (max - z_target) + log(sum)
+    is accurate to float32 rounding of itself, as eager's log-softmax is. Formed as lse +
+    linear it carried the LSE's rounding, up to |lse| x 2^-24: 0.6 ulp of 1e4 = 5e-4."""
+    g = torch.Generator().manual_seed(5)
+    v, n = 1000, 64
+    c = (offset + 3 * torch.randn(v, 1, generator=g)).float()
+    h = torch.ones(n, 1)
+    t = torch.randint(0, v, (n,), generator=g)
+    t[:8] = c[:, 0].argmax()  # the smallest losses
+    loss, lse = fastloss.linear_cross_entropy(h.to(device), c.to(device), t.to(device), reduction="none",
+                                              z_loss=z_loss, return_lse=True)
+    z = c[:, 0].double()
+    exact_lse = torch.logsumexp(z, 0)
+    expected = exact_lse - z[t] + z_loss * exact_lse ** 2
+    eager = F.cross_entropy(c[:, 0].expand(n, v), t, reduction="none").double() + z_loss * exact_lse ** 2
+    err, eager_err = (loss.cpu().double() - expected).abs(), (eager - expected).abs()
+    # per token: a few roundings of the loss and of log(sum) (<= log V), and z_loss's lse^2
+    bound = 4 * 2.0**-24 * (expected.abs() + math.log(v) + z_loss * exact_lse ** 2)
+    assert (err <= bound).all(), (err.max().item(), eager_err.max().item())
+    torch.testing.assert_close(lse.cpu().double(), exact_lse.expand(n), rtol=2.0**-23, atol=0)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -780,6 +780,39 @@ def test_sinkd_columns_whose_kernel_underflows(device, dtype, eps):
                                    atol=(1e-4 if dtype == torch.float32 else 1e-10) * b_.abs().max().item() + 1e-30)
 
 
+def test_sinkd_float32_gradient_where_the_scalings_spread_widely(device):
+    """T = 0.1, eps = 0.003: the float32 scalings reach x ~ 2.4e23 and y ~ 1.1e15 (valid values,
+    the loss is right), and the backward formed x_i y_j (1 - W_ij / eps) and the rank-2n
+    product before multiplying by K_ij: inf x ~0 = NaN in 21 entries of d student. The
+    powers of two of x_n and y_n now move from the factors onto K (exact scalings)."""
+    zs = torch.tensor([
+        [-5.3125, 1.2578125, 3.765625, -3.59375, -4.25, 1.59375, 3.734375],
+        [2.703125, 0.50390625, -0.125, -4.25, 1.5625, -1.75, -0.1494140625],
+        [4.46875, -1.5625, 0.57421875, 6.09375, -0.482421875, -1.8828125, -3.015625],
+        [5.84375, 0.734375, 2.421875, 3.359375, 0.265625, 0.69140625, -0.84375],
+        [0.91015625, 3.3125, 2.03125, 0.828125, -1.640625, 2.4375, 0.80859375],
+        [-3.3125, -0.70703125, -0.0024871826171875, -0.33203125, -2.484375, 6.1875, 0.42578125],
+        [-2.078125, 2.6875, 0.087890625, -2.359375, 3.0625, 1.96875, 2.34375],
+    ])
+    zt = torch.tensor([
+        [0.091796875, -1.375, -1.6953125, -1.828125, -0.443359375, 4.25, -6.6875],
+        [-0.1826171875, 0.87109375, -2.25, 4.09375, -0.380859375, -2.453125, -1.3828125],
+        [-0.54296875, 0.8203125, -3.71875, -1.125, -0.8671875, 5.5, -0.146484375],
+        [-4.3125, -1.4375, 0.54296875, -2.59375, 0.73046875, -2.484375, -0.474609375],
+        [0.91015625, -0.5390625, -3.15625, 0.62109375, -0.65625, 0.2177734375, 3.890625],
+        [-1.515625, 0.6484375, -2.375, 3.8125, -1.1796875, -1.2734375, -2.734375],
+        [3.765625, 3.859375, -0.7109375, -2.484375, -1.3125, -0.392578125, -2.25],
+    ])
+    kw = dict(temperature=0.1, eps=0.003, n_iter=50, scale=1.0)
+    grads = []
+    for dtype in (torch.float32, torch.float64):
+        a, b = (t.to(device, dtype).requires_grad_() for t in (zs, zt))
+        grads.append(torch.autograd.grad(fastloss.sinkhorn_kd_loss(a, b, **kw), (a, b)))
+    for got, ref in zip(*grads):
+        assert torch.isfinite(got).all()
+        assert ((got.double() - ref).norm() / ref.norm()).item() < 1e-3
+
+
 def test_sinkd_cpu_independent_of_thread_count():
     # B = 600 takes the parallel fused passes: fixed row ranges, added in a fixed order.
     g = torch.Generator().manual_seed(600)

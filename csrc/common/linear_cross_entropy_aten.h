@@ -47,11 +47,13 @@ inline void check_targets_async(const char* op, const at::Tensor& targets, const
                             ") or equal ignore_index (device-side check)");
 }
 
-// (lse, linear) over this classifier's rows, 0 at ignored tokens.
+// (lse, linear) over this classifier's rows, 0 at ignored tokens; with a z_loss, (lse, loss)
+// instead (the loss is formed from the LSE's unrounded parts, as token_loss does).
 inline std::tuple<at::Tensor, at::Tensor> statistics(const char* op, const at::Tensor& hidden,
                                                      const at::Tensor& classifier, const at::Tensor& targets_in,
                                                      const c10::optional<at::Tensor>& bias, int64_t ignore_index,
                                                      double softcap, double label_smoothing,
+                                                     c10::optional<double> z_loss,
                                                      const LinearCrossEntropyArgs& args) {
   const auto options = hidden.options().dtype(args.acc);
   const at::Tensor targets = targets_in.to(at::kLong);
@@ -84,21 +86,24 @@ inline std::tuple<at::Tensor, at::Tensor> statistics(const char* op, const at::T
     const at::Tensor picked = z.gather(1, col.clamp(0, vb - 1).unsqueeze(1)).squeeze(1);
     target_logit.add_(at::where(in_block, picked, zero));
   }
-  const at::Tensor lse = at::where(active, run_max + run_sum.log(), zero);
+  const at::Tensor log_sum = run_sum.log();
+  const at::Tensor lse = at::where(active, run_max + log_sum, zero);
   // Without smoothing the logit sum is left out: it is -inf when the bias masks entries.
   at::Tensor linear = target_logit * -(1.0 - label_smoothing);
   if (label_smoothing != 0) linear = linear - logit_sum * (label_smoothing / args.vocab_total);
   linear = at::where(active, linear, zero);
-  return {lse, linear};
+  if (!z_loss) return {lse, linear};
+  const at::Tensor from_parts = (run_max + linear) + log_sum + lse * lse * *z_loss;
+  const at::Tensor loss = at::where(lse.isfinite(), from_parts, lse + lse * lse * *z_loss + linear);
+  return {lse, at::where(active, loss, zero)};
 }
 
 inline std::tuple<at::Tensor, at::Tensor> forward(const char* op, const at::Tensor& hidden, const at::Tensor& classifier,
                                                   const at::Tensor& targets, const c10::optional<at::Tensor>& bias,
                                                   int64_t ignore_index, double softcap, double label_smoothing,
                                                   double z_loss, const LinearCrossEntropyArgs& args) {
-  auto [lse, linear] = statistics(op, hidden, classifier, targets, bias, ignore_index, softcap, label_smoothing, args);
-  // Ignored tokens: lse = linear = 0, so loss = 0.
-  at::Tensor loss = lse + lse * lse * z_loss + linear;
+  auto [lse, loss] = statistics(op, hidden, classifier, targets, bias, ignore_index, softcap, label_smoothing, z_loss,
+                                args);
   return {loss, lse};
 }
 

@@ -90,6 +90,17 @@ FASTLOSS_HD acc_t token_loss(acc_t lse, acc_t linear, acc_t z_loss) {
   return lse + z_loss * lse * lse + linear;
 }
 
+// The same from the LSE's parts, max + log_sum (lse: their rounded sum): (max + linear) +
+// log_sum, as eager's (z - max) - log(sum) does. lse + linear would carry the rounding of lse,
+// up to |lse| x 2^-24 in float32, into a loss that may be much smaller than |lse|. An infinite
+// or NaN lse keeps token_loss's special values.
+template <typename acc_t>
+FASTLOSS_HD acc_t token_loss(acc_t max, acc_t log_sum, acc_t lse, acc_t linear, acc_t z_loss) {
+  const acc_t finite_bound = std::numeric_limits<acc_t>::max();
+  if (!(lse >= -finite_bound && lse <= finite_bound)) return token_loss(lse, linear, z_loss);
+  return (max + linear) + log_sum + z_loss * lse * lse;
+}
+
 // The non-LSE part of the loss: -(1 - ls) z_target - (ls / V) sum_j z_j. Without smoothing the
 // sum is left out, not multiplied by 0: a logit of -inf (a masked vocabulary entry) makes it
 // -inf, and 0 * -inf would be NaN where torch's loss is finite.

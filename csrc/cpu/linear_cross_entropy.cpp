@@ -606,11 +606,13 @@ void token_tile_statistics(const at::Tensor& ea, const at::Tensor& classifier, c
   });
 }
 
-// Per-token (lse, linear) over this classifier's rows for the active tokens.
+// Per-token (lse, linear) over this classifier's rows for the active tokens; with a z_loss,
+// (lse, loss) instead (the loss is formed from the LSE's unrounded parts).
 template <typename acc_t>
 void shard_statistics(const at::Tensor& ea, const at::Tensor& classifier, const c10::optional<at::Tensor>& bias,
                       const ActiveTokens& a, const LinearCrossEntropyArgs& args, double softcap,
-                      double label_smoothing, bool bf16, acc_t* lse_out, acc_t* linear_out) {
+                      double label_smoothing, bool bf16, c10::optional<double> z_loss, acc_t* lse_out,
+                      acc_t* linear_out) {
   const int64_t na = ea.size(0), parts = vocab_parts(bf16, na, args.vocab);
   // Per part: the running LSE, the target logit (from the one block holding the target, 0
   // elsewhere) and the logit sum of each token.
@@ -660,16 +662,19 @@ void shard_statistics(const at::Tensor& ea, const at::Tensor& classifier, const 
     // A NaN logit makes the token's LSE NaN, like torch. The running maxima may drop it (a
     // part whose first block holds the NaN stays "empty" at -inf and merges as nothing), the
     // logit sum does not.
-    lse_out[i] = logit_sum[i] != logit_sum[i] ? logit_sum[i] : lse[i].value();
-    linear_out[i] = token_linear(target_logit[i], logit_sum[i], ls, inv_vocab);
+    const acc_t log_sum = std::log(lse[i].sum);
+    lse_out[i] = logit_sum[i] != logit_sum[i] ? logit_sum[i] : lse[i].max + log_sum;
+    const acc_t linear = token_linear(target_logit[i], logit_sum[i], ls, inv_vocab);
+    linear_out[i] = z_loss ? token_loss(lse[i].max, log_sum, lse_out[i], linear, static_cast<acc_t>(*z_loss)) : linear;
   }
 }
 
-// Per-token statistics of the active tokens, scattered to (N) tensors with 0 at ignored tokens.
+// Per-token statistics of the active tokens, (lse, linear) or with a z_loss (lse, loss),
+// scattered to (N) tensors with 0 at ignored tokens.
 std::tuple<at::Tensor, at::Tensor> statistics(const char* op, const at::Tensor& hidden, const at::Tensor& classifier,
                                               const at::Tensor& targets, const c10::optional<at::Tensor>& bias,
                                               int64_t ignore_index, double softcap, double label_smoothing,
-                                              const LinearCrossEntropyArgs& args) {
+                                              c10::optional<double> z_loss, const LinearCrossEntropyArgs& args) {
   const auto options = hidden.options().dtype(args.acc);
   at::Tensor lse = at::zeros({args.tokens}, options), linear = at::zeros({args.tokens}, options);
   const ActiveTokens a = active_tokens(op, targets, ignore_index, args.vocab_total);
@@ -679,10 +684,10 @@ std::tuple<at::Tensor, at::Tensor> statistics(const char* op, const at::Tensor& 
   const at::Tensor ea = active_hidden(hidden, a, bf16 ? c10::kBFloat16 : args.acc);
   at::Tensor lse_a = a.all ? lse : at::empty({na}, options), linear_a = a.all ? linear : at::empty({na}, options);
   if (args.acc == c10::kDouble) {
-    shard_statistics<double>(ea, classifier, bias, a, args, softcap, label_smoothing, false,
+    shard_statistics<double>(ea, classifier, bias, a, args, softcap, label_smoothing, false, z_loss,
                              lse_a.mutable_data_ptr<double>(), linear_a.mutable_data_ptr<double>());
   } else {
-    shard_statistics<float>(ea, classifier, bias, a, args, softcap, label_smoothing, bf16,
+    shard_statistics<float>(ea, classifier, bias, a, args, softcap, label_smoothing, bf16, z_loss,
                             lse_a.mutable_data_ptr<float>(), linear_a.mutable_data_ptr<float>());
   }
   if (!a.all) {
@@ -703,19 +708,9 @@ std::tuple<at::Tensor, at::Tensor> linear_cross_entropy(const at::Tensor& hidden
   TORCH_CHECK(hidden.device().is_cpu(), "fastloss.", op, ": expected 'hidden' on the CPU");
   const LinearCrossEntropyArgs args =
       linear_cross_entropy_args(op, hidden, classifier, targets, bias, softcap, label_smoothing, z_loss, 0, -1);
-  auto [lse, linear] = statistics(op, hidden, classifier, targets, bias, ignore_index, softcap, label_smoothing, args);
-  // loss = lse + z_loss lse^2 + linear; ignored tokens have lse = linear = 0, so loss 0.
-  at::Tensor loss = linear;
-  if (args.acc == c10::kDouble) {
-    double* lp = loss.mutable_data_ptr<double>();
-    const double* sp = lse.const_data_ptr<double>();
-    for (int64_t i = 0; i < args.tokens; ++i) lp[i] = token_loss(sp[i], lp[i], z_loss);
-  } else {
-    float* lp = loss.mutable_data_ptr<float>();
-    const float* sp = lse.const_data_ptr<float>();
-    const float zl = static_cast<float>(z_loss);
-    for (int64_t i = 0; i < args.tokens; ++i) lp[i] = token_loss(sp[i], lp[i], zl);
-  }
+  // Ignored tokens: loss 0.
+  auto [lse, loss] = statistics(op, hidden, classifier, targets, bias, ignore_index, softcap, label_smoothing, z_loss,
+                                args);
   return {loss, lse};
 }
 
@@ -729,7 +724,7 @@ std::tuple<at::Tensor, at::Tensor> linear_cross_entropy_shard(const at::Tensor& 
   TORCH_CHECK(hidden.device().is_cpu(), "fastloss.", op, ": expected 'hidden' on the CPU");
   const LinearCrossEntropyArgs args = linear_cross_entropy_args(op, hidden, classifier, targets, bias, softcap,
                                                                 label_smoothing, 0.0, vocab_start, vocab_total);
-  return statistics(op, hidden, classifier, targets, bias, ignore_index, softcap, label_smoothing, args);
+  return statistics(op, hidden, classifier, targets, bias, ignore_index, softcap, label_smoothing, c10::nullopt, args);
 }
 
 // The logit-gradient tile (rows x vb, float32) rounded to bfloat16 for the two products:

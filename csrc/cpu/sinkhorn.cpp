@@ -1250,22 +1250,46 @@ std::tuple<at::Tensor, at::Tensor> sinkhorn_kd_backward(const at::Tensor& grad_l
     at::Tensor K = at::empty({B, B}, opts);
     acc_t* k = K.mutable_data_ptr<acc_t>();
     kernel_matrix(w, k, inv_eps, B, n_iter, static_cast<acc_t*>(nullptr));
+    // x_n and y_n as mantissa x power of two (1 for 0, inf, NaN: frexp's exponent 0 there).
+    // Rows i of Lf and j of Rf are scaled by the powers 2^-(e_i), 2^-(f_j), and K_ij by
+    // 2^(e_i + f_j), so the product and the bracket below round exactly as unscaled, while
+    // neither x_i y_j (1 - W_ij / eps) nor the product overflows where the scalings spread
+    // widely at small eps (x ~ 1e23, y ~ 1e15 in float32: inf x K_ij ~0 was NaN).
+    const acc_t* xn = xc.const_data_ptr<acc_t>() + n_iter * B;
+    const acc_t* yn = yc.const_data_ptr<acc_t>() + n_iter * B;
+    std::vector<acc_t> mx(B), my(B), px(B), py(B);
+    for (int64_t i = 0; i < B; ++i) {
+      int ex = 0, ey = 0;
+      mx[i] = std::frexp(xn[i], &ex);
+      my[i] = std::frexp(yn[i], &ey);
+      if (!std::isfinite(xn[i])) mx[i] = xn[i], ex = 0;
+      if (!std::isfinite(yn[i])) my[i] = yn[i], ey = 0;
+      px[i] = std::ldexp(acc_t(1), ex);
+      py[i] = std::ldexp(acc_t(1), ey);
+    }
     at::Tensor G = at::zeros({B, B}, opts);
     if (n_iter > 0) {
       at::Tensor Lf = at::empty({B, 2 * n_iter}, opts), Rf = at::empty({B, 2 * n_iter}, opts);
-      sinkhorn_kd_sweep<acc_t>(w, k, xc.const_data_ptr<acc_t>(), yc.const_data_ptr<acc_t>(), B, n_iter, g,
-                               Lf.mutable_data_ptr<acc_t>(), Rf.mutable_data_ptr<acc_t>());
+      acc_t* lf = Lf.mutable_data_ptr<acc_t>();
+      acc_t* rf = Rf.mutable_data_ptr<acc_t>();
+      sinkhorn_kd_sweep<acc_t>(w, k, xc.const_data_ptr<acc_t>(), yc.const_data_ptr<acc_t>(), B, n_iter, g, lf, rf);
+      const int64_t r = 2 * n_iter;
+      for (int64_t i = 0; i < B; ++i) {
+        const acc_t sx = acc_t(1) / px[i], sy = acc_t(1) / py[i];
+        for (int64_t c = 0; c < r; ++c) {
+          lf[i * r + c] *= sx;
+          rf[i * r + c] *= sy;
+        }
+      }
       at::mm_out(G, Lf, Rf.t());
     }
-    // dL/dW = K o (s x y^T (1 - W / eps) - (Lf Rf^T) / eps)
-    const acc_t* xn = xc.const_data_ptr<acc_t>() + n_iter * B;
-    const acc_t* yn = yc.const_data_ptr<acc_t>() + n_iter * B;
+    // dL/dW = K o (s x y^T (1 - W / eps) - (Lf Rf^T) / eps), in the scaled factors.
     acc_t* gw = G.mutable_data_ptr<acc_t>();
     at::parallel_for(0, B, grain_for(B), [&](int64_t r0, int64_t r1) {
       for (int64_t i = r0; i < r1; ++i)
         for (int64_t j = 0; j < B; ++j) {
           const int64_t q = i * B + j;
-          gw[q] = k[q] * (g * xn[i] * yn[j] * (acc_t(1) - w[q] * inv_eps) - gw[q] * inv_eps);
+          gw[q] = k[q] * px[i] * py[j] * (g * mx[i] * my[j] * (acc_t(1) - w[q] * inv_eps) - gw[q] * inv_eps);
         }
     });
     if (student_grad) {

@@ -225,7 +225,8 @@ std::tuple<at::Tensor, at::Tensor> linear_cross_entropy_shard(const at::Tensor& 
     return kernel_forward(op, hidden, classifier, targets, bias, ignore_index, softcap, label_smoothing, 0.0,
                           /*shard=*/true, args);
   }
-  return aten_impl::statistics(op, hidden, classifier, targets, bias, ignore_index, softcap, label_smoothing, args);
+  return aten_impl::statistics(op, hidden, classifier, targets, bias, ignore_index, softcap, label_smoothing,
+                               c10::nullopt, args);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_cross_entropy_backward(

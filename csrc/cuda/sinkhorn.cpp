@@ -186,9 +186,20 @@ std::tuple<at::Tensor, at::Tensor> sinkhorn_kd_backward(const at::Tensor& grad_l
     y_bar = at::mv(Kt, w);
     x_bar = at::zeros_like(x_bar);
   }
-  at::Tensor G = at::outer(xn, yn) * g * (1.0 - W * (1.0 / eps));
-  if (n_iter > 0) G = G - at::mm(at::stack(left, 1), at::stack(right, 1).t()) * (1.0 / eps);
-  G = (G * K).contiguous();
+  // As on the CPU: x_n and y_n split into mantissa and power of two, the powers moved from
+  // the factors onto K (exact scalings), so nothing overflows where the scalings spread widely.
+  const auto [mx, ex] = at::frexp(xn);
+  const auto [my, ey] = at::frexp(yn);
+  const at::Tensor one = at::ones_like(xn);
+  const at::Tensor fx = xn.isfinite(), fy = yn.isfinite();
+  const at::Tensor px = at::where(fx, at::ldexp(one, ex), one), py = at::where(fy, at::ldexp(one, ey), one);
+  const at::Tensor mxf = at::where(fx, mx, xn), myf = at::where(fy, my, yn);
+  at::Tensor G = at::outer(mxf, myf) * g * (1.0 - W * (1.0 / eps));
+  if (n_iter > 0) {
+    const at::Tensor lf = at::stack(left, 1) / px.unsqueeze(1), rf = at::stack(right, 1) / py.unsqueeze(1);
+    G = G - at::mm(lf, rf.t()) * (1.0 / eps);
+  }
+  G = (G * (K * px.unsqueeze(1) * py.unsqueeze(0))).contiguous();
   auto softmax_backward = [&](const at::Tensor& p, const at::Tensor& dp) {
     return p * (dp - (dp * p).sum(1, true)) * (1.0 / temperature);
   };
