@@ -210,11 +210,19 @@ struct LogBesselFunction : torch::autograd::Function<LogBesselFunction<kI>> {
     static const auto grad_op =
         op_handle<BesselGradSig>(kI ? "fastloss::log_bessel_iv_grad" : "fastloss::log_bessel_kv_grad");
     const variable_list saved = ctx->get_saved_variables();
-    const auto [d_dv, d_dx] = grad_op.call(saved[0], saved[1]);
+    // Half-precision inputs: the derivatives in float32, multiplied by the output gradient and
+    // rounded once. Rounded first, d/dx = v / x (1e5 at v = 10, x = 1e-4) overflowed float16
+    // where the gradient (x 0.01: 1e3) does not.
+    auto widened = [](const at::Tensor& t) {
+      return at::isReducedFloatingType(t.scalar_type()) ? t.to(at::kFloat) : t;
+    };
+    const auto [d_dv, d_dx] = grad_op.call(widened(saved[0]), widened(saved[1]));
     at::Tensor grad_v, grad_x;
     // Symbolic sizes: concrete ones made torch.compile(dynamic=True) recompile for every shape.
-    if (ctx->needs_input_grad(0)) grad_v = (grads[0] * d_dv).sum_to_size_symint(saved[0].sym_sizes());
-    if (ctx->needs_input_grad(1)) grad_x = (grads[0] * d_dx).sum_to_size_symint(saved[1].sym_sizes());
+    if (ctx->needs_input_grad(0))
+      grad_v = (grads[0] * d_dv).sum_to_size_symint(saved[0].sym_sizes()).to(saved[0].scalar_type());
+    if (ctx->needs_input_grad(1))
+      grad_x = (grads[0] * d_dx).sum_to_size_symint(saved[1].sym_sizes()).to(saved[1].scalar_type());
     return {grad_v, grad_x};
   }
 };

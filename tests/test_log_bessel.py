@@ -669,6 +669,26 @@ def test_second_derivatives_float32_and_half(device):
         assert all(t.dtype == torch.float16 for t in half)
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("transform", [False, True])
+def test_half_gradient_is_rounded_once(device, dtype, transform):
+    # d/dx log I_10 at x = 1e-4 is ~v / x = 1e5, beyond float16's range; times an output
+    # gradient of 0.01 it is 1e3. The derivative was rounded to float16 first: inf.
+    v = torch.tensor([10.0, 0.0, 3.5], dtype=dtype, device=device, requires_grad=True)
+    x = torch.tensor([1e-4, 3.0, 2e-4], dtype=dtype, device=device, requires_grad=True)
+    upstream = torch.full((3,), 0.01, dtype=dtype, device=device)
+    for fn in (fastloss.log_bessel_iv, fastloss.log_bessel_kv):
+        if transform:
+            grads = torch.func.vjp(fn, v, x)[1](upstream)
+        else:
+            grads = torch.autograd.grad(fn(v, x), (v, x), upstream)
+        v64, x64 = (t.detach().double().requires_grad_() for t in (v, x))
+        refs = torch.autograd.grad(fn(v64, x64), (v64, x64), upstream.double())
+        for got, ref in zip(grads, refs):
+            assert got.dtype == dtype
+            torch.testing.assert_close(got.double(), ref, rtol=2 * torch.finfo(dtype).eps, atol=0)
+
+
 def test_second_derivative_limits_and_special_values():
     inf, nan = math.inf, math.nan
     x = torch.tensor([0.0, inf, -1.0, nan], dtype=torch.float64)

@@ -159,6 +159,10 @@ def _sum_to(t, like, needed):
     return t.sum_to_size(like.shape) if needed and t is not None else None
 
 
+def _widened(t: torch.Tensor) -> torch.Tensor:
+    return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
+
+
 def _make_grad_transform_function(name: str):
     """The transform function of the derivative op (d/dv, d/dx): its own derivatives are the
     second derivatives (d_vv, d_vx, d_xx); the second-derivative op has none."""
@@ -192,8 +196,10 @@ def _make_transform_function(kind: str):
         v, x = ctx.saved_tensors
         if grad is None:
             return None, None
-        d_dv, d_dx = grad_fn.apply(v, x)
-        return _sum_to(grad * d_dv, v, ctx.needs_input_grad[0]), _sum_to(grad * d_dx, x, ctx.needs_input_grad[1])
+        # Half inputs: the derivatives in float32, rounded once with the gradient (as in C++).
+        d_dv, d_dx = grad_fn.apply(_widened(v), _widened(x))
+        dv, dx = _sum_to(grad * d_dv, v, ctx.needs_input_grad[0]), _sum_to(grad * d_dx, x, ctx.needs_input_grad[1])
+        return None if dv is None else dv.to(v.dtype), None if dx is None else dx.to(x.dtype)
 
     def jvp(ctx, tangent_v, tangent_x):
         v, x = ctx.saved_tensors
