@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 import fastloss
+from fastloss.distributions import VonMisesFisher
 
 from .harness import Case, Result, Roofline, Target, Unavailable
 
@@ -230,6 +231,35 @@ def _vmf_case(what: str, p: int, dtype, device, n) -> Case:
                              writes=1)
 
 
+VMF_SAMPLE_KAPPA = 100.0
+
+
+def _vmf_sample_case(p: int, device, n) -> Case:
+    """Samples of VonMisesFisher(e_1, kappa = 100) on S^(p-1), fp64: fastloss's sample()
+    against scipy.stats.vonmises_fisher's rvs (both by Wood's rejection sampler, and by
+    inverting the CDF at p = 3). min(n, 16 n / p) samples, so that p = 2048 writes 8 MiB."""
+    samples = min(n, 16 * n // p)
+
+    def sample(seed):
+        loc = torch.zeros(p, dtype=torch.float64)
+        loc[0] = 1
+        return loc.to(device), torch.tensor(VMF_SAMPLE_KAPPA, dtype=torch.float64, device=device)
+
+    def ours(loc, kappa):
+        return VonMisesFisher(loc, kappa).sample((samples,))
+
+    def scipy_rvs(loc, kappa):
+        from scipy.stats import vonmises_fisher  # type: ignore
+
+        return vonmises_fisher(loc.cpu().numpy(), float(kappa)).rvs(samples)
+
+    peer = scipy_rvs if _scipy() else Unavailable("scipy: not installed")
+    elem = 8
+    return Case(family=FAMILY, shape=(samples, p), dtype=torch.float64, mode=f"vMF sample, p={p}", device=device,
+                make_inputs=sample, input_bytes=(p + 1) * elem, fastloss=ours, baselines={"scipy": peer},
+                bytes_moved=samples * p * elem)
+
+
 def cases(device: str, quick: bool) -> List[Case]:
     n = QUICK_N if quick else N
     sp = _scipy()
@@ -262,6 +292,8 @@ def cases(device: str, quick: bool) -> List[Case]:
     for p in VMF_DIMS:
         out.append(_vmf_case("A_p", p, torch.float64, device, n))
         out.append(_vmf_case("kappa MLE", p, torch.float64, device, n))
+    for p in VMF_DIMS:
+        out.append(_vmf_sample_case(p, device, n))
     return out
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Tuple
 
 import numpy as np
@@ -236,10 +237,15 @@ class VonMisesFisher(Distribution):
             kappa = torch.where(kappa == torch.inf, torch.zeros_like(kappa), kappa)
             w = w + (kappa - kappa.detach()) * dw  # value w, gradient dw/dkappa
         w = w.unsqueeze(-1)
-        # A uniform direction orthogonal to e1, then x = w e1 + sqrt(1 - w^2) v.
-        v = torch.randn(shape, dtype=self.loc.dtype, device=self.loc.device)
-        v[..., 0] = 0
-        v = v / v.norm(dim=-1, keepdim=True)
+        # A uniform direction in the tangent space of e1 (the last p - 1 coordinates); the
+        # sample in the frame of e1 is x = (w, radius t).
+        # (p = 3: the angle on the circle, one uniform and no normalization.)
+        if self.p == 3:
+            angle = torch.rand(shape[:-1], dtype=self.loc.dtype, device=self.loc.device) * (2 * math.pi)
+            t = torch.stack([torch.cos(angle), torch.sin(angle)], dim=-1)
+        else:
+            t = torch.randn(shape[:-1] + (self.p - 1,), dtype=self.loc.dtype, device=self.loc.device)
+            t = t / torch.linalg.vector_norm(t, dim=-1, keepdim=True)
         # sqrt(1 - w^2) from the float64 1 - w (w may round to 1 while the radius is ~1e-8), with
         # the gradient -w / radius times w's, 0 where the radius is 0 (sqrt's infinite slope there
         # made the product NaN). w's gradient comes from the float64 w, so it is 0 where that
@@ -248,18 +254,18 @@ class VonMisesFisher(Distribution):
         wd = w.detach()
         slope = torch.where(radius_value > 0, -wd / torch.where(radius_value > 0, radius_value, 1.0), 0.0)
         radius = radius_value + (w - wd) * slope
-        x = torch.cat([w, radius * v[..., 1:]], dim=-1)
         # An orthogonal map taking e1 to mu = loc / |loc|, smooth in mu: where mu[0] < 0 the
         # Householder reflection along u = e1 - mu, elsewhere minus the reflection along
         # u = e1 + mu (which takes e1 to -mu). |u|^2 = 2 + 2 |mu[0]| >= 2 either way; the single
         # reflection along e1 - mu is singular at mu = e1 (its gradient grew like 1 / |e1 - mu|).
         mu = self.loc / self.loc.norm(dim=-1, keepdim=True)
         s = torch.where(mu[..., :1] >= 0, 1.0, -1.0).to(mu.dtype)
-        e1 = torch.zeros_like(mu)
-        e1[..., 0] = 1
-        u = e1 + s * mu
-        reflected = x - 2 * (x * u).sum(-1, keepdim=True) / (u * u).sum(-1, keepdim=True) * u
-        return -s * reflected
+        u = torch.cat([1 + s * mu[..., :1], s * mu[..., 1:]], dim=-1)  # e1 + s mu
+        # -s (x - 2 (x . u) / |u|^2 u) in few passes over the samples: x . u from x's two parts
+        # (u is per distribution, not per sample), then one fused multiply-add.
+        xu = w * u[..., :1] + radius * torch.linalg.vecdot(t, u[..., 1:]).unsqueeze(-1)
+        coef = xu * (2 * s / (u * u).sum(-1, keepdim=True))
+        return torch.addcmul(torch.cat([-s * w, (-s * radius) * t], dim=-1), coef, u)
 
     @classmethod
     def fit(cls, samples: torch.Tensor, iterations: int = 10) -> "VonMisesFisher":
