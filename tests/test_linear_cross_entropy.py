@@ -1,8 +1,8 @@
-import math
 """fastloss.linear_cross_entropy (cut cross-entropy) against torch's hidden @ C.T + bias, softcap
 and F.cross_entropy in float64; gradients, filtering, opcheck, gradcheck, torch.compile, errors,
 vocabulary parallelism (gloo, 2 processes) and the Hugging Face causal-LM patch."""
 
+import math
 import os
 import socket
 

@@ -670,7 +670,7 @@ def test_second_derivatives_float32_and_half(device):
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("transform", [False, True])
+@pytest.mark.parametrize("transform", [False, True, "jvp"])
 def test_half_gradient_is_rounded_once(device, dtype, transform):
     # d/dx log I_10 at x = 1e-4 is ~v / x = 1e5, beyond float16's range; times an output
     # gradient of 0.01 it is 1e3. The derivative was rounded to float16 first: inf.
@@ -678,7 +678,10 @@ def test_half_gradient_is_rounded_once(device, dtype, transform):
     x = torch.tensor([1e-4, 3.0, 2e-4], dtype=dtype, device=device, requires_grad=True)
     upstream = torch.full((3,), 0.01, dtype=dtype, device=device)
     for fn in (fastloss.log_bessel_iv, fastloss.log_bessel_kv):
-        if transform:
+        if transform == "jvp":  # forward mode: the tangents of v and x one at a time
+            zero = torch.zeros_like(upstream)
+            grads = (torch.func.jvp(fn, (v, x), (upstream, zero))[1], torch.func.jvp(fn, (v, x), (zero, upstream))[1])
+        elif transform:
             grads = torch.func.vjp(fn, v, x)[1](upstream)
         else:
             grads = torch.autograd.grad(fn(v, x), (v, x), upstream)

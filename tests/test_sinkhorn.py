@@ -813,6 +813,27 @@ def test_sinkd_float32_gradient_where_the_scalings_spread_widely(device):
         assert ((got.double() - ref).norm() / ref.norm()).item() < 1e-3
 
 
+@pytest.mark.parametrize("dtype,shifts", [(torch.float32, (123, -124)), (torch.float64, (1021, -1018))])
+def test_sinkd_backward_with_scalings_near_the_ends_of_the_range(device, dtype, shifts):
+    """A trajectory rescaled as (x 2^c, y 2^-c) has the same plan, loss and gradients; with x_n or
+    y_n near the ends of the exponent range, moving their powers of two (2^128 = inf) or their
+    reciprocals (2^127 for x_n < 2^-127) onto the factors overflowed: the powers are clamped."""
+    g = torch.Generator().manual_seed(64)
+    zs, zt = (torch.randn(64, 10, generator=g, dtype=dtype).to(device) for _ in range(2))
+    loss, ps, pt, W, xs, ys = torch.ops.fastloss.sinkhorn_kd(zs, zt, 1.0, 0.1, 20, 1.0)
+    one = torch.ones((), dtype=dtype, device=device)
+    args = (1.0, 0.1, 1.0, True, True, dtype, dtype)
+    base = torch.ops.fastloss.sinkhorn_kd_backward(one, ps, pt, W, xs, ys, *args)
+    # (for these inputs: x_n up to 2^127 / down to 2^-127.5 in float32; further, the sweep's own
+    # products of the scalings overflow, before and after the clamp)
+    for c in shifts:
+        got = torch.ops.fastloss.sinkhorn_kd_backward(one, ps, pt, W, xs * 2.0**c, ys * 2.0**-c, *args)
+        for a, b in zip(got, base):
+            # the sweep's own products of such scalings pass through subnormals: close, not equal
+            assert torch.isfinite(a).all()
+            torch.testing.assert_close(a, b, rtol=0, atol=1e-3 * b.abs().max().item())
+
+
 def test_sinkd_cpu_independent_of_thread_count():
     # B = 600 takes the parallel fused passes: fixed row ranges, added in a fixed order.
     g = torch.Generator().manual_seed(600)

@@ -93,9 +93,11 @@ inline std::tuple<at::Tensor, at::Tensor> statistics(const char* op, const at::T
   if (label_smoothing != 0) linear = linear - logit_sum * (label_smoothing / args.vocab_total);
   linear = at::where(active, linear, zero);
   if (!z_loss) return {lse, linear};
+  // token_loss's choice: from the parts without label smoothing, where the LSE is finite.
+  const at::Tensor plain = lse + lse * lse * *z_loss + linear;
+  if (label_smoothing != 0) return {lse, plain};
   const at::Tensor from_parts = (run_max + linear) + log_sum + lse * lse * *z_loss;
-  const at::Tensor loss = at::where(lse.isfinite(), from_parts, lse + lse * lse * *z_loss + linear);
-  return {lse, at::where(active, loss, zero)};
+  return {lse, at::where(active & lse.isfinite(), from_parts, plain)};
 }
 
 inline std::tuple<at::Tensor, at::Tensor> forward(const char* op, const at::Tensor& hidden, const at::Tensor& classifier,

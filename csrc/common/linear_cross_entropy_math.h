@@ -92,12 +92,16 @@ FASTLOSS_HD acc_t token_loss(acc_t lse, acc_t linear, acc_t z_loss) {
 
 // The same from the LSE's parts, max + log_sum (lse: their rounded sum): (max + linear) +
 // log_sum, as eager's (z - max) - log(sum) does. lse + linear would carry the rounding of lse,
-// up to |lse| x 2^-24 in float32, into a loss that may be much smaller than |lse|. An infinite
-// or NaN lse keeps token_loss's special values.
+// up to |lse| x 2^-24 in float32, into a loss that may be much smaller than |lse|. With label
+// smoothing, linear's float32 sum of the logits has errors of that size already (neither form
+// is better), and an infinite or NaN lse keeps token_loss's special values: both as before.
 template <typename acc_t>
-FASTLOSS_HD acc_t token_loss(acc_t max, acc_t log_sum, acc_t lse, acc_t linear, acc_t z_loss) {
+FASTLOSS_HD acc_t token_loss(acc_t max, acc_t log_sum, acc_t lse, acc_t linear, acc_t z_loss,
+                             acc_t label_smoothing) {
   const acc_t finite_bound = std::numeric_limits<acc_t>::max();
-  if (!(lse >= -finite_bound && lse <= finite_bound)) return token_loss(lse, linear, z_loss);
+  if (label_smoothing != acc_t(0) || !(lse >= -finite_bound && lse <= finite_bound)) {
+    return token_loss(lse, linear, z_loss);
+  }
   return (max + linear) + log_sum + z_loss * lse * lse;
 }
 

@@ -1250,22 +1250,27 @@ std::tuple<at::Tensor, at::Tensor> sinkhorn_kd_backward(const at::Tensor& grad_l
     at::Tensor K = at::empty({B, B}, opts);
     acc_t* k = K.mutable_data_ptr<acc_t>();
     kernel_matrix(w, k, inv_eps, B, n_iter, static_cast<acc_t*>(nullptr));
-    // x_n and y_n as mantissa x power of two (1 for 0, inf, NaN: frexp's exponent 0 there).
-    // Rows i of Lf and j of Rf are scaled by the powers 2^-(e_i), 2^-(f_j), and K_ij by
-    // 2^(e_i + f_j), so the product and the bracket below round exactly as unscaled, while
-    // neither x_i y_j (1 - W_ij / eps) nor the product overflows where the scalings spread
-    // widely at small eps (x ~ 1e23, y ~ 1e15 in float32: inf x K_ij ~0 was NaN).
+    // x_n and y_n as m x 2^e, e from frexp clamped to half the exponent range (so 2^e and
+    // 2^-e are normal and finite; 0 for 0, inf and NaN). Rows i of Lf and j of Rf are scaled
+    // by 2^-e_i, 2^-f_j and K_ij by 2^(e_i + f_j): the product and the bracket below round as
+    // unscaled wherever no intermediate leaves the normal range, while neither
+    // x_i y_j (1 - W_ij / eps) nor the product overflows where the scalings spread widely at
+    // small eps (x ~ 1e23, y ~ 1e15 in float32: inf x K_ij ~0 was NaN).
+    const int kMaxShift = std::numeric_limits<acc_t>::max_exponent / 2;
+    auto split = [kMaxShift](acc_t value, acc_t* mantissa, acc_t* power, acc_t* inverse) {
+      int e = 0;
+      if (std::isfinite(value)) std::frexp(value, &e);
+      e = std::min(std::max(e, -kMaxShift), kMaxShift);
+      *power = std::ldexp(acc_t(1), e);
+      *inverse = std::ldexp(acc_t(1), -e);
+      *mantissa = value * *inverse;  // exact: a power of two within range
+    };
     const acc_t* xn = xc.const_data_ptr<acc_t>() + n_iter * B;
     const acc_t* yn = yc.const_data_ptr<acc_t>() + n_iter * B;
-    std::vector<acc_t> mx(B), my(B), px(B), py(B);
+    std::vector<acc_t> mx(B), my(B), px(B), py(B), sx(B), sy(B);
     for (int64_t i = 0; i < B; ++i) {
-      int ex = 0, ey = 0;
-      mx[i] = std::frexp(xn[i], &ex);
-      my[i] = std::frexp(yn[i], &ey);
-      if (!std::isfinite(xn[i])) mx[i] = xn[i], ex = 0;
-      if (!std::isfinite(yn[i])) my[i] = yn[i], ey = 0;
-      px[i] = std::ldexp(acc_t(1), ex);
-      py[i] = std::ldexp(acc_t(1), ey);
+      split(xn[i], &mx[i], &px[i], &sx[i]);
+      split(yn[i], &my[i], &py[i], &sy[i]);
     }
     at::Tensor G = at::zeros({B, B}, opts);
     if (n_iter > 0) {
@@ -1275,10 +1280,9 @@ std::tuple<at::Tensor, at::Tensor> sinkhorn_kd_backward(const at::Tensor& grad_l
       sinkhorn_kd_sweep<acc_t>(w, k, xc.const_data_ptr<acc_t>(), yc.const_data_ptr<acc_t>(), B, n_iter, g, lf, rf);
       const int64_t r = 2 * n_iter;
       for (int64_t i = 0; i < B; ++i) {
-        const acc_t sx = acc_t(1) / px[i], sy = acc_t(1) / py[i];
         for (int64_t c = 0; c < r; ++c) {
-          lf[i * r + c] *= sx;
-          rf[i * r + c] *= sy;
+          lf[i * r + c] *= sx[i];
+          rf[i * r + c] *= sy[i];
         }
       }
       at::mm_out(G, Lf, Rf.t());

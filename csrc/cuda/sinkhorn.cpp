@@ -186,17 +186,21 @@ std::tuple<at::Tensor, at::Tensor> sinkhorn_kd_backward(const at::Tensor& grad_l
     y_bar = at::mv(Kt, w);
     x_bar = at::zeros_like(x_bar);
   }
-  // As on the CPU: x_n and y_n split into mantissa and power of two, the powers moved from
-  // the factors onto K (exact scalings), so nothing overflows where the scalings spread widely.
-  const auto [mx, ex] = at::frexp(xn);
-  const auto [my, ey] = at::frexp(yn);
+  // As on the CPU: x_n and y_n split into m x 2^e (e clamped to half the exponent range, 0
+  // where not finite), the powers moved from the factors onto K (exact scalings), so nothing
+  // overflows where the scalings spread widely.
+  const int64_t max_shift = ps.scalar_type() == at::kDouble ? 512 : 64;
+  auto exponent = [&](const at::Tensor& t) {
+    return at::where(t.isfinite(), std::get<1>(at::frexp(t)), 0).clamp(-max_shift, max_shift);
+  };
   const at::Tensor one = at::ones_like(xn);
-  const at::Tensor fx = xn.isfinite(), fy = yn.isfinite();
-  const at::Tensor px = at::where(fx, at::ldexp(one, ex), one), py = at::where(fy, at::ldexp(one, ey), one);
-  const at::Tensor mxf = at::where(fx, mx, xn), myf = at::where(fy, my, yn);
+  const at::Tensor ex = exponent(xn), ey = exponent(yn);
+  const at::Tensor px = at::ldexp(one, ex), py = at::ldexp(one, ey);
+  const at::Tensor mxf = xn * at::ldexp(one, -ex), myf = yn * at::ldexp(one, -ey);
   at::Tensor G = at::outer(mxf, myf) * g * (1.0 - W * (1.0 / eps));
   if (n_iter > 0) {
-    const at::Tensor lf = at::stack(left, 1) / px.unsqueeze(1), rf = at::stack(right, 1) / py.unsqueeze(1);
+    const at::Tensor lf = at::stack(left, 1) * at::ldexp(one, -ex).unsqueeze(1);
+    const at::Tensor rf = at::stack(right, 1) * at::ldexp(one, -ey).unsqueeze(1);
     G = G - at::mm(lf, rf.t()) * (1.0 / eps);
   }
   G = (G * (K * px.unsqueeze(1) * py.unsqueeze(0))).contiguous();

@@ -377,7 +377,7 @@ __global__ void __launch_bounds__(kFinalizeThreads) lce_finalize_kernel(const Fi
   float lse = m + log_sum;
   if (lsum != lsum) lse = lsum;  // a NaN logit makes the token's LSE NaN, like torch
   const float linear = token_linear(tgt, lsum, p.label_smoothing, 1.f / static_cast<float>(p.vocab_total));
-  float o0 = p.shard ? lse : token_loss(m, log_sum, lse, linear, p.z_loss);
+  float o0 = p.shard ? lse : token_loss(m, log_sum, lse, linear, p.z_loss, p.label_smoothing);
   float o1 = p.shard ? linear : lse;
   if (t < 0 || t >= p.vocab_total) o0 = o1 = dev_nan<float>();
   p.out0[i] = o0;

@@ -19,7 +19,8 @@ __all__ = ["VonMisesFisher"]
 def w_kappa_derivative(w: torch.Tensor, kappa: torch.Tensor, p: int) -> torch.Tensor:
     """dw/dkappa at a fixed CDF value of w = mu . x (rsample's reparameterization gradient), for
     w and kappa of one shape, in w's dtype: a 256-node quadrature of the tail of w's density
-    beyond w, elementwise in C++/CUDA (torch.ops.fastloss.vmf_sample_w_derivative)."""
+    beyond w (p = 3: its closed form), elementwise in C++/CUDA
+    (torch.ops.fastloss.vmf_sample_w_derivative)."""
     return torch.ops.fastloss.vmf_sample_w_derivative.default(w.double(), kappa.double(), p).to(w.dtype)
 
 
@@ -75,11 +76,12 @@ class VonMisesFisher(Distribution):
     ``loc.shape[:-1]`` (one per row, as a network's (B, 1) output) is read without that dim,
     not broadcast to (B, B).
 
-    ``rsample`` (Wood 1994) is differentiable with respect to ``loc`` and ``concentration``.
-    It depends on ``loc`` only through its direction loc / |loc|, so its gradient in ``loc``
-    is tangent to the sphere (no radial part). The concentration enters through a rejection step, so its gradient is the implicit
-    reparameterization gradient (Figurnov et al. 2018) of w = mu . x at a fixed value of its
-    CDF: dw/dkappa = -(dF/dkappa) / f(w), by quadrature in float64.
+    ``rsample`` (Wood 1994; at p = 3 by inverting w's CDF) is differentiable with respect to
+    ``loc`` and ``concentration``. It depends on ``loc`` only through its direction
+    loc / |loc|, so its gradient in ``loc`` is tangent to the sphere (no radial part). The
+    concentration enters through a rejection step (or the inverse CDF), so its gradient is the
+    implicit reparameterization gradient (Figurnov et al. 2018) of w = mu . x at a fixed value
+    of its CDF: dw/dkappa = -(dF/dkappa) / f(w), by quadrature in float64 (closed form at p = 3).
 
     With ``validate_args=False``, a negative or NaN concentration gives NaN everywhere (log_prob,
     entropy, mean, samples), and an infinite one samples the point mass at ``loc``.

@@ -196,15 +196,16 @@ def _make_transform_function(kind: str):
         v, x = ctx.saved_tensors
         if grad is None:
             return None, None
-        # Half inputs: the derivatives in float32, rounded once with the gradient (as in C++).
+        # Half inputs: the derivatives in float32, rounded once with the gradient (as in C++;
+        # also for the tangents below).
         d_dv, d_dx = grad_fn.apply(_widened(v), _widened(x))
         dv, dx = _sum_to(grad * d_dv, v, ctx.needs_input_grad[0]), _sum_to(grad * d_dx, x, ctx.needs_input_grad[1])
         return None if dv is None else dv.to(v.dtype), None if dx is None else dx.to(x.dtype)
 
     def jvp(ctx, tangent_v, tangent_x):
         v, x = ctx.saved_tensors
-        d_dv, d_dx = grad_fn.apply(v, x)  # jvp runs only when v or x has a tangent
-        return _weighted_sum((tangent_v, d_dv), (tangent_x, d_dx))
+        d_dv, d_dx = grad_fn.apply(_widened(v), _widened(x))  # jvp runs only when v or x has a tangent
+        return _weighted_sum((tangent_v, d_dv), (tangent_x, d_dx)).to(torch.promote_types(v.dtype, x.dtype))
 
     return transform_function(name, op, _save_inputs, backward, jvp)
 
