@@ -31,7 +31,6 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
-#include <atomic>
 #include <cstdint>
 #include <type_traits>
 
@@ -964,21 +963,19 @@ cudaError_t forward_typed(const in_t* x, out_t* y, int64_t outer, int64_t size, 
   const unsigned grid = grid_for(outer, grid_cap);
   constexpr int kVec = 16 / sizeof(in_t);
   const int64_t cache_bytes = (size + kVec) * static_cast<int64_t>(sizeof(in_t));
-  // Set once per device to a fixed value (never per call to a per-call size), so concurrent
-  // host threads cannot shrink it under each other's launches.
+  // The opt-in is set on every such call (it is cheap, and it belongs to the context: a
+  // flag remembering it went stale after cudaDeviceReset and the launch failed), always to
+  // the same value, never to a per-call size, so concurrent host threads cannot shrink it
+  // under each other's launches.
   const int cache_limit = dev.smem_optin - 2048 < kCacheMaxBytes ? dev.smem_optin - 2048 : kCacheMaxBytes;
   const bool small_rows = size <= 4096;
   if (cache_bytes <= cache_limit) {
-    static std::atomic<int> configured[kMaxDevices][2];
-    const int variant = small_rows ? 0 : 1;
     const void* kernel = small_rows ? reinterpret_cast<const void*>(softmax_block_kernel<kLog, true, 256, in_t, out_t>)
                                     : reinterpret_cast<const void*>(softmax_block_kernel<kLog, true, 512, in_t, out_t>);
     // The 48 KB that needs no opt-in bounds static + dynamic shared memory together.
     bool ok = cache_bytes + kScratchBytes<acc_t> <= 48 * 1024;
-    if (!ok && dev.device >= 0 && dev.device < kMaxDevices) ok = configured[dev.device][variant].load() == cache_limit;
     if (!ok) {
       ok = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, cache_limit) == cudaSuccess;
-      if (ok && dev.device >= 0 && dev.device < kMaxDevices) configured[dev.device][variant].store(cache_limit);
       if (!ok) (void)cudaGetLastError();  // not sticky: fall back to the uncached kernel
     }
     if (ok) {
