@@ -600,6 +600,35 @@ def test_large_logits_and_nan(device):
     assert torch.isnan(per[1]) and torch.isfinite(per[torch.arange(64, device=device) != 1]).all()
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("v", [2, 600])
+def test_hidden_gradient_of_token_tiles_that_every_block_skips(device, dtype, v):
+    # d hidden starts uninitialized on the CPU (without bfloat16 products): a token tile's first
+    # product writes it, and tiles whose every logit gradient is filtered out are zeroed at the
+    # end. The first 1024-token tile predicts its targets with near certainty, so blocks skip
+    # it. V = 2 takes the small-block logits, 600 two vocabulary blocks. (Whether an unzeroed
+    # tile would show NaN here depends on the allocator handing back the freed NaN memory.)
+    g = torch.Generator().manual_seed(v)
+    n, d = 1100, 8  # d hidden of 70 KiB: malloc reuses freed memory for it (not fresh pages)
+    c = torch.randn(v, d, generator=g, dtype=torch.float64)
+    c = c / c.norm(dim=-1, keepdim=True)
+    t = torch.randint(0, v, (n,), generator=g)
+    h = torch.randn(n, d, generator=g, dtype=torch.float64)
+    h[:1024] = 2000 * c[t[:1024]]  # target logit 2000, the others 2000 cos
+    h, c = (x.to(device, dtype).requires_grad_() for x in (h, c))
+    loss = fastloss.linear_cross_entropy(h, c, t.to(device), reduction="sum")
+    for _ in range(4):  # NaN in freed memory that d hidden may reuse
+        garbage = torch.full((n, d), float("nan"), dtype=dtype, device=device)
+        del garbage
+    dh, dc = torch.autograd.grad(loss, (h, c))
+    h64, c64 = (x.detach().double().requires_grad_() for x in (h, c))
+    rh, rc = torch.autograd.grad(reference(h64, c64, t.to(device), reduction="sum"), (h64, c64))
+    assert torch.isfinite(dh).all()
+    tol = 1e-10 if dtype == torch.float64 else 2e-5
+    torch.testing.assert_close(dh.double(), rh, rtol=tol, atol=tol * rh.abs().max().item())
+    torch.testing.assert_close(dc.double(), rc, rtol=tol, atol=tol * rc.abs().max().item())
+
+
 @pytest.mark.parametrize("z_loss", [0.0, 1e-4])
 @pytest.mark.parametrize("offset", [100.0, 1e4])
 def test_float32_loss_is_not_rounded_through_the_lse(device, offset, z_loss):
