@@ -55,7 +55,8 @@ struct OnlineLse {
       sum += block_sum * fl_exp(block_max - max);
     }
   }
-  FASTLOSS_HD acc_t value() const { return max + fl_log(sum); }
+  FASTLOSS_HD acc_t log_sum() const { return fl_log(sum); }
+  FASTLOSS_HD acc_t value() const { return max + log_sum(); }
 };
 
 // Coefficients of one token's logit gradient: d z_j = a p_j - b [j = target] - c, and the

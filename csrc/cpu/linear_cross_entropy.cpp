@@ -703,8 +703,8 @@ void shard_statistics(const at::Tensor& ea, const at::Tensor& classifier, const 
     // A NaN logit makes the token's LSE NaN, like torch. The running maxima may drop it (a
     // part whose first block holds the NaN stays "empty" at -inf and merges as nothing), the
     // logit sum does not.
-    const acc_t log_sum = std::log(lse[i].sum);
-    lse_out[i] = logit_sum[i] != logit_sum[i] ? logit_sum[i] : lse[i].max + log_sum;
+    const acc_t log_sum = lse[i].log_sum();
+    lse_out[i] = logit_sum[i] != logit_sum[i] ? logit_sum[i] : lse[i].value();
     const acc_t linear = token_linear(target_logit[i], logit_sum[i], ls, inv_vocab);
     linear_out[i] = z_loss ? token_loss(lse[i].max, log_sum, lse_out[i], linear, static_cast<acc_t>(*z_loss), ls) : linear;
   }

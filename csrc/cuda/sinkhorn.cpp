@@ -196,11 +196,11 @@ std::tuple<at::Tensor, at::Tensor> sinkhorn_kd_backward(const at::Tensor& grad_l
   const at::Tensor one = at::ones_like(xn);
   const at::Tensor ex = exponent(xn), ey = exponent(yn);
   const at::Tensor px = at::ldexp(one, ex), py = at::ldexp(one, ey);
-  const at::Tensor mxf = xn * at::ldexp(one, -ex), myf = yn * at::ldexp(one, -ey);
-  at::Tensor G = at::outer(mxf, myf) * g * (1.0 - W * (1.0 / eps));
+  const at::Tensor sx = at::ldexp(one, -ex), sy = at::ldexp(one, -ey);  // 1 / px, 1 / py
+  at::Tensor G = at::outer(xn * sx, yn * sy) * g * (1.0 - W * (1.0 / eps));
   if (n_iter > 0) {
-    const at::Tensor lf = at::stack(left, 1) * at::ldexp(one, -ex).unsqueeze(1);
-    const at::Tensor rf = at::stack(right, 1) * at::ldexp(one, -ey).unsqueeze(1);
+    const at::Tensor lf = at::stack(left, 1) * sx.unsqueeze(1);
+    const at::Tensor rf = at::stack(right, 1) * sy.unsqueeze(1);
     G = G - at::mm(lf, rf.t()) * (1.0 / eps);
   }
   G = (G * (K * px.unsqueeze(1) * py.unsqueeze(0))).contiguous();
