@@ -485,9 +485,11 @@ struct L1DistFunction : torch::autograd::Function<L1DistFunction> {
 // loss does not depend on the shifts when n_iter >= 1, so derivatives of every order ignore
 // them (detached). The first row normalization divides by the row sums of the unshifted
 // kernel, K'' y_0 with y_0 = exp(-c / eps); the column factor y_0 itself is left out, as the
-// column normalization that follows cancels it.
+// column normalization that follows cancels it. The normalizations run in float64, as the
+// fused kernels' do wherever float32's range is too narrow for them (cpu/sinkhorn.cpp,
+// kd_scalings_fit_float).
 at::Tensor sinkhorn_kd_eager(const at::Tensor& ps, const at::Tensor& pt, double eps, int64_t n_iter, double scale) {
-  const at::Tensor W = L1DistFunction::apply(ps, pt);
+  const at::Tensor W = L1DistFunction::apply(ps, pt).to(at::kDouble);
   // (An empty batch has no minima to shift by; its loss is 0 either way.)
   if (n_iter == 0 || W.numel() == 0) return (at::exp(W * (-1.0 / eps)) * W).sum() * scale;
   const at::Tensor rows = W - W.detach().amin(1, true);

@@ -102,7 +102,8 @@ BAD_CALLS = {
     "sinkhorn_kd_backward grad_loss": ("grad_loss", lambda t: F.sinkhorn_kd_backward(
         t(2), t(4, 5), t(4, 5), t(4, 4), t(3, 4), t(3, 4), 2.0, 0.1, 1e-3, True, True, torch.float32, torch.float32)),
     "sinkhorn_kd_backward temperature": ("temperature", lambda t: F.sinkhorn_kd_backward(
-        t(), t(4, 5), t(4, 5), t(4, 4), t(3, 4), t(3, 4), 0.0, 0.1, 1e-3, True, True, torch.float32, torch.float32)),
+        t(), t(4, 5), t(4, 5), t(4, 4), t(3, 4, dtype=torch.float64), t(3, 4, dtype=torch.float64), 0.0, 0.1, 1e-3,
+        True, True, torch.float32, torch.float32)),
 }
 
 

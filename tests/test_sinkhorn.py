@@ -813,6 +813,28 @@ def test_sinkd_float32_gradient_where_the_scalings_spread_widely(device):
         assert ((got.double() - ref).norm() / ref.norm()).item() < 1e-3
 
 
+@pytest.mark.parametrize("n_iter", [40, 90])
+def test_sinkd_float32_where_the_scalings_leave_float32s_range(device, n_iter):
+    """eps = 0.0065, T = 0.3: the scalings spread by ~3 powers of two per step (x from 2^-143 to
+    2^101 after 87 steps). Float32 normalizations went to inf and NaN there (the loss was NaN
+    in about half of such random problems); the normalizations now run in float64 wherever a
+    float32 scaling would leave 2^+-63, and the float32 loss and gradients follow float64's."""
+    g = torch.Generator().manual_seed(38)
+    zs, zt = (torch.randn(38, 9, generator=g) * 3 for _ in range(2))
+    kw = dict(temperature=0.3, eps=0.0065, n_iter=n_iter, scale=1.0)
+    xs = torch.ops.fastloss.sinkhorn_kd(zs.double().to(device), zt.double().to(device), 0.3, 0.0065, n_iter, 1.0)[4]
+    span = xs.log2()
+    assert span.min() < -126 or span.max() > 127 if n_iter == 90 else span.abs().max() > 63
+    results = []
+    for dtype in (torch.float32, torch.float64):
+        a, b = (t.to(device, dtype).requires_grad_() for t in (zs, zt))
+        loss = fastloss.sinkhorn_kd_loss(a, b, **kw)
+        results.append((loss, *torch.autograd.grad(loss, (a, b))))
+    for got, ref in zip(*results):
+        assert torch.isfinite(got).all()
+        assert ((got.double() - ref).norm() / ref.norm()).item() < 1e-4
+
+
 @pytest.mark.parametrize("dtype,shifts", [(torch.float32, (123, -124)), (torch.float64, (1021, -1018))])
 def test_sinkd_backward_with_scalings_near_the_ends_of_the_range(device, dtype, shifts):
     """A trajectory rescaled as (x 2^c, y 2^-c) has the same plan, loss and gradients; with x_n or

@@ -104,8 +104,8 @@ struct SinkhornKdBackwardShape {
   int64_t batch, classes, n_iter;
 };
 
-// The saved tensors of sinkhorn_kd: p_student, p_teacher (B, C), cost (B, B), x, y
-// (n_iter + 1, B), all of the accumulation dtype; grad_loss a scalar.
+// The saved tensors of sinkhorn_kd: p_student, p_teacher (B, C), cost (B, B) of the
+// accumulation dtype; the scalings x, y (n_iter + 1, B) in float64; grad_loss a scalar.
 inline SinkhornKdBackwardShape sinkhorn_kd_backward_args(const at::Tensor& grad_loss, const at::Tensor& ps,
                                                          const at::Tensor& pt, const at::Tensor& W,
                                                          const at::Tensor& xs, const at::Tensor& ys,
@@ -123,19 +123,19 @@ inline SinkhornKdBackwardShape sinkhorn_kd_backward_args(const at::Tensor& grad_
   TORCH_CHECK(xs.dim() == 2 && xs.size(0) >= 1 && xs.size(1) == B,
               "fastloss.sinkhorn_kd_backward: expected 'x' of shape (n_iter + 1, ", B, "), got ", xs.sizes());
   const int64_t n_iter = xs.size(0) - 1;
-  const std::pair<const char*, const at::Tensor*> saved[] = {{"p_teacher", &pt}, {"cost", &W}, {"y", &ys}};
-  const std::vector<int64_t> shapes[] = {{B, C}, {B, B}, {n_iter + 1, B}};
-  for (int q = 0; q < 3; ++q) {
+  const std::pair<const char*, const at::Tensor*> saved[] = {
+      {"p_teacher", &pt}, {"cost", &W}, {"x", &xs}, {"y", &ys}};
+  const std::vector<int64_t> shapes[] = {{B, C}, {B, B}, {n_iter + 1, B}, {n_iter + 1, B}};
+  for (int q = 0; q < 4; ++q) {
     const at::Tensor& t = *saved[q].second;
+    const c10::ScalarType dtype = q < 2 ? acc : c10::kDouble;
     TORCH_CHECK(t.sizes() == c10::IntArrayRef(shapes[q]), "fastloss.sinkhorn_kd_backward: expected '", saved[q].first,
                 "' of shape ", c10::IntArrayRef(shapes[q]), ", got ", t.sizes());
-    TORCH_CHECK(t.scalar_type() == acc, "fastloss.sinkhorn_kd_backward: expected '", saved[q].first, "' of dtype ", acc,
-                ", got ", t.scalar_type());
+    TORCH_CHECK(t.scalar_type() == dtype, "fastloss.sinkhorn_kd_backward: expected '", saved[q].first, "' of dtype ",
+                dtype, ", got ", t.scalar_type());
     TORCH_CHECK(t.device() == ps.device(), "fastloss.sinkhorn_kd_backward: expected every tensor on the same device, got '",
                 saved[q].first, "' on ", t.device(), " and 'p_student' on ", ps.device());
   }
-  TORCH_CHECK(xs.scalar_type() == acc, "fastloss.sinkhorn_kd_backward: expected 'x' of dtype ", acc, ", got ",
-              xs.scalar_type());
   TORCH_CHECK(grad_loss.device() == ps.device(), "fastloss.sinkhorn_kd_backward: expected 'grad_loss' on ", ps.device(),
               ", got ", grad_loss.device());
   TORCH_CHECK(is_supported_float(student_dtype) && is_supported_float(teacher_dtype),

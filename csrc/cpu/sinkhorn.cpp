@@ -25,7 +25,8 @@
 // normalizations (sinkhorn_kd_sweep): two mat-vecs per step, the cost gradient as one
 // rank-2n product, then the cdist and softmax backward (B^2 C again). Memory: the logits
 // and probabilities (B x C) are read a few times; everything else is O(B^2 + n_iter B).
-// Accumulation in float (double for double inputs).
+// Accumulation in float (double for double inputs); the normalizations move to double where
+// float scalings would leave float's range (kd_scalings_fit_float).
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
@@ -1115,12 +1116,10 @@ void for_row_tiles(int64_t R, int64_t S, int64_t C, const F& f) {
   });
 }
 
-// Forward: p_s, p_t (B x C), W and K = exp(-W / eps) (B x B), the scaling vectors xs, ys
-// ((n_iter + 1) x B: row t is x_t / y_t, x_0 = 1, y_0 from kernel_matrix) and the loss.
+// Forward, first part: p_s, p_t (B x C) and the cost W (B x B).
 template <typename acc_t>
-void sinkhorn_kd_forward_kernel(const acc_t* zs, const acc_t* zt, int64_t B, int64_t C, acc_t inv_t, acc_t inv_eps,
-                                int64_t n_iter, acc_t scale, acc_t* ps, acc_t* pt, acc_t* W, acc_t* K, acc_t* xs,
-                                acc_t* ys, acc_t* loss) {
+void sinkhorn_kd_cost_kernel(const acc_t* zs, const acc_t* zt, int64_t B, int64_t C, acc_t inv_t, acc_t* ps,
+                             acc_t* pt, acc_t* W) {
   at::parallel_for(0, B, grain_for(2 * C), [&](int64_t b, int64_t e) {
     softmax_rows_entry(zs, ps, C, inv_t, b, e);
     softmax_rows_entry(zt, pt, C, inv_t, b, e);
@@ -1129,27 +1128,55 @@ void sinkhorn_kd_forward_kernel(const acc_t* zs, const acc_t* zt, int64_t B, int
   for (int64_t j = 0; j < static_cast<int64_t>(pt_t.size()) / std::max<int64_t>(C, 1); ++j)
     for (int64_t k = 0; k < C; ++k) pt_t[k * B + j] = pt[j * C + k];
   for_row_tiles(B, B, C, [&](int64_t r0, int64_t r1) { l1_cdist_entry(ps, pt, pt_t.data(), W, B, C, r0, r1); });
-  kernel_matrix(W, K, inv_eps, B, n_iter, ys);
-  std::vector<acc_t> tmp(B);
+}
+
+// Forward, second part: K = exp(-W / eps) (B x B), the scaling vectors xs, ys ((n_iter + 1) x B:
+// row t is x_t / y_t, x_0 = 1, y_0 from kernel_matrix) and the loss, in it_t.
+template <typename it_t>
+void sinkhorn_kd_normalize_kernel(const it_t* W, int64_t B, it_t inv_eps, int64_t n_iter, it_t scale, it_t* xs,
+                                  it_t* ys, it_t* loss) {
+  std::vector<it_t> K(B * B);
+  kernel_matrix(W, K.data(), inv_eps, B, n_iter, ys);
+  std::vector<it_t> tmp(B);
   for (int64_t i = 0; i < B; ++i) xs[i] = 1;
   for (int64_t t = 1; t <= n_iter; ++t) {
-    acc_t* x = xs + t * B;
-    acc_t* y = ys + t * B;
-    const acc_t* y_prev = ys + (t - 1) * B;
-    fused_pass(B, tmp.data(), [&](acc_t* col, int64_t r0, int64_t r1) { kd_step_entry(K, y_prev, x, col, B, r0, r1); });
-    for (int64_t j = 0; j < B; ++j) y[j] = acc_t(1) / tmp[j];
+    it_t* x = xs + t * B;
+    it_t* y = ys + t * B;
+    const it_t* y_prev = ys + (t - 1) * B;
+    fused_pass(B, tmp.data(), [&](it_t* col, int64_t r0, int64_t r1) {
+      kd_step_entry(K.data(), y_prev, x, col, B, r0, r1);
+    });
+    for (int64_t j = 0; j < B; ++j) y[j] = it_t(1) / tmp[j];
   }
   // loss = scale * sum_ij x_i K_ij y_j W_ij = scale * x . ((K o W) y)
-  const acc_t* x = xs + n_iter * B;
-  const acc_t* y = ys + n_iter * B;
-  std::vector<acc_t> kw(B * B);
+  const it_t* x = xs + n_iter * B;
+  const it_t* y = ys + n_iter * B;
+  std::vector<it_t> kw(B * B);
   at::parallel_for(0, B * B, kMinTaskWork, [&](int64_t b, int64_t e) {
     for (int64_t q = b; q < e; ++q) kw[q] = K[q] * W[q];
   });
   matvec(kw.data(), y, tmp.data(), B);
-  acc_t total = 0;
+  it_t total = 0;
   for (int64_t i = 0; i < B; ++i) total += x[i] * tmp[i];
   *loss = scale * total;
+}
+
+// Whether float32 normalizations serve: every scaling (saved as float64) finite and within
+// 2^+-kKdFloatScalingExponent, so the forward's products and the backward's squares of them
+// stay normal floats. At small eps (T <= 1, eps <= 0.01) the scalings spread by hundreds of
+// powers of two over the iterations (x from 2^-142 to 2^100 after 87 steps: float32 went to
+// inf and NaN, or lost bits in subnormals, where float64's range holds them); there the
+// normalizations and the backward's reverse sweep run in float64 instead (2x the time).
+constexpr int kKdFloatScalingExponent = 63;
+bool kd_scalings_fit_float(const at::Tensor& xs, const at::Tensor& ys) {
+  const double lo = std::ldexp(1.0, -kKdFloatScalingExponent), hi = std::ldexp(1.0, kKdFloatScalingExponent);
+  for (const at::Tensor* t : {&xs, &ys}) {
+    const at::Tensor c = t->contiguous();
+    const double* v = c.const_data_ptr<double>();
+    for (int64_t q = 0; q < c.numel(); ++q)
+      if (!(v[q] >= lo && v[q] <= hi)) return false;  // NaN fails too
+  }
+  return true;
 }
 
 // Reverse sweep through the normalizations. With s = grad_loss * scale and M = K o W, the
@@ -1204,21 +1231,97 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   const auto opts = student.options().dtype(s.acc_dtype);
   at::Tensor ps = at::empty({B, C}, opts), pt = at::empty({B, C}, opts);
   at::Tensor W = at::empty({B, B}, opts);
-  at::Tensor xs = at::empty({n_iter + 1, B}, opts), ys = at::empty({n_iter + 1, B}, opts);
+  // The scalings are saved in float64 whatever the accumulation dtype (see kd_scalings_fit_float).
+  const auto wide = opts.dtype(at::kDouble);
+  at::Tensor xs = at::empty({n_iter + 1, B}, wide), ys = at::empty({n_iter + 1, B}, wide);
   at::Tensor loss = at::zeros({}, opts);
   if (B > 0) {
     const at::Tensor zs = student.to(s.acc_dtype).contiguous();
     const at::Tensor zt = teacher.to(s.acc_dtype).contiguous();
-    at::Tensor K = at::empty({B, B}, opts);
     AT_DISPATCH_FLOATING_TYPES(s.acc_dtype, "sinkhorn_kd", [&] {
-      sinkhorn_kd_forward_kernel<scalar_t>(
-          zs.const_data_ptr<scalar_t>(), zt.const_data_ptr<scalar_t>(), B, C, scalar_t(1.0 / temperature),
-          scalar_t(1.0 / eps), n_iter, scalar_t(scale), ps.mutable_data_ptr<scalar_t>(),
-          pt.mutable_data_ptr<scalar_t>(), W.mutable_data_ptr<scalar_t>(), K.mutable_data_ptr<scalar_t>(),
-          xs.mutable_data_ptr<scalar_t>(), ys.mutable_data_ptr<scalar_t>(), loss.mutable_data_ptr<scalar_t>());
+      sinkhorn_kd_cost_kernel<scalar_t>(zs.const_data_ptr<scalar_t>(), zt.const_data_ptr<scalar_t>(), B, C,
+                                        scalar_t(1.0 / temperature), ps.mutable_data_ptr<scalar_t>(),
+                                        pt.mutable_data_ptr<scalar_t>(), W.mutable_data_ptr<scalar_t>());
     });
+    bool done = false;
+    if (s.acc_dtype == at::kFloat) {
+      at::Tensor xf = at::empty({n_iter + 1, B}, opts), yf = at::empty({n_iter + 1, B}, opts);
+      sinkhorn_kd_normalize_kernel<float>(W.const_data_ptr<float>(), B, float(1.0 / eps), n_iter, float(scale),
+                                          xf.mutable_data_ptr<float>(), yf.mutable_data_ptr<float>(),
+                                          loss.mutable_data_ptr<float>());
+      xs.copy_(xf);
+      ys.copy_(yf);
+      done = kd_scalings_fit_float(xs, ys);
+    }
+    if (!done) {
+      at::Tensor loss64 = at::zeros({}, wide);
+      sinkhorn_kd_normalize_kernel<double>(W.to(at::kDouble).contiguous().const_data_ptr<double>(), B, 1.0 / eps,
+                                           n_iter, scale, xs.mutable_data_ptr<double>(),
+                                           ys.mutable_data_ptr<double>(), loss64.mutable_data_ptr<double>());
+      loss = loss64;
+    }
   }
   return {loss.to(sinkhorn_kd_loss_dtype(student, teacher)), ps, pt, W, xs, ys};
+}
+
+// dL/dW through the normalizations and the loss's sum, in it_t: W (B x B) and the saved
+// scalings xs, ys ((n_iter + 1) x B) in it_t; g = grad_loss * scale.
+template <typename it_t>
+at::Tensor sinkhorn_kd_cost_grad(const at::Tensor& W, const at::Tensor& xs, const at::Tensor& ys, int64_t n_iter,
+                                 double eps, double g_loss) {
+  const int64_t B = W.size(0);
+  const auto opts = W.options();
+  const it_t inv_eps = it_t(1.0 / eps), g = static_cast<it_t>(g_loss);
+  const it_t* w = W.const_data_ptr<it_t>();
+  at::Tensor K = at::empty({B, B}, opts);
+  it_t* k = K.mutable_data_ptr<it_t>();
+  kernel_matrix(w, k, inv_eps, B, n_iter, static_cast<it_t*>(nullptr));
+  // x_n and y_n as m x 2^e, e from frexp clamped to half the exponent range (so 2^e and
+  // 2^-e are normal and finite; 0 for 0, inf and NaN). Rows i of Lf and j of Rf are scaled
+  // by 2^-e_i, 2^-f_j and K_ij by 2^(e_i + f_j): the product and the bracket below round as
+  // unscaled wherever no intermediate leaves the normal range, while neither
+  // x_i y_j (1 - W_ij / eps) nor the product overflows where the scalings spread widely.
+  const int kMaxShift = std::numeric_limits<it_t>::max_exponent / 2;
+  auto split = [kMaxShift](it_t value, it_t* mantissa, it_t* power, it_t* inverse) {
+    int e = 0;
+    if (std::isfinite(value)) std::frexp(value, &e);
+    e = std::min(std::max(e, -kMaxShift), kMaxShift);
+    *power = std::ldexp(it_t(1), e);
+    *inverse = std::ldexp(it_t(1), -e);
+    *mantissa = value * *inverse;  // exact: a power of two within range
+  };
+  const it_t* xn = xs.const_data_ptr<it_t>() + n_iter * B;
+  const it_t* yn = ys.const_data_ptr<it_t>() + n_iter * B;
+  std::vector<it_t> mx(B), my(B), px(B), py(B), sx(B), sy(B);
+  for (int64_t i = 0; i < B; ++i) {
+    split(xn[i], &mx[i], &px[i], &sx[i]);
+    split(yn[i], &my[i], &py[i], &sy[i]);
+  }
+  at::Tensor G = at::zeros({B, B}, opts);
+  if (n_iter > 0) {
+    at::Tensor Lf = at::empty({B, 2 * n_iter}, opts), Rf = at::empty({B, 2 * n_iter}, opts);
+    it_t* lf = Lf.mutable_data_ptr<it_t>();
+    it_t* rf = Rf.mutable_data_ptr<it_t>();
+    sinkhorn_kd_sweep<it_t>(w, k, xs.const_data_ptr<it_t>(), ys.const_data_ptr<it_t>(), B, n_iter, g, lf, rf);
+    const int64_t r = 2 * n_iter;
+    for (int64_t i = 0; i < B; ++i) {
+      for (int64_t c = 0; c < r; ++c) {
+        lf[i * r + c] *= sx[i];
+        rf[i * r + c] *= sy[i];
+      }
+    }
+    at::mm_out(G, Lf, Rf.t());
+  }
+  // dL/dW = K o (s x y^T (1 - W / eps) - (Lf Rf^T) / eps), in the scaled factors.
+  it_t* gw = G.mutable_data_ptr<it_t>();
+  at::parallel_for(0, B, grain_for(B), [&](int64_t r0, int64_t r1) {
+    for (int64_t i = r0; i < r1; ++i)
+      for (int64_t j = 0; j < B; ++j) {
+        const int64_t q = i * B + j;
+        gw[q] = k[q] * px[i] * py[j] * (g * mx[i] * my[j] * (it_t(1) - w[q] * inv_eps) - gw[q] * inv_eps);
+      }
+  });
+  return G;
 }
 
 std::tuple<at::Tensor, at::Tensor> sinkhorn_kd_backward(const at::Tensor& grad_loss, const at::Tensor& ps,
@@ -1235,67 +1338,28 @@ std::tuple<at::Tensor, at::Tensor> sinkhorn_kd_backward(const at::Tensor& grad_l
     return {at::zeros({student_grad ? B : 0, student_grad ? C : 0}, opts.dtype(student_dtype)),
             at::zeros({teacher_grad ? B : 0, teacher_grad ? C : 0}, opts.dtype(teacher_dtype))};
   }
+  // The cost gradient in float64 where the forward's normalizations ran in it.
+  const bool narrow = ps.scalar_type() == at::kFloat && kd_scalings_fit_float(xs, ys);
+  const double g_loss = grad_loss.to(at::kDouble).item<double>() * scale;
+  at::Tensor G;
+  if (narrow) {
+    G = sinkhorn_kd_cost_grad<float>(W.contiguous(), xs.to(at::kFloat).contiguous(), ys.to(at::kFloat).contiguous(),
+                                     n_iter, eps, g_loss);
+  } else {
+    G = sinkhorn_kd_cost_grad<double>(W.to(at::kDouble).contiguous(), xs.contiguous(), ys.contiguous(), n_iter, eps,
+                                      g_loss)
+            .to(ps.scalar_type());
+  }
   at::Tensor d_student, d_teacher;
   AT_DISPATCH_FLOATING_TYPES(ps.scalar_type(), "sinkhorn_kd_backward", [&] {
     using acc_t = scalar_t;
-    const acc_t inv_eps = acc_t(1.0 / eps), inv_t = acc_t(1.0 / temperature);
-    const acc_t g = static_cast<acc_t>(grad_loss.to(at::kDouble).item<double>() * scale);
-    const at::Tensor Wc = W.contiguous(), xc = xs.contiguous(), yc = ys.contiguous();
+    const acc_t inv_t = acc_t(1.0 / temperature);
     const at::Tensor psc = ps.contiguous(), ptc = pt.contiguous();
     // Transposed copies for the few-classes kernels (SIMD across rows).
     const bool few = C <= kFewClasses;
     const at::Tensor ptc_t = few && student_grad ? ptc.t().contiguous() : ptc;
     const at::Tensor psc_t = few && teacher_grad ? psc.t().contiguous() : psc;
-    const acc_t* w = Wc.const_data_ptr<acc_t>();
-    at::Tensor K = at::empty({B, B}, opts);
-    acc_t* k = K.mutable_data_ptr<acc_t>();
-    kernel_matrix(w, k, inv_eps, B, n_iter, static_cast<acc_t*>(nullptr));
-    // x_n and y_n as m x 2^e, e from frexp clamped to half the exponent range (so 2^e and
-    // 2^-e are normal and finite; 0 for 0, inf and NaN). Rows i of Lf and j of Rf are scaled
-    // by 2^-e_i, 2^-f_j and K_ij by 2^(e_i + f_j): the product and the bracket below round as
-    // unscaled wherever no intermediate leaves the normal range, while neither
-    // x_i y_j (1 - W_ij / eps) nor the product overflows where the scalings spread widely at
-    // small eps (x ~ 1e23, y ~ 1e15 in float32: inf x K_ij ~0 was NaN).
-    const int kMaxShift = std::numeric_limits<acc_t>::max_exponent / 2;
-    auto split = [kMaxShift](acc_t value, acc_t* mantissa, acc_t* power, acc_t* inverse) {
-      int e = 0;
-      if (std::isfinite(value)) std::frexp(value, &e);
-      e = std::min(std::max(e, -kMaxShift), kMaxShift);
-      *power = std::ldexp(acc_t(1), e);
-      *inverse = std::ldexp(acc_t(1), -e);
-      *mantissa = value * *inverse;  // exact: a power of two within range
-    };
-    const acc_t* xn = xc.const_data_ptr<acc_t>() + n_iter * B;
-    const acc_t* yn = yc.const_data_ptr<acc_t>() + n_iter * B;
-    std::vector<acc_t> mx(B), my(B), px(B), py(B), sx(B), sy(B);
-    for (int64_t i = 0; i < B; ++i) {
-      split(xn[i], &mx[i], &px[i], &sx[i]);
-      split(yn[i], &my[i], &py[i], &sy[i]);
-    }
-    at::Tensor G = at::zeros({B, B}, opts);
-    if (n_iter > 0) {
-      at::Tensor Lf = at::empty({B, 2 * n_iter}, opts), Rf = at::empty({B, 2 * n_iter}, opts);
-      acc_t* lf = Lf.mutable_data_ptr<acc_t>();
-      acc_t* rf = Rf.mutable_data_ptr<acc_t>();
-      sinkhorn_kd_sweep<acc_t>(w, k, xc.const_data_ptr<acc_t>(), yc.const_data_ptr<acc_t>(), B, n_iter, g, lf, rf);
-      const int64_t r = 2 * n_iter;
-      for (int64_t i = 0; i < B; ++i) {
-        for (int64_t c = 0; c < r; ++c) {
-          lf[i * r + c] *= sx[i];
-          rf[i * r + c] *= sy[i];
-        }
-      }
-      at::mm_out(G, Lf, Rf.t());
-    }
-    // dL/dW = K o (s x y^T (1 - W / eps) - (Lf Rf^T) / eps), in the scaled factors.
-    acc_t* gw = G.mutable_data_ptr<acc_t>();
-    at::parallel_for(0, B, grain_for(B), [&](int64_t r0, int64_t r1) {
-      for (int64_t i = r0; i < r1; ++i)
-        for (int64_t j = 0; j < B; ++j) {
-          const int64_t q = i * B + j;
-          gw[q] = k[q] * px[i] * py[j] * (g * mx[i] * my[j] * (acc_t(1) - w[q] * inv_eps) - gw[q] * inv_eps);
-        }
-    });
+    const acc_t* gw = G.const_data_ptr<acc_t>();
     if (student_grad) {
       at::Tensor d = at::empty({B, C}, opts);
       acc_t* dp = d.mutable_data_ptr<acc_t>();

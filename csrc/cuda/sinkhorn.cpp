@@ -130,22 +130,27 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   const auto opts = student.options().dtype(s.acc_dtype);
   if (B == 0) {
     return {at::zeros({}, opts.dtype(sinkhorn_kd_loss_dtype(student, teacher))), at::empty({0, C}, opts),
-            at::empty({0, C}, opts), at::empty({0, 0}, opts), at::empty({n_iter + 1, 0}, opts),
-            at::empty({n_iter + 1, 0}, opts)};
+            at::empty({0, C}, opts), at::empty({0, 0}, opts), at::empty({n_iter + 1, 0}, opts.dtype(at::kDouble)),
+            at::empty({n_iter + 1, 0}, opts.dtype(at::kDouble))};
   }
   const at::Tensor ps = at::softmax(student.to(s.acc_dtype) / temperature, 1).contiguous();
   const at::Tensor pt = at::softmax(teacher.to(s.acc_dtype) / temperature, 1).contiguous();
   const at::Tensor W = at::cdist(ps, pt, 1.0).contiguous();
+  // The normalizations run in float64 (the CPU's float32 fallback, without a host sync to
+  // decide): at small eps the scalings spread beyond float32's range (cpu/sinkhorn.cpp,
+  // kd_scalings_fit_float), and they are saved in float64 either way.
+  const at::Tensor W64 = W.to(at::kDouble);
   at::Tensor y0;
-  const at::Tensor K = kd_kernel(W, eps, n_iter, &y0);
+  const at::Tensor K = kd_kernel(W64, eps, n_iter, &y0);
   const at::Tensor Kt = K.t();
-  at::Tensor xs = at::ones({n_iter + 1, B}, opts), ys = at::ones({n_iter + 1, B}, opts);
+  const auto wide = opts.dtype(at::kDouble);
+  at::Tensor xs = at::ones({n_iter + 1, B}, wide), ys = at::ones({n_iter + 1, B}, wide);
   if (n_iter > 0) ys[0].copy_(y0);
   for (int64_t t = 1; t <= n_iter; ++t) {
     xs[t].copy_(at::mv(K, ys[t - 1]).reciprocal_());
     ys[t].copy_(at::mv(Kt, xs[t]).reciprocal_());
   }
-  const at::Tensor loss = at::dot(xs[n_iter], at::mv(K * W, ys[n_iter])) * scale;
+  const at::Tensor loss = at::dot(xs[n_iter], at::mv(K * W64, ys[n_iter])) * scale;
   return {loss.to(sinkhorn_kd_loss_dtype(student, teacher)), ps, pt, W, xs, ys};
 }
 
@@ -165,12 +170,13 @@ std::tuple<at::Tensor, at::Tensor> sinkhorn_kd_backward(const at::Tensor& grad_l
     return {at::zeros({student_grad ? B : 0, student_grad ? C : 0}, opts.dtype(student_dtype)),
             at::zeros({teacher_grad ? B : 0, teacher_grad ? C : 0}, opts.dtype(teacher_dtype))};
   }
-  // The reverse sweep of cpu/sinkhorn.cpp (sinkhorn_kd_sweep), with the scalar kept on the
-  // device: g = grad_loss * scale.
-  const at::Tensor g = grad_loss.to(ps.scalar_type()).reshape({}) * scale;
-  const at::Tensor K = kd_kernel(W, eps, n_iter);
+  // The reverse sweep of cpu/sinkhorn.cpp (sinkhorn_kd_sweep) in float64 as the forward's
+  // normalizations, with the scalar kept on the device: g = grad_loss * scale.
+  const at::Tensor W64 = W.to(at::kDouble);
+  const at::Tensor g = grad_loss.to(at::kDouble).reshape({}) * scale;
+  const at::Tensor K = kd_kernel(W64, eps, n_iter);
   const at::Tensor Kt = K.t();
-  const at::Tensor KW = K * W;
+  const at::Tensor KW = K * W64;
   const at::Tensor xn = xs[n_iter], yn = ys[n_iter];
   at::Tensor x_bar = at::mv(KW, yn) * g;
   at::Tensor y_bar = at::mv(KW.t(), xn) * g;
@@ -189,7 +195,7 @@ std::tuple<at::Tensor, at::Tensor> sinkhorn_kd_backward(const at::Tensor& grad_l
   // As on the CPU: x_n and y_n split into m x 2^e (e clamped to half the exponent range, 0
   // where not finite), the powers moved from the factors onto K (exact scalings), so nothing
   // overflows where the scalings spread widely.
-  const int64_t max_shift = ps.scalar_type() == at::kDouble ? 512 : 64;
+  const int64_t max_shift = 512;  // half float64's exponent range
   auto exponent = [&](const at::Tensor& t) {
     return at::where(t.isfinite(), std::get<1>(at::frexp(t)), 0).clamp(-max_shift, max_shift);
   };
@@ -197,13 +203,13 @@ std::tuple<at::Tensor, at::Tensor> sinkhorn_kd_backward(const at::Tensor& grad_l
   const at::Tensor ex = exponent(xn), ey = exponent(yn);
   const at::Tensor px = at::ldexp(one, ex), py = at::ldexp(one, ey);
   const at::Tensor sx = at::ldexp(one, -ex), sy = at::ldexp(one, -ey);  // 1 / px, 1 / py
-  at::Tensor G = at::outer(xn * sx, yn * sy) * g * (1.0 - W * (1.0 / eps));
+  at::Tensor G = at::outer(xn * sx, yn * sy) * g * (1.0 - W64 * (1.0 / eps));
   if (n_iter > 0) {
     const at::Tensor lf = at::stack(left, 1) * sx.unsqueeze(1);
     const at::Tensor rf = at::stack(right, 1) * sy.unsqueeze(1);
     G = G - at::mm(lf, rf.t()) * (1.0 / eps);
   }
-  G = (G * (K * px.unsqueeze(1) * py.unsqueeze(0))).contiguous();
+  G = (G * (K * px.unsqueeze(1) * py.unsqueeze(0))).to(ps.scalar_type()).contiguous();
   auto softmax_backward = [&](const at::Tensor& p, const at::Tensor& dp) {
     return p * (dp - (dp * p).sum(1, true)) * (1.0 / temperature);
   };

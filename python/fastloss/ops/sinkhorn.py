@@ -475,8 +475,8 @@ def _kd_fake(student, teacher, temperature, eps, n_iter, scale):
         student.new_empty((B, C), dtype=acc),
         student.new_empty((B, C), dtype=acc),
         student.new_empty((B, B), dtype=acc),
-        student.new_empty((n_iter + 1, B), dtype=acc),
-        student.new_empty((n_iter + 1, B), dtype=acc),
+        student.new_empty((n_iter + 1, B), dtype=torch.float64),
+        student.new_empty((n_iter + 1, B), dtype=torch.float64),
     )
 
 
@@ -493,7 +493,7 @@ def _kd_backward_fake(grad_loss, ps, pt, cost, x, y, temperature, eps, scale, st
     for arg, t, shape in (("p_teacher", pt, (B, C)), ("cost", cost, (B, B)), ("x", x, (x.shape[0], B)),
                           ("y", y, (x.shape[0], B))):
         check_shape(op, arg, t, shape, str(tuple(shape)))
-        check_dtype(op, arg, t, ps.dtype)
+        check_dtype(op, arg, t, torch.float64 if arg in ("x", "y") else ps.dtype)
     check_same_device(op, ps=ps, grad_loss=grad_loss, pt=pt, cost=cost, x=x, y=y)
     check_value(student_dtype in FLOAT_DTYPES and teacher_dtype in FLOAT_DTYPES, op,
                 f"expected floating 'student_dtype' and 'teacher_dtype', got {student_dtype} and {teacher_dtype}")
