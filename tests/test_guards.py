@@ -79,17 +79,23 @@ BAD_CALLS = {
                                                                             -100, 0.0, 0.0, 0.0, 0.0)),
     "lce shard outside": ("vocab_start", lambda t: F.linear_cross_entropy_shard(t(4, 8), t(10, 8), t(4, dtype=_LONG),
                                                                                 None, -100, 0.0, 0.0, 5, 12)),
+    "lce shard int64 overflow": ("vocab_start", lambda t: F.linear_cross_entropy_shard(
+        t(4, 8), t(5, 8), t(4, dtype=_LONG), None, -100, 0.0, 0.0, 2**63 - 2, 2**63 - 1)),
+    "lce forward filter_eps": ("filter_eps", lambda t: F.linear_cross_entropy(t(4, 8), t(10, 8), t(4, dtype=_LONG),
+                                                                              None, -100, 0.0, 0.0, 0.0, 2.0)),
     "lce backward lse": ("lse", lambda t: F.linear_cross_entropy_backward(
         t(4), None, t(4, 8), t(10, 8), t(4, dtype=_LONG), None, t(5), -100, 0.0, 0.0, 0.0, 0.0, [True, True, False])),
     "lce backward filter_eps": ("filter_eps", lambda t: F.linear_cross_entropy_backward(
         t(4), None, t(4, 8), t(10, 8), t(4, dtype=_LONG), None, t(4), -100, 0.0, 0.0, 0.0, 1.0, [True, True, False])),
     "sinkhorn 2-d cost": ("cost", lambda t: F.sinkhorn(t(4, 5), t(1, 4), t(1, 5), 0.1, 10, 1e-6)),
     "sinkhorn a shape": ("'a'", lambda t: F.sinkhorn(t(1, 4, 5), t(1, 5), t(1, 5), 0.1, 10, 1e-6)),
+    "sinkhorn empty side": ("n, m >= 1", lambda t: F.sinkhorn(t(1, 0, 5), t(1, 0), t(1, 5), 0.1, 10, 1e-6)),
     "sinkhorn eps": ("eps", lambda t: F.sinkhorn(t(1, 4, 5), t(1, 4), t(1, 5), 0.0, 10, 1e-6)),
     "sinkhorn error_norm": ("error_norm", lambda t: F.sinkhorn(t(1, 4, 5), t(1, 4), t(1, 5), 0.1, 10, 1e-6, 3.0)),
     "sinkhorn_kd shapes": ("teacher_logits", lambda t: F.sinkhorn_kd(t(4, 5), t(4, 6), 2.0, 0.1, 20, 1e-3)),
     "sinkhorn_kd integer": ("student_logits", lambda t: F.sinkhorn_kd(t(4, 5, dtype=_LONG), t(4, 5), 2.0, 0.1, 20,
                                                                       1e-3)),
+    "sinkhorn_kd scale": ("scale", lambda t: F.sinkhorn_kd(t(4, 5), t(4, 5), 2.0, 0.1, 20, math.nan)),
     "sinkhorn_kd temperature": ("temperature", lambda t: F.sinkhorn_kd(t(4, 5), t(4, 5), 0.0, 0.1, 20, 1e-3)),
     "vmf p": ("'p'", lambda t: F.vmf_log_normalizer(t(4), 1)),
     "vmf integer": ("kappa", lambda t: F.vmf_entropy(t(4, dtype=_LONG), 3)),

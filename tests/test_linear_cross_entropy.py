@@ -1504,6 +1504,12 @@ def _vocab_parallel_checks(rank):
                                                       leaf)[0], rtol=1e-12, atol=1e-13)
     with pytest.raises(NotImplementedError, match="process_group"):
         torch.autograd.grad(g.sum(), leaf)
+    # A batched backward runs the all-reduce under vmap, which has no rule for it: an error that
+    # names the op (torch's named neither it nor the process group).
+    loss_p = fastloss.linear_cross_entropy(leaf, c_local, t, b_local, reduction="none", filter_eps=None,
+                                           process_group=dist.group.WORLD)
+    with pytest.raises(NotImplementedError, match="fastloss.linear_cross_entropy: batched backward"):
+        torch.autograd.grad(loss_p, leaf, torch.ones((2,) + loss_p.shape, dtype=loss_p.dtype), is_grads_batched=True)
     # Heads split differently over one group, one after another (a rank's own slice size
     # recurs with other splits), and an empty slice on a rank.
     for split in ([15, 22], [10, 30], [15, 30], [0, 37], [37, 0]):

@@ -498,6 +498,9 @@ def test_bad_input(device, fn):
         fn([1.0, 2.0], -1)
     with pytest.raises(TypeError, match="'dtype'"):
         fn(torch.randn(2, 3, device=device), -1, dtype="float32")
+    # Python's float is torch's alias for float64 (torch.softmax takes it).
+    x = torch.randn(2, 3, device=device)
+    torch.testing.assert_close(fn(x, -1, dtype=float), getattr(torch, fn.__name__)(x, -1, dtype=torch.float64))
 
 
 def test_bad_backward_input(device):

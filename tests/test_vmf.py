@@ -469,6 +469,11 @@ def test_errors():
         VonMisesFisher(torch.tensor([1, 0]), 1.0)
     with pytest.raises(ValueError, match="samples"):
         VonMisesFisher.fit(torch.ones(3))
+    for kappa in (None, "a"):
+        with pytest.raises(TypeError, match="'kappa' to be a tensor or a number"):
+            fastloss.vmf_log_normalizer(kappa, 3)
+        with pytest.raises(TypeError, match="'concentration' to be a tensor or a number"):
+            VonMisesFisher(torch.tensor([1.0, 0.0]), kappa)
 
 
 @pytest.mark.parametrize("p,kappa,dtype", [(32768, 10.0, torch.float32), (2048, 0.068, torch.float32),
@@ -694,6 +699,15 @@ def test_fit_refuses_equal_samples_and_integers():
                 VonMisesFisher.fit(u.repeat(n, 1))
     with pytest.raises(ValueError, match="float tensor of shape"):
         VonMisesFisher.fit(torch.ones(3, 2, dtype=torch.long))
+
+
+def test_fit_refuses_samples_off_the_sphere():
+    # Half-length samples halve |mean| (kappa 5 fitted as 1.3): refused, as log_prob's support check does.
+    samples = VonMisesFisher(torch.tensor([0.0, 0.0, 1.0], dtype=torch.float64), 5.0).sample((2000,))
+    assert VonMisesFisher.fit(samples).concentration.item() == pytest.approx(5.0, rel=0.15)
+    for bad in (samples * 0.5, samples * 3, torch.randn(100, 3, dtype=torch.float64)):
+        with pytest.raises(ValueError, match="'samples' to be unit vectors"):
+            VonMisesFisher.fit(bad)
 
 
 def random_unit(*shape, generator):

@@ -68,13 +68,21 @@ inline LinearCrossEntropyArgs linear_cross_entropy_args(const char* op, const at
               ": 'label_smoothing' must be in [0, 1], got ", label_smoothing);
   TORCH_CHECK(std::isfinite(z_loss), "fastloss.", op, ": 'z_loss' must be finite, got ", z_loss);
   const int64_t total = vocab_total < 0 ? vocab : vocab_total;
-  TORCH_CHECK(vocab_start >= 0 && vocab_start + vocab <= total, "fastloss.", op, ": the classifier's rows [",
-              vocab_start, ", ", vocab_start + vocab, ") must lie in the vocabulary [0, ", total,
-              ") ('vocab_start', 'vocab_total')");
+  // (vocab <= total - vocab_start: vocab_start + vocab could overflow int64.)
+  TORCH_CHECK(vocab_start >= 0 && vocab <= total - vocab_start, "fastloss.", op, ": the classifier's ", vocab,
+              " rows from 'vocab_start' = ", vocab_start, " must lie in the vocabulary [0, ", total,
+              ") ('vocab_total')");
   TORCH_CHECK(vocab > 0, "fastloss.", op, ": 'classifier' must have at least one row, got shape ",
               classifier.sizes());
   const auto acc = hidden.scalar_type() == c10::kDouble ? c10::kDouble : c10::kFloat;
   return {hidden.size(0), hidden.size(1), vocab, vocab_start, total, acc};
+}
+
+// The forward takes filter_eps only for autograd; it is checked there too, so a bad value
+// fails at the call rather than in the backward.
+inline void check_filter_eps(const char* op, double filter_eps) {
+  TORCH_CHECK(filter_eps >= 0.0 && filter_eps < 1.0, "fastloss.", op,
+              ": 'filter_eps' must be in [0, 1) (0: no filtering), got ", filter_eps);
 }
 
 // A per-token float tensor of the backward (grad_loss, grad_lse, lse).
@@ -96,8 +104,7 @@ inline LinearCrossEntropyArgs linear_cross_entropy_backward_args(
   check_token_vector(op, "grad_loss", grad_loss, args, hidden);
   if (grad_lse.has_value() && grad_lse->defined()) check_token_vector(op, "grad_lse", *grad_lse, args, hidden);
   check_token_vector(op, "lse", lse, args, hidden);
-  TORCH_CHECK(filter_eps >= 0.0 && filter_eps < 1.0, "fastloss.", op,
-              ": 'filter_eps' must be in [0, 1) (0: no filtering), got ", filter_eps);
+  check_filter_eps(op, filter_eps);
   return args;
 }
 

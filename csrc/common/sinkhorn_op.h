@@ -42,6 +42,8 @@ inline SinkhornShape sinkhorn_args(const at::Tensor& cost, const at::Tensor& a, 
   TORCH_CHECK(a.device() == cost.device() && b.device() == cost.device(),
               "fastloss.sinkhorn: expected 'cost', 'a' and 'b' on the same device, got ", cost.device(), ", ",
               a.device(), " and ", b.device());
+  TORCH_CHECK(B == 0 || (n > 0 && m > 0), "fastloss.sinkhorn: expected 'cost' to have n, m >= 1 (an empty side ",
+              "has no mass to transport), got ", cost.sizes());
   TORCH_CHECK(std::isfinite(eps) && eps > 0, "fastloss.sinkhorn: expected 'eps' > 0, got ", eps);
   TORCH_CHECK(max_iter >= 0, "fastloss.sinkhorn: expected 'max_iter' >= 0, got ", max_iter);
   TORCH_CHECK(tol >= 0, "fastloss.sinkhorn: expected 'tol' >= 0, got ", tol);
@@ -75,7 +77,7 @@ struct SinkhornKdShape {
 };
 
 inline SinkhornKdShape sinkhorn_kd_args(const at::Tensor& student, const at::Tensor& teacher, double temperature,
-                                        double eps, int64_t n_iter) {
+                                        double eps, int64_t n_iter, double scale) {
   constexpr const char* op = "sinkhorn_kd_loss";
   check_floating(op, "student_logits", student);
   check_floating(op, "teacher_logits", teacher);
@@ -91,6 +93,7 @@ inline SinkhornKdShape sinkhorn_kd_args(const at::Tensor& student, const at::Ten
               "fastloss.sinkhorn_kd_loss: expected 'temperature' > 0, got ", temperature);
   TORCH_CHECK(std::isfinite(eps) && eps > 0, "fastloss.sinkhorn_kd_loss: expected 'eps' > 0, got ", eps);
   TORCH_CHECK(n_iter >= 0, "fastloss.sinkhorn_kd_loss: expected 'n_iter' >= 0, got ", n_iter);
+  TORCH_CHECK(std::isfinite(scale), "fastloss.sinkhorn_kd_loss: expected 'scale' to be finite, got ", scale);
   const bool dbl = student.scalar_type() == c10::kDouble || teacher.scalar_type() == c10::kDouble;
   return {student.size(0), student.size(1), dbl ? c10::kDouble : c10::kFloat};
 }

@@ -743,12 +743,13 @@ std::tuple<at::Tensor, at::Tensor> linear_cross_entropy(const at::Tensor& hidden
                                                         const at::Tensor& targets,
                                                         const c10::optional<at::Tensor>& bias, int64_t ignore_index,
                                                         double softcap, double label_smoothing, double z_loss,
-                                                        double /*filter_eps: autograd only*/,
+                                                        double filter_eps /* autograd only */,
                                                         bool /*deterministic: autograd only*/) {
   const char* op = "linear_cross_entropy";
   TORCH_CHECK(hidden.device().is_cpu(), "fastloss.", op, ": expected 'hidden' on the CPU");
   const LinearCrossEntropyArgs args =
       linear_cross_entropy_args(op, hidden, classifier, targets, bias, softcap, label_smoothing, z_loss, 0, -1);
+  check_filter_eps(op, filter_eps);
   // Ignored tokens: loss 0.
   auto [lse, loss] = statistics(op, hidden, classifier, targets, bias, ignore_index, softcap, label_smoothing, z_loss,
                                 args);

@@ -1226,7 +1226,7 @@ void sinkhorn_kd_sweep(const acc_t* W, const acc_t* K, const acc_t* xs, const ac
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> sinkhorn_kd(
     const at::Tensor& student, const at::Tensor& teacher, double temperature, double eps, int64_t n_iter,
     double scale) {
-  const SinkhornKdShape s = sinkhorn_kd_args(student, teacher, temperature, eps, n_iter);
+  const SinkhornKdShape s = sinkhorn_kd_args(student, teacher, temperature, eps, n_iter, scale);
   const int64_t B = s.batch, C = s.classes;
   const auto opts = student.options().dtype(s.acc_dtype);
   at::Tensor ps = at::empty({B, C}, opts), pt = at::empty({B, C}, opts);

@@ -195,12 +195,13 @@ std::tuple<at::Tensor, at::Tensor> linear_cross_entropy(const at::Tensor& hidden
                                                         const at::Tensor& targets,
                                                         const c10::optional<at::Tensor>& bias, int64_t ignore_index,
                                                         double softcap, double label_smoothing, double z_loss,
-                                                        double /*filter_eps: autograd only*/,
+                                                        double filter_eps /* autograd only */,
                                                         bool /*deterministic: autograd only*/) {
   const char* op = "linear_cross_entropy";
   check_cuda(op, "hidden", hidden);
   const LinearCrossEntropyArgs args =
       linear_cross_entropy_args(op, hidden, classifier, targets, bias, softcap, label_smoothing, z_loss, 0, -1);
+  check_filter_eps(op, filter_eps);
   const c10::cuda::OptionalCUDAGuard guard(hidden.device());
   if (use_kernels(hidden, args)) {
     return kernel_forward(op, hidden, classifier, targets, bias, ignore_index, softcap, label_smoothing, z_loss,

@@ -124,7 +124,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     double scale) {
   check_cuda("sinkhorn_kd_loss", "student_logits", student);
   check_cuda("sinkhorn_kd_loss", "teacher_logits", teacher);
-  const SinkhornKdShape s = sinkhorn_kd_args(student, teacher, temperature, eps, n_iter);
+  const SinkhornKdShape s = sinkhorn_kd_args(student, teacher, temperature, eps, n_iter, scale);
   const c10::cuda::OptionalCUDAGuard guard(student.device());
   const int64_t B = s.batch, C = s.classes;
   const auto opts = student.options().dtype(s.acc_dtype);

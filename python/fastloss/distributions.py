@@ -97,6 +97,9 @@ class VonMisesFisher(Distribution):
             raise ValueError(f"VonMisesFisher: expected 'loc' to be a float tensor with a last dim >= 2, got {loc.dtype} {tuple(loc.shape)}")
         # (A cast would drop the imaginary part. Numbers are not made tensors first: a Python
         # float would pass through float32 on its way to loc's dtype.)
+        if concentration is None or isinstance(concentration, (str, bytes)):
+            raise TypeError("VonMisesFisher: expected 'concentration' to be a tensor or a number, got "
+                            f"{type(concentration).__name__}")
         if (concentration.is_complex() if isinstance(concentration, torch.Tensor)
                 else np.iscomplexobj(concentration)):
             got = getattr(concentration, "dtype", type(concentration).__name__)
@@ -279,6 +282,9 @@ class VonMisesFisher(Distribution):
                    else type(samples).__name__)
             raise ValueError("VonMisesFisher.fit: expected 'samples' to be a float tensor of shape (n, p) with n >= 1, "
                              f"got {got}")
+        # Off the sphere the fit is silently wrong (half-length samples halve |mean| and kappa).
+        if not all_true(_has_unit_norm(samples)):
+            raise ValueError("VonMisesFisher.fit: expected 'samples' to be unit vectors (norm 1 along the last dim)")
         mean = samples.mean(dim=0)
         rbar = mean.norm()
         if not rbar > 0:

@@ -31,6 +31,8 @@ def _check_p(name: str, p) -> int:
 def _as_float_tensor(name: str, arg: str, value: TensorOrNumber) -> torch.Tensor:
     """value as a float tensor: integers and bools promoted to the default dtype, as
     torch.special does; complex refused (casting would drop the imaginary part)."""
+    if value is None or isinstance(value, (str, bytes)):
+        raise TypeError(f"fastloss.{name}: expected '{arg}' to be a tensor or a number, got {type(value).__name__}")
     t = torch.as_tensor(value)
     if t.is_complex():
         raise TypeError(f"fastloss.{name}: expected '{arg}' to be real, got {t.dtype}")

@@ -301,8 +301,8 @@ def _check_args(op, hidden, classifier, targets, bias, softcap, label_smoothing,
                  f"shape {tuple(classifier.shape)}")
     total = vocab if vocab_total < 0 else vocab_total
     torch._check(vocab_start >= 0, lambda: f"fastloss.{op}: 'vocab_start' must be >= 0, got {vocab_start}")
-    torch._check(vocab_start + vocab <= total, lambda: f"fastloss.{op}: the classifier's rows [{vocab_start}, "
-                 f"{vocab_start + vocab}) must lie in the vocabulary [0, {total}) ('vocab_start', 'vocab_total')")
+    torch._check(vocab_start + vocab <= total, lambda: f"fastloss.{op}: the classifier's {vocab} rows from "
+                 f"'vocab_start' = {vocab_start} must lie in the vocabulary [0, {total}) ('vocab_total')")
 
 
 def _acc_dtype(hidden: torch.Tensor) -> torch.dtype:
@@ -314,6 +314,8 @@ def _forward_fake(hidden, classifier, targets, bias, ignore_index, softcap, labe
                   deterministic=False):
     _check_args("linear_cross_entropy", hidden, classifier, targets, bias, softcap, label_smoothing, z_loss)
     check_same_device("linear_cross_entropy", hidden=hidden, classifier=classifier, targets=targets, bias=bias)
+    check_value(0.0 <= filter_eps < 1.0, "linear_cross_entropy",
+                f"'filter_eps' must be in [0, 1) (0: no filtering), got {filter_eps}")
     n = hidden.shape[0]
     return hidden.new_empty((n,), dtype=_acc_dtype(hidden)), hidden.new_empty((n,), dtype=_acc_dtype(hidden))
 
@@ -619,6 +621,16 @@ class _VocabParallel(torch.autograd.Function):
             dh, dc, db = torch.zeros_like(hidden), torch.zeros_like(classifier), \
                 None if bias is None else torch.zeros_like(bias)
         # Every rank takes part in the all-reduce, whichever gradients it needs.
-        dist.all_reduce(dh, op=dist.ReduceOp.SUM, group=ctx.group)
+        try:
+            dist.all_reduce(dh, op=dist.ReduceOp.SUM, group=ctx.group)
+        except RuntimeError as e:
+            # A batched backward (autograd.grad(is_grads_batched=True), a vectorized jacobian)
+            # runs this under vmap, which has no rule for the all-reduce; torch's error would
+            # not name the op.
+            if "Batching rule not implemented" not in str(e):
+                raise
+            raise NotImplementedError(
+                "fastloss.linear_cross_entropy: batched backward passes (is_grads_batched=True, a vectorized "
+                "jacobian) are not supported with a process_group; take the gradients one at a time") from e
         return (dh if ctx.needs_input_grad[0] else None), (dc if ctx.needs_input_grad[1] else None), None, \
             (db if ctx.has_bias and ctx.needs_input_grad[3] else None), None, None, None, None, None, None, None

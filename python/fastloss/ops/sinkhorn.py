@@ -296,6 +296,8 @@ def _sinkhorn_fake(cost, a, b, eps, max_iter, tol, error_norm=1.0):
     check_shape(op, "a", a, (B, n), f"({B}, {n}) to match 'cost' {tuple(cost.shape)}")
     check_shape(op, "b", b, (B, m), f"({B}, {m}) to match 'cost' {tuple(cost.shape)}")
     check_same_device(op, cost=cost, a=a, b=b)
+    check_value(B == 0 or (n > 0 and m > 0), op, f"expected 'cost' to have n, m >= 1 (an empty side has no mass to "
+                f"transport), got {tuple(cost.shape)}")
     check_value(math.isfinite(eps) and eps > 0, op, f"expected 'eps' > 0, got {eps}")
     check_value(max_iter >= 0, op, f"expected 'max_iter' >= 0, got {max_iter}")
     check_value(tol >= 0, op, f"expected 'tol' >= 0, got {tol}")
@@ -468,6 +470,7 @@ def _kd_fake(student, teacher, temperature, eps, n_iter, scale):
     check_value(math.isfinite(temperature) and temperature > 0, op, f"expected 'temperature' > 0, got {temperature}")
     check_value(math.isfinite(eps) and eps > 0, op, f"expected 'eps' > 0, got {eps}")
     check_value(n_iter >= 0, op, f"expected 'n_iter' >= 0, got {n_iter}")
+    check_value(math.isfinite(scale), op, f"expected 'scale' to be finite, got {scale}")
     acc = torch.float64 if torch.float64 in (student.dtype, teacher.dtype) else torch.float32
     loss_dtype = torch.promote_types(student.dtype, teacher.dtype)
     return (

@@ -27,6 +27,8 @@ def _dispatch(op, direct, name: str, input: torch.Tensor, dim: int, dtype: Optio
     except TypeError:
         raise TypeError(f"fastloss.{name}: expected 'dim' to be an int, got {dim!r}") from None
     half_to_float = False
+    if dtype is float:  # torch's Python-type alias for float64, as torch.softmax takes it
+        dtype = torch.float64
     if dtype is not None:
         if dtype not in FLOAT_DTYPES:
             raise TypeError(f"fastloss.{name}: expected 'dtype' to be float32, float64, float16, bfloat16 or None, "
