@@ -487,7 +487,7 @@ struct L1DistFunction : torch::autograd::Function<L1DistFunction> {
 // kernel, K'' y_0 with y_0 = exp(-c / eps); the column factor y_0 itself is left out, as the
 // column normalization that follows cancels it. The normalizations run in float64, as the
 // fused kernels' do wherever float32's range is too narrow for them (cpu/sinkhorn.cpp,
-// kd_scalings_fit_float).
+// kd_kernel_fits_float).
 at::Tensor sinkhorn_kd_eager(const at::Tensor& ps, const at::Tensor& pt, double eps, int64_t n_iter, double scale) {
   const at::Tensor W = L1DistFunction::apply(ps, pt).to(at::kDouble);
   // (An empty batch has no minima to shift by; its loss is 0 either way.)

@@ -835,6 +835,27 @@ def test_sinkd_float32_where_the_scalings_leave_float32s_range(device, n_iter):
         assert ((got.double() - ref).norm() / ref.norm()).item() < 1e-4
 
 
+@pytest.mark.parametrize("eps,narrow", [(0.1, True), (0.01, False)])
+def test_sinkd_float32_normalizations_keep_clear_of_subnormals(eps, narrow):
+    """CPU: float32 normalizations where every kernel entry is 0 or >= 2^-60 (eps = 0.1 here);
+    at eps = 0.01 smaller entries made products with the scalings subnormal (the processor's
+    slow path: 256 x 3 took 9x the time) and they run in float64. Either way the loss and
+    gradients follow float64's. (Which one ran shows in the saved scalings: float32 values
+    or not.)"""
+    g = torch.Generator().manual_seed(256)
+    zs, zt = (torch.randn(256, 3, generator=g) for _ in range(2))
+    kw = dict(temperature=1.0, eps=eps, n_iter=20, scale=1.0)
+    xs = torch.ops.fastloss.sinkhorn_kd(zs, zt, 1.0, eps, 20, 1.0)[4]
+    assert torch.equal(xs, xs.float().double()) == narrow
+    results = []
+    for dtype in (torch.float32, torch.float64):
+        a, b = (t.to(dtype).requires_grad_() for t in (zs, zt))
+        loss = fastloss.sinkhorn_kd_loss(a, b, **kw)
+        results.append((loss, *torch.autograd.grad(loss, (a, b))))
+    for got, ref in zip(*results):
+        assert ((got.double() - ref).norm() / ref.norm()).item() < 1e-5
+
+
 @pytest.mark.parametrize("dtype,shifts", [(torch.float32, (123, -124)), (torch.float64, (1021, -1018))])
 def test_sinkd_backward_with_scalings_near_the_ends_of_the_range(device, dtype, shifts):
     """A trajectory rescaled as (x 2^c, y 2^-c) has the same plan, loss and gradients; with x_n or
@@ -1049,3 +1070,27 @@ def test_envelope_backward_makes_no_plan_sized_zeros():
         (grad,) = torch.autograd.grad(value.sum(), cost)
     assert mode.seen == []
     torch.testing.assert_close(grad, fastloss.sinkhorn(cost.detach(), eps=0.1).plan)
+
+
+def test_cpu_iterations_flush_subnormals_and_restore_the_thread_state():
+    """Peaked marginals (softmax of std 30: masses down to 1e-40) made the scaling passes'
+    products subnormal (9x the time); the CPU iterations flush subnormals, within their own
+    threads only: the caller's arithmetic keeps its subnormals afterwards, and the value matches
+    float64's as before."""
+    g = torch.Generator().manual_seed(30)
+    c = torch.rand(4, 64, 48, generator=g, dtype=torch.float64)
+    a = torch.softmax(torch.randn(4, 64, generator=g, dtype=torch.float64) * 30, 1)
+    b = torch.softmax(torch.randn(4, 48, generator=g, dtype=torch.float64) * 30, 1)
+    assert ((a.float() > 0) & (a.float() < torch.finfo(torch.float32).tiny)).any()
+    ref = fastloss.sinkhorn(c, a, b, eps=0.1, max_iter=100, tol=0).value
+    threads = torch.get_num_threads()
+    try:
+        for t in (1, 2):
+            torch.set_num_threads(t)
+            got = fastloss.sinkhorn(c.float(), a.float(), b.float(), eps=0.1, max_iter=100, tol=0).value
+            torch.testing.assert_close(got.double(), ref, rtol=1e-5, atol=0)
+            # (subnormal arithmetic in this thread still gives subnormals)
+            assert (torch.tensor([1e-39]) * torch.tensor([0.5])).item() > 0
+            assert (torch.tensor([1e-310], dtype=torch.float64) * 0.5).item() > 0
+    finally:
+        torch.set_num_threads(threads)

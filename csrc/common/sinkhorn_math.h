@@ -47,7 +47,7 @@ struct SinkhornConstants<float> {
   // [1/kMaxScaling, kMaxScaling] of its kernel, and kernel entries below kMinKernel are 0, so
   // a dropped entry holds under kMinKernel * kMaxScaling^2 = 2^-40 of its row's or column's
   // mass, and products of kernel entries with scalings and marginals down to ~2^-38 are
-  // normal numbers (no subnormal slow path).
+  // normal numbers (no subnormal slow path; the CPU loop flushes those of smaller marginals).
   static constexpr float kMaxScaling = 0x1.0p+16f;
   static constexpr float kMinKernel = 0x1.0p-72f;
 };

@@ -26,7 +26,7 @@
 // rank-2n product, then the cdist and softmax backward (B^2 C again). Memory: the logits
 // and probabilities (B x C) are read a few times; everything else is O(B^2 + n_iter B).
 // Accumulation in float (double for double inputs); the normalizations move to double where
-// float scalings would leave float's range (kd_scalings_fit_float).
+// float would take subnormals or leave its range (kd_kernel_fits_float).
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
@@ -47,6 +47,7 @@
 
 #include "common/sinkhorn_math.h"
 #include "common/sinkhorn_op.h"
+#include "cpu/flush_subnormals.h"
 #include "cpu/isa.h"
 
 #if defined(FASTLOSS_X86_CLONES)
@@ -420,8 +421,14 @@ void absorb(acc_t* pot, acc_t* s, int64_t count) {
 // iterate (u = v = 0) is returned only for max_iter = 0, never for meeting tol: its columns
 // are not normalized, and the row error alone said nothing of them (a large eps met a loose
 // tol there and returned a value of 0).
+//
+// The iterations run with subnormals flushed (ScopedFlushSubnormals, here and in each task):
+// the kernel and scaling bounds keep its own products normal, but marginals below ~2^-38
+// made products a_i x_i K_ij subnormal (softmax marginals of std 12-30: 5-13x the time); what
+// is flushed lies below 1.2e-38 (float32) in the plan and below the marginals' rounding.
 template <typename acc_t>
 void solve(const Problem<acc_t>& p, int64_t max_iter, acc_t tol, bool parallel, const Outputs<acc_t>& out) {
+  const ScopedFlushSubnormals flush;
   const int64_t n = p.n, m = p.m;
   const int64_t parts = row_parts(n, m);
   std::vector<acc_t> u_buf(n, 0), u_new_buf(n), v(m, 0), x_buf(n, 1), x_new_buf(n), y(m, 1), w(p.b, p.b + m);
@@ -438,6 +445,7 @@ void solve(const Problem<acc_t>& p, int64_t max_iter, acc_t tol, bool parallel, 
     std::fill(col_acc.begin(), col_acc.end(), acc_t(0));
     if (parts == 1) return rows(col_acc.data(), int64_t(0), n);
     auto run_parts = [&](int64_t b, int64_t e) {
+      const ScopedFlushSubnormals task_flush;
       for (int64_t t = b; t < e; ++t) part_err[t] = rows(col_acc.data() + t * m, n * t / parts, n * (t + 1) / parts);
     };
     if (parallel) {
@@ -529,6 +537,7 @@ void solve(const Problem<acc_t>& p, int64_t max_iter, acc_t tol, bool parallel, 
   *out.n_iter = it;
   *out.error = err;
   auto plan_pass = [&](int64_t r0, int64_t r1) {
+    const ScopedFlushSubnormals task_flush;
     if (scaled) {
       scale_kernel_rows_entry(kernel, p.a, x, w.data(), m, r0, r1);
     } else {
@@ -1077,6 +1086,21 @@ void fused_pass(int64_t B, acc_t* col, const Rows& rows) {
   for (int64_t t = 1; t < parts; ++t)
     for (int64_t j = 0; j < B; ++j) col[j] += acc[t * B + j];
 }
+// The kernel's shifts (n_iter > 0): r_i = min_k W_ik and c_j = min_i (W_ij - r_i), in one
+// pass over W: row ranges as fused_pass's, each with its own column minima, merged after.
+template <typename acc_t>
+void kernel_shifts(const acc_t* W, int64_t B, std::vector<acc_t>& r, std::vector<acc_t>& c) {
+  const int64_t parts = row_parts(B);
+  r.resize(B);
+  c.assign(parts * B, std::numeric_limits<acc_t>::infinity());
+  at::parallel_for(0, parts, 1, [&](int64_t b, int64_t e) {
+    for (int64_t t = b; t < e; ++t) shift_minima_entry(W, r.data(), c.data() + t * B, B, B * t / parts, B * (t + 1) / parts);
+  });
+  for (int64_t t = 1; t < parts; ++t)
+    for (int64_t j = 0; j < B; ++j) c[j] = fl_min(c[j], c[t * B + j]);
+  c.resize(B);
+}
+
 // K (kernel_rows) and, if y0 is not null, the first column scaling y_0 (B entries).
 template <typename acc_t>
 void kernel_matrix(const acc_t* W, acc_t* K, acc_t inv_eps, int64_t B, int64_t n_iter, acc_t* y0) {
@@ -1087,20 +1111,10 @@ void kernel_matrix(const acc_t* W, acc_t* K, acc_t inv_eps, int64_t B, int64_t n
     if (y0 != nullptr) std::fill(y0, y0 + B, acc_t(1));
     return;
   }
-  // The minima in one pass over W: row ranges as fused_pass's, each with its own column
-  // minima, merged after.
-  const int64_t parts = row_parts(B);
-  std::vector<acc_t> r(B), partial(parts * B, std::numeric_limits<acc_t>::infinity());
-  at::parallel_for(0, parts, 1, [&](int64_t b, int64_t e) {
-    for (int64_t t = b; t < e; ++t) {
-      shift_minima_entry(W, r.data(), partial.data() + t * B, B, B * t / parts, B * (t + 1) / parts);
-    }
-  });
-  for (int64_t t = 1; t < parts; ++t)
-    for (int64_t j = 0; j < B; ++j) partial[j] = fl_min(partial[j], partial[t * B + j]);
-  const acc_t* c = partial.data();
+  std::vector<acc_t> r, c;
+  kernel_shifts(W, B, r, c);
   at::parallel_for(0, B, grain_for(B), [&](int64_t r0, int64_t r1) {
-    kernel_entry(W, static_cast<const acc_t*>(r.data()), c, K, inv_eps, B, r0, r1);
+    kernel_entry(W, static_cast<const acc_t*>(r.data()), static_cast<const acc_t*>(c.data()), K, inv_eps, B, r0, r1);
   });
   if (y0 != nullptr) {
     for (int64_t j = 0; j < B; ++j) y0[j] = exp_with_subnormals(-c[j] * inv_eps);
@@ -1130,23 +1144,56 @@ void sinkhorn_kd_cost_kernel(const acc_t* zs, const acc_t* zt, int64_t B, int64_
   for_row_tiles(B, B, C, [&](int64_t r0, int64_t r1) { l1_cdist_entry(ps, pt, pt_t.data(), W, B, C, r0, r1); });
 }
 
-// Forward, second part: K = exp(-W / eps) (B x B), the scaling vectors xs, ys ((n_iter + 1) x B:
-// row t is x_t / y_t, x_0 = 1, y_0 from kernel_matrix) and the loss, in it_t.
-template <typename it_t>
-void sinkhorn_kd_normalize_kernel(const it_t* W, int64_t B, it_t inv_eps, int64_t n_iter, it_t scale, it_t* xs,
-                                  it_t* ys, it_t* loss) {
-  std::vector<it_t> K(B * B);
-  kernel_matrix(W, K.data(), inv_eps, B, n_iter, ys);
+// For float32 logits the normalizations, and the backward's reverse sweep, run in float32 only
+// where they keep clear of subnormal numbers and of float32's range, else in float64 (over the
+// float64 kernel of the float32 costs: entries below float32's range count once the scalings
+// grow large). In float32:
+// * every nonzero kernel entry >= 2^-kKdFloatKernelExponent. Smaller entries made products
+//   with the scalings subnormal, which the processor handles on a slow path: at eps =
+//   0.005-0.01 a 256 x 3 or 1024 x 3 forward+backward took 10-16x its time at eps = 0.1 (and
+//   dropping them shifted the plan once the scalings grew);
+// * every scaling within 2^+-kKdFloatScalingExponent, so the products and the backward's
+//   squares stay normal. At small eps (T <= 1, eps <= 0.01) the scalings spread by hundreds of
+//   powers of two over the iterations (x from 2^-142 to 2^100 after 87 steps: float32 went to
+//   inf and NaN, or lost bits in subnormals).
+// The forward stops its float32 pass at the first step out of range and starts over in
+// float64; the backward decides from the saved scalings (float64 copies), the same way.
+constexpr int kKdFloatKernelExponent = 60;
+constexpr int kKdFloatScalingExponent = 63;
+
+bool kd_kernel_fits_float(const float* K, int64_t B) {
+  const float lo = std::ldexp(1.0f, -kKdFloatKernelExponent);
+  for (int64_t i = 0; i < B; ++i) {
+    const float* k = K + i * B;
+    int tiny_entries = 0;  // branch-free, so the loop vectorizes
+    for (int64_t j = 0; j < B; ++j) tiny_entries |= int(k[j] < lo) & int(k[j] != 0.0f);
+    if (tiny_entries) return false;
+  }
+  return true;
+}
+template <typename T>
+bool kd_scalings_fit_float(const T* v, int64_t n) {
+  const T lo = std::ldexp(T(1), -kKdFloatScalingExponent), hi = std::ldexp(T(1), kKdFloatScalingExponent);
+  for (int64_t i = 0; i < n; ++i)
+    if (!(v[i] >= lo && v[i] <= hi)) return false;  // NaN fails too
+  return true;
+}
+
+// Forward, second part: from the kernel K (B x B), the scaling vectors xs, ys ((n_iter + 1) x B:
+// row t is x_t / y_t; x_0 = 1 is written here, y_0 is ys's first row on entry) and the loss,
+// in it_t. serves(t) is asked after each step; false stops the pass (and returns false).
+template <typename it_t, typename Serves>
+bool sinkhorn_kd_normalize_kernel(const it_t* W, const it_t* K, int64_t B, int64_t n_iter, it_t scale, it_t* xs,
+                                  it_t* ys, it_t* loss, const Serves& serves) {
   std::vector<it_t> tmp(B);
   for (int64_t i = 0; i < B; ++i) xs[i] = 1;
   for (int64_t t = 1; t <= n_iter; ++t) {
     it_t* x = xs + t * B;
     it_t* y = ys + t * B;
     const it_t* y_prev = ys + (t - 1) * B;
-    fused_pass(B, tmp.data(), [&](it_t* col, int64_t r0, int64_t r1) {
-      kd_step_entry(K.data(), y_prev, x, col, B, r0, r1);
-    });
+    fused_pass(B, tmp.data(), [&](it_t* col, int64_t r0, int64_t r1) { kd_step_entry(K, y_prev, x, col, B, r0, r1); });
     for (int64_t j = 0; j < B; ++j) y[j] = it_t(1) / tmp[j];
+    if (!serves(t)) return false;
   }
   // loss = scale * sum_ij x_i K_ij y_j W_ij = scale * x . ((K o W) y)
   const it_t* x = xs + n_iter * B;
@@ -1159,23 +1206,6 @@ void sinkhorn_kd_normalize_kernel(const it_t* W, int64_t B, it_t inv_eps, int64_
   it_t total = 0;
   for (int64_t i = 0; i < B; ++i) total += x[i] * tmp[i];
   *loss = scale * total;
-}
-
-// Whether float32 normalizations serve: every scaling (saved as float64) finite and within
-// 2^+-kKdFloatScalingExponent, so the forward's products and the backward's squares of them
-// stay normal floats. At small eps (T <= 1, eps <= 0.01) the scalings spread by hundreds of
-// powers of two over the iterations (x from 2^-142 to 2^100 after 87 steps: float32 went to
-// inf and NaN, or lost bits in subnormals, where float64's range holds them); there the
-// normalizations and the backward's reverse sweep run in float64 instead (2x the time).
-constexpr int kKdFloatScalingExponent = 63;
-bool kd_scalings_fit_float(const at::Tensor& xs, const at::Tensor& ys) {
-  const double lo = std::ldexp(1.0, -kKdFloatScalingExponent), hi = std::ldexp(1.0, kKdFloatScalingExponent);
-  for (const at::Tensor* t : {&xs, &ys}) {
-    const at::Tensor c = t->contiguous();
-    const double* v = c.const_data_ptr<double>();
-    for (int64_t q = 0; q < c.numel(); ++q)
-      if (!(v[q] >= lo && v[q] <= hi)) return false;  // NaN fails too
-  }
   return true;
 }
 
@@ -1231,7 +1261,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   const auto opts = student.options().dtype(s.acc_dtype);
   at::Tensor ps = at::empty({B, C}, opts), pt = at::empty({B, C}, opts);
   at::Tensor W = at::empty({B, B}, opts);
-  // The scalings are saved in float64 whatever the accumulation dtype (see kd_scalings_fit_float).
+  // The scalings are saved in float64 whatever the accumulation dtype (see kd_kernel_fits_float).
   const auto wide = opts.dtype(at::kDouble);
   at::Tensor xs = at::empty({n_iter + 1, B}, wide), ys = at::empty({n_iter + 1, B}, wide);
   at::Tensor loss = at::zeros({}, opts);
@@ -1243,39 +1273,47 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
                                         scalar_t(1.0 / temperature), ps.mutable_data_ptr<scalar_t>(),
                                         pt.mutable_data_ptr<scalar_t>(), W.mutable_data_ptr<scalar_t>());
     });
-    bool done = false;
+    const auto always = [](int64_t) { return true; };
+    bool narrow = false;
     if (s.acc_dtype == at::kFloat) {
-      at::Tensor xf = at::empty({n_iter + 1, B}, opts), yf = at::empty({n_iter + 1, B}, opts);
-      sinkhorn_kd_normalize_kernel<float>(W.const_data_ptr<float>(), B, float(1.0 / eps), n_iter, float(scale),
-                                          xf.mutable_data_ptr<float>(), yf.mutable_data_ptr<float>(),
-                                          loss.mutable_data_ptr<float>());
-      xs.copy_(xf);
-      ys.copy_(yf);
-      done = kd_scalings_fit_float(xs, ys);
+      at::Tensor K = at::empty({B, B}, opts), xf = at::empty({n_iter + 1, B}, opts), yf = at::empty({n_iter + 1, B}, opts);
+      float* k = K.mutable_data_ptr<float>();
+      float* xp = xf.mutable_data_ptr<float>();
+      float* yp = yf.mutable_data_ptr<float>();
+      kernel_matrix<float>(W.const_data_ptr<float>(), k, float(1.0 / eps), B, n_iter, yp);
+      narrow = kd_kernel_fits_float(k, B) && kd_scalings_fit_float(yp, B) &&
+               sinkhorn_kd_normalize_kernel<float>(
+                   W.const_data_ptr<float>(), k, B, n_iter, float(scale), xp, yp, loss.mutable_data_ptr<float>(),
+                   [&](int64_t t) { return kd_scalings_fit_float(xp + t * B, B) && kd_scalings_fit_float(yp + t * B, B); });
+      if (narrow) {
+        xs.copy_(xf);
+        ys.copy_(yf);
+      }
     }
-    if (!done) {
-      at::Tensor loss64 = at::zeros({}, wide);
-      sinkhorn_kd_normalize_kernel<double>(W.to(at::kDouble).contiguous().const_data_ptr<double>(), B, 1.0 / eps,
-                                           n_iter, scale, xs.mutable_data_ptr<double>(),
-                                           ys.mutable_data_ptr<double>(), loss64.mutable_data_ptr<double>());
+    if (!narrow) {
+      const at::Tensor W64 = W.to(at::kDouble).contiguous();
+      at::Tensor K = at::empty({B, B}, wide), loss64 = at::zeros({}, wide);
+      double* k = K.mutable_data_ptr<double>();
+      kernel_matrix<double>(W64.const_data_ptr<double>(), k, 1.0 / eps, B, n_iter, ys.mutable_data_ptr<double>());
+      sinkhorn_kd_normalize_kernel<double>(W64.const_data_ptr<double>(), k, B, n_iter, scale,
+                                           xs.mutable_data_ptr<double>(), ys.mutable_data_ptr<double>(),
+                                           loss64.mutable_data_ptr<double>(), always);
       loss = loss64;
     }
   }
   return {loss.to(sinkhorn_kd_loss_dtype(student, teacher)), ps, pt, W, xs, ys};
 }
 
-// dL/dW through the normalizations and the loss's sum, in it_t: W (B x B) and the saved
-// scalings xs, ys ((n_iter + 1) x B) in it_t; g = grad_loss * scale.
+// dL/dW through the normalizations and the loss's sum, in it_t: W, the kernel K (B x B) and
+// the saved scalings xs, ys ((n_iter + 1) x B) in it_t; g = grad_loss * scale.
 template <typename it_t>
-at::Tensor sinkhorn_kd_cost_grad(const at::Tensor& W, const at::Tensor& xs, const at::Tensor& ys, int64_t n_iter,
-                                 double eps, double g_loss) {
+at::Tensor sinkhorn_kd_cost_grad(const at::Tensor& W, const at::Tensor& K, const at::Tensor& xs, const at::Tensor& ys,
+                                 int64_t n_iter, double eps, double g_loss) {
   const int64_t B = W.size(0);
   const auto opts = W.options();
   const it_t inv_eps = it_t(1.0 / eps), g = static_cast<it_t>(g_loss);
   const it_t* w = W.const_data_ptr<it_t>();
-  at::Tensor K = at::empty({B, B}, opts);
-  it_t* k = K.mutable_data_ptr<it_t>();
-  kernel_matrix(w, k, inv_eps, B, n_iter, static_cast<it_t*>(nullptr));
+  const it_t* k = K.const_data_ptr<it_t>();
   // x_n and y_n as m x 2^e, e from frexp clamped to half the exponent range (so 2^e and
   // 2^-e are normal and finite; 0 for 0, inf and NaN). Rows i of Lf and j of Rf are scaled
   // by 2^-e_i, 2^-f_j and K_ij by 2^(e_i + f_j): the product and the bracket below round as
@@ -1339,16 +1377,37 @@ std::tuple<at::Tensor, at::Tensor> sinkhorn_kd_backward(const at::Tensor& grad_l
             at::zeros({teacher_grad ? B : 0, teacher_grad ? C : 0}, opts.dtype(teacher_dtype))};
   }
   // The cost gradient in float64 where the forward's normalizations ran in it.
-  const bool narrow = ps.scalar_type() == at::kFloat && kd_scalings_fit_float(xs, ys);
   const double g_loss = grad_loss.to(at::kDouble).item<double>() * scale;
+  const at::Tensor Wc = W.contiguous();
   at::Tensor G;
-  if (narrow) {
-    G = sinkhorn_kd_cost_grad<float>(W.contiguous(), xs.to(at::kFloat).contiguous(), ys.to(at::kFloat).contiguous(),
-                                     n_iter, eps, g_loss);
-  } else {
-    G = sinkhorn_kd_cost_grad<double>(W.to(at::kDouble).contiguous(), xs.contiguous(), ys.contiguous(), n_iter, eps,
-                                      g_loss)
-            .to(ps.scalar_type());
+  if (ps.scalar_type() == at::kFloat) {
+    const at::Tensor xc = xs.contiguous(), yc = ys.contiguous();
+    at::Tensor K;
+    if (kd_scalings_fit_float(xc.const_data_ptr<double>(), xc.numel()) &&
+        kd_scalings_fit_float(yc.const_data_ptr<double>(), yc.numel())) {
+      K = at::empty({B, B}, opts);
+      kernel_matrix<float>(Wc.const_data_ptr<float>(), K.mutable_data_ptr<float>(), float(1.0 / eps), B, n_iter,
+                           nullptr);
+    }
+    if (K.defined() && kd_kernel_fits_float(K.const_data_ptr<float>(), B)) {
+      G = sinkhorn_kd_cost_grad<float>(Wc, K, xs.to(at::kFloat).contiguous(), ys.to(at::kFloat).contiguous(), n_iter,
+                                       eps, g_loss);
+    }
+  }
+  if (!G.defined()) {
+    const at::Tensor W64 = Wc.to(at::kDouble);
+    at::Tensor K = at::empty({B, B}, W64.options());
+    kernel_matrix<double>(W64.const_data_ptr<double>(), K.mutable_data_ptr<double>(), 1.0 / eps, B, n_iter, nullptr);
+    G = sinkhorn_kd_cost_grad<double>(W64, K, xs.contiguous(), ys.contiguous(), n_iter, eps, g_loss);
+    if (ps.scalar_type() == at::kFloat) {
+      // Entries below float32's normal range go to 0 rather than to subnormals, whose products
+      // in the cdist backward take the processor's slow path (the gradient moves by less than
+      // B x 1.2e-38).
+      double* gp = G.mutable_data_ptr<double>();
+      for (int64_t q = 0; q < B * B; ++q)
+        if (std::abs(gp[q]) < double(std::numeric_limits<float>::min())) gp[q] = 0.0;
+      G = G.to(at::kFloat);
+    }
   }
   at::Tensor d_student, d_teacher;
   AT_DISPATCH_FLOATING_TYPES(ps.scalar_type(), "sinkhorn_kd_backward", [&] {

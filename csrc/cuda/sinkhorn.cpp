@@ -138,7 +138,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   const at::Tensor W = at::cdist(ps, pt, 1.0).contiguous();
   // The normalizations run in float64 (the CPU's float32 fallback, without a host sync to
   // decide): at small eps the scalings spread beyond float32's range (cpu/sinkhorn.cpp,
-  // kd_scalings_fit_float), and they are saved in float64 either way.
+  // kd_kernel_fits_float), and they are saved in float64 either way.
   const at::Tensor W64 = W.to(at::kDouble);
   at::Tensor y0;
   const at::Tensor K = kd_kernel(W64, eps, n_iter, &y0);
