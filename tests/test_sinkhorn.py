@@ -815,10 +815,10 @@ def test_sinkd_float32_gradient_where_the_scalings_spread_widely(device):
 
 @pytest.mark.parametrize("n_iter", [40, 90])
 def test_sinkd_float32_where_the_scalings_leave_float32s_range(device, n_iter):
-    """eps = 0.0065, T = 0.3: the scalings spread by ~3 powers of two per step (x from 2^-143 to
-    2^101 after 87 steps). Float32 normalizations went to inf and NaN there (the loss was NaN
-    in about half of such random problems); the normalizations now run in float64 wherever a
-    float32 scaling would leave 2^+-63, and the float32 loss and gradients follow float64's."""
+    """eps = 0.0065, T = 0.3: the scalings spread by ~3 powers of two per step (x from 2^-136 to
+    2^122 after 90 steps here). Float32 normalizations went to inf and NaN there (the loss was
+    NaN in about half of such random problems); the normalizations now run in float64 wherever
+    a float32 scaling would leave 2^+-63, and the float32 loss and gradients follow float64's."""
     g = torch.Generator().manual_seed(38)
     zs, zt = (torch.randn(38, 9, generator=g) * 3 for _ in range(2))
     kw = dict(temperature=0.3, eps=0.0065, n_iter=n_iter, scale=1.0)
@@ -839,7 +839,7 @@ def test_sinkd_float32_where_the_scalings_leave_float32s_range(device, n_iter):
 def test_sinkd_float32_normalizations_keep_clear_of_subnormals(eps, narrow):
     """CPU: float32 normalizations where every kernel entry is 0 or >= 2^-60 (eps = 0.1 here);
     at eps = 0.01 smaller entries made products with the scalings subnormal (the processor's
-    slow path: 256 x 3 took 9x the time) and they run in float64. Either way the loss and
+    slow path: 256 x 3 took 17x the time at eps = 0.1) and they run in float64. Either way the loss and
     gradients follow float64's. (Which one ran shows in the saved scalings: float32 values
     or not.)"""
     g = torch.Generator().manual_seed(256)
@@ -856,19 +856,22 @@ def test_sinkd_float32_normalizations_keep_clear_of_subnormals(eps, narrow):
         assert ((got.double() - ref).norm() / ref.norm()).item() < 1e-5
 
 
-@pytest.mark.parametrize("dtype,shifts", [(torch.float32, (123, -124)), (torch.float64, (1021, -1018))])
+@pytest.mark.parametrize("dtype,shifts", [(torch.float32, (40, -40)), (torch.float32, (123, -124)),
+                                          (torch.float64, (1021, -1018))])
 def test_sinkd_backward_with_scalings_near_the_ends_of_the_range(device, dtype, shifts):
     """A trajectory rescaled as (x 2^c, y 2^-c) has the same plan, loss and gradients; with x_n or
-    y_n near the ends of the exponent range, moving their powers of two (2^128 = inf) or their
-    reciprocals (2^127 for x_n < 2^-127) onto the factors overflowed: the powers are clamped."""
+    y_n near the ends of the exponent range, moving their powers of two (2^1024 = inf) or their
+    reciprocals onto the factors overflowed: the powers are clamped. (Float32 logits: shifts of
+    2^+-40 keep the CPU's reverse sweep in float32, those of 2^+-123 move it to float64, as
+    scalings beyond 2^+-63 do.)"""
     g = torch.Generator().manual_seed(64)
     zs, zt = (torch.randn(64, 10, generator=g, dtype=dtype).to(device) for _ in range(2))
     loss, ps, pt, W, xs, ys = torch.ops.fastloss.sinkhorn_kd(zs, zt, 1.0, 0.1, 20, 1.0)
     one = torch.ones((), dtype=dtype, device=device)
     args = (1.0, 0.1, 1.0, True, True, dtype, dtype)
     base = torch.ops.fastloss.sinkhorn_kd_backward(one, ps, pt, W, xs, ys, *args)
-    # (for these inputs: x_n up to 2^127 / down to 2^-127.5 in float32; further, the sweep's own
-    # products of the scalings overflow, before and after the clamp)
+    # (for these inputs, float64: x_n up to 2^1022.4 / down to 2^-1022.5; further, the sweep's
+    # own products of the scalings overflow, before and after the clamp)
     for c in shifts:
         got = torch.ops.fastloss.sinkhorn_kd_backward(one, ps, pt, W, xs * 2.0**c, ys * 2.0**-c, *args)
         for a, b in zip(got, base):

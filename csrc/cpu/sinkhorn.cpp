@@ -40,6 +40,7 @@
 #include <cstring>
 #include <iomanip>
 #include <limits>
+#include <optional>
 #include <sstream>
 #include <string>
 #include <type_traits>
@@ -422,13 +423,16 @@ void absorb(acc_t* pot, acc_t* s, int64_t count) {
 // are not normalized, and the row error alone said nothing of them (a large eps met a loose
 // tol there and returned a value of 0).
 //
-// The iterations run with subnormals flushed (ScopedFlushSubnormals, here and in each task):
-// the kernel and scaling bounds keep its own products normal, but marginals below ~2^-38
-// made products a_i x_i K_ij subnormal (softmax marginals of std 12-30: 5-13x the time); what
-// is flushed lies below 1.2e-38 (float32) in the plan and below the marginals' rounding.
+// The passes run with subnormals flushed (ScopedFlushSubnormals): the kernel and scaling
+// bounds keep their own products normal, but marginals below ~2^-38 made products a_i x_i K_ij
+// subnormal (softmax marginals of std 12-30: 4-13x the time of uniform ones); what is flushed
+// lies below 1.2e-38 (float32) in the plan and below the marginals' rounding. The flag is set
+// in each task and in serial runs only, never around an at::parallel_for: a thread the
+// runtime starts there would inherit it for good.
 template <typename acc_t>
 void solve(const Problem<acc_t>& p, int64_t max_iter, acc_t tol, bool parallel, const Outputs<acc_t>& out) {
-  const ScopedFlushSubnormals flush;
+  std::optional<ScopedFlushSubnormals> flush;
+  if (!parallel) flush.emplace();
   const int64_t n = p.n, m = p.m;
   const int64_t parts = row_parts(n, m);
   std::vector<acc_t> u_buf(n, 0), u_new_buf(n), v(m, 0), x_buf(n, 1), x_new_buf(n), y(m, 1), w(p.b, p.b + m);
@@ -443,7 +447,10 @@ void solve(const Problem<acc_t>& p, int64_t max_iter, acc_t tol, bool parallel, 
   // Runs one row pass (split into `parts` ranges) and returns its combined error terms.
   auto row_pass = [&](auto&& rows) {
     std::fill(col_acc.begin(), col_acc.end(), acc_t(0));
-    if (parts == 1) return rows(col_acc.data(), int64_t(0), n);
+    if (parts == 1) {
+      const ScopedFlushSubnormals serial_flush;
+      return rows(col_acc.data(), int64_t(0), n);
+    }
     auto run_parts = [&](int64_t b, int64_t e) {
       const ScopedFlushSubnormals task_flush;
       for (int64_t t = b; t < e; ++t) part_err[t] = rows(col_acc.data() + t * m, n * t / parts, n * (t + 1) / parts);
@@ -466,6 +473,7 @@ void solve(const Problem<acc_t>& p, int64_t max_iter, acc_t tol, bool parallel, 
   for (;; ++it) {
     scaled = false;
     if (kernel_fresh && transposed) {
+      const ScopedFlushSubnormals serial_flush;
       std::fill(col_acc.begin(), col_acc.end(), acc_t(0));
       err = scaling_transposed_entry(kernel, kernel_t.data(), p.a, x, w.data(), x_new, col_acc.data(), n, m, p.norm);
       scaled = err == err;
@@ -1304,6 +1312,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   return {loss.to(sinkhorn_kd_loss_dtype(student, teacher)), ps, pt, W, xs, ys};
 }
 
+// For a float32 cost gradient: entries below float32's normal range go to 0 rather than to
+// subnormals, whose products in the cdist backward take the processor's slow path (each
+// moves the gradient by less than B x 1.2e-38).
+template <typename T>
+at::Tensor flush_below_float_min(at::Tensor G) {
+  T* g = G.mutable_data_ptr<T>();
+  for (int64_t q = 0; q < G.numel(); ++q)
+    if (std::abs(g[q]) < T(std::numeric_limits<float>::min())) g[q] = T(0);
+  return G;
+}
+
 // dL/dW through the normalizations and the loss's sum, in it_t: W, the kernel K (B x B) and
 // the saved scalings xs, ys ((n_iter + 1) x B) in it_t; g = grad_loss * scale.
 template <typename it_t>
@@ -1399,15 +1418,9 @@ std::tuple<at::Tensor, at::Tensor> sinkhorn_kd_backward(const at::Tensor& grad_l
     at::Tensor K = at::empty({B, B}, W64.options());
     kernel_matrix<double>(W64.const_data_ptr<double>(), K.mutable_data_ptr<double>(), 1.0 / eps, B, n_iter, nullptr);
     G = sinkhorn_kd_cost_grad<double>(W64, K, xs.contiguous(), ys.contiguous(), n_iter, eps, g_loss);
-    if (ps.scalar_type() == at::kFloat) {
-      // Entries below float32's normal range go to 0 rather than to subnormals, whose products
-      // in the cdist backward take the processor's slow path (the gradient moves by less than
-      // B x 1.2e-38).
-      double* gp = G.mutable_data_ptr<double>();
-      for (int64_t q = 0; q < B * B; ++q)
-        if (std::abs(gp[q]) < double(std::numeric_limits<float>::min())) gp[q] = 0.0;
-      G = G.to(at::kFloat);
-    }
+    if (ps.scalar_type() == at::kFloat) G = flush_below_float_min<double>(G).to(at::kFloat);
+  } else {
+    G = flush_below_float_min<float>(G);
   }
   at::Tensor d_student, d_teacher;
   AT_DISPATCH_FLOATING_TYPES(ps.scalar_type(), "sinkhorn_kd_backward", [&] {

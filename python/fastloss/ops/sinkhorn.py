@@ -445,7 +445,8 @@ def sinkhorn_kd_loss(
     by a fused reverse sweep, not by autograd through n_iter steps. Under create_graph=True it
     comes from autograd through the formulation instead (recomputed from the saved softmaxes),
     so second and higher derivatives work. Logits of shape (B, C),
-    any float dtype (computed in float32, float64 for float64); the loss has their dtype.
+    any float dtype (computed in float32, float64 for float64; the normalizations in float64
+    where float32's range would not hold them); the loss has their dtype.
     """
     _check_tensor("sinkhorn_kd_loss", "student_logits", student_logits)
     _check_tensor("sinkhorn_kd_loss", "teacher_logits", teacher_logits)
