@@ -1284,18 +1284,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     const auto always = [](int64_t) { return true; };
     bool narrow = false;
     if (s.acc_dtype == at::kFloat) {
-      at::Tensor K = at::empty({B, B}, opts), xf = at::empty({n_iter + 1, B}, opts), yf = at::empty({n_iter + 1, B}, opts);
-      float* k = K.mutable_data_ptr<float>();
-      float* xp = xf.mutable_data_ptr<float>();
-      float* yp = yf.mutable_data_ptr<float>();
-      kernel_matrix<float>(W.const_data_ptr<float>(), k, float(1.0 / eps), B, n_iter, yp);
-      narrow = kd_kernel_fits_float(k, B) && kd_scalings_fit_float(yp, B) &&
+      std::vector<float> K(B * B), xf((n_iter + 1) * B), yf((n_iter + 1) * B);
+      float* xp = xf.data();
+      float* yp = yf.data();
+      kernel_matrix<float>(W.const_data_ptr<float>(), K.data(), float(1.0 / eps), B, n_iter, yp);
+      narrow = kd_kernel_fits_float(K.data(), B) && kd_scalings_fit_float(yp, B) &&
                sinkhorn_kd_normalize_kernel<float>(
-                   W.const_data_ptr<float>(), k, B, n_iter, float(scale), xp, yp, loss.mutable_data_ptr<float>(),
+                   W.const_data_ptr<float>(), K.data(), B, n_iter, float(scale), xp, yp, loss.mutable_data_ptr<float>(),
                    [&](int64_t t) { return kd_scalings_fit_float(xp + t * B, B) && kd_scalings_fit_float(yp + t * B, B); });
       if (narrow) {
-        xs.copy_(xf);
-        ys.copy_(yf);
+        std::copy(xf.begin(), xf.end(), xs.mutable_data_ptr<double>());
+        std::copy(yf.begin(), yf.end(), ys.mutable_data_ptr<double>());
       }
     }
     if (!narrow) {
@@ -1312,22 +1311,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   return {loss.to(sinkhorn_kd_loss_dtype(student, teacher)), ps, pt, W, xs, ys};
 }
 
-// For a float32 cost gradient: entries below float32's normal range go to 0 rather than to
-// subnormals, whose products in the cdist backward take the processor's slow path (each
-// moves the gradient by less than B x 1.2e-38).
-template <typename T>
-at::Tensor flush_below_float_min(at::Tensor G) {
-  T* g = G.mutable_data_ptr<T>();
-  const T lo = T(std::numeric_limits<float>::min());
-  for (int64_t q = 0; q < G.numel(); ++q) g[q] = std::abs(g[q]) < lo ? T(0) : g[q];  // (vectorizes)
-  return G;
-}
-
 // dL/dW through the normalizations and the loss's sum, in it_t: W, the kernel K (B x B) and
-// the saved scalings xs, ys ((n_iter + 1) x B) in it_t; g = grad_loss * scale.
+// the saved scalings xs, ys ((n_iter + 1) x B) in it_t; g = grad_loss * scale. For a float32
+// gradient (float_output), entries below float32's normal range come out as 0 rather than as
+// subnormals, whose products in the cdist backward take the processor's slow path (each
+// moves the logits' gradient by less than B x 1.2e-38).
 template <typename it_t>
 at::Tensor sinkhorn_kd_cost_grad(const at::Tensor& W, const at::Tensor& K, const at::Tensor& xs, const at::Tensor& ys,
-                                 int64_t n_iter, double eps, double g_loss) {
+                                 int64_t n_iter, double eps, double g_loss, bool float_output) {
   const int64_t B = W.size(0);
   const auto opts = W.options();
   const it_t inv_eps = it_t(1.0 / eps), g = static_cast<it_t>(g_loss);
@@ -1371,11 +1362,13 @@ at::Tensor sinkhorn_kd_cost_grad(const at::Tensor& W, const at::Tensor& K, const
   }
   // dL/dW = K o (s x y^T (1 - W / eps) - (Lf Rf^T) / eps), in the scaled factors.
   it_t* gw = G.mutable_data_ptr<it_t>();
+  const it_t lo = float_output ? it_t(std::numeric_limits<float>::min()) : it_t(0);
   at::parallel_for(0, B, grain_for(B), [&](int64_t r0, int64_t r1) {
     for (int64_t i = r0; i < r1; ++i)
       for (int64_t j = 0; j < B; ++j) {
         const int64_t q = i * B + j;
-        gw[q] = k[q] * px[i] * py[j] * (g * mx[i] * my[j] * (it_t(1) - w[q] * inv_eps) - gw[q] * inv_eps);
+        const it_t v = k[q] * px[i] * py[j] * (g * mx[i] * my[j] * (it_t(1) - w[q] * inv_eps) - gw[q] * inv_eps);
+        gw[q] = std::abs(v) < lo ? it_t(0) : v;
       }
   });
   return G;
@@ -1410,17 +1403,16 @@ std::tuple<at::Tensor, at::Tensor> sinkhorn_kd_backward(const at::Tensor& grad_l
     }
     if (K.defined() && kd_kernel_fits_float(K.const_data_ptr<float>(), B)) {
       G = sinkhorn_kd_cost_grad<float>(Wc, K, xs.to(at::kFloat).contiguous(), ys.to(at::kFloat).contiguous(), n_iter,
-                                       eps, g_loss);
+                                       eps, g_loss, /*float_output=*/true);
     }
   }
   if (!G.defined()) {
     const at::Tensor W64 = Wc.to(at::kDouble);
     at::Tensor K = at::empty({B, B}, W64.options());
     kernel_matrix<double>(W64.const_data_ptr<double>(), K.mutable_data_ptr<double>(), 1.0 / eps, B, n_iter, nullptr);
-    G = sinkhorn_kd_cost_grad<double>(W64, K, xs.contiguous(), ys.contiguous(), n_iter, eps, g_loss);
-    if (ps.scalar_type() == at::kFloat) G = flush_below_float_min<double>(G).to(at::kFloat);
-  } else {
-    G = flush_below_float_min<float>(G);
+    const bool float_output = ps.scalar_type() == at::kFloat;
+    G = sinkhorn_kd_cost_grad<double>(W64, K, xs.contiguous(), ys.contiguous(), n_iter, eps, g_loss, float_output)
+            .to(ps.scalar_type());
   }
   at::Tensor d_student, d_teacher;
   AT_DISPATCH_FLOATING_TYPES(ps.scalar_type(), "sinkhorn_kd_backward", [&] {
