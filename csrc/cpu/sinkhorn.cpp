@@ -36,6 +36,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstring>
 #include <iomanip>
@@ -1171,13 +1172,13 @@ constexpr int kKdFloatScalingExponent = 63;
 
 bool kd_kernel_fits_float(const float* K, int64_t B) {
   const float lo = std::ldexp(1.0f, -kKdFloatKernelExponent);
-  for (int64_t i = 0; i < B; ++i) {
-    const float* k = K + i * B;
+  std::atomic<bool> fits{true};
+  at::parallel_for(0, B, grain_for(B), [&](int64_t r0, int64_t r1) {
     int tiny_entries = 0;  // branch-free, so the loop vectorizes
-    for (int64_t j = 0; j < B; ++j) tiny_entries |= int(k[j] < lo) & int(k[j] != 0.0f);
-    if (tiny_entries) return false;
-  }
-  return true;
+    for (int64_t q = r0 * B; q < r1 * B; ++q) tiny_entries |= int(K[q] < lo) & int(K[q] != 0.0f);
+    if (tiny_entries) fits.store(false, std::memory_order_relaxed);
+  });
+  return fits.load();
 }
 template <typename T>
 bool kd_scalings_fit_float(const T* v, int64_t n) {
