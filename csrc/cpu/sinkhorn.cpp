@@ -449,7 +449,7 @@ void solve(const Problem<acc_t>& p, int64_t max_iter, acc_t tol, bool parallel, 
   auto row_pass = [&](auto&& rows) {
     std::fill(col_acc.begin(), col_acc.end(), acc_t(0));
     if (parts == 1) {
-      const ScopedFlushSubnormals serial_flush;
+      const ScopedFlushSubnormals serial_flush;  // (solve's flag is off when `parallel`)
       return rows(col_acc.data(), int64_t(0), n);
     }
     auto run_parts = [&](int64_t b, int64_t e) {
@@ -473,8 +473,7 @@ void solve(const Problem<acc_t>& p, int64_t max_iter, acc_t tol, bool parallel, 
   int64_t it = 0;
   for (;; ++it) {
     scaled = false;
-    if (kernel_fresh && transposed) {
-      const ScopedFlushSubnormals serial_flush;
+    if (kernel_fresh && transposed) {  // (small: serial, under solve's flag)
       std::fill(col_acc.begin(), col_acc.end(), acc_t(0));
       err = scaling_transposed_entry(kernel, kernel_t.data(), p.a, x, w.data(), x_new, col_acc.data(), n, m, p.norm);
       scaled = err == err;
@@ -1095,21 +1094,6 @@ void fused_pass(int64_t B, acc_t* col, const Rows& rows) {
   for (int64_t t = 1; t < parts; ++t)
     for (int64_t j = 0; j < B; ++j) col[j] += acc[t * B + j];
 }
-// The kernel's shifts (n_iter > 0): r_i = min_k W_ik and c_j = min_i (W_ij - r_i), in one
-// pass over W: row ranges as fused_pass's, each with its own column minima, merged after.
-template <typename acc_t>
-void kernel_shifts(const acc_t* W, int64_t B, std::vector<acc_t>& r, std::vector<acc_t>& c) {
-  const int64_t parts = row_parts(B);
-  r.resize(B);
-  c.assign(parts * B, std::numeric_limits<acc_t>::infinity());
-  at::parallel_for(0, parts, 1, [&](int64_t b, int64_t e) {
-    for (int64_t t = b; t < e; ++t) shift_minima_entry(W, r.data(), c.data() + t * B, B, B * t / parts, B * (t + 1) / parts);
-  });
-  for (int64_t t = 1; t < parts; ++t)
-    for (int64_t j = 0; j < B; ++j) c[j] = fl_min(c[j], c[t * B + j]);
-  c.resize(B);
-}
-
 // K (kernel_rows) and, if y0 is not null, the first column scaling y_0 (B entries).
 template <typename acc_t>
 void kernel_matrix(const acc_t* W, acc_t* K, acc_t inv_eps, int64_t B, int64_t n_iter, acc_t* y0) {
@@ -1120,10 +1104,20 @@ void kernel_matrix(const acc_t* W, acc_t* K, acc_t inv_eps, int64_t B, int64_t n
     if (y0 != nullptr) std::fill(y0, y0 + B, acc_t(1));
     return;
   }
-  std::vector<acc_t> r, c;
-  kernel_shifts(W, B, r, c);
+  // The minima in one pass over W: row ranges as fused_pass's, each with its own column
+  // minima, merged after.
+  const int64_t parts = row_parts(B);
+  std::vector<acc_t> r(B), partial(parts * B, std::numeric_limits<acc_t>::infinity());
+  at::parallel_for(0, parts, 1, [&](int64_t b, int64_t e) {
+    for (int64_t t = b; t < e; ++t) {
+      shift_minima_entry(W, r.data(), partial.data() + t * B, B, B * t / parts, B * (t + 1) / parts);
+    }
+  });
+  for (int64_t t = 1; t < parts; ++t)
+    for (int64_t j = 0; j < B; ++j) partial[j] = fl_min(partial[j], partial[t * B + j]);
+  const acc_t* c = partial.data();
   at::parallel_for(0, B, grain_for(B), [&](int64_t r0, int64_t r1) {
-    kernel_entry(W, static_cast<const acc_t*>(r.data()), static_cast<const acc_t*>(c.data()), K, inv_eps, B, r0, r1);
+    kernel_entry(W, static_cast<const acc_t*>(r.data()), c, K, inv_eps, B, r0, r1);
   });
   if (y0 != nullptr) {
     for (int64_t j = 0; j < B; ++j) y0[j] = exp_with_subnormals(-c[j] * inv_eps);
