@@ -267,6 +267,18 @@ def test_stat_topk_long_columns_theta_within_a_few_ulps(emu):
     assert ulps.max().item() <= 2, f"theta off by {ulps.tolist()} ulps"
 
 
+@pytest.mark.parametrize("shape,dim", [((2, 40000), -1), ((2, 100000), -1), ((3000, 4), 0), ((4, 5000, 3), 1)],
+                         ids=str)
+def test_stat_topk_std_with_a_large_common_offset(emu, shape, dim):
+    # 1e7 + N(0, 1) in float32: the parts' means are rounded to 1, as large as the spread; merged
+    # without their rounding errors the std was 1.2-7% off (chunked, split and strided paths).
+    x = (1e7 + torch.randn(shape, generator=torch.Generator().manual_seed(4), dtype=torch.float64)).float()
+    _, _, mean, sd = emu.stat_topk(x, dim, z_of(0.9), False)
+    ref_sd = x.double().std(dim, correction=0).flatten()
+    assert ((sd.double().flatten() - ref_sd).abs() / ref_sd).max().item() <= 1e-5
+    near(mean.flatten(), x.double().mean(dim).flatten(), 1e-7, "mean")
+
+
 def test_stat_topk_special_rows(emu):
     x = torch.randn(5, 3000, generator=torch.Generator().manual_seed(2))
     x[0] = 2.5  # constant row

@@ -49,7 +49,11 @@ struct LevelSum {
 };
 
 // Count, mean, sum of squared deviations, min and max of a set of values (n = 0: empty, the
-// other fields unused). m2 is in units of (2^spread_exponent(lo, hi))^2.
+// other fields unused). m2 is in units of (2^spread_exponent(lo, hi))^2. The mean is the pair
+// mean + mean_err: a rounded mean carries an error of up to half its ulp, which with a large
+// common offset (1e7 + N(0, 1) in float32: ulp 1) is as large as the spread, and Chan's merge
+// squares the difference of two parts' means: the std came out 2-7% off after the CUDA
+// kernels' merges of 8-value parts, 3e-4 to 4e-3 after the CPU's of 2048.
 template <typename acc_t>
 struct Moments {
   acc_t n;
@@ -57,7 +61,19 @@ struct Moments {
   acc_t m2;
   acc_t lo;
   acc_t hi;
+  acc_t mean_err;
 };
+
+// a + b as the rounded sum and its exact rounding error (Knuth's two-sum: no multiply, so no
+// contraction into an fma can change it); the error is 0 where the sum is not finite.
+template <typename acc_t>
+FASTLOSS_HD acc_t two_sum(acc_t a, acc_t b, acc_t& err) {
+  const acc_t s = a + b;
+  const acc_t bb = s - a;
+  const acc_t e = (a - (s - bb)) + (b - bb);
+  err = s - s == acc_t(0) ? e : acc_t(0);
+  return s;
+}
 
 // e with v in [2^(e-1), 2^e) for a positive normal v (frexp's exponent), from the bits; a
 // subnormal v gives the smallest normal exponent's e.
@@ -160,14 +176,16 @@ FASTLOSS_HD acc_t shifted_mean(acc_t shift, acc_t shifted_sum, acc_t n, acc_t lo
 // squares (sq); the mean then moves by dev_sum / n units and m2 drops by dev_sum^2 / n. The
 // first pass's mean is only as good as the values' distances from its shift (a far outlier as
 // the shift: theta 1.7e-3 off relative); the deviations from that mean are accurate.
+// The moved mean keeps its rounding error in mean_err (Moments).
 template <typename acc_t>
-FASTLOSS_HD void correct_moments(acc_t n, acc_t dev_sum, acc_t sq, acc_t unit, acc_t& mean, acc_t& m2) {
-  const acc_t step = dev_sum / n;
-  mean = mean + step * unit;
-  m2 = max_of(sq - dev_sum * step, acc_t(0));  // in this order a NaN stays NaN
+FASTLOSS_HD void correct_moments(Moments<acc_t>& m, acc_t dev_sum, acc_t sq, acc_t unit) {
+  const acc_t step = dev_sum / m.n;
+  m.mean = two_sum(m.mean, step * unit, m.mean_err);
+  m.m2 = max_of(sq - dev_sum * step, acc_t(0));  // in this order a NaN stays NaN
 }
 
-// Chan's formula, with each part's m2 moved to the merged set's unit (exact powers of two).
+// Chan's formula, with each part's m2 moved to the merged set's unit (exact powers of two) and
+// the means' difference taken from both parts of each mean.
 template <typename acc_t>
 FASTLOSS_HD Moments<acc_t> merge_moments(Moments<acc_t> a, Moments<acc_t> b) {
   const acc_t n = a.n + b.n;
@@ -177,9 +195,14 @@ FASTLOSS_HD Moments<acc_t> merge_moments(Moments<acc_t> a, Moments<acc_t> b) {
   const int e = spread_exponent(lo, hi);
   const acc_t ra = pow2<acc_t>(spread_exponent(a.lo, a.hi) - e), rb = pow2<acc_t>(spread_exponent(b.lo, b.hi) - e);
   const acc_t inv_s = pow2<acc_t>(-e);
-  const acc_t ds = scaled_deviation(b.mean, inv_s, -a.mean * inv_s);  // (b.mean - a.mean) / 2^e
+  // (b.mean - a.mean) / 2^e: the difference of the rounded means is exact when they are close.
+  const acc_t ds = scaled_deviation(b.mean, inv_s, -a.mean * inv_s) + (b.mean_err - a.mean_err) * inv_s;
   const acc_t wb = b.n / n;
-  return {n, a.mean + ds * wb * pow2<acc_t>(e), a.m2 * ra * ra + b.m2 * rb * rb + ds * ds * a.n * wb, lo, hi};
+  acc_t step_err;
+  const acc_t mean = two_sum(a.mean, ds * wb * pow2<acc_t>(e), step_err);
+  acc_t err;  // renormalised: mean is the pair's rounded value
+  const acc_t merged_mean = two_sum(mean, a.mean_err + step_err, err);
+  return {n, merged_mean, a.m2 * ra * ra + b.m2 * rb * rb + ds * ds * a.n * wb, lo, hi, err};
 }
 
 // Moments of many parts in three levels: kParts parts merge into a group, kParts groups into
@@ -189,20 +212,20 @@ FASTLOSS_HD Moments<acc_t> merge_moments(Moments<acc_t> a, Moments<acc_t> b) {
 // ~3900 group merges) still came to 5-7 ulps, with three 0.4-0.6.
 template <typename acc_t, int kParts = 64>
 struct GroupedMoments {
-  Moments<acc_t> total{0, 0, 0, 0, 0};
-  Moments<acc_t> block{0, 0, 0, 0, 0};
-  Moments<acc_t> group{0, 0, 0, 0, 0};
+  Moments<acc_t> total{};
+  Moments<acc_t> block{};
+  Moments<acc_t> group{};
   int parts = 0;
   int groups = 0;
   FASTLOSS_HD void add(const Moments<acc_t>& m) {
     group = merge_moments(group, m);
     if (++parts == kParts) {
       block = merge_moments(block, group);
-      group = {0, 0, 0, 0, 0};
+      group = {};
       parts = 0;
       if (++groups == kParts) {
         total = merge_moments(total, block);
-        block = {0, 0, 0, 0, 0};
+        block = {};
         groups = 0;
       }
     }
@@ -222,7 +245,7 @@ FASTLOSS_HD bool finite_constant(acc_t lo, acc_t hi) {
 template <typename acc_t>
 FASTLOSS_HD bool constant_moments(acc_t n, acc_t lo, acc_t hi, acc_t mean, Moments<acc_t>& out) {
   if (!(finite_constant(lo, hi) && mean == mean)) return false;  // min/max may skip a NaN; the mean does not
-  out = {n, lo, acc_t(0), lo, hi};
+  out = {n, lo, acc_t(0), lo, hi, acc_t(0)};
   return true;
 }
 
@@ -262,8 +285,8 @@ FASTLOSS_UNROLL
       dev += d;
     }
   }
-  Moments<acc_t> m{static_cast<acc_t>(count), mean, acc_t(0), lo, hi};
-  correct_moments(m.n, dev, sq, pow2<acc_t>(e), m.mean, m.m2);
+  Moments<acc_t> m{static_cast<acc_t>(count), mean, acc_t(0), lo, hi, acc_t(0)};
+  correct_moments(m, dev, sq, pow2<acc_t>(e));
   return m;
 }
 
@@ -280,6 +303,7 @@ FASTLOSS_HD RowThreshold<acc_t> row_threshold(Moments<acc_t> m, acc_t z) {
   // Finite constant row: exact mean, std 0. (min/max may skip a NaN; the NaN mean does not.)
   if (finite_constant(m.lo, m.hi) && m.mean == m.mean) {
     m.mean = m.lo;
+    m.mean_err = 0;
     m.m2 = 0;
   }
   // m2 >= 0 in exact arithmetic; the test only guards a -0 from rounding.
@@ -287,7 +311,7 @@ FASTLOSS_HD RowThreshold<acc_t> row_threshold(Moments<acc_t> m, acc_t z) {
   const acc_t sd = std::sqrt(var) * pow2<acc_t>(spread_exponent(m.lo, m.hi));
   // A NaN anywhere in the row makes m2 NaN (the comparison above is false): keep it NaN.
   const acc_t std_v = m.m2 != m.m2 ? m.m2 : sd;
-  return {m.mean, std_v, m.mean + std_v * z};
+  return {m.mean + m.mean_err, std_v, m.mean + (std_v * z + m.mean_err)};
 }
 
 // relu(x - theta) that propagates NaN like torch.relu.

@@ -90,7 +90,7 @@ template <typename acc_t>
 __device__ __forceinline__ Moments<acc_t> shfl_down(const Moments<acc_t>& m, int o) {
   return {__shfl_down_sync(kFullMask, m.n, o), __shfl_down_sync(kFullMask, m.mean, o),
           __shfl_down_sync(kFullMask, m.m2, o), __shfl_down_sync(kFullMask, m.lo, o),
-          __shfl_down_sync(kFullMask, m.hi, o)};
+          __shfl_down_sync(kFullMask, m.hi, o), __shfl_down_sync(kFullMask, m.mean_err, o)};
 }
 
 // Lane 0 merges the warp (tree order), then every thread merges the warps' results in warp
@@ -102,7 +102,7 @@ __device__ __forceinline__ Moments<acc_t> block_moments(Moments<acc_t> m, Moment
   __syncthreads();
   if (threadIdx.x % 32 == 0) smem[threadIdx.x / 32] = m;
   __syncthreads();
-  Moments<acc_t> r{0, 0, 0, 0, 0};
+  Moments<acc_t> r{};
   for (int w = 0; w < kWarps; ++w) r = merge_moments(r, smem[w]);
   return r;
 }
@@ -247,9 +247,9 @@ __global__ void __launch_bounds__(kThreads) onchip_forward_kernel(const T* __res
     sq += d * d;
     dev += d;
   });
-  Moments<acc_t> m{static_cast<acc_t>(n), mean, acc_t(0), lo, hi};
+  Moments<acc_t> m{static_cast<acc_t>(n), mean, acc_t(0), lo, hi, acc_t(0)};
   const acc_t sq_sum = block_allreduce<kThreads>(sq, SumOp{}, red);
-  correct_moments(m.n, block_allreduce<kThreads>(dev, SumOp{}, red), sq_sum, pow2<acc_t>(e), m.mean, m.m2);
+  correct_moments(m, block_allreduce<kThreads>(dev, SumOp{}, red), sq_sum, pow2<acc_t>(e));
   const RowThreshold<acc_t> t = row_threshold(m, z);
   if (threadIdx.x == 0) {
     st.theta[row] = t.theta;
@@ -349,7 +349,7 @@ __global__ void __launch_bounds__(kChunkThreads) chunk_forward_kernel(const T* _
   const int64_t row = row0 + blockIdx.x, begin = blockIdx.y * chunk;
   const int64_t end = begin + chunk < n ? begin + chunk : n;
   const T* xr = x + row * n;
-  Moments<acc_t> m{0, 0, 0, 0, 0};
+  Moments<acc_t> m{};
   if (ws == nullptr) {
     m = range_moments(xr, 0, n, smem);
   } else {
