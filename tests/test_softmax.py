@@ -355,6 +355,26 @@ def test_backward_matches_torch(device, fn, ref_fn, dtype, cols):
 
 
 @pytest.mark.parametrize("fn,ref_fn", OPS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(1, 50, 129), (3, 70, 513), (2, 40, 1000), (40, 9, 300)], ids=str)
+def test_backward_along_a_middle_dim_matches_torch(device, fn, ref_fn, dtype, shape):
+    # The CPU's backward takes up to 4 x 32 float (4 x 16 double) adjacent columns per block,
+    # narrower when blocks would be too few for the threads: full, partial and narrowed blocks.
+    x64 = torch.randn(shape, dtype=torch.float64, device=device) * 3
+    g = torch.randn_like(x64)
+    x = x64.to(dtype).requires_grad_()
+    (fn(x, 1) * g.to(dtype)).sum().backward()
+    xr = x64.to(dtype).double().requires_grad_()
+    (ref_fn(xr, 1) * g.to(dtype).double()).sum().backward()
+    xt = x64.to(dtype).requires_grad_()
+    (ref_fn(xt, 1) * g.to(dtype)).sum().backward()
+    torch_err = (xt.grad.double() - xr.grad).abs().max().item()
+    err = (x.grad.double() - xr.grad).abs().max().item()
+    scale = max(1.0, g.to(dtype).double().sum(1).abs().max().item())
+    assert err <= 2 * torch_err + 4 * torch.finfo(dtype).eps * scale, (err, torch_err)
+
+
+@pytest.mark.parametrize("fn,ref_fn", OPS)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_backward_half_to_float(device, fn, ref_fn, dtype):
     x = (torch.randn(5, 300, device=device) * 2).to(dtype).requires_grad_()
