@@ -350,6 +350,23 @@ def test_envelope_gradient_is_plan(device):
     torch.testing.assert_close(v, r.value)
 
 
+def test_envelope_gradient_does_not_read_the_inputs(device):
+    # The envelope gradient needs the potentials only: an inference-mode cost, or one modified
+    # in place after the call, must not stop the gradient in the marginals (both raised).
+    with torch.inference_mode():
+        fixed, a, _ = random_problem(2, 5, 6, seed=3, device=device)
+    aa = a.clone().requires_grad_()
+    v = fastloss.sinkhorn_cost(fixed, aa, eps=0.5, tol=1e-12, max_iter=10000)
+    (ga,) = torch.autograd.grad(v.sum(), aa)
+    r = fastloss.sinkhorn(fixed, a.clone(), eps=0.5, tol=1e-12, max_iter=10000)
+    torch.testing.assert_close(ga, r.f - 0.5 * a.clone().log())
+    cost = fixed.clone()
+    v = fastloss.sinkhorn_cost(cost, aa, eps=0.5, tol=1e-12, max_iter=10000)
+    cost.add_(1.0)
+    (ga2,) = torch.autograd.grad(v.sum(), aa)
+    torch.testing.assert_close(ga2, ga)
+
+
 def test_gradcheck_envelope_cost():
     # At convergence the value's derivative w.r.t. the cost is the plan (envelope theorem).
     cost, a, b = random_problem(2, 5, 4, seed=11)
