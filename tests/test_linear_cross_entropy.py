@@ -762,6 +762,25 @@ def test_ignored_tokens_with_inf_hidden_rows(device, dtype, deterministic):
         torch.testing.assert_close(g, r)
 
 
+@pytest.mark.parametrize("label_smoothing", [0.0, 0.1])
+def test_an_infinite_output_gradient_spreads_as_torchs(device, label_smoothing):
+    # One token's output gradient is inf: d classifier and d bias hold +-inf where torch's do,
+    # NaN only where torch's do (without smoothing the smoothing term was inf * 0 = NaN, in
+    # every entry).
+    h, c, t, b = make_inputs((8,), 16, 64, torch.float32, device, bias=True, ignore_frac=0.0)
+    g = torch.randn(8, generator=torch.Generator().manual_seed(1)).to(device)
+    g[0] = float("inf")
+    ins = [x.clone().requires_grad_() for x in (h, c, b)]
+    got = torch.autograd.grad(fastloss.linear_cross_entropy(*ins[:2], t, ins[2], reduction="none",
+                                                            label_smoothing=label_smoothing), ins, g)
+    refs = [x.clone().requires_grad_() for x in (h, c, b)]
+    logits = refs[0] @ refs[1].T + refs[2]
+    want = torch.autograd.grad(F.cross_entropy(logits, t, reduction="none", label_smoothing=label_smoothing), refs, g)
+    for name, x, r in zip(("hidden", "classifier", "bias"), got, want):
+        assert torch.equal(x.isnan(), r.isnan()), f"d {name}: NaN pattern"
+        assert torch.equal(x.isinf(), r.isinf()) and torch.equal(x[x.isinf()], r[r.isinf()]), f"d {name}: infinities"
+
+
 # --------------------------------------------------------------------------------------------
 # Gradient filtering
 

@@ -76,7 +76,9 @@ FASTLOSS_HD TokenGrad<acc_t> token_grad(acc_t grad_loss, acc_t grad_lse, acc_t l
   TokenGrad<acc_t> t;
   t.a = grad_loss * (acc_t(1) + acc_t(2) * z_loss * lse) + grad_lse;
   t.b = grad_loss * (acc_t(1) - label_smoothing);
-  t.c = grad_loss * label_smoothing * inv_vocab;
+  // Without smoothing c is 0, not grad_loss * 0: an infinite output gradient would make it NaN
+  // and spread NaN over the token's whole row of d classifier (torch's is inf there).
+  t.c = label_smoothing == acc_t(0) ? acc_t(0) : grad_loss * label_smoothing * inv_vocab;
   // Relative to the token's own gradient scale: plain cross-entropy skips p_j < filter_eps.
   // With label smoothing every entry carries -c: each is below any useful threshold, their
   // sum is not, so nothing is skipped (threshold 0).
