@@ -3,6 +3,7 @@ uninitialised memory, the fake kernels reject what the real ones reject, and Num
 pass where Python numbers do (forward-mode AD and torch.func transforms: test_func.py)."""
 
 import math
+import warnings
 
 import numpy as np
 import pytest
@@ -283,3 +284,42 @@ def test_fake_tensors_and_make_fx_trace_the_eager_value_checks():
         with pytest.raises(RuntimeError, match="'a' to be finite and >= 0"):
             fastloss.sinkhorn_cost(cost[0], torch.tensor([0.5, 0.7, -0.2, 0.0], dtype=torch.float64), eps=0.5,
                                    grad="unrolled")
+
+
+def _nested(t):
+    return torch.nested.nested_tensor(list(t.float()))
+
+
+def _sparse(t):
+    return t.to_sparse()
+
+
+def _quantized(t):
+    with warnings.catch_warnings():  # (quantized tensors are deprecated in torch)
+        warnings.simplefilter("ignore")
+        return torch.quantize_per_tensor(t.float(), 0.1, 0, torch.qint8)
+
+
+# (call with the odd tensor in the named argument, the argument's name)
+LAYOUT_CASES = {
+    "softmax": (lambda t: fastloss.softmax(t), "input"),
+    "stat_topk": (lambda t: fastloss.stat_topk(t, sparsity=0.5), "x"),
+    "stat_topk_gelu_mul": (lambda t: fastloss.stat_topk_gelu_mul(_randn(3, 4).float(), t, 0.5), "up"),
+    "sinkhorn_cost": (lambda t: fastloss.sinkhorn_cost(t, eps=0.1), "cost"),
+    "sinkhorn_kd_loss": (lambda t: fastloss.sinkhorn_kd_loss(_randn(3, 4).float(), t), "teacher_logits"),
+    "linear_cross_entropy": (lambda t: fastloss.linear_cross_entropy(_randn(5, 4).float(), t, torch.tensor([0, 1])),
+                             "classifier"),
+    "log_bessel_iv": (lambda t: fastloss.log_bessel_iv(1.5, t), "x"),
+    "vmf_log_normalizer": (lambda t: fastloss.vmf_log_normalizer(t, 3), "kappa"),
+    "VonMisesFisher": (lambda t: fastloss.distributions.VonMisesFisher(t, 1.0), "loc"),
+}
+
+
+@pytest.mark.parametrize("kind", [_nested, _sparse, _quantized], ids=["nested", "sparse", "quantized"])
+@pytest.mark.parametrize("name", list(LAYOUT_CASES))
+def test_non_dense_tensors_get_an_error_naming_the_argument(name, kind):
+    # Nested, sparse and quantized tensors failed deep inside torch ("Internal error ... Please
+    # file an issue", "reshape is not implemented for sparse tensors") with no argument named.
+    call, arg = LAYOUT_CASES[name]
+    with pytest.raises(TypeError, match=f"'{arg}' to be a dense"):
+        call(kind(_randn(3, 4).abs() + 0.1))

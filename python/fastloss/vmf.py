@@ -17,7 +17,7 @@ from typing import Dict, Type, Union
 import torch
 
 from .ops._func import batch_front, transform_function, transforms_active
-from .ops._guards import check_floating, check_same_device, check_value
+from .ops._guards import check_floating, check_same_device, check_tensor, check_value
 
 TensorOrNumber = Union[torch.Tensor, float]
 
@@ -33,6 +33,8 @@ def _as_float_tensor(name: str, arg: str, value: TensorOrNumber) -> torch.Tensor
     torch.special does; complex refused (casting would drop the imaginary part)."""
     if value is None or isinstance(value, (str, bytes)):
         raise TypeError(f"fastloss.{name}: expected '{arg}' to be a tensor or a number, got {type(value).__name__}")
+    if isinstance(value, torch.Tensor):
+        check_tensor(name, arg, value)
     t = torch.as_tensor(value)
     if t.is_complex():
         raise TypeError(f"fastloss.{name}: expected '{arg}' to be real, got {t.dtype}")

@@ -17,6 +17,28 @@ def check_same_device(op: str, **tensors) -> None:
             raise RuntimeError(f"fastloss.{op}: '{arg}' must be on the device of '{ref_arg}' ({ref.device}), got {t.device}")
 
 
+def check_tensor(op: str, arg: str, t) -> None:
+    """t is a dense (strided) torch.Tensor: nested, sparse, quantized and MKL-DNN tensors got
+    errors from deep inside torch that named no argument (a nested one: "Internal error ...
+    Please file an issue")."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"fastloss.{op}: expected '{arg}' to be a torch.Tensor, got {type(t).__name__}")
+    kind = layout_kind(t)
+    if kind is not None:
+        raise TypeError(f"fastloss.{op}: expected '{arg}' to be a dense (strided) tensor, got a {kind} tensor")
+
+
+def layout_kind(t: torch.Tensor):
+    """None for a dense (strided) tensor, else what it is: nested, quantized, sparse_coo, ..."""
+    if t.is_nested:
+        return "nested"
+    if t.is_quantized:
+        return "quantized"
+    if t.layout != torch.strided:
+        return str(t.layout).replace("torch.", "").strip("_")
+    return None
+
+
 # The real kernels' argument checks (csrc/common/*_op.h), for the fake kernels, so that a call
 # the ops reject fails the same way (same exception type, the argument named) under
 # torch.compile, on the meta device and in export instead of tracing through. Shape

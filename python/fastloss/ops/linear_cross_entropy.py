@@ -15,14 +15,10 @@ from . import _lce_derivatives as lce_derivatives
 from ._double_backward import refuse_second_derivative
 from ._func import (batch_front, forbid_transforms, host_values_readable, loop_rule, transform_function,
                     transforms_active)
-from ._guards import check_bool, check_dtype, check_floating, check_same_device, check_shape, check_value
+from ._guards import (check_bool, check_dtype, check_floating, check_same_device, check_shape, check_tensor,
+                      check_value)
 
 _REDUCTIONS = ("mean", "sum", "none")
-
-
-def _check_tensor(arg: str, t) -> None:
-    if not isinstance(t, torch.Tensor):
-        raise TypeError(f"fastloss.linear_cross_entropy: expected '{arg}' to be a torch.Tensor, got {type(t).__name__}")
 
 
 def _check_real(arg: str, v, low: float, high: float, interval: str) -> float:
@@ -213,11 +209,11 @@ def linear_cross_entropy(
     the CPU; on CUDA an asynchronous device-side assert (no host synchronization), and the
     tensor-core kernels write NaN for that token's loss and LSE (so its gradients are NaN).
     """
-    _check_tensor("hidden", hidden)
-    _check_tensor("classifier", classifier)
-    _check_tensor("targets", targets)
+    check_tensor("linear_cross_entropy", "hidden", hidden)
+    check_tensor("linear_cross_entropy", "classifier", classifier)
+    check_tensor("linear_cross_entropy", "targets", targets)
     if bias is not None:
-        _check_tensor("bias", bias)
+        check_tensor("linear_cross_entropy", "bias", bias)
     cap, label_smoothing, z_loss, shift, deterministic = check_options(
         reduction, ignore_index, softcap, label_smoothing, z_loss, filter_eps, shift, process_group, deterministic)
     return_lse = check_bool("linear_cross_entropy", "return_lse", return_lse)

@@ -11,7 +11,8 @@ import torch
 
 from ._func import (batch_front, derivative_function, host_values_readable, loop_rule, no_derivative,
                     transform_function, transforms_active)
-from ._guards import FLOAT_DTYPES, check_dtype, check_floating, check_same_device, check_shape, check_value
+from ._guards import (FLOAT_DTYPES, check_dtype, check_floating, check_same_device, check_shape, check_tensor,
+                      check_value)
 
 _GRAD_MODES = ("envelope", "unrolled")
 
@@ -39,11 +40,6 @@ class SinkhornResult(NamedTuple):
 
 def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def _check_tensor(name: str, arg: str, t) -> None:
-    if not isinstance(t, torch.Tensor):
-        raise TypeError(f"fastloss.{name}: expected '{arg}' to be a torch.Tensor, got {type(t).__name__}")
 
 
 def _check_number(name: str, arg: str, value, kind: type, what: str) -> None:
@@ -75,7 +71,7 @@ def _marginal(name: str, arg: str, x: Optional[torch.Tensor], batch: int, size: 
     cost is (B, n, m); user_cost is the cost as given, (n, m) or (B, n, m), for the message."""
     if x is None:
         return cost.new_full((batch, size), 1.0 / max(size, 1), dtype=_acc_dtype(cost.dtype))
-    _check_tensor(name, arg, x)
+    check_tensor(name, arg, x)
     check_floating(name, arg, x)
     if x.dim() == 1 and x.shape[0] == size:
         return x.unsqueeze(0).expand(batch, size)
@@ -92,7 +88,7 @@ _ERROR_NORMS = (1, 2, math.inf)
 
 
 def _prepare(name: str, cost, a, b, eps, max_iter, tol, error_norm):
-    _check_tensor(name, "cost", cost)
+    check_tensor(name, "cost", cost)
     check_floating(name, "cost", cost)  # also for grad="unrolled", which does not reach the op
     if cost.dim() not in (2, 3):
         raise ValueError(f"fastloss.{name}: expected 'cost' to have shape (n, m) or (B, n, m), got {tuple(cost.shape)}")
@@ -453,8 +449,8 @@ def sinkhorn_kd_loss(
     any float dtype (computed in float32, float64 for float64; the normalizations in float64
     where float32's range would not hold them); the loss has their dtype.
     """
-    _check_tensor("sinkhorn_kd_loss", "student_logits", student_logits)
-    _check_tensor("sinkhorn_kd_loss", "teacher_logits", teacher_logits)
+    check_tensor("sinkhorn_kd_loss", "student_logits", student_logits)
+    check_tensor("sinkhorn_kd_loss", "teacher_logits", teacher_logits)
     temperature, eps, n_iter, scale = check_kd_options("sinkhorn_kd_loss", temperature, eps, n_iter, scale)
     args = (student_logits, teacher_logits, temperature, eps, n_iter, scale)
     if transforms_active(student_logits, teacher_logits):

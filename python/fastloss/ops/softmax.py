@@ -11,14 +11,13 @@ import torch
 from .. import _C
 from ._direct import direct_call_ok
 from ._func import row_rule, transform_function, transforms_active
-from ._guards import FLOAT_DTYPES, check_floating, check_like, check_same_device, check_value, wrap_dim
+from ._guards import FLOAT_DTYPES, check_floating, check_like, check_same_device, check_tensor, check_value, wrap_dim
 
 _HALF_TYPES = (torch.float16, torch.bfloat16)
 
 
 def _dispatch(op, direct, name: str, input: torch.Tensor, dim: int, dtype: Optional[torch.dtype]):
-    if not isinstance(input, torch.Tensor):
-        raise TypeError(f"fastloss.{name}: expected 'input' to be a torch.Tensor, got {type(input).__name__}")
+    check_tensor(name, "input", input)
     # Like torch: any integer, including a 0-d integer tensor (through __index__), but not a bool.
     try:
         if isinstance(dim, bool) or (isinstance(dim, torch.Tensor) and (dim.dim() != 0 or dim.dtype == torch.bool)):

@@ -10,7 +10,8 @@ from typing import Literal, Optional, Tuple, Union, overload
 import torch
 
 from ._func import batch_front, row_rule, transform_function, transforms_active
-from ._guards import check_bool, check_dtype, check_floating, check_like, check_same_device, check_shape, check_value, wrap_dim
+from ._guards import (check_bool, check_dtype, check_floating, check_like, check_same_device, check_shape, check_tensor,
+                      check_value, wrap_dim)
 
 _MODES = ("soft", "hard")
 
@@ -43,11 +44,6 @@ def op_amount(name: str, row_length: int, sparsity: Optional[float],
 def effective_sparsity(sparsity: float, k: int, row_length: int) -> float:
     """The sparsity an op call with (sparsity, k) uses on rows of ``row_length``."""
     return 1.0 - k / row_length if k else sparsity
-
-
-def _check_tensor(name: str, arg: str, t) -> None:
-    if not isinstance(t, torch.Tensor):
-        raise TypeError(f"fastloss.{name}: expected '{arg}' to be a torch.Tensor, got {type(t).__name__}")
 
 
 def check_dim(name: str, dim) -> int:
@@ -106,7 +102,7 @@ def stat_topk(
     gradient through the std is taken as 0. A NaN makes its own row NaN (soft) or zero with
     NaN at the NaN (hard), like the eager formula; other rows are unaffected.
     """
-    _check_tensor("stat_topk", "x", x)
+    check_tensor("stat_topk", "x", x)
     if mode not in _MODES:
         raise ValueError(f"fastloss.stat_topk: 'mode' must be 'soft' or 'hard', got {mode!r}")
     s, keep = op_amount("stat_topk", _row_length("stat_topk", x, dim), sparsity, k)
@@ -137,8 +133,8 @@ def stat_topk_gelu_mul(
     Equal to ``F.gelu(stat_topk(gate, sparsity=s), approximate="tanh") * up``, with one read of
     each input and one write, and a fused backward.
     """
-    _check_tensor("stat_topk_gelu_mul", "gate", gate)
-    _check_tensor("stat_topk_gelu_mul", "up", up)
+    check_tensor("stat_topk_gelu_mul", "gate", gate)
+    check_tensor("stat_topk_gelu_mul", "up", up)
     if gate.dim() == 0:
         raise ValueError("fastloss.stat_topk_gelu_mul: 'gate' must have at least one dimension")
     s, keep = op_amount("stat_topk_gelu_mul", gate.shape[-1], sparsity, k)
