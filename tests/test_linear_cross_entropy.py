@@ -1000,6 +1000,9 @@ def test_errors():
     fastloss.linear_cross_entropy(h3, c, t3, shift=True)
     with pytest.raises(TypeError, match="'process_group' must be a torch.distributed ProcessGroup"):
         fastloss.linear_cross_entropy(h, c, t, process_group=object())
+    if torch.distributed.is_available():  # new_group's marker for a rank outside the group
+        with pytest.raises(ValueError, match="not a member of 'process_group'"):
+            fastloss.linear_cross_entropy(h, c, t, process_group=torch.distributed.GroupMember.NON_GROUP_MEMBER)
     with pytest.raises(RuntimeError, match="'classifier' must be \\(V, D\\) with D = 8"):
         fastloss.linear_cross_entropy(h, c[:, :7], t)
     with pytest.raises(RuntimeError, match="'classifier' must have the dtype of 'hidden'"):
@@ -1582,6 +1585,24 @@ def _vocab_parallel_checks(rank):
         else:
             with pytest.raises(RuntimeError, match=message):
                 fastloss.linear_cross_entropy(h, c_, t, b_, process_group=dist.group.WORLD)
+    # The wrapper's own refusals (before the op's first all-reduce) reach the other ranks too.
+    if rank == 0:
+        with pytest.raises(RuntimeError, match=r"1 other rank\(s\) of the process group refused"):
+            fastloss.linear_cross_entropy(h, c[20:], t, process_group=dist.group.WORLD)
+    else:
+        with pytest.raises(ValueError, match="'targets' must have hidden's leading shape"):
+            fastloss.linear_cross_entropy(h, c[:20], t[:, 1:], process_group=dist.group.WORLD)
+    # Ranks that disagree on what must match (tokens, dtype, options) all raise: a different token
+    # count crashed gloo in a later all-reduce, different options mixed them into one loss.
+    for other in ({"h": h[:, 1:], "t": t[:, 1:]}, {"h": h.float(), "c": c.float()}, {"label_smoothing": 0.1},
+                  {"reduction": "sum"}, {"ignore_index": 3}):
+        h_, c_, t_ = other.get("h", h), other.get("c", c), other.get("t", t)
+        options = {k: v for k, v in other.items() if k not in ("h", "c", "t")}
+        with pytest.raises(RuntimeError, match="disagree on arguments that must match"):
+            if rank == 0:
+                fastloss.linear_cross_entropy(h, c[20:], t, process_group=dist.group.WORLD)
+            else:
+                fastloss.linear_cross_entropy(h_, c_[:20], t_, process_group=dist.group.WORLD, **options)
     # A target beyond the vocabulary raises on every rank, the one with an empty slice too.
     t[0, 0] = 37
     with pytest.raises(IndexError, match=r"must be in \[0, 37\)"):

@@ -4,6 +4,7 @@ vocabulary-parallel variant over a ``torch.distributed`` process group."""
 
 from __future__ import annotations
 
+import hashlib
 import math
 import numbers
 import sys
@@ -43,6 +44,16 @@ def resolve_filter_eps(filter_eps, dtype: torch.dtype) -> float:
     return _check_real("filter_eps", filter_eps, 0.0, math.nextafter(1.0, 0.0), "in [0, 1)")
 
 
+def check_process_group(process_group) -> None:
+    if (torch.distributed.is_available() and isinstance(process_group, int)
+            and process_group == torch.distributed.GroupMember.NON_GROUP_MEMBER):
+        raise ValueError("fastloss.linear_cross_entropy: this rank is not a member of 'process_group' (new_group "
+                         "returns that marker to ranks outside the group): call it only on the group's ranks")
+    if not (torch.distributed.is_available() and isinstance(process_group, torch.distributed.ProcessGroup)):
+        raise TypeError("fastloss.linear_cross_entropy: 'process_group' must be a torch.distributed "
+                        f"ProcessGroup or None, got {type(process_group).__name__}")
+
+
 def check_options(reduction, ignore_index, softcap, label_smoothing, z_loss, filter_eps, shift, process_group,
                   deterministic):
     """The non-tensor options, checked (also by nn.LinearCrossEntropy when built); returns the
@@ -55,10 +66,8 @@ def check_options(reduction, ignore_index, softcap, label_smoothing, z_loss, fil
         shift = bool(shift)
     shift = check_bool("linear_cross_entropy", "shift", shift)
     deterministic = check_bool("linear_cross_entropy", "deterministic", deterministic)
-    if process_group is not None and not (torch.distributed.is_available()
-                                          and isinstance(process_group, torch.distributed.ProcessGroup)):
-        raise TypeError("fastloss.linear_cross_entropy: 'process_group' must be a torch.distributed "
-                        f"ProcessGroup or None, got {type(process_group).__name__}")
+    if process_group is not None:
+        check_process_group(process_group)
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, numbers.Integral):
         raise TypeError(f"fastloss.linear_cross_entropy: 'ignore_index' must be an int, got "
                         f"{type(ignore_index).__name__}")
@@ -209,6 +218,73 @@ def linear_cross_entropy(
     the CPU; on CUDA an asynchronous device-side assert (no host synchronization), and the
     tensor-core kernels write NaN for that token's loss and LSE (so its gradients are NaN).
     """
+    if process_group is None:
+        return _linear_cross_entropy(hidden, classifier, targets, bias, ignore_index, reduction, softcap,
+                                     label_smoothing, z_loss, shift, filter_eps, return_lse, None, deterministic)
+    check_process_group(process_group)  # (a rank that cannot reach the group cannot tell it of errors)
+    try:
+        return _linear_cross_entropy(hidden, classifier, targets, bias, ignore_index, reduction, softcap,
+                                     label_smoothing, z_loss, shift, filter_eps, return_lse, process_group,
+                                     deterministic)
+    except _ArgumentError as error:
+        # Refused before the first all-reduce: the other ranks learn of it there (one rank raising
+        # alone would leave them waiting in it until the collective's timeout).
+        device = hidden.device if isinstance(hidden, torch.Tensor) else _group_device(process_group)
+        _vocab_range(None, process_group, device, error.__cause__)
+        raise AssertionError("unreachable: _vocab_range raises the local error")  # pragma: no cover
+
+
+class _ArgumentError(Exception):
+    """An argument error of a vocabulary-parallel call, raised before its first all-reduce (the
+    error itself is the __cause__)."""
+
+
+def _group_device(group) -> torch.device:
+    """Where the group's collectives take tensors: the current CUDA device for NCCL, else the CPU."""
+    backend = torch.distributed.get_backend(group)
+    return torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
+
+
+def _linear_cross_entropy(hidden, classifier, targets, bias, ignore_index, reduction, softcap, label_smoothing,
+                          z_loss, shift, filter_eps, return_lse, process_group, deterministic):
+    try:
+        prepared = _prepare(hidden, classifier, targets, bias, ignore_index, reduction, softcap, label_smoothing,
+                            z_loss, shift, filter_eps, return_lse, process_group, deterministic)
+    except (RuntimeError, ValueError, TypeError, IndexError) as error:
+        # (Under a torch.func transform, NotImplementedError: every rank raises it alike, and no
+        # collective could run there.)
+        if process_group is None or isinstance(error, NotImplementedError):
+            raise
+        raise _ArgumentError() from error
+    h2, classifier, t1, bias, lead, cap, label_smoothing, z_loss, shift, eps, return_lse, deterministic = prepared
+    if process_group is None:
+        args = (h2, classifier, t1, bias, int(ignore_index), cap, label_smoothing, z_loss, eps, deterministic)
+        if transforms_active(h2, classifier, bias):
+            loss, lse = _TRANSFORM_FN.apply(*args)
+        else:
+            loss, lse = torch.ops.fastloss.linear_cross_entropy.default(*args)
+    else:
+        # What every rank must agree on (checked in the first all-reduce: _vocab_range).
+        signature = (h2.shape[0], h2.shape[1], str(h2.dtype), bias is not None, int(ignore_index), reduction, cap,
+                     label_smoothing, z_loss, shift, eps)
+        loss, lse = _VocabParallel.apply(h2, classifier, t1, bias, int(ignore_index), cap, label_smoothing, z_loss,
+                                         eps, process_group, deterministic, signature)
+    if reduction == "none":
+        loss = loss.view(lead)
+    elif reduction == "sum":
+        loss = loss.sum()
+    else:
+        # Compared in int64: int32 targets against an ignore_index beyond int32 would wrap.
+        count = (t1.long() != ignore_index).sum().clamp(min=1)
+        loss = loss.sum() / count
+    if return_lse:
+        return loss, lse.view(lead)
+    return loss
+
+
+def _prepare(hidden, classifier, targets, bias, ignore_index, reduction, softcap, label_smoothing, z_loss, shift,
+             filter_eps, return_lse, process_group, deterministic):
+    """The checked arguments, hidden and targets flattened to (tokens, D) and (tokens,)."""
     check_tensor("linear_cross_entropy", "hidden", hidden)
     check_tensor("linear_cross_entropy", "classifier", classifier)
     check_tensor("linear_cross_entropy", "targets", targets)
@@ -239,26 +315,7 @@ def linear_cross_entropy(
         tokens *= size
     h2 = hidden.reshape(tokens, hidden.shape[-1])  # (-1, D) is ambiguous when D = 0
     t1 = targets.reshape(tokens)
-    if process_group is None:
-        args = (h2, classifier, t1, bias, int(ignore_index), cap, label_smoothing, z_loss, eps, deterministic)
-        if transforms_active(hidden, classifier, bias):
-            loss, lse = _TRANSFORM_FN.apply(*args)
-        else:
-            loss, lse = torch.ops.fastloss.linear_cross_entropy.default(*args)
-    else:
-        loss, lse = _VocabParallel.apply(h2, classifier, t1, bias, int(ignore_index), cap, label_smoothing, z_loss,
-                                         eps, process_group, deterministic)
-    if reduction == "none":
-        loss = loss.view(lead)
-    elif reduction == "sum":
-        loss = loss.sum()
-    else:
-        # Compared in int64: int32 targets against an ignore_index beyond int32 would wrap.
-        count = (t1.long() != ignore_index).sum().clamp(min=1)
-        loss = loss.sum() / count
-    if return_lse:
-        return loss, lse.view(lead)
-    return loss
+    return h2, classifier, t1, bias, lead, cap, label_smoothing, z_loss, shift, eps, return_lse, deterministic
 
 
 # --------------------------------------------------------------------------------------------
@@ -507,6 +564,7 @@ def _backward_vmap(info, in_dims, grad_loss, grad_lse, hidden, classifier, targe
 # Vocabulary-parallel (Megatron-style): each rank holds a contiguous slice of the classifier.
 
 
+@torch.compiler.disable  # (the checks' torch._check messages break graphs and recompile per shape)
 def _local_error(hidden, classifier, targets, bias, softcap, label_smoothing) -> Optional[Exception]:
     """This rank's argument error (the shard op's checks, which would come after the first
     all-reduce), or None."""
@@ -519,30 +577,50 @@ def _local_error(hidden, classifier, targets, bias, softcap, label_smoothing) ->
     return None
 
 
-def _vocab_range(classifier: torch.Tensor, group, hidden_device: torch.device,
-                 local_error: Optional[Exception] = None) -> Tuple[int, int]:
+def _signature_hash(signature) -> int:
+    """A 40-bit hash of the arguments every rank must agree on (the same in every process)."""
+    return int.from_bytes(hashlib.blake2b(repr(signature).encode(), digest_size=5).digest(), "little")
+
+
+def _vocab_range(classifier: Optional[torch.Tensor], group, hidden_device: torch.device,
+                 local_error: Optional[Exception] = None, signature=None) -> Tuple[int, int]:
     """(first vocabulary row of this rank, vocabulary size), from every rank's slice size.
 
-    One all-reduce of world_size + 1 int64s per call (and a host synchronization to read it).
+    One all-reduce of world_size + 2 int64s per call (and a host synchronization to read it).
     Not cached: a rank cannot tell from its own slice whether the others' changed (two heads
     split differently over one group), and ranks that disagreed on whether to gather would
-    deadlock. The last entry counts the ranks with a local_error: every rank raises then (one
-    raising alone would leave the others waiting in the next all-reduce)."""
+    deadlock. The next entry counts the ranks with a local_error: every rank raises then (one
+    raising alone would leave the others waiting in the next all-reduce). The last sums a hash
+    of each rank's `signature`: unless every rank sees world x its own, they disagree (a
+    different token count or dtype crashed gloo in a later all-reduce; different options gave
+    a loss that mixed them), and every rank raises."""
     import torch.distributed as dist
 
     world, rank = dist.get_world_size(group), dist.get_rank(group)
     # Each rank's size in its own entry, summed over the ranks.
-    sizes_t = torch.zeros(world + 1, dtype=torch.int64, device=hidden_device)
+    sizes_t = torch.zeros(world + 2, dtype=torch.int64, device=hidden_device)
     sizes_t[rank] = 0 if local_error is not None else classifier.shape[0]
     sizes_t[world] = local_error is not None
+    own_hash = 0 if local_error is not None else _signature_hash(signature)
+    sizes_t[world + 1] = own_hash
     dist.all_reduce(sizes_t, group=group)
     sizes: List[int] = sizes_t.tolist()
+    hash_sum = sizes.pop()
     failed = sizes.pop()
     if local_error is not None:
         raise local_error
     if failed:
         raise RuntimeError(f"fastloss.linear_cross_entropy: {failed} other rank(s) of the process group refused "
                            "their arguments (their errors say why)")
+    if hash_sum != world * own_hash:
+        tokens, dim, dtype, has_bias, ignore_index, reduction, cap, ls, zl, shift, eps = signature
+        raise RuntimeError(
+            "fastloss.linear_cross_entropy: the ranks of the process group disagree on arguments that must match "
+            "on every rank (hidden's token count, last dim and dtype, whether there is a bias, ignore_index, "
+            "reduction, softcap, label_smoothing, z_loss, shift, filter_eps); this rank has "
+            f"{tokens} tokens, D={dim}, {dtype}, bias={has_bias}, ignore_index={ignore_index}, "
+            f"reduction={reduction!r}, softcap={cap or None}, label_smoothing={ls}, z_loss={zl}, shift={shift}, "
+            f"filter_eps={eps}")
     if sum(sizes) == 0:
         raise ValueError("fastloss.linear_cross_entropy: the classifier slices of the process group hold no "
                          "vocabulary rows")
@@ -568,11 +646,12 @@ def _check_shard_targets(targets: torch.Tensor, ignore_index: int, vocab_total: 
 class _VocabParallel(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, classifier, targets, bias, ignore_index, softcap, label_smoothing, z_loss, filter_eps,
-                group, deterministic):
+                group, deterministic, signature):
         import torch.distributed as dist
 
         vocab_start, vocab_total = _vocab_range(
-            classifier, group, hidden.device, _local_error(hidden, classifier, targets, bias, softcap, label_smoothing))
+            classifier, group, hidden.device, _local_error(hidden, classifier, targets, bias, softcap, label_smoothing),
+            signature)
         if classifier.shape[0] > 0:
             lse_local, linear = torch.ops.fastloss.linear_cross_entropy_shard.default(
                 hidden, classifier, targets, bias, ignore_index, softcap, label_smoothing, vocab_start, vocab_total)
@@ -629,4 +708,4 @@ class _VocabParallel(torch.autograd.Function):
                 "fastloss.linear_cross_entropy: batched backward passes (is_grads_batched=True, a vectorized "
                 "jacobian) are not supported with a process_group; take the gradients one at a time") from e
         return (dh if ctx.needs_input_grad[0] else None), (dc if ctx.needs_input_grad[1] else None), None, \
-            (db if ctx.has_bias and ctx.needs_input_grad[3] else None), None, None, None, None, None, None, None
+            (db if ctx.has_bias and ctx.needs_input_grad[3] else None), None, None, None, None, None, None, None, None

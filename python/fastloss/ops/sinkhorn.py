@@ -320,18 +320,16 @@ def _sinkhorn_setup_context(ctx, inputs, output):
     # float32 tensor of the plan's size).
     ctx.set_materialize_grads(False)
     ctx.dtypes = (cost.dtype, a.dtype, b.dtype)
-    ctx.save_for_backward(plan, alpha, beta)
-    # The inputs only root a create_graph=True graph (below): their values are never read, so
-    # they are held as they are, not saved (saving refused inference-mode inputs and inputs
-    # modified in place after the call, although the gradient does not depend on them).
-    ctx.roots = (cost, a, b)
+    # The inputs only root a create_graph=True graph (below), and only those that require grad
+    # can: the others are not saved (saving refused inference-mode inputs, and inputs modified
+    # in place after the call, although the gradient never reads them).
+    ctx.save_for_backward(plan, alpha, beta, *(t if t.requires_grad else None for t in (cost, a, b)))
 
 
 def _sinkhorn_backward(ctx, _g_plan, _g_alpha, _g_beta, g_value, _g_n_iter, _g_err):
     if g_value is None:
         return (None,) * 7
-    plan, alpha, beta = ctx.saved_tensors
-    cost, a, b = ctx.roots
+    plan, alpha, beta, cost, a, b = ctx.saved_tensors
     # Under create_graph=True the gradients must carry a graph of their own, rooted at the
     # inputs, so that differentiating them (backward(), autograd.grad with respect to the
     # cost or marginals, Hessian-vector products) reaches _EnvelopeGrad.backward's error;
