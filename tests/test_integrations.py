@@ -75,8 +75,8 @@ def test_patch_rejects_non_modules():
 
 def test_patched_models_pickle():
     """torch.save / torch.load of a patched model (checkpointing whole modules): the patched
-    forwards are partials of module-level functions, which pickle; bound methods were looked up
-    by a name the loaded class does not have."""
+    forwards pickle as (module-level function, module); bound methods were looked up by a name
+    the loaded class does not have."""
     import io
 
     gemma = tiny_gemma3n([0.95, 0.0])
@@ -98,6 +98,31 @@ def test_patched_models_pickle():
         else:
             assert all(getattr(m, "_fastloss_patched", False) for m in loaded.modules()
                        if type(m).__name__ == "Gemma3nTextMLP" and m.activation_sparsity > 0)
+
+
+def test_a_dropped_patched_model_is_freed_without_the_cycle_collector():
+    """The patched forwards (and the kept original) referred to their module from its own
+    __dict__: a cycle, so a dropped model kept its parameters until gc ran (one per model
+    built and dropped in a loop)."""
+    import copy
+    import gc
+    import weakref
+
+    ids = torch.randint(0, 128, (2, 10), generator=torch.Generator().manual_seed(3))
+    for build in (lambda: tiny_gemma3n([0.95, 0.0]), lambda: transformers.LlamaForCausalLM(transformers.LlamaConfig(
+            vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+            num_key_value_heads=1)).float()):
+        model = fl_transformers.patch(build())
+        model(input_ids=ids, labels=ids).loss.backward()
+        copied = copy.deepcopy(model)  # a copy is patched on its own, and runs
+        torch.testing.assert_close(copied(input_ids=ids, labels=ids).loss, model(input_ids=ids, labels=ids).loss)
+        refs = [weakref.ref(p) for p in model.parameters()] + [weakref.ref(p) for p in copied.parameters()]
+        gc.disable()
+        try:
+            del model, copied
+            assert not any(r() is not None for r in refs)
+        finally:
+            gc.enable()
 
 
 def test_unpatch_restores_the_models(monkeypatch):

@@ -22,9 +22,9 @@ quantile and float32 statistics, so in bfloat16 the two differ by bfloat16 round
 from __future__ import annotations
 
 import dataclasses
-import functools
 import inspect
 import warnings
+import weakref
 from typing import Optional
 
 import torch
@@ -51,16 +51,31 @@ def _gemma3n_sparse_mlp_forward_unfused(self, hidden_states: torch.Tensor) -> to
     return self.down_proj(self.act_fn(gate) * self.up_proj(hidden_states))
 
 
-def _bound(function, module: torch.nn.Module) -> functools.partial:
-    """``function`` bound to ``module``, as an instance's forward: a partial of a module-level
-    function pickles (torch.save of a patched model), where a bound method would be looked up
-    on the loaded instance by a name its class does not have. It shows the signature of the
-    forward it replaces: transformers reads the forward's parameter names (generate() builds
-    an attention mask and passes logits_to_keep only where the forward names them; Trainer
-    keeps the dataset columns it names)."""
-    bound = functools.partial(function, module)
-    bound.__signature__ = inspect.signature(module.forward)  # type: ignore[attr-defined]
-    return bound
+class _BoundForward:
+    """``function`` bound to ``module``, as an instance's forward. It holds the module weakly: a
+    forward in the module's own __dict__ that referred to the module (a bound method, a
+    partial) made a cycle, so a dropped model stayed alive, parameters and all, until the
+    cycle collector ran (eight models built, patched and dropped in turn: seven still alive).
+    It pickles as (function, module) (torch.save of a patched model, copy.deepcopy), where a
+    bound method would be looked up on the loaded instance by a name its class does not have.
+    It shows the signature of the forward it replaces: transformers reads the forward's
+    parameter names (generate() builds an attention mask and passes logits_to_keep only where
+    the forward names them; Trainer keeps the dataset columns it names)."""
+
+    def __init__(self, function, module: torch.nn.Module, signature=None):
+        self.function = function
+        self.module = weakref.ref(module)
+        self.__signature__ = signature if signature is not None else inspect.signature(module.forward)
+
+    def __call__(self, *args, **kwargs):
+        module = self.module()
+        if module is None:
+            raise RuntimeError("fastloss.integrations.transformers: the patched module's forward was called after "
+                               "the module was freed")
+        return self.function(module, *args, **kwargs)
+
+    def __reduce__(self):
+        return (_BoundForward, (self.function, self.module(), self.__signature__))
 
 
 def _replace_forward(module: torch.nn.Module, function) -> None:
@@ -68,7 +83,7 @@ def _replace_forward(module: torch.nn.Module, function) -> None:
     (accelerate's dispatch hooks put one there) for :func:`unpatch` to restore."""
     if "forward" in vars(module):
         module.__dict__["_fastloss_instance_forward"] = vars(module)["forward"]
-    setattr(module, "forward", _bound(function, module))
+    setattr(module, "forward", _BoundForward(function, module))
 
 
 def _patch_gemma3n(model: torch.nn.Module) -> int:
@@ -176,6 +191,15 @@ def _cache_field() -> str:
     return "cache" if "cache" in {f.name for f in dataclasses.fields(CausalLMOutputWithPast)} else "past_key_values"
 
 
+def _original_forward(self, args, kwargs):
+    """The forward the model had before patching: one on the instance (accelerate's hooks), or
+    its class's (looked up on each call, not stored: a bound method on the instance is a cycle)."""
+    instance_forward = vars(self).get("_fastloss_instance_forward")
+    if instance_forward is not None:
+        return instance_forward(*args, **kwargs)
+    return type(self).forward(self, *args, **kwargs)
+
+
 def _causal_lm_forward(self, *args, **kwargs):
     call = _call_arguments(self._fastloss_forward_signature, args, kwargs)
     labels = call.pop("labels", None)
@@ -183,7 +207,7 @@ def _causal_lm_forward(self, *args, **kwargs):
     # wrapped head or another loss function, the model runs unchanged.
     if (labels is None or not torch.is_grad_enabled() or not _head_is_plain_linear(self.lm_head)
             or not _uses_causal_lm_loss(self)):
-        return self._fastloss_original_forward(*args, **kwargs)
+        return _original_forward(self, args, kwargs)
     from transformers.modeling_outputs import CausalLMOutputWithPast
 
     # The loss arguments of transformers' ForCausalLMLoss.
@@ -237,7 +261,6 @@ def _patch_one_causal_lm(model: torch.nn.Module) -> int:
         return 0
     if not isinstance(getattr(model, "lm_head", None), torch.nn.Linear):
         return 0
-    setattr(model, "_fastloss_original_forward", model.forward)
     # Read once: inspect.signature follows the forward's decorators on every call otherwise.
     setattr(model, "_fastloss_forward_signature", inspect.signature(model.forward))
     # Read at patch time: torch.compile cannot trace dataclasses.fields inside the forward.
@@ -281,8 +304,8 @@ def _is_patched(module: torch.nn.Module) -> bool:
 
 
 # What patch sets on a module's instance (the MLPs' flag, the causal LMs' flag and state).
-_PATCH_STATE = ("forward", "_fastloss_patched", "_fastloss_loss_patched", "_fastloss_original_forward",
-                "_fastloss_forward_signature", "_fastloss_cache_field", "_fastloss_causal_lm")
+_PATCH_STATE = ("forward", "_fastloss_patched", "_fastloss_loss_patched", "_fastloss_forward_signature",
+                "_fastloss_cache_field", "_fastloss_causal_lm")
 
 
 def unpatch(model: torch.nn.Module) -> torch.nn.Module:
