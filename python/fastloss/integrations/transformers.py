@@ -56,7 +56,8 @@ class _BoundForward:
     forward in the module's own __dict__ that referred to the module (a bound method, a
     partial) made a cycle, so a dropped model stayed alive, parameters and all, until the
     cycle collector ran (eight models built, patched and dropped in turn: seven still alive).
-    It pickles as (function, module) (torch.save of a patched model, copy.deepcopy), where a
+    (A shallow copy of the module shares this forward, so it runs only while the original
+    lives.) It pickles as (function, module) (torch.save of a patched model, copy.deepcopy), where a
     bound method would be looked up on the loaded instance by a name its class does not have.
     It shows the signature of the forward it replaces: transformers reads the forward's
     parameter names (generate() builds an attention mask and passes logits_to_keep only where
@@ -69,9 +70,10 @@ class _BoundForward:
 
     def __call__(self, *args, **kwargs):
         module = self.module()
-        if module is None:
-            raise RuntimeError("fastloss.integrations.transformers: the patched module's forward was called after "
-                               "the module was freed")
+        if module is None:  # (a shallow copy shares its original's forward)
+            raise RuntimeError("fastloss.integrations.transformers: this patched forward belongs to a module that "
+                               "was freed: a shallow copy (copy.copy) of a patched model runs only while the original "
+                               "lives; use copy.deepcopy, or unpatch() and patch() the copy")
         return self.function(module, *args, **kwargs)
 
     def __reduce__(self):

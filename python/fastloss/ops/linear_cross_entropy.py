@@ -227,11 +227,13 @@ def linear_cross_entropy(
                                      label_smoothing, z_loss, shift, filter_eps, return_lse, process_group,
                                      deterministic)
     except _ArgumentError as error:
-        # Refused before the first all-reduce: the other ranks learn of it there (one rank raising
-        # alone would leave them waiting in it until the collective's timeout).
-        device = hidden.device if isinstance(hidden, torch.Tensor) else _group_device(process_group)
-        _vocab_range(None, process_group, device, error.__cause__)
-        raise AssertionError("unreachable: _vocab_range raises the local error")  # pragma: no cover
+        refused = error.__cause__
+    # Refused before the first all-reduce: the other ranks learn of it there (one rank raising
+    # alone would leave them waiting in it until the collective's timeout). Raised here, outside
+    # the except clause, the error's traceback is its own.
+    device = hidden.device if isinstance(hidden, torch.Tensor) else _group_device(process_group)
+    _vocab_range(None, process_group, device, refused)
+    raise AssertionError("unreachable: _vocab_range raises the local error")  # pragma: no cover
 
 
 class _ArgumentError(Exception):
@@ -583,7 +585,7 @@ def _signature_hash(signature) -> int:
 
 
 def _vocab_range(classifier: Optional[torch.Tensor], group, hidden_device: torch.device,
-                 local_error: Optional[Exception] = None, signature=None) -> Tuple[int, int]:
+                 local_error: Optional[BaseException] = None, signature=None) -> Tuple[int, int]:
     """(first vocabulary row of this rank, vocabulary size), from every rank's slice size.
 
     One all-reduce of world_size + 2 int64s per call (and a host synchronization to read it).
@@ -599,7 +601,7 @@ def _vocab_range(classifier: Optional[torch.Tensor], group, hidden_device: torch
     world, rank = dist.get_world_size(group), dist.get_rank(group)
     # Each rank's size in its own entry, summed over the ranks.
     sizes_t = torch.zeros(world + 2, dtype=torch.int64, device=hidden_device)
-    sizes_t[rank] = 0 if local_error is not None else classifier.shape[0]
+    sizes_t[rank] = 0 if local_error is not None or classifier is None else classifier.shape[0]
     sizes_t[world] = local_error is not None
     own_hash = 0 if local_error is not None else _signature_hash(signature)
     sizes_t[world + 1] = own_hash
