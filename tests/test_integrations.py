@@ -123,6 +123,15 @@ def test_a_dropped_patched_model_is_freed_without_the_cycle_collector():
             assert not any(r() is not None for r in refs)
         finally:
             gc.enable()
+    # A shallow copy shares its original's forward: it runs while the original lives, and
+    # afterwards says why it cannot.
+    model = fl_transformers.patch(build())
+    shallow = copy.copy(model)
+    shallow(input_ids=ids, labels=ids)
+    del model
+    gc.collect()
+    with pytest.raises(RuntimeError, match=r"shallow copy \(copy.copy\)"):
+        shallow(input_ids=ids, labels=ids)
 
 
 def test_unpatch_restores_the_models(monkeypatch):
