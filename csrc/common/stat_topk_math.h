@@ -176,12 +176,15 @@ FASTLOSS_HD acc_t shifted_mean(acc_t shift, acc_t shifted_sum, acc_t n, acc_t lo
 // squares (sq); the mean then moves by dev_sum / n units and m2 drops by dev_sum^2 / n. The
 // first pass's mean is only as good as the values' distances from its shift (a far outlier as
 // the shift: theta 1.7e-3 off relative); the deviations from that mean are accurate.
-// The moved mean keeps its rounding error in mean_err (Moments).
+// Returns the moments of n values in [lo, hi] whose first pass gave `mean`; the moved mean
+// keeps its rounding error in mean_err (Moments).
 template <typename acc_t>
-FASTLOSS_HD void correct_moments(Moments<acc_t>& m, acc_t dev_sum, acc_t sq, acc_t unit) {
-  const acc_t step = dev_sum / m.n;
-  m.mean = two_sum(m.mean, step * unit, m.mean_err);
-  m.m2 = max_of(sq - dev_sum * step, acc_t(0));  // in this order a NaN stays NaN
+FASTLOSS_HD Moments<acc_t> corrected_moments(acc_t n, acc_t mean, acc_t lo, acc_t hi, acc_t dev_sum, acc_t sq,
+                                             acc_t unit) {
+  const acc_t step = dev_sum / n;
+  Moments<acc_t> m{n, acc_t(0), max_of(sq - dev_sum * step, acc_t(0)), lo, hi, acc_t(0)};  // (NaN stays NaN)
+  m.mean = two_sum(mean, step * unit, m.mean_err);
+  return m;
 }
 
 // Chan's formula, with each part's m2 moved to the merged set's unit (exact powers of two) and
@@ -285,9 +288,7 @@ FASTLOSS_UNROLL
       dev += d;
     }
   }
-  Moments<acc_t> m{static_cast<acc_t>(count), mean, acc_t(0), lo, hi, acc_t(0)};
-  correct_moments(m, dev, sq, pow2<acc_t>(e));
-  return m;
+  return corrected_moments(static_cast<acc_t>(count), mean, lo, hi, dev, sq, pow2<acc_t>(e));
 }
 
 // Per-row threshold and the statistics the backward needs.

@@ -1168,6 +1168,12 @@ constexpr int kKdFloatScalingExponent = 63;
 // where eager float32's were 4e-8 to 3e-7 off).
 constexpr int64_t kKdFloatMinBatch = 16;
 
+// Whether the float32 normalizations may run at all (the forward and backward both ask): float32
+// logits and a batch of kKdFloatMinBatch or more; their range is checked as they go.
+bool kd_float_candidate(at::ScalarType acc_dtype, int64_t B) {
+  return acc_dtype == at::kFloat && B >= kKdFloatMinBatch;
+}
+
 bool kd_kernel_fits_float(const float* K, int64_t B) {
   const float lo = std::ldexp(1.0f, -kKdFloatKernelExponent);
   std::atomic<bool> fits{true};
@@ -1282,7 +1288,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     });
     const auto always = [](int64_t) { return true; };
     bool narrow = false;
-    if (s.acc_dtype == at::kFloat && B >= kKdFloatMinBatch) {
+    if (kd_float_candidate(s.acc_dtype, B)) {
       std::vector<float> K(B * B), xf((n_iter + 1) * B), yf((n_iter + 1) * B);
       float* xp = xf.data();
       float* yp = yf.data();
@@ -1391,7 +1397,7 @@ std::tuple<at::Tensor, at::Tensor> sinkhorn_kd_backward(const at::Tensor& grad_l
   const double g_loss = grad_loss.to(at::kDouble).item<double>() * scale;
   const at::Tensor Wc = W.contiguous();
   at::Tensor G;
-  if (ps.scalar_type() == at::kFloat && B >= kKdFloatMinBatch) {
+  if (kd_float_candidate(ps.scalar_type(), B)) {
     const at::Tensor xc = xs.contiguous(), yc = ys.contiguous();
     at::Tensor K;
     if (kd_scalings_fit_float(xc.const_data_ptr<double>(), xc.numel()) &&

@@ -113,9 +113,7 @@ FASTLOSS_CPU_INLINE Moments<acc_t> chunk_moments(const in_t* x, int64_t c) {
     sq_sum += d * d;
     dev_sum += d;
   }
-  Moments<acc_t> m{static_cast<acc_t>(c), mean, acc_t(0), row_lo, row_hi, acc_t(0)};
-  correct_moments(m, dev_sum, sq_sum, pow2<acc_t>(e));
-  return m;
+  return corrected_moments(static_cast<acc_t>(c), mean, row_lo, row_hi, dev_sum, sq_sum, pow2<acc_t>(e));
 }
 
 template <typename in_t, typename acc_t>
@@ -228,8 +226,7 @@ FASTLOSS_CPU_INLINE void forward_strided(const in_t* x, in_t* y, typename AccTyp
         dev[l] += d;
       }
     for (int l = 0; l < count; ++l) {
-      Moments<acc_t> part{c, chunk_mean[l], acc_t(0), lo[l], hi[l], acc_t(0)};
-      correct_moments(part, dev[l], sq[l], unit[l]);
+      Moments<acc_t> part = corrected_moments(c, chunk_mean[l], lo[l], hi[l], dev[l], sq[l], unit[l]);
       constant_moments(c, lo[l], hi[l], chunk_mean[l], part);
       row[l].add(part);
     }

@@ -247,10 +247,10 @@ __global__ void __launch_bounds__(kThreads) onchip_forward_kernel(const T* __res
     sq += d * d;
     dev += d;
   });
-  Moments<acc_t> m{static_cast<acc_t>(n), mean, acc_t(0), lo, hi, acc_t(0)};
   const acc_t sq_sum = block_allreduce<kThreads>(sq, SumOp{}, red);
-  correct_moments(m, block_allreduce<kThreads>(dev, SumOp{}, red), sq_sum, pow2<acc_t>(e));
-  const RowThreshold<acc_t> t = row_threshold(m, z);
+  const acc_t dev_sum = block_allreduce<kThreads>(dev, SumOp{}, red);
+  const RowThreshold<acc_t> t =
+      row_threshold(corrected_moments(static_cast<acc_t>(n), mean, lo, hi, dev_sum, sq_sum, pow2<acc_t>(e)), z);
   if (threadIdx.x == 0) {
     st.theta[row] = t.theta;
     st.mean[row] = t.mean;

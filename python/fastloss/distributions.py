@@ -11,7 +11,7 @@ from torch.distributions import Distribution, constraints
 from torch.distributions.kl import register_kl
 
 from .ops._func import all_true, transforms_active
-from .ops._guards import layout_kind
+from .ops._guards import check_dense
 from .vmf import _mean_resultant_slope, _vmf_entropy, vmf_kappa_mle, vmf_log_normalizer, vmf_mean_resultant
 
 __all__ = ["VonMisesFisher"]
@@ -94,10 +94,9 @@ class VonMisesFisher(Distribution):
 
     def __init__(self, loc: torch.Tensor, concentration, validate_args=None):
         loc = torch.as_tensor(loc)
-        for arg, t in (("loc", loc), ("concentration", concentration)):
-            kind = layout_kind(t) if isinstance(t, torch.Tensor) else None
-            if kind is not None:
-                raise TypeError(f"VonMisesFisher: expected '{arg}' to be a dense (strided) tensor, got a {kind} tensor")
+        check_dense("VonMisesFisher", "loc", loc)
+        if isinstance(concentration, torch.Tensor):
+            check_dense("VonMisesFisher", "concentration", concentration)
         if not loc.is_floating_point() or loc.dim() < 1 or loc.shape[-1] < 2:
             raise ValueError(f"VonMisesFisher: expected 'loc' to be a float tensor with a last dim >= 2, got {loc.dtype} {tuple(loc.shape)}")
         # (A cast would drop the imaginary part. Numbers are not made tensors first: a Python

@@ -23,9 +23,14 @@ def check_tensor(op: str, arg: str, t) -> None:
     Please file an issue")."""
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"fastloss.{op}: expected '{arg}' to be a torch.Tensor, got {type(t).__name__}")
+    check_dense(f"fastloss.{op}", arg, t)
+
+
+def check_dense(where: str, arg: str, t: torch.Tensor) -> None:
+    """check_tensor's layout check, for messages that start with `where`."""
     kind = layout_kind(t)
     if kind is not None:
-        raise TypeError(f"fastloss.{op}: expected '{arg}' to be a dense (strided) tensor, got a {kind} tensor")
+        raise TypeError(f"{where}: expected '{arg}' to be a dense (strided) tensor, got a {kind} tensor")
 
 
 def layout_kind(t: torch.Tensor):

@@ -218,37 +218,9 @@ def linear_cross_entropy(
     the CPU; on CUDA an asynchronous device-side assert (no host synchronization), and the
     tensor-core kernels write NaN for that token's loss and LSE (so its gradients are NaN).
     """
-    if process_group is None:
-        return _linear_cross_entropy(hidden, classifier, targets, bias, ignore_index, reduction, softcap,
-                                     label_smoothing, z_loss, shift, filter_eps, return_lse, None, deterministic)
-    check_process_group(process_group)  # (a rank that cannot reach the group cannot tell it of errors)
-    try:
-        return _linear_cross_entropy(hidden, classifier, targets, bias, ignore_index, reduction, softcap,
-                                     label_smoothing, z_loss, shift, filter_eps, return_lse, process_group,
-                                     deterministic)
-    except _ArgumentError as error:
-        refused = error.__cause__
-    # Refused before the first all-reduce: the other ranks learn of it there (one rank raising
-    # alone would leave them waiting in it until the collective's timeout). Raised here, outside
-    # the except clause, the error's traceback is its own.
-    device = hidden.device if isinstance(hidden, torch.Tensor) else _group_device(process_group)
-    _vocab_range(None, process_group, device, refused)
-    raise AssertionError("unreachable: _vocab_range raises the local error")  # pragma: no cover
-
-
-class _ArgumentError(Exception):
-    """An argument error of a vocabulary-parallel call, raised before its first all-reduce (the
-    error itself is the __cause__)."""
-
-
-def _group_device(group) -> torch.device:
-    """Where the group's collectives take tensors: the current CUDA device for NCCL, else the CPU."""
-    backend = torch.distributed.get_backend(group)
-    return torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
-
-
-def _linear_cross_entropy(hidden, classifier, targets, bias, ignore_index, reduction, softcap, label_smoothing,
-                          z_loss, shift, filter_eps, return_lse, process_group, deterministic):
+    if process_group is not None:
+        check_process_group(process_group)  # (a rank that cannot reach the group cannot tell it of errors)
+    refused = None
     try:
         prepared = _prepare(hidden, classifier, targets, bias, ignore_index, reduction, softcap, label_smoothing,
                             z_loss, shift, filter_eps, return_lse, process_group, deterministic)
@@ -257,7 +229,13 @@ def _linear_cross_entropy(hidden, classifier, targets, bias, ignore_index, reduc
         # collective could run there.)
         if process_group is None or isinstance(error, NotImplementedError):
             raise
-        raise _ArgumentError() from error
+        refused = error
+    if refused is not None:
+        # Vocab-parallel, refused before the first all-reduce: the other ranks learn of it there
+        # (one rank raising alone would leave them waiting in it until the collective's
+        # timeout). _vocab_range raises it here, outside the except clause: its own traceback.
+        device = hidden.device if isinstance(hidden, torch.Tensor) else _group_device(process_group)
+        _vocab_range(None, process_group, device, refused)
     h2, classifier, t1, bias, lead, cap, label_smoothing, z_loss, shift, eps, return_lse, deterministic = prepared
     if process_group is None:
         args = (h2, classifier, t1, bias, int(ignore_index), cap, label_smoothing, z_loss, eps, deterministic)
@@ -282,6 +260,12 @@ def _linear_cross_entropy(hidden, classifier, targets, bias, ignore_index, reduc
     if return_lse:
         return loss, lse.view(lead)
     return loss
+
+
+def _group_device(group) -> torch.device:
+    """Where the group's collectives take tensors: the current CUDA device for NCCL, else the CPU."""
+    backend = torch.distributed.get_backend(group)
+    return torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
 
 
 def _prepare(hidden, classifier, targets, bias, ignore_index, reduction, softcap, label_smoothing, z_loss, shift,

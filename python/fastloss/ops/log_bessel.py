@@ -11,7 +11,7 @@ import torch
 from .. import _C
 from ._direct import direct_call_ok
 from ._func import broadcast_front, derivative_function, transform_function, transforms_active
-from ._guards import check_floating, check_same_device, check_tensor, check_value
+from ._guards import check_floating, check_same_device, check_tensor, check_value, layout_kind
 
 Number = Union[int, float]
 TensorOrNumber = Union[torch.Tensor, int, float]
@@ -36,12 +36,6 @@ def _result_dtype(v: TensorOrNumber, x: TensorOrNumber) -> torch.dtype:
     return max(dtypes, key=lambda d: _RANK.get(d, 3))
 
 
-def _dense(t: torch.Tensor) -> bool:
-    """For the fast paths below: strided and not nested (quantized dtypes are not floating
-    point); the others take check_tensor's error."""
-    return t.layout == torch.strided and not t.is_nested
-
-
 def _as_tensors(name: str, v: TensorOrNumber, x: TensorOrNumber) -> Tuple[torch.Tensor, torch.Tensor]:
     """Promote like torch.special: integers and bools to the default float dtype, Python
     numbers to the other argument's dtype and device; 0-d CPU tensors follow the other."""
@@ -51,14 +45,17 @@ def _as_tensors(name: str, v: TensorOrNumber, x: TensorOrNumber) -> Tuple[torch.
         and v.dtype == x.dtype
         and v.dtype.is_floating_point
         and v.device == x.device
-        and _dense(v)
-        and _dense(x)
+        and layout_kind(v) is None
+        and layout_kind(x) is None
     ):
         return v, x  # the common case, already promoted
     # A Python number beside a floating tensor takes its dtype and device (7.6 -> 1.4 us).
-    if isinstance(v, (float, int)) and isinstance(x, torch.Tensor) and x.dtype.is_floating_point and _dense(x):
+    # (Non-dense tensors go on to check_tensor's error.)
+    if (isinstance(v, (float, int)) and isinstance(x, torch.Tensor) and x.dtype.is_floating_point
+            and layout_kind(x) is None):
         return torch.scalar_tensor(v, dtype=x.dtype, device=x.device), x
-    if isinstance(x, (float, int)) and isinstance(v, torch.Tensor) and v.dtype.is_floating_point and _dense(v):
+    if (isinstance(x, (float, int)) and isinstance(v, torch.Tensor) and v.dtype.is_floating_point
+            and layout_kind(v) is None):
         return v, torch.scalar_tensor(x, dtype=v.dtype, device=v.device)
     checked = []
     for arg, value in (("v", v), ("x", x)):
