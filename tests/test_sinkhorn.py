@@ -5,6 +5,7 @@ import math
 
 import pytest
 import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
 
 import fastloss
 from conftest import CUDA
@@ -1080,6 +1081,30 @@ def test_sinkd_bad_input(device):
         fastloss.sinkhorn_kd_loss(z[0], z[0])
     with pytest.raises(TypeError, match="'teacher_logits'"):
         fastloss.sinkhorn_kd_loss(z, None)
+    # n_iter + 1 saved scalings per problem: a count whose bytes overflow int64 is refused by
+    # name (it overflowed into a negative size) on the real and the fake kernel.
+    for n_iter in (2**63 - 1, 2**62, 2**61 // 4):
+        with pytest.raises(RuntimeError, match="expected 'n_iter' <= 288230376151711742 "):
+            fastloss.sinkhorn_kd_loss(z, z, n_iter=n_iter)
+        with FakeTensorMode() as mode, pytest.raises(RuntimeError, match="expected 'n_iter' <= "):
+            fastloss.sinkhorn_kd_loss(mode.from_tensor(z), mode.from_tensor(z), n_iter=n_iter)
+
+
+def test_sinkd_backward_op_checks_scale(device):
+    """The backward op refuses the non-finite scale its forward refuses (it returned NaN/inf)."""
+    s = torch.randn(4, 3, device=device, dtype=torch.float64)
+    saved = torch.ops.fastloss.sinkhorn_kd(s, s.flip(0), 2.0, 0.1, 3, 0.001)[1:]
+    grad_loss = torch.ones((), device=device, dtype=torch.float64)
+    for scale in (math.nan, math.inf):
+        for call in (lambda *a: torch.ops.fastloss.sinkhorn_kd_backward(*a),
+                     lambda *a: _fake_call(torch.ops.fastloss.sinkhorn_kd_backward, *a)):
+            with pytest.raises(RuntimeError, match="'scale' to be finite"):
+                call(grad_loss, *saved, 2.0, 0.1, scale, True, True, torch.float64, torch.float64)
+
+
+def _fake_call(op, *args):
+    with FakeTensorMode(allow_non_fake_inputs=True) as mode:
+        return op(*[mode.from_tensor(a) if isinstance(a, torch.Tensor) else a for a in args])
 
 
 def test_envelope_backward_makes_no_plan_sized_zeros():

@@ -7,6 +7,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <limits>
 #include <utility>
 #include <vector>
 
@@ -93,6 +94,10 @@ inline SinkhornKdShape sinkhorn_kd_args(const at::Tensor& student, const at::Ten
               "fastloss.sinkhorn_kd_loss: expected 'temperature' > 0, got ", temperature);
   TORCH_CHECK(std::isfinite(eps) && eps > 0, "fastloss.sinkhorn_kd_loss: expected 'eps' > 0, got ", eps);
   TORCH_CHECK(n_iter >= 0, "fastloss.sinkhorn_kd_loss: expected 'n_iter' >= 0, got ", n_iter);
+  // The backward's scalings are (n_iter + 1) x B float64 values: their byte count must be an int64.
+  const int64_t max_n_iter = std::numeric_limits<int64_t>::max() / 8 / std::max<int64_t>(student.size(0), 1) - 1;
+  TORCH_CHECK(n_iter <= max_n_iter, "fastloss.sinkhorn_kd_loss: expected 'n_iter' <= ", max_n_iter,
+              " (the saved scalings are (n_iter + 1) x B float64 values), got ", n_iter);
   TORCH_CHECK(std::isfinite(scale), "fastloss.sinkhorn_kd_loss: expected 'scale' to be finite, got ", scale);
   const bool dbl = student.scalar_type() == c10::kDouble || teacher.scalar_type() == c10::kDouble;
   return {student.size(0), student.size(1), dbl ? c10::kDouble : c10::kFloat};
@@ -112,8 +117,8 @@ struct SinkhornKdBackwardShape {
 inline SinkhornKdBackwardShape sinkhorn_kd_backward_args(const at::Tensor& grad_loss, const at::Tensor& ps,
                                                          const at::Tensor& pt, const at::Tensor& W,
                                                          const at::Tensor& xs, const at::Tensor& ys,
-                                                         double temperature, double eps, c10::ScalarType student_dtype,
-                                                         c10::ScalarType teacher_dtype) {
+                                                         double temperature, double eps, double scale,
+                                                         c10::ScalarType student_dtype, c10::ScalarType teacher_dtype) {
   constexpr const char* op = "sinkhorn_kd_backward";
   check_floating(op, "grad_loss", grad_loss);
   TORCH_CHECK(grad_loss.numel() == 1, "fastloss.sinkhorn_kd_backward: expected 'grad_loss' to be a scalar, got shape ",
@@ -147,6 +152,7 @@ inline SinkhornKdBackwardShape sinkhorn_kd_backward_args(const at::Tensor& grad_
   TORCH_CHECK(std::isfinite(temperature) && temperature > 0,
               "fastloss.sinkhorn_kd_backward: expected 'temperature' > 0, got ", temperature);
   TORCH_CHECK(std::isfinite(eps) && eps > 0, "fastloss.sinkhorn_kd_backward: expected 'eps' > 0, got ", eps);
+  TORCH_CHECK(std::isfinite(scale), "fastloss.sinkhorn_kd_backward: expected 'scale' to be finite, got ", scale);
   return {B, C, n_iter};
 }
 

@@ -1386,7 +1386,8 @@ std::tuple<at::Tensor, at::Tensor> sinkhorn_kd_backward(const at::Tensor& grad_l
                                                         bool student_grad, bool teacher_grad,
                                                         c10::ScalarType student_dtype, c10::ScalarType teacher_dtype) {
   const SinkhornKdBackwardShape s =
-      sinkhorn_kd_backward_args(grad_loss, ps, pt, W, xs, ys, temperature, eps, student_dtype, teacher_dtype);
+      sinkhorn_kd_backward_args(grad_loss, ps, pt, W, xs, ys, temperature, eps, scale, student_dtype,
+                                teacher_dtype);
   const int64_t B = s.batch, C = s.classes, n_iter = s.n_iter;
   const auto opts = ps.options();
   if (B == 0 || C == 0 || !(student_grad || teacher_grad)) {

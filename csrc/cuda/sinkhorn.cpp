@@ -162,7 +162,8 @@ std::tuple<at::Tensor, at::Tensor> sinkhorn_kd_backward(const at::Tensor& grad_l
                                                         c10::ScalarType student_dtype, c10::ScalarType teacher_dtype) {
   check_cuda("sinkhorn_kd_backward", "p_student", ps);
   const SinkhornKdBackwardShape s =
-      sinkhorn_kd_backward_args(grad_loss, ps, pt, W, xs, ys, temperature, eps, student_dtype, teacher_dtype);
+      sinkhorn_kd_backward_args(grad_loss, ps, pt, W, xs, ys, temperature, eps, scale, student_dtype,
+                                teacher_dtype);
   const c10::cuda::OptionalCUDAGuard guard(ps.device());
   const int64_t B = s.batch, C = s.classes, n_iter = s.n_iter;
   const auto opts = ps.options();

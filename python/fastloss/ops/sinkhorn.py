@@ -470,6 +470,9 @@ def _kd_fake(student, teacher, temperature, eps, n_iter, scale):
     check_value(math.isfinite(temperature) and temperature > 0, op, f"expected 'temperature' > 0, got {temperature}")
     check_value(math.isfinite(eps) and eps > 0, op, f"expected 'eps' > 0, got {eps}")
     check_value(n_iter >= 0, op, f"expected 'n_iter' >= 0, got {n_iter}")
+    max_n_iter = (2**63 - 1) // 8 // torch.sym_max(B, 1) - 1  # the op's bound, without a guard on B
+    torch._check(n_iter <= max_n_iter, lambda: f"fastloss.{op}: expected 'n_iter' <= {max_n_iter} (the saved "
+                 f"scalings are (n_iter + 1) x B float64 values), got {n_iter}")
     check_value(math.isfinite(scale), op, f"expected 'scale' to be finite, got {scale}")
     acc = torch.float64 if torch.float64 in (student.dtype, teacher.dtype) else torch.float32
     loss_dtype = torch.promote_types(student.dtype, teacher.dtype)
@@ -502,6 +505,7 @@ def _kd_backward_fake(grad_loss, ps, pt, cost, x, y, temperature, eps, scale, st
                 f"expected floating 'student_dtype' and 'teacher_dtype', got {student_dtype} and {teacher_dtype}")
     check_value(math.isfinite(temperature) and temperature > 0, op, f"expected 'temperature' > 0, got {temperature}")
     check_value(math.isfinite(eps) and eps > 0, op, f"expected 'eps' > 0, got {eps}")
+    check_value(math.isfinite(scale), op, f"expected 'scale' to be finite, got {scale}")
     ds = ps.new_empty((B, C) if student_grad else (0, 0), dtype=student_dtype)
     dt = ps.new_empty((B, C) if teacher_grad else (0, 0), dtype=teacher_dtype)
     return ds, dt
