@@ -3,7 +3,9 @@
 
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
+#include <c10/cuda/CUDAException.h>
 #include <c10/util/Exception.h>
+#include <cuda_runtime_api.h>
 
 #include "kernels/dtype.h"
 
@@ -33,5 +35,15 @@ inline at::Tensor workspace(size_t bytes, const at::Tensor& like) {
 }
 
 inline void* data_or_null(at::Tensor& t) { return t.defined() ? t.mutable_data_ptr() : nullptr; }
+
+// The current device's multiprocessor count, from the runtime: ATen's device-properties
+// helper lives in a header (ATen/cuda/CUDAContext.h) that needs the cuBLAS, cuSPARSE and
+// cuSOLVER headers, which a toolkit assembled from pip packages may lack.
+inline int multiprocessor_count() {
+  int device = 0, count = 0;
+  C10_CUDA_CHECK(cudaGetDevice(&device));
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, device));
+  return count;
+}
 
 }  // namespace fastloss::cuda

@@ -19,12 +19,12 @@
 // every path (the kernels also write NaN for such tokens' loss and LSE, which makes their
 // gradients NaN).
 #include <ATen/core/Tensor.h>
-#include <ATen/cuda/CUDAContext.h>
 #include <ATen/Context.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/zeros.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -117,7 +117,7 @@ std::tuple<at::Tensor, at::Tensor> kernel_forward(const char* op, const at::Tens
   const size_t ws_bytes = kernels::linear_cross_entropy_forward_workspace_bytes(args.tokens, args.vocab, args.dim);
   at::Tensor ws = workspace(ws_bytes, h);
   C10_CUDA_CHECK(kernels::launch_linear_cross_entropy_forward(a, data_or_null(ws), ws_bytes,
-                                                              at::cuda::getCurrentCUDAStream()));
+                                                              c10::cuda::getCurrentCUDAStream()));
   return {out0, out1};
 }
 
@@ -134,7 +134,7 @@ int64_t classifier_chunk_rows(int64_t tokens, int64_t vocab, int64_t dim) {
   constexpr int64_t kTile = 128;  // the kernels' token and vocabulary tile
   constexpr int64_t kMaxBufferBytes = int64_t{256} << 20;
   const int64_t token_tiles = (tokens + kTile - 1) / kTile;
-  const int64_t sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+  const int64_t sms = multiprocessor_count();
   const int64_t wanted = std::max<int64_t>(16, (8 * sms + token_tiles - 1) / token_tiles);
   const int64_t affordable = std::max<int64_t>(1, kMaxBufferBytes / (kTile * std::max<int64_t>(dim, 1) * 4));
   return std::min(vocab, std::min(wanted, affordable) * kTile);
@@ -182,7 +182,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> kernel_backward(
       if (need_dc) dc_rows.zero_();
       a.d_classifier = need_dc ? dc_rows.mutable_data_ptr<float>() : nullptr;
       a.d_bias = need_db ? db.narrow(0, v0, rows).mutable_data_ptr<float>() : nullptr;
-      C10_CUDA_CHECK(kernels::launch_linear_cross_entropy_backward(a, at::cuda::getCurrentCUDAStream()));
+      C10_CUDA_CHECK(kernels::launch_linear_cross_entropy_backward(a, c10::cuda::getCurrentCUDAStream()));
       if (need_dc) dc.narrow(0, v0, rows).copy_(dc_rows);
     }
   }

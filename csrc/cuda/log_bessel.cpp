@@ -3,10 +3,10 @@
 // caching allocator, the current stream, and registration. The kernels are torch-free
 // (kernels/log_bessel.cu), so they also compile where torch has no CUDA.
 #include <ATen/core/Tensor.h>
-#include <ATen/cuda/CUDAContext.h>
 #include <ATen/ops/empty.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
 #include <tuple>
@@ -45,7 +45,7 @@ at::Tensor forward(const at::Tensor& v, const at::Tensor& x) {
   C10_CUDA_CHECK(kernels::launch_log_bessel(
       static_cast<int>(kFn), vk.scalar_type() == c10::kDouble, vk.const_data_ptr(),
       xk.const_data_ptr(), out.mutable_data_ptr(), nullptr, nullptr, out.numel(),
-      at::cuda::getCurrentCUDAStream()));
+      c10::cuda::getCurrentCUDAStream()));
   return out.to(v.scalar_type());
 }
 
@@ -60,7 +60,7 @@ std::tuple<at::Tensor, at::Tensor> grad(const at::Tensor& v, const at::Tensor& x
     C10_CUDA_CHECK(kernels::launch_log_bessel(
         static_cast<int>(kFn), vk.scalar_type() == c10::kDouble, vk.const_data_ptr(),
         xk.const_data_ptr(), d_dv.mutable_data_ptr(), d_dx.mutable_data_ptr(), nullptr, d_dv.numel(),
-        at::cuda::getCurrentCUDAStream()));
+        c10::cuda::getCurrentCUDAStream()));
   }
   return {d_dv.to(v.scalar_type()), d_dx.to(v.scalar_type())};
 }
@@ -77,7 +77,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> hess(const at::Tensor& v, const a
     C10_CUDA_CHECK(kernels::launch_log_bessel(
         static_cast<int>(kFn), vk.scalar_type() == c10::kDouble, vk.const_data_ptr(),
         xk.const_data_ptr(), d_vv.mutable_data_ptr(), d_vx.mutable_data_ptr(), d_xx.mutable_data_ptr(),
-        d_vv.numel(), at::cuda::getCurrentCUDAStream()));
+        d_vv.numel(), c10::cuda::getCurrentCUDAStream()));
   }
   return {d_vv.to(v.scalar_type()), d_vx.to(v.scalar_type()), d_xx.to(v.scalar_type())};
 }

@@ -8,7 +8,6 @@
 // autograd through the n_iter steps and without a host synchronization.
 #include <ATen/TensorOperators.h>
 #include <ATen/core/Tensor.h>
-#include <ATen/cuda/CUDAContext.h>
 #include <ATen/ops/_cdist_backward.h>
 #include <ATen/ops/cdist.h>
 #include <ATen/ops/dot.h>
@@ -23,6 +22,7 @@
 #include <ATen/ops/zeros.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
 #include <vector>
@@ -94,7 +94,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   at::Tensor ws;
   if (ws_bytes > 0) ws = at::empty({static_cast<int64_t>(ws_bytes)}, cost.options().dtype(at::kByte));
   void* ws_ptr = ws.defined() ? ws.mutable_data_ptr() : nullptr;
-  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   if (s.acc_dtype == at::kDouble) {
     const auto p = make_args<double>(c, av, bv, log_a, log_b, s, eps, max_iter, tol, mass_tol, plan, alpha, beta,
                                      value, n_iter, error);

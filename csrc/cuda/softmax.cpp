@@ -3,10 +3,10 @@
 // split-row workspace), the current stream, and registration. The kernels are torch-free
 // (kernels/softmax.cu), so they also compile where torch has no CUDA.
 #include <ATen/core/Tensor.h>
-#include <ATen/cuda/CUDAContext.h>
 #include <ATen/ops/empty.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
 #include "common/softmax_op.h"
@@ -35,7 +35,7 @@ at::Tensor forward(const at::Tensor& self, int64_t dim, bool half_to_float) {
   at::Tensor ws = workspace(ws_bytes, x);
   C10_CUDA_CHECK(kernels::launch_softmax_forward(x.const_data_ptr(), in, y.mutable_data_ptr(), out,
                                                  l.outer, l.size, l.inner, kLog, data_or_null(ws),
-                                                 ws_bytes, at::cuda::getCurrentCUDAStream()));
+                                                 ws_bytes, c10::cuda::getCurrentCUDAStream()));
   return y;
 }
 
@@ -57,7 +57,7 @@ at::Tensor backward(const at::Tensor& grad_output, const at::Tensor& output, int
   at::Tensor ws = workspace(ws_bytes, y);
   C10_CUDA_CHECK(kernels::launch_softmax_backward(
       g.const_data_ptr(), y.const_data_ptr(), out, dx.mutable_data_ptr(), in, l.outer, l.size,
-      l.inner, kLog, data_or_null(ws), ws_bytes, at::cuda::getCurrentCUDAStream()));
+      l.inner, kLog, data_or_null(ws), ws_bytes, c10::cuda::getCurrentCUDAStream()));
   return dx;
 }
 

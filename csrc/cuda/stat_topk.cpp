@@ -2,10 +2,10 @@
 // with the CPU (common/stat_topk_op.h), the split-row workspace from torch's caching
 // allocator, the current stream, and registration. Kernels: kernels/stat_topk.cu.
 #include <ATen/core/Tensor.h>
-#include <ATen/cuda/CUDAContext.h>
 #include <ATen/ops/empty.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
 #include <tuple>
@@ -34,7 +34,7 @@ StatTopKResult stat_topk(const at::Tensor& input, int64_t dim, double sparsity, 
   C10_CUDA_CHECK(kernels::launch_stat_topk_forward(
       x.const_data_ptr(), y.mutable_data_ptr(), theta.mutable_data_ptr(), mean.mutable_data_ptr(),
       sd.mutable_data_ptr(), dtype, l.outer, l.size, l.inner, args.z, hard, data_or_null(ws), ws_bytes,
-      at::cuda::getCurrentCUDAStream()));
+      c10::cuda::getCurrentCUDAStream()));
   return result;
 }
 
@@ -61,7 +61,7 @@ at::Tensor stat_topk_backward(const at::Tensor& grad_y, const c10::optional<at::
       g.const_data_ptr(), x.const_data_ptr(), theta.const_data_ptr(), mean.const_data_ptr(),
       sd.const_data_ptr(), has_gt ? gt.const_data_ptr() : nullptr, dx.mutable_data_ptr(), dtype, l.outer,
       l.size, l.inner, args.z, hard, threshold_grad, data_or_null(ws), ws_bytes,
-      at::cuda::getCurrentCUDAStream()));
+      c10::cuda::getCurrentCUDAStream()));
   return dx;
 }
 
@@ -82,7 +82,7 @@ StatTopKResult stat_topk_gelu_mul(const at::Tensor& gate_in, const at::Tensor& u
   C10_CUDA_CHECK(kernels::launch_gelu_mul_forward(
       gate.const_data_ptr(), up.const_data_ptr(), out.mutable_data_ptr(), theta.mutable_data_ptr(),
       mean.mutable_data_ptr(), sd.mutable_data_ptr(), dtype, l.outer, l.size, args.z, data_or_null(ws),
-      ws_bytes, at::cuda::getCurrentCUDAStream()));
+      ws_bytes, c10::cuda::getCurrentCUDAStream()));
   return result;
 }
 
@@ -106,7 +106,7 @@ std::tuple<at::Tensor, at::Tensor> stat_topk_gelu_mul_backward(const at::Tensor&
   C10_CUDA_CHECK(kernels::launch_gelu_mul_backward(
       g.const_data_ptr(), gate.const_data_ptr(), up.const_data_ptr(), theta.const_data_ptr(), mean.const_data_ptr(),
       sd.const_data_ptr(), dgate.mutable_data_ptr(), dup.mutable_data_ptr(), dtype, l.outer, l.size, args.z,
-      threshold_grad, data_or_null(ws), ws_bytes, at::cuda::getCurrentCUDAStream()));
+      threshold_grad, data_or_null(ws), ws_bytes, c10::cuda::getCurrentCUDAStream()));
   return {dgate, dup};
 }
 

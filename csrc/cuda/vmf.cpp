@@ -3,10 +3,10 @@
 // allocator, the current stream, and registration. The kernels are torch-free
 // (kernels/vmf.cu), so they also compile where torch has no CUDA.
 #include <ATen/core/Tensor.h>
-#include <ATen/cuda/CUDAContext.h>
 #include <ATen/ops/empty.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
 #include "common/vmf_op.h"
@@ -28,7 +28,7 @@ at::Tensor evaluate(const char* op, const char* arg, vmf::Fn fn, const at::Tenso
   if (out.numel() > 0) {
     C10_CUDA_CHECK(kernels::launch_vmf(static_cast<int>(fn), in.scalar_type() == c10::kDouble, in.const_data_ptr(),
                                        out.mutable_data_ptr(), out.numel(), static_cast<double>(p),
-                                       static_cast<int>(iterations), at::cuda::getCurrentCUDAStream()));
+                                       static_cast<int>(iterations), c10::cuda::getCurrentCUDAStream()));
   }
   return out.to(dtype);
 }
@@ -44,7 +44,7 @@ at::Tensor sample_w_derivative(const at::Tensor& w, const at::Tensor& kappa, int
   if (out.numel() > 0) {
     C10_CUDA_CHECK(kernels::launch_vmf_sample_w_derivative(compute == c10::kDouble, wc.const_data_ptr(),
                                                            kc.const_data_ptr(), out.mutable_data_ptr(), out.numel(),
-                                                           static_cast<double>(p), at::cuda::getCurrentCUDAStream()));
+                                                           static_cast<double>(p), c10::cuda::getCurrentCUDAStream()));
   }
   return out.to(dtype);
 }

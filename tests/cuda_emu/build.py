@@ -247,7 +247,10 @@ def build(out_dir: Path, arch: int = 900, jobs: Optional[int] = None, contract: 
             raise RuntimeError("\n".join(str(e) for e in errors))
         objects = [f.result() for f in futures]
     tmp = lib.with_suffix(".tmp")
-    proc = subprocess.run(["g++", "-shared", "-fsanitize=alignment", "-o", str(tmp)] + [str(o) for o in objects],
+    # -Bsymbolic: the emulator's own cudaGetDevice etc. bind inside the library, not to the real
+    # runtime that a CUDA build of torch loads globally (without a driver, that answers error 35).
+    proc = subprocess.run(["g++", "-shared", "-Wl,-Bsymbolic", "-fsanitize=alignment", "-o", str(tmp)] +
+                          [str(o) for o in objects],
                           capture_output=True, text=True)
     if proc.returncode != 0:
         raise RuntimeError(f"emulator link failed:\n{proc.stderr[-6000:]}")
