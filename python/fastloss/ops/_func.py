@@ -13,6 +13,7 @@ here runs but :func:`transforms_active`.
 
 from __future__ import annotations
 
+import inspect
 from typing import Callable, Optional, Sequence, Type
 
 import torch
@@ -120,6 +121,12 @@ def derivative_function(name: str, op, public_name: str, what: str = SECOND_DERI
     return transform_function(name, op, lambda ctx, inputs, output: None, refuse, refuse)
 
 
+# torch.autograd.Function.apply, called with the class first: a classmethod's function up to
+# torch 2.14, a C classmethod descriptor (no __func__; callable so) from 2.15.
+_FUNCTION_APPLY = inspect.getattr_static(torch.autograd.Function, "apply")
+_FUNCTION_APPLY = getattr(_FUNCTION_APPLY, "__func__", _FUNCTION_APPLY)
+
+
 def transform_function(name: str, op, setup_context: Callable, backward: Callable,
                        jvp: Optional[Callable] = None) -> Type[torch.autograd.Function]:
     """A torch.autograd.Function that calls ``op`` below autograd, for use under transforms.
@@ -149,7 +156,7 @@ def transform_function(name: str, op, setup_context: Callable, backward: Callabl
         # it: its arguments may carry no tangent) fails in torch's generated vmap rule, an
         # AssertionError, before the rule that raises is reached.
         try:
-            return torch.autograd.Function.apply.__func__(cls, *args)
+            return _FUNCTION_APPLY(cls, *args)
         except AssertionError as e:
             if nested_forward_mode():
                 raise NotImplementedError(nested_forward_mode_error) from e
