@@ -7,6 +7,7 @@
 #include <c10/util/Exception.h>
 #include <cuda_runtime_api.h>
 
+#include "kernels/device_info.h"
 #include "kernels/dtype.h"
 
 namespace fastloss::cuda {
@@ -36,14 +37,13 @@ inline at::Tensor workspace(size_t bytes, const at::Tensor& like) {
 
 inline void* data_or_null(at::Tensor& t) { return t.defined() ? t.mutable_data_ptr() : nullptr; }
 
-// The current device's multiprocessor count, from the runtime: ATen's device-properties
-// helper lives in a header (ATen/cuda/CUDAContext.h) that needs the cuBLAS, cuSPARSE and
-// cuSOLVER headers, which a toolkit assembled from pip packages may lack.
+// The current device's multiprocessor count, from the kernels' cached query: ATen's
+// device-properties helper lives in a header (ATen/cuda/CUDAContext.h) that needs the cuBLAS,
+// cuSPARSE and cuSOLVER headers, which a toolkit assembled from pip packages may lack.
 inline int multiprocessor_count() {
-  int device = 0, count = 0;
-  C10_CUDA_CHECK(cudaGetDevice(&device));
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, device));
-  return count;
+  kernels::DeviceInfo dev;
+  C10_CUDA_CHECK(kernels::device_info(&dev));
+  return dev.sms;
 }
 
 }  // namespace fastloss::cuda

@@ -7,7 +7,8 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
-#include <atomic>
+#include "kernels/device_info.h"
+
 #include <cstdint>
 #include <type_traits>
 
@@ -263,40 +264,6 @@ __device__ __forceinline__ void atomic_add2(float* p, float a, float b) {
   atomicAdd(p, a);
   atomicAdd(p + 1, b);
 #endif
-}
-
-// -------------------------------------------------------------------------------------------
-// Host side: device properties the launchers size their grids by.
-
-constexpr int kMaxDevices = 64;
-
-struct DeviceInfo {
-  int device;
-  int sms;
-  int smem_optin;
-};
-
-inline cudaError_t device_info(DeviceInfo* d) {
-  // Cached per device: attribute queries are cheap but not free, and launches are frequent.
-  static std::atomic<int> sms_cache[kMaxDevices];
-  static std::atomic<int> smem_cache[kMaxDevices];
-  cudaError_t err = cudaGetDevice(&d->device);
-  if (err != cudaSuccess) return err;
-  const bool cacheable = d->device >= 0 && d->device < kMaxDevices;
-  if (cacheable) {
-    d->sms = sms_cache[d->device].load(std::memory_order_relaxed);
-    d->smem_optin = smem_cache[d->device].load(std::memory_order_relaxed);
-    if (d->sms > 0 && d->smem_optin > 0) return cudaSuccess;
-  }
-  err = cudaDeviceGetAttribute(&d->sms, cudaDevAttrMultiProcessorCount, d->device);
-  if (err != cudaSuccess) return err;
-  err = cudaDeviceGetAttribute(&d->smem_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, d->device);
-  if (err != cudaSuccess) return err;
-  if (cacheable) {
-    sms_cache[d->device].store(d->sms, std::memory_order_relaxed);
-    smem_cache[d->device].store(d->smem_optin, std::memory_order_relaxed);
-  }
-  return cudaSuccess;
 }
 
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }

@@ -526,16 +526,14 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm) sinkhorn_grid_kerne
 // Path choice and launch
 
 template <typename T>
-cudaError_t grid_plan(int64_t n, int64_t m, GridPlan& g) {
-  int device = 0, sms = 0, per_sm = 0, coop = 0;
-  cudaError_t e = cudaGetDevice(&device);
-  if (e == cudaSuccess) e = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
-  if (e == cudaSuccess) e = cudaDeviceGetAttribute(&coop, cudaDevAttrCooperativeLaunch, device);
+cudaError_t grid_plan(int64_t n, int64_t m, const DeviceInfo& dev, GridPlan& g) {
+  int per_sm = 0, coop = 0;
+  cudaError_t e = cudaDeviceGetAttribute(&coop, cudaDevAttrCooperativeLaunch, dev.device);
   if (e == cudaSuccess)
     e = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, sinkhorn_grid_kernel<T>, kThreads, 0);
   if (e != cudaSuccess) return e;
   if (!coop || per_sm < 1) return cudaErrorNotSupported;
-  g.blocks = sms * (per_sm < 4 ? per_sm : 4);
+  g.blocks = dev.sms * (per_sm < 4 ? per_sm : 4);
   const int64_t col_tiles = (m + kThreads - 1) / kThreads;
   int64_t chunks = (2 * static_cast<int64_t>(g.blocks) + col_tiles - 1) / col_tiles;
   chunks = chunks < 1 ? 1 : (chunks > n ? n : chunks);
@@ -544,21 +542,10 @@ cudaError_t grid_plan(int64_t n, int64_t m, GridPlan& g) {
   return cudaSuccess;
 }
 
-int device_sms() {
-  int device = 0, sms = 1;
-  if (cudaGetDevice(&device) != cudaSuccess) return 1;
-  if (cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device) != cudaSuccess) return 1;
-  return sms;
-}
-
 // kMaxSmemBytes, or less on devices whose per-block opt-in limit is lower (e.g. ~99 KB on sm_86/89).
-size_t device_smem_cap() {
-  int device = 0, optin = 48 * 1024;
-  if (cudaGetDevice(&device) == cudaSuccess) {
-    cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
-  }
-  const size_t cap = static_cast<size_t>(optin);
-  return cap < kMaxSmemBytes ? cap : kMaxSmemBytes;
+size_t block_smem_cap(const DeviceInfo& dev) {
+  const size_t optin = static_cast<size_t>(dev.smem_optin);
+  return optin < kMaxSmemBytes ? optin : kMaxSmemBytes;
 }
 
 // Problems [k0, k0 + count) of p as a batch of their own.
@@ -615,11 +602,11 @@ cudaError_t launch_block_path(const SinkhornArgs<T>& p, size_t smem_cap, cudaStr
 // layers) but the block path's vectors fit in shared memory; slower there (one block per
 // problem), but it runs. Otherwise the grid path with plan g, or the error that stops it.
 template <typename T>
-cudaError_t choose_path(int64_t batch, int64_t n, int64_t m, size_t smem_cap, bool& block, GridPlan& g) {
-  block = use_block_path<T>(batch, n, m, device_sms(), smem_cap);
+cudaError_t choose_path(int64_t batch, int64_t n, int64_t m, const DeviceInfo& dev, bool& block, GridPlan& g) {
+  block = use_block_path<T>(batch, n, m, dev.sms, block_smem_cap(dev));
   if (block) return cudaSuccess;
-  const cudaError_t e = grid_plan<T>(n, m, g);
-  if (e == cudaErrorNotSupported && block_smem_bytes<T>(n, m, false) <= smem_cap) {
+  const cudaError_t e = grid_plan<T>(n, m, dev, g);
+  if (e == cudaErrorNotSupported && block_smem_bytes<T>(n, m, false) <= block_smem_cap(dev)) {
     block = true;
     return cudaSuccess;
   }
@@ -629,12 +616,14 @@ cudaError_t choose_path(int64_t batch, int64_t n, int64_t m, size_t smem_cap, bo
 template <typename T>
 cudaError_t launch(const SinkhornArgs<T>& p, void* workspace, size_t workspace_bytes, cudaStream_t stream) {
   if (p.batch == 0 || p.n == 0 || p.m == 0) return cudaSuccess;
-  const size_t smem_cap = device_smem_cap();
+  DeviceInfo dev;
+  cudaError_t e = device_info(&dev);
+  if (e != cudaSuccess) return e;
   bool block = false;
   GridPlan g;
-  cudaError_t e = choose_path<T>(p.batch, p.n, p.m, smem_cap, block, g);
+  e = choose_path<T>(p.batch, p.n, p.m, dev, block, g);
   if (e != cudaSuccess) return e;
-  if (block) return launch_block_path(p, smem_cap, stream);
+  if (block) return launch_block_path(p, block_smem_cap(dev), stream);
   if (workspace == nullptr || workspace_bytes < grid_workspace_bytes<T>(p.n, p.m, g)) return cudaErrorInvalidValue;
   GridWorkspace<T> w = carve<T>(workspace, p.n, p.m, g);
   for (int64_t k = 0; k < p.batch; ++k) {
@@ -642,11 +631,11 @@ cudaError_t launch(const SinkhornArgs<T>& p, void* workspace, size_t workspace_b
     void* params[] = {&args, &w, &k};
     e = cudaLaunchCooperativeKernel(reinterpret_cast<const void*>(sinkhorn_grid_kernel<T>), dim3(g.blocks),
                                     dim3(kThreads), params, 0, stream);
-    if (e == cudaErrorCooperativeLaunchTooLarge && block_smem_bytes<T>(p.n, p.m, false) <= smem_cap) {
+    if (e == cudaErrorCooperativeLaunchTooLarge && block_smem_bytes<T>(p.n, p.m, false) <= block_smem_cap(dev)) {
       // Fewer blocks co-resident than the occupancy query promised (an SM share limited by
       // MPS, say): this problem and the rest go to the block path. The error is not sticky.
       (void)cudaGetLastError();
-      return launch_block_path(sub_batch(p, k, p.batch - k), smem_cap, stream);
+      return launch_block_path(sub_batch(p, k, p.batch - k), block_smem_cap(dev), stream);
     }
     if (e != cudaSuccess) return e;
   }
@@ -658,8 +647,9 @@ size_t workspace_bytes(int64_t batch, int64_t n, int64_t m) {
   if (batch == 0 || n == 0 || m == 0) return 0;
   bool block = false;
   GridPlan g;
+  DeviceInfo dev;
   // An error here is reported by the launch.
-  if (choose_path<T>(batch, n, m, device_smem_cap(), block, g) != cudaSuccess || block) return 0;
+  if (device_info(&dev) != cudaSuccess || choose_path<T>(batch, n, m, dev, block, g) != cudaSuccess || block) return 0;
   return grid_workspace_bytes<T>(n, m, g);
 }
 
