@@ -230,10 +230,6 @@ class Result:
     def fastloss(self) -> ImplResult:
         return self.impls["fastloss"]
 
-    @property
-    def baseline_names(self) -> List[str]:
-        return list(self.case.baselines)
-
     def speedup(self, baseline: str) -> Optional[float]:
         b = self.impls.get(baseline)
         f = self.fastloss

@@ -1,6 +1,7 @@
 // Portability macros for math written once and compiled for both the host (C++) and the
-// device (CUDA). Headers in csrc/common include nothing from torch, so csrc/kernels can
-// use them on machines whose torch has no CUDA.
+// device (CUDA). The math headers in csrc/common (*_math.h, exp_pair.h, log_bessel*.h,
+// normal_quantile.h) include nothing from torch, so csrc/kernels can use them on machines
+// whose torch has no CUDA; the *_op.h, *_aten.h and torch_checks.h headers are torch glue.
 #pragma once
 
 // The instruction-set namespace of the inline functions of the shared headers that a CPU

@@ -1005,7 +1005,7 @@ FASTLOSS_CPU_INLINE void kernel_rows(const acc_t* W, const acc_t* r, const acc_t
     if (r == nullptr) {
       for (int64_t j = 0; j < B; ++j) k[j] = exp_with_subnormals(-w[j] * inv_eps);
     } else {
-      // (W - r) - c rounds as in column_minima, so it is >= 0 and K <= 1.
+      // (W - r) - c rounds as in shift_minima, so it is >= 0 and K <= 1.
       const acc_t ri = r[i];
       for (int64_t j = 0; j < B; ++j) k[j] = exp_with_subnormals(-((w[j] - ri) - c[j]) * inv_eps);
     }
