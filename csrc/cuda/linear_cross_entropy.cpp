@@ -30,7 +30,6 @@
 #include <algorithm>
 #include <array>
 #include <cstdint>
-#include <limits>
 #include <tuple>
 
 #include "common/linear_cross_entropy_aten.h"
@@ -41,16 +40,12 @@
 namespace fastloss::cuda {
 namespace {
 
-// As kMaxIndex in kernels/linear_cross_entropy.cu: sizes plus one tile stay below 2^31.
-constexpr int64_t kMaxKernelIndex = std::numeric_limits<int32_t>::max() - 256;
-
 // Called under the device guard: the kernels use sm_80 instructions (cp.async, ldmatrix,
 // mma.sync with bfloat16), so older GPUs, and builds with no sm_80+ code for this GPU, take
 // the ATen path.
 bool use_kernels(const at::Tensor& hidden, const LinearCrossEntropyArgs& args) {
-  const auto t = hidden.scalar_type();
-  return (t == c10::kHalf || t == c10::kBFloat16) && args.dim > 0 && args.dim % 8 == 0 && args.tokens > 0 &&
-         args.tokens <= kMaxKernelIndex && args.vocab <= kMaxKernelIndex && args.dim <= kMaxKernelIndex &&
+  return kernels::linear_cross_entropy_shape_ok(kernel_dtype(hidden.scalar_type()), args.tokens, args.vocab,
+                                                args.dim) &&
          kernels::linear_cross_entropy_kernels_runnable();
 }
 

@@ -69,9 +69,6 @@ constexpr int kStageElems = (kBM + kBN) * kPitch;
 constexpr size_t kSmemBytes = size_t(kStages) * kStageElems * 2;
 constexpr int kFinalizeThreads = 256;
 constexpr int kMaxSplits = 65535;  // grid y limit
-// tokens, vocab and dim fit an int with room for one more tile: the kernels form m0 + row,
-// tile * kBN + column and (vocab + kBN - 1) in int arithmetic.
-constexpr int64_t kMaxIndex = 0x7fffffff - 256;
 
 static_assert(kBM * kChunksPerRow % kThreads == 0 && kBN * kChunksPerRow % kThreads == 0,
               "every thread copies the same number of chunks");
@@ -863,8 +860,7 @@ bool linear_cross_entropy_kernels_runnable() {
 bool linear_cross_entropy_layout_ok(DType dtype, int64_t tokens, int64_t vocab, int64_t dim, const void* hidden,
                                     int64_t hidden_stride, const void* classifier, int64_t classifier_stride) {
   const auto aligned = [](const void* ptr) { return reinterpret_cast<uintptr_t>(ptr) % 16 == 0; };
-  return (dtype == DType::F16 || dtype == DType::BF16) && dim > 0 && dim % 8 == 0 && dim <= kMaxIndex &&
-         tokens > 0 && tokens <= kMaxIndex && vocab > 0 && vocab <= kMaxIndex && hidden_stride % 8 == 0 &&
+  return linear_cross_entropy_shape_ok(dtype, tokens, vocab, dim) && hidden_stride % 8 == 0 &&
          classifier_stride % 8 == 0 && hidden_stride >= dim && classifier_stride >= dim && aligned(hidden) &&
          aligned(classifier);
 }

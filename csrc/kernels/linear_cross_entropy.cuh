@@ -80,6 +80,18 @@ struct LinearCrossEntropyBackwardArgs {
 // Cached per device.
 bool linear_cross_entropy_kernels_runnable();
 
+// tokens, vocab and dim fit an int with room for one more tile: the kernels form m0 + row,
+// tile * kBN + column and (vocab + kBN - 1) in int arithmetic.
+constexpr int64_t kLinearCrossEntropyMaxIndex = 0x7fffffff - 256;
+
+// Whether the kernels accept this dtype and these sizes (the part of the preconditions
+// that no copy of the inputs can change).
+inline bool linear_cross_entropy_shape_ok(DType dtype, int64_t tokens, int64_t vocab, int64_t dim) {
+  return (dtype == DType::F16 || dtype == DType::BF16) && dim > 0 && dim % 8 == 0 &&
+         dim <= kLinearCrossEntropyMaxIndex && tokens > 0 && tokens <= kLinearCrossEntropyMaxIndex && vocab > 0 &&
+         vocab <= kLinearCrossEntropyMaxIndex;
+}
+
 // Whether the kernels accept these dtype, sizes, strides and pointers (see above).
 bool linear_cross_entropy_layout_ok(DType dtype, int64_t tokens, int64_t vocab, int64_t dim,
                                     const void* hidden, int64_t hidden_stride,
