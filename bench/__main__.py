@@ -21,12 +21,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--ops", default=",".join(FAMILIES),
                    help=f"comma-separated op families (default: all: {','.join(FAMILIES)})")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
-                   help="auto: cuda if available, else cpu")
+                   help="auto: cuda if a GPU is available and fastloss was built with CUDA kernels, else cpu")
     p.add_argument("--quick", action="store_true", help="reduced cases and repeats (smoke test)")
     p.add_argument("--repeats", type=int, default=None,
                    help="most timed blocks per measurement (default: cpu 20, cuda 100, quick 5)")
     p.add_argument("--max-time", type=float, default=None,
-                   help="seconds per measurement after the minimum 3 blocks (default: cpu 1.5, cuda 1.0, quick 0.25)")
+                   help="time budget per implementation of a case, its first 3 blocks included (they always run) "
+                        "(default: cpu 1.5, cuda 1.0, quick 0.25)")
     p.add_argument("-k", "--filter", default=None,
                    help="only cases whose label ('family shape dtype mode', "
                         "e.g. 'softmax 8x151936 bf16 fwd') contains this text")

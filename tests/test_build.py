@@ -42,8 +42,11 @@ def test_ops_registered():
 def test_info_command():
     out = subprocess.run([sys.executable, "-m", "fastloss", "info"], capture_output=True, text=True, check=True)
     assert "CUDA kernels built" in out.stdout and fastloss.__version__ in out.stdout
-    bad = subprocess.run([sys.executable, "-m", "fastloss", "bogus"], capture_output=True, text=True)
-    assert bad.returncode == 2 and "usage" in bad.stderr
+    for argv in (["bogus"], ["info", "extra"]):
+        bad = subprocess.run([sys.executable, "-m", "fastloss", *argv], capture_output=True, text=True)
+        assert bad.returncode == 2 and "usage" in bad.stderr and not bad.stdout
+    help_ = subprocess.run([sys.executable, "-m", "fastloss", "--help"], capture_output=True, text=True)
+    assert help_.returncode == 0 and help_.stdout.startswith("usage: python -m fastloss info")
 
 
 def python_files_called(fn):

@@ -43,7 +43,10 @@ __version__: str = _C.build_info()["version"]
 
 
 def build_info() -> Dict[str, Any]:
-    """How this build was configured: version, CUDA kernels, CUDA archs, CPU ISA, threads."""
+    """How this build was configured and what it runs here: ``version``, ``cuda`` (whether the
+    CUDA kernels are built), ``cuda_archs``, ``cpu_isa`` (the CPU kernels' instruction set on
+    this machine), ``log_bessel_cpu`` and ``linear_cross_entropy_cpu_bf16`` (the paths those
+    kernels take here), ``num_threads`` and ``parallel_backend`` (torch's thread settings)."""
     return dict(_C.build_info())
 
 

@@ -6,8 +6,12 @@ import torch
 
 
 def main(argv: list[str]) -> int:
-    if argv[:1] not in ([], ["info"]):
-        print("usage: python -m fastloss info", file=sys.stderr)
+    usage = "usage: python -m fastloss info\n\nPrints how fastloss was built and what its kernels use here."
+    if argv in (["-h"], ["--help"]):
+        print(usage)
+        return 0
+    if argv not in ([], ["info"]):
+        print(usage.splitlines()[0], file=sys.stderr)
         return 2
     import fastloss
 

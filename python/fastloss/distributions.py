@@ -135,6 +135,7 @@ class VonMisesFisher(Distribution):
 
     @property
     def mean(self) -> torch.Tensor:
+        """E[x] = A_p(kappa) loc: inside the ball, of length the mean resultant length."""
         return vmf_mean_resultant(self.concentration, self.p).unsqueeze(-1) * self.loc
 
     @property
@@ -161,11 +162,14 @@ class VonMisesFisher(Distribution):
         return var.to(self.loc.dtype)
 
     def log_prob(self, value: torch.Tensor) -> torch.Tensor:
+        """log C_p(kappa) + kappa loc . value for unit vectors ``value`` (..., p), with the
+        normalizer from the log-Bessel kernels (finite at any kappa and p)."""
         if self._validate_args:
             self._validate_sample(value)
         return vmf_log_normalizer(self.concentration, self.p) + self.concentration * (self.loc * value).sum(-1)
 
     def entropy(self) -> torch.Tensor:
+        """-log C_p(kappa) - kappa A_p(kappa), in nats."""
         # Computed in float64 whatever the dtype, summed so that the two O(kappa) terms never cancel.
         return _vmf_entropy(self.concentration, self.p)
 
@@ -235,6 +239,8 @@ class VonMisesFisher(Distribution):
         return (self.concentration.requires_grad and torch.is_grad_enabled()) or transforms_active(self.concentration)
 
     def rsample(self, sample_shape=torch.Size()) -> torch.Tensor:
+        """Samples of shape ``sample_shape + batch_shape + (p,)`` (Wood's 1994 algorithm),
+        differentiable in loc and concentration (implicit reparameterization of w = loc . x)."""
         shape = self._extended_shape(sample_shape)
         w64, one_minus_w = self._sample_w(shape[:-1])
         w = w64.to(self.concentration.dtype)
@@ -279,7 +285,8 @@ class VonMisesFisher(Distribution):
     @classmethod
     def fit(cls, samples: torch.Tensor, iterations: int = 10) -> "VonMisesFisher":
         """Maximum-likelihood fit to unit vectors ``samples`` of shape (n, p):
-        mu = mean / |mean|, kappa solves A_p(kappa) = |mean|."""
+        mu = mean / |mean|, kappa solves A_p(kappa) = |mean| (:func:`fastloss.vmf_kappa_mle`,
+        at most ``iterations`` Newton steps, an int in [1, 1000])."""
         if (not isinstance(samples, torch.Tensor) or not samples.is_floating_point() or samples.dim() != 2
                 or samples.shape[0] < 1):
             got = (f"{samples.dtype} {tuple(samples.shape)}" if isinstance(samples, torch.Tensor)

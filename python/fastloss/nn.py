@@ -40,6 +40,7 @@ class StatTopK(torch.nn.Module):
         self.threshold_grad: bool = check_bool("nn.StatTopK", "threshold_grad", threshold_grad)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` masked along ``dim``: a tensor of its shape and dtype."""
         return stat_topk(x, sparsity=self.sparsity, k=self.k, dim=self.dim, mode=self.mode,
                          threshold_grad=self.threshold_grad)
 
@@ -61,6 +62,7 @@ class SinkhornKDLoss(torch.nn.Module):
         self.scale = scale
 
     def forward(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
+        """The loss (a 0-d tensor) of (B, C) student and teacher logits."""
         return sinkhorn_kd_loss(
             student_logits,
             teacher_logits,
@@ -94,6 +96,9 @@ class LinearCrossEntropy(torch.nn.Module):
 
     def forward(self, hidden: torch.Tensor, classifier: torch.Tensor, targets: torch.Tensor,
                 bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """The loss of ``hidden @ classifier.T (+ bias)`` against ``targets``: hidden (..., D),
+        classifier (V, D), targets of hidden's leading shape; 0-d for reductions "mean" and
+        "sum", per token for "none"."""
         return linear_cross_entropy(hidden, classifier, targets, bias, ignore_index=self.ignore_index,
                                     reduction=self.reduction, softcap=self.softcap,
                                     label_smoothing=self.label_smoothing, z_loss=self.z_loss, shift=self.shift,

@@ -99,7 +99,7 @@ def vmf_kappa_mle(rbar: TensorOrNumber, p: int, iterations: int = 10) -> torch.T
     it), in float64 for every dtype, one element per thread, no host sync. A_p is increasing
     and concave, so the steps converge from either side; each element stops once A_p(kappa)
     is within rounding of rbar (at most 5 steps for 99.7% of rbar uniform in (0.01, 0.99) at
-    p = 3, 64, 2048), and ``iterations`` (default 10) bounds them.
+    p = 3, 64, 2048), and ``iterations`` (an int in [1, 1000], default 10) bounds them.
     """
     p = _check_p("vmf_kappa_mle", p)
     if isinstance(iterations, bool) or not isinstance(iterations, numbers.Integral) or not 1 <= iterations <= 1000:

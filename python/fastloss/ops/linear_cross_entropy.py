@@ -193,8 +193,6 @@ def linear_cross_entropy(
             then carries ``-label_smoothing / V``: each is tiny, their sum is not). The skipped
             entries are each small, not their sum: near-uniform softmaxes (an LM head at
             initialization) lose more gradient accuracy than trained, peaked ones.
-        Under ``torch.autocast``, hidden, classifier and bias are first cast to the autocast
-            dtype (float64 excepted), as ``F.linear`` would cast them.
         return_lse: also return the per-token log-sum-exp (hidden's leading shape, 0 at
             ignored tokens); gradients flow through it.
         process_group: vocabulary-parallel training: the ranks of this ``torch.distributed``
@@ -208,6 +206,9 @@ def linear_cross_entropy(
             backward instead (float32 matmuls: slower, no ``filter_eps`` skipping).
 
     Returns the loss in float32 (float64 for float64 inputs), and the LSE if ``return_lse``.
+
+    Under ``torch.autocast``, hidden, classifier and bias are first cast to the autocast dtype
+    (float64 excepted), as ``F.linear`` would cast them.
 
     CUDA: float16 and bfloat16 inputs whose D is a multiple of 8 run hand-written tensor-core
     kernels (mma.sync, float32 accumulation; the logits stay in registers, the backward

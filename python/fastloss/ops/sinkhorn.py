@@ -21,10 +21,13 @@ class SinkhornResult(NamedTuple):
     """What :func:`sinkhorn` returns; a leading batch dimension B when ``cost`` had one.
 
     plan: (B, n, m) transport plan P = exp((f_i + g_j - C_ij) / eps).
-    f, g: (B, n), (B, m) potentials, f = eps log a - eps LSE_j((g_j - C_ij) / eps) (so
-        f = -inf where a = 0, and g = -inf where b = 0).
-    value: (B,) regularized OT value <P, C> + eps KL(P || a b^T), evaluated in its dual form
-        <f, a> + <g, b> - eps (<a, log a> + <b, log b>).
+    f, g: (B, n), (B, m) potentials. The last update is g's, so g = eps log b -
+        eps LSE_i((f_i - C_ij) / eps) holds exactly, and f = eps log a - eps LSE_j((g_j -
+        C_ij) / eps) once the iterations have converged (f = -inf where a = 0, g = -inf
+        where b = 0).
+    value: (B,) the dual objective <f, a> + <g, b> - eps (<a, log a> + <b, log b>), which at
+        convergence is the regularized OT value <P, C> + eps KL(P || a b^T) of the plan
+        (before it, the two differ by about as much as the marginals do).
     n_iter: (B,) int64, the iterations used by each problem.
     marginal_error: (B,) the row-marginal error ||P 1 - a|| of the returned plan in the
         ``error_norm`` the stopping rule used (its columns sum to b up to rounding).

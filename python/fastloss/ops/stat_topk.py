@@ -132,6 +132,14 @@ def stat_topk_gelu_mul(
     dimension (see :func:`stat_topk`); ``gate`` and ``up`` have the same shape and dtype.
     Equal to ``F.gelu(stat_topk(gate, sparsity=s), approximate="tanh") * up``, with one read of
     each input and one write, and a fused backward.
+
+    Args:
+        gate: float32, float64, float16 or bfloat16 tensor with at least one dimension.
+        up: a tensor of ``gate``'s shape, dtype and device.
+        sparsity: the fraction of each row of ``gate`` to zero, in (0, 1). Exactly one of
+            ``sparsity`` and ``k`` (``sparsity = 1 - k / gate.shape[-1]``).
+        k: the number of entries to keep per row, in (0, gate.shape[-1]).
+        threshold_grad: if False, the gradient does not flow through ``theta``.
     """
     check_tensor("stat_topk_gelu_mul", "gate", gate)
     check_tensor("stat_topk_gelu_mul", "up", up)
