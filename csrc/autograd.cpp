@@ -24,6 +24,7 @@
 #include <tuple>
 #include <utility>
 
+#include "common/sinkhorn_kd_aten.h"
 #include "cpu/backward_in_place.h"
 
 namespace fastloss {
@@ -480,33 +481,25 @@ struct L1DistFunction : torch::autograd::Function<L1DistFunction> {
 };
 
 // The SinKD loss from the two softmaxes, exactly as its authors compute it, with
-// differentiable ATen ops: the create_graph=True path. W is shifted by its rows' and then its
-// columns' smallest costs as in the fused kernels (cpu/sinkhorn.cpp, kernel_matrix): the
-// loss does not depend on the shifts when n_iter >= 1, so derivatives of every order ignore
-// them (detached). The first row normalization divides by the row sums of the unshifted
+// differentiable ATen ops: the create_graph=True path. The kernel is shifted as in the fused
+// kernels (sinkhorn_kd_kernel): the loss does not depend on the shifts when n_iter >= 1, so
+// derivatives of every order ignore them (detached). The first row normalization divides by the row sums of the unshifted
 // kernel, K'' y_0 with y_0 = exp(-c / eps); the column factor y_0 itself is left out, as the
 // column normalization that follows cancels it. The normalizations run in float64, as the
 // fused kernels' do wherever float32's range is too narrow for them (cpu/sinkhorn.cpp,
 // kd_kernel_fits_float).
 at::Tensor sinkhorn_kd_eager(const at::Tensor& ps, const at::Tensor& pt, double eps, int64_t n_iter, double scale) {
   const at::Tensor W = L1DistFunction::apply(ps, pt).to(at::kDouble);
-  // (An empty batch has no minima to shift by; its loss is 0 either way.)
-  if (n_iter == 0 || W.numel() == 0) return (at::exp(W * (-1.0 / eps)) * W).sum() * scale;
-  const at::Tensor rows = W - W.detach().amin(1, true);
-  const at::Tensor c = rows.detach().amin(0, true);
-  at::Tensor P = at::exp((rows - c) * (-1.0 / eps));
-  P = P / at::mv(P, at::exp(c.squeeze(0) * (-1.0 / eps))).unsqueeze(1);
+  at::Tensor y0;
+  at::Tensor P = sinkhorn_kd_kernel(W, eps, n_iter, &y0);
+  if (n_iter == 0) return (P * W).sum() * scale;
+  P = P / at::mv(P, y0).unsqueeze(1);
   P = P / P.sum(0, true);
   for (int64_t it = 1; it < n_iter; ++it) {
     P = P / P.sum(1, true);
     P = P / P.sum(0, true);
   }
   return (P * W).sum() * scale;
-}
-
-// The vector-Jacobian product of p = softmax(z / T) along rows: p (g - sum(g p)) / T.
-at::Tensor softmax_temperature_vjp(const at::Tensor& g, const at::Tensor& p, double temperature) {
-  return p * (g - (g * p).sum(1, true)) * (1.0 / temperature);
 }
 
 // SinKD: the loss, and the two softmaxes it also returns, are differentiable; the cost and

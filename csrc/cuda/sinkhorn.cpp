@@ -27,6 +27,7 @@
 
 #include <vector>
 
+#include "common/sinkhorn_kd_aten.h"
 #include "common/sinkhorn_op.h"
 #include "cuda/glue.h"
 #include "kernels/sinkhorn.cuh"
@@ -107,18 +108,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   return {plan, alpha, beta, value, n_iter, error};
 }
 
-// SinKD's kernel shifted by each row's and then each column's smallest cost when there are
-// normalizations, with the first column scaling y_0 = exp(-c / eps) (into *y0 if given), as
-// on the CPU (cpu/sinkhorn.cpp, kernel_matrix): the iterates and gradients are those of the
-// unshifted kernel, and rows or columns whose every exp(-W / eps) underflows stay finite.
-at::Tensor kd_kernel(const at::Tensor& W, double eps, int64_t n_iter, at::Tensor* y0 = nullptr) {
-  if (n_iter == 0) return at::exp(W * (-1.0 / eps));
-  const at::Tensor shifted = W - W.amin(1, true);
-  const at::Tensor c = shifted.amin(0, true);
-  if (y0 != nullptr) *y0 = at::exp(c.squeeze(0) * (-1.0 / eps));
-  return at::exp((shifted - c) * (-1.0 / eps));
-}
-
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> sinkhorn_kd(
     const at::Tensor& student, const at::Tensor& teacher, double temperature, double eps, int64_t n_iter,
     double scale) {
@@ -141,7 +130,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   // kd_kernel_fits_float), and they are saved in float64 either way.
   const at::Tensor W64 = W.to(at::kDouble);
   at::Tensor y0;
-  const at::Tensor K = kd_kernel(W64, eps, n_iter, &y0);
+  const at::Tensor K = sinkhorn_kd_kernel(W64, eps, n_iter, &y0);
   const at::Tensor Kt = K.t();
   const auto wide = opts.dtype(at::kDouble);
   at::Tensor xs = at::ones({n_iter + 1, B}, wide), ys = at::ones({n_iter + 1, B}, wide);
@@ -175,7 +164,7 @@ std::tuple<at::Tensor, at::Tensor> sinkhorn_kd_backward(const at::Tensor& grad_l
   // normalizations, with the scalar kept on the device: g = grad_loss * scale.
   const at::Tensor W64 = W.to(at::kDouble);
   const at::Tensor g = grad_loss.to(at::kDouble).reshape({}) * scale;
-  const at::Tensor K = kd_kernel(W64, eps, n_iter);
+  const at::Tensor K = sinkhorn_kd_kernel(W64, eps, n_iter);
   const at::Tensor Kt = K.t();
   const at::Tensor KW = K * W64;
   const at::Tensor xn = xs[n_iter], yn = ys[n_iter];
@@ -211,17 +200,14 @@ std::tuple<at::Tensor, at::Tensor> sinkhorn_kd_backward(const at::Tensor& grad_l
     G = G - at::mm(lf, rf.t()) * (1.0 / eps);
   }
   G = (G * (K * px.unsqueeze(1) * py.unsqueeze(0))).to(ps.scalar_type()).contiguous();
-  auto softmax_backward = [&](const at::Tensor& p, const at::Tensor& dp) {
-    return p * (dp - (dp * p).sum(1, true)) * (1.0 / temperature);
-  };
   at::Tensor d_student = at::zeros({0, 0}, opts.dtype(student_dtype));
   at::Tensor d_teacher = at::zeros({0, 0}, opts.dtype(teacher_dtype));
   if (student_grad) {
-    d_student = softmax_backward(ps, at::_cdist_backward(G, ps, pt, 1.0, W)).to(student_dtype);
+    d_student = softmax_temperature_vjp(at::_cdist_backward(G, ps, pt, 1.0, W), ps, temperature).to(student_dtype);
   }
   if (teacher_grad) {
     const at::Tensor Gt = G.t().contiguous(), Wt = W.t().contiguous();
-    d_teacher = softmax_backward(pt, at::_cdist_backward(Gt, pt, ps, 1.0, Wt)).to(teacher_dtype);
+    d_teacher = softmax_temperature_vjp(at::_cdist_backward(Gt, pt, ps, 1.0, Wt), pt, temperature).to(teacher_dtype);
   }
   return {d_student, d_teacher};
 }
