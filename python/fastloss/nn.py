@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-import numbers
 from typing import Optional, Union
 
 import torch
 
-from .ops._guards import check_bool
+from .ops._guards import check_bool, check_dim
 from .ops.linear_cross_entropy import check_options, linear_cross_entropy
 from .ops.sinkhorn import check_kd_options, sinkhorn_kd_loss
-from .ops.stat_topk import check_dim, op_amount, stat_topk
+from .ops.stat_topk import check_amount, check_mode, stat_topk
 
 
 class StatTopK(torch.nn.Module):
@@ -22,17 +21,11 @@ class StatTopK(torch.nn.Module):
     def __init__(self, *, sparsity: Optional[float] = None, k: Optional[int] = None, dim: int = -1,
                  mode: str = "soft", threshold_grad: bool = True):
         super().__init__()
-        if (sparsity is None) == (k is None):
-            raise ValueError("fastloss.nn.StatTopK: give exactly one of 'sparsity' and 'k'")
         # Checked here rather than at the first forward (k < row length waits for the input).
-        if sparsity is not None:
-            op_amount("nn.StatTopK", 2, sparsity, None)
-        elif isinstance(k, bool) or not isinstance(k, numbers.Integral):  # as stat_topk's errors
-            raise TypeError(f"fastloss.nn.StatTopK: 'k' must be an int, got {type(k).__name__}")
-        elif k <= 0:
+        check_amount("nn.StatTopK", sparsity, k)
+        if k is not None and k <= 0:
             raise ValueError(f"fastloss.nn.StatTopK: 'k' must be a positive int, got {k!r}")
-        if mode not in ("soft", "hard"):
-            raise ValueError(f"fastloss.nn.StatTopK: 'mode' must be 'soft' or 'hard', got {mode!r}")
+        check_mode("nn.StatTopK", mode)
         self.sparsity: Optional[float] = sparsity
         self.k: Optional[int] = k
         self.dim: int = check_dim("nn.StatTopK", dim)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import operator
+
 import numpy as np
 import torch
 
@@ -56,6 +58,17 @@ def check_floating(op: str, arg: str, t: torch.Tensor) -> None:
     if t.dtype not in FLOAT_DTYPES:
         raise RuntimeError(f"fastloss.{op}: expected '{arg}' to be a float32, float64, float16 or bfloat16 tensor, "
                            f"got {t.dtype}")
+
+
+def check_dim(op: str, dim) -> int:
+    """A dimension argument as torch takes one: any integer, a 0-d integer tensor included
+    (through __index__), but not a bool. Its range waits for the input (wrap_dim)."""
+    try:
+        if isinstance(dim, (bool, np.bool_)) or (isinstance(dim, torch.Tensor) and (dim.dim() != 0 or dim.dtype == torch.bool)):
+            raise TypeError
+        return operator.index(dim)
+    except TypeError:
+        raise TypeError(f"fastloss.{op}: 'dim' must be an int, got {type(dim).__name__}") from None
 
 
 def wrap_dim(op: str, dim: int, ndim: int) -> int:

@@ -3,7 +3,6 @@ autograd for ``torch.ops.fastloss.softmax`` / ``log_softmax``."""
 
 from __future__ import annotations
 
-import operator
 from typing import Optional
 
 import torch
@@ -11,20 +10,15 @@ import torch
 from .. import _C
 from ._direct import direct_call_ok
 from ._func import row_rule, transform_function, transforms_active
-from ._guards import FLOAT_DTYPES, check_floating, check_like, check_same_device, check_tensor, check_value, wrap_dim
+from ._guards import (FLOAT_DTYPES, check_dim, check_floating, check_like, check_same_device, check_tensor, check_value,
+                      wrap_dim)
 
 _HALF_TYPES = (torch.float16, torch.bfloat16)
 
 
 def _dispatch(op, direct, name: str, input: torch.Tensor, dim: int, dtype: Optional[torch.dtype]):
     check_tensor(name, "input", input)
-    # Like torch: any integer, including a 0-d integer tensor (through __index__), but not a bool.
-    try:
-        if isinstance(dim, bool) or (isinstance(dim, torch.Tensor) and (dim.dim() != 0 or dim.dtype == torch.bool)):
-            raise TypeError
-        dim = operator.index(dim)
-    except TypeError:
-        raise TypeError(f"fastloss.{name}: expected 'dim' to be an int, got {dim!r}") from None
+    dim = check_dim(name, dim)
     half_to_float = False
     if dtype is float:  # torch's Python-type alias for float64, as torch.softmax takes it
         dtype = torch.float64

@@ -10,47 +10,56 @@ from typing import Literal, Optional, Tuple, Union, overload
 import torch
 
 from ._func import batch_front, row_rule, transform_function, transforms_active
-from ._guards import (check_bool, check_dtype, check_floating, check_like, check_same_device, check_shape, check_tensor,
-                      check_value, wrap_dim)
+from ._guards import (check_bool, check_dim, check_dtype, check_floating, check_like, check_same_device, check_shape,
+                      check_tensor, check_value, wrap_dim)
 
 _MODES = ("soft", "hard")
 
 
-def op_amount(name: str, row_length: int, sparsity: Optional[float],
-              k: Union[int, torch.SymInt, None]) -> Tuple[float, Union[int, torch.SymInt]]:
-    """The ops' (sparsity, k) arguments from exactly one of ``sparsity`` and ``k``, validated:
-    (sparsity, 0), or (unused, k). k goes to the ops as is (they resolve 1 - k/d themselves),
-    so that a graph traced with a symbolic row length d (and k, say d // 8) does not
-    specialize on d."""
+def check_amount(name: str, sparsity: Optional[float],
+                 k: Union[int, torch.SymInt, None]) -> Tuple[Optional[float], Union[int, torch.SymInt, None]]:
+    """Exactly one of ``sparsity`` and ``k``: sparsity a float in (0, 1), or k an int (its range
+    waits for the rows). Returns them as (float or None, int or None)."""
     if (sparsity is None) == (k is None):
         raise ValueError(f"fastloss.{name}: give exactly one of 'sparsity' and 'k' "
                          f"(got sparsity={sparsity!r}, k={k!r})")
     if k is not None:
         if isinstance(k, bool) or not isinstance(k, (numbers.Integral, torch.SymInt)):
             raise TypeError(f"fastloss.{name}: 'k' must be an int, got {type(k).__name__}")
-        if not 0 < k < row_length:
-            raise ValueError(f"fastloss.{name}: 'k' must be in (0, {row_length}) for rows of length "
-                             f"{row_length}, got {k}")
-        return 0.0, k if isinstance(k, torch.SymInt) else int(k)
+        return None, k if isinstance(k, torch.SymInt) else int(k)
     if isinstance(sparsity, bool) or not isinstance(sparsity, numbers.Real):
         raise TypeError(f"fastloss.{name}: 'sparsity' must be a float, got {type(sparsity).__name__}")
-    sparsity = float(sparsity)
-    if not 0.0 < sparsity < 1.0:
+    if not 0.0 < float(sparsity) < 1.0:
         raise ValueError(f"fastloss.{name}: 'sparsity' must be in (0, 1) (the fraction of each row "
-                         f"that is zeroed), got {sparsity}")
-    return sparsity, 0
+                         f"that is zeroed), got {float(sparsity)}")
+    return float(sparsity), None
+
+
+def check_mode(name: str, mode: str) -> str:
+    if mode not in _MODES:
+        raise ValueError(f"fastloss.{name}: 'mode' must be 'soft' or 'hard', got {mode!r}")
+    return mode
+
+
+def op_amount(name: str, row_length: int, sparsity: Optional[float],
+              k: Union[int, torch.SymInt, None]) -> Tuple[float, Union[int, torch.SymInt]]:
+    """The ops' (sparsity, k) arguments for rows of ``row_length``, from exactly one of
+    ``sparsity`` and ``k`` (check_amount), with k in (0, row_length): (sparsity, 0), or
+    (unused, k). k goes to the ops as is (they resolve 1 - k/d themselves), so that a graph
+    traced with a symbolic row length d (and k, say d // 8) does not specialize on d."""
+    s, keep = check_amount(name, sparsity, k)
+    if keep is None:
+        assert s is not None
+        return s, 0
+    if not 0 < keep < row_length:
+        raise ValueError(f"fastloss.{name}: 'k' must be in (0, {row_length}) for rows of length "
+                         f"{row_length}, got {keep}")
+    return 0.0, keep
 
 
 def effective_sparsity(sparsity: float, k: int, row_length: int) -> float:
     """The sparsity an op call with (sparsity, k) uses on rows of ``row_length``."""
     return 1.0 - k / row_length if k else sparsity
-
-
-def check_dim(name: str, dim) -> int:
-    """dim's type (its range waits for the input)."""
-    if isinstance(dim, bool) or not isinstance(dim, numbers.Integral):
-        raise TypeError(f"fastloss.{name}: 'dim' must be an int, got {type(dim).__name__}")
-    return int(dim)
 
 
 def _row_length(name: str, x: torch.Tensor, dim: int) -> int:
@@ -103,8 +112,7 @@ def stat_topk(
     NaN at the NaN (hard), like the eager formula; other rows are unaffected.
     """
     check_tensor("stat_topk", "x", x)
-    if mode not in _MODES:
-        raise ValueError(f"fastloss.stat_topk: 'mode' must be 'soft' or 'hard', got {mode!r}")
+    check_mode("stat_topk", mode)
     s, keep = op_amount("stat_topk", _row_length("stat_topk", x, dim), sparsity, k)
     return_threshold = check_bool("stat_topk", "return_threshold", return_threshold)
     threshold_grad = check_bool("stat_topk", "threshold_grad", threshold_grad)
