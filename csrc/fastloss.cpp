@@ -11,6 +11,7 @@
 
 #include "cpu/gemm_bf16.h"
 #include "cpu/isa.h"
+#include "cpu/log_bessel_packs.h"
 
 TORCH_LIBRARY(fastloss, m) {
   const std::vector<at::Tag> tags = {at::Tag::pt2_compliant_tag};
@@ -136,10 +137,6 @@ TORCH_LIBRARY(fastloss, m) {
 }
 
 namespace py = pybind11;
-
-namespace fastloss::cpu {
-const char* log_bessel_cpu_path();  // cpu/log_bessel.cpp
-}  // namespace fastloss::cpu
 
 namespace {
 

@@ -22,7 +22,7 @@ struct LinearCrossEntropyArgs {
   c10::ScalarType acc;  // float32, or float64 for float64 inputs
 };
 
-inline void check_same_device(const char* op, const char* arg, const at::Tensor& t, const at::Tensor& hidden) {
+inline void check_on_hidden_device(const char* op, const char* arg, const at::Tensor& t, const at::Tensor& hidden) {
   TORCH_CHECK(t.device() == hidden.device(), "fastloss.", op, ": '", arg, "' must be on the device of 'hidden' (",
               hidden.device(), "), got ", t.device());
 }
@@ -41,19 +41,19 @@ inline LinearCrossEntropyArgs linear_cross_entropy_args(const char* op, const at
   TORCH_CHECK(classifier.scalar_type() == hidden.scalar_type(), "fastloss.", op,
               ": 'classifier' must have the dtype of 'hidden' (", hidden.scalar_type(), "), got ",
               classifier.scalar_type());
-  check_same_device(op, "classifier", classifier, hidden);
+  check_on_hidden_device(op, "classifier", classifier, hidden);
   TORCH_CHECK(targets.scalar_type() == c10::kLong || targets.scalar_type() == c10::kInt, "fastloss.", op,
               ": 'targets' must be an int64 or int32 tensor, got ", targets.scalar_type());
   TORCH_CHECK(targets.dim() == 1 && targets.size(0) == hidden.size(0), "fastloss.", op,
               ": 'targets' must have shape (", hidden.size(0), ") (one per row of 'hidden'), got ", targets.sizes());
-  check_same_device(op, "targets", targets, hidden);
+  check_on_hidden_device(op, "targets", targets, hidden);
   const int64_t vocab = classifier.size(0);
   if (bias.has_value() && bias->defined()) {
     TORCH_CHECK(bias->dim() == 1 && bias->size(0) == vocab, "fastloss.", op, ": 'bias' must have shape (", vocab,
                 ") (one per row of 'classifier'), got ", bias->sizes());
     TORCH_CHECK(bias->scalar_type() == hidden.scalar_type(), "fastloss.", op,
                 ": 'bias' must have the dtype of 'hidden' (", hidden.scalar_type(), "), got ", bias->scalar_type());
-    check_same_device(op, "bias", *bias, hidden);
+    check_on_hidden_device(op, "bias", *bias, hidden);
   }
   TORCH_CHECK(std::isfinite(softcap) && softcap >= 0.0, "fastloss.", op,
               ": 'softcap' must be a finite value > 0 (or 0 for no cap), got ", softcap);
@@ -91,7 +91,7 @@ inline void check_token_vector(const char* op, const char* arg, const at::Tensor
   TORCH_CHECK(t.dim() == 1 && t.size(0) == args.tokens && t.scalar_type() == args.acc, "fastloss.", op, ": '", arg,
               "' must be a ", args.acc, " tensor of shape (", args.tokens, "), got ", t.scalar_type(), " of shape ",
               t.sizes());
-  check_same_device(op, arg, t, hidden);
+  check_on_hidden_device(op, arg, t, hidden);
 }
 
 inline LinearCrossEntropyArgs linear_cross_entropy_backward_args(

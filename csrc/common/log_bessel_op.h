@@ -31,8 +31,7 @@ inline LogBesselArgs log_bessel_args(const char* op, const at::Tensor& v, const 
   TORCH_CHECK(v.scalar_type() == x.scalar_type(), "fastloss.", op,
               ": expected 'v' and 'x' to have the same dtype, got ", v.scalar_type(), " and ",
               x.scalar_type());
-  TORCH_CHECK(v.device() == x.device(), "fastloss.", op,
-              ": expected 'v' and 'x' on the same device, got ", v.device(), " and ", x.device());
+  check_same_device(op, "v", v, "x", x);
   const int64_t ndim = std::max(v.dim(), x.dim());
   std::vector<int64_t> shape(ndim, 1);
   for (int64_t i = 0; i < ndim; ++i) {

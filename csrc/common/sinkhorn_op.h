@@ -86,8 +86,7 @@ inline SinkhornKdShape sinkhorn_kd_args(const at::Tensor& student, const at::Ten
               student.sizes());
   TORCH_CHECK(teacher.sizes() == student.sizes(), "fastloss.sinkhorn_kd_loss: expected 'teacher_logits' to have the shape of ",
               "'student_logits' ", student.sizes(), ", got ", teacher.sizes());
-  TORCH_CHECK(teacher.device() == student.device(), "fastloss.sinkhorn_kd_loss: expected 'student_logits' and ",
-              "'teacher_logits' on the same device, got ", student.device(), " and ", teacher.device());
+  check_same_device("sinkhorn_kd_loss", "teacher_logits", teacher, "student_logits", student);
   TORCH_CHECK(student.size(1) > 0 || student.size(0) == 0,
               "fastloss.sinkhorn_kd_loss: expected at least one class, got 'student_logits' of shape ", student.sizes());
   TORCH_CHECK(std::isfinite(temperature) && temperature > 0,

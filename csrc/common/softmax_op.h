@@ -39,15 +39,7 @@ inline RowLayout softmax_backward_args(const char* op, const at::Tensor& grad_ou
                                        c10::ScalarType input_dtype) {
   check_floating(op, "grad_output", grad_output);
   check_floating(op, "output", output);
-  TORCH_CHECK(grad_output.sizes() == output.sizes(), "fastloss.", op,
-              ": 'grad_output' must have the shape of 'output' ", output.sizes(), ", got ",
-              grad_output.sizes());
-  TORCH_CHECK(grad_output.scalar_type() == output.scalar_type(), "fastloss.", op,
-              ": 'grad_output' must have the dtype of 'output' (", output.scalar_type(),
-              "), got ", grad_output.scalar_type());
-  TORCH_CHECK(grad_output.device() == output.device(), "fastloss.", op,
-              ": 'grad_output' and 'output' must be on the same device, got ",
-              grad_output.device(), " and ", output.device());
+  check_like(op, "grad_output", grad_output, "output", output);
   const auto out = output.scalar_type();
   TORCH_CHECK(input_dtype == out ||
                   (out == c10::kFloat && (input_dtype == c10::kHalf || input_dtype == c10::kBFloat16)),

@@ -45,24 +45,12 @@ inline StatTopKArgs stat_topk_forward_args(const char* op, const char* arg, cons
   return {layout, stat, shape, stat_topk_quantile(op, sparsity, k, layout.size)};
 }
 
-inline void check_like(const char* op, const char* arg, const at::Tensor& t, const char* ref_arg,
-                       const at::Tensor& ref) {
-  TORCH_CHECK(t.sizes() == ref.sizes(), "fastloss.", op, ": '", arg, "' must have the shape of '",
-              ref_arg, "' ", ref.sizes(), ", got ", t.sizes());
-  TORCH_CHECK(t.scalar_type() == ref.scalar_type(), "fastloss.", op, ": '", arg,
-              "' must have the dtype of '", ref_arg, "' (", ref.scalar_type(), "), got ",
-              t.scalar_type());
-  TORCH_CHECK(t.device() == ref.device(), "fastloss.", op, ": '", arg, "' and '", ref_arg,
-              "' must be on the same device, got ", t.device(), " and ", ref.device());
-}
-
 inline void check_stat(const char* op, const char* arg, const at::Tensor& t,
-                       const StatTopKArgs& args, const at::Tensor& x) {
+                       const StatTopKArgs& args, const char* x_arg, const at::Tensor& x) {
   TORCH_CHECK(t.sizes() == at::IntArrayRef(args.stat_shape) && t.scalar_type() == args.stat_dtype,
               "fastloss.", op, ": '", arg, "' must be a ", args.stat_dtype, " tensor of shape ",
               at::IntArrayRef(args.stat_shape), ", got ", t.scalar_type(), " of shape ", t.sizes());
-  TORCH_CHECK(t.device() == x.device(), "fastloss.", op, ": '", arg,
-              "' must be on the input's device ", x.device(), ", got ", t.device());
+  check_same_device(op, arg, t, x_arg, x);
 }
 
 // stat_topk_backward: grad_y like x; theta, mean, std and (optional) grad_theta per row.
@@ -73,10 +61,10 @@ inline StatTopKArgs stat_topk_backward_args(const char* op, const at::Tensor& gr
                                             int64_t dim, double sparsity, int64_t k) {
   StatTopKArgs args = stat_topk_forward_args(op, "x", x, dim, sparsity, k);
   check_like(op, "grad_y", grad_y, "x", x);
-  check_stat(op, "theta", theta, args, x);
-  check_stat(op, "mean", mean, args, x);
-  check_stat(op, "std", std, args, x);
-  if (grad_theta.has_value() && grad_theta->defined()) check_stat(op, "grad_theta", *grad_theta, args, x);
+  check_stat(op, "theta", theta, args, "x", x);
+  check_stat(op, "mean", mean, args, "x", x);
+  check_stat(op, "std", std, args, "x", x);
+  if (grad_theta.has_value() && grad_theta->defined()) check_stat(op, "grad_theta", *grad_theta, args, "x", x);
   return args;
 }
 
@@ -94,9 +82,9 @@ inline StatTopKArgs gelu_mul_backward_args(const char* op, const at::Tensor& gra
                                            const at::Tensor& std, double sparsity, int64_t k) {
   StatTopKArgs args = gelu_mul_args(op, gate, up, sparsity, k);
   check_like(op, "grad_out", grad_out, "gate", gate);
-  check_stat(op, "theta", theta, args, gate);
-  check_stat(op, "mean", mean, args, gate);
-  check_stat(op, "std", std, args, gate);
+  check_stat(op, "theta", theta, args, "gate", gate);
+  check_stat(op, "mean", mean, args, "gate", gate);
+  check_stat(op, "std", std, args, "gate", gate);
   return args;
 }
 

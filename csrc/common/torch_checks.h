@@ -19,6 +19,23 @@ inline void check_floating(const char* op, const char* arg, const at::Tensor& t)
               "' to be a float32, float64, float16 or bfloat16 tensor, got ", t.scalar_type());
 }
 
+inline void check_same_device(const char* op, const char* arg, const at::Tensor& t, const char* ref_arg,
+                              const at::Tensor& ref) {
+  TORCH_CHECK(t.device() == ref.device(), "fastloss.", op, ": '", arg, "' and '", ref_arg,
+              "' must be on the same device, got ", t.device(), " and ", ref.device());
+}
+
+// t has ref's shape, dtype and device.
+inline void check_like(const char* op, const char* arg, const at::Tensor& t, const char* ref_arg,
+                       const at::Tensor& ref) {
+  TORCH_CHECK(t.sizes() == ref.sizes(), "fastloss.", op, ": '", arg, "' must have the shape of '",
+              ref_arg, "' ", ref.sizes(), ", got ", t.sizes());
+  TORCH_CHECK(t.scalar_type() == ref.scalar_type(), "fastloss.", op, ": '", arg,
+              "' must have the dtype of '", ref_arg, "' (", ref.scalar_type(), "), got ",
+              t.scalar_type());
+  check_same_device(op, arg, t, ref_arg, ref);
+}
+
 inline int64_t wrap_dim(const char* op, int64_t dim, int64_t ndim) {
   const int64_t rank = ndim == 0 ? 1 : ndim;  // a 0-d tensor behaves as one element along dim 0
   TORCH_CHECK_INDEX(dim >= -rank && dim < rank, "fastloss.", op, ": 'dim' out of range: expected ",

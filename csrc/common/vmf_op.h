@@ -34,8 +34,7 @@ inline void vmf_check_sample_args(const at::Tensor& w, const at::Tensor& kappa, 
                     w.sizes(), " and ", kappa.sizes());
   TORCH_CHECK_VALUE(w.scalar_type() == kappa.scalar_type(), "fastloss.", op,
                     ": expected 'w' and 'kappa' of one dtype, got ", w.scalar_type(), " and ", kappa.scalar_type());
-  TORCH_CHECK(w.device() == kappa.device(), "fastloss.", op, ": expected 'w' and 'kappa' on one device, got ",
-              w.device(), " and ", kappa.device());
+  check_same_device(op, "w", w, "kappa", kappa);
 }
 
 inline void vmf_check_iterations(int64_t iterations) {

@@ -11,6 +11,10 @@
 
 namespace fastloss::cpu {
 constexpr int kLogBesselBlock = 256;  // elements per call of the value loops
+
+// The path the CPU log-Bessel values take on this machine, for the build information
+// (defined in cpu/log_bessel.cpp).
+const char* log_bessel_cpu_path();
 }  // namespace fastloss::cpu
 
 // Defined by CMake where the units are built (x86-64 GCC / Clang that take -march=x86-64-v4).
