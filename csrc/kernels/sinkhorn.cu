@@ -45,15 +45,22 @@ constexpr size_t kMaxSmemBytes = 160 * 1024;
 // Problems of at most this many entries always take the block path.
 constexpr int64_t kBlockPathMaxEntries = 1 << 16;
 
+// The maximum as the CPU takes it (fl_max, common/exp_pair.h). Unlike MaxOp's fmax it does not
+// ignore NaN in every position, so lanes may disagree where a NaN took part: the callers'
+// sums over the same values turn NaN in every lane, or exclude NaN before.
+struct FlMaxOp {
+  template <typename T>
+  __device__ __forceinline__ T operator()(T a, T b) const {
+    return fl_max(a, b);
+  }
+};
 template <typename T>
 __device__ __forceinline__ T warp_sum(T v) {
-  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(kFullMask, v, o);
-  return v;
+  return warp_allreduce(v, SumOp{}, 32);
 }
 template <typename T>
 __device__ __forceinline__ T warp_max(T v) {
-  for (int o = 16; o > 0; o >>= 1) v = fl_max(v, __shfl_xor_sync(kFullMask, v, o));
-  return v;
+  return warp_allreduce(v, FlMaxOp{}, 32);
 }
 
 // Sum over the block; every thread gets the same bits (device_utils' block_allreduce, whose
