@@ -1275,6 +1275,8 @@ HF_FAMILIES = {
 def tiny_causal_lm(family, vocab=600):
     transformers = pytest.importorskip("transformers")
     config_name, model_name, extra = HF_FAMILIES[family]
+    if not hasattr(transformers, config_name):
+        pytest.skip(f"transformers {transformers.__version__} has no {config_name}")
     config = getattr(transformers, config_name)(
         vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
         num_key_value_heads=1, max_position_embeddings=64, **extra)

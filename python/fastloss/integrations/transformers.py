@@ -22,10 +22,11 @@ quantile and float32 statistics, so in bfloat16 the two differ by bfloat16 round
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import inspect
 import warnings
 import weakref
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 
@@ -151,14 +152,29 @@ def _head_is_plain_linear(head) -> bool:
             and "forward" not in vars(head))
 
 
+def _look_up(module: str, name: str):
+    try:
+        return getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError):
+        return None
+
+
+# transformers functions the patched forward calls, None where the installed transformers lacks
+# them. Looked up here, not in the forward: under torch.compile(fullgraph=True) a failed import
+# inside the forward is an error (slice_logits_to_keep arrived in transformers 5.21; before
+# loss_function, the loss was inline).
+_slice_logits_to_keep: Optional[Callable[..., torch.Tensor]] = _look_up("transformers.modeling_utils",
+                                                                         "slice_logits_to_keep")
+_for_causal_lm_loss: Optional[Callable[..., torch.Tensor]] = _look_up("transformers.loss.loss_utils",
+                                                                       "ForCausalLMLoss")
+
+
 def _uses_causal_lm_loss(model) -> bool:
     """Whether the model's loss is transformers' ForCausalLMLoss, which the patch reproduces (a
     loss_function assigned by the user, or another config.loss_type, runs unchanged)."""
-    try:
-        from transformers.loss.loss_utils import ForCausalLMLoss
-    except ImportError:  # a transformers from before loss_function: the loss is inline
+    if _for_causal_lm_loss is None:
         return True
-    return getattr(model, "loss_function", ForCausalLMLoss) is ForCausalLMLoss
+    return getattr(model, "loss_function", _for_causal_lm_loss) is _for_causal_lm_loss
 
 
 def _keep_positions(hidden: torch.Tensor, logits_to_keep) -> torch.Tensor:
@@ -166,12 +182,10 @@ def _keep_positions(hidden: torch.Tensor, logits_to_keep) -> torch.Tensor:
     keeps the last ``logits_to_keep`` (0: all), a 1-D tensor these positions, and (where the
     installed transformers has slice_logits_to_keep) a 2-D integer tensor per-sequence positions
     or a 2-D boolean mask the True positions, flattened."""
-    try:
-        from transformers.modeling_utils import slice_logits_to_keep
-    except ImportError:
+    if _slice_logits_to_keep is None:
         keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
         return hidden[:, keep, :]
-    return slice_logits_to_keep(hidden, logits_to_keep)
+    return _slice_logits_to_keep(hidden, logits_to_keep)
 
 
 def _call_arguments(signature: inspect.Signature, args, kwargs) -> dict:
