@@ -4,6 +4,7 @@ formula), the normal quantile against mpmath, gradients, opcheck, torch.compile,
 import math
 
 import mpmath
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -726,6 +727,15 @@ def test_torch_compile_fullgraph(device):
     x2 = x.detach().clone().requires_grad_()
     (dx_eager,) = torch.autograd.grad(f(x2, up), x2)
     torch.testing.assert_close(dx, dx_eager)
+
+
+@pytest.mark.parametrize("dim", [np.int64(0), torch.tensor(0)], ids=["numpy", "tensor"])
+def test_torch_compile_dim_given_as_another_integer(dim):
+    """The op takes a Python int: a NumPy integer (or a 0-d integer tensor) passed on as given
+    reached it as a tensor under torch.compile."""
+    x = random_rows((40, 8), torch.float32, "cpu")
+    compiled = torch.compile(lambda t: fastloss.stat_topk(t, k=4, dim=dim), fullgraph=True, backend="eager")
+    torch.testing.assert_close(compiled(x), fastloss.stat_topk(x, k=4, dim=0))
 
 
 def test_nn_module(device):

@@ -63,7 +63,7 @@ def effective_sparsity(sparsity: float, k: int, row_length: int) -> float:
 
 
 def _row_length(name: str, x: torch.Tensor, dim: int) -> int:
-    wrapped = wrap_dim(name, check_dim(name, dim), x.dim())
+    wrapped = wrap_dim(name, dim, x.dim())
     return x.shape[wrapped] if x.dim() > 0 else 1
 
 
@@ -113,6 +113,7 @@ def stat_topk(
     """
     check_tensor("stat_topk", "x", x)
     check_mode("stat_topk", mode)
+    dim = check_dim("stat_topk", dim)  # a Python int: under torch.compile a NumPy one reached the op as a tensor
     s, keep = op_amount("stat_topk", _row_length("stat_topk", x, dim), sparsity, k)
     return_threshold = check_bool("stat_topk", "return_threshold", return_threshold)
     threshold_grad = check_bool("stat_topk", "threshold_grad", threshold_grad)
