@@ -483,9 +483,9 @@ struct L1DistFunction : torch::autograd::Function<L1DistFunction> {
 // The SinKD loss from the two softmaxes, exactly as its authors compute it, with
 // differentiable ATen ops: the create_graph=True path. The kernel is shifted as in the fused
 // kernels (sinkhorn_kd_kernel): the loss does not depend on the shifts when n_iter >= 1, so
-// derivatives of every order ignore them (detached). The first row normalization divides by the row sums of the unshifted
-// kernel, K'' y_0 with y_0 = exp(-c / eps); the column factor y_0 itself is left out, as the
-// column normalization that follows cancels it. The normalizations run in float64, as the
+// derivatives of every order ignore them (detached). The first row normalization divides by
+// the row sums of the unshifted kernel, K'' y_0 with y_0 = exp(-c / eps); the column factor
+// y_0 itself is left out, as the column normalization that follows cancels it. The normalizations run in float64, as the
 // fused kernels' do wherever float32's range is too narrow for them (cpu/sinkhorn.cpp,
 // kd_kernel_fits_float).
 at::Tensor sinkhorn_kd_eager(const at::Tensor& ps, const at::Tensor& pt, double eps, int64_t n_iter, double scale) {

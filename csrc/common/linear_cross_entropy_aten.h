@@ -1,13 +1,13 @@
 // Cut cross-entropy built from ATen ops, for any device: the CUDA registration's path wherever
-// its tensor-core kernels do not apply (float32 and float64, a hidden size that is not a
-// multiple of 8, GPUs before sm_80, the deterministic backward). The same blocked algorithm as the CPU kernels:
-// for each block of kBlock vocabulary rows, one matmul gives the (N x block) logits in the
-// accumulation type (float32, float64 for float64), and elementwise/row-reduction ops merge
-// the block into an online LSE (forward) or turn it into the logit gradient for
-// dE += dZ C_block and dC_block = dZ^T E (backward). Memory: O(N x block); the N x V logits
-// never exist. Ignored tokens are masked (no nonzero(), so no host synchronization), out-of-
-// range targets are caught by an asynchronous device-side assert, and there is no gradient
-// filtering (deciding to skip a block would need a host synchronization).
+// its tensor-core kernels do not apply (float32 and float64, a hidden size that is not a multiple
+// of 8, GPUs before sm_80, the deterministic backward). The same blocked algorithm as the CPU
+// kernels: for each block of kBlock vocabulary rows, one matmul gives the (N x block) logits in
+// the accumulation type (float32, float64 for float64), and elementwise/row-reduction ops merge
+// the block into an online LSE (forward) or turn it into the logit gradient for dE += dZ C_block
+// and dC_block = dZ^T E (backward). Memory: O(N x block); the N x V logits never exist. Ignored
+// tokens are masked (no nonzero(), so no host synchronization), out-of-range targets are caught
+// by an asynchronous device-side assert, and there is no gradient filtering (deciding to skip a
+// block would need a host synchronization).
 #pragma once
 
 #include <ATen/ATen.h>

@@ -14,13 +14,13 @@ namespace fastloss {
 
 // SinKD's kernel: exp(-W / eps), shifted when there are normalizations (n_iter > 0) by each
 // row's and then each column's smallest cost, K = exp(-((W - r) - c) / eps), with the first
-// column scaling y_0 = exp(-c / eps) written to *y0 if given. The iterates and gradients are
+// column scaling y_0 = exp(-c / eps) written to *y0 if given (and n_iter > 0). The iterates and gradients are
 // those of the unshifted kernel, and rows or columns whose every exp(-W / eps) underflows stay
 // finite. The shifts are constants to autograd (the loss does not depend on them).
 inline at::Tensor sinkhorn_kd_kernel(const at::Tensor& W, double eps, int64_t n_iter, at::Tensor* y0 = nullptr) {
   // (An empty batch has no minima to shift by.)
   if (n_iter == 0 || W.numel() == 0) {
-    if (y0 != nullptr) *y0 = at::ones({W.size(1)}, W.options());
+    if (y0 != nullptr && n_iter > 0) *y0 = at::ones({W.size(1)}, W.options());
     return at::exp(W * (-1.0 / eps));
   }
   const at::Tensor rows = W - W.detach().amin(1, true);

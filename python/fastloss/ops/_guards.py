@@ -64,7 +64,8 @@ def check_dim(op: str, dim) -> int:
     """A dimension argument as torch takes one: any integer, a 0-d integer tensor included
     (through __index__), but not a bool. Its range waits for the input (wrap_dim)."""
     try:
-        if isinstance(dim, (bool, np.bool_)) or (isinstance(dim, torch.Tensor) and (dim.dim() != 0 or dim.dtype == torch.bool)):
+        bad_tensor = isinstance(dim, torch.Tensor) and (dim.dim() != 0 or dim.dtype == torch.bool)
+        if isinstance(dim, (bool, np.bool_)) or bad_tensor:
             raise TypeError
         return operator.index(dim)
     except TypeError:

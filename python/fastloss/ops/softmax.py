@@ -68,14 +68,9 @@ def softmax(input: torch.Tensor, dim: int = -1, dtype: Optional[torch.dtype] = N
 def log_softmax(input: torch.Tensor, dim: int = -1, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
     """Log-softmax over ``dim``, with the semantics of :func:`torch.log_softmax`.
 
-    The same two-pass algorithm as :func:`softmax`; the result is ``x - log(sum exp(x))``
-    computed from the (mantissa, exponent) sum, so it never overflows and needs no max pass.
-
-    Args:
-        input: a float32, float64, float16 or bfloat16 tensor (any shape, any strides).
-        dim: the dimension to normalize over.
-        dtype: if given, the input is cast to it first; float16/bfloat16 input with
-            ``dtype=torch.float32`` is read in half precision and written in float32.
+    The same two-pass algorithm and arguments as :func:`softmax`; the result is
+    ``x - log(sum exp(x))`` computed from the (mantissa, exponent) sum, so it never overflows
+    and needs no max pass.
     """
     return _dispatch(_LOG_SOFTMAX, _C.log_softmax, "log_softmax", input, dim, dtype)
 
