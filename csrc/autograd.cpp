@@ -25,6 +25,7 @@
 #include <utility>
 
 #include "common/sinkhorn_kd_aten.h"
+#include "common/torch_checks.h"
 #include "cpu/backward_in_place.h"
 
 namespace fastloss {
@@ -719,7 +720,7 @@ struct LinearCrossEntropyFunction : torch::autograd::Function<LinearCrossEntropy
     at::AutoDispatchBelowADInplaceOrView below_autograd;
     auto [loss, lse] = op.call(hidden, classifier, targets, bias, ignore_index, softcap, label_smoothing, z_loss,
                                filter_eps, deterministic);
-    const bool has_bias = bias.has_value() && bias->defined();
+    const bool has_bias = is_given(bias);
     ctx->save_for_backward({hidden, classifier, targets, has_bias ? *bias : at::Tensor(), lse});
     ctx->saved_data["has_bias"] = has_bias;
     ctx->saved_data["ignore_index"] = ignore_index;

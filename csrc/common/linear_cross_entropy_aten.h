@@ -23,13 +23,11 @@ namespace fastloss::aten_impl {
 
 constexpr int64_t kBlock = 1024;  // O(N x kBlock) float32 temporaries, a few at a time
 
-inline bool defined(const c10::optional<at::Tensor>& t) { return t.has_value() && t->defined(); }
-
 // Raw logits of one block (+ bias), in the accumulation type.
 inline at::Tensor block_logits(const at::Tensor& e, const at::Tensor& classifier, const c10::optional<at::Tensor>& bias,
                                int64_t v0, int64_t vb, c10::ScalarType acc) {
   at::Tensor z = at::mm(e, classifier.narrow(0, v0, vb).to(acc).t());
-  if (defined(bias)) z.add_(bias->narrow(0, v0, vb).to(acc));
+  if (is_given(bias)) z.add_(bias->narrow(0, v0, vb).to(acc));
   return z;
 }
 
@@ -118,19 +116,19 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(
   const auto options = hidden.options().dtype(args.acc);
   const at::Tensor targets = targets_in.to(at::kLong);
   const at::Tensor active = targets.ne(ignore_index);
-  const bool need_de = output_mask[0], need_dc = output_mask[1], need_db = output_mask[2] && defined(bias);
+  const bool need_de = output_mask[0], need_dc = output_mask[1], need_db = output_mask[2] && is_given(bias);
   // Gradients not asked for are empty tensors.
   at::Tensor de = need_de ? at::zeros({args.tokens, args.dim}, options) : at::empty({0}, hidden.options());
   at::Tensor dc = need_dc ? at::zeros(classifier.sizes(), classifier.options()) : at::empty({0}, classifier.options());
   at::Tensor dbias = need_db ? at::zeros({args.vocab}, bias->options())
-                             : at::empty({0}, defined(bias) ? bias->options() : hidden.options());
+                             : at::empty({0}, is_given(bias) ? bias->options() : hidden.options());
   if (args.tokens == 0 || !(need_de || need_dc || need_db)) return {need_de ? de.to(hidden.scalar_type()) : de, dc, dbias};
   const at::Tensor e = active_hidden(hidden, active, options);
   // d z_j = a p_j - b [j = target] - c per token (common/linear_cross_entropy_math.h).
   const at::Tensor zero = at::zeros({args.tokens}, options);
   const at::Tensor gl = at::where(active, grad_loss, zero);
   at::Tensor a = gl * (lse * (2.0 * z_loss) + 1.0);
-  if (defined(grad_lse)) a = a + at::where(active, *grad_lse, zero);
+  if (is_given(grad_lse)) a = a + at::where(active, *grad_lse, zero);
   const at::Tensor b = gl * (1.0 - label_smoothing);
   const at::Tensor c = gl * (label_smoothing / args.vocab_total);
   const at::Tensor local = targets - args.vocab_start;

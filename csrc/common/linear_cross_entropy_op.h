@@ -48,7 +48,7 @@ inline LinearCrossEntropyArgs linear_cross_entropy_args(const char* op, const at
               ": 'targets' must have shape (", hidden.size(0), ") (one per row of 'hidden'), got ", targets.sizes());
   check_on_hidden_device(op, "targets", targets, hidden);
   const int64_t vocab = classifier.size(0);
-  if (bias.has_value() && bias->defined()) {
+  if (is_given(bias)) {
     TORCH_CHECK(bias->dim() == 1 && bias->size(0) == vocab, "fastloss.", op, ": 'bias' must have shape (", vocab,
                 ") (one per row of 'classifier'), got ", bias->sizes());
     TORCH_CHECK(bias->scalar_type() == hidden.scalar_type(), "fastloss.", op,
@@ -102,7 +102,7 @@ inline LinearCrossEntropyArgs linear_cross_entropy_backward_args(
   const LinearCrossEntropyArgs args = linear_cross_entropy_args(op, hidden, classifier, targets, bias, softcap,
                                                                 label_smoothing, z_loss, vocab_start, vocab_total);
   check_token_vector(op, "grad_loss", grad_loss, args, hidden);
-  if (grad_lse.has_value() && grad_lse->defined()) check_token_vector(op, "grad_lse", *grad_lse, args, hidden);
+  if (is_given(grad_lse)) check_token_vector(op, "grad_lse", *grad_lse, args, hidden);
   check_token_vector(op, "lse", lse, args, hidden);
   check_filter_eps(op, filter_eps);
   return args;

@@ -64,7 +64,7 @@ inline StatTopKArgs stat_topk_backward_args(const char* op, const at::Tensor& gr
   check_stat(op, "theta", theta, args, "x", x);
   check_stat(op, "mean", mean, args, "x", x);
   check_stat(op, "std", std, args, "x", x);
-  if (grad_theta.has_value() && grad_theta->defined()) check_stat(op, "grad_theta", *grad_theta, args, "x", x);
+  if (is_given(grad_theta)) check_stat(op, "grad_theta", *grad_theta, args, "x", x);
   return args;
 }
 

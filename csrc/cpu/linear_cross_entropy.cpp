@@ -1118,7 +1118,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_cross_entropy_backward(
       linear_cross_entropy_backward_args(op, grad_loss_in, grad_lse_in, hidden, classifier, targets, bias, lse_in,
                                          softcap, label_smoothing, z_loss, filter_eps, vocab_start, vocab_total);
   const bool need_de = output_mask[0], need_dc = output_mask[1];
-  const bool need_db = output_mask[2] && bias.has_value() && bias->defined();
+  const bool need_db = output_mask[2] && is_given(bias);
   at::Tensor dc = need_dc ? at::empty(classifier.sizes(), classifier.options()) : at::Tensor();
   // d bias accumulates tile column sums: in the accumulation type.
   at::Tensor dbias_acc = need_db ? at::zeros({args.vocab}, hidden.options().dtype(args.acc)) : at::Tensor();
@@ -1144,7 +1144,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_cross_entropy_backward(
   } else {
     const at::Tensor ea = active_hidden(hidden, a, bf16 ? c10::kBFloat16 : args.acc);
     const at::Tensor grad_loss = grad_loss_in.contiguous(), lse_t = lse_in.contiguous();
-    const bool has_grad_lse = grad_lse_in.has_value() && grad_lse_in->defined();
+    const bool has_grad_lse = is_given(grad_lse_in);
     const at::Tensor grad_lse = has_grad_lse ? grad_lse_in->contiguous() : at::Tensor();
     auto run = [&](auto zero) {
       using acc_t = decltype(zero);
@@ -1180,7 +1180,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_cross_entropy_backward(
   if (!need_de) de = at::empty({0}, hidden.options());
   if (!need_dc) dc = at::empty({0}, classifier.options());
   at::Tensor dbias = need_db ? dbias_acc.to(bias->scalar_type())
-                             : at::empty({0}, bias.has_value() && bias->defined() ? bias->options() : hidden.options());
+                             : at::empty({0}, is_given(bias) ? bias->options() : hidden.options());
   return {de, dc, dbias};
 }
 

@@ -505,7 +505,7 @@ void stat_topk_backward_into(const at::Tensor& dx, const at::Tensor& grad_y,
   const RowLayout& l = args.layout;
   const at::Tensor x = input.contiguous(), g = grad_y.contiguous();
   const at::Tensor theta = theta_in.contiguous(), mean = mean_in.contiguous(), sd = std_in.contiguous();
-  const bool has_gt = grad_theta.has_value() && grad_theta->defined();
+  const bool has_gt = is_given(grad_theta);
   const at::Tensor gt = has_gt ? grad_theta->contiguous() : at::Tensor();
 #define FASTLOSS_CASE(SUFFIX, T)                                                                         \
   {                                                                                                      \

@@ -67,7 +67,7 @@ kernels::LinearCrossEntropyInputs kernel_inputs(const char* op, const at::Tensor
                                                 const at::Tensor& targets, const c10::optional<at::Tensor>& bias,
                                                 int64_t ignore_index, double softcap, double label_smoothing,
                                                 double z_loss, const LinearCrossEntropyArgs& args) {
-  const bool has_bias = aten_impl::defined(bias);
+  const bool has_bias = is_given(bias);
   kernels::LinearCrossEntropyInputs a{};
   a.dtype = kernel_dtype(h.scalar_type());
   a.hidden = h.const_data_ptr();
@@ -143,7 +143,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> kernel_backward(
     const at::Tensor& lse, int64_t ignore_index, double softcap, double label_smoothing, double z_loss,
     double filter_eps, std::array<bool, 3> output_mask, const LinearCrossEntropyArgs& args) {
   check_targets(op, targets, ignore_index, args);
-  const bool has_bias = aten_impl::defined(bias);
+  const bool has_bias = is_given(bias);
   const bool need_de = output_mask[0], need_dc = output_mask[1], need_db = output_mask[2] && has_bias;
   const auto f32 = hidden.options().dtype(at::kFloat);
   at::Tensor de = need_de ? at::zeros({args.tokens, args.dim}, f32) : at::Tensor();
@@ -152,7 +152,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> kernel_backward(
   if (need_de || need_dc || need_db) {
     const at::Tensor h = kernel_layout(hidden), c = kernel_layout(classifier);
     const at::Tensor gl = grad_loss.contiguous(), l = lse.contiguous();
-    const at::Tensor gs = aten_impl::defined(grad_lse) ? grad_lse->contiguous() : at::Tensor();
+    const at::Tensor gs = is_given(grad_lse) ? grad_lse->contiguous() : at::Tensor();
     const int64_t chunk = need_dc ? classifier_chunk_rows(args.tokens, args.vocab, args.dim) : args.vocab;
     at::Tensor dc_acc = need_dc ? at::empty({chunk, args.dim}, f32) : at::Tensor();
     for (int64_t v0 = 0; v0 < args.vocab; v0 += chunk) {

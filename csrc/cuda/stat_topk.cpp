@@ -51,7 +51,7 @@ at::Tensor stat_topk_backward(const at::Tensor& grad_y, const c10::optional<at::
   if (dx.numel() == 0) return dx;
   const at::Tensor x = input.contiguous(), g = grad_y.contiguous();
   const at::Tensor theta = theta_in.contiguous(), mean = mean_in.contiguous(), sd = std_in.contiguous();
-  const bool has_gt = grad_theta.has_value() && grad_theta->defined();
+  const bool has_gt = is_given(grad_theta);
   const at::Tensor gt = has_gt ? grad_theta->contiguous() : at::Tensor();
   const RowLayout& l = args.layout;
   const DType dtype = kernel_dtype(input.scalar_type());

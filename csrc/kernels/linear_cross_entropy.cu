@@ -145,6 +145,40 @@ __device__ __forceinline__ void load_stage(T* stage, const StatsParams<T>& p, in
   }
 }
 
+// acc += the stage's hidden slice (sa, kBM x kBK) times the classifier slice (sb, kBN x kBK)
+// transposed, for this warp's kWarpRows x kWarpCols part of the tile: the logits' main loop,
+// shared by the forward and the backward's recomputation. (Each lane's two base addresses are
+// formed once: indexing from sa and sb in the loop made ptxas spill in the backward, sm_90.)
+template <typename T>
+__device__ __forceinline__ void accumulate_logits(float (&acc)[kMTiles][kNTiles][4], const T* sa, const T* sb,
+                                                  int warp_m, int warp_n, int lane) {
+  // A: matrices 0..3 are rows +0..7 / +8..15 (lane % 16) x columns kk / kk + 8 (lane / 16).
+  const T* a_lane = sa + (warp_m * kWarpRows + lane % 16) * kPitch + (lane / 16) * 8;
+  // B: matrices 0..3 are (n tile 2nj, k kk), (2nj, kk + 8), (2nj + 1, kk), (2nj + 1, kk + 8);
+  // classifier rows are B's columns, so the untransposed load gives b0 / b1 directly.
+  const T* b_lane = sb + (warp_n * kWarpCols + lane % 8 + (lane / 16) * 8) * kPitch + ((lane / 8) % 2) * 8;
+#pragma unroll
+  for (int kk = 0; kk < kBK; kk += 16) {
+    uint32_t af[kMTiles][4];
+    uint32_t bfrag[kNTiles][2];
+#pragma unroll
+    for (int mi = 0; mi < kMTiles; ++mi) ldmatrix_x4(af[mi], a_lane + mi * 16 * kPitch + kk);
+#pragma unroll
+    for (int nj = 0; nj < kNTiles / 2; ++nj) {
+      uint32_t r[4];
+      ldmatrix_x4(r, b_lane + nj * 16 * kPitch + kk);
+      bfrag[2 * nj][0] = r[0];
+      bfrag[2 * nj][1] = r[1];
+      bfrag[2 * nj + 1][0] = r[2];
+      bfrag[2 * nj + 1][1] = r[3];
+    }
+#pragma unroll
+    for (int mi = 0; mi < kMTiles; ++mi)
+#pragma unroll
+      for (int ni = 0; ni < kNTiles; ++ni) mma_16816<T>(acc[mi][ni], af[mi], bfrag[ni]);
+  }
+}
+
 template <typename T>
 __global__ void __launch_bounds__(kThreads, 2) lce_stats_kernel(const StatsParams<T> p) {
   extern __shared__ __align__(16) unsigned char smem_raw[];
@@ -216,32 +250,7 @@ __global__ void __launch_bounds__(kThreads, 2) lce_stats_kernel(const StatsParam
 
     const T* sa = smem + stage * kStageElems;
     const T* sb = sa + kBM * kPitch;
-#pragma unroll
-    for (int kk = 0; kk < kBK; kk += 16) {
-      uint32_t af[kMTiles][4];
-      uint32_t bfrag[kNTiles][2];
-#pragma unroll
-      for (int mi = 0; mi < kMTiles; ++mi) {
-        // Matrices 0..3: rows +0..7 / +8..15 (lane % 16) x columns kk / kk + 8 (lane / 16).
-        ldmatrix_x4(af[mi], sa + (warp_m * kWarpRows + mi * 16 + lane % 16) * kPitch + kk + (lane / 16) * 8);
-      }
-#pragma unroll
-      for (int nj = 0; nj < kNTiles / 2; ++nj) {
-        // Matrices 0..3: (n tile 2nj, k kk), (2nj, kk + 8), (2nj + 1, kk), (2nj + 1, kk + 8);
-        // classifier rows are B's columns, so the untransposed load gives b0 / b1 directly.
-        uint32_t r[4];
-        ldmatrix_x4(r, sb + (warp_n * kWarpCols + nj * 16 + lane % 8 + (lane / 16) * 8) * kPitch + kk +
-                           ((lane / 8) % 2) * 8);
-        bfrag[2 * nj][0] = r[0];
-        bfrag[2 * nj][1] = r[1];
-        bfrag[2 * nj + 1][0] = r[2];
-        bfrag[2 * nj + 1][1] = r[3];
-      }
-#pragma unroll
-      for (int mi = 0; mi < kMTiles; ++mi)
-#pragma unroll
-        for (int ni = 0; ni < kNTiles; ++ni) mma_16816<T>(acc[mi][ni], af[mi], bfrag[ni]);
-    }
+    accumulate_logits(acc, sa, sb, warp_m, warp_n, lane);
     stage = stage + 1 == kStages ? 0 : stage + 1;
     if (++k_tile < k_tiles) continue;
 
@@ -507,28 +516,7 @@ __global__ void __launch_bounds__(kThreads, kGradMinBlocks) lce_grad_kernel(cons
 #pragma unroll
             for (int e = 0; e < 4; ++e) acc[mi][ni][e] = 0.f;
       }
-#pragma unroll
-      for (int kk = 0; kk < kBK; kk += 16) {
-        uint32_t af[kMTiles][4];
-        uint32_t bfrag[kNTiles][2];
-#pragma unroll
-        for (int mi = 0; mi < kMTiles; ++mi)
-          ldmatrix_x4(af[mi], sa + (warp_m * kWarpRows + mi * 16 + lane % 16) * kPitch + kk + (lane / 16) * 8);
-#pragma unroll
-        for (int nj = 0; nj < kNTiles / 2; ++nj) {
-          uint32_t r[4];
-          ldmatrix_x4(r, sb + (warp_n * kWarpCols + nj * 16 + lane % 8 + (lane / 16) * 8) * kPitch + kk +
-                             ((lane / 8) % 2) * 8);
-          bfrag[2 * nj][0] = r[0];
-          bfrag[2 * nj][1] = r[1];
-          bfrag[2 * nj + 1][0] = r[2];
-          bfrag[2 * nj + 1][1] = r[3];
-        }
-#pragma unroll
-        for (int mi = 0; mi < kMTiles; ++mi)
-#pragma unroll
-          for (int ni = 0; ni < kNTiles; ++ni) mma_16816<T>(acc[mi][ni], af[mi], bfrag[ni]);
-      }
+      accumulate_logits(acc, sa, sb, warp_m, warp_n, lane);
       if (step == k_tiles - 1) {
         // ---- Epilogue: dZ = ((a p - c - b [col = target]) chain) for active tokens, 0
         // elsewhere, in place in acc; acc[mi][ni][2 h + e] is row 2 mi + h, column
