@@ -13,7 +13,7 @@ namespace fastloss {
 
 // An optional tensor argument was passed: a value that is a defined tensor (the dispatcher may
 // hand either std::nullopt or an undefined tensor for None).
-inline bool is_given(const std::optional<at::Tensor>& t) { return is_given(t); }
+inline bool is_given(const std::optional<at::Tensor>& t) { return t.has_value() && t->defined(); }
 
 inline bool is_supported_float(c10::ScalarType t) {
   return t == c10::kFloat || t == c10::kDouble || t == c10::kHalf || t == c10::kBFloat16;

@@ -1229,15 +1229,20 @@ bool sinkhorn_kd_normalize_kernel(const it_t* W, const it_t* K, int64_t B, int64
 // and x_bar restarts at 0 (x_{t-1} feeds only y_{t-1}). dL/dK is then
 //   s (x_n y_n^T) o W + sum_t (x_t u_t^T + w_t y_{t-1}^T) = s (x_n y_n^T) o W + Lf Rf^T,
 // a rank-2n product. Fills Lf, Rf (B x 2n).
+// cmin holds one constant per column, subtracted from W in M (the column minima of W): the last
+// normalization makes every column of P sum to 1 whatever K is, so sum(P o W) and
+// sum(P o (W - 1 cmin^T)) have the same derivative through K. The shift keeps the two terms
+// of the cost gradient that cancel (s P o W / eps and K o Lf Rf^T / eps) near the size of the
+// result; unshifted, that cancellation amplified float32's rounding several-fold.
 template <typename acc_t>
-void sinkhorn_kd_sweep(const acc_t* W, const acc_t* K, const acc_t* xs, const acc_t* ys, int64_t B, int64_t n_iter,
-                       acc_t s, acc_t* Lf, acc_t* Rf) {
+void sinkhorn_kd_sweep(const acc_t* W, const acc_t* K, const acc_t* xs, const acc_t* ys, const acc_t* cmin, int64_t B,
+                       int64_t n_iter, acc_t s, acc_t* Lf, acc_t* Rf) {
   const int64_t r = 2 * n_iter;
   const acc_t* xn = xs + n_iter * B;
   const acc_t* yn = ys + n_iter * B;
   std::vector<acc_t> kw(B * B), x_bar(B), y_bar(B), tmp(B), w(B);
   at::parallel_for(0, B * B, kMinTaskWork, [&](int64_t b, int64_t e) {
-    for (int64_t q = b; q < e; ++q) kw[q] = K[q] * W[q];
+    for (int64_t q = b; q < e; ++q) kw[q] = K[q] * (W[q] - cmin[q % B]);
   });
   matvec(kw.data(), yn, x_bar.data(), B);
   matvec_t(kw.data(), xn, y_bar.data(), B);
@@ -1350,12 +1355,21 @@ at::Tensor sinkhorn_kd_cost_grad(const at::Tensor& W, const at::Tensor& K, const
     split(xn[i], &mx[i], &px[i], &sx[i]);
     split(yn[i], &my[i], &py[i], &sy[i]);
   }
+  // The column minima of W (see sinkhorn_kd_sweep); 0 without normalizations, whose P has no
+  // column sums to lean on.
+  std::vector<it_t> cmin(B, it_t(0));
+  if (n_iter > 0) {
+    std::fill(cmin.begin(), cmin.end(), std::numeric_limits<it_t>::infinity());
+    for (int64_t i = 0; i < B; ++i)
+      for (int64_t j = 0; j < B; ++j) cmin[j] = fl_min(cmin[j], w[i * B + j]);
+  }
   at::Tensor G = at::zeros({B, B}, opts);
   if (n_iter > 0) {
     at::Tensor Lf = at::empty({B, 2 * n_iter}, opts), Rf = at::empty({B, 2 * n_iter}, opts);
     it_t* lf = Lf.mutable_data_ptr<it_t>();
     it_t* rf = Rf.mutable_data_ptr<it_t>();
-    sinkhorn_kd_sweep<it_t>(w, k, xs.const_data_ptr<it_t>(), ys.const_data_ptr<it_t>(), B, n_iter, g, lf, rf);
+    sinkhorn_kd_sweep<it_t>(w, k, xs.const_data_ptr<it_t>(), ys.const_data_ptr<it_t>(), cmin.data(), B, n_iter, g, lf,
+                            rf);
     const int64_t r = 2 * n_iter;
     for (int64_t i = 0; i < B; ++i) {
       for (int64_t c = 0; c < r; ++c) {
@@ -1365,14 +1379,15 @@ at::Tensor sinkhorn_kd_cost_grad(const at::Tensor& W, const at::Tensor& K, const
     }
     at::mm_out(G, Lf, Rf.t());
   }
-  // dL/dW = K o (s x y^T (1 - W / eps) - (Lf Rf^T) / eps), in the scaled factors.
+  // dL/dW = K o (s x y^T (1 - (W - cmin) / eps) - (Lf Rf^T) / eps), in the scaled factors.
   it_t* gw = G.mutable_data_ptr<it_t>();
   const it_t lo = float_output ? it_t(std::numeric_limits<float>::min()) : it_t(0);
   at::parallel_for(0, B, grain_for(B), [&](int64_t r0, int64_t r1) {
     for (int64_t i = r0; i < r1; ++i)
       for (int64_t j = 0; j < B; ++j) {
         const int64_t q = i * B + j;
-        const it_t v = k[q] * px[i] * py[j] * (g * mx[i] * my[j] * (it_t(1) - w[q] * inv_eps) - gw[q] * inv_eps);
+        const it_t v =
+            k[q] * px[i] * py[j] * (g * mx[i] * my[j] * (it_t(1) - (w[q] - cmin[j]) * inv_eps) - gw[q] * inv_eps);
         gw[q] = std::abs(v) < lo ? it_t(0) : v;
       }
   });
