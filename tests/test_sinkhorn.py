@@ -877,8 +877,8 @@ def test_sinkd_float32_normalizations_keep_clear_of_subnormals(eps, narrow):
 @pytest.mark.parametrize("T,n_iter,seed", [(1.0, 5, 1), (2.0, 20, 1), (1.0, 20, 2)])
 def test_sinkd_float32_gradients_of_small_batches(device, T, n_iter, seed):
     """Batches of 2 at eps = 0.01: with float32 normalizations the gradients were 1e-5 to 3e-5
-    off (relative), where eager float32's are ~2e-7 off; small batches now normalize in
-    float64 (CPU; CUDA always does)."""
+    off (relative), from the cancellation of test_sinkd_float32_gradient_where_its_terms_cancel;
+    small batches also normalize in float64 (CPU; CUDA always does)."""
     g = torch.Generator().manual_seed(seed)
     zs, zt = ((torch.randn(2, 3, generator=g, dtype=torch.float64) * 3).float() for _ in range(2))
     kw = dict(temperature=T, eps=0.01, n_iter=n_iter, scale=1.0)
@@ -896,10 +896,11 @@ def test_sinkd_float32_gradients_of_small_batches(device, T, n_iter, seed):
                                                               (16, 2.0, False, 0.01, 1, 3e-6),
                                                               (64, 8.0, False, 0.05, 2, 1.5e-6)])
 def test_sinkd_float32_gradient_where_its_terms_cancel(B, spread, correlated, eps, seed, tol):
-    """CPU, float32 normalizations (B >= 16): the cost gradient's two terms, s P o W / eps and
-    the reverse sweep's K o Lf Rf^T / eps, are 15-40x the size of their difference where W / eps
-    reaches ~30; computed with W as it is, that cancellation put the float32 gradient several
-    times farther from float64's than eager float32's. It has the accuracy of float32 now."""
+    """CPU, float32 normalizations: the cost gradient's two terms, s P o W / eps and the reverse
+    sweep's K o Lf Rf^T / eps, are many times the size of their difference where W / eps is
+    large; computed with W as it is, that cancellation put the float32 gradient several times
+    farther from float64's than eager float32's. With W less its column minima (the same
+    derivative) it has float32's accuracy."""
     g = torch.Generator().manual_seed(seed)
     zs = torch.randn(B, 100, generator=g) * spread
     zt = zs + 0.3 * spread * torch.randn(B, 100, generator=g) if correlated else torch.randn(B, 100, generator=g) * spread
