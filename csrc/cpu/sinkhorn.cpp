@@ -529,19 +529,22 @@ void solve(const Problem<acc_t>& p, int64_t max_iter, acc_t tol, bool parallel, 
   }
   // The measured iterate: (u + log x, v + log y) after a scaling pass, (u, v) after a log pass.
   const acc_t eps = acc_t(1) / p.inv_eps;
-  acc_t value = 0;
+  // The dual value summed in double: a running float sum of the n + m terms was the float32
+  // value's largest error (up to 3.5e-6 relative from 500 x 400 to 4000 x 3000, where the
+  // same potentials summed in double are within 1e-7).
+  double value = 0;
   for (int64_t i = 0; i < n; ++i) {
     out.alpha[i] = eps * (scaled ? u[i] + std::log(x[i]) : u[i]);
-    if (p.a[i] > 0) value += p.a[i] * out.alpha[i];
+    if (p.a[i] > 0) value += double(p.a[i]) * double(out.alpha[i]);
   }
   for (int64_t j = 0; j < m; ++j) {
     out.beta[j] = eps * (scaled ? v[j] + std::log(y[j]) : v[j]);
-    if (p.b[j] > 0) value += p.b[j] * out.beta[j];
+    if (p.b[j] > 0) value += double(p.b[j]) * double(out.beta[j]);
   }
   set_zero_mass_potentials(p, out.alpha, out.beta);
   // A NaN error (a NaN or -inf cost: the potentials are meaningless) makes the value NaN
   // rather than that of the last finite potentials (0 when it stopped at the first pass).
-  *out.value = err == err ? value : std::numeric_limits<acc_t>::quiet_NaN();
+  *out.value = err == err ? static_cast<acc_t>(value) : std::numeric_limits<acc_t>::quiet_NaN();
   *out.n_iter = it;
   *out.error = err;
   auto plan_pass = [&](int64_t r0, int64_t r1) {

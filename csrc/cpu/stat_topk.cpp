@@ -335,10 +335,10 @@ FASTLOSS_CPU_INLINE acc_t gelu_mul_grad_element(const in_t* g, const in_t* gate,
                                                 acc_t* scratch, int64_t k, acc_t theta) {
   const acc_t xv = to_acc<acc_t>(gate[k]);
   const acc_t h = soft_threshold(xv, theta);
-  const acc_t s = gelu_tanh_sigmoid(h);
+  const GeluSigmoid<acc_t> sig = gelu_tanh_sigmoid(h);
   const acc_t gv = to_acc<acc_t>(g[k]);
-  dup[k] = to_output<in_t>(gv * h * s);
-  const acc_t dh = keep_or_zero(xv > theta, gv * to_acc<acc_t>(up[k]) * gelu_tanh_grad(h, s));
+  dup[k] = to_output<in_t>(gv * h * sig.s);
+  const acc_t dh = keep_or_zero(xv > theta, gv * to_acc<acc_t>(up[k]) * gelu_tanh_grad(h, sig));
   scratch[k] = dh;
   return dh;
 }

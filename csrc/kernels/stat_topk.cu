@@ -172,10 +172,10 @@ struct GeluMulGrad {
 #pragma unroll
     for (int k = 0; k < kV; ++k) {
       const acc_t h = soft_threshold(x[k], theta);
-      const acc_t s = gelu_tanh_sigmoid(h);
+      const GeluSigmoid<acc_t> sig = gelu_tanh_sigmoid(h);
       const acc_t gk = to_acc(gv.v[k]);
-      if constexpr (kSide) du.v[k] = from_acc<T>(gk * h * s);
-      d[k] = x[k] > theta ? gk * to_acc(uv.v[k]) * gelu_tanh_grad(h, s) : acc_t(0);
+      if constexpr (kSide) du.v[k] = from_acc<T>(gk * h * sig.s);
+      d[k] = x[k] > theta ? gk * to_acc(uv.v[k]) * gelu_tanh_grad(h, sig) : acc_t(0);
     }
     if constexpr (kSide) store_vec<kV>(dup + off, du);
   }
