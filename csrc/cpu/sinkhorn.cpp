@@ -1244,8 +1244,9 @@ void sinkhorn_kd_sweep(const acc_t* W, const acc_t* K, const acc_t* xs, const ac
   const acc_t* xn = xs + n_iter * B;
   const acc_t* yn = ys + n_iter * B;
   std::vector<acc_t> kw(B * B), x_bar(B), y_bar(B), tmp(B), w(B);
-  at::parallel_for(0, B * B, kMinTaskWork, [&](int64_t b, int64_t e) {
-    for (int64_t q = b; q < e; ++q) kw[q] = K[q] * (W[q] - cmin[q % B]);
+  at::parallel_for(0, B, grain_for(B), [&](int64_t r0, int64_t r1) {
+    for (int64_t q = r0 * B; q < r1 * B; q += B)
+      for (int64_t j = 0; j < B; ++j) kw[q + j] = K[q + j] * (W[q + j] - cmin[j]);
   });
   matvec(kw.data(), yn, x_bar.data(), B);
   matvec_t(kw.data(), xn, y_bar.data(), B);
