@@ -15,6 +15,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <limits>
 
 #include "common/macros.h"
 
@@ -35,6 +36,7 @@ struct ExpConstants<float> {
   // |q| beyond this is routed to the exact fallback (reduction loses accuracy there).
   static constexpr float kMaxReducible = 0x1.0p+21f;
   static constexpr float kMinExponent = -127.0f;  // 2^-127 and below flush to zero
+  static constexpr float kMaxExponent = 127.0f;   // the largest finite power of two
   // The sentinel exponent of an empty sum: finite, so sentinel - sentinel == 0.
   static constexpr float kEmptyExponent = -0x1.fffffep+127f;
 };
@@ -48,9 +50,12 @@ struct ExpConstants<double> {
   static constexpr double kRoundMagic = 0x1.8p+52;
   static constexpr double kMaxReducible = 0x1.0p+40;
   static constexpr double kMinExponent = -1023.0;
+  static constexpr double kMaxExponent = 1023.0;
   static constexpr double kEmptyExponent = -0x1.fffffffffffffp+1023;
 };
 
+// a > b ? a : b (and a < b ? a : b): a NaN in b comes out, a NaN in a does not, where fmax
+// and fmin drop a NaN on either side. Callers that clamp pass the clamped value as a.
 FASTLOSS_HD float fl_max(float a, float b) { return a > b ? a : b; }
 FASTLOSS_HD double fl_max(double a, double b) { return a > b ? a : b; }
 FASTLOSS_HD float fl_min(float a, float b) { return a < b ? a : b; }
@@ -161,6 +166,22 @@ FASTLOSS_HD double exp2_bits(double k) {
 // are below the accumulator's resolution anyway).
 FASTLOSS_HD float exp2_nonpositive(float k) { return exp2_bits(fl_max(k, ExpConstants<float>::kMinExponent)); }
 FASTLOSS_HD double exp2_nonpositive(double k) { return exp2_bits(fl_max(k, ExpConstants<double>::kMinExponent)); }
+
+// 2^k for integer-valued k clamped to [kMinExponent, kMaxExponent] (+0 at the bottom and for
+// a NaN k).
+template <typename T>
+FASTLOSS_HD T exp2_clamped(T k) {
+  return exp2_bits(fl_min(fl_max(k, ExpConstants<T>::kMinExponent), ExpConstants<T>::kMaxExponent));
+}
+
+// 2^k for an integer k clamped to the normal range: never 0 or inf, so 2^k and 2^-k can
+// scale a value and undo it exactly.
+template <typename T>
+FASTLOSS_HD T exp2_normal(int k) {
+  constexpr int kLo = std::numeric_limits<T>::min_exponent - 1;
+  constexpr int kHi = std::numeric_limits<T>::max_exponent - 1;
+  return exp2_bits(static_cast<T>(k < kLo ? kLo : (k > kHi ? kHi : k)));
+}
 
 // Round to nearest integer (ties to even) for |q| < 2^22 (float) / 2^51 (double).
 template <typename T>

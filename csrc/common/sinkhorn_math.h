@@ -42,7 +42,6 @@ struct SinkhornConstants<float> {
   // have overflowed, so it is as accurate as the exact max-subtracting sum.
   static constexpr float kMinSum = 0x1.0p-60f;
   static constexpr float kMaxSum = 0x1.0p+60f;
-  static constexpr float kMaxExponent = 127.0f;
   // Scaling form (stabilized scaling with absorption): a scaling vector stays within
   // [1/kMaxScaling, kMaxScaling] of its kernel, and kernel entries below kMinKernel are 0, so
   // a dropped entry holds under kMinKernel * kMaxScaling^2 = 2^-40 of its row's or column's
@@ -59,16 +58,9 @@ struct SinkhornConstants<double> {
   static constexpr double kMinSubnormalArg = -746.0;
   static constexpr double kMinSum = 0x1.0p-500;
   static constexpr double kMaxSum = 0x1.0p+500;
-  static constexpr double kMaxExponent = 1023.0;
   static constexpr double kMaxScaling = 0x1.0p+64;
   static constexpr double kMinKernel = 0x1.0p-900;
 };
-
-// 2^k for integer-valued k, clamped to [kMinExponent, kMaxExponent].
-template <typename T>
-FASTLOSS_HD T exp2_int(T k) {
-  return exp2_bits(fl_min(fl_max(k, ExpConstants<T>::kMinExponent), SinkhornConstants<T>::kMaxExponent));
-}
 
 // exp(x) for x <= kMaxArg, 0 below kMinArg (so exp(-inf) = 0), exp(kMaxArg) above it, NaN
 // for NaN: branch-free, so loops over it vectorize on the CPU; within ~2 ulp of exp.
@@ -77,7 +69,7 @@ FASTLOSS_HD T sinkhorn_exp(T x) {
   using K = SinkhornConstants<T>;
   const T xc = x < K::kMinArg ? K::kMinArg : (x > K::kMaxArg ? K::kMaxArg : x);
   const ExpPair<T> p = exp_pair(xc);
-  const T r = p.mantissa * exp2_int(p.exponent);
+  const T r = p.mantissa * exp2_clamped(p.exponent);
   return x < K::kMinArg ? T(0) : r;
 }
 
@@ -92,7 +84,7 @@ FASTLOSS_HD T exp_with_subnormals(T x) {
   const T xc = x < K::kMinSubnormalArg ? K::kMinSubnormalArg : (x > K::kMaxArg ? K::kMaxArg : x);
   const ExpPair<T> p = exp_pair(xc);
   const T shift = xc < K::kMinArg ? T(64) : T(0);
-  const T r = p.mantissa * exp2_int(p.exponent + shift) * exp2_bits(-shift);
+  const T r = p.mantissa * exp2_clamped(p.exponent + shift) * exp2_bits(-shift);
   return x < K::kMinSubnormalArg ? T(0) : r;
 }
 

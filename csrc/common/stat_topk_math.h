@@ -98,14 +98,6 @@ FASTLOSS_HD int exponent_above(double v) {
   return (biased == 0 ? 1 : biased) - 1022;
 }
 
-// 2^k for an integer k, clamped to the normal range, built from the exponent bits (exact).
-template <typename acc_t>
-FASTLOSS_HD acc_t pow2(int k) {
-  constexpr int kLo = std::numeric_limits<acc_t>::min_exponent - 1;
-  constexpr int kHi = std::numeric_limits<acc_t>::max_exponent - 1;
-  return exp2_bits(static_cast<acc_t>(k < kLo ? kLo : (k > kHi ? kHi : k)));
-}
-
 // The unit of a set's squared deviations is 2^spread_exponent(lo, hi) >= hi - lo (or the
 // largest power of two whose inverse is normal), which bounds every deviation from the mean and
 // every difference between merged means, so m2 <= n (<= 16 n at the top). The exponent is 0
@@ -150,7 +142,7 @@ FASTLOSS_HD acc_t overflow_safe_mean(acc_t sum, acc_t n, acc_t lo, acc_t hi, Res
   const bool overflowed = !(sum - sum == acc_t(0));
   if (!overflowed || !(lo - lo == acc_t(0)) || !(hi - hi == acc_t(0))) return sum / n;
   const int e = exponent_above(max_of(-lo, hi)) - 2;  // <= max_exponent - 2: 2^-e is normal
-  return rescaled_sum(pow2<acc_t>(-e)) / n * pow2<acc_t>(e);
+  return rescaled_sum(exp2_normal<acc_t>(-e)) / n * exp2_normal<acc_t>(e);
 }
 
 // Means come from sums of x - shift, shift a finite value of the set (its first; 0 if that is
@@ -196,13 +188,13 @@ FASTLOSS_HD Moments<acc_t> merge_moments(Moments<acc_t> a, Moments<acc_t> b) {
   if (a.n == acc_t(0)) return b;
   const acc_t lo = min_of(a.lo, b.lo), hi = max_of(a.hi, b.hi);
   const int e = spread_exponent(lo, hi);
-  const acc_t ra = pow2<acc_t>(spread_exponent(a.lo, a.hi) - e), rb = pow2<acc_t>(spread_exponent(b.lo, b.hi) - e);
-  const acc_t inv_s = pow2<acc_t>(-e);
+  const acc_t ra = exp2_normal<acc_t>(spread_exponent(a.lo, a.hi) - e), rb = exp2_normal<acc_t>(spread_exponent(b.lo, b.hi) - e);
+  const acc_t inv_s = exp2_normal<acc_t>(-e);
   // (b.mean - a.mean) / 2^e: the difference of the rounded means is exact when they are close.
   const acc_t ds = scaled_deviation(b.mean, inv_s, -a.mean * inv_s) + (b.mean_err - a.mean_err) * inv_s;
   const acc_t wb = b.n / n;
   acc_t step_err;
-  const acc_t mean = two_sum(a.mean, ds * wb * pow2<acc_t>(e), step_err);
+  const acc_t mean = two_sum(a.mean, ds * wb * exp2_normal<acc_t>(e), step_err);
   acc_t err;  // renormalised: mean is the pair's rounded value
   const acc_t merged_mean = two_sum(mean, a.mean_err + step_err, err);
   return {n, merged_mean, a.m2 * ra * ra + b.m2 * rb * rb + ds * ds * a.n * wb, lo, hi, err};
@@ -277,7 +269,7 @@ FASTLOSS_UNROLL
   Moments<acc_t> constant;
   if (constant_moments(static_cast<acc_t>(count), lo, hi, mean, constant)) return constant;
   const int e = spread_exponent(lo, hi);
-  const acc_t inv_s = pow2<acc_t>(-e);
+  const acc_t inv_s = exp2_normal<acc_t>(-e);
   const acc_t neg_scaled_mean = -mean * inv_s;
   acc_t sq = 0, dev = 0;
 FASTLOSS_UNROLL
@@ -288,7 +280,7 @@ FASTLOSS_UNROLL
       dev += d;
     }
   }
-  return corrected_moments(static_cast<acc_t>(count), mean, lo, hi, dev, sq, pow2<acc_t>(e));
+  return corrected_moments(static_cast<acc_t>(count), mean, lo, hi, dev, sq, exp2_normal<acc_t>(e));
 }
 
 // Per-row threshold and the statistics the backward needs.
@@ -309,7 +301,7 @@ FASTLOSS_HD RowThreshold<acc_t> row_threshold(Moments<acc_t> m, acc_t z) {
   }
   // m2 >= 0 in exact arithmetic; the test only guards a -0 from rounding.
   const acc_t var = m.m2 > acc_t(0) ? m.m2 / m.n : acc_t(0);
-  const acc_t sd = std::sqrt(var) * pow2<acc_t>(spread_exponent(m.lo, m.hi));
+  const acc_t sd = std::sqrt(var) * exp2_normal<acc_t>(spread_exponent(m.lo, m.hi));
   // A NaN anywhere in the row makes m2 NaN (the comparison above is false): keep it NaN.
   const acc_t std_v = m.m2 != m.m2 ? m.m2 : sd;
   return {m.mean + m.mean_err, std_v, m.mean + (std_v * z + m.mean_err)};
@@ -358,7 +350,7 @@ template <typename acc_t>
 FASTLOSS_HD ThetaGrad<acc_t> theta_grad(acc_t c, acc_t n, acc_t mean, acc_t std_v, acc_t z, bool live) {
   const acc_t inv_n = acc_t(1) / n;
   const bool spread = std_v > acc_t(0) && std_v - std_v == acc_t(0);
-  const acc_t inv_s = spread ? pow2<acc_t>(-exponent_above(std_v)) : acc_t(1);
+  const acc_t inv_s = spread ? exp2_normal<acc_t>(-exponent_above(std_v)) : acc_t(1);
   const acc_t b = spread ? c * (z * inv_n) / (std_v * inv_s) : (std_v > acc_t(0) ? c * acc_t(0) : acc_t(0));
   return {live || c != acc_t(0), c * inv_n, b, inv_s, -mean * inv_s};
 }

@@ -98,7 +98,7 @@ FASTLOSS_CPU_INLINE Moments<acc_t> chunk_moments(const in_t* x, int64_t c) {
   Moments<acc_t> constant;
   if (constant_moments(static_cast<acc_t>(c), row_lo, row_hi, mean, constant)) return constant;
   const int e = spread_exponent(row_lo, row_hi);  // m2's unit (Moments)
-  const acc_t inv_s = pow2<acc_t>(-e);
+  const acc_t inv_s = exp2_normal<acc_t>(-e);
   const acc_t neg_scaled_mean = -mean * inv_s;
   acc_t sq[kLanes] = {}, dev[kLanes] = {};
   for (i = 0; i + kLanes <= c; i += kLanes)
@@ -113,7 +113,7 @@ FASTLOSS_CPU_INLINE Moments<acc_t> chunk_moments(const in_t* x, int64_t c) {
     sq_sum += d * d;
     dev_sum += d;
   }
-  return corrected_moments(static_cast<acc_t>(c), mean, row_lo, row_hi, dev_sum, sq_sum, pow2<acc_t>(e));
+  return corrected_moments(static_cast<acc_t>(c), mean, row_lo, row_hi, dev_sum, sq_sum, exp2_normal<acc_t>(e));
 }
 
 template <typename in_t, typename acc_t>
@@ -215,8 +215,8 @@ FASTLOSS_CPU_INLINE void forward_strided(const in_t* x, in_t* y, typename AccTyp
         return scaled;
       });
       const int e = spread_exponent(lo[l], hi[l]);  // m2's unit (Moments)
-      unit[l] = pow2<acc_t>(e);
-      inv_s[l] = pow2<acc_t>(-e);
+      unit[l] = exp2_normal<acc_t>(e);
+      inv_s[l] = exp2_normal<acc_t>(-e);
       neg_scaled_mean[l] = -chunk_mean[l] * inv_s[l];
     }
     for (int64_t i = i0; i < i1; ++i)

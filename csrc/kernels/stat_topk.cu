@@ -239,7 +239,7 @@ __global__ void __launch_bounds__(kThreads) onchip_forward_kernel(const T* __res
                                     return block_allreduce<kThreads>(scaled, SumOp{}, red);
                                   });
   const int e = spread_exponent(lo, hi);  // m2's unit (Moments)
-  const acc_t inv_s = pow2<acc_t>(-e);
+  const acc_t inv_s = exp2_normal<acc_t>(-e);
   const acc_t neg_scaled_mean = -mean * inv_s;
   acc_t sq = 0, dev = 0;
   for_each_held<kThreads>(v, n, [&](acc_t x) {
@@ -250,7 +250,7 @@ __global__ void __launch_bounds__(kThreads) onchip_forward_kernel(const T* __res
   const acc_t sq_sum = block_allreduce<kThreads>(sq, SumOp{}, red);
   const acc_t dev_sum = block_allreduce<kThreads>(dev, SumOp{}, red);
   const RowThreshold<acc_t> t =
-      row_threshold(corrected_moments(static_cast<acc_t>(n), mean, lo, hi, dev_sum, sq_sum, pow2<acc_t>(e)), z);
+      row_threshold(corrected_moments(static_cast<acc_t>(n), mean, lo, hi, dev_sum, sq_sum, exp2_normal<acc_t>(e)), z);
   if (threadIdx.x == 0) {
     st.theta[row] = t.theta;
     st.mean[row] = t.mean;
