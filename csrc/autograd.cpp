@@ -361,13 +361,17 @@ struct VmfUnaryFunction : torch::autograd::Function<VmfUnaryFunction<kKind>> {
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     const at::Tensor kappa = ctx->get_saved_variables()[0];
     const int64_t p = ctx->saved_data["p"].toInt();
-    // d log C = -A; d (1 - A) = -A'; d H = -kappa A' (-> -(p - 1) / (2 kappa) -> 0: at
-    // kappa = inf, where A' = 0, the limit rather than inf * 0).
+    // d log C = -A; d (1 - A) = -A'; d H = -kappa A'.
     if constexpr (kKind == VmfUnary::LogNormalizer) return {-grads[0] * vmf_mean_resultant_op().call(kappa, p, 0), at::Tensor()};
-    const at::Tensor slope = vmf_mean_resultant_op().call(kappa, p, 1);
-    if constexpr (kKind == VmfUnary::Complement) return {-grads[0] * slope, at::Tensor()};
-    const at::Tensor kappa_slope = at::where(slope == 0, at::zeros_like(slope), kappa * slope);
-    return {-grads[0] * kappa_slope, at::Tensor()};
+    if constexpr (kKind == VmfUnary::Complement) return {-grads[0] * vmf_mean_resultant_op().call(kappa, p, 1), at::Tensor()};
+    // kappa A' in float64, and from kappa = 2^500 (inf included) as its limit (p - 1) / (2 kappa):
+    // A' ~ (p - 1) / (2 kappa^2) underflows float32 from kappa ~ 1e19 and float64 from ~1e154,
+    // where the product came out 0.
+    const at::Tensor k64 = kappa.to(at::kDouble);
+    const at::Tensor kappa_slope =
+        at::where(k64 > 0x1p500, k64.reciprocal() * (0.5 * static_cast<double>(p - 1)),
+                  k64 * vmf_mean_resultant_op().call(k64, p, 1));
+    return {-grads[0] * kappa_slope.to(kappa.scalar_type()), at::Tensor()};
   }
 };
 

@@ -173,8 +173,11 @@ def _mean_resultant_derivative(kappa, p, derivative):
 
 
 def _entropy_derivative(kappa, p):
-    slope = _slope(kappa, p)  # -kappa A_p', 0 at kappa = inf (where A_p' = 0)
-    return -torch.where(slope == 0, torch.zeros_like(slope), kappa * slope)
+    # -kappa A_p', as the C++ backward forms it: in float64, and its limit -(p - 1) / (2 kappa)
+    # from kappa = 2^500 (A_p' underflows float32 from kappa ~ 1e19, float64 from ~1e154).
+    k64 = kappa.double()
+    far = k64 > 2.0**500
+    return -torch.where(far, 0.5 * (p - 1) / k64, k64 * _slope(k64, p)).to(kappa.dtype)
 
 
 # name -> (derivative in the op's tensor argument, whether that derivative is a function of
