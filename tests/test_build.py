@@ -157,3 +157,17 @@ def test_import_of_a_cuda_build_under_a_cpu_torch_says_rebuild():
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=os.path.dirname(__file__))
     assert run.returncode != 0
     assert "ImportError" in run.stderr and "has no CUDA" in run.stderr and "rebuild" in run.stderr
+
+
+@pytest.mark.parametrize("torch_cuda,refused", [("12.8", True), ("13.2", False)])
+def test_import_of_a_cuda_build_under_another_cuda_major_says_rebuild(torch_cuda, refused):
+    """The CUDA runtime library is versioned by its major: a build for CUDA 13 under a torch for
+    CUDA 12 gets the ImportError; another minor of the same major imports."""
+    code = ("import sys, types, torch; sys.modules['fastloss._build'] = types.SimpleNamespace("
+            f"TORCH_VERSION=torch.__version__, TORCH_CUDA='13.0'); torch.version.cuda = '{torch_cuda}'; import fastloss")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=os.path.dirname(__file__))
+    if refused:
+        assert run.returncode != 0
+        assert "ImportError" in run.stderr and "has CUDA 12.8" in run.stderr and "rebuild" in run.stderr
+    else:
+        assert run.returncode == 0, run.stderr

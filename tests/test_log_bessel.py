@@ -412,6 +412,27 @@ def test_gradients_match_mpmath_at_small_orders():
     assert err <= 1e-14, f"max absolute error {err:.2e}"
 
 
+def test_k_gradients_match_mpmath_where_temme_meets_cf2():
+    # Temme's series loses digits in its derivatives as x nears 2 (its K_(u+1) sum cancels):
+    # d/dv and d/dx of log K were up to 1e-14 off there; from x = 1 the gradients take CF2
+    # (the CPU's packs: the trapezoidal rule) instead.
+    mpmath = pytest.importorskip("mpmath")
+    g = torch.Generator().manual_seed(11)
+    v = torch.empty(60, dtype=torch.float64).uniform_(0.0, 16.0, generator=g)
+    x = torch.empty(60, dtype=torch.float64).uniform_(0.8, 2.2, generator=g)
+    dv, dx = torch.ops.fastloss.log_bessel_kv_grad(v, x)
+    with mpmath.workdps(40):
+        def log_k(a, b):
+            return mpmath.log(mpmath.besselk(a, b))
+
+        ref_dv = [float(mpmath.diff(lambda t: log_k(t, mpmath.mpf(b)), mpmath.mpf(a))) for a, b in zip(v.tolist(), x.tolist())]
+        ref_dx = [float(mpmath.diff(lambda t: log_k(mpmath.mpf(a), t), mpmath.mpf(b))) for a, b in zip(v.tolist(), x.tolist())]
+    for got, ref in ((dv, ref_dv), (dx, ref_dx)):
+        ref = torch.tensor(ref, dtype=torch.float64)
+        err = (got - ref).abs() / ref.abs().clamp(min=1.0)
+        assert err.max().item() <= 1.5e-15, f"max error {err.max().item():.2e} at v={v[err.argmax()].item()}, x={x[err.argmax()].item()}"
+
+
 def test_gradients_broadcast():
     v = torch.tensor([[0.5], [3.0], [30.0]], dtype=torch.float64, requires_grad=True)
     x = torch.tensor([0.1, 1.0, 10.0, 100.0], dtype=torch.float64, requires_grad=True)

@@ -394,14 +394,14 @@ FASTLOSS_CPU_INLINE DualPack debye_v_eta(const DualPack& v, const DualPack& x, c
           tangent_times(v.dx, -asinh_z) + tangent_times(x.dx, h_over_x)};
 }
 
-// K_u(x) and K_(u+1)(x), |u| <= 1/2, 2 < x <= kTrapezoidMaxX (lanes where the scalar method
-// runs Steed's CF2), by the trapezoidal rule on K_nu(x) = int_0^inf exp(-x cosh t) cosh(nu t) dt.
+// K_u(x) and K_(u+1)(x), |u| <= 1/2, temme_max_x < x <= kTrapezoidMaxX (lanes where the scalar
+// method runs Steed's CF2), by the trapezoidal rule on K_nu(x) = int_0^inf exp(-x cosh t) cosh(nu t) dt.
 // For this entire, even integrand the rule's error is ~ exp(x - pi^2 / h) relative (the
 // integrand's Fourier transform, K_(nu + i omega)(x), decays like exp(-pi omega / 2)):
 // h = pi^2 / (kTrapezoidMaxX + 41) gives < 1e-18 up to kTrapezoidMaxX. Every lane uses the
 // same nodes t_j = j h, so cosh t_j - 1 and exp(t_j) are one table, and each node costs a
-// lane one exp. The sum stops when every lane's next node is negligible (t <= 4.2 covers
-// x = 2 with nu = 3/2). Against CF2's 180 / x iterations, each with a division, the rule
+// lane one exp. The sum stops when every lane's next node is negligible (t <= 4.6 covers
+// x = 1, where the gradients start, with nu = 3/2). Against CF2's 180 / x iterations, each with a division, the rule
 // wins where the divider is slow or x small: measured, it was about twice as fast over all of
 // 2 < x < 29 with AVX-512 on a Xeon, but only below x ~ 6 with AVX2 on an EPYC (Zen), where
 // CF2 is up to 1.45x faster above. Each unit takes the rule up to its crossover.
@@ -412,7 +412,7 @@ constexpr double kTrapezoidMaxX = 6.0;
 #endif
 struct TrapezoidNodes {
   static constexpr double kStep = kPi * kPi / (kTrapezoidMaxX + 41.0);
-  static constexpr int kCount = static_cast<int>(4.2 / kStep) + 1;
+  static constexpr int kCount = static_cast<int>(4.6 / kStep) + 1;
   double cosh_minus_1[kCount + 1];  // 2 sinh^2(t_j / 2): no cancellation near t = 0
   double cosh_t[kCount + 1];
   double sinh_t[kCount + 1];
@@ -476,7 +476,7 @@ FASTLOSS_CPU_INLINE KStart<T> trapezoid_k(const T& u, const T& x) {
 }
 
 // The pack form of recurrence_log_kv (for values, T = Pack, and derivatives, T = DualPack):
-// per lane n = round(v), K_u from Temme's series (x <= 2), the trapezoidal rule
+// per lane n = round(v), K_u from Temme's series (x <= temme_max_x), the trapezoidal rule
 // (x <= kTrapezoidMaxX) or CF2, then the forward recurrence up to the largest n of the pack,
 // each lane keeping its own y_n. A pack that straddles a method boundary (the kernels order
 // lists so that few do) runs each method it needs, with x clamped to that method's range, so
@@ -487,7 +487,8 @@ FASTLOSS_CPU_INLINE T pack_recurrence_log_kv(const T& v, const T& x_in) {
   constexpr double kRoundToInteger = 0x1.8p52;
   const Pack n = (val(v) + kRoundToInteger) - kRoundToInteger;
   const T u = v - n;
-  const PackMask temme = val(x) <= kTemmeMaxX;
+  constexpr double kTemmeX = temme_max_x<T>();
+  const PackMask temme = val(x) <= kTemmeX;
   const PackMask cf2 = val(x) > kTrapezoidMaxX;
   const PackMask trapezoid = (temme | cf2) == 0;
   KStart<T> start;
@@ -503,9 +504,9 @@ FASTLOSS_CPU_INLINE T pack_recurrence_log_kv(const T& v, const T& x_in) {
       start = {select(lanes, k.log_k_part, start.log_k_part), select(lanes, k.k_factor, start.k_factor),
                select(lanes, k.k1_factor, start.k1_factor)};
     };
-    if (!all_lanes(temme == 0)) take(temme, temme_k(u, select(temme, x, T(kTemmeMaxX))));
+    if (!all_lanes(temme == 0)) take(temme, temme_k(u, select(temme, x, T(kTemmeX))));
     if (!all_lanes(trapezoid == 0)) {
-      take(trapezoid, trapezoid_k(u, select(temme, T(kTemmeMaxX), select(cf2, T(kTrapezoidMaxX), x))));
+      take(trapezoid, trapezoid_k(u, select(temme, T(kTemmeX), select(cf2, T(kTrapezoidMaxX), x))));
     }
     if (!all_lanes(cf2 == 0)) take(cf2, cf2_k(u, select(cf2, x, T(kTrapezoidMaxX))));
   }

@@ -101,7 +101,7 @@ FASTLOSS_CPU_INLINE const int* order_by_length(const int* index, int count, cons
 }
 
 // I's power series needs about 2x + 10 terms: keys floor(x) (x < 29 in its region). K_u at
-// 2 < x < 29 by the trapezoidal rule, whose node count, or CF2, whose iteration count
+// 1 or 2 < x < 29 by the trapezoidal rule, whose node count, or CF2, whose iteration count
 // (~180 / x), grows at smaller x: keys floor(96 / x) <= 47 (AVX2's crossover at x = 6 is
 // a key boundary too). Clamped in double, so that any input converts to a valid key.
 template <bool kK>
@@ -140,8 +140,8 @@ FASTLOSS_CPU_INLINE void run_list(int list, const double* v, const double* x, do
 // have the same shape for every element, so lanes stay busy until the slowest has converged.
 template <bool kK, bool kGrad>
 FASTLOSS_CPU_INLINE void block_by_packs(const double* v, const double* x, double* out, double* out_dx, int n) {
-  // One list per method; K's small-argument list is split at Temme's x = 2 so that no pack
-  // runs both Temme's series and CF2. First each element's list, then the lists themselves,
+  // One list per method; K's small-argument list is split where Temme's series ends (x = 2,
+  // for gradients x = 1) so that no pack runs both Temme's series and CF2. First each element's list, then the lists themselves,
   // unless the whole block is one list (the common case), which runs as is.
   if (n <= 0) return;
   constexpr int kSmall = static_cast<int>(lb::Method::Small);
@@ -158,7 +158,7 @@ FASTLOSS_CPU_INLINE void block_by_packs(const double* v, const double* x, double
         (order >= lb::kDebyeMinOrder) | (order * order + xi * xi >= lb::kDebyeMinHypot * lb::kDebyeMinHypot);
     // As lb::method_for: Hankel, else Debye, else Small (K's beyond Temme's x: the CF2 list).
     const int64_t small = (1 - hankel) * (1 - debye);
-    const int64_t cf2_side = int64_t{kK} * small * (xi > lb::kTemmeMaxX);
+    const int64_t cf2_side = int64_t{kK} * small * (xi > (kGrad ? lb::kTemmeMaxXGradient : lb::kTemmeMaxX));
     const int64_t list = (1 - hankel) * (static_cast<int64_t>(lb::Method::Debye) * debye +
                                          static_cast<int64_t>(kSmall) * small) +
                          (kCF2List - kSmall) * cf2_side;

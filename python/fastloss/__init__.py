@@ -25,6 +25,11 @@ def _check_torch_version() -> None:
     if built_cuda and torch.version.cuda is None:
         raise ImportError(f"fastloss was built with CUDA kernels against torch {built} (CUDA {built_cuda}), but "
                           f"torch {torch.__version__} has no CUDA: {rebuild}")
+    # The CUDA runtime's soname carries the major version only: another minor loads and runs
+    # (CUDA's minor-version compatibility), another major is a loader error.
+    if built_cuda and built_cuda.split(".")[0] != torch.version.cuda.split(".")[0]:
+        raise ImportError(f"fastloss was built with CUDA kernels against torch {built} (CUDA {built_cuda}), but "
+                          f"torch {torch.__version__} has CUDA {torch.version.cuda}: {rebuild}")
 
 
 _check_torch_version()
