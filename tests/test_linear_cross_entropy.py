@@ -1605,6 +1605,16 @@ def _vocab_parallel_checks(rank):
                 fastloss.linear_cross_entropy(h, c[20:], t, process_group=dist.group.WORLD)
             else:
                 fastloss.linear_cross_entropy(h_, c_[:20], t_, process_group=dist.group.WORLD, **options)
+    # Ranks given different targets (each a valid token) all raise: their losses would pair one
+    # token's target logit with another token's normalizer. One changed target is enough, also
+    # with shift=True (the shifted targets are compared) and int32 targets.
+    for shift, dtype in ((False, torch.int64), (True, torch.int32)):
+        t_rank = t.to(dtype, copy=True)
+        if rank == 1:
+            t_rank[1, 4] = (t_rank[1, 4] + 1) % 37
+        with pytest.raises(RuntimeError, match="hold different target values"):
+            fastloss.linear_cross_entropy(h, c[20:] if rank == 0 else c[:20], t_rank, shift=shift,
+                                          process_group=dist.group.WORLD)
     # A target beyond the vocabulary raises on every rank, the one with an empty slice too.
     t[0, 0] = 37
     with pytest.raises(IndexError, match=r"must be in \[0, 37\)"):

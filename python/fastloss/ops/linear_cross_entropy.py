@@ -569,29 +569,51 @@ def _signature_hash(signature) -> int:
     return int.from_bytes(hashlib.blake2b(repr(signature).encode(), digest_size=5).digest(), "little")
 
 
+# The targets' hash: modulo the prime 2^31 - 1, each position's value times its own nonzero
+# multiplier, so that any one changed target (by less than the prime) changes it.
+_HASH_PRIME = 2**31 - 1
+
+
+def _targets_hash(targets: torch.Tensor) -> torch.Tensor:
+    """The hash of the target values, on their device (no host synchronization)."""
+    t = targets.reshape(-1).long()
+    multiplier = 1 + torch.arange(t.numel(), device=t.device, dtype=torch.int64) * 48271 % (_HASH_PRIME - 1)
+    return (t % _HASH_PRIME * multiplier % _HASH_PRIME).sum() % _HASH_PRIME
+
+
 def _vocab_range(classifier: Optional[torch.Tensor], group, hidden_device: torch.device,
-                 local_error: Optional[BaseException] = None, signature=None) -> Tuple[int, int]:
+                 local_error: Optional[BaseException] = None, signature=None,
+                 targets: Optional[torch.Tensor] = None) -> Tuple[int, int]:
     """(first vocabulary row of this rank, vocabulary size), from every rank's slice size.
 
-    One all-reduce of world_size + 2 int64s per call (and a host synchronization to read it).
+    One all-reduce of world_size + 3 int64s per call (and a host synchronization to read it).
     Not cached: a rank cannot tell from its own slice whether the others' changed (two heads
     split differently over one group), and ranks that disagreed on whether to gather would
     deadlock. The next entry counts the ranks with a local_error: every rank raises then (one
     raising alone would leave the others waiting in the next all-reduce). The last sums a hash
     of each rank's `signature`: unless every rank sees world x its own, they disagree (a
     different token count or dtype crashed gloo in a later all-reduce; different options gave
-    a loss that mixed them), and every rank raises."""
+    a loss that mixed them), and every rank raises. The last but one sums a hash of the target
+    values (their dtype and count are in the signature): ranks given different targets (a
+    data loader sharded by rank rather than by data-parallel group) would sum one token's
+    target logit from one rank with another token's normalizer from another, silently."""
     import torch.distributed as dist
 
     world, rank = dist.get_world_size(group), dist.get_rank(group)
     # Each rank's size in its own entry, summed over the ranks.
-    sizes_t = torch.zeros(world + 2, dtype=torch.int64, device=hidden_device)
+    sizes_t = torch.zeros(world + 3, dtype=torch.int64, device=hidden_device)
     sizes_t[rank] = 0 if local_error is not None or classifier is None else classifier.shape[0]
     sizes_t[world] = local_error is not None
     own_hash = 0 if local_error is not None else _signature_hash(signature)
     sizes_t[world + 1] = own_hash
+    own_targets_hash = sizes_t.new_zeros(())
+    if local_error is None and targets is not None:
+        own_targets_hash = _targets_hash(targets).to(sizes_t.device)
+        sizes_t[world + 2] = own_targets_hash
     dist.all_reduce(sizes_t, group=group)
-    sizes: List[int] = sizes_t.tolist()
+    sizes: List[int] = torch.cat([sizes_t, own_targets_hash.view(1)]).tolist()  # one host synchronization
+    own_targets = sizes.pop()
+    targets_sum = sizes.pop()
     hash_sum = sizes.pop()
     failed = sizes.pop()
     if local_error is not None:
@@ -608,6 +630,10 @@ def _vocab_range(classifier: Optional[torch.Tensor], group, hidden_device: torch
             f"{tokens} tokens, D={dim}, {dtype}, bias={has_bias}, ignore_index={ignore_index}, "
             f"reduction={reduction!r}, softcap={cap or None}, label_smoothing={ls}, z_loss={zl}, shift={shift}, "
             f"filter_eps={eps}")
+    if targets_sum != world * own_targets:
+        raise RuntimeError("fastloss.linear_cross_entropy: the ranks of the process group hold different target "
+                           "values; vocabulary-parallel ranks must see the same tokens and targets (their hidden "
+                           "states and targets, shards of the vocabulary only in the classifier and bias)")
     if sum(sizes) == 0:
         raise ValueError("fastloss.linear_cross_entropy: the classifier slices of the process group hold no "
                          "vocabulary rows")
@@ -638,7 +664,7 @@ class _VocabParallel(torch.autograd.Function):
 
         vocab_start, vocab_total = _vocab_range(
             classifier, group, hidden.device, _local_error(hidden, classifier, targets, bias, softcap, label_smoothing),
-            signature)
+            signature, targets)
         if classifier.shape[0] > 0:
             lse_local, linear = torch.ops.fastloss.linear_cross_entropy_shard.default(
                 hidden, classifier, targets, bias, ignore_index, softcap, label_smoothing, vocab_start, vocab_total)
