@@ -8,7 +8,7 @@
 //   Debye uniform expansion (16 terms)   v >= 16 or hypot(v, x) >= 29, I and K
 //   Hankel expansion                     x >= 1024 and 4 v^2 <= x (cheaper there), I and K
 //   power series                         the rest, I
-//   Temme's series (x <= 2; first derivatives x <= 1) / Steed's CF2 for K_u, |u| <= 1/2,
+//   Temme's series (x <= 2; derivatives x <= 1) / Steed's CF2 for K_u, |u| <= 1/2,
 //   then the forward recurrence of K_(u+k+1) / K_(u+k) up to v        the rest, K
 // The loops are arranged so that no division sits on a chain from one iteration to the next
 // (Temme's and CF2's recurrences multiplied through by their denominators).
@@ -45,8 +45,9 @@ constexpr double kDebyeMinOrder = 16.0;
 constexpr double kDebyeMinHypot = 29.0;
 constexpr double kHankelMinX = 1024.0;
 constexpr double kTemmeMaxX = 2.0;  // beyond, Temme's terms cancel (1e-14 at x = 3)
-// First derivatives leave Temme's series from x = 1: its d/dv and d/dx lose digits as x
-// nears 2 (up to 7e-15 relative in [1.5, 2)), where CF2's stay within 9e-16.
+// Derivatives leave Temme's series from x = 1: they lose digits as x nears 2 (first ones up
+// to 7e-15 relative in [1.5, 2), where CF2's stay within 9e-16; second ones up to 2.4e-14,
+// CF2's 7e-15, as at x > 2).
 constexpr double kTemmeMaxXGradient = 1.0;
 constexpr int kSeriesMaxTerms = 200;   // x < 29 needs < 90
 constexpr int kTemmeMaxTerms = 100;    // x <= 2 needs < 25
@@ -276,7 +277,7 @@ struct DerivativeOrder<Dual2> { static constexpr int value = 2; };
 // Where K_u leaves Temme's series for CF2 (or the CPU's trapezoidal rule), by number type.
 template <typename T>
 constexpr double temme_max_x() {
-  return DerivativeOrder<T>::value == 1 ? kTemmeMaxXGradient : kTemmeMaxX;
+  return DerivativeOrder<T>::value >= 1 ? kTemmeMaxXGradient : kTemmeMaxX;
 }
 
 // ---- methods (v >= 0, 0 < x < inf) ---------------------------------------------------
@@ -737,7 +738,7 @@ FASTLOSS_HD T recurrence_log_kv(const T& v, const T& x_in) {
   const double n = floor(val(v) + 0.5);
   const T u = v - n;
   if constexpr (DerivativeOrder<T>::value == 2) {
-    if (val(x) <= kTemmeMaxX) return from_log_x_tangent(temme_recurrence_log_kv(u, x, int(n)), val(x));
+    if (val(x) <= temme_max_x<T>()) return from_log_x_tangent(temme_recurrence_log_kv(u, x, int(n)), val(x));
   }
   const KStart<T> start = val(x) <= temme_max_x<T>() ? temme_k(u, x) : cf2_k(u, x);
   const T half_x = 0.5 * x;
