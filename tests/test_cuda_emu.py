@@ -256,6 +256,34 @@ def test_gelu_mul_forward_and_backward(emu, shape, dtype):
         near(dup, rup, 4 * tol, "d up")
 
 
+@pytest.mark.parametrize("shape,dim", [((8, 1000), -1), ((2, 100000), -1), ((300, 3), 0)], ids=str)
+def test_stat_topk_gradient_through_theta_with_a_large_offset(emu, shape, dim):
+    # 1e4 + N(0, 1) in float32: the saved mean's rounding (up to 5e-4) is taken out of the
+    # deviations in the backward (on-chip, chunked with partial sums, strided), as on the CPU,
+    # whose gradients were 1e-4 off without it. Compared where x <= theta, where dx is the path
+    # through theta alone, relative to its largest entry. An output gradient of ones makes the
+    # direct terms' row sum exact (a count), whatever order the kernels add it in.
+    g = torch.Generator().manual_seed(8)
+    x = (1e4 + torch.randn(shape, generator=g, dtype=torch.float64)).float()
+    grad = torch.ones(shape)
+    _, theta, mean, sd = OPS.stat_topk(x, dim, 0.9, False, True, 0)
+    grad_theta = torch.randn(theta.shape, generator=g)
+    for hard, gt in ((False, None), (False, grad_theta), (True, grad_theta)):
+        dx = emu.stat_topk_backward(grad, x, theta, mean, sd, gt, dim, z_of(0.9), hard, True)
+        ref = OPS.stat_topk_backward(grad, gt, x, theta, mean, sd, dim, 0.9, hard, True, 0)
+        below = x <= theta
+        err = ((dx - ref)[below].double().abs().max() / ref[below].double().abs().max()).item()
+        assert err <= 1e-6, (hard, gt is not None, err)
+    if dim == -1:
+        up = torch.randn(shape, generator=g)
+        _, theta, mean, sd = OPS.stat_topk_gelu_mul(x, up, 0.9, True, 0)
+        dgate, _ = emu.gelu_mul_backward(grad, x, up, theta, mean, sd, z_of(0.9), True)
+        ref, _ = OPS.stat_topk_gelu_mul_backward(grad, x, up, theta, mean, sd, 0.9, True, 0)
+        below = x <= theta
+        err = ((dgate - ref)[below].double().abs().max() / ref[below].double().abs().max()).item()
+        assert err <= 1e-5, ("gelu_mul", err)  # (the sum of d h, in another order)
+
+
 def test_stat_topk_long_columns_theta_within_a_few_ulps(emu):
     # A thread per column merges ~250000 parts of 8 values: with two merge levels the rounding
     # of ~3900 group merges reached 5-7 ulps of theta (float32, 2e6 entries per column).

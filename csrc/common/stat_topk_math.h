@@ -334,6 +334,28 @@ FASTLOSS_HD acc_t apply_threshold(bool hard, acc_t x, acc_t theta) {
 // row's NaN mean (a NaN or inf entry) does not turn its direct gradients into NaN. Where the
 // outputs do reach theta (`live`: soft mode or the gelu-mul with threshold_grad) the term
 // stays, so such a row's gradient is NaN, as the eager formula's (it was 0).
+// The saved mean is rounded to acc_t: off the row's true mean by up to half an ulp of |mean|,
+// which sets every (x_i - mean) / std off by as much, ulp(mean) / std relative (float32 theta
+// gradients of rows 1e4 + N(0, 1) were 1e-4 off). The chain rule through the mean inside the
+// std subtracts the deviations' row mean, 0 for the exact mean, and with the saved mean just
+// that rounding: so the backward sums the scaled deviations (dev_sum, `Deviation`'s units)
+// and theta_grad takes their mean out of the term.
+template <typename acc_t>
+struct Deviation {
+  acc_t inv_s;  // 2^-e, 2^e near std (1 where std is 0, inf or NaN)
+  acc_t neg_scaled_mean;
+  FASTLOSS_HD acc_t operator()(acc_t x) const { return scaled_deviation(x, inv_s, neg_scaled_mean); }
+};
+
+template <typename acc_t>
+FASTLOSS_HD bool spread_std(acc_t std_v) { return std_v > acc_t(0) && std_v - std_v == acc_t(0); }
+
+template <typename acc_t>
+FASTLOSS_HD Deviation<acc_t> deviation_of(acc_t mean, acc_t std_v) {
+  const acc_t inv_s = spread_std(std_v) ? exp2_normal<acc_t>(-exponent_above(std_v)) : acc_t(1);
+  return {inv_s, -mean * inv_s};
+}
+
 template <typename acc_t>
 struct ThetaGrad {
   bool active;
@@ -346,13 +368,16 @@ struct ThetaGrad {
   }
 };
 
+// dev_sum: the row's sum of Deviation's scaled deviations (used where std is spread).
 template <typename acc_t>
-FASTLOSS_HD ThetaGrad<acc_t> theta_grad(acc_t c, acc_t n, acc_t mean, acc_t std_v, acc_t z, bool live) {
+FASTLOSS_HD ThetaGrad<acc_t> theta_grad(acc_t c, acc_t n, acc_t mean, acc_t std_v, acc_t z, bool live,
+                                        acc_t dev_sum) {
   const acc_t inv_n = acc_t(1) / n;
-  const bool spread = std_v > acc_t(0) && std_v - std_v == acc_t(0);
-  const acc_t inv_s = spread ? exp2_normal<acc_t>(-exponent_above(std_v)) : acc_t(1);
-  const acc_t b = spread ? c * (z * inv_n) / (std_v * inv_s) : (std_v > acc_t(0) ? c * acc_t(0) : acc_t(0));
-  return {live || c != acc_t(0), c * inv_n, b, inv_s, -mean * inv_s};
+  const bool spread = spread_std(std_v);
+  const Deviation<acc_t> dev = deviation_of(mean, std_v);
+  const acc_t b = spread ? c * (z * inv_n) / (std_v * dev.inv_s) : (std_v > acc_t(0) ? c * acc_t(0) : acc_t(0));
+  const acc_t a = spread ? c * inv_n - b * (dev_sum * inv_n) : c * inv_n;
+  return {live || c != acc_t(0), a, b, dev.inv_s, dev.neg_scaled_mean};
 }
 
 // gelu with the tanh approximation, written as h * sigmoid(2u), u = sqrt(2/pi) (h + c h^3):

@@ -244,6 +244,13 @@ FASTLOSS_CPU_INLINE void forward_strided(const in_t* x, in_t* y, typename AccTyp
     }
 }
 
+// The row's sum of scaled deviations from its saved mean (theta_grad's dev_sum).
+template <typename in_t, typename acc_t>
+FASTLOSS_CPU_INLINE acc_t deviation_sum(const in_t* x, int64_t n, acc_t mean, acc_t std_v) {
+  const Deviation<acc_t> dev = deviation_of(mean, std_v);
+  return row_sum<acc_t>(n, [&](int64_t i) { return dev(to_acc<acc_t>(x[i])); });
+}
+
 // dx_i = g_i [x_i > theta] + c (a + b (x_i - mean)), c = grad_theta - (soft and
 // threshold_grad ? sum_j g_j [x_j > theta] : 0).
 template <typename in_t>
@@ -264,10 +271,12 @@ FASTLOSS_CPU_INLINE void backward_lastdim(const in_t* g, const in_t* x,
     const in_t* xr = x + r * n;
     const acc_t theta = theta_in[r];
     acc_t c = grad_theta ? grad_theta[r] : acc_t(0);
-    if (!hard && threshold_grad) {
+    const bool live = !hard && threshold_grad;
+    if (live) {
       c -= row_sum<acc_t>(n, [&](int64_t i) { return keep_or_zero(to_acc<acc_t>(xr[i]) > theta, to_acc<acc_t>(gr[i])); });
     }
-    const ThetaGrad<acc_t> tg = theta_grad(c, static_cast<acc_t>(n), mean[r], std_in[r], z, !hard && threshold_grad);
+    const acc_t dev_sum = live || c != acc_t(0) ? deviation_sum(xr, n, mean[r], std_in[r]) : acc_t(0);
+    const ThetaGrad<acc_t> tg = theta_grad(c, static_cast<acc_t>(n), mean[r], std_in[r], z, live, dev_sum);
     for (int64_t i = 0; i < n; ++i) {
       const acc_t xv = to_acc<acc_t>(xr[i]);
       dx[r * n + i] = to_output<in_t>(tg.add(keep_or_zero(xv > theta, to_acc<acc_t>(gr[i])), xv));
@@ -284,22 +293,36 @@ FASTLOSS_CPU_INLINE void backward_strided(const in_t* g, const in_t* x,
                                           int64_t n, int64_t inner, int count,
                                           typename AccType<in_t>::type z, bool hard, bool threshold_grad) {
   using acc_t = typename AccType<in_t>::type;
-  // Per column, in kSumBlock's three levels (blocks of kSumBlock rows).
-  LevelSum<acc_t> sums[kLanes];
-  if (!hard && threshold_grad) {
+  // Per column, in kSumBlock's three levels (blocks of kSumBlock rows): the direct terms (live)
+  // and the scaled deviations (wherever a gradient reaches theta).
+  const bool live = !hard && threshold_grad;
+  bool reaches_theta = live;
+  Deviation<acc_t> dev[kLanes];
+  for (int l = 0; l < count; ++l) {
+    dev[l] = deviation_of(mean[l], std_in[l]);
+    reaches_theta = reaches_theta || (grad_theta && grad_theta[l] != acc_t(0));
+  }
+  LevelSum<acc_t> sums[kLanes], dev_sums[kLanes];
+  if (reaches_theta) {
     for (int64_t b0 = 0; b0 < n; b0 += kSumBlock) {
-      acc_t block[kLanes] = {};
+      acc_t block[kLanes] = {}, dev_block[kLanes] = {};
       const int64_t b1 = std::min(n, b0 + kSumBlock);
       for (int64_t i = b0; i < b1; ++i)
-        for (int l = 0; l < count; ++l)
-          block[l] += keep_or_zero(to_acc<acc_t>(x[i * inner + l]) > theta_in[l], to_acc<acc_t>(g[i * inner + l]));
-      for (int l = 0; l < count; ++l) sums[l].add_block(block[l]);
+        for (int l = 0; l < count; ++l) {
+          const acc_t xv = to_acc<acc_t>(x[i * inner + l]);
+          if (live) block[l] += keep_or_zero(xv > theta_in[l], to_acc<acc_t>(g[i * inner + l]));
+          dev_block[l] += dev[l](xv);
+        }
+      for (int l = 0; l < count; ++l) {
+        sums[l].add_block(block[l]);
+        dev_sums[l].add_block(dev_block[l]);
+      }
     }
   }
   ThetaGrad<acc_t> tg[kLanes];
   for (int l = 0; l < count; ++l) {
     const acc_t c = (grad_theta ? grad_theta[l] : acc_t(0)) - sums[l].result();
-    tg[l] = theta_grad(c, static_cast<acc_t>(n), mean[l], std_in[l], z, !hard && threshold_grad);
+    tg[l] = theta_grad(c, static_cast<acc_t>(n), mean[l], std_in[l], z, live, dev_sums[l].result());
   }
   for (int64_t i = 0; i < n; ++i)
     for (int l = 0; l < count; ++l) {
@@ -364,8 +387,9 @@ FASTLOSS_CPU_INLINE void gelu_mul_backward_rows(const in_t* g, const in_t* gate,
     const acc_t theta = theta_in[r];
     const acc_t sum = row_sum<acc_t>(
         n, [&](int64_t i) { return gelu_mul_grad_element(g + o, gate + o, up + o, dup + o, scratch, i, theta); });
-    const ThetaGrad<acc_t> tg =
-        theta_grad(threshold_grad ? -sum : acc_t(0), static_cast<acc_t>(n), mean[r], std_in[r], z, threshold_grad);
+    const acc_t dev_sum = threshold_grad ? deviation_sum(gate + o, n, mean[r], std_in[r]) : acc_t(0);
+    const ThetaGrad<acc_t> tg = theta_grad(threshold_grad ? -sum : acc_t(0), static_cast<acc_t>(n), mean[r],
+                                           std_in[r], z, threshold_grad, dev_sum);
     for (int64_t i = 0; i < n; ++i) dgate[o + i] = to_output<in_t>(tg.add(scratch[i], to_acc<acc_t>(gate[o + i])));
   }
 }

@@ -12,7 +12,9 @@
 //            one chunk per row a single kernel does both.
 //   strided  rows along another dimension: a thread per column, coalesced across columns.
 // Backward: the direct term g [x > theta] (or the gelu chain) and its row sum, then
-// dx = direct + c (1/n + z (x - mean) / (n std)), with the same shapes. Every reduction is in
+// dx = direct + c (1/n + z (x - mean) / (n std)), with the same shapes; where a gradient
+// reaches theta, x - mean less its row mean (the saved mean's rounding: common/
+// stat_topk_math.h's ThetaGrad), summed in the same pass as the direct terms. Every reduction is in
 // a fixed order and leaves identical bits in every thread, so theta and the mask agree
 // across the row and with the stored theta. Accumulation in float (double for double).
 #include "kernels/stat_topk.cuh"
@@ -273,8 +275,9 @@ __global__ void __launch_bounds__(kThreads) onchip_backward_kernel(const T* __re
   __shared__ acc_t red[32];
   const int64_t row = row0 + blockIdx.x;
   const acc_t theta = st.theta[row];
+  const Deviation<acc_t> dev = deviation_of(st.mean[row], st.std[row]);
   acc_t xv[kIters][kVec], d[kIters][kVec];
-  acc_t s = 0;
+  acc_t s = 0, ds = 0;
 #pragma unroll
   for (int it = 0; it < kIters; ++it) {
     const int64_t off = (static_cast<int64_t>(it) * kThreads + threadIdx.x) * kVec;
@@ -284,12 +287,17 @@ __global__ void __launch_bounds__(kThreads) onchip_backward_kernel(const T* __re
       for (int k = 0; k < kVec; ++k) xv[it][k] = to_acc(pv.v[k]);
       grad.template direct<kVec, true>(row * n + off, xv[it], theta, d[it]);
 #pragma unroll
-      for (int k = 0; k < kVec; ++k) s += d[it][k];
+      for (int k = 0; k < kVec; ++k) {
+        s += d[it][k];
+        ds += dev(xv[it][k]);
+      }
     }
   }
   acc_t c = st.grad_theta ? st.grad_theta[row] : acc_t(0);
   if (subtract) c -= block_allreduce<kThreads>(s, SumOp{}, red);
-  const ThetaGrad<acc_t> tg = theta_grad(c, static_cast<acc_t>(n), st.mean[row], st.std[row], z, subtract);
+  // c is the same in every thread of the block (the branch is uniform).
+  const acc_t dev_sum = subtract || c != acc_t(0) ? block_allreduce<kThreads>(ds, SumOp{}, red) : acc_t(0);
+  const ThetaGrad<acc_t> tg = theta_grad(c, static_cast<acc_t>(n), st.mean[row], st.std[row], z, subtract, dev_sum);
 #pragma unroll
   for (int it = 0; it < kIters; ++it) {
     const int64_t off = (static_cast<int64_t>(it) * kThreads + threadIdx.x) * kVec;
@@ -367,37 +375,54 @@ __global__ void __launch_bounds__(kChunkThreads) chunk_forward_kernel(const T* _
   }
 }
 
+// The sums over [begin, end) of a row that the path through theta needs: the direct terms
+// (with subtract; their pass writes the side outputs) and the scaled deviations.
+template <typename acc_t>
+struct ThetaSums {
+  acc_t direct;
+  acc_t dev;
+};
+
 template <typename T, typename Grad>
-__device__ __forceinline__ acc_of<T> range_direct_sum(const T* x, const Grad& grad, int64_t base, int64_t begin,
-                                                      int64_t end, acc_of<T> theta, acc_of<T>* red) {
-  acc_of<T> s = 0;
+__device__ __forceinline__ ThetaSums<acc_of<T>> range_theta_sums(const T* x, const Grad& grad, int64_t base,
+                                                                 int64_t begin, int64_t end, acc_of<T> theta,
+                                                                 Deviation<acc_of<T>> dev, bool subtract,
+                                                                 acc_of<T>* red) {
+  acc_of<T> s = 0, ds = 0;
   for (int64_t i = begin + threadIdx.x; i < end; i += kChunkThreads) {
     const acc_of<T> xv[1] = {to_acc(x[base + i])};
-    acc_of<T> d[1];
-    grad.template direct<1, true>(base + i, xv, theta, d);
-    s += d[0];
+    if (subtract) {
+      acc_of<T> d[1];
+      grad.template direct<1, true>(base + i, xv, theta, d);
+      s += d[0];
+    }
+    ds += dev(xv[0]);
   }
-  return block_allreduce<kChunkThreads>(s, SumOp{}, red);
+  const acc_of<T> direct = subtract ? block_allreduce<kChunkThreads>(s, SumOp{}, red) : acc_of<T>(0);
+  return {direct, block_allreduce<kChunkThreads>(ds, SumOp{}, red)};
 }
 
 template <typename T, typename Grad>
-__global__ void __launch_bounds__(kChunkThreads) chunk_direct_sum_kernel(const T* __restrict__ x, Grad grad,
+__global__ void __launch_bounds__(kChunkThreads) chunk_theta_sums_kernel(const T* __restrict__ x, Grad grad,
                                                                          RowStatsIn<acc_of<T>> st, int64_t n,
-                                                                         int64_t chunk, acc_of<T>* ws,
-                                                                         int64_t row0) {
+                                                                         int64_t chunk, ThetaSums<acc_of<T>>* ws,
+                                                                         bool subtract, int64_t row0) {
   __shared__ acc_of<T> red[32];
   const int64_t row = row0 + blockIdx.x, begin = blockIdx.y * chunk;
   const int64_t end = begin + chunk < n ? begin + chunk : n;
-  const acc_of<T> s = range_direct_sum(x, grad, row * n, begin, end, st.theta[row], red);
+  const ThetaSums<acc_of<T>> s = range_theta_sums(x, grad, row * n, begin, end, st.theta[row],
+                                                  deviation_of(st.mean[row], st.std[row]), subtract, red);
   if (threadIdx.x == 0) ws[row * gridDim.y + blockIdx.y] = s;
 }
 
-// subtract: the direct terms' row sum enters c; it comes from ws (chunk partials, whose
-// kernel also wrote the side outputs) or, with ws == nullptr, from this block.
+// The row's ThetaSums come from ws (chunk partials, whose kernel also wrote the side outputs
+// with subtract) or, with ws == nullptr, from this block; with subtract the direct terms' sum
+// enters c.
 template <typename T, typename Grad>
 __global__ void __launch_bounds__(kChunkThreads) chunk_backward_kernel(const T* __restrict__ x, Grad grad,
                                                                        RowStatsIn<acc_of<T>> st, int64_t n,
-                                                                       int64_t chunk, const acc_of<T>* ws,
+                                                                       int64_t chunk,
+                                                                       const ThetaSums<acc_of<T>>* ws,
                                                                        acc_of<T> z, bool subtract, int64_t row0) {
   using acc_t = acc_of<T>;
   __shared__ acc_t red[32];
@@ -406,16 +431,21 @@ __global__ void __launch_bounds__(kChunkThreads) chunk_backward_kernel(const T* 
   const int64_t base = row * n;
   const acc_t theta = st.theta[row];
   acc_t c = st.grad_theta ? st.grad_theta[row] : acc_t(0);
-  if (subtract) {
-    acc_t total = 0;
+  acc_t dev_sum = 0;
+  if (subtract || c != acc_t(0)) {  // the same in every thread of the block
+    ThetaSums<acc_t> total{0, 0};
     if (ws == nullptr) {
-      total = range_direct_sum(x, grad, base, 0, n, theta, red);
+      total = range_theta_sums(x, grad, base, 0, n, theta, deviation_of(st.mean[row], st.std[row]), subtract, red);
     } else {
-      for (unsigned k = 0; k < gridDim.y; ++k) total += ws[row * gridDim.y + k];
+      for (unsigned k = 0; k < gridDim.y; ++k) {
+        total.direct += ws[row * gridDim.y + k].direct;
+        total.dev += ws[row * gridDim.y + k].dev;
+      }
     }
-    c -= total;
+    if (subtract) c -= total.direct;
+    dev_sum = total.dev;
   }
-  const ThetaGrad<acc_t> tg = theta_grad(c, static_cast<acc_t>(n), st.mean[row], st.std[row], z, subtract);
+  const ThetaGrad<acc_t> tg = theta_grad(c, static_cast<acc_t>(n), st.mean[row], st.std[row], z, subtract, dev_sum);
   for (int64_t i = begin + threadIdx.x; i < end; i += kChunkThreads) {
     const acc_t xv[1] = {to_acc(x[base + i])};
     acc_t d[1];
@@ -470,21 +500,28 @@ __global__ void __launch_bounds__(kStridedThreads) strided_backward_kernel(
   const int64_t base = (col / inner) * size * inner + col % inner;
   const acc_t theta = st.theta[col];
   acc_t c = st.grad_theta ? st.grad_theta[col] : acc_t(0);
-  if (subtract) {
+  acc_t dev_sum = 0;
+  if (subtract || c != acc_t(0)) {
     // kSumBlock's three levels, as on the CPU.
-    LevelSum<acc_t> sum;
+    const Deviation<acc_t> dev = deviation_of(st.mean[col], st.std[col]);
+    LevelSum<acc_t> sum, dev_level;
     for (int64_t b0 = 0; b0 < size; b0 += kSumBlock) {
-      acc_t block = 0;
+      acc_t block = 0, dev_block = 0;
       const int64_t b1 = b0 + kSumBlock < size ? b0 + kSumBlock : size;
       for (int64_t i = b0; i < b1; ++i) {
         const int64_t k = base + i * inner;
-        block += to_acc(x[k]) > theta ? to_acc(g[k]) : acc_t(0);
+        const acc_t xv = to_acc(x[k]);
+        block += xv > theta ? to_acc(g[k]) : acc_t(0);
+        dev_block += dev(xv);
       }
       sum.add_block(block);
+      dev_level.add_block(dev_block);
     }
-    c -= sum.result();
+    if (subtract) c -= sum.result();
+    dev_sum = dev_level.result();
   }
-  const ThetaGrad<acc_t> tg = theta_grad(c, static_cast<acc_t>(size), st.mean[col], st.std[col], z, subtract);
+  const ThetaGrad<acc_t> tg =
+      theta_grad(c, static_cast<acc_t>(size), st.mean[col], st.std[col], z, subtract, dev_sum);
   for (int64_t i = 0; i < size; ++i) {
     const int64_t k = base + i * inner;
     const acc_t xv = to_acc(x[k]);
@@ -586,9 +623,13 @@ cudaError_t backward_rows(const T* x, Grad grad, RowStatsIn<acc_of<T>> st, int64
   cudaError_t err = device_info(&dev);
   if (err != cudaSuccess) return err;
   const Plan p = make_plan(rows, size, sizeof(T), kBackwardCap<T>, aligned, dev.sms, workspace_bytes,
-                           sizeof(acc_t));
+                           sizeof(ThetaSums<acc_t>));
   const acc_t za = static_cast<acc_t>(z);
-  auto* ws = p.onchip_threads == 0 && p.chunks > 1 && subtract ? static_cast<acc_t*>(workspace) : nullptr;
+  // Partial sums per chunk wherever a gradient may reach theta (a grad_theta's values are on
+  // the device: its presence decides).
+  const bool reaches_theta = subtract || st.grad_theta != nullptr;
+  auto* ws = p.onchip_threads == 0 && p.chunks > 1 && reaches_theta ? static_cast<ThetaSums<acc_t>*>(workspace)
+                                                                     : nullptr;
   for (int64_t row0 = 0; row0 < rows; row0 += kMaxGridRows) {
     const unsigned batch = static_cast<unsigned>(rows - row0 < kMaxGridRows ? rows - row0 : kMaxGridRows);
     if (p.onchip_threads > 0) {
@@ -600,7 +641,8 @@ cudaError_t backward_rows(const T* x, Grad grad, RowStatsIn<acc_of<T>> st, int64
     } else {
       const dim3 grid(batch, static_cast<unsigned>(p.chunks));
       if (ws != nullptr)
-        chunk_direct_sum_kernel<T><<<grid, kChunkThreads, 0, stream>>>(x, grad, st, size, p.chunk, ws, row0);
+        chunk_theta_sums_kernel<T><<<grid, kChunkThreads, 0, stream>>>(x, grad, st, size, p.chunk, ws, subtract,
+                                                                       row0);
       chunk_backward_kernel<T><<<grid, kChunkThreads, 0, stream>>>(x, grad, st, size, p.chunk, ws, za, subtract, row0);
       err = cudaGetLastError();
     }
