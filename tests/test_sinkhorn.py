@@ -574,6 +574,9 @@ def test_bad_input(device):
     # An unbatched cost's marginals are quoted against the cost as given.
     with pytest.raises(ValueError, match=r"'a' to have shape \(4,\) to match 'cost' \(4, 5\), got \(5,\)"):
         fastloss.sinkhorn(torch.rand(4, 5, device=device), torch.full((5,), 0.2, device=device), eps=0.1)
+    # (1, n) is a batch of one: not for an unbatched cost (its result would have no batch dim).
+    with pytest.raises(ValueError, match=r"'a' to have shape \(4,\) to match 'cost' \(4, 5\), got \(1, 4\)"):
+        fastloss.sinkhorn(torch.rand(4, 5, device=device), torch.full((1, 4), 0.25, device=device), eps=0.1)
     with pytest.raises(RuntimeError, match="'cost'.*got torch.int64"):
         fastloss.sinkhorn(torch.ones(2, 3, dtype=torch.long, device=device), eps=0.1)
     with pytest.raises(RuntimeError, match="'eps' > 0"):

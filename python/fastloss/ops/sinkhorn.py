@@ -78,7 +78,7 @@ def _marginal(name: str, arg: str, x: Optional[torch.Tensor], batch: int, size: 
     check_floating(name, arg, x)
     if x.dim() == 1 and x.shape[0] == size:
         return x.unsqueeze(0).expand(batch, size)
-    if x.dim() == 2 and tuple(x.shape) == (batch, size):
+    if x.dim() == 2 and user_cost.dim() == 3 and tuple(x.shape) == (batch, size):
         return x
     expected = f"({size},) or ({batch}, {size})" if user_cost.dim() == 3 else f"({size},)"
     raise ValueError(
