@@ -22,14 +22,17 @@ def _check_torch_version() -> None:
     if built.split("+")[0] != torch.__version__.split("+")[0]:
         raise ImportError(f"fastloss was built against torch {built}, but torch {torch.__version__} is installed: "
                           f"{rebuild}")
-    if built_cuda and torch.version.cuda is None:
+    if not built_cuda:
+        return
+    torch_cuda = torch.version.cuda
+    if torch_cuda is None:
         raise ImportError(f"fastloss was built with CUDA kernels against torch {built} (CUDA {built_cuda}), but "
                           f"torch {torch.__version__} has no CUDA: {rebuild}")
     # The CUDA runtime's soname carries the major version only: another minor loads and runs
     # (CUDA's minor-version compatibility), another major is a loader error.
-    if built_cuda and built_cuda.split(".")[0] != torch.version.cuda.split(".")[0]:
+    if built_cuda.split(".")[0] != torch_cuda.split(".")[0]:
         raise ImportError(f"fastloss was built with CUDA kernels against torch {built} (CUDA {built_cuda}), but "
-                          f"torch {torch.__version__} has CUDA {torch.version.cuda}: {rebuild}")
+                          f"torch {torch.__version__} has CUDA {torch_cuda}: {rebuild}")
 
 
 _check_torch_version()
