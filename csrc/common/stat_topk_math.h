@@ -34,14 +34,14 @@ constexpr int64_t kSumBlock = 64;
 // The upper two levels: the caller sums blocks of up to kSumBlock terms and adds each block.
 template <typename acc_t>
 struct LevelSum {
-  acc_t group = 0, total = 0;
+  acc_t group{}, total{};
   int blocks = 0;
 
   FASTLOSS_HD void add_block(acc_t block) {
     group += block;
     if (++blocks == kSumBlock) {
       total += group;
-      group = 0;
+      group = acc_t{};
       blocks = 0;
     }
   }
@@ -356,16 +356,26 @@ FASTLOSS_HD Deviation<acc_t> deviation_of(acc_t mean, acc_t std_v) {
   return {inv_s, -mean * inv_s};
 }
 
+// The row sums the path through theta needs, taken in one pass: the direct terms (their sum
+// enters c where the outputs reach theta) and the scaled deviations (dev_sum).
+template <typename acc_t>
+struct ThetaSums {
+  acc_t direct{}, dev{};
+  FASTLOSS_HD ThetaSums& operator+=(const ThetaSums& o) {
+    direct += o.direct;
+    dev += o.dev;
+    return *this;
+  }
+  FASTLOSS_HD ThetaSums operator+(const ThetaSums& o) const { return ThetaSums(*this) += o; }
+};
+
 template <typename acc_t>
 struct ThetaGrad {
   bool active;
   acc_t a;
   acc_t b;  // c z / (n std 2^-e)
-  acc_t inv_s;
-  acc_t neg_scaled_mean;
-  FASTLOSS_HD acc_t add(acc_t direct, acc_t x) const {
-    return active ? direct + a + b * scaled_deviation(x, inv_s, neg_scaled_mean) : direct;
-  }
+  Deviation<acc_t> dev;
+  FASTLOSS_HD acc_t add(acc_t direct, acc_t x) const { return active ? direct + a + b * dev(x) : direct; }
 };
 
 // dev_sum: the row's sum of Deviation's scaled deviations (used where std is spread).
@@ -377,7 +387,7 @@ FASTLOSS_HD ThetaGrad<acc_t> theta_grad(acc_t c, acc_t n, acc_t mean, acc_t std_
   const Deviation<acc_t> dev = deviation_of(mean, std_v);
   const acc_t b = spread ? c * (z * inv_n) / (std_v * dev.inv_s) : (std_v > acc_t(0) ? c * acc_t(0) : acc_t(0));
   const acc_t a = spread ? c * inv_n - b * (dev_sum * inv_n) : c * inv_n;
-  return {live || c != acc_t(0), a, b, dev.inv_s, dev.neg_scaled_mean};
+  return {live || c != acc_t(0), a, b, dev};
 }
 
 // gelu with the tanh approximation, written as h * sigmoid(2u), u = sqrt(2/pi) (h + c h^3):

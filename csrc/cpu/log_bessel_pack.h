@@ -395,16 +395,17 @@ FASTLOSS_CPU_INLINE DualPack debye_v_eta(const DualPack& v, const DualPack& x, c
 }
 
 // K_u(x) and K_(u+1)(x), |u| <= 1/2, temme_max_x < x <= kTrapezoidMaxX (lanes where the scalar
-// method runs Steed's CF2), by the trapezoidal rule on K_nu(x) = int_0^inf exp(-x cosh t) cosh(nu t) dt.
+// method runs Steed's CF2), by the trapezoidal rule on
+// K_nu(x) = int_0^inf exp(-x cosh t) cosh(nu t) dt.
 // For this entire, even integrand the rule's error is ~ exp(x - pi^2 / h) relative (the
 // integrand's Fourier transform, K_(nu + i omega)(x), decays like exp(-pi omega / 2)):
 // h = pi^2 / (kTrapezoidMaxX + 41) gives < 1e-18 up to kTrapezoidMaxX. Every lane uses the
 // same nodes t_j = j h, so cosh t_j - 1 and exp(t_j) are one table, and each node costs a
 // lane one exp. The sum stops when every lane's next node is negligible (t <= 4.6 covers
-// x = 1, where the gradients start, with nu = 3/2). Against CF2's 180 / x iterations, each with a division, the rule
-// wins where the divider is slow or x small: measured, it was about twice as fast over all of
-// 2 < x < 29 with AVX-512 on a Xeon, but only below x ~ 6 with AVX2 on an EPYC (Zen), where
-// CF2 is up to 1.45x faster above. Each unit takes the rule up to its crossover.
+// x = 1, where the gradients start, with nu = 3/2). Against CF2's 180 / x iterations, each
+// with a division, the rule wins where the divider is slow or x small: measured, it was about
+// twice as fast over all of 2 < x < 29 with AVX-512 on a Xeon, but only below x ~ 6 with AVX2
+// on an EPYC (Zen), where CF2 is up to 1.45x faster above. Each unit takes the rule up to its crossover.
 #if FASTLOSS_PACK_LANES == 8
 constexpr double kTrapezoidMaxX = 29.0;  // all of CF2's range
 #else

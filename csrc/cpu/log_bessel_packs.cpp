@@ -13,6 +13,7 @@
 
 #include <algorithm>
 #include <cstring>
+#include <type_traits>
 
 #include "common/log_bessel.h"
 #include "cpu/log_bessel_pack.h"
@@ -141,8 +142,9 @@ FASTLOSS_CPU_INLINE void run_list(int list, const double* v, const double* x, do
 template <bool kK, bool kGrad>
 FASTLOSS_CPU_INLINE void block_by_packs(const double* v, const double* x, double* out, double* out_dx, int n) {
   // One list per method; K's small-argument list is split where Temme's series ends (x = 2,
-  // for gradients x = 1) so that no pack runs both Temme's series and CF2. First each element's list, then the lists themselves,
-  // unless the whole block is one list (the common case), which runs as is.
+  // for gradients x = 1) so that no pack runs both Temme's series and CF2. First each
+  // element's list, then the lists themselves, unless the whole block is one list (the common
+  // case), which runs as is.
   if (n <= 0) return;
   constexpr int kSmall = static_cast<int>(lb::Method::Small);
   constexpr int kLists = lb::kMethods + 1;
@@ -158,7 +160,7 @@ FASTLOSS_CPU_INLINE void block_by_packs(const double* v, const double* x, double
         (order >= lb::kDebyeMinOrder) | (order * order + xi * xi >= lb::kDebyeMinHypot * lb::kDebyeMinHypot);
     // As lb::method_for: Hankel, else Debye, else Small (K's beyond Temme's x: the CF2 list).
     const int64_t small = (1 - hankel) * (1 - debye);
-    const int64_t cf2_side = int64_t{kK} * small * (xi > (kGrad ? lb::kTemmeMaxXGradient : lb::kTemmeMaxX));
+    const int64_t cf2_side = int64_t{kK} * small * (xi > lb::temme_max_x<std::conditional_t<kGrad, lb::Dual, double>>());
     const int64_t list = (1 - hankel) * (static_cast<int64_t>(lb::Method::Debye) * debye +
                                          static_cast<int64_t>(kSmall) * small) +
                          (kCF2List - kSmall) * cf2_side;

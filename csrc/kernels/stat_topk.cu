@@ -375,14 +375,8 @@ __global__ void __launch_bounds__(kChunkThreads) chunk_forward_kernel(const T* _
   }
 }
 
-// The sums over [begin, end) of a row that the path through theta needs: the direct terms
-// (with subtract; their pass writes the side outputs) and the scaled deviations.
-template <typename acc_t>
-struct ThetaSums {
-  acc_t direct;
-  acc_t dev;
-};
-
+// The ThetaSums of a row's [begin, end): the direct terms with subtract (their pass writes the
+// side outputs), and the scaled deviations.
 template <typename T, typename Grad>
 __device__ __forceinline__ ThetaSums<acc_of<T>> range_theta_sums(const T* x, const Grad& grad, int64_t base,
                                                                  int64_t begin, int64_t end, acc_of<T> theta,
@@ -433,14 +427,11 @@ __global__ void __launch_bounds__(kChunkThreads) chunk_backward_kernel(const T* 
   acc_t c = st.grad_theta ? st.grad_theta[row] : acc_t(0);
   acc_t dev_sum = 0;
   if (subtract || c != acc_t(0)) {  // the same in every thread of the block
-    ThetaSums<acc_t> total{0, 0};
+    ThetaSums<acc_t> total;
     if (ws == nullptr) {
       total = range_theta_sums(x, grad, base, 0, n, theta, deviation_of(st.mean[row], st.std[row]), subtract, red);
     } else {
-      for (unsigned k = 0; k < gridDim.y; ++k) {
-        total.direct += ws[row * gridDim.y + k].direct;
-        total.dev += ws[row * gridDim.y + k].dev;
-      }
+      for (unsigned k = 0; k < gridDim.y; ++k) total += ws[row * gridDim.y + k];
     }
     if (subtract) c -= total.direct;
     dev_sum = total.dev;
@@ -504,21 +495,21 @@ __global__ void __launch_bounds__(kStridedThreads) strided_backward_kernel(
   if (subtract || c != acc_t(0)) {
     // kSumBlock's three levels, as on the CPU.
     const Deviation<acc_t> dev = deviation_of(st.mean[col], st.std[col]);
-    LevelSum<acc_t> sum, dev_level;
+    LevelSum<ThetaSums<acc_t>> sums;
     for (int64_t b0 = 0; b0 < size; b0 += kSumBlock) {
-      acc_t block = 0, dev_block = 0;
+      ThetaSums<acc_t> block;
       const int64_t b1 = b0 + kSumBlock < size ? b0 + kSumBlock : size;
       for (int64_t i = b0; i < b1; ++i) {
         const int64_t k = base + i * inner;
         const acc_t xv = to_acc(x[k]);
-        block += xv > theta ? to_acc(g[k]) : acc_t(0);
-        dev_block += dev(xv);
+        block.direct += xv > theta ? to_acc(g[k]) : acc_t(0);
+        block.dev += dev(xv);
       }
-      sum.add_block(block);
-      dev_level.add_block(dev_block);
+      sums.add_block(block);
     }
-    if (subtract) c -= sum.result();
-    dev_sum = dev_level.result();
+    const ThetaSums<acc_t> total = sums.result();
+    if (subtract) c -= total.direct;
+    dev_sum = total.dev;
   }
   const ThetaGrad<acc_t> tg =
       theta_grad(c, static_cast<acc_t>(size), st.mean[col], st.std[col], z, subtract, dev_sum);
